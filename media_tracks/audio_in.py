@@ -1,0 +1,244 @@
+"""Inbound audio: an aiortc audio track → 16 kHz mono float32 → exact model units.
+
+`UnitCutter` regroups a stream of 16 kHz samples into fixed-length units (the first one may have
+another length, for the duplex model's first-chunk rule). `InboundAudio` reads the remote track on
+the event loop, resamples every decoded frame with one persistent PyAV resampler, fills RTP gaps
+with silence so units stay aligned to real time, and hands each finished unit to a callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import av
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+logger = logging.getLogger(__name__)
+
+MODEL_RATE = 16000
+# A gap in the inbound timestamps longer than this is not filled (a clock jump, not lost packets).
+MAX_GAP_FILL_S = 1.0
+
+
+@dataclass
+class AudioUnit:
+    index: int  # 0-based unit number within the session
+    pcm: np.ndarray  # float32 mono 16 kHz, exactly the unit length
+    completed_at: float  # time.monotonic() when the unit's last sample arrived
+
+
+def _check_length(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+class UnitCutter:
+    """Regroups 16 kHz float32 samples into units of exactly `unit_samples` samples.
+
+    The first unit has `first_unit_samples` samples when given (else `unit_samples`).
+    """
+
+    def __init__(self, unit_samples: int = 16000, first_unit_samples: int | None = None) -> None:
+        self.unit_samples = _check_length("unit_samples", unit_samples)
+        self._first_override = (
+            None if first_unit_samples is None else _check_length("first_unit_samples", first_unit_samples)
+        )
+        self._buf = np.zeros(0, dtype=np.float32)
+        self._filled = 0
+        self.next_index = 0
+        self._alloc()
+
+    @property
+    def first_unit_samples(self) -> int:
+        return self.unit_samples if self._first_override is None else self._first_override
+
+    @property
+    def pending_samples(self) -> int:
+        """Samples received that do not yet form a complete unit."""
+        return self._filled
+
+    def _current_length(self) -> int:
+        return self.first_unit_samples if self.next_index == 0 else self.unit_samples
+
+    def _alloc(self) -> None:
+        self._buf = np.zeros(max(self.unit_samples, self.first_unit_samples), dtype=np.float32)
+        self._filled = 0
+
+    def push(self, samples: np.ndarray, arrived_at: float) -> list[AudioUnit]:
+        """Append samples; return the units they complete (possibly none), in index order."""
+        samples = np.asarray(samples)
+        if samples.ndim == 2 and samples.shape[0] == 1:
+            samples = samples[0]
+        if samples.ndim != 1:
+            raise ValueError(f"expected 1-D mono samples, got shape {samples.shape}")
+        if not np.issubdtype(samples.dtype, np.floating):
+            raise ValueError(f"expected float samples, got dtype {samples.dtype}")
+        units: list[AudioUnit] = []
+        pos = 0
+        n = samples.shape[0]
+        while pos < n:
+            length = self._current_length()
+            take = min(length - self._filled, n - pos)
+            self._buf[self._filled : self._filled + take] = samples[pos : pos + take]
+            self._filled += take
+            pos += take
+            if self._filled == length:
+                units.append(AudioUnit(self.next_index, self._buf[:length].copy(), arrived_at))
+                self.next_index += 1
+                self._filled = 0
+        return units
+
+    def reset(self, unit_samples: int | None = None, first_unit_samples: int | None = None) -> None:
+        """Drop the partial unit and restart at index 0.
+
+        Arguments left as None keep their current setting (a first-unit length that was never set
+        keeps following `unit_samples`).
+        """
+        if unit_samples is not None:
+            self.unit_samples = _check_length("unit_samples", unit_samples)
+        if first_unit_samples is not None:
+            self._first_override = _check_length("first_unit_samples", first_unit_samples)
+        self.next_index = 0
+        self._alloc()
+
+
+class _MonoResampler:
+    """One PyAV resampler to 16 kHz mono float32 that survives input format changes and RTP gaps."""
+
+    def __init__(self, rate: int = MODEL_RATE) -> None:
+        self.rate = rate
+        self._resampler: av.AudioResampler | None = None
+        self._source: tuple[str, str, int] | None = None
+        self._next_pts: int | None = None
+        self.gap_samples = 0  # output-rate samples of silence inserted for timestamp gaps
+
+    def _convert(self, frames: list[av.AudioFrame]) -> list[np.ndarray]:
+        return [f.to_ndarray().reshape(-1) for f in frames if f.samples]
+
+    def _gap_silence(self, frame: av.AudioFrame) -> np.ndarray | None:
+        pts, tb = frame.pts, frame.time_base
+        if pts is None or tb is None or not frame.sample_rate:
+            self._next_pts = None
+            return None
+        expected = self._next_pts
+        self._next_pts = pts + int(round(frame.samples / (frame.sample_rate * tb)))
+        if expected is None or pts <= expected:
+            return None
+        gap_s = float((pts - expected) * tb)
+        if gap_s > MAX_GAP_FILL_S:
+            logger.warning("inbound audio timestamp jumped by %.3f s; not filled", gap_s)
+            return None
+        n = int(round(gap_s * self.rate))
+        if n <= 0:
+            return None
+        self.gap_samples += n
+        return np.zeros(n, dtype=np.float32)
+
+    def resample(self, frame: av.AudioFrame) -> np.ndarray:
+        parts: list[np.ndarray] = []
+        source = (frame.format.name, frame.layout.name, frame.sample_rate)
+        if self._resampler is not None and source != self._source:
+            parts += self.flush()
+        if self._resampler is None:
+            self._resampler = av.AudioResampler(format="flt", layout="mono", rate=self.rate)
+            self._source = source
+        silence = self._gap_silence(frame)
+        if silence is not None:
+            parts.append(silence)
+        parts += self._convert(self._resampler.resample(frame))
+        return _concat(parts)
+
+    def flush(self) -> list[np.ndarray]:
+        """Drain the samples held back by the resampler's filter delay; the next frame starts fresh."""
+        if self._resampler is None:
+            return []
+        tail = self._convert(self._resampler.resample(None))
+        self._resampler = None
+        self._source = None
+        return tail
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    if not parts:
+        return np.zeros(0, dtype=np.float32)
+    if len(parts) == 1:
+        return parts[0].astype(np.float32, copy=False)
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+class InboundAudio:
+    """Reads an aiortc audio track → 16 kHz mono float32 → `UnitCutter` → `on_unit(unit)`.
+
+    The reader consumes every frame as soon as it is decoded, so the remote track's unbounded queue
+    stays empty. `on_unit` runs on the event loop and must only hand the unit off.
+    """
+
+    def __init__(
+        self,
+        track: MediaStreamTrack,
+        cutter: UnitCutter,
+        on_unit: Callable[[AudioUnit], None],
+    ) -> None:
+        if track.kind != "audio":
+            raise ValueError(f"InboundAudio needs an audio track, got kind {track.kind!r}")
+        self.track = track
+        self.cutter = cutter
+        self.on_unit = on_unit
+        self.frames_in = 0
+        self.samples_out = 0  # 16 kHz samples handed to the cutter
+        self.ended = False  # the track ended (MediaStreamError); the resampler tail was delivered
+        self._resampler = _MonoResampler()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def gap_samples(self) -> int:
+        """16 kHz samples of silence inserted where inbound timestamps skipped (lost packets)."""
+        return self._resampler.gap_samples
+
+    def start(self) -> None:
+        """Start the reader task on the running event loop."""
+        if self._task is not None:
+            raise RuntimeError("InboundAudio already started")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="inbound-audio")
+
+    async def stop(self) -> None:
+        """Cancel the reader and wait for it; safe to call more than once."""
+        task = self._task
+        if task is None or task.done():
+            return
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    async def wait_ended(self) -> None:
+        """Wait until the reader has finished (track ended or stopped)."""
+        if self._task is not None:
+            await asyncio.wait({self._task})
+
+    def _deliver(self, samples: np.ndarray, arrived_at: float) -> None:
+        if samples.size == 0:
+            return
+        self.samples_out += samples.size
+        for unit in self.cutter.push(samples, arrived_at):
+            try:
+                self.on_unit(unit)
+            except Exception:
+                logger.exception("on_unit callback failed for unit %d", unit.index)
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                frame = await self.track.recv()
+                self.frames_in += 1
+                self._deliver(self._resampler.resample(frame), time.monotonic())
+        except MediaStreamError:
+            self._deliver(_concat(self._resampler.flush()), time.monotonic())
+            self.ended = True

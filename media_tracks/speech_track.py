@@ -1,0 +1,260 @@
+"""Outbound speech: model PCM → a paced 48 kHz WebRTC audio track that can be flushed at once.
+
+aiortc's RTP sender pulls `recv()` as fast as it returns, so the track paces itself on the wall clock:
+frame k is due at start + k·20 ms. Every frame is 960 samples of s16 mono at 48 kHz (48 kHz input
+avoids the extra frame of delay the Opus encoder adds when it has to resample). Speech is resampled
+once, when pushed, into a fixed-size ring buffer; `recv()` only copies 960 samples out of it.
+
+Interruption: `flush()` empties the ring (the next frame is silence) and a turn counter makes late
+pushes of a finished turn harmless. All methods must be called on the event loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import av
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+OUTPUT_RATE = 48000
+FRAME_SAMPLES = 960  # 20 ms at 48 kHz
+FRAME_S = FRAME_SAMPLES / OUTPUT_RATE
+TIME_BASE = fractions.Fraction(1, OUTPUT_RATE)
+
+
+@dataclass
+class PacingStats:
+    """How far each frame's actual return time was from its due time on the 20 ms schedule."""
+
+    frames: int = 0
+    late_frames: int = 0  # frames returned more than `late_threshold_s` after they were due
+    reanchors: int = 0  # stalls after which the schedule was moved to the present
+    skipped_frames: int = 0  # frame slots skipped by re-anchoring (the pts jumps by as many)
+    max_lateness_s: float = 0.0
+    total_lateness_s: float = 0.0
+    late_threshold_s: float = 0.005
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=3000), repr=False)
+
+    def record(self, lateness_s: float) -> None:
+        self.frames += 1
+        self.total_lateness_s += lateness_s
+        self.max_lateness_s = max(self.max_lateness_s, lateness_s)
+        if lateness_s > self.late_threshold_s:
+            self.late_frames += 1
+        self.recent.append(lateness_s)
+
+    @property
+    def mean_lateness_s(self) -> float:
+        return self.total_lateness_s / self.frames if self.frames else 0.0
+
+    def percentile(self, q: float) -> float:
+        """Percentile `q` (0-100) of the lateness of the most recent frames (up to 3000)."""
+        if not self.recent:
+            return 0.0
+        return float(np.percentile(np.fromiter(self.recent, dtype=np.float64), q))
+
+
+class SpeechTrack(MediaStreamTrack):
+    """A paced 48 kHz mono audio track that plays pushed speech and silence when idle."""
+
+    kind = "audio"
+
+    def __init__(
+        self,
+        input_rate: int = 24000,
+        max_buffer_s: float = 10.0,
+        reanchor_after_s: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if isinstance(input_rate, bool) or not isinstance(input_rate, int) or input_rate <= 0:
+            raise ValueError(f"input_rate must be a positive int, got {input_rate!r}")
+        if not max_buffer_s >= FRAME_S:
+            raise ValueError(f"max_buffer_s must be at least one frame ({FRAME_S} s), got {max_buffer_s!r}")
+        if not reanchor_after_s > 0:
+            raise ValueError(f"reanchor_after_s must be > 0, got {reanchor_after_s!r}")
+        self.input_rate = input_rate
+        self.max_buffer_s = float(max_buffer_s)
+        self.reanchor_after_s = float(reanchor_after_s)
+        self.turn = 0
+        self.frames_out = 0
+        self.speech_frames_out = 0  # frames that carried queued speech (possibly padded)
+        self.played_samples = 0  # 48 kHz speech samples handed to the sender
+        self.dropped_samples = 0  # 48 kHz samples lost to overflow (oldest first)
+        self.overflows = 0
+        self.flushed_samples = 0  # 48 kHz samples dropped by flush() or a turn change
+        self.flushes = 0
+        self.stale_pushes = 0
+        self.pacing = PacingStats()
+
+        self._capacity = int(round(self.max_buffer_s * OUTPUT_RATE))
+        self._ring = np.zeros(self._capacity, dtype=np.int16)
+        self._read = 0
+        self._fill = 0
+        self._resampler: av.AudioResampler | None = None
+        self._scratch = np.zeros((1, FRAME_SAMPLES), dtype=np.int16)
+        self._silence = np.zeros((1, FRAME_SAMPLES), dtype=np.int16)
+        self._start: float | None = None
+        self._pts = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    # ----- producer side -----
+
+    @property
+    def buffered_s(self) -> float:
+        """Seconds of speech queued and not yet returned by `recv()`."""
+        return self._fill / OUTPUT_RATE
+
+    def push(self, pcm: np.ndarray, turn: int, end_of_turn: bool = False) -> bool:
+        """Queue float32 mono speech at `input_rate` for `turn`; False (and nothing queued) if stale.
+
+        A newer `turn` becomes the current one (audio already queued keeps playing). With
+        `end_of_turn`, the resampler's last few samples are released instead of waiting for more input.
+        """
+        if isinstance(turn, bool) or not isinstance(turn, int):
+            raise ValueError(f"turn must be an int, got {turn!r}")
+        samples = np.asarray(pcm)
+        if samples.ndim == 2 and samples.shape[0] == 1:
+            samples = samples[0]
+        if samples.ndim != 1:
+            raise ValueError(f"expected 1-D mono PCM, got shape {samples.shape}")
+        if not np.issubdtype(samples.dtype, np.floating):
+            raise ValueError(f"expected float PCM in [-1, 1], got dtype {samples.dtype}")
+        if turn < self.turn:
+            self.stale_pushes += 1
+            return False
+        if turn > self.turn:
+            self._drain_resampler()
+            self.turn = turn
+        samples = np.ascontiguousarray(samples, dtype=np.float32)
+        if not np.isfinite(samples).all():
+            samples = np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
+        if samples.size:
+            if self._resampler is None:
+                self._resampler = av.AudioResampler(format="s16", layout="mono", rate=OUTPUT_RATE)
+            frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="flt", layout="mono")
+            frame.sample_rate = self.input_rate
+            for out in self._resampler.resample(frame):
+                self._write(out.to_ndarray().reshape(-1))
+        if end_of_turn:
+            self._drain_resampler()
+        return True
+
+    def flush(self, turn: int | None = None) -> None:
+        """Drop all queued speech (the next frame is silence); with `turn`, make it the current turn."""
+        if turn is not None:
+            if isinstance(turn, bool) or not isinstance(turn, int):
+                raise ValueError(f"turn must be an int, got {turn!r}")
+            if turn < self.turn:
+                raise ValueError(f"flush turn {turn} is older than the current turn {self.turn}")
+            self.turn = turn
+        self.flushed_samples += self._fill
+        self.flushes += 1
+        self._read = 0
+        self._fill = 0
+        self._resampler = None
+        self._wake_waiters()
+
+    async def wait_buffered_below(self, seconds: float) -> None:
+        """Wait until at most `seconds` of speech is queued (back-pressure for the producer)."""
+        threshold = int(seconds * OUTPUT_RATE)
+        if self._fill <= threshold or self.readyState != "live":
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((threshold, future))
+        await future
+
+    def _drain_resampler(self) -> None:
+        if self._resampler is not None:
+            for out in self._resampler.resample(None):
+                self._write(out.to_ndarray().reshape(-1))
+            self._resampler = None
+
+    def _write(self, data: np.ndarray) -> None:
+        n = data.size
+        cap = self._capacity
+        excess = self._fill + n - cap
+        if excess > 0:
+            self.overflows += 1
+            self.dropped_samples += excess
+            from_queue = min(excess, self._fill)
+            self._read = (self._read + from_queue) % cap
+            self._fill -= from_queue
+            if n > cap:
+                data = data[n - cap :]
+                n = cap
+        start = (self._read + self._fill) % cap
+        first = min(n, cap - start)
+        self._ring[start : start + first] = data[:first]
+        self._ring[: n - first] = data[first:]
+        self._fill += n
+
+    def _wake_waiters(self) -> None:
+        if not self._waiters:
+            return
+        waiting = []
+        for threshold, future in self._waiters:
+            if future.done():
+                continue
+            if self._fill <= threshold or self.readyState != "live":
+                future.set_result(None)
+            else:
+                waiting.append((threshold, future))
+        self._waiters = waiting
+
+    # ----- consumer side (aiortc's RTP sender) -----
+
+    def _read_frame(self) -> np.ndarray:
+        n = min(FRAME_SAMPLES, self._fill)
+        if n == 0:
+            return self._silence
+        out = self._scratch[0]
+        cap = self._capacity
+        first = min(n, cap - self._read)
+        out[:first] = self._ring[self._read : self._read + first]
+        out[first:n] = self._ring[: n - first]
+        out[n:] = 0
+        self._read = (self._read + n) % cap
+        self._fill -= n
+        self.speech_frames_out += 1
+        self.played_samples += n
+        self._wake_waiters()
+        return self._scratch
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        now = time.monotonic()
+        if self._start is None:
+            self._start = now
+        due = self._start + self._pts / OUTPUT_RATE
+        wait = due - now
+        if wait > 0:
+            await asyncio.sleep(wait)
+            if self.readyState != "live":
+                raise MediaStreamError
+        elif -wait > self.reanchor_after_s:
+            # The sender stalled: skip the missed slots instead of bursting to catch up.
+            skip = math.floor(-wait / FRAME_S)
+            self._pts += skip * FRAME_SAMPLES
+            due += skip * FRAME_S
+            self.pacing.reanchors += 1
+            self.pacing.skipped_frames += skip
+        self.pacing.record(time.monotonic() - due)
+
+        frame = av.AudioFrame.from_ndarray(self._read_frame(), format="s16", layout="mono")
+        frame.sample_rate = OUTPUT_RATE
+        frame.time_base = TIME_BASE
+        frame.pts = self._pts
+        self._pts += FRAME_SAMPLES
+        self.frames_out += 1
+        return frame
+
+    def stop(self) -> None:
+        super().stop()
+        self._wake_waiters()
