@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 MODEL_RATE = 16000
 # A gap in the inbound timestamps longer than this is not filled (a clock jump, not lost packets).
 MAX_GAP_FILL_S = 1.0
+# With float output, libswresample's stereo→mono matrix sums both channels at −3 dB each, so a browser's
+# mono-as-stereo Opus stream would come out 3 dB louder. Capping the matrix at 1 makes it a plain average.
+_DOWNMIX_AVERAGE = {"rematrix_maxval": "1.0"}
 
 
 @dataclass
@@ -146,7 +149,9 @@ class _MonoResampler:
         if self._resampler is not None and source != self._source:
             parts += self.flush()
         if self._resampler is None:
-            self._resampler = av.AudioResampler(format="flt", layout="mono", rate=self.rate)
+            self._resampler = av.AudioResampler(
+                format="flt", layout="mono", rate=self.rate, options=_DOWNMIX_AVERAGE
+            )
             self._source = source
         silence = self._gap_silence(frame)
         if silence is not None:
