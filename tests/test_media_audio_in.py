@@ -169,3 +169,30 @@ async def test_inbound_audio_rejects_a_video_track_and_double_start() -> None:
         inbound.start()
     await inbound.stop()
     await inbound.stop()
+
+
+async def test_gap_filling_can_be_switched_off() -> None:
+    ones = np.full(9600, 0.25)
+    frames = _s16_frames(ones, 960, "stereo")
+    del frames[3:5]  # two lost packets
+    inbound = InboundAudio(FramesTrack("audio", frames), UnitCutter(), lambda u: None, fill_gaps=False)
+    inbound.start()
+    await inbound.wait_ended()
+    assert inbound.gap_samples == 0
+    assert inbound.samples_out == 8 * 320
+
+
+async def test_a_failing_callback_does_not_stop_the_reader() -> None:
+    frames = _s16_frames(np.full(48000, 0.1), 960, "mono")
+    seen: list[int] = []
+
+    def on_unit(unit: AudioUnit) -> None:
+        seen.append(unit.index)
+        if unit.index == 0:
+            raise RuntimeError("consumer bug")
+
+    inbound = InboundAudio(FramesTrack("audio", frames), UnitCutter(unit_samples=4000), on_unit)
+    inbound.start()
+    await inbound.wait_ended()
+    assert seen == [0, 1, 2, 3]
+    assert inbound.ended and inbound.frames_in == 50

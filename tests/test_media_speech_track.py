@@ -137,7 +137,7 @@ async def test_a_long_stall_re_anchors_the_clock_instead_of_bursting() -> None:
     assert late.pts >= 2 * FRAME_SAMPLES + 20 * FRAME_SAMPLES  # the missed slots were skipped
     start = time.monotonic()
     after = await pull(track, 3)
-    assert time.monotonic() - start >= 0.04  # paced again, not a catch-up burst
+    assert time.monotonic() - start >= 0.03  # paced again, not a catch-up burst
     assert [f.pts - late.pts for f in after] == [FRAME_SAMPLES, 2 * FRAME_SAMPLES, 3 * FRAME_SAMPLES]
 
 
