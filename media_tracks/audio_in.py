@@ -147,16 +147,17 @@ class _MonoResampler:
     def resample(self, frame: av.AudioFrame) -> np.ndarray:
         parts: list[np.ndarray] = []
         source = (frame.format.name, frame.layout.name, frame.sample_rate)
-        if self._resampler is not None and source != self._source:
+        silence = self._gap_silence(frame)
+        if silence is not None or source != self._source:
+            # The resampler still holds the end of the previous frame: release it before the gap.
             parts += self.flush()
+        if silence is not None:
+            parts.append(silence)
         if self._resampler is None:
             self._resampler = av.AudioResampler(
                 format="flt", layout="mono", rate=self.rate, options=_DOWNMIX_AVERAGE
             )
             self._source = source
-        silence = self._gap_silence(frame)
-        if silence is not None:
-            parts.append(silence)
         parts += self._convert(self._resampler.resample(frame))
         return _concat(parts)
 

@@ -162,6 +162,8 @@ class SpeechTrack(MediaStreamTrack):
 
     async def wait_buffered_below(self, seconds: float) -> None:
         """Wait until at most `seconds` of speech is queued (back-pressure for the producer)."""
+        if not seconds >= 0:
+            raise ValueError(f"seconds must be >= 0, got {seconds!r}")
         threshold = int(seconds * OUTPUT_RATE)
         if self._fill <= threshold or self.readyState != "live":
             return

@@ -157,6 +157,8 @@ async def test_wait_buffered_below_returns_as_playback_drains() -> None:
     await asyncio.sleep(0)
     track.flush()
     await asyncio.wait_for(waiter, 1)
+    with pytest.raises(ValueError, match="seconds"):
+        await track.wait_buffered_below(-1)
 
 
 async def test_bad_input_and_stop() -> None:
