@@ -49,7 +49,7 @@ async def test_inbound_audio_over_a_peer_connection_yields_16k_units_of_the_sent
         await receiver.close()
     await asyncio.wait_for(inbound.wait_ended(), 5)
     assert inbound.ended  # the remote track ended cleanly (MediaStreamError)
-    assert backlog <= 3
+    assert backlog <= 10  # 3 s of growth would be 150 frames
     assert inbound.frames_in >= 150  # 3 s of 20 ms frames
     assert inbound.gap_samples == 0  # nothing lost on loopback: the gap filler must stay idle
 

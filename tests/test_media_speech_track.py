@@ -101,6 +101,7 @@ async def test_stale_turns_are_refused() -> None:
     assert track.buffered_s == pytest.approx(0.1)
     assert track.push(tone(500, 0.1), turn=3, end_of_turn=True)  # a newer turn is adopted
     assert track.turn == 3 and track.buffered_s == pytest.approx(0.2)
+    assert track.push(tone(500, 0.1), turn=np.int64(3))  # numpy ints are turns too
     with pytest.raises(ValueError, match="older"):
         track.flush(turn=1)
 
