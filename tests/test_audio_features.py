@@ -184,3 +184,15 @@ def test_load_audio_resamples_int16_stereo(tmp_path: Path) -> None:
     assert 0.45 < np.abs(out).max() < 0.55
     assert resample(out, 16000, 16000) is not None and resample(out, 16000, 16000).size == out.size
     assert HOP_LENGTH == 160
+
+
+def test_push_drains_one_unit_at_a_time() -> None:
+    mel = StreamingMel()
+    assert mel.push(np.zeros(0, np.float32)) is None  # nothing pushed, no padded unit of silence
+    audio = _signal(3.0, seed=4)
+    first = mel.push(audio)
+    assert first is not None and first.index == 0
+    second = mel.push(np.zeros(0, np.float32))
+    assert second is not None and second.index == 1
+    assert mel.push(np.zeros(0, np.float32)) is None  # 48000 - 16480 - 16000 < 16000 (no padding: >= 1035 ms)
+    assert mel.pending.size == 48000 - 16480 - 16000

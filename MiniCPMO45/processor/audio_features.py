@@ -312,6 +312,7 @@ class StreamingMel:
     the first unit is left-padded with zeros to `first_chunk_ms` (1035 ms = 16560 samples) and takes 16480
     samples (1035 ms aligned down to the hop); later units take 16000. The samples beyond what a unit took stay
     for the next one, so with 1 s pushes an 80-sample remainder lags permanently, as in the official demo.
+    One call returns at most one unit; `push(np.zeros(0))` takes the next one if enough audio is buffered.
     """
 
     def __init__(
@@ -342,6 +343,8 @@ class StreamingMel:
     def push(self, samples: np.ndarray) -> MelUnit | None:
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)
         self.pending = np.concatenate([self.pending, samples])
+        if self.pending.size == 0:
+            return None
         if self.units == 0:
             pad_to = _ms_to_samples(self.first_chunk_ms)
             if self.pending.size < pad_to:
@@ -376,6 +379,8 @@ class HalfDuplexStreamingMel:
     emits 100 frames per 1 s segment. `redundancy_ms` defaults to 0, which is what the official half-duplex
     prefill produced in the d_streaming fixture; the official demo server sets 20 ms on every mode once its
     duplex component exists, which adds 2 frames each side (the encoder keeps them: it does not trim here).
+    Call `reset()` when a turn's generation starts: the official code re-creates its streaming processor at every
+    `streaming_generate`, so each user turn starts with a padded first segment and a fresh buffer.
     """
 
     def __init__(self, chunk_ms: int = 1000, first_chunk_ms: int = 1035, redundancy_ms: int = 0) -> None:
