@@ -127,6 +127,26 @@ def test_floor_switches_to_dynamic_at_5s_and_window_slides() -> None:
     assert mel.mel.emitted_frames == 3600
 
 
+def test_cached_frames_equal_a_full_recompute() -> None:
+    """The incremental path must give the official full-recompute output, through the 5 s floor switch, loud
+    passages that move the dynamic maximum, and buffer slides."""
+    audio = _signal(34.0, seed=5)
+    audio[6 * 16000 : 8 * 16000] *= 3.0
+    audio[20 * 16000 : 21 * 16000] = 0.0
+    # A loud click just before where the buffer starts after its first slide (stream sample 160000, i.e. audio
+    # sample 159440 after the 560-sample first-unit padding): the recomputed edge frame reflects and misses it.
+    audio[159300:159420] = 40.0 * (-1.0) ** np.arange(120)
+    fast, reference = StreamingMel(), StreamingMel()
+    reference.mel.recompute = True
+    for i in range(34):
+        a = fast.push(audio[i * 16000 : (i + 1) * 16000])
+        b = reference.push(audio[i * 16000 : (i + 1) * 16000])
+        assert a is not None and b is not None
+        assert (a.prefix_frames, a.suffix_frames) == (b.prefix_frames, b.suffix_frames)
+        np.testing.assert_allclose(a.features, b.features, atol=1e-6, rtol=0)
+    assert fast.mel.base_frame == reference.mel.base_frame > 0
+
+
 def test_sessions_do_not_share_floor_state(tiny_fixture_dir: Path) -> None:
     """A long streaming session must not change how another session or the batch path encodes audio."""
     clip = load_audio(tiny_fixture_dir / "inputs" / "chat_audio.wav")

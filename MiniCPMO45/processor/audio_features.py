@@ -130,8 +130,29 @@ def _torch_constants(n_mels: int, n_fft: int) -> tuple[torch.Tensor, torch.Tenso
     return filters, torch.hann_window(n_fft, periodic=True, dtype=torch.float32)
 
 
-def log_mel(samples: np.ndarray | torch.Tensor, floor: LogFloor = DYNAMIC_FLOOR) -> np.ndarray:
-    """Log-mel of one 16 kHz mono signal, shape [80, N // 160] float32 (last STFT frame dropped)."""
+def _log10_mel(power: torch.Tensor) -> torch.Tensor:
+    """[freq, frames] power spectrum -> [80, frames] log10 mel, before any floor."""
+    filters, _ = _torch_constants(N_MELS, N_FFT)
+    return torch.clamp(filters.T @ power, min=1e-10).log10()
+
+
+def apply_floor(logs: torch.Tensor, floor: LogFloor, maximum: torch.Tensor | None = None) -> np.ndarray:
+    """Floor raw log10 mel values and scale them as Whisper does: (max(x, floor) + 4) / 4.
+
+    The dynamic floor is `maximum - 8`, where `maximum` defaults to the maximum of `logs`; pass the maximum of
+    the whole spectrogram to floor just a slice of it.
+    """
+    if floor.is_dynamic:
+        assert floor.dynamic_range is not None
+        peak = logs.max() if maximum is None else maximum
+        logs = torch.maximum(logs, peak - floor.dynamic_range)
+    else:
+        logs = torch.maximum(logs, torch.tensor(floor.fixed, dtype=logs.dtype))
+    return ((logs + 4.0) / 4.0).numpy()
+
+
+def raw_log_mel(samples: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """log10 mel of a 16 kHz mono signal before the floor: [80, N // 160] (last STFT frame dropped)."""
     wave = torch.as_tensor(np.asarray(samples, dtype=np.float32))
     if wave.ndim != 1:
         raise ValueError(f"log_mel wants a 1-D signal, got shape {tuple(wave.shape)}")
@@ -139,7 +160,7 @@ def log_mel(samples: np.ndarray | torch.Tensor, floor: LogFloor = DYNAMIC_FLOOR)
         raise ValueError(
             f"audio of {wave.numel()} samples is too short for a mel frame (need > {N_FFT // 2})"
         )
-    filters, window = _torch_constants(N_MELS, N_FFT)
+    _, window = _torch_constants(N_MELS, N_FFT)
     spec = torch.stft(
         wave,
         n_fft=N_FFT,
@@ -149,15 +170,33 @@ def log_mel(samples: np.ndarray | torch.Tensor, floor: LogFloor = DYNAMIC_FLOOR)
         pad_mode="reflect",
         return_complex=True,
     )
-    power = spec[:, :-1].abs() ** 2  # [freq, frames]
-    mel = filters.T @ power
-    logs = torch.clamp(mel, min=1e-10).log10()
-    if floor.is_dynamic:
-        assert floor.dynamic_range is not None
-        logs = torch.maximum(logs, logs.max() - floor.dynamic_range)
-    else:
-        logs = torch.maximum(logs, torch.tensor(floor.fixed, dtype=logs.dtype))
-    return ((logs + 4.0) / 4.0).numpy()
+    return _log10_mel(spec[:, :-1].abs() ** 2)
+
+
+def raw_log_mel_frames(buffer: np.ndarray, first: int, stop: int) -> torch.Tensor:
+    """Frames [first, stop) of `raw_log_mel(buffer)`, computed from their own windows only.
+
+    Frame j is centred on sample j * 160 of the reflect-padded signal, so its 400 samples are gathered
+    (reflecting at both ends exactly as the centred STFT pads) and transformed alone.
+    """
+    if stop <= first:
+        return torch.zeros((N_MELS, 0), dtype=torch.float32)
+    n = buffer.size
+    half = N_FFT // 2
+    idx = np.arange(first * HOP_LENGTH, (stop - 1) * HOP_LENGTH + N_FFT) - half
+    idx = np.abs(idx)  # left reflection: -k -> k
+    idx = np.where(idx >= n, 2 * (n - 1) - idx, idx)  # right reflection: n - 1 + k -> n - 1 - k
+    segment = torch.from_numpy(np.ascontiguousarray(buffer[idx], dtype=np.float32))
+    _, window = _torch_constants(N_MELS, N_FFT)
+    spec = torch.stft(
+        segment, n_fft=N_FFT, hop_length=HOP_LENGTH, window=window, center=False, return_complex=True
+    )
+    return _log10_mel(spec.abs() ** 2)
+
+
+def log_mel(samples: np.ndarray | torch.Tensor, floor: LogFloor = DYNAMIC_FLOOR) -> np.ndarray:
+    """Log-mel features of one 16 kHz mono signal, shape [80, N // 160] float32."""
+    return apply_floor(raw_log_mel(samples), floor)
 
 
 def clip_features(samples: np.ndarray, floor: LogFloor = DYNAMIC_FLOOR) -> np.ndarray:
@@ -207,6 +246,12 @@ class ExactStreamingMel:
     Frame indices are global (counted from the start of the stream), so the sliding buffer is invisible to the
     caller. Each `process` call emits the next `chunk_frames` core frames plus `redundancy_frames` on each side
     (none on the left of frame 0), or nothing if the buffer does not yet cover them.
+
+    The output is that of a full recompute over the buffer, but by default only new frames are transformed:
+    a frame whose window lies inside the buffer and clear of its start never changes, so those are cached by
+    global index; the two frames at the buffer start (reflect-padded) and the unstable frames at its end are
+    recomputed each call, since they take part in the dynamic floor's maximum. `recompute=True` runs the plain
+    full recompute instead (the reference the cache is tested against).
     """
 
     def __init__(
@@ -217,7 +262,9 @@ class ExactStreamingMel:
         sliding_window: bool = True,
         slide_trigger_seconds: float = 30.0,
         slide_stride_seconds: float = 10.0,
+        recompute: bool = False,
     ) -> None:
+        self.recompute = recompute
         self.chunk_samples = _ms_to_samples(chunk_ms)
         self.chunk_frames = self.chunk_samples // HOP_LENGTH
         first = _ms_to_samples(chunk_ms if first_chunk_ms is None else first_chunk_ms)
@@ -235,6 +282,8 @@ class ExactStreamingMel:
         self.base_frame = 0  # global index of buffer frame 0
         self.chunks_seen = 0
         self.last_floor: LogFloor | None = None
+        self._cache = torch.zeros((N_MELS, 0), dtype=torch.float32)  # raw frames of interior windows
+        self._cache_start = 0  # global index of the first cached frame
 
     @property
     def is_first(self) -> bool:
@@ -266,6 +315,28 @@ class ExactStreamingMel:
             return 0
         return (self.buffer.size - N_FFT // 2) // HOP_LENGTH + 1
 
+    def _raw_mel(self) -> torch.Tensor:
+        """Raw log10 mel of the whole buffer, [80, N // 160], from the cache plus the edge frames."""
+        if self.recompute:
+            return raw_log_mel(self.buffer)
+        total = self.buffer.size // HOP_LENGTH
+        stable = min(total, self._stable_frames())
+        edge = min(2, stable)  # frames 0 and 1 reach into the reflection at the buffer start
+        first_interior = self.base_frame + edge
+        if self._cache_start < first_interior:  # frames that slid out, or now sit at the buffer start
+            self._cache = self._cache[:, first_interior - self._cache_start :]
+            self._cache_start = first_interior
+        if self._cache.shape[1] == 0:
+            self._cache_start = first_interior
+        cached_end = self._cache_start + self._cache.shape[1]
+        stable_end = self.base_frame + stable
+        if stable_end > cached_end:
+            fresh = raw_log_mel_frames(self.buffer, cached_end - self.base_frame, stable)
+            self._cache = torch.cat([self._cache, fresh], dim=1)
+        left = raw_log_mel_frames(self.buffer, 0, edge)
+        right = raw_log_mel_frames(self.buffer, stable, total)
+        return torch.cat([left, self._cache[:, : stable_end - self._cache_start], right], dim=1)
+
     def process(self, chunk: np.ndarray, is_last: bool = False) -> tuple[np.ndarray, int, int]:
         """Append `chunk`; return (features [80, T], first emitted global frame, core start global frame)."""
         chunk = np.asarray(chunk, dtype=np.float32).reshape(-1)
@@ -275,18 +346,20 @@ class ExactStreamingMel:
         if self.buffer.size < N_FFT:
             raise ValueError(f"streaming buffer of {self.buffer.size} samples is shorter than n_fft {N_FFT}")
         self.last_floor = self.floor_for_buffer()
-        mel = log_mel(self.buffer, self.last_floor)
-        total = mel.shape[1]
+        raw = self._raw_mel()
+        total = raw.shape[1]
         stable_global = self.base_frame + min(total, self._stable_frames())
         core_start = self.emitted_frames
         core_end = core_start + self.chunk_frames
         if stable_global < core_end + self.redundancy_frames and not is_last:
-            return mel[:, :0], core_start, core_start
+            return np.zeros((N_MELS, 0), dtype=np.float32), core_start, core_start
         first_global = max(0, core_start - self.redundancy_frames)
         start = min(max(0, first_global - self.base_frame), total)
         end = max(start, min(core_end + self.redundancy_frames - self.base_frame, total))
         self.emitted_frames = core_end
-        return mel[:, start:end], self.base_frame + start, core_start
+        # floor only the emitted frames; the dynamic floor still follows the whole buffer's maximum
+        features = apply_floor(raw[:, start:end], self.last_floor, raw.max())
+        return features, self.base_frame + start, core_start
 
 
 @dataclass(frozen=True)
