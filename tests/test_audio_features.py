@@ -17,6 +17,7 @@ from MiniCPMO45.processor.audio_features import (
     audio_token_count,
     batch_features,
     chunked_audio_token_counts,
+    clip_features,
     cnn_frame_count,
     log_mel,
     mel_filter_bank,
@@ -216,3 +217,15 @@ def test_push_drains_one_unit_at_a_time() -> None:
     assert second is not None and second.index == 1
     assert mel.push(np.zeros(0, np.float32)) is None  # 48000 - 16480 - 16000 < 16000 (no padding: >= 1035 ms)
     assert mel.pending.size == 48000 - 16480 - 16000
+
+
+@pytest.mark.parametrize("n_samples", [401, 16000, 24001, 160_799, 479_700, 480_000])
+def test_short_padding_equals_the_30s_padding(n_samples: int) -> None:
+    rng = np.random.default_rng(n_samples)
+    clip = (0.2 * rng.standard_normal(n_samples)).astype(np.float32)
+    clip[-50:] *= 20  # a loud tail: frames past the clip end see it and can hold the maximum
+    fast, full = clip_features(clip), clip_features(clip, full_pad=True)
+    assert fast.shape == full.shape == (80, mel_frame_count(n_samples))
+    np.testing.assert_allclose(fast, full, atol=1e-6, rtol=0)
+    quiet = np.zeros(n_samples, np.float32)
+    np.testing.assert_array_equal(clip_features(quiet), clip_features(quiet, full_pad=True))

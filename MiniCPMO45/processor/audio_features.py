@@ -199,17 +199,24 @@ def log_mel(samples: np.ndarray | torch.Tensor, floor: LogFloor = DYNAMIC_FLOOR)
     return apply_floor(raw_log_mel(samples), floor)
 
 
-def clip_features(samples: np.ndarray, floor: LogFloor = DYNAMIC_FLOOR) -> np.ndarray:
-    """Features of one clip of at most 30 s, computed on the clip zero-padded to 30 s: [80, ceil(N / 160)]."""
+def clip_features(samples: np.ndarray, floor: LogFloor = DYNAMIC_FLOOR, full_pad: bool = False) -> np.ndarray:
+    """Features of one clip of at most 30 s as if zero-padded to 30 s: [80, ceil(N / 160)].
+
+    Only the frames that see the clip are computed: every other frame of the 30 s spectrogram is pure
+    padding, whose value (log10 of the 1e-10 clamp, -10) is the lowest possible and so never moves the
+    dynamic floor. `full_pad=True` computes the whole padded spectrogram (the reference for tests).
+    """
     samples = np.asarray(samples, dtype=np.float32)
     limit = MAX_CLIP_SECONDS * SAMPLE_RATE
     if samples.ndim != 1 or samples.size == 0:
         raise ValueError(f"a clip must be a non-empty 1-D signal, got shape {samples.shape}")
     if samples.size > limit:
         raise ValueError(f"a clip may be at most {MAX_CLIP_SECONDS} s; split it first")
-    padded = np.zeros(limit, dtype=np.float32)
+    # 2 * n_fft zeros keep every frame that overlaps the clip, and the reflection at the end on zeros
+    padded = np.zeros(limit if full_pad else min(limit, samples.size + 2 * N_FFT), dtype=np.float32)
     padded[: samples.size] = samples
-    return log_mel(padded, floor)[:, : mel_frame_count(samples.size)]
+    raw = raw_log_mel(padded)
+    return apply_floor(raw[:, : mel_frame_count(samples.size)], floor, raw.max())
 
 
 def split_clip(samples: np.ndarray, seconds: int = MAX_CLIP_SECONDS) -> list[np.ndarray]:
