@@ -5,12 +5,14 @@ power spectrum, an 80-band Slaney mel filter bank over 0-8 kHz, log10 of max(mel
 dropped, a floor, then (x + 4) / 4. The floor is either "dynamic" (max - 8, Whisper's rule) or "fixed" (-10).
 
 Three forms:
-* `batch_features`: what the chat processor does for whole clips: pieces of at most 30 s, each zero-padded to
-  30 s before the STFT (so the last frames see zeros, not reflection), dynamic floor, cut to ceil(N / 160) frames.
-* `ExactStreamingMel`: the "exact" streaming processor. It keeps the audio in a buffer, recomputes the mel over
-  the whole buffer at every chunk, and emits a core of `chunk_frames` frames plus `redundancy` frames on each
-  side (no left side on the first chunk) once their right context is complete. Under 5 s of buffer it uses the
-  fixed floor, from 5 s on the dynamic one; at 30 s the buffer drops its oldest 10 s.
+* `batch_features`: what the chat processor does for whole clips: pieces of at most 30 s, each as if zero-padded
+  to 30 s before the STFT (so the last frames see zeros, not reflection), dynamic floor, cut to ceil(N / 160)
+  frames.
+* `ExactStreamingMel`: the "exact" streaming processor. It keeps the audio in a buffer, gives the mel of the
+  whole buffer at every chunk (cached, see the class), and emits a core of `chunk_frames` frames plus
+  `redundancy` frames on each side (no left side on the first chunk) once their right context is complete.
+  Under 5 s of buffer it uses the fixed floor, from 5 s on the dynamic one; at 30 s the buffer drops its
+  oldest 10 s.
 * `StreamingMel`: one full-duplex session's audio front end on top of it: left-pads the first unit to 1035 ms,
   cuts 16480 samples for the first unit and 16000 after, and returns one `MelUnit` per model unit.
 
