@@ -24,7 +24,7 @@ class _Event(BaseModel):
 
 
 class SessionEvent(_Event):
-    """Sent once the data channel is open, and again after a mode switch."""
+    """Sent when the data channel opens and whenever the mode opens on a worker (admission, mode switch)."""
 
     type: Literal["session"] = "session"
     session_id: str

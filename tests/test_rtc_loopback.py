@@ -73,6 +73,17 @@ async def test_json_api_loopback_with_events(start_test_server, speech: np.ndarr
         metrics = [e for e in call.events if e["type"] == "metrics"]
         assert metrics and all(m["handoff_ms"] >= 0 for m in metrics)
         check_heard(call, delay_s, "json-loopback")  # the call went on after the bad messages
+        # the other client messages are accepted; switching to an unknown mode is an error, the call goes on
+        sessions_before = sum(e["type"] == "session" for e in call.events)
+        for message in ({"type": "pause"}, {"type": "resume"}, {"type": "interrupt"}):
+            call.send(message)
+        call.send({"type": "system_prompt", "text": "You are a mirror."})
+        call.send({"type": "set_mode", "mode": "karaoke"})
+        call.send({"type": "set_mode", "mode": "loopback"})
+        await call.wait_event("error", code="unknown_mode")
+        await asyncio.sleep(0.5)
+        assert sum(e["type"] == "session" for e in call.events) == sessions_before + 1  # re-opened
+        assert sum(e["type"] == "error" for e in call.events) == 3
         listed = await _list_sessions(server.url)
         assert [s["session_id"] for s in listed] == [call.session_id]
         assert listed[0]["phase"] == "active"
