@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 MODEL_RATE = 16000
 # A gap in the inbound timestamps longer than this is not filled (a clock jump, not lost packets).
 MAX_GAP_FILL_S = 1.0
+# With float output, libswresample's stereo→mono matrix sums both channels at −3 dB each, so a browser's
+# mono-as-stereo Opus stream would come out 3 dB louder. Capping the matrix at 1 makes it a plain average.
+_DOWNMIX_AVERAGE = {"rematrix_maxval": "1.0"}
 
 
 @dataclass
@@ -111,8 +114,9 @@ class UnitCutter:
 class _MonoResampler:
     """One PyAV resampler to 16 kHz mono float32 that survives input format changes and RTP gaps."""
 
-    def __init__(self, rate: int = MODEL_RATE) -> None:
+    def __init__(self, rate: int = MODEL_RATE, fill_gaps: bool = True) -> None:
         self.rate = rate
+        self.fill_gaps = fill_gaps
         self._resampler: av.AudioResampler | None = None
         self._source: tuple[str, str, int] | None = None
         self._next_pts: int | None = None
@@ -135,7 +139,7 @@ class _MonoResampler:
             logger.warning("inbound audio timestamp jumped by %.3f s; not filled", gap_s)
             return None
         n = int(round(gap_s * self.rate))
-        if n <= 0:
+        if n <= 0 or not self.fill_gaps:
             return None
         self.gap_samples += n
         return np.zeros(n, dtype=np.float32)
@@ -143,14 +147,17 @@ class _MonoResampler:
     def resample(self, frame: av.AudioFrame) -> np.ndarray:
         parts: list[np.ndarray] = []
         source = (frame.format.name, frame.layout.name, frame.sample_rate)
-        if self._resampler is not None and source != self._source:
-            parts += self.flush()
-        if self._resampler is None:
-            self._resampler = av.AudioResampler(format="flt", layout="mono", rate=self.rate)
-            self._source = source
         silence = self._gap_silence(frame)
+        if silence is not None or source != self._source:
+            # The resampler still holds the end of the previous frame: release it before the gap.
+            parts += self.flush()
         if silence is not None:
             parts.append(silence)
+        if self._resampler is None:
+            self._resampler = av.AudioResampler(
+                format="flt", layout="mono", rate=self.rate, options=_DOWNMIX_AVERAGE
+            )
+            self._source = source
         parts += self._convert(self._resampler.resample(frame))
         return _concat(parts)
 
@@ -176,7 +183,9 @@ class InboundAudio:
     """Reads an aiortc audio track → 16 kHz mono float32 → `UnitCutter` → `on_unit(unit)`.
 
     The reader consumes every frame as soon as it is decoded, so the remote track's unbounded queue
-    stays empty. `on_unit` runs on the event loop and must only hand the unit off.
+    stays empty. `on_unit` runs on the event loop and must only hand the unit off; an exception it
+    raises is logged and reading goes on. With `fill_gaps`, a jump in the inbound timestamps (lost
+    packets, DTX) of up to 1 s becomes silence, so unit boundaries stay aligned with real time.
     """
 
     def __init__(
@@ -184,6 +193,7 @@ class InboundAudio:
         track: MediaStreamTrack,
         cutter: UnitCutter,
         on_unit: Callable[[AudioUnit], None],
+        fill_gaps: bool = True,
     ) -> None:
         if track.kind != "audio":
             raise ValueError(f"InboundAudio needs an audio track, got kind {track.kind!r}")
@@ -193,7 +203,7 @@ class InboundAudio:
         self.frames_in = 0
         self.samples_out = 0  # 16 kHz samples handed to the cutter
         self.ended = False  # the track ended (MediaStreamError); the resampler tail was delivered
-        self._resampler = _MonoResampler()
+        self._resampler = _MonoResampler(fill_gaps=fill_gaps)
         self._task: asyncio.Task[None] | None = None
 
     @property

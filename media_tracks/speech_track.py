@@ -28,6 +28,12 @@ FRAME_S = FRAME_SAMPLES / OUTPUT_RATE
 TIME_BASE = fractions.Fraction(1, OUTPUT_RATE)
 
 
+def _check_turn(turn: int) -> int:
+    if isinstance(turn, bool) or not isinstance(turn, int | np.integer):
+        raise ValueError(f"turn must be an int, got {turn!r}")
+    return int(turn)
+
+
 @dataclass
 class PacingStats:
     """How far each frame's actual return time was from its due time on the 20 ms schedule."""
@@ -87,7 +93,7 @@ class SpeechTrack(MediaStreamTrack):
         self.played_samples = 0  # 48 kHz speech samples handed to the sender
         self.dropped_samples = 0  # 48 kHz samples lost to overflow (oldest first)
         self.overflows = 0
-        self.flushed_samples = 0  # 48 kHz samples dropped by flush() or a turn change
+        self.flushed_samples = 0  # 48 kHz samples dropped by flush()
         self.flushes = 0
         self.stale_pushes = 0
         self.pacing = PacingStats()
@@ -116,8 +122,7 @@ class SpeechTrack(MediaStreamTrack):
         A newer `turn` becomes the current one (audio already queued keeps playing). With
         `end_of_turn`, the resampler's last few samples are released instead of waiting for more input.
         """
-        if isinstance(turn, bool) or not isinstance(turn, int):
-            raise ValueError(f"turn must be an int, got {turn!r}")
+        turn = _check_turn(turn)
         samples = np.asarray(pcm)
         if samples.ndim == 2 and samples.shape[0] == 1:
             samples = samples[0]
@@ -148,8 +153,7 @@ class SpeechTrack(MediaStreamTrack):
     def flush(self, turn: int | None = None) -> None:
         """Drop all queued speech (the next frame is silence); with `turn`, make it the current turn."""
         if turn is not None:
-            if isinstance(turn, bool) or not isinstance(turn, int):
-                raise ValueError(f"turn must be an int, got {turn!r}")
+            turn = _check_turn(turn)
             if turn < self.turn:
                 raise ValueError(f"flush turn {turn} is older than the current turn {self.turn}")
             self.turn = turn
@@ -162,6 +166,8 @@ class SpeechTrack(MediaStreamTrack):
 
     async def wait_buffered_below(self, seconds: float) -> None:
         """Wait until at most `seconds` of speech is queued (back-pressure for the producer)."""
+        if not seconds >= 0:
+            raise ValueError(f"seconds must be >= 0, got {seconds!r}")
         threshold = int(seconds * OUTPUT_RATE)
         if self._fill <= threshold or self.readyState != "live":
             return

@@ -59,6 +59,11 @@ class LatestVideoFrame:
         except asyncio.CancelledError:
             pass
 
+    async def wait_ended(self) -> None:
+        """Wait until the reader has finished (track ended or stopped)."""
+        if self._task is not None:
+            await asyncio.wait({self._task})
+
     async def _run(self) -> None:
         try:
             while True:

@@ -1,0 +1,182 @@
+"""SpeechTrack pulled directly (as aiortc's sender would): frames, pacing, flush, turns, overflow."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import av
+import numpy as np
+import pytest
+from aiortc.mediastreams import MediaStreamError
+
+from media_tracks import FRAME_SAMPLES, OUTPUT_RATE, SpeechTrack
+from tests.media_helpers import dominant_frequency
+
+
+def tone(freq: float, seconds: float, rate: int = 24000, amplitude: float = 0.5) -> np.ndarray:
+    return (amplitude * np.sin(2 * np.pi * freq * np.arange(int(seconds * rate)) / rate)).astype(np.float32)
+
+
+def samples_of(frame: av.AudioFrame) -> np.ndarray:
+    return frame.to_ndarray().reshape(-1).astype(np.float32) / 32768
+
+
+async def pull(track: SpeechTrack, n: int) -> list[av.AudioFrame]:
+    return [await track.recv() for _ in range(n)]
+
+
+async def test_frames_are_20ms_s16_mono_48k_with_monotonic_pts_and_silence_when_idle() -> None:
+    track = SpeechTrack()
+    frames = await pull(track, 5)
+    for i, frame in enumerate(frames):
+        assert frame.samples == FRAME_SAMPLES
+        assert frame.sample_rate == OUTPUT_RATE
+        assert frame.format.name == "s16" and frame.layout.name == "mono"
+        assert frame.time_base.numerator == 1 and frame.time_base.denominator == OUTPUT_RATE
+        assert frame.pts == i * FRAME_SAMPLES
+        assert not samples_of(frame).any()
+    assert track.frames_out == 5 and track.speech_frames_out == 0
+
+
+async def test_pushed_24k_tone_comes_out_as_48k_tone_of_same_frequency_and_duration() -> None:
+    track = SpeechTrack(input_rate=24000)
+    assert track.push(tone(1000, 0.4), turn=0, end_of_turn=True)
+    assert track.buffered_s == pytest.approx(0.4)
+    out = np.concatenate([samples_of(f) for f in await pull(track, 24)])
+    voiced = np.flatnonzero(np.abs(out) > 1e-3)
+    duration = (voiced[-1] - voiced[0] + 1) / OUTPUT_RATE
+    assert abs(duration - 0.4) <= FRAME_SAMPLES / OUTPUT_RATE
+    assert voiced[0] < 10  # speech starts in the first frame
+    assert abs(dominant_frequency(out[: int(0.4 * OUTPUT_RATE)], OUTPUT_RATE) - 1000) <= 3
+    expected = tone(1000, 0.4, rate=OUTPUT_RATE)
+    assert np.max(np.abs(out[100:19000] - expected[100:19000])) < 0.01  # no lag, no gain change
+    assert not out[20000:].any()
+    assert track.buffered_s == 0 and track.played_samples == 19200
+
+
+async def test_speech_split_into_many_pushes_is_continuous() -> None:
+    track = SpeechTrack(input_rate=24000)
+    whole = tone(440, 0.3)
+    for chunk in np.array_split(whole, 7):
+        assert track.push(chunk, turn=0)
+    track.push(np.zeros(0, np.float32), turn=0, end_of_turn=True)
+    assert track.buffered_s == pytest.approx(0.3)
+    out = np.concatenate([samples_of(f) for f in await pull(track, 15)])
+    expected = tone(440, 0.3, rate=OUTPUT_RATE)
+    assert np.max(np.abs(out[100:14300] - expected[100:14300])) < 0.01
+
+
+async def test_flush_makes_the_next_frame_silent_and_drops_the_queue() -> None:
+    track = SpeechTrack()
+    track.push(tone(500, 2.0), turn=0)
+    frames = await pull(track, 3)
+    assert all(np.abs(samples_of(f)).max() > 0.3 for f in frames)
+    track.flush()
+    assert track.buffered_s == 0
+    assert track.flushed_samples > 1.8 * OUTPUT_RATE
+    frames = await pull(track, 3)
+    assert all(not samples_of(f).any() for f in frames)
+    assert [f.pts for f in frames] == [3 * FRAME_SAMPLES, 4 * FRAME_SAMPLES, 5 * FRAME_SAMPLES]
+
+
+async def test_flush_while_the_sender_waits_applies_to_that_frame() -> None:
+    track = SpeechTrack()
+    await track.recv()
+    track.push(tone(500, 1.0), turn=0)
+    pending = asyncio.ensure_future(track.recv())  # sleeping until its due time
+    await asyncio.sleep(0)
+    track.flush(turn=1)
+    assert not samples_of(await pending).any()
+
+
+async def test_stale_turns_are_refused() -> None:
+    track = SpeechTrack()
+    assert track.push(tone(500, 0.1), turn=0)
+    track.flush(turn=2)
+    assert track.turn == 2
+    assert track.push(tone(500, 0.1), turn=1) is False
+    assert track.buffered_s == 0 and track.stale_pushes == 1
+    assert track.push(tone(500, 0.1), turn=2, end_of_turn=True)
+    assert track.buffered_s == pytest.approx(0.1)
+    assert track.push(tone(500, 0.1), turn=3, end_of_turn=True)  # a newer turn is adopted
+    assert track.turn == 3 and track.buffered_s == pytest.approx(0.2)
+    assert track.push(tone(500, 0.1), turn=np.int64(3))  # numpy ints are turns too
+    with pytest.raises(ValueError, match="older"):
+        track.flush(turn=1)
+
+
+async def test_overflow_drops_the_oldest_audio_and_counts_it() -> None:
+    track = SpeechTrack(max_buffer_s=0.5)
+    track.push(tone(300, 0.5), turn=0)
+    track.push(tone(2000, 0.5), turn=0, end_of_turn=True)
+    assert track.buffered_s == pytest.approx(0.5)
+    assert track.dropped_samples == 24000 and track.overflows >= 1
+    out = np.concatenate([samples_of(f) for f in await pull(track, 25)])
+    assert abs(dominant_frequency(out, OUTPUT_RATE) - 2000) <= 3  # the newest audio was kept
+    track.push(tone(700, 3.0), turn=0)  # one push longer than the whole buffer
+    assert track.buffered_s == pytest.approx(0.5, abs=0.001)
+
+
+async def test_pacing_50_frames_take_about_a_second() -> None:
+    track = SpeechTrack()
+    track.push(tone(500, 0.5), turn=0)
+    start = time.monotonic()
+    await pull(track, 51)  # the first frame is due at once, the 51st 1 s later
+    elapsed = time.monotonic() - start
+    assert 0.8 <= elapsed <= 1.5
+    assert track.pacing.frames == 51
+    assert track.pacing.reanchors == 0
+
+
+async def test_a_long_stall_re_anchors_the_clock_instead_of_bursting() -> None:
+    track = SpeechTrack(reanchor_after_s=0.2)
+    await pull(track, 2)
+    await asyncio.sleep(0.5)  # the sender stops pulling for 0.5 s
+    late = await track.recv()
+    assert track.pacing.reanchors == 1
+    assert late.pts >= 2 * FRAME_SAMPLES + 20 * FRAME_SAMPLES  # the missed slots were skipped
+    start = time.monotonic()
+    after = await pull(track, 3)
+    assert time.monotonic() - start >= 0.03  # paced again, not a catch-up burst
+    assert [f.pts - late.pts for f in after] == [FRAME_SAMPLES, 2 * FRAME_SAMPLES, 3 * FRAME_SAMPLES]
+
+
+async def test_wait_buffered_below_returns_as_playback_drains() -> None:
+    track = SpeechTrack()
+    track.push(tone(500, 0.2), turn=0, end_of_turn=True)
+    waiter = asyncio.ensure_future(track.wait_buffered_below(0.1))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    await pull(track, 4)
+    assert not waiter.done()
+    await pull(track, 1)
+    await asyncio.sleep(0)
+    assert waiter.done()
+    track.push(tone(500, 1.0), turn=0)
+    waiter = asyncio.ensure_future(track.wait_buffered_below(0.1))
+    await asyncio.sleep(0)
+    track.flush()
+    await asyncio.wait_for(waiter, 1)
+    with pytest.raises(ValueError, match="seconds"):
+        await track.wait_buffered_below(-1)
+
+
+async def test_bad_input_and_stop() -> None:
+    with pytest.raises(ValueError, match="input_rate"):
+        SpeechTrack(input_rate=0)
+    with pytest.raises(ValueError, match="max_buffer_s"):
+        SpeechTrack(max_buffer_s=0.001)
+    track = SpeechTrack()
+    with pytest.raises(ValueError, match="1-D"):
+        track.push(np.zeros((2, 100), np.float32), turn=0)
+    with pytest.raises(ValueError, match="float"):
+        track.push(np.zeros(100, np.int16), turn=0)
+    with pytest.raises(ValueError, match="turn"):
+        track.push(np.zeros(100, np.float32), turn="1")  # type: ignore[arg-type]
+    track.push(np.array([np.nan, np.inf, -np.inf, 0.5], np.float32), turn=0, end_of_turn=True)
+    frame = await track.recv()
+    assert np.isfinite(samples_of(frame)).all()
+    track.stop()
+    with pytest.raises(MediaStreamError):
+        await track.recv()
