@@ -106,6 +106,8 @@ class Recorder:
     arrived_at: list[float] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
     samples: int = 0
+    keep: bool = True  # False: only count frames (benchmark callers)
+    frames: int = 0
 
     def start(self, track: MediaStreamTrack) -> None:
         self.task = asyncio.ensure_future(self._run(track))
@@ -115,6 +117,9 @@ class Recorder:
         try:
             while True:
                 frame = await track.recv()
+                self.frames += 1
+                if not self.keep:
+                    continue
                 now = time.monotonic()
                 for out in resampler.resample(frame):
                     pcm = out.to_ndarray().reshape(-1).astype(np.float32)
