@@ -214,3 +214,21 @@ async def test_capacity_one_queues_the_second_caller_and_metrics_parse(start_tes
     finally:
         for call in (first, second, third):
             await call.close()
+
+
+async def test_caller_that_never_connects_is_dropped(start_test_server) -> None:
+    server = await start_test_server(rtc={"connect_timeout_s": 1.5})
+    call = Call(server.url, _tone(1.0))
+    try:
+        offer = await call._offer()
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                f"{server.url}/whip?mode=loopback", data=offer, headers={"Content-Type": "application/sdp"}
+            ) as r:
+                assert r.status == 201
+    finally:
+        await call.close()  # never applies the answer: ICE and DTLS never complete
+    assert len(server.manager.sessions) == 1
+    took = await _wait_for(lambda: not server.manager.sessions, 6, "the unconnected session to be dropped")
+    assert took < 5
+    assert server.manager.admission.busy == {}
