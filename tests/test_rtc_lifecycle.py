@@ -185,6 +185,7 @@ async def test_capacity_one_queues_the_second_caller_and_metrics_parse(start_tes
         assert _value(metrics, "rtc_queue_length") == 1
         assert _value(metrics, "rtc_sessions", mode="loopback", state="active") == 1
         assert _value(metrics, "rtc_sessions", mode="loopback", state="queued") == 1
+        assert _value(metrics, "rtc_sessions_talking", mode="loopback", state="listening") == 1
         assert _value(metrics, "rtc_units_processed_total") > 0
         assert _value(metrics, "rtc_unit_latency_seconds_count") > 0
         assert _value(metrics, "rtc_worker_up", worker="0") == 1
