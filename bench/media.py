@@ -97,6 +97,7 @@ class Row:
     handoff_p50_ms: float
     handoff_p99_ms: float
     frames_out_per_s: float
+    load_avg: float  # 1-minute load average at the end of the window (other processes on the machine)
 
 
 async def measure(n: int, seconds: float, client_procs: int) -> Row:
@@ -157,6 +158,7 @@ async def measure(n: int, seconds: float, client_procs: int) -> Row:
             handoff_p50_ms=float(np.percentile(handoff, 50)) if handoff.size else float("nan"),
             handoff_p99_ms=float(np.percentile(handoff, 99)) if handoff.size else float("nan"),
             frames_out_per_s=(frames1 - frames0) / (t1 - t0),
+            load_avg=float(Path("/proc/loadavg").read_text().split()[0]),
         )
     finally:
         stop.set()
@@ -175,14 +177,14 @@ def table(rows: list[Row], seconds: float, client_procs: int) -> str:
         f"after a 3 s warm-up; loopback calls (100 ms units).",
         "",
         "| calls | media process CPU (% of a core) | per call | worker CPU | pacing p50 | pacing p99 "
-        "| frames > 5 ms late | unit hand-off p50 | hand-off p99 | frames out/s |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| frames > 5 ms late | unit hand-off p50 | hand-off p99 | frames out/s | load avg |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
             f"| {r.calls} | {r.server_cpu_pct:.0f} % | {r.per_call_pct:.1f} % | {r.worker_cpu_pct:.0f} % "
             f"| {r.pacing_p50_ms:.2f} ms | {r.pacing_p99_ms:.2f} ms | {r.late_frac * 100:.1f} % "
-            f"| {r.handoff_p50_ms:.2f} ms | {r.handoff_p99_ms:.2f} ms | {r.frames_out_per_s:.0f} |"
+            f"| {r.handoff_p50_ms:.2f} ms | {r.handoff_p99_ms:.2f} ms | {r.frames_out_per_s:.0f} | {r.load_avg:.1f} |"
         )
     return "\n".join(lines)
 
