@@ -71,3 +71,42 @@ def token2wav_fixture_dir() -> Path:
 def tiny_model_dir() -> Path:
     """The tiny official-format checkpoint, decompressed once into .cache/ in the repo."""
     return prepare_tiny_model(REPO_ROOT / ".cache" / "fixtures")
+
+
+# ---- WebRTC server fixtures (rtc_server tests) ----
+
+
+def server_test_config(**sections: dict):
+    """A config for an in-process test server: plain HTTP on 127.0.0.1, a free port, quick timeouts."""
+    from rtc_server.config import build_config
+
+    values: dict = {
+        "server": {"host": "127.0.0.1", "port": 0, "http": True},
+        "workers": {"heartbeat_interval_s": 0.3, "heartbeat_timeout_s": 3.0, "restart_delay_s": 0.2},
+        "queue": {"update_interval_s": 0.5},
+        "rtc": {"consent_interval_s": 0.5, "consent_failures": 3, "connect_timeout_s": 10.0},
+    }
+    for name, overrides in sections.items():
+        values.setdefault(name, {}).update(overrides)
+    return build_config(values)
+
+
+@pytest.fixture
+async def start_test_server():
+    """Call it with config sections (e.g. `queue={"max_length": 1}`) to get a running server; all are
+    stopped at the end of the test, and the test fails if a worker process or session was left behind."""
+    from rtc_server.app import start_server
+
+    servers = []
+
+    async def start(**sections: dict):
+        server = await start_server(server_test_config(**sections))
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.stop()
+        assert not server.manager.sessions, "sessions left after stop"
+        for worker in server.supervisor.workers:
+            assert worker.process is None or worker.process.returncode is not None, "worker process leaked"

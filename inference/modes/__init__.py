@@ -1,0 +1,40 @@
+"""Registry of worker modes by name. Engine modes register themselves here without touching the server."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from inference.modes.base import Mode
+
+ModeFactory = Callable[[dict[str, Any]], Mode]
+
+_REGISTRY: dict[str, ModeFactory] = {}
+
+
+def register_mode(name: str, factory: ModeFactory) -> None:
+    """`factory(settings)` builds one Mode instance per session from the worker's settings dict."""
+    if name in _REGISTRY:
+        raise ValueError(f"mode {name!r} is already registered")
+    _REGISTRY[name] = factory
+
+
+def mode_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def create_mode(name: str, settings: dict[str, Any]) -> Mode:
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown mode {name!r}; known: {', '.join(_REGISTRY)}") from None
+    return factory(settings)
+
+
+def _loopback(settings: dict[str, Any]) -> Mode:
+    from inference.modes.loopback import LoopbackMode
+
+    return LoopbackMode(**settings.get("loopback", {}))
+
+
+register_mode("loopback", _loopback)

@@ -1,0 +1,89 @@
+"""The interface every worker mode implements (see inference/README.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+
+@dataclass
+class UnitInput:
+    """One unit of caller audio as the worker received it."""
+
+    index: int
+    pcm: np.ndarray  # float32 mono 16 kHz, exactly the unit length the mode asked for
+    completed_at: float  # server monotonic time when the unit's last sample arrived
+
+
+@dataclass
+class SessionSetup:
+    """What the mode tells the server when it opens: how to cut the caller's audio."""
+
+    unit_samples: int = 16000
+    first_unit_samples: int | None = None
+    output_rate: int = 24000
+
+
+@dataclass
+class Speech:
+    """Audio for the caller, at `SessionSetup.output_rate`."""
+
+    pcm: np.ndarray  # float32 mono
+    turn: int
+    play_at: float | None = None  # server monotonic time; None plays as soon as possible
+
+
+@dataclass
+class Text:
+    text: str
+    turn: int
+
+
+@dataclass
+class State:
+    state: Literal["listening", "thinking", "speaking"]
+
+
+@dataclass
+class Flush:
+    """Drop the caller's queued speech of turns older than `turn`."""
+
+    turn: int
+
+
+@dataclass
+class ModeError:
+    code: str
+    message: str
+
+
+Output = Speech | Text | State | Flush | ModeError
+
+
+@dataclass
+class SessionOptions:
+    """Options of one session, from the signalling request and the server config."""
+
+    session_id: str
+    system_prompt: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Mode(Protocol):
+    """A conversation mode. One instance per session; all methods run in a worker thread, one at a time.
+
+    `open` is called once, then `on_unit` for each unit in order and `on_control` for each client control
+    message, interleaved in arrival order, then `close` exactly once (also after errors).
+    """
+
+    name: str
+
+    def open(self, options: SessionOptions) -> tuple[SessionSetup, list[Output]]: ...
+
+    def on_unit(self, unit: UnitInput, frame: np.ndarray | None) -> list[Output]: ...
+
+    def on_control(self, message: dict[str, Any]) -> list[Output]: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,235 @@
+"""The IPC protocol between the server (`rtc_server`) and a worker process.
+
+One stream connection per worker (TCP on 127.0.0.1 today; any host later), carrying messages of the form
+
+    u32 header_len | u32 payload_len | header (UTF-8 JSON) | payload (raw bytes)
+
+big-endian. The header is one of the pydantic models below, told apart by its `type` field; the payload
+carries bulk data so that PCM never goes through JSON: float32 little-endian mono samples for `unit` and
+`audio`, followed for `unit` by an optional HxWx3 uint8 RGB frame (`frame_shape` says its size).
+
+Every message about a session carries `session_id`; one connection multiplexes all sessions of a worker.
+Clock fields (`completed_at`, `play_at`) are in the server's `time.monotonic()` timeline: a worker only
+copies or offsets them, never compares them with its own clock (except for the same-host hand-off metric).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 1 << 20
+MAX_PAYLOAD_BYTES = 64 << 20
+_PREFIX = struct.Struct(">II")
+
+
+class ProtocolError(RuntimeError):
+    """A peer sent bytes that are not a valid message."""
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- server -> worker ----------------------------------------------------------------------------
+
+
+class OpenSession(_Msg):
+    """Start (or switch the mode of) a session. The worker answers `opened` or `error`."""
+
+    type: Literal["open"] = "open"
+    session_id: str
+    mode: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Unit(_Msg):
+    """One audio unit (payload: float32 PCM, then an optional RGB frame)."""
+
+    type: Literal["unit"] = "unit"
+    session_id: str
+    index: int
+    sample_rate: int = 16000
+    samples: int
+    completed_at: float  # server monotonic time when the unit's last sample arrived
+    sent_at: float  # server monotonic time when the unit was written to the socket
+    frame_shape: tuple[int, int, int] | None = None
+
+
+class Control(_Msg):
+    """A client control message (`interrupt`, `pause`, `system_prompt`, ...) forwarded to the mode."""
+
+    type: Literal["control"] = "control"
+    session_id: str
+    message: dict[str, Any]
+
+
+class CloseSession(_Msg):
+    type: Literal["close"] = "close"
+    session_id: str
+
+
+class Ping(_Msg):
+    type: Literal["ping"] = "ping"
+    seq: int
+
+
+# ---- worker -> server ----------------------------------------------------------------------------
+
+
+class Hello(_Msg):
+    """First message of a worker: who it is and which modes it serves."""
+
+    type: Literal["hello"] = "hello"
+    version: int = PROTOCOL_VERSION
+    worker_id: int
+    pid: int
+    device: str
+    modes: list[str]
+
+
+class Opened(_Msg):
+    """The mode is running; the server cuts the session's audio into units of these sizes."""
+
+    type: Literal["opened"] = "opened"
+    session_id: str
+    mode: str
+    unit_samples: int
+    first_unit_samples: int | None = None
+    output_rate: int = 24000
+
+
+class AudioOut(_Msg):
+    """Speech for the caller (payload: float32 PCM at `sample_rate`)."""
+
+    type: Literal["audio"] = "audio"
+    session_id: str
+    turn: int
+    sample_rate: int
+    play_at: float | None = None  # server monotonic time to start playing; None: as soon as possible
+
+
+class TextOut(_Msg):
+    type: Literal["text"] = "text"
+    session_id: str
+    turn: int
+    text: str
+
+
+class StateOut(_Msg):
+    type: Literal["state"] = "state"
+    session_id: str
+    state: Literal["listening", "thinking", "speaking"]
+
+
+class FlushOut(_Msg):
+    """Drop queued speech of turns older than `turn` (the model stopped speaking)."""
+
+    type: Literal["flush"] = "flush"
+    session_id: str
+    turn: int
+
+
+class UnitDone(_Msg):
+    """Per-unit timings, sent after the mode handled a unit."""
+
+    type: Literal["unit_done"] = "unit_done"
+    session_id: str
+    index: int
+    completed_at: float
+    handoff_ms: float  # unit complete at the server -> unit decoded in the worker (same host only)
+    compute_ms: float  # time the mode spent on the unit
+
+
+class ErrorOut(_Msg):
+    """A session-level error (session_id set) or a worker-level one."""
+
+    type: Literal["error"] = "error"
+    session_id: str | None = None
+    code: str
+    message: str
+
+
+class Closed(_Msg):
+    type: Literal["closed"] = "closed"
+    session_id: str
+
+
+class Pong(_Msg):
+    type: Literal["pong"] = "pong"
+    seq: int
+
+
+Message = Annotated[
+    OpenSession
+    | Unit
+    | Control
+    | CloseSession
+    | Ping
+    | Hello
+    | Opened
+    | AudioOut
+    | TextOut
+    | StateOut
+    | FlushOut
+    | UnitDone
+    | ErrorOut
+    | Closed
+    | Pong,
+    Field(discriminator="type"),
+]
+_message_adapter: TypeAdapter[Message] = TypeAdapter(Message)
+
+
+def encode(message: BaseModel, payload: bytes = b"") -> bytes:
+    header = message.model_dump_json().encode()
+    if len(header) > MAX_HEADER_BYTES or len(payload) > MAX_PAYLOAD_BYTES:
+        raise ProtocolError(f"message too large: header {len(header)} B, payload {len(payload)} B")
+    return _PREFIX.pack(len(header), len(payload)) + header + payload
+
+
+def decode_header(raw: bytes) -> Message:
+    try:
+        return _message_adapter.validate_python(json.loads(raw))
+    except ValueError as exc:  # json.JSONDecodeError and pydantic.ValidationError are ValueErrors
+        raise ProtocolError(f"invalid message header: {exc}") from None
+
+
+async def read_message(reader: asyncio.StreamReader) -> tuple[Message, bytes]:
+    """Read one message; raises asyncio.IncompleteReadError at EOF and ProtocolError on garbage."""
+    header_len, payload_len = _PREFIX.unpack(await reader.readexactly(_PREFIX.size))
+    if header_len > MAX_HEADER_BYTES or payload_len > MAX_PAYLOAD_BYTES:
+        raise ProtocolError(f"message too large: header {header_len} B, payload {payload_len} B")
+    header = await reader.readexactly(header_len)
+    payload = await reader.readexactly(payload_len) if payload_len else b""
+    return decode_header(header), payload
+
+
+def pcm_to_bytes(pcm: np.ndarray) -> bytes:
+    return np.ascontiguousarray(pcm, dtype="<f4").tobytes()
+
+
+def pcm_from_bytes(data: bytes, samples: int | None = None) -> np.ndarray:
+    pcm = np.frombuffer(data, dtype="<f4")
+    if samples is not None and pcm.size != samples:
+        raise ProtocolError(f"expected {samples} samples, got {pcm.size}")
+    return pcm.astype(np.float32, copy=False)
+
+
+def split_unit_payload(unit: Unit, payload: bytes) -> tuple[np.ndarray, np.ndarray | None]:
+    """The PCM and optional frame of a `unit` message."""
+    pcm_bytes = unit.samples * 4
+    frame_bytes = 0 if unit.frame_shape is None else int(np.prod(unit.frame_shape))
+    if len(payload) != pcm_bytes + frame_bytes:
+        raise ProtocolError(f"unit payload is {len(payload)} B, expected {pcm_bytes + frame_bytes} B")
+    pcm = pcm_from_bytes(payload[:pcm_bytes])
+    frame = None
+    if unit.frame_shape is not None:
+        frame = np.frombuffer(payload[pcm_bytes:], dtype=np.uint8).reshape(unit.frame_shape)
+    return pcm, frame

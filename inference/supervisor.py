@@ -1,0 +1,299 @@
+"""Server-side management of worker processes: spawn, hello, heartbeats, restart, message routing.
+
+The supervisor listens on 127.0.0.1 (an ephemeral port); each worker connects to it and says `hello`.
+A worker on another host would connect the same way (listen address in config). Heartbeats: a `ping` every
+`heartbeat_interval_s`; a worker silent for `heartbeat_timeout_s`, whose connection drops, or whose process
+exits is killed and restarted after `restart_delay_s`. Its sessions get `on_worker_lost` and the server
+closes them; other workers' sessions are untouched.
+
+Used inside the server's event loop; nothing here blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from inference import protocol as p
+
+log = logging.getLogger("inference.supervisor")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MAX_WRITE_BUFFER = 8 << 20  # a worker this far behind gets no more units until it catches up
+
+
+class SessionSink(Protocol):
+    """The server side of one session, as the supervisor sees it."""
+
+    def on_worker_message(self, message: p.Message, payload: bytes) -> None: ...
+
+    def on_worker_lost(self, reason: str) -> None: ...
+
+
+@dataclass
+class SupervisorSettings:
+    gpus: list[int] = field(default_factory=list)
+    capacity_per_gpu: int = 1
+    cpu_capacity: int = 4
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 5.0
+    start_timeout_s: float = 60.0
+    restart_delay_s: float = 0.5
+
+
+@dataclass
+class WorkerHandle:
+    worker_id: int
+    gpu: int | None
+    capacity: int
+    up: bool = False
+    pid: int | None = None
+    restarts: int = 0
+    modes: list[str] = field(default_factory=list)
+    process: asyncio.subprocess.Process | None = None
+    writer: asyncio.StreamWriter | None = None
+    last_pong: float = 0.0
+    hello: asyncio.Future[None] | None = None
+    sinks: dict[str, SessionSink] = field(default_factory=dict)
+    dropped_units: int = 0
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self.gpu is None else f"cuda:{self.gpu}"
+
+
+class WorkerSupervisor:
+    def __init__(
+        self,
+        settings: SupervisorSettings,
+        worker_settings: dict[str, Any],
+        on_workers_changed: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.worker_settings = worker_settings
+        self.on_workers_changed = on_workers_changed
+        gpus: list[int | None] = list(settings.gpus) or [None]
+        self.workers = [
+            WorkerHandle(i, gpu, settings.capacity_per_gpu if gpu is not None else settings.cpu_capacity)
+            for i, gpu in enumerate(gpus)
+        ]
+        self._server: asyncio.Server | None = None
+        self._port = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self._seq = 0
+
+    # ---- lifecycle ----
+
+    async def start(self, wait_ready: bool = True) -> None:
+        self._server = await asyncio.start_server(self._on_connection, "127.0.0.1", 0)
+        self._port = self._server.sockets[0].getsockname()[1]
+        for worker in self.workers:
+            self._tasks.append(
+                asyncio.create_task(self._keep_alive(worker), name=f"worker-{worker.worker_id}")
+            )
+        self._tasks.append(asyncio.create_task(self._heartbeat(), name="worker-heartbeat"))
+        if wait_ready:
+            await self.wait_ready(self.settings.start_timeout_s)
+
+    async def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(w.up for w in self.workers):
+            if time.monotonic() > deadline:
+                raise TimeoutError("workers did not start in time")
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        for worker in self.workers:
+            await self._terminate(worker)
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    # ---- sessions ----
+
+    def attach(self, worker_id: int, session_id: str, sink: SessionSink) -> None:
+        self.workers[worker_id].sinks[session_id] = sink
+
+    def detach(self, worker_id: int, session_id: str) -> None:
+        worker = self.workers[worker_id]
+        if worker.sinks.pop(session_id, None) is not None:
+            self.send(worker_id, p.CloseSession(session_id=session_id))
+
+    def send(self, worker_id: int, message: p.BaseModel, payload: bytes = b"") -> bool:
+        """Queue a message for a worker without waiting; False if the worker is down or too far behind."""
+        worker = self.workers[worker_id]
+        writer = worker.writer
+        if not worker.up or writer is None or writer.is_closing():
+            return False
+        if isinstance(message, p.Unit) and writer.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+            worker.dropped_units += 1
+            return False
+        writer.write(p.encode(message, payload))
+        return True
+
+    # ---- internals ----
+
+    def _command(self, worker: WorkerHandle) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "inference.worker",
+            "--connect",
+            f"127.0.0.1:{self._port}",
+            "--worker-id",
+            str(worker.worker_id),
+            "--device",
+            worker.device,
+            "--settings",
+            json.dumps(self.worker_settings),
+        ]
+
+    def _env(self, worker: WorkerHandle) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        env["CUDA_VISIBLE_DEVICES"] = "" if worker.gpu is None else str(worker.gpu)
+        return env
+
+    async def _keep_alive(self, worker: WorkerHandle) -> None:
+        """Run the worker process; whenever it ends, fail its sessions and start it again."""
+        first = True
+        while not self._closing:
+            if not first:
+                worker.restarts += 1
+                await asyncio.sleep(self.settings.restart_delay_s)
+            first = False
+            worker.hello = asyncio.get_running_loop().create_future()
+            try:
+                worker.process = await asyncio.create_subprocess_exec(
+                    *self._command(worker),
+                    cwd=REPO_ROOT,
+                    env=self._env(worker),
+                    stdin=asyncio.subprocess.DEVNULL,
+                )
+            except OSError:
+                log.exception("worker %d: cannot start", worker.worker_id)
+                continue
+            worker.pid = worker.process.pid
+            log.info("worker %d: started pid %d on %s", worker.worker_id, worker.pid, worker.device)
+            try:
+                await asyncio.wait_for(asyncio.shield(worker.hello), self.settings.start_timeout_s)
+            except TimeoutError:
+                log.error(
+                    "worker %d: no hello within %.0f s", worker.worker_id, self.settings.start_timeout_s
+                )
+                await self._terminate(worker)
+            code = await worker.process.wait()
+            if not self._closing:
+                log.warning(
+                    "worker %d: pid %d exited with %s; restarting", worker.worker_id, worker.pid, code
+                )
+            self._mark_down(worker, f"worker process exited ({code})")
+
+    def _mark_down(self, worker: WorkerHandle, reason: str) -> None:
+        was_up = worker.up
+        worker.up = False
+        if worker.writer is not None:
+            worker.writer.close()
+            worker.writer = None
+        sinks = list(worker.sinks.values())
+        worker.sinks.clear()
+        for sink in sinks:
+            try:
+                sink.on_worker_lost(reason)
+            except Exception:
+                log.exception("worker %d: session cleanup failed", worker.worker_id)
+        if was_up and self.on_workers_changed is not None:
+            self.on_workers_changed()
+
+    async def _terminate(self, worker: WorkerHandle) -> None:
+        process = worker.process
+        if process is None or process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), 3.0)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+
+    def _kill(self, worker: WorkerHandle, why: str) -> None:
+        log.error("worker %d: %s; killing pid %s", worker.worker_id, why, worker.pid)
+        if worker.process is not None and worker.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.kill()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            now = time.monotonic()
+            for worker in self.workers:
+                if not worker.up:
+                    continue
+                if now - worker.last_pong > self.settings.heartbeat_timeout_s:
+                    self._kill(worker, f"no heartbeat for {now - worker.last_pong:.1f} s")
+                    continue
+                self._seq += 1
+                self.send(worker.worker_id, p.Ping(seq=self._seq))
+
+    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        worker: WorkerHandle | None = None
+        try:
+            first, _ = await asyncio.wait_for(p.read_message(reader), 10.0)
+            if not isinstance(first, p.Hello) or not 0 <= first.worker_id < len(self.workers):
+                raise p.ProtocolError(f"expected hello from a known worker, got {first!r}")
+            if first.version != p.PROTOCOL_VERSION:
+                raise p.ProtocolError(f"worker speaks protocol {first.version}, server {p.PROTOCOL_VERSION}")
+            worker = self.workers[first.worker_id]
+            if first.pid != worker.pid or worker.up:
+                raise p.ProtocolError(f"unexpected hello from pid {first.pid} for worker {worker.worker_id}")
+            worker.writer = writer
+            worker.modes = first.modes
+            worker.last_pong = time.monotonic()
+            worker.up = True
+            if worker.hello is not None and not worker.hello.done():
+                worker.hello.set_result(None)
+            log.info("worker %d: up (pid %d, modes %s)", worker.worker_id, first.pid, ", ".join(first.modes))
+            if self.on_workers_changed is not None:
+                self.on_workers_changed()
+            while True:
+                message, payload = await p.read_message(reader)
+                if isinstance(message, p.Pong):
+                    worker.last_pong = time.monotonic()
+                    continue
+                sid = getattr(message, "session_id", None)
+                sink = worker.sinks.get(sid) if sid is not None else None
+                if sink is None:
+                    continue
+                if isinstance(message, p.Closed):
+                    worker.sinks.pop(sid, None)
+                try:
+                    sink.on_worker_message(message, payload)
+                except Exception:
+                    log.exception("worker %d: session %s failed on %s", worker.worker_id, sid, message.type)
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+            pass
+        except p.ProtocolError as exc:
+            log.error("worker connection: %s", exc)
+        finally:
+            writer.close()
+            if worker is not None and worker.writer is writer and not self._closing:
+                self._kill(worker, "connection lost")

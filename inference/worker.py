@@ -1,0 +1,220 @@
+"""The worker process: serves the sessions the server assigns to it, one mode instance per session.
+
+Started by `inference.supervisor.WorkerSupervisor` as `python -m inference.worker --connect HOST:PORT ...`;
+it connects to the server, says `hello`, then handles `open`/`unit`/`control`/`close` messages and answers
+`ping` at once. Mode code runs in a single worker thread (one model per process; GPU work never runs in the
+IPC loop), so heartbeats keep flowing while a mode is busy. This module must never import aiortc; heavy
+imports (torch, the engine) happen lazily inside the modes that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from inference import protocol as p
+from inference.modes import create_mode, mode_names
+from inference.modes.base import (
+    Flush,
+    Mode,
+    ModeError,
+    Output,
+    SessionOptions,
+    Speech,
+    State,
+    Text,
+    UnitInput,
+)
+
+log = logging.getLogger("inference.worker")
+
+
+class Connection:
+    """Writes messages to the server; safe to call from the event loop only."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+
+    async def send(self, message: p.BaseModel, payload: bytes = b"") -> None:
+        self._writer.write(p.encode(message, payload))
+        await self._writer.drain()
+
+
+class SessionRunner:
+    """Feeds one session's messages to its mode, in order, in the mode thread."""
+
+    def __init__(
+        self,
+        session_id: str,
+        conn: Connection,
+        executor: concurrent.futures.Executor,
+        settings: dict[str, Any],
+    ) -> None:
+        self.session_id = session_id
+        self.conn = conn
+        self.executor = executor
+        self.settings = settings
+        self.mode: Mode | None = None
+        self.output_rate = 24000
+        self.queue: asyncio.Queue[tuple[p.Message, bytes, float] | None] = asyncio.Queue()
+        self.task = asyncio.create_task(self._run(), name=f"session-{session_id}")
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def _run(self) -> None:
+        try:
+            while (item := await self.queue.get()) is not None:
+                message, payload, received_at = item
+                try:
+                    await self._handle(message, payload, received_at)
+                except Exception as exc:  # a mode failure ends this session only
+                    log.exception("session %s: mode failed", self.session_id)
+                    await self.conn.send(
+                        p.ErrorOut(
+                            session_id=self.session_id, code="mode_error", message=str(exc) or repr(exc)
+                        )
+                    )
+                    break
+        finally:
+            await self._close_mode()
+            await self.conn.send(p.Closed(session_id=self.session_id))
+
+    async def _close_mode(self) -> None:
+        if self.mode is not None:
+            mode, self.mode = self.mode, None
+            try:
+                await self._call(mode.close)
+            except Exception:
+                log.exception("session %s: close failed", self.session_id)
+
+    async def _handle(self, message: p.Message, payload: bytes, received_at: float) -> None:
+        if isinstance(message, p.OpenSession):
+            await self._close_mode()  # a second `open` switches the mode
+            try:
+                mode = create_mode(message.mode, self.settings)
+            except KeyError as exc:
+                await self.conn.send(
+                    p.ErrorOut(session_id=self.session_id, code="unknown_mode", message=str(exc))
+                )
+                return
+            options = SessionOptions(
+                session_id=self.session_id,
+                system_prompt=message.options.get("system_prompt"),
+                extra=message.options,
+            )
+            setup, outputs = await self._call(mode.open, options)
+            self.mode = mode
+            self.output_rate = setup.output_rate
+            await self.conn.send(
+                p.Opened(
+                    session_id=self.session_id,
+                    mode=message.mode,
+                    unit_samples=setup.unit_samples,
+                    first_unit_samples=setup.first_unit_samples,
+                    output_rate=setup.output_rate,
+                )
+            )
+            await self._send_outputs(outputs, self.output_rate)
+        elif self.mode is None:
+            return  # units or controls before a successful open are dropped
+        elif isinstance(message, p.Unit):
+            pcm, frame = p.split_unit_payload(message, payload)
+            started = time.monotonic()
+            outputs = await self._call(
+                self.mode.on_unit, UnitInput(message.index, pcm, message.completed_at), frame
+            )
+            compute_ms = (time.monotonic() - started) * 1000
+            await self._send_outputs(outputs, self.output_rate)
+            await self.conn.send(
+                p.UnitDone(
+                    session_id=self.session_id,
+                    index=message.index,
+                    completed_at=message.completed_at,
+                    handoff_ms=(received_at - message.completed_at) * 1000,
+                    compute_ms=compute_ms,
+                )
+            )
+        elif isinstance(message, p.Control):
+            outputs = await self._call(self.mode.on_control, message.message)
+            await self._send_outputs(outputs, self.output_rate)
+
+    async def _send_outputs(self, outputs: list[Output], output_rate: int) -> None:
+        sid = self.session_id
+        for out in outputs:
+            if isinstance(out, Speech):
+                await self.conn.send(
+                    p.AudioOut(session_id=sid, turn=out.turn, sample_rate=output_rate, play_at=out.play_at),
+                    p.pcm_to_bytes(out.pcm),
+                )
+            elif isinstance(out, Text):
+                await self.conn.send(p.TextOut(session_id=sid, turn=out.turn, text=out.text))
+            elif isinstance(out, State):
+                await self.conn.send(p.StateOut(session_id=sid, state=out.state))
+            elif isinstance(out, Flush):
+                await self.conn.send(p.FlushOut(session_id=sid, turn=out.turn))
+            elif isinstance(out, ModeError):
+                await self.conn.send(p.ErrorOut(session_id=sid, code=out.code, message=out.message))
+
+
+async def serve(host: str, port: int, worker_id: int, device: str, settings: dict[str, Any]) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    conn = Connection(writer)
+    await conn.send(p.Hello(worker_id=worker_id, pid=os.getpid(), device=device, modes=mode_names()))
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mode")
+    sessions: dict[str, SessionRunner] = {}
+    try:
+        while True:
+            try:
+                message, payload = await p.read_message(reader)
+            except asyncio.IncompleteReadError:
+                return  # the server went away: nothing left to serve
+            received_at = time.monotonic()
+            if isinstance(message, p.Ping):
+                await conn.send(p.Pong(seq=message.seq))
+                continue
+            sid = getattr(message, "session_id", None)
+            if sid is None:
+                continue
+            runner = sessions.get(sid)
+            if runner is None or runner.task.done():
+                if not isinstance(message, p.OpenSession):
+                    continue
+                runner = sessions[sid] = SessionRunner(sid, conn, executor, settings)
+                runner.task.add_done_callback(lambda _t, sid=sid: sessions.pop(sid, None))
+            if isinstance(message, p.CloseSession):
+                runner.queue.put_nowait(None)
+            else:
+                runner.queue.put_nowait((message, payload, received_at))
+    finally:
+        for runner in list(sessions.values()):
+            runner.queue.put_nowait(None)
+        executor.shutdown(wait=False, cancel_futures=True)
+        writer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="MiniCPM-o 4.5 inference worker (started by the server)")
+    parser.add_argument("--connect", required=True, help="HOST:PORT of the server's worker listener")
+    parser.add_argument("--worker-id", type=int, required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--settings", default="{}", help="JSON settings for the modes")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"worker{args.worker_id} %(levelname)s %(message)s")
+    host, _, port = args.connect.rpartition(":")
+    try:
+        asyncio.run(serve(host, int(port), args.worker_id, args.device, json.loads(args.settings)))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""The aiohttp application: middlewares (JSON errors, bearer auth), routes, static pages, and start/stop."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from inference.supervisor import SupervisorSettings, WorkerSupervisor
+from rtc_server.certs import server_ssl_context
+from rtc_server.config import AppConfig
+from rtc_server.manager import SessionManager
+from rtc_server.metrics import CONTENT_TYPE, Exposition
+from rtc_server.signalling import MANAGER_KEY, ApiError, add_routes
+
+log = logging.getLogger("rtc_server.app")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROTECTED_PREFIXES = ("/api/", "/api", "/whip", "/metrics")
+MAX_BODY_KEY = web.AppKey("max_body", int)
+STARTED_KEY = web.AppKey("started_at", float)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error answer is JSON: `{"error": {"code", "message"}}`."""
+    try:
+        return await handler(request)
+    except ApiError:
+        raise
+    except web.HTTPException as exc:
+        if exc.status < 400 or not request.path.startswith(PROTECTED_PREFIXES):
+            raise
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+        code = codes.get(exc.status, "http_error")
+        message = (
+            exc.text if exc.status != 413 else f"the body is larger than {request.app[MAX_BODY_KEY]} bytes"
+        )
+        raise ApiError(exc.status, code, message or exc.reason) from None
+    except Exception:
+        if not request.path.startswith(PROTECTED_PREFIXES):
+            raise
+        log.exception("%s %s failed", request.method, request.path)
+        raise ApiError(500, "internal_error", "the server failed on this request; see its log") from None
+
+
+def auth_middleware(token: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith(PROTECTED_PREFIXES) and request.method != "OPTIONS":
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                raise ApiError(
+                    401,
+                    "unauthorized",
+                    "missing or wrong bearer token",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        return await handler(request)
+
+    return check_token
+
+
+@web.middleware
+async def limit_body(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse an oversized body from its Content-Length before reading it (aiohttp also caps the read)."""
+    limit = request.app[MAX_BODY_KEY]
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, "too_large", f"the body is larger than {limit} bytes")
+    return await handler(request)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER_KEY]
+    out = Exposition()
+    counts: dict[tuple[str, str], int] = {}
+    for mode in manager.known_modes():
+        for phase in ("queued", "active"):
+            counts[(mode, phase)] = 0
+    frames_in, frames_out = manager.stats.frames_in_closed, manager.stats.frames_out_closed
+    for session in manager.sessions.values():
+        if session.phase != "closed":
+            counts[(session.mode, session.phase)] = counts.get((session.mode, session.phase), 0) + 1
+        frames_in += session.inbound.frames_in if session.inbound is not None else 0
+        frames_out += session.speech.frames_out
+    out.metric(
+        "rtc_sessions",
+        "gauge",
+        "Live sessions by mode and phase (queued: waiting for a worker slot).",
+        [({"mode": m, "state": s}, n) for (m, s), n in sorted(counts.items())],
+    )
+    talk: dict[tuple[str, str], int] = {}
+    for session in manager.sessions.values():
+        if session.phase == "active":
+            talk[(session.mode, session.state)] = talk.get((session.mode, session.state), 0) + 1
+    out.metric(
+        "rtc_sessions_talking",
+        "gauge",
+        "Active sessions by mode and conversation state (listening, thinking, speaking).",
+        [({"mode": m, "state": s}, n) for (m, s), n in sorted(talk.items())],
+    )
+    out.metric(
+        "rtc_sessions_started_total",
+        "counter",
+        "Sessions answered since start, by mode.",
+        [({"mode": m}, n) for m, n in sorted(manager.stats.sessions_started.items())],
+    )
+    out.metric(
+        "rtc_queue_length",
+        "gauge",
+        "Callers waiting for a worker slot.",
+        [({}, len(manager.admission.waiting))],
+    )
+    out.metric(
+        "rtc_session_capacity", "gauge", "Session slots over all workers.", [({}, manager.admission.capacity)]
+    )
+    out.metric(
+        "rtc_units_sent_total", "counter", "Audio units handed to workers.", [({}, manager.stats.units_sent)]
+    )
+    out.metric(
+        "rtc_units_processed_total",
+        "counter",
+        "Units the workers finished.",
+        [({}, manager.stats.units_done)],
+    )
+    out.histogram(
+        "rtc_unit_latency_seconds",
+        "Unit complete at the server to the worker's result back at the server.",
+        manager.stats.unit_roundtrip,
+    )
+    out.histogram(
+        "rtc_unit_handoff_seconds",
+        "Unit complete at the server to unit received by the worker.",
+        manager.stats.unit_handoff,
+    )
+    workers = manager.supervisor.workers
+    out.metric(
+        "rtc_worker_up",
+        "gauge",
+        "1 while the worker process is connected.",
+        [({"worker": str(w.worker_id), "device": w.device}, int(w.up)) for w in workers],
+    )
+    out.metric(
+        "rtc_worker_restarts_total",
+        "counter",
+        "Worker process restarts.",
+        [({"worker": str(w.worker_id)}, w.restarts) for w in workers],
+    )
+    out.metric("rtc_media_frames_in_total", "counter", "Inbound audio frames decoded.", [({}, frames_in)])
+    out.metric("rtc_media_frames_out_total", "counter", "Outbound audio frames sent.", [({}, frames_out)])
+    out.metric(
+        "rtc_uptime_seconds",
+        "gauge",
+        "Seconds since the server started.",
+        [({}, round(time.monotonic() - request.app[STARTED_KEY], 3))],
+    )
+    return web.Response(body=out.text().encode(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def make_app(config: AppConfig, manager: SessionManager) -> web.Application:
+    middlewares = [json_errors]
+    if config.auth.api_token:
+        middlewares.append(auth_middleware(config.auth.api_token))
+    middlewares.append(limit_body)
+    app = web.Application(middlewares=middlewares, client_max_size=config.server.max_body_bytes)
+    app[MANAGER_KEY] = manager
+    app[MAX_BODY_KEY] = config.server.max_body_bytes
+    app[STARTED_KEY] = time.monotonic()
+    add_routes(app)
+    app.router.add_get("/metrics", metrics)
+    public = (REPO_ROOT / config.server.public_dir).resolve()
+
+    async def index(request: web.Request) -> web.StreamResponse:
+        if (public / "index.html").is_file():
+            return web.FileResponse(public / "index.html")
+        raise web.HTTPFound("/call.html")
+
+    async def page(request: web.Request) -> web.StreamResponse:
+        path = (public / request.match_info["path"]).resolve()
+        if not path.is_relative_to(public) or not path.is_file():
+            raise web.HTTPNotFound()
+        return web.FileResponse(path)
+
+    app.router.add_get("/", index)
+    app.router.add_get("/{path:.+}", page)  # static pages; registered last, after the API routes
+    return app
+
+
+@dataclass
+class RunningServer:
+    """A started server: its URL and the parts tests and the CLI need to reach."""
+
+    url: str
+    config: AppConfig
+    supervisor: WorkerSupervisor
+    manager: SessionManager
+    runner: web.AppRunner
+
+    async def stop(self) -> None:
+        await self.manager.close_all()
+        await self.runner.cleanup()
+        await self.supervisor.stop()
+
+
+def worker_settings(config: AppConfig) -> dict[str, object]:
+    """What worker modes get from the server config (sent to the worker process as JSON)."""
+    return {"model_path": config.model.path, "loopback": config.loopback.model_dump()}
+
+
+async def start_server(config: AppConfig) -> RunningServer:
+    """Start the workers, then serve the app; returns once everything is up."""
+    manager_ref: list[SessionManager] = []
+    supervisor = WorkerSupervisor(
+        SupervisorSettings(**config.workers.model_dump()),
+        worker_settings(config),
+        on_workers_changed=lambda: manager_ref[0].workers_changed() if manager_ref else None,
+    )
+    manager = SessionManager(config, supervisor)
+    manager_ref.append(manager)
+    await supervisor.start()
+    manager.start()
+    app = make_app(config, manager)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    ssl_context = None if config.server.http else server_ssl_context(REPO_ROOT / config.server.certs_dir)
+    site = web.TCPSite(runner, config.server.host, config.server.port, ssl_context=ssl_context)
+    try:
+        await site.start()
+    except BaseException:
+        await manager.close_all()
+        await runner.cleanup()
+        await supervisor.stop()
+        raise
+    port = runner.addresses[0][1]  # the real port when config asked for 0
+    scheme = "http" if config.server.http else "https"
+    host = "localhost" if config.server.host in ("0.0.0.0", "::") else config.server.host
+    return RunningServer(f"{scheme}://{host}:{port}", config, supervisor, manager, runner)

@@ -1,0 +1,124 @@
+"""Server configuration: `config.toml` validated by pydantic, with CLI overrides on top.
+
+Precedence is CLI > file > the defaults below. Unknown keys are an error that names the key, so a typo in
+`config.toml` never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ServerSettings(_Strict):
+    host: str = "0.0.0.0"
+    port: int = Field(8006, ge=0, le=65535)
+    http: bool = False  # plain HTTP instead of HTTPS (tests, or behind a TLS proxy)
+    certs_dir: str = "certs"
+    public_dir: str = "public"
+    max_body_bytes: int = Field(1 << 20, ge=1024)  # signalling bodies are SDP (a few kB); larger is a 413
+
+
+class AuthSettings(_Strict):
+    api_token: str = ""  # when set, /api, /whip and /metrics need `Authorization: Bearer <token>`
+
+
+class ModelSettings(_Strict):
+    path: str = ""  # empty: the embedded default (tiny random-weight model on the CPU)
+
+
+class WorkerSettings(_Strict):
+    gpus: list[int] = Field(default_factory=list)  # one worker process per GPU; empty: one CPU worker
+    capacity_per_gpu: int = Field(1, ge=1)  # concurrent sessions per GPU worker, until measured otherwise
+    cpu_capacity: int = Field(4, ge=1)  # concurrent sessions of the CPU worker (embedded default)
+    heartbeat_interval_s: float = Field(1.0, gt=0)
+    heartbeat_timeout_s: float = Field(5.0, gt=0)  # no pong for this long: the worker is killed and restarted
+    start_timeout_s: float = Field(60.0, gt=0)  # a worker that does not say hello in time is restarted
+    restart_delay_s: float = Field(0.5, ge=0)
+
+
+class QueueSettings(_Strict):
+    max_length: int = Field(16, ge=0)  # callers waiting for a slot; one more is a 503
+    default_session_s: float = Field(120.0, gt=0)  # ETA baseline until real session lengths are known
+    update_interval_s: float = Field(2.0, gt=0)  # how often a waiting caller gets a `queue` event
+
+
+class RtcSettings(_Strict):
+    # ICE consent freshness (RFC 7675): a peer that stops answering for interval x failures is gone.
+    # aioice's own defaults are 5 s x 6; tests use a shorter timeout to see a vanished client quickly.
+    consent_interval_s: float = Field(5.0, gt=0)
+    consent_failures: int = Field(6, ge=1)
+    connect_timeout_s: float = Field(30.0, gt=0)  # from answer to ICE+DTLS connected
+    ice_servers: list[str] = Field(
+        default_factory=list
+    )  # e.g. ["stun:stun.example.org:3478"]; none by default
+
+
+class LoopbackSettings(_Strict):
+    delay_s: float = Field(1.0, ge=0)  # what the caller hears: its own voice this much later
+    unit_ms: int = Field(100, ge=20, le=1000)  # loopback cuts short units so that small delays are possible
+    # Known latency of the media path that the loopback delay compensates: the aiortc receive jitter
+    # buffer on each side (~80 ms each, fixed prefetch of 4 packets), Opus framing and the outbound
+    # track's 20 ms clock. Measured on 127.0.0.1 with aiortc callers (tests/test_rtc_loopback.py); a
+    # browser's adaptive jitter buffer is usually a little shorter than aiortc's fixed 80 ms. See README.
+    pipeline_latency_s: float = Field(0.2, ge=0)
+
+
+class AppConfig(_Strict):
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    workers: WorkerSettings = Field(default_factory=WorkerSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    rtc: RtcSettings = Field(default_factory=RtcSettings)
+    loopback: LoopbackSettings = Field(default_factory=LoopbackSettings)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names every offending key."""
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def build_config(file_values: dict[str, Any], overrides: dict[str, Any] | None = None) -> AppConfig:
+    """Validate `file_values` with `overrides` (nested dicts, e.g. from the CLI) applied on top."""
+    try:
+        return AppConfig.model_validate(_merge(file_values, overrides or {}))
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                problems.append(f"unknown key '{key}'")
+            else:
+                problems.append(f"'{key}': {err['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> AppConfig:
+    """Read a TOML file (None or a missing default file means defaults only) and apply `overrides`."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            values = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return build_config(values, overrides)

@@ -1,0 +1,338 @@
+"""One call: its peer connection, media tracks, data channel, worker slot and cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.rtcdatachannel import RTCDataChannel
+from pydantic import BaseModel, ValidationError
+
+from inference import protocol as p
+from media_tracks import AudioUnit, InboundAudio, LatestVideoFrame, SpeechTrack, UnitCutter
+from rtc_server import events as ev
+
+if TYPE_CHECKING:
+    from rtc_server.manager import SessionManager
+
+log = logging.getLogger("rtc_server.session")
+OUTBOX_LIMIT = 200  # events kept until the data channel opens
+FATAL_WORKER_ERRORS = {"mode_error", "unknown_mode"}
+
+
+class BadOffer(ValueError):
+    """The caller's SDP offer cannot be answered."""
+
+
+def new_session_id() -> str:
+    return uuid.uuid4().hex
+
+
+class CallSession:
+    def __init__(self, manager: SessionManager, mode: str, system_prompt: str | None) -> None:
+        self.manager = manager
+        self.id = new_session_id()
+        self.mode = mode
+        self.system_prompt = system_prompt
+        self.phase: ev.SessionPhase = "queued"
+        self.state: ev.TalkState = "listening"
+        self.created_at = time.monotonic()
+        self.worker_id: int | None = None
+        self.paused = False
+        self.mode_open = False  # the worker said `opened` for the current mode
+        self.video_max_side: int | None = None
+        self.pc = RTCPeerConnection(
+            RTCConfiguration(iceServers=[RTCIceServer(url) for url in manager.config.rtc.ice_servers])
+        )
+        self.speech = SpeechTrack(input_rate=24000)
+        self.cutter = UnitCutter()
+        self.inbound: InboundAudio | None = None
+        self.video: LatestVideoFrame | None = None
+        self.channel: RTCDataChannel | None = None
+        self._outbox: list[str] = []
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._close_task: asyncio.Task[None] | None = None
+        self._connect_timer: asyncio.TimerHandle | None = None
+        self.closed = asyncio.Event()
+
+    # ---- signalling ----
+
+    async def answer(self, offer_sdp: str) -> str:
+        """Apply the caller's offer and return our answer (audio is sendrecv: the caller hears us)."""
+        pc = self.pc
+        pc.on("track", self._on_track)
+        pc.on("datachannel", self._on_datachannel)
+        pc.on("connectionstatechange", self._on_connection_state)
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        except Exception as exc:
+            raise BadOffer(f"cannot apply the SDP offer: {exc or type(exc).__name__}") from None
+        if not any(t.kind == "audio" for t in pc.getTransceivers()):
+            raise BadOffer("the SDP offer has no audio section")
+        pc.addTrack(self.speech)
+        try:
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception as exc:
+            raise BadOffer(f"cannot answer the SDP offer: {exc or type(exc).__name__}") from None
+        loop = asyncio.get_running_loop()
+        self._connect_timer = loop.call_later(
+            self.manager.config.rtc.connect_timeout_s, self._connect_timeout
+        )
+        return pc.localDescription.sdp
+
+    def _connect_timeout(self) -> None:
+        if self.pc.connectionState != "connected":
+            log.info("session %s: not connected in time", self.id)
+            self.close_soon("connect timeout")
+
+    def _on_track(self, track) -> None:  # noqa: ANN001 (aiortc's MediaStreamTrack)
+        if track.kind == "audio" and self.inbound is None:
+            self.inbound = InboundAudio(track, self.cutter, self._on_unit)
+            self.inbound.start()
+        elif track.kind == "video" and self.video is None:
+            self.video = LatestVideoFrame(track)
+            self.video.start()
+
+    def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        if channel.label != "events" or self.channel is not None:
+            return
+        self.channel = channel
+        channel.on("message", self._on_client_message)
+        self.send_event(ev.SessionEvent(session_id=self.id, mode=self.mode, phase=self.phase))
+        for data in self._outbox:
+            channel.send(data)
+        self._outbox.clear()
+
+    def _on_connection_state(self) -> None:
+        state = self.pc.connectionState
+        log.info("session %s: connection %s", self.id, state)
+        if state == "connected" and self._connect_timer is not None:
+            self._connect_timer.cancel()
+        elif state in ("failed", "closed"):
+            self.close_soon(f"connection {state}")
+
+    # ---- events to the caller ----
+
+    def send_event(self, event: BaseModel) -> None:
+        data = event.model_dump_json()
+        channel = self.channel
+        if channel is not None and channel.readyState == "open":
+            channel.send(data)
+        elif len(self._outbox) < OUTBOX_LIMIT:
+            self._outbox.append(data)
+
+    def _on_client_message(self, data: str | bytes) -> None:
+        try:
+            message = ev.client_message_adapter.validate_python(json.loads(data))
+        except (ValueError, UnicodeDecodeError) as exc:
+            detail = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+            self.send_event(ev.ErrorEvent(code="bad_message", message=f"invalid client message: {detail}"))
+            return
+        if isinstance(message, ev.SetModeMessage):
+            self._set_mode(message.mode)
+            return
+        if isinstance(message, ev.InterruptMessage):
+            self._cancel_timers()
+            self.speech.flush()
+        elif isinstance(message, ev.PauseMessage):
+            self.paused = True
+        elif isinstance(message, ev.ResumeMessage):
+            self.paused = False
+        elif isinstance(message, ev.SystemPromptMessage):
+            self.system_prompt = message.text
+        if self.phase == "active" and self.worker_id is not None:
+            self.manager.supervisor.send(
+                self.worker_id, p.Control(session_id=self.id, message=message.model_dump())
+            )
+
+    def _set_mode(self, mode: str) -> None:
+        if mode not in self.manager.known_modes():
+            self.send_event(ev.ErrorEvent(code="unknown_mode", message=f"unknown mode {mode!r}"))
+            return
+        self.mode = mode
+        if self.phase == "active" and self.worker_id is not None:
+            self.mode_open = False
+            self._cancel_timers()
+            self.speech.flush()
+            self._open_on_worker()
+
+    # ---- admission (called by rtc_server.admission) ----
+
+    def admit(self, worker_id: int) -> None:
+        self.phase = "active"
+        self.worker_id = worker_id
+        self.manager.supervisor.attach(worker_id, self.id, self)
+        self._open_on_worker()
+
+    def queue_update(self, position: int, eta_s: float) -> None:
+        self.send_event(ev.QueueEvent(position=position, eta_s=eta_s))
+
+    def _open_on_worker(self) -> None:
+        assert self.worker_id is not None
+        options = {"system_prompt": self.system_prompt} if self.system_prompt else {}
+        if not self.manager.supervisor.send(
+            self.worker_id, p.OpenSession(session_id=self.id, mode=self.mode, options=options)
+        ):
+            self.on_worker_lost("worker unavailable")
+
+    # ---- media to the worker ----
+
+    def _on_unit(self, unit: AudioUnit) -> None:
+        if self.phase != "active" or not self.mode_open or self.paused or self.worker_id is None:
+            return  # queued, switching or paused: the caller's audio is not routed anywhere
+        payload = p.pcm_to_bytes(unit.pcm)
+        frame_shape = None
+        if self.video is not None and self.video_max_side is not None:
+            frame = self.video.snapshot_rgb(self.video_max_side)
+            if frame is not None:
+                frame_shape = frame.shape
+                payload += frame.tobytes()
+        message = p.Unit(
+            session_id=self.id,
+            index=unit.index,
+            samples=unit.pcm.size,
+            completed_at=unit.completed_at,
+            sent_at=time.monotonic(),
+            frame_shape=frame_shape,
+        )
+        if self.manager.supervisor.send(self.worker_id, message, payload):
+            self.manager.stats.units_sent += 1
+
+    # ---- worker messages (called by inference.supervisor) ----
+
+    def on_worker_message(self, message: p.Message, payload: bytes) -> None:
+        if self.phase == "closed":
+            return
+        if isinstance(message, p.Opened):
+            self._on_opened(message)
+        elif isinstance(message, p.AudioOut):
+            self._on_audio(message, payload)
+        elif isinstance(message, p.TextOut):
+            self.send_event(ev.TextEvent(text=message.text, turn=message.turn))
+        elif isinstance(message, p.StateOut):
+            self.state = message.state
+            self.send_event(ev.StateEvent(state=message.state))
+        elif isinstance(message, p.FlushOut):
+            self._cancel_timers()
+            self.speech.flush(max(message.turn, self.speech.turn))
+        elif isinstance(message, p.UnitDone):
+            roundtrip_ms = (time.monotonic() - message.completed_at) * 1000
+            self.manager.stats.record_unit(message.handoff_ms, roundtrip_ms)
+            self.send_event(
+                ev.MetricsEvent(
+                    unit=message.index,
+                    handoff_ms=round(message.handoff_ms, 2),
+                    compute_ms=round(message.compute_ms, 2),
+                    roundtrip_ms=round(roundtrip_ms, 2),
+                )
+            )
+        elif isinstance(message, p.ErrorOut):
+            self.send_event(ev.ErrorEvent(code=message.code, message=message.message))
+            if message.code in FATAL_WORKER_ERRORS:
+                self.close_soon(f"worker error {message.code}")
+        elif isinstance(message, p.Closed):
+            self.close_soon("closed by the worker")
+
+    def _on_opened(self, message: p.Opened) -> None:
+        if message.output_rate != self.speech.input_rate:
+            self.send_event(
+                ev.ErrorEvent(
+                    code="mode_error", message=f"mode output rate {message.output_rate} unsupported"
+                )
+            )
+            self.close_soon("bad output rate")
+            return
+        self.mode = message.mode
+        self.cutter.reset(unit_samples=message.unit_samples, first_unit_samples=message.first_unit_samples)
+        self.mode_open = True
+        self.send_event(ev.SessionEvent(session_id=self.id, mode=self.mode, phase=self.phase))
+
+    def _on_audio(self, message: p.AudioOut, payload: bytes) -> None:
+        if message.sample_rate != self.speech.input_rate:
+            log.warning("session %s: dropping audio at %d Hz", self.id, message.sample_rate)
+            return
+        pcm = p.pcm_from_bytes(payload)
+        delay = 0.0 if message.play_at is None else message.play_at - time.monotonic()
+        if delay <= 0:
+            self.speech.push(pcm, message.turn)
+            return
+        handle: asyncio.TimerHandle
+
+        def play() -> None:
+            self._timers.discard(handle)
+            if self.phase != "closed":
+                self.speech.push(pcm, message.turn)
+
+        handle = asyncio.get_running_loop().call_later(delay, play)
+        self._timers.add(handle)
+
+    def _cancel_timers(self) -> None:
+        for handle in self._timers:
+            handle.cancel()
+        self._timers.clear()
+
+    def on_worker_lost(self, reason: str) -> None:
+        if self.phase == "closed":
+            return
+        self.worker_id = None  # the supervisor already dropped our sink
+        self.send_event(ev.ErrorEvent(code="worker_failed", message=f"the inference worker failed: {reason}"))
+        self.close_soon(f"worker lost: {reason}")
+
+    # ---- teardown ----
+
+    def close_soon(self, reason: str) -> None:
+        if self._close_task is None and self.phase != "closed":
+            self._close_task = asyncio.ensure_future(self.close(reason))
+
+    async def close(self, reason: str) -> None:
+        """Release everything the call holds; safe to call more than once and from several places."""
+        if self.phase == "closed":
+            await self.closed.wait()
+            return
+        log.info("session %s: closing (%s)", self.id, reason)
+        self.phase = "closed"
+        self.manager.admission.leave(self)
+        if self.worker_id is not None:
+            self.manager.supervisor.detach(self.worker_id, self.id)
+        self._cancel_timers()
+        if self._connect_timer is not None:
+            self._connect_timer.cancel()
+        try:
+            # Let the last events (e.g. an error) leave before the transport goes away.
+            channel = self.channel
+            if (
+                channel is not None
+                and channel.readyState == "open"
+                and self.pc.connectionState == "connected"
+            ):
+                deadline = time.monotonic() + 1.0
+                while channel.bufferedAmount > 0 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(0.05)
+            if self.inbound is not None:
+                await self.inbound.stop()
+            if self.video is not None:
+                await self.video.stop()
+            self.speech.stop()
+            with contextlib.suppress(Exception):
+                await self.pc.close()
+        finally:
+            self.manager.forget(self)
+            self.closed.set()
+
+    def info(self) -> ev.SessionInfo:
+        return ev.SessionInfo(
+            session_id=self.id,
+            mode=self.mode,
+            phase=self.phase,
+            state=self.state,
+            worker_id=self.worker_id,
+            queue_position=self.manager.admission.position(self),
+            age_s=round(time.monotonic() - self.created_at, 3),
+        )

@@ -1,0 +1,172 @@
+"""Signalling routes: the JSON API (`/api/sessions`) and the WHIP-style endpoint (`/whip`).
+
+WHIP shape (RFC 9725) with one difference: the answer is sendrecv for audio, so the caller hears the
+server's speech track on the same peer connection.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+from aiortc.sdp import candidate_from_sdp
+from pydantic import ValidationError
+
+from rtc_server import events as ev
+from rtc_server.admission import QueueFull
+from rtc_server.manager import SessionManager, UnknownMode
+from rtc_server.session import BadOffer, CallSession
+
+MANAGER_KEY = web.AppKey("manager", SessionManager)
+SDP_TYPE = "application/sdp"
+TRICKLE_TYPE = "application/trickle-ice-sdpfrag"
+
+
+class ApiError(web.HTTPException):
+    """An HTTP error whose body is the JSON `ErrorResponse`."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        self.status_code = status
+        super().__init__(
+            text=ev.ErrorResponse(error=ev.ErrorBody(code=code, message=message)).model_dump_json(),
+            content_type="application/json",
+            headers=headers,
+        )
+
+
+def _manager(request: web.Request) -> SessionManager:
+    return request.app[MANAGER_KEY]
+
+
+def _require_type(request: web.Request, expected: str) -> None:
+    if request.content_type != expected:
+        raise ApiError(
+            415, "unsupported_media_type", f"expected Content-Type {expected}, got {request.content_type}"
+        )
+
+
+async def _read_text(request: web.Request) -> str:
+    try:
+        return (await request.read()).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "bad_encoding", "the body is not UTF-8") from None
+
+
+async def _create(request: web.Request, sdp: str, mode: str, system_prompt: str | None) -> CallSession:
+    try:
+        return await _manager(request).create(sdp, mode, system_prompt)
+    except UnknownMode as exc:
+        raise ApiError(400, "unknown_mode", str(exc)) from None
+    except BadOffer as exc:
+        raise ApiError(400, "bad_sdp", str(exc)) from None
+    except QueueFull as exc:
+        raise ApiError(503, "queue_full", str(exc), headers={"Retry-After": "30"}) from None
+
+
+def _session(request: web.Request) -> CallSession:
+    session = _manager(request).get(request.match_info["session_id"])
+    if session is None:
+        raise ApiError(404, "unknown_session", f"no session {request.match_info['session_id']!r}")
+    return session
+
+
+# ---- JSON API ----
+
+
+async def create_session(request: web.Request) -> web.Response:
+    _require_type(request, "application/json")
+    try:
+        body = json.loads(await _read_text(request))
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, "bad_json", f"the body is not JSON: {exc}") from None
+    try:
+        offer = ev.SessionRequest.model_validate(body)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+        raise ApiError(400, "bad_request", problems) from None
+    session = await _create(request, offer.sdp, offer.mode, offer.system_prompt)
+    answer = ev.SessionAnswer(session_id=session.id, sdp=session.pc.localDescription.sdp)
+    return web.json_response(
+        answer.model_dump(), status=201, headers={"Location": f"/api/sessions/{session.id}"}
+    )
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    sessions = [s.info() for s in _manager(request).sessions.values()]
+    return web.json_response(ev.SessionList(sessions=sessions).model_dump())
+
+
+async def get_session(request: web.Request) -> web.Response:
+    return web.json_response(_session(request).info().model_dump())
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    session = _session(request)
+    await session.close("hangup (DELETE)")
+    return web.json_response({"session_id": session.id, "closed": True})
+
+
+# ---- WHIP ----
+
+
+async def whip_offer(request: web.Request) -> web.Response:
+    _require_type(request, SDP_TYPE)
+    mode = request.query.get("mode", "")
+    if not mode:
+        raise ApiError(400, "missing_mode", "add ?mode=<mode> to the WHIP URL")
+    session = await _create(request, await _read_text(request), mode, request.query.get("system_prompt"))
+    return web.Response(
+        status=201,
+        text=session.pc.localDescription.sdp,
+        content_type=SDP_TYPE,
+        headers={"Location": f"/whip/{session.id}"},
+    )
+
+
+def parse_sdpfrag(text: str) -> tuple[list[tuple[str | None, str]], bool]:
+    """Candidates (mid, candidate line) of a trickle-ice-sdpfrag body, and whether it ends candidates."""
+    mid: str | None = None
+    candidates: list[tuple[str | None, str]] = []
+    end = False
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("a=mid:"):
+            mid = line[len("a=mid:") :]
+        elif line.startswith("a=candidate:"):
+            candidates.append((mid, line[len("a=") :]))
+        elif line == "a=end-of-candidates":
+            end = True
+    return candidates, end
+
+
+async def whip_patch(request: web.Request) -> web.Response:
+    session = _session(request)
+    _require_type(request, TRICKLE_TYPE)
+    candidates, end = parse_sdpfrag(await _read_text(request))
+    for mid, line in candidates:
+        try:
+            candidate = candidate_from_sdp(line.split(":", 1)[1])
+        except (ValueError, IndexError, AssertionError):  # aiortc asserts on too few fields
+            raise ApiError(400, "bad_candidate", f"cannot parse ICE candidate {line!r}") from None
+        candidate.sdpMid = mid
+        if mid is None:
+            candidate.sdpMLineIndex = 0
+        await session.pc.addIceCandidate(candidate)
+    if end:
+        await session.pc.addIceCandidate(None)
+    return web.Response(status=204)
+
+
+async def whip_delete(request: web.Request) -> web.Response:
+    await _session(request).close("hangup (WHIP DELETE)")
+    return web.Response(status=204)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/api/sessions", create_session)
+    app.router.add_get("/api/sessions", list_sessions)
+    app.router.add_get("/api/sessions/{session_id}", get_session)
+    app.router.add_delete("/api/sessions/{session_id}", delete_session)
+    app.router.add_post("/whip", whip_offer)
+    app.router.add_patch("/whip/{session_id}", whip_patch)
+    app.router.add_delete("/whip/{session_id}", whip_delete)

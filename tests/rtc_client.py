@@ -1,0 +1,258 @@
+"""A Python WebRTC caller for the tests and the benchmark: real aiortc peer connection, paced audio out,
+recorded audio in, the `events` data channel, and signal analysis (delay and similarity)."""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import json
+import subprocess
+import time
+import wave
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import av
+import numpy as np
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+
+RATE = 48000
+FRAME = 960  # 20 ms at 48 kHz
+ESPEAK = "/usr/bin/espeak-ng"
+
+
+def resample(pcm: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
+    """float32 mono resampling with libswresample (PyAV)."""
+    if src_rate == dst_rate:
+        return pcm.astype(np.float32)
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=dst_rate)
+    frame = av.AudioFrame.from_ndarray(pcm.astype(np.float32).reshape(1, -1), format="flt", layout="mono")
+    frame.sample_rate = src_rate
+    out = [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+    out += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+    return np.concatenate(out).astype(np.float32)
+
+
+def speech_signal(path: Path, text: str = "Hello, this is a microphone test, one two three.") -> np.ndarray:
+    """Speech from espeak-ng at 48 kHz float32 (the WAV is written to `path` and reused)."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([ESPEAK, "-s", "170", "-w", str(path), text], check=True, capture_output=True)
+    with wave.open(str(path)) as w:
+        rate, channels = w.getframerate(), w.getnchannels()
+        data = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768
+    if channels > 1:
+        data = data.reshape(-1, channels).mean(axis=1)
+    data = resample(data, rate, RATE)
+    return (0.7 * data / max(np.abs(data).max(), 1e-6)).astype(np.float32)
+
+
+def write_wav(path: Path, pcm: np.ndarray, rate: int = RATE) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+class PacedAudioTrack(MediaStreamTrack):
+    """Plays a 48 kHz float32 signal in 20 ms frames on a wall clock, then silence; logs send times."""
+
+    kind = "audio"
+
+    def __init__(self, signal: np.ndarray) -> None:
+        super().__init__()
+        self.signal = (np.clip(signal, -1, 1) * 32767).astype(np.int16)
+        self.sent_at: list[float] = []  # time each frame was handed to the encoder
+        self._start: float | None = None
+        self._index = 0
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        now = time.monotonic()
+        if self._start is None:
+            self._start = now
+        wait = self._start + self._index * FRAME / RATE - now
+        if wait > 0:
+            await asyncio.sleep(wait)
+        chunk = self.signal[self._index * FRAME : (self._index + 1) * FRAME]
+        if chunk.size < FRAME:
+            chunk = np.pad(chunk, (0, FRAME - chunk.size))
+        frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = RATE
+        frame.time_base = fractions.Fraction(1, RATE)
+        frame.pts = self._index * FRAME
+        self.sent_at.append(time.monotonic())
+        self._index += 1
+        return frame
+
+    def timeline_start(self) -> float:
+        """Best estimate of when sample 0 was sent, from all frame times (robust to scheduling jitter)."""
+        times = np.array(self.sent_at) - np.arange(len(self.sent_at)) * FRAME / RATE
+        return float(np.median(times))
+
+
+@dataclass
+class Recorder:
+    """Collects what the server sends back, with each frame's arrival time."""
+
+    chunks: list[np.ndarray] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    arrived_at: list[float] = field(default_factory=list)
+    task: asyncio.Task[None] | None = None
+    samples: int = 0
+    keep: bool = True  # False: only count frames (benchmark callers)
+    frames: int = 0
+
+    def start(self, track: MediaStreamTrack) -> None:
+        self.task = asyncio.ensure_future(self._run(track))
+
+    async def _run(self, track: MediaStreamTrack) -> None:
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=RATE)
+        try:
+            while True:
+                frame = await track.recv()
+                self.frames += 1
+                if not self.keep:
+                    continue
+                now = time.monotonic()
+                for out in resampler.resample(frame):
+                    pcm = out.to_ndarray().reshape(-1).astype(np.float32)
+                    self.offsets.append(self.samples)
+                    self.arrived_at.append(now)
+                    self.chunks.append(pcm)
+                    self.samples += pcm.size
+        except MediaStreamError:
+            pass
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+
+    def signal(self) -> np.ndarray:
+        return np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.float32)
+
+    def timeline_start(self) -> float:
+        times = np.array(self.arrived_at) - np.array(self.offsets) / RATE
+        return float(np.median(times))
+
+
+def align(sent: np.ndarray, received: np.ndarray, rate: int = 16000) -> tuple[int, float]:
+    """Lag (samples at `rate`) of `sent` inside `received`, and the normalised cross-correlation there."""
+    n = 1 << int(np.ceil(np.log2(sent.size + received.size)))
+    corr = np.fft.irfft(np.fft.rfft(received, n) * np.conj(np.fft.rfft(sent, n)), n)[: received.size]
+    lag = int(np.argmax(corr))
+    window = received[lag : lag + sent.size]
+    ref = sent[: window.size]
+    denom = float(np.sqrt(np.dot(ref, ref) * np.dot(window, window)))
+    return lag, float(np.dot(ref, window) / denom) if denom > 0 else 0.0
+
+
+@dataclass
+class Call:
+    """One caller: a peer connection with a paced audio track, a recorder and the events channel."""
+
+    base_url: str
+    signal: np.ndarray
+    token: str | None = None
+    pc: RTCPeerConnection = field(default_factory=lambda: RTCPeerConnection(RTCConfiguration(iceServers=[])))
+    events: list[dict[str, Any]] = field(default_factory=list)
+    recorder: Recorder = field(default_factory=Recorder)
+    session_id: str | None = None
+    location: str | None = None
+
+    def __post_init__(self) -> None:
+        self.track = PacedAudioTrack(self.signal)
+        self.pc.addTrack(self.track)
+        self.channel = self.pc.createDataChannel("events")
+        self.channel.on("message", lambda data: self.events.append(json.loads(data)))
+        self.pc.on("track", lambda track: self.recorder.start(track) if track.kind == "audio" else None)
+        self.channel_open = asyncio.Event()
+        self.channel.on("open", self.channel_open.set)
+
+    def headers(self, content_type: str | None = None) -> dict[str, str]:
+        headers = {} if content_type is None else {"Content-Type": content_type}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return headers
+
+    async def _offer(self) -> str:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        return self.pc.localDescription.sdp
+
+    async def start_whip(self, mode: str = "loopback") -> None:
+        sdp = await self._offer()
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                f"{self.base_url}/whip?mode={mode}", data=sdp, headers=self.headers("application/sdp")
+            ) as resp:
+                body = await resp.text()
+                if resp.status != 201:
+                    raise RuntimeError(f"WHIP POST answered {resp.status}: {body}")
+                assert resp.content_type == "application/sdp"
+                self.location = resp.headers["Location"]
+        self.session_id = self.location.rsplit("/", 1)[1]
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
+
+    async def start_json(self, mode: str = "loopback", **extra: Any) -> None:
+        sdp = await self._offer()
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                f"{self.base_url}/api/sessions",
+                json={"sdp": sdp, "type": "offer", "mode": mode, **extra},
+                headers=self.headers(),
+            ) as resp:
+                body = await resp.json()
+                if resp.status != 201:
+                    raise RuntimeError(f"POST /api/sessions answered {resp.status}: {body}")
+        assert body["type"] == "answer"
+        self.session_id = body["session_id"]
+        self.location = f"/api/sessions/{self.session_id}"
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type="answer"))
+
+    async def wait_connected(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.pc.connectionState != "connected":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not connected (state {self.pc.connectionState})")
+            await asyncio.sleep(0.05)
+
+    async def wait_event(self, kind: str, timeout: float = 10.0, **match: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in self.events:
+                if event.get("type") == kind and all(event.get(k) == v for k, v in match.items()):
+                    return event
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {kind} event {match or ''}; got {self.events}")
+            await asyncio.sleep(0.05)
+
+    def send(self, message: dict[str, Any] | str) -> None:
+        self.channel.send(message if isinstance(message, str) else json.dumps(message))
+
+    async def hang_up(self) -> int:
+        """DELETE the session (WHIP or JSON location); returns the status."""
+        async with aiohttp.ClientSession() as http:
+            async with http.delete(f"{self.base_url}{self.location}", headers=self.headers()) as resp:
+                return resp.status
+
+    async def close(self) -> None:
+        await self.recorder.stop()
+        await self.pc.close()
+
+    def measure(self) -> tuple[float, float]:
+        """(delay heard in seconds, normalised cross-correlation) of the recording against the sent signal."""
+        sent16 = resample(self.signal, RATE, 16000)
+        received16 = resample(self.recorder.signal(), RATE, 16000)
+        lag, ncc = align(sent16, received16)
+        delay = self.recorder.timeline_start() + lag / 16000 - self.track.timeline_start()
+        return delay, ncc

@@ -1,0 +1,102 @@
+"""Loopback calls over real aiortc peer connections: WHIP and the JSON API, events, and the heard delay."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.rtc_client import RATE, Call, speech_signal, write_wav
+
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
+    speech = speech_signal(tmp_path_factory.mktemp("speech") / "speech.wav")
+    silence = np.zeros(RATE // 2, dtype=np.float32)
+    return np.concatenate([silence, speech, silence])
+
+
+async def run_loopback_call(call: Call, delay_s: float, seconds: float) -> None:
+    await call.wait_connected()
+    await asyncio.sleep(seconds + delay_s + 0.5)
+
+
+def check_heard(call: Call, delay_s: float, name: str) -> None:
+    delay, ncc = call.measure()
+    write_wav(ARTIFACTS / f"{name}-received.wav", call.recorder.signal())
+    print(f"{name}: heard delay {delay * 1000:.1f} ms (configured {delay_s * 1000:.0f} ms), ncc {ncc:.3f}")
+    assert ncc > 0.6, f"the recording does not match what was sent (ncc {ncc:.3f})"
+    assert abs(delay - delay_s) < 0.1, (
+        f"heard delay {delay * 1000:.0f} ms, configured {delay_s * 1000:.0f} ms"
+    )
+
+
+async def test_whip_loopback_plays_back_after_the_configured_delay(
+    start_test_server, speech: np.ndarray
+) -> None:
+    delay_s = 0.6
+    server = await start_test_server(loopback={"delay_s": delay_s})
+    call = Call(server.url, speech)
+    try:
+        await call.start_whip("loopback")
+        assert call.location == f"/whip/{call.session_id}"
+        await run_loopback_call(call, delay_s, speech.size / RATE)
+        check_heard(call, delay_s, "whip-loopback")
+        assert await call.hang_up() in (200, 204)
+        await asyncio.sleep(0.2)
+        assert server.manager.sessions == {}
+    finally:
+        await call.close()
+
+
+async def test_json_api_loopback_with_events(start_test_server, speech: np.ndarray) -> None:
+    server = await start_test_server()  # default delay: 1 s
+    delay_s = server.config.loopback.delay_s
+    call = Call(server.url, speech)
+    try:
+        await call.start_json("loopback", system_prompt="be brief")
+        session = await call.wait_event("session", session_id=call.session_id)
+        assert session["mode"] == "loopback"
+        await call.wait_event("state", state="listening")
+        await call.channel_open.wait()
+        call.send("this is not json")
+        call.send({"type": "no_such_message"})
+        call.send({"type": "text", "text": "typed words"})
+        await run_loopback_call(call, delay_s, speech.size / RATE)
+        errors = [e for e in call.events if e["type"] == "error"]
+        assert len(errors) == 2 and all(e["code"] == "bad_message" for e in errors), errors
+        assert any(e["type"] == "text" and e["text"] == "typed words" for e in call.events)
+        metrics = [e for e in call.events if e["type"] == "metrics"]
+        assert metrics and all(m["handoff_ms"] >= 0 for m in metrics)
+        check_heard(call, delay_s, "json-loopback")  # the call went on after the bad messages
+        # the other client messages are accepted; switching to an unknown mode is an error, the call goes on
+        sessions_before = sum(e["type"] == "session" for e in call.events)
+        for message in ({"type": "pause"}, {"type": "resume"}, {"type": "interrupt"}):
+            call.send(message)
+        call.send({"type": "system_prompt", "text": "You are a mirror."})
+        call.send({"type": "set_mode", "mode": "karaoke"})
+        call.send({"type": "set_mode", "mode": "loopback"})
+        await call.wait_event("error", code="unknown_mode")
+        await asyncio.sleep(0.5)
+        assert sum(e["type"] == "session" for e in call.events) == sessions_before + 1  # re-opened
+        assert sum(e["type"] == "error" for e in call.events) == 3
+        listed = await _list_sessions(server.url)
+        assert [s["session_id"] for s in listed] == [call.session_id]
+        assert listed[0]["phase"] == "active"
+        assert await call.hang_up() == 200
+        assert await _list_sessions(server.url) == []
+    finally:
+        await call.close()
+
+
+async def _list_sessions(url: str) -> list[dict]:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{url}/api/sessions") as resp:
+            assert resp.status == 200
+            return (await resp.json())["sessions"]

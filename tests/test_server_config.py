@@ -1,0 +1,80 @@
+"""Config precedence and validation, the CLI mapping, certificates, and process import boundaries."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from OpenSSL import crypto
+
+from rtc_server.certs import ensure_certificate
+from rtc_server.config import AppConfig, ConfigError, load_config
+from run import build_parser, cli_overrides
+from tests.conftest import REPO_ROOT
+
+
+def test_repo_config_toml_lists_every_default() -> None:
+    assert load_config(REPO_ROOT / "config.toml") == AppConfig()
+    text = (REPO_ROOT / "config.toml").read_text()
+    for section, model in AppConfig.model_fields.items():
+        assert f"[{section}]" in text
+        for key in model.annotation.model_fields:  # type: ignore[union-attr]
+            assert f"\n{key} =" in text, f"config.toml lacks {section}.{key}"
+
+
+def test_cli_overrides_file_overrides_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[server]\nport = 9000\nhost = "127.0.0.1"\n[loopback]\ndelay_s = 0.5\n')
+    args = build_parser().parse_args(["--port", "9100", "--gpus", "0,1", "--http", "--model-path", "/m"])
+    config = load_config(path, cli_overrides(args))
+    assert config.server.port == 9100  # CLI beats the file
+    assert config.server.host == "127.0.0.1"  # file beats the default
+    assert config.server.http is True
+    assert config.workers.gpus == [0, 1]
+    assert config.model.path == "/m"
+    assert config.loopback.delay_s == 0.5
+    assert config.queue.max_length == AppConfig().queue.max_length  # default
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[server]\nprot = 1\n", "unknown key 'server.prot'"),
+        ("[nonsense]\nx = 1\n", "unknown key 'nonsense'"),
+        ("[server]\nport = 'high'\n", "'server.port'"),
+        ("[server\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, text: str, needle: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):
+        load_config(path)
+
+
+def test_bad_gpus_flag_is_rejected() -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--gpus", "0,x"])
+
+
+def test_certificate_is_created_once_with_localhost_names(tmp_path: Path) -> None:
+    cert_path, key_path = ensure_certificate(tmp_path / "certs")
+    first = cert_path.read_bytes()
+    cert = crypto.load_certificate(crypto.FILETYPE_PEM, first)
+    san = str(cert.to_cryptography().extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    assert "localhost" in san and "127.0.0.1" in san
+    assert ensure_certificate(tmp_path / "certs") == (cert_path, key_path)
+    assert cert_path.read_bytes() == first  # reused on the next start
+
+
+def test_worker_does_not_import_aiortc_and_server_does_not_import_torch() -> None:
+    code = (
+        "import sys, inference.worker, inference.modes.loopback;"
+        "assert 'aiortc' not in sys.modules and 'torch' not in sys.modules, 'worker imports too much'"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
+    code = "import sys, run, rtc_server.app; assert 'torch' not in sys.modules, 'server imports torch'"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
