@@ -1,0 +1,163 @@
+"""Image slicing and pixel preprocessing for the SigLIP/NaViT encoder (spec §1.3, §2.3).
+
+An image becomes a "source" view (resized to about scale_resolution² pixels, sides multiples of the patch size)
+plus, when it is large enough and slicing is allowed, a grid of HD slices cut from a resized copy. Every view
+is normalised to [-1, 1] and laid out patch by patch as [3, patch, n_patches * patch], the layout the vision
+encoder's patch embedding expects; `tgt_sizes` holds (patch rows, patch cols) per view.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from MiniCPMO45.config import PreprocessorConfig
+
+
+def _snap(length: float, unit: int) -> int:
+    """Round to a multiple of `unit` (Python's round-half-to-even, as the official code), at least one unit."""
+    return max(round(length / unit) * unit, unit)
+
+
+def fit_size(
+    size: tuple[float, float], scale_resolution: int, patch_size: int, allow_upscale: bool = False
+) -> tuple[int, int]:
+    """(width, height) with area about scale_resolution², aspect kept, sides snapped to the patch size.
+
+    Images already smaller than scale_resolution² keep their size (only snapped) unless `allow_upscale`.
+    """
+    width, height = size
+    if width * height > scale_resolution * scale_resolution or allow_upscale:
+        aspect = width / height
+        height = int(scale_resolution / math.sqrt(aspect))
+        width = int(height * aspect)
+    return _snap(width, patch_size), _snap(height, patch_size)
+
+
+def choose_grid(size: tuple[int, int], max_slices: int, scale_resolution: int) -> tuple[int, int] | None:
+    """(cols, rows) of HD slices for an image of `size`, or None when it is not sliced.
+
+    The slice count is about area / scale_resolution² (capped); among the factorisations of that count and its
+    neighbours, the grid whose aspect is closest (in log ratio) to the image's wins; ties keep the first found.
+    """
+    width, height = size
+    wanted = min(math.ceil(width * height / (scale_resolution * scale_resolution)), max_slices)
+    if wanted <= 1:
+        return None
+    counts = [n for n in (wanted - 1, wanted, wanted + 1) if n != 1 and n <= max_slices]
+    image_log_aspect = math.log(width / height)
+    best: tuple[int, int] = (1, 1)
+    best_error = math.inf
+    for n in counts:
+        for cols in range(1, n + 1):
+            if n % cols:
+                continue
+            error = abs(image_log_aspect - math.log(cols / (n // cols)))
+            if error < best_error:
+                best, best_error = (cols, n // cols), error
+    return best
+
+
+def refine_size(
+    size: tuple[int, int], grid: tuple[int, int], scale_resolution: int, patch_size: int
+) -> tuple[int, int]:
+    """Size of the image the HD slices are cut from: each grid cell about scale_resolution²."""
+    cols, rows = grid
+    cell = (_snap(size[0], cols) / cols, _snap(size[1], rows) / rows)
+    cell_w, cell_h = fit_size(cell, scale_resolution, patch_size, allow_upscale=True)
+    return cell_w * cols, cell_h * rows
+
+
+@dataclass(frozen=True)
+class SlicedImage:
+    """The views of one image: the source view first, then HD slices row by row."""
+
+    views: list[Image.Image]
+    grid: tuple[int, int] | None  # (cols, rows) of HD slices, None when not sliced
+
+
+def slice_image(
+    image: Image.Image, max_slices: int, scale_resolution: int, patch_size: int, slice_mode: bool = True
+) -> SlicedImage:
+    if not slice_mode:
+        return SlicedImage([image], None)
+    grid = choose_grid(image.size, max_slices, scale_resolution)
+    if grid is None:
+        size = fit_size(image.size, scale_resolution, patch_size, allow_upscale=True)
+        return SlicedImage([image.resize(size, resample=Image.Resampling.BICUBIC)], None)
+    source = image.resize(
+        fit_size(image.size, scale_resolution, patch_size), resample=Image.Resampling.BICUBIC
+    )
+    refined = image.resize(
+        refine_size(image.size, grid, scale_resolution, patch_size), resample=Image.Resampling.BICUBIC
+    )
+    cols, rows = grid
+    cell_w, cell_h = refined.size[0] // cols, refined.size[1] // rows
+    views = [source]
+    for r in range(rows):
+        for c in range(cols):
+            views.append(refined.crop((c * cell_w, r * cell_h, (c + 1) * cell_w, (r + 1) * cell_h)))
+    return SlicedImage(views, grid)
+
+
+def normalize(view: Image.Image, mean: list[float], std: list[float]) -> np.ndarray:
+    """RGB view -> float32 [3, H, W] in the model's range: (x / 255 - mean) / std."""
+    pixels = np.asarray(view.convert("RGB"), dtype=np.float32) / 255.0
+    pixels = (pixels - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def to_patch_rows(pixels: np.ndarray, patch_size: int) -> np.ndarray:
+    """[3, H, W] -> [3, patch, n_patches * patch]: patches in row-major order, laid side by side."""
+    channels, height, width = pixels.shape
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"view {width}x{height} is not a multiple of the patch size {patch_size}")
+    rows, cols = height // patch_size, width // patch_size
+    grid = pixels.reshape(channels, rows, patch_size, cols, patch_size)
+    # -> [C, y-in-patch, patch row, patch col, x-in-patch]
+    return np.ascontiguousarray(
+        grid.transpose(0, 2, 1, 3, 4).reshape(channels, patch_size, rows * cols * patch_size)
+    )
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """Encoder inputs for one image: one [3, patch, L*patch] array and one (rows, cols) per view."""
+
+    pixel_values: list[np.ndarray]
+    tgt_sizes: np.ndarray  # [n_views, 2] int64
+    grid: tuple[int, int] | None
+    original_size: tuple[int, int]
+
+
+class ImageProcessor:
+    """Slices, resizes and normalises images the way the official MiniCPM-V image processor does."""
+
+    def __init__(self, config: PreprocessorConfig) -> None:
+        self.config = config
+
+    def preprocess(self, image: Image.Image, max_slice_nums: int | None = None) -> ImageInputs:
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"expected a PIL image, got {type(image).__name__}")
+        cfg = self.config
+        max_slices = cfg.max_slice_nums if max_slice_nums is None else int(max_slice_nums)
+        if max_slices < 1:
+            raise ValueError(f"max_slice_nums must be >= 1, got {max_slices}")
+        rgb = image.convert("RGB")
+        sliced = slice_image(rgb, max_slices, cfg.scale_resolution, cfg.patch_size, cfg.slice_mode)
+        pixel_values, tgt_sizes = [], []
+        for view in sliced.views:
+            pixels = normalize(view, cfg.norm_mean, cfg.norm_std)
+            pixel_values.append(to_patch_rows(pixels, cfg.patch_size))
+            tgt_sizes.append((pixels.shape[1] // cfg.patch_size, pixels.shape[2] // cfg.patch_size))
+        return ImageInputs(pixel_values, np.array(tgt_sizes, dtype=np.int64), sliced.grid, rgb.size)
+
+    def grid_for(self, size: tuple[int, int], max_slice_nums: int | None = None) -> tuple[int, int] | None:
+        cfg = self.config
+        if not cfg.slice_mode:
+            return None
+        max_slices = cfg.max_slice_nums if max_slice_nums is None else int(max_slice_nums)
+        return choose_grid(size, max_slices, cfg.scale_resolution)
