@@ -2,8 +2,8 @@
 weights across every session and mode.
 
 This module computes embeddings and runs the LLM; per-session state (KV slot, streaming audio cache, counters)
-lives in `MiniCPMO45.engine`. The TTS speech-token model is optional here: it is attached when its module is
-available, and its weights (`tts.*`) are otherwise left to the TTS code.
+lives in `MiniCPMO45.engine`. The TTS speech-token model (`tts`, built when `init_tts`) is loaded here too so
+that one object holds every weight; its use belongs to the TTS code.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from .loader import load_weights, read_checkpoint
 from .modules.qwen3 import Qwen3ForCausalLM
 from .modules.resampler import Resampler
 from .modules.siglip import SiglipVisionTransformer, pack_slices
+from .modules.tts import MiniCPMTTS
 from .modules.whisper import AudioProjector, WhisperEncoder, WhisperStreamCache, avg_pool_time, pooled_tokens
 
 Bounds = torch.Tensor | Sequence[Sequence[int]]
@@ -34,12 +35,15 @@ class MiniCPMO(nn.Module):
         self.resampler: Resampler | None = None
         self.apm: WhisperEncoder | None = None
         self.audio_projection_layer: AudioProjector | None = None
+        self.tts: MiniCPMTTS | None = None
         if config.init_vision:
             self.vpm = SiglipVisionTransformer(config.vision, config.vision_layers_kept)
             self.resampler = Resampler(config.query_num, d, config.vision.hidden_size)
         if config.init_audio:
             self.apm = WhisperEncoder(config.audio)
             self.audio_projection_layer = AudioProjector(config.audio.encoder_ffn_dim // 4, d)
+        if config.init_tts:
+            self.tts = MiniCPMTTS(config.tts)
 
     # ---- loading ----------------------------------------------------------------------------------------------
     @classmethod
@@ -59,6 +63,8 @@ class MiniCPMO(nn.Module):
             prefixes += ["vpm.", "resampler."]
         if model.apm is not None:
             prefixes += ["apm.", "audio_projection_layer."]
+        if model.tts is not None:
+            prefixes.append("tts.")
         tensors = read_checkpoint(model_dir, prefixes, dtype=dtype, device=device)
         load_weights(model.llm, tensors, "llm.")
         if model.vpm is not None and model.resampler is not None:
@@ -67,6 +73,8 @@ class MiniCPMO(nn.Module):
         if model.apm is not None and model.audio_projection_layer is not None:
             load_weights(model.apm, tensors, "apm.")
             load_weights(model.audio_projection_layer, tensors, "audio_projection_layer.")
+        if model.tts is not None:
+            model.tts.load_tensors({k: v for k, v in tensors.items() if k.startswith("tts.")})
         model.llm.model.rotary.reset_buffers(torch.device(device))
         return model.eval()
 

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import torch
 
+from ..config import PreprocessorConfig
 from ..model import MiniCPMO
 from ..modules.kv_cache import SlotKVCache
+from ..processor.image import ImageProcessor
 from ..tokenizer import MiniCPMOTokenizer
 from .session import HalfDuplexState, Mode, Session
 
@@ -21,8 +23,10 @@ class Engine:
         tokenizer: MiniCPMOTokenizer,
         max_sessions: int = 4,
         max_len: int = 8192,
+        preprocessor: PreprocessorConfig | None = None,
     ) -> None:
         self.model = model
+        self.images = ImageProcessor(preprocessor or PreprocessorConfig())
         self.tokenizer = tokenizer
         self.special = tokenizer.special
         self.eos_s = tokenizer.token_to_id("</s>")
@@ -40,7 +44,8 @@ class Engine:
         max_len: int = 8192,
     ) -> Engine:
         model = MiniCPMO.from_pretrained(model_dir, dtype=dtype, device=device)
-        return cls(model, MiniCPMOTokenizer.from_dir(model_dir), max_sessions, max_len)
+        tokenizer = MiniCPMOTokenizer.from_dir(model_dir)
+        return cls(model, tokenizer, max_sessions, max_len, PreprocessorConfig.from_file(model_dir))
 
     # ---- sessions ---------------------------------------------------------------------------------------------
     def open_session(
