@@ -7,11 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from MiniCPMO45.engine.chat import PromptInputs, prefill, reply
+from MiniCPMO45.engine.chat import PromptInputs, prefill, prefill_messages, reply
 from MiniCPMO45.engine.core import Engine
 from MiniCPMO45.engine.sampling import ChatSampling
 from MiniCPMO45.engine.session import Mode
+from MiniCPMO45.processor.audio_io import load_audio
 from tests.engine_fixtures import assert_close, load_manifest, load_npz
 
 GREEDY = ChatSampling(do_sample=False, repetition_penalty=1.0, length_penalty=1.0)
@@ -67,6 +69,29 @@ def test_greedy_reply_matches_reference(engine: Engine, prompt: PromptInputs, ti
         assert load_manifest(tiny_fixture_dir)["chat_answer_text"] == text.rstrip("<|tts_eos|>")  # noqa: B005
         # Every generated token except the last was fed.
         assert engine.kv_length(s) == 60 + 15
+    finally:
+        engine.close_session(s)
+
+
+def test_message_list_through_processor(engine: Engine, tiny_fixture_dir: Path) -> None:
+    """The same chat built from the message list (template, image slicing, log-mel) gives the same reply."""
+    c = load_npz(tiny_fixture_dir, "c_generate")
+    inputs = tiny_fixture_dir / "inputs"
+    msgs = [
+        {
+            "role": "user",
+            "content": [
+                Image.open(inputs / "image.png").convert("RGB"),
+                load_audio(inputs / "chat_audio.wav"),
+                "Describe the image and the sound.",
+            ],
+        }
+    ]
+    s = engine.open_session()
+    try:
+        logits = prefill_messages(engine, [s], [msgs])
+        assert engine.kv_length(s) == 60
+        assert _collect(reply(engine, [s], logits, GREEDY, 16))[s.session_id] == c["generated_ids"].tolist()
     finally:
         engine.close_session(s)
 

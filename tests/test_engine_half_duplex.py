@@ -60,3 +60,28 @@ def test_streaming_prefill_and_reply(engine: Engine, tiny_fixture_dir: Path) -> 
         assert engine.kv_length(s) - before == expected_new
     finally:
         engine.close_session(s)
+
+
+def test_raw_audio_turns(engine: Engine, tiny_fixture_dir: Path) -> None:
+    """Raw samples go through the session's streaming mel; a second turn reopens the user message."""
+    from MiniCPMO45.engine.half_duplex import prefill_user_samples
+    from MiniCPMO45.processor.audio_io import load_audio
+
+    audio = load_audio(tiny_fixture_dir / "inputs" / "duplex_audio.wav")
+    s = engine.open_session()
+    try:
+        prefill_system(engine, s, ["You are a helpful assistant."])
+        base = engine.kv_length(s)
+        prefill_user_samples(engine, s, audio[:16000])
+        # "<|im_start|>user\\n" + audio_start + 10 audio rows + audio_end
+        assert engine.kv_length(s) - base == 3 + 12
+        prefill_user_samples(engine, s, audio[16000:32000])
+        assert engine.kv_length(s) - base == 15 + 12
+        events = [ev for step in generate_reply(engine, [s], GREEDY, max_new_tokens=4) for ev in step]
+        assert len([ev for ev in events if ev.token is not None]) <= 10
+        before = engine.kv_length(s)
+        prefill_user_samples(engine, s, audio[32000:64000], stream=False)
+        prefix = len(engine.tokenizer.encode("<|tts_eos|><|im_end|>\n<|im_start|>user\n"))
+        assert engine.kv_length(s) - before == prefix + 2 + 20
+    finally:
+        engine.close_session(s)

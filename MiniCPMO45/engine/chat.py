@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import MiniCPMO
+from ..processor.processor import ProcessorOutput
 from .core import Engine
 from .generation import TokenEvent, generate
 from .sampling import ChatSampling
@@ -25,6 +26,18 @@ class PromptInputs:
     audio_features: torch.Tensor | None = None  # [S, n_mels, F] log-mel segments
     audio_feature_lens: torch.Tensor | Sequence[int] = ()
     audio_bounds: torch.Tensor | Sequence[Sequence[int]] = ()
+
+
+def prompt_from_processor(out: ProcessorOutput) -> PromptInputs:
+    return PromptInputs(
+        input_ids=out.input_ids[0],
+        pixel_slices=list(out.pixel_values),
+        tgt_sizes=out.tgt_sizes,
+        image_bounds=out.image_bound,
+        audio_features=out.audio_features,
+        audio_feature_lens=out.audio_feature_lens,
+        audio_bounds=out.audio_bounds,
+    )
 
 
 @torch.no_grad()
@@ -52,6 +65,28 @@ def prefill(engine: Engine, sessions: Sequence[Session], prompts: Sequence[Promp
         engine.reset_session(s)
     pieces = [prompt_embeddings(engine.model, p) for p in prompts]
     return engine.last_logits(engine.feed(sessions, pieces))
+
+
+def prefill_messages(
+    engine: Engine,
+    sessions: Sequence[Session],
+    conversations: Sequence[Sequence[dict]],
+    add_generation_prompt: bool = True,
+    **chat_options: object,
+) -> torch.Tensor:
+    """Render each message list with the chat template (through the processor) and prefill it.
+
+    `chat_options` go to `MiniCPMOProcessor.chat_inputs` (omni_mode, use_tts_template, max_slice_nums, ...).
+    With `add_generation_prompt=False` follow with `continue_with(assistant_prefix(...))`, as the reference
+    web chat does.
+    """
+    prompts = [
+        prompt_from_processor(
+            engine.processor.chat_inputs(msgs, add_generation_prompt=add_generation_prompt, **chat_options)  # type: ignore[arg-type]
+        )
+        for msgs in conversations
+    ]
+    return prefill(engine, sessions, prompts)
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ import torch
 from ..config import PreprocessorConfig
 from ..model import MiniCPMO
 from ..modules.kv_cache import SlotKVCache
-from ..processor.image import ImageProcessor
+from ..processor.processor import MiniCPMOProcessor
 from ..tokenizer import MiniCPMOTokenizer
 from .session import HalfDuplexState, Mode, Session
 
@@ -26,7 +26,8 @@ class Engine:
         preprocessor: PreprocessorConfig | None = None,
     ) -> None:
         self.model = model
-        self.images = ImageProcessor(preprocessor or PreprocessorConfig())
+        self.processor = MiniCPMOProcessor(tokenizer, preprocessor or PreprocessorConfig())
+        self.images = self.processor.images
         self.tokenizer = tokenizer
         self.special = tokenizer.special
         self.eos_s = tokenizer.token_to_id("</s>")

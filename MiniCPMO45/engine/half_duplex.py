@@ -11,9 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..modules.whisper import pooled_tokens
+from ..processor.audio_features import DYNAMIC_FLOOR, batch_features
 from .chat import assistant_prefix, spoken_bans
 from .core import Engine
 from .generation import TokenEvent, generate, reference_chunk_budget
@@ -108,6 +110,23 @@ def prefill_user_audio(engine: Engine, session: Session, segment: AudioSegment, 
         session.audio_cache.clear()
 
 
+def prefill_user_samples(engine: Engine, session: Session, samples: np.ndarray, stream: bool = True) -> None:
+    """Append user audio given as 16 kHz mono samples.
+
+    `stream=True`: a 1-s chunk through the session's streaming mel (the first chunk of a turn is left-padded
+    to 1035 ms) and the streaming encoder. `stream=False`: a whole VAD segment, batch log-mel and full
+    attention (what the reference half-duplex server does).
+    """
+    _ensure_mode(engine, session)
+    if stream:
+        features, _ = session.half_duplex.mel.push(samples)
+        segment = AudioSegment(torch.from_numpy(features)[None])
+    else:
+        feats, lens = batch_features([np.asarray(samples, dtype=np.float32).reshape(-1)], DYNAMIC_FLOOR)
+        segment = AudioSegment(torch.from_numpy(feats), int(lens[0]))
+    prefill_user_audio(engine, session, segment, stream=stream)
+
+
 def generate_reply(
     engine: Engine,
     sessions: Sequence[Session],
@@ -127,6 +146,7 @@ def generate_reply(
         st.new_user_msg = True
         st.llm_generated = True
         st.llm_generate_completed = False
+        st.mel.reset()  # the next user turn starts a fresh streaming mel
         s.audio_cache.clear()
     prefix = assistant_prefix(engine, use_tts_template)
     logits = engine.last_logits(engine.feed_ids(sessions, [prefix] * len(sessions)))

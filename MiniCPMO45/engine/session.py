@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..modules.whisper import WhisperStreamCache
+from ..processor.audio_features import HalfDuplexStreamingMel
 
 
 class Mode(enum.StrEnum):
@@ -25,6 +26,7 @@ class HalfDuplexState:
     new_user_msg: bool = True
     llm_generated: bool = False
     llm_generate_completed: bool = False
+    mel: HalfDuplexStreamingMel = field(default_factory=HalfDuplexStreamingMel)
 
 
 @dataclass
