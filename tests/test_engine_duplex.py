@@ -168,7 +168,7 @@ def test_default_config_listens_first_and_samples(engine: Engine, tiny_fixture_d
         s = engine.open_session(Mode.DUPLEX)
         try:
             prepare(engine, s, "Streaming Omni Conversation.", None, DuplexConfig(seed=11))
-            results = _loop(engine, [s], [_units(tiny_fixture_dir, n=5)], [[False] * 5])[0]
+            results = _loop(engine, [s], [_units(tiny_fixture_dir, n=4)], [[False] * 4])[0]
             runs.append((list(s.duplex.total_ids), [r.text for r in results]))
             sp = engine.special
             assert all(r.forced_listen and r.is_listen for r in results[:3])

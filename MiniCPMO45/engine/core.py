@@ -31,6 +31,11 @@ class Engine:
         self.tokenizer = tokenizer
         self.special = tokenizer.special
         self.eos_s = tokenizer.token_to_id("</s>")
+        sp = self.special
+        # Banned in every duplex decision after the raw draw: <|tts_pad|>, the bad ids, <|chunk_eos|>.
+        self.duplex_bans = torch.tensor(
+            [sp.tts_pad, *tokenizer.bad_token_ids, sp.chunk_eos], dtype=torch.long
+        )
         self.cache: SlotKVCache = model.llm.new_cache(max_sessions, max_len)
         self.sessions: dict[str, Session] = {}
         self._ids = itertools.count()

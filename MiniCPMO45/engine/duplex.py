@@ -294,7 +294,7 @@ def decide_token(
     if first == sp.chunk_eos:
         return sp.chunk_eos
     logits = raw_logits.float().clone()
-    ban(logits, [sp.tts_pad, *engine.tokenizer.bad_token_ids, sp.chunk_eos])
+    ban(logits, engine.duplex_bans)
     recent = set(st.decoded[-cfg.text_repetition_window :]) if cfg.text_repetition_window else set()
     if cfg.text_repetition_penalty != 1.0 and recent:
         idx = torch.tensor(sorted(recent), dtype=torch.long)

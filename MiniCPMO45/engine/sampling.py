@@ -8,9 +8,10 @@ import torch
 from pydantic import BaseModel, Field
 
 
-def ban(logits: torch.Tensor, ids: Iterable[int]) -> None:
+def ban(logits: torch.Tensor, ids: Iterable[int] | torch.Tensor) -> None:
     """Set the logits of `ids` to -inf in place (`logits` is `[V]`)."""
-    idx = torch.as_tensor(list(ids), dtype=torch.long, device=logits.device)
+    idx = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(list(ids), dtype=torch.long)
+    idx = idx.to(logits.device)
     if idx.numel():
         logits[idx] = float("-inf")
 

@@ -104,8 +104,12 @@ class SlotKVCache:
         self.values[layer][rows, :, pos] = v.transpose(1, 2)[valid].to(self.values[layer].dtype)
 
     def read(self, layer: int, slots: torch.Tensor, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values `[B, kv_heads, upto, head_dim]` of the rows' slots."""
-        return self.keys[layer][slots, :, :upto], self.values[layer][slots, :, :upto]
+        """Keys and values `[B, kv_heads, upto, head_dim]` of the rows' slots (a view for a single row)."""
+        k, v = self.keys[layer][:, :, :upto], self.values[layer][:, :, :upto]
+        if slots.numel() == 1:
+            i = int(slots[0])
+            return k[i : i + 1], v[i : i + 1]
+        return k.index_select(0, slots), v.index_select(0, slots)
 
     def advance(self, slots: torch.Tensor, new_tokens: torch.Tensor) -> None:
         self.lengths[slots] += new_tokens
