@@ -1,0 +1,459 @@
+"""The full-duplex unit loop (spec §3.3): one unit per second of user audio (plus an optional video frame).
+
+Per session: `prepare` once (system prefix, reference-audio embeddings, suffix), then for every unit
+`prefill_units` → `generate_units` → `finalize_units`. Each step function takes a list of sessions and runs
+their LLM work as one batch; a session's state lives in its `DuplexState`.
+
+The listen/speak decision follows the reference decoder. Two reference bugs are not copied: the listen
+scale/top-k settings act on `<|listen|>` (the reference applies them to `<|im_end|>`), and by default the
+repetition penalty lowers negative logits instead of raising them (see `DuplexConfig.repetition_penalty_style`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import BaseModel, Field
+
+from ..processor.audio_features import DYNAMIC_FLOOR, FIXED_FLOOR_MODE, StreamingMel, batch_features
+from .core import Engine
+from .sampling import ban, penalize_length, sample, top_k_top_p
+from .session import Mode, Session
+
+SchemaItem = int | tuple[str, int]
+
+
+class DuplexConfig(BaseModel):
+    """Per-session duplex settings (all of them take effect per session, unlike the reference)."""
+
+    decode_mode: Literal["sampling", "greedy"] = "sampling"
+    temperature: float = Field(0.7, gt=0.0, le=2.0)
+    top_k: int = Field(20, ge=0)
+    top_p: float = Field(0.8, gt=0.0, le=1.0)
+    listen_prob_scale: float = 1.0
+    listen_top_k: int | None = None
+    text_repetition_penalty: float = Field(1.05, gt=0.0)
+    text_repetition_window: int = Field(512, ge=0)
+    # "signed": the usual penalty (positive logits divided, negative multiplied). "reference": the reference
+    # divides every logit, which makes a repeated token with a negative logit *more* likely (spec §7.3 #2).
+    repetition_penalty_style: Literal["signed", "reference"] = "signed"
+    length_penalty: float = Field(1.1, gt=0.0)
+    force_listen_count: int = Field(3, ge=0)
+    max_new_speak_tokens_per_chunk: int = Field(20, ge=1)
+    max_unit_chars: int = Field(28, ge=1)
+    max_slice_nums: int = Field(1, ge=1)
+    chunk_ms: int = 1000
+    first_chunk_ms: int = 1035
+    cnn_redundancy_ms: int = 20
+    # One forward per prefill piece (`<unit>`, `<image>`, image rows, ... audio rows) like the reference, or
+    # the whole unit in one forward (same function, float rounding differs).
+    piecewise_prefill: bool = False
+    # Log-mel floor of the offline reference-audio features. The reference reads it from state its streaming
+    # mel left on a shared extractor (fixed -10 while that buffer was under 5 s); the parity fixture was made
+    # in that state, so "fixed" is the default.
+    ref_audio_floor: Literal["fixed", "dynamic"] = "fixed"
+    seed: int | None = None
+
+
+@dataclass
+class DuplexState:
+    config: DuplexConfig
+    mel: StreamingMel
+    units_prefilled: int = 0
+    units_generated: int = 0
+    turn_open: bool = False
+    pending_logits: torch.Tensor | None = None
+    pending_terminator: int | None = None
+    needs_finalize: bool = False
+    decoded: list[int] = field(default_factory=list)  # every id the decoder chose (repetition window)
+    total_ids: list[int] = field(default_factory=list)  # every id appended after the prefill pieces
+    schema: list[list[SchemaItem]] = field(default_factory=list)
+    system_length: int = 0
+
+
+@dataclass
+class UnitInput:
+    """One unit of user input: 1 s of 16 kHz mono audio and the frames taken at that second."""
+
+    audio: np.ndarray | None
+    frames: list[Image.Image] = field(default_factory=list)
+    force_listen: bool = False
+    max_slice_nums: int | None = None
+
+
+@dataclass
+class UnitResult:
+    session: Session
+    prefilled: bool = True
+    is_listen: bool = True
+    text: str = ""
+    end_of_turn: bool = False
+    tts_token_ids: list[int] = field(default_factory=list)  # tokens to speak (j > 0), in order
+    tts_hidden: torch.Tensor | None = None  # [n, D] last-layer states where those tokens were fed
+    decoded_ids: list[int] = field(default_factory=list)  # every id the decoder produced this unit
+    forced_listen: bool = False
+    closed_turn_by_force: bool = False  # `<|turn_eos|>` was fed to end a turn the user interrupted
+    kv_length: int = 0
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def schema_codes(schema: Sequence[Sequence[SchemaItem]]) -> list[int]:
+    """Flatten the prefill schema: ids stay, image rows → -(100000+n), audio rows → -(200000+n)."""
+    out = []
+    for unit in schema:
+        for item in unit:
+            if isinstance(item, tuple):
+                kind, n = item
+                out.append(-((100000 if kind == "img" else 200000) + n))
+            else:
+                out.append(item)
+    return out
+
+
+def _state(session: Session) -> DuplexState:
+    if session.mode is not Mode.DUPLEX or not isinstance(session.duplex, DuplexState):
+        raise RuntimeError(f"session {session.session_id!r} is not prepared for duplex")
+    return session.duplex
+
+
+# ---- prepare --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def prepare(
+    engine: Engine,
+    session: Session,
+    system_prompt: str,
+    ref_audio: np.ndarray | None = None,
+    config: DuplexConfig | None = None,
+) -> None:
+    """Start a duplex conversation: `<|im_start|>system\\n{prompt}\\n<|audio_start|>`, the reference audio's
+    embeddings (encoded offline with the 1-s chunk mask), then `<|audio_end|><|im_end|>` with no newline."""
+    cfg = config or DuplexConfig()
+    engine.switch_mode(session, Mode.DUPLEX)
+    mel = StreamingMel(cfg.chunk_ms, cfg.first_chunk_ms, cfg.cnn_redundancy_ms)
+    st = DuplexState(config=cfg, mel=mel)
+    session.duplex = st
+    if cfg.seed is not None:
+        session.seed(cfg.seed)
+    model = engine.model
+    prefix = engine.tokenizer.encode(f"<|im_start|>system\n{system_prompt}\n<|audio_start|>")
+    engine.feed_ids([session], [prefix])
+    if ref_audio is not None and len(ref_audio):
+        floor = FIXED_FLOOR_MODE if cfg.ref_audio_floor == "fixed" else DYNAMIC_FLOOR
+        feats, lens = batch_features([np.asarray(ref_audio, dtype=np.float32)], floor)
+        rows = model.audio_embeds(
+            torch.from_numpy(feats), torch.from_numpy(lens), model.config.audio_chunk_length
+        )
+        engine.feed([session], [torch.cat(rows)])
+    engine.feed_ids([session], [engine.tokenizer.encode("<|audio_end|><|im_end|>")])
+    st.system_length = engine.kv_length(session)
+
+
+# ---- prefill --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _UnitPieces:
+    pieces: list[torch.Tensor]
+    schema: list[SchemaItem]
+
+
+@torch.no_grad()
+def prefill_units(
+    engine: Engine, sessions: Sequence[Session], inputs: Sequence[UnitInput]
+) -> list[UnitResult]:
+    """Feed `<unit>`, the frames' image blocks and the 10 audio embeddings of each session's unit."""
+    if len(sessions) != len(inputs):
+        raise ValueError("one unit input per session")
+    t0 = time.perf_counter()
+    model, sp = engine.model, engine.special
+    results = [UnitResult(session=s) for s in sessions]
+    ready: list[int] = []
+    mel_units = []
+    for i, (s, unit) in enumerate(zip(sessions, inputs, strict=True)):
+        st = _state(s)
+        if st.needs_finalize:
+            raise RuntimeError(
+                f"session {s.session_id!r}: finalize the previous unit before the next prefill"
+            )
+        st.pending_logits = None
+        mel_unit = st.mel.push(unit.audio) if unit.audio is not None and len(unit.audio) else None
+        if mel_unit is None and not unit.frames:
+            results[i].prefilled = False  # not enough audio yet: this unit will be a listen
+            continue
+        ready.append(i)
+        mel_units.append(mel_unit)
+
+    # Vision for every ready session in one encoder call.
+    images = engine.images
+    views: list[torch.Tensor] = []
+    sizes: list[np.ndarray] = []
+    per_frame: list[list[int]] = []  # per ready session: number of views of each frame
+    for i in ready:
+        counts = []
+        for frame in inputs[i].frames:
+            n_slices = inputs[i].max_slice_nums or _state(sessions[i]).config.max_slice_nums
+            out = images.preprocess(frame, n_slices)
+            views += [torch.from_numpy(v) for v in out.pixel_values]
+            sizes.append(out.tgt_sizes)
+            counts.append(len(out.pixel_values))
+        per_frame.append(counts)
+    vision = model.vision_embeds(views, torch.from_numpy(np.concatenate(sizes))) if views else None
+    t_vision = time.perf_counter()
+
+    units: list[_UnitPieces] = []
+    used = 0
+    for k, i in enumerate(ready):
+        s = sessions[i]
+        pieces: list[torch.Tensor] = [model.embed_ids([sp.unit_start])]
+        schema: list[SchemaItem] = [sp.unit_start]
+        for n_views in per_frame[k]:
+            assert vision is not None
+            for v in range(n_views):
+                open_id, close_id = (
+                    (sp.image_start, sp.image_end) if v == 0 else (sp.slice_start, sp.slice_end)
+                )
+                rows = vision[used + v]
+                pieces += [model.embed_ids([open_id]), rows, model.embed_ids([close_id])]
+                schema += [open_id, ("img", rows.shape[0]), close_id]
+            used += n_views
+        mel_unit = mel_units[k]
+        if mel_unit is not None:
+            feats = torch.from_numpy(mel_unit.features)[None]
+            rows = model.audio_embeds_stream(
+                feats, s.audio_cache, mel_unit.prefix_frames, mel_unit.suffix_frames
+            )
+            pieces.append(rows)
+            schema.append(("audio", rows.shape[0]))
+        units.append(_UnitPieces(pieces, schema))
+    t_audio = time.perf_counter()
+
+    ready_sessions = [sessions[i] for i in ready]
+    last_hidden = _feed_pieces(
+        engine,
+        ready_sessions,
+        units,
+        _state_list(ready_sessions)[0].config.piecewise_prefill if ready else True,
+    )
+    logits = engine.model.llm.logits(torch.stack(last_hidden)) if ready else None
+    t_feed = time.perf_counter()
+    for k, i in enumerate(ready):
+        st = _state(sessions[i])
+        st.pending_logits = logits[k] if logits is not None else None
+        st.schema.append(units[k].schema)
+        st.units_prefilled += 1
+    for r in results:
+        r.timings_ms.update(
+            vision_ms=(t_vision - t0) * 1000,
+            audio_ms=(t_audio - t_vision) * 1000,
+            prefill_feed_ms=(t_feed - t_audio) * 1000,
+        )
+    return results
+
+
+def _state_list(sessions: Sequence[Session]) -> list[DuplexState]:
+    return [_state(s) for s in sessions]
+
+
+def _feed_pieces(
+    engine: Engine, sessions: Sequence[Session], units: Sequence[_UnitPieces], piecewise: bool
+) -> list[torch.Tensor]:
+    """Feed each session's pieces; returns the last hidden state `[D]` per session."""
+    if not sessions:
+        return []
+    if not piecewise:
+        hidden = engine.feed(sessions, [torch.cat(u.pieces) for u in units])
+        return [h[-1] for h in hidden]
+    last: list[torch.Tensor | None] = [None] * len(sessions)
+    for r in range(max(len(u.pieces) for u in units)):
+        rows = [k for k, u in enumerate(units) if r < len(u.pieces)]
+        hidden = engine.feed([sessions[k] for k in rows], [units[k].pieces[r] for k in rows])
+        for k, h in zip(rows, hidden, strict=True):
+            last[k] = h[-1]
+    return [h for h in last if h is not None]
+
+
+# ---- the decision ---------------------------------------------------------------------------------------------
+
+
+def decide_token(
+    engine: Engine, st: DuplexState, raw_logits: torch.Tensor, generator: torch.Generator
+) -> int:
+    """One listen/speak/text decision on the raw `[V]` logits (§3.3.3 step 2)."""
+    cfg, sp = st.config, engine.special
+    greedy = cfg.decode_mode == "greedy"
+    # A first, untempered draw decides whether the unit's speech ends here.
+    first = int(torch.argmax(raw_logits)) if greedy else sample(raw_logits, generator)
+    if first == sp.chunk_eos:
+        return sp.chunk_eos
+    logits = raw_logits.float().clone()
+    ban(logits, engine.duplex_bans)
+    recent = set(st.decoded[-cfg.text_repetition_window :]) if cfg.text_repetition_window else set()
+    if cfg.text_repetition_penalty != 1.0 and recent:
+        idx = torch.tensor(sorted(recent), dtype=torch.long)
+        vals = logits[idx]
+        if cfg.repetition_penalty_style == "reference":
+            logits[idx] = vals / cfg.text_repetition_penalty
+        else:
+            logits[idx] = torch.where(
+                vals > 0, vals / cfg.text_repetition_penalty, vals * cfg.text_repetition_penalty
+            )
+    penalize_length(logits, [sp.turn_eos], cfg.length_penalty)
+    if cfg.listen_prob_scale != 1.0:
+        logits[sp.listen] *= cfg.listen_prob_scale
+    if cfg.listen_top_k is not None and int((logits > logits[sp.listen]).sum()) < cfg.listen_top_k:
+        return sp.listen
+    if greedy:
+        tok = int(torch.argmax(logits))
+    else:
+        tok = sample(top_k_top_p(logits / cfg.temperature, cfg.top_k, cfg.top_p), generator)
+    st.decoded.append(tok)
+    return tok
+
+
+@dataclass
+class _UnitRun:
+    index: int
+    st: DuplexState
+    forced: bool
+    logits: torch.Tensor
+    unit_ids: list[int] = field(default_factory=list)
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    done: bool = False
+
+
+@torch.no_grad()
+def generate_units(
+    engine: Engine,
+    sessions: Sequence[Session],
+    force_listen: Sequence[bool] | None = None,
+    prefills: Sequence[UnitResult] | None = None,
+) -> list[UnitResult]:
+    """Decide listen/speak for each session's pending unit and decode its text, batched across sessions."""
+    t0 = time.perf_counter()
+    sp = engine.special
+    force_listen = list(force_listen) if force_listen is not None else [False] * len(sessions)
+    results = list(prefills) if prefills is not None else [UnitResult(session=s) for s in sessions]
+    runs: list[_UnitRun] = []
+    closers: list[int] = []
+    for i, s in enumerate(sessions):
+        st = _state(s)
+        if st.pending_logits is None:
+            results[i].is_listen = True  # nothing prefilled: listen, nothing to finalize
+            continue
+        logits, st.pending_logits = st.pending_logits, None
+        forced = st.units_generated < st.config.force_listen_count or force_listen[i]
+        st.units_generated += 1
+        st.needs_finalize = True
+        st.pending_terminator = None
+        results[i].forced_listen = forced
+        runs.append(_UnitRun(i, st, forced, logits))
+        if force_listen[i] and st.turn_open:
+            closers.append(len(runs) - 1)
+    if closers:
+        # The user interrupted a turn: close it with <|turn_eos|> before the forced listen.
+        hidden = engine.feed_ids([sessions[runs[k].index] for k in closers], [[sp.turn_eos]] * len(closers))
+        new_logits = engine.last_logits(hidden)
+        for row, k in enumerate(closers):
+            run = runs[k]
+            run.st.total_ids.append(sp.turn_eos)
+            run.st.turn_open = False
+            run.logits = new_logits[row]
+            results[run.index].closed_turn_by_force = True
+
+    max_steps = max((r.st.config.max_new_speak_tokens_per_chunk for r in runs), default=0)
+    for j in range(max_steps):
+        to_feed: list[tuple[_UnitRun, int]] = []
+        for run in runs:
+            if run.done:
+                continue
+            st, res = run.st, results[run.index]
+            if j == st.config.max_new_speak_tokens_per_chunk - 1:
+                st.pending_terminator = sp.chunk_eos  # unit length cap
+                st.total_ids.append(sp.chunk_eos)
+                run.done = True
+                continue
+            if run.forced:
+                tok = sp.listen
+            else:
+                tok = decide_token(engine, st, run.logits, sessions[run.index].generator)
+                res.decoded_ids.append(tok)
+                if tok == sp.listen and st.turn_open:
+                    tok = sp.tts_bos  # a turn in progress cannot fall silent
+            st.total_ids.append(tok)
+            res.is_listen = tok == sp.listen
+            if tok in (sp.listen, sp.chunk_eos, sp.chunk_tts_eos):
+                st.pending_terminator = tok  # fed with </unit> at finalize
+                run.done = True
+                continue
+            st.turn_open = True
+            if j != 0:
+                text = engine.tokenizer.decode([*run.unit_ids, tok], skip_special_tokens=True)
+                if len(text) >= st.config.max_unit_chars:
+                    st.total_ids[-1] = sp.chunk_eos
+                    st.pending_terminator = sp.chunk_eos
+                    run.done = True
+                    continue
+            to_feed.append((run, tok))
+        if not to_feed:
+            break
+        hidden = engine.feed_ids([sessions[r.index] for r, _ in to_feed], [[t] for _, t in to_feed])
+        logits = engine.last_logits(hidden)
+        for row, ((run, tok), h) in enumerate(zip(to_feed, hidden, strict=True)):
+            run.logits = logits[row]
+            res = results[run.index]
+            if tok == sp.turn_eos:
+                res.end_of_turn = True
+                run.st.turn_open = False
+            if j != 0:  # the unit's first token is never spoken
+                run.unit_ids.append(tok)
+                run.hidden.append(h[-1])
+    t1 = time.perf_counter()
+    for run in runs:
+        res = results[run.index]
+        res.tts_token_ids = list(run.unit_ids)
+        res.tts_hidden = torch.stack(run.hidden) if run.hidden else None
+        res.text = engine.tokenizer.decode(run.unit_ids, skip_special_tokens=True) if run.unit_ids else ""
+        if res.is_listen:
+            res.text, res.tts_token_ids, res.tts_hidden = "", [], None
+    for i, s in enumerate(sessions):
+        results[i].kv_length = engine.kv_length(s)
+        results[i].timings_ms["generate_ms"] = (t1 - t0) * 1000
+    return results
+
+
+# ---- finalize -------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def finalize_units(engine: Engine, sessions: Sequence[Session]) -> None:
+    """Feed each unit's terminator (if any) and `</unit>` in one batched forward."""
+    todo = [s for s in sessions if _state(s).needs_finalize]
+    ids = []
+    for s in todo:
+        st = _state(s)
+        tail = [st.pending_terminator] if st.pending_terminator is not None else []
+        ids.append([*tail, engine.special.unit_end])
+        st.total_ids.append(engine.special.unit_end)
+        st.pending_terminator = None
+        st.needs_finalize = False
+    if todo:
+        engine.feed_ids(todo, ids)
+
+
+def tts_condition(engine: Engine, result: UnitResult) -> torch.Tensor:
+    """The TTS condition of a speaking unit: emb_text(t) + L2norm(projector_semantic(h)) per spoken token,
+    then audio_bos (the duplex TTS never gets text_eos)."""
+    tts = engine.model.tts
+    if tts is None:
+        raise RuntimeError("the model was loaded without the TTS")
+    d = engine.model.config.llm.hidden_size
+    hidden = result.tts_hidden if result.tts_hidden is not None else torch.zeros(0, d)
+    return tts.condition(torch.tensor(result.tts_token_ids, dtype=torch.long), hidden, text_finished=False)

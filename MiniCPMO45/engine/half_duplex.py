@@ -1,0 +1,155 @@
+"""Half-duplex voice: the conversation grows segment by segment in one KV slot.
+
+The system message is prefilled once; each user audio segment is appended as it arrives (encoded either by the
+streaming Whisper with its own cache, or in one piece with full attention); a reply is then generated after
+the reference assistant prefix. The prompt text follows the reference exactly, including the quirk that a
+new user turn after a reply starts with `<|tts_eos|><|im_end|>\\n` (the reply is never marked complete).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..modules.whisper import pooled_tokens
+from ..processor.audio_features import DYNAMIC_FLOOR, batch_features
+from .chat import assistant_prefix, spoken_bans
+from .core import Engine
+from .generation import TokenEvent, generate, reference_chunk_budget
+from .sampling import ChatSampling
+from .session import Mode, Session
+
+
+@dataclass
+class AudioSegment:
+    """Log-mel features `[1, n_mels, F]` of one audio item; `mel_length` real frames (default F)."""
+
+    mel: torch.Tensor
+    mel_length: int | None = None
+
+    @property
+    def frames(self) -> int:
+        return self.mel_length if self.mel_length is not None else self.mel.shape[-1]
+
+
+Content = str | AudioSegment
+
+
+def _audio_placeholder(n: int) -> str:
+    return "<|audio_start|>" + "<unk>" * n + "<|audio_end|>"
+
+
+def _ensure_mode(engine: Engine, session: Session) -> None:
+    if session.mode is not Mode.HALF_DUPLEX:
+        engine.switch_mode(session, Mode.HALF_DUPLEX)
+
+
+@torch.no_grad()
+def _prefill_text_and_audio(
+    engine: Engine, session: Session, text_parts: list[str], audio: list[AudioSegment], stream_audio: bool
+) -> torch.Tensor:
+    """Encode `text_parts` (with audio placeholders inside) and the audio, merge, feed. Returns hidden."""
+    model = engine.model
+    ids = engine.tokenizer.encode("".join(text_parts))
+    emb = model.embed_ids(ids).clone()
+    positions = [i for i, t in enumerate(ids) if t == engine.special.unk]
+    rows = []
+    for seg in audio:
+        if stream_audio:
+            rows.append(model.audio_embeds_stream(seg.mel, session.audio_cache, mel_length=seg.frames))
+        else:
+            rows.append(model.audio_embeds(seg.mel, [seg.frames], chunk_seconds=None)[0])
+    if rows:
+        merged = torch.cat(rows)
+        if merged.shape[0] != len(positions):
+            raise ValueError(f"{merged.shape[0]} audio embeddings for {len(positions)} placeholders")
+        emb[torch.tensor(positions)] = merged.to(emb.dtype)
+    return engine.feed([session], [emb])[0]
+
+
+def prefill_system(engine: Engine, session: Session, content: Sequence[Content]) -> None:
+    """Start the session with a system message (text and audio items joined without separators)."""
+    _ensure_mode(engine, session)
+    engine.reset_session(session)
+    parts, audio = [], []
+    for item in content:
+        if isinstance(item, AudioSegment):
+            parts.append(_audio_placeholder(pooled_tokens(item.frames, engine.model.config.audio_pool_step)))
+            audio.append(item)
+        else:
+            parts.append(item)
+    text = ["<|im_start|>system\n", *parts, "<|im_end|>\n"]
+    # System audio is encoded in one piece with full attention; the streaming audio cache starts empty.
+    _prefill_text_and_audio(engine, session, text, audio, stream_audio=False)
+    st = session.half_duplex
+    st.prefilled_any = True
+    st.new_user_msg = True
+    session.audio_cache.clear()
+
+
+def prefill_user_audio(engine: Engine, session: Session, segment: AudioSegment, stream: bool = True) -> None:
+    """Append one user audio segment (a 1-s chunk when `stream`, else a whole VAD segment)."""
+    _ensure_mode(engine, session)
+    st = session.half_duplex
+    prefix = ""
+    if not st.prefilled_any:
+        prefix = "<|im_start|>user\n"
+    elif st.new_user_msg:
+        if st.llm_generated:
+            prefix = "<|im_end|>\n" if st.llm_generate_completed else "<|tts_eos|><|im_end|>\n"
+        prefix += "<|im_start|>user\n"
+    n = pooled_tokens(segment.frames, engine.model.config.audio_pool_step)
+    first = not st.prefilled_any
+    _prefill_text_and_audio(engine, session, [prefix, _audio_placeholder(n)], [segment], stream_audio=stream)
+    st.prefilled_any = True
+    st.new_user_msg = False
+    if first:
+        session.audio_cache.clear()
+
+
+def prefill_user_samples(engine: Engine, session: Session, samples: np.ndarray, stream: bool = True) -> None:
+    """Append user audio given as 16 kHz mono samples.
+
+    `stream=True`: a 1-s chunk through the session's streaming mel (the first chunk of a turn is left-padded
+    to 1035 ms) and the streaming encoder. `stream=False`: a whole VAD segment, batch log-mel and full
+    attention (what the reference half-duplex server does).
+    """
+    _ensure_mode(engine, session)
+    if stream:
+        features, _ = session.half_duplex.mel.push(samples)
+        segment = AudioSegment(torch.from_numpy(features)[None])
+    else:
+        feats, lens = batch_features([np.asarray(samples, dtype=np.float32).reshape(-1)], DYNAMIC_FLOOR)
+        segment = AudioSegment(torch.from_numpy(feats), int(lens[0]))
+    prefill_user_audio(engine, session, segment, stream=stream)
+
+
+def generate_reply(
+    engine: Engine,
+    sessions: Sequence[Session],
+    params: ChatSampling,
+    max_new_tokens: int = 256,
+    use_tts_template: bool = True,
+    spoken: bool = True,
+) -> Iterator[list[TokenEvent]]:
+    """Feed the assistant prefix and stream the reply tokens (with hidden states for the TTS).
+
+    Like the reference, generation runs in chunks of 10 tokens, so `max_new_tokens` is rounded up to whole
+    chunks; the final sampled token is neither fed nor reported.
+    """
+    for s in sessions:
+        _ensure_mode(engine, s)
+        st = s.half_duplex
+        st.new_user_msg = True
+        st.llm_generated = True
+        st.llm_generate_completed = False
+        st.mel.reset()  # the next user turn starts a fresh streaming mel
+        s.audio_cache.clear()
+    prefix = assistant_prefix(engine, use_tts_template)
+    logits = engine.last_logits(engine.feed_ids(sessions, [prefix] * len(sessions)))
+    budget = reference_chunk_budget(max_new_tokens)
+    banned = spoken_bans(engine) if spoken else ()
+    return generate(engine, sessions, logits, params, budget, banned, report_unfed_last=False)

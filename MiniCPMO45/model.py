@@ -1,0 +1,188 @@
+"""The MiniCPM-o 4.5 model: LLM, vision encoder + resampler, audio encoder + projection, sharing one set of
+weights across every session and mode.
+
+This module computes embeddings and runs the LLM; per-session state (KV slot, streaming audio cache, counters)
+lives in `MiniCPMO45.engine`. The TTS speech-token model (`tts`, built when `init_tts`) is loaded here too so
+that one object holds every weight; its use belongs to the TTS code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import MiniCPMOConfig
+from .loader import load_weights, read_checkpoint
+from .modules.qwen3 import Qwen3ForCausalLM
+from .modules.resampler import Resampler
+from .modules.siglip import SiglipVisionTransformer, pack_slices
+from .modules.tts import MiniCPMTTS
+from .modules.whisper import AudioProjector, WhisperEncoder, WhisperStreamCache, avg_pool_time, pooled_tokens
+
+Bounds = torch.Tensor | Sequence[Sequence[int]]
+
+
+class MiniCPMO(nn.Module):
+    def __init__(self, config: MiniCPMOConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.llm = Qwen3ForCausalLM(config.llm)
+        d = config.llm.hidden_size
+        self.vpm: SiglipVisionTransformer | None = None
+        self.resampler: Resampler | None = None
+        self.apm: WhisperEncoder | None = None
+        self.audio_projection_layer: AudioProjector | None = None
+        self.tts: MiniCPMTTS | None = None
+        if config.init_vision:
+            self.vpm = SiglipVisionTransformer(config.vision, config.vision_layers_kept)
+            self.resampler = Resampler(config.query_num, d, config.vision.hidden_size)
+        if config.init_audio:
+            self.apm = WhisperEncoder(config.audio)
+            self.audio_projection_layer = AudioProjector(config.audio.encoder_ffn_dim // 4, d)
+        if config.init_tts:
+            self.tts = MiniCPMTTS(config.tts)
+
+    # ---- loading ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device = "cpu",
+    ) -> MiniCPMO:
+        """Build from an official checkpoint folder; every tensor is loaded by its official name."""
+        config = MiniCPMOConfig.from_file(model_dir)
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to_empty(device=device).to(dtype)
+        prefixes = ["llm."]
+        if model.vpm is not None:
+            prefixes += ["vpm.", "resampler."]
+        if model.apm is not None:
+            prefixes += ["apm.", "audio_projection_layer."]
+        if model.tts is not None:
+            prefixes.append("tts.")
+        tensors = read_checkpoint(model_dir, prefixes, dtype=dtype, device=device)
+        load_weights(model.llm, tensors, "llm.")
+        if model.vpm is not None and model.resampler is not None:
+            load_weights(model.vpm, tensors, "vpm.")
+            load_weights(model.resampler, tensors, "resampler.")
+        if model.apm is not None and model.audio_projection_layer is not None:
+            load_weights(model.apm, tensors, "apm.")
+            load_weights(model.audio_projection_layer, tensors, "audio_projection_layer.")
+        if model.tts is not None:
+            model.tts.load_tensors({k: v for k, v in tensors.items() if k.startswith("tts.")})
+        model.llm.model.rotary.reset_buffers(torch.device(device))
+        return model.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.lm_head.weight.dtype
+
+    # ---- text -------------------------------------------------------------------------------------------------
+    def embed_ids(self, ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        return self.llm.embed(ids)
+
+    # ---- vision -----------------------------------------------------------------------------------------------
+    def vision_embeds(self, slices: Sequence[torch.Tensor], tgt_sizes: torch.Tensor) -> torch.Tensor:
+        """Resampled embeddings `[N, query_num, D]` for N slices `[C, patch, L_i*patch]` with `tgt_sizes [N, 2]`."""
+        if self.vpm is None or self.resampler is None:
+            raise RuntimeError("this model was built without the vision encoder")
+        if len(slices) != len(tgt_sizes):
+            raise ValueError(f"{len(slices)} slices but {len(tgt_sizes)} tgt_sizes")
+        tgt_sizes = torch.as_tensor(tgt_sizes, dtype=torch.long)
+        for s, (rows, cols) in zip(slices, tgt_sizes.tolist(), strict=True):
+            if s.shape[-1] != rows * cols * self.vpm.embeddings.patch_size:
+                raise ValueError(f"slice of width {s.shape[-1]} does not hold {rows}x{cols} patches")
+        out = []
+        step = self.config.vision_batch_size
+        for i in range(0, len(slices), step):
+            batch = pack_slices([s.to(self.device, self.dtype) for s in slices[i : i + step]])
+            # The resampler pads to the longest slice of the whole call; padding never reaches the output.
+            patches = self.vpm(batch, tgt_sizes[i : i + step])
+            out.append(self.resampler(patches, tgt_sizes[i : i + step]))
+        return torch.cat(out)
+
+    # ---- audio ------------------------------------------------------------------------------------------------
+    def _project_audio(self, states: torch.Tensor) -> torch.Tensor:
+        assert self.audio_projection_layer is not None
+        return avg_pool_time(self.audio_projection_layer(states), self.config.audio_pool_step)
+
+    def audio_embeds(
+        self, mel: torch.Tensor, mel_lengths: torch.Tensor | Sequence[int], chunk_seconds: float | None = None
+    ) -> list[torch.Tensor]:
+        """Offline encoding of segments `mel [S, n_mels, F]` → one `[P_i, D]` tensor per segment.
+
+        `chunk_seconds` (1.0 in chat and for the duplex reference audio) gives the chunk-causal mask; None gives
+        full attention (the half-duplex user turn).
+        """
+        if self.apm is None:
+            raise RuntimeError("this model was built without the audio encoder")
+        lengths = torch.as_tensor(mel_lengths, dtype=torch.long)
+        chunk = int(chunk_seconds * 50) if chunk_seconds else None
+        states = self.apm(mel.to(self.device, self.dtype), lengths.to(self.device), chunk)
+        pooled = self._project_audio(states)
+        step = self.config.audio_pool_step
+        return [pooled[i, : pooled_tokens(int(n), step)] for i, n in enumerate(lengths.tolist())]
+
+    def audio_embeds_stream(
+        self,
+        mel: torch.Tensor,
+        cache: WhisperStreamCache,
+        prefix_extra_frames: int = 0,
+        suffix_extra_frames: int = 0,
+        mel_length: int | None = None,
+    ) -> torch.Tensor:
+        """One streaming chunk `[1, n_mels, F]` of one session → `[P, D]`; `cache` carries the encoder state."""
+        if self.apm is None:
+            raise RuntimeError("this model was built without the audio encoder")
+        states = self.apm.forward_stream(
+            mel.to(self.device, self.dtype), cache, prefix_extra_frames, suffix_extra_frames
+        )
+        pooled = self._project_audio(states)[0]
+        if mel_length is not None:
+            pooled = pooled[: pooled_tokens(mel_length, self.config.audio_pool_step)]
+        return pooled
+
+    # ---- multimodal merge -------------------------------------------------------------------------------------
+    def merge_embeddings(
+        self,
+        input_ids: torch.Tensor | Sequence[int],
+        vision: torch.Tensor | None = None,
+        image_bounds: Bounds = (),
+        audio: Sequence[torch.Tensor] | torch.Tensor | None = None,
+        audio_bounds: Bounds = (),
+    ) -> torch.Tensor:
+        """Token embeddings `[T, D]` of one prompt with vision rows scattered into `image_bounds` (each bound
+        `[start, end)` takes one slice's `query_num` rows, in order) and audio rows into `audio_bounds` (the
+        concatenated audio embeddings fill the bounds in order)."""
+        emb = self.embed_ids(input_ids).clone()
+        image_bounds = [tuple(map(int, b)) for b in torch.as_tensor(image_bounds).reshape(-1, 2).tolist()]
+        audio_bounds = [tuple(map(int, b)) for b in torch.as_tensor(audio_bounds).reshape(-1, 2).tolist()]
+        if image_bounds:
+            if vision is None:
+                raise ValueError("image bounds given without vision embeddings")
+            rows = vision.reshape(-1, vision.shape[-1])
+            want = sum(e - s for s, e in image_bounds)
+            if rows.shape[0] != want:
+                raise ValueError(f"{rows.shape[0]} vision rows for image bounds that hold {want}")
+            idx = torch.cat([torch.arange(s, e) for s, e in image_bounds]).to(emb.device)
+            emb[idx] = rows.to(emb.dtype)
+        if audio_bounds:
+            if audio is None:
+                raise ValueError("audio bounds given without audio embeddings")
+            rows = torch.cat(list(audio)) if not isinstance(audio, torch.Tensor) else audio
+            want = sum(e - s for s, e in audio_bounds)
+            if rows.shape[0] != want:
+                raise ValueError(f"{rows.shape[0]} audio rows for audio bounds that hold {want}")
+            idx = torch.cat([torch.arange(s, e) for s, e in audio_bounds]).to(emb.device)
+            emb[idx] = rows.to(emb.dtype)
+        return emb

@@ -1,0 +1,505 @@
+"""`MiniCPMTTS`: the speech-token LM that turns the LLM's spoken tokens (and their hidden states) into 25 Hz codes.
+
+Weights: the `tts.*` tensors of the official checkpoint, by their official names. `tts.model.embed_tokens` (the
+unused Llama token table) and `tts.projector_spk.*` (no speaker embedding at inference) are read past on purpose.
+`head_code.0` is weight-normalised in the file (`parametrizations.weight.original0/1`, i.e. g and v); its
+effective weight g * v / ||v|| is computed once at load.
+
+Per-session state (`TTSSession`), so one set of weights serves many sessions:
+- `slot`: the session's row in a shared `TTSKVCache` (keys/values of every layer), held until `close()`;
+- `length`: how many positions of that slot are valid. Positions are never skipped, so this is also the RoPE
+  position of the next token, i.e. the official `text_start_pos`; `end_turn()` sets it back to 0;
+- `generator`: the session's own `torch.Generator`, so its code draws are reproducible and independent of the
+  other sessions in the batch.
+The repetition-penalty window is per call in duplex (`generate_chunk` only looks at the codes it drew itself) and
+per turn in turn-based streaming, where `TTSStreamer` keeps the turn's codes, the previous text chunk's condition
+and codes (for sliding_recompute) and the buffer of codes not yet handed out in 25-code pieces.
+
+Every generation entry point runs through one batched step loop (`generate_chunks`); teacher forcing runs the
+same loop with given codes instead of draws and records the distributions the sampler would have drawn from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import MiniCPMOConfig, TTSConfig
+from ..loader import CheckpointError, load_weights, read_checkpoint
+from .tts_backbone import CacheFullError, LlamaBackbone, TTSKVCache
+from .tts_sampling import DUPLEX_SAMPLING, TURN_SAMPLING, CodeSampling, code_distribution
+
+__all__ = [
+    "CacheFullError",
+    "ChunkResult",
+    "CodeSampling",
+    "DUPLEX_SAMPLING",
+    "MiniCPMTTS",
+    "TTSKVCache",
+    "TTSSession",
+    "TTSStreamer",
+    "TURN_SAMPLING",
+]
+
+# checkpoint entries the runtime does not use (relative to the `tts.` prefix)
+UNUSED_TENSORS = ("model.embed_tokens.", "projector_spk.")
+_WEIGHT_NORM_G = "head_code.{i}.parametrizations.weight.original0"
+_WEIGHT_NORM_V = "head_code.{i}.parametrizations.weight.original1"
+
+# §3.3.3: a duplex unit draws at most 26 codes and returns all but the last, so exactly 25 (1 s) mid-turn.
+DUPLEX_MAX_DRAWS = 26
+
+
+class SemanticProjector(nn.Module):
+    """`projector_semantic`: Linear(llm_dim → hidden) + ReLU + Linear(hidden → hidden)."""
+
+    def __init__(self, llm_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(llm_dim, hidden)
+        self.linear2 = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(F.relu(self.linear1(x)))
+
+
+class TTSSession:
+    """One session's TTS state: a cache slot, its filled length and a private random generator."""
+
+    def __init__(
+        self, cache: TTSKVCache, seed: int | None = None, device: str | torch.device = "cpu"
+    ) -> None:
+        self.cache = cache
+        self.slot = cache.allocate()
+        self.length = 0
+        self.generator = torch.Generator(device=device)
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+        self.closed = False
+
+    @property
+    def text_start_pos(self) -> int:
+        """The official name for the position where the next condition starts."""
+        return self.length
+
+    def close(self) -> None:
+        if not self.closed:
+            self.cache.release(self.slot)
+            self.closed = True
+
+
+@dataclass
+class ChunkResult:
+    """What one session got from a generation call."""
+
+    codes: torch.Tensor  # [n] long: the codes to play (the final draw is never included)
+    draws: list[int]  # every code drawn (or forced), in order, including the final one
+    hit_eos: bool
+    probs: torch.Tensor | None = None  # [len(draws), num_audio_tokens] when recorded
+
+
+@dataclass
+class _Run:
+    """One session's generation call while the batched loop advances it."""
+
+    session: TTSSession
+    condition: torch.Tensor  # [L, hidden]
+    min_new: int
+    max_new: int
+    history: list[int]  # codes the repetition penalty can see; draws are appended
+    warp_first: bool  # apply top-p/top-k on the first draw too (turn-based chunks after the first code)
+    forced: list[int] | None = None
+    record: bool = False
+    draws: list[int] = field(default_factory=list)
+    probs: list[torch.Tensor] = field(default_factory=list)
+    done: bool = False
+
+
+class MiniCPMTTS(nn.Module):
+    def __init__(self, config: TTSConfig) -> None:
+        super().__init__()
+        if config.num_vq != 1:
+            raise NotImplementedError(f"only num_vq == 1 is supported, config has {config.num_vq}")
+        if config.condition_type != "hidden_text_merge":
+            raise NotImplementedError(f"condition_type {config.condition_type!r} (only hidden_text_merge)")
+        if config.projector_type != "mlp":
+            raise NotImplementedError(f"projector_type {config.projector_type!r} (only mlp)")
+        self.config = config
+        h = config.hidden_size
+        self.emb_text = nn.Embedding(config.num_text_tokens, h)
+        self.emb_code = nn.ModuleList([nn.Embedding(config.num_audio_tokens, h)])
+        self.head_code = nn.ModuleList([nn.Linear(h, config.num_audio_tokens, bias=False)])
+        self.projector_semantic = SemanticProjector(config.llm_dim, h)
+        self.model = LlamaBackbone(
+            h,
+            config.intermediate_size,
+            config.num_hidden_layers,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+        )
+
+    # ---- loading ------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(
+        cls,
+        model_dir: str | Path,
+        config: TTSConfig | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> MiniCPMTTS:
+        config = config or MiniCPMOConfig.from_file(model_dir).tts
+        tts = cls(config).to(dtype=dtype, device=device)
+        tensors = read_checkpoint(model_dir, prefixes=["tts."], dtype=torch.float32)
+        tts.load_tensors(tensors)
+        return tts.eval()
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], prefix: str = "tts.") -> None:
+        """Load official `tts.*` tensors (any float dtype); folds the head's weight norm first."""
+        tensors = dict(tensors)
+        for i in range(len(self.head_code)):
+            g_name, v_name = prefix + _WEIGHT_NORM_G.format(i=i), prefix + _WEIGHT_NORM_V.format(i=i)
+            if g_name not in tensors or v_name not in tensors:
+                raise CheckpointError(f"missing tensors: {g_name} and/or {v_name}")
+            g, v = tensors.pop(g_name).float(), tensors.pop(v_name).float()
+            # weight_norm over dim 0: every output row is rescaled to length g
+            tensors[f"{prefix}head_code.{i}.weight"] = v * (g / v.norm(dim=1, keepdim=True))
+        load_weights(self, tensors, prefix=prefix, ignore=UNUSED_TENSORS)
+
+    # ---- sessions -------------------------------------------------------------------------------------------------
+    @property
+    def eos_id(self) -> int:
+        return self.config.audio_eos_id
+
+    def new_cache(self, num_slots: int, capacity: int | None = None) -> TTSKVCache:
+        """A cache for `num_slots` sessions of up to `capacity` positions (default max_position_embeddings)."""
+        w = self.emb_text.weight
+        capacity = capacity or self.config.max_position_embeddings
+        return self.model.new_cache(num_slots, capacity, w.dtype, w.device)
+
+    def new_session(self, cache: TTSKVCache, seed: int | None = None) -> TTSSession:
+        return TTSSession(cache, seed=seed, device=self.emb_text.weight.device)
+
+    @staticmethod
+    def end_turn(session: TTSSession) -> None:
+        """Forget the turn: the next condition starts at position 0 of an empty cache slot."""
+        session.length = 0
+
+    # ---- condition ---------------------------------------------------------------------------------------------
+    def condition(self, token_ids: torch.Tensor, hidden: torch.Tensor, text_finished: bool) -> torch.Tensor:
+        """`[N + (1 if text_finished) + 1, hidden]`: emb_text(t) + L2norm(projector_semantic(h)) per spoken
+        token, then emb_text(text_eos) when the text is finished, then emb_text(audio_bos)."""
+        token_ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.emb_text.weight.device).reshape(
+            -1
+        )
+        n = token_ids.numel()
+        if hidden.dim() != 2 or hidden.shape != (n, self.config.llm_dim):
+            raise ValueError(
+                f"hidden must be [{n}, {self.config.llm_dim}] (one LLM state per token), got {tuple(hidden.shape)}"
+            )
+        if n and (int(token_ids.min()) < 0 or int(token_ids.max()) >= self.config.num_text_tokens):
+            raise ValueError(
+                f"token ids must lie in [0, {self.config.num_text_tokens}), got {token_ids.tolist()}"
+            )
+        w = self.emb_text.weight
+        semantic = self.projector_semantic(hidden.to(dtype=w.dtype, device=w.device))
+        if self.config.normalize_projected_hidden:
+            semantic = F.normalize(semantic, p=2, dim=-1)
+        tail = [self.config.text_eos_token_id] if text_finished else []
+        tail.append(self.config.audio_bos_token_id)
+        tail_emb = self.emb_text(torch.tensor(tail, dtype=torch.long, device=w.device))
+        return torch.cat([self.emb_text(token_ids) + semantic, tail_emb], dim=0)
+
+    # ---- the batched step loop ------------------------------------------------------------------------------------
+    def _code_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head_code[0](hidden).float()
+
+    def _step(self, runs: list[_Run], sampling: CodeSampling) -> None:
+        """Advance every unfinished run by one draw: feed its condition (first step) or its last code."""
+        active = [r for r in runs if not r.done]
+        if not active:
+            return
+        cache = active[0].session.cache
+        if any(r.session.cache is not cache for r in active):
+            raise ValueError("all sessions of one batched call must share one TTSKVCache")
+        w = self.emb_text.weight
+        inputs = []
+        for r in active:
+            if r.draws:
+                code = torch.tensor([r.draws[-1]], dtype=torch.long, device=w.device)
+                inputs.append(self.emb_code[0](code))
+            else:
+                inputs.append(r.condition.to(dtype=w.dtype, device=w.device))
+        valid = torch.tensor([x.shape[0] for x in inputs], dtype=torch.long, device=w.device)
+        embeds = nn.utils.rnn.pad_sequence(inputs, batch_first=True)
+        slots = torch.tensor([r.session.slot for r in active], dtype=torch.long, device=w.device)
+        starts = torch.tensor([r.session.length for r in active], dtype=torch.long, device=w.device)
+        hidden = self.model(embeds, cache, slots, starts, valid)
+        last = hidden[torch.arange(len(active), device=w.device), valid - 1]
+        probs = code_distribution(
+            self._code_logits(last),
+            [r.history for r in active],
+            sampling,
+            warp=[bool(r.draws) or r.warp_first for r in active],
+            forbid_eos=[len(r.draws) < r.min_new for r in active],
+            eos_id=self.eos_id,
+        )
+        for row, r in enumerate(active):
+            r.session.length += int(valid[row])
+            if r.forced is not None:
+                if len(r.draws) >= len(r.forced):
+                    raise ValueError(
+                        f"forced codes ran out after {len(r.draws)} steps before the run stopped"
+                    )
+                code = r.forced[len(r.draws)]
+            else:
+                code = int(torch.multinomial(probs[row : row + 1], 1, generator=r.session.generator))
+            if r.record:
+                r.probs.append(probs[row])
+            r.draws.append(code)
+            r.history.append(code)
+            r.done = code == self.eos_id or len(r.draws) >= r.max_new
+
+    def _results(self, runs: list[_Run]) -> list[ChunkResult]:
+        out = []
+        for r in runs:
+            codes = torch.tensor(r.draws[:-1], dtype=torch.long)
+            probs = torch.stack(r.probs) if r.record else None
+            out.append(ChunkResult(codes, list(r.draws), bool(r.draws) and r.draws[-1] == self.eos_id, probs))
+        return out
+
+    @torch.inference_mode()
+    def generate_chunks(
+        self,
+        sessions: Sequence[TTSSession],
+        conditions: Sequence[torch.Tensor],
+        *,
+        min_new: int | Sequence[int],
+        max_new: int,
+        sampling: CodeSampling = DUPLEX_SAMPLING,
+        forced: Sequence[Sequence[int]] | None = None,
+        record_probs: bool = False,
+    ) -> list[ChunkResult]:
+        """Batched duplex unit (official `generate_chunk`), one row per session.
+
+        Each session's condition `[L, hidden]` is appended at its current length; then codes are drawn until EOS
+        or `max_new` draws. Drawing EOS is forbidden for the first `min_new` draws. The last draw is neither
+        returned nor fed, so the cache grows by L + len(codes). The repetition penalty sees only this call's
+        codes. With `forced`, those codes replace the draws (teacher forcing).
+        """
+        if len(sessions) != len(conditions):
+            raise ValueError(f"{len(sessions)} sessions but {len(conditions)} conditions")
+        if len({id(s) for s in sessions}) != len(sessions):
+            raise ValueError("a session appears twice in one batch")
+        if max_new < 1:
+            raise ValueError(f"max_new must be at least 1, got {max_new}")
+        mins = [min_new] * len(sessions) if isinstance(min_new, int) else list(min_new)
+        if len(mins) != len(sessions):
+            raise ValueError(f"{len(sessions)} sessions but {len(mins)} min_new values")
+        if forced is not None and len(forced) != len(sessions):
+            raise ValueError(f"{len(sessions)} sessions but {len(forced)} forced code lists")
+        runs = []
+        for i, (s, c) in enumerate(zip(sessions, conditions, strict=True)):
+            if s.closed:
+                raise ValueError("session is closed")
+            if c.dim() != 2 or c.shape[0] < 1 or c.shape[1] != self.config.hidden_size:
+                raise ValueError(f"condition must be [L>=1, {self.config.hidden_size}], got {tuple(c.shape)}")
+            runs.append(
+                _Run(
+                    session=s,
+                    condition=c,
+                    min_new=mins[i],
+                    max_new=max_new,
+                    history=[],
+                    warp_first=False,
+                    forced=None if forced is None else [int(x) for x in forced[i]],
+                    record=record_probs,
+                )
+            )
+        while any(not r.done for r in runs):
+            self._step(runs, sampling)
+        return self._results(runs)
+
+    def generate_chunk(
+        self,
+        session: TTSSession,
+        condition: torch.Tensor,
+        min_new: int = DUPLEX_MAX_DRAWS,
+        max_new: int = DUPLEX_MAX_DRAWS,
+        temperature: float = 0.8,
+        rep_penalty: float = 1.05,
+        window: int = 16,
+    ) -> torch.Tensor:
+        """One duplex unit for one session: the codes to play (25 mid-turn; fewer if EOS was allowed and drawn).
+
+        Pass min_new=0 at the first unit of a turn and when the turn ends (§3.3.3). The cache and position carry
+        on to the next call; call `end_turn` when the turn is over.
+        """
+        sampling = CodeSampling(temperature=temperature, repetition_penalty=rep_penalty, window=window)
+        result = self.generate_chunks(
+            [session], [condition], min_new=min_new, max_new=max_new, sampling=sampling
+        )
+        return result[0].codes
+
+    def teacher_force_chunk(
+        self,
+        session: TTSSession,
+        condition: torch.Tensor,
+        codes: Sequence[int],
+        *,
+        min_new: int,
+        max_new: int,
+        sampling: CodeSampling = DUPLEX_SAMPLING,
+    ) -> torch.Tensor:
+        """`generate_chunk` with recorded draws: returns the distributions `[n_draws, V]` it would have sampled."""
+        result = self.generate_chunks(
+            [session],
+            [condition],
+            min_new=min_new,
+            max_new=max_new,
+            sampling=sampling,
+            forced=[codes],
+            record_probs=True,
+        )[0]
+        if len(result.draws) != len(codes):
+            raise ValueError(f"the run stopped after {len(result.draws)} of {len(codes)} forced codes")
+        assert result.probs is not None
+        return result.probs
+
+    # ---- non-streaming (official `generate`) ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self,
+        session: TTSSession,
+        condition: torch.Tensor,
+        *,
+        min_new: int = 50,
+        max_new: int = 2048,
+        sampling: CodeSampling = TURN_SAMPLING,
+        forced: Sequence[int] | None = None,
+        record_probs: bool = False,
+    ) -> ChunkResult:
+        """All codes of one utterance from a fresh cache (the condition ends with text_eos + audio_bos).
+
+        Top-p/top-k apply from the second draw on; the last draw (EOS, or the max_new-th code) is not returned.
+        """
+        self.end_turn(session)
+        result = self.generate_chunks(
+            [session],
+            [condition],
+            min_new=min_new,
+            max_new=max_new,
+            sampling=sampling,
+            forced=None if forced is None else [forced],
+            record_probs=record_probs,
+        )[0]
+        self.end_turn(session)
+        return result
+
+    # ---- turn-based streaming ------------------------------------------------------------------------------------
+    def streamer(
+        self,
+        session: TTSSession,
+        sampling: CodeSampling = TURN_SAMPLING,
+        chunk_size: int = 25,
+        max_new_per_text_chunk: int = 500,
+    ) -> TTSStreamer:
+        return TTSStreamer(self, session, sampling, chunk_size, max_new_per_text_chunk)
+
+
+class TTSStreamer:
+    """Turn-based streaming TTS for one turn of one session (§3.1 step 4, attention_type sliding_recompute).
+
+    `feed(condition, text_finished)` takes the condition of each LLM text chunk (built by `condition()`, so it
+    already ends with audio_bos, and with text_eos on the last chunk) and yields `(codes, is_last)` pieces of
+    exactly `chunk_size` codes, plus a shorter last piece once the text is finished and EOS is drawn. From the
+    second text chunk on, the cache is dropped and recomputed over [previous condition + its codes + this
+    condition] from position 0. The repetition penalty looks at the turn's last `window` codes. `finish()`
+    returns the codes still buffered when the LLM stops without the TTS having drawn EOS.
+    """
+
+    def __init__(
+        self,
+        tts: MiniCPMTTS,
+        session: TTSSession,
+        sampling: CodeSampling = TURN_SAMPLING,
+        chunk_size: int = 25,
+        max_new_per_text_chunk: int = 500,
+    ) -> None:
+        if tts.config.attention_type != "sliding_recompute":
+            raise NotImplementedError(
+                f"streaming TTS attention_type {tts.config.attention_type!r} (only sliding_recompute)"
+            )
+        if chunk_size < 1 or max_new_per_text_chunk < 1:
+            raise ValueError("chunk_size and max_new_per_text_chunk must be positive")
+        self.tts = tts
+        self.session = session
+        self.sampling = sampling
+        self.chunk_size = chunk_size
+        self.max_new = max_new_per_text_chunk
+        self.turn_codes: list[int] = []
+        self.buffer: list[int] = []
+        self.finished = False
+        self._prev_condition: torch.Tensor | None = None
+        self._prev_codes: list[int] = []
+        tts.end_turn(session)
+
+    def _full_condition(self, condition: torch.Tensor) -> torch.Tensor:
+        if self._prev_condition is None:
+            return condition
+        self.tts.end_turn(self.session)
+        parts = [self._prev_condition]
+        if self._prev_codes:
+            codes = torch.tensor(self._prev_codes, dtype=torch.long, device=condition.device)
+            parts.append(self.tts.emb_code[0](codes))
+        parts.append(condition)
+        return torch.cat(parts, dim=0)
+
+    @torch.inference_mode()
+    def feed(self, condition: torch.Tensor, text_finished: bool) -> Iterator[tuple[torch.Tensor, bool]]:
+        if self.finished:
+            raise RuntimeError("this turn's text is already finished; start a new streamer")
+        eos = self.tts.eos_id
+        run = _Run(
+            session=self.session,
+            condition=self._full_condition(condition),
+            min_new=0,
+            max_new=self.max_new,
+            history=list(self.turn_codes),
+            warp_first=bool(self.turn_codes),
+        )
+        chunk_codes: list[int] = []
+        self.finished = text_finished
+        try:
+            while not run.done:
+                self.tts._step([run], self.sampling)
+                code = run.draws[-1]
+                if code != eos:
+                    chunk_codes.append(code)
+                    self.turn_codes.append(code)
+                    self.buffer.append(code)
+                if not self.buffer:  # EOS with nothing buffered
+                    if text_finished:
+                        yield torch.empty(0, dtype=torch.long), True
+                    break
+                if len(self.buffer) >= self.chunk_size:
+                    piece, self.buffer = self.buffer[: self.chunk_size], self.buffer[self.chunk_size :]
+                    yield torch.tensor(piece, dtype=torch.long), False
+                elif code == eos:
+                    if text_finished:
+                        piece, self.buffer = self.buffer, []
+                        yield torch.tensor(piece, dtype=torch.long), True
+                    break
+        finally:
+            self._prev_condition = condition
+            self._prev_codes = chunk_codes
+
+    def finish(self) -> torch.Tensor:
+        """Codes left in the buffer (the official flush after the LLM loop); empties it."""
+        piece, self.buffer = self.buffer, []
+        return torch.tensor(piece, dtype=torch.long)

@@ -1,0 +1,230 @@
+"""The TTS decoder stack (a Llama model without its token embedding) and the slot KV cache it writes into.
+
+Parameter names match the checkpoint under `tts.model.`: `layers.N.self_attn.{q,k,v,o}_proj`,
+`layers.N.mlp.{gate,up,down}_proj`, `layers.N.{input,post_attention}_layernorm`, `norm`.
+
+The official model builds a transformers `LlamaConfig` from the TTS sizes only, so the RMSNorm epsilon and
+the RoPE base always take that class's defaults (1e-6 and 10000), whatever `tts_config` holds; we do the same.
+
+One forward call serves a batch of sessions. Row b of the batch belongs to cache slot `slots[b]`, starts at
+position `starts[b]` (the number of positions that slot already holds, which is also the RoPE position of its
+first new token) and has `valid[b]` real tokens; shorter rows are right-padded. Only real tokens are written to
+the cache; padded query rows compute garbage that the caller ignores.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LLAMA_RMS_NORM_EPS = 1e-6
+LLAMA_ROPE_THETA = 10000.0
+
+
+class CacheFullError(RuntimeError):
+    """A TTS cache slot would grow past its capacity, or no slot is free."""
+
+
+class TTSKVCache:
+    """Preallocated keys/values `[num_slots, kv_heads, capacity, head_dim]` per layer, one slot per session.
+
+    The cache does not track lengths: each session's state knows how many positions of its slot are valid.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        capacity: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if num_slots < 1 or capacity < 1:
+            raise ValueError(f"num_slots and capacity must be positive, got {num_slots} and {capacity}")
+        shape = (num_slots, kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.capacity = capacity
+        self.num_slots = num_slots
+        self._free = list(range(num_slots))
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise CacheFullError(f"all {self.num_slots} TTS cache slots are in use")
+        return self._free.pop(0)
+
+    def release(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots or slot in self._free:
+            raise ValueError(f"TTS cache slot {slot} is not allocated")
+        self._free.append(slot)
+
+    def write(
+        self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ):
+        """Store rows `k, v` `[N, kv_heads, head_dim]` at (slots[i], positions[i])."""
+        self.keys[layer][slots, :, positions] = k
+        self.values[layer][slots, :, positions] = v
+
+    def read(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `length` positions of each slot: `[B, kv_heads, length, head_dim]` twice."""
+        return self.keys[layer][slots, :, :length], self.values[layer][slots, :, :length]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = LLAMA_RMS_NORM_EPS) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin `[B, S, head_dim]` for integer positions `[B, S]` (the half-split "rotate_half" layout)."""
+    exponents = torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    angles = positions.float()[..., None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x `[B, H, S, D]`; cos/sin `[B, S, D]`."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, heads: int, kv_heads: int) -> None:
+        super().__init__()
+        if hidden % heads or heads % kv_heads:
+            raise ValueError(f"hidden {hidden}, heads {heads}, kv heads {kv_heads} do not divide evenly")
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hidden // heads
+        self.q_proj = nn.Linear(hidden, heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: TTSKVCache,
+        layer: int,
+        batch: BatchLayout,
+    ) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # [B, H, S, D] -> the real tokens as [N, H, D]
+        real_k = k.transpose(1, 2)[batch.row_mask]
+        real_v = v.transpose(1, 2)[batch.row_mask]
+        cache.write(layer, batch.write_slots, batch.write_positions, real_k, real_v)
+        keys, values = cache.read(layer, batch.slots, batch.read_length)
+        if self.kv_heads != self.heads:
+            repeat = self.heads // self.kv_heads
+            keys = keys.repeat_interleave(repeat, dim=1)
+            values = values.repeat_interleave(repeat, dim=1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=batch.attn_mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, heads: int, kv_heads: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(hidden, heads, kv_heads)
+        self.mlp = MLP(hidden, intermediate)
+        self.input_layernorm = RMSNorm(hidden)
+        self.post_attention_layernorm = RMSNorm(hidden)
+
+    def forward(self, x, cos, sin, cache: TTSKVCache, layer: int, batch: BatchLayout) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, batch)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class BatchLayout:
+    """Index tensors shared by every layer of one batched forward call."""
+
+    def __init__(self, slots: torch.Tensor, starts: torch.Tensor, valid: torch.Tensor, seq_len: int) -> None:
+        device = slots.device
+        offsets = torch.arange(seq_len, device=device)
+        self.slots = slots
+        self.positions = starts[:, None] + offsets  # [B, S]
+        self.row_mask = offsets[None, :] < valid[:, None]  # [B, S] real tokens
+        self.write_slots = slots[:, None].expand_as(self.positions)[self.row_mask]
+        self.write_positions = self.positions[self.row_mask]
+        self.read_length = int((starts + valid).max())
+        keys = torch.arange(self.read_length, device=device)
+        # query (b, i) at position starts[b] + i sees keys 0 .. starts[b] + i of its own slot
+        self.attn_mask = (keys[None, None, :] <= self.positions[:, :, None])[:, None]  # [B, 1, S, L]
+
+
+class LlamaBackbone(nn.Module):
+    """`tts.model`: decoder layers + final norm, fed with embeddings (its `embed_tokens` is unused)."""
+
+    def __init__(self, hidden: int, intermediate: int, num_layers: int, heads: int, kv_heads: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            DecoderLayer(hidden, intermediate, heads, kv_heads) for _ in range(num_layers)
+        )
+        self.norm = RMSNorm(hidden)
+        self.head_dim = hidden // heads
+        self.kv_heads = kv_heads
+
+    def new_cache(
+        self, num_slots: int, capacity: int, dtype: torch.dtype, device: str | torch.device
+    ) -> TTSKVCache:
+        return TTSKVCache(len(self.layers), num_slots, capacity, self.kv_heads, self.head_dim, dtype, device)
+
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        cache: TTSKVCache,
+        slots: torch.Tensor,
+        starts: torch.Tensor,
+        valid: torch.Tensor,
+    ) -> torch.Tensor:
+        """embeds `[B, S, hidden]` -> last hidden states `[B, S, hidden]`, caching the real tokens' keys/values."""
+        b, s, _ = embeds.shape
+        if not (slots.shape == starts.shape == valid.shape == (b,)):
+            raise ValueError("slots, starts and valid must each hold one entry per batch row")
+        if int(valid.min()) < 1 or int(valid.max()) > s:
+            raise ValueError(f"valid lengths must lie in [1, {s}], got {valid.tolist()}")
+        needed = int((starts + valid).max())
+        if needed > cache.capacity:
+            raise CacheFullError(
+                f"TTS cache slot would need {needed} positions, capacity is {cache.capacity}"
+            )
+        batch = BatchLayout(slots, starts, valid, s)
+        cos, sin = rope_cos_sin(batch.positions, self.head_dim, LLAMA_ROPE_THETA, embeds.dtype)
+        x = embeds
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i, batch)
+        return self.norm(x)

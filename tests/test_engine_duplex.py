@@ -1,0 +1,182 @@
+"""e_duplex parity: the omni full-duplex unit loop (prepare + 6 units, greedy, forced listen at step 4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from MiniCPMO45.engine.core import Engine
+from MiniCPMO45.engine.duplex import (
+    DuplexConfig,
+    UnitInput,
+    finalize_units,
+    generate_units,
+    prefill_units,
+    prepare,
+    schema_codes,
+    tts_condition,
+)
+from MiniCPMO45.engine.session import Mode
+from MiniCPMO45.processor.audio_io import load_audio
+from tests.engine_fixtures import assert_close, load_manifest, load_npz
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path) -> Engine:
+    return Engine.from_pretrained(tiny_model_dir, dtype=torch.float32, max_sessions=2, max_len=512)
+
+
+def _config(manifest: dict, **overrides) -> DuplexConfig:
+    dc = manifest["duplex_config"]
+    fields = dict(
+        decode_mode="greedy",
+        temperature=dc["temperature"],
+        top_k=dc["top_k"],
+        top_p=dc["top_p"],
+        text_repetition_penalty=dc["text_repetition_penalty"],
+        text_repetition_window=dc["text_repetition_window_size"],
+        listen_prob_scale=dc["listen_prob_scale"],
+        force_listen_count=dc["force_listen_count"],
+        max_new_speak_tokens_per_chunk=dc["max_new_speak_tokens_per_chunk"],
+        length_penalty=1.1,
+    )
+    fields.update(overrides)
+    return DuplexConfig(**fields)
+
+
+def _run(engine: Engine, fixture_dir: Path, config: DuplexConfig):
+    manifest = load_manifest(fixture_dir)
+    inputs = fixture_dir / "inputs"
+    audio = load_audio(inputs / "duplex_audio.wav")
+    ref = load_audio(inputs / "ref_audio.wav")
+    prompt = manifest["duplex_prepare_prompt"].split("\n")[1]
+    s = engine.open_session(Mode.DUPLEX)
+    prepare(engine, s, prompt, ref, config)
+    kv_after_prepare = engine.kv_length(s)
+    first_logits = None
+    steps = []
+    for k, rec in enumerate(manifest["duplex_steps"]):
+        frame = Image.open(inputs / f"frame_{k}.png").convert("RGB")
+        unit = UnitInput(audio=audio[k * 16000 : (k + 1) * 16000], frames=[frame])
+        pre = prefill_units(engine, [s], [unit])
+        if first_logits is None:
+            first_logits = s.duplex.pending_logits.clone()
+        res = generate_units(engine, [s], [rec["force_listen_override"]], pre)[0]
+        finalize_units(engine, [s])
+        steps.append((res, engine.kv_length(s)))
+    return s, kv_after_prepare, first_logits, steps
+
+
+def test_duplex_loop_matches_reference(engine: Engine, tiny_fixture_dir: Path) -> None:
+    e = load_npz(tiny_fixture_dir, "e_duplex")
+    manifest = load_manifest(tiny_fixture_dir)
+    s, kv0, first_logits, steps = _run(engine, tiny_fixture_dir, _config(manifest))
+    try:
+        assert kv0 == int(e["kv_len_after_prepare"])
+        assert_close(first_logits, e["decode_first_logits_full"], what="first decode logits")
+        decoded = [t for res, _ in steps for t in res.decoded_ids]
+        assert decoded == e["decode_out_ids"].tolist()
+        assert s.duplex.total_ids == e["total_ids"].tolist()
+        assert schema_codes(s.duplex.schema) == e["prefill_schema_flat"].tolist()
+        speaking = 0
+        for (res, kv), rec in zip(steps, manifest["duplex_steps"], strict=True):
+            assert res.is_listen == rec["is_listen"]
+            assert res.text == rec["text"]
+            assert res.end_of_turn == rec["end_of_turn"]
+            assert len(res.tts_token_ids) == rec["n_tokens"]
+            assert kv == rec["kv_len_after_finalize"]
+            assert res.forced_listen == rec["force_listen_override"]
+            if not res.is_listen:
+                cond = tts_condition(engine, res)
+                assert_close(cond, e[f"tts{speaking}_condition"], what=f"tts{speaking}_condition")
+                speaking += 1
+        assert steps[4][0].closed_turn_by_force
+    finally:
+        engine.close_session(s)
+
+
+def _units(fixture_dir: Path, frames: str = "frame", n: int = 6) -> list[UnitInput]:
+    inputs = fixture_dir / "inputs"
+    audio = load_audio(inputs / "duplex_audio.wav")
+    out = []
+    for k in range(n):
+        name = f"frame_{k}.png" if frames == "frame" else "image.png"
+        out.append(
+            UnitInput(
+                audio=audio[k * 16000 : (k + 1) * 16000], frames=[Image.open(inputs / name).convert("RGB")]
+            )
+        )
+    return out
+
+
+def _loop(engine: Engine, sessions, unit_lists, forces) -> list[list]:
+    per_session: list[list] = [[] for _ in sessions]
+    for k in range(len(unit_lists[0])):
+        pre = prefill_units(engine, sessions, [u[k] for u in unit_lists])
+        results = generate_units(engine, sessions, [f[k] for f in forces], pre)
+        finalize_units(engine, sessions)
+        for i, r in enumerate(results):
+            per_session[i].append(r)
+    return per_session
+
+
+def test_two_sessions_step_together(engine: Engine, tiny_fixture_dir: Path) -> None:
+    """A second session (HD frames, other timing) shares every batched step; the reference session's
+    decisions are unchanged and the second one's equal its own solo run."""
+    e = load_npz(tiny_fixture_dir, "e_duplex")
+    manifest = load_manifest(tiny_fixture_dir)
+    prompt = manifest["duplex_prepare_prompt"].split("\n")[1]
+    ref = load_audio(tiny_fixture_dir / "inputs" / "ref_audio.wav")
+    forces_a = [rec["force_listen_override"] for rec in manifest["duplex_steps"]]
+    forces_b = [False, False, True, False]
+    cfg_b = _config(manifest, max_slice_nums=2)
+
+    solo = engine.open_session(Mode.DUPLEX)
+    prepare(engine, solo, "Another prompt.", None, cfg_b)
+    solo_results = _loop(engine, [solo], [_units(tiny_fixture_dir, "hd", 4)], [forces_b])[0]
+    solo_ids = list(solo.duplex.total_ids)
+    engine.close_session(solo)
+
+    a, b = engine.open_session(Mode.DUPLEX), engine.open_session(Mode.DUPLEX)
+    try:
+        prepare(engine, a, prompt, ref, _config(manifest))
+        prepare(engine, b, "Another prompt.", None, cfg_b)
+        units_a, units_b = _units(tiny_fixture_dir), _units(tiny_fixture_dir, "hd", 4)
+        # b starts two units later than a
+        _loop(engine, [a], [units_a[:2]], [forces_a[:2]])
+        _loop(engine, [a, b], [units_a[2:], units_b], [forces_a[2:], forces_b])
+        assert a.duplex.total_ids == e["total_ids"].tolist()
+        assert b.duplex.total_ids == solo_ids
+        sp = engine.special
+        img = ("img", engine.model.config.query_num)
+        hd_unit = [sp.unit_start, sp.image_start, img, sp.image_end]
+        hd_unit += [sp.slice_start, img, sp.slice_end] * 2 + [("audio", 10)]
+        assert b.duplex.schema[0] == hd_unit
+        assert [r.is_listen for r in solo_results][2] is True
+    finally:
+        engine.close_session(a)
+        engine.close_session(b)
+
+
+def test_default_config_listens_first_and_samples(engine: Engine, tiny_fixture_dir: Path) -> None:
+    """Defaults: sampling decode, forced listen for the first 3 units; seeded runs repeat exactly."""
+    runs = []
+    for _ in range(2):
+        s = engine.open_session(Mode.DUPLEX)
+        try:
+            prepare(engine, s, "Streaming Omni Conversation.", None, DuplexConfig(seed=11))
+            results = _loop(engine, [s], [_units(tiny_fixture_dir, n=4)], [[False] * 4])[0]
+            runs.append((list(s.duplex.total_ids), [r.text for r in results]))
+            sp = engine.special
+            assert all(r.forced_listen and r.is_listen for r in results[:3])
+            assert s.duplex.total_ids[:6] == [sp.listen, sp.unit_end] * 3
+            assert all(not r.forced_listen for r in results[3:])
+            for r in results:
+                assert len(r.tts_token_ids) <= 18 and len(r.text) < 28
+                assert set(r.timings_ms) >= {"generate_ms", "prefill_feed_ms"}
+        finally:
+            engine.close_session(s)
+    assert runs[0] == runs[1]
