@@ -196,7 +196,9 @@ def test_duplex_batched_sessions_match_fixture(
     cache = tts.new_cache(num_slots=3, capacity=512)
     decoy = tts.new_session(cache, seed=1)  # occupies slot 0 so the sessions below are not on slot 0
     a, b = tts.new_session(cache, seed=2), tts.new_session(cache, seed=3)
-    schedule = [[(a, 0)]] + [[(a, k), (b, k - 1)] for k in range(1, len(units))] + [[(b, len(units) - 1)]]
+    # rows alternate order, so the batch's slots are sometimes consecutive (cache views), sometimes not (gathers)
+    pairs = [[(a, k), (b, k - 1)] if k % 2 else [(b, k - 1), (a, k)] for k in range(1, len(units))]
+    schedule = [[(a, 0)], *pairs, [(b, len(units) - 1)]]
     for batch in schedule:
         sessions = [s for s, _ in batch]
         chosen = [units[k] for _, k in batch]

@@ -235,12 +235,13 @@ class MiniCPMTTS(nn.Module):
                 inputs.append(self.emb_code[0](code))
             else:
                 inputs.append(r.condition.to(dtype=w.dtype, device=w.device))
-        valid = torch.tensor([x.shape[0] for x in inputs], dtype=torch.long, device=w.device)
+        valid = [x.shape[0] for x in inputs]
         embeds = nn.utils.rnn.pad_sequence(inputs, batch_first=True)
-        slots = torch.tensor([r.session.slot for r in active], dtype=torch.long, device=w.device)
-        starts = torch.tensor([r.session.length for r in active], dtype=torch.long, device=w.device)
+        slots = [r.session.slot for r in active]
+        starts = [r.session.length for r in active]
         hidden = self.model(embeds, cache, slots, starts, valid)
-        last = hidden[torch.arange(len(active), device=w.device), valid - 1]
+        rows = torch.arange(len(active), device=w.device)
+        last = hidden[rows, torch.tensor(valid, device=w.device) - 1]
         probs = code_distribution(
             self._code_logits(last),
             [r.history for r in active],
@@ -249,8 +250,17 @@ class MiniCPMTTS(nn.Module):
             forbid_eos=[len(r.draws) < r.min_new for r in active],
             eos_id=self.eos_id,
         )
+        drawn: list[int] = []
+        if any(r.forced is None for r in active):
+            picks = [
+                torch.multinomial(probs[row], 1, generator=r.session.generator)
+                if r.forced is None
+                else torch.zeros(1, dtype=torch.long, device=probs.device)
+                for row, r in enumerate(active)
+            ]
+            drawn = torch.cat(picks).tolist()  # one host sync for the whole batch
         for row, r in enumerate(active):
-            r.session.length += int(valid[row])
+            r.session.length += valid[row]
             if r.forced is not None:
                 if len(r.draws) >= len(r.forced):
                     raise ValueError(
@@ -258,7 +268,7 @@ class MiniCPMTTS(nn.Module):
                     )
                 code = r.forced[len(r.draws)]
             else:
-                code = int(torch.multinomial(probs[row : row + 1], 1, generator=r.session.generator))
+                code = drawn[row]
             if r.record:
                 r.probs.append(probs[row])
             r.draws.append(code)
