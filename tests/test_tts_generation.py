@@ -19,7 +19,7 @@ from MiniCPMO45.modules.tts import (
     MiniCPMTTS,
     TTSStreamer,
 )
-from MiniCPMO45.modules.tts_sampling import keep_top_k, keep_top_p, penalize_repeats
+from MiniCPMO45.modules.tts_sampling import code_distribution, keep_top_k, keep_top_p, penalize_repeats
 
 
 @pytest.fixture(scope="module")
@@ -277,3 +277,35 @@ def test_cache_limits(tts: MiniCPMTTS, e_duplex) -> None:
     assert cache.free_slots == 1
     with pytest.raises(ValueError):
         tts.generate_chunks([session], [cond(e_duplex, 0)], min_new=0, max_new=26)
+
+
+def test_streamer_recompute_warps_first_draw_of_later_chunks(tts: MiniCPMTTS, e_duplex) -> None:
+    """The second text chunk starts from an empty cache over [c0 + codes0 + c1]; as the turn already has codes,
+    top-p/top-k apply to its very first draw. Checked against a fresh non-streaming run over the same inputs
+    (no repetition penalty here: log-probabilities recover the logits only up to a constant)."""
+    sampling = dataclasses.replace(TURN_SAMPLING, repetition_penalty=1.0)
+    cache = tts.new_cache(num_slots=2, capacity=512)
+    session = tts.new_session(cache, seed=4)
+    streamer = tts.streamer(session, sampling, max_new_per_text_chunk=30)
+    c0, c1 = cond(e_duplex, 0), cond(e_duplex, 1)
+    list(streamer.feed(c0, text_finished=False))
+    codes0 = list(streamer.turn_codes)
+    list(streamer.feed(c1, text_finished=True, forced=[codes0[-1]] * 30, record_probs=True))
+    assert streamer.chunk_probs is not None
+    assert streamer.chunk_probs.shape == (30, tts.config.num_audio_tokens)
+    first = streamer.chunk_probs[0]
+    assert int((first > 0).sum()) == sampling.top_k
+
+    reference = tts.new_session(cache, seed=0)
+    with torch.inference_mode():
+        full = torch.cat([c0, tts.emb_code[0](torch.tensor(codes0)), c1])
+    plain = tts.generate(
+        reference, full, min_new=0, max_new=1, sampling=sampling, forced=[0], record_probs=True
+    )
+    assert plain.probs is not None
+    assert (
+        int((plain.probs[0] > 0).sum()) == tts.config.num_audio_tokens
+    )  # a first draw of a turn: no warping
+    logits = plain.probs[0].log() * sampling.temperature
+    redone = code_distribution(logits[None], [codes0], sampling, [True], [False], tts.eos_id)[0]
+    torch.testing.assert_close(redone, first, atol=1e-7, rtol=1e-4)

@@ -457,6 +457,7 @@ class TTSStreamer:
         self.finished = False
         self._prev_condition: torch.Tensor | None = None
         self._prev_codes: list[int] = []
+        self.chunk_probs: torch.Tensor | None = None
         tts.end_turn(session)
 
     def _full_condition(self, condition: torch.Tensor) -> torch.Tensor:
@@ -471,7 +472,15 @@ class TTSStreamer:
         return torch.cat(parts, dim=0)
 
     @torch.inference_mode()
-    def feed(self, condition: torch.Tensor, text_finished: bool) -> Iterator[tuple[torch.Tensor, bool]]:
+    def feed(
+        self,
+        condition: torch.Tensor,
+        text_finished: bool,
+        forced: Sequence[int] | None = None,
+        record_probs: bool = False,
+    ) -> Iterator[tuple[torch.Tensor, bool]]:
+        """Generate for one text chunk. With `forced`, those codes replace the draws (teacher forcing); with
+        `record_probs`, this chunk's sampling distributions are kept in `self.chunk_probs` `[draws, V]`."""
         if self.finished:
             raise RuntimeError("this turn's text is already finished; start a new streamer")
         eos = self.tts.eos_id
@@ -482,7 +491,10 @@ class TTSStreamer:
             max_new=self.max_new,
             history=list(self.turn_codes),
             warp_first=bool(self.turn_codes),
+            forced=None if forced is None else [int(x) for x in forced],
+            record=record_probs,
         )
+        self.chunk_probs = None
         chunk_codes: list[int] = []
         self.finished = text_finished
         try:
@@ -508,6 +520,8 @@ class TTSStreamer:
         finally:
             self._prev_condition = condition
             self._prev_codes = chunk_codes
+            if record_probs and run.probs:
+                self.chunk_probs = torch.stack(run.probs)
 
     def finish(self) -> torch.Tensor:
         """Codes left in the buffer (the official flush after the LLM loop); empties it."""
