@@ -228,15 +228,20 @@ class MiniCPMTTS(nn.Module):
         if any(r.session.cache is not cache for r in active):
             raise ValueError("all sessions of one batched call must share one TTSKVCache")
         w = self.emb_text.weight
-        inputs = []
-        for r in active:
-            if r.draws:
-                code = torch.tensor([r.draws[-1]], dtype=torch.long, device=w.device)
-                inputs.append(self.emb_code[0](code))
-            else:
-                inputs.append(r.condition.to(dtype=w.dtype, device=w.device))
-        valid = [x.shape[0] for x in inputs]
-        embeds = nn.utils.rnn.pad_sequence(inputs, batch_first=True)
+        if all(r.draws for r in active):  # the common case: every row feeds its last code
+            codes = torch.tensor([r.draws[-1] for r in active], dtype=torch.long, device=w.device)
+            embeds = self.emb_code[0](codes)[:, None]
+            valid = [1] * len(active)
+        else:
+            inputs = []
+            for r in active:
+                if r.draws:
+                    code = torch.tensor([r.draws[-1]], dtype=torch.long, device=w.device)
+                    inputs.append(self.emb_code[0](code))
+                else:
+                    inputs.append(r.condition.to(dtype=w.dtype, device=w.device))
+            valid = [x.shape[0] for x in inputs]
+            embeds = nn.utils.rnn.pad_sequence(inputs, batch_first=True)
         slots = [r.session.slot for r in active]
         starts = [r.session.length for r in active]
         hidden = self.model(embeds, cache, slots, starts, valid)
