@@ -228,19 +228,25 @@ class MiniCPMTTS(nn.Module):
         if any(r.session.cache is not cache for r in active):
             raise ValueError("all sessions of one batched call must share one TTSKVCache")
         w = self.emb_text.weight
-        inputs = []
-        for r in active:
-            if r.draws:
-                code = torch.tensor([r.draws[-1]], dtype=torch.long, device=w.device)
-                inputs.append(self.emb_code[0](code))
-            else:
-                inputs.append(r.condition.to(dtype=w.dtype, device=w.device))
-        valid = torch.tensor([x.shape[0] for x in inputs], dtype=torch.long, device=w.device)
-        embeds = nn.utils.rnn.pad_sequence(inputs, batch_first=True)
-        slots = torch.tensor([r.session.slot for r in active], dtype=torch.long, device=w.device)
-        starts = torch.tensor([r.session.length for r in active], dtype=torch.long, device=w.device)
+        if all(r.draws for r in active):  # the common case: every row feeds its last code
+            codes = torch.tensor([r.draws[-1] for r in active], dtype=torch.long, device=w.device)
+            embeds = self.emb_code[0](codes)[:, None]
+            valid = [1] * len(active)
+        else:
+            inputs = []
+            for r in active:
+                if r.draws:
+                    code = torch.tensor([r.draws[-1]], dtype=torch.long, device=w.device)
+                    inputs.append(self.emb_code[0](code))
+                else:
+                    inputs.append(r.condition.to(dtype=w.dtype, device=w.device))
+            valid = [x.shape[0] for x in inputs]
+            embeds = nn.utils.rnn.pad_sequence(inputs, batch_first=True)
+        slots = [r.session.slot for r in active]
+        starts = [r.session.length for r in active]
         hidden = self.model(embeds, cache, slots, starts, valid)
-        last = hidden[torch.arange(len(active), device=w.device), valid - 1]
+        rows = torch.arange(len(active), device=w.device)
+        last = hidden[rows, torch.tensor(valid, device=w.device) - 1]
         probs = code_distribution(
             self._code_logits(last),
             [r.history for r in active],
@@ -249,8 +255,17 @@ class MiniCPMTTS(nn.Module):
             forbid_eos=[len(r.draws) < r.min_new for r in active],
             eos_id=self.eos_id,
         )
+        drawn: list[int] = []
+        if any(r.forced is None for r in active):
+            picks = [
+                torch.multinomial(probs[row], 1, generator=r.session.generator)
+                if r.forced is None
+                else torch.zeros(1, dtype=torch.long, device=probs.device)
+                for row, r in enumerate(active)
+            ]
+            drawn = torch.cat(picks).tolist()  # one host sync for the whole batch
         for row, r in enumerate(active):
-            r.session.length += int(valid[row])
+            r.session.length += valid[row]
             if r.forced is not None:
                 if len(r.draws) >= len(r.forced):
                     raise ValueError(
@@ -258,7 +273,7 @@ class MiniCPMTTS(nn.Module):
                     )
                 code = r.forced[len(r.draws)]
             else:
-                code = int(torch.multinomial(probs[row : row + 1], 1, generator=r.session.generator))
+                code = drawn[row]
             if r.record:
                 r.probs.append(probs[row])
             r.draws.append(code)
@@ -447,6 +462,7 @@ class TTSStreamer:
         self.finished = False
         self._prev_condition: torch.Tensor | None = None
         self._prev_codes: list[int] = []
+        self.chunk_probs: torch.Tensor | None = None
         tts.end_turn(session)
 
     def _full_condition(self, condition: torch.Tensor) -> torch.Tensor:
@@ -461,7 +477,15 @@ class TTSStreamer:
         return torch.cat(parts, dim=0)
 
     @torch.inference_mode()
-    def feed(self, condition: torch.Tensor, text_finished: bool) -> Iterator[tuple[torch.Tensor, bool]]:
+    def feed(
+        self,
+        condition: torch.Tensor,
+        text_finished: bool,
+        forced: Sequence[int] | None = None,
+        record_probs: bool = False,
+    ) -> Iterator[tuple[torch.Tensor, bool]]:
+        """Generate for one text chunk. With `forced`, those codes replace the draws (teacher forcing); with
+        `record_probs`, this chunk's sampling distributions are kept in `self.chunk_probs` `[draws, V]`."""
         if self.finished:
             raise RuntimeError("this turn's text is already finished; start a new streamer")
         eos = self.tts.eos_id
@@ -472,7 +496,10 @@ class TTSStreamer:
             max_new=self.max_new,
             history=list(self.turn_codes),
             warp_first=bool(self.turn_codes),
+            forced=None if forced is None else [int(x) for x in forced],
+            record=record_probs,
         )
+        self.chunk_probs = None
         chunk_codes: list[int] = []
         self.finished = text_finished
         try:
@@ -498,6 +525,8 @@ class TTSStreamer:
         finally:
             self._prev_condition = condition
             self._prev_codes = chunk_codes
+            if record_probs and run.probs:
+                self.chunk_probs = torch.stack(run.probs)
 
     def finish(self) -> torch.Tensor:
         """Codes left in the buffer (the official flush after the LLM loop); empties it."""

@@ -72,8 +72,11 @@ class TTSKVCache:
         self.keys[layer][slots, :, positions] = k
         self.values[layer][slots, :, positions] = v
 
-    def read(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `length` positions of each slot: `[B, kv_heads, length, head_dim]` twice."""
+    def read(self, layer: int, slots: torch.Tensor | slice, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `length` positions of each slot: `[B, kv_heads, length, head_dim]` twice.
+
+        A slice of consecutive slots gives views; an index tensor gathers copies.
+        """
         return self.keys[layer][slots, :, :length], self.values[layer][slots, :, :length]
 
 
@@ -170,17 +173,20 @@ class DecoderLayer(nn.Module):
 
 
 class BatchLayout:
-    """Index tensors shared by every layer of one batched forward call."""
+    """Index tensors shared by every layer of one batched forward call (built from host-side ints)."""
 
-    def __init__(self, slots: torch.Tensor, starts: torch.Tensor, valid: torch.Tensor, seq_len: int) -> None:
-        device = slots.device
+    def __init__(self, slots: list[int], starts: list[int], valid: list[int], seq_len: int, device) -> None:
+        slot_t = torch.tensor(slots, dtype=torch.long, device=device)
+        start_t = torch.tensor(starts, dtype=torch.long, device=device)
+        valid_t = torch.tensor(valid, dtype=torch.long, device=device)
         offsets = torch.arange(seq_len, device=device)
-        self.slots = slots
-        self.positions = starts[:, None] + offsets  # [B, S]
-        self.row_mask = offsets[None, :] < valid[:, None]  # [B, S] real tokens
-        self.write_slots = slots[:, None].expand_as(self.positions)[self.row_mask]
+        consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
+        self.slots: torch.Tensor | slice = slice(slots[0], slots[0] + len(slots)) if consecutive else slot_t
+        self.positions = start_t[:, None] + offsets  # [B, S]
+        self.row_mask = offsets[None, :] < valid_t[:, None]  # [B, S] real tokens
+        self.write_slots = slot_t[:, None].expand_as(self.positions)[self.row_mask]
         self.write_positions = self.positions[self.row_mask]
-        self.read_length = int((starts + valid).max())
+        self.read_length = max(a + n for a, n in zip(starts, valid, strict=True))
         keys = torch.arange(self.read_length, device=device)
         # query (b, i) at position starts[b] + i sees keys 0 .. starts[b] + i of its own slot
         self.attn_mask = (keys[None, None, :] <= self.positions[:, :, None])[:, None]  # [B, 1, S, L]
@@ -207,22 +213,28 @@ class LlamaBackbone(nn.Module):
         self,
         embeds: torch.Tensor,
         cache: TTSKVCache,
-        slots: torch.Tensor,
-        starts: torch.Tensor,
-        valid: torch.Tensor,
+        slots: list[int],
+        starts: list[int],
+        valid: list[int],
     ) -> torch.Tensor:
-        """embeds `[B, S, hidden]` -> last hidden states `[B, S, hidden]`, caching the real tokens' keys/values."""
+        """embeds `[B, S, hidden]` -> last hidden states `[B, S, hidden]`, caching the real tokens' keys/values.
+
+        slots/starts/valid are host-side ints, one per row: the row's cache slot, how many positions that slot
+        already holds (the RoPE position of the row's first token) and how many of its S tokens are real.
+        """
         b, s, _ = embeds.shape
-        if not (slots.shape == starts.shape == valid.shape == (b,)):
+        if not (len(slots) == len(starts) == len(valid) == b):
             raise ValueError("slots, starts and valid must each hold one entry per batch row")
-        if int(valid.min()) < 1 or int(valid.max()) > s:
-            raise ValueError(f"valid lengths must lie in [1, {s}], got {valid.tolist()}")
-        needed = int((starts + valid).max())
+        if len(set(slots)) != b:
+            raise ValueError(f"a cache slot appears twice in one batch: {slots}")
+        if min(valid) < 1 or max(valid) > s:
+            raise ValueError(f"valid lengths must lie in [1, {s}], got {valid}")
+        needed = max(a + n for a, n in zip(starts, valid, strict=True))
         if needed > cache.capacity:
             raise CacheFullError(
                 f"TTS cache slot would need {needed} positions, capacity is {cache.capacity}"
             )
-        batch = BatchLayout(slots, starts, valid, s)
+        batch = BatchLayout(slots, starts, valid, s, embeds.device)
         cos, sin = rope_cos_sin(batch.positions, self.head_dim, LLAMA_ROPE_THETA, embeds.dtype)
         x = embeds
         for i, layer in enumerate(self.layers):

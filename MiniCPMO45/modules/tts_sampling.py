@@ -51,10 +51,8 @@ def penalize_repeats(
     recent = [h[-window:] for h in history]
     width = max(len(r) for r in recent)
     # pad with an extra column index `vocab` that is dropped after counting
-    ids = torch.full((b, width), vocab, dtype=torch.long, device=logits.device)
-    for row, codes in enumerate(recent):
-        if codes:
-            ids[row, : len(codes)] = torch.tensor(codes, dtype=torch.long, device=logits.device)
+    padded = [r + [vocab] * (width - len(r)) for r in recent]
+    ids = torch.tensor(padded, dtype=torch.long, device=logits.device)
     counts = torch.zeros(b, vocab + 1, dtype=torch.long, device=logits.device)
     counts.scatter_add_(1, ids, torch.ones_like(ids))
     alpha = torch.pow(penalty, counts[:, :vocab]).to(logits.dtype)
