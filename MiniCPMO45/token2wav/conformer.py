@@ -93,7 +93,11 @@ class RelPositionSelfAttention(nn.Module):
         new_cache = torch.cat([k, v], dim=-1)
         total = k.shape[2]
 
-        p = self.linear_pos(pos_table).view(pos_table.shape[0], -1, self.heads, self.d_k).transpose(1, 2)
+        p = (
+            self.linear_pos(pos_table.to(x.dtype))
+            .view(pos_table.shape[0], -1, self.heads, self.d_k)
+            .transpose(1, 2)
+        )
         content = torch.matmul((q + self.pos_bias_u).transpose(1, 2), k.transpose(-2, -1))  # (b, h, t, L)
         by_distance = torch.matmul((q + self.pos_bias_v).transpose(1, 2), p.transpose(-2, -1))  # (b,h,t,2L-1)
         # Query i sits at absolute position (total - t + i); key j at j. Their distance lives in table
