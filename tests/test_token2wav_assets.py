@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from MiniCPMO45.loader import CheckpointError
 from MiniCPMO45.token2wav import AssetLayoutError, Token2Wav, detect_layout, read_weights
+from MiniCPMO45.token2wav.crossfade_vocoder import CrossfadeVocoder
 from MiniCPMO45.token2wav.hift import SourceNoise
 from MiniCPMO45.token2wav.hparams import (
     HParamsError,
@@ -30,7 +31,7 @@ def test_new_layout(token2wav_fixture_dir: Path, tmp_path: Path) -> None:
     assert layout.tokenizer_onnx is None and layout.speaker_onnx is None
 
 
-def test_old_layout_loads_original_hift_and_refuses_streaming(
+def test_old_layout_loads_original_hift_and_streams_with_crossfade(
     token2wav_fixture_dir: Path, tmp_path: Path
 ) -> None:
     torch.set_num_threads(1)
@@ -42,14 +43,16 @@ def test_old_layout_loads_original_hift_and_refuses_streaming(
     assert detect_layout(folder).kind == "old"
     inputs = np.load(token2wav_fixture_dir / "inputs" / "inputs.npz")
     model = Token2Wav.from_assets(folder, flow_noise=torch.from_numpy(inputs["rand_noise_prefix"]))
-    assert model.layout == "old" and model.streaming is None
+    assert model.layout == "old" and isinstance(model.streaming, CrossfadeVocoder)
     voice = model.prepare_prompt(inputs["prompt_tokens"], inputs["prompt_mel"], inputs["spk_embedding"])
     ns = np.load(token2wav_fixture_dir / "expected" / "nonstream.npz")
     noise = SourceNoise(torch.from_numpy(ns["sinegen_rand_ini"]), torch.from_numpy(ns["sinegen_noise"]))
     wav = model.synthesize(ns["gen_tokens"], voice, source_noise=noise)
     np.testing.assert_allclose(wav, ns["wav"][0], atol=5e-4, rtol=0)
-    with pytest.raises(NotImplementedError, match="'old' layout"):
-        model.start_turn(voice)
+    turn = model.start_turn(voice)
+    pieces = model.push_codes(turn, [int(t) for t in ns["gen_tokens"]], end_of_turn=True)
+    assert [p.shape[0] for p in pieces] == [24000, 24000, 6720]
+    assert not pieces[0][:3840].any() and np.abs(pieces[0][3840:]).max() > 0
 
 
 @pytest.mark.parametrize("remove", ["config.yaml", "hift_original.safetensors"])

@@ -32,8 +32,9 @@ Whole utterance (the official `__call__`; flow over [prompt ; tokens], then the 
 
     wav = model.synthesize(tokens, voice)
 
-Checkpoint layouts: see `assets.detect_layout`. The old layout (hift.pt = original HiFT, no config.yaml)
-loads and synthesizes whole utterances; its streaming variant raises NotImplementedError.
+Checkpoint layouts: see `assets.detect_layout`. The new layout streams with the causal HiFT
+(`streaming_vocoder`); the old one (hift.pt = original HiFT, no config.yaml) streams with the original HiFT,
+an 8-frame mel cache, a 3840-sample source cache and a Hamming cross-fade (`crossfade_vocoder`).
 """
 
 from .assets import AssetLayout, AssetLayoutError, detect_layout, read_weights

@@ -163,14 +163,26 @@ class HiFTGenerator(HiFTBody):
 
     @torch.inference_mode()
     def forward(
-        self, mel: torch.Tensor, noise: SourceNoise | None = None
+        self,
+        mel: torch.Tensor,
+        noise: SourceNoise | None = None,
+        cached_source: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """mel (1, 80, T) -> (waveform (1, T*hop), source (1, 1, T*hop), F0 (1, T))."""
+        """mel (1, 80, T) -> (waveform (1, T*hop), source (1, 1, T*hop), F0 (1, T)).
+
+        `cached_source` (1, 1, n) replaces the first n source samples (used by cross-fade streaming so that
+        overlapping audio is synthesised from the same excitation). Without `noise`, the random numbers
+        are drawn from `generator` (or the global generator).
+        """
         if mel.ndim != 3 or mel.shape[0] != 1 or mel.shape[1] != self.p.in_channels:
             raise ValueError(f"mel must have shape (1, {self.p.in_channels}, T), got {tuple(mel.shape)}")
         f0 = self.f0_predictor(mel)
         if noise is None:
-            noise = SourceNoise.draw(mel.shape[2] * self.hop, self.harmonics)
+            noise = SourceNoise.draw(mel.shape[2] * self.hop, self.harmonics, generator)
         source = self.source(f0, noise)
+        if cached_source is not None and cached_source.shape[2]:
+            source = source.clone()
+            source[:, :, : cached_source.shape[2]] = cached_source
         wav = self.filter(self.conv_pre(mel), self.spectral.analyse(source.squeeze(1)))
         return wav.clamp(-self.p.audio_limit, self.p.audio_limit), source, f0

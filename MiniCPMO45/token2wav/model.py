@@ -17,6 +17,7 @@ from ..loader import CheckpointError, load_weights
 from .assets import AssetLayout, detect_layout, read_weights
 from .causal_hift import CausalHiFTGenerator
 from .cfm import default_noise_table
+from .crossfade_vocoder import CrossfadeState, CrossfadeVocoder
 from .flow import Flow, FlowCache, trim_flow_cache
 from .hift import HiFTGenerator, SourceNoise
 from .hparams import F0PredictorParams, HiFTParams, causal_hift_params_from_yaml, flow_params_from_yaml
@@ -53,7 +54,7 @@ class TurnState:
 
     prompt: PromptCache
     flow_cache: FlowCache
-    vocoder: VocoderState
+    vocoder: VocoderState | CrossfadeState
     rule: WindowRule
     buffer: list[int] = field(default_factory=lambda: list(TURN_PREFIX))
     finished: bool = False
@@ -100,7 +101,7 @@ class Token2Wav:
         self,
         flow: Flow,
         original_hift: HiFTGenerator,
-        streaming: StreamingVocoder | None,
+        streaming: StreamingVocoder | CrossfadeVocoder,
         layout: str,
         n_timesteps: int = 5,
     ) -> None:
@@ -144,7 +145,7 @@ class Token2Wav:
         flow = Flow(params, noise)
         load_weights(flow, read_weights(layout.flow_weights))
 
-        streaming = None
+        streaming: StreamingVocoder | CrossfadeVocoder
         if layout.kind == "new":
             assert layout.config_yaml is not None and layout.hift_original_weights is not None
             original_state = read_weights(layout.hift_original_weights, strip_prefix="generator.")
@@ -162,7 +163,10 @@ class Token2Wav:
             original_state = read_weights(layout.hift_weights, strip_prefix="generator.")
         original = HiFTGenerator(_original_hift_params(original_state))
         load_weights(original, original_state)
-        return cls(flow.to(device).eval(), original.to(device).eval(), streaming, layout.kind, n_timesteps)
+        original = original.to(device).eval()
+        if layout.kind == "old":
+            streaming = CrossfadeVocoder(original)
+        return cls(flow.to(device).eval(), original, streaming, layout.kind, n_timesteps)
 
     # ---- per voice -------------------------------------------------------------------------------
 
@@ -221,13 +225,11 @@ class Token2Wav:
     # ---- streaming -------------------------------------------------------------------------------
 
     def start_turn(self, prompt: PromptCache, rule: WindowRule = "turn") -> TurnState:
-        """A new spoken turn: the prompt's flow caches cloned, fresh vocoder state, 3 silence tokens."""
-        if self.streaming is None:
-            raise NotImplementedError(
-                f"streaming is implemented for the 'new' token2wav layout (config.yaml + causal hift.pt); this "
-                f"checkpoint uses the '{self.layout}' layout (hift.pt is the original HiFT, streamed officially "
-                "with an 8-frame mel cache, a 3840-sample source cache and a Hamming cross-fade)"
-            )
+        """A new spoken turn: the prompt's flow caches cloned, fresh vocoder state, 3 silence tokens.
+
+        New layout: the causal HiFT with bounded history. Old layout: the original HiFT with the 8-frame
+        cross-fade rule (`crossfade_vocoder`).
+        """
         if rule not in ("turn", "duplex"):
             raise ValueError(f"rule must be 'turn' or 'duplex', got {rule!r}")
         return TurnState(prompt, prompt.flow_cache.clone(), self.streaming.new_state(), rule)
@@ -235,8 +237,6 @@ class Token2Wav:
     @torch.inference_mode()
     def stream_window(self, state: TurnState, tokens: Sequence[int], last_chunk: bool) -> np.ndarray:
         """The official `stream()`: one window (new tokens + 3 look-ahead unless last) -> float32 audio."""
-        if self.streaming is None:
-            raise NotImplementedError(f"no streaming vocoder for the '{self.layout}' layout")
         if state.finished:
             raise ValueError("this turn has already been flushed; start a new turn")
         count = len(tokens)
@@ -252,7 +252,7 @@ class Token2Wav:
             )
         else:
             mel = torch.zeros(1, self.flow.p.output_size, 0, device=self.device)
-        wav = self.streaming.stream(state.vocoder, mel, final=last_chunk)
+        wav = self.streaming.stream(state.vocoder, mel, final=last_chunk)  # type: ignore[arg-type]
         if not torch.isfinite(wav).all():
             raise RuntimeError("the streaming vocoder returned non-finite audio")
         state.windows += 1
