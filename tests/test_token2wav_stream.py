@@ -131,3 +131,19 @@ def test_pcm16_roundtrip() -> None:
     out = pcm16_roundtrip(wav)
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out * 32768, [-32767, -32767, -16383, 0, 8191, 32767, 32767])
+
+
+def test_long_turn_stays_bounded(model: Token2Wav, voice: PromptCache) -> None:
+    rng = np.random.default_rng(5)
+    codes = rng.integers(0, 6561, 230).tolist()
+    turn = model.start_turn(voice, rule="duplex")
+    total = 0
+    for start in range(0, len(codes), 25):
+        for piece in model.push_codes(turn, codes[start : start + 25]):
+            total += piece.size
+        # Prompt (50 frames) + 100 frames of history, however long the turn gets.
+        assert turn.flow_cache.estimator_kv.shape[4] <= 150
+        assert turn.flow_cache.conformer_att.shape[3] <= 150
+        assert turn.vocoder.mel.shape[2] <= 55  # type: ignore[union-attr]
+    total += sum(p.size for p in model.push_codes(turn, [], end_of_turn=True))
+    assert total == (3 + 230) * 2 * 480 + 3840

@@ -46,14 +46,15 @@ class FlowSampler(nn.Module):
             raise ValueError("inference_cfg_rate must be > 0")
         self.estimator = estimator
         self.cfg_rate = cfg_rate
-        self.noise = noise
+        # Not part of the checkpoint (the official buffer is non-persistent too), but moves with .to().
+        self.register_buffer("noise", noise, persistent=False)
 
     def _noise(self, offset: int, frames: int, like: torch.Tensor) -> torch.Tensor:
         if offset + frames > self.noise.shape[2]:
             raise ValueError(
                 f"flow noise table has {self.noise.shape[2]} frames, {offset + frames} are needed"
             )
-        return self.noise[:, :, offset : offset + frames].to(like)
+        return self.noise[:, :, offset : offset + frames].to(dtype=like.dtype)
 
     def _guided(self, v: torch.Tensor) -> torch.Tensor:
         cond, uncond = v.chunk(2, dim=0)

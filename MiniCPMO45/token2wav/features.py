@@ -74,23 +74,26 @@ def _kaldi_mel(hz: np.ndarray | float) -> np.ndarray:
 @lru_cache(maxsize=8)
 def kaldi_mel_banks(
     num_bins: int, padded_window: int, sample_rate: int, low_hz: float, high_hz: float
-) -> np.ndarray:
-    """Kaldi's triangular mel banks on the 1127*ln(1+f/700) scale: (num_bins, padded_window//2 + 1)."""
+) -> torch.Tensor:
+    """Kaldi's triangular mel banks on the 1127*ln(1+f/700) scale: (num_bins, padded_window//2 + 1).
+
+    Evaluated in float32 like the torch port of Kaldi's fbank; the Nyquist column is zero.
+    """
     nyquist = sample_rate / 2
     if high_hz <= 0:
         high_hz += nyquist
     n_bins = padded_window // 2
     bin_width = sample_rate / padded_window
-    lo, hi = _kaldi_mel(low_hz), _kaldi_mel(high_hz)
+    lo = 1127.0 * math.log(1.0 + low_hz / 700.0)
+    hi = 1127.0 * math.log(1.0 + high_hz / 700.0)
     delta = (hi - lo) / (num_bins + 1)
-    mel = _kaldi_mel(bin_width * np.arange(n_bins))
-    banks = np.zeros((num_bins, n_bins + 1))
-    for b in range(num_bins):
-        left, centre, right = lo + b * delta, lo + (b + 1) * delta, lo + (b + 2) * delta
-        up = (mel - left) / (centre - left)
-        down = (right - mel) / (right - centre)
-        banks[b, :n_bins] = np.maximum(0.0, np.minimum(up, down))
-    return banks.astype(np.float32)
+    band = torch.arange(num_bins).unsqueeze(1)
+    left, centre, right = lo + band * delta, lo + (band + 1) * delta, lo + (band + 2) * delta
+    mel = (1127.0 * (1.0 + bin_width * torch.arange(n_bins) / 700.0).log()).unsqueeze(0)
+    up = (mel - left) / (centre - left)
+    down = (right - mel) / (right - centre)
+    banks = torch.clamp(torch.minimum(up, down), min=0.0)
+    return F.pad(banks, (0, 1))
 
 
 # ---- features -----------------------------------------------------------------------------------
@@ -151,12 +154,12 @@ def kaldi_fbank(
     frames = frames - frames.mean(dim=1, keepdim=True)
     previous = torch.cat([frames[:, :1], frames[:, :-1]], dim=1)
     frames = frames - preemphasis * previous
-    povey = torch.hann_window(length, periodic=False, dtype=torch.float64).pow(0.85).float()
+    povey = torch.hann_window(length, periodic=False).pow(0.85)
     frames = frames * povey
     padded = 1 << (length - 1).bit_length()
     frames = F.pad(frames, (0, padded - length))
     power = torch.fft.rfft(frames).abs().pow(2.0)
-    banks = torch.from_numpy(kaldi_mel_banks(num_mel_bins, padded, sample_rate, low_hz, high_hz))
+    banks = kaldi_mel_banks(num_mel_bins, padded, sample_rate, low_hz, high_hz).to(power.device)
     energies = power @ banks.T
     return torch.clamp(energies, min=torch.finfo(torch.float32).eps).log()
 
