@@ -22,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from .assets import AssetLayout
 from .features import flow_prompt_mel, kaldi_fbank, read_wav, resample, s3_log_mel
 from .model import fit_prompt_mel
 
@@ -82,6 +83,15 @@ class PromptFrontend:
         self.speaker = SpeakerEncoder(Path(speaker_onnx))
         self.cache_size = cache_size
         self._cache: OrderedDict[str, PromptFeatures] = OrderedDict()
+
+    @classmethod
+    def from_layout(cls, layout: AssetLayout, cache_size: int = 16) -> PromptFrontend:
+        if layout.tokenizer_onnx is None or layout.speaker_onnx is None:
+            raise FileNotFoundError(
+                f"{layout.folder} lacks speech_tokenizer_v2_25hz.onnx and/or campplus.onnx, "
+                "which a new reference voice needs"
+            )
+        return cls(layout.tokenizer_onnx, layout.speaker_onnx, cache_size)
 
     def features(self, channels: np.ndarray, sample_rate: int) -> PromptFeatures:
         """(channels, n) float32 audio -> prompt features (no caching)."""
