@@ -1,0 +1,243 @@
+"""The flow-matching estimator: a DiT over mel frames with adaLN-zero conditioning on the ODE time.
+
+Input per frame: [x ; mu ; speaker ; cond] (4 x 80 = 320 channels) -> in_proj -> `depth` blocks -> final
+adaLN layer -> 80 channels. Each block modulates three branches (attention with q/k LayerNorm, a causal
+conv block, a tanh-GELU MLP) with shift/scale/gate vectors predicted from the time embedding.
+
+Streaming (`forward_chunk`) keeps per block a conv cache (b, 2*hidden, 2) (the last two inputs of both
+causal convs) and a KV cache (b, heads, t, 2*head_dim). New keys are placed *before* the cached ones (the
+official layout; attention has no positions or mask, so the order only matters for cache trimming).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .hparams import DiTParams
+
+TIME_SCALE = 1000.0
+TIME_FREQ_DIM = 256
+
+
+def timestep_features(t: torch.Tensor, dim: int = TIME_FREQ_DIM, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of (already scaled) times t (n,) -> (n, dim): [cos | sin]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t)
+    args = t[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimeEmbedding(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(TIME_FREQ_DIM, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_features(t * TIME_SCALE))
+
+
+class QKNormAttention(nn.Module):
+    def __init__(self, hidden: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.head_dim = head_dim
+        inner = heads * head_dim
+        self.to_q = nn.Linear(hidden, inner)
+        self.to_k = nn.Linear(hidden, inner)
+        self.to_v = nn.Linear(hidden, inner)
+        self.q_norm = nn.LayerNorm(head_dim)
+        self.k_norm = nn.LayerNorm(head_dim)
+        self.proj = nn.Linear(inner, hidden)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self, x: torch.Tensor, cache: torch.Tensor | None = None, key_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (b, t, hidden); cache (b, h, t_cache, 2*head_dim); key_mask (b, t) bool for the no-cache path."""
+        b, t, _ = x.shape
+        q = self.q_norm(self._heads(self.to_q(x)))
+        k = self.k_norm(self._heads(self.to_k(x)))
+        v = self._heads(self.to_v(x))
+        if cache is not None:
+            k = torch.cat([k, cache[..., : self.head_dim]], dim=2)
+            v = torch.cat([v, cache[..., self.head_dim :]], dim=2)
+        new_cache = torch.cat([k, v], dim=3)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(b, t, -1)), new_cache
+
+
+class CausalConvBlock(nn.Module):
+    """conv(k=3, left-causal) -> LayerNorm -> Mish -> conv(k=3, left-causal), over (b, t, c).
+
+    The module keys (`block.1`, `block.3`, `block.6`) are those of the official checkpoint.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.channels = channels
+        self.context = kernel_size - 1
+        self.block = nn.ModuleDict(
+            {
+                "1": nn.Conv1d(channels, channels, kernel_size),
+                "3": nn.LayerNorm(channels),
+                "6": nn.Conv1d(channels, channels, kernel_size),
+            }
+        )
+
+    def _conv(
+        self, name: str, x: torch.Tensor, cache: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if cache is None:
+            cache = x.new_zeros(x.shape[0], x.shape[1], self.context)
+        x = torch.cat([cache, x], dim=2)
+        return self.block[name](x), x[..., x.shape[2] - self.context :]
+
+    def forward(
+        self, x: torch.Tensor, cache: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (b, t, c); cache (b, 2c, k-1) holds both convs' left context. Returns (y, new cache)."""
+        first = second = None
+        if cache is not None:
+            first, second = cache[:, : self.channels], cache[:, self.channels :]
+        h, new_first = self._conv("1", x.transpose(1, 2), first)
+        h = F.mish(self.block["3"](h.transpose(1, 2)))
+        h, new_second = self._conv("6", h.transpose(1, 2), second)
+        return h.transpose(1, 2), torch.cat([new_first, new_second], dim=1)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inner: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, inner)
+        self.fc2 = nn.Linear(inner, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, hidden: int, heads: int, head_dim: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.norm3 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.attn = QKNormAttention(hidden, heads, head_dim)
+        self.conv = CausalConvBlock(hidden)
+        self.mlp = MLP(hidden, int(hidden * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 9 * hidden))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        conv_cache: torch.Tensor | None = None,
+        kv_cache: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        (
+            shift_attn,
+            scale_attn,
+            gate_attn,
+            shift_mlp,
+            scale_mlp,
+            gate_mlp,
+            shift_conv,
+            scale_conv,
+            gate_conv,
+        ) = self.adaLN_modulation(c).chunk(9, dim=-1)
+        h, new_kv = self.attn(_modulate(self.norm1(x), shift_attn, scale_attn), kv_cache, key_mask)
+        x = x + gate_attn * h
+        h, new_conv = self.conv(_modulate(self.norm3(x), shift_conv, scale_conv), conv_cache)
+        x = x + gate_conv * h
+        x = x + gate_mlp * self.mlp(_modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x, new_conv, new_kv
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.linear = nn.Linear(hidden, out_channels)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(_modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    def __init__(self, p: DiTParams) -> None:
+        super().__init__()
+        self.p = p
+        self.t_embedder = TimeEmbedding(p.hidden_size)
+        self.in_proj = nn.Linear(p.in_channels, p.hidden_size)
+        self.blocks = nn.ModuleList(
+            DiTBlock(p.hidden_size, p.num_heads, p.head_dim, p.mlp_ratio) for _ in range(p.depth)
+        )
+        self.final_layer = FinalLayer(p.hidden_size, p.out_channels)
+
+    def _inputs(
+        self, x: torch.Tensor, mu: torch.Tensor, t: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        frames = x.shape[2]
+        stacked = torch.cat([x, mu, spks[:, :, None].expand(-1, -1, frames), cond], dim=1)
+        if stacked.shape[1] != self.p.in_channels:
+            raise ValueError(f"estimator expects {self.p.in_channels} input channels, got {stacked.shape[1]}")
+        return self.in_proj(stacked.transpose(1, 2)), self.t_embedder(t).unsqueeze(1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        mu: torch.Tensor,
+        t: torch.Tensor,
+        spks: torch.Tensor,
+        cond: torch.Tensor,
+    ) -> torch.Tensor:
+        """Whole sequence. x, mu, cond (b, 80, T); mask (b, 1, T); t (b,); spks (b, 80) -> (b, 80, T)."""
+        h, c = self._inputs(x, mu, t, spks, cond)
+        key_mask = mask[:, 0].bool()
+        for block in self.blocks:
+            h, _, _ = block(h, c, key_mask=key_mask)
+        return self.final_layer(h, c).transpose(1, 2)
+
+    def forward_chunk(
+        self,
+        x: torch.Tensor,
+        mu: torch.Tensor,
+        t: torch.Tensor,
+        spks: torch.Tensor,
+        cond: torch.Tensor,
+        conv_cache: torch.Tensor | None,
+        kv_cache: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Streaming chunk with full attention over cache + chunk.
+
+        conv_cache (depth, b, 2*hidden, 2); kv_cache (depth, b, heads, t_cache, 2*head_dim).
+        Returns (out (b, 80, T), new conv cache, new kv cache) as fresh tensors.
+        """
+        h, c = self._inputs(x, mu, t, spks, cond)
+        new_conv, new_kv = [], []
+        for idx, block in enumerate(self.blocks):
+            h, conv, kv = block(
+                h,
+                c,
+                None if conv_cache is None else conv_cache[idx],
+                None if kv_cache is None else kv_cache[idx],
+            )
+            new_conv.append(conv)
+            new_kv.append(kv)
+        out = self.final_layer(h, c).transpose(1, 2)
+        return out, torch.stack(new_conv, dim=0), torch.stack(new_kv, dim=0)

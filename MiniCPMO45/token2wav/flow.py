@@ -1,0 +1,163 @@
+"""Speech tokens -> 80-bin log-mel at 50 Hz (the official CausalMaskedDiffWithXvec, our code).
+
+token embedding -> UpsampleConformerEncoder (2 frames per token) -> linear to 80 = `mu` -> flow matching
+(DiT estimator) conditioned on mu, the projected speaker vector and the prompt mel (`cond`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cfm import FlowSampler, StepHook
+from .conformer import UpsampleConformerEncoder
+from .dit import DiT
+from .hparams import FlowParams
+
+
+@dataclass
+class FlowCache:
+    """Streaming state of the flow: every tensor is owned (never a view of a shared scratch buffer)."""
+
+    conformer_cnn: torch.Tensor  # (1, d, 2 + 2*stride)
+    conformer_att: torch.Tensor  # (low + up layers, 1, heads, 2*t_tokens, 2*d_k), token rate tiled x2
+    estimator_conv: torch.Tensor  # (steps, depth, 2, 2*hidden, 2)
+    estimator_kv: torch.Tensor  # (steps, depth, 2, heads, t_frames, 2*head_dim)
+
+    def clone(self) -> FlowCache:
+        return FlowCache(
+            self.conformer_cnn.clone(),
+            self.conformer_att.clone(),
+            self.estimator_conv.clone(),
+            self.estimator_kv.clone(),
+        )
+
+
+class Flow(nn.Module):
+    def __init__(self, p: FlowParams, noise: torch.Tensor) -> None:
+        super().__init__()
+        if p.output_type != "mel":
+            raise ValueError(f"only output_type 'mel' is implemented, got {p.output_type!r}")
+        if p.encoder.input_size != p.input_size:
+            raise ValueError("flow.input_size must equal encoder.input_size")
+        self.p = p
+        self.input_embedding = nn.Embedding(p.vocab_size, p.input_size)
+        self.spk_embed_affine_layer = nn.Linear(p.spk_embed_dim, p.output_size)
+        self.encoder = UpsampleConformerEncoder(p.encoder)
+        self.encoder_proj = nn.Linear(p.encoder.output_size, p.output_size)
+        self.decoder = FlowSampler(DiT(p.estimator), p.inference_cfg_rate, noise)
+
+    @property
+    def lookahead(self) -> int:
+        return self.encoder.lookahead
+
+    @property
+    def up_rate(self) -> int:
+        return self.encoder.up_rate
+
+    def _speaker(self, spk: torch.Tensor) -> torch.Tensor:
+        return self.spk_embed_affine_layer(F.normalize(spk, dim=1))
+
+    def _check_tokens(self, tokens: torch.Tensor) -> None:
+        if tokens.ndim != 2 or tokens.shape[0] != 1:
+            raise ValueError(f"tokens must have shape (1, n), got {tuple(tokens.shape)}")
+        if tokens.numel() and int(tokens.max()) >= self.p.vocab_size:
+            raise ValueError(f"token id {int(tokens.max())} is outside the vocabulary of {self.p.vocab_size}")
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Whole utterance: tokens (1, n) -> mu (1, 2n, 80), frame-major (the fixture's `mu`)."""
+        self._check_tokens(tokens)
+        h = self.encoder(self.input_embedding(tokens.clamp(min=0)))
+        return self.encoder_proj(h)
+
+    @torch.inference_mode()
+    def inference(
+        self,
+        tokens: torch.Tensor,
+        prompt_tokens: torch.Tensor,
+        prompt_mel: torch.Tensor,
+        spk: torch.Tensor,
+        n_steps: int,
+        on_step: StepHook | None = None,
+    ) -> torch.Tensor:
+        """Whole utterance: mel (1, 80, 2*n) of `tokens`, spoken in the voice of the prompt.
+
+        prompt_mel (1, 2*n_prompt, 80); spk (1, 192).
+        """
+        mu = self.encode(torch.cat([prompt_tokens, tokens], dim=1))
+        n_prompt = prompt_mel.shape[1]
+        cond = torch.zeros_like(mu)
+        cond[:, :n_prompt] = prompt_mel
+        mask = torch.ones(1, 1, mu.shape[1], dtype=mu.dtype, device=mu.device)
+        mel = self.decoder.sample(
+            mu.transpose(1, 2), mask, self._speaker(spk), cond.transpose(1, 2), n_steps, on_step
+        )
+        return mel[:, :, n_prompt:]
+
+    @torch.inference_mode()
+    def setup_cache(
+        self, tokens_with_lookahead: torch.Tensor, prompt_mel: torch.Tensor, spk: torch.Tensor, n_steps: int
+    ) -> FlowCache:
+        """Run the prompt through the streaming path; tokens carry `lookahead` extra tokens at the end."""
+        self._check_tokens(tokens_with_lookahead)
+        frames = (tokens_with_lookahead.shape[1] - self.lookahead) * self.up_rate
+        if frames != prompt_mel.shape[1]:
+            raise ValueError(
+                f"prompt mel has {prompt_mel.shape[1]} frames; {frames} are needed for "
+                f"{tokens_with_lookahead.shape[1]} tokens including {self.lookahead} lookahead"
+            )
+        h, cnn, att = self.encoder.forward_chunk(
+            self.input_embedding(tokens_with_lookahead), False, None, None
+        )
+        mu = self.encoder_proj(h).transpose(1, 2)
+        _, conv, kv = self.decoder.sample_chunk(
+            mu, self._speaker(spk), prompt_mel.transpose(1, 2), n_steps, None, None
+        )
+        return FlowCache(cnn, att, conv, kv)
+
+    @torch.inference_mode()
+    def inference_chunk(
+        self, tokens: torch.Tensor, spk: torch.Tensor, cache: FlowCache, last_chunk: bool, n_steps: int
+    ) -> tuple[torch.Tensor, FlowCache]:
+        """One streaming window -> (mel (1, 80, frames), new cache). The input cache is not modified."""
+        self._check_tokens(tokens)
+        h, cnn, att = self.encoder.forward_chunk(
+            self.input_embedding(tokens), last_chunk, cache.conformer_cnn, cache.conformer_att
+        )
+        mu = self.encoder_proj(h).transpose(1, 2)
+        mel, conv, kv = self.decoder.sample_chunk(
+            mu, self._speaker(spk), torch.zeros_like(mu), n_steps, cache.estimator_conv, cache.estimator_kv
+        )
+        return mel, FlowCache(cnn, att, conv, kv)
+
+
+def trim_flow_cache(cache: FlowCache, prompt_frames: int, history_frames: int, low_layers: int) -> FlowCache:
+    """Bound the attention caches to the prompt plus the most recent `history_frames` mel frames.
+
+    Follows the official cut exactly, including its choice of "first prompt_frames" and "last history"
+    slices along the stored order (the estimator stores the newest chunk first, so this keeps a mix).
+    The conformer's token-rate half is cut at half the mel-rate sizes and tiled x2 again.
+    """
+    limit = prompt_frames + history_frames
+    kv = cache.estimator_kv
+    if kv.shape[4] > limit:
+        kv = torch.cat(
+            [kv[:, :, :, :, :prompt_frames], kv[:, :, :, :, kv.shape[4] - history_frames :]], dim=4
+        )
+    att = cache.conformer_att
+    if att.shape[3] > limit:
+        token_part = att[:low_layers, :, :, : att.shape[3] // 2]
+        n = token_part.shape[3]
+        token_part = torch.cat(
+            [token_part[:, :, :, : prompt_frames // 2], token_part[:, :, :, n - history_frames // 2 :]], dim=3
+        )
+        mel_part = att[low_layers:]
+        mel_part = torch.cat(
+            [mel_part[:, :, :, :prompt_frames], mel_part[:, :, :, mel_part.shape[3] - history_frames :]],
+            dim=3,
+        )
+        att = torch.cat([token_part.repeat(1, 1, 1, 2, 1), mel_part], dim=0)
+    return FlowCache(cache.conformer_cnn, att, cache.estimator_conv, kv)

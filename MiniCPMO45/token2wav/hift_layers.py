@@ -1,0 +1,145 @@
+"""Building blocks shared by both HiFT vocoders: padded/causal convolutions, Snake, residual blocks, STFT."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+
+def centered_padding(kernel_size: int, dilation: int = 1) -> int:
+    return (kernel_size * dilation - dilation) // 2
+
+
+class CausalConv1d(nn.Conv1d):
+    """Stride-1 conv that only sees one side: `left` (past) or `right` (future) context.
+
+    The context length is the total padding a centred conv of this kernel/dilation would use (plus one
+    for even kernels). `forward(x, context)` uses the given context frames instead of zeros, so a
+    right-sided conv can be fed real look-ahead frames.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1, side: str = "left"
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, dilation=dilation)
+        if side not in ("left", "right"):
+            raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+        self.side = side
+        self.context = 2 * centered_padding(kernel_size, dilation) + (kernel_size + 1) % 2
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if context is None:
+            context = x.new_zeros(x.shape[0], x.shape[1], self.context)
+        if context.shape[2] != self.context:
+            raise ValueError(f"expected {self.context} context frames, got {context.shape[2]}")
+        x = torch.cat([context, x] if self.side == "left" else [x, context], dim=2)
+        return super().forward(x)
+
+
+class CausalDownsampleConv1d(nn.Conv1d):
+    """Strided conv (kernel 2*stride) with stride-1 zero frames on the left."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__(in_channels, out_channels, 2 * stride, stride=stride)
+        self.left = stride - 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.pad(x, (self.left, 0)))
+
+
+class CausalUpsampleConv1d(nn.Conv1d):
+    """Nearest upsampling by `stride`, then a left-causal conv keeping the length."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int) -> None:
+        super().__init__(in_channels, out_channels, kernel_size)
+        self.stride_up = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.repeat_interleave(x, self.stride_up, dim=2)
+        return super().forward(F.pad(x, (self.kernel_size[0] - 1, 0)))
+
+
+class Snake(nn.Module):
+    """x + sin^2(alpha * x) / alpha, one alpha per channel."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        alpha = self.alpha[None, :, None]
+        return x + (1.0 / (alpha + 1e-9)) * torch.sin(x * alpha).pow(2)
+
+
+class ResBlock(nn.Module):
+    """Three Snake -> dilated conv -> Snake -> conv residual units (centred or left-causal convs)."""
+
+    def __init__(self, channels: int, kernel_size: int, dilations: tuple[int, ...], causal: bool) -> None:
+        super().__init__()
+
+        def conv(dilation: int) -> nn.Conv1d:
+            if causal:
+                layer: nn.Conv1d = CausalConv1d(channels, channels, kernel_size, dilation, side="left")
+            else:
+                layer = nn.Conv1d(
+                    channels,
+                    channels,
+                    kernel_size,
+                    dilation=dilation,
+                    padding=centered_padding(kernel_size, dilation),
+                )
+            return weight_norm(layer)
+
+        self.convs1 = nn.ModuleList(conv(d) for d in dilations)
+        self.convs2 = nn.ModuleList(conv(1) for _ in dilations)
+        self.activations1 = nn.ModuleList(Snake(channels) for _ in dilations)
+        self.activations2 = nn.ModuleList(Snake(channels) for _ in dilations)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for c1, c2, a1, a2 in zip(
+            self.convs1, self.convs2, self.activations1, self.activations2, strict=True
+        ):
+            x = x + c2(a2(c1(a1(x))))
+        return x
+
+    def causal_history(self) -> int:
+        """Past samples one output depends on (causal blocks only)."""
+        return sum(c.context for c in (*self.convs1, *self.convs2))  # type: ignore[union-attr]
+
+
+def hann_window(n_fft: int) -> torch.Tensor:
+    """Periodic Hann window, computed in float64 then rounded (as scipy's get_window does)."""
+    return torch.hann_window(n_fft, periodic=True, dtype=torch.float64).float()
+
+
+class SpectralPair(nn.Module):
+    """The tiny STFT/ISTFT pair of ISTFTNet (centred, Hann, n_fft 16, hop 4 in the real config)."""
+
+    def __init__(self, n_fft: int, hop: int) -> None:
+        super().__init__()
+        self.n_fft = n_fft
+        self.hop = hop
+        self.register_buffer("window", hann_window(n_fft), persistent=False)
+
+    def analyse(self, signal: torch.Tensor) -> torch.Tensor:
+        """signal (b, n) -> (b, 2*(n_fft//2+1), frames): real parts then imaginary parts."""
+        spec = torch.stft(signal, self.n_fft, self.hop, self.n_fft, window=self.window, return_complex=True)
+        return torch.cat([spec.real, spec.imag], dim=1)
+
+    def synthesise(self, magnitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+        magnitude = magnitude.clamp(max=1e2)
+        spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
+        return torch.istft(spec, self.n_fft, self.hop, self.n_fft, window=self.window)
+
+
+def upsample_plan(upsample_rates: tuple[int, ...]) -> list[int]:
+    """Per upsampling stage, how many source-STFT frames fold into one frame of that stage."""
+    rates = [1, *reversed(upsample_rates)][: len(upsample_rates)]
+    cumulative = []
+    total = 1
+    for r in rates:
+        total *= r
+        cumulative.append(total)
+    return list(reversed(cumulative))

@@ -1,0 +1,298 @@
+"""`Token2Wav`: the loaded vocoder (shared, read-only) and its per-voice / per-turn state objects.
+
+See the package docstring (`MiniCPMO45/token2wav/__init__.py`) for the call protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ..loader import CheckpointError, load_weights
+from .assets import AssetLayout, detect_layout, read_weights
+from .causal_hift import CausalHiFTGenerator
+from .cfm import default_noise_table
+from .crossfade_vocoder import CrossfadeState, CrossfadeVocoder
+from .flow import Flow, FlowCache, trim_flow_cache
+from .hift import HiFTGenerator, SourceNoise
+from .hparams import F0PredictorParams, HiFTParams, causal_hift_params_from_yaml, flow_params_from_yaml
+from .streaming_vocoder import StreamingVocoder, VocoderState, default_source_noise_table
+
+SAMPLE_RATE = 24000
+SILENCE_TOKEN = 4218
+TURN_PREFIX = (SILENCE_TOKEN,) * 3
+WINDOW_TOKENS = 28  # 25 new tokens + 3 look-ahead
+WINDOW_ADVANCE = 25
+DUPLEX_MIN_TOKENS = 8
+HISTORY_FRAMES = 100  # flow attention history kept beyond the prompt (mel frames)
+
+WindowRule = Literal["turn", "duplex"]
+
+
+@dataclass
+class PromptCache:
+    """Everything derived from one reference voice; build once with `prepare_prompt`, share read-only."""
+
+    prompt_tokens: torch.Tensor  # (1, n) long
+    prompt_mel: torch.Tensor  # (1, 2n, 80)
+    spk_embedding: torch.Tensor  # (1, 192)
+    flow_cache: FlowCache  # after running the prompt (+ 3 look-ahead tokens) through the streaming flow
+
+    @property
+    def prompt_frames(self) -> int:
+        return self.prompt_mel.shape[1]
+
+
+@dataclass
+class TurnState:
+    """One spoken turn: token buffer, flow caches and vocoder state (owned, never shared)."""
+
+    prompt: PromptCache
+    flow_cache: FlowCache
+    vocoder: VocoderState | CrossfadeState
+    rule: WindowRule
+    buffer: list[int] = field(default_factory=lambda: list(TURN_PREFIX))
+    finished: bool = False
+    windows: int = 0
+
+
+def fit_prompt_mel(prompt_mel: torch.Tensor, frames: int) -> torch.Tensor:
+    """Trim, or pad by repeating the last frame, a (1, t, 80) mel to `frames` frames."""
+    have = prompt_mel.shape[1]
+    if have >= frames:
+        return prompt_mel[:, :frames]
+    if have == 0:
+        raise ValueError("prompt mel is empty")
+    tail = prompt_mel[:, -1:].expand(-1, frames - have, -1)
+    return torch.cat([prompt_mel, tail], dim=1)
+
+
+def pcm16_roundtrip(wav: np.ndarray) -> np.ndarray:
+    """The duplex path's int16 trip: clip to [-1, 1], x32767 to int16 (truncating), back by /32768."""
+    pcm = (np.clip(wav, -1.0, 1.0) * 32767.0).astype(np.int16)
+    return pcm.astype(np.float32) / 32768.0
+
+
+def _original_hift_params(state: dict[str, torch.Tensor]) -> HiFTParams:
+    """Class defaults (the real sizes), with widths read from the weights so tiny checkpoints load too."""
+    try:
+        pre = state["conv_pre.parametrizations.weight.original1"]
+        classifier = state["f0_predictor.classifier.weight"]
+    except KeyError as exc:
+        raise CheckpointError(f"original HiFT weights lack {exc}") from exc
+    return HiFTParams(
+        in_channels=pre.shape[1],
+        base_channels=pre.shape[0],
+        f0_predictor=F0PredictorParams(
+            num_class=classifier.shape[0], in_channels=pre.shape[1], cond_channels=classifier.shape[1]
+        ),
+    )
+
+
+class Token2Wav:
+    """Speech tokens (25 Hz, ids 0..6560) -> 24 kHz float32 audio. Holds weights only; no session state."""
+
+    def __init__(
+        self,
+        flow: Flow,
+        original_hift: HiFTGenerator,
+        streaming: StreamingVocoder | CrossfadeVocoder,
+        layout: str,
+        n_timesteps: int = 5,
+    ) -> None:
+        if n_timesteps <= 0:
+            raise ValueError("n_timesteps must be positive")
+        self.flow = flow
+        self.original_hift = original_hift
+        self.streaming = streaming
+        self.layout = layout
+        self.n_timesteps = n_timesteps
+        self.sample_rate = SAMPLE_RATE
+
+    @property
+    def device(self) -> torch.device:
+        return self.flow.input_embedding.weight.device
+
+    @classmethod
+    def from_assets(
+        cls,
+        folder: str | Path,
+        n_timesteps: int = 5,
+        device: str | torch.device = "cpu",
+        flow_noise: torch.Tensor | None = None,
+        source_noise_table: torch.Tensor | None = None,
+    ) -> Token2Wav:
+        """Load `assets/token2wav/` (either layout). The noise tables default to fixed-seed draws."""
+        layout = detect_layout(folder)
+        return cls.from_layout(layout, n_timesteps, device, flow_noise, source_noise_table)
+
+    @classmethod
+    def from_layout(
+        cls,
+        layout: AssetLayout,
+        n_timesteps: int = 5,
+        device: str | torch.device = "cpu",
+        flow_noise: torch.Tensor | None = None,
+        source_noise_table: torch.Tensor | None = None,
+    ) -> Token2Wav:
+        params = flow_params_from_yaml(layout.flow_yaml)
+        noise = flow_noise if flow_noise is not None else default_noise_table(params.output_size)
+        flow = Flow(params, noise)
+        load_weights(flow, read_weights(layout.flow_weights))
+
+        streaming: StreamingVocoder | CrossfadeVocoder
+        if layout.kind == "new":
+            assert layout.config_yaml is not None and layout.hift_original_weights is not None
+            original_state = read_weights(layout.hift_original_weights, strip_prefix="generator.")
+            causal_params, _ = causal_hift_params_from_yaml(layout.config_yaml)
+            causal = CausalHiFTGenerator(causal_params)
+            load_weights(causal, read_weights(layout.hift_weights))
+            causal = causal.to(device).eval()
+            table = (
+                source_noise_table
+                if source_noise_table is not None
+                else default_source_noise_table(causal.harmonics, causal_params.sampling_rate)
+            )
+            streaming = StreamingVocoder(causal, table.to(device))
+        else:
+            original_state = read_weights(layout.hift_weights, strip_prefix="generator.")
+        original = HiFTGenerator(_original_hift_params(original_state))
+        load_weights(original, original_state)
+        original = original.to(device).eval()
+        if layout.kind == "old":
+            streaming = CrossfadeVocoder(original)
+        return cls(flow.to(device).eval(), original, streaming, layout.kind, n_timesteps)
+
+    # ---- per voice -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prepare_prompt(
+        self,
+        prompt_tokens: Sequence[int] | np.ndarray | torch.Tensor,
+        prompt_mel: np.ndarray | torch.Tensor,
+        spk_embedding: np.ndarray | torch.Tensor,
+    ) -> PromptCache:
+        """Run the voice prompt through the streaming flow once (prompt tokens + their first 3 as look-ahead).
+
+        prompt_mel (1, t, 80) or (t, 80) is fitted to 2 frames per prompt token; spk_embedding (1, 192).
+        """
+        tokens = torch.as_tensor(np.asarray(prompt_tokens), dtype=torch.long, device=self.device).reshape(
+            1, -1
+        )
+        lookahead = self.flow.lookahead
+        if tokens.shape[1] < lookahead:
+            raise ValueError(f"a voice prompt needs at least {lookahead} tokens, got {tokens.shape[1]}")
+        mel = torch.as_tensor(np.asarray(prompt_mel), dtype=torch.float32, device=self.device)
+        if mel.ndim == 2:
+            mel = mel[None]
+        if mel.ndim != 3 or mel.shape[0] != 1 or mel.shape[2] != self.flow.p.output_size:
+            raise ValueError(
+                f"prompt mel must have shape (1, t, {self.flow.p.output_size}), got {tuple(mel.shape)}"
+            )
+        mel = fit_prompt_mel(mel, tokens.shape[1] * self.flow.up_rate)
+        spk = torch.as_tensor(np.asarray(spk_embedding), dtype=torch.float32, device=self.device).reshape(
+            1, -1
+        )
+        if spk.shape[1] != self.flow.p.spk_embed_dim:
+            raise ValueError(
+                f"speaker embedding must have {self.flow.p.spk_embed_dim} values, got {spk.shape[1]}"
+            )
+        with_lookahead = torch.cat([tokens, tokens[:, :lookahead]], dim=1)
+        cache = self.flow.setup_cache(with_lookahead, mel, spk, self.n_timesteps)
+        return PromptCache(tokens, mel, spk, cache)
+
+    # ---- whole utterance -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def synthesize(
+        self, tokens: Sequence[int] | np.ndarray, prompt: PromptCache, source_noise: SourceNoise | None = None
+    ) -> np.ndarray:
+        """The official `__call__`: flow over [prompt ; tokens], then the original HiFT. float32 (n*960,)."""
+        gen = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=self.device).reshape(1, -1)
+        if gen.shape[1] == 0:
+            raise ValueError("whole-utterance synthesis needs at least one speech token")
+        mel = self.flow.inference(
+            gen, prompt.prompt_tokens, prompt.prompt_mel, prompt.spk_embedding, self.n_timesteps
+        )
+        wav, _, _ = self.original_hift(mel.float(), source_noise)
+        return wav[0].float().cpu().numpy()
+
+    # ---- streaming -------------------------------------------------------------------------------
+
+    def start_turn(self, prompt: PromptCache, rule: WindowRule = "turn") -> TurnState:
+        """A new spoken turn: the prompt's flow caches cloned, fresh vocoder state, 3 silence tokens.
+
+        New layout: the causal HiFT with bounded history. Old layout: the original HiFT with the 8-frame
+        cross-fade rule (`crossfade_vocoder`).
+        """
+        if rule not in ("turn", "duplex"):
+            raise ValueError(f"rule must be 'turn' or 'duplex', got {rule!r}")
+        return TurnState(prompt, prompt.flow_cache.clone(), self.streaming.new_state(), rule)
+
+    @torch.inference_mode()
+    def stream_window(self, state: TurnState, tokens: Sequence[int], last_chunk: bool) -> np.ndarray:
+        """The official `stream()`: one window (new tokens + 3 look-ahead unless last) -> float32 audio."""
+        if state.finished:
+            raise ValueError("this turn has already been flushed; start a new turn")
+        count = len(tokens)
+        if not last_chunk and count <= self.flow.lookahead:
+            raise ValueError(f"a non-final window needs more than {self.flow.lookahead} tokens, got {count}")
+        if count:
+            ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=self.device).reshape(1, -1)
+            mel, cache = self.flow.inference_chunk(
+                ids, state.prompt.spk_embedding, state.flow_cache, last_chunk, self.n_timesteps
+            )
+            state.flow_cache = trim_flow_cache(
+                cache, state.prompt.prompt_frames, HISTORY_FRAMES, len(self.flow.encoder.encoders)
+            )
+        else:
+            mel = torch.zeros(1, self.flow.p.output_size, 0, device=self.device)
+        wav = self.streaming.stream(state.vocoder, mel, final=last_chunk)  # type: ignore[arg-type]
+        if not torch.isfinite(wav).all():
+            raise RuntimeError("the streaming vocoder returned non-finite audio")
+        state.windows += 1
+        if last_chunk:
+            state.finished = True
+        return wav[0].float().cpu().numpy()
+
+    def iter_push_codes(
+        self, state: TurnState, codes: Sequence[int], end_of_turn: bool
+    ) -> Iterator[np.ndarray]:
+        """Like `push_codes`, but yields each window's audio as soon as it is computed."""
+        if state.finished:
+            raise ValueError("this turn has already been flushed; start a new turn")
+        vocab = self.flow.p.vocab_size
+        for code in codes:
+            if not 0 <= int(code) < vocab:
+                raise ValueError(f"speech token {code} is outside 0..{vocab - 1}")
+        state.buffer.extend(int(c) for c in codes)
+        lookahead = self.flow.lookahead
+        if state.rule == "duplex":
+            while len(state.buffer) >= DUPLEX_MIN_TOKENS:
+                size = min(WINDOW_TOKENS, len(state.buffer))
+                wav = self.stream_window(state, state.buffer[:size], last_chunk=False)
+                del state.buffer[: min(WINDOW_ADVANCE, len(state.buffer) - lookahead)]
+                if wav.size:
+                    yield wav
+        else:
+            while len(state.buffer) >= WINDOW_TOKENS:
+                wav = self.stream_window(state, state.buffer[:WINDOW_TOKENS], last_chunk=False)
+                del state.buffer[:WINDOW_ADVANCE]
+                if wav.size:
+                    yield wav
+        if end_of_turn:
+            rest, state.buffer = state.buffer, []
+            wav = self.stream_window(state, rest, last_chunk=True)
+            if wav.size:
+                yield wav
+
+    def push_codes(
+        self, state: TurnState, codes: Sequence[int], end_of_turn: bool = False
+    ) -> list[np.ndarray]:
+        """Append speech tokens to the turn and return the audio pieces (float32, 24 kHz) now ready."""
+        return list(self.iter_push_codes(state, codes, end_of_turn))
