@@ -17,6 +17,7 @@ from rtc_server.config import AppConfig
 from rtc_server.manager import SessionManager
 from rtc_server.metrics import CONTENT_TYPE, Exposition
 from rtc_server.signalling import MANAGER_KEY, ApiError, add_routes
+from rtc_server.ui_routes import add_ui_routes
 
 log = logging.getLogger("rtc_server.app")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -176,6 +177,7 @@ def make_app(config: AppConfig, manager: SessionManager) -> web.Application:
     add_routes(app)
     app.router.add_get("/metrics", metrics)
     public = (REPO_ROOT / config.server.public_dir).resolve()
+    add_ui_routes(app, public)
 
     async def index(request: web.Request) -> web.StreamResponse:
         if (public / "index.html").is_file():

@@ -28,6 +28,7 @@ class ServerSettings(_Strict):
 
 class AuthSettings(_Strict):
     api_token: str = ""  # when set, /api, /whip and /metrics need `Authorization: Bearer <token>`
+    admin_token: str = ""  # when set, /api/admin/* also needs the header `X-Admin-Token: <token>`
 
 
 class ModelSettings(_Strict):

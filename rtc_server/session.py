@@ -8,6 +8,7 @@ import json
 import logging
 import time
 import uuid
+from collections import deque
 from typing import TYPE_CHECKING
 
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
@@ -60,6 +61,7 @@ class CallSession:
         self._close_task: asyncio.Task[None] | None = None
         self._connect_timer: asyncio.TimerHandle | None = None
         self.closed = asyncio.Event()
+        self.unit_roundtrip_ms: deque[float] = deque(maxlen=600)  # recent units, for the admin dashboard
 
     # ---- signalling ----
 
@@ -224,6 +226,7 @@ class CallSession:
         elif isinstance(message, p.UnitDone):
             roundtrip_ms = (time.monotonic() - message.completed_at) * 1000
             self.manager.stats.record_unit(message.handoff_ms, roundtrip_ms)
+            self.unit_roundtrip_ms.append(roundtrip_ms)
             self.send_event(
                 ev.MetricsEvent(
                     unit=message.index,

@@ -1,91 +1,583 @@
-// Minimal call page: microphone -> RTCPeerConnection -> POST /api/sessions; the server's speech comes
-// back as a WebRTC track played by an <audio> element (so the browser's echo canceller can see it).
-"use strict";
+// The call page. Microphone (and camera in video modes) -> RTCPeerConnection -> POST /api/sessions.
+// The model's speech comes back as a WebRTC audio track and plays in the <audio id="remote"> element, so the
+// browser's echo canceller knows it; Web Audio is used only to measure levels.
+import { CallStats } from "./call-stats.js";
+import { api, banner, formatDuration, h, ICONS, mountHeader } from "./common.js";
+import { applyI18n, onLangChange, t } from "./i18n.js";
+import { LevelMeter } from "./levels.js";
+import { MODES, modeById } from "./modes.js";
+import { loadSettings, saveSettings, sessionRequestFields } from "./settings-store.js";
 
 const AUDIO_CONSTRAINTS = { echoCancellation: true, noiseSuppression: true, autoGainControl: true };
-const state = { pc: null, channel: null, sessionId: null, stream: null, events: [], constraints: null };
-window.callState = state; // read by the browser test
-
+const AUTO_RETRIES = 2;
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 
-function log(line) {
-  const el = $("log");
-  el.textContent += `${new Date().toISOString().slice(11, 23)} ${line}\n`;
-  el.scrollTop = el.scrollHeight;
+// Everything about the current call; the browser tests read it as window.callState.
+const state = {
+  pc: null,
+  channel: null,
+  sessionId: null,
+  stream: null,
+  constraints: null,
+  events: [],
+  status: "idle",
+  talk: null, // listening | thinking | speaking, from `state` events
+  phase: null, // queued | active, from `session` events
+  remoteLevel: 0,
+  maxRemoteLevel: 0,
+  localLevel: 0,
+  retries: 0,
+  hangingUp: false,
+};
+window.callState = state;
+
+let audioContext = null;
+let remoteMeter = null;
+let localMeter = null;
+let stats = new CallStats();
+let statsTimer = null;
+let queueTimer = null;
+let queue = { position: null, deadline: null };
+let lastAssistant = null; // transcript entry that text deltas of the current turn extend
+let serverModes = null;
+let disconnectTimer = null;
+
+// ---- small UI helpers ----
+
+function setStatus(status) {
+  state.status = status;
+  $("status").textContent = t(`status.${status}`);
+  const grade = { connected: "ok", queued: "warn", connecting: "warn", media: "warn", reconnecting: "warn", failed: "bad" }[status];
+  $("status-badge").className = `badge conn ${grade || ""}`;
 }
 
-function authHeaders() {
-  const token = params.get("token") || localStorage.getItem("apiToken");
-  return token ? { Authorization: `Bearer ${token}` } : {};
+function setTalkState(talk) {
+  state.talk = talk;
+  const badge = $("state");
+  badge.dataset.state = talk || "idle";
+  badge.textContent = talk ? t(`state.${talk}`) : "–";
+  badge.className = `badge state-badge ${{ listening: "accent", speaking: "ok", thinking: "warn" }[talk] || ""}`;
 }
+
+function showError(title, detail) {
+  const box = $("messages");
+  box.innerHTML = "";
+  const el = banner("error", title, detail);
+  el.id = "call-error";
+  box.append(el);
+}
+
+function clearError() {
+  $("messages").innerHTML = "";
+}
+
+function addTranscript(role, text, extraClass = "") {
+  const list = $("transcript");
+  const empty = list.querySelector(".placeholder");
+  if (empty) empty.remove();
+  const li = h("li", { class: `${role} ${extraClass}`.trim() }, text);
+  list.append(li);
+  list.scrollTop = list.scrollHeight;
+  return li;
+}
+
+function onText(event) {
+  if (!lastAssistant || Number(lastAssistant.dataset.turn) !== event.turn) {
+    lastAssistant = addTranscript("assistant", "");
+    lastAssistant.dataset.turn = String(event.turn);
+  }
+  lastAssistant.textContent += event.text;
+  $("transcript").scrollTop = $("transcript").scrollHeight;
+}
+
+function transcriptPlaceholder() {
+  const list = $("transcript");
+  if (!list.children.length) list.append(h("li", { class: "system placeholder" }, t("call.transcriptEmpty")));
+}
+
+// ---- queue countdown: ticks down each second; only a new position may move it up ----
+
+function onQueue(position, etaS) {
+  const deadline = Date.now() + etaS * 1000;
+  if (position !== queue.position || queue.deadline === null || deadline < queue.deadline) queue.deadline = deadline;
+  queue.position = position;
+  $("queue").hidden = false;
+  setStatus("queued");
+  renderQueue();
+  if (!queueTimer) queueTimer = setInterval(renderQueue, 1000);
+}
+
+function renderQueue() {
+  if (queue.position === null) return;
+  $("queue-position").textContent = `#${queue.position}`;
+  const left = (queue.deadline - Date.now()) / 1000;
+  $("queue-eta").textContent = left >= 0 ? formatDuration(left) : t("call.queueOvertime", { time: formatDuration(-left) });
+}
+
+function endQueue() {
+  clearInterval(queueTimer);
+  queueTimer = null;
+  queue = { position: null, deadline: null };
+  $("queue").hidden = true;
+}
+
+// ---- events from the server ----
 
 function onEvent(event) {
   state.events.push(event);
-  if (event.type === "state") $("state").textContent = event.state;
-  else if (event.type === "queue") $("queue").textContent = `#${event.position}, ~${event.eta_s} s`;
-  else if (event.type === "session") $("queue").textContent = event.phase === "queued" ? "waiting" : "–";
-  if (event.type !== "metrics") log(JSON.stringify(event));
+  switch (event.type) {
+    case "session":
+      state.phase = event.phase;
+      if (event.phase === "queued") {
+        setStatus("queued");
+        $("queue").hidden = false;
+      } else if (event.phase === "active") {
+        endQueue();
+        if (state.pc && state.pc.connectionState === "connected") setStatus("connected");
+        addTranscript("system", t("call.modeOpen", { mode: modeName(event.mode) }));
+      }
+      break;
+    case "state":
+      setTalkState(event.state);
+      break;
+    case "text":
+      onText(event);
+      break;
+    case "metrics":
+      stats.addUnit(event);
+      if (!$("stats").hidden) renderStats();
+      break;
+    case "queue":
+      onQueue(event.position, event.eta_s);
+      break;
+    case "error":
+      addTranscript("system", `${event.code}: ${event.message}`, "error");
+      showError(t("call.serverError"), `${event.code}: ${event.message}`);
+      break;
+  }
 }
+
+// ---- media ----
+
+function mediaConstraints(mode, settings) {
+  const audio = { ...AUDIO_CONSTRAINTS };
+  if (settings.micId) audio.deviceId = { exact: settings.micId };
+  let video = false;
+  if (mode.video) {
+    video = { width: { ideal: 640 }, height: { ideal: 480 } };
+    if (settings.camId) video.deviceId = { exact: settings.camId };
+  }
+  return { audio, video };
+}
+
+async function getMedia(constraints) {
+  try {
+    return await navigator.mediaDevices.getUserMedia(constraints);
+  } catch (err) {
+    // A remembered device that is gone: try again with the default one.
+    if (err.name === "OverconstrainedError" || err.name === "NotFoundError") {
+      const relaxed = { audio: { ...AUDIO_CONSTRAINTS }, video: constraints.video ? { width: { ideal: 640 }, height: { ideal: 480 } } : false };
+      return navigator.mediaDevices.getUserMedia(relaxed);
+    }
+    throw err;
+  }
+}
+
+function ensureAudioContext() {
+  if (!audioContext) audioContext = new AudioContext();
+  if (audioContext.state === "suspended") audioContext.resume().catch(() => {});
+  return audioContext;
+}
+
+function attachSelfView(mode) {
+  const video = $("self-video");
+  const hasVideo = mode.video && state.stream && state.stream.getVideoTracks().length > 0;
+  $("self-tile").hidden = false;
+  $("stage").classList.add("with-self");
+  video.hidden = !hasVideo;
+  $("self-avatar").hidden = hasVideo;
+  if (hasVideo) video.srcObject = state.stream;
+}
+
+function detachSelfView() {
+  $("self-video").srcObject = null;
+  $("self-tile").hidden = true;
+  $("stage").classList.remove("with-self");
+}
+
+function animateLevels() {
+  const remote = remoteMeter ? remoteMeter.level() : 0;
+  const local = localMeter ? localMeter.level() : 0;
+  state.remoteLevel = remote;
+  state.maxRemoteLevel = Math.max(state.maxRemoteLevel, remote);
+  state.localLevel = local;
+  $("remote-meter").style.height = `${Math.round(remote * 100)}%`;
+  $("local-meter").style.height = `${Math.round(local * 100)}%`;
+  const avatar = $("assistant-avatar");
+  avatar.style.setProperty("--level", remote.toFixed(3));
+  avatar.classList.toggle("speaking", remote > 0.02 || state.talk === "speaking");
+  if (state.pc) requestAnimationFrame(animateLevels);
+}
+
+async function fillDevices() {
+  if (!navigator.mediaDevices || !navigator.mediaDevices.enumerateDevices) return;
+  const devices = await navigator.mediaDevices.enumerateDevices();
+  const settings = loadSettings();
+  const fill = (select, kind, chosen) => {
+    select.innerHTML = "";
+    select.append(h("option", { value: "" }, t("call.defaultDevice")));
+    devices
+      .filter((d) => d.kind === kind && d.deviceId && d.deviceId !== "default")
+      .forEach((d, i) => select.append(h("option", { value: d.deviceId }, d.label || `${kind} ${i + 1}`)));
+    select.value = [...select.options].some((o) => o.value === chosen) ? chosen : "";
+  };
+  fill($("mic-select"), "audioinput", settings.micId);
+  fill($("cam-select"), "videoinput", settings.camId);
+  fill($("speaker-select"), "audiooutput", settings.speakerId);
+  $("speaker-field").hidden = typeof $("remote").setSinkId !== "function";
+}
+
+async function switchDevice(kind, deviceId) {
+  saveSettings(kind === "audio" ? { micId: deviceId } : { camId: deviceId });
+  if (!state.pc || !state.stream) return;
+  const old = kind === "audio" ? state.stream.getAudioTracks()[0] : state.stream.getVideoTracks()[0];
+  if (!old) return;
+  const base = kind === "audio" ? { ...AUDIO_CONSTRAINTS } : { width: { ideal: 640 }, height: { ideal: 480 } };
+  if (deviceId) base.deviceId = { exact: deviceId };
+  try {
+    const fresh = await navigator.mediaDevices.getUserMedia({ [kind]: base });
+    const track = kind === "audio" ? fresh.getAudioTracks()[0] : fresh.getVideoTracks()[0];
+    track.enabled = old.enabled;
+    const sender = state.pc.getSenders().find((s) => s.track === old);
+    if (sender) await sender.replaceTrack(track);
+    state.stream.removeTrack(old);
+    old.stop();
+    state.stream.addTrack(track);
+    if (kind === "audio") {
+      if (localMeter) localMeter.stop();
+      localMeter = new LevelMeter(ensureAudioContext(), new MediaStream([track]));
+    } else {
+      $("self-video").srcObject = state.stream;
+    }
+  } catch (err) {
+    showError(t("call.deviceFailed"), `${err.name}: ${err.message}`);
+  }
+}
+
+// ---- the call ----
 
 function waitForIceGathering(pc) {
   if (pc.iceGatheringState === "complete") return Promise.resolve();
   return new Promise((resolve) => {
-    const done = () => { if (pc.iceGatheringState === "complete") { pc.removeEventListener("icegatheringstatechange", done); resolve(); } };
+    const done = () => {
+      if (pc.iceGatheringState === "complete") {
+        pc.removeEventListener("icegatheringstatechange", done);
+        resolve();
+      }
+    };
     pc.addEventListener("icegatheringstatechange", done);
-    setTimeout(resolve, 2000); // enough host candidates by then; the rest would only add routes
+    setTimeout(resolve, 2000); // host candidates are there by then; more would only add routes
   });
+}
+
+function currentMode() {
+  return modeById($("mode").value);
 }
 
 async function start() {
+  if (state.pc) return;
+  clearError();
+  const mode = currentMode();
+  const settings = loadSettings();
   $("start").disabled = true;
-  $("status").textContent = "requesting microphone";
-  state.constraints = { audio: AUDIO_CONSTRAINTS, video: false };
-  state.stream = await navigator.mediaDevices.getUserMedia(state.constraints);
+  $("reconnect").hidden = true;
+  $("mode").disabled = true;
+  state.hangingUp = false;
+  setStatus("media");
+  stats = new CallStats();
+  ensureAudioContext();
+  state.constraints = mediaConstraints(mode, settings);
+  try {
+    state.stream = await getMedia(state.constraints);
+  } catch (err) {
+    showError(t("call.mediaFailed"), `${err.name}: ${err.message}`);
+    resetControls();
+    setStatus("idle");
+    return;
+  }
+  localMeter = new LevelMeter(audioContext, new MediaStream(state.stream.getAudioTracks()));
+  attachSelfView(mode);
+  fillDevices().catch(() => {});
+
   const pc = new RTCPeerConnection();
   state.pc = pc;
   state.stream.getTracks().forEach((track) => pc.addTrack(track, state.stream));
-  pc.ontrack = (ev) => { $("remote").srcObject = ev.streams[0] || new MediaStream([ev.track]); };
-  pc.onconnectionstatechange = () => {
-    $("status").textContent = pc.connectionState;
-    if (["failed", "closed"].includes(pc.connectionState)) stop();
+  pc.ontrack = (ev) => {
+    if (ev.track.kind !== "audio") return;
+    const stream = ev.streams[0] || new MediaStream([ev.track]);
+    $("remote").srcObject = stream;
+    $("remote").play().catch(() => {});
+    if (remoteMeter) remoteMeter.stop();
+    remoteMeter = new LevelMeter(ensureAudioContext(), stream);
   };
+  pc.onconnectionstatechange = () => onConnectionState(pc);
   const channel = pc.createDataChannel("events");
   state.channel = channel;
-  channel.onmessage = (ev) => onEvent(JSON.parse(ev.data));
-  await pc.setLocalDescription(await pc.createOffer());
-  await waitForIceGathering(pc);
-  const resp = await fetch("/api/sessions", {
-    method: "POST",
-    headers: { "Content-Type": "application/json", ...authHeaders() },
-    body: JSON.stringify({ sdp: pc.localDescription.sdp, type: "offer", mode: $("mode").value }),
-  });
-  const body = await resp.json();
-  if (!resp.ok) {
-    log(`error ${resp.status}: ${body.error.code}: ${body.error.message}`);
-    $("status").textContent = "failed";
-    await stop();
+  channel.onopen = () => {
+    $("text-input").disabled = false;
+    $("text-send").disabled = false;
+  };
+  channel.onmessage = (ev) => {
+    try {
+      onEvent(JSON.parse(ev.data));
+    } catch (err) {
+      console.warn("bad event", err);
+    }
+  };
+  channel.onclose = () => {
+    $("text-input").disabled = true;
+    $("text-send").disabled = true;
+    if (state.pc === pc && !state.hangingUp && pc.connectionState === "connected") {
+      // The server ended the call (its reason came as an `error` event, if any): no automatic retry.
+      addTranscript("system", t("call.endedByServer"));
+      teardown({ deleteSession: false }).then(() => {
+        setStatus("ended");
+        $("reconnect").hidden = false;
+      });
+    }
+  };
+  requestAnimationFrame(animateLevels);
+
+  setStatus("connecting");
+  try {
+    await pc.setLocalDescription(await pc.createOffer());
+    await waitForIceGathering(pc);
+    const answer = await api("/api/sessions", {
+      method: "POST",
+      json: { sdp: pc.localDescription.sdp, type: "offer", mode: mode.id, ...sessionRequestFields(settings) },
+    });
+    if (state.pc !== pc) return; // hung up meanwhile
+    state.sessionId = answer.session_id;
+    await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
+  } catch (err) {
+    const detail = err.code ? `${err.message} (${err.code})` : String(err.message || err);
+    showError(t("call.startFailed"), detail);
+    await teardown({ deleteSession: true });
+    setStatus("failed");
     return;
   }
-  state.sessionId = body.session_id;
-  await pc.setRemoteDescription({ type: body.type, sdp: body.sdp });
-  $("status").textContent = "connecting";
   $("stop").disabled = false;
+  statsTimer = setInterval(pollStats, 1000);
 }
 
-async function stop() {
-  $("stop").disabled = true;
+function onConnectionState(pc) {
+  if (state.pc !== pc) return;
+  const s = pc.connectionState;
+  clearTimeout(disconnectTimer);
+  if (s === "connected") {
+    state.retries = 0;
+    setStatus(state.phase === "queued" ? "queued" : "connected");
+  } else if (s === "disconnected") {
+    setStatus("reconnecting"); // ICE often recovers by itself; give it a moment
+    disconnectTimer = setTimeout(() => state.pc === pc && connectionLost(), 8000);
+  } else if (s === "failed") {
+    connectionLost();
+  }
+}
+
+async function connectionLost() {
+  addTranscript("system", t("call.connectionLost"), "error");
+  await teardown({ deleteSession: true });
+  setStatus("failed");
+  $("reconnect").hidden = false;
+  if (state.retries < AUTO_RETRIES) {
+    state.retries += 1;
+    setStatus("reconnecting");
+    setTimeout(() => {
+      if (!state.pc && state.status === "reconnecting") start();
+    }, 1500 * state.retries);
+  }
+}
+
+async function pollStats() {
+  if (!state.pc) return;
+  try {
+    await stats.poll(state.pc);
+  } catch {
+    return;
+  }
+  if (!$("stats").hidden) renderStats();
+}
+
+function renderStats() {
+  const body = $("stats-body");
+  body.innerHTML = "";
+  for (const [key, value, grade] of stats.rows()) {
+    body.append(h("tr", {}, h("th", { scope: "row" }, t(key)), h("td", { class: `num ${grade}` }, value)));
+  }
+}
+
+async function teardown({ deleteSession }) {
   const id = state.sessionId;
-  state.sessionId = null;
-  if (id) await fetch(`/api/sessions/${id}`, { method: "DELETE", headers: authHeaders() }).catch(() => {});
-  if (state.pc) state.pc.close();
-  if (state.stream) state.stream.getTracks().forEach((t) => t.stop());
+  const pc = state.pc;
   state.pc = null;
-  $("start").disabled = false;
-  if ($("status").textContent !== "failed") $("status").textContent = "idle";
+  clearInterval(statsTimer);
+  clearTimeout(disconnectTimer);
+  statsTimer = null;
+  endQueue();
+  if (deleteSession && id) {
+    await api(`/api/sessions/${id}`, { method: "DELETE" }).catch(() => {});
+  }
+  if (pc) pc.close();
+  if (state.stream) state.stream.getTracks().forEach((track) => track.stop());
+  state.stream = null;
+  state.channel = null;
+  if (remoteMeter) remoteMeter.stop();
+  if (localMeter) localMeter.stop();
+  remoteMeter = localMeter = null;
+  $("remote").srcObject = null;
+  detachSelfView();
+  setTalkState(null);
+  state.phase = null;
+  state.sessionId = null;
+  lastAssistant = null;
+  resetControls();
 }
 
-$("start").onclick = () => start().catch((err) => { log(`error: ${err}`); $("start").disabled = false; });
-$("stop").onclick = () => stop();
-if (params.get("mode")) $("mode").value = params.get("mode");
-if (params.get("autostart") === "1") $("start").click();
+function resetControls() {
+  $("start").disabled = false;
+  $("stop").disabled = true;
+  $("mode").disabled = false;
+  $("text-input").disabled = true;
+  $("text-send").disabled = true;
+  $("mic").setAttribute("aria-pressed", "false");
+  $("cam").setAttribute("aria-pressed", "false");
+  renderToggles();
+}
+
+async function hangUp() {
+  state.hangingUp = true;
+  state.retries = AUTO_RETRIES; // no automatic reconnect after a hang-up
+  $("stop").disabled = true;
+  await teardown({ deleteSession: true });
+  setStatus("idle");
+  addTranscript("system", t("call.ended"));
+}
+
+// ---- controls ----
+
+function renderToggles() {
+  const micOff = $("mic").getAttribute("aria-pressed") === "true";
+  const camOff = $("cam").getAttribute("aria-pressed") === "true";
+  $("mic").innerHTML = micOff ? ICONS.micOff : ICONS.mic;
+  $("cam").innerHTML = camOff ? ICONS.videoOff : ICONS.video;
+  $("muted-mark").hidden = !micOff;
+  $("muted-mark").innerHTML = ICONS.micOff;
+  $("cam").hidden = !currentMode().video;
+  $("cam-field").hidden = !currentMode().video;
+}
+
+function toggleTrack(button, tracks) {
+  const off = button.getAttribute("aria-pressed") !== "true";
+  button.setAttribute("aria-pressed", String(off));
+  tracks.forEach((track) => (track.enabled = !off));
+  renderToggles();
+}
+
+function modeName(id) {
+  const mode = modeById(id);
+  return mode.key ? t(`mode.${mode.key}.title`) : id;
+}
+
+function renderModeSelect() {
+  const select = $("mode");
+  const chosen = select.value || params.get("mode") || "loopback";
+  select.innerHTML = "";
+  const ids = MODES.map((m) => m.id);
+  if (!ids.includes(chosen)) ids.push(chosen); // a mode from the URL that we have no card for
+  for (const id of ids) {
+    const unavailable = serverModes && !serverModes.includes(id);
+    select.append(h("option", { value: id }, unavailable ? `${modeName(id)} — ${t("home.unavailable")}` : modeName(id)));
+  }
+  select.value = chosen;
+}
+
+function renderAll() {
+  applyI18n(document);
+  renderModeSelect();
+  renderToggles();
+  setStatus(state.status);
+  setTalkState(state.talk);
+  renderQueue();
+  if (!$("stats").hidden) renderStats();
+  const placeholder = $("transcript").querySelector(".placeholder");
+  if (placeholder) placeholder.textContent = t("call.transcriptEmpty");
+}
+
+function init() {
+  mountHeader("/call");
+  $("assistant-avatar").innerHTML = ICONS.bot;
+  $("self-avatar").innerHTML = ICONS.user;
+  $("devices").innerHTML = ICONS.gear;
+  $("stats-toggle").innerHTML = ICONS.chart;
+  $("stop").innerHTML = ICONS.hangup;
+  $("text-send").innerHTML = ICONS.send;
+  renderAll();
+  transcriptPlaceholder();
+  onLangChange(renderAll);
+
+  $("start").onclick = () => start();
+  $("reconnect").onclick = () => {
+    state.retries = 0;
+    start();
+  };
+  $("stop").onclick = () => hangUp();
+  $("mode").onchange = () => {
+    const url = new URL(location.href);
+    url.searchParams.set("mode", $("mode").value);
+    history.replaceState(null, "", url);
+    renderToggles();
+  };
+  $("mic").onclick = () => toggleTrack($("mic"), state.stream ? state.stream.getAudioTracks() : []);
+  $("cam").onclick = () => toggleTrack($("cam"), state.stream ? state.stream.getVideoTracks() : []);
+  $("devices").onclick = () => {
+    const panel = $("device-panel");
+    panel.hidden = !panel.hidden;
+    $("devices").setAttribute("aria-expanded", String(!panel.hidden));
+    if (!panel.hidden) fillDevices().catch(() => {});
+  };
+  $("stats-toggle").onclick = () => {
+    const box = $("stats");
+    box.hidden = !box.hidden;
+    $("stats-toggle").setAttribute("aria-pressed", String(!box.hidden));
+    if (!box.hidden) renderStats();
+  };
+  $("mic-select").onchange = (e) => switchDevice("audio", e.target.value);
+  $("cam-select").onchange = (e) => switchDevice("video", e.target.value);
+  $("speaker-select").onchange = (e) => {
+    saveSettings({ speakerId: e.target.value });
+    $("remote").setSinkId(e.target.value).catch((err) => showError(t("call.deviceFailed"), String(err.message || err)));
+  };
+  $("text-form").onsubmit = (e) => {
+    e.preventDefault();
+    const text = $("text-input").value.trim();
+    if (!text || !state.channel || state.channel.readyState !== "open") return;
+    state.channel.send(JSON.stringify({ type: "text", text }));
+    addTranscript("user", text);
+    lastAssistant = null;
+    $("text-input").value = "";
+  };
+
+  const speaker = loadSettings().speakerId;
+  if (speaker && typeof $("remote").setSinkId === "function") $("remote").setSinkId(speaker).catch(() => {});
+  api("/api/info")
+    .then((info) => {
+      serverModes = info.modes;
+      renderModeSelect();
+    })
+    .catch(() => {});
+  if (params.get("autostart") === "1") start();
+}
+
+init();

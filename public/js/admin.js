@@ -1,0 +1,153 @@
+// Admin dashboard: polls GET /api/admin/status. The admin token (auth.admin_token) lives in sessionStorage.
+import { api, banner, formatDuration, formatNumber, h, mountHeader } from "./common.js";
+import { onLangChange, t } from "./i18n.js";
+
+const $ = (id) => document.getElementById(id);
+const TOKEN_KEY = "minicpmo.adminToken";
+const REFRESH_MS = 3000;
+
+let status = null;
+let paused = false;
+let timer = null;
+
+function headers() {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  return token ? { "X-Admin-Token": token } : {};
+}
+
+function table(el, columns, rows, emptyKey) {
+  el.innerHTML = "";
+  const head = h("tr", {}, columns.map(([key]) => h("th", { scope: "col" }, t(key))));
+  const body = h("tbody");
+  if (!rows.length) body.append(h("tr", {}, h("td", { class: "empty", colspan: columns.length }, t(emptyKey))));
+  for (const row of rows) {
+    body.append(h("tr", {}, columns.map(([, cell, cls]) => h("td", { class: cls || null }, cell(row)))));
+  }
+  el.append(h("thead", {}, head), body);
+}
+
+const badge = (kind, text) => h("span", { class: `badge ${kind}` }, h("span", { class: "dot" }), text);
+const ms = (v) => (v === null || v === undefined ? "–" : `${formatNumber(v, 0)} ms`);
+const shortId = (id) => h("code", { title: id }, id.slice(0, 8));
+
+function render() {
+  if (!status) return;
+  const s = status;
+  const active = s.sessions.filter((x) => x.phase === "active").length;
+  const cards = [
+    ["admin.uptime", formatDuration(s.uptime_s)],
+    ["admin.capacity", `${active} / ${s.capacity}`],
+    ["admin.queued", String(s.queue.length)],
+    ["admin.units", formatNumber(s.units_done)],
+    ["admin.model", t(s.embedded_model ? "admin.modelEmbedded" : "admin.modelReal")],
+    ["admin.version", s.version],
+  ];
+  $("summary").innerHTML = "";
+  for (const [key, value] of cards) {
+    $("summary").append(h("div", { class: "stat" }, h("div", { class: "label" }, t(key)), h("div", { class: "value" }, value)));
+  }
+  table(
+    $("workers"),
+    [
+      ["admin.col.worker", (w) => String(w.worker_id)],
+      ["admin.col.device", (w) => h("code", {}, w.device)],
+      ["admin.col.state", (w) => (w.up ? badge("ok", t("admin.up")) : badge("bad", t("admin.down")))],
+      ["admin.col.sessions", (w) => `${w.sessions} / ${w.capacity}`, "num"],
+      ["admin.col.memory", (w) => (w.rss_mb === null ? "–" : `${formatNumber(w.rss_mb, 0)} MB`), "num"],
+      ["admin.col.pid", (w) => (w.pid === null ? "–" : String(w.pid)), "num"],
+      ["admin.col.restarts", (w) => String(w.restarts), "num"],
+      ["admin.col.dropped", (w) => String(w.dropped_units), "num"],
+      ["admin.col.modes", (w) => w.modes.join(", ")],
+    ],
+    s.workers,
+    "admin.noWorkers",
+  );
+  table(
+    $("sessions"),
+    [
+      ["admin.col.session", (x) => shortId(x.session_id)],
+      ["admin.col.mode", (x) => x.mode],
+      ["admin.col.phase", (x) => badge(x.phase === "active" ? "ok" : "warn", t(`admin.phase.${x.phase}`))],
+      ["admin.col.talk", (x) => t(`state.${x.state}`)],
+      ["admin.col.worker", (x) => (x.worker_id === null ? "–" : String(x.worker_id)), "num"],
+      ["admin.col.duration", (x) => formatDuration(x.age_s), "num"],
+      ["admin.col.p50", (x) => ms(x.unit_latency_p50_ms), "num"],
+      ["admin.col.p95", (x) => ms(x.unit_latency_p95_ms), "num"],
+      ["admin.col.lag", (x) => `${ms(x.send_lateness_p95_ms)} · ${formatNumber(x.speech_buffered_s, 2)} s`, "num"],
+    ],
+    s.sessions,
+    "admin.noSessions",
+  );
+  table(
+    $("queue"),
+    [
+      ["admin.col.position", (q) => `#${q.position}`, "num"],
+      ["admin.col.session", (q) => shortId(q.session_id)],
+      ["admin.col.mode", (q) => q.mode],
+      ["admin.col.waited", (q) => formatDuration(q.waited_s), "num"],
+      ["admin.col.eta", (q) => formatDuration(q.eta_s), "num"],
+    ],
+    s.queue,
+    "admin.noQueue",
+  );
+  table(
+    $("errors"),
+    [
+      ["admin.col.time", (e) => new Date(e.time * 1000).toLocaleTimeString()],
+      ["admin.col.level", (e) => badge(e.level === "WARNING" ? "warn" : "bad", e.level)],
+      ["admin.col.source", (e) => h("code", {}, e.logger)],
+      ["admin.col.message", (e) => e.message, "wrap"],
+    ],
+    s.errors,
+    "admin.noErrors",
+  );
+}
+
+async function refresh() {
+  clearTimeout(timer);
+  try {
+    status = await api("/api/admin/status", { headers: headers() });
+    $("messages").innerHTML = "";
+    $("token-form").hidden = true;
+    $("dashboard").hidden = false;
+    $("updated").textContent = t("admin.updated", { time: new Date().toLocaleTimeString() });
+    render();
+  } catch (err) {
+    if (err.status === 401 && err.code === "admin_unauthorized") {
+      const hadToken = Boolean(sessionStorage.getItem(TOKEN_KEY));
+      sessionStorage.removeItem(TOKEN_KEY);
+      $("dashboard").hidden = true;
+      $("token-form").hidden = false;
+      $("messages").innerHTML = "";
+      if (hadToken) $("messages").append(banner("error", t("admin.tokenWrong"), err.message));
+      $("admin-token").focus();
+      return; // no polling until a token is entered
+    }
+    $("messages").innerHTML = "";
+    $("messages").append(banner("error", t("admin.loadFailed"), `${err.message} (${err.code})`));
+  }
+  if (!paused) timer = setTimeout(refresh, REFRESH_MS);
+}
+
+mountHeader("/admin");
+onLangChange(() => {
+  render();
+  $("pause").textContent = t(paused ? "admin.resume" : "admin.pause");
+});
+$("token-form").onsubmit = (e) => {
+  e.preventDefault();
+  sessionStorage.setItem(TOKEN_KEY, $("admin-token").value);
+  $("admin-token").value = "";
+  refresh();
+};
+$("pause").onclick = () => {
+  paused = !paused;
+  $("pause").setAttribute("aria-pressed", String(paused));
+  $("pause").textContent = t(paused ? "admin.resume" : "admin.pause");
+  if (paused) clearTimeout(timer);
+  else refresh();
+};
+document.addEventListener("visibilitychange", () => {
+  if (!document.hidden && !paused) refresh();
+});
+refresh();

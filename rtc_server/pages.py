@@ -1,0 +1,25 @@
+"""Clean URLs for the UI pages (`/admin`, `/docs`, ...); every other file is served by app.py's static route."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+PAGES = {"/call": "call.html", "/settings": "settings.html", "/admin": "admin.html", "/docs": "docs.html"}
+
+
+def page_handler(public: Path, filename: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def serve(request: web.Request) -> web.StreamResponse:
+        path = public / filename
+        if not path.is_file():
+            raise web.HTTPNotFound(text=f"{filename} is missing from {public}")
+        return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
+
+    return serve
+
+
+def add_page_routes(app: web.Application, public: Path) -> None:
+    for url, filename in PAGES.items():
+        app.router.add_get(url, page_handler(public, filename))
