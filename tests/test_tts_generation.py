@@ -271,8 +271,11 @@ def test_cache_limits(tts: MiniCPMTTS, e_duplex) -> None:
     session = tts.new_session(cache, seed=0)
     with pytest.raises(CacheFullError):
         tts.new_session(cache)
-    with pytest.raises(CacheFullError):
+    with pytest.raises(CacheFullError, match="capacity is 20"):
         tts.generate_chunk(session, cond(e_duplex, 0))  # 5 + 25 positions > 20
+    assert session.length == 0  # refused before any work
+    codes = tts.generate_chunk(session, cond(e_duplex, 0), max_new=16)  # 5 + 15 positions fit exactly
+    assert codes.numel() == 15 and session.length == 20
     session.close()
     assert cache.free_slots == 1
     with pytest.raises(ValueError):

@@ -191,6 +191,7 @@ class MiniCPMTTS(nn.Module):
         session.length = 0
 
     # ---- condition ---------------------------------------------------------------------------------------------
+    @torch.inference_mode()
     def condition(self, token_ids: torch.Tensor, hidden: torch.Tensor, text_finished: bool) -> torch.Tensor:
         """`[N + (1 if text_finished) + 1, hidden]`: emb_text(t) + L2norm(projector_semantic(h)) per spoken
         token, then emb_text(text_eos) when the text is finished, then emb_text(audio_bos)."""
@@ -336,9 +337,23 @@ class MiniCPMTTS(nn.Module):
                     record=record_probs,
                 )
             )
+        for r in runs:
+            self._check_room(r)
         while any(not r.done for r in runs):
             self._step(runs, sampling)
         return self._results(runs)
+
+    @staticmethod
+    def _check_room(run: _Run) -> None:
+        """Fail before any work (and any state change) if the run could outgrow its cache slot."""
+        session = run.session
+        worst = session.length + run.condition.shape[0] + run.max_new - 1
+        if worst > session.cache.capacity:
+            raise CacheFullError(
+                f"TTS session at position {session.length} needs up to {worst} cache positions "
+                f"(condition {run.condition.shape[0]} + {run.max_new - 1} fed codes), capacity is "
+                f"{session.cache.capacity}; end the turn or use a larger cache"
+            )
 
     def generate_chunk(
         self,
@@ -500,6 +515,7 @@ class TTSStreamer:
             record=record_probs,
         )
         self.chunk_probs = None
+        MiniCPMTTS._check_room(run)
         chunk_codes: list[int] = []
         self.finished = text_finished
         try:
