@@ -22,6 +22,15 @@ from MiniCPMO45.modules.tts import (
 from MiniCPMO45.modules.tts_sampling import code_distribution, keep_top_k, keep_top_p, penalize_repeats
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """The TTS loop runs thousands of tiny ops; extra intra-op threads only add waiting on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tts(tiny_model_dir: Path) -> MiniCPMTTS:
     return MiniCPMTTS.from_checkpoint(tiny_model_dir)
