@@ -321,3 +321,18 @@ def test_streamer_recompute_warps_first_draw_of_later_chunks(tts: MiniCPMTTS, e_
     logits = plain.probs[0].log() * sampling.temperature
     redone = code_distribution(logits[None], [codes0], sampling, [True], [False], tts.eos_id)[0]
     torch.testing.assert_close(redone, first, atol=1e-7, rtol=1e-4)
+
+
+def test_speak_units_applies_duplex_rules(eos_biased: MiniCPMTTS, e_duplex) -> None:
+    """With EOS always winning when allowed: a turn's first unit stops at once, a mid-turn unit gives 25 codes,
+    the turn's last unit stops at once and resets the session."""
+    cache = eos_biased.new_cache(num_slots=2, capacity=256)
+    a, b = eos_biased.new_session(cache, seed=0), eos_biased.new_session(cache, seed=1)
+    first = eos_biased.speak_units([a], [cond(e_duplex, 0)], end_of_turn=[False])[0]
+    assert first.codes.numel() == 0 and first.hit_eos and a.length == cond(e_duplex, 0).shape[0]
+    mid, start = eos_biased.speak_units([a, b], [cond(e_duplex, 1), cond(e_duplex, 0)], [False, False])
+    assert mid.codes.numel() == 25 and not mid.hit_eos
+    assert start.codes.numel() == 0  # b is at the start of its turn
+    last = eos_biased.speak_units([a], [cond(e_duplex, 2)], end_of_turn=[True])[0]
+    assert last.codes.numel() == 0 and last.hit_eos
+    assert a.length == 0
