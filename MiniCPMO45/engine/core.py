@@ -61,6 +61,8 @@ class Engine:
         if sid in self.sessions:
             raise ValueError(f"session {sid!r} already exists")
         session = Session(session_id=sid, slot=self.cache.allocate(), mode=mode)
+        # Draws happen where the logits are: a CPU generator cannot sample CUDA probabilities.
+        session.generator = torch.Generator(device=self.model.device)
         if seed is not None:
             session.seed(seed)
         self.sessions[sid] = session
