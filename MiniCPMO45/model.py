@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import MiniCPMOConfig
-from .loader import load_weights, read_checkpoint
+from .loader import CheckpointError, checkpoint_files, load_weights, read_checkpoint
 from .modules.qwen3 import Qwen3ForCausalLM
 from .modules.resampler import Resampler
 from .modules.siglip import SiglipVisionTransformer, pack_slices
@@ -23,6 +23,7 @@ from .modules.tts import MiniCPMTTS
 from .modules.whisper import AudioProjector, WhisperEncoder, WhisperStreamCache, avg_pool_time, pooled_tokens
 
 Bounds = torch.Tensor | Sequence[Sequence[int]]
+KNOWN_PREFIXES = ("llm.", "vpm.", "resampler.", "apm.", "audio_projection_layer.", "tts.")
 
 
 class MiniCPMO(nn.Module):
@@ -55,6 +56,9 @@ class MiniCPMO(nn.Module):
     ) -> MiniCPMO:
         """Build from an official checkpoint folder; every tensor is loaded by its official name."""
         config = MiniCPMOConfig.from_file(model_dir)
+        stray = sorted(n for n in checkpoint_files(model_dir) if not n.startswith(KNOWN_PREFIXES))
+        if stray:
+            raise CheckpointError(f"tensors outside every known module: {', '.join(stray[:20])}")
         with torch.device("meta"):
             model = cls(config)
         model = model.to_empty(device=device).to(dtype)

@@ -457,3 +457,10 @@ def tts_condition(engine: Engine, result: UnitResult) -> torch.Tensor:
     d = engine.model.config.llm.hidden_size
     hidden = result.tts_hidden if result.tts_hidden is not None else torch.zeros(0, d)
     return tts.condition(torch.tensor(result.tts_token_ids, dtype=torch.long), hidden, text_finished=False)
+
+
+def step_units(engine: Engine, sessions: Sequence[Session], inputs: Sequence[UnitInput]) -> list[UnitResult]:
+    """Prefill and decide one unit for every session (finalize afterwards with `finalize_units`, e.g. while
+    the results are being sent, as the reference's deferred finalize does)."""
+    pre = prefill_units(engine, sessions, inputs)
+    return generate_units(engine, sessions, [u.force_listen for u in inputs], pre)
