@@ -90,6 +90,11 @@ class Engine:
     def kv_length(self, session: Session) -> int:
         return self.cache.length(session.slot)
 
+    def kv_room(self, session: Session) -> int:
+        """Positions left in the session's slot (a scheduler stops or trims a session before it runs out, so
+        that one full session does not fail a whole batched step)."""
+        return self.cache.max_len - self.cache.length(session.slot)
+
     def _check_open(self, session: Session) -> None:
         if session.closed:
             raise RuntimeError(f"session {session.session_id!r} is closed")
