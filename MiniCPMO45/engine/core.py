@@ -60,7 +60,9 @@ class Engine:
         sid = session_id or f"s{next(self._ids)}"
         if sid in self.sessions:
             raise ValueError(f"session {sid!r} already exists")
-        session = Session(session_id=sid, slot=self.cache.allocate(), mode=mode)
+        # The session's sampling generator lives where the logits are (multinomial needs the same device).
+        generator = torch.Generator(device=self.model.device)
+        session = Session(session_id=sid, slot=self.cache.allocate(), mode=mode, generator=generator)
         if seed is not None:
             session.seed(seed)
         self.sessions[sid] = session

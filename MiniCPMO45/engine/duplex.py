@@ -297,7 +297,7 @@ def decide_token(
     ban(logits, engine.duplex_bans)
     recent = set(st.decoded[-cfg.text_repetition_window :]) if cfg.text_repetition_window else set()
     if cfg.text_repetition_penalty != 1.0 and recent:
-        idx = torch.tensor(sorted(recent), dtype=torch.long)
+        idx = torch.tensor(sorted(recent), dtype=torch.long, device=logits.device)
         vals = logits[idx]
         if cfg.repetition_penalty_style == "reference":
             logits[idx] = vals / cfg.text_repetition_penalty

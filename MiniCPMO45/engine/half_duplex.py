@@ -66,7 +66,7 @@ def _prefill_text_and_audio(
         merged = torch.cat(rows)
         if merged.shape[0] != len(positions):
             raise ValueError(f"{merged.shape[0]} audio embeddings for {len(positions)} placeholders")
-        emb[torch.tensor(positions)] = merged.to(emb.dtype)
+        emb[torch.tensor(positions, device=emb.device)] = merged.to(emb.dtype)
     return engine.feed([session], [emb])[0]
 
 
