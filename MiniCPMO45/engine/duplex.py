@@ -235,20 +235,17 @@ def prefill_units(
         units.append(_UnitPieces(pieces, schema))
     t_audio = time.perf_counter()
 
-    ready_sessions = [sessions[i] for i in ready]
-    last_hidden = _feed_pieces(
-        engine,
-        ready_sessions,
-        units,
-        _state_list(ready_sessions)[0].config.piecewise_prefill if ready else True,
-    )
-    logits = engine.model.llm.logits(torch.stack(last_hidden)) if ready else None
+    if ready:
+        ready_sessions = [sessions[i] for i in ready]
+        piecewise = any(_state(s).config.piecewise_prefill for s in ready_sessions)
+        last_hidden = _feed_pieces(engine, ready_sessions, units, piecewise)
+        logits = engine.model.llm.logits(torch.stack(last_hidden))
+        for k, i in enumerate(ready):
+            st = _state(sessions[i])
+            st.pending_logits = logits[k]
+            st.schema.append(units[k].schema)
+            st.units_prefilled += 1
     t_feed = time.perf_counter()
-    for k, i in enumerate(ready):
-        st = _state(sessions[i])
-        st.pending_logits = logits[k] if logits is not None else None
-        st.schema.append(units[k].schema)
-        st.units_prefilled += 1
     for r in results:
         r.timings_ms.update(
             vision_ms=(t_vision - t0) * 1000,
@@ -256,10 +253,6 @@ def prefill_units(
             prefill_feed_ms=(t_feed - t_audio) * 1000,
         )
     return results
-
-
-def _state_list(sessions: Sequence[Session]) -> list[DuplexState]:
-    return [_state(s) for s in sessions]
 
 
 def _feed_pieces(
