@@ -70,7 +70,11 @@ def test_raw_audio_turns(engine: Engine, tiny_fixture_dir: Path) -> None:
     audio = load_audio(tiny_fixture_dir / "inputs" / "duplex_audio.wav")
     s = engine.open_session()
     try:
-        prefill_system(engine, s, ["You are a helpful assistant."])
+        prefill_system(engine, s, ["Speak like this:", audio[:8000], "Be brief."])
+        text_ids = engine.tokenizer.encode(
+            "<|im_start|>system\nSpeak like this:<|audio_start|><|audio_end|>Be brief.<|im_end|>\n"
+        )
+        assert engine.kv_length(s) == len(text_ids) + 5  # 0.5 s of reference audio -> 5 rows
         base = engine.kv_length(s)
         prefill_user_samples(engine, s, audio[:16000])
         # "<|im_start|>user\\n" + audio_start + 10 audio rows + audio_end

@@ -35,7 +35,12 @@ class AudioSegment:
         return self.mel_length if self.mel_length is not None else self.mel.shape[-1]
 
 
-Content = str | AudioSegment
+Content = str | AudioSegment | np.ndarray  # text, log-mel features, or 16 kHz mono samples
+
+
+def _segment_from_samples(samples: np.ndarray) -> AudioSegment:
+    feats, lens = batch_features([np.asarray(samples, dtype=np.float32).reshape(-1)], DYNAMIC_FLOOR)
+    return AudioSegment(torch.from_numpy(feats), int(lens[0]))
 
 
 def _audio_placeholder(n: int) -> str:
@@ -76,6 +81,8 @@ def prefill_system(engine: Engine, session: Session, content: Sequence[Content])
     engine.reset_session(session)
     parts, audio = [], []
     for item in content:
+        if isinstance(item, np.ndarray):
+            item = _segment_from_samples(item)
         if isinstance(item, AudioSegment):
             parts.append(_audio_placeholder(pooled_tokens(item.frames, engine.model.config.audio_pool_step)))
             audio.append(item)
@@ -122,8 +129,7 @@ def prefill_user_samples(engine: Engine, session: Session, samples: np.ndarray, 
         features, _ = session.half_duplex.mel.push(samples)
         segment = AudioSegment(torch.from_numpy(features)[None])
     else:
-        feats, lens = batch_features([np.asarray(samples, dtype=np.float32).reshape(-1)], DYNAMIC_FLOOR)
-        segment = AudioSegment(torch.from_numpy(feats), int(lens[0]))
+        segment = _segment_from_samples(samples)
     prefill_user_audio(engine, session, segment, stream=stream)
 
 
