@@ -12,7 +12,7 @@ repetition penalty lowers negative logits instead of raising them (see `DuplexCo
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -328,6 +328,7 @@ def generate_units(
     sessions: Sequence[Session],
     force_listen: Sequence[bool] | None = None,
     prefills: Sequence[UnitResult] | None = None,
+    observe_logits: Callable[[Session, torch.Tensor], None] | None = None,
 ) -> list[UnitResult]:
     """Decide listen/speak for each session's pending unit and decode its text, batched across sessions."""
     t0 = time.perf_counter()
@@ -376,6 +377,8 @@ def generate_units(
             if run.forced:
                 tok = sp.listen
             else:
+                if observe_logits is not None:
+                    observe_logits(sessions[run.index], run.logits.clone())
                 tok = decide_token(engine, st, run.logits, sessions[run.index].generator)
                 res.decoded_ids.append(tok)
                 if tok == sp.listen and st.turn_open:

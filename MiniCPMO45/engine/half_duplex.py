@@ -8,7 +8,7 @@ new user turn after a reply starts with `<|tts_eos|><|im_end|>\\n` (the reply is
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,6 +140,7 @@ def generate_reply(
     max_new_tokens: int = 256,
     use_tts_template: bool = True,
     spoken: bool = True,
+    observe_logits: Callable[[Session, torch.Tensor], None] | None = None,
 ) -> Iterator[list[TokenEvent]]:
     """Feed the assistant prefix and stream the reply tokens (with hidden states for the TTS).
 
@@ -158,4 +159,13 @@ def generate_reply(
     logits = engine.last_logits(engine.feed_ids(sessions, [prefix] * len(sessions)))
     budget = reference_chunk_budget(max_new_tokens)
     banned = spoken_bans(engine) if spoken else ()
-    return generate(engine, sessions, logits, params, budget, banned, report_unfed_last=False)
+    return generate(
+        engine,
+        sessions,
+        logits,
+        params,
+        budget,
+        banned,
+        report_unfed_last=False,
+        observe_logits=observe_logits,
+    )
