@@ -61,24 +61,20 @@ class MiniCPMO(nn.Module):
             raise CheckpointError(f"tensors outside every known module: {', '.join(stray[:20])}")
         with torch.device("meta"):
             model = cls(config)
-        model = model.to_empty(device=device).to(dtype)
-        prefixes = ["llm."]
-        if model.vpm is not None:
-            prefixes += ["vpm.", "resampler."]
-        if model.apm is not None:
-            prefixes += ["apm.", "audio_projection_layer."]
+        model = model.to(dtype).to_empty(device=device)  # cast on meta: no full-precision copy is ever made
+        # One module at a time, read on the CPU and copied into place: peak memory stays near one model.
+        parts: list[tuple[str, nn.Module | None]] = [
+            ("llm.", model.llm),
+            ("vpm.", model.vpm),
+            ("resampler.", model.resampler),
+            ("apm.", model.apm),
+            ("audio_projection_layer.", model.audio_projection_layer),
+        ]
+        for prefix, module in parts:
+            if module is not None:
+                load_weights(module, read_checkpoint(model_dir, [prefix], dtype=dtype), prefix)
         if model.tts is not None:
-            prefixes.append("tts.")
-        tensors = read_checkpoint(model_dir, prefixes, dtype=dtype, device=device)
-        load_weights(model.llm, tensors, "llm.")
-        if model.vpm is not None and model.resampler is not None:
-            load_weights(model.vpm, tensors, "vpm.")
-            load_weights(model.resampler, tensors, "resampler.")
-        if model.apm is not None and model.audio_projection_layer is not None:
-            load_weights(model.apm, tensors, "apm.")
-            load_weights(model.audio_projection_layer, tensors, "audio_projection_layer.")
-        if model.tts is not None:
-            model.tts.load_tensors({k: v for k, v in tensors.items() if k.startswith("tts.")})
+            model.tts.load_tensors(read_checkpoint(model_dir, ["tts."], dtype=dtype))
         model.llm.model.rotary.reset_buffers(torch.device(device))
         return model.eval()
 
