@@ -64,9 +64,9 @@ class Engine:
         sid = session_id or f"s{next(self._ids)}"
         if sid in self.sessions:
             raise ValueError(f"session {sid!r} already exists")
-        session = Session(session_id=sid, slot=self.cache.allocate(), mode=mode)
-        # Draws happen where the logits are: a CPU generator cannot sample CUDA probabilities.
-        session.generator = torch.Generator(device=self.model.device)
+        # The session's sampling generator lives where the logits are (multinomial needs the same device).
+        generator = torch.Generator(device=self.model.device)
+        session = Session(session_id=sid, slot=self.cache.allocate(), mode=mode, generator=generator)
         if seed is not None:
             session.seed(seed)
         self.sessions[sid] = session
@@ -95,6 +95,11 @@ class Engine:
 
     def kv_length(self, session: Session) -> int:
         return self.cache.length(session.slot)
+
+    def kv_room(self, session: Session) -> int:
+        """Positions left in the session's slot (a scheduler stops or trims a session before it runs out, so
+        that one full session does not fail a whole batched step)."""
+        return self.cache.max_len - self.cache.length(session.slot)
 
     def _check_open(self, session: Session) -> None:
         if session.closed:
