@@ -42,6 +42,7 @@ let queue = { position: null, deadline: null };
 let lastAssistant = null; // transcript entry that text deltas of the current turn extend
 let serverModes = null;
 let disconnectTimer = null;
+let announcedMode = null; // the mode last announced in the transcript
 
 // ---- small UI helpers ----
 
@@ -135,7 +136,8 @@ function onEvent(event) {
       } else if (event.phase === "active") {
         endQueue();
         if (state.pc && state.pc.connectionState === "connected") setStatus("connected");
-        addTranscript("system", t("call.modeOpen", { mode: modeName(event.mode) }));
+        if (event.mode !== announcedMode) addTranscript("system", t("call.modeOpen", { mode: modeName(event.mode) }));
+        announcedMode = event.mode;
       }
       break;
     case "state":
@@ -368,6 +370,7 @@ async function start() {
     return;
   }
   $("stop").disabled = false;
+  $("start").hidden = true;
   statsTimer = setInterval(pollStats, 1000);
 }
 
@@ -442,11 +445,13 @@ async function teardown({ deleteSession }) {
   state.phase = null;
   state.sessionId = null;
   lastAssistant = null;
+  announcedMode = null;
   resetControls();
 }
 
 function resetControls() {
   $("start").disabled = false;
+  $("start").hidden = false;
   $("stop").disabled = true;
   $("mode").disabled = false;
   $("text-input").disabled = true;
