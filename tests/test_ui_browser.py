@@ -7,6 +7,7 @@ test-artifacts/ (gitignored) for a human to look at.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 
@@ -37,7 +38,9 @@ PAGES = {
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def server():
-    running = await start_server(server_test_config(auth={"admin_token": ADMIN_TOKEN}))
+    # One session slot, so that a second caller waits in the queue.
+    config = server_test_config(auth={"admin_token": ADMIN_TOKEN}, workers={"cpu_capacity": 1})
+    running = await start_server(config)
     running.url = running.url.replace("localhost", "127.0.0.1")
     yield running
     await running.stop()
@@ -292,3 +295,61 @@ async def test_docs_render_routes_and_events(server, browser: Browser) -> None:
         assert not console.errors, console.errors
     finally:
         await page.context.close()
+
+
+def seconds(text: str) -> int:
+    match = re.fullmatch(r"(\d+):(\d\d)", text.strip())
+    assert match, f"not a m:ss countdown: {text!r}"
+    return int(match[1]) * 60 + int(match[2])
+
+
+async def wait_connected(page: Page) -> None:
+    await page.wait_for_function(
+        "window.callState.pc && window.callState.pc.connectionState === 'connected'"
+        " && window.callState.phase === 'active'",
+        timeout=20000,
+    )
+
+
+async def test_queue_countdown_and_server_hangup(server, browser: Browser) -> None:
+    first, first_console = await new_page(browser)
+    second, second_console = await new_page(browser)
+    try:
+        await first.goto(f"{server.url}/call?mode=loopback&autostart=1")
+        await wait_connected(first)
+        # The only slot is taken: the second caller waits, with its position and a countdown.
+        await second.goto(f"{server.url}/call?mode=loopback&autostart=1")
+        await second.wait_for_selector("#queue:not([hidden])", timeout=15000)
+        await second.wait_for_function("document.querySelector('#queue-position').textContent === '#1'")
+        assert await second.evaluate("window.callState.status") == "queued"
+        before = seconds(await second.text_content("#queue-eta"))
+        await asyncio.sleep(2.2)
+        after = seconds(await second.text_content("#queue-eta"))
+        assert 0 < after < before, (before, after)
+        await screenshot(second, "call-queued-desktop")
+        await second.set_viewport_size({"width": 390, "height": 844})
+        await screenshot(second, "call-queued-mobile")
+        # The server ends the first call: that page says so and offers to reconnect; the second gets the slot.
+        first_id = await first.evaluate("window.callState.sessionId")
+        await server.manager.get(first_id).close("ended by the test")
+        await first.wait_for_selector("#reconnect:not([hidden])", timeout=15000)
+        assert "The server ended the call." in await first.text_content("#transcript")
+        await wait_connected(second)
+        assert await second.is_hidden("#queue")
+        await second.click("#stop")
+        await second.wait_for_function("window.callState.sessionId === null")
+        await first.click("#reconnect")
+        await wait_connected(first)
+        await first.click("#stop")
+        await first.wait_for_function("window.callState.sessionId === null")
+        assert not first_console.errors and not second_console.errors, (
+            first_console.errors,
+            second_console.errors,
+        )
+    finally:
+        await first.context.close()
+        await second.context.close()
+    deadline = time.monotonic() + 3
+    while server.manager.sessions and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert server.manager.sessions == {}

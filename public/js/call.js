@@ -57,6 +57,7 @@ function setTalkState(talk) {
   state.talk = talk;
   const badge = $("state");
   badge.dataset.state = talk || "idle";
+  badge.hidden = !talk;
   badge.textContent = talk ? t(`state.${talk}`) : "–";
   badge.className = `badge state-badge ${{ listening: "accent", speaking: "ok", thinking: "warn" }[talk] || ""}`;
 }
@@ -130,6 +131,7 @@ function onEvent(event) {
   switch (event.type) {
     case "session":
       state.phase = event.phase;
+      $("text-input").disabled = $("text-send").disabled = event.phase !== "active";
       if (event.phase === "queued") {
         setStatus("queued");
         $("queue").hidden = false;
@@ -296,6 +298,8 @@ async function start() {
   $("reconnect").hidden = true;
   $("mode").disabled = true;
   state.hangingUp = false;
+  $("stop").hidden = false;
+  $("stop").disabled = false;
   setStatus("media");
   stats = new CallStats();
   ensureAudioContext();
@@ -308,6 +312,11 @@ async function start() {
     setStatus("idle");
     return;
   }
+  // Mute and camera-off chosen before the call apply to the new tracks.
+  const micOff = $("mic").getAttribute("aria-pressed") === "true";
+  const camOff = $("cam").getAttribute("aria-pressed") === "true";
+  state.stream.getAudioTracks().forEach((track) => (track.enabled = !micOff));
+  state.stream.getVideoTracks().forEach((track) => (track.enabled = !camOff));
   localMeter = new LevelMeter(audioContext, new MediaStream(state.stream.getAudioTracks()));
   attachSelfView(mode);
   fillDevices().catch(() => {});
@@ -327,8 +336,7 @@ async function start() {
   const channel = pc.createDataChannel("events");
   state.channel = channel;
   channel.onopen = () => {
-    $("text-input").disabled = false;
-    $("text-send").disabled = false;
+    $("text-input").disabled = $("text-send").disabled = state.phase !== "active";
   };
   channel.onmessage = (ev) => {
     try {
@@ -340,7 +348,7 @@ async function start() {
   channel.onclose = () => {
     $("text-input").disabled = true;
     $("text-send").disabled = true;
-    if (state.pc === pc && !state.hangingUp && pc.connectionState === "connected") {
+    if (state.pc === pc && !state.hangingUp && pc.connectionState !== "failed") {
       // The server ended the call (its reason came as an `error` event, if any): no automatic retry.
       addTranscript("system", t("call.endedByServer"));
       teardown({ deleteSession: false }).then(() => {
@@ -371,6 +379,7 @@ async function start() {
   }
   $("stop").disabled = false;
   $("start").hidden = true;
+  $("stage-hint").hidden = true;
   statsTimer = setInterval(pollStats, 1000);
 }
 
@@ -452,12 +461,10 @@ async function teardown({ deleteSession }) {
 function resetControls() {
   $("start").disabled = false;
   $("start").hidden = false;
-  $("stop").disabled = true;
+  $("stop").hidden = true;
   $("mode").disabled = false;
   $("text-input").disabled = true;
   $("text-send").disabled = true;
-  $("mic").setAttribute("aria-pressed", "false");
-  $("cam").setAttribute("aria-pressed", "false");
   renderToggles();
 }
 
@@ -479,8 +486,11 @@ function renderToggles() {
   $("cam").innerHTML = camOff ? ICONS.videoOff : ICONS.video;
   $("muted-mark").hidden = !micOff;
   $("muted-mark").innerHTML = ICONS.micOff;
-  $("cam").hidden = !currentMode().video;
-  $("cam-field").hidden = !currentMode().video;
+  const mode = currentMode();
+  $("cam").hidden = !mode.video;
+  $("cam-field").hidden = !mode.video;
+  $("stage-hint").textContent = mode.key ? t(`mode.${mode.key}.text`) : "";
+  $("stage-hint").hidden = Boolean(state.pc);
 }
 
 function toggleTrack(button, tracks) {
