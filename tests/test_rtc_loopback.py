@@ -44,6 +44,8 @@ async def test_whip_loopback_plays_back_after_the_configured_delay(
     try:
         await call.start_whip("loopback")
         assert call.location == f"/whip/{call.session_id}"
+        audio_section = call.pc.remoteDescription.sdp.split("m=audio", 1)[1].split("m=", 1)[0]
+        assert "a=sendrecv" in audio_section  # unlike ingest-only WHIP: the caller hears the server
         await run_loopback_call(call, delay_s, speech.size / RATE)
         check_heard(call, delay_s, "whip-loopback")
         assert await call.hang_up() in (200, 204)
