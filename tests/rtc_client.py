@@ -92,9 +92,9 @@ class PacedAudioTrack(MediaStreamTrack):
         return frame
 
     def timeline_start(self) -> float:
-        """Best estimate of when sample 0 was sent, from all frame times (robust to scheduling jitter)."""
+        """When sample 0 was sent: frames are never sent before their slot, only late (a busy loop)."""
         times = np.array(self.sent_at) - np.arange(len(self.sent_at)) * FRAME / RATE
-        return float(np.median(times))
+        return float(times.min())
 
 
 @dataclass
@@ -142,8 +142,10 @@ class Recorder:
         return np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.float32)
 
     def timeline_start(self) -> float:
+        """When sample 0 arrived, if nothing had been late: a busy loop only delays frames, so a low
+        percentile of (arrival - position) is the undelayed timeline (the 5th, to ignore an odd early frame)."""
         times = np.array(self.arrived_at) - np.array(self.offsets) / RATE
-        return float(np.median(times))
+        return float(np.percentile(times, 5))
 
 
 def align(sent: np.ndarray, received: np.ndarray, rate: int = 16000) -> tuple[int, float]:
