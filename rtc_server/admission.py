@@ -81,9 +81,10 @@ class Admission:
         busy = self.busy.pop(ticket.id, None)
         if busy is not None:
             self.recent_lengths.append(self.clock() - busy.admitted_at)
+            self.dispatch()
         elif ticket in self.waiting:
             self.waiting.remove(ticket)
-        self.dispatch()
+            self.notify_queue()  # everyone behind moves up
 
     def dispatch(self) -> None:
         """Admit waiting callers while slots are free (also called when a worker comes back)."""

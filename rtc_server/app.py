@@ -97,6 +97,16 @@ async def metrics(request: web.Request) -> web.Response:
         "Live sessions by mode and phase (queued: waiting for a worker slot).",
         [({"mode": m, "state": s}, n) for (m, s), n in sorted(counts.items())],
     )
+    talk: dict[tuple[str, str], int] = {}
+    for session in manager.sessions.values():
+        if session.phase == "active":
+            talk[(session.mode, session.state)] = talk.get((session.mode, session.state), 0) + 1
+    out.metric(
+        "rtc_sessions_talking",
+        "gauge",
+        "Active sessions by mode and conversation state (listening, thinking, speaking).",
+        [({"mode": m, "state": s}, n) for (m, s), n in sorted(talk.items())],
+    )
     out.metric(
         "rtc_sessions_started_total",
         "counter",

@@ -67,7 +67,8 @@ class LoopbackSettings(_Strict):
     unit_ms: int = Field(100, ge=20, le=1000)  # loopback cuts short units so that small delays are possible
     # Known latency of the media path that the loopback delay compensates: the aiortc receive jitter
     # buffer on each side (~80 ms each, fixed prefetch of 4 packets), Opus framing and the outbound
-    # track's 20 ms clock. Measured on 127.0.0.1 with aiortc clients and Chromium; see README.
+    # track's 20 ms clock. Measured on 127.0.0.1 with aiortc callers (tests/test_rtc_loopback.py); a
+    # browser's adaptive jitter buffer is usually a little shorter than aiortc's fixed 80 ms. See README.
     pipeline_latency_s: float = Field(0.2, ge=0)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 
 import aioice.ice
@@ -32,10 +33,12 @@ class ServerStats:
     sessions_started: dict[str, int] = field(default_factory=dict)
     unit_roundtrip: Histogram = field(default_factory=Histogram)
     unit_handoff: Histogram = field(default_factory=Histogram)
+    recent_handoff_ms: deque[float] = field(default_factory=lambda: deque(maxlen=20000))  # for the benchmark
 
     def record_unit(self, handoff_ms: float, roundtrip_ms: float) -> None:
         self.units_done += 1
         self.unit_handoff.observe(handoff_ms / 1000)
+        self.recent_handoff_ms.append(handoff_ms)
         self.unit_roundtrip.observe(roundtrip_ms / 1000)
 
 

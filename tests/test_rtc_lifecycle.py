@@ -69,23 +69,36 @@ async def test_vanished_caller_is_cleaned_up_within_the_consent_timeout(start_te
 
 
 async def test_killed_worker_fails_its_calls_and_comes_back(start_test_server) -> None:
-    server = await start_test_server()
-    worker = server.supervisor.workers[0]
-    call = Call(server.url, _tone(10))
+    # Two workers (as with --gpus 0,1; the loopback mode needs no GPU), one call on each.
+    server = await start_test_server(workers={"gpus": [0, 1], "capacity_per_gpu": 1})
+    victim, bystander = Call(server.url, _tone(20)), Call(server.url, _tone(20))
     try:
-        await call.start_json("loopback")
-        await call.wait_connected()
-        await call.wait_event("metrics")  # units are flowing through the worker
+        for call in (victim, bystander):
+            await call.start_json("loopback")
+            await call.wait_connected()
+            await call.wait_event("metrics")  # units are flowing through the worker
+        worker = server.supervisor.workers[server.manager.get(victim.session_id).worker_id]
+        other = server.supervisor.workers[server.manager.get(bystander.session_id).worker_id]
+        assert worker is not other
         old_pid = worker.pid
         os.kill(old_pid, signal.SIGKILL)
-        error = await call.wait_event("error", timeout=10)
+        error = await victim.wait_event("error", timeout=10)
         assert error["code"] == "worker_failed"
-        await _wait_for(lambda: not server.manager.sessions, 5, "the failed session to close")
-        await _wait_for(lambda: call.pc.connectionState == "closed", 5, "the caller's connection to close")
+        await _wait_for(
+            lambda: victim.session_id not in server.manager.sessions, 5, "the failed session to close"
+        )
+        await _wait_for(lambda: victim.pc.connectionState == "closed", 5, "the caller's connection to close")
         await _wait_for(lambda: worker.up and worker.pid != old_pid, 20, "the worker to restart")
-        assert worker.restarts == 1
+        assert worker.restarts == 1 and other.restarts == 0
+        # the other worker's call was untouched and still flows
+        assert not any(e["type"] == "error" for e in bystander.events)
+        seen = len(bystander.events)
+        await _wait_for(lambda: any(e["type"] == "metrics" for e in bystander.events[seen:]), 5, "more units")
+        assert bystander.session_id in server.manager.sessions
+        await bystander.hang_up()
     finally:
-        await call.close()
+        await victim.close()
+        await bystander.close()
     call = Call(server.url, _tone(1.0))
     try:
         await call.start_whip("loopback")
@@ -172,6 +185,7 @@ async def test_capacity_one_queues_the_second_caller_and_metrics_parse(start_tes
         assert _value(metrics, "rtc_queue_length") == 1
         assert _value(metrics, "rtc_sessions", mode="loopback", state="active") == 1
         assert _value(metrics, "rtc_sessions", mode="loopback", state="queued") == 1
+        assert _value(metrics, "rtc_sessions_talking", mode="loopback", state="listening") == 1
         assert _value(metrics, "rtc_units_processed_total") > 0
         assert _value(metrics, "rtc_unit_latency_seconds_count") > 0
         assert _value(metrics, "rtc_worker_up", worker="0") == 1
@@ -201,3 +215,21 @@ async def test_capacity_one_queues_the_second_caller_and_metrics_parse(start_tes
     finally:
         for call in (first, second, third):
             await call.close()
+
+
+async def test_caller_that_never_connects_is_dropped(start_test_server) -> None:
+    server = await start_test_server(rtc={"connect_timeout_s": 1.5})
+    call = Call(server.url, _tone(1.0))
+    try:
+        offer = await call._offer()
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                f"{server.url}/whip?mode=loopback", data=offer, headers={"Content-Type": "application/sdp"}
+            ) as r:
+                assert r.status == 201
+    finally:
+        await call.close()  # never applies the answer: ICE and DTLS never complete
+    assert len(server.manager.sessions) == 1
+    took = await _wait_for(lambda: not server.manager.sessions, 6, "the unconnected session to be dropped")
+    assert took < 5
+    assert server.manager.admission.busy == {}

@@ -1,0 +1,86 @@
+"""The worker IPC protocol and the supervisor's per-GPU worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inference import protocol as p
+from inference.modes import create_mode, mode_names
+from inference.modes.base import SessionOptions, Speech, UnitInput
+from inference.supervisor import SupervisorSettings, WorkerSupervisor
+
+
+async def _roundtrip(data: bytes) -> tuple[p.Message, bytes]:
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    reader.feed_eof()
+    return await p.read_message(reader)
+
+
+async def test_messages_roundtrip_with_binary_payload() -> None:
+    pcm = np.linspace(-1, 1, 1600, dtype=np.float32)
+    frame = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    unit = p.Unit(
+        session_id="s", index=3, samples=pcm.size, completed_at=1.5, sent_at=1.6, frame_shape=(2, 3, 3)
+    )
+    message, payload = await _roundtrip(p.encode(unit, p.pcm_to_bytes(pcm) + frame.tobytes()))
+    assert message == unit
+    got_pcm, got_frame = p.split_unit_payload(message, payload)
+    np.testing.assert_array_equal(got_pcm, pcm)
+    np.testing.assert_array_equal(got_frame, frame)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        struct.pack(">II", 5, 0) + b"{nope",
+        struct.pack(">II", 17, 0) + b'{"type": "bogus"}',
+        struct.pack(">II", p.MAX_HEADER_BYTES + 1, 0),
+    ],
+)
+async def test_garbage_is_a_protocol_error(data: bytes) -> None:
+    with pytest.raises(p.ProtocolError):
+        await _roundtrip(data)
+
+
+async def test_wrong_unit_payload_size_is_rejected() -> None:
+    unit = p.Unit(session_id="s", index=0, samples=10, completed_at=0, sent_at=0)
+    with pytest.raises(p.ProtocolError):
+        p.split_unit_payload(unit, b"\0" * 12)
+
+
+def test_loopback_mode_schedules_from_the_capture_timeline() -> None:
+    assert "loopback" in mode_names()
+    mode = create_mode("loopback", {"loopback": {"delay_s": 1.0, "unit_ms": 100, "pipeline_latency_s": 0.2}})
+    setup, outputs = mode.open(SessionOptions(session_id="s"))
+    assert setup.unit_samples == 1600 and setup.output_rate == 24000
+    pcm = np.sin(np.arange(1600) / 10).astype(np.float32)
+    (speech,) = mode.on_unit(UnitInput(index=0, pcm=pcm, completed_at=100.0), None)
+    assert isinstance(speech, Speech) and speech.pcm.size == 2400
+    assert speech.play_at == pytest.approx(100.0 - 0.1 + 1.0 - 0.2)
+    # a unit stamped late (a stalled loop) still plays on the capture timeline, not later
+    (speech,) = mode.on_unit(UnitInput(index=1, pcm=pcm, completed_at=100.4), None)
+    assert speech.play_at == pytest.approx(100.0 - 0.1 + 0.1 + 1.0 - 0.2)
+    mode.on_control({"type": "pause"})
+    assert mode.on_unit(UnitInput(index=2, pcm=pcm, completed_at=100.3), None) == []
+    with pytest.raises(KeyError, match="unknown mode"):
+        create_mode("karaoke", {})
+
+
+async def test_one_worker_per_gpu_with_its_own_cuda_visible_devices() -> None:
+    supervisor = WorkerSupervisor(SupervisorSettings(gpus=[0, 1], start_timeout_s=30), {})
+    await supervisor.start()
+    try:
+        assert [w.device for w in supervisor.workers] == ["cuda:0", "cuda:1"]
+        for worker in supervisor.workers:
+            assert worker.up and worker.modes == mode_names()
+            environ = Path(f"/proc/{worker.pid}/environ").read_bytes().split(b"\0")
+            assert f"CUDA_VISIBLE_DEVICES={worker.gpu}".encode() in environ
+    finally:
+        await supervisor.stop()
+    assert all(w.process is not None and w.process.returncode is not None for w in supervisor.workers)
