@@ -38,8 +38,13 @@ PAGES = {
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def server():
-    # One session slot, so that a second caller waits in the queue.
-    config = server_test_config(auth={"admin_token": ADMIN_TOKEN}, workers={"cpu_capacity": 1})
+    # One session slot, so that a second caller waits in the queue. ICE consent at aioice's defaults: the quick
+    # timeout of the lifecycle tests can drop a live browser call on a loaded 2-core machine.
+    config = server_test_config(
+        auth={"admin_token": ADMIN_TOKEN},
+        workers={"cpu_capacity": 1},
+        rtc={"consent_interval_s": 5.0, "consent_failures": 6},
+    )
     running = await start_server(config)
     running.url = running.url.replace("localhost", "127.0.0.1")
     yield running
@@ -298,9 +303,11 @@ async def test_docs_render_routes_and_events(server, browser: Browser) -> None:
 
 
 def seconds(text: str) -> int:
-    match = re.fullmatch(r"(\d+):(\d\d)", text.strip())
+    """The queue countdown in seconds; negative once past the estimate ("0:02 over the estimate")."""
+    match = re.fullmatch(r"(\d+):(\d\d)( over the estimate)?", text.strip())
     assert match, f"not a m:ss countdown: {text!r}"
-    return int(match[1]) * 60 + int(match[2])
+    value = int(match[1]) * 60 + int(match[2])
+    return -value if match[3] else value
 
 
 async def wait_connected(page: Page) -> None:
@@ -325,13 +332,16 @@ async def test_queue_countdown_and_server_hangup(server, browser: Browser) -> No
         before = seconds(await second.text_content("#queue-eta"))
         await asyncio.sleep(2.2)
         after = seconds(await second.text_content("#queue-eta"))
-        assert 0 < after < before, (before, after)
+        # The ETA comes from recent session lengths (short ones in this module), so it may run over.
+        assert 1 <= before - after <= 4, (before, after)
         await screenshot(second, "call-queued-desktop")
         await second.set_viewport_size({"width": 390, "height": 844})
         await screenshot(second, "call-queued-mobile")
         # The server ends the first call: that page says so and offers to reconnect; the second gets the slot.
         first_id = await first.evaluate("window.callState.sessionId")
-        await server.manager.get(first_id).close("ended by the test")
+        first_session = server.manager.get(first_id)
+        assert first_session is not None, "the first call ended before the test ended it"
+        await first_session.close("ended by the test")
         await first.wait_for_selector("#reconnect:not([hidden])", timeout=15000)
         assert "The server ended the call." in await first.text_content("#transcript")
         await wait_connected(second)
