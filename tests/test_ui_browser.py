@@ -196,8 +196,21 @@ async def test_loopback_call_from_the_call_page(server, browser: Browser) -> Non
 
 async def test_unavailable_mode_shows_the_servers_error(server, browser: Browser) -> None:
     page, _ = await new_page(browser)
+    released = asyncio.Event()
+
+    async def hold_offer(route) -> None:  # noqa: ANN001 (playwright Route)
+        await released.wait()  # keep the call "connecting" until the self-view has been checked
+        await route.continue_()
+
+    await page.route("**/api/sessions", hold_offer)
     try:
         await page.goto(f"{server.url}/call?mode=omni&autostart=1")
+        # Video mode: the fake camera shows in the self-view tile, and the camera button is offered.
+        await page.wait_for_function("document.querySelector('#self-video').videoWidth > 0", timeout=10000)
+        assert await page.is_visible("#self-video") and await page.is_visible("#cam")
+        assert (await page.evaluate("window.callState.constraints"))["video"]
+        await screenshot(page, "call-video-connecting-desktop")
+        released.set()
         await page.wait_for_selector("#call-error", timeout=10000)
         text = await page.text_content("#call-error")
         assert "unknown mode 'omni'" in text and "loopback" in text, text

@@ -295,6 +295,7 @@ async function start() {
   const mode = currentMode();
   const settings = loadSettings();
   $("start").disabled = true;
+  $("start").hidden = true;
   $("reconnect").hidden = true;
   $("mode").disabled = true;
   state.hangingUp = false;
@@ -513,7 +514,7 @@ function renderModeSelect() {
   if (!ids.includes(chosen)) ids.push(chosen); // a mode from the URL that we have no card for
   for (const id of ids) {
     const unavailable = serverModes && !serverModes.includes(id);
-    select.append(h("option", { value: id }, unavailable ? `${modeName(id)} — ${t("home.unavailable")}` : modeName(id)));
+    select.append(h("option", { value: id }, unavailable ? `${modeName(id)} (${t("call.unavailableShort")})` : modeName(id)));
   }
   select.value = chosen;
 }

@@ -16,6 +16,7 @@ const STRINGS = {
     "home.lead": "Speak, listen and show things to an omnimodal model in real time, right in your browser.",
     "home.footer": "Calls use WebRTC: the model's voice plays from the call itself, so your browser's echo cancellation can remove it from your microphone.",
     "home.infoFailed": "Could not read the server's information",
+    "home.needToken": "This server needs an API token: enter it in <a href=\"/settings\">Settings</a>.",
     "home.embeddedTitle": "This server runs the embedded demo model",
     "home.embeddedText": "It is a tiny model with random weights: calls work end to end, but its speech sounds like noise. To talk to MiniCPM-o 4.5, download the checkpoint and set <code>path</code> in the <code>[model]</code> section of <code>config.toml</code>, or start the server with:<code class=\"block\">python run.py --model-path /path/to/checkpoint</code>",
     "home.available": "Available",
@@ -62,6 +63,7 @@ const STRINGS = {
     "call.endedByServer": "The server ended the call.",
     "call.connectionLost": "The connection was lost.",
     "call.ended": "Call ended.",
+    "call.unavailableShort": "unavailable",
 
     "status.idle": "Ready",
     "status.media": "Asking for the microphone…",
@@ -217,6 +219,7 @@ const STRINGS = {
     "home.lead": "在浏览器里与全模态模型实时交谈、聆听，并向它展示画面。",
     "home.footer": "通话基于 WebRTC：模型的声音直接从通话中播放，浏览器的回声消除可以把它从麦克风信号中去掉。",
     "home.infoFailed": "无法读取服务器信息",
+    "home.needToken": "本服务器需要 API 令牌：请在<a href=\"/settings\">设置</a>中填写。",
     "home.embeddedTitle": "服务器正在运行内置演示模型",
     "home.embeddedText": "这是一个随机权重的微型模型：通话流程完整可用，但它的语音听起来像噪声。要与 MiniCPM-o 4.5 对话，请下载模型权重，并在 <code>config.toml</code> 的 <code>[model]</code> 部分设置 <code>path</code>，或用以下命令启动服务器：<code class=\"block\">python run.py --model-path /path/to/checkpoint</code>",
     "home.available": "可用",
@@ -263,6 +266,7 @@ const STRINGS = {
     "call.endedByServer": "服务器结束了通话。",
     "call.connectionLost": "连接已断开。",
     "call.ended": "通话已结束。",
+    "call.unavailableShort": "不可用",
 
     "status.idle": "就绪",
     "status.media": "正在请求麦克风…",
