@@ -259,6 +259,13 @@ async def test_language_switch_is_kept(server, browser: Browser) -> None:
         assert await page.evaluate("document.documentElement.lang") == "zh-CN"
         assert "数据通道事件" in await page.text_content("#doc")
         await screenshot(page, "docs-zh-desktop")
+        await page.set_viewport_size({"width": 390, "height": 844})
+        await page.goto(f"{server.url}/call?mode=loopback")
+        await page.wait_for_function("document.querySelector('#mode').options.length >= 4")
+        assert await page.text_content("#start") == "开始通话"
+        await screenshot(page, "call-zh-mobile")
+        await page.goto(f"{server.url}/settings")
+        await screenshot(page, "settings-zh-mobile")
         assert not console.errors, console.errors
     finally:
         await page.context.close()

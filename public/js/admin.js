@@ -115,6 +115,7 @@ async function refresh() {
     $("messages").innerHTML = "";
     $("token-form").hidden = true;
     $("dashboard").hidden = false;
+    $("refresh-controls").hidden = false;
     $("updated").textContent = t("admin.updated", { time: new Date().toLocaleTimeString() });
     render();
   } catch (err) {
@@ -122,6 +123,7 @@ async function refresh() {
       const hadToken = Boolean(sessionStorage.getItem(TOKEN_KEY));
       sessionStorage.removeItem(TOKEN_KEY);
       $("dashboard").hidden = true;
+      $("refresh-controls").hidden = true;
       $("token-form").hidden = false;
       $("messages").innerHTML = "";
       if (hadToken) $("messages").append(banner("error", t("admin.tokenWrong"), err.message));
