@@ -120,6 +120,7 @@ class SessionRunner:
                     unit_samples=setup.unit_samples,
                     first_unit_samples=setup.first_unit_samples,
                     output_rate=setup.output_rate,
+                    video_max_side=setup.video_max_side,
                 )
             )
             await self._send_outputs(outputs, self.output_rate)
