@@ -11,8 +11,9 @@ So sample s must start playing at `arrival(s) + delay_s - pipeline_latency_s`.
 The arrival timeline comes from the units themselves: unit k ends at sample S_k (the count of samples so far,
 which follows the RTP clock because the inbound side fills lost packets with silence) and was stamped
 `completed_at` when its last sample arrived, so `completed_at - S_k / 16000` estimates when sample 0 arrived.
-A busy event loop can only make a stamp later, never earlier, so the estimate used is the minimum over the
-last few seconds (`ORIGIN_WINDOW_S`, which also follows slow clock drift between caller and server). Each unit
+A busy event loop or a receive jitter buffer that grew after a lost packet can only make a stamp later,
+never earlier, so the estimate used is the minimum over the last `ORIGIN_WINDOW_S` seconds (a window, not
+the whole call, so that slow clock drift between caller and server is followed: 100 ppm is 3 ms per 30 s). Each unit
 is then scheduled at
 
     play_at = origin + (S_k - unit_samples) / 16000 + delay_s - pipeline_latency_s
@@ -33,7 +34,7 @@ from inference.modes.base import Output, SessionOptions, SessionSetup, Speech, S
 
 INPUT_RATE = 16000
 OUTPUT_RATE = 24000
-ORIGIN_WINDOW_S = 5.0
+ORIGIN_WINDOW_S = 30.0  # long enough to ride out receive-latency jumps, short against clock drift
 
 
 def upsample_16k_to_24k(pcm: np.ndarray) -> np.ndarray:
