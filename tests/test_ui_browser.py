@@ -383,3 +383,28 @@ async def test_queue_countdown_and_server_hangup(server, browser: Browser) -> No
     while server.manager.sessions and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     assert server.manager.sessions == {}
+
+
+async def test_statistics_overlay_grades(server, browser: Browser) -> None:
+    page, console = await new_page(browser)
+    try:
+        await page.goto(f"{server.url}/")
+        result = await page.evaluate(
+            """import('/js/call-stats.js').then(({ grade, median, CallStats }) => {
+                 const stats = new CallStats();
+                 [30, 10, 20].forEach((ms, unit) =>
+                   stats.addUnit({ unit, handoff_ms: 1, compute_ms: 2, roundtrip_ms: ms }));
+                 return {
+                   grades: [grade('roundtrip', 499), grade('roundtrip', 500), grade('roundtrip', 1500),
+                            grade('rtt', 100), grade('loss', 3), grade('jitter', 200), grade('rtt', null)],
+                   medians: [median([]), median([3, 1, 2]), median([4, 1, 2, 3])],
+                   rows: stats.rows().slice(0, 2).map((r) => r[1]),
+                 };
+               })"""
+        )
+        assert not console.errors, console.errors
+    finally:
+        await page.context.close()
+    assert result["grades"] == ["good", "meh", "poor", "good", "meh", "poor", ""]
+    assert result["medians"] == [None, 2, 2.5]
+    assert result["rows"] == ["20 ms", "20 ms"]  # last unit, then the median of the recent ones
