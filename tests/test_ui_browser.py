@@ -408,3 +408,26 @@ async def test_statistics_overlay_grades(server, browser: Browser) -> None:
     assert result["grades"] == ["good", "meh", "poor", "good", "meh", "poor", ""]
     assert result["medians"] == [None, 2, 2.5]
     assert result["rows"] == ["20 ms", "20 ms"]  # last unit, then the median of the recent ones
+
+
+async def test_pages_with_an_api_token(browser: Browser) -> None:
+    token = "ui-api-token"
+    protected = await start_server(server_test_config(auth={"api_token": token}))
+    url = protected.url.replace("localhost", "127.0.0.1")
+    page, _ = await new_page(browser)
+    try:
+        await page.goto(f"{url}/")
+        await page.wait_for_selector("#messages .banner.error")
+        assert "needs an API token" in await page.text_content("#messages")
+        await page.click("#messages a[href='/settings']")
+        await page.fill("#api-token", token)
+        await page.goto(f"{url}/")
+        await page.wait_for_function("document.querySelectorAll('.mode-card .badge').length === 4")
+        await page.goto(f"{url}/call?mode=loopback&autostart=1")
+        await wait_connected(page)
+        await page.click("#stop")
+        await page.wait_for_function("window.callState.sessionId === null")
+    finally:
+        await page.context.close()
+        await protected.stop()
+    assert not protected.manager.sessions
