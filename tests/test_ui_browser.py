@@ -138,7 +138,7 @@ async def test_every_page_loads_cleanly(server, browser: Browser, viewport: str)
         unavailable = await page.eval_on_selector_all(
             ".mode-card.unavailable", "cards => cards.map(c => c.dataset.mode)"
         )
-        assert "loopback" not in unavailable and set(unavailable) == {"turn_based", "audio_duplex", "omni"}
+        assert "loopback" not in unavailable and set(unavailable) == {"chat", "audio_duplex", "omni_duplex"}
     finally:
         await page.context.close()
 
@@ -204,7 +204,7 @@ async def test_unavailable_mode_shows_the_servers_error(server, browser: Browser
 
     await page.route("**/api/sessions", hold_offer)
     try:
-        await page.goto(f"{server.url}/call?mode=omni&autostart=1")
+        await page.goto(f"{server.url}/call?mode=omni_duplex&autostart=1")
         # Video mode: the fake camera shows in the self-view tile, and the camera button is offered.
         await page.wait_for_function("document.querySelector('#self-video').videoWidth > 0", timeout=10000)
         assert await page.is_visible("#self-video") and await page.is_visible("#cam")
@@ -213,7 +213,7 @@ async def test_unavailable_mode_shows_the_servers_error(server, browser: Browser
         released.set()
         await page.wait_for_selector("#call-error", timeout=10000)
         text = await page.text_content("#call-error")
-        assert "unknown mode 'omni'" in text and "loopback" in text, text
+        assert "unknown mode 'omni_duplex'" in text and "loopback" in text, text
         assert await page.evaluate("window.callState.status") == "failed"
         assert await page.evaluate("window.callState.pc") is None
         assert await page.is_enabled("#start")
