@@ -147,3 +147,13 @@ def test_long_turn_stays_bounded(model: Token2Wav, voice: PromptCache) -> None:
         assert turn.vocoder.mel.shape[2] <= 55  # type: ignore[union-attr]
     total += sum(p.size for p in model.push_codes(turn, [], end_of_turn=True))
     assert total == (3 + 230) * 2 * 480 + 3840
+
+
+def test_small_windows_keep_the_timeline(model: Token2Wav, voice: PromptCache, gen_tokens: list[int]) -> None:
+    # Windows of 4 tokens (1 new + 3 look-ahead) are legal; each adds exactly 2 mel frames.
+    turn = model.start_turn(voice)
+    total = 0
+    for i in range(6):
+        total += model.stream_window(turn, gen_tokens[i : i + 4], last_chunk=False).size
+    total += model.stream_window(turn, gen_tokens[6:9], last_chunk=True).size
+    assert total == (6 + 3) * 2 * 480 + 3840
