@@ -72,6 +72,12 @@ def fit_prompt_mel(prompt_mel: torch.Tensor, frames: int) -> torch.Tensor:
     return torch.cat([prompt_mel, tail], dim=1)
 
 
+def _tensor(value: object, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype)
+    return torch.as_tensor(np.asarray(value), dtype=dtype, device=device)
+
+
 def pcm16_roundtrip(wav: np.ndarray) -> np.ndarray:
     """The duplex path's int16 trip: clip to [-1, 1], x32767 to int16 (truncating), back by /32768."""
     pcm = (np.clip(wav, -1.0, 1.0) * 32767.0).astype(np.int16)
@@ -181,13 +187,11 @@ class Token2Wav:
 
         prompt_mel (1, t, 80) or (t, 80) is fitted to 2 frames per prompt token; spk_embedding (1, 192).
         """
-        tokens = torch.as_tensor(np.asarray(prompt_tokens), dtype=torch.long, device=self.device).reshape(
-            1, -1
-        )
+        tokens = _tensor(prompt_tokens, torch.long, self.device).reshape(1, -1)
         lookahead = self.flow.lookahead
         if tokens.shape[1] < lookahead:
             raise ValueError(f"a voice prompt needs at least {lookahead} tokens, got {tokens.shape[1]}")
-        mel = torch.as_tensor(np.asarray(prompt_mel), dtype=torch.float32, device=self.device)
+        mel = _tensor(prompt_mel, torch.float32, self.device)
         if mel.ndim == 2:
             mel = mel[None]
         if mel.ndim != 3 or mel.shape[0] != 1 or mel.shape[2] != self.flow.p.output_size:
@@ -195,9 +199,7 @@ class Token2Wav:
                 f"prompt mel must have shape (1, t, {self.flow.p.output_size}), got {tuple(mel.shape)}"
             )
         mel = fit_prompt_mel(mel, tokens.shape[1] * self.flow.up_rate)
-        spk = torch.as_tensor(np.asarray(spk_embedding), dtype=torch.float32, device=self.device).reshape(
-            1, -1
-        )
+        spk = _tensor(spk_embedding, torch.float32, self.device).reshape(1, -1)
         if spk.shape[1] != self.flow.p.spk_embed_dim:
             raise ValueError(
                 f"speaker embedding must have {self.flow.p.spk_embed_dim} values, got {spk.shape[1]}"
@@ -213,7 +215,7 @@ class Token2Wav:
         self, tokens: Sequence[int] | np.ndarray, prompt: PromptCache, source_noise: SourceNoise | None = None
     ) -> np.ndarray:
         """The official `__call__`: flow over [prompt ; tokens], then the original HiFT. float32 (n*960,)."""
-        gen = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=self.device).reshape(1, -1)
+        gen = _tensor(tokens, torch.long, self.device).reshape(1, -1)
         if gen.shape[1] == 0:
             raise ValueError("whole-utterance synthesis needs at least one speech token")
         mel = self.flow.inference(
@@ -243,7 +245,7 @@ class Token2Wav:
         if not last_chunk and count <= self.flow.lookahead:
             raise ValueError(f"a non-final window needs more than {self.flow.lookahead} tokens, got {count}")
         if count:
-            ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=self.device).reshape(1, -1)
+            ids = _tensor(tokens, torch.long, self.device).reshape(1, -1)
             mel, cache = self.flow.inference_chunk(
                 ids, state.prompt.spk_embedding, state.flow_cache, last_chunk, self.n_timesteps
             )
