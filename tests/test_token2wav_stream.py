@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from MiniCPMO45.token2wav import PromptCache, Token2Wav, pcm16_roundtrip
+from MiniCPMO45.token2wav import PromptCache, Token2Wav, duplex_unit_audio, pcm16_roundtrip
 from MiniCPMO45.token2wav.hift import SourceNoise
 
 from .token2wav_assets import load_tiny_token2wav
@@ -51,13 +51,18 @@ def test_prompt_cache_matches_setup(voice: PromptCache, expected: dict[str, np.n
     )
 
 
-@pytest.mark.parametrize("rule", ["turn", "duplex"])
+@pytest.mark.parametrize(("rule", "flush"), [("turn", False), ("duplex", False), ("duplex", True)])
 def test_turn_matches_official_stream(
-    model: Token2Wav, voice: PromptCache, expected: dict[str, np.ndarray], gen_tokens: list[int], rule: str
+    model: Token2Wav,
+    voice: PromptCache,
+    expected: dict[str, np.ndarray],
+    gen_tokens: list[int],
+    rule: str,
+    flush: bool,
 ) -> None:
-    # 3 silence + 50 tokens: both rules give windows of 28, 28 and a final 3 for this input.
+    # 3 silence + 50 tokens: every rule gives windows of 28, 28 and a final 3 for this input.
     turn = model.start_turn(voice, rule=rule)  # type: ignore[arg-type]
-    pieces = model.push_codes(turn, gen_tokens, end_of_turn=False)
+    pieces = model.push_codes(turn, gen_tokens, end_of_turn=False, flush=flush)
     pieces += model.push_codes(turn, [], end_of_turn=True)
     assert [p.shape[0] for p in pieces] == [24000, 24000, 6720]
     for i, piece in enumerate(pieces):
@@ -88,8 +93,9 @@ def test_turns_do_not_share_state(
 
 def test_duplex_short_windows(model: Token2Wav, voice: PromptCache, gen_tokens: list[int]) -> None:
     turn = model.start_turn(voice, rule="duplex")
-    assert model.push_codes(turn, gen_tokens[:4]) == []  # 7 tokens buffered: below the 8-token minimum
-    first = model.push_codes(turn, gen_tokens[4:10])  # 13 tokens: one window of 13, advance 10
+    assert model.push_codes(turn, gen_tokens[:4], flush=True) == []  # 7 buffered: below the 8-token minimum
+    assert model.push_codes(turn, gen_tokens[4:10]) == []  # 13 buffered, no flush: wait for 28
+    first = model.push_codes(turn, [], flush=True)  # flush: one window of 13, advance 10
     assert turn.buffer == gen_tokens[7:10] and turn.windows == 1
     # 10 new tokens -> 20 mel frames; 20 - 8 delayed frames + the 8-frame zero prefix = 20 frames.
     assert [p.shape[0] for p in first] == [20 * 480]
@@ -124,6 +130,15 @@ def test_bad_input(model: Token2Wav, voice: PromptCache) -> None:
         model.start_turn(voice, rule="bogus")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="speaker"):
         model.prepare_prompt([1, 2, 3, 4], np.zeros((8, 80), np.float32), np.zeros(10, np.float32))
+
+
+def test_duplex_unit_audio() -> None:
+    assert duplex_unit_audio([], last_unit=False) is None
+    short = duplex_unit_audio([np.full(100, 0.5, np.float32), np.full(50, -0.5, np.float32)], last_unit=False)
+    assert short is not None and short.shape == (24000,) and not short[:23850].any()
+    np.testing.assert_allclose(short[-150:-50], 16383 / 32768)
+    last = duplex_unit_audio([np.full(100, 0.5, np.float32)], last_unit=True)
+    assert last is not None and last.shape == (100,)
 
 
 def test_pcm16_roundtrip() -> None:

@@ -84,6 +84,19 @@ def pcm16_roundtrip(wav: np.ndarray) -> np.ndarray:
     return pcm.astype(np.float32) / 32768.0
 
 
+def duplex_unit_audio(pieces: Sequence[np.ndarray], last_unit: bool) -> np.ndarray | None:
+    """The official duplex post-processing of one unit's pieces: join, int16 round trip, and left-pad a
+    non-final unit with zeros to at least 1 s. None when the unit produced no audio."""
+    if not pieces:
+        return None
+    audio = pcm16_roundtrip(np.concatenate(pieces))
+    if audio.size == 0:
+        return None
+    if not last_unit and audio.size < SAMPLE_RATE:
+        audio = np.concatenate([np.zeros(SAMPLE_RATE - audio.size, np.float32), audio])
+    return audio
+
+
 def _original_hift_params(state: dict[str, torch.Tensor]) -> HiFTParams:
     """Class defaults (the real sizes), with widths read from the weights so tiny checkpoints load too."""
     try:
@@ -263,7 +276,7 @@ class Token2Wav:
         return wav[0].float().cpu().numpy()
 
     def iter_push_codes(
-        self, state: TurnState, codes: Sequence[int], end_of_turn: bool
+        self, state: TurnState, codes: Sequence[int], end_of_turn: bool = False, flush: bool = False
     ) -> Iterator[np.ndarray]:
         """Like `push_codes`, but yields each window's audio as soon as it is computed."""
         if state.finished:
@@ -274,11 +287,11 @@ class Token2Wav:
                 raise ValueError(f"speech token {code} is outside 0..{vocab - 1}")
         state.buffer.extend(int(c) for c in codes)
         lookahead = self.flow.lookahead
-        if state.rule == "duplex":
+        if state.rule == "duplex" and flush:
             while len(state.buffer) >= DUPLEX_MIN_TOKENS:
                 size = min(WINDOW_TOKENS, len(state.buffer))
                 wav = self.stream_window(state, state.buffer[:size], last_chunk=False)
-                del state.buffer[: min(WINDOW_ADVANCE, len(state.buffer) - lookahead)]
+                del state.buffer[: min(WINDOW_ADVANCE, size - lookahead)]
                 if wav.size:
                     yield wav
         else:
@@ -294,7 +307,13 @@ class Token2Wav:
                 yield wav
 
     def push_codes(
-        self, state: TurnState, codes: Sequence[int], end_of_turn: bool = False
+        self, state: TurnState, codes: Sequence[int], end_of_turn: bool = False, flush: bool = False
     ) -> list[np.ndarray]:
-        """Append speech tokens to the turn and return the audio pieces (float32, 24 kHz) now ready."""
-        return list(self.iter_push_codes(state, codes, end_of_turn))
+        """Append speech tokens to the turn and return the audio pieces (float32, 24 kHz) now ready.
+
+        Windows of 28 tokens (25 new + 3 look-ahead) go out whenever 28 are buffered, then 25 are dropped.
+        `flush` (duplex rule only; the official duplex path does this when a unit's codes carry a chunk
+        terminator, or on force-flush) also sends shorter windows: min(28, n) tokens while n >= 8,
+        dropping min(25, n - 3). `end_of_turn` sends the rest as the last chunk and flushes the vocoder.
+        """
+        return list(self.iter_push_codes(state, codes, end_of_turn, flush))
