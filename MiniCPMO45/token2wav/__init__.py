@@ -30,6 +30,10 @@ non-empty piece of a turn starts with 3840 zero samples (the vocoder's 8-frame d
 returned. `duplex_unit_audio` applies the duplex path's post-processing to one unit's pieces (int16 round
 trip, `pcm16_roundtrip`, and left padding of non-final units to 1 s).
 
+Many sessions per worker: `push_codes_batch([PushRequest(turn, codes, end_of_turn, flush), ...])` runs
+the turns' windows round by round; windows of equal size and cache shapes (sessions of one voice in steady
+state) share one flow batch. The vocoder still runs per turn.
+
 Whole utterance (the official `__call__`; flow over [prompt ; tokens], then the original HiFT)::
 
     wav = model.synthesize(tokens, voice)
@@ -40,12 +44,21 @@ an 8-frame mel cache, a 3840-sample source cache and a Hamming cross-fade (`cros
 """
 
 from .assets import AssetLayout, AssetLayoutError, detect_layout, read_weights
-from .model import PromptCache, Token2Wav, TurnState, duplex_unit_audio, fit_prompt_mel, pcm16_roundtrip
+from .model import (
+    PromptCache,
+    PushRequest,
+    Token2Wav,
+    TurnState,
+    duplex_unit_audio,
+    fit_prompt_mel,
+    pcm16_roundtrip,
+)
 
 __all__ = [
     "AssetLayout",
     "AssetLayoutError",
     "PromptCache",
+    "PushRequest",
     "Token2Wav",
     "TurnState",
     "detect_layout",

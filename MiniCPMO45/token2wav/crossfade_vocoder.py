@@ -26,7 +26,7 @@ def hamming(length: int) -> torch.Tensor:
     return 0.54 - 0.46 * torch.cos(2 * np.pi * n / (length - 1))
 
 
-@dataclass
+@dataclass(eq=False)
 class CrossfadeState:
     mel: torch.Tensor  # (1, mels, <= 8) last mel frames of the previous call
     source: torch.Tensor  # (1, 1, <= 3840) last source samples of the previous call

@@ -34,7 +34,7 @@ HISTORY_FRAMES = 100  # flow attention history kept beyond the prompt (mel frame
 WindowRule = Literal["turn", "duplex"]
 
 
-@dataclass
+@dataclass(eq=False)
 class PromptCache:
     """Everything derived from one reference voice; build once with `prepare_prompt`, share read-only."""
 
@@ -49,6 +49,16 @@ class PromptCache:
 
 
 @dataclass
+class PushRequest:
+    """One turn's share of a `push_codes_batch` call."""
+
+    state: TurnState
+    codes: Sequence[int]
+    end_of_turn: bool = False
+    flush: bool = False
+
+
+@dataclass(eq=False)
 class TurnState:
     """One spoken turn: token buffer, flow caches and vocoder state (owned, never shared)."""
 
@@ -252,33 +262,53 @@ class Token2Wav:
     @torch.inference_mode()
     def stream_window(self, state: TurnState, tokens: Sequence[int], last_chunk: bool) -> np.ndarray:
         """The official `stream()`: one window (new tokens + 3 look-ahead unless last) -> float32 audio."""
-        if state.finished:
-            raise ValueError("this turn has already been flushed; start a new turn")
-        count = len(tokens)
-        if not last_chunk and count <= self.flow.lookahead:
-            raise ValueError(f"a non-final window needs more than {self.flow.lookahead} tokens, got {count}")
-        if count:
-            ids = _tensor(tokens, torch.long, self.device).reshape(1, -1)
-            mel, cache = self.flow.inference_chunk(
-                ids, state.prompt.spk_embedding, state.flow_cache, last_chunk, self.n_timesteps
-            )
-            state.flow_cache = trim_flow_cache(
-                cache, state.prompt.prompt_frames, HISTORY_FRAMES, len(self.flow.encoder.encoders)
-            )
-        else:
-            mel = torch.zeros(1, self.flow.p.output_size, 0, device=self.device)
-        wav = self.streaming.stream(state.vocoder, mel, final=last_chunk)  # type: ignore[arg-type]
-        if not torch.isfinite(wav).all():
-            raise RuntimeError("the streaming vocoder returned non-finite audio")
-        state.windows += 1
-        if last_chunk:
-            state.finished = True
-        return wav[0].float().cpu().numpy()
+        return self.stream_windows([(state, tokens, last_chunk)])[0]
 
-    def iter_push_codes(
-        self, state: TurnState, codes: Sequence[int], end_of_turn: bool = False, flush: bool = False
-    ) -> Iterator[np.ndarray]:
-        """Like `push_codes`, but yields each window's audio as soon as it is computed."""
+    @torch.inference_mode()
+    def stream_windows(self, windows: Sequence[tuple[TurnState, Sequence[int], bool]]) -> list[np.ndarray]:
+        """One window for each of several turns, the flow batched over turns whose windows have the same
+        size, kind and cache shapes (typically: sessions of one voice in steady state). Each turn may appear
+        once. Returns the audio of each window, in order."""
+        if len({id(state) for state, _, _ in windows}) != len(windows):
+            raise ValueError("a turn can have only one window per call")
+        for state, tokens, last_chunk in windows:
+            if state.finished:
+                raise ValueError("this turn has already been flushed; start a new turn")
+            if not last_chunk and len(tokens) <= self.flow.lookahead:
+                raise ValueError(
+                    f"a non-final window needs more than {self.flow.lookahead} tokens, got {len(tokens)}"
+                )
+        mels: list[torch.Tensor | None] = [None] * len(windows)
+        groups: dict[tuple[object, ...], list[int]] = {}
+        for i, (state, tokens, last_chunk) in enumerate(windows):
+            if len(tokens):
+                key = (len(tokens), last_chunk, state.prompt.prompt_frames, state.flow_cache.shape_key())
+                groups.setdefault(key, []).append(i)
+        low_layers = len(self.flow.encoder.encoders)
+        for members in groups.values():
+            states = [windows[i][0] for i in members]
+            ids = torch.stack([_tensor(windows[i][1], torch.long, self.device) for i in members])
+            spk = torch.cat([st.prompt.spk_embedding for st in states], dim=0)
+            mel, caches = self.flow.inference_chunk_batch(
+                ids, spk, [st.flow_cache for st in states], windows[members[0]][2], self.n_timesteps
+            )
+            for row, (i, st, cache) in enumerate(zip(members, states, caches, strict=True)):
+                st.flow_cache = trim_flow_cache(cache, st.prompt.prompt_frames, HISTORY_FRAMES, low_layers)
+                mels[i] = mel[row : row + 1]
+        out = []
+        for (state, _, last_chunk), mel in zip(windows, mels, strict=True):
+            if mel is None:
+                mel = torch.zeros(1, self.flow.p.output_size, 0, device=self.device)
+            wav = self.streaming.stream(state.vocoder, mel, final=last_chunk)  # type: ignore[arg-type]
+            if not torch.isfinite(wav).all():
+                raise RuntimeError("the streaming vocoder returned non-finite audio")
+            state.windows += 1
+            if last_chunk:
+                state.finished = True
+            out.append(wav[0].float().cpu().numpy())
+        return out
+
+    def _take_codes(self, state: TurnState, codes: Sequence[int]) -> None:
         if state.finished:
             raise ValueError("this turn has already been flushed; start a new turn")
         vocab = self.flow.p.vocab_size
@@ -286,20 +316,27 @@ class Token2Wav:
             if not 0 <= int(code) < vocab:
                 raise ValueError(f"speech token {code} is outside 0..{vocab - 1}")
         state.buffer.extend(int(c) for c in codes)
-        lookahead = self.flow.lookahead
-        if state.rule == "duplex" and flush:
-            while len(state.buffer) >= DUPLEX_MIN_TOKENS:
-                size = min(WINDOW_TOKENS, len(state.buffer))
-                wav = self.stream_window(state, state.buffer[:size], last_chunk=False)
-                del state.buffer[: min(WINDOW_ADVANCE, size - lookahead)]
-                if wav.size:
-                    yield wav
-        else:
-            while len(state.buffer) >= WINDOW_TOKENS:
-                wav = self.stream_window(state, state.buffer[:WINDOW_TOKENS], last_chunk=False)
-                del state.buffer[:WINDOW_ADVANCE]
-                if wav.size:
-                    yield wav
+
+    def _next_window(self, state: TurnState, flush: bool) -> tuple[int, int] | None:
+        """(tokens to send, tokens to drop) of the next non-final window, or None if none is due."""
+        n = len(state.buffer)
+        if n >= WINDOW_TOKENS:
+            return WINDOW_TOKENS, WINDOW_ADVANCE
+        if state.rule == "duplex" and flush and n >= DUPLEX_MIN_TOKENS:
+            return n, min(WINDOW_ADVANCE, n - self.flow.lookahead)
+        return None
+
+    def iter_push_codes(
+        self, state: TurnState, codes: Sequence[int], end_of_turn: bool = False, flush: bool = False
+    ) -> Iterator[np.ndarray]:
+        """Like `push_codes`, but yields each window's audio as soon as it is computed."""
+        self._take_codes(state, codes)
+        while (window := self._next_window(state, flush)) is not None:
+            size, advance = window
+            wav = self.stream_window(state, state.buffer[:size], last_chunk=False)
+            del state.buffer[:advance]
+            if wav.size:
+                yield wav
         if end_of_turn:
             rest, state.buffer = state.buffer, []
             wav = self.stream_window(state, rest, last_chunk=True)
@@ -317,3 +354,33 @@ class Token2Wav:
         dropping min(25, n - 3). `end_of_turn` sends the rest as the last chunk and flushes the vocoder.
         """
         return list(self.iter_push_codes(state, codes, end_of_turn, flush))
+
+    def push_codes_batch(self, requests: Sequence[PushRequest]) -> list[list[np.ndarray]]:
+        """`push_codes` for several turns at once, running their windows round by round through
+        `stream_windows` (so equal-shaped windows share one flow batch). Same audio as one call per turn."""
+        if len({id(r.state) for r in requests}) != len(requests):
+            raise ValueError("a turn can appear only once per batch")
+        for r in requests:
+            self._take_codes(r.state, r.codes)
+        results: list[list[np.ndarray]] = [[] for _ in requests]
+        while True:
+            due = [(i, self._next_window(r.state, r.flush)) for i, r in enumerate(requests)]
+            due = [(i, w) for i, w in due if w is not None]
+            if not due:
+                break
+            batch = [(requests[i].state, requests[i].state.buffer[: w[0]], False) for i, w in due]
+            for (i, w), wav in zip(due, self.stream_windows(batch), strict=True):
+                del requests[i].state.buffer[: w[1]]
+                if wav.size:
+                    results[i].append(wav)
+        finals = [i for i, r in enumerate(requests) if r.end_of_turn]
+        if finals:
+            batch = []
+            for i in finals:
+                state = requests[i].state
+                rest, state.buffer = state.buffer, []
+                batch.append((state, rest, True))
+            for i, wav in zip(finals, self.stream_windows(batch), strict=True):
+                if wav.size:
+                    results[i].append(wav)
+        return results

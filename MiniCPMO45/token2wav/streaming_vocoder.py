@@ -37,7 +37,7 @@ def default_source_noise_table(
     return torch.rand(1, int(seconds * sample_rate), harmonics, generator=gen)
 
 
-@dataclass
+@dataclass(eq=False)
 class VocoderState:
     """Per-stream state. Frame indices are absolute (since the stream started)."""
 
