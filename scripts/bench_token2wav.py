@@ -80,9 +80,9 @@ def main() -> None:
     voice = model.prepare_prompt(prompt_tokens, prompt_mel, rng.standard_normal((1, 192)).astype(np.float32))
     codes = rng.integers(0, 6561, 25 * args.windows).tolist()
 
-    flow_timer = _Timer(model.flow.inference_chunk, device)
+    flow_timer = _Timer(model.flow.inference_chunk_batch, device)
     hift_timer = _Timer(model.streaming.stream, device)
-    model.flow.inference_chunk = flow_timer  # type: ignore[method-assign]
+    model.flow.inference_chunk_batch = flow_timer  # type: ignore[method-assign]
     model.streaming.stream = hift_timer  # type: ignore[method-assign]
 
     for _ in range(args.warmup):
