@@ -32,7 +32,7 @@ trip, `pcm16_roundtrip`, and left padding of non-final units to 1 s).
 
 Many sessions per worker: `push_codes_batch([PushRequest(turn, codes, end_of_turn, flush), ...])` runs
 the turns' windows round by round; windows of equal size and cache shapes (sessions of one voice in steady
-state) share one flow batch. The vocoder still runs per turn.
+state) share one flow batch, and the streaming vocoder batches blocks of equal geometry.
 
 Whole utterance (the official `__call__`; flow over [prompt ; tokens], then the original HiFT)::
 

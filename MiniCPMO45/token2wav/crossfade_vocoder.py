@@ -95,3 +95,9 @@ class CrossfadeVocoder:
         if first:
             return torch.cat([speech.new_zeros(1, self.overlap), speech[:, : -self.overlap]], dim=1)
         return speech[:, : -self.overlap]
+
+    def stream_batch(
+        self, states: list[CrossfadeState], mels: list[torch.Tensor], finals: list[bool]
+    ) -> list[torch.Tensor]:
+        """One call per stream (the random source makes each stream's call independent anyway)."""
+        return [self.stream(st, mel, final) for st, mel, final in zip(states, mels, finals, strict=True)]

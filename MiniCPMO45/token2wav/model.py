@@ -266,9 +266,9 @@ class Token2Wav:
 
     @torch.inference_mode()
     def stream_windows(self, windows: Sequence[tuple[TurnState, Sequence[int], bool]]) -> list[np.ndarray]:
-        """One window for each of several turns, the flow batched over turns whose windows have the same
-        size, kind and cache shapes (typically: sessions of one voice in steady state). Each turn may appear
-        once. Returns the audio of each window, in order."""
+        """One window for each of several turns. The flow runs batched over turns whose windows have the same
+        size, kind and cache shapes (typically: sessions of one voice in steady state), the vocoder over
+        blocks of equal geometry. Each turn may appear once. Returns the audio of each window, in order."""
         if len({id(state) for state, _, _ in windows}) != len(windows):
             raise ValueError("a turn can have only one window per call")
         for state, tokens, last_chunk in windows:
@@ -295,11 +295,15 @@ class Token2Wav:
             for row, (i, st, cache) in enumerate(zip(members, states, caches, strict=True)):
                 st.flow_cache = trim_flow_cache(cache, st.prompt.prompt_frames, HISTORY_FRAMES, low_layers)
                 mels[i] = mel[row : row + 1]
+        full_mels = [
+            mel if mel is not None else torch.zeros(1, self.flow.p.output_size, 0, device=self.device)
+            for mel in mels
+        ]
+        states = [state for state, _, _ in windows]
+        finals = [last_chunk for _, _, last_chunk in windows]
+        wavs = self.streaming.stream_batch([st.vocoder for st in states], full_mels, finals)  # type: ignore[arg-type]
         out = []
-        for (state, _, last_chunk), mel in zip(windows, mels, strict=True):
-            if mel is None:
-                mel = torch.zeros(1, self.flow.p.output_size, 0, device=self.device)
-            wav = self.streaming.stream(state.vocoder, mel, final=last_chunk)  # type: ignore[arg-type]
+        for state, last_chunk, wav in zip(states, finals, wavs, strict=True):
             if not torch.isfinite(wav).all():
                 raise RuntimeError("the streaming vocoder returned non-finite audio")
             state.windows += 1
