@@ -81,9 +81,9 @@ def main() -> None:
     codes = rng.integers(0, 6561, 25 * args.windows).tolist()
 
     flow_timer = _Timer(model.flow.inference_chunk_batch, device)
-    hift_timer = _Timer(model.streaming.stream, device)
+    hift_timer = _Timer(model.streaming.stream_batch, device)
     model.flow.inference_chunk_batch = flow_timer  # type: ignore[method-assign]
-    model.streaming.stream = hift_timer  # type: ignore[method-assign]
+    model.streaming.stream_batch = hift_timer  # type: ignore[method-assign]
 
     for _ in range(args.warmup):
         turn = model.start_turn(voice, rule=args.rule)
