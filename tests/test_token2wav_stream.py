@@ -215,3 +215,14 @@ def test_batched_turns_match_single_turns(
         np.testing.assert_allclose(np.concatenate(got), want, atol=CHAIN_ATOL, rtol=0)
     with pytest.raises(ValueError, match="only once"):
         model.push_codes_batch([PushRequest(turns[0], []), PushRequest(turns[0], [])])
+
+
+def test_turn_snapshot_replays_identically(
+    model: Token2Wav, voice: PromptCache, gen_tokens: list[int]
+) -> None:
+    turn = model.start_turn(voice)
+    model.push_codes(turn, gen_tokens[:30])
+    snapshot = turn.clone()
+    after = model.push_codes(turn, gen_tokens[30:], end_of_turn=True)
+    replay = model.push_codes(snapshot, gen_tokens[30:], end_of_turn=True)
+    assert len(after) == len(replay) and all(np.array_equal(a, b) for a, b in zip(after, replay, strict=True))

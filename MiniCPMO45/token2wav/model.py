@@ -70,6 +70,18 @@ class TurnState:
     finished: bool = False
     windows: int = 0
 
+    def clone(self) -> TurnState:
+        """An independent snapshot (for rollback); the voice prompt stays shared."""
+        return TurnState(
+            self.prompt,
+            self.flow_cache.clone(),
+            self.vocoder.clone(),
+            self.rule,
+            list(self.buffer),
+            self.finished,
+            self.windows,
+        )
+
 
 def fit_prompt_mel(prompt_mel: torch.Tensor, frames: int) -> torch.Tensor:
     """Trim, or pad by repeating the last frame, a (1, t, 80) mel to `frames` frames."""
