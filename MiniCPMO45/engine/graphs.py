@@ -41,7 +41,7 @@ class StaticStep:
         if use_graph:
             self._capture(pool)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def _capture(self, pool: object | None) -> None:
         self.idle(self.inputs)
         side = torch.cuda.Stream()
@@ -55,7 +55,7 @@ class StaticStep:
             self.outputs = self.fn(self.inputs)
         self.graph = graph
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def run(self) -> Outputs:
         if self.graph is not None:
             self.graph.replay()

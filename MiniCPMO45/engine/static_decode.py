@@ -148,7 +148,11 @@ class StaticLLM:
         for t in tokens:
             self._step(r, pick_bucket(self.token_buckets, t))
 
-    @torch.inference_mode()
+    def accepts(self, slots: Sequence[int], counts: Sequence[int]) -> bool:
+        """Whether one static step can take these rows (else the caller runs the eager forward)."""
+        return max(slots) < self.cache.num_slots and max(counts) <= self.token_buckets[-1]
+
+    @torch.no_grad()
     def feed(
         self, slots: Sequence[int], pieces: Sequence[torch.Tensor], lengths: Sequence[int] | None = None
     ) -> dict[str, torch.Tensor]:

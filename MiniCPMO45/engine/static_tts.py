@@ -156,7 +156,7 @@ class StaticTTS:
         if slots:
             self.lengths[torch.tensor(list(slots), device=self.device)] = 0
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def generate_codes(
         self,
         slots: Sequence[int],
