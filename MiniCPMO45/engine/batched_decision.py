@@ -93,9 +93,11 @@ def decide_batch(
     raw_logits: torch.Tensor,
     params: DecisionParams,
     generator: torch.Generator | None = None,
+    override: Sequence[int | None] | None = None,
 ) -> list[int]:
     """One decision per row of `raw_logits [B, V]` (float32); appends to `states[i].decoded` like
-    `decide_token`."""
+    `decide_token`. `override[i]`, when not None, replaces row i's choice after it was computed (benchmarks:
+    a fixed workload that still pays for the decision)."""
     sp = engine.special
     b, vocab = raw_logits.shape
     device = raw_logits.device
@@ -131,6 +133,10 @@ def decide_batch(
     tok = torch.where(is_eos, torch.full_like(tok, sp.chunk_eos), tok)
     record = ~(is_eos | early_listen)
     out = torch.stack([tok, record.long()]).tolist()  # the one host sync of the decision
+    if override is not None:
+        for i, o in enumerate(override):
+            if o is not None:
+                out[0][i], out[1][i] = o, 1
     for st, t, r in zip(states, out[0], out[1], strict=True):
         if r:
             st.decoded.append(t)

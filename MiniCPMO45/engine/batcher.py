@@ -278,22 +278,20 @@ class DuplexBatcher:
                 if not r.done and not r.forced and j != r.st.config.max_new_speak_tokens_per_chunk - 1
             ]
             decided: dict[int, int] = {}
-            model_rows = [r for r in deciders if r.script is None]
-            if model_rows:
-                rows = torch.tensor([r.row for r in model_rows], device=self.device)
+            if deciders:
+                rows = torch.tensor([r.row for r in deciders], device=self.device)
                 toks = decide_batch(
                     eng,
-                    [r.st for r in model_rows],
+                    [r.st for r in deciders],
                     logits.index_select(0, rows),
-                    params.select(rows, [r.row for r in model_rows]),
+                    params.select(rows, [r.row for r in deciders]),
                     self.generator,
+                    [
+                        None if r.script is None else (r.script.pop(0) if r.script else sp.chunk_eos)
+                        for r in deciders
+                    ],
                 )
-                decided.update({r.row: t for r, t in zip(model_rows, toks, strict=True)})
-            for r in deciders:
-                if r.script is not None:
-                    t = r.script.pop(0) if r.script else sp.chunk_eos
-                    r.st.decoded.append(t)
-                    decided[r.row] = t
+                decided.update({r.row: t for r, t in zip(deciders, toks, strict=True)})
             now = time.perf_counter()
             to_feed: list[tuple[_Run, int]] = []
             for run in runs:
@@ -448,6 +446,8 @@ class DuplexBatcher:
         pre = self.prefill(sessions, inputs)
         results, decided_at = self.generate(sessions, pre, force_listen, scripts)
         self.finalize(sessions)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # listening units are complete once finalize ran
         t_final = time.perf_counter()
         speech = self.speak(results)
         return [
