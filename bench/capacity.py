@@ -56,6 +56,19 @@ P95_TARGET_MS = 500.0
 UNIT_POSITIONS = {"audio_duplex": 32, "omni_duplex": 96}
 
 
+@torch.no_grad()
+def fill_empty_parameters(model: torch.nn.Module, seed: int = 0) -> int:
+    """`build_random_model` leaves parameters made with `torch.empty` (the resampler's `proj` and attention
+    `in_proj_weight`) uninitialized: garbage that can be NaN. Give them random values; returns how many."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    count = 0
+    for name, param in model.named_parameters():
+        if name.endswith(("resampler.proj", "in_proj_weight")):
+            param.normal_(0.0, param.shape[-1] ** -0.5, generator=gen)
+            count += 1
+    return count
+
+
 def gib(n: float) -> float:
     return n / 2**30
 
@@ -123,6 +136,7 @@ def run_case(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     latencies, speak_lat, listen_lat, first_pcm, ticks = [], [], [], [], []
+    stages: dict[str, list[float]] = {}
     within = total = 0
     clock_ms = 0.0  # virtual time: when the worker is free again, relative to the first unit's arrival
     try:
@@ -141,6 +155,8 @@ def run_case(
             start = max(arrival, clock_ms)
             clock_ms = start + tick_ms
             ticks.append(tick_ms)
+            for name, ms in batcher.timings.items():
+                stages.setdefault(name, []).append(ms)
             for out in outs:
                 lat = start - arrival + (out.done_s - t0) * 1000
                 latencies.append(lat)
@@ -173,6 +189,7 @@ def run_case(
         "tick_p50_ms": pct(ticks, 50),
         "busy_share": sum(ticks) / (len(ticks) * DEADLINE_MS) if ticks else None,
         "graph_capture_s": capture_s,
+        **{f"stage_{name}_p50": pct(v, 50) for name, v in stages.items()},
         "context_positions": base_len,
     }
     if device.type == "cuda":
@@ -225,6 +242,18 @@ def markdown(results: dict[str, object]) -> str:
             fmt(r.get("vram_peak_gib"), 2),
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    stage_names = ("prefill_ms", "generate_ms", "finalize_ms", "speak_ms", "vocoder_ms")
+    lines += [
+        "",
+        "Tick stages, p50 ms (speak = TTS + vocoder of all speaking sessions; vocoder runs per session):",
+        "",
+        "| mode | N | " + " | ".join(stage_names) + " |",
+        "|" + " --- |" * (2 + len(stage_names)),
+    ]
+    for r in results["rows"]:  # type: ignore[union-attr]
+        if "skipped" not in r:
+            cells = [fmt(r.get(f"stage_{s}_p50")) for s in stage_names]
+            lines.append(f"| {r['mode']} | {r['sessions']} | " + " | ".join(cells) + " |")
     cap = results["capacity"]
     lines += ["", f"Capacity (p95 ≤ {P95_TARGET_MS:.0f} ms, every unit within 1 s): {json.dumps(cap)}"]
     return "\n".join(lines) + "\n"
@@ -244,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, help="KV positions per session (default 4096, tiny 64)")
     ap.add_argument("--device", help="default cuda (cpu with --tiny)")
     ap.add_argument("--no-graphs", action="store_true", help="eager static steps (comparison)")
+    ap.add_argument("--no-vocoder", action="store_true", help="stop at the TTS codes (vocoder cost apart)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -268,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         "units": units,
         "warmup": args.warmup,
         "graphs": not args.no_graphs and device.type == "cuda",
+        "vocoder": not args.no_vocoder,
     }
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
@@ -280,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         pre_path.write_text(json.dumps(pre))
     t0 = time.perf_counter()
     model = build_random_model(model_dir / "config.json", device=device, dtype=dtype)
+    results["filled_empty_parameters"] = fill_empty_parameters(model)
     sync(device)
     results["build_s"] = time.perf_counter() - t0
 
@@ -322,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     batcher = DuplexBatcher(
         engine,
-        vocoder,
+        None if args.no_vocoder else vocoder,
         voice,
         use_graphs=False if args.no_graphs else None,
         tts_window=512 if not args.tiny else 256,

@@ -17,6 +17,7 @@ def test_capacity_bench_tiny(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert main(argv) == 0
     results = json.loads((out / "capacity.json").read_text())
     rows = results["rows"]
+    assert results["filled_empty_parameters"] == 2  # the resampler's torch.empty parameters
     assert [(r["mode"], r["sessions"]) for r in rows] == [
         ("audio_duplex", 1),
         ("audio_duplex", 2),

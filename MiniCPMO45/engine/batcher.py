@@ -103,6 +103,8 @@ class DuplexBatcher:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         self.turns: dict[int, TurnState] = {}  # vocoder turn per KV slot
+        self.timings: dict[str, float] = {}  # stage times of the last tick (ms)
+        self._vocoder_s = 0.0
         self.tts_turn: set[int] = set()  # slots whose TTS turn is open
 
     # ---- warm-up ------------------------------------------------------------------------------------------
@@ -400,6 +402,7 @@ class DuplexBatcher:
     def speak(self, results: Sequence[UnitResult]) -> list[SpeechOut | None]:
         """TTS (+ vocoder when the batcher has one) for every speaking unit of the tick."""
         out: list[SpeechOut | None] = [None] * len(results)
+        self._vocoder_s = 0.0
         for r in results:
             if r.closed_turn_by_force:  # an interrupted turn: drop its TTS context and vocoder turn
                 self.tts_turn.discard(r.session.slot)
@@ -416,6 +419,7 @@ class DuplexBatcher:
         ]
         self.tts_turn.update(slots)
         codes = self.tts.generate_codes(slots, self.conditions([results[k] for k in speaking]), mins)
+        t_voc = time.perf_counter()
         for k, slot, c in zip(speaking, slots, codes, strict=True):
             eot = results[k].end_of_turn
             speech = SpeechOut(codes=c, end_of_turn=eot)
@@ -432,7 +436,13 @@ class DuplexBatcher:
                 self.turns.pop(slot, None)
             speech.done_s = time.perf_counter()
             out[k] = speech
+        self._vocoder_s = time.perf_counter() - t_voc
         return out
+
+    def _synced(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     # ---- one tick -----------------------------------------------------------------------------------------
     def run_units(
@@ -443,13 +453,19 @@ class DuplexBatcher:
         scripts: Sequence[list[int] | None] | None = None,
     ) -> list[UnitOutput]:
         """One unit of every session: prefill, generate, finalize, TTS and vocoder."""
+        marks = [time.perf_counter()]
         pre = self.prefill(sessions, inputs)
+        marks.append(self._synced())
         results, decided_at = self.generate(sessions, pre, force_listen, scripts)
+        marks.append(self._synced())
         self.finalize(sessions)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # listening units are complete once finalize ran
-        t_final = time.perf_counter()
+        t_final = self._synced()  # listening units are complete once finalize ran
+        marks.append(t_final)
         speech = self.speak(results)
+        marks.append(self._synced())
+        names = ("prefill_ms", "generate_ms", "finalize_ms", "speak_ms")
+        self.timings = {k: (b - a) * 1000 for k, a, b in zip(names, marks[:-1], marks[1:], strict=True)}
+        self.timings["vocoder_ms"] = self._vocoder_s * 1000
         return [
             UnitOutput(r, sp, d, sp.done_s if sp is not None else t_final)
             for r, sp, d in zip(results, speech, decided_at, strict=True)
