@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from ..modules.tts import DUPLEX_MAX_DRAWS
+from ..processor.audio_features import MelUnit
+from ..processor.image import ImageInputs
 from ..token2wav import PromptCache, Token2Wav, TurnState
 from .batched_audio import stream_audio_embeds
 from .batched_decision import DecisionParams, decide_batch
@@ -89,6 +92,7 @@ class DuplexBatcher:
         tts_window: int = 1024,
         use_graphs: bool | None = None,
         seed: int = 0,
+        host_threads: int = 4,
     ) -> None:
         self.engine = engine
         self.llm = enable_static_steps(engine, window, use_graphs)
@@ -102,6 +106,7 @@ class DuplexBatcher:
         self.device = engine.model.device
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
+        self._host_pool = ThreadPoolExecutor(max_workers=host_threads, thread_name_prefix="unit-prep")
         self.turns: dict[int, TurnState] = {}  # vocoder turn per KV slot
         self.timings: dict[str, float] = {}  # stage times of the last tick (ms)
         self._vocoder_s = 0.0
@@ -123,29 +128,35 @@ class DuplexBatcher:
         eng, model, sp = self.engine, self.engine.model, self.engine.special
         t0 = time.perf_counter()
         results = [UnitResult(session=s) for s in sessions]
-        ready: list[int] = []
-        mel_units = []
-        for i, (s, unit) in enumerate(zip(sessions, inputs, strict=True)):
+        for s in sessions:
             st = _state(s)
             if st.needs_finalize:
                 raise RuntimeError(
                     f"session {s.session_id!r}: finalize the previous unit before the next prefill"
                 )
             st.pending_logits = None
-            mel_unit = st.mel.push(unit.audio) if unit.audio is not None and len(unit.audio) else None
-            if mel_unit is None and not unit.frames:
-                results[i].prefilled = False
+
+        def host_prep(i: int) -> tuple[MelUnit | None, list[ImageInputs]]:
+            """Per-session CPU work (streaming mel, image slicing): numpy/PIL, run on the host thread pool."""
+            unit, st = inputs[i], _state(sessions[i])
+            mel = st.mel.push(unit.audio) if unit.audio is not None and len(unit.audio) else None
+            n_slices = unit.max_slice_nums or st.config.max_slice_nums
+            return mel, [eng.images.preprocess(f, n_slices) for f in unit.frames]
+
+        prepared = list(self._host_pool.map(host_prep, range(len(sessions))))
+        ready: list[int] = []
+        mel_units = []
+        views: list[torch.Tensor] = []
+        sizes: list[np.ndarray] = []
+        per_frame: list[list[int]] = []  # per ready session: number of views of each frame
+        for i, (mel_unit, images) in enumerate(prepared):
+            if mel_unit is None and not images:
+                results[i].prefilled = False  # not enough audio yet: this unit will be a listen
                 continue
             ready.append(i)
             mel_units.append(mel_unit)
-        views: list[torch.Tensor] = []
-        sizes: list[np.ndarray] = []
-        per_frame: list[list[int]] = []
-        for i in ready:
             counts = []
-            for frame in inputs[i].frames:
-                n_slices = inputs[i].max_slice_nums or _state(sessions[i]).config.max_slice_nums
-                out = eng.images.preprocess(frame, n_slices)
+            for out in images:
                 views += [torch.from_numpy(v) for v in out.pixel_values]
                 sizes.append(out.tgt_sizes)
                 counts.append(len(out.pixel_values))
