@@ -50,7 +50,11 @@ def cpu_model() -> str:
 # ---- callers (separate processes) ----
 
 
-def caller_process(url: str, calls: int, ready: mp.Event, stop: mp.Event, failed: mp.Value) -> None:
+def caller_process(
+    url: str, calls: int, ready: mp.Event, stop: mp.Event, failed: mp.Value, cpus: set[int] | None
+) -> None:
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     asyncio.run(_callers(url, calls, ready, stop, failed))
 
 
@@ -100,7 +104,7 @@ class Row:
     load_avg: float  # 1-minute load average at the end of the window (other processes on the machine)
 
 
-async def measure(n: int, seconds: float, client_procs: int) -> Row:
+async def measure(n: int, seconds: float, client_procs: int, caller_cpus: set[int] | None) -> Row:
     config = build_config(
         {
             "server": {"host": "127.0.0.1", "port": 0, "http": True},
@@ -117,7 +121,7 @@ async def measure(n: int, seconds: float, client_procs: int) -> Row:
         for share in shares:
             ready = ctx.Event()
             proc = ctx.Process(
-                target=caller_process, args=(server.url, share, ready, stop, failed), daemon=True
+                target=caller_process, args=(server.url, share, ready, stop, failed, caller_cpus), daemon=True
             )
             proc.start()
             procs.append(proc)
@@ -126,6 +130,8 @@ async def measure(n: int, seconds: float, client_procs: int) -> Row:
         while not all(r.is_set() for r in readies):
             if time.monotonic() > deadline:
                 raise TimeoutError("callers did not connect")
+            if any(not p.is_alive() for p, r in zip(procs, readies, strict=True) if not r.is_set()):
+                raise RuntimeError("a caller process died before connecting")
             await asyncio.sleep(0.2)
         if failed.value:
             raise RuntimeError(f"{failed.value} caller process(es) failed")
@@ -170,11 +176,15 @@ async def measure(n: int, seconds: float, client_procs: int) -> Row:
         await server.stop()
 
 
-def table(rows: list[Row], seconds: float, client_procs: int) -> str:
+def table(rows: list[Row], seconds: float, client_procs: int, pinned: bool) -> str:
+    placement = (
+        "media process and worker pinned to CPU 0, callers to the other CPUs"
+        if pinned
+        else f"server, worker and {client_procs} caller processes share these CPUs"
+    )
     lines = [
         f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs), Python {platform.python_version()}; "
-        f"server, worker and {client_procs} caller processes share these CPUs; {seconds:.0f} s steady window "
-        f"after a 3 s warm-up; loopback calls (100 ms units).",
+        f"{placement}; {seconds:.0f} s steady window after a 3 s warm-up; loopback calls (100 ms units).",
         "",
         "| calls | media process CPU (% of a core) | per call | worker CPU | pacing p50 | pacing p99 "
         "| frames > 5 ms late | unit hand-off p50 | hand-off p99 | frames out/s | load avg |",
@@ -204,10 +214,10 @@ def write_doc(text: str) -> Path:
 async def main_async(args: argparse.Namespace) -> None:
     rows = []
     for n in args.calls:
-        row = await measure(n, args.seconds, args.client_procs)
+        row = await measure(n, args.seconds, args.client_procs, args.caller_cpus)
         print(row, flush=True)
         rows.append(row)
-    text = table(rows, args.seconds, args.client_procs)
+    text = table(rows, args.seconds, args.client_procs, args.caller_cpus is not None)
     print(text)
     if not args.no_write:
         print(f"written to {write_doc(text)}")
@@ -219,8 +229,20 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--client-procs", type=int, default=4)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin the media process (and its worker) to CPU 0 and the callers to the other CPUs",
+    )
     parser.add_argument("--profile", help="write a cProfile of the media process to this file")
     args = parser.parse_args()
+    args.caller_cpus = None
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            parser.error("--pin needs at least 2 CPUs")
+        os.sched_setaffinity(0, {cpus[0]})  # the worker process inherits this
+        args.caller_cpus = set(cpus[1:])
     if args.profile:
         import cProfile
 

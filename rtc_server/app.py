@@ -24,13 +24,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PROTECTED_ROOTS = ("/api", "/whip", "/metrics")  # these paths and everything below them; pages are public
 
 
-def is_protected(path: str) -> bool:
-    return any(path == root or path.startswith(root + "/") for root in PROTECTED_ROOTS)
-
-
 MAX_BODY_KEY = web.AppKey("max_body", int)
 STARTED_KEY = web.AppKey("started_at", float)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def is_protected(path: str) -> bool:
+    return any(path == root or path.startswith(root + "/") for root in PROTECTED_ROOTS)
 
 
 @web.middleware
