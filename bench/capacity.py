@@ -245,7 +245,7 @@ def markdown(results: dict[str, object]) -> str:
     stage_names = ("prefill_ms", "generate_ms", "finalize_ms", "speak_ms", "vocoder_ms")
     lines += [
         "",
-        "Tick stages, p50 ms (speak = TTS + vocoder of all speaking sessions; vocoder runs per session):",
+        "Tick stages, p50 ms (speak = TTS + vocoder of all speaking sessions; vocoder: flow batched, HiFT per session):",
         "",
         "| mode | N | " + " | ".join(stage_names) + " |",
         "|" + " --- |" * (2 + len(stage_names)),

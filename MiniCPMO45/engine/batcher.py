@@ -10,8 +10,8 @@ and the vocoder of the speaking ones:
   listen/speak/text decision vectorized over the batch (`batched_decision`, the rule of `decide_token`);
 * finalize: terminator + `</unit>` of every session in one static step;
 * speak: TTS conditions in one projector call, the 26 TTS draws of all speaking sessions as static steps with
-  sampling on the device (`static_tts`), then the vocoder windows (`Token2Wav.push_codes`, per session: its
-  flow/HiFT caches are per-turn tensors of different lengths).
+  sampling on the device (`static_tts`), then the vocoder windows (`batched_vocoder`: the
+  flow of every window batched across sessions of the same window shape, the causal HiFT per session).
 
 The per-session Python that remains is integer bookkeeping (the control flow of the unit loop), never a model
 call. The session states are the same `DuplexState`s the per-session functions use, so a session can move
@@ -35,6 +35,7 @@ from ..processor.image import ImageInputs
 from ..token2wav import PromptCache, Token2Wav, TurnState
 from .batched_audio import stream_audio_embeds
 from .batched_decision import DecisionParams, decide_batch
+from .batched_vocoder import push_codes_batched
 from .core import Engine
 from .duplex import DuplexState, SchemaItem, UnitInput, UnitResult, _state
 from .session import Session
@@ -431,21 +432,22 @@ class DuplexBatcher:
         self.tts_turn.update(slots)
         codes = self.tts.generate_codes(slots, self.conditions([results[k] for k in speaking]), mins)
         t_voc = time.perf_counter()
-        for k, slot, c in zip(speaking, slots, codes, strict=True):
-            eot = results[k].end_of_turn
-            speech = SpeechOut(codes=c, end_of_turn=eot)
-            if self.vocoder is not None and self.voice is not None:
-                turn = self.turns.get(slot)
-                if turn is None:
-                    turn = self.turns[slot] = self.vocoder.start_turn(self.voice, rule="duplex")
-                for pcm in self.vocoder.iter_push_codes(turn, c, end_of_turn=eot):
-                    if speech.first_pcm_s is None:
-                        speech.first_pcm_s = time.perf_counter()
-                    speech.pcm.append(pcm)
+        eots = [results[k].end_of_turn for k in speaking]
+        pcm: list[list[np.ndarray]] = [[] for _ in speaking]
+        if self.vocoder is not None and self.voice is not None:
+            turns = []
+            for slot in slots:
+                if slot not in self.turns:
+                    self.turns[slot] = self.vocoder.start_turn(self.voice, rule="duplex")
+                turns.append(self.turns[slot])
+            pcm = push_codes_batched(self.vocoder, turns, codes, eots)
+        t_pcm = time.perf_counter()
+        for k, slot, c, eot, pieces in zip(speaking, slots, codes, eots, pcm, strict=True):
+            speech = SpeechOut(codes=c, pcm=pieces, end_of_turn=eot, first_pcm_s=t_pcm if pieces else None)
             if eot:
                 self.tts_turn.discard(slot)
                 self.turns.pop(slot, None)
-            speech.done_s = time.perf_counter()
+            speech.done_s = t_pcm
             out[k] = speech
         self._vocoder_s = time.perf_counter() - t_voc
         return out
