@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -273,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, help="KV positions per session (default 4096, tiny 64)")
     ap.add_argument("--device", help="default cuda (cpu with --tiny)")
     ap.add_argument("--no-graphs", action="store_true", help="eager static steps (comparison)")
+    ap.add_argument(
+        "--budget-s", type=float, default=480.0, help="skip the remaining N after this many seconds"
+    )
     ap.add_argument("--no-vocoder", action="store_true", help="stop at the TTS codes (vocoder cost apart)")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -303,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
 
-    model_dir = make_model_dir(args.config, args.tokenizer, out / "model-dir")
+    scratch = Path(tempfile.mkdtemp(prefix="capacity-"))  # model folder and vocoder assets stay out of OUT
+    model_dir = make_model_dir(args.config, args.tokenizer, scratch / "model-dir")
     if not args.tiny:
         pre_path = model_dir / "preprocessor_config.json"
         pre = json.loads(pre_path.read_text()) if pre_path.is_file() else {}
@@ -365,8 +370,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"setup {results['setup_s']:.1f} s, KV slots {slots} x {max_len} positions", flush=True)
 
     rows: list[dict[str, object]] = []
-    for mode in modes:
-        for n in sessions_list:
+    for n in sessions_list:  # N outermost: a spent time budget still leaves both modes measured
+        for mode in modes:
+            if time.perf_counter() - t_start > args.budget_s:
+                rows.append(
+                    {"mode": mode, "sessions": n, "skipped": f"time budget of {args.budget_s:.0f} s spent"}
+                )
+                print(f"{mode} N={n}: skipped (time budget)", flush=True)
+                continue
             if n > slots:
                 rows.append({"mode": mode, "sessions": n, "skipped": f"KV memory holds {slots} sessions"})
                 print(f"{mode} N={n}: skipped (KV memory holds {slots})", flush=True)
