@@ -31,9 +31,9 @@ from MiniCPMO45.engine import duplex  # noqa: E402
 from MiniCPMO45.engine.chat import assistant_prefix, continue_with, prefill_messages, reply  # noqa: E402
 from MiniCPMO45.engine.core import Engine  # noqa: E402
 from MiniCPMO45.engine.sampling import ChatSampling  # noqa: E402
-from MiniCPMO45.tokenizer import MiniCPMOTokenizer  # noqa: E402
 from MiniCPMO45.token2wav import Token2Wav  # noqa: E402
 from MiniCPMO45.token2wav.random_assets import write_random_assets  # noqa: E402
+from MiniCPMO45.tokenizer import MiniCPMOTokenizer  # noqa: E402
 
 REAL_PREPROCESSOR = {"max_slice_nums": 9, "scale_resolution": 448, "image_feature_size": 64}
 
@@ -105,7 +105,8 @@ def duplex_units(
     tts_cache = tts.new_cache(1)
     tts_session = tts.new_session(tts_cache, seed=0)
     voice = vocoder.prepare_prompt(
-        rng.integers(0, 6561, size=150), rng.standard_normal((1, 300, 80)).astype(np.float32) * 0.5,
+        rng.integers(0, 6561, size=150),
+        rng.standard_normal((1, 300, 80)).astype(np.float32) * 0.5,
         rng.standard_normal((1, 192)).astype(np.float32),
     )
     turn = None
@@ -133,7 +134,9 @@ def duplex_units(
             n_codes = int(codes.numel())
             if turn is None:
                 turn = vocoder.start_turn(voice, rule="duplex")
-            for i, _pcm in enumerate(vocoder.iter_push_codes(turn, codes.tolist(), end_of_turn=res.end_of_turn)):
+            for i, _pcm in enumerate(
+                vocoder.iter_push_codes(turn, codes.tolist(), end_of_turn=res.end_of_turn)
+            ):
                 if i == 0:
                     first_pcm_ms = now_ms() - t_dec
             voc_ms = now_ms() - t_tts
@@ -169,7 +172,11 @@ def duplex_units(
     summary: dict[str, object] = {"prepare_ms": prepare_ms, "units": len(rows)}
     for key in rows[0]:
         vals = [r[key] for r in rows if not np.isnan(r[key])]
-        summary[key] = {"p50": pct(vals, 50), "p95": pct(vals, 95), "mean": statistics.fmean(vals) if vals else 0}
+        summary[key] = {
+            "p50": pct(vals, 50),
+            "p95": pct(vals, 95),
+            "mean": statistics.fmean(vals) if vals else 0,
+        }
     summary["rows"] = rows
     return summary
 
@@ -226,9 +233,11 @@ def main() -> int:
         results["torch"] = torch.__version__
 
     model_dir = make_model_dir(args.config, args.tokenizer, Path("/tmp/realsize-model"))
-    pre = json.loads((model_dir / "preprocessor_config.json").read_text()) if (
-        model_dir / "preprocessor_config.json"
-    ).is_file() else {}
+    pre = (
+        json.loads((model_dir / "preprocessor_config.json").read_text())
+        if (model_dir / "preprocessor_config.json").is_file()
+        else {}
+    )
     pre.update(REAL_PREPROCESSOR)
     (model_dir / "preprocessor_config.json").write_text(json.dumps(pre))
 
@@ -239,7 +248,10 @@ def main() -> int:
     results["params_b"] = param_count(model) / 1e9
     results["vram_after_model_gib"] = gib(torch.cuda.memory_allocated()) if torch.cuda.is_available() else 0
     engine = Engine(
-        model, MiniCPMOTokenizer.from_dir(model_dir), max_sessions=2, max_len=4096,
+        model,
+        MiniCPMOTokenizer.from_dir(model_dir),
+        max_sessions=2,
+        max_len=4096,
         preprocessor=PreprocessorConfig.from_file(model_dir),
     )
     results["vram_after_engine_gib"] = gib(torch.cuda.memory_allocated()) if torch.cuda.is_available() else 0
@@ -264,14 +276,32 @@ def main() -> int:
         results["save_load"] = save_and_load(model, model_dir, device)
     (out / "engine_gpu.json").write_text(json.dumps(results, indent=1))
 
-    print(f"\n{results.get('gpu', device)}  params {results['params_b']:.3f} B  build {results['build_random_s']:.1f} s")
-    print(f"VRAM: model {results['vram_after_model_gib']:.2f} GiB, +engine {results['vram_after_engine_gib']:.2f}, "
-          f"+vocoder {results['vram_after_vocoder_gib']:.2f}, peak {results.get('vram_peak_gib', 0):.2f}")
+    print(
+        f"\n{results.get('gpu', device)}  params {results['params_b']:.3f} B  build {results['build_random_s']:.1f} s"
+    )
+    print(
+        f"VRAM: model {results['vram_after_model_gib']:.2f} GiB, +engine {results['vram_after_engine_gib']:.2f}, "
+        f"+vocoder {results['vram_after_vocoder_gib']:.2f}, peak {results.get('vram_peak_gib', 0):.2f}"
+    )
     c = results["chat"]
-    print(f"chat: prompt {c['prompt_positions']} pos, TTFT {c['time_to_first_token_ms']:.1f} ms, "
-          f"{c['decode_ms_per_token']:.1f} ms/token ({c['tokens_per_s']:.1f} tok/s)")
-    keys = ["unit_ms", "prefill_ms", "vision_ms", "audio_ms", "llm_prefill_ms", "decode_ms", "tts_ms",
-            "vocoder_ms", "finalize_ms", "decision_to_first_pcm_ms", "tokens", "codes"]
+    print(
+        f"chat: prompt {c['prompt_positions']} pos, TTFT {c['time_to_first_token_ms']:.1f} ms, "
+        f"{c['decode_ms_per_token']:.1f} ms/token ({c['tokens_per_s']:.1f} tok/s)"
+    )
+    keys = [
+        "unit_ms",
+        "prefill_ms",
+        "vision_ms",
+        "audio_ms",
+        "llm_prefill_ms",
+        "decode_ms",
+        "tts_ms",
+        "vocoder_ms",
+        "finalize_ms",
+        "decision_to_first_pcm_ms",
+        "tokens",
+        "codes",
+    ]
     print("| mode | " + " | ".join(keys) + " |")
     for name in ("audio_duplex", "omni_duplex"):
         s = results[name]

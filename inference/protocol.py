@@ -106,6 +106,7 @@ class Opened(_Msg):
     unit_samples: int
     first_unit_samples: int | None = None
     output_rate: int = 24000
+    video_max_side: int | None = None  # send the newest camera frame with each unit, scaled to this side
 
 
 class AudioOut(_Msg):

@@ -58,7 +58,7 @@ def _attention(
     # heads kv_i*group .. kv_i*group+group-1 share kv head kv_i: fold them into query rows (g, t)
     qf = q.reshape(b, kv, group * t, hd)
     out = F.scaled_dot_product_attention(qf, kc[:, :, :window], vc[:, :, :window], attn_mask=mask)
-    out = out.view(b, h, t, hd).transpose(1, 2).reshape(b, t, h * hd)
+    out = out.reshape(b, h, t, hd).transpose(1, 2).reshape(b, t, h * hd)  # SDPA may return a strided view
     return attn.o_proj(out)
 
 

@@ -71,7 +71,7 @@ def static_tts_forward(
             .reshape(b, 1, group * t, window)
         )
         out = F.scaled_dot_product_attention(qf, kc[:, :, :window], vc[:, :, :window], attn_mask=m)
-        out = out.view(b, heads, t, hd).transpose(1, 2).reshape(b, t, heads * hd)
+        out = out.reshape(b, heads, t, hd).transpose(1, 2).reshape(b, t, heads * hd)
         x = x + attn.o_proj(out)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     lens.add_(num_new)
