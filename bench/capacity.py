@@ -246,7 +246,7 @@ def markdown(results: dict[str, object]) -> str:
     stage_names = ("prefill_ms", "generate_ms", "finalize_ms", "speak_ms", "vocoder_ms")
     lines += [
         "",
-        "Tick stages, p50 ms (speak = TTS + vocoder of all speaking sessions; vocoder: flow batched, HiFT per session):",
+        "Tick stages, p50 ms (speak = TTS + vocoder of all speaking sessions; vocoder: Token2Wav.push_codes_batch):",
         "",
         "| mode | N | " + " | ".join(stage_names) + " |",
         "|" + " --- |" * (2 + len(stage_names)),

@@ -10,8 +10,8 @@ and the vocoder of the speaking ones:
   listen/speak/text decision vectorized over the batch (`batched_decision`, the rule of `decide_token`);
 * finalize: terminator + `</unit>` of every session in one static step;
 * speak: TTS conditions in one projector call, the 26 TTS draws of all speaking sessions as static steps with
-  sampling on the device (`static_tts`), then the vocoder windows (`batched_vocoder`: the
-  flow of every window batched across sessions of the same window shape, the causal HiFT per session).
+  sampling on the device (`static_tts`), then the vocoder windows (`Token2Wav.push_codes_batch`:
+  equal-shaped windows share one flow batch, the streaming HiFT batches blocks of equal geometry).
 
 The per-session Python that remains is integer bookkeeping (the control flow of the unit loop), never a model
 call. The session states are the same `DuplexState`s the per-session functions use, so a session can move
@@ -32,10 +32,9 @@ import torch.nn.functional as F
 from ..modules.tts import DUPLEX_MAX_DRAWS
 from ..processor.audio_features import MelUnit
 from ..processor.image import ImageInputs
-from ..token2wav import PromptCache, Token2Wav, TurnState
+from ..token2wav import PromptCache, PushRequest, Token2Wav, TurnState
 from .batched_audio import stream_audio_embeds
 from .batched_decision import DecisionParams, decide_batch
-from .batched_vocoder import push_codes_batched
 from .core import Engine
 from .duplex import DuplexState, SchemaItem, UnitInput, UnitResult, _state
 from .session import Session
@@ -416,8 +415,7 @@ class DuplexBatcher:
         out: list[SpeechOut | None] = [None] * len(results)
         self._vocoder_s = 0.0
         for r in results:
-            if r.closed_turn_by_force:  # an interrupted turn: drop its TTS context and vocoder turn
-                self.tts_turn.discard(r.session.slot)
+            if r.closed_turn_by_force:  # an interrupted turn: token2wav restarts, the TTS LM keeps its cache
                 self.turns.pop(r.session.slot, None)
         speaking = [k for k, r in enumerate(results) if r.prefilled and not r.is_listen]
         if not speaking or self.tts is None:
@@ -440,7 +438,12 @@ class DuplexBatcher:
                 if slot not in self.turns:
                     self.turns[slot] = self.vocoder.start_turn(self.voice, rule="duplex")
                 turns.append(self.turns[slot])
-            pcm = push_codes_batched(self.vocoder, turns, codes, eots)
+            # the official duplex path flushes short windows when the unit's codes ended at EOS
+            requests = [
+                PushRequest(t, c, end_of_turn=e, flush=f)
+                for t, c, e, f in zip(turns, codes, eots, self.tts.last_hit_eos, strict=True)
+            ]
+            pcm = self.vocoder.push_codes_batch(requests)
         t_pcm = time.perf_counter()
         for k, slot, c, eot, pieces in zip(speaking, slots, codes, eots, pcm, strict=True):
             speech = SpeechOut(codes=c, pcm=pieces, end_of_turn=eot, first_pcm_s=t_pcm if pieces else None)
