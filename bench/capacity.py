@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -348,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         v.normal_(generator=gen)
 
     assets = write_random_assets(
-        out / "token2wav-assets", size="tiny" if args.tiny else "real", with_onnx=False
+        scratch / "token2wav-assets", size="tiny" if args.tiny else "real", with_onnx=False
     )
     vocoder = Token2Wav.from_assets(assets, n_timesteps=5, device=device)
     rng = np.random.default_rng(0)
@@ -416,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "capacity.md").write_text(md)
     print()
     print(md, end="")
+    shutil.rmtree(scratch, ignore_errors=True)
     print(f"total {results['total_s']:.0f} s")
     return 0
 
