@@ -329,13 +329,27 @@ def main(argv: list[str] | None = None) -> int:
     per_slot = (
         2 * cfg.num_hidden_layers * cfg.num_key_value_heads * max_len * cfg.head_dim * model.dtype.itemsize
     )
+    # per session besides the LLM KV: the TTS slot cache and the streaming Whisper cache (grows 50 frames/unit)
+    tts_window = 256
+    tcfg = model.config.tts
+    tts_bytes = 2 * tcfg.num_hidden_layers * tcfg.hidden_size * tts_window * model.dtype.itemsize
+    acfg = model.config.audio
+    whisper_bytes = (
+        2 * acfg.encoder_layers * acfg.d_model * 50 * (units + args.warmup + 1) * model.dtype.itemsize
+    )
+    extra = tts_bytes + whisper_bytes
     want = max(sessions_list)
     slots = want
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        reserve = 9 * 2**30  # activations, graphs, vocoder, streaming-whisper caches (~0.1 GB/session)
-        slots = max(1, min(want, int((free - reserve) // per_slot)))
-    results.update(kv_slots=slots, kv_max_len=max_len, kv_gib_per_session=gib(per_slot))
+        reserve = 6 * 2**30  # vocoder, graph pools, activations of the largest prefill
+        slots = max(1, min(want, int((free - reserve) // (per_slot + extra))))
+    results.update(
+        kv_slots=slots,
+        kv_max_len=max_len,
+        kv_gib_per_session=gib(per_slot),
+        other_gib_per_session=gib(extra),
+    )
     engine = Engine(
         model,
         MiniCPMOTokenizer.from_dir(model_dir),
@@ -363,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         None if args.no_vocoder else vocoder,
         voice,
         use_graphs=False if args.no_graphs else None,
-        tts_window=512 if not args.tiny else 256,
+        tts_window=tts_window,
     )
     if device.type == "cuda":
         results["vram_after_setup_gib"] = gib(torch.cuda.memory_allocated(device))
