@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -245,7 +247,7 @@ def markdown(results: dict[str, object]) -> str:
     stage_names = ("prefill_ms", "generate_ms", "finalize_ms", "speak_ms", "vocoder_ms")
     lines += [
         "",
-        "Tick stages, p50 ms (speak = TTS + vocoder of all speaking sessions; vocoder runs per session):",
+        "Tick stages, p50 ms (speak = TTS + vocoder of all speaking sessions; vocoder: Token2Wav.push_codes_batch):",
         "",
         "| mode | N | " + " | ".join(stage_names) + " |",
         "|" + " --- |" * (2 + len(stage_names)),
@@ -273,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, help="KV positions per session (default 4096, tiny 64)")
     ap.add_argument("--device", help="default cuda (cpu with --tiny)")
     ap.add_argument("--no-graphs", action="store_true", help="eager static steps (comparison)")
+    ap.add_argument(
+        "--budget-s", type=float, default=480.0, help="skip the remaining N after this many seconds"
+    )
     ap.add_argument("--no-vocoder", action="store_true", help="stop at the TTS codes (vocoder cost apart)")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -303,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
 
-    model_dir = make_model_dir(args.config, args.tokenizer, out / "model-dir")
+    scratch = Path(tempfile.mkdtemp(prefix="capacity-"))  # model folder and vocoder assets stay out of OUT
+    model_dir = make_model_dir(args.config, args.tokenizer, scratch / "model-dir")
     if not args.tiny:
         pre_path = model_dir / "preprocessor_config.json"
         pre = json.loads(pre_path.read_text()) if pre_path.is_file() else {}
@@ -323,13 +329,27 @@ def main(argv: list[str] | None = None) -> int:
     per_slot = (
         2 * cfg.num_hidden_layers * cfg.num_key_value_heads * max_len * cfg.head_dim * model.dtype.itemsize
     )
+    # per session besides the LLM KV: the TTS slot cache and the streaming Whisper cache (grows 50 frames/unit)
+    tts_window = 256
+    tcfg = model.config.tts
+    tts_bytes = 2 * tcfg.num_hidden_layers * tcfg.hidden_size * tts_window * model.dtype.itemsize
+    acfg = model.config.audio
+    whisper_bytes = (
+        2 * acfg.encoder_layers * acfg.d_model * 50 * (units + args.warmup + 1) * model.dtype.itemsize
+    )
+    extra = tts_bytes + whisper_bytes
     want = max(sessions_list)
     slots = want
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        reserve = 9 * 2**30  # activations, graphs, vocoder, streaming-whisper caches (~0.1 GB/session)
-        slots = max(1, min(want, int((free - reserve) // per_slot)))
-    results.update(kv_slots=slots, kv_max_len=max_len, kv_gib_per_session=gib(per_slot))
+        reserve = 6 * 2**30  # vocoder, graph pools, activations of the largest prefill
+        slots = max(1, min(want, int((free - reserve) // (per_slot + extra))))
+    results.update(
+        kv_slots=slots,
+        kv_max_len=max_len,
+        kv_gib_per_session=gib(per_slot),
+        other_gib_per_session=gib(extra),
+    )
     engine = Engine(
         model,
         MiniCPMOTokenizer.from_dir(model_dir),
@@ -343,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         v.normal_(generator=gen)
 
     assets = write_random_assets(
-        out / "token2wav-assets", size="tiny" if args.tiny else "real", with_onnx=False
+        scratch / "token2wav-assets", size="tiny" if args.tiny else "real", with_onnx=False
     )
     vocoder = Token2Wav.from_assets(assets, n_timesteps=5, device=device)
     rng = np.random.default_rng(0)
@@ -357,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         None if args.no_vocoder else vocoder,
         voice,
         use_graphs=False if args.no_graphs else None,
-        tts_window=512 if not args.tiny else 256,
+        tts_window=tts_window,
     )
     if device.type == "cuda":
         results["vram_after_setup_gib"] = gib(torch.cuda.memory_allocated(device))
@@ -365,8 +385,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"setup {results['setup_s']:.1f} s, KV slots {slots} x {max_len} positions", flush=True)
 
     rows: list[dict[str, object]] = []
-    for mode in modes:
-        for n in sessions_list:
+    for n in sessions_list:  # N outermost: a spent time budget still leaves both modes measured
+        for mode in modes:
+            if time.perf_counter() - t_start > args.budget_s:
+                rows.append(
+                    {"mode": mode, "sessions": n, "skipped": f"time budget of {args.budget_s:.0f} s spent"}
+                )
+                print(f"{mode} N={n}: skipped (time budget)", flush=True)
+                continue
             if n > slots:
                 rows.append({"mode": mode, "sessions": n, "skipped": f"KV memory holds {slots} sessions"})
                 print(f"{mode} N={n}: skipped (KV memory holds {slots})", flush=True)
@@ -405,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "capacity.md").write_text(md)
     print()
     print(md, end="")
+    shutil.rmtree(scratch, ignore_errors=True)
     print(f"total {results['total_s']:.0f} s")
     return 0
 

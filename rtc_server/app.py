@@ -219,7 +219,11 @@ class RunningServer:
 
 def worker_settings(config: AppConfig) -> dict[str, object]:
     """What worker modes get from the server config (sent to the worker process as JSON)."""
-    return {"model_path": config.model.path, "loopback": config.loopback.model_dump()}
+    return {
+        "model_path": config.model.path,
+        "capacity_table": config.model.capacity_table,
+        "loopback": config.loopback.model_dump(),
+    }
 
 
 async def start_server(config: AppConfig) -> RunningServer:

@@ -33,6 +33,8 @@ class AuthSettings(_Strict):
 
 class ModelSettings(_Strict):
     path: str = ""  # empty: the embedded default (tiny random-weight model on the CPU)
+    # bench/capacity.py's capacity_table.json for this card: workers report it and admission uses it
+    capacity_table: str = ""
 
 
 class WorkerSettings(_Strict):

@@ -20,8 +20,8 @@ def test_capacity_bench_tiny(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert results["filled_empty_parameters"] == 2  # the resampler's torch.empty parameters
     assert [(r["mode"], r["sessions"]) for r in rows] == [
         ("audio_duplex", 1),
-        ("audio_duplex", 2),
         ("omni_duplex", 1),
+        ("audio_duplex", 2),
         ("omni_duplex", 2),
     ]
     for r in rows:
@@ -31,5 +31,6 @@ def test_capacity_bench_tiny(tiny_model_dir: Path, tmp_path: Path) -> None:
         assert 0 < r["unit_p50_ms"] <= r["unit_p99_ms"]
     table = CapacityTable.from_file(out / "capacity_table.json")
     assert set(table.modes) == {"audio_duplex", "omni_duplex"}
+    assert sorted(p.name for p in out.iterdir()) == ["capacity.json", "capacity.md", "capacity_table.json"]
     md = (out / "capacity.md").read_text()
     assert "| audio_duplex | 2 |" in md and "Capacity" in md

@@ -37,6 +37,7 @@ def test_static_tts_matches_generate_chunks(model: MiniCPMO) -> None:
         got = fast.generate_codes([0, 1, 2], conds, [26, 0, 26], forced=forced)
         assert got == [w.codes.tolist() for w in want]
     assert len(got[1]) == 5 and len(got[0]) == 25
+    assert fast.last_hit_eos == [w.hit_eos for w in want] == [False, True, False]
     assert fast.lengths[:3].tolist() == [s.length for s in ref_sessions]
     for layer in range(len(ref_cache.keys)):
         for s in ref_sessions:

@@ -10,8 +10,8 @@ and the vocoder of the speaking ones:
   listen/speak/text decision vectorized over the batch (`batched_decision`, the rule of `decide_token`);
 * finalize: terminator + `</unit>` of every session in one static step;
 * speak: TTS conditions in one projector call, the 26 TTS draws of all speaking sessions as static steps with
-  sampling on the device (`static_tts`), then the vocoder windows (`Token2Wav.push_codes`, per session: its
-  flow/HiFT caches are per-turn tensors of different lengths).
+  sampling on the device (`static_tts`), then the vocoder windows (`Token2Wav.push_codes_batch`:
+  equal-shaped windows share one flow batch, the streaming HiFT batches blocks of equal geometry).
 
 The per-session Python that remains is integer bookkeeping (the control flow of the unit loop), never a model
 call. The session states are the same `DuplexState`s the per-session functions use, so a session can move
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ..modules.tts import DUPLEX_MAX_DRAWS
 from ..processor.audio_features import MelUnit
 from ..processor.image import ImageInputs
-from ..token2wav import PromptCache, Token2Wav, TurnState
+from ..token2wav import PromptCache, PushRequest, Token2Wav, TurnState
 from .batched_audio import stream_audio_embeds
 from .batched_decision import DecisionParams, decide_batch
 from .core import Engine
@@ -415,8 +415,7 @@ class DuplexBatcher:
         out: list[SpeechOut | None] = [None] * len(results)
         self._vocoder_s = 0.0
         for r in results:
-            if r.closed_turn_by_force:  # an interrupted turn: drop its TTS context and vocoder turn
-                self.tts_turn.discard(r.session.slot)
+            if r.closed_turn_by_force:  # an interrupted turn: token2wav restarts, the TTS LM keeps its cache
                 self.turns.pop(r.session.slot, None)
         speaking = [k for k, r in enumerate(results) if r.prefilled and not r.is_listen]
         if not speaking or self.tts is None:
@@ -431,21 +430,27 @@ class DuplexBatcher:
         self.tts_turn.update(slots)
         codes = self.tts.generate_codes(slots, self.conditions([results[k] for k in speaking]), mins)
         t_voc = time.perf_counter()
-        for k, slot, c in zip(speaking, slots, codes, strict=True):
-            eot = results[k].end_of_turn
-            speech = SpeechOut(codes=c, end_of_turn=eot)
-            if self.vocoder is not None and self.voice is not None:
-                turn = self.turns.get(slot)
-                if turn is None:
-                    turn = self.turns[slot] = self.vocoder.start_turn(self.voice, rule="duplex")
-                for pcm in self.vocoder.iter_push_codes(turn, c, end_of_turn=eot):
-                    if speech.first_pcm_s is None:
-                        speech.first_pcm_s = time.perf_counter()
-                    speech.pcm.append(pcm)
+        eots = [results[k].end_of_turn for k in speaking]
+        pcm: list[list[np.ndarray]] = [[] for _ in speaking]
+        if self.vocoder is not None and self.voice is not None:
+            turns = []
+            for slot in slots:
+                if slot not in self.turns:
+                    self.turns[slot] = self.vocoder.start_turn(self.voice, rule="duplex")
+                turns.append(self.turns[slot])
+            # the official duplex path flushes short windows when the unit's codes ended at EOS
+            requests = [
+                PushRequest(t, c, end_of_turn=e, flush=f)
+                for t, c, e, f in zip(turns, codes, eots, self.tts.last_hit_eos, strict=True)
+            ]
+            pcm = self.vocoder.push_codes_batch(requests)
+        t_pcm = time.perf_counter()
+        for k, slot, c, eot, pieces in zip(speaking, slots, codes, eots, pcm, strict=True):
+            speech = SpeechOut(codes=c, pcm=pieces, end_of_turn=eot, first_pcm_s=t_pcm if pieces else None)
             if eot:
                 self.tts_turn.discard(slot)
                 self.turns.pop(slot, None)
-            speech.done_s = time.perf_counter()
+            speech.done_s = t_pcm
             out[k] = speech
         self._vocoder_s = time.perf_counter() - t_voc
         return out

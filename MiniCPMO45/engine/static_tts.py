@@ -125,6 +125,7 @@ class StaticTTS:
         self.steps: dict[tuple[int, int], StaticStep] = {}
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(0)
+        self.last_hit_eos: list[bool] = []  # per slot of the last generate_codes call: its final draw was EOS
 
     def _step(self, rows: int, tokens: int) -> StaticStep:
         key = (rows, tokens)
@@ -223,8 +224,9 @@ class StaticTTS:
             dec.inputs["num_new"].copy_(active.long())
             logits = dec.run()["logits"]
         out = draws[idx].tolist()  # the one host sync of the unit
-        result = []
+        result, self.last_hit_eos = [], []
         for row in out:
             got = [c for c in row if c >= 0]
             result.append(got[:-1])
+            self.last_hit_eos.append(bool(got) and got[-1] == eos)
         return result
