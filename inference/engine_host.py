@@ -23,6 +23,7 @@ All methods run in the worker's mode thread (inference/README.md): no locking is
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import av
 import numpy as np
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from pydantic import BaseModel, ConfigDict
 
 from rtc_server.config import AppConfig
@@ -134,7 +134,7 @@ async def _upload_bytes(request: web.Request, limit: int) -> bytes:
             raise VoiceError(413, "too_large", f"the upload is larger than {limit} bytes")
         reader = await request.multipart()
         async for part in reader:
-            if not isinstance(part, web.BodyPartReader) or part.name != "file":
+            if not isinstance(part, BodyPartReader) or part.name != "file":
                 continue
             part_type = part.headers.get("Content-Type", "application/octet-stream").split(";")[0].strip()
             if part_type not in WAV_TYPES | {"application/octet-stream"}:
