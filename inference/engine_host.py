@@ -95,6 +95,9 @@ class EngineHost:
         self.device = torch.device(
             device if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
         )
+        if self.device.type == "cpu":
+            # Leave a core to the worker's IPC loop (heartbeats) and the server on small machines.
+            torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
         model_path = str(settings.get("model_path") or "")
         self.embedded = not model_path
         if self.embedded:
