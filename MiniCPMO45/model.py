@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import MiniCPMOConfig
-from .loader import load_weights, read_checkpoint
+from .loader import CheckpointError, checkpoint_files, load_weights, read_checkpoint
 from .modules.qwen3 import Qwen3ForCausalLM
 from .modules.resampler import Resampler
 from .modules.siglip import SiglipVisionTransformer, pack_slices
@@ -23,6 +23,7 @@ from .modules.tts import MiniCPMTTS
 from .modules.whisper import AudioProjector, WhisperEncoder, WhisperStreamCache, avg_pool_time, pooled_tokens
 
 Bounds = torch.Tensor | Sequence[Sequence[int]]
+KNOWN_PREFIXES = ("llm.", "vpm.", "resampler.", "apm.", "audio_projection_layer.", "tts.")
 
 
 class MiniCPMO(nn.Module):
@@ -55,26 +56,25 @@ class MiniCPMO(nn.Module):
     ) -> MiniCPMO:
         """Build from an official checkpoint folder; every tensor is loaded by its official name."""
         config = MiniCPMOConfig.from_file(model_dir)
+        stray = sorted(n for n in checkpoint_files(model_dir) if not n.startswith(KNOWN_PREFIXES))
+        if stray:
+            raise CheckpointError(f"tensors outside every known module: {', '.join(stray[:20])}")
         with torch.device("meta"):
             model = cls(config)
-        model = model.to_empty(device=device).to(dtype)
-        prefixes = ["llm."]
-        if model.vpm is not None:
-            prefixes += ["vpm.", "resampler."]
-        if model.apm is not None:
-            prefixes += ["apm.", "audio_projection_layer."]
+        model = model.to(dtype).to_empty(device=device)  # cast on meta: no full-precision copy is ever made
+        # One module at a time, read on the CPU and copied into place: peak memory stays near one model.
+        parts: list[tuple[str, nn.Module | None]] = [
+            ("llm.", model.llm),
+            ("vpm.", model.vpm),
+            ("resampler.", model.resampler),
+            ("apm.", model.apm),
+            ("audio_projection_layer.", model.audio_projection_layer),
+        ]
+        for prefix, module in parts:
+            if module is not None:
+                load_weights(module, read_checkpoint(model_dir, [prefix], dtype=dtype), prefix)
         if model.tts is not None:
-            prefixes.append("tts.")
-        tensors = read_checkpoint(model_dir, prefixes, dtype=dtype, device=device)
-        load_weights(model.llm, tensors, "llm.")
-        if model.vpm is not None and model.resampler is not None:
-            load_weights(model.vpm, tensors, "vpm.")
-            load_weights(model.resampler, tensors, "resampler.")
-        if model.apm is not None and model.audio_projection_layer is not None:
-            load_weights(model.apm, tensors, "apm.")
-            load_weights(model.audio_projection_layer, tensors, "audio_projection_layer.")
-        if model.tts is not None:
-            model.tts.load_tensors({k: v for k, v in tensors.items() if k.startswith("tts.")})
+            model.tts.load_tensors(read_checkpoint(model_dir, ["tts."], dtype=dtype))
         model.llm.model.rotary.reset_buffers(torch.device(device))
         return model.eval()
 

@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from inference import protocol as p
-from inference.modes import create_mode, mode_names
+from inference.modes import create_mode, load_extra_modes, mode_names
 from inference.modes.base import (
     Flush,
     Mode,
@@ -229,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", default="{}", help="JSON settings for the modes")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"worker{args.worker_id} %(levelname)s %(message)s")
+    load_extra_modes()
     host, _, port = args.connect.rpartition(":")
     try:
         asyncio.run(serve(host, int(port), args.worker_id, args.device, json.loads(args.settings)))

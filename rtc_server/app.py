@@ -23,7 +23,13 @@ from rtc_server.voices import add_voice_routes
 
 log = logging.getLogger("rtc_server.app")
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PROTECTED_PREFIXES = ("/api/", "/api", "/whip", "/metrics")
+PROTECTED_ROOTS = ("/api", "/whip", "/metrics")  # these paths and everything below them; pages are public
+
+
+def is_protected(path: str) -> bool:
+    return any(path == root or path.startswith(root + "/") for root in PROTECTED_ROOTS)
+
+
 MAX_BODY_KEY = web.AppKey("max_body", int)
 STARTED_KEY = web.AppKey("started_at", float)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -37,7 +43,7 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except ApiError:
         raise
     except web.HTTPException as exc:
-        if exc.status < 400 or not request.path.startswith(PROTECTED_PREFIXES):
+        if exc.status < 400 or not is_protected(request.path):
             raise
         codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
         code = codes.get(exc.status, "http_error")
@@ -46,7 +52,7 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         )
         raise ApiError(exc.status, code, message or exc.reason) from None
     except Exception:
-        if not request.path.startswith(PROTECTED_PREFIXES):
+        if not is_protected(request.path):
             raise
         log.exception("%s %s failed", request.method, request.path)
         raise ApiError(500, "internal_error", "the server failed on this request; see its log") from None
@@ -57,7 +63,7 @@ def auth_middleware(token: str) -> Callable[[web.Request, Handler], Awaitable[we
 
     @web.middleware
     async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith(PROTECTED_PREFIXES) and request.method != "OPTIONS":
+        if is_protected(request.path) and request.method != "OPTIONS":
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):
                 raise ApiError(

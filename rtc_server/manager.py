@@ -60,7 +60,11 @@ class SessionManager:
         configure_ice_consent(config.rtc.consent_interval_s, config.rtc.consent_failures)
 
     def known_modes(self) -> list[str]:
-        return mode_names()
+        """The modes the running workers serve (from their hello), or the built-in registry before any is up."""
+        served: list[str] = []
+        for worker in self.supervisor.workers:
+            served += [m for m in worker.modes if m not in served]
+        return served or mode_names()
 
     def start(self) -> None:
         self._queue_task = asyncio.create_task(self._queue_updates(), name="queue-updates")

@@ -11,7 +11,8 @@ import uuid
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+import numpy as np
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcdatachannel import RTCDataChannel
 from pydantic import BaseModel, ValidationError
 
@@ -71,6 +72,8 @@ class CallSession:
         self._timers: set[asyncio.TimerHandle] = set()
         self._close_task: asyncio.Task[None] | None = None
         self._connect_timer: asyncio.TimerHandle | None = None
+        self._video_units: asyncio.Queue[AudioUnit] | None = None
+        self._video_task: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
         self.unit_roundtrip_ms: deque[float] = deque(maxlen=600)  # recent units, for the admin dashboard
 
@@ -104,7 +107,7 @@ class CallSession:
             log.info("session %s: not connected in time", self.id)
             self.close_soon("connect timeout")
 
-    def _on_track(self, track) -> None:  # noqa: ANN001 (aiortc's MediaStreamTrack)
+    def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "audio" and self.inbound is None:
             self.inbound = InboundAudio(track, self.cutter, self._on_unit)
             self.inbound.start()
@@ -231,13 +234,33 @@ class CallSession:
     def _on_unit(self, unit: AudioUnit) -> None:
         if self.phase != "active" or not self.mode_open or self.paused or self.worker_id is None:
             return  # queued, switching or paused: the caller's audio is not routed anywhere
+        if self.video is not None and self.video_max_side is not None:
+            # The frame conversion runs off the loop; units still reach the worker in order.
+            if self._video_units is None:
+                self._video_units = asyncio.Queue()
+                self._video_task = asyncio.create_task(
+                    self._send_units_with_frames(), name=f"units-{self.id}"
+                )
+            self._video_units.put_nowait(unit)
+            return
+        self._send_unit(unit, None)
+
+    async def _send_units_with_frames(self) -> None:
+        assert self._video_units is not None and self.video is not None
+        while True:
+            unit = await self._video_units.get()
+            frame = await self.video.snapshot_rgb_async(self.video_max_side)
+            if self.phase == "active" and self.mode_open:
+                self._send_unit(unit, frame)
+
+    def _send_unit(self, unit: AudioUnit, frame: np.ndarray | None) -> None:
+        if self.worker_id is None:
+            return
         payload = p.pcm_to_bytes(unit.pcm)
         frame_shape = None
-        if self.video is not None and self.video_max_side is not None:
-            frame = self.video.snapshot_rgb(self.video_max_side)
-            if frame is not None:
-                frame_shape = frame.shape
-                payload += frame.tobytes()
+        if frame is not None:
+            frame_shape = (int(frame.shape[0]), int(frame.shape[1]), int(frame.shape[2]))
+            payload += np.ascontiguousarray(frame).tobytes()
         message = p.Unit(
             session_id=self.id,
             index=unit.index,
@@ -389,6 +412,10 @@ class CallSession:
                 while channel.bufferedAmount > 0 and time.monotonic() < deadline:
                     await asyncio.sleep(0.02)
                 await asyncio.sleep(0.05)
+            if self._video_task is not None:
+                self._video_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._video_task
             if self.inbound is not None:
                 await self.inbound.stop()
             if self.video is not None:

@@ -92,9 +92,9 @@ class PacedAudioTrack(MediaStreamTrack):
         return frame
 
     def timeline_start(self) -> float:
-        """Best estimate of when sample 0 was sent, from all frame times (robust to scheduling jitter)."""
+        """When sample 0 was sent: frames are never sent before their slot, only late (a busy loop)."""
         times = np.array(self.sent_at) - np.arange(len(self.sent_at)) * FRAME / RATE
-        return float(np.median(times))
+        return float(times.min())
 
 
 @dataclass
@@ -142,8 +142,10 @@ class Recorder:
         return np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.float32)
 
     def timeline_start(self) -> float:
+        """When sample 0 arrived, if nothing had been late: a busy loop only delays frames, so a low
+        percentile of (arrival - position) is the undelayed timeline (the 5th, to ignore an odd early frame)."""
         times = np.array(self.arrived_at) - np.array(self.offsets) / RATE
-        return float(np.median(times))
+        return float(np.percentile(times, 5))
 
 
 def align(sent: np.ndarray, received: np.ndarray, rate: int = 16000) -> tuple[int, float]:
@@ -249,10 +251,31 @@ class Call:
         await self.recorder.stop()
         await self.pc.close()
 
-    def measure(self) -> tuple[float, float]:
-        """(delay heard in seconds, normalised cross-correlation) of the recording against the sent signal."""
+    def measure(self) -> tuple[float, float, np.ndarray]:
+        """Delay heard (s), global normalised cross-correlation, and per-window correlations.
+
+        The windows (250 ms of sent audio with signal in it) are re-aligned within +-10 ms of the global
+        lag: a dropped packet under CPU load shifts the rest of the recording a little, which lowers the
+        global figure without making the audio any less the caller's own voice.
+        """
         sent16 = resample(self.signal, RATE, 16000)
         received16 = resample(self.recorder.signal(), RATE, 16000)
         lag, ncc = align(sent16, received16)
         delay = self.recorder.timeline_start() + lag / 16000 - self.track.timeline_start()
-        return delay, ncc
+        return delay, ncc, windowed_similarity(sent16, received16, lag)
+
+
+def windowed_similarity(sent: np.ndarray, received: np.ndarray, lag: int, rate: int = 16000) -> np.ndarray:
+    win, slack = rate // 4, rate // 100
+    out = []
+    for start in range(0, sent.size - win + 1, win):
+        seg = sent[start : start + win]
+        if np.sqrt(np.mean(seg**2)) < 0.02:
+            continue  # silence: nothing to compare
+        lo = max(lag + start - slack, 0)
+        region = received[lo : lag + start + win + slack]
+        if region.size < win:
+            out.append(0.0)
+            continue
+        out.append(align(seg, region)[1])
+    return np.array(out)

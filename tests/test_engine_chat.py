@@ -11,6 +11,7 @@ from PIL import Image
 
 from MiniCPMO45.engine.chat import PromptInputs, prefill, prefill_messages, reply
 from MiniCPMO45.engine.core import Engine
+from MiniCPMO45.engine.generation import generate
 from MiniCPMO45.engine.sampling import ChatSampling
 from MiniCPMO45.engine.session import Mode
 from MiniCPMO45.processor.audio_io import load_audio
@@ -58,11 +59,16 @@ def test_greedy_reply_matches_reference(engine: Engine, prompt: PromptInputs, ti
         assert_close(logits[0].topk(5).values, c["step_top5_logits"][0], what="step 0 top5")
         text = ""
         ids = []
-        for events in reply(engine, [s], logits, GREEDY, max_new_tokens=16):
+        seen: list[torch.Tensor] = []
+        steps = generate(engine, [s], logits, GREEDY, 16, observe_logits=lambda _s, lg: seen.append(lg))
+        for events in steps:
             for ev in events:
                 ids.append(ev.token)
                 text += ev.text_delta
         assert ids == c["generated_ids"].tolist()
+        top = torch.stack(seen).topk(5, dim=-1)
+        assert top.indices.tolist() == c["step_top5_ids"].tolist()
+        assert_close(top.values, c["step_top5_logits"], what="per-step top5 logits")
         assert text == engine.tokenizer.decode(ids)
         # The reference answer went through `rstrip("<|tts_eos|>")`, which strips characters, not the tag
         # (spec 7.3 #4: "websocket" lost its "et"). We keep the full text.

@@ -58,25 +58,30 @@ def _run(engine: Engine, fixture_dir: Path, config: DuplexConfig):
     kv_after_prepare = engine.kv_length(s)
     first_logits = None
     steps = []
+    seen: list[torch.Tensor] = []
     for k, rec in enumerate(manifest["duplex_steps"]):
         frame = Image.open(inputs / f"frame_{k}.png").convert("RGB")
         unit = UnitInput(audio=audio[k * 16000 : (k + 1) * 16000], frames=[frame])
         pre = prefill_units(engine, [s], [unit])
         if first_logits is None:
             first_logits = s.duplex.pending_logits.clone()
-        res = generate_units(engine, [s], [rec["force_listen_override"]], pre)[0]
+        observe = lambda _s, lg: seen.append(lg)  # noqa: E731
+        res = generate_units(engine, [s], [rec["force_listen_override"]], pre, observe)[0]
         finalize_units(engine, [s])
         steps.append((res, engine.kv_length(s)))
-    return s, kv_after_prepare, first_logits, steps
+    return s, kv_after_prepare, first_logits, steps, seen
 
 
 def test_duplex_loop_matches_reference(engine: Engine, tiny_fixture_dir: Path) -> None:
     e = load_npz(tiny_fixture_dir, "e_duplex")
     manifest = load_manifest(tiny_fixture_dir)
-    s, kv0, first_logits, steps = _run(engine, tiny_fixture_dir, _config(manifest))
+    s, kv0, first_logits, steps, seen = _run(engine, tiny_fixture_dir, _config(manifest))
     try:
         assert kv0 == int(e["kv_len_after_prepare"])
         assert_close(first_logits, e["decode_first_logits_full"], what="first decode logits")
+        top = torch.stack(seen).topk(5, dim=-1)
+        assert top.indices.tolist() == e["decode_input_top5_ids"].tolist()
+        assert_close(top.values, e["decode_input_top5_logits"], what="raw logits at every decision")
         decoded = [t for res, _ in steps for t in res.decoded_ids]
         assert decoded == e["decode_out_ids"].tolist()
         assert s.duplex.total_ids == e["total_ids"].tolist()

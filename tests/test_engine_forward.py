@@ -106,3 +106,45 @@ def test_ragged_batch_matches_single_sessions(model: MiniCPMO, proc) -> None:
     ref_b = model.llm(emb[None, :9])[0, 7:9]
     assert_close(out[0], ref_a.numpy(), what="row a")
     assert_close(out[1, :2], ref_b.numpy(), what="row b")
+
+
+@torch.no_grad()
+def test_streaming_audio_cache_resets_before_the_position_table_ends(model: MiniCPMO) -> None:
+    from MiniCPMO45.modules.whisper import WhisperStreamCache
+
+    cache = WhisperStreamCache()
+    mel = torch.randn(1, 80, 100, generator=torch.Generator().manual_seed(0))
+    first = model.audio_embeds_stream(mel, cache)
+    assert first.shape == (10, model.config.llm.hidden_size) and cache.length == 50
+    for _ in range(28):
+        model.audio_embeds_stream(mel, cache)
+    assert cache.length == 1450 and cache.resets == 0
+    again = model.audio_embeds_stream(mel, cache)  # 1450 + 50 reaches 1500: start over
+    assert cache.resets == 1 and cache.length == 50
+    assert_close(again, first.numpy(), what="after reset")
+    # Redundancy frames around a chunk are trimmed after conv2: 2 mel frames each side -> 1 frame each side.
+    padded = torch.randn(1, 80, 104, generator=torch.Generator().manual_seed(1))
+    cache.clear()
+    out = model.audio_embeds_stream(padded, cache, prefix_extra_frames=2, suffix_extra_frames=2)
+    assert out.shape[0] == 10 and cache.length == 50
+
+
+def test_checkpoint_with_unknown_tensors_is_rejected(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from MiniCPMO45.loader import CheckpointError
+
+    for f in tiny_model_dir.iterdir():
+        if f.suffix == ".json":
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    save_file({"mystery.weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="mystery.weight"):
+        MiniCPMO.from_pretrained(tmp_path, dtype=torch.float32)
+
+
+@torch.no_grad()
+def test_bfloat16_load_runs(tiny_model_dir: Path) -> None:
+    m = MiniCPMO.from_pretrained(tiny_model_dir)  # the default dtype, as on a GPU
+    assert m.dtype == torch.bfloat16 and m.tts is not None
+    h = m.llm(m.embed_ids([151644, 872, 198])[None])
+    assert h.dtype == torch.bfloat16 and torch.isfinite(h.float()).all()

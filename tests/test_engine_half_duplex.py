@@ -41,13 +41,19 @@ def test_streaming_prefill_and_reply(engine: Engine, tiny_fixture_dir: Path) -> 
         assert_close(last_values, d["kv_last_layer_value_lastpos"], what="last value")
 
         ids, text = [], ""
-        for events in generate_reply(engine, [s], GREEDY, max_new_tokens=16, spoken=False):
+        seen: list[torch.Tensor] = []
+        observe = lambda _s, lg: seen.append(lg)  # noqa: E731
+        for events in generate_reply(engine, [s], GREEDY, 16, spoken=False, observe_logits=observe):
             for ev in events:
                 if ev.token is not None:
                     ids.append(ev.token)
                     assert ev.hidden is not None
                 text += ev.text_delta
         assert ids == d["generated_ids"].tolist()
+        # Every LLM call of the reply: the prefix prefill, then one per fed token (21 in all).
+        top = torch.stack(seen).topk(5, dim=-1)
+        assert top.indices.tolist() == d["llm_call_top5_ids"].tolist()
+        assert_close(top.values, d["llm_call_top5_logits"], what="per-call top5 logits")
         assert text == load_manifest(tiny_fixture_dir)["streaming_text"]
         assert engine.kv_length(s) == int(d["kv_len_after_prefill"]) + 10 + len(ids)
 
@@ -70,7 +76,11 @@ def test_raw_audio_turns(engine: Engine, tiny_fixture_dir: Path) -> None:
     audio = load_audio(tiny_fixture_dir / "inputs" / "duplex_audio.wav")
     s = engine.open_session()
     try:
-        prefill_system(engine, s, ["You are a helpful assistant."])
+        prefill_system(engine, s, ["Speak like this:", audio[:8000], "Be brief."])
+        text_ids = engine.tokenizer.encode(
+            "<|im_start|>system\nSpeak like this:<|audio_start|><|audio_end|>Be brief.<|im_end|>\n"
+        )
+        assert engine.kv_length(s) == len(text_ids) + 5  # 0.5 s of reference audio -> 5 rows
         base = engine.kv_length(s)
         prefill_user_samples(engine, s, audio[:16000])
         # "<|im_start|>user\\n" + audio_start + 10 audio rows + audio_end

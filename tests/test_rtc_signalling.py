@@ -140,6 +140,8 @@ async def test_api_token_guards_signalling_but_not_pages(start_test_server, toke
     async with aiohttp.ClientSession() as http:
         async with http.get(url + "/call.html") as resp:
             assert resp.status == 200
+        async with http.get(url + "/api-docs.html") as resp:  # a page whose name starts like a route
+            assert resp.status == 404 and resp.content_type != "application/json"
     call = Call(url, _tone(0.5), token=token)
     try:
         await call.start_json("loopback")

@@ -100,3 +100,29 @@ def test_rejects_bad_input(flow: Flow, inputs: dict[str, np.ndarray]) -> None:
         flow.setup_cache(torch.zeros(1, 10, dtype=torch.long), torch.from_numpy(inputs["prompt_mel"]), spk, 5)
     with pytest.raises(ValueError, match="vocabulary"):
         flow.encode(torch.tensor([[7000]]))
+
+
+def test_batched_chunks_match_single(
+    flow: Flow, inputs: dict[str, np.ndarray], token2wav_fixture_dir: Path
+) -> None:
+    st = np.load(token2wav_fixture_dir / "expected" / "stream.npz")
+    spk = torch.from_numpy(inputs["spk_embedding"])
+    base = flow.setup_cache(
+        torch.from_numpy(st["prompt_tokens_with_lookahead"]).long(),
+        torch.from_numpy(inputs["prompt_mel"]),
+        spk,
+        5,
+    )
+    rng = np.random.default_rng(4)
+    tokens = torch.from_numpy(rng.integers(0, 6561, (3, 28)))
+    spks = torch.cat([spk, -spk, spk * 2], dim=0)
+    mel, caches = flow.inference_chunk_batch(tokens, spks, [base.clone() for _ in range(3)], False, 5)
+    for i in range(3):
+        one_mel, one_cache = flow.inference_chunk(tokens[i : i + 1], spks[i : i + 1], base, False, 5)
+        np.testing.assert_allclose(mel[i : i + 1].numpy(), one_mel.numpy(), atol=1e-5, rtol=0)
+        for name in ("conformer_cnn", "conformer_att", "estimator_conv", "estimator_kv"):
+            np.testing.assert_allclose(
+                getattr(caches[i], name).numpy(), getattr(one_cache, name).numpy(), atol=1e-5, rtol=0
+            )
+    with pytest.raises(ValueError, match="equal shapes"):
+        flow.inference_chunk_batch(tokens[:2], spks[:2], [base, caches[0]], False, 5)

@@ -96,3 +96,34 @@ def test_streaming_state_clone_is_independent(
     assert torch.equal(first, again)
     with pytest.raises(ValueError, match="shape"):
         vocoder.stream(vocoder.new_state(), torch.zeros(1, 79, 4))
+
+
+def test_batched_streams_match_single(vocoder: StreamingVocoder, stream_npz: dict[str, np.ndarray]) -> None:
+    rng = np.random.default_rng(2)
+    feeds = [  # three streams fed the same call sizes (50, 50, 6 frames), different mel
+        [torch.from_numpy(stream_npz[f"call{i}_mel"]) for i in range(3)],
+        [torch.from_numpy(stream_npz[f"call{i}_mel"]) * 0.9 - 0.3 for i in range(3)],
+        [torch.from_numpy(rng.standard_normal((1, 80, n)).astype(np.float32) - 4) for n in (50, 50, 6)],
+    ]
+    single = []
+    for feed in feeds:
+        state = vocoder.new_state()
+        single.append(torch.cat([vocoder.stream(state, m, final=i == 2) for i, m in enumerate(feed)], dim=1))
+    states = [vocoder.new_state() for _ in feeds]
+    # A fourth stream joins late with a different call size, so it runs in its own groups.
+    late = vocoder.new_state()
+    pieces: list[list[torch.Tensor]] = [[] for _ in range(4)]
+    for i in range(3):
+        batch_states = [*states, late] if i == 1 else states
+        batch_mels = [feed[i] for feed in feeds] + ([feeds[0][0][:, :, :20]] if i == 1 else [])
+        outs = vocoder.stream_batch(batch_states, batch_mels, [i == 2] * len(batch_states))
+        for j, out in enumerate(outs):
+            pieces[j].append(out)
+    for got, want in zip(pieces[:3], single, strict=True):
+        np.testing.assert_allclose(torch.cat(got, dim=1).numpy(), want.numpy(), atol=1e-5, rtol=0)
+    alone = vocoder.new_state()
+    np.testing.assert_allclose(
+        pieces[3][0].numpy(), vocoder.stream(alone, feeds[0][0][:, :, :20]).numpy(), atol=1e-5, rtol=0
+    )
+    with pytest.raises(ValueError, match="only once"):
+        vocoder.stream_batch([states[0], states[0]], [feeds[0][0]] * 2, [False, False])

@@ -22,6 +22,15 @@ from MiniCPMO45.modules.tts import (
 from MiniCPMO45.modules.tts_sampling import code_distribution, keep_top_k, keep_top_p, penalize_repeats
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """The TTS loop runs thousands of tiny ops; extra intra-op threads only add waiting on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tts(tiny_model_dir: Path) -> MiniCPMTTS:
     return MiniCPMTTS.from_checkpoint(tiny_model_dir)
@@ -271,8 +280,11 @@ def test_cache_limits(tts: MiniCPMTTS, e_duplex) -> None:
     session = tts.new_session(cache, seed=0)
     with pytest.raises(CacheFullError):
         tts.new_session(cache)
-    with pytest.raises(CacheFullError):
+    with pytest.raises(CacheFullError, match="capacity is 20"):
         tts.generate_chunk(session, cond(e_duplex, 0))  # 5 + 25 positions > 20
+    assert session.length == 0  # refused before any work
+    codes = tts.generate_chunk(session, cond(e_duplex, 0), max_new=16)  # 5 + 15 positions fit exactly
+    assert codes.numel() == 15 and session.length == 20
     session.close()
     assert cache.free_slots == 1
     with pytest.raises(ValueError):
@@ -309,3 +321,18 @@ def test_streamer_recompute_warps_first_draw_of_later_chunks(tts: MiniCPMTTS, e_
     logits = plain.probs[0].log() * sampling.temperature
     redone = code_distribution(logits[None], [codes0], sampling, [True], [False], tts.eos_id)[0]
     torch.testing.assert_close(redone, first, atol=1e-7, rtol=1e-4)
+
+
+def test_speak_units_applies_duplex_rules(eos_biased: MiniCPMTTS, e_duplex) -> None:
+    """With EOS always winning when allowed: a turn's first unit stops at once, a mid-turn unit gives 25 codes,
+    the turn's last unit stops at once and resets the session."""
+    cache = eos_biased.new_cache(num_slots=2, capacity=256)
+    a, b = eos_biased.new_session(cache, seed=0), eos_biased.new_session(cache, seed=1)
+    first = eos_biased.speak_units([a], [cond(e_duplex, 0)], end_of_turn=[False])[0]
+    assert first.codes.numel() == 0 and first.hit_eos and a.length == cond(e_duplex, 0).shape[0]
+    mid, start = eos_biased.speak_units([a, b], [cond(e_duplex, 1), cond(e_duplex, 0)], [False, False])
+    assert mid.codes.numel() == 25 and not mid.hit_eos
+    assert start.codes.numel() == 0  # b is at the start of its turn
+    last = eos_biased.speak_units([a], [cond(e_duplex, 2)], end_of_turn=[True])[0]
+    assert last.codes.numel() == 0 and last.hit_eos
+    assert a.length == 0

@@ -27,6 +27,15 @@ def assert_probs_close(actual: torch.Tensor, expected: np.ndarray) -> None:
     np.testing.assert_allclose(actual.numpy(), expected, atol=1e-9, rtol=PROB_RTOL)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """The TTS loop runs thousands of tiny ops; extra intra-op threads only add waiting on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tts(tiny_model_dir: Path) -> MiniCPMTTS:
     return MiniCPMTTS.from_checkpoint(tiny_model_dir, dtype=torch.float32)

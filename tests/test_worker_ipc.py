@@ -63,8 +63,11 @@ def test_loopback_mode_schedules_from_the_capture_timeline() -> None:
     (speech,) = mode.on_unit(UnitInput(index=0, pcm=pcm, completed_at=100.0), None)
     assert isinstance(speech, Speech) and speech.pcm.size == 2400
     assert speech.play_at == pytest.approx(100.0 - 0.1 + 1.0 - 0.2)
+    # a unit stamped late (a stalled loop) still plays on the capture timeline, not later
+    (speech,) = mode.on_unit(UnitInput(index=1, pcm=pcm, completed_at=100.4), None)
+    assert speech.play_at == pytest.approx(100.0 - 0.1 + 0.1 + 1.0 - 0.2)
     mode.on_control({"type": "pause"})
-    assert mode.on_unit(UnitInput(index=1, pcm=pcm, completed_at=100.1), None) == []
+    assert mode.on_unit(UnitInput(index=2, pcm=pcm, completed_at=100.3), None) == []
     with pytest.raises(KeyError, match="unknown mode"):
         create_mode("karaoke", {})
 

@@ -12,7 +12,7 @@ repetition penalty lowers negative logits instead of raising them (see `DuplexCo
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -235,20 +235,17 @@ def prefill_units(
         units.append(_UnitPieces(pieces, schema))
     t_audio = time.perf_counter()
 
-    ready_sessions = [sessions[i] for i in ready]
-    last_hidden = _feed_pieces(
-        engine,
-        ready_sessions,
-        units,
-        _state_list(ready_sessions)[0].config.piecewise_prefill if ready else True,
-    )
-    logits = engine.model.llm.logits(torch.stack(last_hidden)) if ready else None
+    if ready:
+        ready_sessions = [sessions[i] for i in ready]
+        piecewise = any(_state(s).config.piecewise_prefill for s in ready_sessions)
+        last_hidden = _feed_pieces(engine, ready_sessions, units, piecewise)
+        logits = engine.model.llm.logits(torch.stack(last_hidden))
+        for k, i in enumerate(ready):
+            st = _state(sessions[i])
+            st.pending_logits = logits[k]
+            st.schema.append(units[k].schema)
+            st.units_prefilled += 1
     t_feed = time.perf_counter()
-    for k, i in enumerate(ready):
-        st = _state(sessions[i])
-        st.pending_logits = logits[k] if logits is not None else None
-        st.schema.append(units[k].schema)
-        st.units_prefilled += 1
     for r in results:
         r.timings_ms.update(
             vision_ms=(t_vision - t0) * 1000,
@@ -256,10 +253,6 @@ def prefill_units(
             prefill_feed_ms=(t_feed - t_audio) * 1000,
         )
     return results
-
-
-def _state_list(sessions: Sequence[Session]) -> list[DuplexState]:
-    return [_state(s) for s in sessions]
 
 
 def _feed_pieces(
@@ -297,7 +290,7 @@ def decide_token(
     ban(logits, engine.duplex_bans)
     recent = set(st.decoded[-cfg.text_repetition_window :]) if cfg.text_repetition_window else set()
     if cfg.text_repetition_penalty != 1.0 and recent:
-        idx = torch.tensor(sorted(recent), dtype=torch.long)
+        idx = torch.tensor(sorted(recent), dtype=torch.long, device=logits.device)
         vals = logits[idx]
         if cfg.repetition_penalty_style == "reference":
             logits[idx] = vals / cfg.text_repetition_penalty
@@ -335,6 +328,7 @@ def generate_units(
     sessions: Sequence[Session],
     force_listen: Sequence[bool] | None = None,
     prefills: Sequence[UnitResult] | None = None,
+    observe_logits: Callable[[Session, torch.Tensor], None] | None = None,
 ) -> list[UnitResult]:
     """Decide listen/speak for each session's pending unit and decode its text, batched across sessions."""
     t0 = time.perf_counter()
@@ -383,6 +377,8 @@ def generate_units(
             if run.forced:
                 tok = sp.listen
             else:
+                if observe_logits is not None:
+                    observe_logits(sessions[run.index], run.logits.clone())
                 tok = decide_token(engine, st, run.logits, sessions[run.index].generator)
                 res.decoded_ids.append(tok)
                 if tok == sp.listen and st.turn_open:
@@ -457,3 +453,10 @@ def tts_condition(engine: Engine, result: UnitResult) -> torch.Tensor:
     d = engine.model.config.llm.hidden_size
     hidden = result.tts_hidden if result.tts_hidden is not None else torch.zeros(0, d)
     return tts.condition(torch.tensor(result.tts_token_ids, dtype=torch.long), hidden, text_finished=False)
+
+
+def step_units(engine: Engine, sessions: Sequence[Session], inputs: Sequence[UnitInput]) -> list[UnitResult]:
+    """Prefill and decide one unit for every session (finalize afterwards with `finalize_units`, e.g. while
+    the results are being sent, as the reference's deferred finalize does)."""
+    pre = prefill_units(engine, sessions, inputs)
+    return generate_units(engine, sessions, [u.force_listen for u in inputs], pre)

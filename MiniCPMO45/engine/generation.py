@@ -7,7 +7,7 @@ conditions on). A terminator ends a session's reply and is never fed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,11 +53,13 @@ def generate(
     feed_last: bool = False,
     report_unfed_last: bool = True,
     skip_special_tokens: bool = False,
+    observe_logits: Callable[[Session, torch.Tensor], None] | None = None,
 ) -> Iterator[list[TokenEvent]]:
     """Yield, per step, the events of the sessions still generating.
 
     The last token allowed by `max_new_tokens` is reported with `hidden=None` and not fed, unless `feed_last`
     (or dropped entirely when `report_unfed_last` is false, like the reference streaming generator).
+    `observe_logits(session, logits)` sees the raw logits of every decoding step (diagnostics, tests).
     """
     if first_logits.shape[0] != len(sessions):
         raise ValueError("one logits row per session")
@@ -77,6 +79,8 @@ def generate(
         for row, i in enumerate(active):
             s = sessions[i]
             window = reference_window(s.history, params.repetition_window)
+            if observe_logits is not None:
+                observe_logits(s, logits[row].clone())  # raw next-token logits, before any adjustment
             tok = choose_chat_token(logits[row], params, window, terminators, banned, s.generator)
             if tok in terminators:
                 events.append(TokenEvent(s, None, None, detok[i].flush(), True, "terminator"))

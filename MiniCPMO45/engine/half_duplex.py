@@ -8,7 +8,7 @@ new user turn after a reply starts with `<|tts_eos|><|im_end|>\\n` (the reply is
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +35,12 @@ class AudioSegment:
         return self.mel_length if self.mel_length is not None else self.mel.shape[-1]
 
 
-Content = str | AudioSegment
+Content = str | AudioSegment | np.ndarray  # text, log-mel features, or 16 kHz mono samples
+
+
+def _segment_from_samples(samples: np.ndarray) -> AudioSegment:
+    feats, lens = batch_features([np.asarray(samples, dtype=np.float32).reshape(-1)], DYNAMIC_FLOOR)
+    return AudioSegment(torch.from_numpy(feats), int(lens[0]))
 
 
 def _audio_placeholder(n: int) -> str:
@@ -66,7 +71,7 @@ def _prefill_text_and_audio(
         merged = torch.cat(rows)
         if merged.shape[0] != len(positions):
             raise ValueError(f"{merged.shape[0]} audio embeddings for {len(positions)} placeholders")
-        emb[torch.tensor(positions)] = merged.to(emb.dtype)
+        emb[torch.tensor(positions, device=emb.device)] = merged.to(emb.dtype)
     return engine.feed([session], [emb])[0]
 
 
@@ -76,6 +81,8 @@ def prefill_system(engine: Engine, session: Session, content: Sequence[Content])
     engine.reset_session(session)
     parts, audio = [], []
     for item in content:
+        if isinstance(item, np.ndarray):
+            item = _segment_from_samples(item)
         if isinstance(item, AudioSegment):
             parts.append(_audio_placeholder(pooled_tokens(item.frames, engine.model.config.audio_pool_step)))
             audio.append(item)
@@ -122,8 +129,7 @@ def prefill_user_samples(engine: Engine, session: Session, samples: np.ndarray, 
         features, _ = session.half_duplex.mel.push(samples)
         segment = AudioSegment(torch.from_numpy(features)[None])
     else:
-        feats, lens = batch_features([np.asarray(samples, dtype=np.float32).reshape(-1)], DYNAMIC_FLOOR)
-        segment = AudioSegment(torch.from_numpy(feats), int(lens[0]))
+        segment = _segment_from_samples(samples)
     prefill_user_audio(engine, session, segment, stream=stream)
 
 
@@ -135,6 +141,7 @@ def generate_reply(
     use_tts_template: bool = True,
     spoken: bool = True,
     extra_banned: Sequence[int] = (),
+    observe_logits: Callable[[Session, torch.Tensor], None] | None = None,
 ) -> Iterator[list[TokenEvent]]:
     """Feed the assistant prefix and stream the reply tokens (with hidden states for the TTS).
 
@@ -153,7 +160,16 @@ def generate_reply(
     logits = engine.last_logits(engine.feed_ids(sessions, [prefix] * len(sessions)))
     budget = reference_chunk_budget(max_new_tokens)
     banned = [*(spoken_bans(engine) if spoken else ()), *extra_banned]
-    return generate(engine, sessions, logits, params, budget, banned, report_unfed_last=False)
+    return generate(
+        engine,
+        sessions,
+        logits,
+        params,
+        budget,
+        banned,
+        report_unfed_last=False,
+        observe_logits=observe_logits,
+    )
 
 
 def prefill_user_text(engine: Engine, session: Session, text: str) -> None:

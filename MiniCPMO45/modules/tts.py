@@ -15,8 +15,10 @@ The repetition-penalty window is per call in duplex (`generate_chunk` only looks
 per turn in turn-based streaming, where `TTSStreamer` keeps the turn's codes, the previous text chunk's condition
 and codes (for sliding_recompute) and the buffer of codes not yet handed out in 25-code pieces.
 
-Every generation entry point runs through one batched step loop (`generate_chunks`); teacher forcing runs the
-same loop with given codes instead of draws and records the distributions the sampler would have drawn from.
+Entry points: `condition()` builds a condition; `speak_units()` runs one duplex unit for a batch of sessions with
+the official rules (`generate_chunks()` / `generate_chunk()` underneath); `streamer()` gives turn-based streaming;
+`generate()` is the non-streaming utterance. All run through one batched step loop; teacher forcing runs the same
+loop with given codes instead of draws and records the distributions the sampler would have drawn from.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ __all__ = [
     "TTSSession",
     "TTSStreamer",
     "TURN_SAMPLING",
+    "duplex_min_new",
 ]
 
 # checkpoint entries the runtime does not use (relative to the `tts.` prefix)
@@ -53,6 +56,11 @@ _WEIGHT_NORM_V = "head_code.{i}.parametrizations.weight.original1"
 
 # §3.3.3: a duplex unit draws at most 26 codes and returns all but the last, so exactly 25 (1 s) mid-turn.
 DUPLEX_MAX_DRAWS = 26
+
+
+def duplex_min_new(session: TTSSession, end_of_turn: bool) -> int:
+    """Draws before EOS is allowed in a duplex unit: none at a turn's first unit or its last, else all 26."""
+    return 0 if session.length == 0 or end_of_turn else DUPLEX_MAX_DRAWS
 
 
 class SemanticProjector(nn.Module):
@@ -191,6 +199,7 @@ class MiniCPMTTS(nn.Module):
         session.length = 0
 
     # ---- condition ---------------------------------------------------------------------------------------------
+    @torch.inference_mode()
     def condition(self, token_ids: torch.Tensor, hidden: torch.Tensor, text_finished: bool) -> torch.Tensor:
         """`[N + (1 if text_finished) + 1, hidden]`: emb_text(t) + L2norm(projector_semantic(h)) per spoken
         token, then emb_text(text_eos) when the text is finished, then emb_text(audio_bos)."""
@@ -336,9 +345,23 @@ class MiniCPMTTS(nn.Module):
                     record=record_probs,
                 )
             )
+        for r in runs:
+            self._check_room(r)
         while any(not r.done for r in runs):
             self._step(runs, sampling)
         return self._results(runs)
+
+    @staticmethod
+    def _check_room(run: _Run) -> None:
+        """Fail before any work (and any state change) if the run could outgrow its cache slot."""
+        session = run.session
+        worst = session.length + run.condition.shape[0] + run.max_new - 1
+        if worst > session.cache.capacity:
+            raise CacheFullError(
+                f"TTS session at position {session.length} needs up to {worst} cache positions "
+                f"(condition {run.condition.shape[0]} + {run.max_new - 1} fed codes), capacity is "
+                f"{session.cache.capacity}; end the turn or use a larger cache"
+            )
 
     def generate_chunk(
         self,
@@ -360,6 +383,30 @@ class MiniCPMTTS(nn.Module):
             [session], [condition], min_new=min_new, max_new=max_new, sampling=sampling
         )
         return result[0].codes
+
+    def speak_units(
+        self,
+        sessions: Sequence[TTSSession],
+        conditions: Sequence[torch.Tensor],
+        end_of_turn: Sequence[bool],
+        sampling: CodeSampling = DUPLEX_SAMPLING,
+    ) -> list[ChunkResult]:
+        """One speaking duplex unit for each session, batched, with the official rules of §3.3.3.
+
+        Up to 26 draws and 25 codes; EOS may stop a unit early only at the first unit of a turn or when the turn
+        ends; a session whose turn ended is reset afterwards. (A forced listen in the middle of a turn does not
+        end the TTS turn in the official demo: pass end_of_turn=False there and do not call `end_turn`.)
+        """
+        if len(end_of_turn) != len(sessions):
+            raise ValueError(f"{len(sessions)} sessions but {len(end_of_turn)} end_of_turn flags")
+        mins = [duplex_min_new(s, eot) for s, eot in zip(sessions, end_of_turn, strict=True)]
+        results = self.generate_chunks(
+            sessions, conditions, min_new=mins, max_new=DUPLEX_MAX_DRAWS, sampling=sampling
+        )
+        for s, eot in zip(sessions, end_of_turn, strict=True):
+            if eot:
+                self.end_turn(s)
+        return results
 
     def teacher_force_chunk(
         self,
@@ -500,6 +547,7 @@ class TTSStreamer:
             record=record_probs,
         )
         self.chunk_probs = None
+        MiniCPMTTS._check_room(run)
         chunk_codes: list[int] = []
         self.finished = text_finished
         try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-import av
 import numpy as np
 
 TARGET_RATE = 16000
@@ -63,6 +62,8 @@ def resample(samples: np.ndarray, from_rate: int, to_rate: int = TARGET_RATE) ->
     samples = np.ascontiguousarray(samples, dtype=np.float32).reshape(-1)
     if from_rate == to_rate:
         return samples
+    import av  # PyAV only when a resample is needed: GPU workers that get 16 kHz audio never import it
+
     resampler = av.AudioResampler(format="flt", layout="mono", rate=to_rate)
     frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="flt", layout="mono")
     frame.sample_rate = from_rate
@@ -72,6 +73,8 @@ def resample(samples: np.ndarray, from_rate: int, to_rate: int = TARGET_RATE) ->
 
 
 def _decode_with_av(path: Path, to_rate: int) -> np.ndarray:
+    import av
+
     try:
         container = av.open(str(path))
     except av.error.FFmpegError as exc:

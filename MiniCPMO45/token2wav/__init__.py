@@ -16,17 +16,23 @@ Per reference voice (cache it; `prompt_frontend.PromptFrontend` turns a WAV into
 Per spoken turn (the voice's flow caches are cloned; the token buffer starts with 3 silence tokens 4218)::
 
     turn = model.start_turn(voice, rule="duplex")      # or rule="turn"
-    for codes in tts_codes:                            # any number of codes per call
-        for pcm in model.push_codes(turn, codes, end_of_turn=False):
+    for codes, unit_ended_early in tts_units:          # any number of codes per call
+        for pcm in model.push_codes(turn, codes, flush=unit_ended_early):
             send(pcm)                                  # np.float32, 24 kHz, mono
     tail = model.push_codes(turn, [], end_of_turn=True)  # flushes the look-ahead and the vocoder delay
 
-Windowing (official): rule "turn" sends 28 tokens (25 new + 3 look-ahead) whenever 28 are buffered and
-drops 25; rule "duplex" sends min(28, n) tokens while n >= 8 and drops min(25, n - 3). End of turn sends
-the rest with `last_chunk`. `iter_push_codes` yields each window's audio as soon as it is computed, so the
-first PCM leaves after the first window (28 tokens, or 8 in duplex). The first non-empty piece of a turn
-starts with 3840 zero samples (the vocoder's 8-frame delay); empty pieces are not returned.
-`pcm16_roundtrip` reproduces the duplex path's int16 conversion when bit-level parity with it matters.
+Windowing (official): a window of 28 tokens (25 new + 3 look-ahead) goes out whenever 28 are buffered, and
+25 are dropped. With rule "duplex" and `flush=True` (the official duplex path flushes when a unit's codes
+carry a chunk terminator, or on force-flush) shorter windows go out too: min(28, n) tokens while n >= 8,
+dropping min(25, n - 3). End of turn sends the rest with `last_chunk`. `iter_push_codes` yields each
+window's audio as soon as it is computed, so the first PCM leaves right after the first window. The first
+non-empty piece of a turn starts with 3840 zero samples (the vocoder's 8-frame delay); empty pieces are not
+returned. `duplex_unit_audio` applies the duplex path's post-processing to one unit's pieces (int16 round
+trip, `pcm16_roundtrip`, and left padding of non-final units to 1 s).
+
+Many sessions per worker: `push_codes_batch([PushRequest(turn, codes, end_of_turn, flush), ...])` runs
+the turns' windows round by round; windows of equal size and cache shapes (sessions of one voice in steady
+state) share one flow batch, and the streaming vocoder batches blocks of equal geometry.
 
 Whole utterance (the official `__call__`; flow over [prompt ; tokens], then the original HiFT)::
 
@@ -38,15 +44,25 @@ an 8-frame mel cache, a 3840-sample source cache and a Hamming cross-fade (`cros
 """
 
 from .assets import AssetLayout, AssetLayoutError, detect_layout, read_weights
-from .model import PromptCache, Token2Wav, TurnState, fit_prompt_mel, pcm16_roundtrip
+from .model import (
+    PromptCache,
+    PushRequest,
+    Token2Wav,
+    TurnState,
+    duplex_unit_audio,
+    fit_prompt_mel,
+    pcm16_roundtrip,
+)
 
 __all__ = [
     "AssetLayout",
     "AssetLayoutError",
     "PromptCache",
+    "PushRequest",
     "Token2Wav",
     "TurnState",
     "detect_layout",
+    "duplex_unit_audio",
     "fit_prompt_mel",
     "pcm16_roundtrip",
     "read_weights",

@@ -98,13 +98,17 @@ class FlowSampler(nn.Module):
         conv_cache: torch.Tensor | None,
         kv_cache: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Streaming chunk. Caches are per step: conv (steps, depth, 2, 2*hidden, 2) and
-        kv (steps, depth, 2, heads, t, 2*head_dim). Returns (mel, new conv cache, new kv cache), all new tensors.
+        """Streaming chunk for B streams whose caches have the same length (mu (B, 80, T), spks (B, 80)).
+
+        Caches are per step: conv (steps, depth, 2B, 2*hidden, 2) and kv (steps, depth, 2B, heads, t,
+        2*head_dim), the B conditioned rows first, then the B unconditioned ones. All streams read the same
+        noise (the offset is the cache length). Returns (mel, new conv cache, new kv cache), all new tensors.
         """
+        batch = mu.shape[0]
         offset = 0 if kv_cache is None else kv_cache.shape[4]
         if kv_cache is not None and kv_cache.shape[0] < n_steps:
             raise ValueError(f"estimator cache holds {kv_cache.shape[0]} steps, {n_steps} are needed")
-        x = self._noise(offset, mu.shape[2], mu)
+        x = self._noise(offset, mu.shape[2], mu).expand(batch, -1, -1)
         grid = cosine_time_grid(n_steps, mu.dtype).to(mu.device)
         mu2 = torch.cat([mu, torch.zeros_like(mu)], dim=0)
         spks2 = torch.cat([spks, torch.zeros_like(spks)], dim=0)
@@ -116,7 +120,7 @@ class FlowSampler(nn.Module):
             v, conv, kv = self.estimator.forward_chunk(
                 x.repeat(2, 1, 1),
                 mu2,
-                t.repeat(2),
+                t.repeat(2 * batch),
                 spks2,
                 cond2,
                 None if conv_cache is None else conv_cache[step - 1],

@@ -171,8 +171,10 @@ class PreLookahead(nn.Module):
         h = F.leaky_relu(self.conv1(x.transpose(1, 2)))
         if cache is None:
             cache = h.new_zeros(h.shape[0], h.shape[1], 2)
-        new_cache = h[..., -2:]
-        h = self.conv2(torch.cat([cache, h], dim=2))
+        h = torch.cat([cache, h], dim=2)
+        # The last two conv1 outputs (taken after the join, so a 1-frame chunk still leaves 2 frames).
+        new_cache = h[..., h.shape[2] - 2 :]
+        h = self.conv2(h)
         return h.transpose(1, 2) + x[:, : x.shape[1] - self.lookahead], new_cache
 
 

@@ -26,7 +26,7 @@ def hamming(length: int) -> torch.Tensor:
     return 0.54 - 0.46 * torch.cos(2 * np.pi * n / (length - 1))
 
 
-@dataclass
+@dataclass(eq=False)
 class CrossfadeState:
     mel: torch.Tensor  # (1, mels, <= 8) last mel frames of the previous call
     source: torch.Tensor  # (1, 1, <= 3840) last source samples of the previous call
@@ -95,3 +95,9 @@ class CrossfadeVocoder:
         if first:
             return torch.cat([speech.new_zeros(1, self.overlap), speech[:, : -self.overlap]], dim=1)
         return speech[:, : -self.overlap]
+
+    def stream_batch(
+        self, states: list[CrossfadeState], mels: list[torch.Tensor], finals: list[bool]
+    ) -> list[torch.Tensor]:
+        """One call per stream (the random source makes each stream's call independent anyway)."""
+        return [self.stream(st, mel, final) for st, mel, final in zip(states, mels, finals, strict=True)]

@@ -18,7 +18,7 @@ from .dit import DiT
 from .hparams import FlowParams
 
 
-@dataclass
+@dataclass(eq=False)
 class FlowCache:
     """Streaming state of the flow: every tensor is owned (never a view of a shared scratch buffer)."""
 
@@ -27,6 +27,15 @@ class FlowCache:
     estimator_conv: torch.Tensor  # (steps, depth, 2, 2*hidden, 2)
     estimator_kv: torch.Tensor  # (steps, depth, 2, heads, t_frames, 2*head_dim)
 
+    def shape_key(self) -> tuple[tuple[int, ...], ...]:
+        """Caches with equal keys can be stacked into one batch."""
+        return (
+            tuple(self.conformer_cnn.shape),
+            tuple(self.conformer_att.shape),
+            tuple(self.estimator_conv.shape),
+            tuple(self.estimator_kv.shape),
+        )
+
     def clone(self) -> FlowCache:
         return FlowCache(
             self.conformer_cnn.clone(),
@@ -34,6 +43,43 @@ class FlowCache:
             self.estimator_conv.clone(),
             self.estimator_kv.clone(),
         )
+
+
+def stack_flow_caches(caches: list[FlowCache]) -> FlowCache:
+    """B single-stream caches -> one batched cache (estimator rows: B conditioned, then B unconditioned)."""
+    if len({c.shape_key() for c in caches}) != 1:
+        raise ValueError("only caches of equal shapes can be batched")
+    if len(caches) == 1:
+        return caches[0]
+
+    def pairs(name: str) -> torch.Tensor:
+        parts = [getattr(c, name) for c in caches]
+        return torch.cat([p[:, :, :1] for p in parts] + [p[:, :, 1:] for p in parts], dim=2)
+
+    return FlowCache(
+        torch.cat([c.conformer_cnn for c in caches], dim=0),
+        torch.cat([c.conformer_att for c in caches], dim=1),
+        pairs("estimator_conv"),
+        pairs("estimator_kv"),
+    )
+
+
+def unstack_flow_cache(cache: FlowCache, batch: int) -> list[FlowCache]:
+    """Inverse of `stack_flow_caches`; every returned tensor is a fresh copy."""
+    if batch == 1:
+        return [cache]
+    out = []
+    for i in range(batch):
+        rows = torch.tensor([i, batch + i], device=cache.estimator_kv.device)
+        out.append(
+            FlowCache(
+                cache.conformer_cnn[i : i + 1].clone(),
+                cache.conformer_att[:, i : i + 1].clone(),
+                cache.estimator_conv.index_select(2, rows),
+                cache.estimator_kv.index_select(2, rows),
+            )
+        )
+    return out
 
 
 class Flow(nn.Module):
@@ -61,9 +107,9 @@ class Flow(nn.Module):
     def _speaker(self, spk: torch.Tensor) -> torch.Tensor:
         return self.spk_embed_affine_layer(F.normalize(spk, dim=1))
 
-    def _check_tokens(self, tokens: torch.Tensor) -> None:
-        if tokens.ndim != 2 or tokens.shape[0] != 1:
-            raise ValueError(f"tokens must have shape (1, n), got {tuple(tokens.shape)}")
+    def _check_tokens(self, tokens: torch.Tensor, batch: int = 1) -> None:
+        if tokens.ndim != 2 or tokens.shape[0] != batch:
+            raise ValueError(f"tokens must have shape ({batch}, n), got {tuple(tokens.shape)}")
         if tokens.numel() and int(tokens.max()) >= self.p.vocab_size:
             raise ValueError(f"token id {int(tokens.max())} is outside the vocabulary of {self.p.vocab_size}")
 
@@ -123,7 +169,19 @@ class Flow(nn.Module):
         self, tokens: torch.Tensor, spk: torch.Tensor, cache: FlowCache, last_chunk: bool, n_steps: int
     ) -> tuple[torch.Tensor, FlowCache]:
         """One streaming window -> (mel (1, 80, frames), new cache). The input cache is not modified."""
-        self._check_tokens(tokens)
+        mel, caches = self.inference_chunk_batch(tokens, spk, [cache], last_chunk, n_steps)
+        return mel, caches[0]
+
+    @torch.inference_mode()
+    def inference_chunk_batch(
+        self, tokens: torch.Tensor, spk: torch.Tensor, caches: list[FlowCache], last_chunk: bool, n_steps: int
+    ) -> tuple[torch.Tensor, list[FlowCache]]:
+        """Windows of B streams at once: tokens (B, n), spk (B, 192), caches of equal shapes.
+
+        Returns (mel (B, 80, frames), B new caches). The input caches are not modified.
+        """
+        self._check_tokens(tokens, len(caches))
+        cache = stack_flow_caches(caches)
         h, cnn, att = self.encoder.forward_chunk(
             self.input_embedding(tokens), last_chunk, cache.conformer_cnn, cache.conformer_att
         )
@@ -131,7 +189,7 @@ class Flow(nn.Module):
         mel, conv, kv = self.decoder.sample_chunk(
             mu, self._speaker(spk), torch.zeros_like(mu), n_steps, cache.estimator_conv, cache.estimator_kv
         )
-        return mel, FlowCache(cnn, att, conv, kv)
+        return mel, unstack_flow_cache(FlowCache(cnn, att, conv, kv), len(caches))
 
 
 def trim_flow_cache(cache: FlowCache, prompt_frames: int, history_frames: int, low_layers: int) -> FlowCache:

@@ -34,7 +34,7 @@ HISTORY_FRAMES = 100  # flow attention history kept beyond the prompt (mel frame
 WindowRule = Literal["turn", "duplex"]
 
 
-@dataclass
+@dataclass(eq=False)
 class PromptCache:
     """Everything derived from one reference voice; build once with `prepare_prompt`, share read-only."""
 
@@ -49,6 +49,16 @@ class PromptCache:
 
 
 @dataclass
+class PushRequest:
+    """One turn's share of a `push_codes_batch` call."""
+
+    state: TurnState
+    codes: Sequence[int]
+    end_of_turn: bool = False
+    flush: bool = False
+
+
+@dataclass(eq=False)
 class TurnState:
     """One spoken turn: token buffer, flow caches and vocoder state (owned, never shared)."""
 
@@ -59,6 +69,18 @@ class TurnState:
     buffer: list[int] = field(default_factory=lambda: list(TURN_PREFIX))
     finished: bool = False
     windows: int = 0
+
+    def clone(self) -> TurnState:
+        """An independent snapshot (for rollback); the voice prompt stays shared."""
+        return TurnState(
+            self.prompt,
+            self.flow_cache.clone(),
+            self.vocoder.clone(),
+            self.rule,
+            list(self.buffer),
+            self.finished,
+            self.windows,
+        )
 
 
 def fit_prompt_mel(prompt_mel: torch.Tensor, frames: int) -> torch.Tensor:
@@ -72,10 +94,29 @@ def fit_prompt_mel(prompt_mel: torch.Tensor, frames: int) -> torch.Tensor:
     return torch.cat([prompt_mel, tail], dim=1)
 
 
+def _tensor(value: object, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype)
+    return torch.as_tensor(np.asarray(value), dtype=dtype, device=device)
+
+
 def pcm16_roundtrip(wav: np.ndarray) -> np.ndarray:
     """The duplex path's int16 trip: clip to [-1, 1], x32767 to int16 (truncating), back by /32768."""
     pcm = (np.clip(wav, -1.0, 1.0) * 32767.0).astype(np.int16)
     return pcm.astype(np.float32) / 32768.0
+
+
+def duplex_unit_audio(pieces: Sequence[np.ndarray], last_unit: bool) -> np.ndarray | None:
+    """The official duplex post-processing of one unit's pieces: join, int16 round trip, and left-pad a
+    non-final unit with zeros to at least 1 s. None when the unit produced no audio."""
+    if not pieces:
+        return None
+    audio = pcm16_roundtrip(np.concatenate(pieces))
+    if audio.size == 0:
+        return None
+    if not last_unit and audio.size < SAMPLE_RATE:
+        audio = np.concatenate([np.zeros(SAMPLE_RATE - audio.size, np.float32), audio])
+    return audio
 
 
 def _original_hift_params(state: dict[str, torch.Tensor]) -> HiFTParams:
@@ -181,13 +222,11 @@ class Token2Wav:
 
         prompt_mel (1, t, 80) or (t, 80) is fitted to 2 frames per prompt token; spk_embedding (1, 192).
         """
-        tokens = torch.as_tensor(np.asarray(prompt_tokens), dtype=torch.long, device=self.device).reshape(
-            1, -1
-        )
+        tokens = _tensor(prompt_tokens, torch.long, self.device).reshape(1, -1)
         lookahead = self.flow.lookahead
         if tokens.shape[1] < lookahead:
             raise ValueError(f"a voice prompt needs at least {lookahead} tokens, got {tokens.shape[1]}")
-        mel = torch.as_tensor(np.asarray(prompt_mel), dtype=torch.float32, device=self.device)
+        mel = _tensor(prompt_mel, torch.float32, self.device)
         if mel.ndim == 2:
             mel = mel[None]
         if mel.ndim != 3 or mel.shape[0] != 1 or mel.shape[2] != self.flow.p.output_size:
@@ -195,9 +234,7 @@ class Token2Wav:
                 f"prompt mel must have shape (1, t, {self.flow.p.output_size}), got {tuple(mel.shape)}"
             )
         mel = fit_prompt_mel(mel, tokens.shape[1] * self.flow.up_rate)
-        spk = torch.as_tensor(np.asarray(spk_embedding), dtype=torch.float32, device=self.device).reshape(
-            1, -1
-        )
+        spk = _tensor(spk_embedding, torch.float32, self.device).reshape(1, -1)
         if spk.shape[1] != self.flow.p.spk_embed_dim:
             raise ValueError(
                 f"speaker embedding must have {self.flow.p.spk_embed_dim} values, got {spk.shape[1]}"
@@ -213,7 +250,7 @@ class Token2Wav:
         self, tokens: Sequence[int] | np.ndarray, prompt: PromptCache, source_noise: SourceNoise | None = None
     ) -> np.ndarray:
         """The official `__call__`: flow over [prompt ; tokens], then the original HiFT. float32 (n*960,)."""
-        gen = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=self.device).reshape(1, -1)
+        gen = _tensor(tokens, torch.long, self.device).reshape(1, -1)
         if gen.shape[1] == 0:
             raise ValueError("whole-utterance synthesis needs at least one speech token")
         mel = self.flow.inference(
@@ -237,33 +274,57 @@ class Token2Wav:
     @torch.inference_mode()
     def stream_window(self, state: TurnState, tokens: Sequence[int], last_chunk: bool) -> np.ndarray:
         """The official `stream()`: one window (new tokens + 3 look-ahead unless last) -> float32 audio."""
-        if state.finished:
-            raise ValueError("this turn has already been flushed; start a new turn")
-        count = len(tokens)
-        if not last_chunk and count <= self.flow.lookahead:
-            raise ValueError(f"a non-final window needs more than {self.flow.lookahead} tokens, got {count}")
-        if count:
-            ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=self.device).reshape(1, -1)
-            mel, cache = self.flow.inference_chunk(
-                ids, state.prompt.spk_embedding, state.flow_cache, last_chunk, self.n_timesteps
-            )
-            state.flow_cache = trim_flow_cache(
-                cache, state.prompt.prompt_frames, HISTORY_FRAMES, len(self.flow.encoder.encoders)
-            )
-        else:
-            mel = torch.zeros(1, self.flow.p.output_size, 0, device=self.device)
-        wav = self.streaming.stream(state.vocoder, mel, final=last_chunk)  # type: ignore[arg-type]
-        if not torch.isfinite(wav).all():
-            raise RuntimeError("the streaming vocoder returned non-finite audio")
-        state.windows += 1
-        if last_chunk:
-            state.finished = True
-        return wav[0].float().cpu().numpy()
+        return self.stream_windows([(state, tokens, last_chunk)])[0]
 
-    def iter_push_codes(
-        self, state: TurnState, codes: Sequence[int], end_of_turn: bool
-    ) -> Iterator[np.ndarray]:
-        """Like `push_codes`, but yields each window's audio as soon as it is computed."""
+    @torch.inference_mode()
+    def stream_windows(self, windows: Sequence[tuple[TurnState, Sequence[int], bool]]) -> list[np.ndarray]:
+        """One window for each of several turns. The flow runs batched over turns whose windows have the same
+        size, kind and cache shapes (typically: sessions of one voice in steady state), the vocoder over
+        blocks of equal geometry. Each turn may appear once. Returns the audio of each window, in order."""
+        if len({id(state) for state, _, _ in windows}) != len(windows):
+            raise ValueError("a turn can have only one window per call")
+        for state, tokens, last_chunk in windows:
+            if state.finished:
+                raise ValueError("this turn has already been flushed; start a new turn")
+            if not last_chunk and len(tokens) <= self.flow.lookahead:
+                raise ValueError(
+                    f"a non-final window needs more than {self.flow.lookahead} tokens, got {len(tokens)}"
+                )
+        mels: list[torch.Tensor | None] = [None] * len(windows)
+        groups: dict[tuple[object, ...], list[int]] = {}
+        for i, (state, tokens, last_chunk) in enumerate(windows):
+            if len(tokens):
+                key = (len(tokens), last_chunk, state.prompt.prompt_frames, state.flow_cache.shape_key())
+                groups.setdefault(key, []).append(i)
+        low_layers = len(self.flow.encoder.encoders)
+        for members in groups.values():
+            states = [windows[i][0] for i in members]
+            ids = torch.stack([_tensor(windows[i][1], torch.long, self.device) for i in members])
+            spk = torch.cat([st.prompt.spk_embedding for st in states], dim=0)
+            mel, caches = self.flow.inference_chunk_batch(
+                ids, spk, [st.flow_cache for st in states], windows[members[0]][2], self.n_timesteps
+            )
+            for row, (i, st, cache) in enumerate(zip(members, states, caches, strict=True)):
+                st.flow_cache = trim_flow_cache(cache, st.prompt.prompt_frames, HISTORY_FRAMES, low_layers)
+                mels[i] = mel[row : row + 1]
+        full_mels = [
+            mel if mel is not None else torch.zeros(1, self.flow.p.output_size, 0, device=self.device)
+            for mel in mels
+        ]
+        states = [state for state, _, _ in windows]
+        finals = [last_chunk for _, _, last_chunk in windows]
+        wavs = self.streaming.stream_batch([st.vocoder for st in states], full_mels, finals)  # type: ignore[arg-type]
+        out = []
+        for state, last_chunk, wav in zip(states, finals, wavs, strict=True):
+            if not torch.isfinite(wav).all():
+                raise RuntimeError("the streaming vocoder returned non-finite audio")
+            state.windows += 1
+            if last_chunk:
+                state.finished = True
+            out.append(wav[0].float().cpu().numpy())
+        return out
+
+    def _take_codes(self, state: TurnState, codes: Sequence[int]) -> None:
         if state.finished:
             raise ValueError("this turn has already been flushed; start a new turn")
         vocab = self.flow.p.vocab_size
@@ -271,20 +332,27 @@ class Token2Wav:
             if not 0 <= int(code) < vocab:
                 raise ValueError(f"speech token {code} is outside 0..{vocab - 1}")
         state.buffer.extend(int(c) for c in codes)
-        lookahead = self.flow.lookahead
-        if state.rule == "duplex":
-            while len(state.buffer) >= DUPLEX_MIN_TOKENS:
-                size = min(WINDOW_TOKENS, len(state.buffer))
-                wav = self.stream_window(state, state.buffer[:size], last_chunk=False)
-                del state.buffer[: min(WINDOW_ADVANCE, len(state.buffer) - lookahead)]
-                if wav.size:
-                    yield wav
-        else:
-            while len(state.buffer) >= WINDOW_TOKENS:
-                wav = self.stream_window(state, state.buffer[:WINDOW_TOKENS], last_chunk=False)
-                del state.buffer[:WINDOW_ADVANCE]
-                if wav.size:
-                    yield wav
+
+    def _next_window(self, state: TurnState, flush: bool) -> tuple[int, int] | None:
+        """(tokens to send, tokens to drop) of the next non-final window, or None if none is due."""
+        n = len(state.buffer)
+        if n >= WINDOW_TOKENS:
+            return WINDOW_TOKENS, WINDOW_ADVANCE
+        if state.rule == "duplex" and flush and n >= DUPLEX_MIN_TOKENS:
+            return n, min(WINDOW_ADVANCE, n - self.flow.lookahead)
+        return None
+
+    def iter_push_codes(
+        self, state: TurnState, codes: Sequence[int], end_of_turn: bool = False, flush: bool = False
+    ) -> Iterator[np.ndarray]:
+        """Like `push_codes`, but yields each window's audio as soon as it is computed."""
+        self._take_codes(state, codes)
+        while (window := self._next_window(state, flush)) is not None:
+            size, advance = window
+            wav = self.stream_window(state, state.buffer[:size], last_chunk=False)
+            del state.buffer[:advance]
+            if wav.size:
+                yield wav
         if end_of_turn:
             rest, state.buffer = state.buffer, []
             wav = self.stream_window(state, rest, last_chunk=True)
@@ -292,7 +360,43 @@ class Token2Wav:
                 yield wav
 
     def push_codes(
-        self, state: TurnState, codes: Sequence[int], end_of_turn: bool = False
+        self, state: TurnState, codes: Sequence[int], end_of_turn: bool = False, flush: bool = False
     ) -> list[np.ndarray]:
-        """Append speech tokens to the turn and return the audio pieces (float32, 24 kHz) now ready."""
-        return list(self.iter_push_codes(state, codes, end_of_turn))
+        """Append speech tokens to the turn and return the audio pieces (float32, 24 kHz) now ready.
+
+        Windows of 28 tokens (25 new + 3 look-ahead) go out whenever 28 are buffered, then 25 are dropped.
+        `flush` (duplex rule only; the official duplex path does this when a unit's codes carry a chunk
+        terminator, or on force-flush) also sends shorter windows: min(28, n) tokens while n >= 8,
+        dropping min(25, n - 3). `end_of_turn` sends the rest as the last chunk and flushes the vocoder.
+        """
+        return list(self.iter_push_codes(state, codes, end_of_turn, flush))
+
+    def push_codes_batch(self, requests: Sequence[PushRequest]) -> list[list[np.ndarray]]:
+        """`push_codes` for several turns at once, running their windows round by round through
+        `stream_windows` (so equal-shaped windows share one flow batch). Same audio as one call per turn."""
+        if len({id(r.state) for r in requests}) != len(requests):
+            raise ValueError("a turn can appear only once per batch")
+        for r in requests:
+            self._take_codes(r.state, r.codes)
+        results: list[list[np.ndarray]] = [[] for _ in requests]
+        while True:
+            due = [(i, self._next_window(r.state, r.flush)) for i, r in enumerate(requests)]
+            due = [(i, w) for i, w in due if w is not None]
+            if not due:
+                break
+            batch = [(requests[i].state, requests[i].state.buffer[: w[0]], False) for i, w in due]
+            for (i, w), wav in zip(due, self.stream_windows(batch), strict=True):
+                del requests[i].state.buffer[: w[1]]
+                if wav.size:
+                    results[i].append(wav)
+        finals = [i for i, r in enumerate(requests) if r.end_of_turn]
+        if finals:
+            batch = []
+            for i in finals:
+                state = requests[i].state
+                rest, state.buffer = state.buffer, []
+                batch.append((state, rest, True))
+            for i, wav in zip(finals, self.stream_windows(batch), strict=True):
+                if wav.size:
+                    results[i].append(wav)
+        return results

@@ -37,7 +37,7 @@ def default_source_noise_table(
     return torch.rand(1, int(seconds * sample_rate), harmonics, generator=gen)
 
 
-@dataclass
+@dataclass(eq=False)
 class VocoderState:
     """Per-stream state. Frame indices are absolute (since the stream started)."""
 
@@ -97,54 +97,96 @@ class StreamingVocoder:
             phase=torch.zeros(1, 1, self.model.harmonics, dtype=torch.float64, device=device),
         )
 
-    def _excitation(self, state: VocoderState, f0: torch.Tensor, first_frame: int) -> torch.Tensor:
-        """F0 (1, n) of frames starting at absolute `first_frame` -> excitation (1, 1, n*hop)."""
+    def _excitation(
+        self, states: list[VocoderState], f0: torch.Tensor, first_frames: list[int]
+    ) -> torch.Tensor:
+        """F0 (B, n) of frames starting at absolute `first_frames[b]` -> excitation (B, 1, n*hop).
+
+        Advances each state's float64 phase.
+        """
         p = self.model.p
         multiples = torch.arange(1, self.model.harmonics + 1, dtype=f0.dtype, device=f0.device)
         per_sample = (f0[:, :, None] * multiples / p.sampling_rate).remainder(1)
-        cycles = per_sample.double().cumsum(dim=1) * self.hop + state.phase
-        state.phase = cycles[:, -1:].remainder(1).clone()
+        phase = torch.cat([st.phase for st in states], dim=0)
+        cycles = per_sample.double().cumsum(dim=1) * self.hop + phase
+        end_phase = cycles[:, -1:].remainder(1)
+        for b, st in enumerate(states):
+            st.phase = end_phase[b : b + 1].clone()
         sine = torch.sin(cycles.remainder(1) * (2 * math.pi)).to(f0)
         sine = sine.repeat_interleave(self.hop, dim=1)
         voiced = (f0[:, :, None] > p.nsf_voiced_threshold).to(f0).repeat_interleave(self.hop, dim=1)
         noise_amp = voiced * p.nsf_sigma + (1 - voiced) * p.nsf_alpha / 3
-        start = first_frame * self.hop
-        positions = torch.arange(start, start + sine.shape[1], device=f0.device) % self.noise_table.shape[1]
-        noise = self.noise_table[:, positions.to(self.noise_table.device)].to(f0)
+        table = self.noise_table[0]
+        offsets = torch.tensor([f * self.hop for f in first_frames], device=table.device)
+        positions = (offsets[:, None] + torch.arange(sine.shape[1], device=table.device)) % table.shape[0]
+        noise = table[positions].to(f0)  # (B, n*hop, harmonics)
         excitation = sine * p.nsf_alpha * voiced + noise_amp * noise
         return self.model.m_source(excitation).transpose(1, 2)
 
-    def _advance(self, state: VocoderState, final: bool) -> torch.Tensor:
-        hop = self.hop
-        received = state.mel_start + state.mel.shape[2]
-        source_ready = received if final else max(0, received - self.f0_right)
-        if source_ready > state.source_end:
-            start = max(0, state.source_end - self.f0_left)
-            feats = state.mel[:, :, start - state.mel_start :]
-            f0 = self.f0_model(feats.double(), final=final).to(feats)[:, state.source_end - start :]
-            pieces = [state.source]
+    def _make_sources(self, states: list[VocoderState], final: bool) -> None:
+        """Extend each state's excitation to every frame whose F0 context is complete."""
+        groups: dict[tuple[int, int], list[VocoderState]] = {}
+        for st in states:
+            received = st.mel_start + st.mel.shape[2]
+            ready = received if final else max(0, received - self.f0_right)
+            if ready > st.source_end:
+                start = max(0, st.source_end - self.f0_left)
+                groups.setdefault((received - start, st.source_end - start), []).append(st)
+        for (length, skip), members in groups.items():
+            feats = torch.cat([st.mel[:, :, st.mel.shape[2] - length :] for st in members], dim=0)
+            f0 = self.f0_model(feats.double(), final=final).to(feats)[:, skip:]
+            pieces: list[list[torch.Tensor]] = [[st.source] for st in members]
             for block in f0.split(self.block_frames, dim=1):
-                pieces.append(self._excitation(state, block, state.source_end))
-                state.source_end += block.shape[1]
-            state.source = torch.cat(pieces, dim=2)
+                excitation = self._excitation(members, block, [st.source_end for st in members])
+                for b, st in enumerate(members):
+                    pieces[b].append(excitation[b : b + 1])
+                    st.source_end += block.shape[1]
+            for st, parts in zip(members, pieces, strict=True):
+                st.source = torch.cat(parts, dim=2)
 
-        speech_ready = state.source_end if final else max(0, state.source_end - self.decoder_right)
-        speech = state.mel.new_zeros(1, 0)
-        if speech_ready > state.emitted:
-            start = max(0, state.emitted - self.history)
-            feats = state.mel[:, :, start - state.mel_start : state.source_end - state.mel_start]
-            source = state.source[:, :, (start - state.source_start) * hop :]
-            speech = self.model.decode(feats, source, final)[:, (state.emitted - start) * hop :]
-            if speech.shape[1] != (speech_ready - state.emitted) * hop:
-                raise RuntimeError("streaming vocoder produced an unexpected number of samples")
-            state.emitted = speech_ready
+    def _decode(self, states: list[VocoderState], final: bool) -> list[torch.Tensor]:
+        """Audio of every frame whose conv_pre look-ahead (+1 ISTFT frame) is complete, per state."""
+        hop = self.hop
+        out = [st.mel.new_zeros(1, 0) for st in states]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, st in enumerate(states):
+            ready = st.source_end if final else max(0, st.source_end - self.decoder_right)
+            if ready > st.emitted:
+                start = max(0, st.emitted - self.history)
+                groups.setdefault((st.source_end - start, st.emitted - start), []).append(i)
+        for (length, skip), members in groups.items():
+            feats, sources = [], []
+            for i in members:
+                st = states[i]
+                end = st.source_end - st.mel_start
+                feats.append(st.mel[:, :, end - length : end])
+                sources.append(st.source[:, :, st.source.shape[2] - length * hop :])
+            speech = self.model.decode(torch.cat(feats, dim=0), torch.cat(sources, dim=0), final)[
+                :, skip * hop :
+            ]
+            for row, i in enumerate(members):
+                st = states[i]
+                ready = st.source_end if final else st.source_end - self.decoder_right
+                if speech.shape[1] != (ready - st.emitted) * hop:
+                    raise RuntimeError("streaming vocoder produced an unexpected number of samples")
+                out[i] = speech[row : row + 1]
+                st.emitted = ready
+        return out
 
-        keep_mel = max(0, min(state.emitted - self.history, state.source_end - self.f0_left))
-        keep_source = max(0, state.emitted - self.history)
-        state.mel = state.mel[:, :, keep_mel - state.mel_start :].clone()
-        state.source = state.source[:, :, (keep_source - state.source_start) * hop :].clone()
-        state.mel_start = keep_mel
-        state.source_start = keep_source
+    def _forget(self, st: VocoderState) -> None:
+        """Drop mel and source that no future F0 or decode call can reach."""
+        keep_mel = max(0, min(st.emitted - self.history, st.source_end - self.f0_left))
+        keep_source = max(0, st.emitted - self.history)
+        st.mel = st.mel[:, :, keep_mel - st.mel_start :].clone()
+        st.source = st.source[:, :, (keep_source - st.source_start) * self.hop :].clone()
+        st.mel_start = keep_mel
+        st.source_start = keep_source
+
+    def _advance(self, states: list[VocoderState], final: bool) -> list[torch.Tensor]:
+        self._make_sources(states, final)
+        speech = self._decode(states, final)
+        for st in states:
+            self._forget(st)
         return speech
 
     @torch.inference_mode()
@@ -153,24 +195,50 @@ class StreamingVocoder:
 
         `final` flushes the delayed frames; afterwards the state accepts only empty final calls.
         """
-        if mel.ndim != 3 or mel.shape[0] != 1 or mel.shape[1] != state.mel.shape[1]:
-            raise ValueError(f"mel must have shape (1, {state.mel.shape[1]}, n), got {tuple(mel.shape)}")
-        if state.finalized:
-            if mel.shape[2] or not final:
-                raise ValueError("this vocoder stream is already finalized; start a new state")
-            return mel.new_zeros(1, 0)
-        pieces = []
-        for part in mel.split(self.block_frames, dim=2):
-            if part.shape[2] == 0:
+        return self.stream_batch([state], [mel], [final])[0]
+
+    @torch.inference_mode()
+    def stream_batch(
+        self, states: list[VocoderState], mels: list[torch.Tensor], finals: list[bool]
+    ) -> list[torch.Tensor]:
+        """`stream` for several independent streams; blocks whose F0 / decode inputs have equal geometry
+        run as one batch (the usual case for streams fed windows of the same size)."""
+        if not len(states) == len(mels) == len(finals):
+            raise ValueError("states, mels and finals must have the same length")
+        if len({id(st) for st in states}) != len(states):
+            raise ValueError("a vocoder state can appear only once per batch")
+        outputs: list[list[torch.Tensor]] = [[] for _ in states]
+        active = []
+        for i, (st, mel, final) in enumerate(zip(states, mels, finals, strict=True)):
+            if mel.ndim != 3 or mel.shape[0] != 1 or mel.shape[1] != st.mel.shape[1]:
+                raise ValueError(f"mel must have shape (1, {st.mel.shape[1]}, n), got {tuple(mel.shape)}")
+            if st.finalized:
+                if mel.shape[2] or not final:
+                    raise ValueError("this vocoder stream is already finalized; start a new state")
                 continue
-            state.mel = torch.cat([state.mel, part.float()], dim=2)
-            pieces.append(self._advance(state, final=False))
-        if final:
-            pieces.append(self._advance(state, final=True))
-            state.finalized = True
-        speech = torch.cat(pieces, dim=1) if pieces else mel.new_zeros(1, 0)
-        if speech.shape[1] and state.first_output_pending:
-            state.first_output_pending = False
-            if not final:
-                speech = torch.cat([speech.new_zeros(1, self.delay_samples), speech], dim=1)
-        return speech
+            active.append(i)
+        parts = {i: [p for p in mels[i].split(self.block_frames, dim=2) if p.shape[2]] for i in active}
+        for k in range(max((len(v) for v in parts.values()), default=0)):
+            members = [i for i in active if k < len(parts[i])]
+            for i in members:
+                states[i].mel = torch.cat([states[i].mel, parts[i][k].float()], dim=2)
+            for i, speech in zip(
+                members, self._advance([states[i] for i in members], final=False), strict=True
+            ):
+                outputs[i].append(speech)
+        closing = [i for i in active if finals[i]]
+        if closing:
+            for i, speech in zip(
+                closing, self._advance([states[i] for i in closing], final=True), strict=True
+            ):
+                outputs[i].append(speech)
+                states[i].finalized = True
+        results = []
+        for i, (st, mel) in enumerate(zip(states, mels, strict=True)):
+            speech = torch.cat(outputs[i], dim=1) if outputs[i] else mel.new_zeros(1, 0)
+            if speech.shape[1] and st.first_output_pending:
+                st.first_output_pending = False
+                if not finals[i]:
+                    speech = torch.cat([speech.new_zeros(1, self.delay_samples), speech], dim=1)
+            results.append(speech)
+        return results

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 from collections.abc import Callable
 from typing import Any
 
 from inference.modes.base import Mode
 
 ModeFactory = Callable[[dict[str, Any]], Mode]
+EXTRA_MODES_ENV = "MINICPMO45_EXTRA_MODES"  # comma-separated modules that register more modes (worker side)
 
 _REGISTRY: dict[str, ModeFactory] = {}
 
@@ -58,3 +61,9 @@ def _duplex(name: str) -> ModeFactory:
 register_mode("chat", _chat)
 register_mode("audio_duplex", _duplex("audio_duplex"))
 register_mode("omni_duplex", _duplex("omni_duplex"))
+
+
+def load_extra_modes() -> None:
+    """Import the modules named in $MINICPMO45_EXTRA_MODES; each registers its modes on import."""
+    for name in filter(None, (part.strip() for part in os.environ.get(EXTRA_MODES_ENV, "").split(","))):
+        importlib.import_module(name)

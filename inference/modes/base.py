@@ -25,7 +25,7 @@ class SessionSetup:
     unit_samples: int = 16000
     first_unit_samples: int | None = None
     output_rate: int = 24000
-    video_max_side: int | None = None  # ask for one camera frame per unit, scaled to this longest side
+    video_max_side: int | None = None  # None: no frames; else each unit carries the newest frame, this big
 
 
 @dataclass

@@ -3,22 +3,29 @@
 It goes through everything a model mode uses (unit cutter, worker IPC, outbound speech track), so a working
 loopback call proves the media path end to end.
 
-Timing: the caller should hear sample s exactly `delay_s` after speaking it. The server stamps each unit with
-`completed_at`, the arrival time of its last sample; the unit's first sample arrived `unit duration` earlier.
-Arrival lags the caller's capture by the inbound media latency, and what the server sends is heard after the
-outbound latency (aiortc's fixed ~80 ms receive jitter buffer on each side dominates both). So the unit is
-scheduled to start playing at
+Timing: the caller should hear sample s exactly `delay_s` after speaking it. Sample s arrives at the server
+after the inbound media latency, and what the server sends is heard after the outbound latency (aiortc's
+fixed ~80 ms receive jitter buffer on each side dominates both; `pipeline_latency_s` is their measured sum).
+So sample s must start playing at `arrival(s) + delay_s - pipeline_latency_s`.
 
-    play_at = completed_at - unit_duration + delay_s - pipeline_latency_s
+The arrival timeline comes from the units themselves: unit k ends at sample S_k (the count of samples so far,
+which follows the RTP clock because the inbound side fills lost packets with silence) and was stamped
+`completed_at` when its last sample arrived, so `completed_at - S_k / 16000` estimates when sample 0 arrived.
+A busy event loop or a receive jitter buffer that grew after a lost packet can only make a stamp later,
+never earlier, so the estimate used is the minimum over the last `ORIGIN_WINDOW_S` seconds (a window, not
+the whole call, so that slow clock drift between caller and server is followed: 100 ppm is 3 ms per 30 s). Each unit
+is then scheduled at
 
-where `pipeline_latency_s` (config `loopback.pipeline_latency_s`) is the measured inbound + outbound latency.
-Scheduling against the capture timeline rather than "now" keeps the delay independent of unit size and of
-worker hand-off time. A delay shorter than unit + pipeline latency cannot be honoured; audio then plays as
-soon as it can.
+    play_at = origin + (S_k - unit_samples) / 16000 + delay_s - pipeline_latency_s
+
+Scheduling against this capture timeline rather than "now" keeps the delay independent of unit size, worker
+hand-off time and event-loop stalls. A delay shorter than unit + pipeline latency cannot be honoured; audio
+then plays as soon as it can.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -27,6 +34,7 @@ from inference.modes.base import Output, SessionOptions, SessionSetup, Speech, S
 
 INPUT_RATE = 16000
 OUTPUT_RATE = 24000
+ORIGIN_WINDOW_S = 30.0  # long enough to ride out receive-latency jumps, short against clock drift
 
 
 def upsample_16k_to_24k(pcm: np.ndarray) -> np.ndarray:
@@ -45,18 +53,30 @@ class LoopbackMode:
         self.unit_samples = unit_ms * INPUT_RATE // 1000
         self.pipeline_latency_s = pipeline_latency_s
         self._paused = False
+        self._samples = 0  # caller samples received so far (the capture timeline)
+        self._origins: deque[tuple[float, float]] = deque()  # (completed_at, implied arrival of sample 0)
 
     def open(self, options: SessionOptions) -> tuple[SessionSetup, list[Output]]:
         setup = SessionSetup(unit_samples=self.unit_samples, output_rate=OUTPUT_RATE)
         return setup, [State("listening")]
 
     def on_unit(self, unit: UnitInput, frame: np.ndarray | None) -> list[Output]:
+        start_s = self._samples / INPUT_RATE
+        self._samples += unit.pcm.size
+        origin = self._capture_origin(unit.completed_at, unit.completed_at - self._samples / INPUT_RATE)
         if self._paused:
             return []
-        out = upsample_16k_to_24k(unit.pcm)
-        unit_s = unit.pcm.size / INPUT_RATE
-        play_at = unit.completed_at - unit_s + self.delay_s - self.pipeline_latency_s
-        return [Speech(out, turn=0, play_at=play_at)]
+        play_at = origin + start_s + self.delay_s - self.pipeline_latency_s
+        return [Speech(upsample_16k_to_24k(unit.pcm), turn=0, play_at=play_at)]
+
+    def _capture_origin(self, now: float, estimate: float) -> float:
+        """Server time when sample 0 arrived: the earliest recent estimate (stalls only make them later)."""
+        while self._origins and self._origins[0][0] < now - ORIGIN_WINDOW_S:
+            self._origins.popleft()
+        while self._origins and self._origins[-1][1] >= estimate:
+            self._origins.pop()  # a monotonic deque keeps the window minimum at the front
+        self._origins.append((now, estimate))
+        return self._origins[0][1]
 
     def on_control(self, message: dict[str, Any]) -> list[Output]:
         kind = message.get("type")

@@ -17,9 +17,13 @@ function headers() {
 
 function table(el, columns, rows, emptyKey) {
   el.innerHTML = "";
+  if (!rows.length) {
+    // No column headers for an empty table: on a narrow screen they would push the note out of view.
+    el.append(h("tbody", {}, h("tr", {}, h("td", { class: "empty" }, t(emptyKey)))));
+    return;
+  }
   const head = h("tr", {}, columns.map(([key]) => h("th", { scope: "col" }, t(key))));
   const body = h("tbody");
-  if (!rows.length) body.append(h("tr", {}, h("td", { class: "empty", colspan: columns.length }, t(emptyKey))));
   for (const row of rows) {
     body.append(h("tr", {}, columns.map(([, cell, cls]) => h("td", { class: cls || null }, cell(row)))));
   }
@@ -44,7 +48,8 @@ function render() {
   ];
   $("summary").innerHTML = "";
   for (const [key, value] of cards) {
-    $("summary").append(h("div", { class: "stat" }, h("div", { class: "label" }, t(key)), h("div", { class: "value" }, value)));
+    const cls = key === "admin.model" ? "value text" : "value";
+    $("summary").append(h("div", { class: "stat" }, h("div", { class: "label" }, t(key)), h("div", { class: cls }, value)));
   }
   table(
     $("workers"),
@@ -110,6 +115,7 @@ async function refresh() {
     $("messages").innerHTML = "";
     $("token-form").hidden = true;
     $("dashboard").hidden = false;
+    $("refresh-controls").hidden = false;
     $("updated").textContent = t("admin.updated", { time: new Date().toLocaleTimeString() });
     render();
   } catch (err) {
@@ -117,6 +123,7 @@ async function refresh() {
       const hadToken = Boolean(sessionStorage.getItem(TOKEN_KEY));
       sessionStorage.removeItem(TOKEN_KEY);
       $("dashboard").hidden = true;
+      $("refresh-controls").hidden = true;
       $("token-form").hidden = false;
       $("messages").innerHTML = "";
       if (hadToken) $("messages").append(banner("error", t("admin.tokenWrong"), err.message));
@@ -150,4 +157,15 @@ $("pause").onclick = () => {
 document.addEventListener("visibilitychange", () => {
   if (!document.hidden && !paused) refresh();
 });
-refresh();
+// Without a stored token, ask for one first if the server needs it (instead of provoking a 401).
+if (!sessionStorage.getItem(TOKEN_KEY)) {
+  const info = await api("/api/info").catch(() => null);
+  if (info && info.admin_token_required) {
+    $("token-form").hidden = false;
+    $("admin-token").focus();
+  } else {
+    refresh();
+  }
+} else {
+  refresh();
+}

@@ -42,6 +42,7 @@ let queue = { position: null, deadline: null };
 let lastAssistant = null; // transcript entry that text deltas of the current turn extend
 let serverModes = null;
 let disconnectTimer = null;
+let announcedMode = null; // the mode last announced in the transcript
 
 // ---- small UI helpers ----
 
@@ -56,6 +57,7 @@ function setTalkState(talk) {
   state.talk = talk;
   const badge = $("state");
   badge.dataset.state = talk || "idle";
+  badge.hidden = !talk;
   badge.textContent = talk ? t(`state.${talk}`) : "–";
   badge.className = `badge state-badge ${{ listening: "accent", speaking: "ok", thinking: "warn" }[talk] || ""}`;
 }
@@ -129,13 +131,15 @@ function onEvent(event) {
   switch (event.type) {
     case "session":
       state.phase = event.phase;
+      $("text-input").disabled = $("text-send").disabled = event.phase !== "active";
       if (event.phase === "queued") {
         setStatus("queued");
         $("queue").hidden = false;
       } else if (event.phase === "active") {
         endQueue();
         if (state.pc && state.pc.connectionState === "connected") setStatus("connected");
-        addTranscript("system", t("call.modeOpen", { mode: modeName(event.mode) }));
+        if (event.mode !== announcedMode) addTranscript("system", t("call.modeOpen", { mode: modeName(event.mode) }));
+        announcedMode = event.mode;
       }
       break;
     case "state":
@@ -291,9 +295,12 @@ async function start() {
   const mode = currentMode();
   const settings = loadSettings();
   $("start").disabled = true;
+  $("start").hidden = true;
   $("reconnect").hidden = true;
   $("mode").disabled = true;
   state.hangingUp = false;
+  $("stop").hidden = false;
+  $("stop").disabled = false;
   setStatus("media");
   stats = new CallStats();
   ensureAudioContext();
@@ -306,6 +313,11 @@ async function start() {
     setStatus("idle");
     return;
   }
+  // Mute and camera-off chosen before the call apply to the new tracks.
+  const micOff = $("mic").getAttribute("aria-pressed") === "true";
+  const camOff = $("cam").getAttribute("aria-pressed") === "true";
+  state.stream.getAudioTracks().forEach((track) => (track.enabled = !micOff));
+  state.stream.getVideoTracks().forEach((track) => (track.enabled = !camOff));
   localMeter = new LevelMeter(audioContext, new MediaStream(state.stream.getAudioTracks()));
   attachSelfView(mode);
   fillDevices().catch(() => {});
@@ -325,8 +337,7 @@ async function start() {
   const channel = pc.createDataChannel("events");
   state.channel = channel;
   channel.onopen = () => {
-    $("text-input").disabled = false;
-    $("text-send").disabled = false;
+    $("text-input").disabled = $("text-send").disabled = state.phase !== "active";
   };
   channel.onmessage = (ev) => {
     try {
@@ -338,7 +349,7 @@ async function start() {
   channel.onclose = () => {
     $("text-input").disabled = true;
     $("text-send").disabled = true;
-    if (state.pc === pc && !state.hangingUp && pc.connectionState === "connected") {
+    if (state.pc === pc && !state.hangingUp && pc.connectionState !== "failed") {
       // The server ended the call (its reason came as an `error` event, if any): no automatic retry.
       addTranscript("system", t("call.endedByServer"));
       teardown({ deleteSession: false }).then(() => {
@@ -368,6 +379,8 @@ async function start() {
     return;
   }
   $("stop").disabled = false;
+  $("start").hidden = true;
+  $("stage-hint").hidden = true;
   statsTimer = setInterval(pollStats, 1000);
 }
 
@@ -442,17 +455,17 @@ async function teardown({ deleteSession }) {
   state.phase = null;
   state.sessionId = null;
   lastAssistant = null;
+  announcedMode = null;
   resetControls();
 }
 
 function resetControls() {
   $("start").disabled = false;
-  $("stop").disabled = true;
+  $("start").hidden = false;
+  $("stop").hidden = true;
   $("mode").disabled = false;
   $("text-input").disabled = true;
   $("text-send").disabled = true;
-  $("mic").setAttribute("aria-pressed", "false");
-  $("cam").setAttribute("aria-pressed", "false");
   renderToggles();
 }
 
@@ -474,8 +487,11 @@ function renderToggles() {
   $("cam").innerHTML = camOff ? ICONS.videoOff : ICONS.video;
   $("muted-mark").hidden = !micOff;
   $("muted-mark").innerHTML = ICONS.micOff;
-  $("cam").hidden = !currentMode().video;
-  $("cam-field").hidden = !currentMode().video;
+  const mode = currentMode();
+  $("cam").hidden = !mode.video;
+  $("cam-field").hidden = !mode.video;
+  $("stage-hint").textContent = mode.key ? t(`mode.${mode.key}.text`) : "";
+  $("stage-hint").hidden = Boolean(state.pc);
 }
 
 function toggleTrack(button, tracks) {
@@ -498,7 +514,7 @@ function renderModeSelect() {
   if (!ids.includes(chosen)) ids.push(chosen); // a mode from the URL that we have no card for
   for (const id of ids) {
     const unavailable = serverModes && !serverModes.includes(id);
-    select.append(h("option", { value: id }, unavailable ? `${modeName(id)} — ${t("home.unavailable")}` : modeName(id)));
+    select.append(h("option", { value: id }, unavailable ? `${modeName(id)} (${t("call.unavailableShort")})` : modeName(id)));
   }
   select.value = chosen;
 }

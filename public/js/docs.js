@@ -7,6 +7,12 @@ const $ = (id) => document.getElementById(id);
 let spec = null;
 
 const refName = (ref) => ref.split("/").pop();
+
+/** Text with `backtick` spans shown as code (descriptions come from the server's docstrings). */
+function rich(text, tag = "span", attrs = {}) {
+  const parts = String(text || "").split("`");
+  return h(tag, attrs, parts.map((part, i) => (i % 2 ? h("code", {}, part) : part)));
+}
 const anchor = (kind, name) => `${kind}-${name.replace(/[^A-Za-z0-9]+/g, "-")}`;
 
 function resolve(schema) {
@@ -53,7 +59,7 @@ function schemaTable(schema) {
       h("td", {}, name),
       h("td", {}, typeLabel(prop)),
       h("td", {}, required.has(name) ? t("docs.yes") : t("docs.no")),
-      h("td", { class: "wrap" }, [prop.description || "", constraints(prop)].filter(Boolean).join(" — ")),
+      rich([prop.description || "", constraints(prop)].filter(Boolean).join(" — "), "td", { class: "wrap" }),
     ),
   );
   return h(
@@ -112,7 +118,7 @@ function operationCard(path, method, op) {
   card.append(
     h("div", { class: "op-head" }, h("span", { class: `method ${method}` }, method.toUpperCase()), h("code", {}, path), h("span", { class: "muted" }, op.summary)),
   );
-  if (op.description) card.append(h("p", {}, op.description));
+  if (op.description) card.append(rich(op.description, "p"));
   const secured = (op.security || []).filter((req) => Object.keys(req).length);
   if (secured.length) {
     card.append(h("p", { class: "small" }, h("span", { class: "badge warn" }, t("docs.auth")), " ", secured.map((r) => Object.keys(r).join(" + ")).join(", ")));
@@ -146,7 +152,7 @@ function operationCard(path, method, op) {
         "li",
         {},
         h("strong", {}, code),
-        ` ${resp.description}`,
+        " ", rich(resp.description),
         media ? h("span", { class: "muted" }, " — ", h("code", {}, media[0]), " ", schema ? typeLabel(schema) : "") : null,
       ),
     );
@@ -161,7 +167,7 @@ function eventCard(name) {
     "section",
     { class: "card op", id: anchor("event", name) },
     h("div", { class: "op-head" }, h("code", {}, JSON.stringify(example({ $ref: `#/components/schemas/${name}` }).type)), h("span", { class: "muted" }, name)),
-    schema.description ? h("p", {}, schema.description) : null,
+    schema.description ? rich(schema.description, "p") : null,
     schemaTable({ $ref: `#/components/schemas/${name}` }),
     h("pre", { class: "example" }, JSON.stringify(example({ $ref: `#/components/schemas/${name}` }))),
   );
@@ -174,12 +180,12 @@ function render() {
   doc.innerHTML = "";
   toc.innerHTML = "";
   doc.append(
-    h("div", {}, h("h1", {}, spec.info.title), h("p", { class: "muted" }, `${t("docs.version")} ${spec.info.version} · OpenAPI ${spec.openapi} · `, h("a", { href: "/api/openapi.json" }, "openapi.json")), h("p", {}, spec.info.description)),
+    h("div", {}, h("h1", {}, spec.info.title), h("p", { class: "muted" }, `${t("docs.version")} ${spec.info.version} · OpenAPI ${spec.openapi} · `, h("a", { href: "/api/openapi.json" }, "openapi.json")), rich(spec.info.description, "p")),
   );
   const schemes = spec.components.securitySchemes || {};
   doc.append(
     h("h2", { id: "auth" }, t("docs.authTitle")),
-    h("ul", {}, Object.entries(schemes).map(([name, s]) => h("li", {}, h("code", {}, name), ` — ${s.description || s.type}`))),
+    h("ul", {}, Object.entries(schemes).map(([name, s]) => h("li", {}, h("code", {}, name), " — ", rich(s.description || s.type)))),
   );
   toc.append(h("a", { href: "#auth" }, t("docs.authTitle")));
 
@@ -203,7 +209,7 @@ function render() {
   const events = spec["x-data-channel-events"];
   if (events) {
     toc.append(h("h3", {}, t("docs.events")));
-    doc.append(h("h2", { id: "events" }, t("docs.events")), h("p", {}, t("docs.eventsLead", { channel: events.channel })));
+    doc.append(h("h2", { id: "events" }, t("docs.events")), rich(t("docs.eventsLead", { channel: events.channel }), "p"));
     for (const [key, list] of [["docs.serverToClient", events.server_to_client], ["docs.clientToServer", events.client_to_server]]) {
       const id = anchor("dir", key);
       doc.append(h("h3", { id }, t(key)));
@@ -212,11 +218,11 @@ function render() {
     }
   }
 
-  toc.append(h("h3", {}, t("docs.schemas")));
+  toc.append(h("h3", { class: "toc-schemas" }, t("docs.schemas")));
   doc.append(h("h2", { id: "schemas" }, t("docs.schemas")));
   for (const [name, schema] of Object.entries(spec.components.schemas)) {
-    doc.append(h("section", { class: "card op", id: anchor("schema", name) }, h("h3", {}, name), schema.description ? h("p", {}, schema.description) : null, schemaTable({ $ref: `#/components/schemas/${name}` })));
-    toc.append(h("a", { href: `#${anchor("schema", name)}` }, name));
+    doc.append(h("section", { class: "card op", id: anchor("schema", name) }, h("h3", {}, name), schema.description ? rich(schema.description, "p") : null, schemaTable({ $ref: `#/components/schemas/${name}` })));
+    toc.append(h("a", { class: "toc-minor", href: `#${anchor("schema", name)}` }, name));
   }
   if (location.hash) document.getElementById(location.hash.slice(1))?.scrollIntoView();
 }

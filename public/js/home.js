@@ -9,7 +9,8 @@ function renderMessages() {
   const box = document.getElementById("messages");
   box.innerHTML = "";
   if (infoError) {
-    box.append(banner("error", t("home.infoFailed"), `${infoError.code}: ${infoError.message}`));
+    if (infoError.status === 401) box.append(banner("error", t("home.infoFailed"), t("home.needToken"), true));
+    else box.append(banner("error", t("home.infoFailed"), `${infoError.code}: ${infoError.message}`));
   } else if (info && info.embedded_model) {
     const el = banner("warn", t("home.embeddedTitle"), t("home.embeddedText"), true);
     el.id = "embedded-banner";

@@ -1,0 +1,80 @@
+"""Random-weight MiniCPM-o 4.5 at the real size, built directly on the target device.
+
+A CPU init of 9 B parameters wastes minutes of device time; here every module is constructed on the device in
+the target dtype, so the weights are filled by the device itself. Compute cost is the same as with real weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from MiniCPMO45.config import MiniCPMOConfig
+from MiniCPMO45.model import MiniCPMO
+
+TOKENIZER_FILES = (
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+@torch.no_grad()
+def build_random_model(
+    config: MiniCPMOConfig | str | Path,
+    device: str | torch.device = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+) -> MiniCPMO:
+    """A MiniCPMO with random weights, every parameter created on `device` in `dtype`."""
+    if not isinstance(config, MiniCPMOConfig):
+        config = MiniCPMOConfig.from_file(config)
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = MiniCPMO(config)
+    finally:
+        torch.set_default_dtype(previous)
+    # Norm gains start at 1 and biases at 0 from the constructors; linear weights are kaiming-uniform and
+    # embeddings unit normal. Shrink the embeddings so activations stay in a realistic range.
+    for name, param in model.named_parameters():
+        if "emb" in name and param.dim() == 2:
+            param.mul_(0.02)
+    model.llm.model.rotary.reset_buffers(torch.device(device))
+    return model.eval()
+
+
+def make_model_dir(config_path: str | Path, tokenizer_dir: str | Path, dest: str | Path) -> Path:
+    """A model folder (config + tokenizer files, no weights) for code that reads configs from a folder."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    data = json.loads(Path(config_path).read_text())
+    data.pop("_provenance", None)
+    (dest / "config.json").write_text(json.dumps(data, indent=1))
+    for name in TOKENIZER_FILES + ("preprocessor_config.json", "generation_config.json"):
+        src = Path(tokenizer_dir) / name
+        if src.is_file():
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def param_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def timed(fn, *args, **kwargs):  # noqa: ANN001, ANN201 (tiny helper for benchmarks)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, (time.perf_counter() - t0) * 1000

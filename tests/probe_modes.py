@@ -1,0 +1,34 @@
+"""Test-only worker modes, loaded into worker processes through $MINICPMO45_EXTRA_MODES."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from inference.modes import register_mode
+from inference.modes.base import Output, SessionOptions, SessionSetup, Text, UnitInput
+
+
+class FrameProbeMode:
+    """Asks for camera frames with 200 ms units and reports what it got as text events."""
+
+    name = "frame_probe"
+
+    def open(self, options: SessionOptions) -> tuple[SessionSetup, list[Output]]:
+        return SessionSetup(unit_samples=3200, video_max_side=64), []
+
+    def on_unit(self, unit: UnitInput, frame: np.ndarray | None) -> list[Output]:
+        if frame is None:
+            return [Text(f"unit {unit.index}: no frame", turn=0)]
+        mean = frame.reshape(-1, 3).mean(axis=0).round().astype(int).tolist()
+        return [Text(f"unit {unit.index}: frame {frame.shape[0]}x{frame.shape[1]} rgb {mean}", turn=0)]
+
+    def on_control(self, message: dict[str, Any]) -> list[Output]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+register_mode("frame_probe", lambda settings: FrameProbeMode())
