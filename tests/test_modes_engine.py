@@ -167,6 +167,33 @@ def test_chat_text_turn_streams_text_and_speech(host) -> None:
         mode.close()
 
 
+def test_chat_push_to_talk_and_mode_switch_time(host) -> None:
+    rng = np.random.default_rng(4)
+    mode = create_mode("chat", SETTINGS)
+    mode.open(SessionOptions("c2", extra={"max_new_tokens": 4}))
+    try:
+        assert mode.on_control({"type": "end_turn"})[0].code == "empty_turn"
+        for i in range(4):  # 1.3 s of noise: the VAD finds no speech, push-to-talk takes it all
+            mode.on_unit(UnitInput(i, noise(rng, 5120), 0.0), None)
+        assert mode.on_control({"type": "end_turn"}) == [State("thinking")]
+        assert mode.reply is not None
+    finally:
+        mode.close()
+    # a mode switch in the worker is close + open of mode objects over the loaded host: nothing is reloaded
+    times = {}
+    previous = create_mode("chat", SETTINGS)
+    previous.open(SessionOptions("sw"))
+    for name in ("audio_duplex", "omni_duplex", "chat"):
+        started = time.perf_counter()
+        previous.close()
+        previous = create_mode(name, SETTINGS)
+        previous.open(SessionOptions("sw"))
+        times[name] = (time.perf_counter() - started) * 1000
+    previous.close()
+    print("mode switch (close + open) ms:", {k: round(v, 1) for k, v in times.items()})
+    assert max(times.values()) < host.load_s * 1000
+
+
 def test_thirty_minute_duplex_session_stays_within_the_context_limit(host) -> None:
     """1800 units (30 min) fed faster than real time; the window keeps the KV under its limit."""
     rng = np.random.default_rng(3)
