@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import torch
 
 from inference.engine_host import EngineHost, get_host
 from inference.modes.base import (
@@ -142,8 +143,6 @@ class ChatMode:
         content: list[hd.Content] = [self.system_prompt]
         if self.voice_id:  # an explicit reference voice also goes to the LLM, inside the system message
             feats, lens = hd.batch_features([self.voice.audio_16k], hd.DYNAMIC_FLOOR)
-            import torch
-
             content = [self.system_prompt, AudioSegment(torch.from_numpy(feats), int(lens[0]))]
         hd.prefill_system(engine, self.session, content)
         limit = min(self.options.max_kv_tokens or engine.cache.max_len, engine.cache.max_len)

@@ -59,10 +59,6 @@ UNIT_BUDGET = {"audio_duplex": 40, "omni_duplex": 40 + 2 * 66}
 FRAME_MAX_SIDE = 448
 
 
-def force_listen_needed(mode: DuplexMode, catching_up: bool) -> bool:
-    return catching_up or mode.close_turn
-
-
 class DuplexMode:
     def __init__(self, name: str, settings: dict[str, Any]) -> None:
         if name not in DEFAULT_PROMPTS:
@@ -136,11 +132,11 @@ class DuplexMode:
         frames = [Image.fromarray(frame)] if self.omni and frame is not None else []
         inputs = [dx.UnitInput(audio=unit.pcm, frames=frames)]
         prefills = dx.prefill_units(engine, [session], inputs)
-        if self.options.force == "speak" and not force_listen_needed(self, catching_up):
+        force_listen = catching_up or self.close_turn or self.options.force == "listen"
+        self.close_turn = False
+        if self.options.force == "speak" and not force_listen:
             self._force_speak(session)
         t1 = time.perf_counter()
-        force_listen = catching_up or self.options.force == "listen" or self.close_turn
-        self.close_turn = False
         result = dx.generate_units(engine, [session], force_listen=[force_listen], prefills=prefills)[0]
         dx.finalize_units(engine, [session])
         t2 = time.perf_counter()
