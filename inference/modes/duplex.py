@@ -96,13 +96,12 @@ class DuplexMode:
     def _prepare(self) -> None:
         assert self.host is not None and self.session is not None and self.voice is not None
         engine = self.host.engine
-        config = dx.DuplexConfig(
-            temperature=self.options.temperature,
-            length_penalty=self.options.length_penalty
-            if self.omni
-            else min(self.options.length_penalty, 1.05),
-            seed=self.options.seed,
-        )
+        # Sampling settings the caller set explicitly override the duplex defaults (which differ from chat's:
+        # top-k 20; length penalty 1.1 in omni and 1.05 in audio, as the reference UI uses).
+        chosen = self.options.model_fields_set
+        overrides = {k: getattr(self.options, k) for k in ("temperature", "top_p", "top_k") if k in chosen}
+        penalty = self.options.length_penalty if "length_penalty" in chosen else (1.1 if self.omni else 1.05)
+        config = dx.DuplexConfig(**overrides, length_penalty=penalty, seed=self.options.seed)
         dx.prepare(engine, self.session, self.system_prompt, self.voice.voice.audio_16k, config)
         limit = self.options.max_kv_tokens or engine.cache.max_len
         limit = min(limit, engine.cache.max_len)
