@@ -48,6 +48,9 @@ def build_random_model(
     for name, param in model.named_parameters():
         if "emb" in name and param.dim() == 2:
             param.mul_(0.02)
+        elif name.endswith(("resampler.proj", "in_proj_weight")):
+            # made with torch.empty (the checkpoint always overwrites them): uninitialised memory, maybe NaN
+            param.normal_(0.0, param.shape[-1] ** -0.5)
     model.llm.model.rotary.reset_buffers(torch.device(device))
     return model.eval()
 

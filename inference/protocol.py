@@ -92,6 +92,9 @@ class Hello(_Msg):
     pid: int
     device: str
     modes: list[str]
+    # measured sessions per worker (engine.capacity); None: the server's configured capacity applies
+    capacity: int | None = None
+    capacity_by_mode: dict[str, int] = {}
 
 
 class Opened(_Msg):

@@ -59,6 +59,7 @@ class WorkerHandle:
     pid: int | None = None
     restarts: int = 0
     modes: list[str] = field(default_factory=list)
+    capacity_by_mode: dict[str, int] = field(default_factory=dict)
     process: asyncio.subprocess.Process | None = None
     writer: asyncio.StreamWriter | None = None
     last_pong: float = 0.0
@@ -267,6 +268,9 @@ class WorkerSupervisor:
                 raise p.ProtocolError(f"unexpected hello from pid {first.pid} for worker {worker.worker_id}")
             worker.writer = writer
             worker.modes = first.modes
+            if first.capacity is not None and first.capacity > 0:
+                worker.capacity = first.capacity  # measured on this worker's card (bench/capacity.py)
+            worker.capacity_by_mode = dict(first.capacity_by_mode)
             worker.last_pong = time.monotonic()
             worker.up = True
             if worker.hello is not None and not worker.hello.done():

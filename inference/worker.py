@@ -184,10 +184,31 @@ class SessionRunner:
                 await self.conn.send(p.ErrorOut(session_id=sid, code=out.code, message=out.message))
 
 
+def measured_capacity(settings: dict[str, Any]) -> tuple[int | None, dict[str, int]]:
+    """The capacity table named by settings["capacity_table"] (a bench/capacity.py output), if any."""
+    path = settings.get("capacity_table")
+    if not path:
+        return None, {}
+    from MiniCPMO45.engine.capacity import CapacityTable  # pydantic only, no torch
+
+    table = CapacityTable.from_file(path)
+    return table.worker_capacity(table.modes), {m: c.sessions for m, c in table.modes.items()}
+
+
 async def serve(host: str, port: int, worker_id: int, device: str, settings: dict[str, Any]) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     conn = Connection(writer)
-    await conn.send(p.Hello(worker_id=worker_id, pid=os.getpid(), device=device, modes=mode_names()))
+    capacity, by_mode = measured_capacity(settings)
+    await conn.send(
+        p.Hello(
+            worker_id=worker_id,
+            pid=os.getpid(),
+            device=device,
+            modes=mode_names(),
+            capacity=capacity,
+            capacity_by_mode=by_mode,
+        )
+    )
     settings = {**settings, "device": device}
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mode")
     sessions: dict[str, SessionRunner] = {}

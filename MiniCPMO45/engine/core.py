@@ -14,6 +14,7 @@ from ..modules.kv_cache import SlotKVCache
 from ..processor.processor import MiniCPMOProcessor
 from ..tokenizer import MiniCPMOTokenizer
 from .session import HalfDuplexState, Mode, Session
+from .static_decode import StaticLLM
 
 
 class Engine:
@@ -45,6 +46,8 @@ class Engine:
         self.cache: SlotKVCache = model.llm.new_cache(max_sessions, max_len)
         self.sessions: dict[str, Session] = {}
         self._ids = itertools.count()
+        # Static-shape (CUDA-graph) steps for `feed`, set by `engine.batcher.enable_static_steps`.
+        self.static: StaticLLM | None = None
 
     @classmethod
     def from_pretrained(
@@ -123,6 +126,11 @@ class Engine:
         if len({s.slot for s in sessions}) != len(sessions):
             raise ValueError("a session appears twice in one step")
         lengths = [p.shape[0] for p in pieces]
+        if self.static is not None and self.static.accepts([s.slot for s in sessions], lengths):
+            out = self.static.feed([s.slot for s in sessions], pieces)
+            idx = torch.tensor([s.slot for s in sessions], device=self.model.device)
+            rows = out["hidden"].index_select(0, idx)  # a copy: the step's buffers are reused
+            return [rows[i, :n] for i, n in enumerate(lengths)]
         t = max(lengths)
         d = pieces[0].shape[-1]
         batch = pieces[0].new_zeros(len(pieces), t, d)

@@ -38,7 +38,9 @@ class SlotKVCache:
     def allocate(self) -> int:
         if not self._free:
             raise CacheFullError(f"all {self.num_slots} KV slots are in use")
-        slot = self._free.pop(0)
+        # the lowest free slot, so the active slots stay dense (static steps batch slots 0..n-1)
+        slot = min(self._free)
+        self._free.remove(slot)
         self.lengths[slot] = 0
         return slot
 

@@ -1,0 +1,143 @@
+"""`duplex.decide_token` for a batch of sessions in a few device ops and one host sync.
+
+Same rule, row by row (tests compare it with `decide_token` on greedy and on the filter): a first untempered
+draw (or argmax) that may end the unit with `<|chunk_eos|>`; bans; repetition penalty over the session's
+recent decoded ids; length penalty on `<|turn_eos|>`; listen scale; listen top-k; then argmax, or temperature
++ top-k/top-p + draw. Sampled rows draw from one generator for the batch (not the sessions' own generators),
+so sampled tokens are the same distribution but not the same stream as the per-session path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .core import Engine
+from .duplex import DuplexConfig, DuplexState
+
+
+@dataclass
+class DecisionParams:
+    """Per-row decision settings as device tensors, built once per unit for a fixed list of sessions."""
+
+    greedy: torch.Tensor  # [B] bool
+    any_sampling: bool
+    temperature: torch.Tensor  # [B, 1]
+    top_k: torch.Tensor  # [B] long, 0 = off
+    top_p: torch.Tensor  # [B] float
+    rep_penalty: torch.Tensor  # [B, 1]
+    rep_reference: torch.Tensor  # [B, 1] bool: the reference's divide-everything style
+    length_penalty: torch.Tensor  # [B]
+    listen_scale: torch.Tensor  # [B]
+    listen_top_k: torch.Tensor  # [B] long, -1 = off
+    windows: list[int]
+
+    @classmethod
+    def from_configs(cls, configs: Sequence[DuplexConfig], device: torch.device) -> DecisionParams:
+        def t(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        greedy = [c.decode_mode == "greedy" for c in configs]
+        return cls(
+            greedy=t(greedy, torch.bool),
+            any_sampling=not all(greedy),
+            temperature=t([c.temperature for c in configs], torch.float32)[:, None],
+            top_k=t([c.top_k for c in configs], torch.long),
+            top_p=t([c.top_p for c in configs], torch.float32),
+            rep_penalty=t([c.text_repetition_penalty for c in configs], torch.float32)[:, None],
+            rep_reference=t([c.repetition_penalty_style == "reference" for c in configs], torch.bool)[
+                :, None
+            ],
+            length_penalty=t([c.length_penalty for c in configs], torch.float32),
+            listen_scale=t([c.listen_prob_scale for c in configs], torch.float32),
+            listen_top_k=t([-1 if c.listen_top_k is None else c.listen_top_k for c in configs], torch.long),
+            windows=[c.text_repetition_window for c in configs],
+        )
+
+    def select(self, rows: torch.Tensor, keep: list[int]) -> DecisionParams:
+        return DecisionParams(
+            self.greedy[rows],
+            self.any_sampling,
+            self.temperature[rows],
+            self.top_k[rows],
+            self.top_p[rows],
+            self.rep_penalty[rows],
+            self.rep_reference[rows],
+            self.length_penalty[rows],
+            self.listen_scale[rows],
+            self.listen_top_k[rows],
+            [self.windows[i] for i in keep],
+        )
+
+
+def top_k_top_p_rows(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """`sampling.top_k_top_p` per row with per-row k (0 = off) and p (>= 1 = off) on `[B, V]`."""
+    b, vocab = logits.shape
+    ordered, order = torch.sort(logits, dim=-1, descending=True)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    kth = ordered.gather(1, (k - 1)[:, None])
+    ordered = ordered.masked_fill(ordered < kth, float("-inf"))
+    cum = ordered.softmax(-1).cumsum(-1)
+    drop = cum > top_p[:, None]
+    drop = torch.cat([torch.zeros_like(drop[:, :1]), drop[:, :-1]], dim=1)
+    drop &= ((top_p > 0) & (top_p < 1))[:, None]
+    ordered = ordered.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, ordered)
+
+
+def decide_batch(
+    engine: Engine,
+    states: Sequence[DuplexState],
+    raw_logits: torch.Tensor,
+    params: DecisionParams,
+    generator: torch.Generator | None = None,
+    override: Sequence[int | None] | None = None,
+) -> list[int]:
+    """One decision per row of `raw_logits [B, V]` (float32); appends to `states[i].decoded` like
+    `decide_token`. `override[i]`, when not None, replaces row i's choice after it was computed (benchmarks:
+    a fixed workload that still pays for the decision)."""
+    sp = engine.special
+    b, vocab = raw_logits.shape
+    device = raw_logits.device
+    first = raw_logits.argmax(-1)
+    if params.any_sampling:
+        drawn = torch.multinomial(raw_logits.float().softmax(-1), 1, generator=generator)[:, 0]
+        first = torch.where(params.greedy, first, drawn)
+    logits = raw_logits.float().clone()
+    logits[:, engine.duplex_bans.to(device)] = float("-inf")
+    # repetition penalty over each row's recent decoded ids (a [B, V] mask from padded id lists)
+    recent = [st.decoded[-w:] if w else [] for st, w in zip(states, params.windows, strict=True)]
+    width = max((len(r) for r in recent), default=0)
+    if width:
+        ids = torch.tensor([r + [vocab] * (width - len(r)) for r in recent], dtype=torch.long)
+        seen = torch.zeros(b, vocab + 1, dtype=torch.bool, device=device)
+        seen.scatter_(1, ids.to(device), True)
+        seen = seen[:, :vocab]
+        pen = params.rep_penalty
+        penalized = torch.where(params.rep_reference | (logits > 0), logits / pen, logits * pen)
+        logits = torch.where(seen, penalized, logits)
+    te = logits[:, sp.turn_eos]
+    logits[:, sp.turn_eos] = torch.where(te > 0, te / params.length_penalty, te * params.length_penalty)
+    logits[:, sp.listen] = logits[:, sp.listen] * params.listen_scale
+    above = (logits > logits[:, sp.listen : sp.listen + 1]).sum(-1)
+    early_listen = above < params.listen_top_k
+    tok = logits.argmax(-1)
+    if params.any_sampling:
+        filtered = top_k_top_p_rows(logits / params.temperature, params.top_k, params.top_p)
+        drawn = torch.multinomial(filtered.softmax(-1), 1, generator=generator)[:, 0]
+        tok = torch.where(params.greedy, tok, drawn)
+    tok = torch.where(early_listen, torch.full_like(tok, sp.listen), tok)
+    is_eos = first == sp.chunk_eos
+    tok = torch.where(is_eos, torch.full_like(tok, sp.chunk_eos), tok)
+    record = ~(is_eos | early_listen)
+    out = torch.stack([tok, record.long()]).tolist()  # the one host sync of the decision
+    if override is not None:
+        for i, o in enumerate(override):
+            if o is not None:
+                out[0][i], out[1][i] = o, 1
+    for st, t, r in zip(states, out[0], out[1], strict=True):
+        if r:
+            st.decoded.append(t)
+    return out[0]

@@ -1,0 +1,483 @@
+"""The per-worker duplex batcher: every active session's unit as one batch, from audio/frames to PCM.
+
+One `DuplexBatcher.run_units(sessions, inputs)` call is one tick of the worker: it runs, for all sessions at
+once, what `duplex.prefill_units` / `generate_units` / `finalize_units` do per list of sessions, plus the TTS
+and the vocoder of the speaking ones:
+
+* prefill: the streaming audio encoder batched across sessions (`batched_audio`), the vision encoder over all
+  frames in one call, then one static LLM step over the ragged unit pieces (audio-only and omni units together);
+* generate: one static (graph-replayed) LLM decode step per token for all sessions still decoding, with the
+  listen/speak/text decision vectorized over the batch (`batched_decision`, the rule of `decide_token`);
+* finalize: terminator + `</unit>` of every session in one static step;
+* speak: TTS conditions in one projector call, the 26 TTS draws of all speaking sessions as static steps with
+  sampling on the device (`static_tts`), then the vocoder windows (`Token2Wav.push_codes`, per session: its
+  flow/HiFT caches are per-turn tensors of different lengths).
+
+The per-session Python that remains is integer bookkeeping (the control flow of the unit loop), never a model
+call. The session states are the same `DuplexState`s the per-session functions use, so a session can move
+between this batcher and the per-session calls between units.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..modules.tts import DUPLEX_MAX_DRAWS
+from ..processor.audio_features import MelUnit
+from ..processor.image import ImageInputs
+from ..token2wav import PromptCache, Token2Wav, TurnState
+from .batched_audio import stream_audio_embeds
+from .batched_decision import DecisionParams, decide_batch
+from .core import Engine
+from .duplex import DuplexState, SchemaItem, UnitInput, UnitResult, _state
+from .session import Session
+from .static_decode import StaticLLM
+from .static_tts import StaticTTS
+
+
+def enable_static_steps(
+    engine: Engine, window: int | None = None, use_graphs: bool | None = None
+) -> StaticLLM:
+    """Route `engine.feed` through static-shape steps (CUDA graphs on a GPU). Same results, see tests."""
+    if engine.static is None:
+        engine.static = StaticLLM(engine.model.llm, engine.cache, window, use_graphs=use_graphs)
+    return engine.static
+
+
+@dataclass
+class SpeechOut:
+    codes: list[int]
+    pcm: list[np.ndarray] = field(default_factory=list)  # float32 24 kHz pieces ready after this unit
+    first_pcm_s: float | None = None  # perf_counter() when the first piece of this unit was ready
+    end_of_turn: bool = False
+    done_s: float = 0.0  # perf_counter() when this unit's codes (and audio) were complete
+
+
+@dataclass
+class UnitOutput:
+    result: UnitResult
+    speech: SpeechOut | None
+    decision_s: float | None  # perf_counter() when the unit's listen/speak decision was known
+    done_s: float  # perf_counter() when this session's unit was complete (PCM included)
+
+
+@dataclass
+class _Run:
+    index: int
+    slot: int
+    st: DuplexState
+    forced: bool
+    row: int  # row in the unit's logits tensor
+    unit_ids: list[int] = field(default_factory=list)
+    hidden_rows: list[torch.Tensor] = field(default_factory=list)
+    done: bool = False
+    script: list[int] | None = None
+
+
+class DuplexBatcher:
+    def __init__(
+        self,
+        engine: Engine,
+        vocoder: Token2Wav | None = None,
+        voice: PromptCache | None = None,
+        *,
+        window: int | None = None,
+        tts_window: int = 1024,
+        use_graphs: bool | None = None,
+        seed: int = 0,
+        host_threads: int = 4,
+    ) -> None:
+        self.engine = engine
+        self.llm = enable_static_steps(engine, window, use_graphs)
+        tts = engine.model.tts
+        self.tts = (
+            StaticTTS(tts, engine.cache.num_slots, tts_window, use_graphs=use_graphs)
+            if tts is not None
+            else None
+        )
+        self.vocoder, self.voice = vocoder, voice
+        self.device = engine.model.device
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+        self._host_pool = ThreadPoolExecutor(max_workers=host_threads, thread_name_prefix="unit-prep")
+        self.turns: dict[int, TurnState] = {}  # vocoder turn per KV slot
+        self.timings: dict[str, float] = {}  # stage times of the last tick (ms)
+        self._vocoder_s = 0.0
+        self.tts_turn: set[int] = set()  # slots whose TTS turn is open
+
+    # ---- warm-up ------------------------------------------------------------------------------------------
+    def warm_up(self, max_sessions: int, prefill_tokens: Sequence[int] = (16, 96)) -> None:
+        """Capture the graphs a tick of up to `max_sessions` sessions uses (decode, finalize, prefill, TTS)."""
+        self.llm.warm_up(max_sessions, (1, 2, *prefill_tokens))
+        if self.tts is not None:
+            self.tts.warm_up(max_sessions)
+
+    # ---- prefill ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, sessions: Sequence[Session], inputs: Sequence[UnitInput]) -> list[UnitResult]:
+        """`duplex.prefill_units` with the audio encoder batched across sessions (same pieces, same order)."""
+        if len(sessions) != len(inputs):
+            raise ValueError("one unit input per session")
+        eng, model, sp = self.engine, self.engine.model, self.engine.special
+        t0 = time.perf_counter()
+        results = [UnitResult(session=s) for s in sessions]
+        for s in sessions:
+            st = _state(s)
+            if st.needs_finalize:
+                raise RuntimeError(
+                    f"session {s.session_id!r}: finalize the previous unit before the next prefill"
+                )
+            st.pending_logits = None
+
+        def host_prep(i: int) -> tuple[MelUnit | None, list[ImageInputs]]:
+            """Per-session CPU work (streaming mel, image slicing): numpy/PIL, run on the host thread pool."""
+            unit, st = inputs[i], _state(sessions[i])
+            mel = st.mel.push(unit.audio) if unit.audio is not None and len(unit.audio) else None
+            n_slices = unit.max_slice_nums or st.config.max_slice_nums
+            return mel, [eng.images.preprocess(f, n_slices) for f in unit.frames]
+
+        prepared = list(self._host_pool.map(host_prep, range(len(sessions))))
+        ready: list[int] = []
+        mel_units = []
+        views: list[torch.Tensor] = []
+        sizes: list[np.ndarray] = []
+        per_frame: list[list[int]] = []  # per ready session: number of views of each frame
+        for i, (mel_unit, images) in enumerate(prepared):
+            if mel_unit is None and not images:
+                results[i].prefilled = False  # not enough audio yet: this unit will be a listen
+                continue
+            ready.append(i)
+            mel_units.append(mel_unit)
+            counts = []
+            for out in images:
+                views += [torch.from_numpy(v) for v in out.pixel_values]
+                sizes.append(out.tgt_sizes)
+                counts.append(len(out.pixel_values))
+            per_frame.append(counts)
+        vision = model.vision_embeds(views, torch.from_numpy(np.concatenate(sizes))) if views else None
+        t_vision = time.perf_counter()
+        with_audio = [k for k, m in enumerate(mel_units) if m is not None]
+        audio_rows: dict[int, torch.Tensor] = {}
+        if with_audio:
+            embs = stream_audio_embeds(
+                model,
+                [torch.from_numpy(mel_units[k].features) for k in with_audio],
+                [sessions[ready[k]].audio_cache for k in with_audio],
+                [mel_units[k].prefix_frames for k in with_audio],
+                [mel_units[k].suffix_frames for k in with_audio],
+            )
+            audio_rows = dict(zip(with_audio, embs, strict=True))
+        t_audio = time.perf_counter()
+        ids = torch.tensor(
+            [sp.unit_start, sp.image_start, sp.image_end, sp.slice_start, sp.slice_end], device=self.device
+        )
+        tok = dict(zip(("unit", "img0", "img1", "sl0", "sl1"), model.embed_ids(ids), strict=True))
+        pieces: list[torch.Tensor] = []
+        schemas: list[list[SchemaItem]] = []
+        used = 0
+        for k, _i in enumerate(ready):
+            parts = [tok["unit"][None]]
+            schema: list[SchemaItem] = [sp.unit_start]
+            for n_views in per_frame[k]:
+                assert vision is not None
+                for v in range(n_views):
+                    a, b = ("img0", "img1") if v == 0 else ("sl0", "sl1")
+                    rows = vision[used + v]
+                    parts += [tok[a][None], rows, tok[b][None]]
+                    schema += [
+                        sp.image_start if v == 0 else sp.slice_start,
+                        ("img", rows.shape[0]),
+                        sp.image_end if v == 0 else sp.slice_end,
+                    ]
+                used += n_views
+            if k in audio_rows:
+                parts.append(audio_rows[k])
+                schema.append(("audio", audio_rows[k].shape[0]))
+            pieces.append(torch.cat(parts))
+            schemas.append(schema)
+        if ready:
+            slots = [sessions[i].slot for i in ready]
+            out = self.llm.feed(slots, pieces)
+            idx = torch.tensor(slots, device=self.device)
+            logits = out["logits"].index_select(0, idx)
+            for k, i in enumerate(ready):
+                st = _state(sessions[i])
+                st.pending_logits = logits[k]
+                st.schema.append(schemas[k])
+                st.units_prefilled += 1
+        t_feed = time.perf_counter()
+        for r in results:
+            r.timings_ms.update(
+                vision_ms=(t_vision - t0) * 1000,
+                audio_ms=(t_audio - t_vision) * 1000,
+                prefill_feed_ms=(t_feed - t_audio) * 1000,
+            )
+        return results
+
+    # ---- generate -----------------------------------------------------------------------------------------
+    def _feed_tokens(self, runs: Sequence[_Run], tokens: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        slots = [r.slot for r in runs]
+        flat = [t for ts in tokens for t in ts]
+        emb = self.engine.model.embed_ids(flat)
+        pieces, at = [], 0
+        for ts in tokens:
+            pieces.append(emb[at : at + len(ts)])
+            at += len(ts)
+        return self.llm.feed(slots, pieces)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        sessions: Sequence[Session],
+        prefills: Sequence[UnitResult],
+        force_listen: Sequence[bool] | None = None,
+        scripts: Sequence[list[int] | None] | None = None,
+    ) -> tuple[list[UnitResult], list[float | None]]:
+        """`duplex.generate_units` for the whole batch. `scripts[i]`, when given, replaces session i's
+        decisions by those tokens in order (benchmarks: a fixed speak/listen workload on random weights).
+
+        Returns the results and, per session, perf_counter() when its decision (the unit's first token) was
+        known."""
+        t0 = time.perf_counter()
+        eng, sp = self.engine, self.engine.special
+        force_listen = list(force_listen) if force_listen is not None else [False] * len(sessions)
+        results = list(prefills)
+        decided_at: list[float | None] = [None] * len(sessions)
+        runs: list[_Run] = []
+        logit_rows: list[torch.Tensor] = []
+        closers: list[_Run] = []
+        for i, s in enumerate(sessions):
+            st = _state(s)
+            if st.pending_logits is None:
+                results[i].is_listen = True
+                continue
+            logit_rows.append(st.pending_logits)
+            st.pending_logits = None
+            forced = st.units_generated < st.config.force_listen_count or force_listen[i]
+            st.units_generated += 1
+            st.needs_finalize = True
+            st.pending_terminator = None
+            results[i].forced_listen = forced
+            script = list(scripts[i]) if scripts is not None and scripts[i] is not None else None
+            run = _Run(i, s.slot, st, forced, len(runs), script=script)
+            runs.append(run)
+            if force_listen[i] and st.turn_open:
+                closers.append(run)
+        if not runs:
+            return results, decided_at
+        logits = torch.stack(logit_rows)
+        if closers:
+            out = self._feed_tokens(closers, [[sp.turn_eos]] * len(closers))
+            idx = torch.tensor([r.slot for r in closers], device=self.device)
+            rows = torch.tensor([r.row for r in closers], device=self.device)
+            logits[rows] = out["logits"].index_select(0, idx)
+            for r in closers:
+                r.st.total_ids.append(sp.turn_eos)
+                r.st.turn_open = False
+                results[r.index].closed_turn_by_force = True
+        params = DecisionParams.from_configs([r.st.config for r in runs], self.device)
+        max_steps = max(r.st.config.max_new_speak_tokens_per_chunk for r in runs)
+        for j in range(max_steps):
+            deciders = [
+                r
+                for r in runs
+                if not r.done and not r.forced and j != r.st.config.max_new_speak_tokens_per_chunk - 1
+            ]
+            decided: dict[int, int] = {}
+            if deciders:
+                rows = torch.tensor([r.row for r in deciders], device=self.device)
+                toks = decide_batch(
+                    eng,
+                    [r.st for r in deciders],
+                    logits.index_select(0, rows),
+                    params.select(rows, [r.row for r in deciders]),
+                    self.generator,
+                    [
+                        None if r.script is None else (r.script.pop(0) if r.script else sp.chunk_eos)
+                        for r in deciders
+                    ],
+                )
+                decided.update({r.row: t for r, t in zip(deciders, toks, strict=True)})
+            now = time.perf_counter()
+            to_feed: list[tuple[_Run, int]] = []
+            for run in runs:
+                if run.done:
+                    continue
+                st, res = run.st, results[run.index]
+                if j == st.config.max_new_speak_tokens_per_chunk - 1:
+                    st.pending_terminator = sp.chunk_eos
+                    st.total_ids.append(sp.chunk_eos)
+                    run.done = True
+                    continue
+                if run.forced:
+                    tok = sp.listen
+                else:
+                    tok = decided[run.row]
+                    res.decoded_ids.append(tok)
+                    if tok == sp.listen and st.turn_open:
+                        tok = sp.tts_bos
+                if j == 0:
+                    decided_at[run.index] = now
+                st.total_ids.append(tok)
+                res.is_listen = tok == sp.listen
+                if tok in (sp.listen, sp.chunk_eos, sp.chunk_tts_eos):
+                    st.pending_terminator = tok
+                    run.done = True
+                    continue
+                st.turn_open = True
+                if j != 0:
+                    text = eng.tokenizer.decode([*run.unit_ids, tok], skip_special_tokens=True)
+                    if len(text) >= st.config.max_unit_chars:
+                        st.total_ids[-1] = sp.chunk_eos
+                        st.pending_terminator = sp.chunk_eos
+                        run.done = True
+                        continue
+                to_feed.append((run, tok))
+            if not to_feed:
+                break
+            fed = [r for r, _ in to_feed]
+            out = self._feed_tokens(fed, [[t] for _, t in to_feed])
+            idx = torch.tensor([r.slot for r in fed], device=self.device)
+            rows = torch.tensor([r.row for r in fed], device=self.device)
+            logits[rows] = out["logits"].index_select(0, idx)
+            hidden = out["hidden"][:, 0].index_select(0, idx)
+            for k, (run, tok) in enumerate(to_feed):
+                res = results[run.index]
+                if tok == sp.turn_eos:
+                    res.end_of_turn = True
+                    run.st.turn_open = False
+                if j != 0:
+                    run.unit_ids.append(tok)
+                    run.hidden_rows.append(hidden[k])
+        t1 = time.perf_counter()
+        for run in runs:
+            res = results[run.index]
+            res.tts_token_ids = list(run.unit_ids)
+            res.tts_hidden = torch.stack(run.hidden_rows) if run.hidden_rows else None
+            res.text = eng.tokenizer.decode(run.unit_ids, skip_special_tokens=True) if run.unit_ids else ""
+            if res.is_listen:
+                res.text, res.tts_token_ids, res.tts_hidden = "", [], None
+        lengths = eng.cache.lengths[[s.slot for s in sessions]].tolist()
+        for i in range(len(sessions)):
+            results[i].kv_length = lengths[i]
+            results[i].timings_ms["generate_ms"] = (t1 - t0) * 1000
+        return results, decided_at
+
+    # ---- finalize -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def finalize(self, sessions: Sequence[Session]) -> None:
+        """`duplex.finalize_units` as one static step."""
+        todo = [s for s in sessions if _state(s).needs_finalize]
+        if not todo:
+            return
+        ids = []
+        for s in todo:
+            st = _state(s)
+            tail = [st.pending_terminator] if st.pending_terminator is not None else []
+            ids.append([*tail, self.engine.special.unit_end])
+            st.total_ids.append(self.engine.special.unit_end)
+            st.pending_terminator = None
+            st.needs_finalize = False
+        runs = [_Run(i, s.slot, _state(s), False, i) for i, s in enumerate(todo)]
+        self._feed_tokens(runs, ids)
+
+    # ---- speak --------------------------------------------------------------------------------------------
+    def conditions(self, results: Sequence[UnitResult]) -> list[torch.Tensor]:
+        """`duplex.tts_condition` for many units with one projector call."""
+        tts = self.engine.model.tts
+        assert tts is not None
+        w = tts.emb_text.weight
+        ids = [t for r in results for t in r.tts_token_ids]
+        hid = [r.tts_hidden for r in results if r.tts_hidden is not None]
+        tail = tts.emb_text(torch.tensor([tts.config.audio_bos_token_id], device=w.device))
+        if ids:
+            sem = tts.projector_semantic(torch.cat(hid).to(dtype=w.dtype, device=w.device))
+            if tts.config.normalize_projected_hidden:
+                sem = F.normalize(sem, p=2, dim=-1)
+            rows = tts.emb_text(torch.tensor(ids, device=w.device)) + sem
+        out, at = [], 0
+        for r in results:
+            n = len(r.tts_token_ids)
+            out.append(torch.cat([rows[at : at + n], tail]) if n else tail)
+            at += n
+        return out
+
+    @torch.no_grad()
+    def speak(self, results: Sequence[UnitResult]) -> list[SpeechOut | None]:
+        """TTS (+ vocoder when the batcher has one) for every speaking unit of the tick."""
+        out: list[SpeechOut | None] = [None] * len(results)
+        self._vocoder_s = 0.0
+        for r in results:
+            if r.closed_turn_by_force:  # an interrupted turn: drop its TTS context and vocoder turn
+                self.tts_turn.discard(r.session.slot)
+                self.turns.pop(r.session.slot, None)
+        speaking = [k for k, r in enumerate(results) if r.prefilled and not r.is_listen]
+        if not speaking or self.tts is None:
+            return out
+        slots = [results[k].session.slot for k in speaking]
+        starting = [s for s in slots if s not in self.tts_turn]
+        self.tts.reset(starting)
+        mins = [
+            0 if (s not in self.tts_turn or results[k].end_of_turn) else DUPLEX_MAX_DRAWS
+            for k, s in zip(speaking, slots, strict=True)
+        ]
+        self.tts_turn.update(slots)
+        codes = self.tts.generate_codes(slots, self.conditions([results[k] for k in speaking]), mins)
+        t_voc = time.perf_counter()
+        for k, slot, c in zip(speaking, slots, codes, strict=True):
+            eot = results[k].end_of_turn
+            speech = SpeechOut(codes=c, end_of_turn=eot)
+            if self.vocoder is not None and self.voice is not None:
+                turn = self.turns.get(slot)
+                if turn is None:
+                    turn = self.turns[slot] = self.vocoder.start_turn(self.voice, rule="duplex")
+                for pcm in self.vocoder.iter_push_codes(turn, c, end_of_turn=eot):
+                    if speech.first_pcm_s is None:
+                        speech.first_pcm_s = time.perf_counter()
+                    speech.pcm.append(pcm)
+            if eot:
+                self.tts_turn.discard(slot)
+                self.turns.pop(slot, None)
+            speech.done_s = time.perf_counter()
+            out[k] = speech
+        self._vocoder_s = time.perf_counter() - t_voc
+        return out
+
+    def _synced(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    # ---- one tick -----------------------------------------------------------------------------------------
+    def run_units(
+        self,
+        sessions: Sequence[Session],
+        inputs: Sequence[UnitInput],
+        force_listen: Sequence[bool] | None = None,
+        scripts: Sequence[list[int] | None] | None = None,
+    ) -> list[UnitOutput]:
+        """One unit of every session: prefill, generate, finalize, TTS and vocoder."""
+        marks = [time.perf_counter()]
+        pre = self.prefill(sessions, inputs)
+        marks.append(self._synced())
+        results, decided_at = self.generate(sessions, pre, force_listen, scripts)
+        marks.append(self._synced())
+        self.finalize(sessions)
+        t_final = self._synced()  # listening units are complete once finalize ran
+        marks.append(t_final)
+        speech = self.speak(results)
+        marks.append(self._synced())
+        names = ("prefill_ms", "generate_ms", "finalize_ms", "speak_ms")
+        self.timings = {k: (b - a) * 1000 for k, a, b in zip(names, marks[:-1], marks[1:], strict=True)}
+        self.timings["vocoder_ms"] = self._vocoder_s * 1000
+        return [
+            UnitOutput(r, sp, d, sp.done_s if sp is not None else t_final)
+            for r, sp, d in zip(results, speech, decided_at, strict=True)
+        ]

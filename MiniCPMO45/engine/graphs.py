@@ -1,0 +1,75 @@
+"""CUDA-graph capture of static-shape steps, with an eager fallback that runs the very same function.
+
+A `StaticStep` owns fixed input buffers and one function that reads them and returns output tensors. On a
+CUDA device the function is captured once into a `torch.cuda.CUDAGraph` and every `run()` replays it; on the
+CPU (tests) or with graphs switched off, `run()` calls the function eagerly. The caller copies its inputs into
+`step.inputs[...]` before `run()` and must consume (or clone) the outputs before the next `run()` of any step
+that shares the same memory pool.
+
+The function is run twice on a side stream before capture (allocator warm-up), so it must be free of side
+effects when its inputs are "idle" (e.g. every row writes nothing and advances by 0): `idle()` sets them so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+Outputs = dict[str, torch.Tensor]
+
+
+def graphs_available(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_available()
+
+
+class StaticStep:
+    def __init__(
+        self,
+        fn: Callable[[dict[str, torch.Tensor]], Outputs],
+        inputs: dict[str, torch.Tensor],
+        idle: Callable[[dict[str, torch.Tensor]], None],
+        use_graph: bool,
+        pool: object | None = None,
+    ) -> None:
+        self.fn = fn
+        self.inputs = inputs
+        self.idle = idle
+        self.use_graph = use_graph
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs: Outputs = {}
+        if use_graph:
+            self._capture(pool)
+
+    @torch.no_grad()
+    def _capture(self, pool: object | None) -> None:
+        self.idle(self.inputs)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.fn(self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            self.outputs = self.fn(self.inputs)
+        self.graph = graph
+
+    @torch.no_grad()
+    def run(self) -> Outputs:
+        if self.graph is not None:
+            self.graph.replay()
+            return self.outputs
+        return self.fn(self.inputs)
+
+
+def new_pool(device: torch.device) -> object | None:
+    """One memory pool shared by every graph of a runner (their outputs are consumed before the next replay)."""
+    return torch.cuda.graph_pool_handle() if graphs_available(device) else None
+
+
+def pick_bucket(buckets: list[int], need: int) -> int:
+    for b in buckets:
+        if b >= need:
+            return b
+    raise ValueError(f"{need} exceeds the largest bucket {buckets[-1]}")

@@ -1,0 +1,188 @@
+"""Static-shape LLM steps over the engine's slot KV cache, graph-captured per (rows, tokens) bucket.
+
+A step runs the first `rows` KV slots as its batch (row i = slot i; the engine hands out the lowest free slot,
+so active slots stay dense). Row i appends its first `num_new[i]` of `T` input embeddings at its own length
+`cache.lengths[i]`; rows with `num_new = 0` (idle slots, free slots, padding up to the bucket) write nothing
+and do not advance. Every shape is fixed by (rows, T, window): attention runs over the first `window` cache
+positions with an additive mask built on the device from the lengths, so no host value enters the step and it
+can be captured once and replayed.
+
+Attention: one SDPA call per layer over the kv heads, the query heads of each group folded into the query rows
+(`[rows, kv, group*T, hd]`), so the cache is read once and never repeated or gathered. KV writes use a
+gather / where / scatter at per-row positions: padding entries write back the value already there (their
+positions wrap modulo the slot length so they never collide with a real write).
+
+Same function as `Qwen3ForCausalLM.forward` (tests compare them); it also returns float32 logits of each
+row's last real token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..modules.kv_cache import CacheFullError, SlotKVCache
+from ..modules.qwen3 import Attention, Qwen3ForCausalLM, apply_rope
+from .graphs import StaticStep, graphs_available, new_pool, pick_bucket
+
+ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 128)
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256)
+
+
+def _attention(
+    attn: Attention,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    write_idx: torch.Tensor,
+    valid: torch.Tensor,
+    mask: torch.Tensor,
+    window: int,
+) -> torch.Tensor:
+    b, t, _ = x.shape
+    h, kv, hd = attn.n_heads, attn.n_kv, attn.head_dim
+    q = attn.q_norm(attn.q_proj(x).view(b, t, h, hd)).transpose(1, 2)
+    k = attn.k_norm(attn.k_proj(x).view(b, t, kv, hd)).transpose(1, 2)
+    v = attn.v_proj(x).view(b, t, kv, hd).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    idx = write_idx[:, None, :, None].expand(b, kv, t, hd)
+    keep = valid[:, None, :, None]
+    kc, vc = keys[:b], values[:b]
+    kc.scatter_(2, idx, torch.where(keep, k.to(kc.dtype), kc.gather(2, idx)))
+    vc.scatter_(2, idx, torch.where(keep, v.to(vc.dtype), vc.gather(2, idx)))
+    group = h // kv
+    # heads kv_i*group .. kv_i*group+group-1 share kv head kv_i: fold them into query rows (g, t)
+    qf = q.reshape(b, kv, group * t, hd)
+    out = F.scaled_dot_product_attention(qf, kc[:, :, :window], vc[:, :, :window], attn_mask=mask)
+    out = out.reshape(b, h, t, hd).transpose(1, 2).reshape(b, t, h * hd)  # SDPA may return a strided view
+    return attn.o_proj(out)
+
+
+def static_forward(
+    llm: Qwen3ForCausalLM, cache: SlotKVCache, embeds: torch.Tensor, num_new: torch.Tensor, window: int
+) -> dict[str, torch.Tensor]:
+    """embeds `[rows, T, D]` for slots 0..rows-1; `num_new [rows]` real tokens per row (0 = untouched)."""
+    b, t, _ = embeds.shape
+    device = embeds.device
+    lengths = cache.lengths[:b]
+    offsets = torch.arange(t, device=device)
+    positions = lengths[:, None] + offsets[None, :]  # [b, t]
+    valid = offsets[None, :] < num_new[:, None]
+    write_idx = positions % cache.max_len
+    key_pos = torch.arange(window, device=device)
+    allowed = key_pos[None, None, :] <= positions[:, :, None]  # [b, t, K]
+    group = llm.config.num_attention_heads // llm.config.num_key_value_heads
+    mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=device).masked_fill(~allowed, float("-inf"))
+    mask = mask[:, None, None].expand(b, 1, group, t, window).reshape(b, 1, group * t, window)
+    cos, sin = llm.model.rotary(positions, embeds.dtype)
+    x = embeds
+    for i, layer in enumerate(llm.model.layers):
+        x = x + _attention(
+            layer.self_attn,
+            layer.input_layernorm(x),
+            cos,
+            sin,
+            cache.keys[i],
+            cache.values[i],
+            write_idx,
+            valid,
+            mask,
+            window,
+        )
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    lengths.add_(num_new)
+    hidden = llm.model.norm(x)
+    last = hidden[torch.arange(b, device=device), (num_new - 1).clamp(min=0)]
+    return {"hidden": hidden, "logits": llm.logits(last)}
+
+
+class StaticLLM:
+    """Bucketed static steps of one LLM + cache; graphs on CUDA (captured lazily or by `warm_up`)."""
+
+    def __init__(
+        self,
+        llm: Qwen3ForCausalLM,
+        cache: SlotKVCache,
+        window: int | None = None,
+        row_buckets: Sequence[int] = ROW_BUCKETS,
+        token_buckets: Sequence[int] = TOKEN_BUCKETS,
+        use_graphs: bool | None = None,
+    ) -> None:
+        self.llm, self.cache = llm, cache
+        self.window = window or cache.max_len
+        if not 0 < self.window <= cache.max_len:
+            raise ValueError(f"window {self.window} must lie in 1..{cache.max_len}")
+        self.device = cache.lengths.device
+        self.row_buckets = sorted({min(b, cache.num_slots) for b in row_buckets} | {cache.num_slots})
+        self.token_buckets = sorted(token_buckets)
+        self.use_graphs = graphs_available(self.device) if use_graphs is None else use_graphs
+        self.pool = new_pool(self.device) if self.use_graphs else None
+        self.steps: dict[tuple[int, int], StaticStep] = {}
+        self.dim = llm.config.hidden_size
+        self.dtype = llm.lm_head.weight.dtype
+
+    def _step(self, rows: int, tokens: int) -> StaticStep:
+        key = (rows, tokens)
+        if key not in self.steps:
+            inputs = {
+                "embeds": torch.zeros(rows, tokens, self.dim, dtype=self.dtype, device=self.device),
+                "num_new": torch.zeros(rows, dtype=torch.long, device=self.device),
+            }
+
+            def fn(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                return static_forward(self.llm, self.cache, x["embeds"], x["num_new"], self.window)
+
+            def idle(x: dict[str, torch.Tensor]) -> None:
+                x["num_new"].zero_()
+
+            self.steps[key] = StaticStep(fn, inputs, idle, self.use_graphs, self.pool)
+        return self.steps[key]
+
+    def warm_up(self, rows: int, tokens: Sequence[int] = (1,)) -> None:
+        """Capture the steps a batch up to `rows` slots will use (graph capture costs a few 100 ms each)."""
+        r = pick_bucket(self.row_buckets, rows)
+        for t in tokens:
+            self._step(r, pick_bucket(self.token_buckets, t))
+
+    def accepts(self, slots: Sequence[int], counts: Sequence[int]) -> bool:
+        """Whether one static step can take these rows (else the caller runs the eager forward)."""
+        return max(slots) < self.cache.num_slots and max(counts) <= self.token_buckets[-1]
+
+    @torch.no_grad()
+    def feed(
+        self, slots: Sequence[int], pieces: Sequence[torch.Tensor], lengths: Sequence[int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Append `pieces[i]` (`[T_i, D]`) to slot `slots[i]` in one static step.
+
+        Returns views of the step outputs, indexed by slot: `hidden [rows, T, D]` and `logits [rows, V]`
+        (float32, at each row's last real token). Consume them before the next `feed`. `lengths` are the
+        slots' current lengths if the caller knows them (saves one device read for the room check).
+        """
+        if len(slots) != len(pieces) or not slots:
+            raise ValueError("one piece per slot, at least one")
+        if len(set(slots)) != len(slots):
+            raise ValueError("a slot appears twice in one step")
+        counts = [int(p.shape[0]) for p in pieces]
+        cur = list(lengths) if lengths is not None else self.cache.lengths[list(slots)].tolist()
+        if any(c + n > self.window for c, n in zip(cur, counts, strict=True)):
+            raise CacheFullError(f"a slot would pass the attention window of {self.window} positions")
+        rows = pick_bucket(self.row_buckets, max(slots) + 1)
+        tokens = pick_bucket(self.token_buckets, max(counts))
+        step = self._step(rows, tokens)
+        idx = torch.tensor(slots, dtype=torch.long, device=self.device)
+        if all(c == tokens for c in counts):
+            batch = torch.stack(list(pieces))
+        else:
+            batch = pieces[0].new_zeros(len(pieces), tokens, self.dim)
+            for i, p in enumerate(pieces):
+                batch[i, : p.shape[0]] = p
+        emb, num = step.inputs["embeds"], step.inputs["num_new"]
+        emb.zero_()
+        emb.index_copy_(0, idx, batch.to(emb.dtype))
+        num.zero_()
+        num.index_copy_(0, idx, torch.tensor(counts, dtype=torch.long, device=self.device))
+        return step.run()

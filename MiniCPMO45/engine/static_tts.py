@@ -1,0 +1,230 @@
+"""Static-shape steps of the TTS speech-token LM over a `TTSKVCache`, graph-captured per (rows, tokens) bucket,
+and a batched duplex unit (`generate_codes`) that draws every speaking session's codes with no host sync per
+step.
+
+Row i of a step is TTS cache slot i; `lengths [slots]` (a device tensor owned by the caller) is how many
+positions each slot holds. Same layout and masking scheme as `static_decode` (the TTS has as many kv heads as
+query heads, so no folding is needed). The step returns float32 code logits at each row's last real token.
+
+Sampling follows `tts_sampling.code_distribution` for the duplex settings (temperature, repetition penalty over
+this call's last `window` codes, EOS forbidden before `min_new` draws, no top-k/top-p), vectorized over rows;
+the draw uses one generator for the whole batch, so draws differ from the per-session generators of
+`MiniCPMTTS.generate_chunks` (same distribution).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..modules.tts import DUPLEX_MAX_DRAWS, MiniCPMTTS
+from ..modules.tts_backbone import LLAMA_ROPE_THETA, TTSKVCache, apply_rope, rope_cos_sin
+from ..modules.tts_sampling import DUPLEX_SAMPLING, CodeSampling
+from .graphs import StaticStep, graphs_available, new_pool, pick_bucket
+from .static_decode import ROW_BUCKETS
+
+TTS_TOKEN_BUCKETS = (1, 8, 16, 32, 64)
+
+
+def static_tts_forward(
+    tts: MiniCPMTTS,
+    cache: TTSKVCache,
+    lengths: torch.Tensor,
+    embeds: torch.Tensor,
+    num_new: torch.Tensor,
+    window: int,
+) -> dict[str, torch.Tensor]:
+    b, t, _ = embeds.shape
+    device = embeds.device
+    backbone = tts.model
+    lens = lengths[:b]
+    offsets = torch.arange(t, device=device)
+    positions = lens[:, None] + offsets[None, :]
+    valid = offsets[None, :] < num_new[:, None]
+    write_idx = positions % cache.capacity
+    key_pos = torch.arange(window, device=device)
+    allowed = key_pos[None, None, :] <= positions[:, :, None]
+    mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=device).masked_fill(~allowed, float("-inf"))
+    mask = mask[:, None]  # [b, 1, t, K]
+    cos, sin = rope_cos_sin(positions, backbone.head_dim, LLAMA_ROPE_THETA, embeds.dtype)
+    x = embeds
+    for i, layer in enumerate(backbone.layers):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        heads, kv, hd = attn.heads, attn.kv_heads, attn.head_dim
+        q = attn.q_proj(h).view(b, t, heads, hd).transpose(1, 2)
+        k = attn.k_proj(h).view(b, t, kv, hd).transpose(1, 2)
+        v = attn.v_proj(h).view(b, t, kv, hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        idx = write_idx[:, None, :, None].expand(b, kv, t, hd)
+        keep = valid[:, None, :, None]
+        kc, vc = cache.keys[i][:b], cache.values[i][:b]
+        kc.scatter_(2, idx, torch.where(keep, k.to(kc.dtype), kc.gather(2, idx)))
+        vc.scatter_(2, idx, torch.where(keep, v.to(vc.dtype), vc.gather(2, idx)))
+        group = heads // kv
+        qf = q.reshape(b, kv, group * t, hd)
+        m = (
+            mask.expand(b, 1, t, window)[:, :, None]
+            .expand(b, 1, group, t, window)
+            .reshape(b, 1, group * t, window)
+        )
+        out = F.scaled_dot_product_attention(qf, kc[:, :, :window], vc[:, :, :window], attn_mask=m)
+        out = out.reshape(b, heads, t, hd).transpose(1, 2).reshape(b, t, heads * hd)
+        x = x + attn.o_proj(out)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    lens.add_(num_new)
+    hidden = backbone.norm(x)
+    last = hidden[torch.arange(b, device=device), (num_new - 1).clamp(min=0)]
+    return {"logits": tts.head_code[0](last).float()}
+
+
+def duplex_scores(
+    logits: torch.Tensor, history: torch.Tensor, forbid_eos: torch.Tensor, sampling: CodeSampling, eos: int
+) -> torch.Tensor:
+    """Final logits `[B, V]` (softmax gives `code_distribution`'s probabilities) from raw head logits, this
+    call's draws so far `history [B, j]` (-1 = no draw) and a `[B]` EOS ban, without top-k/top-p."""
+    b, vocab = logits.shape
+    temperature = torch.full((1, 1), sampling.temperature, dtype=torch.float32, device=logits.device)
+    scores = logits.float() / temperature
+    if sampling.repetition_penalty != 1.0 and history.shape[1]:
+        hist = history[:, -sampling.window :]
+        hist = hist.masked_fill(hist < 0, vocab)  # the extra column is dropped after counting
+        counts = torch.zeros(b, vocab + 1, dtype=torch.long, device=logits.device)
+        counts.scatter_add_(1, hist, torch.ones_like(hist))
+        alpha = torch.pow(sampling.repetition_penalty, counts[:, :vocab]).to(scores.dtype)
+        scores = torch.where(scores < 0, scores * alpha, scores / alpha)
+    ban = forbid_eos[:, None] & (torch.arange(vocab, device=logits.device) == eos)[None, :]
+    return scores.masked_fill(ban, float("-inf"))
+
+
+class StaticTTS:
+    """The TTS LM with its own slot cache (slot i = LLM KV slot i of the engine) and bucketed static steps."""
+
+    def __init__(
+        self,
+        tts: MiniCPMTTS,
+        num_slots: int,
+        window: int = 1024,
+        row_buckets: Sequence[int] = ROW_BUCKETS,
+        token_buckets: Sequence[int] = TTS_TOKEN_BUCKETS,
+        use_graphs: bool | None = None,
+    ) -> None:
+        self.tts = tts
+        self.cache = tts.new_cache(num_slots, window)
+        w = tts.emb_text.weight
+        self.device, self.dtype = w.device, w.dtype
+        self.lengths = torch.zeros(num_slots, dtype=torch.long, device=self.device)
+        self.window = window
+        self.num_slots = num_slots
+        self.row_buckets = sorted({min(b, num_slots) for b in row_buckets} | {num_slots})
+        self.token_buckets = sorted(token_buckets)
+        self.use_graphs = graphs_available(self.device) if use_graphs is None else use_graphs
+        self.pool = new_pool(self.device) if self.use_graphs else None
+        self.steps: dict[tuple[int, int], StaticStep] = {}
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(0)
+
+    def _step(self, rows: int, tokens: int) -> StaticStep:
+        key = (rows, tokens)
+        if key not in self.steps:
+            h = self.tts.config.hidden_size
+            inputs = {
+                "embeds": torch.zeros(rows, tokens, h, dtype=self.dtype, device=self.device),
+                "num_new": torch.zeros(rows, dtype=torch.long, device=self.device),
+            }
+
+            def fn(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                return static_tts_forward(
+                    self.tts, self.cache, self.lengths, x["embeds"], x["num_new"], self.window
+                )
+
+            def idle(x: dict[str, torch.Tensor]) -> None:
+                x["num_new"].zero_()
+
+            self.steps[key] = StaticStep(fn, inputs, idle, self.use_graphs, self.pool)
+        return self.steps[key]
+
+    def warm_up(self, rows: int, condition_tokens: int = 32) -> None:
+        r = pick_bucket(self.row_buckets, rows)
+        self._step(r, 1)
+        self._step(r, pick_bucket(self.token_buckets, condition_tokens))
+
+    def reset(self, slots: Sequence[int]) -> None:
+        """Start new turns: the slots' next condition goes to position 0."""
+        if slots:
+            self.lengths[torch.tensor(list(slots), device=self.device)] = 0
+
+    @torch.no_grad()
+    def generate_codes(
+        self,
+        slots: Sequence[int],
+        conditions: Sequence[torch.Tensor],
+        min_new: Sequence[int],
+        max_new: int = DUPLEX_MAX_DRAWS,
+        sampling: CodeSampling = DUPLEX_SAMPLING,
+        forced: Sequence[Sequence[int]] | None = None,
+    ) -> list[list[int]]:
+        """One duplex TTS unit for every slot at once: append each condition `[L_i, hidden]`, then draw until
+        EOS (allowed from draw `min_new[i]` on) or `max_new` draws. Returns each slot's codes to play (the
+        final draw is neither returned nor fed, as in `MiniCPMTTS.generate_chunks`). With `forced`, those codes
+        replace the draws (teacher forcing, for tests)."""
+        n = len(slots)
+        if not (n == len(conditions) == len(min_new)) or n == 0:
+            raise ValueError("one condition and one min_new per slot, at least one slot")
+        if len(set(slots)) != n:
+            raise ValueError("a slot appears twice in one call")
+        cur = self.lengths[list(slots)].tolist()
+        rows = pick_bucket(self.row_buckets, max(slots) + 1)
+        counts = [int(c.shape[0]) for c in conditions]
+        # a turn that would outgrow the window restarts its TTS context (a deviation only for > window turns)
+        overflow = [s for s, c, k in zip(slots, cur, counts, strict=True) if c + k + max_new > self.window]
+        self.reset(overflow)
+        device = self.device
+        idx = torch.tensor(list(slots), dtype=torch.long, device=device)
+        tokens = pick_bucket(self.token_buckets, max(counts))
+        step = self._step(rows, tokens)
+        batch = conditions[0].new_zeros(n, tokens, conditions[0].shape[-1])
+        for i, c in enumerate(conditions):
+            batch[i, : c.shape[0]] = c
+        step.inputs["embeds"].zero_()
+        step.inputs["embeds"].index_copy_(0, idx, batch.to(self.dtype))
+        step.inputs["num_new"].zero_()
+        step.inputs["num_new"].index_copy_(0, idx, torch.tensor(counts, dtype=torch.long, device=device))
+        logits = step.run()["logits"]
+
+        vocab = logits.shape[-1]
+        eos = self.tts.eos_id
+        active = torch.zeros(rows, dtype=torch.bool, device=device)
+        active[idx] = True
+        mins = torch.zeros(rows, dtype=torch.long, device=device)
+        mins[idx] = torch.tensor(list(min_new), dtype=torch.long, device=device)
+        draws = torch.full((rows, max_new), -1, dtype=torch.long, device=device)
+        forced_t = None
+        if forced is not None:
+            forced_t = torch.zeros(rows, max_new, dtype=torch.long, device=device)
+            for s, f in zip(slots, forced, strict=True):
+                forced_t[s, : len(f)] = torch.tensor(list(f)[:max_new], dtype=torch.long)
+        dec = self._step(rows, 1)
+        for j in range(max_new):
+            scores = duplex_scores(logits, draws[:, :j], mins > j, sampling, eos)
+            if forced_t is not None:
+                code = forced_t[:, j]
+            else:
+                code = torch.multinomial(torch.softmax(scores, -1), 1, generator=self.generator)[:, 0]
+            draws[:, j] = torch.where(active, code, torch.full_like(code, -1))
+            # rows stop at EOS or after their last draw; the final draw is never fed
+            active = active & (code != eos)
+            if j == max_new - 1:
+                break
+            emb = self.tts.emb_code[0](code.clamp(0, vocab - 1))[:, None]
+            dec.inputs["embeds"].copy_(emb.to(self.dtype))
+            dec.inputs["num_new"].copy_(active.long())
+            logits = dec.run()["logits"]
+        out = draws[idx].tolist()  # the one host sync of the unit
+        result = []
+        for row in out:
+            got = [c for c in row if c >= 0]
+            result.append(got[:-1])
+        return result

@@ -1,0 +1,413 @@
+"""Capacity benchmark (issue 7): how many real-time duplex sessions one GPU holds with the batched engine.
+
+Real-size random weights (bf16, built on the GPU), the duplex batcher (static LLM/TTS steps as CUDA graphs,
+batched encoders, vectorized decisions), the vocoder included. For each N in the list and each mode
+(audio-duplex, omni-duplex with one 448x448 frame per unit), N synthetic sessions run lockstep ticks of one
+unit each: fixed random audio (and frame), the speak decision forced on half of the units (turns of two
+speaking units, then two listening ones; session i is shifted by i units), each session's KV pre-filled with
+random keys/values to ~`--context` positions so attention costs what a long call costs.
+
+Per N and mode: unit latency p50/p95/p99 (arrival of the unit's audio to its last PCM, or to `</unit>` when
+listening; ticks are scheduled once per second of audio and a late tick delays the next, so overload shows
+as growing latency), share of units within the 1 s deadline, speaking-unit latency, decision-to-first-PCM,
+VRAM peak, busy share (tick time per second of audio). Writes OUT/capacity.json, OUT/capacity.md and
+OUT/capacity_table.json (the per-mode capacity a worker reports, see MiniCPMO45/engine/capacity.py).
+
+    python bench/capacity.py --config CONFIG.json --tokenizer DIR --out OUT [--quick]
+    python bench/capacity.py --tiny --config TINY/config.json --tokenizer TINY --out OUT --sessions 1,2
+
+`--quick`: N = 1, 16, 64 with fewer units (about 2 minutes). `--tiny`: CPU, float32, small context (tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.realsize import build_random_model, make_model_dir  # noqa: E402
+from MiniCPMO45.config import PreprocessorConfig  # noqa: E402
+from MiniCPMO45.engine.batcher import DuplexBatcher  # noqa: E402
+from MiniCPMO45.engine.capacity import CapacityTable, ModeCapacity  # noqa: E402
+from MiniCPMO45.engine.core import Engine  # noqa: E402
+from MiniCPMO45.engine.duplex import DuplexConfig, DuplexState, UnitInput  # noqa: E402
+from MiniCPMO45.engine.session import Mode, Session  # noqa: E402
+from MiniCPMO45.processor.audio_features import StreamingMel  # noqa: E402
+from MiniCPMO45.token2wav import Token2Wav  # noqa: E402
+from MiniCPMO45.token2wav.random_assets import write_random_assets  # noqa: E402
+from MiniCPMO45.tokenizer import MiniCPMOTokenizer  # noqa: E402
+
+REAL_PREPROCESSOR = {"max_slice_nums": 9, "scale_resolution": 448, "image_feature_size": 64}
+FULL_SESSIONS = (1, 8, 16, 32, 48, 64, 80)
+QUICK_SESSIONS = (1, 16, 64)
+MODES = ("audio_duplex", "omni_duplex")
+DEADLINE_MS = 1000.0
+P95_TARGET_MS = 500.0
+# positions one unit may add: omni = <unit> + 64 image rows + 2 + 10 audio + 8 decoded + 2 finalize
+UNIT_POSITIONS = {"audio_duplex": 32, "omni_duplex": 96}
+
+
+@torch.no_grad()
+def fill_empty_parameters(model: torch.nn.Module, seed: int = 0) -> int:
+    """`build_random_model` leaves parameters made with `torch.empty` (the resampler's `proj` and attention
+    `in_proj_weight`) uninitialized: garbage that can be NaN. Give them random values; returns how many."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    count = 0
+    for name, param in model.named_parameters():
+        if name.endswith(("resampler.proj", "in_proj_weight")):
+            param.normal_(0.0, param.shape[-1] ** -0.5, generator=gen)
+            count += 1
+    return count
+
+
+def gib(n: float) -> float:
+    return n / 2**30
+
+
+def pct(values: list[float], q: float) -> float | None:
+    return float(np.percentile(np.asarray(values), q)) if values else None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Workload:
+    """Fixed inputs and scripted decisions: session i speaks in units u with (u + i) % 4 in (0, 1)."""
+
+    def __init__(self, engine: Engine, omni: bool, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.first_audio = (0.1 * rng.standard_normal(16560)).astype(np.float32)
+        self.audio = (0.1 * rng.standard_normal(16000)).astype(np.float32)
+        side = 448
+        self.frame = (
+            Image.fromarray(rng.integers(0, 255, size=(side, side, 3), dtype=np.uint8)) if omni else None
+        )
+        sp = engine.special
+        words = engine.tokenizer.encode(" one two three four five six seven")[:6]
+        self.open_turn = [sp.speak, *words, sp.chunk_eos]
+        self.close_turn = [*words, sp.turn_eos, sp.chunk_eos]
+        self.listen = [sp.listen]
+
+    def unit(self, u: int) -> UnitInput:
+        audio = self.first_audio if u == 0 else self.audio
+        return UnitInput(audio=audio, frames=[self.frame] if self.frame is not None else [])
+
+    def script(self, i: int, u: int) -> list[int]:
+        phase = (u + i) % 4
+        return self.open_turn if phase == 0 else self.close_turn if phase == 1 else self.listen
+
+
+def open_sessions(engine: Engine, n: int, base_len: int) -> list[Session]:
+    cfg = DuplexConfig(force_listen_count=0, max_unit_chars=100000, seed=0)
+    sessions = []
+    for _ in range(n):
+        s = engine.open_session(Mode.DUPLEX)
+        s.duplex = DuplexState(
+            config=cfg, mel=StreamingMel(cfg.chunk_ms, cfg.first_chunk_ms, cfg.cnn_redundancy_ms)
+        )
+        s.duplex.system_length = base_len
+        sessions.append(s)
+    # the KV holds random keys/values (filled once at start-up): a call already `base_len` positions long
+    engine.cache.lengths[[s.slot for s in sessions]] = base_len
+    return sessions
+
+
+def run_case(
+    engine: Engine, batcher: DuplexBatcher, mode: str, n: int, units: int, warmup: int, base_len: int
+) -> dict[str, object]:
+    device = engine.model.device
+    work = Workload(engine, omni=mode == "omni_duplex")
+    t_cap = time.perf_counter()
+    batcher.warm_up(n, prefill_tokens=(UNIT_POSITIONS[mode],))
+    sync(device)
+    capture_s = time.perf_counter() - t_cap
+    sessions = open_sessions(engine, n, base_len)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    latencies, speak_lat, listen_lat, first_pcm, ticks = [], [], [], [], []
+    stages: dict[str, list[float]] = {}
+    within = total = 0
+    clock_ms = 0.0  # virtual time: when the worker is free again, relative to the first unit's arrival
+    try:
+        for u in range(warmup + units):
+            inputs = [work.unit(u) for _ in sessions]
+            scripts = [work.script(i, u) for i in range(n)]
+            sync(device)
+            t0 = time.perf_counter()
+            outs = batcher.run_units(sessions, inputs, scripts=scripts)
+            sync(device)
+            tick_ms = (time.perf_counter() - t0) * 1000
+            if u < warmup:
+                continue
+            k = u - warmup
+            arrival = k * DEADLINE_MS
+            start = max(arrival, clock_ms)
+            clock_ms = start + tick_ms
+            ticks.append(tick_ms)
+            for name, ms in batcher.timings.items():
+                stages.setdefault(name, []).append(ms)
+            for out in outs:
+                lat = start - arrival + (out.done_s - t0) * 1000
+                latencies.append(lat)
+                total += 1
+                within += lat <= DEADLINE_MS
+                if out.speech is not None:
+                    speak_lat.append(lat)
+                    if out.speech.first_pcm_s is not None and out.decision_s is not None:
+                        first_pcm.append((out.speech.first_pcm_s - out.decision_s) * 1000)
+                elif out.result.prefilled:
+                    listen_lat.append(lat)
+    finally:
+        for s in sessions:
+            engine.close_session(s)
+        batcher.turns.clear()
+        batcher.tts_turn.clear()
+    row: dict[str, object] = {
+        "mode": mode,
+        "sessions": n,
+        "units_measured": total,
+        "unit_p50_ms": pct(latencies, 50),
+        "unit_p95_ms": pct(latencies, 95),
+        "unit_p99_ms": pct(latencies, 99),
+        "within_deadline": within / total if total else None,
+        "speaking_p50_ms": pct(speak_lat, 50),
+        "speaking_p95_ms": pct(speak_lat, 95),
+        "listening_p50_ms": pct(listen_lat, 50),
+        "decision_to_first_pcm_p50_ms": pct(first_pcm, 50),
+        "decision_to_first_pcm_p95_ms": pct(first_pcm, 95),
+        "tick_p50_ms": pct(ticks, 50),
+        "busy_share": sum(ticks) / (len(ticks) * DEADLINE_MS) if ticks else None,
+        "graph_capture_s": capture_s,
+        **{f"stage_{name}_p50": pct(v, 50) for name, v in stages.items()},
+        "context_positions": base_len,
+    }
+    if device.type == "cuda":
+        row["vram_peak_gib"] = gib(torch.cuda.max_memory_allocated(device))
+        row["vram_reserved_gib"] = gib(torch.cuda.memory_reserved(device))
+    return row
+
+
+def fits(row: dict[str, object]) -> bool:
+    p95, share = row.get("unit_p95_ms"), row.get("within_deadline")
+    return p95 is not None and share is not None and p95 <= P95_TARGET_MS and share >= 1.0  # type: ignore[operator]
+
+
+def fmt(v: object, digits: int = 1) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def markdown(results: dict[str, object]) -> str:
+    head = (
+        "| mode | N | unit p50 | p95 | p99 | within 1 s | speaking p50 | decision→PCM p50 | p95 | tick p50 "
+        "| busy | VRAM peak GiB |"
+    )
+    lines = [
+        f"Card: {results.get('gpu', results['device'])}; torch {results['torch']}; context ~{results['context']} "
+        f"positions; {results['units']} measured units per N (+{results['warmup']} warm-up). Times in ms.",
+        "",
+        head,
+        "|" + " --- |" * 12,
+    ]
+    for r in results["rows"]:  # type: ignore[union-attr]
+        if "skipped" in r:
+            lines.append(f"| {r['mode']} | {r['sessions']} | skipped: {r['skipped']} |" + " |" * 10)
+            continue
+        cells = [
+            r["mode"],
+            r["sessions"],
+            fmt(r["unit_p50_ms"]),
+            fmt(r["unit_p95_ms"]),
+            fmt(r["unit_p99_ms"]),
+            fmt(r["within_deadline"], 3),
+            fmt(r["speaking_p50_ms"]),
+            fmt(r["decision_to_first_pcm_p50_ms"]),
+            fmt(r["decision_to_first_pcm_p95_ms"]),
+            fmt(r["tick_p50_ms"]),
+            fmt(r["busy_share"], 2),
+            fmt(r.get("vram_peak_gib"), 2),
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    stage_names = ("prefill_ms", "generate_ms", "finalize_ms", "speak_ms", "vocoder_ms")
+    lines += [
+        "",
+        "Tick stages, p50 ms (speak = TTS + vocoder of all speaking sessions; vocoder runs per session):",
+        "",
+        "| mode | N | " + " | ".join(stage_names) + " |",
+        "|" + " --- |" * (2 + len(stage_names)),
+    ]
+    for r in results["rows"]:  # type: ignore[union-attr]
+        if "skipped" not in r:
+            cells = [fmt(r.get(f"stage_{s}_p50")) for s in stage_names]
+            lines.append(f"| {r['mode']} | {r['sessions']} | " + " | ".join(cells) + " |")
+    cap = results["capacity"]
+    lines += ["", f"Capacity (p95 ≤ {P95_TARGET_MS:.0f} ms, every unit within 1 s): {json.dumps(cap)}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="full-size (or, with --tiny, tiny) config.json")
+    ap.add_argument("--tokenizer", required=True, help="folder with the tokenizer files")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true", help="N = 1, 16, 64, fewer units (~2 min)")
+    ap.add_argument("--tiny", action="store_true", help="CPU, float32, small context (tests)")
+    ap.add_argument("--sessions", help="comma-separated N list (overrides the default)")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--units", type=int, help="measured units per N (default 8, quick 4)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--context", type=int, help="KV positions per session (default 4096, tiny 64)")
+    ap.add_argument("--device", help="default cuda (cpu with --tiny)")
+    ap.add_argument("--no-graphs", action="store_true", help="eager static steps (comparison)")
+    ap.add_argument("--no-vocoder", action="store_true", help="stop at the TTS codes (vocoder cost apart)")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    sessions_list = (
+        [int(x) for x in args.sessions.split(",")]
+        if args.sessions
+        else list(QUICK_SESSIONS if args.quick else FULL_SESSIONS)
+    )
+    modes = [m for m in args.modes.split(",") if m]
+    for m in modes:
+        if m not in MODES:
+            raise SystemExit(f"unknown mode {m!r} (choose from {MODES})")
+    units = args.units or (4 if args.quick else 8)
+    context = args.context or (64 if args.tiny else 4096)
+    results: dict[str, object] = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "context": context,
+        "units": units,
+        "warmup": args.warmup,
+        "graphs": not args.no_graphs and device.type == "cuda",
+        "vocoder": not args.no_vocoder,
+    }
+    if device.type == "cuda":
+        results["gpu"] = torch.cuda.get_device_name(device)
+
+    model_dir = make_model_dir(args.config, args.tokenizer, out / "model-dir")
+    if not args.tiny:
+        pre_path = model_dir / "preprocessor_config.json"
+        pre = json.loads(pre_path.read_text()) if pre_path.is_file() else {}
+        pre.update(REAL_PREPROCESSOR)
+        pre_path.write_text(json.dumps(pre))
+    t0 = time.perf_counter()
+    model = build_random_model(model_dir / "config.json", device=device, dtype=dtype)
+    results["filled_empty_parameters"] = fill_empty_parameters(model)
+    sync(device)
+    results["build_s"] = time.perf_counter() - t0
+
+    # one KV cache for the largest N that fits: slots of `context + headroom` positions
+    headroom = max(UNIT_POSITIONS[m] for m in modes) * (units + args.warmup)
+    max_len = -(-(context + headroom // 2) // 64) * 64
+    base_len = max(max_len - headroom, 1)
+    cfg = model.config.llm
+    per_slot = (
+        2 * cfg.num_hidden_layers * cfg.num_key_value_heads * max_len * cfg.head_dim * model.dtype.itemsize
+    )
+    want = max(sessions_list)
+    slots = want
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        reserve = 9 * 2**30  # activations, graphs, vocoder, streaming-whisper caches (~0.1 GB/session)
+        slots = max(1, min(want, int((free - reserve) // per_slot)))
+    results.update(kv_slots=slots, kv_max_len=max_len, kv_gib_per_session=gib(per_slot))
+    engine = Engine(
+        model,
+        MiniCPMOTokenizer.from_dir(model_dir),
+        max_sessions=slots,
+        max_len=max_len,
+        preprocessor=PreprocessorConfig.from_file(model_dir),
+    )
+    gen = torch.Generator(device=device).manual_seed(0)
+    for k, v in zip(engine.cache.keys, engine.cache.values, strict=True):
+        k.normal_(generator=gen)
+        v.normal_(generator=gen)
+
+    assets = write_random_assets(
+        out / "token2wav-assets", size="tiny" if args.tiny else "real", with_onnx=False
+    )
+    vocoder = Token2Wav.from_assets(assets, n_timesteps=5, device=device)
+    rng = np.random.default_rng(0)
+    voice = vocoder.prepare_prompt(
+        rng.integers(0, 6561, size=150),
+        rng.standard_normal((1, 300, 80)).astype(np.float32) * 0.5,
+        rng.standard_normal((1, 192)).astype(np.float32),
+    )
+    batcher = DuplexBatcher(
+        engine,
+        None if args.no_vocoder else vocoder,
+        voice,
+        use_graphs=False if args.no_graphs else None,
+        tts_window=512 if not args.tiny else 256,
+    )
+    if device.type == "cuda":
+        results["vram_after_setup_gib"] = gib(torch.cuda.memory_allocated(device))
+    results["setup_s"] = time.perf_counter() - t_start
+    print(f"setup {results['setup_s']:.1f} s, KV slots {slots} x {max_len} positions", flush=True)
+
+    rows: list[dict[str, object]] = []
+    for mode in modes:
+        for n in sessions_list:
+            if n > slots:
+                rows.append({"mode": mode, "sessions": n, "skipped": f"KV memory holds {slots} sessions"})
+                print(f"{mode} N={n}: skipped (KV memory holds {slots})", flush=True)
+                continue
+            try:
+                row = run_case(engine, batcher, mode, n, units, args.warmup, base_len)
+            except torch.cuda.OutOfMemoryError as exc:
+                torch.cuda.empty_cache()
+                row = {
+                    "mode": mode,
+                    "sessions": n,
+                    "skipped": f"out of memory: {str(exc).splitlines()[0][:120]}",
+                }
+            except Exception as exc:  # one failing N must not lose the others
+                traceback.print_exc()
+                row = {"mode": mode, "sessions": n, "skipped": f"{type(exc).__name__}: {exc}"[:200]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            results["rows"] = rows
+            (out / "capacity.json").write_text(json.dumps(results, indent=1))
+    results["rows"] = rows
+    capacity = {}
+    for mode in modes:
+        ok = [int(r["sessions"]) for r in rows if r["mode"] == mode and "skipped" not in r and fits(r)]  # type: ignore[arg-type]
+        capacity[mode] = max(ok) if ok else 0
+    results["capacity"] = capacity
+    results["total_s"] = time.perf_counter() - t_start
+    table = CapacityTable(
+        card=str(results.get("gpu", device)),
+        context=context,
+        modes={m: ModeCapacity(sessions=c) for m, c in capacity.items()},
+    )
+    (out / "capacity_table.json").write_text(table.model_dump_json(indent=1))
+    (out / "capacity.json").write_text(json.dumps(results, indent=1))
+    md = markdown(results)
+    (out / "capacity.md").write_text(md)
+    print()
+    print(md, end="")
+    print(f"total {results['total_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

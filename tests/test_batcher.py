@@ -1,0 +1,140 @@
+"""The batcher (static steps run eagerly on the CPU, batched encoders and decisions) against the per-session
+reference path: a batch of three sessions with different prompt lengths, omni and audio-only units and a
+forced listen gives every session the same tokens, KV lengths and TTS conditions as running it alone, and the
+fixture session still matches the golden duplex outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from MiniCPMO45.engine.batcher import DuplexBatcher
+from MiniCPMO45.engine.core import Engine
+from MiniCPMO45.engine.duplex import (
+    DuplexConfig,
+    UnitInput,
+    finalize_units,
+    generate_units,
+    prefill_units,
+    prepare,
+    tts_condition,
+)
+from MiniCPMO45.engine.session import Mode
+from MiniCPMO45.processor.audio_io import load_audio
+from tests.engine_fixtures import load_manifest, load_npz
+
+UNITS = 6
+
+
+def _plan(fixture_dir: Path):
+    manifest = load_manifest(fixture_dir)
+    dc = manifest["duplex_config"]
+    cfg = DuplexConfig(
+        decode_mode="greedy",
+        temperature=dc["temperature"],
+        top_k=dc["top_k"],
+        top_p=dc["top_p"],
+        text_repetition_penalty=dc["text_repetition_penalty"],
+        text_repetition_window=dc["text_repetition_window_size"],
+        listen_prob_scale=dc["listen_prob_scale"],
+        force_listen_count=dc["force_listen_count"],
+        max_new_speak_tokens_per_chunk=dc["max_new_speak_tokens_per_chunk"],
+        length_penalty=1.1,
+    )
+    inputs = fixture_dir / "inputs"
+    audio = load_audio(inputs / "duplex_audio.wav")
+    ref = load_audio(inputs / "ref_audio.wav")
+    prompt = manifest["duplex_prepare_prompt"].split("\n")[1]
+    frames = [Image.open(inputs / f"frame_{k}.png").convert("RGB") for k in range(UNITS)]
+    sessions = [
+        # the golden fixture session: omni units
+        (
+            prompt,
+            ref,
+            cfg,
+            [UnitInput(audio[k * 16000 : (k + 1) * 16000], [frames[k]]) for k in range(UNITS)],
+            [rec["force_listen_override"] for rec in manifest["duplex_steps"]],
+        ),
+        # audio-only, shorter prompt, no forced listens at the start
+        (
+            "Short.",
+            None,
+            cfg.model_copy(update={"force_listen_count": 0}),
+            [UnitInput(audio[(k + 1) * 16000 : (k + 2) * 16000]) for k in range(UNITS)],
+            [False] * UNITS,
+        ),
+        # audio-only with a frame in one unit, a forced listen in unit 3
+        (
+            "A much longer system prompt for the third session of this batch.",
+            None,
+            cfg.model_copy(update={"force_listen_count": 1}),
+            [
+                UnitInput(audio[k * 8000 : k * 8000 + 16000], [frames[0]] if k == 2 else [])
+                for k in range(UNITS)
+            ],
+            [k == 3 for k in range(UNITS)],
+        ),
+    ]
+    return sessions
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model_dir: Path) -> tuple[Engine, Engine]:
+    a = Engine.from_pretrained(tiny_model_dir, dtype=torch.float32, max_sessions=3, max_len=512)
+    b = Engine.from_pretrained(tiny_model_dir, dtype=torch.float32, max_sessions=3, max_len=512)
+    return a, b
+
+
+def test_batcher_matches_per_session_path(engines: tuple[Engine, Engine], tiny_fixture_dir: Path) -> None:
+    ref_engine, fast_engine = engines
+    plan = _plan(tiny_fixture_dir)
+    golden = load_npz(tiny_fixture_dir, "e_duplex")
+
+    ref_results = []
+    ref_sessions = []
+    for prompt, ref_audio, cfg, units, forces in plan:
+        s = ref_engine.open_session(Mode.DUPLEX)
+        prepare(ref_engine, s, prompt, ref_audio, cfg)
+        rows = []
+        for k in range(UNITS):
+            pre = prefill_units(ref_engine, [s], [units[k]])
+            rows.append(generate_units(ref_engine, [s], [forces[k]], pre)[0])
+            finalize_units(ref_engine, [s])
+        ref_results.append(rows)
+        ref_sessions.append(s)
+
+    batcher = DuplexBatcher(fast_engine, use_graphs=False)
+    assert not batcher.llm.use_graphs
+    sessions = []
+    for prompt, ref_audio, cfg, _, _ in plan:
+        s = fast_engine.open_session(Mode.DUPLEX)
+        prepare(fast_engine, s, prompt, ref_audio, cfg)
+        sessions.append(s)
+    lengths = [fast_engine.kv_length(s) for s in sessions]
+    assert len(set(lengths)) == 3  # three different context lengths in one batch
+    spoke = 0
+    for k in range(UNITS):
+        outs = batcher.run_units(sessions, [p[3][k] for p in plan], [p[4][k] for p in plan])
+        for i, out in enumerate(outs):
+            want, got = ref_results[i][k], out.result
+            assert got.is_listen == want.is_listen, (i, k)
+            assert got.decoded_ids == want.decoded_ids, (i, k)
+            assert got.text == want.text and got.end_of_turn == want.end_of_turn
+            assert got.tts_token_ids == want.tts_token_ids
+            assert got.kv_length == want.kv_length
+            assert got.closed_turn_by_force == want.closed_turn_by_force
+            if not want.is_listen:
+                spoke += 1
+                cond = batcher.conditions([got])[0]
+                assert torch.allclose(cond, tts_condition(ref_engine, want), atol=1e-4, rtol=1e-4)
+                assert out.speech is not None and 0 < len(out.speech.codes) <= 25
+            else:
+                assert out.speech is None
+    assert spoke > 0
+    for s, r in zip(sessions, ref_sessions, strict=True):
+        assert s.duplex.total_ids == r.duplex.total_ids
+        assert fast_engine.kv_length(s) == ref_engine.kv_length(r)
+    assert sessions[0].duplex.total_ids == golden["total_ids"].tolist()

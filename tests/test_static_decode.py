@@ -1,0 +1,71 @@
+"""The static-shape LLM step (the CUDA-graph path, run eagerly here) computes what the engine's ragged forward
+computes, for a batch of sessions of different lengths, in prefill and decode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from MiniCPMO45.engine.core import Engine
+from MiniCPMO45.engine.static_decode import StaticLLM
+from MiniCPMO45.modules.kv_cache import CacheFullError
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model_dir: Path) -> tuple[Engine, Engine]:
+    a = Engine.from_pretrained(tiny_model_dir, dtype=torch.float32, max_sessions=4, max_len=96)
+    b = Engine.from_pretrained(tiny_model_dir, dtype=torch.float32, max_sessions=4, max_len=96)
+    return a, b
+
+
+def _close(x: torch.Tensor, y: torch.Tensor) -> None:
+    assert x.shape == y.shape
+    assert torch.allclose(x, y, atol=2e-5, rtol=1e-4), f"max diff {(x - y).abs().max().item():.3g}"
+
+
+def test_static_steps_match_engine_forward(engines: tuple[Engine, Engine]) -> None:
+    ref, fast = engines
+    g = torch.Generator().manual_seed(0)
+    d = ref.model.config.llm.hidden_size
+    ref_s = [ref.open_session() for _ in range(3)]
+    fast_s = [fast.open_session() for _ in range(3)]
+    runner = StaticLLM(fast.model.llm, fast.cache, window=64, use_graphs=False)
+    assert not runner.use_graphs
+    # ragged prefill: 5, 11 and 2 tokens (bucket 16)
+    pieces = [torch.randn(n, d, generator=g) for n in (5, 11, 2)]
+    want = ref.feed(ref_s, pieces)
+    out = runner.feed([s.slot for s in fast_s], pieces)
+    for i, (s, w) in enumerate(zip(fast_s, want, strict=True)):
+        _close(out["hidden"][s.slot, : w.shape[0]], w)
+        _close(out["logits"][s.slot], ref.last_logits([want[i]])[0])
+    assert fast.cache.lengths[:3].tolist() == [5, 11, 2]
+    # decode a subset: sessions 0 and 2 only; session 1 must stay untouched
+    before = fast.cache.keys[0][1].clone()
+    for _ in range(3):
+        tok = [torch.randn(1, d, generator=g) for _ in range(2)]
+        want = ref.feed([ref_s[0], ref_s[2]], tok)
+        out = runner.feed([fast_s[0].slot, fast_s[2].slot], tok)
+        _close(out["hidden"][fast_s[0].slot, :1], want[0])
+        _close(out["hidden"][fast_s[2].slot, :1], want[1])
+        _close(out["logits"][fast_s[2].slot], ref.last_logits(want)[1])
+    assert fast.cache.lengths[:3].tolist() == [8, 11, 5]
+    assert torch.equal(fast.cache.keys[0][1], before)
+    for layer in range(len(fast.cache.keys)):
+        for s, r in zip(fast_s, ref_s, strict=True):
+            _close(fast.cache.layer_keys(layer, s.slot), ref.cache.layer_keys(layer, r.slot))
+            _close(fast.cache.layer_values(layer, s.slot), ref.cache.layer_values(layer, r.slot))
+    with pytest.raises(CacheFullError):
+        runner.feed([fast_s[1].slot], [torch.randn(60, d)])
+    for s in ref_s:
+        ref.close_session(s)
+    for s in fast_s:
+        fast.close_session(s)
+
+
+def test_slots_are_dense_after_release(engines: tuple[Engine, Engine]) -> None:
+    eng = engines[0]
+    s = [eng.open_session() for _ in range(3)]
+    eng.close_session(s[0])
+    assert eng.open_session().slot == 0

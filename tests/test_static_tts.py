@@ -1,0 +1,61 @@
+"""The static TTS step (the CUDA-graph path, run eagerly here) against `MiniCPMTTS.generate_chunks`: same
+cache contents and codes under teacher forcing, and the same code distribution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from MiniCPMO45.engine.static_tts import StaticTTS, duplex_scores
+from MiniCPMO45.model import MiniCPMO
+from MiniCPMO45.modules.tts_sampling import DUPLEX_SAMPLING, code_distribution
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path) -> MiniCPMO:
+    return MiniCPMO.from_pretrained(tiny_model_dir, dtype=torch.float32)
+
+
+def test_static_tts_matches_generate_chunks(model: MiniCPMO) -> None:
+    tts = model.tts
+    assert tts is not None
+    g = torch.Generator().manual_seed(1)
+    h = tts.config.hidden_size
+    vocab = tts.config.num_audio_tokens
+    conds = [torch.randn(n, h, generator=g) for n in (3, 7, 1)]
+    forced = [torch.randint(0, vocab - 1, (26,), generator=g).tolist() for _ in range(3)]
+    forced = [[0 if c == tts.eos_id else c for c in f] for f in forced]
+    forced[1][5] = tts.eos_id  # row 1 may stop (min_new 0) and does at draw 6
+    ref_cache = tts.new_cache(4, 128)
+    ref_sessions = [tts.new_session(ref_cache) for _ in range(3)]
+    for _ in range(2):  # two units of one turn: positions carry over
+        want = tts.generate_chunks(ref_sessions, conds, min_new=[26, 0, 26], max_new=26, forced=forced)
+        if _ == 0:
+            fast = StaticTTS(tts, 4, window=128, use_graphs=False)
+        got = fast.generate_codes([0, 1, 2], conds, [26, 0, 26], forced=forced)
+        assert got == [w.codes.tolist() for w in want]
+    assert len(got[1]) == 5 and len(got[0]) == 25
+    assert fast.lengths[:3].tolist() == [s.length for s in ref_sessions]
+    for layer in range(len(ref_cache.keys)):
+        for s in ref_sessions:
+            n = s.length
+            k_ref, k_got = ref_cache.keys[layer][s.slot, :, :n], fast.cache.keys[layer][s.slot, :, :n]
+            assert torch.allclose(k_ref, k_got, atol=2e-5, rtol=1e-4), (k_ref - k_got).abs().max()
+    assert fast.lengths[3] == 0
+
+
+def test_duplex_scores_match_code_distribution() -> None:
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 50, generator=g) * 3
+    history = [[4, 4, 7], [], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 1]]
+    padded = torch.full((3, 18), -1, dtype=torch.long)
+    for i, hrow in enumerate(history):
+        if hrow:
+            padded[i, -len(hrow) :] = torch.tensor(hrow)
+    forbid = [True, False, True]
+    want = code_distribution(logits, history, DUPLEX_SAMPLING, [False] * 3, forbid, eos_id=9)
+    got = torch.softmax(duplex_scores(logits, padded, torch.tensor(forbid), DUPLEX_SAMPLING, 9), -1)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert got[0, 9] == 0 and got[1, 9] > 0
