@@ -260,6 +260,9 @@ class MiniCPMOTokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def has_token(self, token: str) -> bool:
+        return self.backend.token_to_id(token) is not None
+
     def token_to_id(self, token: str) -> int:
         tid = self.backend.token_to_id(token)
         if tid is None:

@@ -106,7 +106,8 @@ class Opened(_Msg):
     unit_samples: int
     first_unit_samples: int | None = None
     output_rate: int = 24000
-    video_max_side: int | None = None  # send the newest camera frame with each unit, scaled to this side
+    video_max_side: int | None = None  # the mode wants one camera frame per unit, at most this large
+    open_ms: float = 0.0  # worker time to close the previous mode (if any) and open this one
 
 
 class AudioOut(_Msg):
@@ -149,6 +150,9 @@ class UnitDone(_Msg):
     completed_at: float
     handoff_ms: float  # unit complete at the server -> unit decoded in the worker (same host only)
     compute_ms: float  # time the mode spent on the unit
+    queue_ms: float = 0.0  # time the unit waited in the worker before the mode started on it
+    backlog_units: int = 0  # units of the session still waiting behind it when it started
+    timings: dict[str, float] = Field(default_factory=dict)  # the mode's own split (prefill_ms, tts_ms, ...)
 
 
 class ErrorOut(_Msg):

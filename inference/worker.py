@@ -31,6 +31,7 @@ from inference.modes.base import (
     State,
     Text,
     UnitInput,
+    UnitTimings,
 )
 
 log = logging.getLogger("inference.worker")
@@ -64,7 +65,13 @@ class SessionRunner:
         self.mode: Mode | None = None
         self.output_rate = 24000
         self.queue: asyncio.Queue[tuple[p.Message, bytes, float] | None] = asyncio.Queue()
+        self.units_waiting = 0  # unit messages queued and not yet started (the session's backlog)
         self.task = asyncio.create_task(self._run(), name=f"session-{session_id}")
+
+    def submit(self, message: p.Message, payload: bytes, received_at: float) -> None:
+        if isinstance(message, p.Unit):
+            self.units_waiting += 1
+        self.queue.put_nowait((message, payload, received_at))
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -96,7 +103,10 @@ class SessionRunner:
                 log.exception("session %s: close failed", self.session_id)
 
     async def _handle(self, message: p.Message, payload: bytes, received_at: float) -> None:
+        if isinstance(message, p.Unit):
+            self.units_waiting -= 1
         if isinstance(message, p.OpenSession):
+            opening = time.monotonic()
             await self._close_mode()  # a second `open` switches the mode
             try:
                 mode = create_mode(message.mode, self.settings)
@@ -109,6 +119,7 @@ class SessionRunner:
                 session_id=self.session_id,
                 system_prompt=message.options.get("system_prompt"),
                 extra=message.options,
+                voice=message.options.get("voice"),
             )
             setup, outputs = await self._call(mode.open, options)
             self.mode = mode
@@ -121,6 +132,7 @@ class SessionRunner:
                     first_unit_samples=setup.first_unit_samples,
                     output_rate=setup.output_rate,
                     video_max_side=setup.video_max_side,
+                    open_ms=(time.monotonic() - opening) * 1000,
                 )
             )
             await self._send_outputs(outputs, self.output_rate)
@@ -129,10 +141,14 @@ class SessionRunner:
         elif isinstance(message, p.Unit):
             pcm, frame = p.split_unit_payload(message, payload)
             started = time.monotonic()
-            outputs = await self._call(
-                self.mode.on_unit, UnitInput(message.index, pcm, message.completed_at), frame
-            )
+            backlog = self.units_waiting
+            unit = UnitInput(message.index, pcm, message.completed_at, queued_units=backlog)
+            outputs = await self._call(self.mode.on_unit, unit, frame)
             compute_ms = (time.monotonic() - started) * 1000
+            timings: dict[str, float] = {}
+            for out in outputs:
+                if isinstance(out, UnitTimings):
+                    timings.update({k: round(float(v), 3) for k, v in out.values.items()})
             await self._send_outputs(outputs, self.output_rate)
             await self.conn.send(
                 p.UnitDone(
@@ -141,6 +157,9 @@ class SessionRunner:
                     completed_at=message.completed_at,
                     handoff_ms=(received_at - message.completed_at) * 1000,
                     compute_ms=compute_ms,
+                    queue_ms=(started - received_at) * 1000,
+                    backlog_units=backlog,
+                    timings=timings,
                 )
             )
         elif isinstance(message, p.Control):
@@ -190,6 +209,7 @@ async def serve(host: str, port: int, worker_id: int, device: str, settings: dic
             capacity_by_mode=by_mode,
         )
     )
+    settings = {**settings, "device": device}
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mode")
     sessions: dict[str, SessionRunner] = {}
     try:
@@ -214,7 +234,7 @@ async def serve(host: str, port: int, worker_id: int, device: str, settings: dic
             if isinstance(message, p.CloseSession):
                 runner.queue.put_nowait(None)
             else:
-                runner.queue.put_nowait((message, payload, received_at))
+                runner.submit(message, payload, received_at)
     finally:
         for runner in list(sessions.values()):
             runner.queue.put_nowait(None)

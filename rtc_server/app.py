@@ -16,8 +16,10 @@ from rtc_server.certs import server_ssl_context
 from rtc_server.config import AppConfig
 from rtc_server.manager import SessionManager
 from rtc_server.metrics import CONTENT_TYPE, Exposition
+from rtc_server.presets import add_preset_routes
 from rtc_server.signalling import MANAGER_KEY, ApiError, add_routes
 from rtc_server.ui_routes import add_ui_routes
+from rtc_server.voices import add_voice_routes
 
 log = logging.getLogger("rtc_server.app")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -79,6 +81,8 @@ def auth_middleware(token: str) -> Callable[[web.Request, Handler], Awaitable[we
 async def limit_body(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Refuse an oversized body from its Content-Length before reading it (aiohttp also caps the read)."""
     limit = request.app[MAX_BODY_KEY]
+    if request.path == "/api/voices":
+        return await handler(request)  # uploads have their own limit (voices.max_bytes)
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, "too_large", f"the body is larger than {limit} bytes")
     return await handler(request)
@@ -181,6 +185,8 @@ def make_app(config: AppConfig, manager: SessionManager) -> web.Application:
     app[MAX_BODY_KEY] = config.server.max_body_bytes
     app[STARTED_KEY] = time.monotonic()
     add_routes(app)
+    add_voice_routes(app, config, voices_dir(config))
+    add_preset_routes(app)
     app.router.add_get("/metrics", metrics)
     public = (REPO_ROOT / config.server.public_dir).resolve()
     add_ui_routes(app, public)
@@ -219,11 +225,21 @@ class RunningServer:
 
 def worker_settings(config: AppConfig) -> dict[str, object]:
     """What worker modes get from the server config (sent to the worker process as JSON)."""
+    workers = config.workers
     return {
         "model_path": config.model.path,
         "capacity_table": config.model.capacity_table,
+        "cache_dir": str(REPO_ROOT / config.model.cache_dir),
+        "max_kv_tokens": config.model.max_kv_tokens,
+        "default_voice": config.model.default_voice,
+        "max_sessions": max(workers.capacity_per_gpu if workers.gpus else workers.cpu_capacity, 1),
+        "voices_dir": str(voices_dir(config)),
         "loopback": config.loopback.model_dump(),
     }
+
+
+def voices_dir(config: AppConfig) -> Path:
+    return REPO_ROOT / config.voices.dir
 
 
 async def start_server(config: AppConfig) -> RunningServer:

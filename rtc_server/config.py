@@ -35,6 +35,22 @@ class ModelSettings(_Strict):
     path: str = ""  # empty: the embedded default (tiny random-weight model on the CPU)
     # bench/capacity.py's capacity_table.json for this card: workers report it and admission uses it
     capacity_table: str = ""
+    cache_dir: str = ".cache/embedded"  # where the embedded default model is built (relative: to the repo)
+    max_kv_tokens: int = Field(8192, ge=512)  # KV positions per session; the context window slides past it
+    default_voice: str = ""  # WAV file of the default reference voice; empty: a built-in synthetic voice
+
+
+class SessionSettings(_Strict):
+    pause_timeout_s: float = Field(60.0, gt=0)  # a paused call without `resume` ends after this long
+
+
+class VoiceSettings(_Strict):
+    dir: str = (
+        "data/voices"  # uploaded voices (16 kHz mono WAV, named by content hash); relative: to the repo
+    )
+    max_bytes: int = Field(10 << 20, ge=1024)  # largest upload
+    min_duration_s: float = Field(1.0, gt=0)
+    max_duration_s: float = Field(30.0, gt=0)
 
 
 class WorkerSettings(_Strict):
@@ -82,6 +98,8 @@ class AppConfig(_Strict):
     queue: QueueSettings = Field(default_factory=QueueSettings)
     rtc: RtcSettings = Field(default_factory=RtcSettings)
     loopback: LoopbackSettings = Field(default_factory=LoopbackSettings)
+    session: SessionSettings = Field(default_factory=SessionSettings)
+    voices: VoiceSettings = Field(default_factory=VoiceSettings)
 
 
 class ConfigError(ValueError):

@@ -1,8 +1,8 @@
 """Messages of the `events` data channel and of the JSON signalling API, as pydantic models.
 
 Every data-channel message is a JSON object with a `type` field. Server -> client: `session`, `state`,
-`text`, `metrics`, `queue`, `error`. Client -> server: `set_mode`, `interrupt`, `pause`, `resume`,
-`system_prompt`, `text`. Unknown or malformed client messages are answered with an `error` event and the
+`text`, `metrics`, `queue`, `error`, `paused`, `resumed`. Client -> server: `set_mode`, `interrupt`, `pause`,
+`resume`, `system_prompt`, `text`, `end_turn`. Unknown or malformed client messages are answered with an `error` event and the
 call goes on. These models are the single source for the API reference and the OpenAPI document.
 """
 
@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from inference.options import ModeOptions
 
 SessionPhase = Literal["queued", "active", "closed"]
 TalkState = Literal["listening", "thinking", "speaking"]
@@ -30,6 +32,7 @@ class SessionEvent(_Event):
     session_id: str
     mode: str
     phase: SessionPhase
+    switch_ms: float | None = None  # worker time to close the previous mode and open this one (mode switch)
 
 
 class StateEvent(_Event):
@@ -46,13 +49,31 @@ class TextEvent(_Event):
 
 
 class MetricsEvent(_Event):
-    """Timings of one unit: hand-off to the worker, mode compute time, and the round trip back."""
+    """Timings of one unit.
+
+    `handoff_ms`: unit complete -> in the worker; `queue_ms`: waiting in the worker behind the session's
+    earlier units; `lag_ms` = handoff + queue (how far behind real time the model started on this unit);
+    `backlog_units`: units of the session waiting behind this one; `compute_ms`: the mode's time, split into
+    `prefill_ms`, `decide_ms` (listen/speak decision and text), `tts_ms`, `vocoder_ms`, `vad_ms` where they
+    apply; `roundtrip_ms`: unit complete -> result back at the server; `kv_tokens`: the session's KV length
+    after the unit; `dropped_tokens`: KV positions the context window dropped before it.
+    """
 
     type: Literal["metrics"] = "metrics"
     unit: int
     handoff_ms: float
     compute_ms: float
     roundtrip_ms: float
+    queue_ms: float = 0.0
+    lag_ms: float = 0.0
+    backlog_units: int = 0
+    prefill_ms: float | None = None
+    decide_ms: float | None = None
+    tts_ms: float | None = None
+    vocoder_ms: float | None = None
+    vad_ms: float | None = None
+    kv_tokens: int | None = None
+    dropped_tokens: int | None = None
 
 
 class QueueEvent(_Event):
@@ -69,7 +90,27 @@ class ErrorEvent(_Event):
     message: str
 
 
-ServerEvent = SessionEvent | StateEvent | TextEvent | MetricsEvent | QueueEvent | ErrorEvent
+class PausedEvent(_Event):
+    """The call is paused; without a `resume` within `timeout_s` it ends (error `pause_timeout`)."""
+
+    type: Literal["paused"] = "paused"
+    timeout_s: float
+
+
+class ResumedEvent(_Event):
+    type: Literal["resumed"] = "resumed"
+
+
+ServerEvent = (
+    SessionEvent
+    | StateEvent
+    | TextEvent
+    | MetricsEvent
+    | QueueEvent
+    | ErrorEvent
+    | PausedEvent
+    | ResumedEvent
+)
 
 
 # ---- client -> server ------------------------------------------------------------------------------
@@ -100,14 +141,26 @@ class SystemPromptMessage(_Event):
 
 
 class TextMessage(_Event):
-    """Typed user input."""
+    """Typed user input (in `chat` it starts a turn)."""
 
     type: Literal["text"]
     text: str = Field(max_length=20000)
 
 
+class EndTurnMessage(_Event):
+    """Push-to-talk in `chat`: the user's turn ends now (without waiting for the VAD's silence)."""
+
+    type: Literal["end_turn"]
+
+
 ClientMessage = Annotated[
-    SetModeMessage | InterruptMessage | PauseMessage | ResumeMessage | SystemPromptMessage | TextMessage,
+    SetModeMessage
+    | InterruptMessage
+    | PauseMessage
+    | ResumeMessage
+    | SystemPromptMessage
+    | TextMessage
+    | EndTurnMessage,
     Field(discriminator="type"),
 ]
 client_message_adapter: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
@@ -123,6 +176,8 @@ class SessionRequest(_Event):
     type: Literal["offer"]
     mode: str
     system_prompt: str | None = Field(None, max_length=20000)
+    voice: str | None = Field(None, pattern=r"^[0-9a-f]{24}$", description="a voice id from POST /api/voices")
+    options: ModeOptions | None = None
 
 
 class SessionAnswer(_Event):

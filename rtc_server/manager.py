@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import aioice.ice
 
@@ -77,13 +78,20 @@ class SessionManager:
         """A worker came up or went down: queued callers may now fit."""
         self.admission.dispatch()
 
-    async def create(self, offer_sdp: str, mode: str, system_prompt: str | None) -> CallSession:
+    async def create(
+        self,
+        offer_sdp: str,
+        mode: str,
+        system_prompt: str | None,
+        voice: str | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> CallSession:
         """Answer an offer and admit or queue the call. Raises UnknownMode, QueueFull or BadOffer."""
         if mode not in self.known_modes():
             raise UnknownMode(f"unknown mode {mode!r}; known modes: {', '.join(self.known_modes())}")
         if not self.admission.would_accept():
             raise QueueFull("all session slots are busy and the queue is full")
-        session = CallSession(self, mode, system_prompt)
+        session = CallSession(self, mode, system_prompt, voice, options)
         self.sessions[session.id] = session
         try:
             await session.answer(offer_sdp)

@@ -19,7 +19,9 @@ from pydantic.json_schema import models_json_schema
 from rtc_server import events as ev
 from rtc_server.admin_api import ADMIN_HEADER, AdminStatus
 from rtc_server.info_api import VERSION, ServerInfo
+from rtc_server.presets import PresetList
 from rtc_server.signalling import MANAGER_KEY, SDP_TYPE, TRICKLE_TYPE
+from rtc_server.voices import VoiceInfo, VoiceList
 
 REF = "#/components/schemas/{model}"
 Auth = Literal["none", "api", "admin"]
@@ -119,6 +121,40 @@ OPERATIONS: tuple[Operation, ...] = (
             401: UNAUTHORIZED[1],
             404: NOT_FOUND[1],
         },
+    ),
+    Operation(
+        "POST",
+        "/api/voices",
+        "Upload a reference voice (WAV)",
+        "voices",
+        request=Body("audio/wav", schema={"type": "string", "format": "binary"}),
+        responses={
+            201: ("the stored voice; pass its id as `voice` when starting a call", _json(VoiceInfo)),
+            400: (
+                "not a WAV (`not_wav`), undecodable (`bad_audio`), `too_short`, `too_long` or `silent`",
+                ERROR,
+            ),
+            UNAUTHORIZED[0]: UNAUTHORIZED[1],
+            413: ("larger than `voices.max_bytes`", ERROR),
+            415: ("Content-Type is not audio/wav (or multipart/form-data with a `file` part)", ERROR),
+        },
+        description="The body is a WAV file (`audio/wav`), or a multipart form whose `file` part is one. It is "
+        "decoded with PyAV, resampled to 16 kHz mono and stored under its content hash, which is the voice id.",
+    ),
+    Operation(
+        "GET",
+        "/api/voices",
+        "List the stored voices",
+        "voices",
+        responses={200: ("stored voices", _json(VoiceList)), 401: UNAUTHORIZED[1]},
+    ),
+    Operation(
+        "GET",
+        "/api/presets",
+        "System-prompt presets per mode (English and Chinese)",
+        "presets",
+        query=(Query("mode", "only the presets of this mode"),),
+        responses={200: ("the presets", _json(PresetList)), 401: UNAUTHORIZED[1]},
     ),
     Operation(
         "POST",
@@ -226,6 +262,8 @@ SERVER_EVENTS: tuple[type[BaseModel], ...] = (
     ev.MetricsEvent,
     ev.QueueEvent,
     ev.ErrorEvent,
+    ev.PausedEvent,
+    ev.ResumedEvent,
 )
 CLIENT_MESSAGES: tuple[type[BaseModel], ...] = (
     ev.SetModeMessage,
@@ -234,6 +272,7 @@ CLIENT_MESSAGES: tuple[type[BaseModel], ...] = (
     ev.ResumeMessage,
     ev.SystemPromptMessage,
     ev.TextMessage,
+    ev.EndTurnMessage,
 )
 
 

@@ -9,7 +9,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
@@ -37,11 +37,22 @@ def new_session_id() -> str:
 
 
 class CallSession:
-    def __init__(self, manager: SessionManager, mode: str, system_prompt: str | None) -> None:
+    def __init__(
+        self,
+        manager: SessionManager,
+        mode: str,
+        system_prompt: str | None,
+        voice: str | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> None:
         self.manager = manager
         self.id = new_session_id()
         self.mode = mode
         self.system_prompt = system_prompt
+        self.voice = voice
+        self.options = options or {}
+        self._pause_timer: asyncio.TimerHandle | None = None
+        self._switch_pending = False
         self.phase: ev.SessionPhase = "queued"
         self.state: ev.TalkState = "listening"
         self.created_at = time.monotonic()
@@ -146,15 +157,42 @@ class CallSession:
             self._cancel_timers()
             self.speech.flush()
         elif isinstance(message, ev.PauseMessage):
-            self.paused = True
+            self._pause()
         elif isinstance(message, ev.ResumeMessage):
-            self.paused = False
+            self._resume()
         elif isinstance(message, ev.SystemPromptMessage):
             self.system_prompt = message.text
         if self.phase == "active" and self.worker_id is not None:
             self.manager.supervisor.send(
                 self.worker_id, p.Control(session_id=self.id, message=message.model_dump())
             )
+
+    def _pause(self) -> None:
+        self.paused = True
+        timeout = self.manager.config.session.pause_timeout_s
+        if self._pause_timer is not None:
+            self._pause_timer.cancel()
+        self._pause_timer = asyncio.get_running_loop().call_later(timeout, self._pause_expired)
+        self.send_event(ev.PausedEvent(timeout_s=timeout))
+
+    def _resume(self) -> None:
+        if self._pause_timer is not None:
+            self._pause_timer.cancel()
+            self._pause_timer = None
+        was_paused, self.paused = self.paused, False
+        if was_paused:
+            self.send_event(ev.ResumedEvent())
+
+    def _pause_expired(self) -> None:
+        self._pause_timer = None
+        timeout = self.manager.config.session.pause_timeout_s
+        self.send_event(
+            ev.ErrorEvent(
+                code="pause_timeout",
+                message=f"paused for {timeout:g} s without resume: the call ended and its slot was released",
+            )
+        )
+        self.close_soon("pause timeout")
 
     def _set_mode(self, mode: str) -> None:
         if mode not in self.manager.known_modes():
@@ -163,6 +201,7 @@ class CallSession:
         self.mode = mode
         if self.phase == "active" and self.worker_id is not None:
             self.mode_open = False
+            self._switch_pending = True
             self._cancel_timers()
             self.speech.flush()
             self._open_on_worker()
@@ -180,7 +219,11 @@ class CallSession:
 
     def _open_on_worker(self) -> None:
         assert self.worker_id is not None
-        options = {"system_prompt": self.system_prompt} if self.system_prompt else {}
+        options: dict[str, Any] = dict(self.options)
+        if self.system_prompt:
+            options["system_prompt"] = self.system_prompt
+        if self.voice:
+            options["voice"] = self.voice
         if not self.manager.supervisor.send(
             self.worker_id, p.OpenSession(session_id=self.id, mode=self.mode, options=options)
         ):
@@ -247,23 +290,44 @@ class CallSession:
             self._cancel_timers()
             self.speech.flush(max(message.turn, self.speech.turn))
         elif isinstance(message, p.UnitDone):
-            roundtrip_ms = (time.monotonic() - message.completed_at) * 1000
-            self.manager.stats.record_unit(message.handoff_ms, roundtrip_ms)
-            self.unit_roundtrip_ms.append(roundtrip_ms)
-            self.send_event(
-                ev.MetricsEvent(
-                    unit=message.index,
-                    handoff_ms=round(message.handoff_ms, 2),
-                    compute_ms=round(message.compute_ms, 2),
-                    roundtrip_ms=round(roundtrip_ms, 2),
-                )
-            )
+            self._on_unit_done(message)
         elif isinstance(message, p.ErrorOut):
             self.send_event(ev.ErrorEvent(code=message.code, message=message.message))
             if message.code in FATAL_WORKER_ERRORS:
                 self.close_soon(f"worker error {message.code}")
         elif isinstance(message, p.Closed):
             self.close_soon("closed by the worker")
+
+    def _on_unit_done(self, message: p.UnitDone) -> None:
+        roundtrip_ms = (time.monotonic() - message.completed_at) * 1000
+        self.manager.stats.record_unit(message.handoff_ms, roundtrip_ms)
+        self.unit_roundtrip_ms.append(roundtrip_ms)
+        t = message.timings
+
+        def ms(key: str) -> float | None:
+            return round(t[key], 2) if key in t else None
+
+        def count(key: str) -> int | None:
+            return int(t[key]) if key in t else None
+
+        self.send_event(
+            ev.MetricsEvent(
+                unit=message.index,
+                handoff_ms=round(message.handoff_ms, 2),
+                compute_ms=round(message.compute_ms, 2),
+                roundtrip_ms=round(roundtrip_ms, 2),
+                queue_ms=round(message.queue_ms, 2),
+                lag_ms=round(message.handoff_ms + message.queue_ms, 2),
+                backlog_units=message.backlog_units,
+                prefill_ms=ms("prefill_ms"),
+                decide_ms=ms("decide_ms"),
+                tts_ms=ms("tts_ms"),
+                vocoder_ms=ms("vocoder_ms"),
+                vad_ms=ms("vad_ms"),
+                kv_tokens=count("kv_tokens"),
+                dropped_tokens=count("dropped_tokens"),
+            )
+        )
 
     def _on_opened(self, message: p.Opened) -> None:
         if message.output_rate != self.speech.input_rate:
@@ -278,7 +342,11 @@ class CallSession:
         self.cutter.reset(unit_samples=message.unit_samples, first_unit_samples=message.first_unit_samples)
         self.video_max_side = message.video_max_side
         self.mode_open = True
-        self.send_event(ev.SessionEvent(session_id=self.id, mode=self.mode, phase=self.phase))
+        switch_ms = round(message.open_ms, 3) if self._switch_pending else None
+        self._switch_pending = False
+        self.send_event(
+            ev.SessionEvent(session_id=self.id, mode=self.mode, phase=self.phase, switch_ms=switch_ms)
+        )
 
     def _on_audio(self, message: p.AudioOut, payload: bytes) -> None:
         if message.sample_rate != self.speech.input_rate:
@@ -330,6 +398,8 @@ class CallSession:
         self._cancel_timers()
         if self._connect_timer is not None:
             self._connect_timer.cancel()
+        if self._pause_timer is not None:
+            self._pause_timer.cancel()
         try:
             # Let the last events (e.g. an error) leave before the transport goes away.
             channel = self.channel

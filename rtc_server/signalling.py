@@ -7,6 +7,7 @@ server's speech track on the same peer connection.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from aiohttp import web
 from aiortc.sdp import candidate_from_sdp
@@ -16,6 +17,7 @@ from rtc_server import events as ev
 from rtc_server.admission import QueueFull
 from rtc_server.manager import SessionManager, UnknownMode
 from rtc_server.session import BadOffer, CallSession
+from rtc_server.voices import voice_exists
 
 MANAGER_KEY = web.AppKey("manager", SessionManager)
 SDP_TYPE = "application/sdp"
@@ -52,9 +54,18 @@ async def _read_text(request: web.Request) -> str:
         raise ApiError(400, "bad_encoding", "the body is not UTF-8") from None
 
 
-async def _create(request: web.Request, sdp: str, mode: str, system_prompt: str | None) -> CallSession:
+async def _create(
+    request: web.Request,
+    sdp: str,
+    mode: str,
+    system_prompt: str | None,
+    voice: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> CallSession:
+    if voice is not None and not voice_exists(request.app, voice):
+        raise ApiError(400, "unknown_voice", f"no voice {voice!r}; upload one with POST /api/voices")
     try:
-        return await _manager(request).create(sdp, mode, system_prompt)
+        return await _manager(request).create(sdp, mode, system_prompt, voice, options)
     except UnknownMode as exc:
         raise ApiError(400, "unknown_mode", str(exc)) from None
     except BadOffer as exc:
@@ -84,7 +95,8 @@ async def create_session(request: web.Request) -> web.Response:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
         raise ApiError(400, "bad_request", problems) from None
-    session = await _create(request, offer.sdp, offer.mode, offer.system_prompt)
+    options = offer.options.model_dump(exclude_defaults=True) if offer.options is not None else None
+    session = await _create(request, offer.sdp, offer.mode, offer.system_prompt, offer.voice, options)
     answer = ev.SessionAnswer(session_id=session.id, sdp=session.pc.localDescription.sdp)
     return web.json_response(
         answer.model_dump(), status=201, headers={"Location": f"/api/sessions/{session.id}"}
@@ -114,7 +126,10 @@ async def whip_offer(request: web.Request) -> web.Response:
     mode = request.query.get("mode", "")
     if not mode:
         raise ApiError(400, "missing_mode", "add ?mode=<mode> to the WHIP URL")
-    session = await _create(request, await _read_text(request), mode, request.query.get("system_prompt"))
+    voice = request.query.get("voice") or None
+    session = await _create(
+        request, await _read_text(request), mode, request.query.get("system_prompt"), voice
+    )
     return web.Response(
         status=201,
         text=session.pc.localDescription.sdp,

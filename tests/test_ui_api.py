@@ -126,7 +126,12 @@ async def test_info_pages_and_open_admin_without_tokens(start_test_server) -> No
             async with http.get(f"{server.url}{path}") as resp:
                 assert resp.status == 200, path
         async with http.get(f"{server.url}/api/presets") as resp:
-            assert resp.status == 404  # not implemented yet: the settings page falls back to built-in presets
+            assert resp.status == 200
+            presets = (await resp.json())["presets"]
+        # every model mode has presets in English and Chinese
+        assert {(p["mode"], p["lang"]) for p in presets} == {
+            (m, lang) for m in ("chat", "audio_duplex", "omni_duplex") for lang in ("en", "zh")
+        }
     assert info.embedded_model is True and "loopback" in info.modes and info.admin_token_required is False
 
 

@@ -7,6 +7,7 @@ test-artifacts/ (gitignored) for a human to look at.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from pathlib import Path
@@ -138,7 +139,7 @@ async def test_every_page_loads_cleanly(server, browser: Browser, viewport: str)
         unavailable = await page.eval_on_selector_all(
             ".mode-card.unavailable", "cards => cards.map(c => c.dataset.mode)"
         )
-        assert "loopback" not in unavailable and set(unavailable) == {"chat", "audio_duplex", "omni_duplex"}
+        assert unavailable == []  # every mode card (chat, audio_duplex, omni_duplex, loopback) is served
     finally:
         await page.context.close()
 
@@ -200,7 +201,9 @@ async def test_unavailable_mode_shows_the_servers_error(server, browser: Browser
 
     async def hold_offer(route) -> None:  # noqa: ANN001 (playwright Route)
         await released.wait()  # keep the call "connecting" until the self-view has been checked
-        await route.continue_()
+        # every card's mode is served now: ask for one the server does not have, to see its error shown
+        body = json.loads(route.request.post_data or "{}")
+        await route.continue_(post_data=json.dumps({**body, "mode": "no_such_mode"}))
 
     await page.route("**/api/sessions", hold_offer)
     try:
@@ -213,7 +216,7 @@ async def test_unavailable_mode_shows_the_servers_error(server, browser: Browser
         released.set()
         await page.wait_for_selector("#call-error", timeout=10000)
         text = await page.text_content("#call-error")
-        assert "unknown mode 'omni_duplex'" in text and "loopback" in text, text
+        assert "unknown mode 'no_such_mode'" in text and "loopback" in text, text
         assert await page.evaluate("window.callState.status") == "failed"
         assert await page.evaluate("window.callState.pc") is None
         assert await page.is_enabled("#start")
@@ -282,8 +285,8 @@ async def test_settings_persist_and_feed_the_call(server, browser: Browser, tmp_
     try:
         await page.goto(f"{server.url}/settings")
         await page.wait_for_function("document.querySelector('#preset').options.length > 1")
-        assert "Built-in" in await page.text_content("#preset-source")
-        await page.select_option("#preset", "assistant_zh")
+        assert "from the server" in await page.text_content("#preset-source")
+        await page.select_option("#preset", "chat_assistant_zh")
         prompt = await page.input_value("#system-prompt")
         assert "语音助手" in prompt
         await page.fill("#silence-ms", "1200")
@@ -291,14 +294,21 @@ async def test_settings_persist_and_feed_the_call(server, browser: Browser, tmp_
         await page.wait_for_function("document.querySelector('#preset').options.length > 1")
         assert await page.input_value("#system-prompt") == prompt
         assert await page.input_value("#silence-ms") == "1200"
-        assert await page.input_value("#preset") == "assistant_zh"
-        fields = await page.evaluate("import('/js/settings-store.js').then(m => m.sessionRequestFields())")
-        assert fields == {"system_prompt": prompt}
+        assert await page.input_value("#preset") == "chat_assistant_zh"
+        request_fields = "import('/js/settings-store.js').then(m => m.sessionRequestFields())"
+        fields = await page.evaluate(request_fields)
+        assert fields["system_prompt"] == prompt and fields["options"]["min_silence_ms"] == 1200, fields
+        assert "voice" not in fields
         clip = tmp_path / "voice.wav"
         write_wav(clip, speech_signal(tmp_path / "speech.wav"))
         await page.set_input_files("#voice-file", str(clip))
-        await page.wait_for_selector("#voice-status .banner.error")
-        assert "not accept voice clips" in await page.text_content("#voice-status")
+        await page.wait_for_function(
+            "(JSON.parse(localStorage.getItem('minicpmo.settings.v1')) || {}).voiceId"
+        )
+        fields = await page.evaluate(request_fields)
+        assert re.fullmatch(r"[0-9a-f]{24}", fields["voice"]), (
+            fields
+        )  # the uploaded voice feeds the next call
         assert not console.errors, console.errors
     finally:
         await page.context.close()

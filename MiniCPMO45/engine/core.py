@@ -35,7 +35,9 @@ class Engine:
         self.images = self.processor.images
         self.tokenizer = tokenizer
         self.special = tokenizer.special
-        self.eos_s = tokenizer.token_to_id("</s>")
+        # "</s>" is a reply terminator of the real vocabulary; a vocabulary without it (the embedded tiny
+        # builder's) ends replies on <|endoftext|> instead.
+        self.eos_s = tokenizer.token_to_id("</s>") if tokenizer.has_token("</s>") else self.special.endoftext
         sp = self.special
         # Banned in every duplex decision after the raw draw: <|tts_pad|>, the bad ids, <|chunk_eos|>.
         self.duplex_bans = torch.tensor(

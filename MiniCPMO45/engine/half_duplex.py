@@ -140,6 +140,7 @@ def generate_reply(
     max_new_tokens: int = 256,
     use_tts_template: bool = True,
     spoken: bool = True,
+    extra_banned: Sequence[int] = (),
     observe_logits: Callable[[Session, torch.Tensor], None] | None = None,
 ) -> Iterator[list[TokenEvent]]:
     """Feed the assistant prefix and stream the reply tokens (with hidden states for the TTS).
@@ -158,7 +159,7 @@ def generate_reply(
     prefix = assistant_prefix(engine, use_tts_template)
     logits = engine.last_logits(engine.feed_ids(sessions, [prefix] * len(sessions)))
     budget = reference_chunk_budget(max_new_tokens)
-    banned = spoken_bans(engine) if spoken else ()
+    banned = [*(spoken_bans(engine) if spoken else ()), *extra_banned]
     return generate(
         engine,
         sessions,
@@ -169,3 +170,19 @@ def generate_reply(
         report_unfed_last=False,
         observe_logits=observe_logits,
     )
+
+
+def prefill_user_text(engine: Engine, session: Session, text: str) -> None:
+    """Append a typed user message (same turn bookkeeping as `prefill_user_audio`)."""
+    _ensure_mode(engine, session)
+    st = session.half_duplex
+    prefix = ""
+    if not st.prefilled_any:
+        prefix = "<|im_start|>user\n"
+    elif st.new_user_msg:
+        if st.llm_generated:
+            prefix = "<|im_end|>\n" if st.llm_generate_completed else "<|tts_eos|><|im_end|>\n"
+        prefix += "<|im_start|>user\n"
+    engine.feed_ids([session], [engine.tokenizer.encode(prefix + text)])
+    st.prefilled_any = True
+    st.new_user_msg = False

@@ -43,6 +43,26 @@ def _loopback(settings: dict[str, Any]) -> Mode:
 register_mode("loopback", _loopback)
 
 
+def _chat(settings: dict[str, Any]) -> Mode:
+    from inference.modes.chat import ChatMode  # lazy: torch is imported only when a model mode is used
+
+    return ChatMode(settings)
+
+
+def _duplex(name: str) -> ModeFactory:
+    def factory(settings: dict[str, Any]) -> Mode:
+        from inference.modes.duplex import DuplexMode
+
+        return DuplexMode(name, settings)
+
+    return factory
+
+
+register_mode("chat", _chat)
+register_mode("audio_duplex", _duplex("audio_duplex"))
+register_mode("omni_duplex", _duplex("omni_duplex"))
+
+
 def load_extra_modes() -> None:
     """Import the modules named in $MINICPMO45_EXTRA_MODES; each registers its modes on import."""
     for name in filter(None, (part.strip() for part in os.environ.get(EXTRA_MODES_ENV, "").split(","))):

@@ -15,6 +15,7 @@ class UnitInput:
     index: int
     pcm: np.ndarray  # float32 mono 16 kHz, exactly the unit length the mode asked for
     completed_at: float  # server monotonic time when the unit's last sample arrived
+    queued_units: int = 0  # units of this session already waiting in the worker behind this one (backlog)
 
 
 @dataclass
@@ -60,7 +61,14 @@ class ModeError:
     message: str
 
 
-Output = Speech | Text | State | Flush | ModeError
+@dataclass
+class UnitTimings:
+    """Where a unit's time went (ms) and other per-unit numbers; merged into the unit's `metrics` event."""
+
+    values: dict[str, float]
+
+
+Output = Speech | Text | State | Flush | ModeError | UnitTimings
 
 
 @dataclass
@@ -69,7 +77,8 @@ class SessionOptions:
 
     session_id: str
     system_prompt: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # the whole options dict of the `open` message
+    voice: str | None = None  # reference voice id (POST /api/voices), None: the default voice
 
 
 class Mode(Protocol):

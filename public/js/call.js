@@ -155,6 +155,12 @@ function onEvent(event) {
     case "queue":
       onQueue(event.position, event.eta_s);
       break;
+    case "paused":
+      addTranscript("system", t("call.paused", { s: event.timeout_s }));
+      break;
+    case "resumed":
+      addTranscript("system", t("call.resumed"));
+      break;
     case "error":
       addTranscript("system", `${event.code}: ${event.message}`, "error");
       showError(t("call.serverError"), `${event.code}: ${event.message}`);

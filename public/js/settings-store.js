@@ -45,5 +45,21 @@ export function resetSettings() {
 export function sessionRequestFields(settings = loadSettings()) {
   const fields = {};
   if (settings.systemPrompt.trim()) fields.system_prompt = settings.systemPrompt;
+  if (/^[0-9a-f]{24}$/.test(settings.voiceId || "")) fields.voice = settings.voiceId;
+  // The server's ModeOptions bounds (inference/options.py); out-of-range or unset values are left out.
+  const options = {
+    vad_threshold: clamp(Number(settings.vadThreshold), 0.05, 0.95),
+    min_silence_ms: clamp(Math.round(Number(settings.silenceMs)), 100, 5000),
+    temperature: clamp(Number(settings.temperature), 0.05, 2),
+    top_p: clamp(Number(settings.topP), 0.05, 1),
+    top_k: clamp(Math.round(Number(settings.topK)), 0, 1000),
+    max_new_tokens: clamp(Math.round(Number(settings.maxNewTokens)), 1, 4096),
+    length_penalty: clamp(Number(settings.lengthPenalty), 0.05, 5),
+  };
+  fields.options = Object.fromEntries(Object.entries(options).filter(([, v]) => Number.isFinite(v)));
   return fields;
+}
+
+function clamp(value, low, high) {
+  return Number.isFinite(value) ? Math.min(high, Math.max(low, value)) : NaN;
 }

@@ -61,10 +61,40 @@ function voiceStatus(kind, title, detail) {
   if (title) box.append(banner(kind, title, detail));
 }
 
+// The server takes WAV only: anything else the browser can decode (a recording, an mp3) is converted here.
+async function toWav(blob) {
+  const head = new Uint8Array(await blob.slice(0, 12).arrayBuffer());
+  const tag = (a, b) => String.fromCharCode(...head.slice(a, b));
+  if (tag(0, 4) === "RIFF" && tag(8, 12) === "WAVE") return blob;
+  const ctx = new OfflineAudioContext(1, 1, 16000);
+  const audio = await ctx.decodeAudioData(await blob.arrayBuffer());
+  const rate = 16000;
+  const render = new OfflineAudioContext(1, Math.ceil(audio.duration * rate), rate);
+  const source = render.createBufferSource();
+  source.buffer = audio;
+  source.connect(render.destination);
+  source.start();
+  const pcm = (await render.startRendering()).getChannelData(0);
+  const out = new DataView(new ArrayBuffer(44 + pcm.length * 2));
+  const text = (at, s) => [...s].forEach((c, i) => out.setUint8(at + i, c.charCodeAt(0)));
+  text(0, "RIFF"); out.setUint32(4, 36 + pcm.length * 2, true); text(8, "WAVE");
+  text(12, "fmt "); out.setUint32(16, 16, true); out.setUint16(20, 1, true); out.setUint16(22, 1, true);
+  out.setUint32(24, rate, true); out.setUint32(28, rate * 2, true); out.setUint16(32, 2, true); out.setUint16(34, 16, true);
+  text(36, "data"); out.setUint32(40, pcm.length * 2, true);
+  pcm.forEach((v, i) => out.setInt16(44 + i * 2, Math.max(-1, Math.min(1, v)) * 32767, true));
+  return new Blob([out.buffer], { type: "audio/wav" });
+}
+
 async function uploadVoice(blob, filename) {
   voiceStatus("info", t("settings.voiceUploading"), filename);
   const form = new FormData();
-  form.append("file", blob, filename);
+  try {
+    const wav = await toWav(blob);
+    form.append("file", new File([wav], filename.replace(/\.[^.]*$/, "") + ".wav", { type: "audio/wav" }));
+  } catch (err) {
+    voiceStatus("error", t("settings.voiceFailed"), `${err.name}: ${err.message}`);
+    return;
+  }
   try {
     const result = await api("/api/voices", { method: "POST", body: form });
     const id = (result && (result.voice_id || result.id)) || filename;

@@ -1,0 +1,181 @@
+"""The model a worker process serves: one loaded engine shared by all its sessions and modes.
+
+`get_host(settings)` creates it lazily, the first time a model mode opens, and returns the same object to
+every later session (mode switches reuse it, so switching loads nothing). It holds:
+
+- `engine`: `MiniCPMO45.engine.core.Engine` (LLM, vision, audio encoders, one slot KV cache for every
+  session of the worker);
+- `tts` and `tts_cache`: the speech-token LM and its slot cache;
+- `vocoder`: `Token2Wav` (25 Hz codes -> 24 kHz PCM), shared read-only;
+- `frontend`: the reference-voice front end (ONNX speech tokenizer + speaker encoder), if the asset folder
+  has its networks;
+- voices: `voice(voice_id)` -> `Voice` (the 16 kHz audio for the LLM and the vocoder's prompt cache),
+  cached per id; ids are content hashes, so one cache entry per distinct recording.
+
+Embedded default (no `model_path`): `MiniCPMO45.tiny_builder.ensure_tiny_model` builds a tiny random-weight
+checkpoint into `cache_dir`, with tiny random token2wav assets (`token2wav/random_assets.py`, including the
+tiny ONNX front-end networks) under `assets/token2wav`, and everything loads through the same loaders as a
+real checkpoint. The default voice is a synthetic 3 s signal (or `default_voice` from the settings).
+
+All methods run in the worker's mode thread (inference/README.md): no locking is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from MiniCPMO45.engine.core import Engine
+from MiniCPMO45.modules.tts import MiniCPMTTS, TTSKVCache
+from MiniCPMO45.tiny_builder import ensure_tiny_model
+from MiniCPMO45.token2wav import PromptCache, Token2Wav, detect_layout
+from MiniCPMO45.token2wav.prompt_frontend import PromptFrontend
+from MiniCPMO45.token2wav.random_assets import write_random_assets
+
+log = logging.getLogger("inference.engine_host")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TOKEN2WAV_SUBDIR = Path("assets") / "token2wav"
+DEFAULT_VOICE_ID = "default"
+
+
+@dataclass
+class Voice:
+    """A reference voice: 16 kHz mono audio for the LLM, and the vocoder's prompt cache."""
+
+    voice_id: str
+    audio_16k: np.ndarray
+    prompt: PromptCache
+
+
+def synthetic_voice(seconds: float = 3.0, rate: int = 16000) -> np.ndarray:
+    """A deterministic voice-like signal (a 140 Hz harmonic series with a slow syllable envelope)."""
+    t = np.arange(int(seconds * rate)) / rate
+    f0 = 140.0 * (1.0 + 0.05 * np.sin(2 * np.pi * 0.7 * t))
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    wave = sum(np.sin(k * phase) / k for k in range(1, 9))
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3.0 * t) ** 2
+    return (0.3 * wave * envelope / np.abs(wave).max()).astype(np.float32)
+
+
+def pcm16_wav(pcm: np.ndarray, rate: int = 16000) -> bytes:
+    """float32 mono -> a PCM16 RIFF/WAVE file."""
+    import io
+    import wave
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def _token2wav_step(dest: Path, seed: int) -> None:
+    write_random_assets(dest / TOKEN2WAV_SUBDIR, size="tiny", seed=seed)
+
+
+def embedded_model_dir(cache_dir: str | Path) -> Path:
+    """The embedded default checkpoint (tiny random LLM/TTS + tiny random token2wav), built on first use."""
+    return ensure_tiny_model(cache_dir, extra_steps=[_token2wav_step], extra_key="token2wav-tiny-1")
+
+
+class EngineHost:
+    def __init__(self, settings: dict[str, Any]) -> None:
+        started = time.perf_counter()
+        self.settings = settings
+        device = str(settings.get("device") or "cpu")
+        self.device = torch.device(
+            device if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
+        )
+        if self.device.type == "cpu":
+            # Leave a core to the worker's IPC loop (heartbeats) and the server on small machines.
+            torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+        model_path = str(settings.get("model_path") or "")
+        self.embedded = not model_path
+        if self.embedded:
+            cache_dir = settings.get("cache_dir") or REPO_ROOT / ".cache" / "embedded"
+            self.model_dir = embedded_model_dir(cache_dir)
+        else:
+            self.model_dir = Path(model_path)
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.max_sessions = int(settings.get("max_sessions", 4))
+        self.max_kv_tokens = int(settings.get("max_kv_tokens", 8192))
+        self.engine = Engine.from_pretrained(
+            self.model_dir,
+            dtype=dtype,
+            device=self.device,
+            max_sessions=self.max_sessions,
+            max_len=self.max_kv_tokens,
+        )
+        tts = self.engine.model.tts
+        if tts is None:
+            raise RuntimeError(f"{self.model_dir}: the checkpoint has no TTS (init_tts is false)")
+        self.tts: MiniCPMTTS = tts
+        self.tts_cache: TTSKVCache = tts.new_cache(self.max_sessions)
+        layout = detect_layout(self.model_dir / TOKEN2WAV_SUBDIR)
+        self.vocoder = Token2Wav.from_layout(layout, device=self.device)
+        try:
+            self.frontend: PromptFrontend | None = PromptFrontend.from_layout(layout)
+        except FileNotFoundError as exc:
+            log.warning("no reference-voice front end: %s", exc)
+            self.frontend = None
+        self.voices_dir = Path(settings["voices_dir"]) if settings.get("voices_dir") else None
+        self._voices: dict[str, Voice] = {}
+        self.default_voice = self._load_default_voice()
+        self.load_s = time.perf_counter() - started
+        log.info("engine host: %s on %s in %.1f s", self.model_dir, self.device, self.load_s)
+
+    # ---- voices ---------------------------------------------------------------------------------------------
+    def _load_default_voice(self) -> Voice:
+        path = self.settings.get("default_voice")
+        if path:
+            wav = Path(path).read_bytes()
+        else:
+            wav = pcm16_wav(synthetic_voice())
+        return self._make_voice(DEFAULT_VOICE_ID, wav)
+
+    def _make_voice(self, voice_id: str, wav: bytes) -> Voice:
+        from MiniCPMO45.token2wav.features import read_wav, resample
+
+        channels, rate = read_wav(wav)
+        audio = resample(torch.from_numpy(channels.mean(axis=0)), rate, 16000).numpy().astype(np.float32)
+        if self.frontend is None:
+            raise RuntimeError("this checkpoint's token2wav folder has no front-end ONNX networks")
+        feats = self.frontend.prepare(wav)
+        prompt = self.vocoder.prepare_prompt(feats.tokens, feats.prompt_mel, feats.spk_embedding)
+        return Voice(voice_id, audio, prompt)
+
+    def voice(self, voice_id: str | None) -> Voice:
+        """The voice with this id (a file `<voices_dir>/<id>.wav` written by the server), or the default."""
+        if not voice_id or voice_id == DEFAULT_VOICE_ID:
+            return self.default_voice
+        hit = self._voices.get(voice_id)
+        if hit is not None:
+            return hit
+        if self.voices_dir is None or not voice_id.isalnum():
+            raise KeyError(f"unknown voice {voice_id!r}")
+        path = self.voices_dir / f"{voice_id}.wav"
+        if not path.is_file():
+            raise KeyError(f"unknown voice {voice_id!r}")
+        voice = self._make_voice(voice_id, path.read_bytes())
+        self._voices[voice_id] = voice
+        return voice
+
+
+_HOST: EngineHost | None = None
+
+
+def get_host(settings: dict[str, Any]) -> EngineHost:
+    """The worker's engine host, created on first use (one model per worker process)."""
+    global _HOST
+    if _HOST is None:
+        _HOST = EngineHost(settings)
+    return _HOST

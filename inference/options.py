@@ -1,0 +1,36 @@
+"""Per-session options of the model modes, validated by the server (request) and the worker (mode).
+
+Pure pydantic (no torch), so `rtc_server` can validate a request before a session is admitted.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ModeOptions(BaseModel):
+    """The `options` object of `POST /api/sessions` (all optional)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # turn-based chat: Silero VAD speech probability that counts as speech, and the silence that ends a turn
+    vad_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    min_silence_ms: int = Field(800, ge=100, le=5000)
+    max_new_tokens: int = Field(256, ge=1, le=4096)
+    temperature: float = Field(0.7, gt=0.0, le=2.0)
+    top_p: float = Field(0.8, gt=0.0, le=1.0)
+    top_k: int = Field(100, ge=0, le=1000)
+    length_penalty: float = Field(1.1, gt=0.0, le=5.0)
+    seed: int | None = None
+    # duplex: units waiting behind the current one beyond which the mode catches up (see inference/README.md)
+    max_backlog_units: int = Field(2, ge=0, le=60)
+    # Context window (KV positions): when a session would pass `max_kv_tokens`, the oldest whole units
+    # (duplex) or turns (chat) after the system prompt are dropped down to `keep_kv_tokens`. 0 = the
+    # worker's defaults (the engine's KV length, and 3/4 of it).
+    max_kv_tokens: int = Field(0, ge=0)
+    keep_kv_tokens: int = Field(0, ge=0)
+    # Test option: "speak" forces the model to speak (duplex: every unit after the first three decides
+    # to speak; chat: replies never stop before max_new_tokens), "listen" forces listening (duplex).
+    force: Literal["speak", "listen"] | None = None

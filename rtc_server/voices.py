@@ -1,0 +1,186 @@
+"""Reference voices: `POST /api/voices` uploads a WAV, `GET /api/voices` lists the stored ones.
+
+An upload is validated (Content-Type, size, a RIFF/WAVE file that PyAV can decode, duration), converted to
+16 kHz mono and stored as a PCM16 WAV named by the SHA-256 of that normalised file, which is the voice id:
+the same recording uploaded twice gives the same id, and the worker caches the voice's prompt per id.
+A session uses a voice with `"voice": "<id>"` in `POST /api/sessions` (or `?voice=` on `/whip`); the worker
+reads the file from the same folder (`voices.dir`) and feeds it to the LLM (reference audio) and to the
+vocoder's prompt front end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import re
+import wave
+from pathlib import Path
+
+import av
+import numpy as np
+from aiohttp import BodyPartReader, web
+from pydantic import BaseModel, ConfigDict
+
+from rtc_server.config import AppConfig
+
+VOICE_ID = re.compile(r"^[0-9a-f]{24}$")
+WAV_TYPES = {"audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave"}
+RATE = 16000
+CONFIG_KEY = web.AppKey("voices_config", AppConfig)
+DIR_KEY = web.AppKey("voices_dir", Path)
+
+
+class VoiceError(ValueError):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class VoiceInfo(BaseModel):
+    """Body of `POST /api/voices` (201) and one entry of `GET /api/voices`."""
+
+    model_config = ConfigDict(extra="forbid")
+    voice_id: str
+    duration_s: float
+    sample_rate: int = RATE
+
+
+class VoiceList(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    voices: list[VoiceInfo]
+
+
+def decode_wav(data: bytes) -> np.ndarray:
+    """A WAV file's audio as 16 kHz mono float32 (PyAV decodes and resamples)."""
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise VoiceError(400, "not_wav", "the upload is not a WAV file (RIFF/WAVE header missing)")
+    try:
+        with av.open(io.BytesIO(data), format="wav") as container:
+            if not container.streams.audio:
+                raise VoiceError(400, "bad_audio", "the WAV file has no audio stream")
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=RATE)
+            chunks = []
+            for frame in container.decode(audio=0):
+                chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+            chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+    except VoiceError:
+        raise
+    except (av.error.FFmpegError, ValueError) as exc:
+        raise VoiceError(400, "bad_audio", f"cannot decode the WAV file: {exc}") from None
+    if not chunks:
+        raise VoiceError(400, "bad_audio", "the WAV file holds no samples")
+    return np.concatenate(chunks).astype(np.float32)
+
+
+def pcm16_wav(pcm: np.ndarray, rate: int = RATE) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def store_voice(folder: Path, data: bytes, min_s: float, max_s: float) -> VoiceInfo:
+    """Validate, normalise and store one upload (blocking: run it off the event loop)."""
+    pcm = decode_wav(data)
+    duration = pcm.size / RATE
+    if duration < min_s:
+        raise VoiceError(
+            400, "too_short", f"the voice is {duration:.2f} s long; at least {min_s:g} s are needed"
+        )
+    if duration > max_s:
+        raise VoiceError(
+            400, "too_long", f"the voice is {duration:.2f} s long; at most {max_s:g} s are accepted"
+        )
+    if not np.isfinite(pcm).all() or float(np.abs(pcm).max()) < 1e-4:
+        raise VoiceError(400, "silent", "the voice recording is silent")
+    normalised = pcm16_wav(pcm)
+    voice_id = hashlib.sha256(normalised).hexdigest()[:24]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{voice_id}.wav"
+    if not path.is_file():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(normalised)
+        tmp.replace(path)
+    return VoiceInfo(voice_id=voice_id, duration_s=round(duration, 3))
+
+
+def voice_exists(app: web.Application, voice_id: str) -> bool:
+    return bool(VOICE_ID.match(voice_id)) and (app[DIR_KEY] / f"{voice_id}.wav").is_file()
+
+
+async def _read_limited(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise VoiceError(413, "too_large", f"the upload is larger than {limit} bytes")
+    data = bytearray()
+    async for chunk in request.content.iter_chunked(1 << 16):
+        data += chunk
+        if len(data) > limit:
+            raise VoiceError(413, "too_large", f"the upload is larger than {limit} bytes")
+    return bytes(data)
+
+
+async def _upload_bytes(request: web.Request, limit: int) -> bytes:
+    """The WAV bytes of a raw `audio/wav` body or of the `file` part of a multipart form."""
+    ctype = request.content_type
+    if ctype in WAV_TYPES:
+        return await _read_limited(request, limit)
+    if ctype == "multipart/form-data":
+        if request.content_length is not None and request.content_length > limit + 4096:
+            raise VoiceError(413, "too_large", f"the upload is larger than {limit} bytes")
+        reader = await request.multipart()
+        async for part in reader:
+            if not isinstance(part, BodyPartReader) or part.name != "file":
+                continue
+            part_type = part.headers.get("Content-Type", "application/octet-stream").split(";")[0].strip()
+            if part_type not in WAV_TYPES | {"application/octet-stream"}:
+                raise VoiceError(
+                    415, "unsupported_media_type", f"the file part is {part_type}, not audio/wav"
+                )
+            data = bytearray()
+            while chunk := await part.read_chunk(1 << 16):
+                data += chunk
+                if len(data) > limit:
+                    raise VoiceError(413, "too_large", f"the upload is larger than {limit} bytes")
+            return bytes(data)
+        raise VoiceError(400, "bad_request", "the form has no `file` part")
+    raise VoiceError(
+        415, "unsupported_media_type", f"expected audio/wav or multipart/form-data, got {ctype or 'nothing'}"
+    )
+
+
+async def upload_voice(request: web.Request) -> web.Response:
+    from rtc_server.signalling import ApiError
+
+    config = request.app[CONFIG_KEY].voices
+    try:
+        data = await _upload_bytes(request, config.max_bytes)
+        info = await asyncio.to_thread(
+            store_voice, request.app[DIR_KEY], data, config.min_duration_s, config.max_duration_s
+        )
+    except VoiceError as exc:
+        raise ApiError(exc.status, exc.code, str(exc)) from None
+    return web.json_response(
+        info.model_dump(), status=201, headers={"Location": f"/api/voices/{info.voice_id}"}
+    )
+
+
+async def list_voices(request: web.Request) -> web.Response:
+    folder = request.app[DIR_KEY]
+    voices = []
+    for path in sorted(folder.glob("*.wav")) if folder.is_dir() else []:
+        if VOICE_ID.match(path.stem):
+            with wave.open(str(path)) as w:
+                voices.append(VoiceInfo(voice_id=path.stem, duration_s=round(w.getnframes() / RATE, 3)))
+    return web.json_response(VoiceList(voices=voices).model_dump())
+
+
+def add_voice_routes(app: web.Application, config: AppConfig, folder: Path) -> None:
+    app[CONFIG_KEY] = config
+    app[DIR_KEY] = folder
+    app.router.add_post("/api/voices", upload_voice)
+    app.router.add_get("/api/voices", list_voices)

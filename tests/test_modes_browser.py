@@ -1,0 +1,92 @@
+"""Headless Chromium (fake microphone and camera) calls each model mode from the real call page."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from playwright.async_api import async_playwright
+
+from tests.conftest import REPO_ROOT
+from tests.rtc_client import speech_signal, write_wav
+from tests.test_browser_call import CHROMIUM
+
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+EMBEDDED_CONFIG = REPO_ROOT / ".cache" / "embedded" / "minicpmo45-tiny-random" / "config.json"
+
+
+@pytest.fixture(scope="module")
+def fake_mic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("mic")
+    wav = folder / "mic.wav"
+    write_wav(wav, speech_signal(folder / "speech.wav"))
+    return wav
+
+
+def events_js(kind: str) -> str:
+    return f"(window.callState.events || []).filter((e) => e.type === {json.dumps(kind)})"
+
+
+async def test_browser_calls_each_model_mode(start_test_server, fake_mic: Path) -> None:
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} is missing (scripts/test.sh installs Debian's chromium)")
+    server = await start_test_server(workers={"heartbeat_timeout_s": 30.0})
+    url = server.url.replace("localhost", "127.0.0.1")
+    args = [
+        "--headless",
+        "--no-sandbox",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={fake_mic}",
+        "--disable-background-networking",
+        "--no-first-run",
+        "--autoplay-policy=no-user-gesture-required",
+    ]
+    seen: dict[str, list[dict]] = {}
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=args)
+        try:
+            page = await browser.new_page()
+            for mode in ("chat", "audio_duplex", "omni_duplex"):
+                await page.goto(f"{url}/call.html?mode={mode}&autostart=1")
+                await page.wait_for_function(
+                    "window.callState.pc && window.callState.pc.connectionState === 'connected'",
+                    timeout=30000,
+                )
+                await page.wait_for_function(
+                    f"{events_js('session')}.some((e) => e.mode === {json.dumps(mode)} && e.phase === 'active')",
+                    timeout=60000,
+                )
+                # units reach the mode (omni: with camera frames) and come back as metrics
+                await page.wait_for_function(f"{events_js('metrics')}.length >= 3", timeout=60000)
+                if mode == "chat":
+                    await page.wait_for_function(
+                        "!document.getElementById('text-input').disabled", timeout=10000
+                    )
+                    await page.fill("#text-input", "Hello, who are you?")
+                    await page.press("#text-input", "Enter")
+                    await page.wait_for_function(
+                        f"{events_js('state')}.some((e) => e.state === 'thinking')", timeout=30000
+                    )
+                seen[mode] = await page.evaluate("window.callState.events")
+                session = server.manager.get(await page.evaluate("window.callState.sessionId"))
+                assert session is not None and session.mode == mode
+                if mode == "omni_duplex":
+                    assert session.video is not None and session.video_max_side is not None
+                ARTIFACTS.mkdir(exist_ok=True)
+                await page.screenshot(path=str(ARTIFACTS / f"browser-{mode}.png"), full_page=True)
+                await page.click("#stop")
+                await page.wait_for_function("window.callState.sessionId === null", timeout=10000)
+        finally:
+            await browser.close()
+    for mode, events in seen.items():
+        assert not [e for e in events if e["type"] == "error"], (mode, events)
+        assert any(e["type"] == "state" and e["state"] == "listening" for e in events), mode
+        metrics = [e for e in events if e["type"] == "metrics"]
+        assert all(m["kv_tokens"] and m["kv_tokens"] > 0 for m in metrics), (mode, metrics)
+    # omni units carry the camera frame: a listen unit grows the context by the image block too
+    query_num = json.loads(EMBEDDED_CONFIG.read_text())["query_num"]
+    omni = {m["unit"]: m["kv_tokens"] for m in seen["omni_duplex"] if m["type"] == "metrics"}
+    audio = {m["unit"]: m["kv_tokens"] for m in seen["audio_duplex"] if m["type"] == "metrics"}
+    assert omni[2] - omni[1] == audio[2] - audio[1] + query_num + 2, (omni, audio)

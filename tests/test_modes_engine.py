@@ -1,0 +1,225 @@
+"""The model modes driven directly (no WebRTC): duplex and chat outputs on the embedded tiny model, the
+sliding context window (RoPE re-rotation, and a 30-minute duplex session within the KV limit)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from inference.engine_host import get_host
+from inference.modes import create_mode
+from inference.modes.base import Flush, SessionOptions, Speech, State, Text, UnitInput, UnitTimings
+from MiniCPMO45.engine.context_window import SlidingWindow, drop_span
+from tests.conftest import REPO_ROOT
+
+SETTINGS = {"cache_dir": str(REPO_ROOT / ".cache" / "embedded"), "max_sessions": 4}
+
+
+@pytest.fixture(scope="module")
+def host():
+    torch.set_num_threads(1)
+    return get_host(SETTINGS)
+
+
+def noise(rng: np.random.Generator, n: int) -> np.ndarray:
+    return (0.05 * rng.standard_normal(n)).astype(np.float32)
+
+
+def kinds(outputs: list) -> list[str]:
+    return [type(o).__name__ for o in outputs]
+
+
+def test_drop_span_rerotates_keys_like_a_fresh_prefill(host) -> None:
+    engine = host.engine
+    a, b, c = [5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]
+    s1, s2 = engine.open_session(), engine.open_session()
+    try:
+        engine.feed_ids([s1], [a + b + c])
+        engine.feed_ids([s2], [a + c])
+        assert drop_span(engine, s1, len(a), len(a) + len(b)) == len(a) + len(c)
+        # Layer-0 keys depend only on the token and its position: after the drop they must equal the keys
+        # computed at the new positions (deeper layers saw `b`, so only layer 0 can be compared exactly).
+        k1, k2 = engine.cache.layer_keys(0, s1.slot), engine.cache.layer_keys(0, s2.slot)
+        torch.testing.assert_close(k1, k2, atol=1e-5, rtol=1e-4)
+        # values of layer 0 carry no position and move unchanged
+        torch.testing.assert_close(
+            engine.cache.layer_values(0, s1.slot), engine.cache.layer_values(0, s2.slot)
+        )
+        # the next token lands at the shortened position
+        engine.feed_ids([s1, s2], [[17], [17]])
+        torch.testing.assert_close(
+            engine.cache.layer_keys(0, s1.slot)[:, -1],
+            engine.cache.layer_keys(0, s2.slot)[:, -1],
+            atol=1e-5,
+            rtol=1e-4,
+        )
+        with pytest.raises(ValueError):
+            drop_span(engine, s1, 3, 100)
+    finally:
+        engine.close_session(s1)
+        engine.close_session(s2)
+
+
+def test_sliding_window_drops_whole_oldest_spans(host) -> None:
+    engine = host.engine
+    s = engine.open_session()
+    try:
+        engine.feed_ids([s], [list(range(5, 15))])  # a 10-position "system prompt"
+        window = SlidingWindow(protected=10, max_tokens=40, keep_tokens=30)
+        for _ in range(6):
+            window.make_room(engine, s, 6)
+            window.mark(engine.kv_length(s))
+            engine.feed_ids([s], [[20, 21, 22, 23, 24, 25]])
+            assert engine.kv_length(s) <= 40
+        assert window.dropped_spans > 0 and window.dropped_tokens % 6 == 0
+        assert window.starts[0] == 10  # the prompt is untouched, the first kept span follows it
+        with pytest.raises(ValueError):
+            window.make_room(engine, s, 35)
+    finally:
+        engine.close_session(s)
+
+
+def test_duplex_forced_speech_then_interrupt(host) -> None:
+    rng = np.random.default_rng(0)
+    mode = create_mode("audio_duplex", SETTINGS)
+    setup, opened = mode.open(SessionOptions("d1", extra={"force": "speak", "seed": 3}))
+    try:
+        assert setup.unit_samples == 16000 and setup.video_max_side is None
+        assert kinds(opened) == ["State"]
+        outputs = []
+        for i in range(5):
+            outputs += mode.on_unit(UnitInput(i, noise(rng, 16000), 0.0), None)
+        # the first three units are forced listens (the model's rule), then it speaks
+        states = [o.state for o in outputs if isinstance(o, State)]
+        assert states[0] == "speaking"
+        speech = [o for o in outputs if isinstance(o, Speech)]
+        assert speech and all(o.turn == 0 for o in speech) and sum(o.pcm.size for o in speech) >= 24000
+        assert any(isinstance(o, Text) for o in outputs)
+        timings = [o.values for o in outputs if isinstance(o, UnitTimings)]
+        assert len(timings) == 5 and {"prefill_ms", "decide_ms", "tts_ms", "vocoder_ms"} <= set(timings[-1])
+        # an interrupt cuts the turn at once: flush of turn 0, back to listening; the next unit closes the turn
+        cut = mode.on_control({"type": "interrupt"})
+        assert isinstance(cut[0], Flush) and cut[0].turn == 1 and cut[1] == State("listening")
+        after = mode.on_unit(UnitInput(5, noise(rng, 16000), 0.0), None)
+        assert not any(isinstance(o, Speech) for o in after)
+    finally:
+        mode.close()
+
+
+def test_duplex_backlog_catches_up_without_speech(host) -> None:
+    rng = np.random.default_rng(1)
+    mode = create_mode("audio_duplex", SETTINGS)
+    mode.open(SessionOptions("d2", extra={"force": "speak", "max_backlog_units": 1}))
+    try:
+        for i in range(4):
+            mode.on_unit(UnitInput(i, noise(rng, 16000), 0.0), None)
+        behind = mode.on_unit(UnitInput(4, noise(rng, 16000), 0.0, queued_units=5), None)
+        assert not any(isinstance(o, Speech) for o in behind)
+        assert [o for o in behind if isinstance(o, UnitTimings)][0].values["backlog_units"] == 5
+    finally:
+        mode.close()
+
+
+def test_omni_duplex_takes_a_frame_per_unit(host) -> None:
+    rng = np.random.default_rng(2)
+    mode = create_mode("omni_duplex", SETTINGS)
+    setup, _ = mode.open(SessionOptions("o1", extra={"force": "listen"}))
+    try:
+        assert setup.video_max_side is not None
+        frame = rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)
+        kv = []
+        for i, f in enumerate((None, None, frame)):
+            out = mode.on_unit(UnitInput(i, noise(rng, 16000), 0.0), f)
+            kv.append([o for o in out if isinstance(o, UnitTimings)][0].values["kv_tokens"])
+        # a unit with a frame adds the image block (the resampler's query rows + <image></image>)
+        query_num = host.engine.model.config.query_num
+        assert (kv[2] - kv[1]) - (kv[1] - kv[0]) == query_num + 2
+    finally:
+        mode.close()
+
+
+def test_chat_text_turn_streams_text_and_speech(host) -> None:
+    mode = create_mode("chat", SETTINGS)
+    setup, _ = mode.open(SessionOptions("c1", extra={"force": "speak", "max_new_tokens": 10, "seed": 1}))
+    try:
+        assert setup.unit_samples == 5120
+        outputs = mode.on_control({"type": "text", "text": "hello there"})
+        assert outputs == [State("thinking")]
+        silence = np.zeros(5120, dtype=np.float32)
+        for i in range(40):
+            outputs += mode.on_unit(UnitInput(i, silence, 0.0), None)
+            if State("listening") in outputs:
+                break
+        states = [o.state for o in outputs if isinstance(o, State)]
+        assert states == ["thinking", "speaking", "listening"]
+        first_speech = kinds(outputs).index("Speech")
+        assert "Text" in kinds(outputs)[:first_speech]  # text deltas lead the speech they are spoken in
+        assert sum(o.pcm.size for o in outputs if isinstance(o, Speech)) >= 24000
+        # a second turn starts while nothing plays; an interrupt mid-reply flushes it
+        mode.on_control({"type": "text", "text": "again"})
+        mode.on_unit(UnitInput(50, silence, 0.0), None)
+        cut = mode.on_control({"type": "interrupt"})
+        assert cut == [Flush(2), State("listening")]
+    finally:
+        mode.close()
+
+
+def test_chat_push_to_talk_and_mode_switch_time(host) -> None:
+    rng = np.random.default_rng(4)
+    mode = create_mode("chat", SETTINGS)
+    mode.open(SessionOptions("c2", extra={"max_new_tokens": 4}))
+    try:
+        assert mode.on_control({"type": "end_turn"})[0].code == "empty_turn"
+        for i in range(4):  # 1.3 s of noise: the VAD finds no speech, push-to-talk takes it all
+            mode.on_unit(UnitInput(i, noise(rng, 5120), 0.0), None)
+        assert mode.on_control({"type": "end_turn"}) == [State("thinking")]
+        assert mode.reply is not None
+    finally:
+        mode.close()
+    # a mode switch in the worker is close + open of mode objects over the loaded host: nothing is reloaded
+    times = {}
+    previous = create_mode("chat", SETTINGS)
+    previous.open(SessionOptions("sw"))
+    for name in ("audio_duplex", "omni_duplex", "chat"):
+        started = time.perf_counter()
+        previous.close()
+        previous = create_mode(name, SETTINGS)
+        previous.open(SessionOptions("sw"))
+        times[name] = (time.perf_counter() - started) * 1000
+    previous.close()
+    print("mode switch (close + open) ms:", {k: round(v, 1) for k, v in times.items()})
+    assert max(times.values()) < host.load_s * 1000
+
+
+def test_thirty_minute_duplex_session_stays_within_the_context_limit(host) -> None:
+    """1800 units (30 min) fed faster than real time; the window keeps the KV under its limit."""
+    rng = np.random.default_rng(3)
+    mode = create_mode("audio_duplex", SETTINGS)
+    limit = 400
+    mode.open(
+        SessionOptions("long", extra={"force": "listen", "max_kv_tokens": limit, "keep_kv_tokens": 300})
+    )
+    try:
+        engine = host.engine
+        protected = mode.window.protected
+        started = time.perf_counter()
+        kv_max, dropped = 0, 0
+        audio = noise(rng, 16000 * 10)
+        for i in range(1800):
+            pcm = audio[(i % 10) * 16000 : (i % 10 + 1) * 16000]
+            out = mode.on_unit(UnitInput(i, pcm, 0.0), None)
+            values = [o for o in out if isinstance(o, UnitTimings)][0].values
+            kv_max = max(kv_max, int(values["kv_tokens"]))
+            dropped += int(values["dropped_tokens"])
+        elapsed = time.perf_counter() - started
+        print(f"1800 units in {elapsed:.1f} s, kv max {kv_max}, dropped {dropped}")
+        assert kv_max <= limit
+        assert dropped > 1800 * 13 - limit  # nearly everything but the window was dropped along the way
+        # the system prompt is still the start of the context
+        assert mode.window.protected == protected and mode.window.starts[0] == protected
+        assert engine.kv_length(mode.session) <= limit
+    finally:
+        mode.close()

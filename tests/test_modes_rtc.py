@@ -1,0 +1,265 @@
+"""The model modes over real aiortc calls (WHIP and JSON) on the embedded tiny model: event order, speech on
+the track, barge-in flush, mode switches, pause/resume and the pause timeout, reference voices."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+import wave
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+from aiortc.mediastreams import VideoStreamTrack
+
+from tests.conftest import REPO_ROOT
+from tests.rtc_client import RATE, Call, resample, speech_signal
+
+EMBEDDED_CONFIG = REPO_ROOT / ".cache" / "embedded" / "minicpmo45-tiny-random" / "config.json"
+
+
+# Loading the model in a worker on a busy 2-core machine can starve its IPC loop for a few seconds.
+WORKERS = {"heartbeat_timeout_s": 30.0}
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
+    return speech_signal(
+        tmp_path_factory.mktemp("speech") / "speech.wav", "Wait, stop, let me ask you something."
+    )
+
+
+class TimedCall(Call):
+    """A call that records when each event arrived and can say something at any moment."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.timed: list[tuple[float, dict[str, Any]]] = []
+        self.channel.on("message", lambda data: self.timed.append((time.monotonic(), json.loads(data))))
+
+    def say(self, pcm: np.ndarray, after_s: float = 0.1) -> None:
+        """Put `pcm` (48 kHz) into the outgoing signal shortly after what is being sent now."""
+        start = len(self.track.sent_at) * 960 + int(after_s * RATE)
+        n = min(pcm.size, self.track.signal.size - start)
+        self.track.signal[start : start + n] = (np.clip(pcm[:n], -1, 1) * 32767).astype(np.int16)
+
+    def arrival(self, kind: str, after: float = 0.0, **match: Any) -> float | None:
+        for at, event in self.timed:
+            if at >= after and event.get("type") == kind and all(event.get(k) == v for k, v in match.items()):
+                return at
+        return None
+
+    def energy_between(self, start: float, end: float) -> float:
+        rec = self.recorder
+        chunks = [c for c, at in zip(rec.chunks, rec.arrived_at, strict=True) if start <= at < end]
+        return float(np.abs(np.concatenate(chunks)).max()) if chunks else 0.0
+
+
+async def wait_until(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        await asyncio.sleep(0.05)
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * RATE), dtype=np.float32)
+
+
+def check_order(events: list[dict[str, Any]]) -> None:
+    """The first event is `session`; text belongs to a turn that is not older than an earlier text's."""
+    assert events[0]["type"] == "session", events[:3]
+    turns = [e["turn"] for e in events if e["type"] == "text"]
+    assert turns == sorted(turns), turns
+    for e in events:
+        if e["type"] == "state":
+            assert e["state"] in ("listening", "thinking", "speaking")
+
+
+async def test_chat_over_json_text_turn_speech_and_barge_in(start_test_server, speech: np.ndarray) -> None:
+    server = await start_test_server(workers=WORKERS)
+    call = TimedCall(server.url, silence(60))
+    try:
+        options = {"force": "speak", "max_new_tokens": 60, "seed": 1, "min_silence_ms": 400}
+        await call.start_json("chat", options=options)
+        await call.wait_connected()
+        await call.wait_event("session", timeout=60, mode="chat", phase="active")
+        await call.channel_open.wait()
+        call.send({"type": "text", "text": "Tell me a story."})
+        await call.wait_event("state", timeout=90, state="speaking")
+        spoke_at = call.arrival("state", state="speaking")
+        assert spoke_at is not None
+        await wait_until(
+            lambda: call.energy_between(spoke_at, time.monotonic()) > 0.01, 60, "no speech heard"
+        )
+        assert any(e["type"] == "text" and e["turn"] == 0 for e in call.events)
+        # Barge-in: the caller talks over the answer; the server flushes and goes back to listening.
+        said_at = time.monotonic()
+        call.say(speech)
+        await wait_until(
+            lambda: call.arrival("state", after=said_at, state="listening") is not None, 15, "no flush"
+        )
+        flushed_at = call.arrival("state", after=said_at, state="listening")
+        assert flushed_at is not None
+        # The caller's words end a new turn, which the model answers (turn 1 or later).
+        await call.wait_event("state", timeout=30, state="thinking")
+        await wait_until(
+            lambda: call.arrival("state", after=flushed_at, state="thinking") is not None, 30, "no turn"
+        )
+        next_turn = call.arrival("state", after=flushed_at, state="thinking")
+        assert next_turn is not None
+        # Nothing of the old answer is heard after the flush (allowing the receive jitter buffer, ~100 ms).
+        heard = call.energy_between(flushed_at + 0.25, next_turn + 0.25)
+        print(
+            f"barge-in: flushed {flushed_at - said_at:.2f} s after speech began; max level after flush {heard:.5f}"
+        )
+        assert heard < 1e-3, heard
+        metrics = [e for e in call.events if e["type"] == "metrics"]
+        assert metrics and all(m["vad_ms"] is not None for m in metrics)
+        check_order(call.events)
+    finally:
+        await call.close()
+
+
+async def test_audio_duplex_whip_mode_switch_pause_and_timeout(start_test_server) -> None:
+    server = await start_test_server(workers=WORKERS, session={"pause_timeout_s": 1.5})
+    call = TimedCall(server.url, silence(60))
+    try:
+        await call.start_whip("audio_duplex")
+        await call.wait_connected()
+        await call.wait_event("session", timeout=60, mode="audio_duplex", phase="active")
+        await call.wait_event("state", timeout=60, state="listening")
+        metric = await call.wait_event("metrics", timeout=20)
+        assert metric["prefill_ms"] is not None and metric["kv_tokens"] > 0 and metric["lag_ms"] >= 0
+        await call.channel_open.wait()
+        switches = {}
+        for mode in ("omni_duplex", "chat", "audio_duplex"):
+            call.send({"type": "set_mode", "mode": mode})
+            await wait_until(
+                lambda m=mode: any(
+                    e["type"] == "session" and e["mode"] == m and e["switch_ms"] for e in call.events[1:]
+                ),
+                20,
+                f"no switch to {mode}",
+            )
+            event = [e for e in call.events if e["type"] == "session" and e["mode"] == mode][-1]
+            switches[mode] = event["switch_ms"]
+        print(f"mode switch times (ms, worker close + open, tiny model on CPU): {switches}")
+        # nothing is reloaded: a switch costs a system-prompt prefill, far below a model load
+        assert max(switches.values()) < 2000, switches
+        after_switches = len(call.events)
+        await wait_until(  # units flow again after the switches
+            lambda: any(e["type"] == "metrics" for e in call.events[after_switches:]),
+            30,
+            "no units after switch",
+        )
+        call.send({"type": "pause"})
+        paused = await call.wait_event("paused")
+        assert paused["timeout_s"] == 1.5
+        call.send({"type": "resume"})
+        await call.wait_event("resumed")
+        await asyncio.sleep(2.0)  # longer than the timeout: resume cancelled it
+        assert server.manager.get(call.session_id) is not None
+        call.send({"type": "pause"})
+        error = await call.wait_event("error", timeout=5, code="pause_timeout")
+        assert "released" in error["message"]
+        await wait_until(lambda: server.manager.get(call.session_id) is None, 5, "slot not released")
+        check_order(call.events)
+    finally:
+        await call.close()
+
+
+async def test_omni_duplex_forced_speech_with_video(start_test_server) -> None:
+    server = await start_test_server(workers=WORKERS)
+    call = TimedCall(server.url, silence(60))
+    call.pc.addTrack(VideoStreamTrack())
+    try:
+        await call.start_json("omni_duplex", options={"force": "speak", "seed": 2}, system_prompt="Describe.")
+        await call.wait_connected()
+        await call.wait_event("session", timeout=60, mode="omni_duplex", phase="active")
+        await call.wait_event("state", timeout=90, state="speaking")
+        await wait_until(lambda: any(e["type"] == "text" for e in call.events), 60, "no text")
+        start = call.arrival("state", state="speaking") or 0.0
+        await wait_until(lambda: call.energy_between(start, time.monotonic()) > 0.01, 60, "no speech heard")
+        metrics = [e for e in call.events if e["type"] == "metrics"]
+        assert any(m["tts_ms"] is not None and m["vocoder_ms"] is not None for m in metrics), metrics
+        # the first three units are listens: each holds the audio (13 positions) and one camera frame
+        query_num = json.loads(EMBEDDED_CONFIG.read_text())["query_num"]
+        kv = {m["unit"]: m["kv_tokens"] for m in metrics}
+        assert kv[2] - kv[1] == 13 + query_num + 2, kv
+        check_order(call.events)
+    finally:
+        await call.close()
+
+
+def wav_bytes(pcm: np.ndarray, rate: int) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+async def test_voice_upload_validation_and_use(start_test_server, speech: np.ndarray, tmp_path) -> None:
+    server = await start_test_server(
+        workers=WORKERS,
+        voices={
+            "dir": str(tmp_path / "voices"),
+            "max_bytes": 150_000,
+            "min_duration_s": 1.0,
+            "max_duration_s": 4.0,
+        },
+    )
+    voice = wav_bytes(resample(speech, RATE, 22050), 22050)
+    tone = 0.3 * np.sin(np.arange(8000 * 5) * 0.2)
+    async with aiohttp.ClientSession() as http:
+        url = f"{server.url}/api/voices"
+
+        async def post(body: bytes | aiohttp.FormData, ctype: str | None) -> tuple[int, dict]:
+            headers = {"Content-Type": ctype} if ctype else {}
+            async with http.post(url, data=body, headers=headers) as resp:
+                return resp.status, await resp.json()
+
+        status, body = await post(voice, "audio/wav")
+        assert status == 201, body
+        voice_id = body["voice_id"]
+        assert body["sample_rate"] == 16000 and 1.0 < body["duration_s"] < 4.0
+        form = aiohttp.FormData()
+        form.add_field("file", voice, filename="me.wav", content_type="audio/wav")
+        assert await post(form, None) == (201, body)  # the browser's multipart form; same content, same id
+        bad = [
+            (b"plain text, not audio", "text/plain", 415, "unsupported_media_type"),
+            (b"RIFF....WAVEjunk" * 10, "audio/wav", 400, "bad_audio"),
+            (b"ID3\x03 an mp3 maybe" * 10, "audio/wav", 400, "not_wav"),
+            (wav_bytes(tone[:4000], 8000), "audio/wav", 400, "too_short"),
+            (wav_bytes(tone, 8000), "audio/wav", 400, "too_long"),
+            (wav_bytes(np.zeros(16000 * 3), 16000)[:44] + b"\0" * 160_000, "audio/wav", 413, "too_large"),
+        ]
+        for data, ctype, want_status, want_code in bad:
+            status, body = await post(data, ctype)
+            assert (status, body["error"]["code"]) == (want_status, want_code), (want_code, body)
+        async with http.get(url) as resp:
+            assert [v["voice_id"] for v in (await resp.json())["voices"]] == [voice_id]
+    # an unknown voice is refused before any call starts
+    call = TimedCall(server.url, silence(30))
+    with pytest.raises(RuntimeError, match="unknown_voice"):
+        await call.start_json("chat", voice="0" * 24)
+    await call.close()
+    # the next call uses the uploaded voice: the worker loads it (LLM reference audio + vocoder prompt)
+    call = TimedCall(server.url, silence(30))
+    try:
+        await call.start_json("chat", voice=voice_id, options={"force": "speak", "max_new_tokens": 10})
+        await call.wait_connected()
+        await call.wait_event("session", timeout=60, mode="chat", phase="active")
+        await call.channel_open.wait()
+        call.send({"type": "text", "text": "Hi"})
+        await call.wait_event("state", timeout=90, state="speaking")
+        assert not [e for e in call.events if e["type"] == "error"]
+    finally:
+        await call.close()
