@@ -187,6 +187,12 @@ def save_and_load(model: torch.nn.Module, model_dir: Path, device: str) -> dict[
     from MiniCPMO45.model import MiniCPMO
 
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    # The TTS head is stored the official way: weight-normed, as gain g (rows' norms) and direction v.
+    for name in [k for k in state if k.startswith("tts.head_code.") and k.endswith(".weight")]:
+        w = state.pop(name)
+        base = name[: -len(".weight")]
+        state[f"{base}.parametrizations.weight.original0"] = w.float().norm(dim=1, keepdim=True).to(w.dtype)
+        state[f"{base}.parametrizations.weight.original1"] = w
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k, v in state.items():
