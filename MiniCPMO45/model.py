@@ -118,8 +118,7 @@ class MiniCPMO(nn.Module):
         for size, members in group_by_size(sizes).items():
             for i in range(0, len(members), step):
                 chunk = members[i : i + step]
-                # one host-to-device copy per chunk; the cast runs on the device
-                pixels = torch.stack([slices[j] for j in chunk]).to(self.device).to(self.dtype)
+                pixels = self._stage_pixels([slices[j] for j in chunk])
                 embeds = self.resampler(self.vpm(pixels, [size] * len(chunk)), [size] * len(chunk))
                 if out is None:
                     out = embeds.new_empty(len(slices), *embeds.shape[1:])
@@ -130,6 +129,16 @@ class MiniCPMO(nn.Module):
         if out is None:
             raise ValueError("vision_embeds needs at least one slice")
         return out
+
+    def _stage_pixels(self, slices: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Equal-shape slices as one `[B, C, patch, L*patch]` batch on the model's device and dtype: one
+        host-to-device copy (through pinned memory when the target is CUDA), the cast runs on the device."""
+        on_host = all(s.device.type == "cpu" for s in slices)
+        if on_host and self.device.type == "cuda":
+            staged = torch.empty((len(slices), *slices[0].shape), dtype=slices[0].dtype, pin_memory=True)
+            torch.stack(list(slices), out=staged)
+            return staged.to(self.device, non_blocking=True).to(self.dtype)
+        return torch.stack([s.to(self.device) for s in slices]).to(self.dtype)
 
     # ---- audio ------------------------------------------------------------------------------------------------
     def _project_audio(self, states: torch.Tensor) -> torch.Tensor:

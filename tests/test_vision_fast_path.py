@@ -39,6 +39,11 @@ def _ref_position_ids(tgt_sizes: list[tuple[int, int]], grid: int, width: int) -
     return out
 
 
+def _valid(sizes: list[tuple[int, int]], width: int, device: torch.device) -> torch.Tensor:
+    n_patches = torch.tensor([r * c for r, c in sizes])
+    return (torch.arange(width)[None, :] < n_patches[:, None]).to(device)
+
+
 def _ref_attention(attn: VisionAttention, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     b, n, d = x.shape
 
@@ -61,8 +66,8 @@ def ref_vpm(vpm: SiglipVisionTransformer, pixels: torch.Tensor, sizes: list[tupl
     emb = vpm.embeddings
     x = emb.patch_embedding(pixels).flatten(2).transpose(1, 2)
     width = x.shape[1]
-    x = x + emb.position_embedding(_ref_position_ids(sizes, emb.grid, width))
-    valid = torch.arange(width)[None, :] < torch.tensor([r * c for r, c in sizes])[:, None]
+    x = x + emb.position_embedding(_ref_position_ids(sizes, emb.grid, width).to(x.device))
+    valid = _valid(sizes, width, x.device)
     for layer in vpm.encoder.layers:
         x = _ref_layer(layer, x, valid)
     return vpm.post_layernorm(x)
@@ -74,8 +79,8 @@ def ref_resampler(res: Resampler, patches: torch.Tensor, sizes: list[tuple[int, 
     dim = x.shape[-1]
     pos = torch.zeros_like(x)
     for i, (rows, cols) in enumerate(sizes):
-        pos[i, : rows * cols] = _sincos_2d_cpu(rows, cols, dim)
-    valid = torch.arange(width)[None, :] < torch.tensor([r * c for r, c in sizes])[:, None]
+        pos[i, : rows * cols] = _sincos_2d_cpu(rows, cols, dim).to(x.device, x.dtype)
+    valid = _valid(sizes, width, x.device)
     q = res.ln_q(res.query)[None].expand(b, -1, -1)
     out = _ref_attention_packed(res, q, x + pos, x, valid)
     return res.ln_post(out) @ res.proj
@@ -95,7 +100,7 @@ def _ref_attention_packed(
 
     qh, kh, vh = split(F.linear(q, wq, bq)), split(F.linear(k, wk, bk)), split(F.linear(v, wv, bv))
     scores = (qh @ kh.transpose(-1, -2)).float() * hd**-0.5
-    probs = scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(-1)
+    probs = scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(-1).to(qh.dtype)
     return attn.out_proj((probs @ vh).transpose(1, 2).reshape(b, nq, d))
 
 
@@ -104,7 +109,8 @@ def ref_vision_embeds(
 ) -> torch.Tensor:
     """One padded batch of every slice, whatever the sizes (the way the engine ran before the fast path)."""
     assert model.vpm is not None and model.resampler is not None
-    patches = ref_vpm(model.vpm, pack_slices(slices), sizes)
+    pixels = pack_slices([s.to(model.device, model.dtype) for s in slices])
+    patches = ref_vpm(model.vpm, pixels, sizes)
     return ref_resampler(model.resampler, patches, sizes)
 
 
