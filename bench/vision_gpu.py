@@ -5,7 +5,7 @@ bf16 weights built on the device, for 1, 16 and 64 camera frames of 448×448 (on
 
 Times `MiniCPMO.vision_embeds` (host-to-device copy included, as the duplex batcher calls it) for each chunk
 size (`vision_batch_size`), next to the previous implementation (dense float32 attention scores, padded batch,
-host-built position ids: the reference of tests/test_vision_fast_path.py) on the same weights and inputs, and
+host-built position ids: tests/vision_reference.py) on the same weights and inputs, and
 the CPU preprocessing per frame (fused patch-row normalisation vs the previous broadcast form, one thread and
 a 4-thread pool like the batcher's). Prints a table; --out writes it as JSON too.
 """
@@ -31,7 +31,7 @@ from bench.realsize import build_random_model, param_count  # noqa: E402
 from MiniCPMO45.config import MiniCPMOConfig, PreprocessorConfig  # noqa: E402
 from MiniCPMO45.model import MiniCPMO  # noqa: E402
 from MiniCPMO45.processor.image import ImageProcessor, slice_image, to_patch_rows  # noqa: E402
-from tests.test_vision_fast_path import ref_vision_embeds  # noqa: E402
+from tests.vision_reference import ref_vision_embeds  # noqa: E402
 
 FRAME = (448, 448)
 
