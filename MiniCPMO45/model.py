@@ -18,12 +18,20 @@ from .config import MiniCPMOConfig
 from .loader import CheckpointError, checkpoint_files, load_weights, read_checkpoint
 from .modules.qwen3 import Qwen3ForCausalLM
 from .modules.resampler import Resampler
-from .modules.siglip import SiglipVisionTransformer, pack_slices
+from .modules.siglip import SiglipVisionTransformer
 from .modules.tts import MiniCPMTTS
 from .modules.whisper import AudioProjector, WhisperEncoder, WhisperStreamCache, avg_pool_time, pooled_tokens
 
 Bounds = torch.Tensor | Sequence[Sequence[int]]
 KNOWN_PREFIXES = ("llm.", "vpm.", "resampler.", "apm.", "audio_projection_layer.", "tts.")
+
+
+def group_by_size(sizes: Sequence[tuple[int, int]]) -> dict[tuple[int, int], list[int]]:
+    """Indices of the slices of each (rows, cols) patch grid, in first-seen order of sizes."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, size in enumerate(sizes):
+        groups.setdefault(size, []).append(index)
+    return groups
 
 
 class MiniCPMO(nn.Module):
@@ -102,14 +110,35 @@ class MiniCPMO(nn.Module):
         for s, (rows, cols) in zip(slices, tgt_sizes.tolist(), strict=True):
             if s.shape[-1] != rows * cols * self.vpm.embeddings.patch_size:
                 raise ValueError(f"slice of width {s.shape[-1]} does not hold {rows}x{cols} patches")
-        out = []
+        sizes = [(int(r), int(c)) for r, c in tgt_sizes.tolist()]
+        out: torch.Tensor | None = None
         step = self.config.vision_batch_size
-        for i in range(0, len(slices), step):
-            batch = pack_slices([s.to(self.device, self.dtype) for s in slices[i : i + step]])
-            # The resampler pads to the longest slice of the whole call; padding never reaches the output.
-            patches = self.vpm(batch, tgt_sizes[i : i + step])
-            out.append(self.resampler(patches, tgt_sizes[i : i + step]))
-        return torch.cat(out)
+        # Slices of one patch grid run together with no padding: no attention mask (flash SDPA), one cached
+        # position block. Mixed sizes become one group per size; outputs go back to the caller's order.
+        for size, members in group_by_size(sizes).items():
+            for i in range(0, len(members), step):
+                chunk = members[i : i + step]
+                pixels = self._stage_pixels([slices[j] for j in chunk])
+                embeds = self.resampler(self.vpm(pixels, [size] * len(chunk)), [size] * len(chunk))
+                if out is None:
+                    out = embeds.new_empty(len(slices), *embeds.shape[1:])
+                if chunk == list(range(chunk[0], chunk[0] + len(chunk))):
+                    out[chunk[0] : chunk[0] + len(chunk)] = embeds
+                else:
+                    out[torch.tensor(chunk, device=embeds.device)] = embeds
+        if out is None:
+            raise ValueError("vision_embeds needs at least one slice")
+        return out
+
+    def _stage_pixels(self, slices: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Equal-shape slices as one `[B, C, patch, L*patch]` batch on the model's device and dtype: one
+        host-to-device copy (through pinned memory when the target is CUDA), the cast runs on the device."""
+        on_host = all(s.device.type == "cpu" for s in slices)
+        if on_host and self.device.type == "cuda":
+            staged = torch.empty((len(slices), *slices[0].shape), dtype=slices[0].dtype, pin_memory=True)
+            torch.stack(list(slices), out=staged)
+            return staged.to(self.device, non_blocking=True).to(self.dtype)
+        return torch.stack([s.to(self.device) for s in slices]).to(self.dtype)
 
     # ---- audio ------------------------------------------------------------------------------------------------
     def _project_audio(self, states: torch.Tensor) -> torch.Tensor:

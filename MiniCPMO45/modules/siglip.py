@@ -8,6 +8,9 @@ of layers that run.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,17 +19,40 @@ from ..config import VisionConfig
 
 
 def navit_position_ids(tgt_sizes: torch.Tensor, grid: int, max_patches: int) -> torch.Tensor:
-    """Position ids `[B, max_patches]` for slices of `tgt_sizes[b] = (rows, cols)` patches on a grid×grid table."""
-    boundaries = torch.arange(1 / grid, 1.0, 1 / grid)
+    """Position ids `[B, max_patches]` for slices of `tgt_sizes[b] = (rows, cols)` patches on a grid×grid table.
+
+    Padding positions get id 0 (their rows are junk and masked out of attention).
+    """
     out = torch.zeros(len(tgt_sizes), max_patches, dtype=torch.long)
     for b, (rows, cols) in enumerate(tgt_sizes.tolist()):
-        # Same float32 arithmetic as the reference so edge buckets agree.
-        frac_h = torch.arange(0, 1 - 1e-6, 1 / rows)
-        frac_w = torch.arange(0, 1 - 1e-6, 1 / cols)
-        bucket_h = torch.bucketize(frac_h, boundaries, right=True)
-        bucket_w = torch.bucketize(frac_w, boundaries, right=True)
-        out[b, : rows * cols] = (bucket_h[:, None] * grid + bucket_w[None, :]).flatten()
+        out[b, : rows * cols] = grid_position_ids(rows, cols, grid)
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def grid_position_ids(rows: int, cols: int, grid: int) -> torch.Tensor:
+    """Position ids `[rows*cols]` (CPU) of one rows×cols slice bucketized onto the grid×grid table."""
+    if rows < 1 or cols < 1:
+        raise ValueError(f"a slice needs at least one patch row and column, got {rows}x{cols}")
+    boundaries = torch.arange(1 / grid, 1.0, 1 / grid)
+    # Same float32 arithmetic as the reference so edge buckets agree.
+    frac_h = torch.arange(0, 1 - 1e-6, 1 / rows)
+    frac_w = torch.arange(0, 1 - 1e-6, 1 / cols)
+    bucket_h = torch.bucketize(frac_h, boundaries, right=True)
+    bucket_w = torch.bucketize(frac_w, boundaries, right=True)
+    return (bucket_h[:, None] * grid + bucket_w[None, :]).flatten()
+
+
+def uniform_patch_count(sizes: list[tuple[int, int]], width: int) -> bool:
+    """True when every slice fills all `width` patch positions (no padding, so no attention mask needed)."""
+    return all(rows * cols == width for rows, cols in sizes)
+
+
+def size_list(tgt_sizes: torch.Tensor | Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """`tgt_sizes` as host (rows, cols) tuples; a tensor on an accelerator costs one sync here."""
+    if isinstance(tgt_sizes, torch.Tensor):
+        tgt_sizes = tgt_sizes.tolist()
+    return [(int(r), int(c)) for r, c in tgt_sizes]
 
 
 class VisionEmbeddings(nn.Module):
@@ -38,12 +64,31 @@ class VisionEmbeddings(nn.Module):
             cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size
         )
         self.position_embedding = nn.Embedding(self.grid * self.grid, cfg.hidden_size)
+        self._ids_on_device: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
-    def forward(self, pixels: torch.Tensor, tgt_sizes: torch.Tensor) -> torch.Tensor:
+    def position_ids(self, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+        """Cached `[rows*cols]` position ids of one slice size, resident on `device`."""
+        key = (rows, cols, device)
+        ids = self._ids_on_device.get(key)
+        if ids is None:
+            ids = grid_position_ids(rows, cols, self.grid).to(device)
+            self._ids_on_device[key] = ids
+        return ids
+
+    def forward(
+        self, pixels: torch.Tensor, tgt_sizes: torch.Tensor | Sequence[Sequence[int]]
+    ) -> torch.Tensor:
         """pixels `[B, C, patch, L*patch]` (patches laid out in one row) → `[B, L, D]`."""
         x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)
-        pos = navit_position_ids(tgt_sizes.cpu(), self.grid, x.shape[1]).to(x.device)
-        return x + self.position_embedding(pos)
+        sizes = size_list(tgt_sizes)
+        width = x.shape[1]
+        if len(set(sizes)) == 1 and uniform_patch_count(sizes, width):
+            # One size for the whole batch: a single [L, D] row block broadcast over the batch.
+            return x + self.position_embedding(self.position_ids(*sizes[0], x.device))[None]
+        ids = torch.zeros(len(sizes), width, dtype=torch.long, device=x.device)
+        for b, (rows, cols) in enumerate(sizes):
+            ids[b, : rows * cols] = self.position_ids(rows, cols, x.device)
+        return x + self.position_embedding(ids)
 
 
 class VisionAttention(nn.Module):
@@ -58,17 +103,19 @@ class VisionAttention(nn.Module):
         self.out_proj = nn.Linear(d, d)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x `[B, L, D]`; mask `[B, 1, 1, L]` bool, true for real patches, or None when none is padding.
+
+        Fused SDPA: with no mask CUDA takes the flash kernel, with a key mask the memory-efficient one; neither
+        materialises the [B, heads, L, L] scores.
+        """
         b, n, d = x.shape
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        probs = scores.float().softmax(-1).to(q.dtype)
-        return self.out_proj((probs @ v).transpose(1, 2).reshape(b, n, d))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
 
 class VisionMLP(nn.Module):
@@ -107,13 +154,18 @@ class SiglipVisionTransformer(nn.Module):
         self.encoder = VisionEncoder([VisionLayer(cfg) for _ in range(num_layers)])
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, pixels: torch.Tensor, tgt_sizes: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, pixels: torch.Tensor, tgt_sizes: torch.Tensor | Sequence[Sequence[int]]
+    ) -> torch.Tensor:
         """pixels `[B, C, patch, Lmax*patch]`, tgt_sizes `[B, 2]` → `[B, Lmax, D]` (padding rows are junk)."""
-        n_patches = tgt_sizes[:, 0] * tgt_sizes[:, 1]
+        sizes = size_list(tgt_sizes)
         lmax = pixels.shape[-1] // self.embeddings.patch_size
-        valid = torch.arange(lmax, device=pixels.device)[None, :] < n_patches.to(pixels.device)[:, None]
-        mask = None if bool(valid.all()) else valid[:, None, None, :]
-        x = self.embeddings(pixels, tgt_sizes)
+        mask = None
+        if not uniform_patch_count(sizes, lmax):
+            n_patches = torch.tensor([r * c for r, c in sizes])
+            valid = torch.arange(lmax)[None, :] < n_patches[:, None]
+            mask = valid[:, None, None, :].to(pixels.device, non_blocking=True)
+        x = self.embeddings(pixels, sizes)
         for layer in self.encoder.layers:
             x = layer(x, mask)
         return self.post_layernorm(x)

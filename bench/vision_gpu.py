@@ -1,0 +1,220 @@
+"""Real-size vision cost on a GPU: SigLIP (26 layers, 1152 wide) + resampler (64 queries, 4096 wide), random
+bf16 weights built on the device, for 1, 16 and 64 camera frames of 448×448 (one 32×32-patch slice each).
+
+    python3 bench/vision_gpu.py --config CONFIG.json [--frames 1,16,64] [--chunks 16,64] [--iters 10]
+
+Times `MiniCPMO.vision_embeds` (host-to-device copy included, as the duplex batcher calls it) for each chunk
+size (`vision_batch_size`), next to the previous implementation (dense float32 attention scores, padded batch,
+host-built position ids: tests/vision_reference.py) on the same weights and inputs, and
+the CPU preprocessing per frame (fused patch-row normalisation vs the previous broadcast form, one thread and
+a 4-thread pool like the batcher's). Prints a table; --out writes it as JSON too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.realsize import build_random_model, param_count  # noqa: E402
+from MiniCPMO45.config import MiniCPMOConfig, PreprocessorConfig  # noqa: E402
+from MiniCPMO45.model import MiniCPMO  # noqa: E402
+from MiniCPMO45.processor.image import ImageProcessor, slice_image, to_patch_rows  # noqa: E402
+from tests.vision_reference import ref_vision_embeds  # noqa: E402
+
+FRAME = (448, 448)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], iters: int, warmup: int = 2) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    sync()
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def vision_only_config(path: str | Path) -> MiniCPMOConfig:
+    """The real config with the LLM cut to one layer and a small vocabulary (the resampler keeps the LLM
+    width) and no audio/TTS: only the vision half is timed, and it builds in seconds."""
+    data = json.loads(Path(path).read_text())
+    data.update(num_hidden_layers=1, vocab_size=1024, init_audio=False, init_tts=False)
+    return MiniCPMOConfig.from_dict(data)
+
+
+def random_frame(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    # smooth content (a blurred noise field) so resizing does realistic work
+    small = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize(size, Image.Resampling.BILINEAR)
+
+
+def legacy_preprocess(proc: ImageProcessor, image: Image.Image) -> list[np.ndarray]:
+    """The previous per-view pixel path: float32 HWC broadcast normalisation, then the patch layout."""
+    cfg = proc.config
+    views = slice_image(image.convert("RGB"), 1, cfg.scale_resolution, cfg.patch_size, cfg.slice_mode).views
+    out = []
+    for view in views:
+        pixels = np.asarray(view, dtype=np.float32) / 255.0
+        pixels = (pixels - np.asarray(cfg.norm_mean, dtype=np.float32)) / np.asarray(
+            cfg.norm_std, dtype=np.float32
+        )
+        out.append(to_patch_rows(np.ascontiguousarray(pixels.transpose(2, 0, 1)), cfg.patch_size))
+    return out
+
+
+def bench_preprocess(iters: int) -> list[dict]:
+    proc = ImageProcessor(PreprocessorConfig(max_slice_nums=1))
+    rng = np.random.default_rng(0)
+    rows = []
+    for size in (FRAME, (640, 480), (1280, 720)):
+        frames = [random_frame(rng, size) for _ in range(64)]
+        one = frames[0]
+        new1 = statistics.median(time_ms(lambda im=one: proc.preprocess(im, 1), iters * 5))
+        old1 = statistics.median(time_ms(lambda im=one: legacy_preprocess(proc, im), iters * 5))
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            new64 = statistics.median(
+                time_ms(lambda fr=frames: list(pool.map(lambda im: proc.preprocess(im, 1), fr)), iters)
+            )
+            old64 = statistics.median(
+                time_ms(lambda fr=frames: list(pool.map(lambda im: legacy_preprocess(proc, im), fr)), iters)
+            )
+        rows.append(
+            {
+                "frame": f"{size[0]}x{size[1]}",
+                "new_1": new1,
+                "old_1": old1,
+                "new_64x4t": new64,
+                "old_64x4t": old64,
+            }
+        )
+    return rows
+
+
+@torch.no_grad()
+def bench_vision(model: MiniCPMO, frames: list[int], chunks: list[int], iters: int) -> list[dict]:
+    proc = ImageProcessor(PreprocessorConfig(max_slice_nums=1))
+    rng = np.random.default_rng(1)
+    images = [random_frame(rng, FRAME) for _ in range(max(frames))]
+    inputs = [proc.preprocess(im, 1) for im in images]
+    slices = [torch.from_numpy(v) for x in inputs for v in x.pixel_values]
+    sizes = np.concatenate([x.tgt_sizes for x in inputs])
+    assert sizes.tolist() == [[32, 32]] * len(slices), sizes[:3]
+    rows = []
+    for n in frames:
+        s, t = slices[:n], torch.from_numpy(sizes[:n])
+        row: dict = {"frames": n}
+        for chunk in chunks:
+            model.config.vision_batch_size = chunk
+            got = model.vision_embeds(s, t)
+            row[f"new_b{chunk}_ms"] = statistics.median(
+                time_ms(lambda s=s, t=t: model.vision_embeds(s, t), iters)
+            )
+        model.config.vision_batch_size = 16
+
+        def legacy(s: list[torch.Tensor] = s) -> torch.Tensor:
+            sz = [(32, 32)] * len(s)
+            return torch.cat(
+                [ref_vision_embeds(model, s[i : i + 16], sz[i : i + 16]) for i in range(0, len(s), 16)]
+            )
+
+        want = legacy()
+        row["old_b16_ms"] = statistics.median(time_ms(legacy, max(2, iters // 2), warmup=1))
+        row["max_abs_diff"] = float((got.float() - want.float()).abs().max())
+        row["ref_abs_max"] = float(want.float().abs().max())
+        rows.append(row)
+    return rows
+
+
+def flash_check(model: MiniCPMO) -> str:
+    """Whether the unmasked vision attention can run on the flash kernel alone (the fast path's intent)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    assert model.vpm is not None
+    layer = model.vpm.encoder.layers[0]
+    x = torch.randn(2, 1024, layer.layer_norm1.normalized_shape[0], device=model.device, dtype=model.dtype)
+    try:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.no_grad():
+            layer(x, None)
+        return "flash kernel OK"
+    except RuntimeError as err:
+        return f"flash kernel unavailable: {str(err).splitlines()[0][:120]}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--frames", default="1,16,64")
+    ap.add_argument("--chunks", default="16,64", help="vision_batch_size values to time")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--out", default=None, help="optional JSON output path")
+    ap.add_argument("--skip-preprocess", action="store_true")
+    ap.add_argument("--device", default="cuda", help="cpu only for a smoke run on a tiny config")
+    args = ap.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("bench/vision_gpu.py needs a CUDA device (or --device cpu with a tiny config)")
+    frames = [int(x) for x in args.frames.split(",")]
+    chunks = [int(x) for x in args.chunks.split(",")]
+
+    t0 = time.perf_counter()
+    model = build_random_model(vision_only_config(args.config), args.device, torch.bfloat16)
+    assert model.vpm is not None and model.resampler is not None
+    with torch.no_grad():  # zero-initialised queries would make every query attend alike
+        model.resampler.query.normal_(0.0, 0.02)
+    n_params = param_count(model.vpm) + param_count(model.resampler)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
+    print(f"{device_name}  torch {torch.__version__}")
+    print(
+        f"vision built in {time.perf_counter() - t0:.1f}s: {len(model.vpm.encoder.layers)} SigLIP layers, "
+        f"{n_params / 1e6:.0f} M params (vpm + resampler), {flash_check(model)}"
+    )
+
+    report: dict = {"device": device_name, "vision": bench_vision(model, frames, chunks, args.iters)}
+    print("\nvision_embeds, 448x448 frames (32x32 patches), bf16; median ms")
+    cols = [f"new_b{c}_ms" for c in chunks] + ["old_b16_ms"]
+    print(f"{'frames':>6} " + " ".join(f"{c:>12}" for c in cols) + f" {'new ms/frame':>12} {'max|diff|':>10}")
+    for r in report["vision"]:
+        best = min(r[c] for c in cols[:-1])
+        print(
+            f"{r['frames']:>6} "
+            + " ".join(f"{r[c]:>12.2f}" for c in cols)
+            + f" {best / r['frames']:>12.2f} {r['max_abs_diff']:>10.3g}"
+        )
+    print(
+        "(max|diff| new vs old in bf16; ref values reach",
+        f"{max(r['ref_abs_max'] for r in report['vision']):.3g})",
+    )
+
+    if not args.skip_preprocess:
+        report["preprocess"] = bench_preprocess(args.iters)
+        print("\nCPU preprocessing (slice + resize + normalise + patch layout), median ms")
+        print(f"{'frame':>10} {'new 1':>8} {'old 1':>8} {'new 64@4thr':>12} {'old 64@4thr':>12}")
+        for r in report["preprocess"]:
+            print(
+                f"{r['frame']:>10} {r['new_1']:>8.2f} {r['old_1']:>8.2f} {r['new_64x4t']:>12.1f} {r['old_64x4t']:>12.1f}"
+            )
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
