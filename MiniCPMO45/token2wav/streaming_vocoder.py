@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .causal_hift import CausalF0Predictor, CausalHiFTGenerator
+from .fold import fold_weight_norms, has_parametrizations
 
 # The official table covers 300 s and is drawn unseeded at build time, so its values cannot be matched
 # anyway; a 60 s table (52 MB) read at absolute positions modulo its length only changes the period.
@@ -69,13 +70,24 @@ class StreamingVocoder:
         self.noise_table = noise_table
         self.block_frames = block_frames
         self.hop = model.hop
-        p = model.p
         # A float64 copy of the F0 predictor: F0 errors accumulate in the phase, so it runs in double.
+        # A float64 copy of the F0 predictor: F0 errors accumulate in the phase, so it runs in double. Its
+        # weight norms are folded after the cast (g * v / ||v|| in double) when the source still has them.
+        # (A fresh module, not a deepcopy: removing a parametrization from a deepcopy would also strip the
+        # class shared with the original.)
+        p = model.p
         self.f0_model = CausalF0Predictor(
             p.in_channels, p.f0_predictor.cond_channels, p.f0_predictor.num_class
         )
-        self.f0_model.load_state_dict(model.f0_predictor.state_dict())
-        self.f0_model = self.f0_model.double().eval().to(next(model.parameters()).device)
+        if has_parametrizations(model.f0_predictor):
+            self.f0_model.load_state_dict(model.f0_predictor.state_dict())
+            self.f0_model = self.f0_model.double()
+            fold_weight_norms(self.f0_model)
+        else:
+            fold_weight_norms(self.f0_model)
+            self.f0_model.load_state_dict(model.f0_predictor.state_dict())
+            self.f0_model = self.f0_model.double()
+        self.f0_model = self.f0_model.eval().to(next(model.parameters()).device)
         self.f0_left = self.f0_model.left_context
         self.f0_right = self.f0_model.right_context
         self.decoder_right = model.look_right + 1
