@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from MiniCPMO45.token2wav import PromptCache, PushRequest, Token2Wav
-from MiniCPMO45.token2wav.flow import FlowCache
-from MiniCPMO45.token2wav.flow_graphs import BATCH_BUCKETS, batch_bucket
+from MiniCPMO45.token2wav.flow import FlowCache, split_flow_cache
+from MiniCPMO45.token2wav.flow_graphs import BATCH_BUCKETS, ChunkShape, StaticFlowChunk, batch_bucket
 from MiniCPMO45.token2wav.fold import has_parametrizations
 from MiniCPMO45.token2wav.streaming_vocoder import StreamingVocoder
 
@@ -142,28 +142,41 @@ def test_padded_flow_batches_match_plain_batches(folder: Path, token2wav_fixture
     got, got_caches = _run_ticks(static, token2wav_fixture_dir, 3)
     want, want_caches = _run_ticks(plain, token2wav_fixture_dir, 3)
     assert static.flow_graphs is not None
-    assert {4, 8} <= {shape.bucket for shape in static.flow_graphs.chunks}
+    assert {4, 8} <= {shape.bucket for shape in static.flow_graphs.seen}
     for a, b in zip(got_caches, want_caches, strict=True):
         for x, y in zip(vars(a).values(), vars(b).values(), strict=True):
             torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
     _assert_same(got, want, atol=CHAIN_ATOL)
 
 
-def test_static_caches_are_owned(folder: Path, token2wav_fixture_dir: Path) -> None:
+def test_static_chunk_buffers_match_eager_padding(folder: Path, token2wav_fixture_dir: Path) -> None:
+    """What CUDA captures (`StaticFlowChunk`: static buffers, rows laid out by `load`) run eagerly on CPU
+    equals the eager padded path, and the caches handed to turns never alias its buffers."""
     model = _load(token2wav_fixture_dir, folder, use_graphs=True)
-    voice = _voice(model, token2wav_fixture_dir)
-    turns = [model.start_turn(voice, rule="duplex") for _ in range(3)]
-    vocab = model.flow.p.vocab_size
-    model.push_codes_batch([PushRequest(t, _codes(i, 25, vocab)) for i, t in enumerate(turns)])
     assert model.flow_graphs is not None
-    (chunk,) = model.flow_graphs.chunks.values()
-    static = [chunk.tokens, chunk.spk, *vars(chunk.cache).values()]
-    buffers = {t.untyped_storage().data_ptr() for t in static}
-    for turn in turns:
-        for tensor in vars(turn.flow_cache).values():
-            assert tensor.untyped_storage().data_ptr() not in buffers
-        assert turn.flow_cache.shape_key() == turns[0].flow_cache.shape_key()
-        assert turn.flow_cache.estimator_kv.shape[2] == 2
+    voice = _voice(model, token2wav_fixture_dir)
+    vocab = model.flow.p.vocab_size
+    turns = [model.start_turn(voice, rule="duplex") for _ in range(3)]
+    model.push_codes_batch([PushRequest(t, _codes(i, 25, vocab)) for i, t in enumerate(turns)])
+    caches = [t.flow_cache for t in turns]
+    tokens = torch.tensor([_codes(50 + i, 28, vocab) for i in range(3)])
+    spk = torch.randn(3, model.flow.p.spk_embed_dim)
+    mel, cache, bucket = model.flow_graphs.run(tokens, spk, caches, False, 5)
+    assert bucket == 4
+    shape = ChunkShape(4, 28, False, 5, caches[0].shape_key())
+    chunk = StaticFlowChunk(model.flow, shape)
+    chunk.load(tokens, spk, caches)
+    got_mel, got_cache = chunk.run()
+    torch.testing.assert_close(got_mel[:3], mel[:3], atol=ATOL, rtol=0)
+    want = split_flow_cache(cache, 3, 4)
+    got = split_flow_cache(got_cache, 3, 4)
+    buffers = {t.untyped_storage().data_ptr() for t in (chunk.tokens, chunk.spk, *vars(chunk.cache).values())}
+    for a, b in zip(got, want, strict=True):
+        for x, y in zip(vars(a).values(), vars(b).values(), strict=True):
+            torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
+            assert x.untyped_storage().data_ptr() not in buffers
+    # the split keeps each stream's (conditioned, unconditioned) estimator pair
+    assert got[0].estimator_kv.shape[2] == 2 and got[0].conformer_att.shape[1] == 1
 
 
 def test_batch_buckets() -> None:

@@ -2,10 +2,11 @@
 
 A window's work (conformer chunk + 5 Euler/CFG estimator steps) depends only on its shape: batch, window
 tokens, last-chunk flag and the cache shapes. Batches are padded to a bucket (1, 2, 4, ..., 64) so one
-shape serves several batch sizes; the padding rows hold stale but finite data and their outputs are
-dropped. Each shape owns static input buffers. On CUDA (when enabled) a shape seen `capture_after` times
-is captured once and then replayed; everywhere else the same padded code runs eagerly, which is what the
-CPU tests compare against the unpadded path.
+shape serves several batch sizes; padding rows hold finite filler (stale rows in a graph's buffers, copies
+of stream 0 when eager) and their outputs are dropped. On CUDA (when enabled) a shape seen `capture_after`
+times is captured once (`StaticFlowChunk`: its own static input buffers) and then replayed; otherwise the
+same padded computation runs eagerly, which is what the CPU tests compare against the unpadded path.
+The estimator's KV cache is large (real size: ~0.3 GB per stream), so captures stop at a memory budget.
 
 Outputs of a replay live in the graph's memory and are overwritten by the next replay of any graph in the
 shared pool, so callers must copy out what they keep (`split_flow_cache` does).
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .flow import Flow, FlowCache
+from .flow import Flow, FlowCache, stack_flow_caches
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MAX_BUCKET = BATCH_BUCKETS[-1]
@@ -62,7 +63,6 @@ class StaticFlowChunk:
         )
         self.graph: torch.cuda.CUDAGraph | None = None
         self._graph_out: tuple[torch.Tensor, FlowCache] | None = None
-        self.seen = 0
 
     def load(self, tokens: torch.Tensor, spk: torch.Tensor, caches: list[FlowCache]) -> None:
         """Copy n <= bucket streams into rows 0..n-1 (estimator rows i and bucket + i)."""
@@ -103,34 +103,45 @@ class StaticFlowChunk:
 
 
 class FlowGraphs:
-    """Per-shape `StaticFlowChunk`s of one flow; graphs only when `graphs` and the flow is on CUDA."""
+    """Padded flow windows for one flow. With `graphs` (and the flow on CUDA) a shape seen `capture_after`
+    times is captured, while the estimated memory of captured shapes (static inputs + graph outputs,
+    both the size of a batched cache) stays under `max_bytes`; other shapes run the padded code eagerly."""
 
-    def __init__(self, flow: Flow, graphs: bool, capture_after: int = 2, max_graphs: int = 256) -> None:
+    def __init__(self, flow: Flow, graphs: bool, capture_after: int = 2, max_bytes: int = 16 * 2**30) -> None:
         if capture_after < 1:
             raise ValueError("capture_after must be >= 1")
         self.flow = flow
         self.graphs = graphs and flow.input_embedding.weight.is_cuda
         self.capture_after = capture_after
-        self.max_graphs = max_graphs
+        self.max_bytes = max_bytes
+        self.bytes_used = 0
+        self.seen: dict[ChunkShape, int] = {}
         self.chunks: dict[ChunkShape, StaticFlowChunk] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
 
-    @property
-    def captured(self) -> int:
-        return sum(chunk.graph is not None for chunk in self.chunks.values())
+    def _estimate_bytes(self, shape: ChunkShape) -> int:
+        itemsize = self.flow.input_embedding.weight.element_size()
+        per_stream = 0
+        for dims in shape.cache:
+            n = 1
+            for d in dims:
+                n *= d
+            per_stream += n
+        return 2 * per_stream * shape.bucket * itemsize
 
-    def _chunk(self, shape: ChunkShape) -> StaticFlowChunk:
+    def _captured(self, shape: ChunkShape) -> StaticFlowChunk | None:
         chunk = self.chunks.get(shape)
-        if chunk is None:
-            chunk = self.chunks[shape] = StaticFlowChunk(self.flow, shape)
-        chunk.seen += 1
-        if (
-            self.graphs
-            and chunk.graph is None
-            and chunk.seen >= self.capture_after
-            and self.captured < self.max_graphs
-        ):
-            chunk.capture(self._pool)
+        if chunk is not None or not self.graphs:
+            return chunk
+        if self.seen[shape] < self.capture_after:
+            return None
+        need = self._estimate_bytes(shape)
+        if self.bytes_used + need > self.max_bytes:
+            return None
+        chunk = StaticFlowChunk(self.flow, shape)
+        chunk.capture(self._pool)
+        self.chunks[shape] = chunk
+        self.bytes_used += need
         return chunk
 
     def run(
@@ -141,10 +152,18 @@ class FlowGraphs:
         Returns (mel, batched cache, bucket): rows 0..n-1 are the streams', the rest padding. The tensors
         may be graph-owned: copy out what must outlive the next call.
         """
-        shape = ChunkShape(
-            batch_bucket(len(caches)), tokens.shape[1], last_chunk, n_steps, caches[0].shape_key()
-        )
-        chunk = self._chunk(shape)
-        chunk.load(tokens, spk, caches)
-        mel, cache = chunk.run()
+        n = len(caches)
+        shape = ChunkShape(batch_bucket(n), tokens.shape[1], last_chunk, n_steps, caches[0].shape_key())
+        self.seen[shape] = self.seen.get(shape, 0) + 1
+        chunk = self._captured(shape)
+        if chunk is not None:
+            chunk.load(tokens, spk, caches)
+            mel, cache = chunk.run()
+            return mel, cache, shape.bucket
+        pad = shape.bucket - n
+        if pad:  # padding rows repeat stream 0 (finite values; their outputs are dropped)
+            caches = caches + [caches[0]] * pad
+            tokens = torch.cat([tokens, tokens[:1].expand(pad, -1)], dim=0)
+            spk = torch.cat([spk, spk[:1].expand(pad, -1)], dim=0)
+        mel, cache = self.flow.chunk_forward(tokens, spk, stack_flow_caches(caches), last_chunk, n_steps)
         return mel, cache, shape.bucket
