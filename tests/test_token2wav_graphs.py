@@ -17,6 +17,7 @@ from MiniCPMO45.token2wav import PromptCache, PushRequest, Token2Wav
 from MiniCPMO45.token2wav.flow import FlowCache, split_flow_cache
 from MiniCPMO45.token2wav.flow_graphs import BATCH_BUCKETS, ChunkShape, StaticFlowChunk, batch_bucket
 from MiniCPMO45.token2wav.fold import has_parametrizations
+from MiniCPMO45.token2wav.padded_graphs import PaddedGraphs
 from MiniCPMO45.token2wav.streaming_vocoder import StreamingVocoder
 
 from .token2wav_assets import build_asset_folder
@@ -147,6 +148,10 @@ def test_padded_flow_batches_match_plain_batches(folder: Path, token2wav_fixture
         for x, y in zip(vars(a).values(), vars(b).values(), strict=True):
             torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
     _assert_same(got, want, atol=CHAIN_ATOL)
+    # the causal HiFT's decoder network ran on padded batches too
+    assert isinstance(static.streaming, StreamingVocoder) and static.streaming._spectrum is not None
+    batches = {key[1][0][0] for key in static.streaming._spectrum.seen}  # type: ignore[index]
+    assert batches <= set(BATCH_BUCKETS) and max(batches) >= 4
 
 
 def test_static_chunk_buffers_match_eager_padding(folder: Path, token2wav_fixture_dir: Path) -> None:
@@ -191,3 +196,20 @@ def test_static_path_rejects_bad_tokens(folder: Path, token2wav_fixture_dir: Pat
     turn = model.start_turn(_voice(model, token2wav_fixture_dir))
     with pytest.raises(ValueError, match="speech tokens"):
         model.stream_window(turn, [model.flow.p.vocab_size] * 28, last_chunk=False)
+
+
+def test_padded_graphs_pads_and_returns_real_rows() -> None:
+    calls: list[tuple[int, ...]] = []
+
+    def fn(x: torch.Tensor, y: torch.Tensor, flag: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(tuple(x.shape))
+        return x * 2 + y, (x - y) if flag else x
+
+    padded = PaddedGraphs(fn, graphs=True)  # CPU: eager
+    x, y = torch.randn(3, 5, 7), torch.randn(3, 5, 7)
+    a, b = padded((x, y), True)
+    assert calls == [(4, 5, 7)] and a.shape == (3, 5, 7)
+    torch.testing.assert_close(a, x * 2 + y, atol=0, rtol=0)
+    torch.testing.assert_close(b, x - y, atol=0, rtol=0)
+    padded((torch.randn(65, 2), torch.randn(65, 2)), False)  # over the largest bucket: unpadded
+    assert calls[-1] == (65, 2)

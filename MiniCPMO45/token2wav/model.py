@@ -149,9 +149,9 @@ class Token2Wav:
         n_timesteps: int = 5,
         use_graphs: bool | None = None,
     ) -> None:
-        """use_graphs: True runs the flow windows through `flow_graphs` (batch padded to buckets, static
-        buffers, CUDA graphs when the flow is on CUDA; eager with the same padding elsewhere). None (the
-        default for now) and False keep the plain batched path."""
+        """use_graphs: True runs the flow windows through `flow_graphs` and the causal HiFT's decoder
+        network through `padded_graphs` (batch padded to buckets, CUDA graphs per shape when on CUDA; the
+        same padded code eagerly elsewhere). None (the default for now) and False keep the plain path."""
         if n_timesteps <= 0:
             raise ValueError("n_timesteps must be positive")
         self.flow = flow
@@ -161,6 +161,8 @@ class Token2Wav:
         self.n_timesteps = n_timesteps
         self.sample_rate = SAMPLE_RATE
         self.flow_graphs = FlowGraphs(flow, graphs=torch.cuda.is_available()) if use_graphs else None
+        if use_graphs and isinstance(streaming, StreamingVocoder):
+            streaming.use_padded_decode(graphs=torch.cuda.is_available())
 
     @property
     def device(self) -> torch.device:

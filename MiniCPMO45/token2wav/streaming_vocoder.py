@@ -24,6 +24,7 @@ import torch
 
 from .causal_hift import CausalF0Predictor, CausalHiFTGenerator
 from .fold import fold_weight_norms, has_parametrizations
+from .padded_graphs import PaddedGraphs
 
 # The official table covers 300 s and is drawn unseeded at build time, so its values cannot be matched
 # anyway; a 60 s table (52 MB) read at absolute positions modulo its length only changes the period.
@@ -92,6 +93,18 @@ class StreamingVocoder:
         self.f0_right = self.f0_model.right_context
         self.decoder_right = model.look_right + 1
         self.history = model.receptive_history()
+        self._spectrum: PaddedGraphs | None = None
+
+    def use_padded_decode(self, graphs: bool) -> None:
+        """Run the decoder network (up to the ISTFT) on batches padded to buckets, as CUDA graphs per
+        geometry when `graphs` and CUDA is available (`padded_graphs`)."""
+        self._spectrum = PaddedGraphs(self.model.decode_spectrum, graphs)
+
+    def _run_decoder(self, mel: torch.Tensor, source: torch.Tensor, final: bool) -> torch.Tensor:
+        if self._spectrum is None:
+            return self.model.decode(mel, source, final)
+        magnitude, phase = self._spectrum((mel, source), final)
+        return self.model.finish_decode(magnitude, phase, final)
 
     @property
     def delay_frames(self) -> int:
@@ -173,7 +186,7 @@ class StreamingVocoder:
                 end = st.source_end - st.mel_start
                 feats.append(st.mel[:, :, end - length : end])
                 sources.append(st.source[:, :, st.source.shape[2] - length * hop :])
-            speech = self.model.decode(torch.cat(feats, dim=0), torch.cat(sources, dim=0), final)[
+            speech = self._run_decoder(torch.cat(feats, dim=0), torch.cat(sources, dim=0), final)[
                 :, skip * hop :
             ]
             for row, i in enumerate(members):
