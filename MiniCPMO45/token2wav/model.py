@@ -18,10 +18,18 @@ from .assets import AssetLayout, detect_layout, read_weights
 from .causal_hift import CausalHiFTGenerator
 from .cfm import default_noise_table
 from .crossfade_vocoder import CrossfadeState, CrossfadeVocoder
-from .flow import Flow, FlowCache, split_flow_cache, trim_flow_cache
+from .flow import (
+    Flow,
+    FlowCache,
+    split_flow_cache,
+    stack_flow_caches,
+    trim_flow_cache,
+    unstack_flow_cache,
+)
 from .flow_graphs import MAX_BUCKET, FlowGraphs
 from .fold import fold_weight_norms
 from .hift import HiFTGenerator, SourceNoise
+from .host import device_tensor
 from .hparams import F0PredictorParams, HiFTParams, causal_hift_params_from_yaml, flow_params_from_yaml
 from .streaming_vocoder import StreamingVocoder, VocoderState, default_source_noise_table
 
@@ -308,6 +316,8 @@ class Token2Wav:
         blocks of equal geometry. Each turn may appear once. Returns the audio of each window, in order."""
         if len({id(state) for state, _, _ in windows}) != len(windows):
             raise ValueError("a turn can have only one window per call")
+        vocab = self.flow.p.vocab_size
+        token_lists = []
         for state, tokens, last_chunk in windows:
             if state.finished:
                 raise ValueError("this turn has already been flushed; start a new turn")
@@ -315,26 +325,15 @@ class Token2Wav:
                 raise ValueError(
                     f"a non-final window needs more than {self.flow.lookahead} tokens, got {len(tokens)}"
                 )
+            ids = [int(t) for t in tokens]
+            if any(not 0 <= t < vocab for t in ids):  # checked here, not on the device (no sync)
+                raise ValueError(f"speech tokens must lie in 0..{vocab - 1}")
+            token_lists.append(ids)
         mels: list[torch.Tensor | None] = [None] * len(windows)
-        groups: dict[tuple[object, ...], list[int]] = {}
-        for i, (state, tokens, last_chunk) in enumerate(windows):
-            if len(tokens):
-                key = (len(tokens), last_chunk, state.prompt.prompt_frames, state.flow_cache.shape_key())
-                groups.setdefault(key, []).append(i)
-        low_layers = len(self.flow.encoder.encoders)
         if self.flow_graphs is not None:
-            groups = {}  # all windows go through the padded static path below
-            self._static_flow(windows, mels)
-        for members in groups.values():
-            states = [windows[i][0] for i in members]
-            ids = torch.stack([_tensor(windows[i][1], torch.long, self.device) for i in members])
-            spk = torch.cat([st.prompt.spk_embedding for st in states], dim=0)
-            mel, caches = self.flow.inference_chunk_batch(
-                ids, spk, [st.flow_cache for st in states], windows[members[0]][2], self.n_timesteps
-            )
-            for row, (i, st, cache) in enumerate(zip(members, states, caches, strict=True)):
-                st.flow_cache = trim_flow_cache(cache, st.prompt.prompt_frames, HISTORY_FRAMES, low_layers)
-                mels[i] = mel[row : row + 1]
+            self._static_flow(windows, token_lists, mels)
+        else:
+            self._plain_flow(windows, token_lists, mels)
         full_mels = [
             mel if mel is not None else torch.zeros(1, self.flow.p.output_size, 0, device=self.device)
             for mel in mels
@@ -356,29 +355,52 @@ class Token2Wav:
             start += wav.shape[1]
         return out
 
+    @staticmethod
+    def _flow_groups(
+        windows: Sequence[tuple[TurnState, Sequence[int], bool]],
+    ) -> dict[tuple[int, bool, int, tuple[tuple[int, ...], ...]], list[int]]:
+        """Windows that can share a flow batch: equal size, kind, prompt length and cache shapes."""
+        groups: dict[tuple[int, bool, int, tuple[tuple[int, ...], ...]], list[int]] = {}
+        for i, (state, tokens, last_chunk) in enumerate(windows):
+            if len(tokens):
+                key = (len(tokens), last_chunk, state.prompt.prompt_frames, state.flow_cache.shape_key())
+                groups.setdefault(key, []).append(i)
+        return groups
+
+    def _plain_flow(
+        self,
+        windows: Sequence[tuple[TurnState, Sequence[int], bool]],
+        token_lists: list[list[int]],
+        mels: list[torch.Tensor | None],
+    ) -> None:
+        low_layers = len(self.flow.encoder.encoders)
+        for (_, last_chunk, _, _), members in self._flow_groups(windows).items():
+            states = [windows[i][0] for i in members]
+            ids = device_tensor([token_lists[i] for i in members], torch.long, self.device)
+            spk = torch.cat([st.prompt.spk_embedding for st in states], dim=0)
+            batched = stack_flow_caches([st.flow_cache for st in states])
+            mel, new = self.flow.chunk_forward(ids, spk, batched, last_chunk, self.n_timesteps)
+            caches = unstack_flow_cache(new, len(members))
+            for row, (i, st, cache) in enumerate(zip(members, states, caches, strict=True)):
+                st.flow_cache = trim_flow_cache(cache, st.prompt.prompt_frames, HISTORY_FRAMES, low_layers)
+                mels[i] = mel[row : row + 1]
+
     def _static_flow(
-        self, windows: Sequence[tuple[TurnState, Sequence[int], bool]], mels: list[torch.Tensor | None]
+        self,
+        windows: Sequence[tuple[TurnState, Sequence[int], bool]],
+        token_lists: list[list[int]],
+        mels: list[torch.Tensor | None],
     ) -> None:
         """The flow part of `stream_windows` through `flow_graphs`: groups of equal shapes, in pieces of at
         most 64, padded to a batch bucket. Fills `mels` and each turn's (trimmed, owned) flow cache."""
         assert self.flow_graphs is not None
-        vocab = self.flow.p.vocab_size
-        groups: dict[tuple[object, ...], list[int]] = {}
-        token_lists = []
-        for i, (state, tokens, last_chunk) in enumerate(windows):
-            ids = [int(t) for t in tokens]
-            if any(not 0 <= t < vocab for t in ids):
-                raise ValueError(f"speech tokens must lie in 0..{vocab - 1}")
-            token_lists.append(ids)
-            if ids:
-                key = (len(ids), last_chunk, state.prompt.prompt_frames, state.flow_cache.shape_key())
-                groups.setdefault(key, []).append(i)
+        groups = self._flow_groups(windows)
         low_layers = len(self.flow.encoder.encoders)
         for (_, last_chunk, prompt_frames, _), members in groups.items():
             for begin in range(0, len(members), MAX_BUCKET):
                 part = members[begin : begin + MAX_BUCKET]
                 states = [windows[i][0] for i in part]
-                ids = torch.tensor([token_lists[i] for i in part], dtype=torch.long).to(self.device)
+                ids = device_tensor([token_lists[i] for i in part], torch.long, self.device)
                 spk = torch.cat([st.prompt.spk_embedding for st in states], dim=0)
                 mel, cache, bucket = self.flow_graphs.run(
                     ids, spk, [st.flow_cache for st in states], last_chunk, self.n_timesteps
