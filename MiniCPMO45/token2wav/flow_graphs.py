@@ -90,7 +90,7 @@ class StaticFlowChunk:
                 self._forward()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             out = self._forward()
         self.graph, self._graph_out = graph, out
 
