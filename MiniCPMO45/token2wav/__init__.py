@@ -34,6 +34,13 @@ Many sessions per worker: `push_codes_batch([PushRequest(turn, codes, end_of_tur
 the turns' windows round by round; windows of equal size and cache shapes (sessions of one voice in steady
 state) share one flow batch, and the streaming vocoder batches blocks of equal geometry.
 
+Speed (inference only): `from_assets(..., fold_weights=True)` (default) stores the weight-normed convs'
+g * v / ||v|| once at load (`fold.py`). `use_graphs=True` (default None = off until measured) pads flow
+batches to buckets 1..64 (`flow_graphs.py`) and runs the causal HiFT's decoder network up to the ISTFT on
+padded batches (`padded_graphs.py`); on CUDA each shape seen twice is captured as a CUDA graph and replayed
+(flow captures stop at `model.flow_graphs.max_bytes`, 16 GiB by default: the estimator KV cache is ~0.3 GB
+per stream at real size). Same audio as the plain path; `bench/vocoder_gpu.py` times both.
+
 Whole utterance (the official `__call__`; flow over [prompt ; tokens], then the original HiFT)::
 
     wav = model.synthesize(tokens, voice)

@@ -93,6 +93,12 @@ class CausalHiFTGenerator(HiFTBody):
         final: zero future for conv_pre, T*hop samples out. Otherwise the last `look_right` mel frames are
         look-ahead only and the ISTFT's last (incomplete) frame is held back: (T - look_right - 1)*hop out.
         """
+        return self.finish_decode(*self.decode_spectrum(mel, source, final), final)
+
+    def decode_spectrum(
+        self, mel: torch.Tensor, source: torch.Tensor, final: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`decode` up to the ISTFT (static shapes, no host syncs: what a CUDA graph captures)."""
         spec = self.spectral.analyse(source.squeeze(1))
         if final:
             x = self.conv_pre(mel)
@@ -100,7 +106,12 @@ class CausalHiFTGenerator(HiFTBody):
             cut = mel.shape[2] - self.look_right
             x = self.conv_pre(mel[:, :, :cut], mel[:, :, cut:])
             spec = spec[:, :, : spec.shape[2] - self.stft_frames_per_mel_frame * self.look_right]
-        wav = self.filter(x, spec)
+        return self.filter_spectrum(x, spec)
+
+    def finish_decode(self, magnitude: torch.Tensor, phase: torch.Tensor, final: bool) -> torch.Tensor:
+        """The rest of `decode`: ISTFT (kept out of graphs: it checks its window envelope on the host),
+        hold back the incomplete last frame unless final, clamp."""
+        wav = self.spectral.synthesise(magnitude, phase)
         if not final:
             wav = wav[:, : wav.shape[1] - self.hop]
         return wav.clamp(-self.p.audio_limit, self.p.audio_limit)

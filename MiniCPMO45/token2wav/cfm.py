@@ -48,6 +48,15 @@ class FlowSampler(nn.Module):
         self.cfg_rate = cfg_rate
         # Not part of the checkpoint (the official buffer is non-persistent too), but moves with .to().
         self.register_buffer("noise", noise, persistent=False)
+        self._grids: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def time_grid(self, n_steps: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """`cosine_time_grid` on `device`, computed on the host once per (steps, dtype, device)."""
+        key = (n_steps, dtype, device)
+        grid = self._grids.get(key)
+        if grid is None:
+            grid = self._grids[key] = cosine_time_grid(n_steps, dtype).to(device)
+        return grid
 
     def _noise(self, offset: int, frames: int, like: torch.Tensor) -> torch.Tensor:
         if offset + frames > self.noise.shape[2]:
@@ -109,7 +118,7 @@ class FlowSampler(nn.Module):
         if kv_cache is not None and kv_cache.shape[0] < n_steps:
             raise ValueError(f"estimator cache holds {kv_cache.shape[0]} steps, {n_steps} are needed")
         x = self._noise(offset, mu.shape[2], mu).expand(batch, -1, -1)
-        grid = cosine_time_grid(n_steps, mu.dtype).to(mu.device)
+        grid = self.time_grid(n_steps, mu.dtype, mu.device)
         mu2 = torch.cat([mu, torch.zeros_like(mu)], dim=0)
         spks2 = torch.cat([spks, torch.zeros_like(spks)], dim=0)
         cond2 = torch.cat([cond, torch.zeros_like(cond)], dim=0)

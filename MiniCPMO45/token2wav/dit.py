@@ -23,11 +23,20 @@ TIME_SCALE = 1000.0
 TIME_FREQ_DIM = 256
 
 
-def timestep_features(t: torch.Tensor, dim: int = TIME_FREQ_DIM, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal features of (already scaled) times t (n,) -> (n, dim): [cos | sin]."""
+def timestep_frequencies(dim: int = TIME_FREQ_DIM, max_period: float = 10000.0) -> torch.Tensor:
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t)
-    args = t[:, None] * freqs[None]
+    return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+
+
+def timestep_features(
+    t: torch.Tensor, dim: int = TIME_FREQ_DIM, max_period: float = 10000.0, freqs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sinusoidal features of (already scaled) times t (n,) -> (n, dim): [cos | sin].
+
+    `freqs` (dim/2,) is `timestep_frequencies(dim, max_period)` already on t's device (no host copy)."""
+    if freqs is None:
+        freqs = timestep_frequencies(dim, max_period)
+    args = t[:, None] * freqs.to(t)[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
@@ -35,9 +44,11 @@ class TimeEmbedding(nn.Module):
     def __init__(self, hidden: int) -> None:
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(TIME_FREQ_DIM, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        # Computed on the host once (as before, per call) and moved with .to(): no copy inside a CUDA graph.
+        self.register_buffer("freqs", timestep_frequencies(TIME_FREQ_DIM), persistent=False)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_features(t * TIME_SCALE))
+        return self.mlp(timestep_features(t * TIME_SCALE, freqs=self.freqs))
 
 
 class QKNormAttention(nn.Module):

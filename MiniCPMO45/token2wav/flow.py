@@ -65,21 +65,24 @@ def stack_flow_caches(caches: list[FlowCache]) -> FlowCache:
 
 
 def unstack_flow_cache(cache: FlowCache, batch: int) -> list[FlowCache]:
-    """Inverse of `stack_flow_caches`; every returned tensor is a fresh copy."""
+    """Inverse of `stack_flow_caches`; every returned tensor is a fresh copy (batch 1 is returned as is)."""
     if batch == 1:
         return [cache]
-    out = []
-    for i in range(batch):
-        rows = torch.tensor([i, batch + i], device=cache.estimator_kv.device)
-        out.append(
-            FlowCache(
-                cache.conformer_cnn[i : i + 1].clone(),
-                cache.conformer_att[:, i : i + 1].clone(),
-                cache.estimator_conv.index_select(2, rows),
-                cache.estimator_kv.index_select(2, rows),
-            )
+    return split_flow_cache(cache, batch, batch)
+
+
+def split_flow_cache(cache: FlowCache, count: int, rows: int) -> list[FlowCache]:
+    """The first `count` streams of a batched cache of `rows` streams (estimator rows: `rows` conditioned,
+    then `rows` unconditioned), each as fresh, owned tensors (safe to keep across CUDA graph replays)."""
+    return [
+        FlowCache(
+            cache.conformer_cnn[i : i + 1].clone(),
+            cache.conformer_att[:, i : i + 1].clone(),
+            cache.estimator_conv[:, :, i::rows].clone(),
+            cache.estimator_kv[:, :, i::rows].clone(),
         )
-    return out
+        for i in range(count)
+    ]
 
 
 class Flow(nn.Module):
@@ -182,6 +185,14 @@ class Flow(nn.Module):
         """
         self._check_tokens(tokens, len(caches))
         cache = stack_flow_caches(caches)
+        mel, new = self.chunk_forward(tokens, spk, cache, last_chunk, n_steps)
+        return mel, unstack_flow_cache(new, len(caches))
+
+    def chunk_forward(
+        self, tokens: torch.Tensor, spk: torch.Tensor, cache: FlowCache, last_chunk: bool, n_steps: int
+    ) -> tuple[torch.Tensor, FlowCache]:
+        """The streaming window on an already batched cache, with no checks and no host syncs (the body
+        that `flow_graphs` captures). tokens (B, n) valid ids; returns (mel (B, 80, frames), batched cache)."""
         h, cnn, att = self.encoder.forward_chunk(
             self.input_embedding(tokens), last_chunk, cache.conformer_cnn, cache.conformer_att
         )
@@ -189,7 +200,7 @@ class Flow(nn.Module):
         mel, conv, kv = self.decoder.sample_chunk(
             mu, self._speaker(spk), torch.zeros_like(mu), n_steps, cache.estimator_conv, cache.estimator_kv
         )
-        return mel, unstack_flow_cache(FlowCache(cnn, att, conv, kv), len(caches))
+        return mel, FlowCache(cnn, att, conv, kv)
 
 
 def trim_flow_cache(cache: FlowCache, prompt_frames: int, history_frames: int, low_layers: int) -> FlowCache:

@@ -95,6 +95,12 @@ class HiFTBody(nn.Module):
 
     def filter(self, x: torch.Tensor, source_spec: torch.Tensor) -> torch.Tensor:
         """conv_pre output (1, base, T) and the source STFT -> waveform (1, samples), before clamping."""
+        return self.spectral.synthesise(*self.filter_spectrum(x, source_spec))
+
+    def filter_spectrum(
+        self, x: torch.Tensor, source_spec: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`filter` up to the ISTFT: (magnitude, phase sine), each (b, n_fft/2 + 1, frames)."""
         p = self.p
         kernels = len(p.resblock_kernel_sizes)
         stages = len(p.upsample_rates)
@@ -109,7 +115,7 @@ class HiFTBody(nn.Module):
             x = total / kernels
         x = self.conv_post(F.leaky_relu(x))
         bins = p.istft_n_fft // 2 + 1
-        return self.spectral.synthesise(torch.exp(x[:, :bins]), torch.sin(x[:, bins:]))
+        return torch.exp(x[:, :bins]), torch.sin(x[:, bins:])
 
 
 class HiFTGenerator(HiFTBody):

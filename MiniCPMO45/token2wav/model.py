@@ -18,8 +18,18 @@ from .assets import AssetLayout, detect_layout, read_weights
 from .causal_hift import CausalHiFTGenerator
 from .cfm import default_noise_table
 from .crossfade_vocoder import CrossfadeState, CrossfadeVocoder
-from .flow import Flow, FlowCache, trim_flow_cache
+from .flow import (
+    Flow,
+    FlowCache,
+    split_flow_cache,
+    stack_flow_caches,
+    trim_flow_cache,
+    unstack_flow_cache,
+)
+from .flow_graphs import MAX_BUCKET, FlowGraphs
+from .fold import fold_weight_norms
 from .hift import HiFTGenerator, SourceNoise
+from .host import device_tensor
 from .hparams import F0PredictorParams, HiFTParams, causal_hift_params_from_yaml, flow_params_from_yaml
 from .streaming_vocoder import StreamingVocoder, VocoderState, default_source_noise_table
 
@@ -145,7 +155,11 @@ class Token2Wav:
         streaming: StreamingVocoder | CrossfadeVocoder,
         layout: str,
         n_timesteps: int = 5,
+        use_graphs: bool | None = None,
     ) -> None:
+        """use_graphs: True runs the flow windows through `flow_graphs` and the causal HiFT's decoder
+        network through `padded_graphs` (batch padded to buckets, CUDA graphs per shape when on CUDA; the
+        same padded code eagerly elsewhere). None (the default for now) and False keep the plain path."""
         if n_timesteps <= 0:
             raise ValueError("n_timesteps must be positive")
         self.flow = flow
@@ -154,6 +168,9 @@ class Token2Wav:
         self.layout = layout
         self.n_timesteps = n_timesteps
         self.sample_rate = SAMPLE_RATE
+        self.flow_graphs = FlowGraphs(flow, graphs=torch.cuda.is_available()) if use_graphs else None
+        if use_graphs and isinstance(streaming, StreamingVocoder):
+            streaming.use_padded_decode(graphs=torch.cuda.is_available())
 
     @property
     def device(self) -> torch.device:
@@ -167,10 +184,17 @@ class Token2Wav:
         device: str | torch.device = "cpu",
         flow_noise: torch.Tensor | None = None,
         source_noise_table: torch.Tensor | None = None,
+        use_graphs: bool | None = None,
+        fold_weights: bool = True,
     ) -> Token2Wav:
-        """Load `assets/token2wav/` (either layout). The noise tables default to fixed-seed draws."""
+        """Load `assets/token2wav/` (either layout). The noise tables default to fixed-seed draws.
+
+        fold_weights: store the weight-normed convs' g * v / ||v|| once instead of per forward (inference
+        only; False keeps the parametrizations, for comparisons). use_graphs: see `__init__`."""
         layout = detect_layout(folder)
-        return cls.from_layout(layout, n_timesteps, device, flow_noise, source_noise_table)
+        return cls.from_layout(
+            layout, n_timesteps, device, flow_noise, source_noise_table, use_graphs, fold_weights
+        )
 
     @classmethod
     def from_layout(
@@ -180,6 +204,8 @@ class Token2Wav:
         device: str | torch.device = "cpu",
         flow_noise: torch.Tensor | None = None,
         source_noise_table: torch.Tensor | None = None,
+        use_graphs: bool | None = None,
+        fold_weights: bool = True,
     ) -> Token2Wav:
         params = flow_params_from_yaml(layout.flow_yaml)
         noise = flow_noise if flow_noise is not None else default_noise_table(params.output_size)
@@ -199,15 +225,22 @@ class Token2Wav:
                 if source_noise_table is not None
                 else default_source_noise_table(causal.harmonics, causal_params.sampling_rate)
             )
-            streaming = StreamingVocoder(causal, table.to(device))
+            streaming = StreamingVocoder(causal, table.to(device))  # takes its float64 F0 copy first
+            if fold_weights:
+                fold_weight_norms(causal)
         else:
             original_state = read_weights(layout.hift_weights, strip_prefix="generator.")
         original = HiFTGenerator(_original_hift_params(original_state))
         load_weights(original, original_state)
         original = original.to(device).eval()
+        if fold_weights:
+            fold_weight_norms(original)
+        flow = flow.to(device).eval()
+        if fold_weights:
+            fold_weight_norms(flow)
         if layout.kind == "old":
             streaming = CrossfadeVocoder(original)
-        return cls(flow.to(device).eval(), original, streaming, layout.kind, n_timesteps)
+        return cls(flow, original, streaming, layout.kind, n_timesteps, use_graphs)
 
     # ---- per voice -------------------------------------------------------------------------------
 
@@ -283,6 +316,8 @@ class Token2Wav:
         blocks of equal geometry. Each turn may appear once. Returns the audio of each window, in order."""
         if len({id(state) for state, _, _ in windows}) != len(windows):
             raise ValueError("a turn can have only one window per call")
+        vocab = self.flow.p.vocab_size
+        token_lists = []
         for state, tokens, last_chunk in windows:
             if state.finished:
                 raise ValueError("this turn has already been flushed; start a new turn")
@@ -290,23 +325,15 @@ class Token2Wav:
                 raise ValueError(
                     f"a non-final window needs more than {self.flow.lookahead} tokens, got {len(tokens)}"
                 )
+            ids = [int(t) for t in tokens]
+            if any(not 0 <= t < vocab for t in ids):  # checked here, not on the device (no sync)
+                raise ValueError(f"speech tokens must lie in 0..{vocab - 1}")
+            token_lists.append(ids)
         mels: list[torch.Tensor | None] = [None] * len(windows)
-        groups: dict[tuple[object, ...], list[int]] = {}
-        for i, (state, tokens, last_chunk) in enumerate(windows):
-            if len(tokens):
-                key = (len(tokens), last_chunk, state.prompt.prompt_frames, state.flow_cache.shape_key())
-                groups.setdefault(key, []).append(i)
-        low_layers = len(self.flow.encoder.encoders)
-        for members in groups.values():
-            states = [windows[i][0] for i in members]
-            ids = torch.stack([_tensor(windows[i][1], torch.long, self.device) for i in members])
-            spk = torch.cat([st.prompt.spk_embedding for st in states], dim=0)
-            mel, caches = self.flow.inference_chunk_batch(
-                ids, spk, [st.flow_cache for st in states], windows[members[0]][2], self.n_timesteps
-            )
-            for row, (i, st, cache) in enumerate(zip(members, states, caches, strict=True)):
-                st.flow_cache = trim_flow_cache(cache, st.prompt.prompt_frames, HISTORY_FRAMES, low_layers)
-                mels[i] = mel[row : row + 1]
+        if self.flow_graphs is not None:
+            self._static_flow(windows, token_lists, mels)
+        else:
+            self._plain_flow(windows, token_lists, mels)
         full_mels = [
             mel if mel is not None else torch.zeros(1, self.flow.p.output_size, 0, device=self.device)
             for mel in mels
@@ -314,15 +341,77 @@ class Token2Wav:
         states = [state for state, _, _ in windows]
         finals = [last_chunk for _, _, last_chunk in windows]
         wavs = self.streaming.stream_batch([st.vocoder for st in states], full_mels, finals)  # type: ignore[arg-type]
-        out = []
+        # One finiteness check and one device-to-host copy for all turns (each was a sync per turn).
+        joined = torch.cat([wav[0].float() for wav in wavs]) if wavs else torch.zeros(0)
+        if not torch.isfinite(joined).all():
+            raise RuntimeError("the streaming vocoder returned non-finite audio")
+        host = joined.cpu().numpy()
+        out, start = [], 0
         for state, last_chunk, wav in zip(states, finals, wavs, strict=True):
-            if not torch.isfinite(wav).all():
-                raise RuntimeError("the streaming vocoder returned non-finite audio")
             state.windows += 1
             if last_chunk:
                 state.finished = True
-            out.append(wav[0].float().cpu().numpy())
+            out.append(host[start : start + wav.shape[1]])
+            start += wav.shape[1]
         return out
+
+    @staticmethod
+    def _flow_groups(
+        windows: Sequence[tuple[TurnState, Sequence[int], bool]],
+    ) -> dict[tuple[int, bool, int, tuple[tuple[int, ...], ...]], list[int]]:
+        """Windows that can share a flow batch: equal size, kind, prompt length and cache shapes."""
+        groups: dict[tuple[int, bool, int, tuple[tuple[int, ...], ...]], list[int]] = {}
+        for i, (state, tokens, last_chunk) in enumerate(windows):
+            if len(tokens):
+                key = (len(tokens), last_chunk, state.prompt.prompt_frames, state.flow_cache.shape_key())
+                groups.setdefault(key, []).append(i)
+        return groups
+
+    def _plain_flow(
+        self,
+        windows: Sequence[tuple[TurnState, Sequence[int], bool]],
+        token_lists: list[list[int]],
+        mels: list[torch.Tensor | None],
+    ) -> None:
+        low_layers = len(self.flow.encoder.encoders)
+        for (_, last_chunk, _, _), members in self._flow_groups(windows).items():
+            states = [windows[i][0] for i in members]
+            ids = device_tensor([token_lists[i] for i in members], torch.long, self.device)
+            spk = torch.cat([st.prompt.spk_embedding for st in states], dim=0)
+            batched = stack_flow_caches([st.flow_cache for st in states])
+            mel, new = self.flow.chunk_forward(ids, spk, batched, last_chunk, self.n_timesteps)
+            caches = unstack_flow_cache(new, len(members))
+            for row, (i, st, cache) in enumerate(zip(members, states, caches, strict=True)):
+                st.flow_cache = trim_flow_cache(cache, st.prompt.prompt_frames, HISTORY_FRAMES, low_layers)
+                mels[i] = mel[row : row + 1]
+
+    def _static_flow(
+        self,
+        windows: Sequence[tuple[TurnState, Sequence[int], bool]],
+        token_lists: list[list[int]],
+        mels: list[torch.Tensor | None],
+    ) -> None:
+        """The flow part of `stream_windows` through `flow_graphs`: groups of equal shapes, in pieces of at
+        most 64, padded to a batch bucket. Fills `mels` and each turn's (trimmed, owned) flow cache."""
+        assert self.flow_graphs is not None
+        groups = self._flow_groups(windows)
+        low_layers = len(self.flow.encoder.encoders)
+        for (_, last_chunk, prompt_frames, _), members in groups.items():
+            for begin in range(0, len(members), MAX_BUCKET):
+                part = members[begin : begin + MAX_BUCKET]
+                states = [windows[i][0] for i in part]
+                ids = device_tensor([token_lists[i] for i in part], torch.long, self.device)
+                spk = torch.cat([st.prompt.spk_embedding for st in states], dim=0)
+                mel, cache, bucket = self.flow_graphs.run(
+                    ids, spk, [st.flow_cache for st in states], last_chunk, self.n_timesteps
+                )
+                mel = mel[: len(part)].clone()
+                trimmed = trim_flow_cache(cache, prompt_frames, HISTORY_FRAMES, low_layers)
+                for row, (i, st, new) in enumerate(
+                    zip(part, states, split_flow_cache(trimmed, len(part), bucket), strict=True)
+                ):
+                    st.flow_cache = new
+                    mels[i] = mel[row : row + 1]
 
     def _take_codes(self, state: TurnState, codes: Sequence[int]) -> None:
         if state.finished:

@@ -23,6 +23,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from .causal_hift import CausalF0Predictor, CausalHiFTGenerator
+from .fold import fold_weight_norms, has_parametrizations
+from .host import device_tensor
+from .padded_graphs import PaddedGraphs
 
 # The official table covers 300 s and is drawn unseeded at build time, so its values cannot be matched
 # anyway; a 60 s table (52 MB) read at absolute positions modulo its length only changes the period.
@@ -69,17 +72,40 @@ class StreamingVocoder:
         self.noise_table = noise_table
         self.block_frames = block_frames
         self.hop = model.hop
-        p = model.p
         # A float64 copy of the F0 predictor: F0 errors accumulate in the phase, so it runs in double.
+        # A float64 copy of the F0 predictor: F0 errors accumulate in the phase, so it runs in double. Its
+        # weight norms are folded after the cast (g * v / ||v|| in double) when the source still has them.
+        # (A fresh module, not a deepcopy: removing a parametrization from a deepcopy would also strip the
+        # class shared with the original.)
+        p = model.p
         self.f0_model = CausalF0Predictor(
             p.in_channels, p.f0_predictor.cond_channels, p.f0_predictor.num_class
         )
-        self.f0_model.load_state_dict(model.f0_predictor.state_dict())
-        self.f0_model = self.f0_model.double().eval().to(next(model.parameters()).device)
+        if has_parametrizations(model.f0_predictor):
+            self.f0_model.load_state_dict(model.f0_predictor.state_dict())
+            self.f0_model = self.f0_model.double()
+            fold_weight_norms(self.f0_model)
+        else:
+            fold_weight_norms(self.f0_model)
+            self.f0_model.load_state_dict(model.f0_predictor.state_dict())
+            self.f0_model = self.f0_model.double()
+        self.f0_model = self.f0_model.eval().to(next(model.parameters()).device)
         self.f0_left = self.f0_model.left_context
         self.f0_right = self.f0_model.right_context
         self.decoder_right = model.look_right + 1
         self.history = model.receptive_history()
+        self._spectrum: PaddedGraphs | None = None
+
+    def use_padded_decode(self, graphs: bool) -> None:
+        """Run the decoder network (up to the ISTFT) on batches padded to buckets, as CUDA graphs per
+        geometry when `graphs` and CUDA is available (`padded_graphs`)."""
+        self._spectrum = PaddedGraphs(self.model.decode_spectrum, graphs)
+
+    def _run_decoder(self, mel: torch.Tensor, source: torch.Tensor, final: bool) -> torch.Tensor:
+        if self._spectrum is None:
+            return self.model.decode(mel, source, final)
+        magnitude, phase = self._spectrum((mel, source), final)
+        return self.model.finish_decode(magnitude, phase, final)
 
     @property
     def delay_frames(self) -> int:
@@ -117,7 +143,7 @@ class StreamingVocoder:
         voiced = (f0[:, :, None] > p.nsf_voiced_threshold).to(f0).repeat_interleave(self.hop, dim=1)
         noise_amp = voiced * p.nsf_sigma + (1 - voiced) * p.nsf_alpha / 3
         table = self.noise_table[0]
-        offsets = torch.tensor([f * self.hop for f in first_frames], device=table.device)
+        offsets = device_tensor([f * self.hop for f in first_frames], torch.long, table.device)
         positions = (offsets[:, None] + torch.arange(sine.shape[1], device=table.device)) % table.shape[0]
         noise = table[positions].to(f0)  # (B, n*hop, harmonics)
         excitation = sine * p.nsf_alpha * voiced + noise_amp * noise
@@ -161,7 +187,7 @@ class StreamingVocoder:
                 end = st.source_end - st.mel_start
                 feats.append(st.mel[:, :, end - length : end])
                 sources.append(st.source[:, :, st.source.shape[2] - length * hop :])
-            speech = self.model.decode(torch.cat(feats, dim=0), torch.cat(sources, dim=0), final)[
+            speech = self._run_decoder(torch.cat(feats, dim=0), torch.cat(sources, dim=0), final)[
                 :, skip * hop :
             ]
             for row, i in enumerate(members):
