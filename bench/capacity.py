@@ -275,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, help="KV positions per session (default 4096, tiny 64)")
     ap.add_argument("--device", help="default cuda (cpu with --tiny)")
     ap.add_argument("--no-graphs", action="store_true", help="eager static steps (comparison)")
+    ap.add_argument("--vocoder-graphs", action="store_true", help="token2wav windows as CUDA graphs")
+    ap.add_argument("--vocoder-graph-gib", type=float, default=16.0, help="memory budget of those graphs")
     ap.add_argument(
         "--budget-s", type=float, default=480.0, help="skip the remaining N after this many seconds"
     )
@@ -365,7 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     assets = write_random_assets(
         scratch / "token2wav-assets", size="tiny" if args.tiny else "real", with_onnx=False
     )
-    vocoder = Token2Wav.from_assets(assets, n_timesteps=5, device=device)
+    vocoder = Token2Wav.from_assets(
+        assets, n_timesteps=5, device=device, use_graphs=args.vocoder_graphs and device.type == "cuda"
+    )
+    if vocoder.flow_graphs is not None:
+        vocoder.flow_graphs.max_bytes = int(args.vocoder_graph_gib * 2**30)
+    results["vocoder_graphs"] = vocoder.flow_graphs is not None
     rng = np.random.default_rng(0)
     voice = vocoder.prepare_prompt(
         rng.integers(0, 6561, size=150),
