@@ -121,7 +121,10 @@ class EngineHost:
         self.tts: MiniCPMTTS = tts
         self.tts_cache: TTSKVCache = tts.new_cache(self.max_sessions)
         layout = detect_layout(self.model_dir / TOKEN2WAV_SUBDIR)
-        self.vocoder = Token2Wav.from_layout(layout, device=self.device)
+        # On a GPU the vocoder windows replay as CUDA graphs (identical audio, ~4x faster at batch 1).
+        self.vocoder = Token2Wav.from_layout(
+            layout, device=self.device, use_graphs=torch.device(self.device).type == "cuda"
+        )
         try:
             self.frontend: PromptFrontend | None = PromptFrontend.from_layout(layout)
         except FileNotFoundError as exc:

@@ -18,6 +18,7 @@ import torch
 
 from MiniCPMO45.modules.tts import DUPLEX_MAX_DRAWS, TTSSession
 from MiniCPMO45.token2wav import TurnState
+from MiniCPMO45.token2wav.model import PushRequest
 
 from .engine_host import EngineHost, Voice
 
@@ -57,7 +58,7 @@ class DuplexVoice:
 def speak_units(
     voices: Sequence[DuplexVoice], conditions: Sequence[torch.Tensor], end_of_turn: Sequence[bool]
 ) -> tuple[list[list[np.ndarray]], SpeechTimes]:
-    """One speaking unit for each session: TTS codes (batched), then the vocoder (per session)."""
+    """One speaking unit for each session: TTS codes and vocoder windows, each batched over the sessions."""
     if not voices:
         return [], SpeechTimes()
     host = voices[0].host
@@ -74,11 +75,14 @@ def speak_units(
         [v.tts for v in voices], list(conditions), min_new=mins, max_new=DUPLEX_MAX_DRAWS
     )
     tts_done = time.perf_counter()
-    out = []
+    # One batched vocoder call for every speaking session; a unit whose codes stopped at EOS flushes its
+    # short windows at once, as the reference does when a chunk ends early.
+    requests = []
     for v, res, end in zip(voices, results, end_of_turn, strict=True):
         assert v.turn is not None
-        out.append(host.vocoder.push_codes(v.turn, res.codes.tolist(), end_of_turn=end))
+        requests.append(PushRequest(v.turn, res.codes.tolist(), end_of_turn=end, flush=res.hit_eos))
         v.units_in_turn += 1
+    out = host.vocoder.push_codes_batch(requests)
     return out, SpeechTimes((tts_done - started) * 1000, (time.perf_counter() - tts_done) * 1000)
 
 
