@@ -36,7 +36,7 @@ from ..token2wav import PromptCache, PushRequest, Token2Wav, TurnState
 from .batched_audio import stream_audio_embeds
 from .batched_decision import DecisionParams, decide_batch
 from .core import Engine
-from .duplex import DuplexState, SchemaItem, UnitInput, UnitResult, _state
+from .duplex import DuplexState, SchemaItem, UnitInput, UnitResult, _state, record_token
 from .session import Session
 from .static_decode import StaticLLM
 from .static_tts import StaticTTS
@@ -325,20 +325,9 @@ class DuplexBatcher:
                         tok = sp.tts_bos
                 if j == 0:
                     decided_at[run.index] = now
-                st.total_ids.append(tok)
-                res.is_listen = tok == sp.listen
-                if tok in (sp.listen, sp.chunk_eos, sp.chunk_tts_eos):
-                    st.pending_terminator = tok
+                if not record_token(eng, st, res, run.unit_ids, tok, j):
                     run.done = True
                     continue
-                st.turn_open = True
-                if j != 0:
-                    text = eng.tokenizer.decode([*run.unit_ids, tok], skip_special_tokens=True)
-                    if len(text) >= st.config.max_unit_chars:
-                        st.total_ids[-1] = sp.chunk_eos
-                        st.pending_terminator = sp.chunk_eos
-                        run.done = True
-                        continue
                 to_feed.append((run, tok))
             if not to_feed:
                 break

@@ -311,6 +311,27 @@ def decide_token(
     return tok
 
 
+def record_token(
+    engine: Engine, st: DuplexState, res: UnitResult, unit_ids: Sequence[int], tok: int, j: int
+) -> bool:
+    """Apply the j-th decided token of a unit (§3.3.3 steps 4–5): append it, end the unit on a terminator or at
+    the per-unit character cap. Returns whether the token is to be fed to the LLM."""
+    sp = engine.special
+    st.total_ids.append(tok)
+    res.is_listen = tok == sp.listen
+    if tok in (sp.listen, sp.chunk_eos, sp.chunk_tts_eos):
+        st.pending_terminator = tok  # fed with </unit> at finalize
+        return False
+    st.turn_open = True
+    if j != 0:
+        text = engine.tokenizer.decode([*unit_ids, tok], skip_special_tokens=True)
+        if len(text) >= st.config.max_unit_chars:
+            st.total_ids[-1] = sp.chunk_eos
+            st.pending_terminator = sp.chunk_eos
+            return False
+    return True
+
+
 @dataclass
 class _UnitRun:
     index: int
@@ -383,20 +404,9 @@ def generate_units(
                 res.decoded_ids.append(tok)
                 if tok == sp.listen and st.turn_open:
                     tok = sp.tts_bos  # a turn in progress cannot fall silent
-            st.total_ids.append(tok)
-            res.is_listen = tok == sp.listen
-            if tok in (sp.listen, sp.chunk_eos, sp.chunk_tts_eos):
-                st.pending_terminator = tok  # fed with </unit> at finalize
+            if not record_token(engine, st, res, run.unit_ids, tok, j):
                 run.done = True
                 continue
-            st.turn_open = True
-            if j != 0:
-                text = engine.tokenizer.decode([*run.unit_ids, tok], skip_special_tokens=True)
-                if len(text) >= st.config.max_unit_chars:
-                    st.total_ids[-1] = sp.chunk_eos
-                    st.pending_terminator = sp.chunk_eos
-                    run.done = True
-                    continue
             to_feed.append((run, tok))
         if not to_feed:
             break
