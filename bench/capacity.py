@@ -278,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocoder-graphs", action="store_true", help="token2wav windows as CUDA graphs")
     ap.add_argument("--vocoder-graph-gib", type=float, default=16.0, help="memory budget of those graphs")
     ap.add_argument(
+        "--reserve-gib", type=float, default=6.0, help="GPU memory kept free when sizing the KV cache"
+    )
+    ap.add_argument(
         "--budget-s", type=float, default=480.0, help="skip the remaining N after this many seconds"
     )
     ap.add_argument("--no-vocoder", action="store_true", help="stop at the TTS codes (vocoder cost apart)")
@@ -344,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     slots = want
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        reserve = 6 * 2**30  # vocoder, graph pools, activations of the largest prefill
+        # vocoder, graph pools, activations of the largest prefill; plus the vocoder graphs' own budget
+        reserve = int((args.reserve_gib + (args.vocoder_graph_gib if args.vocoder_graphs else 0)) * 2**30)
         slots = max(1, min(want, int((free - reserve) // (per_slot + extra))))
     results.update(
         kv_slots=slots,
