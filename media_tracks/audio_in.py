@@ -8,7 +8,6 @@ with silence so units stay aligned to real time, and hands each finished unit to
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from .reader import TrackReader
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ def _concat(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts).astype(np.float32, copy=False)
 
 
-class InboundAudio:
+class InboundAudio(TrackReader):
     """Reads an aiortc audio track → 16 kHz mono float32 → `UnitCutter` → `on_unit(unit)`.
 
     The reader consumes every frame as soon as it is decoded, so the remote track's unbounded queue
@@ -188,6 +189,8 @@ class InboundAudio:
     packets, DTX) of up to 1 s becomes silence, so unit boundaries stay aligned with real time.
     """
 
+    task_name = "inbound-audio"
+
     def __init__(
         self,
         track: MediaStreamTrack,
@@ -195,6 +198,7 @@ class InboundAudio:
         on_unit: Callable[[AudioUnit], None],
         fill_gaps: bool = True,
     ) -> None:
+        super().__init__()
         if track.kind != "audio":
             raise ValueError(f"InboundAudio needs an audio track, got kind {track.kind!r}")
         self.track = track
@@ -204,34 +208,11 @@ class InboundAudio:
         self.samples_out = 0  # 16 kHz samples handed to the cutter
         self.ended = False  # the track ended (MediaStreamError); the resampler tail was delivered
         self._resampler = _MonoResampler(fill_gaps=fill_gaps)
-        self._task: asyncio.Task[None] | None = None
 
     @property
     def gap_samples(self) -> int:
         """16 kHz samples of silence inserted where inbound timestamps skipped (lost packets)."""
         return self._resampler.gap_samples
-
-    def start(self) -> None:
-        """Start the reader task on the running event loop."""
-        if self._task is not None:
-            raise RuntimeError("InboundAudio already started")
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="inbound-audio")
-
-    async def stop(self) -> None:
-        """Cancel the reader and wait for it; safe to call more than once."""
-        task = self._task
-        if task is None or task.done():
-            return
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
-
-    async def wait_ended(self) -> None:
-        """Wait until the reader has finished (track ended or stopped)."""
-        if self._task is not None:
-            await asyncio.wait({self._task})
 
     def _deliver(self, samples: np.ndarray, arrived_at: float) -> None:
         if samples.size == 0:

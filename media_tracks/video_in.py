@@ -14,6 +14,8 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from .reader import TrackReader
+
 
 def fit_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
     """The size that keeps the aspect ratio with the longer side at most `max_side` (never upscales)."""
@@ -23,10 +25,13 @@ def fit_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-class LatestVideoFrame:
+class LatestVideoFrame(TrackReader):
     """Holds the newest `av.VideoFrame` of a video track; converts to RGB lazily on `snapshot_rgb`."""
 
+    task_name = "latest-video-frame"
+
     def __init__(self, track: MediaStreamTrack) -> None:
+        super().__init__()
         if track.kind != "video":
             raise ValueError(f"LatestVideoFrame needs a video track, got kind {track.kind!r}")
         self.track = track
@@ -36,33 +41,10 @@ class LatestVideoFrame:
         self._latest: av.VideoFrame | None = None
         # (frame, max_side, rgb) of the last conversion
         self._cache: tuple[av.VideoFrame, int | None, np.ndarray] | None = None
-        self._task: asyncio.Task[None] | None = None
 
     @property
     def latest(self) -> av.VideoFrame | None:
         return self._latest
-
-    def start(self) -> None:
-        """Start the reader task on the running event loop."""
-        if self._task is not None:
-            raise RuntimeError("LatestVideoFrame already started")
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="latest-video-frame")
-
-    async def stop(self) -> None:
-        """Cancel the reader and wait for it; safe to call more than once."""
-        task = self._task
-        if task is None or task.done():
-            return
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
-
-    async def wait_ended(self) -> None:
-        """Wait until the reader has finished (track ended or stopped)."""
-        if self._task is not None:
-            await asyncio.wait({self._task})
 
     async def _run(self) -> None:
         try:

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from MiniCPMO45.engine.duplex import DuplexConfig
+
 
 def load_npz(fixture_dir: Path, name: str) -> dict[str, np.ndarray]:
     path = fixture_dir / "expected" / f"{name}.npz"
@@ -27,3 +29,22 @@ def assert_close(actual: torch.Tensor, expected: np.ndarray, tol: float = 1e-4, 
     assert act.shape == exp.shape, f"{what}: shape {tuple(act.shape)} != {tuple(exp.shape)}"
     diff = (act - exp).abs().max().item() if act.numel() else 0.0
     assert torch.allclose(act, exp, atol=tol, rtol=tol), f"{what}: max abs diff {diff:.3g}"
+
+
+def fixture_duplex_config(manifest: dict, **overrides: object) -> DuplexConfig:
+    """The duplex settings the e_duplex fixture was recorded with (greedy decisions), plus `overrides`."""
+    dc = manifest["duplex_config"]
+    fields: dict[str, object] = dict(
+        decode_mode="greedy",
+        temperature=dc["temperature"],
+        top_k=dc["top_k"],
+        top_p=dc["top_p"],
+        text_repetition_penalty=dc["text_repetition_penalty"],
+        text_repetition_window=dc["text_repetition_window_size"],
+        listen_prob_scale=dc["listen_prob_scale"],
+        force_listen_count=dc["force_listen_count"],
+        max_new_speak_tokens_per_chunk=dc["max_new_speak_tokens_per_chunk"],
+        length_penalty=1.1,
+    )
+    fields.update(overrides)
+    return DuplexConfig(**fields)

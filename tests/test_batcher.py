@@ -14,7 +14,6 @@ from PIL import Image
 from MiniCPMO45.engine.batcher import DuplexBatcher
 from MiniCPMO45.engine.core import Engine
 from MiniCPMO45.engine.duplex import (
-    DuplexConfig,
     UnitInput,
     finalize_units,
     generate_units,
@@ -24,26 +23,14 @@ from MiniCPMO45.engine.duplex import (
 )
 from MiniCPMO45.engine.session import Mode
 from MiniCPMO45.processor.audio_io import load_audio
-from tests.engine_fixtures import load_manifest, load_npz
+from tests.engine_fixtures import fixture_duplex_config, load_manifest, load_npz
 
 UNITS = 6
 
 
 def _plan(fixture_dir: Path):
     manifest = load_manifest(fixture_dir)
-    dc = manifest["duplex_config"]
-    cfg = DuplexConfig(
-        decode_mode="greedy",
-        temperature=dc["temperature"],
-        top_k=dc["top_k"],
-        top_p=dc["top_p"],
-        text_repetition_penalty=dc["text_repetition_penalty"],
-        text_repetition_window=dc["text_repetition_window_size"],
-        listen_prob_scale=dc["listen_prob_scale"],
-        force_listen_count=dc["force_listen_count"],
-        max_new_speak_tokens_per_chunk=dc["max_new_speak_tokens_per_chunk"],
-        length_penalty=1.1,
-    )
+    cfg = fixture_duplex_config(manifest)
     inputs = fixture_dir / "inputs"
     audio = load_audio(inputs / "duplex_audio.wav")
     ref = load_audio(inputs / "ref_audio.wav")

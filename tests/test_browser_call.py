@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 from playwright.async_api import async_playwright
 
+from tests.browser_helpers import CHROMIUM, chromium_args, make_fake_mic, require_chromium
 from tests.conftest import REPO_ROOT
-from tests.rtc_client import speech_signal, write_wav
 
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 
 # Records what the page asks getUserMedia for, before any page script runs.
@@ -40,29 +39,14 @@ async () => {
 
 @pytest.fixture(scope="module")
 def fake_mic(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("mic")
-    wav = folder / "mic.wav"
-    write_wav(wav, speech_signal(folder / "speech.wav"))
-    return wav
+    return make_fake_mic(tmp_path_factory.mktemp("mic"))
 
 
 async def test_browser_loopback_call(start_test_server, fake_mic: Path) -> None:
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(f"{CHROMIUM} is missing (scripts/test.sh installs Debian's chromium)")
+    require_chromium()
     server = await start_test_server()
     url = server.url.replace("localhost", "127.0.0.1")
-    args = [
-        "--headless",
-        "--no-sandbox",
-        "--use-fake-ui-for-media-stream",
-        "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={fake_mic}",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--autoplay-policy=no-user-gesture-required",
-    ]
+    args = chromium_args(fake_mic)
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=args)
         try:

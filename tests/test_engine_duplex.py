@@ -21,30 +21,12 @@ from MiniCPMO45.engine.duplex import (
 )
 from MiniCPMO45.engine.session import Mode
 from MiniCPMO45.processor.audio_io import load_audio
-from tests.engine_fixtures import assert_close, load_manifest, load_npz
+from tests.engine_fixtures import assert_close, fixture_duplex_config, load_manifest, load_npz
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir: Path) -> Engine:
     return Engine.from_pretrained(tiny_model_dir, dtype=torch.float32, max_sessions=2, max_len=512)
-
-
-def _config(manifest: dict, **overrides) -> DuplexConfig:
-    dc = manifest["duplex_config"]
-    fields = dict(
-        decode_mode="greedy",
-        temperature=dc["temperature"],
-        top_k=dc["top_k"],
-        top_p=dc["top_p"],
-        text_repetition_penalty=dc["text_repetition_penalty"],
-        text_repetition_window=dc["text_repetition_window_size"],
-        listen_prob_scale=dc["listen_prob_scale"],
-        force_listen_count=dc["force_listen_count"],
-        max_new_speak_tokens_per_chunk=dc["max_new_speak_tokens_per_chunk"],
-        length_penalty=1.1,
-    )
-    fields.update(overrides)
-    return DuplexConfig(**fields)
 
 
 def _run(engine: Engine, fixture_dir: Path, config: DuplexConfig):
@@ -75,7 +57,7 @@ def _run(engine: Engine, fixture_dir: Path, config: DuplexConfig):
 def test_duplex_loop_matches_reference(engine: Engine, tiny_fixture_dir: Path) -> None:
     e = load_npz(tiny_fixture_dir, "e_duplex")
     manifest = load_manifest(tiny_fixture_dir)
-    s, kv0, first_logits, steps, seen = _run(engine, tiny_fixture_dir, _config(manifest))
+    s, kv0, first_logits, steps, seen = _run(engine, tiny_fixture_dir, fixture_duplex_config(manifest))
     try:
         assert kv0 == int(e["kv_len_after_prepare"])
         assert_close(first_logits, e["decode_first_logits_full"], what="first decode logits")
@@ -137,7 +119,7 @@ def test_two_sessions_step_together(engine: Engine, tiny_fixture_dir: Path) -> N
     ref = load_audio(tiny_fixture_dir / "inputs" / "ref_audio.wav")
     forces_a = [rec["force_listen_override"] for rec in manifest["duplex_steps"]]
     forces_b = [False, False, True, False]
-    cfg_b = _config(manifest, max_slice_nums=2)
+    cfg_b = fixture_duplex_config(manifest, max_slice_nums=2)
 
     solo = engine.open_session(Mode.DUPLEX)
     prepare(engine, solo, "Another prompt.", None, cfg_b)
@@ -147,7 +129,7 @@ def test_two_sessions_step_together(engine: Engine, tiny_fixture_dir: Path) -> N
 
     a, b = engine.open_session(Mode.DUPLEX), engine.open_session(Mode.DUPLEX)
     try:
-        prepare(engine, a, prompt, ref, _config(manifest))
+        prepare(engine, a, prompt, ref, fixture_duplex_config(manifest))
         prepare(engine, b, "Another prompt.", None, cfg_b)
         units_a, units_b = _units(tiny_fixture_dir), _units(tiny_fixture_dir, "hd", 4)
         # b starts two units later than a

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 from playwright.async_api import async_playwright
 
+from tests.browser_helpers import CHROMIUM, chromium_args, make_fake_mic, require_chromium
 from tests.conftest import REPO_ROOT
-from tests.rtc_client import speech_signal, write_wav
-from tests.test_browser_call import CHROMIUM
 
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 EMBEDDED_CONFIG = REPO_ROOT / ".cache" / "embedded" / "minicpmo45-tiny-random" / "config.json"
@@ -18,10 +17,7 @@ EMBEDDED_CONFIG = REPO_ROOT / ".cache" / "embedded" / "minicpmo45-tiny-random" /
 
 @pytest.fixture(scope="module")
 def fake_mic(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("mic")
-    wav = folder / "mic.wav"
-    write_wav(wav, speech_signal(folder / "speech.wav"))
-    return wav
+    return make_fake_mic(tmp_path_factory.mktemp("mic"))
 
 
 def events_js(kind: str) -> str:
@@ -29,20 +25,10 @@ def events_js(kind: str) -> str:
 
 
 async def test_browser_calls_each_model_mode(start_test_server, fake_mic: Path) -> None:
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(f"{CHROMIUM} is missing (scripts/test.sh installs Debian's chromium)")
+    require_chromium()
     server = await start_test_server(workers={"heartbeat_timeout_s": 30.0})
     url = server.url.replace("localhost", "127.0.0.1")
-    args = [
-        "--headless",
-        "--no-sandbox",
-        "--use-fake-ui-for-media-stream",
-        "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={fake_mic}",
-        "--disable-background-networking",
-        "--no-first-run",
-        "--autoplay-policy=no-user-gesture-required",
-    ]
+    args = chromium_args(fake_mic)
     seen: dict[str, list[dict]] = {}
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=args)

@@ -17,12 +17,12 @@ import pytest_asyncio
 from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
 
 from rtc_server.app import start_server
+from tests.browser_helpers import CHROMIUM, chromium_args, make_fake_mic, require_chromium
 from tests.conftest import REPO_ROOT, server_test_config
 from tests.rtc_client import speech_signal, write_wav
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 ADMIN_TOKEN = "ui-admin-token"
 VIEWPORTS = {"desktop": (1280, 800), "mobile": (390, 844)}
@@ -57,28 +57,13 @@ async def server():
 
 @pytest.fixture(scope="module")
 def fake_mic(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("ui-mic")
-    wav = folder / "mic.wav"
-    write_wav(wav, speech_signal(folder / "speech.wav"))
-    return wav
+    return make_fake_mic(tmp_path_factory.mktemp("ui-mic"))
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def browser(fake_mic: Path):
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(f"{CHROMIUM} is missing (scripts/test.sh installs Debian's chromium)")
-    args = [
-        "--headless",
-        "--no-sandbox",
-        "--use-fake-ui-for-media-stream",
-        "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-audio-capture={fake_mic}",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--autoplay-policy=no-user-gesture-required",
-    ]
+    require_chromium()
+    args = chromium_args(fake_mic)
     async with async_playwright() as pw:
         chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=args)
         yield chromium

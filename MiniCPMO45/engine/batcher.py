@@ -36,7 +36,16 @@ from ..token2wav import PromptCache, PushRequest, Token2Wav, TurnState
 from .batched_audio import stream_audio_embeds
 from .batched_decision import DecisionParams, decide_batch
 from .core import Engine
-from .duplex import DuplexState, SchemaItem, UnitInput, UnitResult, _state, record_token
+from .duplex import (
+    DuplexState,
+    SchemaItem,
+    UnitInput,
+    UnitResult,
+    _state,
+    record_prefill,
+    record_token,
+    stamp_prefill,
+)
 from .session import Session
 from .static_decode import StaticLLM
 from .static_tts import StaticTTS
@@ -207,18 +216,8 @@ class DuplexBatcher:
             out = self.llm.feed(slots, pieces)
             idx = torch.tensor(slots, device=self.device)
             logits = out["logits"].index_select(0, idx)
-            for k, i in enumerate(ready):
-                st = _state(sessions[i])
-                st.pending_logits = logits[k]
-                st.schema.append(schemas[k])
-                st.units_prefilled += 1
-        t_feed = time.perf_counter()
-        for r in results:
-            r.timings_ms.update(
-                vision_ms=(t_vision - t0) * 1000,
-                audio_ms=(t_audio - t_vision) * 1000,
-                prefill_feed_ms=(t_feed - t_audio) * 1000,
-            )
+            record_prefill([sessions[i] for i in ready], logits, schemas)
+        stamp_prefill(results, t0, t_vision, t_audio)
         return results
 
     # ---- generate -----------------------------------------------------------------------------------------

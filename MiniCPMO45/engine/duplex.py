@@ -240,11 +240,24 @@ def prefill_units(
         piecewise = any(_state(s).config.piecewise_prefill for s in ready_sessions)
         last_hidden = _feed_pieces(engine, ready_sessions, units, piecewise)
         logits = engine.model.llm.logits(torch.stack(last_hidden))
-        for k, i in enumerate(ready):
-            st = _state(sessions[i])
-            st.pending_logits = logits[k]
-            st.schema.append(units[k].schema)
-            st.units_prefilled += 1
+        record_prefill(ready_sessions, logits, [u.schema for u in units])
+    stamp_prefill(results, t0, t_vision, t_audio)
+    return results
+
+
+def record_prefill(
+    sessions: Sequence[Session], logits: torch.Tensor, schemas: Sequence[list[SchemaItem]]
+) -> None:
+    """Keep each prefilled session's next-token logits `logits[k]` for the decision, and its unit's schema."""
+    for k, s in enumerate(sessions):
+        st = _state(s)
+        st.pending_logits = logits[k]
+        st.schema.append(schemas[k])
+        st.units_prefilled += 1
+
+
+def stamp_prefill(results: Sequence[UnitResult], t0: float, t_vision: float, t_audio: float) -> None:
+    """Prefill timings (vision, audio encoder, LLM feed up to now) on every unit of the step."""
     t_feed = time.perf_counter()
     for r in results:
         r.timings_ms.update(
@@ -252,7 +265,6 @@ def prefill_units(
             audio_ms=(t_audio - t_vision) * 1000,
             prefill_feed_ms=(t_feed - t_audio) * 1000,
         )
-    return results
 
 
 def _feed_pieces(

@@ -1,0 +1,40 @@
+"""Debian's Chromium for the browser tests: its path, the required flags, and a fake microphone WAV."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.rtc_client import speech_signal, write_wav
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def require_chromium() -> None:
+    """A missing browser is a failure (scripts/test.sh installs it), never a skip."""
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} is missing (scripts/test.sh installs Debian's chromium)")
+
+
+def chromium_args(fake_mic: Path) -> list[str]:
+    """Headless, fake camera and microphone (the mic plays `fake_mic`), no background network traffic."""
+    return [
+        "--headless",
+        "--no-sandbox",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={fake_mic}",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--autoplay-policy=no-user-gesture-required",
+    ]
+
+
+def make_fake_mic(folder: Path) -> Path:
+    """A speech-like WAV in `folder` for Chromium's fake microphone."""
+    wav = folder / "mic.wav"
+    write_wav(wav, speech_signal(folder / "speech.wav"))
+    return wav
