@@ -19,7 +19,7 @@ class AudioFileError(ValueError):
     """An audio file that cannot be read."""
 
 
-def _parse_wav(data: bytes) -> tuple[np.ndarray, int] | None:
+def parse_wav(data: bytes) -> tuple[np.ndarray, int] | None:
     """(samples [frames, channels] float32, rate) for a WAV we understand, else None."""
     if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         return None
@@ -95,7 +95,7 @@ def load_audio(path: str | Path, sample_rate: int = TARGET_RATE) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise AudioFileError(f"audio file {path} does not exist")
-    parsed = _parse_wav(path.read_bytes())
+    parsed = parse_wav(path.read_bytes())
     if parsed is None:
         return _decode_with_av(path, sample_rate)
     frames, rate = parsed

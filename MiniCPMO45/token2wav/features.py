@@ -12,13 +12,14 @@
 from __future__ import annotations
 
 import math
-import struct
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..processor.audio_io import parse_wav
 
 # ---- mel filter banks ---------------------------------------------------------------------------
 
@@ -197,37 +198,8 @@ def resample(
 def read_wav(source: str | Path | bytes) -> tuple[np.ndarray, int]:
     """A RIFF/WAVE file (path or bytes) -> (float32 (channels, n) in [-1, 1], sample rate)."""
     data = Path(source).read_bytes() if isinstance(source, str | Path) else bytes(source)
-    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        raise ValueError("not a RIFF/WAVE file")
-    pos, fmt, payload = 12, None, None
-    while pos + 8 <= len(data):
-        chunk_id, size = data[pos : pos + 4], struct.unpack("<I", data[pos + 4 : pos + 8])[0]
-        body = data[pos + 8 : pos + 8 + size]
-        if chunk_id == b"fmt ":
-            fmt = body
-        elif chunk_id == b"data":
-            payload = body
-        pos += 8 + size + (size & 1)
-    if fmt is None or payload is None or len(fmt) < 16:
-        raise ValueError("WAV file lacks a fmt or data chunk")
-    tag, channels, rate = struct.unpack("<HHI", fmt[:8])
-    bits = struct.unpack("<H", fmt[14:16])[0]
-    if tag == 0xFFFE and len(fmt) >= 26:  # WAVE_FORMAT_EXTENSIBLE: the real tag opens the sub-format GUID
-        tag = struct.unpack("<H", fmt[24:26])[0]
-    if channels < 1:
-        raise ValueError("WAV file has no channels")
-    if tag == 1 and bits == 16:
-        samples = np.frombuffer(payload[: len(payload) // 2 * 2], "<i2").astype(np.float32) / 32768.0
-    elif tag == 1 and bits == 32:
-        samples = (np.frombuffer(payload[: len(payload) // 4 * 4], "<i4") / 2147483648.0).astype(np.float32)
-    elif tag == 1 and bits == 24:
-        raw = np.frombuffer(payload[: len(payload) // 3 * 3], np.uint8).reshape(-1, 3).astype(np.int32)
-        ints = raw[:, 0] | (raw[:, 1] << 8) | (raw[:, 2] << 16)
-        ints = np.where(ints >= 1 << 23, ints - (1 << 24), ints)
-        samples = (ints / 8388608.0).astype(np.float32)
-    elif tag == 3 and bits == 32:
-        samples = np.frombuffer(payload[: len(payload) // 4 * 4], "<f4").astype(np.float32)
-    else:
-        raise ValueError(f"unsupported WAV encoding (format tag {tag}, {bits} bits)")
-    frames = samples.size // channels
-    return samples[: frames * channels].reshape(frames, channels).T.copy(), int(rate)
+    parsed = parse_wav(data)
+    if parsed is None:
+        raise ValueError("not a RIFF/WAVE file this reader understands (PCM 8/16/24/32-bit or float)")
+    samples, rate = parsed
+    return samples.T.copy(), int(rate)
