@@ -7,6 +7,8 @@ every later session (mode switches reuse it, so switching loads nothing). It hol
   session of the worker);
 - `tts` and `tts_cache`: the speech-token LM and its slot cache;
 - `vocoder`: `Token2Wav` (25 Hz codes -> 24 kHz PCM), shared read-only;
+- `duplex_batcher()`: the `DuplexBatcher` that runs one unit of every duplex session per tick (static-shape
+  LLM/TTS steps, CUDA graphs on a GPU), made on first use;
 - `frontend`: the reference-voice front end (ONNX speech tokenizer + speaker encoder), if the asset folder
   has its networks;
 - voices: `voice(voice_id)` -> `Voice` (the 16 kHz audio for the LLM and the vocoder's prompt cache),
@@ -32,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from MiniCPMO45.engine.batcher import DuplexBatcher
 from MiniCPMO45.engine.core import Engine
 from MiniCPMO45.modules.tts import MiniCPMTTS, TTSKVCache
 from MiniCPMO45.tiny_builder import ensure_tiny_model
@@ -133,8 +136,22 @@ class EngineHost:
         self.voices_dir = Path(settings["voices_dir"]) if settings.get("voices_dir") else None
         self._voices: dict[str, Voice] = {}
         self.default_voice = self._load_default_voice()
+        self._batcher: DuplexBatcher | None = None
         self.load_s = time.perf_counter() - started
         log.info("engine host: %s on %s in %.1f s", self.model_dir, self.device, self.load_s)
+
+    def duplex_batcher(self) -> DuplexBatcher:
+        """The batcher of the duplex sessions; on a GPU its graphs for up to `max_sessions` rows are
+        captured here, once (seconds), so the first ticks don't pay for them."""
+        if self._batcher is None:
+            cuda = self.device.type == "cuda"
+            batcher = DuplexBatcher(self.engine, self.vocoder, self.default_voice.prompt, use_graphs=cuda)
+            if cuda:
+                started = time.perf_counter()
+                batcher.warm_up(self.max_sessions)
+                log.info("duplex graphs captured in %.1f s", time.perf_counter() - started)
+            self._batcher = batcher
+        return self._batcher
 
     # ---- voices ---------------------------------------------------------------------------------------------
     def _load_default_voice(self) -> Voice:

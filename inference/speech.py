@@ -1,24 +1,20 @@
-"""Speech for the model modes: LLM tokens -> TTS codes -> token2wav -> 24 kHz PCM.
+"""Speech for the turn-based modes: LLM tokens -> TTS codes -> token2wav -> 24 kHz PCM.
 
-Duplex (`DuplexVoice`, one per session): each speaking unit's condition goes through the TTS as one chunk
-(`MiniCPMTTS.generate_chunks`, batched over the sessions given) and its codes through the vocoder's duplex
-windowing. Turn-based (`TurnVoice`, one per reply): the reply's tokens are conditioned in chunks of
-`TEXT_CHUNK` tokens through the sliding-recompute `TTSStreamer`; codes go through the vocoder's turn
-windowing. Both keep the TTS slot of their session for its whole life and time their two stages.
+`TurnVoice`, one per reply: the reply's tokens are conditioned in chunks of `TEXT_CHUNK` tokens through the
+sliding-recompute `TTSStreamer`; codes go through the vocoder's turn windowing; it keeps the TTS slot of its
+session and times its two stages. (The duplex modes speak through `MiniCPMO45.engine.batcher.DuplexBatcher`.)
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from MiniCPMO45.modules.tts import DUPLEX_MAX_DRAWS, TTSSession
-from MiniCPMO45.token2wav import TurnState
-from MiniCPMO45.token2wav.model import PushRequest
+from MiniCPMO45.modules.tts import TTSSession
 
 from .engine_host import EngineHost, Voice
 
@@ -29,61 +25,6 @@ TEXT_CHUNK = 10  # LLM tokens per TTS condition in turn-based replies (the refer
 class SpeechTimes:
     tts_ms: float = 0.0
     vocoder_ms: float = 0.0
-
-
-@dataclass
-class DuplexVoice:
-    """One duplex session's speech state: its TTS slot and the vocoder turn of the current spoken turn."""
-
-    host: EngineHost
-    voice: Voice
-    tts: TTSSession
-    turn: TurnState | None = None
-    units_in_turn: int = 0
-
-    @classmethod
-    def open(cls, host: EngineHost, voice: Voice, seed: int | None = None) -> DuplexVoice:
-        return cls(host, voice, host.tts.new_session(host.tts_cache, seed=seed))
-
-    def end_turn(self) -> None:
-        """Forget the spoken turn (after its tail was produced, or when it was cut off)."""
-        self.host.tts.end_turn(self.tts)
-        self.turn = None
-        self.units_in_turn = 0
-
-    def close(self) -> None:
-        self.tts.close()
-
-
-def speak_units(
-    voices: Sequence[DuplexVoice], conditions: Sequence[torch.Tensor], end_of_turn: Sequence[bool]
-) -> tuple[list[list[np.ndarray]], SpeechTimes]:
-    """One speaking unit for each session: TTS codes and vocoder windows, each batched over the sessions."""
-    if not voices:
-        return [], SpeechTimes()
-    host = voices[0].host
-    started = time.perf_counter()
-    for v in voices:
-        if v.turn is None:
-            v.turn = host.vocoder.start_turn(v.voice.prompt, rule="duplex")
-    # A turn's first unit and its last may stop early at EOS; mid-turn units give exactly 25 codes.
-    mins = [
-        0 if v.units_in_turn == 0 or end else DUPLEX_MAX_DRAWS
-        for v, end in zip(voices, end_of_turn, strict=True)
-    ]
-    results = host.tts.generate_chunks(
-        [v.tts for v in voices], list(conditions), min_new=mins, max_new=DUPLEX_MAX_DRAWS
-    )
-    tts_done = time.perf_counter()
-    # One batched vocoder call for every speaking session; a unit whose codes stopped at EOS flushes its
-    # short windows at once, as the reference does when a chunk ends early.
-    requests = []
-    for v, res, end in zip(voices, results, end_of_turn, strict=True):
-        assert v.turn is not None
-        requests.append(PushRequest(v.turn, res.codes.tolist(), end_of_turn=end, flush=res.hit_eos))
-        v.units_in_turn += 1
-    out = host.vocoder.push_codes_batch(requests)
-    return out, SpeechTimes((tts_done - started) * 1000, (time.perf_counter() - tts_done) * 1000)
 
 
 CODES_PER_TOKEN = 12  # cap on speech per text chunk: 12 codes (0.48 s) per LLM token, at least 1 s

@@ -3,7 +3,9 @@
 Started by `inference.supervisor.WorkerSupervisor` as `python -m inference.worker --connect HOST:PORT ...`;
 it connects to the server, says `hello`, then handles `open`/`unit`/`control`/`close` messages and answers
 `ping` at once. Mode code runs in a single worker thread (one model per process; GPU work never runs in the
-IPC loop), so heartbeats keep flowing while a mode is busy. This module must never import aiortc; heavy
+IPC loop), so heartbeats keep flowing while a mode is busy. Units of modes that batch (`on_units`, the duplex
+modes) go through `UnitTicker`: each tick takes the waiting unit of every such session and runs them as one
+call, so N sessions cost one batched model pass per tick instead of N passes. This module must never import aiortc; heavy
 imports (torch, the engine) happen lazily inside the modes that need them.
 """
 
@@ -17,6 +19,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from inference import protocol as p
@@ -32,6 +35,7 @@ from inference.modes.base import (
     Text,
     UnitInput,
     UnitTimings,
+    batch_runner,
 )
 
 log = logging.getLogger("inference.worker")
@@ -48,6 +52,61 @@ class Connection:
         await self._writer.drain()
 
 
+@dataclass
+class _Waiting:
+    mode: Mode
+    unit: UnitInput
+    frame: Any
+    done: asyncio.Future[list[Output]]
+
+
+class UnitTicker:
+    """The worker's tick loop for batching modes: whatever units wait when a tick starts run together.
+
+    Each session has at most one unit waiting (its runner awaits the result before it takes its next
+    message), so a tick holds one unit per session; units that arrive during a tick go into the next one.
+    A failure fails the units of that tick (their sessions end with `mode_error`)."""
+
+    def __init__(self, executor: concurrent.futures.Executor) -> None:
+        self.executor = executor
+        self.waiting: list[_Waiting] = []
+        self.wake = asyncio.Event()
+        self.ticks = 0
+        self.task = asyncio.create_task(self._run(), name="unit-ticker")
+
+    async def submit(self, mode: Mode, unit: UnitInput, frame: Any) -> list[Output]:
+        done: asyncio.Future[list[Output]] = asyncio.get_running_loop().create_future()
+        self.waiting.append(_Waiting(mode, unit, frame, done))
+        self.wake.set()
+        return await done
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            batch, self.waiting = self.waiting, []
+            groups: dict[Any, list[_Waiting]] = {}
+            for item in batch:
+                if not item.done.done():  # its session went away while it waited
+                    groups.setdefault(batch_runner(item.mode), []).append(item)
+            for run, items in groups.items():
+                self.ticks += 1
+                try:
+                    outs = await loop.run_in_executor(
+                        self.executor, run, [(w.mode, w.unit, w.frame) for w in items]
+                    )
+                except Exception as exc:
+                    log.exception("tick of %d units failed", len(items))
+                    for w in items:
+                        if not w.done.done():
+                            w.done.set_exception(exc)
+                    continue
+                for w, out in zip(items, outs, strict=True):
+                    if not w.done.done():
+                        w.done.set_result(out)
+
+
 class SessionRunner:
     """Feeds one session's messages to its mode, in order, in the mode thread."""
 
@@ -56,11 +115,13 @@ class SessionRunner:
         session_id: str,
         conn: Connection,
         executor: concurrent.futures.Executor,
+        ticker: UnitTicker,
         settings: dict[str, Any],
     ) -> None:
         self.session_id = session_id
         self.conn = conn
         self.executor = executor
+        self.ticker = ticker
         self.settings = settings
         self.mode: Mode | None = None
         self.output_rate = 24000
@@ -143,7 +204,10 @@ class SessionRunner:
             started = time.monotonic()
             backlog = self.units_waiting
             unit = UnitInput(message.index, pcm, message.completed_at, queued_units=backlog)
-            outputs = await self._call(self.mode.on_unit, unit, frame)
+            if batch_runner(self.mode) is not None:
+                outputs = await self.ticker.submit(self.mode, unit, frame)
+            else:
+                outputs = await self._call(self.mode.on_unit, unit, frame)
             compute_ms = (time.monotonic() - started) * 1000
             timings: dict[str, float] = {}
             for out in outputs:
@@ -211,6 +275,7 @@ async def serve(host: str, port: int, worker_id: int, device: str, settings: dic
     )
     settings = {**settings, "device": device}
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mode")
+    ticker = UnitTicker(executor)
     sessions: dict[str, SessionRunner] = {}
     try:
         while True:
@@ -229,7 +294,7 @@ async def serve(host: str, port: int, worker_id: int, device: str, settings: dic
             if runner is None or runner.task.done():
                 if not isinstance(message, p.OpenSession):
                     continue
-                runner = sessions[sid] = SessionRunner(sid, conn, executor, settings)
+                runner = sessions[sid] = SessionRunner(sid, conn, executor, ticker, settings)
                 runner.task.add_done_callback(lambda _t, sid=sid: sessions.pop(sid, None))
             if isinstance(message, p.CloseSession):
                 runner.queue.put_nowait(None)
@@ -238,6 +303,7 @@ async def serve(host: str, port: int, worker_id: int, device: str, settings: dic
     finally:
         for runner in list(sessions.values()):
             runner.queue.put_nowait(None)
+        ticker.task.cancel()
         executor.shutdown(wait=False, cancel_futures=True)
         writer.close()
 

@@ -117,9 +117,28 @@ class DuplexBatcher:
         self.generator.manual_seed(seed)
         self._host_pool = ThreadPoolExecutor(max_workers=host_threads, thread_name_prefix="unit-prep")
         self.turns: dict[int, TurnState] = {}  # vocoder turn per KV slot
+        self.voices: dict[int, PromptCache] = {}  # the voice of each attached slot (else `voice`)
         self.timings: dict[str, float] = {}  # stage times of the last tick (ms)
         self._vocoder_s = 0.0
         self.tts_turn: set[int] = set()  # slots whose TTS turn is open
+
+    # ---- sessions -----------------------------------------------------------------------------------------
+    def attach(self, slot: int, voice: PromptCache | None) -> None:
+        """A session takes `slot` with this voice: no turn of the slot's previous owner carries over."""
+        self.end_turn(slot)
+        if voice is not None:
+            self.voices[slot] = voice
+        else:
+            self.voices.pop(slot, None)
+
+    def end_turn(self, slot: int) -> None:
+        """Forget the slot's spoken turn (its tail was played, or it was cut off): TTS and vocoder restart."""
+        self.tts_turn.discard(slot)
+        self.turns.pop(slot, None)
+
+    def release(self, slot: int) -> None:
+        self.end_turn(slot)
+        self.voices.pop(slot, None)
 
     # ---- warm-up ------------------------------------------------------------------------------------------
     def warm_up(self, max_sessions: int, prefill_tokens: Sequence[int] = (16, 96)) -> None:
@@ -299,7 +318,7 @@ class DuplexBatcher:
                     params.select(rows, [r.row for r in deciders]),
                     self.generator,
                     [
-                        None if r.script is None else (r.script.pop(0) if r.script else sp.chunk_eos)
+                        r.script.pop(0) if r.script else None  # a spent script: the model decides
                         for r in deciders
                     ],
                 )
@@ -420,18 +439,23 @@ class DuplexBatcher:
         t_voc = time.perf_counter()
         eots = [results[k].end_of_turn for k in speaking]
         pcm: list[list[np.ndarray]] = [[] for _ in speaking]
-        if self.vocoder is not None and self.voice is not None:
-            turns = []
-            for slot in slots:
+        voiced = [k for k, slot in enumerate(slots) if self.voices.get(slot, self.voice) is not None]
+        if self.vocoder is not None and voiced:
+            requests = []
+            for k in voiced:
+                slot = slots[k]
                 if slot not in self.turns:
-                    self.turns[slot] = self.vocoder.start_turn(self.voice, rule="duplex")
-                turns.append(self.turns[slot])
-            # the official duplex path flushes short windows when the unit's codes ended at EOS
-            requests = [
-                PushRequest(t, c, end_of_turn=e, flush=f)
-                for t, c, e, f in zip(turns, codes, eots, self.tts.last_hit_eos, strict=True)
-            ]
-            pcm = self.vocoder.push_codes_batch(requests)
+                    voice = self.voices.get(slot, self.voice)
+                    assert voice is not None
+                    self.turns[slot] = self.vocoder.start_turn(voice, rule="duplex")
+                # the official duplex path flushes short windows when the unit's codes ended at EOS
+                requests.append(
+                    PushRequest(
+                        self.turns[slot], codes[k], end_of_turn=eots[k], flush=self.tts.last_hit_eos[k]
+                    )
+                )
+            for k, pieces in zip(voiced, self.vocoder.push_codes_batch(requests), strict=True):
+                pcm[k] = pieces
         t_pcm = time.perf_counter()
         for k, slot, c, eot, pieces in zip(speaking, slots, codes, eots, pcm, strict=True):
             speech = SpeechOut(codes=c, pcm=pieces, end_of_turn=eot, first_pcm_s=t_pcm if pieces else None)
@@ -470,6 +494,7 @@ class DuplexBatcher:
         names = ("prefill_ms", "generate_ms", "finalize_ms", "speak_ms")
         self.timings = {k: (b - a) * 1000 for k, a, b in zip(names, marks[:-1], marks[1:], strict=True)}
         self.timings["vocoder_ms"] = self._vocoder_s * 1000
+        self.timings["tts_ms"] = self.timings["speak_ms"] - self.timings["vocoder_ms"]
         return [
             UnitOutput(r, sp, d, sp.done_s if sp is not None else t_final)
             for r, sp, d in zip(results, speech, decided_at, strict=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -97,3 +98,17 @@ class Mode(Protocol):
     def on_control(self, message: dict[str, Any]) -> list[Output]: ...
 
     def close(self) -> None: ...
+
+
+class BatchedMode(Mode, Protocol):
+    """A mode whose units the worker runs together: each tick it calls `on_units` once with one waiting unit of
+    every session of this mode class (in the mode thread), instead of `on_unit` per session. Controls and
+    `open`/`close` still arrive per session, never during a tick."""
+
+    @staticmethod
+    def on_units(batch: Sequence[tuple[Any, UnitInput, np.ndarray | None]]) -> list[list[Output]]: ...
+
+
+def batch_runner(mode: Mode) -> Any:
+    """The mode's `on_units` if it batches, else None."""
+    return getattr(type(mode), "on_units", None)

@@ -1,9 +1,11 @@
 """`audio_duplex` and `omni_duplex`: the 1 s full-duplex unit loop (spec §3.3) over the shared engine.
 
-Each unit (1 s of caller audio, plus the newest camera frame in omni) runs the engine's list-of-sessions
-step functions — `prefill_units`, `generate_units`, `finalize_units` — and, when the model speaks, the TTS
-and the vocoder. Outputs per unit: `text` deltas, speech (24 kHz, played as soon as it arrives), `state`
-changes, and `UnitTimings` (prefill, decide, TTS, vocoder, KV length, backlog).
+The worker runs the units of all its duplex sessions together: `DuplexMode.on_units` takes one unit of each
+session that has one waiting and runs them as one tick of the host's `DuplexBatcher` — batched prefill
+(streaming audio encoder, vision, ragged LLM feed), decode of the listen/speak/text tokens, the TTS and the
+vocoder. Per session it keeps only the control flow: the context window, forced listens, turn numbers and
+the outputs — `text` deltas, speech (24 kHz, played as soon as it arrives), `state` changes, and
+`UnitTimings` (the tick's prefill / decide / TTS / vocoder times, batch size, KV length, backlog).
 
 Turns: a spoken turn opens on the first speaking unit and gets its own turn number; it ends when the model
 emits `<|turn_eos|>` (its tail is flushed out of the vocoder and plays to the end). A listen decision while
@@ -12,24 +14,26 @@ speech at once and the next turn gets a new number.
 
 Falling behind: every unit is processed, in order — the model hears all of the caller's audio. When more
 than `max_backlog_units` units of the session are already waiting behind the current one, the unit is
-processed as a forced listen without speech (no TTS, no vocoder), so the session catches up instead of
-speaking about the past; every `metrics` event carries `backlog_units` and `queue_ms`.
+processed as a forced listen (no TTS, no vocoder), so the session catches up instead of speaking about the
+past; every `metrics` event carries `backlog_units` and `queue_ms`.
 
 Context: the system prompt (with the reference voice) is kept; when the KV slot would pass its limit the
 oldest whole units are dropped and the rest are moved down with their RoPE re-rotated
 (`MiniCPMO45.engine.context_window`), so a call can go on indefinitely.
+
+Sampling in a batch draws from the batcher's one generator, so a session's `seed` makes it reproducible
+only when it runs alone.
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
-from inference.engine_host import EngineHost, get_host
+from inference.engine_host import EngineHost, Voice, get_host
 from inference.modes.base import (
     Flush,
     Output,
@@ -42,8 +46,8 @@ from inference.modes.base import (
     UnitTimings,
 )
 from inference.options import ModeOptions
-from inference.speech import DuplexVoice, speak_units
 from MiniCPMO45.engine import duplex as dx
+from MiniCPMO45.engine.batcher import DuplexBatcher, UnitOutput
 from MiniCPMO45.engine.context_window import SlidingWindow
 from MiniCPMO45.engine.session import Session
 
@@ -67,8 +71,9 @@ class DuplexMode:
         self.omni = name == "omni_duplex"
         self.settings = settings
         self.host: EngineHost | None = None
+        self.batcher: DuplexBatcher | None = None
         self.session: Session | None = None
-        self.voice: DuplexVoice | None = None
+        self.voice: Voice | None = None
         self.window: SlidingWindow | None = None
         self.turn = 0
         self.speaking = False
@@ -82,9 +87,10 @@ class DuplexMode:
         )
         self.host = get_host(self.settings)
         self.system_prompt = options.system_prompt or DEFAULT_PROMPTS[self.name]
-        voice = self.host.voice(options.voice)
+        self.voice = self.host.voice(options.voice)
+        self.batcher = self.host.duplex_batcher()
         self.session = self.host.engine.open_session(seed=self.options.seed)
-        self.voice = DuplexVoice.open(self.host, voice, seed=self.options.seed)
+        self.batcher.attach(self.session.slot, self.voice.prompt)
         self._prepare()
         setup = SessionSetup(
             unit_samples=UNIT_SAMPLES,
@@ -102,7 +108,7 @@ class DuplexMode:
         overrides = {k: getattr(self.options, k) for k in ("temperature", "top_p", "top_k") if k in chosen}
         penalty = self.options.length_penalty if "length_penalty" in chosen else (1.1 if self.omni else 1.05)
         config = dx.DuplexConfig(**overrides, length_penalty=penalty, seed=self.options.seed)
-        dx.prepare(engine, self.session, self.system_prompt, self.voice.voice.audio_16k, config)
+        dx.prepare(engine, self.session, self.system_prompt, self.voice.audio_16k, config)
         limit = self.options.max_kv_tokens or engine.cache.max_len
         limit = min(limit, engine.cache.max_len)
         keep = self.options.keep_kv_tokens or limit * 3 // 4
@@ -111,81 +117,85 @@ class DuplexMode:
 
     def close(self) -> None:
         if self.host is not None and self.session is not None:
+            if self.batcher is not None:
+                self.batcher.release(self.session.slot)
             self.host.engine.close_session(self.session)
-        if self.voice is not None:
-            self.voice.close()
         self.session = self.voice = None
+
+    def _end_turn(self) -> None:
+        assert self.batcher is not None and self.session is not None
+        self.batcher.end_turn(self.session.slot)
+        self.speaking = False
 
     # ---- units ------------------------------------------------------------------------------------------------
     def on_unit(self, unit: UnitInput, frame: np.ndarray | None) -> list[Output]:
-        assert self.host is not None and self.session is not None and self.voice is not None
-        assert self.window is not None
-        if self.paused:
-            return []
-        engine, session = self.host.engine, self.session
-        timings: dict[str, float] = {"backlog_units": float(unit.queued_units)}
-        catching_up = unit.queued_units > self.options.max_backlog_units
-        t0 = time.perf_counter()
-        dropped = self.window.make_room(engine, session, UNIT_BUDGET[self.name])
-        self.window.mark(engine.kv_length(session))
-        frames = [Image.fromarray(frame)] if self.omni and frame is not None else []
-        inputs = [dx.UnitInput(audio=unit.pcm, frames=frames)]
-        prefills = dx.prefill_units(engine, [session], inputs)
-        force_listen = catching_up or self.close_turn or self.options.force == "listen"
-        self.close_turn = False
-        if self.options.force == "speak" and not force_listen:
-            self._force_speak(session)
-        t1 = time.perf_counter()
-        result = dx.generate_units(engine, [session], force_listen=[force_listen], prefills=prefills)[0]
-        dx.finalize_units(engine, [session])
-        t2 = time.perf_counter()
-        outputs = self._speech_outputs(result, catching_up, timings)
-        timings.update(
-            prefill_ms=(t1 - t0) * 1000,
-            decide_ms=(t2 - t1) * 1000,
-            kv_tokens=float(engine.kv_length(session)),
-            dropped_tokens=float(dropped),
-        )
-        outputs.append(UnitTimings(timings))
+        return self.on_units([(self, unit, frame)])[0]
+
+    @staticmethod
+    def on_units(batch: Sequence[tuple[DuplexMode, UnitInput, np.ndarray | None]]) -> list[list[Output]]:
+        """One unit of each of several duplex sessions (each at most once) as one tick of the batcher."""
+        outputs: list[list[Output]] = [[] for _ in batch]
+        live = [k for k, (mode, _, _) in enumerate(batch) if not mode.paused]
+        if not live:
+            return outputs
+        modes = [batch[k][0] for k in live]
+        batcher = modes[0].batcher
+        assert batcher is not None and all(m.batcher is batcher for m in modes)
+        engine = batcher.engine
+        sessions, inputs, force_listen, scripts, catching_up, dropped = [], [], [], [], [], []
+        for k, mode in zip(live, modes, strict=True):
+            _, unit, frame = batch[k]
+            assert mode.session is not None and mode.window is not None
+            behind = unit.queued_units > mode.options.max_backlog_units
+            dropped.append(mode.window.make_room(engine, mode.session, UNIT_BUDGET[mode.name]))
+            mode.window.mark(engine.kv_length(mode.session))
+            frames = [Image.fromarray(frame)] if mode.omni and frame is not None else []
+            sessions.append(mode.session)
+            inputs.append(dx.UnitInput(audio=unit.pcm, frames=frames))
+            listen = behind or mode.close_turn or mode.options.force == "listen"
+            mode.close_turn = False
+            force_listen.append(listen)
+            # the `force: speak` test option makes the unit's first decision <|speak|>; the rest is the model's
+            scripts.append([engine.special.speak] if mode.options.force == "speak" and not listen else None)
+            catching_up.append(behind)
+        results = batcher.run_units(sessions, inputs, force_listen=force_listen, scripts=scripts)
+        tick = batcher.timings
+        for n, (k, mode, out) in enumerate(zip(live, modes, results, strict=True)):
+            timings = {
+                "backlog_units": float(batch[k][1].queued_units),
+                "prefill_ms": tick["prefill_ms"],
+                "decide_ms": tick["generate_ms"] + tick["finalize_ms"],
+                "batch_sessions": float(len(modes)),
+                "kv_tokens": float(out.result.kv_length),
+                "dropped_tokens": float(dropped[n]),
+            }
+            outputs[k] = mode._unit_outputs(out, timings)
         return outputs
 
-    def _force_speak(self, session: Session) -> None:
-        """Test option: make the unit's first decision `<|speak|>` (later tokens are the model's own)."""
-        st = session.duplex
-        if st is None or st.pending_logits is None:
-            return
-        speak = self.host.engine.special.speak  # type: ignore[union-attr]
-        forced = torch.full_like(st.pending_logits, -1e4)
-        forced[speak] = 0.0
-        st.pending_logits = forced
-
-    def _speech_outputs(
-        self, result: dx.UnitResult, catching_up: bool, timings: dict[str, float]
-    ) -> list[Output]:
-        assert self.host is not None and self.voice is not None
-        outputs: list[Output] = []
+    def _unit_outputs(self, out: UnitOutput, timings: dict[str, float]) -> list[Output]:
+        assert self.batcher is not None
+        result, outputs = out.result, []
         if result.is_listen:
             if self.speaking:  # cut off mid-turn: drop what is still queued, at once
                 self.turn += 1
                 outputs += [Flush(self.turn), State("listening")]
-                self.speaking = False
-                self.voice.end_turn()
-            return outputs
-        if not self.speaking:
-            self.speaking = True
-            outputs.append(State("speaking"))
-        if result.text:
-            outputs.append(Text(result.text, self.turn))
-        if not catching_up:
-            condition = dx.tts_condition(self.host.engine, result)
-            pieces, times = speak_units([self.voice], [condition], [result.end_of_turn])
-            timings.update(tts_ms=times.tts_ms, vocoder_ms=times.vocoder_ms)
-            outputs += [Speech(pcm, self.turn) for pcm in pieces[0] if pcm.size]
-        if result.end_of_turn:
-            self.voice.end_turn()
-            self.speaking = False
-            self.turn += 1
-            outputs.append(State("listening"))
+                self._end_turn()
+        else:
+            if not self.speaking:
+                self.speaking = True
+                outputs.append(State("speaking"))
+            if result.text:
+                outputs.append(Text(result.text, self.turn))
+            if out.speech is not None:
+                timings.update(
+                    tts_ms=self.batcher.timings["tts_ms"], vocoder_ms=self.batcher.timings["vocoder_ms"]
+                )
+                outputs += [Speech(pcm, self.turn) for pcm in out.speech.pcm if pcm.size]
+            if result.end_of_turn:
+                self.speaking = False  # the batcher closed the TTS and vocoder turn with its tail
+                self.turn += 1
+                outputs.append(State("listening"))
+        outputs.append(UnitTimings(timings))
         return outputs
 
     # ---- controls ---------------------------------------------------------------------------------------------
@@ -196,19 +206,15 @@ class DuplexMode:
         elif kind == "resume":
             self.paused = False
         elif kind == "interrupt" and self.speaking:
-            assert self.voice is not None
             self.turn += 1
-            self.speaking = False
             self.close_turn = True
-            self.voice.end_turn()
+            self._end_turn()
             return [Flush(self.turn), State("listening")]
         elif kind == "system_prompt":
             # A new system prompt starts a new conversation (the KV cache holds the old prompt at its start).
-            assert self.voice is not None
             self.system_prompt = str(message.get("text") or DEFAULT_PROMPTS[self.name])
             was_speaking = self.speaking
-            self.voice.end_turn()
-            self.speaking = False
+            self._end_turn()
             self._prepare()
             if was_speaking:
                 self.turn += 1

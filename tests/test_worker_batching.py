@@ -1,0 +1,153 @@
+"""The worker's tick: units of several duplex sessions (audio and omni) run as one batch through the real
+worker loop (`inference.worker.serve`, in-process, over its TCP protocol) on the embedded tiny model; outputs
+reach the right sessions; a failing tick ends only the sessions in it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from inference import protocol as p
+from inference.worker import serve
+from MiniCPMO45.engine.batcher import DuplexBatcher
+from tests.conftest import REPO_ROOT
+
+SETTINGS = {"cache_dir": str(REPO_ROOT / ".cache" / "embedded"), "max_sessions": 4}
+FRAME = (64, 80, 3)
+
+
+class FakeServer:
+    """The server end of the worker protocol: accepts the worker and collects what it sends per session."""
+
+    def __init__(self) -> None:
+        self.connected = asyncio.Event()
+        self.got: dict[str, list[tuple[p.Message, bytes]]] = defaultdict(list)
+        self.arrived = asyncio.Condition()
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.connected.set()
+        try:
+            while True:
+                message, payload = await p.read_message(reader)
+                async with self.arrived:
+                    self.got[getattr(message, "session_id", None) or "-"].append((message, payload))
+                    self.arrived.notify_all()
+        except asyncio.IncompleteReadError:
+            return
+
+    async def send(self, message: p.BaseModel, payload: bytes = b"") -> None:
+        assert self.writer is not None
+        self.writer.write(p.encode(message, payload))
+        await self.writer.drain()
+
+    def of(self, sid: str, kind: type) -> list[Any]:
+        return [m for m, _ in self.got[sid] if isinstance(m, kind)]
+
+    async def wait_for(self, sid: str, kind: type, count: int, timeout: float = 120.0) -> None:
+        async with self.arrived:
+            await asyncio.wait_for(self.arrived.wait_for(lambda: len(self.of(sid, kind)) >= count), timeout)
+
+
+def unit(sid: str, index: int, rng: np.random.Generator, frame: bool) -> tuple[p.Unit, bytes]:
+    pcm = (0.05 * rng.standard_normal(16000)).astype(np.float32)
+    payload = p.pcm_to_bytes(pcm)
+    shape = None
+    if frame:
+        shape = FRAME
+        payload += rng.integers(0, 255, FRAME, dtype=np.uint8).tobytes()
+    return p.Unit(
+        session_id=sid, index=index, samples=16000, completed_at=0.0, sent_at=0.0, frame_shape=shape
+    ), payload
+
+
+@pytest.fixture
+async def worker():
+    torch.set_num_threads(1)
+    server = FakeServer()
+    listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    task = asyncio.create_task(serve("127.0.0.1", port, 0, "cpu", SETTINGS))
+    await asyncio.wait_for(server.connected.wait(), 30)
+    await server.wait_for("-", p.Hello, 1)
+    try:
+        yield server
+    finally:  # close what is still open: the engine host (and its KV slots) outlives the test
+        for sid in [sid for sid in server.got if server.of(sid, p.Opened) and not server.of(sid, p.Closed)]:
+            await server.send(p.CloseSession(session_id=sid))
+            await server.wait_for(sid, p.Closed, 1)
+        task.cancel()
+        listener.close()
+
+
+SESSIONS = {
+    "speaker": ("audio_duplex", {"force": "speak", "seed": 1}),
+    "listener": ("audio_duplex", {"force": "listen"}),
+    "viewer": ("omni_duplex", {"force": "listen"}),
+}
+
+
+async def open_all(server: FakeServer, sessions: dict[str, tuple[str, dict[str, Any]]]) -> None:
+    for sid, (mode, options) in sessions.items():
+        await server.send(p.OpenSession(session_id=sid, mode=mode, options=options))
+    for sid in sessions:
+        await server.wait_for(sid, p.Opened, 1)
+
+
+async def test_units_of_all_duplex_sessions_run_as_one_tick(worker: FakeServer) -> None:
+    rng = np.random.default_rng(0)
+    await open_all(worker, SESSIONS)
+    rounds = 6
+    for i in range(rounds):
+        # all three units are on the socket before the worker finishes the previous tick
+        for sid, (mode, _) in SESSIONS.items():
+            await worker.send(*unit(sid, i, rng, frame=mode == "omni_duplex"))
+        for sid in SESSIONS:
+            await worker.wait_for(sid, p.UnitDone, i + 1)
+    for sid in SESSIONS:
+        done = worker.of(sid, p.UnitDone)
+        assert [d.index for d in done] == list(range(rounds))  # every unit, in order
+        assert not worker.of(sid, p.ErrorOut)
+    sizes = [d.timings["batch_sessions"] for sid in SESSIONS for d in worker.of(sid, p.UnitDone)]
+    assert max(sizes) == 3  # the omni and the audio sessions shared ticks
+    # outputs went to their own sessions: only the forced speaker talks
+    assert worker.of("speaker", p.AudioOut) and worker.of("speaker", p.TextOut)
+    assert not worker.of("listener", p.AudioOut) and not worker.of("viewer", p.AudioOut)
+    # the omni unit added its image block, the audio-only ones did not
+    kv = {sid: [d.timings["kv_tokens"] for d in worker.of(sid, p.UnitDone)] for sid in SESSIONS}
+    assert kv["viewer"][1] - kv["viewer"][0] > kv["listener"][1] - kv["listener"][0]
+
+
+async def test_a_failing_tick_ends_only_its_sessions(worker: FakeServer, monkeypatch) -> None:
+    rng = np.random.default_rng(1)
+    sessions = {**SESSIONS, "echo": ("loopback", {})}
+    await open_all(worker, sessions)
+    real = DuplexBatcher.run_units
+
+    def broken(self: DuplexBatcher, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(DuplexBatcher, "run_units", broken)
+    for sid, (mode, _) in sessions.items():
+        await worker.send(*unit(sid, 0, rng, frame=mode == "omni_duplex"))
+    for sid in SESSIONS:
+        await worker.wait_for(sid, p.Closed, 1)
+        errors = worker.of(sid, p.ErrorOut)
+        assert errors and errors[0].code == "mode_error" and "illegal memory access" in errors[0].message
+    monkeypatch.setattr(DuplexBatcher, "run_units", real)
+    # the loopback session in the same worker goes on
+    await worker.send(*unit("echo", 1, rng, frame=False))
+    await worker.wait_for("echo", p.UnitDone, 2)
+    assert not worker.of("echo", p.ErrorOut) and not worker.of("echo", p.Closed)
+    # and a new duplex session on the same worker works (the failed sessions' slots were released)
+    await worker.send(p.OpenSession(session_id="again", mode="audio_duplex", options={"force": "listen"}))
+    await worker.wait_for("again", p.Opened, 1)
+    await worker.send(*unit("again", 0, rng, frame=False))
+    await worker.wait_for("again", p.UnitDone, 1)
+    assert not worker.of("again", p.ErrorOut)
