@@ -1,7 +1,11 @@
 """Admission control: worker slots, a bounded FIFO queue of waiting callers, and queue ETAs.
 
-A slot is one session on one worker (capacity per worker from config). A caller gets a slot at once if any
-worker that is up has one free; otherwise it waits in FIFO order. ETA: each busy slot is expected to free
+Each worker holds a share of 1.0. A session of mode m takes 1 / capacity_m of it, where capacity_m is the number
+of real-time sessions of that mode the worker measured on its card (`bench/capacity.py`'s table, reported in
+its hello), else 1 / the configured capacity per worker. So a worker that holds 64 audio-duplex or 48
+omni-duplex sessions admits any mix of the two that fits. A caller gets a place at once if a worker that is up
+has room for its mode; otherwise it waits in FIFO order. A mode switch during a call moves its share to the
+new mode and never evicts anyone (the next admissions see the higher load). ETA: each busy slot is expected to free
 after the mean of recent session lengths (or the configured default), counted from when its session was
 admitted (at least 1 s ahead if overdue); queued callers take the earliest expected free slots in order, and
 each one then holds its slot for another expected session length.
@@ -16,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from inference.supervisor import WorkerSupervisor
+from inference.supervisor import WorkerHandle, WorkerSupervisor
 
 
 class QueueFull(Exception):
@@ -27,6 +31,7 @@ class Ticket(Protocol):
     """A caller, as admission sees it (implemented by CallSession)."""
 
     id: str
+    mode: str
 
     def admit(self, worker_id: int) -> None: ...
 
@@ -37,6 +42,14 @@ class Ticket(Protocol):
 class _Busy:
     worker_id: int
     admitted_at: float
+    mode: str
+
+
+def session_share(worker: WorkerHandle, mode: str) -> float:
+    """The share of `worker` one session of `mode` takes."""
+    measured = worker.capacity_by_mode.get(mode)
+    capacity = measured if measured else worker.capacity
+    return 1.0 / max(capacity, 1)
 
 
 @dataclass
@@ -49,23 +62,29 @@ class Admission:
     busy: dict[str, _Busy] = field(default_factory=dict)
     recent_lengths: deque[float] = field(default_factory=lambda: deque(maxlen=20))
 
-    def _free_worker(self) -> int | None:
-        """The up worker with the most free slots, or None."""
-        best, best_free = None, 0
+    def load(self, worker: WorkerHandle) -> float:
+        """The share of `worker` its sessions take (1.0 = full)."""
+        return sum(
+            session_share(worker, b.mode) for b in self.busy.values() if b.worker_id == worker.worker_id
+        )
+
+    def _free_worker(self, mode: str) -> int | None:
+        """The up worker with the most room left after one more session of `mode`, or None."""
+        best, best_room = None, -1e-9  # a session that exactly fills a worker fits
         for worker in self.supervisor.workers:
             if not worker.up:
                 continue
-            used = sum(1 for b in self.busy.values() if b.worker_id == worker.worker_id)
-            if worker.capacity - used > best_free:
-                best, best_free = worker.worker_id, worker.capacity - used
+            room = 1.0 - self.load(worker) - session_share(worker, mode)
+            if room > best_room:
+                best, best_room = worker.worker_id, room
         return best
 
     def request(self, ticket: Ticket) -> None:
         """Admit now (ticket.admit is called) or queue (ticket.queue_update); QueueFull if neither."""
         if not self.waiting:
-            worker_id = self._free_worker()
+            worker_id = self._free_worker(ticket.mode)
             if worker_id is not None:
-                self.busy[ticket.id] = _Busy(worker_id, self.clock())
+                self.busy[ticket.id] = _Busy(worker_id, self.clock(), ticket.mode)
                 ticket.admit(worker_id)
                 return
         if len(self.waiting) >= self.max_queue:
@@ -73,8 +92,17 @@ class Admission:
         self.waiting.append(ticket)
         self.notify_queue()
 
-    def would_accept(self) -> bool:
-        return len(self.waiting) < self.max_queue or (not self.waiting and self._free_worker() is not None)
+    def would_accept(self, mode: str) -> bool:
+        return len(self.waiting) < self.max_queue or (
+            not self.waiting and self._free_worker(mode) is not None
+        )
+
+    def switch(self, ticket: Ticket, mode: str) -> None:
+        """The call now runs `mode`: its share changes (nobody is evicted); a lighter mode may let someone in."""
+        busy = self.busy.get(ticket.id)
+        if busy is not None and busy.mode != mode:
+            busy.mode = mode
+            self.dispatch()
 
     def leave(self, ticket: Ticket) -> None:
         """The caller hung up: free its slot or leave the queue, and let the next caller in."""
@@ -90,11 +118,11 @@ class Admission:
         """Admit waiting callers while slots are free (also called when a worker comes back)."""
         moved = False
         while self.waiting:
-            worker_id = self._free_worker()
+            worker_id = self._free_worker(self.waiting[0].mode)
             if worker_id is None:
                 break
             ticket = self.waiting.pop(0)
-            self.busy[ticket.id] = _Busy(worker_id, self.clock())
+            self.busy[ticket.id] = _Busy(worker_id, self.clock(), ticket.mode)
             ticket.admit(worker_id)
             moved = True
         if moved:

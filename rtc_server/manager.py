@@ -89,7 +89,7 @@ class SessionManager:
         """Answer an offer and admit or queue the call. Raises UnknownMode, QueueFull or BadOffer."""
         if mode not in self.known_modes():
             raise UnknownMode(f"unknown mode {mode!r}; known modes: {', '.join(self.known_modes())}")
-        if not self.admission.would_accept():
+        if not self.admission.would_accept(mode):
             raise QueueFull("all session slots are busy and the queue is full")
         session = CallSession(self, mode, system_prompt, voice, options)
         self.sessions[session.id] = session

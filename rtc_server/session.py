@@ -199,6 +199,7 @@ class CallSession:
             self.send_event(ev.ErrorEvent(code="unknown_mode", message=f"unknown mode {mode!r}"))
             return
         self.mode = mode
+        self.manager.admission.switch(self, mode)
         if self.phase == "active" and self.worker_id is not None:
             self.mode_open = False
             self._switch_pending = True

@@ -13,6 +13,7 @@ from rtc_server.admission import Admission, QueueFull
 @dataclass(eq=False)
 class FakeCaller:
     id: str
+    mode: str = "audio_duplex"
     worker: int | None = None
     updates: list[tuple[int, float]] = field(default_factory=list)
 
@@ -53,7 +54,7 @@ def test_fifo_queue_with_etas_and_bound() -> None:
     assert c.updates[-1] == (1, 70.0) and d.updates[-1] == (2, 70.0)
     with pytest.raises(QueueFull):
         adm.request(e)
-    assert not adm.would_accept()
+    assert not adm.would_accept("audio_duplex")
 
     clock.now += 10
     adm.leave(c)  # a queued caller hangs up: d moves up
@@ -79,3 +80,29 @@ def test_down_worker_takes_no_sessions_until_it_is_back() -> None:
     adm.supervisor.workers[0].up = True
     adm.dispatch()
     assert a.worker == 0 and adm.position(a) is None
+
+
+def test_admission_by_measured_capacity_per_mode() -> None:
+    """A worker that measured 4 audio / 2 omni sessions takes any mix that fits: 2 audio + 1 omni is full."""
+    clock = Clock()
+    adm = _admission([0], max_queue=4, clock=clock)
+    adm.supervisor.workers[0].capacity_by_mode = {"audio_duplex": 4, "omni_duplex": 2}
+    a1, a2, o1 = FakeCaller("a1"), FakeCaller("a2"), FakeCaller("o1", "omni_duplex")
+    for caller in (a1, o1, a2):
+        adm.request(caller)
+    assert (a1.worker, o1.worker, a2.worker) == (0, 0, 0)
+    assert adm.load(adm.supervisor.workers[0]) == pytest.approx(1.0)
+    o2, a3 = FakeCaller("o2", "omni_duplex"), FakeCaller("a3")
+    adm.request(o2)
+    adm.request(a3)  # the worker is full: both wait, in order
+    assert o2.worker is None and a3.worker is None and adm.position(a3) == 2
+    adm.leave(a1)  # a quarter frees: not enough for the omni caller at the head, so nobody moves
+    assert o2.worker is None and adm.position(o2) == 1
+    adm.switch(o1, "audio_duplex")  # the omni call switches to audio: now a half is free
+    assert o2.worker == 0 and adm.position(a3) == 1
+    # a mode the worker did not measure falls back to the configured capacity (1 per worker here)
+    assert adm.load(adm.supervisor.workers[0]) == pytest.approx(0.25 + 0.25 + 0.5)
+    chat = FakeCaller("c", "chat")
+    adm.leave(a3)
+    adm.request(chat)
+    assert chat.worker is None  # 1.0 share for chat on a full worker: queued
