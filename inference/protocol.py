@@ -107,6 +107,7 @@ class Opened(_Msg):
     first_unit_samples: int | None = None
     output_rate: int = 24000
     video_max_side: int | None = None  # the mode wants one camera frame per unit, at most this large
+    align_units: bool = False  # cut units on the server's 1 s grid (batching modes)
     open_ms: float = 0.0  # worker time to close the previous mode (if any) and open this one
 
 

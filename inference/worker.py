@@ -39,6 +39,7 @@ from inference.modes.base import (
 )
 
 log = logging.getLogger("inference.worker")
+DEFAULT_GATHER_S = 0.06  # how long a tick waits for the other sessions' units of the same grid second
 
 
 class Connection:
@@ -61,18 +62,34 @@ class _Waiting:
 
 
 class UnitTicker:
-    """The worker's tick loop for batching modes: whatever units wait when a tick starts run together.
+    """The worker's tick loop for batching modes: the units waiting when a tick starts run together.
 
     Each session has at most one unit waiting (its runner awaits the result before it takes its next
-    message), so a tick holds one unit per session; units that arrive during a tick go into the next one.
-    A failure fails the units of that tick (their sessions end with `mode_error`)."""
+    message), so a tick holds one unit per session. The server cuts the units of these modes on a common 1 s
+    grid, so they arrive within a few tens of ms of each other: a tick starts once every batching session
+    has a unit waiting, or `gather_s` after the first one arrived, whichever comes first; units arriving
+    later go into the next tick. A failure fails the units of that tick (their sessions end with
+    `mode_error`)."""
 
-    def __init__(self, executor: concurrent.futures.Executor) -> None:
+    def __init__(
+        self, executor: concurrent.futures.Executor, expected: Any, gather_s: float = DEFAULT_GATHER_S
+    ) -> None:
         self.executor = executor
+        self.expected = expected  # () -> number of open sessions whose mode batches
+        self.gather_s = gather_s
         self.waiting: list[_Waiting] = []
         self.wake = asyncio.Event()
         self.ticks = 0
         self.task = asyncio.create_task(self._run(), name="unit-ticker")
+
+    async def _gather(self) -> None:
+        deadline = time.monotonic() + self.gather_s
+        while len(self.waiting) < self.expected() and (left := deadline - time.monotonic()) > 0:
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), left)
+            except TimeoutError:
+                break
 
     async def submit(self, mode: Mode, unit: UnitInput, frame: Any) -> list[Output]:
         done: asyncio.Future[list[Output]] = asyncio.get_running_loop().create_future()
@@ -84,6 +101,7 @@ class UnitTicker:
         loop = asyncio.get_running_loop()
         while True:
             await self.wake.wait()
+            await self._gather()
             self.wake.clear()
             batch, self.waiting = self.waiting, []
             groups: dict[Any, list[_Waiting]] = {}
@@ -193,6 +211,7 @@ class SessionRunner:
                     first_unit_samples=setup.first_unit_samples,
                     output_rate=setup.output_rate,
                     video_max_side=setup.video_max_side,
+                    align_units=setup.align_units,
                     open_ms=(time.monotonic() - opening) * 1000,
                 )
             )
@@ -263,6 +282,8 @@ async def serve(host: str, port: int, worker_id: int, device: str, settings: dic
     reader, writer = await asyncio.open_connection(host, port)
     conn = Connection(writer)
     capacity, by_mode = measured_capacity(settings)
+    if by_mode:  # the engine needs a KV slot for every session the server may admit
+        settings = {**settings, "max_sessions": max(int(settings.get("max_sessions", 1)), *by_mode.values())}
     await conn.send(
         p.Hello(
             worker_id=worker_id,
@@ -275,8 +296,12 @@ async def serve(host: str, port: int, worker_id: int, device: str, settings: dic
     )
     settings = {**settings, "device": device}
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mode")
-    ticker = UnitTicker(executor)
     sessions: dict[str, SessionRunner] = {}
+
+    def batching_sessions() -> int:
+        return sum(1 for r in sessions.values() if r.mode is not None and batch_runner(r.mode) is not None)
+
+    ticker = UnitTicker(executor, batching_sessions, float(settings.get("tick_gather_s", DEFAULT_GATHER_S)))
     try:
         while True:
             try:

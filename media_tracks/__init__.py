@@ -4,7 +4,7 @@ Inbound audio → exact 16 kHz model units (`InboundAudio`, `UnitCutter`), inbou
 frame as RGB on demand (`LatestVideoFrame`), and the outbound speech track (`SpeechTrack`).
 """
 
-from media_tracks.audio_in import MODEL_RATE, AudioUnit, InboundAudio, UnitCutter
+from media_tracks.audio_in import MODEL_RATE, AudioUnit, InboundAudio, UnitCutter, grid_lead_in
 from media_tracks.speech_track import FRAME_SAMPLES, OUTPUT_RATE, PacingStats, SpeechTrack
 from media_tracks.video_in import LatestVideoFrame, fit_size, frame_to_rgb
 
@@ -20,4 +20,5 @@ __all__ = [
     "UnitCutter",
     "fit_size",
     "frame_to_rgb",
+    "grid_lead_in",
 ]

@@ -98,11 +98,14 @@ class UnitCutter:
                 self._filled = 0
         return units
 
-    def reset(self, unit_samples: int | None = None, first_unit_samples: int | None = None) -> None:
+    def reset(
+        self, unit_samples: int | None = None, first_unit_samples: int | None = None, lead_in_samples: int = 0
+    ) -> None:
         """Drop the partial unit and restart at index 0.
 
         Arguments left as None keep their current setting (a first-unit length that was never set
-        keeps following `unit_samples`).
+        keeps following `unit_samples`). `lead_in_samples` of silence start the first unit (it then
+        completes that much earlier; see `grid_lead_in`).
         """
         if unit_samples is not None:
             self.unit_samples = _check_length("unit_samples", unit_samples)
@@ -110,6 +113,19 @@ class UnitCutter:
             self._first_override = _check_length("first_unit_samples", first_unit_samples)
         self.next_index = 0
         self._alloc()
+        if not 0 <= lead_in_samples < self.first_unit_samples:
+            raise ValueError(f"lead_in_samples must lie in 0..{self.first_unit_samples - 1}")
+        self._filled = lead_in_samples  # the buffer is zeros
+
+
+def grid_lead_in(now: float, first_unit_samples: int, unit_samples: int, rate: int = 16000) -> int:
+    """Silence (samples) to put before a live stream's first unit so that it completes on the 1-unit grid
+    of the monotonic clock (the grid lines are the multiples of the unit duration): with every call of a
+    worker on one grid, their units arrive together and run in one batch."""
+    unit_s = unit_samples / rate
+    natural_end = now + first_unit_samples / rate
+    late = natural_end % unit_s  # how far the first unit would end past the last grid line
+    return min(int(round(late * rate)), first_unit_samples - 1)
 
 
 class _MonoResampler:

@@ -235,6 +235,7 @@ def worker_settings(config: AppConfig) -> dict[str, object]:
         "max_sessions": max(workers.capacity_per_gpu if workers.gpus else workers.cpu_capacity, 1),
         "voices_dir": str(voices_dir(config)),
         "loopback": config.loopback.model_dump(),
+        "tick_gather_s": workers.tick_gather_ms / 1000,
     }
 
 

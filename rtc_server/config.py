@@ -61,6 +61,8 @@ class WorkerSettings(_Strict):
     heartbeat_timeout_s: float = Field(5.0, gt=0)  # no pong for this long: the worker is killed and restarted
     start_timeout_s: float = Field(60.0, gt=0)  # a worker that does not say hello in time is restarted
     restart_delay_s: float = Field(0.5, ge=0)
+    # a duplex tick waits up to this long for the units of all sessions of the same (aligned) second
+    tick_gather_ms: float = Field(60.0, ge=0, le=500)
 
 
 class QueueSettings(_Strict):

@@ -17,7 +17,7 @@ from aiortc.rtcdatachannel import RTCDataChannel
 from pydantic import BaseModel, ValidationError
 
 from inference import protocol as p
-from media_tracks import AudioUnit, InboundAudio, LatestVideoFrame, SpeechTrack, UnitCutter
+from media_tracks import AudioUnit, InboundAudio, LatestVideoFrame, SpeechTrack, UnitCutter, grid_lead_in
 from rtc_server import events as ev
 
 if TYPE_CHECKING:
@@ -340,7 +340,15 @@ class CallSession:
             self.close_soon("bad output rate")
             return
         self.mode = message.mode
-        self.cutter.reset(unit_samples=message.unit_samples, first_unit_samples=message.first_unit_samples)
+        lead_in = 0
+        if message.align_units:
+            first = message.first_unit_samples or message.unit_samples
+            lead_in = grid_lead_in(time.monotonic(), first, message.unit_samples)
+        self.cutter.reset(
+            unit_samples=message.unit_samples,
+            first_unit_samples=message.first_unit_samples,
+            lead_in_samples=lead_in,
+        )
         self.video_max_side = message.video_max_side
         self.mode_open = True
         switch_ms = round(message.open_ms, 3) if self._switch_pending else None

@@ -8,7 +8,7 @@ import av
 import numpy as np
 import pytest
 
-from media_tracks import AudioUnit, InboundAudio, UnitCutter
+from media_tracks import AudioUnit, InboundAudio, UnitCutter, grid_lead_in
 from tests.media_helpers import FramesTrack, dominant_frequency
 
 
@@ -198,3 +198,25 @@ async def test_a_failing_callback_does_not_stop_the_reader() -> None:
     await inbound.wait_ended()
     assert seen == [0, 1, 2, 3]
     assert inbound.ended and inbound.frames_in == 50
+
+
+@pytest.mark.parametrize("now", [1000.0, 1000.25, 1000.9999, 1234.5678])
+@pytest.mark.parametrize("first", [16000, 16560])
+def test_grid_lead_in_puts_the_first_unit_end_on_the_second_grid(now: float, first: int) -> None:
+    lead = grid_lead_in(now, first, 16000)
+    assert 0 <= lead < first
+    # the stream starts now; the first unit needs first - lead live samples
+    end = now + (first - lead) / 16000
+    assert min(end % 1.0, 1.0 - end % 1.0) <= 1 / 16000 + 1e-9
+
+
+def test_cutter_lead_in_is_silence_before_the_first_unit() -> None:
+    cutter = UnitCutter(unit_samples=1600)
+    cutter.reset(first_unit_samples=2000, lead_in_samples=500)
+    ramp = np.arange(1, 4001, dtype=np.float32)
+    units = cutter.push(ramp, arrived_at=1.0)
+    assert [len(u.pcm) for u in units] == [2000, 1600]
+    assert not units[0].pcm[:500].any() and units[0].pcm[500] == 1.0  # silence, then the caller's audio
+    assert units[1].pcm[0] == 1501.0  # nothing of the caller's audio is lost
+    with pytest.raises(ValueError, match="lead_in_samples"):
+        cutter.reset(lead_in_samples=2000)

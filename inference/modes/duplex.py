@@ -96,6 +96,7 @@ class DuplexMode:
             unit_samples=UNIT_SAMPLES,
             output_rate=OUTPUT_RATE,
             video_max_side=FRAME_MAX_SIDE if self.omni else None,
+            align_units=True,
         )
         return setup, [State("listening")]
 
