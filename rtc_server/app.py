@@ -247,7 +247,7 @@ async def start_server(config: AppConfig) -> RunningServer:
     """Start the workers, then serve the app; returns once everything is up."""
     manager_ref: list[SessionManager] = []
     supervisor = WorkerSupervisor(
-        SupervisorSettings(**config.workers.model_dump()),
+        SupervisorSettings(**config.workers.model_dump(exclude={"tick_gather_ms"})),
         worker_settings(config),
         on_workers_changed=lambda: manager_ref[0].workers_changed() if manager_ref else None,
     )
