@@ -139,6 +139,7 @@ def run_case(
         torch.cuda.reset_peak_memory_stats(device)
     latencies, speak_lat, listen_lat, first_pcm, ticks = [], [], [], [], []
     stages: dict[str, list[float]] = {}
+    speaking_stages: dict[str, list[float]] = {}  # ticks where at least one session spoke
     within = total = 0
     clock_ms = 0.0  # virtual time: when the worker is free again, relative to the first unit's arrival
     try:
@@ -157,8 +158,11 @@ def run_case(
             start = max(arrival, clock_ms)
             clock_ms = start + tick_ms
             ticks.append(tick_ms)
+            spoke = any(out.speech is not None for out in outs)
             for name, ms in batcher.timings.items():
                 stages.setdefault(name, []).append(ms)
+                if spoke:
+                    speaking_stages.setdefault(name, []).append(ms)
             for out in outs:
                 lat = start - arrival + (out.done_s - t0) * 1000
                 latencies.append(lat)
@@ -192,6 +196,7 @@ def run_case(
         "busy_share": sum(ticks) / (len(ticks) * DEADLINE_MS) if ticks else None,
         "graph_capture_s": capture_s,
         **{f"stage_{name}_p50": pct(v, 50) for name, v in stages.items()},
+        **{f"speaking_stage_{name}_p50": pct(v, 50) for name, v in speaking_stages.items()},
         "context_positions": base_len,
     }
     if device.type == "cuda":
@@ -244,7 +249,7 @@ def markdown(results: dict[str, object]) -> str:
             fmt(r.get("vram_peak_gib"), 2),
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    stage_names = ("prefill_ms", "generate_ms", "finalize_ms", "speak_ms", "vocoder_ms")
+    stage_names = ("prefill_ms", "generate_ms", "finalize_ms", "speak_ms", "tts_ms", "vocoder_ms")
     lines += [
         "",
         "Tick stages, p50 ms (speak = TTS + vocoder of all speaking sessions; vocoder: Token2Wav.push_codes_batch):",
@@ -255,6 +260,17 @@ def markdown(results: dict[str, object]) -> str:
     for r in results["rows"]:  # type: ignore[union-attr]
         if "skipped" not in r:
             cells = [fmt(r.get(f"stage_{s}_p50")) for s in stage_names]
+            lines.append(f"| {r['mode']} | {r['sessions']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "The same for the ticks in which at least one session spoke:",
+        "",
+        "| mode | N | " + " | ".join(stage_names) + " |",
+        "|" + " --- |" * (2 + len(stage_names)),
+    ]
+    for r in results["rows"]:  # type: ignore[union-attr]
+        if "skipped" not in r:
+            cells = [fmt(r.get(f"speaking_stage_{s}_p50")) for s in stage_names]
             lines.append(f"| {r['mode']} | {r['sessions']} | " + " | ".join(cells) + " |")
     cap = results["capacity"]
     lines += ["", f"Capacity (p95 ≤ {P95_TARGET_MS:.0f} ms, every unit within 1 s): {json.dumps(cap)}"]
