@@ -235,7 +235,7 @@ class BatchedAudioEncoder:
                 x["num_new"].zero_()
                 x["past"].zero_()
 
-            self.cache.keys  # noqa: B018 (allocate the buffers before a graph captures them)
+            self.cache.allocate()  # before a graph captures them
             self.steps[key] = StaticStep(fn, inputs, idle, self.use_graphs, self.pool)
         return self.steps[key]
 

@@ -78,7 +78,10 @@ class WhisperSlotCache:
     def allocated(self) -> bool:
         return self._keys is not None
 
-    def _allocate(self) -> None:
+    def allocate(self) -> None:
+        """Allocate the buffers now (they are otherwise allocated when first read)."""
+        if self._keys is not None:
+            return
         # Zeros, not empty: masked keys get weight 0, and 0 * NaN from uninitialized memory would be NaN.
         shape = (self.num_slots, self.heads, self.positions, self.head_dim)
         self._keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
@@ -86,15 +89,13 @@ class WhisperSlotCache:
 
     @property
     def keys(self) -> list[torch.Tensor]:
-        if self._keys is None:
-            self._allocate()
+        self.allocate()
         assert self._keys is not None
         return self._keys
 
     @property
     def values(self) -> list[torch.Tensor]:
-        if self._values is None:
-            self._allocate()
+        self.allocate()
         assert self._values is not None
         return self._values
 
