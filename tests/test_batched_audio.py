@@ -168,7 +168,14 @@ def test_bad_chunks_are_rejected(model: MiniCPMO) -> None:
         enc.encode([0, 1], [mel], [p], [s])
     with pytest.raises(ValueError, match="does not fit"):
         enc.encode([0], [torch.zeros(80, 3100)], [0], [0])
+    with pytest.raises(ValueError, match="under 5"):
+        enc.encode([0], [mel[:, :8]], [0], [0])
     assert enc.cache.lengths == [0, 0]
+    # a rejected step changes no stream, not even the reset of a row that was fine
+    enc.cache.lengths[0] = 1450
+    with pytest.raises(ValueError, match="shape"):
+        enc.encode([0, 1], [mel, mel[:40]], [p, p], [s, s])
+    assert enc.cache.lengths == [1450, 0] and enc.cache.resets == [0, 0]
 
 
 def _audio_unit(audio: np.ndarray, k: int) -> UnitInput:

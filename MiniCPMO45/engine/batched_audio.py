@@ -42,6 +42,7 @@ class _Row:
     first: int  # first kept CNN frame
     count: int  # kept CNN frames
     past: int  # cached frames this chunk continues (0 after a reset)
+    reset: bool  # the stream starts over at this chunk (it would pass the position table)
 
 
 class BatchedAudioEncoder:
@@ -127,7 +128,7 @@ class BatchedAudioEncoder:
         if len(set(slots)) != len(slots):
             raise ValueError("a slot appears twice in one audio step")
         enc, cache = self.encoder, self.cache
-        table = enc.max_positions
+        table, step = enc.max_positions, self.model.config.audio_pool_step
         rows: list[_Row] = []
         for slot, mel, p, s in zip(slots, mels, prefix_frames, suffix_frames, strict=True):
             if not 0 <= slot < self.num_slots:
@@ -136,21 +137,20 @@ class BatchedAudioEncoder:
                 raise ValueError(f"mel of shape {tuple(mel.shape)}; expected [{enc.conv1.in_channels}, F]")
             frames = int(mel.shape[-1])
             first, count = trimmed_frames(frames, int(p), int(s))
-            if count == 0:
-                raise ValueError(f"a chunk of {frames} mel frames keeps no frame after trimming")
+            if count < step:
+                raise ValueError(f"a chunk of {frames} mel frames keeps {count} encoder frames, under {step}")
             past = cache.lengths[slot]
-            if past and past + cnn_frames(frames) >= table:  # the rule of `forward_stream`
+            reset = past > 0 and past + cnn_frames(frames) >= table  # the rule of `forward_stream`
+            if reset:
                 past = 0
-                cache.resets[slot] += 1
-                cache.lengths[slot] = 0
             if past + count > table:
                 raise ValueError(f"a chunk of {count} encoder frames does not fit the {table}-position table")
-            rows.append(_Row(slot, mel, first, count, past))
+            rows.append(_Row(slot, mel, first, count, past, reset))
         embeds = self._run(rows)
-        for r in rows:
+        for r in rows:  # the streams advance only once every row was accepted and the pass ran
             cache.lengths[r.slot] = r.past + r.count
+            cache.resets[r.slot] += int(r.reset)
         self.passes += 1
-        step = self.model.config.audio_pool_step
         return [embeds[k, : r.count // step] for k, r in enumerate(rows)]
 
     def _run(self, rows: Sequence[_Row]) -> torch.Tensor:
