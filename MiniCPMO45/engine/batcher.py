@@ -33,7 +33,7 @@ from ..modules.tts import DUPLEX_MAX_DRAWS
 from ..processor.audio_features import MelUnit
 from ..processor.image import ImageInputs
 from ..token2wav import PromptCache, PushRequest, Token2Wav, TurnState
-from .batched_audio import stream_audio_embeds
+from .batched_audio import BatchedAudioEncoder
 from .batched_decision import DecisionParams, decide_batch
 from .core import Engine
 from .duplex import (
@@ -111,6 +111,8 @@ class DuplexBatcher:
             if tts is not None
             else None
         )
+        # the streaming audio encoder of every session in one pass (per-slot caches allocated on first use)
+        self.audio = BatchedAudioEncoder(engine.model, engine.cache.num_slots, use_graphs=use_graphs)
         self.vocoder, self.voice = vocoder, voice
         self.device = engine.model.device
         self.generator = torch.Generator(device=self.device)
@@ -146,6 +148,8 @@ class DuplexBatcher:
         self.llm.warm_up(max_sessions, (1, 2, *prefill_tokens))
         if self.tts is not None:
             self.tts.warm_up(max_sessions)
+        if self.engine.model.apm is not None:
+            self.audio.warm_up(max_sessions)
 
     # ---- prefill ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -194,12 +198,8 @@ class DuplexBatcher:
         with_audio = [k for k, m in enumerate(mel_units) if m is not None]
         audio_rows: dict[int, torch.Tensor] = {}
         if with_audio:
-            embs = stream_audio_embeds(
-                model,
-                [torch.from_numpy(mel_units[k].features) for k in with_audio],
-                [sessions[ready[k]].audio_cache for k in with_audio],
-                [mel_units[k].prefix_frames for k in with_audio],
-                [mel_units[k].suffix_frames for k in with_audio],
+            embs = self.audio.encode_sessions(
+                [sessions[ready[k]] for k in with_audio], [mel_units[k] for k in with_audio]
             )
             audio_rows = dict(zip(with_audio, embs, strict=True))
         t_audio = time.perf_counter()
