@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from MiniCPMO45.engine.static_tts import StaticTTS, duplex_scores
+from MiniCPMO45.engine.static_tts import StaticTTS, duplex_scores, gumbel
 from MiniCPMO45.model import MiniCPMO
 from MiniCPMO45.modules.tts_sampling import DUPLEX_SAMPLING, code_distribution
 
@@ -60,3 +60,14 @@ def test_duplex_scores_match_code_distribution() -> None:
     got = torch.softmax(duplex_scores(logits, padded, torch.tensor(forbid), DUPLEX_SAMPLING, 9), -1)
     assert torch.allclose(got, want, atol=1e-6)
     assert got[0, 9] == 0 and got[1, 9] > 0
+
+
+def test_gumbel_max_draws_follow_the_softmax() -> None:
+    """The draw loop's Gumbel-max draw picks code c with probability softmax(scores)[c]."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.tensor([2.0, 1.0, 0.0, -1.0, float("-inf")])
+    noise = torch.rand(200_000, 5, generator=g)
+    picks = (scores + gumbel(noise)).argmax(-1)
+    freq = torch.bincount(picks, minlength=5).float() / picks.numel()
+    assert torch.allclose(freq, torch.softmax(scores, -1), atol=0.005)
+    assert freq[4] == 0  # a banned code is never drawn

@@ -1,6 +1,7 @@
 """Static-shape steps of the TTS speech-token LM over a `TTSKVCache`, graph-captured per (rows, tokens) bucket,
 and a batched duplex unit (`generate_codes`) that draws every speaking session's codes with no host sync per
-step.
+step: after the condition step, all the unit's draws (scores, draw, feed) are one static step (`draw_loop`),
+so on a GPU the whole unit replays as two graphs.
 
 Row i of a step is TTS cache slot i; `lengths [slots]` (a device tensor owned by the caller) is how many
 positions each slot holds. Same layout and masking scheme as `static_decode` (the TTS has as many kv heads as
@@ -8,8 +9,9 @@ query heads, so no folding is needed). The step returns float32 code logits at e
 
 Sampling follows `tts_sampling.code_distribution` for the duplex settings (temperature, repetition penalty over
 this call's last `window` codes, EOS forbidden before `min_new` draws, no top-k/top-p), vectorized over rows;
-the draw uses one generator for the whole batch, so draws differ from the per-session generators of
-`MiniCPMTTS.generate_chunks` (same distribution).
+the draw is a Gumbel-max draw (argmax of scores + Gumbel noise, which picks code c with probability
+softmax(scores)[c]) from uniform noise that one generator makes for the whole batch before the loop, so
+draws differ from the per-session generators of `MiniCPMTTS.generate_chunks` (same distribution).
 """
 
 from __future__ import annotations
@@ -99,6 +101,45 @@ def duplex_scores(
     return scores.masked_fill(ban, float("-inf"))
 
 
+def gumbel(uniform: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise from uniform draws in [0, 1)."""
+    return -torch.log(-torch.log(uniform.clamp(1e-10, 1.0 - 1e-7)))
+
+
+def draw_loop(
+    tts: MiniCPMTTS,
+    cache: TTSKVCache,
+    lengths: torch.Tensor,
+    window: int,
+    sampling: CodeSampling,
+    x: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """All draws of a duplex unit for rows 0..B-1, from the condition step's `logits [B, V]`.
+
+    Inputs: `active [B]` (rows that draw), `mins [B]` (EOS allowed from this draw on), `noise [D, B, V]`
+    (uniform), `forced [D, B]` with `use_forced [B]` (teacher forcing, tests). Each active row draws until EOS
+    or D draws; every draw but a row's last is fed back (EOS and the D-th draw are not). Returns
+    `draws [B, D]` (-1 after a row stopped)."""
+    logits, active = x["logits"], x["active"].clone()
+    b, vocab = logits.shape
+    max_new = x["noise"].shape[0]
+    eos = tts.eos_id
+    draws = torch.full((b, max_new), -1, dtype=torch.long, device=logits.device)
+    for j in range(max_new):
+        scores = duplex_scores(logits, draws[:, :j], x["mins"] > j, sampling, eos)
+        code = (scores + gumbel(x["noise"][j])).argmax(-1)
+        code = torch.where(x["use_forced"], x["forced"][j], code)
+        draws[:, j] = torch.where(active, code, torch.full_like(code, -1))
+        active = active & (code != eos)
+        if j == max_new - 1:
+            break
+        emb = tts.emb_code[0](code.clamp(0, vocab - 1))[:, None]
+        logits = static_tts_forward(tts, cache, lengths, emb.to(cache.keys[0].dtype), active.long(), window)[
+            "logits"
+        ]
+    return {"draws": draws}
+
+
 class StaticTTS:
     """The TTS LM with its own slot cache (slot i = LLM KV slot i of the engine) and bucketed static steps."""
 
@@ -123,6 +164,7 @@ class StaticTTS:
         self.use_graphs = graphs_available(self.device) if use_graphs is None else use_graphs
         self.pool = new_pool(self.device) if self.use_graphs else None
         self.steps: dict[tuple[int, int], StaticStep] = {}
+        self.loops: dict[tuple[int, int, CodeSampling], StaticStep] = {}
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(0)
         self.last_hit_eos: list[bool] = []  # per slot of the last generate_codes call: its final draw was EOS
@@ -147,10 +189,35 @@ class StaticTTS:
             self.steps[key] = StaticStep(fn, inputs, idle, self.use_graphs, self.pool)
         return self.steps[key]
 
-    def warm_up(self, rows: int, condition_tokens: int = 32) -> None:
+    def _loop(self, rows: int, max_new: int, sampling: CodeSampling) -> StaticStep:
+        key = (rows, max_new, sampling)
+        if key not in self.loops:
+            vocab = self.tts.head_code[0].out_features
+            dev = self.device
+            inputs = {
+                "logits": torch.zeros(rows, vocab, dtype=torch.float32, device=dev),
+                "active": torch.zeros(rows, dtype=torch.bool, device=dev),
+                "mins": torch.zeros(rows, dtype=torch.long, device=dev),
+                "noise": torch.full((max_new, rows, vocab), 0.5, dtype=torch.float32, device=dev),
+                "forced": torch.zeros(max_new, rows, dtype=torch.long, device=dev),
+                "use_forced": torch.zeros(rows, dtype=torch.bool, device=dev),
+            }
+
+            def fn(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                return draw_loop(self.tts, self.cache, self.lengths, self.window, sampling, x)
+
+            def idle(x: dict[str, torch.Tensor]) -> None:
+                x["active"].zero_()
+
+            self.loops[key] = StaticStep(fn, inputs, idle, self.use_graphs, self.pool)
+        return self.loops[key]
+
+    def warm_up(
+        self, rows: int, condition_tokens: int = 32, sampling: CodeSampling = DUPLEX_SAMPLING
+    ) -> None:
         r = pick_bucket(self.row_buckets, rows)
-        self._step(r, 1)
         self._step(r, pick_bucket(self.token_buckets, condition_tokens))
+        self._loop(r, DUPLEX_MAX_DRAWS, sampling)
 
     def reset(self, slots: Sequence[int]) -> None:
         """Start new turns: the slots' next condition goes to position 0."""
@@ -195,38 +262,26 @@ class StaticTTS:
         step.inputs["num_new"].index_copy_(0, idx, torch.tensor(counts, dtype=torch.long, device=device))
         logits = step.run()["logits"]
 
-        vocab = logits.shape[-1]
-        eos = self.tts.eos_id
-        active = torch.zeros(rows, dtype=torch.bool, device=device)
-        active[idx] = True
-        mins = torch.zeros(rows, dtype=torch.long, device=device)
-        mins[idx] = torch.tensor(list(min_new), dtype=torch.long, device=device)
-        draws = torch.full((rows, max_new), -1, dtype=torch.long, device=device)
-        forced_t = None
+        loop = self._loop(rows, max_new, sampling)
+        x = loop.inputs
+        x["logits"].copy_(logits)
+        x["active"].zero_()
+        x["active"][idx] = True
+        x["mins"].zero_()
+        x["mins"][idx] = torch.tensor(list(min_new), dtype=torch.long, device=device)
+        x["noise"].uniform_(generator=self.generator)
+        x["use_forced"].zero_()
         if forced is not None:
-            forced_t = torch.zeros(rows, max_new, dtype=torch.long, device=device)
+            table = torch.zeros(rows, max_new, dtype=torch.long)
             for s, f in zip(slots, forced, strict=True):
-                forced_t[s, : len(f)] = torch.tensor(list(f)[:max_new], dtype=torch.long)
-        dec = self._step(rows, 1)
-        for j in range(max_new):
-            scores = duplex_scores(logits, draws[:, :j], mins > j, sampling, eos)
-            if forced_t is not None:
-                code = forced_t[:, j]
-            else:
-                code = torch.multinomial(torch.softmax(scores, -1), 1, generator=self.generator)[:, 0]
-            draws[:, j] = torch.where(active, code, torch.full_like(code, -1))
-            # rows stop at EOS or after their last draw; the final draw is never fed
-            active = active & (code != eos)
-            if j == max_new - 1:
-                break
-            emb = self.tts.emb_code[0](code.clamp(0, vocab - 1))[:, None]
-            dec.inputs["embeds"].copy_(emb.to(self.dtype))
-            dec.inputs["num_new"].copy_(active.long())
-            logits = dec.run()["logits"]
+                table[s, : min(len(f), max_new)] = torch.tensor(list(f)[:max_new], dtype=torch.long)
+            x["forced"].copy_(table.T)
+            x["use_forced"][idx] = True
+        draws = loop.run()["draws"]
         out = draws[idx].tolist()  # the one host sync of the unit
         result, self.last_hit_eos = [], []
         for row in out:
             got = [c for c in row if c >= 0]
             result.append(got[:-1])
-            self.last_hit_eos.append(bool(got) and got[-1] == eos)
+            self.last_hit_eos.append(bool(got) and got[-1] == self.tts.eos_id)
         return result
