@@ -1,4 +1,5 @@
-"""e_duplex parity: the omni full-duplex unit loop (prepare + 6 units, greedy, forced listen at step 4)."""
+"""e_duplex parity: the omni full-duplex unit loop (prepare + 6 units, greedy, forced listen at step 4), with
+each unit's tail fed by a separate finalize (the reference's order) or folded into the next unit's prefill."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
+from MiniCPMO45.engine.context_window import SlidingWindow
 from MiniCPMO45.engine.core import Engine
 from MiniCPMO45.engine.duplex import (
     DuplexConfig,
     UnitInput,
+    context_length,
     finalize_units,
     generate_units,
+    make_room,
     prefill_units,
     prepare,
     schema_codes,
@@ -29,7 +33,7 @@ def engine(tiny_model_dir: Path) -> Engine:
     return Engine.from_pretrained(tiny_model_dir, dtype=torch.float32, max_sessions=2, max_len=512)
 
 
-def _run(engine: Engine, fixture_dir: Path, config: DuplexConfig):
+def _run(engine: Engine, fixture_dir: Path, config: DuplexConfig, fold: bool = False):
     manifest = load_manifest(fixture_dir)
     inputs = fixture_dir / "inputs"
     audio = load_audio(inputs / "duplex_audio.wav")
@@ -49,15 +53,23 @@ def _run(engine: Engine, fixture_dir: Path, config: DuplexConfig):
             first_logits = s.duplex.pending_logits.clone()
         observe = lambda _s, lg: seen.append(lg)  # noqa: E731
         res = generate_units(engine, [s], [rec["force_listen_override"]], pre, observe)[0]
-        finalize_units(engine, [s])
-        steps.append((res, engine.kv_length(s)))
+        if fold:  # the tail waits for the next prefill; the KV lags by exactly its length
+            assert context_length(engine, s) == engine.kv_length(s) + (2 if res.prefilled else 0)
+        else:
+            finalize_units(engine, [s])
+            assert context_length(engine, s) == engine.kv_length(s)
+        assert res.kv_length == context_length(engine, s) - 2  # terminator + </unit> not counted
+        steps.append((res, context_length(engine, s)))
+    finalize_units(engine, [s])  # flush: the KV is complete
+    assert engine.kv_length(s) == steps[-1][1]
     return s, kv_after_prepare, first_logits, steps, seen
 
 
-def test_duplex_loop_matches_reference(engine: Engine, tiny_fixture_dir: Path) -> None:
+@pytest.mark.parametrize("fold", [False, True], ids=["finalize", "folded"])
+def test_duplex_loop_matches_reference(engine: Engine, tiny_fixture_dir: Path, fold: bool) -> None:
     e = load_npz(tiny_fixture_dir, "e_duplex")
     manifest = load_manifest(tiny_fixture_dir)
-    s, kv0, first_logits, steps, seen = _run(engine, tiny_fixture_dir, fixture_duplex_config(manifest))
+    s, kv0, first_logits, steps, seen = _run(engine, tiny_fixture_dir, fixture_duplex_config(manifest), fold)
     try:
         assert kv0 == int(e["kv_len_after_prepare"])
         assert_close(first_logits, e["decode_first_logits_full"], what="first decode logits")
@@ -166,4 +178,41 @@ def test_default_config_listens_first_and_samples(engine: Engine, tiny_fixture_d
                 assert set(r.timings_ms) >= {"generate_ms", "prefill_feed_ms"}
         finally:
             engine.close_session(s)
+    assert runs[0] == runs[1]
+
+
+def test_folded_tails_slide_like_finalized_units(engine: Engine, tiny_fixture_dir: Path) -> None:
+    """A context-window slide with folded tails: `duplex.make_room` counts the pending tail and feeds it before
+    dropping, and spans start at `context_length`, so the session drops the same whole units and decides the
+    same tokens as one that finalizes every unit."""
+    manifest = load_manifest(tiny_fixture_dir)
+    audio = load_audio(tiny_fixture_dir / "inputs" / "duplex_audio.wav")
+    units = [UnitInput(audio=audio[k * 16000 : (k + 1) * 16000]) for k in range(6)]
+    runs = []
+    for fold in (False, True):
+        s = engine.open_session(Mode.DUPLEX)
+        try:
+            prepare(engine, s, "Short.", None, fixture_duplex_config(manifest))
+            protected = engine.kv_length(s)
+            window = SlidingWindow(protected, protected + 100, protected + 80)
+            lengths = []
+            for unit in units:
+                if fold:
+                    make_room(engine, s, window, 30)
+                    window.mark(context_length(engine, s))
+                else:
+                    window.make_room(engine, s, 30)
+                    window.mark(engine.kv_length(s))
+                pre = prefill_units(engine, [s], [unit])
+                generate_units(engine, [s], None, pre)
+                if not fold:
+                    finalize_units(engine, [s])
+                lengths.append(context_length(engine, s))
+                assert context_length(engine, s) <= window.max_tokens
+            finalize_units(engine, [s])
+            runs.append((list(s.duplex.total_ids), lengths, window.dropped_spans, window.dropped_tokens))
+            assert 0 < window.dropped_spans < len(units) - 1  # some units dropped, not all
+        finally:
+            engine.close_session(s)
+    assert runs[0][2] > 0  # the window slid
     assert runs[0] == runs[1]

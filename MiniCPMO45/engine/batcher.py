@@ -5,10 +5,11 @@ once, what `duplex.prefill_units` / `generate_units` / `finalize_units` do per l
 and the vocoder of the speaking ones:
 
 * prefill: the streaming audio encoder batched across sessions (`batched_audio`), the vision encoder over all
-  frames in one call, then one static LLM step over the ragged unit pieces (audio-only and omni units together);
+  frames in one call, then one static LLM step over the ragged unit pieces (audio-only and omni units together),
+  each led by the session's pending tail from its previous unit (terminator + `</unit>`: there is no separate
+  finalize step in a tick; `finalize` feeds pending tails on demand, e.g. before a session leaves the batch);
 * generate: one static (graph-replayed) LLM decode step per token for all sessions still decoding, with the
   listen/speak/text decision vectorized over the batch (`batched_decision`, the rule of `decide_token`);
-* finalize: terminator + `</unit>` of every session in one static step;
 * speak: TTS conditions in one projector call, the 26 TTS draws of all speaking sessions as static steps with
   sampling on the device (`static_tts`), then the vocoder windows (`Token2Wav.push_codes_batch`:
   equal-shaped windows share one flow batch, the streaming HiFT batches blocks of equal geometry).
@@ -42,9 +43,13 @@ from .duplex import (
     UnitInput,
     UnitResult,
     _state,
+    end_unit,
+    pending_tail,
     record_prefill,
     record_token,
     stamp_prefill,
+    start_unit,
+    take_tails,
 )
 from .session import Session
 from .static_decode import StaticLLM
@@ -74,7 +79,7 @@ class UnitOutput:
     result: UnitResult
     speech: SpeechOut | None
     decision_s: float | None  # perf_counter() when the unit's listen/speak decision was known
-    done_s: float  # perf_counter() when this session's unit was complete (PCM included)
+    done_s: float  # perf_counter() when the unit was complete (PCM included; a listen: at generate end)
 
 
 @dataclass
@@ -131,19 +136,15 @@ class DuplexBatcher:
     # ---- prefill ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, sessions: Sequence[Session], inputs: Sequence[UnitInput]) -> list[UnitResult]:
-        """`duplex.prefill_units` with the audio encoder batched across sessions (same pieces, same order)."""
+        """`duplex.prefill_units` with the audio encoder batched across sessions (same pieces, same order; each
+        ready session's pending tail first)."""
         if len(sessions) != len(inputs):
             raise ValueError("one unit input per session")
         eng, model, sp = self.engine, self.engine.model, self.engine.special
         t0 = time.perf_counter()
         results = [UnitResult(session=s) for s in sessions]
         for s in sessions:
-            st = _state(s)
-            if st.needs_finalize:
-                raise RuntimeError(
-                    f"session {s.session_id!r}: finalize the previous unit before the next prefill"
-                )
-            st.pending_logits = None
+            _state(s).pending_logits = None
 
         def host_prep(i: int) -> tuple[MelUnit | None, list[ImageInputs]]:
             """Per-session CPU work (streaming mel, image slicing): numpy/PIL, run on the host thread pool."""
@@ -184,15 +185,19 @@ class DuplexBatcher:
             )
             audio_rows = dict(zip(with_audio, embs, strict=True))
         t_audio = time.perf_counter()
-        ids = torch.tensor(
-            [sp.unit_start, sp.image_start, sp.image_end, sp.slice_start, sp.slice_end], device=self.device
-        )
-        tok = dict(zip(("unit", "img0", "img1", "sl0", "sl1"), model.embed_ids(ids), strict=True))
+        tails = take_tails(eng, [sessions[i] for i in ready])
+        fixed = [sp.unit_start, sp.image_start, sp.image_end, sp.slice_start, sp.slice_end]
+        emb = model.embed_ids([*fixed, *(t for tail in tails for t in tail)])  # one lookup for the step
+        tok = dict(zip(("unit", "img0", "img1", "sl0", "sl1"), emb[: len(fixed)], strict=True))
+        tail_rows, at = [], len(fixed)
+        for tail in tails:
+            tail_rows.append(emb[at : at + len(tail)])
+            at += len(tail)
         pieces: list[torch.Tensor] = []
         schemas: list[list[SchemaItem]] = []
         used = 0
         for k, _i in enumerate(ready):
-            parts = [tok["unit"][None]]
+            parts = [tail_rows[k], tok["unit"][None]]
             schema: list[SchemaItem] = [sp.unit_start]
             for n_views in per_frame[k]:
                 assert vision is not None
@@ -259,10 +264,7 @@ class DuplexBatcher:
                 continue
             logit_rows.append(st.pending_logits)
             st.pending_logits = None
-            forced = st.units_generated < st.config.force_listen_count or force_listen[i]
-            st.units_generated += 1
-            st.needs_finalize = True
-            st.pending_terminator = None
+            forced = start_unit(s, force_listen[i])
             results[i].forced_listen = forced
             script = list(scripts[i]) if scripts is not None and scripts[i] is not None else None
             run = _Run(i, s.slot, st, forced, len(runs), script=script)
@@ -347,34 +349,30 @@ class DuplexBatcher:
         t1 = time.perf_counter()
         for run in runs:
             res = results[run.index]
+            end_unit(eng, run.st)
             res.tts_token_ids = list(run.unit_ids)
             res.tts_hidden = torch.stack(run.hidden_rows) if run.hidden_rows else None
             res.text = eng.tokenizer.decode(run.unit_ids, skip_special_tokens=True) if run.unit_ids else ""
             if res.is_listen:
                 res.text, res.tts_token_ids, res.tts_hidden = "", [], None
         lengths = eng.cache.lengths[[s.slot for s in sessions]].tolist()
-        for i in range(len(sessions)):
-            results[i].kv_length = lengths[i]
+        ran = {run.index for run in runs}
+        for i, s in enumerate(sessions):
+            # a session that did not run this unit may still hold the previous unit's tail
+            results[i].kv_length = lengths[i] + (0 if i in ran else len(pending_tail(eng, s)))
             results[i].timings_ms["generate_ms"] = (t1 - t0) * 1000
         return results, decided_at
 
     # ---- finalize -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def finalize(self, sessions: Sequence[Session]) -> None:
-        """`duplex.finalize_units` as one static step."""
-        todo = [s for s in sessions if _state(s).needs_finalize]
+        """`duplex.finalize_units` as one static step: feed the pending tails now (not part of a tick; for a
+        session that leaves the batch or whose KV is read as a whole, e.g. before a context-window slide)."""
+        todo = [s for s in sessions if _state(s).tail_pending]
         if not todo:
             return
-        ids = []
-        for s in todo:
-            st = _state(s)
-            tail = [st.pending_terminator] if st.pending_terminator is not None else []
-            ids.append([*tail, self.engine.special.unit_end])
-            st.total_ids.append(self.engine.special.unit_end)
-            st.pending_terminator = None
-            st.needs_finalize = False
         runs = [_Run(i, s.slot, _state(s), False, i) for i, s in enumerate(todo)]
-        self._feed_tokens(runs, ids)
+        self._feed_tokens(runs, take_tails(self.engine, todo))
 
     # ---- speak --------------------------------------------------------------------------------------------
     def conditions(self, results: Sequence[UnitResult]) -> list[torch.Tensor]:
@@ -456,21 +454,20 @@ class DuplexBatcher:
         force_listen: Sequence[bool] | None = None,
         scripts: Sequence[list[int] | None] | None = None,
     ) -> list[UnitOutput]:
-        """One unit of every session: prefill, generate, finalize, TTS and vocoder."""
+        """One unit of every session: prefill (led by the previous unit's tail), generate, TTS and vocoder. The
+        unit's own tail stays pending for the next tick's prefill."""
         marks = [time.perf_counter()]
         pre = self.prefill(sessions, inputs)
         marks.append(self._synced())
         results, decided_at = self.generate(sessions, pre, force_listen, scripts)
-        marks.append(self._synced())
-        self.finalize(sessions)
-        t_final = self._synced()  # listening units are complete once finalize ran
-        marks.append(t_final)
+        t_decided = self._synced()  # listening units are complete once generate ended
+        marks.append(t_decided)
         speech = self.speak(results)
         marks.append(self._synced())
-        names = ("prefill_ms", "generate_ms", "finalize_ms", "speak_ms")
+        names = ("prefill_ms", "generate_ms", "speak_ms")
         self.timings = {k: (b - a) * 1000 for k, a, b in zip(names, marks[:-1], marks[1:], strict=True)}
         self.timings["vocoder_ms"] = self._vocoder_s * 1000
         return [
-            UnitOutput(r, sp, d, sp.done_s if sp is not None else t_final)
+            UnitOutput(r, sp, d, sp.done_s if sp is not None else t_decided)
             for r, sp, d in zip(results, speech, decided_at, strict=True)
         ]
