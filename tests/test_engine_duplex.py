@@ -20,11 +20,13 @@ from MiniCPMO45.engine.duplex import (
     make_room,
     prefill_units,
     prepare,
+    reaches_chars,
     schema_codes,
     tts_condition,
 )
 from MiniCPMO45.engine.session import Mode
 from MiniCPMO45.processor.audio_io import load_audio
+from MiniCPMO45.tokenizer import MiniCPMOTokenizer
 from tests.engine_fixtures import assert_close, fixture_duplex_config, load_manifest, load_npz
 
 
@@ -216,3 +218,66 @@ def test_folded_tails_slide_like_finalized_units(engine: Engine, tiny_fixture_di
             engine.close_session(s)
     assert runs[0][2] > 0  # the window slid
     assert runs[0] == runs[1]
+
+
+def test_unit_text_cap_equals_decoded_length(tiny_fixture_dir: Path) -> None:
+    """The 28-character cap without decoding: `reaches_chars` answers exactly what the decode-based rule
+        answers, on multi-byte text cut at every token (split UTF-8 characters at both ends), with special and
+        non-special added tokens in between, and on random ids (byte pieces that are not whole characters); it decodes
+    only for a small share of the cases."""
+    tok = MiniCPMOTokenizer.from_dir(tiny_fixture_dir / "model")
+    sp = tok.special
+    texts = [
+        "你好，世界！今天的天气真不错，我们出去走走吧。",
+        "안녕하세요, 만나서 반갑습니다. 오늘 어떠세요?",
+        "สวัสดีครับ ยินดีที่ได้รู้จัก",
+        "emoji 😀🎉👍🏽 and 家族👨‍👩‍👧 mixed with ASCII text.",
+        "Plain English words that run well past the twenty-eight character cap.",
+    ]
+    cases: list[list[int]] = []
+    for text in texts:
+        ids = tok.encode(text)
+        cases += [ids[a:b] for a in range(min(len(ids), 6)) for b in range(a + 1, len(ids) + 1)]
+        cases.append([ids[0], sp.speak, *ids[1:5], tok.token_to_id("<think>"), *ids[5:9], sp.turn_eos])
+    n_text = len(cases)
+    table = tok.decoded_bytes
+    partial = [t for t in range(len(table)) if table[t] and _invalid_utf8(table[t])]
+    assert partial  # byte-level tokens that are not whole characters
+    g = torch.Generator().manual_seed(5)
+    pools = [partial, list(range(tok.vocab_size)), [*partial[:50], sp.listen, sp.speak, *tok.encode("ab")]]
+    for k in range(600):
+        pool = pools[k % len(pools)]
+        n = int(torch.randint(1, 24, (1,), generator=g))
+        cases.append([pool[int(i)] for i in torch.randint(0, len(pool), (n,), generator=g)])
+
+    decodes = 0
+    real_decode = tok.decode
+
+    def counting_decode(ids, skip_special_tokens=False):  # noqa: ANN001, ANN202
+        nonlocal decodes
+        decodes += 1
+        return real_decode(ids, skip_special_tokens)
+
+    checks = 0
+    text_decodes = text_checks = 0
+    for ci, ids in enumerate(cases):
+        if ci == n_text:
+            text_decodes, text_checks = decodes, checks
+        length = len(real_decode(ids, skip_special_tokens=True))
+        for limit in (1, 2, 5, 10, 20, 27, 28, 29, 40, 80):
+            tok.decode = counting_decode  # type: ignore[method-assign]
+            got = reaches_chars(tok, ids, limit)
+            tok.decode = real_decode  # type: ignore[method-assign]
+            assert got == (length >= limit), (ids, limit, length)
+            checks += 1
+    # text (even cut mid-character) needs the tokenizer rarely; random byte soup more often, still exact
+    assert text_decodes < text_checks // 20, (text_decodes, text_checks)
+    assert decodes < checks // 2, (decodes, checks)
+
+
+def _invalid_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False

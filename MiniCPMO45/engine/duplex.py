@@ -30,6 +30,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from ..processor.audio_features import DYNAMIC_FLOOR, FIXED_FLOOR_MODE, StreamingMel, batch_features
+from ..tokenizer import MiniCPMOTokenizer
 from .context_window import SlidingWindow
 from .core import Engine
 from .sampling import ban, penalize_length, sample, top_k_top_p
@@ -192,6 +193,7 @@ def prepare(
     if cfg.seed is not None:
         session.seed(cfg.seed)
     model = engine.model
+    engine.tokenizer.decoded_bytes  # noqa: B018 -- build the text-cap table (once per tokenizer) now, not mid-unit
     prefix = engine.tokenizer.encode(f"<|im_start|>system\n{system_prompt}\n<|audio_start|>")
     engine.feed_ids([session], [prefix])
     if ref_audio is not None and len(ref_audio):
@@ -386,12 +388,35 @@ def record_token(
         return False
     st.turn_open = True
     if j != 0:
-        text = engine.tokenizer.decode([*unit_ids, tok], skip_special_tokens=True)
-        if len(text) >= st.config.max_unit_chars:
+        if reaches_chars(engine.tokenizer, [*unit_ids, tok], st.config.max_unit_chars):
             st.total_ids[-1] = sp.chunk_eos
             st.pending_terminator = sp.chunk_eos
             return False
     return True
+
+
+def reaches_chars(tokenizer: MiniCPMOTokenizer, ids: Sequence[int], limit: int) -> bool:
+    """Whether `tokenizer.decode(ids, skip_special_tokens=True)` has at least `limit` characters (the unit
+    text cap), mostly without decoding: from the ids' bytes (`MiniCPMOTokenizer.decoded_bytes`), which the
+    decoder reads as UTF-8, replacing invalid parts. Every character, replacement or not, takes at least one
+    byte; a valid byte string has exactly its UTF-8 characters; after its longest valid prefix, the rest of an
+    invalid one gives at least one character and at most one per byte. Only when those bounds straddle the
+    limit (a split multi-byte character right at the cap) is the text decoded."""
+    table = tokenizer.decoded_bytes
+    pieces = [table[t] if 0 <= t < len(table) else None for t in ids]
+    if all(p is not None for p in pieces):
+        data = b"".join(pieces)  # type: ignore[arg-type]
+        if len(data) < limit:
+            return False
+        try:
+            return len(data.decode("utf-8")) >= limit
+        except UnicodeDecodeError as err:
+            valid = len(data[: err.start].decode("utf-8"))
+            if valid + 1 >= limit:
+                return True
+            if valid + len(data) - err.start < limit:
+                return False
+    return len(tokenizer.decode(ids, skip_special_tokens=True)) >= limit
 
 
 @dataclass
