@@ -35,7 +35,7 @@ from ..processor.audio_features import MelUnit
 from ..processor.image import ImageInputs
 from ..token2wav import PromptCache, PushRequest, Token2Wav, TurnState
 from .batched_audio import stream_audio_embeds
-from .batched_decision import DecisionParams, decide_batch
+from .batched_decision import DecisionParams, RecentIds, decide_batch
 from .core import Engine
 from .duplex import (
     DuplexState,
@@ -51,6 +51,7 @@ from .duplex import (
     start_unit,
     take_tails,
 )
+from .host_copy import upload
 from .session import Session
 from .static_decode import StaticLLM
 from .static_tts import StaticTTS
@@ -90,7 +91,7 @@ class _Run:
     forced: bool
     row: int  # row in the unit's logits tensor
     unit_ids: list[int] = field(default_factory=list)
-    hidden_rows: list[torch.Tensor] = field(default_factory=list)
+    hidden_at: list[int] = field(default_factory=list)  # rows of the unit's decode-step hidden states
     done: bool = False
     script: list[int] | None = None
 
@@ -187,7 +188,7 @@ class DuplexBatcher:
         t_audio = time.perf_counter()
         tails = take_tails(eng, [sessions[i] for i in ready])
         fixed = [sp.unit_start, sp.image_start, sp.image_end, sp.slice_start, sp.slice_end]
-        emb = model.embed_ids([*fixed, *(t for tail in tails for t in tail)])  # one lookup for the step
+        emb = model.embed_ids(upload([*fixed, *(t for tail in tails for t in tail)], self.device))
         tok = dict(zip(("unit", "img0", "img1", "sl0", "sl1"), emb[: len(fixed)], strict=True))
         tail_rows, at = [], len(fixed)
         for tail in tails:
@@ -219,22 +220,26 @@ class DuplexBatcher:
         if ready:
             slots = [sessions[i].slot for i in ready]
             out = self.llm.feed(slots, pieces)
-            idx = torch.tensor(slots, device=self.device)
+            idx = upload(slots, self.device)
             logits = out["logits"].index_select(0, idx)
             record_prefill([sessions[i] for i in ready], logits, schemas)
         stamp_prefill(results, t0, t_vision, t_audio)
         return results
 
     # ---- generate -----------------------------------------------------------------------------------------
-    def _feed_tokens(self, runs: Sequence[_Run], tokens: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+    def _feed_tokens(
+        self, runs: Sequence[_Run], tokens: Sequence[Sequence[int]], lengths: Sequence[int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """One static step feeding `tokens[i]` to `runs[i]`'s slot. With the slots' `lengths` known on the
+        host, nothing here waits for the device."""
         slots = [r.slot for r in runs]
         flat = [t for ts in tokens for t in ts]
-        emb = self.engine.model.embed_ids(flat)
+        emb = self.engine.model.embed_ids(upload(flat, self.device))
         pieces, at = [], 0
         for ts in tokens:
             pieces.append(emb[at : at + len(ts)])
             at += len(ts)
-        return self.llm.feed(slots, pieces)
+        return self.llm.feed(slots, pieces, lengths)
 
     @torch.no_grad()
     def generate(
@@ -247,10 +252,14 @@ class DuplexBatcher:
         """`duplex.generate_units` for the whole batch. `scripts[i]`, when given, replaces session i's
         decisions by those tokens in order (benchmarks: a fixed speak/listen workload on random weights).
 
+        Per decode step the host waits for the device once (the decision's tokens): the slots' KV lengths are
+        read once per unit and then counted on the host, index tensors are copied asynchronously, the
+        repetition windows live on the device, and the hidden states for the TTS are gathered once at the end.
+
         Returns the results and, per session, perf_counter() when its decision (the unit's first token) was
         known."""
         t0 = time.perf_counter()
-        eng, sp = self.engine, self.engine.special
+        eng, sp, dev = self.engine, self.engine.special, self.device
         force_listen = list(force_listen) if force_listen is not None else [False] * len(sessions)
         results = list(prefills)
         decided_at: list[float | None] = [None] * len(sessions)
@@ -271,20 +280,27 @@ class DuplexBatcher:
             runs.append(run)
             if force_listen[i] and st.turn_open:
                 closers.append(run)
-        if not runs:
-            return results, decided_at
-        logits = torch.stack(logit_rows)
+        slots = [s.slot for s in sessions]
+        length = dict(zip(slots, eng.cache.lengths[slots].tolist(), strict=True))  # counted on from here
+        step_hidden: list[torch.Tensor] = []  # per decode step: hidden states of the rows it fed
+        fed_so_far = 0
+        if runs:
+            logits = torch.stack(logit_rows)
         if closers:
-            out = self._feed_tokens(closers, [[sp.turn_eos]] * len(closers))
-            idx = torch.tensor([r.slot for r in closers], device=self.device)
-            rows = torch.tensor([r.row for r in closers], device=self.device)
-            logits[rows] = out["logits"].index_select(0, idx)
+            out = self._feed_tokens(
+                closers, [[sp.turn_eos]] * len(closers), [length[r.slot] for r in closers]
+            )
+            idx, rows = upload([r.slot for r in closers], dev), upload([r.row for r in closers], dev)
+            logits.index_copy_(0, rows, out["logits"].index_select(0, idx))
             for r in closers:
+                length[r.slot] += 1
                 r.st.total_ids.append(sp.turn_eos)
                 r.st.turn_open = False
                 results[r.index].closed_turn_by_force = True
-        params = DecisionParams.from_configs([r.st.config for r in runs], self.device)
-        max_steps = max(r.st.config.max_new_speak_tokens_per_chunk for r in runs)
+        if runs:
+            params = DecisionParams.from_configs([r.st.config for r in runs], dev)
+            recent = RecentIds([r.st for r in runs], params.windows, logits.shape[-1], dev)
+        max_steps = max((r.st.config.max_new_speak_tokens_per_chunk for r in runs), default=0)
         for j in range(max_steps):
             deciders = [
                 r
@@ -293,19 +309,22 @@ class DuplexBatcher:
             ]
             decided: dict[int, int] = {}
             if deciders:
-                rows = torch.tensor([r.row for r in deciders], device=self.device)
+                keep = [r.row for r in deciders]
+                rows = upload(keep, dev)
                 toks = decide_batch(
                     eng,
                     [r.st for r in deciders],
                     logits.index_select(0, rows),
-                    params.select(rows, [r.row for r in deciders]),
+                    params.select(rows, keep),
+                    recent,
+                    rows,
                     self.generator,
                     [
                         None if r.script is None else (r.script.pop(0) if r.script else sp.chunk_eos)
                         for r in deciders
                     ],
                 )
-                decided.update({r.row: t for r, t in zip(deciders, toks, strict=True)})
+                decided.update(zip(keep, toks, strict=True))
             now = time.perf_counter()
             to_feed: list[tuple[_Run, int]] = []
             for run in runs:
@@ -333,33 +352,37 @@ class DuplexBatcher:
             if not to_feed:
                 break
             fed = [r for r, _ in to_feed]
-            out = self._feed_tokens(fed, [[t] for _, t in to_feed])
-            idx = torch.tensor([r.slot for r in fed], device=self.device)
-            rows = torch.tensor([r.row for r in fed], device=self.device)
-            logits[rows] = out["logits"].index_select(0, idx)
-            hidden = out["hidden"][:, 0].index_select(0, idx)
+            out = self._feed_tokens(fed, [[t] for _, t in to_feed], [length[r.slot] for r in fed])
+            idx, rows = upload([r.slot for r in fed], dev), upload([r.row for r in fed], dev)
+            logits.index_copy_(0, rows, out["logits"].index_select(0, idx))
+            step_hidden.append(out["hidden"][:, 0].index_select(0, idx))
             for k, (run, tok) in enumerate(to_feed):
-                res = results[run.index]
+                length[run.slot] += 1
                 if tok == sp.turn_eos:
-                    res.end_of_turn = True
+                    results[run.index].end_of_turn = True
                     run.st.turn_open = False
                 if j != 0:
                     run.unit_ids.append(tok)
-                    run.hidden_rows.append(hidden[k])
+                    run.hidden_at.append(fed_so_far + k)
+            fed_so_far += len(fed)
         t1 = time.perf_counter()
+        order = [k for run in runs for k in run.hidden_at]
+        hidden = torch.cat(step_hidden).index_select(0, upload(order, dev)) if order else None
+        at = 0
         for run in runs:
             res = results[run.index]
             end_unit(eng, run.st)
+            n = len(run.hidden_at)
             res.tts_token_ids = list(run.unit_ids)
-            res.tts_hidden = torch.stack(run.hidden_rows) if run.hidden_rows else None
+            res.tts_hidden = hidden[at : at + n] if hidden is not None and n else None
+            at += n
             res.text = eng.tokenizer.decode(run.unit_ids, skip_special_tokens=True) if run.unit_ids else ""
             if res.is_listen:
                 res.text, res.tts_token_ids, res.tts_hidden = "", [], None
-        lengths = eng.cache.lengths[[s.slot for s in sessions]].tolist()
         ran = {run.index for run in runs}
         for i, s in enumerate(sessions):
             # a session that did not run this unit may still hold the previous unit's tail
-            results[i].kv_length = lengths[i] + (0 if i in ran else len(pending_tail(eng, s)))
+            results[i].kv_length = length[s.slot] + (0 if i in ran else len(pending_tail(eng, s)))
             results[i].timings_ms["generate_ms"] = (t1 - t0) * 1000
         return results, decided_at
 
