@@ -6,6 +6,8 @@ finalize step), and the fixture session still matches the golden duplex outputs.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -110,6 +112,16 @@ def test_batcher_matches_per_session_path(engines: tuple[Engine, Engine], tiny_f
         return static_feed(slots, pieces, lengths)
 
     batcher.llm.feed = counting_feed  # type: ignore[method-assign]
+    host_reads: list[int] = []  # device values read on the host during each tick's generate
+    generate = batcher.generate
+
+    def counting_generate(*args, **kwargs):
+        with _count_host_reads() as reads:
+            out = generate(*args, **kwargs)
+        host_reads.append(reads[0])
+        return out
+
+    batcher.generate = counting_generate  # type: ignore[method-assign]
     sessions = []
     for prompt, ref_audio, cfg, _, _ in plan:
         s = fast_engine.open_session(Mode.DUPLEX)
@@ -125,6 +137,10 @@ def test_batcher_matches_per_session_path(engines: tuple[Engine, Engine], tiny_f
         feeds.clear()
         outs = batcher.run_units(sessions, [p[3][k] for p in plan], [p[4][k] for p in plan])
         _check_tick_feeds(feeds, sessions, tails, units_before, ids_before, fast_engine.special.turn_eos)
+        # one read of the KV lengths per unit, then at most one per decode step (the decision's tokens); the
+        # last decision may end every unit without a step
+        decode_steps = len(feeds) - 1
+        assert 0 < host_reads[-1] <= decode_steps + 2, (host_reads[-1], decode_steps)
         for i, out in enumerate(outs):
             want, got = ref_results[i][k], out.result
             assert got.is_listen == want.is_listen, (i, k)
@@ -151,6 +167,29 @@ def test_batcher_matches_per_session_path(engines: tuple[Engine, Engine], tiny_f
         assert fast_engine.kv_length(s) == ref_engine.kv_length(r)
         assert not pending_tail(fast_engine, s)
     assert sessions[0].duplex.total_ids == golden["total_ids"].tolist()
+
+
+@contextmanager
+def _count_host_reads() -> Iterator[list[int]]:
+    """Count the ways a tensor's value reaches the host (`tolist`, `item`, `int()`, `float()`, `bool()`)."""
+    count = [0]
+    names = ("tolist", "item", "__int__", "__float__", "__bool__", "__index__")
+    originals = {n: getattr(torch.Tensor, n) for n in names}
+
+    def counted(fn):  # noqa: ANN001, ANN202
+        def inner(self, *args, **kwargs):  # noqa: ANN001, ANN202
+            count[0] += 1
+            return fn(self, *args, **kwargs)
+
+        return inner
+
+    for n, fn in originals.items():
+        setattr(torch.Tensor, n, counted(fn))
+    try:
+        yield count
+    finally:
+        for n, fn in originals.items():
+            setattr(torch.Tensor, n, fn)
 
 
 def _positions(schema: list[SchemaItem]) -> int:
