@@ -43,13 +43,16 @@ from .duplex import (
     UnitInput,
     UnitResult,
     _state,
+    at_unit_cap,
     end_unit,
     pending_tail,
+    record_fed,
     record_prefill,
     record_token,
     stamp_prefill,
     start_unit,
     take_tails,
+    unit_token,
 )
 from .host_copy import upload
 from .session import Session
@@ -331,18 +334,10 @@ class DuplexBatcher:
                 if run.done:
                     continue
                 st, res = run.st, results[run.index]
-                if j == st.config.max_new_speak_tokens_per_chunk - 1:
-                    st.pending_terminator = sp.chunk_eos
-                    st.total_ids.append(sp.chunk_eos)
+                if at_unit_cap(eng, st, j):
                     run.done = True
                     continue
-                if run.forced:
-                    tok = sp.listen
-                else:
-                    tok = decided[run.row]
-                    res.decoded_ids.append(tok)
-                    if tok == sp.listen and st.turn_open:
-                        tok = sp.tts_bos
+                tok = unit_token(eng, st, res, None if run.forced else decided[run.row])
                 if j == 0:
                     decided_at[run.index] = now
                 if not record_token(eng, st, res, run.unit_ids, tok, j):
@@ -358,9 +353,7 @@ class DuplexBatcher:
             step_hidden.append(out["hidden"][:, 0].index_select(0, idx))
             for k, (run, tok) in enumerate(to_feed):
                 length[run.slot] += 1
-                if tok == sp.turn_eos:
-                    results[run.index].end_of_turn = True
-                    run.st.turn_open = False
+                record_fed(eng, run.st, results[run.index], tok)
                 if j != 0:
                     run.unit_ids.append(tok)
                     run.hidden_at.append(fed_so_far + k)

@@ -375,6 +375,34 @@ def decide_token(
     return tok
 
 
+def at_unit_cap(engine: Engine, st: DuplexState, j: int) -> bool:
+    """§3.3.3 step 1: step j is the unit's last (`max_new_speak_tokens_per_chunk - 1`): the unit ends with
+    `<|chunk_eos|>`, nothing decoded."""
+    if j != st.config.max_new_speak_tokens_per_chunk - 1:
+        return False
+    st.pending_terminator = engine.special.chunk_eos
+    st.total_ids.append(engine.special.chunk_eos)
+    return True
+
+
+def unit_token(engine: Engine, st: DuplexState, res: UnitResult, decided: int | None) -> int:
+    """The token a unit step applies: `<|listen|>` for a forced listen (`decided` None); else the decision
+    (listed in `res.decoded_ids`), where a `<|listen|>` inside an open turn becomes `<|tts_bos|>` (a turn in
+    progress cannot fall silent)."""
+    sp = engine.special
+    if decided is None:
+        return sp.listen
+    res.decoded_ids.append(decided)
+    return sp.tts_bos if decided == sp.listen and st.turn_open else decided
+
+
+def record_fed(engine: Engine, st: DuplexState, res: UnitResult, tok: int) -> None:
+    """After `tok` was fed: `<|turn_eos|>` ends the turn (the unit goes on; a terminator usually follows)."""
+    if tok == engine.special.turn_eos:
+        res.end_of_turn = True
+        st.turn_open = False
+
+
 def record_token(
     engine: Engine, st: DuplexState, res: UnitResult, unit_ids: Sequence[int], tok: int, j: int
 ) -> bool:
@@ -474,20 +502,15 @@ def generate_units(
             if run.done:
                 continue
             st, res = run.st, results[run.index]
-            if j == st.config.max_new_speak_tokens_per_chunk - 1:
-                st.pending_terminator = sp.chunk_eos  # unit length cap
-                st.total_ids.append(sp.chunk_eos)
+            if at_unit_cap(engine, st, j):
                 run.done = True
                 continue
-            if run.forced:
-                tok = sp.listen
-            else:
+            decided = None
+            if not run.forced:
                 if observe_logits is not None:
                     observe_logits(sessions[run.index], run.logits.clone())
-                tok = decide_token(engine, st, run.logits, sessions[run.index].generator)
-                res.decoded_ids.append(tok)
-                if tok == sp.listen and st.turn_open:
-                    tok = sp.tts_bos  # a turn in progress cannot fall silent
+                decided = decide_token(engine, st, run.logits, sessions[run.index].generator)
+            tok = unit_token(engine, st, res, decided)
             if not record_token(engine, st, res, run.unit_ids, tok, j):
                 run.done = True
                 continue
@@ -498,10 +521,7 @@ def generate_units(
         logits = engine.last_logits(hidden)
         for row, ((run, tok), h) in enumerate(zip(to_feed, hidden, strict=True)):
             run.logits = logits[row]
-            res = results[run.index]
-            if tok == sp.turn_eos:
-                res.end_of_turn = True
-                run.st.turn_open = False
+            record_fed(engine, run.st, results[run.index], tok)
             if j != 0:  # the unit's first token is never spoken
                 run.unit_ids.append(tok)
                 run.hidden.append(h[-1])
