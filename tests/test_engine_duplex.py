@@ -67,11 +67,18 @@ def _run(engine: Engine, fixture_dir: Path, config: DuplexConfig, fold: bool = F
     return s, kv_after_prepare, first_logits, steps, seen
 
 
-@pytest.mark.parametrize("fold", [False, True], ids=["finalize", "folded"])
-def test_duplex_loop_matches_reference(engine: Engine, tiny_fixture_dir: Path, fold: bool) -> None:
+@pytest.mark.parametrize(
+    ("fold", "piecewise"),
+    [(False, False), (True, False), (True, True)],
+    ids=["finalize", "folded", "folded-piecewise"],
+)
+def test_duplex_loop_matches_reference(
+    engine: Engine, tiny_fixture_dir: Path, fold: bool, piecewise: bool
+) -> None:
     e = load_npz(tiny_fixture_dir, "e_duplex")
     manifest = load_manifest(tiny_fixture_dir)
-    s, kv0, first_logits, steps, seen = _run(engine, tiny_fixture_dir, fixture_duplex_config(manifest), fold)
+    config = fixture_duplex_config(manifest, piecewise_prefill=piecewise)
+    s, kv0, first_logits, steps, seen = _run(engine, tiny_fixture_dir, config, fold)
     try:
         assert kv0 == int(e["kv_len_after_prepare"])
         assert_close(first_logits, e["decode_first_logits_full"], what="first decode logits")

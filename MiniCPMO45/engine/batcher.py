@@ -189,7 +189,7 @@ class DuplexBatcher:
             )
             audio_rows = dict(zip(with_audio, embs, strict=True))
         t_audio = time.perf_counter()
-        tails = take_tails(eng, [sessions[i] for i in ready])
+        tails = [pending_tail(eng, sessions[i]) for i in ready]
         fixed = [sp.unit_start, sp.image_start, sp.image_end, sp.slice_start, sp.slice_end]
         emb = model.embed_ids(upload([*fixed, *(t for tail in tails for t in tail)], self.device))
         tok = dict(zip(("unit", "img0", "img1", "sl0", "sl1"), emb[: len(fixed)], strict=True))
@@ -223,6 +223,7 @@ class DuplexBatcher:
         if ready:
             slots = [sessions[i].slot for i in ready]
             out = self.llm.feed(slots, pieces)
+            take_tails(eng, [sessions[i] for i in ready])  # fed with the units
             idx = upload(slots, self.device)
             logits = out["logits"].index_select(0, idx)
             record_prefill([sessions[i] for i in ready], logits, schemas)
@@ -388,7 +389,8 @@ class DuplexBatcher:
         if not todo:
             return
         runs = [_Run(i, s.slot, _state(s), False, i) for i, s in enumerate(todo)]
-        self._feed_tokens(runs, take_tails(self.engine, todo))
+        self._feed_tokens(runs, [pending_tail(self.engine, s) for s in todo])
+        take_tails(self.engine, todo)
 
     # ---- speak --------------------------------------------------------------------------------------------
     def conditions(self, results: Sequence[UnitResult]) -> list[torch.Tensor]:

@@ -148,7 +148,7 @@ def pending_tail(engine: Engine, session: Session) -> list[int]:
 
 
 def take_tails(engine: Engine, sessions: Sequence[Session]) -> list[list[int]]:
-    """Each session's pending tail, marked as fed (the caller feeds them, in front of anything else)."""
+    """Each session's pending tail, then marked as fed (call it once the tails are in the KV)."""
     tails = []
     for s in sessions:
         tails.append(pending_tail(engine, s))
@@ -259,7 +259,7 @@ def prefill_units(
 
     units: list[_UnitPieces] = []
     used = 0
-    tails = take_tails(engine, [sessions[i] for i in ready])
+    tails = [pending_tail(engine, sessions[i]) for i in ready]
     for k, i in enumerate(ready):
         s = sessions[i]
         # the previous unit's tail goes first, in the same forward (its own piece in piecewise mode)
@@ -291,6 +291,7 @@ def prefill_units(
         ready_sessions = [sessions[i] for i in ready]
         piecewise = any(_state(s).config.piecewise_prefill for s in ready_sessions)
         last_hidden = _feed_pieces(engine, ready_sessions, units, piecewise)
+        take_tails(engine, ready_sessions)  # fed with the units
         logits = engine.model.llm.logits(torch.stack(last_hidden))
         record_prefill(ready_sessions, logits, [u.schema for u in units])
     stamp_prefill(results, t0, t_vision, t_audio)
@@ -567,7 +568,8 @@ def finalize_units(engine: Engine, sessions: Sequence[Session]) -> None:
     KV is complete now rather than at their next prefill. Sessions without a pending tail are skipped."""
     todo = [s for s in sessions if _state(s).tail_pending]
     if todo:
-        engine.feed_ids(todo, take_tails(engine, todo))
+        engine.feed_ids(todo, [pending_tail(engine, s) for s in todo])
+        take_tails(engine, todo)
 
 
 def tts_condition(engine: Engine, result: UnitResult) -> torch.Tensor:
