@@ -41,7 +41,7 @@ class DecisionParams:
     @classmethod
     def from_configs(cls, configs: Sequence[DuplexConfig], device: torch.device) -> DecisionParams:
         def t(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            return upload(values, device, dtype)
 
         greedy = [c.decode_mode == "greedy" for c in configs]
         return cls(
