@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -23,6 +24,17 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 QWEN2_SPLIT_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 REPLACEMENT_CHAR = "\ufffd"
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """The byte each character of a byte-level BPE vocabulary stands for. Printable Latin-1 bytes are written
+    as themselves; the other 68 bytes (controls, space, 0x7f-0xa0, 0xad) as the characters from U+0100 on,
+    in byte order."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    alphabet = {chr(b): b for b in sorted(printable)}
+    others = [b for b in range(256) if b not in printable]
+    alphabet.update({chr(0x100 + k): b for k, b in enumerate(others)})
+    return alphabet
 
 
 class TokenizerError(ValueError):
@@ -259,6 +271,27 @@ class MiniCPMOTokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @cached_property
+    def decoded_bytes(self) -> list[bytes | None]:
+        """Per id, the bytes `decode([..., id, ...], skip_special_tokens=True)` turns it into before the whole
+        byte string is read as UTF-8 (lossily): empty for a special token. None where the id is not such a
+        plain piece (a non-special added token, an id without a token, a decoder that is not byte-level): a
+        text with that id must be decoded by the tokenizer itself."""
+        size = self.vocab_size
+        table: list[bytes | None] = [None] * size
+        if not isinstance(self.backend.decoder, decoders.ByteLevel):
+            return table
+        added = self.backend.get_added_tokens_decoder()
+        alphabet = byte_level_alphabet()
+        for tid in range(size):
+            if tid in added:
+                table[tid] = b"" if added[tid].special else None
+                continue
+            token = self.backend.id_to_token(tid)
+            if token is not None and all(c in alphabet for c in token):
+                table[tid] = bytes(alphabet[c] for c in token)
+        return table
 
     def has_token(self, token: str) -> bool:
         return self.backend.token_to_id(token) is not None

@@ -55,7 +55,7 @@ QUICK_SESSIONS = (1, 16, 64)
 MODES = ("audio_duplex", "omni_duplex")
 DEADLINE_MS = 1000.0
 P95_TARGET_MS = 500.0
-# positions one unit may add: omni = <unit> + 64 image rows + 2 + 10 audio + 8 decoded + 2 finalize
+# positions one unit may add: omni = <unit> + 64 image rows + 2 + 10 audio + 8 decoded + 2 tail (terminator, </unit>)
 UNIT_POSITIONS = {"audio_duplex": 32, "omni_duplex": 96}
 
 
@@ -250,7 +250,8 @@ def markdown(results: dict[str, object]) -> str:
             fmt(r.get("vram_peak_gib"), 2),
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    stage_names = ("prefill_ms", "generate_ms", "finalize_ms", "speak_ms", "tts_ms", "vocoder_ms")
+    # no finalize stage: a unit's tail is fed by the next tick's prefill
+    stage_names = ("prefill_ms", "generate_ms", "speak_ms", "tts_ms", "vocoder_ms")
     lines += [
         "",
         "Tick stages, p50 ms (speak = TTS + vocoder of all speaking sessions; vocoder: Token2Wav.push_codes_batch):",

@@ -1,10 +1,13 @@
 """The batcher (static steps run eagerly on the CPU, batched encoders and decisions) against the per-session
 reference path: a batch of three sessions with different prompt lengths, omni and audio-only units and a
-forced listen gives every session the same tokens, KV lengths and TTS conditions as running it alone, and the
-fixture session still matches the golden duplex outputs."""
+forced listen gives every session the same tokens, KV lengths and TTS conditions as running it alone (the reference
+path feeds each unit's tail with a separate finalize; a batcher tick folds it into the next prefill and runs no
+finalize step), and the fixture session still matches the golden duplex outputs."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -14,9 +17,12 @@ from PIL import Image
 from MiniCPMO45.engine.batcher import DuplexBatcher
 from MiniCPMO45.engine.core import Engine
 from MiniCPMO45.engine.duplex import (
+    SchemaItem,
     UnitInput,
+    context_length,
     finalize_units,
     generate_units,
+    pending_tail,
     prefill_units,
     prepare,
     tts_condition,
@@ -82,19 +88,40 @@ def test_batcher_matches_per_session_path(engines: tuple[Engine, Engine], tiny_f
 
     ref_results = []
     ref_sessions = []
+    ref_after: list[list[int]] = []  # KV length after each unit's finalize
     for prompt, ref_audio, cfg, units, forces in plan:
         s = ref_engine.open_session(Mode.DUPLEX)
         prepare(ref_engine, s, prompt, ref_audio, cfg)
-        rows = []
+        rows, after = [], []
         for k in range(UNITS):
             pre = prefill_units(ref_engine, [s], [units[k]])
             rows.append(generate_units(ref_engine, [s], [forces[k]], pre)[0])
             finalize_units(ref_engine, [s])
+            after.append(ref_engine.kv_length(s))
         ref_results.append(rows)
+        ref_after.append(after)
         ref_sessions.append(s)
 
     batcher = DuplexBatcher(fast_engine, use_graphs=False)
     assert not batcher.llm.use_graphs
+    feeds: list[dict[int, int]] = []  # every StaticLLM.feed of a tick: tokens per slot
+    static_feed = batcher.llm.feed
+
+    def counting_feed(slots, pieces, lengths=None):
+        feeds.append({s: int(p.shape[0]) for s, p in zip(slots, pieces, strict=True)})
+        return static_feed(slots, pieces, lengths)
+
+    batcher.llm.feed = counting_feed  # type: ignore[method-assign]
+    host_reads: list[int] = []  # device values read on the host during each tick's generate
+    generate = batcher.generate
+
+    def counting_generate(*args, **kwargs):
+        with _count_host_reads() as reads:
+            out = generate(*args, **kwargs)
+        host_reads.append(reads[0])
+        return out
+
+    batcher.generate = counting_generate  # type: ignore[method-assign]
     sessions = []
     for prompt, ref_audio, cfg, _, _ in plan:
         s = fast_engine.open_session(Mode.DUPLEX)
@@ -104,7 +131,16 @@ def test_batcher_matches_per_session_path(engines: tuple[Engine, Engine], tiny_f
     assert len(set(lengths)) == 3  # three different context lengths in one batch
     spoke = 0
     for k in range(UNITS):
+        tails = [len(pending_tail(fast_engine, s)) for s in sessions]
+        units_before = [len(s.duplex.schema) for s in sessions]
+        ids_before = [len(s.duplex.total_ids) for s in sessions]
+        feeds.clear()
         outs = batcher.run_units(sessions, [p[3][k] for p in plan], [p[4][k] for p in plan])
+        _check_tick_feeds(feeds, sessions, tails, units_before, ids_before, fast_engine.special.turn_eos)
+        # one read of the KV lengths per unit, then at most one per decode step (the decision's tokens); the
+        # last decision may end every unit without a step
+        decode_steps = len(feeds) - 1
+        assert 0 < host_reads[-1] <= decode_steps + 2, (host_reads[-1], decode_steps)
         for i, out in enumerate(outs):
             want, got = ref_results[i][k], out.result
             assert got.is_listen == want.is_listen, (i, k)
@@ -112,6 +148,7 @@ def test_batcher_matches_per_session_path(engines: tuple[Engine, Engine], tiny_f
             assert got.text == want.text and got.end_of_turn == want.end_of_turn
             assert got.tts_token_ids == want.tts_token_ids
             assert got.kv_length == want.kv_length
+            assert context_length(fast_engine, sessions[i]) == ref_after[i][k]
             assert got.closed_turn_by_force == want.closed_turn_by_force
             if not want.is_listen:
                 spoke += 1
@@ -121,7 +158,71 @@ def test_batcher_matches_per_session_path(engines: tuple[Engine, Engine], tiny_f
             else:
                 assert out.speech is None
     assert spoke > 0
+    assert all(pending_tail(fast_engine, s) for s in sessions)
+    feeds.clear()
+    batcher.finalize(sessions)  # flush the last tails: one more step, outside the tick
+    assert len(feeds) == 1 and set(feeds[0].values()) == {2}
     for s, r in zip(sessions, ref_sessions, strict=True):
         assert s.duplex.total_ids == r.duplex.total_ids
         assert fast_engine.kv_length(s) == ref_engine.kv_length(r)
+        assert not pending_tail(fast_engine, s)
     assert sessions[0].duplex.total_ids == golden["total_ids"].tolist()
+
+
+@contextmanager
+def _count_host_reads() -> Iterator[list[int]]:
+    """Count the ways a tensor's value reaches the host (`tolist`, `item`, `int()`, `float()`, `bool()`)."""
+    count = [0]
+    names = ("tolist", "item", "__int__", "__float__", "__bool__", "__index__")
+    originals = {n: getattr(torch.Tensor, n) for n in names}
+
+    def counted(fn):  # noqa: ANN001, ANN202
+        def inner(self, *args, **kwargs):  # noqa: ANN001, ANN202
+            count[0] += 1
+            return fn(self, *args, **kwargs)
+
+        return inner
+
+    for n, fn in originals.items():
+        setattr(torch.Tensor, n, counted(fn))
+    try:
+        yield count
+    finally:
+        for n, fn in originals.items():
+            setattr(torch.Tensor, n, fn)
+
+
+def _positions(schema: list[SchemaItem]) -> int:
+    return sum(item[1] if isinstance(item, tuple) else 1 for item in schema)
+
+
+def _check_tick_feeds(
+    feeds: list[dict[int, int]],
+    sessions: list,
+    tails: list[int],
+    units_before: list[int],
+    ids_before: list[int],
+    turn_eos: int,
+) -> None:
+    """A tick is one prefill step (each unit led by its session's pending tail), then single-token steps
+    only (decode, or `<|turn_eos|>` closing an interrupted turn): no separate finalize step."""
+    prefill, steps = feeds[0], feeds[1:]
+    for s, tail, n_units in zip(sessions, tails, units_before, strict=True):
+        if len(s.duplex.schema) > n_units:  # prefilled this tick
+            assert prefill[s.slot] == tail + _positions(s.duplex.schema[-1])
+        else:
+            assert s.slot not in prefill
+    assert all(set(f.values()) == {1} for f in steps)
+    # a session that ran listed: [<|turn_eos|> closing a turn], fed tokens, terminator, </unit>
+    closers = [
+        bool(new) and new[0] == turn_eos
+        for new in (s.duplex.total_ids[b:] for s, b in zip(sessions, ids_before, strict=True))
+    ]
+    for s, before in zip(sessions, ids_before, strict=True):
+        new = s.duplex.total_ids[before:]
+        assert sum(s.slot in f for f in steps) == max(len(new) - 2, 0)
+    decode = [
+        max(len(s.duplex.total_ids) - b - 2, 0) - c
+        for s, b, c in zip(sessions, ids_before, closers, strict=True)
+    ]
+    assert len(steps) == any(closers) + max(decode)

@@ -5,6 +5,9 @@ draw (or argmax) that may end the unit with `<|chunk_eos|>`; bans; repetition pe
 recent decoded ids; length penalty on `<|turn_eos|>`; listen scale; listen top-k; then argmax, or temperature
 + top-k/top-p + draw. Sampled rows draw from one generator for the batch (not the sessions' own generators),
 so sampled tokens are the same distribution but not the same stream as the per-session path.
+
+The settings (`DecisionParams`) and the recent ids (`RecentIds`) are uploaded once per unit; a step then only
+reads them on the device, so its one host sync is the final read of the chosen tokens.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 
 from .core import Engine
 from .duplex import DuplexConfig, DuplexState
+from .host_copy import upload
 
 
 @dataclass
@@ -37,7 +41,7 @@ class DecisionParams:
     @classmethod
     def from_configs(cls, configs: Sequence[DuplexConfig], device: torch.device) -> DecisionParams:
         def t(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            return upload(values, device, dtype)
 
         greedy = [c.decode_mode == "greedy" for c in configs]
         return cls(
@@ -72,6 +76,42 @@ class DecisionParams:
         )
 
 
+class RecentIds:
+    """Each row's last `windows[i]` decided ids as a device tensor `[B, W]` (W = the largest window, newest
+    last, unused places hold the vocabulary size): built once per unit from the sessions' `decoded` lists,
+    then advanced on the device with each step's choices, so a step uploads nothing for the penalty."""
+
+    def __init__(
+        self, states: Sequence[DuplexState], windows: Sequence[int], vocab: int, device: torch.device
+    ) -> None:
+        self.vocab = vocab
+        self.width = max(windows, default=0)
+        self.ids: torch.Tensor | None = None
+        if self.width:
+            recent = [st.decoded[-w:] if w else [] for st, w in zip(states, windows, strict=True)]
+            self.ids = upload([[vocab] * (self.width - len(r)) + r for r in recent], device)
+            # columns left of a row's own window never hold an id (a shorter window than the widest)
+            self.first = upload([self.width - w for w in windows], device)[:, None]
+            self.columns = torch.arange(self.width, device=device)[None, :]
+
+    def seen(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """`[b, V]` bool: which ids are in the windows of `rows` (None when no row has a window)."""
+        if self.ids is None:
+            return None
+        ids = self.ids.index_select(0, rows)
+        mask = torch.zeros(ids.shape[0], self.vocab + 1, dtype=torch.bool, device=ids.device)
+        return mask.scatter_(1, ids, True)[:, : self.vocab]
+
+    def push(self, rows: torch.Tensor, tokens: torch.Tensor, record: torch.Tensor) -> None:
+        """Append `tokens[k]` to row `rows[k]`'s window where `record[k]`."""
+        if self.ids is None:
+            return
+        ids = self.ids.index_select(0, rows)
+        moved = torch.cat([ids[:, 1:], tokens[:, None]], dim=1)
+        moved = moved.masked_fill(self.columns < self.first.index_select(0, rows), self.vocab)
+        self.ids.index_copy_(0, rows, torch.where(record[:, None], moved, ids))
+
+
 def top_k_top_p_rows(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """`sampling.top_k_top_p` per row with per-row k (0 = off) and p (>= 1 = off) on `[B, V]`."""
     b, vocab = logits.shape
@@ -92,14 +132,16 @@ def decide_batch(
     states: Sequence[DuplexState],
     raw_logits: torch.Tensor,
     params: DecisionParams,
+    recent: RecentIds,
+    rows: torch.Tensor,
     generator: torch.Generator | None = None,
     override: Sequence[int | None] | None = None,
 ) -> list[int]:
-    """One decision per row of `raw_logits [B, V]` (float32); appends to `states[i].decoded` like
-    `decide_token`. `override[i]`, when not None, replaces row i's choice after it was computed (benchmarks:
-    a fixed workload that still pays for the decision)."""
+    """One decision per row of `raw_logits [B, V]` (float32), whose sessions are the rows `rows` (device) of
+    `recent`; appends to `states[i].decoded` (and to `recent`) like `decide_token`. `override[i]`, when not
+    None, replaces row i's choice after it was computed (benchmarks: a fixed workload that still pays for the
+    decision)."""
     sp = engine.special
-    b, vocab = raw_logits.shape
     device = raw_logits.device
     first = raw_logits.argmax(-1)
     if params.any_sampling:
@@ -107,14 +149,9 @@ def decide_batch(
         first = torch.where(params.greedy, first, drawn)
     logits = raw_logits.float().clone()
     logits[:, engine.duplex_bans.to(device)] = float("-inf")
-    # repetition penalty over each row's recent decoded ids (a [B, V] mask from padded id lists)
-    recent = [st.decoded[-w:] if w else [] for st, w in zip(states, params.windows, strict=True)]
-    width = max((len(r) for r in recent), default=0)
-    if width:
-        ids = torch.tensor([r + [vocab] * (width - len(r)) for r in recent], dtype=torch.long)
-        seen = torch.zeros(b, vocab + 1, dtype=torch.bool, device=device)
-        seen.scatter_(1, ids.to(device), True)
-        seen = seen[:, :vocab]
+    # repetition penalty over each row's recent decoded ids
+    seen = recent.seen(rows)
+    if seen is not None:
         pen = params.rep_penalty
         penalized = torch.where(params.rep_reference | (logits > 0), logits / pen, logits * pen)
         logits = torch.where(seen, penalized, logits)
@@ -132,11 +169,12 @@ def decide_batch(
     is_eos = first == sp.chunk_eos
     tok = torch.where(is_eos, torch.full_like(tok, sp.chunk_eos), tok)
     record = ~(is_eos | early_listen)
+    if override is not None and any(o is not None for o in override):
+        given = upload([o is not None for o in override], device, torch.bool)
+        tok = torch.where(given, upload([o or 0 for o in override], device), tok)
+        record |= given
+    recent.push(rows, tok, record)
     out = torch.stack([tok, record.long()]).tolist()  # the one host sync of the decision
-    if override is not None:
-        for i, o in enumerate(override):
-            if o is not None:
-                out[0][i], out[1][i] = o, 1
     for st, t, r in zip(states, out[0], out[1], strict=True):
         if r:
             st.decoded.append(t)

@@ -5,10 +5,11 @@ once, what `duplex.prefill_units` / `generate_units` / `finalize_units` do per l
 and the vocoder of the speaking ones:
 
 * prefill: the streaming audio encoder batched across sessions (`batched_audio`), the vision encoder over all
-  frames in one call, then one static LLM step over the ragged unit pieces (audio-only and omni units together);
+  frames in one call, then one static LLM step over the ragged unit pieces (audio-only and omni units together),
+  each led by the session's pending tail from its previous unit (terminator + `</unit>`: there is no separate
+  finalize step in a tick; `finalize` feeds pending tails on demand, e.g. before a session leaves the batch);
 * generate: one static (graph-replayed) LLM decode step per token for all sessions still decoding, with the
   listen/speak/text decision vectorized over the batch (`batched_decision`, the rule of `decide_token`);
-* finalize: terminator + `</unit>` of every session in one static step;
 * speak: TTS conditions in one projector call, the 26 TTS draws of all speaking sessions as static steps with
   sampling on the device (`static_tts`), then the vocoder windows (`Token2Wav.push_codes_batch`:
   equal-shaped windows share one flow batch, the streaming HiFT batches blocks of equal geometry).
@@ -34,7 +35,7 @@ from ..processor.audio_features import MelUnit
 from ..processor.image import ImageInputs
 from ..token2wav import PromptCache, PushRequest, Token2Wav, TurnState
 from .batched_audio import BatchedAudioEncoder
-from .batched_decision import DecisionParams, decide_batch
+from .batched_decision import DecisionParams, RecentIds, decide_batch
 from .core import Engine
 from .duplex import (
     DuplexState,
@@ -42,10 +43,18 @@ from .duplex import (
     UnitInput,
     UnitResult,
     _state,
+    at_unit_cap,
+    end_unit,
+    pending_tail,
+    record_fed,
     record_prefill,
     record_token,
     stamp_prefill,
+    start_unit,
+    take_tails,
+    unit_token,
 )
+from .host_copy import upload
 from .session import Session
 from .static_decode import StaticLLM
 from .static_tts import StaticTTS
@@ -74,7 +83,7 @@ class UnitOutput:
     result: UnitResult
     speech: SpeechOut | None
     decision_s: float | None  # perf_counter() when the unit's listen/speak decision was known
-    done_s: float  # perf_counter() when this session's unit was complete (PCM included)
+    done_s: float  # perf_counter() when the unit was complete (PCM included; a listen: at generate end)
 
 
 @dataclass
@@ -85,7 +94,7 @@ class _Run:
     forced: bool
     row: int  # row in the unit's logits tensor
     unit_ids: list[int] = field(default_factory=list)
-    hidden_rows: list[torch.Tensor] = field(default_factory=list)
+    hidden_at: list[int] = field(default_factory=list)  # rows of the unit's decode-step hidden states
     done: bool = False
     script: list[int] | None = None
 
@@ -154,19 +163,15 @@ class DuplexBatcher:
     # ---- prefill ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, sessions: Sequence[Session], inputs: Sequence[UnitInput]) -> list[UnitResult]:
-        """`duplex.prefill_units` with the audio encoder batched across sessions (same pieces, same order)."""
+        """`duplex.prefill_units` with the audio encoder batched across sessions (same pieces, same order; each
+        ready session's pending tail first)."""
         if len(sessions) != len(inputs):
             raise ValueError("one unit input per session")
         eng, model, sp = self.engine, self.engine.model, self.engine.special
         t0 = time.perf_counter()
         results = [UnitResult(session=s) for s in sessions]
         for s in sessions:
-            st = _state(s)
-            if st.needs_finalize:
-                raise RuntimeError(
-                    f"session {s.session_id!r}: finalize the previous unit before the next prefill"
-                )
-            st.pending_logits = None
+            _state(s).pending_logits = None
 
         def host_prep(i: int) -> tuple[MelUnit | None, list[ImageInputs]]:
             """Per-session CPU work (streaming mel, image slicing): numpy/PIL, run on the host thread pool."""
@@ -203,15 +208,19 @@ class DuplexBatcher:
             )
             audio_rows = dict(zip(with_audio, embs, strict=True))
         t_audio = time.perf_counter()
-        ids = torch.tensor(
-            [sp.unit_start, sp.image_start, sp.image_end, sp.slice_start, sp.slice_end], device=self.device
-        )
-        tok = dict(zip(("unit", "img0", "img1", "sl0", "sl1"), model.embed_ids(ids), strict=True))
+        tails = [pending_tail(eng, sessions[i]) for i in ready]
+        fixed = [sp.unit_start, sp.image_start, sp.image_end, sp.slice_start, sp.slice_end]
+        emb = model.embed_ids(upload([*fixed, *(t for tail in tails for t in tail)], self.device))
+        tok = dict(zip(("unit", "img0", "img1", "sl0", "sl1"), emb[: len(fixed)], strict=True))
+        tail_rows, at = [], len(fixed)
+        for tail in tails:
+            tail_rows.append(emb[at : at + len(tail)])
+            at += len(tail)
         pieces: list[torch.Tensor] = []
         schemas: list[list[SchemaItem]] = []
         used = 0
         for k, _i in enumerate(ready):
-            parts = [tok["unit"][None]]
+            parts = [tail_rows[k], tok["unit"][None]]
             schema: list[SchemaItem] = [sp.unit_start]
             for n_views in per_frame[k]:
                 assert vision is not None
@@ -233,22 +242,27 @@ class DuplexBatcher:
         if ready:
             slots = [sessions[i].slot for i in ready]
             out = self.llm.feed(slots, pieces)
-            idx = torch.tensor(slots, device=self.device)
+            take_tails(eng, [sessions[i] for i in ready])  # fed with the units
+            idx = upload(slots, self.device)
             logits = out["logits"].index_select(0, idx)
             record_prefill([sessions[i] for i in ready], logits, schemas)
         stamp_prefill(results, t0, t_vision, t_audio)
         return results
 
     # ---- generate -----------------------------------------------------------------------------------------
-    def _feed_tokens(self, runs: Sequence[_Run], tokens: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+    def _feed_tokens(
+        self, runs: Sequence[_Run], tokens: Sequence[Sequence[int]], lengths: Sequence[int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """One static step feeding `tokens[i]` to `runs[i]`'s slot. With the slots' `lengths` known on the
+        host, nothing here waits for the device."""
         slots = [r.slot for r in runs]
         flat = [t for ts in tokens for t in ts]
-        emb = self.engine.model.embed_ids(flat)
+        emb = self.engine.model.embed_ids(upload(flat, self.device))
         pieces, at = [], 0
         for ts in tokens:
             pieces.append(emb[at : at + len(ts)])
             at += len(ts)
-        return self.llm.feed(slots, pieces)
+        return self.llm.feed(slots, pieces, lengths)
 
     @torch.no_grad()
     def generate(
@@ -261,10 +275,14 @@ class DuplexBatcher:
         """`duplex.generate_units` for the whole batch. `scripts[i]`, when given, replaces session i's
         decisions by those tokens in order (benchmarks: a fixed speak/listen workload on random weights).
 
+        Per decode step the host waits for the device once (the decision's tokens): the slots' KV lengths are
+        read once per unit and then counted on the host, index tensors are copied asynchronously, the
+        repetition windows live on the device, and the hidden states for the TTS are gathered once at the end.
+
         Returns the results and, per session, perf_counter() when its decision (the unit's first token) was
         known."""
         t0 = time.perf_counter()
-        eng, sp = self.engine, self.engine.special
+        eng, sp, dev = self.engine, self.engine.special, self.device
         force_listen = list(force_listen) if force_listen is not None else [False] * len(sessions)
         results = list(prefills)
         decided_at: list[float | None] = [None] * len(sessions)
@@ -278,30 +296,34 @@ class DuplexBatcher:
                 continue
             logit_rows.append(st.pending_logits)
             st.pending_logits = None
-            forced = st.units_generated < st.config.force_listen_count or force_listen[i]
-            st.units_generated += 1
-            st.needs_finalize = True
-            st.pending_terminator = None
+            forced = start_unit(s, force_listen[i])
             results[i].forced_listen = forced
             script = list(scripts[i]) if scripts is not None and scripts[i] is not None else None
             run = _Run(i, s.slot, st, forced, len(runs), script=script)
             runs.append(run)
             if force_listen[i] and st.turn_open:
                 closers.append(run)
-        if not runs:
-            return results, decided_at
-        logits = torch.stack(logit_rows)
+        slots = [s.slot for s in sessions]
+        length = dict(zip(slots, eng.cache.lengths[slots].tolist(), strict=True))  # counted on from here
+        step_hidden: list[torch.Tensor] = []  # per decode step: hidden states of the rows it fed
+        fed_so_far = 0
+        if runs:
+            logits = torch.stack(logit_rows)
         if closers:
-            out = self._feed_tokens(closers, [[sp.turn_eos]] * len(closers))
-            idx = torch.tensor([r.slot for r in closers], device=self.device)
-            rows = torch.tensor([r.row for r in closers], device=self.device)
-            logits[rows] = out["logits"].index_select(0, idx)
+            out = self._feed_tokens(
+                closers, [[sp.turn_eos]] * len(closers), [length[r.slot] for r in closers]
+            )
+            idx, rows = upload([r.slot for r in closers], dev), upload([r.row for r in closers], dev)
+            logits.index_copy_(0, rows, out["logits"].index_select(0, idx))
             for r in closers:
+                length[r.slot] += 1
                 r.st.total_ids.append(sp.turn_eos)
                 r.st.turn_open = False
                 results[r.index].closed_turn_by_force = True
-        params = DecisionParams.from_configs([r.st.config for r in runs], self.device)
-        max_steps = max(r.st.config.max_new_speak_tokens_per_chunk for r in runs)
+        if runs:
+            params = DecisionParams.from_configs([r.st.config for r in runs], dev)
+            recent = RecentIds([r.st for r in runs], params.windows, logits.shape[-1], dev)
+        max_steps = max((r.st.config.max_new_speak_tokens_per_chunk for r in runs), default=0)
         for j in range(max_steps):
             deciders = [
                 r
@@ -310,37 +332,32 @@ class DuplexBatcher:
             ]
             decided: dict[int, int] = {}
             if deciders:
-                rows = torch.tensor([r.row for r in deciders], device=self.device)
+                keep = [r.row for r in deciders]
+                rows = upload(keep, dev)
                 toks = decide_batch(
                     eng,
                     [r.st for r in deciders],
                     logits.index_select(0, rows),
-                    params.select(rows, [r.row for r in deciders]),
+                    params.select(rows, keep),
+                    recent,
+                    rows,
                     self.generator,
                     [
                         r.script.pop(0) if r.script else None  # a spent script: the model decides
                         for r in deciders
                     ],
                 )
-                decided.update({r.row: t for r, t in zip(deciders, toks, strict=True)})
+                decided.update(zip(keep, toks, strict=True))
             now = time.perf_counter()
             to_feed: list[tuple[_Run, int]] = []
             for run in runs:
                 if run.done:
                     continue
                 st, res = run.st, results[run.index]
-                if j == st.config.max_new_speak_tokens_per_chunk - 1:
-                    st.pending_terminator = sp.chunk_eos
-                    st.total_ids.append(sp.chunk_eos)
+                if at_unit_cap(eng, st, j):
                     run.done = True
                     continue
-                if run.forced:
-                    tok = sp.listen
-                else:
-                    tok = decided[run.row]
-                    res.decoded_ids.append(tok)
-                    if tok == sp.listen and st.turn_open:
-                        tok = sp.tts_bos
+                tok = unit_token(eng, st, res, None if run.forced else decided[run.row])
                 if j == 0:
                     decided_at[run.index] = now
                 if not record_token(eng, st, res, run.unit_ids, tok, j):
@@ -350,50 +367,49 @@ class DuplexBatcher:
             if not to_feed:
                 break
             fed = [r for r, _ in to_feed]
-            out = self._feed_tokens(fed, [[t] for _, t in to_feed])
-            idx = torch.tensor([r.slot for r in fed], device=self.device)
-            rows = torch.tensor([r.row for r in fed], device=self.device)
-            logits[rows] = out["logits"].index_select(0, idx)
-            hidden = out["hidden"][:, 0].index_select(0, idx)
+            out = self._feed_tokens(fed, [[t] for _, t in to_feed], [length[r.slot] for r in fed])
+            idx, rows = upload([r.slot for r in fed], dev), upload([r.row for r in fed], dev)
+            logits.index_copy_(0, rows, out["logits"].index_select(0, idx))
+            step_hidden.append(out["hidden"][:, 0].index_select(0, idx))
             for k, (run, tok) in enumerate(to_feed):
-                res = results[run.index]
-                if tok == sp.turn_eos:
-                    res.end_of_turn = True
-                    run.st.turn_open = False
+                length[run.slot] += 1
+                record_fed(eng, run.st, results[run.index], tok)
                 if j != 0:
                     run.unit_ids.append(tok)
-                    run.hidden_rows.append(hidden[k])
+                    run.hidden_at.append(fed_so_far + k)
+            fed_so_far += len(fed)
         t1 = time.perf_counter()
+        order = [k for run in runs for k in run.hidden_at]
+        hidden = torch.cat(step_hidden).index_select(0, upload(order, dev)) if order else None
+        at = 0
         for run in runs:
             res = results[run.index]
+            end_unit(eng, run.st)
+            n = len(run.hidden_at)
             res.tts_token_ids = list(run.unit_ids)
-            res.tts_hidden = torch.stack(run.hidden_rows) if run.hidden_rows else None
+            res.tts_hidden = hidden[at : at + n] if hidden is not None and n else None
+            at += n
             res.text = eng.tokenizer.decode(run.unit_ids, skip_special_tokens=True) if run.unit_ids else ""
             if res.is_listen:
                 res.text, res.tts_token_ids, res.tts_hidden = "", [], None
-        lengths = eng.cache.lengths[[s.slot for s in sessions]].tolist()
-        for i in range(len(sessions)):
-            results[i].kv_length = lengths[i]
+        ran = {run.index for run in runs}
+        for i, s in enumerate(sessions):
+            # a session that did not run this unit may still hold the previous unit's tail
+            results[i].kv_length = length[s.slot] + (0 if i in ran else len(pending_tail(eng, s)))
             results[i].timings_ms["generate_ms"] = (t1 - t0) * 1000
         return results, decided_at
 
     # ---- finalize -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def finalize(self, sessions: Sequence[Session]) -> None:
-        """`duplex.finalize_units` as one static step."""
-        todo = [s for s in sessions if _state(s).needs_finalize]
+        """`duplex.finalize_units` as one static step: feed the pending tails now (not part of a tick; for a
+        session that leaves the batch or whose KV is read as a whole, e.g. before a context-window slide)."""
+        todo = [s for s in sessions if _state(s).tail_pending]
         if not todo:
             return
-        ids = []
-        for s in todo:
-            st = _state(s)
-            tail = [st.pending_terminator] if st.pending_terminator is not None else []
-            ids.append([*tail, self.engine.special.unit_end])
-            st.total_ids.append(self.engine.special.unit_end)
-            st.pending_terminator = None
-            st.needs_finalize = False
         runs = [_Run(i, s.slot, _state(s), False, i) for i, s in enumerate(todo)]
-        self._feed_tokens(runs, ids)
+        self._feed_tokens(runs, [pending_tail(self.engine, s) for s in todo])
+        take_tails(self.engine, todo)
 
     # ---- speak --------------------------------------------------------------------------------------------
     def conditions(self, results: Sequence[UnitResult]) -> list[torch.Tensor]:
@@ -480,22 +496,21 @@ class DuplexBatcher:
         force_listen: Sequence[bool] | None = None,
         scripts: Sequence[list[int] | None] | None = None,
     ) -> list[UnitOutput]:
-        """One unit of every session: prefill, generate, finalize, TTS and vocoder."""
+        """One unit of every session: prefill (led by the previous unit's tail), generate, TTS and vocoder. The
+        unit's own tail stays pending for the next tick's prefill."""
         marks = [time.perf_counter()]
         pre = self.prefill(sessions, inputs)
         marks.append(self._synced())
         results, decided_at = self.generate(sessions, pre, force_listen, scripts)
-        marks.append(self._synced())
-        self.finalize(sessions)
-        t_final = self._synced()  # listening units are complete once finalize ran
-        marks.append(t_final)
+        t_decided = self._synced()  # listening units are complete once generate ended
+        marks.append(t_decided)
         speech = self.speak(results)
         marks.append(self._synced())
-        names = ("prefill_ms", "generate_ms", "finalize_ms", "speak_ms")
+        names = ("prefill_ms", "generate_ms", "speak_ms")
         self.timings = {k: (b - a) * 1000 for k, a, b in zip(names, marks[:-1], marks[1:], strict=True)}
         self.timings["vocoder_ms"] = self._vocoder_s * 1000
         self.timings["tts_ms"] = self.timings["speak_ms"] - self.timings["vocoder_ms"]
         return [
-            UnitOutput(r, sp, d, sp.done_s if sp is not None else t_final)
+            UnitOutput(r, sp, d, sp.done_s if sp is not None else t_decided)
             for r, sp, d in zip(results, speech, decided_at, strict=True)
         ]

@@ -39,9 +39,10 @@ class Engine:
         # builder's) ends replies on <|endoftext|> instead.
         self.eos_s = tokenizer.token_to_id("</s>") if tokenizer.has_token("</s>") else self.special.endoftext
         sp = self.special
-        # Banned in every duplex decision after the raw draw: <|tts_pad|>, the bad ids, <|chunk_eos|>.
+        # Banned in every duplex decision after the raw draw: <|tts_pad|>, the bad ids, <|chunk_eos|> (kept where
+        # the logits are, so a decision step copies nothing from the host).
         self.duplex_bans = torch.tensor(
-            [sp.tts_pad, *tokenizer.bad_token_ids, sp.chunk_eos], dtype=torch.long
+            [sp.tts_pad, *tokenizer.bad_token_ids, sp.chunk_eos], dtype=torch.long, device=model.device
         )
         self.cache: SlotKVCache = model.llm.new_cache(max_sessions, max_len)
         self.sessions: dict[str, Session] = {}

@@ -1,8 +1,16 @@
 """The full-duplex unit loop (spec §3.3): one unit per second of user audio (plus an optional video frame).
 
 Per session: `prepare` once (system prefix, reference-audio embeddings, suffix), then for every unit
-`prefill_units` → `generate_units` → `finalize_units`. Each step function takes a list of sessions and runs
-their LLM work as one batch; a session's state lives in its `DuplexState`.
+`prefill_units` → `generate_units`. Each step function takes a list of sessions and runs their LLM work as one
+batch; a session's state lives in its `DuplexState`.
+
+A unit ends with a tail the decoder chose but did not feed: its terminator (if any) and `</unit>`. The
+reference feeds that tail in a separate "finalize" forward after each unit. Here the tail waits in the state
+and the next `prefill_units` feeds it in front of the next unit's `<unit>`, in the same forward: attention is
+causal, so the KV and the logits are the ones the separate forward gives, and a unit costs one LLM step less.
+`finalize_units` feeds pending tails explicitly: before the session's KV is read as a whole (a context-window
+slide, see `make_room`; a mode switch keeps nothing, so it needs none), or to mirror the reference's timing.
+`context_length` is the KV length with the pending tail counted: where the next unit starts.
 
 The listen/speak decision follows the reference decoder. Two reference bugs are not copied: the listen
 scale/top-k settings act on `<|listen|>` (the reference applies them to `<|im_end|>`), and by default the
@@ -22,6 +30,8 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from ..processor.audio_features import DYNAMIC_FLOOR, FIXED_FLOOR_MODE, StreamingMel, batch_features
+from ..tokenizer import MiniCPMOTokenizer
+from .context_window import SlidingWindow
 from .core import Engine
 from .sampling import ban, penalize_length, sample, top_k_top_p
 from .session import Mode, Session
@@ -70,9 +80,12 @@ class DuplexState:
     turn_open: bool = False
     pending_logits: torch.Tensor | None = None
     pending_terminator: int | None = None
-    needs_finalize: bool = False
+    # The last unit's tail ([pending_terminator], </unit>) is decided but not in the KV yet: the next prefill
+    # (or `finalize_units`) feeds it.
+    tail_pending: bool = False
     decoded: list[int] = field(default_factory=list)  # every id the decoder chose (repetition window)
-    total_ids: list[int] = field(default_factory=list)  # every id appended after the prefill pieces
+    # every id of the units after their prefill pieces, in KV order (a pending tail is already listed)
+    total_ids: list[int] = field(default_factory=list)
     schema: list[list[SchemaItem]] = field(default_factory=list)
     system_length: int = 0
 
@@ -99,7 +112,7 @@ class UnitResult:
     decoded_ids: list[int] = field(default_factory=list)  # every id the decoder produced this unit
     forced_listen: bool = False
     closed_turn_by_force: bool = False  # `<|turn_eos|>` was fed to end a turn the user interrupted
-    kv_length: int = 0
+    kv_length: int = 0  # KV positions through this unit's decoded tokens (its own tail not counted)
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -120,6 +133,43 @@ def _state(session: Session) -> DuplexState:
     if session.mode is not Mode.DUPLEX or not isinstance(session.duplex, DuplexState):
         raise RuntimeError(f"session {session.session_id!r} is not prepared for duplex")
     return session.duplex
+
+
+# ---- the pending tail ----------------------------------------------------------------------------------------
+
+
+def pending_tail(engine: Engine, session: Session) -> list[int]:
+    """The ids of the session's pending unit tail (`[terminator] </unit>`), empty when none is pending."""
+    st = _state(session)
+    if not st.tail_pending:
+        return []
+    head = [st.pending_terminator] if st.pending_terminator is not None else []
+    return [*head, engine.special.unit_end]
+
+
+def take_tails(engine: Engine, sessions: Sequence[Session]) -> list[list[int]]:
+    """Each session's pending tail, then marked as fed (call it once the tails are in the KV)."""
+    tails = []
+    for s in sessions:
+        tails.append(pending_tail(engine, s))
+        st = _state(s)
+        st.tail_pending = False
+        st.pending_terminator = None
+    return tails
+
+
+def context_length(engine: Engine, session: Session) -> int:
+    """The session's KV length with its pending tail counted: the position where its next unit starts."""
+    return engine.kv_length(session) + len(pending_tail(engine, session))
+
+
+def make_room(engine: Engine, session: Session, window: SlidingWindow, needed: int) -> int:
+    """`window.make_room` for a duplex session: the pending tail counts, and it is fed before any unit is
+    dropped, so every dropped span is a whole unit. Returns the positions dropped."""
+    if context_length(engine, session) + needed <= window.max_tokens:
+        return 0
+    finalize_units(engine, [session])
+    return window.make_room(engine, session, needed)
 
 
 # ---- prepare --------------------------------------------------------------------------------------------------
@@ -143,6 +193,7 @@ def prepare(
     if cfg.seed is not None:
         session.seed(cfg.seed)
     model = engine.model
+    engine.tokenizer.decoded_bytes  # noqa: B018 -- build the text-cap table (once per tokenizer) now, not mid-unit
     prefix = engine.tokenizer.encode(f"<|im_start|>system\n{system_prompt}\n<|audio_start|>")
     engine.feed_ids([session], [prefix])
     if ref_audio is not None and len(ref_audio):
@@ -169,7 +220,9 @@ class _UnitPieces:
 def prefill_units(
     engine: Engine, sessions: Sequence[Session], inputs: Sequence[UnitInput]
 ) -> list[UnitResult]:
-    """Feed `<unit>`, the frames' image blocks and the 10 audio embeddings of each session's unit."""
+    """Feed the previous unit's pending tail, then `<unit>`, the frames' image blocks and the 10 audio
+    embeddings of each session's unit. A session without enough audio (and no frame) is not fed at all: its
+    tail stays pending."""
     if len(sessions) != len(inputs):
         raise ValueError("one unit input per session")
     t0 = time.perf_counter()
@@ -179,10 +232,6 @@ def prefill_units(
     mel_units = []
     for i, (s, unit) in enumerate(zip(sessions, inputs, strict=True)):
         st = _state(s)
-        if st.needs_finalize:
-            raise RuntimeError(
-                f"session {s.session_id!r}: finalize the previous unit before the next prefill"
-            )
         st.pending_logits = None
         mel_unit = st.mel.push(unit.audio) if unit.audio is not None and len(unit.audio) else None
         if mel_unit is None and not unit.frames:
@@ -210,9 +259,12 @@ def prefill_units(
 
     units: list[_UnitPieces] = []
     used = 0
+    tails = [pending_tail(engine, sessions[i]) for i in ready]
     for k, i in enumerate(ready):
         s = sessions[i]
-        pieces: list[torch.Tensor] = [model.embed_ids([sp.unit_start])]
+        # the previous unit's tail goes first, in the same forward (its own piece in piecewise mode)
+        pieces: list[torch.Tensor] = [model.embed_ids(tails[k])] if tails[k] else []
+        pieces.append(model.embed_ids([sp.unit_start]))
         schema: list[SchemaItem] = [sp.unit_start]
         for n_views in per_frame[k]:
             assert vision is not None
@@ -239,6 +291,7 @@ def prefill_units(
         ready_sessions = [sessions[i] for i in ready]
         piecewise = any(_state(s).config.piecewise_prefill for s in ready_sessions)
         last_hidden = _feed_pieces(engine, ready_sessions, units, piecewise)
+        take_tails(engine, ready_sessions)  # fed with the units
         logits = engine.model.llm.logits(torch.stack(last_hidden))
         record_prefill(ready_sessions, logits, [u.schema for u in units])
     stamp_prefill(results, t0, t_vision, t_audio)
@@ -323,6 +376,34 @@ def decide_token(
     return tok
 
 
+def at_unit_cap(engine: Engine, st: DuplexState, j: int) -> bool:
+    """§3.3.3 step 1: step j is the unit's last (`max_new_speak_tokens_per_chunk - 1`): the unit ends with
+    `<|chunk_eos|>`, nothing decoded."""
+    if j != st.config.max_new_speak_tokens_per_chunk - 1:
+        return False
+    st.pending_terminator = engine.special.chunk_eos
+    st.total_ids.append(engine.special.chunk_eos)
+    return True
+
+
+def unit_token(engine: Engine, st: DuplexState, res: UnitResult, decided: int | None) -> int:
+    """The token a unit step applies: `<|listen|>` for a forced listen (`decided` None); else the decision
+    (listed in `res.decoded_ids`), where a `<|listen|>` inside an open turn becomes `<|tts_bos|>` (a turn in
+    progress cannot fall silent)."""
+    sp = engine.special
+    if decided is None:
+        return sp.listen
+    res.decoded_ids.append(decided)
+    return sp.tts_bos if decided == sp.listen and st.turn_open else decided
+
+
+def record_fed(engine: Engine, st: DuplexState, res: UnitResult, tok: int) -> None:
+    """After `tok` was fed: `<|turn_eos|>` ends the turn (the unit goes on; a terminator usually follows)."""
+    if tok == engine.special.turn_eos:
+        res.end_of_turn = True
+        st.turn_open = False
+
+
 def record_token(
     engine: Engine, st: DuplexState, res: UnitResult, unit_ids: Sequence[int], tok: int, j: int
 ) -> bool:
@@ -332,16 +413,39 @@ def record_token(
     st.total_ids.append(tok)
     res.is_listen = tok == sp.listen
     if tok in (sp.listen, sp.chunk_eos, sp.chunk_tts_eos):
-        st.pending_terminator = tok  # fed with </unit> at finalize
+        st.pending_terminator = tok  # fed with </unit> in front of the next unit (or by finalize_units)
         return False
     st.turn_open = True
     if j != 0:
-        text = engine.tokenizer.decode([*unit_ids, tok], skip_special_tokens=True)
-        if len(text) >= st.config.max_unit_chars:
+        if reaches_chars(engine.tokenizer, [*unit_ids, tok], st.config.max_unit_chars):
             st.total_ids[-1] = sp.chunk_eos
             st.pending_terminator = sp.chunk_eos
             return False
     return True
+
+
+def reaches_chars(tokenizer: MiniCPMOTokenizer, ids: Sequence[int], limit: int) -> bool:
+    """Whether `tokenizer.decode(ids, skip_special_tokens=True)` has at least `limit` characters (the unit
+    text cap), mostly without decoding: from the ids' bytes (`MiniCPMOTokenizer.decoded_bytes`), which the
+    decoder reads as UTF-8, replacing invalid parts. Every character, replacement or not, takes at least one
+    byte; a valid byte string has exactly its UTF-8 characters; after its longest valid prefix, the rest of an
+    invalid one gives at least one character and at most one per byte. Only when those bounds straddle the
+    limit (a split multi-byte character right at the cap) is the text decoded."""
+    table = tokenizer.decoded_bytes
+    pieces = [table[t] if 0 <= t < len(table) else None for t in ids]
+    if all(p is not None for p in pieces):
+        data = b"".join(pieces)  # type: ignore[arg-type]
+        if len(data) < limit:
+            return False
+        try:
+            return len(data.decode("utf-8")) >= limit
+        except UnicodeDecodeError as err:
+            valid = len(data[: err.start].decode("utf-8"))
+            if valid + 1 >= limit:
+                return True
+            if valid + len(data) - err.start < limit:
+                return False
+    return len(tokenizer.decode(ids, skip_special_tokens=True)) >= limit
 
 
 @dataclass
@@ -373,13 +477,10 @@ def generate_units(
     for i, s in enumerate(sessions):
         st = _state(s)
         if st.pending_logits is None:
-            results[i].is_listen = True  # nothing prefilled: listen, nothing to finalize
+            results[i].is_listen = True  # nothing prefilled: listen, no tail of its own
             continue
         logits, st.pending_logits = st.pending_logits, None
-        forced = st.units_generated < st.config.force_listen_count or force_listen[i]
-        st.units_generated += 1
-        st.needs_finalize = True
-        st.pending_terminator = None
+        forced = start_unit(s, force_listen[i])
         results[i].forced_listen = forced
         runs.append(_UnitRun(i, st, forced, logits))
         if force_listen[i] and st.turn_open:
@@ -402,20 +503,15 @@ def generate_units(
             if run.done:
                 continue
             st, res = run.st, results[run.index]
-            if j == st.config.max_new_speak_tokens_per_chunk - 1:
-                st.pending_terminator = sp.chunk_eos  # unit length cap
-                st.total_ids.append(sp.chunk_eos)
+            if at_unit_cap(engine, st, j):
                 run.done = True
                 continue
-            if run.forced:
-                tok = sp.listen
-            else:
+            decided = None
+            if not run.forced:
                 if observe_logits is not None:
                     observe_logits(sessions[run.index], run.logits.clone())
-                tok = decide_token(engine, st, run.logits, sessions[run.index].generator)
-                res.decoded_ids.append(tok)
-                if tok == sp.listen and st.turn_open:
-                    tok = sp.tts_bos  # a turn in progress cannot fall silent
+                decided = decide_token(engine, st, run.logits, sessions[run.index].generator)
+            tok = unit_token(engine, st, res, decided)
             if not record_token(engine, st, res, run.unit_ids, tok, j):
                 run.done = True
                 continue
@@ -426,25 +522,41 @@ def generate_units(
         logits = engine.last_logits(hidden)
         for row, ((run, tok), h) in enumerate(zip(to_feed, hidden, strict=True)):
             run.logits = logits[row]
-            res = results[run.index]
-            if tok == sp.turn_eos:
-                res.end_of_turn = True
-                run.st.turn_open = False
+            record_fed(engine, run.st, results[run.index], tok)
             if j != 0:  # the unit's first token is never spoken
                 run.unit_ids.append(tok)
                 run.hidden.append(h[-1])
     t1 = time.perf_counter()
     for run in runs:
         res = results[run.index]
+        end_unit(engine, run.st)
         res.tts_token_ids = list(run.unit_ids)
         res.tts_hidden = torch.stack(run.hidden) if run.hidden else None
         res.text = engine.tokenizer.decode(run.unit_ids, skip_special_tokens=True) if run.unit_ids else ""
         if res.is_listen:
             res.text, res.tts_token_ids, res.tts_hidden = "", [], None
+    ran = {run.index for run in runs}
     for i, s in enumerate(sessions):
-        results[i].kv_length = engine.kv_length(s)
+        # a session that did not run this unit may still hold the previous unit's tail
+        results[i].kv_length = engine.kv_length(s) if i in ran else context_length(engine, s)
         results[i].timings_ms["generate_ms"] = (t1 - t0) * 1000
     return results
+
+
+def start_unit(session: Session, force_listen: bool) -> bool:
+    """Begin deciding the session's prefilled unit; returns whether the unit is a forced listen."""
+    st = _state(session)
+    if st.tail_pending:  # the prefill feeds it; a unit cannot start before it
+        raise RuntimeError(f"session {session.session_id!r}: the previous unit's tail was not fed")
+    st.units_generated += 1
+    st.pending_terminator = None
+    return st.units_generated <= st.config.force_listen_count or force_listen
+
+
+def end_unit(engine: Engine, st: DuplexState) -> None:
+    """The unit's decisions are complete: its tail (`[terminator] </unit>`) is now pending."""
+    st.total_ids.append(engine.special.unit_end)
+    st.tail_pending = True
 
 
 # ---- finalize -------------------------------------------------------------------------------------------------
@@ -452,18 +564,12 @@ def generate_units(
 
 @torch.no_grad()
 def finalize_units(engine: Engine, sessions: Sequence[Session]) -> None:
-    """Feed each unit's terminator (if any) and `</unit>` in one batched forward."""
-    todo = [s for s in sessions if _state(s).needs_finalize]
-    ids = []
-    for s in todo:
-        st = _state(s)
-        tail = [st.pending_terminator] if st.pending_terminator is not None else []
-        ids.append([*tail, engine.special.unit_end])
-        st.total_ids.append(engine.special.unit_end)
-        st.pending_terminator = None
-        st.needs_finalize = False
+    """Feed the pending tails (terminator if any, `</unit>`) of the sessions in one batched forward, so their
+    KV is complete now rather than at their next prefill. Sessions without a pending tail are skipped."""
+    todo = [s for s in sessions if _state(s).tail_pending]
     if todo:
-        engine.feed_ids(todo, ids)
+        engine.feed_ids(todo, [pending_tail(engine, s) for s in todo])
+        take_tails(engine, todo)
 
 
 def tts_condition(engine: Engine, result: UnitResult) -> torch.Tensor:
@@ -478,7 +584,7 @@ def tts_condition(engine: Engine, result: UnitResult) -> torch.Tensor:
 
 
 def step_units(engine: Engine, sessions: Sequence[Session], inputs: Sequence[UnitInput]) -> list[UnitResult]:
-    """Prefill and decide one unit for every session (finalize afterwards with `finalize_units`, e.g. while
-    the results are being sent, as the reference's deferred finalize does)."""
+    """Prefill and decide one unit for every session (the unit's tail is fed by the next one's prefill, or by
+    `finalize_units`)."""
     pre = prefill_units(engine, sessions, inputs)
     return generate_units(engine, sessions, [u.force_listen for u in inputs], pre)

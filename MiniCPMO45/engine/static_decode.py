@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ..modules.kv_cache import CacheFullError, SlotKVCache
 from ..modules.qwen3 import Attention, Qwen3ForCausalLM, apply_rope
 from .graphs import StaticStep, graphs_available, new_pool, pick_bucket
+from .host_copy import upload
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 128)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256)
@@ -160,7 +161,8 @@ class StaticLLM:
 
         Returns views of the step outputs, indexed by slot: `hidden [rows, T, D]` and `logits [rows, V]`
         (float32, at each row's last real token). Consume them before the next `feed`. `lengths` are the
-        slots' current lengths if the caller knows them (saves one device read for the room check).
+        slots' current lengths if the caller knows them: the room check then reads nothing from the device, and
+        the step is only queued (the slot indices and counts are copied asynchronously).
         """
         if len(slots) != len(pieces) or not slots:
             raise ValueError("one piece per slot, at least one")
@@ -173,7 +175,7 @@ class StaticLLM:
         rows = pick_bucket(self.row_buckets, max(slots) + 1)
         tokens = pick_bucket(self.token_buckets, max(counts))
         step = self._step(rows, tokens)
-        idx = torch.tensor(slots, dtype=torch.long, device=self.device)
+        idx = upload(slots, self.device)
         if all(c == tokens for c in counts):
             batch = torch.stack(list(pieces))
         else:
@@ -184,5 +186,5 @@ class StaticLLM:
         emb.zero_()
         emb.index_copy_(0, idx, batch.to(emb.dtype))
         num.zero_()
-        num.index_copy_(0, idx, torch.tensor(counts, dtype=torch.long, device=self.device))
+        num.index_copy_(0, idx, upload(counts, self.device))
         return step.run()

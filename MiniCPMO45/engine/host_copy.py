@@ -1,0 +1,17 @@
+"""Small host values (index lists, token ids) to device tensors without making the host wait for the device."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def upload(values: Sequence, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """`torch.tensor(values, dtype=dtype)` on `device`. To a GPU the copy goes through pinned memory and is
+    queued asynchronously: a plain copy from pageable memory blocks the host until the device has run all the
+    work queued before it, which would cost a host-device round trip per index tensor of a decode step."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
