@@ -148,8 +148,9 @@ class DuplexMode:
             _, unit, frame = batch[k]
             assert mode.session is not None and mode.window is not None
             behind = unit.queued_units > mode.options.max_backlog_units
-            dropped.append(mode.window.make_room(engine, mode.session, UNIT_BUDGET[mode.name]))
-            mode.window.mark(engine.kv_length(mode.session))
+            # the previous unit's tail ([terminator] </unit>) is still pending: it goes in with this prefill
+            dropped.append(dx.make_room(engine, mode.session, mode.window, UNIT_BUDGET[mode.name]))
+            mode.window.mark(dx.context_length(engine, mode.session))
             frames = [Image.fromarray(frame)] if mode.omni and frame is not None else []
             sessions.append(mode.session)
             inputs.append(dx.UnitInput(audio=unit.pcm, frames=frames))
@@ -165,9 +166,9 @@ class DuplexMode:
             timings = {
                 "backlog_units": float(batch[k][1].queued_units),
                 "prefill_ms": tick["prefill_ms"],
-                "decide_ms": tick["generate_ms"] + tick["finalize_ms"],
+                "decide_ms": tick["generate_ms"],
                 "batch_sessions": float(len(modes)),
-                "kv_tokens": float(out.result.kv_length),
+                "kv_tokens": float(dx.context_length(engine, mode.session)),
                 "dropped_tokens": float(dropped[n]),
             }
             outputs[k] = mode._unit_outputs(out, timings)
