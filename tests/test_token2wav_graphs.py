@@ -56,11 +56,12 @@ def _codes(seed: int, n: int, vocab: int) -> list[int]:
 
 
 def _run_ticks(
-    model: Token2Wav, fixture: Path, opening: int
+    model: Token2Wav, fixture: Path, opening: int, single: bool = False
 ) -> tuple[list[list[np.ndarray]], list[FlowCache]]:
     """The duplex batcher's pattern: 2-unit turns (open: 25 codes -> one 28-token window; end: 25 codes +
     end of turn -> a window and the final flush), `opening` turns per group, plus turns starting a tick later
-    (so one call mixes cache shapes) and a short duplex flush window. Returns the audio and final caches."""
+    (so one call mixes cache shapes) and a short duplex flush window. Returns the audio and final caches.
+    `single`: each request through `push_codes` alone (the reference)."""
     voice = _voice(model, fixture)
     vocab = model.flow.p.vocab_size
     turns = [model.start_turn(voice, rule="duplex") for _ in range(2 * opening)]
@@ -79,7 +80,10 @@ def _run_ticks(
         ],
     ]
     for requests in ticks:
-        out += model.push_codes_batch(requests)
+        if single:
+            out += [model.push_codes(r.state, r.codes, r.end_of_turn, r.flush) for r in requests]
+        else:
+            out += model.push_codes_batch(requests)
     return out, [t.flow_cache for t in [*turns, late, short]]
 
 
@@ -129,7 +133,7 @@ def test_static_flow_path_matches_plain_batches(folder: Path, token2wav_fixture_
     # phase, which grows that in the waveform (plain batches vs single turns differ as much), so the
     # audio is held to the chained-parity tolerance of test_token2wav_stream.
     got, got_caches = _run_ticks(static, token2wav_fixture_dir, 2)
-    want, want_caches = _run_ticks(plain, token2wav_fixture_dir, 2)
+    want, want_caches = _run_ticks(plain, token2wav_fixture_dir, 2, single=True)
     _assert_same(got, want, atol=CHAIN_ATOL)
     for a, b in zip(got_caches, want_caches, strict=True):
         for x, y in zip(vars(a).values(), vars(b).values(), strict=True):
@@ -144,7 +148,7 @@ def test_padded_flow_batches_match_plain_batches(folder: Path, token2wav_fixture
     # integrates F0 into a phase, so such rounding grows to ~1e-4 in the waveform (see docs/token2wav.md):
     # the audio is held to the chained-parity tolerance of test_token2wav_stream.
     got, got_caches = _run_ticks(static, token2wav_fixture_dir, 3)
-    want, want_caches = _run_ticks(plain, token2wav_fixture_dir, 3)
+    want, want_caches = _run_ticks(plain, token2wav_fixture_dir, 3, single=True)
     assert static.flow_graphs is not None
     assert {4, 8} <= {shape.bucket for shape in static.flow_graphs.seen}
     for a, b in zip(got_caches, want_caches, strict=True):
@@ -172,7 +176,9 @@ def test_static_buffers_match_eager_padding(folder: Path, token2wav_fixture_dir:
     model.push_codes_batch([PushRequest(t, _codes(i, 25, vocab)) for i, t in enumerate(turns[:2])])
     model.push_codes_batch([PushRequest(turns[0], _codes(9, 25, vocab))])
     rows = [  # three cache lengths, a full window, a short one and a last chunk
-        WindowRow(_codes(50 + i, n, vocab), last, t.flow_cache, voice.spk_embedding, voice.prompt_frames + 100)
+        WindowRow(
+            _codes(50 + i, n, vocab), last, t.flow_cache, voice.spk_embedding, voice.prompt_frames + 100
+        )
         for i, (t, n, last) in enumerate(zip(turns, (28, 11, 5), (False, False, True), strict=True))
     ]
     want = graphs.run(rows, 5)
@@ -181,7 +187,9 @@ def test_static_buffers_match_eager_padding(folder: Path, token2wav_fixture_dir:
     big = graphs._static_inputs(type(shape)(8, 28, shape.cache_slots, 5))
     assert big is not None and big.rows == 8
     for tensor in vars(graphs.buffers[shape.cache_slots]).values():
-        tensor.copy_(torch.randint_like(tensor, 0, 7) if tensor.dtype == torch.long else torch.randn_like(tensor))
+        tensor.copy_(
+            torch.randint_like(tensor, 0, 7) if tensor.dtype == torch.long else torch.randn_like(tensor)
+        )
     inputs = graphs._static_inputs(shape)
     assert inputs is not None and inputs.rows == 4
     assert inputs.kv.untyped_storage().data_ptr() == big.kv.untyped_storage().data_ptr()  # shared
@@ -200,8 +208,6 @@ def test_static_buffers_match_eager_padding(folder: Path, token2wav_fixture_dir:
         assert cache.estimator_kv.shape[2] == 2 and cache.conformer_att.shape[1] == 1
         assert cache.estimator_kv.shape[4] == row.cache.estimator_kv.shape[4] + frames
         assert cache.conformer_att.shape[3] == row.cache.conformer_att.shape[3] + frames
-
-
 
 
 def test_batch_buckets() -> None:

@@ -185,7 +185,11 @@ class RaggedInputs:
 
 
 def split_rows(
-    outputs: tuple[torch.Tensor, ...], windows: Sequence[WindowRow], lookahead: int, low_layers: int, up_rate: int
+    outputs: tuple[torch.Tensor, ...],
+    windows: Sequence[WindowRow],
+    lookahead: int,
+    low_layers: int,
+    up_rate: int,
 ) -> list[tuple[torch.Tensor, FlowCache]]:
     """Each window's (mel (1, 80, frames), new untrimmed cache) as fresh tensors: the chunk's real keys
     joined to the turn's old cache exactly as `UpsampleConformerEncoder.forward_chunk` and the DiT do."""
@@ -196,7 +200,9 @@ def split_rows(
         frames = tokens * up_rate
         old = w.cache
         half = old.conformer_att.shape[3] // 2
-        low = torch.cat([old.conformer_att[:low_layers, :, :, :half], new_low[:, b : b + 1, :, :tokens]], dim=3)
+        low = torch.cat(
+            [old.conformer_att[:low_layers, :, :, :half], new_low[:, b : b + 1, :, :tokens]], dim=3
+        )
         up = torch.cat([old.conformer_att[low_layers:], new_up[:, b : b + 1, :, :frames]], dim=3)
         cache = FlowCache(
             cnn[b : b + 1].clone(),
