@@ -2,7 +2,7 @@
 
 Turns sit at different points (turn opening, steady, duplex flush, last chunk), so their windows differ in
 token count and their caches in length. `Flow.ragged_forward` runs them together: window tokens padded to
-`token_slots` (25 or 28 output tokens), caches padded to a common number of slots (a multiple of 16 that
+`token_slots` (4, 8, 16, 25 or 28 output tokens), caches padded to a common number of slots (a multiple of 16 that
 holds prompt + history), padded keys masked out per row, positions and the ODE noise offset kept per row.
 The batch is padded to a bucket (1, 2, 4, ..., 64); padding rows hold finite filler and are dropped.
 
@@ -27,7 +27,7 @@ from .host import device_tensor
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MAX_BUCKET = BATCH_BUCKETS[-1]
-TOKEN_SLOTS = (25, 28)  # output tokens of a padded window: a non-final window emits at most 25
+TOKEN_SLOTS = (4, 8, 16, 25, 28)  # output tokens of a padded window (a non-final one emits <= 25)
 CACHE_GRANULE = 16  # cache slots are rounded up to a multiple of this (mel frames)
 
 

@@ -156,9 +156,11 @@ class Token2Wav:
         n_timesteps: int = 5,
         use_graphs: bool | None = None,
     ) -> None:
-        """use_graphs: True runs the flow windows through `flow_graphs` and the causal HiFT's decoder
-        network through `padded_graphs` (batch padded to buckets, CUDA graphs per shape when on CUDA; the
-        same padded code eagerly elsewhere). None (the default for now) and False keep the plain path."""
+        """use_graphs: True runs all due flow windows of a round as one padded batch through `flow_graphs`
+        (any window size, last-chunk flag, voice and cache length; CUDA graphs per padded shape when on
+        CUDA, the same padded code eagerly elsewhere) and the causal HiFT's decoder network through
+        `padded_graphs`. None (the default for now) and False keep the plain path, which batches only
+        windows of equal shapes (kept for comparison). `flow_batches` counts flow batches run."""
         if n_timesteps <= 0:
             raise ValueError("n_timesteps must be positive")
         self.flow = flow
@@ -311,9 +313,10 @@ class Token2Wav:
 
     @torch.inference_mode()
     def stream_windows(self, windows: Sequence[tuple[TurnState, Sequence[int], bool]]) -> list[np.ndarray]:
-        """One window for each of several turns. The flow runs batched over turns whose windows have the same
-        size, kind and cache shapes (typically: sessions of one voice in steady state), the vocoder over
-        blocks of equal geometry. Each turn may appear once. Returns the audio of each window, in order."""
+        """One window for each of several turns. With `use_graphs` the flow runs every non-empty window as
+        one padded batch (at most 64 rows each); the plain path batches turns whose windows have the same
+        size, kind and cache shapes. The vocoder batches blocks of equal geometry. Each turn may appear
+        once. Returns the audio of each window, in order."""
         if len({id(state) for state, _, _ in windows}) != len(windows):
             raise ValueError("a turn can have only one window per call")
         vocab = self.flow.p.vocab_size
@@ -359,7 +362,7 @@ class Token2Wav:
     def _flow_groups(
         windows: Sequence[tuple[TurnState, Sequence[int], bool]],
     ) -> dict[tuple[int, bool, int, tuple[tuple[int, ...], ...]], list[int]]:
-        """Windows that can share a flow batch: equal size, kind, prompt length and cache shapes."""
+        """Plain path: windows that can share a flow batch (equal size, kind, prompt length, cache shapes)."""
         groups: dict[tuple[int, bool, int, tuple[tuple[int, ...], ...]], list[int]] = {}
         for i, (state, tokens, last_chunk) in enumerate(windows):
             if len(tokens):
