@@ -13,6 +13,7 @@ import torch
 
 from MiniCPMO45.token2wav import PromptCache, PushRequest, Token2Wav, TurnState
 from MiniCPMO45.token2wav.flow_graphs import TOKEN_SLOTS
+from MiniCPMO45.token2wav.streaming_vocoder import StreamingVocoder
 
 from .token2wav_assets import build_asset_folder
 
@@ -229,3 +230,40 @@ def test_rows_beyond_the_largest_bucket_split(folder: Path, token2wav_fixture_di
     assert model.flow_batches - before == 2 and all(len(p) == 1 for p in pieces)
     alone = model.push_codes(model.start_turn(voice, rule="duplex"), _codes(64, 25))
     np.testing.assert_allclose(pieces[64][0], alone[0], atol=CHAIN_ATOL, rtol=0)
+
+
+def test_vocoder_block_round_is_one_batch(folder: Path, token2wav_fixture_dir: Path) -> None:
+    """Streams at different points (fresh, short history, full history) fed windows of different sizes:
+    one F0 and one decoder batch per 16-frame block round, and the audio of each stream run alone."""
+    model = _load(token2wav_fixture_dir, folder, None)
+    vocoder = model.streaming
+    assert isinstance(vocoder, StreamingVocoder)
+    gen = torch.Generator().manual_seed(3)
+
+    def mel(frames: int) -> torch.Tensor:
+        return torch.randn(1, 80, frames, generator=gen) * 0.5 - 2
+
+    states = [vocoder.new_state() for _ in range(4)]
+    for state, history in zip(states, (0, 1, 3, 2), strict=True):
+        for _ in range(history):
+            vocoder.stream(state, mel(50))
+    mels = [mel(50), mel(50), mel(50), mel(18)]
+    alone = [vocoder.stream(st.clone(), m) for st, m in zip(states, mels, strict=True)]
+    calls = {"f0": 0, "decode": 0}
+    f0_forward, run_decoder = vocoder.f0_model.forward, vocoder._run_decoder
+
+    def count_f0(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["f0"] += 1
+        return f0_forward(*args, **kwargs)
+
+    def count_decode(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["decode"] += 1
+        return run_decoder(*args, **kwargs)
+
+    vocoder.f0_model.forward = count_f0  # type: ignore[method-assign]
+    vocoder._run_decoder = count_decode  # type: ignore[method-assign]
+    got = vocoder.stream_batch(states, mels, [False] * 4)
+    assert calls == {"f0": 4, "decode": 4}  # blocks of 16, 16, 16, 2 frames
+    for a, b in zip(got, alone, strict=True):
+        assert a.shape == b.shape and a.shape[1] > 0
+        torch.testing.assert_close(a, b, atol=AUDIO_ATOL, rtol=0)

@@ -87,6 +87,19 @@ class RaggedInputs:
     kv: torch.Tensor  # (steps, depth, 2*rows, heads, S, 2*head_dim), right-padded
     estimator_frames: torch.Tensor  # (rows,) long
 
+    @staticmethod
+    def row_bytes(flow: Flow, token_width: int, slots: int, n_steps: int) -> int:
+        """Bytes of one row of `zeros(flow, rows, token_width, slots, n_steps)`."""
+        enc, dit = flow.p.encoder, flow.p.estimator
+        itemsize = flow.input_embedding.weight.element_size()
+        floats = (
+            flow.p.spk_embed_dim
+            + enc.output_size * (2 + 2 * enc.up_stride)
+            + (enc.num_blocks * slots // 2 + enc.num_up_blocks * slots) * 2 * enc.output_size
+            + n_steps * dit.depth * 2 * (4 * dit.hidden_size + dit.num_heads * slots * 2 * dit.head_dim)
+        )
+        return floats * itemsize + (token_width + 4) * 8
+
     @classmethod
     def zeros(cls, flow: Flow, rows: int, token_width: int, slots: int, n_steps: int) -> RaggedInputs:
         device = flow.input_embedding.weight.device
@@ -277,7 +290,7 @@ class FlowGraphs:
             rows = max(shape.bucket, 0 if have is None else have.rows)
             wide = max(width, 0 if have is None else have.tokens.shape[1])
             steps = max(shape.n_steps, 0 if have is None else have.conv.shape[0])
-            need = RaggedInputs.zeros(self.flow, 1, wide, shape.cache_slots, steps).nbytes * rows
+            need = RaggedInputs.row_bytes(self.flow, wide, shape.cache_slots, steps) * rows
             if self.bytes_used - (0 if have is None else have.nbytes) + need > self.max_bytes:
                 return None
             for old in [s for s in self.chunks if s.cache_slots == shape.cache_slots]:
@@ -297,18 +310,22 @@ class FlowGraphs:
         self.calls += 1
         lookahead, low_layers = flow.lookahead, len(flow.encoder.encoders)
         chunk = self.chunks.get(shape)
-        if chunk is None and self.graphs and self.seen[shape] >= self.capture_after:
-            inputs = self._static_inputs(shape)
-            if inputs is not None:
-                inputs.fill(windows, lookahead, low_layers)
-                chunk = self.chunks[shape] = _Captured(flow, inputs, n_steps, self._pool)
         if chunk is not None:
             chunk.inputs.fill(windows, lookahead, low_layers)
             outputs = chunk.run()
-        else:
+            return split_rows(outputs, windows, lookahead, low_layers, flow.up_rate)
+        # Not captured yet: with graphs on, fill the shared static buffers (no transient batch-sized
+        # copy) and capture once the shape has been seen often enough; fresh zeros otherwise.
+        static = self._static_inputs(shape) if self.graphs else None
+        inputs = static
+        if inputs is None:
             inputs = RaggedInputs.zeros(
                 flow, shape.bucket, shape.token_slots + lookahead, shape.cache_slots, n_steps
             )
-            inputs.fill(windows, lookahead, low_layers)
+        inputs.fill(windows, lookahead, low_layers)
+        if static is not None and self.seen[shape] >= self.capture_after:
+            chunk = self.chunks[shape] = _Captured(flow, static, n_steps, self._pool)
+            outputs = chunk.run()
+        else:
             outputs = inputs.forward(flow, n_steps)
         return split_rows(outputs, windows, lookahead, low_layers, flow.up_rate)
