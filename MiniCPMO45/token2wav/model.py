@@ -315,8 +315,8 @@ class Token2Wav:
     def stream_windows(self, windows: Sequence[tuple[TurnState, Sequence[int], bool]]) -> list[np.ndarray]:
         """One window for each of several turns. With `use_graphs` the flow runs every non-empty window as
         one padded batch (at most 64 rows each); the plain path batches turns whose windows have the same
-        size, kind and cache shapes. The vocoder batches blocks of equal geometry. Each turn may appear
-        once. Returns the audio of each window, in order."""
+        size, kind and cache shapes. The vocoder runs one batch per block round. Each turn may appear once.
+        Returns the audio of each window, in order."""
         if len({id(state) for state, _, _ in windows}) != len(windows):
             raise ValueError("a turn can have only one window per call")
         vocab = self.flow.p.vocab_size

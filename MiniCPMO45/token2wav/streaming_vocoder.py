@@ -263,8 +263,8 @@ class StreamingVocoder:
     def stream_batch(
         self, states: list[VocoderState], mels: list[torch.Tensor], finals: list[bool]
     ) -> list[torch.Tensor]:
-        """`stream` for several independent streams; blocks whose F0 / decode inputs have equal geometry
-        run as one batch (the usual case for streams fed windows of the same size)."""
+        """`stream` for several independent streams: per 16-frame block round, one F0 batch and one decoder
+        batch over all streams (final flushes batch by length); see `_make_sources` and `_decode`."""
         if not len(states) == len(mels) == len(finals):
             raise ValueError("states, mels and finals must have the same length")
         if len({id(st) for st in states}) != len(states):
