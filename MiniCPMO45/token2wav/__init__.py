@@ -31,15 +31,21 @@ returned. `duplex_unit_audio` applies the duplex path's post-processing to one u
 trip, `pcm16_roundtrip`, and left padding of non-final units to 1 s).
 
 Many sessions per worker: `push_codes_batch([PushRequest(turn, codes, end_of_turn, flush), ...])` runs
-the turns' windows round by round; windows of equal size and cache shapes (sessions of one voice in steady
-state) share one flow batch, and the streaming vocoder batches blocks of equal geometry.
+the turns' windows round by round: each round takes every turn's next due window, or its last chunk once
+no window is due. With `use_graphs=True` a round's windows form one flow batch whatever their size, kind,
+voice and cache length; the plain path groups equal shapes. The streaming vocoder runs one F0 and one
+decoder batch per 16-frame block round (rows right-padded and cropped; final calls batch by length).
 
 Speed (inference only): `from_assets(..., fold_weights=True)` (default) stores the weight-normed convs'
-g * v / ||v|| once at load (`fold.py`). `use_graphs=True` (default None = off until measured) pads flow
-batches to buckets 1..64 (`flow_graphs.py`) and runs the causal HiFT's decoder network up to the ISTFT on
-padded batches (`padded_graphs.py`); on CUDA each shape seen twice is captured as a CUDA graph and replayed
-(flow captures stop at `model.flow_graphs.max_bytes`, 16 GiB by default: the estimator KV cache is ~0.3 GB
-per stream at real size). Same audio as the plain path; `bench/vocoder_gpu.py` times both.
+g * v / ||v|| once at load (`fold.py`). `use_graphs=True` (default None = off until measured) runs each
+round through `flow_graphs.py`: tokens padded to 4/8/16/25/28 output tokens, caches to the round's largest
+prompt + 100 frames (rounded to 16), padded keys masked per row, positions and noise offsets per row, rows
+padded to buckets 1..64; and the causal HiFT's decoder network up to the ISTFT on padded batches
+(`padded_graphs.py`). On CUDA each shape seen twice is captured as a CUDA graph and replayed; all graphs of
+one cache size share one set of static inputs sized for the largest bucket, within
+`model.flow_graphs.max_bytes` (16 GiB by default; ~0.28 GB per row at real size with a 300-frame prompt).
+Same audio as the plain path up to float rounding; `bench/vocoder_gpu.py` times both (`--mixed`: sessions
+at mixed points of their turns).
 
 Whole utterance (the official `__call__`; flow over [prompt ; tokens], then the original HiFT)::
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .conformer import right_padded_mask
 from .dit import DiT
 
 # 50 mel frames per second x 600 s, as in the official noise buffer.
@@ -138,6 +139,60 @@ class FlowSampler(nn.Module):
             new_conv.append(conv)
             new_kv.append(kv)
             x = x + dt * self._guided(v)
+            t = t + dt
+            if step < n_steps:
+                dt = grid[step + 1] - t
+        return x, torch.stack(new_conv, dim=0), torch.stack(new_kv, dim=0)
+
+    def sample_ragged(
+        self,
+        mu: torch.Tensor,
+        spks: torch.Tensor,
+        n_steps: int,
+        conv_cache: torch.Tensor,
+        kv_cache: torch.Tensor,
+        cached_frames: torch.Tensor,
+        valid_frames: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`sample_chunk` for B streams with caches of different lengths, padded to common shapes.
+
+        mu (B, 80, T): row b's first valid_frames[b] frames are real. The estimator rows are interleaved
+        (2b conditioned, 2b + 1 unconditioned): conv (steps, depth, 2B, 2*hidden, 2) and kv (steps, depth,
+        2B, heads, S, 2*head_dim) whose first cached_frames[b] slots are real. Each row reads its own noise
+        (offset = its cache length). Returns (mel (B, 80, T), new conv cache, this chunk's keys/values
+        (steps, depth, 2B, heads, T, 2*head_dim)).
+        """
+        batch, _, frames = mu.shape
+        positions = cached_frames[:, None] + torch.arange(frames, device=mu.device)
+        x = self.noise[0][:, positions].transpose(0, 1).to(dtype=mu.dtype)  # (B, 80, T)
+        grid = self.time_grid(n_steps, mu.dtype, mu.device)
+        mu2 = torch.stack([mu, torch.zeros_like(mu)], dim=1).flatten(0, 1)
+        spks2 = torch.stack([spks, torch.zeros_like(spks)], dim=1).flatten(0, 1)
+        cond2 = torch.zeros_like(mu2)
+        lengths2 = cached_frames.repeat_interleave(2)
+        valid2 = valid_frames.repeat_interleave(2)
+        key_mask = torch.cat(
+            [right_padded_mask(valid2, frames), right_padded_mask(lengths2, kv_cache.shape[4])], dim=1
+        )
+        t = grid[0:1]
+        dt = grid[1] - grid[0]
+        new_conv, new_kv = [], []
+        for step in range(1, n_steps + 1):
+            v, conv, kv = self.estimator.forward_ragged(
+                x.repeat_interleave(2, dim=0),
+                mu2,
+                t.repeat(2 * batch),
+                spks2,
+                cond2,
+                conv_cache[step - 1],
+                kv_cache[step - 1],
+                key_mask,
+                valid2,
+            )
+            new_conv.append(conv)
+            new_kv.append(kv)
+            v = v.view(batch, 2, *v.shape[1:])
+            x = x + dt * ((1.0 + self.cfg_rate) * v[:, 0] - self.cfg_rate * v[:, 1])
             t = t + dt
             if step < n_steps:
                 dt = grid[step + 1] - t

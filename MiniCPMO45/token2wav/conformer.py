@@ -78,19 +78,22 @@ class RelPositionSelfAttention(nn.Module):
         pos_table: torch.Tensor,
         cache: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
+        new_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (b, t, d); pos_table (1, 2*L-1, d) with L = cached + t; cache (b, h, cached, 2*d_k).
 
-        key_mask (b, L) bool, True for valid keys. Returns the output and the new cache (b, h, L, 2*d_k).
+        key_mask (b, L) bool, True for valid keys. Returns the output and the new cache (b, h, L, 2*d_k),
+        or with `new_only` just this chunk's keys and values (b, h, t, 2*d_k).
         """
         b, t, _ = x.shape
         q = self._split(self.linear_q(x))  # (b, t, h, d_k)
         k = self._split(self.linear_k(x)).transpose(1, 2)  # (b, h, t, d_k)
         v = self._split(self.linear_v(x)).transpose(1, 2)
+        chunk_kv = torch.cat([k, v], dim=-1) if new_only else None
         if cache is not None and cache.shape[2] > 0:
             k = torch.cat([cache[..., : self.d_k], k], dim=2)
             v = torch.cat([cache[..., self.d_k :], v], dim=2)
-        new_cache = torch.cat([k, v], dim=-1)
+        new_cache = chunk_kv if chunk_kv is not None else torch.cat([k, v], dim=-1)
         total = k.shape[2]
 
         p = (
@@ -143,8 +146,9 @@ class ConformerLayer(nn.Module):
         pos_table: torch.Tensor,
         cache: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
+        new_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        attended, new_cache = self.self_attn(self.norm_mha(x), pos_table, cache, key_mask)
+        attended, new_cache = self.self_attn(self.norm_mha(x), pos_table, cache, key_mask, new_only)
         x = x + attended
         x = x + self.feed_forward(self.norm_ff(x))
         return x, new_cache
@@ -177,6 +181,33 @@ class PreLookahead(nn.Module):
         h = self.conv2(h)
         return h.transpose(1, 2) + x[:, : x.shape[1] - self.lookahead], new_cache
 
+    def forward_ragged(
+        self, x: torch.Tensor, cache: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward_chunk` for padded rows: row b's outputs 0..valid[b]-1 are real (the rest padding), and
+        its new cache holds the last two conv1 outputs before that end."""
+        h = F.leaky_relu(self.conv1(x.transpose(1, 2)))
+        h = torch.cat([cache, h], dim=2)
+        new_cache = take_frames(h, valid, 2)
+        h = self.conv2(h)
+        return h.transpose(1, 2) + x[:, : x.shape[1] - self.lookahead], new_cache
+
+
+def take_frames(x: torch.Tensor, start: torch.Tensor, count: int) -> torch.Tensor:
+    """Frames start[b] .. start[b]+count-1 of each row of x (b, c, t) -> (b, c, count)."""
+    index = start[:, None, None] + torch.arange(count, device=x.device)
+    return torch.gather(x, 2, index.expand(x.shape[0], x.shape[1], count))
+
+
+def left_padded_mask(lengths: torch.Tensor, slots: int) -> torch.Tensor:
+    """(b, slots) bool: the last lengths[b] slots of each row are valid."""
+    return torch.arange(slots, device=lengths.device)[None, :] >= slots - lengths[:, None]
+
+
+def right_padded_mask(lengths: torch.Tensor, slots: int) -> torch.Tensor:
+    """(b, slots) bool: the first lengths[b] slots of each row are valid."""
+    return torch.arange(slots, device=lengths.device)[None, :] < lengths[:, None]
+
 
 class CausalUpsample(nn.Module):
     """Nearest-neighbour upsampling by `stride`, then a left-causal conv of kernel 2*stride+1."""
@@ -197,6 +228,13 @@ class CausalUpsample(nn.Module):
             cache = up.new_zeros(up.shape[0], up.shape[1], 2 * self.stride)
         up = torch.cat([cache, up], dim=2)
         return self.conv(up), up[..., -2 * self.stride :]
+
+    def forward_ragged(
+        self, x: torch.Tensor, cache: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded rows with valid[b] real input frames: the new cache ends at row b's last real frame."""
+        up = torch.cat([cache, torch.repeat_interleave(x, self.stride, dim=2)], dim=2)
+        return self.conv(up), take_frames(up, valid * self.stride, 2 * self.stride)
 
 
 class UpsampleConformerEncoder(nn.Module):
@@ -290,3 +328,57 @@ class UpsampleConformerEncoder(nn.Module):
         packed = torch.cat([low.repeat(1, 1, 1, self.up_rate, 1), torch.stack(high_caches, dim=0)], dim=0)
         new_cnn = torch.cat([new_lookahead_cache, new_upsample_cache], dim=2)
         return x, new_cnn, packed
+
+    def forward_ragged(
+        self,
+        xs: torch.Tensor,
+        n_tokens: torch.Tensor,
+        valid: torch.Tensor,
+        cnn_cache: torch.Tensor,
+        low_cache: torch.Tensor,
+        up_cache: torch.Tensor,
+        cached_frames: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward_chunk` for B streams at different points of their turns, padded to common shapes.
+
+        xs (B, U + lookahead, input_size): row b's first n_tokens[b] embeddings are real; the rest are
+        zeroed after the input layer, which is exactly the last chunk's zero look-ahead. valid[b] is the
+        number of real outputs (n - lookahead, or n on a last chunk), at most U.
+        low_cache (low layers, B, h, S, 2*d_k) and up_cache (up layers, B, h, 2*S, 2*d_k) hold each row's
+        cached keys left-padded (the last cached_frames[b] / 2 and cached_frames[b] slots are real), so
+        every real query/key pair keeps its relative distance; padded keys are masked out.
+
+        Returns (hidden (B, 2U, d), new cnn cache (B, d, 2 + 2*stride), this chunk's keys/values of the
+        low layers (low, B, h, U, 2*d_k) and of the up layers (up, B, h, 2U, 2*d_k)).
+        """
+        d = self.p.output_size
+        slots = xs.shape[1] - self.lookahead
+        x = self.embed(xs)
+        x = x * right_padded_mask(n_tokens, xs.shape[1]).unsqueeze(-1).to(x.dtype)
+        x, new_lookahead_cache = self.pre_lookahead_layer.forward_ragged(x, cnn_cache[:, :, :2], valid)
+
+        cached = low_cache.shape[3]
+        mask = torch.cat(
+            [left_padded_mask(cached_frames // 2, cached), right_padded_mask(valid, slots)], dim=1
+        )
+        table = relative_position_table(cached + slots, d, xs.device)
+        low = []
+        for idx, layer in enumerate(self.encoders):
+            x, new = layer(x, table, low_cache[idx], mask, new_only=True)
+            low.append(new)
+
+        x, new_upsample_cache = self.up_layer.forward_ragged(x.transpose(1, 2), cnn_cache[:, :, 2:], valid)
+        x = self.up_embed(x.transpose(1, 2))
+        cached = up_cache.shape[3]
+        frames = x.shape[1]
+        mask = torch.cat(
+            [left_padded_mask(cached_frames, cached), right_padded_mask(valid * self.up_rate, frames)], dim=1
+        )
+        table = relative_position_table(cached + frames, d, xs.device)
+        high = []
+        for idx, layer in enumerate(self.up_encoders):
+            x, new = layer(x, table, up_cache[idx], mask, new_only=True)
+            high.append(new)
+        x = self.after_norm(x)
+        new_cnn = torch.cat([new_lookahead_cache, new_upsample_cache], dim=2)
+        return x, new_cnn, torch.stack(low, dim=0), torch.stack(high, dim=0)

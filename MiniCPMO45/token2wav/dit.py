@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conformer import take_frames
 from .hparams import DiTParams
 
 TIME_SCALE = 1000.0
@@ -69,17 +70,24 @@ class QKNormAttention(nn.Module):
         return x.view(b, t, self.heads, self.head_dim).transpose(1, 2)
 
     def forward(
-        self, x: torch.Tensor, cache: torch.Tensor | None = None, key_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        cache: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        new_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (b, t, hidden); cache (b, h, t_cache, 2*head_dim); key_mask (b, t) bool for the no-cache path."""
+        """x (b, t, hidden); cache (b, h, t_cache, 2*head_dim); key_mask (b, t [+ t_cache]) bool, True for
+        valid keys (new keys first, then the cached ones). Returns the output and the new cache, or with
+        `new_only` just this chunk's keys and values (b, h, t, 2*head_dim)."""
         b, t, _ = x.shape
         q = self.q_norm(self._heads(self.to_q(x)))
         k = self.k_norm(self._heads(self.to_k(x)))
         v = self._heads(self.to_v(x))
+        chunk_kv = torch.cat([k, v], dim=3) if new_only else None
         if cache is not None:
             k = torch.cat([k, cache[..., : self.head_dim]], dim=2)
             v = torch.cat([v, cache[..., self.head_dim :]], dim=2)
-        new_cache = torch.cat([k, v], dim=3)
+        new_cache = chunk_kv if chunk_kv is not None else torch.cat([k, v], dim=3)
         mask = None if key_mask is None else key_mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(b, t, -1)), new_cache
@@ -104,23 +112,28 @@ class CausalConvBlock(nn.Module):
         )
 
     def _conv(
-        self, name: str, x: torch.Tensor, cache: torch.Tensor | None
+        self, name: str, x: torch.Tensor, cache: torch.Tensor | None, valid: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if cache is None:
             cache = x.new_zeros(x.shape[0], x.shape[1], self.context)
         x = torch.cat([cache, x], dim=2)
-        return self.block[name](x), x[..., x.shape[2] - self.context :]
+        if valid is None:
+            return self.block[name](x), x[..., x.shape[2] - self.context :]
+        return self.block[name](x), take_frames(x, valid, self.context)
 
     def forward(
-        self, x: torch.Tensor, cache: torch.Tensor | None = None
+        self, x: torch.Tensor, cache: torch.Tensor | None = None, valid: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (b, t, c); cache (b, 2c, k-1) holds both convs' left context. Returns (y, new cache)."""
+        """x (b, t, c); cache (b, 2c, k-1) holds both convs' left context. Returns (y, new cache).
+
+        valid (b,): row b's first valid[b] frames are real (the rest right padding); its new cache then
+        ends at its last real frame."""
         first = second = None
         if cache is not None:
             first, second = cache[:, : self.channels], cache[:, self.channels :]
-        h, new_first = self._conv("1", x.transpose(1, 2), first)
+        h, new_first = self._conv("1", x.transpose(1, 2), first, valid)
         h = F.mish(self.block["3"](h.transpose(1, 2)))
-        h, new_second = self._conv("6", h.transpose(1, 2), second)
+        h, new_second = self._conv("6", h.transpose(1, 2), second, valid)
         return h.transpose(1, 2), torch.cat([new_first, new_second], dim=1)
 
 
@@ -156,7 +169,10 @@ class DiTBlock(nn.Module):
         conv_cache: torch.Tensor | None = None,
         kv_cache: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """valid (b,) real frames per row (padded chunks): the attention then returns only this chunk's
+        keys/values and the conv cache ends at each row's last real frame."""
         (
             shift_attn,
             scale_attn,
@@ -168,9 +184,11 @@ class DiTBlock(nn.Module):
             scale_conv,
             gate_conv,
         ) = self.adaLN_modulation(c).chunk(9, dim=-1)
-        h, new_kv = self.attn(_modulate(self.norm1(x), shift_attn, scale_attn), kv_cache, key_mask)
+        h, new_kv = self.attn(
+            _modulate(self.norm1(x), shift_attn, scale_attn), kv_cache, key_mask, new_only=valid is not None
+        )
         x = x + gate_attn * h
-        h, new_conv = self.conv(_modulate(self.norm3(x), shift_conv, scale_conv), conv_cache)
+        h, new_conv = self.conv(_modulate(self.norm3(x), shift_conv, scale_conv), conv_cache, valid)
         x = x + gate_conv * h
         x = x + gate_mlp * self.mlp(_modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x, new_conv, new_kv
@@ -248,6 +266,33 @@ class DiT(nn.Module):
                 None if conv_cache is None else conv_cache[idx],
                 None if kv_cache is None else kv_cache[idx],
             )
+            new_conv.append(conv)
+            new_kv.append(kv)
+        out = self.final_layer(h, c).transpose(1, 2)
+        return out, torch.stack(new_conv, dim=0), torch.stack(new_kv, dim=0)
+
+    def forward_ragged(
+        self,
+        x: torch.Tensor,
+        mu: torch.Tensor,
+        t: torch.Tensor,
+        spks: torch.Tensor,
+        cond: torch.Tensor,
+        conv_cache: torch.Tensor,
+        kv_cache: torch.Tensor,
+        key_mask: torch.Tensor,
+        valid: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward_chunk` for padded rows: row b has valid[b] real frames (then padding) and its cache
+        keys padded; key_mask (b, T + t_cache) marks the real keys (this chunk's first, then the cache's).
+
+        Returns (out (b, 80, T), new conv cache (depth, b, 2*hidden, 2), this chunk's keys/values
+        (depth, b, heads, T, 2*head_dim)).
+        """
+        h, c = self._inputs(x, mu, t, spks, cond)
+        new_conv, new_kv = [], []
+        for idx, block in enumerate(self.blocks):
+            h, conv, kv = block(h, c, conv_cache[idx], kv_cache[idx], key_mask, valid)
             new_conv.append(conv)
             new_kv.append(kv)
         out = self.final_layer(h, c).transpose(1, 2)

@@ -1,27 +1,34 @@
-"""Static-shape streaming flow windows, optionally replayed as CUDA graphs.
+"""All due streaming flow windows of one round as one padded batch, optionally replayed as CUDA graphs.
 
-A window's work (conformer chunk + 5 Euler/CFG estimator steps) depends only on its shape: batch, window
-tokens, last-chunk flag and the cache shapes. Batches are padded to a bucket (1, 2, 4, ..., 64) so one
-shape serves several batch sizes; padding rows hold finite filler (stale rows in a graph's buffers, copies
-of stream 0 when eager) and their outputs are dropped. On CUDA (when enabled) a shape seen `capture_after`
-times is captured once (`StaticFlowChunk`: its own static input buffers) and then replayed; otherwise the
-same padded computation runs eagerly, which is what the CPU tests compare against the unpadded path.
-The estimator's KV cache is large (real size: ~0.3 GB per stream), so captures stop at a memory budget.
+Turns sit at different points (turn opening, steady, duplex flush, last chunk), so their windows differ in
+token count and their caches in length. `Flow.ragged_forward` runs them together: window tokens padded to
+`token_slots` (4, 8, 16, 25 or 28 output tokens), caches padded to a common number of slots (a multiple of 16 that
+holds prompt + history), padded keys masked out per row, positions and the ODE noise offset kept per row.
+The batch is padded to a bucket (1, 2, 4, ..., 64); padding rows hold finite filler and are dropped.
 
-Outputs of a replay live in the graph's memory and are overwritten by the next replay of any graph in the
-shared pool, so callers must copy out what they keep (`split_flow_cache` does).
+On CUDA (when enabled) a `ChunkShape` seen `capture_after` times is captured once and replayed. All graphs
+with the same cache slots read one set of static input buffers (`RaggedInputs`, sized for the largest
+bucket used so far), so memory does not grow with the number of shapes. Otherwise the same padded code runs
+eagerly, which is what the CPU tests compare with the per-turn plain path.
+
+Graph outputs live in the shared pool and are overwritten by the next replay: `split_rows` copies out
+what each turn keeps.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 import torch
 
-from .flow import Flow, FlowCache, stack_flow_caches
+from .flow import Flow, FlowCache
+from .host import device_tensor
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MAX_BUCKET = BATCH_BUCKETS[-1]
+TOKEN_SLOTS = (4, 8, 16, 25, 28)  # output tokens of a padded window (a non-final one emits <= 25)
+CACHE_GRANULE = 16  # cache slots are rounded up to a multiple of this (mel frames)
 
 
 def batch_bucket(n: int) -> int:
@@ -32,80 +39,216 @@ def batch_bucket(n: int) -> int:
     raise ValueError(f"a flow batch holds at most {MAX_BUCKET} windows, got {n}")
 
 
+def token_slots(outputs: int) -> int:
+    """Padded output tokens for a batch whose longest window emits `outputs` tokens."""
+    for slots in TOKEN_SLOTS:
+        if outputs <= slots:
+            return slots
+    return outputs
+
+
+def _round_up(n: int, granule: int) -> int:
+    return -(-n // granule) * granule
+
+
 @dataclass(frozen=True)
 class ChunkShape:
     bucket: int
-    tokens: int
-    last_chunk: bool
+    token_slots: int  # U: padded output tokens (2U mel frames)
+    cache_slots: int  # padded cache length in mel frames (conformer and estimator)
     n_steps: int
-    cache: tuple[tuple[int, ...], ...]  # one stream's `FlowCache.shape_key()`
 
 
-class StaticFlowChunk:
-    """Input buffers, and on CUDA a captured graph, for one `ChunkShape`."""
+@dataclass
+class WindowRow:
+    """One turn's window: its tokens (with look-ahead unless last), its cache and speaker vector (1, 192).
+    `capacity`: the most cache frames this turn can hold (prompt + history), which sizes the padding."""
 
-    def __init__(self, flow: Flow, shape: ChunkShape) -> None:
-        self.flow = flow
-        self.shape = shape
+    tokens: Sequence[int]
+    last_chunk: bool
+    cache: FlowCache
+    spk: torch.Tensor
+    capacity: int
+
+
+@dataclass(eq=False)
+class RaggedInputs:
+    """Padded inputs of `Flow.ragged_forward` for `rows` streams (estimator rows interleaved)."""
+
+    tokens: torch.Tensor  # (rows, U + lookahead) long
+    n_tokens: torch.Tensor  # (rows,) long: real tokens of each row
+    valid: torch.Tensor  # (rows,) long: real output tokens
+    spk: torch.Tensor  # (rows, 192)
+    cnn: torch.Tensor  # (rows, d, 2 + 2*stride)
+    low: torch.Tensor  # (low layers, rows, h, S/2, 2*d_k), left-padded
+    up: torch.Tensor  # (up layers, rows, h, S, 2*d_k), left-padded
+    conformer_frames: torch.Tensor  # (rows,) long
+    conv: torch.Tensor  # (steps, depth, 2*rows, 2*hidden, 2)
+    kv: torch.Tensor  # (steps, depth, 2*rows, heads, S, 2*head_dim), right-padded
+    estimator_frames: torch.Tensor  # (rows,) long
+
+    @staticmethod
+    def row_bytes(flow: Flow, token_width: int, slots: int, n_steps: int) -> int:
+        """Bytes of one row of `zeros(flow, rows, token_width, slots, n_steps)`."""
+        enc, dit = flow.p.encoder, flow.p.estimator
+        itemsize = flow.input_embedding.weight.element_size()
+        floats = (
+            flow.p.spk_embed_dim
+            + enc.output_size * (2 + 2 * enc.up_stride)
+            + (enc.num_blocks * slots // 2 + enc.num_up_blocks * slots) * 2 * enc.output_size
+            + n_steps * dit.depth * 2 * (4 * dit.hidden_size + dit.num_heads * slots * 2 * dit.head_dim)
+        )
+        return floats * itemsize + (token_width + 4) * 8
+
+    @classmethod
+    def zeros(cls, flow: Flow, rows: int, token_width: int, slots: int, n_steps: int) -> RaggedInputs:
         device = flow.input_embedding.weight.device
         dtype = flow.input_embedding.weight.dtype
-        rows = shape.bucket
-        cnn, att, conv, kv = shape.cache
-        if cnn[0] != 1 or att[1] != 1 or conv[2] != 2 or kv[2] != 2:
-            raise ValueError("cache shape key must be that of a single stream")
-        self.tokens = torch.zeros(rows, shape.tokens, dtype=torch.long, device=device)
-        self.spk = torch.zeros(rows, flow.p.spk_embed_dim, dtype=dtype, device=device)
-        self.cache = FlowCache(
-            torch.zeros(rows, *cnn[1:], dtype=dtype, device=device),
-            torch.zeros(att[0], rows, *att[2:], dtype=dtype, device=device),
-            torch.zeros(*conv[:2], 2 * rows, *conv[3:], dtype=dtype, device=device),
-            torch.zeros(*kv[:2], 2 * rows, *kv[3:], dtype=dtype, device=device),
+        enc, dit = flow.p.encoder, flow.p.estimator
+        d_k = enc.output_size // enc.attention_heads
+        stride = enc.up_stride
+
+        def zeros(*shape: int, kind: torch.dtype = dtype) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=kind, device=device)
+
+        return cls(
+            zeros(rows, token_width, kind=torch.long),
+            zeros(rows, kind=torch.long),
+            zeros(rows, kind=torch.long),
+            zeros(rows, flow.p.spk_embed_dim),
+            zeros(rows, enc.output_size, 2 + 2 * stride),
+            zeros(enc.num_blocks, rows, enc.attention_heads, slots // 2, 2 * d_k),
+            zeros(enc.num_up_blocks, rows, enc.attention_heads, slots, 2 * d_k),
+            zeros(rows, kind=torch.long),
+            zeros(n_steps, dit.depth, 2 * rows, 2 * dit.hidden_size, 2),
+            zeros(n_steps, dit.depth, 2 * rows, dit.num_heads, slots, 2 * dit.head_dim),
+            zeros(rows, kind=torch.long),
         )
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self._graph_out: tuple[torch.Tensor, FlowCache] | None = None
 
-    def load(self, tokens: torch.Tensor, spk: torch.Tensor, caches: list[FlowCache]) -> None:
-        """Copy n <= bucket streams into rows 0..n-1 (estimator rows i and bucket + i)."""
-        n, rows = len(caches), self.shape.bucket
-        self.tokens[:n].copy_(tokens)
-        self.spk[:n].copy_(spk)
-        c = self.cache
-        c.conformer_cnn[:n].copy_(torch.cat([x.conformer_cnn for x in caches], dim=0))
-        c.conformer_att[:, :n].copy_(torch.cat([x.conformer_att for x in caches], dim=1))
-        for name in ("estimator_conv", "estimator_kv"):
-            dest = getattr(c, name)
-            parts = [getattr(x, name) for x in caches]
-            dest[:, :, :n].copy_(torch.cat([p[:, :, :1] for p in parts], dim=2))
-            dest[:, :, rows : rows + n].copy_(torch.cat([p[:, :, 1:] for p in parts], dim=2))
+    @property
+    def rows(self) -> int:
+        return self.tokens.shape[0]
 
-    def _forward(self) -> tuple[torch.Tensor, FlowCache]:
-        s = self.shape
-        return self.flow.chunk_forward(self.tokens, self.spk, self.cache, s.last_chunk, s.n_steps)
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, f.name).nbytes for f in fields(self))
 
-    def capture(self, pool: object) -> None:
+    def view(self, rows: int, token_width: int, n_steps: int) -> RaggedInputs:
+        """The first `rows` streams (views: every batched dim is outermost or per step/layer)."""
+        return RaggedInputs(
+            self.tokens[:rows, :token_width],
+            self.n_tokens[:rows],
+            self.valid[:rows],
+            self.spk[:rows],
+            self.cnn[:rows],
+            self.low[:, :rows],
+            self.up[:, :rows],
+            self.conformer_frames[:rows],
+            self.conv[:n_steps, :, : 2 * rows],
+            self.kv[:n_steps, :, : 2 * rows],
+            self.estimator_frames[:rows],
+        )
+
+    def fill(self, windows: Sequence[WindowRow], lookahead: int, low_layers: int) -> None:
+        """Copy the windows into rows 0..n-1; rows n.. become padding (1 real token, empty caches)."""
+        rows, width = self.rows, self.tokens.shape[1]
+        n = len(windows)
+        token_rows = [list(w.tokens) + [0] * (width - len(w.tokens)) for w in windows]
+        token_rows += [[0] * width] * (rows - n)
+        lengths = [
+            [len(w.tokens) for w in windows] + [width] * (rows - n),
+            [len(w.tokens) - (0 if w.last_chunk else lookahead) for w in windows] + [1] * (rows - n),
+            [w.cache.conformer_att.shape[3] for w in windows] + [0] * (rows - n),
+            [w.cache.estimator_kv.shape[4] for w in windows] + [0] * (rows - n),
+        ]
+        device = self.tokens.device
+        self.tokens.copy_(device_tensor(token_rows, torch.long, device))
+        host = device_tensor(lengths, torch.long, device)
+        for dest, src in zip(
+            (self.n_tokens, self.valid, self.conformer_frames, self.estimator_frames), host, strict=True
+        ):
+            dest.copy_(src)
+        self.spk[:n].copy_(torch.cat([w.spk for w in windows], dim=0))
+        self.cnn[:n].copy_(torch.cat([w.cache.conformer_cnn for w in windows], dim=0))
+        half_slots = self.low.shape[3]
+        for b, w in enumerate(windows):
+            att = w.cache.conformer_att
+            frames = att.shape[3]
+            self.low[:, b, :, half_slots - frames // 2 :].copy_(att[:low_layers, 0, :, : frames // 2])
+            self.up[:, b, :, self.up.shape[3] - frames :].copy_(att[low_layers:, 0])
+            self.conv[:, :, 2 * b : 2 * b + 2].copy_(w.cache.estimator_conv)
+            kv = w.cache.estimator_kv
+            self.kv[:, :, 2 * b : 2 * b + 2, :, : kv.shape[4]].copy_(kv)
+
+    def forward(self, flow: Flow, n_steps: int) -> tuple[torch.Tensor, ...]:
+        return flow.ragged_forward(
+            self.tokens,
+            self.n_tokens,
+            self.valid,
+            self.spk,
+            self.cnn,
+            self.low,
+            self.up,
+            self.conformer_frames,
+            self.conv,
+            self.kv,
+            self.estimator_frames,
+            n_steps,
+        )
+
+
+def split_rows(
+    outputs: tuple[torch.Tensor, ...],
+    windows: Sequence[WindowRow],
+    lookahead: int,
+    low_layers: int,
+    up_rate: int,
+) -> list[tuple[torch.Tensor, FlowCache]]:
+    """Each window's (mel (1, 80, frames), new untrimmed cache) as fresh tensors: the chunk's real keys
+    joined to the turn's old cache exactly as `UpsampleConformerEncoder.forward_chunk` and the DiT do."""
+    mel, cnn, new_low, new_up, conv, new_kv = outputs
+    out = []
+    for b, w in enumerate(windows):
+        tokens = len(w.tokens) - (0 if w.last_chunk else lookahead)
+        frames = tokens * up_rate
+        old = w.cache
+        half = old.conformer_att.shape[3] // 2
+        low = torch.cat(
+            [old.conformer_att[:low_layers, :, :, :half], new_low[:, b : b + 1, :, :tokens]], dim=3
+        )
+        up = torch.cat([old.conformer_att[low_layers:], new_up[:, b : b + 1, :, :frames]], dim=3)
+        cache = FlowCache(
+            cnn[b : b + 1].clone(),
+            torch.cat([low.repeat(1, 1, 1, up_rate, 1), up], dim=0),
+            conv[:, :, 2 * b : 2 * b + 2].clone(),
+            torch.cat([new_kv[:, :, 2 * b : 2 * b + 2, :, :frames], old.estimator_kv], dim=4),
+        )
+        out.append((mel[b : b + 1, :, :frames].clone(), cache))
+    return out
+
+
+class _Captured:
+    def __init__(self, flow: Flow, inputs: RaggedInputs, n_steps: int, pool: object) -> None:
+        self.inputs = inputs
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._forward()
+                inputs.forward(flow, n_steps)
         torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-            out = self._forward()
-        self.graph, self._graph_out = graph, out
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+            self.outputs = inputs.forward(flow, n_steps)
 
-    def run(self) -> tuple[torch.Tensor, FlowCache]:
-        """(mel (bucket, 80, frames), batched cache of `bucket` streams) of the loaded inputs."""
-        if self.graph is not None and self._graph_out is not None:
-            self.graph.replay()
-            return self._graph_out
-        return self._forward()
+    def run(self) -> tuple[torch.Tensor, ...]:
+        self.graph.replay()
+        return self.outputs
 
 
 class FlowGraphs:
-    """Padded flow windows for one flow. With `graphs` (and the flow on CUDA) a shape seen `capture_after`
-    times is captured, while the estimated memory of captured shapes (static inputs + graph outputs,
-    both the size of a batched cache) stays under `max_bytes`; other shapes run the padded code eagerly."""
+    """Padded flow rounds for one flow. With `graphs` (and the flow on CUDA) a shape seen `capture_after`
+    times is captured, while the static buffers (one set per cache size, grown to the largest bucket)
+    stay under `max_bytes`; other shapes run the padded code eagerly. `calls` counts flow batches run."""
 
     def __init__(self, flow: Flow, graphs: bool, capture_after: int = 2, max_bytes: int = 16 * 2**30) -> None:
         if capture_after < 1:
@@ -114,56 +257,75 @@ class FlowGraphs:
         self.graphs = graphs and flow.input_embedding.weight.is_cuda
         self.capture_after = capture_after
         self.max_bytes = max_bytes
-        self.bytes_used = 0
         self.seen: dict[ChunkShape, int] = {}
-        self.chunks: dict[ChunkShape, StaticFlowChunk] = {}
+        self.chunks: dict[ChunkShape, _Captured] = {}
+        self.buffers: dict[int, RaggedInputs] = {}  # per cache_slots
+        self.calls = 0
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
 
-    def _estimate_bytes(self, shape: ChunkShape) -> int:
-        itemsize = self.flow.input_embedding.weight.element_size()
-        per_stream = 0
-        for dims in shape.cache:
-            n = 1
-            for d in dims:
-                n *= d
-            per_stream += n
-        return 2 * per_stream * shape.bucket * itemsize
+    @property
+    def bytes_used(self) -> int:
+        return sum(b.nbytes for b in self.buffers.values())
 
-    def _captured(self, shape: ChunkShape) -> StaticFlowChunk | None:
-        chunk = self.chunks.get(shape)
-        if chunk is not None or not self.graphs:
-            return chunk
-        if self.seen[shape] < self.capture_after:
-            return None
-        need = self._estimate_bytes(shape)
-        if self.bytes_used + need > self.max_bytes:
-            return None
-        chunk = StaticFlowChunk(self.flow, shape)
-        chunk.capture(self._pool)
-        self.chunks[shape] = chunk
-        self.bytes_used += need
-        return chunk
+    def shape_of(self, windows: Sequence[WindowRow], n_steps: int) -> ChunkShape:
+        lookahead = self.flow.lookahead
+        outputs = max(len(w.tokens) - (0 if w.last_chunk else lookahead) for w in windows)
+        longest = max(
+            max(w.capacity, w.cache.conformer_att.shape[3], w.cache.estimator_kv.shape[4]) for w in windows
+        )
+        return ChunkShape(
+            batch_bucket(len(windows)), token_slots(outputs), _round_up(longest, CACHE_GRANULE), n_steps
+        )
 
-    def run(
-        self, tokens: torch.Tensor, spk: torch.Tensor, caches: list[FlowCache], last_chunk: bool, n_steps: int
-    ) -> tuple[torch.Tensor, FlowCache, int]:
-        """One padded window for n <= 64 streams of equal shapes (tokens (n, t) valid ids, spk (n, 192)).
+    def _static_inputs(self, shape: ChunkShape) -> RaggedInputs | None:
+        """Views of the shared static buffers for `shape`, growing them if needed (None: over budget)."""
+        width = shape.token_slots + self.flow.lookahead
+        have = self.buffers.get(shape.cache_slots)
+        if (
+            have is None
+            or have.rows < shape.bucket
+            or have.tokens.shape[1] < width
+            or have.conv.shape[0] < shape.n_steps
+        ):
+            rows = max(shape.bucket, 0 if have is None else have.rows)
+            wide = max(width, 0 if have is None else have.tokens.shape[1])
+            steps = max(shape.n_steps, 0 if have is None else have.conv.shape[0])
+            need = RaggedInputs.row_bytes(self.flow, wide, shape.cache_slots, steps) * rows
+            if self.bytes_used - (0 if have is None else have.nbytes) + need > self.max_bytes:
+                return None
+            for old in [s for s in self.chunks if s.cache_slots == shape.cache_slots]:
+                del self.chunks[old]  # captured on the old buffers
+            self.buffers.pop(shape.cache_slots, None)
+            have = self.buffers[shape.cache_slots] = RaggedInputs.zeros(
+                self.flow, rows, wide, shape.cache_slots, steps
+            )
+        return have.view(shape.bucket, width, shape.n_steps)
 
-        Returns (mel, batched cache, bucket): rows 0..n-1 are the streams', the rest padding. The tensors
-        may be graph-owned: copy out what must outlive the next call.
-        """
-        n = len(caches)
-        shape = ChunkShape(batch_bucket(n), tokens.shape[1], last_chunk, n_steps, caches[0].shape_key())
+    def run(self, windows: Sequence[WindowRow], n_steps: int) -> list[tuple[torch.Tensor, FlowCache]]:
+        """One padded batch for 1..64 windows (tokens valid ids; non-final windows longer than the
+        look-ahead; caches of any lengths). Returns each window's (mel, new untrimmed cache), owned."""
+        flow = self.flow
+        shape = self.shape_of(windows, n_steps)
         self.seen[shape] = self.seen.get(shape, 0) + 1
-        chunk = self._captured(shape)
+        self.calls += 1
+        lookahead, low_layers = flow.lookahead, len(flow.encoder.encoders)
+        chunk = self.chunks.get(shape)
         if chunk is not None:
-            chunk.load(tokens, spk, caches)
-            mel, cache = chunk.run()
-            return mel, cache, shape.bucket
-        pad = shape.bucket - n
-        if pad:  # padding rows repeat stream 0 (finite values; their outputs are dropped)
-            caches = caches + [caches[0]] * pad
-            tokens = torch.cat([tokens, tokens[:1].expand(pad, -1)], dim=0)
-            spk = torch.cat([spk, spk[:1].expand(pad, -1)], dim=0)
-        mel, cache = self.flow.chunk_forward(tokens, spk, stack_flow_caches(caches), last_chunk, n_steps)
-        return mel, cache, shape.bucket
+            chunk.inputs.fill(windows, lookahead, low_layers)
+            outputs = chunk.run()
+            return split_rows(outputs, windows, lookahead, low_layers, flow.up_rate)
+        # Not captured yet: with graphs on, fill the shared static buffers (no transient batch-sized
+        # copy) and capture once the shape has been seen often enough; fresh zeros otherwise.
+        static = self._static_inputs(shape) if self.graphs else None
+        inputs = static
+        if inputs is None:
+            inputs = RaggedInputs.zeros(
+                flow, shape.bucket, shape.token_slots + lookahead, shape.cache_slots, n_steps
+            )
+        inputs.fill(windows, lookahead, low_layers)
+        if static is not None and self.seen[shape] >= self.capture_after:
+            chunk = self.chunks[shape] = _Captured(flow, static, n_steps, self._pool)
+            outputs = chunk.run()
+        else:
+            outputs = inputs.forward(flow, n_steps)
+        return split_rows(outputs, windows, lookahead, low_layers, flow.up_rate)

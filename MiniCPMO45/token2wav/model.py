@@ -21,12 +21,11 @@ from .crossfade_vocoder import CrossfadeState, CrossfadeVocoder
 from .flow import (
     Flow,
     FlowCache,
-    split_flow_cache,
     stack_flow_caches,
     trim_flow_cache,
     unstack_flow_cache,
 )
-from .flow_graphs import MAX_BUCKET, FlowGraphs
+from .flow_graphs import MAX_BUCKET, FlowGraphs, WindowRow
 from .fold import fold_weight_norms
 from .hift import HiFTGenerator, SourceNoise
 from .host import device_tensor
@@ -157,9 +156,11 @@ class Token2Wav:
         n_timesteps: int = 5,
         use_graphs: bool | None = None,
     ) -> None:
-        """use_graphs: True runs the flow windows through `flow_graphs` and the causal HiFT's decoder
-        network through `padded_graphs` (batch padded to buckets, CUDA graphs per shape when on CUDA; the
-        same padded code eagerly elsewhere). None (the default for now) and False keep the plain path."""
+        """use_graphs: True runs all due flow windows of a round as one padded batch through `flow_graphs`
+        (any window size, last-chunk flag, voice and cache length; CUDA graphs per padded shape when on
+        CUDA, the same padded code eagerly elsewhere) and the causal HiFT's decoder network through
+        `padded_graphs`. None (the default for now) and False keep the plain path, which batches only
+        windows of equal shapes (kept for comparison). `flow_batches` counts flow batches run."""
         if n_timesteps <= 0:
             raise ValueError("n_timesteps must be positive")
         self.flow = flow
@@ -169,6 +170,7 @@ class Token2Wav:
         self.n_timesteps = n_timesteps
         self.sample_rate = SAMPLE_RATE
         self.flow_graphs = FlowGraphs(flow, graphs=torch.cuda.is_available()) if use_graphs else None
+        self.flow_batches = 0  # flow forward calls run so far (one per batch), for tests and benchmarks
         if use_graphs and isinstance(streaming, StreamingVocoder):
             streaming.use_padded_decode(graphs=torch.cuda.is_available())
 
@@ -311,9 +313,10 @@ class Token2Wav:
 
     @torch.inference_mode()
     def stream_windows(self, windows: Sequence[tuple[TurnState, Sequence[int], bool]]) -> list[np.ndarray]:
-        """One window for each of several turns. The flow runs batched over turns whose windows have the same
-        size, kind and cache shapes (typically: sessions of one voice in steady state), the vocoder over
-        blocks of equal geometry. Each turn may appear once. Returns the audio of each window, in order."""
+        """One window for each of several turns. With `use_graphs` the flow runs every non-empty window as
+        one padded batch (at most 64 rows each); the plain path batches turns whose windows have the same
+        size, kind and cache shapes. The vocoder runs one batch per block round. Each turn may appear once.
+        Returns the audio of each window, in order."""
         if len({id(state) for state, _, _ in windows}) != len(windows):
             raise ValueError("a turn can have only one window per call")
         vocab = self.flow.p.vocab_size
@@ -359,7 +362,7 @@ class Token2Wav:
     def _flow_groups(
         windows: Sequence[tuple[TurnState, Sequence[int], bool]],
     ) -> dict[tuple[int, bool, int, tuple[tuple[int, ...], ...]], list[int]]:
-        """Windows that can share a flow batch: equal size, kind, prompt length and cache shapes."""
+        """Plain path: windows that can share a flow batch (equal size, kind, prompt length, cache shapes)."""
         groups: dict[tuple[int, bool, int, tuple[tuple[int, ...], ...]], list[int]] = {}
         for i, (state, tokens, last_chunk) in enumerate(windows):
             if len(tokens):
@@ -379,6 +382,7 @@ class Token2Wav:
             ids = device_tensor([token_lists[i] for i in members], torch.long, self.device)
             spk = torch.cat([st.prompt.spk_embedding for st in states], dim=0)
             batched = stack_flow_caches([st.flow_cache for st in states])
+            self.flow_batches += 1
             mel, new = self.flow.chunk_forward(ids, spk, batched, last_chunk, self.n_timesteps)
             caches = unstack_flow_cache(new, len(members))
             for row, (i, st, cache) in enumerate(zip(members, states, caches, strict=True)):
@@ -391,27 +395,35 @@ class Token2Wav:
         token_lists: list[list[int]],
         mels: list[torch.Tensor | None],
     ) -> None:
-        """The flow part of `stream_windows` through `flow_graphs`: groups of equal shapes, in pieces of at
-        most 64, padded to a batch bucket. Fills `mels` and each turn's (trimmed, owned) flow cache."""
+        """The flow part of `stream_windows` through `flow_graphs`: every non-empty window in one padded
+        batch (pieces of at most 64), whatever its size, kind and cache length. Fills `mels` and each
+        turn's (trimmed, owned) flow cache."""
         assert self.flow_graphs is not None
-        groups = self._flow_groups(windows)
         low_layers = len(self.flow.encoder.encoders)
-        for (_, last_chunk, prompt_frames, _), members in groups.items():
-            for begin in range(0, len(members), MAX_BUCKET):
-                part = members[begin : begin + MAX_BUCKET]
-                states = [windows[i][0] for i in part]
-                ids = device_tensor([token_lists[i] for i in part], torch.long, self.device)
-                spk = torch.cat([st.prompt.spk_embedding for st in states], dim=0)
-                mel, cache, bucket = self.flow_graphs.run(
-                    ids, spk, [st.flow_cache for st in states], last_chunk, self.n_timesteps
+        due = [i for i, tokens in enumerate(token_lists) if tokens]
+        for begin in range(0, len(due), MAX_BUCKET):
+            part = due[begin : begin + MAX_BUCKET]
+            rows = []
+            for i in part:
+                state, _, last_chunk = windows[i]
+                prompt = state.prompt
+                rows.append(
+                    WindowRow(
+                        token_lists[i],
+                        last_chunk,
+                        state.flow_cache,
+                        prompt.spk_embedding,
+                        prompt.prompt_frames + HISTORY_FRAMES,
+                    )
                 )
-                mel = mel[: len(part)].clone()
-                trimmed = trim_flow_cache(cache, prompt_frames, HISTORY_FRAMES, low_layers)
-                for row, (i, st, new) in enumerate(
-                    zip(part, states, split_flow_cache(trimmed, len(part), bucket), strict=True)
-                ):
-                    st.flow_cache = new
-                    mels[i] = mel[row : row + 1]
+            self.flow_batches += 1
+            results = self.flow_graphs.run(rows, self.n_timesteps)
+            for i, (mel, cache) in zip(part, results, strict=True):
+                state = windows[i][0]
+                state.flow_cache = trim_flow_cache(
+                    cache, state.prompt.prompt_frames, HISTORY_FRAMES, low_layers
+                )
+                mels[i] = mel
 
     def _take_codes(self, state: TurnState, codes: Sequence[int]) -> None:
         if state.finished:
@@ -462,30 +474,31 @@ class Token2Wav:
 
     def push_codes_batch(self, requests: Sequence[PushRequest]) -> list[list[np.ndarray]]:
         """`push_codes` for several turns at once, running their windows round by round through
-        `stream_windows` (so equal-shaped windows share one flow batch). Same audio as one call per turn."""
+        `stream_windows`: each round takes every turn's next due window, or its last chunk once no window
+        is due and the request ends the turn. Same audio as one call per turn."""
         if len({id(r.state) for r in requests}) != len(requests):
             raise ValueError("a turn can appear only once per batch")
         for r in requests:
             self._take_codes(r.state, r.codes)
         results: list[list[np.ndarray]] = [[] for _ in requests]
+        closed: set[int] = set()
         while True:
-            due = [(i, self._next_window(r.state, r.flush)) for i, r in enumerate(requests)]
-            due = [(i, w) for i, w in due if w is not None]
-            if not due:
-                break
-            batch = [(requests[i].state, requests[i].state.buffer[: w[0]], False) for i, w in due]
-            for (i, w), wav in zip(due, self.stream_windows(batch), strict=True):
-                del requests[i].state.buffer[: w[1]]
+            batch: list[tuple[TurnState, Sequence[int], bool]] = []
+            advance: list[tuple[int, int | None]] = []
+            for i, r in enumerate(requests):
+                window = self._next_window(r.state, r.flush)
+                if window is not None:
+                    batch.append((r.state, r.state.buffer[: window[0]], False))
+                    advance.append((i, window[1]))
+                elif r.end_of_turn and i not in closed:
+                    rest, r.state.buffer = r.state.buffer, []
+                    batch.append((r.state, rest, True))
+                    advance.append((i, None))
+                    closed.add(i)
+            if not batch:
+                return results
+            for (i, drop), wav in zip(advance, self.stream_windows(batch), strict=True):
+                if drop is not None:
+                    del requests[i].state.buffer[:drop]
                 if wav.size:
                     results[i].append(wav)
-        finals = [i for i, r in enumerate(requests) if r.end_of_turn]
-        if finals:
-            batch = []
-            for i in finals:
-                state = requests[i].state
-                rest, state.buffer = state.buffer, []
-                batch.append((state, rest, True))
-            for i, wav in zip(finals, self.stream_windows(batch), strict=True):
-                if wav.size:
-                    results[i].append(wav)
-        return results

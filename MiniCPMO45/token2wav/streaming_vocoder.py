@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
 from .causal_hift import CausalF0Predictor, CausalHiFTGenerator
 from .fold import fold_weight_norms, has_parametrizations
@@ -124,20 +125,20 @@ class StreamingVocoder:
         )
 
     def _excitation(
-        self, states: list[VocoderState], f0: torch.Tensor, first_frames: list[int]
+        self, states: list[VocoderState], f0: torch.Tensor, first_frames: list[int], lengths: list[int]
     ) -> torch.Tensor:
         """F0 (B, n) of frames starting at absolute `first_frames[b]` -> excitation (B, 1, n*hop).
 
-        Advances each state's float64 phase.
+        Row b's first lengths[b] frames are real (the rest padding, whose output is junk). Advances each
+        state's float64 phase to the end of its real frames.
         """
         p = self.model.p
         multiples = torch.arange(1, self.model.harmonics + 1, dtype=f0.dtype, device=f0.device)
         per_sample = (f0[:, :, None] * multiples / p.sampling_rate).remainder(1)
         phase = torch.cat([st.phase for st in states], dim=0)
         cycles = per_sample.double().cumsum(dim=1) * self.hop + phase
-        end_phase = cycles[:, -1:].remainder(1)
-        for b, st in enumerate(states):
-            st.phase = end_phase[b : b + 1].clone()
+        for b, (st, n) in enumerate(zip(states, lengths, strict=True)):
+            st.phase = cycles[b : b + 1, n - 1 : n].remainder(1)
         sine = torch.sin(cycles.remainder(1) * (2 * math.pi)).to(f0)
         sine = sine.repeat_interleave(self.hop, dim=1)
         voiced = (f0[:, :, None] > p.nsf_voiced_threshold).to(f0).repeat_interleave(self.hop, dim=1)
@@ -150,52 +151,87 @@ class StreamingVocoder:
         return self.model.m_source(excitation).transpose(1, 2)
 
     def _make_sources(self, states: list[VocoderState], final: bool) -> None:
-        """Extend each state's excitation to every frame whose F0 context is complete."""
-        groups: dict[tuple[int, int], list[VocoderState]] = {}
+        """Extend each state's excitation to every frame whose F0 context is complete.
+
+        All rows run as one F0 batch: each row's mel is left-aligned and right-padded with zeros, and the
+        predictor runs with a zero future. Its look-ahead conv then sees a row's own frames for every output
+        a non-final call keeps (and zeros past a final row's end, as a final call does); the later convs
+        only look back. The excitation runs per 16-frame block over the rows that still have frames."""
+        todo = []  # (state, mel frames, first real F0 output, new frames)
         for st in states:
             received = st.mel_start + st.mel.shape[2]
             ready = received if final else max(0, received - self.f0_right)
             if ready > st.source_end:
                 start = max(0, st.source_end - self.f0_left)
-                groups.setdefault((received - start, st.source_end - start), []).append(st)
-        for (length, skip), members in groups.items():
-            feats = torch.cat([st.mel[:, :, st.mel.shape[2] - length :] for st in members], dim=0)
-            f0 = self.f0_model(feats.double(), final=final).to(feats)[:, skip:]
-            pieces: list[list[torch.Tensor]] = [[st.source] for st in members]
-            for block in f0.split(self.block_frames, dim=1):
-                excitation = self._excitation(members, block, [st.source_end for st in members])
-                for b, st in enumerate(members):
-                    pieces[b].append(excitation[b : b + 1])
-                    st.source_end += block.shape[1]
-            for st, parts in zip(members, pieces, strict=True):
-                st.source = torch.cat(parts, dim=2)
+                todo.append((st, received - start, st.source_end - start, ready - st.source_end))
+        if not todo:
+            return
+        todo.sort(key=lambda row: -row[3])  # rows still producing frames in a block are then a prefix
+        width = max(length for _, length, _, _ in todo)
+        feats = torch.cat(
+            [
+                F.pad(st.mel[:, :, st.mel.shape[2] - length :], (0, width - length))
+                for st, length, _, _ in todo
+            ]
+        )
+        f0_all = self.f0_model(feats.double(), final=True).to(feats)
+        longest = max(count for _, _, _, count in todo)
+        f0 = torch.cat(
+            [
+                F.pad(f0_all[b : b + 1, skip : skip + count], (0, longest - count))
+                for b, (_, _, skip, count) in enumerate(todo)
+            ]
+        )
+        pieces: list[list[torch.Tensor]] = [[st.source] for st, _, _, _ in todo]
+        for begin in range(0, longest, self.block_frames):
+            rows = range(sum(1 for _, _, _, count in todo if count > begin))
+            members = [todo[b][0] for b in rows]
+            lengths = [min(self.block_frames, todo[b][3] - begin) for b in rows]
+            block = f0[: len(rows), begin : begin + max(lengths)]
+            excitation = self._excitation(members, block, [st.source_end for st in members], lengths)
+            for k, (b, st, n) in enumerate(zip(rows, members, lengths, strict=True)):
+                pieces[b].append(excitation[k : k + 1, :, : n * self.hop])
+                st.source_end += n
+        for (st, _, _, _), parts in zip(todo, pieces, strict=True):
+            st.source = torch.cat(parts, dim=2)
 
     def _decode(self, states: list[VocoderState], final: bool) -> list[torch.Tensor]:
-        """Audio of every frame whose conv_pre look-ahead (+1 ISTFT frame) is complete, per state."""
+        """Audio of every frame whose conv_pre look-ahead (+1 ISTFT frame) is complete, per state.
+
+        Non-final calls run as one batch whatever each row's history: rows are left-aligned and right-padded
+        with zeros (to a multiple of 8 frames). Every sample a row keeps depends only on its own frames:
+        conv_pre looks 4 frames ahead and those are the row's look-ahead, the later layers look back, the
+        source STFT frames near the padding fall in the cut look-ahead and the ISTFT frames near it in the
+        held-back frame. A final call keeps everything up to the row's end, so finals batch by length."""
         hop = self.hop
         out = [st.mel.new_zeros(1, 0) for st in states]
-        groups: dict[tuple[int, int], list[int]] = {}
+        todo = []  # (index, mel frames, first kept frame)
         for i, st in enumerate(states):
             ready = st.source_end if final else max(0, st.source_end - self.decoder_right)
             if ready > st.emitted:
                 start = max(0, st.emitted - self.history)
-                groups.setdefault((st.source_end - start, st.emitted - start), []).append(i)
-        for (length, skip), members in groups.items():
+                todo.append((i, st.source_end - start, st.emitted - start))
+        groups: dict[int, list[tuple[int, int, int]]] = {}
+        for row in todo:
+            width = row[1] if final else -(-max(r[1] for r in todo) // 8) * 8
+            groups.setdefault(width, []).append(row)
+        for width, members in groups.items():
             feats, sources = [], []
-            for i in members:
+            for i, length, _ in members:
                 st = states[i]
                 end = st.source_end - st.mel_start
-                feats.append(st.mel[:, :, end - length : end])
-                sources.append(st.source[:, :, st.source.shape[2] - length * hop :])
-            speech = self._run_decoder(torch.cat(feats, dim=0), torch.cat(sources, dim=0), final)[
-                :, skip * hop :
-            ]
-            for row, i in enumerate(members):
+                feats.append(F.pad(st.mel[:, :, end - length : end], (0, width - length)))
+                source = st.source[:, :, st.source.shape[2] - length * hop :]
+                sources.append(F.pad(source, (0, (width - length) * hop)))
+            speech = self._run_decoder(torch.cat(feats, dim=0), torch.cat(sources, dim=0), final)
+            for row, (i, length, skip) in enumerate(members):
                 st = states[i]
                 ready = st.source_end if final else st.source_end - self.decoder_right
-                if speech.shape[1] != (ready - st.emitted) * hop:
+                kept = length if final else length - self.decoder_right
+                piece = speech[row : row + 1, skip * hop : kept * hop]
+                if piece.shape[1] != (ready - st.emitted) * hop:
                     raise RuntimeError("streaming vocoder produced an unexpected number of samples")
-                out[i] = speech[row : row + 1]
+                out[i] = piece
                 st.emitted = ready
         return out
 
@@ -227,8 +263,8 @@ class StreamingVocoder:
     def stream_batch(
         self, states: list[VocoderState], mels: list[torch.Tensor], finals: list[bool]
     ) -> list[torch.Tensor]:
-        """`stream` for several independent streams; blocks whose F0 / decode inputs have equal geometry
-        run as one batch (the usual case for streams fed windows of the same size)."""
+        """`stream` for several independent streams: per 16-frame block round, one F0 batch and one decoder
+        batch over all streams (final flushes batch by length); see `_make_sources` and `_decode`."""
         if not len(states) == len(mels) == len(finals):
             raise ValueError("states, mels and finals must have the same length")
         if len({id(st) for st in states}) != len(states):
