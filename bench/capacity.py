@@ -295,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-graphs", action="store_true", help="eager static steps (comparison)")
     ap.add_argument("--vocoder-graphs", action="store_true", help="token2wav windows as CUDA graphs")
     ap.add_argument("--vocoder-graph-gib", type=float, default=16.0, help="memory budget of those graphs")
+    ap.add_argument("--vocoder-dtype", default="float16", choices=("float32", "float16"), help="flow dtype")
     ap.add_argument(
         "--reserve-gib", type=float, default=6.0, help="GPU memory kept free when sizing the KV cache"
     )
@@ -327,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "graphs": not args.no_graphs and device.type == "cuda",
         "vocoder": not args.no_vocoder,
+        "vocoder_dtype": args.vocoder_dtype,
     }
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
@@ -387,7 +389,11 @@ def main(argv: list[str] | None = None) -> int:
         scratch / "token2wav-assets", size="tiny" if args.tiny else "real", with_onnx=False
     )
     vocoder = Token2Wav.from_assets(
-        assets, n_timesteps=5, device=device, use_graphs=args.vocoder_graphs and device.type == "cuda"
+        assets,
+        n_timesteps=5,
+        device=device,
+        use_graphs=args.vocoder_graphs and device.type == "cuda",
+        flow_dtype=getattr(torch, args.vocoder_dtype) if device.type == "cuda" else torch.float32,
     )
     if vocoder.flow_graphs is not None:
         vocoder.flow_graphs.max_bytes = int(args.vocoder_graph_gib * 2**30)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -38,6 +38,8 @@ class ModelSettings(_Strict):
     cache_dir: str = ".cache/embedded"  # where the embedded default model is built (relative: to the repo)
     max_kv_tokens: int = Field(8192, ge=512)  # KV positions per session; the context window slides past it
     default_voice: str = ""  # WAV file of the default reference voice; empty: a built-in synthetic voice
+    # the vocoder's flow on a GPU: float16 halves its weights and per-turn caches (an official option too)
+    vocoder_dtype: Literal["float32", "float16"] = "float16"
 
 
 class SessionSettings(_Strict):

@@ -37,8 +37,9 @@ def timestep_features(
     `freqs` (dim/2,) is `timestep_frequencies(dim, max_period)` already on t's device (no host copy)."""
     if freqs is None:
         freqs = timestep_frequencies(dim, max_period)
-    args = t[:, None] * freqs.to(t)[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    # float32 whatever t's dtype: the scaled times reach ~1000, past what float16 resolves
+    args = t.float()[:, None] * freqs.float()[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(t.dtype)
 
 
 class TimeEmbedding(nn.Module):

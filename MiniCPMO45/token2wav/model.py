@@ -178,6 +178,10 @@ class Token2Wav:
     def device(self) -> torch.device:
         return self.flow.input_embedding.weight.device
 
+    @property
+    def flow_dtype(self) -> torch.dtype:
+        return self.flow.input_embedding.weight.dtype
+
     @classmethod
     def from_assets(
         cls,
@@ -188,14 +192,17 @@ class Token2Wav:
         source_noise_table: torch.Tensor | None = None,
         use_graphs: bool | None = None,
         fold_weights: bool = True,
+        flow_dtype: torch.dtype = torch.float32,
     ) -> Token2Wav:
         """Load `assets/token2wav/` (either layout). The noise tables default to fixed-seed draws.
 
         fold_weights: store the weight-normed convs' g * v / ||v|| once instead of per forward (inference
-        only; False keeps the parametrizations, for comparisons). use_graphs: see `__init__`."""
+        only; False keeps the parametrizations, for comparisons). use_graphs: see `__init__`. flow_dtype:
+        float16 halves the flow's weights and its per-turn caches (the official Token2wav offers float16 too;
+        the vocoder after it stays float32)."""
         layout = detect_layout(folder)
         return cls.from_layout(
-            layout, n_timesteps, device, flow_noise, source_noise_table, use_graphs, fold_weights
+            layout, n_timesteps, device, flow_noise, source_noise_table, use_graphs, fold_weights, flow_dtype
         )
 
     @classmethod
@@ -208,6 +215,7 @@ class Token2Wav:
         source_noise_table: torch.Tensor | None = None,
         use_graphs: bool | None = None,
         fold_weights: bool = True,
+        flow_dtype: torch.dtype = torch.float32,
     ) -> Token2Wav:
         params = flow_params_from_yaml(layout.flow_yaml)
         noise = flow_noise if flow_noise is not None else default_noise_table(params.output_size)
@@ -240,6 +248,8 @@ class Token2Wav:
         flow = flow.to(device).eval()
         if fold_weights:
             fold_weight_norms(flow)
+        for param in flow.parameters():  # buffers (noise, time frequencies) stay float32
+            param.data = param.data.to(flow_dtype)
         if layout.kind == "old":
             streaming = CrossfadeVocoder(original)
         return cls(flow, original, streaming, layout.kind, n_timesteps, use_graphs)
@@ -261,7 +271,7 @@ class Token2Wav:
         lookahead = self.flow.lookahead
         if tokens.shape[1] < lookahead:
             raise ValueError(f"a voice prompt needs at least {lookahead} tokens, got {tokens.shape[1]}")
-        mel = _tensor(prompt_mel, torch.float32, self.device)
+        mel = _tensor(prompt_mel, self.flow_dtype, self.device)
         if mel.ndim == 2:
             mel = mel[None]
         if mel.ndim != 3 or mel.shape[0] != 1 or mel.shape[2] != self.flow.p.output_size:
@@ -269,7 +279,7 @@ class Token2Wav:
                 f"prompt mel must have shape (1, t, {self.flow.p.output_size}), got {tuple(mel.shape)}"
             )
         mel = fit_prompt_mel(mel, tokens.shape[1] * self.flow.up_rate)
-        spk = _tensor(spk_embedding, torch.float32, self.device).reshape(1, -1)
+        spk = _tensor(spk_embedding, self.flow_dtype, self.device).reshape(1, -1)
         if spk.shape[1] != self.flow.p.spk_embed_dim:
             raise ValueError(
                 f"speaker embedding must have {self.flow.p.spk_embed_dim} values, got {spk.shape[1]}"
@@ -338,7 +348,7 @@ class Token2Wav:
         else:
             self._plain_flow(windows, token_lists, mels)
         full_mels = [
-            mel if mel is not None else torch.zeros(1, self.flow.p.output_size, 0, device=self.device)
+            mel.float() if mel is not None else torch.zeros(1, self.flow.p.output_size, 0, device=self.device)
             for mel in mels
         ]
         states = [state for state, _, _ in windows]
