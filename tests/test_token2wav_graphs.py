@@ -15,7 +15,7 @@ import torch
 
 from MiniCPMO45.token2wav import PromptCache, PushRequest, Token2Wav
 from MiniCPMO45.token2wav.flow import FlowCache
-from MiniCPMO45.token2wav.flow_graphs import BATCH_BUCKETS, WindowRow, batch_bucket
+from MiniCPMO45.token2wav.flow_graphs import BATCH_BUCKETS, WindowRow, batch_bucket, join_and_trim
 from MiniCPMO45.token2wav.fold import has_parametrizations
 from MiniCPMO45.token2wav.padded_graphs import PaddedGraphs
 from MiniCPMO45.token2wav.streaming_vocoder import StreamingVocoder
@@ -239,3 +239,15 @@ def test_padded_graphs_pads_and_returns_real_rows() -> None:
     torch.testing.assert_close(b, x - y, atol=0, rtol=0)
     padded((torch.randn(65, 2), torch.randn(65, 2)), False)  # over the largest bucket: unpadded
     assert calls[-1] == (65, 2)
+
+
+@pytest.mark.parametrize(("new", "old"), [(56, 0), (56, 300), (56, 344), (56, 400), (10, 395), (300, 120)])
+def test_join_and_trim_equals_joining_then_cutting(new: int, old: int) -> None:
+    """The fused join + cut of the estimator KV equals `cat([new, old])` cut to the first P and last H frames."""
+    front, back = 300, 100
+    a = torch.randn(2, 1, 2, 3, new, 4)
+    b = torch.randn(2, 1, 2, 3, old, 4)
+    joined = torch.cat([a, b], dim=4)
+    if joined.shape[4] > front + back:
+        joined = torch.cat([joined[:, :, :, :, :front], joined[:, :, :, :, -back:]], dim=4)
+    assert torch.equal(join_and_trim(a, b, front, back), joined)

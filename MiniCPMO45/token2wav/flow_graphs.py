@@ -69,6 +69,7 @@ class WindowRow:
     cache: FlowCache
     spk: torch.Tensor
     capacity: int
+    prompt_frames: int | None = None  # given: the estimator KV comes back already cut like `trim_flow_cache`
 
 
 @dataclass(eq=False)
@@ -197,6 +198,24 @@ class RaggedInputs:
         )
 
 
+def join_and_trim(new: torch.Tensor, old: torch.Tensor, front: int, back: int) -> torch.Tensor:
+    """`cat([new, old], dim=4)` cut to its first `front` and last `back` frames (when longer than both), built
+    from slices so the whole joined tensor is never materialized (it is the largest per-turn tensor)."""
+    n, total = new.shape[4], new.shape[4] + old.shape[4]
+    if total <= front + back:
+        return torch.cat([new, old], dim=4)
+
+    def frames(t: torch.Tensor, a: int, b: int | None = None) -> torch.Tensor:
+        return t[:, :, :, :, a:b]
+
+    parts = [frames(new, 0, min(n, front))]
+    if front > n:
+        parts.append(frames(old, 0, front - n))
+    start = total - back
+    parts += [frames(new, start), old] if start < n else [frames(old, start - n)]
+    return torch.cat(parts, dim=4)
+
+
 def split_rows(
     outputs: tuple[torch.Tensor, ...],
     windows: Sequence[WindowRow],
@@ -221,7 +240,14 @@ def split_rows(
             cnn[b : b + 1].clone(),
             torch.cat([low.repeat(1, 1, 1, up_rate, 1), up], dim=0),
             conv[:, :, 2 * b : 2 * b + 2].clone(),
-            torch.cat([new_kv[:, :, 2 * b : 2 * b + 2, :, :frames], old.estimator_kv], dim=4),
+            join_and_trim(
+                new_kv[:, :, 2 * b : 2 * b + 2, :, :frames],
+                old.estimator_kv,
+                w.prompt_frames,
+                w.capacity - w.prompt_frames,
+            )
+            if w.prompt_frames is not None
+            else torch.cat([new_kv[:, :, 2 * b : 2 * b + 2, :, :frames], old.estimator_kv], dim=4),
         )
         out.append((mel[b : b + 1, :, :frames].clone(), cache))
     return out

@@ -424,6 +424,7 @@ class Token2Wav:
                         state.flow_cache,
                         prompt.spk_embedding,
                         prompt.prompt_frames + HISTORY_FRAMES,
+                        prompt.prompt_frames,
                     )
                 )
             self.flow_batches += 1
