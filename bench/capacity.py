@@ -127,6 +127,22 @@ def open_sessions(engine: Engine, n: int, base_len: int) -> list[Session]:
     return sessions
 
 
+def llm_step_ms(engine: Engine, batcher: DuplexBatcher, sessions: list[Session], base_len: int) -> float:
+    """One bare decode step for the sessions (the static step alone, no decisions or host bookkeeping)."""
+    slots = [s.slot for s in sessions]
+    piece = engine.model.embed_ids([engine.special.listen])
+    times = []
+    for _ in range(12):
+        engine.cache.lengths[slots] = base_len
+        sync(engine.model.device)
+        t0 = time.perf_counter()
+        batcher.llm.feed(slots, [piece] * len(slots), lengths=[base_len] * len(slots))
+        sync(engine.model.device)
+        times.append((time.perf_counter() - t0) * 1000)
+    engine.cache.lengths[slots] = base_len
+    return float(np.median(times[2:]))
+
+
 def run_case(
     engine: Engine, batcher: DuplexBatcher, mode: str, n: int, units: int, warmup: int, base_len: int
 ) -> dict[str, object]:
@@ -177,12 +193,14 @@ def run_case(
                         first_pcm.append((out.speech.first_pcm_s - out.decision_s) * 1000)
                 elif out.result.prefilled:
                     listen_lat.append(lat)
+        step_ms = llm_step_ms(engine, batcher, sessions, base_len)
     finally:
         for s in sessions:
             engine.close_session(s)
         batcher.turns.clear()
         batcher.tts_turn.clear()
     row: dict[str, object] = {
+        "llm_step_ms": step_ms,
         "mode": mode,
         "sessions": n,
         "units_measured": total,
@@ -253,17 +271,18 @@ def markdown(results: dict[str, object]) -> str:
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     # no finalize stage: a unit's tail is fed by the next tick's prefill
-    stage_names = ("prefill_ms", "generate_ms", "speak_ms", "tts_ms", "vocoder_ms")
+    stage_names = ("prefill_ms", "generate_ms", "speak_ms", "tts_ms", "vocoder_ms", "llm_step_ms")
     lines += [
         "",
-        "Tick stages, p50 ms (speak = TTS + vocoder of all speaking sessions; vocoder: Token2Wav.push_codes_batch):",
+        "Tick stages, p50 ms (speak = TTS + vocoder of all speaking sessions; vocoder: Token2Wav.push_codes_batch;"
+        " llm_step_ms: one bare static decode step of the N sessions, for comparison with generate):",
         "",
         "| mode | N | " + " | ".join(stage_names) + " |",
         "|" + " --- |" * (2 + len(stage_names)),
     ]
     for r in results["rows"]:  # type: ignore[union-attr]
         if "skipped" not in r:
-            cells = [fmt(r.get(f"stage_{s}_p50")) for s in stage_names]
+            cells = [fmt(r.get(f"stage_{s}_p50", r.get(s))) for s in stage_names]
             lines.append(f"| {r['mode']} | {r['sessions']} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -274,7 +293,7 @@ def markdown(results: dict[str, object]) -> str:
     ]
     for r in results["rows"]:  # type: ignore[union-attr]
         if "skipped" not in r:
-            cells = [fmt(r.get(f"speaking_stage_{s}_p50")) for s in stage_names]
+            cells = [fmt(r.get(f"speaking_stage_{s}_p50", r.get(s))) for s in stage_names]
             lines.append(f"| {r['mode']} | {r['sessions']} | " + " | ".join(cells) + " |")
     cap = results["capacity"]
     lines += ["", f"Capacity (p95 ≤ {P95_TARGET_MS:.0f} ms, every unit within 1 s): {json.dumps(cap)}"]
