@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .qwen3 import RMSNorm as Qwen3RMSNorm
+
 LLAMA_RMS_NORM_EPS = 1e-6
 LLAMA_ROPE_THETA = 10000.0
 
@@ -80,16 +82,9 @@ class TTSKVCache:
         return self.keys[layer][slots, :, :length], self.values[layer][slots, :, :length]
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(Qwen3RMSNorm):
     def __init__(self, dim: int, eps: float = LLAMA_RMS_NORM_EPS) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        super().__init__(dim, eps)
 
 
 def rope_cos_sin(
