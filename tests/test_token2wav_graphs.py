@@ -175,13 +175,19 @@ def test_static_buffers_match_eager_padding(folder: Path, token2wav_fixture_dir:
     turns = [model.start_turn(voice, rule="duplex") for _ in range(3)]
     model.push_codes_batch([PushRequest(t, _codes(i, 25, vocab)) for i, t in enumerate(turns[:2])])
     model.push_codes_batch([PushRequest(turns[0], _codes(9, 25, vocab))])
-    rows = [  # three cache lengths, a full window, a short one and a last chunk
-        WindowRow(
-            _codes(50 + i, n, vocab), last, t.flow_cache, voice.spk_embedding, voice.prompt_frames + 100
-        )
-        for i, (t, n, last) in enumerate(zip(turns, (28, 11, 5), (False, False, True), strict=True))
-    ]
+
+    def make_rows() -> list[WindowRow]:  # a round consumes its rows' caches
+        return [  # three cache lengths, a full window, a short one and a last chunk
+            WindowRow(
+                _codes(50 + i, n, vocab), last, t.flow_cache, voice.spk_embedding, voice.prompt_frames + 100
+            )
+            for i, (t, n, last) in enumerate(zip(turns, (28, 11, 5), (False, False, True), strict=True))
+        ]
+
+    rows = make_rows()
     want = graphs.run(rows, 5)
+    assert all(row.cache is None for row in rows)
+    rows = make_rows()
     shape = graphs.shape_of(rows, 5)
     assert (shape.bucket, shape.token_slots) == (4, 25)
     big = graphs._static_inputs(type(shape)(8, 28, shape.cache_slots, 5))
@@ -203,11 +209,11 @@ def test_static_buffers_match_eager_padding(folder: Path, token2wav_fixture_dir:
             torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
             assert x.untyped_storage().data_ptr() not in buffers
     # each row keeps its own (conditioned, unconditioned) estimator pair and gains its real frames only
-    for (mel, cache), row, frames in zip(got, rows, (50, 16, 10), strict=True):
+    for (mel, cache), turn, frames in zip(got, turns, (50, 16, 10), strict=True):
         assert mel.shape[2] == frames
         assert cache.estimator_kv.shape[2] == 2 and cache.conformer_att.shape[1] == 1
-        assert cache.estimator_kv.shape[4] == row.cache.estimator_kv.shape[4] + frames
-        assert cache.conformer_att.shape[3] == row.cache.conformer_att.shape[3] + frames
+        assert cache.estimator_kv.shape[4] == turn.flow_cache.estimator_kv.shape[4] + frames
+        assert cache.conformer_att.shape[3] == turn.flow_cache.conformer_att.shape[3] + frames
 
 
 def test_batch_buckets() -> None:

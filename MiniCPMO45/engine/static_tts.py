@@ -50,6 +50,10 @@ def static_tts_forward(
     allowed = key_pos[None, None, :] <= positions[:, :, None]
     mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=device).masked_fill(~allowed, float("-inf"))
     mask = mask[:, None]  # [b, 1, t, K]
+    first = backbone.layers[0].self_attn
+    group = first.heads // first.kv_heads
+    if group > 1:  # built once per step, not per layer (each reshape of an expanded mask is a copy)
+        mask = mask[:, :, None].expand(b, 1, group, t, window).reshape(b, 1, group * t, window)
     cos, sin = rope_cos_sin(positions, backbone.head_dim, LLAMA_ROPE_THETA, embeds.dtype)
     x = embeds
     for i, layer in enumerate(backbone.layers):
@@ -65,14 +69,8 @@ def static_tts_forward(
         kc, vc = cache.keys[i][:b], cache.values[i][:b]
         kc.scatter_(2, idx, torch.where(keep, k.to(kc.dtype), kc.gather(2, idx)))
         vc.scatter_(2, idx, torch.where(keep, v.to(vc.dtype), vc.gather(2, idx)))
-        group = heads // kv
         qf = q.reshape(b, kv, group * t, hd)
-        m = (
-            mask.expand(b, 1, t, window)[:, :, None]
-            .expand(b, 1, group, t, window)
-            .reshape(b, 1, group * t, window)
-        )
-        out = F.scaled_dot_product_attention(qf, kc[:, :, :window], vc[:, :, :window], attn_mask=m)
+        out = F.scaled_dot_product_attention(qf, kc[:, :, :window], vc[:, :, :window], attn_mask=mask)
         out = out.reshape(b, heads, t, hd).transpose(1, 2).reshape(b, t, heads * hd)
         x = x + attn.o_proj(out)
         x = x + layer.mlp(layer.post_attention_layernorm(x))

@@ -17,7 +17,7 @@ what each turn keeps.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -66,7 +66,7 @@ class WindowRow:
 
     tokens: Sequence[int]
     last_chunk: bool
-    cache: FlowCache
+    cache: FlowCache | None  # None once the round has consumed it (see `split_rows`)
     spk: torch.Tensor
     capacity: int
     prompt_frames: int | None = None  # given: the estimator KV comes back already cut like `trim_flow_cache`
@@ -216,21 +216,31 @@ def join_and_trim(new: torch.Tensor, old: torch.Tensor, front: int, back: int) -
     return torch.cat(parts, dim=4)
 
 
+RowDone = Callable[[int, torch.Tensor, FlowCache], None]
+
+
 def split_rows(
     outputs: tuple[torch.Tensor, ...],
     windows: Sequence[WindowRow],
     lookahead: int,
     low_layers: int,
     up_rate: int,
+    done: RowDone | None = None,
 ) -> list[tuple[torch.Tensor, FlowCache]]:
     """Each window's (mel (1, 80, frames), new untrimmed cache) as fresh tensors: the chunk's real keys
-    joined to the turn's old cache exactly as `UpsampleConformerEncoder.forward_chunk` and the DiT do."""
+    joined to the turn's old cache exactly as `UpsampleConformerEncoder.forward_chunk` and the DiT do.
+
+    Consumes each row's old cache (`cache` becomes None) and calls `done(row, mel, cache)` as soon as the
+    row is built, so a caller that hands the new cache to its turn there frees the old one at once: the
+    round then holds one stream's cache extra, not a second copy of every stream's (~140 MB each)."""
     mel, cnn, new_low, new_up, conv, new_kv = outputs
     out = []
     for b, w in enumerate(windows):
         tokens = len(w.tokens) - (0 if w.last_chunk else lookahead)
         frames = tokens * up_rate
-        old = w.cache
+        old, w.cache = w.cache, None
+        if old is None:
+            raise ValueError("this window's cache was already consumed")
         half = old.conformer_att.shape[3] // 2
         low = torch.cat(
             [old.conformer_att[:low_layers, :, :, :half], new_low[:, b : b + 1, :, :tokens]], dim=3
@@ -249,7 +259,11 @@ def split_rows(
             if w.prompt_frames is not None
             else torch.cat([new_kv[:, :, 2 * b : 2 * b + 2, :, :frames], old.estimator_kv], dim=4),
         )
-        out.append((mel[b : b + 1, :, :frames].clone(), cache))
+        row_mel = mel[b : b + 1, :, :frames].clone()
+        del old
+        if done is not None:
+            done(b, row_mel, cache)
+        out.append((row_mel, cache))
     return out
 
 
@@ -327,7 +341,9 @@ class FlowGraphs:
             )
         return have.view(shape.bucket, width, shape.n_steps)
 
-    def run(self, windows: Sequence[WindowRow], n_steps: int) -> list[tuple[torch.Tensor, FlowCache]]:
+    def run(
+        self, windows: Sequence[WindowRow], n_steps: int, done: RowDone | None = None
+    ) -> list[tuple[torch.Tensor, FlowCache]]:
         """One padded batch for 1..64 windows (tokens valid ids; non-final windows longer than the
         look-ahead; caches of any lengths). Returns each window's (mel, new untrimmed cache), owned."""
         flow = self.flow
@@ -339,7 +355,7 @@ class FlowGraphs:
         if chunk is not None:
             chunk.inputs.fill(windows, lookahead, low_layers)
             outputs = chunk.run()
-            return split_rows(outputs, windows, lookahead, low_layers, flow.up_rate)
+            return split_rows(outputs, windows, lookahead, low_layers, flow.up_rate, done)
         # Not captured yet: with graphs on, fill the shared static buffers (no transient batch-sized
         # copy) and capture once the shape has been seen often enough; fresh zeros otherwise.
         static = self._static_inputs(shape) if self.graphs else None
@@ -354,4 +370,4 @@ class FlowGraphs:
             outputs = chunk.run()
         else:
             outputs = inputs.forward(flow, n_steps)
-        return split_rows(outputs, windows, lookahead, low_layers, flow.up_rate)
+        return split_rows(outputs, windows, lookahead, low_layers, flow.up_rate, done)

@@ -428,13 +428,16 @@ class Token2Wav:
                     )
                 )
             self.flow_batches += 1
-            results = self.flow_graphs.run(rows, self.n_timesteps)
-            for i, (mel, cache) in zip(part, results, strict=True):
-                state = windows[i][0]
+
+            def done(row: int, mel: torch.Tensor, cache: FlowCache, part: list[int] = part) -> None:
+                # the turn drops its old cache here, so the round never holds two of every stream's
+                state = windows[part[row]][0]
                 state.flow_cache = trim_flow_cache(
                     cache, state.prompt.prompt_frames, HISTORY_FRAMES, low_layers
                 )
-                mels[i] = mel
+                mels[part[row]] = mel
+
+            self.flow_graphs.run(rows, self.n_timesteps, done)
 
     def _take_codes(self, state: TurnState, codes: Sequence[int]) -> None:
         if state.finished:
