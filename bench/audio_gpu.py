@@ -17,46 +17,17 @@ import argparse
 import json
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.realsize import build_random_model  # noqa: E402
-from MiniCPMO45.config import MiniCPMOConfig  # noqa: E402
+from bench.realsize import build_random_model, encoder_only_config, time_ms  # noqa: E402
 from MiniCPMO45.engine.batched_audio import BatchedAudioEncoder  # noqa: E402
 from MiniCPMO45.model import MiniCPMO  # noqa: E402
 from MiniCPMO45.modules.whisper import WhisperStreamCache  # noqa: E402
 from MiniCPMO45.modules.whisper_slots import WhisperSlotCache  # noqa: E402
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def time_ms(fn: Callable[[], object], iters: int, warmup: int = 2) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    sync()
-    out = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append((time.perf_counter() - t0) * 1000)
-    return out
-
-
-def audio_only_config(path: str | Path) -> MiniCPMOConfig:
-    """The real config with the LLM cut to one layer and a small vocabulary (the projector keeps the LLM
-    width) and no vision/TTS: only the audio encoder is timed, and it builds in seconds."""
-    data = json.loads(Path(path).read_text())
-    data.update(num_hidden_layers=1, vocab_size=1024, init_vision=False, init_tts=False)
-    return MiniCPMOConfig.from_dict(data)
 
 
 def random_streams(model: MiniCPMO, n: int, gen: torch.Generator) -> list[WhisperStreamCache]:
@@ -137,7 +108,7 @@ def main() -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench/audio_gpu.py needs a CUDA device (or --device cpu with a tiny config)")
     sessions = [int(x) for x in args.sessions.split(",")]
-    model = build_random_model(audio_only_config(args.config), args.device, torch.bfloat16)
+    model = build_random_model(encoder_only_config(args.config, "audio"), args.device, torch.bfloat16)
     if args.device.startswith("cuda"):
         torch.backends.cuda.enable_cudnn_sdp(False)  # as the engine does
     acfg = model.config.audio

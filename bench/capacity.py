@@ -148,6 +148,8 @@ def run_case(
 ) -> dict[str, object]:
     device = engine.model.device
     work = Workload(engine, omni=mode == "omni_duplex")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # blocks cached by the previous N: less fragmentation for this one
     t_cap = time.perf_counter()
     batcher.warm_up(n, prefill_tokens=(UNIT_POSITIONS[mode],))
     sync(device)
@@ -272,29 +274,18 @@ def markdown(results: dict[str, object]) -> str:
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     # no finalize stage: a unit's tail is fed by the next tick's prefill
     stage_names = ("prefill_ms", "generate_ms", "speak_ms", "tts_ms", "vocoder_ms", "llm_step_ms")
-    lines += [
-        "",
+    captions = (
         "Tick stages, p50 ms (speak = TTS + vocoder of all speaking sessions; vocoder: Token2Wav.push_codes_batch;"
         " llm_step_ms: one bare static decode step of the N sessions, for comparison with generate):",
-        "",
-        "| mode | N | " + " | ".join(stage_names) + " |",
-        "|" + " --- |" * (2 + len(stage_names)),
-    ]
-    for r in results["rows"]:  # type: ignore[union-attr]
-        if "skipped" not in r:
-            cells = [fmt(r.get(f"stage_{s}_p50", r.get(s))) for s in stage_names]
-            lines.append(f"| {r['mode']} | {r['sessions']} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
         "The same for the ticks in which at least one session spoke:",
-        "",
-        "| mode | N | " + " | ".join(stage_names) + " |",
-        "|" + " --- |" * (2 + len(stage_names)),
-    ]
-    for r in results["rows"]:  # type: ignore[union-attr]
-        if "skipped" not in r:
-            cells = [fmt(r.get(f"speaking_stage_{s}_p50", r.get(s))) for s in stage_names]
-            lines.append(f"| {r['mode']} | {r['sessions']} | " + " | ".join(cells) + " |")
+    )
+    for caption, prefix in zip(captions, ("stage_", "speaking_stage_"), strict=True):
+        lines += ["", caption, "", "| mode | N | " + " | ".join(stage_names) + " |"]
+        lines.append("|" + " --- |" * (2 + len(stage_names)))
+        for r in results["rows"]:  # type: ignore[union-attr]
+            if "skipped" not in r:
+                cells = [fmt(r.get(f"{prefix}{s}_p50", r.get(s))) for s in stage_names]
+                lines.append(f"| {r['mode']} | {r['sessions']} | " + " | ".join(cells) + " |")
     cap = results["capacity"]
     lines += ["", f"Capacity (p95 ≤ {P95_TARGET_MS:.0f} ms, every unit within 1 s): {json.dumps(cap)}"]
     return "\n".join(lines) + "\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -81,3 +82,33 @@ def timed(fn, *args, **kwargs):  # noqa: ANN001, ANN201 (tiny helper for benchma
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return out, (time.perf_counter() - t0) * 1000
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], iters: int, warmup: int = 2) -> list[float]:
+    """Wall time of `fn` per call (synchronized), after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def encoder_only_config(path: str | Path, keep: str) -> MiniCPMOConfig:
+    """The real config with the LLM cut to one layer and a small vocabulary (the projector / resampler keep
+    the LLM width), no TTS, and only one encoder (`keep`: "audio" or "vision"): it builds in seconds."""
+    if keep not in ("audio", "vision"):
+        raise ValueError(f"keep must be 'audio' or 'vision', got {keep!r}")
+    data = json.loads(Path(path).read_text())
+    data.update(num_hidden_layers=1, vocab_size=1024, init_tts=False)
+    data["init_vision" if keep == "audio" else "init_audio"] = False
+    return MiniCPMOConfig.from_dict(data)

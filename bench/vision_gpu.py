@@ -17,7 +17,6 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,39 +26,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.realsize import build_random_model, param_count  # noqa: E402
-from MiniCPMO45.config import MiniCPMOConfig, PreprocessorConfig  # noqa: E402
+from bench.realsize import build_random_model, encoder_only_config, param_count, time_ms  # noqa: E402
+from MiniCPMO45.config import PreprocessorConfig  # noqa: E402
 from MiniCPMO45.model import MiniCPMO  # noqa: E402
 from MiniCPMO45.processor.image import ImageProcessor, slice_image, to_patch_rows  # noqa: E402
 from tests.vision_reference import ref_vision_embeds  # noqa: E402
 
 FRAME = (448, 448)
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def time_ms(fn: Callable[[], object], iters: int, warmup: int = 2) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    sync()
-    out = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append((time.perf_counter() - t0) * 1000)
-    return out
-
-
-def vision_only_config(path: str | Path) -> MiniCPMOConfig:
-    """The real config with the LLM cut to one layer and a small vocabulary (the resampler keeps the LLM
-    width) and no audio/TTS: only the vision half is timed, and it builds in seconds."""
-    data = json.loads(Path(path).read_text())
-    data.update(num_hidden_layers=1, vocab_size=1024, init_audio=False, init_tts=False)
-    return MiniCPMOConfig.from_dict(data)
 
 
 def random_frame(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
@@ -176,7 +149,7 @@ def main() -> None:
     chunks = [int(x) for x in args.chunks.split(",")]
 
     t0 = time.perf_counter()
-    model = build_random_model(vision_only_config(args.config), args.device, torch.bfloat16)
+    model = build_random_model(encoder_only_config(args.config, "vision"), args.device, torch.bfloat16)
     assert model.vpm is not None and model.resampler is not None
     with torch.no_grad():  # zero-initialised queries would make every query attend alike
         model.resampler.query.normal_(0.0, 0.02)

@@ -46,6 +46,27 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def graph_info(model: Token2Wav, device: torch.device) -> dict[str, object]:
+    """The flow graphs' shapes and static buffers, and the peak memory of the run."""
+    info: dict[str, object] = {}
+    if model.flow_graphs is not None:
+        info = {
+            "captured_shapes": len(model.flow_graphs.chunks),
+            "seen_shapes": len(model.flow_graphs.seen),
+            "static_buffer_gib": round(model.flow_graphs.bytes_used / 2**30, 2),
+        }
+    if device.type == "cuda":
+        info["max_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return info
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def codes(round_: int, unit: int, row: int) -> list[int]:
     rng = np.random.default_rng([round_, unit, row])
     return rng.integers(0, VOCAB, 25).tolist()
@@ -92,20 +113,9 @@ def run_mode(
         times[batch] = {"open_ms": statistics.median(opens), "end_ms": statistics.median(ends)}
         audio[batch] = pieces
         print(f"  graphs={'on' if graphs else 'off'} B={batch}: {json.dumps(times[batch])}", flush=True)
-    info: dict[str, object] = {}
-    if model.flow_graphs is not None:
-        info = {
-            "captured_shapes": len(model.flow_graphs.chunks),
-            "seen_shapes": len(model.flow_graphs.seen),
-            "graph_gib_estimate": round(model.flow_graphs.bytes_used / 2**30, 2),
-        }
-    if device.type == "cuda":
-        info["max_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    info = graph_info(model, device)
     del model, voice
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    release(device)
     return times, audio, info
 
 
@@ -172,20 +182,9 @@ def run_mixed(
                 flow_batches.append(model.flow_batches - before)
         times[batch] = {"tick_ms": statistics.median(spent), "flow_batches": statistics.mean(flow_batches)}
         print(f"  graphs={'on' if graphs else 'off'} B={batch}: {json.dumps(times[batch])}", flush=True)
-    info: dict[str, object] = {}
-    if model.flow_graphs is not None:
-        info = {
-            "captured_shapes": len(model.flow_graphs.chunks),
-            "seen_shapes": len(model.flow_graphs.seen),
-            "static_buffer_gib": round(model.flow_graphs.bytes_used / 2**30, 2),
-        }
-    if device.type == "cuda":
-        info["max_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    info = graph_info(model, device)
     del model, voices
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    release(device)
     return times, info
 
 

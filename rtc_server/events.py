@@ -56,7 +56,8 @@ class MetricsEvent(_Event):
     `backlog_units`: units of the session waiting behind this one; `compute_ms`: the mode's time, split into
     `prefill_ms`, `decide_ms` (listen/speak decision and text), `tts_ms`, `vocoder_ms`, `vad_ms` where they
     apply; `roundtrip_ms`: unit complete -> result back at the server; `kv_tokens`: the session's KV length
-    after the unit; `dropped_tokens`: KV positions the context window dropped before it.
+    after the unit; `dropped_tokens`: KV positions the context window dropped before it; `batch_sessions`: how many calls' units
+    shared the worker tick that ran this one.
     """
 
     type: Literal["metrics"] = "metrics"
@@ -74,6 +75,7 @@ class MetricsEvent(_Event):
     vad_ms: float | None = None
     kv_tokens: int | None = None
     dropped_tokens: int | None = None
+    batch_sessions: int | None = None  # sessions whose units ran in the same worker tick (batching modes)
 
 
 class QueueEvent(_Event):

@@ -327,6 +327,7 @@ class CallSession:
                 vad_ms=ms("vad_ms"),
                 kv_tokens=count("kv_tokens"),
                 dropped_tokens=count("dropped_tokens"),
+                batch_sessions=count("batch_sessions"),
             )
         )
 

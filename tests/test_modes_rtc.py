@@ -187,6 +187,7 @@ async def test_omni_duplex_forced_speech_with_video(start_test_server) -> None:
         await wait_until(lambda: call.energy_between(start, time.monotonic()) > 0.01, 60, "no speech heard")
         metrics = [e for e in call.events if e["type"] == "metrics"]
         assert any(m["tts_ms"] is not None and m["vocoder_ms"] is not None for m in metrics), metrics
+        assert all(m["batch_sessions"] == 1 for m in metrics)  # the only call: a tick of one
         # the first three units are listens: each holds the audio (13 positions) and one camera frame
         query_num = json.loads(EMBEDDED_CONFIG.read_text())["query_num"]
         kv = {m["unit"]: m["kv_tokens"] for m in metrics}
@@ -263,3 +264,25 @@ async def test_voice_upload_validation_and_use(start_test_server, speech: np.nda
         assert not [e for e in call.events if e["type"] == "error"]
     finally:
         await call.close()
+
+
+async def test_two_duplex_calls_share_worker_ticks(start_test_server) -> None:
+    """Two calls started apart: the server cuts both on its 1 s grid, so their units reach the worker
+    together and run in one tick (`batch_sessions` 2 in their metrics)."""
+    server = await start_test_server(workers=WORKERS)
+    first, second = TimedCall(server.url, silence(40)), TimedCall(server.url, silence(40))
+    try:
+        await first.start_json("audio_duplex", options={"force": "listen"})
+        await first.wait_event("metrics", timeout=90)
+        await asyncio.sleep(0.37)  # a phase no grid would give by chance
+        await second.start_json("audio_duplex", options={"force": "listen"})
+        await second.wait_event("metrics", timeout=60)
+        done = lambda c: len([e for e in c.events if e["type"] == "metrics"])  # noqa: E731
+        await wait_until(lambda: done(first) >= 10 and done(second) >= 6, 60, "too few units")
+        shared = [e for e in second.events if e["type"] == "metrics" and e["batch_sessions"] == 2]
+        units = [e for e in second.events if e["type"] == "metrics"]
+        # the second call's first unit is padded onto the grid: from then on its units share ticks
+        assert len(shared) >= len(units) - 2, [e["batch_sessions"] for e in units]
+    finally:
+        await first.close()
+        await second.close()

@@ -15,7 +15,7 @@ from MiniCPMO45.token2wav import PromptCache, PushRequest, Token2Wav, TurnState
 from MiniCPMO45.token2wav.flow_graphs import TOKEN_SLOTS
 from MiniCPMO45.token2wav.streaming_vocoder import StreamingVocoder
 
-from .token2wav_assets import build_asset_folder
+from .token2wav_assets import build_asset_folder, load_tiny_token2wav
 
 FLOW_ATOL = 1e-5  # mel and flow caches: padding and batching only change float rounding (~3e-6)
 AUDIO_ATOL = 1e-4  # the batched vocoder against the vocoder run alone on the same mel
@@ -27,15 +27,7 @@ CHAIN_ATOL = 5e-4  # test_token2wav_stream's chained bound, for one window of a 
 
 
 def _load(fixture: Path, folder: Path, use_graphs: bool | None) -> Token2Wav:
-    inputs = np.load(fixture / "inputs" / "inputs.npz")
-    stream = np.load(fixture / "expected" / "stream.npz")
-    return Token2Wav.from_assets(
-        folder,
-        n_timesteps=5,
-        flow_noise=torch.from_numpy(inputs["rand_noise_prefix"]),
-        source_noise_table=torch.from_numpy(stream["sine_noise_table_prefix"]),
-        use_graphs=use_graphs,
-    )
+    return load_tiny_token2wav(fixture, folder, use_graphs=use_graphs)
 
 
 @pytest.fixture(scope="module")

@@ -20,24 +20,14 @@ from MiniCPMO45.token2wav.fold import has_parametrizations
 from MiniCPMO45.token2wav.padded_graphs import PaddedGraphs
 from MiniCPMO45.token2wav.streaming_vocoder import StreamingVocoder
 
-from .token2wav_assets import build_asset_folder
+from .token2wav_assets import build_asset_folder, load_tiny_token2wav
 
 ATOL = 1e-5
 CHAIN_ATOL = 5e-4
 
 
 def _load(fixture: Path, folder: Path, **kwargs: object) -> Token2Wav:
-    if not folder.exists():
-        build_asset_folder(fixture, folder)
-    inputs = np.load(fixture / "inputs" / "inputs.npz")
-    stream = np.load(fixture / "expected" / "stream.npz")
-    return Token2Wav.from_assets(
-        folder,
-        n_timesteps=5,
-        flow_noise=torch.from_numpy(inputs["rand_noise_prefix"]),
-        source_noise_table=torch.from_numpy(stream["sine_noise_table_prefix"]),
-        **kwargs,  # type: ignore[arg-type]
-    )
+    return load_tiny_token2wav(fixture, folder, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -27,9 +27,10 @@ def build_asset_folder(fixture: Path, dest: Path, layout: str = "new") -> Path:
     return dest
 
 
-def load_tiny_token2wav(fixture: Path, folder: Path, layout: str = "new") -> Token2Wav:
-    """The tiny model with the fixture's stored noise tables injected."""
-    build_asset_folder(fixture, folder, layout)
+def load_tiny_token2wav(fixture: Path, folder: Path, layout: str = "new", **options: object) -> Token2Wav:
+    """The tiny model with the fixture's stored noise tables injected (`options`: more `from_assets` args)."""
+    if not folder.exists():
+        build_asset_folder(fixture, folder, layout)
     inputs = np.load(fixture / "inputs" / "inputs.npz")
     stream = np.load(fixture / "expected" / "stream.npz")
     return Token2Wav.from_assets(
@@ -37,4 +38,5 @@ def load_tiny_token2wav(fixture: Path, folder: Path, layout: str = "new") -> Tok
         n_timesteps=5,
         flow_noise=torch.from_numpy(inputs["rand_noise_prefix"]),
         source_noise_table=torch.from_numpy(stream["sine_noise_table_prefix"]),
+        **options,  # type: ignore[arg-type]
     )
