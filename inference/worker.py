@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,10 +73,13 @@ class UnitTicker:
     `mode_error`)."""
 
     def __init__(
-        self, executor: concurrent.futures.Executor, expected: Any, gather_s: float = DEFAULT_GATHER_S
+        self,
+        executor: concurrent.futures.Executor,
+        expected: Callable[[], int],
+        gather_s: float = DEFAULT_GATHER_S,
     ) -> None:
         self.executor = executor
-        self.expected = expected  # () -> number of open sessions whose mode batches
+        self.expected = expected  # how many open sessions have a mode that batches
         self.gather_s = gather_s
         self.waiting: list[_Waiting] = []
         self.wake = asyncio.Event()
