@@ -73,15 +73,19 @@ class MelLog:
     """Records the (mel, final) each turn's vocoder state receives (observes stream_batch)."""
 
     def __init__(self, model: Token2Wav) -> None:
-        self.mels: dict[int, list[tuple[torch.Tensor, bool]]] = {}
+        # the state objects themselves are kept (not their ids: a freed object's id can be reused)
+        self.entries: list[tuple[object, torch.Tensor, bool]] = []
         original = model.streaming.stream_batch
 
         def record(states, mels, finals):  # type: ignore[no-untyped-def]
             for state, mel, final in zip(states, mels, finals, strict=True):
-                self.mels.setdefault(id(state), []).append((mel.clone(), final))
+                self.entries.append((state, mel.clone(), final))
             return original(states, mels, finals)
 
         model.streaming.stream_batch = record  # type: ignore[method-assign]
+
+    def of(self, state: object) -> list[tuple[torch.Tensor, bool]]:
+        return [(mel, final) for s, mel, final in self.entries if s is state]
 
 
 Played = tuple[
@@ -116,7 +120,7 @@ def _play(model: Token2Wav, fixture: Path, alone: bool) -> Played:
             audio[i].append(got)
             cache = turns[i].flow_cache  # type: ignore[union-attr]
             caches[i].append([t.clone() for t in vars(cache).values()])
-    mels = [log.mels.get(id(t.vocoder), []) for t in turns if t is not None]
+    mels = [log.of(t.vocoder) for t in turns if t is not None]
     return audio, mels, caches
 
 
