@@ -333,8 +333,14 @@ class FlowGraphs:
             need = RaggedInputs.row_bytes(self.flow, wide, shape.cache_slots, steps) * rows
             if self.bytes_used - (0 if have is None else have.nbytes) + need > self.max_bytes:
                 return None
-            for old in [s for s in self.chunks if s.cache_slots == shape.cache_slots]:
+            dropped = [s for s in self.chunks if s.cache_slots == shape.cache_slots]
+            for old in dropped:
                 del self.chunks[old]  # captured on the old buffers
+            if dropped and self.graphs:
+                # Never capture again into a pool whose graphs were destroyed: once its use count falls to
+                # zero the allocator may release it (empty_cache, an out-of-memory retry) and a later capture
+                # into it fails an internal assertion (torch 2.11).
+                self._pool = torch.cuda.graph_pool_handle()
             self.buffers.pop(shape.cache_slots, None)
             have = self.buffers[shape.cache_slots] = RaggedInputs.zeros(
                 self.flow, rows, wide, shape.cache_slots, steps
