@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from inference.wav import pcm16_wav
 from MiniCPMO45.engine.batcher import DuplexBatcher
 from MiniCPMO45.engine.core import Engine
 from MiniCPMO45.modules.tts import MiniCPMTTS, TTSKVCache
@@ -65,20 +66,6 @@ def synthetic_voice(seconds: float = 3.0, rate: int = 16000) -> np.ndarray:
     wave = sum(np.sin(k * phase) / k for k in range(1, 9))
     envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3.0 * t) ** 2
     return (0.3 * wave * envelope / np.abs(wave).max()).astype(np.float32)
-
-
-def pcm16_wav(pcm: np.ndarray, rate: int = 16000) -> bytes:
-    """float32 mono -> a PCM16 RIFF/WAVE file."""
-    import io
-    import wave
-
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes())
-    return buf.getvalue()
 
 
 def _token2wav_step(dest: Path, seed: int) -> None:

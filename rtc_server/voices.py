@@ -22,6 +22,7 @@ import numpy as np
 from aiohttp import BodyPartReader, web
 from pydantic import BaseModel, ConfigDict
 
+from inference.wav import pcm16_wav
 from rtc_server.config import AppConfig
 
 VOICE_ID = re.compile(r"^[0-9a-f]{24}$")
@@ -74,16 +75,6 @@ def decode_wav(data: bytes) -> np.ndarray:
     return np.concatenate(chunks).astype(np.float32)
 
 
-def pcm16_wav(pcm: np.ndarray, rate: int = RATE) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes())
-    return buf.getvalue()
-
-
 def store_voice(folder: Path, data: bytes, min_s: float, max_s: float) -> VoiceInfo:
     """Validate, normalise and store one upload (blocking: run it off the event loop)."""
     pcm = decode_wav(data)
@@ -98,7 +89,7 @@ def store_voice(folder: Path, data: bytes, min_s: float, max_s: float) -> VoiceI
         )
     if not np.isfinite(pcm).all() or float(np.abs(pcm).max()) < 1e-4:
         raise VoiceError(400, "silent", "the voice recording is silent")
-    normalised = pcm16_wav(pcm)
+    normalised = pcm16_wav(pcm, RATE)
     voice_id = hashlib.sha256(normalised).hexdigest()[:24]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{voice_id}.wav"

@@ -4,10 +4,8 @@ the track, barge-in flush, mode switches, pause/resume and the pause timeout, re
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import time
-import wave
 from typing import Any
 
 import aiohttp
@@ -15,6 +13,7 @@ import numpy as np
 import pytest
 from aiortc.mediastreams import VideoStreamTrack
 
+from inference.wav import pcm16_wav
 from tests.conftest import REPO_ROOT
 from tests.rtc_client import RATE, Call, resample, speech_signal
 
@@ -197,16 +196,6 @@ async def test_omni_duplex_forced_speech_with_video(start_test_server) -> None:
         await call.close()
 
 
-def wav_bytes(pcm: np.ndarray, rate: int) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes())
-    return buf.getvalue()
-
-
 async def test_voice_upload_validation_and_use(start_test_server, speech: np.ndarray, tmp_path) -> None:
     server = await start_test_server(
         workers=WORKERS,
@@ -217,7 +206,7 @@ async def test_voice_upload_validation_and_use(start_test_server, speech: np.nda
             "max_duration_s": 4.0,
         },
     )
-    voice = wav_bytes(resample(speech, RATE, 22050), 22050)
+    voice = pcm16_wav(resample(speech, RATE, 22050), 22050)
     tone = 0.3 * np.sin(np.arange(8000 * 5) * 0.2)
     async with aiohttp.ClientSession() as http:
         url = f"{server.url}/api/voices"
@@ -238,9 +227,9 @@ async def test_voice_upload_validation_and_use(start_test_server, speech: np.nda
             (b"plain text, not audio", "text/plain", 415, "unsupported_media_type"),
             (b"RIFF....WAVEjunk" * 10, "audio/wav", 400, "bad_audio"),
             (b"ID3\x03 an mp3 maybe" * 10, "audio/wav", 400, "not_wav"),
-            (wav_bytes(tone[:4000], 8000), "audio/wav", 400, "too_short"),
-            (wav_bytes(tone, 8000), "audio/wav", 400, "too_long"),
-            (wav_bytes(np.zeros(16000 * 3), 16000)[:44] + b"\0" * 160_000, "audio/wav", 413, "too_large"),
+            (pcm16_wav(tone[:4000], 8000), "audio/wav", 400, "too_short"),
+            (pcm16_wav(tone, 8000), "audio/wav", 400, "too_long"),
+            (pcm16_wav(np.zeros(16000 * 3), 16000)[:44] + b"\0" * 160_000, "audio/wav", 413, "too_large"),
         ]
         for data, ctype, want_status, want_code in bad:
             status, body = await post(data, ctype)

@@ -3,15 +3,14 @@
 
 from __future__ import annotations
 
-import io
 import struct
-import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from inference.wav import pcm16_wav
 from MiniCPMO45.token2wav.features import (
     _kaldi_mel,
     flow_prompt_mel,
@@ -33,18 +32,6 @@ TOL = {"atol": 1e-4, "rtol": 1e-4}
 @pytest.fixture(scope="module")
 def prep(token2wav_fixture_dir: Path) -> dict[str, np.ndarray]:
     return dict(np.load(token2wav_fixture_dir / "expected" / "prompt_prep.npz"))
-
-
-def _wav_bytes(samples: np.ndarray, rate: int) -> bytes:
-    """PCM16 WAV; samples (n,) or (n, channels)."""
-    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2")
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1 if pcm.ndim == 1 else pcm.shape[1])
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm.tobytes())
-    return buf.getvalue()
 
 
 def test_flow_prompt_mel_parity(prep: dict[str, np.ndarray]) -> None:
@@ -124,7 +111,7 @@ def test_resample_keeps_a_tone() -> None:
 
 def test_read_wav_formats() -> None:
     stereo = np.stack([np.linspace(-0.5, 0.5, 100), np.full(100, 0.25)], axis=1)
-    channels, rate = read_wav(_wav_bytes(stereo, 22050))
+    channels, rate = read_wav(pcm16_wav(stereo, 22050))
     assert rate == 22050 and channels.shape == (2, 100) and channels.dtype == np.float32
     np.testing.assert_allclose(channels[1], 0.25, atol=1e-4)
     floats = np.array([0.5, -0.25], "<f4").tobytes()
@@ -153,7 +140,7 @@ def _voice_wav(seconds: float, rate: int, seed: int) -> bytes:
     audio = 0.3 * np.sin(2 * np.pi * 180 * t) * (
         1 + 0.5 * np.sin(2 * np.pi * 3 * t)
     ) + 0.01 * rng.standard_normal(t.size)
-    return _wav_bytes(audio.astype(np.float32), rate)
+    return pcm16_wav(audio.astype(np.float32), rate)
 
 
 def test_frontend_features_and_cache(frontend: PromptFrontend) -> None:
