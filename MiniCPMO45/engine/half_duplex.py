@@ -20,7 +20,7 @@ from .chat import assistant_prefix, spoken_bans
 from .core import Engine
 from .generation import TokenEvent, generate, reference_chunk_budget
 from .sampling import ChatSampling
-from .session import Mode, Session
+from .session import HalfDuplexState, Mode, Session
 
 
 @dataclass
@@ -97,17 +97,24 @@ def prefill_system(engine: Engine, session: Session, content: Sequence[Content])
     session.audio_cache.clear()
 
 
+def _user_turn_prefix(st: HalfDuplexState) -> str:
+    """Text that opens (or continues) the user's turn: the first message opens it; a new message after a
+    reply first closes that reply (`<|tts_eos|>` too when it was cut off)."""
+    if not st.prefilled_any:
+        return "<|im_start|>user\n"
+    if not st.new_user_msg:
+        return ""
+    prefix = ""
+    if st.llm_generated:
+        prefix = "<|im_end|>\n" if st.llm_generate_completed else "<|tts_eos|><|im_end|>\n"
+    return prefix + "<|im_start|>user\n"
+
+
 def prefill_user_audio(engine: Engine, session: Session, segment: AudioSegment, stream: bool = True) -> None:
     """Append one user audio segment (a 1-s chunk when `stream`, else a whole VAD segment)."""
     _ensure_mode(engine, session)
     st = session.half_duplex
-    prefix = ""
-    if not st.prefilled_any:
-        prefix = "<|im_start|>user\n"
-    elif st.new_user_msg:
-        if st.llm_generated:
-            prefix = "<|im_end|>\n" if st.llm_generate_completed else "<|tts_eos|><|im_end|>\n"
-        prefix += "<|im_start|>user\n"
+    prefix = _user_turn_prefix(st)
     n = pooled_tokens(segment.frames, engine.model.config.audio_pool_step)
     first = not st.prefilled_any
     _prefill_text_and_audio(engine, session, [prefix, _audio_placeholder(n)], [segment], stream_audio=stream)
@@ -176,13 +183,7 @@ def prefill_user_text(engine: Engine, session: Session, text: str) -> None:
     """Append a typed user message (same turn bookkeeping as `prefill_user_audio`)."""
     _ensure_mode(engine, session)
     st = session.half_duplex
-    prefix = ""
-    if not st.prefilled_any:
-        prefix = "<|im_start|>user\n"
-    elif st.new_user_msg:
-        if st.llm_generated:
-            prefix = "<|im_end|>\n" if st.llm_generate_completed else "<|tts_eos|><|im_end|>\n"
-        prefix += "<|im_start|>user\n"
+    prefix = _user_turn_prefix(st)
     engine.feed_ids([session], [engine.tokenizer.encode(prefix + text)])
     st.prefilled_any = True
     st.new_user_msg = False
