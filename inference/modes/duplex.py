@@ -144,13 +144,20 @@ class DuplexMode:
         assert batcher is not None and all(m.batcher is batcher for m in modes)
         engine = batcher.engine
         sessions, inputs, force_listen, scripts, catching_up, dropped = [], [], [], [], [], []
-        for k, mode in zip(live, modes, strict=True):
+        # one device read for every session's KV length (not one per session)
+        lengths = engine.cache.lengths[[m.session.slot for m in modes]].tolist()  # type: ignore[union-attr]
+        for k, mode, length in zip(live, modes, lengths, strict=True):
             _, unit, frame = batch[k]
             assert mode.session is not None and mode.window is not None
             behind = unit.queued_units > mode.options.max_backlog_units
             # the previous unit's tail ([terminator] </unit>) is still pending: it goes in with this prefill
-            dropped.append(dx.make_room(engine, mode.session, mode.window, UNIT_BUDGET[mode.name]))
-            mode.window.mark(dx.context_length(engine, mode.session))
+            context = length + len(dx.pending_tail(engine, mode.session))
+            shed = 0
+            if context + UNIT_BUDGET[mode.name] > mode.window.max_tokens:  # rare: the window slides
+                shed = dx.make_room(engine, mode.session, mode.window, UNIT_BUDGET[mode.name])
+                context = dx.context_length(engine, mode.session)
+            dropped.append(shed)
+            mode.window.mark(context)
             frames = [Image.fromarray(frame)] if mode.omni and frame is not None else []
             sessions.append(mode.session)
             inputs.append(dx.UnitInput(audio=unit.pcm, frames=frames))
@@ -162,13 +169,15 @@ class DuplexMode:
             catching_up.append(behind)
         results = batcher.run_units(sessions, inputs, force_listen=force_listen, scripts=scripts)
         tick = batcher.timings
+        after = engine.cache.lengths[[s.slot for s in sessions]].tolist()
         for n, (k, mode, out) in enumerate(zip(live, modes, results, strict=True)):
             timings = {
                 "backlog_units": float(batch[k][1].queued_units),
                 "prefill_ms": tick["prefill_ms"],
                 "decide_ms": tick["generate_ms"],
                 "batch_sessions": float(len(modes)),
-                "kv_tokens": float(dx.context_length(engine, mode.session)),
+                # the context after the unit: its KV plus the tail still pending
+                "kv_tokens": float(after[n] + len(dx.pending_tail(engine, sessions[n]))),
                 "dropped_tokens": float(dropped[n]),
             }
             outputs[k] = mode._unit_outputs(out, timings)
