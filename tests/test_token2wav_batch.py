@@ -228,23 +228,31 @@ def test_rows_beyond_the_largest_bucket_split(folder: Path, token2wav_fixture_di
     np.testing.assert_allclose(pieces[64][0], alone[0], atol=CHAIN_ATOL, rtol=0)
 
 
-def test_vocoder_block_round_is_one_batch(folder: Path, token2wav_fixture_dir: Path) -> None:
+@pytest.mark.parametrize(("block_frames", "rounds"), [(16, 4), (64, 1)])
+def test_vocoder_block_round_is_one_batch(
+    folder: Path, token2wav_fixture_dir: Path, block_frames: int, rounds: int
+) -> None:
     """Streams at different points (fresh, short history, full history) fed windows of different sizes:
-    one F0 and one decoder batch per 16-frame block round, and the audio of each stream run alone."""
+    one F0 and one decoder batch per block round (16-frame blocks: 16, 16, 16, 2 frames; the default 64:
+    one round for a whole window), and the audio of each stream run alone with the official 16-frame
+    blocks, whatever the block size."""
     model = _load(token2wav_fixture_dir, folder, None)
     vocoder = model.streaming
     assert isinstance(vocoder, StreamingVocoder)
+    assert vocoder.block_frames == 64  # the default
     gen = torch.Generator().manual_seed(3)
 
     def mel(frames: int) -> torch.Tensor:
         return torch.randn(1, 80, frames, generator=gen) * 0.5 - 2
 
+    vocoder.block_frames = 16
     states = [vocoder.new_state() for _ in range(4)]
     for state, history in zip(states, (0, 1, 3, 2), strict=True):
         for _ in range(history):
             vocoder.stream(state, mel(50))
     mels = [mel(50), mel(50), mel(50), mel(18)]
     alone = [vocoder.stream(st.clone(), m) for st, m in zip(states, mels, strict=True)]
+    vocoder.block_frames = block_frames
     calls = {"f0": 0, "decode": 0}
     f0_forward, run_decoder = vocoder.f0_model.forward, vocoder._run_decoder
 
@@ -259,7 +267,7 @@ def test_vocoder_block_round_is_one_batch(folder: Path, token2wav_fixture_dir: P
     vocoder.f0_model.forward = count_f0  # type: ignore[method-assign]
     vocoder._run_decoder = count_decode  # type: ignore[method-assign]
     got = vocoder.stream_batch(states, mels, [False] * 4)
-    assert calls == {"f0": 4, "decode": 4}  # blocks of 16, 16, 16, 2 frames
+    assert calls == {"f0": rounds, "decode": rounds}
     for a, b in zip(got, alone, strict=True):
         assert a.shape == b.shape and a.shape[1] > 0
         torch.testing.assert_close(a, b, atol=AUDIO_ATOL, rtol=0)

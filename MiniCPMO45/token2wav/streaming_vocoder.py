@@ -1,6 +1,9 @@
 """Streaming mel -> waveform with the causal HiFT and a bounded history (the official BoundedVocoder rule).
 
-Mel arrives in calls of any size and is processed in blocks of `block_frames` (16). For each block:
+Mel arrives in calls of any size and is processed in blocks of `block_frames` (default 64: a whole flow window of
+50 frames, or a last chunk of up to 56, in one round; the official BoundedVocoder uses 16). The audio does not
+depend on the block size: every output sample sees the same frames whatever the split, because each stage re-runs
+over its full left context. Bigger blocks only mean fewer rounds and less re-run context. For each block:
 
 1. F0 is predicted (in float64) for every frame that has its 3 frames of right context, re-running the
    predictor over the 8 frames of left context it needs.
@@ -60,7 +63,7 @@ class VocoderState:
 
 
 class StreamingVocoder:
-    def __init__(self, model: CausalHiFTGenerator, noise_table: torch.Tensor, block_frames: int = 16) -> None:
+    def __init__(self, model: CausalHiFTGenerator, noise_table: torch.Tensor, block_frames: int = 64) -> None:
         if model.training:
             raise ValueError("the streaming vocoder needs an eval-mode CausalHiFTGenerator")
         if block_frames < 1:
@@ -156,7 +159,7 @@ class StreamingVocoder:
         All rows run as one F0 batch: each row's mel is left-aligned and right-padded with zeros, and the
         predictor runs with a zero future. Its look-ahead conv then sees a row's own frames for every output
         a non-final call keeps (and zeros past a final row's end, as a final call does); the later convs
-        only look back. The excitation runs per 16-frame block over the rows that still have frames."""
+        only look back. The excitation runs per block (`block_frames`) over the rows that still have frames."""
         todo = []  # (state, mel frames, first real F0 output, new frames)
         for st in states:
             received = st.mel_start + st.mel.shape[2]
@@ -263,7 +266,7 @@ class StreamingVocoder:
     def stream_batch(
         self, states: list[VocoderState], mels: list[torch.Tensor], finals: list[bool]
     ) -> list[torch.Tensor]:
-        """`stream` for several independent streams: per 16-frame block round, one F0 batch and one decoder
+        """`stream` for several independent streams: per block round (`block_frames`), one F0 batch and one decoder
         batch over all streams (final flushes batch by length); see `_make_sources` and `_decode`."""
         if not len(states) == len(mels) == len(finals):
             raise ValueError("states, mels and finals must have the same length")
