@@ -118,8 +118,13 @@ def _play(model: Token2Wav, fixture: Path, alone: bool) -> Played:
             pieces = model.push_codes_batch(requests)
         for i, got in zip(owners, pieces, strict=True):
             audio[i].append(got)
-            cache = turns[i].flow_cache  # type: ignore[union-attr]
-            caches[i].append([t.clone() for t in vars(cache).values()])
+            turn = turns[i]
+            assert turn is not None
+            cache = model.flow_cache_of(turn)
+            tensors = [t.clone() for t in vars(cache).values()]
+            if turn.finished:  # the padded path gives a finished turn's store keys back
+                tensors = tensors[:-1]
+            caches[i].append(tensors)
     mels = [log.of(t.vocoder) for t in turns if t is not None]
     return audio, mels, caches
 
@@ -178,7 +183,8 @@ def test_one_round_is_one_flow_batch(
     flushing = _turn_at(model, first, 2, 40)
     closing = _turn_at(model, second, 3, 50)
     lengths = {
-        t.flow_cache.estimator_kv.shape[4] for t in (opening, middle, steady, other, flushing, closing)
+        model.flow_cache_of(t).estimator_kv.shape[4]
+        for t in (opening, middle, steady, other, flushing, closing)
     }
     assert len(lengths) >= 4
     windows = [

@@ -150,17 +150,20 @@ class FlowSampler(nn.Module):
         spks: torch.Tensor,
         n_steps: int,
         conv_cache: torch.Tensor,
-        kv_cache: torch.Tensor,
+        kv_store: torch.Tensor,
+        key_valid: torch.Tensor,
         cached_frames: torch.Tensor,
         valid_frames: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`sample_chunk` for B streams with caches of different lengths, padded to common shapes.
+        write_pos: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`sample_chunk` for B streams whose estimator KV lives in a store, padded to common shapes.
 
         mu (B, 80, T): row b's first valid_frames[b] frames are real. The estimator rows are interleaved
-        (2b conditioned, 2b + 1 unconditioned): conv (steps, depth, 2B, 2*hidden, 2) and kv (steps, depth,
-        2B, heads, S, 2*head_dim) whose first cached_frames[b] slots are real. Each row reads its own noise
-        (offset = its cache length). Returns (mel (B, 80, T), new conv cache, this chunk's keys/values
-        (steps, depth, 2B, heads, T, 2*head_dim)).
+        (2b conditioned, 2b + 1 unconditioned): conv (steps, depth, 2B, 2*hidden, 2) and the store kv_store
+        (steps, depth, 2B, heads, C, 2*head_dim), whose positions key_valid (B, C) marks as row b's cached
+        keys. Row b writes its chunk's keys at write_pos (B, T) (padding frames at a scratch position no mask
+        marks) and reads its own noise at offset cached_frames[b] (its cache length). Returns (mel (B, 80, T),
+        new conv cache); the store holds the chunk's keys afterwards.
         """
         batch, _, frames = mu.shape
         positions = cached_frames[:, None] + torch.arange(frames, device=mu.device)
@@ -169,31 +172,32 @@ class FlowSampler(nn.Module):
         mu2 = torch.stack([mu, torch.zeros_like(mu)], dim=1).flatten(0, 1)
         spks2 = torch.stack([spks, torch.zeros_like(spks)], dim=1).flatten(0, 1)
         cond2 = torch.zeros_like(mu2)
-        lengths2 = cached_frames.repeat_interleave(2)
         valid2 = valid_frames.repeat_interleave(2)
-        key_mask = torch.cat(
-            [right_padded_mask(valid2, frames), right_padded_mask(lengths2, kv_cache.shape[4])], dim=1
-        )
+        write2 = write_pos.repeat_interleave(2, dim=0)
+        # the cached keys plus this chunk's real ones (padding frames all land on a scratch position; an idle
+        # row's key_valid marks only that scratch, so its softmax stays finite)
+        cached = key_valid.repeat_interleave(2, dim=0)
+        key_mask = cached.scatter(1, write2, right_padded_mask(valid2, frames)) | cached
         t = grid[0:1]
         dt = grid[1] - grid[0]
-        new_conv, new_kv = [], []
+        new_conv = []
         for step in range(1, n_steps + 1):
-            v, conv, kv = self.estimator.forward_ragged(
+            v, conv = self.estimator.forward_ragged(
                 x.repeat_interleave(2, dim=0),
                 mu2,
                 t.repeat(2 * batch),
                 spks2,
                 cond2,
                 conv_cache[step - 1],
-                kv_cache[step - 1],
+                kv_store[step - 1],
                 key_mask,
                 valid2,
+                write2,
             )
             new_conv.append(conv)
-            new_kv.append(kv)
             v = v.view(batch, 2, *v.shape[1:])
             x = x + dt * ((1.0 + self.cfg_rate) * v[:, 0] - self.cfg_rate * v[:, 1])
             t = t + dt
             if step < n_steps:
                 dt = grid[step + 1] - t
-        return x, torch.stack(new_conv, dim=0), torch.stack(new_kv, dim=0)
+        return x, torch.stack(new_conv, dim=0)

@@ -7,6 +7,10 @@ conv block, a tanh-GELU MLP) with shift/scale/gate vectors predicted from the ti
 Streaming (`forward_chunk`) keeps per block a conv cache (b, 2*hidden, 2) (the last two inputs of both
 causal convs) and a KV cache (b, heads, t, 2*head_dim). New keys are placed *before* the cached ones (the
 official layout; attention has no positions or mask, so the order only matters for cache trimming).
+
+The padded batch path (`forward_ragged`) instead reads and writes a KV store in place (b, heads, C, 2*head_dim):
+each row writes its new keys at the positions it is given and attends over the store positions its mask marks
+(see `kv_store.py`); since order does not matter, no cache is ever joined or copied.
 """
 
 from __future__ import annotations
@@ -75,20 +79,30 @@ class QKNormAttention(nn.Module):
         x: torch.Tensor,
         cache: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
-        new_only: bool = False,
+        write_pos: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (b, t, hidden); cache (b, h, t_cache, 2*head_dim); key_mask (b, t [+ t_cache]) bool, True for
-        valid keys (new keys first, then the cached ones). Returns the output and the new cache, or with
-        `new_only` just this chunk's keys and values (b, h, t, 2*head_dim)."""
+        valid keys (new keys first, then the cached ones). Returns the output and the new cache.
+
+        With `write_pos` (b, t) the cache is a store (b, h, C, 2*head_dim): this chunk's keys and values are
+        written into it in place at those positions, and the attention runs over the store with key_mask
+        (b, C). Returns the output and the store."""
         b, t, _ = x.shape
         q = self.q_norm(self._heads(self.to_q(x)))
         k = self.k_norm(self._heads(self.to_k(x)))
         v = self._heads(self.to_v(x))
-        chunk_kv = torch.cat([k, v], dim=3) if new_only else None
+        if write_pos is not None:
+            if cache is None or key_mask is None:
+                raise ValueError("a store write needs the store and its key mask")
+            idx = write_pos[:, None, :, None].expand(b, self.heads, t, 2 * self.head_dim)
+            cache.scatter_(2, idx, torch.cat([k, v], dim=3).to(cache.dtype))
+            k, v = cache[..., : self.head_dim], cache[..., self.head_dim :]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+            return self.proj(out.transpose(1, 2).reshape(b, t, -1)), cache
         if cache is not None:
             k = torch.cat([k, cache[..., : self.head_dim]], dim=2)
             v = torch.cat([v, cache[..., self.head_dim :]], dim=2)
-        new_cache = chunk_kv if chunk_kv is not None else torch.cat([k, v], dim=3)
+        new_cache = torch.cat([k, v], dim=3)
         mask = None if key_mask is None else key_mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(b, t, -1)), new_cache
@@ -171,9 +185,10 @@ class DiTBlock(nn.Module):
         kv_cache: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
         valid: torch.Tensor | None = None,
+        write_pos: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """valid (b,) real frames per row (padded chunks): the attention then returns only this chunk's
-        keys/values and the conv cache ends at each row's last real frame."""
+        """valid (b,) real frames per row (padded chunks): the conv cache then ends at each row's last real
+        frame. write_pos: the KV cache is a store written in place (`QKNormAttention.forward`)."""
         (
             shift_attn,
             scale_attn,
@@ -185,9 +200,7 @@ class DiTBlock(nn.Module):
             scale_conv,
             gate_conv,
         ) = self.adaLN_modulation(c).chunk(9, dim=-1)
-        h, new_kv = self.attn(
-            _modulate(self.norm1(x), shift_attn, scale_attn), kv_cache, key_mask, new_only=valid is not None
-        )
+        h, new_kv = self.attn(_modulate(self.norm1(x), shift_attn, scale_attn), kv_cache, key_mask, write_pos)
         x = x + gate_attn * h
         h, new_conv = self.conv(_modulate(self.norm3(x), shift_conv, scale_conv), conv_cache, valid)
         x = x + gate_conv * h
@@ -280,21 +293,21 @@ class DiT(nn.Module):
         spks: torch.Tensor,
         cond: torch.Tensor,
         conv_cache: torch.Tensor,
-        kv_cache: torch.Tensor,
+        kv_store: torch.Tensor,
         key_mask: torch.Tensor,
         valid: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`forward_chunk` for padded rows: row b has valid[b] real frames (then padding) and its cache
-        keys padded; key_mask (b, T + t_cache) marks the real keys (this chunk's first, then the cache's).
+        write_pos: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward_chunk` for padded rows over a KV store: row b has valid[b] real frames (then padding);
+        kv_store (depth, b, heads, C, 2*head_dim) gets this chunk's keys at write_pos (b, T) in place and
+        key_mask (b, C) marks the keys each row attends to (its cached ones and this chunk's real ones).
 
-        Returns (out (b, 80, T), new conv cache (depth, b, 2*hidden, 2), this chunk's keys/values
-        (depth, b, heads, T, 2*head_dim)).
+        Returns (out (b, 80, T), new conv cache (depth, b, 2*hidden, 2)).
         """
         h, c = self._inputs(x, mu, t, spks, cond)
-        new_conv, new_kv = [], []
+        new_conv = []
         for idx, block in enumerate(self.blocks):
-            h, conv, kv = block(h, c, conv_cache[idx], kv_cache[idx], key_mask, valid)
+            h, conv, _ = block(h, c, conv_cache[idx], kv_store[idx], key_mask, valid, write_pos)
             new_conv.append(conv)
-            new_kv.append(kv)
         out = self.final_layer(h, c).transpose(1, 2)
-        return out, torch.stack(new_conv, dim=0), torch.stack(new_kv, dim=0)
+        return out, torch.stack(new_conv, dim=0)

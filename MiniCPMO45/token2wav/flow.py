@@ -213,22 +213,33 @@ class Flow(nn.Module):
         up: torch.Tensor,
         conformer_frames: torch.Tensor,
         conv: torch.Tensor,
-        kv: torch.Tensor,
+        kv_store: torch.Tensor,
+        key_valid: torch.Tensor,
         estimator_frames: torch.Tensor,
+        write_pos: torch.Tensor,
         n_steps: int,
     ) -> tuple[torch.Tensor, ...]:
         """Streaming windows of B streams at any point of their turns as one padded batch (no host syncs;
         what `flow_graphs` captures). See `UpsampleConformerEncoder.forward_ragged` and
-        `FlowSampler.sample_ragged` for the layouts. Returns (mel (B, 80, 2U), new cnn cache, new low /
-        up conformer keys of this chunk, new estimator conv cache, new estimator keys of this chunk)."""
+        `FlowSampler.sample_ragged` for the layouts; the estimator keys live in `kv_store` (written in
+        place). Returns (mel (B, 80, 2U), new cnn cache, new low / up conformer keys of this chunk, new
+        estimator conv cache)."""
         h, new_cnn, new_low, new_up = self.encoder.forward_ragged(
             self.input_embedding(tokens), n_tokens, valid, cnn, low, up, conformer_frames
         )
         mu = self.encoder_proj(h).transpose(1, 2)
-        mel, new_conv, new_kv = self.decoder.sample_ragged(
-            mu, self._speaker(spk), n_steps, conv, kv, estimator_frames, valid * self.up_rate
+        mel, new_conv = self.decoder.sample_ragged(
+            mu,
+            self._speaker(spk),
+            n_steps,
+            conv,
+            kv_store,
+            key_valid,
+            estimator_frames,
+            valid * self.up_rate,
+            write_pos,
         )
-        return mel, new_cnn, new_low, new_up, new_conv, new_kv
+        return mel, new_cnn, new_low, new_up, new_conv
 
 
 def trim_flow_cache(cache: FlowCache, prompt_frames: int, history_frames: int, low_layers: int) -> FlowCache:

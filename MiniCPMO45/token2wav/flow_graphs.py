@@ -2,14 +2,18 @@
 
 Turns sit at different points (turn opening, steady, duplex flush, last chunk), so their windows differ in
 token count and their caches in length. `Flow.ragged_forward` runs them together: window tokens padded to
-`token_slots` (4, 8, 16, 25 or 28 output tokens), caches padded to a common number of slots (a multiple of 16 that
-holds prompt + history), padded keys masked out per row, positions and the ODE noise offset kept per row.
-The batch is padded to a bucket (1, 2, 4, ..., 64); padding rows hold finite filler and are dropped.
+`token_slots` (4, 8, 16, 25 or 28 output tokens), conformer caches padded to a common number of slots (a
+multiple of 16 that holds prompt + history), padded keys masked out per row, positions and the ODE noise offset
+kept per row. The estimator's keys never move: each turn's live in its rows of the `EstimatorStore`
+(`kv_store.py`), and the batch's row r is store slot `base + r`, so the batch covers the slots up to the
+highest one in the round (padded to a bucket 1, 2, 4, ..., 64); rows without a window this round are idle
+(they write only the scratch position and their outputs are dropped).
 
 On CUDA (when enabled) a `ChunkShape` seen `capture_after` times is captured once and replayed. All graphs
-with the same cache slots read one set of static input buffers (`RaggedInputs`, sized for the largest
-bucket used so far), so memory does not grow with the number of shapes. Otherwise the same padded code runs
-eagerly, which is what the CPU tests compare with the per-turn plain path.
+with the same conformer cache slots read one set of static input buffers (`RaggedInputs`, sized for the
+largest bucket used so far), so memory does not grow with the number of shapes; a store that grows drops
+them all. Otherwise the same padded code runs eagerly, which is what the CPU tests compare with the per-turn
+plain path.
 
 Graph outputs live in the shared pool and are overwritten by the next replay: `split_rows` copies out
 what each turn keeps.
@@ -20,10 +24,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 from .flow import Flow, FlowCache
 from .host import device_tensor
+from .kv_store import EstimatorStore, KVSlot
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MAX_BUCKET = BATCH_BUCKETS[-1]
@@ -55,26 +61,37 @@ def _round_up(n: int, granule: int) -> int:
 class ChunkShape:
     bucket: int
     token_slots: int  # U: padded output tokens (2U mel frames)
-    cache_slots: int  # padded cache length in mel frames (conformer and estimator)
+    cache_slots: int  # padded conformer cache length in mel frames
     n_steps: int
+    base: int = 0  # first store slot of the batch (row r is slot base + r)
 
 
 @dataclass
 class WindowRow:
-    """One turn's window: its tokens (with look-ahead unless last), its cache and speaker vector (1, 192).
-    `capacity`: the most cache frames this turn can hold (prompt + history), which sizes the padding."""
+    """One turn's window: its tokens (with look-ahead unless last), its conformer and conv caches, speaker
+    vector (1, 192) and estimator KV slot. `capacity`: the most cache frames this turn can hold (prompt +
+    history), which sizes the conformer padding."""
 
     tokens: Sequence[int]
     last_chunk: bool
     cache: FlowCache | None  # None once the round has consumed it (see `split_rows`)
     spk: torch.Tensor
     capacity: int
-    prompt_frames: int | None = None  # given: the estimator KV comes back already cut like `trim_flow_cache`
+    slot: KVSlot
+
+    def frames(self, lookahead: int, up_rate: int) -> int:
+        """Mel frames (and estimator keys) this window adds."""
+        return (len(self.tokens) - (0 if self.last_chunk else lookahead)) * up_rate
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    host = torch.from_numpy(array)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
 
 
 @dataclass(eq=False)
 class RaggedInputs:
-    """Padded inputs of `Flow.ragged_forward` for `rows` streams (estimator rows interleaved)."""
+    """Padded inputs of `Flow.ragged_forward` for `rows` streams (estimator rows interleaved), the store apart."""
 
     tokens: torch.Tensor  # (rows, U + lookahead) long
     n_tokens: torch.Tensor  # (rows,) long: real tokens of each row
@@ -85,24 +102,27 @@ class RaggedInputs:
     up: torch.Tensor  # (up layers, rows, h, S, 2*d_k), left-padded
     conformer_frames: torch.Tensor  # (rows,) long
     conv: torch.Tensor  # (steps, depth, 2*rows, 2*hidden, 2)
-    kv: torch.Tensor  # (steps, depth, 2*rows, heads, S, 2*head_dim), right-padded
-    estimator_frames: torch.Tensor  # (rows,) long
+    key_valid: torch.Tensor  # (rows, C) bool: store positions holding each row's cached keys
+    estimator_frames: torch.Tensor  # (rows,) long: keys cached per row (its noise offset)
+    write_pos: torch.Tensor  # (rows, 2U) long: store positions for this window's keys (padding: scratch)
 
     @staticmethod
-    def row_bytes(flow: Flow, token_width: int, slots: int, n_steps: int) -> int:
-        """Bytes of one row of `zeros(flow, rows, token_width, slots, n_steps)`."""
+    def row_bytes(flow: Flow, token_width: int, slots: int, n_steps: int, store_frames: int) -> int:
+        """Bytes of one row of `zeros(flow, rows, token_width, slots, n_steps, store_frames)`."""
         enc, dit = flow.p.encoder, flow.p.estimator
         itemsize = flow.input_embedding.weight.element_size()
         floats = (
             flow.p.spk_embed_dim
             + enc.output_size * (2 + 2 * enc.up_stride)
             + (enc.num_blocks * slots // 2 + enc.num_up_blocks * slots) * 2 * enc.output_size
-            + n_steps * dit.depth * 2 * (4 * dit.hidden_size + dit.num_heads * slots * 2 * dit.head_dim)
+            + n_steps * dit.depth * 2 * 4 * dit.hidden_size
         )
-        return floats * itemsize + (token_width + 4) * 8
+        return floats * itemsize + store_frames + (token_width * (1 + flow.up_rate) + 4) * 8
 
     @classmethod
-    def zeros(cls, flow: Flow, rows: int, token_width: int, slots: int, n_steps: int) -> RaggedInputs:
+    def zeros(
+        cls, flow: Flow, rows: int, token_width: int, slots: int, n_steps: int, store_frames: int
+    ) -> RaggedInputs:
         device = flow.input_embedding.weight.device
         dtype = flow.input_embedding.weight.dtype
         enc, dit = flow.p.encoder, flow.p.estimator
@@ -122,8 +142,9 @@ class RaggedInputs:
             zeros(enc.num_up_blocks, rows, enc.attention_heads, slots, 2 * d_k),
             zeros(rows, kind=torch.long),
             zeros(n_steps, dit.depth, 2 * rows, 2 * dit.hidden_size, 2),
-            zeros(n_steps, dit.depth, 2 * rows, dit.num_heads, slots, 2 * dit.head_dim),
+            zeros(rows, store_frames, kind=torch.bool),
             zeros(rows, kind=torch.long),
+            zeros(rows, (token_width - flow.lookahead) * flow.up_rate, kind=torch.long),
         )
 
     @property
@@ -134,7 +155,7 @@ class RaggedInputs:
     def nbytes(self) -> int:
         return sum(getattr(self, f.name).nbytes for f in fields(self))
 
-    def view(self, rows: int, token_width: int, n_steps: int) -> RaggedInputs:
+    def view(self, rows: int, token_width: int, frames: int, n_steps: int) -> RaggedInputs:
         """The first `rows` streams (views: every batched dim is outermost or per step/layer)."""
         return RaggedInputs(
             self.tokens[:rows, :token_width],
@@ -146,42 +167,69 @@ class RaggedInputs:
             self.up[:, :rows],
             self.conformer_frames[:rows],
             self.conv[:n_steps, :, : 2 * rows],
-            self.kv[:n_steps, :, : 2 * rows],
+            self.key_valid[:rows],
             self.estimator_frames[:rows],
+            self.write_pos[:rows, :frames],
         )
 
-    def fill(self, windows: Sequence[WindowRow], lookahead: int, low_layers: int) -> None:
-        """Copy the windows into rows 0..n-1; rows n.. become padding (1 real token, empty caches)."""
+    def fill(
+        self,
+        windows: Sequence[WindowRow],
+        rows_of: Sequence[int],
+        lookahead: int,
+        low_layers: int,
+        up_rate: int,
+    ) -> list[list[int]]:
+        """Copy window i into row rows_of[i] and claim store positions for its new keys; the other rows are
+        idle (1 padding token, empty caches, keys only at scratch). Returns each window's positions."""
         rows, width = self.rows, self.tokens.shape[1]
-        n = len(windows)
-        token_rows = [list(w.tokens) + [0] * (width - len(w.tokens)) for w in windows]
-        token_rows += [[0] * width] * (rows - n)
-        lengths = [
-            [len(w.tokens) for w in windows] + [width] * (rows - n),
-            [len(w.tokens) - (0 if w.last_chunk else lookahead) for w in windows] + [1] * (rows - n),
-            [w.cache.conformer_att.shape[3] for w in windows] + [0] * (rows - n),
-            [w.cache.estimator_kv.shape[4] for w in windows] + [0] * (rows - n),
-        ]
+        frames_width = self.write_pos.shape[1]
+        scratch = self.key_valid.shape[1] - 1
         device = self.tokens.device
-        self.tokens.copy_(device_tensor(token_rows, torch.long, device))
-        host = device_tensor(lengths, torch.long, device)
+        tokens = np.zeros((rows, width), np.int64)
+        lengths = np.zeros((4, rows), np.int64)  # n_tokens, valid, conformer frames, estimator frames
+        lengths[0], lengths[1] = width, 1
+        write = np.full((rows, frames_width), scratch, np.int64)
+        key_valid = np.zeros((rows, scratch + 1), np.bool_)
+        key_valid[:, scratch] = True
+        claimed = []
+        for w, r in zip(windows, rows_of, strict=True):
+            assert w.cache is not None
+            tokens[r, : len(w.tokens)] = w.tokens
+            lengths[:, r] = (
+                len(w.tokens),
+                len(w.tokens) - (0 if w.last_chunk else lookahead),
+                w.cache.conformer_att.shape[3],
+                w.slot.length,
+            )
+            key_valid[r, scratch] = False
+            key_valid[r, w.slot.order] = True
+            positions = w.slot.claim(w.frames(lookahead, up_rate))
+            write[r, : len(positions)] = positions
+            claimed.append(positions)
+        self.tokens.copy_(_to_device(tokens, device))
+        host = _to_device(lengths, device)
         for dest, src in zip(
             (self.n_tokens, self.valid, self.conformer_frames, self.estimator_frames), host, strict=True
         ):
             dest.copy_(src)
-        self.spk[:n].copy_(torch.cat([w.spk for w in windows], dim=0))
-        self.cnn[:n].copy_(torch.cat([w.cache.conformer_cnn for w in windows], dim=0))
+        self.write_pos.copy_(_to_device(write, device))
+        self.key_valid.copy_(_to_device(key_valid, device))
+        index = device_tensor(list(rows_of), torch.long, device)
+        self.spk.index_copy_(0, index, torch.cat([w.spk for w in windows], dim=0).to(self.spk.dtype))
+        cnn = torch.cat([w.cache.conformer_cnn for w in windows if w.cache is not None], dim=0)
+        self.cnn.index_copy_(0, index, cnn.to(self.cnn.dtype))
         half_slots = self.low.shape[3]
-        for b, w in enumerate(windows):
+        for w, b in zip(windows, rows_of, strict=True):
+            assert w.cache is not None
             att = w.cache.conformer_att
             frames = att.shape[3]
             self.low[:, b, :, half_slots - frames // 2 :].copy_(att[:low_layers, 0, :, : frames // 2])
             self.up[:, b, :, self.up.shape[3] - frames :].copy_(att[low_layers:, 0])
             self.conv[:, :, 2 * b : 2 * b + 2].copy_(w.cache.estimator_conv)
-            kv = w.cache.estimator_kv
-            self.kv[:, :, 2 * b : 2 * b + 2, :, : kv.shape[4]].copy_(kv)
+        return claimed
 
-    def forward(self, flow: Flow, n_steps: int) -> tuple[torch.Tensor, ...]:
+    def forward(self, flow: Flow, n_steps: int, kv_store: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return flow.ragged_forward(
             self.tokens,
             self.n_tokens,
@@ -192,28 +240,12 @@ class RaggedInputs:
             self.up,
             self.conformer_frames,
             self.conv,
-            self.kv,
+            kv_store,
+            self.key_valid,
             self.estimator_frames,
+            self.write_pos,
             n_steps,
         )
-
-
-def join_and_trim(new: torch.Tensor, old: torch.Tensor, front: int, back: int) -> torch.Tensor:
-    """`cat([new, old], dim=4)` cut to its first `front` and last `back` frames (when longer than both), built
-    from slices so the whole joined tensor is never materialized (it is the largest per-turn tensor)."""
-    n, total = new.shape[4], new.shape[4] + old.shape[4]
-    if total <= front + back:
-        return torch.cat([new, old], dim=4)
-
-    def frames(t: torch.Tensor, a: int, b: int | None = None) -> torch.Tensor:
-        return t[:, :, :, :, a:b]
-
-    parts = [frames(new, 0, min(n, front))]
-    if front > n:
-        parts.append(frames(old, 0, front - n))
-    start = total - back
-    parts += [frames(new, start), old] if start < n else [frames(old, start - n)]
-    return torch.cat(parts, dim=4)
 
 
 RowDone = Callable[[int, torch.Tensor, FlowCache], None]
@@ -222,20 +254,21 @@ RowDone = Callable[[int, torch.Tensor, FlowCache], None]
 def split_rows(
     outputs: tuple[torch.Tensor, ...],
     windows: Sequence[WindowRow],
+    rows_of: Sequence[int],
     lookahead: int,
     low_layers: int,
     up_rate: int,
     done: RowDone | None = None,
 ) -> list[tuple[torch.Tensor, FlowCache]]:
-    """Each window's (mel (1, 80, frames), new untrimmed cache) as fresh tensors: the chunk's real keys
-    joined to the turn's old cache exactly as `UpsampleConformerEncoder.forward_chunk` and the DiT do.
+    """Each window's (mel (1, 80, frames), new untrimmed cache) as fresh tensors: the chunk's real conformer
+    keys joined to the turn's old ones exactly as `UpsampleConformerEncoder.forward_chunk` does (the
+    estimator keys are in the store already; the cache keeps its empty placeholder).
 
-    Consumes each row's old cache (`cache` becomes None) and calls `done(row, mel, cache)` as soon as the
-    row is built, so a caller that hands the new cache to its turn there frees the old one at once: the
-    round then holds one stream's cache extra, not a second copy of every stream's (~140 MB each)."""
-    mel, cnn, new_low, new_up, conv, new_kv = outputs
+    Consumes each window's old cache (`cache` becomes None) and calls `done(i, mel, cache)` as soon as
+    window i's is built, so a caller that hands the new cache to its turn there frees the old one at once."""
+    mel, cnn, new_low, new_up, conv = outputs
     out = []
-    for b, w in enumerate(windows):
+    for i, (w, b) in enumerate(zip(windows, rows_of, strict=True)):
         tokens = len(w.tokens) - (0 if w.last_chunk else lookahead)
         frames = tokens * up_rate
         old, w.cache = w.cache, None
@@ -250,35 +283,31 @@ def split_rows(
             cnn[b : b + 1].clone(),
             torch.cat([low.repeat(1, 1, 1, up_rate, 1), up], dim=0),
             conv[:, :, 2 * b : 2 * b + 2].clone(),
-            join_and_trim(
-                new_kv[:, :, 2 * b : 2 * b + 2, :, :frames],
-                old.estimator_kv,
-                w.prompt_frames,
-                w.capacity - w.prompt_frames,
-            )
-            if w.prompt_frames is not None
-            else torch.cat([new_kv[:, :, 2 * b : 2 * b + 2, :, :frames], old.estimator_kv], dim=4),
+            old.estimator_kv,
         )
         row_mel = mel[b : b + 1, :, :frames].clone()
         del old
         if done is not None:
-            done(b, row_mel, cache)
+            done(i, row_mel, cache)
         out.append((row_mel, cache))
     return out
 
 
 class _Captured:
-    def __init__(self, flow: Flow, inputs: RaggedInputs, n_steps: int, pool: object) -> None:
+    def __init__(
+        self, flow: Flow, inputs: RaggedInputs, n_steps: int, kv_store: torch.Tensor, pool: object
+    ) -> None:
         self.inputs = inputs
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
+        # warm-up runs write this round's keys; the captured replay below writes them again, same values
         with torch.cuda.stream(side):
             for _ in range(2):
-                inputs.forward(flow, n_steps)
+                inputs.forward(flow, n_steps, kv_store)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.outputs = inputs.forward(flow, n_steps)
+            self.outputs = inputs.forward(flow, n_steps, kv_store)
 
     def run(self) -> tuple[torch.Tensor, ...]:
         self.graph.replay()
@@ -286,9 +315,10 @@ class _Captured:
 
 
 class FlowGraphs:
-    """Padded flow rounds for one flow. With `graphs` (and the flow on CUDA) a shape seen `capture_after`
-    times is captured, while the static buffers (one set per cache size, grown to the largest bucket)
-    stay under `max_bytes`; other shapes run the padded code eagerly. `calls` counts flow batches run."""
+    """Padded flow rounds for one flow, and the `EstimatorStore` of its turns. With `graphs` (and the flow
+    on CUDA) a shape seen `capture_after` times is captured, while the static buffers (one set per conformer
+    cache size, grown to the largest bucket) stay under `max_bytes`; other shapes run the padded code
+    eagerly. `calls` counts flow batches run."""
 
     def __init__(self, flow: Flow, graphs: bool, capture_after: int = 2, max_bytes: int = 16 * 2**30) -> None:
         if capture_after < 1:
@@ -297,83 +327,138 @@ class FlowGraphs:
         self.graphs = graphs and flow.input_embedding.weight.is_cuda
         self.capture_after = capture_after
         self.max_bytes = max_bytes
+        self.store = EstimatorStore(window_frames=TOKEN_SLOTS[-1] * flow.up_rate)
         self.seen: dict[ChunkShape, int] = {}
         self.chunks: dict[ChunkShape, _Captured] = {}
         self.buffers: dict[int, RaggedInputs] = {}  # per cache_slots
         self.calls = 0
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
+        self._store_version = self.store.version
 
     @property
     def bytes_used(self) -> int:
         return sum(b.nbytes for b in self.buffers.values())
 
-    def shape_of(self, windows: Sequence[WindowRow], n_steps: int) -> ChunkShape:
+    def _drop_graphs(self) -> None:
+        """Forget captured graphs and static buffers (they read a store tensor or buffers now replaced)."""
+        had = bool(self.chunks)
+        self.chunks.clear()
+        if had and self.graphs:
+            # Never capture again into a pool whose graphs were destroyed: once its use count falls to
+            # zero the allocator may release it (empty_cache, an out-of-memory retry) and a later capture
+            # into it fails an internal assertion (torch 2.11).
+            self._pool = torch.cuda.graph_pool_handle()
+
+    def shape_of(
+        self, windows: Sequence[WindowRow], rows_of: Sequence[int], n_steps: int, base: int
+    ) -> ChunkShape:
         lookahead = self.flow.lookahead
         outputs = max(len(w.tokens) - (0 if w.last_chunk else lookahead) for w in windows)
-        longest = max(
-            max(w.capacity, w.cache.conformer_att.shape[3], w.cache.estimator_kv.shape[4]) for w in windows
-        )
+        longest = max(max(w.capacity, w.cache.conformer_att.shape[3]) for w in windows if w.cache is not None)
         return ChunkShape(
-            batch_bucket(len(windows)), token_slots(outputs), _round_up(longest, CACHE_GRANULE), n_steps
+            batch_bucket(max(rows_of) + 1),
+            token_slots(outputs),
+            _round_up(longest, CACHE_GRANULE),
+            n_steps,
+            base,
         )
 
     def _static_inputs(self, shape: ChunkShape) -> RaggedInputs | None:
         """Views of the shared static buffers for `shape`, growing them if needed (None: over budget)."""
         width = shape.token_slots + self.flow.lookahead
+        frames = self.store.frames
         have = self.buffers.get(shape.cache_slots)
         if (
             have is None
             or have.rows < shape.bucket
             or have.tokens.shape[1] < width
             or have.conv.shape[0] < shape.n_steps
+            or have.key_valid.shape[1] != frames
         ):
             rows = max(shape.bucket, 0 if have is None else have.rows)
             wide = max(width, 0 if have is None else have.tokens.shape[1])
             steps = max(shape.n_steps, 0 if have is None else have.conv.shape[0])
-            need = RaggedInputs.row_bytes(self.flow, wide, shape.cache_slots, steps) * rows
+            need = RaggedInputs.row_bytes(self.flow, wide, shape.cache_slots, steps, frames) * rows
             if self.bytes_used - (0 if have is None else have.nbytes) + need > self.max_bytes:
                 return None
             dropped = [s for s in self.chunks if s.cache_slots == shape.cache_slots]
             for old in dropped:
                 del self.chunks[old]  # captured on the old buffers
             if dropped and self.graphs:
-                # Never capture again into a pool whose graphs were destroyed: once its use count falls to
-                # zero the allocator may release it (empty_cache, an out-of-memory retry) and a later capture
-                # into it fails an internal assertion (torch 2.11).
-                self._pool = torch.cuda.graph_pool_handle()
+                self._pool = torch.cuda.graph_pool_handle()  # see `_drop_graphs`
             self.buffers.pop(shape.cache_slots, None)
             have = self.buffers[shape.cache_slots] = RaggedInputs.zeros(
-                self.flow, rows, wide, shape.cache_slots, steps
+                self.flow, rows, wide, shape.cache_slots, steps, frames
             )
-        return have.view(shape.bucket, width, shape.n_steps)
+        return have.view(shape.bucket, width, shape.token_slots * self.flow.up_rate, shape.n_steps)
 
     def run(
         self, windows: Sequence[WindowRow], n_steps: int, done: RowDone | None = None
     ) -> list[tuple[torch.Tensor, FlowCache]]:
-        """One padded batch for 1..64 windows (tokens valid ids; non-final windows longer than the
-        look-ahead; caches of any lengths). Returns each window's (mel, new untrimmed cache), owned."""
-        flow = self.flow
-        shape = self.shape_of(windows, n_steps)
+        """Every window in padded batches, one per group of 64 store slots (one batch while at most 64
+        turns are open). Tokens valid ids; non-final windows longer than the look-ahead; caches of any
+        lengths; each window's turn once. Returns each window's (mel, new untrimmed cache), owned; `done`
+        gets each window's index in `windows`."""
+        if len({id(w.slot) for w in windows}) != len(windows):
+            raise ValueError("a turn can have only one window per round")
+        groups: dict[int, list[int]] = {}
+        for i, w in enumerate(windows):
+            if w.slot.closed or w.slot.store is not self.store:
+                raise ValueError("a window's KV slot is closed or belongs to another flow")
+            groups.setdefault(w.slot.index // MAX_BUCKET, []).append(i)
+        results: list[tuple[torch.Tensor, FlowCache] | None] = [None] * len(windows)
+        for group, members in sorted(groups.items()):
+
+            def group_done(k: int, mel: torch.Tensor, cache: FlowCache, members: list[int] = members) -> None:
+                if done is not None:
+                    done(members[k], mel, cache)
+
+            part = self._run_group([windows[i] for i in members], group * MAX_BUCKET, n_steps, group_done)
+            for i, result in zip(members, part, strict=True):
+                results[i] = result
+        return [r for r in results if r is not None]
+
+    def _run_group(
+        self, windows: Sequence[WindowRow], base: int, n_steps: int, done: RowDone
+    ) -> list[tuple[torch.Tensor, FlowCache]]:
+        flow, store = self.flow, self.store
+        lookahead, low_layers, up_rate = flow.lookahead, len(flow.encoder.encoders), flow.up_rate
+        need = max(w.slot.length + w.frames(lookahead, up_rate) for w in windows) + 1
+        store.ensure(len(store.owners), need)  # only a window longer than 28 tokens can need more
+        if store.version != self._store_version:
+            self._drop_graphs()
+            self.buffers.clear()
+            self._store_version = store.version
+        rows_of = [w.slot.index - base for w in windows]
+        shape = self.shape_of(windows, rows_of, n_steps, base)
         self.seen[shape] = self.seen.get(shape, 0) + 1
         self.calls += 1
-        lookahead, low_layers = flow.lookahead, len(flow.encoder.encoders)
+        assert store.kv is not None
+        kv_view = store.kv[:, :, 2 * base : 2 * (base + shape.bucket)]
         chunk = self.chunks.get(shape)
         if chunk is not None:
-            chunk.inputs.fill(windows, lookahead, low_layers)
-            outputs = chunk.run()
-            return split_rows(outputs, windows, lookahead, low_layers, flow.up_rate, done)
-        # Not captured yet: with graphs on, fill the shared static buffers (no transient batch-sized
-        # copy) and capture once the shape has been seen often enough; fresh zeros otherwise.
-        static = self._static_inputs(shape) if self.graphs else None
-        inputs = static
-        if inputs is None:
-            inputs = RaggedInputs.zeros(
-                flow, shape.bucket, shape.token_slots + lookahead, shape.cache_slots, n_steps
-            )
-        inputs.fill(windows, lookahead, low_layers)
-        if static is not None and self.seen[shape] >= self.capture_after:
-            chunk = self.chunks[shape] = _Captured(flow, static, n_steps, self._pool)
+            claimed = chunk.inputs.fill(windows, rows_of, lookahead, low_layers, up_rate)
             outputs = chunk.run()
         else:
-            outputs = inputs.forward(flow, n_steps)
-        return split_rows(outputs, windows, lookahead, low_layers, flow.up_rate, done)
+            # Not captured yet: with graphs on, fill the shared static buffers (no transient batch-sized
+            # copy) and capture once the shape has been seen often enough; fresh zeros otherwise.
+            static = self._static_inputs(shape) if self.graphs else None
+            inputs = static
+            if inputs is None:
+                inputs = RaggedInputs.zeros(
+                    flow,
+                    shape.bucket,
+                    shape.token_slots + lookahead,
+                    shape.cache_slots,
+                    n_steps,
+                    store.frames,
+                )
+            claimed = inputs.fill(windows, rows_of, lookahead, low_layers, up_rate)
+            if static is not None and self.seen[shape] >= self.capture_after:
+                chunk = self.chunks[shape] = _Captured(flow, static, n_steps, kv_view, self._pool)
+                outputs = chunk.run()
+            else:
+                outputs = inputs.forward(flow, n_steps, kv_view)
+        for w, positions in zip(windows, claimed, strict=True):
+            w.slot.commit(positions)
+        return split_rows(outputs, windows, rows_of, lookahead, low_layers, up_rate, done)

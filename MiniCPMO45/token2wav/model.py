@@ -5,6 +5,7 @@ See the package docstring (`MiniCPMO45/token2wav/__init__.py`) for the call prot
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +26,12 @@ from .flow import (
     trim_flow_cache,
     unstack_flow_cache,
 )
-from .flow_graphs import MAX_BUCKET, FlowGraphs, WindowRow
+from .flow_graphs import FlowGraphs, WindowRow
 from .fold import fold_weight_norms
 from .hift import HiFTGenerator, SourceNoise
 from .host import device_tensor
 from .hparams import F0PredictorParams, HiFTParams, causal_hift_params_from_yaml, flow_params_from_yaml
+from .kv_store import KVSlot
 from .streaming_vocoder import StreamingVocoder, VocoderState, default_source_noise_table
 
 SAMPLE_RATE = 24000
@@ -69,7 +71,11 @@ class PushRequest:
 
 @dataclass(eq=False)
 class TurnState:
-    """One spoken turn: token buffer, flow caches and vocoder state (owned, never shared)."""
+    """One spoken turn: token buffer, flow caches and vocoder state (owned, never shared).
+
+    On the padded path (`use_graphs`) the estimator's keys live in the flow's `EstimatorStore` under
+    `kv_slot` (its `flow_cache.estimator_kv` is then an empty placeholder; `Token2Wav.flow_cache_of` gives the
+    official layout). The slot is given back when the turn's last chunk ran or the state is dropped."""
 
     prompt: PromptCache
     flow_cache: FlowCache
@@ -78,6 +84,11 @@ class TurnState:
     buffer: list[int] = field(default_factory=lambda: list(TURN_PREFIX))
     finished: bool = False
     windows: int = 0
+    kv_slot: KVSlot | None = None
+
+    def __post_init__(self) -> None:
+        if self.kv_slot is not None:
+            weakref.finalize(self, self.kv_slot.close)
 
     def clone(self) -> TurnState:
         """An independent snapshot (for rollback); the voice prompt stays shared."""
@@ -89,6 +100,7 @@ class TurnState:
             list(self.buffer),
             self.finished,
             self.windows,
+            None if self.kv_slot is None or self.kv_slot.closed else self.kv_slot.copy(),
         )
 
 
@@ -314,7 +326,25 @@ class Token2Wav:
         """
         if rule not in ("turn", "duplex"):
             raise ValueError(f"rule must be 'turn' or 'duplex', got {rule!r}")
-        return TurnState(prompt, prompt.flow_cache.clone(), self.streaming.new_state(), rule)
+        if self.flow_graphs is None:
+            return TurnState(prompt, prompt.flow_cache.clone(), self.streaming.new_state(), rule)
+        base = prompt.flow_cache
+        slot = self.flow_graphs.store.open(base.estimator_kv, prompt.prompt_frames, HISTORY_FRAMES)
+        cache = FlowCache(
+            base.conformer_cnn.clone(),
+            base.conformer_att.clone(),
+            base.estimator_conv.clone(),
+            base.estimator_kv[:, :, :, :, :0],
+        )
+        return TurnState(prompt, cache, self.streaming.new_state(), rule, kv_slot=slot)
+
+    def flow_cache_of(self, state: TurnState) -> FlowCache:
+        """The turn's flow cache in the official layout (the estimator keys gathered from the store in their
+        stored order on the padded path): for comparisons and inspection."""
+        if state.kv_slot is None or state.kv_slot.closed:
+            return state.flow_cache
+        cache = state.flow_cache
+        return FlowCache(cache.conformer_cnn, cache.conformer_att, cache.estimator_conv, state.kv_slot.keys())
 
     @torch.inference_mode()
     def stream_window(self, state: TurnState, tokens: Sequence[int], last_chunk: bool) -> np.ndarray:
@@ -364,6 +394,8 @@ class Token2Wav:
             state.windows += 1
             if last_chunk:
                 state.finished = True
+                if state.kv_slot is not None:
+                    state.kv_slot.close()
             out.append(host[start : start + wav.shape[1]])
             start += wav.shape[1]
         return out
@@ -406,38 +438,39 @@ class Token2Wav:
         mels: list[torch.Tensor | None],
     ) -> None:
         """The flow part of `stream_windows` through `flow_graphs`: every non-empty window in one padded
-        batch (pieces of at most 64), whatever its size, kind and cache length. Fills `mels` and each
-        turn's (trimmed, owned) flow cache."""
+        batch (one per 64 store slots), whatever its size, kind and cache length. Fills `mels` and each
+        turn's (trimmed, owned) conformer caches; the estimator keys stay in the store."""
         assert self.flow_graphs is not None
         low_layers = len(self.flow.encoder.encoders)
         due = [i for i, tokens in enumerate(token_lists) if tokens]
-        for begin in range(0, len(due), MAX_BUCKET):
-            part = due[begin : begin + MAX_BUCKET]
-            rows = []
-            for i in part:
-                state, _, last_chunk = windows[i]
-                prompt = state.prompt
-                rows.append(
-                    WindowRow(
-                        token_lists[i],
-                        last_chunk,
-                        state.flow_cache,
-                        prompt.spk_embedding,
-                        prompt.prompt_frames + HISTORY_FRAMES,
-                        prompt.prompt_frames,
-                    )
+        if not due:
+            return
+        rows = []
+        for i in due:
+            state, _, last_chunk = windows[i]
+            if state.kv_slot is None or state.kv_slot.closed:
+                raise ValueError("this turn was not started by this vocoder's padded path")
+            prompt = state.prompt
+            rows.append(
+                WindowRow(
+                    token_lists[i],
+                    last_chunk,
+                    state.flow_cache,
+                    prompt.spk_embedding,
+                    prompt.prompt_frames + HISTORY_FRAMES,
+                    state.kv_slot,
                 )
-            self.flow_batches += 1
+            )
 
-            def done(row: int, mel: torch.Tensor, cache: FlowCache, part: list[int] = part) -> None:
-                # the turn drops its old cache here, so the round never holds two of every stream's
-                state = windows[part[row]][0]
-                state.flow_cache = trim_flow_cache(
-                    cache, state.prompt.prompt_frames, HISTORY_FRAMES, low_layers
-                )
-                mels[part[row]] = mel
+        def done(k: int, mel: torch.Tensor, cache: FlowCache) -> None:
+            # the turn drops its old cache here, so the round never holds two of every stream's
+            state = windows[due[k]][0]
+            state.flow_cache = trim_flow_cache(cache, state.prompt.prompt_frames, HISTORY_FRAMES, low_layers)
+            mels[due[k]] = mel
 
-            self.flow_graphs.run(rows, self.n_timesteps, done)
+        before = self.flow_graphs.calls
+        self.flow_graphs.run(rows, self.n_timesteps, done)
+        self.flow_batches += self.flow_graphs.calls - before
 
     def _take_codes(self, state: TurnState, codes: Sequence[int]) -> None:
         if state.finished:

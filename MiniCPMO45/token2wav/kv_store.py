@@ -1,0 +1,177 @@
+"""The estimator KV of every open turn, kept in one device store between windows (the padded flow path).
+
+The official streaming flow keeps, per turn, the DiT's keys and values of every ODE step and block in a stored
+order (newest chunk first) and after each window cuts that to its first `prompt` and last `history` frames.
+The DiT's attention has no positions and no mask, so only *which* keys a turn holds matters, not where they sit.
+So here a turn owns one row pair (conditioned, unconditioned) of `EstimatorStore.kv`, its keys sit at any
+positions of the row, and `KVSlot.order` lists those positions in the official stored order (host-side ints):
+a window's keys go to free positions, and the cut frees the positions it drops. The padded flow batch writes
+and reads the rows in place, so no turn's cache (~130 MB at the real size) is copied in or out per window.
+The last position of every row is scratch: padding frames write there and no mask ever marks it as a key of
+a turn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+SLOT_GRANULE = 64  # beyond 64 slots the store grows by this many rows
+FRAME_GRANULE = 16
+
+
+def _slot_bucket(n: int) -> int:
+    """Rows the store holds for n slots: 1, 2, 4, ..., 64, then multiples of 64."""
+    if n <= SLOT_GRANULE:
+        bucket = 1
+        while bucket < n:
+            bucket *= 2
+        return bucket
+    return -(-n // SLOT_GRANULE) * SLOT_GRANULE
+
+
+@dataclass(eq=False)
+class KVSlot:
+    """One turn's rows in the store: where its keys are, in the official stored order, and what is free."""
+
+    store: EstimatorStore
+    index: int  # estimator rows 2*index (conditioned) and 2*index + 1 (unconditioned)
+    prompt_frames: int
+    history_frames: int
+    order: list[int]  # store positions of the turn's keys, newest chunk first (the official order)
+    free: list[int] = field(default_factory=list)  # positions free for new keys (scratch excluded)
+    closed: bool = False
+
+    @property
+    def length(self) -> int:
+        """Keys held: the estimator cache length of the official path (also the turn's noise offset)."""
+        return len(self.order)
+
+    def claim(self, frames: int) -> list[int]:
+        """Positions for a window's `frames` new keys (they join `order` at `commit`)."""
+        if self.closed:
+            raise ValueError("this turn's KV slot is closed")
+        if frames > len(self.free):
+            raise ValueError(f"KV slot has {len(self.free)} free positions, a window needs {frames}")
+        taken, self.free = self.free[:frames], self.free[frames:]
+        return taken
+
+    def commit(self, positions: list[int]) -> None:
+        """After the window ran: its keys go to the front of the order, then the official cut (first
+        `prompt_frames` and last `history_frames` of the order) frees what it drops."""
+        order = positions + self.order
+        limit = self.prompt_frames + self.history_frames
+        if len(order) > limit:
+            self.free += order[self.prompt_frames : len(order) - self.history_frames]
+            order = order[: self.prompt_frames] + order[len(order) - self.history_frames :]
+        self.order = order
+
+    def keys(self) -> torch.Tensor:
+        """The turn's keys in the official stored order: (steps, depth, 2, heads, length, 2*head_dim)."""
+        rows = self.store.kv[:, :, 2 * self.index : 2 * self.index + 2]
+        index = torch.tensor(self.order, dtype=torch.long, device=rows.device)
+        return rows.index_select(4, index)
+
+    def copy(self) -> KVSlot:
+        """A new slot holding the same keys at the same positions (for a turn snapshot)."""
+        twin = self.store.open_empty(self.prompt_frames, self.history_frames)
+        kv = self.store.kv  # `open_empty` may have grown the store (and this slot's free list with it)
+        assert kv is not None
+        kv[:, :, 2 * twin.index : 2 * twin.index + 2].copy_(kv[:, :, 2 * self.index : 2 * self.index + 2])
+        twin.order, twin.free = list(self.order), list(self.free)
+        return twin
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.store.release(self.index)
+
+
+class EstimatorStore:
+    """`kv` (steps, depth, 2 * slots, heads, frames, 2*head_dim) and the slots handed out. Grows (by copying)
+    when a turn needs more rows or positions; `version` counts reallocations (graphs read the old tensor)."""
+
+    def __init__(self, window_frames: int) -> None:
+        self.window_frames = window_frames  # the most new keys one window may add
+        self.kv: torch.Tensor | None = None
+        self.owners: list[bool] = []  # per slot index: in use
+        self.slots: dict[int, KVSlot] = {}
+        self.version = 0
+
+    @property
+    def frames(self) -> int:
+        return 0 if self.kv is None else self.kv.shape[4]
+
+    @property
+    def scratch(self) -> int:
+        return self.frames - 1
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.kv is None else self.kv.shape[2] // 2
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.kv is None else self.kv.nbytes
+
+    def frames_needed(self, prompt_frames: int, history_frames: int) -> int:
+        return prompt_frames + history_frames + self.window_frames + 1
+
+    def open(self, base: torch.Tensor, prompt_frames: int, history_frames: int) -> KVSlot:
+        """A slot for a new turn holding `base` (1 stream's keys, (steps, depth, 2, heads, n, 2*head_dim), in
+        stored order): the voice prompt's cache."""
+        if base.ndim != 6 or base.shape[2] != 2:
+            raise ValueError(
+                f"base keys must be (steps, depth, 2, heads, n, 2*head_dim), got {tuple(base.shape)}"
+            )
+        n = base.shape[4]
+        if self.kv is None:
+            steps, depth, _, heads, _, width = base.shape
+            self.kv = base.new_zeros(steps, depth, 0, heads, 0, width)
+        elif (
+            base.shape[:2] + base.shape[3:4] + base.shape[5:]
+            != self.kv.shape[:2] + self.kv.shape[3:4] + self.kv.shape[5:]
+        ):
+            raise ValueError("base keys do not match the store's steps, depth or heads")
+        slot = self.open_empty(
+            prompt_frames, history_frames, at_least=n + history_frames + self.window_frames + 1
+        )
+        assert self.kv is not None
+        self.kv[:, :, 2 * slot.index : 2 * slot.index + 2, :, :n].copy_(base)
+        slot.order = list(range(n))
+        slot.free = [p for p in slot.free if p >= n]
+        return slot
+
+    def open_empty(self, prompt_frames: int, history_frames: int, at_least: int = 0) -> KVSlot:
+        if self.kv is None:
+            raise ValueError("open the first slot with base keys")
+        index = next((i for i, used in enumerate(self.owners) if not used), len(self.owners))
+        if index == len(self.owners):
+            self.owners.append(False)
+        self.ensure(index + 1, max(at_least, self.frames_needed(prompt_frames, history_frames)))
+        self.owners[index] = True
+        slot = KVSlot(self, index, prompt_frames, history_frames, order=[], free=list(range(self.scratch)))
+        self.slots[index] = slot
+        return slot
+
+    def ensure(self, slots: int, frames: int) -> None:
+        """Grow to hold `slots` slots of `frames` positions (scratch included)."""
+        assert self.kv is not None
+        rows, have = self.rows, self.frames
+        want_rows = max(rows, _slot_bucket(slots))
+        want_frames = max(have, -(-frames // FRAME_GRANULE) * FRAME_GRANULE)
+        if want_rows == rows and want_frames == have:
+            return
+        steps, depth, _, heads, _, width = self.kv.shape
+        grown = self.kv.new_zeros(steps, depth, 2 * want_rows, heads, want_frames, width)
+        grown[:, :, : 2 * rows, :, :have].copy_(self.kv)
+        self.kv = grown
+        self.version += 1
+        if want_frames > have:
+            for slot in self.slots.values():  # the old scratch and the new positions become free
+                slot.free += [p for p in range(max(have - 1, 0), want_frames - 1) if p not in slot.order]
+
+    def release(self, index: int) -> None:
+        self.owners[index] = False
+        self.slots.pop(index, None)

@@ -1,0 +1,101 @@
+"""The estimator KV store: a turn's keys at scattered positions, listed in the official stored order."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from MiniCPMO45.token2wav import PushRequest
+from MiniCPMO45.token2wav.kv_store import EstimatorStore
+
+from .token2wav_assets import build_asset_folder, load_tiny_token2wav
+
+
+def _official_cut(keys: list[int], prompt: int, history: int) -> list[int]:
+    if len(keys) > prompt + history:
+        keys = keys[:prompt] + keys[len(keys) - history :]
+    return keys
+
+
+def _write(store: EstimatorStore, index: int, positions: list[int], ids: list[int]) -> None:
+    assert store.kv is not None
+    for p, v in zip(positions, ids, strict=True):
+        store.kv[:, :, 2 * index : 2 * index + 2, :, p] = float(v)
+
+
+@pytest.mark.parametrize("windows", [[50] * 9, [18, 50, 56, 10, 50, 50, 36, 50, 4, 56, 56]])
+def test_slot_order_is_the_official_cut(windows: list[int]) -> None:
+    """Keys written where `claim` says and committed: gathering them in `order` gives what the official
+    `cat([new, old])` + first-P/last-H cut keeps, window after window; positions never run out."""
+    prompt, history = 40, 100
+    store = EstimatorStore(window_frames=56)
+    base = torch.arange(prompt, dtype=torch.float32).view(1, 1, 1, 1, prompt, 1).expand(2, 3, 2, 1, prompt, 2)
+    slot = store.open(base, prompt, history)
+    other = store.open(base, prompt, history)  # a neighbour whose rows must not change
+    official = list(range(prompt))
+    next_id = 1000
+    for n in windows:
+        ids = list(range(next_id, next_id + n))
+        next_id += n
+        positions = slot.claim(n)
+        assert store.scratch not in positions and not set(positions) & set(slot.order)
+        _write(store, slot.index, positions, ids)
+        slot.commit(positions)
+        official = _official_cut(ids + official, prompt, history)
+        got = slot.keys()
+        assert got.shape == (2, 3, 2, 1, len(official), 2)
+        assert got[0, 0, 0, 0, :, 0].tolist() == [float(v) for v in official]
+        assert torch.equal(got[1, 2, 1, 0, :, 1], got[0, 0, 0, 0, :, 0])
+    assert other.keys()[0, 0, 0, 0, :, 0].tolist() == [float(v) for v in range(prompt)]
+    assert store.frames == -(-(prompt + history + 56 + 1) // 16) * 16
+
+
+def test_slots_are_reused_grown_and_released() -> None:
+    store = EstimatorStore(window_frames=8)
+    base = torch.randn(1, 1, 2, 1, 5, 2)
+    slots = [store.open(base, 5, 10) for _ in range(3)]
+    assert [s.index for s in slots] == [0, 1, 2] and store.rows == 4
+    kv_before = store.kv
+    slots[1].close()
+    again = store.open(base, 5, 10)
+    assert again.index == 1 and store.kv is kv_before  # lowest free slot, no reallocation
+    frames, version = store.frames, store.version
+    wide = store.open(base, 5, 50)  # a longer history grows every row; free lists gain the new positions
+    assert store.frames > frames and store.version > version
+    assert max(slots[0].free) == store.scratch - 1 and store.scratch not in slots[0].free
+    torch.testing.assert_close(slots[0].keys(), base[:, :, :, :, :5])
+    twin = slots[0].copy()
+    assert twin.index == 4 and twin.order == slots[0].order
+    torch.testing.assert_close(twin.keys(), slots[0].keys())
+    with pytest.raises(ValueError, match="free positions"):
+        wide.claim(10_000)
+    wide.close()
+    with pytest.raises(ValueError, match="closed"):
+        wide.claim(1)
+    with pytest.raises(ValueError, match="base keys"):
+        store.open(torch.randn(2, 1, 2, 1, 5, 2), 5, 10)
+
+
+def test_a_dropped_turn_gives_its_slot_back(token2wav_fixture_dir: Path, tmp_path: Path) -> None:
+    """The batcher drops a turn that was cut off without a last chunk: its store slot is free again, and a
+    turn whose last chunk ran frees its slot at once."""
+    folder = build_asset_folder(token2wav_fixture_dir, tmp_path / "token2wav")
+    model = load_tiny_token2wav(token2wav_fixture_dir, folder, use_graphs=True)
+    inputs = np.load(token2wav_fixture_dir / "inputs" / "inputs.npz")
+    voice = model.prepare_prompt(inputs["prompt_tokens"][0], inputs["prompt_mel"], inputs["spk_embedding"])
+    assert model.flow_graphs is not None
+    store = model.flow_graphs.store
+    turns = [model.start_turn(voice, rule="duplex") for _ in range(3)]
+    assert store.owners == [True, True, True]
+    model.push_codes_batch([PushRequest(t, list(range(25))) for t in turns])
+    del turns[1]
+    gc.collect()
+    assert store.owners == [True, False, True]
+    model.push_codes_batch([PushRequest(turns[0], list(range(5)), end_of_turn=True)])
+    assert turns[0].finished and turns[0].kv_slot is not None and turns[0].kv_slot.closed
+    assert store.owners == [False, False, True]
+    assert model.start_turn(voice).kv_slot.index == 0  # type: ignore[union-attr]
