@@ -99,3 +99,30 @@ def test_a_dropped_turn_gives_its_slot_back(token2wav_fixture_dir: Path, tmp_pat
     assert turns[0].finished and turns[0].kv_slot is not None and turns[0].kv_slot.closed
     assert store.owners == [False, False, True]
     assert model.start_turn(voice).kv_slot.index == 0  # type: ignore[union-attr]
+
+
+def test_junk_at_the_scratch_position_never_reaches_a_turn(
+    token2wav_fixture_dir: Path, tmp_path: Path
+) -> None:
+    """Padding frames write the scratch position; a non-finite value there (float16 junk of an idle row on a
+    GPU) must not leak into any row's attention, active or idle."""
+    folder = build_asset_folder(token2wav_fixture_dir, tmp_path / "token2wav")
+    inputs = np.load(token2wav_fixture_dir / "inputs" / "inputs.npz")
+    audio = []
+    for poison in (False, True):
+        model = load_tiny_token2wav(token2wav_fixture_dir, folder, use_graphs=True)
+        voice = model.prepare_prompt(
+            inputs["prompt_tokens"][0], inputs["prompt_mel"], inputs["spk_embedding"]
+        )
+        assert model.flow_graphs is not None
+        store = model.flow_graphs.store
+        turns = [model.start_turn(voice, rule="duplex") for _ in range(3)]
+        if poison:
+            assert store.kv is not None
+            store.kv[:, :, :, :, store.scratch] = float("nan")
+        # turn 1 is idle in this round (row 1 of a batch over slots 0..2)
+        pieces = model.push_codes_batch([PushRequest(t, list(range(25))) for t in (turns[0], turns[2])])
+        pieces += model.push_codes_batch([PushRequest(t, list(range(30, 55))) for t in turns])
+        audio.append(np.concatenate([p for ps in pieces for p in ps]))
+    assert np.isfinite(audio[1]).all()
+    np.testing.assert_allclose(audio[1], audio[0], atol=1e-6, rtol=0)

@@ -96,6 +96,10 @@ class QKNormAttention(nn.Module):
                 raise ValueError("a store write needs the store and its key mask")
             idx = write_pos[:, None, :, None].expand(b, self.heads, t, 2 * self.head_dim)
             cache.scatter_(2, idx, torch.cat([k, v], dim=3).to(cache.dtype))
+            # Padding frames all landed on the last (scratch) position. Masked keys still enter the kernel's
+            # arithmetic (0 * inf is NaN), so the scratch is zeroed: a padding row's float16 junk there
+            # would otherwise poison every row that later reuses this store row.
+            cache[:, :, -1].zero_()
             k, v = cache[..., : self.head_dim], cache[..., self.head_dim :]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
             return self.proj(out.transpose(1, 2).reshape(b, t, -1)), cache

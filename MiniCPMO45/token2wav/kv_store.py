@@ -7,8 +7,9 @@ So here a turn owns one row pair (conditioned, unconditioned) of `EstimatorStore
 positions of the row, and `KVSlot.order` lists those positions in the official stored order (host-side ints):
 a window's keys go to free positions, and the cut frees the positions it drops. The padded flow batch writes
 and reads the rows in place, so no turn's cache (~130 MB at the real size) is copied in or out per window.
-The last position of every row is scratch: padding frames write there and no mask ever marks it as a key of
-a turn.
+The last position of every row is scratch: padding frames write there, it is zeroed before each attention (a
+masked key still enters the arithmetic, so it must stay finite) and no mask marks it as a key of a turn (an idle
+row attends to it alone).
 """
 
 from __future__ import annotations
