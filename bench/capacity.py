@@ -358,6 +358,32 @@ def main(argv: list[str] | None = None) -> int:
     sync(device)
     results["build_s"] = time.perf_counter() - t0
 
+    assets = write_random_assets(
+        scratch / "token2wav-assets", size="tiny" if args.tiny else "real", with_onnx=False
+    )
+    vocoder = Token2Wav.from_assets(
+        assets,
+        n_timesteps=5,
+        device=device,
+        use_graphs=args.vocoder_graphs and device.type == "cuda",
+        flow_dtype=getattr(torch, args.vocoder_dtype) if device.type == "cuda" else torch.float32,
+    )
+    if vocoder.flow_graphs is not None:
+        vocoder.flow_graphs.max_bytes = int(args.vocoder_graph_gib * 2**30)
+    results["vocoder_graphs"] = vocoder.flow_graphs is not None
+    rng = np.random.default_rng(0)
+    voice = vocoder.prepare_prompt(
+        rng.integers(0, 6561, size=150),
+        rng.standard_normal((1, 300, 80)).astype(np.float32) * 0.5,
+        rng.standard_normal((1, 192)).astype(np.float32),
+    )
+    # every session may speak at once: the vocoder's per-turn store for the largest N is taken before the
+    # KV cache is sized from what is left (a worker does the same at start-up)
+    want = max(sessions_list)
+    if not args.no_vocoder:
+        vocoder.reserve_turns(voice, want)
+    if vocoder.flow_graphs is not None:
+        results["vocoder_store_gib"] = gib(vocoder.flow_graphs.store.nbytes)
     # one KV cache for the largest N that fits: slots of `context` + two units' positions. Every tick starts
     # each session at `base_len` again (the sliding window's steady state: a long call's context stays at the
     # window; the cost of the window's occasional shift is not included)
@@ -374,7 +400,6 @@ def main(argv: list[str] | None = None) -> int:
     tts_bytes = 2 * tcfg.num_hidden_layers * tcfg.hidden_size * tts_window * model.dtype.itemsize
     whisper_bytes = WhisperSlotCache.bytes_per_slot(model.config.audio, model.dtype)
     extra = tts_bytes + whisper_bytes
-    want = max(sessions_list)
     slots = want
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -399,25 +424,6 @@ def main(argv: list[str] | None = None) -> int:
         k.normal_(generator=gen)
         v.normal_(generator=gen)
 
-    assets = write_random_assets(
-        scratch / "token2wav-assets", size="tiny" if args.tiny else "real", with_onnx=False
-    )
-    vocoder = Token2Wav.from_assets(
-        assets,
-        n_timesteps=5,
-        device=device,
-        use_graphs=args.vocoder_graphs and device.type == "cuda",
-        flow_dtype=getattr(torch, args.vocoder_dtype) if device.type == "cuda" else torch.float32,
-    )
-    if vocoder.flow_graphs is not None:
-        vocoder.flow_graphs.max_bytes = int(args.vocoder_graph_gib * 2**30)
-    results["vocoder_graphs"] = vocoder.flow_graphs is not None
-    rng = np.random.default_rng(0)
-    voice = vocoder.prepare_prompt(
-        rng.integers(0, 6561, size=150),
-        rng.standard_normal((1, 300, 80)).astype(np.float32) * 0.5,
-        rng.standard_normal((1, 192)).astype(np.float32),
-    )
     batcher = DuplexBatcher(
         engine,
         None if args.no_vocoder else vocoder,

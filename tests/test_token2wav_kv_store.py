@@ -126,3 +126,15 @@ def test_junk_at_the_scratch_position_never_reaches_a_turn(
         audio.append(np.concatenate([p for ps in pieces for p in ps]))
     assert np.isfinite(audio[1]).all()
     np.testing.assert_allclose(audio[1], audio[0], atol=1e-6, rtol=0)
+
+
+def test_reserve_takes_the_memory_up_front() -> None:
+    store = EstimatorStore(window_frames=8)
+    base = torch.randn(1, 1, 2, 1, 5, 2)
+    store.reserve(base, 5, 10, 6)
+    assert store.rows == 8 and store.frames == 32  # 5 + 10 + 8 + 1 rounded up to 16
+    version = store.version
+    slots = [store.open(base, 5, 10) for _ in range(8)]
+    assert store.version == version and [s.index for s in slots] == list(range(8))
+    store.open(base, 5, 10)  # a ninth turn grows the store
+    assert store.version == version + 1 and store.rows == 16

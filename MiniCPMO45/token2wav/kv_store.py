@@ -119,14 +119,12 @@ class EstimatorStore:
     def frames_needed(self, prompt_frames: int, history_frames: int) -> int:
         return prompt_frames + history_frames + self.window_frames + 1
 
-    def open(self, base: torch.Tensor, prompt_frames: int, history_frames: int) -> KVSlot:
-        """A slot for a new turn holding `base` (1 stream's keys, (steps, depth, 2, heads, n, 2*head_dim), in
-        stored order): the voice prompt's cache."""
+    def _adopt(self, base: torch.Tensor) -> None:
+        """Take the store's geometry from a voice's keys (first use), or check them against it."""
         if base.ndim != 6 or base.shape[2] != 2:
             raise ValueError(
                 f"base keys must be (steps, depth, 2, heads, n, 2*head_dim), got {tuple(base.shape)}"
             )
-        n = base.shape[4]
         if self.kv is None:
             steps, depth, _, heads, _, width = base.shape
             self.kv = base.new_zeros(steps, depth, 0, heads, 0, width)
@@ -135,6 +133,18 @@ class EstimatorStore:
             != self.kv.shape[:2] + self.kv.shape[3:4] + self.kv.shape[5:]
         ):
             raise ValueError("base keys do not match the store's steps, depth or heads")
+
+    def reserve(self, base: torch.Tensor, prompt_frames: int, history_frames: int, slots: int) -> None:
+        """Allocate room for `slots` turns of this voice now (a worker does it at start-up, so the store never
+        grows by copying mid-call and its memory is taken before anything else competes for it)."""
+        self._adopt(base)
+        self.ensure(slots, max(base.shape[4], prompt_frames) + history_frames + self.window_frames + 1)
+
+    def open(self, base: torch.Tensor, prompt_frames: int, history_frames: int) -> KVSlot:
+        """A slot for a new turn holding `base` (1 stream's keys, (steps, depth, 2, heads, n, 2*head_dim), in
+        stored order): the voice prompt's cache."""
+        self._adopt(base)
+        n = base.shape[4]
         slot = self.open_empty(
             prompt_frames, history_frames, at_least=n + history_frames + self.window_frames + 1
         )

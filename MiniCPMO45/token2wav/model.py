@@ -338,6 +338,13 @@ class Token2Wav:
         )
         return TurnState(prompt, cache, self.streaming.new_state(), rule, kv_slot=slot)
 
+    def reserve_turns(self, prompt: PromptCache, turns: int) -> None:
+        """Padded path: allocate the estimator store for `turns` concurrent turns of this voice up front
+        (no-op on the plain path)."""
+        if self.flow_graphs is not None:
+            base = prompt.flow_cache.estimator_kv
+            self.flow_graphs.store.reserve(base, prompt.prompt_frames, HISTORY_FRAMES, turns)
+
     def flow_cache_of(self, state: TurnState) -> FlowCache:
         """The turn's flow cache in the official layout (the estimator keys gathered from the store in their
         stored order on the padded path): for comparisons and inspection."""
