@@ -138,3 +138,25 @@ def test_reserve_takes_the_memory_up_front() -> None:
     assert store.version == version and [s.index for s in slots] == list(range(8))
     store.open(base, 5, 10)  # a ninth turn grows the store
     assert store.version == version + 1 and store.rows == 16
+
+
+def test_a_batch_never_reaches_past_the_store(token2wav_fixture_dir: Path, tmp_path: Path) -> None:
+    """A store of 48 rows (it grows by 16 past 16 slots) and a round whose highest slot is 40: the batch
+    covers slots 0..47, not the next power of two, and the audio is the plain path's."""
+    folder = build_asset_folder(token2wav_fixture_dir, tmp_path / "token2wav")
+    inputs = np.load(token2wav_fixture_dir / "inputs" / "inputs.npz")
+    audio = []
+    for graphs in (True, None):
+        model = load_tiny_token2wav(token2wav_fixture_dir, folder, use_graphs=graphs)
+        voice = model.prepare_prompt(
+            inputs["prompt_tokens"][0], inputs["prompt_mel"], inputs["spk_embedding"]
+        )
+        model.reserve_turns(voice, 40)
+        turns = [model.start_turn(voice, rule="duplex") for _ in range(41)]
+        if model.flow_graphs is not None:
+            assert model.flow_graphs.store.rows == 48
+        pieces = model.push_codes_batch([PushRequest(t, list(range(25))) for t in (turns[0], turns[40])])
+        audio.append(np.concatenate([p for ps in pieces for p in ps]))
+        if model.flow_graphs is not None:
+            assert [s.bucket for s in model.flow_graphs.seen] == [48]
+    np.testing.assert_allclose(audio[0], audio[1], atol=5e-4, rtol=0)

@@ -355,13 +355,10 @@ class FlowGraphs:
         lookahead = self.flow.lookahead
         outputs = max(len(w.tokens) - (0 if w.last_chunk else lookahead) for w in windows)
         longest = max(max(w.capacity, w.cache.conformer_att.shape[3]) for w in windows if w.cache is not None)
-        return ChunkShape(
-            batch_bucket(max(rows_of) + 1),
-            token_slots(outputs),
-            _round_up(longest, CACHE_GRANULE),
-            n_steps,
-            base,
-        )
+        # the batch covers store slots base .. base + bucket - 1, and the store may hold fewer rows than the
+        # next power of two (it grows by 16)
+        bucket = min(batch_bucket(max(rows_of) + 1), self.store.rows - base)
+        return ChunkShape(bucket, token_slots(outputs), _round_up(longest, CACHE_GRANULE), n_steps, base)
 
     def _static_inputs(self, shape: ChunkShape) -> RaggedInputs | None:
         """Views of the shared static buffers for `shape`, growing them if needed (None: over budget)."""

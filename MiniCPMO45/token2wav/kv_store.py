@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-SLOT_GRANULE = 64  # beyond 64 slots the store grows by this many rows
+SLOT_GRANULE = 16  # beyond 16 slots the store grows by this many rows (each costs ~150 MB at the real size)
 FRAME_GRANULE = 16
 
 
 def _slot_bucket(n: int) -> int:
-    """Rows the store holds for n slots: 1, 2, 4, ..., 64, then multiples of 64."""
+    """Rows the store holds for n slots: 1, 2, 4, 8, 16, then multiples of 16."""
     if n <= SLOT_GRANULE:
         bucket = 1
         while bucket < n:
