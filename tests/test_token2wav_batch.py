@@ -279,6 +279,37 @@ def test_vocoder_block_round_is_one_batch(
         torch.testing.assert_close(a, b, atol=AUDIO_ATOL, rtol=0)
 
 
+def test_closing_block_goes_straight_to_the_final_advance(folder: Path, token2wav_fixture_dir: Path) -> None:
+    """A final call's mel is not first advanced non-finally: one F0 and one decoder batch, and the same audio
+    as a non-final call followed by an empty final one."""
+    model = _load(token2wav_fixture_dir, folder, None)
+    vocoder = model.streaming
+    assert isinstance(vocoder, StreamingVocoder)
+    gen = torch.Generator().manual_seed(5)
+    state = vocoder.new_state()
+    vocoder.stream(state, torch.randn(1, 80, 50, generator=gen) * 0.5 - 2)
+    tail = torch.randn(1, 80, 6, generator=gen) * 0.5 - 2
+    twin = state.clone()
+    want = torch.cat([vocoder.stream(twin, tail), vocoder.stream(twin, tail[:, :, :0], final=True)], dim=1)
+    calls = {"f0": 0, "decode": 0}
+    f0_forward, run_decoder = vocoder.f0_model.forward, vocoder._run_decoder
+
+    def count_f0(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["f0"] += 1
+        return f0_forward(*args, **kwargs)
+
+    def count_decode(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["decode"] += 1
+        return run_decoder(*args, **kwargs)
+
+    vocoder.f0_model.forward = count_f0  # type: ignore[method-assign]
+    vocoder._run_decoder = count_decode  # type: ignore[method-assign]
+    got = vocoder.stream(state, tail, final=True)
+    assert calls == {"f0": 1, "decode": 1}
+    assert got.shape == want.shape and got.shape[1] == (6 + vocoder.delay_frames) * vocoder.hop
+    torch.testing.assert_close(got, want, atol=AUDIO_ATOL, rtol=0)
+
+
 def test_half_precision_flow_stays_close_to_float32(folder: Path, token2wav_fixture_dir: Path) -> None:
     """`flow_dtype` (float16, as on a GPU worker) keeps the flow's mel within a few %
     of float32, and the padded streaming path gives finite audio of the same length."""

@@ -287,6 +287,12 @@ class StreamingVocoder:
             members = [i for i in active if k < len(parts[i])]
             for i in members:
                 states[i].mel = torch.cat([states[i].mel, parts[i][k].float()], dim=2)
+            # A closing stream's last block goes straight to the final advance below: it emits the same
+            # samples as a non-final advance followed by the final one (every stage sees the same frames),
+            # in one F0 and one decoder batch instead of two.
+            members = [i for i in members if not (finals[i] and k == len(parts[i]) - 1)]
+            if not members:
+                continue
             for i, speech in zip(
                 members, self._advance([states[i] for i in members], final=False), strict=True
             ):
