@@ -184,6 +184,7 @@ def test_static_buffers_match_eager_padding(folder: Path, token2wav_fixture_dir:
                 voice.spk_embedding,
                 voice.prompt_frames + 100,
                 t.kv_slot,
+                voice.prompt_frames,
             )
             for i, (t, n, last) in enumerate(zip(ts, (28, 11, 5), (False, False, True), strict=True))
         ]
@@ -233,7 +234,8 @@ def test_static_buffers_match_eager_padding(folder: Path, token2wav_fixture_dir:
     for (mel, cache), turn, frames, before in zip(got, turns, (50, 16, 10), lengths, strict=True):
         assert mel.shape[2] == frames and cache.conformer_att.shape[1] == 1
         assert turn.kv_slot.length == min(before + frames, voice.prompt_frames + 100)
-        assert cache.conformer_att.shape[3] == turn.flow_cache.conformer_att.shape[3] + frames
+        joined = turn.flow_cache.conformer_att.shape[3] + frames  # then cut to prompt + 100 frames
+        assert cache.conformer_att.shape[3] == min(joined, voice.prompt_frames + 100)
 
 
 def test_store_keys_follow_the_official_cut_over_a_long_turn(

@@ -70,7 +70,7 @@ class ChunkShape:
 class WindowRow:
     """One turn's window: its tokens (with look-ahead unless last), its conformer and conv caches, speaker
     vector (1, 192) and estimator KV slot. `capacity`: the most cache frames this turn can hold (prompt +
-    history), which sizes the conformer padding."""
+    history), which sizes the conformer padding and, with `prompt_frames`, the cut."""
 
     tokens: Sequence[int]
     last_chunk: bool
@@ -78,6 +78,7 @@ class WindowRow:
     spk: torch.Tensor
     capacity: int
     slot: KVSlot
+    prompt_frames: int  # the turn's prompt: `split_rows` cuts the conformer caches to prompt + history
 
     def frames(self, lookahead: int, up_rate: int) -> int:
         """Mel frames (and estimator keys) this window adds."""
@@ -251,6 +252,14 @@ class RaggedInputs:
 RowDone = Callable[[int, torch.Tensor, FlowCache], None]
 
 
+def _cut(x: torch.Tensor, front: int, back: int) -> torch.Tensor:
+    """The official cut along dim 3: the first `front` and the last `back` frames, when longer than both."""
+    n = x.shape[3]
+    if n <= front + back:
+        return x
+    return torch.cat([x[:, :, :, :front], x[:, :, :, n - back :]], dim=3)
+
+
 def split_rows(
     outputs: tuple[torch.Tensor, ...],
     windows: Sequence[WindowRow],
@@ -260,33 +269,42 @@ def split_rows(
     up_rate: int,
     done: RowDone | None = None,
 ) -> list[tuple[torch.Tensor, FlowCache]]:
-    """Each window's (mel (1, 80, frames), new untrimmed cache) as fresh tensors: the chunk's real conformer
-    keys joined to the turn's old ones exactly as `UpsampleConformerEncoder.forward_chunk` does (the
-    estimator keys are in the store already; the cache keeps its empty placeholder).
+    """Each window's (mel (1, 80, frames), new cache): the chunk's real conformer keys joined to the turn's
+    old ones as `UpsampleConformerEncoder.forward_chunk` does, then cut like `trim_flow_cache` (first prompt,
+    last history frames). The estimator keys are in the store already; the cache keeps its empty placeholder.
 
-    Consumes each window's old cache (`cache` becomes None) and calls `done(i, mel, cache)` as soon as
-    window i's is built, so a caller that hands the new cache to its turn there frees the old one at once."""
-    mel, cnn, new_low, new_up, conv = outputs
+    The round's outputs leave the graph pool in one copy each, and windows whose old caches have the same
+    length (and output tokens, prompt, capacity) are joined as one batch: a turn's tensors are views of
+    them. Consumes each window's old cache (`cache` becomes None) and calls `done(i, mel, cache)` per window."""
+    mel, cnn, new_low, new_up, conv = (t.clone() for t in outputs)
+    out_tokens = [len(w.tokens) - (0 if w.last_chunk else lookahead) for w in windows]
+    groups: dict[tuple[int, int, int, int], list[int]] = {}
+    for i, w in enumerate(windows):
+        if w.cache is None:
+            raise ValueError("this window's cache was already consumed")
+        key = (w.cache.conformer_att.shape[3], out_tokens[i], w.prompt_frames, w.capacity)
+        groups.setdefault(key, []).append(i)
+    atts: list[torch.Tensor | None] = [None] * len(windows)
+    for (length, tokens, prompt, capacity), members in groups.items():
+        frames = tokens * up_rate
+        history = capacity - prompt
+        rows = device_tensor([rows_of[m] for m in members], torch.long, mel.device)
+        old = torch.cat([windows[m].cache.conformer_att for m in members], dim=1)  # type: ignore[union-attr]
+        low = torch.cat(
+            [old[:low_layers, :, :, : length // 2], new_low.index_select(1, rows)[:, :, :, :tokens]], dim=3
+        )
+        up = torch.cat([old[low_layers:], new_up.index_select(1, rows)[:, :, :, :frames]], dim=3)
+        low, up = _cut(low, prompt // 2, history // 2), _cut(up, prompt, history)
+        att = torch.cat([low.repeat(1, 1, 1, up_rate, 1), up], dim=0)
+        for k, m in enumerate(members):
+            atts[m] = att[:, k : k + 1]
     out = []
     for i, (w, b) in enumerate(zip(windows, rows_of, strict=True)):
-        tokens = len(w.tokens) - (0 if w.last_chunk else lookahead)
-        frames = tokens * up_rate
-        old, w.cache = w.cache, None
-        if old is None:
-            raise ValueError("this window's cache was already consumed")
-        half = old.conformer_att.shape[3] // 2
-        low = torch.cat(
-            [old.conformer_att[:low_layers, :, :, :half], new_low[:, b : b + 1, :, :tokens]], dim=3
-        )
-        up = torch.cat([old.conformer_att[low_layers:], new_up[:, b : b + 1, :, :frames]], dim=3)
-        cache = FlowCache(
-            cnn[b : b + 1].clone(),
-            torch.cat([low.repeat(1, 1, 1, up_rate, 1), up], dim=0),
-            conv[:, :, 2 * b : 2 * b + 2].clone(),
-            old.estimator_kv,
-        )
-        row_mel = mel[b : b + 1, :, :frames].clone()
-        del old
+        old_cache, w.cache = w.cache, None
+        assert old_cache is not None and atts[i] is not None
+        cache = FlowCache(cnn[b : b + 1], atts[i], conv[:, :, 2 * b : 2 * b + 2], old_cache.estimator_kv)
+        row_mel = mel[b : b + 1, :, : out_tokens[i] * up_rate]
+        del old_cache
         if done is not None:
             done(i, row_mel, cache)
         out.append((row_mel, cache))

@@ -446,9 +446,8 @@ class Token2Wav:
     ) -> None:
         """The flow part of `stream_windows` through `flow_graphs`: every non-empty window in one padded
         batch (one per 64 store slots), whatever its size, kind and cache length. Fills `mels` and each
-        turn's (trimmed, owned) conformer caches; the estimator keys stay in the store."""
+        turn's conformer caches (cut to prompt + history); the estimator keys stay in the store."""
         assert self.flow_graphs is not None
-        low_layers = len(self.flow.encoder.encoders)
         due = [i for i, tokens in enumerate(token_lists) if tokens]
         if not due:
             return
@@ -466,13 +465,13 @@ class Token2Wav:
                     prompt.spk_embedding,
                     prompt.prompt_frames + HISTORY_FRAMES,
                     state.kv_slot,
+                    prompt.prompt_frames,
                 )
             )
 
         def done(k: int, mel: torch.Tensor, cache: FlowCache) -> None:
-            # the turn drops its old cache here, so the round never holds two of every stream's
-            state = windows[due[k]][0]
-            state.flow_cache = trim_flow_cache(cache, state.prompt.prompt_frames, HISTORY_FRAMES, low_layers)
+            # the turn drops its old cache here (already cut to prompt + history by `split_rows`)
+            windows[due[k]][0].flow_cache = cache
             mels[due[k]] = mel
 
         before = self.flow_graphs.calls
