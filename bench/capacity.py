@@ -315,6 +315,11 @@ def main(argv: list[str] | None = None) -> int:
         "--budget-s", type=float, default=480.0, help="skip the remaining N after this many seconds"
     )
     ap.add_argument("--no-vocoder", action="store_true", help="stop at the TTS codes (vocoder cost apart)")
+    ap.add_argument(
+        "--vocoder-turns",
+        type=int,
+        help="vocoder turns reserved up front (default: the largest N; the workload has at most half speaking)",
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -381,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     # KV cache is sized from what is left (a worker does the same at start-up)
     want = max(sessions_list)
     if not args.no_vocoder:
-        vocoder.reserve_turns(voice, want)
+        vocoder.reserve_turns(voice, args.vocoder_turns or want)
     if vocoder.flow_graphs is not None:
         results["vocoder_store_gib"] = gib(vocoder.flow_graphs.store.nbytes)
     # one KV cache for the largest N that fits: slots of `context` + two units' positions. Every tick starts
