@@ -8,9 +8,9 @@ positions with an additive mask built on the device from the lengths, so no host
 can be captured once and replayed.
 
 Attention: one SDPA call per layer over the kv heads, the query heads of each group folded into the query rows
-(`[rows, kv, group*T, hd]`), so the cache is read once and never repeated or gathered. KV writes use a
-gather / where / scatter at per-row positions: padding entries write back the value already there (their
-positions wrap modulo the slot length so they never collide with a real write).
+(`[rows, kv, group*T, hd]`), so the cache is read once and never repeated or gathered. KV writes are one
+scatter per layer at per-row positions: padding entries all land on the slot's spare position past `max_len`,
+which no attention window reaches.
 
 Same function as `Qwen3ForCausalLM.forward` (tests compare them); it also returns float32 logits of each
 row's last real token.
@@ -40,7 +40,6 @@ def _attention(
     keys: torch.Tensor,
     values: torch.Tensor,
     write_idx: torch.Tensor,
-    valid: torch.Tensor,
     mask: torch.Tensor,
     window: int,
 ) -> torch.Tensor:
@@ -51,10 +50,9 @@ def _attention(
     v = attn.v_proj(x).view(b, t, kv, hd).transpose(1, 2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     idx = write_idx[:, None, :, None].expand(b, kv, t, hd)
-    keep = valid[:, None, :, None]
     kc, vc = keys[:b], values[:b]
-    kc.scatter_(2, idx, torch.where(keep, k.to(kc.dtype), kc.gather(2, idx)))
-    vc.scatter_(2, idx, torch.where(keep, v.to(vc.dtype), vc.gather(2, idx)))
+    kc.scatter_(2, idx, k.to(kc.dtype))
+    vc.scatter_(2, idx, v.to(vc.dtype))
     group = h // kv
     # heads kv_i*group .. kv_i*group+group-1 share kv head kv_i: fold them into query rows (g, t)
     qf = q.reshape(b, kv, group * t, hd)
@@ -73,7 +71,8 @@ def static_forward(
     offsets = torch.arange(t, device=device)
     positions = lengths[:, None] + offsets[None, :]  # [b, t]
     valid = offsets[None, :] < num_new[:, None]
-    write_idx = positions % cache.max_len
+    # padding entries all go to the slot's spare position (past max_len, never read)
+    write_idx = torch.where(valid, positions % cache.max_len, cache.max_len)
     key_pos = torch.arange(window, device=device)
     allowed = key_pos[None, None, :] <= positions[:, :, None]  # [b, t, K]
     group = llm.config.num_attention_heads // llm.config.num_key_value_heads
@@ -90,7 +89,6 @@ def static_forward(
             cache.keys[i],
             cache.values[i],
             write_idx,
-            valid,
             mask,
             window,
         )

@@ -45,7 +45,7 @@ def static_tts_forward(
     offsets = torch.arange(t, device=device)
     positions = lens[:, None] + offsets[None, :]
     valid = offsets[None, :] < num_new[:, None]
-    write_idx = positions % cache.capacity
+    write_idx = torch.where(valid, positions % cache.capacity, cache.capacity)  # padding: the spare
     key_pos = torch.arange(window, device=device)
     allowed = key_pos[None, None, :] <= positions[:, :, None]
     mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=device).masked_fill(~allowed, float("-inf"))
@@ -65,10 +65,9 @@ def static_tts_forward(
         v = attn.v_proj(h).view(b, t, kv, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         idx = write_idx[:, None, :, None].expand(b, kv, t, hd)
-        keep = valid[:, None, :, None]
         kc, vc = cache.keys[i][:b], cache.values[i][:b]
-        kc.scatter_(2, idx, torch.where(keep, k.to(kc.dtype), kc.gather(2, idx)))
-        vc.scatter_(2, idx, torch.where(keep, v.to(vc.dtype), vc.gather(2, idx)))
+        kc.scatter_(2, idx, k.to(kc.dtype))
+        vc.scatter_(2, idx, v.to(vc.dtype))
         qf = q.reshape(b, kv, group * t, hd)
         out = F.scaled_dot_product_attention(qf, kc[:, :, :window], vc[:, :, :window], attn_mask=mask)
         out = out.reshape(b, heads, t, hd).transpose(1, 2).reshape(b, t, heads * hd)

@@ -1,6 +1,7 @@
 """A slot-based KV cache shared by many sessions.
 
-Every layer owns two preallocated tensors `[num_slots, kv_heads, max_len, head_dim]`. A session holds one slot
+Every layer owns two preallocated tensors `[num_slots, kv_heads, max_len + 1, head_dim]` (the last position is
+a write-only spare for padding entries). A session holds one slot
 for its whole life and the cache tracks how many positions of each slot are filled. A forward step for a batch
 of sessions writes each row's new keys/values at that row's own offset, so rows of different lengths share one
 step; attention masks hide the positions a row does not own.
@@ -26,7 +27,9 @@ class SlotKVCache:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
     ) -> None:
-        shape = (num_slots, kv_heads, max_len, head_dim)
+        # one spare position past max_len: static steps send their padding entries there (one scatter, no
+        # read-back of the old value); nothing ever reads it
+        shape = (num_slots, kv_heads, max_len + 1, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.lengths = torch.zeros(num_slots, dtype=torch.long, device=device)

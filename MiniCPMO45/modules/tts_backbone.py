@@ -46,7 +46,7 @@ class TTSKVCache:
     ) -> None:
         if num_slots < 1 or capacity < 1:
             raise ValueError(f"num_slots and capacity must be positive, got {num_slots} and {capacity}")
-        shape = (num_slots, kv_heads, capacity, head_dim)
+        shape = (num_slots, kv_heads, capacity + 1, head_dim)  # + a write-only spare, as in `SlotKVCache`
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.capacity = capacity
