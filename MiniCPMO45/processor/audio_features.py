@@ -24,8 +24,10 @@ every streaming object owns its floor choice and the batch path takes the floor 
 from __future__ import annotations
 
 import math
+import os
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -584,32 +586,75 @@ def _floored(frames: np.ndarray, floor: LogFloor, peak: float | None) -> np.ndar
 
 # Rows per batched transform: a few sessions' units at a time keep its intermediates in the CPU caches.
 _ROWS_PER_PASS = 768
+_transform_thread: ThreadPoolExecutor | None = None
+
+
+def _transform_pool() -> ThreadPoolExecutor:
+    global _transform_thread
+    if _transform_thread is None:
+        _transform_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mel-transform")
+    return _transform_thread
+
+
+def _forget_transform_pool() -> None:
+    global _transform_thread
+    _transform_thread = None  # a forked child has no copy of the worker thread
+
+
+os.register_at_fork(after_in_child=_forget_transform_pool)
+
+
+def _gather(jobs: Sequence[_MelJob]) -> tuple[torch.Tensor, list[int]]:
+    """The windowed frames of the jobs' blocks, blocks of one size side by side; sets each job's `rows`."""
+    blocks = [(hi - lo, job, part) for job in jobs for part, (lo, hi) in enumerate(job.blocks()) if hi > lo]
+    blocks.sort(key=lambda b: b[0])
+    windows = torch.empty((sum(b[0] for b in blocks), N_FFT), dtype=torch.float32)
+    row = 0
+    for size, job, part in blocks:
+        lo, hi = job.blocks()[part]
+        audio = job.stream._audio
+        windowed_frames(reflected_stretch(audio.read, len(audio), lo, hi), windows[row : row + size])
+        job.rows[part] = row
+        row += size
+    return windows, [b[0] for b in blocks]
 
 
 def run_mel_jobs(jobs: Sequence[_MelJob]) -> list[tuple[np.ndarray, int, int]]:
-    """Compute the frames of planned streaming-mel calls in batched transforms and finish each call."""
+    """Compute the frames of planned streaming-mel calls in batched transforms and finish each call.
+
+    The jobs go in passes of about `_ROWS_PER_PASS` frames; with several passes, each pass's transform runs on
+    a worker thread (torch releases the GIL) while this thread gathers the next pass and finishes the previous.
+    """
     if len({id(job.stream) for job in jobs}) != len(jobs):
         raise ValueError("a streaming mel may appear once per batch")
-    blocks = [(hi - lo, k, part) for k, job in enumerate(jobs) for part, (lo, hi) in enumerate(job.blocks())]
-    blocks = sorted((b for b in blocks if b[0] > 0), key=lambda b: b[0])  # equal sizes side by side
-    logs = torch.empty((sum(b[0] for b in blocks), N_MELS), dtype=torch.float32)
-    windows = torch.empty((max([_ROWS_PER_PASS, *(b[0] for b in blocks)]), N_FFT), dtype=torch.float32)
-    row = at = 0
-    while at < len(blocks):
-        sizes, used = [], 0  # the blocks of one pass: up to _ROWS_PER_PASS rows (or one larger block)
-        while at < len(blocks) and (not sizes or used + blocks[at][0] <= _ROWS_PER_PASS):
-            size, k, part = blocks[at]
-            job = jobs[k]
-            lo, hi = job.blocks()[part]
-            audio = job.stream._audio
-            windowed_frames(reflected_stretch(audio.read, len(audio), lo, hi), windows[used : used + size])
-            job.rows[part] = row + used
-            sizes.append(size)
-            used += size
-            at += 1
-        log_mel_of_windows(windows[:used], sizes, out=logs[row : row + used])
-        row += used
-    return [job.stream._finish(job, logs.numpy()) for job in jobs]
+    passes: list[list[int]] = []
+    rows = _ROWS_PER_PASS
+    for k, job in enumerate(jobs):
+        if rows >= _ROWS_PER_PASS:
+            passes.append([])
+            rows = 0
+        passes[-1].append(k)
+        rows += sum(hi - lo for lo, hi in job.blocks())
+    results: list[tuple[np.ndarray, int, int]] = [None] * len(jobs)  # type: ignore[list-item]
+
+    def finish(members: list[int], logs: np.ndarray) -> None:
+        for k in members:
+            results[k] = jobs[k].stream._finish(jobs[k], logs)
+
+    if len(passes) == 1:
+        windows, sizes = _gather(jobs)
+        finish(list(range(len(jobs))), log_mel_of_windows(windows, sizes))
+        return results
+    previous: tuple[Future[np.ndarray], list[int]] | None = None
+    for members in [*passes, None]:
+        current = None
+        if members is not None:
+            windows, sizes = _gather([jobs[k] for k in members])
+            current = (_transform_pool().submit(log_mel_of_windows, windows, sizes), members)
+        if previous is not None:
+            finish(previous[1], previous[0].result())
+        previous = current
+    return results
 
 
 @dataclass(frozen=True)
