@@ -111,7 +111,7 @@ def main() -> None:
         "sessions": args.sessions,
         "warm_units": args.warm_units,
         "ticks": args.ticks,
-        "buffer_seconds_at_end": round(batched[0].mel.buffer.size / 16000, 2),
+        "buffer_seconds_at_end": round(batched[0].mel.buffered_samples / 16000, 2),
         "per_session_push_ms": summary(per_session),
         "push_many_ms": summary(batch),
         "per_session_push_cpu_ms": summary(per_session_cpu),

@@ -15,6 +15,9 @@ Three forms:
   oldest 10 s.
 * `StreamingMel`: one full-duplex session's audio front end on top of it: left-pads the first unit to 1035 ms,
   cuts 16480 samples for the first unit and 16000 after, and returns one `MelUnit` per model unit.
+  `push_many` does that for all sessions of a duplex tick at once: the new frames of every session go through
+  one batched transform (rfft, power, mel filters, log10), with the same output as pushing each session alone;
+  `push` is its batch of one.
 
 The official code switches the floor on a feature extractor shared by every session and by the batch path, so
 one session's streaming changes how the next clip is encoded (spec official-baseline.md, "Also observed"). Here
@@ -187,7 +190,7 @@ def reflected_stretch(read: Callable[[int, int], np.ndarray], n: int, first: int
     lo, hi = first * HOP_LENGTH - half, (stop - 1) * HOP_LENGTH + half
     if stop <= first or n <= half:
         raise ValueError(f"no frames [{first}, {stop}) in a signal of {n} samples (need > {half})")
-    if -lo >= n or hi - n >= n - 1:
+    if -lo >= n or hi - n >= n:
         raise ValueError(f"frames [{first}, {stop}) reach further than one reflection of {n} samples")
     if lo >= 0 and hi <= n:
         return read(lo, hi)
@@ -215,11 +218,8 @@ def frame_windows(signal: np.ndarray, first: int, stop: int, out: torch.Tensor) 
     windowed_frames(reflected_stretch(lambda a, b: signal[a:b], signal.size, first, stop), out)
 
 
-def log_mel_of_windows(
-    windows: torch.Tensor, runs: Sequence[int] | None = None, out: torch.Tensor | None = None
-) -> np.ndarray:
-    """Raw log10 mel of windowed frames: [rows, 400] -> [rows, 80] float32 (one rfft for all rows), written to
-    `out` when given.
+def log_mel_of_windows(windows: torch.Tensor, runs: Sequence[int] | None = None) -> np.ndarray:
+    """Raw log10 mel of windowed frames: [rows, 400] -> [rows, 80] float32, one rfft for all rows.
 
     `runs` (sizes summing to rows, default one run) splits the rows into consecutive blocks, each multiplied by
     the filter bank as its own matrix; consecutive runs of one size go through one batched product. On BLAS
@@ -232,10 +232,7 @@ def log_mel_of_windows(
         raise ValueError(
             f"windows must be [rows, {N_FFT}] split into runs summing to rows, got {tuple(windows.shape)}"
         )
-    if out is None:
-        out = torch.empty((rows, N_MELS), dtype=torch.float32)
-    elif out.shape != (rows, N_MELS) or out.dtype != torch.float32:
-        raise ValueError(f"out must be float32 [{rows}, {N_MELS}], got {out.dtype} {tuple(out.shape)}")
+    out = torch.empty((rows, N_MELS), dtype=torch.float32)
     if rows == 0:
         return out.numpy()
     filters, _ = _torch_constants(N_MELS, N_FFT)
