@@ -143,15 +143,19 @@ def test_push_many_does_not_depend_on_the_thread_count() -> None:
 
 
 def test_each_run_is_transformed_as_if_alone() -> None:
-    """Rows of a run equal the transform of that run alone (the product's rounding may depend on its size)."""
+    """Rows of a run equal the transform of that run alone (the product's rounding may depend on its size),
+    whether its segment is batched with equal segments or not."""
     rng = np.random.default_rng(4)
-    runs = [1, 2, 2, 100, 100, 1, 37]
-    windows = torch.from_numpy(rng.standard_normal((sum(runs), 400)).astype(np.float32))
-    got = log_mel_of_windows(windows, runs)
+    segments = [(1,), (2,), (2,), (100,), (100,), (2, 98, 1), (2, 98, 1), (0, 100, 1), (37,)]
+    rows = sum(sum(seg) for seg in segments)
+    windows = torch.from_numpy(rng.standard_normal((rows, 400)).astype(np.float32))
+    got = log_mel_of_windows(windows, segments)
     at = 0
-    for size in runs:
+    for size in [size for seg in segments for size in seg]:
         np.testing.assert_array_equal(got[at : at + size], log_mel_of_windows(windows[at : at + size]))
         at += size
+    with pytest.raises(ValueError):
+        log_mel_of_windows(windows, segments[:-1])
 
 
 def test_push_many_rejects_bad_calls() -> None:
@@ -181,7 +185,5 @@ def test_frames_from_windows_equal_the_centred_stft() -> None:
     total = signal.size // 160
     windows = torch.empty(total, 400)
     frame_windows(signal, 0, total, windows)
-    got = log_mel_of_windows(windows, [2, total - 4, 2])
+    got = log_mel_of_windows(windows, [(2, total - 4, 2)])
     np.testing.assert_allclose(got.T, raw_log_mel(signal).numpy(), atol=1e-6, rtol=0)
-    with pytest.raises(ValueError):
-        log_mel_of_windows(windows, [total - 1])

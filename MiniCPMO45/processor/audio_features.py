@@ -31,7 +31,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -218,19 +218,20 @@ def frame_windows(signal: np.ndarray, first: int, stop: int, out: torch.Tensor) 
     windowed_frames(reflected_stretch(lambda a, b: signal[a:b], signal.size, first, stop), out)
 
 
-def log_mel_of_windows(windows: torch.Tensor, runs: Sequence[int] | None = None) -> np.ndarray:
+def log_mel_of_windows(windows: torch.Tensor, segments: Sequence[Sequence[int]] | None = None) -> np.ndarray:
     """Raw log10 mel of windowed frames: [rows, 400] -> [rows, 80] float32, one rfft for all rows.
 
-    `runs` (sizes summing to rows, default one run) splits the rows into consecutive blocks, each multiplied by
-    the filter bank as its own matrix; consecutive runs of one size go through one batched product. On BLAS
-    kernels whose rounding depends on the size of the product, this keeps every frame bit-identical to
-    transforming its block alone (as `raw_log_mel` and the per-session streaming path do).
+    `segments` splits the rows into consecutive segments, each a sequence of run sizes (default: one segment
+    of one run). Every run is multiplied by the filter bank as its own matrix; consecutive segments with the
+    same runs share one batched product per run. On BLAS kernels whose rounding depends on the size of the
+    product, this keeps every frame bit-identical to transforming its run alone (as `raw_log_mel` and the
+    per-session streaming path do).
     """
     rows = windows.shape[0]
-    runs = [rows] if runs is None else list(runs)
-    if windows.ndim != 2 or windows.shape[1] != N_FFT or sum(runs) != rows:
+    layout = [(rows,)] if segments is None else [tuple(segment) for segment in segments]
+    if windows.ndim != 2 or windows.shape[1] != N_FFT or sum(sum(seg) for seg in layout) != rows:
         raise ValueError(
-            f"windows must be [rows, {N_FFT}] split into runs summing to rows, got {tuple(windows.shape)}"
+            f"windows must be [rows, {N_FFT}] split into segments summing to rows, got {tuple(windows.shape)}"
         )
     out = torch.empty((rows, N_MELS), dtype=torch.float32)
     if rows == 0:
@@ -238,17 +239,21 @@ def log_mel_of_windows(windows: torch.Tensor, runs: Sequence[int] | None = None)
     filters, _ = _torch_constants(N_MELS, N_FFT)
     power = torch.fft.rfft(windows).abs().pow_(2)  # [rows, freq]
     at = start = 0
-    while at < len(runs):
-        size, count = runs[at], 1
-        while at + count < len(runs) and runs[at + count] == size:
+    while at < len(layout):
+        runs, count = layout[at], 1
+        while at + count < len(layout) and layout[at + count] == runs:
             count += 1
-        if size:
-            stop = start + size * count
-            # [mels, freq] @ [freq, size] per block, the orientation of the per-block product
-            blocks = power[start:stop].view(count, size, -1).transpose(1, 2)
-            mel = torch.bmm(filters.T.expand(count, -1, -1), blocks)
-            out[start:stop].view(count, size, N_MELS).copy_(mel.transpose(1, 2))
-        at, start = at + count, start + size * count
+        width = sum(runs)
+        stop = start + width * count
+        grid, target = power[start:stop].view(count, width, -1), out[start:stop].view(count, width, N_MELS)
+        offset = 0
+        for size in runs:
+            if size:  # [mels, freq] @ [freq, size] per run, the orientation of the per-run product
+                runs_power = grid[:, offset : offset + size].transpose(1, 2)
+                mel = torch.bmm(filters.T.expand(count, -1, -1), runs_power)
+                target[:, offset : offset + size].copy_(mel.transpose(1, 2))
+            offset += size
+        at, start = at + count, stop
     return out.clamp_(min=1e-10).log10_().numpy()
 
 
@@ -386,15 +391,32 @@ class _MelJob:
     fresh: tuple[int, int] = (0, 0)  # newly stable frames, appended to the cache
     left: bool = False  # frames 0 and 1 (reflected at the buffer start), computed once per buffer start
     right: bool = False  # frames [stable, total) reaching past the buffer end (they change with every chunk)
-    rows: list[int] = field(default_factory=lambda: [0, 0, 0])  # batch row of the fresh, left, right block
+    row: int = 0  # first batch row of the job's frames: left, fresh, right (the runs of `layout`)
 
-    def blocks(self) -> list[tuple[int, int]]:
-        """Frame ranges to compute, in the order of `rows`; each was one transform in the per-session code."""
-        return [
-            self.fresh,
+    def layout(self) -> tuple[int, int, int]:
+        """Frames computed for the left edge, the cache and the right edge; each was one transform in the
+        per-session code, so each stays one run of the batched product."""
+        return (
+            2 if self.left else 0,
+            self.fresh[1] - self.fresh[0],
+            self.total - self.stable if self.right else 0,
+        )
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """The frames to compute (buffer-local, in row order), adjacent ranges joined."""
+        out: list[tuple[int, int]] = []
+        for lo, hi in (
             (0, 2) if self.left else (0, 0),
+            self.fresh,
             (self.stable, self.total) if self.right else (0, 0),
-        ]
+        ):
+            if hi <= lo:
+                continue
+            if out and out[-1][1] == lo:
+                out[-1] = (out[-1][0], hi)
+            else:
+                out.append((lo, hi))
+        return out
 
 
 class ExactStreamingMel:
@@ -532,13 +554,14 @@ class ExactStreamingMel:
 
     def _finish(self, job: _MelJob, logs: np.ndarray) -> tuple[np.ndarray, int, int]:
         """Store the job's computed frames (rows of `logs`) and return its emission."""
-        fresh = job.fresh[1] - job.fresh[0]
-        if fresh:
-            self._cache.append(logs[job.rows[0] : job.rows[0] + fresh].copy())
-        if job.left:
-            self._edge = logs[job.rows[1] : job.rows[1] + 2].copy()
+        left, fresh, right_size = job.layout()
+        at = job.row + left
+        if left:
+            self._edge = logs[job.row : at].copy()
             self._edge_base = self.base_frame
-        right = logs[job.rows[2] : job.rows[2] + job.total - job.stable] if job.right else logs[:0]
+        if fresh:
+            self._cache.append(logs[at : at + fresh].copy())
+        right = logs[at + fresh : at + fresh + right_size]
         if job.emit is None:
             return np.zeros((N_MELS, 0), dtype=np.float32), job.core_start, job.core_start
         start, end = job.emit
@@ -601,19 +624,19 @@ def _forget_transform_pool() -> None:
 os.register_at_fork(after_in_child=_forget_transform_pool)
 
 
-def _gather(jobs: Sequence[_MelJob]) -> tuple[torch.Tensor, list[int]]:
-    """The windowed frames of the jobs' blocks, blocks of one size side by side; sets each job's `rows`."""
-    blocks = [(hi - lo, job, part) for job in jobs for part, (lo, hi) in enumerate(job.blocks()) if hi > lo]
-    blocks.sort(key=lambda b: b[0])
-    windows = torch.empty((sum(b[0] for b in blocks), N_FFT), dtype=torch.float32)
+def _gather(jobs: Sequence[_MelJob]) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """The windowed frames of the jobs, jobs of one layout side by side; sets each job's `row`."""
+    ordered = sorted(jobs, key=_MelJob.layout)
+    layouts = [job.layout() for job in ordered]
+    windows = torch.empty((sum(sum(layout) for layout in layouts), N_FFT), dtype=torch.float32)
     row = 0
-    for size, job, part in blocks:
-        lo, hi = job.blocks()[part]
+    for job in ordered:
+        job.row = row
         audio = job.stream._audio
-        windowed_frames(reflected_stretch(audio.read, len(audio), lo, hi), windows[row : row + size])
-        job.rows[part] = row
-        row += size
-    return windows, [b[0] for b in blocks]
+        for lo, hi in job.ranges():
+            windowed_frames(reflected_stretch(audio.read, len(audio), lo, hi), windows[row : row + hi - lo])
+            row += hi - lo
+    return windows, layouts
 
 
 def run_mel_jobs(jobs: Sequence[_MelJob]) -> list[tuple[np.ndarray, int, int]]:
@@ -631,7 +654,7 @@ def run_mel_jobs(jobs: Sequence[_MelJob]) -> list[tuple[np.ndarray, int, int]]:
             passes.append([])
             rows = 0
         passes[-1].append(k)
-        rows += sum(hi - lo for lo, hi in job.blocks())
+        rows += sum(job.layout())
     results: list[tuple[np.ndarray, int, int]] = [None] * len(jobs)  # type: ignore[list-item]
 
     def finish(members: list[int], logs: np.ndarray) -> None:
@@ -639,15 +662,15 @@ def run_mel_jobs(jobs: Sequence[_MelJob]) -> list[tuple[np.ndarray, int, int]]:
             results[k] = jobs[k].stream._finish(jobs[k], logs)
 
     if len(passes) == 1:
-        windows, sizes = _gather(jobs)
-        finish(list(range(len(jobs))), log_mel_of_windows(windows, sizes))
+        windows, layouts = _gather(jobs)
+        finish(list(range(len(jobs))), log_mel_of_windows(windows, layouts))
         return results
     previous: tuple[Future[np.ndarray], list[int]] | None = None
     for members in [*passes, None]:
         current = None
         if members is not None:
-            windows, sizes = _gather([jobs[k] for k in members])
-            current = (_transform_pool().submit(log_mel_of_windows, windows, sizes), members)
+            windows, layouts = _gather([jobs[k] for k in members])
+            current = (_transform_pool().submit(log_mel_of_windows, windows, layouts), members)
         if previous is not None:
             finish(previous[1], previous[0].result())
         previous = current
