@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..modules.tts import DUPLEX_MAX_DRAWS
-from ..processor.audio_features import MelUnit
+from ..processor.audio_features import push_many
 from ..processor.image import ImageInputs
 from ..token2wav import PromptCache, PushRequest, Token2Wav, TurnState
 from .batched_audio import BatchedAudioEncoder
@@ -173,20 +173,25 @@ class DuplexBatcher:
         for s in sessions:
             _state(s).pending_logits = None
 
-        def host_prep(i: int) -> tuple[MelUnit | None, list[ImageInputs]]:
-            """Per-session CPU work (streaming mel, image slicing): numpy/PIL, run on the host thread pool."""
+        def image_prep(i: int) -> list[ImageInputs]:
+            """One session's image slicing (numpy/PIL), run on the host thread pool."""
             unit, st = inputs[i], _state(sessions[i])
-            mel = st.mel.push(unit.audio) if unit.audio is not None and len(unit.audio) else None
             n_slices = unit.max_slice_nums or st.config.max_slice_nums
-            return mel, [eng.images.preprocess(f, n_slices) for f in unit.frames]
+            return [eng.images.preprocess(f, n_slices) for f in unit.frames]
 
-        prepared = list(self._host_pool.map(host_prep, range(len(sessions))))
+        # the images on the pool while this thread computes every session's streaming mel in one batch
+        with_frames = [i for i, unit in enumerate(inputs) if unit.frames]
+        image_jobs = self._host_pool.map(image_prep, with_frames)
+        audio = [u.audio if u.audio is not None and len(u.audio) else None for u in inputs]
+        all_mel_units = push_many([_state(s).mel for s in sessions], audio)
+        images_of = dict(zip(with_frames, image_jobs, strict=True))
         ready: list[int] = []
         mel_units = []
         views: list[torch.Tensor] = []
         sizes: list[np.ndarray] = []
         per_frame: list[list[int]] = []  # per ready session: number of views of each frame
-        for i, (mel_unit, images) in enumerate(prepared):
+        for i, mel_unit in enumerate(all_mel_units):
+            images = images_of.get(i, [])
             if mel_unit is None and not images:
                 results[i].prefilled = False  # not enough audio yet: this unit will be a listen
                 continue

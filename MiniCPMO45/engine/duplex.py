@@ -29,7 +29,13 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from ..processor.audio_features import DYNAMIC_FLOOR, FIXED_FLOOR_MODE, StreamingMel, batch_features
+from ..processor.audio_features import (
+    DYNAMIC_FLOOR,
+    FIXED_FLOOR_MODE,
+    StreamingMel,
+    batch_features,
+    push_many,
+)
 from ..tokenizer import MiniCPMOTokenizer
 from .context_window import SlidingWindow
 from .core import Engine
@@ -230,10 +236,11 @@ def prefill_units(
     results = [UnitResult(session=s) for s in sessions]
     ready: list[int] = []
     mel_units = []
-    for i, (s, unit) in enumerate(zip(sessions, inputs, strict=True)):
-        st = _state(s)
-        st.pending_logits = None
-        mel_unit = st.mel.push(unit.audio) if unit.audio is not None and len(unit.audio) else None
+    for s in sessions:
+        _state(s).pending_logits = None
+    audio = [u.audio if u.audio is not None and len(u.audio) else None for u in inputs]
+    all_mel_units = push_many([_state(s).mel for s in sessions], audio)  # one batched transform
+    for i, (mel_unit, unit) in enumerate(zip(all_mel_units, inputs, strict=True)):
         if mel_unit is None and not unit.frames:
             results[i].prefilled = False  # not enough audio yet: this unit will be a listen
             continue

@@ -15,6 +15,9 @@ Three forms:
   oldest 10 s.
 * `StreamingMel`: one full-duplex session's audio front end on top of it: left-pads the first unit to 1035 ms,
   cuts 16480 samples for the first unit and 16000 after, and returns one `MelUnit` per model unit.
+  `push_many` does that for all sessions of a duplex tick at once: the new frames of every session go through
+  one batched transform (rfft, power, mel filters, log10), with the same output as pushing each session alone;
+  `push` is its batch of one.
 
 The official code switches the floor on a feature extractor shared by every session and by the batch path, so
 one session's streaming changes how the next clip is encoded (spec official-baseline.md, "Also observed"). Here
@@ -24,6 +27,10 @@ every streaming object owns its floor choice and the batch path takes the floor 
 from __future__ import annotations
 
 import math
+import os
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -175,25 +182,79 @@ def raw_log_mel(samples: np.ndarray | torch.Tensor) -> torch.Tensor:
     return _log10_mel(spec[:, :-1].abs() ** 2)
 
 
-def raw_log_mel_frames(buffer: np.ndarray, first: int, stop: int) -> torch.Tensor:
-    """Frames [first, stop) of `raw_log_mel(buffer)`, computed from their own windows only.
-
-    Frame j is centred on sample j * 160 of the reflect-padded signal, so its 400 samples are gathered
-    (reflecting at both ends exactly as the centred STFT pads) and transformed alone.
-    """
-    if stop <= first:
-        return torch.zeros((N_MELS, 0), dtype=torch.float32)
-    n = buffer.size
+def reflected_stretch(read: Callable[[int, int], np.ndarray], n: int, first: int, stop: int) -> np.ndarray:
+    """The samples frames [first, stop) of `raw_log_mel` read: [first * 160 - 200, (stop - 1) * 160 + 200) of a
+    signal of `n` samples (`read(a, b)` gives samples [a, b)), extended past either end by the centred STFT's
+    reflection (-k -> k at the start, n - 1 + k -> n - 1 - k at the end)."""
     half = N_FFT // 2
-    idx = np.arange(first * HOP_LENGTH, (stop - 1) * HOP_LENGTH + N_FFT) - half
-    idx = np.abs(idx)  # left reflection: -k -> k
-    idx = np.where(idx >= n, 2 * (n - 1) - idx, idx)  # right reflection: n - 1 + k -> n - 1 - k
-    segment = torch.from_numpy(np.ascontiguousarray(buffer[idx], dtype=np.float32))
+    lo, hi = first * HOP_LENGTH - half, (stop - 1) * HOP_LENGTH + half
+    if stop <= first or n <= half:
+        raise ValueError(f"no frames [{first}, {stop}) in a signal of {n} samples (need > {half})")
+    if -lo >= n or hi - n >= n:
+        raise ValueError(f"frames [{first}, {stop}) reach further than one reflection of {n} samples")
+    if lo >= 0 and hi <= n:
+        return read(lo, hi)
+    parts = []
+    if lo < 0:
+        parts.append(read(1 - min(hi, 0), 1 - lo)[::-1])
+    if lo < n and hi > 0:
+        parts.append(read(max(lo, 0), min(hi, n)))
+    if hi > n:
+        parts.append(read(2 * n - 1 - hi, 2 * n - 1 - max(lo, n))[::-1])
+    return np.concatenate(parts)
+
+
+def windowed_frames(stretch: np.ndarray, out: torch.Tensor) -> None:
+    """Hann-windowed frames (hop 160) of a `reflected_stretch` into `out` [frames, 400]."""
     _, window = _torch_constants(N_MELS, N_FFT)
-    spec = torch.stft(
-        segment, n_fft=N_FFT, hop_length=HOP_LENGTH, window=window, center=False, return_complex=True
-    )
-    return _log10_mel(spec.abs() ** 2)
+    if stretch.size != (out.shape[0] - 1) * HOP_LENGTH + N_FFT:
+        raise ValueError(f"{stretch.size} samples are not {out.shape[0]} frames")
+    wave = torch.from_numpy(np.ascontiguousarray(stretch, dtype=np.float32))
+    torch.mul(wave.as_strided((out.shape[0], N_FFT), (HOP_LENGTH, 1)), window, out=out)
+
+
+def frame_windows(signal: np.ndarray, first: int, stop: int, out: torch.Tensor) -> None:
+    """Hann-windowed samples of frames [first, stop) of `raw_log_mel(signal)` into `out` [stop - first, 400]."""
+    windowed_frames(reflected_stretch(lambda a, b: signal[a:b], signal.size, first, stop), out)
+
+
+def log_mel_of_windows(windows: torch.Tensor, segments: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """Raw log10 mel of windowed frames: [rows, 400] -> [rows, 80] float32, one rfft for all rows.
+
+    `segments` splits the rows into consecutive segments, each a sequence of run sizes (default: one segment
+    of one run). Every run is multiplied by the filter bank as its own matrix; consecutive segments with the
+    same runs share one batched product per run. On BLAS kernels whose rounding depends on the size of the
+    product, this keeps every frame bit-identical to transforming its run alone (as `raw_log_mel` and the
+    per-session streaming path do).
+    """
+    rows = windows.shape[0]
+    layout = [(rows,)] if segments is None else [tuple(segment) for segment in segments]
+    if windows.ndim != 2 or windows.shape[1] != N_FFT or sum(sum(seg) for seg in layout) != rows:
+        raise ValueError(
+            f"windows must be [rows, {N_FFT}] split into segments summing to rows, got {tuple(windows.shape)}"
+        )
+    out = torch.empty((rows, N_MELS), dtype=torch.float32)
+    if rows == 0:
+        return out.numpy()
+    filters, _ = _torch_constants(N_MELS, N_FFT)
+    power = torch.fft.rfft(windows).abs().pow_(2)  # [rows, freq]
+    at = start = 0
+    while at < len(layout):
+        runs, count = layout[at], 1
+        while at + count < len(layout) and layout[at + count] == runs:
+            count += 1
+        width = sum(runs)
+        stop = start + width * count
+        grid, target = power[start:stop].view(count, width, -1), out[start:stop].view(count, width, N_MELS)
+        offset = 0
+        for size in runs:
+            if size:  # [mels, freq] @ [freq, size] per run, the orientation of the per-run product
+                runs_power = grid[:, offset : offset + size].transpose(1, 2)
+                mel = torch.bmm(filters.T.expand(count, -1, -1), runs_power)
+                target[:, offset : offset + size].copy_(mel.transpose(1, 2))
+            offset += size
+        at, start = at + count, stop
+    return out.clamp_(min=1e-10).log10_().numpy()
 
 
 def log_mel(samples: np.ndarray | torch.Tensor, floor: LogFloor = DYNAMIC_FLOOR) -> np.ndarray:
@@ -249,18 +310,132 @@ def _ms_to_samples(ms: float) -> int:
     return int(ms * SAMPLE_RATE / 1000)
 
 
+class _Rope:
+    """Rows kept as the blocks they were appended in: appending and dropping from the front copy nothing, and
+    reading a stretch joins only the blocks it overlaps. With `track_max`, each block's maximum is kept too."""
+
+    def __init__(self, track_max: bool = False) -> None:
+        self._blocks: deque[np.ndarray] = deque()
+        self._maxima: deque[float] = deque()
+        self._track_max = track_max
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def clear(self) -> None:
+        self._blocks.clear()
+        self._maxima.clear()
+        self._len = 0
+
+    def append(self, block: np.ndarray) -> None:
+        if len(block):
+            self._blocks.append(block)
+            if self._track_max:
+                self._maxima.append(block.max())
+            self._len += len(block)
+
+    def drop(self, count: int) -> None:
+        """Forget the first `count` rows."""
+        if not 0 <= count <= self._len:
+            raise ValueError(f"cannot drop {count} of {self._len} rows")
+        self._len -= count
+        while count:
+            first = self._blocks[0]
+            if count >= len(first):
+                self._blocks.popleft()
+                if self._track_max:
+                    self._maxima.popleft()
+                count -= len(first)
+            else:
+                self._blocks[0] = first[count:]
+                if self._track_max:
+                    self._maxima[0] = self._blocks[0].max()
+                count = 0
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """Rows [lo, hi) as one array (a view when they lie in one block)."""
+        if not 0 <= lo <= hi <= self._len:
+            raise ValueError(f"rows [{lo}, {hi}) are not within {self._len}")
+        parts, end = [], self._len
+        for block in reversed(self._blocks):  # reads are mostly near the end
+            if end <= lo:
+                break
+            start = end - len(block)
+            if start < hi:
+                parts.append(block[max(lo - start, 0) : min(hi, end) - start])
+            end = start
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return np.zeros((0, *self._blocks[0].shape[1:]) if self._blocks else 0, dtype=np.float32)
+        return np.concatenate(parts[::-1])
+
+    def max(self) -> float:
+        if not self._track_max or not self._maxima:
+            raise ValueError("no maximum kept")
+        return max(self._maxima)
+
+
+@dataclass
+class _MelJob:
+    """One `ExactStreamingMel.process` call between planning and finishing: the frames (buffer-local indices)
+    the batched transform computes for it, and the frames it emits."""
+
+    stream: ExactStreamingMel
+    stable: int  # buffer frames whose window lies inside the buffer
+    total: int  # buffer frames
+    core_start: int  # global index of the core's first frame
+    floor: LogFloor
+    emit: tuple[int, int] | None  # frames to return; None while the buffer does not cover them
+    fresh: tuple[int, int] = (0, 0)  # newly stable frames, appended to the cache
+    left: bool = False  # frames 0 and 1 (reflected at the buffer start), computed once per buffer start
+    right: bool = False  # frames [stable, total) reaching past the buffer end (they change with every chunk)
+    row: int = 0  # first batch row of the job's frames: left, fresh, right (the runs of `layout`)
+
+    def layout(self) -> tuple[int, int, int]:
+        """Frames computed for the left edge, the cache and the right edge; each was one transform in the
+        per-session code, so each stays one run of the batched product."""
+        return (
+            2 if self.left else 0,
+            self.fresh[1] - self.fresh[0],
+            self.total - self.stable if self.right else 0,
+        )
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """The frames to compute (buffer-local, in row order), adjacent ranges joined."""
+        out: list[tuple[int, int]] = []
+        for lo, hi in (
+            (0, 2) if self.left else (0, 0),
+            self.fresh,
+            (self.stable, self.total) if self.right else (0, 0),
+        ):
+            if hi <= lo:
+                continue
+            if out and out[-1][1] == lo:
+                out[-1] = (out[-1][0], hi)
+            else:
+                out.append((lo, hi))
+        return out
+
+
 class ExactStreamingMel:
-    """The "exact" streaming mel: recompute over the buffer, emit only frames whose right context is complete.
+    """The "exact" streaming mel: the output of a recompute over the buffer, emitting only frames whose right
+    context is complete.
 
     Frame indices are global (counted from the start of the stream), so the sliding buffer is invisible to the
     caller. Each `process` call emits the next `chunk_frames` core frames plus `redundancy_frames` on each side
     (none on the left of frame 0), or nothing if the buffer does not yet cover them.
 
-    The output is that of a full recompute over the buffer, but by default only new frames are transformed:
-    a frame whose window lies inside the buffer and clear of its start never changes, so those are cached by
-    global index; the two frames at the buffer start (reflect-padded) and the unstable frames at its end are
-    recomputed each call, since they take part in the dynamic floor's maximum. `recompute=True` runs the plain
-    full recompute instead (the reference the cache is tested against).
+    Only new frames are transformed: a frame whose window lies inside the buffer never changes, so those are
+    cached by global index (with each block's maximum, for the dynamic floor). Frames 0 and 1 of the buffer
+    (reflect-padded at its start) are computed again when the start moves, and the frames reaching past its end
+    at every emission that needs them, since they take part in the dynamic floor's maximum. `recompute=True`
+    runs the plain full recompute with `raw_log_mel` instead (the reference the cache is tested against).
+
+    A call is planned (`_plan`: buffer, slide, which frames to compute, which to emit), the frames of any number
+    of streams are computed in one batch (`run_mel_jobs`), and each call is finished (`_finish`: cache, floor,
+    emitted slice); `process` is that for one stream.
     """
 
     def __init__(
@@ -283,16 +458,29 @@ class ExactStreamingMel:
         self.sliding_window = sliding_window
         self.slide_trigger_samples = int(slide_trigger_seconds * SAMPLE_RATE)
         self.slide_stride_samples = int(slide_stride_seconds * SAMPLE_RATE)
+        self._audio = _Rope()
+        self._cache = _Rope(track_max=True)  # raw frames [frames, 80] of interior windows
         self.reset()
 
     def reset(self) -> None:
-        self.buffer = np.zeros(0, dtype=np.float32)
+        self._audio.clear()
         self.emitted_frames = 0  # global index of the next core frame
         self.base_frame = 0  # global index of buffer frame 0
         self.chunks_seen = 0
         self.last_floor: LogFloor | None = None
-        self._cache = torch.zeros((N_MELS, 0), dtype=torch.float32)  # raw frames of interior windows
+        self._cache.clear()
         self._cache_start = 0  # global index of the first cached frame
+        self._edge = np.zeros((2, N_MELS), dtype=np.float32)  # raw frames 0 and 1 of the buffer
+        self._edge_base: int | None = None  # the base_frame they were computed for
+
+    @property
+    def buffer(self) -> np.ndarray:
+        """The buffered audio, joined into one array."""
+        return self._audio.read(0, len(self._audio))
+
+    @property
+    def buffered_samples(self) -> int:
+        return len(self._audio)
 
     @property
     def is_first(self) -> bool:
@@ -303,72 +491,190 @@ class ExactStreamingMel:
 
     def floor_for_buffer(self) -> LogFloor:
         """Fixed floor while the buffer is under 5 s, dynamic from then on (decided per call, per stream)."""
-        if self.buffer.size < FIXED_FLOOR_BELOW_SECONDS * SAMPLE_RATE:
+        if len(self._audio) < FIXED_FLOOR_BELOW_SECONDS * SAMPLE_RATE:
             return FIXED_FLOOR_MODE
         return DYNAMIC_FLOOR
 
     def _slide(self) -> None:
-        size = self.buffer.size
+        size = len(self._audio)
         if not self.sliding_window or size < self.slide_trigger_samples:
             return
         keep_at_least = min(SAMPLE_RATE, size - self.slide_stride_samples)
         drop = min(self.slide_stride_samples, max(0, size - keep_at_least))
         drop = drop // HOP_LENGTH * HOP_LENGTH
         if drop > 0:
-            self.buffer = self.buffer[drop:]
+            self._audio.drop(drop)
             self.base_frame += drop // HOP_LENGTH
 
     def _stable_frames(self) -> int:
         """Buffer frames whose STFT window lies fully inside the buffer."""
-        if self.buffer.size < N_FFT // 2:
+        if len(self._audio) < N_FFT // 2:
             return 0
-        return (self.buffer.size - N_FFT // 2) // HOP_LENGTH + 1
+        return (len(self._audio) - N_FFT // 2) // HOP_LENGTH + 1
 
-    def _raw_mel(self) -> torch.Tensor:
-        """Raw log10 mel of the whole buffer, [80, N // 160], from the cache plus the edge frames."""
-        if self.recompute:
-            return raw_log_mel(self.buffer)
-        total = self.buffer.size // HOP_LENGTH
+    def _plan(self, chunk: np.ndarray, is_last: bool = False) -> _MelJob:
+        """Append `chunk`, slide, and decide what this call computes and emits (the emission is booked here)."""
+        self._audio.append(np.array(chunk, dtype=np.float32).reshape(-1))  # a copy: the caller keeps theirs
+        self.chunks_seen += 1
+        self._slide()
+        size = len(self._audio)
+        if size < N_FFT:
+            raise ValueError(f"streaming buffer of {size} samples is shorter than n_fft {N_FFT}")
+        self.last_floor = self.floor_for_buffer()
+        total = size // HOP_LENGTH
         stable = min(total, self._stable_frames())
-        edge = min(2, stable)  # frames 0 and 1 reach into the reflection at the buffer start
-        first_interior = self.base_frame + edge
-        if self._cache_start < first_interior:  # frames that slid out, or now sit at the buffer start
-            self._cache = self._cache[:, first_interior - self._cache_start :]
+        core_start = self.emitted_frames
+        core_end = core_start + self.chunk_frames
+        emit = None
+        if self.base_frame + stable >= core_end + self.redundancy_frames or is_last:
+            first_global = max(0, core_start - self.redundancy_frames)
+            start = min(max(0, first_global - self.base_frame), total)
+            end = max(start, min(core_end + self.redundancy_frames - self.base_frame, total))
+            emit = (start, end)
+            self.emitted_frames = core_end
+        job = _MelJob(self, stable, total, core_start, self.last_floor, emit)
+        if self.recompute:
+            return job
+        # Once finished, the cache holds frames [base + 2, base + stable): drop what slid out or now sits at the
+        # buffer start, then compute what became stable.
+        first_interior = self.base_frame + 2
+        if self._cache_start < first_interior:
+            self._cache.drop(min(len(self._cache), first_interior - self._cache_start))
             self._cache_start = first_interior
-        if self._cache.shape[1] == 0:
+        if not len(self._cache):
             self._cache_start = first_interior
-        cached_end = self._cache_start + self._cache.shape[1]
-        stable_end = self.base_frame + stable
-        if stable_end > cached_end:
-            fresh = raw_log_mel_frames(self.buffer, cached_end - self.base_frame, stable)
-            self._cache = torch.cat([self._cache, fresh], dim=1)
-        left = raw_log_mel_frames(self.buffer, 0, edge)
-        right = raw_log_mel_frames(self.buffer, stable, total)
-        return torch.cat([left, self._cache[:, : stable_end - self._cache_start], right], dim=1)
+        cached_end = self._cache_start + len(self._cache)
+        if self.base_frame + stable > cached_end:
+            job.fresh = (cached_end - self.base_frame, stable)
+        if emit is not None:
+            dynamic = self.last_floor.is_dynamic
+            job.left = (dynamic or emit[0] < 2) and self._edge_base != self.base_frame
+            job.right = (dynamic or emit[1] > stable) and total > stable
+        return job
+
+    def _finish(self, job: _MelJob, logs: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """Store the job's computed frames (rows of `logs`) and return its emission."""
+        left, fresh, right_size = job.layout()
+        at = job.row + left
+        if left:
+            self._edge = logs[job.row : at].copy()
+            self._edge_base = self.base_frame
+        if fresh:
+            self._cache.append(logs[at : at + fresh].copy())
+        right = logs[at + fresh : at + fresh + right_size]
+        if job.emit is None:
+            return np.zeros((N_MELS, 0), dtype=np.float32), job.core_start, job.core_start
+        start, end = job.emit
+        peak = None
+        if self.recompute:
+            raw = raw_log_mel(self.buffer).numpy().T  # [total, 80]
+            frames = raw[start:end]
+            peak = raw.max()
+        else:
+            stable, parts = job.stable, []
+            if start < 2:
+                parts.append(self._edge[start : min(end, 2)])
+            if max(start, 2) < min(end, stable):
+                offset = self.base_frame - self._cache_start
+                parts.append(self._cache.read(max(start, 2) + offset, min(end, stable) + offset))
+            if end > stable:
+                parts.append(right[max(start, stable) - stable : end - stable])
+            frames = parts[0] if len(parts) == 1 else np.concatenate(parts or [self._edge[:0]])
+            if job.floor.is_dynamic:  # the maximum of the whole buffer: edge, cached and right frames
+                peak = max(self._edge.max(), self._cache.max() if len(self._cache) else -np.inf)
+                if len(right):
+                    peak = max(peak, right.max())
+        return _floored(frames, job.floor, peak), self.base_frame + start, job.core_start
 
     def process(self, chunk: np.ndarray, is_last: bool = False) -> tuple[np.ndarray, int, int]:
         """Append `chunk`; return (features [80, T], first emitted global frame, core start global frame)."""
-        chunk = np.asarray(chunk, dtype=np.float32).reshape(-1)
-        self.buffer = np.concatenate([self.buffer, chunk]) if self.buffer.size else chunk.copy()
-        self.chunks_seen += 1
-        self._slide()
-        if self.buffer.size < N_FFT:
-            raise ValueError(f"streaming buffer of {self.buffer.size} samples is shorter than n_fft {N_FFT}")
-        self.last_floor = self.floor_for_buffer()
-        raw = self._raw_mel()
-        total = raw.shape[1]
-        stable_global = self.base_frame + min(total, self._stable_frames())
-        core_start = self.emitted_frames
-        core_end = core_start + self.chunk_frames
-        if stable_global < core_end + self.redundancy_frames and not is_last:
-            return np.zeros((N_MELS, 0), dtype=np.float32), core_start, core_start
-        first_global = max(0, core_start - self.redundancy_frames)
-        start = min(max(0, first_global - self.base_frame), total)
-        end = max(start, min(core_end + self.redundancy_frames - self.base_frame, total))
-        self.emitted_frames = core_end
-        # floor only the emitted frames; the dynamic floor still follows the whole buffer's maximum
-        features = apply_floor(raw[:, start:end], self.last_floor, raw.max())
-        return features, self.base_frame + start, core_start
+        return run_mel_jobs([self._plan(chunk, is_last)])[0]
+
+
+def _floored(frames: np.ndarray, floor: LogFloor, peak: float | None) -> np.ndarray:
+    """`apply_floor` on raw frames [T, 80] given the buffer's maximum: features [80, T] (same float32 steps)."""
+    if floor.is_dynamic:
+        assert floor.dynamic_range is not None and peak is not None
+        bound = np.float32(peak) - np.float32(floor.dynamic_range)
+    else:
+        bound = np.float32(floor.fixed)
+    out = np.maximum(frames, bound)
+    out += np.float32(4.0)
+    out /= np.float32(4.0)
+    return np.ascontiguousarray(out.T)
+
+
+# Rows per batched transform: a few sessions' units at a time keep its intermediates in the CPU caches.
+_ROWS_PER_PASS = 768
+_transform_thread: ThreadPoolExecutor | None = None
+
+
+def _transform_pool() -> ThreadPoolExecutor:
+    global _transform_thread
+    if _transform_thread is None:
+        _transform_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mel-transform")
+    return _transform_thread
+
+
+def _forget_transform_pool() -> None:
+    global _transform_thread
+    _transform_thread = None  # a forked child has no copy of the worker thread
+
+
+os.register_at_fork(after_in_child=_forget_transform_pool)
+
+
+def _gather(jobs: Sequence[_MelJob]) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """The windowed frames of the jobs, jobs of one layout side by side; sets each job's `row`."""
+    ordered = sorted(jobs, key=_MelJob.layout)
+    layouts = [job.layout() for job in ordered]
+    windows = torch.empty((sum(sum(layout) for layout in layouts), N_FFT), dtype=torch.float32)
+    row = 0
+    for job in ordered:
+        job.row = row
+        audio = job.stream._audio
+        for lo, hi in job.ranges():
+            windowed_frames(reflected_stretch(audio.read, len(audio), lo, hi), windows[row : row + hi - lo])
+            row += hi - lo
+    return windows, layouts
+
+
+def run_mel_jobs(jobs: Sequence[_MelJob]) -> list[tuple[np.ndarray, int, int]]:
+    """Compute the frames of planned streaming-mel calls in batched transforms and finish each call.
+
+    The jobs go in passes of about `_ROWS_PER_PASS` frames; with several passes, each pass's transform runs on
+    a worker thread (torch releases the GIL) while this thread gathers the next pass and finishes the previous.
+    """
+    if len({id(job.stream) for job in jobs}) != len(jobs):
+        raise ValueError("a streaming mel may appear once per batch")
+    passes: list[list[int]] = []
+    rows = _ROWS_PER_PASS
+    for k, job in enumerate(jobs):
+        if rows >= _ROWS_PER_PASS:
+            passes.append([])
+            rows = 0
+        passes[-1].append(k)
+        rows += sum(job.layout())
+    results: list[tuple[np.ndarray, int, int]] = [None] * len(jobs)  # type: ignore[list-item]
+
+    def finish(members: list[int], logs: np.ndarray) -> None:
+        for k in members:
+            results[k] = jobs[k].stream._finish(jobs[k], logs)
+
+    if len(passes) == 1:
+        windows, layouts = _gather(jobs)
+        finish(list(range(len(jobs))), log_mel_of_windows(windows, layouts))
+        return results
+    previous: tuple[Future[np.ndarray], list[int]] | None = None
+    for members in [*passes, None]:
+        current = None
+        if members is not None:
+            windows, layouts = _gather([jobs[k] for k in members])
+            current = (_transform_pool().submit(log_mel_of_windows, windows, layouts), members)
+        if previous is not None:
+            finish(previous[1], previous[0].result())
+        previous = current
+    return results
 
 
 @dataclass(frozen=True)
@@ -395,6 +701,7 @@ class StreamingMel:
     samples (1035 ms aligned down to the hop); later units take 16000. The samples beyond what a unit took stay
     for the next one, so with 1 s pushes an 80-sample remainder lags permanently, as in the official demo.
     One call returns at most one unit; `push(np.zeros(0))` takes the next one if enough audio is buffered.
+    `push_many` does the same for many sessions at once (one batched transform); `push` is its batch of one.
     """
 
     def __init__(
@@ -422,7 +729,8 @@ class StreamingMel:
     def next_unit_samples(self) -> int:
         return self.mel.next_chunk_samples()
 
-    def push(self, samples: np.ndarray) -> MelUnit | None:
+    def _take(self, samples: np.ndarray) -> np.ndarray | None:
+        """Buffer `samples`; cut and return the next unit's audio if enough is buffered (the first unit padded)."""
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)
         self.pending = np.concatenate([self.pending, samples])
         if self.pending.size == 0:
@@ -437,8 +745,10 @@ class StreamingMel:
         if self.pending.size < need:
             return None
         chunk, self.pending = self.pending[:need], self.pending[need:]
-        was_first = self.mel.is_first
-        features, first_frame, core_start = self.mel.process(chunk)
+        return chunk
+
+    def _unit(self, emitted: tuple[np.ndarray, int, int], was_first: bool, consumed: int) -> MelUnit:
+        features, first_frame, core_start = emitted
         if features.shape[1] == 0:
             # Cannot happen with hop-aligned chunks of at least chunk + redundancy frames.
             raise RuntimeError("streaming mel emitted no frames for a full unit")
@@ -448,10 +758,35 @@ class StreamingMel:
             prefix_frames=0 if was_first else prefix,
             suffix_frames=features.shape[1] - prefix - self.mel.chunk_frames,
             index=self.units,
-            samples_consumed=need,
+            samples_consumed=consumed,
         )
         self.units += 1
         return unit
+
+    def push(self, samples: np.ndarray) -> MelUnit | None:
+        return push_many([self], [samples])[0]
+
+
+def push_many(mels: Sequence[StreamingMel], chunks: Sequence[np.ndarray | None]) -> list[MelUnit | None]:
+    """`mels[i].push(chunks[i])` for every session, with the frames of all of them computed in one batched
+    transform; the results are those of the per-session pushes. A None chunk leaves its session untouched (no
+    push at all, result None); an empty one is a push of nothing (it takes a unit if enough audio is buffered).
+    """
+    if len(mels) != len(chunks):
+        raise ValueError(f"{len(mels)} streaming mels but {len(chunks)} chunks")
+    if len({id(m) for m in mels}) != len(mels):
+        raise ValueError("a session's streaming mel may appear once per push_many call")
+    jobs: list[_MelJob] = []
+    taken: list[tuple[int, bool, int]] = []  # (session, was its first unit, samples consumed) per job
+    for i, (mel, samples) in enumerate(zip(mels, chunks, strict=True)):
+        chunk = None if samples is None else mel._take(samples)
+        if chunk is not None:
+            taken.append((i, mel.mel.is_first, chunk.size))
+            jobs.append(mel.mel._plan(chunk))
+    units: list[MelUnit | None] = [None] * len(mels)
+    for (i, was_first, consumed), emitted in zip(taken, run_mel_jobs(jobs), strict=True):
+        units[i] = mels[i]._unit(emitted, was_first, consumed)
+    return units
 
 
 class HalfDuplexStreamingMel:
