@@ -54,6 +54,7 @@ from .duplex import (
     take_tails,
     unit_token,
 )
+from .flex_decode import flex_available
 from .host_copy import upload
 from .session import Session
 from .static_decode import StaticLLM
@@ -63,9 +64,13 @@ from .static_tts import StaticTTS
 def enable_static_steps(
     engine: Engine, window: int | None = None, use_graphs: bool | None = None
 ) -> StaticLLM:
-    """Route `engine.feed` through static-shape steps (CUDA graphs on a GPU). Same results, see tests."""
+    """Route `engine.feed` through static-shape steps (CUDA graphs on a GPU; one-token steps through
+    FlexAttention there, see `flex_decode`). Same results, see tests."""
     if engine.static is None:
-        engine.static = StaticLLM(engine.model.llm, engine.cache, window, use_graphs=use_graphs)
+        flex = flex_available(engine.cache.lengths.device) and use_graphs is not False
+        engine.static = StaticLLM(
+            engine.model.llm, engine.cache, window, use_graphs=use_graphs, flex_decode=flex
+        )
     return engine.static
 
 

@@ -18,6 +18,7 @@ row's last real token.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -25,8 +26,11 @@ import torch.nn.functional as F
 
 from ..modules.kv_cache import CacheFullError, SlotKVCache
 from ..modules.qwen3 import Attention, Qwen3ForCausalLM, apply_rope
+from .flex_decode import BlockMask, decode_attention, decode_block_mask
 from .graphs import StaticStep, graphs_available, new_pool, pick_bucket
 from .host_copy import upload
+
+log = logging.getLogger(__name__)
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 128)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256)
@@ -40,7 +44,7 @@ def _attention(
     keys: torch.Tensor,
     values: torch.Tensor,
     write_idx: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | BlockMask,
     window: int,
 ) -> torch.Tensor:
     b, t, _ = x.shape
@@ -53,6 +57,9 @@ def _attention(
     kc, vc = keys[:b], values[:b]
     kc.scatter_(2, idx, k.to(kc.dtype))
     vc.scatter_(2, idx, v.to(vc.dtype))
+    if isinstance(mask, BlockMask):  # a decode step through FlexAttention (`flex_decode`)
+        out = decode_attention(q, kc[:, :, :window], vc[:, :, :window], mask)
+        return attn.o_proj(out.transpose(1, 2).reshape(b, t, h * hd))
     group = h // kv
     # heads kv_i*group .. kv_i*group+group-1 share kv head kv_i: fold them into query rows (g, t)
     qf = q.reshape(b, kv, group * t, hd)
@@ -62,9 +69,15 @@ def _attention(
 
 
 def static_forward(
-    llm: Qwen3ForCausalLM, cache: SlotKVCache, embeds: torch.Tensor, num_new: torch.Tensor, window: int
+    llm: Qwen3ForCausalLM,
+    cache: SlotKVCache,
+    embeds: torch.Tensor,
+    num_new: torch.Tensor,
+    window: int,
+    flex: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """embeds `[rows, T, D]` for slots 0..rows-1; `num_new [rows]` real tokens per row (0 = untouched)."""
+    """embeds `[rows, T, D]` for slots 0..rows-1; `num_new [rows]` real tokens per row (0 = untouched).
+    flex: a one-token step attends through `flex_decode` (rows read only their own cache blocks)."""
     b, t, _ = embeds.shape
     device = embeds.device
     lengths = cache.lengths[:b]
@@ -73,11 +86,16 @@ def static_forward(
     valid = offsets[None, :] < num_new[:, None]
     # padding entries all go to the slot's spare position (past max_len, never read)
     write_idx = torch.where(valid, positions % cache.max_len, cache.max_len)
-    key_pos = torch.arange(window, device=device)
-    allowed = key_pos[None, None, :] <= positions[:, :, None]  # [b, t, K]
-    group = llm.config.num_attention_heads // llm.config.num_key_value_heads
-    mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=device).masked_fill(~allowed, float("-inf"))
-    mask = mask[:, None, None].expand(b, 1, group, t, window).reshape(b, 1, group * t, window)
+    mask: torch.Tensor | BlockMask
+    if flex and t == 1:
+        mask = decode_block_mask(positions[:, 0], num_new > 0, window)
+    else:
+        key_pos = torch.arange(window, device=device)
+        allowed = key_pos[None, None, :] <= positions[:, :, None]  # [b, t, K]
+        group = llm.config.num_attention_heads // llm.config.num_key_value_heads
+        dense = torch.zeros(allowed.shape, dtype=embeds.dtype, device=device)
+        dense = dense.masked_fill(~allowed, float("-inf"))
+        mask = dense[:, None, None].expand(b, 1, group, t, window).reshape(b, 1, group * t, window)
     cos, sin = llm.model.rotary(positions, embeds.dtype)
     x = embeds
     for i, layer in enumerate(llm.model.layers):
@@ -110,8 +128,10 @@ class StaticLLM:
         row_buckets: Sequence[int] = ROW_BUCKETS,
         token_buckets: Sequence[int] = TOKEN_BUCKETS,
         use_graphs: bool | None = None,
+        flex_decode: bool = False,
     ) -> None:
         self.llm, self.cache = llm, cache
+        self.flex_decode = flex_decode
         self.window = window or cache.max_len
         if not 0 < self.window <= cache.max_len:
             raise ValueError(f"window {self.window} must lie in 1..{cache.max_len}")
@@ -133,12 +153,26 @@ class StaticLLM:
             }
 
             def fn(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-                return static_forward(self.llm, self.cache, x["embeds"], x["num_new"], self.window)
+                return static_forward(
+                    self.llm, self.cache, x["embeds"], x["num_new"], self.window, self.flex_decode
+                )
 
             def idle(x: dict[str, torch.Tensor]) -> None:
                 x["num_new"].zero_()
 
-            self.steps[key] = StaticStep(fn, inputs, idle, self.use_graphs, self.pool)
+            try:
+                self.steps[key] = StaticStep(fn, inputs, idle, self.use_graphs, self.pool)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception:
+                if not (self.flex_decode and tokens == 1):
+                    raise
+                # the compiled FlexAttention kernel is unavailable here (no Triton toolchain, a compile
+                # error): decode through the dense-mask SDPA step instead
+                log.exception("FlexAttention decode step failed to build; using the dense-mask step")
+                self.flex_decode = False
+                self.steps.clear()
+                return self._step(rows, tokens)
         return self.steps[key]
 
     def warm_up(self, rows: int, tokens: Sequence[int] = (1,)) -> None:
