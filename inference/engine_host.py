@@ -128,8 +128,10 @@ class EngineHost:
         self.voices_dir = Path(settings["voices_dir"]) if settings.get("voices_dir") else None
         self._voices: dict[str, Voice] = {}
         self.default_voice = self._load_default_voice()
-        # every session may be speaking at once: the vocoder's per-turn store is taken now, not mid-call
-        self.vocoder.reserve_turns(self.default_voice.prompt, self.max_sessions)
+        # the vocoder's per-turn store is taken now, not mid-call: one turn per session unless `vocoder_turns`
+        # says fewer (a card whose memory holds the sessions' KV but not every session speaking at once)
+        turns = int(settings.get("vocoder_turns") or 0) or self.max_sessions
+        self.vocoder.reserve_turns(self.default_voice.prompt, turns)
         self._batcher: DuplexBatcher | None = None
         self.load_s = time.perf_counter() - started
         log.info("engine host: %s on %s in %.1f s", self.model_dir, self.device, self.load_s)

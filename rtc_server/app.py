@@ -233,6 +233,7 @@ def worker_settings(config: AppConfig) -> dict[str, object]:
         "max_kv_tokens": config.model.max_kv_tokens,
         "default_voice": config.model.default_voice,
         "vocoder_dtype": config.model.vocoder_dtype,
+        "vocoder_turns": config.model.vocoder_turns,
         "max_sessions": max(workers.capacity_per_gpu if workers.gpus else workers.cpu_capacity, 1),
         "voices_dir": str(voices_dir(config)),
         "loopback": config.loopback.model_dump(),

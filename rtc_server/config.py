@@ -40,6 +40,9 @@ class ModelSettings(_Strict):
     default_voice: str = ""  # WAV file of the default reference voice; empty: a built-in synthetic voice
     # the vocoder's flow on a GPU: float16 halves its weights and per-turn caches (an official option too)
     vocoder_dtype: Literal["float32", "float16"] = "float16"
+    # vocoder turns whose per-turn store (~150 MB each at the real size) a GPU worker takes at start-up;
+    # 0: one per session. More turns at once grow the store (a copy) while memory lasts.
+    vocoder_turns: int = Field(0, ge=0)
 
 
 class SessionSettings(_Strict):
