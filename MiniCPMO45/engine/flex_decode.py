@@ -22,6 +22,16 @@ BLOCK = 128
 _compiled: Callable[..., torch.Tensor] | None = None
 
 
+def _allow_a_compile_per_bucket() -> None:
+    """One specialised kernel per row bucket (up to 12) exceeds dynamo's default of 8 recompiles per function,
+    past which it would silently fall back to the unfused implementation (the whole score matrix)."""
+    import torch._dynamo.config as dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo, name):
+            setattr(dynamo, name, max(int(getattr(dynamo, name)), 64))
+
+
 def flex_available(device: torch.device) -> bool:
     """Whether the compiled kernel can run here (CUDA with Triton)."""
     if device.type != "cuda" or not torch.cuda.is_available():
@@ -63,6 +73,7 @@ def decode_attention(
     global _compiled
     if q.is_cuda:
         if _compiled is None:
+            _allow_a_compile_per_bucket()
             _compiled = torch.compile(flex_attention, dynamic=False)
         fn = _compiled
     else:
