@@ -72,9 +72,10 @@ def test_slots_are_dense_after_release(engines: tuple[Engine, Engine]) -> None:
     assert eng.open_session().slot == 0
 
 
-def test_flex_decode_steps_match_the_dense_mask(tiny_model_dir: Path) -> None:
-    """The FlexAttention decode step (block mask from each row's position; idle rows read one block) gives
-    what the dense-mask SDPA step gives, for rows spanning several 128-key blocks and rows that sit out."""
+def test_flex_steps_match_the_dense_mask(tiny_model_dir: Path) -> None:
+    """FlexAttention steps (block mask from each row's length; idle rows read one block) give what the
+    dense-mask SDPA steps give: prefill pieces of 20 to 150 tokens (one and two 128-query blocks) and decode
+    steps, rows spanning several 128-key blocks, rows that sit out."""
     engines = [
         Engine.from_pretrained(tiny_model_dir, dtype=torch.float32, max_sessions=4, max_len=400)
         for _ in range(2)
@@ -86,8 +87,8 @@ def test_flex_decode_steps_match_the_dense_mask(tiny_model_dir: Path) -> None:
     slots = [[e.open_session().slot for _ in range(4)] for e in engines]
     g = torch.Generator().manual_seed(1)
     d = engines[0].model.config.llm.hidden_size
-    prefill = [([0, 1, 2, 3], 90), ([0, 1, 2, 3], 60), ([0, 1], 96), ([0], 30), ([3], 20)]
-    for rows, n in prefill:  # lengths 276, 246, 150, 170: two or three 128-key blocks each
+    prefill = [([0, 1, 2, 3], 90), ([0, 1, 2, 3], 60), ([0, 1], 96), ([0], 30), ([3], 20), ([2], 150)]
+    for rows, n in prefill:  # lengths 276, 246, 300, 170: two or three 128-key blocks each
         pieces = [torch.randn(n, d, generator=g) for _ in rows]
         for runner, ss in zip(runners, slots, strict=True):
             runner.feed([ss[r] for r in rows], pieces)
@@ -100,4 +101,4 @@ def test_flex_decode_steps_match_the_dense_mask(tiny_model_dir: Path) -> None:
             _close(got["hidden"][slots[1][r], :1], want["hidden"][slots[0][r], :1])
             _close(got["logits"][slots[1][r]], want["logits"][slots[0][r]])
     lengths = [e.cache.lengths[:4].tolist() for e in engines]
-    assert lengths[0] == lengths[1] == [278, 248, 153, 173]
+    assert lengths[0] == lengths[1] == [278, 248, 303, 173]

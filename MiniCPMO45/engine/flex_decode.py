@@ -1,11 +1,11 @@
-"""Decode-step attention that reads only the cache blocks a row owns: FlexAttention with a block mask.
+"""Static-step attention that reads only the cache blocks a row owns: FlexAttention with a block mask.
 
-The static decode step runs every slot up to its row bucket, and PyTorch's SDPA with a dense mask reads each
-row's whole attention window whatever its length, including the rows that take no token this step (sessions
-that already ended their unit). Here the block mask is built on the device from the rows' positions: row b
-visits the key blocks up to its new token's position (and an idle row only block 0, so its output stays
-finite; it is dropped), and the partial last block is masked per key. Fixed shapes, no host value: it is
-captured in the step's CUDA graph like the rest.
+The static step runs every slot up to its row bucket, and PyTorch's SDPA with a dense mask reads each row's
+whole attention window whatever its length, including the rows that take no token this step (sessions that
+already ended their unit), with a kernel that is not Hopper's fastest. Here the block mask is built on the
+device from the rows' lengths: row b's queries visit the key blocks up to their positions (an idle row only
+block 0, so its output stays finite; it is dropped), and the partial blocks are masked per key (causal within
+the step's new tokens). Fixed shapes, no host value: it is captured in the step's CUDA graph like the rest.
 
 On CUDA the kernel is `torch.compile`d (Triton; one compile per row bucket); elsewhere the eager reference
 runs (tests compare it with the SDPA path).
@@ -43,33 +43,37 @@ def flex_available(device: torch.device) -> bool:
     return True
 
 
-def decode_block_mask(positions: torch.Tensor, active: torch.Tensor, window: int) -> BlockMask:
-    """positions [b]: each row's new key position; active [b]: rows that take a token this step."""
-    b = positions.shape[0]
+def step_block_mask(lengths: torch.Tensor, num_new: torch.Tensor, tokens: int, window: int) -> BlockMask:
+    """The causal block mask of a static step: row b's query t (its new key at position lengths[b] + t) sees
+    keys 0 .. lengths[b] + t. Rows with no new token (num_new = 0) visit only block 0."""
+    b = lengths.shape[0]
     blocks = -(-window // BLOCK)
-    needed = torch.where(active, positions // BLOCK + 1, torch.ones_like(positions)).clamp(max=blocks)
-    kv_num_blocks = needed.to(torch.int32).view(b, 1, 1)
-    kv_indices = torch.arange(blocks, dtype=torch.int32, device=positions.device).expand(b, 1, 1, blocks)
+    q_blocks = -(-tokens // BLOCK)
+    device = lengths.device
+    # the last query of each 128-query block bounds the key blocks it needs
+    last_q = torch.clamp(torch.arange(q_blocks, device=device) * BLOCK + BLOCK - 1, max=tokens - 1)
+    needed = (lengths[:, None] + last_q[None, :]) // BLOCK + 1  # (b, q_blocks)
+    needed = torch.where(num_new[:, None] > 0, needed, torch.ones_like(needed)).clamp(max=blocks)
+    kv_num_blocks = needed.to(torch.int32).view(b, 1, q_blocks)
+    kv_indices = torch.arange(blocks, dtype=torch.int32, device=device).expand(b, 1, q_blocks, blocks)
 
     def mask_mod(
         batch: torch.Tensor, head: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
     ) -> torch.Tensor:
-        return kv_idx <= positions[batch]
+        return kv_idx <= lengths[batch] + q_idx
 
     return BlockMask.from_kv_blocks(
         kv_num_blocks,
         kv_indices.contiguous(),
         BLOCK_SIZE=BLOCK,
         mask_mod=mask_mod,
-        seq_lengths=(1, window),
+        seq_lengths=(tokens, window),
         compute_q_blocks=False,
     )
 
 
-def decode_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask
-) -> torch.Tensor:
-    """q [b, heads, 1, hd]; k, v [b, kv_heads, window, hd] (grouped-query) -> [b, heads, 1, hd]."""
+def step_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
+    """q [b, heads, T, hd]; k, v [b, kv_heads, window, hd] (grouped-query) -> [b, heads, T, hd]."""
     global _compiled
     if q.is_cuda:
         if _compiled is None:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..modules.kv_cache import CacheFullError, SlotKVCache
 from ..modules.qwen3 import Attention, Qwen3ForCausalLM, apply_rope
-from .flex_decode import BlockMask, decode_attention, decode_block_mask
+from .flex_decode import BlockMask, step_attention, step_block_mask
 from .graphs import StaticStep, graphs_available, new_pool, pick_bucket
 from .host_copy import upload
 
@@ -57,8 +57,8 @@ def _attention(
     kc, vc = keys[:b], values[:b]
     kc.scatter_(2, idx, k.to(kc.dtype))
     vc.scatter_(2, idx, v.to(vc.dtype))
-    if isinstance(mask, BlockMask):  # a decode step through FlexAttention (`flex_decode`)
-        out = decode_attention(q, kc[:, :, :window], vc[:, :, :window], mask)
+    if isinstance(mask, BlockMask):  # through FlexAttention (`flex_decode`)
+        out = step_attention(q, kc[:, :, :window], vc[:, :, :window], mask)
         return attn.o_proj(out.transpose(1, 2).reshape(b, t, h * hd))
     group = h // kv
     # heads kv_i*group .. kv_i*group+group-1 share kv head kv_i: fold them into query rows (g, t)
@@ -77,7 +77,7 @@ def static_forward(
     flex: bool = False,
 ) -> dict[str, torch.Tensor]:
     """embeds `[rows, T, D]` for slots 0..rows-1; `num_new [rows]` real tokens per row (0 = untouched).
-    flex: a one-token step attends through `flex_decode` (rows read only their own cache blocks)."""
+    flex: attend through `flex_decode` (rows read only their own cache blocks)."""
     b, t, _ = embeds.shape
     device = embeds.device
     lengths = cache.lengths[:b]
@@ -87,8 +87,8 @@ def static_forward(
     # padding entries all go to the slot's spare position (past max_len, never read)
     write_idx = torch.where(valid, positions % cache.max_len, cache.max_len)
     mask: torch.Tensor | BlockMask
-    if flex and t == 1:
-        mask = decode_block_mask(positions[:, 0], num_new > 0, window)
+    if flex:
+        mask = step_block_mask(lengths, num_new, t, window)
     else:
         key_pos = torch.arange(window, device=device)
         allowed = key_pos[None, None, :] <= positions[:, :, None]  # [b, t, K]
@@ -165,7 +165,7 @@ class StaticLLM:
             except torch.cuda.OutOfMemoryError:
                 raise
             except Exception:
-                if not (self.flex_decode and tokens == 1):
+                if not self.flex_decode:
                     raise
                 # the compiled FlexAttention kernel is unavailable here (no Triton toolchain, a compile
                 # error): decode through the dense-mask SDPA step instead
