@@ -74,8 +74,8 @@ def test_slots_are_dense_after_release(engines: tuple[Engine, Engine]) -> None:
 
 def test_flex_steps_match_the_dense_mask(tiny_model_dir: Path) -> None:
     """FlexAttention steps (block mask from each row's length; idle rows read one block) give what the
-    dense-mask SDPA steps give: prefill pieces of 20 to 150 tokens (one and two 128-query blocks) and decode
-    steps, rows spanning several 128-key blocks, rows that sit out."""
+    dense-mask SDPA steps give: a 12-token prefill step and decode steps, rows spanning several 128-key
+    blocks, rows that sit out (longer prefill pieces take the SDPA step in both runners)."""
     engines = [
         Engine.from_pretrained(tiny_model_dir, dtype=torch.float32, max_sessions=4, max_len=400)
         for _ in range(2)
@@ -88,7 +88,8 @@ def test_flex_steps_match_the_dense_mask(tiny_model_dir: Path) -> None:
     g = torch.Generator().manual_seed(1)
     d = engines[0].model.config.llm.hidden_size
     prefill = [([0, 1, 2, 3], 90), ([0, 1, 2, 3], 60), ([0, 1], 96), ([0], 30), ([3], 20), ([2], 150)]
-    for rows, n in prefill:  # lengths 276, 246, 300, 170: two or three 128-key blocks each
+    prefill += [([1, 3], 12)]  # a 16-token step: causal within the step, through FlexAttention too
+    for rows, n in prefill:  # lengths 276, 258, 300, 182: two or three 128-key blocks each
         pieces = [torch.randn(n, d, generator=g) for _ in rows]
         for runner, ss in zip(runners, slots, strict=True):
             runner.feed([ss[r] for r in rows], pieces)
@@ -101,4 +102,4 @@ def test_flex_steps_match_the_dense_mask(tiny_model_dir: Path) -> None:
             _close(got["hidden"][slots[1][r], :1], want["hidden"][slots[0][r], :1])
             _close(got["logits"][slots[1][r]], want["logits"][slots[0][r]])
     lengths = [e.cache.lengths[:4].tolist() for e in engines]
-    assert lengths[0] == lengths[1] == [278, 248, 303, 173]
+    assert lengths[0] == lengths[1] == [278, 260, 303, 185]

@@ -19,6 +19,10 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 BLOCK = 128
+# Steps of up to this many new tokens per row go through FlexAttention (Inductor's decoding kernel, the one it
+# picks for short queries); on the H100 it found no kernel for 96 tokens with 4 query heads per kv head, so
+# longer steps (the omni prefill) keep the dense-mask SDPA.
+MAX_TOKENS = 16
 _compiled: Callable[..., torch.Tensor] | None = None
 
 

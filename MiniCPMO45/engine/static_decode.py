@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..modules.kv_cache import CacheFullError, SlotKVCache
 from ..modules.qwen3 import Attention, Qwen3ForCausalLM, apply_rope
-from .flex_decode import BlockMask, step_attention, step_block_mask
+from .flex_decode import MAX_TOKENS, BlockMask, step_attention, step_block_mask
 from .graphs import StaticStep, graphs_available, new_pool, pick_bucket
 from .host_copy import upload
 
@@ -77,7 +77,8 @@ def static_forward(
     flex: bool = False,
 ) -> dict[str, torch.Tensor]:
     """embeds `[rows, T, D]` for slots 0..rows-1; `num_new [rows]` real tokens per row (0 = untouched).
-    flex: attend through `flex_decode` (rows read only their own cache blocks)."""
+    flex: steps of up to `flex_decode.MAX_TOKENS` tokens attend through FlexAttention (rows read only their own
+    cache blocks)."""
     b, t, _ = embeds.shape
     device = embeds.device
     lengths = cache.lengths[:b]
@@ -87,7 +88,7 @@ def static_forward(
     # padding entries all go to the slot's spare position (past max_len, never read)
     write_idx = torch.where(valid, positions % cache.max_len, cache.max_len)
     mask: torch.Tensor | BlockMask
-    if flex:
+    if flex and t <= MAX_TOKENS:
         mask = step_block_mask(lengths, num_new, t, window)
     else:
         key_pos = torch.arange(window, device=device)
@@ -165,13 +166,15 @@ class StaticLLM:
             except torch.cuda.OutOfMemoryError:
                 raise
             except Exception:
-                if not self.flex_decode:
+                if not (self.flex_decode and tokens <= MAX_TOKENS):
                     raise
                 # the compiled FlexAttention kernel is unavailable here (no Triton toolchain, a compile
-                # error): decode through the dense-mask SDPA step instead
-                log.exception("FlexAttention decode step failed to build; using the dense-mask step")
+                # error): use the dense-mask SDPA steps instead. The old graphs go, and so does their pool:
+                # capturing again into a pool whose graphs were destroyed fails an allocator assertion.
+                log.exception("FlexAttention step failed to build; using the dense-mask steps")
                 self.flex_decode = False
                 self.steps.clear()
+                self.pool = new_pool(self.device) if self.use_graphs else None
                 return self._step(rows, tokens)
         return self.steps[key]
 
