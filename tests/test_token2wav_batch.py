@@ -234,6 +234,24 @@ def test_rows_beyond_the_largest_bucket_split(folder: Path, token2wav_fixture_di
     np.testing.assert_allclose(pieces[64][0], alone[0], atol=CHAIN_ATOL, rtol=0)
 
 
+def _count_batches(vocoder: StreamingVocoder) -> dict[str, int]:
+    """Counts the F0 and decoder batches the vocoder runs from now on (the dict fills as it runs)."""
+    calls = {"f0": 0, "decode": 0}
+    f0_forward, run_decoder = vocoder.f0_model.forward, vocoder._run_decoder
+
+    def count_f0(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["f0"] += 1
+        return f0_forward(*args, **kwargs)
+
+    def count_decode(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["decode"] += 1
+        return run_decoder(*args, **kwargs)
+
+    vocoder.f0_model.forward = count_f0  # type: ignore[method-assign]
+    vocoder._run_decoder = count_decode  # type: ignore[method-assign]
+    return calls
+
+
 @pytest.mark.parametrize(("block_frames", "rounds"), [(16, 4), (64, 1)])
 def test_vocoder_block_round_is_one_batch(
     folder: Path, token2wav_fixture_dir: Path, block_frames: int, rounds: int
@@ -259,19 +277,7 @@ def test_vocoder_block_round_is_one_batch(
     mels = [mel(50), mel(50), mel(50), mel(18)]
     alone = [vocoder.stream(st.clone(), m) for st, m in zip(states, mels, strict=True)]
     vocoder.block_frames = block_frames
-    calls = {"f0": 0, "decode": 0}
-    f0_forward, run_decoder = vocoder.f0_model.forward, vocoder._run_decoder
-
-    def count_f0(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls["f0"] += 1
-        return f0_forward(*args, **kwargs)
-
-    def count_decode(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls["decode"] += 1
-        return run_decoder(*args, **kwargs)
-
-    vocoder.f0_model.forward = count_f0  # type: ignore[method-assign]
-    vocoder._run_decoder = count_decode  # type: ignore[method-assign]
+    calls = _count_batches(vocoder)
     got = vocoder.stream_batch(states, mels, [False] * 4)
     assert calls == {"f0": rounds, "decode": rounds}
     for a, b in zip(got, alone, strict=True):
@@ -291,19 +297,7 @@ def test_closing_block_goes_straight_to_the_final_advance(folder: Path, token2wa
     tail = torch.randn(1, 80, 6, generator=gen) * 0.5 - 2
     twin = state.clone()
     want = torch.cat([vocoder.stream(twin, tail), vocoder.stream(twin, tail[:, :, :0], final=True)], dim=1)
-    calls = {"f0": 0, "decode": 0}
-    f0_forward, run_decoder = vocoder.f0_model.forward, vocoder._run_decoder
-
-    def count_f0(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls["f0"] += 1
-        return f0_forward(*args, **kwargs)
-
-    def count_decode(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls["decode"] += 1
-        return run_decoder(*args, **kwargs)
-
-    vocoder.f0_model.forward = count_f0  # type: ignore[method-assign]
-    vocoder._run_decoder = count_decode  # type: ignore[method-assign]
+    calls = _count_batches(vocoder)
     got = vocoder.stream(state, tail, final=True)
     assert calls == {"f0": 1, "decode": 1}
     assert got.shape == want.shape and got.shape[1] == (6 + vocoder.delay_frames) * vocoder.hop

@@ -9,10 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from MiniCPMO45.token2wav import PushRequest
+from MiniCPMO45.token2wav import PromptCache, PushRequest, Token2Wav
 from MiniCPMO45.token2wav.kv_store import EstimatorStore
 
 from .token2wav_assets import build_asset_folder, load_tiny_token2wav
+
+
+def _tiny_vocoder(fixture: Path, folder: Path, graphs: bool | None) -> tuple[Token2Wav, PromptCache]:
+    model = load_tiny_token2wav(fixture, folder, use_graphs=graphs)
+    inputs = np.load(fixture / "inputs" / "inputs.npz")
+    voice = model.prepare_prompt(inputs["prompt_tokens"][0], inputs["prompt_mel"], inputs["spk_embedding"])
+    return model, voice
 
 
 def _official_cut(keys: list[int], prompt: int, history: int) -> list[int]:
@@ -84,9 +91,7 @@ def test_a_dropped_turn_gives_its_slot_back(token2wav_fixture_dir: Path, tmp_pat
     """The batcher drops a turn that was cut off without a last chunk: its store slot is free again, and a
     turn whose last chunk ran frees its slot at once."""
     folder = build_asset_folder(token2wav_fixture_dir, tmp_path / "token2wav")
-    model = load_tiny_token2wav(token2wav_fixture_dir, folder, use_graphs=True)
-    inputs = np.load(token2wav_fixture_dir / "inputs" / "inputs.npz")
-    voice = model.prepare_prompt(inputs["prompt_tokens"][0], inputs["prompt_mel"], inputs["spk_embedding"])
+    model, voice = _tiny_vocoder(token2wav_fixture_dir, folder, True)
     assert model.flow_graphs is not None
     store = model.flow_graphs.store
     turns = [model.start_turn(voice, rule="duplex") for _ in range(3)]
@@ -107,13 +112,9 @@ def test_junk_at_the_scratch_position_never_reaches_a_turn(
     """Padding frames write the scratch position; a non-finite value there (float16 junk of an idle row on a
     GPU) must not leak into any row's attention, active or idle."""
     folder = build_asset_folder(token2wav_fixture_dir, tmp_path / "token2wav")
-    inputs = np.load(token2wav_fixture_dir / "inputs" / "inputs.npz")
     audio = []
     for poison in (False, True):
-        model = load_tiny_token2wav(token2wav_fixture_dir, folder, use_graphs=True)
-        voice = model.prepare_prompt(
-            inputs["prompt_tokens"][0], inputs["prompt_mel"], inputs["spk_embedding"]
-        )
+        model, voice = _tiny_vocoder(token2wav_fixture_dir, folder, True)
         assert model.flow_graphs is not None
         store = model.flow_graphs.store
         turns = [model.start_turn(voice, rule="duplex") for _ in range(3)]
@@ -144,13 +145,9 @@ def test_a_batch_never_reaches_past_the_store(token2wav_fixture_dir: Path, tmp_p
     """A store of 48 rows (it grows by 16 past 16 slots) and a round whose highest slot is 40: the batch
     covers slots 0..47, not the next power of two, and the audio is the plain path's."""
     folder = build_asset_folder(token2wav_fixture_dir, tmp_path / "token2wav")
-    inputs = np.load(token2wav_fixture_dir / "inputs" / "inputs.npz")
     audio = []
     for graphs in (True, None):
-        model = load_tiny_token2wav(token2wav_fixture_dir, folder, use_graphs=graphs)
-        voice = model.prepare_prompt(
-            inputs["prompt_tokens"][0], inputs["prompt_mel"], inputs["spk_embedding"]
-        )
+        model, voice = _tiny_vocoder(token2wav_fixture_dir, folder, graphs)
         model.reserve_turns(voice, 40)
         turns = [model.start_turn(voice, rule="duplex") for _ in range(41)]
         if model.flow_graphs is not None:
