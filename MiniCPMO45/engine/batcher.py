@@ -158,8 +158,13 @@ class DuplexBatcher:
 
     # ---- warm-up ------------------------------------------------------------------------------------------
     def warm_up(self, max_sessions: int, prefill_tokens: Sequence[int] = (16, 96)) -> None:
-        """Capture the graphs a tick of up to `max_sessions` sessions uses (decode, finalize, prefill, TTS)."""
+        """Capture the graphs a tick of up to `max_sessions` sessions uses (decode, finalize, prefill, TTS).
+        The one-token decode step is captured for every row bucket up to that size: on a GPU each new bucket
+        compiles its FlexAttention kernel (seconds), which must not land in a live tick."""
         self.llm.warm_up(max_sessions, (1, 2, *prefill_tokens))
+        for rows in self.llm.row_buckets:
+            if rows < max_sessions:
+                self.llm.warm_up(rows, (1,))
         if self.tts is not None:
             self.tts.warm_up(max_sessions)
         if self.engine.model.apm is not None:
