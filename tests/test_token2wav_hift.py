@@ -127,3 +127,19 @@ def test_batched_streams_match_single(vocoder: StreamingVocoder, stream_npz: dic
     )
     with pytest.raises(ValueError, match="only once"):
         vocoder.stream_batch([states[0], states[0]], [feeds[0][0]] * 2, [False, False])
+
+
+@pytest.mark.parametrize("frames", [2, 9, 400])
+def test_synthesise_equals_torch_istft(frames: int) -> None:
+    """The written-out inverse STFT (no host check of the window envelope) is `torch.istft`'s."""
+    from MiniCPMO45.token2wav.hift_layers import SpectralPair
+
+    pair = SpectralPair(16, 4)
+    gen = torch.Generator().manual_seed(frames)
+    magnitude = torch.rand(3, 9, frames, generator=gen) * 3
+    phase = (torch.rand(3, 9, frames, generator=gen) - 0.5) * 6.3
+    spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
+    want = torch.istft(spec, 16, 4, 16, window=pair.window)
+    got = pair.synthesise(magnitude, phase)
+    assert got.shape == want.shape == (3, 4 * (frames - 1))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

@@ -109,8 +109,8 @@ class CausalHiFTGenerator(HiFTBody):
         return self.filter_spectrum(x, spec)
 
     def finish_decode(self, magnitude: torch.Tensor, phase: torch.Tensor, final: bool) -> torch.Tensor:
-        """The rest of `decode`: ISTFT (kept out of graphs: it checks its window envelope on the host),
-        hold back the incomplete last frame unless final, clamp."""
+        """The rest of `decode`: ISTFT (no host wait: see `SpectralPair.synthesise`), hold back the incomplete
+        last frame unless final, clamp. Runs after the padded decoder graph, on the real rows only."""
         wav = self.spectral.synthesise(magnitude, phase)
         if not final:
             wav = wav[:, : wav.shape[1] - self.hop]

@@ -122,6 +122,9 @@ class SpectralPair(nn.Module):
         self.n_fft = n_fft
         self.hop = hop
         self.register_buffer("window", hann_window(n_fft), persistent=False)
+        if hop * 2 > n_fft:
+            raise ValueError(f"hop {hop} must be at most n_fft / 2 = {n_fft // 2} (overlap-add needs it)")
+        self._envelopes: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
     def analyse(self, signal: torch.Tensor) -> torch.Tensor:
         """signal (b, n) -> (b, 2*(n_fft//2+1), frames): real parts then imaginary parts."""
@@ -129,9 +132,30 @@ class SpectralPair(nn.Module):
         return torch.cat([spec.real, spec.imag], dim=1)
 
     def synthesise(self, magnitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+        """(b, n_fft//2+1, frames) magnitude and phase -> (b, hop*(frames-1)): `torch.istft` (centred, Hann),
+        written out as inverse FFT, overlap-add and division by the window envelope. `torch.istft` checks its
+        envelope on the host, which makes the host wait for the device on every call."""
         magnitude = magnitude.clamp(max=1e2)
         spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
-        return torch.istft(spec, self.n_fft, self.hop, self.n_fft, window=self.window)
+        frames = torch.fft.irfft(spec, n=self.n_fft, dim=1) * self.window[:, None]  # (b, n_fft, frames)
+        count = frames.shape[2]
+        full = self.n_fft + self.hop * (count - 1)
+        signal = F.fold(frames, (1, full), (1, self.n_fft), stride=(1, self.hop))[:, 0, 0]
+        half = self.n_fft // 2
+        return signal[:, half : full - half] / self._envelope(count, signal.dtype)
+
+    def _envelope(self, count: int, dtype: torch.dtype) -> torch.Tensor:
+        """The overlapped squared window of `count` frames, trimmed like the signal (never zero for Hann
+        with hop <= n_fft / 2: the check `torch.istft` does on the host holds by construction)."""
+        key = (count, dtype, self.window.device)
+        cached = self._envelopes.get(key)
+        if cached is None:
+            squares = (self.window**2).to(dtype)[None, :, None].expand(1, self.n_fft, count)
+            full = self.n_fft + self.hop * (count - 1)
+            total = F.fold(squares, (1, full), (1, self.n_fft), stride=(1, self.hop))[0, 0, 0]
+            half = self.n_fft // 2
+            cached = self._envelopes[key] = total[half : full - half]
+        return cached
 
 
 def upsample_plan(upsample_rates: tuple[int, ...]) -> list[int]:
