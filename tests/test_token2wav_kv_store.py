@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from MiniCPMO45.token2wav import PromptCache, PushRequest, Token2Wav
+from MiniCPMO45.token2wav.flow_graphs import WindowRow
 from MiniCPMO45.token2wav.kv_store import EstimatorStore
 
 from .token2wav_assets import build_asset_folder, load_tiny_token2wav
@@ -157,3 +158,27 @@ def test_a_batch_never_reaches_past_the_store(token2wav_fixture_dir: Path, tmp_p
         if model.flow_graphs is not None:
             assert [s.bucket for s in model.flow_graphs.seen] == [48]
     np.testing.assert_allclose(audio[0], audio[1], atol=5e-4, rtol=0)
+
+
+def test_a_round_refuses_closed_or_repeated_slots(token2wav_fixture_dir: Path, tmp_path: Path) -> None:
+    folder = build_asset_folder(token2wav_fixture_dir, tmp_path / "token2wav")
+    model, voice = _tiny_vocoder(token2wav_fixture_dir, folder, True)
+    graphs = model.flow_graphs
+    assert graphs is not None
+    turn = model.start_turn(voice, rule="duplex")
+    assert turn.kv_slot is not None
+
+    def row() -> WindowRow:
+        assert turn.kv_slot is not None
+        capacity = voice.prompt_frames + 100
+        return WindowRow(
+            list(range(28)), False, turn.flow_cache, voice.spk_embedding, capacity, turn.kv_slot, 0
+        )
+
+    with pytest.raises(ValueError, match="one window per round"):
+        graphs.run([row(), row()], 5)
+    turn.kv_slot.close()
+    with pytest.raises(ValueError, match="closed"):
+        graphs.run([row()], 5)
+    with pytest.raises(ValueError, match="padded path"):
+        model.push_codes(turn, list(range(25)))
