@@ -282,6 +282,18 @@ def measured_capacity(settings: dict[str, Any]) -> tuple[int | None, dict[str, i
     return table.worker_capacity(table.modes), {m: c.sessions for m, c in table.modes.items()}
 
 
+def preload_engine(settings: dict[str, Any]) -> None:
+    """Load the model and capture the duplex graphs (compiling their attention kernels) now, on the mode
+    thread, so the first call does not wait for them: a session opened meanwhile queues behind this on the
+    same thread. A failure is logged; the first session then tries again and reports the error."""
+    try:
+        from inference.engine_host import get_host  # torch and the model: only where they are used
+
+        get_host(settings).duplex_batcher()
+    except Exception:
+        log.exception("preloading the engine failed; the first session will try again")
+
+
 async def serve(host: str, port: int, worker_id: int, device: str, settings: dict[str, Any]) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     conn = Connection(writer)
@@ -300,6 +312,8 @@ async def serve(host: str, port: int, worker_id: int, device: str, settings: dic
     )
     settings = {**settings, "device": device}
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mode")
+    if settings.get("preload_engine", device.startswith("cuda")):
+        executor.submit(preload_engine, settings)
     sessions: dict[str, SessionRunner] = {}
 
     def batching_sessions() -> int:

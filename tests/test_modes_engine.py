@@ -223,3 +223,27 @@ def test_thirty_minute_duplex_session_stays_within_the_context_limit(host) -> No
         assert engine.kv_length(mode.session) <= limit
     finally:
         mode.close()
+
+
+def test_preload_builds_the_host_and_the_duplex_batcher(host, caplog: pytest.LogCaptureFixture) -> None:
+    """What a GPU worker runs on its mode thread right after hello (here on the CPU host): afterwards the
+    first duplex session finds the batcher ready. A failure is logged, not raised."""
+    from inference.worker import preload_engine
+
+    preload_engine(SETTINGS)
+    assert get_host(SETTINGS) is host and host._batcher is not None
+    batcher = host._batcher
+    preload_engine(SETTINGS)
+    assert host._batcher is batcher  # built once
+
+    def out_of_memory() -> None:
+        raise RuntimeError("no GPU memory")
+
+    real = host.duplex_batcher
+    host.duplex_batcher = out_of_memory  # type: ignore[method-assign]
+    try:
+        with caplog.at_level("ERROR", logger="inference.worker"):
+            preload_engine(SETTINGS)
+        assert "preloading the engine failed" in caplog.text
+    finally:
+        host.duplex_batcher = real  # type: ignore[method-assign]
