@@ -1,7 +1,8 @@
 """The model a worker process serves: one loaded engine shared by all its sessions and modes.
 
-`get_host(settings)` creates it lazily, the first time a model mode opens, and returns the same object to
-every later session (mode switches reuse it, so switching loads nothing). It holds:
+`get_host(settings)` creates it lazily, the first time a model mode opens (a GPU worker preloads it, with the
+duplex graphs, right after hello: `inference.worker.preload_engine`), and returns the same object to every later
+session (mode switches reuse it, so switching loads nothing). It holds:
 
 - `engine`: `MiniCPMO45.engine.core.Engine` (LLM, vision, audio encoders, one slot KV cache for every
   session of the worker);
