@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from inference import protocol as p
@@ -282,6 +283,15 @@ def measured_capacity(settings: dict[str, Any]) -> tuple[int | None, dict[str, i
     return table.worker_capacity(table.modes), {m: c.sessions for m, c in table.modes.items()}
 
 
+def wants_preload(settings: dict[str, Any], device: str) -> bool:
+    """Preload on a worker whose GPU is really there (`preload_engine` in the settings overrides). Checked
+    without importing torch (seconds of import with the GIL held would stall this process's IPC loop): a
+    worker given a GPU id on a machine without the NVIDIA driver (tests) keeps its mode thread free."""
+    if "preload_engine" in settings:
+        return bool(settings["preload_engine"])
+    return device.startswith("cuda") and Path("/dev/nvidiactl").exists()
+
+
 def preload_engine(settings: dict[str, Any]) -> None:
     """Load the model and capture the duplex graphs (compiling their attention kernels) now, on the mode
     thread, so the first call does not wait for them: a session opened meanwhile queues behind this on the
@@ -312,7 +322,7 @@ async def serve(host: str, port: int, worker_id: int, device: str, settings: dic
     )
     settings = {**settings, "device": device}
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mode")
-    if settings.get("preload_engine", device.startswith("cuda")):
+    if wants_preload(settings, device):
         executor.submit(preload_engine, settings)
     sessions: dict[str, SessionRunner] = {}
 

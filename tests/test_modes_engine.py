@@ -4,6 +4,7 @@ sliding context window (RoPE re-rotation, and a 30-minute duplex session within 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -247,3 +248,13 @@ def test_preload_builds_the_host_and_the_duplex_batcher(host, caplog: pytest.Log
         assert "preloading the engine failed" in caplog.text
     finally:
         host.duplex_batcher = real  # type: ignore[method-assign]
+
+
+def test_only_a_worker_with_a_real_gpu_preloads() -> None:
+    from inference.worker import wants_preload
+
+    assert not wants_preload({}, "cpu")
+    assert wants_preload({}, "cuda:0") == Path("/dev/nvidiactl").exists()  # a GPU id without the driver
+    assert wants_preload({"preload_engine": True}, "cpu") and not wants_preload(
+        {"preload_engine": False}, "cuda:0"
+    )
