@@ -64,7 +64,7 @@ from .static_tts import StaticTTS
 def enable_static_steps(
     engine: Engine, window: int | None = None, use_graphs: bool | None = None
 ) -> StaticLLM:
-    """Route `engine.feed` through static-shape steps (CUDA graphs on a GPU; one-token steps through
+    """Route `engine.feed` through static-shape steps (CUDA graphs on a GPU; steps of up to 16 tokens through
     FlexAttention there, see `flex_decode`). Same results, see tests."""
     if engine.static is None:
         flex = flex_available(engine.cache.lengths.device) and use_graphs is not False

@@ -242,6 +242,14 @@ class Flow(nn.Module):
         return mel, new_cnn, new_low, new_up, new_conv
 
 
+def keep_ends(x: torch.Tensor, front: int, back: int, dim: int) -> torch.Tensor:
+    """The official cut along `dim`: the first `front` and the last `back` frames, when longer than both."""
+    n = x.shape[dim]
+    if n <= front + back:
+        return x
+    return torch.cat([x.narrow(dim, 0, front), x.narrow(dim, n - back, back)], dim=dim)
+
+
 def trim_flow_cache(cache: FlowCache, prompt_frames: int, history_frames: int, low_layers: int) -> FlowCache:
     """Bound the attention caches to the prompt plus the most recent `history_frames` mel frames.
 
@@ -249,23 +257,12 @@ def trim_flow_cache(cache: FlowCache, prompt_frames: int, history_frames: int, l
     slices along the stored order (the estimator stores the newest chunk first, so this keeps a mix).
     The conformer's token-rate half is cut at half the mel-rate sizes and tiled x2 again.
     """
-    limit = prompt_frames + history_frames
-    kv = cache.estimator_kv
-    if kv.shape[4] > limit:
-        kv = torch.cat(
-            [kv[:, :, :, :, :prompt_frames], kv[:, :, :, :, kv.shape[4] - history_frames :]], dim=4
-        )
+    kv = keep_ends(cache.estimator_kv, prompt_frames, history_frames, dim=4)
     att = cache.conformer_att
-    if att.shape[3] > limit:
-        token_part = att[:low_layers, :, :, : att.shape[3] // 2]
-        n = token_part.shape[3]
-        token_part = torch.cat(
-            [token_part[:, :, :, : prompt_frames // 2], token_part[:, :, :, n - history_frames // 2 :]], dim=3
+    if att.shape[3] > prompt_frames + history_frames:
+        token_part = keep_ends(
+            att[:low_layers, :, :, : att.shape[3] // 2], prompt_frames // 2, history_frames // 2, 3
         )
-        mel_part = att[low_layers:]
-        mel_part = torch.cat(
-            [mel_part[:, :, :, :prompt_frames], mel_part[:, :, :, mel_part.shape[3] - history_frames :]],
-            dim=3,
-        )
+        mel_part = keep_ends(att[low_layers:], prompt_frames, history_frames, dim=3)
         att = torch.cat([token_part.repeat(1, 1, 1, 2, 1), mel_part], dim=0)
     return FlowCache(cache.conformer_cnn, att, cache.estimator_conv, kv)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from .flow import Flow, FlowCache
+from .flow import Flow, FlowCache, keep_ends
 from .host import device_tensor
 from .kv_store import EstimatorStore, KVSlot
 
@@ -252,14 +252,6 @@ class RaggedInputs:
 RowDone = Callable[[int, torch.Tensor, FlowCache], None]
 
 
-def _cut(x: torch.Tensor, front: int, back: int) -> torch.Tensor:
-    """The official cut along dim 3: the first `front` and the last `back` frames, when longer than both."""
-    n = x.shape[3]
-    if n <= front + back:
-        return x
-    return torch.cat([x[:, :, :, :front], x[:, :, :, n - back :]], dim=3)
-
-
 def split_rows(
     outputs: tuple[torch.Tensor, ...],
     windows: Sequence[WindowRow],
@@ -294,7 +286,7 @@ def split_rows(
             [old[:low_layers, :, :, : length // 2], new_low.index_select(1, rows)[:, :, :, :tokens]], dim=3
         )
         up = torch.cat([old[low_layers:], new_up.index_select(1, rows)[:, :, :, :frames]], dim=3)
-        low, up = _cut(low, prompt // 2, history // 2), _cut(up, prompt, history)
+        low, up = keep_ends(low, prompt // 2, history // 2, 3), keep_ends(up, prompt, history, 3)
         att = torch.cat([low.repeat(1, 1, 1, up_rate, 1), up], dim=0)
         for k, m in enumerate(members):
             atts[m] = att[:, k : k + 1]

@@ -181,7 +181,8 @@ class EstimatorStore:
         self.version += 1
         if want_frames > have:
             for slot in self.slots.values():  # the old scratch and the new positions become free
-                slot.free += [p for p in range(max(have - 1, 0), want_frames - 1) if p not in slot.order]
+                held = set(slot.order)
+                slot.free += [p for p in range(max(have - 1, 0), want_frames - 1) if p not in held]
 
     def release(self, index: int) -> None:
         self.owners[index] = False
