@@ -57,6 +57,7 @@ MODES = ("audio_duplex", "omni_duplex")
 DEADLINE_MS = 1000.0
 P95_TARGET_MS = 500.0
 # positions one unit may add: omni = <unit> + 64 image rows + 2 + 10 audio + 8 decoded + 2 tail (terminator, </unit>)
+# positions a unit may add to a context (room kept below the KV size)
 UNIT_POSITIONS = {"audio_duplex": 32, "omni_duplex": 96}
 
 
@@ -151,7 +152,7 @@ def run_case(
     if device.type == "cuda":
         torch.cuda.empty_cache()  # blocks cached by the previous N: less fragmentation for this one
     t_cap = time.perf_counter()
-    batcher.warm_up(n, prefill_tokens=(UNIT_POSITIONS[mode],))
+    batcher.warm_up(n)
     sync(device)
     capture_s = time.perf_counter() - t_cap
     sessions = open_sessions(engine, n, base_len)
@@ -315,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         "--budget-s", type=float, default=480.0, help="skip the remaining N after this many seconds"
     )
     ap.add_argument("--no-vocoder", action="store_true", help="stop at the TTS codes (vocoder cost apart)")
+    ap.add_argument("--no-fused", action="store_true", help="eager element-wise work in the static steps")
     ap.add_argument(
         "--vocoder-turns",
         type=int,
@@ -346,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         "graphs": not args.no_graphs and device.type == "cuda",
         "vocoder": not args.no_vocoder,
         "vocoder_dtype": args.vocoder_dtype,
+        "fused_layers": not args.no_fused and device.type == "cuda",
     }
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
@@ -435,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         voice,
         use_graphs=False if args.no_graphs else None,
         tts_window=tts_window,
+        fused=not args.no_fused,
     )
     if device.type == "cuda":
         results["vram_after_setup_gib"] = gib(torch.cuda.memory_allocated(device))

@@ -142,7 +142,13 @@ class EngineHost:
         captured here, once (seconds), so the first ticks don't pay for them."""
         if self._batcher is None:
             cuda = self.device.type == "cuda"
-            batcher = DuplexBatcher(self.engine, self.vocoder, self.default_voice.prompt, use_graphs=cuda)
+            batcher = DuplexBatcher(
+                self.engine,
+                self.vocoder,
+                self.default_voice.prompt,
+                use_graphs=cuda,
+                fused=bool(self.settings.get("fused_layers", True)),
+            )
             if cuda:
                 started = time.perf_counter()
                 batcher.warm_up(self.max_sessions)

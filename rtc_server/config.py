@@ -43,6 +43,9 @@ class ModelSettings(_Strict):
     # vocoder turns whose per-turn store (~150 MB each at the real size) a GPU worker takes at start-up;
     # 0: one per session. More turns at once grow the store (a copy) while memory lasts.
     vocoder_turns: int = Field(0, ge=0)
+    # on a GPU, the element-wise work around each layer's matmuls in the static LLM/TTS steps runs as kernels
+    # fused by torch.compile (compiled once per worker at start-up; `engine/fused.py`)
+    fused_layers: bool = True
 
 
 class SessionSettings(_Strict):

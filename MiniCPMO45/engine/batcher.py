@@ -62,14 +62,15 @@ from .static_tts import StaticTTS
 
 
 def enable_static_steps(
-    engine: Engine, window: int | None = None, use_graphs: bool | None = None
+    engine: Engine, window: int | None = None, use_graphs: bool | None = None, fused: bool = False
 ) -> StaticLLM:
-    """Route `engine.feed` through static-shape steps (CUDA graphs on a GPU; steps of up to 16 tokens through
-    FlexAttention there, see `flex_decode`). Same results, see tests."""
+    """Route `engine.feed` through static-shape steps (CUDA graphs on a GPU; attention through FlexAttention
+    there, see `flex_decode`; with `fused`, the layers' element-wise work compiled, see `fused`). Same results,
+    see tests."""
     if engine.static is None:
         flex = flex_available(engine.cache.lengths.device) and use_graphs is not False
         engine.static = StaticLLM(
-            engine.model.llm, engine.cache, window, use_graphs=use_graphs, flex_decode=flex
+            engine.model.llm, engine.cache, window, use_graphs=use_graphs, flex_decode=flex, fused=fused
         )
     return engine.static
 
@@ -116,12 +117,13 @@ class DuplexBatcher:
         use_graphs: bool | None = None,
         seed: int = 0,
         host_threads: int = 4,
+        fused: bool = False,
     ) -> None:
         self.engine = engine
-        self.llm = enable_static_steps(engine, window, use_graphs)
+        self.llm = enable_static_steps(engine, window, use_graphs, fused)
         tts = engine.model.tts
         self.tts = (
-            StaticTTS(tts, engine.cache.num_slots, tts_window, use_graphs=use_graphs)
+            StaticTTS(tts, engine.cache.num_slots, tts_window, use_graphs=use_graphs, fused=fused)
             if tts is not None
             else None
         )
@@ -157,11 +159,12 @@ class DuplexBatcher:
         self.voices.pop(slot, None)
 
     # ---- warm-up ------------------------------------------------------------------------------------------
-    def warm_up(self, max_sessions: int, prefill_tokens: Sequence[int] = (16, 96)) -> None:
+    def warm_up(self, max_sessions: int, prefill_tokens: Sequence[int] = (80, 16)) -> None:
         """Capture the graphs a tick of up to `max_sessions` sessions uses (decode, finalize, prefill, TTS).
         The one-token decode step is captured for every row bucket up to that size: on a GPU each new bucket
-        compiles its FlexAttention kernel (seconds), which must not land in a live tick."""
-        self.llm.warm_up(max_sessions, (1, 2, *prefill_tokens))
+        compiles its FlexAttention kernel (seconds), which must not land in a live tick. The longest step goes
+        first: if its kernel fails to build, the fallback drops the steps captured before it."""
+        self.llm.warm_up(max_sessions, (*prefill_tokens, 2, 1))
         for rows in self.llm.row_buckets:
             if rows < max_sessions:
                 self.llm.warm_up(rows, (1,))

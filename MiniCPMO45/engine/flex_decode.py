@@ -7,6 +7,11 @@ device from the rows' lengths: row b's queries visit the key blocks up to their 
 block 0, so its output stays finite; it is dropped), and the partial blocks are masked per key (causal within
 the step's new tokens). Fixed shapes, no host value: it is captured in the step's CUDA graph like the rest.
 
+Longer steps (the prefill of a unit: 16 audio tokens, ~80 with a frame) fold the query heads of each kv head
+into the query rows, as the SDPA path does (`[rows, kv, group*T, hd]`, row g*T + t is token t of head g): the
+cache is read once per kv head, and with at least 128 query rows Inductor takes its main FlexAttention kernel
+(its decoding kernel, picked for shorter queries, found no configuration for 96 tokens x 4 heads).
+
 On CUDA the kernel is `torch.compile`d (Triton; one compile per row bucket); elsewhere the eager reference
 runs (tests compare it with the SDPA path).
 """
@@ -19,10 +24,10 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 BLOCK = 128
-# Steps of up to this many new tokens per row go through FlexAttention (Inductor's decoding kernel, the one it
-# picks for short queries); on the H100 it found no kernel for 96 tokens with 4 query heads per kv head, so
-# longer steps (the omni prefill) keep the dense-mask SDPA.
+# Steps of up to this many new tokens per row run with one query row per head (Inductor's decoding kernel);
+# longer ones, up to FOLDED_MAX_TOKENS, with the heads folded into the query rows (its main kernel).
 MAX_TOKENS = 16
+FOLDED_MAX_TOKENS = 128
 _compiled: Callable[..., torch.Tensor] | None = None
 
 
@@ -47,37 +52,50 @@ def flex_available(device: torch.device) -> bool:
     return True
 
 
-def step_block_mask(lengths: torch.Tensor, num_new: torch.Tensor, tokens: int, window: int) -> BlockMask:
+def step_block_mask(
+    lengths: torch.Tensor, num_new: torch.Tensor, tokens: int, window: int, group: int = 1
+) -> BlockMask:
     """The causal block mask of a static step: row b's query t (its new key at position lengths[b] + t) sees
-    keys 0 .. lengths[b] + t. Rows with no new token (num_new = 0) visit only block 0."""
+    keys 0 .. lengths[b] + t. Rows with no new token (num_new = 0) visit only block 0. With `group` > 1 the
+    query rows are the folded `group * tokens` rows (row q is token q % tokens)."""
     b = lengths.shape[0]
     blocks = -(-window // BLOCK)
-    q_blocks = -(-tokens // BLOCK)
+    q_len = group * tokens
+    q_blocks = -(-q_len // BLOCK)
     device = lengths.device
-    # the last query of each 128-query block bounds the key blocks it needs
-    last_q = torch.clamp(torch.arange(q_blocks, device=device) * BLOCK + BLOCK - 1, max=tokens - 1)
-    needed = (lengths[:, None] + last_q[None, :]) // BLOCK + 1  # (b, q_blocks)
+    # the latest token among each 128-row query block bounds the key blocks it needs
+    latest = [
+        max(q % tokens for q in range(i * BLOCK, min(q_len, i * BLOCK + BLOCK))) for i in range(q_blocks)
+    ]
+    last_t = torch.tensor(latest, device=device)
+    needed = (lengths[:, None] + last_t[None, :]) // BLOCK + 1  # (b, q_blocks)
     needed = torch.where(num_new[:, None] > 0, needed, torch.ones_like(needed)).clamp(max=blocks)
     kv_num_blocks = needed.to(torch.int32).view(b, 1, q_blocks)
     kv_indices = torch.arange(blocks, dtype=torch.int32, device=device).expand(b, 1, q_blocks, blocks)
 
-    def mask_mod(
+    def causal(
         batch: torch.Tensor, head: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
     ) -> torch.Tensor:
         return kv_idx <= lengths[batch] + q_idx
+
+    def causal_folded(
+        batch: torch.Tensor, head: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
+    ) -> torch.Tensor:
+        return kv_idx <= lengths[batch] + q_idx % tokens
 
     return BlockMask.from_kv_blocks(
         kv_num_blocks,
         kv_indices.contiguous(),
         BLOCK_SIZE=BLOCK,
-        mask_mod=mask_mod,
-        seq_lengths=(tokens, window),
+        mask_mod=causal if group == 1 else causal_folded,
+        seq_lengths=(q_len, window),
         compute_q_blocks=False,
     )
 
 
 def step_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
-    """q [b, heads, T, hd]; k, v [b, kv_heads, window, hd] (grouped-query) -> [b, heads, T, hd]."""
+    """q [b, heads, T, hd]; k, v [b, kv_heads, window, hd] (grouped-query) -> [b, heads, T, hd]; or, folded,
+    q [b, kv_heads, group*T, hd] -> [b, kv_heads, group*T, hd]."""
     global _compiled
     if q.is_cuda:
         if _compiled is None:
@@ -86,6 +104,6 @@ def step_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask
         fn = _compiled
     else:
         fn = flex_attention
-    out = fn(q, k, v, block_mask=block_mask, enable_gqa=True)
+    out = fn(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
     assert isinstance(out, torch.Tensor)
     return out

@@ -25,47 +25,48 @@ import torch
 import torch.nn.functional as F
 
 from ..modules.kv_cache import CacheFullError, SlotKVCache
-from ..modules.qwen3 import Attention, Qwen3ForCausalLM, apply_rope
-from .flex_decode import MAX_TOKENS, BlockMask, step_attention, step_block_mask
+from ..modules.qwen3 import Qwen3ForCausalLM
+from .flex_decode import FOLDED_MAX_TOKENS, MAX_TOKENS, BlockMask, step_attention, step_block_mask
+from .fused import EAGER, LayerKernels, kernels_for, layer_weights
 from .graphs import StaticStep, graphs_available, new_pool, pick_bucket
 from .host_copy import upload
 
 log = logging.getLogger(__name__)
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 128)
-TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256)
+# 80: an omni unit (tail, <unit>, one frame's 66 positions, 10 audio positions) fits with no padding to 96
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 80, 96, 128, 192, 256)
 
 
-def _attention(
-    attn: Attention,
-    x: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
     write_idx: torch.Tensor,
     mask: torch.Tensor | BlockMask,
     window: int,
 ) -> torch.Tensor:
-    b, t, _ = x.shape
-    h, kv, hd = attn.n_heads, attn.n_kv, attn.head_dim
-    q = attn.q_norm(attn.q_proj(x).view(b, t, h, hd)).transpose(1, 2)
-    k = attn.k_norm(attn.k_proj(x).view(b, t, kv, hd)).transpose(1, 2)
-    v = attn.v_proj(x).view(b, t, kv, hd).transpose(1, 2)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    """Write the step's k, v `[b, kv, t, hd]` into the slot cache, attend q `[b, heads, t, hd]` over the first
+    `window` positions; returns `[b, t, heads*hd]`."""
+    b, h, t, hd = q.shape
+    kv = k.shape[1]
     idx = write_idx[:, None, :, None].expand(b, kv, t, hd)
     kc, vc = keys[:b], values[:b]
     kc.scatter_(2, idx, k.to(kc.dtype))
     vc.scatter_(2, idx, v.to(vc.dtype))
-    if isinstance(mask, BlockMask):  # through FlexAttention (`flex_decode`)
+    if isinstance(mask, BlockMask) and t <= MAX_TOKENS:  # through FlexAttention (`flex_decode`)
         out = step_attention(q, kc[:, :, :window], vc[:, :, :window], mask)
-        return attn.o_proj(out.transpose(1, 2).reshape(b, t, h * hd))
+        return out.transpose(1, 2).reshape(b, t, h * hd)
     group = h // kv
     # heads kv_i*group .. kv_i*group+group-1 share kv head kv_i: fold them into query rows (g, t)
     qf = q.reshape(b, kv, group * t, hd)
-    out = F.scaled_dot_product_attention(qf, kc[:, :, :window], vc[:, :, :window], attn_mask=mask)
-    out = out.reshape(b, h, t, hd).transpose(1, 2).reshape(b, t, h * hd)  # SDPA may return a strided view
-    return attn.o_proj(out)
+    if isinstance(mask, BlockMask):
+        out = step_attention(qf, kc[:, :, :window], vc[:, :, :window], mask)
+    else:
+        out = F.scaled_dot_product_attention(qf, kc[:, :, :window], vc[:, :, :window], attn_mask=mask)
+    return out.reshape(b, h, t, hd).transpose(1, 2).reshape(b, t, h * hd)  # SDPA may return a strided view
 
 
 def static_forward(
@@ -75,10 +76,13 @@ def static_forward(
     num_new: torch.Tensor,
     window: int,
     flex: bool = False,
+    kernels: LayerKernels = EAGER,
+    flex_folded: bool = False,
 ) -> dict[str, torch.Tensor]:
     """embeds `[rows, T, D]` for slots 0..rows-1; `num_new [rows]` real tokens per row (0 = untouched).
     flex: steps of up to `flex_decode.MAX_TOKENS` tokens attend through FlexAttention (rows read only their own
-    cache blocks)."""
+    cache blocks); flex_folded: so do steps of up to `FOLDED_MAX_TOKENS`, with the query heads folded into the
+    query rows. kernels: the layer halves around the attention (`fused`: compiled on a GPU)."""
     b, t, _ = embeds.shape
     device = embeds.device
     lengths = cache.lengths[:b]
@@ -88,30 +92,28 @@ def static_forward(
     # padding entries all go to the slot's spare position (past max_len, never read)
     write_idx = torch.where(valid, positions % cache.max_len, cache.max_len)
     mask: torch.Tensor | BlockMask
+    group = llm.config.num_attention_heads // llm.config.num_key_value_heads
     if flex and t <= MAX_TOKENS:
         mask = step_block_mask(lengths, num_new, t, window)
+    elif flex_folded and MAX_TOKENS < t <= FOLDED_MAX_TOKENS:
+        mask = step_block_mask(lengths, num_new, t, window, group)
     else:
         key_pos = torch.arange(window, device=device)
         allowed = key_pos[None, None, :] <= positions[:, :, None]  # [b, t, K]
-        group = llm.config.num_attention_heads // llm.config.num_key_value_heads
         dense = torch.zeros(allowed.shape, dtype=embeds.dtype, device=device)
         dense = dense.masked_fill(~allowed, float("-inf"))
         mask = dense[:, None, None].expand(b, 1, group, t, window).reshape(b, 1, group * t, window)
     cos, sin = llm.model.rotary(positions, embeds.dtype)
     x = embeds
     for i, layer in enumerate(llm.model.layers):
-        x = x + _attention(
-            layer.self_attn,
-            layer.input_layernorm(x),
-            cos,
-            sin,
-            cache.keys[i],
-            cache.values[i],
-            write_idx,
-            mask,
-            window,
+        w = layer_weights(layer)
+        eps = layer.input_layernorm.eps
+        hd = layer.self_attn.head_dim
+        q, k, v = kernels.attention_inputs(
+            x, w.input_norm, w.q, w.k, w.v, w.q_norm, w.k_norm, cos, sin, eps, hd
         )
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        out = _attend(q, k, v, cache.keys[i], cache.values[i], write_idx, mask, window)
+        x = kernels.layer_output(x, out, w.o, w.post_norm, w.gate, w.up, w.down, eps)
     lengths.add_(num_new)
     hidden = llm.model.norm(x)
     last = hidden[torch.arange(b, device=device), (num_new - 1).clamp(min=0)]
@@ -130,9 +132,13 @@ class StaticLLM:
         token_buckets: Sequence[int] = TOKEN_BUCKETS,
         use_graphs: bool | None = None,
         flex_decode: bool = False,
+        fused: bool = False,
+        flex_prefill: bool | None = None,
     ) -> None:
         self.llm, self.cache = llm, cache
         self.flex_decode = flex_decode
+        self.flex_prefill = flex_decode if flex_prefill is None else flex_prefill
+        self.kernels = kernels_for(cache.lengths.device, fused)
         self.window = window or cache.max_len
         if not 0 < self.window <= cache.max_len:
             raise ValueError(f"window {self.window} must lie in 1..{cache.max_len}")
@@ -155,7 +161,14 @@ class StaticLLM:
 
             def fn(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 return static_forward(
-                    self.llm, self.cache, x["embeds"], x["num_new"], self.window, self.flex_decode
+                    self.llm,
+                    self.cache,
+                    x["embeds"],
+                    x["num_new"],
+                    self.window,
+                    self.flex_decode,
+                    self.kernels,
+                    self.flex_prefill,
                 )
 
             def idle(x: dict[str, torch.Tensor]) -> None:
@@ -166,13 +179,21 @@ class StaticLLM:
             except torch.cuda.OutOfMemoryError:
                 raise
             except Exception:
-                if not (self.flex_decode and tokens <= MAX_TOKENS):
+                folded = self.flex_prefill and MAX_TOKENS < tokens <= FOLDED_MAX_TOKENS
+                if not (folded or (self.flex_decode and tokens <= MAX_TOKENS) or self.kernels.compiled):
                     raise
-                # the compiled FlexAttention kernel is unavailable here (no Triton toolchain, a compile
-                # error): use the dense-mask SDPA steps instead. The old graphs go, and so does their pool:
-                # capturing again into a pool whose graphs were destroyed fails an allocator assertion.
-                log.exception("FlexAttention step failed to build; using the dense-mask steps")
-                self.flex_decode = False
+                # a compiled kernel is unavailable here (no Triton toolchain, a compile error): a longer step
+                # gives up the folded FlexAttention, any other the compiled parts. The old graphs go, and so
+                # does their pool: capturing again into a pool whose graphs were destroyed fails an allocator
+                # assertion.
+                log.exception(
+                    "a compiled step (%d rows, %d tokens) failed to build; falling back", rows, tokens
+                )
+                if folded:
+                    self.flex_prefill = False
+                else:
+                    self.flex_decode = self.flex_prefill = False
+                    self.kernels = EAGER
                 self.steps.clear()
                 self.pool = new_pool(self.device) if self.use_graphs else None
                 return self._step(rows, tokens)

@@ -16,16 +16,20 @@ draws differ from the per-session generators of `MiniCPMTTS.generate_chunks` (sa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..modules.tts import DUPLEX_MAX_DRAWS, MiniCPMTTS
-from ..modules.tts_backbone import LLAMA_ROPE_THETA, TTSKVCache, apply_rope, rope_cos_sin
+from ..modules.tts_backbone import LLAMA_ROPE_THETA, TTSKVCache, rope_cos_sin
 from ..modules.tts_sampling import DUPLEX_SAMPLING, CodeSampling
+from .fused import EAGER, LayerKernels, kernels_for, layer_weights
 from .graphs import StaticStep, graphs_available, new_pool, pick_bucket
 from .static_decode import ROW_BUCKETS
+
+log = logging.getLogger(__name__)
 
 TTS_TOKEN_BUCKETS = (1, 8, 16, 32, 64)
 
@@ -37,6 +41,7 @@ def static_tts_forward(
     embeds: torch.Tensor,
     num_new: torch.Tensor,
     window: int,
+    kernels: LayerKernels = EAGER,
 ) -> dict[str, torch.Tensor]:
     b, t, _ = embeds.shape
     device = embeds.device
@@ -58,21 +63,19 @@ def static_tts_forward(
     x = embeds
     for i, layer in enumerate(backbone.layers):
         attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        heads, kv, hd = attn.heads, attn.kv_heads, attn.head_dim
-        q = attn.q_proj(h).view(b, t, heads, hd).transpose(1, 2)
-        k = attn.k_proj(h).view(b, t, kv, hd).transpose(1, 2)
-        v = attn.v_proj(h).view(b, t, kv, hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        idx = write_idx[:, None, :, None].expand(b, kv, t, hd)
+        w = layer_weights(layer)
+        eps = layer.input_layernorm.eps
+        q, k, v = kernels.attention_inputs(
+            x, w.input_norm, w.q, w.k, w.v, None, None, cos, sin, eps, attn.head_dim
+        )
+        idx = write_idx[:, None, :, None].expand(b, attn.kv_heads, t, attn.head_dim)
         kc, vc = cache.keys[i][:b], cache.values[i][:b]
         kc.scatter_(2, idx, k.to(kc.dtype))
         vc.scatter_(2, idx, v.to(vc.dtype))
-        qf = q.reshape(b, kv, group * t, hd)
+        qf = q.reshape(b, attn.kv_heads, group * t, attn.head_dim)
         out = F.scaled_dot_product_attention(qf, kc[:, :, :window], vc[:, :, :window], attn_mask=mask)
-        out = out.reshape(b, heads, t, hd).transpose(1, 2).reshape(b, t, heads * hd)
-        x = x + attn.o_proj(out)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        out = out.reshape(b, attn.heads, t, attn.head_dim).transpose(1, 2).reshape(b, t, -1)
+        x = kernels.layer_output(x, out, w.o, w.post_norm, w.gate, w.up, w.down, eps)
     lens.add_(num_new)
     hidden = backbone.norm(x)
     last = hidden[torch.arange(b, device=device), (num_new - 1).clamp(min=0)]
@@ -110,6 +113,7 @@ def draw_loop(
     window: int,
     sampling: CodeSampling,
     x: dict[str, torch.Tensor],
+    kernels: LayerKernels = EAGER,
 ) -> dict[str, torch.Tensor]:
     """All draws of a duplex unit for rows 0..B-1, from the condition step's `logits [B, V]`.
 
@@ -131,9 +135,10 @@ def draw_loop(
         if j == max_new - 1:
             break
         emb = tts.emb_code[0](code.clamp(0, vocab - 1))[:, None]
-        logits = static_tts_forward(tts, cache, lengths, emb.to(cache.keys[0].dtype), active.long(), window)[
-            "logits"
-        ]
+        step = static_tts_forward(
+            tts, cache, lengths, emb.to(cache.keys[0].dtype), active.long(), window, kernels
+        )
+        logits = step["logits"]
     return {"draws": draws}
 
 
@@ -148,6 +153,7 @@ class StaticTTS:
         row_buckets: Sequence[int] = ROW_BUCKETS,
         token_buckets: Sequence[int] = TTS_TOKEN_BUCKETS,
         use_graphs: bool | None = None,
+        fused: bool = False,
     ) -> None:
         self.tts = tts
         self.cache = tts.new_cache(num_slots, window)
@@ -159,6 +165,7 @@ class StaticTTS:
         self.row_buckets = sorted({min(b, num_slots) for b in row_buckets} | {num_slots})
         self.token_buckets = sorted(token_buckets)
         self.use_graphs = graphs_available(self.device) if use_graphs is None else use_graphs
+        self.kernels = kernels_for(self.device, fused)
         self.pool = new_pool(self.device) if self.use_graphs else None
         self.steps: dict[tuple[int, int], StaticStep] = {}
         self.loops: dict[tuple[int, int, CodeSampling], StaticStep] = {}
@@ -177,14 +184,39 @@ class StaticTTS:
 
             def fn(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 return static_tts_forward(
-                    self.tts, self.cache, self.lengths, x["embeds"], x["num_new"], self.window
+                    self.tts, self.cache, self.lengths, x["embeds"], x["num_new"], self.window, self.kernels
                 )
 
             def idle(x: dict[str, torch.Tensor]) -> None:
                 x["num_new"].zero_()
 
-            self.steps[key] = StaticStep(fn, inputs, idle, self.use_graphs, self.pool)
+            step = self._build(fn, inputs, idle)
+            if step is None:
+                return self._step(rows, tokens)
+            self.steps[key] = step
         return self.steps[key]
+
+    def _build(
+        self,
+        fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+        inputs: dict[str, torch.Tensor],
+        idle: Callable[[dict[str, torch.Tensor]], None],
+    ) -> StaticStep | None:
+        """The captured step, or None after falling back to the eager layer halves (the compiled ones failed
+        to build: the caller builds again; old graphs and their pool go, as in `StaticLLM`)."""
+        try:
+            return StaticStep(fn, inputs, idle, self.use_graphs, self.pool)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception:
+            if not self.kernels.compiled:
+                raise
+            log.exception("a compiled TTS step failed to build; using the eager layer halves")
+            self.kernels = EAGER
+            self.steps.clear()
+            self.loops.clear()
+            self.pool = new_pool(self.device) if self.use_graphs else None
+            return None
 
     def _loop(self, rows: int, max_new: int, sampling: CodeSampling) -> StaticStep:
         key = (rows, max_new, sampling)
@@ -201,12 +233,15 @@ class StaticTTS:
             }
 
             def fn(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-                return draw_loop(self.tts, self.cache, self.lengths, self.window, sampling, x)
+                return draw_loop(self.tts, self.cache, self.lengths, self.window, sampling, x, self.kernels)
 
             def idle(x: dict[str, torch.Tensor]) -> None:
                 x["active"].zero_()
 
-            self.loops[key] = StaticStep(fn, inputs, idle, self.use_graphs, self.pool)
+            step = self._build(fn, inputs, idle)
+            if step is None:
+                return self._loop(rows, max_new, sampling)
+            self.loops[key] = step
         return self.loops[key]
 
     def warm_up(

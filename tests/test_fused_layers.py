@@ -1,0 +1,102 @@
+"""The layer halves of `engine.fused` against the modules' own forwards, eager and traced by `torch.compile`
+(dynamic shapes, no graph break, one trace for every layer and row count: what Inductor compiles on a GPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from MiniCPMO45.engine.fused import EAGER, LayerKernels, compile_kernels, layer_weights
+from MiniCPMO45.model import MiniCPMO
+from MiniCPMO45.modules.qwen3 import apply_rope
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path) -> MiniCPMO:
+    return MiniCPMO.from_pretrained(tiny_model_dir, dtype=torch.float32)
+
+
+def module_layer(
+    layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qk_norm: bool
+):
+    """The layer through its modules, with plain causal attention (what the halves surround)."""
+    attn = layer.self_attn
+    b, t, _ = x.shape
+    hd = attn.head_dim
+    h = layer.input_layernorm(x)
+    q = attn.q_proj(h).view(b, t, -1, hd)
+    k = attn.k_proj(h).view(b, t, -1, hd)
+    v = attn.v_proj(h).view(b, t, -1, hd).transpose(1, 2)
+    if qk_norm:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
+    out = attend(q, k, v)
+    x = x + attn.o_proj(out)
+    return q, k, v, x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+def fused_layer(kernels: LayerKernels, layer: torch.nn.Module, x, cos, sin):
+    w = layer_weights(layer)
+    eps = layer.input_layernorm.eps
+    q, k, v = kernels.attention_inputs(
+        x, w.input_norm, w.q, w.k, w.v, w.q_norm, w.k_norm, cos, sin, eps, layer.self_attn.head_dim
+    )
+    return q, k, v, kernels.layer_output(x, attend(q, k, v), w.o, w.post_norm, w.gate, w.up, w.down, eps)
+
+
+class CountingBackend:
+    """A tracing-only `torch.compile` backend that counts the graphs it is handed."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        self.graphs += 1
+        return gm.forward
+
+
+@pytest.mark.parametrize("part", ["llm", "tts"])
+@torch.no_grad()
+def test_fused_halves_match_the_modules(model: MiniCPMO, part: str) -> None:
+    torch._dynamo.reset()
+    if part == "llm":
+        layers = list(model.llm.model.layers)
+        rotary = model.llm.model.rotary
+    else:
+        assert model.tts is not None
+        layers = list(model.tts.model.layers)
+        rotary = None
+    backend = CountingBackend()
+    traced = compile_kernels(backend)
+    g = torch.Generator().manual_seed(3)
+    dim = layers[0].input_layernorm.weight.shape[0]
+    hd = layers[0].self_attn.head_dim
+    for b, t in ((2, 5), (3, 5), (4, 7)):
+        x = torch.randn(b, t, dim, generator=g)
+        positions = torch.arange(t)[None].expand(b, t) + torch.arange(b)[:, None] * 3
+        if rotary is not None:
+            cos, sin = rotary(positions, x.dtype)
+        else:
+            from MiniCPMO45.modules.tts_backbone import LLAMA_ROPE_THETA, rope_cos_sin
+
+            cos, sin = rope_cos_sin(positions, hd, LLAMA_ROPE_THETA, x.dtype)
+        for layer in layers:
+            want = module_layer(layer, x, cos, sin, qk_norm=part == "llm")
+            eager = fused_layer(EAGER, layer, x, cos, sin)
+            got = fused_layer(traced, layer, x, cos, sin)
+            for w, e, c in zip(want, eager, got, strict=True):
+                assert torch.equal(w, e)
+                assert torch.allclose(w, c, atol=1e-5, rtol=1e-5), (w - c).abs().max()
+            x = want[-1]
+    # one trace per half for every layer and every batch shape (dynamic shapes, weights as inputs): more would
+    # mean a compile per layer on the GPU
+    assert backend.graphs == 2, backend.graphs
