@@ -7,10 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from MiniCPMO45.engine.fused import EAGER, LayerKernels, compile_kernels, layer_weights
+from MiniCPMO45.loader import load_weights
 from MiniCPMO45.model import MiniCPMO
+from MiniCPMO45.modules.compiled import fallback_on_error
 from MiniCPMO45.modules.qwen3 import apply_rope
+from MiniCPMO45.modules.siglip import encoder_layer
+from MiniCPMO45.token2wav.dit import DiT
+from MiniCPMO45.token2wav.hparams import flow_params_from_yaml
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +106,94 @@ def test_fused_halves_match_the_modules(model: MiniCPMO, part: str) -> None:
     # one trace per half for every layer and every batch shape (dynamic shapes, weights as inputs): more would
     # mean a compile per layer on the GPU
     assert backend.graphs == 2, backend.graphs
+
+
+@torch.no_grad()
+def test_vision_layers_traced_once_match_eager(model: MiniCPMO) -> None:
+    """The vision encoder through one traced `encoder_layer` (what `fuse_layers` compiles on a GPU) gives what
+    the eager layers give, for two batch sizes and both the unmasked and the masked (mixed sizes) paths."""
+    torch._dynamo.reset()
+    vpm, patch = model.vpm, model.config.vision.patch_size
+    assert vpm is not None
+    g = torch.Generator().manual_seed(4)
+    cases = [[(4, 4)] * 2, [(4, 4)] * 3, [(4, 4), (2, 6), (3, 3)]]
+    want = []
+    for sizes in cases:
+        lmax = max(r * c for r, c in sizes)
+        pixels = torch.randn(len(sizes), 3, patch, lmax * patch, generator=g)
+        want.append((pixels, sizes, vpm(pixels, sizes)))
+    backend = CountingBackend()
+    vpm.fuse_layers(backend)
+    try:
+        for pixels, sizes, expected in want:
+            assert torch.allclose(vpm(pixels, sizes), expected, atol=1e-5, rtol=1e-5)
+    finally:
+        vpm.layer_fn = encoder_layer
+    # one slice, a batch, and a batch with a mask (its first compile, at `fuse_layers`, runs unmasked slices)
+    assert backend.graphs == 3, backend.graphs
+
+
+def test_a_failing_compiled_function_falls_back_for_good(caplog: pytest.LogCaptureFixture) -> None:
+    calls = {"compiled": 0, "eager": 0}
+
+    def compiled(x: int) -> int:
+        calls["compiled"] += 1
+        raise RuntimeError("no Triton here")
+
+    def eager(x: int) -> int:
+        calls["eager"] += 1
+        return x + 1
+
+    fn = fallback_on_error(compiled, eager, "the test function")
+    assert fn(1) == 2 and fn(2) == 3
+    assert calls == {"compiled": 1, "eager": 2}
+    assert "the test function failed" in caplog.text
+
+
+@torch.no_grad()
+def test_dit_blocks_traced_once_match_eager(token2wav_fixture_dir: Path) -> None:
+    """The flow estimator's blocks through the traced halves (what `DiT.fuse_blocks` compiles on a GPU) give
+    what the eager blocks give: a first chunk, a chunk over its cache, and padded rows over a KV store."""
+    torch._dynamo.reset()
+    params = flow_params_from_yaml(token2wav_fixture_dir / "hparams" / "flow.yaml")
+    dit = DiT(params.estimator).eval()
+    load_weights(
+        dit,
+        load_file(str(token2wav_fixture_dir / "weights" / "flow.safetensors")),
+        prefix="decoder.estimator.",
+    )
+    g = torch.Generator().manual_seed(5)
+    p = params.estimator
+    mel = p.out_channels
+
+    def chunk(b: int, t: int) -> tuple[torch.Tensor, ...]:
+        return (
+            torch.randn(b, mel, t, generator=g),
+            torch.randn(b, mel, t, generator=g),
+            torch.rand(b, generator=g),
+            torch.randn(b, mel, generator=g),
+            torch.randn(b, mel, t, generator=g),
+        )
+
+    def run() -> list[torch.Tensor]:
+        g.manual_seed(5)
+        first = chunk(2, 6)
+        out1, conv, kv = dit.forward_chunk(*first, None, None)
+        out2, conv2, kv2 = dit.forward_chunk(*chunk(2, 4), conv, kv)
+        store = torch.zeros(p.depth, 3, p.num_heads, 12, 2 * p.head_dim)
+        valid = torch.tensor([5, 3, 5])
+        write = torch.where(torch.arange(5)[None] < valid[:, None], torch.arange(5)[None], 11)
+        key_mask = torch.arange(12)[None] < valid[:, None]
+        out3, conv3 = dit.forward_ragged(
+            *chunk(3, 5), torch.zeros(p.depth, 3, 2 * p.hidden_size, 2), store, key_mask, valid, write
+        )
+        return [out1, conv, kv, out2, conv2, kv2, out3, conv3, store]
+
+    want = run()
+    backend = CountingBackend()
+    dit.fuse_blocks(backend)
+    got = run()
+    for w, c in zip(want, got, strict=True):
+        assert torch.allclose(w, c, atol=1e-5, rtol=1e-5), (w - c).abs().max()
+    # the input half once; the output half once per (conv cache?, valid rows?) combination
+    assert 2 <= backend.graphs <= 4, backend.graphs

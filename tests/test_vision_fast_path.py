@@ -8,6 +8,7 @@ Checked on the tiny checkpoint and on random layers of the real widths (SigLIP 1
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -62,13 +63,26 @@ def real_width() -> _RealWidth:
     return _RealWidth()
 
 
-def _record_masks(vpm: SiglipVisionTransformer) -> tuple[list[torch.Tensor | None], list]:
+class _Removable:
+    def __init__(self, undo: Callable[[], None]) -> None:
+        self.remove = undo
+
+
+def _record_masks(vpm: SiglipVisionTransformer) -> tuple[list[torch.Tensor | None], list[_Removable]]:
+    """The attention mask each layer runs with (the encoder calls `vpm.layer_fn` once per layer)."""
     seen: list[torch.Tensor | None] = []
-    hooks = [
-        layer.self_attn.register_forward_pre_hook(lambda _m, args: seen.append(args[1]))
-        for layer in vpm.encoder.layers
-    ]
-    return seen, hooks
+    inner = vpm.layer_fn
+
+    def spy(x: torch.Tensor, mask: torch.Tensor | None, *rest: object) -> torch.Tensor:
+        seen.append(mask)
+        return inner(x, mask, *rest)
+
+    vpm.layer_fn = spy
+
+    def undo() -> None:
+        vpm.layer_fn = inner
+
+    return seen, [_Removable(undo)]
 
 
 # ---- tests ----------------------------------------------------------------------------------------------------

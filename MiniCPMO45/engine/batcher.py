@@ -121,6 +121,12 @@ class DuplexBatcher:
     ) -> None:
         self.engine = engine
         self.llm = enable_static_steps(engine, window, use_graphs, fused)
+        if fused and flex_available(engine.model.device) and use_graphs is not False:
+            # the vision encoder's and the vocoder estimator's element-wise work fused too
+            if engine.model.vpm is not None:
+                engine.model.vpm.fuse_layers()
+            if vocoder is not None and vocoder.flow_graphs is not None:
+                vocoder.fuse_estimator()
         tts = engine.model.tts
         self.tts = (
             StaticTTS(tts, engine.cache.num_slots, tts_window, use_graphs=use_graphs, fused=fused)
@@ -181,7 +187,6 @@ class DuplexBatcher:
         if len(sessions) != len(inputs):
             raise ValueError("one unit input per session")
         eng, model, sp = self.engine, self.engine.model, self.engine.special
-        t0 = time.perf_counter()
         results = [UnitResult(session=s) for s in sessions]
         for s in sessions:
             _state(s).pending_logits = None
@@ -192,14 +197,22 @@ class DuplexBatcher:
             n_slices = unit.max_slice_nums or st.config.max_slice_nums
             return [eng.images.preprocess(f, n_slices) for f in unit.frames]
 
-        # the images on the pool while this thread computes every session's streaming mel in one batch
+        # the images are sliced on the pool while this thread computes every session's streaming mel in one
+        # batch and queues the audio encoder on the GPU
         with_frames = [i for i, unit in enumerate(inputs) if unit.frames]
         image_jobs = self._host_pool.map(image_prep, with_frames)
         audio = [u.audio if u.audio is not None and len(u.audio) else None for u in inputs]
         all_mel_units = push_many([_state(s).mel for s in sessions], audio)
+        t_audio = time.perf_counter()
+        with_audio = [i for i, m in enumerate(all_mel_units) if m is not None]
+        audio_rows: dict[int, torch.Tensor] = {}  # by session index
+        if with_audio:
+            mels = [m for m in all_mel_units if m is not None]
+            embs = self.audio.encode_sessions([sessions[i] for i in with_audio], mels)
+            audio_rows = dict(zip(with_audio, embs, strict=True))
+        t_vision = time.perf_counter()
         images_of = dict(zip(with_frames, image_jobs, strict=True))
         ready: list[int] = []
-        mel_units = []
         views: list[torch.Tensor] = []
         sizes: list[np.ndarray] = []
         per_frame: list[list[int]] = []  # per ready session: number of views of each frame
@@ -209,7 +222,6 @@ class DuplexBatcher:
                 results[i].prefilled = False  # not enough audio yet: this unit will be a listen
                 continue
             ready.append(i)
-            mel_units.append(mel_unit)
             counts = []
             for out in images:
                 views += [torch.from_numpy(v) for v in out.pixel_values]
@@ -217,15 +229,7 @@ class DuplexBatcher:
                 counts.append(len(out.pixel_values))
             per_frame.append(counts)
         vision = model.vision_embeds(views, torch.from_numpy(np.concatenate(sizes))) if views else None
-        t_vision = time.perf_counter()
-        with_audio = [k for k, m in enumerate(mel_units) if m is not None]
-        audio_rows: dict[int, torch.Tensor] = {}
-        if with_audio:
-            embs = self.audio.encode_sessions(
-                [sessions[ready[k]] for k in with_audio], [mel_units[k] for k in with_audio]
-            )
-            audio_rows = dict(zip(with_audio, embs, strict=True))
-        t_audio = time.perf_counter()
+        t_feed = time.perf_counter()
         tails = [pending_tail(eng, sessions[i]) for i in ready]
         fixed = [sp.unit_start, sp.image_start, sp.image_end, sp.slice_start, sp.slice_end]
         emb = model.embed_ids(upload([*fixed, *(t for tail in tails for t in tail)], self.device))
@@ -237,7 +241,7 @@ class DuplexBatcher:
         pieces: list[torch.Tensor] = []
         schemas: list[list[SchemaItem]] = []
         used = 0
-        for k, _i in enumerate(ready):
+        for k, i in enumerate(ready):
             parts = [tail_rows[k], tok["unit"][None]]
             schema: list[SchemaItem] = [sp.unit_start]
             for n_views in per_frame[k]:
@@ -252,9 +256,9 @@ class DuplexBatcher:
                         sp.image_end if v == 0 else sp.slice_end,
                     ]
                 used += n_views
-            if k in audio_rows:
-                parts.append(audio_rows[k])
-                schema.append(("audio", audio_rows[k].shape[0]))
+            if i in audio_rows:
+                parts.append(audio_rows[i])
+                schema.append(("audio", audio_rows[i].shape[0]))
             pieces.append(torch.cat(parts))
             schemas.append(schema)
         if ready:
@@ -264,7 +268,7 @@ class DuplexBatcher:
             idx = upload(slots, self.device)
             logits = out["logits"].index_select(0, idx)
             record_prefill([sessions[i] for i in ready], logits, schemas)
-        stamp_prefill(results, t0, t_vision, t_audio)
+        stamp_prefill(results, (t_feed - t_vision) * 1000, (t_vision - t_audio) * 1000, t_feed)
         return results
 
     # ---- generate -----------------------------------------------------------------------------------------

@@ -301,7 +301,7 @@ def prefill_units(
         take_tails(engine, ready_sessions)  # fed with the units
         logits = engine.model.llm.logits(torch.stack(last_hidden))
         record_prefill(ready_sessions, logits, [u.schema for u in units])
-    stamp_prefill(results, t0, t_vision, t_audio)
+    stamp_prefill(results, (t_vision - t0) * 1000, (t_audio - t_vision) * 1000, t_audio)
     return results
 
 
@@ -316,15 +316,13 @@ def record_prefill(
         st.units_prefilled += 1
 
 
-def stamp_prefill(results: Sequence[UnitResult], t0: float, t_vision: float, t_audio: float) -> None:
-    """Prefill timings (vision, audio encoder, LLM feed up to now) on every unit of the step."""
-    t_feed = time.perf_counter()
+def stamp_prefill(
+    results: Sequence[UnitResult], vision_ms: float, audio_ms: float, feed_started: float
+) -> None:
+    """Prefill timings (vision, audio encoder, LLM feed from `feed_started` up to now) on every unit."""
+    feed_ms = (time.perf_counter() - feed_started) * 1000
     for r in results:
-        r.timings_ms.update(
-            vision_ms=(t_vision - t0) * 1000,
-            audio_ms=(t_audio - t_vision) * 1000,
-            prefill_feed_ms=(t_feed - t_audio) * 1000,
-        )
+        r.timings_ms.update(vision_ms=vision_ms, audio_ms=audio_ms, prefill_feed_ms=feed_ms)
 
 
 def _feed_pieces(

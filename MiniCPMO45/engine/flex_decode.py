@@ -64,10 +64,8 @@ def step_block_mask(
     q_blocks = -(-q_len // BLOCK)
     device = lengths.device
     # the latest token among each 128-row query block bounds the key blocks it needs
-    latest = [
-        max(q % tokens for q in range(i * BLOCK, min(q_len, i * BLOCK + BLOCK))) for i in range(q_blocks)
-    ]
-    last_t = torch.tensor(latest, device=device)
+    rows = torch.arange(q_blocks * BLOCK, device=device)  # built on the device: no copy in a graph capture
+    last_t = torch.where(rows < q_len, rows % tokens, 0).view(q_blocks, BLOCK).amax(-1)
     needed = (lengths[:, None] + last_t[None, :]) // BLOCK + 1  # (b, q_blocks)
     needed = torch.where(num_new[:, None] > 0, needed, torch.ones_like(needed)).clamp(max=blocks)
     kv_num_blocks = needed.to(torch.int32).view(b, 1, q_blocks)

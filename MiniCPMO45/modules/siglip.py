@@ -9,13 +9,15 @@ of layers that run.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import VisionConfig
+from .compiled import fallback_on_error
 
 
 def navit_position_ids(tgt_sizes: torch.Tensor, grid: int, max_patches: int) -> torch.Tensor:
@@ -128,6 +130,29 @@ class VisionMLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+def encoder_layer(
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    tensors: tuple[torch.Tensor, ...],
+    eps: float,
+    heads: int,
+) -> torch.Tensor:
+    """One encoder layer as a plain function of its tensors (`VisionLayer.tensors()`), so that one
+    `torch.compile` of it serves every layer (`SiglipVisionTransformer.fuse_layers`)."""
+    ln1_w, ln1_b, wq, bq, wk, bk, wv, bv, wo, bo, ln2_w, ln2_b, w1, b1, w2, b2 = tensors
+    b, n, d = x.shape
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.view(b, n, heads, d // heads).transpose(1, 2)
+
+    h = F.layer_norm(x, (d,), ln1_w, ln1_b, eps)
+    q, k, v = split(F.linear(h, wq, bq)), split(F.linear(h, wk, bk)), split(F.linear(h, wv, bv))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    x = x + F.linear(out.transpose(1, 2).reshape(b, n, d), wo, bo)
+    h = F.layer_norm(x, (d,), ln2_w, ln2_b, eps)
+    return x + F.linear(F.gelu(F.linear(h, w1, b1), approximate="tanh"), w2, b2)
+
+
 class VisionLayer(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
@@ -136,9 +161,29 @@ class VisionLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = VisionMLP(cfg)
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        a, m = self.self_attn, self.mlp
+        return (
+            self.layer_norm1.weight,
+            self.layer_norm1.bias,
+            a.q_proj.weight,
+            a.q_proj.bias,
+            a.k_proj.weight,
+            a.k_proj.bias,
+            a.v_proj.weight,
+            a.v_proj.bias,
+            a.out_proj.weight,
+            a.out_proj.bias,
+            self.layer_norm2.weight,
+            self.layer_norm2.bias,
+            m.fc1.weight,
+            m.fc1.bias,
+            m.fc2.weight,
+            m.fc2.bias,
+        )
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), mask)
-        return x + self.mlp(self.layer_norm2(x))
+        return encoder_layer(x, mask, self.tensors(), self.layer_norm1.eps, self.self_attn.n_heads)
 
 
 class VisionEncoder(nn.Module):
@@ -153,6 +198,23 @@ class SiglipVisionTransformer(nn.Module):
         self.embeddings = VisionEmbeddings(cfg)
         self.encoder = VisionEncoder([VisionLayer(cfg) for _ in range(num_layers)])
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layer_fn: Callable[..., torch.Tensor] = encoder_layer
+
+    def fuse_layers(self, backend: Any = "inductor") -> None:
+        """Run the layers through one `torch.compile` of `encoder_layer` (dynamic shapes: one compile for
+        every layer and batch; the element-wise work around the matmuls fused). Falls back to the eager
+        function, for good, if the compiled one fails."""
+        compiled = torch.compile(encoder_layer, dynamic=True, fullgraph=True, backend=backend)
+        self.layer_fn = fallback_on_error(compiled, encoder_layer, "the vision encoder's compiled layer")
+        # compile now, not in the first live unit: one slice (a size Dynamo specialises) and a batch of two
+        w = self.embeddings.patch_embedding.weight
+        patch = self.embeddings.patch_size
+        with torch.no_grad():
+            for n in (1, 2):
+                self(
+                    torch.zeros(n, w.shape[1], patch, 16 * patch, dtype=w.dtype, device=w.device),
+                    [(4, 4)] * n,
+                )
 
     def forward(
         self, pixels: torch.Tensor, tgt_sizes: torch.Tensor | Sequence[Sequence[int]]
@@ -167,7 +229,7 @@ class SiglipVisionTransformer(nn.Module):
             mask = valid[:, None, None, :].to(pixels.device, non_blocking=True)
         x = self.embeddings(pixels, sizes)
         for layer in self.encoder.layers:
-            x = layer(x, mask)
+            x = self.layer_fn(x, mask, layer.tensors(), layer.layer_norm1.eps, layer.self_attn.n_heads)
         return self.post_layernorm(x)
 
 

@@ -186,6 +186,11 @@ class Token2Wav:
         if use_graphs and isinstance(streaming, StreamingVocoder):
             streaming.use_padded_decode(graphs=torch.cuda.is_available())
 
+    def fuse_estimator(self) -> None:
+        """The flow estimator's blocks as kernels fused by `torch.compile` (`DiT.fuse_blocks`; for a GPU's
+        padded flow graphs, which are bound by their kernel count). Compiles now (seconds)."""
+        self.flow.decoder.estimator.fuse_blocks()
+
     @property
     def device(self) -> torch.device:
         return self.flow.input_embedding.weight.device
