@@ -26,18 +26,17 @@ from torch import nn
 
 @dataclass(frozen=True)
 class LayerWeights:
-    """One decoder layer's tensors, in the order the fused halves take them."""
+    """One decoder layer's tensors, in the order the fused halves take them. `qkv` is (q, k, v) or, after
+    `merge_projections`, the one tensor that holds all three (one matmul); `gate_up` likewise."""
 
     input_norm: torch.Tensor
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
+    qkv: tuple[torch.Tensor, ...]
+    q_rows: int  # output rows of q (where a merged qkv splits)
     q_norm: torch.Tensor | None  # Qwen3 normalises q and k per head; the TTS's Llama does not
     k_norm: torch.Tensor | None
     o: torch.Tensor
     post_norm: torch.Tensor
-    gate: torch.Tensor
-    up: torch.Tensor
+    gate_up: tuple[torch.Tensor, ...]
     down: torch.Tensor
 
 
@@ -46,19 +45,40 @@ def layer_weights(layer: nn.Module) -> LayerWeights:
     attn, mlp = layer.self_attn, layer.mlp
     q_norm = getattr(attn, "q_norm", None)
     k_norm = getattr(attn, "k_norm", None)
+    qkv = getattr(attn, "qkv_weight", None)
+    gate_up = getattr(mlp, "gate_up_weight", None)
     return LayerWeights(
         input_norm=layer.input_layernorm.weight,
-        q=attn.q_proj.weight,
-        k=attn.k_proj.weight,
-        v=attn.v_proj.weight,
+        qkv=(attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight) if qkv is None else (qkv,),
+        q_rows=attn.q_proj.weight.shape[0],
         q_norm=None if q_norm is None else q_norm.weight,
         k_norm=None if k_norm is None else k_norm.weight,
         o=attn.o_proj.weight,
         post_norm=layer.post_attention_layernorm.weight,
-        gate=mlp.gate_proj.weight,
-        up=mlp.up_proj.weight,
+        gate_up=(mlp.gate_proj.weight, mlp.up_proj.weight) if gate_up is None else (gate_up,),
         down=mlp.down_proj.weight,
     )
+
+
+@torch.no_grad()
+def merge_projections(layer: nn.Module) -> None:
+    """Give a layer's q/k/v weights one storage, and its gate/up weights another: the fused halves then run one
+    matmul for each group (fewer, larger kernels; a decode step at small batch is bound by its kernel count).
+    The modules' own weights become views of the merged tensors, so no memory is added and their forwards are
+    unchanged. Layers with projection biases are left alone."""
+    groups = ((layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_weight"),)
+    groups += ((layer.mlp, ("gate_proj", "up_proj"), "gate_up_weight"),)
+    for owner, names, attr in groups:
+        linears = [getattr(owner, n) for n in names]
+        if hasattr(owner, attr) or any(m.bias is not None for m in linears):
+            continue
+        merged = torch.cat([m.weight for m in linears])
+        at = 0
+        for m in linears:
+            rows = m.weight.shape[0]
+            m.weight = nn.Parameter(merged[at : at + rows], requires_grad=False)
+            at += rows
+        setattr(owner, attr, merged)
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -75,9 +95,8 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 def attention_inputs(
     x: torch.Tensor,
     input_norm: torch.Tensor,
-    wq: torch.Tensor,
-    wk: torch.Tensor,
-    wv: torch.Tensor,
+    qkv: tuple[torch.Tensor, ...],
+    q_rows: int,
     q_norm: torch.Tensor | None,
     k_norm: torch.Tensor | None,
     cos: torch.Tensor,
@@ -88,9 +107,12 @@ def attention_inputs(
     """x `[B, T, D]` (the residual stream) -> q `[B, heads, T, hd]`, k and v `[B, kv_heads, T, hd]`, RoPE'd."""
     b, t, _ = x.shape
     h = _rms(x, input_norm, eps)
-    q = F.linear(h, wq).view(b, t, -1, head_dim)
-    k = F.linear(h, wk).view(b, t, -1, head_dim)
-    v = F.linear(h, wv).view(b, t, -1, head_dim)
+    if len(qkv) == 1:
+        kv_rows = (qkv[0].shape[0] - q_rows) // 2
+        q, k, v = F.linear(h, qkv[0]).split([q_rows, kv_rows, kv_rows], dim=-1)
+    else:
+        q, k, v = (F.linear(h, w) for w in qkv)
+    q, k, v = (y.reshape(b, t, -1, head_dim) for y in (q, k, v))
     if q_norm is not None and k_norm is not None:
         q, k = _rms(q, q_norm, eps), _rms(k, k_norm, eps)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -102,15 +124,18 @@ def layer_output(
     attn: torch.Tensor,
     wo: torch.Tensor,
     post_norm: torch.Tensor,
-    w_gate: torch.Tensor,
-    w_up: torch.Tensor,
+    gate_up: tuple[torch.Tensor, ...],
     w_down: torch.Tensor,
     eps: float,
 ) -> torch.Tensor:
     """The layer's output from its input `x [B, T, D]` and the attention result `attn [B, T, heads*hd]`."""
     x = x + F.linear(attn, wo)
     h = _rms(x, post_norm, eps)
-    return x + F.linear(F.silu(F.linear(h, w_gate)) * F.linear(h, w_up), w_down)
+    if len(gate_up) == 1:
+        gate, up = F.linear(h, gate_up[0]).chunk(2, dim=-1)
+    else:
+        gate, up = F.linear(h, gate_up[0]), F.linear(h, gate_up[1])
+    return x + F.linear(F.silu(gate) * up, w_down)
 
 
 @dataclass
@@ -120,6 +145,24 @@ class LayerKernels:
     attention_inputs: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     layer_output: Callable[..., torch.Tensor]
     compiled: bool
+
+    def inputs(
+        self,
+        w: LayerWeights,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        eps: float,
+        head_dim: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of layer `w` for the residual stream x."""
+        return self.attention_inputs(
+            x, w.input_norm, w.qkv, w.q_rows, w.q_norm, w.k_norm, cos, sin, eps, head_dim
+        )
+
+    def output(self, w: LayerWeights, x: torch.Tensor, attn: torch.Tensor, eps: float) -> torch.Tensor:
+        """Layer `w`'s output from its input x and its attention result."""
+        return self.layer_output(x, attn, w.o, w.post_norm, w.gate_up, w.down, eps)
 
 
 EAGER = LayerKernels(attention_inputs, layer_output, compiled=False)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..modules.kv_cache import CacheFullError, SlotKVCache
 from ..modules.qwen3 import Qwen3ForCausalLM
 from .flex_decode import FOLDED_MAX_TOKENS, MAX_TOKENS, BlockMask, step_attention, step_block_mask
-from .fused import EAGER, LayerKernels, kernels_for, layer_weights
+from .fused import EAGER, LayerKernels, kernels_for, layer_weights, merge_projections
 from .graphs import StaticStep, graphs_available, new_pool, pick_bucket
 from .host_copy import upload
 
@@ -109,11 +109,9 @@ def static_forward(
         w = layer_weights(layer)
         eps = layer.input_layernorm.eps
         hd = layer.self_attn.head_dim
-        q, k, v = kernels.attention_inputs(
-            x, w.input_norm, w.q, w.k, w.v, w.q_norm, w.k_norm, cos, sin, eps, hd
-        )
+        q, k, v = kernels.inputs(w, x, cos, sin, eps, hd)
         out = _attend(q, k, v, cache.keys[i], cache.values[i], write_idx, mask, window)
-        x = kernels.layer_output(x, out, w.o, w.post_norm, w.gate, w.up, w.down, eps)
+        x = kernels.output(w, x, out, eps)
     lengths.add_(num_new)
     hidden = llm.model.norm(x)
     last = hidden[torch.arange(b, device=device), (num_new - 1).clamp(min=0)]
@@ -139,6 +137,10 @@ class StaticLLM:
         self.flex_decode = flex_decode
         self.flex_prefill = flex_decode if flex_prefill is None else flex_prefill
         self.kernels = kernels_for(cache.lengths.device, fused)
+        if self.kernels.compiled:
+            for layer in llm.model.layers:
+                merge_projections(layer)
+            torch.cuda.empty_cache()  # the separate weights' freed blocks go back (they fit no later tensor)
         self.window = window or cache.max_len
         if not 0 < self.window <= cache.max_len:
             raise ValueError(f"window {self.window} must lie in 1..{cache.max_len}")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..modules.tts import DUPLEX_MAX_DRAWS, MiniCPMTTS
 from ..modules.tts_backbone import LLAMA_ROPE_THETA, TTSKVCache, rope_cos_sin
 from ..modules.tts_sampling import DUPLEX_SAMPLING, CodeSampling
-from .fused import EAGER, LayerKernels, kernels_for, layer_weights
+from .fused import EAGER, LayerKernels, kernels_for, layer_weights, merge_projections
 from .graphs import StaticStep, graphs_available, new_pool, pick_bucket
 from .static_decode import ROW_BUCKETS
 
@@ -65,9 +65,7 @@ def static_tts_forward(
         attn = layer.self_attn
         w = layer_weights(layer)
         eps = layer.input_layernorm.eps
-        q, k, v = kernels.attention_inputs(
-            x, w.input_norm, w.q, w.k, w.v, None, None, cos, sin, eps, attn.head_dim
-        )
+        q, k, v = kernels.inputs(w, x, cos, sin, eps, attn.head_dim)
         idx = write_idx[:, None, :, None].expand(b, attn.kv_heads, t, attn.head_dim)
         kc, vc = cache.keys[i][:b], cache.values[i][:b]
         kc.scatter_(2, idx, k.to(kc.dtype))
@@ -75,7 +73,7 @@ def static_tts_forward(
         qf = q.reshape(b, attn.kv_heads, group * t, attn.head_dim)
         out = F.scaled_dot_product_attention(qf, kc[:, :, :window], vc[:, :, :window], attn_mask=mask)
         out = out.reshape(b, attn.heads, t, attn.head_dim).transpose(1, 2).reshape(b, t, -1)
-        x = kernels.layer_output(x, out, w.o, w.post_norm, w.gate, w.up, w.down, eps)
+        x = kernels.output(w, x, out, eps)
     lens.add_(num_new)
     hidden = backbone.norm(x)
     last = hidden[torch.arange(b, device=device), (num_new - 1).clamp(min=0)]
@@ -166,6 +164,10 @@ class StaticTTS:
         self.token_buckets = sorted(token_buckets)
         self.use_graphs = graphs_available(self.device) if use_graphs is None else use_graphs
         self.kernels = kernels_for(self.device, fused)
+        if self.kernels.compiled:
+            for layer in tts.model.layers:
+                merge_projections(layer)
+            torch.cuda.empty_cache()  # the separate weights' freed blocks go back (they fit no later tensor)
         self.pool = new_pool(self.device) if self.use_graphs else None
         self.steps: dict[tuple[int, int], StaticStep] = {}
         self.loops: dict[tuple[int, int, CodeSampling], StaticStep] = {}
