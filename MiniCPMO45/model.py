@@ -21,6 +21,7 @@ from .modules.resampler import Resampler
 from .modules.siglip import SiglipVisionTransformer
 from .modules.tts import MiniCPMTTS
 from .modules.whisper import AudioProjector, WhisperEncoder, WhisperStreamCache, avg_pool_time, pooled_tokens
+from .processor.image import normalize_on_device
 
 Bounds = torch.Tensor | Sequence[Sequence[int]]
 KNOWN_PREFIXES = ("llm.", "vpm.", "resampler.", "apm.", "audio_projection_layer.", "tts.")
@@ -100,8 +101,14 @@ class MiniCPMO(nn.Module):
         return self.llm.embed(ids)
 
     # ---- vision -----------------------------------------------------------------------------------------------
-    def vision_embeds(self, slices: Sequence[torch.Tensor], tgt_sizes: torch.Tensor) -> torch.Tensor:
-        """Resampled embeddings `[N, query_num, D]` for N slices `[C, patch, L_i*patch]` with `tgt_sizes [N, 2]`."""
+    def vision_embeds(
+        self,
+        slices: Sequence[torch.Tensor],
+        tgt_sizes: torch.Tensor,
+        normalize: tuple[list[float], list[float]] | None = None,
+    ) -> torch.Tensor:
+        """Resampled embeddings `[N, query_num, D]` for N slices `[C, patch, L_i*patch]` with `tgt_sizes [N, 2]`.
+        `normalize` (mean, std): the slices are uint8 patch rows, normalised on the model's device."""
         if self.vpm is None or self.resampler is None:
             raise RuntimeError("this model was built without the vision encoder")
         if len(slices) != len(tgt_sizes):
@@ -118,7 +125,7 @@ class MiniCPMO(nn.Module):
         for size, members in group_by_size(sizes).items():
             for i in range(0, len(members), step):
                 chunk = members[i : i + step]
-                pixels = self._stage_pixels([slices[j] for j in chunk])
+                pixels = self._stage_pixels([slices[j] for j in chunk], normalize)
                 embeds = self.resampler(self.vpm(pixels, [size] * len(chunk)), [size] * len(chunk))
                 if out is None:
                     out = embeds.new_empty(len(slices), *embeds.shape[1:])
@@ -130,15 +137,22 @@ class MiniCPMO(nn.Module):
             raise ValueError("vision_embeds needs at least one slice")
         return out
 
-    def _stage_pixels(self, slices: Sequence[torch.Tensor]) -> torch.Tensor:
+    def _stage_pixels(
+        self, slices: Sequence[torch.Tensor], normalize: tuple[list[float], list[float]] | None = None
+    ) -> torch.Tensor:
         """Equal-shape slices as one `[B, C, patch, L*patch]` batch on the model's device and dtype: one
-        host-to-device copy (through pinned memory when the target is CUDA), the cast runs on the device."""
+        host-to-device copy (through pinned memory when the target is CUDA), the cast (and with `normalize`,
+        the normalisation of uint8 pixels) runs on the device."""
         on_host = all(s.device.type == "cpu" for s in slices)
         if on_host and self.device.type == "cuda":
             staged = torch.empty((len(slices), *slices[0].shape), dtype=slices[0].dtype, pin_memory=True)
             torch.stack(list(slices), out=staged)
-            return staged.to(self.device, non_blocking=True).to(self.dtype)
-        return torch.stack([s.to(self.device) for s in slices]).to(self.dtype)
+            pixels = staged.to(self.device, non_blocking=True)
+        else:
+            pixels = torch.stack([s.to(self.device) for s in slices])
+        if normalize is not None:
+            pixels = normalize_on_device(pixels, *normalize)
+        return pixels.to(self.dtype)
 
     # ---- audio ------------------------------------------------------------------------------------------------
     def _project_audio(self, states: torch.Tensor) -> torch.Tensor:

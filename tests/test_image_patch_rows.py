@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from MiniCPMO45.processor.image import normalize, to_patch_rows, view_to_patch_rows
+from MiniCPMO45.processor.image import normalize, normalize_on_device, to_patch_rows, view_to_patch_rows
 
 MEAN, STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
@@ -36,3 +37,16 @@ def test_bad_sizes_are_rejected() -> None:
     view = Image.new("RGB", (30, 28))
     with pytest.raises(ValueError, match="multiple of the patch size"):
         view_to_patch_rows(view, MEAN, STD, 14)
+
+
+@pytest.mark.parametrize(("size", "mode"), [((448, 448), "RGB"), ((70, 42), "RGBA")])
+def test_uint8_patch_rows_normalised_on_the_device_are_bit_identical(
+    size: tuple[int, int], mode: str
+) -> None:
+    """The batcher's frames: uint8 patch rows from the host, normalised where the model runs."""
+    rng = np.random.default_rng(1)
+    view = Image.fromarray(rng.integers(0, 256, (size[1], size[0], len(mode)), dtype=np.uint8), mode)
+    raw = view_to_patch_rows(view, MEAN, STD, 14, normalized=False)
+    assert raw.dtype == np.uint8 and raw.flags.c_contiguous
+    got = normalize_on_device(torch.from_numpy(raw)[None], MEAN, STD)[0]
+    assert torch.equal(got, torch.from_numpy(view_to_patch_rows(view, MEAN, STD, 14)))

@@ -192,10 +192,10 @@ class DuplexBatcher:
             _state(s).pending_logits = None
 
         def image_prep(i: int) -> list[ImageInputs]:
-            """One session's image slicing (numpy/PIL), run on the host thread pool."""
+            """One session's image slicing (numpy/PIL), run on the host thread pool; uint8 patch rows."""
             unit, st = inputs[i], _state(sessions[i])
             n_slices = unit.max_slice_nums or st.config.max_slice_nums
-            return [eng.images.preprocess(f, n_slices) for f in unit.frames]
+            return [eng.images.preprocess(f, n_slices, normalized=False) for f in unit.frames]
 
         # the images are sliced on the pool while this thread computes every session's streaming mel in one
         # batch and queues the audio encoder on the GPU
@@ -228,7 +228,11 @@ class DuplexBatcher:
                 sizes.append(out.tgt_sizes)
                 counts.append(len(out.pixel_values))
             per_frame.append(counts)
-        vision = model.vision_embeds(views, torch.from_numpy(np.concatenate(sizes))) if views else None
+        norm = (
+            eng.images.config.norm_mean,
+            eng.images.config.norm_std,
+        )  # uint8 frames: normalised on the device
+        vision = model.vision_embeds(views, torch.from_numpy(np.concatenate(sizes)), norm) if views else None
         t_feed = time.perf_counter()
         tails = [pending_tail(eng, sessions[i]) for i in ready]
         fixed = [sp.unit_start, sp.image_start, sp.image_end, sp.slice_start, sp.slice_end]
