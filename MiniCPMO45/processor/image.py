@@ -80,6 +80,16 @@ class SlicedImage:
     grid: tuple[int, int] | None  # (cols, rows) of HD slices, None when not sliced
 
 
+def _rgb(image: Image.Image) -> Image.Image:
+    """The image in RGB; itself when it already is (PIL's convert would copy it)."""
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _resized(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Bicubic resize; the image itself at its own size (PIL would return a copy: same pixels)."""
+    return image if image.size == tuple(size) else image.resize(size, resample=Image.Resampling.BICUBIC)
+
+
 def slice_image(
     image: Image.Image, max_slices: int, scale_resolution: int, patch_size: int, slice_mode: bool = True
 ) -> SlicedImage:
@@ -88,13 +98,9 @@ def slice_image(
     grid = choose_grid(image.size, max_slices, scale_resolution)
     if grid is None:
         size = fit_size(image.size, scale_resolution, patch_size, allow_upscale=True)
-        return SlicedImage([image.resize(size, resample=Image.Resampling.BICUBIC)], None)
-    source = image.resize(
-        fit_size(image.size, scale_resolution, patch_size), resample=Image.Resampling.BICUBIC
-    )
-    refined = image.resize(
-        refine_size(image.size, grid, scale_resolution, patch_size), resample=Image.Resampling.BICUBIC
-    )
+        return SlicedImage([_resized(image, size)], None)
+    source = _resized(image, fit_size(image.size, scale_resolution, patch_size))
+    refined = _resized(image, refine_size(image.size, grid, scale_resolution, patch_size))
     cols, rows = grid
     cell_w, cell_h = refined.size[0] // cols, refined.size[1] // rows
     views = [source]
@@ -106,7 +112,7 @@ def slice_image(
 
 def normalize(view: Image.Image, mean: list[float], std: list[float]) -> np.ndarray:
     """RGB view -> float32 [3, H, W] in the model's range: (x / 255 - mean) / std."""
-    return _normalize_channels(np.asarray(view.convert("RGB")).transpose(2, 0, 1), mean, std)
+    return _normalize_channels(np.asarray(_rgb(view)).transpose(2, 0, 1), mean, std)
 
 
 def _normalize_channels(chw: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
@@ -148,7 +154,7 @@ def view_to_patch_rows(
     (a cheap byte copy) and normalisation then runs once over the contiguous float32 result. With
     `normalized=False` the uint8 patch rows come back as they are (`normalize_on_device` finishes them).
     """
-    chw = np.ascontiguousarray(np.asarray(view.convert("RGB")).transpose(2, 0, 1))
+    chw = np.ascontiguousarray(np.asarray(_rgb(view)).transpose(2, 0, 1))
     if not normalized:
         return np.ascontiguousarray(_patch_row_view(chw, patch_size))
     return _normalize_channels(_patch_row_view(chw, patch_size), mean, std)
@@ -192,7 +198,7 @@ class ImageProcessor:
         max_slices = cfg.max_slice_nums if max_slice_nums is None else int(max_slice_nums)
         if max_slices < 1:
             raise ValueError(f"max_slice_nums must be >= 1, got {max_slices}")
-        rgb = image.convert("RGB")
+        rgb = _rgb(image)
         sliced = slice_image(rgb, max_slices, cfg.scale_resolution, cfg.patch_size, cfg.slice_mode)
         pixel_values, tgt_sizes = [], []
         for view in sliced.views:
