@@ -55,6 +55,7 @@ from .duplex import (
     unit_token,
 )
 from .flex_decode import flex_available
+from .graphs import pick_bucket
 from .host_copy import upload
 from .session import Session
 from .static_decode import StaticLLM
@@ -166,16 +167,21 @@ class DuplexBatcher:
 
     # ---- warm-up ------------------------------------------------------------------------------------------
     def warm_up(self, max_sessions: int, prefill_tokens: Sequence[int] = (80, 16)) -> None:
-        """Capture the graphs a tick of up to `max_sessions` sessions uses (decode, finalize, prefill, TTS).
-        The one-token decode step is captured for every row bucket up to that size: on a GPU each new bucket
-        compiles its FlexAttention kernel (seconds), which must not land in a live tick. The longest step goes
-        first: if its kernel fails to build, the fallback drops the steps captured before it."""
-        self.llm.warm_up(max_sessions, (*prefill_tokens, 2, 1))
-        for rows in self.llm.row_buckets:
-            if rows < max_sessions:
-                self.llm.warm_up(rows, (1,))
+        """Capture the graphs a tick of up to `max_sessions` sessions uses (decode, finalize, prefill, TTS), so
+        that no kernel compile (seconds on a GPU) lands in a live tick. The one-token decode step compiles its
+        FlexAttention kernel per row bucket: every bucket up to that size is captured. A longer step compiles
+        once per token count for any row count, which Dynamo settles on at the second row count it sees (and
+        a single row is its own case): each is captured at the largest bucket, a smaller one and one row. The
+        longest step goes first: if its kernel fails to build, the fallback drops the steps captured before."""
+        buckets = [r for r in self.llm.row_buckets if r <= pick_bucket(self.llm.row_buckets, max_sessions)]
+        for tokens in (*prefill_tokens, 2):
+            for rows in sorted({buckets[-1], buckets[max(len(buckets) - 2, 0)], 1}, reverse=True):
+                self.llm.warm_up(rows, (tokens,))
+        for rows in reversed(buckets):
+            self.llm.warm_up(rows, (1,))
         if self.tts is not None:
             self.tts.warm_up(max_sessions)
+            self.tts.warm_up(1)  # its fused halves have a one-row case too (see `fused`)
         if self.engine.model.apm is not None:
             self.audio.warm_up(max_sessions)
 

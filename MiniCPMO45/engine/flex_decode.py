@@ -9,11 +9,14 @@ the step's new tokens). Fixed shapes, no host value: it is captured in the step'
 
 Longer steps (the prefill of a unit: 16 audio tokens, ~80 with a frame) fold the query heads of each kv head
 into the query rows, as the SDPA path does (`[rows, kv, group*T, hd]`, row g*T + t is token t of head g): the
-cache is read once per kv head, and with at least 128 query rows Inductor takes its main FlexAttention kernel
-(its decoding kernel, picked for shorter queries, found no configuration for 96 tokens x 4 heads).
+cache is read once per kv head, through Inductor's main FlexAttention kernel (its decoding kernel found no
+configuration for 96 tokens x 4 heads).
 
-On CUDA the kernel is `torch.compile`d (Triton; one compile per row bucket); elsewhere the eager reference
-runs (tests compare it with the SDPA path).
+On CUDA the kernels are `torch.compile`d (Triton); elsewhere the eager reference runs (tests compare it with
+the SDPA path). The one-token step takes the decoding kernel, which needs static shapes: one compile per row
+bucket (the worker compiles them all at start-up). A longer step compiles once per token bucket with the
+row count dynamic (Dynamo makes it so at the second row count it sees), so a live tick with a new number of
+sessions never waits for a compile (`DuplexBatcher.warm_up` shows it both).
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 BLOCK = 128
 # Steps of up to this many new tokens per row run with one query row per head (Inductor's decoding kernel);
 # longer ones, up to FOLDED_MAX_TOKENS, with the heads folded into the query rows (its main kernel).
-MAX_TOKENS = 16
+MAX_TOKENS = 1
 FOLDED_MAX_TOKENS = 128
-_compiled: Callable[..., torch.Tensor] | None = None
+_decode: Callable[..., torch.Tensor] | None = None
+_folded: dict[int, Callable[..., torch.Tensor]] = {}  # by query rows (group * tokens)
 
 
 def _allow_a_compile_per_bucket() -> None:
@@ -94,14 +98,20 @@ def step_block_mask(
 def step_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
     """q [b, heads, T, hd]; k, v [b, kv_heads, window, hd] (grouped-query) -> [b, heads, T, hd]; or, folded,
     q [b, kv_heads, group*T, hd] -> [b, kv_heads, group*T, hd]."""
-    global _compiled
-    if q.is_cuda:
-        if _compiled is None:
+    global _decode
+    folded = q.shape[1] == k.shape[1]
+    if not q.is_cuda:
+        out = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=not folded)
+    elif not folded:
+        if _decode is None:
             _allow_a_compile_per_bucket()
-            _compiled = torch.compile(flex_attention, dynamic=False)
-        fn = _compiled
+            _decode = torch.compile(flex_attention, dynamic=False)
+        out = _decode(q, k, v, block_mask=block_mask, enable_gqa=True)
     else:
-        fn = flex_attention
-    out = fn(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+        fn = _folded.get(q.shape[2])
+        if fn is None:
+            fn = _folded[q.shape[2]] = torch.compile(flex_attention)  # automatic dynamic: the row count
+        # the main kernel whatever the query length (the decoding kernel would need a static row count)
+        out = fn(q, k, v, block_mask=block_mask, kernel_options={"FORCE_USE_FLEX_ATTENTION": True})
     assert isinstance(out, torch.Tensor)
     return out

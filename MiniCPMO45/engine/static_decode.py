@@ -80,8 +80,8 @@ def static_forward(
     flex_folded: bool = False,
 ) -> dict[str, torch.Tensor]:
     """embeds `[rows, T, D]` for slots 0..rows-1; `num_new [rows]` real tokens per row (0 = untouched).
-    flex: steps of up to `flex_decode.MAX_TOKENS` tokens attend through FlexAttention (rows read only their own
-    cache blocks); flex_folded: so do steps of up to `FOLDED_MAX_TOKENS`, with the query heads folded into the
+    flex: one-token steps attend through FlexAttention (rows read only their own cache blocks); flex_folded: so
+    do steps of up to `FOLDED_MAX_TOKENS`, with the query heads folded into the
     query rows. kernels: the layer halves around the attention (`fused`: compiled on a GPU)."""
     b, t, _ = embeds.shape
     device = embeds.device
