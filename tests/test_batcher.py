@@ -137,6 +137,13 @@ def test_batcher_matches_per_session_path(engines: tuple[Engine, Engine], tiny_f
         feeds.clear()
         outs = batcher.run_units(sessions, [p[3][k] for p in plan], [p[4][k] for p in plan])
         _check_tick_feeds(feeds, sessions, tails, units_before, ids_before, fast_engine.special.turn_eos)
+        # the unit sizes the worker's warm-up captures steps for (`unit_positions`) bound what a tick feeds
+        audio_positions, omni_positions = batcher.unit_positions()
+        omni_slot, audio_slot = sessions[0].slot, sessions[1].slot
+        if omni_slot in feeds[0]:
+            assert omni_positions - 2 <= feeds[0][omni_slot] <= omni_positions
+        if audio_slot in feeds[0]:
+            assert audio_positions - 2 <= feeds[0][audio_slot] <= audio_positions
         # one read of the KV lengths per unit, then at most one per decode step (the decision's tokens); the
         # last decision may end every unit without a step
         decode_steps = len(feeds) - 1

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..modules.tts import DUPLEX_MAX_DRAWS
+from ..modules.whisper import pooled_tokens
 from ..processor.audio_features import push_many
 from ..processor.image import ImageInputs
 from ..token2wav import PromptCache, PushRequest, Token2Wav, TurnState
@@ -166,7 +167,14 @@ class DuplexBatcher:
         self.voices.pop(slot, None)
 
     # ---- warm-up ------------------------------------------------------------------------------------------
-    def warm_up(self, max_sessions: int, prefill_tokens: Sequence[int] = (80, 16)) -> None:
+    def unit_positions(self) -> tuple[int, int]:
+        """Positions one audio unit and one omni unit (a frame without HD slices) feed: the previous unit's
+        tail (at most two), `<unit>`, [`<image>`, the frame's queries, `</image>`,] one second of audio."""
+        cfg = self.engine.model.config
+        audio = 3 + pooled_tokens(round(cfg.audio_chunk_length * 100), cfg.audio_pool_step)
+        return audio, audio + cfg.query_num + 2
+
+    def warm_up(self, max_sessions: int, prefill_tokens: Sequence[int] | None = None) -> None:
         """Capture the graphs a tick of up to `max_sessions` sessions uses (decode, finalize, prefill, TTS), so
         that no kernel compile (seconds on a GPU) lands in a live tick. The one-token decode step compiles its
         FlexAttention kernel per row bucket: every bucket up to that size is captured. A longer step compiles
@@ -174,6 +182,8 @@ class DuplexBatcher:
         a single row is its own case): each is captured at the largest bucket, a smaller one and one row. The
         longest step goes first: if its kernel fails to build, the fallback drops the steps captured before."""
         buckets = [r for r in self.llm.row_buckets if r <= pick_bucket(self.llm.row_buckets, max_sessions)]
+        if prefill_tokens is None:
+            prefill_tokens = sorted(self.unit_positions(), reverse=True)
         for tokens in (*prefill_tokens, 2):
             for rows in sorted({buckets[-1], buckets[max(len(buckets) - 2, 0)], 1}, reverse=True):
                 self.llm.warm_up(rows, (tokens,))

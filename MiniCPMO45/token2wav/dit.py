@@ -346,7 +346,7 @@ class DiT(nn.Module):
             block.kernels = kernels
         self._compile_now()
 
-    @torch.no_grad()
+    @torch.inference_mode()  # as the vocoder runs: Dynamo guards on it
     def _compile_now(self) -> None:
         """Run the padded path once on dummy rows so the compiles happen here, not in the first live round
         (dynamic shapes: later batches and chunk lengths reuse them)."""
