@@ -175,20 +175,18 @@ class DuplexBatcher:
         return audio, audio + cfg.query_num + 2
 
     def warm_up(self, max_sessions: int, prefill_tokens: Sequence[int] | None = None) -> None:
-        """Capture the graphs a tick of up to `max_sessions` sessions uses (decode, finalize, prefill, TTS), so
-        that no kernel compile (seconds on a GPU) lands in a live tick. The one-token decode step compiles its
-        FlexAttention kernel per row bucket: every bucket up to that size is captured. A longer step compiles
-        once per token count for any row count, which Dynamo settles on at the second row count it sees (and
-        a single row is its own case): each is captured at the largest bucket, a smaller one and one row. The
-        longest step goes first: if its kernel fails to build, the fallback drops the steps captured before."""
+        """Capture the graphs a tick of up to `max_sessions` sessions uses (decode, finalize, prefill, TTS) for
+        every row bucket up to that size, so that no kernel compile (seconds on a GPU) lands in a live tick:
+        the one-token step's FlexAttention kernel is compiled per row bucket, and whether a longer step's
+        compile serves a given row count depends on the shapes Dynamo saw before (it turns a size dynamic
+        once it changes), so every shape a tick can take is run once here. The longest step goes first: if
+        its kernel fails to build, the fallback drops the steps captured before it."""
         buckets = [r for r in self.llm.row_buckets if r <= pick_bucket(self.llm.row_buckets, max_sessions)]
         if prefill_tokens is None:
             prefill_tokens = sorted(self.unit_positions(), reverse=True)
-        for tokens in (*prefill_tokens, 2):
-            for rows in sorted({buckets[-1], buckets[max(len(buckets) - 2, 0)], 1}, reverse=True):
+        for tokens in (*prefill_tokens, 2, 1):
+            for rows in reversed(buckets):
                 self.llm.warm_up(rows, (tokens,))
-        for rows in reversed(buckets):
-            self.llm.warm_up(rows, (1,))
         if self.tts is not None:
             self.tts.warm_up(max_sessions)
             self.tts.warm_up(1)  # its fused halves have a one-row case too (see `fused`)

@@ -14,9 +14,10 @@ configuration for 96 tokens x 4 heads).
 
 On CUDA the kernels are `torch.compile`d (Triton); elsewhere the eager reference runs (tests compare it with
 the SDPA path). The one-token step takes the decoding kernel, which needs static shapes: one compile per row
-bucket (the worker compiles them all at start-up). A longer step compiles once per token bucket with the
-row count dynamic (Dynamo makes it so at the second row count it sees), so a live tick with a new number of
-sessions never waits for a compile (`DuplexBatcher.warm_up` shows it both).
+bucket. Longer steps leave Dynamo free to make a size dynamic once it has seen it change; both compiled
+wrappers share Dynamo's cache for `flex_attention` (one code object), so which compile serves a shape
+depends on the shapes seen before, and the worker's warm-up (`DuplexBatcher.warm_up`) runs every shape a
+tick can take before the first call.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ BLOCK = 128
 MAX_TOKENS = 1
 FOLDED_MAX_TOKENS = 128
 _decode: Callable[..., torch.Tensor] | None = None
-_folded: dict[int, Callable[..., torch.Tensor]] = {}  # by query rows (group * tokens)
+_folded: Callable[..., torch.Tensor] | None = None
 
 
 def _allow_a_compile_per_bucket() -> None:
@@ -98,7 +99,7 @@ def step_block_mask(
 def step_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
     """q [b, heads, T, hd]; k, v [b, kv_heads, window, hd] (grouped-query) -> [b, heads, T, hd]; or, folded,
     q [b, kv_heads, group*T, hd] -> [b, kv_heads, group*T, hd]."""
-    global _decode
+    global _decode, _folded
     folded = q.shape[1] == k.shape[1]
     if not q.is_cuda:
         out = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=not folded)
@@ -108,10 +109,10 @@ def step_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask
             _decode = torch.compile(flex_attention, dynamic=False)
         out = _decode(q, k, v, block_mask=block_mask, enable_gqa=True)
     else:
-        fn = _folded.get(q.shape[2])
-        if fn is None:
-            fn = _folded[q.shape[2]] = torch.compile(flex_attention)  # automatic dynamic: the row count
+        if _folded is None:
+            _allow_a_compile_per_bucket()
+            _folded = torch.compile(flex_attention)  # sizes that change become dynamic
         # the main kernel whatever the query length (the decoding kernel would need a static row count)
-        out = fn(q, k, v, block_mask=block_mask, kernel_options={"FORCE_USE_FLEX_ATTENTION": True})
+        out = _folded(q, k, v, block_mask=block_mask, kernel_options={"FORCE_USE_FLEX_ATTENTION": True})
     assert isinstance(out, torch.Tensor)
     return out
