@@ -55,7 +55,7 @@ from .duplex import (
     take_tails,
     unit_token,
 )
-from .flex_decode import flex_available
+from .flex_decode import FOLDED_MAX_TOKENS, flex_available
 from .graphs import pick_bucket
 from .host_copy import upload
 from .session import Session
@@ -184,7 +184,9 @@ class DuplexBatcher:
         buckets = [r for r in self.llm.row_buckets if r <= pick_bucket(self.llm.row_buckets, max_sessions)]
         if prefill_tokens is None:
             prefill_tokens = sorted(self.unit_positions(), reverse=True)
-        for tokens in (*prefill_tokens, 2, 1):
+        # the longest folded step too: its query rows pass 128, where Inductor's choice of kernel (and so the
+        # compile) changes; a session's prompt prefill can take any token bucket up to it
+        for tokens in (FOLDED_MAX_TOKENS, *prefill_tokens, 2, 1):
             for rows in reversed(buckets):
                 self.llm.warm_up(rows, (tokens,))
         if self.tts is not None:
