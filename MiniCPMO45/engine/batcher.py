@@ -184,9 +184,9 @@ class DuplexBatcher:
         buckets = [r for r in self.llm.row_buckets if r <= pick_bucket(self.llm.row_buckets, max_sessions)]
         if prefill_tokens is None:
             prefill_tokens = sorted(self.unit_positions(), reverse=True)
-        # the longest folded step too: its query rows pass 128, where Inductor's choice of kernel (and so the
-        # compile) changes; a session's prompt prefill can take any token bucket up to it
-        for tokens in (FOLDED_MAX_TOKENS, *prefill_tokens, 2, 1):
+        # Two long folded steps too: past 128 query rows Inductor builds another kernel, and only a size seen
+        # to change there becomes dynamic; a session's prompt prefill can take any token bucket up to 128.
+        for tokens in (FOLDED_MAX_TOKENS, FOLDED_MAX_TOKENS // 2, *prefill_tokens, 2, 1):
             for rows in reversed(buckets):
                 self.llm.warm_up(rows, (tokens,))
         if self.tts is not None:
