@@ -166,7 +166,7 @@ def test_a_failing_compiled_function_falls_back_for_good(caplog: pytest.LogCaptu
     assert "the test function failed" in caplog.text
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as the vocoder runs it (and as `fuse_blocks` compiles it): Dynamo guards on the mode
 def test_dit_blocks_traced_once_match_eager(token2wav_fixture_dir: Path) -> None:
     """The flow estimator's blocks through the traced halves (what `DiT.fuse_blocks` compiles on a GPU) give
     what the eager blocks give: a first chunk, a chunk over its cache, and padded rows over a KV store."""
