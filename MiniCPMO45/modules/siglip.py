@@ -206,15 +206,16 @@ class SiglipVisionTransformer(nn.Module):
         function, for good, if the compiled one fails."""
         compiled = torch.compile(encoder_layer, dynamic=True, fullgraph=True, backend=backend)
         self.layer_fn = fallback_on_error(compiled, encoder_layer, "the vision encoder's compiled layer")
-        # compile now, not in the first live unit: one slice (a size Dynamo specialises) and a batch of two
+        # compile now, not in the first live unit: one slice (a size Dynamo specialises), a batch of two, and
+        # two slices of different sizes (the masked path of HD slices and chat images)
         w = self.embeddings.patch_embedding.weight
         patch = self.embeddings.patch_size
         with torch.no_grad():
-            for n in (1, 2):
-                self(
-                    torch.zeros(n, w.shape[1], patch, 16 * patch, dtype=w.dtype, device=w.device),
-                    [(4, 4)] * n,
+            for sizes in ([(4, 4)], [(4, 4)] * 2, [(4, 4), (2, 4)]):
+                pixels = torch.zeros(
+                    len(sizes), w.shape[1], patch, 16 * patch, dtype=w.dtype, device=w.device
                 )
+                self(pixels, sizes)
 
     def forward(
         self, pixels: torch.Tensor, tgt_sizes: torch.Tensor | Sequence[Sequence[int]]

@@ -348,8 +348,9 @@ class DiT(nn.Module):
 
     @torch.inference_mode()  # as the vocoder runs: Dynamo guards on it
     def _compile_now(self) -> None:
-        """Run the padded path once on dummy rows so the compiles happen here, not in the first live round
-        (dynamic shapes: later batches and chunk lengths reuse them)."""
+        """Run every path once on dummy rows so the compiles happen here, not in a live round: the padded
+        rounds over the store, and the whole-sequence and chunk paths (a voice's prompt). Dynamic shapes:
+        later batches and chunk lengths reuse them."""
         p, w = self.p, self.in_proj.weight
         rows, frames, slots = 2, 4, 8  # rows come in pairs (classifier-free guidance), never one
         mel = p.out_channels
@@ -357,22 +358,26 @@ class DiT(nn.Module):
         def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(shape, dtype=w.dtype, device=w.device)
 
+        def chunk() -> tuple[torch.Tensor, ...]:
+            t = torch.full((rows,), 0.5, dtype=w.dtype, device=w.device)
+            return (
+                zeros(rows, mel, frames),
+                zeros(rows, mel, frames),
+                t,
+                zeros(rows, mel),
+                zeros(rows, mel, frames),
+            )
+
         store = zeros(p.depth, rows, p.num_heads, slots, 2 * p.head_dim)
         valid = torch.full((rows,), frames, dtype=torch.long, device=w.device)
         write = torch.arange(frames, device=w.device)[None].expand(rows, frames)
         key_mask = torch.arange(slots, device=w.device)[None].expand(rows, slots) < frames
-        self.forward_ragged(
-            zeros(rows, mel, frames),
-            zeros(rows, mel, frames),
-            torch.full((rows,), 0.5, dtype=w.dtype, device=w.device),
-            zeros(rows, mel),
-            zeros(rows, mel, frames),
-            zeros(p.depth, rows, 2 * p.hidden_size, 2),
-            store,
-            key_mask,
-            valid,
-            write,
-        )
+        conv = zeros(p.depth, rows, 2 * p.hidden_size, 2)
+        self.forward_ragged(*chunk(), conv, store, key_mask, valid, write)
+        x, mu, t, spks, cond = chunk()
+        self.forward(x, torch.ones(rows, 1, frames, dtype=w.dtype, device=w.device), mu, t, spks, cond)
+        _, conv, kv = self.forward_chunk(*chunk(), None, None)
+        self.forward_chunk(*chunk(), conv, kv)
 
     def _inputs(
         self, x: torch.Tensor, mu: torch.Tensor, t: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor
