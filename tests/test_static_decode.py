@@ -103,3 +103,23 @@ def test_flex_steps_match_the_dense_mask(tiny_model_dir: Path) -> None:
             _close(got["logits"][slots[1][r]], want["logits"][slots[0][r]])
     lengths = [e.cache.lengths[:4].tolist() for e in engines]
     assert lengths[0] == lengths[1] == [278, 260, 303, 185]
+
+
+def test_compile_shape_changes_no_session_state(tiny_model_dir: Path) -> None:
+    """The warm-up's compile-only run of a shape (idle rows) leaves every slot's length and keys as they were,
+    and keeps no step."""
+    eng = Engine.from_pretrained(tiny_model_dir, dtype=torch.float32, max_sessions=4, max_len=200)
+    runner = StaticLLM(eng.model.llm, eng.cache, use_graphs=False, flex_decode=True)
+    s = [eng.open_session() for _ in range(3)]
+    d = eng.model.config.llm.hidden_size
+    runner.feed([x.slot for x in s], [torch.randn(n, d) for n in (5, 9, 2)])
+    lengths = eng.cache.lengths.clone()
+    keys = [k[:, :, : eng.cache.max_len].clone() for k in eng.cache.keys]
+    for rows, tokens in ((4, 16), (2, 80), (1, 1)):
+        runner.compile_shape(rows, tokens)
+    assert torch.equal(eng.cache.lengths, lengths)
+    assert all(
+        torch.equal(k[:, :, : eng.cache.max_len], before)
+        for k, before in zip(eng.cache.keys, keys, strict=True)
+    )
+    assert runner.steps == {(4, 16): runner.steps[(4, 16)]}  # only the step `feed` built

@@ -175,20 +175,24 @@ class DuplexBatcher:
         return audio, audio + cfg.query_num + 2
 
     def warm_up(self, max_sessions: int, prefill_tokens: Sequence[int] | None = None) -> None:
-        """Capture the graphs a tick of up to `max_sessions` sessions uses (decode, finalize, prefill, TTS) for
-        every row bucket up to that size, so that no kernel compile (seconds on a GPU) lands in a live tick:
-        the one-token step's FlexAttention kernel is compiled per row bucket, and whether a longer step's
-        compile serves a given row count depends on the shapes Dynamo saw before (it turns a size dynamic
-        once it changes), so every shape a tick can take is run once here. The longest step goes first: if
-        its kernel fails to build, the fallback drops the steps captured before it."""
+        """Capture the graphs a tick of up to `max_sessions` sessions uses (decode, finalize, prefill, TTS), and
+        build every kernel a tick of fewer sessions can need, so that no kernel compile (seconds on a GPU) lands
+        in a live tick: the one-token step's FlexAttention kernel is compiled per row bucket, and whether a
+        longer step's compile serves a given row count depends on the shapes Dynamo saw before (it turns a size
+        dynamic once it changes). Shapes other than the largest are only compiled (`compile_shape`), not
+        captured: their graphs would hold their outputs' memory; a live tick captures one in a few 100 ms.
+        The longest step goes first: if its kernel fails to build, the fallback drops the steps before it."""
         buckets = [r for r in self.llm.row_buckets if r <= pick_bucket(self.llm.row_buckets, max_sessions)]
         if prefill_tokens is None:
             prefill_tokens = sorted(self.unit_positions(), reverse=True)
         # Two long folded steps too: past 128 query rows Inductor builds another kernel, and only a size seen
         # to change there becomes dynamic; a session's prompt prefill can take any token bucket up to 128.
         for tokens in (FOLDED_MAX_TOKENS, FOLDED_MAX_TOKENS // 2, *prefill_tokens, 2, 1):
-            for rows in reversed(buckets):
-                self.llm.warm_up(rows, (tokens,))
+            self.llm.warm_up(buckets[-1], (tokens,))
+            for rows in reversed(buckets[:-1]):
+                self.llm.compile_shape(rows, tokens)
+        for rows in buckets:  # the decode step runs at every session count: its graphs are kept
+            self.llm.warm_up(rows, (1,))
         if self.tts is not None:
             self.tts.warm_up(max_sessions)
             self.tts.warm_up(1)  # its fused halves have a one-row case too (see `fused`)

@@ -81,8 +81,8 @@ def static_forward(
 ) -> dict[str, torch.Tensor]:
     """embeds `[rows, T, D]` for slots 0..rows-1; `num_new [rows]` real tokens per row (0 = untouched).
     flex: one-token steps attend through FlexAttention (rows read only their own cache blocks); flex_folded: so
-    do steps of up to `FOLDED_MAX_TOKENS`, with the query heads folded into the
-    query rows. kernels: the layer halves around the attention (`fused`: compiled on a GPU)."""
+    do steps of up to `FOLDED_MAX_TOKENS`, with the query heads folded into the query rows. kernels: the layer
+    halves around the attention (`fused`: compiled on a GPU)."""
     b, t, _ = embeds.shape
     device = embeds.device
     lengths = cache.lengths[:b]
@@ -206,6 +206,18 @@ class StaticLLM:
         r = pick_bucket(self.row_buckets, rows)
         for t in tokens:
             self._step(r, pick_bucket(self.token_buckets, t))
+
+    @torch.no_grad()
+    def compile_shape(self, rows: int, tokens: int) -> None:
+        """Run the step of this shape once, eagerly and idle (no row takes a token), so that the kernels it
+        compiles on a GPU are built now; unlike `warm_up` it keeps no graph (whose outputs would hold memory)."""
+        r = pick_bucket(self.row_buckets, rows)
+        t = pick_bucket(self.token_buckets, tokens)
+        embeds = torch.zeros(r, t, self.dim, dtype=self.dtype, device=self.device)
+        idle = torch.zeros(r, dtype=torch.long, device=self.device)
+        static_forward(
+            self.llm, self.cache, embeds, idle, self.window, self.flex_decode, self.kernels, self.flex_prefill
+        )
 
     def accepts(self, slots: Sequence[int], counts: Sequence[int]) -> bool:
         """Whether one static step can take these rows (else the caller runs the eager forward)."""
