@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .flex_decode import flex_available
+
 
 @dataclass(frozen=True)
 class LayerWeights:
@@ -192,7 +194,6 @@ def compiled_kernels() -> LayerKernels:
 
 
 def kernels_for(device: torch.device, fused: bool) -> LayerKernels:
-    """Compiled halves on CUDA when asked for, the eager ones otherwise."""
-    from .flex_decode import flex_available  # the same requirement: CUDA with Triton
-
+    """Compiled halves on CUDA with Triton (what FlexAttention needs too) when asked for, the eager ones
+    otherwise."""
     return compiled_kernels() if fused and flex_available(device) else EAGER

@@ -38,7 +38,20 @@ ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 128)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 80, 96, 128, 192, 256)
 
 
-def _attend(
+def dense_step_mask(positions: torch.Tensor, window: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive causal mask of a static step over the first `window` positions: row b's token t (at
+    `positions[b, t]`) sees keys up to its own position; with the `group` query heads of a kv head folded into
+    the query rows, `[b, 1, group*t, window]` (built once per step, not per layer)."""
+    b, t = positions.shape
+    key_pos = torch.arange(window, device=positions.device)
+    allowed = key_pos[None, None, :] <= positions[:, :, None]  # [b, t, K]
+    dense = torch.zeros(allowed.shape, dtype=dtype, device=positions.device).masked_fill(
+        ~allowed, float("-inf")
+    )
+    return dense[:, None, None].expand(b, 1, group, t, window).reshape(b, 1, group * t, window)
+
+
+def slot_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -98,11 +111,7 @@ def static_forward(
     elif flex_folded and MAX_TOKENS < t <= FOLDED_MAX_TOKENS:
         mask = step_block_mask(lengths, num_new, t, window, group)
     else:
-        key_pos = torch.arange(window, device=device)
-        allowed = key_pos[None, None, :] <= positions[:, :, None]  # [b, t, K]
-        dense = torch.zeros(allowed.shape, dtype=embeds.dtype, device=device)
-        dense = dense.masked_fill(~allowed, float("-inf"))
-        mask = dense[:, None, None].expand(b, 1, group, t, window).reshape(b, 1, group * t, window)
+        mask = dense_step_mask(positions, window, group, embeds.dtype)
     cos, sin = llm.model.rotary(positions, embeds.dtype)
     x = embeds
     for i, layer in enumerate(llm.model.layers):
@@ -110,7 +119,7 @@ def static_forward(
         eps = layer.input_layernorm.eps
         hd = layer.self_attn.head_dim
         q, k, v = kernels.inputs(w, x, cos, sin, eps, hd)
-        out = _attend(q, k, v, cache.keys[i], cache.values[i], write_idx, mask, window)
+        out = slot_attention(q, k, v, cache.keys[i], cache.values[i], write_idx, mask, window)
         x = kernels.output(w, x, out, eps)
     lengths.add_(num_new)
     hidden = llm.model.norm(x)
@@ -162,16 +171,7 @@ class StaticLLM:
             }
 
             def fn(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-                return static_forward(
-                    self.llm,
-                    self.cache,
-                    x["embeds"],
-                    x["num_new"],
-                    self.window,
-                    self.flex_decode,
-                    self.kernels,
-                    self.flex_prefill,
-                )
+                return self._forward(x["embeds"], x["num_new"])
 
             def idle(x: dict[str, torch.Tensor]) -> None:
                 x["num_new"].zero_()
@@ -207,6 +207,18 @@ class StaticLLM:
         for t in tokens:
             self._step(r, pick_bucket(self.token_buckets, t))
 
+    def _forward(self, embeds: torch.Tensor, num_new: torch.Tensor) -> dict[str, torch.Tensor]:
+        return static_forward(
+            self.llm,
+            self.cache,
+            embeds,
+            num_new,
+            self.window,
+            self.flex_decode,
+            self.kernels,
+            self.flex_prefill,
+        )
+
     @torch.no_grad()
     def compile_shape(self, rows: int, tokens: int) -> None:
         """Run the step of this shape once, eagerly and idle (no row takes a token), so that the kernels it
@@ -214,10 +226,7 @@ class StaticLLM:
         r = pick_bucket(self.row_buckets, rows)
         t = pick_bucket(self.token_buckets, tokens)
         embeds = torch.zeros(r, t, self.dim, dtype=self.dtype, device=self.device)
-        idle = torch.zeros(r, dtype=torch.long, device=self.device)
-        static_forward(
-            self.llm, self.cache, embeds, idle, self.window, self.flex_decode, self.kernels, self.flex_prefill
-        )
+        self._forward(embeds, torch.zeros(r, dtype=torch.long, device=self.device))
 
     def accepts(self, slots: Sequence[int], counts: Sequence[int]) -> bool:
         """Whether one static step can take these rows (else the caller runs the eager forward)."""

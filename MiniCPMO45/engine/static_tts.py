@@ -4,8 +4,9 @@ step: after the condition step, all the unit's draws (scores, draw, feed) are on
 so on a GPU the whole unit replays as two graphs.
 
 Row i of a step is TTS cache slot i; `lengths [slots]` (a device tensor owned by the caller) is how many
-positions each slot holds. Same layout and masking scheme as `static_decode` (the TTS has as many kv heads as
-query heads, so no folding is needed). The step returns float32 code logits at each row's last real token.
+positions each slot holds. The layout, mask and attention are `static_decode`'s (`dense_step_mask`,
+`slot_attention`; the TTS has as many kv heads as query heads, so nothing is folded). The step returns float32
+code logits at each row's last real token.
 
 Sampling follows `tts_sampling.code_distribution` for the duplex settings (temperature, repetition penalty over
 this call's last `window` codes, EOS forbidden before `min_new` draws, no top-k/top-p), vectorized over rows;
@@ -20,14 +21,13 @@ import logging
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..modules.tts import DUPLEX_MAX_DRAWS, MiniCPMTTS
 from ..modules.tts_backbone import LLAMA_ROPE_THETA, TTSKVCache, rope_cos_sin
 from ..modules.tts_sampling import DUPLEX_SAMPLING, CodeSampling
 from .fused import EAGER, LayerKernels, kernels_for, layer_weights, merge_projections
 from .graphs import StaticStep, graphs_available, new_pool, pick_bucket
-from .static_decode import ROW_BUCKETS
+from .static_decode import ROW_BUCKETS, dense_step_mask, slot_attention
 
 log = logging.getLogger(__name__)
 
@@ -51,28 +51,15 @@ def static_tts_forward(
     positions = lens[:, None] + offsets[None, :]
     valid = offsets[None, :] < num_new[:, None]
     write_idx = torch.where(valid, positions % cache.capacity, cache.capacity)  # padding: the spare
-    key_pos = torch.arange(window, device=device)
-    allowed = key_pos[None, None, :] <= positions[:, :, None]
-    mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=device).masked_fill(~allowed, float("-inf"))
-    mask = mask[:, None]  # [b, 1, t, K]
     first = backbone.layers[0].self_attn
-    group = first.heads // first.kv_heads
-    if group > 1:  # built once per step, not per layer (each reshape of an expanded mask is a copy)
-        mask = mask[:, :, None].expand(b, 1, group, t, window).reshape(b, 1, group * t, window)
+    mask = dense_step_mask(positions, window, first.heads // first.kv_heads, embeds.dtype)
     cos, sin = rope_cos_sin(positions, backbone.head_dim, LLAMA_ROPE_THETA, embeds.dtype)
     x = embeds
     for i, layer in enumerate(backbone.layers):
-        attn = layer.self_attn
         w = layer_weights(layer)
         eps = layer.input_layernorm.eps
-        q, k, v = kernels.inputs(w, x, cos, sin, eps, attn.head_dim)
-        idx = write_idx[:, None, :, None].expand(b, attn.kv_heads, t, attn.head_dim)
-        kc, vc = cache.keys[i][:b], cache.values[i][:b]
-        kc.scatter_(2, idx, k.to(kc.dtype))
-        vc.scatter_(2, idx, v.to(vc.dtype))
-        qf = q.reshape(b, attn.kv_heads, group * t, attn.head_dim)
-        out = F.scaled_dot_product_attention(qf, kc[:, :, :window], vc[:, :, :window], attn_mask=mask)
-        out = out.reshape(b, attn.heads, t, attn.head_dim).transpose(1, 2).reshape(b, t, -1)
+        q, k, v = kernels.inputs(w, x, cos, sin, eps, layer.self_attn.head_dim)
+        out = slot_attention(q, k, v, cache.keys[i], cache.values[i], write_idx, mask, window)
         x = kernels.output(w, x, out, eps)
     lens.add_(num_new)
     hidden = backbone.norm(x)

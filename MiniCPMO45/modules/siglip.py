@@ -94,6 +94,9 @@ class VisionEmbeddings(nn.Module):
 
 
 class VisionAttention(nn.Module):
+    """The attention's projections; `encoder_layer` runs them (fused SDPA: flash without a mask, the
+    memory-efficient kernel with a key mask; neither materialises the [B, heads, L, L] scores)."""
+
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         d = cfg.hidden_size
@@ -103,21 +106,6 @@ class VisionAttention(nn.Module):
         self.k_proj = nn.Linear(d, d)
         self.v_proj = nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """x `[B, L, D]`; mask `[B, 1, 1, L]` bool, true for real patches, or None when none is padding.
-
-        Fused SDPA: with no mask CUDA takes the flash kernel, with a key mask the memory-efficient one; neither
-        materialises the [B, heads, L, L] scores.
-        """
-        b, n, d = x.shape
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
-
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
 
 class VisionMLP(nn.Module):
