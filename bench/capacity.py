@@ -2,15 +2,16 @@
 
 Real-size random weights (bf16, built on the GPU), the duplex batcher (static LLM/TTS steps as CUDA graphs,
 batched encoders, vectorized decisions), the vocoder included. For each N in the list and each mode
-(audio-duplex, omni-duplex with one 448x448 frame per unit), N synthetic sessions run lockstep ticks of one
-unit each: fixed random audio (and frame), the speak decision forced on half of the units (turns of two
+(audio-duplex, omni-duplex with one 448x448 frame per unit), N synthetic sessions run ticks of one unit each,
+spread over the worker's tick phases as a worker spreads them (`--phases`, default 2: sessions i % 2 on the
+whole seconds and on the half seconds, each phase's sessions in lockstep): fixed random audio (and frame), the speak decision forced on half of the units (turns of two
 speaking units, then two listening ones; session i is shifted by i units), each session's KV pre-filled with
 random keys/values to ~`--context` positions and held there (every tick starts at the same length: the steady
 state of the sliding context window), so attention costs what a long call costs.
 
 Per N and mode: unit latency p50/p95/p99 (arrival of the unit's audio to its last PCM, or to `</unit>` when
-listening; ticks are scheduled once per second of audio and a late tick delays the next, so overload shows
-as growing latency), share of units within the 1 s deadline, speaking-unit latency, decision-to-first-PCM,
+listening; each phase's tick is due when its units arrive, once per second of audio, and a late tick delays
+the next, so overload shows as growing latency), share of units within the 1 s deadline, speaking-unit latency, decision-to-first-PCM,
 VRAM peak, busy share (tick time per second of audio). Writes OUT/capacity.json, OUT/capacity.md and
 OUT/capacity_table.json (the per-mode capacity a worker reports, see MiniCPMO45/engine/capacity.py).
 
@@ -144,58 +145,85 @@ def llm_step_ms(engine: Engine, batcher: DuplexBatcher, sessions: list[Session],
     return float(np.median(times[2:]))
 
 
+class TickClock:
+    """The worker's timeline in virtual time (ms from the first measured unit's arrival): a phase's tick starts
+    when its units arrive (`phase` / `phases` of a unit after the whole second) or, if the worker is still
+    busy, when the tick before it ends."""
+
+    def __init__(self, phases: int) -> None:
+        self.phases = phases
+        self.free_ms = 0.0
+
+    def arrival_ms(self, unit: int, phase: int) -> float:
+        return unit * DEADLINE_MS + phase * DEADLINE_MS / self.phases
+
+    def run(self, unit: int, phase: int, tick_ms: float) -> float:
+        """Schedule a tick of `tick_ms`; returns how long its units waited for the worker."""
+        arrival = self.arrival_ms(unit, phase)
+        start = max(arrival, self.free_ms)
+        self.free_ms = start + tick_ms
+        return start - arrival
+
+
 def run_case(
-    engine: Engine, batcher: DuplexBatcher, mode: str, n: int, units: int, warmup: int, base_len: int
+    engine: Engine,
+    batcher: DuplexBatcher,
+    mode: str,
+    n: int,
+    units: int,
+    warmup: int,
+    base_len: int,
+    phases: int = 1,
 ) -> dict[str, object]:
     device = engine.model.device
     work = Workload(engine, omni=mode == "omni_duplex")
     if device.type == "cuda":
         torch.cuda.empty_cache()  # blocks cached by the previous N: less fragmentation for this one
     t_cap = time.perf_counter()
-    batcher.warm_up(n)
+    batcher.warm_up(n)  # as a worker does: a late phase can join the other phase's tick
     sync(device)
     capture_s = time.perf_counter() - t_cap
     sessions = open_sessions(engine, n, base_len)
+    # the worker's tick phases: session i on grid i % phases, shifted by DEADLINE_MS / phases
+    groups = [g for g in (list(range(p, n, phases)) for p in range(phases)) if g]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     latencies, speak_lat, listen_lat, first_pcm, ticks = [], [], [], [], []
     stages: dict[str, list[float]] = {}
     speaking_stages: dict[str, list[float]] = {}  # ticks where at least one session spoke
     within = total = 0
-    clock_ms = 0.0  # virtual time: when the worker is free again, relative to the first unit's arrival
+    clock = TickClock(phases)
     try:
         for u in range(warmup + units):
-            inputs = [work.unit(u) for _ in sessions]
-            scripts = [work.script(i, u) for i in range(n)]
-            sync(device)
-            t0 = time.perf_counter()
-            outs = batcher.run_units(sessions, inputs, scripts=scripts)
-            sync(device)
-            tick_ms = (time.perf_counter() - t0) * 1000
-            engine.cache.lengths[[s.slot for s in sessions]] = base_len
-            if u < warmup:
-                continue
-            k = u - warmup
-            arrival = k * DEADLINE_MS
-            start = max(arrival, clock_ms)
-            clock_ms = start + tick_ms
-            ticks.append(tick_ms)
-            spoke = any(out.speech is not None for out in outs)
-            for name, ms in batcher.timings.items():
-                stages.setdefault(name, []).append(ms)
-                if spoke:
-                    speaking_stages.setdefault(name, []).append(ms)
-            for out in outs:
-                lat = start - arrival + (out.done_s - t0) * 1000
-                latencies.append(lat)
-                total += 1
-                within += lat <= DEADLINE_MS
-                if out.speech is not None:
-                    speak_lat.append(lat)
-                    if out.speech.first_pcm_s is not None and out.decision_s is not None:
-                        first_pcm.append((out.speech.first_pcm_s - out.decision_s) * 1000)
-                elif out.result.prefilled:
-                    listen_lat.append(lat)
+            for phase, members in enumerate(groups):
+                inputs = [work.unit(u) for _ in members]
+                scripts = [work.script(i, u) for i in members]
+                sync(device)
+                t0 = time.perf_counter()
+                outs = batcher.run_units([sessions[i] for i in members], inputs, scripts=scripts)
+                sync(device)
+                tick_ms = (time.perf_counter() - t0) * 1000
+                engine.cache.lengths[[sessions[i].slot for i in members]] = base_len
+                if u < warmup:
+                    continue
+                waited = clock.run(u - warmup, phase, tick_ms)
+                ticks.append(tick_ms)
+                spoke = any(out.speech is not None for out in outs)
+                for name, ms in batcher.timings.items():
+                    stages.setdefault(name, []).append(ms)
+                    if spoke:
+                        speaking_stages.setdefault(name, []).append(ms)
+                for out in outs:
+                    lat = waited + (out.done_s - t0) * 1000
+                    latencies.append(lat)
+                    total += 1
+                    within += lat <= DEADLINE_MS
+                    if out.speech is not None:
+                        speak_lat.append(lat)
+                        if out.speech.first_pcm_s is not None and out.decision_s is not None:
+                            first_pcm.append((out.speech.first_pcm_s - out.decision_s) * 1000)
+                    elif out.result.prefilled:
+                        listen_lat.append(lat)
         step_ms = llm_step_ms(engine, batcher, sessions, base_len)
     finally:
         for s in sessions:
@@ -217,7 +245,8 @@ def run_case(
         "decision_to_first_pcm_p50_ms": pct(first_pcm, 50),
         "decision_to_first_pcm_p95_ms": pct(first_pcm, 95),
         "tick_p50_ms": pct(ticks, 50),
-        "busy_share": sum(ticks) / (len(ticks) * DEADLINE_MS) if ticks else None,
+        "busy_share": sum(ticks) / (units * DEADLINE_MS) if ticks else None,
+        "phases": phases,
         "graph_capture_s": capture_s,
         **{f"stage_{name}_p50": pct(v, 50) for name, v in stages.items()},
         **{f"speaking_stage_{name}_p50": pct(v, 50) for name, v in speaking_stages.items()},
@@ -249,7 +278,8 @@ def markdown(results: dict[str, object]) -> str:
     )
     lines = [
         f"Card: {results.get('gpu', results['device'])}; torch {results['torch']}; context ~{results['context']} "
-        f"positions; {results['units']} measured units per N (+{results['warmup']} warm-up). Times in ms.",
+        f"positions; {results['units']} measured units per N (+{results['warmup']} warm-up); "
+        f"{results.get('phases', 1)} tick phase(s). Times in ms.",
         "",
         head,
         "|" + " --- |" * 12,
@@ -318,11 +348,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-vocoder", action="store_true", help="stop at the TTS codes (vocoder cost apart)")
     ap.add_argument("--no-fused", action="store_true", help="eager element-wise work in the static steps")
     ap.add_argument(
+        "--phases", type=int, default=2, help="tick phases, as the worker's workers.tick_phases (default 2)"
+    )
+    ap.add_argument(
         "--vocoder-turns",
         type=int,
         help="vocoder turns reserved up front (default: the largest N; the workload has at most half speaking)",
     )
     args = ap.parse_args(argv)
+    if args.phases < 1:
+        raise SystemExit("--phases must be at least 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -349,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         "vocoder": not args.no_vocoder,
         "vocoder_dtype": args.vocoder_dtype,
         "fused_layers": not args.no_fused and device.type == "cuda",
+        "phases": args.phases,
     }
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
@@ -459,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{mode} N={n}: skipped (KV memory holds {slots})", flush=True)
                 continue
             try:
-                row = run_case(engine, batcher, mode, n, units, args.warmup, base_len)
+                row = run_case(engine, batcher, mode, n, units, args.warmup, base_len, args.phases)
             except torch.cuda.OutOfMemoryError as exc:
                 torch.cuda.empty_cache()
                 row = {

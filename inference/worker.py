@@ -41,7 +41,9 @@ from inference.modes.base import (
 )
 
 log = logging.getLogger("inference.worker")
-DEFAULT_GATHER_S = 0.06  # how long a tick waits for the other sessions' units of the same grid second
+DEFAULT_GATHER_S = 0.06  # how long a tick waits for the other sessions' units of the same grid line
+UNIT_RATE = 16000  # Hz of the units' PCM (UnitInput)
+DEFAULT_PHASES = 2  # tick phases per unit: the batching sessions are spread over this many grids
 
 
 class Connection:
@@ -60,6 +62,7 @@ class _Waiting:
     mode: Mode
     unit: UnitInput
     frame: Any
+    phase: int
     done: asyncio.Future[list[Output]]
 
 
@@ -67,38 +70,60 @@ class UnitTicker:
     """The worker's tick loop for batching modes: the units waiting when a tick starts run together.
 
     Each session has at most one unit waiting (its runner awaits the result before it takes its next
-    message), so a tick holds one unit per session. The server cuts the units of these modes on a common 1 s
-    grid, so they arrive within a few tens of ms of each other: a tick starts once every batching session
-    has a unit waiting, or `gather_s` after the first one arrived, whichever comes first; units arriving
-    later go into the next tick. A failure fails the units of that tick (their sessions end with
-    `mode_error`)."""
+    message), so a tick holds one unit per session. The batching sessions are spread evenly over `phases`
+    grids, shifted by 1/phases of a unit: the server cuts a session's units on its phase's grid, so the units
+    of one phase arrive within a few tens of ms of each other, and the phases take turns on the GPU. A tick
+    holds about 1/phases of the sessions, and so finishes sooner than one tick of all of them would (a
+    tick's cost grows less than its batch; with two phases each must fit in half a unit). A tick starts once
+    every session of each phase that has a unit waiting has one waiting, or `gather_s` after the first one
+    arrived, whichever comes first; units arriving later go into the next tick (a late phase catches up in
+    the other phase's tick). A failure fails the units of that tick (their sessions end with `mode_error`)."""
 
     def __init__(
         self,
         executor: concurrent.futures.Executor,
-        expected: Callable[[], int],
+        members: Callable[[], list[int]],
         gather_s: float = DEFAULT_GATHER_S,
+        phases: int = 1,
     ) -> None:
+        if phases < 1:
+            raise ValueError("phases must be at least 1")
         self.executor = executor
-        self.expected = expected  # how many open sessions have a mode that batches
+        self.members = members  # the phase of each open session whose mode batches
         self.gather_s = gather_s
+        self.phases = phases
         self.waiting: list[_Waiting] = []
         self.wake = asyncio.Event()
         self.ticks = 0
         self.task = asyncio.create_task(self._run(), name="unit-ticker")
 
+    def pick_phase(self) -> int:
+        """The phase for a session that starts batching: the one with the fewest sessions."""
+        counts = [0] * self.phases
+        for phase in self.members():
+            counts[phase] += 1
+        return counts.index(min(counts))
+
+    def grid_offset_s(self, phase: int, unit_s: float) -> float:
+        return phase * unit_s / self.phases
+
+    def _gathered(self) -> bool:
+        members = self.members()
+        waiting = {w.phase for w in self.waiting}
+        return all(sum(w.phase == p for w in self.waiting) >= members.count(p) for p in waiting)
+
     async def _gather(self) -> None:
         deadline = time.monotonic() + self.gather_s
-        while len(self.waiting) < self.expected() and (left := deadline - time.monotonic()) > 0:
+        while not self._gathered() and (left := deadline - time.monotonic()) > 0:
             self.wake.clear()
             try:
                 await asyncio.wait_for(self.wake.wait(), left)
             except TimeoutError:
                 break
 
-    async def submit(self, mode: Mode, unit: UnitInput, frame: Any) -> list[Output]:
+    async def submit(self, mode: Mode, unit: UnitInput, frame: Any, phase: int = 0) -> list[Output]:
         done: asyncio.Future[list[Output]] = asyncio.get_running_loop().create_future()
-        self.waiting.append(_Waiting(mode, unit, frame, done))
+        self.waiting.append(_Waiting(mode, unit, frame, phase, done))
         self.wake.set()
         return await done
 
@@ -147,6 +172,7 @@ class SessionRunner:
         self.ticker = ticker
         self.settings = settings
         self.mode: Mode | None = None
+        self.phase: int | None = None  # the ticker's phase while the mode batches
         self.output_rate = 24000
         self.queue: asyncio.Queue[tuple[p.Message, bytes, float] | None] = asyncio.Queue()
         self.units_waiting = 0  # unit messages queued and not yet started (the session's backlog)
@@ -206,8 +232,15 @@ class SessionRunner:
                 voice=message.options.get("voice"),
             )
             setup, outputs = await self._call(mode.open, options)
+            if batch_runner(mode) is None:
+                self.phase = None
+            elif self.phase is None:  # a batching session keeps its phase across mode switches
+                self.phase = self.ticker.pick_phase()
             self.mode = mode
             self.output_rate = setup.output_rate
+            offset = 0.0
+            if setup.align_units and self.phase is not None:
+                offset = self.ticker.grid_offset_s(self.phase, setup.unit_samples / UNIT_RATE)
             await self.conn.send(
                 p.Opened(
                     session_id=self.session_id,
@@ -217,6 +250,7 @@ class SessionRunner:
                     output_rate=setup.output_rate,
                     video_max_side=setup.video_max_side,
                     align_units=setup.align_units,
+                    grid_offset_s=offset,
                     open_ms=(time.monotonic() - opening) * 1000,
                 )
             )
@@ -229,7 +263,7 @@ class SessionRunner:
             backlog = self.units_waiting
             unit = UnitInput(message.index, pcm, message.completed_at, queued_units=backlog)
             if batch_runner(self.mode) is not None:
-                outputs = await self.ticker.submit(self.mode, unit, frame)
+                outputs = await self.ticker.submit(self.mode, unit, frame, self.phase or 0)
             else:
                 outputs = await self._call(self.mode.on_unit, unit, frame)
             compute_ms = (time.monotonic() - started) * 1000
@@ -326,10 +360,19 @@ async def serve(host: str, port: int, worker_id: int, device: str, settings: dic
         executor.submit(preload_engine, settings)
     sessions: dict[str, SessionRunner] = {}
 
-    def batching_sessions() -> int:
-        return sum(1 for r in sessions.values() if r.mode is not None and batch_runner(r.mode) is not None)
+    def batching_phases() -> list[int]:
+        return [
+            r.phase
+            for r in sessions.values()
+            if r.mode is not None and r.phase is not None and batch_runner(r.mode) is not None
+        ]
 
-    ticker = UnitTicker(executor, batching_sessions, float(settings.get("tick_gather_s", DEFAULT_GATHER_S)))
+    ticker = UnitTicker(
+        executor,
+        batching_phases,
+        float(settings.get("tick_gather_s", DEFAULT_GATHER_S)),
+        int(settings.get("tick_phases", DEFAULT_PHASES)),
+    )
     try:
         while True:
             try:

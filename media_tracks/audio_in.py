@@ -118,13 +118,15 @@ class UnitCutter:
         self._filled = lead_in_samples  # the buffer is zeros
 
 
-def grid_lead_in(now: float, first_unit_samples: int, unit_samples: int, rate: int = 16000) -> int:
-    """Silence (samples) to put before a live stream's first unit so that it completes on the 1-unit grid
-    of the monotonic clock (the grid lines are the multiples of the unit duration): with every call of a
-    worker on one grid, their units arrive together and run in one batch."""
+def grid_lead_in(
+    now: float, first_unit_samples: int, unit_samples: int, rate: int = 16000, offset_s: float = 0.0
+) -> int:
+    """Silence (samples) to put before a live stream's first unit so that it completes on a grid line of the
+    monotonic clock: the lines lie `offset_s` past the multiples of the unit duration. With every call of a
+    worker's phase on one grid, their units arrive together and run in one batch."""
     unit_s = unit_samples / rate
     natural_end = now + first_unit_samples / rate
-    late = natural_end % unit_s  # how far the first unit would end past the last grid line
+    late = (natural_end - offset_s) % unit_s  # how far the first unit would end past the last grid line
     return min(int(round(late * rate)), first_unit_samples - 1)
 
 

@@ -239,6 +239,7 @@ def worker_settings(config: AppConfig) -> dict[str, object]:
         "voices_dir": str(voices_dir(config)),
         "loopback": config.loopback.model_dump(),
         "tick_gather_s": workers.tick_gather_ms / 1000,
+        "tick_phases": workers.tick_phases,
     }
 
 
@@ -250,7 +251,7 @@ async def start_server(config: AppConfig) -> RunningServer:
     """Start the workers, then serve the app; returns once everything is up."""
     manager_ref: list[SessionManager] = []
     supervisor = WorkerSupervisor(
-        SupervisorSettings(**config.workers.model_dump(exclude={"tick_gather_ms"})),
+        SupervisorSettings(**config.workers.model_dump(exclude={"tick_gather_ms", "tick_phases"})),
         worker_settings(config),
         on_workers_changed=lambda: manager_ref[0].workers_changed() if manager_ref else None,
     )

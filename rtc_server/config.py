@@ -71,6 +71,9 @@ class WorkerSettings(_Strict):
     restart_delay_s: float = Field(0.5, ge=0)
     # a duplex tick waits up to this long for the units of all sessions of the same (aligned) second
     tick_gather_ms: float = Field(60.0, ge=0, le=500)
+    # duplex calls are spread over this many grids, shifted by a unit / tick_phases: each tick runs about
+    # 1/tick_phases of them, so their units finish sooner (with 2, each phase's tick must fit in half a second)
+    tick_phases: int = Field(2, ge=1, le=4)
 
 
 class QueueSettings(_Strict):

@@ -344,7 +344,9 @@ class CallSession:
         lead_in = 0
         if message.align_units:
             first = message.first_unit_samples or message.unit_samples
-            lead_in = grid_lead_in(time.monotonic(), first, message.unit_samples)
+            lead_in = grid_lead_in(
+                time.monotonic(), first, message.unit_samples, offset_s=message.grid_offset_s
+            )
         self.cutter.reset(
             unit_samples=message.unit_samples,
             first_unit_samples=message.first_unit_samples,

@@ -202,12 +202,15 @@ async def test_a_failing_callback_does_not_stop_the_reader() -> None:
 
 @pytest.mark.parametrize("now", [1000.0, 1000.25, 1000.9999, 1234.5678])
 @pytest.mark.parametrize("first", [16000, 16560])
-def test_grid_lead_in_puts_the_first_unit_end_on_the_second_grid(now: float, first: int) -> None:
-    lead = grid_lead_in(now, first, 16000)
+@pytest.mark.parametrize("offset", [0.0, 0.5])
+def test_grid_lead_in_puts_the_first_unit_end_on_its_phase_grid(
+    now: float, first: int, offset: float
+) -> None:
+    lead = grid_lead_in(now, first, 16000, offset_s=offset)
     assert 0 <= lead < first
     # the stream starts now; the first unit needs first - lead live samples
-    end = now + (first - lead) / 16000
-    assert min(end % 1.0, 1.0 - end % 1.0) <= 1 / 16000 + 1e-9
+    past = (now + (first - lead) / 16000 - offset) % 1.0
+    assert min(past, 1.0 - past) <= 1 / 16000 + 1e-9
 
 
 def test_cutter_lead_in_is_silence_before_the_first_unit() -> None:

@@ -255,23 +255,33 @@ async def test_voice_upload_validation_and_use(start_test_server, speech: np.nda
         await call.close()
 
 
-async def test_two_duplex_calls_share_worker_ticks(start_test_server) -> None:
-    """Two calls started apart: the server cuts both on its 1 s grid, so their units reach the worker
-    together and run in one tick (`batch_sessions` 2 in their metrics)."""
-    server = await start_test_server(workers=WORKERS)
-    first, second = TimedCall(server.url, silence(40)), TimedCall(server.url, silence(40))
+async def test_duplex_calls_share_worker_ticks_on_their_phase_grid(start_test_server) -> None:
+    """Three calls started apart, on a worker with two tick phases: the server cuts each call's audio on the
+    grid of the phase the worker gave it (whole seconds for the first and third call, half seconds for the
+    second), so the first and third call's units reach the worker together and run in one tick
+    (`batch_sessions` 2 in their metrics) while the second call's run in ticks of their own."""
+    server = await start_test_server(workers={**WORKERS, "tick_phases": 2})
+    calls = [TimedCall(server.url, silence(40)) for _ in range(3)]
     try:
-        await first.start_json("audio_duplex", options={"force": "listen"})
-        await first.wait_event("metrics", timeout=90)
-        await asyncio.sleep(0.37)  # a phase no grid would give by chance
-        await second.start_json("audio_duplex", options={"force": "listen"})
-        await second.wait_event("metrics", timeout=60)
+        for call in calls:
+            await call.start_json("audio_duplex", options={"force": "listen"})
+            await call.wait_event("metrics", timeout=90)
+            await asyncio.sleep(0.37)  # a phase no grid would give by chance
         done = lambda c: len([e for e in c.events if e["type"] == "metrics"])  # noqa: E731
-        await wait_until(lambda: done(first) >= 10 and done(second) >= 6, 60, "too few units")
-        shared = [e for e in second.events if e["type"] == "metrics" and e["batch_sessions"] == 2]
-        units = [e for e in second.events if e["type"] == "metrics"]
-        # the second call's first unit is padded onto the grid: from then on its units share ticks
-        assert len(shared) >= len(units) - 2, [e["batch_sessions"] for e in units]
+        await wait_until(lambda: all(done(c) >= 6 for c in calls), 60, "too few units")
+        sizes = [[e["batch_sessions"] for e in c.events if e["type"] == "metrics"][2:] for c in calls]
+        # after the padded first unit, the third call shares the first call's ticks, the second runs alone
+        assert sizes[2].count(2) >= len(sizes[2]) - 1, sizes
+        assert sizes[1].count(1) >= len(sizes[1]) - 1, sizes
+
+        def grid_distance(call: TimedCall, offset: float) -> float:
+            """Median distance (s) of the call's unit ends from its phase grid (the server's clock is ours)."""
+            ends = [at - e["roundtrip_ms"] / 1000 for at, e in call.timed if e["type"] == "metrics"][2:]
+            return float(np.median([min((t - offset) % 1.0, 1.0 - (t - offset) % 1.0) for t in ends]))
+
+        # and their units end where their grids say: on the whole seconds, and half a second later
+        distances = [grid_distance(c, off) for c, off in zip(calls, (0.0, 0.5, 0.0), strict=True)]
+        assert max(distances) < 0.15, distances
     finally:
-        await first.close()
-        await second.close()
+        for call in calls:
+            await call.close()

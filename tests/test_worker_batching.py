@@ -17,7 +17,9 @@ from inference.worker import serve
 from MiniCPMO45.engine.batcher import DuplexBatcher
 from tests.conftest import REPO_ROOT
 
-SETTINGS = {"cache_dir": str(REPO_ROOT / ".cache" / "embedded"), "max_sessions": 4}
+SETTINGS = {"cache_dir": str(REPO_ROOT / ".cache" / "embedded"), "max_sessions": 4, "tick_phases": 1}
+# two tick phases; a tick that waited for the other phase's units would only start after this long
+PHASED = {**SETTINGS, "max_sessions": 5, "tick_phases": 2, "tick_gather_s": 60.0}
 FRAME = (64, 80, 3)
 
 
@@ -67,13 +69,13 @@ def unit(sid: str, index: int, rng: np.random.Generator, frame: bool) -> tuple[p
     ), payload
 
 
-@pytest.fixture
-async def worker():
+@pytest.fixture(params=[SETTINGS])
+async def worker(request: pytest.FixtureRequest):
     torch.set_num_threads(1)
     server = FakeServer()
     listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
-    task = asyncio.create_task(serve("127.0.0.1", port, 0, "cpu", SETTINGS))
+    task = asyncio.create_task(serve("127.0.0.1", port, 0, "cpu", request.param))
     await asyncio.wait_for(server.connected.wait(), 30)
     await server.wait_for("-", p.Hello, 1)
     try:
@@ -152,3 +154,36 @@ async def test_a_failing_tick_ends_only_its_sessions(worker: FakeServer, monkeyp
     await worker.send(*unit("again", 0, rng, frame=False))
     await worker.wait_for("again", p.UnitDone, 1)
     assert not worker.of("again", p.ErrorOut)
+
+
+@pytest.mark.parametrize("worker", [PHASED], indirect=True)
+async def test_sessions_take_turns_on_two_half_second_grids(worker: FakeServer) -> None:
+    rng = np.random.default_rng(2)
+    names = ["a", "b", "c", "d"]
+    await open_all(worker, {sid: ("audio_duplex", {"force": "listen"}) for sid in names})
+    offsets = [worker.of(sid, p.Opened)[0].grid_offset_s for sid in names]
+    assert offsets == [0.0, 0.5, 0.0, 0.5]  # spread evenly, shifted by half a unit
+    for phase in (["a", "c"], ["b", "d"]):  # each phase's tick runs without waiting for the other phase
+        for sid in phase:
+            await worker.send(*unit(sid, 0, rng, frame=False))
+        for sid in phase:
+            await worker.wait_for(sid, p.UnitDone, 1, timeout=30)
+            assert worker.of(sid, p.UnitDone)[0].timings["batch_sessions"] == 2.0
+    # a mode switch keeps the session's phase
+    await worker.send(p.OpenSession(session_id="b", mode="omni_duplex", options={"force": "listen"}))
+    await worker.wait_for("b", p.Opened, 2)
+    assert worker.of("b", p.Opened)[1].grid_offset_s == 0.5
+    # the emptier phase takes the next session
+    for sid in ("a", "c"):
+        await worker.send(p.CloseSession(session_id=sid))
+        await worker.wait_for(sid, p.Closed, 1)
+    await worker.send(p.OpenSession(session_id="e", mode="audio_duplex", options={"force": "listen"}))
+    await worker.wait_for("e", p.Opened, 1)
+    assert worker.of("e", p.Opened)[0].grid_offset_s == 0.0
+    # a session that leaves the batching modes no longer holds its phase's ticks back
+    await worker.send(p.OpenSession(session_id="b", mode="loopback", options={}))
+    await worker.wait_for("b", p.Opened, 3)
+    assert worker.of("b", p.Opened)[2].grid_offset_s == 0.0
+    await worker.send(*unit("d", 1, rng, frame=False))
+    await worker.wait_for("d", p.UnitDone, 2, timeout=30)
+    assert worker.of("d", p.UnitDone)[1].timings["batch_sessions"] == 1.0
