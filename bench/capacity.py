@@ -114,11 +114,12 @@ class Workload:
         return self.open_turn if phase == 0 else self.close_turn if phase == 1 else self.listen
 
 
-def open_sessions(engine: Engine, n: int, base_len: int) -> list[Session]:
+def open_sessions(engine: Engine, n: int, base_len: int, phases: int = 1) -> list[Session]:
+    """Session i on tick phase i % phases; as in a worker, the second phase's sessions take the top slots."""
     cfg = DuplexConfig(force_listen_count=0, max_unit_chars=100000, seed=0)
     sessions = []
-    for _ in range(n):
-        s = engine.open_session(Mode.DUPLEX)
+    for i in range(n):
+        s = engine.open_session(Mode.DUPLEX, top_slot=i % phases == 1)
         s.duplex = DuplexState(
             config=cfg, mel=StreamingMel(cfg.chunk_ms, cfg.first_chunk_ms, cfg.cnn_redundancy_ms)
         )
@@ -180,10 +181,10 @@ def run_case(
     if device.type == "cuda":
         torch.cuda.empty_cache()  # blocks cached by the previous N: less fragmentation for this one
     t_cap = time.perf_counter()
-    batcher.warm_up(n)  # as a worker does: a late phase can join the other phase's tick
+    batcher.warm_up(n, phases=phases)  # as a worker does
     sync(device)
     capture_s = time.perf_counter() - t_cap
-    sessions = open_sessions(engine, n, base_len)
+    sessions = open_sessions(engine, n, base_len, phases)
     # the worker's tick phases: session i on grid i % phases, shifted by DEADLINE_MS / phases
     groups = [g for g in (list(range(p, n, phases)) for p in range(phases)) if g]
     if device.type == "cuda":

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from inference.modes.base import DEFAULT_TICK_PHASES
 from inference.wav import pcm16_wav
 from MiniCPMO45.engine.batcher import DuplexBatcher
 from MiniCPMO45.engine.core import Engine
@@ -151,7 +152,8 @@ class EngineHost:
             )
             if cuda:
                 started = time.perf_counter()
-                batcher.warm_up(self.max_sessions)
+                phases = int(self.settings.get("tick_phases", DEFAULT_TICK_PHASES))
+                batcher.warm_up(self.max_sessions, phases=phases)
                 log.info("duplex graphs captured in %.1f s", time.perf_counter() - started)
             self._batcher = batcher
         return self._batcher

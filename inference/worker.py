@@ -27,6 +27,7 @@ from typing import Any
 from inference import protocol as p
 from inference.modes import create_mode, load_extra_modes, mode_names
 from inference.modes.base import (
+    DEFAULT_TICK_PHASES,
     Flush,
     Mode,
     ModeError,
@@ -43,7 +44,6 @@ from inference.modes.base import (
 log = logging.getLogger("inference.worker")
 DEFAULT_GATHER_S = 0.06  # how long a tick waits for the other sessions' units of the same grid line
 UNIT_RATE = 16000  # Hz of the units' PCM (UnitInput)
-DEFAULT_PHASES = 2  # tick phases per unit: the batching sessions are spread over this many grids
 
 
 class Connection:
@@ -225,17 +225,18 @@ class SessionRunner:
                     p.ErrorOut(session_id=self.session_id, code="unknown_mode", message=str(exc))
                 )
                 return
+            phase = None
+            if batch_runner(mode) is not None:  # a batching session keeps its phase across mode switches
+                phase = self.ticker.pick_phase() if self.phase is None else self.phase
             options = SessionOptions(
                 session_id=self.session_id,
                 system_prompt=message.options.get("system_prompt"),
                 extra=message.options,
                 voice=message.options.get("voice"),
+                tick_phase=phase or 0,
             )
             setup, outputs = await self._call(mode.open, options)
-            if batch_runner(mode) is None:
-                self.phase = None
-            elif self.phase is None:  # a batching session keeps its phase across mode switches
-                self.phase = self.ticker.pick_phase()
+            self.phase = phase
             self.mode = mode
             self.output_rate = setup.output_rate
             offset = 0.0
@@ -371,7 +372,7 @@ async def serve(host: str, port: int, worker_id: int, device: str, settings: dic
         executor,
         batching_phases,
         float(settings.get("tick_gather_s", DEFAULT_GATHER_S)),
-        int(settings.get("tick_phases", DEFAULT_PHASES)),
+        int(settings.get("tick_phases", DEFAULT_TICK_PHASES)),
     )
     try:
         while True:

@@ -73,7 +73,7 @@ class WorkerSettings(_Strict):
     tick_gather_ms: float = Field(60.0, ge=0, le=500)
     # duplex calls are spread over this many grids, shifted by a unit / tick_phases: each tick runs about
     # 1/tick_phases of them, so their units finish sooner (with 2, each phase's tick must fit in half a second)
-    tick_phases: int = Field(2, ge=1, le=4)
+    tick_phases: int = Field(2, ge=1, le=2)
 
 
 class QueueSettings(_Strict):

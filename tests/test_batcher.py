@@ -76,12 +76,17 @@ def _plan(fixture_dir: Path):
 
 @pytest.fixture(scope="module")
 def engines(tiny_model_dir: Path) -> tuple[Engine, Engine]:
-    a = Engine.from_pretrained(tiny_model_dir, dtype=torch.float32, max_sessions=3, max_len=512)
-    b = Engine.from_pretrained(tiny_model_dir, dtype=torch.float32, max_sessions=3, max_len=512)
+    a = Engine.from_pretrained(tiny_model_dir, dtype=torch.float32, max_sessions=8, max_len=512)
+    b = Engine.from_pretrained(tiny_model_dir, dtype=torch.float32, max_sessions=8, max_len=512)
     return a, b
 
 
-def test_batcher_matches_per_session_path(engines: tuple[Engine, Engine], tiny_fixture_dir: Path) -> None:
+# the second tick phase's sessions sit on the highest slots: the static LLM, TTS and audio encoder steps then
+# run a bucket of slots from the top (`row_window`), here slots 4..7
+@pytest.mark.parametrize("top", [False, True], ids=["low-slots", "top-slots"])
+def test_batcher_matches_per_session_path(
+    engines: tuple[Engine, Engine], tiny_fixture_dir: Path, top: bool
+) -> None:
     ref_engine, fast_engine = engines
     plan = _plan(tiny_fixture_dir)
     golden = load_npz(tiny_fixture_dir, "e_duplex")
@@ -124,7 +129,7 @@ def test_batcher_matches_per_session_path(engines: tuple[Engine, Engine], tiny_f
     batcher.generate = counting_generate  # type: ignore[method-assign]
     sessions = []
     for prompt, ref_audio, cfg, _, _ in plan:
-        s = fast_engine.open_session(Mode.DUPLEX)
+        s = fast_engine.open_session(Mode.DUPLEX, top_slot=top)
         prepare(fast_engine, s, prompt, ref_audio, cfg)
         sessions.append(s)
     lengths = [fast_engine.kv_length(s) for s in sessions]
@@ -165,6 +170,12 @@ def test_batcher_matches_per_session_path(engines: tuple[Engine, Engine], tiny_f
             else:
                 assert out.speech is None
     assert spoke > 0
+    if top:  # every step ran a bucket of the top slots only (slots 4..7, or fewer)
+        assert [s.slot for s in sessions] == [7, 6, 5]
+        assert batcher.tts is not None
+        for steps in (batcher.tts.steps, batcher.audio.steps, batcher.llm.steps):
+            assert all(k[0] + k[1] == 8 for k in steps if steps is not batcher.llm.steps or k[0])
+        assert {k[:2] for k in batcher.llm.steps if k[0]} >= {(4, 4)}
     assert all(pending_tail(fast_engine, s) for s in sessions)
     feeds.clear()
     batcher.finalize(sessions)  # flush the last tails: one more step, outside the tick

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from MiniCPMO45.engine.core import Engine
+from MiniCPMO45.engine.graphs import row_window
 from MiniCPMO45.engine.static_decode import StaticLLM
 from MiniCPMO45.modules.kv_cache import CacheFullError
 
@@ -37,9 +38,9 @@ def test_static_steps_match_engine_forward(engines: tuple[Engine, Engine]) -> No
     pieces = [torch.randn(n, d, generator=g) for n in (5, 11, 2)]
     want = ref.feed(ref_s, pieces)
     out = runner.feed([s.slot for s in fast_s], pieces)
-    for i, (s, w) in enumerate(zip(fast_s, want, strict=True)):
-        _close(out["hidden"][s.slot, : w.shape[0]], w)
-        _close(out["logits"][s.slot], ref.last_logits([want[i]])[0])
+    for i, w in enumerate(want):
+        _close(out["hidden"][i, : w.shape[0]], w)
+        _close(out["logits"][i], ref.last_logits([want[i]])[0])
     assert fast.cache.lengths[:3].tolist() == [5, 11, 2]
     # decode a subset: sessions 0 and 2 only; session 1 must stay untouched
     max_len = fast.cache.max_len  # past it: the spare position padding entries are written to
@@ -48,9 +49,9 @@ def test_static_steps_match_engine_forward(engines: tuple[Engine, Engine]) -> No
         tok = [torch.randn(1, d, generator=g) for _ in range(2)]
         want = ref.feed([ref_s[0], ref_s[2]], tok)
         out = runner.feed([fast_s[0].slot, fast_s[2].slot], tok)
-        _close(out["hidden"][fast_s[0].slot, :1], want[0])
-        _close(out["hidden"][fast_s[2].slot, :1], want[1])
-        _close(out["logits"][fast_s[2].slot], ref.last_logits(want)[1])
+        _close(out["hidden"][0, :1], want[0])
+        _close(out["hidden"][1, :1], want[1])
+        _close(out["logits"][1], ref.last_logits(want)[1])
     assert fast.cache.lengths[:3].tolist() == [8, 11, 5]
     assert torch.equal(fast.cache.keys[0][1][:, :max_len], before)
     for layer in range(len(fast.cache.keys)):
@@ -98,9 +99,8 @@ def test_flex_steps_match_the_dense_mask(tiny_model_dir: Path) -> None:
         want, got = (
             runner.feed([ss[r] for r in rows], tok) for runner, ss in zip(runners, slots, strict=True)
         )
-        for r in rows:
-            _close(got["hidden"][slots[1][r], :1], want["hidden"][slots[0][r], :1])
-            _close(got["logits"][slots[1][r]], want["logits"][slots[0][r]])
+        _close(got["hidden"], want["hidden"])
+        _close(got["logits"], want["logits"])
     lengths = [e.cache.lengths[:4].tolist() for e in engines]
     assert lengths[0] == lengths[1] == [278, 260, 303, 185]
 
@@ -122,4 +122,40 @@ def test_compile_shape_changes_no_session_state(tiny_model_dir: Path) -> None:
         torch.equal(k[:, :, : eng.cache.max_len], before)
         for k, before in zip(eng.cache.keys, keys, strict=True)
     )
-    assert runner.steps == {(4, 16): runner.steps[(4, 16)]}  # only the step `feed` built
+    assert runner.steps == {(0, 4, 16): runner.steps[(0, 4, 16)]}  # only the step `feed` built
+
+
+def test_steps_over_the_top_slots_match_the_bottom_ones(tiny_model_dir: Path) -> None:
+    """Sessions on the highest slots (the second tick phase) run a step over a bucket of slots from the top
+    (`row_window`), and give what the same sessions give on the lowest slots; a step over both ends runs
+    every slot."""
+    engines = [
+        Engine.from_pretrained(tiny_model_dir, dtype=torch.float32, max_sessions=8, max_len=200)
+        for _ in range(2)
+    ]
+    runners = [StaticLLM(e.model.llm, e.cache, use_graphs=False, flex_decode=True) for e in engines]
+    low = [engines[0].open_session().slot for _ in range(3)]
+    high = [engines[1].open_session(top_slot=True).slot for _ in range(3)]
+    assert (low, high) == ([0, 1, 2], [7, 6, 5])
+    g = torch.Generator().manual_seed(3)
+    d = engines[0].model.config.llm.hidden_size
+    for counts in ((7, 12, 3), (1, 1, 1), (2, 1, 4)):
+        pieces = [torch.randn(n, d, generator=g) for n in counts]
+        want, got = (r.feed(ss, pieces) for r, ss in zip(runners, (low, high), strict=True))
+        _close(got["hidden"], want["hidden"])
+        _close(got["logits"], want["logits"])
+    assert engines[1].cache.lengths.tolist() == [0, 0, 0, 0, 0, 8, 14, 10]
+    assert {k[0] for k in runners[1].steps} == {4}  # rows 4..7: a bucket of 4 from the top
+    assert {k[1] for k in runners[1].steps} == {4}
+    other = engines[1].open_session()  # slot 0: now the step spans every slot
+    runners[1].feed([other.slot, high[0]], [torch.randn(1, d, generator=g)] * 2)
+    assert (0, 8, 1) in runners[1].steps
+
+
+def test_row_window_picks_the_smaller_end() -> None:
+    buckets = [1, 2, 4, 8, 16, 24, 32, 48, 64]
+    assert row_window(buckets, 64, [0, 5, 20]) == (0, 24)
+    assert row_window(buckets, 64, [63, 50, 40]) == (40, 24)
+    assert row_window(buckets, 64, [63]) == (63, 1)
+    assert row_window(buckets, 64, [3, 60]) == (0, 64)
+    assert row_window(buckets, 48, [47, 30]) == (24, 24)

@@ -27,7 +27,7 @@ from ..model import MiniCPMO
 from ..modules.whisper import WhisperEncoder, WhisperStreamCache, cnn_frames
 from ..modules.whisper_slots import WhisperSlotCache, slot_stream_forward, trimmed_frames
 from ..processor.audio_features import MelUnit
-from .graphs import StaticStep, graphs_available, new_pool, pick_bucket
+from .graphs import StaticStep, graphs_available, new_pool, pick_bucket, row_window
 from .session import Session
 from .static_decode import ROW_BUCKETS
 
@@ -63,7 +63,7 @@ class BatchedAudioEncoder:
             raise ValueError("CUDA graphs need the static step shapes")
         self.row_buckets = sorted({min(b, num_slots) for b in row_buckets} | {num_slots})
         self.pool = new_pool(self.device) if self.use_graphs else None
-        self.steps: dict[tuple[int, int, int], StaticStep] = {}
+        self.steps: dict[tuple[int, int, int, int], StaticStep] = {}
         self.owners: dict[int, weakref.ref[object]] = {}
         self.passes = 0  # encoder passes run so far (one per `encode`)
         self._cache: WhisperSlotCache | None = None
@@ -160,7 +160,7 @@ class BatchedAudioEncoder:
         table = self.encoder.max_positions
         top = max(r.slot for r in rows)
         if self.static:
-            lo, n_rows = 0, pick_bucket(self.row_buckets, top + 1)
+            lo, n_rows = row_window(self.row_buckets, self.num_slots, [r.slot for r in rows])
             frames = -(-frames // MEL_FRAME_STEP) * MEL_FRAME_STEP
             window = table
         else:
@@ -170,7 +170,7 @@ class BatchedAudioEncoder:
             window = min(table, -(-longest // WINDOW_STEP) * WINDOW_STEP)
         host = self._host_inputs(rows, lo, n_rows, frames)
         if self.static:
-            st = self._step(n_rows, frames, new_frames)
+            st = self._step(n_rows, frames, new_frames, lo)
             for name, value in host.items():
                 st.inputs[name].copy_(value)
             out = st.run()["embeds"]
@@ -215,8 +215,8 @@ class BatchedAudioEncoder:
         )
         return {"embeds": self.model._project_audio(states)}
 
-    def _step(self, n_rows: int, frames: int, new_frames: int) -> StaticStep:
-        key = (n_rows, frames, new_frames)
+    def _step(self, n_rows: int, frames: int, new_frames: int, lo: int = 0) -> StaticStep:
+        key = (lo, n_rows, frames, new_frames)
         if key not in self.steps:
             n_mels = self.encoder.conv1.in_channels
             inputs = {
@@ -229,7 +229,7 @@ class BatchedAudioEncoder:
             table = self.encoder.max_positions
 
             def fn(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-                return self._forward(x, 0, new_frames, table)
+                return self._forward(x, lo, new_frames, table)
 
             def idle(x: dict[str, torch.Tensor]) -> None:
                 x["num_new"].zero_()
@@ -239,9 +239,13 @@ class BatchedAudioEncoder:
             self.steps[key] = StaticStep(fn, inputs, idle, self.use_graphs, self.pool)
         return self.steps[key]
 
-    def warm_up(self, max_sessions: int, mel_frames: int = 104, new_frames: int = 50) -> None:
-        """Build (capture, on a GPU) the static step a tick of up to `max_sessions` slots uses."""
+    def warm_up(
+        self, max_sessions: int, mel_frames: int = 104, new_frames: int = 50, top: bool = False
+    ) -> None:
+        """Build (capture, on a GPU) the static step a tick of up to `max_sessions` slots uses: the lowest
+        slots', or with `top` the highest slots'."""
         if not self.static:
             return
         rows = pick_bucket(self.row_buckets, max_sessions)
-        self._step(rows, -(-mel_frames // MEL_FRAME_STEP) * MEL_FRAME_STEP, new_frames)
+        frames = -(-mel_frames // MEL_FRAME_STEP) * MEL_FRAME_STEP
+        self._step(rows, frames, new_frames, self.num_slots - rows if top else 0)

@@ -174,30 +174,44 @@ class DuplexBatcher:
         audio = 3 + pooled_tokens(round(cfg.audio_chunk_length * 100), cfg.audio_pool_step)
         return audio, audio + cfg.query_num + 2
 
-    def warm_up(self, max_sessions: int, prefill_tokens: Sequence[int] | None = None) -> None:
+    def warm_up(
+        self, max_sessions: int, prefill_tokens: Sequence[int] | None = None, phases: int = 1
+    ) -> None:
         """Capture the graphs a tick of up to `max_sessions` sessions uses (decode, finalize, prefill, TTS), and
         build every kernel a tick of fewer sessions can need, so that no kernel compile (seconds on a GPU) lands
         in a live tick: the one-token step's FlexAttention kernel is compiled per row bucket, and whether a
         longer step's compile serves a given row count depends on the shapes Dynamo saw before (it turns a size
         dynamic once it changes). Shapes other than the largest are only compiled (`compile_shape`), not
         captured: their graphs would hold their outputs' memory; a live tick captures one in a few 100 ms.
-        The longest step goes first: if its kernel fails to build, the fallback drops the steps before it."""
+        The longest step goes first: if its kernel fails to build, the fallback drops the steps before it.
+
+        With two tick `phases` a tick holds about half of the sessions, on the lowest or the highest slots
+        (`graphs.row_window`): the graphs of half the sessions are captured at both ends instead."""
         buckets = [r for r in self.llm.row_buckets if r <= pick_bucket(self.llm.row_buckets, max_sessions)]
+        largest = pick_bucket(buckets, -(-max_sessions // phases))
+        ends = (False, True) if phases > 1 else (False,)
         if prefill_tokens is None:
             prefill_tokens = sorted(self.unit_positions(), reverse=True)
         # Two long folded steps too: past 128 query rows Inductor builds another kernel, and only a size seen
         # to change there becomes dynamic; a session's prompt prefill can take any token bucket up to 128.
         for tokens in (FOLDED_MAX_TOKENS, FOLDED_MAX_TOKENS // 2, *prefill_tokens, 2, 1):
-            self.llm.warm_up(buckets[-1], (tokens,))
-            for rows in reversed(buckets[:-1]):
-                self.llm.compile_shape(rows, tokens)
+            for top in ends:
+                self.llm.warm_up(largest, (tokens,), top)
+            for rows in reversed(buckets):
+                if rows != largest:
+                    self.llm.compile_shape(rows, tokens)
         for rows in buckets:  # the decode step runs at every session count: its graphs are kept
-            self.llm.warm_up(rows, (1,))
+            for top in ends:
+                if rows <= largest:
+                    self.llm.warm_up(rows, (1,), top)
+        speakers = -(-max_sessions // phases)
         if self.tts is not None:
-            self.tts.warm_up(max_sessions)
+            for top in ends:
+                self.tts.warm_up(speakers, top=top)
             self.tts.warm_up(1)  # its fused halves have a one-row case too (see `fused`)
         if self.engine.model.apm is not None:
-            self.audio.warm_up(max_sessions)
+            for top in ends:
+                self.audio.warm_up(speakers, top=top)
 
     # ---- prefill ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -289,9 +303,7 @@ class DuplexBatcher:
             slots = [sessions[i].slot for i in ready]
             out = self.llm.feed(slots, pieces)
             take_tails(eng, [sessions[i] for i in ready])  # fed with the units
-            idx = upload(slots, self.device)
-            logits = out["logits"].index_select(0, idx)
-            record_prefill([sessions[i] for i in ready], logits, schemas)
+            record_prefill([sessions[i] for i in ready], out["logits"], schemas)
         stamp_prefill(results, (t_feed - t_vision) * 1000, (t_vision - t_audio) * 1000, t_feed)
         return results
 
@@ -359,8 +371,7 @@ class DuplexBatcher:
             out = self._feed_tokens(
                 closers, [[sp.turn_eos]] * len(closers), [length[r.slot] for r in closers]
             )
-            idx, rows = upload([r.slot for r in closers], dev), upload([r.row for r in closers], dev)
-            logits.index_copy_(0, rows, out["logits"].index_select(0, idx))
+            logits.index_copy_(0, upload([r.row for r in closers], dev), out["logits"])
             for r in closers:
                 length[r.slot] += 1
                 r.st.total_ids.append(sp.turn_eos)
@@ -414,9 +425,8 @@ class DuplexBatcher:
                 break
             fed = [r for r, _ in to_feed]
             out = self._feed_tokens(fed, [[t] for _, t in to_feed], [length[r.slot] for r in fed])
-            idx, rows = upload([r.slot for r in fed], dev), upload([r.row for r in fed], dev)
-            logits.index_copy_(0, rows, out["logits"].index_select(0, idx))
-            step_hidden.append(out["hidden"][:, 0].index_select(0, idx))
+            logits.index_copy_(0, upload([r.row for r in fed], dev), out["logits"])
+            step_hidden.append(out["hidden"][:, 0])
             for k, (run, tok) in enumerate(to_feed):
                 length[run.slot] += 1
                 record_fed(eng, run.st, results[run.index], tok)

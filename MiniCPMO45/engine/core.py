@@ -65,14 +65,19 @@ class Engine:
 
     # ---- sessions ---------------------------------------------------------------------------------------------
     def open_session(
-        self, mode: Mode = Mode.CHAT, session_id: str | None = None, seed: int | None = None
+        self,
+        mode: Mode = Mode.CHAT,
+        session_id: str | None = None,
+        seed: int | None = None,
+        top_slot: bool = False,
     ) -> Session:
+        """A new session on the lowest free KV slot (with `top_slot`, the highest: a second tick phase)."""
         sid = session_id or f"s{next(self._ids)}"
         if sid in self.sessions:
             raise ValueError(f"session {sid!r} already exists")
         # The session's sampling generator lives where the logits are (multinomial needs the same device).
         generator = torch.Generator(device=self.model.device)
-        session = Session(session_id=sid, slot=self.cache.allocate(), mode=mode, generator=generator)
+        session = Session(session_id=sid, slot=self.cache.allocate(top_slot), mode=mode, generator=generator)
         if seed is not None:
             session.seed(seed)
         self.sessions[sid] = session
@@ -128,9 +133,7 @@ class Engine:
             raise ValueError("a session appears twice in one step")
         lengths = [p.shape[0] for p in pieces]
         if self.static is not None and self.static.accepts([s.slot for s in sessions], lengths):
-            out = self.static.feed([s.slot for s in sessions], pieces)
-            idx = torch.tensor([s.slot for s in sessions], device=self.model.device)
-            rows = out["hidden"].index_select(0, idx)  # a copy: the step's buffers are reused
+            rows = self.static.feed([s.slot for s in sessions], pieces)["hidden"]
             return [rows[i, :n] for i, n in enumerate(lengths)]
         t = max(lengths)
         d = pieces[0].shape[-1]

@@ -12,7 +12,7 @@ effects when its inputs are "idle" (e.g. every row writes nothing and advances b
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -73,3 +73,13 @@ def pick_bucket(buckets: list[int], need: int) -> int:
         if b >= need:
             return b
     raise ValueError(f"{need} exceeds the largest bucket {buckets[-1]}")
+
+
+def row_window(buckets: list[int], num_slots: int, slots: Sequence[int]) -> tuple[int, int]:
+    """`(first, rows)`: the slots `first .. first + rows - 1` a static step over `slots` runs as its rows. A
+    bucket of rows from slot 0 up, or from the last slot down when that is smaller: the worker's second tick
+    phase takes the highest free slots (`SlotKVCache.allocate(top=True)`), so each phase's tick runs about
+    its own sessions' rows, not every slot below its highest."""
+    low = pick_bucket(buckets, max(slots) + 1)
+    high = pick_bucket(buckets, num_slots - min(slots))
+    return (0, low) if low <= high else (num_slots - high, high)

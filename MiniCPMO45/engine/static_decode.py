@@ -1,7 +1,8 @@
 """Static-shape LLM steps over the engine's slot KV cache, graph-captured per (rows, tokens) bucket.
 
-A step runs the first `rows` KV slots as its batch (row i = slot i; the engine hands out the lowest free slot,
-so active slots stay dense). Row i appends its first `num_new[i]` of `T` input embeddings at its own length
+A step runs `rows` consecutive KV slots as its batch, from slot 0 up or from the last slot down
+(`graphs.row_window`: row i = slot first + i; the engine hands out the lowest free slot, or the highest for the
+worker's second tick phase, so each phase's active slots stay dense at one end). Row i appends its first `num_new[i]` of `T` input embeddings at its own length
 `cache.lengths[i]`; rows with `num_new = 0` (idle slots, free slots, padding up to the bucket) write nothing
 and do not advance. Every shape is fixed by (rows, T, window): attention runs over the first `window` cache
 positions with an additive mask built on the device from the lengths, so no host value enters the step and it
@@ -18,8 +19,10 @@ row's last real token.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +31,7 @@ from ..modules.kv_cache import CacheFullError, SlotKVCache
 from ..modules.qwen3 import Qwen3ForCausalLM
 from .flex_decode import FOLDED_MAX_TOKENS, MAX_TOKENS, BlockMask, step_attention, step_block_mask
 from .fused import EAGER, LayerKernels, kernels_for, layer_weights, merge_projections
-from .graphs import StaticStep, graphs_available, new_pool, pick_bucket
+from .graphs import StaticStep, graphs_available, new_pool, pick_bucket, row_window
 from .host_copy import upload
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,22 @@ log = logging.getLogger(__name__)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 128)
 # 80: an omni unit (tail, <unit>, one frame's 66 positions, 10 audio positions) fits with no padding to 96
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 80, 96, 128, 192, 256)
+
+
+_Cache = TypeVar("_Cache")
+
+
+def rows_from(cache: _Cache, first: int) -> _Cache:
+    """The slot cache seen from slot `first` on (views of the same storage; a slot cache's `lengths` too): the
+    cache a static step over slots first.. runs on."""
+    if first == 0:
+        return cache
+    view = copy.copy(cache)
+    view.keys = [k[first:] for k in cache.keys]  # type: ignore[attr-defined]
+    view.values = [v[first:] for v in cache.values]  # type: ignore[attr-defined]
+    if isinstance(cache, SlotKVCache):
+        view.lengths = cache.lengths[first:]  # type: ignore[attr-defined]
+    return view
 
 
 def dense_step_mask(positions: torch.Tensor, window: int, group: int, dtype: torch.dtype) -> torch.Tensor:
@@ -162,8 +181,8 @@ class StaticLLM:
         self.dim = llm.config.hidden_size
         self.dtype = llm.lm_head.weight.dtype
 
-    def _step(self, rows: int, tokens: int) -> StaticStep:
-        key = (rows, tokens)
+    def _step(self, rows: int, tokens: int, first: int = 0) -> StaticStep:
+        key = (first, rows, tokens)
         if key not in self.steps:
             inputs = {
                 "embeds": torch.zeros(rows, tokens, self.dim, dtype=self.dtype, device=self.device),
@@ -171,7 +190,7 @@ class StaticLLM:
             }
 
             def fn(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-                return self._forward(x["embeds"], x["num_new"])
+                return self._forward(x["embeds"], x["num_new"], first)
 
             def idle(x: dict[str, torch.Tensor]) -> None:
                 x["num_new"].zero_()
@@ -198,19 +217,22 @@ class StaticLLM:
                     self.kernels = EAGER
                 self.steps.clear()
                 self.pool = new_pool(self.device) if self.use_graphs else None
-                return self._step(rows, tokens)
+                return self._step(rows, tokens, first)
         return self.steps[key]
 
-    def warm_up(self, rows: int, tokens: Sequence[int] = (1,)) -> None:
-        """Capture the steps a batch up to `rows` slots will use (graph capture costs a few 100 ms each)."""
+    def warm_up(self, rows: int, tokens: Sequence[int] = (1,), top: bool = False) -> None:
+        """Capture the steps a batch up to `rows` slots will use (graph capture costs a few 100 ms each): the
+        lowest slots', or with `top` the highest slots' (the second tick phase's)."""
         r = pick_bucket(self.row_buckets, rows)
         for t in tokens:
-            self._step(r, pick_bucket(self.token_buckets, t))
+            self._step(r, pick_bucket(self.token_buckets, t), self.cache.num_slots - r if top else 0)
 
-    def _forward(self, embeds: torch.Tensor, num_new: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _forward(
+        self, embeds: torch.Tensor, num_new: torch.Tensor, first: int = 0
+    ) -> dict[str, torch.Tensor]:
         return static_forward(
             self.llm,
-            self.cache,
+            rows_from(self.cache, first),
             embeds,
             num_new,
             self.window,
@@ -238,10 +260,10 @@ class StaticLLM:
     ) -> dict[str, torch.Tensor]:
         """Append `pieces[i]` (`[T_i, D]`) to slot `slots[i]` in one static step.
 
-        Returns views of the step outputs, indexed by slot: `hidden [rows, T, D]` and `logits [rows, V]`
-        (float32, at each row's last real token). Consume them before the next `feed`. `lengths` are the
-        slots' current lengths if the caller knows them: the room check then reads nothing from the device, and
-        the step is only queued (the slot indices and counts are copied asynchronously).
+        Returns, for the given slots in their order, `hidden [n, T, D]` and `logits [n, V]` (float32, at each
+        row's last real token); copies, so they outlive the next step. `lengths` are the slots' current lengths
+        if the caller knows them: the room check then reads nothing from the device, and the step is only
+        queued (the slot indices and counts are copied asynchronously).
         """
         if len(slots) != len(pieces) or not slots:
             raise ValueError("one piece per slot, at least one")
@@ -251,10 +273,10 @@ class StaticLLM:
         cur = list(lengths) if lengths is not None else self.cache.lengths[list(slots)].tolist()
         if any(c + n > self.window for c, n in zip(cur, counts, strict=True)):
             raise CacheFullError(f"a slot would pass the attention window of {self.window} positions")
-        rows = pick_bucket(self.row_buckets, max(slots) + 1)
+        first, rows = row_window(self.row_buckets, self.cache.num_slots, slots)
         tokens = pick_bucket(self.token_buckets, max(counts))
-        step = self._step(rows, tokens)
-        idx = upload(slots, self.device)
+        step = self._step(rows, tokens, first)
+        idx = upload([s - first for s in slots], self.device)
         if all(c == tokens for c in counts):
             batch = torch.stack(list(pieces))
         else:
@@ -266,4 +288,5 @@ class StaticLLM:
         emb.index_copy_(0, idx, batch.to(emb.dtype))
         num.zero_()
         num.index_copy_(0, idx, upload(counts, self.device))
-        return step.run()
+        out = step.run()
+        return {"hidden": out["hidden"].index_select(0, idx), "logits": out["logits"].index_select(0, idx)}

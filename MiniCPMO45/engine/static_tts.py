@@ -3,7 +3,7 @@ and a batched duplex unit (`generate_codes`) that draws every speaking session's
 step: after the condition step, all the unit's draws (scores, draw, feed) are one static step (`draw_loop`),
 so on a GPU the whole unit replays as two graphs.
 
-Row i of a step is TTS cache slot i; `lengths [slots]` (a device tensor owned by the caller) is how many
+Row i of a step is TTS cache slot first + i (a bucket of slots from either end, `graphs.row_window`); `lengths [slots]` (a device tensor owned by the caller) is how many
 positions each slot holds. The layout, mask and attention are `static_decode`'s (`dense_step_mask`,
 `slot_attention`; the TTS has as many kv heads as query heads, so nothing is folded). The step returns float32
 code logits at each row's last real token.
@@ -26,8 +26,8 @@ from ..modules.tts import DUPLEX_MAX_DRAWS, MiniCPMTTS
 from ..modules.tts_backbone import LLAMA_ROPE_THETA, TTSKVCache, rope_cos_sin
 from ..modules.tts_sampling import DUPLEX_SAMPLING, CodeSampling
 from .fused import EAGER, LayerKernels, kernels_for, layer_weights, merge_projections
-from .graphs import StaticStep, graphs_available, new_pool, pick_bucket
-from .static_decode import ROW_BUCKETS, dense_step_mask, slot_attention
+from .graphs import StaticStep, graphs_available, new_pool, pick_bucket, row_window
+from .static_decode import ROW_BUCKETS, dense_step_mask, rows_from, slot_attention
 
 log = logging.getLogger(__name__)
 
@@ -156,14 +156,14 @@ class StaticTTS:
                 merge_projections(layer)
             torch.cuda.empty_cache()  # the separate weights' freed blocks go back (they fit no later tensor)
         self.pool = new_pool(self.device) if self.use_graphs else None
-        self.steps: dict[tuple[int, int], StaticStep] = {}
-        self.loops: dict[tuple[int, int, CodeSampling], StaticStep] = {}
+        self.steps: dict[tuple[int, int, int], StaticStep] = {}
+        self.loops: dict[tuple[int, int, int, CodeSampling], StaticStep] = {}
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(0)
         self.last_hit_eos: list[bool] = []  # per slot of the last generate_codes call: its final draw was EOS
 
-    def _step(self, rows: int, tokens: int) -> StaticStep:
-        key = (rows, tokens)
+    def _step(self, rows: int, tokens: int, first: int = 0) -> StaticStep:
+        key = (first, rows, tokens)
         if key not in self.steps:
             h = self.tts.config.hidden_size
             inputs = {
@@ -171,9 +171,11 @@ class StaticTTS:
                 "num_new": torch.zeros(rows, dtype=torch.long, device=self.device),
             }
 
+            cache, lengths = rows_from(self.cache, first), self.lengths[first:]
+
             def fn(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 return static_tts_forward(
-                    self.tts, self.cache, self.lengths, x["embeds"], x["num_new"], self.window, self.kernels
+                    self.tts, cache, lengths, x["embeds"], x["num_new"], self.window, self.kernels
                 )
 
             def idle(x: dict[str, torch.Tensor]) -> None:
@@ -181,7 +183,7 @@ class StaticTTS:
 
             step = self._build(fn, inputs, idle)
             if step is None:
-                return self._step(rows, tokens)
+                return self._step(rows, tokens, first)
             self.steps[key] = step
         return self.steps[key]
 
@@ -207,8 +209,8 @@ class StaticTTS:
             self.pool = new_pool(self.device) if self.use_graphs else None
             return None
 
-    def _loop(self, rows: int, max_new: int, sampling: CodeSampling) -> StaticStep:
-        key = (rows, max_new, sampling)
+    def _loop(self, rows: int, max_new: int, sampling: CodeSampling, first: int = 0) -> StaticStep:
+        key = (first, rows, max_new, sampling)
         if key not in self.loops:
             vocab = self.tts.head_code[0].out_features
             dev = self.device
@@ -221,24 +223,32 @@ class StaticTTS:
                 "use_forced": torch.zeros(rows, dtype=torch.bool, device=dev),
             }
 
+            cache, lengths = rows_from(self.cache, first), self.lengths[first:]
+
             def fn(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-                return draw_loop(self.tts, self.cache, self.lengths, self.window, sampling, x, self.kernels)
+                return draw_loop(self.tts, cache, lengths, self.window, sampling, x, self.kernels)
 
             def idle(x: dict[str, torch.Tensor]) -> None:
                 x["active"].zero_()
 
             step = self._build(fn, inputs, idle)
             if step is None:
-                return self._loop(rows, max_new, sampling)
+                return self._loop(rows, max_new, sampling, first)
             self.loops[key] = step
         return self.loops[key]
 
     def warm_up(
-        self, rows: int, condition_tokens: int = 32, sampling: CodeSampling = DUPLEX_SAMPLING
+        self,
+        rows: int,
+        condition_tokens: int = 32,
+        sampling: CodeSampling = DUPLEX_SAMPLING,
+        top: bool = False,
     ) -> None:
+        """Capture the steps of up to `rows` speaking slots: the lowest slots', or with `top` the highest."""
         r = pick_bucket(self.row_buckets, rows)
-        self._step(r, pick_bucket(self.token_buckets, condition_tokens))
-        self._loop(r, DUPLEX_MAX_DRAWS, sampling)
+        first = self.num_slots - r if top else 0
+        self._step(r, pick_bucket(self.token_buckets, condition_tokens), first)
+        self._loop(r, DUPLEX_MAX_DRAWS, sampling, first)
 
     def reset(self, slots: Sequence[int]) -> None:
         """Start new turns: the slots' next condition goes to position 0."""
@@ -265,15 +275,15 @@ class StaticTTS:
         if len(set(slots)) != n:
             raise ValueError("a slot appears twice in one call")
         cur = self.lengths[list(slots)].tolist()
-        rows = pick_bucket(self.row_buckets, max(slots) + 1)
+        first, rows = row_window(self.row_buckets, self.num_slots, slots)
         counts = [int(c.shape[0]) for c in conditions]
         # a turn that would outgrow the window restarts its TTS context (a deviation only for > window turns)
         overflow = [s for s, c, k in zip(slots, cur, counts, strict=True) if c + k + max_new > self.window]
         self.reset(overflow)
         device = self.device
-        idx = torch.tensor(list(slots), dtype=torch.long, device=device)
+        idx = torch.tensor([s - first for s in slots], dtype=torch.long, device=device)
         tokens = pick_bucket(self.token_buckets, max(counts))
-        step = self._step(rows, tokens)
+        step = self._step(rows, tokens, first)
         batch = conditions[0].new_zeros(n, tokens, conditions[0].shape[-1])
         for i, c in enumerate(conditions):
             batch[i, : c.shape[0]] = c
@@ -283,7 +293,7 @@ class StaticTTS:
         step.inputs["num_new"].index_copy_(0, idx, torch.tensor(counts, dtype=torch.long, device=device))
         logits = step.run()["logits"]
 
-        loop = self._loop(rows, max_new, sampling)
+        loop = self._loop(rows, max_new, sampling, first)
         x = loop.inputs
         x["logits"].copy_(logits)
         x["active"].zero_()
@@ -295,7 +305,7 @@ class StaticTTS:
         if forced is not None:
             table = torch.zeros(rows, max_new, dtype=torch.long)
             for s, f in zip(slots, forced, strict=True):
-                table[s, : min(len(f), max_new)] = torch.tensor(list(f)[:max_new], dtype=torch.long)
+                table[s - first, : min(len(f), max_new)] = torch.tensor(list(f)[:max_new], dtype=torch.long)
             x["forced"].copy_(table.T)
             x["use_forced"][idx] = True
         draws = loop.run()["draws"]

@@ -38,11 +38,12 @@ class SlotKVCache:
         self._free = list(range(num_slots))
 
     # ---- slot bookkeeping -------------------------------------------------------------------------------------
-    def allocate(self) -> int:
+    def allocate(self, top: bool = False) -> int:
+        """The lowest free slot, or with `top` the highest: the active slots stay dense at either end (static
+        steps batch a bucket of slots from one end, see `graphs.row_window`)."""
         if not self._free:
             raise CacheFullError(f"all {self.num_slots} KV slots are in use")
-        # the lowest free slot, so the active slots stay dense (static steps batch slots 0..n-1)
-        slot = min(self._free)
+        slot = max(self._free) if top else min(self._free)
         self._free.remove(slot)
         self.lengths[slot] = 0
         return slot

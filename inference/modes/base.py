@@ -75,6 +75,9 @@ class UnitTimings:
 Output = Speech | Text | State | Flush | ModeError | UnitTimings
 
 
+DEFAULT_TICK_PHASES = 2  # the worker's tick phases per unit unless its settings say (`workers.tick_phases`)
+
+
 @dataclass
 class SessionOptions:
     """Options of one session, from the signalling request and the server config."""
@@ -83,6 +86,9 @@ class SessionOptions:
     system_prompt: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # the whole options dict of the `open` message
     voice: str | None = None  # reference voice id (POST /api/voices), None: the default voice
+    # a batching session's tick phase (0 or 1, see `inference.worker.UnitTicker`): phase 1 sessions take the
+    # highest free KV slots, so each phase's tick runs a dense block of slots (`graphs.row_window`)
+    tick_phase: int = 0
 
 
 class Mode(Protocol):

@@ -89,7 +89,7 @@ class DuplexMode:
         self.system_prompt = options.system_prompt or DEFAULT_PROMPTS[self.name]
         self.voice = self.host.voice(options.voice)
         self.batcher = self.host.duplex_batcher()
-        self.session = self.host.engine.open_session(seed=self.options.seed)
+        self.session = self.host.engine.open_session(seed=self.options.seed, top_slot=options.tick_phase == 1)
         self.batcher.attach(self.session.slot, self.voice.prompt)
         self._prepare()
         setup = SessionSetup(
