@@ -90,6 +90,7 @@ class UnitTicker:
             raise ValueError("phases must be at least 1")
         self.executor = executor
         self.members = members  # the phase of each open session whose mode batches
+        self.phase_of: dict[str, int] = {}  # every batching session's phase, taken before its mode opens
         self.gather_s = gather_s
         self.phases = phases
         self.waiting: list[_Waiting] = []
@@ -97,12 +98,17 @@ class UnitTicker:
         self.ticks = 0
         self.task = asyncio.create_task(self._run(), name="unit-ticker")
 
-    def pick_phase(self) -> int:
-        """The phase for a session that starts batching: the one with the fewest sessions."""
-        counts = [0] * self.phases
-        for phase in self.members():
-            counts[phase] += 1
-        return counts.index(min(counts))
+    def join(self, session_id: str) -> int:
+        """The session's phase: the one it has, else the phase with the fewest sessions."""
+        if session_id not in self.phase_of:
+            counts = [0] * self.phases
+            for phase in self.phase_of.values():
+                counts[phase] += 1
+            self.phase_of[session_id] = counts.index(min(counts))
+        return self.phase_of[session_id]
+
+    def leave(self, session_id: str) -> None:
+        self.phase_of.pop(session_id, None)
 
     def grid_offset_s(self, phase: int, unit_s: float) -> float:
         return phase * unit_s / self.phases
@@ -201,6 +207,7 @@ class SessionRunner:
                     )
                     break
         finally:
+            self.ticker.leave(self.session_id)
             await self._close_mode()
             await self.conn.send(p.Closed(session_id=self.session_id))
 
@@ -227,7 +234,9 @@ class SessionRunner:
                 return
             phase = None
             if batch_runner(mode) is not None:  # a batching session keeps its phase across mode switches
-                phase = self.ticker.pick_phase() if self.phase is None else self.phase
+                phase = self.ticker.join(self.session_id)
+            else:
+                self.ticker.leave(self.session_id)
             options = SessionOptions(
                 session_id=self.session_id,
                 system_prompt=message.options.get("system_prompt"),
