@@ -45,6 +45,7 @@ from MiniCPMO45.engine.capacity import CapacityTable, ModeCapacity  # noqa: E402
 from MiniCPMO45.engine.core import Engine  # noqa: E402
 from MiniCPMO45.engine.duplex import DuplexConfig, DuplexState, UnitInput  # noqa: E402
 from MiniCPMO45.engine.session import Mode, Session  # noqa: E402
+from MiniCPMO45.engine.static_tts import TTS_WINDOW  # noqa: E402
 from MiniCPMO45.modules.whisper_slots import WhisperSlotCache  # noqa: E402
 from MiniCPMO45.processor.audio_features import StreamingMel  # noqa: E402
 from MiniCPMO45.token2wav import Token2Wav  # noqa: E402
@@ -440,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         2 * cfg.num_hidden_layers * cfg.num_key_value_heads * max_len * cfg.head_dim * model.dtype.itemsize
     )
     # per session besides the LLM KV: the TTS slot cache and the Whisper slot cache (the whole position table)
-    tts_window = 256
+    tts_window = TTS_WINDOW  # as the worker's batcher
     tcfg = model.config.tts
     tts_bytes = 2 * tcfg.num_hidden_layers * tcfg.hidden_size * tts_window * model.dtype.itemsize
     whisper_bytes = WhisperSlotCache.bytes_per_slot(model.config.audio, model.dtype)

@@ -107,7 +107,7 @@ class Opened(_Msg):
     first_unit_samples: int | None = None
     output_rate: int = 24000
     video_max_side: int | None = None  # the mode wants one camera frame per unit, at most this large
-    align_units: bool = False  # cut units on the server's 1 s grid (batching modes)
+    align_units: bool = False  # cut units on a grid of the server's clock (batching modes)
     # the session's tick phase: its units end this long after the grid lines (multiples of the unit length)
     grid_offset_s: float = Field(0.0, ge=0.0)
     open_ms: float = 0.0  # worker time to close the previous mode (if any) and open this one

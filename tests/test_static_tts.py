@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from MiniCPMO45.engine import static_tts
 from MiniCPMO45.engine.static_tts import StaticTTS, duplex_scores, gumbel
 from MiniCPMO45.model import MiniCPMO
 from MiniCPMO45.modules.tts_sampling import DUPLEX_SAMPLING, code_distribution
@@ -18,7 +19,12 @@ def model(tiny_model_dir: Path) -> MiniCPMO:
     return MiniCPMO.from_pretrained(tiny_model_dir, dtype=torch.float32)
 
 
-def test_static_tts_matches_generate_chunks(model: MiniCPMO) -> None:
+# flex: the draws attend through FlexAttention's block mask (the GPU path; eager FlexAttention on the CPU)
+@pytest.mark.parametrize("flex", [False, True], ids=["dense-mask", "flex"])
+def test_static_tts_matches_generate_chunks(model: MiniCPMO, flex: bool, monkeypatch) -> None:
+    masks = []
+    block_mask = static_tts.step_block_mask
+    monkeypatch.setattr(static_tts, "step_block_mask", lambda *a: masks.append(a) or block_mask(*a))
     tts = model.tts
     assert tts is not None
     g = torch.Generator().manual_seed(1)
@@ -34,6 +40,7 @@ def test_static_tts_matches_generate_chunks(model: MiniCPMO) -> None:
         want = tts.generate_chunks(ref_sessions, conds, min_new=[26, 0, 26], max_new=26, forced=forced)
         if _ == 0:
             fast = StaticTTS(tts, 4, window=128, use_graphs=False)
+            fast.flex = flex
         got = fast.generate_codes([0, 1, 2], conds, [26, 0, 26], forced=forced)
         assert got == [w.codes.tolist() for w in want]
     assert len(got[1]) == 5 and len(got[0]) == 25
@@ -45,6 +52,7 @@ def test_static_tts_matches_generate_chunks(model: MiniCPMO) -> None:
             k_ref, k_got = ref_cache.keys[layer][s.slot, :, :n], fast.cache.keys[layer][s.slot, :, :n]
             assert torch.allclose(k_ref, k_got, atol=2e-5, rtol=1e-4), (k_ref - k_got).abs().max()
     assert fast.lengths[3] == 0
+    assert len(masks) == (2 * 25 if flex else 0)  # one block mask per fed draw
 
 
 def test_duplex_scores_match_code_distribution() -> None:

@@ -107,7 +107,7 @@ async def test_units_of_all_duplex_sessions_run_as_one_tick(worker: FakeServer) 
     await open_all(worker, SESSIONS)
     rounds = 6
     for i in range(rounds):
-        # the units of one grid second arrive a little apart (network, decoding): the tick gathers them
+        # the units of one grid line arrive a little apart (network, decoding): the tick gathers them
         for sid, (mode, _) in SESSIONS.items():
             await worker.send(*unit(sid, i, rng, frame=mode == "omni_duplex"))
             await asyncio.sleep(0.015)

@@ -60,7 +60,7 @@ from .graphs import pick_bucket
 from .host_copy import upload
 from .session import Session
 from .static_decode import StaticLLM
-from .static_tts import StaticTTS
+from .static_tts import TTS_WINDOW, StaticTTS
 
 
 def enable_static_steps(
@@ -115,7 +115,7 @@ class DuplexBatcher:
         voice: PromptCache | None = None,
         *,
         window: int | None = None,
-        tts_window: int = 1024,
+        tts_window: int = TTS_WINDOW,
         use_graphs: bool | None = None,
         seed: int = 0,
         host_threads: int = 4,
@@ -209,6 +209,8 @@ class DuplexBatcher:
             for top in ends:
                 self.tts.warm_up(speakers, top=top)
             self.tts.warm_up(1)  # its fused halves have a one-row case too (see `fused`)
+            for rows in buckets:  # the draws' FlexAttention kernel is built per row bucket
+                self.tts.compile_shape(rows)
         if self.engine.model.apm is not None:
             for top in ends:
                 self.audio.warm_up(speakers, top=top)

@@ -96,11 +96,14 @@ def step_block_mask(
     )
 
 
-def step_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
+def step_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, decode: bool = False
+) -> torch.Tensor:
     """q [b, heads, T, hd]; k, v [b, kv_heads, window, hd] (grouped-query) -> [b, heads, T, hd]; or, folded,
-    q [b, kv_heads, group*T, hd] -> [b, kv_heads, group*T, hd]."""
+    q [b, kv_heads, group*T, hd] -> [b, kv_heads, group*T, hd]. `decode`: one query per head through the
+    decoding kernel even where heads and kv heads are as many (the TTS: no group to fold)."""
     global _decode, _folded
-    folded = q.shape[1] == k.shape[1]
+    folded = q.shape[1] == k.shape[1] and not decode
     if not q.is_cuda:
         out = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=not folded)
     elif not folded:

@@ -89,7 +89,7 @@ def slot_attention(
     kc.scatter_(2, idx, k.to(kc.dtype))
     vc.scatter_(2, idx, v.to(vc.dtype))
     if isinstance(mask, BlockMask) and t <= MAX_TOKENS:  # through FlexAttention (`flex_decode`)
-        out = step_attention(q, kc[:, :, :window], vc[:, :, :window], mask)
+        out = step_attention(q, kc[:, :, :window], vc[:, :, :window], mask, decode=True)
         return out.transpose(1, 2).reshape(b, t, h * hd)
     group = h // kv
     # heads kv_i*group .. kv_i*group+group-1 share kv head kv_i: fold them into query rows (g, t)

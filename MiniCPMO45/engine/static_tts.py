@@ -25,6 +25,7 @@ import torch
 from ..modules.tts import DUPLEX_MAX_DRAWS, MiniCPMTTS
 from ..modules.tts_backbone import LLAMA_ROPE_THETA, TTSKVCache, rope_cos_sin
 from ..modules.tts_sampling import DUPLEX_SAMPLING, CodeSampling
+from .flex_decode import BlockMask, flex_available, step_block_mask
 from .fused import EAGER, LayerKernels, kernels_for, layer_weights, merge_projections
 from .graphs import StaticStep, graphs_available, new_pool, pick_bucket, row_window
 from .static_decode import ROW_BUCKETS, dense_step_mask, rows_from, slot_attention
@@ -32,6 +33,8 @@ from .static_decode import ROW_BUCKETS, dense_step_mask, rows_from, slot_attenti
 log = logging.getLogger(__name__)
 
 TTS_TOKEN_BUCKETS = (1, 8, 16, 32, 64)
+# TTS positions a slot holds: a spoken turn longer than this (about 20 s of speech) restarts its TTS context
+TTS_WINDOW = 1024
 
 
 def static_tts_forward(
@@ -42,7 +45,10 @@ def static_tts_forward(
     num_new: torch.Tensor,
     window: int,
     kernels: LayerKernels = EAGER,
+    flex: bool = False,
 ) -> dict[str, torch.Tensor]:
+    """One static step; `flex`: a one-token step (a draw) attends through FlexAttention's decoding kernel,
+    which reads only the key blocks each row holds (the dense mask reads the whole window)."""
     b, t, _ = embeds.shape
     device = embeds.device
     backbone = tts.model
@@ -52,7 +58,11 @@ def static_tts_forward(
     valid = offsets[None, :] < num_new[:, None]
     write_idx = torch.where(valid, positions % cache.capacity, cache.capacity)  # padding: the spare
     first = backbone.layers[0].self_attn
-    mask = dense_step_mask(positions, window, first.heads // first.kv_heads, embeds.dtype)
+    mask: torch.Tensor | BlockMask
+    if flex and t == 1:
+        mask = step_block_mask(lens, num_new, 1, window)
+    else:
+        mask = dense_step_mask(positions, window, first.heads // first.kv_heads, embeds.dtype)
     cos, sin = rope_cos_sin(positions, backbone.head_dim, LLAMA_ROPE_THETA, embeds.dtype)
     x = embeds
     for i, layer in enumerate(backbone.layers):
@@ -99,6 +109,7 @@ def draw_loop(
     sampling: CodeSampling,
     x: dict[str, torch.Tensor],
     kernels: LayerKernels = EAGER,
+    flex: bool = False,
 ) -> dict[str, torch.Tensor]:
     """All draws of a duplex unit for rows 0..B-1, from the condition step's `logits [B, V]`.
 
@@ -121,7 +132,7 @@ def draw_loop(
             break
         emb = tts.emb_code[0](code.clamp(0, vocab - 1))[:, None]
         step = static_tts_forward(
-            tts, cache, lengths, emb.to(cache.keys[0].dtype), active.long(), window, kernels
+            tts, cache, lengths, emb.to(cache.keys[0].dtype), active.long(), window, kernels, flex
         )
         logits = step["logits"]
     return {"draws": draws}
@@ -134,7 +145,7 @@ class StaticTTS:
         self,
         tts: MiniCPMTTS,
         num_slots: int,
-        window: int = 1024,
+        window: int = TTS_WINDOW,
         row_buckets: Sequence[int] = ROW_BUCKETS,
         token_buckets: Sequence[int] = TTS_TOKEN_BUCKETS,
         use_graphs: bool | None = None,
@@ -151,6 +162,8 @@ class StaticTTS:
         self.token_buckets = sorted(token_buckets)
         self.use_graphs = graphs_available(self.device) if use_graphs is None else use_graphs
         self.kernels = kernels_for(self.device, fused)
+        # draws through FlexAttention where it compiles (a GPU with graphs, as the LLM's steps)
+        self.flex = flex_available(self.device) and self.use_graphs
         if self.kernels.compiled:
             for layer in tts.model.layers:
                 merge_projections(layer)
@@ -175,7 +188,7 @@ class StaticTTS:
 
             def fn(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 return static_tts_forward(
-                    self.tts, cache, lengths, x["embeds"], x["num_new"], self.window, self.kernels
+                    self.tts, cache, lengths, x["embeds"], x["num_new"], self.window, self.kernels, self.flex
                 )
 
             def idle(x: dict[str, torch.Tensor]) -> None:
@@ -193,17 +206,21 @@ class StaticTTS:
         inputs: dict[str, torch.Tensor],
         idle: Callable[[dict[str, torch.Tensor]], None],
     ) -> StaticStep | None:
-        """The captured step, or None after falling back to the eager layer halves (the compiled ones failed
-        to build: the caller builds again; old graphs and their pool go, as in `StaticLLM`)."""
+        """The captured step, or None after falling back (a compiled kernel failed to build: first the
+        FlexAttention draws, then the compiled layer halves; the caller builds again; old graphs and their pool
+        go, as in `StaticLLM`)."""
         try:
             return StaticStep(fn, inputs, idle, self.use_graphs, self.pool)
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception:
-            if not self.kernels.compiled:
+            if not (self.flex or self.kernels.compiled):
                 raise
-            log.exception("a compiled TTS step failed to build; using the eager layer halves")
-            self.kernels = EAGER
+            log.exception("a compiled TTS step failed to build; falling back")
+            if self.flex:
+                self.flex = False
+            else:
+                self.kernels = EAGER
             self.steps.clear()
             self.loops.clear()
             self.pool = new_pool(self.device) if self.use_graphs else None
@@ -226,7 +243,7 @@ class StaticTTS:
             cache, lengths = rows_from(self.cache, first), self.lengths[first:]
 
             def fn(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-                return draw_loop(self.tts, cache, lengths, self.window, sampling, x, self.kernels)
+                return draw_loop(self.tts, cache, lengths, self.window, sampling, x, self.kernels, self.flex)
 
             def idle(x: dict[str, torch.Tensor]) -> None:
                 x["active"].zero_()
@@ -249,6 +266,18 @@ class StaticTTS:
         first = self.num_slots - r if top else 0
         self._step(r, pick_bucket(self.token_buckets, condition_tokens), first)
         self._loop(r, DUPLEX_MAX_DRAWS, sampling, first)
+
+    @torch.no_grad()
+    def compile_shape(self, rows: int) -> None:
+        """Run one idle draw step of this row bucket eagerly (nothing written, no graph kept): on a GPU it
+        builds the row bucket's FlexAttention decoding kernel (one per row count) before a live tick needs it."""
+        r = pick_bucket(self.row_buckets, rows)
+        h = self.tts.config.hidden_size
+        embeds = torch.zeros(r, 1, h, dtype=self.dtype, device=self.device)
+        num_new = torch.zeros(r, dtype=torch.long, device=self.device)
+        static_tts_forward(
+            self.tts, self.cache, self.lengths, embeds, num_new, self.window, self.kernels, self.flex
+        )
 
     def reset(self, slots: Sequence[int]) -> None:
         """Start new turns: the slots' next condition goes to position 0."""

@@ -27,8 +27,8 @@ class SessionSetup:
     first_unit_samples: int | None = None
     output_rate: int = 24000
     video_max_side: int | None = None  # None: no frames; else each unit carries the newest frame, this big
-    # Units end on the server's 1 s grid (a short silent lead-in pads the first unit), so the units of all
-    # sessions of a batching mode arrive together and share one tick.
+    # Units end on the server's grid of the session's tick phase (a short silent lead-in pads the first unit),
+    # so the units of all sessions of that phase arrive together and share one tick.
     align_units: bool = False
 
 
