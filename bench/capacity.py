@@ -281,7 +281,7 @@ def markdown(results: dict[str, object]) -> str:
     lines = [
         f"Card: {results.get('gpu', results['device'])}; torch {results['torch']}; context ~{results['context']} "
         f"positions; {results['units']} measured units per N (+{results['warmup']} warm-up); "
-        f"{results.get('phases', 1)} tick phase(s). Times in ms.",
+        f"{results.get('phases', 1)} tick phase(s); TTS window {results.get('tts_window', '-')}. Times in ms.",
         "",
         head,
         "|" + " --- |" * 12,
@@ -350,6 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-vocoder", action="store_true", help="stop at the TTS codes (vocoder cost apart)")
     ap.add_argument("--no-fused", action="store_true", help="eager element-wise work in the static steps")
     ap.add_argument(
+        "--tts-window",
+        type=int,
+        default=TTS_WINDOW,
+        help="TTS positions per session (the worker's model.tts_window)",
+    )
+    ap.add_argument(
         "--phases", type=int, default=2, help="tick phases, as the worker's workers.tick_phases (default 2)"
     )
     ap.add_argument(
@@ -387,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         "vocoder_dtype": args.vocoder_dtype,
         "fused_layers": not args.no_fused and device.type == "cuda",
         "phases": args.phases,
+        "tts_window": args.tts_window,
     }
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
@@ -441,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         2 * cfg.num_hidden_layers * cfg.num_key_value_heads * max_len * cfg.head_dim * model.dtype.itemsize
     )
     # per session besides the LLM KV: the TTS slot cache and the Whisper slot cache (the whole position table)
-    tts_window = TTS_WINDOW  # as the worker's batcher
+    tts_window = args.tts_window
     tcfg = model.config.tts
     tts_bytes = 2 * tcfg.num_hidden_layers * tcfg.hidden_size * tts_window * model.dtype.itemsize
     whisper_bytes = WhisperSlotCache.bytes_per_slot(model.config.audio, model.dtype)

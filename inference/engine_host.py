@@ -39,6 +39,7 @@ from inference.modes.base import DEFAULT_TICK_PHASES
 from inference.wav import pcm16_wav
 from MiniCPMO45.engine.batcher import DuplexBatcher
 from MiniCPMO45.engine.core import Engine
+from MiniCPMO45.engine.static_tts import TTS_WINDOW
 from MiniCPMO45.modules.tts import MiniCPMTTS, TTSKVCache
 from MiniCPMO45.tiny_builder import ensure_tiny_model
 from MiniCPMO45.token2wav import PromptCache, Token2Wav, detect_layout
@@ -149,6 +150,7 @@ class EngineHost:
                 self.default_voice.prompt,
                 use_graphs=cuda,
                 fused=bool(self.settings.get("fused_layers", True)),
+                tts_window=int(self.settings.get("tts_window", TTS_WINDOW)),
             )
             if cuda:
                 started = time.perf_counter()

@@ -235,6 +235,7 @@ def worker_settings(config: AppConfig) -> dict[str, object]:
         "vocoder_dtype": config.model.vocoder_dtype,
         "vocoder_turns": config.model.vocoder_turns,
         "fused_layers": config.model.fused_layers,
+        "tts_window": config.model.tts_window,
         "max_sessions": max(workers.capacity_per_gpu if workers.gpus else workers.cpu_capacity, 1),
         "voices_dir": str(voices_dir(config)),
         "loopback": config.loopback.model_dump(),

@@ -46,6 +46,9 @@ class ModelSettings(_Strict):
     # on a GPU, the element-wise work around each layer's matmuls in the static LLM/TTS steps runs as kernels
     # fused by torch.compile (compiled once per worker at start-up; `engine/fused.py`)
     fused_layers: bool = True
+    # TTS positions each duplex session keeps (~61 kB each at the real size): a spoken turn longer than this
+    # (about 12 s of speech at 512) restarts its TTS context
+    tts_window: int = Field(512, ge=128, le=4096)
 
 
 class SessionSettings(_Strict):

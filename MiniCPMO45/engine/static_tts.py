@@ -33,8 +33,9 @@ from .static_decode import ROW_BUCKETS, dense_step_mask, rows_from, slot_attenti
 log = logging.getLogger(__name__)
 
 TTS_TOKEN_BUCKETS = (1, 8, 16, 32, 64)
-# TTS positions a slot holds: a spoken turn longer than this (about 20 s of speech) restarts its TTS context
-TTS_WINDOW = 1024
+# TTS positions a slot holds by default: a spoken turn longer than this (about 12 s of speech: a speaking
+# unit adds up to ~45) restarts its TTS context. 1024 would not fit 64 sessions of 4k context on an 80 GB card
+TTS_WINDOW = 512
 
 
 def static_tts_forward(
