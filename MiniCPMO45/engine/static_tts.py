@@ -3,8 +3,8 @@ and a batched duplex unit (`generate_codes`) that draws every speaking session's
 step: after the condition step, all the unit's draws (scores, draw, feed) are one static step (`draw_loop`),
 so on a GPU the whole unit replays as two graphs.
 
-Row i of a step is TTS cache slot first + i (a bucket of slots from either end, `graphs.row_window`); `lengths [slots]` (a device tensor owned by the caller) is how many
-positions each slot holds. The layout, mask and attention are `static_decode`'s (`dense_step_mask`,
+Row i of a step is TTS cache slot first + i (a bucket of slots from either end, `graphs.row_window`);
+`lengths [slots]` (a device tensor owned by the caller) is how many positions each slot holds. The layout, mask and attention are `static_decode`'s (`dense_step_mask`,
 `slot_attention`; the TTS has as many kv heads as query heads, so nothing is folded). The step returns float32
 code logits at each row's last real token.
 
