@@ -112,9 +112,9 @@ def test_batcher_matches_per_session_path(
     feeds: list[dict[int, int]] = []  # every StaticLLM.feed of a tick: tokens per slot
     static_feed = batcher.llm.feed
 
-    def counting_feed(slots, pieces, lengths=None):
+    def counting_feed(slots, pieces, lengths=None, hidden=True):
         feeds.append({s: int(p.shape[0]) for s, p in zip(slots, pieces, strict=True)})
-        return static_feed(slots, pieces, lengths)
+        return static_feed(slots, pieces, lengths, hidden)
 
     batcher.llm.feed = counting_feed  # type: ignore[method-assign]
     host_reads: list[int] = []  # device values read on the host during each tick's generate

@@ -144,7 +144,12 @@ def test_steps_over_the_top_slots_match_the_bottom_ones(tiny_model_dir: Path) ->
         want, got = (r.feed(ss, pieces) for r, ss in zip(runners, (low, high), strict=True))
         _close(got["hidden"], want["hidden"])
         _close(got["logits"], want["logits"])
-    assert engines[1].cache.lengths.tolist() == [0, 0, 0, 0, 0, 8, 14, 10]
+    # a caller that needs only the logits gets no copy of the hidden states
+    tok = [torch.randn(1, d, generator=g) for _ in low]
+    want, got = runners[0].feed(low, tok), runners[1].feed(high, tok, hidden=False)
+    assert set(got) == {"logits"}
+    _close(got["logits"], want["logits"])
+    assert engines[1].cache.lengths.tolist() == [0, 0, 0, 0, 0, 9, 15, 11]
     assert {k[0] for k in runners[1].steps} == {4}  # rows 4..7: a bucket of 4 from the top
     assert {k[1] for k in runners[1].steps} == {4}
     other = engines[1].open_session()  # slot 0: now the step spans every slot

@@ -188,7 +188,8 @@ class DuplexBatcher:
         With two tick `phases` a tick holds about half of the sessions, on the lowest or the highest slots
         (`graphs.row_window`): the graphs of half the sessions are captured at both ends instead."""
         buckets = [r for r in self.llm.row_buckets if r <= pick_bucket(self.llm.row_buckets, max_sessions)]
-        largest = pick_bucket(buckets, -(-max_sessions // phases))
+        per_phase = -(-max_sessions // phases)
+        largest = pick_bucket(buckets, per_phase)
         ends = (False, True) if phases > 1 else (False,)
         if prefill_tokens is None:
             prefill_tokens = sorted(self.unit_positions(), reverse=True)
@@ -204,16 +205,15 @@ class DuplexBatcher:
             for top in ends:
                 if rows <= largest:
                     self.llm.warm_up(rows, (1,), top)
-        speakers = -(-max_sessions // phases)
         if self.tts is not None:
             for top in ends:
-                self.tts.warm_up(speakers, top=top)
+                self.tts.warm_up(per_phase, top=top)
             self.tts.warm_up(1)  # its fused halves have a one-row case too (see `fused`)
             for rows in buckets:  # the draws' FlexAttention kernel is built per row bucket
                 self.tts.compile_shape(rows)
         if self.engine.model.apm is not None:
             for top in ends:
-                self.audio.warm_up(speakers, top=top)
+                self.audio.warm_up(per_phase, top=top)
 
     # ---- prefill ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -267,7 +267,7 @@ class DuplexBatcher:
         norm = (
             eng.images.config.norm_mean,
             eng.images.config.norm_std,
-        )  # uint8 frames: normalised on the device
+        )  # uint8 frames: normalised on the GPU
         vision = model.vision_embeds(views, torch.from_numpy(np.concatenate(sizes)), norm) if views else None
         t_feed = time.perf_counter()
         tails = [pending_tail(eng, sessions[i]) for i in ready]
@@ -303,7 +303,7 @@ class DuplexBatcher:
             schemas.append(schema)
         if ready:
             slots = [sessions[i].slot for i in ready]
-            out = self.llm.feed(slots, pieces)
+            out = self.llm.feed(slots, pieces, hidden=False)
             take_tails(eng, [sessions[i] for i in ready])  # fed with the units
             record_prefill([sessions[i] for i in ready], out["logits"], schemas)
         stamp_prefill(results, (t_feed - t_vision) * 1000, (t_vision - t_audio) * 1000, t_feed)
@@ -311,10 +311,14 @@ class DuplexBatcher:
 
     # ---- generate -----------------------------------------------------------------------------------------
     def _feed_tokens(
-        self, runs: Sequence[_Run], tokens: Sequence[Sequence[int]], lengths: Sequence[int] | None = None
+        self,
+        runs: Sequence[_Run],
+        tokens: Sequence[Sequence[int]],
+        lengths: Sequence[int] | None = None,
+        hidden: bool = True,
     ) -> dict[str, torch.Tensor]:
-        """One static step feeding `tokens[i]` to `runs[i]`'s slot. With the slots' `lengths` known on the
-        host, nothing here waits for the device."""
+        """One static step feeding `tokens[i]` to `runs[i]`'s slot (`hidden`: return the hidden states too).
+        With the slots' `lengths` known on the host, nothing here waits for the device."""
         slots = [r.slot for r in runs]
         flat = [t for ts in tokens for t in ts]
         emb = self.engine.model.embed_ids(upload(flat, self.device))
@@ -322,7 +326,7 @@ class DuplexBatcher:
         for ts in tokens:
             pieces.append(emb[at : at + len(ts)])
             at += len(ts)
-        return self.llm.feed(slots, pieces, lengths)
+        return self.llm.feed(slots, pieces, lengths, hidden)
 
     @torch.no_grad()
     def generate(
@@ -371,7 +375,7 @@ class DuplexBatcher:
             logits = torch.stack(logit_rows)
         if closers:
             out = self._feed_tokens(
-                closers, [[sp.turn_eos]] * len(closers), [length[r.slot] for r in closers]
+                closers, [[sp.turn_eos]] * len(closers), [length[r.slot] for r in closers], hidden=False
             )
             logits.index_copy_(0, upload([r.row for r in closers], dev), out["logits"])
             for r in closers:
@@ -466,7 +470,7 @@ class DuplexBatcher:
         if not todo:
             return
         runs = [_Run(i, s.slot, _state(s), False, i) for i, s in enumerate(todo)]
-        self._feed_tokens(runs, [pending_tail(self.engine, s) for s in todo])
+        self._feed_tokens(runs, [pending_tail(self.engine, s) for s in todo], hidden=False)
         take_tails(self.engine, todo)
 
     # ---- speak --------------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """Static-shape LLM steps over the engine's slot KV cache, graph-captured per (rows, tokens) bucket.
 
 A step runs `rows` consecutive KV slots as its batch, from slot 0 up or from the last slot down
-(`graphs.row_window`: row i = slot first + i; the engine hands out the lowest free slot, or the highest for the
-worker's second tick phase, so each phase's active slots stay dense at one end). Row i appends its first `num_new[i]` of `T` input embeddings at its own length
-`cache.lengths[i]`; rows with `num_new = 0` (idle slots, free slots, padding up to the bucket) write nothing
+(`graphs.row_window`: row i = slot first + i; the engine hands out the lowest free slot, or the highest for
+the worker's second tick phase, so each phase's active slots stay dense at one end). Row i appends its first
+`num_new[i]` of `T` input embeddings at its own length `cache.lengths[i]`; rows with `num_new = 0` (idle slots, free slots, padding up to the bucket) write nothing
 and do not advance. Every shape is fixed by (rows, T, window): attention runs over the first `window` cache
 positions with an additive mask built on the device from the lengths, so no host value enters the step and it
 can be captured once and replayed.
@@ -256,12 +256,17 @@ class StaticLLM:
 
     @torch.no_grad()
     def feed(
-        self, slots: Sequence[int], pieces: Sequence[torch.Tensor], lengths: Sequence[int] | None = None
+        self,
+        slots: Sequence[int],
+        pieces: Sequence[torch.Tensor],
+        lengths: Sequence[int] | None = None,
+        hidden: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Append `pieces[i]` (`[T_i, D]`) to slot `slots[i]` in one static step.
 
-        Returns, for the given slots in their order, `hidden [n, T, D]` and `logits [n, V]` (float32, at each
-        row's last real token); copies, so they outlive the next step. `lengths` are the slots' current lengths
+        Returns, for the given slots in their order, `logits [n, V]` (float32, at each row's last real token)
+        and, unless `hidden` is False, `hidden [n, T, D]`; copies, so they outlive the next step (a caller that
+        needs only the logits spares the hidden states' copy). `lengths` are the slots' current lengths
         if the caller knows them: the room check then reads nothing from the device, and the step is only
         queued (the slot indices and counts are copied asynchronously).
         """
@@ -289,4 +294,7 @@ class StaticLLM:
         num.zero_()
         num.index_copy_(0, idx, upload(counts, self.device))
         out = step.run()
-        return {"hidden": out["hidden"].index_select(0, idx), "logits": out["logits"].index_select(0, idx)}
+        rows = {"logits": out["logits"].index_select(0, idx)}
+        if hidden:
+            rows["hidden"] = out["hidden"].index_select(0, idx)
+        return rows
