@@ -8,6 +8,7 @@ encoder's patch embedding expects; `tgt_sizes` holds (patch rows, patch cols) pe
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -165,10 +166,21 @@ def normalize_on_device(pixels: torch.Tensor, mean: list[float], std: list[float
     operations as `_normalize_channels`, so the values are the same."""
     if pixels.shape[1] != len(mean) or pixels.shape[1] != len(std):
         raise ValueError(f"{pixels.shape[1]} channels but {len(mean)} means and {len(std)} stds")
+    m, sd = _channel_constants(tuple(mean), tuple(std), pixels.device)
     shape = (1, len(mean)) + (1,) * (pixels.dim() - 2)
-    m = torch.tensor(mean, dtype=torch.float32).view(shape).to(pixels.device, non_blocking=True)
-    sd = torch.tensor(std, dtype=torch.float32).view(shape).to(pixels.device, non_blocking=True)
-    return (pixels.float() / 255.0 - m) / sd
+    return (pixels.float() / 255.0 - m.view(shape)) / sd.view(shape)
+
+
+@functools.cache
+def _channel_constants(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel mean and std as float32 tensors on `device`, copied there once: a copy from pageable
+    host memory on each frame would make the host wait for the work already queued on the GPU."""
+    return (
+        torch.tensor(mean, dtype=torch.float32, device=device),
+        torch.tensor(std, dtype=torch.float32, device=device),
+    )
 
 
 @dataclass(frozen=True)
