@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .config import MiniCPMOConfig
+from .host_copy import upload
 from .loader import CheckpointError, checkpoint_files, load_weights, read_checkpoint
 from .modules.qwen3 import Qwen3ForCausalLM
 from .modules.resampler import Resampler
@@ -132,7 +133,7 @@ class MiniCPMO(nn.Module):
                 if chunk == list(range(chunk[0], chunk[0] + len(chunk))):
                     out[chunk[0] : chunk[0] + len(chunk)] = embeds
                 else:
-                    out[torch.tensor(chunk, device=embeds.device)] = embeds
+                    out.index_copy_(0, upload(chunk, embeds.device), embeds)
         if out is None:
             raise ValueError("vision_embeds needs at least one slice")
         return out

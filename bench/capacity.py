@@ -24,6 +24,7 @@ OUT/capacity_table.json (the per-mode capacity a worker reports, see MiniCPMO45/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -38,6 +39,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.host_syncs import SyncSites  # noqa: E402
 from bench.realsize import build_random_model, make_model_dir  # noqa: E402
 from MiniCPMO45.config import PreprocessorConfig  # noqa: E402
 from MiniCPMO45.engine.batcher import DuplexBatcher  # noqa: E402
@@ -176,8 +178,10 @@ def run_case(
     warmup: int,
     base_len: int,
     phases: int = 1,
+    count_syncs: bool = False,
 ) -> dict[str, object]:
     device = engine.model.device
+    syncs = SyncSites()
     work = Workload(engine, omni=mode == "omni_duplex")
     if device.type == "cuda":
         torch.cuda.empty_cache()  # blocks cached by the previous N: less fragmentation for this one
@@ -202,7 +206,9 @@ def run_case(
                 scripts = [work.script(i, u) for i in members]
                 sync(device)
                 t0 = time.perf_counter()
-                outs = batcher.run_units([sessions[i] for i in members], inputs, scripts=scripts)
+                watch = syncs.watching() if count_syncs and u >= warmup else contextlib.nullcontext()
+                with watch:
+                    outs = batcher.run_units([sessions[i] for i in members], inputs, scripts=scripts)
                 sync(device)
                 tick_ms = (time.perf_counter() - t0) * 1000
                 engine.cache.lengths[[sessions[i].slot for i in members]] = base_len
@@ -254,6 +260,9 @@ def run_case(
         **{f"speaking_stage_{name}_p50": pct(v, 50) for name, v in speaking_stages.items()},
         "context_positions": base_len,
     }
+    if count_syncs:
+        row["host_syncs_per_tick"] = syncs.total / len(ticks) if ticks else None
+        row["host_sync_sites_per_tick"] = syncs.per(len(ticks))
     if device.type == "cuda":
         row["vram_peak_gib"] = gib(torch.cuda.max_memory_allocated(device))
         row["vram_reserved_gib"] = gib(torch.cuda.memory_reserved(device))
@@ -363,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="vocoder turns reserved up front (default: the largest N; the workload has at most half speaking)",
     )
+    ap.add_argument(
+        "--count-syncs",
+        action="store_true",
+        help="count the host's waits for the GPU per tick, by call site (CUDA sync debug mode; slows ticks)",
+    )
     args = ap.parse_args(argv)
     if args.phases < 1:
         raise SystemExit("--phases must be at least 1")
@@ -370,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
+    if args.count_syncs and device.type != "cuda":
+        raise SystemExit("--count-syncs needs a CUDA device (it counts CUDA synchronizations)")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     sessions_list = (
         [int(x) for x in args.sessions.split(",")]
@@ -394,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         "fused_layers": not args.no_fused and device.type == "cuda",
         "phases": args.phases,
         "tts_window": args.tts_window,
+        "count_syncs": args.count_syncs,
     }
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
@@ -504,7 +521,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{mode} N={n}: skipped (KV memory holds {slots})", flush=True)
                 continue
             try:
-                row = run_case(engine, batcher, mode, n, units, args.warmup, base_len, args.phases)
+                row = run_case(
+                    engine, batcher, mode, n, units, args.warmup, base_len, args.phases, args.count_syncs
+                )
             except torch.cuda.OutOfMemoryError as exc:
                 torch.cuda.empty_cache()
                 row = {

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..host_copy import copy_from_host, upload
 from ..model import MiniCPMO
 from ..modules.whisper import WhisperEncoder, WhisperStreamCache, cnn_frames
 from ..modules.whisper_slots import WhisperSlotCache, slot_stream_forward, trimmed_frames
@@ -172,12 +173,12 @@ class BatchedAudioEncoder:
         if self.static:
             st = self._step(n_rows, frames, new_frames, lo)
             for name, value in host.items():
-                st.inputs[name].copy_(value)
+                copy_from_host(st.inputs[name], value)
             out = st.run()["embeds"]
         else:
             inputs = {k: v.to(self.device) for k, v in host.items()}
             out = self._forward(inputs, lo, new_frames, window)["embeds"]
-        idx = torch.tensor([r.slot - lo for r in rows], device=self.device)
+        idx = upload([r.slot - lo for r in rows], self.device)
         return out.index_select(0, idx)  # a copy: a graph's outputs are reused by its next replay
 
     def _host_inputs(

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..host_copy import upload
 from ..modules.tts import DUPLEX_MAX_DRAWS
 from ..modules.whisper import pooled_tokens
 from ..processor.audio_features import push_many
@@ -57,7 +58,6 @@ from .duplex import (
 )
 from .flex_decode import FOLDED_MAX_TOKENS, flex_available
 from .graphs import pick_bucket
-from .host_copy import upload
 from .session import Session
 from .static_decode import StaticLLM
 from .static_tts import TTS_WINDOW, StaticTTS
@@ -368,12 +368,17 @@ class DuplexBatcher:
             if force_listen[i] and st.turn_open:
                 closers.append(run)
         slots = [s.slot for s in sessions]
-        length = dict(zip(slots, eng.cache.lengths[slots].tolist(), strict=True))  # counted on from here
+        # The slots' KV lengths, counted on the host from here. Read after the first decision, whose sync has
+        # let the device catch up: read first, the host would wait for the prefill and then leave the GPU idle
+        # while it queued the decision.
+        queued_lengths = eng.cache.lengths.index_select(0, upload(slots, dev))
+        length: dict[int, int] = {}
         step_hidden: list[torch.Tensor] = []  # per decode step: hidden states of the rows it fed
         fed_so_far = 0
         if runs:
             logits = torch.stack(logit_rows)
         if closers:
+            length.update(zip(slots, queued_lengths.tolist(), strict=True))
             out = self._feed_tokens(
                 closers, [[sp.turn_eos]] * len(closers), [length[r.slot] for r in closers], hidden=False
             )
@@ -412,6 +417,8 @@ class DuplexBatcher:
                 )
                 decided.update(zip(keep, toks, strict=True))
             now = time.perf_counter()
+            if not length:
+                length.update(zip(slots, queued_lengths.tolist(), strict=True))
             to_feed: list[tuple[_Run, int]] = []
             for run in runs:
                 if run.done:
@@ -441,6 +448,8 @@ class DuplexBatcher:
                     run.hidden_at.append(fed_so_far + k)
             fed_so_far += len(fed)
         t1 = time.perf_counter()
+        if not length:
+            length.update(zip(slots, queued_lengths.tolist(), strict=True))
         order = [k for run in runs for k in run.hidden_at]
         hidden = torch.cat(step_hidden).index_select(0, upload(order, dev)) if order else None
         at = 0
@@ -481,12 +490,12 @@ class DuplexBatcher:
         w = tts.emb_text.weight
         ids = [t for r in results for t in r.tts_token_ids]
         hid = [r.tts_hidden for r in results if r.tts_hidden is not None]
-        tail = tts.emb_text(torch.tensor([tts.config.audio_bos_token_id], device=w.device))
+        tail = tts.emb_text(upload([tts.config.audio_bos_token_id], w.device))
         if ids:
             sem = tts.projector_semantic(torch.cat(hid).to(dtype=w.dtype, device=w.device))
             if tts.config.normalize_projected_hidden:
                 sem = F.normalize(sem, p=2, dim=-1)
-            rows = tts.emb_text(torch.tensor(ids, device=w.device)) + sem
+            rows = tts.emb_text(upload(ids, w.device)) + sem
         out, at = [], 0
         for r in results:
             n = len(r.tts_token_ids)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..config import PreprocessorConfig
+from ..host_copy import upload
 from ..model import MiniCPMO
 from ..modules.kv_cache import SlotKVCache
 from ..processor.processor import MiniCPMOProcessor
@@ -140,8 +141,8 @@ class Engine:
         batch = pieces[0].new_zeros(len(pieces), t, d)
         for i, p in enumerate(pieces):
             batch[i, : p.shape[0]] = p
-        slots = torch.tensor([s.slot for s in sessions], device=self.model.device)
-        num_new = torch.tensor(lengths, device=self.model.device)
+        slots = upload([s.slot for s in sessions], self.model.device)
+        num_new = upload(lengths, self.model.device)
         hidden = self.model.llm(batch, self.cache, slots, num_new)
         return [hidden[i, :n] for i, n in enumerate(lengths)]
 

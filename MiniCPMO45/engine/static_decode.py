@@ -27,12 +27,12 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 
+from ..host_copy import upload
 from ..modules.kv_cache import CacheFullError, SlotKVCache
 from ..modules.qwen3 import Qwen3ForCausalLM
 from .flex_decode import FOLDED_MAX_TOKENS, MAX_TOKENS, BlockMask, step_attention, step_block_mask
 from .fused import EAGER, LayerKernels, kernels_for, layer_weights, merge_projections
 from .graphs import StaticStep, graphs_available, new_pool, pick_bucket, row_window
-from .host_copy import upload
 
 log = logging.getLogger(__name__)
 

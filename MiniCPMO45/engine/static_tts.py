@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..host_copy import upload
 from ..modules.tts import DUPLEX_MAX_DRAWS, MiniCPMTTS
 from ..modules.tts_backbone import LLAMA_ROPE_THETA, TTSKVCache, rope_cos_sin
 from ..modules.tts_sampling import DUPLEX_SAMPLING, CodeSampling
@@ -283,7 +284,7 @@ class StaticTTS:
     def reset(self, slots: Sequence[int]) -> None:
         """Start new turns: the slots' next condition goes to position 0."""
         if slots:
-            self.lengths[torch.tensor(list(slots), device=self.device)] = 0
+            self.lengths.index_fill_(0, upload(list(slots), self.device), 0)
 
     @torch.no_grad()
     def generate_codes(
@@ -311,7 +312,7 @@ class StaticTTS:
         overflow = [s for s, c, k in zip(slots, cur, counts, strict=True) if c + k + max_new > self.window]
         self.reset(overflow)
         device = self.device
-        idx = torch.tensor([s - first for s in slots], dtype=torch.long, device=device)
+        idx = upload([s - first for s in slots], device)
         tokens = pick_bucket(self.token_buckets, max(counts))
         step = self._step(rows, tokens, first)
         batch = conditions[0].new_zeros(n, tokens, conditions[0].shape[-1])
@@ -320,16 +321,16 @@ class StaticTTS:
         step.inputs["embeds"].zero_()
         step.inputs["embeds"].index_copy_(0, idx, batch.to(self.dtype))
         step.inputs["num_new"].zero_()
-        step.inputs["num_new"].index_copy_(0, idx, torch.tensor(counts, dtype=torch.long, device=device))
+        step.inputs["num_new"].index_copy_(0, idx, upload(counts, device))
         logits = step.run()["logits"]
 
         loop = self._loop(rows, max_new, sampling, first)
         x = loop.inputs
         x["logits"].copy_(logits)
         x["active"].zero_()
-        x["active"][idx] = True
+        x["active"].index_fill_(0, idx, True)
         x["mins"].zero_()
-        x["mins"][idx] = torch.tensor(list(min_new), dtype=torch.long, device=device)
+        x["mins"].index_copy_(0, idx, upload(list(min_new), device))
         x["noise"].uniform_(generator=self.generator)
         x["use_forced"].zero_()
         if forced is not None:
@@ -337,7 +338,7 @@ class StaticTTS:
             for s, f in zip(slots, forced, strict=True):
                 table[s - first, : min(len(f), max_new)] = torch.tensor(list(f)[:max_new], dtype=torch.long)
             x["forced"].copy_(table.T)
-            x["use_forced"][idx] = True
+            x["use_forced"].index_fill_(0, idx, True)
         draws = loop.run()["draws"]
         out = draws[idx].tolist()  # the one host sync of the unit
         result, self.last_hit_eos = [], []

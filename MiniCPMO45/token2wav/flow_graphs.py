@@ -27,8 +27,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from ..host_copy import upload
 from .flow import Flow, FlowCache, keep_ends
-from .host import device_tensor
 from .kv_store import EstimatorStore, KVSlot
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -216,7 +216,7 @@ class RaggedInputs:
             dest.copy_(src)
         self.write_pos.copy_(_to_device(write, device))
         self.key_valid.copy_(_to_device(key_valid, device))
-        index = device_tensor(list(rows_of), torch.long, device)
+        index = upload(list(rows_of), device, torch.long)
         self.spk.index_copy_(0, index, torch.cat([w.spk for w in windows], dim=0).to(self.spk.dtype))
         cnn = torch.cat([w.cache.conformer_cnn for w in windows if w.cache is not None], dim=0)
         self.cnn.index_copy_(0, index, cnn.to(self.cnn.dtype))
@@ -280,7 +280,7 @@ def split_rows(
     for (length, tokens, prompt, capacity), members in groups.items():
         frames = tokens * up_rate
         history = capacity - prompt
-        rows = device_tensor([rows_of[m] for m in members], torch.long, mel.device)
+        rows = upload([rows_of[m] for m in members], mel.device, torch.long)
         old = torch.cat([windows[m].cache.conformer_att for m in members], dim=1)  # type: ignore[union-attr]
         low = torch.cat(
             [old[:low_layers, :, :, : length // 2], new_low.index_select(1, rows)[:, :, :, :tokens]], dim=3

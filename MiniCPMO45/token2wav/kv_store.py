@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..host_copy import upload
+
 SLOT_GRANULE = 16  # beyond 16 slots the store grows by this many rows (each costs ~150 MB at the real size)
 FRAME_GRANULE = 16
 
@@ -71,7 +73,7 @@ class KVSlot:
     def keys(self) -> torch.Tensor:
         """The turn's keys in the official stored order: (steps, depth, 2, heads, length, 2*head_dim)."""
         rows = self.store.kv[:, :, 2 * self.index : 2 * self.index + 2]
-        index = torch.tensor(self.order, dtype=torch.long, device=rows.device)
+        index = upload(self.order, rows.device, torch.long)
         return rows.index_select(4, index)
 
     def copy(self) -> KVSlot:

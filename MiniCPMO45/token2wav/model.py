@@ -14,6 +14,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from ..host_copy import upload
 from ..loader import CheckpointError, load_weights
 from .assets import AssetLayout, detect_layout, read_weights
 from .causal_hift import CausalHiFTGenerator
@@ -29,7 +30,6 @@ from .flow import (
 from .flow_graphs import FlowGraphs, WindowRow
 from .fold import fold_weight_norms
 from .hift import HiFTGenerator, SourceNoise
-from .host import device_tensor
 from .hparams import F0PredictorParams, HiFTParams, causal_hift_params_from_yaml, flow_params_from_yaml
 from .kv_store import KVSlot
 from .streaming_vocoder import StreamingVocoder, VocoderState, default_source_noise_table
@@ -433,7 +433,7 @@ class Token2Wav:
         low_layers = len(self.flow.encoder.encoders)
         for (_, last_chunk, _, _), members in self._flow_groups(windows).items():
             states = [windows[i][0] for i in members]
-            ids = device_tensor([token_lists[i] for i in members], torch.long, self.device)
+            ids = upload([token_lists[i] for i in members], self.device, torch.long)
             spk = torch.cat([st.prompt.spk_embedding for st in states], dim=0)
             batched = stack_flow_caches([st.flow_cache for st in states])
             self.flow_batches += 1

@@ -26,9 +26,9 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from ..host_copy import upload
 from .causal_hift import CausalF0Predictor, CausalHiFTGenerator
 from .fold import fold_weight_norms, has_parametrizations
-from .host import device_tensor
 from .padded_graphs import PaddedGraphs
 
 # The official table covers 300 s and is drawn unseeded at build time, so its values cannot be matched
@@ -147,7 +147,7 @@ class StreamingVocoder:
         voiced = (f0[:, :, None] > p.nsf_voiced_threshold).to(f0).repeat_interleave(self.hop, dim=1)
         noise_amp = voiced * p.nsf_sigma + (1 - voiced) * p.nsf_alpha / 3
         table = self.noise_table[0]
-        offsets = device_tensor([f * self.hop for f in first_frames], torch.long, table.device)
+        offsets = upload([f * self.hop for f in first_frames], table.device, torch.long)
         positions = (offsets[:, None] + torch.arange(sine.shape[1], device=table.device)) % table.shape[0]
         noise = table[positions].to(f0)  # (B, n*hop, harmonics)
         excitation = sine * p.nsf_alpha * voiced + noise_amp * noise

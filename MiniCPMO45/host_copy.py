@@ -1,4 +1,6 @@
-"""Small host values (index lists, token ids) to device tensors without making the host wait for the device."""
+"""Small host values (index lists, token ids, staged inputs) to device tensors without making the host wait for
+the device: a copy from pageable host memory makes CUDA drain the stream first; from pinned memory it is queued
+like a kernel (PyTorch's pinned allocator keeps the buffer alive until the copy is done)."""
 
 from __future__ import annotations
 
@@ -15,3 +17,11 @@ def upload(values: Sequence, device: torch.device, dtype: torch.dtype = torch.lo
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def copy_from_host(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """`dst.copy_(src)` for a host tensor `src`; to a GPU through pinned memory, queued without a wait."""
+    if dst.device.type != "cuda":
+        dst.copy_(src)
+        return
+    dst.copy_(src.pin_memory(), non_blocking=True)
