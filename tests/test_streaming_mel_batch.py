@@ -187,3 +187,32 @@ def test_frames_from_windows_equal_the_centred_stft() -> None:
     frame_windows(signal, 0, total, windows)
     got = log_mel_of_windows(windows, [(2, total - 4, 2)])
     np.testing.assert_allclose(got.T, raw_log_mel(signal).numpy(), atol=1e-6, rtol=0)
+
+
+def test_push_many_on_a_device_matches_the_host_path() -> None:
+    """The device path (framing by an index gather, one product for every row), run here on the CPU: the same
+    units as the per-session pushes, the features within float32 rounding, across the schedule above (first
+    units, waiting sessions, empty pushes, the 30 s slide, a moving dynamic floor)."""
+    rng = np.random.default_rng(5)
+    n_sessions, ticks = 6, 40
+    on_device = [StreamingMel() for _ in range(n_sessions)]
+    alone = [StreamingMel() for _ in range(n_sessions)]
+    units = 0
+    for tick in range(ticks):
+        chunks = [_schedule(rng, i, tick) for i in range(n_sessions)]
+        got = push_many(on_device, chunks, device=torch.device("cpu"))
+        for i, chunk in enumerate(chunks):
+            want = alone[i].push(chunk) if chunk is not None else None
+            assert (got[i] is None) == (want is None)
+            if got[i] is None or want is None:
+                continue
+            units += 1
+            assert (got[i].index, got[i].prefix_frames, got[i].suffix_frames, got[i].samples_consumed) == (
+                want.index,
+                want.prefix_frames,
+                want.suffix_frames,
+                want.samples_consumed,
+            )
+            assert got[i].features.dtype == np.float32
+            np.testing.assert_allclose(got[i].features, want.features, atol=1e-5, rtol=0)
+    assert units > 3 * ticks and max(m.mel.base_frame for m in on_device) > 0

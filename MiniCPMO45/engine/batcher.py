@@ -238,7 +238,10 @@ class DuplexBatcher:
         with_frames = [i for i, unit in enumerate(inputs) if unit.frames]
         image_jobs = self._host_pool.map(image_prep, with_frames)
         audio = [u.audio if u.audio is not None and len(u.audio) else None for u in inputs]
-        all_mel_units = push_many([_state(s).mel for s in sessions], audio)
+        on_gpu = (
+            self.device if self.device.type == "cuda" else None
+        )  # the CPU keeps the per-session-exact path
+        all_mel_units = push_many([_state(s).mel for s in sessions], audio, on_gpu)
         t_audio = time.perf_counter()
         with_audio = [i for i, m in enumerate(all_mel_units) if m is not None]
         audio_rows: dict[int, torch.Tensor] = {}  # by session index
