@@ -57,10 +57,11 @@ from .duplex import (
     unit_token,
 )
 from .flex_decode import FOLDED_MAX_TOKENS, flex_available
-from .graphs import pick_bucket
+from .graphs import graphs_available, pick_bucket
 from .session import Session
 from .static_decode import StaticLLM
 from .static_tts import TTS_WINDOW, StaticTTS
+from .static_vision import StaticVision
 
 
 def enable_static_steps(
@@ -137,6 +138,10 @@ class DuplexBatcher:
         )
         # the streaming audio encoder of every session in one pass (per-slot caches allocated on first use)
         self.audio = BatchedAudioEncoder(engine.model, engine.cache.num_slots, use_graphs=use_graphs)
+        # on a GPU the frames of every omni session go through the vision tower as graphs (per view bucket and
+        # patch grid); elsewhere through the model's eager path
+        graphs = graphs_available(engine.model.device) and use_graphs is not False
+        self.vision = StaticVision(engine.model) if engine.model.vpm is not None and graphs else None
         self.vocoder, self.voice = vocoder, voice
         self.device = engine.model.device
         self.generator = torch.Generator(device=self.device)
@@ -271,7 +276,13 @@ class DuplexBatcher:
             eng.images.config.norm_mean,
             eng.images.config.norm_std,
         )  # uint8 frames: normalised on the GPU
-        vision = model.vision_embeds(views, torch.from_numpy(np.concatenate(sizes)), norm) if views else None
+        vision = None
+        if views:
+            grids = np.concatenate(sizes)
+            if self.vision is not None:
+                vision = self.vision.embeds(views, grids, norm)
+            else:
+                vision = model.vision_embeds(views, torch.from_numpy(grids), norm)
         t_feed = time.perf_counter()
         tails = [pending_tail(eng, sessions[i]) for i in ready]
         fixed = [sp.unit_start, sp.image_start, sp.image_end, sp.slice_start, sp.slice_end]
