@@ -30,7 +30,7 @@ def _views(sizes: list[tuple[int, int]], patch: int, seed: int) -> list[torch.Te
 def test_padded_buckets_match_the_eager_tower(tiny: MiniCPMO) -> None:
     patch = tiny.vpm.embeddings.patch_size
     vision = StaticVision(tiny, use_graphs=False)
-    assert vision.buckets[0] == 1 and vision.buckets[-1] == tiny.config.vision_batch_size
+    assert vision.buckets == [1, 2, 4]
     # two grids, interleaved: 3 views of 2x4 (a bucket of 4, one padding view) and 2 of 4x4
     sizes = [(2, 4), (4, 4), (2, 4), (4, 4), (2, 4)]
     for seed in (0, 1):  # the second call's padding view holds the first call's pixels
@@ -42,6 +42,18 @@ def test_padded_buckets_match_the_eager_tower(tiny: MiniCPMO) -> None:
     norm = (tuple(MEAN), tuple(STD))
     assert sorted(vision.steps) == [(2, (4, 4), norm), (4, (2, 4), norm)]
     assert vision.seen[(4, (2, 4), norm)] == 2
+
+
+def test_groups_past_the_largest_bucket_run_eagerly(tiny: MiniCPMO) -> None:
+    patch = tiny.vpm.embeddings.patch_size
+    vision = StaticVision(tiny, use_graphs=False)
+    sizes = [(4, 4)] * 5 + [(2, 4)]
+    views = _views(sizes, patch, 4)
+    got = vision.embeds(views, np.array(sizes), (MEAN, STD))
+    torch.testing.assert_close(
+        got, tiny.vision_embeds(views, torch.tensor(sizes), (MEAN, STD)), atol=1e-5, rtol=1e-5
+    )
+    assert [key[:2] for key in vision.steps] == [(1, (2, 4))]  # the five 4x4 views took the eager tower
 
 
 def test_float_views_take_the_eager_path(tiny: MiniCPMO) -> None:

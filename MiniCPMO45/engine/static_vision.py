@@ -2,8 +2,10 @@
 
 Eagerly, the tower is some 400 small kernel launches per call whatever the batch: at one omni session on an
 H100 it took ~15 ms of the tick for ~8 ms of GPU work. Here the views of one patch grid run in a padded bucket
-of 1, 2, 4, ... views (up to the model's `vision_batch_size`) as one `StaticStep`: uint8 pixels in a fixed
-buffer, normalised, encoded and resampled inside the graph. A (bucket, grid) seen `capture_after` times is
+of 1, 2 or 4 views as one `StaticStep`: uint8 pixels in a fixed buffer, normalised, encoded and resampled
+inside the graph. From 8 views on the tower is GPU-bound (8 and 16 views took as long eagerly as replayed), and a
+graph would keep that many views' activations in its pool for good (the capacity bench ran out of memory at 64
+sessions when buckets up to 16 were captured), so larger groups run eagerly. A (bucket, grid) seen `capture_after` times is
 captured (a camera sends one size for a whole call, so a call captures once, in its third tick); before that,
 and for float pixels, the model's eager `vision_embeds` runs. Padding views hold the previous call's pixels
 (finite) and their outputs are dropped; the views of a grid are independent of each other in the tower.
@@ -26,15 +28,22 @@ Norm = tuple[tuple[float, ...], tuple[float, ...]]
 
 
 class StaticVision:
-    def __init__(self, model: MiniCPMO, use_graphs: bool | None = None, capture_after: int = 2) -> None:
+    def __init__(
+        self,
+        model: MiniCPMO,
+        use_graphs: bool | None = None,
+        capture_after: int = 2,
+        max_graph_views: int = 4,
+    ) -> None:
         if model.vpm is None or model.resampler is None:
             raise ValueError("the model has no vision encoder")
         self.model = model
         self.device = model.device
         self.use_graphs = graphs_available(self.device) if use_graphs is None else use_graphs
         self.capture_after = capture_after if self.use_graphs else 0
-        step = model.config.vision_batch_size
-        self.buckets = sorted({min(2**k, step) for k in range(step.bit_length() + 1)})
+        self.chunk = model.config.vision_batch_size  # views per eager call, as `vision_embeds` groups them
+        top = min(max_graph_views, self.chunk)
+        self.buckets = sorted({min(2**k, top) for k in range(top.bit_length() + 1)})
         self.steps: dict[tuple[int, tuple[int, int], Norm], StaticStep] = {}
         self.seen: Counter[tuple[int, tuple[int, int], Norm]] = Counter()
         self.pool = new_pool(self.device) if self.use_graphs else None
@@ -54,14 +63,18 @@ class StaticVision:
         if len(sizes) != len(views):
             raise ValueError(f"{len(views)} views but {len(sizes)} tgt_sizes")
         out: torch.Tensor | None = None
-        top = self.buckets[-1]
         for size, members in group_by_size(sizes).items():
-            for i in range(0, len(members), top):
-                chunk = members[i : i + top]
+            for i in range(0, len(members), self.chunk):
+                chunk = members[i : i + self.chunk]
                 part = [views[j] for j in chunk]
-                key = (pick_bucket(self.buckets, len(chunk)), size, norm)
-                self.seen[key] += 1
-                if key in self.steps or self.seen[key] > self.capture_after:
+                key = (
+                    (pick_bucket(self.buckets, len(chunk)), size, norm)
+                    if len(chunk) <= self.buckets[-1]
+                    else None
+                )
+                if key is not None:
+                    self.seen[key] += 1
+                if key is not None and (key in self.steps or self.seen[key] > self.capture_after):
                     emb = self._run(key, part)
                 else:
                     emb = self.model.vision_embeds(part, torch.tensor([size] * len(chunk)), normalize)
