@@ -19,6 +19,7 @@ OUT/capacity_table.json (the per-mode capacity a worker reports, see MiniCPMO45/
     python bench/capacity.py --tiny --config TINY/config.json --tokenizer TINY --out OUT --sessions 1,2
 
 `--quick`: N = 1, 16, 64 with fewer units (about 2 minutes). `--tiny`: CPU, float32, small context (tests).
+`--count-syncs`: also count, per tick, where the host waited for the GPU (CUDA sync debug mode; `host_syncs.py`).
 """
 
 from __future__ import annotations
