@@ -243,9 +243,8 @@ class DuplexBatcher:
         with_frames = [i for i, unit in enumerate(inputs) if unit.frames]
         image_jobs = self._host_pool.map(image_prep, with_frames)
         audio = [u.audio if u.audio is not None and len(u.audio) else None for u in inputs]
-        on_gpu = (
-            self.device if self.device.type == "cuda" else None
-        )  # the CPU keeps the per-session-exact path
+        # on a GPU the transform runs there; the CPU keeps the per-session-exact path
+        on_gpu = self.device if self.device.type == "cuda" else None
         all_mel_units = push_many([_state(s).mel for s in sessions], audio, on_gpu)
         t_audio = time.perf_counter()
         with_audio = [i for i, m in enumerate(all_mel_units) if m is not None]
@@ -387,12 +386,17 @@ class DuplexBatcher:
         # while it queued the decision.
         queued_lengths = eng.cache.lengths.index_select(0, upload(slots, dev))
         length: dict[int, int] = {}
+
+        def read_lengths() -> None:
+            if not length:
+                length.update(zip(slots, queued_lengths.tolist(), strict=True))
+
         step_hidden: list[torch.Tensor] = []  # per decode step: hidden states of the rows it fed
         fed_so_far = 0
         if runs:
             logits = torch.stack(logit_rows)
         if closers:
-            length.update(zip(slots, queued_lengths.tolist(), strict=True))
+            read_lengths()
             out = self._feed_tokens(
                 closers, [[sp.turn_eos]] * len(closers), [length[r.slot] for r in closers], hidden=False
             )
@@ -431,8 +435,7 @@ class DuplexBatcher:
                 )
                 decided.update(zip(keep, toks, strict=True))
             now = time.perf_counter()
-            if not length:
-                length.update(zip(slots, queued_lengths.tolist(), strict=True))
+            read_lengths()
             to_feed: list[tuple[_Run, int]] = []
             for run in runs:
                 if run.done:
@@ -462,8 +465,7 @@ class DuplexBatcher:
                     run.hidden_at.append(fed_so_far + k)
             fed_so_far += len(fed)
         t1 = time.perf_counter()
-        if not length:
-            length.update(zip(slots, queued_lengths.tolist(), strict=True))
+        read_lengths()
         order = [k for run in runs for k in run.hidden_at]
         hidden = torch.cat(step_hidden).index_select(0, upload(order, dev)) if order else None
         at = 0
