@@ -275,7 +275,10 @@ class StaticLLM:
         if len(set(slots)) != len(slots):
             raise ValueError("a slot appears twice in one step")
         counts = [int(p.shape[0]) for p in pieces]
-        cur = list(lengths) if lengths is not None else self.cache.lengths[list(slots)].tolist()
+        if lengths is None:
+            # one device read (indexing by a Python list would first copy the index from pageable memory)
+            lengths = self.cache.lengths.index_select(0, upload(list(slots), self.device)).tolist()
+        cur = list(lengths)
         if any(c + n > self.window for c, n in zip(cur, counts, strict=True)):
             raise CacheFullError(f"a slot would pass the attention window of {self.window} positions")
         first, rows = row_window(self.row_buckets, self.cache.num_slots, slots)

@@ -305,7 +305,8 @@ class StaticTTS:
             raise ValueError("one condition and one min_new per slot, at least one slot")
         if len(set(slots)) != n:
             raise ValueError("a slot appears twice in one call")
-        cur = self.lengths[list(slots)].tolist()
+        # one device read (indexing by a Python list would first copy the index from pageable memory)
+        cur = self.lengths.index_select(0, upload(list(slots), self.device)).tolist()
         first, rows = row_window(self.row_buckets, self.num_slots, slots)
         counts = [int(c.shape[0]) for c in conditions]
         # a turn that would outgrow the window restarts its TTS context (a deviation only for > window turns)
