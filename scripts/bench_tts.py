@@ -24,7 +24,7 @@ from MiniCPMO45.modules.tts import MiniCPMTTS  # noqa: E402
 
 
 def default_config() -> Path:
-    root = Path(os.environ.get("MINICPMO45_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures"))
+    root = Path(os.environ.get("MINICPMO45_FIXTURES", REPO_ROOT / "tests" / "fixtures"))
     return root / "minicpmo45-fullsize-config.json"
 
 

@@ -14,10 +14,15 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+FIXTURES_IN_REPO = REPO_ROOT / "tests" / "fixtures"
+
+
 def fixtures_root() -> Path:
-    """`../shared/fixtures` beside the repo, or $MINICPMO45_FIXTURES. Missing is an error, not a skip."""
-    root = Path(os.environ.get("MINICPMO45_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures"))
-    if not root.is_dir():
+    """The golden fixtures kept in the repo (`tests/fixtures`), or $MINICPMO45_FIXTURES.
+
+    Missing fixtures are an error, not a skip: a parity test that cannot run must not pass silently."""
+    root = Path(os.environ.get("MINICPMO45_FIXTURES", FIXTURES_IN_REPO))
+    if not (root / "minicpmo45-tiny").is_dir() or not (root / "token2wav-tiny").is_dir():
         raise FileNotFoundError(f"parity fixtures not found at {root} (set MINICPMO45_FIXTURES)")
     return root
 
