@@ -47,6 +47,7 @@ from MiniCPMO45.engine.generation import TokenEvent
 from MiniCPMO45.engine.half_duplex import AudioSegment
 from MiniCPMO45.engine.sampling import ChatSampling
 from MiniCPMO45.engine.session import Session
+from MiniCPMO45.modules.tts import TTSSession
 
 RATE = 16000
 UNIT_SAMPLES = 5120  # 320 ms: 10 VAD windows
@@ -108,6 +109,7 @@ class ChatMode:
         self.settings = settings
         self.host: EngineHost | None = None
         self.session: Session | None = None
+        self.tts: TTSSession | None = None
         self.reply: Reply | None = None
         self.turn = 0
         self.paused = False
@@ -126,6 +128,15 @@ class ChatMode:
         self.voice = self.host.voice(options.voice)
         self.system_prompt = options.system_prompt or DEFAULT_PROMPT
         self.session = self.host.engine.open_session(seed=self.options.seed)
+        try:
+            self._open_session_parts()
+        except BaseException:
+            self.close()  # a failed open must not keep its KV or TTS slot
+            raise
+        return SessionSetup(unit_samples=UNIT_SAMPLES, output_rate=OUTPUT_RATE), [State("listening")]
+
+    def _open_session_parts(self) -> None:
+        assert self.host is not None
         self.tts = self.host.tts.new_session(self.host.tts_cache, seed=self.options.seed)
         self.detector = TurnDetector(self.options.vad_threshold, self.options.min_silence_ms)
         self.sampling = ChatSampling(
@@ -135,7 +146,6 @@ class ChatMode:
             length_penalty=self.options.length_penalty,
         )
         self._prefill_system()
-        return SessionSetup(unit_samples=UNIT_SAMPLES, output_rate=OUTPUT_RATE), [State("listening")]
 
     def _prefill_system(self) -> None:
         assert self.host is not None and self.session is not None
@@ -151,10 +161,14 @@ class ChatMode:
 
     def close(self) -> None:
         self.reply = None
-        if self.host is not None and self.session is not None:
-            self.host.engine.close_session(self.session)
-            self.tts.close()
-        self.session = None
+        tts, self.tts = self.tts, None
+        try:
+            if tts is not None:
+                tts.close()
+        finally:
+            if self.host is not None and self.session is not None:
+                self.host.engine.close_session(self.session)
+            self.session = None
 
     # ---- turns ------------------------------------------------------------------------------------------------
     def _remember(self, pcm: np.ndarray) -> None:

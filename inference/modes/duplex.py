@@ -90,8 +90,12 @@ class DuplexMode:
         self.voice = self.host.voice(options.voice)
         self.batcher = self.host.duplex_batcher()
         self.session = self.host.engine.open_session(seed=self.options.seed, top_slot=options.tick_phase == 1)
-        self.batcher.attach(self.session.slot, self.voice.prompt)
-        self._prepare()
+        try:
+            self.batcher.attach(self.session.slot, self.voice.prompt)
+            self._prepare()
+        except BaseException:
+            self.close()  # a failed open (e.g. out of memory) must not keep its KV slot
+            raise
         setup = SessionSetup(
             unit_samples=UNIT_SAMPLES,
             output_rate=OUTPUT_RATE,
@@ -118,9 +122,11 @@ class DuplexMode:
 
     def close(self) -> None:
         if self.host is not None and self.session is not None:
-            if self.batcher is not None:
-                self.batcher.release(self.session.slot)
-            self.host.engine.close_session(self.session)
+            try:
+                if self.batcher is not None:
+                    self.batcher.release(self.session.slot)
+            finally:  # the KV slot goes back even if the batcher's bookkeeping failed
+                self.host.engine.close_session(self.session)
         self.session = self.voice = None
 
     def _end_turn(self) -> None:
