@@ -1,4 +1,5 @@
-"""The aiohttp application: middlewares (JSON errors, bearer auth), routes, static pages, and start/stop."""
+"""The aiohttp application: middlewares (JSON errors, Origin check, bearer auth), routes, static pages, and
+start/stop."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from aiohttp import web
 from inference.supervisor import SupervisorSettings, WorkerSupervisor
 from rtc_server.certs import server_ssl_context
 from rtc_server.config import AppConfig
+from rtc_server.http_security import NON_PAGE_ROOTS, OriginPolicy, origin_guard, response_headers
 from rtc_server.manager import SessionManager
 from rtc_server.metrics import CONTENT_TYPE, Exposition
+from rtc_server.pages import public_file
 from rtc_server.presets import add_preset_routes
 from rtc_server.signalling import MANAGER_KEY, ApiError, add_routes
 from rtc_server.ui_routes import add_ui_routes
@@ -50,7 +53,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         message = (
             exc.text if exc.status != 413 else f"the body is larger than {request.app[MAX_BODY_KEY]} bytes"
         )
-        raise ApiError(exc.status, code, message or exc.reason) from None
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None  # a 405 must name them
+        raise ApiError(exc.status, code, message or exc.reason, headers=allow) from None
     except Exception:
         if not is_protected(request.path):
             raise
@@ -158,6 +162,17 @@ async def metrics(request: web.Request) -> web.Response:
         "1 while the worker process is connected.",
         [({"worker": str(w.worker_id), "device": w.device}, int(w.up)) for w in workers],
     )
+    capacity_rows: list[tuple[dict[str, str], float]] = []
+    for w in workers:
+        labels = {"worker": str(w.worker_id), "source": w.capacity_source}
+        capacity_rows.append(({**labels, "mode": "any"}, w.capacity))
+        capacity_rows += [({**labels, "mode": m}, n) for m, n in sorted(w.capacity_by_mode.items())]
+    out.metric(
+        "rtc_worker_capacity",
+        "gauge",
+        "Sessions a worker holds (mode any: of its most expensive mode), and where the number comes from.",
+        capacity_rows,
+    )
     out.metric(
         "rtc_worker_restarts_total",
         "counter",
@@ -176,11 +191,13 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def make_app(config: AppConfig, manager: SessionManager) -> web.Application:
-    middlewares = [json_errors]
+    policy = OriginPolicy(config.server.allowed_origins)
+    middlewares = [json_errors, origin_guard(policy)]
     if config.auth.api_token:
         middlewares.append(auth_middleware(config.auth.api_token))
     middlewares.append(limit_body)
     app = web.Application(middlewares=middlewares, client_max_size=config.server.max_body_bytes)
+    app.on_response_prepare.append(response_headers(policy, config.rtc.ice_servers))
     app[MANAGER_KEY] = manager
     app[MAX_BODY_KEY] = config.server.max_body_bytes
     app[STARTED_KEY] = time.monotonic()
@@ -197,13 +214,16 @@ def make_app(config: AppConfig, manager: SessionManager) -> web.Application:
         raise web.HTTPFound("/call.html")
 
     async def page(request: web.Request) -> web.StreamResponse:
-        path = (public / request.match_info["path"]).resolve()
-        if not path.is_relative_to(public) or not path.is_file():
+        path = public_file(public, request.match_info["path"])
+        if path is None:
             raise web.HTTPNotFound()
         return web.FileResponse(path)
 
     app.router.add_get("/", index)
-    app.router.add_get("/{path:.+}", page)  # static pages; registered last, after the API routes
+    # static pages, registered last; never under the API roots, so that an unknown API path or method gets
+    # the API's own 404 or 405 (with its Allow header) rather than the page route's
+    api = "|".join(root.lstrip("/") for root in NON_PAGE_ROOTS)
+    app.router.add_get(f"/{{path:(?!(?:{api})(?:/|$)).+}}", page)
     return app
 
 
@@ -236,7 +256,9 @@ def worker_settings(config: AppConfig) -> dict[str, object]:
         "vocoder_turns": config.model.vocoder_turns,
         "fused_layers": config.model.fused_layers,
         "tts_window": config.model.tts_window,
-        "max_sessions": max(workers.capacity_per_gpu if workers.gpus else workers.cpu_capacity, 1),
+        # None: a GPU worker finds its own capacity (inference/capacity.py)
+        "max_sessions": (workers.capacity_per_gpu or None) if workers.gpus else workers.cpu_capacity,
+        "gpu_reserve_gib": config.model.gpu_reserve_gib,
         "voices_dir": str(voices_dir(config)),
         "loopback": config.loopback.model_dump(),
         "tick_gather_s": workers.tick_gather_ms / 1000,

@@ -10,6 +10,18 @@ from aiohttp import web
 PAGES = {"/call": "call.html", "/settings": "settings.html", "/admin": "admin.html", "/docs": "docs.html"}
 
 
+def public_file(public: Path, name: str) -> Path | None:
+    """The file under `public` that a URL path names; None if it is missing, outside `public`, or not a valid
+    file name (a null byte, a name too long for the file system)."""
+    if "\0" in name:
+        return None
+    try:
+        path = (public / name).resolve()
+        return path if path.is_relative_to(public) and path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
 def page_handler(public: Path, filename: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def serve(request: web.Request) -> web.StreamResponse:
         path = public / filename

@@ -1,6 +1,7 @@
 """Reference voices: `POST /api/voices` uploads a WAV, `GET /api/voices` lists the stored ones.
 
-An upload is validated (Content-Type, size, a RIFF/WAVE file that PyAV can decode, duration), converted to
+An upload is validated (Content-Type, size, then the RIFF/WAVE header: sample format, channels, rate and
+duration, before PyAV decodes anything, since a tiny file that says "1 Hz" decodes to gigabytes), converted to
 16 kHz mono and stored as a PCM16 WAV named by the SHA-256 of that normalised file, which is the voice id:
 the same recording uploaded twice gives the same id, and the worker caches the voice's prompt per id.
 A session uses a voice with `"voice": "<id>"` in `POST /api/sessions` (or `?voice=` on `/whip`); the worker
@@ -14,12 +15,15 @@ import asyncio
 import hashlib
 import io
 import re
+import struct
 import wave
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
 import numpy as np
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ConfigDict
 
 from inference.wav import pcm16_wav
@@ -29,6 +33,10 @@ VOICE_ID = re.compile(r"^[0-9a-f]{24}$")
 WAV_TYPES = {"audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave"}
 RATE = 16000
 CONFIG_KEY = web.AppKey("voices_config", AppConfig)
+PCM, FLOAT, EXTENSIBLE = 1, 3, 0xFFFE
+SAMPLE_BITS = {PCM: (8, 16, 24, 32), FLOAT: (32, 64)}
+SUBFORMAT_TAIL = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"  # KSDATAFORMAT_SUBTYPE_*
+MIN_RATE, MAX_RATE, MAX_CHANNELS = 8000, 192000, 8
 DIR_KEY = web.AppKey("voices_dir", Path)
 
 
@@ -53,18 +61,91 @@ class VoiceList(BaseModel):
     voices: list[VoiceInfo]
 
 
-def decode_wav(data: bytes) -> np.ndarray:
-    """A WAV file's audio as 16 kHz mono float32 (PyAV decodes and resamples)."""
+@dataclass(frozen=True)
+class WavFormat:
+    """What a WAV header says (the extensible format's sub-format resolved into `format_tag`)."""
+
+    format_tag: int
+    channels: int
+    rate: int
+    block_align: int
+    bits: int
+    data_bytes: int  # as far as the upload holds them (a streaming writer's size may be 0xFFFFFFFF)
+
+
+def read_wav_format(data: bytes) -> WavFormat:
+    """Walk the RIFF chunks up to the data chunk; nothing is decoded."""
     if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         raise VoiceError(400, "not_wav", "the upload is not a WAV file (RIFF/WAVE header missing)")
+    fmt: tuple[int, int, int, int, int] | None = None
+    pos = 12
+    while pos + 8 <= len(data):
+        chunk_id, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
+        if chunk_id == b"fmt ":
+            body = data[pos + 8 : pos + 8 + min(size, 40)]
+            if len(body) < 16:
+                raise VoiceError(400, "bad_audio", "the WAV fmt chunk is too short")
+            tag, channels, rate, _, align, bits = struct.unpack_from("<HHIIHH", body)
+            if tag == EXTENSIBLE:
+                tag = int.from_bytes(body[24:26], "little") if body[26:40] == SUBFORMAT_TAIL else -1
+            fmt = (tag, channels, rate, align, bits)
+        elif chunk_id == b"data":
+            if fmt is None:
+                raise VoiceError(400, "bad_audio", "the WAV data chunk comes before its fmt chunk")
+            return WavFormat(*fmt, data_bytes=min(size, len(data) - pos - 8))
+        pos += 8 + size + (size & 1)  # chunks are padded to an even size
+    missing = "fmt" if fmt is None else "data"
+    raise VoiceError(400, "bad_audio", f"the WAV file has no {missing} chunk")
+
+
+def check_wav_format(fmt: WavFormat, max_s: float) -> None:
+    """Refuse what PyAV should not be asked to decode: odd formats, rates, layouts, or too much audio."""
+    if fmt.bits not in SAMPLE_BITS.get(fmt.format_tag, ()):
+        raise VoiceError(
+            400,
+            "unsupported_format",
+            f"the WAV file holds format {fmt.format_tag} with {fmt.bits}-bit samples; "
+            "PCM (8, 16, 24 or 32-bit) or float (32 or 64-bit) is needed",
+        )
+    if not 1 <= fmt.channels <= MAX_CHANNELS:
+        raise VoiceError(
+            400, "bad_channels", f"the WAV file has {fmt.channels} channels; 1 to {MAX_CHANNELS}"
+        )
+    if not MIN_RATE <= fmt.rate <= MAX_RATE:
+        raise VoiceError(
+            400,
+            "bad_sample_rate",
+            f"the sample rate is {fmt.rate} Hz; {MIN_RATE} to {MAX_RATE} Hz are accepted",
+        )
+    if fmt.block_align != fmt.channels * fmt.bits // 8:
+        raise VoiceError(400, "bad_audio", f"the WAV block align {fmt.block_align} does not fit its format")
+    if fmt.data_bytes < fmt.block_align:
+        raise VoiceError(400, "bad_audio", "the WAV file holds no samples")
+    duration = fmt.data_bytes // fmt.block_align / fmt.rate
+    if duration > max_s:
+        raise VoiceError(
+            400, "too_long", f"the voice is {duration:.2f} s long; at most {max_s:g} s are accepted"
+        )
+
+
+def decode_wav(data: bytes, max_s: float) -> np.ndarray:
+    """A WAV file's audio as 16 kHz mono float32 (PyAV decodes and resamples), at most about `max_s` long."""
+    check_wav_format(read_wav_format(data), max_s)
+    # the header was checked, but the decoder's output is bounded too; the exact duration check follows
+    limit = int(max_s * RATE) + RATE
     try:
         with av.open(io.BytesIO(data), format="wav") as container:
             if not container.streams.audio:
                 raise VoiceError(400, "bad_audio", "the WAV file has no audio stream")
             resampler = av.AudioResampler(format="flt", layout="mono", rate=RATE)
-            chunks = []
+            chunks: list[np.ndarray] = []
+            samples = 0
             for frame in container.decode(audio=0):
-                chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+                out = [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+                chunks += out
+                samples += sum(c.size for c in out)
+                if samples > limit:
+                    raise VoiceError(400, "too_long", f"the voice is longer than {max_s:g} s")
             chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
     except VoiceError:
         raise
@@ -77,7 +158,7 @@ def decode_wav(data: bytes) -> np.ndarray:
 
 def store_voice(folder: Path, data: bytes, min_s: float, max_s: float) -> VoiceInfo:
     """Validate, normalise and store one upload (blocking: run it off the event loop)."""
-    pcm = decode_wav(data)
+    pcm = decode_wav(data, max_s)
     duration = pcm.size / RATE
     if duration < min_s:
         raise VoiceError(
@@ -115,6 +196,23 @@ async def _read_limited(request: web.Request, limit: int) -> bytes:
     return bytes(data)
 
 
+async def _form_file(request: web.Request, limit: int) -> bytes:
+    reader = await request.multipart()
+    async for part in reader:
+        if not isinstance(part, BodyPartReader) or part.name != "file":
+            continue
+        part_type = part.headers.get("Content-Type", "application/octet-stream").split(";")[0].strip()
+        if part_type not in WAV_TYPES | {"application/octet-stream"}:
+            raise VoiceError(415, "unsupported_media_type", f"the file part is {part_type}, not audio/wav")
+        data = bytearray()
+        while chunk := await part.read_chunk(1 << 16):
+            data += chunk
+            if len(data) > limit:
+                raise VoiceError(413, "too_large", f"the upload is larger than {limit} bytes")
+        return bytes(data)
+    raise VoiceError(400, "bad_request", "the form has no `file` part")
+
+
 async def _upload_bytes(request: web.Request, limit: int) -> bytes:
     """The WAV bytes of a raw `audio/wav` body or of the `file` part of a multipart form."""
     ctype = request.content_type
@@ -123,22 +221,14 @@ async def _upload_bytes(request: web.Request, limit: int) -> bytes:
     if ctype == "multipart/form-data":
         if request.content_length is not None and request.content_length > limit + 4096:
             raise VoiceError(413, "too_large", f"the upload is larger than {limit} bytes")
-        reader = await request.multipart()
-        async for part in reader:
-            if not isinstance(part, BodyPartReader) or part.name != "file":
-                continue
-            part_type = part.headers.get("Content-Type", "application/octet-stream").split(";")[0].strip()
-            if part_type not in WAV_TYPES | {"application/octet-stream"}:
-                raise VoiceError(
-                    415, "unsupported_media_type", f"the file part is {part_type}, not audio/wav"
-                )
-            data = bytearray()
-            while chunk := await part.read_chunk(1 << 16):
-                data += chunk
-                if len(data) > limit:
-                    raise VoiceError(413, "too_large", f"the upload is larger than {limit} bytes")
-            return bytes(data)
-        raise VoiceError(400, "bad_request", "the form has no `file` part")
+        try:
+            return await _form_file(request, limit)
+        except VoiceError:
+            raise
+        # aiohttp's multipart reader meets a missing or wrong boundary or broken part headers with these
+        except (ValueError, AssertionError, RuntimeError, TypeError, LookupError, HttpProcessingError) as exc:
+            message = str(exc).replace("\n", " ")[:200]
+            raise VoiceError(400, "bad_request", f"the multipart form is malformed: {message}") from None
     raise VoiceError(
         415, "unsupported_media_type", f"expected audio/wav or multipart/form-data, got {ctype or 'nothing'}"
     )

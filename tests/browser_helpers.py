@@ -38,3 +38,9 @@ def make_fake_mic(folder: Path) -> Path:
     wav = folder / "mic.wav"
     write_wav(wav, speech_signal(folder / "speech.wav"))
     return wav
+
+
+def arrow(expression: str) -> str:
+    """A JS expression as a predicate function for `wait_for_function`: Playwright evaluates a bare expression
+    string with `eval`, which the pages' Content-Security-Policy forbids (as it should)."""
+    return f"() => ({expression})"

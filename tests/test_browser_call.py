@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from playwright.async_api import async_playwright
 
-from tests.browser_helpers import CHROMIUM, chromium_args, make_fake_mic, require_chromium
+from tests.browser_helpers import CHROMIUM, arrow, chromium_args, make_fake_mic, require_chromium
 from tests.conftest import REPO_ROOT
 
 ARTIFACTS = REPO_ROOT / "test-artifacts"
@@ -56,7 +56,8 @@ async def test_browser_loopback_call(start_test_server, fake_mic: Path) -> None:
             page.on("console", lambda msg: console.append(msg.text))
             await page.goto(f"{url}/call.html?mode=loopback&autostart=1")
             await page.wait_for_function(
-                "window.callState.pc && window.callState.pc.connectionState === 'connected'", timeout=20000
+                arrow("window.callState.pc && window.callState.pc.connectionState === 'connected'"),
+                timeout=20000,
             )
             # Loopback delay (1 s) plus the speech itself: then the echo must be arriving.
             await asyncio.sleep(server.config.loopback.delay_s + 2.0)
@@ -68,7 +69,7 @@ async def test_browser_loopback_call(start_test_server, fake_mic: Path) -> None:
             session = server.manager.get(await page.evaluate("window.callState.sessionId"))
             assert session is not None and session.inbound is not None and session.inbound.frames_in > 0
             await page.click("#stop")
-            await page.wait_for_function("window.callState.sessionId === null")
+            await page.wait_for_function(arrow("window.callState.sessionId === null"))
         finally:
             await browser.close()
     assert gum_calls and gum_calls[0]["audio"]["echoCancellation"] is True, gum_calls

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from playwright.async_api import async_playwright
 
-from tests.browser_helpers import CHROMIUM, chromium_args, make_fake_mic, require_chromium
+from tests.browser_helpers import CHROMIUM, arrow, chromium_args, make_fake_mic, require_chromium
 from tests.conftest import REPO_ROOT
 
 ARTIFACTS = REPO_ROOT / "test-artifacts"
@@ -37,23 +37,25 @@ async def test_browser_calls_each_model_mode(start_test_server, fake_mic: Path) 
             for mode in ("chat", "audio_duplex", "omni_duplex"):
                 await page.goto(f"{url}/call.html?mode={mode}&autostart=1")
                 await page.wait_for_function(
-                    "window.callState.pc && window.callState.pc.connectionState === 'connected'",
+                    arrow("window.callState.pc && window.callState.pc.connectionState === 'connected'"),
                     timeout=30000,
                 )
                 await page.wait_for_function(
-                    f"{events_js('session')}.some((e) => e.mode === {json.dumps(mode)} && e.phase === 'active')",
+                    arrow(
+                        f"{events_js('session')}.some((e) => e.mode === {json.dumps(mode)} && e.phase === 'active')"
+                    ),
                     timeout=60000,
                 )
                 # units reach the mode (omni: with camera frames) and come back as metrics
-                await page.wait_for_function(f"{events_js('metrics')}.length >= 3", timeout=60000)
+                await page.wait_for_function(arrow(f"{events_js('metrics')}.length >= 3"), timeout=60000)
                 if mode == "chat":
                     await page.wait_for_function(
-                        "!document.getElementById('text-input').disabled", timeout=10000
+                        arrow("!document.getElementById('text-input').disabled"), timeout=10000
                     )
                     await page.fill("#text-input", "Hello, who are you?")
                     await page.press("#text-input", "Enter")
                     await page.wait_for_function(
-                        f"{events_js('state')}.some((e) => e.state === 'thinking')", timeout=30000
+                        arrow(f"{events_js('state')}.some((e) => e.state === 'thinking')"), timeout=30000
                     )
                 seen[mode] = await page.evaluate("window.callState.events")
                 session = server.manager.get(await page.evaluate("window.callState.sessionId"))
@@ -63,7 +65,7 @@ async def test_browser_calls_each_model_mode(start_test_server, fake_mic: Path) 
                 ARTIFACTS.mkdir(exist_ok=True)
                 await page.screenshot(path=str(ARTIFACTS / f"browser-{mode}.png"), full_page=True)
                 await page.click("#stop")
-                await page.wait_for_function("window.callState.sessionId === null", timeout=10000)
+                await page.wait_for_function(arrow("window.callState.sessionId === null"), timeout=10000)
         finally:
             await browser.close()
     for mode, events in seen.items():

@@ -17,7 +17,7 @@ import pytest_asyncio
 from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
 
 from rtc_server.app import start_server
-from tests.browser_helpers import CHROMIUM, chromium_args, make_fake_mic, require_chromium
+from tests.browser_helpers import CHROMIUM, arrow, chromium_args, make_fake_mic, require_chromium
 from tests.conftest import REPO_ROOT, server_test_config
 from tests.rtc_client import speech_signal, write_wav
 
@@ -111,7 +111,7 @@ async def test_every_page_loads_cleanly(server, browser: Browser, viewport: str)
     try:
         for name, (path, ready) in PAGES.items():
             await page.goto(f"{server.url}{path}")
-            await page.wait_for_function(ready, timeout=10000)
+            await page.wait_for_function(arrow(ready), timeout=10000)
             await page.wait_for_load_state("networkidle")
             overflow = await page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
             await screenshot(page, f"{name}-{viewport}")
@@ -135,23 +135,25 @@ async def test_loopback_call_from_the_call_page(server, browser: Browser) -> Non
         await page.goto(f"{server.url}/call?mode=loopback")
         await page.click("#start")
         await page.wait_for_function(
-            "window.callState.pc && window.callState.pc.connectionState === 'connected'", timeout=20000
+            arrow("window.callState.pc && window.callState.pc.connectionState === 'connected'"), timeout=20000
         )
-        await page.wait_for_function("document.querySelector('#state').dataset.state === 'listening'")
+        await page.wait_for_function(arrow("document.querySelector('#state').dataset.state === 'listening'"))
         assert await page.text_content("#state") == "Listening"
         # The echo of the fake microphone arrives on the WebRTC track and drives the level meter.
-        await page.wait_for_function("window.callState.maxRemoteLevel > 0.01", timeout=15000)
+        await page.wait_for_function(arrow("window.callState.maxRemoteLevel > 0.01"), timeout=15000)
         # Typed text goes out on the data channel; loopback echoes it back as assistant text.
         await page.fill("#text-input", "hello from the transcript test")
         await page.press("#text-input", "Enter")
         await page.wait_for_function(
-            "[...document.querySelectorAll('#transcript li.assistant')]"
-            ".some(li => li.textContent.includes('hello from the transcript test'))"
+            arrow(
+                "[...document.querySelectorAll('#transcript li.assistant')]"
+                ".some(li => li.textContent.includes('hello from the transcript test'))"
+            )
         )
         assert await page.locator("#transcript li.user").count() == 1
         await page.click("#stats-toggle")
         await page.wait_for_function(
-            "document.querySelector('#stats-body tr td').textContent.endsWith('ms')", timeout=5000
+            arrow("document.querySelector('#stats-body tr td').textContent.endsWith('ms')"), timeout=5000
         )
         status = await page.evaluate(
             """async (token) => (await fetch('/api/admin/status', {headers: {'X-Admin-Token': token}})).json()""",
@@ -165,7 +167,7 @@ async def test_loopback_call_from_the_call_page(server, browser: Browser) -> Non
         await screenshot(page, "call-active-mobile")
         session_id = await page.evaluate("window.callState.sessionId")
         await page.click("#stop")
-        await page.wait_for_function("window.callState.sessionId === null")
+        await page.wait_for_function(arrow("window.callState.sessionId === null"))
         assert not console.errors, console.errors
     finally:
         await page.context.close()
@@ -194,7 +196,9 @@ async def test_unavailable_mode_shows_the_servers_error(server, browser: Browser
     try:
         await page.goto(f"{server.url}/call?mode=omni_duplex&autostart=1")
         # Video mode: the fake camera shows in the self-view tile, and the camera button is offered.
-        await page.wait_for_function("document.querySelector('#self-video').videoWidth > 0", timeout=10000)
+        await page.wait_for_function(
+            arrow("document.querySelector('#self-video').videoWidth > 0"), timeout=10000
+        )
         assert await page.is_visible("#self-video") and await page.is_visible("#cam")
         assert (await page.evaluate("window.callState.constraints"))["video"]
         await screenshot(page, "call-video-connecting-desktop")
@@ -249,7 +253,7 @@ async def test_language_switch_is_kept(server, browser: Browser) -> None:
         await screenshot(page, "docs-zh-desktop")
         await page.set_viewport_size({"width": 390, "height": 844})
         await page.goto(f"{server.url}/call?mode=loopback")
-        await page.wait_for_function("document.querySelector('#mode').options.length >= 4")
+        await page.wait_for_function(arrow("document.querySelector('#mode').options.length >= 4"))
         assert await page.text_content("#start") == "开始通话"
         await screenshot(page, "call-zh-mobile")
         await page.goto(f"{server.url}/settings")
@@ -269,14 +273,14 @@ async def test_settings_persist_and_feed_the_call(server, browser: Browser, tmp_
     page, console = await new_page(browser)
     try:
         await page.goto(f"{server.url}/settings")
-        await page.wait_for_function("document.querySelector('#preset').options.length > 1")
+        await page.wait_for_function(arrow("document.querySelector('#preset').options.length > 1"))
         assert "from the server" in await page.text_content("#preset-source")
         await page.select_option("#preset", "chat_assistant_zh")
         prompt = await page.input_value("#system-prompt")
         assert "语音助手" in prompt
         await page.fill("#silence-ms", "1200")
         await page.reload()
-        await page.wait_for_function("document.querySelector('#preset').options.length > 1")
+        await page.wait_for_function(arrow("document.querySelector('#preset').options.length > 1"))
         assert await page.input_value("#system-prompt") == prompt
         assert await page.input_value("#silence-ms") == "1200"
         assert await page.input_value("#preset") == "chat_assistant_zh"
@@ -288,7 +292,7 @@ async def test_settings_persist_and_feed_the_call(server, browser: Browser, tmp_
         write_wav(clip, speech_signal(tmp_path / "speech.wav"))
         await page.set_input_files("#voice-file", str(clip))
         await page.wait_for_function(
-            "(JSON.parse(localStorage.getItem('minicpmo.settings.v1')) || {}).voiceId"
+            arrow("(JSON.parse(localStorage.getItem('minicpmo.settings.v1')) || {}).voiceId")
         )
         fields = await page.evaluate(request_fields)
         assert re.fullmatch(r"[0-9a-f]{24}", fields["voice"]), (
@@ -327,8 +331,10 @@ def seconds(text: str) -> int:
 
 async def wait_connected(page: Page) -> None:
     await page.wait_for_function(
-        "window.callState.pc && window.callState.pc.connectionState === 'connected'"
-        " && window.callState.phase === 'active'",
+        arrow(
+            "window.callState.pc && window.callState.pc.connectionState === 'connected'"
+            " && window.callState.phase === 'active'"
+        ),
         timeout=20000,
     )
 
@@ -342,7 +348,9 @@ async def test_queue_countdown_and_server_hangup(server, browser: Browser) -> No
         # The only slot is taken: the second caller waits, with its position and a countdown.
         await second.goto(f"{server.url}/call?mode=loopback&autostart=1")
         await second.wait_for_selector("#queue:not([hidden])", timeout=15000)
-        await second.wait_for_function("document.querySelector('#queue-position').textContent === '#1'")
+        await second.wait_for_function(
+            arrow("document.querySelector('#queue-position').textContent === '#1'")
+        )
         assert await second.evaluate("window.callState.status") == "queued"
         before = seconds(await second.text_content("#queue-eta"))
         await asyncio.sleep(2.2)
@@ -362,11 +370,11 @@ async def test_queue_countdown_and_server_hangup(server, browser: Browser) -> No
         await wait_connected(second)
         assert await second.is_hidden("#queue")
         await second.click("#stop")
-        await second.wait_for_function("window.callState.sessionId === null")
+        await second.wait_for_function(arrow("window.callState.sessionId === null"))
         await first.click("#reconnect")
         await wait_connected(first)
         await first.click("#stop")
-        await first.wait_for_function("window.callState.sessionId === null")
+        await first.wait_for_function(arrow("window.callState.sessionId === null"))
         assert not first_console.errors and not second_console.errors, (
             first_console.errors,
             second_console.errors,
@@ -417,11 +425,11 @@ async def test_pages_with_an_api_token(browser: Browser) -> None:
         await page.click("#messages a[href='/settings']")
         await page.fill("#api-token", token)
         await page.goto(f"{url}/")
-        await page.wait_for_function("document.querySelectorAll('.mode-card .badge').length === 4")
+        await page.wait_for_function(arrow("document.querySelectorAll('.mode-card .badge').length === 4"))
         await page.goto(f"{url}/call?mode=loopback&autostart=1")
         await wait_connected(page)
         await page.click("#stop")
-        await page.wait_for_function("window.callState.sessionId === null")
+        await page.wait_for_function(arrow("window.callState.sessionId === null"))
     finally:
         await page.context.close()
         await protected.stop()
