@@ -9,6 +9,10 @@ carries bulk data so that PCM never goes through JSON: float32 little-endian mon
 `audio`, followed for `unit` by an optional HxWx3 uint8 RGB frame (`frame_shape` says its size).
 
 Every message about a session carries `session_id`; one connection multiplexes all sessions of a worker.
+
+A connection starts with the server's `challenge` (a fresh nonce); the worker answers with `hello`, whose
+`proof` is `hello_proof(secret, nonce, worker_id, pid)`: an HMAC keyed by the secret the supervisor gave the
+worker in its environment (`AUTH_ENV`). The secret itself never goes over the connection.
 Clock fields (`completed_at`, `play_at`) are in the server's `time.monotonic()` timeline: a worker only
 copies or offsets them, never compares them with its own clock (except for the same-host hand-off metric).
 """
@@ -16,6 +20,8 @@ copies or offsets them, never compares them with its own clock (except for the s
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import struct
 from typing import Annotated, Any, Literal
@@ -26,6 +32,10 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20
 MAX_PAYLOAD_BYTES = 64 << 20
+MAX_HELLO_BYTES = 64 << 10  # the bound on the first message, before the peer has proved anything
+AUTH_ENV = "MINICPMO45_WORKER_SECRET"  # the supervisor's per-start secret (hex), in each worker's environment
+UNITS_DROPPED = "units_dropped"  # error code: a session's queue was full, its oldest unit went
+CONTROLS_DROPPED = "controls_dropped"  # error code: a session's queue was full, a control was refused
 _PREFIX = struct.Struct(">II")
 
 
@@ -80,6 +90,13 @@ class Ping(_Msg):
     seq: int
 
 
+class Challenge(_Msg):
+    """The server's first message on a new connection; the worker's `hello` answers it."""
+
+    type: Literal["challenge"] = "challenge"
+    nonce: str  # hex, fresh for every connection
+
+
 # ---- worker -> server ----------------------------------------------------------------------------
 
 
@@ -92,9 +109,26 @@ class Hello(_Msg):
     pid: int
     device: str
     modes: list[str]
-    # measured sessions per worker (engine.capacity); None: the server's configured capacity applies
+    # sessions per worker and per mode as planned before the model loads (inference/capacity.py); None: the
+    # server's configured capacity applies
     capacity: int | None = None
     capacity_by_mode: dict[str, int] = {}
+    capacity_source: str = "configured"
+    # False: the worker is loading its model and sizing its caches, and says `capacity` when it is done;
+    # admission gives it no session until then
+    capacity_final: bool = True
+    proof: str = Field("", repr=False)  # hello_proof(secret, challenge nonce, worker_id, pid)
+
+
+class CapacityOut(_Msg):
+    """The worker's capacity once its model is loaded and its caches sized to its memory (after `hello`)."""
+
+    type: Literal["capacity"] = "capacity"
+    sessions: int = Field(ge=1)
+    by_mode: dict[str, int] = {}
+    source: str
+    per_session_mib: float | None = None
+    free_mib: float | None = None
 
 
 class Opened(_Msg):
@@ -183,7 +217,9 @@ Message = Annotated[
     | Control
     | CloseSession
     | Ping
+    | Challenge
     | Hello
+    | CapacityOut
     | Opened
     | AudioOut
     | TextOut
@@ -212,10 +248,23 @@ def decode_header(raw: bytes) -> Message:
         raise ProtocolError(f"invalid message header: {exc}") from None
 
 
-async def read_message(reader: asyncio.StreamReader) -> tuple[Message, bytes]:
-    """Read one message; raises asyncio.IncompleteReadError at EOF and ProtocolError on garbage."""
+def hello_proof(secret: bytes, nonce: str, worker_id: int, pid: int) -> str:
+    """The worker's answer to a challenge: binds the nonce and the worker's claim (id, pid) to the secret."""
+    return hmac.new(secret, f"{nonce}:{worker_id}:{pid}".encode(), hashlib.sha256).hexdigest()
+
+
+def proof_ok(secret: bytes, nonce: str, hello: Hello) -> bool:
+    expected = hello_proof(secret, nonce, hello.worker_id, hello.pid)
+    return hmac.compare_digest(expected.encode(), hello.proof.encode())
+
+
+async def read_message(
+    reader: asyncio.StreamReader, max_header: int = MAX_HEADER_BYTES, max_payload: int = MAX_PAYLOAD_BYTES
+) -> tuple[Message, bytes]:
+    """Read one message; raises asyncio.IncompleteReadError at EOF and ProtocolError on garbage. A length
+    over the bounds is refused before anything more is read, so a peer cannot make us buffer it."""
     header_len, payload_len = _PREFIX.unpack(await reader.readexactly(_PREFIX.size))
-    if header_len > MAX_HEADER_BYTES or payload_len > MAX_PAYLOAD_BYTES:
+    if header_len > max_header or payload_len > max_payload:
         raise ProtocolError(f"message too large: header {header_len} B, payload {payload_len} B")
     header = await reader.readexactly(header_len)
     payload = await reader.readexactly(payload_len) if payload_len else b""

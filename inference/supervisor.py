@@ -1,10 +1,12 @@
 """Server-side management of worker processes: spawn, hello, heartbeats, restart, message routing.
 
 The supervisor listens on 127.0.0.1 (an ephemeral port); each worker connects to it and says `hello`.
-A worker on another host would connect the same way (listen address in config). Heartbeats: a `ping` every
-`heartbeat_interval_s`; a worker silent for `heartbeat_timeout_s`, whose connection drops, or whose process
-exits is killed and restarted after `restart_delay_s`. Its sessions get `on_worker_lost` and the server
-closes them; other workers' sessions are untouched.
+A worker on another host would connect the same way (listen address in config). Any local process can
+connect, so a connection counts only once its `hello` proves the per-start secret (protocol.py) for the
+worker id and pid the supervisor spawned; anything else is logged and closed, and does not touch the workers.
+Heartbeats: a `ping` every `heartbeat_interval_s`; a worker silent for `heartbeat_timeout_s`, whose
+connection drops, or whose process exits is killed and restarted after `restart_delay_s`. Its sessions get
+`on_worker_lost` and the server closes them; other workers' sessions are untouched.
 
 Used inside the server's event loop; nothing here blocks.
 """
@@ -16,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
@@ -29,6 +32,7 @@ from inference import protocol as p
 log = logging.getLogger("inference.supervisor")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAX_WRITE_BUFFER = 8 << 20  # a worker this far behind gets no more units until it catches up
+MAX_WRITE_BACKLOG = 32 << 20  # a worker this far behind is not reading at all: it is killed
 
 
 class SessionSink(Protocol):
@@ -48,6 +52,7 @@ class SupervisorSettings:
     heartbeat_timeout_s: float = 5.0
     start_timeout_s: float = 60.0
     restart_delay_s: float = 0.5
+    auth_timeout_s: float = 5.0  # a new connection must prove it is our worker within this
 
 
 @dataclass
@@ -60,6 +65,8 @@ class WorkerHandle:
     restarts: int = 0
     modes: list[str] = field(default_factory=list)
     capacity_by_mode: dict[str, int] = field(default_factory=dict)
+    capacity_source: str = "configured"  # where the numbers come from (inference/capacity.py)
+    capacity_final: bool = True  # False while a GPU worker loads its model and sizes its caches
     process: asyncio.subprocess.Process | None = None
     writer: asyncio.StreamWriter | None = None
     last_pong: float = 0.0
@@ -92,10 +99,12 @@ class WorkerSupervisor:
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._seq = 0
+        self._secret = b""
 
     # ---- lifecycle ----
 
     async def start(self, wait_ready: bool = True) -> None:
+        self._secret = secrets.token_bytes(32)
         self._server = await asyncio.start_server(self._on_connection, "127.0.0.1", 0)
         self._port = self._server.sockets[0].getsockname()[1]
         for worker in self.workers:
@@ -143,8 +152,13 @@ class WorkerSupervisor:
         writer = worker.writer
         if not worker.up or writer is None or writer.is_closing():
             return False
-        if isinstance(message, p.Unit) and writer.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
-            worker.dropped_units += 1
+        buffered = writer.transport.get_write_buffer_size()
+        if buffered > MAX_WRITE_BACKLOG:
+            writer.transport.abort()  # frees the buffer now; the connection loss restarts the worker
+            self._kill(worker, f"not reading its connection ({buffered >> 20} MiB unsent)")
+            return False
+        if isinstance(message, p.Unit) and buffered > MAX_WRITE_BUFFER:
+            self._count_dropped(worker, f"{buffered >> 20} MiB unsent")
             return False
         writer.write(p.encode(message, payload))
         return True
@@ -166,8 +180,15 @@ class WorkerSupervisor:
             json.dumps(self.worker_settings),
         ]
 
+    def _count_dropped(self, worker: WorkerHandle, why: str) -> None:
+        worker.dropped_units += 1
+        count = worker.dropped_units
+        if count & (count - 1) == 0:  # the 1st, 2nd, 4th, ... drop: a flood must not flood the log
+            log.warning("worker %d: unit dropped (%s); %d so far", worker.worker_id, why, count)
+
     def _env(self, worker: WorkerHandle) -> dict[str, str]:
         env = dict(os.environ)
+        env[p.AUTH_ENV] = self._secret.hex()  # not in argv: any local user can read a command line
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         env["CUDA_VISIBLE_DEVICES"] = "" if worker.gpu is None else str(worker.gpu)
         return env
@@ -255,49 +276,104 @@ class WorkerSupervisor:
                 self._seq += 1
                 self.send(worker.worker_id, p.Ping(seq=self._seq))
 
+    async def _authenticate(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> tuple[WorkerHandle, p.Hello]:
+        """Challenge a new connection; its first message must be a `hello` proving the secret for a worker
+        we spawned and that is not up yet. Raises ProtocolError (or a read error) otherwise."""
+        nonce = secrets.token_hex(32)
+        writer.write(p.encode(p.Challenge(nonce=nonce)))
+        first, _ = await p.read_message(reader, p.MAX_HELLO_BYTES, 0)
+        if not isinstance(first, p.Hello):
+            raise p.ProtocolError(f"first message is {first.type!r}, not hello")
+        if not p.proof_ok(self._secret, nonce, first):
+            raise p.ProtocolError(f"hello for worker {first.worker_id} without a valid proof")
+        if not 0 <= first.worker_id < len(self.workers):
+            raise p.ProtocolError(f"hello for unknown worker {first.worker_id}")
+        if first.version != p.PROTOCOL_VERSION:
+            raise p.ProtocolError(f"worker speaks protocol {first.version}, server {p.PROTOCOL_VERSION}")
+        worker = self.workers[first.worker_id]
+        if first.pid != worker.pid or worker.up:
+            raise p.ProtocolError(f"unexpected hello from pid {first.pid} for worker {worker.worker_id}")
+        return worker, first
+
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        worker: WorkerHandle | None = None
+        peer = writer.get_extra_info("peername")
         try:
-            first, _ = await asyncio.wait_for(p.read_message(reader), 10.0)
-            if not isinstance(first, p.Hello) or not 0 <= first.worker_id < len(self.workers):
-                raise p.ProtocolError(f"expected hello from a known worker, got {first!r}")
-            if first.version != p.PROTOCOL_VERSION:
-                raise p.ProtocolError(f"worker speaks protocol {first.version}, server {p.PROTOCOL_VERSION}")
-            worker = self.workers[first.worker_id]
-            if first.pid != worker.pid or worker.up:
-                raise p.ProtocolError(f"unexpected hello from pid {first.pid} for worker {worker.worker_id}")
-            worker.writer = writer
-            worker.modes = first.modes
-            if first.capacity is not None and first.capacity > 0:
-                worker.capacity = first.capacity  # measured on this worker's card (bench/capacity.py)
-            worker.capacity_by_mode = dict(first.capacity_by_mode)
-            worker.last_pong = time.monotonic()
-            worker.up = True
-            if worker.hello is not None and not worker.hello.done():
-                worker.hello.set_result(None)
-            log.info("worker %d: up (pid %d, modes %s)", worker.worker_id, first.pid, ", ".join(first.modes))
-            if self.on_workers_changed is not None:
-                self.on_workers_changed()
-            while True:
-                message, payload = await p.read_message(reader)
-                if isinstance(message, p.Pong):
-                    worker.last_pong = time.monotonic()
-                    continue
-                sid = getattr(message, "session_id", None)
-                sink = worker.sinks.get(sid) if sid is not None else None
-                if sink is None:
-                    continue
-                if isinstance(message, p.Closed):
-                    worker.sinks.pop(sid, None)
-                try:
-                    sink.on_worker_message(message, payload)
-                except Exception:
-                    log.exception("worker %d: session %s failed on %s", worker.worker_id, sid, message.type)
-        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+            worker, hello = await asyncio.wait_for(
+                self._authenticate(reader, writer), self.settings.auth_timeout_s
+            )
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, p.ProtocolError) as exc:
+            why = str(exc) if isinstance(exc, p.ProtocolError) else f"no valid hello ({type(exc).__name__})"
+            log.warning("worker connection from %s rejected: %s", peer, why)
+            writer.close()
+            return
+        try:
+            await self._serve_worker(worker, hello, reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
             pass
         except p.ProtocolError as exc:
-            log.error("worker connection: %s", exc)
+            log.error("worker %d: %s", worker.worker_id, exc)
         finally:
             writer.close()
-            if worker is not None and worker.writer is writer and not self._closing:
+            if worker.writer is writer and not self._closing:
                 self._kill(worker, "connection lost")
+
+    def _set_capacity(self, worker: WorkerHandle, report: p.CapacityOut) -> None:
+        """The worker loaded its model and sized its caches: admission may use it now."""
+        worker.capacity = report.sessions
+        worker.capacity_by_mode = dict(report.by_mode)
+        worker.capacity_source = report.source
+        worker.capacity_final = True
+        log.info(
+            "worker %d: capacity %d sessions %s (%s)",
+            worker.worker_id,
+            report.sessions,
+            report.by_mode or "",
+            report.source,
+        )
+        if self.on_workers_changed is not None:
+            self.on_workers_changed()
+
+    async def _serve_worker(
+        self,
+        worker: WorkerHandle,
+        hello: p.Hello,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        worker.writer = writer
+        worker.modes = hello.modes
+        # a worker that knows nothing better ("default") keeps the supervisor's configured number, if any
+        if hello.capacity and (hello.capacity_source != "default" or worker.capacity < 1):
+            worker.capacity = hello.capacity
+            worker.capacity_source = hello.capacity_source
+        worker.capacity_by_mode = dict(hello.capacity_by_mode)
+        worker.capacity_final = hello.capacity_final
+        worker.last_pong = time.monotonic()
+        worker.up = True
+        if worker.hello is not None and not worker.hello.done():
+            worker.hello.set_result(None)
+        log.info("worker %d: up (pid %d, modes %s)", worker.worker_id, hello.pid, ", ".join(hello.modes))
+        if self.on_workers_changed is not None:
+            self.on_workers_changed()
+        while True:
+            message, payload = await p.read_message(reader)
+            if isinstance(message, p.Pong):
+                worker.last_pong = time.monotonic()
+                continue
+            if isinstance(message, p.CapacityOut):
+                self._set_capacity(worker, message)
+                continue
+            if isinstance(message, p.ErrorOut) and message.code == p.UNITS_DROPPED:
+                worker.dropped_units += 1  # the worker dropped it from the session's full queue
+            sid = getattr(message, "session_id", None)
+            sink = worker.sinks.get(sid) if sid is not None else None
+            if sink is None:
+                continue
+            if isinstance(message, p.Closed):
+                worker.sinks.pop(sid, None)
+            try:
+                sink.on_worker_message(message, payload)
+            except Exception:
+                log.exception("worker %d: session %s failed on %s", worker.worker_id, sid, message.type)

@@ -1,12 +1,13 @@
 """The worker process: serves the sessions the server assigns to it, one mode instance per session.
 
 Started by `inference.supervisor.WorkerSupervisor` as `python -m inference.worker --connect HOST:PORT ...`;
-it connects to the server, says `hello`, then handles `open`/`unit`/`control`/`close` messages and answers
-`ping` at once. Mode code runs in a single worker thread (one model per process; GPU work never runs in the
-IPC loop), so heartbeats keep flowing while a mode is busy. Units of modes that batch (`on_units`, the duplex
-modes) go through `UnitTicker`: each tick takes the waiting unit of every such session and runs them as one
-call, so N sessions cost one batched model pass per tick instead of N passes. This module must never import aiortc; heavy
-imports (torch, the engine) happen lazily inside the modes that need them.
+it connects to the server, answers its challenge with `hello` (proving the secret from its environment),
+then handles `open`/`unit`/`control`/`close` messages (queued per session, bounded: `SessionQueue`) and
+answers `ping` at once. Mode code runs in a single worker thread (one model per process; GPU work never runs
+in the IPC loop), so heartbeats keep flowing while a mode is busy. Units of modes that batch (`on_units`,
+the duplex modes) go through `UnitTicker`: each tick takes the waiting unit of every such session and runs
+them as one call, so N sessions cost one batched model pass per tick instead of N passes. This module must
+never import aiortc; heavy imports (torch, the engine) happen lazily inside the modes that need them.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from inference import protocol as p
+from inference.capacity import WorkerCapacity
 from inference.modes import create_mode, load_extra_modes, mode_names
 from inference.modes.base import (
     DEFAULT_TICK_PHASES,
@@ -44,6 +47,9 @@ from inference.modes.base import (
 log = logging.getLogger("inference.worker")
 DEFAULT_GATHER_S = 0.06  # how long a tick waits for the other sessions' units of the same grid line
 UNIT_RATE = 16000  # Hz of the units' PCM (UnitInput)
+# A healthy session has a unit or two waiting; one this far behind has lost its real-time flow anyway.
+MAX_QUEUED_UNITS = 64
+MAX_QUEUED_CONTROLS = 64  # controls and opens waiting in one session
 
 
 class Connection:
@@ -161,6 +167,63 @@ class UnitTicker:
                         w.done.set_result(out)
 
 
+Queued = tuple[p.Message, bytes, float]  # message, payload, when it was received
+
+
+class SessionQueue:
+    """A session's messages waiting for its runner, in order, bounded: a unit past `max_units` pushes out the
+    oldest waiting unit (fresh audio matters more than stale), a control or open past `max_controls` is
+    refused (a state change must not jump ahead of earlier ones); the end marker always goes in."""
+
+    def __init__(self, max_units: int = MAX_QUEUED_UNITS, max_controls: int = MAX_QUEUED_CONTROLS) -> None:
+        self.max_units = max_units
+        self.max_controls = max_controls
+        self.units = 0
+        self.controls = 0
+        self._items: deque[Queued | None] = deque()
+        self._ready = asyncio.Event()
+
+    def put(self, item: Queued) -> p.Message | None:
+        """Queue a message; returns the message dropped to respect the bounds, if any."""
+        message = item[0]
+        dropped: p.Message | None = None
+        if isinstance(message, p.Unit):
+            if self.units >= self.max_units:
+                dropped = self._drop_oldest_unit()
+            self.units += 1
+        elif self.controls >= self.max_controls:
+            return message
+        else:
+            self.controls += 1
+        self._items.append(item)
+        self._ready.set()
+        return dropped
+
+    def end(self) -> None:
+        self._items.append(None)
+        self._ready.set()
+
+    async def get(self) -> Queued | None:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        item = self._items.popleft()
+        if item is not None:
+            if isinstance(item[0], p.Unit):
+                self.units -= 1
+            else:
+                self.controls -= 1
+        return item
+
+    def _drop_oldest_unit(self) -> p.Message:
+        for i, item in enumerate(self._items):
+            if item is not None and isinstance(item[0], p.Unit):
+                del self._items[i]
+                self.units -= 1
+                return item[0]
+        raise AssertionError("no unit queued")
+
+
 class SessionRunner:
     """Feeds one session's messages to its mode, in order, in the mode thread."""
 
@@ -180,14 +243,31 @@ class SessionRunner:
         self.mode: Mode | None = None
         self.phase: int | None = None  # the ticker's phase while the mode batches
         self.output_rate = 24000
-        self.queue: asyncio.Queue[tuple[p.Message, bytes, float] | None] = asyncio.Queue()
-        self.units_waiting = 0  # unit messages queued and not yet started (the session's backlog)
+        self.queue = SessionQueue()
+        self.dropped = 0  # messages the full queue dropped
         self.task = asyncio.create_task(self._run(), name=f"session-{session_id}")
 
-    def submit(self, message: p.Message, payload: bytes, received_at: float) -> None:
-        if isinstance(message, p.Unit):
-            self.units_waiting += 1
-        self.queue.put_nowait((message, payload, received_at))
+    def submit(self, message: p.Message, payload: bytes, received_at: float) -> p.ErrorOut | None:
+        """Queue a message; returns the notice for the session when its full queue dropped one."""
+        dropped = self.queue.put((message, payload, received_at))
+        if dropped is None:
+            return None
+        self.dropped += 1
+        if self.dropped & (self.dropped - 1) == 0:  # the 1st, 2nd, 4th, ...: a flood must not flood the log
+            log.warning(
+                "session %s: queue full, %s dropped; %d so far", self.session_id, dropped.type, self.dropped
+            )
+        if isinstance(dropped, p.Unit):
+            return p.ErrorOut(
+                session_id=self.session_id,
+                code=p.UNITS_DROPPED,
+                message=f"unit {dropped.index} dropped: the session is {self.queue.max_units} units behind",
+            )
+        return p.ErrorOut(
+            session_id=self.session_id,
+            code=p.CONTROLS_DROPPED,
+            message=f"{dropped.type} message dropped: {self.queue.max_controls} messages are waiting",
+        )
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -220,8 +300,6 @@ class SessionRunner:
                 log.exception("session %s: close failed", self.session_id)
 
     async def _handle(self, message: p.Message, payload: bytes, received_at: float) -> None:
-        if isinstance(message, p.Unit):
-            self.units_waiting -= 1
         if isinstance(message, p.OpenSession):
             opening = time.monotonic()
             await self._close_mode()  # a second `open` switches the mode
@@ -270,7 +348,7 @@ class SessionRunner:
         elif isinstance(message, p.Unit):
             pcm, frame = p.split_unit_payload(message, payload)
             started = time.monotonic()
-            backlog = self.units_waiting
+            backlog = self.queue.units
             unit = UnitInput(message.index, pcm, message.completed_at, queued_units=backlog)
             if batch_runner(self.mode) is not None:
                 outputs = await self.ticker.submit(self.mode, unit, frame, self.phase or 0)
@@ -316,15 +394,19 @@ class SessionRunner:
                 await self.conn.send(p.ErrorOut(session_id=sid, code=out.code, message=out.message))
 
 
-def measured_capacity(settings: dict[str, Any]) -> tuple[int | None, dict[str, int]]:
-    """The capacity table named by settings["capacity_table"] (a bench/capacity.py output), if any."""
-    path = settings.get("capacity_table")
-    if not path:
-        return None, {}
-    from MiniCPMO45.engine.capacity import CapacityTable  # pydantic only, no torch
+def planned_capacity(settings: dict[str, Any]) -> WorkerCapacity:
+    """The capacity known before the model loads (no torch import): the operator's table or number, else one
+    session until the preloading GPU worker has measured its card and memory."""
+    from inference.capacity import planned_capacity as plan  # pydantic only, no torch
 
-    table = CapacityTable.from_file(path)
-    return table.worker_capacity(table.modes), {m: c.sessions for m, c in table.modes.items()}
+    configured = settings.get("max_sessions")
+    return plan(
+        explicit_table=str(settings.get("capacity_table") or ""),
+        configured=int(configured) if configured else None,
+        card=None,
+        context=int(settings.get("max_kv_tokens", 4096)),
+        modes=mode_names(),
+    )
 
 
 def wants_preload(settings: dict[str, Any], device: str) -> bool:
@@ -336,38 +418,69 @@ def wants_preload(settings: dict[str, Any], device: str) -> bool:
     return device.startswith("cuda") and Path("/dev/nvidiactl").exists()
 
 
-def preload_engine(settings: dict[str, Any]) -> None:
-    """Load the model and capture the duplex graphs (compiling their attention kernels) now, on the mode
-    thread, so the first call does not wait for them: a session opened meanwhile queues behind this on the
-    same thread. A failure is logged; the first session then tries again and reports the error."""
+def preload_engine(settings: dict[str, Any]) -> WorkerCapacity | None:
+    """Load the model, size its caches to the card's memory and capture the duplex graphs (compiling their
+    attention kernels) now, on the mode thread, so the first call does not wait for them. Returns the
+    capacity the worker then holds; None if preloading failed (logged; the first session tries again and
+    reports the error)."""
     try:
         from inference.engine_host import get_host  # torch and the model: only where they are used
 
-        get_host(settings).duplex_batcher()
+        host = get_host(settings)
+        host.duplex_batcher()
+        return host.capacity
     except Exception:
         log.exception("preloading the engine failed; the first session will try again")
+        return None
 
 
-async def serve(host: str, port: int, worker_id: int, device: str, settings: dict[str, Any]) -> None:
+async def report_capacity(
+    conn: Connection, executor: concurrent.futures.Executor, settings: dict[str, Any], plan: WorkerCapacity
+) -> None:
+    """Preload on the mode thread, then tell the server the capacity the worker holds (the plan if
+    preloading failed: the first session then reports the error)."""
+    loop = asyncio.get_running_loop()
+    capacity = await loop.run_in_executor(executor, preload_engine, settings) or plan
+    await conn.send(p.CapacityOut(**capacity.model_dump()))
+
+
+async def serve(
+    host: str,
+    port: int,
+    worker_id: int,
+    device: str,
+    settings: dict[str, Any],
+    secret: bytes | None = None,
+) -> None:
+    """Serve the server at host:port. With `secret`, the server's challenge comes first and the hello proves
+    the secret; without, the hello goes first, unproven (a test server that does not check)."""
+    plan = planned_capacity(settings)
+    preload = wants_preload(settings, device)
     reader, writer = await asyncio.open_connection(host, port)
     conn = Connection(writer)
-    capacity, by_mode = measured_capacity(settings)
-    if by_mode:  # the engine needs a KV slot for every session the server may admit
-        settings = {**settings, "max_sessions": max(int(settings.get("max_sessions", 1)), *by_mode.values())}
+    proof = ""
+    if secret is not None:
+        challenge, _ = await p.read_message(reader, p.MAX_HELLO_BYTES, 0)
+        if not isinstance(challenge, p.Challenge):
+            raise p.ProtocolError(f"expected the server's challenge, got {challenge.type!r}")
+        proof = p.hello_proof(secret, challenge.nonce, worker_id, os.getpid())
     await conn.send(
         p.Hello(
             worker_id=worker_id,
             pid=os.getpid(),
             device=device,
             modes=mode_names(),
-            capacity=capacity,
-            capacity_by_mode=by_mode,
+            capacity=plan.sessions,
+            capacity_by_mode=plan.by_mode,
+            capacity_source=plan.source,
+            capacity_final=not preload,
+            proof=proof,
         )
     )
     settings = {**settings, "device": device}
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mode")
-    if wants_preload(settings, device):
-        executor.submit(preload_engine, settings)
+    if preload:
+        asyncio.create_task(report_capacity(conn, executor, settings, plan), name="preload")
     sessions: dict[str, SessionRunner] = {}
 
     def batching_phases() -> list[int]:
@@ -403,12 +516,12 @@ async def serve(host: str, port: int, worker_id: int, device: str, settings: dic
                 runner = sessions[sid] = SessionRunner(sid, conn, executor, ticker, settings)
                 runner.task.add_done_callback(lambda _t, sid=sid: sessions.pop(sid, None))
             if isinstance(message, p.CloseSession):
-                runner.queue.put_nowait(None)
-            else:
-                runner.submit(message, payload, received_at)
+                runner.queue.end()
+            elif (notice := runner.submit(message, payload, received_at)) is not None:
+                await conn.send(notice)
     finally:
         for runner in list(sessions.values()):
-            runner.queue.put_nowait(None)
+            runner.queue.end()
         ticker.task.cancel()
         executor.shutdown(wait=False, cancel_futures=True)
         writer.close()
@@ -422,10 +535,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", default="{}", help="JSON settings for the modes")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"worker{args.worker_id} %(levelname)s %(message)s")
+    # out of the environment of anything this process starts; a worker without it is refused by the server
+    secret = bytes.fromhex(os.environ.pop(p.AUTH_ENV, "")) or None
     load_extra_modes()
     host, _, port = args.connect.rpartition(":")
+    settings = json.loads(args.settings)
     try:
-        asyncio.run(serve(host, int(port), args.worker_id, args.device, json.loads(args.settings)))
+        asyncio.run(serve(host, int(port), args.worker_id, args.device, settings, secret))
     except KeyboardInterrupt:
         pass
     return 0

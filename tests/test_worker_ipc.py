@@ -48,6 +48,24 @@ async def test_garbage_is_a_protocol_error(data: bytes) -> None:
         await _roundtrip(data)
 
 
+async def test_a_length_over_the_callers_bound_is_refused_before_reading_on() -> None:
+    reader = asyncio.StreamReader()  # no body and no EOF: reading on would wait forever
+    reader.feed_data(struct.pack(">II", p.MAX_HELLO_BYTES + 1, 0))
+    with pytest.raises(p.ProtocolError):
+        await asyncio.wait_for(p.read_message(reader, p.MAX_HELLO_BYTES, 0), 1.0)
+
+
+def test_hello_proof_binds_nonce_worker_and_pid() -> None:
+    secret = b"k" * 32
+    hello = p.Hello(worker_id=0, pid=42, device="cpu", modes=[], proof=p.hello_proof(secret, "n1", 0, 42))
+    assert p.proof_ok(secret, "n1", hello)
+    assert "proof" not in repr(hello)
+    assert not p.proof_ok(b"x" * 32, "n1", hello)
+    assert not p.proof_ok(secret, "n2", hello)
+    assert not p.proof_ok(secret, "n1", hello.model_copy(update={"pid": 43}))
+    assert not p.proof_ok(secret, "n1", hello.model_copy(update={"worker_id": 1}))
+
+
 async def test_wrong_unit_payload_size_is_rejected() -> None:
     unit = p.Unit(session_id="s", index=0, samples=10, completed_at=0, sent_at=0)
     with pytest.raises(p.ProtocolError):
