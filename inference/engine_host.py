@@ -35,16 +35,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from inference.capacity import GIB, WorkerCapacity, limit_to_memory, planned_capacity
 from inference.modes.base import DEFAULT_TICK_PHASES
 from inference.wav import pcm16_wav
+from MiniCPMO45.config import PreprocessorConfig
 from MiniCPMO45.engine.batcher import DuplexBatcher
 from MiniCPMO45.engine.core import Engine
 from MiniCPMO45.engine.static_tts import TTS_WINDOW
+from MiniCPMO45.model import MiniCPMO
 from MiniCPMO45.modules.tts import MiniCPMTTS, TTSKVCache
+from MiniCPMO45.modules.whisper_slots import WhisperSlotCache
 from MiniCPMO45.tiny_builder import ensure_tiny_model
 from MiniCPMO45.token2wav import PromptCache, Token2Wav, detect_layout
 from MiniCPMO45.token2wav.prompt_frontend import PromptFrontend
 from MiniCPMO45.token2wav.random_assets import write_random_assets
+from MiniCPMO45.tokenizer import MiniCPMOTokenizer
 
 log = logging.getLogger("inference.engine_host")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -99,20 +104,10 @@ class EngineHost:
         else:
             self.model_dir = Path(model_path)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.max_sessions = int(settings.get("max_sessions", 4))
-        self.max_kv_tokens = int(settings.get("max_kv_tokens", 8192))
-        self.engine = Engine.from_pretrained(
-            self.model_dir,
-            dtype=dtype,
-            device=self.device,
-            max_sessions=self.max_sessions,
-            max_len=self.max_kv_tokens,
-        )
-        tts = self.engine.model.tts
-        if tts is None:
+        self.max_kv_tokens = int(settings.get("max_kv_tokens", 4096))
+        model = MiniCPMO.from_pretrained(self.model_dir, dtype=dtype, device=self.device)
+        if model.tts is None:
             raise RuntimeError(f"{self.model_dir}: the checkpoint has no TTS (init_tts is false)")
-        self.tts: MiniCPMTTS = tts
-        self.tts_cache: TTSKVCache = tts.new_cache(self.max_sessions)
         layout = detect_layout(self.model_dir / TOKEN2WAV_SUBDIR)
         # On a GPU the vocoder windows replay as CUDA graphs, one padded batch per round, and the flow runs
         # in `vocoder_dtype` (float16 by default there); the CPU keeps float32.
@@ -131,13 +126,89 @@ class EngineHost:
         self.voices_dir = Path(settings["voices_dir"]) if settings.get("voices_dir") else None
         self._voices: dict[str, Voice] = {}
         self.default_voice = self._load_default_voice()
+        # The sessions' caches are sized last, from what the memory left after the weights holds.
+        self.capacity = self._budget(model, settings)
+        self.max_sessions = self.capacity.slots
+        self.engine = Engine(
+            model,
+            MiniCPMOTokenizer.from_dir(self.model_dir),
+            max_sessions=self.max_sessions,
+            max_len=self.max_kv_tokens,
+            preprocessor=PreprocessorConfig.from_file(self.model_dir),
+        )
+        self.tts: MiniCPMTTS = model.tts
+        self.tts_cache: TTSKVCache = self.tts.new_cache(self.max_sessions)
         # the vocoder's per-turn store is taken now, not mid-call: one turn per session unless `vocoder_turns`
         # says fewer (a card whose memory holds the sessions' KV but not every session speaking at once)
-        turns = int(settings.get("vocoder_turns") or 0) or self.max_sessions
-        self.vocoder.reserve_turns(self.default_voice.prompt, turns)
+        self.vocoder.reserve_turns(self.default_voice.prompt, self._vocoder_turns())
         self._batcher: DuplexBatcher | None = None
         self.load_s = time.perf_counter() - started
         log.info("engine host: %s on %s in %.1f s", self.model_dir, self.device, self.load_s)
+
+    def _vocoder_turns(self, sessions: int | None = None) -> int:
+        sessions = sessions or self.max_sessions
+        return min(int(self.settings.get("vocoder_turns") or 0) or sessions, sessions)
+
+    def _budget(self, model: MiniCPMO, settings: dict[str, Any]) -> WorkerCapacity:
+        """The sessions this worker claims (inference/capacity.py), clamped to what its memory holds."""
+        from inference.modes import mode_names as served_modes  # the modes import this module
+
+        cuda = self.device.type == "cuda"
+        plan = planned_capacity(
+            explicit_table=str(settings.get("capacity_table") or ""),
+            configured=settings.get("max_sessions"),
+            card=torch.cuda.get_device_name(self.device) if cuda else None,
+            context=self.max_kv_tokens,
+            modes=served_modes(),
+        )
+        free = self._free_device_bytes(settings)
+        if free is None:
+            return plan
+        per_session = self._session_bytes(model)
+        turn = self._vocoder_turn_bytes()
+        turns = int(settings.get("vocoder_turns") or 0)
+        # fixed vocoder turns are paid once; otherwise each session brings its own turn
+        fixed = turns * turn if turns else 0
+        capacity = limit_to_memory(
+            plan,
+            free - fixed,
+            per_session + (0 if turns else turn),
+            int(float(settings.get("gpu_reserve_gib", 4.0)) * GIB),
+        )
+        log.info(
+            "capacity: %d sessions (%s); %.0f MiB per session, %.1f GiB free after the weights",
+            capacity.slots,
+            capacity.source,
+            (per_session + (0 if turns else turn)) / (1 << 20),
+            free / GIB,
+        )
+        return capacity
+
+    def _free_device_bytes(self, settings: dict[str, Any]) -> int | None:
+        """Device memory free now; on the CPU only the `device_memory_bytes` setting (the budget's CPU test)."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            return int(torch.cuda.mem_get_info(self.device)[0])
+        simulated = settings.get("device_memory_bytes")
+        return int(simulated) if simulated else None
+
+    def _session_bytes(self, model: MiniCPMO) -> int:
+        """Memory of one session's caches, from caches built for one session: LLM KV at `max_kv_tokens`, the
+        TTS slot, and the streaming audio encoder's slot."""
+        llm = model.llm.new_cache(1, self.max_kv_tokens)
+        assert model.tts is not None
+        tts = model.tts.new_cache(1)
+        tensors = [*llm.keys, *llm.values, *tts.keys, *tts.values]
+        whisper = WhisperSlotCache.bytes_per_slot(model.config.audio, model.dtype)
+        return sum(t.numel() * t.element_size() for t in tensors) + whisper
+
+    def _vocoder_turn_bytes(self) -> int:
+        """Memory one reserved vocoder turn takes (the CUDA-graph path's store; nothing on the CPU)."""
+        if self.device.type != "cuda":
+            return 0
+        before = torch.cuda.memory_allocated(self.device)
+        self.vocoder.reserve_turns(self.default_voice.prompt, 1)
+        return max(torch.cuda.memory_allocated(self.device) - before, 0)
 
     def duplex_batcher(self) -> DuplexBatcher:
         """The batcher of the duplex sessions; on a GPU its graphs for up to `max_sessions` rows are

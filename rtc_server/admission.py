@@ -72,8 +72,8 @@ class Admission:
         """The up worker with the most room left after one more session of `mode`, or None."""
         best, best_room = None, -1e-9  # a session that exactly fills a worker fits
         for worker in self.supervisor.workers:
-            if not worker.up:
-                continue
+            if not worker.up or not worker.capacity_final:
+                continue  # down, or still loading its model and sizing its caches
             room = 1.0 - self.load(worker) - session_share(worker, mode)
             if room > best_room:
                 best, best_room = worker.worker_id, room

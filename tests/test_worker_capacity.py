@@ -1,0 +1,162 @@
+"""Where a worker's capacity comes from (inference/capacity.py), and the memory budget that clamps it.
+
+The budget runs on the CPU here with the numbers a GPU would use: the tiny model's real cache sizes, and a
+simulated amount of free device memory (`device_memory_bytes`), since this machine has no GPU."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from inference.capacity import (
+    GIB,
+    SHIPPED_TABLES,
+    WorkerCapacity,
+    limit_to_memory,
+    planned_capacity,
+    sessions_that_fit,
+    shipped_table,
+)
+from inference.engine_host import EngineHost
+from MiniCPMO45.engine.capacity import CapacityTable, ModeCapacity
+from tests.conftest import REPO_ROOT
+
+MODES = ["loopback", "chat", "audio_duplex", "omni_duplex"]
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def write_table(folder: Path, name: str, card: str, context: int, audio: int, omni: int) -> Path:
+    table = CapacityTable(
+        card=card,
+        context=context,
+        modes={"audio_duplex": ModeCapacity(sessions=audio), "omni_duplex": ModeCapacity(sessions=omni)},
+    )
+    path = folder / name
+    path.write_text(table.model_dump_json())
+    return path
+
+
+def test_the_shipped_h100_table_matches_its_card_and_context() -> None:
+    table = shipped_table(H100, 4096)
+    assert table is not None and table.modes["audio_duplex"].sessions == 64
+    assert shipped_table(H100, 8192) is None, "a table measured at 4k must not claim an 8k context"
+    assert shipped_table("NVIDIA H200", 4096) is None
+    for path in SHIPPED_TABLES.glob("*.json"):
+        CapacityTable.model_validate(json.loads(path.read_text()))
+
+
+def test_shipped_table_picks_the_shortest_context_that_covers(tmp_path: Path) -> None:
+    write_table(tmp_path, "a.json", "card", 8192, 30, 20)
+    write_table(tmp_path, "b.json", "card", 4096, 64, 48)
+    write_table(tmp_path, "c.json", "card", 2048, 90, 70)
+    found = shipped_table("card", 4000, tmp_path)
+    assert found is not None and found.context == 4096
+
+
+@pytest.mark.parametrize(
+    ("table", "configured", "card", "context", "sessions", "by_mode", "source"),
+    [
+        ("explicit", 4, None, 4096, 5, {"audio_duplex": 7, "omni_duplex": 5}, "table"),
+        ("", 12, H100, 4096, 12, {}, "configured"),
+        ("", None, H100, 4096, 48, {"audio_duplex": 64, "omni_duplex": 48}, "shipped"),
+        ("", None, H100, 8192, 1, {}, "default"),
+        ("", None, None, 4096, 1, {}, "default"),
+    ],
+)
+def test_planned_capacity_precedence(
+    tmp_path: Path,
+    table: str,
+    configured: int | None,
+    card: str | None,
+    context: int,
+    sessions: int,
+    by_mode: dict[str, int],
+    source: str,
+) -> None:
+    explicit = str(write_table(tmp_path, "t.json", "test", 4096, 7, 5)) if table else ""
+    plan = planned_capacity(
+        explicit_table=explicit, configured=configured, card=card, context=context, modes=MODES
+    )
+    assert (plan.sessions, plan.by_mode, plan.source) == (sessions, by_mode, source)
+
+
+def test_memory_clamps_every_mode_and_says_so() -> None:
+    plan = WorkerCapacity(sessions=48, by_mode={"audio_duplex": 64, "omni_duplex": 48}, source="shipped")
+    assert plan.slots == 64
+    per_session = 700 << 20
+    assert sessions_that_fit(40 * GIB, per_session, 4 * GIB) == (36 * GIB) // per_session == 52
+    limited = limit_to_memory(plan, 40 * GIB, per_session, 4 * GIB)
+    assert limited.slots == 52 and limited.sessions == 48
+    assert limited.by_mode == {"audio_duplex": 52, "omni_duplex": 48}
+    assert limited.source == "shipped, memory-limited"
+    tight = limit_to_memory(plan, 20 * GIB, per_session, 4 * GIB)
+    assert tight.sessions == tight.slots == 23 and tight.by_mode == {"audio_duplex": 23, "omni_duplex": 23}
+    roomy = limit_to_memory(plan, 80 * GIB, per_session, 4 * GIB)
+    assert roomy.slots == 64 and roomy.source == "shipped" and roomy.per_session_mib == 700
+    with pytest.raises(MemoryError, match="one session needs"):
+        limit_to_memory(plan, 4 * GIB + per_session - 1, per_session, 4 * GIB)
+
+
+def test_a_host_sizes_its_caches_to_the_memory_it_has() -> None:
+    settings = {"cache_dir": str(REPO_ROOT / ".cache" / "embedded"), "max_sessions": 8, "max_kv_tokens": 1024}
+    free = EngineHost(settings)
+    assert free.capacity.source == "configured" and free.engine.cache.num_slots == 8
+    per_session = free._session_bytes(free.engine.model)
+    kv = free.engine.cache
+    kv_bytes = sum(t.numel() * t.element_size() for t in [*kv.keys, *kv.values]) // kv.num_slots
+    assert per_session > kv_bytes > 0
+    reserve = 1 << 20
+    budget = {**settings, "device_memory_bytes": reserve + 3 * per_session + per_session // 2}
+    host = EngineHost({**budget, "gpu_reserve_gib": reserve / GIB})
+    assert host.capacity.sessions == 3 and host.capacity.source == "configured, memory-limited"
+    assert host.engine.cache.num_slots == 3 and host.tts_cache.num_slots == 3
+    with pytest.raises(MemoryError):
+        EngineHost({**settings, "device_memory_bytes": per_session, "gpu_reserve_gib": reserve / GIB})
+
+
+async def test_a_preloading_worker_reports_its_budgeted_capacity_and_is_used_only_then() -> None:
+    """The GPU start-up path on the CPU: the worker says hello (capacity not final: admission skips it), loads
+    the model, sizes its caches to the (simulated) free memory and reports the capacity it holds."""
+    from inference.supervisor import SupervisorSettings, WorkerSupervisor
+    from rtc_server.admission import Admission
+
+    base = {"cache_dir": str(REPO_ROOT / ".cache" / "embedded"), "max_sessions": 8, "max_kv_tokens": 1024}
+    probe = EngineHost(base)
+    per_session = probe._session_bytes(probe.engine.model)
+    reserve = 1 << 20
+    settings = {
+        **base,
+        "preload_engine": True,
+        "device_memory_bytes": reserve + 5 * per_session + per_session // 3,
+        "gpu_reserve_gib": reserve / GIB,
+    }
+    seen: list[tuple[bool, int, str]] = []
+    supervisor: WorkerSupervisor | None = None
+
+    def changed() -> None:
+        assert supervisor is not None
+        w = supervisor.workers[0]
+        seen.append((w.capacity_final, w.capacity, w.capacity_source))
+
+    supervisor = WorkerSupervisor(
+        SupervisorSettings(cpu_capacity=8, start_timeout_s=60), settings, on_workers_changed=changed
+    )
+    admission = Admission(supervisor, max_queue=4, default_session_s=60)
+    await supervisor.start()
+    try:
+        (worker,) = supervisor.workers
+        assert seen[0] == (False, 8, "configured")
+        assert admission._free_worker("audio_duplex") is None, "a warming-up worker must not be admitted to"
+        for _ in range(600):
+            if worker.capacity_final:
+                break
+            await asyncio.sleep(0.1)
+        assert worker.capacity_final and worker.capacity == 5
+        assert worker.capacity_source == "configured, memory-limited"
+        assert seen[-1] == (True, 5, "configured, memory-limited")
+        assert admission._free_worker("audio_duplex") == 0
+    finally:
+        await supervisor.stop()
