@@ -15,10 +15,14 @@ for graphs and activations (`model.gpu_reserve_gib`). The source then reads e.g.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from MiniCPMO45.engine.capacity import CapacityTable
+if (
+    TYPE_CHECKING
+):  # the MiniCPMO45.engine package imports torch; a worker imports this module before it loads it
+    from MiniCPMO45.engine.capacity import CapacityTable
 
 SHIPPED_TABLES = Path(__file__).resolve().parent.parent / "MiniCPMO45" / "engine" / "capacity_tables"
 GIB = 1 << 30
@@ -42,6 +46,8 @@ class WorkerCapacity(BaseModel):
 
 def shipped_table(card: str, context: int, folder: Path = SHIPPED_TABLES) -> CapacityTable | None:
     """The shipped table measured on `card` at a context of at least `context` positions (the shortest such)."""
+    from MiniCPMO45.engine.capacity import CapacityTable
+
     matches = []
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         table = CapacityTable.from_file(path)
@@ -59,6 +65,8 @@ def planned_capacity(
     modes: list[str],
 ) -> WorkerCapacity:
     """The capacity before memory is looked at (see the module docstring for the order)."""
+    from MiniCPMO45.engine.capacity import CapacityTable
+
     if explicit_table:
         table = CapacityTable.from_file(explicit_table)
         source = "table"

@@ -13,6 +13,11 @@ Every message about a session carries `session_id`; one connection multiplexes a
 A connection starts with the server's `challenge` (a fresh nonce); the worker answers with `hello`, whose
 `proof` is `hello_proof(secret, nonce, worker_id, pid)`: an HMAC keyed by the secret the supervisor gave the
 worker in its environment (`AUTH_ENV`). The secret itself never goes over the connection.
+
+A worker started with `--listen PATH` also serves "data links" on that Unix socket: a media shard connects,
+the worker sends `challenge`, the shard answers `link_hello` with `link_proof(secret, nonce, shard_id, pid)`,
+and the link then carries session messages (`open`/`unit`/`control`/`close` in, the session outputs back) like
+the control connection; a `ping` on it is answered with `pong`.
 Clock fields (`completed_at`, `play_at`) are in the server's `time.monotonic()` timeline: a worker only
 copies or offsets them, never compares them with its own clock (except for the same-host hand-off metric).
 """
@@ -95,6 +100,16 @@ class Challenge(_Msg):
 
     type: Literal["challenge"] = "challenge"
     nonce: str  # hex, fresh for every connection
+
+
+class LinkHello(_Msg):
+    """A media shard's first message on a data link (the worker's Unix socket), answering its `challenge`."""
+
+    type: Literal["link_hello"] = "link_hello"
+    version: int = PROTOCOL_VERSION
+    shard_id: int
+    pid: int
+    proof: str = Field("", repr=False)  # link_proof(secret, challenge nonce, shard_id, pid)
 
 
 # ---- worker -> server ----------------------------------------------------------------------------
@@ -218,6 +233,7 @@ Message = Annotated[
     | CloseSession
     | Ping
     | Challenge
+    | LinkHello
     | Hello
     | CapacityOut
     | Opened
@@ -255,6 +271,16 @@ def hello_proof(secret: bytes, nonce: str, worker_id: int, pid: int) -> str:
 
 def proof_ok(secret: bytes, nonce: str, hello: Hello) -> bool:
     expected = hello_proof(secret, nonce, hello.worker_id, hello.pid)
+    return hmac.compare_digest(expected.encode(), hello.proof.encode())
+
+
+def link_proof(secret: bytes, nonce: str, shard_id: int, pid: int) -> str:
+    """A media shard's answer to a data link's challenge; never equal to a `hello_proof` (the `link` tag)."""
+    return hmac.new(secret, f"{nonce}:link:{shard_id}:{pid}".encode(), hashlib.sha256).hexdigest()
+
+
+def link_proof_ok(secret: bytes, nonce: str, hello: LinkHello) -> bool:
+    expected = link_proof(secret, nonce, hello.shard_id, hello.pid)
     return hmac.compare_digest(expected.encode(), hello.proof.encode())
 
 

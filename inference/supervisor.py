@@ -8,6 +8,11 @@ Heartbeats: a `ping` every `heartbeat_interval_s`; a worker silent for `heartbea
 connection drops, or whose process exits is killed and restarted after `restart_delay_s`. Its sessions get
 `on_worker_lost` and the server closes them; other workers' sessions are untouched.
 
+Data links: at `start()` the supervisor makes a private runtime directory (mode 0700, removed at `stop()`) and
+starts each worker with `--listen <dir>/worker-<id>.sock` (`WorkerHandle.link_path`). Media shard processes
+connect there themselves (`inference.links.WorkerLinks`), proving `secret`; the supervisor keeps the control
+connection (hello, heartbeats, capacity, restarts) and the sessions it opens itself.
+
 Used inside the server's event loop; nothing here blocks.
 """
 
@@ -19,8 +24,10 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,10 +80,22 @@ class WorkerHandle:
     hello: asyncio.Future[None] | None = None
     sinks: dict[str, SessionSink] = field(default_factory=dict)
     dropped_units: int = 0
+    link_path: str | None = None  # the worker's data-link Unix socket (media shards connect there)
 
     @property
     def device(self) -> str:
         return "cpu" if self.gpu is None else f"cuda:{self.gpu}"
+
+
+def _private_dir() -> str:
+    """A fresh directory only this user can enter, for the workers' Unix sockets. A socket path must fit in
+    108 bytes: a long $TMPDIR falls back to /tmp."""
+    path = tempfile.mkdtemp(prefix="minicpmo45-")
+    if len(path) > 80:
+        os.rmdir(path)
+        path = tempfile.mkdtemp(prefix="minicpmo45-", dir="/tmp")
+    os.chmod(path, 0o700)
+    return path
 
 
 class WorkerSupervisor:
@@ -100,11 +119,24 @@ class WorkerSupervisor:
         self._closing = False
         self._seq = 0
         self._secret = b""
+        self._link_dir: str | None = None
+
+    @property
+    def secret(self) -> bytes:
+        """This start's worker secret: media shards prove it on the workers' data links (never log it)."""
+        return self._secret
+
+    @property
+    def link_dir(self) -> str | None:
+        return self._link_dir
 
     # ---- lifecycle ----
 
     async def start(self, wait_ready: bool = True) -> None:
         self._secret = secrets.token_bytes(32)
+        self._link_dir = _private_dir()
+        for worker in self.workers:
+            worker.link_path = os.path.join(self._link_dir, f"worker-{worker.worker_id}.sock")
         self._server = await asyncio.start_server(self._on_connection, "127.0.0.1", 0)
         self._port = self._server.sockets[0].getsockname()[1]
         for worker in self.workers:
@@ -135,6 +167,9 @@ class WorkerSupervisor:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        if self._link_dir is not None:
+            shutil.rmtree(self._link_dir, ignore_errors=True)
+            self._link_dir = None
 
     # ---- sessions ----
 
@@ -166,6 +201,7 @@ class WorkerSupervisor:
     # ---- internals ----
 
     def _command(self, worker: WorkerHandle) -> list[str]:
+        listen = ["--listen", worker.link_path] if worker.link_path is not None else []
         return [
             sys.executable,
             "-m",
@@ -178,6 +214,7 @@ class WorkerSupervisor:
             worker.device,
             "--settings",
             json.dumps(self.worker_settings),
+            *listen,
         ]
 
     def _count_dropped(self, worker: WorkerHandle, why: str) -> None:

@@ -8,6 +8,10 @@ in the IPC loop), so heartbeats keep flowing while a mode is busy. Units of mode
 the duplex modes) go through `UnitTicker`: each tick takes the waiting unit of every such session and runs
 them as one call, so N sessions cost one batched model pass per tick instead of N passes. This module must
 never import aiortc; heavy imports (torch, the engine) happen lazily inside the modes that need them.
+
+With `--listen PATH` the worker also serves data links on a Unix socket (mode 0600): each media shard
+connects, proves the same secret (`link_hello`) and then sends its sessions' messages itself; a session's
+outputs go back on the connection that opened it (`Sessions`), and a link that closes ends its sessions.
 """
 
 from __future__ import annotations
@@ -15,9 +19,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
+import secrets
+import socket
+import stat
+import struct
 import sys
 import time
 from collections import deque
@@ -50,17 +59,28 @@ UNIT_RATE = 16000  # Hz of the units' PCM (UnitInput)
 # A healthy session has a unit or two waiting; one this far behind has lost its real-time flow anyway.
 MAX_QUEUED_UNITS = 64
 MAX_QUEUED_CONTROLS = 64  # controls and opens waiting in one session
+LINK_AUTH_TIMEOUT_S = 5.0  # a data link must answer the challenge within this
+SESSION_MESSAGES = (p.OpenSession, p.Unit, p.Control, p.CloseSession)
 
 
 class Connection:
-    """Writes messages to the server; safe to call from the event loop only."""
+    """Writes messages to a peer (the server's control connection or a data link); event loop only. Once the
+    peer is gone, sends are dropped: what a session still says has nobody to go to."""
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, name: str = "server") -> None:
         self._writer = writer
+        self.name = name
+        self.closed = False
 
     async def send(self, message: p.BaseModel, payload: bytes = b"") -> None:
+        if self.closed or self._writer.is_closing():
+            self.closed = True
+            return
         self._writer.write(p.encode(message, payload))
-        await self._writer.drain()
+        try:
+            await self._writer.drain()
+        except ConnectionError:
+            self.closed = True
 
 
 @dataclass
@@ -202,6 +222,12 @@ class SessionQueue:
     def end(self) -> None:
         self._items.append(None)
         self._ready.set()
+
+    def abort(self) -> None:
+        """End now: what is still waiting is dropped (its peer is gone), then the end marker."""
+        self._items.clear()
+        self.units = self.controls = 0
+        self.end()
 
     async def get(self) -> Queued | None:
         while not self._items:
@@ -444,6 +470,175 @@ async def report_capacity(
     await conn.send(p.CapacityOut(**capacity.model_dump()))
 
 
+class Sessions:
+    """The worker's sessions, whichever connection opened them. Session ids are unique across connections; a
+    session belongs to the connection whose `open` created it: its outputs go back there, and a message about
+    it from another connection is ignored."""
+
+    def __init__(self, executor: concurrent.futures.Executor, settings: dict[str, Any]) -> None:
+        self.executor = executor
+        self.settings = settings
+        self.runners: dict[str, SessionRunner] = {}
+        self.ticker = UnitTicker(
+            executor,
+            self.batching_phases,
+            float(settings.get("tick_gather_s", DEFAULT_GATHER_S)),
+            int(settings.get("tick_phases", DEFAULT_TICK_PHASES)),
+        )
+
+    def batching_phases(self) -> list[int]:
+        return [
+            r.phase
+            for r in self.runners.values()
+            if r.mode is not None and r.phase is not None and batch_runner(r.mode) is not None
+        ]
+
+    async def handle(self, conn: Connection, message: p.Message, payload: bytes, received_at: float) -> None:
+        """One message read from `conn`: a ping is answered, a session message goes to its session."""
+        if isinstance(message, p.Ping):
+            await conn.send(p.Pong(seq=message.seq))
+            return
+        if not isinstance(message, SESSION_MESSAGES):
+            return
+        sid = message.session_id
+        runner = self.runners.get(sid)
+        if runner is not None and not runner.task.done() and runner.conn is not conn:
+            log.debug(
+                "session %s belongs to %s: %s from %s ignored", sid, runner.conn.name, message.type, conn.name
+            )
+            return
+        if runner is None or runner.task.done():
+            if not isinstance(message, p.OpenSession):
+                return
+            runner = self.runners[sid] = SessionRunner(sid, conn, self.executor, self.ticker, self.settings)
+            runner.task.add_done_callback(lambda _t, sid=sid, r=runner: self._forget(sid, r))
+        if isinstance(message, p.CloseSession):
+            runner.queue.end()
+        elif (notice := runner.submit(message, payload, received_at)) is not None:
+            await conn.send(notice)
+
+    def _forget(self, sid: str, runner: SessionRunner) -> None:
+        if self.runners.get(sid) is runner:  # not a newer session of the same id
+            del self.runners[sid]
+
+    def end_owned(self, conn: Connection) -> int:
+        """The connection is gone: its sessions end now (their modes close, freeing their KV slots)."""
+        owned = [r for r in self.runners.values() if r.conn is conn and not r.task.done()]
+        for runner in owned:
+            runner.queue.abort()
+        return len(owned)
+
+    def end_all(self) -> None:
+        for runner in list(self.runners.values()):
+            runner.queue.end()
+
+
+def bind_private_socket(path: str) -> socket.socket:
+    """A listening Unix socket at `path`, mode 0600 before it listens (nobody connects to a looser one)."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)  # a previous worker's socket (killed before it could remove it)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(128)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _peer_pid(writer: asyncio.StreamWriter) -> int | None:
+    """The connecting process's pid as the kernel saw it (Linux SO_PEERCRED); None where unknown."""
+    sock = writer.get_extra_info("socket")
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (AttributeError, OSError):
+        return None
+    return struct.unpack("3i", creds)[0] or None
+
+
+async def authenticate_link(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: bytes
+) -> p.LinkHello:
+    """Challenge a new data link; its first message must be a `link_hello` proving the secret, for the pid
+    that really connected. Raises ProtocolError (or a read error) otherwise."""
+    nonce = secrets.token_hex(32)
+    writer.write(p.encode(p.Challenge(nonce=nonce)))
+    first, _ = await p.read_message(reader, p.MAX_HELLO_BYTES, 0)
+    if not isinstance(first, p.LinkHello):
+        raise p.ProtocolError(f"first message is {first.type!r}, not link_hello")
+    if first.version != p.PROTOCOL_VERSION:
+        raise p.ProtocolError(f"peer speaks protocol {first.version}, worker {p.PROTOCOL_VERSION}")
+    if not p.link_proof_ok(secret, nonce, first):
+        raise p.ProtocolError(f"link_hello of shard {first.shard_id} without a valid proof")
+    peer = _peer_pid(writer)
+    if peer is not None and peer != first.pid:
+        raise p.ProtocolError(f"link_hello claims pid {first.pid}, the peer is pid {peer}")
+    return first
+
+
+class LinkServer:
+    """The worker's data links: a Unix socket server whose authenticated connections carry sessions."""
+
+    def __init__(self, path: str, secret: bytes, sessions: Sessions) -> None:
+        self.path = path
+        self.secret = secret
+        self.sessions = sessions
+        self.writers: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+        self._inode: int | None = None
+
+    async def start(self) -> None:
+        sock = bind_private_socket(self.path)
+        self._inode = os.stat(self.path).st_ino
+        self._server = await asyncio.start_unix_server(self._serve, sock=sock)
+        log.info("data links on %s", self.path)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self.writers):
+            writer.close()
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == self._inode:  # ours, not a newer worker's
+                os.unlink(self.path)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            hello = await asyncio.wait_for(
+                authenticate_link(reader, writer, self.secret), LINK_AUTH_TIMEOUT_S
+            )
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, p.ProtocolError) as exc:
+            why = (
+                str(exc)
+                if isinstance(exc, p.ProtocolError)
+                else f"no valid link_hello ({type(exc).__name__})"
+            )
+            log.warning("data link rejected: %s", why)
+            writer.close()
+            return
+        conn = Connection(writer, f"link of shard {hello.shard_id} (pid {hello.pid})")
+        self.writers.add(writer)
+        log.info("%s: up", conn.name)
+        try:
+            while True:
+                message, payload = await p.read_message(reader)
+                await self.sessions.handle(conn, message, payload, time.monotonic())
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except p.ProtocolError as exc:
+            log.warning("%s: %s; closing it", conn.name, exc)
+        finally:
+            conn.closed = True
+            self.writers.discard(writer)
+            writer.close()
+            ended = self.sessions.end_owned(conn)
+            log.info("%s: closed, %d sessions ended", conn.name, ended)
+
+
 async def serve(
     host: str,
     port: int,
@@ -451,80 +646,65 @@ async def serve(
     device: str,
     settings: dict[str, Any],
     secret: bytes | None = None,
+    listen: str | None = None,
 ) -> None:
     """Serve the server at host:port. With `secret`, the server's challenge comes first and the hello proves
-    the secret; without, the hello goes first, unproven (a test server that does not check)."""
+    the secret; without, the hello goes first, unproven (a test server that does not check). With `listen`
+    (and `secret`), data links are served on that Unix socket path as well."""
     plan = planned_capacity(settings)
     preload = wants_preload(settings, device)
-    reader, writer = await asyncio.open_connection(host, port)
-    conn = Connection(writer)
-    proof = ""
-    if secret is not None:
-        challenge, _ = await p.read_message(reader, p.MAX_HELLO_BYTES, 0)
-        if not isinstance(challenge, p.Challenge):
-            raise p.ProtocolError(f"expected the server's challenge, got {challenge.type!r}")
-        proof = p.hello_proof(secret, challenge.nonce, worker_id, os.getpid())
-    await conn.send(
-        p.Hello(
-            worker_id=worker_id,
-            pid=os.getpid(),
-            device=device,
-            modes=mode_names(),
-            capacity=plan.sessions,
-            capacity_by_mode=plan.by_mode,
-            capacity_source=plan.source,
-            capacity_final=not preload,
-            proof=proof,
-        )
-    )
     settings = {**settings, "device": device}
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mode")
-    if preload:
-        asyncio.create_task(report_capacity(conn, executor, settings, plan), name="preload")
-    sessions: dict[str, SessionRunner] = {}
-
-    def batching_phases() -> list[int]:
-        return [
-            r.phase
-            for r in sessions.values()
-            if r.mode is not None and r.phase is not None and batch_runner(r.mode) is not None
-        ]
-
-    ticker = UnitTicker(
-        executor,
-        batching_phases,
-        float(settings.get("tick_gather_s", DEFAULT_GATHER_S)),
-        int(settings.get("tick_phases", DEFAULT_TICK_PHASES)),
-    )
+    sessions = Sessions(executor, settings)
+    links: LinkServer | None = None
+    writer: asyncio.StreamWriter | None = None
     try:
+        if listen is not None and secret is None:
+            log.error("no secret: data links on %s are not served", listen)
+        elif listen is not None and secret is not None:
+            links = LinkServer(listen, secret, sessions)
+            try:
+                await links.start()
+            except OSError:  # the control connection still serves: the in-process media mode works
+                log.exception("cannot serve data links on %s", listen)
+                links = None
+        reader, writer = await asyncio.open_connection(host, port)
+        conn = Connection(writer)
+        proof = ""
+        if secret is not None:
+            challenge, _ = await p.read_message(reader, p.MAX_HELLO_BYTES, 0)
+            if not isinstance(challenge, p.Challenge):
+                raise p.ProtocolError(f"expected the server's challenge, got {challenge.type!r}")
+            proof = p.hello_proof(secret, challenge.nonce, worker_id, os.getpid())
+        await conn.send(
+            p.Hello(
+                worker_id=worker_id,
+                pid=os.getpid(),
+                device=device,
+                modes=mode_names(),
+                capacity=plan.sessions,
+                capacity_by_mode=plan.by_mode,
+                capacity_source=plan.source,
+                capacity_final=not preload,
+                proof=proof,
+            )
+        )
+        if preload:
+            asyncio.create_task(report_capacity(conn, executor, settings, plan), name="preload")
         while True:
             try:
                 message, payload = await p.read_message(reader)
             except asyncio.IncompleteReadError:
                 return  # the server went away: nothing left to serve
-            received_at = time.monotonic()
-            if isinstance(message, p.Ping):
-                await conn.send(p.Pong(seq=message.seq))
-                continue
-            sid = getattr(message, "session_id", None)
-            if sid is None:
-                continue
-            runner = sessions.get(sid)
-            if runner is None or runner.task.done():
-                if not isinstance(message, p.OpenSession):
-                    continue
-                runner = sessions[sid] = SessionRunner(sid, conn, executor, ticker, settings)
-                runner.task.add_done_callback(lambda _t, sid=sid: sessions.pop(sid, None))
-            if isinstance(message, p.CloseSession):
-                runner.queue.end()
-            elif (notice := runner.submit(message, payload, received_at)) is not None:
-                await conn.send(notice)
+            await sessions.handle(conn, message, payload, time.monotonic())
     finally:
-        for runner in list(sessions.values()):
-            runner.queue.end()
-        ticker.task.cancel()
+        if links is not None:
+            links.close()
+        sessions.end_all()
+        sessions.ticker.task.cancel()
         executor.shutdown(wait=False, cancel_futures=True)
-        writer.close()
+        if writer is not None:
+            writer.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -533,6 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-id", type=int, required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--settings", default="{}", help="JSON settings for the modes")
+    parser.add_argument("--listen", default=None, help="Unix socket path to serve data links on (mode 0600)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"worker{args.worker_id} %(levelname)s %(message)s")
     # out of the environment of anything this process starts; a worker without it is refused by the server
@@ -541,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     host, _, port = args.connect.rpartition(":")
     settings = json.loads(args.settings)
     try:
-        asyncio.run(serve(host, int(port), args.worker_id, args.device, settings, secret))
+        asyncio.run(serve(host, int(port), args.worker_id, args.device, settings, secret, args.listen))
     except KeyboardInterrupt:
         pass
     return 0
