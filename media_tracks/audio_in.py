@@ -3,7 +3,8 @@
 `UnitCutter` regroups a stream of 16 kHz samples into fixed-length units (the first one may have
 another length, for the duplex model's first-chunk rule). `InboundAudio` reads the remote track on
 the event loop, resamples every decoded frame with one persistent PyAV resampler, fills RTP gaps
-with silence so units stay aligned to real time, and hands each finished unit to a callback.
+with silence so units stay aligned to real time, drops what arrives faster than real time
+(`RealTimePolicer`), and hands each finished unit to a callback.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from .reader import TrackReader
+from .resampler import AudioResampler
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,11 @@ MAX_GAP_FILL_S = 1.0
 # With float output, libswresample's stereo→mono matrix sums both channels at −3 dB each, so a browser's
 # mono-as-stereo Opus stream would come out 3 dB louder. Capping the matrix at 1 makes it a plain average.
 _DOWNMIX_AVERAGE = {"rematrix_maxval": "1.0"}
+# Inbound audio may run this far ahead of the wall clock before frames are dropped (a sender's clock drift,
+# packets released together by a jitter buffer) ...
+MAX_AHEAD_S = 0.5
+# ... and a stall may be made up by this much audio arriving at once (packets held up in the network).
+MAX_BEHIND_S = 2.0
 
 
 @dataclass
@@ -136,7 +143,7 @@ class _MonoResampler:
     def __init__(self, rate: int = MODEL_RATE, fill_gaps: bool = True) -> None:
         self.rate = rate
         self.fill_gaps = fill_gaps
-        self._resampler: av.AudioResampler | None = None
+        self._resampler: AudioResampler | None = None
         self._source: tuple[str, str, int] | None = None
         self._next_pts: int | None = None
         self.gap_samples = 0  # output-rate samples of silence inserted for timestamp gaps
@@ -173,7 +180,7 @@ class _MonoResampler:
         if silence is not None:
             parts.append(silence)
         if self._resampler is None:
-            self._resampler = av.AudioResampler(
+            self._resampler = AudioResampler(
                 format="flt", layout="mono", rate=self.rate, options=_DOWNMIX_AVERAGE
             )
             self._source = source
@@ -185,9 +192,42 @@ class _MonoResampler:
         if self._resampler is None:
             return []
         tail = self._convert(self._resampler.resample(None))
+        self.close()
+        return tail
+
+    def close(self) -> None:
+        """Free the resampler now, dropping what it holds back."""
+        if self._resampler is not None:
+            self._resampler.close()
         self._resampler = None
         self._source = None
-        return tail
+
+
+class RealTimePolicer:
+    """Admits audio no faster than real time: the admitted timeline may run at most `max_ahead_s` ahead of
+    the wall clock, and after a stall at most `max_behind_s` of it can arrive at once."""
+
+    def __init__(
+        self, rate: int, max_ahead_s: float = MAX_AHEAD_S, max_behind_s: float = MAX_BEHIND_S
+    ) -> None:
+        self.rate = rate
+        self.max_ahead_s = max_ahead_s
+        self.max_behind_s = max_behind_s
+        self._origin: float | None = None  # wall time of sample 0 of the admitted timeline
+        self._admitted = 0
+
+    def admit(self, samples: int, now: float) -> bool:
+        """Whether `samples` more samples that arrived at `now` fit; they count only if they do."""
+        if self._origin is None:
+            self._origin = now
+        due = self._origin + self._admitted / self.rate  # when the next sample would play in real time
+        if now - due > self.max_behind_s:
+            self._origin += now - due - self.max_behind_s  # a long silence earns no credit for a later burst
+            due = now - self.max_behind_s
+        if due + samples / self.rate - now > self.max_ahead_s:
+            return False
+        self._admitted += samples
+        return True
 
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:
@@ -204,7 +244,9 @@ class InboundAudio(TrackReader):
     The reader consumes every frame as soon as it is decoded, so the remote track's unbounded queue
     stays empty. `on_unit` runs on the event loop and must only hand the unit off; an exception it
     raises is logged and reading goes on. With `fill_gaps`, a jump in the inbound timestamps (lost
-    packets, DTX) of up to 1 s becomes silence, so unit boundaries stay aligned with real time.
+    packets, DTX) of up to 1 s becomes silence, so unit boundaries stay aligned with real time. Audio that
+    runs more than `max_ahead_s` ahead of real time (an unpaced sender, or timestamps that jump ahead) is
+    dropped and counted; None reads as fast as the track delivers (a file, a test).
     """
 
     task_name = "inbound-audio"
@@ -215,6 +257,7 @@ class InboundAudio(TrackReader):
         cutter: UnitCutter,
         on_unit: Callable[[AudioUnit], None],
         fill_gaps: bool = True,
+        max_ahead_s: float | None = MAX_AHEAD_S,
     ) -> None:
         super().__init__()
         if track.kind != "audio":
@@ -224,8 +267,11 @@ class InboundAudio(TrackReader):
         self.on_unit = on_unit
         self.frames_in = 0
         self.samples_out = 0  # 16 kHz samples handed to the cutter
+        self.frames_dropped = 0  # frames that ran ahead of real time (`RealTimePolicer`)
+        self.samples_dropped = 0  # their 16 kHz samples, gap silence included
         self.ended = False  # the track ended (MediaStreamError); the resampler tail was delivered
         self._resampler = _MonoResampler(fill_gaps=fill_gaps)
+        self._policer = None if max_ahead_s is None else RealTimePolicer(MODEL_RATE, max_ahead_s)
 
     @property
     def gap_samples(self) -> int:
@@ -247,7 +293,18 @@ class InboundAudio(TrackReader):
             while True:
                 frame = await self.track.recv()
                 self.frames_in += 1
-                self._deliver(self._resampler.resample(frame), time.monotonic())
+                now = time.monotonic()
+                samples = self._resampler.resample(frame)
+                if self._policer is None or self._policer.admit(samples.size, now):
+                    self._deliver(samples, now)
+                else:
+                    self.frames_dropped += 1
+                    self.samples_dropped += samples.size
         except MediaStreamError:
             self._deliver(_concat(self._resampler.flush()), time.monotonic())
             self.ended = True
+
+    async def stop(self) -> None:
+        """Stop reading and free the resampler now (not when the call's objects are next collected)."""
+        await super().stop()
+        self._resampler.close()

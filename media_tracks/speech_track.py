@@ -22,6 +22,8 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from .resampler import AudioResampler
+
 OUTPUT_RATE = 48000
 FRAME_SAMPLES = 960  # 20 ms at 48 kHz
 FRAME_S = FRAME_SAMPLES / OUTPUT_RATE
@@ -102,7 +104,7 @@ class SpeechTrack(MediaStreamTrack):
         self._ring = np.zeros(self._capacity, dtype=np.int16)
         self._read = 0
         self._fill = 0
-        self._resampler: av.AudioResampler | None = None
+        self._resampler: AudioResampler | None = None
         self._scratch = np.zeros((1, FRAME_SAMPLES), dtype=np.int16)
         self._silence = np.zeros((1, FRAME_SAMPLES), dtype=np.int16)
         self._start: float | None = None
@@ -141,7 +143,7 @@ class SpeechTrack(MediaStreamTrack):
             samples = np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
         if samples.size:
             if self._resampler is None:
-                self._resampler = av.AudioResampler(format="s16", layout="mono", rate=OUTPUT_RATE)
+                self._resampler = AudioResampler(format="s16", layout="mono", rate=OUTPUT_RATE)
             frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="flt", layout="mono")
             frame.sample_rate = self.input_rate
             for out in self._resampler.resample(frame):
@@ -263,4 +265,5 @@ class SpeechTrack(MediaStreamTrack):
 
     def stop(self) -> None:
         super().stop()
+        self._resampler = None  # frees its filter graph now, not when the call's objects are next collected
         self._wake_waiters()

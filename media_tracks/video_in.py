@@ -56,6 +56,12 @@ class LatestVideoFrame(TrackReader):
         except MediaStreamError:
             self.ended = True
 
+    async def stop(self) -> None:
+        """Stop reading and let go of the frames now (with their decoder and scaler buffers)."""
+        await super().stop()
+        self._latest = None
+        self._cache = None
+
     def snapshot_rgb(self, max_side: int | None = None) -> np.ndarray | None:
         """The newest frame as HxWx3 uint8 RGB (longer side ≤ max_side), or None before the first frame.
 
@@ -83,6 +89,9 @@ class LatestVideoFrame(TrackReader):
 def frame_to_rgb(frame: av.VideoFrame, max_side: int | None = None) -> np.ndarray:
     """Convert (and downscale if needed) a PyAV video frame to an HxWx3 uint8 RGB array."""
     width, height = fit_size(frame.width, frame.height, max_side)
-    if (width, height) != (frame.width, frame.height):
-        frame = frame.reformat(width=width, height=height, format="rgb24", interpolation="AREA")
-    return frame.to_ndarray(format="rgb24")
+    resized = (width, height) != (frame.width, frame.height)
+    # One scaler thread: by default every converted frame keeps a pool of one idle thread per core alive.
+    rgb = frame.reformat(
+        width=width, height=height, format="rgb24", interpolation="AREA" if resized else None, threads=1
+    )
+    return rgb.to_ndarray()

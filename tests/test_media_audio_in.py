@@ -125,7 +125,8 @@ async def test_inbound_audio_resamples_exactly_and_flushes_the_tail_on_end() -> 
     signal = 0.5 * np.sin(2 * np.pi * 1000 * t)
     frames = _s16_frames(signal, 960, "stereo")
     units: list[AudioUnit] = []
-    inbound = InboundAudio(FramesTrack("audio", frames), UnitCutter(unit_samples=8000), units.append)
+    track = FramesTrack("audio", frames)
+    inbound = InboundAudio(track, UnitCutter(unit_samples=8000), units.append, max_ahead_s=None)
     inbound.start()
     await inbound.wait_ended()
     assert inbound.ended and inbound.frames_in == len(frames)
@@ -193,7 +194,9 @@ async def test_a_failing_callback_does_not_stop_the_reader() -> None:
         if unit.index == 0:
             raise RuntimeError("consumer bug")
 
-    inbound = InboundAudio(FramesTrack("audio", frames), UnitCutter(unit_samples=4000), on_unit)
+    inbound = InboundAudio(
+        FramesTrack("audio", frames), UnitCutter(unit_samples=4000), on_unit, max_ahead_s=None
+    )
     inbound.start()
     await inbound.wait_ended()
     assert seen == [0, 1, 2, 3]
