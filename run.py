@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--http", action="store_true", default=None, help="plain HTTP instead of HTTPS")
     parser.add_argument("--gpus", type=parse_gpus, help="one worker per listed GPU, e.g. 0,1 (workers.gpus)")
     parser.add_argument("--model-path", help="model checkpoint folder (model.path); default: embedded model")
+    parser.add_argument(
+        "--media-procs",
+        type=int,
+        help="processes owning the calls' media (workers.media_procs): 0 the front process, -1 automatic",
+    )
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -59,13 +64,18 @@ def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["workers"]["gpus"] = args.gpus
     if args.model_path is not None:
         overrides["model"]["path"] = args.model_path
+    if args.media_procs is not None:
+        overrides["workers"]["media_procs"] = args.media_procs
     return {k: v for k, v in overrides.items() if v}
 
 
 async def serve(config_path: Path | None, overrides: dict[str, Any]) -> None:
     config = load_config(config_path, overrides)
     server = await start_server(config)
-    print(f"serving on {server.url} ({len(server.supervisor.workers)} worker(s)); Ctrl-C stops", flush=True)
+    shards = len(server.manager.shards.shards) if server.manager.shards is not None else 0
+    media = f"{shards} media process(es)" if shards else "media in this process"
+    workers = len(server.supervisor.workers)
+    print(f"serving on {server.url} ({workers} worker(s), {media}); Ctrl-C stops", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

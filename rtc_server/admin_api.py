@@ -1,25 +1,23 @@
 """`GET /api/admin/status`: workers, live sessions, the queue and recent errors, for the /admin dashboard.
 
-Protected by `auth.admin_token` (header `X-Admin-Token`) when one is set; a separate header from the API
-bearer token, so that a server with both tokens set can check both.
+Protected by `auth.admin_token` (header `X-Admin-Token`) when one is set, a separate header from the API
+bearer token, so that a server with both tokens set can check both; without one, loopback clients only.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import time
 from collections import deque
-from collections.abc import Sequence
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
 from rtc_server.info_api import VERSION
-from rtc_server.signalling import MANAGER_KEY, ApiError
+from rtc_server.signalling import ADMIN_HEADER as ADMIN_HEADER  # re-exported: the header's name lives there
+from rtc_server.signalling import MANAGER_KEY, require_admin
 
-ADMIN_HEADER = "X-Admin-Token"
 WATCHED_LOGGERS = ("rtc_server", "inference", "media_tracks")
 STARTED_KEY = web.AppKey("admin_started_at", float)
 
@@ -37,6 +35,9 @@ class WorkerStatus(_Model):
     modes: list[str]
     sessions: int
     capacity: int
+    capacity_by_mode: dict[str, int]  # sessions per mode, where the worker knows them
+    capacity_source: str  # table | configured | shipped | default, ", memory-limited" when memory clamped it
+    warming_up: bool  # loading its model and sizing its caches: no session is admitted to it yet
     rss_mb: float | None  # resident memory of the worker process (host RAM; Linux only)
     dropped_units: int
 
@@ -117,15 +118,6 @@ class RecentErrors(logging.Handler):
 ERRORS_KEY = web.AppKey("recent_errors", RecentErrors)
 
 
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100) of `values`, or None when empty."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * q // 100))  # ceil(n*q/100), at least 1
-    return round(ordered[int(rank) - 1], 2)
-
-
 def process_rss_mb(pid: int | None) -> float | None:
     if pid is None:
         return None
@@ -135,15 +127,6 @@ def process_rss_mb(pid: int | None) -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
-
-
-def check_admin_token(request: web.Request) -> None:
-    expected = request.app[MANAGER_KEY].config.auth.admin_token
-    if not expected:
-        return
-    given = request.headers.get(ADMIN_HEADER, "")
-    if not hmac.compare_digest(given.encode(), expected.encode()):
-        raise ApiError(401, "admin_unauthorized", f"missing or wrong {ADMIN_HEADER} header")
 
 
 def admin_status(request: web.Request) -> AdminStatus:
@@ -158,32 +141,26 @@ def admin_status(request: web.Request) -> AdminStatus:
             pid=w.pid,
             restarts=w.restarts,
             modes=list(w.modes),
-            sessions=len(w.sinks),
+            sessions=sum(1 for b in admission.busy.values() if b.worker_id == w.worker_id),
             capacity=w.capacity,
+            capacity_by_mode=dict(w.capacity_by_mode),
+            capacity_source=w.capacity_source,
+            warming_up=w.up and not w.capacity_final,
             rss_mb=process_rss_mb(w.pid) if w.up else None,
             dropped_units=w.dropped_units,
         )
         for w in manager.supervisor.workers
     ]
     now = time.monotonic()
-    live = [
-        AdminSession(
-            session_id=s.id,
-            mode=s.mode,
-            phase=s.phase,
-            state=s.state,
-            worker_id=s.worker_id,
-            age_s=round(now - s.created_at, 1),
-            queue_position=admission.position(s),
-            units=len(s.unit_roundtrip_ms),
-            unit_latency_p50_ms=percentile(s.unit_roundtrip_ms, 50),
-            unit_latency_p95_ms=percentile(s.unit_roundtrip_ms, 95),
-            speech_buffered_s=round(s.speech.buffered_s, 3),
-            send_lateness_p95_ms=round(s.speech.pacing.percentile(95) * 1000, 2),
-        )
-        for s in sessions
-        if s.phase != "closed"
-    ]
+    totals = manager.totals().stats
+    live = []
+    for s in sessions:
+        if s.phase == "closed":
+            continue
+        snap = s.snapshot()
+        fields = snap.model_dump(include=set(AdminSession.model_fields))
+        fields["age_s"] = round(snap.age_s, 1)
+        live.append(AdminSession(**fields, queue_position=admission.position(s)))
     queue = [
         QueueEntry(
             position=i,
@@ -199,9 +176,9 @@ def admin_status(request: web.Request) -> AdminStatus:
         uptime_s=round(now - request.app[STARTED_KEY], 1),
         embedded_model=not manager.config.model.path,
         capacity=admission.capacity,
-        units_sent=manager.stats.units_sent,
-        units_done=manager.stats.units_done,
-        sessions_started=dict(manager.stats.sessions_started),
+        units_sent=totals.units_sent,
+        units_done=totals.units_done,
+        sessions_started=dict(totals.sessions_started),
         workers=workers,
         sessions=live,
         queue=queue,
@@ -210,7 +187,7 @@ def admin_status(request: web.Request) -> AdminStatus:
 
 
 async def get_admin_status(request: web.Request) -> web.Response:
-    check_admin_token(request)
+    require_admin(request)
     return web.json_response(admin_status(request).model_dump(), headers={"Cache-Control": "no-store"})
 
 

@@ -14,12 +14,13 @@ from aiohttp import web
 
 from inference.supervisor import SupervisorSettings, WorkerSupervisor
 from rtc_server.certs import server_ssl_context
-from rtc_server.config import AppConfig
+from rtc_server.config import AppConfig, AuthSettings
 from rtc_server.http_security import NON_PAGE_ROOTS, OriginPolicy, origin_guard, response_headers
 from rtc_server.manager import SessionManager
 from rtc_server.metrics import CONTENT_TYPE, Exposition
 from rtc_server.pages import public_file
 from rtc_server.presets import add_preset_routes
+from rtc_server.shards import ShardPool, default_media_procs
 from rtc_server.signalling import MANAGER_KEY, ApiError, add_routes
 from rtc_server.ui_routes import add_ui_routes
 from rtc_server.voices import add_voice_routes
@@ -99,12 +100,10 @@ async def metrics(request: web.Request) -> web.Response:
     for mode in manager.known_modes():
         for phase in ("queued", "active"):
             counts[(mode, phase)] = 0
-    frames_in, frames_out = manager.stats.frames_in_closed, manager.stats.frames_out_closed
-    for session in manager.sessions.values():
-        if session.phase != "closed":
-            counts[(session.mode, session.phase)] = counts.get((session.mode, session.phase), 0) + 1
-        frames_in += session.inbound.frames_in if session.inbound is not None else 0
-        frames_out += session.speech.frames_out
+    snapshots = [s.snapshot() for s in manager.sessions.values() if s.phase != "closed"]
+    totals = manager.totals()
+    for snap in snapshots:
+        counts[(snap.mode, snap.phase)] = counts.get((snap.mode, snap.phase), 0) + 1
     out.metric(
         "rtc_sessions",
         "gauge",
@@ -112,9 +111,9 @@ async def metrics(request: web.Request) -> web.Response:
         [({"mode": m, "state": s}, n) for (m, s), n in sorted(counts.items())],
     )
     talk: dict[tuple[str, str], int] = {}
-    for session in manager.sessions.values():
-        if session.phase == "active":
-            talk[(session.mode, session.state)] = talk.get((session.mode, session.state), 0) + 1
+    for snap in snapshots:
+        if snap.phase == "active":
+            talk[(snap.mode, snap.state)] = talk.get((snap.mode, snap.state), 0) + 1
     out.metric(
         "rtc_sessions_talking",
         "gauge",
@@ -125,7 +124,7 @@ async def metrics(request: web.Request) -> web.Response:
         "rtc_sessions_started_total",
         "counter",
         "Sessions answered since start, by mode.",
-        [({"mode": m}, n) for m, n in sorted(manager.stats.sessions_started.items())],
+        [({"mode": m}, n) for m, n in sorted(totals.stats.sessions_started.items())],
     )
     out.metric(
         "rtc_queue_length",
@@ -137,23 +136,23 @@ async def metrics(request: web.Request) -> web.Response:
         "rtc_session_capacity", "gauge", "Session slots over all workers.", [({}, manager.admission.capacity)]
     )
     out.metric(
-        "rtc_units_sent_total", "counter", "Audio units handed to workers.", [({}, manager.stats.units_sent)]
+        "rtc_units_sent_total", "counter", "Audio units handed to workers.", [({}, totals.stats.units_sent)]
     )
     out.metric(
         "rtc_units_processed_total",
         "counter",
         "Units the workers finished.",
-        [({}, manager.stats.units_done)],
+        [({}, totals.stats.units_done)],
     )
     out.histogram(
         "rtc_unit_latency_seconds",
         "Unit complete at the server to the worker's result back at the server.",
-        manager.stats.unit_roundtrip,
+        totals.unit_roundtrip,
     )
     out.histogram(
         "rtc_unit_handoff_seconds",
         "Unit complete at the server to unit received by the worker.",
-        manager.stats.unit_handoff,
+        totals.unit_handoff,
     )
     workers = manager.supervisor.workers
     out.metric(
@@ -179,8 +178,50 @@ async def metrics(request: web.Request) -> web.Response:
         "Worker process restarts.",
         [({"worker": str(w.worker_id)}, w.restarts) for w in workers],
     )
-    out.metric("rtc_media_frames_in_total", "counter", "Inbound audio frames decoded.", [({}, frames_in)])
-    out.metric("rtc_media_frames_out_total", "counter", "Outbound audio frames sent.", [({}, frames_out)])
+    out.metric(
+        "rtc_media_frames_in_total",
+        "counter",
+        "Inbound audio frames decoded.",
+        [({}, totals.stats.frames_in)],
+    )
+    out.metric(
+        "rtc_media_frames_out_total",
+        "counter",
+        "Outbound audio frames sent.",
+        [({}, totals.stats.frames_out)],
+    )
+    out.metric(
+        "rtc_media_frames_dropped_total",
+        "counter",
+        "Inbound audio frames dropped because a caller sent faster than real time.",
+        [({}, totals.stats.frames_dropped)],
+    )
+    out.metric(
+        "rtc_media_cpu_seconds_total",
+        "counter",
+        "CPU time of the media processes (the front, and every media shard), user + system.",
+        [({}, round(totals.stats.cpu_s, 3))],
+    )
+    if manager.shards is not None:
+        shards = manager.shards.shards
+        out.metric(
+            "rtc_media_shard_up",
+            "gauge",
+            "1 while the media shard process is connected.",
+            [({"shard": str(sh.shard_id)}, int(sh.up)) for sh in shards],
+        )
+        out.metric(
+            "rtc_media_shard_calls",
+            "gauge",
+            "Calls placed on each media shard.",
+            [({"shard": str(sh.shard_id)}, len(sh.calls)) for sh in shards],
+        )
+        out.metric(
+            "rtc_media_shard_restarts_total",
+            "counter",
+            "Media shard process restarts.",
+            [({"shard": str(sh.shard_id)}, sh.restarts) for sh in shards],
+        )
     out.metric(
         "rtc_uptime_seconds",
         "gauge",
@@ -240,6 +281,8 @@ class RunningServer:
     async def stop(self) -> None:
         await self.manager.close_all()
         await self.runner.cleanup()
+        if self.manager.shards is not None:
+            await self.manager.shards.stop()
         await self.supervisor.stop()
 
 
@@ -274,13 +317,35 @@ async def start_server(config: AppConfig) -> RunningServer:
     """Start the workers, then serve the app; returns once everything is up."""
     manager_ref: list[SessionManager] = []
     supervisor = WorkerSupervisor(
-        SupervisorSettings(**config.workers.model_dump(exclude={"tick_gather_ms", "tick_phases"})),
+        SupervisorSettings(
+            **config.workers.model_dump(exclude={"tick_gather_ms", "tick_phases", "media_procs"})
+        ),
         worker_settings(config),
         on_workers_changed=lambda: manager_ref[0].workers_changed() if manager_ref else None,
     )
     manager = SessionManager(config, supervisor)
     manager_ref.append(manager)
     await supervisor.start()
+    procs = config.workers.media_procs
+    if procs < 0:
+        procs = default_media_procs(config.workers.gpus)
+    if procs:
+        # the shards get the configuration without the tokens (a command line is readable by local users)
+        shard_config = config.model_copy(update={"auth": AuthSettings()}).model_dump_json()
+        manager.shards = ShardPool(
+            procs,
+            shard_config,
+            supervisor.secret,
+            manager,
+            start_timeout_s=config.workers.start_timeout_s,
+            restart_delay_s=config.workers.restart_delay_s,
+        )
+        try:
+            await manager.shards.start()
+        except BaseException:
+            await manager.shards.stop()
+            await supervisor.stop()
+            raise
     manager.start()
     app = make_app(config, manager)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -292,6 +357,8 @@ async def start_server(config: AppConfig) -> RunningServer:
     except BaseException:
         await manager.close_all()
         await runner.cleanup()
+        if manager.shards is not None:
+            await manager.shards.stop()
         await supervisor.stop()
         raise
     port = runner.addresses[0][1]  # the real port when config asked for 0

@@ -24,6 +24,9 @@ class ServerSettings(_Strict):
     certs_dir: str = "certs"
     public_dir: str = "public"
     max_body_bytes: int = Field(1 << 20, ge=1024)  # signalling bodies are SDP (a few kB); larger is a 413
+    # origins (e.g. "https://app.example.org") besides the server's own that browsers may call the API from
+    # (CORS, and writes with an Origin header); "*" allows any origin
+    allowed_origins: list[str] = Field(default_factory=list)
 
 
 class AuthSettings(_Strict):
@@ -36,7 +39,7 @@ class ModelSettings(_Strict):
     # bench/capacity.py's capacity_table.json for this card: workers report it and admission uses it
     capacity_table: str = ""
     cache_dir: str = ".cache/embedded"  # where the embedded default model is built (relative: to the repo)
-    max_kv_tokens: int = Field(8192, ge=512)  # KV positions per session; the context window slides past it
+    max_kv_tokens: int = Field(4096, ge=512)  # KV positions per session; the context window slides past it
     default_voice: str = ""  # WAV file of the default reference voice; empty: a built-in synthetic voice
     # the vocoder's flow on a GPU: float16 halves its weights and per-turn caches (an official option too)
     vocoder_dtype: Literal["float32", "float16"] = "float16"
@@ -49,10 +52,14 @@ class ModelSettings(_Strict):
     # TTS positions each duplex session keeps (~61 kB each at the real size): a spoken turn longer than this
     # (about 12 s of speech at 512) restarts its TTS context
     tts_window: int = Field(512, ge=128, le=4096)
+    # GPU memory a worker keeps free for CUDA graphs and activations when it sizes its sessions' caches
+    gpu_reserve_gib: float = Field(4.0, ge=0)
 
 
 class SessionSettings(_Strict):
     pause_timeout_s: float = Field(60.0, gt=0)  # a paused call without `resume` ends after this long
+    # a larger data-channel message from the caller is dropped with a `message_too_large` error
+    max_message_bytes: int = Field(65536, ge=1024, le=262144)
 
 
 class VoiceSettings(_Strict):
@@ -66,8 +73,14 @@ class VoiceSettings(_Strict):
 
 class WorkerSettings(_Strict):
     gpus: list[int] = Field(default_factory=list)  # one worker process per GPU; empty: one CPU worker
-    capacity_per_gpu: int = Field(1, ge=1)  # concurrent sessions per GPU worker, until measured otherwise
+    # concurrent sessions per GPU worker; 0: the worker finds its own (inference/capacity.py: a shipped table
+    # for its card and context, else 1); either way clamped to what its memory holds
+    capacity_per_gpu: int = Field(0, ge=0)
     cpu_capacity: int = Field(4, ge=1)  # concurrent sessions of the CPU worker (embedded default)
+    # media processes that own the calls' peer connections (rtc_server/shards.py); 0: the front process
+    # itself (the CPU default); -1: automatic (none without GPUs, else one per 16 calls the GPUs hold, at
+    # most the cores left after the workers and the front)
+    media_procs: int = Field(-1, ge=-1)
     heartbeat_interval_s: float = Field(1.0, gt=0)
     heartbeat_timeout_s: float = Field(5.0, gt=0)  # no pong for this long: the worker is killed and restarted
     start_timeout_s: float = Field(60.0, gt=0)  # a worker that does not say hello in time is restarted
@@ -90,7 +103,13 @@ class RtcSettings(_Strict):
     # aioice's own defaults are 5 s x 6; tests use a shorter timeout to see a vanished client quickly.
     consent_interval_s: float = Field(5.0, gt=0)
     consent_failures: int = Field(6, ge=1)
-    connect_timeout_s: float = Field(30.0, gt=0)  # from answer to ICE+DTLS connected
+    # from answer to ICE+DTLS connected; until then a call is pending and holds no slot or queue place
+    connect_timeout_s: float = Field(10.0, gt=0)
+    # pending calls per client address (and per bearer token when `auth.api_token` is set); more: 429
+    max_pending_per_client: int = Field(4, ge=1)
+    offers_per_minute: int = Field(
+        30, ge=1
+    )  # offers (POST /api/sessions, /whip) per client address; more: 429
     ice_servers: list[str] = Field(
         default_factory=list
     )  # e.g. ["stun:stun.example.org:3478"]; none by default

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from inference.options import ModeOptions
 
-SessionPhase = Literal["queued", "active", "closed"]
+SessionPhase = Literal["connecting", "queued", "active", "closed"]  # connecting: answered, ICE/DTLS not up
 TalkState = Literal["listening", "thinking", "speaking"]
 
 
@@ -87,6 +87,11 @@ class QueueEvent(_Event):
 
 
 class ErrorEvent(_Event):
+    """A problem. `pause_timeout`, `mode_error` and `worker_failed` end the call; `internal_error` ends it
+    when the media path failed, not when one client message did. About what the caller sent: `bad_message`,
+    `message_too_large` (over `session.max_message_bytes`), `unknown_mode`, `audio_too_fast` (audio arriving
+    faster than real time: the excess is dropped; told at most every 5 s). The call goes on after those."""
+
     type: Literal["error"] = "error"
     code: str
     message: str
@@ -120,7 +125,7 @@ ServerEvent = (
 
 class SetModeMessage(_Event):
     type: Literal["set_mode"]
-    mode: str
+    mode: str = Field(max_length=64)
 
 
 class InterruptMessage(_Event):
@@ -166,6 +171,27 @@ ClientMessage = Annotated[
     Field(discriminator="type"),
 ]
 client_message_adapter: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
+
+QUOTE_CHARS = 64  # at most this much of a caller's text is quoted back in an error
+
+
+def quote(text: str, limit: int = QUOTE_CHARS) -> str:
+    """`repr(text)`, cut to `limit` characters: an error never echoes unbounded input back."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def invalid_message_detail(exc: Exception) -> str:
+    """Why a client message was rejected, without more than `QUOTE_CHARS` of what the client sent."""
+    if not isinstance(exc, ValidationError):
+        return str(exc)[:240]
+    error = exc.errors()[0]
+    detail = error["msg"]
+    tag = (error.get("ctx") or {}).get("tag")  # an unknown `type` is quoted in the message
+    if isinstance(tag, str) and len(tag) > QUOTE_CHARS:
+        detail = detail.replace(repr(tag), quote(tag))
+    return detail[:240]
 
 
 # ---- JSON signalling API ---------------------------------------------------------------------------

@@ -5,42 +5,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 import aioice.ice
+from inference.links import LinkTarget
 
 from inference.modes import mode_names
 from inference.supervisor import WorkerSupervisor
+from media_shard import messages as m
 from rtc_server.admission import Admission, QueueFull
+from rtc_server.client_limits import Client, SlidingWindow, TooManyRequests
 from rtc_server.config import AppConfig
-from rtc_server.metrics import Histogram
-from rtc_server.session import CallSession
+from rtc_server.remote_call import RemoteCall
+from rtc_server.session import BadOffer, CallSession, new_session_id
+from rtc_server.shards import ShardError, ShardHandle, ShardPool
+from rtc_server.stats import ServerStats, Totals, add_up, process_cpu_s
 
 log = logging.getLogger("rtc_server.manager")
+Call = CallSession | RemoteCall  # a call whose media is in this process, or on a media shard
+MIN_PENDING = 8  # the bound on connecting calls over all clients is never lower than this
 
 
 class UnknownMode(ValueError):
     pass
 
 
-@dataclass
-class ServerStats:
-    units_sent: int = 0
-    units_done: int = 0
-    frames_in_closed: int = 0  # media frames of sessions that have ended (live ones are read at scrape time)
-    frames_out_closed: int = 0
-    sessions_started: dict[str, int] = field(default_factory=dict)
-    unit_roundtrip: Histogram = field(default_factory=Histogram)
-    unit_handoff: Histogram = field(default_factory=Histogram)
-    recent_handoff_ms: deque[float] = field(default_factory=lambda: deque(maxlen=20000))  # for the benchmark
-
-    def record_unit(self, handoff_ms: float, roundtrip_ms: float) -> None:
-        self.units_done += 1
-        self.unit_handoff.observe(handoff_ms / 1000)
-        self.recent_handoff_ms.append(handoff_ms)
-        self.unit_roundtrip.observe(roundtrip_ms / 1000)
+class ServerBusy(Exception):
+    """Too many calls, of all clients together, are answered but not yet connected."""
 
 
 def configure_ice_consent(interval_s: float, failures: int) -> None:
@@ -54,7 +45,9 @@ class SessionManager:
         self.config = config
         self.supervisor = supervisor
         self.admission = Admission(supervisor, config.queue.max_length, config.queue.default_session_s)
-        self.sessions: dict[str, CallSession] = {}
+        self.sessions: dict[str, Call] = {}
+        self.shards: ShardPool | None = None  # set when media shards own the calls (workers.media_procs)
+        self.offer_rate = SlidingWindow(config.rtc.offers_per_minute, window_s=60.0)
         self.stats = ServerStats()
         self._queue_task: asyncio.Task[None] | None = None
         configure_ice_consent(config.rtc.consent_interval_s, config.rtc.consent_failures)
@@ -75,8 +68,36 @@ class SessionManager:
             self.admission.notify_queue()
 
     def workers_changed(self) -> None:
-        """A worker came up or went down: queued callers may now fit."""
+        """A worker came up, went down or said its capacity: shards learn where to reach it, and queued
+        callers may now fit."""
+        if self.shards is not None:
+            self.shards.broadcast(self._workers_message())
         self.admission.dispatch()
+
+    def pending(self) -> list[Call]:
+        """Calls answered but not yet connected: they hold no worker slot and no queue place."""
+        return [s for s in self.sessions.values() if s.phase == "connecting"]
+
+    def max_pending(self) -> int:
+        return max(self.admission.capacity + self.config.queue.max_length, MIN_PENDING)
+
+    def check_new_call(self, mode: str, client: Client) -> None:
+        """Refuse an offer before answering it: TooManyRequests (this client), ServerBusy or QueueFull."""
+        rtc = self.config.rtc
+        wait_s = self.offer_rate.acquire(client.address)
+        if wait_s > 0:
+            raise TooManyRequests(f"more than {rtc.offers_per_minute} offers a minute", wait_s)
+        pending = self.pending()
+        of_client = [s for s in pending if s.client is not None and s.client.same_as(client)]
+        if len(of_client) >= rtc.max_pending_per_client:
+            raise TooManyRequests(
+                f"{rtc.max_pending_per_client} calls of this client are still connecting",
+                rtc.connect_timeout_s,
+            )
+        if len(pending) >= self.max_pending():
+            raise ServerBusy(f"{len(pending)} calls are still connecting; try again shortly")
+        if not self.admission.would_accept(mode):
+            raise QueueFull("all session slots are busy and the queue is full")
 
     async def create(
         self,
@@ -85,31 +106,120 @@ class SessionManager:
         system_prompt: str | None,
         voice: str | None = None,
         options: dict[str, Any] | None = None,
-    ) -> CallSession:
-        """Answer an offer and admit or queue the call. Raises UnknownMode, QueueFull or BadOffer."""
+        *,
+        client: Client,
+    ) -> Call:
+        """Answer an offer; the call asks for a slot once it connects (`connected`).
+
+        Raises UnknownMode, TooManyRequests, ServerBusy, QueueFull or BadOffer.
+        """
         if mode not in self.known_modes():
             raise UnknownMode(f"unknown mode {mode!r}; known modes: {', '.join(self.known_modes())}")
-        if not self.admission.would_accept(mode):
-            raise QueueFull("all session slots are busy and the queue is full")
-        session = CallSession(self, mode, system_prompt, voice, options)
+        self.check_new_call(mode, client)
+        if self.shards is not None:
+            return await self._create_remote(
+                self.shards, offer_sdp, mode, system_prompt, voice, options, client
+            )
+        session = CallSession(self, mode, system_prompt, voice, options, client)
         self.sessions[session.id] = session
         try:
             await session.answer(offer_sdp)
-            self.admission.request(session)
         except BaseException:
             await session.close("setup failed")
             raise
         self.stats.sessions_started[mode] = self.stats.sessions_started.get(mode, 0) + 1
         return session
 
-    def get(self, session_id: str) -> CallSession | None:
+    def connected(self, session: CallSession) -> None:
+        """The call's ICE and DTLS are up: it takes a worker slot or a queue place now; a full queue ends it."""
+        try:
+            self.admission.request(session)
+        except QueueFull as exc:
+            session.reject("queue_full", str(exc))
+
+    def get(self, session_id: str) -> Call | None:
         return self.sessions.get(session_id)
 
-    def forget(self, session: CallSession) -> None:
-        if self.sessions.pop(session.id, None) is not None:
-            if session.inbound is not None:
-                self.stats.frames_in_closed += session.inbound.frames_in
-            self.stats.frames_out_closed += session.speech.frames_out
+    def forget(self, session: Call) -> None:
+        if self.sessions.pop(session.id, None) is not None and isinstance(session, CallSession):
+            self.stats.close_call(session)
+
+    # ---- media shards (rtc_server/shards.py): the calls whose media lives in another process ----
+
+    async def _create_remote(
+        self,
+        pool: ShardPool,
+        offer_sdp: str,
+        mode: str,
+        system_prompt: str | None,
+        voice: str | None,
+        options: dict[str, Any] | None,
+        client: Client,
+    ) -> RemoteCall:
+        shard = pool.choose()
+        if shard is None:
+            raise ServerBusy("no media process is running; try again shortly")
+        call = RemoteCall(self, pool, shard, new_session_id(), mode, client)
+        self.sessions[call.id] = call
+        shard.calls.add(call.id)
+        offer = m.Offer(
+            request_id=pool.next_request_id(),
+            session_id=call.id,
+            mode=mode,
+            sdp=offer_sdp,
+            system_prompt=system_prompt,
+            voice=voice,
+            options=options,
+            known_modes=self.known_modes(),
+        )
+        try:
+            await call.offer(offer)
+        except ShardError as exc:
+            call.ended(f"setup failed: {exc.code}")
+            if exc.code == "bad_sdp":
+                raise BadOffer(str(exc)) from None
+            raise ServerBusy(f"the media process could not take the call ({exc.code})") from None
+        return call
+
+    def on_shard_up(self, shard: ShardHandle) -> None:
+        if self.shards is not None:
+            self.shards.send(shard, self._workers_message())
+
+    def on_shard_lost(self, shard: ShardHandle, calls: set[str]) -> None:
+        for session_id in calls:
+            call = self.sessions.get(session_id)
+            if isinstance(call, RemoteCall):
+                call.ended("media process lost")
+
+    def on_shard_message(self, shard: ShardHandle, message: m.ShardMessage) -> None:
+        call = self.sessions.get(getattr(message, "session_id", ""))
+        if not isinstance(call, RemoteCall) or call.shard is not shard:
+            return
+        if isinstance(message, m.Connected):
+            call.phase = "queued"
+            try:
+                self.admission.request(call)
+            except QueueFull as exc:
+                call.reject("queue_full", str(exc))
+        elif isinstance(message, m.Switched):
+            call.mode = message.mode
+            self.admission.switch(call, message.mode)
+        elif isinstance(message, m.Ended):
+            call.ended(message.reason)
+
+    def _workers_message(self) -> m.Workers:
+        targets = [
+            LinkTarget(worker_id=w.worker_id, path=w.link_path, up=w.up) for w in self.supervisor.workers
+        ]
+        return m.Workers(workers=targets, known_modes=self.known_modes())
+
+    def totals(self) -> Totals:
+        """Counters of this process and of every media shard (from their last snapshots)."""
+        live = [s for s in self.sessions.values() if isinstance(s, CallSession)]
+        snapshots = [self.stats.snapshot(live, process_cpu_s())]
+        if self.shards is not None:
+            snapshots += [s.snapshot.stats for s in self.shards.shards if s.snapshot is not None]
+        return add_up(snapshots)
 
     async def close_all(self) -> None:
         if self._queue_task is not None:

@@ -6,25 +6,34 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
-import uuid
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcdatachannel import RTCDataChannel
-from pydantic import BaseModel, ValidationError
+from aiortc.sdp import candidate_from_sdp
+from pydantic import BaseModel
 
 from inference import protocol as p
+from media_shard.messages import CallSnapshot
 from media_tracks import AudioUnit, InboundAudio, LatestVideoFrame, SpeechTrack, UnitCutter, grid_lead_in
 from rtc_server import events as ev
+from rtc_server.client_limits import Client
+from rtc_server.metrics import percentile
+from rtc_server.offer_check import offer_problem
 
 if TYPE_CHECKING:
     from rtc_server.manager import SessionManager
 
 log = logging.getLogger("rtc_server.session")
 OUTBOX_LIMIT = 200  # events kept until the data channel opens
+# Events larger than this are dropped: 64 KiB is the SCTP message size every peer takes (RFC 8841).
+MAX_EVENT_BYTES = 65536
+VIDEO_UNITS_LIMIT = 8  # units waiting for their camera frame snapshot
+AUDIO_REPORT_INTERVAL_S = 5.0  # how often a caller whose audio runs too fast hears about it
 FATAL_WORKER_ERRORS = {"mode_error", "unknown_mode"}
 
 
@@ -32,8 +41,13 @@ class BadOffer(ValueError):
     """The caller's SDP offer cannot be answered."""
 
 
+class BadCandidate(ValueError):
+    """A trickled ICE candidate cannot be parsed."""
+
+
 def new_session_id() -> str:
-    return uuid.uuid4().hex
+    """192 random bits: the session URL is the caller's capability (RFC 9725), so it must not be guessable."""
+    return secrets.token_urlsafe(24)
 
 
 class CallSession:
@@ -44,16 +58,19 @@ class CallSession:
         system_prompt: str | None,
         voice: str | None = None,
         options: dict[str, Any] | None = None,
+        client: Client | None = None,
+        session_id: str | None = None,
     ) -> None:
         self.manager = manager
-        self.id = new_session_id()
+        self.id = session_id or new_session_id()
+        self.client = client  # who offered the call (per-client limits on pending calls)
         self.mode = mode
         self.system_prompt = system_prompt
         self.voice = voice
         self.options = options or {}
         self._pause_timer: asyncio.TimerHandle | None = None
         self._switch_pending = False
-        self.phase: ev.SessionPhase = "queued"
+        self.phase: ev.SessionPhase = "connecting"  # no slot or queue place until ICE+DTLS connect
         self.state: ev.TalkState = "listening"
         self.created_at = time.monotonic()
         self.worker_id: int | None = None
@@ -74,6 +91,9 @@ class CallSession:
         self._connect_timer: asyncio.TimerHandle | None = None
         self._video_units: asyncio.Queue[AudioUnit] | None = None
         self._video_task: asyncio.Task[None] | None = None
+        self.video_units_dropped = 0  # units whose frame snapshot fell behind (the oldest waiting is dropped)
+        self._audio_drops_reported = 0  # inbound.frames_dropped at the last `audio_too_fast` report
+        self._audio_report_due = 0.0  # time.monotonic() after which the next report may go
         self.closed = asyncio.Event()
         self.unit_roundtrip_ms: deque[float] = deque(maxlen=600)  # recent units, for the admin dashboard
 
@@ -81,6 +101,9 @@ class CallSession:
 
     async def answer(self, offer_sdp: str) -> str:
         """Apply the caller's offer and return our answer (audio is sendrecv: the caller hears us)."""
+        problem = offer_problem(offer_sdp)
+        if problem is not None:
+            raise BadOffer(problem)
         pc = self.pc
         pc.on("track", self._on_track)
         pc.on("datachannel", self._on_datachannel)
@@ -102,8 +125,26 @@ class CallSession:
         )
         return pc.localDescription.sdp
 
+    @property
+    def answer_sdp(self) -> str:
+        return self.pc.localDescription.sdp
+
+    async def add_candidates(self, candidates: list[tuple[str | None, str]], end: bool) -> None:
+        """Trickled ICE candidates ((mid, `candidate:...` line) pairs), then end-of-candidates if `end`."""
+        for mid, line in candidates:
+            try:
+                candidate = candidate_from_sdp(line.split(":", 1)[1])
+            except (ValueError, IndexError, AssertionError):  # aiortc asserts on too few fields
+                raise BadCandidate(f"cannot parse ICE candidate {line[:80]!r}") from None
+            candidate.sdpMid = mid
+            if mid is None:
+                candidate.sdpMLineIndex = 0
+            await self.pc.addIceCandidate(candidate)
+        if end:
+            await self.pc.addIceCandidate(None)
+
     def _connect_timeout(self) -> None:
-        if self.pc.connectionState != "connected":
+        if self.phase == "connecting":
             log.info("session %s: not connected in time", self.id)
             self.close_soon("connect timeout")
 
@@ -121,35 +162,74 @@ class CallSession:
         self.channel = channel
         channel.on("message", self._on_client_message)
         self.send_event(ev.SessionEvent(session_id=self.id, mode=self.mode, phase=self.phase))
-        for data in self._outbox:
-            channel.send(data)
-        self._outbox.clear()
+        outbox, self._outbox = self._outbox, []
+        for data in outbox:
+            self._send_data(data)
 
     def _on_connection_state(self) -> None:
         state = self.pc.connectionState
         log.info("session %s: connection %s", self.id, state)
-        if state == "connected" and self._connect_timer is not None:
-            self._connect_timer.cancel()
+        if state == "connected" and self.phase == "connecting":
+            if self._connect_timer is not None:
+                self._connect_timer.cancel()
+            self.phase = "queued"
+            self.manager.connected(self)  # only now does the call ask for a worker slot
         elif state in ("failed", "closed"):
             self.close_soon(f"connection {state}")
 
     # ---- events to the caller ----
 
     def send_event(self, event: BaseModel) -> None:
-        data = event.model_dump_json()
+        """Send `event` to the caller, or hold it until the channel opens. Never raises: what cannot be sent
+        is logged and dropped."""
+        try:
+            data = event.model_dump_json()
+        except Exception:
+            log.exception("session %s: cannot serialise a %s event", self.id, type(event).__name__)
+            return
+        if len(data.encode()) > MAX_EVENT_BYTES:
+            name = type(event).__name__
+            log.warning("session %s: dropped a %s event of %d bytes", self.id, name, len(data))
+            return
         channel = self.channel
         if channel is not None and channel.readyState == "open":
-            channel.send(data)
+            self._send_data(data)
         elif len(self._outbox) < OUTBOX_LIMIT:
             self._outbox.append(data)
 
-    def _on_client_message(self, data: str | bytes) -> None:
+    def _send_data(self, data: str) -> None:
+        assert self.channel is not None
         try:
-            message = ev.client_message_adapter.validate_python(json.loads(data))
-        except (ValueError, UnicodeDecodeError) as exc:
-            detail = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+            self.channel.send(data)
+        except Exception as exc:  # e.g. the channel closed under us
+            log.warning("session %s: cannot send an event: %s", self.id, exc or type(exc).__name__)
+
+    def _on_client_message(self, data: str | bytes) -> None:
+        """The data channel's message handler. Nothing may escape it: aiortc would end the call."""
+        try:
+            message = self._parse_client_message(data)
+            if message is not None:
+                self._handle_client_message(message)
+        except Exception:
+            log.exception("session %s: a client message failed", self.id)
+            self.send_event(ev.ErrorEvent(code="internal_error", message="the server failed on this message"))
+
+    def _parse_client_message(self, data: str | bytes) -> ev.ClientMessage | None:
+        """The message, or None after telling the caller what is wrong with it."""
+        limit = self.manager.config.session.max_message_bytes
+        size = len(data) if isinstance(data, bytes) else len(data.encode())
+        if size > limit:
+            text = f"a client message may have at most {limit} bytes; this one had {size}"
+            self.send_event(ev.ErrorEvent(code="message_too_large", message=text))
+            return None
+        try:
+            return ev.client_message_adapter.validate_python(json.loads(data))
+        except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deeply
+            detail = ev.invalid_message_detail(exc)
             self.send_event(ev.ErrorEvent(code="bad_message", message=f"invalid client message: {detail}"))
-            return
+            return None
+
+    def _handle_client_message(self, message: ev.ClientMessage) -> None:
         if isinstance(message, ev.SetModeMessage):
             self._set_mode(message.mode)
             return
@@ -218,6 +298,11 @@ class CallSession:
     def queue_update(self, position: int, eta_s: float) -> None:
         self.send_event(ev.QueueEvent(position=position, eta_s=eta_s))
 
+    def reject(self, code: str, message: str) -> None:
+        """Admission has no place for the call (a full queue when it connected): tell the caller and end it."""
+        self.send_event(ev.ErrorEvent(code=code, message=message))
+        self.close_soon(code)
+
     def _open_on_worker(self) -> None:
         assert self.worker_id is not None
         options: dict[str, Any] = dict(self.options)
@@ -233,26 +318,50 @@ class CallSession:
     # ---- media to the worker ----
 
     def _on_unit(self, unit: AudioUnit) -> None:
+        self._report_audio_drops()
         if self.phase != "active" or not self.mode_open or self.paused or self.worker_id is None:
             return  # queued, switching or paused: the caller's audio is not routed anywhere
         if self.video is not None and self.video_max_side is not None:
             # The frame conversion runs off the loop; units still reach the worker in order.
             if self._video_units is None:
-                self._video_units = asyncio.Queue()
+                self._video_units = asyncio.Queue(maxsize=VIDEO_UNITS_LIMIT)
                 self._video_task = asyncio.create_task(
                     self._send_units_with_frames(), name=f"units-{self.id}"
                 )
+            if self._video_units.full():
+                self._video_units.get_nowait()  # the snapshots fell behind: the oldest unit is dropped
+                self.video_units_dropped += 1
             self._video_units.put_nowait(unit)
             return
         self._send_unit(unit, None)
 
+    def _report_audio_drops(self) -> None:
+        """Tell the caller, at most every `AUDIO_REPORT_INTERVAL_S`, that its audio ran ahead of real time."""
+        inbound = self.inbound
+        now = time.monotonic()
+        if inbound is None or now < self._audio_report_due:
+            return
+        if inbound.frames_dropped == self._audio_drops_reported:
+            return
+        dropped = inbound.frames_dropped - self._audio_drops_reported
+        self._audio_drops_reported = inbound.frames_dropped
+        self._audio_report_due = now + AUDIO_REPORT_INTERVAL_S
+        text = f"audio arrives faster than real time: {dropped} frames dropped (the excess is not heard)"
+        self.send_event(ev.ErrorEvent(code="audio_too_fast", message=text))
+
     async def _send_units_with_frames(self) -> None:
         assert self._video_units is not None and self.video is not None
-        while True:
-            unit = await self._video_units.get()
-            frame = await self.video.snapshot_rgb_async(self.video_max_side)
-            if self.phase == "active" and self.mode_open:
-                self._send_unit(unit, frame)
+        try:
+            while True:
+                unit = await self._video_units.get()
+                frame = await self.video.snapshot_rgb_async(self.video_max_side)
+                if self.phase == "active" and self.mode_open:
+                    self._send_unit(unit, frame)
+        except Exception:
+            log.exception("session %s: a camera frame snapshot failed", self.id)
+            message = "the server failed to take a camera frame; the call ended"
+            self.send_event(ev.ErrorEvent(code="internal_error", message=message))
+            self.close_soon("frame snapshot failed")
 
     def _send_unit(self, unit: AudioUnit, frame: np.ndarray | None) -> None:
         if self.worker_id is None:
@@ -413,6 +522,13 @@ class CallSession:
         if self._pause_timer is not None:
             self._pause_timer.cancel()
         try:
+            # An event for the caller (e.g. `queue_full` right after connecting) waits for the events channel,
+            # which opens shortly after the connection (SCTP follows DTLS).
+            deadline = time.monotonic() + 1.0
+            while self._outbox and self.channel is None and time.monotonic() < deadline:
+                if self.pc.connectionState != "connected":
+                    break
+                await asyncio.sleep(0.02)
             # Let the last events (e.g. an error) leave before the transport goes away.
             channel = self.channel
             if (
@@ -438,6 +554,26 @@ class CallSession:
         finally:
             self.manager.forget(self)
             self.closed.set()
+
+    def snapshot(self) -> CallSnapshot:
+        """The call as the dashboard and `/metrics` see it (sent to the front by a media shard)."""
+        inbound = self.inbound
+        return CallSnapshot(
+            session_id=self.id,
+            mode=self.mode,
+            phase=self.phase,
+            state=self.state,
+            worker_id=self.worker_id,
+            age_s=round(time.monotonic() - self.created_at, 3),
+            units=len(self.unit_roundtrip_ms),
+            unit_latency_p50_ms=percentile(self.unit_roundtrip_ms, 50),
+            unit_latency_p95_ms=percentile(self.unit_roundtrip_ms, 95),
+            speech_buffered_s=round(self.speech.buffered_s, 3),
+            send_lateness_p95_ms=round(self.speech.pacing.percentile(95) * 1000, 2),
+            frames_in=inbound.frames_in if inbound is not None else 0,
+            frames_out=self.speech.frames_out,
+            frames_dropped=inbound.frames_dropped if inbound is not None else 0,
+        )
 
     def info(self) -> ev.SessionInfo:
         return ev.SessionInfo(

@@ -6,22 +6,26 @@ server's speech track on the same peer connection.
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 from typing import Any
 
 from aiohttp import web
-from aiortc.sdp import candidate_from_sdp
 from pydantic import ValidationError
 
 from rtc_server import events as ev
 from rtc_server.admission import QueueFull
-from rtc_server.manager import SessionManager, UnknownMode
-from rtc_server.session import BadOffer, CallSession
+from rtc_server.client_limits import TooManyRequests, client_of
+from rtc_server.manager import Call, ServerBusy, SessionManager, UnknownMode
+from rtc_server.session import BadCandidate, BadOffer
+from rtc_server.shards import ShardError
 from rtc_server.voices import voice_exists
 
 MANAGER_KEY = web.AppKey("manager", SessionManager)
 SDP_TYPE = "application/sdp"
 TRICKLE_TYPE = "application/trickle-ice-sdpfrag"
+ADMIN_HEADER = "X-Admin-Token"
 
 
 class ApiError(web.HTTPException):
@@ -47,6 +51,29 @@ def _require_type(request: web.Request, expected: str) -> None:
         )
 
 
+def is_loopback(remote: str | None) -> bool:
+    """Whether a request came from this host: 127.0.0.0/8, ::1, or 127.x mapped into IPv6."""
+    try:
+        address = ipaddress.ip_address(remote or "")
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def require_admin(request: web.Request) -> None:
+    """Admin routes: the `X-Admin-Token` header when `auth.admin_token` is set, else loopback clients only."""
+    expected = _manager(request).config.auth.admin_token
+    if not expected:
+        if not is_loopback(request.remote):
+            raise ApiError(403, "admin_only", "without auth.admin_token only loopback clients may do this")
+        return
+    given = request.headers.get(ADMIN_HEADER, "")
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise ApiError(401, "admin_unauthorized", f"missing or wrong {ADMIN_HEADER} header")
+
+
 async def _read_text(request: web.Request) -> str:
     try:
         return (await request.read()).decode("utf-8")
@@ -61,23 +88,32 @@ async def _create(
     system_prompt: str | None,
     voice: str | None = None,
     options: dict[str, Any] | None = None,
-) -> CallSession:
+) -> Call:
     if voice is not None and not voice_exists(request.app, voice):
         raise ApiError(400, "unknown_voice", f"no voice {voice!r}; upload one with POST /api/voices")
+    manager = _manager(request)
+    # the bearer token counts as a client only where tokens are in use (the auth middleware checked it)
+    bearer = request.headers.get("Authorization") if manager.config.auth.api_token else None
+    client = client_of(request.remote, bearer)
     try:
-        return await _manager(request).create(sdp, mode, system_prompt, voice, options)
+        return await manager.create(sdp, mode, system_prompt, voice, options, client=client)
     except UnknownMode as exc:
         raise ApiError(400, "unknown_mode", str(exc)) from None
     except BadOffer as exc:
         raise ApiError(400, "bad_sdp", str(exc)) from None
+    except TooManyRequests as exc:
+        raise ApiError(429, "too_many_requests", str(exc), headers={"Retry-After": exc.retry_after}) from None
+    except ServerBusy as exc:
+        retry_after = str(max(1, round(manager.config.rtc.connect_timeout_s)))
+        raise ApiError(503, "server_busy", str(exc), headers={"Retry-After": retry_after}) from None
     except QueueFull as exc:
         raise ApiError(503, "queue_full", str(exc), headers={"Retry-After": "30"}) from None
 
 
-def _session(request: web.Request) -> CallSession:
+def _session(request: web.Request) -> Call:
     session = _manager(request).get(request.match_info["session_id"])
     if session is None:
-        raise ApiError(404, "unknown_session", f"no session {request.match_info['session_id']!r}")
+        raise ApiError(404, "unknown_session", "no session at this URL")
     return session
 
 
@@ -90,6 +126,8 @@ async def create_session(request: web.Request) -> web.Response:
         body = json.loads(await _read_text(request))
     except json.JSONDecodeError as exc:
         raise ApiError(400, "bad_json", f"the body is not JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "bad_json", "the body's JSON is nested too deeply") from None
     try:
         offer = ev.SessionRequest.model_validate(body)
     except ValidationError as exc:
@@ -97,13 +135,14 @@ async def create_session(request: web.Request) -> web.Response:
         raise ApiError(400, "bad_request", problems) from None
     options = offer.options.model_dump(exclude_defaults=True) if offer.options is not None else None
     session = await _create(request, offer.sdp, offer.mode, offer.system_prompt, offer.voice, options)
-    answer = ev.SessionAnswer(session_id=session.id, sdp=session.pc.localDescription.sdp)
+    answer = ev.SessionAnswer(session_id=session.id, sdp=session.answer_sdp)
     return web.json_response(
         answer.model_dump(), status=201, headers={"Location": f"/api/sessions/{session.id}"}
     )
 
 
 async def list_sessions(request: web.Request) -> web.Response:
+    require_admin(request)  # session ids are capabilities: only the admin sees them all
     sessions = [s.info() for s in _manager(request).sessions.values()]
     return web.json_response(ev.SessionList(sessions=sessions).model_dump())
 
@@ -132,7 +171,7 @@ async def whip_offer(request: web.Request) -> web.Response:
     )
     return web.Response(
         status=201,
-        text=session.pc.localDescription.sdp,
+        text=session.answer_sdp,
         content_type=SDP_TYPE,
         headers={"Location": f"/whip/{session.id}"},
     )
@@ -158,17 +197,13 @@ async def whip_patch(request: web.Request) -> web.Response:
     session = _session(request)
     _require_type(request, TRICKLE_TYPE)
     candidates, end = parse_sdpfrag(await _read_text(request))
-    for mid, line in candidates:
-        try:
-            candidate = candidate_from_sdp(line.split(":", 1)[1])
-        except (ValueError, IndexError, AssertionError):  # aiortc asserts on too few fields
-            raise ApiError(400, "bad_candidate", f"cannot parse ICE candidate {line!r}") from None
-        candidate.sdpMid = mid
-        if mid is None:
-            candidate.sdpMLineIndex = 0
-        await session.pc.addIceCandidate(candidate)
-    if end:
-        await session.pc.addIceCandidate(None)
+    try:
+        await session.add_candidates(candidates, end)
+    except BadCandidate as exc:
+        raise ApiError(400, "bad_candidate", str(exc)) from None
+    except ShardError as exc:
+        status = 400 if exc.code == "bad_candidate" else 404 if exc.code == "unknown_session" else 503
+        raise ApiError(status, exc.code, str(exc)) from None
     return web.Response(status=204)
 
 

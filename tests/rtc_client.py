@@ -205,7 +205,8 @@ class Call:
         self.session_id = self.location.rsplit("/", 1)[1]
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
 
-    async def start_json(self, mode: str = "loopback", **extra: Any) -> None:
+    async def post_json(self, mode: str = "loopback", **extra: Any) -> dict[str, Any]:
+        """POST the offer to /api/sessions and return the 201 body; the answer is not applied yet."""
         sdp = await self._offer()
         async with aiohttp.ClientSession() as http:
             async with http.post(
@@ -216,10 +217,17 @@ class Call:
                 body = await resp.json()
                 if resp.status != 201:
                     raise RuntimeError(f"POST /api/sessions answered {resp.status}: {body}")
+                self.location = resp.headers["Location"]
         assert body["type"] == "answer"
         self.session_id = body["session_id"]
-        self.location = f"/api/sessions/{self.session_id}"
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type="answer"))
+        return body
+
+    async def apply_answer(self, sdp: str) -> None:
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+
+    async def start_json(self, mode: str = "loopback", **extra: Any) -> None:
+        body = await self.post_json(mode, **extra)
+        await self.apply_answer(body["sdp"])
 
     async def wait_connected(self, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout

@@ -10,8 +10,9 @@ import pytest
 from openapi_spec_validator import validate
 from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
 
-from rtc_server.admin_api import ADMIN_HEADER, AdminStatus, percentile
+from rtc_server.admin_api import ADMIN_HEADER, AdminStatus
 from rtc_server.info_api import ServerInfo
+from rtc_server.metrics import percentile
 from rtc_server.openapi import CLIENT_MESSAGES, SERVER_EVENTS, build_openapi
 
 API_TOKEN = "api-secret"

@@ -56,8 +56,13 @@ function render() {
     [
       ["admin.col.worker", (w) => String(w.worker_id)],
       ["admin.col.device", (w) => h("code", {}, w.device)],
-      ["admin.col.state", (w) => (w.up ? badge("ok", t("admin.up")) : badge("bad", t("admin.down")))],
+      [
+        "admin.col.state",
+        (w) =>
+          !w.up ? badge("bad", t("admin.down")) : w.warming_up ? badge("warn", t("admin.warming")) : badge("ok", t("admin.up")),
+      ],
       ["admin.col.sessions", (w) => `${w.sessions} / ${w.capacity}`, "num"],
+      ["admin.col.capacityFrom", (w) => w.capacity_source],
       ["admin.col.memory", (w) => (w.rss_mb === null ? "–" : `${formatNumber(w.rss_mb, 0)} MB`), "num"],
       ["admin.col.pid", (w) => (w.pid === null ? "–" : String(w.pid)), "num"],
       ["admin.col.restarts", (w) => String(w.restarts), "num"],
