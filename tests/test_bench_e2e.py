@@ -1,0 +1,120 @@
+"""bench/e2e.py: its aggregation on synthetic inputs, and one short real run (run.py subprocess, one loopback
+caller) on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.e2e import (
+    CallResult,
+    GpuSampler,
+    audio_onset,
+    frame_gaps_ms,
+    gpu_name,
+    main,
+    missing_share,
+    pctl,
+    summarize,
+    table,
+    text_latency,
+)
+
+
+def test_gaps_and_missing_frames() -> None:
+    # 20 ms frames over a 10 s window, frames 250..259 (200 ms) never came
+    arrivals = [0.01 + 0.02 * k for k in range(500) if not 250 <= k < 260]
+    gaps = frame_gaps_ms(arrivals, 0.0, 10.0)
+    assert len(gaps) == len(arrivals) + 1  # the window's edges count
+    assert gaps[0] == pytest.approx(10) and gaps[-1] == pytest.approx(10)
+    assert max(gaps) == pytest.approx(220)  # 4.99 s -> 5.21 s
+    assert sorted(gaps)[-2] == pytest.approx(20)
+    assert missing_share([0.02] * len(arrivals), 10.0) == pytest.approx(0.02)
+    # frames are counted by their length: 40 ms frames are two 20 ms frames
+    assert missing_share([0.04] * 200, 10.0) == pytest.approx(0.2)
+    assert missing_share([0.02] * 520, 10.0) == 0.0  # a burst after a stall never counts as negative
+    assert missing_share([], 10.0) == 1.0
+    # frames outside the window are ignored; a window without any frame is one gap of its length
+    assert frame_gaps_ms([0.5, 11.0], 1.0, 3.0) == pytest.approx([2000.0])
+
+
+def test_percentiles_and_summary() -> None:
+    assert pctl([], 50) is None
+    assert pctl(list(range(1, 101)), 95) == pytest.approx(95.05)
+    a = CallResult(
+        admitted=True,
+        lag_ms=[10.0, 20.0],
+        roundtrip_ms=[100.0, 300.0],
+        error_codes=["worker_failed"],
+        gaps_ms=[20.0] * 98 + [60.0, 500.0],
+        frames=450,
+        missing_share=0.1,
+        voiced_share=0.5,
+    )
+    b = CallResult(admitted=True, lag_ms=[30.0], roundtrip_ms=[200.0], gaps_ms=[20.0], frames=500)
+    b.missing_share, b.voiced_share = 0.0, 1.0
+    refused = CallResult(failure="offer: RuntimeError: POST /api/sessions answered 503", error_codes=["x"])
+    row = summarize("audio_duplex", 4, [a, b, refused], 10.0, {"media": 50.0, "worker": 80.0})
+    assert (row.asked, row.admitted, row.units) == (4, 2, 3)
+    assert row.lag_ms == pytest.approx({"p50": 20.0, "p95": 29.0, "max": 30.0})
+    assert row.roundtrip_ms == pytest.approx({"p50": 200.0, "p95": 290.0, "max": 300.0})
+    assert row.errors == 2 and row.error_codes == {"worker_failed": 1, "x": 1}
+    assert row.failures == {"offer: RuntimeError": 1, "caller process lost": 1}
+    assert row.gap_max_ms == 500.0
+    assert row.gap_p99_ms == pytest.approx(float(np.percentile([20.0] * 99 + [60.0, 500.0], 99)))
+    assert row.frames_received == 950
+    assert row.missing_pct == pytest.approx(5.0)  # mean over the admitted calls only
+    assert row.voiced_pct == pytest.approx(75.0)
+    assert row.media_cpu_per_call_pct == pytest.approx(25.0)
+    assert row.gpu_busy_pct is None
+    meta = {"mode": "audio_duplex", "date": "d", "cpu": "c", "logical_cpus": 2, "gpu": "none"}
+    meta |= {"workers": "one CPU worker", "client_procs": 1, "seconds": 10.0, "warmup": 2.0}
+    md = table([row], meta)
+    assert "| 2/4 | 20 / 29 / 30 |" in md and "worker_failed×1" in md and "| 5.0 % |" in md
+
+
+def test_chat_turn_latencies() -> None:
+    timed = [(1.0, {"type": "text", "turn": 0, "text": "a"}), (5.3, {"type": "text", "turn": 1, "text": "b"})]
+    timed.insert(1, (5.1, {"type": "text", "turn": 0, "text": "late delta of the old turn"}))
+    assert text_latency(timed, 5.0) == pytest.approx(300)
+    assert text_latency(timed, 6.0) is None
+    arrivals = [5.0 + 0.02 * k for k in range(50)]
+    voiced = [True] * 5 + [False] * 20 + [True] * 25  # the old answer's tail, silence, the new answer
+    assert audio_onset(arrivals, voiced, 5.0) == pytest.approx(500)
+    assert audio_onset(arrivals, [True] * 50, 5.0) is None
+
+
+def test_gpu_sampling_with_a_stand_in_nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(
+        '#!/bin/sh\ncase "$*" in *name*) echo "Fake GPU 80GB";; *) printf "37, 1000\\n63, 3000\\n";; esac\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert gpu_name() == "Fake GPU 80GB"
+    sampler = GpuSampler([0, 1])
+    t0 = time.monotonic()
+    sampler.start()
+    time.sleep(2.5)
+    sampler.halt.set()
+    assert sampler.window(t0, time.monotonic()) == {"gpu_busy": 50.0, "gpu_mem": 3000.0}
+    assert sampler.window(0.0, 1.0) == {}  # no samples: n/a
+
+
+def test_e2e_loopback_one_call(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    argv = ["--mode", "loopback", "--calls", "1", "--seconds", "3", "--warmup", "1", "--client-procs", "1"]
+    assert main([*argv, "--out", str(out), "--startup-timeout", "120", "--ready-timeout", "60"]) == 0
+    results = json.loads((out / "e2e-loopback.json").read_text())
+    [row] = results["rows"]
+    assert (row["asked"], row["admitted"]) == (1, 1), row
+    assert row["errors"] == 0 and not row["failures"], row
+    assert row["frames_received"] > 0 and row["units"] > 0
+    assert row["missing_pct"] < 50 and row["roundtrip_ms"]["p50"] is not None
+    assert results["meta"]["config"]["server"]["host"] == "127.0.0.1"
+    assert (out / "server-loopback.log").stat().st_size > 0
