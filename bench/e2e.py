@@ -473,7 +473,9 @@ def start_server(args: argparse.Namespace, out: Path, tag: str) -> Server:
         with contextlib.suppress(OSError, ValueError):
             get_json(f"{server.url}/api/info")
             workers = get_json(f"{server.url}/api/admin/status")["workers"]
-            if workers and all(w["up"] for w in workers):
+            # up, and done loading the model and sizing its caches (a warming-up worker admits nobody)
+            if workers and all(w["up"] and not w["warming_up"] for w in workers):
+                print("server ready:", [(w["capacity"], w["capacity_source"]) for w in workers], flush=True)
                 return server
         if time.monotonic() > deadline:
             stop_server(server)

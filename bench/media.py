@@ -110,6 +110,8 @@ async def measure(n: int, seconds: float, client_procs: int, caller_cpus: set[in
             "server": {"host": "127.0.0.1", "port": 0, "http": True},
             "workers": {"cpu_capacity": max(n, 1)},
             "queue": {"max_length": 0},
+            # every caller comes from 127.0.0.1: lift the per-client limits (rtc_server/client_limits.py)
+            "rtc": {"max_pending_per_client": max(n, 1), "offers_per_minute": 60 * max(n, 1)},
         }
     )
     server = await start_server(config)

@@ -167,6 +167,7 @@ class CallSnapshot(_Msg):
     frames_in: int
     frames_out: int
     frames_dropped: int
+    audio_lost_s: float = 0.0  # inbound timestamp jumps too long to fill: audio that never reached the model
 
 
 class StatsSnapshot(_Msg):
@@ -177,6 +178,7 @@ class StatsSnapshot(_Msg):
     frames_in: int = 0
     frames_out: int = 0
     frames_dropped: int = 0
+    audio_lost_s: float = 0.0
     sessions_started: dict[str, int] = Field(default_factory=dict)
     roundtrip_counts: list[int] = Field(default_factory=list)  # cumulative, per LATENCY_BUCKETS bound
     roundtrip_total: float = 0.0

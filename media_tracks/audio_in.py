@@ -147,6 +147,7 @@ class _MonoResampler:
         self._source: tuple[str, str, int] | None = None
         self._next_pts: int | None = None
         self.gap_samples = 0  # output-rate samples of silence inserted for timestamp gaps
+        self.unfilled_gap_s = 0.0  # timestamp jumps too long to fill: audio the model never hears
 
     def _convert(self, frames: list[av.AudioFrame]) -> list[np.ndarray]:
         return [f.to_ndarray().reshape(-1) for f in frames if f.samples]
@@ -163,6 +164,7 @@ class _MonoResampler:
         gap_s = float((pts - expected) * tb)
         if gap_s > MAX_GAP_FILL_S:
             logger.warning("inbound audio timestamp jumped by %.3f s; not filled", gap_s)
+            self.unfilled_gap_s += gap_s
             return None
         n = int(round(gap_s * self.rate))
         if n <= 0 or not self.fill_gaps:
@@ -277,6 +279,11 @@ class InboundAudio(TrackReader):
     def gap_samples(self) -> int:
         """16 kHz samples of silence inserted where inbound timestamps skipped (lost packets)."""
         return self._resampler.gap_samples
+
+    @property
+    def unfilled_gap_s(self) -> float:
+        """Seconds of inbound timestamps skipped by jumps too long to fill (counted, and told to the caller)."""
+        return self._resampler.unfilled_gap_s
 
     def _deliver(self, samples: np.ndarray, arrived_at: float) -> None:
         if samples.size == 0:

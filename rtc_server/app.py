@@ -197,6 +197,12 @@ async def metrics(request: web.Request) -> web.Response:
         [({}, totals.stats.frames_dropped)],
     )
     out.metric(
+        "rtc_media_inbound_lost_seconds_total",
+        "counter",
+        "Inbound audio that never arrived: timestamp jumps too long to fill (the callers are told).",
+        [({}, round(totals.stats.audio_lost_s, 3))],
+    )
+    out.metric(
         "rtc_media_cpu_seconds_total",
         "counter",
         "CPU time of the media processes (the front, and every media shard), user + system.",

@@ -90,7 +90,8 @@ class ErrorEvent(_Event):
     """A problem. `pause_timeout`, `mode_error` and `worker_failed` end the call; `internal_error` ends it
     when the media path failed, not when one client message did. About what the caller sent: `bad_message`,
     `message_too_large` (over `session.max_message_bytes`), `unknown_mode`, `audio_too_fast` (audio arriving
-    faster than real time: the excess is dropped; told at most every 5 s). The call goes on after those."""
+    faster than real time: the excess is dropped; told at most every 5 s), `audio_lost` (a jump of over 1 s
+    in the inbound timestamps: that audio never reached the model). The call goes on after those."""
 
     type: Literal["error"] = "error"
     code: str

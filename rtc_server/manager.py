@@ -8,8 +8,8 @@ import logging
 from typing import Any
 
 import aioice.ice
-from inference.links import LinkTarget
 
+from inference.links import LinkTarget
 from inference.modes import mode_names
 from inference.supervisor import WorkerSupervisor
 from media_shard import messages as m

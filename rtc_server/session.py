@@ -93,6 +93,7 @@ class CallSession:
         self._video_task: asyncio.Task[None] | None = None
         self.video_units_dropped = 0  # units whose frame snapshot fell behind (the oldest waiting is dropped)
         self._audio_drops_reported = 0  # inbound.frames_dropped at the last `audio_too_fast` report
+        self._audio_gaps_reported = 0.0  # inbound.unfilled_gap_s at the last `audio_lost` report
         self._audio_report_due = 0.0  # time.monotonic() after which the next report may go
         self.closed = asyncio.Event()
         self.unit_roundtrip_ms: deque[float] = deque(maxlen=600)  # recent units, for the admin dashboard
@@ -341,6 +342,12 @@ class CallSession:
         now = time.monotonic()
         if inbound is None or now < self._audio_report_due:
             return
+        if inbound.unfilled_gap_s > self._audio_gaps_reported:
+            lost = inbound.unfilled_gap_s - self._audio_gaps_reported
+            self._audio_gaps_reported = inbound.unfilled_gap_s
+            self._audio_report_due = now + AUDIO_REPORT_INTERVAL_S
+            text = f"{lost:.1f} s of your audio never arrived (a jump in its timestamps): the model did not hear it"
+            self.send_event(ev.ErrorEvent(code="audio_lost", message=text))
         if inbound.frames_dropped == self._audio_drops_reported:
             return
         dropped = inbound.frames_dropped - self._audio_drops_reported
@@ -573,6 +580,7 @@ class CallSession:
             frames_in=inbound.frames_in if inbound is not None else 0,
             frames_out=self.speech.frames_out,
             frames_dropped=inbound.frames_dropped if inbound is not None else 0,
+            audio_lost_s=round(inbound.unfilled_gap_s, 3) if inbound is not None else 0.0,
         )
 
     def info(self) -> ev.SessionInfo:

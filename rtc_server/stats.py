@@ -28,6 +28,7 @@ class ServerStats:
     frames_in_closed: int = 0  # media frames of sessions that have ended (live ones are read at scrape time)
     frames_out_closed: int = 0
     frames_dropped_closed: int = 0
+    audio_lost_s_closed: float = 0.0
     sessions_started: dict[str, int] = field(default_factory=dict)
     unit_roundtrip: Histogram = field(default_factory=Histogram)
     unit_handoff: Histogram = field(default_factory=Histogram)
@@ -44,6 +45,7 @@ class ServerStats:
         if session.inbound is not None:
             self.frames_in_closed += session.inbound.frames_in
             self.frames_dropped_closed += session.inbound.frames_dropped
+            self.audio_lost_s_closed += session.inbound.unfilled_gap_s
         self.frames_out_closed += session.speech.frames_out
 
     def snapshot(self, live: Iterable[CallSession], cpu_s: float) -> StatsSnapshot:
@@ -53,10 +55,12 @@ class ServerStats:
             self.frames_out_closed,
             self.frames_dropped_closed,
         )
+        lost = self.audio_lost_s_closed
         for session in live:
             if session.inbound is not None:
                 frames_in += session.inbound.frames_in
                 dropped += session.inbound.frames_dropped
+                lost += session.inbound.unfilled_gap_s
             frames_out += session.speech.frames_out
         return StatsSnapshot(
             units_sent=self.units_sent,
@@ -64,6 +68,7 @@ class ServerStats:
             frames_in=frames_in,
             frames_out=frames_out,
             frames_dropped=dropped,
+            audio_lost_s=round(lost, 3),
             sessions_started=dict(self.sessions_started),
             roundtrip_counts=list(self.unit_roundtrip.counts),
             roundtrip_total=self.unit_roundtrip.total,
@@ -93,6 +98,7 @@ def add_up(snapshots: Iterable[StatsSnapshot]) -> Totals:
         total.frames_in += s.frames_in
         total.frames_out += s.frames_out
         total.frames_dropped += s.frames_dropped
+        total.audio_lost_s += s.audio_lost_s
         total.cpu_s += s.cpu_s
         for mode, n in s.sessions_started.items():
             total.sessions_started[mode] = total.sessions_started.get(mode, 0) + n

@@ -420,3 +420,56 @@ async def test_a_message_handler_failure_is_answered_and_the_call_goes_on(
         assert call.pc.connectionState == "connected"
     finally:
         await call.close()
+
+
+class OneJumpTrack(MediaStreamTrack):
+    """Paced 20 ms frames of a tone whose timestamps jump 3 s ahead once, after 1 s (packets never sent)."""
+
+    kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._index = 0
+        self._start: float | None = None
+        t = np.arange(FRAME) / RATE
+        self._chunk = (3000 * np.sin(2 * np.pi * 330 * t)).astype(np.int16).reshape(1, -1)
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        self._start = self._start or time.monotonic()
+        wait = self._start + self._index * FRAME / RATE - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        frame = av.AudioFrame.from_ndarray(self._chunk, format="s16", layout="mono")
+        frame.sample_rate = RATE
+        frame.time_base = fractions.Fraction(1, RATE)
+        frame.pts = self._index * FRAME + (3 * RATE if self._index >= 50 else 0)
+        self._index += 1
+        return frame
+
+
+async def test_inbound_audio_that_never_arrived_is_counted_shown_and_told(start_test_server) -> None:
+    """Issue 15: a jump too long to fill is not silently dropped: the caller hears `audio_lost`, the session
+    counts it, and `/metrics` shows it."""
+    import aiohttp
+
+    server = await start_test_server()
+    call = Call(server.url, _tone(1))
+    call.pc.getTransceivers()[0].sender.replaceTrack(OneJumpTrack())
+    try:
+        await call.start_json("loopback")
+        await call.wait_connected()
+        await call.wait_event("session", phase="active")
+        error = await call.wait_event("error", code="audio_lost", timeout=15)
+        assert "3.0 s" in error["message"], error
+        session = server.manager.get(call.session_id)
+        assert session is not None and session.snapshot().audio_lost_s == pytest.approx(3.0, abs=0.05)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{server.url}/metrics") as resp:
+                text = await resp.text()
+        lost = float(text.split("\nrtc_media_inbound_lost_seconds_total ")[1].split("\n")[0])
+        assert lost == pytest.approx(3.0, abs=0.05)
+        assert call.pc.connectionState == "connected"
+    finally:
+        await call.close()
