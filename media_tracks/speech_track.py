@@ -7,6 +7,10 @@ once, when pushed, into a fixed-size ring buffer; `recv()` only copies 960 sampl
 
 Interruption: `flush()` empties the ring (the next frame is silence) and a turn counter makes late
 pushes of a finished turn harmless. All methods must be called on the event loop's thread.
+
+With `encode=True` (the server's calls) `recv()` returns Opus packets encoded here, in mono, on the event loop
+(~0.1 ms a frame): aiortc then only packs them. Given raw frames, aiortc's sender resamples each one to
+stereo and encodes it in its thread pool, a thread hand-off every 20 ms per call.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ class SpeechTrack(MediaStreamTrack):
         input_rate: int = 24000,
         max_buffer_s: float = 10.0,
         reanchor_after_s: float = 0.2,
+        encode: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(input_rate, bool) or not isinstance(input_rate, int) or input_rate <= 0:
@@ -110,6 +115,7 @@ class SpeechTrack(MediaStreamTrack):
         self._start: float | None = None
         self._pts = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._encoder = OpusFrameEncoder() if encode else None
 
     # ----- producer side -----
 
@@ -234,7 +240,7 @@ class SpeechTrack(MediaStreamTrack):
         self._wake_waiters()
         return self._scratch
 
-    async def recv(self) -> av.AudioFrame:
+    async def recv(self) -> av.AudioFrame | av.Packet:
         if self.readyState != "live":
             raise MediaStreamError
         now = time.monotonic()
@@ -261,9 +267,37 @@ class SpeechTrack(MediaStreamTrack):
         frame.pts = self._pts
         self._pts += FRAME_SAMPLES
         self.frames_out += 1
-        return frame
+        if self._encoder is None:
+            return frame
+        return self._encoder.encode(frame)
 
     def stop(self) -> None:
         super().stop()
+        self._encoder = None  # frees the libopus context now
         self._resampler = None  # frees its filter graph now, not when the call's objects are next collected
         self._wake_waiters()
+
+
+class OpusFrameEncoder:
+    """20 ms frames of 48 kHz s16 mono → one Opus packet each, stamped with the frame's own timestamp."""
+
+    def __init__(self, bit_rate: int = 48000) -> None:
+        codec = av.CodecContext.create("libopus", "w")
+        codec.bit_rate = bit_rate
+        codec.format = "s16"
+        codec.layout = "mono"
+        codec.sample_rate = OUTPUT_RATE
+        codec.time_base = TIME_BASE
+        codec.thread_count = 1
+        codec.options = {"application": "voip", "frame_duration": "20"}
+        self.codec = codec
+
+    def encode(self, frame: av.AudioFrame) -> av.Packet:
+        packets = self.codec.encode(frame)
+        if not packets:  # libopus holds its first frame (look-ahead): nothing to send is not an option
+            packets = self.codec.encode(frame)
+        packet = packets[-1]
+        # RTP time follows the track's clock, not the encoder's delayed one
+        packet.pts = frame.pts
+        packet.time_base = TIME_BASE
+        return packet

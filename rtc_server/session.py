@@ -80,7 +80,7 @@ class CallSession:
         self.pc = RTCPeerConnection(
             RTCConfiguration(iceServers=[RTCIceServer(url) for url in manager.config.rtc.ice_servers])
         )
-        self.speech = SpeechTrack(input_rate=24000)
+        self.speech = SpeechTrack(input_rate=24000, encode=True)
         self.cutter = UnitCutter()
         self.inbound: InboundAudio | None = None
         self.video: LatestVideoFrame | None = None

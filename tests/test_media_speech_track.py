@@ -180,3 +180,28 @@ async def test_bad_input_and_stop() -> None:
     track.stop()
     with pytest.raises(MediaStreamError):
         await track.recv()
+
+
+async def test_encoding_track_sends_one_opus_packet_per_frame_that_decodes_to_the_speech() -> None:
+    """`encode=True` (the server's calls): Opus packets made on the loop, stamped with the track's clock."""
+    track = SpeechTrack(input_rate=24000, encode=True)
+    assert track.push(tone(440, 0.6), turn=0, end_of_turn=True)
+    packets = await pull(track, 40)
+    assert all(isinstance(p, av.Packet) for p in packets)
+    assert [p.pts for p in packets] == [i * FRAME_SAMPLES for i in range(40)]
+    assert all(
+        p.time_base == packets[0].time_base and p.time_base.denominator == OUTPUT_RATE for p in packets
+    )
+    decoder = av.CodecContext.create("libopus", "r")
+    decoder.sample_rate, decoder.layout, decoder.format = OUTPUT_RATE, "mono", "s16"
+    pcm = (
+        np.concatenate([f.to_ndarray().reshape(-1) for p in packets for f in decoder.decode(p)]).astype(
+            np.float32
+        )
+        / 32768
+    )
+    assert pcm.size == 40 * FRAME_SAMPLES
+    speech = pcm[: int(0.6 * OUTPUT_RATE)]
+    assert dominant_frequency(speech[4800:], OUTPUT_RATE) == pytest.approx(440, abs=10)
+    assert np.sqrt(np.mean(speech[4800:] ** 2)) > 0.2  # the tone's level (0.5 peak) survives the codec
+    assert np.sqrt(np.mean(pcm[int(0.75 * OUTPUT_RATE) :] ** 2)) < 0.01  # then silence
