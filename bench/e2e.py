@@ -714,7 +714,7 @@ def build_realsize(dest: Path, gpu: int) -> None:
     if (dest / "model.safetensors.index.json").is_file() and (assets / "campplus.onnx").is_file():
         return
     os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    from bench.engine_gpu import REAL_PREPROCESSOR, save_and_load
+    from bench.engine_gpu import REAL_PREPROCESSOR, save_checkpoint
     from bench.realsize import build_random_model, make_model_dir
     from MiniCPMO45.token2wav.random_assets import write_random_assets
 
@@ -724,7 +724,7 @@ def build_realsize(dest: Path, gpu: int) -> None:
     pre = json.loads(pre_path.read_text()) if pre_path.is_file() else {}
     pre_path.write_text(json.dumps(pre | REAL_PREPROCESSOR))
     model = build_random_model(dest / "config.json", device="cuda")
-    print("real-size checkpoint:", save_and_load(model, dest, "cuda"), flush=True)
+    print(f"real-size checkpoint written in {save_checkpoint(model, dest):.0f} s", flush=True)
     del model
     write_random_assets(assets, size="real", with_onnx=True)
 

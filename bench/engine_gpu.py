@@ -181,10 +181,9 @@ def duplex_units(
     return summary
 
 
-def save_and_load(model: torch.nn.Module, model_dir: Path, device: str) -> dict[str, float]:
+def save_checkpoint(model: torch.nn.Module, model_dir: Path) -> float:
+    """Write the weights in the official layout (sharded safetensors + index); returns the seconds taken."""
     from safetensors.torch import save_file
-
-    from MiniCPMO45.model import MiniCPMO
 
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     # The TTS head is stored the official way: weight-normed, as gain g (rows' norms) and direction v.
@@ -211,6 +210,13 @@ def save_and_load(model: torch.nn.Module, model_dir: Path, device: str) -> dict[
     save_s = time.perf_counter() - t0
     del state, shards
     torch.cuda.empty_cache()
+    return save_s
+
+
+def save_and_load(model: torch.nn.Module, model_dir: Path, device: str) -> dict[str, float]:
+    from MiniCPMO45.model import MiniCPMO
+
+    save_s = save_checkpoint(model, model_dir)
     t0 = time.perf_counter()
     loaded = MiniCPMO.from_pretrained(model_dir, dtype=torch.bfloat16, device=device)
     sync()

@@ -101,13 +101,18 @@ def limit_to_memory(
             f"{reserve_bytes / GIB:.1f} GiB reserve: lower model.max_kv_tokens or model.gpu_reserve_gib"
         )
     measured = {"per_session_mib": per_session_bytes / (1 << 20), "free_mib": free_bytes / (1 << 20)}
+    return limit_to_count(plan.model_copy(update=measured), fit)
+
+
+def limit_to_count(plan: WorkerCapacity, fit: int) -> WorkerCapacity:
+    """`plan` with every count clamped to `fit` sessions (marked memory-limited if anything changed)."""
     if fit >= plan.slots:
-        return plan.model_copy(update=measured)
+        return plan
+    source = plan.source if plan.source.endswith("memory-limited") else f"{plan.source}, memory-limited"
     return plan.model_copy(
         update={
             "sessions": min(plan.sessions, fit),
             "by_mode": {m: min(n, fit) for m, n in plan.by_mode.items()},
-            "source": f"{plan.source}, memory-limited",
-            **measured,
+            "source": source,
         }
     )

@@ -25,6 +25,7 @@ All methods run in the worker's mode thread (inference/README.md): no locking is
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -35,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from inference.capacity import GIB, WorkerCapacity, limit_to_memory, planned_capacity
+from inference.capacity import GIB, WorkerCapacity, limit_to_count, limit_to_memory, planned_capacity
 from inference.modes.base import DEFAULT_TICK_PHASES
 from inference.wav import pcm16_wav
 from MiniCPMO45.config import PreprocessorConfig
@@ -173,7 +174,7 @@ class EngineHost:
             plan,
             free - fixed,
             per_session + (0 if turns else turn),
-            int(float(settings.get("gpu_reserve_gib", 4.0)) * GIB),
+            int(float(settings.get("gpu_reserve_gib", 16.0)) * GIB),
         )
         log.info(
             "capacity: %d sessions (%s); %.0f MiB per session, %.1f GiB free after the weights",
@@ -212,24 +213,68 @@ class EngineHost:
 
     def duplex_batcher(self) -> DuplexBatcher:
         """The batcher of the duplex sessions; on a GPU its graphs for up to `max_sessions` rows are
-        captured here, once (seconds), so the first ticks don't pay for them."""
-        if self._batcher is None:
-            cuda = self.device.type == "cuda"
-            batcher = DuplexBatcher(
-                self.engine,
-                self.vocoder,
-                self.default_voice.prompt,
-                use_graphs=cuda,
-                fused=bool(self.settings.get("fused_layers", True)),
-                tts_window=int(self.settings.get("tts_window", TTS_WINDOW)),
-            )
-            if cuda:
-                started = time.perf_counter()
-                phases = int(self.settings.get("tick_phases", DEFAULT_TICK_PHASES))
-                batcher.warm_up(self.max_sessions, phases=phases)
-                log.info("duplex graphs captured in %.1f s", time.perf_counter() - started)
+        captured here, once (seconds), so the first ticks don't pay for them. If the card runs out of memory
+        doing so, the sessions' caches shrink by an eighth and the capture starts again: the worker claims
+        only what it could allocate."""
+        while self._batcher is None:
+            try:
+                batcher = self._warm_batcher()
+            except torch.OutOfMemoryError:
+                if self.device.type != "cuda" or self.max_sessions <= 1:
+                    raise
+                self._shrink(max(1, self.max_sessions * 7 // 8))
+                continue
+            short = self._runtime_shortfall()
+            if short > 0 and self.max_sessions > 1:
+                # live ticks allocate beyond the warm-up's graphs: keep room for them, or calls fail mid-way
+                per_session = (self.capacity.per_session_mib or 1024) * (1 << 20)
+                del batcher
+                self._shrink(max(1, self.max_sessions - 1 - int(short // per_session)))
+                continue
             self._batcher = batcher
         return self._batcher
+
+    def _runtime_shortfall(self) -> int:
+        """Bytes missing, after the warm-up, from the memory live ticks need (`gpu_runtime_reserve_gib`)."""
+        if self.device.type != "cuda":
+            return 0
+        free = torch.cuda.mem_get_info(self.device)[0]
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        want = int(float(self.settings.get("gpu_runtime_reserve_gib", 8.0)) * GIB)
+        return max(want - free - cached, 0)
+
+    def _warm_batcher(self) -> DuplexBatcher:
+        cuda = self.device.type == "cuda"
+        batcher = DuplexBatcher(
+            self.engine,
+            self.vocoder,
+            self.default_voice.prompt,
+            use_graphs=cuda,
+            fused=bool(self.settings.get("fused_layers", True)),
+            tts_window=int(self.settings.get("tts_window", TTS_WINDOW)),
+        )
+        if cuda:
+            started = time.perf_counter()
+            phases = int(self.settings.get("tick_phases", DEFAULT_TICK_PHASES))
+            batcher.warm_up(self.max_sessions, phases=phases)
+            log.info("duplex graphs captured in %.1f s", time.perf_counter() - started)
+        return batcher
+
+    def _shrink(self, sessions: int) -> None:
+        """Rebuild the sessions' caches for fewer sessions (at start-up, before any session opened)."""
+        log.warning("out of memory warming up %d sessions; trying %d", self.max_sessions, sessions)
+        model, tokenizer, preprocessor = (
+            self.engine.model,
+            self.engine.tokenizer,
+            self.engine.processor.config,
+        )
+        del self.engine, self.tts_cache
+        gc.collect()
+        torch.cuda.empty_cache()
+        self.capacity = limit_to_count(self.capacity, sessions)
+        self.max_sessions = self.capacity.slots
+        self.engine = Engine(model, tokenizer, self.max_sessions, self.max_kv_tokens, preprocessor)
+        self.tts_cache = self.tts.new_cache(self.max_sessions)
 
     # ---- voices ---------------------------------------------------------------------------------------------
     def _load_default_voice(self) -> Voice:

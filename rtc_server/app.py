@@ -308,6 +308,7 @@ def worker_settings(config: AppConfig) -> dict[str, object]:
         # None: a GPU worker finds its own capacity (inference/capacity.py)
         "max_sessions": (workers.capacity_per_gpu or None) if workers.gpus else workers.cpu_capacity,
         "gpu_reserve_gib": config.model.gpu_reserve_gib,
+        "gpu_runtime_reserve_gib": config.model.gpu_runtime_reserve_gib,
         "voices_dir": str(voices_dir(config)),
         "loopback": config.loopback.model_dump(),
         "tick_gather_s": workers.tick_gather_ms / 1000,

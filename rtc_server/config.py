@@ -53,7 +53,9 @@ class ModelSettings(_Strict):
     # (about 12 s of speech at 512) restarts its TTS context
     tts_window: int = Field(512, ge=128, le=4096)
     # GPU memory a worker keeps free for CUDA graphs and activations when it sizes its sessions' caches
-    gpu_reserve_gib: float = Field(4.0, ge=0)
+    gpu_reserve_gib: float = Field(16.0, ge=0)
+    # GPU memory that must still be free after the warm-up, for what live ticks allocate; less: fewer sessions
+    gpu_runtime_reserve_gib: float = Field(8.0, ge=0)
 
 
 class SessionSettings(_Strict):
