@@ -196,22 +196,9 @@ def summarize(mode: str, asked: int, calls: list[CallResult], window_s: float, c
 class LoopingAudioTrack(PacedAudioTrack):
     """PacedAudioTrack that repeats its signal for as long as the call lasts."""
 
-    async def recv(self) -> av.AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        now = time.monotonic()
-        if self._start is None:
-            self._start = now
-        wait = self._start + self._index * FRAME / RATE - now
-        if wait > 0:
-            await asyncio.sleep(wait)
-        start = (self._index * FRAME) % (self.signal.size - FRAME)
-        frame = av.AudioFrame.from_ndarray(
-            self.signal[start : start + FRAME].reshape(1, -1), format="s16", layout="mono"
-        )
-        frame.sample_rate, frame.time_base, frame.pts = RATE, fractions.Fraction(1, RATE), self._index * FRAME
-        self._index += 1
-        return frame
+    def chunk(self, index: int) -> np.ndarray:
+        start = (index * FRAME) % (self.signal.size - FRAME)
+        return self.signal[start : start + FRAME]
 
 
 class PatternVideoTrack(VideoStreamTrack):

@@ -19,13 +19,11 @@ Used inside the server's event loop; nothing here blocks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import secrets
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -35,6 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from inference import protocol as p
+from inference.processes import cancel_all, kill, terminate
 
 log = logging.getLogger("inference.supervisor")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -156,12 +155,7 @@ class WorkerSupervisor:
 
     async def stop(self) -> None:
         self._closing = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+        await cancel_all(self._tasks)
         for worker in self.workers:
             await self._terminate(worker)
         if self._server is not None:
@@ -282,23 +276,11 @@ class WorkerSupervisor:
             self.on_workers_changed()
 
     async def _terminate(self, worker: WorkerHandle) -> None:
-        process = worker.process
-        if process is None or process.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), 3.0)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
+        await terminate(worker.process, 3.0)
 
     def _kill(self, worker: WorkerHandle, why: str) -> None:
         log.error("worker %d: %s; killing pid %s", worker.worker_id, why, worker.pid)
-        if worker.process is not None and worker.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                worker.process.kill()
+        kill(worker.process)
 
     async def _heartbeat(self) -> None:
         while True:

@@ -14,6 +14,7 @@ from collections import deque
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
+from media_shard.messages import CallSnapshot
 from rtc_server.info_api import VERSION
 from rtc_server.signalling import ADMIN_HEADER as ADMIN_HEADER  # re-exported: the header's name lives there
 from rtc_server.signalling import MANAGER_KEY, require_admin
@@ -42,19 +43,12 @@ class WorkerStatus(_Model):
     dropped_units: int
 
 
-class AdminSession(_Model):
-    session_id: str
-    mode: str
-    phase: str
-    state: str
-    worker_id: int | None
-    age_s: float
+class AdminSession(CallSnapshot):
+    """A live call on the dashboard: its snapshot (from whichever process holds its media) and its place in the
+    queue. `units`: units with a measured round trip (the most recent 600); `speech_buffered_s`: speech queued
+    in the outbound track; `send_lateness_p95_ms`: how late the outbound 20 ms frames left (pacing lag)."""
+
     queue_position: int | None
-    units: int  # units with a measured round trip (most recent 600 kept)
-    unit_latency_p50_ms: float | None
-    unit_latency_p95_ms: float | None
-    speech_buffered_s: float  # speech queued in the outbound track, not yet sent
-    send_lateness_p95_ms: float  # how late the outbound track's 20 ms frames left (pacing lag)
 
 
 class QueueEntry(_Model):
@@ -158,9 +152,7 @@ def admin_status(request: web.Request) -> AdminStatus:
         if s.phase == "closed":
             continue
         snap = s.snapshot()
-        fields = snap.model_dump(include=set(AdminSession.model_fields))
-        fields["age_s"] = round(snap.age_s, 1)
-        live.append(AdminSession(**fields, queue_position=admission.position(s)))
+        live.append(AdminSession(**snap.model_dump(), queue_position=admission.position(s)))
     queue = [
         QueueEntry(
             position=i,

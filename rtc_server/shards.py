@@ -10,18 +10,17 @@ candidates and hang-ups go to the owning shard. A shard that dies loses its call
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
 import secrets
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from inference.processes import cancel_all, kill, terminate
 from inference.protocol import AUTH_ENV, Challenge, ProtocolError
 from media_shard import messages as m
 
@@ -101,11 +100,7 @@ class ShardPool:
 
     async def stop(self) -> None:
         self._closing = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         for shard in self.shards:
             await self._terminate(shard)
         if self._server is not None:
@@ -215,17 +210,7 @@ class ShardPool:
             self.events.on_shard_lost(shard, calls)
 
     async def _terminate(self, shard: ShardHandle) -> None:
-        process = shard.process
-        if process is None or process.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), 5.0)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
+        await terminate(shard.process, 5.0)
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         shard: ShardHandle | None = None
@@ -277,9 +262,7 @@ class ShardPool:
 
     def _kill(self, shard: ShardHandle, why: str) -> None:
         log.error("media shard %d: %s; killing pid %s", shard.shard_id, why, shard.pid)
-        if shard.process is not None and shard.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                shard.process.kill()
+        kill(shard.process)
 
 
 def default_media_procs(gpus: list[int], cpu_count: int | None = None) -> int:

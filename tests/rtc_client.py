@@ -80,16 +80,20 @@ class PacedAudioTrack(MediaStreamTrack):
         wait = self._start + self._index * FRAME / RATE - now
         if wait > 0:
             await asyncio.sleep(wait)
-        chunk = self.signal[self._index * FRAME : (self._index + 1) * FRAME]
-        if chunk.size < FRAME:
-            chunk = np.pad(chunk, (0, FRAME - chunk.size))
-        frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
+        frame = av.AudioFrame.from_ndarray(
+            self.chunk(self._index).reshape(1, -1), format="s16", layout="mono"
+        )
         frame.sample_rate = RATE
         frame.time_base = fractions.Fraction(1, RATE)
         frame.pts = self._index * FRAME
         self.sent_at.append(time.monotonic())
         self._index += 1
         return frame
+
+    def chunk(self, index: int) -> np.ndarray:
+        """The samples of frame `index`: the signal, then silence."""
+        chunk = self.signal[index * FRAME : (index + 1) * FRAME]
+        return chunk if chunk.size == FRAME else np.pad(chunk, (0, FRAME - chunk.size))
 
     def timeline_start(self) -> float:
         """When sample 0 was sent: frames are never sent before their slot, only late (a busy loop)."""

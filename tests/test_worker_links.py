@@ -23,35 +23,7 @@ import pytest
 from inference import protocol as p
 from inference.links import LinkTarget, WorkerLinks
 from inference.supervisor import SupervisorSettings, WorkerSupervisor
-from tests.conftest import REPO_ROOT
-
-EMBEDDED = {"cache_dir": str(REPO_ROOT / ".cache" / "embedded")}
-
-
-class Sink:
-    """A session as the shard sees it: collects what the worker sends."""
-
-    def __init__(self) -> None:
-        self.got: list[tuple[p.Message, bytes]] = []
-        self.lost: list[str] = []
-        self.changed = asyncio.Event()
-
-    def on_worker_message(self, message: p.Message, payload: bytes) -> None:
-        self.got.append((message, payload))
-        self.changed.set()
-
-    def on_worker_lost(self, reason: str) -> None:
-        self.lost.append(reason)
-        self.changed.set()
-
-    def of(self, kind: type) -> list:
-        return [m for m, _ in self.got if isinstance(m, kind)]
-
-    async def wait(self, ready: Callable[[], bool], timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not ready():
-            self.changed.clear()
-            await asyncio.wait_for(self.changed.wait(), max(0.0, deadline - time.monotonic()))
+from tests.worker_helpers import EMBEDDED, Sink
 
 
 def unit(sid: str, index: int, samples: int) -> tuple[p.Unit, bytes]:
