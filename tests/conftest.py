@@ -115,3 +115,5 @@ async def start_test_server():
         assert not server.manager.sessions, "sessions left after stop"
         for worker in server.supervisor.workers:
             assert worker.process is None or worker.process.returncode is not None, "worker process leaked"
+        for shard in server.manager.shards.shards if server.manager.shards is not None else []:
+            assert shard.process is None or shard.process.returncode is not None, "media shard process leaked"
