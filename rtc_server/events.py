@@ -203,7 +203,7 @@ class SessionRequest(_Event):
 
     sdp: str = Field(max_length=200_000)
     type: Literal["offer"]
-    mode: str
+    mode: str = Field(max_length=64)
     system_prompt: str | None = Field(None, max_length=20000)
     voice: str | None = Field(None, pattern=r"^[0-9a-f]{24}$", description="a voice id from POST /api/voices")
     options: ModeOptions | None = None

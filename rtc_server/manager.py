@@ -16,6 +16,7 @@ from media_shard import messages as m
 from rtc_server.admission import Admission, QueueFull
 from rtc_server.client_limits import Client, SlidingWindow, TooManyRequests
 from rtc_server.config import AppConfig
+from rtc_server.events import quote
 from rtc_server.remote_call import RemoteCall
 from rtc_server.session import BadOffer, CallSession, new_session_id
 from rtc_server.shards import ShardError, ShardHandle, ShardPool
@@ -114,7 +115,8 @@ class SessionManager:
         Raises UnknownMode, TooManyRequests, ServerBusy, QueueFull or BadOffer.
         """
         if mode not in self.known_modes():
-            raise UnknownMode(f"unknown mode {mode!r}; known modes: {', '.join(self.known_modes())}")
+            known = ", ".join(self.known_modes())
+            raise UnknownMode(f"unknown mode {quote(mode)}; known modes: {known}")
         self.check_new_call(mode, client)
         if self.shards is not None:
             return await self._create_remote(

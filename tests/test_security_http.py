@@ -350,3 +350,23 @@ async def test_cors_preflight_and_whip_options(start_test_server) -> None:
     assert status == 200 and "Access-Control-Allow-Origin" not in got
     status, got, ctype, body = await fetch("PUT", base + "/whip", headers=auth)
     assert (status, error_code(ctype, body)) == (405, "method_not_allowed") and "POST" in got.get("Allow", "")
+
+
+@pytest.mark.parametrize("where", ["whip", "json"])
+async def test_a_long_mode_name_is_refused_without_being_echoed(start_test_server, where: str) -> None:
+    """An unknown mode of 5,000 characters (query string or JSON body) gets a short 400, not its own text back."""
+    server = await start_test_server()
+    mode = "m" * 5000
+    async with aiohttp.ClientSession() as http:
+        if where == "whip":
+            request = http.post(
+                f"{server.url}/whip?mode={mode}", data="v=0\r\n", headers={"Content-Type": "application/sdp"}
+            )
+        else:
+            request = http.post(
+                f"{server.url}/api/sessions", json={"sdp": "v=0", "type": "offer", "mode": mode}
+            )
+        async with request as resp:
+            body = await resp.text()
+    assert resp.status in (400, 414), body[:200]
+    assert len(body) < 2000, f"the error echoed {len(body)} characters"
