@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from inference.processes import name_this_thread
 from rtc_server.app import start_server
 from rtc_server.config import ConfigError, load_config
 
@@ -71,6 +72,7 @@ def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 async def serve(config_path: Path | None, overrides: dict[str, Any]) -> None:
     config = load_config(config_path, overrides)
+    name_this_thread("front")  # this process's event loop (and the calls' media when it has no media shards)
     server = await start_server(config)
     shards = len(server.manager.shards.shards) if server.manager.shards is not None else 0
     media = f"{shards} media process(es)" if shards else "media in this process"

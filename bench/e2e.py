@@ -104,6 +104,8 @@ class Row:
     worker_cpu_pct: float
     gpu_busy_pct: float | None
     gpu_mem_mib: float | None
+    # % of one core by thread name ("worker:mode", "worker:ipc", "media:media-loop"...)
+    thread_cpu_pct: dict[str, float] = field(default_factory=dict)
 
 
 def pctl(values: Sequence[float], q: float) -> float | None:
@@ -187,6 +189,7 @@ def summarize(mode: str, asked: int, calls: list[CallResult], window_s: float, c
         worker_cpu_pct=cpu["worker"],
         gpu_busy_pct=cpu.get("gpu_busy"),
         gpu_mem_mib=cpu.get("gpu_mem"),
+        thread_cpu_pct=cpu.get("threads", {}),
     )
 
 
@@ -515,6 +518,28 @@ def tree_cpu(root: int) -> dict[int, tuple[bool, float]]:
     return {pid: (stats[pid][2], stats[pid][1]) for pid in tree if pid in stats}
 
 
+def thread_cpu(pids: dict[int, tuple[bool, float]]) -> dict[str, float]:
+    """CPU seconds by thread name, summed over the processes: "worker:mode", "worker:ipc", "media:media-loop"...
+    (the server names its own threads; aiortc's and FFmpeg's keep theirs, usually "python")."""
+    out: dict[str, float] = {}
+    for pid, (worker, _) in pids.items():
+        for task in Path(f"/proc/{pid}/task").glob("*") if Path(f"/proc/{pid}/task").is_dir() else []:
+            try:
+                name = (task / "comm").read_text().strip()
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            key = f"{'worker' if worker else 'media'}:{name}"
+            out[key] = out.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
+def thread_split(before: dict[str, float], after: dict[str, float], s: float) -> dict[str, float]:
+    """% of one core by thread name between two samples (threads that ended in between are not counted)."""
+    used = {k: 100 * (v - before.get(k, 0.0)) / s for k, v in after.items()}
+    return {k: round(v, 1) for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v >= 0.5}
+
+
 def cpu_split(before: dict[int, tuple[bool, float]], after: dict[int, tuple[bool, float]], s: float) -> dict:
     """% of one core used by the media side (everything but workers) and by the workers between two samples."""
     used = {"media": 0.0, "worker": 0.0}
@@ -605,8 +630,11 @@ def run_level(args: argparse.Namespace, server: Server, n: int, sig: np.ndarray,
         go.set()
         time.sleep(max(0.0, t0 - time.monotonic()))
         before = tree_cpu(server.proc.pid)
+        threads_before = thread_cpu(before)
         time.sleep(args.seconds)
-        cpu = cpu_split(before, tree_cpu(server.proc.pid), args.seconds) | gpu.window(t0, t0 + args.seconds)
+        after = tree_cpu(server.proc.pid)
+        cpu = cpu_split(before, after, args.seconds) | gpu.window(t0, t0 + args.seconds)
+        cpu["threads"] = thread_split(threads_before, thread_cpu(after), args.seconds)
         deadline, pending = time.monotonic() + 120, len(procs)
         while pending and time.monotonic() < deadline:
             alive = any(p.is_alive() for p in procs)  # read before the queue: a proc puts, then exits

@@ -52,6 +52,7 @@ from inference.modes.base import (
     UnitTimings,
     batch_runner,
 )
+from inference.processes import name_this_thread
 
 log = logging.getLogger("inference.worker")
 DEFAULT_GATHER_S = 0.06  # how long a tick waits for the other sessions' units of the same grid line
@@ -654,7 +655,10 @@ async def serve(
     plan = planned_capacity(settings)
     preload = wants_preload(settings, device)
     settings = {**settings, "device": device}
-    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mode")
+    name_this_thread("ipc")  # the event loop: the server connection, the data links, the session runners
+    executor = concurrent.futures.ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="mode", initializer=name_this_thread, initargs=("mode",)
+    )
     sessions = Sessions(executor, settings)
     links: LinkServer | None = None
     writer: asyncio.StreamWriter | None = None

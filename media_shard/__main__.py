@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 
+from inference.processes import name_this_thread
 from inference.protocol import AUTH_ENV
 from media_shard.shard import serve
 from rtc_server.config import AppConfig
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{AUTH_ENV} is not set: media shards are started by the server")
     config = AppConfig.model_validate_json(args.config)
     host, port = args.connect.rsplit(":", 1)
+
+    name_this_thread("media-loop")  # aiortc's decoder and encoder threads keep their own names
 
     async def run() -> None:
         task = asyncio.ensure_future(serve(host, int(port), args.shard_id, config, secret))

@@ -23,6 +23,7 @@ from bench.e2e import (
     summarize,
     table,
     text_latency,
+    thread_split,
 )
 
 
@@ -118,3 +119,17 @@ def test_e2e_loopback_one_call(tmp_path: Path) -> None:
     assert row["missing_pct"] < 50 and row["roundtrip_ms"]["p50"] is not None
     assert results["meta"]["config"]["server"]["host"] == "127.0.0.1"
     assert (out / "server-loopback.log").stat().st_size > 0
+    # the server names its threads: the front's loop carries the in-process calls here (no media shards)
+    assert row["thread_cpu_pct"].get("media:front", 0) > 0, row["thread_cpu_pct"]
+
+
+def test_thread_split_is_the_share_of_a_core_by_thread_name() -> None:
+    before = {"worker:mode": 10.0, "worker:ipc": 2.0, "media:media-loop": 5.0}
+    after = {"worker:mode": 14.0, "worker:ipc": 2.1, "media:media-loop": 7.0, "media:python": 0.01}
+    split = thread_split(before, after, 4.0)
+    assert split == {"worker:mode": 100.0, "media:media-loop": 50.0, "worker:ipc": 2.5}
+    assert list(split) == [
+        "worker:mode",
+        "media:media-loop",
+        "worker:ipc",
+    ]  # busiest first; idle ones left out

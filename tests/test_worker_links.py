@@ -323,3 +323,20 @@ async def test_a_killed_worker_loses_the_links_sessions_and_its_restart_links_ag
         await links.close()
     finally:
         await supervisor.stop()
+
+
+async def test_the_worker_names_its_threads_for_per_thread_cpu() -> None:
+    """`bench/e2e.py` splits a worker's CPU into its event loop ("ipc") and the mode thread ("mode")."""
+    supervisor = await supervisor_with()
+    try:
+        links = WorkerLinks(supervisor.secret, shard_id=0)
+        links.set_workers(targets(supervisor))
+        assert await links.ensure(0)
+        sink = await open_session(links, "named")
+        assert sink.of(p.Opened)
+        pid = supervisor.workers[0].pid
+        names = {(task / "comm").read_text().strip() for task in Path(f"/proc/{pid}/task").iterdir()}
+        assert {"ipc", "mode"} <= names, names
+        await links.close()
+    finally:
+        await supervisor.stop()
