@@ -68,6 +68,8 @@ class CallResult:
     failure: str = ""
     lag_ms: list[float] = field(default_factory=list)
     roundtrip_ms: list[float] = field(default_factory=list)
+    batch_sessions: list[float] = field(default_factory=list)  # calls that shared the tick of each unit
+    compute_ms: list[float] = field(default_factory=list)  # the worker's time for each unit
     error_codes: list[str] = field(default_factory=list)
     gaps_ms: list[float] = field(default_factory=list)
     frames: int = 0  # audio frames received in the window
@@ -104,6 +106,9 @@ class Row:
     worker_cpu_pct: float
     gpu_busy_pct: float | None
     gpu_mem_mib: float | None
+    # the ticks: calls sharing a unit's tick, and the worker's time per unit (p50, p95, max)
+    batch_sessions: dict[str, float | None] = field(default_factory=dict)
+    compute_ms: dict[str, float | None] = field(default_factory=dict)
     # % of one core by thread name ("worker:mode", "worker:ipc", "media:media-loop"...)
     thread_cpu_pct: dict[str, float] = field(default_factory=dict)
 
@@ -190,6 +195,8 @@ def summarize(mode: str, asked: int, calls: list[CallResult], window_s: float, c
         gpu_busy_pct=cpu.get("gpu_busy"),
         gpu_mem_mib=cpu.get("gpu_mem"),
         thread_cpu_pct=cpu.get("threads", {}),
+        batch_sessions=stat3([x for c in ok for x in c.batch_sessions]),
+        compute_ms=stat3([x for c in ok for x in c.compute_ms]),
     )
 
 
@@ -299,6 +306,8 @@ class Caller:
             failure=self.failure,
             lag_ms=[m["lag_ms"] for m in metrics],
             roundtrip_ms=[m["roundtrip_ms"] for m in metrics],
+            batch_sessions=[m["batch_sessions"] for m in metrics if m.get("batch_sessions") is not None],
+            compute_ms=[m["compute_ms"] for m in metrics if m.get("compute_ms") is not None],
             error_codes=[e.get("code", "?") for _, e in self.timed if e.get("type") == "error"],
             gaps_ms=frame_gaps_ms(c.arrivals, t0, t1),
             frames=len(inside),
