@@ -13,8 +13,8 @@ answers on the same link (a session belongs to the connection that opened it). T
 was marked down by `set_workers`) loses its sessions: each sink gets `on_worker_lost` and is removed; the
 worker ends those sessions on its side too (their KV slots are freed).
 
-Nothing here blocks: `send` queues bytes on the transport (units are dropped past `MAX_WRITE_BUFFER` unsent,
-a link past `MAX_WRITE_BACKLOG` is aborted), reading and reconnecting run in one task per worker.
+Nothing here blocks: `send` queues bytes on the transport (`protocol.write_bounded`: units are dropped past
+`MAX_WRITE_BUFFER` unsent, a link past `MAX_WRITE_BACKLOG` is aborted), reading and reconnecting run in one task per worker.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 
 from inference import protocol as p
-from inference.supervisor import MAX_WRITE_BACKLOG, MAX_WRITE_BUFFER, SessionSink
+from inference.supervisor import SessionSink
 
 log = logging.getLogger("inference.links")
 LINK_TIMEOUT_S = 5.0  # connect, challenge, hello and the first pong
@@ -125,16 +125,14 @@ class WorkerLinks:
             return False
         writer = link.writer
         assert writer is not None
-        buffered = writer.transport.get_write_buffer_size()
-        if buffered > MAX_WRITE_BACKLOG:
-            log.error("worker %d: link not read (%d MiB unsent); closing it", worker_id, buffered >> 20)
-            writer.transport.abort()  # frees the buffer now; the reader sees the loss and ends the sessions
-            return False
-        if isinstance(message, p.Unit) and buffered > MAX_WRITE_BUFFER:
-            self._count_dropped(worker_id, f"{buffered >> 20} MiB unsent")
-            return False
-        writer.write(p.encode(message, payload))
-        return True
+        outcome = p.write_bounded(writer, message, payload)
+        if outcome == "stalled":  # the reader sees the loss and ends the sessions
+            log.error(
+                "worker %d: link not read (over %d MiB unsent); closed", worker_id, p.MAX_WRITE_BACKLOG >> 20
+            )
+        elif outcome == "dropped":
+            self._count_dropped(worker_id, f"over {p.MAX_WRITE_BUFFER >> 20} MiB unsent")
+        return outcome == "sent"
 
     async def close(self) -> None:
         """Close every link; attached sinks get `on_worker_lost`."""

@@ -257,6 +257,24 @@ def encode(message: BaseModel, payload: bytes = b"") -> bytes:
     return _PREFIX.pack(len(header), len(payload)) + header + payload
 
 
+MAX_WRITE_BUFFER = 8 << 20  # a peer this far behind gets no more units until it catches up
+MAX_WRITE_BACKLOG = 32 << 20  # a peer this far behind is not reading at all
+
+
+def write_bounded(writer: asyncio.StreamWriter, message: BaseModel, payload: bytes = b"") -> str:
+    """Queue a message without waiting, unless the peer is behind: "sent"; "dropped" (a unit, with more than
+    `MAX_WRITE_BUFFER` unsent); "stalled" (more than `MAX_WRITE_BACKLOG` unsent: the transport is aborted, which
+    frees the buffer and ends the connection)."""
+    buffered = writer.transport.get_write_buffer_size()
+    if buffered > MAX_WRITE_BACKLOG:
+        writer.transport.abort()
+        return "stalled"
+    if isinstance(message, Unit) and buffered > MAX_WRITE_BUFFER:
+        return "dropped"
+    writer.write(encode(message, payload))
+    return "sent"
+
+
 def decode_header(raw: bytes) -> Message:
     try:
         return _message_adapter.validate_python(json.loads(raw))

@@ -37,8 +37,6 @@ from inference.processes import cancel_all, kill, terminate
 
 log = logging.getLogger("inference.supervisor")
 REPO_ROOT = Path(__file__).resolve().parent.parent
-MAX_WRITE_BUFFER = 8 << 20  # a worker this far behind gets no more units until it catches up
-MAX_WRITE_BACKLOG = 32 << 20  # a worker this far behind is not reading at all: it is killed
 
 
 class SessionSink(Protocol):
@@ -181,16 +179,12 @@ class WorkerSupervisor:
         writer = worker.writer
         if not worker.up or writer is None or writer.is_closing():
             return False
-        buffered = writer.transport.get_write_buffer_size()
-        if buffered > MAX_WRITE_BACKLOG:
-            writer.transport.abort()  # frees the buffer now; the connection loss restarts the worker
-            self._kill(worker, f"not reading its connection ({buffered >> 20} MiB unsent)")
-            return False
-        if isinstance(message, p.Unit) and buffered > MAX_WRITE_BUFFER:
-            self._count_dropped(worker, f"{buffered >> 20} MiB unsent")
-            return False
-        writer.write(p.encode(message, payload))
-        return True
+        outcome = p.write_bounded(writer, message, payload)
+        if outcome == "stalled":  # the connection loss restarts the worker
+            self._kill(worker, f"not reading its connection (over {p.MAX_WRITE_BACKLOG >> 20} MiB unsent)")
+        elif outcome == "dropped":
+            self._count_dropped(worker, f"over {p.MAX_WRITE_BUFFER >> 20} MiB unsent")
+        return outcome == "sent"
 
     # ---- internals ----
 

@@ -220,7 +220,7 @@ class SessionManager:
         live = [s for s in self.sessions.values() if isinstance(s, CallSession)]
         snapshots = [self.stats.snapshot(live, process_cpu_s())]
         if self.shards is not None:
-            snapshots += [s.snapshot.stats for s in self.shards.shards if s.snapshot is not None]
+            snapshots += [s.stats for s in self.shards.shards if s.stats is not None]
         return add_up(snapshots)
 
     async def close_all(self) -> None:

@@ -100,26 +100,17 @@ class RemoteCall:
 
     # ---- what the registry shows ----
 
-    def latest(self) -> m.CallSnapshot | None:
-        snapshot = self.shard.snapshot
-        if snapshot is None:
-            return None
-        return next((c for c in snapshot.calls if c.session_id == self.id), None)
-
     def snapshot(self) -> m.CallSnapshot:
-        seen = self.latest()
+        """The shard's last view of the call (mode, talk state, media counters) with the front's own phase,
+        worker and age; before the first snapshot, the front's fields alone."""
+        seen = self.shard.call_views.get(self.id)
+        mine = {"phase": self.phase, "worker_id": self.worker_id, "age_s": self.age_s()}
         if seen is not None:
-            self.state = seen.state  # type: ignore[assignment]
-            return seen.model_copy(
-                update={"phase": self.phase, "worker_id": self.worker_id, "age_s": self.age_s()}
-            )
+            return seen.model_copy(update=mine)
         return m.CallSnapshot(
             session_id=self.id,
             mode=self.mode,
-            phase=self.phase,
             state=self.state,
-            worker_id=self.worker_id,
-            age_s=self.age_s(),
             units=0,
             unit_latency_p50_ms=None,
             unit_latency_p95_ms=None,
@@ -128,19 +119,20 @@ class RemoteCall:
             frames_in=0,
             frames_out=0,
             frames_dropped=0,
+            **mine,
         )
 
     def age_s(self) -> float:
         return round(time.monotonic() - self.created_at, 3)
 
     def info(self) -> ev.SessionInfo:
-        seen = self.latest()
+        view = self.snapshot()
         return ev.SessionInfo(
             session_id=self.id,
-            mode=seen.mode if seen is not None else self.mode,
+            mode=view.mode,
             phase=self.phase,
-            state=seen.state if seen is not None else self.state,  # type: ignore[arg-type]
+            state=view.state,  # type: ignore[arg-type]
             worker_id=self.worker_id,
             queue_position=self.manager.admission.position(self),
-            age_s=self.age_s(),
+            age_s=view.age_s,
         )

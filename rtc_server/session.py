@@ -337,7 +337,8 @@ class CallSession:
         self._send_unit(unit, None)
 
     def _report_audio_drops(self) -> None:
-        """Tell the caller, at most every `AUDIO_REPORT_INTERVAL_S`, that its audio ran ahead of real time."""
+        """Tell the caller, at most every `AUDIO_REPORT_INTERVAL_S`, about audio the model did not hear: audio
+        that never arrived (`audio_lost`), or that ran ahead of real time and was dropped (`audio_too_fast`)."""
         inbound = self.inbound
         now = time.monotonic()
         if inbound is None or now < self._audio_report_due:

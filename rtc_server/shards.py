@@ -49,8 +49,8 @@ class ShardHandle:
     hello: asyncio.Future[None] | None = None
     calls: set[str] = field(default_factory=set)  # ids of the calls placed here
     replies: dict[int, asyncio.Future[m.ShardMessage]] = field(default_factory=dict)
-    snapshot: m.Snapshot | None = None
-    snapshot_at: float = 0.0
+    stats: m.StatsSnapshot | None = None  # from the shard's last snapshot
+    call_views: dict[str, m.CallSnapshot] = field(default_factory=dict)  # its live calls then, by id
 
 
 class ShardEvents(Protocol):
@@ -205,7 +205,7 @@ class ShardPool:
                 future.set_exception(ShardError("shard_lost", f"media shard {shard.shard_id} stopped"))
         shard.replies.clear()
         calls, shard.calls = shard.calls, set()
-        shard.snapshot = None
+        shard.stats, shard.call_views = None, {}
         if calls and not self._closing:
             self.events.on_shard_lost(shard, calls)
 
@@ -256,8 +256,9 @@ class ShardPool:
                 future.set_result(message)
             return
         if isinstance(message, m.Snapshot):
-            shard.snapshot = message
-            shard.snapshot_at = time.monotonic()
+            shard.stats = message.stats
+            shard.call_views = {c.session_id: c for c in message.calls}
+            return
         self.events.on_shard_message(shard, message)
 
     def _kill(self, shard: ShardHandle, why: str) -> None:
