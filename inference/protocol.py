@@ -307,12 +307,18 @@ async def read_message(
 ) -> tuple[Message, bytes]:
     """Read one message; raises asyncio.IncompleteReadError at EOF and ProtocolError on garbage. A length
     over the bounds is refused before anything more is read, so a peer cannot make us buffer it."""
+    header, payload = await read_frame(reader, max_header, max_payload)
+    return decode_header(header), payload
+
+
+async def read_frame(reader: asyncio.StreamReader, max_header: int, max_payload: int) -> tuple[bytes, bytes]:
+    """One frame's raw header and payload (the framing shared with the front-shard control protocol)."""
     header_len, payload_len = _PREFIX.unpack(await reader.readexactly(_PREFIX.size))
     if header_len > max_header or payload_len > max_payload:
         raise ProtocolError(f"message too large: header {header_len} B, payload {payload_len} B")
     header = await reader.readexactly(header_len)
     payload = await reader.readexactly(payload_len) if payload_len else b""
-    return decode_header(header), payload
+    return header, payload
 
 
 def pcm_to_bytes(pcm: np.ndarray) -> bytes:

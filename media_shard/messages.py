@@ -14,16 +14,15 @@ import asyncio
 import hashlib
 import hmac
 import json
-import struct
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from inference import protocol
 from inference.links import LinkTarget
 from inference.protocol import MAX_HELLO_BYTES, Challenge, ProtocolError
 
-MAX_CONTROL_BYTES = 4 << 20  # offers, snapshots: a few kB to a few hundred kB
-_PREFIX = struct.Struct(">II")
+MAX_CONTROL_BYTES = protocol.MAX_HEADER_BYTES  # offers, snapshots: a few kB to a few hundred kB
 
 
 class _Msg(BaseModel):
@@ -220,19 +219,14 @@ _adapter: TypeAdapter[ShardMessage] = TypeAdapter(ShardMessage)
 
 
 def encode(message: BaseModel) -> bytes:
-    header = message.model_dump_json().encode()
-    if len(header) > MAX_CONTROL_BYTES:
-        raise ProtocolError(f"control message too large: {len(header)} B")
-    return _PREFIX.pack(len(header), 0) + header
+    return protocol.encode(message)
 
 
 async def read(reader: asyncio.StreamReader, max_bytes: int = MAX_CONTROL_BYTES) -> ShardMessage:
     """One control message; IncompleteReadError at EOF, ProtocolError on garbage or an oversized frame."""
-    header_len, payload_len = _PREFIX.unpack(await reader.readexactly(_PREFIX.size))
-    if header_len > max_bytes or payload_len:
-        raise ProtocolError(f"bad control frame: header {header_len} B, payload {payload_len} B")
+    header, _ = await protocol.read_frame(reader, max_bytes, 0)
     try:
-        return _adapter.validate_python(json.loads(await reader.readexactly(header_len)))
+        return _adapter.validate_python(json.loads(header))
     except ValueError as exc:
         raise ProtocolError(f"invalid control message: {exc}") from None
 
