@@ -543,6 +543,33 @@ def thread_cpu(pids: dict[int, tuple[bool, float]]) -> dict[str, float]:
     return out
 
 
+def start_profilers(
+    args: argparse.Namespace, pids: dict[int, tuple[bool, float]], n: int
+) -> list[subprocess.Popen[bytes]]:
+    """--profile DIR: py-spy samples every worker and the busiest media process through the window (raw
+    collapsed stacks per thread, `DIR/<n>-worker-<pid>.txt`), when py-spy is on the PATH."""
+    spy = shutil.which("py-spy")
+    if not args.profile or spy is None:
+        return []
+    dest = Path(args.profile)
+    dest.mkdir(parents=True, exist_ok=True)
+    media = [pid for pid, (worker, _) in pids.items() if not worker]
+    chosen = [(pid, "worker") for pid, (worker, _) in pids.items() if worker]
+    chosen += [(max(media, key=lambda pid: pids[pid][1]), "media")] if media else []
+    procs = []
+    for pid, kind in chosen:
+        out = dest / f"{n}-{kind}-{pid}.txt"
+        cmd = [spy, "record", "-p", str(pid), "-d", str(int(args.seconds)), "-f", "raw", "-o", str(out)]
+        cmd += ["--threads", "--idle"]  # idle too: the mode thread's waits for the GPU count
+        if args.profile_native and kind == "worker":
+            # C/C++ frames too (CUDA calls, the allocators); py-spy must pause the process for each sample
+            cmd += ["--native", "-r", "50"]
+        else:
+            cmd += ["--nonblocking", "-r", "200"]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return procs
+
+
 def thread_split(before: dict[str, float], after: dict[str, float], s: float) -> dict[str, float]:
     """% of one core by thread name between two samples (threads that ended in between are not counted)."""
     used = {k: 100 * (v - before.get(k, 0.0)) / s for k, v in after.items()}
@@ -640,7 +667,11 @@ def run_level(args: argparse.Namespace, server: Server, n: int, sig: np.ndarray,
         time.sleep(max(0.0, t0 - time.monotonic()))
         before = tree_cpu(server.proc.pid)
         threads_before = thread_cpu(before)
+        profilers = start_profilers(args, before, n)
         time.sleep(args.seconds)
+        for prof in profilers:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                prof.wait(30)
         after = tree_cpu(server.proc.pid)
         cpu = cpu_split(before, after, args.seconds) | gpu.window(t0, t0 + args.seconds)
         cpu["threads"] = thread_split(threads_before, thread_cpu(after), args.seconds)
@@ -783,6 +814,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--turn-interval", type=float, default=6.0, help="chat: seconds between typed turns")
     ap.add_argument("--restart-per-level", action="store_true")
     ap.add_argument("--out", default="bench-e2e-out")
+    ap.add_argument("--profile", help="py-spy (if installed) records the workers and a media process here")
+    ap.add_argument("--profile-native", action="store_true", help="the workers' profiles with native frames")
     ap.add_argument(
         "--write-doc", action="store_true", help="update this mode's block in docs/PERFORMANCE.md"
     )
