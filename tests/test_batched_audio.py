@@ -236,3 +236,23 @@ def test_batcher_streams_sessions_that_start_at_different_units(
             assert _max_diff(ours[s.slot, :, :n], theirs[r.slot, :, :n]) <= TOL, name
         _assert_same_stream(batcher.audio, s.slot, r.audio_cache)
     assert batcher.audio.cache.lengths[live["c"].slot] == 5 * 50
+
+
+@torch.no_grad()
+def test_a_pass_runs_on_a_captured_window_that_holds_its_slots(model: MiniCPMO) -> None:
+    """Slots 6 and 7 alone would build a 2-row step; after the warm-up's top 4-row step they run on it (no
+    capture in a live tick), with the streams' own results."""
+    enc = BatchedAudioEncoder(model, num_slots=8, use_graphs=False, static=True)
+    enc.warm_up(4, top=True)
+    built = set(enc.steps)
+    assert {(lo, n) for lo, n, _, _ in built} == {(4, 4)}
+    gen = torch.Generator().manual_seed(5)
+    refs = {slot: WhisperStreamCache() for slot in (6, 7)}
+    for slot in refs:
+        enc.bind(slot, _Conversation())
+    for _ in range(2):
+        chunks = {slot: _chunk(gen, first=False) for slot in refs}
+        out = enc.encode(list(chunks), *zip(*chunks.values(), strict=True))
+        for (slot, (mel, p, s)), got in zip(chunks.items(), out, strict=True):
+            assert _max_diff(got, model.audio_embeds_stream(mel[None], refs[slot], p, s)) <= TOL
+    assert set(enc.steps) == built

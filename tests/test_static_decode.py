@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from MiniCPMO45.engine.core import Engine
-from MiniCPMO45.engine.graphs import row_window
+from MiniCPMO45.engine.graphs import covering_window, row_window
 from MiniCPMO45.engine.static_decode import StaticLLM
 from MiniCPMO45.modules.kv_cache import CacheFullError
 
@@ -164,3 +164,35 @@ def test_row_window_picks_the_smaller_end() -> None:
     assert row_window(buckets, 64, [63]) == (63, 1)
     assert row_window(buckets, 64, [3, 60]) == (0, 64)
     assert row_window(buckets, 48, [47, 30]) == (24, 24)
+
+
+def test_covering_window_takes_the_smallest_captured_window_that_holds_the_slots() -> None:
+    captured = [(0, 24), (40, 24), (0, 64), (63, 1)]
+    assert covering_window(captured, [45, 60]) == (40, 24)
+    assert covering_window(captured, [3, 20]) == (0, 24)
+    assert covering_window(captured, [3, 60]) == (0, 64)
+    assert covering_window(captured, [63]) == (63, 1)
+    assert covering_window([(0, 24)], [30]) is None
+
+
+def test_a_step_runs_on_a_captured_window_that_holds_its_slots(tiny_model_dir: Path) -> None:
+    """Slots 6 and 7 alone make a 2-row step (`row_window`); once the warm-up built the top 4-row step they
+    run on it instead (no capture in a live tick), with the same results."""
+    engines = [
+        Engine.from_pretrained(tiny_model_dir, dtype=torch.float32, max_sessions=8, max_len=64)
+        for _ in range(2)
+    ]
+    fresh, warm = (StaticLLM(e.model.llm, e.cache, use_graphs=False) for e in engines)
+    warm.warm_up(4, (2,), top=True)
+    built = set(warm.steps)
+    assert built == {(4, 4, 2)}
+    slots = [[e.open_session(top_slot=True).slot for _ in range(2)] for e in engines]
+    assert slots == [[7, 6], [7, 6]]
+    g = torch.Generator().manual_seed(4)
+    d = engines[0].model.config.llm.hidden_size
+    pieces = [torch.randn(n, d, generator=g) for n in (2, 1)]
+    want, got = fresh.feed(slots[0], pieces), warm.feed(slots[1], pieces)
+    assert set(fresh.steps) == {(6, 2, 2)} and set(warm.steps) == built
+    _close(got["hidden"], want["hidden"])
+    _close(got["logits"], want["logits"])
+    assert engines[1].cache.lengths.tolist() == engines[0].cache.lengths.tolist()

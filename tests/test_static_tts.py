@@ -79,3 +79,31 @@ def test_gumbel_max_draws_follow_the_softmax() -> None:
     freq = torch.bincount(picks, minlength=5).float() / picks.numel()
     assert torch.allclose(freq, torch.softmax(scores, -1), atol=0.005)
     assert freq[4] == 0  # a banned code is never drawn
+
+
+def test_a_tick_runs_on_a_captured_window_that_holds_its_slots(model: MiniCPMO) -> None:
+    """Slots 6 and 7 alone would make a new 2-row loop (`row_window`); after the warm-up's 4-row windows
+    they run on the top one (no capture in a live tick), with the same codes and cache."""
+    tts = model.tts
+    assert tts is not None
+    g = torch.Generator().manual_seed(3)
+    h, vocab = tts.config.hidden_size, tts.config.num_audio_tokens
+    conds = [torch.randn(n, h, generator=g) for n in (4, 9)]
+    forced = [
+        [c % (vocab - 1) for c in torch.randint(0, vocab, (26,), generator=g).tolist()] for _ in range(2)
+    ]
+    forced = [[0 if c == tts.eos_id else c for c in f] for f in forced]
+    fresh = StaticTTS(tts, 8, window=128, row_buckets=(1, 2, 4, 8), use_graphs=False)
+    want = fresh.generate_codes([6, 7], conds, [26, 26], forced=forced)
+    assert [(f, r) for f, r, _, _ in fresh.loops] == [(6, 2)]
+    warm = StaticTTS(tts, 8, window=128, row_buckets=(1, 2, 4, 8), use_graphs=False)
+    warm.warm_up(4)
+    warm.warm_up(4, top=True)
+    built = set(warm.loops)
+    assert {(f, r) for f, r, _, _ in built} == {(0, 4), (4, 4)}
+    assert len(warm.steps) == 2 * len(warm.token_buckets)  # every condition bucket at both ends
+    got = warm.generate_codes([6, 7], conds, [26, 26], forced=forced)
+    assert set(warm.loops) == built and got == want
+    assert warm.lengths.tolist() == fresh.lengths.tolist()
+    for layer in range(len(fresh.cache.keys)):
+        assert torch.allclose(fresh.cache.keys[layer][6:8], warm.cache.keys[layer][6:8], atol=2e-5)

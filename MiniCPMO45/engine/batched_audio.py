@@ -28,7 +28,7 @@ from ..model import MiniCPMO
 from ..modules.whisper import WhisperEncoder, WhisperStreamCache, cnn_frames
 from ..modules.whisper_slots import WhisperSlotCache, slot_stream_forward, trimmed_frames
 from ..processor.audio_features import MelUnit
-from .graphs import StaticStep, graphs_available, new_pool, pick_bucket, row_window
+from .graphs import StaticStep, covering_window, graphs_available, new_pool, pick_bucket, row_window
 from .session import Session
 from .static_decode import ROW_BUCKETS
 
@@ -161,8 +161,12 @@ class BatchedAudioEncoder:
         table = self.encoder.max_positions
         top = max(r.slot for r in rows)
         if self.static:
-            lo, n_rows = row_window(self.row_buckets, self.num_slots, [r.slot for r in rows])
             frames = -(-frames // MEL_FRAME_STEP) * MEL_FRAME_STEP
+            slots = [r.slot for r in rows]
+            captured = ((lo, n) for lo, n, f, new in self.steps if f == frames and new == new_frames)
+            lo, n_rows = covering_window(captured, slots) or row_window(
+                self.row_buckets, self.num_slots, slots
+            )
             window = table
         else:
             lo = min(r.slot for r in rows)

@@ -210,15 +210,26 @@ class DuplexBatcher:
             for top in ends:
                 if rows <= largest:
                     self.llm.warm_up(rows, (1,), top)
+        # A tick that holds both phases (a late phase catches up in the other's tick) runs every slot: its
+        # unit steps are captured too, so that an overloaded tick does not also pay for captures.
+        merged: int | None = pick_bucket(buckets, max_sessions)
+        if phases == 1 or merged == largest:
+            merged = None
+        if merged is not None:
+            self.llm.warm_up(merged, (*prefill_tokens, 2, 1))
         if self.tts is not None:
             for top in ends:
                 self.tts.warm_up(per_phase, top=top)
+            if merged is not None:
+                self.tts.warm_up(merged)
             self.tts.warm_up(1)  # its fused halves have a one-row case too (see `fused`)
             for rows in buckets:  # the draws' FlexAttention kernel is built per row bucket
                 self.tts.compile_shape(rows)
         if self.engine.model.apm is not None:
             for top in ends:
                 self.audio.warm_up(per_phase, top=top)
+            if merged is not None:
+                self.audio.warm_up(merged)
 
     # ---- prefill ------------------------------------------------------------------------------------------
     @torch.no_grad()

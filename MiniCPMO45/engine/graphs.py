@@ -12,7 +12,7 @@ effects when its inputs are "idle" (e.g. every row writes nothing and advances b
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -83,3 +83,15 @@ def row_window(buckets: list[int], num_slots: int, slots: Sequence[int]) -> tupl
     low = pick_bucket(buckets, max(slots) + 1)
     high = pick_bucket(buckets, num_slots - min(slots))
     return (0, low) if low <= high else (num_slots - high, high)
+
+
+def covering_window(windows: Iterable[tuple[int, int]], slots: Sequence[int]) -> tuple[int, int] | None:
+    """The `(first, rows)` with the fewest rows among `windows` (those already captured) that holds every slot,
+    or None. A step whose capture is expensive runs on such a window instead of capturing `row_window`'s
+    smaller one in a live tick: its idle rows cost far less than a capture."""
+    lo, hi = min(slots), max(slots)
+    fits = [(rows, first) for first, rows in windows if first <= lo and hi < first + rows]
+    if not fits:
+        return None
+    rows, first = min(fits)
+    return first, rows

@@ -32,7 +32,7 @@ from ..modules.kv_cache import CacheFullError, SlotKVCache
 from ..modules.qwen3 import Qwen3ForCausalLM
 from .flex_decode import FOLDED_MAX_TOKENS, MAX_TOKENS, BlockMask, step_attention, step_block_mask
 from .fused import EAGER, LayerKernels, kernels_for, layer_weights, merge_projections
-from .graphs import StaticStep, graphs_available, new_pool, pick_bucket, row_window
+from .graphs import StaticStep, covering_window, graphs_available, new_pool, pick_bucket, row_window
 
 log = logging.getLogger(__name__)
 
@@ -281,8 +281,13 @@ class StaticLLM:
         cur = list(lengths)
         if any(c + n > self.window for c, n in zip(cur, counts, strict=True)):
             raise CacheFullError(f"a slot would pass the attention window of {self.window} positions")
-        first, rows = row_window(self.row_buckets, self.cache.num_slots, slots)
         tokens = pick_bucket(self.token_buckets, max(counts))
+        # a captured step's rows if one holds these slots: its idle rows cost less than a capture (a few 100 ms)
+        # in a live tick
+        captured = ((f, r) for f, r, t in self.steps if t == tokens)
+        first, rows = covering_window(captured, slots) or row_window(
+            self.row_buckets, self.cache.num_slots, slots
+        )
         step = self._step(rows, tokens, first)
         idx = upload([s - first for s in slots], self.device)
         if all(c == tokens for c in counts):

@@ -28,7 +28,7 @@ from ..modules.tts_backbone import LLAMA_ROPE_THETA, TTSKVCache, rope_cos_sin
 from ..modules.tts_sampling import DUPLEX_SAMPLING, CodeSampling
 from .flex_decode import BlockMask, flex_available, step_block_mask
 from .fused import EAGER, LayerKernels, kernels_for, layer_weights, merge_projections
-from .graphs import StaticStep, graphs_available, new_pool, pick_bucket, row_window
+from .graphs import StaticStep, covering_window, graphs_available, new_pool, pick_bucket, row_window
 from .static_decode import ROW_BUCKETS, dense_step_mask, rows_from, slot_attention
 
 log = logging.getLogger(__name__)
@@ -259,14 +259,18 @@ class StaticTTS:
     def warm_up(
         self,
         rows: int,
-        condition_tokens: int = 32,
+        condition_tokens: int = TTS_TOKEN_BUCKETS[-1],
         sampling: CodeSampling = DUPLEX_SAMPLING,
         top: bool = False,
     ) -> None:
-        """Capture the steps of up to `rows` speaking slots: the lowest slots', or with `top` the highest."""
+        """Capture the steps of up to `rows` speaking slots (the lowest slots', or with `top` the highest): the
+        draw loop, and the condition step at every token bucket up to `condition_tokens`' (a unit's condition
+        is its text tokens, so its bucket changes from unit to unit)."""
         r = pick_bucket(self.row_buckets, rows)
         first = self.num_slots - r if top else 0
-        self._step(r, pick_bucket(self.token_buckets, condition_tokens), first)
+        for tokens in self.token_buckets:
+            if tokens <= pick_bucket(self.token_buckets, condition_tokens):
+                self._step(r, tokens, first)
         self._loop(r, DUPLEX_MAX_DRAWS, sampling, first)
 
     @torch.no_grad()
@@ -307,7 +311,10 @@ class StaticTTS:
             raise ValueError("a slot appears twice in one call")
         # one device read (indexing by a Python list would first copy the index from pageable memory)
         cur = self.lengths.index_select(0, upload(list(slots), self.device)).tolist()
-        first, rows = row_window(self.row_buckets, self.num_slots, slots)
+        # a captured loop's rows if one holds these slots: a loop's capture (every draw of the unit) takes
+        # seconds, far more than its idle rows cost
+        captured = ((f, r) for f, r, m, s in self.loops if m == max_new and s == sampling)
+        first, rows = covering_window(captured, slots) or row_window(self.row_buckets, self.num_slots, slots)
         counts = [int(c.shape[0]) for c in conditions]
         # a turn that would outgrow the window restarts its TTS context (a deviation only for > window turns)
         overflow = [s for s, c, k in zip(slots, cur, counts, strict=True) if c + k + max_new > self.window]
