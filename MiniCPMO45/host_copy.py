@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 
@@ -13,9 +14,12 @@ def upload(values: Sequence, device: torch.device, dtype: torch.dtype = torch.lo
     """`torch.tensor(values, dtype=dtype)` on `device`. To a GPU the copy goes through pinned memory and is
     queued asynchronously: a plain copy from pageable memory blocks the host until the device has run all the
     work queued before it, which would cost a host-device round trip per index tensor of a decode step."""
-    host = torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
-        return host.to(device)
+        return torch.tensor(values, dtype=dtype).to(device)
+    if isinstance(values, np.ndarray):  # wrapped, not copied: its one copy is the one into pinned memory
+        host = torch.from_numpy(np.ascontiguousarray(values)).to(dtype)
+    else:
+        host = torch.tensor(values, dtype=dtype)
     return host.pin_memory().to(device, non_blocking=True)
 
 
