@@ -71,10 +71,10 @@ class Shard:
     def connected(self, session: CallSession) -> None:
         self.send(m.Connected(session_id=session.id, mode=session.mode))
 
-    def forget(self, session: CallSession) -> None:
+    def forget(self, session: CallSession, why: str = "") -> None:
         if self.sessions.pop(session.id, None) is not None:
             self.stats.close_call(session)
-            self.send(m.Ended(session_id=session.id, reason="closed"))
+            self.send(m.Ended(session_id=session.id, reason=why or "closed"))
 
     # ---- the front link ----
 

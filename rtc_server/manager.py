@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections import OrderedDict
 from typing import Any
 
 import aioice.ice
@@ -25,6 +27,11 @@ from rtc_server.stats import ServerStats, Totals, add_up, process_cpu_s
 log = logging.getLogger("rtc_server.manager")
 Call = CallSession | RemoteCall  # a call whose media is in this process, or on a media shard
 MIN_PENDING = 8  # the bound on connecting calls over all clients is never lower than this
+# An ended call's URL answers 410 with how it ended for this long (a caller whose media process died learns
+# why there: its data channel died with that process), for the most recent calls only.
+ENDED_KEPT_S = 600.0
+ENDED_KEPT = 1024
+MEDIA_PROCESS_LOST = "media_process_lost"
 
 
 class UnknownMode(ValueError):
@@ -50,6 +57,7 @@ class SessionManager:
         self.shards: ShardPool | None = None  # set when media shards own the calls (workers.media_procs)
         self.offer_rate = SlidingWindow(config.rtc.offers_per_minute, window_s=60.0)
         self.stats = ServerStats()
+        self.ended: OrderedDict[str, tuple[float, str, str]] = OrderedDict()  # id -> (when, code, why)
         self._queue_task: asyncio.Task[None] | None = None
         configure_ice_consent(config.rtc.consent_interval_s, config.rtc.consent_failures)
 
@@ -142,9 +150,24 @@ class SessionManager:
     def get(self, session_id: str) -> Call | None:
         return self.sessions.get(session_id)
 
-    def forget(self, session: Call) -> None:
-        if self.sessions.pop(session.id, None) is not None and isinstance(session, CallSession):
+    def forget(self, session: Call, why: str = "", code: str = "session_ended") -> None:
+        if self.sessions.pop(session.id, None) is None:
+            return
+        if isinstance(session, CallSession):
             self.stats.close_call(session)
+        now = time.monotonic()
+        self.ended[session.id] = (now, code, why or "the call has ended")
+        while self.ended and (
+            len(self.ended) > ENDED_KEPT or next(iter(self.ended.values()))[0] < now - ENDED_KEPT_S
+        ):
+            self.ended.popitem(last=False)
+
+    def how_ended(self, session_id: str) -> tuple[str, str] | None:
+        """(code, why) of a call that ended lately, else None."""
+        seen = self.ended.get(session_id)
+        if seen is None or seen[0] < time.monotonic() - ENDED_KEPT_S:
+            return None
+        return seen[1], seen[2]
 
     # ---- media shards (rtc_server/shards.py): the calls whose media lives in another process ----
 
@@ -191,7 +214,10 @@ class SessionManager:
         for session_id in calls:
             call = self.sessions.get(session_id)
             if isinstance(call, RemoteCall):
-                call.ended("media process lost")
+                call.ended(
+                    f"the media process that carried the call (shard {shard.shard_id}) stopped",
+                    code=MEDIA_PROCESS_LOST,
+                )
 
     def on_shard_message(self, shard: ShardHandle, message: m.ShardMessage) -> None:
         call = self.sessions.get(getattr(message, "session_id", ""))

@@ -73,6 +73,7 @@ ERROR = _json(ev.ErrorResponse)
 TEXT = {"type": "string"}
 HTML = Body("text/html", schema=TEXT)
 NOT_FOUND = (404, ("no such session", ERROR))
+GONE = (410, ("the session ended lately; the error says how (`session_ended`, `media_process_lost`)", ERROR))
 UNAUTHORIZED = (401, ("missing or wrong bearer token (when `auth.api_token` is set)", ERROR))
 
 OPERATIONS: tuple[Operation, ...] = (
@@ -126,7 +127,12 @@ OPERATIONS: tuple[Operation, ...] = (
         "/api/sessions/{session_id}",
         "One session",
         "signalling",
-        responses={200: ("the session", _json(ev.SessionInfo)), 401: UNAUTHORIZED[1], 404: NOT_FOUND[1]},
+        responses={
+            200: ("the session", _json(ev.SessionInfo)),
+            401: UNAUTHORIZED[1],
+            404: NOT_FOUND[1],
+            410: GONE[1],
+        },
     ),
     Operation(
         "DELETE",
@@ -137,6 +143,7 @@ OPERATIONS: tuple[Operation, ...] = (
             200: ("the session is closed", _json(SessionClosed)),
             401: UNAUTHORIZED[1],
             404: NOT_FOUND[1],
+            410: GONE[1],
         },
     ),
     Operation(
@@ -203,6 +210,7 @@ OPERATIONS: tuple[Operation, ...] = (
             400: ("a candidate line cannot be parsed", ERROR),
             401: UNAUTHORIZED[1],
             404: NOT_FOUND[1],
+            410: GONE[1],
             415: ("Content-Type is not application/trickle-ice-sdpfrag", ERROR),
         },
     ),
@@ -211,7 +219,12 @@ OPERATIONS: tuple[Operation, ...] = (
         "/whip/{session_id}",
         "Hang up (WHIP)",
         "whip",
-        responses={204: ("the session is closed", None), 401: UNAUTHORIZED[1], 404: NOT_FOUND[1]},
+        responses={
+            204: ("the session is closed", None),
+            401: UNAUTHORIZED[1],
+            404: NOT_FOUND[1],
+            410: GONE[1],
+        },
     ),
     Operation(
         "GET",

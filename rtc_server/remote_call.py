@@ -74,7 +74,7 @@ class RemoteCall:
             log.info("session %s: hang-up on shard %d failed (%s)", self.id, self.shard.shard_id, exc)
         self.ended(reason)
 
-    def ended(self, reason: str) -> None:
+    def ended(self, reason: str, code: str = "session_ended") -> None:
         """The call is over on the shard (or the shard is gone): free its slot and forget it."""
         if self.phase == "closed":
             return
@@ -82,7 +82,7 @@ class RemoteCall:
         self.phase = "closed"
         self.shard.calls.discard(self.id)
         self.manager.admission.leave(self)
-        self.manager.forget(self)
+        self.manager.forget(self, reason, code)
         self.closed.set()
 
     # ---- admission (rtc_server.admission's Ticket) ----

@@ -560,7 +560,7 @@ class CallSession:
             with contextlib.suppress(Exception):
                 await self.pc.close()
         finally:
-            self.manager.forget(self)
+            self.manager.forget(self, reason)
             self.closed.set()
 
     def snapshot(self) -> CallSnapshot:

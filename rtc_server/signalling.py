@@ -111,8 +111,13 @@ async def _create(
 
 
 def _session(request: web.Request) -> Call:
-    session = _manager(request).get(request.match_info["session_id"])
+    manager = _manager(request)
+    session_id = request.match_info["session_id"]
+    session = manager.get(session_id)
     if session is None:
+        ended = manager.how_ended(session_id)
+        if ended is not None:  # 410: it was here, and this is how it ended
+            raise ApiError(410, *ended)
         raise ApiError(404, "unknown_session", "no session at this URL")
     return session
 

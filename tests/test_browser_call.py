@@ -79,3 +79,35 @@ async def test_browser_loopback_call(start_test_server, fake_mic: Path) -> None:
     assert any(e["type"] == "metrics" for e in events), "no unit reached the worker"
     await asyncio.sleep(0.3)
     assert server.manager.sessions == {}, "hang-up did not end the session"
+
+
+async def test_browser_says_why_when_the_media_process_of_its_call_dies(
+    start_test_server, fake_mic: Path
+) -> None:
+    """The call's media shard is killed mid-call: its events channel dies with it, so the page asks the call's
+    URL (410) and shows the reason instead of a bare "connection lost"."""
+    import os
+    import signal
+
+    require_chromium()
+    server = await start_test_server(workers={"media_procs": 1})
+    url = server.url.replace("localhost", "127.0.0.1")
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=chromium_args(fake_mic))
+        try:
+            page = await browser.new_page()
+            await page.goto(f"{url}/call.html?mode=loopback&autostart=1")
+            await page.wait_for_function(
+                arrow("window.callState.pc && window.callState.pc.connectionState === 'connected'"),
+                timeout=20000,
+            )
+            (shard,) = server.manager.shards.shards
+            os.kill(shard.pid, signal.SIGKILL)
+            await page.wait_for_function(
+                arrow("document.getElementById('transcript').textContent.includes('media_process_lost')"),
+                timeout=40000,
+            )
+            ARTIFACTS.mkdir(exist_ok=True)
+            await page.screenshot(path=str(ARTIFACTS / "browser-media-process-lost.png"), full_page=True)
+        finally:
+            await browser.close()

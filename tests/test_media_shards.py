@@ -75,6 +75,13 @@ async def test_calls_spread_over_two_shards_and_media_flows(start_test_server) -
         await wait_for(lambda: not server.manager.sessions, 10, "the calls to end")
         assert not server.manager.admission.busy
         assert all(not s.calls for s in server.manager.shards.shards)
+        async with (
+            aiohttp.ClientSession() as http
+        ):  # an ended call's URL says how it ended; a made-up one is 404
+            async with http.get(f"{server.url}/api/sessions/{calls[0].session_id}") as resp:
+                assert resp.status == 410 and (await resp.json())["error"]["code"] == "session_ended"
+            async with http.get(f"{server.url}/api/sessions/{calls[0].session_id[:-2]}xy") as resp:
+                assert resp.status == 404
     finally:
         for call in calls:
             await call.close()
@@ -94,6 +101,13 @@ async def test_a_killed_shard_ends_only_its_calls_and_comes_back(start_test_serv
         await wait_for(lambda: victim.session_id not in server.manager.sessions, 10, "the lost call to go")
         assert victim.session_id not in server.manager.admission.busy, "the lost call kept its slot"
         assert survivor.session_id in server.manager.admission.busy
+        # its events channel died with the shard: the caller learns why at the call's URL (410)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{server.url}/api/sessions/{victim.session_id}") as resp:
+                assert resp.status == 410
+                assert (await resp.json())["error"]["code"] == "media_process_lost"
+            async with http.get(f"{server.url}/api/sessions/{survivor.session_id}") as resp:
+                assert resp.status == 200
         # the other shard's call goes on: its audio keeps arriving
         before = survivor.recorder.frames
         await asyncio.sleep(1.0)

@@ -57,6 +57,11 @@ async def test_vanished_caller_is_cleaned_up_within_the_consent_timeout(start_te
         took = await _wait_for(lambda: not server.manager.sessions, budget, "the session to be dropped")
         print(f"vanished caller dropped after {took:.1f} s (budget {budget:.1f} s)")
         assert server.manager.admission.busy == {} and server.manager.admission.waiting == []
+        async with aiohttp.ClientSession() as http:  # the call's URL says it ended, and why
+            async with http.get(f"{server.url}/api/sessions/{call.session_id}") as resp:
+                body = await resp.json()
+        assert resp.status == 410 and body["error"]["code"] == "session_ended", body
+        assert body["error"]["message"] == "connection closed", body
     finally:
         await call.close()
     await asyncio.sleep(0.3)

@@ -406,7 +406,7 @@ function onConnectionState(pc) {
 }
 
 async function connectionLost() {
-  addTranscript("system", t("call.connectionLost"), "error");
+  addTranscript("system", (await howCallEnded()) || t("call.connectionLost"), "error");
   await teardown({ deleteSession: true });
   setStatus("failed");
   $("reconnect").hidden = false;
@@ -417,6 +417,18 @@ async function connectionLost() {
       if (!state.pc && state.status === "reconnecting") start();
     }, 1500 * state.retries);
   }
+}
+
+/** Why the server ended the call, when it did (its URL answers 410 with the reason): a media process that
+ * stopped could not say it over the events channel, which died with it. */
+async function howCallEnded() {
+  if (!state.sessionId) return null;
+  try {
+    await api(`/api/sessions/${encodeURIComponent(state.sessionId)}`);
+  } catch (err) {
+    if (err.status === 410) return t("call.endedWhy", { detail: `${err.message} (${err.code})` });
+  }
+  return null;
 }
 
 async function pollStats() {

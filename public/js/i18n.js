@@ -64,6 +64,7 @@ const STRINGS = {
     "call.startFailed": "The call could not start",
     "call.endedByServer": "The server ended the call.",
     "call.connectionLost": "The connection was lost.",
+    "call.endedWhy": "The server ended the call: {detail}.",
     "call.ended": "Call ended.",
     "call.unavailableShort": "unavailable",
 
@@ -272,6 +273,7 @@ const STRINGS = {
     "call.startFailed": "通话未能开始",
     "call.endedByServer": "服务器结束了通话。",
     "call.connectionLost": "连接已断开。",
+    "call.endedWhy": "服务器结束了通话：{detail}。",
     "call.ended": "通话已结束。",
     "call.unavailableShort": "不可用",
 
