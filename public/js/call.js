@@ -24,6 +24,8 @@ const state = {
   status: "idle",
   talk: null, // listening | thinking | speaking, from `state` events
   phase: null, // queued | active, from `session` events
+  mode: null, // the mode the server runs for this call, from `session` events
+  paused: false, // from `paused` / `resumed` events
   remoteLevel: 0,
   maxRemoteLevel: 0,
   localLevel: 0,
@@ -43,6 +45,7 @@ let lastAssistant = null; // transcript entry that text deltas of the current tu
 let serverModes = null;
 let disconnectTimer = null;
 let announcedMode = null; // the mode last announced in the transcript
+let callSettings = null; // the settings the current call was started with
 
 // ---- small UI helpers ----
 
@@ -141,9 +144,13 @@ function onEvent(event) {
         if (event.mode !== announcedMode) addTranscript("system", t("call.modeOpen", { mode: modeName(event.mode) }));
         announcedMode = event.mode;
       }
+      state.mode = event.mode;
+      if ([...$("mode").options].some((o) => o.value === event.mode)) $("mode").value = event.mode;
+      renderInCall();
       break;
     case "state":
       setTalkState(event.state);
+      renderInCall();
       break;
     case "text":
       onText(event);
@@ -156,12 +163,17 @@ function onEvent(event) {
       onQueue(event.position, event.eta_s);
       break;
     case "paused":
+      state.paused = true;
       addTranscript("system", t("call.paused", { s: event.timeout_s }));
+      renderInCall();
       break;
     case "resumed":
+      state.paused = false;
       addTranscript("system", t("call.resumed"));
+      renderInCall();
       break;
     case "error":
+      if (state.mode && $("mode").value !== state.mode) $("mode").value = state.mode; // a refused switch
       addTranscript("system", `${event.code}: ${event.message}`, "error");
       showError(t("call.serverError"), `${event.code}: ${event.message}`);
       break;
@@ -303,7 +315,7 @@ async function start() {
   $("start").disabled = true;
   $("start").hidden = true;
   $("reconnect").hidden = true;
-  $("mode").disabled = true;
+  $("mode").disabled = true; // until the call is active: then a change switches the call's mode
   state.hangingUp = false;
   $("stop").hidden = false;
   $("stop").disabled = false;
@@ -328,6 +340,8 @@ async function start() {
   attachSelfView(mode);
   fillDevices().catch(() => {});
 
+  callSettings = settings;
+  renderSetup(settings);
   const pc = new RTCPeerConnection();
   state.pc = pc;
   state.stream.getTracks().forEach((track) => pc.addTrack(track, state.stream));
@@ -471,6 +485,8 @@ async function teardown({ deleteSession }) {
   detachSelfView();
   setTalkState(null);
   state.phase = null;
+  state.mode = null;
+  state.paused = false;
   state.sessionId = null;
   lastAssistant = null;
   announcedMode = null;
@@ -484,7 +500,54 @@ function resetControls() {
   $("mode").disabled = false;
   $("text-input").disabled = true;
   $("text-send").disabled = true;
+  $("call-setup").hidden = true;
   renderToggles();
+  renderInCall();
+}
+
+// ---- in-call controls: interrupt, end turn (chat), pause/resume, live mode switch ----
+
+function sendControl(message) {
+  if (!state.channel || state.channel.readyState !== "open") return false;
+  state.channel.send(JSON.stringify(message));
+  return true;
+}
+
+function renderInCall() {
+  const active = Boolean(state.pc) && state.phase === "active";
+  $("in-call").hidden = !active;
+  $("mode").disabled = Boolean(state.pc) && !active;
+  if (!active) return;
+  $("end-turn").hidden = state.mode !== "chat";
+  $("interrupt").disabled = state.talk !== "speaking" && state.talk !== "thinking";
+  $("pause").setAttribute("aria-pressed", String(state.paused));
+  $("pause").innerHTML = state.paused ? ICONS.play : ICONS.pause;
+  const label = t(state.paused ? "call.resume" : "call.pause");
+  $("pause").setAttribute("aria-label", label);
+  $("pause").title = label;
+  // a live switch cannot add a camera the call was started without
+  const hasVideo = Boolean(state.stream && state.stream.getVideoTracks().length);
+  for (const option of $("mode").options) option.disabled = Boolean(modeById(option.value).video) && !hasVideo;
+}
+
+function switchMode(mode) {
+  if (mode === state.mode) return;
+  if (!sendControl({ type: "set_mode", mode })) {
+    $("mode").value = state.mode;
+    return;
+  }
+  addTranscript("system", t("call.switching", { mode: modeName(mode) }));
+}
+
+/** What this call was started with: the prompt (a preset's name, or the start of a custom prompt) and voice. */
+function renderSetup(settings) {
+  const prompt = settings.systemPrompt.trim();
+  const shown = prompt ? (prompt.length > 60 ? `${prompt.slice(0, 57)}…` : prompt) : t("call.defaultPrompt");
+  const voice = sessionRequestFields(settings).voice || t("call.defaultVoice");
+  const box = $("call-setup");
+  box.textContent = `${t("call.promptLabel")}: ${shown} · ${t("call.voiceLabel")}: ${voice}`;
+  box.title = prompt;
+  box.hidden = false;
 }
 
 async function hangUp() {
@@ -543,6 +606,8 @@ function renderAll() {
   renderToggles();
   setStatus(state.status);
   setTalkState(state.talk);
+  renderInCall();
+  if (state.pc && callSettings) renderSetup(callSettings);
   renderQueue();
   if (!$("stats").hidden) renderStats();
   const placeholder = $("transcript").querySelector(".placeholder");
@@ -557,6 +622,9 @@ function init() {
   $("stats-toggle").innerHTML = ICONS.chart;
   $("stop").innerHTML = ICONS.hangup;
   $("text-send").innerHTML = ICONS.send;
+  $("interrupt").innerHTML = ICONS.stopTalk;
+  $("end-turn").innerHTML = ICONS.check;
+  $("pause").innerHTML = ICONS.pause;
   renderAll();
   transcriptPlaceholder();
   onLangChange(renderAll);
@@ -567,7 +635,11 @@ function init() {
     start();
   };
   $("stop").onclick = () => hangUp();
+  $("interrupt").onclick = () => sendControl({ type: "interrupt" });
+  $("end-turn").onclick = () => sendControl({ type: "end_turn" });
+  $("pause").onclick = () => sendControl({ type: state.paused ? "resume" : "pause" });
   $("mode").onchange = () => {
+    if (state.pc && state.phase === "active") switchMode($("mode").value);
     const url = new URL(location.href);
     url.searchParams.set("mode", $("mode").value);
     history.replaceState(null, "", url);

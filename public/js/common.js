@@ -22,6 +22,10 @@ export const ICONS = {
   bot: svg('<rect x="3" y="8" width="18" height="12" rx="3"/><path d="M12 8V4M8 14h.01M16 14h.01"/><circle cx="12" cy="3" r="1"/>'),
   user: svg('<path d="M20 21v-2a4 4 0 0 0-4-4H8a4 4 0 0 0-4 4v2"/><circle cx="12" cy="7" r="4"/>'),
   send: svg('<path d="m22 2-7 20-4-9-9-4 20-7z"/>'),
+  stopTalk: svg('<rect x="6" y="6" width="12" height="12" rx="2"/>'),
+  pause: svg('<path d="M9 5v14M15 5v14"/>'),
+  play: svg('<path d="m7 4 13 8-13 8z"/>'),
+  check: svg('<path d="M20 6 9 17l-5-5"/>'),
   refresh: svg('<path d="M23 4v6h-6M1 20v-6h6"/><path d="M3.5 9a9 9 0 0 1 14.9-3.4L23 10M1 14l4.6 4.4A9 9 0 0 0 20.5 15"/>'),
 };
 

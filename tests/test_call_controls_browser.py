@@ -1,0 +1,99 @@
+"""The call page's in-call controls in headless Chromium: pause/resume, a live mode switch that the menu
+follows, "I'm done" in chat, interrupt, the call's prompt and voice shown, in English and Chinese."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Page, async_playwright
+
+from tests.browser_helpers import CHROMIUM, arrow, chromium_args, make_fake_mic, require_chromium
+from tests.conftest import REPO_ROOT
+
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def fake_mic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_fake_mic(tmp_path_factory.mktemp("mic"))
+
+
+def events(kind: str, where: str = "true") -> str:
+    return f"(window.callState.events || []).filter((e) => e.type === {json.dumps(kind)} && ({where}))"
+
+
+async def wait_event(page: Page, kind: str, where: str = "true", timeout: float = 30000) -> None:
+    await page.wait_for_function(arrow(f"{events(kind, where)}.length > 0"), timeout=timeout)
+
+
+async def test_in_call_controls(start_test_server, fake_mic: Path) -> None:
+    require_chromium()
+    server = await start_test_server(workers={"heartbeat_timeout_s": 30.0})
+    url = server.url.replace("localhost", "127.0.0.1")
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=chromium_args(fake_mic))
+        try:
+            page = await browser.new_page()
+            console_errors: list[str] = []
+            page.on("console", lambda msg: console_errors.append(msg.text) if msg.type == "error" else None)
+            await page.goto(f"{url}/call.html?mode=loopback&autostart=1")
+            await wait_event(page, "session", "e.phase === 'active' && e.mode === 'loopback'")
+            assert await page.is_visible("#in-call") and await page.is_hidden("#end-turn")
+            assert not await page.is_disabled("#mode"), "the mode menu must stay usable during a call"
+            setup = await page.text_content("#call-setup")
+            assert setup is not None and "Prompt" in setup and "Voice: default" in setup
+
+            # pause and resume: the button follows the server's events
+            await page.click("#pause")
+            await wait_event(page, "paused")
+            assert await page.get_attribute("#pause", "aria-pressed") == "true"
+            assert await page.get_attribute("#pause", "aria-label") == "Resume the call"
+            await page.click("#pause")
+            await wait_event(page, "resumed")
+            assert await page.get_attribute("#pause", "aria-pressed") == "false"
+
+            # a live switch to chat: the server reopens the call, the menu and the controls follow
+            session_id = await page.evaluate("window.callState.sessionId")
+            await page.select_option("#mode", "chat")
+            await wait_event(page, "session", "e.mode === 'chat' && e.phase === 'active'", timeout=60000)
+            assert await page.evaluate("window.callState.sessionId") == session_id, (
+                "a switch is not a new call"
+            )
+            assert await page.input_value("#mode") == "chat"
+            assert await page.is_visible("#end-turn")
+            camera_modes = await page.evaluate(
+                "[...document.getElementById('mode').options].filter((o) => o.disabled).map((o) => o.value)"
+            )
+            assert "omni_duplex" in camera_modes, "a call without a camera cannot switch to a camera mode"
+            call = server.manager.get(session_id)
+            assert call is not None and call.mode == "chat"
+
+            # "I'm done": the audio so far is the user's turn, and the model answers it
+            # (once some of the caller's audio reached the chat mode: its units come back as metrics)
+            start = await page.evaluate(f"{events('metrics')}.length")
+            await page.wait_for_function(arrow(f"{events('metrics')}.length >= {start} + 6"), timeout=30000)
+            await page.click("#end-turn")
+            await wait_event(page, "state", "e.state === 'thinking'", timeout=60000)
+            # interrupt while the reply runs: the call goes back to listening
+            await page.wait_for_function(
+                arrow("!document.getElementById('interrupt').disabled"), timeout=30000
+            )
+            listening = events("state", "e.state === 'listening'")
+            count = await page.evaluate(f"{listening}.length")
+            await page.click("#interrupt")
+            await page.wait_for_function(arrow(f"{listening}.length > {count}"), timeout=30000)
+
+            # the same controls in Chinese
+            await page.select_option("#lang", "zh")
+            assert await page.get_attribute("#pause", "aria-label") == "暂停通话"
+            assert "提示词" in (await page.text_content("#call-setup") or "")
+            ARTIFACTS.mkdir(exist_ok=True)
+            await page.screenshot(path=str(ARTIFACTS / "browser-call-controls.png"), full_page=True)
+            await page.click("#stop")
+            await page.wait_for_function(arrow("window.callState.sessionId === null"), timeout=10000)
+            assert await page.is_hidden("#in-call")
+        finally:
+            await browser.close()
+    assert not [e for e in console_errors if "favicon" not in e], console_errors
