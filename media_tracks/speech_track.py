@@ -170,6 +170,10 @@ class SpeechTrack(MediaStreamTrack):
         self._read = 0
         self._fill = 0
         self._resampler = None
+        if self._encoder is not None:
+            # A fresh encoder: CELT codes each frame's band energies relative to the previous frame's, so after
+            # a cut the old one lets the speech fade out over ~150 ms; a new one goes silent at once.
+            self._encoder = OpusFrameEncoder()
         self._wake_waiters()
 
     async def wait_buffered_below(self, seconds: float) -> None:

@@ -205,3 +205,22 @@ async def test_encoding_track_sends_one_opus_packet_per_frame_that_decodes_to_th
     assert dominant_frequency(speech[4800:], OUTPUT_RATE) == pytest.approx(440, abs=10)
     assert np.sqrt(np.mean(speech[4800:] ** 2)) > 0.2  # the tone's level (0.5 peak) survives the codec
     assert np.sqrt(np.mean(pcm[int(0.75 * OUTPUT_RATE) :] ** 2)) < 0.01  # then silence
+
+
+async def test_an_encoding_track_goes_silent_at_once_after_a_flush() -> None:
+    """Barge-in cuts loud speech: what the caller decodes is silent from the second frame after the cut (the
+    encoder starts afresh; CELT would otherwise fade the cut speech out over ~150 ms)."""
+    rng = np.random.default_rng(0)
+    track = SpeechTrack(input_rate=24000, encode=True)
+    track.push((0.3 * rng.standard_normal(24000 * 2)).astype(np.float32), turn=0)
+    decoder = av.CodecContext.create("libopus", "r")
+    decoder.sample_rate, decoder.layout, decoder.format = OUTPUT_RATE, "mono", "s16"
+
+    def decode(packets: list) -> list[float]:  # noqa: ANN001
+        return [float(np.abs(f.to_ndarray()).max()) / 32768 for p in packets for f in decoder.decode(p)]
+
+    before = decode(await pull(track, 25))
+    assert min(before[5:]) > 0.3
+    track.flush(1)
+    after = decode(await pull(track, 12))
+    assert max(after[2:]) == 0.0, after
