@@ -316,6 +316,20 @@ class MiniCPMOTokenizer:
     def detokenizer(self, skip_special_tokens: bool = True) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self, skip_special_tokens=skip_special_tokens)
 
+    @cached_property
+    def control_ids(self) -> frozenset[int]:
+        """Ids of every added token: the control vocabulary (`<|im_end|>`, `<|timbre_27|>`, `<tool_call>`, ...),
+        special or not. None of it is text for a person to read."""
+        return frozenset(self.backend.get_added_tokens_decoder())
+
+    def display_text(self, ids: Iterable[int]) -> str:
+        """The text of `ids` as a caller sees it: without any control token."""
+        return self.decode([i for i in ids if i not in self.control_ids], skip_special_tokens=True)
+
+    def display_detokenizer(self) -> IncrementalDetokenizer:
+        """Text deltas as a caller sees them (`display_text`, incrementally)."""
+        return IncrementalDetokenizer(self, skip_special_tokens=True, drop=self.control_ids)
+
 
 class IncrementalDetokenizer:
     """Turns a stream of generated ids into text deltas that never end in a broken UTF-8 character.
@@ -326,16 +340,21 @@ class IncrementalDetokenizer:
     """
 
     def __init__(
-        self, tokenizer: MiniCPMOTokenizer, skip_special_tokens: bool = True, max_hold: int = 6
+        self,
+        tokenizer: MiniCPMOTokenizer,
+        skip_special_tokens: bool = True,
+        max_hold: int = 6,
+        drop: frozenset[int] = frozenset(),
     ) -> None:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
         self._max_hold = max_hold
+        self._drop = drop  # ids left out entirely
         self._pending: list[int] = []
         self.text = ""
 
     def push(self, ids: int | Sequence[int]) -> str:
-        self._pending.extend([ids] if isinstance(ids, int) else ids)
+        self._pending.extend(i for i in ([ids] if isinstance(ids, int) else ids) if i not in self._drop)
         piece = self._tokenizer.decode(self._pending, skip_special_tokens=self._skip)
         if piece.endswith(REPLACEMENT_CHAR) and len(self._pending) < self._max_hold:
             return ""

@@ -179,6 +179,16 @@ class TextOut(_Msg):
     text: str
 
 
+class UserTurnOut(_Msg):
+    """The caller's turn as the model took it (turn-based modes): seconds of speech, or the typed text."""
+
+    type: Literal["user_turn"] = "user_turn"
+    session_id: str
+    turn: int
+    seconds: float | None = None
+    text: str | None = None
+
+
 class StateOut(_Msg):
     type: Literal["state"] = "state"
     session_id: str
@@ -239,6 +249,7 @@ Message = Annotated[
     | Opened
     | AudioOut
     | TextOut
+    | UserTurnOut
     | StateOut
     | FlushOut
     | UnitDone

@@ -50,6 +50,7 @@ from inference.modes.base import (
     Text,
     UnitInput,
     UnitTimings,
+    UserTurn,
     batch_runner,
 )
 from inference.processes import name_this_thread
@@ -413,6 +414,10 @@ class SessionRunner:
                 )
             elif isinstance(out, Text):
                 await self.conn.send(p.TextOut(session_id=sid, turn=out.turn, text=out.text))
+            elif isinstance(out, UserTurn):
+                await self.conn.send(
+                    p.UserTurnOut(session_id=sid, turn=out.turn, seconds=out.seconds, text=out.text)
+                )
             elif isinstance(out, State):
                 await self.conn.send(p.StateOut(session_id=sid, state=out.state))
             elif isinstance(out, Flush):

@@ -1,7 +1,7 @@
 """Messages of the `events` data channel and of the JSON signalling API, as pydantic models.
 
 Every data-channel message is a JSON object with a `type` field. Server -> client: `session`, `state`,
-`text`, `metrics`, `queue`, `error`, `paused`, `resumed`. Client -> server: `set_mode`, `interrupt`, `pause`,
+`text`, `user_turn`, `metrics`, `queue`, `error`, `paused`, `resumed`. Client -> server: `set_mode`, `interrupt`, `pause`,
 `resume`, `system_prompt`, `text`, `end_turn`. Unknown or malformed client messages are answered with an `error` event and the
 call goes on. These models are the single source for the API reference and the OpenAPI document.
 """
@@ -46,6 +46,16 @@ class TextEvent(_Event):
     type: Literal["text"] = "text"
     text: str
     turn: int
+
+
+class UserTurnEvent(_Event):
+    """The caller's turn `turn` as the model took it (turn-based modes): `seconds` of speech the voice activity
+    detector (or `end_turn`) cut, or the typed `text`. The assistant's reply to it has the same `turn`."""
+
+    type: Literal["user_turn"] = "user_turn"
+    turn: int
+    seconds: float | None = None
+    text: str | None = None
 
 
 class MetricsEvent(_Event):
@@ -113,6 +123,7 @@ ServerEvent = (
     SessionEvent
     | StateEvent
     | TextEvent
+    | UserTurnEvent
     | MetricsEvent
     | QueueEvent
     | ErrorEvent

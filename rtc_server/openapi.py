@@ -289,6 +289,7 @@ SERVER_EVENTS: tuple[type[BaseModel], ...] = (
     ev.SessionEvent,
     ev.StateEvent,
     ev.TextEvent,
+    ev.UserTurnEvent,
     ev.MetricsEvent,
     ev.QueueEvent,
     ev.ErrorEvent,

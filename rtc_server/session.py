@@ -401,6 +401,8 @@ class CallSession:
             self._on_audio(message, payload)
         elif isinstance(message, p.TextOut):
             self.send_event(ev.TextEvent(text=message.text, turn=message.turn))
+        elif isinstance(message, p.UserTurnOut):
+            self.send_event(ev.UserTurnEvent(turn=message.turn, seconds=message.seconds, text=message.text))
         elif isinstance(message, p.StateOut):
             self.state = message.state
             self.send_event(ev.StateEvent(state=message.state))

@@ -12,7 +12,7 @@ import torch
 
 from inference.engine_host import get_host
 from inference.modes import create_mode
-from inference.modes.base import Flush, SessionOptions, Speech, State, Text, UnitInput, UnitTimings
+from inference.modes.base import Flush, SessionOptions, Speech, State, Text, UnitInput, UnitTimings, UserTurn
 from MiniCPMO45.engine.context_window import SlidingWindow, drop_span
 from tests.conftest import REPO_ROOT
 
@@ -148,7 +148,7 @@ def test_chat_text_turn_streams_text_and_speech(host) -> None:
     try:
         assert setup.unit_samples == 5120
         outputs = mode.on_control({"type": "text", "text": "hello there"})
-        assert outputs == [State("thinking")]
+        assert outputs == [UserTurn(0, text="hello there"), State("thinking")]
         silence = np.zeros(5120, dtype=np.float32)
         for i in range(40):
             outputs += mode.on_unit(UnitInput(i, silence, 0.0), None)
@@ -176,7 +176,8 @@ def test_chat_push_to_talk_and_mode_switch_time(host) -> None:
         assert mode.on_control({"type": "end_turn"})[0].code == "empty_turn"
         for i in range(4):  # 1.3 s of noise: the VAD finds no speech, push-to-talk takes it all
             mode.on_unit(UnitInput(i, noise(rng, 5120), 0.0), None)
-        assert mode.on_control({"type": "end_turn"}) == [State("thinking")]
+        # the turn is what the model took: 4 units of 320 ms
+        assert mode.on_control({"type": "end_turn"}) == [UserTurn(0, seconds=1.28), State("thinking")]
         assert mode.reply is not None
     finally:
         mode.close()
@@ -278,3 +279,30 @@ def test_a_failed_open_gives_its_slots_back(host, mode_name: str) -> None:
     mode.open(SessionOptions("good"))
     mode.close()
     assert len(host.engine.cache._free) == free_kv
+
+
+def test_chat_text_never_shows_control_tokens(host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reply whose tokens include control tokens (`<tool_call>`, a timbre token, `<|tts_eos|>`): the caller's
+    text deltas carry only the words."""
+    from inference.modes import chat
+    from MiniCPMO45.engine.generation import TokenEvent
+
+    tok = host.engine.tokenizer
+    ids = tok.encode("Sure<tool_call> thing<|timbre_27|>!<|tts_eos|>")
+    assert tok.token_to_id("<tool_call>") in ids and tok.token_to_id("<|timbre_27|>") in ids
+
+    def scripted(engine, sessions, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        for k, i in enumerate(ids):
+            yield [TokenEvent(sessions[0], i, None, tok.decode([i]), done=k == len(ids) - 1)]
+
+    monkeypatch.setattr(chat.hd, "generate_reply", scripted)
+    mode = create_mode("chat", SETTINGS)
+    mode.open(SessionOptions("c-ctl"))
+    try:
+        outputs = mode.on_control({"type": "text", "text": "hi"})
+        for i in range(10):
+            outputs += mode.on_unit(UnitInput(i, np.zeros(5120, dtype=np.float32), 0.0), None)
+        text = "".join(o.text for o in outputs if isinstance(o, Text))
+        assert text == "Sure thing!", text
+    finally:
+        mode.close()

@@ -150,3 +150,12 @@ def test_tokenizer_json_is_accepted(tok: MiniCPMOTokenizer, tmp_path: Path, tiny
     text = "<|im_start|>user\nDescribe 激起缟<|im_end|>\n"
     assert again.encode(text) == tok.encode(text)
     assert again.special == tok.special
+
+
+def test_display_text_leaves_out_every_control_token(tok: MiniCPMOTokenizer) -> None:
+    """Added tokens that are not marked special (`<tool_call>`) are control tokens too: never shown."""
+    ids = tok.encode("a<tool_call>b</tool_call>c<|timbre_27|>d<|spk_eos|>")
+    assert tok.decode(ids, skip_special_tokens=True) != "abcd"  # the plain decode keeps `<tool_call>`
+    assert tok.display_text(ids) == "abcd"
+    det = tok.display_detokenizer()
+    assert "".join(det.push(i) for i in ids) + det.flush() == "abcd"

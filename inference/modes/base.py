@@ -48,6 +48,15 @@ class Text:
 
 
 @dataclass
+class UserTurn:
+    """The caller's turn `turn` as the model took it: `seconds` of speech, or typed `text`."""
+
+    turn: int
+    seconds: float | None = None
+    text: str | None = None
+
+
+@dataclass
 class State:
     state: Literal["listening", "thinking", "speaking"]
 
@@ -72,7 +81,7 @@ class UnitTimings:
     values: dict[str, float]
 
 
-Output = Speech | Text | State | Flush | ModeError | UnitTimings
+Output = Speech | Text | UserTurn | State | Flush | ModeError | UnitTimings
 
 
 DEFAULT_TICK_PHASES = 2  # the worker's tick phases per unit unless its settings say (`workers.tick_phases`)

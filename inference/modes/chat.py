@@ -37,6 +37,7 @@ from inference.modes.base import (
     Text,
     UnitInput,
     UnitTimings,
+    UserTurn,
 )
 from inference.options import ModeOptions
 from inference.speech import TurnVoice
@@ -48,6 +49,7 @@ from MiniCPMO45.engine.half_duplex import AudioSegment
 from MiniCPMO45.engine.sampling import ChatSampling
 from MiniCPMO45.engine.session import Session
 from MiniCPMO45.modules.tts import TTSSession
+from MiniCPMO45.tokenizer import IncrementalDetokenizer
 
 RATE = 16000
 UNIT_SAMPLES = 5120  # 320 ms: 10 VAD windows
@@ -60,10 +62,13 @@ DEFAULT_PROMPT = "You are a helpful voice assistant. Answer briefly, in a natura
 class Reply:
     """One reply in progress: the token stream and its speech."""
 
-    def __init__(self, events: Iterator[list[TokenEvent]], voice: TurnVoice, turn: int) -> None:
+    def __init__(
+        self, events: Iterator[list[TokenEvent]], voice: TurnVoice, turn: int, text: IncrementalDetokenizer
+    ) -> None:
         self.events = events
         self.voice = voice
         self.turn = turn
+        self.text = text  # the caller's text deltas: no control tokens (`<|tts_eos|>`, `<tool_call>`, ...)
         self.spoken = False
         self.done = False
         self.llm_ms = 0.0
@@ -81,14 +86,17 @@ class Reply:
                 if not step_events:
                     self.done = True
                 for event in step_events or []:
-                    if event.text_delta:
-                        outputs.append(Text(event.text_delta, self.turn))
+                    delta = self.text.push(event.token) if event.token is not None else ""
+                    if delta:
+                        outputs.append(Text(delta, self.turn))
                     if event.token is not None and event.hidden is not None:
                         voice.add(event.token, event.hidden)
                     if event.done:
                         self.done = True
             if self.done:
                 voice.finish()
+                if tail := self.text.flush():
+                    outputs.append(Text(tail, self.turn))
         for pcm in voice.next_audio():
             if pcm.size:
                 if not self.spoken:
@@ -214,6 +222,10 @@ class ChatMode:
         except ValueError as exc:
             return [*outputs, ModeError("turn_too_long", str(exc))]
         self.window.mark(engine.kv_length(session))
+        if audio is not None:
+            outputs.append(UserTurn(self.turn, seconds=round(audio.size / RATE, 2)))
+        else:
+            outputs.append(UserTurn(self.turn, text=text))
         outputs.append(State("thinking"))
         if audio is not None:
             hd.prefill_user_samples(engine, session, audio, stream=False)
@@ -227,7 +239,7 @@ class ChatMode:
             engine, [session], self.sampling, self.options.max_new_tokens, extra_banned=extra_banned
         )
         voice = TurnVoice(self.host, self.voice, self.tts)
-        self.reply = Reply(events, voice, self.turn)
+        self.reply = Reply(events, voice, self.turn, engine.tokenizer.display_detokenizer())
         return outputs
 
     def _advance(self) -> list[Output]:

@@ -201,8 +201,10 @@ class DuplexMode:
             if not self.speaking:
                 self.speaking = True
                 outputs.append(State("speaking"))
-            if result.text:
-                outputs.append(Text(result.text, self.turn))
+            # what the caller reads: the unit's tokens without control tokens (the engine's text keeps them)
+            text = self.batcher.engine.tokenizer.display_text(result.tts_token_ids)
+            if text:
+                outputs.append(Text(text, self.turn))
             if out.speech is not None:
                 timings.update(
                     tts_ms=self.batcher.timings["tts_ms"], vocoder_ms=self.batcher.timings["vocoder_ms"]
