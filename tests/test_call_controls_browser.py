@@ -76,6 +76,10 @@ async def test_in_call_controls(start_test_server, fake_mic: Path) -> None:
             await page.wait_for_function(arrow(f"{events('metrics')}.length >= {start} + 6"), timeout=30000)
             await page.click("#end-turn")
             await wait_event(page, "state", "e.state === 'thinking'", timeout=60000)
+            # the turn the model took shows in the transcript as a spoken turn with its length
+            await wait_event(page, "user_turn", "e.seconds > 1")
+            spoken = await page.text_content("#transcript li.user.spoken")
+            assert spoken is not None and "spoken" in spoken and " s" in spoken
             # interrupt while the reply runs: the call goes back to listening
             await page.wait_for_function(
                 arrow("!document.getElementById('interrupt').disabled"), timeout=30000

@@ -155,6 +155,13 @@ function onEvent(event) {
     case "text":
       onText(event);
       break;
+    case "user_turn":
+      // typed turns are in the transcript since they were sent; a spoken one shows how much the model took
+      if (event.seconds !== null && event.seconds !== undefined) {
+        addTranscript("user", t("call.spokenTurn", { s: event.seconds.toFixed(1) }), "spoken");
+      }
+      lastAssistant = null;
+      break;
     case "metrics":
       stats.addUnit(event);
       if (!$("stats").hidden) renderStats();
