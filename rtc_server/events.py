@@ -136,8 +136,12 @@ ServerEvent = (
 
 
 class SetModeMessage(_Event):
+    """Switch the call's mode. With `system_prompt` the new mode opens with that prompt (empty: the mode's own
+    default); without it the call's prompt carries over."""
+
     type: Literal["set_mode"]
     mode: str = Field(max_length=64)
+    system_prompt: str | None = Field(None, max_length=20000)
 
 
 class InterruptMessage(_Event):

@@ -232,7 +232,7 @@ class CallSession:
 
     def _handle_client_message(self, message: ev.ClientMessage) -> None:
         if isinstance(message, ev.SetModeMessage):
-            self._set_mode(message.mode)
+            self._set_mode(message.mode, message.system_prompt)
             return
         if isinstance(message, ev.InterruptMessage):
             self._cancel_timers()
@@ -275,11 +275,13 @@ class CallSession:
         )
         self.close_soon("pause timeout")
 
-    def _set_mode(self, mode: str) -> None:
+    def _set_mode(self, mode: str, system_prompt: str | None = None) -> None:
         if mode not in self.manager.known_modes():
             self.send_event(ev.ErrorEvent(code="unknown_mode", message=f"unknown mode {mode!r}"))
             return
         self.mode = mode
+        if system_prompt is not None:  # "" opens the new mode with its own default prompt
+            self.system_prompt = system_prompt or None
         self.manager.admission.switch(self, mode)
         if self.phase == "active" and self.worker_id is not None:
             self.mode_open = False

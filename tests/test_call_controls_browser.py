@@ -38,7 +38,14 @@ async def test_in_call_controls(start_test_server, fake_mic: Path) -> None:
             page = await browser.new_page()
             console_errors: list[str] = []
             page.on("console", lambda msg: console_errors.append(msg.text) if msg.type == "error" else None)
-            await page.goto(f"{url}/call.html?mode=loopback&autostart=1")
+            await page.goto(f"{url}/call.html?mode=loopback")
+            # a prompt of chat's own in the settings: it goes with a switch to chat, not with loopback
+            chat_prompt = {"chat": {"presetId": "custom", "text": "Answer briefly."}}
+            await page.evaluate(
+                "(p) => localStorage.setItem('minicpmo.settings.v1', JSON.stringify({prompts: p}))",
+                chat_prompt,
+            )
+            await page.click("#start")
             await wait_event(page, "session", "e.phase === 'active' && e.mode === 'loopback'")
             assert await page.is_visible("#in-call") and await page.is_hidden("#end-turn")
             assert not await page.is_disabled("#mode"), "the mode menu must stay usable during a call"
@@ -68,7 +75,8 @@ async def test_in_call_controls(start_test_server, fake_mic: Path) -> None:
             )
             assert "omni_duplex" in camera_modes, "a call without a camera cannot switch to a camera mode"
             call = server.manager.get(session_id)
-            assert call is not None and call.mode == "chat"
+            assert call is not None and call.mode == "chat" and call.system_prompt == "Answer briefly."
+            assert "Answer briefly." in (await page.text_content("#call-setup") or "")
 
             # "I'm done": the audio so far is the user's turn, and the model answers it
             # (once some of the caller's audio reached the chat mode: its units come back as metrics)

@@ -136,8 +136,12 @@ async def test_audio_duplex_whip_mode_switch_pause_and_timeout(start_test_server
         assert metric["prefill_ms"] is not None and metric["kv_tokens"] > 0 and metric["lag_ms"] >= 0
         await call.channel_open.wait()
         switches = {}
-        for mode in ("omni_duplex", "chat", "audio_duplex"):
-            call.send({"type": "set_mode", "mode": mode})
+        # a switch may bring the new mode's prompt ("" is the mode's own default); without one it carries over
+        prompts = {"omni_duplex": None, "chat": "Answer in one sentence.", "audio_duplex": ""}
+        for mode, prompt in prompts.items():
+            call.send(
+                {"type": "set_mode", "mode": mode, **({} if prompt is None else {"system_prompt": prompt})}
+            )
             await wait_until(
                 lambda m=mode: any(
                     e["type"] == "session" and e["mode"] == m and e["switch_ms"] for e in call.events[1:]
@@ -147,6 +151,10 @@ async def test_audio_duplex_whip_mode_switch_pause_and_timeout(start_test_server
             )
             event = [e for e in call.events if e["type"] == "session" and e["mode"] == mode][-1]
             switches[mode] = event["switch_ms"]
+            session = server.manager.get(call.session_id)
+            assert session is not None and session.system_prompt == (
+                {"chat": "Answer in one sentence."}.get(mode)
+            )
         print(f"mode switch times (ms, worker close + open, tiny model on CPU): {switches}")
         # nothing is reloaded: a switch costs a system-prompt prefill, far below a model load
         assert max(switches.values()) < 2000, switches

@@ -275,26 +275,41 @@ async def test_settings_persist_and_feed_the_call(server, browser: Browser, tmp_
         await page.goto(f"{server.url}/settings")
         await page.wait_for_function(arrow("document.querySelector('#preset').options.length > 1"))
         assert "from the server" in await page.text_content("#preset-source")
+        # a fresh browser uses each mode's own prompt: nothing is sent
+        assert await page.input_value("#prompt-mode") == "chat" and await page.input_value("#preset") == ""
+        request_fields = (
+            "(mode) => import('/js/settings-store.js').then(m => m.sessionRequestFields(undefined, mode))"
+        )
+        assert await page.evaluate(request_fields, "chat") == {"options": {}}
         await page.select_option("#preset", "chat_assistant_zh")
         prompt = await page.input_value("#system-prompt")
         assert "语音助手" in prompt
+        # presets are per mode: the duplex list has the duplex presets, and its prompt stays the default
+        await page.select_option("#prompt-mode", "audio_duplex")
+        duplex_presets = await page.evaluate(
+            "[...document.querySelector('#preset').options].map((o) => o.value)"
+        )
+        assert duplex_presets == ["", "audio_duplex_call_en", "audio_duplex_call_zh", "custom"], (
+            duplex_presets
+        )
+        assert await page.input_value("#system-prompt") == ""
         await page.fill("#silence-ms", "1200")
         await page.reload()
         await page.wait_for_function(arrow("document.querySelector('#preset').options.length > 1"))
         assert await page.input_value("#system-prompt") == prompt
         assert await page.input_value("#silence-ms") == "1200"
         assert await page.input_value("#preset") == "chat_assistant_zh"
-        request_fields = "import('/js/settings-store.js').then(m => m.sessionRequestFields())"
-        fields = await page.evaluate(request_fields)
-        assert fields["system_prompt"] == prompt and fields["options"]["min_silence_ms"] == 1200, fields
-        assert "voice" not in fields
+        fields = await page.evaluate(request_fields, "chat")
+        # only what the user changed goes with the call: the mode keeps its other defaults
+        assert fields == {"system_prompt": prompt, "options": {"min_silence_ms": 1200}}, fields
+        assert "system_prompt" not in await page.evaluate(request_fields, "audio_duplex")
         clip = tmp_path / "voice.wav"
         write_wav(clip, speech_signal(tmp_path / "speech.wav"))
         await page.set_input_files("#voice-file", str(clip))
         await page.wait_for_function(
             arrow("(JSON.parse(localStorage.getItem('minicpmo.settings.v1')) || {}).voiceId")
         )
-        fields = await page.evaluate(request_fields)
+        fields = await page.evaluate(request_fields, "chat")
         assert re.fullmatch(r"[0-9a-f]{24}", fields["voice"]), (
             fields
         )  # the uploaded voice feeds the next call

@@ -6,7 +6,7 @@ import { api, banner, formatDuration, h, ICONS, mountHeader } from "./common.js"
 import { applyI18n, onLangChange, t } from "./i18n.js";
 import { LevelMeter } from "./levels.js";
 import { MODES, modeById } from "./modes.js";
-import { loadSettings, saveSettings, sessionRequestFields } from "./settings-store.js";
+import { loadSettings, promptFor, saveSettings, sessionRequestFields } from "./settings-store.js";
 
 const AUDIO_CONSTRAINTS = { echoCancellation: true, noiseSuppression: true, autoGainControl: true };
 const AUTO_RETRIES = 2;
@@ -146,6 +146,7 @@ function onEvent(event) {
       }
       state.mode = event.mode;
       if ([...$("mode").options].some((o) => o.value === event.mode)) $("mode").value = event.mode;
+      if (callSettings) renderSetup(callSettings, event.mode);
       renderInCall();
       break;
     case "state":
@@ -348,7 +349,7 @@ async function start() {
   fillDevices().catch(() => {});
 
   callSettings = settings;
-  renderSetup(settings);
+  renderSetup(settings, mode.id);
   const pc = new RTCPeerConnection();
   state.pc = pc;
   state.stream.getTracks().forEach((track) => pc.addTrack(track, state.stream));
@@ -393,7 +394,7 @@ async function start() {
     await waitForIceGathering(pc);
     const answer = await api("/api/sessions", {
       method: "POST",
-      json: { sdp: pc.localDescription.sdp, type: "offer", mode: mode.id, ...sessionRequestFields(settings) },
+      json: { sdp: pc.localDescription.sdp, type: "offer", mode: mode.id, ...sessionRequestFields(settings, mode.id) },
     });
     if (state.pc !== pc) return; // hung up meanwhile
     state.sessionId = answer.session_id;
@@ -539,7 +540,8 @@ function renderInCall() {
 
 function switchMode(mode) {
   if (mode === state.mode) return;
-  if (!sendControl({ type: "set_mode", mode })) {
+  // the new mode opens with its own prompt from the settings ("" for its default)
+  if (!sendControl({ type: "set_mode", mode, system_prompt: promptFor(callSettings || loadSettings(), mode) })) {
     $("mode").value = state.mode;
     return;
   }
@@ -547,8 +549,8 @@ function switchMode(mode) {
 }
 
 /** What this call was started with: the prompt (a preset's name, or the start of a custom prompt) and voice. */
-function renderSetup(settings) {
-  const prompt = settings.systemPrompt.trim();
+function renderSetup(settings, mode) {
+  const prompt = promptFor(settings, mode);
   const shown = prompt ? (prompt.length > 60 ? `${prompt.slice(0, 57)}…` : prompt) : t("call.defaultPrompt");
   const voice = sessionRequestFields(settings).voice || t("call.defaultVoice");
   const box = $("call-setup");
@@ -614,7 +616,7 @@ function renderAll() {
   setStatus(state.status);
   setTalkState(state.talk);
   renderInCall();
-  if (state.pc && callSettings) renderSetup(callSettings);
+  if (state.pc && callSettings) renderSetup(callSettings, state.mode || currentMode().id);
   renderQueue();
   if (!$("stats").hidden) renderStats();
   const placeholder = $("transcript").querySelector(".placeholder");

@@ -1,9 +1,11 @@
 // User settings, kept in localStorage. The call page sends what the server accepts with the session request.
 const KEY = "minicpmo.settings.v1";
 
+// The modes that take a system prompt; each keeps its own (a chat prompt is not a duplex prompt).
+export const PROMPT_MODES = ["chat", "audio_duplex", "omni_duplex"];
+
 export const DEFAULTS = Object.freeze({
-  presetId: "assistant_en",
-  systemPrompt: "",
+  prompts: {}, // mode -> {presetId: "" (the mode's own default) | a preset id | "custom", text}
   voiceId: "",
   vadThreshold: 0.5, // turn-based: speech probability that starts a user turn
   silenceMs: 800, // turn-based: silence that ends a user turn
@@ -19,12 +21,33 @@ export const DEFAULTS = Object.freeze({
 });
 
 export function loadSettings() {
+  let stored = {};
   try {
-    const stored = JSON.parse(localStorage.getItem(KEY) || "{}");
-    return { ...DEFAULTS, ...(stored && typeof stored === "object" ? stored : {}) };
+    stored = JSON.parse(localStorage.getItem(KEY) || "{}");
   } catch {
-    return { ...DEFAULTS };
+    stored = {};
   }
+  if (!stored || typeof stored !== "object") stored = {};
+  const settings = { ...DEFAULTS, ...stored };
+  if (!settings.prompts || typeof settings.prompts !== "object") settings.prompts = {};
+  // Before prompts were per mode, one prompt went with every mode: a custom one becomes chat's.
+  if (typeof stored.systemPrompt === "string" && stored.systemPrompt.trim() && !stored.prompts && !stored.presetId) {
+    settings.prompts = { chat: { presetId: "custom", text: stored.systemPrompt } };
+  }
+  delete settings.systemPrompt;
+  delete settings.presetId;
+  return settings;
+}
+
+/** The prompt a call in `mode` sends ("" when the mode's own default is used). */
+export function promptFor(settings, mode) {
+  const entry = settings.prompts[mode];
+  return entry && entry.presetId !== "" && typeof entry.text === "string" ? entry.text.trim() : "";
+}
+
+export function savePrompt(mode, presetId, text) {
+  const settings = loadSettings();
+  return saveSettings({ prompts: { ...settings.prompts, [mode]: { presetId, text } } });
 }
 
 export function saveSettings(changes) {
@@ -41,22 +64,28 @@ export function resetSettings() {
   return next;
 }
 
-/** Fields of POST /api/sessions that come from the settings (the server's SessionRequest accepts these). */
-export function sessionRequestFields(settings = loadSettings()) {
+/** Fields of POST /api/sessions for a call in `mode` that come from the settings (the server's SessionRequest). */
+export function sessionRequestFields(settings = loadSettings(), mode = "chat") {
   const fields = {};
-  if (settings.systemPrompt.trim()) fields.system_prompt = settings.systemPrompt;
+  const prompt = promptFor(settings, mode);
+  if (prompt) fields.system_prompt = prompt;
   if (/^[0-9a-f]{24}$/.test(settings.voiceId || "")) fields.voice = settings.voiceId;
-  // The server's ModeOptions bounds (inference/options.py); out-of-range or unset values are left out.
+  // The server's ModeOptions bounds (inference/options.py). Only values the user changed are sent: otherwise
+  // each mode keeps its own tuned defaults (duplex samples with top-k 20, chat with top-k 100).
   const options = {
-    vad_threshold: clamp(Number(settings.vadThreshold), 0.05, 0.95),
-    min_silence_ms: clamp(Math.round(Number(settings.silenceMs)), 100, 5000),
-    temperature: clamp(Number(settings.temperature), 0.05, 2),
-    top_p: clamp(Number(settings.topP), 0.05, 1),
-    top_k: clamp(Math.round(Number(settings.topK)), 0, 1000),
-    max_new_tokens: clamp(Math.round(Number(settings.maxNewTokens)), 1, 4096),
-    length_penalty: clamp(Number(settings.lengthPenalty), 0.05, 5),
+    vad_threshold: ["vadThreshold", (v) => clamp(v, 0.05, 0.95)],
+    min_silence_ms: ["silenceMs", (v) => clamp(Math.round(v), 100, 5000)],
+    temperature: ["temperature", (v) => clamp(v, 0.05, 2)],
+    top_p: ["topP", (v) => clamp(v, 0.05, 1)],
+    top_k: ["topK", (v) => clamp(Math.round(v), 0, 1000)],
+    max_new_tokens: ["maxNewTokens", (v) => clamp(Math.round(v), 1, 4096)],
+    length_penalty: ["lengthPenalty", (v) => clamp(v, 0.05, 5)],
   };
-  fields.options = Object.fromEntries(Object.entries(options).filter(([, v]) => Number.isFinite(v)));
+  fields.options = {};
+  for (const [name, [key, bound]] of Object.entries(options)) {
+    const value = bound(Number(settings[key]));
+    if (Number.isFinite(value) && Number(settings[key]) !== DEFAULTS[key]) fields.options[name] = value;
+  }
   return fields;
 }
 

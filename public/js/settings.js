@@ -2,7 +2,8 @@
 import { api, banner, mountHeader } from "./common.js";
 import { getLang, onLangChange, t } from "./i18n.js";
 import { loadPresets } from "./presets.js";
-import { DEFAULTS, loadSettings, resetSettings, saveSettings } from "./settings-store.js";
+import { modeById } from "./modes.js";
+import { loadSettings, PROMPT_MODES, resetSettings, savePrompt, saveSettings } from "./settings-store.js";
 
 const $ = (id) => document.getElementById(id);
 const RECORD_MS = 10000;
@@ -17,6 +18,7 @@ const NUMBER_FIELDS = {
 };
 
 let presets = { presets: [], source: "builtin" };
+let promptMode = "chat"; // the mode whose prompt the form shows
 let savedTimer = null;
 
 function flashSaved() {
@@ -25,32 +27,52 @@ function flashSaved() {
   savedTimer = setTimeout(() => ($("saved").hidden = true), 1500);
 }
 
+function promptEntry(s = loadSettings()) {
+  return s.prompts[promptMode] || { presetId: "", text: "" };
+}
+
 function fillForm() {
   const s = loadSettings();
-  $("system-prompt").value = s.systemPrompt;
+  const entry = promptEntry(s);
+  $("system-prompt").value = entry.presetId === "" ? "" : entry.text;
+  $("system-prompt").placeholder = t("settings.presetDefault");
   for (const [id, key] of Object.entries(NUMBER_FIELDS)) $(id).value = s[key];
   $("vad-value").textContent = Number(s.vadThreshold).toFixed(2);
   $("api-token").value = s.apiToken;
   $("voice-current").textContent = s.voiceId ? t("settings.voiceCurrent", { id: s.voiceId }) : t("settings.voiceNone");
 }
 
+function modeTitle(id) {
+  const mode = modeById(id);
+  return mode.key ? t(`mode.${mode.key}.title`) : id;
+}
+
 function renderPresets() {
+  const modes = $("prompt-mode");
+  modes.innerHTML = "";
+  for (const id of PROMPT_MODES) modes.append(new Option(modeTitle(id), id));
+  modes.value = promptMode;
   const select = $("preset");
-  const s = loadSettings();
+  const entry = promptEntry();
   select.innerHTML = "";
-  select.append(new Option(t("settings.presetCustom"), ""));
-  for (const p of presets.presets) select.append(new Option(p.name[getLang()] || p.name.en || p.id, p.id));
-  select.value = presets.presets.some((p) => p.id === s.presetId) ? s.presetId : "";
+  select.append(new Option(t("settings.presetDefault"), ""));
+  const mine = presets.presets.filter((p) => p.mode === promptMode);
+  for (const p of mine) select.append(new Option(p.name[getLang()] || p.name.en || p.id, p.id));
+  select.append(new Option(t("settings.presetCustom"), "custom"));
+  select.value = entry.presetId === "" || mine.some((p) => p.id === entry.presetId) ? entry.presetId : "custom";
   $("preset-source").textContent = t(presets.source === "server" ? "settings.presetsServer" : "settings.presetsBuiltin");
 }
 
 function applyPreset(id) {
   const preset = presets.presets.find((p) => p.id === id);
-  if (!preset) {
-    saveSettings({ presetId: "" });
-  } else {
-    saveSettings({ presetId: id, systemPrompt: preset.system_prompt });
+  if (id === "") {
+    savePrompt(promptMode, "", "");
+    $("system-prompt").value = "";
+  } else if (preset) {
+    savePrompt(promptMode, id, preset.system_prompt);
     $("system-prompt").value = preset.system_prompt;
+  } else {
+    savePrompt(promptMode, "custom", $("system-prompt").value);
   }
   flashSaved();
 }
@@ -136,15 +158,19 @@ async function recordVoice() {
 }
 
 function bind() {
+  $("prompt-mode").onchange = (e) => {
+    promptMode = e.target.value;
+    renderPresets();
+    fillForm();
+  };
   $("preset").onchange = (e) => applyPreset(e.target.value);
   $("system-prompt").oninput = (e) => {
+    // editing makes the prompt this mode's own (an emptied box goes back to the mode's default)
+    const text = e.target.value;
     const preset = presets.presets.find((p) => p.id === $("preset").value);
-    const changes = { systemPrompt: e.target.value };
-    if (preset && preset.system_prompt !== e.target.value) {
-      changes.presetId = "";
-      $("preset").value = "";
-    }
-    saveSettings(changes);
+    const presetId = !text.trim() ? "" : preset && preset.system_prompt === text ? preset.id : "custom";
+    savePrompt(promptMode, presetId, text);
+    $("preset").value = presetId;
     flashSaved();
   };
   for (const [id, key] of Object.entries(NUMBER_FIELDS)) {
@@ -172,8 +198,6 @@ function bind() {
   $("voice-record").onclick = () => recordVoice();
   $("reset").onclick = () => {
     resetSettings();
-    const preset = presets.presets.find((p) => p.id === DEFAULTS.presetId);
-    if (preset) saveSettings({ systemPrompt: preset.system_prompt });
     fillForm();
     renderPresets();
     flashSaved();
@@ -188,11 +212,5 @@ onLangChange(() => {
   fillForm();
 });
 presets = await loadPresets();
-// First visit: start from the default preset's text rather than an empty prompt.
-const first = loadSettings();
-if (!first.systemPrompt && first.presetId) {
-  const preset = presets.presets.find((p) => p.id === first.presetId);
-  if (preset) saveSettings({ systemPrompt: preset.system_prompt });
-}
 renderPresets();
 fillForm();
