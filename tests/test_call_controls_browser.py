@@ -109,3 +109,54 @@ async def test_in_call_controls(start_test_server, fake_mic: Path) -> None:
         finally:
             await browser.close()
     assert not [e for e in console_errors if "favicon" not in e], console_errors
+
+
+# The browser's devices, as a page sees them: no camera at all, or a user who denied the permission.
+NO_CAMERA = """
+const real = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+navigator.mediaDevices.getUserMedia = (c) =>
+  c && c.video ? Promise.reject(new DOMException("Requested device not found", "NotFoundError")) : real(c);
+"""
+DENIED = """
+navigator.mediaDevices.getUserMedia = () =>
+  Promise.reject(new DOMException("Permission denied", "NotAllowedError"));
+"""
+
+
+async def test_device_problems_say_what_to_do(start_test_server, fake_mic: Path) -> None:
+    require_chromium()
+    server = await start_test_server()
+    url = server.url.replace("localhost", "127.0.0.1")
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=chromium_args(fake_mic))
+        try:
+            # a video call on a machine without a camera goes on as an audio call, and says so
+            page = await browser.new_page()
+            await page.add_init_script(NO_CAMERA)
+            await page.goto(f"{url}/call.html?mode=omni_duplex&autostart=1")
+            await wait_event(
+                page, "session", "e.phase === 'active' && e.mode === 'audio_duplex'", timeout=60000
+            )
+            assert "No camera is available" in (await page.text_content("#transcript") or "")
+            assert await page.input_value("#mode") == "audio_duplex"
+            await page.click("#stop")
+            await page.close()
+            # a denied microphone: how to allow it, in the user's language
+            for lang, title, how in (
+                ("en", "The browser blocked the microphone", "address bar"),
+                ("zh", "浏览器禁止了麦克风", "地址栏"),
+            ):
+                page = await browser.new_page()
+                await page.add_init_script(DENIED)
+                await page.add_init_script(f"localStorage.setItem('minicpmo.lang', {json.dumps(lang)})")
+                await page.goto(f"{url}/call.html?mode=chat&autostart=1")
+                await page.wait_for_selector("#call-error")
+                text = await page.text_content("#call-error") or ""
+                assert title in text and how in text, text
+                assert await page.is_visible("#start") and await page.is_hidden("#stop")
+                ARTIFACTS.mkdir(exist_ok=True)
+                await page.screenshot(path=str(ARTIFACTS / f"browser-mic-denied-{lang}.png"))
+                await page.close()
+        finally:
+            await browser.close()
+    assert not server.manager.sessions

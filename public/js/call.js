@@ -214,6 +214,33 @@ async function getMedia(constraints) {
   }
 }
 
+function isDenied(err) {
+  return err && (err.name === "NotAllowedError" || err.name === "SecurityError");
+}
+
+/** The microphone alone, when a video mode's camera is missing or busy; null if even that fails. */
+async function audioOnlyFallback() {
+  try {
+    return await getMedia({ audio: { ...AUDIO_CONSTRAINTS }, video: false });
+  } catch {
+    return null;
+  }
+}
+
+/** What went wrong with the devices, and what the user can do about it. */
+function showMediaError(err, mode) {
+  const name = err && err.name;
+  if (isDenied(err)) {
+    showError(t(mode.video ? "call.denied.camMic" : "call.denied.mic"), t("call.denied.how"));
+  } else if (name === "NotFoundError" || name === "OverconstrainedError") {
+    showError(t("call.noMic"), t("call.noMicHow"));
+  } else if (name === "NotReadableError" || name === "AbortError") {
+    showError(t("call.micBusy"), t("call.micBusyHow"));
+  } else {
+    showError(t("call.mediaFailed"), `${name || "Error"}: ${(err && err.message) || err}`);
+  }
+}
+
 function ensureAudioContext() {
   if (!audioContext) audioContext = new AudioContext();
   if (audioContext.state === "suspended") audioContext.resume().catch(() => {});
@@ -318,7 +345,7 @@ function currentMode() {
 async function start() {
   if (state.pc) return;
   clearError();
-  const mode = currentMode();
+  let mode = currentMode();
   const settings = loadSettings();
   $("start").disabled = true;
   $("start").hidden = true;
@@ -334,10 +361,20 @@ async function start() {
   try {
     state.stream = await getMedia(state.constraints);
   } catch (err) {
-    showError(t("call.mediaFailed"), `${err.name}: ${err.message}`);
-    resetControls();
-    setStatus("idle");
-    return;
+    const fallback = mode.video && !isDenied(err) ? await audioOnlyFallback() : null;
+    if (!fallback) {
+      showMediaError(err, mode);
+      resetControls();
+      setStatus("idle");
+      return;
+    }
+    // No usable camera: the call goes on as an audio call, and says so.
+    state.stream = fallback;
+    mode = modeById("audio_duplex");
+    $("mode").value = mode.id;
+    state.constraints = mediaConstraints(mode, settings);
+    addTranscript("system", t("call.noCameraAudioOnly"), "error");
+    renderToggles();
   }
   // Mute and camera-off chosen before the call apply to the new tracks.
   const micOff = $("mic").getAttribute("aria-pressed") === "true";
