@@ -109,5 +109,8 @@ async def test_browser_says_why_when_the_media_process_of_its_call_dies(
             )
             ARTIFACTS.mkdir(exist_ok=True)
             await page.screenshot(path=str(ARTIFACTS / "browser-media-process-lost.png"), full_page=True)
+            # a lost connection offers one way back, Reconnect (the page also retries by itself): never both
+            await page.wait_for_function(arrow("window.callState.status !== 'connected'"))
+            assert await page.is_hidden("#start")
         finally:
             await browser.close()

@@ -160,3 +160,29 @@ async def test_device_problems_say_what_to_do(start_test_server, fake_mic: Path)
         finally:
             await browser.close()
     assert not server.manager.sessions
+
+
+async def test_where_calls_start_and_how_they_end(start_test_server, fake_mic: Path) -> None:
+    """Home's Start starts the call (no second click); "Call" in the menu opens the last mode used (an audio
+    call on a fresh browser, not the microphone test); a call the server ends offers "Start call" only."""
+    require_chromium()
+    server = await start_test_server(session={"pause_timeout_s": 1.0})
+    url = server.url.replace("localhost", "127.0.0.1")
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=chromium_args(fake_mic))
+        try:
+            page = await browser.new_page()
+            await page.goto(f"{url}/call")
+            assert await page.input_value("#mode") == "audio_duplex"
+            await page.goto(f"{url}/")
+            await page.click("article[data-mode='loopback'] a.button")
+            await wait_event(page, "session", "e.phase === 'active' && e.mode === 'loopback'")
+            # the server ends the call (a pause that is never resumed)
+            await page.click("#pause")
+            await wait_event(page, "error", "e.code === 'pause_timeout'")
+            await page.wait_for_function(arrow("window.callState.status === 'ended'"), timeout=15000)
+            assert await page.is_visible("#start") and await page.is_hidden("#reconnect")
+            await page.goto(f"{url}/call")
+            assert await page.input_value("#mode") == "loopback"
+        finally:
+            await browser.close()

@@ -180,11 +180,17 @@ function onEvent(event) {
       addTranscript("system", t("call.resumed"));
       renderInCall();
       break;
-    case "error":
+    case "error": {
       if (state.mode && $("mode").value !== state.mode) $("mode").value = state.mode; // a refused switch
       addTranscript("system", `${event.code}: ${event.message}`, "error");
       showError(t("call.serverError"), `${event.code}: ${event.message}`);
+      // an error the call goes on after (e.g. audio_too_fast) does not stay on screen
+      const pc = state.pc;
+      setTimeout(() => {
+        if (state.pc === pc && pc && pc.connectionState === "connected") clearError();
+      }, 8000);
       break;
+    }
   }
 }
 
@@ -386,6 +392,7 @@ async function start() {
   fillDevices().catch(() => {});
 
   callSettings = settings;
+  saveSettings({ lastMode: mode.id });
   renderSetup(settings, mode.id);
   const pc = new RTCPeerConnection();
   state.pc = pc;
@@ -417,10 +424,7 @@ async function start() {
     if (state.pc === pc && !state.hangingUp && pc.connectionState !== "failed") {
       // The server ended the call (its reason came as an `error` event, if any): no automatic retry.
       addTranscript("system", t("call.endedByServer"));
-      teardown({ deleteSession: false }).then(() => {
-        setStatus("ended");
-        $("reconnect").hidden = false;
-      });
+      teardown({ deleteSession: false }).then(() => setStatus("ended")); // "Start call" begins a new one
     }
   };
   requestAnimationFrame(animateLevels);
@@ -469,6 +473,7 @@ async function connectionLost() {
   await teardown({ deleteSession: true });
   setStatus("failed");
   $("reconnect").hidden = false;
+  $("start").hidden = true; // one way back: Reconnect
   if (state.retries < AUTO_RETRIES) {
     state.retries += 1;
     setStatus("reconnecting");
@@ -635,7 +640,8 @@ function modeName(id) {
 
 function renderModeSelect() {
   const select = $("mode");
-  const chosen = select.value || params.get("mode") || "loopback";
+  // the URL's mode, else the last one this browser called in, else an audio call (not the microphone test)
+  const chosen = select.value || params.get("mode") || loadSettings().lastMode || "audio_duplex";
   select.innerHTML = "";
   const ids = MODES.map((m) => m.id);
   if (!ids.includes(chosen)) ids.push(chosen); // a mode from the URL that we have no card for

@@ -38,7 +38,7 @@ function renderModes() {
         "div",
         { class: "foot" },
         status,
-        h("a", { class: `button ${available === false ? "" : "primary"}`, href: `/call?mode=${mode.id}` }, t("home.start")),
+        h("a", { class: `button ${available === false ? "" : "primary"}`, href: `/call?mode=${mode.id}&autostart=1` }, t("home.start")),
       ),
     );
     grid.append(card);

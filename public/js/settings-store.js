@@ -7,6 +7,7 @@ export const PROMPT_MODES = ["chat", "audio_duplex", "omni_duplex"];
 export const DEFAULTS = Object.freeze({
   prompts: {}, // mode -> {presetId: "" (the mode's own default) | a preset id | "custom", text}
   voiceId: "",
+  lastMode: "", // the mode of the last call: where "Call" in the menu opens
   vadThreshold: 0.5, // turn-based: speech probability that starts a user turn
   silenceMs: 800, // turn-based: silence that ends a user turn
   temperature: 0.7,
