@@ -141,7 +141,9 @@ class Admission:
         """Expected wait in seconds of each queued caller, in queue order."""
         expected = self.expected_session_s()
         now = self.clock()
-        slots = [max(expected - (now - b.admitted_at), 1.0) for b in self.busy.values()]
+        # A call past the usual length is not about to end: count at least half a usual call for it, so that
+        # an overdue queue does not promise "1 s" to everyone.
+        slots = [max(expected - (now - b.admitted_at), expected / 2) for b in self.busy.values()]
         slots += [0.0] * max(self.capacity - len(slots), 0)
         if not slots:
             slots = [expected]

@@ -65,9 +65,13 @@ def test_fifo_queue_with_etas_and_bound() -> None:
 
     adm.request(e)
     adm.request(c)
-    # ETA now uses the measured 40 s length: b's slot (40 s old) is overdue -> 1 s; d's is fresh -> 40 s
-    assert e.updates[-1] == (1, 1.0)
+    # ETA now uses the measured 40 s length: b's slot (40 s old) is overdue -> half a usual call, 20 s, never
+    # "1 s" (which the whole queue would get when every call runs long); d's is fresh -> 40 s
+    assert e.updates[-1] == (1, 20.0)
     assert c.updates[-1] == (2, 40.0)
+    clock.now += 300  # both calls far past the usual length: each slot is half a usual call away, not 1 s
+    adm.notify_queue()
+    assert e.updates[-1] == (1, 20.0) and c.updates[-1] == (2, 20.0)
 
 
 def test_down_worker_takes_no_sessions_until_it_is_back() -> None:

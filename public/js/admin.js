@@ -78,7 +78,7 @@ function render() {
       ["admin.col.session", (x) => shortId(x.session_id)],
       ["admin.col.mode", (x) => x.mode],
       ["admin.col.phase", (x) => badge(x.phase === "active" ? "ok" : "warn", t(`admin.phase.${x.phase}`))],
-      ["admin.col.talk", (x) => t(`state.${x.state}`)],
+      ["admin.col.talk", (x) => (x.phase === "active" ? t(`state.${x.state}`) : t(`admin.phase.${x.phase}`))],
       ["admin.col.worker", (x) => (x.worker_id === null ? "–" : String(x.worker_id)), "num"],
       ["admin.col.duration", (x) => formatDuration(x.age_s), "num"],
       ["admin.col.p50", (x) => ms(x.unit_latency_p50_ms), "num"],

@@ -105,7 +105,12 @@ function transcriptPlaceholder() {
 
 function onQueue(position, etaS) {
   const deadline = Date.now() + etaS * 1000;
-  if (position !== queue.position || queue.deadline === null || deadline < queue.deadline) queue.deadline = deadline;
+  // The countdown only moves up with a new place in the queue, or when it ran out (the server's estimate is
+  // refreshed every few seconds): a wait that turned out longer shows a new estimate, not "over the estimate".
+  const overdue = queue.deadline !== null && queue.deadline < Date.now();
+  if (position !== queue.position || queue.deadline === null || deadline < queue.deadline || overdue) {
+    queue.deadline = deadline;
+  }
   queue.position = position;
   $("queue").hidden = false;
   setStatus("queued");
