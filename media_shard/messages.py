@@ -44,6 +44,7 @@ class Offer(_Msg):
     voice: str | None = None
     options: dict[str, Any] | None = None
     known_modes: list[str]
+    notice: tuple[str, str] | None = None  # (code, message) of an `error` event the call sends once it opens
 
 
 class Trickle(_Msg):

@@ -23,6 +23,7 @@ from inference.protocol import Challenge, ProtocolError
 from media_shard import messages as m
 from rtc_server.client_limits import Client
 from rtc_server.config import AppConfig
+from rtc_server.events import ErrorEvent
 from rtc_server.manager import configure_ice_consent
 from rtc_server.session import BadCandidate, BadOffer, CallSession
 from rtc_server.stats import ServerStats, process_cpu_s
@@ -141,6 +142,8 @@ class Shard:
             session_id=offer.session_id,
         )
         self.sessions[session.id] = session
+        if offer.notice is not None:
+            session.send_event(ErrorEvent(code=offer.notice[0], message=offer.notice[1]))
         try:
             sdp = await session.answer(offer.sdp)
         except BadOffer as exc:

@@ -15,6 +15,7 @@ from inference.links import LinkTarget
 from inference.modes import mode_names
 from inference.supervisor import WorkerSupervisor
 from media_shard import messages as m
+from rtc_server import events as ev
 from rtc_server.admission import Admission, QueueFull
 from rtc_server.client_limits import Client, SlidingWindow, TooManyRequests
 from rtc_server.config import AppConfig
@@ -117,8 +118,10 @@ class SessionManager:
         options: dict[str, Any] | None = None,
         *,
         client: Client,
+        notice: tuple[str, str] | None = None,
     ) -> Call:
-        """Answer an offer; the call asks for a slot once it connects (`connected`).
+        """Answer an offer; the call asks for a slot once it connects (`connected`). `notice` (code, message):
+        an `error` event the call sends once its events channel opens, and goes on (e.g. `unknown_voice`).
 
         Raises UnknownMode, TooManyRequests, ServerBusy, QueueFull or BadOffer.
         """
@@ -128,10 +131,12 @@ class SessionManager:
         self.check_new_call(mode, client)
         if self.shards is not None:
             return await self._create_remote(
-                self.shards, offer_sdp, mode, system_prompt, voice, options, client
+                self.shards, offer_sdp, mode, system_prompt, voice, options, client, notice
             )
         session = CallSession(self, mode, system_prompt, voice, options, client)
         self.sessions[session.id] = session
+        if notice is not None:
+            session.send_event(ev.ErrorEvent(code=notice[0], message=notice[1]))
         try:
             await session.answer(offer_sdp)
         except BaseException:
@@ -180,6 +185,7 @@ class SessionManager:
         voice: str | None,
         options: dict[str, Any] | None,
         client: Client,
+        notice: tuple[str, str] | None = None,
     ) -> RemoteCall:
         shard = pool.choose()
         if shard is None:
@@ -196,6 +202,7 @@ class SessionManager:
             voice=voice,
             options=options,
             known_modes=self.known_modes(),
+            notice=notice,
         )
         try:
             await call.offer(offer)

@@ -21,7 +21,7 @@ from rtc_server.admin_api import ADMIN_HEADER, AdminStatus
 from rtc_server.info_api import VERSION, ServerInfo
 from rtc_server.presets import PresetList
 from rtc_server.signalling import MANAGER_KEY, SDP_TYPE, TRICKLE_TYPE
-from rtc_server.voices import VoiceInfo, VoiceList
+from rtc_server.voices import VoiceInfo, VoiceList, VoicePatch
 
 REF = "#/components/schemas/{model}"
 Auth = Literal["none", "api", "admin"]
@@ -162,15 +162,52 @@ OPERATIONS: tuple[Operation, ...] = (
             413: ("larger than `voices.max_bytes`", ERROR),
             415: ("Content-Type is not audio/wav (or multipart/form-data with a `file` part)", ERROR),
         },
+        query=(Query("name", "the voice's name in the library (default: the upload time)"),),
         description="The body is a WAV file (`audio/wav`), or a multipart form whose `file` part is one. It is "
         "decoded with PyAV, resampled to 16 kHz mono and stored under its content hash, which is the voice id.",
     ),
     Operation(
         "GET",
         "/api/voices",
-        "List the stored voices",
+        "List the stored voices, the newest first",
         "voices",
         responses={200: ("stored voices", _json(VoiceList)), 401: UNAUTHORIZED[1]},
+    ),
+    Operation(
+        "GET",
+        "/api/voices/{voice_id}",
+        "A voice's audio (16 kHz mono WAV), to preview it",
+        "voices",
+        responses={
+            200: ("the voice", Body("audio/wav", schema={"type": "string", "format": "binary"})),
+            401: UNAUTHORIZED[1],
+            404: ("no such voice (`unknown_voice`)", ERROR),
+        },
+    ),
+    Operation(
+        "PATCH",
+        "/api/voices/{voice_id}",
+        "Rename a voice",
+        "voices",
+        request=_json(VoicePatch),
+        responses={
+            200: ("the renamed voice", _json(VoiceInfo)),
+            400: ("an invalid name (`bad_request`)", ERROR),
+            401: UNAUTHORIZED[1],
+            404: ("no such voice (`unknown_voice`)", ERROR),
+            415: ("Content-Type is not application/json", ERROR),
+        },
+    ),
+    Operation(
+        "DELETE",
+        "/api/voices/{voice_id}",
+        "Delete a voice (calls using it keep it; new calls asking for it get the default voice)",
+        "voices",
+        responses={
+            204: ("deleted", None),
+            401: UNAUTHORIZED[1],
+            404: ("no such voice (`unknown_voice`)", ERROR),
+        },
     ),
     Operation(
         "GET",

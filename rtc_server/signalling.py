@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from rtc_server import events as ev
 from rtc_server.admission import QueueFull
 from rtc_server.client_limits import TooManyRequests, client_of
+from rtc_server.events import quote
 from rtc_server.manager import Call, ServerBusy, SessionManager, UnknownMode
 from rtc_server.session import BadCandidate, BadOffer
 from rtc_server.shards import ShardError
@@ -89,14 +90,17 @@ async def _create(
     voice: str | None = None,
     options: dict[str, Any] | None = None,
 ) -> Call:
+    notice = None
     if voice is not None and not voice_exists(request.app, voice):
-        raise ApiError(400, "unknown_voice", f"no voice {voice!r}; upload one with POST /api/voices")
+        # a voice deleted since the caller chose it must not block the call: the default voice speaks
+        notice = ("unknown_voice", f"no voice {quote(voice)} on this server; the default voice speaks")
+        voice = None
     manager = _manager(request)
     # the bearer token counts as a client only where tokens are in use (the auth middleware checked it)
     bearer = request.headers.get("Authorization") if manager.config.auth.api_token else None
     client = client_of(request.remote, bearer)
     try:
-        return await manager.create(sdp, mode, system_prompt, voice, options, client=client)
+        return await manager.create(sdp, mode, system_prompt, voice, options, client=client, notice=notice)
     except UnknownMode as exc:
         raise ApiError(400, "unknown_mode", str(exc)) from None
     except BadOffer as exc:

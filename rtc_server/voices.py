@@ -1,4 +1,5 @@
-"""Reference voices: `POST /api/voices` uploads a WAV, `GET /api/voices` lists the stored ones.
+"""Reference voices: `POST /api/voices` uploads a WAV (`?name=` names it), `GET /api/voices` lists the stored ones,
+`GET /api/voices/{id}` returns one's audio (a preview), `PATCH` renames it and `DELETE` removes it.
 
 An upload is validated (Content-Type, size, then the RIFF/WAVE header: sample format, channels, rate and
 duration, before PyAV decodes anything, since a tiny file that says "1 Hz" decodes to gigabytes), converted to
@@ -6,7 +7,8 @@ duration, before PyAV decodes anything, since a tiny file that says "1 Hz" decod
 the same recording uploaded twice gives the same id, and the worker caches the voice's prompt per id.
 A session uses a voice with `"voice": "<id>"` in `POST /api/sessions` (or `?voice=` on `/whip`); the worker
 reads the file from the same folder (`voices.dir`) and feeds it to the LLM (reference audio) and to the
-vocoder's prompt front end.
+vocoder's prompt front end. A call that names a voice the server no longer has goes on with the default voice
+and an `unknown_voice` error event. A voice's name and upload time sit beside its audio in `<id>.json`.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
 import re
 import struct
+import time
 import wave
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +28,7 @@ import av
 import numpy as np
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from inference.wav import pcm16_wav
 from rtc_server.config import AppConfig
@@ -47,6 +51,15 @@ class VoiceError(ValueError):
         self.code = code
 
 
+NAME_CHARS = 80
+
+
+def clean_name(name: str) -> str:
+    """A voice name as stored: control characters dropped, whitespace folded, at most NAME_CHARS."""
+    text = " ".join("".join(c for c in name if c.isprintable()).split())
+    return text[:NAME_CHARS]
+
+
 class VoiceInfo(BaseModel):
     """Body of `POST /api/voices` (201) and one entry of `GET /api/voices`."""
 
@@ -54,6 +67,15 @@ class VoiceInfo(BaseModel):
     voice_id: str
     duration_s: float
     sample_rate: int = RATE
+    name: str = ""
+    created_at: float | None = None  # Unix time of the first upload
+
+
+class VoicePatch(BaseModel):
+    """Body of `PATCH /api/voices/{id}`."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200)
 
 
 class VoiceList(BaseModel):
@@ -156,7 +178,39 @@ def decode_wav(data: bytes, max_s: float) -> np.ndarray:
     return np.concatenate(chunks).astype(np.float32)
 
 
-def store_voice(folder: Path, data: bytes, min_s: float, max_s: float) -> VoiceInfo:
+def _meta_path(folder: Path, voice_id: str) -> Path:
+    return folder / f"{voice_id}.json"
+
+
+def read_meta(folder: Path, voice_id: str) -> dict[str, object]:
+    try:
+        meta = json.loads(_meta_path(folder, voice_id).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def write_meta(folder: Path, voice_id: str, meta: dict[str, object]) -> None:
+    tmp = _meta_path(folder, voice_id).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta), encoding="utf-8")
+    tmp.replace(_meta_path(folder, voice_id))
+
+
+def voice_info(folder: Path, voice_id: str) -> VoiceInfo:
+    with wave.open(str(folder / f"{voice_id}.wav")) as w:
+        duration = round(w.getnframes() / RATE, 3)
+    meta = read_meta(folder, voice_id)
+    name = meta.get("name")
+    created = meta.get("created_at")
+    return VoiceInfo(
+        voice_id=voice_id,
+        duration_s=duration,
+        name=name if isinstance(name, str) else "",
+        created_at=float(created) if isinstance(created, int | float) else None,
+    )
+
+
+def store_voice(folder: Path, data: bytes, min_s: float, max_s: float, name: str = "") -> VoiceInfo:
     """Validate, normalise and store one upload (blocking: run it off the event loop)."""
     pcm = decode_wav(data, max_s)
     duration = pcm.size / RATE
@@ -178,7 +232,13 @@ def store_voice(folder: Path, data: bytes, min_s: float, max_s: float) -> VoiceI
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(normalised)
         tmp.replace(path)
-    return VoiceInfo(voice_id=voice_id, duration_s=round(duration, 3))
+    meta = read_meta(folder, voice_id)
+    if "created_at" not in meta:
+        meta["created_at"] = round(time.time(), 3)
+    if name or "name" not in meta:
+        meta["name"] = clean_name(name) or time.strftime("Voice %Y-%m-%d %H:%M")
+    write_meta(folder, voice_id, meta)
+    return voice_info(folder, voice_id)
 
 
 def voice_exists(app: web.Application, voice_id: str) -> bool:
@@ -240,8 +300,11 @@ async def upload_voice(request: web.Request) -> web.Response:
     config = request.app[CONFIG_KEY].voices
     try:
         data = await _upload_bytes(request, config.max_bytes)
+        name = request.query.get("name", "")
+        if len(name) > 200:
+            raise VoiceError(400, "bad_request", "the name is longer than 200 characters")
         info = await asyncio.to_thread(
-            store_voice, request.app[DIR_KEY], data, config.min_duration_s, config.max_duration_s
+            store_voice, request.app[DIR_KEY], data, config.min_duration_s, config.max_duration_s, name
         )
     except VoiceError as exc:
         raise ApiError(exc.status, exc.code, str(exc)) from None
@@ -252,12 +315,61 @@ async def upload_voice(request: web.Request) -> web.Response:
 
 async def list_voices(request: web.Request) -> web.Response:
     folder = request.app[DIR_KEY]
-    voices = []
-    for path in sorted(folder.glob("*.wav")) if folder.is_dir() else []:
-        if VOICE_ID.match(path.stem):
-            with wave.open(str(path)) as w:
-                voices.append(VoiceInfo(voice_id=path.stem, duration_s=round(w.getnframes() / RATE, 3)))
+    ids = [p.stem for p in folder.glob("*.wav") if VOICE_ID.match(p.stem)] if folder.is_dir() else []
+    voices = await asyncio.to_thread(lambda: [voice_info(folder, i) for i in ids])
+    voices.sort(key=lambda v: (v.created_at or 0.0, v.voice_id), reverse=True)  # the newest first
     return web.json_response(VoiceList(voices=voices).model_dump())
+
+
+def _voice_id(request: web.Request) -> str:
+    from rtc_server.signalling import ApiError
+
+    voice_id = request.match_info["voice_id"]
+    if not voice_exists(request.app, voice_id):
+        raise ApiError(404, "unknown_voice", "no voice at this URL")
+    return voice_id
+
+
+async def get_voice_audio(request: web.Request) -> web.StreamResponse:
+    """The voice as stored (16 kHz mono PCM16 WAV): a preview for the voice library."""
+    voice_id = _voice_id(request)
+    return web.FileResponse(
+        request.app[DIR_KEY] / f"{voice_id}.wav",
+        headers={"Content-Type": "audio/wav", "Cache-Control": "private, max-age=3600"},
+    )
+
+
+async def rename_voice(request: web.Request) -> web.Response:
+    from rtc_server.signalling import ApiError
+
+    voice_id = _voice_id(request)
+    if request.content_type != "application/json":
+        raise ApiError(415, "unsupported_media_type", "expected Content-Type application/json")
+    try:
+        patch = VoicePatch.model_validate_json(await _read_limited(request, 4096))
+    except VoiceError as exc:
+        raise ApiError(exc.status, exc.code, str(exc)) from None
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+        raise ApiError(400, "bad_request", problems) from None
+    name = clean_name(patch.name)
+    if not name:
+        raise ApiError(400, "bad_request", "name: the name has no printable characters")
+    folder = request.app[DIR_KEY]
+    meta = read_meta(folder, voice_id)
+    meta["name"] = name
+    await asyncio.to_thread(write_meta, folder, voice_id, meta)
+    return web.json_response(voice_info(folder, voice_id).model_dump())
+
+
+async def delete_voice(request: web.Request) -> web.Response:
+    """Remove a voice. Calls that use it keep it (the worker holds its prompt); new calls that ask for it get
+    the default voice and an `unknown_voice` event."""
+    voice_id = _voice_id(request)
+    folder = request.app[DIR_KEY]
+    for path in (folder / f"{voice_id}.wav", _meta_path(folder, voice_id)):
+        path.unlink(missing_ok=True)
+    return web.Response(status=204)
 
 
 def add_voice_routes(app: web.Application, config: AppConfig, folder: Path) -> None:
@@ -265,3 +377,6 @@ def add_voice_routes(app: web.Application, config: AppConfig, folder: Path) -> N
     app[DIR_KEY] = folder
     app.router.add_post("/api/voices", upload_voice)
     app.router.add_get("/api/voices", list_voices)
+    app.router.add_get("/api/voices/{voice_id}", get_voice_audio)
+    app.router.add_patch("/api/voices/{voice_id}", rename_voice)
+    app.router.add_delete("/api/voices/{voice_id}", delete_voice)

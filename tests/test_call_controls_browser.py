@@ -3,9 +3,11 @@ follows, "I'm done" in chat, interrupt, the call's prompt and voice shown, in En
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
+import aiohttp
 import pytest
 from playwright.async_api import Page, async_playwright
 
@@ -184,5 +186,65 @@ async def test_where_calls_start_and_how_they_end(start_test_server, fake_mic: P
             assert await page.is_visible("#start") and await page.is_hidden("#reconnect")
             await page.goto(f"{url}/call")
             assert await page.input_value("#mode") == "loopback"
+        finally:
+            await browser.close()
+
+
+async def test_voice_library(start_test_server, fake_mic: Path, tmp_path: Path) -> None:
+    """Upload a clip (named after its file), preview it, rename it, use it, delete it; a call with the
+    deleted voice gets the default voice and says so in the page's language."""
+    require_chromium()
+    server = await start_test_server(voices={"dir": str(tmp_path / "voices")})
+    url = server.url.replace("localhost", "127.0.0.1")
+    clip = tmp_path / "Aunt May.wav"
+    clip.write_bytes(fake_mic.read_bytes())
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=chromium_args(fake_mic))
+        try:
+            page = await browser.new_page()
+            await page.goto(f"{url}/settings")
+            await page.set_input_files("#voice-file", str(clip))
+            row = page.locator("#voice-list li", has_text="Aunt May")
+            await row.wait_for(timeout=15000)
+            voice_id = await row.get_attribute("data-voice")
+            assert voice_id and await row.locator("button.use").get_attribute("aria-pressed") == "true"
+            assert "Aunt May" in (await page.text_content("#voice-current") or "")
+            # the preview plays the stored clip (16 kHz), as long as the upload
+            await row.locator("button.play").click()
+            await page.wait_for_function(arrow("window.voicePreview && window.voicePreview.duration > 0"))
+            duration = await page.evaluate("window.voicePreview.duration")
+            listed = {
+                v["voice_id"]: v
+                for v in (await (await page.request.get(f"{url}/api/voices")).json())["voices"]
+            }
+            assert abs(duration - listed[voice_id]["duration_s"]) < 0.05, (duration, listed)
+            # rename (the browser's prompt), then the default voice is chosen again
+            page.once("dialog", lambda d: asyncio.ensure_future(d.accept("Aunt May (kitchen)")))
+            await row.locator("button.rename").click()
+            await page.locator("#voice-list li", has_text="kitchen").wait_for()
+            await page.click("#voice-list li[data-voice='default'] button.use")
+            assert (await page.text_content("#voice-current") or "").startswith("Default")
+            await page.click(f"#voice-list li[data-voice='{voice_id}'] button.use")
+            # the voice goes from the server behind the page's back: the call still starts, with the default
+            # voice, and says so (in Chinese here)
+            async with (
+                aiohttp.ClientSession() as http,
+                http.delete(f"{server.url}/api/voices/{voice_id}") as resp,
+            ):
+                assert resp.status == 204
+            await page.evaluate("localStorage.setItem('minicpmo.lang', 'zh')")
+            await page.goto(f"{url}/call.html?mode=loopback&autostart=1")
+            await wait_event(page, "error", "e.code === 'unknown_voice'")
+            assert "默认音色" in (await page.text_content("#transcript") or "")
+            await wait_event(page, "session", "e.phase === 'active'")
+            await page.click("#stop")
+            # back on the settings page the library no longer lists it, and the default voice is in use
+            await page.goto(f"{url}/settings")
+            await page.locator(
+                "#voice-list li[data-voice='default'] button.use[aria-pressed='true']"
+            ).wait_for()
+            assert await page.locator(f"#voice-list li[data-voice='{voice_id}']").count() == 0
+            ARTIFACTS.mkdir(exist_ok=True)
+            await page.screenshot(path=str(ARTIFACTS / "browser-voice-library-zh.png"), full_page=True)
         finally:
             await browser.close()

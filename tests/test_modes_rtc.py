@@ -244,11 +244,51 @@ async def test_voice_upload_validation_and_use(start_test_server, speech: np.nda
             assert (status, body["error"]["code"]) == (want_status, want_code), (want_code, body)
         async with http.get(url) as resp:
             assert [v["voice_id"] for v in (await resp.json())["voices"]] == [voice_id]
-    # an unknown voice is refused before any call starts
+        # the library: a name, a preview of the stored audio, a rename, a delete
+        status, body = await post(pcm16_wav(resample(speech[::-1].copy(), RATE, 16000), 16000), "audio/wav")
+        other = body["voice_id"]
+        async with http.post(
+            f"{url}?name=Grandpa%00%20%20Joe", data=voice, headers={"Content-Type": "audio/wav"}
+        ) as resp:
+            assert (await resp.json())["name"] == "Grandpa Joe"  # control characters and runs of spaces go
+        async with http.get(url) as resp:
+            listed = (await resp.json())["voices"]
+        assert [v["voice_id"] for v in listed] == [other, voice_id]  # the newest first
+        assert {v["voice_id"]: v["name"] for v in listed}[voice_id] == "Grandpa Joe"
+        async with http.get(f"{url}/{voice_id}") as resp:
+            assert resp.status == 200 and resp.content_type == "audio/wav"
+            assert (await resp.read())[:4] == b"RIFF"
+        patch = {"Content-Type": "application/json"}
+        async with http.patch(f"{url}/{voice_id}", data=b'{"name": "Joe"}', headers=patch) as resp:
+            assert resp.status == 200 and (await resp.json())["name"] == "Joe"
+        for bad_body, code in (
+            (b'{"name": ""}', 400),
+            (b'{"name": 5}', 400),
+            (b"{", 400),
+            (b'{"nom": "x"}', 400),
+        ):
+            async with http.patch(f"{url}/{voice_id}", data=bad_body, headers=patch) as resp:
+                assert resp.status == code and (await resp.json())["error"]["code"] == "bad_request"
+        for method in ("GET", "PATCH", "DELETE"):
+            for bad_id in ("0" * 24, "..%2F..%2Fetc%2Fpasswd", "X" * 24):
+                async with http.request(
+                    method, f"{url}/{bad_id}", data=b'{"name":"a"}', headers=patch
+                ) as resp:
+                    assert resp.status == 404, (method, bad_id, resp.status)
+        async with http.delete(f"{url}/{other}") as resp:
+            assert resp.status == 204
+        async with http.get(url) as resp:
+            assert [v["voice_id"] for v in (await resp.json())["voices"]] == [voice_id]
+    # a voice the server no longer has does not block a call: the default voice speaks, and the call says so
     call = TimedCall(server.url, silence(30))
-    with pytest.raises(RuntimeError, match="unknown_voice"):
-        await call.start_json("chat", voice="0" * 24)
-    await call.close()
+    try:
+        await call.start_json("chat", voice=other)
+        await call.wait_connected()
+        notice = await call.wait_event("error", timeout=20, code="unknown_voice")
+        assert "default voice" in notice["message"]
+        await call.wait_event("session", timeout=60, mode="chat", phase="active")
+    finally:
+        await call.close()
     # the next call uses the uploaded voice: the worker loads it (LLM reference audio + vocoder prompt)
     call = TimedCall(server.url, silence(30))
     try:

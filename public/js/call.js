@@ -3,7 +3,7 @@
 // browser's echo canceller knows it; Web Audio is used only to measure levels.
 import { CallStats } from "./call-stats.js";
 import { api, banner, formatDuration, h, ICONS, mountHeader } from "./common.js";
-import { applyI18n, onLangChange, t } from "./i18n.js";
+import { applyI18n, hasText, onLangChange, t } from "./i18n.js";
 import { LevelMeter } from "./levels.js";
 import { MODES, modeById } from "./modes.js";
 import { loadSettings, promptFor, saveSettings, sessionRequestFields } from "./settings-store.js";
@@ -187,8 +187,10 @@ function onEvent(event) {
       break;
     case "error": {
       if (state.mode && $("mode").value !== state.mode) $("mode").value = state.mode; // a refused switch
-      addTranscript("system", `${event.code}: ${event.message}`, "error");
-      showError(t("call.serverError"), `${event.code}: ${event.message}`);
+      // the server's code in the user's language where the page knows it; the server's words otherwise
+      const text = hasText(`error.${event.code}`) ? `${t(`error.${event.code}`)} (${event.code})` : `${event.code}: ${event.message}`;
+      addTranscript("system", text, "error");
+      showError(t("call.serverError"), text);
       // an error the call goes on after (e.g. audio_too_fast) does not stay on screen
       const pc = state.pc;
       setTimeout(() => {
@@ -446,8 +448,11 @@ async function start() {
     state.sessionId = answer.session_id;
     await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
   } catch (err) {
+    // what it means in the user's language as the title, the server's own words (which name e.g. the
+    // modes it has) as the detail
+    const known = err.code && hasText(`error.${err.code}`);
     const detail = err.code ? `${err.message} (${err.code})` : String(err.message || err);
-    showError(t("call.startFailed"), detail);
+    showError(known ? t(`error.${err.code}`) : t("call.startFailed"), detail);
     await teardown({ deleteSession: true });
     setStatus("failed");
     return;
@@ -495,7 +500,10 @@ async function howCallEnded() {
   try {
     await api(`/api/sessions/${encodeURIComponent(state.sessionId)}`);
   } catch (err) {
-    if (err.status === 410) return t("call.endedWhy", { detail: `${err.message} (${err.code})` });
+    if (err.status === 410) {
+      const detail = hasText(`error.${err.code}`) ? t(`error.${err.code}`) : err.message;
+      return t("call.endedWhy", { detail: `${detail} (${err.code})` });
+    }
   }
   return null;
 }

@@ -82,7 +82,7 @@ const STRINGS = {
     "call.voiceLabel": "Voice",
     "call.defaultPrompt": "the mode's default",
     "call.defaultVoice": "default",
-    "call.endedWhy": "The server ended the call: {detail}.",
+    "call.endedWhy": "The server ended the call. {detail}",
     "call.ended": "Call ended.",
     "call.unavailableShort": "unavailable",
 
@@ -119,6 +119,28 @@ const STRINGS = {
     "settings.presetsBuiltin": "Built-in presets (the server offers none).",
     "settings.promptText": "Instructions for the model",
     "settings.promptHint": "Sent with every new call in this mode. Write it in the language you will speak.",
+    "settings.voiceUse": "Use",
+    "settings.voiceInUse": "In use",
+    "settings.voiceDefault": "The server's default voice",
+    "settings.voicePreview": "Play",
+    "settings.voiceRename": "Rename",
+    "settings.voiceRenamePrompt": "A name for this voice",
+    "settings.voiceDelete": "Delete",
+    "settings.voiceDeleteConfirm": "Delete the voice \"{name}\" from the server?",
+    "settings.voiceGone": "The voice you had chosen is no longer on the server: calls use the default voice.",
+    "settings.voiceRecordingName": "Recording {time}",
+    "error.unknown_voice": "The chosen voice is no longer on the server, so the default voice speaks. Pick another one in Settings.",
+    "error.audio_too_fast": "Your audio arrives faster than real time; the extra is dropped.",
+    "error.audio_lost": "Part of your audio never reached the model (the connection stalled).",
+    "error.queue_full": "The server is full and its queue too. Try again in a minute.",
+    "error.server_busy": "Too many calls are starting at once. Try again in a few seconds.",
+    "error.pause_timeout": "The call was paused for too long and has ended.",
+    "error.mode_error": "The model failed on this call, which has ended. Start a new call.",
+    "error.worker_failed": "The model's process stopped; this call has ended. Start a new call.",
+    "error.unknown_mode": "This server does not offer that mode.",
+    "error.empty_turn": "Nothing to answer yet: say something first.",
+    "error.media_process_lost": "The server's media process for this call stopped.",
+    "error.units_dropped": "The model fell behind and skipped some of your audio.",
     "settings.promptMode": "For calls in",
     "settings.presetDefault": "The mode's own prompt (recommended)",
     "settings.voice": "Voice",
@@ -311,7 +333,7 @@ const STRINGS = {
     "call.voiceLabel": "音色",
     "call.defaultPrompt": "模式默认",
     "call.defaultVoice": "默认",
-    "call.endedWhy": "服务器结束了通话：{detail}。",
+    "call.endedWhy": "服务器结束了通话。{detail}",
     "call.ended": "通话已结束。",
     "call.unavailableShort": "不可用",
 
@@ -348,6 +370,28 @@ const STRINGS = {
     "settings.presetsBuiltin": "内置预设（服务器未提供预设）。",
     "settings.promptText": "给模型的指示",
     "settings.promptHint": "该模式的每次新通话都会发送。请使用你将要说的语言书写。",
+    "settings.voiceUse": "使用",
+    "settings.voiceInUse": "使用中",
+    "settings.voiceDefault": "服务器默认音色",
+    "settings.voicePreview": "试听",
+    "settings.voiceRename": "重命名",
+    "settings.voiceRenamePrompt": "为这个音色起个名字",
+    "settings.voiceDelete": "删除",
+    "settings.voiceDeleteConfirm": "从服务器删除音色“{name}”？",
+    "settings.voiceGone": "你选择的音色已不在服务器上：通话将使用默认音色。",
+    "settings.voiceRecordingName": "录音 {time}",
+    "error.unknown_voice": "所选音色已不在服务器上，将使用默认音色。请在设置中选择其他音色。",
+    "error.audio_too_fast": "你的音频到达速度快于实时，多出的部分被丢弃。",
+    "error.audio_lost": "你的部分音频没有送达模型（连接曾中断）。",
+    "error.queue_full": "服务器已满，排队也已满。请一分钟后再试。",
+    "error.server_busy": "同时发起的通话太多。请几秒后再试。",
+    "error.pause_timeout": "通话暂停时间过长，已结束。",
+    "error.mode_error": "模型在本次通话中出错，通话已结束。请重新开始通话。",
+    "error.worker_failed": "模型进程已停止，本次通话已结束。请重新开始通话。",
+    "error.unknown_mode": "此服务器不提供该模式。",
+    "error.empty_turn": "还没有可回答的内容：请先说点什么。",
+    "error.media_process_lost": "服务器上承载本次通话的媒体进程已停止。",
+    "error.units_dropped": "模型处理落后，跳过了你的部分音频。",
     "settings.promptMode": "用于以下模式的通话",
     "settings.presetDefault": "模式自带的提示词（推荐）",
     "settings.voice": "音色",
@@ -478,6 +522,10 @@ export function getLang() {
 }
 
 /** Translate `key`, filling {name} placeholders; a missing key shows the key itself (and warns once). */
+export function hasText(key) {
+  return STRINGS[current][key] !== undefined || STRINGS.en[key] !== undefined;
+}
+
 export function t(key, vars = {}) {
   let text = STRINGS[current][key] ?? STRINGS.en[key];
   if (text === undefined) {

@@ -1,5 +1,5 @@
 // Settings page: every field is saved to localStorage as it changes.
-import { api, banner, mountHeader } from "./common.js";
+import { api, authHeaders, banner, h, ICONS, mountHeader } from "./common.js";
 import { getLang, onLangChange, t } from "./i18n.js";
 import { loadPresets } from "./presets.js";
 import { modeById } from "./modes.js";
@@ -19,6 +19,8 @@ const NUMBER_FIELDS = {
 
 let presets = { presets: [], source: "builtin" };
 let promptMode = "chat"; // the mode whose prompt the form shows
+let voices = []; // the server's voice library (GET /api/voices)
+let preview = null; // the <audio> playing a voice preview
 let savedTimer = null;
 
 function flashSaved() {
@@ -39,7 +41,10 @@ function fillForm() {
   for (const [id, key] of Object.entries(NUMBER_FIELDS)) $(id).value = s[key];
   $("vad-value").textContent = Number(s.vadThreshold).toFixed(2);
   $("api-token").value = s.apiToken;
-  $("voice-current").textContent = s.voiceId ? t("settings.voiceCurrent", { id: s.voiceId }) : t("settings.voiceNone");
+  const chosen = voices.find((v) => v.voice_id === s.voiceId);
+  $("voice-current").textContent = s.voiceId
+    ? t("settings.voiceCurrent", { id: chosen ? chosen.name || chosen.voice_id : s.voiceId })
+    : t("settings.voiceNone");
 }
 
 function modeTitle(id) {
@@ -107,6 +112,89 @@ async function toWav(blob) {
   return new Blob([out.buffer], { type: "audio/wav" });
 }
 
+// ---- the voice library: pick one for the next calls, preview, rename, delete ----
+
+async function loadVoices() {
+  try {
+    voices = (await api("/api/voices")).voices || [];
+  } catch {
+    voices = [];
+  }
+  const s = loadSettings();
+  if (s.voiceId && !voices.some((v) => v.voice_id === s.voiceId)) {
+    // the chosen voice is gone from the server: calls use the default voice again, and the page says so
+    saveSettings({ voiceId: "" });
+    voiceStatus("warn", t("settings.voiceGone"), "");
+  }
+  renderVoices();
+  fillForm();
+}
+
+function renderVoices() {
+  const list = $("voice-list");
+  const chosen = loadSettings().voiceId;
+  list.innerHTML = "";
+  const row = (voice) => {
+    const id = voice ? voice.voice_id : "";
+    const li = h("li", { class: `voice${id === chosen ? " chosen" : ""}`, "data-voice": id || "default" });
+    const use = h("button", { type: "button", class: "use", "aria-pressed": String(id === chosen) }, t(id === chosen ? "settings.voiceInUse" : "settings.voiceUse"));
+    use.onclick = () => {
+      saveSettings({ voiceId: id });
+      renderVoices();
+      fillForm();
+      flashSaved();
+    };
+    const label = voice
+      ? h("span", { class: "name" }, voice.name || voice.voice_id, h("span", { class: "muted small" }, ` · ${voice.duration_s.toFixed(1)} s`))
+      : h("span", { class: "name" }, t("settings.voiceDefault"));
+    li.append(use, label);
+    if (voice) {
+      const play = h("button", { type: "button", class: "round small play", "aria-label": t("settings.voicePreview"), title: t("settings.voicePreview") });
+      play.innerHTML = ICONS.play;
+      play.onclick = () => previewVoice(voice.voice_id);
+      const rename = h("button", { type: "button", class: "rename" }, t("settings.voiceRename"));
+      rename.onclick = () => renameVoice(voice);
+      const remove = h("button", { type: "button", class: "danger-text delete" }, t("settings.voiceDelete"));
+      remove.onclick = () => deleteVoice(voice);
+      li.append(play, rename, remove);
+    }
+    return li;
+  };
+  list.append(row(null), ...voices.map(row));
+}
+
+async function previewVoice(id) {
+  if (preview) preview.pause();
+  // fetched (not an <audio src>) so that the API token goes with it
+  const resp = await fetch(`/api/voices/${encodeURIComponent(id)}`, { headers: authHeaders() });
+  if (!resp.ok) return voiceStatus("error", t("settings.voiceFailed"), `HTTP ${resp.status}`);
+  preview = new Audio(URL.createObjectURL(await resp.blob()));
+  window.voicePreview = preview; // the browser tests check what plays
+  await preview.play().catch(() => {});
+}
+
+async function renameVoice(voice) {
+  const name = window.prompt(t("settings.voiceRenamePrompt"), voice.name || "");
+  if (name === null || !name.trim()) return;
+  try {
+    await api(`/api/voices/${voice.voice_id}`, { method: "PATCH", json: { name } });
+  } catch (err) {
+    voiceStatus("error", t("settings.voiceFailed"), `${err.message} (${err.code})`);
+  }
+  await loadVoices();
+}
+
+async function deleteVoice(voice) {
+  if (!window.confirm(t("settings.voiceDeleteConfirm", { name: voice.name || voice.voice_id }))) return;
+  try {
+    await api(`/api/voices/${voice.voice_id}`, { method: "DELETE" });
+  } catch (err) {
+    voiceStatus("error", t("settings.voiceFailed"), `${err.message} (${err.code})`);
+  }
+  if (loadSettings().voiceId === voice.voice_id) saveSettings({ voiceId: "" });
+  await loadVoices();
+}
+
 async function uploadVoice(blob, filename) {
   voiceStatus("info", t("settings.voiceUploading"), filename);
   const form = new FormData();
@@ -118,11 +206,12 @@ async function uploadVoice(blob, filename) {
     return;
   }
   try {
-    const result = await api("/api/voices", { method: "POST", body: form });
+    const name = encodeURIComponent(filename.replace(/\.[^.]*$/, ""));
+    const result = await api(`/api/voices?name=${name}`, { method: "POST", body: form });
     const id = (result && (result.voice_id || result.id)) || filename;
     saveSettings({ voiceId: id });
-    fillForm();
-    voiceStatus("info", t("settings.voiceSaved"), id);
+    voiceStatus("info", t("settings.voiceSaved"), result.name || id);
+    await loadVoices();
   } catch (err) {
     const hint = err.status === 404 || err.status === 405 ? t("settings.voiceUnsupported") : "";
     voiceStatus("error", t("settings.voiceFailed"), `${err.message} (${err.code}). ${hint}`.trim());
@@ -148,7 +237,8 @@ async function recordVoice() {
     button.disabled = false;
     button.textContent = t("settings.voiceRecord");
     const blob = new Blob(chunks, { type: recorder.mimeType || "audio/webm" });
-    uploadVoice(blob, `recording.${blob.type.includes("ogg") ? "ogg" : "webm"}`);
+    const stamp = new Date().toLocaleString(getLang() === "zh" ? "zh-CN" : "en-GB", { dateStyle: "short", timeStyle: "short" });
+    uploadVoice(blob, `${t("settings.voiceRecordingName", { time: stamp })}.${blob.type.includes("ogg") ? "ogg" : "webm"}`);
   };
   button.disabled = true;
   button.textContent = t("settings.voiceRecording");
@@ -209,8 +299,10 @@ bind();
 fillForm();
 onLangChange(() => {
   renderPresets();
+  renderVoices();
   fillForm();
 });
 presets = await loadPresets();
 renderPresets();
 fillForm();
+loadVoices();
