@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import io
 import json
 import re
+import secrets
 import struct
 import time
 import wave
@@ -52,6 +54,11 @@ class VoiceError(ValueError):
 
 
 NAME_CHARS = 80
+VOICE_TOKEN_HEADER = "X-Voice-Token"
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def clean_name(name: str) -> str:
@@ -69,6 +76,9 @@ class VoiceInfo(BaseModel):
     sample_rate: int = RATE
     name: str = ""
     created_at: float | None = None  # Unix time of the first upload
+    # Only in the answer to the upload that stored the voice: the capability to rename or delete it (send it as
+    # X-Voice-Token); an admin may do so too.
+    owner_token: str | None = None
 
 
 class VoicePatch(BaseModel):
@@ -233,12 +243,14 @@ def store_voice(folder: Path, data: bytes, min_s: float, max_s: float, name: str
         tmp.write_bytes(normalised)
         tmp.replace(path)
     meta = read_meta(folder, voice_id)
-    if "created_at" not in meta:
+    token = None
+    if "owner" not in meta:  # the first upload of this recording owns it
+        token = secrets.token_urlsafe(18)
+        meta["owner"] = _token_hash(token)
         meta["created_at"] = round(time.time(), 3)
-    if name or "name" not in meta:
         meta["name"] = clean_name(name) or time.strftime("Voice %Y-%m-%d %H:%M")
     write_meta(folder, voice_id, meta)
-    return voice_info(folder, voice_id)
+    return voice_info(folder, voice_id).model_copy(update={"owner_token": token})
 
 
 def voice_exists(app: web.Application, voice_id: str) -> bool:
@@ -339,10 +351,29 @@ async def get_voice_audio(request: web.Request) -> web.StreamResponse:
     )
 
 
+def _require_owner(request: web.Request, voice_id: str) -> None:
+    """Renaming or deleting a voice takes its owner token (X-Voice-Token), or the admin's rights."""
+    from rtc_server.signalling import ApiError, require_admin
+
+    token = request.headers.get(VOICE_TOKEN_HEADER, "")
+    owner = read_meta(request.app[DIR_KEY], voice_id).get("owner")
+    if token and isinstance(owner, str) and hmac.compare_digest(_token_hash(token), owner):
+        return
+    try:
+        require_admin(request)
+    except ApiError:
+        raise ApiError(
+            403,
+            "not_voice_owner",
+            f"only the uploader of this voice ({VOICE_TOKEN_HEADER}) or an admin may change it",
+        ) from None
+
+
 async def rename_voice(request: web.Request) -> web.Response:
     from rtc_server.signalling import ApiError
 
     voice_id = _voice_id(request)
+    _require_owner(request, voice_id)
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "expected Content-Type application/json")
     try:
@@ -366,6 +397,7 @@ async def delete_voice(request: web.Request) -> web.Response:
     """Remove a voice. Calls that use it keep it (the worker holds its prompt); new calls that ask for it get
     the default voice and an `unknown_voice` event."""
     voice_id = _voice_id(request)
+    _require_owner(request, voice_id)
     folder = request.app[DIR_KEY]
     for path in (folder / f"{voice_id}.wav", _meta_path(folder, voice_id)):
         path.unlink(missing_ok=True)

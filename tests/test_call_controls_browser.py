@@ -218,6 +218,21 @@ async def test_voice_library(start_test_server, fake_mic: Path, tmp_path: Path) 
                 for v in (await (await page.request.get(f"{url}/api/voices")).json())["voices"]
             }
             assert abs(duration - listed[voice_id]["duration_s"]) < 0.05, (duration, listed)
+            # a voice someone else uploaded can be used and played here, not renamed or deleted
+            async with aiohttp.ClientSession() as http:
+                other_wav = (await (await page.request.get(f"{url}/api/voices/{voice_id}")).body())[:-3200]
+                async with http.post(
+                    f"{server.url}/api/voices?name=Other",
+                    data=other_wav,
+                    headers={"Content-Type": "audio/wav"},
+                ) as resp:
+                    assert resp.status == 201, await resp.text()
+            await page.reload()
+            theirs = page.locator("#voice-list li", has_text="Other")
+            await theirs.wait_for()
+            assert await theirs.locator("button.play").count() == 1
+            assert await theirs.locator("button.rename, button.delete").count() == 0
+            row = page.locator("#voice-list li", has_text="Aunt May")
             # rename (the browser's prompt), then the default voice is chosen again
             page.once("dialog", lambda d: asyncio.ensure_future(d.accept("Aunt May (kitchen)")))
             await row.locator("button.rename").click()

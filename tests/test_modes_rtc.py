@@ -230,7 +230,8 @@ async def test_voice_upload_validation_and_use(start_test_server, speech: np.nda
         assert body["sample_rate"] == 16000 and 1.0 < body["duration_s"] < 4.0
         form = aiohttp.FormData()
         form.add_field("file", voice, filename="me.wav", content_type="audio/wav")
-        assert await post(form, None) == (201, body)  # the browser's multipart form; same content, same id
+        # the browser's multipart form; same content, same id (and no owner token: the first upload owns it)
+        assert await post(form, None) == (201, {**body, "owner_token": None})
         bad = [
             (b"plain text, not audio", "text/plain", 415, "unsupported_media_type"),
             (b"RIFF....WAVEjunk" * 10, "audio/wav", 400, "bad_audio"),
@@ -244,17 +245,23 @@ async def test_voice_upload_validation_and_use(start_test_server, speech: np.nda
             assert (status, body["error"]["code"]) == (want_status, want_code), (want_code, body)
         async with http.get(url) as resp:
             assert [v["voice_id"] for v in (await resp.json())["voices"]] == [voice_id]
-        # the library: a name, a preview of the stored audio, a rename, a delete
-        status, body = await post(pcm16_wav(resample(speech[::-1].copy(), RATE, 16000), 16000), "audio/wav")
-        other = body["voice_id"]
+        # the library: a name (control characters and runs of spaces go), a preview of the stored audio, a
+        # rename, a delete; the first upload of a recording owns it, a second upload names nothing
         async with http.post(
-            f"{url}?name=Grandpa%00%20%20Joe", data=voice, headers={"Content-Type": "audio/wav"}
+            f"{url}?name=Grandpa%00%20%20Joe",
+            data=pcm16_wav(resample(speech[::-1].copy(), RATE, 16000), 16000),
+            headers={"Content-Type": "audio/wav"},
         ) as resp:
-            assert (await resp.json())["name"] == "Grandpa Joe"  # control characters and runs of spaces go
+            body = await resp.json()
+        other = body["voice_id"]
+        assert body["name"] == "Grandpa Joe" and body["owner_token"], body
+        async with http.post(f"{url}?name=Mine", data=voice, headers={"Content-Type": "audio/wav"}) as resp:
+            again = await resp.json()
+        assert again["voice_id"] == voice_id and again["owner_token"] is None and again["name"] != "Mine"
         async with http.get(url) as resp:
             listed = (await resp.json())["voices"]
         assert [v["voice_id"] for v in listed] == [other, voice_id]  # the newest first
-        assert {v["voice_id"]: v["name"] for v in listed}[voice_id] == "Grandpa Joe"
+        assert all("owner" not in v and v["owner_token"] is None for v in listed)
         async with http.get(f"{url}/{voice_id}") as resp:
             assert resp.status == 200 and resp.content_type == "audio/wav"
             assert (await resp.read())[:4] == b"RIFF"

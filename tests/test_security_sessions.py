@@ -371,3 +371,39 @@ def test_offer_rate_window_slides() -> None:
     now[0] += 50
     assert window.acquire("a") == 0
     assert "b" not in window._events  # over max_keys: keys with nothing left in the window are forgotten
+
+
+async def test_only_a_voices_uploader_or_the_admin_may_rename_or_delete_it(
+    start_test_server, tmp_path
+) -> None:
+    """Voices are listed to every API user; renaming or deleting one takes the owner token its first upload
+    returned (X-Voice-Token), or the admin token. Loopback is no admin here: an admin token is set."""
+    from inference.wav import pcm16_wav
+    from tests.rtc_client import speech_signal
+
+    server = await start_test_server(auth={"admin_token": "the-admin"}, voices={"dir": str(tmp_path / "v")})
+    url = f"{server.url}/api/voices"
+    wav = pcm16_wav(speech_signal(tmp_path / "speech.wav")[: 16000 * 3], 16000)
+    json_type = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{url}?name=Mine", data=wav, headers={"Content-Type": "audio/wav"}) as resp:
+            created = await resp.json()
+        voice_id, token = created["voice_id"], created["owner_token"]
+        assert resp.status == 201 and token
+        for method in ("PATCH", "DELETE"):
+            for headers in ({}, {"X-Voice-Token": "not-it"}, {"X-Voice-Token": token[:-1]}):
+                async with http.request(
+                    method, f"{url}/{voice_id}", data=b'{"name": "Theirs"}', headers={**json_type, **headers}
+                ) as resp:
+                    assert resp.status == 403, (method, headers, resp.status)
+                    assert (await resp.json())["error"]["code"] == "not_voice_owner"
+        owner = {**json_type, "X-Voice-Token": token}
+        async with http.patch(f"{url}/{voice_id}", data=b'{"name": "Still mine"}', headers=owner) as resp:
+            assert resp.status == 200 and (await resp.json())["name"] == "Still mine"
+        admin = {**json_type, "X-Admin-Token": "the-admin"}
+        async with http.patch(f"{url}/{voice_id}", data=b'{"name": "Admin says"}', headers=admin) as resp:
+            assert resp.status == 200
+        async with http.delete(f"{url}/{voice_id}", headers={"X-Voice-Token": token}) as resp:
+            assert resp.status == 204
+        async with http.get(url) as resp:
+            assert (await resp.json())["voices"] == []

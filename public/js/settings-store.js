@@ -8,6 +8,7 @@ export const DEFAULTS = Object.freeze({
   prompts: {}, // mode -> {presetId: "" (the mode's own default) | a preset id | "custom", text}
   voiceId: "",
   lastMode: "", // the mode of the last call: where "Call" in the menu opens
+  voiceTokens: {}, // voice id -> the owner token its upload returned (to rename or delete it)
   vadThreshold: 0.5, // turn-based: speech probability that starts a user turn
   silenceMs: 800, // turn-based: silence that ends a user turn
   temperature: 0.7,
@@ -59,8 +60,15 @@ export function saveSettings(changes) {
 
 export function resetSettings() {
   const keep = loadSettings();
-  // Devices and the API token are not preferences of the conversation: keep them.
-  const next = { ...DEFAULTS, apiToken: keep.apiToken, micId: keep.micId, camId: keep.camId, speakerId: keep.speakerId };
+  // Devices, the API token and the voices' owner tokens are not preferences of the conversation: keep them.
+  const next = {
+    ...DEFAULTS,
+    apiToken: keep.apiToken,
+    micId: keep.micId,
+    camId: keep.camId,
+    speakerId: keep.speakerId,
+    voiceTokens: keep.voiceTokens,
+  };
   localStorage.setItem(KEY, JSON.stringify(next));
   return next;
 }

@@ -148,6 +148,7 @@ function renderVoices() {
       ? h("span", { class: "name" }, voice.name || voice.voice_id, h("span", { class: "muted small" }, ` · ${voice.duration_s.toFixed(1)} s`))
       : h("span", { class: "name" }, t("settings.voiceDefault"));
     li.append(use, label);
+    const token = voice && loadSettings().voiceTokens[voice.voice_id];
     if (voice) {
       const play = h("button", { type: "button", class: "round small play", "aria-label": t("settings.voicePreview"), title: t("settings.voicePreview") });
       play.innerHTML = ICONS.play;
@@ -156,7 +157,8 @@ function renderVoices() {
       rename.onclick = () => renameVoice(voice);
       const remove = h("button", { type: "button", class: "danger-text delete" }, t("settings.voiceDelete"));
       remove.onclick = () => deleteVoice(voice);
-      li.append(play, rename, remove);
+      li.append(play);
+      if (token) li.append(rename, remove); // only the browser that uploaded a voice may change it
     }
     return li;
   };
@@ -173,11 +175,15 @@ async function previewVoice(id) {
   await preview.play().catch(() => {});
 }
 
+function ownerHeader(voice) {
+  return { "X-Voice-Token": loadSettings().voiceTokens[voice.voice_id] || "" };
+}
+
 async function renameVoice(voice) {
   const name = window.prompt(t("settings.voiceRenamePrompt"), voice.name || "");
   if (name === null || !name.trim()) return;
   try {
-    await api(`/api/voices/${voice.voice_id}`, { method: "PATCH", json: { name } });
+    await api(`/api/voices/${voice.voice_id}`, { method: "PATCH", json: { name }, headers: ownerHeader(voice) });
   } catch (err) {
     voiceStatus("error", t("settings.voiceFailed"), `${err.message} (${err.code})`);
   }
@@ -187,11 +193,12 @@ async function renameVoice(voice) {
 async function deleteVoice(voice) {
   if (!window.confirm(t("settings.voiceDeleteConfirm", { name: voice.name || voice.voice_id }))) return;
   try {
-    await api(`/api/voices/${voice.voice_id}`, { method: "DELETE" });
+    await api(`/api/voices/${voice.voice_id}`, { method: "DELETE", headers: ownerHeader(voice) });
   } catch (err) {
     voiceStatus("error", t("settings.voiceFailed"), `${err.message} (${err.code})`);
   }
-  if (loadSettings().voiceId === voice.voice_id) saveSettings({ voiceId: "" });
+  const { [voice.voice_id]: _, ...tokens } = loadSettings().voiceTokens;
+  saveSettings({ voiceTokens: tokens, ...(loadSettings().voiceId === voice.voice_id ? { voiceId: "" } : {}) });
   await loadVoices();
 }
 
@@ -209,7 +216,9 @@ async function uploadVoice(blob, filename) {
     const name = encodeURIComponent(filename.replace(/\.[^.]*$/, ""));
     const result = await api(`/api/voices?name=${name}`, { method: "POST", body: form });
     const id = (result && (result.voice_id || result.id)) || filename;
-    saveSettings({ voiceId: id });
+    const tokens = loadSettings().voiceTokens;
+    if (result.owner_token) tokens[id] = result.owner_token; // this browser uploaded it first: it owns it
+    saveSettings({ voiceId: id, voiceTokens: tokens });
     voiceStatus("info", t("settings.voiceSaved"), result.name || id);
     await loadVoices();
   } catch (err) {
