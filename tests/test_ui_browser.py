@@ -201,6 +201,11 @@ async def test_unavailable_mode_shows_the_servers_error(server, browser: Browser
         )
         assert await page.is_visible("#self-video") and await page.is_visible("#cam")
         assert (await page.evaluate("window.callState.constraints"))["video"]
+        # the camera turned off: the tile shows the avatar instead of a black frame, and back on
+        await page.click("#cam")
+        assert await page.is_hidden("#self-video") and await page.is_visible("#self-avatar")
+        await page.click("#cam")
+        assert await page.is_visible("#self-video") and await page.is_hidden("#self-avatar")
         await screenshot(page, "call-video-connecting-desktop")
         released.set()
         await page.wait_for_selector("#call-error", timeout=10000)

@@ -632,6 +632,12 @@ function renderToggles() {
   $("cam").innerHTML = camOff ? ICONS.videoOff : ICONS.video;
   $("muted-mark").hidden = !micOff;
   $("muted-mark").innerHTML = ICONS.micOff;
+  // a camera turned off shows the avatar, not a black frame
+  const hasVideo = Boolean(state.stream && state.stream.getVideoTracks().length);
+  if (state.pc && hasVideo) {
+    $("self-video").hidden = camOff;
+    $("self-avatar").hidden = !camOff;
+  }
   const mode = currentMode();
   $("cam").hidden = !mode.video;
   $("cam-field").hidden = !mode.video;
