@@ -20,6 +20,7 @@ import fractions
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import av
@@ -116,6 +117,7 @@ class SpeechTrack(MediaStreamTrack):
         self._pts = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._encoder = OpusFrameEncoder() if encode else None
+        self.tap: Callable[[np.ndarray], None] | None = None  # sees each frame's samples as sent (recording)
 
     # ----- producer side -----
 
@@ -265,7 +267,10 @@ class SpeechTrack(MediaStreamTrack):
             self.pacing.skipped_frames += skip
         self.pacing.record(time.monotonic() - due)
 
-        frame = av.AudioFrame.from_ndarray(self._read_frame(), format="s16", layout="mono")
+        samples = self._read_frame()
+        if self.tap is not None:
+            self.tap(samples[0] if samples.ndim == 2 else samples)
+        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
         frame.sample_rate = OUTPUT_RATE
         frame.time_base = TIME_BASE
         frame.pts = self._pts

@@ -20,6 +20,7 @@ from rtc_server.manager import SessionManager
 from rtc_server.metrics import CONTENT_TYPE, Exposition
 from rtc_server.pages import public_file
 from rtc_server.presets import add_preset_routes
+from rtc_server.recordings_api import add_recording_routes
 from rtc_server.shards import ShardPool, default_media_procs
 from rtc_server.signalling import MANAGER_KEY, ApiError, add_routes
 from rtc_server.ui_routes import add_ui_routes
@@ -251,6 +252,7 @@ def make_app(config: AppConfig, manager: SessionManager) -> web.Application:
     add_routes(app)
     add_voice_routes(app, config, voices_dir(config))
     add_preset_routes(app)
+    add_recording_routes(app, config)
     app.router.add_get("/metrics", metrics)
     public = (REPO_ROOT / config.server.public_dir).resolve()
     add_ui_routes(app, public)

@@ -73,6 +73,14 @@ class VoiceSettings(_Strict):
     max_duration_s: float = Field(30.0, gt=0)
 
 
+class RecordingSettings(_Strict):
+    # each call's audio (both sides), transcript, metrics and camera snapshots (rtc_server/recordings.py)
+    enabled: bool = True
+    dir: str = "data/recordings"  # relative: to the repo
+    retention_days: float = Field(30.0, gt=0)  # older recordings are deleted
+    max_gb: float = Field(5.0, gt=0)  # past this, the oldest recordings are deleted
+
+
 class WorkerSettings(_Strict):
     gpus: list[int] = Field(default_factory=list)  # one worker process per GPU; empty: one CPU worker
     # concurrent sessions per GPU worker; 0: the worker finds its own (inference/capacity.py: a shipped table
@@ -137,6 +145,7 @@ class AppConfig(_Strict):
     loopback: LoopbackSettings = Field(default_factory=LoopbackSettings)
     session: SessionSettings = Field(default_factory=SessionSettings)
     voices: VoiceSettings = Field(default_factory=VoiceSettings)
+    recording: RecordingSettings = Field(default_factory=RecordingSettings)
 
 
 class ConfigError(ValueError):

@@ -33,6 +33,9 @@ class SessionEvent(_Event):
     mode: str
     phase: SessionPhase
     switch_ms: float | None = None  # worker time to close the previous mode and open this one (mode switch)
+    recording: bool = (
+        False  # the call is recorded (`recording.enabled`); its recording is at /api/recordings/{id}
+    )
 
 
 class StateEvent(_Event):

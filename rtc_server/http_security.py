@@ -18,7 +18,7 @@ from rtc_server.signalling import SDP_TYPE, ApiError
 API_ROOTS = ("/api", "/whip", "/v1")  # these paths and everything below them
 NON_PAGE_ROOTS = (*API_ROOTS, "/metrics")
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-ALLOW_HEADERS = "Authorization, Content-Type, If-Match, X-Admin-Token"
+ALLOW_HEADERS = "Authorization, Content-Type, If-Match, X-Admin-Token, X-Voice-Token"
 EXPOSE_HEADERS = "Location, Link, ETag, Retry-After"
 PREFLIGHT_MAX_AGE_S = 600
 PAGE_CSP = "; ".join(

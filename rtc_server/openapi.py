@@ -20,6 +20,7 @@ from rtc_server import events as ev
 from rtc_server.admin_api import ADMIN_HEADER, AdminStatus
 from rtc_server.info_api import VERSION, ServerInfo
 from rtc_server.presets import PresetList
+from rtc_server.recordings import Recording, RecordingList
 from rtc_server.signalling import MANAGER_KEY, SDP_TYPE, TRICKLE_TYPE
 from rtc_server.voices import VoiceInfo, VoiceList, VoicePatch
 
@@ -73,6 +74,7 @@ ERROR = _json(ev.ErrorResponse)
 TEXT = {"type": "string"}
 HTML = Body("text/html", schema=TEXT)
 NOT_FOUND = (404, ("no such session", ERROR))
+REC_NOT_FOUND = ("no such recording (`unknown_recording`)", ERROR)
 GONE = (410, ("the session ended lately; the error says how (`session_ended`, `media_process_lost`)", ERROR))
 UNAUTHORIZED = (401, ("missing or wrong bearer token (when `auth.api_token` is set)", ERROR))
 
@@ -207,6 +209,60 @@ OPERATIONS: tuple[Operation, ...] = (
             204: ("deleted", None),
             401: UNAUTHORIZED[1],
             404: ("no such voice (`unknown_voice`)", ERROR),
+        },
+    ),
+    Operation(
+        "GET",
+        "/api/recordings",
+        "List every call recording, the newest first (admin)",
+        "recordings",
+        auth="admin",
+        responses={
+            200: ("the recordings", _json(RecordingList)),
+            401: UNAUTHORIZED[1],
+            403: ("not an admin (`admin_only` without an admin token: loopback clients only)", ERROR),
+        },
+    ),
+    Operation(
+        "GET",
+        "/api/recordings/{recording_id}",
+        "A call's recording: its summary, transcript and metrics events (with `t`, seconds), frame times",
+        "recordings",
+        responses={200: ("the recording", _json(Recording)), 401: UNAUTHORIZED[1], 404: REC_NOT_FOUND},
+        description="The id is the call's id: whoever held the call's URL may read its recording.",
+    ),
+    Operation(
+        "GET",
+        "/api/recordings/{recording_id}/audio",
+        "Both sides of the call in one 24 kHz WAV, in sync (replay, download)",
+        "recordings",
+        responses={
+            200: ("the audio", Body("audio/wav", schema={"type": "string", "format": "binary"})),
+            401: UNAUTHORIZED[1],
+            404: REC_NOT_FOUND,
+        },
+    ),
+    Operation(
+        "GET",
+        "/api/recordings/{recording_id}/frames/{ms}",
+        "A camera snapshot, `ms` after the recording started (see `frame_times_ms`)",
+        "recordings",
+        responses={
+            200: ("the snapshot", Body("image/jpeg", schema={"type": "string", "format": "binary"})),
+            401: UNAUTHORIZED[1],
+            404: ("no such recording or frame", ERROR),
+        },
+    ),
+    Operation(
+        "DELETE",
+        "/api/recordings/{recording_id}",
+        "Delete a recording",
+        "recordings",
+        responses={
+            204: ("deleted", None),
+            401: UNAUTHORIZED[1],
+            404: REC_NOT_FOUND,
+            409: ("the call is still running (`call_running`)", ERROR),
         },
     ),
     Operation(

@@ -24,6 +24,7 @@ from rtc_server import events as ev
 from rtc_server.client_limits import Client
 from rtc_server.metrics import percentile
 from rtc_server.offer_check import offer_problem
+from rtc_server.recordings import CallRecorder, encode_jpeg, recordings_dir
 
 if TYPE_CHECKING:
     from rtc_server.manager import SessionManager
@@ -66,6 +67,7 @@ class CallSession:
         self.client = client  # who offered the call (per-client limits on pending calls)
         self.mode = mode
         self.system_prompt = system_prompt
+        self.recorder: CallRecorder | None = None  # from the call's first admission (`recording.enabled`)
         self.voice = voice
         self.options = options or {}
         self._pause_timer: asyncio.TimerHandle | None = None
@@ -162,7 +164,11 @@ class CallSession:
             return
         self.channel = channel
         channel.on("message", self._on_client_message)
-        self.send_event(ev.SessionEvent(session_id=self.id, mode=self.mode, phase=self.phase))
+        self.send_event(
+            ev.SessionEvent(
+                session_id=self.id, mode=self.mode, phase=self.phase, recording=self.recorder is not None
+            )
+        )
         outbox, self._outbox = self._outbox, []
         for data in outbox:
             self._send_data(data)
@@ -192,6 +198,8 @@ class CallSession:
             name = type(event).__name__
             log.warning("session %s: dropped a %s event of %d bytes", self.id, name, len(data))
             return
+        if self.recorder is not None:
+            self.recorder.event(event.model_dump())
         channel = self.channel
         if channel is not None and channel.readyState == "open":
             self._send_data(data)
@@ -295,8 +303,20 @@ class CallSession:
     def admit(self, worker_id: int) -> None:
         self.phase = "active"
         self.worker_id = worker_id
+        self._start_recording()
         self.manager.supervisor.attach(worker_id, self.id, self)
         self._open_on_worker()
+
+    def _start_recording(self) -> None:
+        settings = self.manager.config.recording
+        if not settings.enabled or self.recorder is not None:
+            return
+        try:
+            self.recorder = CallRecorder(recordings_dir(self.manager.config), self.id, self.mode)
+        except OSError:
+            log.exception("session %s: cannot record this call", self.id)
+            return
+        self.speech.tap = self.recorder.assistant_frame
 
     def queue_update(self, position: int, eta_s: float) -> None:
         self.send_event(ev.QueueEvent(position=position, eta_s=eta_s))
@@ -367,6 +387,9 @@ class CallSession:
                 frame = await self.video.snapshot_rgb_async(self.video_max_side)
                 if self.phase == "active" and self.mode_open:
                     self._send_unit(unit, frame)
+                    recorder = self.recorder
+                    if recorder is not None and frame is not None and recorder.wants_frame():
+                        recorder.frame_jpeg(await asyncio.to_thread(encode_jpeg, frame))
         except Exception:
             log.exception("session %s: a camera frame snapshot failed", self.id)
             message = "the server failed to take a camera frame; the call ended"
@@ -391,6 +414,8 @@ class CallSession:
         )
         if self.manager.supervisor.send(self.worker_id, message, payload):
             self.manager.stats.units_sent += 1
+            if self.recorder is not None:
+                self.recorder.caller_audio(unit.pcm, unit.completed_at)
 
     # ---- worker messages (called by inference.supervisor) ----
 
@@ -478,7 +503,13 @@ class CallSession:
         switch_ms = round(message.open_ms, 3) if self._switch_pending else None
         self._switch_pending = False
         self.send_event(
-            ev.SessionEvent(session_id=self.id, mode=self.mode, phase=self.phase, switch_ms=switch_ms)
+            ev.SessionEvent(
+                session_id=self.id,
+                mode=self.mode,
+                phase=self.phase,
+                switch_ms=switch_ms,
+                recording=self.recorder is not None,
+            )
         )
 
     def _on_audio(self, message: p.AudioOut, payload: bytes) -> None:
@@ -564,6 +595,8 @@ class CallSession:
             with contextlib.suppress(Exception):
                 await self.pc.close()
         finally:
+            if self.recorder is not None:
+                self.recorder.close()
             self.manager.forget(self, reason)
             self.closed.set()
 

@@ -7,6 +7,7 @@ import json
 import lzma
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,7 @@ def server_test_config(**sections: dict):
         "workers": {"heartbeat_interval_s": 0.3, "heartbeat_timeout_s": 3.0, "restart_delay_s": 0.2},
         "queue": {"update_interval_s": 0.5},
         "rtc": {"consent_interval_s": 0.5, "consent_failures": 3, "connect_timeout_s": 10.0},
+        "recording": {"dir": tempfile.mkdtemp(prefix="recordings-")},  # on, as by default, off the repo
     }
     for name, overrides in sections.items():
         values.setdefault(name, {}).update(overrides)

@@ -6,9 +6,11 @@ talks to the worker over its own data link. A shard that dies ends only its own 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -73,6 +75,13 @@ async def test_calls_spread_over_two_shards_and_media_flows(start_test_server) -
         for call in calls:
             assert await call.hang_up() == 200
         await wait_for(lambda: not server.manager.sessions, 10, "the calls to end")
+        # each shard recorded its own call into the one recordings folder
+        recorded = Path(server.config.recording.dir)
+        await wait_for(
+            lambda: all((recorded / c.session_id / "meta.json").is_file() for c in calls), 10, "recordings"
+        )
+        for call in calls:
+            assert json.loads((recorded / call.session_id / "meta.json").read_text())["ended"]
         assert not server.manager.admission.busy
         assert all(not s.calls for s in server.manager.shards.shards)
         async with (
