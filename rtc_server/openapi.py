@@ -363,6 +363,14 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("GET", "/", "Home page", "pages", auth="none", responses={200: ("HTML", HTML)}),
     Operation("GET", "/call", "Call page", "pages", auth="none", responses={200: ("HTML", HTML)}),
     Operation("GET", "/settings", "Settings page", "pages", auth="none", responses={200: ("HTML", HTML)}),
+    Operation(
+        "GET",
+        "/history",
+        "Recent calls: replay recordings",
+        "pages",
+        auth="none",
+        responses={200: ("HTML", HTML)},
+    ),
     Operation("GET", "/admin", "Admin dashboard", "pages", auth="none", responses={200: ("HTML", HTML)}),
     Operation("GET", "/docs", "API documentation", "pages", auth="none", responses={200: ("HTML", HTML)}),
     Operation(

@@ -7,7 +7,13 @@ from pathlib import Path
 
 from aiohttp import web
 
-PAGES = {"/call": "call.html", "/settings": "settings.html", "/admin": "admin.html", "/docs": "docs.html"}
+PAGES = {
+    "/call": "call.html",
+    "/history": "history.html",
+    "/settings": "settings.html",
+    "/admin": "admin.html",
+    "/docs": "docs.html",
+}
 
 
 def public_file(public: Path, name: str) -> Path | None:

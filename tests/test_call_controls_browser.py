@@ -263,3 +263,48 @@ async def test_voice_library(start_test_server, fake_mic: Path, tmp_path: Path) 
             await page.screenshot(path=str(ARTIFACTS / "browser-voice-library-zh.png"), full_page=True)
         finally:
             await browser.close()
+
+
+async def test_a_recorded_call_replays_from_history(start_test_server, fake_mic: Path) -> None:
+    """A call says it is recorded; afterwards History lists it, replays it (the audio element's duration is
+    the recording's), shows its transcript, and deletes it; in both languages."""
+    require_chromium()
+    server = await start_test_server()
+    url = server.url.replace("localhost", "127.0.0.1")
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=chromium_args(fake_mic))
+        try:
+            page = await browser.new_page()
+            await page.goto(f"{url}/call.html?mode=loopback&autostart=1")
+            await wait_event(page, "session", "e.phase === 'active' && e.recording === true")
+            assert await page.is_visible("#rec-badge")
+            session_id = await page.evaluate("window.callState.sessionId")
+            await page.wait_for_timeout(4000)
+            await page.click("#stop")
+            await page.wait_for_function(arrow("window.callState.sessionId === null"))
+            await page.goto(f"{url}/history")
+            row = page.locator(f"#recordings li[data-recording='{session_id}']")
+            await row.wait_for(timeout=10000)
+            await row.locator("button.open").click()
+            await page.wait_for_function(
+                arrow("document.getElementById('player-audio').duration > 0"), timeout=10000
+            )
+            duration = await page.evaluate("document.getElementById('player-audio').duration")
+            info = await (await page.request.get(f"{url}/api/recordings/{session_id}")).json()
+            assert abs(duration - info["duration_s"]) < 1.0, (duration, info["duration_s"])
+            assert await page.locator("#player-transcript li").count() >= 1  # "Connected: microphone test"
+            await page.evaluate("document.getElementById('player-audio').play()")
+            await page.wait_for_function(arrow("document.getElementById('player-audio').currentTime > 0.5"))
+            assert page.url.endswith(f"#{session_id}")  # the page's own link to this recording
+            ARTIFACTS.mkdir(exist_ok=True)
+            await page.screenshot(path=str(ARTIFACTS / "browser-history-en.png"), full_page=True)
+            await page.select_option("#lang", "zh")
+            assert await page.text_content("h1") == "最近的通话"
+            await page.screenshot(path=str(ARTIFACTS / "browser-history-zh.png"), full_page=True)
+            page.once("dialog", lambda d: asyncio.ensure_future(d.accept()))
+            await page.click("#player-delete")
+            gone = f"!document.querySelector('#recordings li[data-recording=\"{session_id}\"]')"
+            await page.wait_for_function(arrow(gone))
+            assert (await page.request.get(f"{url}/api/recordings/{session_id}")).status == 404
+        finally:
+            await browser.close()

@@ -6,7 +6,7 @@ import { api, banner, formatDuration, h, ICONS, mountHeader } from "./common.js"
 import { applyI18n, hasText, onLangChange, t } from "./i18n.js";
 import { LevelMeter } from "./levels.js";
 import { MODES, modeById } from "./modes.js";
-import { loadSettings, promptFor, saveSettings, sessionRequestFields } from "./settings-store.js";
+import { loadSettings, promptFor, rememberCall, saveSettings, sessionRequestFields } from "./settings-store.js";
 
 const AUDIO_CONSTRAINTS = { echoCancellation: true, noiseSuppression: true, autoGainControl: true };
 const AUTO_RETRIES = 2;
@@ -150,6 +150,7 @@ function onEvent(event) {
         announcedMode = event.mode;
       }
       state.mode = event.mode;
+      $("rec-badge").hidden = !event.recording;
       if ([...$("mode").options].some((o) => o.value === event.mode)) $("mode").value = event.mode;
       if (callSettings) renderSetup(callSettings, event.mode);
       renderInCall();
@@ -446,6 +447,7 @@ async function start() {
     });
     if (state.pc !== pc) return; // hung up meanwhile
     state.sessionId = answer.session_id;
+    rememberCall(answer.session_id, mode.id);
     await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
   } catch (err) {
     // what it means in the user's language as the title, the server's own words (which name e.g. the
@@ -564,6 +566,7 @@ function resetControls() {
   $("text-input").disabled = true;
   $("text-send").disabled = true;
   $("call-setup").hidden = true;
+  $("rec-badge").hidden = true;
   renderToggles();
   renderInCall();
 }

@@ -32,6 +32,7 @@ export const ICONS = {
 const NAV = [
   ["/", "nav.home"],
   ["/call", "nav.call"],
+  ["/history", "nav.history"],
   ["/settings", "nav.settings"],
   ["/admin", "nav.admin"],
   ["/docs", "nav.docs"],

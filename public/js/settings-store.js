@@ -101,3 +101,25 @@ export function sessionRequestFields(settings = loadSettings(), mode = "chat") {
 function clamp(value, low, high) {
   return Number.isFinite(value) ? Math.min(high, Math.max(low, value)) : NaN;
 }
+
+// ---- this browser's calls (the history page replays their recordings; a call's id is its capability) ----
+const CALLS_KEY = "minicpmo.calls.v1";
+const CALLS_KEPT = 50;
+
+export function callHistory() {
+  try {
+    const calls = JSON.parse(localStorage.getItem(CALLS_KEY) || "[]");
+    return Array.isArray(calls) ? calls.filter((c) => c && typeof c.id === "string") : [];
+  } catch {
+    return [];
+  }
+}
+
+export function rememberCall(id, mode) {
+  const calls = [{ id, mode, at: Date.now() }, ...callHistory().filter((c) => c.id !== id)].slice(0, CALLS_KEPT);
+  localStorage.setItem(CALLS_KEY, JSON.stringify(calls));
+}
+
+export function forgetCall(id) {
+  localStorage.setItem(CALLS_KEY, JSON.stringify(callHistory().filter((c) => c.id !== id)));
+}
