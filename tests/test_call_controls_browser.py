@@ -308,3 +308,29 @@ async def test_a_recorded_call_replays_from_history(start_test_server, fake_mic:
             assert (await page.request.get(f"{url}/api/recordings/{session_id}")).status == 404
         finally:
             await browser.close()
+
+
+async def test_the_admin_ends_a_call_and_drops_a_queued_caller(start_test_server, fake_mic: Path) -> None:
+    require_chromium()
+    server = await start_test_server(workers={"cpu_capacity": 1}, auth={"admin_token": "adm"})
+    url = server.url.replace("localhost", "127.0.0.1")
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=chromium_args(fake_mic))
+        try:
+            first, second = await browser.new_page(), await browser.new_page()
+            await first.goto(f"{url}/call.html?mode=loopback&autostart=1")
+            await wait_event(first, "session", "e.phase === 'active'")
+            await second.goto(f"{url}/call.html?mode=loopback&autostart=1")
+            await wait_event(second, "queue")
+            admin = await browser.new_page()
+            await admin.goto(f"{url}/admin")
+            await admin.fill("#admin-token", "adm")
+            await admin.click("#token-form button[type=submit]")
+            await admin.locator("#queue button.end").wait_for()
+            await admin.click("#queue button.end")  # "Remove from queue"
+            await second.wait_for_function(arrow("window.callState.status === 'ended'"), timeout=15000)
+            await admin.locator("#sessions button.end", has_text="End call").click()
+            await first.wait_for_function(arrow("window.callState.status === 'ended'"), timeout=15000)
+            assert not server.manager.sessions
+        finally:
+            await browser.close()

@@ -34,6 +34,21 @@ const badge = (kind, text) => h("span", { class: `badge ${kind}` }, h("span", { 
 const ms = (v) => (v === null || v === undefined ? "–" : `${formatNumber(v, 0)} ms`);
 const shortId = (id) => h("code", { title: id }, id.slice(0, 8));
 
+/** A button that ends a call (or drops a queued caller): DELETE on the call's URL with the admin token. */
+function endButton(id, key) {
+  const button = h("button", { type: "button", class: "danger-text end", "data-session": id }, t(key));
+  button.onclick = async () => {
+    button.disabled = true;
+    try {
+      await api(`/api/sessions/${encodeURIComponent(id)}`, { method: "DELETE", headers: headers() });
+    } catch (err) {
+      $("messages").replaceChildren(banner("error", t("admin.endFailed"), `${err.message} (${err.code})`));
+    }
+    refresh();
+  };
+  return button;
+}
+
 function render() {
   if (!status) return;
   const s = status;
@@ -84,6 +99,7 @@ function render() {
       ["admin.col.p50", (x) => ms(x.unit_latency_p50_ms), "num"],
       ["admin.col.p95", (x) => ms(x.unit_latency_p95_ms), "num"],
       ["admin.col.lag", (x) => `${ms(x.send_lateness_p95_ms)} · ${formatNumber(x.speech_buffered_s, 2)} s`, "num"],
+      ["admin.col.actions", (x) => endButton(x.session_id, x.phase === "queued" ? "admin.drop" : "admin.end")],
     ],
     s.sessions,
     "admin.noSessions",
@@ -96,6 +112,7 @@ function render() {
       ["admin.col.mode", (q) => q.mode],
       ["admin.col.waited", (q) => formatDuration(q.waited_s), "num"],
       ["admin.col.eta", (q) => formatDuration(q.eta_s), "num"],
+      ["admin.col.actions", (q) => endButton(q.session_id, "admin.drop")],
     ],
     s.queue,
     "admin.noQueue",
