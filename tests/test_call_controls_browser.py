@@ -108,6 +108,16 @@ async def test_in_call_controls(start_test_server, fake_mic: Path) -> None:
             await page.click("#stop")
             await page.wait_for_function(arrow("window.callState.sessionId === null"), timeout=10000)
             assert await page.is_hidden("#in-call")
+            # the recording replays the spoken turn from its play button, where the turn began
+            await page.goto(f"{url}/history#{session_id}")
+            turn = page.locator("#player-transcript li.user")
+            await turn.first.wait_for(timeout=10000)
+            await page.wait_for_function(arrow("document.getElementById('player-audio').duration > 0"))
+            start = float(await turn.first.get_attribute("data-t") or "nan")
+            await turn.first.locator("button.play").click()
+            await page.wait_for_function(arrow("!document.getElementById('player-audio').paused"))
+            played_from = await page.evaluate("document.getElementById('player-audio').currentTime")
+            assert start - 0.1 <= played_from <= start + 1.5, (start, played_from)
         finally:
             await browser.close()
     assert not [e for e in console_errors if "favicon" not in e], console_errors

@@ -1,6 +1,6 @@
 // Recent calls: this browser's calls (kept in localStorage by the call page) and, for the operator, every
 // recording on the server. A recording replays with its transcript in step and its camera snapshots.
-import { api, authHeaders, banner, formatDuration, h, mountHeader } from "./common.js";
+import { api, authHeaders, banner, formatDuration, h, ICONS, mountHeader } from "./common.js";
 import { hasText, onLangChange, t } from "./i18n.js";
 import { callHistory, forgetCall } from "./settings-store.js";
 
@@ -110,12 +110,25 @@ async function openRecording(id) {
       last.lastChild.textContent += text;
       continue;
     }
-    const at = h("span", { class: "at muted small" }, formatDuration(event.t));
-    last = h("li", { class: role, "data-t": String(event.t), "data-role": role, "data-turn": String(event.turn ?? "") }, at, h("span", {}, text));
-    last.onclick = () => {
-      $("player-audio").currentTime = Number(last.dataset.t);
+    // a spoken turn is announced when it ended: it starts `seconds` earlier
+    const start = event.type === "user_turn" && event.seconds ? Math.max(0, event.t - event.seconds) : event.t;
+    const at = h("span", { class: "at muted small" }, formatDuration(start));
+    const item = h("li", { class: role, "data-t": String(start), "data-role": role, "data-turn": String(event.turn ?? "") }, at, h("span", {}, text));
+    item.onclick = () => {
+      $("player-audio").currentTime = start;
     };
-    list.append(last);
+    if (event.type === "user_turn" && event.seconds) {
+      const play = h("button", { type: "button", class: "round small play", "aria-label": t("history.playTurn"), title: t("history.playTurn") });
+      play.innerHTML = ICONS.play;
+      play.onclick = (e) => {
+        e.stopPropagation();
+        $("player-audio").currentTime = start;
+        $("player-audio").play().catch(() => {});
+      };
+      item.append(play);
+    }
+    last = item;
+    list.append(item);
   }
   // the audio: fetched (not an <audio src>) so that the API token goes with it
   const resp = await fetch(`/api/recordings/${encodeURIComponent(id)}/audio`, { headers: authHeaders() });
