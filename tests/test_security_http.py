@@ -325,7 +325,8 @@ async def test_cors_preflight_and_whip_options(start_test_server) -> None:
         assert methods <= set(got.get("Access-Control-Allow-Methods", "").replace(" ", "").split(",")), got
         assert got.get("Access-Control-Allow-Origin") == (headers["Origin"] if allowed else None), (path, got)
         assert (
-            got.get("Access-Control-Allow-Headers") == "Authorization, Content-Type, If-Match, X-Admin-Token"
+            got.get("Access-Control-Allow-Headers")
+            == "Authorization, Content-Type, If-Match, X-Admin-Token, X-Voice-Token"
         )
         assert got.get("Access-Control-Expose-Headers") == "Location, Link, ETag, Retry-After"
         assert int(got.get("Access-Control-Max-Age", "0")) > 0
