@@ -2,7 +2,7 @@
 
 The texts are our own. The model answers in the language of its system prompt, so each preset exists in both
 languages. The JSON shape is what the settings page reads (`public/js/presets.js`): `{"presets": [{id, mode,
-lang, name: {en, zh}, system_prompt}]}`.
+lang, name: {en, zh}, system_prompt, voice}]}`; `voice` (optional) names a voice id of the library.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ class Preset(BaseModel):
     lang: Lang
     name: dict[str, str]
     system_prompt: str
+    voice: str | None = None  # a voice id of this server's library the preset speaks in (the page selects it)
 
 
 class PresetList(BaseModel):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from playwright.async_api import Browser, async_playwright
 
 from tests.rtc_client import speech_signal, write_wav
 
@@ -44,3 +47,15 @@ def arrow(expression: str) -> str:
     """A JS expression as a predicate function for `wait_for_function`: Playwright evaluates a bare expression
     string with `eval`, which the pages' Content-Security-Policy forbids (as it should)."""
     return f"() => ({expression})"
+
+
+@asynccontextmanager
+async def chromium(fake_mic: Path) -> AsyncIterator[Browser]:
+    """Headless Chromium with the fake devices (`chromium_args`), closed on the way out."""
+    require_chromium()
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=chromium_args(fake_mic))
+        try:
+            yield browser
+        finally:
+            await browser.close()

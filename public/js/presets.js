@@ -56,6 +56,7 @@ function normalise(list) {
       mode: typeof p.mode === "string" ? p.mode : "chat",
       name: typeof p.name === "object" && p.name ? p.name : { en: String(p.name || p.id), zh: String(p.name || p.id) },
       system_prompt: String(p.system_prompt || p.text || ""),
+      voice: typeof p.voice === "string" ? p.voice : null,
     }));
 }
 

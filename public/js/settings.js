@@ -76,6 +76,12 @@ function applyPreset(id) {
   } else if (preset) {
     savePrompt(promptMode, id, preset.system_prompt);
     $("system-prompt").value = preset.system_prompt;
+    // a preset with a voice of the library picks that voice too
+    if (preset.voice && voices.some((v) => v.voice_id === preset.voice)) {
+      saveSettings({ voiceId: preset.voice });
+      renderVoices();
+      fillForm();
+    }
   } else {
     savePrompt(promptMode, "custom", $("system-prompt").value);
   }
