@@ -12,7 +12,8 @@ read its recording), written while the call runs:
 - `meta.json`: mode, start, end, duration.
 
 Both WAVs start at the recording's start and are kept in step with the wall clock (silence fills a gap), so
-they play in sync. Their headers are rewritten every `HEADER_EVERY_S`: a crash loses at most those seconds.
+they play in sync. They are written, and their headers rewritten, every `HEADER_EVERY_S`: a crash loses at most
+those seconds.
 `prune` enforces `recording.retention_days` and `recording.max_gb`, oldest first.
 """
 
@@ -81,6 +82,7 @@ class TrackWriter:
         self.rate = rate
         self.t0 = t0
         self.samples = 0
+        self._pending: list[np.ndarray] = []  # chunks not written yet (at most HEADER_EVERY_S of them)
         self._file: BinaryIO = path.open("wb")
         self._header()
         self._header_at = time.monotonic()
@@ -96,25 +98,35 @@ class TrackWriter:
         self._file.seek(max(end, len(header)))
 
     def write(self, pcm: np.ndarray, ends_at: float) -> None:
-        """`pcm` (float in [-1, 1] or int16) whose last sample is at `ends_at` (monotonic seconds)."""
+        """`pcm` (float in [-1, 1] or int16) whose last sample is at `ends_at` (monotonic seconds). Chunks are
+        gathered in memory and written together (the outbound track gives one per 20 ms frame)."""
         if self._file.closed or pcm.size == 0:
             return
         samples = pcm if pcm.dtype == np.int16 else (np.clip(pcm, -1.0, 1.0) * 32767).astype(np.int16)
         start = int(round((ends_at - self.t0) * self.rate)) - samples.size
         gap = min(start - self.samples, int(MAX_GAP_S * self.rate))
         if gap > 0:
-            self._file.write(bytes(2 * gap))
+            self._pending.append(np.zeros(gap, dtype=np.int16))
             self.samples += gap
-        self._file.write(samples.astype("<i2").tobytes())
+        self._pending.append(samples.copy())
         self.samples += samples.size
         if time.monotonic() - self._header_at >= HEADER_EVERY_S:
-            self._header()
-            self._file.flush()
-            self._header_at = time.monotonic()
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is gathered and rewrite the header: the file on disk is a whole WAV up to here."""
+        if self._file.closed:
+            return
+        if self._pending:
+            self._file.write(np.concatenate(self._pending).astype("<i2").tobytes())
+            self._pending.clear()
+        self._header()
+        self._file.flush()
+        self._header_at = time.monotonic()
 
     def close(self) -> None:
         if not self._file.closed:
-            self._header()
+            self.flush()
             self._file.close()
 
 
