@@ -268,7 +268,13 @@ async def test_voice_upload_validation_and_use(start_test_server, speech: np.nda
         patch = {"Content-Type": "application/json"}
         async with http.patch(f"{url}/{voice_id}", data=b'{"name": "Joe"}', headers=patch) as resp:
             assert resp.status == 200 and (await resp.json())["name"] == "Joe"
+        async with http.post(
+            f"{url}?name={'n' * 201}", data=voice, headers={"Content-Type": "audio/wav"}
+        ) as resp:
+            assert resp.status == 400 and (await resp.json())["error"]["code"] == "bad_request"
         for bad_body, code in (
+            (b'{"name": "' + b"n" * 201 + b'"}', 400),
+            (b'{"name": "\\u0000\\u0007"}', 400),  # nothing printable left
             (b'{"name": ""}', 400),
             (b'{"name": 5}', 400),
             (b"{", 400),

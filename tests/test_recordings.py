@@ -100,6 +100,9 @@ async def test_a_call_is_recorded_listed_replayed_and_deleted(start_test_server)
         for bad in ("x" * 8, "0" * 32, "..%2Fsecrets"):
             async with http.get(f"{server.url}/api/recordings/{bad}") as resp:
                 assert resp.status == 404
+        for frame in ("abc", "0", "-1", "9" * 30):  # a loopback call has no camera: no frame at all
+            async with http.get(f"{url}/frames/{frame}") as resp:
+                assert resp.status == 404 and (await resp.json())["error"]["code"] == "unknown_frame"
         async with http.delete(url) as resp:
             assert resp.status == 204
         async with http.get(url) as resp:

@@ -64,6 +64,14 @@ HOSTILE_MESSAGES: dict[str, tuple[str | bytes, str]] = {
     "deep_nesting_small": ("[" * 60_000, "bad_message"),
     "mode_name_60k": (json.dumps({"type": "set_mode", "mode": "m" * 60_000}), "bad_message"),
     "mode_name_64": (json.dumps({"type": "set_mode", "mode": "m" * 64}), "unknown_mode"),
+    "mode_prompt_30k": (
+        json.dumps({"type": "set_mode", "mode": "loopback", "system_prompt": "p" * 30_000}),
+        "bad_message",
+    ),
+    "mode_prompt_number": (
+        json.dumps({"type": "set_mode", "mode": "loopback", "system_prompt": 7}),
+        "bad_message",
+    ),
     "mode_name_262k": (json.dumps({"type": "set_mode", "mode": "m" * 262_100}), "message_too_large"),
     "message_300k": (json.dumps({"type": "text", "text": "t" * 300_000}), "message_too_large"),
     "type_tag_60k": (json.dumps({"type": "x" * 60_000}), "bad_message"),
