@@ -183,7 +183,9 @@ class CallRecorder:
         self.caller.close()
         self.assistant.close()
         self._events.close()
-        self.meta.update(ended=True, duration_s=round(time.monotonic() - self.t0, 3))
+        # the length of what was recorded (the call's teardown after its last frame is not part of it)
+        audio_s = max(self.caller.samples / CALLER_RATE, self.assistant.samples / ASSISTANT_RATE)
+        self.meta.update(ended=True, duration_s=round(audio_s, 3))
         self._write_meta()
 
 

@@ -2,6 +2,7 @@
 // recording on the server. A recording replays with its transcript in step and its camera snapshots.
 import { api, authHeaders, banner, formatDuration, h, ICONS, mountHeader } from "./common.js";
 import { hasText, onLangChange, t } from "./i18n.js";
+import { modeById } from "./modes.js";
 import { callHistory, forgetCall } from "./settings-store.js";
 
 const $ = (id) => document.getElementById(id);
@@ -13,8 +14,9 @@ function when(unix) {
   return new Date(unix * 1000).toLocaleString();
 }
 
-function modeTitle(mode) {
-  return hasText(`mode.${mode}.title`) ? t(`mode.${mode}.title`) : mode;
+function modeTitle(id) {
+  const mode = modeById(id);
+  return mode.key ? t(`mode.${mode.key}.title`) : id;
 }
 
 async function loadList() {
