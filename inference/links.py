@@ -105,7 +105,8 @@ class WorkerLinks:
             if left <= 0 or self._closing or worker_id not in self._links:
                 return self.up(worker_id)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), left)
+                async with asyncio.timeout(left):  # not wait_for: it can lose a cancellation (Python 3.11)
+                    await self._changed.wait()
         return True
 
     # ---- sessions ----

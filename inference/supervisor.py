@@ -240,7 +240,10 @@ class WorkerSupervisor:
             worker.pid = worker.process.pid
             log.info("worker %d: started pid %d on %s", worker.worker_id, worker.pid, worker.device)
             try:
-                await asyncio.wait_for(asyncio.shield(worker.hello), self.settings.start_timeout_s)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the task's cancellation
+                # when the hello arrives at the same moment, and stop() would then wait for this task forever
+                async with asyncio.timeout(self.settings.start_timeout_s):
+                    await asyncio.shield(worker.hello)
             except TimeoutError:
                 log.error(
                     "worker %d: no hello within %.0f s", worker.worker_id, self.settings.start_timeout_s

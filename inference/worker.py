@@ -151,7 +151,8 @@ class UnitTicker:
         while not self._gathered() and (left := deadline - time.monotonic()) > 0:
             self.wake.clear()
             try:
-                await asyncio.wait_for(self.wake.wait(), left)
+                async with asyncio.timeout(left):  # not wait_for: it can lose a cancellation (Python 3.11)
+                    await self.wake.wait()
             except TimeoutError:
                 break
 

@@ -184,7 +184,8 @@ class ShardPool:
             shard.pid = shard.process.pid
             log.info("media shard %d: started pid %d", shard.shard_id, shard.pid)
             try:
-                await asyncio.wait_for(asyncio.shield(shard.hello), self.start_timeout_s)
+                async with asyncio.timeout(self.start_timeout_s):  # not wait_for: see WorkerSupervisor
+                    await asyncio.shield(shard.hello)
             except TimeoutError:
                 log.error("media shard %d: no hello in time", shard.shard_id)
                 await self._terminate(shard)

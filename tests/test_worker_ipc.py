@@ -12,6 +12,7 @@ import pytest
 from inference import protocol as p
 from inference.modes import create_mode, mode_names
 from inference.modes.base import SessionOptions, Speech, UnitInput
+from inference.processes import kill
 from inference.supervisor import SupervisorSettings, WorkerSupervisor
 
 
@@ -102,3 +103,29 @@ async def test_one_worker_per_gpu_with_its_own_cuda_visible_devices() -> None:
     finally:
         await supervisor.stop()
     assert all(w.process is not None and w.process.returncode is not None for w in supervisor.workers)
+
+
+async def test_stop_right_as_a_worker_says_hello_does_not_hang() -> None:
+    """stop() cancels the keep-alive task in the very step in which the worker's hello completes: on Python
+    3.11 `asyncio.wait_for` swallowed that cancellation, the task went on to wait for the worker process to
+    exit, and stop() waited for the task forever (seen once in a full test run)."""
+    for _ in range(3):
+        supervisor = WorkerSupervisor(SupervisorSettings(start_timeout_s=30), {})
+        await supervisor.start(wait_ready=False)
+        worker = supervisor.workers[0]
+        while worker.hello is None:
+            await asyncio.sleep(0.01)
+        stopping: list[asyncio.Future[None]] = []
+
+        def stop_now(_: object, sup: WorkerSupervisor = supervisor, out: list = stopping) -> None:
+            out.append(asyncio.ensure_future(sup.stop()))
+
+        worker.hello.add_done_callback(stop_now)
+        while not stopping:
+            await asyncio.sleep(0.01)
+        done, _ = await asyncio.wait(stopping, timeout=10)  # (asyncio.wait never cancels what it waits for)
+        if not done:  # free the hung stop() before failing: kill the worker it waits for
+            kill(worker.process)
+            await stopping[0]
+        assert done, "stop() hung: the keep-alive task lost its cancellation"
+        assert worker.process is not None and worker.process.returncode is not None
