@@ -282,20 +282,16 @@ def test_a_failed_open_gives_its_slots_back(host, mode_name: str) -> None:
 
 
 def test_chat_text_never_shows_control_tokens(host, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A reply whose tokens include control tokens (`<tool_call>`, a timbre token, `<|tts_eos|>`): the caller's
-    text deltas carry only the words."""
-    from inference.modes import chat
-    from MiniCPMO45.engine.generation import TokenEvent
+    """A reply whose tokens include control tokens (`<tool_call>`, a timbre token, then `<|tts_eos|>`, which
+    ends it): the caller's text deltas carry only the words. The sampler is scripted; the rest is the real
+    reply path."""
+    from MiniCPMO45.engine import generation
 
     tok = host.engine.tokenizer
     ids = tok.encode("Sure<tool_call> thing<|timbre_27|>!<|tts_eos|>")
     assert tok.token_to_id("<tool_call>") in ids and tok.token_to_id("<|timbre_27|>") in ids
-
-    def scripted(engine, sessions, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        for k, i in enumerate(ids):
-            yield [TokenEvent(sessions[0], i, None, tok.decode([i]), done=k == len(ids) - 1)]
-
-    monkeypatch.setattr(chat.hd, "generate_reply", scripted)
+    script = iter(ids)
+    monkeypatch.setattr(generation, "choose_chat_token", lambda *args, **kwargs: next(script))
     mode = create_mode("chat", SETTINGS)
     mode.open(SessionOptions("c-ctl"))
     try:

@@ -54,19 +54,26 @@ def generate(
     report_unfed_last: bool = True,
     skip_special_tokens: bool = False,
     observe_logits: Callable[[Session, torch.Tensor], None] | None = None,
+    display_text: bool = False,
 ) -> Iterator[list[TokenEvent]]:
     """Yield, per step, the events of the sessions still generating.
 
     The last token allowed by `max_new_tokens` is reported with `hidden=None` and not fed, unless `feed_last`
     (or dropped entirely when `report_unfed_last` is false, like the reference streaming generator).
     `observe_logits(session, logits)` sees the raw logits of every decoding step (diagnostics, tests).
+    With `display_text` the text deltas are what a caller reads: no control token at all (`display_text` of
+    the tokenizer), whatever `skip_special_tokens` says.
     """
     if first_logits.shape[0] != len(sessions):
         raise ValueError("one logits row per session")
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     terminators = (engine.special.tts_eos, engine.special.im_end, engine.eos_s)
-    detok = [engine.tokenizer.detokenizer(skip_special_tokens=skip_special_tokens) for _ in sessions]
+    tokenizer = engine.tokenizer
+    detok = [
+        tokenizer.display_detokenizer() if display_text else tokenizer.detokenizer(skip_special_tokens)
+        for _ in sessions
+    ]
     for s in sessions:
         s.history = []
         if params.seed is not None:

@@ -149,8 +149,10 @@ def generate_reply(
     spoken: bool = True,
     extra_banned: Sequence[int] = (),
     observe_logits: Callable[[Session, torch.Tensor], None] | None = None,
+    display_text: bool = False,
 ) -> Iterator[list[TokenEvent]]:
-    """Feed the assistant prefix and stream the reply tokens (with hidden states for the TTS).
+    """Feed the assistant prefix and stream the reply tokens (with hidden states for the TTS); with
+    `display_text` the text deltas carry no control tokens (what a caller reads).
 
     Like the reference, generation runs in chunks of 10 tokens, so `max_new_tokens` is rounded up to whole
     chunks; the final sampled token is neither fed nor reported.
@@ -176,6 +178,7 @@ def generate_reply(
         banned,
         report_unfed_last=False,
         observe_logits=observe_logits,
+        display_text=display_text,
     )
 
 

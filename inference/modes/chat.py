@@ -49,7 +49,6 @@ from MiniCPMO45.engine.half_duplex import AudioSegment
 from MiniCPMO45.engine.sampling import ChatSampling
 from MiniCPMO45.engine.session import Session
 from MiniCPMO45.modules.tts import TTSSession
-from MiniCPMO45.tokenizer import IncrementalDetokenizer
 
 RATE = 16000
 UNIT_SAMPLES = 5120  # 320 ms: 10 VAD windows
@@ -62,13 +61,10 @@ DEFAULT_PROMPT = "You are a helpful voice assistant. Answer briefly, in a natura
 class Reply:
     """One reply in progress: the token stream and its speech."""
 
-    def __init__(
-        self, events: Iterator[list[TokenEvent]], voice: TurnVoice, turn: int, text: IncrementalDetokenizer
-    ) -> None:
+    def __init__(self, events: Iterator[list[TokenEvent]], voice: TurnVoice, turn: int) -> None:
         self.events = events
         self.voice = voice
         self.turn = turn
-        self.text = text  # the caller's text deltas: no control tokens (`<|tts_eos|>`, `<tool_call>`, ...)
         self.spoken = False
         self.done = False
         self.llm_ms = 0.0
@@ -86,17 +82,14 @@ class Reply:
                 if not step_events:
                     self.done = True
                 for event in step_events or []:
-                    delta = self.text.push(event.token) if event.token is not None else ""
-                    if delta:
-                        outputs.append(Text(delta, self.turn))
+                    if event.text_delta:
+                        outputs.append(Text(event.text_delta, self.turn))
                     if event.token is not None and event.hidden is not None:
                         voice.add(event.token, event.hidden)
                     if event.done:
                         self.done = True
             if self.done:
                 voice.finish()
-                if tail := self.text.flush():
-                    outputs.append(Text(tail, self.turn))
         for pcm in voice.next_audio():
             if pcm.size:
                 if not self.spoken:
@@ -235,11 +228,17 @@ class ChatMode:
         if self.options.force == "speak":  # test option: the reply runs to max_new_tokens
             sp = engine.special
             extra_banned = [sp.tts_eos, sp.im_end, engine.eos_s]
+        # display_text: the caller's text never shows control tokens (`<|tts_eos|>`, `<tool_call>`, ...)
         events = hd.generate_reply(
-            engine, [session], self.sampling, self.options.max_new_tokens, extra_banned=extra_banned
+            engine,
+            [session],
+            self.sampling,
+            self.options.max_new_tokens,
+            extra_banned=extra_banned,
+            display_text=True,
         )
         voice = TurnVoice(self.host, self.voice, self.tts)
-        self.reply = Reply(events, voice, self.turn, engine.tokenizer.display_detokenizer())
+        self.reply = Reply(events, voice, self.turn)
         return outputs
 
     def _advance(self) -> list[Output]:
