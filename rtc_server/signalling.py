@@ -75,6 +75,11 @@ def require_admin(request: web.Request) -> None:
         raise ApiError(401, "admin_unauthorized", f"missing or wrong {ADMIN_HEADER} header")
 
 
+def validation_problems(exc: ValidationError) -> str:
+    """A pydantic error as one line: `field.path: message; ...`."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+
+
 async def _read_text(request: web.Request) -> str:
     try:
         return (await request.read()).decode("utf-8")
@@ -140,8 +145,7 @@ async def create_session(request: web.Request) -> web.Response:
     try:
         offer = ev.SessionRequest.model_validate(body)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
-        raise ApiError(400, "bad_request", problems) from None
+        raise ApiError(400, "bad_request", validation_problems(exc)) from None
     options = offer.options.model_dump(exclude_defaults=True) if offer.options is not None else None
     session = await _create(request, offer.sdp, offer.mode, offer.system_prompt, offer.voice, options)
     answer = ev.SessionAnswer(session_id=session.id, sdp=session.answer_sdp)

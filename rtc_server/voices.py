@@ -370,7 +370,7 @@ def _require_owner(request: web.Request, voice_id: str) -> None:
 
 
 async def rename_voice(request: web.Request) -> web.Response:
-    from rtc_server.signalling import ApiError
+    from rtc_server.signalling import ApiError, validation_problems
 
     voice_id = _voice_id(request)
     _require_owner(request, voice_id)
@@ -381,8 +381,7 @@ async def rename_voice(request: web.Request) -> web.Response:
     except VoiceError as exc:
         raise ApiError(exc.status, exc.code, str(exc)) from None
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
-        raise ApiError(400, "bad_request", problems) from None
+        raise ApiError(400, "bad_request", validation_problems(exc)) from None
     name = clean_name(patch.name)
     if not name:
         raise ApiError(400, "bad_request", "name: the name has no printable characters")
