@@ -158,10 +158,12 @@ class CallRecorder:
         upsampled, so every other sample is the speech at 24 kHz with nothing to alias)."""
         self.assistant.write(pcm48k[::2], time.monotonic())
 
-    def event(self, event: dict[str, Any]) -> None:
-        if not self.closed:
-            line = {"t": round(time.monotonic() - self.t0, 3), **event}
-            self._events.write(json.dumps(line, ensure_ascii=False) + "\n")
+    def event(self, event_json: str) -> None:
+        """An event as it went to the caller (a JSON object), with its time put first."""
+        if not self.closed and event_json.startswith("{"):
+            t = round(time.monotonic() - self.t0, 3)
+            rest = event_json[1:].strip()
+            self._events.write(f'{{"t": {t}' + (", " + rest if rest != "}" else "}") + "\n")
 
     def wants_frame(self) -> bool:
         return not self.closed and time.monotonic() >= self._frame_due

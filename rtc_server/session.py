@@ -199,7 +199,7 @@ class CallSession:
             log.warning("session %s: dropped a %s event of %d bytes", self.id, name, len(data))
             return
         if self.recorder is not None:
-            self.recorder.event(event.model_dump())
+            self.recorder.event(data)  # the JSON the caller gets: serialised once
         channel = self.channel
         if channel is not None and channel.readyState == "open":
             self._send_data(data)
