@@ -8,16 +8,17 @@ session and times its two stages. (The duplex modes speak through `MiniCPMO45.en
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from MiniCPMO45.modules.tts import TTSSession
+from MiniCPMO45.modules.tts import TTSSession, next_pieces
+from MiniCPMO45.token2wav import PushRequest
 
 from .engine_host import EngineHost, Voice
 
+OUTPUT_RATE = 24000  # Hz of the vocoder's PCM
 TEXT_CHUNK = 10  # LLM tokens per TTS condition in turn-based replies (the reference chunking)
 
 
@@ -30,11 +31,11 @@ class SpeechTimes:
 CODES_PER_TOKEN = 12  # cap on speech per text chunk: 12 codes (0.48 s) per LLM token, at least 1 s
 
 
-@dataclass
+@dataclass(eq=False)
 class TurnVoice:
-    """The speech of one turn-based reply, produced lazily: `add` tokens, then `next_audio()` returns one
-    vocoder window (~1 s) at a time, so a reply never computes far ahead of what the caller hears and a
-    barge-in wastes at most one window."""
+    """The speech of one turn-based reply, produced lazily: `add` tokens, then each `speak_batch` call (or
+    `next_audio()`, the same for this voice alone) gives one vocoder window (~1 s) at a time, so a reply never
+    computes far ahead of what the caller hears and a barge-in wastes at most one window."""
 
     host: EngineHost
     voice: Voice
@@ -43,17 +44,17 @@ class TurnVoice:
     hidden: list[torch.Tensor] = field(default_factory=list)
     times: SpeechTimes = field(default_factory=SpeechTimes)
     finished: bool = False
+    seconds: float = 0.0  # speech produced so far
 
     def __post_init__(self) -> None:
         self.streamer = self.host.tts.streamer(self.tts)
         self.turn = self.host.vocoder.start_turn(self.voice.prompt, rule="turn")
-        self._feed: Iterator[tuple[torch.Tensor, bool]] | None = None
         self._flushed = False
 
     @property
     def busy(self) -> bool:
         """Speech of a fed text chunk is still being produced (call `next_audio` before adding more)."""
-        return self._feed is not None or (self.finished and not self._flushed)
+        return self.streamer.feeding or (self.finished and not self._flushed)
 
     def add(self, token: int, hidden: torch.Tensor) -> None:
         """A reply token with its hidden state; every `TEXT_CHUNK` tokens a condition goes to the TTS."""
@@ -70,6 +71,10 @@ class TurnVoice:
             self.finished = True
             self._start_feed(finished=True)
 
+    def drop(self) -> None:
+        """The reply was cut (barge-in): stop drawing for the chunk in progress."""
+        self.streamer.end_chunk()
+
     def _start_feed(self, finished: bool) -> None:
         tts = self.host.tts
         d = self.host.engine.model.config.llm.hidden_size
@@ -77,26 +82,41 @@ class TurnVoice:
         cond = tts.condition(torch.tensor(self.tokens, dtype=torch.long), hidden, text_finished=finished)
         self.streamer.max_new = max(25, CODES_PER_TOKEN * len(self.tokens))
         self.tokens, self.hidden = [], []
-        self._feed = self.streamer.feed(cond, text_finished=finished)
+        self.streamer.begin(cond, text_finished=finished)
 
     def next_audio(self) -> list[np.ndarray]:
         """The next window of speech of the fed text (empty when there is none yet or any more)."""
-        if self._feed is None:
-            if self.finished and not self._flushed:
-                self._flushed = True
-                started = time.perf_counter()
-                rest = self.streamer.finish().tolist()
-                pieces = self.host.vocoder.push_codes(self.turn, rest, end_of_turn=True)
-                self.times.vocoder_ms += (time.perf_counter() - started) * 1000
-                return pieces
-            return []
-        started = time.perf_counter()
-        piece = next(self._feed, None)
-        mid = time.perf_counter()
-        self.times.tts_ms += (mid - started) * 1000
-        if piece is None:
-            self._feed = None
-            return self.next_audio() if self.finished else []
-        pieces = self.host.vocoder.push_codes(self.turn, piece[0].tolist(), end_of_turn=False)
-        self.times.vocoder_ms += (time.perf_counter() - mid) * 1000
-        return pieces
+        return speak_batch([self])[0]
+
+
+def speak_batch(voices: list[TurnVoice]) -> list[list[np.ndarray]]:
+    """The next window of speech of each voice (empty when it has none yet or any more): the TTS draws of
+    every voice speaking a text chunk run as one batch, then their vocoder windows as one batch. The shared
+    time of each stage is added to every voice that took part."""
+    out: list[list[np.ndarray]] = [[] for _ in voices]
+    if not voices:
+        return out
+    host = voices[0].host
+    started = time.perf_counter()
+    drawing = [k for k, v in enumerate(voices) if v.streamer.feeding]
+    pieces = next_pieces([voices[k].streamer for k in drawing])
+    mid = time.perf_counter()
+    requests: list[tuple[int, PushRequest]] = []
+    for k, piece in zip(drawing, pieces, strict=True):
+        voices[k].times.tts_ms += (mid - started) * 1000
+        if piece is not None:
+            requests.append((k, PushRequest(voices[k].turn, piece[0].tolist())))
+    asked = {k for k, _ in requests}
+    for k, v in enumerate(voices):
+        # the text is finished and its last chunk fully drawn: the rest goes out as the turn's end
+        if k not in asked and v.finished and not v.streamer.feeding and not v._flushed:
+            v._flushed = True
+            requests.append((k, PushRequest(v.turn, v.streamer.finish().tolist(), end_of_turn=True)))
+    if requests:
+        audio = host.vocoder.push_codes_batch([r for _, r in requests])
+        spent = (time.perf_counter() - mid) * 1000
+        for (k, _), wavs in zip(requests, audio, strict=True):
+            voices[k].times.vocoder_ms += spent
+            voices[k].seconds += sum(w.size for w in wavs) / OUTPUT_RATE
+            out[k] = wavs
+    return out

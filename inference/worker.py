@@ -173,7 +173,10 @@ class UnitTicker:
             for item in batch:
                 if not item.done.done():  # its session went away while it waited
                     groups.setdefault(batch_runner(item.mode), []).append(item)
-            for run, items in groups.items():
+            # the deadline-bound units first (duplex: a unit a second), then the modes that only need to keep
+            # ahead of what their callers hear (chat replies: `tick_priority` 1)
+            ordered = sorted(groups.items(), key=lambda g: getattr(type(g[1][0].mode), "tick_priority", 0))
+            for run, items in ordered:
                 self.ticks += 1
                 try:
                     outs = await loop.run_in_executor(

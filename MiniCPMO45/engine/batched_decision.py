@@ -26,6 +26,7 @@ import torch
 from ..host_copy import upload
 from .core import Engine
 from .duplex import DuplexConfig, DuplexState
+from .sampling import draw_rows, top_k_top_p_sorted
 
 
 @dataclass
@@ -125,36 +126,6 @@ class RecentIds:
         moved = torch.cat([ids[:, 1:], tokens[:, None]], dim=1)
         moved = moved.masked_fill(self.columns < self.first.index_select(0, rows), self.vocab)
         self.ids.index_copy_(0, rows, torch.where(record[:, None], moved, ids))
-
-
-def top_k_top_p_sorted(
-    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, width: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sampling.top_k_top_p` per row with per-row k (0 = off) and p (>= 1 = off) on `[B, V]`, in the sorted
-    order: returns the first `width` sorted values (dropped ones -inf) and their ids, `[B, width]` each.
-    `width` must be at least every row's k (all V where a row's k is off)."""
-    b, vocab = logits.shape
-    ordered, order = torch.sort(logits, dim=-1, descending=True)
-    ordered, order = ordered[:, :width], order[:, :width]
-    k = torch.where(top_k > 0, top_k.clamp(max=width), torch.full_like(top_k, width))
-    kth = ordered.gather(1, (k - 1)[:, None])
-    ordered = ordered.masked_fill(ordered < kth, float("-inf"))
-    cum = ordered.softmax(-1).cumsum(-1)
-    drop = cum > top_p[:, None]
-    drop = torch.cat([torch.zeros_like(drop[:, :1]), drop[:, :-1]], dim=1)
-    drop &= ((top_p > 0) & (top_p < 1))[:, None]
-    return ordered.masked_fill(drop, float("-inf")), order
-
-
-def draw_rows(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One draw per row from softmax(logits `[B, N]`): the column where the row's cumulative distribution first
-    passes a uniform number (the distribution of `torch.multinomial(softmax, 1)`, another random stream)."""
-    cum = logits.float().softmax(-1).cumsum(-1)
-    total = cum[:, -1:]
-    u = torch.rand(cum.shape[0], 1, device=cum.device, generator=generator) * total
-    # strictly below the total, so the first column whose cumulative value passes u has a probability > 0
-    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cum, u, right=True)[:, 0]
 
 
 def decide_batch(

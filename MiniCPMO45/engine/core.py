@@ -149,6 +149,21 @@ class Engine:
     def feed_ids(self, sessions: Sequence[Session], ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         return self.feed(sessions, [self.model.embed_ids(list(x)) for x in ids])
 
+    @torch.no_grad()
+    def feed_for_logits(
+        self, sessions: Sequence[Session], pieces: Sequence[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """`feed`, plus float32 logits `[B, V]` at each piece's last position: a static step computes them
+        already, so they are not computed twice."""
+        lengths = [p.shape[0] for p in pieces]
+        if sessions and self.static is not None and self.static.accepts([s.slot for s in sessions], lengths):
+            for s in sessions:
+                self._check_open(s)
+            out = self.static.feed([s.slot for s in sessions], pieces)
+            return [out["hidden"][i, :n] for i, n in enumerate(lengths)], out["logits"]
+        hidden = self.feed(sessions, pieces)
+        return hidden, self.last_logits(hidden)
+
     def last_logits(self, hidden: Sequence[torch.Tensor]) -> torch.Tensor:
         """float32 logits `[B, V]` at the last position of each session's hidden states."""
         return self.model.llm.logits(torch.stack([h[-1] for h in hidden]))

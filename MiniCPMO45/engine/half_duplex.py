@@ -53,10 +53,10 @@ def _ensure_mode(engine: Engine, session: Session) -> None:
 
 
 @torch.no_grad()
-def _prefill_text_and_audio(
+def _embeddings(
     engine: Engine, session: Session, text_parts: list[str], audio: list[AudioSegment], stream_audio: bool
 ) -> torch.Tensor:
-    """Encode `text_parts` (with audio placeholders inside) and the audio, merge, feed. Returns hidden."""
+    """Encode `text_parts` (with audio placeholders inside) and the audio, and merge them: `[T, D]`."""
     model = engine.model
     ids = engine.tokenizer.encode("".join(text_parts))
     emb = model.embed_ids(ids).clone()
@@ -72,7 +72,14 @@ def _prefill_text_and_audio(
         if merged.shape[0] != len(positions):
             raise ValueError(f"{merged.shape[0]} audio embeddings for {len(positions)} placeholders")
         emb[torch.tensor(positions, device=emb.device)] = merged.to(emb.dtype)
-    return engine.feed([session], [emb])[0]
+    return emb
+
+
+def _prefill_text_and_audio(
+    engine: Engine, session: Session, text_parts: list[str], audio: list[AudioSegment], stream_audio: bool
+) -> torch.Tensor:
+    """`_embeddings`, fed to the session's slot. Returns the hidden states."""
+    return engine.feed([session], [_embeddings(engine, session, text_parts, audio, stream_audio)])[0]
 
 
 def prefill_system(engine: Engine, session: Session, content: Sequence[Content]) -> None:
@@ -140,6 +147,21 @@ def prefill_user_samples(engine: Engine, session: Session, samples: np.ndarray, 
     prefill_user_audio(engine, session, segment, stream=stream)
 
 
+def start_reply_state(session: Session) -> None:
+    """Turn bookkeeping at the start of a reply: the next user message first closes it, and the next user
+    audio starts a fresh streaming mel and encoder cache."""
+    st = session.half_duplex
+    st.new_user_msg = True
+    st.llm_generated = True
+    st.llm_generate_completed = False
+    st.mel.reset()
+    session.audio_cache.clear()
+
+
+def reply_bans(engine: Engine, spoken: bool = True, extra_banned: Sequence[int] = ()) -> list[int]:
+    return [*(spoken_bans(engine) if spoken else ()), *extra_banned]
+
+
 def generate_reply(
     engine: Engine,
     sessions: Sequence[Session],
@@ -159,27 +181,43 @@ def generate_reply(
     """
     for s in sessions:
         _ensure_mode(engine, s)
-        st = s.half_duplex
-        st.new_user_msg = True
-        st.llm_generated = True
-        st.llm_generate_completed = False
-        st.mel.reset()  # the next user turn starts a fresh streaming mel
-        s.audio_cache.clear()
+        start_reply_state(s)
     prefix = assistant_prefix(engine, use_tts_template)
     logits = engine.last_logits(engine.feed_ids(sessions, [prefix] * len(sessions)))
-    budget = reference_chunk_budget(max_new_tokens)
-    banned = [*(spoken_bans(engine) if spoken else ()), *extra_banned]
     return generate(
         engine,
         sessions,
         logits,
         params,
-        budget,
-        banned,
+        reference_chunk_budget(max_new_tokens),
+        reply_bans(engine, spoken, extra_banned),
         report_unfed_last=False,
         observe_logits=observe_logits,
         display_text=display_text,
     )
+
+
+def user_turn_embeddings(
+    engine: Engine, session: Session, samples: np.ndarray | None = None, text: str | None = None
+) -> torch.Tensor:
+    """The embeddings `[T, D]` of one whole user turn (16 kHz audio as one segment with full attention, or typed
+    text), not yet fed: the caller feeds them, with other sessions' turns in one batched step. The turn
+    bookkeeping is done as if they were fed."""
+    _ensure_mode(engine, session)
+    st = session.half_duplex
+    prefix = _user_turn_prefix(st)
+    if samples is not None:
+        segment = _segment_from_samples(samples)
+        n = pooled_tokens(segment.frames, engine.model.config.audio_pool_step)
+        emb = _embeddings(engine, session, [prefix, _audio_placeholder(n)], [segment], stream_audio=False)
+    else:
+        emb = engine.model.embed_ids(engine.tokenizer.encode(prefix + (text or "")))
+    first = not st.prefilled_any
+    st.prefilled_any = True
+    st.new_user_msg = False
+    if first:
+        session.audio_cache.clear()
+    return emb
 
 
 def prefill_user_text(engine: Engine, session: Session, text: str) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from pydantic import BaseModel, Field
+
+from ..host_copy import upload
 
 
 def ban(logits: torch.Tensor, ids: Iterable[int] | torch.Tensor) -> None:
@@ -54,6 +57,36 @@ def top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return out
 
 
+def top_k_top_p_sorted(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sampling.top_k_top_p` per row with per-row k (0 = off) and p (>= 1 = off) on `[B, V]`, in the sorted
+    order: returns the first `width` sorted values (dropped ones -inf) and their ids, `[B, width]` each.
+    `width` must be at least every row's k (all V where a row's k is off)."""
+    b, vocab = logits.shape
+    ordered, order = torch.sort(logits, dim=-1, descending=True)
+    ordered, order = ordered[:, :width], order[:, :width]
+    k = torch.where(top_k > 0, top_k.clamp(max=width), torch.full_like(top_k, width))
+    kth = ordered.gather(1, (k - 1)[:, None])
+    ordered = ordered.masked_fill(ordered < kth, float("-inf"))
+    cum = ordered.softmax(-1).cumsum(-1)
+    drop = cum > top_p[:, None]
+    drop = torch.cat([torch.zeros_like(drop[:, :1]), drop[:, :-1]], dim=1)
+    drop &= ((top_p > 0) & (top_p < 1))[:, None]
+    return ordered.masked_fill(drop, float("-inf")), order
+
+
+def draw_rows(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row from softmax(logits `[B, N]`): the column where the row's cumulative distribution first
+    passes a uniform number (the distribution of `torch.multinomial(softmax, 1)`, another random stream)."""
+    cum = logits.float().softmax(-1).cumsum(-1)
+    total = cum[:, -1:]
+    u = torch.rand(cum.shape[0], 1, device=cum.device, generator=generator) * total
+    # strictly below the total, so the first column whose cumulative value passes u has a probability > 0
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cum, u, right=True)[:, 0]
+
+
 def sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> int:
     probs = logits.float().softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator).item())
@@ -81,11 +114,78 @@ def choose_chat_token(
     generator: torch.Generator | None = None,
 ) -> int:
     """One chat decoding step on `[V]` float32 logits (modified in place): bans, repetition penalty over
-    `history`, length penalty on the terminators, temperature, top-k/top-p, then a draw or the argmax."""
-    ban(logits, banned)
-    penalize_repeats(logits, history, params.repetition_penalty)
-    penalize_length(logits, terminators, params.length_penalty)
-    if not params.do_sample:
-        return int(torch.argmax(logits).item())
-    filtered = top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-    return sample(filtered, generator)
+    `history`, length penalty on the terminators, temperature, top-k/top-p, then a draw or the argmax
+    (`choose_chat_tokens` for one row)."""
+    row = TokenChoice(params, history, list(banned), generator)
+    return choose_chat_tokens(logits[None], [row], list(terminators))[0]
+
+
+@dataclass
+class TokenChoice:
+    """One row of a batched chat decoding step: its settings and the ids each adjustment looks at."""
+
+    params: ChatSampling
+    history: Sequence[int]  # the repetition penalty's window
+    banned: Sequence[int] = ()
+    generator: torch.Generator | None = None
+
+
+def _pairs(rows: Sequence[Iterable[int]], vocab: int) -> tuple[list[int], list[int]]:
+    """Flattened (row, id) pairs of each row's distinct ids inside the vocabulary."""
+    r_idx: list[int] = []
+    i_idx: list[int] = []
+    for r, ids in enumerate(rows):
+        for i in sorted(set(ids)):
+            if 0 <= i < vocab:
+                r_idx.append(r)
+                i_idx.append(i)
+    return r_idx, i_idx
+
+
+def choose_chat_tokens(
+    logits: torch.Tensor, rows: Sequence[TokenChoice], terminators: Sequence[int]
+) -> list[int]:
+    """`choose_chat_token` for a batch: `logits [B, V]` float32 (modified in place), one `TokenChoice` per
+    row. Every adjustment runs on the whole batch where the logits are, and the host waits for the device once
+    (the chosen ids). Greedy rows give exactly the single-row result; sampled rows draw from the same
+    distribution (each with its own generator, so a seeded session repeats itself)."""
+    b, vocab = logits.shape
+    if b != len(rows):
+        raise ValueError("one TokenChoice per logits row")
+    dev = logits.device
+
+    def where(r_idx: list[int], i_idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return upload(r_idx, dev), upload(i_idx, dev)
+
+    r_ban, i_ban = _pairs([row.banned for row in rows], vocab)
+    if r_ban:
+        logits[where(r_ban, i_ban)] = float("-inf")
+    for ids, penalty_of in (
+        ([row.history for row in rows], lambda row: row.params.repetition_penalty),
+        ([terminators] * b, lambda row: row.params.length_penalty),
+    ):
+        keep = [r for r, row in enumerate(rows) if penalty_of(row) != 1.0]
+        r_idx, i_idx = _pairs([ids[r] if r in keep else () for r in range(b)], vocab)
+        if r_idx:
+            at = where(r_idx, i_idx)
+            pen = upload([penalty_of(rows[r]) for r in r_idx], dev, torch.float32)
+            vals = logits[at]
+            logits[at] = torch.where(vals > 0, vals / pen, vals * pen)
+    chosen = torch.argmax(logits, dim=-1)
+    sampled = [r for r, row in enumerate(rows) if row.params.do_sample]
+    if sampled:
+        sel = upload(sampled, dev)
+        settings = [rows[r].params for r in sampled]
+        temps = upload([p.temperature for p in settings], dev, torch.float32)
+        ks = [p.top_k for p in settings]
+        width = vocab if min(ks) <= 0 else min(vocab, max(ks))
+        kept, ids = top_k_top_p_sorted(
+            logits.index_select(0, sel) / temps[:, None],
+            upload(ks, dev),
+            upload([p.top_p for p in settings], dev, torch.float32),
+            width,
+        )
+        # each row draws with its session's generator: a seeded session repeats itself whatever its batch
+        cols = torch.cat([draw_rows(kept[k : k + 1], rows[r].generator) for k, r in enumerate(sampled)])
+        chosen.index_copy_(0, sel, ids.gather(1, cols[:, None])[:, 0])
+    return [int(t) for t in chosen.tolist()]

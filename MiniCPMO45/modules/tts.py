@@ -47,6 +47,7 @@ __all__ = [
     "TTSStreamer",
     "TURN_SAMPLING",
     "duplex_min_new",
+    "next_pieces",
 ]
 
 # checkpoint entries the runtime does not use (relative to the `tts.` prefix)
@@ -510,6 +511,9 @@ class TTSStreamer:
         self._prev_condition: torch.Tensor | None = None
         self._prev_codes: list[int] = []
         self.chunk_probs: torch.Tensor | None = None
+        self._run: _Run | None = None  # the text chunk being spoken
+        self._condition: torch.Tensor | None = None
+        self._chunk_codes: list[int] = []
         tts.end_turn(session)
 
     def _full_condition(self, condition: torch.Tensor) -> torch.Tensor:
@@ -523,19 +527,26 @@ class TTSStreamer:
         parts.append(condition)
         return torch.cat(parts, dim=0)
 
+    @property
+    def feeding(self) -> bool:
+        """A text chunk is being spoken (`begin` was called and its draws have not ended)."""
+        return self._run is not None
+
     @torch.inference_mode()
-    def feed(
+    def begin(
         self,
         condition: torch.Tensor,
         text_finished: bool,
         forced: Sequence[int] | None = None,
         record_probs: bool = False,
-    ) -> Iterator[tuple[torch.Tensor, bool]]:
-        """Generate for one text chunk. With `forced`, those codes replace the draws (teacher forcing); with
-        `record_probs`, this chunk's sampling distributions are kept in `self.chunk_probs` `[draws, V]`."""
+    ) -> None:
+        """Start speaking one text chunk; `next_pieces` (or `feed`) then draws its codes. With `forced`, those
+        codes replace the draws (teacher forcing); with `record_probs`, this chunk's sampling distributions are
+        kept in `self.chunk_probs` `[draws, V]`."""
         if self.finished:
             raise RuntimeError("this turn's text is already finished; start a new streamer")
-        eos = self.tts.eos_id
+        if self._run is not None:
+            raise RuntimeError("the previous text chunk is still being spoken")
         run = _Run(
             session=self.session,
             condition=self._full_condition(condition),
@@ -546,37 +557,96 @@ class TTSStreamer:
             forced=None if forced is None else [int(x) for x in forced],
             record=record_probs,
         )
-        self.chunk_probs = None
         MiniCPMTTS._check_room(run)
-        chunk_codes: list[int] = []
+        self.chunk_probs = None
         self.finished = text_finished
+        self._run, self._condition, self._chunk_codes = run, condition, []
+
+    def _take_draw(self) -> tuple[tuple[torch.Tensor, bool] | None, bool]:
+        """After a step: file the run's last draw. Returns the piece now complete (if any) and whether the
+        chunk is over (EOS, or its draw budget spent)."""
+        run = self._run
+        assert run is not None
+        code, eos = run.draws[-1], self.tts.eos_id
+        if code != eos:
+            self._chunk_codes.append(code)
+            self.turn_codes.append(code)
+            self.buffer.append(code)
+        piece: tuple[torch.Tensor, bool] | None = None
+        over = run.done
+        if not self.buffer:  # EOS with nothing buffered
+            if self.finished:
+                piece = (torch.empty(0, dtype=torch.long), True)
+            over = True
+        elif len(self.buffer) >= self.chunk_size:
+            codes, self.buffer = self.buffer[: self.chunk_size], self.buffer[self.chunk_size :]
+            piece = (torch.tensor(codes, dtype=torch.long), False)
+        elif code == eos:
+            if self.finished:
+                codes, self.buffer = self.buffer, []
+                piece = (torch.tensor(codes, dtype=torch.long), True)
+            over = True
+        if over:
+            self.end_chunk()
+        return piece, over
+
+    def end_chunk(self) -> None:
+        """Stop drawing for the current text chunk (also when its speech is dropped, e.g. a barge-in): what it
+        drew becomes the previous chunk of the sliding recompute."""
+        run, self._run = self._run, None
+        if run is None:
+            return
+        self._prev_condition = self._condition
+        self._prev_codes = self._chunk_codes
+        if run.record and run.probs:
+            self.chunk_probs = torch.stack(run.probs)
+
+    @torch.inference_mode()
+    def feed(
+        self,
+        condition: torch.Tensor,
+        text_finished: bool,
+        forced: Sequence[int] | None = None,
+        record_probs: bool = False,
+    ) -> Iterator[tuple[torch.Tensor, bool]]:
+        """Generate for one text chunk: `begin`, then `(codes, is_last)` pieces as they complete (`next_pieces`
+        of this streamer alone)."""
+        self.begin(condition, text_finished, forced, record_probs)
         try:
-            while not run.done:
-                self.tts._step([run], self.sampling)
-                code = run.draws[-1]
-                if code != eos:
-                    chunk_codes.append(code)
-                    self.turn_codes.append(code)
-                    self.buffer.append(code)
-                if not self.buffer:  # EOS with nothing buffered
-                    if text_finished:
-                        yield torch.empty(0, dtype=torch.long), True
-                    break
-                if len(self.buffer) >= self.chunk_size:
-                    piece, self.buffer = self.buffer[: self.chunk_size], self.buffer[self.chunk_size :]
-                    yield torch.tensor(piece, dtype=torch.long), False
-                elif code == eos:
-                    if text_finished:
-                        piece, self.buffer = self.buffer, []
-                        yield torch.tensor(piece, dtype=torch.long), True
-                    break
+            while self.feeding:
+                piece = next_pieces([self])[0]
+                if piece is not None:
+                    yield piece
         finally:
-            self._prev_condition = condition
-            self._prev_codes = chunk_codes
-            if record_probs and run.probs:
-                self.chunk_probs = torch.stack(run.probs)
+            self.end_chunk()
 
     def finish(self) -> torch.Tensor:
         """Codes left in the buffer (the official flush after the LLM loop); empties it."""
         piece, self.buffer = self.buffer, []
         return torch.tensor(piece, dtype=torch.long)
+
+
+@torch.inference_mode()
+def next_pieces(streamers: Sequence[TTSStreamer]) -> list[tuple[torch.Tensor, bool] | None]:
+    """Advance every streamer that is speaking a text chunk until it has its next piece or the chunk ends, the
+    streamers drawing together in batched steps (they must share one TTS model, cache and sampling). Returns
+    each streamer's piece, or None (no chunk in progress, or it ended with nothing left to hand out)."""
+    out: list[tuple[torch.Tensor, bool] | None] = [None] * len(streamers)
+    waiting = [i for i, s in enumerate(streamers) if s.feeding]
+    if not waiting:
+        return out
+    tts, sampling = streamers[waiting[0]].tts, streamers[waiting[0]].sampling
+    if any(streamers[i].tts is not tts or streamers[i].sampling != sampling for i in waiting):
+        raise ValueError("streamers drawn together must share the TTS model and the sampling settings")
+    while waiting:
+        runs = [streamers[i]._run for i in waiting]
+        tts._step([r for r in runs if r is not None], sampling)
+        still = []
+        for i in waiting:
+            piece, over = streamers[i]._take_draw()
+            if piece is not None:
+                out[i] = piece
+            elif not over:
+                still.append(i)
+        waiting = still
+    return out

@@ -5,11 +5,17 @@ when speech starts (with 0.5 s of audio before it) and ends after `min_silence_m
 when the client sends `end_turn` (push-to-talk: without any detected speech the audio since the last turn,
 at most 30 s, is the turn). Typed text (`text`) is a turn as well.
 
-A reply is generated a step at a time (at most `TEXT_CHUNK` tokens and their speech per step), one step per
-unit when no later unit of the session is waiting, so VAD keeps running on every unit while the model
-answers. Text deltas go out as `text` events; speech goes out as it is produced. Barge-in: speech detected
-during a reply (or `interrupt`) drops the reply — `Flush` empties the outbound speech queue at once, the
-state goes back to `listening`, and what the user says becomes the next turn.
+The worker runs the units of all its chat sessions together (`ChatMode.on_units`, one tick): VAD and the turn
+logic per session, then, batched over the sessions: the prefills of the turns that end in this tick (user audio
+or text and the assistant prefix as one piece per session, one LLM step), the reply decoding (one batched
+sample-and-feed step per token, `engine.generation.decode_step`, up to `TEXT_CHUNK` tokens per reply and tick),
+the TTS draws of every reply that has a text chunk to speak (`inference.speech.speak_batch`) and their vocoder
+windows. A reply advances in a tick only when none of its session's later units is waiting and its speech is
+less than `LEAD_S` ahead of real time, so VAD keeps running on every unit while the model answers and the
+tick's chat work stays proportional to what the callers hear. Text deltas go out as `text` events; speech
+goes out as it is produced. Barge-in: speech detected during a reply (or `interrupt`) drops the reply — `Flush`
+empties the outbound speech queue at once, the state goes back to `listening`, and what the user says becomes
+the next turn.
 
 Context: every user turn starts a span; when the KV slot would pass its limit, the oldest whole turns after
 the system prompt are dropped (RoPE re-rotated, `MiniCPMO45.engine.context_window`).
@@ -19,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -40,11 +46,11 @@ from inference.modes.base import (
     UserTurn,
 )
 from inference.options import ModeOptions
-from inference.speech import TurnVoice
+from inference.speech import TEXT_CHUNK, TurnVoice, speak_batch
 from inference.vad import TurnDetector
 from MiniCPMO45.engine import half_duplex as hd
 from MiniCPMO45.engine.context_window import SlidingWindow
-from MiniCPMO45.engine.generation import TokenEvent
+from MiniCPMO45.engine.generation import ReplyRow, decode_step, reference_chunk_budget, start_row
 from MiniCPMO45.engine.half_duplex import AudioSegment
 from MiniCPMO45.engine.sampling import ChatSampling
 from MiniCPMO45.engine.session import Session
@@ -58,53 +64,37 @@ OUTPUT_RATE = 24000
 DEFAULT_PROMPT = "You are a helpful voice assistant. Answer briefly, in a natural spoken style."
 
 
-class Reply:
-    """One reply in progress: the token stream and its speech."""
+LEAD_S = 1.5  # a reply advances only while its produced speech is less than this ahead of real time
 
-    def __init__(self, events: Iterator[list[TokenEvent]], voice: TurnVoice, turn: int) -> None:
-        self.events = events
+
+class Reply:
+    """One reply in progress: its decoding row and its speech."""
+
+    def __init__(self, row: ReplyRow, voice: TurnVoice, turn: int) -> None:
+        self.row = row
         self.voice = voice
         self.turn = turn
-        self.spoken = False
-        self.done = False
-        self.llm_ms = 0.0
+        self.spoken_at: int | None = None  # index of the unit in whose tick its first speech went out
 
-    def step(self) -> list[Output]:
-        """Produce the next window of speech, or, when the fed text is all spoken, pull up to TEXT_CHUNK
-        more tokens (their text goes out at once; their speech on the next steps)."""
-        outputs: list[Output] = []
-        voice = self.voice
-        if not voice.busy:
-            while not voice.busy and not self.done:
-                started = time.perf_counter()
-                step_events = next(self.events, None)
-                self.llm_ms += (time.perf_counter() - started) * 1000
-                if not step_events:
-                    self.done = True
-                for event in step_events or []:
-                    if event.text_delta:
-                        outputs.append(Text(event.text_delta, self.turn))
-                    if event.token is not None and event.hidden is not None:
-                        voice.add(event.token, event.hidden)
-                    if event.done:
-                        self.done = True
-            if self.done:
-                voice.finish()
-        for pcm in voice.next_audio():
-            if pcm.size:
-                if not self.spoken:
-                    outputs.append(State("speaking"))
-                    self.spoken = True
-                outputs.append(Speech(pcm, self.turn))
-        return outputs
+    @property
+    def needs_tokens(self) -> bool:
+        return not self.row.done and not self.voice.busy
 
     @property
     def finished(self) -> bool:
-        return self.done and not self.voice.busy
+        return self.row.done and not self.voice.busy
+
+    def ahead_s(self, unit_index: int) -> float:
+        """How far its produced speech is ahead of real time, on the clock of the caller's units (real time in a
+        call; in tests, as fast as units are given)."""
+        if self.spoken_at is None:
+            return 0.0
+        return self.voice.seconds - (unit_index - self.spoken_at) * UNIT_SAMPLES / RATE
 
 
 class ChatMode:
     name = "chat"
+    tick_priority = 1  # its tick runs after the duplex units of the same tick (`inference.worker.UnitTicker`)
 
     def __init__(self, settings: dict[str, Any]) -> None:
         self.settings = settings
@@ -128,7 +118,7 @@ class ChatMode:
         self.voice_id = options.voice
         self.voice = self.host.voice(options.voice)
         self.system_prompt = options.system_prompt or DEFAULT_PROMPT
-        self.session = self.host.engine.open_session(seed=self.options.seed)
+        self.session = self.host.engine.open_session(seed=self.options.seed, top_slot=options.tick_phase == 1)
         try:
             self._open_session_parts()
         except BaseException:
@@ -191,11 +181,14 @@ class ChatMode:
         """Barge-in: drop the reply and the speech still queued for it."""
         if self.reply is None:
             return []
+        self.reply.voice.drop()
         self.reply = None
         self.turn += 1
         return [Flush(self.turn), State("listening")]
 
-    def _start_reply(self, audio: np.ndarray | None, text: str | None) -> list[Output]:
+    def _prepare_turn(self, audio: np.ndarray | None, text: str | None) -> tuple[list[Output], bool]:
+        """Close the previous reply and make room for a turn; returns the outputs and whether the turn goes on
+        to a reply (`start_replies`)."""
         assert self.host is not None and self.session is not None
         engine, session = self.host.engine, self.session
         outputs = self._cut_reply()
@@ -204,7 +197,7 @@ class ChatMode:
         self.recent.clear()
         self.recent_samples = 0
         if audio is not None and audio.size < RATE // 10:
-            return outputs  # under 100 ms: nothing to answer
+            return outputs, False  # under 100 ms: nothing to answer
         if audio is not None:
             estimate = audio.size // 1600 + 8  # ~10 audio positions per second
         else:
@@ -213,76 +206,176 @@ class ChatMode:
         try:
             self.window.make_room(engine, session, needed)
         except ValueError as exc:
-            return [*outputs, ModeError("turn_too_long", str(exc))]
+            return [*outputs, ModeError("turn_too_long", str(exc))], False
         self.window.mark(engine.kv_length(session))
         if audio is not None:
             outputs.append(UserTurn(self.turn, seconds=round(audio.size / RATE, 2)))
         else:
             outputs.append(UserTurn(self.turn, text=text))
         outputs.append(State("thinking"))
-        if audio is not None:
-            hd.prefill_user_samples(engine, session, audio, stream=False)
-        else:
-            hd.prefill_user_text(engine, session, text or "")
-        extra_banned: list[int] = []
-        if self.options.force == "speak":  # test option: the reply runs to max_new_tokens
-            sp = engine.special
-            extra_banned = [sp.tts_eos, sp.im_end, engine.eos_s]
-        # display_text: the caller's text never shows control tokens (`<|tts_eos|>`, `<tool_call>`, ...)
-        events = hd.generate_reply(
-            engine,
-            [session],
-            self.sampling,
-            self.options.max_new_tokens,
-            extra_banned=extra_banned,
-            display_text=True,
-        )
-        voice = TurnVoice(self.host, self.voice, self.tts)
-        self.reply = Reply(events, voice, self.turn)
-        return outputs
+        return outputs, True
 
-    def _advance(self) -> list[Output]:
-        reply = self.reply
-        if reply is None:
-            return []
-        outputs = reply.step()
-        if reply.finished:
-            self.reply = None
-            self.turn += 1
-            outputs.append(State("listening"))
-        return outputs
+    @staticmethod
+    def start_replies(turns: Sequence[tuple[ChatMode, np.ndarray | None, str | None]]) -> None:
+        """Prefill the user turns of several sessions and the assistant prefix after each, as one batched LLM
+        step, and start their replies."""
+        if not turns:
+            return
+        host = turns[0][0].host
+        assert host is not None
+        engine = host.engine
+        prefix = engine.model.embed_ids(hd.assistant_prefix(engine, use_tts_template=True))
+        sessions, pieces = [], []
+        for mode, audio, text in turns:
+            assert mode.session is not None
+            user = hd.user_turn_embeddings(engine, mode.session, audio, text)
+            hd.start_reply_state(mode.session)
+            sessions.append(mode.session)
+            pieces.append(torch.cat([user, prefix.to(user.dtype)]))
+        _, logits = engine.feed_for_logits(sessions, pieces)
+        for (mode, _, _), session, first in zip(turns, sessions, logits, strict=True):
+            extra: list[int] = []
+            if mode.options.force == "speak":  # test option: the reply runs to max_new_tokens
+                sp = engine.special
+                extra = [sp.tts_eos, sp.im_end, engine.eos_s]
+            # display_text: the caller's text never shows control tokens (`<|tts_eos|>`, `<tool_call>`, ...)
+            row = start_row(
+                engine,
+                session,
+                first,
+                mode.sampling,
+                reference_chunk_budget(mode.options.max_new_tokens),
+                hd.reply_bans(engine, spoken=True, extra_banned=extra),
+                report_unfed_last=False,
+                display_text=True,
+            )
+            assert mode.tts is not None
+            mode.reply = Reply(row, TurnVoice(host, mode.voice, mode.tts), mode.turn)
 
     def on_unit(self, unit: UnitInput, frame: np.ndarray | None) -> list[Output]:
-        if self.paused or self.session is None:
-            return []
-        started = time.perf_counter()
+        return self.on_units([(self, unit, frame)])[0]
+
+    def _listen(self, unit: UnitInput) -> tuple[list[Output], np.ndarray | None]:
+        """VAD and the turn logic of one unit: the outputs, and the audio of a turn that ends here."""
         outputs: list[Output] = []
-        events = self.detector.push(unit.pcm)
-        vad_ms = (time.perf_counter() - started) * 1000
+        ended: np.ndarray | None = None
         self._remember(unit.pcm)
         if self.collecting:
             self.segment.append(unit.pcm)
-        for event in events:
+        for event in self.detector.push(unit.pcm):
             if event.kind == "start" and not self.collecting:
                 outputs += self._cut_reply()
                 self.collecting = True
                 self.segment = self._preroll()
             elif event.kind == "end" and self.collecting:
-                outputs += self._start_reply(np.concatenate(self.segment), None)
-        timings = {"vad_ms": vad_ms, "backlog_units": float(unit.queued_units)}
-        if self.reply is not None and unit.queued_units == 0 and not self.collecting:
-            reply = self.reply
-            llm_before, times_before = reply.llm_ms, (reply.voice.times.tts_ms, reply.voice.times.vocoder_ms)
-            outputs += self._advance()
-            timings.update(
-                decide_ms=reply.llm_ms - llm_before,
-                tts_ms=reply.voice.times.tts_ms - times_before[0],
-                vocoder_ms=reply.voice.times.vocoder_ms - times_before[1],
-            )
-        assert self.host is not None
-        timings["kv_tokens"] = float(self.host.engine.kv_length(self.session))
-        outputs.append(UnitTimings(timings))
+                ended = np.concatenate(self.segment)
+        return outputs, ended
+
+    @staticmethod
+    def on_units(batch: Sequence[tuple[ChatMode, UnitInput, np.ndarray | None]]) -> list[list[Output]]:
+        """One unit of each of several chat sessions as one tick (see the module's docstring)."""
+        outputs: list[list[Output]] = [[] for _ in batch]
+        timings: list[dict[str, float]] = [{} for _ in batch]
+        live = [k for k, (mode, _, _) in enumerate(batch) if not mode.paused and mode.session is not None]
+        turns: list[tuple[ChatMode, np.ndarray | None, str | None]] = []
+        for k in live:
+            mode, unit, _ = batch[k]
+            started = time.perf_counter()
+            outs, ended = mode._listen(unit)
+            if ended is not None:
+                more, go = mode._prepare_turn(ended, None)
+                outs += more
+                if go:
+                    turns.append((mode, ended, None))
+            outputs[k] += outs
+            timings[k] = {
+                "vad_ms": (time.perf_counter() - started) * 1000,
+                "backlog_units": unit.queued_units,
+            }
+        started = time.perf_counter()
+        ChatMode.start_replies(turns)
+        prefill_ms = (time.perf_counter() - started) * 1000
+        moving = [
+            k
+            for k in live
+            if (reply := batch[k][0].reply) is not None
+            and batch[k][1].queued_units == 0
+            and not batch[k][0].collecting
+            and reply.ahead_s(batch[k][1].index) < LEAD_S
+        ]
+        engine = batch[0][0].host.engine if batch[0][0].host is not None else None
+        decide_ms = ChatMode._decode(engine, [batch[k][0] for k in moving], [outputs[k] for k in moving])
+        speech_ms = ChatMode._speak(
+            [batch[k][0] for k in moving], [outputs[k] for k in moving], [batch[k][1].index for k in moving]
+        )
+        for k in live:
+            mode = batch[k][0]
+            if k in moving:
+                timings[k].update(decide_ms=decide_ms, tts_ms=speech_ms[0], vocoder_ms=speech_ms[1])
+            if turns:
+                timings[k]["prefill_ms"] = prefill_ms
+            if mode.reply is not None and mode.reply.finished:
+                mode.reply = None
+                mode.turn += 1
+                outputs[k].append(State("listening"))
+            assert mode.host is not None and mode.session is not None
+            timings[k]["kv_tokens"] = float(mode.host.engine.kv_length(mode.session))
+            timings[k]["batch_sessions"] = float(len(moving))
+            outputs[k].append(UnitTimings(timings[k]))
         return outputs
+
+    @staticmethod
+    def _decode(engine: Any, modes: Sequence[ChatMode], outputs: Sequence[list[Output]]) -> float:
+        """Up to `TEXT_CHUNK` tokens of every reply whose speech has caught up with its text, in batched
+        steps; each token's text goes out at once. Returns the time it took (ms)."""
+        started = time.perf_counter()
+        want = {
+            id(m.reply): (m, out)
+            for m, out in zip(modes, outputs, strict=True)
+            if m.reply and m.reply.needs_tokens
+        }
+        for _ in range(TEXT_CHUNK):
+            replies = [m.reply for m, _ in want.values() if m.reply is not None and m.reply.needs_tokens]
+            if not replies:
+                break
+            events = decode_step(engine, [r.row for r in replies])
+            by_session = {id(r.row.session): r for r in replies}
+            for event in events:
+                reply = by_session[id(event.session)]
+                _, out = want[id(reply)]
+                if event.text_delta:
+                    out.append(Text(event.text_delta, reply.turn))
+                if event.token is not None and event.hidden is not None:
+                    reply.voice.add(event.token, event.hidden)
+                if event.done:
+                    reply.voice.finish()
+        return (time.perf_counter() - started) * 1000
+
+    @staticmethod
+    def _speak(
+        modes: Sequence[ChatMode], outputs: Sequence[list[Output]], units: Sequence[int]
+    ) -> tuple[float, float]:
+        """The next window of speech of every reply with text to speak (`speak_batch`). Returns the TTS and
+        vocoder times (ms)."""
+        pairs = [
+            (m.reply, out, unit)
+            for m, out, unit in zip(modes, outputs, units, strict=True)
+            if m.reply and m.reply.voice.busy
+        ]
+        if not pairs:
+            return 0.0, 0.0
+        voices = [r.voice for r, _, _ in pairs]
+        before = [(v.times.tts_ms, v.times.vocoder_ms) for v in voices]
+        for (reply, out, unit), pieces in zip(pairs, speak_batch(voices), strict=True):
+            for pcm in pieces:
+                if pcm.size:
+                    if reply.spoken_at is None:
+                        out.append(State("speaking"))
+                        reply.spoken_at = unit
+                    out.append(Speech(pcm, reply.turn))
+        tts_ms = max(v.times.tts_ms - b[0] for v, b in zip(voices, before, strict=True))
+        vocoder_ms = max(v.times.vocoder_ms - b[1] for v, b in zip(voices, before, strict=True))
+        return tts_ms, vocoder_ms
 
     # ---- controls ---------------------------------------------------------------------------------------------
     def on_control(self, message: dict[str, Any]) -> list[Output]:
@@ -298,14 +391,21 @@ class ChatMode:
             if not audio:
                 return [ModeError("empty_turn", "end_turn without any audio since the last turn")]
             self.detector.reset()
-            return self._start_reply(np.concatenate(audio), None)
+            return self._turn_now(np.concatenate(audio), None)
         elif kind == "text":
             text = str(message.get("text") or "").strip()
             if text:
-                return self._start_reply(None, text)
+                return self._turn_now(None, text)
         elif kind == "system_prompt":
             self.system_prompt = str(message.get("text") or DEFAULT_PROMPT)
             outputs = self._cut_reply()
             self._prefill_system()  # a new system prompt starts a new conversation
             return outputs
         return []
+
+    def _turn_now(self, audio: np.ndarray | None, text: str | None) -> list[Output]:
+        """A turn given by a control (`end_turn`, `text`): prefilled now; its reply advances in the next ticks."""
+        outputs, go = self._prepare_turn(audio, text)
+        if go:
+            self.start_replies([(self, audio, text)])
+        return outputs

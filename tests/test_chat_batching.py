@@ -1,0 +1,187 @@
+"""Chat replies batched across sessions: the decoding rows, the TTS streamers and the chat tick give what each
+session gets alone, and a barge-in in a batched reply cuts only its own session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from inference.engine_host import get_host
+from inference.modes import create_mode
+from inference.modes.base import Flush, SessionOptions, Speech, State, Text, UnitInput
+from inference.modes.chat import ChatMode
+from MiniCPMO45.engine import half_duplex as hd
+from MiniCPMO45.engine.core import Engine
+from MiniCPMO45.engine.generation import ReplyRow, decode_step, reference_chunk_budget, start_row
+from MiniCPMO45.engine.sampling import ChatSampling
+from MiniCPMO45.engine.session import Mode, Session
+from MiniCPMO45.modules.tts import MiniCPMTTS, next_pieces
+from tests.conftest import REPO_ROOT
+
+GREEDY = ChatSampling(do_sample=False, repetition_penalty=1.05, length_penalty=1.1)
+SETTINGS = {"cache_dir": str(REPO_ROOT / ".cache" / "embedded"), "max_sessions": 4}
+TURNS = ("Tell me about the sea.", "What is two and two?", "Hi")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path) -> Engine:
+    return Engine.from_pretrained(tiny_model_dir, dtype=torch.float32, max_sessions=3, max_len=256)
+
+
+def _prompted(engine: Engine, text: str) -> Session:
+    s = engine.open_session(Mode.HALF_DUPLEX)
+    hd.prefill_system(engine, s, ["You are a helpful assistant."])
+    hd.prefill_user_text(engine, s, text)
+    return s
+
+
+def _alone(engine: Engine, text: str, max_new: int) -> list[int]:
+    """The per-session reference: `generate_reply` for this session only."""
+    s = _prompted(engine, text)
+    try:
+        ids = []
+        for step in hd.generate_reply(engine, [s], GREEDY, max_new):
+            ids += [e.token for e in step if e.token is not None]
+        return ids
+    finally:
+        engine.close_session(s)
+
+
+def _row(engine: Engine, s: Session, max_new: int) -> ReplyRow:
+    hd.start_reply_state(s)
+    prefix = hd.assistant_prefix(engine, use_tts_template=True)
+    _, logits = engine.feed_for_logits([s], [engine.model.embed_ids(prefix)])
+    budget = reference_chunk_budget(max_new)
+    return start_row(engine, s, logits[0], GREEDY, budget, hd.reply_bans(engine), report_unfed_last=False)
+
+
+def test_rows_that_start_apart_decode_as_each_alone(engine: Engine) -> None:
+    """Three replies, the second joining after 3 steps and the third after 7 (as turns end in different ticks),
+    decode in shared batched steps and give each session's own greedy reply token for token."""
+    want = [_alone(engine, text, 20) for text in TURNS]
+    assert len({tuple(w) for w in want}) == 3  # three different replies, so a mix-up would show
+    sessions = [_prompted(engine, text) for text in TURNS]
+    try:
+        got: dict[int, list[int]] = {0: [], 1: [], 2: []}
+        rows: list[ReplyRow] = []
+        joins = {0: 0, 3: 1, 7: 2}
+        step = 0
+        while step < 200 and (len(rows) < 3 or not all(r.done for r in rows)):
+            if step in joins:
+                rows.append(_row(engine, sessions[joins[step]], 20))
+            for event in decode_step(engine, rows):
+                if event.token is not None:
+                    got[next(i for i, s in enumerate(sessions) if s is event.session)].append(event.token)
+            step += 1
+        assert [got[i] for i in range(3)] == want
+    finally:
+        for s in sessions:
+            engine.close_session(s)
+
+
+def test_sampled_rows_repeat_with_their_seed_whatever_the_batch(engine: Engine) -> None:
+    params = ChatSampling(seed=5)
+
+    def reply(texts: tuple[str, ...]) -> list[int]:
+        sessions = [_prompted(engine, t) for t in texts]
+        try:
+            rows = []
+            for s in sessions:
+                hd.start_reply_state(s)
+                prefix = engine.model.embed_ids(hd.assistant_prefix(engine, use_tts_template=True))
+                _, logits = engine.feed_for_logits([s], [prefix])
+                rows.append(start_row(engine, s, logits[0], params, 12, hd.reply_bans(engine)))
+            ids = []
+            while not all(r.done for r in rows):
+                ids += [e.token for e in decode_step(engine, rows) if e.session is sessions[0] and e.token]
+            return ids
+        finally:
+            for s in sessions:
+                engine.close_session(s)
+
+    alone = reply(TURNS[:1])
+    assert reply(TURNS[:2]) == alone
+
+
+def test_streamers_drawn_together_give_each_ones_codes(tiny_model_dir: Path, tiny_fixture_dir: Path) -> None:
+    """Two turn-based streamers whose text chunks start at different draws share batched TTS steps and get the
+    codes each gets alone (each draws with its own session's generator)."""
+    tts = MiniCPMTTS.from_checkpoint(tiny_model_dir)
+    e = dict(np.load(tiny_fixture_dir / "expected" / "e_duplex.npz"))
+    conds = [torch.from_numpy(e[f"tts{k}_condition"]) for k in range(3)]
+    plans = {0: [conds[0], conds[1]], 1: [conds[2], conds[0]]}
+
+    def speak(which: list[int]) -> dict[int, list[list[int]]]:
+        cache = tts.new_cache(num_slots=2, capacity=512)
+        sessions = {i: tts.new_session(cache, seed=11 + i) for i in which}
+        streamers = {i: tts.streamer(sessions[i], max_new_per_text_chunk=40 + 7 * i) for i in which}
+        out: dict[int, list[list[int]]] = {i: [] for i in which}
+        at = dict.fromkeys(which, 0)
+        while any(at[i] < len(plans[i]) or streamers[i].feeding for i in which):
+            for i in which:
+                if not streamers[i].feeding and at[i] < len(plans[i]):
+                    last = at[i] == len(plans[i]) - 1
+                    streamers[i].begin(plans[i][at[i]], text_finished=last)
+                    at[i] += 1
+            for i, piece in zip(which, next_pieces([streamers[i] for i in which]), strict=True):
+                if piece is not None:
+                    out[i].append(piece[0].tolist())
+        for i in which:
+            out[i].append(streamers[i].finish().tolist())
+        return out
+
+    together = speak([0, 1])
+    assert together[0] == speak([0])[0]
+    assert together[1] == speak([1])[1]
+    assert together[0] != together[1] and len(together[0][0]) == 25
+
+
+# ---- the chat tick ---------------------------------------------------------------------------------------------
+def _open_chat(sid: str) -> ChatMode:
+    mode = create_mode("chat", SETTINGS)
+    mode.open(SessionOptions(sid, extra={"force": "speak", "max_new_tokens": 40, "seed": 3}))
+    assert isinstance(mode, ChatMode)
+    return mode
+
+
+def test_a_barge_in_cuts_only_its_own_batched_reply() -> None:
+    host = get_host(SETTINGS)
+    free_kv = len(host.engine.cache._free)
+    a, b = _open_chat("batch-a"), _open_chat("batch-b")
+    silence = np.zeros(5120, dtype=np.float32)
+    try:
+        a.on_control({"type": "text", "text": "tell me a story"})
+        b.on_control({"type": "text", "text": "tell me another one"})
+        outs: dict[str, list] = {"a": [], "b": []}
+        sizes = []
+        for i in range(3):
+            got = ChatMode.on_units(
+                [(a, UnitInput(i, silence, 0.0), None), (b, UnitInput(i, silence, 0.0), None)]
+            )
+            outs["a"] += got[0]
+            outs["b"] += got[1]
+            sizes.append(got[0][-1].values["batch_sessions"])
+        assert sizes[0] == 2.0  # both replies advanced in the same tick
+        assert any(isinstance(o, Speech) for o in outs["a"]) and any(isinstance(o, Speech) for o in outs["b"])
+        cut = a.on_control({"type": "interrupt"})
+        assert isinstance(cut[0], Flush) and cut[1] == State("listening")
+        after_cut: list = []
+        for i in range(3, 60):
+            got = ChatMode.on_units(
+                [(a, UnitInput(i, silence, 0.0), None), (b, UnitInput(i, silence, 0.0), None)]
+            )
+            after_cut += got[0]
+            outs["b"] += got[1]
+            if State("listening") in got[1]:
+                break
+        assert not any(isinstance(o, (Speech, Text)) for o in after_cut)  # nothing more of the cut reply
+        states_b = [o.state for o in outs["b"] if isinstance(o, State)]
+        assert states_b == ["speaking", "listening"]  # b's reply went on to its end
+        assert a.reply is None and b.reply is None
+    finally:
+        a.close()
+        b.close()
+    assert len(host.engine.cache._free) == free_kv
