@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class ModeOptions(BaseModel):
@@ -15,9 +15,17 @@ class ModeOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # turn-based chat: Silero VAD speech probability that counts as speech, and the silence that ends a turn
+    # turn-based chat: Silero VAD speech probability that counts as speech, and the silence that always ends
+    # a turn
     vad_threshold: float = Field(0.5, gt=0.0, lt=1.0)
     min_silence_ms: int = Field(800, ge=100, le=5000)
+    # the shorter silence that ends a turn when the VAD is confident (enough confident speech, a clean fall
+    # into silence) and this caller's own pauses inside turns have been shorter; 0 = off. At most
+    # `min_silence_ms` (a default above a smaller `min_silence_ms` is lowered to it). See `inference/vad.py`.
+    fast_silence_ms: int = Field(480, ge=0, le=5000)
+    # remember the caller's pauses inside turns (and confident ends that were false) to lengthen the fast
+    # silence; off: the fast silence is fixed
+    learn_pauses: bool = True
     max_new_tokens: int = Field(256, ge=1, le=4096)
     temperature: float = Field(0.7, gt=0.0, le=2.0)
     top_p: float = Field(0.8, gt=0.0, le=1.0)
@@ -34,3 +42,14 @@ class ModeOptions(BaseModel):
     # Test option: "speak" forces the model to speak (duplex: every unit after the first three decides
     # to speak; chat: replies never stop before max_new_tokens), "listen" forces listening (duplex).
     force: Literal["speak", "listen"] | None = None
+
+    @field_validator("fast_silence_ms")
+    @classmethod
+    def _check_fast_silence(cls, value: int, info: ValidationInfo) -> int:
+        # runs only on a value the caller gave (pydantic does not validate defaults)
+        if 0 < value < 100:
+            raise ValueError(f"must be 0 (off) or at least 100, got {value}")
+        min_silence = info.data.get("min_silence_ms")
+        if min_silence is not None and value > min_silence:
+            raise ValueError(f"must not be above min_silence_ms ({min_silence}), got {value}")
+        return value

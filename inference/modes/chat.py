@@ -129,7 +129,7 @@ class ChatMode:
     def _open_session_parts(self) -> None:
         assert self.host is not None
         self.tts = self.host.tts.new_session(self.host.tts_cache, seed=self.options.seed)
-        self.detector = TurnDetector(self.options.vad_threshold, self.options.min_silence_ms)
+        self.detector = TurnDetector.from_options(self.options)
         self.sampling = ChatSampling(
             temperature=self.options.temperature,
             top_p=self.options.top_p,
