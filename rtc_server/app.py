@@ -20,6 +20,8 @@ from rtc_server.manager import SessionManager
 from rtc_server.metrics import CONTENT_TYPE, Exposition
 from rtc_server.pages import public_file
 from rtc_server.presets import add_preset_routes
+from rtc_server.realtime.webrtc import add_call_routes
+from rtc_server.realtime.websocket import add_socket_routes
 from rtc_server.recordings_api import add_recording_routes
 from rtc_server.shards import ShardPool, default_media_procs
 from rtc_server.signalling import MANAGER_KEY, ApiError, add_routes
@@ -28,7 +30,8 @@ from rtc_server.voices import add_voice_routes
 
 log = logging.getLogger("rtc_server.app")
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PROTECTED_ROOTS = ("/api", "/whip", "/metrics")  # these paths and everything below them; pages are public
+# these paths and everything below them; pages are public
+PROTECTED_ROOTS = ("/api", "/whip", "/v1", "/metrics")
 
 
 MAX_BODY_KEY = web.AppKey("max_body", int)
@@ -252,6 +255,8 @@ def make_app(config: AppConfig, manager: SessionManager) -> web.Application:
     add_routes(app)
     add_voice_routes(app, config, voices_dir(config))
     add_preset_routes(app)
+    add_call_routes(app)
+    add_socket_routes(app)
     add_recording_routes(app, config)
     app.router.add_get("/metrics", metrics)
     public = (REPO_ROOT / config.server.public_dir).resolve()

@@ -28,6 +28,7 @@ from rtc_server.recordings import CallRecorder, encode_jpeg, recordings_dir
 
 if TYPE_CHECKING:
     from rtc_server.manager import SessionManager
+    from rtc_server.realtime.webrtc import RtcPort
 
 log = logging.getLogger("rtc_server.session")
 OUTBOX_LIMIT = 200  # events kept until the data channel opens
@@ -99,6 +100,8 @@ class CallSession:
         self._audio_report_due = 0.0  # time.monotonic() after which the next report may go
         self.closed = asyncio.Event()
         self.unit_roundtrip_ms: deque[float] = deque(maxlen=600)  # recent units, for the admin dashboard
+        # A Realtime API call (POST /v1/realtime/calls): its `oai-events` channel speaks that protocol instead
+        self.realtime: RtcPort | None = None
 
     # ---- signalling ----
 
@@ -160,6 +163,12 @@ class CallSession:
             self.video.start()
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        if self.realtime is not None:
+            if channel.label == "oai-events" and self.channel is None:
+                self.channel = channel
+                channel.on("message", self.realtime.on_client_data)
+                self.realtime.on_channel_open()
+            return
         if channel.label != "events" or self.channel is not None:
             return
         self.channel = channel
@@ -200,6 +209,9 @@ class CallSession:
             return
         if self.recorder is not None:
             self.recorder.event(data)  # the JSON the caller gets: serialised once
+        if self.realtime is not None:
+            self.realtime.on_call_event(event)  # translated into Realtime server events
+            return
         channel = self.channel
         if channel is not None and channel.readyState == "open":
             self._send_data(data)
@@ -282,6 +294,19 @@ class CallSession:
             )
         )
         self.close_soon("pause timeout")
+
+    def reconfigure(self, mode: str, system_prompt: str, voice: str | None, options: dict[str, Any]) -> None:
+        """Re-open the call's mode with these settings (a Realtime `session.update`), or, before admission,
+        open with them."""
+        self.voice = voice
+        self.options = dict(options)
+        self._set_mode(mode, system_prompt)
+
+    def send_control(self, message: dict[str, Any]) -> bool:
+        """A control for the worker's mode (Realtime calls); False if the call holds no worker slot."""
+        if self.phase != "active" or self.worker_id is None:
+            return False
+        return self.manager.supervisor.send(self.worker_id, p.Control(session_id=self.id, message=message))
 
     def _set_mode(self, mode: str, system_prompt: str | None = None) -> None:
         if mode not in self.manager.known_modes():
@@ -436,6 +461,8 @@ class CallSession:
         elif isinstance(message, p.FlushOut):
             self._cancel_timers()
             self.speech.flush(max(message.turn, self.speech.turn))
+            if self.realtime is not None:
+                self.realtime.on_flush(message.turn)
         elif isinstance(message, p.UnitDone):
             self._on_unit_done(message)
         elif isinstance(message, p.ErrorOut):
@@ -517,6 +544,8 @@ class CallSession:
             log.warning("session %s: dropping audio at %d Hz", self.id, message.sample_rate)
             return
         pcm = p.pcm_from_bytes(payload)
+        if self.realtime is not None:
+            self.realtime.on_speech(pcm, message.turn)
         delay = 0.0 if message.play_at is None else message.play_at - time.monotonic()
         if delay <= 0:
             self.speech.push(pcm, message.turn)
