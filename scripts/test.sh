@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 command -v espeak-ng >/dev/null 2>&1 || need_apt+=(espeak-ng)
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)  # the Realtime browser test bundles OpenAI's JS SDK
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" != 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
@@ -15,6 +16,9 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q -r requirements.txt -r requirements-dev.txt
+# @openai/agents-realtime for tests/test_realtime_browser.py, into the git-ignored .cache/realtime-js (skipped
+# when the pinned versions are there already)
+.venv/bin/python -m tests.realtime_js_bundle >/dev/null
 
 set +e
 .venv/bin/python -m pytest "$@"
