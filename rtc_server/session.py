@@ -22,6 +22,7 @@ from media_shard.messages import CallSnapshot
 from media_tracks import AudioUnit, InboundAudio, LatestVideoFrame, SpeechTrack, UnitCutter, grid_lead_in
 from rtc_server import events as ev
 from rtc_server.client_limits import Client
+from rtc_server.heard import HeardTracker
 from rtc_server.metrics import percentile
 from rtc_server.offer_check import offer_problem
 from rtc_server.recordings import CallRecorder, encode_jpeg, recordings_dir
@@ -102,6 +103,7 @@ class CallSession:
         self.unit_roundtrip_ms: deque[float] = deque(maxlen=600)  # recent units, for the admin dashboard
         # A Realtime API call (POST /v1/realtime/calls): its `oai-events` channel speaks that protocol instead
         self.realtime: RtcPort | None = None
+        self.heard = HeardTracker()  # how much of the current reply was played (heard-only context)
 
     # ---- signalling ----
 
@@ -256,7 +258,7 @@ class CallSession:
             return
         if isinstance(message, ev.InterruptMessage):
             self._cancel_timers()
-            self.speech.flush()
+            self.flush_speech()
         elif isinstance(message, ev.PauseMessage):
             self._pause()
         elif isinstance(message, ev.ResumeMessage):
@@ -460,7 +462,10 @@ class CallSession:
             self.send_event(ev.StateEvent(state=message.state))
         elif isinstance(message, p.FlushOut):
             self._cancel_timers()
-            self.speech.flush(max(message.turn, self.speech.turn))
+            self.flush_speech(max(message.turn, self.speech.turn))
+            cut = self.heard.cut(message.turn)  # the model keeps only what the caller heard of the reply
+            if cut is not None:
+                self.send_control(cut)
             if self.realtime is not None:
                 self.realtime.on_flush(message.turn)
         elif isinstance(message, p.UnitDone):
@@ -544,6 +549,7 @@ class CallSession:
             log.warning("session %s: dropping audio at %d Hz", self.id, message.sample_rate)
             return
         pcm = p.pcm_from_bytes(payload)
+        self.heard.produced(message.turn, pcm.size / message.sample_rate)
         if self.realtime is not None:
             self.realtime.on_speech(pcm, message.turn)
         delay = 0.0 if message.play_at is None else message.play_at - time.monotonic()
@@ -559,6 +565,11 @@ class CallSession:
 
         handle = asyncio.get_running_loop().call_later(delay, play)
         self._timers.add(handle)
+
+    def flush_speech(self, turn: int | None = None) -> None:
+        """Drop the speech queued on the track (counted as not heard)."""
+        self.heard.dropping(self.speech.buffered_s)
+        self.speech.flush(turn)
 
     def _cancel_timers(self) -> None:
         for handle in self._timers:

@@ -45,6 +45,7 @@ from inference.modes.base import (
     UnitTimings,
     UserTurn,
 )
+from inference.modes.heard import truncate_reply
 from inference.options import ModeOptions
 from inference.speech import TEXT_CHUNK, TurnVoice, speak_batch
 from inference.vad import TurnDetector
@@ -401,6 +402,8 @@ class ChatMode:
             outputs = self._cut_reply()
             self._prefill_system()  # a new system prompt starts a new conversation
             return outputs
+        elif kind == "truncate":  # heard-only context after a barge-in or a Realtime truncate
+            return truncate_reply(self, message)
         return []
 
     def _turn_now(self, audio: np.ndarray | None, text: str | None) -> list[Output]:

@@ -97,7 +97,7 @@ class RtcPort:
         self.session.reconfigure(mode, system_prompt, voice, options)
 
     def flush_output(self) -> None:
-        self.session.speech.flush()
+        self.session.flush_speech()
 
     def append_audio(self, pcm16: np.ndarray) -> None:
         """Never called: a WebRTC call's audio comes on its track."""

@@ -1,0 +1,122 @@
+"""Heard-only context (inference/modes/heard.py) on the embedded tiny model: a chat reply's tokens in the KV slot
+are cut to the heard fraction by the `truncate` control, an active reply is interrupted first, a later turn is
+left alone, and the conversation goes on after a cut."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from inference.engine_host import get_host
+from inference.modes import create_mode
+from inference.modes.base import Flush, ModeError, SessionOptions, State, Text, UnitInput
+from tests.conftest import REPO_ROOT
+
+SETTINGS = {"cache_dir": str(REPO_ROOT / ".cache" / "embedded"), "max_sessions": 4}
+SILENCE = np.zeros(5120, dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def host():
+    torch.set_num_threads(1)
+    return get_host(SETTINGS)
+
+
+def run_until_listening(mode, start: int = 0, units: int = 60) -> list:  # noqa: ANN001
+    outputs: list = []
+    for i in range(start, start + units):
+        outputs += mode.on_unit(UnitInput(i, SILENCE, 0.0), None)
+        if State("listening") in outputs:
+            return outputs
+    raise AssertionError("the reply did not end")
+
+
+def test_truncate_cuts_a_finished_reply_to_the_heard_fraction(host) -> None:
+    mode = create_mode("chat", SETTINGS)
+    mode.open(SessionOptions("h1", extra={"force": "speak", "max_new_tokens": 12, "seed": 2}))
+    try:
+        engine = host.engine
+        mode.on_control({"type": "text", "text": "hello there"})
+        reply_start = engine.kv_length(mode.session)
+        run_until_listening(mode)
+        n = len(mode.session.history)
+        assert n >= 8 and engine.kv_length(mode.session) == reply_start + n
+        assert mode.on_control({"type": "truncate", "turn": 0, "heard": 0.5}) == []
+        assert engine.kv_length(mode.session) == reply_start + round(n / 2)
+        assert len(mode.session.history) == round(n / 2)
+        # a second truncate of the same reply counts from its whole length and never grows it back
+        mode.on_control({"type": "truncate", "turn": 0, "heard": 1.0})
+        assert engine.kv_length(mode.session) == reply_start + round(n / 2)
+        mode.on_control({"type": "truncate", "turn": 0, "heard": 0.25})
+        assert engine.kv_length(mode.session) == reply_start + round(n / 4)
+        # not the last reply, and malformed: nothing moves
+        mode.on_control({"type": "truncate", "turn": 7, "heard": 0.0})
+        assert engine.kv_length(mode.session) == reply_start + round(n / 4)
+        bad = mode.on_control({"type": "truncate", "turn": 0, "heard": 2})
+        assert len(bad) == 1 and isinstance(bad[0], ModeError)
+        assert engine.kv_length(mode.session) == reply_start + round(n / 4)
+        # the conversation goes on: the next turn closes the cut reply and gets its own reply
+        mode.on_control({"type": "text", "text": "and now?"})
+        assert engine.kv_length(mode.session) > reply_start + round(n / 4)
+        outputs = run_until_listening(mode, start=100)
+        assert any(isinstance(o, Text) for o in outputs)
+    finally:
+        mode.close()
+
+
+def test_truncate_interrupts_an_active_reply_and_drops_what_was_not_heard(host) -> None:
+    mode = create_mode("chat", SETTINGS)
+    mode.open(SessionOptions("h2", extra={"force": "speak", "max_new_tokens": 60, "seed": 3}))
+    try:
+        engine = host.engine
+        mode.on_control({"type": "text", "text": "tell me more"})
+        reply_start = engine.kv_length(mode.session)
+        for i in range(3):
+            mode.on_unit(UnitInput(i, SILENCE, 0.0), None)
+        assert mode.reply is not None and len(mode.session.history) > 0
+        out = mode.on_control({"type": "truncate", "turn": 0, "heard": 0.0})
+        assert out == [Flush(1), State("listening")]
+        assert mode.reply is None
+        assert engine.kv_length(mode.session) == reply_start and mode.session.history == []
+    finally:
+        mode.close()
+
+
+async def test_interrupt_over_a_call_keeps_only_the_heard_reply_in_the_context(start_test_server) -> None:
+    """Our own API: an `interrupt` mid-reply flushes the track; the call tells the mode how much was played and
+    the session's KV (the `metrics` events' kv_tokens) shrinks to the heard part."""
+    from tests.rtc_client import RATE, Call
+
+    server = await start_test_server(workers={"heartbeat_timeout_s": 30.0})
+    call = Call(server.url, np.zeros(RATE * 60, np.float32))
+    try:
+        await call.start_json("chat", options={"force": "speak", "max_new_tokens": 200, "seed": 1})
+        await call.wait_connected()
+        await call.wait_event("session", timeout=120, mode="chat", phase="active")
+        await call.channel_open.wait()
+        call.send({"type": "text", "text": "Tell me a story."})
+        await call.wait_event("state", timeout=90, state="speaking")
+        while True:  # let a second or two of the reply play out and more be generated ahead of it
+            await call.wait_event("metrics", timeout=30)
+            texts = [e for e in call.events if e["type"] == "text"]
+            if len(texts) >= 20:
+                break
+            await asyncio.sleep(0.2)
+        before = max(e["kv_tokens"] for e in call.events if e["type"] == "metrics")
+        mark = len(call.events)
+        call.send({"type": "interrupt"})
+        deadline = asyncio.get_running_loop().time() + 30
+        after = None
+        while asyncio.get_running_loop().time() < deadline:
+            later = [e for e in call.events[mark:] if e["type"] == "metrics"]
+            if len(later) >= 3:
+                after = later[-1]["kv_tokens"]
+                break
+            await asyncio.sleep(0.2)
+        assert after is not None, "no metrics after the interrupt"
+        assert after < before, (before, after)
+    finally:
+        await call.close()
