@@ -408,14 +408,24 @@ CLIENT_MESSAGES: tuple[type[BaseModel], ...] = (
 )
 
 
+def _all_operations() -> tuple[Operation, ...]:
+    """Ours and the Realtime API's (rtc_server/realtime/openapi_ops.py, imported here: it builds on this module)."""
+    from rtc_server.realtime.openapi_ops import REALTIME_OPERATIONS
+
+    return OPERATIONS + REALTIME_OPERATIONS
+
+
 def _models() -> list[type[BaseModel]]:
+    from rtc_server.realtime.openapi_ops import REALTIME_CLIENT_EVENTS, REALTIME_SERVER_EVENTS
+
     found: list[type[BaseModel]] = []
-    for op in OPERATIONS:
+    for op in _all_operations():
         bodies = [op.request] + [body for _, body in op.responses.values()]
         for body in bodies:
             if body is not None and body.model is not None and body.model not in found:
                 found.append(body.model)
-    return found + [m for m in SERVER_EVENTS + CLIENT_MESSAGES if m not in found]
+    events = SERVER_EVENTS + CLIENT_MESSAGES + REALTIME_SERVER_EVENTS + REALTIME_CLIENT_EVENTS
+    return found + [m for m in events if m not in found]
 
 
 def _content(body: Body, refs: dict[type[BaseModel], dict[str, Any]]) -> dict[str, Any]:
@@ -470,8 +480,10 @@ def build_openapi(api_token: bool = False, admin_token: bool = False) -> dict[st
     models = _models()
     keys, top = models_json_schema([(m, "validation") for m in models], ref_template=REF)
     refs = {m: keys[(m, "validation")] for m in models}
+    from rtc_server.realtime.openapi_ops import REALTIME_EVENTS_DOC
+
     paths: dict[str, dict[str, Any]] = {}
-    for op in OPERATIONS:
+    for op in _all_operations():
         paths.setdefault(op.path, {})[op.method.lower()] = _operation(op, refs, api_token)
     state = "required on this server" if api_token else "not required on this server (auth.api_token unset)"
     admin_state = "required on this server" if admin_token else "not required on this server"
@@ -508,12 +520,14 @@ def build_openapi(api_token: bool = False, admin_token: bool = False) -> dict[st
             {"name": "admin", "description": "Operator dashboard data"},
             {"name": "metrics", "description": "Prometheus scraping"},
             {"name": "pages", "description": "The web UI"},
+            {"name": "realtime", "description": "OpenAI Realtime API compatibility (WebRTC and WebSocket)"},
         ],
         "x-data-channel-events": {
             "channel": "events",
             "server_to_client": [m.__name__ for m in SERVER_EVENTS],
             "client_to_server": [m.__name__ for m in CLIENT_MESSAGES],
         },
+        "x-realtime-events": REALTIME_EVENTS_DOC,
     }
 
 

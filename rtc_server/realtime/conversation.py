@@ -87,7 +87,7 @@ class RealtimeConversation:
 
     def error(self, code: str, message: str, param: str | None = None, event_id: str | None = None) -> None:
         self.emit(
-            rm.ErrorEvent(error=rm.ErrorDetail(code=code, message=message, param=param, event_id=event_id))
+            rm.RealtimeError(error=rm.ErrorDetail(code=code, message=message, param=param, event_id=event_id))
         )
 
     def start(self) -> None:
@@ -119,7 +119,7 @@ class RealtimeConversation:
         except Exception:
             log.exception("realtime session %s: a client event failed", self.session_id)
             self.emit(
-                rm.ErrorEvent(
+                rm.RealtimeError(
                     error=rm.ErrorDetail(
                         type="server_error", code="internal_error", message="the server failed on this event"
                     )

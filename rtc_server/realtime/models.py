@@ -248,7 +248,7 @@ class ErrorDetail(_Out):
     event_id: str | None = None  # the client event this is about
 
 
-class ErrorEvent(_ServerEvent):
+class RealtimeError(_ServerEvent):
     type: Literal["error"] = "error"
     error: ErrorDetail
 

@@ -116,7 +116,7 @@ class Translator:
                 code=event.code,
                 message=event.message,
             )
-            self.emit(rm.ErrorEvent(error=detail))
+            self.emit(rm.RealtimeError(error=detail))
 
     def on_user_turn(self, event: ev.UserTurnEvent) -> None:
         self.finish("cancelled", "turn_detected")
