@@ -213,3 +213,41 @@ async def test_realtime_calls_http_errors(start_test_server: Any) -> None:
         ) as ws:
             first = await ws.receive_json(timeout=30)
             assert first["type"] == "session.created"
+
+
+async def test_realtime_duplex_call_with_a_camera(start_test_server: Any) -> None:
+    """The `duplex` turn detection extension: with a camera track the call runs omni_duplex; each stretch of
+    speech the model chooses is one response; output_audio_buffer.clear cancels the current one."""
+    from aiortc.mediastreams import VideoStreamTrack
+
+    server = await start_test_server(workers=WORKERS)
+    call = RealtimeCall(server.url, np.zeros(RATE * 90, np.float32))
+    call.pc.addTrack(VideoStreamTrack())
+    try:
+        await call.post_realtime(
+            {"type": "realtime", "audio": {"input": {"turn_detection": {"type": "duplex"}}}}
+        )
+        session = server.manager.get(call.session_id)
+        assert isinstance(session, CallSession) and session.mode == "omni_duplex"
+        session.options["force"] = "speak"  # test option: the tiny random model decides to speak every unit
+        await call.apply_answer(call.answer)
+        await call.wait_connected()
+        created = await call.next_event("session.created", 0, 30)
+        assert created["session"]["mode"] == "omni_duplex"
+        assert created["session"]["audio"]["input"]["turn_detection"]["type"] == "duplex"
+        mark = len(call.events)
+        call.send({"type": "response.create"})
+        assert (await call.next_event("error", mark, 10))["error"]["code"] == "invalid_request"
+        first = await call.next_event("response.created", 0, 240)
+        rid = first["response"]["id"]
+        await call.next_event("output_audio_buffer.started", 0, 60, response_id=rid)
+        mark = len(call.events)
+        call.send({"type": "output_audio_buffer.clear"})
+        done = await call.next_event("response.done", mark, 30)
+        assert done["response"]["id"] == rid and done["response"]["status"] == "cancelled"
+        await call.next_event("output_audio_buffer.cleared", mark, 10, response_id=rid)
+        # the model speaks again: a new stretch, a new response
+        second = await call.next_event("response.created", mark, 60)
+        assert second["response"]["id"] != rid
+    finally:
+        await call.close()
