@@ -20,6 +20,7 @@ from rtc_server.manager import SessionManager
 from rtc_server.metrics import CONTENT_TYPE, Exposition
 from rtc_server.pages import public_file
 from rtc_server.presets import add_preset_routes
+from rtc_server.realtime.client_secrets import add_secret_routes, ephemeral_allowed
 from rtc_server.realtime.webrtc import add_call_routes
 from rtc_server.realtime.websocket import add_socket_routes
 from rtc_server.recordings_api import add_recording_routes
@@ -74,7 +75,8 @@ def auth_middleware(token: str) -> Callable[[web.Request, Handler], Awaitable[we
     async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
         if is_protected(request.path) and request.method != "OPTIONS":
             given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
+            # a Realtime client secret (`ek_...`) opens its one route instead of the token
+            if not hmac.compare_digest(given, expected) and not ephemeral_allowed(request):
                 raise ApiError(
                     401,
                     "unauthorized",
@@ -256,6 +258,7 @@ def make_app(config: AppConfig, manager: SessionManager) -> web.Application:
     add_voice_routes(app, config, voices_dir(config))
     add_preset_routes(app)
     add_call_routes(app)
+    add_secret_routes(app)
     add_socket_routes(app)
     add_recording_routes(app, config)
     app.router.add_get("/metrics", metrics)

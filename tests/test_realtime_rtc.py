@@ -251,3 +251,47 @@ async def test_realtime_duplex_call_with_a_camera(start_test_server: Any) -> Non
         assert second["response"]["id"] != rid
     finally:
         await call.close()
+
+
+async def test_client_secrets_open_only_the_call_route(start_test_server: Any) -> None:
+    from rtc_server.realtime.client_secrets import SECRETS_KEY
+
+    server = await start_test_server(workers=WORKERS, auth={"api_token": "secret-token"})
+    good = {"Authorization": "Bearer secret-token"}
+    mint = f"{server.url}/v1/realtime/client_secrets"
+    body = {
+        "session": {"type": "realtime", "instructions": "From the key."},
+        "expires_after": {"seconds": 60},
+    }
+    async with aiohttp.ClientSession() as http:
+        async with http.post(mint, json=body) as resp:
+            assert resp.status == 401
+        async with http.post(mint, json={"expires_after": {"seconds": 1}}, headers=good) as resp:
+            assert resp.status == 400
+        async with http.post(mint, json=body, headers=good) as resp:
+            assert resp.status == 200
+            secret = await resp.json()
+        key = secret["value"]
+        assert key.startswith("ek_") and secret["session"]["instructions"] == "From the key."
+        async with http.get(f"{server.url}/api/voices", headers={"Authorization": f"Bearer {key}"}) as resp:
+            assert resp.status == 401  # the key opens the call route only
+    call = RealtimeCall(server.url, np.zeros(RATE * 5, np.float32), token=key)
+    try:
+        await call.post_realtime({"type": "realtime", "max_output_tokens": 9})
+        session = server.manager.get(call.session_id)
+        assert isinstance(session, CallSession)
+        assert session.system_prompt == "From the key." and session.options["max_new_tokens"] == 9
+    finally:
+        await call.close()
+    for entry in server.runner.app[SECRETS_KEY].keys.values():
+        entry.expires_at = 0  # expired
+    late = RealtimeCall(server.url, np.zeros(RATE, np.float32), token=key)
+    try:
+        try:
+            await late.post_realtime(None)
+        except AssertionError as exc:
+            assert "401" in str(exc)
+        else:
+            raise AssertionError("an expired client secret opened a call")
+    finally:
+        await late.close()

@@ -442,13 +442,6 @@ class OutputBufferCleared(_ServerEvent):
     response_id: str | None = None
 
 
-class ClientSecretRequest(_In):
-    """Body of `POST /v1/realtime/client_secrets`."""
-
-    session: SessionConfig | None = None
-    expires_after: dict[str, Any] | None = None
-
-
 class ClientSecretAnswer(_Out):
     value: str
     expires_at: int

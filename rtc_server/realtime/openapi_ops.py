@@ -6,6 +6,7 @@ from pydantic import BaseModel
 
 from rtc_server.openapi import ERROR, UNAUTHORIZED, Body, Operation, Query
 from rtc_server.realtime import models as rm
+from rtc_server.realtime.client_secrets import SecretRequest
 from rtc_server.signalling import SDP_TYPE
 
 SDP = Body(SDP_TYPE, schema={"type": "string"})
@@ -64,6 +65,26 @@ REALTIME_OPERATIONS: tuple[Operation, ...] = (
         "Hang up a Realtime call (OpenAI's spelling)",
         "realtime",
         responses={200: ("hung up", None), 401: UNAUTHORIZED[1], 404: CALL_NOT_FOUND},
+    ),
+    Operation(
+        "POST",
+        "/v1/realtime/client_secrets",
+        "Mint a short-lived client secret for a browser",
+        "realtime",
+        request=Body(model=SecretRequest),
+        responses={
+            200: (
+                "the key (`ek_...`), its expiry (Unix seconds) and the session it starts",
+                Body(model=rm.ClientSecretAnswer),
+            ),
+            400: ("bad JSON, or a session value this server refuses", ERROR),
+            UNAUTHORIZED[0]: UNAUTHORIZED[1],
+            415: ("Content-Type is not application/json", ERROR),
+        },
+        description="With `auth.api_token` set, a browser cannot hold the token: the app's server mints a key "
+        "here and the browser starts its call with `Authorization: Bearer ek_...`. A key opens only "
+        "`POST /v1/realtime/calls`, until it expires (`expires_after.seconds`, 10..7200, default 600), and the "
+        "call starts with the key's `session`.",
     ),
     Operation(
         "GET",

@@ -19,6 +19,7 @@ from aiohttp import BodyPartReader, web
 from pydantic import BaseModel, ValidationError
 
 from rtc_server.realtime import models as rm
+from rtc_server.realtime.client_secrets import SECRETS_KEY
 from rtc_server.realtime.conversation import RealtimeConversation
 from rtc_server.realtime.session_map import Settings, apply_update
 from rtc_server.session import CallSession
@@ -158,7 +159,8 @@ async def create_call(request: web.Request) -> web.Response:
             "Realtime WebRTC calls need workers.media_procs = 0 on this version; use /api/sessions or /v1/realtime",
         )
     sdp, config = await _read_offer(request)
-    settings = Settings()
+    # a client secret (POST /v1/realtime/client_secrets) carries the session the call starts with
+    settings = request.app[SECRETS_KEY].settings_for(request.headers.get("Authorization", "")) or Settings()
     if config is not None:
         settings, problems = apply_update(settings, config, lambda voice: voice_exists(request.app, voice))
         if problems:
