@@ -218,6 +218,16 @@ function render() {
     }
   }
 
+  const realtime = spec["x-realtime-events"]; // OpenAI Realtime API compatibility (docs/REALTIME.md)
+  if (realtime) {
+    toc.append(h("h3", {}, h("a", { href: "#realtime-events" }, "Realtime API events")));
+    doc.append(h("h2", { id: "realtime-events" }, "Realtime API events"), rich(`${realtime.description}; ${realtime.channels}.`, "p"));
+    for (const [key, list] of [["docs.serverToClient", realtime.server_to_client], ["docs.clientToServer", realtime.client_to_server]]) {
+      doc.append(h("h3", {}, t(key)));
+      for (const name of list) doc.append(eventCard(name));
+    }
+  }
+
   toc.append(h("h3", { class: "toc-schemas" }, t("docs.schemas")));
   doc.append(h("h2", { id: "schemas" }, t("docs.schemas")));
   for (const [name, schema] of Object.entries(spec.components.schemas)) {
