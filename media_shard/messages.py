@@ -45,6 +45,7 @@ class Offer(_Msg):
     options: dict[str, Any] | None = None
     known_modes: list[str]
     notice: tuple[str, str] | None = None  # (code, message) of an `error` event the call sends once it opens
+    realtime: dict[str, Any] | None = None  # a Realtime API call: its session settings (rtc_server/realtime)
 
 
 class Trickle(_Msg):

@@ -25,6 +25,7 @@ from rtc_server.client_limits import Client
 from rtc_server.config import AppConfig
 from rtc_server.events import ErrorEvent
 from rtc_server.manager import configure_ice_consent
+from rtc_server.realtime.webrtc import shard_port
 from rtc_server.session import BadCandidate, BadOffer, CallSession
 from rtc_server.stats import ServerStats, process_cpu_s
 
@@ -142,6 +143,8 @@ class Shard:
             session_id=offer.session_id,
         )
         self.sessions[session.id] = session
+        if offer.realtime is not None:  # POST /v1/realtime/calls: the `oai-events` channel speaks that API
+            session.realtime = shard_port(session, offer.realtime, self.config)
         if offer.notice is not None:
             session.send_event(ErrorEvent(code=offer.notice[0], message=offer.notice[1]))
         try:

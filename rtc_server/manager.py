@@ -119,6 +119,7 @@ class SessionManager:
         *,
         client: Client,
         notice: tuple[str, str] | None = None,
+        realtime: dict[str, Any] | None = None,
     ) -> Call:
         """Answer an offer; the call asks for a slot once it connects (`connected`). `notice` (code, message):
         an `error` event the call sends once its events channel opens, and goes on (e.g. `unknown_voice`).
@@ -131,7 +132,7 @@ class SessionManager:
         self.check_new_call(mode, client)
         if self.shards is not None:
             return await self._create_remote(
-                self.shards, offer_sdp, mode, system_prompt, voice, options, client, notice
+                self.shards, offer_sdp, mode, system_prompt, voice, options, client, notice, realtime
             )
         session = CallSession(self, mode, system_prompt, voice, options, client)
         self.sessions[session.id] = session
@@ -186,6 +187,7 @@ class SessionManager:
         options: dict[str, Any] | None,
         client: Client,
         notice: tuple[str, str] | None = None,
+        realtime: dict[str, Any] | None = None,
     ) -> RemoteCall:
         shard = pool.choose()
         if shard is None:
@@ -203,6 +205,7 @@ class SessionManager:
             options=options,
             known_modes=self.known_modes(),
             notice=notice,
+            realtime=realtime,
         )
         try:
             await call.offer(offer)

@@ -94,6 +94,7 @@ async def _create(
     system_prompt: str | None,
     voice: str | None = None,
     options: dict[str, Any] | None = None,
+    realtime: dict[str, Any] | None = None,
 ) -> Call:
     notice = None
     if voice is not None and not voice_exists(request.app, voice):
@@ -105,7 +106,9 @@ async def _create(
     bearer = request.headers.get("Authorization") if manager.config.auth.api_token else None
     client = client_of(request.remote, bearer)
     try:
-        return await manager.create(sdp, mode, system_prompt, voice, options, client=client, notice=notice)
+        return await manager.create(
+            sdp, mode, system_prompt, voice, options, client=client, notice=notice, realtime=realtime
+        )
     except UnknownMode as exc:
         raise ApiError(400, "unknown_mode", str(exc)) from None
     except BadOffer as exc:

@@ -295,3 +295,30 @@ async def test_client_secrets_open_only_the_call_route(start_test_server: Any) -
             raise AssertionError("an expired client secret opened a call")
     finally:
         await late.close()
+
+
+async def test_realtime_call_on_a_media_shard(start_test_server: Any) -> None:
+    """With media shards the call (and its `oai-events` channel) lives in a shard process."""
+    server = await start_test_server(workers={**WORKERS, "media_procs": 1})
+    call = RealtimeCall(server.url, np.zeros(RATE * 60, np.float32))
+    try:
+        await call.post_realtime({"type": "realtime", "instructions": "On a shard.", "max_output_tokens": 5})
+        assert type(server.manager.get(call.session_id)).__name__ == "RemoteCall"
+        await call.apply_answer(call.answer)
+        await call.wait_connected()
+        created = await call.next_event("session.created", 0, 60)
+        assert (
+            created["session"]["instructions"] == "On a shard."
+            and created["session"]["max_output_tokens"] == 5
+        )
+        mark = len(call.events)
+        call.send({"type": "nope"})
+        assert (await call.next_event("error", mark, 10))["error"]["code"] == "unknown_event"
+        mark = len(call.events)
+        call.say_text("Hello")  # at once: held until the call has its worker slot and the mode is open
+        done = await call.next_event("response.done", mark, 180)
+        assert done["response"]["status"] == "completed"
+        assert call.events.index(done) > mark
+        assert await call.hang_up() == 204
+    finally:
+        await call.close()

@@ -42,7 +42,6 @@ REALTIME_OPERATIONS: tuple[Operation, ...] = (
             413: ("body too large", ERROR),
             415: ("neither application/sdp nor multipart/form-data", ERROR),
             429: ("this client has too many calls connecting, or sent too many offers a minute", ERROR),
-            501: ("the server runs media shards (`workers.media_procs` > 0): use /api/sessions", ERROR),
             503: ("the queue is full or too many calls are connecting", ERROR),
         },
         response_headers={201: {"Location": "`/v1/realtime/calls/{call_id}`: DELETE hangs up"}},

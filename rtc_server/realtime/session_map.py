@@ -103,6 +103,22 @@ class Settings:
         """What the worker's session depends on: a change of it re-opens the mode."""
         return (self.mode(has_video), self.instructions, self.voice_id(), sorted(self.options().items()))
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form, for a call whose media lives on a media shard (`media_shard.messages.Offer`)."""
+        td = None if self.turn_detection is None else self.turn_detection.model_dump()
+        return {**self.__dict__, "output_modalities": list(self.output_modalities), "turn_detection": td}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Settings:
+        td = data.get("turn_detection")
+        return cls(
+            **{
+                **data,
+                "output_modalities": tuple(data["output_modalities"]),
+                "turn_detection": None if td is None else rm.TurnDetectionOut.model_validate(td),
+            }
+        )
+
     def describe(self, session_id: str, has_video: bool = False) -> rm.SessionOut:
         fmt = {"type": "audio/pcm", "rate": 24000}
         td = self.turn_detection.model_dump(exclude_none=True) if self.turn_detection is not None else None

@@ -12,23 +12,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from aiohttp import BodyPartReader, web
 from pydantic import BaseModel, ValidationError
 
+from rtc_server import events as ev
+from rtc_server.config import AppConfig
+from rtc_server.manager import Call
 from rtc_server.realtime import models as rm
 from rtc_server.realtime.client_secrets import SECRETS_KEY
 from rtc_server.realtime.conversation import RealtimeConversation
 from rtc_server.realtime.session_map import Settings, apply_update
 from rtc_server.session import CallSession
 from rtc_server.signalling import MANAGER_KEY, SDP_TYPE, ApiError, _create, validation_problems
-from rtc_server.voices import voice_exists
+from rtc_server.voices import VOICE_ID, voice_exists
 
+CALLS_KEY = web.AppKey("realtime_calls", set)  # ids of the live calls started by POST /v1/realtime/calls
 MAX_SDP_BYTES = 200_000
 MAX_SESSION_BYTES = 64_000
 OUTBOX_LIMIT = 500
+WAITING_LIMIT = 32
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 DRAIN_POLL_S = 0.1
 
 
@@ -37,13 +45,12 @@ class RtcPort:
 
     transport = "webrtc"
 
-    def __init__(self, session: CallSession, settings: Settings, app: web.Application) -> None:
+    def __init__(self, session: CallSession, settings: Settings, voice_check: Callable[[str], bool]) -> None:
         self.session = session
         limit = session.manager.config.session.max_message_bytes
-        self.conversation = RealtimeConversation(
-            self, session.id, settings, lambda voice: voice_exists(app, voice), limit
-        )
+        self.conversation = RealtimeConversation(self, session.id, settings, voice_check, limit)
         self.outbox: list[str] = []
+        self.waiting: list[dict[str, Any]] = []  # controls sent before the call had a worker slot
         self._drain_task: asyncio.Task[None] | None = None
 
     @property
@@ -63,6 +70,10 @@ class RtcPort:
         self.conversation.on_client_data(data)
 
     def on_call_event(self, event: BaseModel) -> None:
+        if isinstance(event, ev.SessionEvent) and self.session.mode_open:  # the mode opened on a worker
+            waiting, self.waiting = self.waiting, []
+            for message in waiting:
+                self.control(message)
         self.conversation.translator.on_event(event)
 
     def on_flush(self, turn: int) -> None:
@@ -89,10 +100,12 @@ class RtcPort:
             self.outbox.append(data)
 
     def control(self, message: dict[str, Any]) -> None:
-        if not self.session.send_control(message):
-            self.conversation.error(
-                "session_not_ready", "the call has no model slot yet (it is queued or connecting)"
-            )
+        """To the worker's mode; held until the mode opens while the call waits for its slot."""
+        if self.waiting or not self.session.send_control(message):
+            if len(self.waiting) >= WAITING_LIMIT:
+                self.conversation.error("session_not_ready", "the call has no model slot yet (it is queued)")
+                return
+            self.waiting.append(message)
 
     def reconfigure(self, mode: str, system_prompt: str, voice: str | None, options: dict[str, Any]) -> None:
         self.session.reconfigure(mode, system_prompt, voice, options)
@@ -108,6 +121,16 @@ class RtcPort:
 
     def clear_audio(self) -> None:
         """The track's audio reached the model as it came; there is no buffer to clear."""
+
+
+def shard_port(session: CallSession, settings: dict[str, Any], config: AppConfig) -> RtcPort:
+    """The Realtime side of a call whose media lives on a media shard (`media_shard.shard`)."""
+    folder = REPO_ROOT / config.voices.dir
+
+    def voice_check(voice: str) -> bool:
+        return bool(VOICE_ID.match(voice)) and (folder / f"{voice}.wav").is_file()
+
+    return RtcPort(session, Settings.from_dict(settings), voice_check)
 
 
 async def _read_offer(request: web.Request) -> tuple[str, rm.SessionConfig | None]:
@@ -152,12 +175,6 @@ async def _read_offer(request: web.Request) -> tuple[str, rm.SessionConfig | Non
 
 async def create_call(request: web.Request) -> web.Response:
     manager = request.app[MANAGER_KEY]
-    if manager.shards is not None:
-        raise ApiError(
-            501,
-            "not_supported",
-            "Realtime WebRTC calls need workers.media_procs = 0 on this version; use /api/sessions or /v1/realtime",
-        )
     sdp, config = await _read_offer(request)
     # a client secret (POST /v1/realtime/client_secrets) carries the session the call starts with
     settings = request.app[SECRETS_KEY].settings_for(request.headers.get("Authorization", "")) or Settings()
@@ -168,11 +185,15 @@ async def create_call(request: web.Request) -> web.Response:
             raise ApiError(400, first.code, f"{first.param}: {first.message}")
     has_video = "\nm=video" in sdp.replace("\r\n", "\n")
     mode = settings.mode(has_video)
+    remote = settings.to_dict() if manager.shards is not None else None  # a media shard attaches the port
     session = await _create(
-        request, sdp, mode, settings.instructions or None, settings.voice_id(), settings.options()
+        request, sdp, mode, settings.instructions or None, settings.voice_id(), settings.options(), remote
     )
-    assert isinstance(session, CallSession)
-    session.realtime = RtcPort(session, settings, request.app)
+    if isinstance(session, CallSession):
+        session.realtime = RtcPort(session, settings, lambda voice: voice_exists(request.app, voice))
+    calls = request.app[CALLS_KEY]
+    calls.intersection_update(manager.sessions)  # forget ended calls
+    calls.add(session.id)
     return web.Response(
         status=201,
         text=session.answer_sdp,
@@ -181,10 +202,11 @@ async def create_call(request: web.Request) -> web.Response:
     )
 
 
-def _call(request: web.Request) -> CallSession:
+def _call(request: web.Request) -> Call:
     manager = request.app[MANAGER_KEY]
-    session = manager.get(request.match_info["call_id"])
-    if not isinstance(session, CallSession) or session.realtime is None:
+    call_id = request.match_info["call_id"]
+    session = manager.get(call_id)
+    if session is None or call_id not in request.app[CALLS_KEY]:
         raise ApiError(404, "unknown_call", "no Realtime call at this URL")
     return session
 
@@ -196,6 +218,7 @@ async def hangup(request: web.Request) -> web.Response:
 
 
 def add_call_routes(app: web.Application) -> None:
+    app[CALLS_KEY] = set()
     app.router.add_post("/v1/realtime/calls", create_call)
     app.router.add_delete("/v1/realtime/calls/{call_id}", hangup)
     app.router.add_post("/v1/realtime/calls/{call_id}/hangup", hangup)
