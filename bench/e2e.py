@@ -47,6 +47,7 @@ from aiortc.mediastreams import MediaStreamError, VideoStreamTrack
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench.realsize import build_realsize  # noqa: E402
 from tests.rtc_client import ESPEAK, FRAME, RATE, Call, PacedAudioTrack, speech_signal  # noqa: E402
 
 MODES = ("audio_duplex", "omni_duplex", "chat", "loopback")
@@ -760,28 +761,6 @@ def write_doc(text: str, mode: str) -> Path:
 
 
 # ---- main ----
-
-
-def build_realsize(dest: Path, gpu: int) -> None:
-    """(GPU host) A real-size random-weight checkpoint in the official layout, with real-size random token2wav
-    assets including the ONNX front end (the default voice needs it); kept when already there."""
-    assets = dest / "assets" / "token2wav"
-    if (dest / "model.safetensors.index.json").is_file() and (assets / "campplus.onnx").is_file():
-        return
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    from bench.engine_gpu import REAL_PREPROCESSOR, save_checkpoint
-    from bench.realsize import build_random_model, make_model_dir
-    from MiniCPMO45.token2wav.random_assets import write_random_assets
-
-    fixtures = REPO_ROOT / "tests" / "fixtures"
-    make_model_dir(fixtures / "minicpmo45-fullsize-config.json", fixtures / "minicpmo45-tiny" / "model", dest)
-    pre_path = dest / "preprocessor_config.json"
-    pre = json.loads(pre_path.read_text()) if pre_path.is_file() else {}
-    pre_path.write_text(json.dumps(pre | REAL_PREPROCESSOR))
-    model = build_random_model(dest / "config.json", device="cuda")
-    print(f"real-size checkpoint written in {save_checkpoint(model, dest):.0f} s", flush=True)
-    del model
-    write_random_assets(assets, size="real", with_onnx=True)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

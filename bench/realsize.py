@@ -7,6 +7,7 @@ the target dtype, so the weights are filled by the device itself. Compute cost i
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -112,3 +113,24 @@ def encoder_only_config(path: str | Path, keep: str) -> MiniCPMOConfig:
     data.update(num_hidden_layers=1, vocab_size=1024, init_tts=False)
     data["init_vision" if keep == "audio" else "init_audio"] = False
     return MiniCPMOConfig.from_dict(data)
+
+
+def build_realsize(dest: Path, gpu: int) -> None:
+    """(GPU host) A real-size random-weight checkpoint in the official layout, with real-size random token2wav
+    assets including the ONNX front end (the default voice needs it); kept when already there."""
+    assets = dest / "assets" / "token2wav"
+    if (dest / "model.safetensors.index.json").is_file() and (assets / "campplus.onnx").is_file():
+        return
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    from bench.engine_gpu import REAL_PREPROCESSOR, save_checkpoint
+    from MiniCPMO45.token2wav.random_assets import write_random_assets
+
+    fixtures = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+    make_model_dir(fixtures / "minicpmo45-fullsize-config.json", fixtures / "minicpmo45-tiny" / "model", dest)
+    pre_path = dest / "preprocessor_config.json"
+    pre = json.loads(pre_path.read_text()) if pre_path.is_file() else {}
+    pre_path.write_text(json.dumps(pre | REAL_PREPROCESSOR))
+    model = build_random_model(dest / "config.json", device="cuda")
+    print(f"real-size checkpoint written in {save_checkpoint(model, dest):.0f} s", flush=True)
+    del model
+    write_random_assets(assets, size="real", with_onnx=True)

@@ -136,6 +136,8 @@ class DuplexBatcher:
             if tts is not None
             else None
         )
+        if tts is not None:
+            tts.static = self.tts  # turn-based TTS sessions in its cache draw through its steps too
         # the streaming audio encoder of every session in one pass (per-slot caches allocated on first use)
         self.audio = BatchedAudioEncoder(engine.model, engine.cache.num_slots, use_graphs=use_graphs)
         # on a GPU the frames of every omni session go through the vision tower as graphs (per view bucket and

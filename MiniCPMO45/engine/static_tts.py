@@ -285,6 +285,63 @@ class StaticTTS:
             self.tts, self.cache, self.lengths, embeds, num_new, self.window, self.kernels, self.flex
         )
 
+    def _rows(self, slots: Sequence[int], max_new: int, sampling: CodeSampling) -> tuple[int, int]:
+        """A captured draw loop's rows if one holds these slots: a loop's capture (every draw of the unit) takes
+        seconds, far more than its idle rows cost."""
+        captured = ((f, r) for f, r, m, s in self.loops if m == max_new and s == sampling)
+        return covering_window(captured, slots) or row_window(self.row_buckets, self.num_slots, slots)
+
+    @torch.no_grad()
+    def feed(
+        self, slots: Sequence[int], pieces: Sequence[torch.Tensor], starts: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Append `pieces[i]` (`[L_i, hidden]` embeddings) to slot `slots[i]` (at position `starts[i]` when given,
+        else where the slot is) in static steps; returns float32 code logits `[n, V]` at each piece's last
+        position. A piece longer than the largest token bucket goes in several steps (a turn-based TTS chunk
+        recomputes its previous chunk: a few hundred positions). Runs outside inference mode even when called
+        in it (the turn-based TTS is): buffers it creates are updated in place later by the duplex ticks."""
+        with torch.inference_mode(False):
+            return self._feed(slots, pieces, starts)
+
+    def _feed(
+        self, slots: Sequence[int], pieces: Sequence[torch.Tensor], starts: Sequence[int] | None
+    ) -> torch.Tensor:
+        n = len(slots)
+        if n == 0 or n != len(pieces) or len(set(slots)) != n:
+            raise ValueError("one piece per slot, each slot once, at least one")
+        device = self.device
+        if starts is not None:
+            if any(s + int(p.shape[0]) > self.window for s, p in zip(starts, pieces, strict=True)):
+                raise ValueError(f"a TTS slot would pass its window of {self.window} positions")
+            self.lengths.index_copy_(0, upload(list(slots), device), upload(list(starts), device))
+        most = self.token_buckets[-1]
+        left = list(pieces)
+        logits = torch.zeros(n, self.tts.head_code[0].out_features, dtype=torch.float32, device=device)
+        while True:
+            ready = [i for i, p in enumerate(left) if p.shape[0]]
+            if not ready:
+                return logits
+            now = [left[i][:most] for i in ready]
+            step_slots = [slots[i] for i in ready]
+            tokens = pick_bucket(self.token_buckets, max(int(p.shape[0]) for p in now))
+            captured = ((f, r) for f, r, t in self.steps if t == tokens)
+            first, rows = covering_window(captured, step_slots) or row_window(
+                self.row_buckets, self.num_slots, step_slots
+            )
+            step = self._step(rows, tokens, first)
+            idx = upload([s - first for s in step_slots], device)
+            batch = now[0].new_zeros(len(now), tokens, now[0].shape[-1])
+            for k, p in enumerate(now):
+                batch[k, : p.shape[0]] = p
+            step.inputs["embeds"].zero_()
+            step.inputs["embeds"].index_copy_(0, idx, batch.to(self.dtype))
+            step.inputs["num_new"].zero_()
+            step.inputs["num_new"].index_copy_(0, idx, upload([int(p.shape[0]) for p in now], device))
+            out = step.run()["logits"].index_select(0, idx)
+            logits.index_copy_(0, upload(ready, device), out)
+            for i in ready:
+                left[i] = left[i][most:]
+
     def reset(self, slots: Sequence[int]) -> None:
         """Start new turns: the slots' next condition goes to position 0."""
         if slots:
@@ -311,30 +368,18 @@ class StaticTTS:
             raise ValueError("a slot appears twice in one call")
         # one device read (indexing by a Python list would first copy the index from pageable memory)
         cur = self.lengths.index_select(0, upload(list(slots), self.device)).tolist()
-        # a captured loop's rows if one holds these slots: a loop's capture (every draw of the unit) takes
-        # seconds, far more than its idle rows cost
-        captured = ((f, r) for f, r, m, s in self.loops if m == max_new and s == sampling)
-        first, rows = covering_window(captured, slots) or row_window(self.row_buckets, self.num_slots, slots)
         counts = [int(c.shape[0]) for c in conditions]
         # a turn that would outgrow the window restarts its TTS context (a deviation only for > window turns)
         overflow = [s for s, c, k in zip(slots, cur, counts, strict=True) if c + k + max_new > self.window]
         self.reset(overflow)
+        logits = self.feed(slots, conditions)
+        first, rows = self._rows(slots, max_new, sampling)
         device = self.device
         idx = upload([s - first for s in slots], device)
-        tokens = pick_bucket(self.token_buckets, max(counts))
-        step = self._step(rows, tokens, first)
-        batch = conditions[0].new_zeros(n, tokens, conditions[0].shape[-1])
-        for i, c in enumerate(conditions):
-            batch[i, : c.shape[0]] = c
-        step.inputs["embeds"].zero_()
-        step.inputs["embeds"].index_copy_(0, idx, batch.to(self.dtype))
-        step.inputs["num_new"].zero_()
-        step.inputs["num_new"].index_copy_(0, idx, upload(counts, device))
-        logits = step.run()["logits"]
-
         loop = self._loop(rows, max_new, sampling, first)
         x = loop.inputs
-        x["logits"].copy_(logits)
+        x["logits"].zero_()
+        x["logits"].index_copy_(0, idx, logits)
         x["active"].zero_()
         x["active"].index_fill_(0, idx, True)
         x["mins"].zero_()

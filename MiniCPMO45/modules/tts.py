@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -80,10 +81,17 @@ class TTSSession:
     """One session's TTS state: a cache slot, its filled length and a private random generator."""
 
     def __init__(
-        self, cache: TTSKVCache, seed: int | None = None, device: str | torch.device = "cpu"
+        self,
+        cache: TTSKVCache,
+        seed: int | None = None,
+        device: str | torch.device = "cpu",
+        slot: int | None = None,
     ) -> None:
+        """`slot`: a slot the caller owns (e.g. the session's LLM slot in the static steps' cache, which nobody
+        allocates from); else one is allocated from `cache` and released on `close`."""
         self.cache = cache
-        self.slot = cache.allocate()
+        self.owns_slot = slot is None
+        self.slot = cache.allocate() if slot is None else slot
         self.length = 0
         self.generator = torch.Generator(device=device)
         if seed is None:
@@ -99,7 +107,8 @@ class TTSSession:
 
     def close(self) -> None:
         if not self.closed:
-            self.cache.release(self.slot)
+            if self.owns_slot:
+                self.cache.release(self.slot)
             self.closed = True
 
 
@@ -152,6 +161,9 @@ class MiniCPMTTS(nn.Module):
             config.num_attention_heads,
             config.num_key_value_heads,
         )
+        # static-shape steps over their own slot cache (`engine.static_tts.StaticTTS`, set by the duplex
+        # batcher): a session whose cache is theirs runs its draws through them
+        self.static: Any = None
 
     # ---- loading ------------------------------------------------------------------------------------------------
     @classmethod
@@ -191,8 +203,8 @@ class MiniCPMTTS(nn.Module):
         capacity = capacity or self.config.max_position_embeddings
         return self.model.new_cache(num_slots, capacity, w.dtype, w.device)
 
-    def new_session(self, cache: TTSKVCache, seed: int | None = None) -> TTSSession:
-        return TTSSession(cache, seed=seed, device=self.emb_text.weight.device)
+    def new_session(self, cache: TTSKVCache, seed: int | None = None, slot: int | None = None) -> TTSSession:
+        return TTSSession(cache, seed=seed, device=self.emb_text.weight.device, slot=slot)
 
     @staticmethod
     def end_turn(session: TTSSession) -> None:
@@ -254,11 +266,17 @@ class MiniCPMTTS(nn.Module):
             embeds = nn.utils.rnn.pad_sequence(inputs, batch_first=True)
         slots = [r.session.slot for r in active]
         starts = [r.session.length for r in active]
-        hidden = self.model(embeds, cache, slots, starts, valid)
-        rows = torch.arange(len(active), device=w.device)
-        last = hidden[rows, torch.tensor(valid, device=w.device) - 1]
+        static = self.static
+        if (
+            static is not None and cache is static.cache
+        ):  # static steps (CUDA graphs on a GPU) over that cache
+            logits = static.feed(slots, [e[:n] for e, n in zip(embeds, valid, strict=True)], starts)
+        else:
+            hidden = self.model(embeds, cache, slots, starts, valid)
+            rows = torch.arange(len(active), device=w.device)
+            logits = self._code_logits(hidden[rows, torch.tensor(valid, device=w.device) - 1])
         probs = code_distribution(
-            self._code_logits(last),
+            logits,
             [r.history for r in active],
             sampling,
             warp=[bool(r.draws) or r.warp_first for r in active],
