@@ -355,3 +355,67 @@ async def test_websocket_route_errors(server: Any) -> None:
         async with http.get(server.url + "/v1/realtime?model=x") as resp:
             assert resp.status == 400
             assert (await resp.json())["error"]["code"] == "websocket_required"
+
+
+async def test_g711_codecs() -> None:  # async: the module runs on one event loop
+    from rtc_server.realtime.g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
+
+    codes = np.arange(256, dtype=np.uint8)
+    ulaw = ulaw_decode(codes)
+    alaw = alaw_decode(codes)
+    assert (ulaw[0x00], ulaw[0x80], ulaw[0xFF], ulaw[0x7F]) == (-32124, 32124, 0, 0)
+    assert (alaw[0x55], alaw[0xD5], alaw[0x2A], alaw[0xAA]) == (-8, 8, -32256, 32256)
+    assert np.array_equal(ulaw_encode(ulaw)[codes != 0x7F], codes[codes != 0x7F])  # 0x7F is -0: encodes as +0
+    assert np.array_equal(alaw_encode(alaw), codes)
+    ramp = np.linspace(-32768, 32767, 4001).astype(np.int16)
+    for encode, decode in ((ulaw_encode, ulaw_decode), (alaw_encode, alaw_decode)):
+        error = np.abs(decode(encode(ramp)).astype(np.int32) - ramp)
+        assert (error <= np.maximum(np.abs(ramp.astype(np.int32)) // 16, 16) + 1100).all()  # within a step
+
+
+async def test_g711_audio_turn(server: Any, speech_24k: bytes) -> None:
+    from rtc_server.realtime.g711 import ulaw_decode, ulaw_encode
+
+    pcm = np.frombuffer(speech_24k, "<i2").astype(np.float32) / 32768
+    narrow = (resample(pcm, 24000, 8000) * 32767).astype(np.int16)
+    mulaw = ulaw_encode(narrow).tobytes()
+    async with client_for(server).realtime.connect(model="minicpm-o-4.5") as conn:
+        fmt = {"type": "audio/pcmu"}
+        events = await open_session(
+            conn,
+            max_output_tokens=4,
+            audio={
+                "input": {
+                    "format": fmt,
+                    "turn_detection": {"type": "server_vad", "silence_duration_ms": 500},
+                },
+                "output": {"format": fmt},
+            },
+        )
+        audio = events.of("session.updated")[-1]["session"]["audio"]
+        assert audio["input"]["format"] == audio["output"]["format"] == {"type": "audio/pcmu", "rate": 8000}
+        mark = len(events.seen)
+        await conn.send_raw(
+            json.dumps(
+                {
+                    "type": "session.update",
+                    "session": {"audio": {"input": {"format": {"type": "audio/pcm", "rate": 8000}}}},
+                }
+            )
+        )
+        assert (await events.error(mark))["param"] == "session.audio.input.format.rate"
+        mark = len(events.seen)
+        for start in range(0, len(mulaw), 4000):
+            await conn.input_audio_buffer.append(audio=base64.b64encode(mulaw[start : start + 4000]).decode())
+        await events.wait("input_audio_buffer.committed", 120, after=mark)
+        created = await events.wait("response.created", 60, after=mark)
+        await events.wait("response.done", 120, after=mark)
+        rid = created["response"]["id"]
+        out = b"".join(
+            base64.b64decode(e["delta"])
+            for e in events.of("response.output_audio.delta")
+            if e["response_id"] == rid
+        )
+        assert len(out) >= 800, "less than 100 ms of mu-law speech"
+        assert np.abs(ulaw_decode(np.frombuffer(out, np.uint8))).max() > 100
+        events.close()

@@ -18,13 +18,13 @@ from typing import Any, Protocol
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
+from rtc_server.realtime import g711
 from rtc_server.realtime import models as rm
 from rtc_server.realtime.responses import OUTPUT_RATE, Translator
 from rtc_server.realtime.session_map import Settings, apply_update
 
 log = logging.getLogger("rtc_server.realtime")
 MAX_APPEND_S = 15.0  # seconds of 24 kHz PCM16 one input_audio_buffer.append may carry
-MAX_APPEND_BYTES = int(MAX_APPEND_S * 24000 * 2)
 PYDANTIC_CODES = {
     "extra_forbidden": "unknown_parameter",
     "missing": "missing_required_parameter",
@@ -51,7 +51,7 @@ class CallPort(Protocol):
 
     def flush_output(self) -> None: ...
 
-    def append_audio(self, pcm16: np.ndarray) -> None: ...
+    def append_audio(self, pcm16: np.ndarray, rate: int) -> None: ...
 
     def commit_audio(self) -> float: ...
 
@@ -172,6 +172,8 @@ class RealtimeConversation:
     def _on_session_update(self, event: rm.SessionUpdate) -> None:
         before = self.settings.worker_key(self.port.has_video)
         self.settings, problems = apply_update(self.settings, event.session, self.voice_exists)
+        if self.settings.output_format != self.translator.encode.format:
+            self.translator.encode = g711.OutputEncoder(self.settings.output_format)
         for problem in problems:
             self.error(problem.code, problem.message, problem.param, event.event_id)
         if self.settings.worker_key(self.port.has_video) != before:
@@ -189,10 +191,12 @@ class RealtimeConversation:
                 "invalid_request", "a WebRTC call's audio comes on its audio track", "type", event.event_id
             )
             return
-        if len(event.audio) * 3 // 4 > MAX_APPEND_BYTES:
+        fmt = self.settings.input_format
+        limit = int(MAX_APPEND_S * g711.RATES[fmt] * g711.BYTES_PER_SAMPLE[fmt])
+        if len(event.audio) * 3 // 4 > limit:
             self.error(
                 "audio_too_large",
-                f"one append may carry at most {MAX_APPEND_S:g} s of 24 kHz PCM16 ({MAX_APPEND_BYTES} bytes)",
+                f"one append may carry at most {MAX_APPEND_S:g} s of {fmt} ({limit} bytes)",
                 "audio",
                 event.event_id,
             )
@@ -202,7 +206,7 @@ class RealtimeConversation:
         except (binascii.Error, ValueError):
             self.error("invalid_value", "audio is not valid base64", "audio", event.event_id)
             return
-        if len(pcm) % 2:
+        if len(pcm) % g711.BYTES_PER_SAMPLE[fmt]:
             self.error(
                 "invalid_value",
                 "audio must be whole PCM16 samples (an even number of bytes)",
@@ -211,7 +215,7 @@ class RealtimeConversation:
             )
             return
         if pcm:
-            self.port.append_audio(np.frombuffer(pcm, dtype="<i2"))
+            self.port.append_audio(g711.decode(pcm, fmt), g711.RATES[fmt])
 
     def _on_input_audio_buffer_commit(self, event: rm.AudioCommit) -> None:
         if self.settings.duplex:

@@ -30,7 +30,7 @@ class _Out(BaseModel):
 
 class AudioFormat(_In):
     type: Literal["audio/pcm", "audio/pcmu", "audio/pcma"] = "audio/pcm"
-    rate: Literal[24000] | None = None
+    rate: Literal[24000, 8000] | None = None  # 24000 for audio/pcm, 8000 for G.711 (pcmu, pcma)
 
 
 class TurnDetection(_In):

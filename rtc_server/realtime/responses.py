@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from rtc_server import events as ev
 from rtc_server.realtime import models as rm
+from rtc_server.realtime.g711 import OutputEncoder
 
 ITEMS_KEPT = 256  # items a session remembers (retrieve, truncate)
 OUTPUT_RATE = 24000
@@ -64,7 +65,10 @@ class Translator:
         self.skip_user_turn_events = False  # a manual commit already announced the turn's user item
         self.kv_tokens: int | None = None
         self.started_at = time.monotonic()
-        self.last_played: Response | None = None  # WebRTC: the response whose audio is (or was) on the track
+        self.last_played: Response | None = None
+        self.encode = OutputEncoder(
+            "audio/pcm"
+        )  # WebSocket: the session's output audio format  # WebRTC: the response whose audio is (or was) on the track
 
     # ---- items ----
 
@@ -202,9 +206,10 @@ class Translator:
         response.audio_samples += pcm.size
         if self.transport != "websocket":
             return  # WebRTC: the speech is on the call's audio track
-        pcm16 = (np.clip(pcm, -1.0, 1.0) * 32767).astype("<i2").tobytes()
-        for start in range(0, len(pcm16), 48000):  # at most 1 s per event
-            delta = base64.b64encode(pcm16[start : start + 48000]).decode()
+        data = self.encode(pcm)
+        step = 48000 if self.encode.format == "audio/pcm" else 8000  # at most 1 s per event
+        for start in range(0, len(data), step):
+            delta = base64.b64encode(data[start : start + step]).decode()
             self.emit(rm.AudioDelta(response_id=response.id, item_id=response.item.id, delta=delta))
 
     def finish(self, status: str, reason: str | None = None) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from rtc_server.realtime import models as rm
+from rtc_server.realtime.g711 import RATES
 
 OPENAI_VOICES = frozenset(
     {"alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar", "fable", "onyx"}
@@ -65,6 +66,8 @@ class Settings:
     max_output_tokens: int | Literal["inf"] = "inf"
     temperature: float = DEFAULT_TEMPERATURE
     tracing: str | dict[str, Any] | None = None
+    input_format: str = "audio/pcm"  # WebSocket audio (audio/pcm 24 kHz, audio/pcmu, audio/pcma 8 kHz)
+    output_format: str = "audio/pcm"
     explicit_silence: bool = False  # server_vad's silence_duration_ms was given: no adaptive early end
 
     @property
@@ -120,7 +123,8 @@ class Settings:
         )
 
     def describe(self, session_id: str, has_video: bool = False) -> rm.SessionOut:
-        fmt = {"type": "audio/pcm", "rate": 24000}
+        fmt_in = {"type": self.input_format, "rate": RATES[self.input_format]}
+        fmt_out = {"type": self.output_format, "rate": RATES[self.output_format]}
         td = self.turn_detection.model_dump(exclude_none=True) if self.turn_detection is not None else None
         return rm.SessionOut(
             id=session_id,
@@ -129,12 +133,12 @@ class Settings:
             instructions=self.instructions,
             audio={
                 "input": {
-                    "format": fmt,
+                    "format": fmt_in,
                     "transcription": None,
                     "noise_reduction": None,
                     "turn_detection": td,
                 },
-                "output": {"format": fmt, "voice": self.voice, "speed": 1.0},
+                "output": {"format": fmt_out, "voice": self.voice, "speed": 1.0},
             },
             max_output_tokens=self.max_output_tokens,
             temperature=self.temperature,
@@ -172,6 +176,15 @@ def _turn_detection(td: rm.TurnDetection, problems: list[Problem]) -> rm.TurnDet
         prefix_padding_ms=DEFAULT_PREFIX_MS,
         silence_duration_ms=silence or DEFAULT_SILENCE_MS,
     )
+
+
+def _format(fmt: rm.AudioFormat, name: str, changes: dict[str, Any], problems: list[Problem]) -> None:
+    rate = RATES[fmt.type]
+    if fmt.rate is not None and fmt.rate != rate:
+        param = f"session.audio.{name.split('_')[0]}.format.rate"
+        problems.append(Problem("invalid_value", f"{fmt.type} is at {rate} Hz", param))
+    else:
+        changes[name] = fmt.type
 
 
 def apply_update(
@@ -233,20 +246,12 @@ def apply_update(
                         "session.audio.output.voice",
                     )
                 )
-        if out.format is not None and out.format.type != "audio/pcm":
-            problems.append(
-                Problem(
-                    "unsupported_value", "output audio is audio/pcm at 24 kHz", "session.audio.output.format"
-                )
-            )
+        if out.format is not None:
+            _format(out.format, "output_format", changes, problems)
     if audio is not None and audio.input is not None:
         inp = audio.input
-        if inp.format is not None and inp.format.type != "audio/pcm":
-            problems.append(
-                Problem(
-                    "unsupported_value", "input audio is audio/pcm at 24 kHz", "session.audio.input.format"
-                )
-            )
+        if inp.format is not None:
+            _format(inp.format, "input_format", changes, problems)
         if "turn_detection" in inp.model_fields_set:
             td = inp.turn_detection
             changes["turn_detection"] = None if td is None else _turn_detection(td, problems)

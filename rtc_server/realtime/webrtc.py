@@ -113,7 +113,7 @@ class RtcPort:
     def flush_output(self) -> None:
         self.session.flush_speech()
 
-    def append_audio(self, pcm16: np.ndarray) -> None:
+    def append_audio(self, pcm16: np.ndarray, rate: int) -> None:
         """Never called: a WebRTC call's audio comes on its track."""
 
     def commit_audio(self) -> float:

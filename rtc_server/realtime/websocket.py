@@ -43,15 +43,22 @@ CLOCK_S = 0.05
 FATAL = {"mode_error", "unknown_mode", "worker_failed"}
 
 
-class Resampler24k:
-    """PCM16 24 kHz -> float32 16 kHz, streaming (the media path's thread-free PyAV graph)."""
+class InputResampler:
+    """PCM16 at 24 kHz (or 8 kHz, G.711) -> float32 16 kHz, streaming (the media path's thread-free PyAV
+    graph, rebuilt when the input rate changes)."""
 
     def __init__(self) -> None:
         self.graph = AudioResampler(format="flt", layout="mono", rate=RATE)
+        self.rate: int | None = None
 
-    def __call__(self, pcm16: np.ndarray) -> np.ndarray:
+    def __call__(self, pcm16: np.ndarray, rate: int) -> np.ndarray:
+        if rate != self.rate:  # session.update changed the input format
+            if self.rate is not None:
+                self.graph.close()
+                self.graph = AudioResampler(format="flt", layout="mono", rate=RATE)
+            self.rate = rate
         frame = av.AudioFrame.from_ndarray(pcm16.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = 24000
+        frame.sample_rate = rate
         out = [f.to_ndarray().reshape(-1) for f in self.graph.resample(frame)]
         return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
 
@@ -78,7 +85,7 @@ class SocketCall:
         self.worker_id: int | None = None
         self.mode_open = False
         self.cutter = UnitCutter()
-        self.resample = Resampler24k()
+        self.resample = InputResampler()
         self.held: deque[np.ndarray] = deque()  # manual turns: appended audio until commit
         self.early: deque[np.ndarray] = deque()  # audio that came before the mode opened
         self.committed: list[np.ndarray] = []  # manual turns: committed audio until its response.create
@@ -138,8 +145,8 @@ class SocketCall:
     def flush_output(self) -> None:
         """The client plays the audio: nothing is queued here."""
 
-    def append_audio(self, pcm16: np.ndarray) -> None:
-        samples = self.resample(pcm16)
+    def append_audio(self, pcm16: np.ndarray, rate: int) -> None:
+        samples = self.resample(pcm16, rate)
         if self.conversation.settings.manual:
             self._hold(self.held, samples)
         else:
