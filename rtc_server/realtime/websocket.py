@@ -22,7 +22,7 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from inference import protocol as p
-from media_tracks import UnitCutter
+from media_tracks import UnitCutter, grid_lead_in
 from media_tracks.resampler import AudioResampler
 from rtc_server import events as ev
 from rtc_server.admission import QueueFull
@@ -259,11 +259,20 @@ class SocketCall:
             self.close_soon()
 
     def _on_opened(self, message: p.Opened) -> None:
-        self.cutter.reset(unit_samples=message.unit_samples, first_unit_samples=message.first_unit_samples)
+        now = time.monotonic()
+        lead_in = 0
+        if message.align_units:  # batching modes: units end on the tick phase's grid, as a call's do
+            first = message.first_unit_samples or message.unit_samples
+            lead_in = grid_lead_in(now, first, message.unit_samples, offset_s=message.grid_offset_s)
+        self.cutter.reset(
+            unit_samples=message.unit_samples,
+            first_unit_samples=message.first_unit_samples,
+            lead_in_samples=lead_in,
+        )
         self.mode = message.mode
         self.mode_open = True
-        self.fed = 0
-        self.clock_start = time.monotonic()
+        self.fed = lead_in  # the silent lead-in counts as audio the clock has given
+        self.clock_start = now
         early = list(self.early)
         self.early.clear()
         for samples in early:
