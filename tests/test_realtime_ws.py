@@ -16,6 +16,7 @@ import pytest
 import pytest_asyncio
 from openai import AsyncOpenAI
 
+from rtc_server.realtime.websocket import SOCKETS_KEY
 from tests.rtc_client import RATE, resample, speech_signal
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -419,3 +420,32 @@ async def test_g711_audio_turn(server: Any, speech_24k: bytes) -> None:
         assert len(out) >= 800, "less than 100 ms of mu-law speech"
         assert np.abs(ulaw_decode(np.frombuffer(out, np.uint8))).max() > 100
         events.close()
+
+
+async def test_duplex_session_over_websocket(server: Any, speech_24k: bytes) -> None:
+    """turn_detection duplex: audio_duplex on the worker; the request/response events answer errors."""
+    async with client_for(server).realtime.connect(model="minicpm-o-4.5") as conn:
+        events = await open_session(conn, audio={"input": {"turn_detection": {"type": "duplex"}}})
+        session = events.of("session.updated")[-1]["session"]
+        assert session["mode"] == "audio_duplex"
+        assert session["audio"]["input"]["turn_detection"]["type"] == "duplex"
+        call = server.runner.app[SOCKETS_KEY][session["id"]]
+        await asyncio.wait_for(_until(lambda: call.mode_open and call.mode == "audio_duplex"), 120)
+        assert call.cutter.unit_samples == 16000  # the duplex mode's 1 s units
+        for kind in ("response.create", "input_audio_buffer.commit"):
+            mark = len(events.seen)
+            await conn.send_raw(json.dumps({"type": kind}))
+            assert (await events.error(mark))["code"] == "invalid_request", kind
+        mark = len(events.seen)
+        await say(conn, speech_24k)
+        await asyncio.sleep(2.0)
+        assert not [e for e in events.seen[mark:] if e["type"] == "error"]
+        assert (
+            call.fed >= len(speech_24k) // 2 * 2 // 3
+        )  # the caller's audio went to the model as 16 kHz units
+        events.close()
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    while not predicate():
+        await asyncio.sleep(0.05)
