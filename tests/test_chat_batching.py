@@ -185,3 +185,35 @@ def test_a_barge_in_cuts_only_its_own_batched_reply() -> None:
         a.close()
         b.close()
     assert len(host.engine.cache._free) == free_kv
+
+
+def test_batched_choice_applies_each_rows_own_adjustments() -> None:
+    """Greedy rows with different bans, windows and penalties: the batched choice takes the argmax of what the
+    single-row adjustments (`ban`, `penalize_repeats`, `penalize_length`) make of each row."""
+    from MiniCPMO45.engine.sampling import (
+        TokenChoice,
+        ban,
+        choose_chat_tokens,
+        penalize_length,
+        penalize_repeats,
+    )
+
+    gen = torch.Generator().manual_seed(3)
+    vocab, terms = 50, [47, 48, 49]
+    rows = []
+    for i in range(6):
+        logits = torch.randn(vocab, generator=gen) * 3
+        top = torch.topk(logits, 4).indices.tolist()
+        params = ChatSampling(do_sample=False, repetition_penalty=[1.0, 3.0, 0.5][i % 3], length_penalty=2.0)
+        # each row bans or penalizes some of its own top ids, so a mix-up between rows changes the answer
+        rows.append((logits, TokenChoice(params, top[:2] if i % 2 else [top[0], 77], [top[i % 3]])))
+    want = []
+    for logits, choice in rows:
+        ref = logits.clone()
+        ban(ref, choice.banned)
+        penalize_repeats(ref, [t for t in choice.history if t < vocab], choice.params.repetition_penalty)
+        penalize_length(ref, terms, choice.params.length_penalty)
+        want.append(int(ref.argmax()))
+    got = choose_chat_tokens(torch.stack([lg for lg, _ in rows]), [c for _, c in rows], terms)
+    assert got == want
+    assert len(set(got)) > 1

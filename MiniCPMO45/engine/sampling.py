@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
@@ -132,16 +133,12 @@ class TokenChoice:
     generator: torch.Generator | None = None
 
 
-def _pairs(rows: Sequence[Iterable[int]], vocab: int) -> tuple[list[int], list[int]]:
-    """Flattened (row, id) pairs of each row's distinct ids inside the vocabulary."""
-    r_idx: list[int] = []
-    i_idx: list[int] = []
-    for r, ids in enumerate(rows):
-        for i in sorted(set(ids)):
-            if 0 <= i < vocab:
-                r_idx.append(r)
-                i_idx.append(i)
-    return r_idx, i_idx
+def _id_matrix(rows: Sequence[Sequence[int]], fill: int) -> np.ndarray:
+    """Each row's ids in a `[B, W]` array padded with `fill` (W: the longest row, at least 1)."""
+    out = np.full((len(rows), max([1, *(len(r) for r in rows)])), fill, dtype=np.int64)
+    for i, ids in enumerate(rows):
+        out[i, : len(ids)] = ids
+    return out
 
 
 def choose_chat_tokens(
@@ -156,23 +153,24 @@ def choose_chat_tokens(
         raise ValueError("one TokenChoice per logits row")
     dev = logits.device
 
-    def where(r_idx: list[int], i_idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return upload(r_idx, dev), upload(i_idx, dev)
-
-    r_ban, i_ban = _pairs([row.banned for row in rows], vocab)
-    if r_ban:
-        logits[where(r_ban, i_ban)] = float("-inf")
-    for ids, penalty_of in (
-        ([row.history for row in rows], lambda row: row.params.repetition_penalty),
-        ([terminators] * b, lambda row: row.params.length_penalty),
-    ):
-        keep = [r for r, row in enumerate(rows) if penalty_of(row) != 1.0]
-        r_idx, i_idx = _pairs([ids[r] if r in keep else () for r in range(b)], vocab)
-        if r_idx:
-            at = where(r_idx, i_idx)
-            pen = upload([penalty_of(rows[r]) for r in r_idx], dev, torch.float32)
-            vals = logits[at]
-            logits[at] = torch.where(vals > 0, vals / pen, vals * pen)
+    # bans: -inf (ids outside the vocabulary go to an extra column that is dropped)
+    if any(row.banned for row in rows):
+        wide = torch.zeros(b, vocab + 1, dtype=torch.bool, device=dev)
+        ids = np.clip(_id_matrix([row.banned for row in rows], vocab), 0, vocab)
+        banned = wide.scatter_(1, upload(ids, dev), True)[:, :vocab]
+        logits.masked_fill_(banned, float("-inf"))
+    # repetition penalty on each distinct id of the row's window; length penalty on the terminators
+    if any(row.params.repetition_penalty != 1.0 for row in rows):
+        wide = torch.zeros(b, vocab + 1, dtype=torch.bool, device=dev)
+        ids = np.clip(_id_matrix([row.history for row in rows], vocab), 0, vocab)
+        seen = wide.scatter_(1, upload(ids, dev), True)[:, :vocab]
+        pen = upload([row.params.repetition_penalty for row in rows], dev, torch.float32)[:, None]
+        logits.copy_(torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits))
+    if any(row.params.length_penalty != 1.0 for row in rows):
+        term = upload(sorted({t for t in terminators if 0 <= t < vocab}), dev)
+        pen = upload([row.params.length_penalty for row in rows], dev, torch.float32)[:, None]
+        vals = logits.index_select(1, term)
+        logits.index_copy_(1, term, torch.where(vals > 0, vals / pen, vals * pen))
     chosen = torch.argmax(logits, dim=-1)
     sampled = [r for r, row in enumerate(rows) if row.params.do_sample]
     if sampled:
