@@ -4,7 +4,7 @@ The worker's own objects, in process (no WebRTC, no IPC): an `EngineHost` on a c
 random-weight one on a GPU, `bench/e2e.py --build-realsize`; the embedded tiny model on the CPU), warmed up as a
 worker warms up, and N `ChatMode` sessions whose 320 ms units go through `ChatMode.on_units` in real time: one
 tick per unit of audio, each tick holding every session's unit, the next tick starting 320 ms after the last one
-started (or at once when a tick overran). Each session speaks a turn every `--turn-every` seconds (session i
+started (or at once when a tick overran; its units then carry the backlog a worker would see). Each session speaks a turn every `--turn-every` seconds (session i
 shifted by i/N of that): `--speech` (a 16 kHz WAV, e.g. espeak-ng; the VAD ends the turn, as in a call) and
 silence otherwise; replies run to `--reply-tokens` tokens (`force: speak`; random weights never draw the TTS's
 end, so every 10-token text chunk is 4.8 s of speech: 20 tokens give ~9.6 s).
@@ -143,6 +143,8 @@ def run_level(  # noqa: PLR0913
             if (wait := due - time.perf_counter()) > 0:
                 time.sleep(wait)
             t0 = time.perf_counter()
+            # units a worker would hold behind this one: those of the time this tick starts late
+            behind = max(0, int((t0 - due) / UNIT_S))
             if duplex and k % round(1.0 / UNIT_S) == 0:
                 # a unit a second, before the chat sessions of the tick, as the worker orders them
                 noise = (0.05 * rng.standard_normal(16000)).astype(np.float32)
@@ -156,7 +158,7 @@ def run_level(  # noqa: PLR0913
                 pcm = np.zeros(UNIT_SAMPLES, dtype=np.float32)
                 piece = speech[lo : lo + UNIT_SAMPLES]
                 pcm[: piece.size] = piece
-                batch.append((mode, UnitInput(k, pcm, 0.0), None))
+                batch.append((mode, UnitInput(k, pcm, 0.0, queued_units=behind), None))
             outs = ChatMode.on_units(batch)
             sync(host.device)
             t1 = time.perf_counter()
