@@ -73,6 +73,7 @@ class RealtimeConversation:
         self.voice_exists = voice_exists
         self.max_message_bytes = max_message_bytes
         self.translator = Translator(self.emit, port.transport, self._modality)
+        self.translator.turn_based = not settings.duplex
         self.pending_texts: list[str] = []  # user text items waiting for response.create
         self.committed_audio = False  # manual turns: audio committed, waiting for response.create
         self.response_modality: str | None = (
@@ -172,6 +173,7 @@ class RealtimeConversation:
     def _on_session_update(self, event: rm.SessionUpdate) -> None:
         before = self.settings.worker_key(self.port.has_video)
         self.settings, problems = apply_update(self.settings, event.session, self.voice_exists)
+        self.translator.turn_based = not self.settings.duplex
         if self.settings.output_format != self.translator.encode.format:
             self.translator.encode = g711.OutputEncoder(self.settings.output_format)
         for problem in problems:

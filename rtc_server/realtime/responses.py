@@ -63,6 +63,7 @@ class Translator:
         self.pending_metadata: dict | None = None
         self.speech_item: str | None = None  # item id announced by speech_started (barge-in)
         self.skip_user_turn_events = False  # a manual commit already announced the turn's user item
+        self.turn_based = True  # chat: a barge-in is the caller's speech starting (duplex: the model stops)
         self.kv_tokens: int | None = None
         self.started_at = time.monotonic()
         self.last_played: Response | None = None
@@ -142,7 +143,8 @@ class Translator:
         reason = self.cancel_reason or "turn_detected"
         self.cancel_reason = None
         response = self.active
-        if reason == "turn_detected" and response is not None and self.speech_item is None:
+        barge_in = reason == "turn_detected" and response is not None and self.turn_based
+        if barge_in and self.speech_item is None:
             self.speech_item = rm.new_id("item")
             self.emit(rm.SpeechStarted(audio_start_ms=self.now_ms(), item_id=self.speech_item))
         if self.transport == "webrtc" and self.last_played is not None:
