@@ -271,6 +271,10 @@ async def test_truncate(server: Any) -> None:
         total_ms = samples * 1000 // 24000
         assert total_ms > 100
         full = item["content"][0]["transcript"]
+        translator = server.runner.app[SOCKETS_KEY][events.seen[0]["session"]["id"]].conversation.translator
+        await asyncio.sleep(1.0)  # a unit after the reply: its metrics say the session's KV length
+        kv_before = translator.kv_tokens
+        assert kv_before is not None
         mark = len(events.seen)
         await conn.conversation.item.truncate(
             item_id=item["id"], content_index=0, audio_end_ms=total_ms + 1000
@@ -287,6 +291,8 @@ async def test_truncate(server: Any) -> None:
         retrieved = await events.wait("conversation.item.retrieved", 10, after=mark)
         kept = retrieved["item"]["content"][0]["transcript"]
         assert full.startswith(kept) and len(kept) == round(len(full) * (total_ms // 2) / total_ms)
+        # the model's context lost the unheard half of the reply too (heard-only context)
+        await asyncio.wait_for(_until(lambda: (translator.kv_tokens or 0) < kv_before), 10)
         events.close()
 
 
