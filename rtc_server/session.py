@@ -302,6 +302,7 @@ class CallSession:
         open with them."""
         self.voice = voice
         self.options = dict(options)
+        self.heard = HeardTracker()  # the re-opened mode counts its turns from 0 again
         self._set_mode(mode, system_prompt)
 
     def send_control(self, message: dict[str, Any]) -> bool:

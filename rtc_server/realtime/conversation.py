@@ -182,6 +182,7 @@ class RealtimeConversation:
             self.pending_texts.clear()
             self.committed_audio = False
             self.translator.finish("cancelled", "session_updated")
+            self.translator.finished_turns.clear()  # the re-opened mode counts its turns from 0 again
             self.port.reconfigure(*self.worker_setup())
         self.emit(rm.SessionUpdated(session=self.describe()))
 
