@@ -104,6 +104,10 @@ class CallSession:
         # A Realtime API call (POST /v1/realtime/calls): its `oai-events` channel speaks that protocol instead
         self.realtime: RtcPort | None = None
         self.heard = HeardTracker()  # how much of the current reply was played (heard-only context)
+        # the speech track's turn = the mode's turn + this; it moves up when a mode (re)opens (set_mode,
+        # session.update), since every mode counts its turns from 0 and the track drops older turns as stale
+        self.track_turn_base = 0
+        self._opened_once = False
 
     # ---- signalling ----
 
@@ -302,7 +306,6 @@ class CallSession:
         open with them."""
         self.voice = voice
         self.options = dict(options)
-        self.heard = HeardTracker()  # the re-opened mode counts its turns from 0 again
         self._set_mode(mode, system_prompt)
 
     def send_control(self, message: dict[str, Any]) -> bool:
@@ -463,7 +466,7 @@ class CallSession:
             self.send_event(ev.StateEvent(state=message.state))
         elif isinstance(message, p.FlushOut):
             self._cancel_timers()
-            self.flush_speech(max(message.turn, self.speech.turn))
+            self.flush_speech(max(message.turn + self.track_turn_base, self.speech.turn))
             cut = self.heard.cut(message.turn)  # the model keeps only what the caller heard of the reply
             if cut is not None:
                 self.send_control(cut)
@@ -533,6 +536,10 @@ class CallSession:
         )
         self.video_max_side = message.video_max_side
         self.mode_open = True
+        if self._opened_once:  # a re-opened mode counts its turns from 0: keep the track's turns increasing
+            self.track_turn_base = self.speech.turn + 1
+            self.heard = HeardTracker()
+        self._opened_once = True
         switch_ms = round(message.open_ms, 3) if self._switch_pending else None
         self._switch_pending = False
         self.send_event(
@@ -554,15 +561,16 @@ class CallSession:
         if self.realtime is not None:
             self.realtime.on_speech(pcm, message.turn)
         delay = 0.0 if message.play_at is None else message.play_at - time.monotonic()
+        track_turn = message.turn + self.track_turn_base
         if delay <= 0:
-            self.speech.push(pcm, message.turn)
+            self.speech.push(pcm, track_turn)
             return
         handle: asyncio.TimerHandle
 
         def play() -> None:
             self._timers.discard(handle)
             if self.phase != "closed":
-                self.speech.push(pcm, message.turn)
+                self.speech.push(pcm, track_turn)
 
         handle = asyncio.get_running_loop().call_later(delay, play)
         self._timers.add(handle)

@@ -126,10 +126,15 @@ async def test_realtime_call_with_an_aiortc_caller(start_test_server: Any) -> No
         await call.next_event("session.updated", mark, 10)
         await asyncio.wait_for(_until(lambda: session.mode_open), 60)
         mark = len(call.events)
+        stale_before = session.speech.stale_pushes
+        heard_before = session.speech.speech_frames_out
         call.say_text("Hi")
         done = await call.next_event("response.done", mark, 120)
         assert done["response"]["status"] == "completed"
         await call.next_event("output_audio_buffer.stopped", mark, 30, response_id=done["response"]["id"])
+        # the re-opened mode counts turns from 0 again: its speech still plays (not dropped as stale)
+        assert session.speech.stale_pushes == stale_before
+        assert session.speech.speech_frames_out > heard_before
         item = done["response"]["output"][0]
         mark = len(call.events)
         call.send(
