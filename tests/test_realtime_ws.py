@@ -455,3 +455,19 @@ async def test_duplex_session_over_websocket(server: Any, speech_24k: bytes) -> 
 async def _until(predicate: Callable[[], bool]) -> None:
     while not predicate():
         await asyncio.sleep(0.05)
+
+
+async def test_openapi_documents_the_realtime_events() -> None:
+    from openapi_spec_validator import validate
+
+    from rtc_server.openapi import build_openapi
+    from rtc_server.realtime.models import CLIENT_EVENT_TYPES
+
+    doc = build_openapi()
+    validate(doc)
+    events = doc["x-realtime-events"]
+    schemas = doc["components"]["schemas"]
+    assert all(name in schemas for name in events["server_to_client"] + events["client_to_server"])
+    documented = {schemas[name]["properties"]["type"]["const"] for name in events["client_to_server"]}
+    assert documented == set(CLIENT_EVENT_TYPES)  # every client event the server takes is documented
+    assert {"/v1/realtime", "/v1/realtime/calls", "/v1/realtime/client_secrets"} <= set(doc["paths"])
