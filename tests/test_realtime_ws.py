@@ -471,3 +471,32 @@ async def test_openapi_documents_the_realtime_events() -> None:
     documented = {schemas[name]["properties"]["type"]["const"] for name in events["client_to_server"]}
     assert documented == set(CLIENT_EVENT_TYPES)  # every client event the server takes is documented
     assert {"/v1/realtime", "/v1/realtime/calls", "/v1/realtime/client_secrets"} <= set(doc["paths"])
+
+
+async def test_websocket_sessions_are_listed_and_can_be_hung_up(server: Any) -> None:
+    import aiohttp
+
+    async with client_for(server).realtime.connect(model="minicpm-o-4.5") as conn:
+        events = Events(conn)
+        created = await events.wait("session.created", FIRST_EVENT_S)
+        sid = created["session"]["id"]
+        call = server.runner.app[SOCKETS_KEY][sid]
+        await asyncio.wait_for(_until(lambda: call.phase == "active" and call.mode_open), 120)
+        await asyncio.sleep(1.0)  # a few units: their latency shows on the dashboard
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{server.url}/api/sessions") as resp:  # the operator's list (loopback)
+                listed = {s["session_id"]: s for s in (await resp.json())["sessions"]}
+            assert listed[sid]["mode"] == "chat" and listed[sid]["phase"] == "active"
+            async with http.get(f"{server.url}/metrics") as resp:
+                text = await resp.text()
+            assert 'rtc_sessions{mode="chat",state="active"} 1' in text, text[:2000]
+            async with http.get(f"{server.url}/api/admin/status") as resp:
+                status = await resp.json()
+            (mine,) = [s for s in status["sessions"] if s["session_id"] == sid]
+            assert mine["units"] > 0
+            async with http.delete(f"{server.url}/api/sessions/{sid}") as resp:
+                assert resp.status == 200
+            await asyncio.wait_for(_until(lambda: events.task.done()), 10)  # the server closed the socket
+            async with http.get(f"{server.url}/api/sessions/{sid}") as resp:
+                assert resp.status == 410
+        assert sid not in server.manager.sessions and not server.manager.admission.busy

@@ -22,14 +22,16 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from inference import protocol as p
+from media_shard.messages import CallSnapshot
 from media_tracks import UnitCutter, grid_lead_in
 from media_tracks.resampler import AudioResampler
 from rtc_server import events as ev
 from rtc_server.admission import QueueFull
-from rtc_server.client_limits import TooManyRequests, client_of
+from rtc_server.client_limits import Client, TooManyRequests, client_of
 from rtc_server.manager import ServerBusy, SessionManager
 from rtc_server.realtime.conversation import RealtimeConversation
 from rtc_server.realtime.session_map import Settings
+from rtc_server.realtime.socket_view import socket_info, socket_snapshot
 from rtc_server.session import new_session_id
 from rtc_server.signalling import MANAGER_KEY, ApiError
 from rtc_server.voices import voice_exists
@@ -69,7 +71,9 @@ class SocketCall:
     transport = "websocket"
     has_video = False
 
-    def __init__(self, manager: SessionManager, ws: web.WebSocketResponse, app: web.Application) -> None:
+    def __init__(
+        self, manager: SessionManager, ws: web.WebSocketResponse, app: web.Application, client: Client
+    ) -> None:
         self.manager = manager
         self.ws = ws
         self.id = new_session_id()
@@ -82,6 +86,10 @@ class SocketCall:
         )
         self.mode, self.system_prompt, self.voice, self.options = self.conversation.worker_setup()
         self.phase = "queued"
+        self.state: ev.TalkState = "listening"
+        self.client = client
+        self.created_at = time.monotonic()
+        self.unit_roundtrip_ms: deque[float] = deque(maxlen=600)  # recent units, for the admin dashboard
         self.worker_id: int | None = None
         self.mode_open = False
         self.cutter = UnitCutter()
@@ -245,10 +253,14 @@ class SocketCall:
                 ev.UserTurnEvent(turn=message.turn, seconds=message.seconds, text=message.text)
             )
         elif isinstance(message, p.StateOut):
+            self.state = message.state
             translator.on_event(ev.StateEvent(state=message.state))
         elif isinstance(message, p.FlushOut):
             translator.on_flush(message.turn)
         elif isinstance(message, p.UnitDone):
+            roundtrip_ms = (time.monotonic() - message.completed_at) * 1000
+            self.manager.stats.record_unit(message.handoff_ms, roundtrip_ms)
+            self.unit_roundtrip_ms.append(roundtrip_ms)
             if "kv_tokens" in message.timings:
                 translator.kv_tokens = int(message.timings["kv_tokens"])
         elif isinstance(message, p.ErrorOut):
@@ -298,11 +310,18 @@ class SocketCall:
         if not self.closed.is_set():
             asyncio.ensure_future(self.close())
 
-    async def close(self) -> None:
+    def info(self) -> ev.SessionInfo:
+        return socket_info(self)
+
+    def snapshot(self) -> CallSnapshot:
+        return socket_snapshot(self)
+
+    async def close(self, reason: str = "the WebSocket closed") -> None:
         if self.closed.is_set():
             return
         self.closed.set()
         self.phase = "closed"
+        self.manager.forget(self, reason)  # type: ignore[arg-type]
         self.manager.admission.leave(self)
         if self.worker_id is not None:
             self.manager.supervisor.detach(self.worker_id, self.id)
@@ -332,16 +351,19 @@ async def realtime_socket(request: web.Request) -> web.StreamResponse:
     if len(model) > 128:
         raise ApiError(400, "bad_request", "model is too long")
     bearer = request.headers.get("Authorization") if manager.config.auth.api_token else None
+    client = client_of(request.remote, bearer)
     try:
-        manager.check_new_call("chat", client_of(request.remote, bearer))
+        manager.check_new_call("chat", client)
     except TooManyRequests as exc:
         raise ApiError(429, "too_many_requests", str(exc), headers={"Retry-After": exc.retry_after}) from None
     except (ServerBusy, QueueFull) as exc:
         raise ApiError(503, "server_busy", str(exc), headers={"Retry-After": "30"}) from None
     await ws.prepare(request)
-    call = SocketCall(manager, ws, request.app)
+    call = SocketCall(manager, ws, request.app, client)
     sockets: dict[str, SocketCall] = request.app[SOCKETS_KEY]
     sockets[call.id] = call
+    manager.sessions[call.id] = call  # type: ignore[assignment]  # listed like a call (/api/sessions, /metrics)
+    manager.stats.sessions_started[call.mode] = manager.stats.sessions_started.get(call.mode, 0) + 1
     call.start()
     try:
         manager.admission.request(call)
