@@ -13,7 +13,8 @@ Per N: ticks (time p50/p95/max, share over 320 ms); server-side turn end -> firs
 in which the VAD ended the turn to the end of the tick that produced its first speech) p50/p95; underrun: per
 reply, the largest amount by which the wall time since its first PCM exceeded the speech produced so far (0: the
 caller never waits); speech produced per second of wall time per replying session; tokens/s at batch 1 (one
-session alone, decode steps only). `--mixed N,..`: levels of N chat sessions and N audio-duplex sessions (force speak) ticking once per
+session alone, decode steps only). The largest N that `fits` goes to OUT/chat_capacity_table.json (a GPU run):
+the `chat` row of a capacity table. `--mixed N,..`: levels of N chat sessions and N audio-duplex sessions (force speak) ticking once per
 second in the same loop, before the chat sessions of that tick as in the worker; their unit time p50/p95/max.
 
     python bench/chat_capacity.py --model-dir DIR --device cuda --sessions 1,8,16,32,48,64 --mixed 8,16 --out OUT
@@ -42,6 +43,7 @@ from inference.modes.base import SessionOptions, Speech, UnitInput, UnitTimings,
 from inference.modes.chat import RATE, UNIT_SAMPLES, ChatMode  # noqa: E402
 from inference.modes.duplex import DuplexMode  # noqa: E402
 from MiniCPMO45.engine import half_duplex as hd  # noqa: E402
+from MiniCPMO45.engine.capacity import CapacityTable, ModeCapacity  # noqa: E402
 from MiniCPMO45.engine.generation import decode_step, start_row  # noqa: E402
 
 UNIT_S = UNIT_SAMPLES / RATE
@@ -274,8 +276,32 @@ def main(argv: list[str] | None = None) -> int:
         results["rows"] = rows
         (out / "chat_capacity.json").write_text(json.dumps(results, indent=1))
     results["rows"] = rows
+    held = [int(r["sessions"]) for r in rows if not r.get("mixed_duplex") and fits(r)]  # type: ignore[call-overload]
+    results["chat_sessions"] = max(held, default=0)
     (out / "chat_capacity.json").write_text(json.dumps(results, indent=1))
+    if held and host.device.type == "cuda":
+        table = CapacityTable(
+            card=str(results["device"]),
+            context=int(host.max_kv_tokens),
+            modes={"chat": ModeCapacity(sessions=max(held))},
+        )
+        (out / "chat_capacity_table.json").write_text(table.model_dump_json(indent=1))
+    print(f"chat sessions held: {results['chat_sessions']}", flush=True)
     return 0
+
+
+def fits(row: dict[str, object]) -> bool:
+    """A level the worker holds: every reply streams faster than real time, no caller waits for speech more
+    than 100 ms, and the ticks keep up with the 320 ms units (p50)."""
+    if "skipped" in row:
+        return False
+    rate, under, tick = row.get("speech_s_per_wall_s_min"), row.get("underrun_ms_max"), row.get("tick_ms_p50")
+    return (
+        (rate is None or float(rate) >= 1.0)  # type: ignore[arg-type]
+        and (under is None or float(under) <= 100.0)  # type: ignore[arg-type]
+        and tick is not None
+        and float(tick) <= UNIT_S * 1000  # type: ignore[arg-type]
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """`chat`: turn-based voice chat over the shared engine (half-duplex conversation in one KV slot).
 
 The caller's audio arrives in 320 ms units. Silero VAD (`inference.vad`) finds speech: a user turn starts
-when speech starts (with 0.5 s of audio before it) and ends after `min_silence_ms` of silence, or at once
+when speech starts (with 0.5 s of audio before it) and ends after `min_silence_ms` of silence (after
+`fast_silence_ms` when the VAD is confident and the caller's own pauses are short), or at once
 when the client sends `end_turn` (push-to-talk: without any detected speech the audio since the last turn,
 at most 30 s, is the turn). Typed text (`text`) is a turn as well.
 
@@ -11,8 +12,9 @@ or text and the assistant prefix as one piece per session, one LLM step), the re
 sample-and-feed step per token, `engine.generation.decode_step`, up to `TEXT_CHUNK` tokens per reply and tick),
 the TTS draws of every reply that has a text chunk to speak (`inference.speech.speak_batch`) and their vocoder
 windows. A reply advances in a tick only when none of its session's later units is waiting and its speech is
-less than `LEAD_S` ahead of real time, so VAD keeps running on every unit while the model answers and the
-tick's chat work stays proportional to what the callers hear. Text deltas go out as `text` events; speech
+less than `LEAD_S` ahead of real time (replies up to `JOIN_S` further ahead join it, so that the replies' work
+gathers in fewer ticks), so VAD keeps running on every unit while the model answers and the tick's chat work
+stays proportional to what the callers hear. Text deltas go out as `text` events; speech
 goes out as it is produced. Barge-in: speech detected during a reply (or `interrupt`) drops the reply — `Flush`
 empties the outbound speech queue at once, the state goes back to `listening`, and what the user says becomes
 the next turn.
@@ -66,6 +68,7 @@ DEFAULT_PROMPT = "You are a helpful voice assistant. Answer briefly, in a natura
 
 
 LEAD_S = 1.5  # a reply advances only while its produced speech is less than this ahead of real time
+JOIN_S = 1.0  # ... or when it is less than LEAD_S + JOIN_S ahead and another reply advances in the same tick
 
 
 class Reply:
@@ -302,14 +305,18 @@ class ChatMode:
         started = time.perf_counter()
         ChatMode.start_replies(turns)
         prefill_ms = (time.perf_counter() - started) * 1000
-        moving = [
-            k
+        # replies free to advance, with how far their speech is ahead of the caller
+        ready = {
+            k: reply.ahead_s(batch[k][1].index)
             for k in live
             if (reply := batch[k][0].reply) is not None
             and batch[k][1].queued_units == 0
             and not batch[k][0].collecting
-            and reply.ahead_s(batch[k][1].index) < LEAD_S
-        ]
+        }
+        # when one reply must advance, those that would in the next ticks advance with it: their work shares
+        # this tick's batched steps (whose cost hardly grows with the rows), and the next ticks stay short
+        due = any(ahead < LEAD_S for ahead in ready.values())
+        moving = [k for k, ahead in ready.items() if due and ahead < LEAD_S + JOIN_S]
         engine = batch[0][0].host.engine if batch[0][0].host is not None else None
         decide_ms = ChatMode._decode(engine, [batch[k][0] for k in moving], [outputs[k] for k in moving])
         speech_ms = ChatMode._speak(
