@@ -13,6 +13,7 @@ import torch
 from inference.engine_host import get_host
 from inference.modes import create_mode
 from inference.modes.base import Flush, ModeError, SessionOptions, State, Text, UnitInput
+from MiniCPMO45.engine.chat import assistant_prefix
 from tests.conftest import REPO_ROOT
 
 SETTINGS = {"cache_dir": str(REPO_ROOT / ".cache" / "embedded"), "max_sessions": 4}
@@ -39,8 +40,11 @@ def test_truncate_cuts_a_finished_reply_to_the_heard_fraction(host) -> None:
     mode.open(SessionOptions("h1", extra={"force": "speak", "max_new_tokens": 12, "seed": 2}))
     try:
         engine = host.engine
+        before = engine.kv_length(mode.session)
         mode.on_control({"type": "text", "text": "hello there"})
-        reply_start = engine.kv_length(mode.session)
+        # the turn is prefilled in the next tick with the assistant prefix; the reply follows them
+        user = engine.tokenizer.encode("<|im_start|>user\nhello there")
+        reply_start = before + len(user) + len(assistant_prefix(engine, use_tts_template=True))
         run_until_listening(mode)
         n = len(mode.session.history)
         assert n >= 8 and engine.kv_length(mode.session) == reply_start + n
@@ -60,8 +64,8 @@ def test_truncate_cuts_a_finished_reply_to_the_heard_fraction(host) -> None:
         assert engine.kv_length(mode.session) == reply_start + round(n / 4)
         # the conversation goes on: the next turn closes the cut reply and gets its own reply
         mode.on_control({"type": "text", "text": "and now?"})
-        assert engine.kv_length(mode.session) > reply_start + round(n / 4)
         outputs = run_until_listening(mode, start=100)
+        assert engine.kv_length(mode.session) > reply_start + round(n / 4)
         assert any(isinstance(o, Text) for o in outputs)
     finally:
         mode.close()
@@ -72,8 +76,10 @@ def test_truncate_interrupts_an_active_reply_and_drops_what_was_not_heard(host) 
     mode.open(SessionOptions("h2", extra={"force": "speak", "max_new_tokens": 60, "seed": 3}))
     try:
         engine = host.engine
+        before = engine.kv_length(mode.session)
         mode.on_control({"type": "text", "text": "tell me more"})
-        reply_start = engine.kv_length(mode.session)
+        user = engine.tokenizer.encode("<|im_start|>user\ntell me more")
+        reply_start = before + len(user) + len(assistant_prefix(engine, use_tts_template=True))
         for i in range(3):
             mode.on_unit(UnitInput(i, SILENCE, 0.0), None)
         assert mode.reply is not None and len(mode.session.history) > 0

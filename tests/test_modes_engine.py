@@ -178,7 +178,10 @@ def test_chat_push_to_talk_and_mode_switch_time(host) -> None:
             mode.on_unit(UnitInput(i, noise(rng, 5120), 0.0), None)
         # the turn is what the model took: 4 units of 320 ms
         assert mode.on_control({"type": "end_turn"}) == [UserTurn(0, seconds=1.28), State("thinking")]
-        assert mode.reply is not None
+        # its prefill waits for the session's next tick, batched with that tick's other turns
+        assert mode.reply is None and mode.pending is not None
+        mode.on_unit(UnitInput(4, np.zeros(5120, dtype=np.float32), 0.0), None)
+        assert mode.reply is not None and mode.pending is None
     finally:
         mode.close()
     # a mode switch in the worker is close + open of mode objects over the loaded host: nothing is reloaded

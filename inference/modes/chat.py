@@ -106,6 +106,9 @@ class ChatMode:
         self.session: Session | None = None
         self.tts: TTSSession | None = None
         self.reply: Reply | None = None
+        self.pending: tuple[np.ndarray | None, str | None] | None = (
+            None  # a control's turn, for the next tick
+        )
         self.turn = 0
         self.paused = False
         self.collecting = False
@@ -162,6 +165,7 @@ class ChatMode:
 
     def close(self) -> None:
         self.reply = None
+        self.pending = None
         tts, self.tts = self.tts, None
         try:
             if tts is not None:
@@ -188,11 +192,13 @@ class ChatMode:
         return out
 
     def _cut_reply(self) -> list[Output]:
-        """Barge-in: drop the reply and the speech still queued for it."""
-        if self.reply is None:
+        """Barge-in: drop the reply (or the turn still waiting for its tick) and the speech queued for it."""
+        if self.reply is None and self.pending is None:
             return []
-        self.reply.voice.drop()
+        if self.reply is not None:
+            self.reply.voice.drop()
         self.reply = None
+        self.pending = None
         self.turn += 1
         return [Flush(self.turn), State("listening")]
 
@@ -292,11 +298,14 @@ class ChatMode:
             mode, unit, _ = batch[k]
             started = time.perf_counter()
             outs, ended = mode._listen(unit)
-            if ended is not None:
+            if ended is not None:  # a spoken turn ends here (it replaces a typed one still waiting)
                 more, go = mode._prepare_turn(ended, None)
                 outs += more
                 if go:
                     turns.append((mode, ended, None))
+            elif mode.pending is not None:  # a turn given by a control since the last tick
+                turns.append((mode, *mode.pending))
+                mode.pending = None
             outputs[k] += outs
             timings[k] = {
                 "vad_ms": (time.perf_counter() - started) * 1000,
@@ -420,8 +429,9 @@ class ChatMode:
         return []
 
     def _turn_now(self, audio: np.ndarray | None, text: str | None) -> list[Output]:
-        """A turn given by a control (`end_turn`, `text`): prefilled now; its reply advances in the next ticks."""
+        """A turn given by a control (`end_turn`, `text`): told at once (`user_turn`, `thinking`), prefilled in the
+        session's next tick with the other turns of that tick (its reply could not advance before it anyway)."""
         outputs, go = self._prepare_turn(audio, text)
         if go:
-            self.start_replies([(self, audio, text)])
+            self.pending = (audio, text)
         return outputs
