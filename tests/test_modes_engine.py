@@ -294,7 +294,9 @@ def test_chat_text_never_shows_control_tokens(host, monkeypatch: pytest.MonkeyPa
     ids = tok.encode("Sure<tool_call> thing<|timbre_27|>!<|tts_eos|>")
     assert tok.token_to_id("<tool_call>") in ids and tok.token_to_id("<|timbre_27|>") in ids
     script = iter(ids)
-    monkeypatch.setattr(generation, "choose_chat_tokens", lambda logits, rows, terms: [next(script) for _ in rows])
+    monkeypatch.setattr(
+        generation, "choose_chat_tokens", lambda logits, rows, terms: [next(script) for _ in rows]
+    )
     mode = create_mode("chat", SETTINGS)
     mode.open(SessionOptions("c-ctl"))
     try:
