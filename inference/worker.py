@@ -110,14 +110,14 @@ class UnitTicker:
     def __init__(
         self,
         executor: concurrent.futures.Executor,
-        members: Callable[[], list[int]],
+        members: Callable[[], list[tuple[int, Any]]],
         gather_s: float = DEFAULT_GATHER_S,
         phases: int = 1,
     ) -> None:
         if phases < 1:
             raise ValueError("phases must be at least 1")
         self.executor = executor
-        self.members = members  # the phase of each open session whose mode batches
+        self.members = members  # (phase, `batch_runner`) of each open session whose mode batches
         self.phase_of: dict[str, int] = {}  # every batching session's phase, taken before its mode opens
         self.gather_s = gather_s
         self.phases = phases
@@ -142,9 +142,11 @@ class UnitTicker:
         return phase * unit_s / self.phases
 
     def _gathered(self) -> bool:
+        """Every session of each (phase, mode class) that has a unit waiting has one waiting: modes with units
+        of other lengths (chat's 320 ms beside duplex's 1 s) are not waited for."""
         members = self.members()
-        waiting = {w.phase for w in self.waiting}
-        return all(sum(w.phase == p for w in self.waiting) >= members.count(p) for p in waiting)
+        keys = [(w.phase, batch_runner(w.mode)) for w in self.waiting]
+        return all(keys.count(key) >= members.count(key) for key in set(keys))
 
     async def _gather(self) -> None:
         deadline = time.monotonic() + self.gather_s
@@ -496,9 +498,9 @@ class Sessions:
             int(settings.get("tick_phases", DEFAULT_TICK_PHASES)),
         )
 
-    def batching_phases(self) -> list[int]:
+    def batching_phases(self) -> list[tuple[int, Any]]:
         return [
-            r.phase
+            (r.phase, batch_runner(r.mode))
             for r in self.runners.values()
             if r.mode is not None and r.phase is not None and batch_runner(r.mode) is not None
         ]
