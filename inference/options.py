@@ -26,6 +26,11 @@ class ModeOptions(BaseModel):
     # remember the caller's pauses inside turns (and confident ends that were false) to lengthen the fast
     # silence; off: the fast silence is fixed
     learn_pauses: bool = True
+    # chat: a turn the VAD ends is answered at once (off: it waits for a `respond` control; the Realtime
+    # API's create_response=false), and speech during a reply interrupts it (off: the reply plays on until
+    # the caller's turn ends; interrupt_response=false)
+    auto_respond: bool = True
+    barge_in: bool = True
     max_new_tokens: int = Field(256, ge=1, le=4096)
     temperature: float = Field(0.7, gt=0.0, le=2.0)
     top_p: float = Field(0.8, gt=0.0, le=1.0)

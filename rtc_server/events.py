@@ -2,7 +2,7 @@
 
 Every data-channel message is a JSON object with a `type` field. Server -> client: `session`, `state`,
 `text`, `user_turn`, `metrics`, `queue`, `error`, `paused`, `resumed`. Client -> server: `set_mode`, `interrupt`, `pause`,
-`resume`, `system_prompt`, `text`, `end_turn`. Unknown or malformed client messages are answered with an `error` event and the
+`resume`, `system_prompt`, `text`, `end_turn`, `respond`. Unknown or malformed client messages are answered with an `error` event and the
 call goes on. These models are the single source for the API reference and the OpenAPI document.
 """
 
@@ -179,6 +179,12 @@ class EndTurnMessage(_Event):
     type: Literal["end_turn"]
 
 
+class RespondMessage(_Event):
+    """`chat` with the option `auto_respond: false`: answer the turn the VAD ended (it waits for this)."""
+
+    type: Literal["respond"]
+
+
 ClientMessage = Annotated[
     SetModeMessage
     | InterruptMessage
@@ -186,7 +192,8 @@ ClientMessage = Annotated[
     | ResumeMessage
     | SystemPromptMessage
     | TextMessage
-    | EndTurnMessage,
+    | EndTurnMessage
+    | RespondMessage,
     Field(discriminator="type"),
 ]
 client_message_adapter: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)

@@ -217,3 +217,66 @@ def test_batched_choice_applies_each_rows_own_adjustments() -> None:
     got = choose_chat_tokens(torch.stack([lg for lg, _ in rows]), [c for _, c in rows], terms)
     assert got == want
     assert len(set(got)) > 1
+
+
+# ---- turn options: auto_respond (Realtime create_response) and barge_in (interrupt_response) -----------------
+def _units(pcm: np.ndarray, start: int) -> list[UnitInput]:
+    padded = np.concatenate([pcm, np.zeros(-pcm.size % 5120, dtype=np.float32)])
+    return [UnitInput(start + i, padded[i * 5120 : (i + 1) * 5120], 0.0) for i in range(padded.size // 5120)]
+
+
+def _feed(mode: ChatMode, units: list[UnitInput]) -> list:
+    out: list = []
+    for unit in units:
+        out += mode.on_unit(unit, None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def spoken(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
+    from bench.turn_end import speak
+
+    pcm = speak("What will the weather be like tomorrow?", "en-us", 165, tmp_path_factory.mktemp("espeak"))
+    return np.concatenate([np.zeros(3200, dtype=np.float32), pcm, np.zeros(16000 * 2, dtype=np.float32)])
+
+
+def test_a_held_turn_waits_for_respond(spoken: np.ndarray) -> None:
+    mode = create_mode("chat", SETTINGS)
+    mode.open(SessionOptions("held", extra={"auto_respond": False, "force": "speak", "max_new_tokens": 12}))
+    try:
+        assert isinstance(mode, ChatMode)
+        assert mode.on_control({"type": "respond"})[0].code == "empty_turn"  # nothing is waiting
+        out = _feed(mode, _units(spoken, 0))
+        turns = [o for o in out if type(o).__name__ == "UserTurn"]
+        assert len(turns) == 1 and turns[0].seconds > 1.0  # the VAD ended the turn...
+        assert State("thinking") not in out and mode.reply is None  # ...and nothing answers it yet
+        assert not any(isinstance(o, (Speech, Text)) for o in out)
+        assert mode.on_control({"type": "respond"}) == [State("thinking")]
+        out = _feed(mode, _units(np.zeros(5120 * 4, dtype=np.float32), 100))
+        assert mode.reply is not None or State("listening") in out
+        assert any(isinstance(o, Speech) for o in out)
+    finally:
+        mode.close()
+
+
+def test_without_barge_in_the_callers_speech_does_not_cut_the_reply(spoken: np.ndarray) -> None:
+    outcomes = {}
+    for barge_in in (True, False):
+        mode = create_mode("chat", SETTINGS)
+        mode.open(
+            SessionOptions(
+                f"bi-{barge_in}", extra={"barge_in": barge_in, "force": "speak", "max_new_tokens": 60}
+            )
+        )
+        try:
+            assert isinstance(mode, ChatMode)
+            mode.on_control({"type": "text", "text": "tell me a long story"})
+            _feed(mode, _units(np.zeros(5120 * 2, dtype=np.float32), 0))
+            assert mode.reply is not None
+            speech = spoken[: spoken.size - 16000 * 2]  # the words without the silence that ends the turn
+            out = _feed(mode, _units(speech, 10))
+            outcomes[barge_in] = (any(isinstance(o, Flush) for o in out), mode.reply is not None)
+        finally:
+            mode.close()
+    assert outcomes[True] == (True, False)  # speech cut the reply at once
+    assert outcomes[False] == (False, True)  # the reply went on while the caller spoke

@@ -179,6 +179,28 @@ async def test_audio_turn_server_vad(server: Any, speech_24k: bytes) -> None:
         events.close()
 
 
+async def test_server_vad_turn_waits_for_response_create(server: Any, speech_24k: bytes) -> None:
+    """create_response=false: the VAD commits the turn, and the response comes only on response.create."""
+    async with client_for(server).realtime.connect(model="minicpm-o-4.5") as conn:
+        td = {"type": "server_vad", "create_response": False, "interrupt_response": False}
+        events = await open_session(conn, max_output_tokens=4, audio={"input": {"turn_detection": td}})
+        assert not events.of("error"), events.of("error")
+        shown = events.of("session.updated")[-1]["session"]["audio"]["input"]["turn_detection"]
+        assert shown["create_response"] is False and shown["interrupt_response"] is False
+        mark = len(events.seen)
+        await say(conn, speech_24k)
+        committed = await events.wait("input_audio_buffer.committed", 120, after=mark)
+        await events.wait("conversation.item.added", 30, after=mark)
+        await asyncio.sleep(1.5)
+        assert not [e for e in events.seen[mark:] if e["type"] == "response.created"], "answered by itself"
+        await conn.response.create()
+        await events.wait("response.created", 60, after=mark)
+        done = await events.wait("response.done", 120, after=mark)
+        assert done["response"]["status"] in ("completed", "cancelled"), done
+        assert committed["item_id"]
+        events.close()
+
+
 async def test_manual_turns(server: Any, speech_24k: bytes) -> None:
     async with client_for(server).realtime.connect(model="minicpm-o-4.5") as conn:
         events = await open_session(conn, max_output_tokens=4, audio={"input": {"turn_detection": None}})

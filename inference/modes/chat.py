@@ -106,9 +106,10 @@ class ChatMode:
         self.session: Session | None = None
         self.tts: TTSSession | None = None
         self.reply: Reply | None = None
-        self.pending: tuple[np.ndarray | None, str | None] | None = (
-            None  # a control's turn, for the next tick
-        )
+        # a turn given by a control, prefilled in the next tick; `held`: it waits for a `respond` control
+        # (option auto_respond off)
+        self.pending: tuple[np.ndarray | None, str | None] | None = None
+        self.held = False
         self.turn = 0
         self.paused = False
         self.collecting = False
@@ -131,7 +132,9 @@ class ChatMode:
         except BaseException:
             self.close()  # a failed open must not keep its KV or TTS slot
             raise
-        return SessionSetup(unit_samples=UNIT_SAMPLES, output_rate=OUTPUT_RATE), [State("listening")]
+        # units on the worker's grid: every chat call of a tick phase completes its units together (one tick)
+        setup = SessionSetup(unit_samples=UNIT_SAMPLES, output_rate=OUTPUT_RATE, align_units=True)
+        return setup, [State("listening")]
 
     def _open_session_parts(self) -> None:
         assert self.host is not None
@@ -198,11 +201,13 @@ class ChatMode:
         if self.reply is not None:
             self.reply.voice.drop()
         self.reply = None
-        self.pending = None
+        self.pending, self.held = None, False
         self.turn += 1
         return [Flush(self.turn), State("listening")]
 
-    def _prepare_turn(self, audio: np.ndarray | None, text: str | None) -> tuple[list[Output], bool]:
+    def _prepare_turn(
+        self, audio: np.ndarray | None, text: str | None, answer: bool = True
+    ) -> tuple[list[Output], bool]:
         """Close the previous reply and make room for a turn; returns the outputs and whether the turn goes on
         to a reply (`start_replies`)."""
         assert self.host is not None and self.session is not None
@@ -228,7 +233,8 @@ class ChatMode:
             outputs.append(UserTurn(self.turn, seconds=round(audio.size / RATE, 2)))
         else:
             outputs.append(UserTurn(self.turn, text=text))
-        outputs.append(State("thinking"))
+        if answer:
+            outputs.append(State("thinking"))
         return outputs, True
 
     @staticmethod
@@ -280,7 +286,8 @@ class ChatMode:
             self.segment.append(unit.pcm)
         for event in self.detector.push(unit.pcm):
             if event.kind == "start" and not self.collecting:
-                outputs += self._cut_reply()
+                if self.options.barge_in:
+                    outputs += self._cut_reply()
                 self.collecting = True
                 self.segment = self._preroll()
             elif event.kind == "end" and self.collecting:
@@ -299,11 +306,14 @@ class ChatMode:
             started = time.perf_counter()
             outs, ended = mode._listen(unit)
             if ended is not None:  # a spoken turn ends here (it replaces a typed one still waiting)
-                more, go = mode._prepare_turn(ended, None)
+                answer = mode.options.auto_respond
+                more, go = mode._prepare_turn(ended, None, answer)
                 outs += more
-                if go:
+                if go and answer:
                     turns.append((mode, ended, None))
-            elif mode.pending is not None:  # a turn given by a control since the last tick
+                elif go:  # held until a `respond` control
+                    mode.pending, mode.held = (ended, None), True
+            elif mode.pending is not None and not mode.held:  # a turn given by a control since the last tick
                 turns.append((mode, *mode.pending))
                 mode.pending = None
             outputs[k] += outs
@@ -424,6 +434,11 @@ class ChatMode:
             outputs = self._cut_reply()
             self._prefill_system()  # a new system prompt starts a new conversation
             return outputs
+        elif kind == "respond":  # answer the turn held back (option auto_respond off)
+            if self.pending is None or not self.held:
+                return [ModeError("empty_turn", "respond without a turn waiting for its answer")]
+            self.held = False
+            return [State("thinking")]
         elif kind == "truncate":  # heard-only context after a barge-in or a Realtime truncate
             return truncate_reply(self, message)
         return []

@@ -74,6 +74,7 @@ class RealtimeConversation:
         self.max_message_bytes = max_message_bytes
         self.translator = Translator(self.emit, port.transport, self._modality)
         self.translator.turn_based = not settings.duplex
+        self.translator.hold_turns = settings.holds_turns
         self.pending_texts: list[str] = []  # user text items waiting for response.create
         self.committed_audio = False  # manual turns: audio committed, waiting for response.create
         self.response_modality: str | None = (
@@ -174,6 +175,7 @@ class RealtimeConversation:
         before = self.settings.worker_key(self.port.has_video)
         self.settings, problems = apply_update(self.settings, event.session, self.voice_exists)
         self.translator.turn_based = not self.settings.duplex
+        self.translator.hold_turns = self.settings.holds_turns
         if self.settings.output_format != self.translator.encode.format:
             self.translator.encode = g711.OutputEncoder(self.settings.output_format)
         for problem in problems:
@@ -366,6 +368,9 @@ class RealtimeConversation:
             self.committed_audio = False
             self.translator.skip_user_turn_events = True
             self.port.control({"type": "end_turn"})
+        elif self.translator.held_turn:  # create_response=false: the turn the VAD ended waits for this
+            self.translator.held_turn = False
+            self.port.control({"type": "respond"})
         else:
             self.response_modality = None
             self.error(

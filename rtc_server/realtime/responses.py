@@ -64,6 +64,8 @@ class Translator:
         self.speech_item: str | None = None  # item id announced by speech_started (barge-in)
         self.skip_user_turn_events = False  # a manual commit already announced the turn's user item
         self.turn_based = True  # chat: a barge-in is the caller's speech starting (duplex: the model stops)
+        self.hold_turns = False  # create_response=false: a spoken turn waits for response.create
+        self.held_turn = False  # such a turn is waiting
         self.kv_tokens: int | None = None
         self.started_at = time.monotonic()
         self.last_played: Response | None = None
@@ -128,6 +130,7 @@ class Translator:
         if event.text is not None or self.skip_user_turn_events:
             self.skip_user_turn_events = False
             return  # typed text or a manual commit: its item was added already
+        self.held_turn = self.hold_turns
         item_id = self.speech_item or rm.new_id("item")
         end_ms = self.now_ms()
         if self.speech_item is None:

@@ -4,7 +4,7 @@
 | ------------------------------------------ | ----------------------------------------------------------- |
 | `instructions`                             | the system prompt ("" = the mode's own)                     |
 | `audio.output.voice`                       | a voice id from `POST /api/voices`; `default` and OpenAI's built-in names = our default voice |
-| `audio.input.turn_detection` server_vad    | `chat` with `vad_threshold` = threshold, `min_silence_ms` = silence_duration_ms |
+| `audio.input.turn_detection` server_vad    | `chat` with `vad_threshold` = threshold, `min_silence_ms` = silence_duration_ms, `auto_respond` = create_response, `barge_in` = interrupt_response |
 | `audio.input.turn_detection` semantic_vad  | the same, with our VAD's defaults                           |
 | `audio.input.turn_detection` null          | `chat`, turns only on `input_audio_buffer.commit`           |
 | `audio.input.turn_detection` duplex        | `audio_duplex` (`omni_duplex` when a WebRTC call sends video) |
@@ -75,6 +75,12 @@ class Settings:
         return self.turn_detection is None
 
     @property
+    def holds_turns(self) -> bool:
+        """A turn the VAD ends waits for response.create (turn_detection.create_response = false)."""
+        td = self.turn_detection
+        return td is not None and td.type != "duplex" and not td.create_response
+
+    @property
     def duplex(self) -> bool:
         return self.turn_detection is not None and self.turn_detection.type == "duplex"
 
@@ -100,6 +106,10 @@ class Settings:
             options["min_silence_ms"] = min(max(td.silence_duration_ms or DEFAULT_SILENCE_MS, 100), 5000)
             if td.type == "server_vad" and self.explicit_silence:
                 options["fast_silence_ms"] = 0  # the client's silence, exactly (no confident early end)
+            # create_response=false: the turn waits for response.create; interrupt_response=false: the
+            # caller's speech does not cut the reply
+            options["auto_respond"] = td.create_response
+            options["barge_in"] = td.interrupt_response
         return options
 
     def worker_key(self, has_video: bool = False) -> tuple[Any, ...]:
@@ -149,16 +159,6 @@ class Settings:
 
 def _turn_detection(td: rm.TurnDetection, problems: list[Problem]) -> rm.TurnDetectionOut:
     param = "session.audio.input.turn_detection"
-    for name in ("create_response", "interrupt_response"):
-        if getattr(td, name) is False:
-            problems.append(
-                Problem(
-                    "unsupported_value",
-                    f"{name}=false is not supported: a turn the VAD ends is answered, and speech during a "
-                    "reply interrupts it (use turn_detection null for manual turns)",
-                    f"{param}.{name}",
-                )
-            )
     if td.type == "duplex":
         return rm.TurnDetectionOut(type="duplex")
     threshold = td.threshold if td.type == "server_vad" and td.threshold is not None else DEFAULT_THRESHOLD
@@ -175,6 +175,8 @@ def _turn_detection(td: rm.TurnDetection, problems: list[Problem]) -> rm.TurnDet
         threshold=threshold,
         prefix_padding_ms=DEFAULT_PREFIX_MS,
         silence_duration_ms=silence or DEFAULT_SILENCE_MS,
+        create_response=td.create_response is not False,
+        interrupt_response=td.interrupt_response is not False,
     )
 
 
