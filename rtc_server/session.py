@@ -48,6 +48,18 @@ class BadCandidate(ValueError):
     """A trickled ICE candidate cannot be parsed."""
 
 
+def open_message(
+    session_id: str, mode: str, options: dict[str, Any], system_prompt: str | None, voice: str | None
+) -> p.OpenSession:
+    """The worker's `open` for a session: its mode options plus the call's prompt and voice, when set."""
+    merged: dict[str, Any] = dict(options)
+    if system_prompt:
+        merged["system_prompt"] = system_prompt
+    if voice:
+        merged["voice"] = voice
+    return p.OpenSession(session_id=session_id, mode=mode, options=merged)
+
+
 def new_session_id() -> str:
     """192 random bits: the session URL is the caller's capability (RFC 9725), so it must not be guessable."""
     return secrets.token_urlsafe(24)
@@ -359,14 +371,8 @@ class CallSession:
 
     def _open_on_worker(self) -> None:
         assert self.worker_id is not None
-        options: dict[str, Any] = dict(self.options)
-        if self.system_prompt:
-            options["system_prompt"] = self.system_prompt
-        if self.voice:
-            options["voice"] = self.voice
-        if not self.manager.supervisor.send(
-            self.worker_id, p.OpenSession(session_id=self.id, mode=self.mode, options=options)
-        ):
+        message = open_message(self.id, self.mode, self.options, self.system_prompt, self.voice)
+        if not self.manager.supervisor.send(self.worker_id, message):
             self.on_worker_lost("worker unavailable")
 
     # ---- media to the worker ----

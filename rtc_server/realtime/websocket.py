@@ -32,7 +32,7 @@ from rtc_server.manager import ServerBusy, SessionManager
 from rtc_server.realtime.conversation import RealtimeConversation
 from rtc_server.realtime.session_map import Settings
 from rtc_server.realtime.socket_view import socket_info, socket_snapshot
-from rtc_server.session import new_session_id
+from rtc_server.session import new_session_id, open_message
 from rtc_server.signalling import MANAGER_KEY, ApiError
 from rtc_server.voices import voice_exists
 
@@ -226,14 +226,8 @@ class SocketCall:
 
     def _open_on_worker(self) -> None:
         assert self.worker_id is not None
-        options = dict(self.options)
-        if self.system_prompt:
-            options["system_prompt"] = self.system_prompt
-        if self.voice:
-            options["voice"] = self.voice
-        if not self.manager.supervisor.send(
-            self.worker_id, p.OpenSession(session_id=self.id, mode=self.mode, options=options)
-        ):
+        message = open_message(self.id, self.mode, self.options, self.system_prompt, self.voice)
+        if not self.manager.supervisor.send(self.worker_id, message):
             self.on_worker_lost("worker unavailable")
 
     # ---- worker messages (inference.supervisor.SessionSink) ----
