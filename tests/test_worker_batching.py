@@ -229,3 +229,28 @@ async def test_chat_replies_and_a_duplex_call_share_a_worker_in_time(worker: Fak
     assert all(v <= (1.0 if key[0] == "duplex" else 0.64) for key, v in late.items()), late
     tick_sizes = [d.timings.get("batch_sessions", 0.0) for d in worker.of("chat-a", p.UnitDone)]
     assert 2.0 in tick_sizes  # both replies advanced in one tick
+
+
+LONG_GATHER = {
+    **SETTINGS,
+    "tick_gather_s": 60.0,
+}  # a tick that waited for another session would wait a minute
+
+
+@pytest.mark.parametrize("worker", [LONG_GATHER], indirect=True)
+async def test_a_chat_tick_does_not_wait_for_duplex_sessions(worker: FakeServer) -> None:
+    """A chat session's 320 ms units and a duplex session's 1 s units on one phase: each mode's tick gathers its
+    own sessions only, so a chat unit runs at once although the duplex session has no unit waiting."""
+    rng = np.random.default_rng(5)
+    await open_all(
+        worker, {"talker": ("chat", {"seed": 1}), "listener": ("audio_duplex", {"force": "listen"})}
+    )
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    pcm = p.pcm_to_bytes(np.zeros(5120, dtype=np.float32))
+    await worker.send(p.Unit(session_id="talker", index=0, samples=5120, completed_at=0.0, sent_at=0.0), pcm)
+    await worker.wait_for("talker", p.UnitDone, 1, timeout=30)
+    assert loop.time() - started < 20  # not the minute a gather for the duplex session would take
+    await worker.send(*unit("listener", 0, rng, frame=False))
+    await worker.wait_for("listener", p.UnitDone, 1, timeout=30)
+    assert worker.of("talker", p.Opened)[0].grid_offset_s == 0.0  # chat units are on the worker's grid too
