@@ -280,3 +280,34 @@ def test_without_barge_in_the_callers_speech_does_not_cut_the_reply(spoken: np.n
             mode.close()
     assert outcomes[True] == (True, False)  # speech cut the reply at once
     assert outcomes[False] == (False, True)  # the reply went on while the caller spoke
+
+
+def test_a_typed_turn_with_an_image_is_answered(tmp_path: Path) -> None:
+    """`text` with a still image: the image goes through the processor and the vision tower into the turn (the
+    KV grows by its query blocks), and the reply streams; a broken image is refused with `bad_image`."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    host = get_host(SETTINGS)
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(buf, "PNG")
+    image = base64.b64encode(buf.getvalue()).decode()
+    grown = {}
+    for name, extra in (("plain", {}), ("image", {"image": image})):
+        mode = create_mode("chat", SETTINGS)
+        mode.open(SessionOptions(f"img-{name}", extra={"force": "speak", "max_new_tokens": 8, "seed": 1}))
+        try:
+            assert isinstance(mode, ChatMode) and mode.session is not None
+            before = host.engine.kv_length(mode.session)
+            mode.on_control({"type": "text", "text": "what is this?", **extra})
+            out = _feed(mode, _units(np.zeros(5120 * 6, dtype=np.float32), 0))
+            assert any(isinstance(o, Speech) for o in out)
+            grown[name] = host.engine.kv_length(mode.session) - before
+            if name == "image":
+                bad = mode.on_control({"type": "text", "text": "and this?", "image": "bm90IGFuIGltYWdl"})
+                assert len(bad) == 1 and bad[0].code == "bad_image"
+        finally:
+            mode.close()
+    assert grown["image"] - grown["plain"] >= host.engine.model.config.query_num

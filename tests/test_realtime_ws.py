@@ -179,6 +179,34 @@ async def test_audio_turn_server_vad(server: Any, speech_24k: bytes) -> None:
         events.close()
 
 
+async def test_an_image_turn(server: Any) -> None:
+    """conversation.item.create with an input_image (a data URL) and text: one user item, one response; a broken
+    image is refused with an error and the session goes on."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(buf, "JPEG")
+    url = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    async with client_for(server).realtime.connect(model="minicpm-o-4.5") as conn:
+        events = await open_session(conn, max_output_tokens=4)
+        mark = len(events.seen)
+        broken = {"type": "input_image", "image_url": "data:image/png;base64,bm90IGFuIGltYWdl"}
+        await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [broken]})
+        assert (await events.error(mark))["code"] == "invalid_image"
+        mark = len(events.seen)
+        content = [{"type": "input_image", "image_url": url}, {"type": "input_text", "text": "What is this?"}]
+        await conn.conversation.item.create(item={"type": "message", "role": "user", "content": content})
+        added = await events.wait("conversation.item.added", 30, after=mark)
+        assert [c["type"] for c in added["item"]["content"]] == ["input_image", "input_text"]
+        await conn.response.create()
+        await events.wait("response.created", 60, after=mark)
+        done = await events.wait("response.done", 120, after=mark)
+        assert done["response"]["status"] == "completed", done
+        events.close()
+
+
 async def test_server_vad_turn_waits_for_response_create(server: Any, speech_24k: bytes) -> None:
     """create_response=false: the VAD commits the turn, and the response comes only on response.create."""
     async with client_for(server).realtime.connect(model="minicpm-o-4.5") as conn:
@@ -362,10 +390,16 @@ async def test_bad_input(server: Any) -> None:
             {"type": "session.update", "session": {"tools": [{"type": "function", "name": "f"}]}}
         )
         assert tools["code"] == "unsupported_value"
-        image = {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}
+        image = {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}  # not an image
         item = {
             "type": "conversation.item.create",
             "item": {"type": "message", "role": "user", "content": [image]},
+        }
+        assert (await answer(item))["code"] == "invalid_image"
+        spoken = {"type": "input_audio", "audio": "AAAA"}
+        item = {
+            "type": "conversation.item.create",
+            "item": {"type": "message", "role": "user", "content": [spoken]},
         }
         assert (await answer(item))["code"] == "unsupported_content"
         assert (await answer({"type": "output_audio_buffer.clear"}))["code"] == "invalid_request"

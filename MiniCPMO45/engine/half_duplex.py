@@ -13,10 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..modules.whisper import pooled_tokens
 from ..processor.audio_features import DYNAMIC_FLOOR, batch_features
-from .chat import assistant_prefix, spoken_bans
+from ..processor.chat_template import IMAGE_MARK
+from .chat import assistant_prefix, prompt_embeddings, prompt_from_processor, spoken_bans
 from .core import Engine
 from .generation import TokenEvent, generate, reference_chunk_budget
 from .sampling import ChatSampling
@@ -198,15 +200,22 @@ def generate_reply(
 
 
 def user_turn_embeddings(
-    engine: Engine, session: Session, samples: np.ndarray | None = None, text: str | None = None
+    engine: Engine,
+    session: Session,
+    samples: np.ndarray | None = None,
+    text: str | None = None,
+    image: Image.Image | None = None,
 ) -> torch.Tensor:
     """The embeddings `[T, D]` of one whole user turn (16 kHz audio as one segment with full attention, or typed
-    text), not yet fed: the caller feeds them, with other sessions' turns in one batched step. The turn
-    bookkeeping is done as if they were fed."""
+    text, which may follow a still image), not yet fed: the caller feeds them, with other sessions' turns in one
+    batched step. The turn bookkeeping is done as if they were fed."""
     _ensure_mode(engine, session)
     st = session.half_duplex
     prefix = _user_turn_prefix(st)
-    if samples is not None:
+    if image is not None:  # the image (its slices) through the processor and the vision tower, then the text
+        out = engine.processor(prefix + IMAGE_MARK + "\n" + (text or ""), images=[image])
+        emb = prompt_embeddings(engine.model, prompt_from_processor(out))
+    elif samples is not None:
         segment = _segment_from_samples(samples)
         n = pooled_tokens(segment.frames, engine.model.config.audio_pool_step)
         emb = _embeddings(engine, session, [prefix, _audio_placeholder(n)], [segment], stream_audio=False)

@@ -32,8 +32,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from inference.engine_host import EngineHost, get_host
+from inference.images import decode_image
 from inference.modes.base import (
     Flush,
     ModeError,
@@ -67,6 +69,8 @@ OUTPUT_RATE = 24000
 DEFAULT_PROMPT = "You are a helpful voice assistant. Answer briefly, in a natural spoken style."
 
 
+# a user turn: its 16 kHz audio, or its typed text and an optional still image
+TurnInput = tuple[np.ndarray | None, str | None, Image.Image | None]
 LEAD_S = 1.5  # a reply advances only while its produced speech is less than this ahead of real time
 JOIN_S = 1.0  # ... or when it is less than LEAD_S + JOIN_S ahead and another reply advances in the same tick
 
@@ -108,7 +112,7 @@ class ChatMode:
         self.reply: Reply | None = None
         # a turn given by a control, prefilled in the next tick; `held`: it waits for a `respond` control
         # (option auto_respond off)
-        self.pending: tuple[np.ndarray | None, str | None] | None = None
+        self.pending: TurnInput | None = None
         self.held = False
         self.turn = 0
         self.paused = False
@@ -206,7 +210,11 @@ class ChatMode:
         return [Flush(self.turn), State("listening")]
 
     def _prepare_turn(
-        self, audio: np.ndarray | None, text: str | None, answer: bool = True
+        self,
+        audio: np.ndarray | None,
+        text: str | None,
+        answer: bool = True,
+        image: Image.Image | None = None,
     ) -> tuple[list[Output], bool]:
         """Close the previous reply and make room for a turn; returns the outputs and whether the turn goes on
         to a reply (`start_replies`)."""
@@ -223,6 +231,10 @@ class ChatMode:
             estimate = audio.size // 1600 + 8  # ~10 audio positions per second
         else:
             estimate = len(engine.tokenizer.encode(text or "")) + 8
+        if image is not None:  # the image and its slices: a query block each, with their markers
+            grid = engine.processor.images.grid_for(image.size)
+            blocks = 1 + (grid[0] * grid[1] if grid else 0)
+            estimate += blocks * (engine.processor.config.image_feature_size + 2) + 8
         needed = estimate + self.options.max_new_tokens + 32
         try:
             self.window.make_room(engine, session, needed)
@@ -238,7 +250,7 @@ class ChatMode:
         return outputs, True
 
     @staticmethod
-    def start_replies(turns: Sequence[tuple[ChatMode, np.ndarray | None, str | None]]) -> None:
+    def start_replies(turns: Sequence[tuple[ChatMode, TurnInput]]) -> None:
         """Prefill the user turns of several sessions and the assistant prefix after each, as one batched LLM
         step, and start their replies."""
         if not turns:
@@ -248,14 +260,14 @@ class ChatMode:
         engine = host.engine
         prefix = engine.model.embed_ids(hd.assistant_prefix(engine, use_tts_template=True))
         sessions, pieces = [], []
-        for mode, audio, text in turns:
+        for mode, (audio, text, image) in turns:
             assert mode.session is not None
-            user = hd.user_turn_embeddings(engine, mode.session, audio, text)
+            user = hd.user_turn_embeddings(engine, mode.session, audio, text, image)
             hd.start_reply_state(mode.session)
             sessions.append(mode.session)
             pieces.append(torch.cat([user, prefix.to(user.dtype)]))
         _, logits = engine.feed_for_logits(sessions, pieces)
-        for (mode, _, _), session, first in zip(turns, sessions, logits, strict=True):
+        for (mode, _), session, first in zip(turns, sessions, logits, strict=True):
             extra: list[int] = []
             if mode.options.force == "speak":  # test option: the reply runs to max_new_tokens
                 sp = engine.special
@@ -300,7 +312,7 @@ class ChatMode:
         outputs: list[list[Output]] = [[] for _ in batch]
         timings: list[dict[str, float]] = [{} for _ in batch]
         live = [k for k, (mode, _, _) in enumerate(batch) if not mode.paused and mode.session is not None]
-        turns: list[tuple[ChatMode, np.ndarray | None, str | None]] = []
+        turns: list[tuple[ChatMode, TurnInput]] = []
         for k in live:
             mode, unit, _ = batch[k]
             started = time.perf_counter()
@@ -310,11 +322,11 @@ class ChatMode:
                 more, go = mode._prepare_turn(ended, None, answer)
                 outs += more
                 if go and answer:
-                    turns.append((mode, ended, None))
+                    turns.append((mode, (ended, None, None)))
                 elif go:  # held until a `respond` control
-                    mode.pending, mode.held = (ended, None), True
+                    mode.pending, mode.held = (ended, None, None), True
             elif mode.pending is not None and not mode.held:  # a turn given by a control since the last tick
-                turns.append((mode, *mode.pending))
+                turns.append((mode, mode.pending))
                 mode.pending = None
             outputs[k] += outs
             timings[k] = {
@@ -424,11 +436,17 @@ class ChatMode:
             if not audio:
                 return [ModeError("empty_turn", "end_turn without any audio since the last turn")]
             self.detector.reset()
-            return self._turn_now(np.concatenate(audio), None)
+            return self._turn_now((np.concatenate(audio), None, None))
         elif kind == "text":
             text = str(message.get("text") or "").strip()
-            if text:
-                return self._turn_now(None, text)
+            image = None
+            if message.get("image") is not None:  # a still image before the text (base64 PNG/JPEG/WebP)
+                try:
+                    image = decode_image(message["image"])
+                except ValueError as exc:
+                    return [ModeError("bad_image", str(exc))]
+            if text or image is not None:
+                return self._turn_now((None, text, image))
         elif kind == "system_prompt":
             self.system_prompt = str(message.get("text") or DEFAULT_PROMPT)
             outputs = self._cut_reply()
@@ -443,10 +461,10 @@ class ChatMode:
             return truncate_reply(self, message)
         return []
 
-    def _turn_now(self, audio: np.ndarray | None, text: str | None) -> list[Output]:
+    def _turn_now(self, turn: TurnInput) -> list[Output]:
         """A turn given by a control (`end_turn`, `text`): told at once (`user_turn`, `thinking`), prefilled in the
         session's next tick with the other turns of that tick (its reply could not advance before it anyway)."""
-        outputs, go = self._prepare_turn(audio, text)
+        outputs, go = self._prepare_turn(turn[0], turn[1], image=turn[2])
         if go:
-            self.pending = (audio, text)
+            self.pending = turn
         return outputs

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
+from inference.images import decode_image
 from rtc_server.realtime import g711
 from rtc_server.realtime import models as rm
 from rtc_server.realtime.responses import OUTPUT_RATE, Translator
@@ -76,6 +77,7 @@ class RealtimeConversation:
         self.translator.turn_based = not settings.duplex
         self.translator.hold_turns = settings.holds_turns
         self.pending_texts: list[str] = []  # user text items waiting for response.create
+        self.pending_image: str | None = None  # an input_image (base64) waiting for response.create
         self.committed_audio = False  # manual turns: audio committed, waiting for response.create
         self.response_modality: str | None = (
             None  # response.create's output_modalities, for the next response
@@ -182,6 +184,7 @@ class RealtimeConversation:
             self.error(problem.code, problem.message, problem.param, event.event_id)
         if self.settings.worker_key(self.port.has_video) != before:
             self.pending_texts.clear()
+            self.pending_image = None
             self.committed_audio = False
             self.translator.finish("cancelled", "session_updated")
             self.translator.finished_turns.clear()  # the re-opened mode counts its turns from 0 again
@@ -260,19 +263,35 @@ class RealtimeConversation:
             )
             return
         texts: list[str] = []
+        images: list[str] = []
         for part in item.content or []:
             if part.type in ("input_text", "text") and part.text:
                 texts.append(part.text)
+            elif part.type == "input_image" and part.image_url:
+                try:
+                    decode_image(part.image_url)  # refused here, not in the worker
+                except ValueError as exc:
+                    self.error("invalid_image", str(exc), "item.content.image_url", event.event_id)
+                    return
+                images.append(part.image_url.split(",", 1)[-1])
             else:
                 self.error(
                     "unsupported_content",
-                    f"user content of type {part.type} is not supported (input_text is)",
+                    f"user content of type {part.type} is not supported (input_text and input_image are)",
                     "item.content",
                     event.event_id,
                 )
                 return
-        if not texts:
-            self.error("invalid_value", "the message has no text", "item.content", event.event_id)
+        if not texts and not images:
+            self.error("invalid_value", "the message has no text or image", "item.content", event.event_id)
+            return
+        if len(images) + (self.pending_image is not None) > 1:
+            self.error(
+                "unsupported_value",
+                "one image per turn (respond to the last one first)",
+                "item",
+                event.event_id,
+            )
             return
         if self.settings.duplex:
             self.error(
@@ -280,7 +299,10 @@ class RealtimeConversation:
             )
             return
         self.pending_texts += texts
-        content = [rm.ContentOut(type="input_text", text=text) for text in texts]
+        if images:
+            self.pending_image = images[0]
+        content = [rm.ContentOut(type="input_image") for _ in images]
+        content += [rm.ContentOut(type="input_text", text=text) for text in texts]
         self.translator.add_user_item(content, item.id)
 
     def _find_item(self, item_id: str, event_id: str | None) -> rm.ItemOut | None:
@@ -361,9 +383,12 @@ class RealtimeConversation:
             if params.output_modalities:
                 self.response_modality = params.output_modalities[0]
             self.translator.pending_metadata = params.metadata
-        if self.pending_texts:
+        if self.pending_texts or self.pending_image is not None:
             text, self.pending_texts = "\n".join(self.pending_texts), []
-            self.port.control({"type": "text", "text": text})
+            message: dict[str, Any] = {"type": "text", "text": text}
+            if self.pending_image is not None:
+                message["image"], self.pending_image = self.pending_image, None
+            self.port.control(message)
         elif self.committed_audio:
             self.committed_audio = False
             self.translator.skip_user_turn_events = True

@@ -111,7 +111,7 @@ class ItemIn(_In):
 
 
 class ContentOut(_Out):
-    type: Literal["input_text", "input_audio", "output_text", "output_audio"]
+    type: Literal["input_text", "input_audio", "input_image", "output_text", "output_audio"]
     text: str | None = None
     transcript: str | None = None
 
