@@ -187,6 +187,7 @@ class UserTurnOut(_Msg):
     turn: int
     seconds: float | None = None
     text: str | None = None
+    started: bool = False  # the caller began to speak (the turn's end comes later)
 
 
 class StateOut(_Msg):

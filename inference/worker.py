@@ -422,7 +422,9 @@ class SessionRunner:
                 await self.conn.send(p.TextOut(session_id=sid, turn=out.turn, text=out.text))
             elif isinstance(out, UserTurn):
                 await self.conn.send(
-                    p.UserTurnOut(session_id=sid, turn=out.turn, seconds=out.seconds, text=out.text)
+                    p.UserTurnOut(
+                        session_id=sid, turn=out.turn, seconds=out.seconds, text=out.text, started=out.started
+                    )
                 )
             elif isinstance(out, State):
                 await self.conn.send(p.StateOut(session_id=sid, state=out.state))

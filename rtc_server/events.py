@@ -53,12 +53,15 @@ class TextEvent(_Event):
 
 class UserTurnEvent(_Event):
     """The caller's turn `turn` as the model took it (turn-based modes): `seconds` of speech the voice activity
-    detector (or `end_turn`) cut, or the typed `text`. The assistant's reply to it has the same `turn`."""
+    detector (or `end_turn`) cut, or the typed `text`. The assistant's reply to it has the same `turn`. With
+    `started` (and neither seconds nor text), the detector heard the caller begin to speak; the turn's own
+    `user_turn` follows when it ends."""
 
     type: Literal["user_turn"] = "user_turn"
     turn: int
     seconds: float | None = None
     text: str | None = None
+    started: bool = False
 
 
 class MetricsEvent(_Event):

@@ -466,7 +466,11 @@ class CallSession:
         elif isinstance(message, p.TextOut):
             self.send_event(ev.TextEvent(text=message.text, turn=message.turn))
         elif isinstance(message, p.UserTurnOut):
-            self.send_event(ev.UserTurnEvent(turn=message.turn, seconds=message.seconds, text=message.text))
+            self.send_event(
+                ev.UserTurnEvent(
+                    turn=message.turn, seconds=message.seconds, text=message.text, started=message.started
+                )
+            )
         elif isinstance(message, p.StateOut):
             self.state = message.state
             self.send_event(ev.StateEvent(state=message.state))

@@ -248,7 +248,8 @@ def test_a_held_turn_waits_for_respond(spoken: np.ndarray) -> None:
         assert mode.on_control({"type": "respond"})[0].code == "empty_turn"  # nothing is waiting
         out = _feed(mode, _units(spoken, 0))
         turns = [o for o in out if type(o).__name__ == "UserTurn"]
-        assert len(turns) == 1 and turns[0].seconds > 1.0  # the VAD ended the turn...
+        # the VAD heard the caller begin (user_turn started), then ended the turn...
+        assert [t.started for t in turns] == [True, False] and turns[1].seconds > 1.0
         assert State("thinking") not in out and mode.reply is None  # ...and nothing answers it yet
         assert not any(isinstance(o, (Speech, Text)) for o in out)
         assert mode.on_control({"type": "respond"}) == [State("thinking")]

@@ -31,6 +31,9 @@ async def server():
 
     running = await start_server(server_test_config(workers=WORKERS))
     yield running
+    for client in CLIENTS:
+        await client.close()
+    CLIENTS.clear()
     await running.stop()
     assert not running.manager.admission.busy, "a Realtime session kept its slot"
 
@@ -43,8 +46,14 @@ def speech_24k(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return (np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes()
 
 
+CLIENTS: list[AsyncOpenAI] = []  # closed with the server: an SDK client left open closes itself from __del__,
+# in a task on whatever loop is running then (a later test would see it as a task it leaked)
+
+
 def client_for(server: Any) -> AsyncOpenAI:
-    return AsyncOpenAI(base_url=server.url + "/v1", api_key="unused-without-auth.api_token")
+    client = AsyncOpenAI(base_url=server.url + "/v1", api_key="unused-without-auth.api_token")
+    CLIENTS.append(client)
+    return client
 
 
 class Events:
@@ -556,3 +565,26 @@ async def test_websocket_sessions_are_listed_and_can_be_hung_up(server: Any) -> 
             async with http.get(f"{server.url}/api/sessions/{sid}") as resp:
                 assert resp.status == 410
         assert sid not in server.manager.sessions and not server.manager.admission.busy
+
+
+def test_speech_started_comes_when_the_caller_begins() -> None:
+    """The mode's `user_turn` with `started` (the VAD's start) gives speech_started at once, without closing the
+    reply in progress; the turn's end gives speech_stopped and the commit for the same item."""
+    from rtc_server import events as ev
+    from rtc_server.realtime.responses import Translator
+
+    out: list[Any] = []
+    translator = Translator(out.append, "websocket", lambda: "audio")
+    translator.on_event(ev.StateEvent(state="thinking"))
+    response = translator.active
+    assert response is not None
+    translator.on_event(ev.UserTurnEvent(turn=1, started=True))
+    assert [type(e).__name__ for e in out[-1:]] == ["SpeechStarted"]
+    assert translator.active is response  # the reply goes on (interrupt_response=false keeps it playing)
+    translator.on_event(ev.UserTurnEvent(turn=1, seconds=1.5))
+    names = [type(e).__name__ for e in out]
+    assert names.count("SpeechStarted") == 1
+    started = next(e for e in out if type(e).__name__ == "SpeechStarted")
+    stopped = next(e for e in out if type(e).__name__ == "SpeechStopped")
+    committed = next(e for e in out if type(e).__name__ == "AudioCommitted")
+    assert started.item_id == stopped.item_id == committed.item_id

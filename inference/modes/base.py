@@ -49,11 +49,13 @@ class Text:
 
 @dataclass
 class UserTurn:
-    """The caller's turn `turn` as the model took it: `seconds` of speech, or typed `text`."""
+    """The caller's turn `turn` as the model took it: `seconds` of speech, or typed `text`; with `started`, only
+    that the caller began to speak (the VAD's start; the turn's end follows with its seconds)."""
 
     turn: int
     seconds: float | None = None
     text: str | None = None
+    started: bool = False
 
 
 @dataclass

@@ -300,6 +300,7 @@ class ChatMode:
             if event.kind == "start" and not self.collecting:
                 if self.options.barge_in:
                     outputs += self._cut_reply()
+                outputs.append(UserTurn(self.turn, started=True))
                 self.collecting = True
                 self.segment = self._preroll()
             elif event.kind == "end" and self.collecting:

@@ -163,6 +163,7 @@ function onEvent(event) {
       onText(event);
       break;
     case "user_turn":
+      if (event.started) break; // the caller began to speak; the turn itself comes when it ends
       // typed turns are in the transcript since they were sent; a spoken one shows how much the model took
       if (event.seconds !== null && event.seconds !== undefined) {
         addTranscript("user", t("call.spokenTurn", { s: event.seconds.toFixed(1) }), "spoken");

@@ -72,6 +72,7 @@ function line(event) {
     case "text":
       return ["assistant", event.text];
     case "user_turn":
+      if (event.started) return null;
       return ["user", event.text !== null && event.text !== undefined ? event.text : t("call.spokenTurn", { s: Number(event.seconds).toFixed(1) })];
     case "session":
       return ["system", t("call.modeOpen", { mode: modeTitle(event.mode) })];

@@ -126,6 +126,11 @@ class Translator:
             self.emit(rm.RealtimeError(error=detail))
 
     def on_user_turn(self, event: ev.UserTurnEvent) -> None:
+        if event.started:  # the caller began to speak: speech_started now (a barge-in's flush may follow)
+            if self.speech_item is None:
+                self.speech_item = rm.new_id("item")
+                self.emit(rm.SpeechStarted(audio_start_ms=self.now_ms(), item_id=self.speech_item))
+            return
         self.finish("cancelled", "turn_detected")
         if event.text is not None or self.skip_user_turn_events:
             self.skip_user_turn_events = False

@@ -244,7 +244,9 @@ class SocketCall:
             translator.on_event(ev.TextEvent(text=message.text, turn=message.turn))
         elif isinstance(message, p.UserTurnOut):
             translator.on_event(
-                ev.UserTurnEvent(turn=message.turn, seconds=message.seconds, text=message.text)
+                ev.UserTurnEvent(
+                    turn=message.turn, seconds=message.seconds, text=message.text, started=message.started
+                )
             )
         elif isinstance(message, p.StateOut):
             self.state = message.state
