@@ -31,6 +31,8 @@ class ModeOptions(BaseModel):
     # the caller's turn ends; interrupt_response=false)
     auto_respond: bool = True
     barge_in: bool = True
+    # chat: audio kept before the speech the VAD detected, so a turn starts with its first syllable
+    preroll_ms: int = Field(500, ge=0, le=2000)
     max_new_tokens: int = Field(256, ge=1, le=4096)
     temperature: float = Field(0.7, gt=0.0, le=2.0)
     top_p: float = Field(0.8, gt=0.0, le=1.0)

@@ -588,3 +588,26 @@ def test_speech_started_comes_when_the_caller_begins() -> None:
     stopped = next(e for e in out if type(e).__name__ == "SpeechStopped")
     committed = next(e for e in out if type(e).__name__ == "AudioCommitted")
     assert started.item_id == stopped.item_id == committed.item_id
+
+
+def test_server_vad_fields_become_chat_options() -> None:
+    from rtc_server.realtime import models as rm
+    from rtc_server.realtime.session_map import Settings, apply_update
+
+    td = {"type": "server_vad", "threshold": 0.6, "silence_duration_ms": 600, "prefix_padding_ms": 300}
+    update = rm.SessionConfig.model_validate(
+        {
+            "audio": {
+                "input": {"turn_detection": {**td, "create_response": False, "interrupt_response": False}}
+            }
+        }
+    )
+    settings, problems = apply_update(Settings(), update, lambda _voice: False)
+    assert problems == []
+    options = settings.options()
+    assert options["vad_threshold"] == 0.6 and options["min_silence_ms"] == 600
+    assert options["preroll_ms"] == 300 and options["fast_silence_ms"] == 0
+    assert options["auto_respond"] is False and options["barge_in"] is False
+    from inference.options import ModeOptions
+
+    ModeOptions.model_validate(options)  # what the worker will validate

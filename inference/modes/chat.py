@@ -63,7 +63,6 @@ from MiniCPMO45.modules.tts import TTSSession
 
 RATE = 16000
 UNIT_SAMPLES = 5120  # 320 ms: 10 VAD windows
-PREROLL_SAMPLES = RATE // 2
 MAX_TURN_SAMPLES = 30 * RATE
 OUTPUT_RATE = 24000
 DEFAULT_PROMPT = "You are a helpful voice assistant. Answer briefly, in a natural spoken style."
@@ -192,7 +191,7 @@ class ChatMode:
     def _preroll(self) -> list[np.ndarray]:
         out, n = [], 0
         for pcm in reversed(self.recent):
-            if n >= PREROLL_SAMPLES:
+            if n >= self.options.preroll_ms * RATE // 1000:
                 break
             out.insert(0, pcm)
             n += pcm.size

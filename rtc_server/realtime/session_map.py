@@ -4,7 +4,7 @@
 | ------------------------------------------ | ----------------------------------------------------------- |
 | `instructions`                             | the system prompt ("" = the mode's own)                     |
 | `audio.output.voice`                       | a voice id from `POST /api/voices`; `default` and OpenAI's built-in names = our default voice |
-| `audio.input.turn_detection` server_vad    | `chat` with `vad_threshold` = threshold, `min_silence_ms` = silence_duration_ms, `auto_respond` = create_response, `barge_in` = interrupt_response |
+| `audio.input.turn_detection` server_vad    | `chat` with `vad_threshold` = threshold, `min_silence_ms` = silence_duration_ms, `preroll_ms` = prefix_padding_ms (at most 2 s), `auto_respond` = create_response, `barge_in` = interrupt_response |
 | `audio.input.turn_detection` semantic_vad  | the same, with our VAD's defaults                           |
 | `audio.input.turn_detection` null          | `chat`, turns only on `input_audio_buffer.commit`           |
 | `audio.input.turn_detection` duplex        | `audio_duplex` (`omni_duplex` when a WebRTC call sends video) |
@@ -108,6 +108,7 @@ class Settings:
                 options["fast_silence_ms"] = 0  # the client's silence, exactly (no confident early end)
             # create_response=false: the turn waits for response.create; interrupt_response=false: the
             # caller's speech does not cut the reply
+            options["preroll_ms"] = td.prefix_padding_ms or 0
             options["auto_respond"] = td.create_response
             options["barge_in"] = td.interrupt_response
         return options
@@ -173,7 +174,9 @@ def _turn_detection(td: rm.TurnDetection, problems: list[Problem]) -> rm.TurnDet
     return rm.TurnDetectionOut(
         type=td.type,
         threshold=threshold,
-        prefix_padding_ms=DEFAULT_PREFIX_MS,
+        prefix_padding_ms=min(td.prefix_padding_ms, 2000)
+        if td.type == "server_vad" and td.prefix_padding_ms is not None
+        else DEFAULT_PREFIX_MS,
         silence_duration_ms=silence or DEFAULT_SILENCE_MS,
         create_response=td.create_response is not False,
         interrupt_response=td.interrupt_response is not False,
