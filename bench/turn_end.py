@@ -31,12 +31,12 @@ import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import av
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from inference.vad import RATE, WINDOW, SileroVad, TurnDetector  # noqa: E402
+from tests.rtc_client import resample  # noqa: E402
 
 ESPEAK = "/usr/bin/espeak-ng"
 UNIT = 5120  # chat mode's unit: 320 ms
@@ -79,15 +79,6 @@ class Turn:
 class Stream:
     pcm: np.ndarray
     turns: list[Turn]
-
-
-def resample(pcm: np.ndarray, src: int, dst: int) -> np.ndarray:
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=dst)
-    frame = av.AudioFrame.from_ndarray(pcm.astype(np.float32).reshape(1, -1), format="flt", layout="mono")
-    frame.sample_rate = src
-    out = [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-    out += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
-    return np.concatenate(out).astype(np.float32)
 
 
 def speak(text: str, voice: str, speed: int, cache: Path) -> np.ndarray:

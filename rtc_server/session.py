@@ -48,6 +48,12 @@ class BadCandidate(ValueError):
     """A trickled ICE candidate cannot be parsed."""
 
 
+def user_turn_event(message: p.UserTurnOut) -> ev.UserTurnEvent:
+    return ev.UserTurnEvent(
+        turn=message.turn, seconds=message.seconds, text=message.text, started=message.started
+    )
+
+
 def open_message(
     session_id: str, mode: str, options: dict[str, Any], system_prompt: str | None, voice: str | None
 ) -> p.OpenSession:
@@ -466,11 +472,7 @@ class CallSession:
         elif isinstance(message, p.TextOut):
             self.send_event(ev.TextEvent(text=message.text, turn=message.turn))
         elif isinstance(message, p.UserTurnOut):
-            self.send_event(
-                ev.UserTurnEvent(
-                    turn=message.turn, seconds=message.seconds, text=message.text, started=message.started
-                )
-            )
+            self.send_event(user_turn_event(message))
         elif isinstance(message, p.StateOut):
             self.state = message.state
             self.send_event(ev.StateEvent(state=message.state))

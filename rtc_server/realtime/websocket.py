@@ -32,7 +32,7 @@ from rtc_server.manager import ServerBusy, SessionManager
 from rtc_server.realtime.conversation import RealtimeConversation
 from rtc_server.realtime.session_map import Settings
 from rtc_server.realtime.socket_view import socket_info, socket_snapshot
-from rtc_server.session import new_session_id, open_message
+from rtc_server.session import new_session_id, open_message, user_turn_event
 from rtc_server.signalling import MANAGER_KEY, ApiError
 from rtc_server.voices import voice_exists
 
@@ -243,11 +243,7 @@ class SocketCall:
         elif isinstance(message, p.TextOut):
             translator.on_event(ev.TextEvent(text=message.text, turn=message.turn))
         elif isinstance(message, p.UserTurnOut):
-            translator.on_event(
-                ev.UserTurnEvent(
-                    turn=message.turn, seconds=message.seconds, text=message.text, started=message.started
-                )
-            )
+            translator.on_event(user_turn_event(message))
         elif isinstance(message, p.StateOut):
             self.state = message.state
             translator.on_event(ev.StateEvent(state=message.state))
