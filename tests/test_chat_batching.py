@@ -312,3 +312,21 @@ def test_a_typed_turn_with_an_image_is_answered(tmp_path: Path) -> None:
         finally:
             mode.close()
     assert grown["image"] - grown["plain"] >= host.engine.model.config.query_num
+
+
+def test_a_reply_speaks_after_its_short_first_chunk() -> None:
+    """The first TTS condition of a reply is `FIRST_TEXT_CHUNK` tokens: the tick that starts the reply decodes
+    that many and speaks them; the next chunks are `TEXT_CHUNK` long."""
+    from inference.speech import FIRST_TEXT_CHUNK, TEXT_CHUNK
+
+    mode = create_mode("chat", SETTINGS)
+    mode.open(SessionOptions("first-chunk", extra={"force": "speak", "max_new_tokens": 40, "seed": 1}))
+    try:
+        assert isinstance(mode, ChatMode) and mode.session is not None
+        mode.on_control({"type": "text", "text": "hello"})
+        out = mode.on_unit(UnitInput(0, np.zeros(5120, dtype=np.float32), 0.0), None)
+        assert any(isinstance(o, Speech) for o in out)
+        assert len(mode.session.history) == FIRST_TEXT_CHUNK < TEXT_CHUNK
+        assert mode.reply is not None and mode.reply.voice.chunks == 1
+    finally:
+        mode.close()

@@ -9,7 +9,8 @@ at most 30 s, is the turn). Typed text (`text`) is a turn as well.
 The worker runs the units of all its chat sessions together (`ChatMode.on_units`, one tick): VAD and the turn
 logic per session, then, batched over the sessions: the prefills of the turns that end in this tick (user audio
 or text and the assistant prefix as one piece per session, one LLM step), the reply decoding (one batched
-sample-and-feed step per token, `engine.generation.decode_step`, up to `TEXT_CHUNK` tokens per reply and tick),
+sample-and-feed step per token, `engine.generation.decode_step`, up to `TEXT_CHUNK` tokens per reply and tick; a
+reply's first chunk is `FIRST_TEXT_CHUNK`, so its speech starts sooner),
 the TTS draws of every reply that has a text chunk to speak (`inference.speech.speak_batch`) and their vocoder
 windows. A reply advances in a tick only when none of its session's later units is waiting and its speech is
 less than `LEAD_S` ahead of real time (replies up to `JOIN_S` further ahead join it, so that the replies' work
