@@ -298,14 +298,7 @@ class StaticTTS:
         """Append `pieces[i]` (`[L_i, hidden]` embeddings) to slot `slots[i]` (at position `starts[i]` when given,
         else where the slot is) in static steps; returns float32 code logits `[n, V]` at each piece's last
         position. A piece longer than the largest token bucket goes in several steps (a turn-based TTS chunk
-        recomputes its previous chunk: a few hundred positions). Runs outside inference mode even when called
-        in it (the turn-based TTS is): buffers it creates are updated in place later by the duplex ticks."""
-        with torch.inference_mode(False):
-            return self._feed(slots, pieces, starts)
-
-    def _feed(
-        self, slots: Sequence[int], pieces: Sequence[torch.Tensor], starts: Sequence[int] | None
-    ) -> torch.Tensor:
+        recomputes its previous chunk: a few hundred positions)."""
         n = len(slots)
         if n == 0 or n != len(pieces) or len(set(slots)) != n:
             raise ValueError("one piece per slot, each slot once, at least one")

@@ -502,6 +502,9 @@ class TTSStreamer:
     second text chunk on, the cache is dropped and recomputed over [previous condition + its codes + this
     condition] from position 0. The repetition penalty looks at the turn's last `window` codes. `finish()`
     returns the codes still buffered when the LLM stops without the TTS having drawn EOS.
+
+    It runs under `no_grad`, not `inference_mode`: its draws may go through the static steps, whose buffers
+    the duplex ticks also update in place.
     """
 
     def __init__(
@@ -550,7 +553,7 @@ class TTSStreamer:
         """A text chunk is being spoken (`begin` was called and its draws have not ended)."""
         return self._run is not None
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def begin(
         self,
         condition: torch.Tensor,
@@ -619,7 +622,7 @@ class TTSStreamer:
         if run.record and run.probs:
             self.chunk_probs = torch.stack(run.probs)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def feed(
         self,
         condition: torch.Tensor,
@@ -644,7 +647,7 @@ class TTSStreamer:
         return torch.tensor(piece, dtype=torch.long)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def next_pieces(streamers: Sequence[TTSStreamer]) -> list[tuple[torch.Tensor, bool] | None]:
     """Advance every streamer that is speaking a text chunk until it has its next piece or the chunk ends, the
     streamers drawing together in batched steps (they must share one TTS model, cache and sampling). Returns
