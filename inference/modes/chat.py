@@ -56,6 +56,7 @@ from inference.speech import TEXT_CHUNK, TurnVoice, speak_batch
 from inference.vad import TurnDetector
 from MiniCPMO45.engine import half_duplex as hd
 from MiniCPMO45.engine.context_window import SlidingWindow
+from MiniCPMO45.engine.core import Engine
 from MiniCPMO45.engine.generation import ReplyRow, decode_step, reference_chunk_budget, start_row
 from MiniCPMO45.engine.half_duplex import AudioSegment
 from MiniCPMO45.engine.sampling import ChatSampling
@@ -349,14 +350,20 @@ class ChatMode:
         # this tick's batched steps (whose cost hardly grows with the rows), and the next ticks stay short
         due = any(ahead < LEAD_S for ahead in ready.values())
         moving = [k for k, ahead in ready.items() if due and ahead < LEAD_S + JOIN_S]
-        engine = batch[0][0].host.engine if batch[0][0].host is not None else None
-        decide_ms = ChatMode._decode(engine, [batch[k][0] for k in moving], [outputs[k] for k in moving])
+        decide_ms = 0.0
+        if moving:
+            host = batch[moving[0]][0].host
+            assert host is not None
+            decide_ms = ChatMode._decode(
+                host.engine, [batch[k][0] for k in moving], [outputs[k] for k in moving]
+            )
         speech_ms = ChatMode._speak(
             [batch[k][0] for k in moving], [outputs[k] for k in moving], [batch[k][1].index for k in moving]
         )
+        advanced = set(moving)
         for k in live:
             mode = batch[k][0]
-            if k in moving:
+            if k in advanced:
                 timings[k].update(decide_ms=decide_ms, tts_ms=speech_ms[0], vocoder_ms=speech_ms[1])
             if turns:
                 timings[k]["prefill_ms"] = prefill_ms
@@ -371,24 +378,22 @@ class ChatMode:
         return outputs
 
     @staticmethod
-    def _decode(engine: Any, modes: Sequence[ChatMode], outputs: Sequence[list[Output]]) -> float:
+    def _decode(engine: Engine, modes: Sequence[ChatMode], outputs: Sequence[list[Output]]) -> float:
         """Up to `TEXT_CHUNK` tokens of every reply whose speech has caught up with its text, in batched
         steps; each token's text goes out at once. Returns the time it took (ms)."""
         started = time.perf_counter()
-        want = {
-            id(m.reply): (m, out)
+        # each reply that needs text, and where its outputs go, by its session
+        taking = {
+            id(m.session): (m.reply, out)
             for m, out in zip(modes, outputs, strict=True)
-            if m.reply and m.reply.needs_tokens
+            if m.reply is not None and m.reply.needs_tokens
         }
         for _ in range(TEXT_CHUNK):
-            replies = [m.reply for m, _ in want.values() if m.reply is not None and m.reply.needs_tokens]
-            if not replies:
+            rows = [reply.row for reply, _ in taking.values() if reply.needs_tokens]
+            if not rows:
                 break
-            events = decode_step(engine, [r.row for r in replies])
-            by_session = {id(r.row.session): r for r in replies}
-            for event in events:
-                reply = by_session[id(event.session)]
-                _, out = want[id(reply)]
+            for event in decode_step(engine, rows):
+                reply, out = taking[id(event.session)]
                 if event.text_delta:
                     out.append(Text(event.text_delta, reply.turn))
                 if event.token is not None and event.hidden is not None:
