@@ -339,12 +339,26 @@ async def open_call(job: CallerJob) -> Caller:
         await call.wait_connected(60)
         caller.connected = True
         step = "admission"
-        await call.wait_event("session", timeout=job.ready_timeout, phase="active")
+        await wait_admitted(call, job.ready_timeout)
         step = "first metrics"  # the mode runs (on a GPU: the engine is loaded)
         await call.wait_event("metrics", timeout=job.ready_timeout)
     except Exception as exc:
         caller.failure = f"{step}: {type(exc).__name__}: {str(exc)[:160]}"
     return caller
+
+
+async def wait_admitted(call: Call, timeout: float) -> None:
+    """Until the call is told it is active; a refusal (an `error` event, e.g. `queue_full`) fails at once
+    instead of after the whole timeout, so a level larger than the server's capacity reports its admitted calls."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for event in call.events:
+            if event.get("type") == "session" and event.get("phase") == "active":
+                return
+            if event.get("type") == "error":
+                raise RuntimeError(f"refused ({event.get('code')})")
+        await asyncio.sleep(0.05)
+    raise TimeoutError("no session active event")
 
 
 async def run_callers(job: CallerJob, index: int, ready: Any, go: Any, window: Any, results: Any) -> None:
