@@ -1,5 +1,5 @@
-"""e_duplex parity of the server's tick itself: `DuplexBatcher.run_units` on the eager backend (static steps run
-eagerly on the CPU), one session, prepare + 6 omni units (greedy, forced listen at step 4), each unit's tail
+"""e_duplex parity of the server's tick itself: `DuplexSession.tick` (one `DuplexBatcher.run_units`) on the
+eager backend (static steps run eagerly on the CPU), one call, prepare + 6 omni units (greedy, forced listen at step 4), each unit's tail
 folded into the next tick's prefill. Ids exact, floats to 1e-4: the decision logits of every step, the first
 decode logits, the TTS conditions, the KV lengths and the prefill schema."""
 
@@ -14,8 +14,8 @@ from PIL import Image
 from MiniCPMO45.engine import batcher as batcher_module
 from MiniCPMO45.engine.batcher import DuplexBatcher
 from MiniCPMO45.engine.core import Engine
-from MiniCPMO45.engine.duplex import UnitInput, context_length, prepare, schema_codes
-from MiniCPMO45.engine.session import Mode
+from MiniCPMO45.engine.duplex import UnitInput, schema_codes
+from MiniCPMO45.engine.duplex_session import DuplexSession
 from MiniCPMO45.processor.audio_io import load_audio
 from tests.engine_fixtures import assert_close, fixture_duplex_config, load_manifest, load_npz
 
@@ -47,9 +47,10 @@ def test_tick_matches_golden_duplex(
 
     monkeypatch.setattr(batcher_module, "decide_batch", spy)
 
-    s = engine.open_session(Mode.DUPLEX)
+    call = DuplexSession(batcher, unit_budget=172)
+    s = call.session
     try:
-        prepare(engine, s, prompt, ref, fixture_duplex_config(manifest))
+        call.prepare(prompt, ref, fixture_duplex_config(manifest))
         assert engine.kv_length(s) == int(e["kv_len_after_prepare"])
         first_logits = None
         outs = []
@@ -66,8 +67,9 @@ def test_tick_matches_golden_duplex(
         for k, rec in enumerate(manifest["duplex_steps"]):
             frame = Image.open(inputs / f"frame_{k}.png").convert("RGB")
             unit = UnitInput(audio=audio[k * 16000 : (k + 1) * 16000], frames=[frame])
-            out = batcher.run_units([s], [unit], [rec["force_listen_override"]])[0]
-            outs.append((out, context_length(engine, s)))
+            [done] = DuplexSession.tick([call], [unit], [rec["force_listen_override"]])
+            assert done.dropped_tokens == 0 and done.kv_tokens == call.context_length()
+            outs.append((done.output, call.context_length()))
 
         assert first_logits is not None
         assert_close(first_logits, e["decode_first_logits_full"], what="first decode logits")
@@ -100,5 +102,5 @@ def test_tick_matches_golden_duplex(
         batcher.finalize([s])  # flush: the KV is complete
         assert engine.kv_length(s) == outs[-1][1]
     finally:
-        batcher.release(s.slot)
-        engine.close_session(s)
+        call.close()
+    assert s.closed

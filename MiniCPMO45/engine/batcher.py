@@ -1,8 +1,8 @@
 """The per-worker duplex batcher: every active session's unit as one batch, from audio/frames to PCM.
 
-One `DuplexBatcher.run_units(sessions, inputs)` call is one tick of the worker: it runs, for all sessions at
-once, what `duplex.prefill_units` / `generate_units` / `finalize_units` do per list of sessions, plus the TTS
-and the vocoder of the speaking ones:
+One `DuplexBatcher.run_units(sessions, inputs)` call is one tick of the worker (the server's one duplex
+runtime; `DuplexSession.tick` wraps it per call): for all sessions at once, a unit's prefill, its decode, and
+the TTS and the vocoder of the speaking ones:
 
 * prefill: the streaming audio encoder batched across sessions (`batched_audio`), the vision encoder over all
   frames in one call, then one static LLM step over the ragged unit pieces (audio-only and omni units together),
@@ -14,9 +14,11 @@ and the vocoder of the speaking ones:
   sampling on the device (`static_tts`), then the vocoder windows (`Token2Wav.push_codes_batch`:
   equal-shaped windows share one flow batch, the streaming HiFT batches blocks of equal geometry).
 
-The per-session Python that remains is integer bookkeeping (the control flow of the unit loop), never a model
-call. The session states are the same `DuplexState`s the per-session functions use, so a session can move
-between this batcher and the per-session calls between units.
+The per-session Python that remains is integer bookkeeping (the control flow of the unit loop, in
+`engine.duplex`), never a model call. Each session's state, its speech turn included, is its `DuplexState`;
+the batcher keeps none per session. The per-session reference loop the tests compare a tick with
+(`tests/reference_engine.py`) shares that state, so a session can move between it and the batcher between
+units.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from ..modules.tts import DUPLEX_MAX_DRAWS
 from ..modules.whisper import pooled_tokens
 from ..processor.audio_features import push_many
 from ..processor.image import ImageInputs
-from ..token2wav import PromptCache, PushRequest, Token2Wav, TurnState
+from ..token2wav import PromptCache, PushRequest, Token2Wav
 from .batched_audio import BatchedAudioEncoder
 from .batched_decision import DecisionParams, RecentIds, decide_batch
 from .core import Engine
@@ -149,29 +151,8 @@ class DuplexBatcher:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         self._host_pool = ThreadPoolExecutor(max_workers=host_threads, thread_name_prefix="unit-prep")
-        self.turns: dict[int, TurnState] = {}  # vocoder turn per KV slot
-        self.voices: dict[int, PromptCache] = {}  # the voice of each attached slot (else `voice`)
         self.timings: dict[str, float] = {}  # stage times of the last tick (ms)
         self._vocoder_s = 0.0
-        self.tts_turn: set[int] = set()  # slots whose TTS turn is open
-
-    # ---- sessions -----------------------------------------------------------------------------------------
-    def attach(self, slot: int, voice: PromptCache | None) -> None:
-        """A session takes `slot` with this voice: no turn of the slot's previous owner carries over."""
-        self.end_turn(slot)
-        if voice is not None:
-            self.voices[slot] = voice
-        else:
-            self.voices.pop(slot, None)
-
-    def end_turn(self, slot: int) -> None:
-        """Forget the slot's spoken turn (its tail was played, or it was cut off): TTS and vocoder restart."""
-        self.tts_turn.discard(slot)
-        self.turns.pop(slot, None)
-
-    def release(self, slot: int) -> None:
-        self.end_turn(slot)
-        self.voices.pop(slot, None)
 
     # ---- warm-up ------------------------------------------------------------------------------------------
     def unit_positions(self) -> tuple[int, int]:
@@ -236,8 +217,9 @@ class DuplexBatcher:
     # ---- prefill ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, sessions: Sequence[Session], inputs: Sequence[UnitInput]) -> list[UnitResult]:
-        """`duplex.prefill_units` with the audio encoder batched across sessions (same pieces, same order; each
-        ready session's pending tail first)."""
+        """Each session's unit into its KV in one static step: the streaming audio encoder batched across
+        sessions, the frames through the vision tower, then the ragged pieces (each ready session's pending tail
+        first, `<unit>`, image blocks, audio rows). The next-token logits wait in the state for `generate`."""
         if len(sessions) != len(inputs):
             raise ValueError("one unit input per session")
         eng, model, sp = self.engine, self.engine.model, self.engine.special
@@ -362,7 +344,7 @@ class DuplexBatcher:
         force_listen: Sequence[bool] | None = None,
         scripts: Sequence[list[int] | None] | None = None,
     ) -> tuple[list[UnitResult], list[float | None]]:
-        """`duplex.generate_units` for the whole batch. `scripts[i]`, when given, replaces session i's
+        """The listen/speak decision and the unit's text for the whole batch. `scripts[i]`, when given, replaces session i's
         decisions by those tokens in order (benchmarks: a fixed speak/listen workload on random weights).
 
         Per decode step the host waits for the device once (the decision's tokens): the slots' KV lengths are
@@ -502,7 +484,7 @@ class DuplexBatcher:
     # ---- finalize -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def finalize(self, sessions: Sequence[Session]) -> None:
-        """`duplex.finalize_units` as one static step: feed the pending tails now (not part of a tick; for a
+        """Feed pending unit tails as one static step: feed the pending tails now (not part of a tick; for a
         session that leaves the batch or whose KV is read as a whole, e.g. before a context-window slide)."""
         todo = [s for s in sessions if _state(s).tail_pending]
         if not todo:
@@ -513,7 +495,8 @@ class DuplexBatcher:
 
     # ---- speak --------------------------------------------------------------------------------------------
     def conditions(self, results: Sequence[UnitResult]) -> list[torch.Tensor]:
-        """`duplex.tts_condition` for many units with one projector call."""
+        """The TTS conditions of many units with one projector call: emb_text(t) + L2norm(projector_semantic(h))
+        per spoken token, then audio_bos (the duplex TTS never gets text_eos)."""
         tts = self.engine.model.tts
         assert tts is not None
         w = tts.emb_text.weight
@@ -532,52 +515,57 @@ class DuplexBatcher:
             at += n
         return out
 
+    def voice_of(self, st: DuplexState) -> PromptCache | None:
+        """The voice a session speaks with: its own, else the batcher's default."""
+        return st.voice if st.voice is not None else self.voice
+
     @torch.no_grad()
     def speak(self, results: Sequence[UnitResult]) -> list[SpeechOut | None]:
-        """TTS (+ vocoder when the batcher has one) for every speaking unit of the tick."""
+        """TTS (+ vocoder when the batcher has one) for every speaking unit of the tick. Each session's speech
+        turn (TTS turn open, vocoder turn, voice) is in its `DuplexState`."""
         out: list[SpeechOut | None] = [None] * len(results)
         self._vocoder_s = 0.0
         for r in results:
             if r.closed_turn_by_force:  # an interrupted turn: token2wav restarts, the TTS LM keeps its cache
-                self.turns.pop(r.session.slot, None)
+                _state(r.session).vocoder_turn = None
         speaking = [k for k, r in enumerate(results) if r.prefilled and not r.is_listen]
         if not speaking or self.tts is None:
             return out
         slots = [results[k].session.slot for k in speaking]
-        starting = [s for s in slots if s not in self.tts_turn]
-        self.tts.reset(starting)
+        states = [_state(results[k].session) for k in speaking]
+        self.tts.reset([s for s, st in zip(slots, states, strict=True) if not st.tts_open])
         mins = [
-            0 if (s not in self.tts_turn or results[k].end_of_turn) else DUPLEX_MAX_DRAWS
-            for k, s in zip(speaking, slots, strict=True)
+            0 if (not st.tts_open or results[k].end_of_turn) else DUPLEX_MAX_DRAWS
+            for k, st in zip(speaking, states, strict=True)
         ]
-        self.tts_turn.update(slots)
+        for st in states:
+            st.tts_open = True
         codes = self.tts.generate_codes(slots, self.conditions([results[k] for k in speaking]), mins)
         t_voc = time.perf_counter()
         eots = [results[k].end_of_turn for k in speaking]
         pcm: list[list[np.ndarray]] = [[] for _ in speaking]
-        voiced = [k for k, slot in enumerate(slots) if self.voices.get(slot, self.voice) is not None]
+        voiced = [k for k, st in enumerate(states) if self.voice_of(st) is not None]
         if self.vocoder is not None and voiced:
             requests = []
             for k in voiced:
-                slot = slots[k]
-                if slot not in self.turns:
-                    voice = self.voices.get(slot, self.voice)
+                st = states[k]
+                if st.vocoder_turn is None:
+                    voice = self.voice_of(st)
                     assert voice is not None
-                    self.turns[slot] = self.vocoder.start_turn(voice, rule="duplex")
+                    st.vocoder_turn = self.vocoder.start_turn(voice, rule="duplex")
                 # the official duplex path flushes short windows when the unit's codes ended at EOS
                 requests.append(
                     PushRequest(
-                        self.turns[slot], codes[k], end_of_turn=eots[k], flush=self.tts.last_hit_eos[k]
+                        st.vocoder_turn, codes[k], end_of_turn=eots[k], flush=self.tts.last_hit_eos[k]
                     )
                 )
             for k, pieces in zip(voiced, self.vocoder.push_codes_batch(requests), strict=True):
                 pcm[k] = pieces
         t_pcm = time.perf_counter()
-        for k, slot, c, eot, pieces in zip(speaking, slots, codes, eots, pcm, strict=True):
+        for k, st, c, eot, pieces in zip(speaking, states, codes, eots, pcm, strict=True):
             speech = SpeechOut(codes=c, pcm=pieces, end_of_turn=eot, first_pcm_s=t_pcm if pieces else None)
             if eot:
-                self.tts_turn.discard(slot)
-                self.turns.pop(slot, None)
+                st.end_speech()
             speech.done_s = t_pcm
             out[k] = speech
         self._vocoder_s = time.perf_counter() - t_voc
