@@ -9,8 +9,8 @@ the TTS and the vocoder of the speaking ones:
   each led by the session's pending tail from its previous unit (terminator + `</unit>`: there is no separate
   finalize step in a tick; `finalize` feeds pending tails on demand, e.g. before a session leaves the batch);
 * generate: one static (graph-replayed) LLM decode step per token for all sessions still decoding, with the
-  listen/speak/text decision vectorized over the batch (`batched_decision`, the rule of `decide_token`);
-* speak: TTS conditions in one projector call, the 26 TTS draws of all speaking sessions as static steps with
+  listen/speak/text decision vectorized over the batch (`batched_decision.decide_batch`);
+* speak (`tick_speech.TickSpeech`): TTS conditions in one projector call, the 26 TTS draws of all speaking sessions as static steps with
   sampling on the device (`static_tts`), then the vocoder windows (`Token2Wav.push_codes_batch`:
   equal-shaped windows share one flow batch, the streaming HiFT batches blocks of equal geometry).
 
@@ -19,6 +19,10 @@ The per-session Python that remains is integer bookkeeping (the control flow of 
 the batcher keeps none per session. The per-session reference loop the tests compare a tick with
 (`tests/reference_engine.py`) shares that state, so a session can move between it and the batcher between
 units.
+
+At ~520 lines this module is one piece on purpose: prefill, generate and finalize share the tick's static LLM
+step, its host-side KV-length count and its `_Run` bookkeeping, and `warm_up` must capture exactly the shapes
+those three feed (`unit_positions`); split, each change to a unit's layout would have to be made in two places.
 """
 
 from __future__ import annotations
@@ -30,14 +34,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..host_copy import upload
-from ..modules.tts import DUPLEX_MAX_DRAWS
 from ..modules.whisper import pooled_tokens
 from ..processor.audio_features import push_many
 from ..processor.image import ImageInputs
-from ..token2wav import PromptCache, PushRequest, Token2Wav
+from ..token2wav import PromptCache, Token2Wav
 from .batched_audio import BatchedAudioEncoder
 from .batched_decision import DecisionParams, RecentIds, decide_batch
 from .core import Engine
@@ -64,6 +66,7 @@ from .session import Session
 from .static_decode import StaticLLM
 from .static_tts import TTS_WINDOW, StaticTTS
 from .static_vision import StaticVision
+from .tick_speech import SpeechOut, TickSpeech
 
 
 def enable_static_steps(
@@ -78,15 +81,6 @@ def enable_static_steps(
             engine.model.llm, engine.cache, window, use_graphs=use_graphs, flex_decode=flex, fused=fused
         )
     return engine.static
-
-
-@dataclass
-class SpeechOut:
-    codes: list[int]
-    pcm: list[np.ndarray] = field(default_factory=list)  # float32 24 kHz pieces ready after this unit
-    first_pcm_s: float | None = None  # perf_counter() when the first piece of this unit was ready
-    end_of_turn: bool = False
-    done_s: float = 0.0  # perf_counter() when this unit's codes (and audio) were complete
 
 
 @dataclass
@@ -152,7 +146,7 @@ class DuplexBatcher:
         self.generator.manual_seed(seed)
         self._host_pool = ThreadPoolExecutor(max_workers=host_threads, thread_name_prefix="unit-prep")
         self.timings: dict[str, float] = {}  # stage times of the last tick (ms)
-        self._vocoder_s = 0.0
+        self.speech = TickSpeech(engine, self.tts, vocoder, voice)
 
     # ---- warm-up ------------------------------------------------------------------------------------------
     def unit_positions(self) -> tuple[int, int]:
@@ -493,83 +487,14 @@ class DuplexBatcher:
         self._feed_tokens(runs, [pending_tail(self.engine, s) for s in todo], hidden=False)
         take_tails(self.engine, todo)
 
-    # ---- speak --------------------------------------------------------------------------------------------
+    # ---- speak ------------------------------------------------------------------------------------------
     def conditions(self, results: Sequence[UnitResult]) -> list[torch.Tensor]:
-        """The TTS conditions of many units with one projector call: emb_text(t) + L2norm(projector_semantic(h))
-        per spoken token, then audio_bos (the duplex TTS never gets text_eos)."""
-        tts = self.engine.model.tts
-        assert tts is not None
-        w = tts.emb_text.weight
-        ids = [t for r in results for t in r.tts_token_ids]
-        hid = [r.tts_hidden for r in results if r.tts_hidden is not None]
-        tail = tts.emb_text(upload([tts.config.audio_bos_token_id], w.device))
-        if ids:
-            sem = tts.projector_semantic(torch.cat(hid).to(dtype=w.dtype, device=w.device))
-            if tts.config.normalize_projected_hidden:
-                sem = F.normalize(sem, p=2, dim=-1)
-            rows = tts.emb_text(upload(ids, w.device)) + sem
-        out, at = [], 0
-        for r in results:
-            n = len(r.tts_token_ids)
-            out.append(torch.cat([rows[at : at + n], tail]) if n else tail)
-            at += n
-        return out
-
-    def voice_of(self, st: DuplexState) -> PromptCache | None:
-        """The voice a session speaks with: its own, else the batcher's default."""
-        return st.voice if st.voice is not None else self.voice
+        return self.speech.conditions(results)
 
     @torch.no_grad()
     def speak(self, results: Sequence[UnitResult]) -> list[SpeechOut | None]:
-        """TTS (+ vocoder when the batcher has one) for every speaking unit of the tick. Each session's speech
-        turn (TTS turn open, vocoder turn, voice) is in its `DuplexState`."""
-        out: list[SpeechOut | None] = [None] * len(results)
-        self._vocoder_s = 0.0
-        for r in results:
-            if r.closed_turn_by_force:  # an interrupted turn: token2wav restarts, the TTS LM keeps its cache
-                _state(r.session).vocoder_turn = None
-        speaking = [k for k, r in enumerate(results) if r.prefilled and not r.is_listen]
-        if not speaking or self.tts is None:
-            return out
-        slots = [results[k].session.slot for k in speaking]
-        states = [_state(results[k].session) for k in speaking]
-        self.tts.reset([s for s, st in zip(slots, states, strict=True) if not st.tts_open])
-        mins = [
-            0 if (not st.tts_open or results[k].end_of_turn) else DUPLEX_MAX_DRAWS
-            for k, st in zip(speaking, states, strict=True)
-        ]
-        for st in states:
-            st.tts_open = True
-        codes = self.tts.generate_codes(slots, self.conditions([results[k] for k in speaking]), mins)
-        t_voc = time.perf_counter()
-        eots = [results[k].end_of_turn for k in speaking]
-        pcm: list[list[np.ndarray]] = [[] for _ in speaking]
-        voiced = [k for k, st in enumerate(states) if self.voice_of(st) is not None]
-        if self.vocoder is not None and voiced:
-            requests = []
-            for k in voiced:
-                st = states[k]
-                if st.vocoder_turn is None:
-                    voice = self.voice_of(st)
-                    assert voice is not None
-                    st.vocoder_turn = self.vocoder.start_turn(voice, rule="duplex")
-                # the official duplex path flushes short windows when the unit's codes ended at EOS
-                requests.append(
-                    PushRequest(
-                        st.vocoder_turn, codes[k], end_of_turn=eots[k], flush=self.tts.last_hit_eos[k]
-                    )
-                )
-            for k, pieces in zip(voiced, self.vocoder.push_codes_batch(requests), strict=True):
-                pcm[k] = pieces
-        t_pcm = time.perf_counter()
-        for k, st, c, eot, pieces in zip(speaking, states, codes, eots, pcm, strict=True):
-            speech = SpeechOut(codes=c, pcm=pieces, end_of_turn=eot, first_pcm_s=t_pcm if pieces else None)
-            if eot:
-                st.end_speech()
-            speech.done_s = t_pcm
-            out[k] = speech
-        self._vocoder_s = time.perf_counter() - t_voc
-        return out
+        """TTS (+ vocoder when the batcher has one) for every speaking unit of the tick (`TickSpeech.speak`)."""
+        return self.speech.speak(results)
 
     def _synced(self) -> float:
         if self.device.type == "cuda":
@@ -596,7 +521,7 @@ class DuplexBatcher:
         marks.append(self._synced())
         names = ("prefill_ms", "generate_ms", "speak_ms")
         self.timings = {k: (b - a) * 1000 for k, a, b in zip(names, marks[:-1], marks[1:], strict=True)}
-        self.timings["vocoder_ms"] = self._vocoder_s * 1000
+        self.timings["vocoder_ms"] = self.speech.vocoder_s * 1000
         self.timings["tts_ms"] = self.timings["speak_ms"] - self.timings["vocoder_ms"]
         return [
             UnitOutput(r, sp, d, sp.done_s if sp is not None else t_decided)
