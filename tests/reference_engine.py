@@ -7,12 +7,17 @@ separate forward (the reference's order), `decide_token` (one decision on one ro
 `condition`), `make_room` (a context-window slide around a pending tail). The bookkeeping these share with the
 tick (`start_unit`, `record_token`, ... in `MiniCPMO45.engine.duplex`) is the server's, so only the model calls
 and their batching differ.
+
+Half-duplex chat, per session: `prefill_user_audio` / `prefill_user_samples` (a user segment fed on its own,
+streamed 1 s at a time or whole), `prefill_user_text`, and `generate_reply` (assistant prefix + the reply loop,
+`generation.generate`). The server builds a user turn with `half_duplex.user_turn_embeddings` and decodes
+replies of many sessions with `generation.decode_step` (`inference/modes/chat.py`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,8 +43,21 @@ from MiniCPMO45.engine.duplex import (
     take_tails,
     unit_token,
 )
-from MiniCPMO45.engine.sampling import ban, penalize_length, sample, top_k_top_p
+from MiniCPMO45.engine.generation import TokenEvent, generate, reference_chunk_budget
+from MiniCPMO45.engine.half_duplex import (
+    AudioSegment,
+    _audio_placeholder,
+    _ensure_mode,
+    _prefill_text_and_audio,
+    _segment_from_samples,
+    _user_turn_prefix,
+    assistant_prefix,
+    reply_bans,
+    start_reply_state,
+)
+from MiniCPMO45.engine.sampling import ChatSampling, ban, penalize_length, sample, top_k_top_p
 from MiniCPMO45.engine.session import Session
+from MiniCPMO45.modules.whisper import pooled_tokens
 from MiniCPMO45.processor.audio_features import push_many
 
 
@@ -315,3 +333,81 @@ def step_units(engine: Engine, sessions: Sequence[Session], inputs: Sequence[Uni
     `finalize_units`)."""
     pre = prefill_units(engine, sessions, inputs)
     return generate_units(engine, sessions, [u.force_listen for u in inputs], pre)
+
+
+# ---- half-duplex chat, per session ----------------------------------------------------------------------
+
+
+def prefill_user_audio(engine: Engine, session: Session, segment: AudioSegment, stream: bool = True) -> None:
+    """Append one user audio segment (a 1-s chunk when `stream`, else a whole VAD segment)."""
+    _ensure_mode(engine, session)
+    st = session.half_duplex
+    prefix = _user_turn_prefix(st)
+    n = pooled_tokens(segment.frames, engine.model.config.audio_pool_step)
+    first = not st.prefilled_any
+    _prefill_text_and_audio(engine, session, [prefix, _audio_placeholder(n)], [segment], stream_audio=stream)
+    st.prefilled_any = True
+    st.new_user_msg = False
+    if first:
+        session.audio_cache.clear()
+
+
+def prefill_user_samples(engine: Engine, session: Session, samples: np.ndarray, stream: bool = True) -> None:
+    """Append user audio given as 16 kHz mono samples.
+
+    `stream=True`: a 1-s chunk through the session's streaming mel (the first chunk of a turn is left-padded
+    to 1035 ms) and the streaming encoder. `stream=False`: a whole VAD segment, batch log-mel and full
+    attention (what the reference half-duplex server does).
+    """
+    _ensure_mode(engine, session)
+    if stream:
+        features, _ = session.half_duplex.mel.push(samples)
+        segment = AudioSegment(torch.from_numpy(features)[None])
+    else:
+        segment = _segment_from_samples(samples)
+    prefill_user_audio(engine, session, segment, stream=stream)
+
+
+def generate_reply(
+    engine: Engine,
+    sessions: Sequence[Session],
+    params: ChatSampling,
+    max_new_tokens: int = 256,
+    use_tts_template: bool = True,
+    spoken: bool = True,
+    extra_banned: Sequence[int] = (),
+    observe_logits: Callable[[Session, torch.Tensor], None] | None = None,
+    display_text: bool = False,
+) -> Iterator[list[TokenEvent]]:
+    """Feed the assistant prefix and stream the reply tokens (with hidden states for the TTS); with
+    `display_text` the text deltas carry no control tokens (what a caller reads).
+
+    Like the reference, generation runs in chunks of 10 tokens, so `max_new_tokens` is rounded up to whole
+    chunks; the final sampled token is neither fed nor reported.
+    """
+    for s in sessions:
+        _ensure_mode(engine, s)
+        start_reply_state(s)
+    prefix = assistant_prefix(engine, use_tts_template)
+    logits = engine.last_logits(engine.feed_ids(sessions, [prefix] * len(sessions)))
+    return generate(
+        engine,
+        sessions,
+        logits,
+        params,
+        reference_chunk_budget(max_new_tokens),
+        reply_bans(engine, spoken, extra_banned),
+        report_unfed_last=False,
+        observe_logits=observe_logits,
+        display_text=display_text,
+    )
+
+
+def prefill_user_text(engine: Engine, session: Session, text: str) -> None:
+    """Append a typed user message (same turn bookkeeping as `prefill_user_audio`)."""
+    _ensure_mode(engine, session)
+    st = session.half_duplex
+    prefix = _user_turn_prefix(st)
+    engine.feed_ids([session], [engine.tokenizer.encode(prefix + text)])
+    st.prefilled_any = True
+    st.new_user_msg = False

@@ -21,6 +21,7 @@ from MiniCPMO45.engine.session import Mode, Session
 from MiniCPMO45.modules.tts import MiniCPMTTS
 from MiniCPMO45.modules.tts_streamer import TTSStreamer, next_pieces
 from tests.conftest import REPO_ROOT
+from tests.reference_engine import generate_reply, prefill_user_text
 
 GREEDY = ChatSampling(do_sample=False, repetition_penalty=1.05, length_penalty=1.1)
 SETTINGS = {"cache_dir": str(REPO_ROOT / ".cache" / "embedded"), "max_sessions": 4}
@@ -35,7 +36,7 @@ def engine(tiny_model_dir: Path) -> Engine:
 def _prompted(engine: Engine, text: str) -> Session:
     s = engine.open_session(Mode.HALF_DUPLEX)
     hd.prefill_system(engine, s, ["You are a helpful assistant."])
-    hd.prefill_user_text(engine, s, text)
+    prefill_user_text(engine, s, text)
     return s
 
 
@@ -44,7 +45,7 @@ def _alone(engine: Engine, text: str, max_new: int) -> list[int]:
     s = _prompted(engine, text)
     try:
         ids = []
-        for step in hd.generate_reply(engine, [s], GREEDY, max_new):
+        for step in generate_reply(engine, [s], GREEDY, max_new):
             ids += [e.token for e in step if e.token is not None]
         return ids
     finally:

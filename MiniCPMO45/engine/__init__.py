@@ -6,8 +6,8 @@ full-duplex unit loop, all over one loaded model and one slot-based KV cache.
 
 Turn-based (`engine.chat`): `prefill_messages` / `prefill`, optionally `continue_with(assistant_prefix(...))`,
 then `reply(...)` yields per-step `TokenEvent`s (token, hidden state for the TTS, text delta).
-Half-duplex (`engine.half_duplex`): `prefill_system`, `prefill_user_samples` / `prefill_user_audio`,
-`generate_reply`.
+Half-duplex chat (`engine.half_duplex`): `prefill_system`, then per user turn `user_turn_embeddings` (fed with
+the assistant prefix, batched across sessions) and `start_reply_state`.
 Full duplex: one `DuplexSession` (`engine.duplex_session`) per call owns its state (KV slot, `DuplexState`,
 speech turn, context window); `DuplexSession.tick(calls, inputs)` runs one unit of every call as one tick of
 `engine.batcher.DuplexBatcher` (prefill led by the previous unit's tail, decode, TTS, vocoder; static steps,
