@@ -280,7 +280,8 @@ def record_token(
     st.total_ids.append(tok)
     res.is_listen = tok == sp.listen
     if tok in (sp.listen, sp.chunk_eos, sp.chunk_tts_eos):
-        st.pending_terminator = tok  # fed with </unit> in front of the next unit (or by finalize_units)
+        # fed with </unit> in front of the next unit (or by `DuplexBatcher.finalize`)
+        st.pending_terminator = tok
         return False
     st.turn_open = True
     if j != 0:
