@@ -236,9 +236,8 @@ def run_case(
         step_ms = llm_step_ms(engine, batcher, sessions, base_len)
     finally:
         for s in sessions:
+            s.duplex.end_speech()  # the vocoder turns go with their sessions
             engine.close_session(s)
-        batcher.turns.clear()
-        batcher.tts_turn.clear()
     row: dict[str, object] = {
         "llm_step_ms": step_ms,
         "mode": mode,

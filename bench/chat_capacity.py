@@ -82,10 +82,11 @@ def batch1_tokens_per_s(host, tokens: int) -> float:  # noqa: ANN001
     try:
         assert isinstance(mode, ChatMode) and mode.session is not None
         s = mode.session
-        hd.prefill_user_text(engine, s, "Tell me a long story about the sea.")
+        # the user turn and the assistant prefix in one feed, as `ChatMode` starts a reply
+        user = hd.user_turn_embeddings(engine, s, text="Tell me a long story about the sea.")
         hd.start_reply_state(s)
         prefix = engine.model.embed_ids(hd.assistant_prefix(engine, use_tts_template=True))
-        _, logits = engine.feed_for_logits([s], [prefix])
+        _, logits = engine.feed_for_logits([s], [torch.cat([user, prefix.to(user.dtype)])])
         sp = engine.special
         row = start_row(
             engine, s, logits[0], mode.sampling, tokens + 8, [sp.tts_eos, sp.im_end, engine.eos_s]

@@ -1,8 +1,9 @@
 """Real-size, batch-1 check of our engine on a GPU (issues 3 and 4): random weights, bf16.
 
 Measures: build time, VRAM after load, one chat turn (time to first token, decode rate), and N full-duplex
-units (audio-only and omni) with the per-unit split: vision, audio encoder, LLM prefill, decision/decode, TTS
-(25 codes), vocoder (token2wav, 5 flow steps, causal HiFT), finalize; plus decision-to-first-PCM.
+units (audio-only and omni) of one session through the server's tick (`DuplexSession.tick`, the batcher's
+static steps) with the per-unit split: vision, audio encoder, LLM prefill, decision/decode, TTS (25 codes),
+vocoder (token2wav, 5 flow steps, causal HiFT); plus decision-to-first-PCM. (Many sessions: `capacity.py`.)
 
     python bench/engine_gpu.py --config CONFIG.json --tokenizer DIR --out OUT [--units 20]
 
@@ -27,9 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.realsize import build_random_model, make_model_dir, param_count  # noqa: E402
 from MiniCPMO45.config import PreprocessorConfig  # noqa: E402
-from MiniCPMO45.engine import duplex  # noqa: E402
+from MiniCPMO45.engine.batcher import DuplexBatcher  # noqa: E402
 from MiniCPMO45.engine.chat import assistant_prefix, continue_with, prefill_messages, reply  # noqa: E402
 from MiniCPMO45.engine.core import Engine  # noqa: E402
+from MiniCPMO45.engine.duplex import DuplexConfig, UnitInput  # noqa: E402
+from MiniCPMO45.engine.duplex_session import DuplexSession  # noqa: E402
 from MiniCPMO45.engine.sampling import ChatSampling  # noqa: E402
 from MiniCPMO45.token2wav import Token2Wav  # noqa: E402
 from MiniCPMO45.token2wav.random_assets import write_random_assets  # noqa: E402
@@ -90,85 +93,61 @@ def chat_turn(engine: Engine, new_tokens: int) -> dict[str, float]:
     }
 
 
-def duplex_units(
-    engine: Engine, vocoder: Token2Wav, units: int, omni: bool, warmup: int = 2
-) -> dict[str, object]:
+def duplex_batcher(engine: Engine, vocoder: Token2Wav) -> DuplexBatcher:
+    """The server's tick over `engine`, with a random voice."""
     rng = np.random.default_rng(1)
-    cfg = duplex.DuplexConfig(decode_mode="sampling", force_listen_count=0, seed=0)
-    s = engine.open_session(seed=0)
-    ref = (0.1 * rng.standard_normal(16000 * 2)).astype(np.float32)
-    t0 = now_ms()
-    duplex.prepare(engine, s, "Streaming Omni Conversation. You are a helpful assistant.", ref, cfg)
-    prepare_ms = now_ms() - t0
-    tts = engine.model.tts
-    assert tts is not None
-    tts_cache = tts.new_cache(1)
-    tts_session = tts.new_session(tts_cache, seed=0)
     voice = vocoder.prepare_prompt(
         rng.integers(0, 6561, size=150),
         rng.standard_normal((1, 300, 80)).astype(np.float32) * 0.5,
         rng.standard_normal((1, 192)).astype(np.float32),
     )
-    turn = None
+    return DuplexBatcher(engine, vocoder, voice)
+
+
+def duplex_units(batcher: DuplexBatcher, units: int, omni: bool, warmup: int = 2) -> dict[str, object]:
+    """Batch-1 units through the server's tick (`DuplexSession.tick` on a `DuplexBatcher`: static steps as CUDA
+    graphs, TTS, vocoder), with the tick's stage split."""
+    rng = np.random.default_rng(1)
+    cfg = DuplexConfig(decode_mode="sampling", force_listen_count=0, seed=0)
+    call = DuplexSession(batcher, unit_budget=40 + (2 * 66 if omni else 0), seed=0)
+    ref = (0.1 * rng.standard_normal(16000 * 2)).astype(np.float32)
+    t0 = now_ms()
+    call.prepare("Streaming Omni Conversation. You are a helpful assistant.", ref, cfg)
+    prepare_ms = now_ms() - t0
     frame = Image.fromarray(rng.integers(0, 255, size=(448, 448, 3), dtype=np.uint8)) if omni else None
     rows: list[dict[str, float]] = []
     for u in range(units + warmup):
         audio = (0.1 * rng.standard_normal(16000 if u else 16560)).astype(np.float32)
-        unit = duplex.UnitInput(audio=audio, frames=[frame] if frame is not None else [])
+        unit = UnitInput(audio=audio, frames=[frame] if frame is not None else [])
         t_start = now_ms()
-        pre = duplex.prefill_units(engine, [s], [unit])
-        t_pre = now_ms()
-        res = duplex.generate_units(engine, [s], prefills=pre)[0]
-        t_dec = now_ms()
-        tts_ms = voc_ms = 0.0
-        first_pcm_ms = float("nan")
-        n_codes = 0
-        if not res.is_listen:
-            cond = duplex.tts_condition(engine, res)
-            first_of_turn = turn is None
-            codes = tts.generate_chunk(
-                tts_session, cond, min_new=0 if (first_of_turn or res.end_of_turn) else 26, max_new=26
-            )
-            t_tts = now_ms()
-            tts_ms = t_tts - t_dec
-            n_codes = int(codes.numel())
-            if turn is None:
-                turn = vocoder.start_turn(voice, rule="duplex")
-            for i, _pcm in enumerate(
-                vocoder.iter_push_codes(turn, codes.tolist(), end_of_turn=res.end_of_turn)
-            ):
-                if i == 0:
-                    first_pcm_ms = now_ms() - t_dec
-            voc_ms = now_ms() - t_tts
-            if res.end_of_turn:
-                tts.end_turn(tts_session)
-                turn = None
-        t_fin0 = now_ms()
-        duplex.finalize_units(engine, [s])
+        [done] = DuplexSession.tick([call], [unit])
         t_end = now_ms()
         if u < warmup:
             continue
-        tm = pre[0].timings_ms
+        out, res, stages = done.output, done.output.result, done.tick_ms
+        speech = out.speech
+        first_pcm_ms = float("nan")
+        if speech is not None and speech.first_pcm_s is not None and out.decision_s is not None:
+            first_pcm_ms = (speech.first_pcm_s - out.decision_s) * 1000
+        tm = res.timings_ms
         rows.append(
             {
                 "speak": float(not res.is_listen),
                 "tokens": float(len(res.decoded_ids)),
-                "codes": float(n_codes),
+                "codes": float(len(speech.codes) if speech is not None else 0),
                 "vision_ms": tm.get("vision_ms", 0.0),
                 "audio_ms": tm.get("audio_ms", 0.0),
                 "llm_prefill_ms": tm.get("prefill_feed_ms", 0.0),
-                "prefill_ms": t_pre - t_start,
-                "decode_ms": t_dec - t_pre,
-                "tts_ms": tts_ms,
-                "vocoder_ms": voc_ms,
-                "finalize_ms": t_end - t_fin0,
+                "prefill_ms": stages["prefill_ms"],
+                "decode_ms": stages["generate_ms"],
+                "tts_ms": stages["tts_ms"] if speech is not None else 0.0,
+                "vocoder_ms": stages["vocoder_ms"] if speech is not None else 0.0,
                 "unit_ms": t_end - t_start,
                 "decision_to_first_pcm_ms": first_pcm_ms,
                 "kv_length": float(res.kv_length),
             }
         )
-    engine.close_session(s)
-    tts_session.close()
+    call.close()
     summary: dict[str, object] = {"prepare_ms": prepare_ms, "units": len(rows)}
     for key in rows[0]:
         vals = [r[key] for r in rows if not np.isnan(r[key])]
@@ -277,14 +256,15 @@ def main() -> int:
     chat_turn(engine, 8)  # warm-up
     results["chat"] = chat_turn(engine, args.chat_tokens)
     print("chat", json.dumps(results["chat"]), flush=True)
+    batcher = duplex_batcher(engine, vocoder)
     for name, omni in (("audio_duplex", False), ("omni_duplex", True)):
-        summary = duplex_units(engine, vocoder, args.units, omni)
+        summary = duplex_units(batcher, args.units, omni)
         results[name] = summary
         print(name, json.dumps({k: v for k, v in summary.items() if k != "rows"}), flush=True)
     if torch.cuda.is_available():
         results["vram_peak_gib"] = gib(torch.cuda.max_memory_allocated())
     if args.save_load:
-        del vocoder
+        del vocoder, batcher
         results["save_load"] = save_and_load(model, model_dir, device)
     (out / "engine_gpu.json").write_text(json.dumps(results, indent=1))
 
@@ -309,7 +289,6 @@ def main() -> int:
         "decode_ms",
         "tts_ms",
         "vocoder_ms",
-        "finalize_ms",
         "decision_to_first_pcm_ms",
         "tokens",
         "codes",

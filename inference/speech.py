@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from MiniCPMO45.modules.tts import TTSSession, next_pieces
+from MiniCPMO45.modules.tts import TTSSession
+from MiniCPMO45.modules.tts_streamer import TTSStreamer, next_pieces
 from MiniCPMO45.token2wav import PushRequest
 
 from .engine_host import EngineHost, Voice
@@ -51,7 +52,7 @@ class TurnVoice:
     chunks: int = 0  # text chunks conditioned so far
 
     def __post_init__(self) -> None:
-        self.streamer = self.host.tts.streamer(self.tts)
+        self.streamer = TTSStreamer(self.host.tts, self.tts)
         self.turn = self.host.vocoder.start_turn(self.voice.prompt, rule="turn")
         self._flushed = False
 

@@ -15,13 +15,14 @@ from MiniCPMO45.config import AudioConfig
 from MiniCPMO45.engine.batched_audio import BatchedAudioEncoder
 from MiniCPMO45.engine.batcher import DuplexBatcher
 from MiniCPMO45.engine.core import Engine
-from MiniCPMO45.engine.duplex import UnitInput, finalize_units, generate_units, prefill_units, prepare
+from MiniCPMO45.engine.duplex import UnitInput, prepare
 from MiniCPMO45.engine.session import Mode
 from MiniCPMO45.model import MiniCPMO
 from MiniCPMO45.modules.whisper import WhisperStreamCache
 from MiniCPMO45.modules.whisper_slots import WhisperSlotCache
 from MiniCPMO45.processor.audio_io import load_audio
 from tests.engine_fixtures import fixture_duplex_config, load_manifest
+from tests.reference_engine import finalize_units, generate_units, prefill_units
 
 TOL = 1e-4
 

@@ -16,20 +16,11 @@ from PIL import Image
 
 from MiniCPMO45.engine.batcher import DuplexBatcher
 from MiniCPMO45.engine.core import Engine
-from MiniCPMO45.engine.duplex import (
-    SchemaItem,
-    UnitInput,
-    context_length,
-    finalize_units,
-    generate_units,
-    pending_tail,
-    prefill_units,
-    prepare,
-    tts_condition,
-)
+from MiniCPMO45.engine.duplex import SchemaItem, UnitInput, context_length, pending_tail, prepare
 from MiniCPMO45.engine.session import Mode
 from MiniCPMO45.processor.audio_io import load_audio
 from tests.engine_fixtures import fixture_duplex_config, load_manifest, load_npz
+from tests.reference_engine import finalize_units, generate_units, prefill_units, tts_condition
 
 UNITS = 6
 

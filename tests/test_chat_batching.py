@@ -18,8 +18,10 @@ from MiniCPMO45.engine.core import Engine
 from MiniCPMO45.engine.generation import ReplyRow, decode_step, reference_chunk_budget, start_row
 from MiniCPMO45.engine.sampling import ChatSampling
 from MiniCPMO45.engine.session import Mode, Session
-from MiniCPMO45.modules.tts import MiniCPMTTS, next_pieces
+from MiniCPMO45.modules.tts import MiniCPMTTS
+from MiniCPMO45.modules.tts_streamer import TTSStreamer, next_pieces
 from tests.conftest import REPO_ROOT
+from tests.reference_engine import generate_reply, prefill_user_text
 
 GREEDY = ChatSampling(do_sample=False, repetition_penalty=1.05, length_penalty=1.1)
 SETTINGS = {"cache_dir": str(REPO_ROOT / ".cache" / "embedded"), "max_sessions": 4}
@@ -34,7 +36,7 @@ def engine(tiny_model_dir: Path) -> Engine:
 def _prompted(engine: Engine, text: str) -> Session:
     s = engine.open_session(Mode.HALF_DUPLEX)
     hd.prefill_system(engine, s, ["You are a helpful assistant."])
-    hd.prefill_user_text(engine, s, text)
+    prefill_user_text(engine, s, text)
     return s
 
 
@@ -43,7 +45,7 @@ def _alone(engine: Engine, text: str, max_new: int) -> list[int]:
     s = _prompted(engine, text)
     try:
         ids = []
-        for step in hd.generate_reply(engine, [s], GREEDY, max_new):
+        for step in generate_reply(engine, [s], GREEDY, max_new):
             ids += [e.token for e in step if e.token is not None]
         return ids
     finally:
@@ -117,7 +119,7 @@ def test_streamers_drawn_together_give_each_ones_codes(tiny_model_dir: Path, tin
     def speak(which: list[int]) -> dict[int, list[list[int]]]:
         cache = tts.new_cache(num_slots=2, capacity=512)
         sessions = {i: tts.new_session(cache, seed=11 + i) for i in which}
-        streamers = {i: tts.streamer(sessions[i], max_new_per_text_chunk=40 + 7 * i) for i in which}
+        streamers = {i: TTSStreamer(tts, sessions[i], max_new_per_text_chunk=40 + 7 * i) for i in which}
         out: dict[int, list[list[int]]] = {i: [] for i in which}
         at = dict.fromkeys(which, 0)
         while any(at[i] < len(plans[i]) or streamers[i].feeding for i in which):

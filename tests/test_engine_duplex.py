@@ -15,19 +15,15 @@ from MiniCPMO45.engine.duplex import (
     DuplexConfig,
     UnitInput,
     context_length,
-    finalize_units,
-    generate_units,
-    make_room,
-    prefill_units,
     prepare,
     reaches_chars,
     schema_codes,
-    tts_condition,
 )
 from MiniCPMO45.engine.session import Mode
 from MiniCPMO45.processor.audio_io import load_audio
 from MiniCPMO45.tokenizer import MiniCPMOTokenizer
 from tests.engine_fixtures import assert_close, fixture_duplex_config, load_manifest, load_npz
+from tests.reference_engine import finalize_units, generate_units, make_room, prefill_units, tts_condition
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +31,9 @@ def engine(tiny_model_dir: Path) -> Engine:
     return Engine.from_pretrained(tiny_model_dir, dtype=torch.float32, max_sessions=2, max_len=512)
 
 
-def _run(engine: Engine, fixture_dir: Path, config: DuplexConfig, fold: bool = False):
+def _run(
+    engine: Engine, fixture_dir: Path, config: DuplexConfig, fold: bool = False, piecewise: bool = False
+):
     manifest = load_manifest(fixture_dir)
     inputs = fixture_dir / "inputs"
     audio = load_audio(inputs / "duplex_audio.wav")
@@ -50,7 +48,7 @@ def _run(engine: Engine, fixture_dir: Path, config: DuplexConfig, fold: bool = F
     for k, rec in enumerate(manifest["duplex_steps"]):
         frame = Image.open(inputs / f"frame_{k}.png").convert("RGB")
         unit = UnitInput(audio=audio[k * 16000 : (k + 1) * 16000], frames=[frame])
-        pre = prefill_units(engine, [s], [unit])
+        pre = prefill_units(engine, [s], [unit], piecewise)
         if first_logits is None:
             first_logits = s.duplex.pending_logits.clone()
         observe = lambda _s, lg: seen.append(lg)  # noqa: E731
@@ -77,8 +75,8 @@ def test_duplex_loop_matches_reference(
 ) -> None:
     e = load_npz(tiny_fixture_dir, "e_duplex")
     manifest = load_manifest(tiny_fixture_dir)
-    config = fixture_duplex_config(manifest, piecewise_prefill=piecewise)
-    s, kv0, first_logits, steps, seen = _run(engine, tiny_fixture_dir, config, fold)
+    config = fixture_duplex_config(manifest)
+    s, kv0, first_logits, steps, seen = _run(engine, tiny_fixture_dir, config, fold, piecewise)
     try:
         assert kv0 == int(e["kv_len_after_prepare"])
         assert_close(first_logits, e["decode_first_logits_full"], what="first decode logits")

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from MiniCPMO45.engine.core import Engine
-from MiniCPMO45.engine.half_duplex import AudioSegment, generate_reply, prefill_system, prefill_user_audio
+from MiniCPMO45.engine.half_duplex import AudioSegment, prefill_system
 from MiniCPMO45.engine.sampling import ChatSampling
 from MiniCPMO45.engine.session import Mode
 from tests.engine_fixtures import assert_close, load_manifest, load_npz
+from tests.reference_engine import generate_reply, prefill_user_audio, prefill_user_samples
 
 GREEDY = ChatSampling(do_sample=False, repetition_penalty=1.0, length_penalty=1.0)
 
@@ -70,7 +71,6 @@ def test_streaming_prefill_and_reply(engine: Engine, tiny_fixture_dir: Path) -> 
 
 def test_raw_audio_turns(engine: Engine, tiny_fixture_dir: Path) -> None:
     """Raw samples go through the session's streaming mel; a second turn reopens the user message."""
-    from MiniCPMO45.engine.half_duplex import prefill_user_samples
     from MiniCPMO45.processor.audio_io import load_audio
 
     audio = load_audio(tiny_fixture_dir / "inputs" / "duplex_audio.wav")

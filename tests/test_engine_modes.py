@@ -10,19 +10,13 @@ import torch
 
 from MiniCPMO45.engine.chat import PromptInputs, prefill, reply
 from MiniCPMO45.engine.core import Engine
-from MiniCPMO45.engine.duplex import (
-    DuplexConfig,
-    UnitInput,
-    finalize_units,
-    generate_units,
-    prefill_units,
-    prepare,
-)
+from MiniCPMO45.engine.duplex import DuplexConfig, UnitInput, prepare
 from MiniCPMO45.engine.half_duplex import prefill_system
 from MiniCPMO45.engine.sampling import ChatSampling
 from MiniCPMO45.engine.session import Mode
 from MiniCPMO45.modules.kv_cache import CacheFullError
 from MiniCPMO45.processor.audio_io import load_audio
+from tests.reference_engine import finalize_units, generate_units, prefill_units
 
 
 @pytest.fixture(scope="module")

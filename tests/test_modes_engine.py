@@ -209,7 +209,9 @@ def test_thirty_minute_duplex_session_stays_within_the_context_limit(host) -> No
     )
     try:
         engine = host.engine
-        protected = mode.window.protected
+        assert mode.call is not None and mode.call.window is not None
+        window = mode.call.window
+        protected = window.protected
         started = time.perf_counter()
         kv_max, dropped = 0, 0
         audio = noise(rng, 16000 * 10)
@@ -224,8 +226,8 @@ def test_thirty_minute_duplex_session_stays_within_the_context_limit(host) -> No
         assert kv_max <= limit
         assert dropped > 1800 * 13 - limit  # nearly everything but the window was dropped along the way
         # the system prompt is still the start of the context
-        assert mode.window.protected == protected and mode.window.starts[0] == protected
-        assert engine.kv_length(mode.session) <= limit
+        assert window.protected == protected and window.starts[0] == protected
+        assert engine.kv_length(mode.call.session) <= limit
     finally:
         mode.close()
 

@@ -17,9 +17,10 @@ from MiniCPMO45.modules.tts import (
     TURN_SAMPLING,
     CacheFullError,
     MiniCPMTTS,
-    TTSStreamer,
 )
 from MiniCPMO45.modules.tts_sampling import code_distribution, keep_top_k, keep_top_p, penalize_repeats
+from MiniCPMO45.modules.tts_streamer import TTSStreamer
+from tests.reference_tts import generate, generate_chunk, speak_units, teacher_force_chunk
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,10 +66,10 @@ def cond(e_duplex: dict[str, np.ndarray], k: int) -> torch.Tensor:
 def test_mid_turn_unit_returns_exactly_25_codes(tts: MiniCPMTTS, e_duplex) -> None:
     cache = tts.new_cache(num_slots=1, capacity=256)
     session = tts.new_session(cache, seed=7)
-    first = tts.generate_chunk(session, cond(e_duplex, 0), min_new=0)
+    first = generate_chunk(tts, session, cond(e_duplex, 0), min_new=0)
     start = session.length
     assert start == cond(e_duplex, 0).shape[0] + first.numel()
-    codes = tts.generate_chunk(session, cond(e_duplex, 1))
+    codes = generate_chunk(tts, session, cond(e_duplex, 1))
     assert codes.shape == (25,)
     assert int(codes.max()) < tts.eos_id
     assert session.length == start + cond(e_duplex, 1).shape[0] + 25
@@ -80,7 +81,7 @@ def test_sampling_is_reproducible_per_session_seed(tts: MiniCPMTTS, e_duplex) ->
     runs = []
     for seed in (11, 11, 12):
         session = tts.new_session(cache, seed=seed)
-        runs.append(tts.generate_chunk(session, cond(e_duplex, 0), min_new=26))
+        runs.append(generate_chunk(tts, session, cond(e_duplex, 0), min_new=26))
         session.close()
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])
@@ -91,7 +92,7 @@ def test_batched_draws_equal_single_session_draws(tts: MiniCPMTTS, e_duplex) -> 
     alone = []
     for k, seed in ((0, 5), (2, 6)):
         s = tts.new_session(cache, seed=seed)
-        alone.append(tts.generate_chunk(s, cond(e_duplex, k), min_new=26))
+        alone.append(generate_chunk(tts, s, cond(e_duplex, k), min_new=26))
         s.close()
     a, b = tts.new_session(cache, seed=5), tts.new_session(cache, seed=6)
     batched = tts.generate_chunks([a, b], [cond(e_duplex, 0), cond(e_duplex, 2)], min_new=26, max_new=26)
@@ -124,7 +125,7 @@ def test_min_new_forbids_eos_until_reached(eos_biased: MiniCPMTTS, e_duplex) -> 
 def test_end_turn_resets_position(tts: MiniCPMTTS, e_duplex) -> None:
     cache = tts.new_cache(num_slots=1, capacity=256)
     session = tts.new_session(cache, seed=0)
-    tts.generate_chunk(session, cond(e_duplex, 0))
+    generate_chunk(tts, session, cond(e_duplex, 0))
     assert session.text_start_pos > 0
     tts.end_turn(session)
     assert session.text_start_pos == 0
@@ -138,11 +139,11 @@ def test_repetition_penalty_sees_only_this_calls_codes(tts: MiniCPMTTS, e_duplex
     probs = {}
     for name, sampling in (("pen", DUPLEX_SAMPLING), ("plain", plain)):
         s = tts.new_session(cache, seed=0)
-        first = tts.teacher_force_chunk(
-            s, cond(e_duplex, 0), [code] * 20, min_new=20, max_new=20, sampling=sampling
+        first = teacher_force_chunk(
+            tts, s, cond(e_duplex, 0), [code] * 20, min_new=20, max_new=20, sampling=sampling
         )
-        second = tts.teacher_force_chunk(
-            s, cond(e_duplex, 1), [code] * 2, min_new=2, max_new=2, sampling=sampling
+        second = teacher_force_chunk(
+            tts, s, cond(e_duplex, 1), [code] * 2, min_new=2, max_new=2, sampling=sampling
         )
         probs[name] = (first, second)
         s.close()
@@ -186,7 +187,7 @@ def test_streamer_yields_25_code_pieces_and_recomputes(tts: MiniCPMTTS, e_duplex
     """The tiny TTS never draws EOS, so each text chunk runs to its draw limit (60 here)."""
     cache = tts.new_cache(num_slots=1, capacity=512)
     session = tts.new_session(cache, seed=3)
-    streamer = tts.streamer(session, TURN_SAMPLING, chunk_size=25, max_new_per_text_chunk=60)
+    streamer = TTSStreamer(tts, session, TURN_SAMPLING, chunk_size=25, max_new_per_text_chunk=60)
     c0, c1 = cond(e_duplex, 0), cond(e_duplex, 1)
     pieces0 = list(streamer.feed(c0, text_finished=False))
     assert [(p.numel(), last) for p, last in pieces0] == [(25, False), (25, False)]
@@ -206,7 +207,7 @@ def test_streamer_yields_25_code_pieces_and_recomputes(tts: MiniCPMTTS, e_duplex
 def test_streamer_last_piece_and_immediate_eos(eos_biased: MiniCPMTTS, e_duplex) -> None:
     cache = eos_biased.new_cache(num_slots=1, capacity=512)
     session = eos_biased.new_session(cache, seed=0)
-    streamer = eos_biased.streamer(session)
+    streamer = TTSStreamer(eos_biased, session)
     assert [(p.numel(), last) for p, last in streamer.feed(cond(e_duplex, 0), text_finished=True)] == [
         (0, True)
     ]
@@ -281,9 +282,9 @@ def test_cache_limits(tts: MiniCPMTTS, e_duplex) -> None:
     with pytest.raises(CacheFullError):
         tts.new_session(cache)
     with pytest.raises(CacheFullError, match="capacity is 20"):
-        tts.generate_chunk(session, cond(e_duplex, 0))  # 5 + 25 positions > 20
+        generate_chunk(tts, session, cond(e_duplex, 0))  # 5 + 25 positions > 20
     assert session.length == 0  # refused before any work
-    codes = tts.generate_chunk(session, cond(e_duplex, 0), max_new=16)  # 5 + 15 positions fit exactly
+    codes = generate_chunk(tts, session, cond(e_duplex, 0), max_new=16)  # 5 + 15 positions fit exactly
     assert codes.numel() == 15 and session.length == 20
     session.close()
     assert cache.free_slots == 1
@@ -298,7 +299,7 @@ def test_streamer_recompute_warps_first_draw_of_later_chunks(tts: MiniCPMTTS, e_
     sampling = dataclasses.replace(TURN_SAMPLING, repetition_penalty=1.0)
     cache = tts.new_cache(num_slots=2, capacity=512)
     session = tts.new_session(cache, seed=4)
-    streamer = tts.streamer(session, sampling, max_new_per_text_chunk=30)
+    streamer = TTSStreamer(tts, session, sampling, max_new_per_text_chunk=30)
     c0, c1 = cond(e_duplex, 0), cond(e_duplex, 1)
     list(streamer.feed(c0, text_finished=False))
     codes0 = list(streamer.turn_codes)
@@ -311,8 +312,8 @@ def test_streamer_recompute_warps_first_draw_of_later_chunks(tts: MiniCPMTTS, e_
     reference = tts.new_session(cache, seed=0)
     with torch.inference_mode():
         full = torch.cat([c0, tts.emb_code[0](torch.tensor(codes0)), c1])
-    plain = tts.generate(
-        reference, full, min_new=0, max_new=1, sampling=sampling, forced=[0], record_probs=True
+    plain = generate(
+        tts, reference, full, min_new=0, max_new=1, sampling=sampling, forced=[0], record_probs=True
     )
     assert plain.probs is not None
     assert (
@@ -328,11 +329,11 @@ def test_speak_units_applies_duplex_rules(eos_biased: MiniCPMTTS, e_duplex) -> N
     the turn's last unit stops at once and resets the session."""
     cache = eos_biased.new_cache(num_slots=2, capacity=256)
     a, b = eos_biased.new_session(cache, seed=0), eos_biased.new_session(cache, seed=1)
-    first = eos_biased.speak_units([a], [cond(e_duplex, 0)], end_of_turn=[False])[0]
+    first = speak_units(eos_biased, [a], [cond(e_duplex, 0)], end_of_turn=[False])[0]
     assert first.codes.numel() == 0 and first.hit_eos and a.length == cond(e_duplex, 0).shape[0]
-    mid, start = eos_biased.speak_units([a, b], [cond(e_duplex, 1), cond(e_duplex, 0)], [False, False])
+    mid, start = speak_units(eos_biased, [a, b], [cond(e_duplex, 1), cond(e_duplex, 0)], [False, False])
     assert mid.codes.numel() == 25 and not mid.hit_eos
     assert start.codes.numel() == 0  # b is at the start of its turn
-    last = eos_biased.speak_units([a], [cond(e_duplex, 2)], end_of_turn=[True])[0]
+    last = speak_units(eos_biased, [a], [cond(e_duplex, 2)], end_of_turn=[True])[0]
     assert last.codes.numel() == 0 and last.hit_eos
     assert a.length == 0

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from MiniCPMO45.modules.tts import TURN_SAMPLING, MiniCPMTTS
+from tests.reference_tts import generate
 
 PROB_ATOL = 1e-5
 # The tiny model's code distributions are nearly uniform (most probabilities ~1e-4), where 1e-5 absolute cannot
@@ -67,8 +68,15 @@ def test_f_tts_teacher_forced_distributions(tts: MiniCPMTTS, f_tts: dict[str, np
     cache = tts.new_cache(num_slots=1, capacity=4096)
     session = tts.new_session(cache, seed=0)
 
-    result = tts.generate(
-        session, condition, min_new=50, max_new=2048, sampling=TURN_SAMPLING, forced=chosen, record_probs=True
+    result = generate(
+        tts,
+        session,
+        condition,
+        min_new=50,
+        max_new=2048,
+        sampling=TURN_SAMPLING,
+        forced=chosen,
+        record_probs=True,
     )
 
     assert result.probs is not None

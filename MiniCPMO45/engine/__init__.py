@@ -6,13 +6,15 @@ full-duplex unit loop, all over one loaded model and one slot-based KV cache.
 
 Turn-based (`engine.chat`): `prefill_messages` / `prefill`, optionally `continue_with(assistant_prefix(...))`,
 then `reply(...)` yields per-step `TokenEvent`s (token, hidden state for the TTS, text delta).
-Half-duplex (`engine.half_duplex`): `prefill_system`, `prefill_user_samples` / `prefill_user_audio`,
-`generate_reply`.
-Full duplex (`engine.duplex`): `prepare`, then per unit `step_units` (= `prefill_units` + `generate_units`); a
-unit's tail (terminator, `</unit>`) is fed by the next prefill, or now by `finalize_units` (a flush);
-`context_length` counts a pending tail; `make_room` slides a context window around it; `tts_condition(engine,
-result)` builds the TTS input of a speaking unit.
-Every step function takes a list of sessions and batches their LLM work.
+Half-duplex chat (`engine.half_duplex`): `prefill_system`, then per user turn `user_turn_embeddings` (fed with
+the assistant prefix, batched across sessions) and `start_reply_state`.
+Full duplex: one `DuplexSession` (`engine.duplex_session`) per call owns its state (KV slot, `DuplexState`,
+speech turn, context window); `DuplexSession.tick(calls, inputs)` runs one unit of every call as one tick of
+`engine.batcher.DuplexBatcher` (prefill led by the previous unit's tail, decode, TTS, vocoder; static steps,
+eager on the CPU and CUDA graphs on a GPU). `engine.duplex` holds the per-unit state and rules the tick applies.
+Chat replies decode batched through `engine.generation` (`start_row`, `decode_step`) on the same static feed.
+Every step function takes a list of sessions and batches their LLM work. (The per-session duplex loop the
+tests compare the tick with is `tests/reference_engine.py`.)
 """
 
 from .core import Engine

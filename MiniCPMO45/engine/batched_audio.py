@@ -12,7 +12,8 @@ is captured as a CUDA graph per (rows, mel frames, new frames) on a GPU and run 
 
 Which conversation a slot holds is tracked by an owner object (the session's `DuplexState`): a slot that gets
 a new owner (a new session in a reused slot, or a re-prepared one) starts an empty stream, or continues the
-owner's per-session `WhisperStreamCache` when it has one (a session moving from `duplex.prefill_units`).
+owner's per-session `WhisperStreamCache` when it has one (a session moving from the per-session reference,
+`tests/reference_engine.prefill_units`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""`duplex.decide_token` for a batch of sessions in a few device ops and one host sync.
+"""The duplex listen/speak/text decision for a batch of sessions in a few device ops and one host sync.
 
-Same rule, row by row (tests compare it with `decide_token` on greedy and on the filter): a first untempered
+The rule, row by row (the one-row reference is `decide_token` in `tests/reference_engine.py`; the golden
+fixtures check the tick's greedy decisions, `tests/test_batched_decision.py` the filter): a first untempered
 draw (or argmax) that may end the unit with `<|chunk_eos|>`; bans; repetition penalty over the session's
 recent decoded ids; length penalty on `<|turn_eos|>`; listen scale; listen top-k; then argmax, or temperature
 + top-k/top-p + draw. Sampled rows draw from one generator for the batch (not the sessions' own generators),
@@ -139,7 +140,7 @@ def decide_batch(
     override: Sequence[int | None] | None = None,
 ) -> list[int]:
     """One decision per row of `raw_logits [B, V]` (float32), whose sessions are the rows `rows` (device) of
-    `recent`; appends to `states[i].decoded` (and to `recent`) like `decide_token`. `override[i]`, when not
+    `recent`; appends to `states[i].decoded` (and to `recent`) like the reference's `decide_token`. `override[i]`, when not
     None, replaces row i's choice after it was computed (benchmarks: a fixed workload that still pays for the
     decision)."""
     sp = engine.special

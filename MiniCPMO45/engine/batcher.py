@@ -1,22 +1,28 @@
 """The per-worker duplex batcher: every active session's unit as one batch, from audio/frames to PCM.
 
-One `DuplexBatcher.run_units(sessions, inputs)` call is one tick of the worker: it runs, for all sessions at
-once, what `duplex.prefill_units` / `generate_units` / `finalize_units` do per list of sessions, plus the TTS
-and the vocoder of the speaking ones:
+One `DuplexBatcher.run_units(sessions, inputs)` call is one tick of the worker (the server's one duplex
+runtime; `DuplexSession.tick` wraps it per call): for all sessions at once, a unit's prefill, its decode, and
+the TTS and the vocoder of the speaking ones:
 
 * prefill: the streaming audio encoder batched across sessions (`batched_audio`), the vision encoder over all
   frames in one call, then one static LLM step over the ragged unit pieces (audio-only and omni units together),
   each led by the session's pending tail from its previous unit (terminator + `</unit>`: there is no separate
   finalize step in a tick; `finalize` feeds pending tails on demand, e.g. before a session leaves the batch);
 * generate: one static (graph-replayed) LLM decode step per token for all sessions still decoding, with the
-  listen/speak/text decision vectorized over the batch (`batched_decision`, the rule of `decide_token`);
-* speak: TTS conditions in one projector call, the 26 TTS draws of all speaking sessions as static steps with
+  listen/speak/text decision vectorized over the batch (`batched_decision.decide_batch`);
+* speak (`tick_speech.TickSpeech`): TTS conditions in one projector call, the 26 TTS draws of all speaking sessions as static steps with
   sampling on the device (`static_tts`), then the vocoder windows (`Token2Wav.push_codes_batch`:
   equal-shaped windows share one flow batch, the streaming HiFT batches blocks of equal geometry).
 
-The per-session Python that remains is integer bookkeeping (the control flow of the unit loop), never a model
-call. The session states are the same `DuplexState`s the per-session functions use, so a session can move
-between this batcher and the per-session calls between units.
+The per-session Python that remains is integer bookkeeping (the control flow of the unit loop, in
+`engine.duplex`), never a model call. Each session's state, its speech turn included, is its `DuplexState`;
+the batcher keeps none per session. The per-session reference loop the tests compare a tick with
+(`tests/reference_engine.py`) shares that state, so a session can move between it and the batcher between
+units.
+
+At ~520 lines this module is one piece on purpose: prefill, generate and finalize share the tick's static LLM
+step, its host-side KV-length count and its `_Run` bookkeeping, and `warm_up` must capture exactly the shapes
+those three feed (`unit_positions`); split, each change to a unit's layout would have to be made in two places.
 """
 
 from __future__ import annotations
@@ -28,14 +34,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..host_copy import upload
-from ..modules.tts import DUPLEX_MAX_DRAWS
 from ..modules.whisper import pooled_tokens
 from ..processor.audio_features import push_many
 from ..processor.image import ImageInputs
-from ..token2wav import PromptCache, PushRequest, Token2Wav, TurnState
+from ..token2wav import PromptCache, Token2Wav
 from .batched_audio import BatchedAudioEncoder
 from .batched_decision import DecisionParams, RecentIds, decide_batch
 from .core import Engine
@@ -62,6 +66,7 @@ from .session import Session
 from .static_decode import StaticLLM
 from .static_tts import TTS_WINDOW, StaticTTS
 from .static_vision import StaticVision
+from .tick_speech import SpeechOut, TickSpeech
 
 
 def enable_static_steps(
@@ -76,15 +81,6 @@ def enable_static_steps(
             engine.model.llm, engine.cache, window, use_graphs=use_graphs, flex_decode=flex, fused=fused
         )
     return engine.static
-
-
-@dataclass
-class SpeechOut:
-    codes: list[int]
-    pcm: list[np.ndarray] = field(default_factory=list)  # float32 24 kHz pieces ready after this unit
-    first_pcm_s: float | None = None  # perf_counter() when the first piece of this unit was ready
-    end_of_turn: bool = False
-    done_s: float = 0.0  # perf_counter() when this unit's codes (and audio) were complete
 
 
 @dataclass
@@ -149,29 +145,8 @@ class DuplexBatcher:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         self._host_pool = ThreadPoolExecutor(max_workers=host_threads, thread_name_prefix="unit-prep")
-        self.turns: dict[int, TurnState] = {}  # vocoder turn per KV slot
-        self.voices: dict[int, PromptCache] = {}  # the voice of each attached slot (else `voice`)
         self.timings: dict[str, float] = {}  # stage times of the last tick (ms)
-        self._vocoder_s = 0.0
-        self.tts_turn: set[int] = set()  # slots whose TTS turn is open
-
-    # ---- sessions -----------------------------------------------------------------------------------------
-    def attach(self, slot: int, voice: PromptCache | None) -> None:
-        """A session takes `slot` with this voice: no turn of the slot's previous owner carries over."""
-        self.end_turn(slot)
-        if voice is not None:
-            self.voices[slot] = voice
-        else:
-            self.voices.pop(slot, None)
-
-    def end_turn(self, slot: int) -> None:
-        """Forget the slot's spoken turn (its tail was played, or it was cut off): TTS and vocoder restart."""
-        self.tts_turn.discard(slot)
-        self.turns.pop(slot, None)
-
-    def release(self, slot: int) -> None:
-        self.end_turn(slot)
-        self.voices.pop(slot, None)
+        self.speech = TickSpeech(engine, self.tts, vocoder, voice)
 
     # ---- warm-up ------------------------------------------------------------------------------------------
     def unit_positions(self) -> tuple[int, int]:
@@ -236,8 +211,9 @@ class DuplexBatcher:
     # ---- prefill ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, sessions: Sequence[Session], inputs: Sequence[UnitInput]) -> list[UnitResult]:
-        """`duplex.prefill_units` with the audio encoder batched across sessions (same pieces, same order; each
-        ready session's pending tail first)."""
+        """Each session's unit into its KV in one static step: the streaming audio encoder batched across
+        sessions, the frames through the vision tower, then the ragged pieces (each ready session's pending tail
+        first, `<unit>`, image blocks, audio rows). The next-token logits wait in the state for `generate`."""
         if len(sessions) != len(inputs):
             raise ValueError("one unit input per session")
         eng, model, sp = self.engine, self.engine.model, self.engine.special
@@ -362,7 +338,7 @@ class DuplexBatcher:
         force_listen: Sequence[bool] | None = None,
         scripts: Sequence[list[int] | None] | None = None,
     ) -> tuple[list[UnitResult], list[float | None]]:
-        """`duplex.generate_units` for the whole batch. `scripts[i]`, when given, replaces session i's
+        """The listen/speak decision and the unit's text for the whole batch. `scripts[i]`, when given, replaces session i's
         decisions by those tokens in order (benchmarks: a fixed speak/listen workload on random weights).
 
         Per decode step the host waits for the device once (the decision's tokens): the slots' KV lengths are
@@ -502,7 +478,7 @@ class DuplexBatcher:
     # ---- finalize -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def finalize(self, sessions: Sequence[Session]) -> None:
-        """`duplex.finalize_units` as one static step: feed the pending tails now (not part of a tick; for a
+        """Feed pending unit tails as one static step: feed the pending tails now (not part of a tick; for a
         session that leaves the batch or whose KV is read as a whole, e.g. before a context-window slide)."""
         todo = [s for s in sessions if _state(s).tail_pending]
         if not todo:
@@ -511,77 +487,14 @@ class DuplexBatcher:
         self._feed_tokens(runs, [pending_tail(self.engine, s) for s in todo], hidden=False)
         take_tails(self.engine, todo)
 
-    # ---- speak --------------------------------------------------------------------------------------------
+    # ---- speak ------------------------------------------------------------------------------------------
     def conditions(self, results: Sequence[UnitResult]) -> list[torch.Tensor]:
-        """`duplex.tts_condition` for many units with one projector call."""
-        tts = self.engine.model.tts
-        assert tts is not None
-        w = tts.emb_text.weight
-        ids = [t for r in results for t in r.tts_token_ids]
-        hid = [r.tts_hidden for r in results if r.tts_hidden is not None]
-        tail = tts.emb_text(upload([tts.config.audio_bos_token_id], w.device))
-        if ids:
-            sem = tts.projector_semantic(torch.cat(hid).to(dtype=w.dtype, device=w.device))
-            if tts.config.normalize_projected_hidden:
-                sem = F.normalize(sem, p=2, dim=-1)
-            rows = tts.emb_text(upload(ids, w.device)) + sem
-        out, at = [], 0
-        for r in results:
-            n = len(r.tts_token_ids)
-            out.append(torch.cat([rows[at : at + n], tail]) if n else tail)
-            at += n
-        return out
+        return self.speech.conditions(results)
 
     @torch.no_grad()
     def speak(self, results: Sequence[UnitResult]) -> list[SpeechOut | None]:
-        """TTS (+ vocoder when the batcher has one) for every speaking unit of the tick."""
-        out: list[SpeechOut | None] = [None] * len(results)
-        self._vocoder_s = 0.0
-        for r in results:
-            if r.closed_turn_by_force:  # an interrupted turn: token2wav restarts, the TTS LM keeps its cache
-                self.turns.pop(r.session.slot, None)
-        speaking = [k for k, r in enumerate(results) if r.prefilled and not r.is_listen]
-        if not speaking or self.tts is None:
-            return out
-        slots = [results[k].session.slot for k in speaking]
-        starting = [s for s in slots if s not in self.tts_turn]
-        self.tts.reset(starting)
-        mins = [
-            0 if (s not in self.tts_turn or results[k].end_of_turn) else DUPLEX_MAX_DRAWS
-            for k, s in zip(speaking, slots, strict=True)
-        ]
-        self.tts_turn.update(slots)
-        codes = self.tts.generate_codes(slots, self.conditions([results[k] for k in speaking]), mins)
-        t_voc = time.perf_counter()
-        eots = [results[k].end_of_turn for k in speaking]
-        pcm: list[list[np.ndarray]] = [[] for _ in speaking]
-        voiced = [k for k, slot in enumerate(slots) if self.voices.get(slot, self.voice) is not None]
-        if self.vocoder is not None and voiced:
-            requests = []
-            for k in voiced:
-                slot = slots[k]
-                if slot not in self.turns:
-                    voice = self.voices.get(slot, self.voice)
-                    assert voice is not None
-                    self.turns[slot] = self.vocoder.start_turn(voice, rule="duplex")
-                # the official duplex path flushes short windows when the unit's codes ended at EOS
-                requests.append(
-                    PushRequest(
-                        self.turns[slot], codes[k], end_of_turn=eots[k], flush=self.tts.last_hit_eos[k]
-                    )
-                )
-            for k, pieces in zip(voiced, self.vocoder.push_codes_batch(requests), strict=True):
-                pcm[k] = pieces
-        t_pcm = time.perf_counter()
-        for k, slot, c, eot, pieces in zip(speaking, slots, codes, eots, pcm, strict=True):
-            speech = SpeechOut(codes=c, pcm=pieces, end_of_turn=eot, first_pcm_s=t_pcm if pieces else None)
-            if eot:
-                self.tts_turn.discard(slot)
-                self.turns.pop(slot, None)
-            speech.done_s = t_pcm
-            out[k] = speech
-        self._vocoder_s = time.perf_counter() - t_voc
-        return out
+        """TTS (+ vocoder when the batcher has one) for every speaking unit of the tick (`TickSpeech.speak`)."""
+        return self.speech.speak(results)
 
     def _synced(self) -> float:
         if self.device.type == "cuda":
@@ -608,7 +521,7 @@ class DuplexBatcher:
         marks.append(self._synced())
         names = ("prefill_ms", "generate_ms", "speak_ms")
         self.timings = {k: (b - a) * 1000 for k, a, b in zip(names, marks[:-1], marks[1:], strict=True)}
-        self.timings["vocoder_ms"] = self._vocoder_s * 1000
+        self.timings["vocoder_ms"] = self.speech.vocoder_s * 1000
         self.timings["tts_ms"] = self.timings["speak_ms"] - self.timings["vocoder_ms"]
         return [
             UnitOutput(r, sp, d, sp.done_s if sp is not None else t_decided)

@@ -108,6 +108,12 @@ class Engine:
     def kv_length(self, session: Session) -> int:
         return self.cache.length(session.slot)
 
+    def kv_lengths(self, sessions: Sequence[Session]) -> list[int]:
+        """The KV lengths of several sessions in one device read."""
+        if not sessions:
+            return []
+        return self.cache.lengths[[s.slot for s in sessions]].tolist()
+
     def kv_room(self, session: Session) -> int:
         """Positions left in the session's slot (a scheduler stops or trims a session before it runs out, so
         that one full session does not fail a whole batched step)."""

@@ -1,28 +1,34 @@
-"""The full-duplex unit loop (spec §3.3): one unit per second of user audio (plus an optional video frame).
+"""The full-duplex unit's state and rules (spec §3.3): one unit per second of user audio (plus an optional
+video frame).
 
-Per session: `prepare` once (system prefix, reference-audio embeddings, suffix), then for every unit
-`prefill_units` → `generate_units`. Each step function takes a list of sessions and runs their LLM work as one
-batch; a session's state lives in its `DuplexState`.
+Per session: `prepare` once (system prefix, reference-audio embeddings, suffix); then every unit runs as part of
+a tick of `engine.batcher.DuplexBatcher` (prefill, decode, TTS, vocoder for all sessions at once), and
+`engine.duplex_session.DuplexSession` owns one call's state. This module holds what the tick needs per
+session: the `DuplexConfig`, the `DuplexState`, the unit's inputs and results, and the integer bookkeeping of
+the unit loop (`start_unit`, `unit_token`, `record_token`, `record_fed`, `at_unit_cap`, `end_unit`, the pending
+tail). No model call runs here except `prepare`'s feeds. (The per-session reference loop the tests compare the
+tick with lives in `tests/reference_engine.py`.)
 
 A unit ends with a tail the decoder chose but did not feed: its terminator (if any) and `</unit>`. The
 reference feeds that tail in a separate "finalize" forward after each unit. Here the tail waits in the state
-and the next `prefill_units` feeds it in front of the next unit's `<unit>`, in the same forward: attention is
-causal, so the KV and the logits are the ones the separate forward gives, and a unit costs one LLM step less.
-`finalize_units` feeds pending tails explicitly: before the session's KV is read as a whole (a context-window
-slide, see `make_room`; a mode switch keeps nothing, so it needs none), or to mirror the reference's timing.
+and the next prefill feeds it in front of the next unit's `<unit>`, in the same forward: attention is causal,
+so the KV and the logits are the ones the separate forward gives, and a unit costs one LLM step less.
+`DuplexBatcher.finalize` feeds pending tails explicitly: before the session's KV is read as a whole (a
+context-window slide, see `DuplexSession.make_room`; a mode switch keeps nothing, so it needs none).
 `context_length` is the KV length with the pending tail counted: where the next unit starts.
 
-The listen/speak decision follows the reference decoder. Two reference bugs are not copied: the listen
-scale/top-k settings act on `<|listen|>` (the reference applies them to `<|im_end|>`), and by default the
-repetition penalty lowers negative logits instead of raising them (see `DuplexConfig.repetition_penalty_style`).
+The listen/speak decision (`batched_decision.decide_batch`) follows the reference decoder. Two reference bugs
+are not copied: the listen scale/top-k settings act on `<|listen|>` (the reference applies them to
+`<|im_end|>`), and by default the repetition penalty lowers negative logits instead of raising them (see
+`DuplexConfig.repetition_penalty_style`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -34,13 +40,13 @@ from ..processor.audio_features import (
     FIXED_FLOOR_MODE,
     StreamingMel,
     batch_features,
-    push_many,
 )
 from ..tokenizer import MiniCPMOTokenizer
-from .context_window import SlidingWindow
 from .core import Engine
-from .sampling import ban, penalize_length, sample, top_k_top_p
 from .session import Mode, Session
+
+if TYPE_CHECKING:
+    from ..token2wav import PromptCache, TurnState
 
 SchemaItem = int | tuple[str, int]
 
@@ -67,9 +73,6 @@ class DuplexConfig(BaseModel):
     chunk_ms: int = 1000
     first_chunk_ms: int = 1035
     cnn_redundancy_ms: int = 20
-    # One forward per prefill piece (`<unit>`, `<image>`, image rows, ... audio rows) like the reference, or
-    # the whole unit in one forward (same function, float rounding differs).
-    piecewise_prefill: bool = False
     # Log-mel floor of the offline reference-audio features. The reference reads it from state its streaming
     # mel left on a shared extractor (fixed -10 while that buffer was under 5 s); the parity fixture was made
     # in that state, so "fixed" is the default.
@@ -87,13 +90,23 @@ class DuplexState:
     pending_logits: torch.Tensor | None = None
     pending_terminator: int | None = None
     # The last unit's tail ([pending_terminator], </unit>) is decided but not in the KV yet: the next prefill
-    # (or `finalize_units`) feeds it.
+    # (or `DuplexBatcher.finalize`) feeds it.
     tail_pending: bool = False
     decoded: list[int] = field(default_factory=list)  # every id the decoder chose (repetition window)
     # every id of the units after their prefill pieces, in KV order (a pending tail is already listed)
     total_ids: list[int] = field(default_factory=list)
     schema: list[list[SchemaItem]] = field(default_factory=list)
     system_length: int = 0
+    # The call's speech: its voice (None: the batcher's default), whether its TTS turn is open (a unit that
+    # opens one resets the slot's TTS cache) and its vocoder turn (started at the turn's first voiced unit).
+    voice: PromptCache | None = None
+    tts_open: bool = False
+    vocoder_turn: TurnState | None = None
+
+    def end_speech(self) -> None:
+        """Forget the spoken turn (its tail was played, or it was cut off): TTS and vocoder restart."""
+        self.tts_open = False
+        self.vocoder_turn = None
 
 
 @dataclass
@@ -169,15 +182,6 @@ def context_length(engine: Engine, session: Session) -> int:
     return engine.kv_length(session) + len(pending_tail(engine, session))
 
 
-def make_room(engine: Engine, session: Session, window: SlidingWindow, needed: int) -> int:
-    """`window.make_room` for a duplex session: the pending tail counts, and it is fed before any unit is
-    dropped, so every dropped span is a whole unit. Returns the positions dropped."""
-    if context_length(engine, session) + needed <= window.max_tokens:
-        return 0
-    finalize_units(engine, [session])
-    return window.make_room(engine, session, needed)
-
-
 # ---- prepare --------------------------------------------------------------------------------------------------
 
 
@@ -216,95 +220,6 @@ def prepare(
 # ---- prefill --------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _UnitPieces:
-    pieces: list[torch.Tensor]
-    schema: list[SchemaItem]
-
-
-@torch.no_grad()
-def prefill_units(
-    engine: Engine, sessions: Sequence[Session], inputs: Sequence[UnitInput]
-) -> list[UnitResult]:
-    """Feed the previous unit's pending tail, then `<unit>`, the frames' image blocks and the 10 audio
-    embeddings of each session's unit. A session without enough audio (and no frame) is not fed at all: its
-    tail stays pending."""
-    if len(sessions) != len(inputs):
-        raise ValueError("one unit input per session")
-    t0 = time.perf_counter()
-    model, sp = engine.model, engine.special
-    results = [UnitResult(session=s) for s in sessions]
-    ready: list[int] = []
-    mel_units = []
-    for s in sessions:
-        _state(s).pending_logits = None
-    audio = [u.audio if u.audio is not None and len(u.audio) else None for u in inputs]
-    all_mel_units = push_many([_state(s).mel for s in sessions], audio)  # one batched transform
-    for i, (mel_unit, unit) in enumerate(zip(all_mel_units, inputs, strict=True)):
-        if mel_unit is None and not unit.frames:
-            results[i].prefilled = False  # not enough audio yet: this unit will be a listen
-            continue
-        ready.append(i)
-        mel_units.append(mel_unit)
-
-    # Vision for every ready session in one encoder call.
-    images = engine.images
-    views: list[torch.Tensor] = []
-    sizes: list[np.ndarray] = []
-    per_frame: list[list[int]] = []  # per ready session: number of views of each frame
-    for i in ready:
-        counts = []
-        for frame in inputs[i].frames:
-            n_slices = inputs[i].max_slice_nums or _state(sessions[i]).config.max_slice_nums
-            out = images.preprocess(frame, n_slices)
-            views += [torch.from_numpy(v) for v in out.pixel_values]
-            sizes.append(out.tgt_sizes)
-            counts.append(len(out.pixel_values))
-        per_frame.append(counts)
-    vision = model.vision_embeds(views, torch.from_numpy(np.concatenate(sizes))) if views else None
-    t_vision = time.perf_counter()
-
-    units: list[_UnitPieces] = []
-    used = 0
-    tails = [pending_tail(engine, sessions[i]) for i in ready]
-    for k, i in enumerate(ready):
-        s = sessions[i]
-        # the previous unit's tail goes first, in the same forward (its own piece in piecewise mode)
-        pieces: list[torch.Tensor] = [model.embed_ids(tails[k])] if tails[k] else []
-        pieces.append(model.embed_ids([sp.unit_start]))
-        schema: list[SchemaItem] = [sp.unit_start]
-        for n_views in per_frame[k]:
-            assert vision is not None
-            for v in range(n_views):
-                open_id, close_id = (
-                    (sp.image_start, sp.image_end) if v == 0 else (sp.slice_start, sp.slice_end)
-                )
-                rows = vision[used + v]
-                pieces += [model.embed_ids([open_id]), rows, model.embed_ids([close_id])]
-                schema += [open_id, ("img", rows.shape[0]), close_id]
-            used += n_views
-        mel_unit = mel_units[k]
-        if mel_unit is not None:
-            feats = torch.from_numpy(mel_unit.features)[None]
-            rows = model.audio_embeds_stream(
-                feats, s.audio_cache, mel_unit.prefix_frames, mel_unit.suffix_frames
-            )
-            pieces.append(rows)
-            schema.append(("audio", rows.shape[0]))
-        units.append(_UnitPieces(pieces, schema))
-    t_audio = time.perf_counter()
-
-    if ready:
-        ready_sessions = [sessions[i] for i in ready]
-        piecewise = any(_state(s).config.piecewise_prefill for s in ready_sessions)
-        last_hidden = _feed_pieces(engine, ready_sessions, units, piecewise)
-        take_tails(engine, ready_sessions)  # fed with the units
-        logits = engine.model.llm.logits(torch.stack(last_hidden))
-        record_prefill(ready_sessions, logits, [u.schema for u in units])
-    stamp_prefill(results, (t_vision - t0) * 1000, (t_audio - t_vision) * 1000, t_audio)
-    return results
-
-
 def record_prefill(
     sessions: Sequence[Session], logits: torch.Tensor, schemas: Sequence[list[SchemaItem]]
 ) -> None:
@@ -325,60 +240,7 @@ def stamp_prefill(
         r.timings_ms.update(vision_ms=vision_ms, audio_ms=audio_ms, prefill_feed_ms=feed_ms)
 
 
-def _feed_pieces(
-    engine: Engine, sessions: Sequence[Session], units: Sequence[_UnitPieces], piecewise: bool
-) -> list[torch.Tensor]:
-    """Feed each session's pieces; returns the last hidden state `[D]` per session."""
-    if not sessions:
-        return []
-    if not piecewise:
-        hidden = engine.feed(sessions, [torch.cat(u.pieces) for u in units])
-        return [h[-1] for h in hidden]
-    last: list[torch.Tensor | None] = [None] * len(sessions)
-    for r in range(max(len(u.pieces) for u in units)):
-        rows = [k for k, u in enumerate(units) if r < len(u.pieces)]
-        hidden = engine.feed([sessions[k] for k in rows], [units[k].pieces[r] for k in rows])
-        for k, h in zip(rows, hidden, strict=True):
-            last[k] = h[-1]
-    return [h for h in last if h is not None]
-
-
 # ---- the decision ---------------------------------------------------------------------------------------------
-
-
-def decide_token(
-    engine: Engine, st: DuplexState, raw_logits: torch.Tensor, generator: torch.Generator
-) -> int:
-    """One listen/speak/text decision on the raw `[V]` logits (§3.3.3 step 2)."""
-    cfg, sp = st.config, engine.special
-    greedy = cfg.decode_mode == "greedy"
-    # A first, untempered draw decides whether the unit's speech ends here.
-    first = int(torch.argmax(raw_logits)) if greedy else sample(raw_logits, generator)
-    if first == sp.chunk_eos:
-        return sp.chunk_eos
-    logits = raw_logits.float().clone()
-    ban(logits, engine.duplex_bans)
-    recent = set(st.decoded[-cfg.text_repetition_window :]) if cfg.text_repetition_window else set()
-    if cfg.text_repetition_penalty != 1.0 and recent:
-        idx = torch.tensor(sorted(recent), dtype=torch.long, device=logits.device)
-        vals = logits[idx]
-        if cfg.repetition_penalty_style == "reference":
-            logits[idx] = vals / cfg.text_repetition_penalty
-        else:
-            logits[idx] = torch.where(
-                vals > 0, vals / cfg.text_repetition_penalty, vals * cfg.text_repetition_penalty
-            )
-    penalize_length(logits, [sp.turn_eos], cfg.length_penalty)
-    if cfg.listen_prob_scale != 1.0:
-        logits[sp.listen] *= cfg.listen_prob_scale
-    if cfg.listen_top_k is not None and int((logits > logits[sp.listen]).sum()) < cfg.listen_top_k:
-        return sp.listen
-    if greedy:
-        tok = int(torch.argmax(logits))
-    else:
-        tok = sample(top_k_top_p(logits / cfg.temperature, cfg.top_k, cfg.top_p), generator)
-    st.decoded.append(tok)
-    return tok
 
 
 def at_unit_cap(engine: Engine, st: DuplexState, j: int) -> bool:
@@ -418,7 +280,8 @@ def record_token(
     st.total_ids.append(tok)
     res.is_listen = tok == sp.listen
     if tok in (sp.listen, sp.chunk_eos, sp.chunk_tts_eos):
-        st.pending_terminator = tok  # fed with </unit> in front of the next unit (or by finalize_units)
+        # fed with </unit> in front of the next unit (or by `DuplexBatcher.finalize`)
+        st.pending_terminator = tok
         return False
     st.turn_open = True
     if j != 0:
@@ -453,101 +316,6 @@ def reaches_chars(tokenizer: MiniCPMOTokenizer, ids: Sequence[int], limit: int) 
     return len(tokenizer.decode(ids, skip_special_tokens=True)) >= limit
 
 
-@dataclass
-class _UnitRun:
-    index: int
-    st: DuplexState
-    forced: bool
-    logits: torch.Tensor
-    unit_ids: list[int] = field(default_factory=list)
-    hidden: list[torch.Tensor] = field(default_factory=list)
-    done: bool = False
-
-
-@torch.no_grad()
-def generate_units(
-    engine: Engine,
-    sessions: Sequence[Session],
-    force_listen: Sequence[bool] | None = None,
-    prefills: Sequence[UnitResult] | None = None,
-    observe_logits: Callable[[Session, torch.Tensor], None] | None = None,
-) -> list[UnitResult]:
-    """Decide listen/speak for each session's pending unit and decode its text, batched across sessions."""
-    t0 = time.perf_counter()
-    sp = engine.special
-    force_listen = list(force_listen) if force_listen is not None else [False] * len(sessions)
-    results = list(prefills) if prefills is not None else [UnitResult(session=s) for s in sessions]
-    runs: list[_UnitRun] = []
-    closers: list[int] = []
-    for i, s in enumerate(sessions):
-        st = _state(s)
-        if st.pending_logits is None:
-            results[i].is_listen = True  # nothing prefilled: listen, no tail of its own
-            continue
-        logits, st.pending_logits = st.pending_logits, None
-        forced = start_unit(s, force_listen[i])
-        results[i].forced_listen = forced
-        runs.append(_UnitRun(i, st, forced, logits))
-        if force_listen[i] and st.turn_open:
-            closers.append(len(runs) - 1)
-    if closers:
-        # The user interrupted a turn: close it with <|turn_eos|> before the forced listen.
-        hidden = engine.feed_ids([sessions[runs[k].index] for k in closers], [[sp.turn_eos]] * len(closers))
-        new_logits = engine.last_logits(hidden)
-        for row, k in enumerate(closers):
-            run = runs[k]
-            run.st.total_ids.append(sp.turn_eos)
-            run.st.turn_open = False
-            run.logits = new_logits[row]
-            results[run.index].closed_turn_by_force = True
-
-    max_steps = max((r.st.config.max_new_speak_tokens_per_chunk for r in runs), default=0)
-    for j in range(max_steps):
-        to_feed: list[tuple[_UnitRun, int]] = []
-        for run in runs:
-            if run.done:
-                continue
-            st, res = run.st, results[run.index]
-            if at_unit_cap(engine, st, j):
-                run.done = True
-                continue
-            decided = None
-            if not run.forced:
-                if observe_logits is not None:
-                    observe_logits(sessions[run.index], run.logits.clone())
-                decided = decide_token(engine, st, run.logits, sessions[run.index].generator)
-            tok = unit_token(engine, st, res, decided)
-            if not record_token(engine, st, res, run.unit_ids, tok, j):
-                run.done = True
-                continue
-            to_feed.append((run, tok))
-        if not to_feed:
-            break
-        hidden = engine.feed_ids([sessions[r.index] for r, _ in to_feed], [[t] for _, t in to_feed])
-        logits = engine.last_logits(hidden)
-        for row, ((run, tok), h) in enumerate(zip(to_feed, hidden, strict=True)):
-            run.logits = logits[row]
-            record_fed(engine, run.st, results[run.index], tok)
-            if j != 0:  # the unit's first token is never spoken
-                run.unit_ids.append(tok)
-                run.hidden.append(h[-1])
-    t1 = time.perf_counter()
-    for run in runs:
-        res = results[run.index]
-        end_unit(engine, run.st)
-        res.tts_token_ids = list(run.unit_ids)
-        res.tts_hidden = torch.stack(run.hidden) if run.hidden else None
-        res.text = engine.tokenizer.decode(run.unit_ids, skip_special_tokens=True) if run.unit_ids else ""
-        if res.is_listen:
-            res.text, res.tts_token_ids, res.tts_hidden = "", [], None
-    ran = {run.index for run in runs}
-    for i, s in enumerate(sessions):
-        # a session that did not run this unit may still hold the previous unit's tail
-        results[i].kv_length = engine.kv_length(s) if i in ran else context_length(engine, s)
-        results[i].timings_ms["generate_ms"] = (t1 - t0) * 1000
-    return results
-
-
 def start_unit(session: Session, force_listen: bool) -> bool:
     """Begin deciding the session's prefilled unit; returns whether the unit is a forced listen."""
     st = _state(session)
@@ -562,34 +330,3 @@ def end_unit(engine: Engine, st: DuplexState) -> None:
     """The unit's decisions are complete: its tail (`[terminator] </unit>`) is now pending."""
     st.total_ids.append(engine.special.unit_end)
     st.tail_pending = True
-
-
-# ---- finalize -------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def finalize_units(engine: Engine, sessions: Sequence[Session]) -> None:
-    """Feed the pending tails (terminator if any, `</unit>`) of the sessions in one batched forward, so their
-    KV is complete now rather than at their next prefill. Sessions without a pending tail are skipped."""
-    todo = [s for s in sessions if _state(s).tail_pending]
-    if todo:
-        engine.feed_ids(todo, [pending_tail(engine, s) for s in todo])
-        take_tails(engine, todo)
-
-
-def tts_condition(engine: Engine, result: UnitResult) -> torch.Tensor:
-    """The TTS condition of a speaking unit: emb_text(t) + L2norm(projector_semantic(h)) per spoken token,
-    then audio_bos (the duplex TTS never gets text_eos)."""
-    tts = engine.model.tts
-    if tts is None:
-        raise RuntimeError("the model was loaded without the TTS")
-    d = engine.model.config.llm.hidden_size
-    hidden = result.tts_hidden if result.tts_hidden is not None else torch.zeros(0, d)
-    return tts.condition(torch.tensor(result.tts_token_ids, dtype=torch.long), hidden, text_finished=False)
-
-
-def step_units(engine: Engine, sessions: Sequence[Session], inputs: Sequence[UnitInput]) -> list[UnitResult]:
-    """Prefill and decide one unit for every session (the unit's tail is fed by the next one's prefill, or by
-    `finalize_units`)."""
-    pre = prefill_units(engine, sessions, inputs)
-    return generate_units(engine, sessions, [u.force_listen for u in inputs], pre)

@@ -8,7 +8,7 @@ new user turn after a reply starts with `<|tts_eos|><|im_end|>\\n` (the reply is
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,9 +20,19 @@ from ..processor.audio_features import DYNAMIC_FLOOR, batch_features
 from ..processor.chat_template import IMAGE_MARK
 from .chat import assistant_prefix, prompt_embeddings, prompt_from_processor, spoken_bans
 from .core import Engine
-from .generation import TokenEvent, generate, reference_chunk_budget
-from .sampling import ChatSampling
 from .session import HalfDuplexState, Mode, Session
+
+__all__ = [
+    "DYNAMIC_FLOOR",
+    "AudioSegment",
+    "Content",
+    "assistant_prefix",
+    "batch_features",
+    "prefill_system",
+    "reply_bans",
+    "start_reply_state",
+    "user_turn_embeddings",
+]
 
 
 @dataclass
@@ -119,36 +129,6 @@ def _user_turn_prefix(st: HalfDuplexState) -> str:
     return prefix + "<|im_start|>user\n"
 
 
-def prefill_user_audio(engine: Engine, session: Session, segment: AudioSegment, stream: bool = True) -> None:
-    """Append one user audio segment (a 1-s chunk when `stream`, else a whole VAD segment)."""
-    _ensure_mode(engine, session)
-    st = session.half_duplex
-    prefix = _user_turn_prefix(st)
-    n = pooled_tokens(segment.frames, engine.model.config.audio_pool_step)
-    first = not st.prefilled_any
-    _prefill_text_and_audio(engine, session, [prefix, _audio_placeholder(n)], [segment], stream_audio=stream)
-    st.prefilled_any = True
-    st.new_user_msg = False
-    if first:
-        session.audio_cache.clear()
-
-
-def prefill_user_samples(engine: Engine, session: Session, samples: np.ndarray, stream: bool = True) -> None:
-    """Append user audio given as 16 kHz mono samples.
-
-    `stream=True`: a 1-s chunk through the session's streaming mel (the first chunk of a turn is left-padded
-    to 1035 ms) and the streaming encoder. `stream=False`: a whole VAD segment, batch log-mel and full
-    attention (what the reference half-duplex server does).
-    """
-    _ensure_mode(engine, session)
-    if stream:
-        features, _ = session.half_duplex.mel.push(samples)
-        segment = AudioSegment(torch.from_numpy(features)[None])
-    else:
-        segment = _segment_from_samples(samples)
-    prefill_user_audio(engine, session, segment, stream=stream)
-
-
 def start_reply_state(session: Session) -> None:
     """Turn bookkeeping at the start of a reply: the next user message first closes it, and the next user
     audio starts a fresh streaming mel and encoder cache."""
@@ -162,41 +142,6 @@ def start_reply_state(session: Session) -> None:
 
 def reply_bans(engine: Engine, spoken: bool = True, extra_banned: Sequence[int] = ()) -> list[int]:
     return [*(spoken_bans(engine) if spoken else ()), *extra_banned]
-
-
-def generate_reply(
-    engine: Engine,
-    sessions: Sequence[Session],
-    params: ChatSampling,
-    max_new_tokens: int = 256,
-    use_tts_template: bool = True,
-    spoken: bool = True,
-    extra_banned: Sequence[int] = (),
-    observe_logits: Callable[[Session, torch.Tensor], None] | None = None,
-    display_text: bool = False,
-) -> Iterator[list[TokenEvent]]:
-    """Feed the assistant prefix and stream the reply tokens (with hidden states for the TTS); with
-    `display_text` the text deltas carry no control tokens (what a caller reads).
-
-    Like the reference, generation runs in chunks of 10 tokens, so `max_new_tokens` is rounded up to whole
-    chunks; the final sampled token is neither fed nor reported.
-    """
-    for s in sessions:
-        _ensure_mode(engine, s)
-        start_reply_state(s)
-    prefix = assistant_prefix(engine, use_tts_template)
-    logits = engine.last_logits(engine.feed_ids(sessions, [prefix] * len(sessions)))
-    return generate(
-        engine,
-        sessions,
-        logits,
-        params,
-        reference_chunk_budget(max_new_tokens),
-        reply_bans(engine, spoken, extra_banned),
-        report_unfed_last=False,
-        observe_logits=observe_logits,
-        display_text=display_text,
-    )
 
 
 def user_turn_embeddings(
@@ -227,13 +172,3 @@ def user_turn_embeddings(
     if first:
         session.audio_cache.clear()
     return emb
-
-
-def prefill_user_text(engine: Engine, session: Session, text: str) -> None:
-    """Append a typed user message (same turn bookkeeping as `prefill_user_audio`)."""
-    _ensure_mode(engine, session)
-    st = session.half_duplex
-    prefix = _user_turn_prefix(st)
-    engine.feed_ids([session], [engine.tokenizer.encode(prefix + text)])
-    st.prefilled_any = True
-    st.new_user_msg = False

@@ -11,19 +11,20 @@ Per-session state (`TTSSession`), so one set of weights serves many sessions:
   position of the next token, i.e. the official `text_start_pos`; `end_turn()` sets it back to 0;
 - `generator`: the session's own `torch.Generator`, so its code draws are reproducible and independent of the
   other sessions in the batch.
-The repetition-penalty window is per call in duplex (`generate_chunk` only looks at the codes it drew itself) and
+The repetition-penalty window is per call in duplex (a unit only looks at the codes it drew itself) and
 per turn in turn-based streaming, where `TTSStreamer` keeps the turn's codes, the previous text chunk's condition
 and codes (for sliding_recompute) and the buffer of codes not yet handed out in 25-code pieces.
 
-Entry points: `condition()` builds a condition; `speak_units()` runs one duplex unit for a batch of sessions with
-the official rules (`generate_chunks()` / `generate_chunk()` underneath); `streamer()` gives turn-based streaming;
-`generate()` is the non-streaming utterance. All run through one batched step loop; teacher forcing runs the same
-loop with given codes instead of draws and records the distributions the sampler would have drawn from.
+Entry points: `condition()` builds a condition; `generate_chunks()` runs the batched step loop (draws, or given
+codes with the distributions recorded: teacher forcing) for many sessions; `tts_streamer.TTSStreamer` gives
+turn-based streaming on top of it. The duplex tick draws through `engine.static_tts` (the same step as static,
+graph-captured shapes); the per-session wrappers the tests use as oracles (`generate_chunk`, `speak_units`, the
+non-streaming `generate`) are in `tests/reference_tts.py`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,10 +46,7 @@ __all__ = [
     "MiniCPMTTS",
     "TTSKVCache",
     "TTSSession",
-    "TTSStreamer",
     "TURN_SAMPLING",
-    "duplex_min_new",
-    "next_pieces",
 ]
 
 # checkpoint entries the runtime does not use (relative to the `tts.` prefix)
@@ -58,11 +56,6 @@ _WEIGHT_NORM_V = "head_code.{i}.parametrizations.weight.original1"
 
 # §3.3.3: a duplex unit draws at most 26 codes and returns all but the last, so exactly 25 (1 s) mid-turn.
 DUPLEX_MAX_DRAWS = 26
-
-
-def duplex_min_new(session: TTSSession, end_of_turn: bool) -> int:
-    """Draws before EOS is allowed in a duplex unit: none at a turn's first unit or its last, else all 26."""
-    return 0 if session.length == 0 or end_of_turn else DUPLEX_MAX_DRAWS
 
 
 class SemanticProjector(nn.Module):
@@ -381,293 +374,3 @@ class MiniCPMTTS(nn.Module):
                 f"(condition {run.condition.shape[0]} + {run.max_new - 1} fed codes), capacity is "
                 f"{session.cache.capacity}; end the turn or use a larger cache"
             )
-
-    def generate_chunk(
-        self,
-        session: TTSSession,
-        condition: torch.Tensor,
-        min_new: int = DUPLEX_MAX_DRAWS,
-        max_new: int = DUPLEX_MAX_DRAWS,
-        temperature: float = 0.8,
-        rep_penalty: float = 1.05,
-        window: int = 16,
-    ) -> torch.Tensor:
-        """One duplex unit for one session: the codes to play (25 mid-turn; fewer if EOS was allowed and drawn).
-
-        Pass min_new=0 at the first unit of a turn and when the turn ends (§3.3.3). The cache and position carry
-        on to the next call; call `end_turn` when the turn is over.
-        """
-        sampling = CodeSampling(temperature=temperature, repetition_penalty=rep_penalty, window=window)
-        result = self.generate_chunks(
-            [session], [condition], min_new=min_new, max_new=max_new, sampling=sampling
-        )
-        return result[0].codes
-
-    def speak_units(
-        self,
-        sessions: Sequence[TTSSession],
-        conditions: Sequence[torch.Tensor],
-        end_of_turn: Sequence[bool],
-        sampling: CodeSampling = DUPLEX_SAMPLING,
-    ) -> list[ChunkResult]:
-        """One speaking duplex unit for each session, batched, with the official rules of §3.3.3.
-
-        Up to 26 draws and 25 codes; EOS may stop a unit early only at the first unit of a turn or when the turn
-        ends; a session whose turn ended is reset afterwards. (A forced listen in the middle of a turn does not
-        end the TTS turn in the official demo: pass end_of_turn=False there and do not call `end_turn`.)
-        """
-        if len(end_of_turn) != len(sessions):
-            raise ValueError(f"{len(sessions)} sessions but {len(end_of_turn)} end_of_turn flags")
-        mins = [duplex_min_new(s, eot) for s, eot in zip(sessions, end_of_turn, strict=True)]
-        results = self.generate_chunks(
-            sessions, conditions, min_new=mins, max_new=DUPLEX_MAX_DRAWS, sampling=sampling
-        )
-        for s, eot in zip(sessions, end_of_turn, strict=True):
-            if eot:
-                self.end_turn(s)
-        return results
-
-    def teacher_force_chunk(
-        self,
-        session: TTSSession,
-        condition: torch.Tensor,
-        codes: Sequence[int],
-        *,
-        min_new: int,
-        max_new: int,
-        sampling: CodeSampling = DUPLEX_SAMPLING,
-    ) -> torch.Tensor:
-        """`generate_chunk` with recorded draws: returns the distributions `[n_draws, V]` it would have sampled."""
-        result = self.generate_chunks(
-            [session],
-            [condition],
-            min_new=min_new,
-            max_new=max_new,
-            sampling=sampling,
-            forced=[codes],
-            record_probs=True,
-        )[0]
-        if len(result.draws) != len(codes):
-            raise ValueError(f"the run stopped after {len(result.draws)} of {len(codes)} forced codes")
-        assert result.probs is not None
-        return result.probs
-
-    # ---- non-streaming (official `generate`) ---------------------------------------------------------------------
-    @torch.inference_mode()
-    def generate(
-        self,
-        session: TTSSession,
-        condition: torch.Tensor,
-        *,
-        min_new: int = 50,
-        max_new: int = 2048,
-        sampling: CodeSampling = TURN_SAMPLING,
-        forced: Sequence[int] | None = None,
-        record_probs: bool = False,
-    ) -> ChunkResult:
-        """All codes of one utterance from a fresh cache (the condition ends with text_eos + audio_bos).
-
-        Top-p/top-k apply from the second draw on; the last draw (EOS, or the max_new-th code) is not returned.
-        """
-        self.end_turn(session)
-        result = self.generate_chunks(
-            [session],
-            [condition],
-            min_new=min_new,
-            max_new=max_new,
-            sampling=sampling,
-            forced=None if forced is None else [forced],
-            record_probs=record_probs,
-        )[0]
-        self.end_turn(session)
-        return result
-
-    # ---- turn-based streaming ------------------------------------------------------------------------------------
-    def streamer(
-        self,
-        session: TTSSession,
-        sampling: CodeSampling = TURN_SAMPLING,
-        chunk_size: int = 25,
-        max_new_per_text_chunk: int = 500,
-    ) -> TTSStreamer:
-        return TTSStreamer(self, session, sampling, chunk_size, max_new_per_text_chunk)
-
-
-class TTSStreamer:
-    """Turn-based streaming TTS for one turn of one session (§3.1 step 4, attention_type sliding_recompute).
-
-    `feed(condition, text_finished)` takes the condition of each LLM text chunk (built by `condition()`, so it
-    already ends with audio_bos, and with text_eos on the last chunk) and yields `(codes, is_last)` pieces of
-    exactly `chunk_size` codes, plus a shorter last piece once the text is finished and EOS is drawn. From the
-    second text chunk on, the cache is dropped and recomputed over [previous condition + its codes + this
-    condition] from position 0. The repetition penalty looks at the turn's last `window` codes. `finish()`
-    returns the codes still buffered when the LLM stops without the TTS having drawn EOS.
-
-    It runs under `no_grad`, not `inference_mode`: its draws may go through the static steps, whose buffers
-    the duplex ticks also update in place.
-    """
-
-    def __init__(
-        self,
-        tts: MiniCPMTTS,
-        session: TTSSession,
-        sampling: CodeSampling = TURN_SAMPLING,
-        chunk_size: int = 25,
-        max_new_per_text_chunk: int = 500,
-    ) -> None:
-        if tts.config.attention_type != "sliding_recompute":
-            raise NotImplementedError(
-                f"streaming TTS attention_type {tts.config.attention_type!r} (only sliding_recompute)"
-            )
-        if chunk_size < 1 or max_new_per_text_chunk < 1:
-            raise ValueError("chunk_size and max_new_per_text_chunk must be positive")
-        self.tts = tts
-        self.session = session
-        self.sampling = sampling
-        self.chunk_size = chunk_size
-        self.max_new = max_new_per_text_chunk
-        self.turn_codes: list[int] = []
-        self.buffer: list[int] = []
-        self.finished = False
-        self._prev_condition: torch.Tensor | None = None
-        self._prev_codes: list[int] = []
-        self.chunk_probs: torch.Tensor | None = None
-        self._run: _Run | None = None  # the text chunk being spoken
-        self._condition: torch.Tensor | None = None
-        self._chunk_codes: list[int] = []
-        tts.end_turn(session)
-
-    def _full_condition(self, condition: torch.Tensor) -> torch.Tensor:
-        if self._prev_condition is None:
-            return condition
-        self.tts.end_turn(self.session)
-        parts = [self._prev_condition]
-        if self._prev_codes:
-            codes = torch.tensor(self._prev_codes, dtype=torch.long, device=condition.device)
-            parts.append(self.tts.emb_code[0](codes))
-        parts.append(condition)
-        return torch.cat(parts, dim=0)
-
-    @property
-    def feeding(self) -> bool:
-        """A text chunk is being spoken (`begin` was called and its draws have not ended)."""
-        return self._run is not None
-
-    @torch.no_grad()
-    def begin(
-        self,
-        condition: torch.Tensor,
-        text_finished: bool,
-        forced: Sequence[int] | None = None,
-        record_probs: bool = False,
-    ) -> None:
-        """Start speaking one text chunk; `next_pieces` (or `feed`) then draws its codes. With `forced`, those
-        codes replace the draws (teacher forcing); with `record_probs`, this chunk's sampling distributions are
-        kept in `self.chunk_probs` `[draws, V]`."""
-        if self.finished:
-            raise RuntimeError("this turn's text is already finished; start a new streamer")
-        if self._run is not None:
-            raise RuntimeError("the previous text chunk is still being spoken")
-        run = _Run(
-            session=self.session,
-            condition=self._full_condition(condition),
-            min_new=0,
-            max_new=self.max_new,
-            history=list(self.turn_codes),
-            warp_first=bool(self.turn_codes),
-            forced=None if forced is None else [int(x) for x in forced],
-            record=record_probs,
-        )
-        MiniCPMTTS._check_room(run)
-        self.chunk_probs = None
-        self.finished = text_finished
-        self._run, self._condition, self._chunk_codes = run, condition, []
-
-    def _take_draw(self) -> tuple[tuple[torch.Tensor, bool] | None, bool]:
-        """After a step: file the run's last draw. Returns the piece now complete (if any) and whether the
-        chunk is over (EOS, or its draw budget spent)."""
-        run = self._run
-        assert run is not None
-        code, eos = run.draws[-1], self.tts.eos_id
-        if code != eos:
-            self._chunk_codes.append(code)
-            self.turn_codes.append(code)
-            self.buffer.append(code)
-        piece: tuple[torch.Tensor, bool] | None = None
-        over = run.done
-        if not self.buffer:  # EOS with nothing buffered
-            if self.finished:
-                piece = (torch.empty(0, dtype=torch.long), True)
-            over = True
-        elif len(self.buffer) >= self.chunk_size:
-            codes, self.buffer = self.buffer[: self.chunk_size], self.buffer[self.chunk_size :]
-            piece = (torch.tensor(codes, dtype=torch.long), False)
-        elif code == eos:
-            if self.finished:
-                codes, self.buffer = self.buffer, []
-                piece = (torch.tensor(codes, dtype=torch.long), True)
-            over = True
-        if over:
-            self.end_chunk()
-        return piece, over
-
-    def end_chunk(self) -> None:
-        """Stop drawing for the current text chunk (also when its speech is dropped, e.g. a barge-in): what it
-        drew becomes the previous chunk of the sliding recompute."""
-        run, self._run = self._run, None
-        if run is None:
-            return
-        self._prev_condition = self._condition
-        self._prev_codes = self._chunk_codes
-        if run.record and run.probs:
-            self.chunk_probs = torch.stack(run.probs)
-
-    @torch.no_grad()
-    def feed(
-        self,
-        condition: torch.Tensor,
-        text_finished: bool,
-        forced: Sequence[int] | None = None,
-        record_probs: bool = False,
-    ) -> Iterator[tuple[torch.Tensor, bool]]:
-        """Generate for one text chunk: `begin`, then `(codes, is_last)` pieces as they complete (`next_pieces`
-        of this streamer alone)."""
-        self.begin(condition, text_finished, forced, record_probs)
-        try:
-            while self.feeding:
-                piece = next_pieces([self])[0]
-                if piece is not None:
-                    yield piece
-        finally:
-            self.end_chunk()
-
-    def finish(self) -> torch.Tensor:
-        """Codes left in the buffer (the official flush after the LLM loop); empties it."""
-        piece, self.buffer = self.buffer, []
-        return torch.tensor(piece, dtype=torch.long)
-
-
-@torch.no_grad()
-def next_pieces(streamers: Sequence[TTSStreamer]) -> list[tuple[torch.Tensor, bool] | None]:
-    """Advance every streamer that is speaking a text chunk until it has its next piece or the chunk ends, the
-    streamers drawing together in batched steps (they must share one TTS model, cache and sampling). Returns
-    each streamer's piece, or None (no chunk in progress, or it ended with nothing left to hand out)."""
-    out: list[tuple[torch.Tensor, bool] | None] = [None] * len(streamers)
-    waiting = [i for i, s in enumerate(streamers) if s.feeding]
-    if not waiting:
-        return out
-    tts, sampling = streamers[waiting[0]].tts, streamers[waiting[0]].sampling
-    if any(streamers[i].tts is not tts or streamers[i].sampling != sampling for i in waiting):
-        raise ValueError("streamers drawn together must share the TTS model and the sampling settings")
-    while waiting:
-        runs = [streamers[i]._run for i in waiting]
-        tts._step([r for r in runs if r is not None], sampling)
-        still = []
-        for i in waiting:
-            piece, over = streamers[i]._take_draw()
-            if piece is not None:
-                out[i] = piece
-            elif not over:
-                still.append(i)
-        waiting = still
-    return out

@@ -21,6 +21,9 @@ Context: the system prompt (with the reference voice) is kept; when the KV slot 
 oldest whole units are dropped and the rest are moved down with their RoPE re-rotated
 (`MiniCPMO45.engine.context_window`), so a call can go on indefinitely.
 
+The call's engine state (KV slot, unit state, speech turn, context window) is one
+`MiniCPMO45.engine.duplex_session.DuplexSession`; this mode only maps it to the worker's outputs.
+
 Sampling in a batch draws from the batcher's one generator, so a session's `seed` makes it reproducible
 only when it runs alone.
 """
@@ -33,7 +36,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from inference.engine_host import EngineHost, Voice, get_host
+from inference.engine_host import EngineHost, get_host
 from inference.modes.base import (
     Flush,
     Output,
@@ -46,10 +49,9 @@ from inference.modes.base import (
     UnitTimings,
 )
 from inference.options import ModeOptions
-from MiniCPMO45.engine import duplex as dx
-from MiniCPMO45.engine.batcher import DuplexBatcher, UnitOutput
-from MiniCPMO45.engine.context_window import SlidingWindow
-from MiniCPMO45.engine.session import Session
+from MiniCPMO45.engine.duplex import DuplexConfig
+from MiniCPMO45.engine.duplex import UnitInput as EngineUnit
+from MiniCPMO45.engine.duplex_session import DuplexSession, TickUnit
 
 OUTPUT_RATE = 24000
 UNIT_SAMPLES = 16000
@@ -71,10 +73,8 @@ class DuplexMode:
         self.omni = name == "omni_duplex"
         self.settings = settings
         self.host: EngineHost | None = None
-        self.batcher: DuplexBatcher | None = None
-        self.session: Session | None = None
-        self.voice: Voice | None = None
-        self.window: SlidingWindow | None = None
+        self.call: DuplexSession | None = None  # the call's engine state
+        self.audio_16k: np.ndarray | None = None  # the voice's reference audio (the system prompt's)
         self.turn = 0
         self.speaking = False
         self.paused = False
@@ -87,11 +87,16 @@ class DuplexMode:
         )
         self.host = get_host(self.settings)
         self.system_prompt = options.system_prompt or DEFAULT_PROMPTS[self.name]
-        self.voice = self.host.voice(options.voice)
-        self.batcher = self.host.duplex_batcher()
-        self.session = self.host.engine.open_session(seed=self.options.seed, top_slot=options.tick_phase == 1)
+        voice = self.host.voice(options.voice)
+        self.audio_16k = voice.audio_16k
+        self.call = DuplexSession(
+            self.host.duplex_batcher(),
+            voice.prompt,
+            unit_budget=UNIT_BUDGET[self.name],
+            seed=self.options.seed,
+            top_slot=options.tick_phase == 1,
+        )
         try:
-            self.batcher.attach(self.session.slot, self.voice.prompt)
             self._prepare()
         except BaseException:
             self.close()  # a failed open (e.g. out of memory) must not keep its KV slot
@@ -105,33 +110,29 @@ class DuplexMode:
         return setup, [State("listening")]
 
     def _prepare(self) -> None:
-        assert self.host is not None and self.session is not None and self.voice is not None
-        engine = self.host.engine
+        assert self.call is not None
         # Sampling settings the caller set explicitly override the duplex defaults (which differ from chat's:
         # top-k 20; length penalty 1.1 in omni and 1.05 in audio, as the reference UI uses).
         chosen = self.options.model_fields_set
         overrides = {k: getattr(self.options, k) for k in ("temperature", "top_p", "top_k") if k in chosen}
         penalty = self.options.length_penalty if "length_penalty" in chosen else (1.1 if self.omni else 1.05)
-        config = dx.DuplexConfig(**overrides, length_penalty=penalty, seed=self.options.seed)
-        dx.prepare(engine, self.session, self.system_prompt, self.voice.audio_16k, config)
-        limit = self.options.max_kv_tokens or engine.cache.max_len
-        limit = min(limit, engine.cache.max_len)
-        keep = self.options.keep_kv_tokens or limit * 3 // 4
-        protected = engine.kv_length(self.session)
-        self.window = SlidingWindow(protected, limit, min(keep, limit))
+        config = DuplexConfig(**overrides, length_penalty=penalty, seed=self.options.seed)
+        self.call.prepare(
+            self.system_prompt,
+            self.audio_16k,
+            config,
+            self.options.max_kv_tokens,
+            self.options.keep_kv_tokens,
+        )
 
     def close(self) -> None:
-        if self.host is not None and self.session is not None:
-            try:
-                if self.batcher is not None:
-                    self.batcher.release(self.session.slot)
-            finally:  # the KV slot goes back even if the batcher's bookkeeping failed
-                self.host.engine.close_session(self.session)
-        self.session = self.voice = None
+        if self.call is not None:
+            self.call.close()
+        self.call = None
 
     def _end_turn(self) -> None:
-        assert self.batcher is not None and self.session is not None
-        self.batcher.end_turn(self.session.slot)
+        assert self.call is not None
+        self.call.end_turn()
         self.speaking = False
 
     # ---- units ------------------------------------------------------------------------------------------------
@@ -146,51 +147,34 @@ class DuplexMode:
         if not live:
             return outputs
         modes = [batch[k][0] for k in live]
-        batcher = modes[0].batcher
-        assert batcher is not None and all(m.batcher is batcher for m in modes)
-        engine = batcher.engine
-        sessions, inputs, force_listen, scripts, catching_up, dropped = [], [], [], [], [], []
-        # one device read for every session's KV length (not one per session)
-        lengths = engine.cache.lengths[[m.session.slot for m in modes]].tolist()  # type: ignore[union-attr]
-        for k, mode, length in zip(live, modes, lengths, strict=True):
+        calls, inputs, force_listen, force_speak = [], [], [], []
+        for k, mode in zip(live, modes, strict=True):
             _, unit, frame = batch[k]
-            assert mode.session is not None and mode.window is not None
+            assert mode.call is not None
             behind = unit.queued_units > mode.options.max_backlog_units
-            # the previous unit's tail ([terminator] </unit>) is still pending: it goes in with this prefill
-            context = length + len(dx.pending_tail(engine, mode.session))
-            shed = 0
-            if context + UNIT_BUDGET[mode.name] > mode.window.max_tokens:  # rare: the window slides
-                shed = dx.make_room(engine, mode.session, mode.window, UNIT_BUDGET[mode.name])
-                context = dx.context_length(engine, mode.session)
-            dropped.append(shed)
-            mode.window.mark(context)
             frames = [Image.fromarray(frame)] if mode.omni and frame is not None else []
-            sessions.append(mode.session)
-            inputs.append(dx.UnitInput(audio=unit.pcm, frames=frames))
+            calls.append(mode.call)
+            inputs.append(EngineUnit(audio=unit.pcm, frames=frames))
             listen = behind or mode.close_turn or mode.options.force == "listen"
             mode.close_turn = False
             force_listen.append(listen)
             # the `force: speak` test option makes the unit's first decision <|speak|>; the rest is the model's
-            scripts.append([engine.special.speak] if mode.options.force == "speak" and not listen else None)
-            catching_up.append(behind)
-        results = batcher.run_units(sessions, inputs, force_listen=force_listen, scripts=scripts)
-        tick = batcher.timings
-        after = engine.cache.lengths[[s.slot for s in sessions]].tolist()
-        for n, (k, mode, out) in enumerate(zip(live, modes, results, strict=True)):
+            force_speak.append(mode.options.force == "speak")
+        units = DuplexSession.tick(calls, inputs, force_listen, force_speak)
+        for k, mode, done in zip(live, modes, units, strict=True):
             timings = {
                 "backlog_units": float(batch[k][1].queued_units),
-                "prefill_ms": tick["prefill_ms"],
-                "decide_ms": tick["generate_ms"],
+                "prefill_ms": done.tick_ms["prefill_ms"],
+                "decide_ms": done.tick_ms["generate_ms"],
                 "batch_sessions": float(len(modes)),
-                # the context after the unit: its KV plus the tail still pending
-                "kv_tokens": float(after[n] + len(dx.pending_tail(engine, sessions[n]))),
-                "dropped_tokens": float(dropped[n]),
+                "kv_tokens": float(done.kv_tokens),
+                "dropped_tokens": float(done.dropped_tokens),
             }
-            outputs[k] = mode._unit_outputs(out, timings)
+            outputs[k] = mode._unit_outputs(done, timings)
         return outputs
 
-    def _unit_outputs(self, out: UnitOutput, timings: dict[str, float]) -> list[Output]:
-        assert self.batcher is not None
+    def _unit_outputs(self, done: TickUnit, timings: dict[str, float]) -> list[Output]:
+        out = done.output
         result, outputs = out.result, []
         if result.is_listen:
             if self.speaking:  # cut off mid-turn: drop what is still queued, at once
@@ -202,13 +186,10 @@ class DuplexMode:
                 self.speaking = True
                 outputs.append(State("speaking"))
             # what the caller reads: the unit's tokens without control tokens (the engine's text keeps them)
-            text = self.batcher.engine.tokenizer.display_text(result.tts_token_ids)
-            if text:
-                outputs.append(Text(text, self.turn))
+            if done.text:
+                outputs.append(Text(done.text, self.turn))
             if out.speech is not None:
-                timings.update(
-                    tts_ms=self.batcher.timings["tts_ms"], vocoder_ms=self.batcher.timings["vocoder_ms"]
-                )
+                timings.update(tts_ms=done.tick_ms["tts_ms"], vocoder_ms=done.tick_ms["vocoder_ms"])
                 outputs += [Speech(pcm, self.turn) for pcm in out.speech.pcm if pcm.size]
             if result.end_of_turn:
                 self.speaking = False  # the batcher closed the TTS and vocoder turn with its tail

@@ -1,0 +1,191 @@
+"""Turn-based streaming TTS (`TTSStreamer`, one turn of one session) and `next_pieces`, which draws the next
+piece of many streamers in one batched step of `MiniCPMTTS.generate_chunks`' loop."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .tts import MiniCPMTTS, TTSSession, _Run
+from .tts_sampling import TURN_SAMPLING, CodeSampling
+
+
+class TTSStreamer:
+    """Turn-based streaming TTS for one turn of one session (§3.1 step 4, attention_type sliding_recompute).
+
+    `feed(condition, text_finished)` takes the condition of each LLM text chunk (built by `condition()`, so it
+    already ends with audio_bos, and with text_eos on the last chunk) and yields `(codes, is_last)` pieces of
+    exactly `chunk_size` codes, plus a shorter last piece once the text is finished and EOS is drawn. From the
+    second text chunk on, the cache is dropped and recomputed over [previous condition + its codes + this
+    condition] from position 0. The repetition penalty looks at the turn's last `window` codes. `finish()`
+    returns the codes still buffered when the LLM stops without the TTS having drawn EOS.
+
+    It runs under `no_grad`, not `inference_mode`: its draws may go through the static steps, whose buffers
+    the duplex ticks also update in place.
+    """
+
+    def __init__(
+        self,
+        tts: MiniCPMTTS,
+        session: TTSSession,
+        sampling: CodeSampling = TURN_SAMPLING,
+        chunk_size: int = 25,
+        max_new_per_text_chunk: int = 500,
+    ) -> None:
+        if tts.config.attention_type != "sliding_recompute":
+            raise NotImplementedError(
+                f"streaming TTS attention_type {tts.config.attention_type!r} (only sliding_recompute)"
+            )
+        if chunk_size < 1 or max_new_per_text_chunk < 1:
+            raise ValueError("chunk_size and max_new_per_text_chunk must be positive")
+        self.tts = tts
+        self.session = session
+        self.sampling = sampling
+        self.chunk_size = chunk_size
+        self.max_new = max_new_per_text_chunk
+        self.turn_codes: list[int] = []
+        self.buffer: list[int] = []
+        self.finished = False
+        self._prev_condition: torch.Tensor | None = None
+        self._prev_codes: list[int] = []
+        self.chunk_probs: torch.Tensor | None = None
+        self._run: _Run | None = None  # the text chunk being spoken
+        self._condition: torch.Tensor | None = None
+        self._chunk_codes: list[int] = []
+        tts.end_turn(session)
+
+    def _full_condition(self, condition: torch.Tensor) -> torch.Tensor:
+        if self._prev_condition is None:
+            return condition
+        self.tts.end_turn(self.session)
+        parts = [self._prev_condition]
+        if self._prev_codes:
+            codes = torch.tensor(self._prev_codes, dtype=torch.long, device=condition.device)
+            parts.append(self.tts.emb_code[0](codes))
+        parts.append(condition)
+        return torch.cat(parts, dim=0)
+
+    @property
+    def feeding(self) -> bool:
+        """A text chunk is being spoken (`begin` was called and its draws have not ended)."""
+        return self._run is not None
+
+    @torch.no_grad()
+    def begin(
+        self,
+        condition: torch.Tensor,
+        text_finished: bool,
+        forced: Sequence[int] | None = None,
+        record_probs: bool = False,
+    ) -> None:
+        """Start speaking one text chunk; `next_pieces` (or `feed`) then draws its codes. With `forced`, those
+        codes replace the draws (teacher forcing); with `record_probs`, this chunk's sampling distributions are
+        kept in `self.chunk_probs` `[draws, V]`."""
+        if self.finished:
+            raise RuntimeError("this turn's text is already finished; start a new streamer")
+        if self._run is not None:
+            raise RuntimeError("the previous text chunk is still being spoken")
+        run = _Run(
+            session=self.session,
+            condition=self._full_condition(condition),
+            min_new=0,
+            max_new=self.max_new,
+            history=list(self.turn_codes),
+            warp_first=bool(self.turn_codes),
+            forced=None if forced is None else [int(x) for x in forced],
+            record=record_probs,
+        )
+        MiniCPMTTS._check_room(run)
+        self.chunk_probs = None
+        self.finished = text_finished
+        self._run, self._condition, self._chunk_codes = run, condition, []
+
+    def _take_draw(self) -> tuple[tuple[torch.Tensor, bool] | None, bool]:
+        """After a step: file the run's last draw. Returns the piece now complete (if any) and whether the
+        chunk is over (EOS, or its draw budget spent)."""
+        run = self._run
+        assert run is not None
+        code, eos = run.draws[-1], self.tts.eos_id
+        if code != eos:
+            self._chunk_codes.append(code)
+            self.turn_codes.append(code)
+            self.buffer.append(code)
+        piece: tuple[torch.Tensor, bool] | None = None
+        over = run.done
+        if not self.buffer:  # EOS with nothing buffered
+            if self.finished:
+                piece = (torch.empty(0, dtype=torch.long), True)
+            over = True
+        elif len(self.buffer) >= self.chunk_size:
+            codes, self.buffer = self.buffer[: self.chunk_size], self.buffer[self.chunk_size :]
+            piece = (torch.tensor(codes, dtype=torch.long), False)
+        elif code == eos:
+            if self.finished:
+                codes, self.buffer = self.buffer, []
+                piece = (torch.tensor(codes, dtype=torch.long), True)
+            over = True
+        if over:
+            self.end_chunk()
+        return piece, over
+
+    def end_chunk(self) -> None:
+        """Stop drawing for the current text chunk (also when its speech is dropped, e.g. a barge-in): what it
+        drew becomes the previous chunk of the sliding recompute."""
+        run, self._run = self._run, None
+        if run is None:
+            return
+        self._prev_condition = self._condition
+        self._prev_codes = self._chunk_codes
+        if run.record and run.probs:
+            self.chunk_probs = torch.stack(run.probs)
+
+    @torch.no_grad()
+    def feed(
+        self,
+        condition: torch.Tensor,
+        text_finished: bool,
+        forced: Sequence[int] | None = None,
+        record_probs: bool = False,
+    ) -> Iterator[tuple[torch.Tensor, bool]]:
+        """Generate for one text chunk: `begin`, then `(codes, is_last)` pieces as they complete (`next_pieces`
+        of this streamer alone)."""
+        self.begin(condition, text_finished, forced, record_probs)
+        try:
+            while self.feeding:
+                piece = next_pieces([self])[0]
+                if piece is not None:
+                    yield piece
+        finally:
+            self.end_chunk()
+
+    def finish(self) -> torch.Tensor:
+        """Codes left in the buffer (the official flush after the LLM loop); empties it."""
+        piece, self.buffer = self.buffer, []
+        return torch.tensor(piece, dtype=torch.long)
+
+
+@torch.no_grad()
+def next_pieces(streamers: Sequence[TTSStreamer]) -> list[tuple[torch.Tensor, bool] | None]:
+    """Advance every streamer that is speaking a text chunk until it has its next piece or the chunk ends, the
+    streamers drawing together in batched steps (they must share one TTS model, cache and sampling). Returns
+    each streamer's piece, or None (no chunk in progress, or it ended with nothing left to hand out)."""
+    out: list[tuple[torch.Tensor, bool] | None] = [None] * len(streamers)
+    waiting = [i for i, s in enumerate(streamers) if s.feeding]
+    if not waiting:
+        return out
+    tts, sampling = streamers[waiting[0]].tts, streamers[waiting[0]].sampling
+    if any(streamers[i].tts is not tts or streamers[i].sampling != sampling for i in waiting):
+        raise ValueError("streamers drawn together must share the TTS model and the sampling settings")
+    while waiting:
+        runs = [streamers[i]._run for i in waiting]
+        tts._step([r for r in runs if r is not None], sampling)
+        still = []
+        for i in waiting:
+            piece, over = streamers[i]._take_draw()
+            if piece is not None:
+                out[i] = piece
+            elif not over:
+                still.append(i)
+        waiting = still
+    return out

@@ -1,0 +1,93 @@
+"""`DuplexSession`: one call's engine state over the server's tick. A context-window slide through
+`DuplexSession.tick` (pending tail fed by the batcher's finalize step, then whole units dropped) drops the same
+units and decides the same tokens as the per-session reference that finalizes every unit; a call's speech turn
+lives in its own state and ends with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from MiniCPMO45.engine.batcher import DuplexBatcher
+from MiniCPMO45.engine.context_window import SlidingWindow
+from MiniCPMO45.engine.core import Engine
+from MiniCPMO45.engine.duplex import UnitInput, prepare
+from MiniCPMO45.engine.duplex_session import DuplexSession
+from MiniCPMO45.engine.session import Mode
+from MiniCPMO45.processor.audio_io import load_audio
+from tests.engine_fixtures import fixture_duplex_config, load_manifest
+from tests.reference_engine import finalize_units, generate_units, prefill_units
+
+BUDGET = 30
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path) -> Engine:
+    return Engine.from_pretrained(tiny_model_dir, dtype=torch.float32, max_sessions=2, max_len=512)
+
+
+def test_window_slide_through_the_tick_matches_the_reference(engine: Engine, tiny_fixture_dir: Path) -> None:
+    manifest = load_manifest(tiny_fixture_dir)
+    cfg = fixture_duplex_config(manifest)
+    audio = load_audio(tiny_fixture_dir / "inputs" / "duplex_audio.wav")
+    units = [UnitInput(audio=audio[k * 16000 : (k + 1) * 16000]) for k in range(6)]
+
+    # the reference: every unit finalized, the window slid on the complete KV
+    s = engine.open_session(Mode.DUPLEX)
+    try:
+        prepare(engine, s, "Short.", None, cfg)
+        protected = engine.kv_length(s)
+        window = SlidingWindow(protected, protected + 100, protected + 80)
+        ref_lengths = []
+        for unit in units:
+            window.make_room(engine, s, BUDGET)
+            window.mark(engine.kv_length(s))
+            generate_units(engine, [s], None, prefill_units(engine, [s], [unit]))
+            finalize_units(engine, [s])
+            ref_lengths.append(engine.kv_length(s))
+        want = (list(s.duplex.total_ids), ref_lengths, window.dropped_spans, window.dropped_tokens)
+        assert 0 < window.dropped_spans < len(units) - 1  # some units dropped, not all
+    finally:
+        engine.close_session(s)
+
+    batcher = DuplexBatcher(engine, use_graphs=False)
+    call = DuplexSession(batcher, unit_budget=BUDGET)
+    try:
+        call.prepare("Short.", None, cfg, max_kv_tokens=protected + 100, keep_kv_tokens=protected + 80)
+        assert call.window is not None and call.window.protected == protected
+        lengths, dropped = [], 0
+        for unit in units:
+            [done] = DuplexSession.tick([call], [unit])
+            assert done.kv_tokens == call.context_length() <= call.window.max_tokens
+            lengths.append(done.kv_tokens)
+            dropped += done.dropped_tokens
+        got = (list(call.state.total_ids), lengths, call.window.dropped_spans, call.window.dropped_tokens)
+        assert got == want
+        assert dropped == call.window.dropped_tokens > 0
+    finally:
+        call.close()
+        call.close()  # idempotent
+    assert call.closed and call.slot not in {s.slot for s in engine.sessions.values()}
+
+
+def test_speech_turn_is_the_calls_own(engine: Engine, tiny_fixture_dir: Path) -> None:
+    """A forced-speak unit opens the call's TTS turn in its state; `end_turn` forgets it; a re-prepare (new
+    system prompt) starts with no turn and keeps the call's voice."""
+    audio = load_audio(tiny_fixture_dir / "inputs" / "duplex_audio.wav")
+    cfg = fixture_duplex_config(load_manifest(tiny_fixture_dir), force_listen_count=0)
+    batcher = DuplexBatcher(engine, use_graphs=False)
+    call = DuplexSession(batcher, unit_budget=BUDGET)
+    try:
+        call.prepare("Short.", None, cfg)
+        [done] = DuplexSession.tick([call], [UnitInput(audio=audio[:16000])], force_speak=[True])
+        assert not done.output.result.is_listen and done.output.speech is not None
+        assert call.state.tts_open != done.output.result.end_of_turn  # a turn that did not end stays open
+        call.end_turn()
+        assert not call.state.tts_open and call.state.vocoder_turn is None
+        call.state.tts_open = True
+        call.prepare("Another prompt.", None, cfg)
+        assert not call.state.tts_open and call.state.voice is call.voice
+    finally:
+        call.close()
