@@ -2,7 +2,7 @@
 
     python bench/graph_parity.py [--device cuda] [--dtypes float32,bfloat16] --out DIR
 
-Runs the tiny fixture model through what the server runs: the duplex tick (`DuplexBatcher` with its static steps,
+Runs the tiny fixture model through what the server runs: the duplex tick (`DuplexSession.tick` over `DuplexBatcher` and its static steps,
 CUDA graphs and fused kernels on a GPU; eager on the CPU) for the golden duplex session (6 omni units, forced
 listens as recorded), and the vocoder (`Token2Wav` with its flow graphs) for the golden stream. Per dtype it
 reports what matches the official outputs: the decisions, decoded ids, texts and the whole token history exactly,
@@ -74,8 +74,8 @@ def duplex_parity(
 
     from MiniCPMO45.engine.batcher import DuplexBatcher
     from MiniCPMO45.engine.core import Engine
-    from MiniCPMO45.engine.duplex import UnitInput, prepare
-    from MiniCPMO45.engine.session import Mode
+    from MiniCPMO45.engine.duplex import UnitInput
+    from MiniCPMO45.engine.duplex_session import DuplexSession
     from MiniCPMO45.processor.audio_io import load_audio
     from tests.engine_fixtures import fixture_duplex_config, load_manifest, load_npz
 
@@ -89,8 +89,9 @@ def duplex_parity(
     engine = Engine.from_pretrained(model_dir, dtype=dtype, device=device, max_sessions=8, max_len=512)
     batcher = DuplexBatcher(engine, use_graphs=None, fused=device != "cpu")
     graphs = bool(batcher.llm.use_graphs)
-    session = engine.open_session(Mode.DUPLEX)
-    prepare(engine, session, prompt, ref, cfg)
+    call = DuplexSession(batcher, unit_budget=172)
+    call.prepare(prompt, ref, cfg)
+    session = call.session
     out = DuplexParity()
     t0 = time.perf_counter()
     decoded: list[int] = []
@@ -98,7 +99,8 @@ def duplex_parity(
     for k, rec in enumerate(manifest["duplex_steps"]):
         frame = Image.open(inputs / f"frame_{k}.png").convert("RGB")
         unit = UnitInput(audio=audio[k * 16000 : (k + 1) * 16000], frames=[frame])
-        result = batcher.run_units([session], [unit], [rec["force_listen_override"]])[0].result
+        [done] = DuplexSession.tick([call], [unit], [rec["force_listen_override"]])
+        result = done.output.result
         out.units += 1
         out.decisions_equal += result.is_listen == rec["is_listen"]
         out.texts_equal += result.text == rec["text"]
