@@ -135,6 +135,17 @@ class LoopbackSettings(_Strict):
     pipeline_latency_s: float = Field(0.2, ge=0)
 
 
+class ClusterSettings(_Strict):
+    # cluster mode (cluster/, docs/CLUSTER.md): "auto" (the Ray cluster this host has joined with `ray start`),
+    # HOST:PORT of its head, or ray://HOST:PORT (Ray Client); empty: the single-host server, without Ray
+    address: str = ""
+    namespace: str = "minicpmo-rtc"  # the Ray namespace of the registry and node agents
+    node_name: str = ""  # `run.py --node`: this node's name; empty: the host name
+    node_http_host: str = "127.0.0.1"  # where a node's own server listens (pages, local debugging)
+    poll_interval_s: float = Field(0.5, gt=0)  # how often the registry asks each node for its status
+    node_timeout_s: float = Field(5.0, gt=0)  # a node silent this long counts as down
+
+
 class AppConfig(_Strict):
     server: ServerSettings = Field(default_factory=ServerSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
@@ -146,6 +157,7 @@ class AppConfig(_Strict):
     session: SessionSettings = Field(default_factory=SessionSettings)
     voices: VoiceSettings = Field(default_factory=VoiceSettings)
     recording: RecordingSettings = Field(default_factory=RecordingSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
 
 
 class ConfigError(ValueError):
