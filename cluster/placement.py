@@ -12,6 +12,7 @@ same class runs in the cluster registry and in the simulation of `bench/placemen
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from pydantic import BaseModel, Field
@@ -53,52 +54,61 @@ class NodeLoad(BaseModel):
 
 
 class Placer:
-    """Chooses a node per call from the nodes' last reports plus the calls placed since (`pending`)."""
+    """Chooses a node per call from the nodes' last reports plus the calls placed since (`pending`).
+
+    Each node's effective worker loads (report + pending) are kept up to date as calls are placed, so one
+    choice costs one pass over the nodes' workers."""
 
     def __init__(self) -> None:
         self.nodes: dict[str, NodeLoad] = {}
         self.pending: dict[str, list[tuple[str, str]]] = {}  # node -> [(call id, mode)] since its last report
+        self._loads: dict[str, list[float]] = {}  # node -> effective load of each worker (down: not there)
 
-    def report(self, node: NodeLoad, seen: Iterable[str] = ()) -> None:
-        """A node's fresh report; `seen`: the call ids it already counts (their pending share is dropped)."""
+    def report(self, node: NodeLoad, counted: Iterable[str] = ()) -> None:
+        """A node's fresh report; `counted`: the pending call ids it already counts (in its load or queue, or
+        ended): they are dropped from its pending list."""
         self.nodes[node.name] = node
-        known = set(seen)
+        known = set(counted)
         self.pending[node.name] = [p for p in self.pending.get(node.name, []) if p[0] not in known]
+        loads = [w.load if w.up else math.inf for w in node.workers]
+        for _, mode in self.pending[node.name]:
+            self._take(node, loads, mode)
+        self._loads[node.name] = loads
 
     def node_down(self, name: str) -> None:
         node = self.nodes.get(name)
         if node is not None:
             self.nodes[name] = node.model_copy(update={"up": False})
         self.pending.pop(name, None)
-
-    def _loads(self, node: NodeLoad) -> list[float]:
-        loads = [w.load if w.up else 2.0 for w in node.workers]
-        for _, mode in self.pending.get(node.name, []):
-            self._take(node, loads, mode)
-        return loads
+        self._loads.pop(name, None)
 
     @staticmethod
-    def _take(node: NodeLoad, loads: list[float], mode: str) -> bool:
-        """Put one call of `mode` on the worker with the most room; False if none has room (then on the least
-        loaded one anyway, as the node's admission would queue it there)."""
-        best = -1
+    def _best(node: NodeLoad, loads: list[float], mode: str) -> tuple[int, float]:
+        """The worker that takes a call of `mode` with the least load after it, and that load (inf: none)."""
+        best, best_after = -1, math.inf
         for i, w in enumerate(node.workers):
-            if w.up and (best < 0 or loads[i] + w.share(mode) < loads[best] + node.workers[best].share(mode)):
-                best = i
-        if best < 0:
-            return False
-        fits = loads[best] + node.workers[best].share(mode) <= 1.0 + EPS
-        loads[best] += node.workers[best].share(mode)
-        return fits
+            after = loads[i] + w.share(mode)
+            if after < best_after:
+                best, best_after = i, after
+        return best, best_after
+
+    @classmethod
+    def _take(cls, node: NodeLoad, loads: list[float], mode: str) -> None:
+        """Put one call of `mode` on its best worker (past full if none has room: the node queues it)."""
+        best, after = cls._best(node, loads, mode)
+        if best >= 0 and after < math.inf:
+            loads[best] = after
 
     def room(self, node: NodeLoad, mode: str) -> float | None:
         """Free share left on `node` after one more call of `mode`, or None if it does not fit now."""
-        if not node.up or not any(w.up for w in node.workers):
+        loads = self._loads.get(node.name)
+        if not node.up or loads is None:
             return None
-        loads = self._loads(node)
-        if not self._take(node, loads, mode):
+        best, after = self._best(node, loads, mode)
+        if best < 0 or after > 1.0 + EPS:
             return None
-        return sum(max(1.0 - load, 0.0) for load, w in zip(loads, node.workers, strict=True) if w.up)
+        free = sum(1.0 - load for load in loads if load < 1.0)
+        return free - (after - loads[best])
 
     def choose(self, mode: str) -> tuple[str, bool] | None:
         """(node, admitted at once?) for a new call of `mode`, or None when no node is up. With room
@@ -116,13 +126,27 @@ class Placer:
         best_wait = 0.0
         for node in self.nodes.values():
             up = sum(1 for w in node.workers if w.up)
-            if not node.up or not up:
+            if not node.up or not up or node.name not in self._loads:
                 continue
             per_worker = (node.queued + len(self.pending.get(node.name, []))) / up
             if waiting is None or per_worker < best_wait:
                 waiting, best_wait = node.name, per_worker
         return (waiting, False) if waiting is not None else None
 
+    def rename(self, name: str, key: str, call_id: str) -> None:
+        """The call placed under `key` is `call_id` from now on (the node answered with its id)."""
+        self.pending[name] = [(call_id if k == key else k, m) for k, m in self.pending.get(name, [])]
+
+    def unplace(self, name: str, key: str) -> None:
+        """The call placed under `key` did not go there after all (the node refused it)."""
+        self.pending[name] = [p for p in self.pending.get(name, []) if p[0] != key]
+        node = self.nodes.get(name)
+        if node is not None and name in self._loads:
+            self.report(node)
+
     def placed(self, name: str, call_id: str, mode: str) -> None:
         """A call went to `name`: count it there until the node's next report includes it."""
         self.pending.setdefault(name, []).append((call_id, mode))
+        node, loads = self.nodes.get(name), self._loads.get(name)
+        if node is not None and loads is not None:
+            self._take(node, loads, mode)

@@ -141,8 +141,7 @@ class Registry:
 
     async def bind(self, key: str, node: str, session_id: str, mode: str) -> None:
         """The node answered the call placed under `key`: it is `session_id` from now on."""
-        pending = self.placer.pending.get(node, [])
-        self.placer.pending[node] = [(session_id, mode) if k == key else (k, m) for k, m in pending]
+        self.placer.rename(node, key, session_id)
         self.calls[session_id] = node
         self.placed_total[node] = self.placed_total.get(node, 0) + 1
         while len(self.calls) > KEPT_CALLS:
@@ -151,7 +150,7 @@ class Registry:
             self._end(session_id, NODE_LOST, f"the node that carried the call ({node}) stopped")
 
     async def unplace(self, key: str, node: str) -> None:
-        self.placer.pending[node] = [p for p in self.placer.pending.get(node, []) if p[0] != key]
+        self.placer.unplace(node, key)
 
     async def where(self, session_id: str) -> dict[str, Any]:
         """{"node": name} for a call a node may still hold, {"ended": [code, why]} for one whose node died,
