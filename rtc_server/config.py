@@ -123,6 +123,9 @@ class RtcSettings(_Strict):
     ice_servers: list[str] = Field(
         default_factory=list
     )  # e.g. ["stun:stun.example.org:3478"]; none by default
+    # the address callers reach this host at behind a 1:1 NAT (a cluster node's public IP): each answer also
+    # offers it, with the ports of the host's own candidates (rtc_server/ice_address.py); empty: not needed
+    public_address: str = ""
 
 
 class LoopbackSettings(_Strict):

@@ -37,11 +37,19 @@ def _ray() -> Any:
     return ray
 
 
-def node_config(capacity: int) -> Any:
+PUBLIC = {"a": "203.0.113.7", "b": ""}  # node a stands behind a (pretend) 1:1 NAT: its answers offer this too
+
+
+def node_config(capacity: int, public_address: str = "") -> Any:
     return server_test_config(
         workers={"cpu_capacity": capacity, "media_procs": 0},
         # the test's callers share the event loop that starts a Ray node (seconds, blocking): consent 5 s
-        rtc={"consent_interval_s": 0.5, "consent_failures": 10, "connect_timeout_s": 10.0},
+        rtc={
+            "consent_interval_s": 0.5,
+            "consent_failures": 10,
+            "connect_timeout_s": 10.0,
+            "public_address": public_address,
+        },
         cluster={"namespace": NAMESPACE, "poll_interval_s": 0.3, "node_timeout_s": 3.0},
     )
 
@@ -82,7 +90,7 @@ class LocalCluster:
     def start_agent(self, name: str) -> Any:
         from cluster.agent import start_agent
 
-        agent = start_agent(name, node_config(CAPACITY[name]), resource=f"node_{name}")
+        agent = start_agent(name, node_config(CAPACITY[name], PUBLIC[name]), resource=f"node_{name}")
         _ray().get(agent.start.remote(), timeout=120)
         _ray().get(self.registry.add_node.remote(name))
         return agent
@@ -98,7 +106,7 @@ class LocalCluster:
         self.nodes[name] = self.cluster.add_node(
             num_cpus=1, resources={f"node_{name}": 1}, object_store_memory=80 * 1024 * 1024
         )
-        agent = start_agent(name, node_config(CAPACITY[name]), resource=f"node_{name}")
+        agent = start_agent(name, node_config(CAPACITY[name], PUBLIC[name]), resource=f"node_{name}")
         await asyncio.wait_for(agent.start.remote(), 120)
         await self.registry.add_node.remote(name)
         self.agents[name] = agent
@@ -181,6 +189,11 @@ async def test_calls_placed_by_capacity_two_fronts_one_queue_delete_through_othe
         seen = await listed(two)  # the other front sees every node's calls
         assert set(seen) == {c.session_id for c in calls}
         assert Counter(s["node"] for s in seen.values()) == Counter(CAPACITY), seen
+        # each answer carries its node's own candidates; node a's also its public address (same ports)
+        for call in calls:
+            answer = call.pc.remoteDescription.sdp
+            public = f" {PUBLIC['a']} " in answer and "typ srflx raddr" in answer
+            assert public == (seen[call.session_id]["node"] == "a"), answer
         # media flows from each caller straight to its node: each hears its own tone back
         deadline = time.monotonic() + 20
         while not all(c.recorder.frames > 50 for c in calls):

@@ -1,11 +1,12 @@
 """Cluster mode's start-up without a cluster: the single-host server never imports Ray, and Ray absent or out
-of reach is a clear error (exit status 2) within seconds. No Ray cluster may run on this host meanwhile
-(tests/test_cluster.py's is torn down with its module)."""
+of reach is a clear error (exit status 2) within seconds."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,9 +14,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a fresh interpreter that sees no Ray cluster of this host (`auto` looks for one in Ray's
+    temporary folder: an empty one here)."""
+    lonely = tempfile.mkdtemp(prefix="no-ray-")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+        "RAY_TMPDIR": lonely,
+        "TMPDIR": lonely,
+    }
     return subprocess.run(
         [sys.executable, "-c", code],
         cwd=REPO_ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
