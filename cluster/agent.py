@@ -11,13 +11,16 @@ local debugging; callers reach the cluster through the fronts.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import ray
+from aiohttp import web
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.messages import NodeStatus, OfferIn, Reply
 from cluster.placement import NodeLoad, WorkerLoad
+from rtc_server.admin_api import admin_status
 from rtc_server.admission import QueueFull
 from rtc_server.app import RunningServer, start_server
 from rtc_server.client_limits import Client, TooManyRequests
@@ -123,6 +126,12 @@ class NodeAgent:
         ).model_dump()
 
     # ---- reports ----
+
+    async def admin_status(self) -> dict[str, Any]:
+        """The node's `/api/admin/status` (workers, calls, queue, recent errors), as its own dashboard has it."""
+        app = self._server().runner.app
+        # admin_status reads only `request.app`: the node's application stands in for a request to it
+        return admin_status(cast(web.Request, SimpleNamespace(app=app))).model_dump()
 
     async def status(self) -> dict[str, Any]:
         server = self._server()

@@ -4,7 +4,8 @@ A front holds no call state: it asks the registry actor where a new call goes an
 passes offers, trickled candidates and hang-ups to that node's agent. Media never passes through it, so a
 front that dies takes no call with it, and any other front (behind the same HTTP load balancer) serves the
 calls' PATCH and DELETE. Routes: `POST /api/sessions`, `GET|DELETE /api/sessions/{id}`, `POST /whip`,
-`PATCH|DELETE /whip/{id}`, admin `GET /api/sessions` and `GET /api/cluster` (every node), `/metrics`.
+`PATCH|DELETE /whip/{id}`, admin `GET /api/sessions`, `GET /api/cluster` and `GET /api/admin/status`
+(every node), `/metrics`.
 """
 
 from __future__ import annotations
@@ -180,6 +181,22 @@ async def list_sessions(request: web.Request) -> web.Response:
     return web.json_response({"sessions": sessions})
 
 
+async def admin_status(request: web.Request) -> web.Response:
+    """Every up node's own admin status (workers, calls, queue, recent errors), by node."""
+    _require_admin(request)
+    front = _front(request)
+    nodes = []
+    for node in await front.nodes():
+        status = None
+        if node["up"]:
+            try:
+                status = await front.agent(node["name"]).admin_status.remote()
+            except (RayActorError, ValueError):
+                front.agents.pop(node["name"], None)
+        nodes.append({"name": node["name"], "up": status is not None, "status": status})
+    return web.json_response({"nodes": nodes}, headers={"Cache-Control": "no-store"})
+
+
 async def cluster_nodes(request: web.Request) -> web.Response:
     _require_admin(request)
     return web.json_response({"nodes": await _front(request).nodes()})
@@ -272,6 +289,7 @@ def make_front_app(config: AppConfig, front: ClusterFront) -> web.Application:
     app.router.add_get("/api/sessions/{session_id}", get_session)
     app.router.add_delete("/api/sessions/{session_id}", delete_session)
     app.router.add_get("/api/cluster", cluster_nodes)
+    app.router.add_get("/api/admin/status", admin_status)
     app.router.add_post("/whip", whip_offer)
     app.router.add_patch("/whip/{session_id}", whip_patch)
     app.router.add_delete("/whip/{session_id}", whip_delete)
@@ -286,7 +304,8 @@ class RunningFront:
     runner: web.AppRunner
 
     async def stop(self) -> None:
-        await self.runner.cleanup()
+        if self.runner.server is not None:  # not stopped yet
+            await self.runner.cleanup()
 
 
 async def start_front(config: AppConfig, registry: Any) -> RunningFront:

@@ -206,6 +206,13 @@ async def test_calls_placed_by_capacity_two_fronts_one_queue_delete_through_othe
         await waiting.wait_event("queue", position=1, timeout=20)
         node = (await listed(one))[waiting.session_id]["node"]
         assert (await listed(one))[waiting.session_id]["phase"] == "queued"
+        status, admin = await get_json(f"{two}/api/admin/status")  # each node's own admin view, by node
+        assert status == 200 and [n["name"] for n in admin["nodes"]] == sorted(CAPACITY)
+        for entry in admin["nodes"]:
+            assert entry["up"] and entry["status"]["workers"][0]["up"]
+            assert entry["status"]["capacity"] == CAPACITY[entry["name"]]
+        queues = {n["name"]: [q["session_id"] for q in n["status"]["queue"]] for n in admin["nodes"]}
+        assert queues == {name: [waiting.session_id] if name == node else [] for name in CAPACITY}, queues
 
         # DELETE through the other front ends a call on that node; the waiting caller gets its slot
         (leaving,) = [c for c in calls[:-1] if seen[c.session_id]["node"] == node][:1]
@@ -267,7 +274,12 @@ async def test_node_killed_mid_call_its_callers_get_an_error_new_calls_placed_an
         calls.append(again)
         assert (await listed(one))[again.session_id]["node"] == "b"
         await again.wait_event("session", phase="active", timeout=20)
+        # the front that placed `fresh` goes away: its media goes on, and the other front hangs it up
+        await fronts[0].stop()
+        heard = fresh.recorder.frames
+        await asyncio.sleep(1.0)
+        assert fresh.recorder.frames > heard + 20, "the call's media stopped with the front that placed it"
         for call in (on_a[1], fresh, again):
-            assert await delete(one, call) == 200
+            assert await delete(two, call) == 200
     finally:
         await close_all(calls)
