@@ -133,7 +133,9 @@ class NodeAgent:
         # admin_status reads only `request.app`: the node's application stands in for a request to it
         return admin_status(cast(web.Request, SimpleNamespace(app=app))).model_dump()
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self, detail: bool = False) -> dict[str, Any]:
+        """Load, workers and health (the registry's poll, kept small: no per-call list); `detail`: also every
+        call's info (the admin views)."""
         server = self._server()
         manager, admission = server.manager, server.manager.admission
         workers = [
@@ -146,6 +148,7 @@ class NodeAgent:
             )
             for w in server.supervisor.workers
         ]
+        live = [c for c in manager.sessions.values() if c.phase != "closed"]
         load = NodeLoad(
             name=self.name, workers=workers, queued=len(admission.waiting), modes=manager.known_modes()
         )
@@ -155,7 +158,9 @@ class NodeAgent:
             load=load,
             ray_node_id=ray.get_runtime_context().get_node_id(),
             url=server.url,
-            calls=[c.info().model_dump() for c in manager.sessions.values() if c.phase != "closed"],
+            call_count=sum(1 for c in live),
+            connecting=[c.id for c in live if c.phase == "connecting"],
+            calls=[c.info().model_dump() for c in live] if detail else None,
             workers=[
                 {
                     "worker_id": w.worker_id,

@@ -177,7 +177,7 @@ async def list_sessions(request: web.Request) -> web.Response:
     sessions: list[dict[str, Any]] = []
     for node in await _front(request).nodes():
         if node["up"] and node["status"] is not None:
-            sessions += [{**call, "node": node["name"]} for call in node["status"]["calls"]]
+            sessions += [{**call, "node": node["name"]} for call in node["status"]["calls"] or []]
     return web.json_response({"sessions": sessions})
 
 
@@ -244,7 +244,7 @@ async def metrics(request: web.Request) -> web.Response:
         if not node["up"] or node["status"] is None:
             continue
         status = NodeStatus.model_validate(node["status"])
-        call_rows.append((labels, len(status.calls)))
+        call_rows.append((labels, status.call_count))
         free_rows.append((labels, round(status.load.free_share(), 4)))
         queue_rows.append((labels, status.load.queued))
         cap_rows += [({**labels, "mode": m}, n) for m, n in status.load.capacity_by_mode().items()]

@@ -40,7 +40,9 @@ class NodeStatus(BaseModel):
     load: NodeLoad
     ray_node_id: str
     url: str  # the node's own server (pages, local debugging)
-    calls: list[dict[str, Any]] = Field(default_factory=list)  # SessionInfo of every live call
+    call_count: int = 0  # live calls
+    connecting: list[str] = Field(default_factory=list)  # ids of the calls answered but not yet connected
+    calls: list[dict[str, Any]] | None = None  # SessionInfo of every live call (a detailed report only)
     workers: list[dict[str, Any]] = Field(default_factory=list)  # id, device, up, restarts, capacity
     shards_up: int = 0
     shards: int = 0

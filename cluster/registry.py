@@ -65,21 +65,22 @@ class Registry:
             await asyncio.gather(*(self._poll(name) for name in list(self.last_seen)))
             await asyncio.sleep(self.poll_interval_s)
 
-    async def _poll(self, name: str) -> None:
+    async def _poll(self, name: str, detail: bool = False) -> NodeStatus | None:
+        """Ask node `name` for its status and take it in; None if it did not answer."""
         try:
             handle = self.handles.get(name)
             if handle is None:
                 handle = ray.get_actor(agent_name(name), namespace=self.namespace)
                 self.handles[name] = handle
-            report = await asyncio.wait_for(handle.status.remote(), self.node_timeout_s)
+            report = await asyncio.wait_for(handle.status.remote(detail), self.node_timeout_s)
         except (RayActorError, ValueError) as exc:  # dead, or no actor of that name (any more)
             self.handles.pop(name, None)
             self._down(name, f"Ray reports its agent gone ({type(exc).__name__})")
-            return
+            return None
         except (TimeoutError, GetTimeoutError):
             if time.monotonic() - self.last_seen.get(name, 0.0) > self.node_timeout_s:
                 self._down(name, f"no status for {self.node_timeout_s} s")
-            return
+            return None
         status = NodeStatus.model_validate(report)
         self.last_seen[name] = time.monotonic()
         if not self.up.get(name):
@@ -87,13 +88,14 @@ class Registry:
         self.up[name] = True
         self.status[name] = status
         # a bound call still connecting is in neither the node's load nor its queue yet: it stays pending
-        connecting = {c["session_id"] for c in status.calls if c["phase"] == "connecting"}
+        connecting = set(status.connecting)
         counted = [
             k
             for k, _ in self.placer.pending.get(name, [])
             if not k.startswith("pending-") and k not in connecting
         ]
         self.placer.report(status.load, counted)
+        return status
 
     def _down(self, name: str, why: str) -> None:
         if self.up.get(name) is False:
@@ -111,12 +113,16 @@ class Registry:
             self.ended.popitem(last=False)
 
     async def nodes(self, fresh: bool = False) -> list[dict[str, Any]]:
-        """Every node ever registered: up or not, and its last status (`fresh`: asked for now)."""
+        """Every node ever registered: up or not, and its last status (`fresh`: asked for now, with every
+        call's info)."""
+        names = sorted(self.last_seen)
+        detailed: dict[str, NodeStatus | None] = {}
         if fresh:
-            await asyncio.gather(*(self._poll(name) for name in list(self.last_seen)))
+            reports = await asyncio.gather(*(self._poll(name, detail=True) for name in names))
+            detailed = dict(zip(names, reports, strict=True))
         out = []
-        for name in sorted(self.last_seen):
-            status = self.status.get(name)
+        for name in names:
+            status = detailed.get(name) or self.status.get(name)
             out.append(
                 {
                     "name": name,

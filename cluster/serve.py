@@ -6,7 +6,7 @@ import asyncio
 import signal
 import socket
 
-from cluster.connect import connect
+from cluster.connect import ClusterError, connect
 from rtc_server.config import AppConfig
 
 
@@ -43,7 +43,12 @@ async def serve_node(config: AppConfig) -> None:
     from cluster.agent import start_agent
 
     name = config.cluster.node_name or socket.gethostname()
-    agent = start_agent(name, config, ray_node_id=ray.get_runtime_context().get_node_id())
+    try:
+        agent = start_agent(name, config, ray_node_id=ray.get_runtime_context().get_node_id())
+    except ValueError as exc:  # the name is taken: that node's agent runs (here or on another host)
+        raise ClusterError(
+            f"node {name!r} already has a running agent (set cluster.node_name): {exc}"
+        ) from None
     registry = _registry(config)
     await registry.ensure_started.remote()
     status = await agent.start.remote()
