@@ -25,9 +25,11 @@ from rtc_server.admission import QueueFull
 from rtc_server.app import RunningServer, start_server
 from rtc_server.client_limits import Client, TooManyRequests
 from rtc_server.config import AppConfig
+from rtc_server.events import quote
 from rtc_server.manager import ServerBusy, UnknownMode
 from rtc_server.session import BadCandidate, BadOffer
 from rtc_server.shards import ShardError
+from rtc_server.voices import voice_exists
 
 log = logging.getLogger("cluster.agent")
 AGENT_PREFIX = "rtc-node-"
@@ -69,9 +71,14 @@ class NodeAgent:
         manager = self._server().manager
         client = Client(address=offer.client_address, token=offer.client_token)
         retry = str(max(1, round(self.config.rtc.connect_timeout_s)))
+        voice, notice = offer.voice, None
+        if voice is not None and not voice_exists(self._server().runner.app, voice):
+            # as on one host: a voice this node does not have must not block the call; the default speaks
+            notice = ("unknown_voice", f"no voice {quote(voice)} on this server; the default voice speaks")
+            voice = None
         try:
             call = await manager.create(
-                offer.sdp, offer.mode, offer.system_prompt, offer.voice, offer.options, client=client
+                offer.sdp, offer.mode, offer.system_prompt, voice, offer.options, client=client, notice=notice
             )
         except UnknownMode as exc:
             return _refused(400, "unknown_mode", exc)

@@ -10,6 +10,7 @@ calls' PATCH and DELETE. Routes: `POST /api/sessions`, `GET|DELETE /api/sessions
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from rtc_server.signalling import (
 
 log = logging.getLogger("cluster.front")
 FRONT_KEY = web.AppKey("cluster_front", "ClusterFront")
+OFFER_ATTEMPTS = 3  # nodes an offer may try when the first ones turn out dead
 
 
 class ClusterFront:
@@ -73,15 +75,20 @@ class ClusterFront:
         raise AssertionError("unreachable")
 
     async def create(self, offer: OfferIn) -> Reply:
-        placed = await self.registry.place.remote(offer.mode)
-        if placed is None:
-            return Reply(ok=False, status=503, code="no_nodes", message="no node of the cluster is up")
-        node, key = placed["node"], placed["key"]
-        reply = await self.call_node(node, "offer", offer.model_dump())
-        if not reply.ok:
+        """Place the call and pass its offer to that node; a node found dead on the way (the registry had not
+        noticed yet) is skipped and the call placed again."""
+        for _ in range(OFFER_ATTEMPTS):
+            placed = await self.registry.place.remote(offer.mode)
+            if placed is None:
+                return Reply(ok=False, status=503, code="no_nodes", message="no node of the cluster is up")
+            node, key = placed["node"], placed["key"]
+            reply = await self.call_node(node, "offer", offer.model_dump())
+            if reply.ok:
+                await self.registry.bind.remote(key, node, reply.session_id, offer.mode)
+                return reply
             await self.registry.unplace.remote(key, node)
-            return reply
-        await self.registry.bind.remote(key, node, reply.session_id, offer.mode)
+            if reply.code != NODE_LOST:
+                return reply
         return reply
 
     async def route(self, session_id: str, method: str, *args: Any) -> Reply:
@@ -122,7 +129,7 @@ def _require_admin(request: web.Request) -> None:
         if not is_loopback(request.remote):
             raise ApiError(403, "admin_only", "without auth.admin_token only loopback clients may do this")
         return
-    if request.headers.get("X-Admin-Token", "") != expected:
+    if not hmac.compare_digest(request.headers.get("X-Admin-Token", "").encode(), expected.encode()):
         raise ApiError(401, "admin_unauthorized", "missing or wrong X-Admin-Token header")
 
 
