@@ -16,20 +16,20 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def _run(code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run `code` in a fresh interpreter that sees no Ray cluster of this host (`auto` looks for one in Ray's
     temporary folder: an empty one here)."""
-    lonely = tempfile.mkdtemp(prefix="no-ray-")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
-        "RAY_TMPDIR": lonely,
-        "TMPDIR": lonely,
-    }
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    with tempfile.TemporaryDirectory(prefix="no-ray-") as lonely:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+            "RAY_TMPDIR": lonely,
+            "TMPDIR": lonely,
+        }
+        return subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
 
 
 def test_single_host_server_never_imports_ray() -> None:
