@@ -1,5 +1,8 @@
 """Entry point: `python run.py [--http] [--gpus 0,1] [--host H] [--port P] [--model-path DIR] [--config FILE]`.
 
+Cluster mode (docs/CLUSTER.md): `python run.py --cluster auto` serves a front, `python run.py --cluster auto
+--node` this host's node agent.
+
 Loads `config.toml` (or --config), applies the CLI on top (CLI > file > defaults), starts one worker process
 per GPU (or one CPU worker) and serves the web app and the signalling API.
 """
@@ -49,12 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="processes owning the calls' media (workers.media_procs): 0 the front process, -1 automatic",
     )
+    parser.add_argument(
+        "--cluster",
+        metavar="auto|HOST:PORT|ray://HOST:PORT",
+        help="cluster mode on Ray (cluster.address): serve a front that places calls on the cluster's nodes",
+    )
+    parser.add_argument(
+        "--node",
+        action="store_true",
+        help="with --cluster: start this host's node agent (its workers and media) instead of a front",
+    )
     parser.add_argument("--log-level", default="INFO")
     return parser
 
 
 def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    overrides: dict[str, dict[str, Any]] = {"server": {}, "workers": {}, "model": {}}
+    overrides: dict[str, dict[str, Any]] = {"server": {}, "workers": {}, "model": {}, "cluster": {}}
     if args.host is not None:
         overrides["server"]["host"] = args.host
     if args.port is not None:
@@ -67,11 +80,20 @@ def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["model"]["path"] = args.model_path
     if args.media_procs is not None:
         overrides["workers"]["media_procs"] = args.media_procs
+    if args.cluster is not None:
+        overrides["cluster"]["address"] = args.cluster
     return {k: v for k, v in overrides.items() if v}
 
 
-async def serve(config_path: Path | None, overrides: dict[str, Any]) -> None:
+async def serve(config_path: Path | None, overrides: dict[str, Any], node: bool = False) -> None:
     config = load_config(config_path, overrides)
+    if node and not config.cluster.address:
+        raise ConfigError("--node needs cluster mode: --cluster auto|HOST:PORT|ray://HOST:PORT")
+    if config.cluster.address:  # cluster mode: only here is Ray imported (cluster/, docs/CLUSTER.md)
+        from cluster.serve import serve_front, serve_node
+
+        await (serve_node(config) if node else serve_front(config))
+        return
     name_this_thread("front")  # this process's event loop (and the calls' media when it has no media shards)
     server = await start_server(config)
     shards = len(server.manager.shards.shards) if server.manager.shards is not None else 0
@@ -97,8 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         default = REPO_ROOT / "config.toml"
         config_path = default if default.is_file() else None
     try:
-        asyncio.run(serve(config_path, cli_overrides(args)))
+        asyncio.run(serve(config_path, cli_overrides(args), node=args.node))
     except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if type(exc).__name__ != "ClusterError":  # cluster/connect.py's, without importing it here
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

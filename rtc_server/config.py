@@ -123,6 +123,9 @@ class RtcSettings(_Strict):
     ice_servers: list[str] = Field(
         default_factory=list
     )  # e.g. ["stun:stun.example.org:3478"]; none by default
+    # the address callers reach this host at behind a 1:1 NAT (a cluster node's public IP): each answer also
+    # offers it, with the ports of the host's own candidates (rtc_server/ice_address.py); empty: not needed
+    public_address: str = ""
 
 
 class LoopbackSettings(_Strict):
@@ -133,6 +136,17 @@ class LoopbackSettings(_Strict):
     # track's 20 ms clock. Measured on 127.0.0.1 with aiortc callers (tests/test_rtc_loopback.py); a
     # browser's adaptive jitter buffer is usually a little shorter than aiortc's fixed 80 ms. See README.
     pipeline_latency_s: float = Field(0.2, ge=0)
+
+
+class ClusterSettings(_Strict):
+    # cluster mode (cluster/, docs/CLUSTER.md): "auto" (the Ray cluster this host has joined with `ray start`),
+    # HOST:PORT of its head, or ray://HOST:PORT (Ray Client); empty: the single-host server, without Ray
+    address: str = ""
+    namespace: str = "minicpmo-rtc"  # the Ray namespace of the registry and node agents
+    node_name: str = ""  # `run.py --node`: this node's name; empty: the host name
+    node_http_host: str = "127.0.0.1"  # where a node's own server listens (pages, local debugging)
+    poll_interval_s: float = Field(0.5, gt=0)  # how often the registry asks each node for its status
+    node_timeout_s: float = Field(5.0, gt=0)  # a node silent this long counts as down
 
 
 class AppConfig(_Strict):
@@ -146,6 +160,7 @@ class AppConfig(_Strict):
     session: SessionSettings = Field(default_factory=SessionSettings)
     voices: VoiceSettings = Field(default_factory=VoiceSettings)
     recording: RecordingSettings = Field(default_factory=RecordingSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
 
 
 class ConfigError(ValueError):

@@ -23,6 +23,7 @@ from media_tracks import AudioUnit, InboundAudio, LatestVideoFrame, SpeechTrack,
 from rtc_server import events as ev
 from rtc_server.client_limits import Client
 from rtc_server.heard import HeardTracker
+from rtc_server.ice_address import advertise
 from rtc_server.metrics import percentile
 from rtc_server.offer_check import offer_problem
 from rtc_server.recordings import CallRecorder, encode_jpeg, recordings_dir
@@ -153,11 +154,12 @@ class CallSession:
         self._connect_timer = loop.call_later(
             self.manager.config.rtc.connect_timeout_s, self._connect_timeout
         )
-        return pc.localDescription.sdp
+        return self.answer_sdp
 
     @property
     def answer_sdp(self) -> str:
-        return self.pc.localDescription.sdp
+        """The answer, with `rtc.public_address` advertised (rtc_server/ice_address.py)."""
+        return advertise(self.pc.localDescription.sdp, self.manager.config.rtc.public_address)
 
     async def add_candidates(self, candidates: list[tuple[str | None, str]], end: bool) -> None:
         """Trickled ICE candidates ((mid, `candidate:...` line) pairs), then end-of-candidates if `end`."""

@@ -16,6 +16,8 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q -r requirements.txt -r requirements-dev.txt
+# Ray for cluster mode (cluster/, tests/test_cluster.py); the single-host server never imports it
+.venv/bin/pip install -q -r requirements-cluster.txt
 # @openai/agents-realtime for tests/test_realtime_browser.py, into the git-ignored .cache/realtime-js (skipped
 # when the pinned versions are there already)
 .venv/bin/python -m tests.realtime_js_bundle >/dev/null
