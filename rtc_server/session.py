@@ -48,12 +48,6 @@ class BadCandidate(ValueError):
     """A trickled ICE candidate cannot be parsed."""
 
 
-def user_turn_event(message: p.UserTurnOut) -> ev.UserTurnEvent:
-    return ev.UserTurnEvent(
-        turn=message.turn, seconds=message.seconds, text=message.text, started=message.started
-    )
-
-
 def open_message(
     session_id: str, mode: str, options: dict[str, Any], system_prompt: str | None, voice: str | None
 ) -> p.OpenSession:
@@ -469,13 +463,11 @@ class CallSession:
             self._on_opened(message)
         elif isinstance(message, p.AudioOut):
             self._on_audio(message, payload)
-        elif isinstance(message, p.TextOut):
-            self.send_event(ev.TextEvent(text=message.text, turn=message.turn))
-        elif isinstance(message, p.UserTurnOut):
-            self.send_event(user_turn_event(message))
+        elif isinstance(message, p.TextOut | p.UserTurnOut):
+            self.send_event(p.caller_event(message))
         elif isinstance(message, p.StateOut):
             self.state = message.state
-            self.send_event(ev.StateEvent(state=message.state))
+            self.send_event(p.caller_event(message))
         elif isinstance(message, p.FlushOut):
             self._cancel_timers()
             self.flush_speech(max(message.turn + self.track_turn_base, self.speech.turn))
@@ -487,7 +479,7 @@ class CallSession:
         elif isinstance(message, p.UnitDone):
             self._on_unit_done(message)
         elif isinstance(message, p.ErrorOut):
-            self.send_event(ev.ErrorEvent(code=message.code, message=message.message))
+            self.send_event(p.caller_event(message))
             if message.code in FATAL_WORKER_ERRORS:
                 self.close_soon(f"worker error {message.code}")
         elif isinstance(message, p.Closed):
@@ -495,35 +487,12 @@ class CallSession:
 
     def _on_unit_done(self, message: p.UnitDone) -> None:
         roundtrip_ms = (time.monotonic() - message.completed_at) * 1000
-        self.manager.stats.record_unit(message.handoff_ms, roundtrip_ms)
+        metrics = message.metrics
+        self.manager.stats.record_unit(metrics.handoff_ms, roundtrip_ms)
         self.unit_roundtrip_ms.append(roundtrip_ms)
-        t = message.timings
-
-        def ms(key: str) -> float | None:
-            return round(t[key], 2) if key in t else None
-
-        def count(key: str) -> int | None:
-            return int(t[key]) if key in t else None
-
-        self.send_event(
-            ev.MetricsEvent(
-                unit=message.index,
-                handoff_ms=round(message.handoff_ms, 2),
-                compute_ms=round(message.compute_ms, 2),
-                roundtrip_ms=round(roundtrip_ms, 2),
-                queue_ms=round(message.queue_ms, 2),
-                lag_ms=round(message.handoff_ms + message.queue_ms, 2),
-                backlog_units=message.backlog_units,
-                prefill_ms=ms("prefill_ms"),
-                decide_ms=ms("decide_ms"),
-                tts_ms=ms("tts_ms"),
-                vocoder_ms=ms("vocoder_ms"),
-                vad_ms=ms("vad_ms"),
-                kv_tokens=count("kv_tokens"),
-                dropped_tokens=count("dropped_tokens"),
-                batch_sessions=count("batch_sessions"),
-            )
-        )
+        server = {"roundtrip_ms": roundtrip_ms, "lag_ms": metrics.handoff_ms + metrics.queue_ms}
+        measured = metrics.model_copy(update=server).rounded()
+        self.send_event(ev.MetricsEvent(unit=message.index, **measured.model_dump()))
 
     def _on_opened(self, message: p.Opened) -> None:
         if message.output_rate != self.speech.input_rate:

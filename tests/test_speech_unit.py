@@ -11,9 +11,9 @@ from inference.engine_host import get_host
 from inference.modes import create_mode
 from inference.modes.base import SessionOptions, Speech, UnitInput
 from inference.wav import pcm16_wav
-from tests.conftest import REPO_ROOT
+from tests.worker_helpers import embedded
 
-SETTINGS = {"cache_dir": str(REPO_ROOT / ".cache" / "embedded"), "max_sessions": 4}
+SETTINGS = embedded(max_sessions=4)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from inference.modes.base import ModeError, Output
+from inference import protocol as p
+from inference.modes.base import Output
 
 if TYPE_CHECKING:
     from inference.modes.chat import ChatMode
@@ -57,7 +58,11 @@ def truncate_reply(mode: ChatMode, message: dict[str, Any]) -> list[Output]:
         or not 0.0 <= heard <= 1.0
         or math.isnan(heard)
     ):
-        return [ModeError("bad_message", "truncate needs an int `turn` and a `heard` fraction in 0..1")]
+        return [
+            p.ErrorOut(
+                code="bad_message", message="truncate needs an int `turn` and a `heard` fraction in 0..1"
+            )
+        ]
     outputs: list[Output] = []
     if mode.reply is not None and mode.reply.turn == turn:
         outputs += mode.on_control({"type": "interrupt"})

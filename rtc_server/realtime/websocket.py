@@ -32,7 +32,7 @@ from rtc_server.manager import ServerBusy, SessionManager
 from rtc_server.realtime.conversation import RealtimeConversation
 from rtc_server.realtime.session_map import Settings
 from rtc_server.realtime.socket_view import socket_info, socket_snapshot
-from rtc_server.session import new_session_id, open_message, user_turn_event
+from rtc_server.session import new_session_id, open_message
 from rtc_server.signalling import MANAGER_KEY, ApiError
 from rtc_server.voices import voice_exists
 
@@ -240,23 +240,21 @@ class SocketCall:
             self._on_opened(message)
         elif isinstance(message, p.AudioOut):
             translator.on_speech(p.pcm_from_bytes(payload), message.turn)
-        elif isinstance(message, p.TextOut):
-            translator.on_event(ev.TextEvent(text=message.text, turn=message.turn))
-        elif isinstance(message, p.UserTurnOut):
-            translator.on_event(user_turn_event(message))
+        elif isinstance(message, p.TextOut | p.UserTurnOut):
+            translator.on_event(p.caller_event(message))
         elif isinstance(message, p.StateOut):
             self.state = message.state
-            translator.on_event(ev.StateEvent(state=message.state))
+            translator.on_event(p.caller_event(message))
         elif isinstance(message, p.FlushOut):
             translator.on_flush(message.turn)
         elif isinstance(message, p.UnitDone):
             roundtrip_ms = (time.monotonic() - message.completed_at) * 1000
-            self.manager.stats.record_unit(message.handoff_ms, roundtrip_ms)
+            self.manager.stats.record_unit(message.metrics.handoff_ms, roundtrip_ms)
             self.unit_roundtrip_ms.append(roundtrip_ms)
-            if "kv_tokens" in message.timings:
-                translator.kv_tokens = int(message.timings["kv_tokens"])
+            if message.metrics.kv_tokens is not None:
+                translator.kv_tokens = message.metrics.kv_tokens
         elif isinstance(message, p.ErrorOut):
-            translator.on_event(ev.ErrorEvent(code=message.code, message=message.message))
+            translator.on_event(p.caller_event(message))
             if message.code in FATAL:
                 self.close_soon()
         elif isinstance(message, p.Closed):
