@@ -9,7 +9,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
@@ -21,15 +21,12 @@ from inference import protocol as p
 from media_shard.messages import CallSnapshot
 from media_tracks import AudioUnit, InboundAudio, LatestVideoFrame, SpeechTrack, UnitCutter, grid_lead_in
 from rtc_server import events as ev
+from rtc_server.call_host import CallHost
 from rtc_server.client_limits import Client
 from rtc_server.heard import HeardTracker
 from rtc_server.metrics import percentile
 from rtc_server.offer_check import offer_problem
 from rtc_server.recordings import CallRecorder, encode_jpeg, recordings_dir
-
-if TYPE_CHECKING:
-    from rtc_server.manager import SessionManager
-    from rtc_server.realtime.webrtc import RtcPort
 
 log = logging.getLogger("rtc_server.session")
 OUTBOX_LIMIT = 200  # events kept until the data channel opens
@@ -65,10 +62,25 @@ def new_session_id() -> str:
     return secrets.token_urlsafe(24)
 
 
+class RealtimePort(Protocol):
+    """A Realtime API call's side of its session (`rtc_server.realtime.webrtc.RtcPort`): its `oai-events`
+    channel speaks that protocol, translated from the call's own events."""
+
+    def on_channel_open(self) -> None: ...
+
+    def on_client_data(self, data: str | bytes) -> None: ...
+
+    def on_call_event(self, event: BaseModel) -> None: ...
+
+    def on_flush(self, turn: int) -> None: ...
+
+    def on_speech(self, pcm: np.ndarray, turn: int) -> None: ...
+
+
 class CallSession:
     def __init__(
         self,
-        manager: SessionManager,
+        manager: CallHost,
         mode: str,
         system_prompt: str | None,
         voice: str | None = None,
@@ -114,7 +126,7 @@ class CallSession:
         self.closed = asyncio.Event()
         self.unit_roundtrip_ms: deque[float] = deque(maxlen=600)  # recent units, for the admin dashboard
         # A Realtime API call (POST /v1/realtime/calls): its `oai-events` channel speaks that protocol instead
-        self.realtime: RtcPort | None = None
+        self.realtime: RealtimePort | None = None
         self.heard = HeardTracker()  # how much of the current reply was played (heard-only context)
         # the speech track's turn = the mode's turn + this; it moves up when a mode (re)opens (set_mode,
         # session.update), since every mode counts its turns from 0 and the track drops older turns as stale

@@ -111,6 +111,7 @@ class ChatMode:
         self.segment: list[np.ndarray] = []
         self.recent: deque[np.ndarray] = deque()  # audio since the last turn (push-to-talk fallback)
         self.recent_samples = 0
+        self.heard_cut: tuple[int, int] | None = None  # the reply a `truncate` cut: (turn, its tokens then)
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
     def open(self, options: SessionOptions) -> tuple[SessionSetup, list[Output]]:

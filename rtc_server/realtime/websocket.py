@@ -34,7 +34,7 @@ from rtc_server.realtime.session_map import Settings
 from rtc_server.realtime.socket_view import socket_info, socket_snapshot
 from rtc_server.session import new_session_id, open_message
 from rtc_server.signalling import MANAGER_KEY, ApiError
-from rtc_server.voices import voice_exists
+from rtc_server.voice_ids import voice_exists
 
 log = logging.getLogger("rtc_server.realtime")
 RATE = 16000
@@ -301,7 +301,7 @@ class SocketCall:
             asyncio.ensure_future(self.close())
 
     def info(self) -> ev.SessionInfo:
-        return socket_info(self)
+        return socket_info(self, self.manager.admission.position(self))
 
     def snapshot(self) -> CallSnapshot:
         return socket_snapshot(self)
