@@ -43,6 +43,7 @@ from inference.modes import create_mode  # noqa: E402
 from inference.modes.base import ModeUnit, SessionOptions  # noqa: E402
 from inference.modes.chat import RATE, UNIT_SAMPLES, ChatMode  # noqa: E402
 from inference.modes.duplex import DuplexMode  # noqa: E402
+from inference.settings import ModelSettings, WorkerSettings  # noqa: E402
 from MiniCPMO45.engine import half_duplex as hd  # noqa: E402
 from MiniCPMO45.engine.capacity import CapacityTable, ModeCapacity  # noqa: E402
 from MiniCPMO45.engine.generation import decode_step, start_row  # noqa: E402
@@ -242,13 +243,15 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     levels = [int(x) for x in args.sessions.split(",") if x]
     mixed = [int(x) for x in args.mixed.split(",") if x]
-    settings: dict[str, object] = {
-        "device": "cpu" if args.tiny else args.device,
-        "max_sessions": max([*levels, *(2 * n for n in mixed)]) + 1,
-        "max_kv_tokens": 256 if args.tiny else args.max_kv_tokens,
-    }
-    if args.model_dir and not args.tiny:
-        settings["model_path"] = args.model_dir
+    model = ModelSettings(
+        path=args.model_dir if args.model_dir and not args.tiny else "",
+        max_kv_tokens=512 if args.tiny else args.max_kv_tokens,  # 512: the least `model.max_kv_tokens`
+    )
+    settings = WorkerSettings(
+        model=model,
+        device="cpu" if args.tiny else args.device,
+        max_sessions=max([*levels, *(2 * n for n in mixed)]) + 1,
+    )
     t0 = time.perf_counter()
     host = get_host(settings)
     host.duplex_batcher()  # the worker's warm-up: static steps and their graphs

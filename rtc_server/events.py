@@ -11,6 +11,7 @@ as they are (`inference.protocol.caller_event`).
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -152,6 +153,21 @@ def quote(text: str, limit: int = QUOTE_CHARS) -> str:
     if len(text) <= limit:
         return repr(text)
     return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def parse_client_message(data: str | bytes, limit: int) -> ClientMessage | ErrorEvent:
+    """A data-channel message from the caller, or the `error` event that says what is wrong with it (over
+    `limit` bytes: `message_too_large`; not JSON or not a known message: `bad_message`)."""
+    size = len(data) if isinstance(data, bytes) else len(data.encode())
+    if size > limit:
+        text = f"a client message may have at most {limit} bytes; this one had {size}"
+        return ErrorEvent(code="message_too_large", message=text)
+    try:
+        return client_message_adapter.validate_python(json.loads(data))
+    except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deeply
+        return ErrorEvent(
+            code="bad_message", message=f"invalid client message: {invalid_message_detail(exc)}"
+        )
 
 
 def invalid_message_detail(exc: Exception) -> str:

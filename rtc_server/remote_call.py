@@ -13,7 +13,7 @@ import time
 
 from media_shard import messages as m
 from rtc_server import events as ev
-from rtc_server.call_host import CallHost
+from rtc_server.call_host import FrontCallHost
 from rtc_server.client_limits import Client
 from rtc_server.shards import ShardError, ShardHandle, ShardPool
 
@@ -23,7 +23,7 @@ log = logging.getLogger("rtc_server.remote_call")
 class RemoteCall:
     def __init__(
         self,
-        manager: CallHost,
+        manager: FrontCallHost,
         pool: ShardPool,
         shard: ShardHandle,
         session_id: str,

@@ -91,7 +91,7 @@ def test_duplex_forced_speech_then_interrupt(host) -> None:
     setup, opened = mode.open(SessionOptions("d1", extra={"force": "speak", "seed": 3}))
     try:
         assert setup.unit_samples == 16000 and setup.video_max_side is None
-        assert kinds(opened) == ["State"]
+        assert kinds(opened) == ["StateOut"]
         outputs = []
         for i in range(5):
             outputs += mode.on_unit(ModeUnit(i, noise(rng, 16000), 0.0), None)

@@ -248,7 +248,7 @@ async def test_a_flooded_session_queue_stays_bounded(kind: str, capfd: pytest.Ca
             dropped = sink.errors("units_dropped")
             assert len(done) == bound and len(dropped) == count - bound
             assert [m.index for m in done] == list(range(count - bound, count))  # the oldest went
-            assert max(m.backlog_units for m in done) == bound - 1
+            assert max(m.metrics.backlog_units for m in done) == bound - 1
             assert worker.dropped_units == count - bound
         else:
             await sink.wait(lambda: len(sink.of(p.TextOut)) + len(sink.errors("controls_dropped")) >= count)

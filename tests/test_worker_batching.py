@@ -221,7 +221,7 @@ async def test_chat_replies_and_a_duplex_call_share_a_worker_in_time(worker: Fak
         await worker.wait_for(sid, p.UnitDone, count, timeout=60)
         assert not worker.of(sid, p.ErrorOut)
         assert worker.of(sid, p.AudioOut), f"{sid} did not speak"
-        assert all(d.backlog_units == 0 for d in worker.of(sid, p.UnitDone)), sid
+        assert all(d.metrics.backlog_units == 0 for d in worker.of(sid, p.UnitDone)), sid
     # every duplex unit was handled within its own length of being sent (its deadline: the next unit is due
     # then), and every chat unit within two of its 320 ms lengths (chat has no unit deadline of its own: VAD
     # only must not fall behind; on the development VM chat units took 10-230 ms here)

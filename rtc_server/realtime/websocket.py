@@ -27,11 +27,11 @@ from media_tracks import UnitCutter, grid_lead_in
 from media_tracks.resampler import AudioResampler
 from rtc_server import events as ev
 from rtc_server.admission import QueueFull
+from rtc_server.call_view import call_info, call_snapshot
 from rtc_server.client_limits import Client, TooManyRequests, client_of
 from rtc_server.manager import ServerBusy, SessionManager
 from rtc_server.realtime.conversation import RealtimeConversation
 from rtc_server.realtime.session_map import Settings
-from rtc_server.realtime.socket_view import socket_info, socket_snapshot
 from rtc_server.session import new_session_id, open_message
 from rtc_server.signalling import MANAGER_KEY, ApiError
 from rtc_server.voice_ids import voice_exists
@@ -301,10 +301,10 @@ class SocketCall:
             asyncio.ensure_future(self.close())
 
     def info(self) -> ev.SessionInfo:
-        return socket_info(self, self.manager.admission.position(self))
+        return call_info(self, self.manager.admission.position(self))
 
     def snapshot(self) -> CallSnapshot:
-        return socket_snapshot(self)
+        return call_snapshot(self)
 
     async def close(self, reason: str = "the WebSocket closed") -> None:
         if self.closed.is_set():

@@ -1,19 +1,24 @@
-"""A WebSocket Realtime session as the operator sees it: in `/api/sessions`, the admin dashboard and `/metrics`,
-like a call (it has no media track, so its frame counters are zero)."""
+"""A call as the operator sees it: in `/api/sessions` (`call_info`), and in the admin dashboard and `/metrics`
+(`call_snapshot`, which a media shard sends the front). One view for a WebRTC call (`rtc_server.session`) and a
+Realtime WebSocket session (`rtc_server.realtime.websocket`), which has no media track: its frame counters stay
+zero."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from media_shard.messages import CallSnapshot
 from rtc_server import events as ev
 from rtc_server.metrics import percentile
 
+if TYPE_CHECKING:
+    from media_tracks import InboundAudio, SpeechTrack
 
-class SocketCallView(Protocol):
-    """What these views read of a WebSocket session (`rtc_server.realtime.websocket.SocketCall`)."""
+
+class CallView(Protocol):
+    """What these views read of a call."""
 
     @property
     def id(self) -> str: ...
@@ -37,7 +42,7 @@ class SocketCallView(Protocol):
     def unit_roundtrip_ms(self) -> Sequence[float]: ...
 
 
-def socket_info(call: SocketCallView, queue_position: int | None) -> ev.SessionInfo:
+def call_info(call: CallView, queue_position: int | None) -> ev.SessionInfo:
     return ev.SessionInfo(
         session_id=call.id,
         mode=call.mode,
@@ -49,7 +54,9 @@ def socket_info(call: SocketCallView, queue_position: int | None) -> ev.SessionI
     )
 
 
-def socket_snapshot(call: SocketCallView) -> CallSnapshot:
+def call_snapshot(
+    call: CallView, speech: SpeechTrack | None = None, inbound: InboundAudio | None = None
+) -> CallSnapshot:
     return CallSnapshot(
         session_id=call.id,
         mode=call.mode,
@@ -60,9 +67,10 @@ def socket_snapshot(call: SocketCallView) -> CallSnapshot:
         units=len(call.unit_roundtrip_ms),
         unit_latency_p50_ms=percentile(call.unit_roundtrip_ms, 50),
         unit_latency_p95_ms=percentile(call.unit_roundtrip_ms, 95),
-        speech_buffered_s=0.0,
-        send_lateness_p95_ms=0.0,
-        frames_in=0,
-        frames_out=0,
-        frames_dropped=0,
+        speech_buffered_s=round(speech.buffered_s, 3) if speech is not None else 0.0,
+        send_lateness_p95_ms=round(speech.pacing.percentile(95) * 1000, 2) if speech is not None else 0.0,
+        frames_in=inbound.frames_in if inbound is not None else 0,
+        frames_out=speech.frames_out if speech is not None else 0,
+        frames_dropped=inbound.frames_dropped if inbound is not None else 0,
+        audio_lost_s=round(inbound.unfilled_gap_s, 3) if inbound is not None else 0.0,
     )
