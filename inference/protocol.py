@@ -290,6 +290,13 @@ class UnitDone(_Msg):
     completed_at: float
     metrics: UnitMetrics
 
+    def at_server(self, now: float) -> UnitMetrics:
+        """The unit's metrics once its result is back at the server (`now`: the server's monotonic clock), with
+        the server's `roundtrip_ms` and `lag_ms`."""
+        roundtrip_ms = (now - self.completed_at) * 1000
+        lag_ms = self.metrics.handoff_ms + self.metrics.queue_ms
+        return self.metrics.model_copy(update={"roundtrip_ms": roundtrip_ms, "lag_ms": lag_ms})
+
 
 class ErrorOut(ErrorEvent):
     """A session-level error (session_id set) or a worker-level one."""

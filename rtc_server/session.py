@@ -389,13 +389,10 @@ class CallSession:
             self.close_soon("closed by the worker")
 
     def _on_unit_done(self, message: p.UnitDone) -> None:
-        roundtrip_ms = (time.monotonic() - message.completed_at) * 1000
-        metrics = message.metrics
-        self.manager.stats.record_unit(metrics.handoff_ms, roundtrip_ms)
-        self.unit_roundtrip_ms.append(roundtrip_ms)
-        server = {"roundtrip_ms": roundtrip_ms, "lag_ms": metrics.handoff_ms + metrics.queue_ms}
-        measured = metrics.model_copy(update=server).rounded()
-        self.send_event(ev.MetricsEvent(unit=message.index, **measured.model_dump()))
+        metrics = message.at_server(time.monotonic())
+        self.manager.stats.record_unit(metrics)
+        self.unit_roundtrip_ms.append(metrics.roundtrip_ms)
+        self.send_event(ev.MetricsEvent(unit=message.index, **metrics.rounded().model_dump()))
 
     def _on_opened(self, message: p.Opened) -> None:
         if message.output_rate != self.speech.input_rate:

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from inference.protocol import UnitMetrics
 from media_shard.messages import StatsSnapshot
 from rtc_server.metrics import Histogram
 
@@ -44,11 +45,12 @@ class ServerStats:
     unit_handoff: Histogram = field(default_factory=Histogram)
     recent_handoff_ms: deque[float] = field(default_factory=lambda: deque(maxlen=20000))  # for the benchmark
 
-    def record_unit(self, handoff_ms: float, roundtrip_ms: float) -> None:
+    def record_unit(self, unit: UnitMetrics) -> None:
+        """A unit's result is back (`UnitDone.at_server`): its hand-off and round trip go into the totals."""
         self.units_done += 1
-        self.unit_handoff.observe(handoff_ms / 1000)
-        self.recent_handoff_ms.append(handoff_ms)
-        self.unit_roundtrip.observe(roundtrip_ms / 1000)
+        self.unit_handoff.observe(unit.handoff_ms / 1000)
+        self.recent_handoff_ms.append(unit.handoff_ms)
+        self.unit_roundtrip.observe(unit.roundtrip_ms / 1000)
 
     def close_call(self, session: CallMedia) -> None:
         """Keep an ended call's frame counts in the totals."""

@@ -248,11 +248,11 @@ class SocketCall:
         elif isinstance(message, p.FlushOut):
             translator.on_flush(message.turn)
         elif isinstance(message, p.UnitDone):
-            roundtrip_ms = (time.monotonic() - message.completed_at) * 1000
-            self.manager.stats.record_unit(message.metrics.handoff_ms, roundtrip_ms)
-            self.unit_roundtrip_ms.append(roundtrip_ms)
-            if message.metrics.kv_tokens is not None:
-                translator.kv_tokens = message.metrics.kv_tokens
+            metrics = message.at_server(time.monotonic())
+            self.manager.stats.record_unit(metrics)
+            self.unit_roundtrip_ms.append(metrics.roundtrip_ms)
+            if metrics.kv_tokens is not None:
+                translator.kv_tokens = metrics.kv_tokens
         elif isinstance(message, p.ErrorOut):
             translator.on_event(p.caller_event(message))
             if message.code in FATAL:
