@@ -243,33 +243,30 @@ class FlushOut(_Msg):
 
 class UnitMetrics(_Msg):
     """Timings of one unit: one model for the worker's `unit_done`, the data channel's `metrics` event, the
-    recordings, the admin view and the OpenAPI document.
+    admin totals and the OpenAPI document. A mode returns the numbers it knows (its split of `compute_ms`, the
+    KV length, the tick's batch); the worker adds the hand-off, queue and compute times; the server adds
+    `roundtrip_ms` and `lag_ms` (`UnitDone.at_server`)."""
 
-    A mode returns the numbers it knows (its split of `compute_ms`, the KV length, the tick's batch); the
-    worker adds the hand-off, queue and compute times; the server adds `roundtrip_ms` and `lag_ms`.
-    `handoff_ms`: unit complete -> in the worker; `queue_ms`: waiting in the worker behind the session's
-    earlier units; `lag_ms` = handoff + queue (how far behind real time the model started on this unit);
-    `backlog_units`: units of the session waiting behind this one; `compute_ms`: the mode's time, split into
-    `prefill_ms`, `decide_ms` (listen/speak decision and text), `tts_ms`, `vocoder_ms`, `vad_ms` where they
-    apply; `roundtrip_ms`: unit complete -> result back at the server; `kv_tokens`: the session's KV length
-    after the unit; `dropped_tokens`: KV positions the context window dropped before it; `batch_sessions`: how
-    many calls' units shared the worker tick that ran this one.
-    """
-
-    handoff_ms: float = 0.0
-    compute_ms: float = 0.0
-    roundtrip_ms: float = 0.0
-    queue_ms: float = 0.0
-    lag_ms: float = 0.0
-    backlog_units: int = 0
-    prefill_ms: float | None = None
-    decide_ms: float | None = None
-    tts_ms: float | None = None
-    vocoder_ms: float | None = None
-    vad_ms: float | None = None
-    kv_tokens: int | None = None
-    dropped_tokens: int | None = None
-    batch_sessions: int | None = None  # sessions whose units ran in the same worker tick (batching modes)
+    handoff_ms: float = Field(0.0, description="unit complete -> in the worker")
+    compute_ms: float = Field(0.0, description="the mode's time on the unit (split below where it applies)")
+    roundtrip_ms: float = Field(0.0, description="unit complete -> its result back at the server")
+    queue_ms: float = Field(0.0, description="waiting in the worker behind the session's earlier units")
+    lag_ms: float = Field(
+        0.0, description="handoff + queue: how far behind real time the model started on this unit"
+    )
+    backlog_units: int = Field(0, description="units of the session waiting behind this one")
+    prefill_ms: float | None = Field(None, description="prefill (audio encoder, vision, LLM feed)")
+    decide_ms: float | None = Field(None, description="the listen/speak decision and the text")
+    tts_ms: float | None = Field(None, description="speech tokens")
+    vocoder_ms: float | None = Field(None, description="speech tokens -> audio")
+    vad_ms: float | None = Field(None, description="voice activity detection (chat)")
+    kv_tokens: int | None = Field(None, description="the session's KV length after the unit")
+    dropped_tokens: int | None = Field(
+        None, description="KV positions the context window dropped before the unit"
+    )
+    batch_sessions: int | None = Field(
+        None, description="sessions whose units ran in the same worker tick (batching modes)"
+    )
 
     def rounded(self, digits: int = 2) -> UnitMetrics:
         """The same numbers, times rounded to `digits` decimals (what the caller and the recordings get)."""

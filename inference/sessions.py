@@ -244,9 +244,9 @@ class SessionRunner:
                 outputs = await self._call(self.mode.on_unit, unit, frame)
             compute_ms = (time.monotonic() - started) * 1000
             metrics = p.UnitMetrics()
-            for out in outputs:
+            for out in outputs:  # a mode's numbers for the unit (several: merged in order)
                 if isinstance(out, p.UnitMetrics):
-                    metrics = out
+                    metrics = metrics.model_copy(update=out.model_dump(exclude_unset=True))
             await self._send_outputs(outputs, self.output_rate)
             measured = {
                 "handoff_ms": (received_at - message.completed_at) * 1000,
