@@ -37,11 +37,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from inference import protocol as p  # noqa: E402
 from inference.engine_host import get_host  # noqa: E402
 from inference.modes import create_mode  # noqa: E402
-from inference.modes.base import SessionOptions, Speech, UnitInput, UnitTimings, UserTurn  # noqa: E402
+from inference.modes.base import ModeUnit, SessionOptions  # noqa: E402
 from inference.modes.chat import RATE, UNIT_SAMPLES, ChatMode  # noqa: E402
 from inference.modes.duplex import DuplexMode  # noqa: E402
+from inference.settings import ModelSettings, WorkerSettings  # noqa: E402
 from MiniCPMO45.engine import half_duplex as hd  # noqa: E402
 from MiniCPMO45.engine.capacity import CapacityTable, ModeCapacity  # noqa: E402
 from MiniCPMO45.engine.generation import decode_step, start_row  # noqa: E402
@@ -151,7 +153,7 @@ def run_level(  # noqa: PLR0913
             if duplex and k % round(1.0 / UNIT_S) == 0:
                 # a unit a second, before the chat sessions of the tick, as the worker orders them
                 noise = (0.05 * rng.standard_normal(16000)).astype(np.float32)
-                DuplexMode.on_units([(m, UnitInput(k, noise, 0.0), None) for m in duplex])
+                DuplexMode.on_units([(m, ModeUnit(k, noise, 0.0), None) for m in duplex])
                 sync(host.device)
                 duplex_ms.append((time.perf_counter() - t0) * 1000)
             batch = []
@@ -161,7 +163,7 @@ def run_level(  # noqa: PLR0913
                 pcm = np.zeros(UNIT_SAMPLES, dtype=np.float32)
                 piece = speech[lo : lo + UNIT_SAMPLES]
                 pcm[: piece.size] = piece
-                batch.append((mode, UnitInput(k, pcm, 0.0, queued_units=behind), None))
+                batch.append((mode, ModeUnit(k, pcm, 0.0, queued_units=behind), None))
             outs = ChatMode.on_units(batch)
             sync(host.device)
             t1 = time.perf_counter()
@@ -170,13 +172,13 @@ def run_level(  # noqa: PLR0913
             stages.append(split)
             for i, out in enumerate(outs):
                 for o in out:
-                    if isinstance(o, UnitTimings):
+                    if isinstance(o, p.UnitMetrics):
                         for name in STAGES:
-                            split[name] = max(split.get(name, 0.0), float(o.values.get(name, 0.0)))
-                    if isinstance(o, UserTurn):
+                            split[name] = max(split.get(name, 0.0), float(getattr(o, name) or 0.0))
+                    if isinstance(o, p.UserTurnOut):
                         turn_start[i, o.turn] = t0
                         turns += 1
-                    elif isinstance(o, Speech):
+                    elif isinstance(o, p.AudioOut):
                         key = (i, o.turn)
                         if key not in first_at:
                             first_at[key] = t1
@@ -242,13 +244,15 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     levels = [int(x) for x in args.sessions.split(",") if x]
     mixed = [int(x) for x in args.mixed.split(",") if x]
-    settings: dict[str, object] = {
-        "device": "cpu" if args.tiny else args.device,
-        "max_sessions": max([*levels, *(2 * n for n in mixed)]) + 1,
-        "max_kv_tokens": 256 if args.tiny else args.max_kv_tokens,
-    }
-    if args.model_dir and not args.tiny:
-        settings["model_path"] = args.model_dir
+    model = ModelSettings(
+        path=args.model_dir if args.model_dir and not args.tiny else "",
+        max_kv_tokens=512 if args.tiny else args.max_kv_tokens,  # 512: the least `model.max_kv_tokens`
+    )
+    settings = WorkerSettings(
+        model=model,
+        device="cpu" if args.tiny else args.device,
+        max_sessions=max([*levels, *(2 * n for n in mixed)]) + 1,
+    )
     t0 = time.perf_counter()
     host = get_host(settings)
     host.duplex_batcher()  # the worker's warm-up: static steps and their graphs

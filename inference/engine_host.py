@@ -31,18 +31,16 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from inference.capacity import GIB, WorkerCapacity, limit_to_count, limit_to_memory, planned_capacity
-from inference.modes.base import DEFAULT_TICK_PHASES
+from inference.settings import WorkerSettings
 from inference.wav import pcm16_wav
 from MiniCPMO45.config import PreprocessorConfig
 from MiniCPMO45.engine.batcher import DuplexBatcher
 from MiniCPMO45.engine.core import Engine
-from MiniCPMO45.engine.static_tts import TTS_WINDOW
 from MiniCPMO45.model import MiniCPMO
 from MiniCPMO45.modules.tts import MiniCPMTTS, TTSKVCache
 from MiniCPMO45.modules.whisper_slots import WhisperSlotCache
@@ -53,7 +51,6 @@ from MiniCPMO45.token2wav.random_assets import write_random_assets
 from MiniCPMO45.tokenizer import MiniCPMOTokenizer
 
 log = logging.getLogger("inference.engine_host")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKEN2WAV_SUBDIR = Path("assets") / "token2wav"
 DEFAULT_VOICE_ID = "default"
 
@@ -90,10 +87,11 @@ GPU_HOST_THREADS = 2  # torch's CPU threads in a GPU worker
 
 
 class EngineHost:
-    def __init__(self, settings: dict[str, Any]) -> None:
+    def __init__(self, settings: WorkerSettings) -> None:
         started = time.perf_counter()
         self.settings = settings
-        device = str(settings.get("device") or "cpu")
+        model_settings = settings.model
+        device = settings.device
         self.device = torch.device(
             device if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
         )
@@ -105,15 +103,13 @@ class EngineHost:
             # (measured on a 16-core H100 host: the mode thread's pool took 1.2 cores beside it at 42 calls),
             # and several workers share the host with the media shards.
             torch.set_num_threads(GPU_HOST_THREADS)
-        model_path = str(settings.get("model_path") or "")
-        self.embedded = not model_path
+        self.embedded = not model_settings.path
         if self.embedded:
-            cache_dir = settings.get("cache_dir") or REPO_ROOT / ".cache" / "embedded"
-            self.model_dir = embedded_model_dir(cache_dir)
+            self.model_dir = embedded_model_dir(model_settings.cache_path)
         else:
-            self.model_dir = Path(model_path)
+            self.model_dir = Path(model_settings.path)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.max_kv_tokens = int(settings.get("max_kv_tokens", 4096))
+        self.max_kv_tokens = model_settings.max_kv_tokens
         model = MiniCPMO.from_pretrained(self.model_dir, dtype=dtype, device=self.device)
         if model.tts is None:
             raise RuntimeError(f"{self.model_dir}: the checkpoint has no TTS (init_tts is false)")
@@ -121,9 +117,7 @@ class EngineHost:
         # On a GPU the vocoder windows replay as CUDA graphs, one padded batch per round, and the flow runs
         # in `vocoder_dtype` (float16 by default there); the CPU keeps float32.
         cuda = self.device.type == "cuda"
-        flow_dtype = (
-            getattr(torch, str(settings.get("vocoder_dtype") or "float16")) if cuda else torch.float32
-        )
+        flow_dtype = getattr(torch, model_settings.vocoder_dtype) if cuda else torch.float32
         self.vocoder = Token2Wav.from_layout(
             layout, device=self.device, use_graphs=cuda, flow_dtype=flow_dtype
         )
@@ -132,7 +126,7 @@ class EngineHost:
         except FileNotFoundError as exc:
             log.warning("no reference-voice front end: %s", exc)
             self.frontend = None
-        self.voices_dir = Path(settings["voices_dir"]) if settings.get("voices_dir") else None
+        self.voices_dir = Path(settings.voices_dir) if settings.voices_dir else None
         self._voices: dict[str, Voice] = {}
         self.default_voice = self._load_default_voice()
         # The sessions' caches are sized last, from what the memory left after the weights holds.
@@ -156,16 +150,16 @@ class EngineHost:
 
     def _vocoder_turns(self, sessions: int | None = None) -> int:
         sessions = sessions or self.max_sessions
-        return min(int(self.settings.get("vocoder_turns") or 0) or sessions, sessions)
+        return min(self.settings.model.vocoder_turns or sessions, sessions)
 
-    def _budget(self, model: MiniCPMO, settings: dict[str, Any]) -> WorkerCapacity:
+    def _budget(self, model: MiniCPMO, settings: WorkerSettings) -> WorkerCapacity:
         """The sessions this worker claims (inference/capacity.py), clamped to what its memory holds."""
         from inference.modes import mode_names as served_modes  # the modes import this module
 
         cuda = self.device.type == "cuda"
         plan = planned_capacity(
-            explicit_table=str(settings.get("capacity_table") or ""),
-            configured=settings.get("max_sessions"),
+            explicit_table=settings.model.capacity_table,
+            configured=settings.max_sessions,
             card=torch.cuda.get_device_name(self.device) if cuda else None,
             context=self.max_kv_tokens,
             modes=served_modes(),
@@ -175,14 +169,14 @@ class EngineHost:
             return plan
         per_session = self._session_bytes(model)
         turn = self._vocoder_turn_bytes()
-        turns = int(settings.get("vocoder_turns") or 0)
+        turns = settings.model.vocoder_turns
         # fixed vocoder turns are paid once; otherwise each session brings its own turn
         fixed = turns * turn if turns else 0
         capacity = limit_to_memory(
             plan,
             free - fixed,
             per_session + (0 if turns else turn),
-            int(float(settings.get("gpu_reserve_gib", 16.0)) * GIB),
+            int(settings.model.gpu_reserve_gib * GIB),
         )
         log.info(
             "capacity: %d sessions (%s); %.0f MiB per session, %.1f GiB free after the weights",
@@ -193,13 +187,12 @@ class EngineHost:
         )
         return capacity
 
-    def _free_device_bytes(self, settings: dict[str, Any]) -> int | None:
+    def _free_device_bytes(self, settings: WorkerSettings) -> int | None:
         """Device memory free now; on the CPU only the `device_memory_bytes` setting (the budget's CPU test)."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
             return int(torch.cuda.mem_get_info(self.device)[0])
-        simulated = settings.get("device_memory_bytes")
-        return int(simulated) if simulated else None
+        return settings.device_memory_bytes or None
 
     def _session_bytes(self, model: MiniCPMO) -> int:
         """Memory of one session's caches, from caches built for one session: LLM KV at `max_kv_tokens`, the
@@ -248,7 +241,7 @@ class EngineHost:
             return 0
         free = torch.cuda.mem_get_info(self.device)[0]
         cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        want = int(float(self.settings.get("gpu_runtime_reserve_gib", 8.0)) * GIB)
+        want = int(self.settings.model.gpu_runtime_reserve_gib * GIB)
         return max(want - free - cached, 0)
 
     def _warm_batcher(self) -> DuplexBatcher:
@@ -258,13 +251,12 @@ class EngineHost:
             self.vocoder,
             self.default_voice.prompt,
             use_graphs=cuda,
-            fused=bool(self.settings.get("fused_layers", True)),
-            tts_window=int(self.settings.get("tts_window", TTS_WINDOW)),
+            fused=self.settings.model.fused_layers,
+            tts_window=self.settings.model.tts_window,
         )
         if cuda:
             started = time.perf_counter()
-            phases = int(self.settings.get("tick_phases", DEFAULT_TICK_PHASES))
-            batcher.warm_up(self.max_sessions, phases=phases)
+            batcher.warm_up(self.max_sessions, phases=self.settings.tick_phases)
             log.info("duplex graphs captured in %.1f s", time.perf_counter() - started)
         return batcher
 
@@ -286,7 +278,7 @@ class EngineHost:
 
     # ---- voices ---------------------------------------------------------------------------------------------
     def _load_default_voice(self) -> Voice:
-        path = self.settings.get("default_voice")
+        path = self.settings.model.default_voice
         if path:
             wav = Path(path).read_bytes()
         else:
@@ -324,7 +316,7 @@ class EngineHost:
 _HOST: EngineHost | None = None
 
 
-def get_host(settings: dict[str, Any]) -> EngineHost:
+def get_host(settings: WorkerSettings) -> EngineHost:
     """The worker's engine host, created on first use (one model per worker process)."""
     global _HOST
     if _HOST is None:

@@ -162,69 +162,153 @@ class Opened(_Msg):
     open_ms: float = 0.0  # worker time to close the previous mode (if any) and open this one
 
 
+# The session outputs below are also what a mode returns (`inference.modes.base.Output`): a mode leaves
+# `session_id` empty (and `AudioOut.sample_rate` 0) and the worker fills them in before it sends the message.
+# The caller-facing ones are the data channel's events too: `TextEvent`, `StateEvent`, `UserTurnEvent` and
+# `ErrorEvent` are their bodies (re-exported by `rtc_server.events`), and `caller_event` drops the session id.
+
+TalkState = Literal["listening", "thinking", "speaking"]
+
+
 class AudioOut(_Msg):
-    """Speech for the caller (payload: float32 PCM at `sample_rate`)."""
+    """Speech for the caller (payload: float32 PCM at `sample_rate`; `pcm` holds it on either side)."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
     type: Literal["audio"] = "audio"
-    session_id: str
+    session_id: str = ""
     turn: int
-    sample_rate: int
+    sample_rate: int = 0  # the mode's `SessionSetup.output_rate` (set by the worker)
     play_at: float | None = None  # server monotonic time to start playing; None: as soon as possible
+    pcm: np.ndarray | None = Field(None, exclude=True, repr=False)  # float32 mono; travels as the payload
 
 
-class TextOut(_Msg):
+class TextEvent(_Msg):
+    """A delta of the assistant's text for turn `turn`."""
+
     type: Literal["text"] = "text"
-    session_id: str
-    turn: int
     text: str
+    turn: int
 
 
-class UserTurnOut(_Msg):
-    """The caller's turn as the model took it (turn-based modes): seconds of speech, or the typed text."""
+class UserTurnEvent(_Msg):
+    """The caller's turn `turn` as the model took it (turn-based modes): `seconds` of speech the voice activity
+    detector (or `end_turn`) cut, or the typed `text`. The assistant's reply to it has the same `turn`. With
+    `started` (and neither seconds nor text), the detector heard the caller begin to speak; the turn's own
+    `user_turn` follows when it ends."""
 
     type: Literal["user_turn"] = "user_turn"
-    session_id: str
     turn: int
     seconds: float | None = None
     text: str | None = None
-    started: bool = False  # the caller began to speak (the turn's end comes later)
+    started: bool = False
 
 
-class StateOut(_Msg):
+class StateEvent(_Msg):
     type: Literal["state"] = "state"
-    session_id: str
-    state: Literal["listening", "thinking", "speaking"]
+    state: TalkState
+
+
+class ErrorEvent(_Msg):
+    """A problem. `pause_timeout`, `mode_error` and `worker_failed` end the call; `internal_error` ends it
+    when the media path failed, not when one client message did. About what the caller sent: `bad_message`,
+    `message_too_large` (over `session.max_message_bytes`), `unknown_mode`, `audio_too_fast` (audio arriving
+    faster than real time: the excess is dropped; told at most every 5 s), `audio_lost` (a jump of over 1 s
+    in the inbound timestamps: that audio never reached the model). The call goes on after those."""
+
+    type: Literal["error"] = "error"
+    code: str
+    message: str
+
+
+class TextOut(TextEvent):
+    session_id: str = ""
+
+
+class UserTurnOut(UserTurnEvent):
+    session_id: str = ""
+
+
+class StateOut(StateEvent):
+    session_id: str = ""
 
 
 class FlushOut(_Msg):
     """Drop queued speech of turns older than `turn` (the model stopped speaking)."""
 
     type: Literal["flush"] = "flush"
-    session_id: str
+    session_id: str = ""
     turn: int
 
 
+class UnitMetrics(_Msg):
+    """Timings of one unit: one model for the worker's `unit_done`, the data channel's `metrics` event, the
+    admin totals and the OpenAPI document. A mode returns the numbers it knows (its split of `compute_ms`, the
+    KV length, the tick's batch); the worker adds the hand-off, queue and compute times; the server adds
+    `roundtrip_ms` and `lag_ms` (`UnitDone.at_server`)."""
+
+    handoff_ms: float = Field(0.0, description="unit complete -> in the worker")
+    compute_ms: float = Field(0.0, description="the mode's time on the unit (split below where it applies)")
+    roundtrip_ms: float = Field(0.0, description="unit complete -> its result back at the server")
+    queue_ms: float = Field(0.0, description="waiting in the worker behind the session's earlier units")
+    lag_ms: float = Field(
+        0.0, description="handoff + queue: how far behind real time the model started on this unit"
+    )
+    backlog_units: int = Field(0, description="units of the session waiting behind this one")
+    prefill_ms: float | None = Field(None, description="prefill (audio encoder, vision, LLM feed)")
+    decide_ms: float | None = Field(None, description="the listen/speak decision and the text")
+    tts_ms: float | None = Field(None, description="speech tokens")
+    vocoder_ms: float | None = Field(None, description="speech tokens -> audio")
+    vad_ms: float | None = Field(None, description="voice activity detection (chat)")
+    kv_tokens: int | None = Field(None, description="the session's KV length after the unit")
+    dropped_tokens: int | None = Field(
+        None, description="KV positions the context window dropped before the unit"
+    )
+    batch_sessions: int | None = Field(
+        None, description="sessions whose units ran in the same worker tick (batching modes)"
+    )
+
+    def rounded(self, digits: int = 2) -> UnitMetrics:
+        """The same numbers, times rounded to `digits` decimals (what the caller and the recordings get)."""
+        times = {
+            name: round(value, digits)
+            for name, value in self.model_dump().items()
+            if isinstance(value, float)
+        }
+        return self.model_copy(update=times)
+
+
 class UnitDone(_Msg):
-    """Per-unit timings, sent after the mode handled a unit."""
+    """A unit is done: its timings, sent after the mode handled it."""
 
     type: Literal["unit_done"] = "unit_done"
     session_id: str
     index: int
     completed_at: float
-    handoff_ms: float  # unit complete at the server -> unit decoded in the worker (same host only)
-    compute_ms: float  # time the mode spent on the unit
-    queue_ms: float = 0.0  # time the unit waited in the worker before the mode started on it
-    backlog_units: int = 0  # units of the session still waiting behind it when it started
-    timings: dict[str, float] = Field(default_factory=dict)  # the mode's own split (prefill_ms, tts_ms, ...)
+    metrics: UnitMetrics
+
+    def at_server(self, now: float) -> UnitMetrics:
+        """The unit's metrics once its result is back at the server (`now`: the server's monotonic clock), with
+        the server's `roundtrip_ms` and `lag_ms`."""
+        roundtrip_ms = (now - self.completed_at) * 1000
+        lag_ms = self.metrics.handoff_ms + self.metrics.queue_ms
+        return self.metrics.model_copy(update={"roundtrip_ms": roundtrip_ms, "lag_ms": lag_ms})
 
 
-class ErrorOut(_Msg):
+class ErrorOut(ErrorEvent):
     """A session-level error (session_id set) or a worker-level one."""
 
-    type: Literal["error"] = "error"
     session_id: str | None = None
-    code: str
-    message: str
+
+
+CallerEvent = TextEvent | UserTurnEvent | StateEvent | ErrorEvent
+
+
+def caller_event(message: TextOut | UserTurnOut | StateOut | ErrorOut) -> CallerEvent:
+    """The data-channel event of a session output that goes to the caller as it is: its own fields without
+    the session id (each of these messages extends its event)."""
+    event_type = type(message).__bases__[0]
+    return event_type.model_validate(message.model_dump(exclude={"session_id"}))
 
 
 class Closed(_Msg):

@@ -19,7 +19,6 @@ Used inside the server's event loop; nothing here blocks.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import secrets
@@ -30,10 +29,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from inference import protocol as p
 from inference.processes import cancel_all, kill, terminate
+from inference.settings import SupervisorSettings, WorkerSettings
 
 log = logging.getLogger("inference.supervisor")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -45,18 +45,6 @@ class SessionSink(Protocol):
     def on_worker_message(self, message: p.Message, payload: bytes) -> None: ...
 
     def on_worker_lost(self, reason: str) -> None: ...
-
-
-@dataclass
-class SupervisorSettings:
-    gpus: list[int] = field(default_factory=list)
-    capacity_per_gpu: int = 1
-    cpu_capacity: int = 4
-    heartbeat_interval_s: float = 1.0
-    heartbeat_timeout_s: float = 5.0
-    start_timeout_s: float = 60.0
-    restart_delay_s: float = 0.5
-    auth_timeout_s: float = 5.0  # a new connection must prove it is our worker within this
 
 
 @dataclass
@@ -99,7 +87,7 @@ class WorkerSupervisor:
     def __init__(
         self,
         settings: SupervisorSettings,
-        worker_settings: dict[str, Any],
+        worker_settings: WorkerSettings,
         on_workers_changed: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
@@ -201,7 +189,7 @@ class WorkerSupervisor:
             "--device",
             worker.device,
             "--settings",
-            json.dumps(self.worker_settings),
+            self.worker_settings.model_dump_json(),
             *listen,
         ]
 

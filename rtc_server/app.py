@@ -12,7 +12,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from inference.supervisor import SupervisorSettings, WorkerSupervisor
+from inference.settings import WorkerSettings
+from inference.supervisor import WorkerSupervisor
 from rtc_server.certs import server_ssl_context
 from rtc_server.config import AppConfig, AuthSettings
 from rtc_server.http_security import NON_PAGE_ROOTS, OriginPolicy, origin_guard, response_headers
@@ -302,28 +303,18 @@ class RunningServer:
         await self.supervisor.stop()
 
 
-def worker_settings(config: AppConfig) -> dict[str, object]:
-    """What worker modes get from the server config (sent to the worker process as JSON)."""
+def worker_settings(config: AppConfig) -> WorkerSettings:
+    """What the worker processes get from the server config (sent to each as JSON, parsed once there)."""
     workers = config.workers
-    return {
-        "model_path": config.model.path,
-        "capacity_table": config.model.capacity_table,
-        "cache_dir": str(REPO_ROOT / config.model.cache_dir),
-        "max_kv_tokens": config.model.max_kv_tokens,
-        "default_voice": config.model.default_voice,
-        "vocoder_dtype": config.model.vocoder_dtype,
-        "vocoder_turns": config.model.vocoder_turns,
-        "fused_layers": config.model.fused_layers,
-        "tts_window": config.model.tts_window,
+    return WorkerSettings(
+        model=config.model,
+        loopback=config.loopback,
         # None: a GPU worker finds its own capacity (inference/capacity.py)
-        "max_sessions": (workers.capacity_per_gpu or None) if workers.gpus else workers.cpu_capacity,
-        "gpu_reserve_gib": config.model.gpu_reserve_gib,
-        "gpu_runtime_reserve_gib": config.model.gpu_runtime_reserve_gib,
-        "voices_dir": str(voices_dir(config)),
-        "loopback": config.loopback.model_dump(),
-        "tick_gather_s": workers.tick_gather_ms / 1000,
-        "tick_phases": workers.tick_phases,
-    }
+        max_sessions=(workers.capacity_per_gpu or None) if workers.gpus else workers.cpu_capacity,
+        voices_dir=str(voices_dir(config)),
+        tick_gather_ms=workers.tick_gather_ms,
+        tick_phases=workers.tick_phases,
+    )
 
 
 def voices_dir(config: AppConfig) -> Path:
@@ -334,9 +325,7 @@ async def start_server(config: AppConfig) -> RunningServer:
     """Start the workers, then serve the app; returns once everything is up."""
     manager_ref: list[SessionManager] = []
     supervisor = WorkerSupervisor(
-        SupervisorSettings(
-            **config.workers.model_dump(exclude={"tick_gather_ms", "tick_phases", "media_procs"})
-        ),
+        config.workers,  # a SupervisorSettings with the front's own keys
         worker_settings(config),
         on_workers_changed=lambda: manager_ref[0].workers_changed() if manager_ref else None,
     )

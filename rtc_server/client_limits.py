@@ -43,7 +43,7 @@ def client_of(remote: str | None, authorization: str | None) -> Client:
 
 
 @dataclass
-class SlidingWindow:
+class RateWindow:
     """At most `limit` events per key within the last `window_s` seconds."""
 
     limit: int

@@ -1,23 +1,28 @@
 """Server configuration: `config.toml` validated by pydantic, with CLI overrides on top.
 
 Precedence is CLI > file > the defaults below. Unknown keys are an error that names the key, so a typo in
-`config.toml` never silently falls back to a default.
+`config.toml` never silently falls back to a default. The sections the worker uses as they are (`[model]`,
+`[loopback]`) and the supervisor's and tick's keys of `[workers]` are defined in `inference/settings.py`, once.
 """
 
 from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
+
+from inference.settings import (
+    LoopbackSettings,
+    ModelSettings,
+    StrictModel,
+    SupervisorSettings,
+    TickSettings,
+)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class ServerSettings(_Strict):
+class ServerSettings(StrictModel):
     host: str = "0.0.0.0"
     port: int = Field(8006, ge=0, le=65535)
     http: bool = False  # plain HTTP instead of HTTPS (tests, or behind a TLS proxy)
@@ -29,42 +34,18 @@ class ServerSettings(_Strict):
     allowed_origins: list[str] = Field(default_factory=list)
 
 
-class AuthSettings(_Strict):
+class AuthSettings(StrictModel):
     api_token: str = ""  # when set, /api, /whip and /metrics need `Authorization: Bearer <token>`
     admin_token: str = ""  # when set, /api/admin/* also needs the header `X-Admin-Token: <token>`
 
 
-class ModelSettings(_Strict):
-    path: str = ""  # empty: the embedded default (tiny random-weight model on the CPU)
-    # bench/capacity.py's capacity_table.json for this card: workers report it and admission uses it
-    capacity_table: str = ""
-    cache_dir: str = ".cache/embedded"  # where the embedded default model is built (relative: to the repo)
-    max_kv_tokens: int = Field(4096, ge=512)  # KV positions per session; the context window slides past it
-    default_voice: str = ""  # WAV file of the default reference voice; empty: a built-in synthetic voice
-    # the vocoder's flow on a GPU: float16 halves its weights and per-turn caches (an official option too)
-    vocoder_dtype: Literal["float32", "float16"] = "float16"
-    # vocoder turns whose per-turn store (~150 MB each at the real size) a GPU worker takes at start-up;
-    # 0: one per session. More turns at once grow the store (a copy) while memory lasts.
-    vocoder_turns: int = Field(0, ge=0)
-    # on a GPU, the element-wise work around each layer's matmuls in the static LLM/TTS steps runs as kernels
-    # fused by torch.compile (compiled once per worker at start-up; `engine/fused.py`)
-    fused_layers: bool = True
-    # TTS positions each duplex session keeps (~61 kB each at the real size): a spoken turn longer than this
-    # (about 12 s of speech at 512) restarts its TTS context
-    tts_window: int = Field(512, ge=128, le=4096)
-    # GPU memory a worker keeps free for CUDA graphs and activations when it sizes its sessions' caches
-    gpu_reserve_gib: float = Field(16.0, ge=0)
-    # GPU memory that must still be free after the warm-up, for what live ticks allocate; less: fewer sessions
-    gpu_runtime_reserve_gib: float = Field(8.0, ge=0)
-
-
-class SessionSettings(_Strict):
+class SessionSettings(StrictModel):
     pause_timeout_s: float = Field(60.0, gt=0)  # a paused call without `resume` ends after this long
     # a larger data-channel message from the caller is dropped with a `message_too_large` error
     max_message_bytes: int = Field(65536, ge=1024, le=262144)
 
 
-class VoiceSettings(_Strict):
+class VoiceSettings(StrictModel):
     dir: str = (
         "data/voices"  # uploaded voices (16 kHz mono WAV, named by content hash); relative: to the repo
     )
@@ -73,7 +54,7 @@ class VoiceSettings(_Strict):
     max_duration_s: float = Field(30.0, gt=0)
 
 
-class RecordingSettings(_Strict):
+class RecordingSettings(StrictModel):
     # each call's audio (both sides), transcript, metrics and camera snapshots (rtc_server/recordings.py)
     enabled: bool = True
     dir: str = "data/recordings"  # relative: to the repo
@@ -81,34 +62,22 @@ class RecordingSettings(_Strict):
     max_gb: float = Field(5.0, gt=0)  # past this, the oldest recordings are deleted
 
 
-class WorkerSettings(_Strict):
-    gpus: list[int] = Field(default_factory=list)  # one worker process per GPU; empty: one CPU worker
-    # concurrent sessions per GPU worker; 0: the worker finds its own (inference/capacity.py: a shipped table
-    # for its card and context, else 1); either way clamped to what its memory holds
-    capacity_per_gpu: int = Field(0, ge=0)
-    cpu_capacity: int = Field(4, ge=1)  # concurrent sessions of the CPU worker (embedded default)
+class WorkersConfig(SupervisorSettings, TickSettings):
+    """The `[workers]` section: the supervisor's settings, the worker's tick, and the media processes."""
+
     # media processes that own the calls' peer connections (rtc_server/shards.py); 0: the front process
     # itself (the CPU default); -1: automatic (none without GPUs, else one per 16 calls the GPUs hold, at
     # most the cores left after the workers and the front)
     media_procs: int = Field(-1, ge=-1)
-    heartbeat_interval_s: float = Field(1.0, gt=0)
-    heartbeat_timeout_s: float = Field(5.0, gt=0)  # no pong for this long: the worker is killed and restarted
-    start_timeout_s: float = Field(60.0, gt=0)  # a worker that does not say hello in time is restarted
-    restart_delay_s: float = Field(0.5, ge=0)
-    # a duplex tick waits up to this long for the units of all sessions of the same (aligned) second
-    tick_gather_ms: float = Field(60.0, ge=0, le=500)
-    # duplex calls are spread over this many grids, shifted by a unit / tick_phases: each tick runs about
-    # 1/tick_phases of them, so their units finish sooner (with 2, each phase's tick must fit in half a second)
-    tick_phases: int = Field(2, ge=1, le=2)
 
 
-class QueueSettings(_Strict):
+class QueueSettings(StrictModel):
     max_length: int = Field(16, ge=0)  # callers waiting for a slot; one more is a 503
     default_session_s: float = Field(120.0, gt=0)  # ETA baseline until real session lengths are known
     update_interval_s: float = Field(2.0, gt=0)  # how often a waiting caller gets a `queue` event
 
 
-class RtcSettings(_Strict):
+class RtcSettings(StrictModel):
     # ICE consent freshness (RFC 7675): a peer that stops answering for interval x failures is gone.
     # aioice's own defaults are 5 s x 6; tests use a shorter timeout to see a vanished client quickly.
     consent_interval_s: float = Field(5.0, gt=0)
@@ -128,17 +97,7 @@ class RtcSettings(_Strict):
     public_address: str = ""
 
 
-class LoopbackSettings(_Strict):
-    delay_s: float = Field(1.0, ge=0)  # what the caller hears: its own voice this much later
-    unit_ms: int = Field(100, ge=20, le=1000)  # loopback cuts short units so that small delays are possible
-    # Known latency of the media path that the loopback delay compensates: the aiortc receive jitter
-    # buffer on each side (~80 ms each, fixed prefetch of 4 packets), Opus framing and the outbound
-    # track's 20 ms clock. Measured on 127.0.0.1 with aiortc callers (tests/test_rtc_loopback.py); a
-    # browser's adaptive jitter buffer is usually a little shorter than aiortc's fixed 80 ms. See README.
-    pipeline_latency_s: float = Field(0.2, ge=0)
-
-
-class ClusterSettings(_Strict):
+class ClusterSettings(StrictModel):
     # cluster mode (cluster/, docs/CLUSTER.md): "auto" (the Ray cluster this host has joined with `ray start`),
     # HOST:PORT of its head, or ray://HOST:PORT (Ray Client); empty: the single-host server, without Ray
     address: str = ""
@@ -149,11 +108,11 @@ class ClusterSettings(_Strict):
     node_timeout_s: float = Field(5.0, gt=0)  # a node silent this long counts as down
 
 
-class AppConfig(_Strict):
+class AppConfig(StrictModel):
     server: ServerSettings = Field(default_factory=ServerSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
-    workers: WorkerSettings = Field(default_factory=WorkerSettings)
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
     queue: QueueSettings = Field(default_factory=QueueSettings)
     rtc: RtcSettings = Field(default_factory=RtcSettings)
     loopback: LoopbackSettings = Field(default_factory=LoopbackSettings)

@@ -3,19 +3,23 @@
 Every data-channel message is a JSON object with a `type` field. Server -> client: `session`, `state`,
 `text`, `user_turn`, `metrics`, `queue`, `error`, `paused`, `resumed`. Client -> server: `set_mode`, `interrupt`, `pause`,
 `resume`, `system_prompt`, `text`, `end_turn`, `respond`. Unknown or malformed client messages are answered with an `error` event and the
-call goes on. These models are the single source for the API reference and the OpenAPI document.
+call goes on. These models are the single source for the API reference and the OpenAPI document. The events a
+mode sends the caller (`text`, `state`, `user_turn`, `error`) and the unit metrics are defined once, in
+`inference/protocol.py`: the worker's messages extend them with the session id, and the server forwards them
+as they are (`inference.protocol.caller_event`).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from inference.options import ModeOptions
+from inference.protocol import ErrorEvent, StateEvent, TalkState, TextEvent, UnitMetrics, UserTurnEvent
 
 SessionPhase = Literal["connecting", "queued", "active", "closed"]  # connecting: answered, ICE/DTLS not up
-TalkState = Literal["listening", "thinking", "speaking"]
 
 
 class _Event(BaseModel):
@@ -38,60 +42,12 @@ class SessionEvent(_Event):
     )
 
 
-class StateEvent(_Event):
-    type: Literal["state"] = "state"
-    state: TalkState
-
-
-class TextEvent(_Event):
-    """A delta of the assistant's text for turn `turn`."""
-
-    type: Literal["text"] = "text"
-    text: str
-    turn: int
-
-
-class UserTurnEvent(_Event):
-    """The caller's turn `turn` as the model took it (turn-based modes): `seconds` of speech the voice activity
-    detector (or `end_turn`) cut, or the typed `text`. The assistant's reply to it has the same `turn`. With
-    `started` (and neither seconds nor text), the detector heard the caller begin to speak; the turn's own
-    `user_turn` follows when it ends."""
-
-    type: Literal["user_turn"] = "user_turn"
-    turn: int
-    seconds: float | None = None
-    text: str | None = None
-    started: bool = False
-
-
-class MetricsEvent(_Event):
-    """Timings of one unit.
-
-    `handoff_ms`: unit complete -> in the worker; `queue_ms`: waiting in the worker behind the session's
-    earlier units; `lag_ms` = handoff + queue (how far behind real time the model started on this unit);
-    `backlog_units`: units of the session waiting behind this one; `compute_ms`: the mode's time, split into
-    `prefill_ms`, `decide_ms` (listen/speak decision and text), `tts_ms`, `vocoder_ms`, `vad_ms` where they
-    apply; `roundtrip_ms`: unit complete -> result back at the server; `kv_tokens`: the session's KV length
-    after the unit; `dropped_tokens`: KV positions the context window dropped before it; `batch_sessions`: how many calls' units
-    shared the worker tick that ran this one.
-    """
+class MetricsEvent(UnitMetrics):
+    """Timings of one unit (`UnitMetrics`, which says what each number is), as the worker and the server
+    measured them."""
 
     type: Literal["metrics"] = "metrics"
     unit: int
-    handoff_ms: float
-    compute_ms: float
-    roundtrip_ms: float
-    queue_ms: float = 0.0
-    lag_ms: float = 0.0
-    backlog_units: int = 0
-    prefill_ms: float | None = None
-    decide_ms: float | None = None
-    tts_ms: float | None = None
-    vocoder_ms: float | None = None
-    vad_ms: float | None = None
-    kv_tokens: int | None = None
-    dropped_tokens: int | None = None
-    batch_sessions: int | None = None  # sessions whose units ran in the same worker tick (batching modes)
 
 
 class QueueEvent(_Event):
@@ -100,18 +56,6 @@ class QueueEvent(_Event):
     type: Literal["queue"] = "queue"
     position: int
     eta_s: float
-
-
-class ErrorEvent(_Event):
-    """A problem. `pause_timeout`, `mode_error` and `worker_failed` end the call; `internal_error` ends it
-    when the media path failed, not when one client message did. About what the caller sent: `bad_message`,
-    `message_too_large` (over `session.max_message_bytes`), `unknown_mode`, `audio_too_fast` (audio arriving
-    faster than real time: the excess is dropped; told at most every 5 s), `audio_lost` (a jump of over 1 s
-    in the inbound timestamps: that audio never reached the model). The call goes on after those."""
-
-    type: Literal["error"] = "error"
-    code: str
-    message: str
 
 
 class PausedEvent(_Event):
@@ -209,6 +153,21 @@ def quote(text: str, limit: int = QUOTE_CHARS) -> str:
     if len(text) <= limit:
         return repr(text)
     return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def parse_client_message(data: str | bytes, limit: int) -> ClientMessage | ErrorEvent:
+    """A data-channel message from the caller, or the `error` event that says what is wrong with it (over
+    `limit` bytes: `message_too_large`; not JSON or not a known message: `bad_message`)."""
+    size = len(data) if isinstance(data, bytes) else len(data.encode())
+    if size > limit:
+        text = f"a client message may have at most {limit} bytes; this one had {size}"
+        return ErrorEvent(code="message_too_large", message=text)
+    try:
+        return client_message_adapter.validate_python(json.loads(data))
+    except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deeply
+        return ErrorEvent(
+            code="bad_message", message=f"invalid client message: {invalid_message_detail(exc)}"
+        )
 
 
 def invalid_message_detail(exc: Exception) -> str:

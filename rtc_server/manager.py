@@ -17,7 +17,7 @@ from inference.supervisor import WorkerSupervisor
 from media_shard import messages as m
 from rtc_server import events as ev
 from rtc_server.admission import Admission, QueueFull
-from rtc_server.client_limits import Client, SlidingWindow, TooManyRequests
+from rtc_server.client_limits import Client, RateWindow, TooManyRequests
 from rtc_server.config import AppConfig
 from rtc_server.events import quote
 from rtc_server.remote_call import RemoteCall
@@ -56,7 +56,7 @@ class SessionManager:
         self.admission = Admission(supervisor, config.queue.max_length, config.queue.default_session_s)
         self.sessions: dict[str, Call] = {}
         self.shards: ShardPool | None = None  # set when media shards own the calls (workers.media_procs)
-        self.offer_rate = SlidingWindow(config.rtc.offers_per_minute, window_s=60.0)
+        self.offer_rate = RateWindow(config.rtc.offers_per_minute, window_s=60.0)
         self.stats = ServerStats()
         self.ended: OrderedDict[str, tuple[float, str, str]] = OrderedDict()  # id -> (when, code, why)
         self._queue_task: asyncio.Task[None] | None = None

@@ -10,15 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from media_shard import messages as m
 from rtc_server import events as ev
+from rtc_server.call_host import FrontCallHost
 from rtc_server.client_limits import Client
 from rtc_server.shards import ShardError, ShardHandle, ShardPool
-
-if TYPE_CHECKING:
-    from rtc_server.manager import SessionManager
 
 log = logging.getLogger("rtc_server.remote_call")
 
@@ -26,7 +23,7 @@ log = logging.getLogger("rtc_server.remote_call")
 class RemoteCall:
     def __init__(
         self,
-        manager: SessionManager,
+        manager: FrontCallHost,
         pool: ShardPool,
         shard: ShardHandle,
         session_id: str,

@@ -1,17 +1,19 @@
-"""One call: its peer connection, media tracks, data channel, worker slot and cleanup."""
+"""One call: its peer connection, data channel, worker slot, the worker's messages, and cleanup.
+
+Its parts: the speech the caller hears (`call_speech.CallSpeech`), the caller's audio and camera on their way to
+the worker (`call_uplink.CallUplink`), the operator's view of it (`call_view`); what it asks of the process that
+owns it is `call_host.CallHost`."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcdatachannel import RTCDataChannel
 from aiortc.sdp import candidate_from_sdp
@@ -19,25 +21,21 @@ from pydantic import BaseModel
 
 from inference import protocol as p
 from media_shard.messages import CallSnapshot
-from media_tracks import AudioUnit, InboundAudio, LatestVideoFrame, SpeechTrack, UnitCutter, grid_lead_in
+from media_tracks import InboundAudio, LatestVideoFrame, grid_lead_in
 from rtc_server import events as ev
+from rtc_server.call_host import CallHost, RealtimePort
+from rtc_server.call_speech import CallSpeech
+from rtc_server.call_uplink import CallUplink
+from rtc_server.call_view import call_info, call_snapshot
 from rtc_server.client_limits import Client
-from rtc_server.heard import HeardTracker
 from rtc_server.ice_address import advertise
-from rtc_server.metrics import percentile
 from rtc_server.offer_check import offer_problem
-from rtc_server.recordings import CallRecorder, encode_jpeg, recordings_dir
-
-if TYPE_CHECKING:
-    from rtc_server.manager import SessionManager
-    from rtc_server.realtime.webrtc import RtcPort
+from rtc_server.recordings import CallRecorder, recordings_dir
 
 log = logging.getLogger("rtc_server.session")
 OUTBOX_LIMIT = 200  # events kept until the data channel opens
 # Events larger than this are dropped: 64 KiB is the SCTP message size every peer takes (RFC 8841).
 MAX_EVENT_BYTES = 65536
-VIDEO_UNITS_LIMIT = 8  # units waiting for their camera frame snapshot
-AUDIO_REPORT_INTERVAL_S = 5.0  # how often a caller whose audio runs too fast hears about it
 FATAL_WORKER_ERRORS = {"mode_error", "unknown_mode"}
 
 
@@ -47,12 +45,6 @@ class BadOffer(ValueError):
 
 class BadCandidate(ValueError):
     """A trickled ICE candidate cannot be parsed."""
-
-
-def user_turn_event(message: p.UserTurnOut) -> ev.UserTurnEvent:
-    return ev.UserTurnEvent(
-        turn=message.turn, seconds=message.seconds, text=message.text, started=message.started
-    )
 
 
 def open_message(
@@ -75,7 +67,7 @@ def new_session_id() -> str:
 class CallSession:
     def __init__(
         self,
-        manager: SessionManager,
+        manager: CallHost,
         mode: str,
         system_prompt: str | None,
         voice: str | None = None,
@@ -99,34 +91,32 @@ class CallSession:
         self.worker_id: int | None = None
         self.paused = False
         self.mode_open = False  # the worker said `opened` for the current mode
-        self.video_max_side: int | None = None
         self.pc = RTCPeerConnection(
             RTCConfiguration(iceServers=[RTCIceServer(url) for url in manager.config.rtc.ice_servers])
         )
-        self.speech = SpeechTrack(input_rate=24000, encode=True)
-        self.cutter = UnitCutter()
-        self.inbound: InboundAudio | None = None
-        self.video: LatestVideoFrame | None = None
+        self.outbound = CallSpeech()  # the speech the caller hears, and how much of each reply was heard
+        self.speech = self.outbound.track
+        self.uplink = CallUplink(self)  # the caller's audio (and camera) to the worker, in units
         self.channel: RTCDataChannel | None = None
         self._outbox: list[str] = []
-        self._timers: set[asyncio.TimerHandle] = set()
         self._close_task: asyncio.Task[None] | None = None
         self._connect_timer: asyncio.TimerHandle | None = None
-        self._video_units: asyncio.Queue[AudioUnit] | None = None
-        self._video_task: asyncio.Task[None] | None = None
-        self.video_units_dropped = 0  # units whose frame snapshot fell behind (the oldest waiting is dropped)
-        self._audio_drops_reported = 0  # inbound.frames_dropped at the last `audio_too_fast` report
-        self._audio_gaps_reported = 0.0  # inbound.unfilled_gap_s at the last `audio_lost` report
-        self._audio_report_due = 0.0  # time.monotonic() after which the next report may go
         self.closed = asyncio.Event()
         self.unit_roundtrip_ms: deque[float] = deque(maxlen=600)  # recent units, for the admin dashboard
         # A Realtime API call (POST /v1/realtime/calls): its `oai-events` channel speaks that protocol instead
-        self.realtime: RtcPort | None = None
-        self.heard = HeardTracker()  # how much of the current reply was played (heard-only context)
-        # the speech track's turn = the mode's turn + this; it moves up when a mode (re)opens (set_mode,
-        # session.update), since every mode counts its turns from 0 and the track drops older turns as stale
-        self.track_turn_base = 0
-        self._opened_once = False
+        self.realtime: RealtimePort | None = None
+
+    @property
+    def inbound(self) -> InboundAudio | None:
+        return self.uplink.inbound
+
+    @property
+    def video(self) -> LatestVideoFrame | None:
+        return self.uplink.video
+
+    @property
+    def video_max_side(self) -> int | None:
+        return self.uplink.video_max_side
 
     # ---- signalling ----
 
@@ -181,12 +171,7 @@ class CallSession:
             self.close_soon("connect timeout")
 
     def _on_track(self, track: MediaStreamTrack) -> None:
-        if track.kind == "audio" and self.inbound is None:
-            self.inbound = InboundAudio(track, self.cutter, self._on_unit)
-            self.inbound.start()
-        elif track.kind == "video" and self.video is None:
-            self.video = LatestVideoFrame(track)
-            self.video.start()
+        self.uplink.add_track(track)
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
         if self.realtime is not None:
@@ -263,25 +248,18 @@ class CallSession:
 
     def _parse_client_message(self, data: str | bytes) -> ev.ClientMessage | None:
         """The message, or None after telling the caller what is wrong with it."""
-        limit = self.manager.config.session.max_message_bytes
-        size = len(data) if isinstance(data, bytes) else len(data.encode())
-        if size > limit:
-            text = f"a client message may have at most {limit} bytes; this one had {size}"
-            self.send_event(ev.ErrorEvent(code="message_too_large", message=text))
+        parsed = ev.parse_client_message(data, self.manager.config.session.max_message_bytes)
+        if isinstance(parsed, ev.ErrorEvent):
+            self.send_event(parsed)
             return None
-        try:
-            return ev.client_message_adapter.validate_python(json.loads(data))
-        except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deeply
-            detail = ev.invalid_message_detail(exc)
-            self.send_event(ev.ErrorEvent(code="bad_message", message=f"invalid client message: {detail}"))
-            return None
+        return parsed
 
     def _handle_client_message(self, message: ev.ClientMessage) -> None:
         if isinstance(message, ev.SetModeMessage):
             self._set_mode(message.mode, message.system_prompt)
             return
         if isinstance(message, ev.InterruptMessage):
-            self._cancel_timers()
+            self.outbound.cancel_scheduled()
             self.flush_speech()
         elif isinstance(message, ev.PauseMessage):
             self._pause()
@@ -345,7 +323,7 @@ class CallSession:
         if self.phase == "active" and self.worker_id is not None:
             self.mode_open = False
             self._switch_pending = True
-            self._cancel_timers()
+            self.outbound.cancel_scheduled()
             self.speech.flush()
             self._open_on_worker()
 
@@ -383,85 +361,6 @@ class CallSession:
         if not self.manager.supervisor.send(self.worker_id, message):
             self.on_worker_lost("worker unavailable")
 
-    # ---- media to the worker ----
-
-    def _on_unit(self, unit: AudioUnit) -> None:
-        self._report_audio_drops()
-        if self.phase != "active" or not self.mode_open or self.paused or self.worker_id is None:
-            return  # queued, switching or paused: the caller's audio is not routed anywhere
-        if self.video is not None and self.video_max_side is not None:
-            # The frame conversion runs off the loop; units still reach the worker in order.
-            if self._video_units is None:
-                self._video_units = asyncio.Queue(maxsize=VIDEO_UNITS_LIMIT)
-                self._video_task = asyncio.create_task(
-                    self._send_units_with_frames(), name=f"units-{self.id}"
-                )
-            if self._video_units.full():
-                self._video_units.get_nowait()  # the snapshots fell behind: the oldest unit is dropped
-                self.video_units_dropped += 1
-            self._video_units.put_nowait(unit)
-            return
-        self._send_unit(unit, None)
-
-    def _report_audio_drops(self) -> None:
-        """Tell the caller, at most every `AUDIO_REPORT_INTERVAL_S`, about audio the model did not hear: audio
-        that never arrived (`audio_lost`), or that ran ahead of real time and was dropped (`audio_too_fast`)."""
-        inbound = self.inbound
-        now = time.monotonic()
-        if inbound is None or now < self._audio_report_due:
-            return
-        if inbound.unfilled_gap_s > self._audio_gaps_reported:
-            lost = inbound.unfilled_gap_s - self._audio_gaps_reported
-            self._audio_gaps_reported = inbound.unfilled_gap_s
-            self._audio_report_due = now + AUDIO_REPORT_INTERVAL_S
-            text = f"{lost:.1f} s of your audio never arrived (a jump in its timestamps): the model did not hear it"
-            self.send_event(ev.ErrorEvent(code="audio_lost", message=text))
-        if inbound.frames_dropped == self._audio_drops_reported:
-            return
-        dropped = inbound.frames_dropped - self._audio_drops_reported
-        self._audio_drops_reported = inbound.frames_dropped
-        self._audio_report_due = now + AUDIO_REPORT_INTERVAL_S
-        text = f"audio arrives faster than real time: {dropped} frames dropped (the excess is not heard)"
-        self.send_event(ev.ErrorEvent(code="audio_too_fast", message=text))
-
-    async def _send_units_with_frames(self) -> None:
-        assert self._video_units is not None and self.video is not None
-        try:
-            while True:
-                unit = await self._video_units.get()
-                frame = await self.video.snapshot_rgb_async(self.video_max_side)
-                if self.phase == "active" and self.mode_open:
-                    self._send_unit(unit, frame)
-                    recorder = self.recorder
-                    if recorder is not None and frame is not None and recorder.wants_frame():
-                        recorder.frame_jpeg(await asyncio.to_thread(encode_jpeg, frame))
-        except Exception:
-            log.exception("session %s: a camera frame snapshot failed", self.id)
-            message = "the server failed to take a camera frame; the call ended"
-            self.send_event(ev.ErrorEvent(code="internal_error", message=message))
-            self.close_soon("frame snapshot failed")
-
-    def _send_unit(self, unit: AudioUnit, frame: np.ndarray | None) -> None:
-        if self.worker_id is None:
-            return
-        payload = p.pcm_to_bytes(unit.pcm)
-        frame_shape = None
-        if frame is not None:
-            frame_shape = (int(frame.shape[0]), int(frame.shape[1]), int(frame.shape[2]))
-            payload += np.ascontiguousarray(frame).tobytes()
-        message = p.Unit(
-            session_id=self.id,
-            index=unit.index,
-            samples=unit.pcm.size,
-            completed_at=unit.completed_at,
-            sent_at=time.monotonic(),
-            frame_shape=frame_shape,
-        )
-        if self.manager.supervisor.send(self.worker_id, message, payload):
-            self.manager.stats.units_sent += 1
-            if self.recorder is not None:
-                self.recorder.caller_audio(unit.pcm, unit.completed_at)
-
     # ---- worker messages (called by inference.supervisor) ----
 
     def on_worker_message(self, message: p.Message, payload: bytes) -> None:
@@ -471,17 +370,13 @@ class CallSession:
             self._on_opened(message)
         elif isinstance(message, p.AudioOut):
             self._on_audio(message, payload)
-        elif isinstance(message, p.TextOut):
-            self.send_event(ev.TextEvent(text=message.text, turn=message.turn))
-        elif isinstance(message, p.UserTurnOut):
-            self.send_event(user_turn_event(message))
+        elif isinstance(message, p.TextOut | p.UserTurnOut):
+            self.send_event(p.caller_event(message))
         elif isinstance(message, p.StateOut):
             self.state = message.state
-            self.send_event(ev.StateEvent(state=message.state))
+            self.send_event(p.caller_event(message))
         elif isinstance(message, p.FlushOut):
-            self._cancel_timers()
-            self.flush_speech(max(message.turn + self.track_turn_base, self.speech.turn))
-            cut = self.heard.cut(message.turn)  # the model keeps only what the caller heard of the reply
+            cut = self.outbound.model_stopped(message.turn)  # the model keeps only what the caller heard
             if cut is not None:
                 self.send_control(cut)
             if self.realtime is not None:
@@ -489,43 +384,17 @@ class CallSession:
         elif isinstance(message, p.UnitDone):
             self._on_unit_done(message)
         elif isinstance(message, p.ErrorOut):
-            self.send_event(ev.ErrorEvent(code=message.code, message=message.message))
+            self.send_event(p.caller_event(message))
             if message.code in FATAL_WORKER_ERRORS:
                 self.close_soon(f"worker error {message.code}")
         elif isinstance(message, p.Closed):
             self.close_soon("closed by the worker")
 
     def _on_unit_done(self, message: p.UnitDone) -> None:
-        roundtrip_ms = (time.monotonic() - message.completed_at) * 1000
-        self.manager.stats.record_unit(message.handoff_ms, roundtrip_ms)
-        self.unit_roundtrip_ms.append(roundtrip_ms)
-        t = message.timings
-
-        def ms(key: str) -> float | None:
-            return round(t[key], 2) if key in t else None
-
-        def count(key: str) -> int | None:
-            return int(t[key]) if key in t else None
-
-        self.send_event(
-            ev.MetricsEvent(
-                unit=message.index,
-                handoff_ms=round(message.handoff_ms, 2),
-                compute_ms=round(message.compute_ms, 2),
-                roundtrip_ms=round(roundtrip_ms, 2),
-                queue_ms=round(message.queue_ms, 2),
-                lag_ms=round(message.handoff_ms + message.queue_ms, 2),
-                backlog_units=message.backlog_units,
-                prefill_ms=ms("prefill_ms"),
-                decide_ms=ms("decide_ms"),
-                tts_ms=ms("tts_ms"),
-                vocoder_ms=ms("vocoder_ms"),
-                vad_ms=ms("vad_ms"),
-                kv_tokens=count("kv_tokens"),
-                dropped_tokens=count("dropped_tokens"),
-                batch_sessions=count("batch_sessions"),
-            )
-        )
+        metrics = message.at_server(time.monotonic())
+        self.manager.stats.record_unit(metrics)
+        self.unit_roundtrip_ms.append(metrics.roundtrip_ms)
+        self.send_event(ev.MetricsEvent(unit=message.index, **metrics.rounded().model_dump()))
 
     def _on_opened(self, message: p.Opened) -> None:
         if message.output_rate != self.speech.input_rate:
@@ -543,17 +412,14 @@ class CallSession:
             lead_in = grid_lead_in(
                 time.monotonic(), first, message.unit_samples, offset_s=message.grid_offset_s
             )
-        self.cutter.reset(
+        self.uplink.cutter.reset(
             unit_samples=message.unit_samples,
             first_unit_samples=message.first_unit_samples,
             lead_in_samples=lead_in,
         )
-        self.video_max_side = message.video_max_side
+        self.uplink.video_max_side = message.video_max_side
         self.mode_open = True
-        if self._opened_once:  # a re-opened mode counts its turns from 0: keep the track's turns increasing
-            self.track_turn_base = self.speech.turn + 1
-            self.heard = HeardTracker()
-        self._opened_once = True
+        self.outbound.mode_opened()  # a re-opened mode counts its turns from 0: the track's keep increasing
         switch_ms = round(message.open_ms, 3) if self._switch_pending else None
         self._switch_pending = False
         self.send_event(
@@ -571,33 +437,13 @@ class CallSession:
             log.warning("session %s: dropping audio at %d Hz", self.id, message.sample_rate)
             return
         pcm = p.pcm_from_bytes(payload)
-        self.heard.produced(message.turn, pcm.size / message.sample_rate)
         if self.realtime is not None:
             self.realtime.on_speech(pcm, message.turn)
-        delay = 0.0 if message.play_at is None else message.play_at - time.monotonic()
-        track_turn = message.turn + self.track_turn_base
-        if delay <= 0:
-            self.speech.push(pcm, track_turn)
-            return
-        handle: asyncio.TimerHandle
-
-        def play() -> None:
-            self._timers.discard(handle)
-            if self.phase != "closed":
-                self.speech.push(pcm, track_turn)
-
-        handle = asyncio.get_running_loop().call_later(delay, play)
-        self._timers.add(handle)
+        self.outbound.play(pcm, message.turn, message.play_at, closed=lambda: self.phase == "closed")
 
     def flush_speech(self, turn: int | None = None) -> None:
         """Drop the speech queued on the track (counted as not heard)."""
-        self.heard.dropping(self.speech.buffered_s)
-        self.speech.flush(turn)
-
-    def _cancel_timers(self) -> None:
-        for handle in self._timers:
-            handle.cancel()
-        self._timers.clear()
+        self.outbound.flush(turn)
 
     def on_worker_lost(self, reason: str) -> None:
         if self.phase == "closed":
@@ -622,7 +468,7 @@ class CallSession:
         self.manager.admission.leave(self)
         if self.worker_id is not None:
             self.manager.supervisor.detach(self.worker_id, self.id)
-        self._cancel_timers()
+        self.outbound.cancel_scheduled()
         if self._connect_timer is not None:
             self._connect_timer.cancel()
         if self._pause_timer is not None:
@@ -646,14 +492,7 @@ class CallSession:
                 while channel.bufferedAmount > 0 and time.monotonic() < deadline:
                     await asyncio.sleep(0.02)
                 await asyncio.sleep(0.05)
-            if self._video_task is not None:
-                self._video_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._video_task
-            if self.inbound is not None:
-                await self.inbound.stop()
-            if self.video is not None:
-                await self.video.stop()
+            await self.uplink.stop()
             self.speech.stop()
             with contextlib.suppress(Exception):
                 await self.pc.close()
@@ -665,32 +504,7 @@ class CallSession:
 
     def snapshot(self) -> CallSnapshot:
         """The call as the dashboard and `/metrics` see it (sent to the front by a media shard)."""
-        inbound = self.inbound
-        return CallSnapshot(
-            session_id=self.id,
-            mode=self.mode,
-            phase=self.phase,
-            state=self.state,
-            worker_id=self.worker_id,
-            age_s=round(time.monotonic() - self.created_at, 3),
-            units=len(self.unit_roundtrip_ms),
-            unit_latency_p50_ms=percentile(self.unit_roundtrip_ms, 50),
-            unit_latency_p95_ms=percentile(self.unit_roundtrip_ms, 95),
-            speech_buffered_s=round(self.speech.buffered_s, 3),
-            send_lateness_p95_ms=round(self.speech.pacing.percentile(95) * 1000, 2),
-            frames_in=inbound.frames_in if inbound is not None else 0,
-            frames_out=self.speech.frames_out,
-            frames_dropped=inbound.frames_dropped if inbound is not None else 0,
-            audio_lost_s=round(inbound.unfilled_gap_s, 3) if inbound is not None else 0.0,
-        )
+        return call_snapshot(self, self.speech, self.inbound)
 
     def info(self) -> ev.SessionInfo:
-        return ev.SessionInfo(
-            session_id=self.id,
-            mode=self.mode,
-            phase=self.phase,
-            state=self.state,
-            worker_id=self.worker_id,
-            queue_position=self.manager.admission.position(self),
-            age_s=round(time.monotonic() - self.created_at, 3),
-        )
+        return call_info(self, self.manager.admission.position(self))

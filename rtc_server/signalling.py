@@ -21,7 +21,7 @@ from rtc_server.events import quote
 from rtc_server.manager import Call, ServerBusy, SessionManager, UnknownMode
 from rtc_server.session import BadCandidate, BadOffer
 from rtc_server.shards import ShardError
-from rtc_server.voices import voice_exists
+from rtc_server.voice_ids import voice_exists
 
 MANAGER_KEY = web.AppKey("manager", SessionManager)
 SDP_TYPE = "application/sdp"

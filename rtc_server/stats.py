@@ -6,13 +6,24 @@ import os
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
+from inference.protocol import UnitMetrics
 from media_shard.messages import StatsSnapshot
 from rtc_server.metrics import Histogram
 
 if TYPE_CHECKING:
-    from rtc_server.session import CallSession
+    from media_tracks import InboundAudio, SpeechTrack
+
+
+class CallMedia(Protocol):
+    """What the totals read of a call (`rtc_server.session.CallSession`)."""
+
+    @property
+    def inbound(self) -> InboundAudio | None: ...
+
+    @property
+    def speech(self) -> SpeechTrack: ...
 
 
 def process_cpu_s() -> float:
@@ -34,13 +45,14 @@ class ServerStats:
     unit_handoff: Histogram = field(default_factory=Histogram)
     recent_handoff_ms: deque[float] = field(default_factory=lambda: deque(maxlen=20000))  # for the benchmark
 
-    def record_unit(self, handoff_ms: float, roundtrip_ms: float) -> None:
+    def record_unit(self, unit: UnitMetrics) -> None:
+        """A unit's result is back (`UnitDone.at_server`): its hand-off and round trip go into the totals."""
         self.units_done += 1
-        self.unit_handoff.observe(handoff_ms / 1000)
-        self.recent_handoff_ms.append(handoff_ms)
-        self.unit_roundtrip.observe(roundtrip_ms / 1000)
+        self.unit_handoff.observe(unit.handoff_ms / 1000)
+        self.recent_handoff_ms.append(unit.handoff_ms)
+        self.unit_roundtrip.observe(unit.roundtrip_ms / 1000)
 
-    def close_call(self, session: CallSession) -> None:
+    def close_call(self, session: CallMedia) -> None:
         """Keep an ended call's frame counts in the totals."""
         if session.inbound is not None:
             self.frames_in_closed += session.inbound.frames_in
@@ -48,7 +60,7 @@ class ServerStats:
             self.audio_lost_s_closed += session.inbound.unfilled_gap_s
         self.frames_out_closed += session.speech.frames_out
 
-    def snapshot(self, live: Iterable[CallSession], cpu_s: float) -> StatsSnapshot:
+    def snapshot(self, live: Iterable[CallMedia], cpu_s: float) -> StatsSnapshot:
         """The totals so far: the ended calls' counts plus the live calls' (`live`)."""
         frames_in, frames_out, dropped = (
             self.frames_in_closed,

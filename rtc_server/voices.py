@@ -18,7 +18,6 @@ import hashlib
 import hmac
 import io
 import json
-import re
 import secrets
 import struct
 import time
@@ -34,8 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from inference.wav import pcm16_wav
 from rtc_server.config import AppConfig
+from rtc_server.signalling import ApiError, require_admin, validation_problems
+from rtc_server.voice_ids import DIR_KEY, VOICE_ID, voice_exists
 
-VOICE_ID = re.compile(r"^[0-9a-f]{24}$")
 WAV_TYPES = {"audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave"}
 RATE = 16000
 CONFIG_KEY = web.AppKey("voices_config", AppConfig)
@@ -43,7 +43,6 @@ PCM, FLOAT, EXTENSIBLE = 1, 3, 0xFFFE
 SAMPLE_BITS = {PCM: (8, 16, 24, 32), FLOAT: (32, 64)}
 SUBFORMAT_TAIL = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"  # KSDATAFORMAT_SUBTYPE_*
 MIN_RATE, MAX_RATE, MAX_CHANNELS = 8000, 192000, 8
-DIR_KEY = web.AppKey("voices_dir", Path)
 
 
 class VoiceError(ValueError):
@@ -253,10 +252,6 @@ def store_voice(folder: Path, data: bytes, min_s: float, max_s: float, name: str
     return voice_info(folder, voice_id).model_copy(update={"owner_token": token})
 
 
-def voice_exists(app: web.Application, voice_id: str) -> bool:
-    return bool(VOICE_ID.match(voice_id)) and (app[DIR_KEY] / f"{voice_id}.wav").is_file()
-
-
 async def _read_limited(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise VoiceError(413, "too_large", f"the upload is larger than {limit} bytes")
@@ -307,7 +302,6 @@ async def _upload_bytes(request: web.Request, limit: int) -> bytes:
 
 
 async def upload_voice(request: web.Request) -> web.Response:
-    from rtc_server.signalling import ApiError
 
     config = request.app[CONFIG_KEY].voices
     try:
@@ -334,7 +328,6 @@ async def list_voices(request: web.Request) -> web.Response:
 
 
 def _voice_id(request: web.Request) -> str:
-    from rtc_server.signalling import ApiError
 
     voice_id = request.match_info["voice_id"]
     if not voice_exists(request.app, voice_id):
@@ -353,7 +346,6 @@ async def get_voice_audio(request: web.Request) -> web.StreamResponse:
 
 def _require_owner(request: web.Request, voice_id: str) -> None:
     """Renaming or deleting a voice takes its owner token (X-Voice-Token), or the admin's rights."""
-    from rtc_server.signalling import ApiError, require_admin
 
     token = request.headers.get(VOICE_TOKEN_HEADER, "")
     owner = read_meta(request.app[DIR_KEY], voice_id).get("owner")
@@ -370,7 +362,6 @@ def _require_owner(request: web.Request, voice_id: str) -> None:
 
 
 async def rename_voice(request: web.Request) -> web.Response:
-    from rtc_server.signalling import ApiError, validation_problems
 
     voice_id = _voice_id(request)
     _require_owner(request, voice_id)

@@ -6,8 +6,9 @@ from typing import Any
 
 import numpy as np
 
+from inference import protocol as p
 from inference.modes import register_mode
-from inference.modes.base import Output, SessionOptions, SessionSetup, Text, UnitInput
+from inference.modes.base import ModeUnit, Output, SessionOptions, SessionSetup
 
 
 class FrameProbeMode:
@@ -18,11 +19,13 @@ class FrameProbeMode:
     def open(self, options: SessionOptions) -> tuple[SessionSetup, list[Output]]:
         return SessionSetup(unit_samples=3200, video_max_side=64), []
 
-    def on_unit(self, unit: UnitInput, frame: np.ndarray | None) -> list[Output]:
+    def on_unit(self, unit: ModeUnit, frame: np.ndarray | None) -> list[Output]:
         if frame is None:
-            return [Text(f"unit {unit.index}: no frame", turn=0)]
+            return [p.TextOut(text=f"unit {unit.index}: no frame", turn=0)]
         mean = frame.reshape(-1, 3).mean(axis=0).round().astype(int).tolist()
-        return [Text(f"unit {unit.index}: frame {frame.shape[0]}x{frame.shape[1]} rgb {mean}", turn=0)]
+        return [
+            p.TextOut(text=f"unit {unit.index}: frame {frame.shape[0]}x{frame.shape[1]} rgb {mean}", turn=0)
+        ]
 
     def on_control(self, message: dict[str, Any]) -> list[Output]:
         return []

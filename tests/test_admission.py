@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from inference.supervisor import SupervisorSettings, WorkerSupervisor
+from inference.settings import SupervisorSettings, WorkerSettings
+from inference.supervisor import WorkerSupervisor
 from rtc_server.admission import Admission, QueueFull
 
 
@@ -33,7 +34,9 @@ class Clock:
 
 
 def _admission(gpus: list[int], max_queue: int, clock: Clock) -> Admission:
-    supervisor = WorkerSupervisor(SupervisorSettings(gpus=gpus, capacity_per_gpu=1), {})  # never started
+    supervisor = WorkerSupervisor(
+        SupervisorSettings(gpus=gpus, capacity_per_gpu=1), WorkerSettings()
+    )  # never started
     for worker in supervisor.workers:
         worker.up = True
     return Admission(supervisor, max_queue=max_queue, default_session_s=100.0, clock=clock)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from inference.supervisor import SupervisorSettings, WorkerSupervisor
+from inference.settings import ModelSettings, SupervisorSettings, WorkerSettings
+from inference.supervisor import WorkerSupervisor
 from MiniCPMO45.engine.capacity import CapacityTable, ModeCapacity
 
 
@@ -34,7 +35,8 @@ async def test_worker_hello_sets_capacity(tmp_path: Path) -> None:
         ).model_dump_json()
     )
     supervisor = WorkerSupervisor(
-        SupervisorSettings(cpu_capacity=2, start_timeout_s=30), {"capacity_table": str(path)}
+        SupervisorSettings(cpu_capacity=2, start_timeout_s=30),
+        WorkerSettings(model=ModelSettings(capacity_table=str(path))),
     )
     await supervisor.start()
     try:
@@ -43,7 +45,7 @@ async def test_worker_hello_sets_capacity(tmp_path: Path) -> None:
         assert worker.capacity_by_mode == {"audio_duplex": 7, "omni_duplex": 5}
     finally:
         await supervisor.stop()
-    plain = WorkerSupervisor(SupervisorSettings(cpu_capacity=2, start_timeout_s=30), {})
+    plain = WorkerSupervisor(SupervisorSettings(cpu_capacity=2, start_timeout_s=30), WorkerSettings())
     await plain.start()
     try:
         assert plain.workers[0].capacity == 2

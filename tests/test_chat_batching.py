@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from inference import protocol as p
 from inference.engine_host import get_host
 from inference.modes import create_mode
-from inference.modes.base import Flush, SessionOptions, Speech, State, Text, UnitInput
+from inference.modes.base import ModeUnit, SessionOptions
 from inference.modes.chat import ChatMode
 from MiniCPMO45.engine import half_duplex as hd
 from MiniCPMO45.engine.core import Engine
@@ -20,11 +21,11 @@ from MiniCPMO45.engine.sampling import ChatSampling
 from MiniCPMO45.engine.session import Mode, Session
 from MiniCPMO45.modules.tts import MiniCPMTTS
 from MiniCPMO45.modules.tts_streamer import TTSStreamer, next_pieces
-from tests.conftest import REPO_ROOT
 from tests.reference_engine import generate_reply, prefill_user_text
+from tests.worker_helpers import embedded
 
 GREEDY = ChatSampling(do_sample=False, repetition_penalty=1.05, length_penalty=1.1)
-SETTINGS = {"cache_dir": str(REPO_ROOT / ".cache" / "embedded"), "max_sessions": 4}
+SETTINGS = embedded(max_sessions=4)
 TURNS = ("Tell me about the sea.", "What is two and two?", "Hi")
 
 
@@ -161,26 +162,30 @@ def test_a_barge_in_cuts_only_its_own_batched_reply() -> None:
         sizes = []
         for i in range(3):
             got = ChatMode.on_units(
-                [(a, UnitInput(i, silence, 0.0), None), (b, UnitInput(i, silence, 0.0), None)]
+                [(a, ModeUnit(i, silence, 0.0), None), (b, ModeUnit(i, silence, 0.0), None)]
             )
             outs["a"] += got[0]
             outs["b"] += got[1]
-            sizes.append(got[0][-1].values["batch_sessions"])
+            sizes.append(got[0][-1].batch_sessions)
         assert sizes[0] == 2.0  # both replies advanced in the same tick
-        assert any(isinstance(o, Speech) for o in outs["a"]) and any(isinstance(o, Speech) for o in outs["b"])
+        assert any(isinstance(o, p.AudioOut) for o in outs["a"]) and any(
+            isinstance(o, p.AudioOut) for o in outs["b"]
+        )
         cut = a.on_control({"type": "interrupt"})
-        assert isinstance(cut[0], Flush) and cut[1] == State("listening")
+        assert isinstance(cut[0], p.FlushOut) and cut[1] == p.StateOut(state="listening")
         after_cut: list = []
         for i in range(3, 60):
             got = ChatMode.on_units(
-                [(a, UnitInput(i, silence, 0.0), None), (b, UnitInput(i, silence, 0.0), None)]
+                [(a, ModeUnit(i, silence, 0.0), None), (b, ModeUnit(i, silence, 0.0), None)]
             )
             after_cut += got[0]
             outs["b"] += got[1]
-            if State("listening") in got[1]:
+            if p.StateOut(state="listening") in got[1]:
                 break
-        assert not any(isinstance(o, (Speech, Text)) for o in after_cut)  # nothing more of the cut reply
-        states_b = [o.state for o in outs["b"] if isinstance(o, State)]
+        assert not any(
+            isinstance(o, (p.AudioOut, p.TextOut)) for o in after_cut
+        )  # nothing more of the cut reply
+        states_b = [o.state for o in outs["b"] if isinstance(o, p.StateOut)]
         assert states_b == ["speaking", "listening"]  # b's reply went on to its end
         assert a.reply is None and b.reply is None
     finally:
@@ -222,12 +227,12 @@ def test_batched_choice_applies_each_rows_own_adjustments() -> None:
 
 
 # ---- turn options: auto_respond (Realtime create_response) and barge_in (interrupt_response) -----------------
-def _units(pcm: np.ndarray, start: int) -> list[UnitInput]:
+def _units(pcm: np.ndarray, start: int) -> list[ModeUnit]:
     padded = np.concatenate([pcm, np.zeros(-pcm.size % 5120, dtype=np.float32)])
-    return [UnitInput(start + i, padded[i * 5120 : (i + 1) * 5120], 0.0) for i in range(padded.size // 5120)]
+    return [ModeUnit(start + i, padded[i * 5120 : (i + 1) * 5120], 0.0) for i in range(padded.size // 5120)]
 
 
-def _feed(mode: ChatMode, units: list[UnitInput]) -> list:
+def _feed(mode: ChatMode, units: list[ModeUnit]) -> list:
     out: list = []
     for unit in units:
         out += mode.on_unit(unit, None)
@@ -249,15 +254,15 @@ def test_a_held_turn_waits_for_respond(spoken: np.ndarray) -> None:
         assert isinstance(mode, ChatMode)
         assert mode.on_control({"type": "respond"})[0].code == "empty_turn"  # nothing is waiting
         out = _feed(mode, _units(spoken, 0))
-        turns = [o for o in out if type(o).__name__ == "UserTurn"]
+        turns = [o for o in out if isinstance(o, p.UserTurnOut)]
         # the VAD heard the caller begin (user_turn started), then ended the turn...
         assert [t.started for t in turns] == [True, False] and turns[1].seconds > 1.0
-        assert State("thinking") not in out and mode.reply is None  # ...and nothing answers it yet
-        assert not any(isinstance(o, (Speech, Text)) for o in out)
-        assert mode.on_control({"type": "respond"}) == [State("thinking")]
+        assert p.StateOut(state="thinking") not in out and mode.reply is None  # ...and nothing answers it yet
+        assert not any(isinstance(o, (p.AudioOut, p.TextOut)) for o in out)
+        assert mode.on_control({"type": "respond"}) == [p.StateOut(state="thinking")]
         out = _feed(mode, _units(np.zeros(5120 * 4, dtype=np.float32), 100))
-        assert mode.reply is not None or State("listening") in out
-        assert any(isinstance(o, Speech) for o in out)
+        assert mode.reply is not None or p.StateOut(state="listening") in out
+        assert any(isinstance(o, p.AudioOut) for o in out)
     finally:
         mode.close()
 
@@ -278,7 +283,7 @@ def test_without_barge_in_the_callers_speech_does_not_cut_the_reply(spoken: np.n
             assert mode.reply is not None
             speech = spoken[: spoken.size - 16000 * 2]  # the words without the silence that ends the turn
             out = _feed(mode, _units(speech, 10))
-            outcomes[barge_in] = (any(isinstance(o, Flush) for o in out), mode.reply is not None)
+            outcomes[barge_in] = (any(isinstance(o, p.FlushOut) for o in out), mode.reply is not None)
         finally:
             mode.close()
     assert outcomes[True] == (True, False)  # speech cut the reply at once
@@ -306,7 +311,7 @@ def test_a_typed_turn_with_an_image_is_answered(tmp_path: Path) -> None:
             before = host.engine.kv_length(mode.session)
             mode.on_control({"type": "text", "text": "what is this?", **extra})
             out = _feed(mode, _units(np.zeros(5120 * 6, dtype=np.float32), 0))
-            assert any(isinstance(o, Speech) for o in out)
+            assert any(isinstance(o, p.AudioOut) for o in out)
             grown[name] = host.engine.kv_length(mode.session) - before
             if name == "image":
                 bad = mode.on_control({"type": "text", "text": "and this?", "image": "bm90IGFuIGltYWdl"})
@@ -326,8 +331,8 @@ def test_a_reply_speaks_after_its_short_first_chunk() -> None:
     try:
         assert isinstance(mode, ChatMode) and mode.session is not None
         mode.on_control({"type": "text", "text": "hello"})
-        out = mode.on_unit(UnitInput(0, np.zeros(5120, dtype=np.float32), 0.0), None)
-        assert any(isinstance(o, Speech) for o in out)
+        out = mode.on_unit(ModeUnit(0, np.zeros(5120, dtype=np.float32), 0.0), None)
+        assert any(isinstance(o, p.AudioOut) for o in out)
         assert len(mode.session.history) == FIRST_TEXT_CHUNK < TEXT_CHUNK
         assert mode.reply is not None and mode.reply.voice.chunks == 1
     finally:

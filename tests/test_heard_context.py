@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from inference import protocol as p
 from inference.engine_host import get_host
 from inference.modes import create_mode
-from inference.modes.base import Flush, ModeError, SessionOptions, State, Text, UnitInput
+from inference.modes.base import ModeUnit, SessionOptions
 from MiniCPMO45.engine.chat import assistant_prefix
-from tests.conftest import REPO_ROOT
+from tests.worker_helpers import embedded
 
-SETTINGS = {"cache_dir": str(REPO_ROOT / ".cache" / "embedded"), "max_sessions": 4}
+SETTINGS = embedded(max_sessions=4)
 SILENCE = np.zeros(5120, dtype=np.float32)
 
 
@@ -29,8 +30,8 @@ def host():
 def run_until_listening(mode, start: int = 0, units: int = 60) -> list:  # noqa: ANN001
     outputs: list = []
     for i in range(start, start + units):
-        outputs += mode.on_unit(UnitInput(i, SILENCE, 0.0), None)
-        if State("listening") in outputs:
+        outputs += mode.on_unit(ModeUnit(i, SILENCE, 0.0), None)
+        if p.StateOut(state="listening") in outputs:
             return outputs
     raise AssertionError("the reply did not end")
 
@@ -60,13 +61,13 @@ def test_truncate_cuts_a_finished_reply_to_the_heard_fraction(host) -> None:
         mode.on_control({"type": "truncate", "turn": 7, "heard": 0.0})
         assert engine.kv_length(mode.session) == reply_start + round(n / 4)
         bad = mode.on_control({"type": "truncate", "turn": 0, "heard": 2})
-        assert len(bad) == 1 and isinstance(bad[0], ModeError)
+        assert len(bad) == 1 and isinstance(bad[0], p.ErrorOut)
         assert engine.kv_length(mode.session) == reply_start + round(n / 4)
         # the conversation goes on: the next turn closes the cut reply and gets its own reply
         mode.on_control({"type": "text", "text": "and now?"})
         outputs = run_until_listening(mode, start=100)
         assert engine.kv_length(mode.session) > reply_start + round(n / 4)
-        assert any(isinstance(o, Text) for o in outputs)
+        assert any(isinstance(o, p.TextOut) for o in outputs)
     finally:
         mode.close()
 
@@ -81,10 +82,10 @@ def test_truncate_interrupts_an_active_reply_and_drops_what_was_not_heard(host) 
         user = engine.tokenizer.encode("<|im_start|>user\ntell me more")
         reply_start = before + len(user) + len(assistant_prefix(engine, use_tts_template=True))
         for i in range(3):
-            mode.on_unit(UnitInput(i, SILENCE, 0.0), None)
+            mode.on_unit(ModeUnit(i, SILENCE, 0.0), None)
         assert mode.reply is not None and len(mode.session.history) > 0
         out = mode.on_control({"type": "truncate", "turn": 0, "heard": 0.0})
-        assert out == [Flush(1), State("listening")]
+        assert out == [p.FlushOut(turn=1), p.StateOut(state="listening")]
         assert mode.reply is None
         assert engine.kv_length(mode.session) == reply_start and mode.session.history == []
     finally:

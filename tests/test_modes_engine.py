@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 import torch
 
+from inference import protocol as p
 from inference.engine_host import get_host
 from inference.modes import create_mode
-from inference.modes.base import Flush, SessionOptions, Speech, State, Text, UnitInput, UnitTimings, UserTurn
+from inference.modes.base import ModeUnit, SessionOptions
+from inference.settings import WorkerSettings
 from MiniCPMO45.engine.context_window import SlidingWindow, drop_span
-from tests.conftest import REPO_ROOT
+from tests.worker_helpers import embedded
 
-SETTINGS = {"cache_dir": str(REPO_ROOT / ".cache" / "embedded"), "max_sessions": 4}
+SETTINGS = embedded(max_sessions=4)
 
 
 @pytest.fixture(scope="module")
@@ -89,23 +91,23 @@ def test_duplex_forced_speech_then_interrupt(host) -> None:
     setup, opened = mode.open(SessionOptions("d1", extra={"force": "speak", "seed": 3}))
     try:
         assert setup.unit_samples == 16000 and setup.video_max_side is None
-        assert kinds(opened) == ["State"]
+        assert kinds(opened) == ["StateOut"]
         outputs = []
         for i in range(5):
-            outputs += mode.on_unit(UnitInput(i, noise(rng, 16000), 0.0), None)
+            outputs += mode.on_unit(ModeUnit(i, noise(rng, 16000), 0.0), None)
         # the first three units are forced listens (the model's rule), then it speaks
-        states = [o.state for o in outputs if isinstance(o, State)]
+        states = [o.state for o in outputs if isinstance(o, p.StateOut)]
         assert states[0] == "speaking"
-        speech = [o for o in outputs if isinstance(o, Speech)]
+        speech = [o for o in outputs if isinstance(o, p.AudioOut)]
         assert speech and all(o.turn == 0 for o in speech) and sum(o.pcm.size for o in speech) >= 24000
-        assert any(isinstance(o, Text) for o in outputs)
-        timings = [o.values for o in outputs if isinstance(o, UnitTimings)]
+        assert any(isinstance(o, p.TextOut) for o in outputs)
+        timings = [o.model_dump(exclude_none=True) for o in outputs if isinstance(o, p.UnitMetrics)]
         assert len(timings) == 5 and {"prefill_ms", "decide_ms", "tts_ms", "vocoder_ms"} <= set(timings[-1])
         # an interrupt cuts the turn at once: flush of turn 0, back to listening; the next unit closes the turn
         cut = mode.on_control({"type": "interrupt"})
-        assert isinstance(cut[0], Flush) and cut[0].turn == 1 and cut[1] == State("listening")
-        after = mode.on_unit(UnitInput(5, noise(rng, 16000), 0.0), None)
-        assert not any(isinstance(o, Speech) for o in after)
+        assert isinstance(cut[0], p.FlushOut) and cut[0].turn == 1 and cut[1] == p.StateOut(state="listening")
+        after = mode.on_unit(ModeUnit(5, noise(rng, 16000), 0.0), None)
+        assert not any(isinstance(o, p.AudioOut) for o in after)
     finally:
         mode.close()
 
@@ -116,10 +118,10 @@ def test_duplex_backlog_catches_up_without_speech(host) -> None:
     mode.open(SessionOptions("d2", extra={"force": "speak", "max_backlog_units": 1}))
     try:
         for i in range(4):
-            mode.on_unit(UnitInput(i, noise(rng, 16000), 0.0), None)
-        behind = mode.on_unit(UnitInput(4, noise(rng, 16000), 0.0, queued_units=5), None)
-        assert not any(isinstance(o, Speech) for o in behind)
-        assert [o for o in behind if isinstance(o, UnitTimings)][0].values["backlog_units"] == 5
+            mode.on_unit(ModeUnit(i, noise(rng, 16000), 0.0), None)
+        behind = mode.on_unit(ModeUnit(4, noise(rng, 16000), 0.0, queued_units=5), None)
+        assert not any(isinstance(o, p.AudioOut) for o in behind)
+        assert [o for o in behind if isinstance(o, p.UnitMetrics)][0].backlog_units == 5
     finally:
         mode.close()
 
@@ -133,8 +135,8 @@ def test_omni_duplex_takes_a_frame_per_unit(host) -> None:
         frame = rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)
         kv = []
         for i, f in enumerate((None, None, frame)):
-            out = mode.on_unit(UnitInput(i, noise(rng, 16000), 0.0), f)
-            kv.append([o for o in out if isinstance(o, UnitTimings)][0].values["kv_tokens"])
+            out = mode.on_unit(ModeUnit(i, noise(rng, 16000), 0.0), f)
+            kv.append([o for o in out if isinstance(o, p.UnitMetrics)][0].kv_tokens)
         # a unit with a frame adds the image block (the resampler's query rows + <image></image>)
         query_num = host.engine.model.config.query_num
         assert (kv[2] - kv[1]) - (kv[1] - kv[0]) == query_num + 2
@@ -148,22 +150,22 @@ def test_chat_text_turn_streams_text_and_speech(host) -> None:
     try:
         assert setup.unit_samples == 5120
         outputs = mode.on_control({"type": "text", "text": "hello there"})
-        assert outputs == [UserTurn(0, text="hello there"), State("thinking")]
+        assert outputs == [p.UserTurnOut(turn=0, text="hello there"), p.StateOut(state="thinking")]
         silence = np.zeros(5120, dtype=np.float32)
         for i in range(40):
-            outputs += mode.on_unit(UnitInput(i, silence, 0.0), None)
-            if State("listening") in outputs:
+            outputs += mode.on_unit(ModeUnit(i, silence, 0.0), None)
+            if p.StateOut(state="listening") in outputs:
                 break
-        states = [o.state for o in outputs if isinstance(o, State)]
+        states = [o.state for o in outputs if isinstance(o, p.StateOut)]
         assert states == ["thinking", "speaking", "listening"]
-        first_speech = kinds(outputs).index("Speech")
-        assert "Text" in kinds(outputs)[:first_speech]  # text deltas lead the speech they are spoken in
-        assert sum(o.pcm.size for o in outputs if isinstance(o, Speech)) >= 24000
+        first_speech = kinds(outputs).index("AudioOut")
+        assert "TextOut" in kinds(outputs)[:first_speech]  # text deltas lead the speech they are spoken in
+        assert sum(o.pcm.size for o in outputs if isinstance(o, p.AudioOut)) >= 24000
         # a second turn starts while nothing plays; an interrupt mid-reply flushes it
         mode.on_control({"type": "text", "text": "again"})
-        mode.on_unit(UnitInput(50, silence, 0.0), None)
+        mode.on_unit(ModeUnit(50, silence, 0.0), None)
         cut = mode.on_control({"type": "interrupt"})
-        assert cut == [Flush(2), State("listening")]
+        assert cut == [p.FlushOut(turn=2), p.StateOut(state="listening")]
     finally:
         mode.close()
 
@@ -175,12 +177,15 @@ def test_chat_push_to_talk_and_mode_switch_time(host) -> None:
     try:
         assert mode.on_control({"type": "end_turn"})[0].code == "empty_turn"
         for i in range(4):  # 1.3 s of noise: the VAD finds no speech, push-to-talk takes it all
-            mode.on_unit(UnitInput(i, noise(rng, 5120), 0.0), None)
+            mode.on_unit(ModeUnit(i, noise(rng, 5120), 0.0), None)
         # the turn is what the model took: 4 units of 320 ms
-        assert mode.on_control({"type": "end_turn"}) == [UserTurn(0, seconds=1.28), State("thinking")]
+        assert mode.on_control({"type": "end_turn"}) == [
+            p.UserTurnOut(turn=0, seconds=1.28),
+            p.StateOut(state="thinking"),
+        ]
         # its prefill waits for the session's next tick, batched with that tick's other turns
         assert mode.reply is None and mode.pending is not None
-        mode.on_unit(UnitInput(4, np.zeros(5120, dtype=np.float32), 0.0), None)
+        mode.on_unit(ModeUnit(4, np.zeros(5120, dtype=np.float32), 0.0), None)
         assert mode.reply is not None and mode.pending is None
     finally:
         mode.close()
@@ -217,8 +222,8 @@ def test_thirty_minute_duplex_session_stays_within_the_context_limit(host) -> No
         audio = noise(rng, 16000 * 10)
         for i in range(1800):
             pcm = audio[(i % 10) * 16000 : (i % 10 + 1) * 16000]
-            out = mode.on_unit(UnitInput(i, pcm, 0.0), None)
-            values = [o for o in out if isinstance(o, UnitTimings)][0].values
+            out = mode.on_unit(ModeUnit(i, pcm, 0.0), None)
+            values = [o for o in out if isinstance(o, p.UnitMetrics)][0].model_dump()
             kv_max = max(kv_max, int(values["kv_tokens"]))
             dropped += int(values["dropped_tokens"])
         elapsed = time.perf_counter() - started
@@ -259,10 +264,12 @@ def test_preload_builds_the_host_and_the_duplex_batcher(host, caplog: pytest.Log
 def test_only_a_worker_with_a_real_gpu_preloads() -> None:
     from inference.worker import wants_preload
 
-    assert not wants_preload({}, "cpu")
-    assert wants_preload({}, "cuda:0") == Path("/dev/nvidiactl").exists()  # a GPU id without the driver
-    assert wants_preload({"preload_engine": True}, "cpu") and not wants_preload(
-        {"preload_engine": False}, "cuda:0"
+    assert not wants_preload(WorkerSettings(), "cpu")
+    assert (
+        wants_preload(WorkerSettings(), "cuda:0") == Path("/dev/nvidiactl").exists()
+    )  # a GPU id without the driver
+    assert wants_preload(WorkerSettings(preload_engine=True), "cpu") and not wants_preload(
+        WorkerSettings(preload_engine=False), "cuda:0"
     )
 
 
@@ -304,8 +311,8 @@ def test_chat_text_never_shows_control_tokens(host, monkeypatch: pytest.MonkeyPa
     try:
         outputs = mode.on_control({"type": "text", "text": "hi"})
         for i in range(10):
-            outputs += mode.on_unit(UnitInput(i, np.zeros(5120, dtype=np.float32), 0.0), None)
-        text = "".join(o.text for o in outputs if isinstance(o, Text))
+            outputs += mode.on_unit(ModeUnit(i, np.zeros(5120, dtype=np.float32), 0.0), None)
+        text = "".join(o.text for o in outputs if isinstance(o, p.TextOut))
         assert text == "Sure thing!", text
     finally:
         mode.close()

@@ -391,10 +391,10 @@ async def test_units_waiting_for_a_slow_frame_snapshot_are_bounded(
         most = 0
         for _ in range(40):  # 4 s: 20 units arrive, 4 snapshots finish
             await asyncio.sleep(0.1)
-            most = max(most, session._video_units.qsize())
-        print(f"slow snapshots: at most {most} units waiting, {session.video_units_dropped} dropped")
+            most = max(most, session.uplink.video_units.qsize())
+        print(f"slow snapshots: at most {most} units waiting, {session.uplink.video_units_dropped} dropped")
         assert most <= 8
-        assert session.video_units_dropped > 0
+        assert session.uplink.video_units_dropped > 0
         assert call.pc.connectionState == "connected"
     finally:
         await call.close()

@@ -18,7 +18,7 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 
 from rtc_server.admin_api import ADMIN_HEADER, get_admin_status
-from rtc_server.client_limits import SlidingWindow
+from rtc_server.client_limits import RateWindow
 from rtc_server.config import RtcSettings
 from rtc_server.signalling import ApiError, is_loopback, list_sessions
 from tests.rtc_client import RATE, Call
@@ -363,7 +363,7 @@ def test_connect_timeout_default_is_short() -> None:
 
 def test_offer_rate_window_slides() -> None:
     now = [100.0]
-    window = SlidingWindow(limit=2, window_s=60.0, clock=lambda: now[0], max_keys=1)
+    window = RateWindow(limit=2, window_s=60.0, clock=lambda: now[0], max_keys=1)
     assert window.acquire("a") == 0 and window.acquire("b") == 0
     now[0] += 10
     assert window.acquire("a") == 0

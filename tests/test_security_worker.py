@@ -21,7 +21,7 @@ import pytest
 
 from inference import protocol as p
 from inference.supervisor import SupervisorSettings, WorkerSupervisor
-from tests.worker_helpers import EMBEDDED, Sink
+from tests.worker_helpers import EMBEDDED, Sink, embedded
 
 AUTH_TIMEOUT_S = 5.0  # the supervisor's default: a peer silent this long after connecting is dropped
 
@@ -46,7 +46,7 @@ async def serves_a_session(supervisor: WorkerSupervisor, sid: str = "check") -> 
 
 async def started(**settings: float) -> WorkerSupervisor:
     """A supervisor whose worker process is spawned but (most likely) not connected yet."""
-    supervisor = WorkerSupervisor(SupervisorSettings(start_timeout_s=60, **settings), dict(EMBEDDED))
+    supervisor = WorkerSupervisor(SupervisorSettings(start_timeout_s=60, **settings), EMBEDDED)
     await supervisor.start(wait_ready=False)
     while supervisor.workers[0].pid is None:
         await asyncio.sleep(0.005)
@@ -232,9 +232,7 @@ async def test_a_flooded_session_queue_stays_bounded(kind: str, capfd: pytest.Ca
     """The worker preloads the engine on its mode thread right after hello (seconds), so the session's
     open and everything sent behind it wait in the session's queue."""
     count, bound = 200, 64
-    supervisor = WorkerSupervisor(
-        SupervisorSettings(start_timeout_s=60), {**EMBEDDED, "preload_engine": True}
-    )
+    supervisor = WorkerSupervisor(SupervisorSettings(start_timeout_s=60), embedded(preload_engine=True))
     await supervisor.start()
     try:
         sink, sid = Sink(), "flooded"
@@ -250,7 +248,7 @@ async def test_a_flooded_session_queue_stays_bounded(kind: str, capfd: pytest.Ca
             dropped = sink.errors("units_dropped")
             assert len(done) == bound and len(dropped) == count - bound
             assert [m.index for m in done] == list(range(count - bound, count))  # the oldest went
-            assert max(m.backlog_units for m in done) == bound - 1
+            assert max(m.metrics.backlog_units for m in done) == bound - 1
             assert worker.dropped_units == count - bound
         else:
             await sink.wait(lambda: len(sink.of(p.TextOut)) + len(sink.errors("controls_dropped")) >= count)
@@ -277,9 +275,7 @@ async def test_a_worker_that_stops_reading_cannot_grow_the_send_buffer(
     kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="inference.supervisor")
-    supervisor = WorkerSupervisor(
-        SupervisorSettings(start_timeout_s=60, heartbeat_timeout_s=120), dict(EMBEDDED)
-    )
+    supervisor = WorkerSupervisor(SupervisorSettings(start_timeout_s=60, heartbeat_timeout_s=120), EMBEDDED)
     await supervisor.start()
     worker = supervisor.workers[0]
     pid = worker.pid

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
+from inference import protocol as p
 from inference.engine_host import get_host
 from inference.modes import create_mode
-from inference.modes.base import SessionOptions, Speech, UnitInput
+from inference.modes.base import ModeUnit, SessionOptions
 from inference.wav import pcm16_wav
-from tests.conftest import REPO_ROOT
+from tests.worker_helpers import embedded
 
-SETTINGS = {"cache_dir": str(REPO_ROOT / ".cache" / "embedded"), "max_sessions": 4}
+SETTINGS = embedded(max_sessions=4)
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +29,11 @@ def test_forced_speaking_unit_gives_one_second_of_audible_pcm(host) -> None:
     setup, _ = mode.open(SessionOptions("speech-1", extra={"force": "speak", "seed": 11}))
     try:
         assert setup.output_rate == 24000
-        per_unit: list[list[Speech]] = []
+        per_unit: list[list[p.AudioOut]] = []
         for i in range(6):
             audio = (0.05 * rng.standard_normal(16000)).astype(np.float32)
             per_unit.append(
-                [o for o in mode.on_unit(UnitInput(i, audio, 0.0), None) if isinstance(o, Speech)]
+                [o for o in mode.on_unit(ModeUnit(i, audio, 0.0), None) if isinstance(o, p.AudioOut)]
             )
         spoken = [u for u in per_unit if u]
         assert spoken, "no speaking unit in six forced-speak units"

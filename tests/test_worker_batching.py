@@ -15,11 +15,11 @@ import torch
 from inference import protocol as p
 from inference.worker import serve
 from MiniCPMO45.engine.batcher import DuplexBatcher
-from tests.conftest import REPO_ROOT
+from tests.worker_helpers import embedded
 
-SETTINGS = {"cache_dir": str(REPO_ROOT / ".cache" / "embedded"), "max_sessions": 4, "tick_phases": 1}
+SETTINGS = embedded(max_sessions=4, tick_phases=1)
 # two tick phases; a tick that waited for the other phase's units would only start after this long
-PHASED = {**SETTINGS, "max_sessions": 5, "tick_phases": 2, "tick_gather_s": 60.0}
+PHASED = embedded(max_sessions=5, tick_phases=2, tick_gather_ms=60_000)
 FRAME = (64, 80, 3)
 
 
@@ -120,13 +120,13 @@ async def test_units_of_all_duplex_sessions_run_as_one_tick(worker: FakeServer) 
         done = worker.of(sid, p.UnitDone)
         assert [d.index for d in done] == list(range(rounds))  # every unit, in order
         assert not worker.of(sid, p.ErrorOut)
-    sizes = [d.timings["batch_sessions"] for sid in SESSIONS for d in worker.of(sid, p.UnitDone)]
+    sizes = [d.metrics.batch_sessions for sid in SESSIONS for d in worker.of(sid, p.UnitDone)]
     assert sizes == [3.0] * (3 * rounds)  # every tick held all three: omni and audio units together
     # outputs went to their own sessions: only the forced speaker talks
     assert worker.of("speaker", p.AudioOut) and worker.of("speaker", p.TextOut)
     assert not worker.of("listener", p.AudioOut) and not worker.of("viewer", p.AudioOut)
     # the omni unit added its image block, the audio-only ones did not
-    kv = {sid: [d.timings["kv_tokens"] for d in worker.of(sid, p.UnitDone)] for sid in SESSIONS}
+    kv = {sid: [d.metrics.kv_tokens for d in worker.of(sid, p.UnitDone)] for sid in SESSIONS}
     assert kv["viewer"][1] - kv["viewer"][0] > kv["listener"][1] - kv["listener"][0]
 
 
@@ -171,7 +171,7 @@ async def test_sessions_take_turns_on_two_half_second_grids(worker: FakeServer) 
             await worker.send(*unit(sid, 0, rng, frame=False))
         for sid in phase:
             await worker.wait_for(sid, p.UnitDone, 1, timeout=30)
-            assert worker.of(sid, p.UnitDone)[0].timings["batch_sessions"] == 2.0
+            assert worker.of(sid, p.UnitDone)[0].metrics.batch_sessions == 2
     # a mode switch keeps the session's phase
     await worker.send(p.OpenSession(session_id="b", mode="omni_duplex", options={"force": "listen"}))
     await worker.wait_for("b", p.Opened, 2)
@@ -189,7 +189,7 @@ async def test_sessions_take_turns_on_two_half_second_grids(worker: FakeServer) 
     assert worker.of("b", p.Opened)[2].grid_offset_s == 0.0
     await worker.send(*unit("d", 1, rng, frame=False))
     await worker.wait_for("d", p.UnitDone, 2, timeout=30)
-    assert worker.of("d", p.UnitDone)[1].timings["batch_sessions"] == 1.0
+    assert worker.of("d", p.UnitDone)[1].metrics.batch_sessions == 1
 
 
 async def test_chat_replies_and_a_duplex_call_share_a_worker_in_time(worker: FakeServer) -> None:
@@ -221,20 +221,18 @@ async def test_chat_replies_and_a_duplex_call_share_a_worker_in_time(worker: Fak
         await worker.wait_for(sid, p.UnitDone, count, timeout=60)
         assert not worker.of(sid, p.ErrorOut)
         assert worker.of(sid, p.AudioOut), f"{sid} did not speak"
-        assert all(d.backlog_units == 0 for d in worker.of(sid, p.UnitDone)), sid
+        assert all(d.metrics.backlog_units == 0 for d in worker.of(sid, p.UnitDone)), sid
     # every duplex unit was handled within its own length of being sent (its deadline: the next unit is due
     # then), and every chat unit within two of its 320 ms lengths (chat has no unit deadline of its own: VAD
     # only must not fall behind; on the development VM chat units took 10-230 ms here)
     late = {key: round(worker.done_at[key] - t, 3) for key, t in sent.items()}
     assert all(v <= (1.0 if key[0] == "duplex" else 0.64) for key, v in late.items()), late
-    tick_sizes = [d.timings.get("batch_sessions", 0.0) for d in worker.of("chat-a", p.UnitDone)]
+    tick_sizes = [d.metrics.batch_sessions or 0.0 for d in worker.of("chat-a", p.UnitDone)]
     assert 2.0 in tick_sizes  # both replies advanced in one tick
 
 
-LONG_GATHER = {
-    **SETTINGS,
-    "tick_gather_s": 60.0,
-}  # a tick that waited for another session would wait a minute
+LONG_GATHER = embedded(max_sessions=4, tick_phases=1, tick_gather_ms=60_000)
+# (a tick that waited for another session would wait a minute)
 
 
 @pytest.mark.parametrize("worker", [LONG_GATHER], indirect=True)

@@ -22,7 +22,7 @@ from inference.capacity import (
 )
 from inference.engine_host import EngineHost
 from MiniCPMO45.engine.capacity import CapacityTable, ModeCapacity
-from tests.conftest import REPO_ROOT
+from tests.worker_helpers import embedded
 
 MODES = ["loopback", "chat", "audio_duplex", "omni_duplex"]
 H100 = "NVIDIA H100 80GB HBM3"
@@ -102,20 +102,20 @@ def test_memory_clamps_every_mode_and_says_so() -> None:
 
 
 def test_a_host_sizes_its_caches_to_the_memory_it_has() -> None:
-    settings = {"cache_dir": str(REPO_ROOT / ".cache" / "embedded"), "max_sessions": 8, "max_kv_tokens": 1024}
-    free = EngineHost(settings)
+    free = EngineHost(embedded({"max_kv_tokens": 1024}, max_sessions=8))
     assert free.capacity.source == "configured" and free.engine.cache.num_slots == 8
     per_session = free._session_bytes(free.engine.model)
     kv = free.engine.cache
     kv_bytes = sum(t.numel() * t.element_size() for t in [*kv.keys, *kv.values]) // kv.num_slots
     assert per_session > kv_bytes > 0
     reserve = 1 << 20
-    budget = {**settings, "device_memory_bytes": reserve + 3 * per_session + per_session // 2}
-    host = EngineHost({**budget, "gpu_reserve_gib": reserve / GIB})
+    model = {"max_kv_tokens": 1024, "gpu_reserve_gib": reserve / GIB}
+    budget = reserve + 3 * per_session + per_session // 2
+    host = EngineHost(embedded(model, max_sessions=8, device_memory_bytes=budget))
     assert host.capacity.sessions == 3 and host.capacity.source == "configured, memory-limited"
     assert host.engine.cache.num_slots == 3 and host.tts_cache.num_slots == 3
     with pytest.raises(MemoryError):
-        EngineHost({**settings, "device_memory_bytes": per_session, "gpu_reserve_gib": reserve / GIB})
+        EngineHost(embedded(model, max_sessions=8, device_memory_bytes=per_session))
 
 
 async def test_a_preloading_worker_reports_its_budgeted_capacity_and_is_used_only_then() -> None:
@@ -124,16 +124,15 @@ async def test_a_preloading_worker_reports_its_budgeted_capacity_and_is_used_onl
     from inference.supervisor import SupervisorSettings, WorkerSupervisor
     from rtc_server.admission import Admission
 
-    base = {"cache_dir": str(REPO_ROOT / ".cache" / "embedded"), "max_sessions": 8, "max_kv_tokens": 1024}
-    probe = EngineHost(base)
+    probe = EngineHost(embedded({"max_kv_tokens": 1024}, max_sessions=8))
     per_session = probe._session_bytes(probe.engine.model)
     reserve = 1 << 20
-    settings = {
-        **base,
-        "preload_engine": True,
-        "device_memory_bytes": reserve + 5 * per_session + per_session // 3,
-        "gpu_reserve_gib": reserve / GIB,
-    }
+    settings = embedded(
+        {"max_kv_tokens": 1024, "gpu_reserve_gib": reserve / GIB},
+        max_sessions=8,
+        preload_engine=True,
+        device_memory_bytes=reserve + 5 * per_session + per_session // 3,
+    )
     seen: list[tuple[bool, int, str]] = []
     supervisor: WorkerSupervisor | None = None
 

@@ -11,9 +11,10 @@ import pytest
 
 from inference import protocol as p
 from inference.modes import create_mode, mode_names
-from inference.modes.base import SessionOptions, Speech, UnitInput
+from inference.modes.base import ModeUnit, SessionOptions
 from inference.processes import kill
-from inference.supervisor import SupervisorSettings, WorkerSupervisor
+from inference.settings import LoopbackSettings, SupervisorSettings, WorkerSettings
+from inference.supervisor import WorkerSupervisor
 
 
 async def _roundtrip(data: bytes) -> tuple[p.Message, bytes]:
@@ -75,24 +76,24 @@ async def test_wrong_unit_payload_size_is_rejected() -> None:
 
 def test_loopback_mode_schedules_from_the_capture_timeline() -> None:
     assert "loopback" in mode_names()
-    mode = create_mode("loopback", {"loopback": {"delay_s": 1.0, "unit_ms": 100, "pipeline_latency_s": 0.2}})
+    mode = create_mode("loopback", WorkerSettings(loopback=LoopbackSettings(delay_s=1.0, unit_ms=100)))
     setup, outputs = mode.open(SessionOptions(session_id="s"))
     assert setup.unit_samples == 1600 and setup.output_rate == 24000
     pcm = np.sin(np.arange(1600) / 10).astype(np.float32)
-    (speech,) = mode.on_unit(UnitInput(index=0, pcm=pcm, completed_at=100.0), None)
-    assert isinstance(speech, Speech) and speech.pcm.size == 2400
+    (speech,) = mode.on_unit(ModeUnit(index=0, pcm=pcm, completed_at=100.0), None)
+    assert isinstance(speech, p.AudioOut) and speech.pcm.size == 2400
     assert speech.play_at == pytest.approx(100.0 - 0.1 + 1.0 - 0.2)
     # a unit stamped late (a stalled loop) still plays on the capture timeline, not later
-    (speech,) = mode.on_unit(UnitInput(index=1, pcm=pcm, completed_at=100.4), None)
+    (speech,) = mode.on_unit(ModeUnit(index=1, pcm=pcm, completed_at=100.4), None)
     assert speech.play_at == pytest.approx(100.0 - 0.1 + 0.1 + 1.0 - 0.2)
     mode.on_control({"type": "pause"})
-    assert mode.on_unit(UnitInput(index=2, pcm=pcm, completed_at=100.3), None) == []
+    assert mode.on_unit(ModeUnit(index=2, pcm=pcm, completed_at=100.3), None) == []
     with pytest.raises(KeyError, match="unknown mode"):
-        create_mode("karaoke", {})
+        create_mode("karaoke", WorkerSettings())
 
 
 async def test_one_worker_per_gpu_with_its_own_cuda_visible_devices() -> None:
-    supervisor = WorkerSupervisor(SupervisorSettings(gpus=[0, 1], start_timeout_s=30), {})
+    supervisor = WorkerSupervisor(SupervisorSettings(gpus=[0, 1], start_timeout_s=30), WorkerSettings())
     await supervisor.start()
     try:
         assert [w.device for w in supervisor.workers] == ["cuda:0", "cuda:1"]
@@ -110,7 +111,7 @@ async def test_stop_right_as_a_worker_says_hello_does_not_hang() -> None:
     3.11 `asyncio.wait_for` swallowed that cancellation, the task went on to wait for the worker process to
     exit, and stop() waited for the task forever (seen once in a full test run)."""
     for _ in range(3):
-        supervisor = WorkerSupervisor(SupervisorSettings(start_timeout_s=30), {})
+        supervisor = WorkerSupervisor(SupervisorSettings(start_timeout_s=30), WorkerSettings())
         await supervisor.start(wait_ready=False)
         worker = supervisor.workers[0]
         while worker.hello is None:

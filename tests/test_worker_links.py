@@ -16,14 +16,16 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from inference import protocol as p
 from inference.links import LinkTarget, WorkerLinks
-from inference.supervisor import SupervisorSettings, WorkerSupervisor
-from tests.worker_helpers import EMBEDDED, Sink
+from inference.settings import SupervisorSettings
+from inference.supervisor import WorkerSupervisor
+from tests.worker_helpers import Sink, embedded
 
 
 def unit(sid: str, index: int, samples: int) -> tuple[p.Unit, bytes]:
@@ -32,8 +34,8 @@ def unit(sid: str, index: int, samples: int) -> tuple[p.Unit, bytes]:
     return message, p.pcm_to_bytes(pcm)
 
 
-async def supervisor_with(**worker_settings: object) -> WorkerSupervisor:
-    supervisor = WorkerSupervisor(SupervisorSettings(start_timeout_s=60), {**EMBEDDED, **worker_settings})
+async def supervisor_with(**worker_settings: Any) -> WorkerSupervisor:
+    supervisor = WorkerSupervisor(SupervisorSettings(start_timeout_s=60), embedded(**worker_settings))
     await supervisor.start()
     return supervisor
 

@@ -5,11 +5,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
 from inference import protocol as p
+from inference.settings import ModelSettings, WorkerSettings
 from tests.conftest import REPO_ROOT
 
-EMBEDDED = {"cache_dir": str(REPO_ROOT / ".cache" / "embedded")}
+
+def embedded(model: dict[str, Any] | None = None, **settings: Any) -> WorkerSettings:
+    """Worker settings of the embedded model, with these `[model]` keys and other settings."""
+    cache_dir = str(REPO_ROOT / ".cache" / "embedded")
+    return WorkerSettings(model=ModelSettings(cache_dir=cache_dir, **(model or {})), **settings)
+
+
+EMBEDDED = embedded()
 
 
 class Sink:

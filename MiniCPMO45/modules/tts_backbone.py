@@ -18,14 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kv_cache import CacheFullError
 from .qwen3 import RMSNorm as Qwen3RMSNorm
 
 LLAMA_RMS_NORM_EPS = 1e-6
 LLAMA_ROPE_THETA = 10000.0
-
-
-class CacheFullError(RuntimeError):
-    """A TTS cache slot would grow past its capacity, or no slot is free."""
 
 
 class TTSKVCache:
@@ -82,7 +79,7 @@ class TTSKVCache:
         return self.keys[layer][slots, :, :length], self.values[layer][slots, :, :length]
 
 
-class RMSNorm(Qwen3RMSNorm):
+class LlamaRMSNorm(Qwen3RMSNorm):
     def __init__(self, dim: int, eps: float = LLAMA_RMS_NORM_EPS) -> None:
         super().__init__(dim, eps)
 
@@ -105,7 +102,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-class Attention(nn.Module):
+class LlamaAttention(nn.Module):
     def __init__(self, hidden: int, heads: int, kv_heads: int) -> None:
         super().__init__()
         if hidden % heads or heads % kv_heads:
@@ -143,7 +140,7 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
 
 
-class MLP(nn.Module):
+class LlamaMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
@@ -154,13 +151,13 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class DecoderLayer(nn.Module):
+class LlamaDecoderLayer(nn.Module):
     def __init__(self, hidden: int, intermediate: int, heads: int, kv_heads: int) -> None:
         super().__init__()
-        self.self_attn = Attention(hidden, heads, kv_heads)
-        self.mlp = MLP(hidden, intermediate)
-        self.input_layernorm = RMSNorm(hidden)
-        self.post_attention_layernorm = RMSNorm(hidden)
+        self.self_attn = LlamaAttention(hidden, heads, kv_heads)
+        self.mlp = LlamaMLP(hidden, intermediate)
+        self.input_layernorm = LlamaRMSNorm(hidden)
+        self.post_attention_layernorm = LlamaRMSNorm(hidden)
 
     def forward(self, x, cos, sin, cache: TTSKVCache, layer: int, batch: BatchLayout) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, batch)
@@ -193,9 +190,9 @@ class LlamaBackbone(nn.Module):
     def __init__(self, hidden: int, intermediate: int, num_layers: int, heads: int, kv_heads: int) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            DecoderLayer(hidden, intermediate, heads, kv_heads) for _ in range(num_layers)
+            LlamaDecoderLayer(hidden, intermediate, heads, kv_heads) for _ in range(num_layers)
         )
-        self.norm = RMSNorm(hidden)
+        self.norm = LlamaRMSNorm(hidden)
         self.head_dim = hidden // heads
         self.kv_heads = kv_heads
 

@@ -130,7 +130,7 @@ class CausalConvBlock(nn.Module):
         )
 
 
-class MLP(nn.Module):
+class DiTMLP(nn.Module):
     def __init__(self, hidden: int, inner: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(hidden, inner)
@@ -255,7 +255,7 @@ class DiTBlock(nn.Module):
         super().__init__()
         self.attn = QKNormAttention(hidden, heads, head_dim)
         self.conv = CausalConvBlock(hidden)
-        self.mlp = MLP(hidden, int(hidden * mlp_ratio))
+        self.mlp = DiTMLP(hidden, int(hidden * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 9 * hidden))
         self.kernels = EAGER_BLOCK
 

@@ -5,18 +5,18 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Callable
-from typing import Any
 
-from inference.modes.base import Mode
+from inference.modes.base import WorkerMode
+from inference.settings import WorkerSettings
 
-ModeFactory = Callable[[dict[str, Any]], Mode]
+ModeFactory = Callable[[WorkerSettings], WorkerMode]
 EXTRA_MODES_ENV = "MINICPMO45_EXTRA_MODES"  # comma-separated modules that register more modes (worker side)
 
 _REGISTRY: dict[str, ModeFactory] = {}
 
 
 def register_mode(name: str, factory: ModeFactory) -> None:
-    """`factory(settings)` builds one Mode instance per session from the worker's settings dict."""
+    """`factory(settings)` builds one mode instance per session from the worker's settings."""
     if name in _REGISTRY:
         raise ValueError(f"mode {name!r} is already registered")
     _REGISTRY[name] = factory
@@ -26,7 +26,7 @@ def mode_names() -> list[str]:
     return list(_REGISTRY)
 
 
-def create_mode(name: str, settings: dict[str, Any]) -> Mode:
+def create_mode(name: str, settings: WorkerSettings) -> WorkerMode:
     try:
         factory = _REGISTRY[name]
     except KeyError:
@@ -34,23 +34,23 @@ def create_mode(name: str, settings: dict[str, Any]) -> Mode:
     return factory(settings)
 
 
-def _loopback(settings: dict[str, Any]) -> Mode:
+def _loopback(settings: WorkerSettings) -> WorkerMode:
     from inference.modes.loopback import LoopbackMode
 
-    return LoopbackMode(**settings.get("loopback", {}))
+    return LoopbackMode(settings.loopback)
 
 
 register_mode("loopback", _loopback)
 
 
-def _chat(settings: dict[str, Any]) -> Mode:
+def _chat(settings: WorkerSettings) -> WorkerMode:
     from inference.modes.chat import ChatMode  # lazy: torch is imported only when a model mode is used
 
     return ChatMode(settings)
 
 
 def _duplex(name: str) -> ModeFactory:
-    def factory(settings: dict[str, Any]) -> Mode:
+    def factory(settings: WorkerSettings) -> WorkerMode:
         from inference.modes.duplex import DuplexMode
 
         return DuplexMode(name, settings)

@@ -1,16 +1,19 @@
-"""The interface every worker mode implements (see inference/README.md)."""
+"""The interface every worker mode implements (see inference/README.md): `WorkerMode`, what it gets (`ModeUnit`,
+`SessionOptions`) and what it returns (`SessionSetup`, and `Output`: the protocol's own session messages)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
+from inference import protocol as p
+
 
 @dataclass
-class UnitInput:
+class ModeUnit:
     """One unit of caller audio as the worker received it."""
 
     index: int
@@ -32,61 +35,9 @@ class SessionSetup:
     align_units: bool = False
 
 
-@dataclass
-class Speech:
-    """Audio for the caller, at `SessionSetup.output_rate`."""
-
-    pcm: np.ndarray  # float32 mono
-    turn: int
-    play_at: float | None = None  # server monotonic time; None plays as soon as possible
-
-
-@dataclass
-class Text:
-    text: str
-    turn: int
-
-
-@dataclass
-class UserTurn:
-    """The caller's turn `turn` as the model took it: `seconds` of speech, or typed `text`; with `started`, only
-    that the caller began to speak (the VAD's start; the turn's end follows with its seconds)."""
-
-    turn: int
-    seconds: float | None = None
-    text: str | None = None
-    started: bool = False
-
-
-@dataclass
-class State:
-    state: Literal["listening", "thinking", "speaking"]
-
-
-@dataclass
-class Flush:
-    """Drop the caller's queued speech of turns older than `turn`."""
-
-    turn: int
-
-
-@dataclass
-class ModeError:
-    code: str
-    message: str
-
-
-@dataclass
-class UnitTimings:
-    """Where a unit's time went (ms) and other per-unit numbers; merged into the unit's `metrics` event."""
-
-    values: dict[str, float]
-
-
-Output = Speech | Text | UserTurn | State | Flush | ModeError | UnitTimings
-
-
-DEFAULT_TICK_PHASES = 2  # the worker's tick phases per unit unless its settings say (`workers.tick_phases`)
+# What a mode returns: the protocol's session outputs (the worker fills in the session id and the audio's rate,
+# and merges the mode's `UnitMetrics` into the unit's `unit_done`).
+Output = p.AudioOut | p.TextOut | p.UserTurnOut | p.StateOut | p.FlushOut | p.ErrorOut | p.UnitMetrics
 
 
 @dataclass
@@ -102,7 +53,7 @@ class SessionOptions:
     tick_phase: int = 0
 
 
-class Mode(Protocol):
+class WorkerMode(Protocol):
     """A conversation mode. One instance per session; all methods run in a worker thread, one at a time.
 
     `open` is called once, then `on_unit` for each unit in order and `on_control` for each client control
@@ -113,22 +64,22 @@ class Mode(Protocol):
 
     def open(self, options: SessionOptions) -> tuple[SessionSetup, list[Output]]: ...
 
-    def on_unit(self, unit: UnitInput, frame: np.ndarray | None) -> list[Output]: ...
+    def on_unit(self, unit: ModeUnit, frame: np.ndarray | None) -> list[Output]: ...
 
     def on_control(self, message: dict[str, Any]) -> list[Output]: ...
 
     def close(self) -> None: ...
 
 
-class BatchedMode(Mode, Protocol):
+class BatchedMode(WorkerMode, Protocol):
     """A mode whose units the worker runs together: each tick it calls `on_units` once with one waiting unit of
     every session of this mode class (in the mode thread), instead of `on_unit` per session. Controls and
     `open`/`close` still arrive per session, never during a tick."""
 
     @staticmethod
-    def on_units(batch: Sequence[tuple[Any, UnitInput, np.ndarray | None]]) -> list[list[Output]]: ...
+    def on_units(batch: Sequence[tuple[Any, ModeUnit, np.ndarray | None]]) -> list[list[Output]]: ...
 
 
-def batch_runner(mode: Mode) -> Any:
+def batch_runner(mode: WorkerMode) -> Any:
     """The mode's `on_units` if it batches, else None."""
     return getattr(type(mode), "on_units", None)

@@ -35,23 +35,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from inference import protocol as p
 from inference.engine_host import EngineHost, get_host
 from inference.images import decode_image
-from inference.modes.base import (
-    Flush,
-    ModeError,
-    Output,
-    SessionOptions,
-    SessionSetup,
-    Speech,
-    State,
-    Text,
-    UnitInput,
-    UnitTimings,
-    UserTurn,
-)
+from inference.modes.base import ModeUnit, Output, SessionOptions, SessionSetup
 from inference.modes.heard import truncate_reply
 from inference.options import ModeOptions
+from inference.settings import WorkerSettings
 from inference.speech import TEXT_CHUNK, TurnVoice, speak_batch
 from inference.vad import TurnDetector
 from MiniCPMO45.engine import half_duplex as hd
@@ -105,7 +95,7 @@ class ChatMode:
     name = "chat"
     tick_priority = 1  # its tick runs after the duplex units of the same tick (`inference.worker.UnitTicker`)
 
-    def __init__(self, settings: dict[str, Any]) -> None:
+    def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
         self.host: EngineHost | None = None
         self.session: Session | None = None
@@ -121,6 +111,7 @@ class ChatMode:
         self.segment: list[np.ndarray] = []
         self.recent: deque[np.ndarray] = deque()  # audio since the last turn (push-to-talk fallback)
         self.recent_samples = 0
+        self.heard_cut: tuple[int, int] | None = None  # the reply a `truncate` cut: (turn, its tokens then)
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
     def open(self, options: SessionOptions) -> tuple[SessionSetup, list[Output]]:
@@ -139,7 +130,7 @@ class ChatMode:
             raise
         # units on the worker's grid: every chat call of a tick phase completes its units together (one tick)
         setup = SessionSetup(unit_samples=UNIT_SAMPLES, output_rate=OUTPUT_RATE, align_units=True)
-        return setup, [State("listening")]
+        return setup, [p.StateOut(state="listening")]
 
     def _open_session_parts(self) -> None:
         assert self.host is not None
@@ -208,7 +199,7 @@ class ChatMode:
         self.reply = None
         self.pending, self.held = None, False
         self.turn += 1
-        return [Flush(self.turn), State("listening")]
+        return [p.FlushOut(turn=self.turn), p.StateOut(state="listening")]
 
     def _prepare_turn(
         self,
@@ -240,14 +231,14 @@ class ChatMode:
         try:
             self.window.make_room(engine, session, needed)
         except ValueError as exc:
-            return [*outputs, ModeError("turn_too_long", str(exc))], False
+            return [*outputs, p.ErrorOut(code="turn_too_long", message=str(exc))], False
         self.window.mark(engine.kv_length(session))
         if audio is not None:
-            outputs.append(UserTurn(self.turn, seconds=round(audio.size / RATE, 2)))
+            outputs.append(p.UserTurnOut(turn=self.turn, seconds=round(audio.size / RATE, 2)))
         else:
-            outputs.append(UserTurn(self.turn, text=text))
+            outputs.append(p.UserTurnOut(turn=self.turn, text=text))
         if answer:
-            outputs.append(State("thinking"))
+            outputs.append(p.StateOut(state="thinking"))
         return outputs, True
 
     @staticmethod
@@ -287,10 +278,10 @@ class ChatMode:
             assert mode.tts is not None
             mode.reply = Reply(row, TurnVoice(host, mode.voice, mode.tts), mode.turn)
 
-    def on_unit(self, unit: UnitInput, frame: np.ndarray | None) -> list[Output]:
+    def on_unit(self, unit: ModeUnit, frame: np.ndarray | None) -> list[Output]:
         return self.on_units([(self, unit, frame)])[0]
 
-    def _listen(self, unit: UnitInput) -> tuple[list[Output], np.ndarray | None]:
+    def _listen(self, unit: ModeUnit) -> tuple[list[Output], np.ndarray | None]:
         """VAD and the turn logic of one unit: the outputs, and the audio of a turn that ends here."""
         outputs: list[Output] = []
         ended: np.ndarray | None = None
@@ -301,7 +292,7 @@ class ChatMode:
             if event.kind == "start" and not self.collecting:
                 if self.options.barge_in:
                     outputs += self._cut_reply()
-                outputs.append(UserTurn(self.turn, started=True))
+                outputs.append(p.UserTurnOut(turn=self.turn, started=True))
                 self.collecting = True
                 self.segment = self._preroll()
             elif event.kind == "end" and self.collecting:
@@ -309,7 +300,7 @@ class ChatMode:
         return outputs, ended
 
     @staticmethod
-    def on_units(batch: Sequence[tuple[ChatMode, UnitInput, np.ndarray | None]]) -> list[list[Output]]:
+    def on_units(batch: Sequence[tuple[ChatMode, ModeUnit, np.ndarray | None]]) -> list[list[Output]]:
         """One unit of each of several chat sessions as one tick (see the module's docstring)."""
         outputs: list[list[Output]] = [[] for _ in batch]
         timings: list[dict[str, float]] = [{} for _ in batch]
@@ -370,11 +361,11 @@ class ChatMode:
             if mode.reply is not None and mode.reply.finished:
                 mode.reply = None
                 mode.turn += 1
-                outputs[k].append(State("listening"))
+                outputs[k].append(p.StateOut(state="listening"))
             assert mode.host is not None and mode.session is not None
             timings[k]["kv_tokens"] = float(mode.host.engine.kv_length(mode.session))
             timings[k]["batch_sessions"] = float(len(moving))
-            outputs[k].append(UnitTimings(timings[k]))
+            outputs[k].append(p.UnitMetrics(**timings[k]))
         return outputs
 
     @staticmethod
@@ -395,7 +386,7 @@ class ChatMode:
             for event in decode_step(engine, rows):
                 reply, out = taking[id(event.session)]
                 if event.text_delta:
-                    out.append(Text(event.text_delta, reply.turn))
+                    out.append(p.TextOut(text=event.text_delta, turn=reply.turn))
                 if event.token is not None and event.hidden is not None:
                     reply.voice.add(event.token, event.hidden)
                 if event.done:
@@ -421,9 +412,9 @@ class ChatMode:
             for pcm in pieces:
                 if pcm.size:
                     if reply.spoken_at is None:
-                        out.append(State("speaking"))
+                        out.append(p.StateOut(state="speaking"))
                         reply.spoken_at = unit
-                    out.append(Speech(pcm, reply.turn))
+                    out.append(p.AudioOut(pcm=pcm, turn=reply.turn))
         tts_ms = max(v.times.tts_ms - b[0] for v, b in zip(voices, before, strict=True))
         vocoder_ms = max(v.times.vocoder_ms - b[1] for v, b in zip(voices, before, strict=True))
         return tts_ms, vocoder_ms
@@ -440,7 +431,9 @@ class ChatMode:
         elif kind == "end_turn":
             audio = self.segment if self.collecting and self.segment else list(self.recent)
             if not audio:
-                return [ModeError("empty_turn", "end_turn without any audio since the last turn")]
+                return [
+                    p.ErrorOut(code="empty_turn", message="end_turn without any audio since the last turn")
+                ]
             self.detector.reset()
             return self._turn_now((np.concatenate(audio), None, None))
         elif kind == "text":
@@ -450,7 +443,7 @@ class ChatMode:
                 try:
                     image = decode_image(message["image"])
                 except ValueError as exc:
-                    return [ModeError("bad_image", str(exc))]
+                    return [p.ErrorOut(code="bad_image", message=str(exc))]
             if text or image is not None:
                 return self._turn_now((None, text, image))
         elif kind == "system_prompt":
@@ -460,9 +453,11 @@ class ChatMode:
             return outputs
         elif kind == "respond":  # answer the turn held back (option auto_respond off)
             if self.pending is None or not self.held:
-                return [ModeError("empty_turn", "respond without a turn waiting for its answer")]
+                return [
+                    p.ErrorOut(code="empty_turn", message="respond without a turn waiting for its answer")
+                ]
             self.held = False
-            return [State("thinking")]
+            return [p.StateOut(state="thinking")]
         elif kind == "truncate":  # heard-only context after a barge-in or a Realtime truncate
             return truncate_reply(self, message)
         return []

@@ -5,7 +5,7 @@ session that has one waiting and runs them as one tick of the host's `DuplexBatc
 (streaming audio encoder, vision, ragged LLM feed), decode of the listen/speak/text tokens, the TTS and the
 vocoder. Per session it keeps only the control flow: the context window, forced listens, turn numbers and
 the outputs — `text` deltas, speech (24 kHz, played as soon as it arrives), `state` changes, and
-`UnitTimings` (the tick's prefill / decide / TTS / vocoder times, batch size, KV length, backlog).
+`UnitMetrics` (the tick's prefill / decide / TTS / vocoder times, batch size, KV length, backlog).
 
 Turns: a spoken turn opens on the first speaking unit and gets its own turn number; it ends when the model
 emits `<|turn_eos|>` (its tail is flushed out of the vocoder and plays to the end). A listen decision while
@@ -36,19 +36,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from inference import protocol as p
 from inference.engine_host import EngineHost, get_host
-from inference.modes.base import (
-    Flush,
-    Output,
-    SessionOptions,
-    SessionSetup,
-    Speech,
-    State,
-    Text,
-    UnitInput,
-    UnitTimings,
-)
+from inference.modes.base import ModeUnit, Output, SessionOptions, SessionSetup
 from inference.options import ModeOptions
+from inference.settings import WorkerSettings
 from MiniCPMO45.engine.duplex import DuplexConfig
 from MiniCPMO45.engine.duplex import UnitInput as EngineUnit
 from MiniCPMO45.engine.duplex_session import DuplexSession, TickUnit
@@ -66,7 +58,7 @@ FRAME_MAX_SIDE = 448
 
 
 class DuplexMode:
-    def __init__(self, name: str, settings: dict[str, Any]) -> None:
+    def __init__(self, name: str, settings: WorkerSettings) -> None:
         if name not in DEFAULT_PROMPTS:
             raise ValueError(f"unknown duplex mode {name!r}")
         self.name = name
@@ -107,7 +99,7 @@ class DuplexMode:
             video_max_side=FRAME_MAX_SIDE if self.omni else None,
             align_units=True,
         )
-        return setup, [State("listening")]
+        return setup, [p.StateOut(state="listening")]
 
     def _prepare(self) -> None:
         assert self.call is not None
@@ -136,11 +128,11 @@ class DuplexMode:
         self.speaking = False
 
     # ---- units ------------------------------------------------------------------------------------------------
-    def on_unit(self, unit: UnitInput, frame: np.ndarray | None) -> list[Output]:
+    def on_unit(self, unit: ModeUnit, frame: np.ndarray | None) -> list[Output]:
         return self.on_units([(self, unit, frame)])[0]
 
     @staticmethod
-    def on_units(batch: Sequence[tuple[DuplexMode, UnitInput, np.ndarray | None]]) -> list[list[Output]]:
+    def on_units(batch: Sequence[tuple[DuplexMode, ModeUnit, np.ndarray | None]]) -> list[list[Output]]:
         """One unit of each of several duplex sessions (each at most once) as one tick of the batcher."""
         outputs: list[list[Output]] = [[] for _ in batch]
         live = [k for k, (mode, _, _) in enumerate(batch) if not mode.paused]
@@ -179,23 +171,23 @@ class DuplexMode:
         if result.is_listen:
             if self.speaking:  # cut off mid-turn: drop what is still queued, at once
                 self.turn += 1
-                outputs += [Flush(self.turn), State("listening")]
+                outputs += [p.FlushOut(turn=self.turn), p.StateOut(state="listening")]
                 self._end_turn()
         else:
             if not self.speaking:
                 self.speaking = True
-                outputs.append(State("speaking"))
+                outputs.append(p.StateOut(state="speaking"))
             # what the caller reads: the unit's tokens without control tokens (the engine's text keeps them)
             if done.text:
-                outputs.append(Text(done.text, self.turn))
+                outputs.append(p.TextOut(text=done.text, turn=self.turn))
             if out.speech is not None:
                 timings.update(tts_ms=done.tick_ms["tts_ms"], vocoder_ms=done.tick_ms["vocoder_ms"])
-                outputs += [Speech(pcm, self.turn) for pcm in out.speech.pcm if pcm.size]
+                outputs += [p.AudioOut(pcm=pcm, turn=self.turn) for pcm in out.speech.pcm if pcm.size]
             if result.end_of_turn:
                 self.speaking = False  # the batcher closed the TTS and vocoder turn with its tail
                 self.turn += 1
-                outputs.append(State("listening"))
-        outputs.append(UnitTimings(timings))
+                outputs.append(p.StateOut(state="listening"))
+        outputs.append(p.UnitMetrics(**timings))
         return outputs
 
     # ---- controls ---------------------------------------------------------------------------------------------
@@ -209,7 +201,7 @@ class DuplexMode:
             self.turn += 1
             self.close_turn = True
             self._end_turn()
-            return [Flush(self.turn), State("listening")]
+            return [p.FlushOut(turn=self.turn), p.StateOut(state="listening")]
         elif kind == "system_prompt":
             # A new system prompt starts a new conversation (the KV cache holds the old prompt at its start).
             self.system_prompt = str(message.get("text") or DEFAULT_PROMPTS[self.name])
@@ -218,5 +210,5 @@ class DuplexMode:
             self._prepare()
             if was_speaking:
                 self.turn += 1
-                return [Flush(self.turn), State("listening")]
+                return [p.FlushOut(turn=self.turn), p.StateOut(state="listening")]
         return []

@@ -20,14 +20,27 @@ reply is generated unit by unit at the pace of playback, so at most the last uni
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from inference.modes.base import ModeError, Output
+from inference import protocol as p
+from inference.modes.base import Output
 
 if TYPE_CHECKING:
-    from inference.modes.chat import ChatMode
     from MiniCPMO45.engine.core import Engine
     from MiniCPMO45.engine.session import Session
+
+
+class RepliesInChat(Protocol):
+    """What `truncate_reply` reads and changes of a `chat` mode (`inference.modes.chat.ChatMode`, which
+    imports this module)."""
+
+    turn: int
+    reply: Any  # the reply being produced (its `turn`), or None
+    host: Any  # the engine host (`host.engine`), or None before the mode opened
+    session: Session | None
+    heard_cut: tuple[int, int] | None  # (turn, its tokens when first cut)
+
+    def on_control(self, message: dict[str, Any]) -> list[Output]: ...
 
 
 def keep_heard(engine: Engine, session: Session, keep: int) -> int:
@@ -46,7 +59,7 @@ def keep_heard(engine: Engine, session: Session, keep: int) -> int:
     return n - keep
 
 
-def truncate_reply(mode: ChatMode, message: dict[str, Any]) -> list[Output]:
+def truncate_reply(mode: RepliesInChat, message: dict[str, Any]) -> list[Output]:
     """The `truncate` control of `chat`: cut reply `turn` to its `heard` fraction (an active reply is
     interrupted first). A turn that is not the session's last reply any more is left alone."""
     turn, heard = message.get("turn"), message.get("heard")
@@ -57,7 +70,11 @@ def truncate_reply(mode: ChatMode, message: dict[str, Any]) -> list[Output]:
         or not 0.0 <= heard <= 1.0
         or math.isnan(heard)
     ):
-        return [ModeError("bad_message", "truncate needs an int `turn` and a `heard` fraction in 0..1")]
+        return [
+            p.ErrorOut(
+                code="bad_message", message="truncate needs an int `turn` and a `heard` fraction in 0..1"
+            )
+        ]
     outputs: list[Output] = []
     if mode.reply is not None and mode.reply.turn == turn:
         outputs += mode.on_control({"type": "interrupt"})
@@ -65,7 +82,7 @@ def truncate_reply(mode: ChatMode, message: dict[str, Any]) -> list[Output]:
         return outputs  # a later turn has begun: its prefill sits after the reply in the KV
     if mode.host is None or mode.session is None:
         return outputs
-    first = getattr(mode, "heard_cut", None)
+    first = mode.heard_cut
     total = first[1] if first is not None and first[0] == turn else len(mode.session.history)
     mode.heard_cut = (turn, total)  # a second truncate of the same reply counts from its whole length
     keep = round(heard * total)

@@ -30,7 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from inference.modes.base import Output, SessionOptions, SessionSetup, Speech, State, Text, UnitInput
+from inference import protocol as p
+from inference.modes.base import ModeUnit, Output, SessionOptions, SessionSetup
+from inference.settings import LoopbackSettings
 
 INPUT_RATE = 16000
 OUTPUT_RATE = 24000
@@ -46,28 +48,28 @@ def upsample_16k_to_24k(pcm: np.ndarray) -> np.ndarray:
 class LoopbackMode:
     name = "loopback"
 
-    def __init__(self, delay_s: float = 1.0, unit_ms: int = 100, pipeline_latency_s: float = 0.2) -> None:
-        if unit_ms * INPUT_RATE % 2000:
+    def __init__(self, settings: LoopbackSettings) -> None:
+        if settings.unit_ms * INPUT_RATE % 2000:
             raise ValueError("unit_ms must give an even number of 16 kHz samples")
-        self.delay_s = delay_s
-        self.unit_samples = unit_ms * INPUT_RATE // 1000
-        self.pipeline_latency_s = pipeline_latency_s
+        self.delay_s = settings.delay_s
+        self.unit_samples = settings.unit_ms * INPUT_RATE // 1000
+        self.pipeline_latency_s = settings.pipeline_latency_s
         self._paused = False
         self._samples = 0  # caller samples received so far (the capture timeline)
         self._origins: deque[tuple[float, float]] = deque()  # (completed_at, implied arrival of sample 0)
 
     def open(self, options: SessionOptions) -> tuple[SessionSetup, list[Output]]:
         setup = SessionSetup(unit_samples=self.unit_samples, output_rate=OUTPUT_RATE)
-        return setup, [State("listening")]
+        return setup, [p.StateOut(state="listening")]
 
-    def on_unit(self, unit: UnitInput, frame: np.ndarray | None) -> list[Output]:
+    def on_unit(self, unit: ModeUnit, frame: np.ndarray | None) -> list[Output]:
         start_s = self._samples / INPUT_RATE
         self._samples += unit.pcm.size
         origin = self._capture_origin(unit.completed_at, unit.completed_at - self._samples / INPUT_RATE)
         if self._paused:
             return []
         play_at = origin + start_s + self.delay_s - self.pipeline_latency_s
-        return [Speech(upsample_16k_to_24k(unit.pcm), turn=0, play_at=play_at)]
+        return [p.AudioOut(pcm=upsample_16k_to_24k(unit.pcm), turn=0, play_at=play_at)]
 
     def _capture_origin(self, now: float, estimate: float) -> float:
         """Server time when sample 0 arrived: the earliest recent estimate (stalls only make them later)."""
@@ -85,7 +87,7 @@ class LoopbackMode:
         elif kind == "resume":
             self._paused = False
         elif kind == "text":
-            return [Text(str(message.get("text", "")), turn=0)]  # echo typed text, like the audio
+            return [p.TextOut(text=str(message.get("text", "")), turn=0)]  # echo typed text, like the audio
         return []
 
     def close(self) -> None:

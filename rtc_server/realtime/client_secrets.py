@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rtc_server.realtime import models as rm
 from rtc_server.realtime.session_map import Settings, apply_update
 from rtc_server.signalling import ApiError, validation_problems
-from rtc_server.voices import voice_exists
+from rtc_server.voice_ids import voice_exists
 
 DEFAULT_TTL_S = 600
 MAX_KEYS = 10_000  # the oldest are forgotten beyond this

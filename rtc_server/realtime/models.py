@@ -60,7 +60,7 @@ class OutputAudio(_In):
     speed: float | None = Field(None, ge=0.25, le=4.0)
 
 
-class AudioConfig(_In):
+class RealtimeAudioConfig(_In):
     input: InputAudio | None = None
     output: OutputAudio | None = None
 
@@ -72,7 +72,7 @@ class SessionConfig(_In):
     model: str | None = Field(None, max_length=128)
     instructions: str | None = Field(None, max_length=20000)
     output_modalities: list[Literal["audio", "text"]] | None = Field(None, min_length=1, max_length=2)
-    audio: AudioConfig | None = None
+    audio: RealtimeAudioConfig | None = None
     max_output_tokens: int | Literal["inf"] | None = None
     temperature: float | None = Field(None, gt=0.0, le=2.0)
     tools: list[dict[str, Any]] | None = None

@@ -29,7 +29,7 @@ from rtc_server.realtime.conversation import RealtimeConversation
 from rtc_server.realtime.session_map import Settings, apply_update
 from rtc_server.session import CallSession
 from rtc_server.signalling import MANAGER_KEY, SDP_TYPE, ApiError, _create, validation_problems
-from rtc_server.voices import VOICE_ID, voice_exists
+from rtc_server.voice_ids import VOICE_ID, voice_exists
 
 CALLS_KEY = web.AppKey("realtime_calls", set)  # ids of the live calls started by POST /v1/realtime/calls
 MAX_SDP_BYTES = 200_000

@@ -27,14 +27,14 @@ from media_tracks import UnitCutter, grid_lead_in
 from media_tracks.resampler import AudioResampler
 from rtc_server import events as ev
 from rtc_server.admission import QueueFull
+from rtc_server.call_view import call_info, call_snapshot
 from rtc_server.client_limits import Client, TooManyRequests, client_of
 from rtc_server.manager import ServerBusy, SessionManager
 from rtc_server.realtime.conversation import RealtimeConversation
 from rtc_server.realtime.session_map import Settings
-from rtc_server.realtime.socket_view import socket_info, socket_snapshot
-from rtc_server.session import new_session_id, open_message, user_turn_event
+from rtc_server.session import new_session_id, open_message
 from rtc_server.signalling import MANAGER_KEY, ApiError
-from rtc_server.voices import voice_exists
+from rtc_server.voice_ids import voice_exists
 
 log = logging.getLogger("rtc_server.realtime")
 RATE = 16000
@@ -240,23 +240,21 @@ class SocketCall:
             self._on_opened(message)
         elif isinstance(message, p.AudioOut):
             translator.on_speech(p.pcm_from_bytes(payload), message.turn)
-        elif isinstance(message, p.TextOut):
-            translator.on_event(ev.TextEvent(text=message.text, turn=message.turn))
-        elif isinstance(message, p.UserTurnOut):
-            translator.on_event(user_turn_event(message))
+        elif isinstance(message, p.TextOut | p.UserTurnOut):
+            translator.on_event(p.caller_event(message))
         elif isinstance(message, p.StateOut):
             self.state = message.state
-            translator.on_event(ev.StateEvent(state=message.state))
+            translator.on_event(p.caller_event(message))
         elif isinstance(message, p.FlushOut):
             translator.on_flush(message.turn)
         elif isinstance(message, p.UnitDone):
-            roundtrip_ms = (time.monotonic() - message.completed_at) * 1000
-            self.manager.stats.record_unit(message.handoff_ms, roundtrip_ms)
-            self.unit_roundtrip_ms.append(roundtrip_ms)
-            if "kv_tokens" in message.timings:
-                translator.kv_tokens = int(message.timings["kv_tokens"])
+            metrics = message.at_server(time.monotonic())
+            self.manager.stats.record_unit(metrics)
+            self.unit_roundtrip_ms.append(metrics.roundtrip_ms)
+            if metrics.kv_tokens is not None:
+                translator.kv_tokens = metrics.kv_tokens
         elif isinstance(message, p.ErrorOut):
-            translator.on_event(ev.ErrorEvent(code=message.code, message=message.message))
+            translator.on_event(p.caller_event(message))
             if message.code in FATAL:
                 self.close_soon()
         elif isinstance(message, p.Closed):
@@ -303,10 +301,10 @@ class SocketCall:
             asyncio.ensure_future(self.close())
 
     def info(self) -> ev.SessionInfo:
-        return socket_info(self)
+        return call_info(self, self.manager.admission.position(self))
 
     def snapshot(self) -> CallSnapshot:
-        return socket_snapshot(self)
+        return call_snapshot(self)
 
     async def close(self, reason: str = "the WebSocket closed") -> None:
         if self.closed.is_set():

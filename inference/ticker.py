@@ -1,0 +1,130 @@
+"""The worker's tick loop for batching modes (`UnitTicker`): the units of many sessions run as one call.
+
+Used by `inference.sessions.SessionRunner` for modes with `on_units` (the duplex modes and chat); the ticks
+run on the worker's single mode thread (`inference.worker.serve` makes it). Settings: `workers.tick_gather_ms`
+and `workers.tick_phases` (`inference.settings.TickSettings`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from inference.modes.base import ModeUnit, Output, WorkerMode, batch_runner
+
+log = logging.getLogger("inference.worker")
+
+
+@dataclass
+class _Waiting:
+    mode: WorkerMode
+    unit: ModeUnit
+    frame: Any
+    phase: int
+    done: asyncio.Future[list[Output]]
+
+
+class UnitTicker:
+    """The worker's tick loop for batching modes: the units waiting when a tick starts run together.
+
+    Each session has at most one unit waiting (its runner awaits the result before it takes its next
+    message), so a tick holds one unit per session. The batching sessions are spread evenly over `phases`
+    grids, shifted by 1/phases of a unit: the server cuts a session's units on its phase's grid, so the units
+    of one phase arrive within a few tens of ms of each other, and the phases take turns on the GPU. A tick
+    holds about 1/phases of the sessions, and so finishes sooner than one tick of all of them would (a
+    tick's cost grows less than its batch; with two phases each must fit in half a unit). A tick starts once
+    every session of each phase that has a unit waiting has one waiting, or `gather_s` after the first one
+    arrived, whichever comes first; units arriving later go into the next tick (a late phase catches up in
+    the other phase's tick). A failure fails the units of that tick (their sessions end with `mode_error`)."""
+
+    def __init__(
+        self,
+        executor: concurrent.futures.Executor,
+        members: Callable[[], list[tuple[int, Any]]],
+        gather_s: float,
+        phases: int,
+    ) -> None:
+        if phases < 1:
+            raise ValueError("phases must be at least 1")
+        self.executor = executor
+        self.members = members  # (phase, `batch_runner`) of each open session whose mode batches
+        self.phase_of: dict[str, int] = {}  # every batching session's phase, taken before its mode opens
+        self.gather_s = gather_s
+        self.phases = phases
+        self.waiting: list[_Waiting] = []
+        self.wake = asyncio.Event()
+        self.ticks = 0
+        self.task = asyncio.create_task(self._run(), name="unit-ticker")
+
+    def join(self, session_id: str) -> int:
+        """The session's phase: the one it has, else the phase with the fewest sessions."""
+        if session_id not in self.phase_of:
+            counts = [0] * self.phases
+            for phase in self.phase_of.values():
+                counts[phase] += 1
+            self.phase_of[session_id] = counts.index(min(counts))
+        return self.phase_of[session_id]
+
+    def leave(self, session_id: str) -> None:
+        self.phase_of.pop(session_id, None)
+
+    def grid_offset_s(self, phase: int, unit_s: float) -> float:
+        return phase * unit_s / self.phases
+
+    def _gathered(self) -> bool:
+        """Every session of each (phase, mode class) that has a unit waiting has one waiting: modes with units
+        of other lengths (chat's 320 ms beside duplex's 1 s) are not waited for."""
+        members = self.members()
+        keys = [(w.phase, batch_runner(w.mode)) for w in self.waiting]
+        return all(keys.count(key) >= members.count(key) for key in set(keys))
+
+    async def _gather(self) -> None:
+        deadline = time.monotonic() + self.gather_s
+        while not self._gathered() and (left := deadline - time.monotonic()) > 0:
+            self.wake.clear()
+            try:
+                async with asyncio.timeout(left):  # not wait_for: it can lose a cancellation (Python 3.11)
+                    await self.wake.wait()
+            except TimeoutError:
+                break
+
+    async def submit(self, mode: WorkerMode, unit: ModeUnit, frame: Any, phase: int = 0) -> list[Output]:
+        done: asyncio.Future[list[Output]] = asyncio.get_running_loop().create_future()
+        self.waiting.append(_Waiting(mode, unit, frame, phase, done))
+        self.wake.set()
+        return await done
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.wake.wait()
+            await self._gather()
+            self.wake.clear()
+            batch, self.waiting = self.waiting, []
+            groups: dict[Any, list[_Waiting]] = {}
+            for item in batch:
+                if not item.done.done():  # its session went away while it waited
+                    groups.setdefault(batch_runner(item.mode), []).append(item)
+            # the deadline-bound units first (duplex: a unit a second), then the modes that only need to keep
+            # ahead of what their callers hear (chat replies: `tick_priority` 1)
+            ordered = sorted(groups.items(), key=lambda g: getattr(type(g[1][0].mode), "tick_priority", 0))
+            for run, items in ordered:
+                self.ticks += 1
+                try:
+                    outs = await loop.run_in_executor(
+                        self.executor, run, [(w.mode, w.unit, w.frame) for w in items]
+                    )
+                except Exception as exc:
+                    log.exception("tick of %d units failed", len(items))
+                    for w in items:
+                        if not w.done.done():
+                            w.done.set_exception(exc)
+                    continue
+                for w, out in zip(items, outs, strict=True):
+                    if not w.done.done():
+                        w.done.set_result(out)

@@ -1,0 +1,173 @@
+"""A call's media on its way to the worker: the caller's audio cut into units (with a camera frame each when the
+mode wants one), sent to the worker, and the caller told about audio the model did not hear.
+
+`CallUplink` is owned by `rtc_server.session.CallSession` (an `UplinkCall`): the session starts it with the
+peer connection's tracks and says how to cut units when the worker's mode opens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Protocol
+
+import numpy as np
+from aiortc import MediaStreamTrack
+from pydantic import BaseModel
+
+from inference import protocol as p
+from media_tracks import AudioUnit, InboundAudio, LatestVideoFrame, UnitCutter
+from rtc_server import events as ev
+from rtc_server.call_host import CallHost
+from rtc_server.recordings import CallRecorder, encode_jpeg
+
+log = logging.getLogger("rtc_server.session")
+VIDEO_UNITS_LIMIT = 8  # units waiting for their camera frame snapshot
+AUDIO_REPORT_INTERVAL_S = 5.0  # how often a caller whose audio runs too fast hears about it
+
+
+class UplinkCall(Protocol):
+    """What the uplink reads of its call and asks of it."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def manager(self) -> CallHost: ...
+
+    @property
+    def worker_id(self) -> int | None: ...
+
+    @property
+    def recorder(self) -> CallRecorder | None: ...
+
+    @property
+    def phase(self) -> str: ...
+
+    @property
+    def mode_open(self) -> bool: ...
+
+    @property
+    def paused(self) -> bool: ...
+
+    def send_event(self, event: BaseModel) -> None: ...
+
+    def close_soon(self, reason: str) -> None: ...
+
+
+class CallUplink:
+    def __init__(self, call: UplinkCall) -> None:
+        self.call = call
+        self.cutter = UnitCutter()
+        self.inbound: InboundAudio | None = None
+        self.video: LatestVideoFrame | None = None
+        self.video_max_side: int | None = None  # the mode's frame size; None: no frames
+        self.video_units: asyncio.Queue[AudioUnit] | None = None
+        self._video_task: asyncio.Task[None] | None = None
+        self.video_units_dropped = 0  # units whose frame snapshot fell behind (the oldest waiting is dropped)
+        self._audio_drops_reported = 0  # inbound.frames_dropped at the last `audio_too_fast` report
+        self._audio_gaps_reported = 0.0  # inbound.unfilled_gap_s at the last `audio_lost` report
+        self._audio_report_due = 0.0  # time.monotonic() after which the next report may go
+
+    def add_track(self, track: MediaStreamTrack) -> None:
+        """A track of the caller's: the first audio track is cut into units, the first video track sampled."""
+        if track.kind == "audio" and self.inbound is None:
+            self.inbound = InboundAudio(track, self.cutter, self._on_unit)
+            self.inbound.start()
+        elif track.kind == "video" and self.video is None:
+            self.video = LatestVideoFrame(track)
+            self.video.start()
+
+    async def stop(self) -> None:
+        if self._video_task is not None:
+            self._video_task.cancel()
+            try:
+                await self._video_task
+            except asyncio.CancelledError:
+                pass
+        if self.inbound is not None:
+            await self.inbound.stop()
+        if self.video is not None:
+            await self.video.stop()
+
+    def _on_unit(self, unit: AudioUnit) -> None:
+        self._report_audio_drops()
+        call = self.call
+        if call.phase != "active" or not call.mode_open or call.paused or call.worker_id is None:
+            return  # queued, switching or paused: the caller's audio is not routed anywhere
+        if self.video is not None and self.video_max_side is not None:
+            # The frame conversion runs off the loop; units still reach the worker in order.
+            if self.video_units is None:
+                self.video_units = asyncio.Queue(maxsize=VIDEO_UNITS_LIMIT)
+                self._video_task = asyncio.create_task(
+                    self._send_units_with_frames(), name=f"units-{call.id}"
+                )
+            if self.video_units.full():
+                self.video_units.get_nowait()  # the snapshots fell behind: the oldest unit is dropped
+                self.video_units_dropped += 1
+            self.video_units.put_nowait(unit)
+            return
+        self._send_unit(unit, None)
+
+    def _report_audio_drops(self) -> None:
+        """Tell the caller, at most every `AUDIO_REPORT_INTERVAL_S`, about audio the model did not hear: audio
+        that never arrived (`audio_lost`), or that ran ahead of real time and was dropped (`audio_too_fast`)."""
+        inbound = self.inbound
+        now = time.monotonic()
+        if inbound is None or now < self._audio_report_due:
+            return
+        if inbound.unfilled_gap_s > self._audio_gaps_reported:
+            lost = inbound.unfilled_gap_s - self._audio_gaps_reported
+            self._audio_gaps_reported = inbound.unfilled_gap_s
+            self._audio_report_due = now + AUDIO_REPORT_INTERVAL_S
+            text = f"{lost:.1f} s of your audio never arrived (a jump in its timestamps): the model did not hear it"
+            self.call.send_event(ev.ErrorEvent(code="audio_lost", message=text))
+        if inbound.frames_dropped == self._audio_drops_reported:
+            return
+        dropped = inbound.frames_dropped - self._audio_drops_reported
+        self._audio_drops_reported = inbound.frames_dropped
+        self._audio_report_due = now + AUDIO_REPORT_INTERVAL_S
+        text = f"audio arrives faster than real time: {dropped} frames dropped (the excess is not heard)"
+        self.call.send_event(ev.ErrorEvent(code="audio_too_fast", message=text))
+
+    async def _send_units_with_frames(self) -> None:
+        assert self.video_units is not None and self.video is not None
+        try:
+            while True:
+                unit = await self.video_units.get()
+                frame = await self.video.snapshot_rgb_async(self.video_max_side)
+                if self.call.phase == "active" and self.call.mode_open:
+                    self._send_unit(unit, frame)
+                    recorder = self.call.recorder
+                    if recorder is not None and frame is not None and recorder.wants_frame():
+                        recorder.frame_jpeg(await asyncio.to_thread(encode_jpeg, frame))
+        except Exception:
+            log.exception("session %s: a camera frame snapshot failed", self.call.id)
+            message = "the server failed to take a camera frame; the call ended"
+            self.call.send_event(ev.ErrorEvent(code="internal_error", message=message))
+            self.call.close_soon("frame snapshot failed")
+
+    def _send_unit(self, unit: AudioUnit, frame: np.ndarray | None) -> None:
+        worker_id = self.call.worker_id
+        if worker_id is None:
+            return
+        payload = p.pcm_to_bytes(unit.pcm)
+        frame_shape = None
+        if frame is not None:
+            frame_shape = (int(frame.shape[0]), int(frame.shape[1]), int(frame.shape[2]))
+            payload += np.ascontiguousarray(frame).tobytes()
+        message = p.Unit(
+            session_id=self.call.id,
+            index=unit.index,
+            samples=unit.pcm.size,
+            completed_at=unit.completed_at,
+            sent_at=time.monotonic(),
+            frame_shape=frame_shape,
+        )
+        manager = self.call.manager
+        if manager.supervisor.send(worker_id, message, payload):
+            manager.stats.units_sent += 1
+            recorder = self.call.recorder
+            if recorder is not None:
+                recorder.caller_audio(unit.pcm, unit.completed_at)
