@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from MiniCPMO45.audio.load import load_audio
 from MiniCPMO45.engine.batcher import DuplexBatcher
 from MiniCPMO45.engine.core import Engine
 from MiniCPMO45.engine.duplex import (
@@ -28,7 +29,6 @@ from MiniCPMO45.engine.duplex import (
     tts_condition,
 )
 from MiniCPMO45.engine.session import Mode
-from MiniCPMO45.processor.audio_io import load_audio
 from tests.engine_fixtures import fixture_duplex_config, load_manifest, load_npz
 
 UNITS = 6

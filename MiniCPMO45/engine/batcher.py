@@ -30,10 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..audio.mel_stream import push_many
 from ..host_copy import upload
 from ..modules.tts import DUPLEX_MAX_DRAWS
 from ..modules.whisper import pooled_tokens
-from ..processor.audio_features import push_many
 from ..processor.image import ImageInputs
 from ..token2wav import PromptCache, PushRequest, Token2Wav, TurnState
 from .batched_audio import BatchedAudioEncoder

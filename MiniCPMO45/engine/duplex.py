@@ -29,13 +29,8 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from ..processor.audio_features import (
-    DYNAMIC_FLOOR,
-    FIXED_FLOOR_MODE,
-    StreamingMel,
-    batch_features,
-    push_many,
-)
+from ..audio.mel import DYNAMIC_FLOOR, FIXED_FLOOR_MODE, batch_features
+from ..audio.mel_stream import StreamingMel, push_many
 from ..tokenizer import MiniCPMOTokenizer
 from .context_window import SlidingWindow
 from .core import Engine
