@@ -33,12 +33,11 @@ from typing import Any, BinaryIO
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from MiniCPMO45.audio.rates import MODEL_INPUT_RATE, SPEECH_RATE
 from rtc_server.config import AppConfig
 
 log = logging.getLogger("rtc_server.recordings")
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CALLER_RATE = 16000
-ASSISTANT_RATE = 24000
 HEADER_EVERY_S = 2.0
 FRAME_EVERY_S = 5.0
 MAX_GAP_S = 600.0  # silence filled in at most this long at once (a clock jump must not write gigabytes)
@@ -139,8 +138,8 @@ class CallRecorder:
         self.t0 = time.monotonic()
         self.meta: dict[str, Any] = {"mode": mode, "started_at": time.time(), "ended": False}
         self._write_meta()
-        self.caller = TrackWriter(self.folder / "caller.wav", CALLER_RATE, self.t0)
-        self.assistant = TrackWriter(self.folder / "assistant.wav", ASSISTANT_RATE, self.t0)
+        self.caller = TrackWriter(self.folder / "caller.wav", MODEL_INPUT_RATE, self.t0)
+        self.assistant = TrackWriter(self.folder / "assistant.wav", SPEECH_RATE, self.t0)
         self._events = (self.folder / "events.jsonl").open("a", encoding="utf-8")
         self._frame_due = 0.0
         self.closed = False
@@ -186,7 +185,7 @@ class CallRecorder:
         self.assistant.close()
         self._events.close()
         # the length of what was recorded (the call's teardown after its last frame is not part of it)
-        audio_s = max(self.caller.samples / CALLER_RATE, self.assistant.samples / ASSISTANT_RATE)
+        audio_s = max(self.caller.samples / MODEL_INPUT_RATE, self.assistant.samples / SPEECH_RATE)
         self.meta.update(ended=True, duration_s=round(audio_s, 3))
         self._write_meta()
 
@@ -270,7 +269,7 @@ def _read_pcm(path: Path) -> np.ndarray:
 
 def mixed_wav(root: Path, recording_id: str) -> bytes:
     """Both sides in one 24 kHz mono WAV, in sync, for replay and download."""
-    from inference.wav import pcm16_wav
+    from MiniCPMO45.audio.wav import pcm16_wav
 
     folder = root / recording_id
     caller = _read_pcm(folder / "caller.wav")
@@ -284,7 +283,7 @@ def mixed_wav(root: Path, recording_id: str) -> bytes:
     out = np.zeros(max(up.size, assistant.size), dtype=np.float32)
     out[: up.size] += 0.8 * up
     out[: assistant.size] += assistant
-    return pcm16_wav(np.clip(out, -1.0, 1.0), ASSISTANT_RATE)
+    return pcm16_wav(np.clip(out, -1.0, 1.0), SPEECH_RATE)
 
 
 def frame_path(root: Path, recording_id: str, ms: int) -> Path | None:

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from inference import protocol as p
 from media_shard.messages import CallSnapshot
 from media_tracks import AudioUnit, InboundAudio, LatestVideoFrame, SpeechTrack, UnitCutter, grid_lead_in
+from MiniCPMO45.audio.rates import SPEECH_RATE
 from rtc_server import events as ev
 from rtc_server.client_limits import Client
 from rtc_server.heard import HeardTracker
@@ -102,7 +103,7 @@ class CallSession:
         self.pc = RTCPeerConnection(
             RTCConfiguration(iceServers=[RTCIceServer(url) for url in manager.config.rtc.ice_servers])
         )
-        self.speech = SpeechTrack(input_rate=24000, encode=True)
+        self.speech = SpeechTrack(input_rate=SPEECH_RATE, encode=True)
         self.cutter = UnitCutter()
         self.inbound: InboundAudio | None = None
         self.video: LatestVideoFrame | None = None

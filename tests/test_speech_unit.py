@@ -10,7 +10,7 @@ import torch
 from inference.engine_host import get_host
 from inference.modes import create_mode
 from inference.modes.base import SessionOptions, Speech, UnitInput
-from inference.wav import pcm16_wav
+from MiniCPMO45.audio.wav import pcm16_wav
 from tests.conftest import REPO_ROOT
 
 SETTINGS = {"cache_dir": str(REPO_ROOT / ".cache" / "embedded"), "max_sessions": 4}

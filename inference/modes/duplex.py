@@ -46,13 +46,12 @@ from inference.modes.base import (
     UnitTimings,
 )
 from inference.options import ModeOptions
+from MiniCPMO45.audio.rates import DUPLEX_UNIT_SAMPLES, SPEECH_RATE
 from MiniCPMO45.engine import duplex as dx
 from MiniCPMO45.engine.batcher import DuplexBatcher, UnitOutput
 from MiniCPMO45.engine.context_window import SlidingWindow
 from MiniCPMO45.engine.session import Session
 
-OUTPUT_RATE = 24000
-UNIT_SAMPLES = 16000
 DEFAULT_PROMPTS = {
     "audio_duplex": "You are a helpful assistant. You are in duplex mode: you can listen and speak at the same time.",
     "omni_duplex": "Streaming Omni Conversation.",
@@ -97,8 +96,8 @@ class DuplexMode:
             self.close()  # a failed open (e.g. out of memory) must not keep its KV slot
             raise
         setup = SessionSetup(
-            unit_samples=UNIT_SAMPLES,
-            output_rate=OUTPUT_RATE,
+            unit_samples=DUPLEX_UNIT_SAMPLES,
+            output_rate=SPEECH_RATE,
             video_max_side=FRAME_MAX_SIDE if self.omni else None,
             align_units=True,
         )

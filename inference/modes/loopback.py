@@ -31,9 +31,8 @@ from typing import Any
 import numpy as np
 
 from inference.modes.base import Output, SessionOptions, SessionSetup, Speech, State, Text, UnitInput
+from MiniCPMO45.audio.rates import MODEL_INPUT_RATE, SPEECH_RATE
 
-INPUT_RATE = 16000
-OUTPUT_RATE = 24000
 ORIGIN_WINDOW_S = 30.0  # long enough to ride out receive-latency jumps, short against clock drift
 
 
@@ -47,23 +46,23 @@ class LoopbackMode:
     name = "loopback"
 
     def __init__(self, delay_s: float = 1.0, unit_ms: int = 100, pipeline_latency_s: float = 0.2) -> None:
-        if unit_ms * INPUT_RATE % 2000:
+        if unit_ms * MODEL_INPUT_RATE % 2000:
             raise ValueError("unit_ms must give an even number of 16 kHz samples")
         self.delay_s = delay_s
-        self.unit_samples = unit_ms * INPUT_RATE // 1000
+        self.unit_samples = unit_ms * MODEL_INPUT_RATE // 1000
         self.pipeline_latency_s = pipeline_latency_s
         self._paused = False
         self._samples = 0  # caller samples received so far (the capture timeline)
         self._origins: deque[tuple[float, float]] = deque()  # (completed_at, implied arrival of sample 0)
 
     def open(self, options: SessionOptions) -> tuple[SessionSetup, list[Output]]:
-        setup = SessionSetup(unit_samples=self.unit_samples, output_rate=OUTPUT_RATE)
+        setup = SessionSetup(unit_samples=self.unit_samples, output_rate=SPEECH_RATE)
         return setup, [State("listening")]
 
     def on_unit(self, unit: UnitInput, frame: np.ndarray | None) -> list[Output]:
-        start_s = self._samples / INPUT_RATE
+        start_s = self._samples / MODEL_INPUT_RATE
         self._samples += unit.pcm.size
-        origin = self._capture_origin(unit.completed_at, unit.completed_at - self._samples / INPUT_RATE)
+        origin = self._capture_origin(unit.completed_at, unit.completed_at - self._samples / MODEL_INPUT_RATE)
         if self._paused:
             return []
         play_at = origin + start_s + self.delay_s - self.pipeline_latency_s
