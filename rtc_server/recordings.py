@@ -24,7 +24,6 @@ import json
 import logging
 import re
 import shutil
-import struct
 import time
 import wave
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from MiniCPMO45.audio.rates import MODEL_INPUT_RATE, SPEECH_RATE
+from MiniCPMO45.audio.wav import pcm16_header, pcm16_wav, wav_header
 from rtc_server.config import AppConfig
 
 log = logging.getLogger("rtc_server.recordings")
@@ -87,10 +87,7 @@ class TrackWriter:
         self._header_at = time.monotonic()
 
     def _header(self) -> None:
-        data = self.samples * 2
-        header = b"RIFF" + struct.pack("<I", 36 + data) + b"WAVE"
-        header += b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, self.rate, self.rate * 2, 2, 16)
-        header += b"data" + struct.pack("<I", data)
+        header = pcm16_header(self.rate, self.samples)
         end = self._file.tell()
         self._file.seek(0)
         self._file.write(header)
@@ -205,8 +202,7 @@ def encode_jpeg(rgb: np.ndarray, quality: int = 70) -> bytes:
 def _wav_seconds(path: Path) -> float:
     """Length of a WAV written by TrackWriter, from its size (its header may lag after a crash)."""
     try:
-        with wave.open(str(path)) as w:
-            rate = w.getframerate()
+        rate, _, _ = wav_header(path)
     except (OSError, EOFError, wave.Error):
         return 0.0
     return max(path.stat().st_size - 44, 0) / 2 / rate
@@ -269,7 +265,6 @@ def _read_pcm(path: Path) -> np.ndarray:
 
 def mixed_wav(root: Path, recording_id: str) -> bytes:
     """Both sides in one 24 kHz mono WAV, in sync, for replay and download."""
-    from MiniCPMO45.audio.wav import pcm16_wav
 
     folder = root / recording_id
     caller = _read_pcm(folder / "caller.wav")

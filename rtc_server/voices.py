@@ -22,7 +22,6 @@ import re
 import secrets
 import struct
 import time
-import wave
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from MiniCPMO45.audio.rates import MODEL_INPUT_RATE
 from MiniCPMO45.audio.resample import TooLong, to_mono_float
-from MiniCPMO45.audio.wav import pcm16_wav
+from MiniCPMO45.audio.wav import pcm16_wav, wav_header
 from rtc_server.config import AppConfig
 
 VOICE_ID = re.compile(r"^[0-9a-f]{24}$")
@@ -202,8 +201,8 @@ def write_meta(folder: Path, voice_id: str, meta: dict[str, object]) -> None:
 
 
 def voice_info(folder: Path, voice_id: str) -> VoiceInfo:
-    with wave.open(str(folder / f"{voice_id}.wav")) as w:
-        duration = round(w.getnframes() / MODEL_INPUT_RATE, 3)
+    _, _, frames = wav_header(folder / f"{voice_id}.wav")
+    duration = round(frames / MODEL_INPUT_RATE, 3)
     meta = read_meta(folder, voice_id)
     name = meta.get("name")
     created = meta.get("created_at")

@@ -12,7 +12,7 @@ import pytest
 from MiniCPMO45.audio import rates
 from MiniCPMO45.audio.filterbank import hz_to_mel, mel_filter_bank, mel_to_hz
 from MiniCPMO45.audio.resample import AudioResampler, resample
-from MiniCPMO45.audio.wav import pcm16_wav, read_mono, read_wav, write_wav
+from MiniCPMO45.audio.wav import pcm16_header, pcm16_wav, read_mono, read_wav, wav_header, write_wav
 
 
 def test_rates_are_consistent() -> None:
@@ -100,3 +100,23 @@ def test_wav_round_trip_and_formats(tmp_path: Path) -> None:
     np.testing.assert_allclose(mono, [32767 / 32768, -0.5, 0.0], atol=1e-4)
     mono, _ = read_mono(pcm16_wav(stereo, 22050))
     np.testing.assert_allclose(mono, stereo.mean(axis=1), atol=1e-4)
+
+
+def test_pcm16_wav_is_what_the_wave_module_writes(tmp_path: Path) -> None:
+    import io
+    import wave
+
+    rng = np.random.default_rng(0)
+    for samples, rate in [(rng.uniform(-1.2, 1.2, 333), 24000), (rng.uniform(-1, 1, (50, 2)), 8000)]:
+        pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2")
+        buf = io.BytesIO()
+        with wave.open(buf, "wb") as w:
+            w.setnchannels(1 if pcm.ndim == 1 else pcm.shape[1])
+            w.setsampwidth(2)
+            w.setframerate(rate)
+            w.writeframes(pcm.tobytes())
+        assert pcm16_wav(samples, rate) == buf.getvalue()
+        path = tmp_path / f"{rate}.wav"
+        write_wav(path, samples, rate)
+        assert wav_header(path) == (rate, 1 if pcm.ndim == 1 else 2, pcm.shape[0])
+    assert pcm16_header(16000, 0) + b"" == pcm16_wav(np.zeros(0), 16000)

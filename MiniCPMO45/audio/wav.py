@@ -8,10 +8,10 @@ PCM16 (clipped to [-1, 1]).
 
 from __future__ import annotations
 
-import io
 import struct
 import wave
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -75,16 +75,29 @@ def read_mono(source: str | Path | bytes) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(mono, dtype=np.float32), rate
 
 
+def pcm16_header(rate: int, frames: int, channels: int = 1) -> bytes:
+    """The 44-byte header of a PCM16 RIFF/WAVE file of `frames` frames (a streaming writer rewrites it as the
+    file grows)."""
+    data = frames * channels * 2
+    header = b"RIFF" + struct.pack("<I", 36 + data) + b"WAVE"
+    header += b"fmt " + struct.pack(
+        "<IHHIIHH", 16, _PCM, channels, rate, rate * channels * 2, channels * 2, 16
+    )
+    return header + b"data" + struct.pack("<I", data)
+
+
 def pcm16_wav(samples: np.ndarray, rate: int = MODEL_INPUT_RATE) -> bytes:
     """float samples in [-1, 1], `(n,)` mono or `(n, channels)`, -> a PCM16 RIFF/WAVE file (clipped)."""
     pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2")
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1 if pcm.ndim == 1 else pcm.shape[1])
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm.tobytes())
-    return buf.getvalue()
+    channels = 1 if pcm.ndim == 1 else pcm.shape[1]
+    return pcm16_header(rate, pcm.shape[0], channels) + pcm.tobytes()
+
+
+def wav_header(source: str | Path | BinaryIO) -> tuple[int, int, int]:
+    """(rate, channels, frames) from a WAV file's header, without reading its samples. Raises `wave.Error`,
+    `EOFError` or `OSError` for what is not a readable WAV."""
+    with wave.open(str(source) if isinstance(source, str | Path) else source) as w:
+        return w.getframerate(), w.getnchannels(), w.getnframes()
 
 
 def write_wav(path: str | Path, samples: np.ndarray, rate: int = MODEL_INPUT_RATE) -> None:
