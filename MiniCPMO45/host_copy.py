@@ -24,8 +24,9 @@ def upload(values: Sequence, device: torch.device, dtype: torch.dtype = torch.lo
 
 
 def copy_from_host(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """`dst.copy_(src)` for a host tensor `src`; to a GPU through pinned memory, queued without a wait."""
-    if dst.device.type != "cuda":
+    """`dst.copy_(src)` for a host tensor `src`; to a GPU through pinned memory, queued without a wait. A `src`
+    already on a device is copied there directly (queued like a kernel)."""
+    if dst.device.type != "cuda" or src.device.type != "cpu":
         dst.copy_(src)
         return
     dst.copy_(src.pin_memory(), non_blocking=True)

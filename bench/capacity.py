@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.host_syncs import SyncSites  # noqa: E402
 from bench.realsize import build_random_model, make_model_dir  # noqa: E402
+from MiniCPMO45.audio.mel_stream import StreamingMel  # noqa: E402
 from MiniCPMO45.config import PreprocessorConfig  # noqa: E402
 from MiniCPMO45.engine.batcher import DuplexBatcher  # noqa: E402
 from MiniCPMO45.engine.capacity import CapacityTable, ModeCapacity  # noqa: E402
@@ -50,7 +51,6 @@ from MiniCPMO45.engine.duplex import DuplexConfig, DuplexState, UnitInput  # noq
 from MiniCPMO45.engine.session import Mode, Session  # noqa: E402
 from MiniCPMO45.engine.static_tts import TTS_WINDOW  # noqa: E402
 from MiniCPMO45.modules.whisper_slots import WhisperSlotCache  # noqa: E402
-from MiniCPMO45.processor.audio_features import StreamingMel  # noqa: E402
 from MiniCPMO45.token2wav import Token2Wav  # noqa: E402
 from MiniCPMO45.token2wav.random_assets import write_random_assets  # noqa: E402
 from MiniCPMO45.tokenizer import MiniCPMOTokenizer  # noqa: E402

@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -41,14 +40,17 @@ from inference import protocol as p  # noqa: E402
 from inference.engine_host import get_host  # noqa: E402
 from inference.modes import create_mode  # noqa: E402
 from inference.modes.base import ModeUnit, SessionOptions  # noqa: E402
-from inference.modes.chat import RATE, UNIT_SAMPLES, ChatMode  # noqa: E402
+from inference.modes.chat import ChatMode  # noqa: E402
 from inference.modes.duplex import DuplexMode  # noqa: E402
 from inference.settings import ModelSettings, WorkerSettings  # noqa: E402
+from MiniCPMO45.audio.rates import CHAT_UNIT_SAMPLES, MODEL_INPUT_RATE, SPEECH_RATE  # noqa: E402
+from MiniCPMO45.audio.resample import resample  # noqa: E402
+from MiniCPMO45.audio.wav import read_mono  # noqa: E402
 from MiniCPMO45.engine import half_duplex as hd  # noqa: E402
 from MiniCPMO45.engine.capacity import CapacityTable, ModeCapacity  # noqa: E402
 from MiniCPMO45.engine.generation import decode_step, start_row  # noqa: E402
 
-UNIT_S = UNIT_SAMPLES / RATE
+UNIT_S = CHAT_UNIT_SAMPLES / MODEL_INPUT_RATE
 STAGES = ("prefill_ms", "decide_ms", "tts_ms", "vocoder_ms")
 
 
@@ -63,12 +65,8 @@ def read_speech(path: str | None) -> np.ndarray:
         text = "Could you tell me what the weather will be like tomorrow in the mountains?"
         subprocess.run(["espeak-ng", "-w", str(out), "-s", "160", text], check=True, capture_output=True)
         path = str(out)
-    with wave.open(path, "rb") as w:
-        rate, data = w.getframerate(), w.readframes(w.getnframes())
-    pcm = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
-    if rate != RATE:  # espeak-ng writes 22.05 kHz
-        pcm = np.interp(np.arange(int(len(pcm) * RATE / rate)) * rate / RATE, np.arange(len(pcm)), pcm)
-    return pcm.astype(np.float32)
+    pcm, rate = read_mono(path)
+    return resample(pcm, rate, MODEL_INPUT_RATE)  # espeak-ng writes 22.05 kHz
 
 
 def sync(device: torch.device) -> None:
@@ -152,16 +150,16 @@ def run_level(  # noqa: PLR0913
             behind = max(0, int((t0 - due) / UNIT_S))
             if duplex and k % round(1.0 / UNIT_S) == 0:
                 # a unit a second, before the chat sessions of the tick, as the worker orders them
-                noise = (0.05 * rng.standard_normal(16000)).astype(np.float32)
+                noise = (0.05 * rng.standard_normal(MODEL_INPUT_RATE)).astype(np.float32)
                 DuplexMode.on_units([(m, ModeUnit(k, noise, 0.0), None) for m in duplex])
                 sync(host.device)
                 duplex_ms.append((time.perf_counter() - t0) * 1000)
             batch = []
             for i, mode in enumerate(chats):
                 at = (k + i * turn_units // max(n, 1)) % turn_units  # where in its turn cycle this unit is
-                lo = at * UNIT_SAMPLES
-                pcm = np.zeros(UNIT_SAMPLES, dtype=np.float32)
-                piece = speech[lo : lo + UNIT_SAMPLES]
+                lo = at * CHAT_UNIT_SAMPLES
+                pcm = np.zeros(CHAT_UNIT_SAMPLES, dtype=np.float32)
+                piece = speech[lo : lo + CHAT_UNIT_SAMPLES]
                 pcm[: piece.size] = piece
                 batch.append((mode, ModeUnit(k, pcm, 0.0, queued_units=behind), None))
             outs = ChatMode.on_units(batch)
@@ -184,7 +182,7 @@ def run_level(  # noqa: PLR0913
                             first_at[key] = t1
                             if key in turn_start:
                                 first_pcm_ms.append((t1 - turn_start[key]) * 1000)
-                        produced[key] = produced.get(key, 0.0) + o.pcm.size / 24000
+                        produced[key] = produced.get(key, 0.0) + o.pcm.size / SPEECH_RATE
             for key, t_first in first_at.items():
                 reply = chats[key[0]].reply
                 if reply is None or reply.turn != key[1]:
@@ -265,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         "turn_every_s": args.turn_every,
     }
     speech = read_speech(args.speech)
-    results["speech_s"] = speech.size / RATE
+    results["speech_s"] = speech.size / MODEL_INPUT_RATE
     warm = run_level(host, 1, 4.0, False, args, speech)
     results["warmup_level"] = warm
     results["batch1_tokens_per_s"] = batch1_tokens_per_s(host, args.tok_s_tokens)

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from MiniCPMO45.processor.audio_features import MelUnit, StreamingMel, push_many  # noqa: E402
+from MiniCPMO45.audio.mel_stream import MelUnit, StreamingMel, push_many  # noqa: E402
 
 
 def cpu_name() -> str:

@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,11 +34,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from inference.vad import RATE, WINDOW, SileroVad, TurnDetector  # noqa: E402
-from tests.rtc_client import resample  # noqa: E402
+from inference.vad import WINDOW, SileroVad, TurnDetector  # noqa: E402
+from MiniCPMO45.audio.rates import CHAT_UNIT_SAMPLES, MODEL_INPUT_RATE  # noqa: E402
+from MiniCPMO45.audio.resample import resample  # noqa: E402
+from MiniCPMO45.audio.wav import read_mono  # noqa: E402
 
 ESPEAK = "/usr/bin/espeak-ng"
-UNIT = 5120  # chat mode's unit: 320 ms
+UNIT = CHAT_UNIT_SAMPLES
 
 # "|" marks a pause inside the sentence
 SENTENCES = [
@@ -86,10 +87,8 @@ def speak(text: str, voice: str, speed: int, cache: Path) -> np.ndarray:
     path = cache / f"{abs(hash((text, voice, speed))) % 10**12}.wav"
     if not path.is_file():
         subprocess.run([ESPEAK, "-v", voice, "-s", str(speed), "-w", str(path), text], check=True)
-    with wave.open(str(path)) as w:
-        rate = w.getframerate()
-        data = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768
-    data = resample(data, rate, RATE)
+    data, rate = read_mono(path)
+    data = resample(data, rate, MODEL_INPUT_RATE)
     loud = np.nonzero(np.abs(data) > 0.02 * np.abs(data).max())[0]
     data = data[loud[0] : loud[-1] + 1]
     return (0.5 * data / np.abs(data).max()).astype(np.float32)
@@ -111,8 +110,8 @@ def build_stream(
     rng = np.random.default_rng(seed)
     items = [(s, v) for _ in range(repeat) for s in SENTENCES for v in VOICES[:voices]]
     order = rng.permutation(len(items))
-    pieces: list[np.ndarray] = [np.zeros(RATE, dtype=np.float32)]
-    position = RATE
+    pieces: list[np.ndarray] = [np.zeros(MODEL_INPUT_RATE, dtype=np.float32)]
+    position = MODEL_INPUT_RATE
     turns: list[Turn] = []
     k = 0
     for i in order:
@@ -123,7 +122,7 @@ def build_stream(
             if j:
                 ms = pauses_ms[k % len(pauses_ms)]
                 k += 1
-                gap = ms * RATE // 1000
+                gap = ms * MODEL_INPUT_RATE // 1000
                 turn.pauses.append((position, position + gap, ms))
                 pieces.append(np.zeros(gap, dtype=np.float32))
                 position += gap
@@ -131,7 +130,7 @@ def build_stream(
             position += phrase.size
         turn.last = position - 1
         turns.append(turn)
-        tail = int(rng.uniform(2.0, 3.0) * RATE)
+        tail = int(rng.uniform(2.0, 3.0) * MODEL_INPUT_RATE)
         pieces.append(np.zeros(tail, dtype=np.float32))
         position += tail
     pcm = np.concatenate(pieces)
@@ -187,8 +186,8 @@ def score(stream: Stream, probs: list[float], config: Config, threshold: float) 
             result.missed += 1
             continue
         t = after[0]
-        result.window_ms.append((t - turn.last) * 1000 / RATE)
-        result.unit_ms.append((math.ceil(t / UNIT) * UNIT - turn.last) * 1000 / RATE)
+        result.window_ms.append((t - turn.last) * 1000 / MODEL_INPUT_RATE)
+        result.unit_ms.append((math.ceil(t / UNIT) * UNIT - turn.last) * 1000 / MODEL_INPUT_RATE)
     return result
 
 
@@ -243,7 +242,7 @@ def main() -> None:
                 began = time.perf_counter()
                 probs = SileroVad().push(stream.pcm)
                 vad_us = (time.perf_counter() - began) * 1e6 / len(probs)
-                seconds = stream.pcm.size / RATE
+                seconds = stream.pcm.size / MODEL_INPUT_RATE
                 print(
                     f"\n### {condition}, {profile}: {len(stream.turns)} turns, {seconds:.0f} s of audio "
                     f"(VAD {vad_us:.0f} us per 32 ms window)\n"

@@ -37,7 +37,8 @@ import torch
 
 from inference.capacity import GIB, WorkerCapacity, limit_to_count, limit_to_memory, planned_capacity
 from inference.settings import WorkerSettings
-from inference.wav import pcm16_wav
+from MiniCPMO45.audio.rates import MODEL_INPUT_RATE
+from MiniCPMO45.audio.wav import pcm16_wav
 from MiniCPMO45.config import PreprocessorConfig
 from MiniCPMO45.engine.batcher import DuplexBatcher
 from MiniCPMO45.engine.core import Engine
@@ -64,7 +65,7 @@ class Voice:
     prompt: PromptCache
 
 
-def synthetic_voice(seconds: float = 3.0, rate: int = 16000) -> np.ndarray:
+def synthetic_voice(seconds: float = 3.0, rate: int = MODEL_INPUT_RATE) -> np.ndarray:
     """A deterministic voice-like signal (a 140 Hz harmonic series with a slow syllable envelope)."""
     t = np.arange(int(seconds * rate)) / rate
     f0 = 140.0 * (1.0 + 0.05 * np.sin(2 * np.pi * 0.7 * t))
@@ -286,10 +287,11 @@ class EngineHost:
         return self._make_voice(DEFAULT_VOICE_ID, wav)
 
     def _make_voice(self, voice_id: str, wav: bytes) -> Voice:
-        from MiniCPMO45.token2wav.features import read_wav, resample
+        from MiniCPMO45.audio.resample import resample
+        from MiniCPMO45.audio.wav import read_mono
 
-        channels, rate = read_wav(wav)
-        audio = resample(torch.from_numpy(channels.mean(axis=0)), rate, 16000).numpy().astype(np.float32)
+        mono, rate = read_mono(wav)
+        audio = resample(mono, rate, MODEL_INPUT_RATE)
         if self.frontend is None:
             raise RuntimeError("this checkpoint's token2wav folder has no front-end ONNX networks")
         feats = self.frontend.prepare(wav)

@@ -34,6 +34,8 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from MiniCPMO45.audio.rates import MODEL_INPUT_RATE, SPEECH_RATE
+
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20
 MAX_PAYLOAD_BYTES = 64 << 20
@@ -70,7 +72,7 @@ class Unit(_Msg):
     type: Literal["unit"] = "unit"
     session_id: str
     index: int
-    sample_rate: int = 16000
+    sample_rate: int = MODEL_INPUT_RATE
     samples: int
     completed_at: float  # server monotonic time when the unit's last sample arrived
     sent_at: float  # server monotonic time when the unit was written to the socket
@@ -154,7 +156,7 @@ class Opened(_Msg):
     mode: str
     unit_samples: int
     first_unit_samples: int | None = None
-    output_rate: int = 24000
+    output_rate: int = SPEECH_RATE
     video_max_side: int | None = None  # the mode wants one camera frame per unit, at most this large
     align_units: bool = False  # cut units on a grid of the server's clock (batching modes)
     # the session's tick phase: its units end this long after the grid lines (multiples of the unit length)

@@ -20,9 +20,9 @@ from inference.modes import create_mode
 from inference.modes.base import ModeUnit, Output, SessionOptions, WorkerMode, batch_runner
 from inference.settings import WorkerSettings
 from inference.ticker import UnitTicker
+from MiniCPMO45.audio.rates import MODEL_INPUT_RATE, SPEECH_RATE
 
 log = logging.getLogger("inference.worker")
-UNIT_RATE = 16000  # Hz of the units' PCM (ModeUnit)
 # A healthy session has a unit or two waiting; one this far behind has lost its real-time flow anyway.
 MAX_QUEUED_UNITS = 64
 MAX_QUEUED_CONTROLS = 64  # controls and opens waiting in one session
@@ -130,7 +130,7 @@ class SessionRunner:
         self.settings = settings
         self.mode: WorkerMode | None = None
         self.phase: int | None = None  # the ticker's phase while the mode batches
-        self.output_rate = 24000
+        self.output_rate = SPEECH_RATE
         self.queue = SessionQueue()
         self.dropped = 0  # messages the full queue dropped
         self.task = asyncio.create_task(self._run(), name=f"session-{session_id}")
@@ -216,7 +216,7 @@ class SessionRunner:
             self.output_rate = setup.output_rate
             offset = 0.0
             if setup.align_units and self.phase is not None:
-                offset = self.ticker.grid_offset_s(self.phase, setup.unit_samples / UNIT_RATE)
+                offset = self.ticker.grid_offset_s(self.phase, setup.unit_samples / MODEL_INPUT_RATE)
             await self.conn.send(
                 p.Opened(
                     session_id=self.session_id,

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from MiniCPMO45.audio.rates import SPEECH_RATE
 from MiniCPMO45.modules.tts import TTSSession
 from MiniCPMO45.modules.tts_streamer import TTSStreamer, next_pieces
 from MiniCPMO45.token2wav import PushRequest
 
 from .engine_host import EngineHost, Voice
 
-OUTPUT_RATE = 24000  # Hz of the vocoder's PCM
 TEXT_CHUNK = 10  # LLM tokens per TTS condition in turn-based replies (the reference chunking)
 # ... except the reply's first condition: a short first chunk starts its speech 5 decode steps sooner (the next
 # chunk's sliding recompute still sees it whole)
@@ -124,6 +124,6 @@ def speak_batch(voices: list[TurnVoice]) -> list[list[np.ndarray]]:
         spent = (time.perf_counter() - mid) * 1000
         for (k, _), wavs in zip(requests, audio, strict=True):
             voices[k].times.vocoder_ms += spent
-            voices[k].seconds += sum(w.size for w in wavs) / OUTPUT_RATE
+            voices[k].seconds += sum(w.size for w in wavs) / SPEECH_RATE
             out[k] = wavs
     return out

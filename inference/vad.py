@@ -15,8 +15,8 @@ import numpy as np
 import onnxruntime as ort
 
 from inference.options import ModeOptions
+from MiniCPMO45.audio.rates import MODEL_INPUT_RATE
 
-RATE = 16000
 WINDOW = 512  # samples per probability (32 ms)
 CONTEXT = 64
 
@@ -59,7 +59,7 @@ class SileroVad:
             window = audio[i * WINDOW : (i + 1) * WINDOW]
             x = np.concatenate([self._context, window])[None]
             out, self._state = self.session.run(
-                None, {"input": x, "state": self._state, "sr": np.array(RATE, dtype=np.int64)}
+                None, {"input": x, "state": self._state, "sr": np.array(MODEL_INPUT_RATE, dtype=np.int64)}
             )
             self._context = window[-CONTEXT:]
             probs.append(float(out[0, 0]))
@@ -75,7 +75,7 @@ class VadEvent:
 
 
 def _windows(ms: float) -> int:
-    return max(1, round(ms * RATE / 1000 / WINDOW))
+    return max(1, round(ms * MODEL_INPUT_RATE / 1000 / WINDOW))
 
 
 class TurnDetector:

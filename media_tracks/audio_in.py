@@ -18,12 +18,13 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from MiniCPMO45.audio.rates import DUPLEX_UNIT_SAMPLES, MODEL_INPUT_RATE
+from MiniCPMO45.audio.resample import AudioResampler
+
 from .reader import TrackReader
-from .resampler import AudioResampler
 
 logger = logging.getLogger(__name__)
 
-MODEL_RATE = 16000
 # A gap in the inbound timestamps longer than this is not filled (a clock jump, not lost packets).
 MAX_GAP_FILL_S = 1.0
 # With float output, libswresample's stereo→mono matrix sums both channels at −3 dB each, so a browser's
@@ -55,7 +56,9 @@ class UnitCutter:
     The first unit has `first_unit_samples` samples when given (else `unit_samples`).
     """
 
-    def __init__(self, unit_samples: int = 16000, first_unit_samples: int | None = None) -> None:
+    def __init__(
+        self, unit_samples: int = DUPLEX_UNIT_SAMPLES, first_unit_samples: int | None = None
+    ) -> None:
         self.unit_samples = _check_length("unit_samples", unit_samples)
         self._first_override = (
             None if first_unit_samples is None else _check_length("first_unit_samples", first_unit_samples)
@@ -126,7 +129,11 @@ class UnitCutter:
 
 
 def grid_lead_in(
-    now: float, first_unit_samples: int, unit_samples: int, rate: int = 16000, offset_s: float = 0.0
+    now: float,
+    first_unit_samples: int,
+    unit_samples: int,
+    rate: int = MODEL_INPUT_RATE,
+    offset_s: float = 0.0,
 ) -> int:
     """Silence (samples) to put before a live stream's first unit so that it completes on a grid line of the
     monotonic clock: the lines lie `offset_s` past the multiples of the unit duration. With every call of a
@@ -140,7 +147,7 @@ def grid_lead_in(
 class _MonoResampler:
     """One PyAV resampler to 16 kHz mono float32 that survives input format changes and RTP gaps."""
 
-    def __init__(self, rate: int = MODEL_RATE, fill_gaps: bool = True) -> None:
+    def __init__(self, rate: int = MODEL_INPUT_RATE, fill_gaps: bool = True) -> None:
         self.rate = rate
         self.fill_gaps = fill_gaps
         self._resampler: AudioResampler | None = None
@@ -273,7 +280,7 @@ class InboundAudio(TrackReader):
         self.samples_dropped = 0  # their 16 kHz samples, gap silence included
         self.ended = False  # the track ended (MediaStreamError); the resampler tail was delivered
         self._resampler = _MonoResampler(fill_gaps=fill_gaps)
-        self._policer = None if max_ahead_s is None else RealTimePolicer(MODEL_RATE, max_ahead_s)
+        self._policer = None if max_ahead_s is None else RealTimePolicer(MODEL_INPUT_RATE, max_ahead_s)
 
     @property
     def gap_samples(self) -> int:

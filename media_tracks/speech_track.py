@@ -27,12 +27,11 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from .resampler import AudioResampler
+from MiniCPMO45.audio.rates import SPEECH_RATE, WEBRTC_FRAME_SAMPLES, WEBRTC_RATE
+from MiniCPMO45.audio.resample import AudioResampler
 
-OUTPUT_RATE = 48000
-FRAME_SAMPLES = 960  # 20 ms at 48 kHz
-FRAME_S = FRAME_SAMPLES / OUTPUT_RATE
-TIME_BASE = fractions.Fraction(1, OUTPUT_RATE)
+FRAME_S = WEBRTC_FRAME_SAMPLES / WEBRTC_RATE
+TIME_BASE = fractions.Fraction(1, WEBRTC_RATE)
 
 
 def _check_turn(turn: int) -> int:
@@ -80,7 +79,7 @@ class SpeechTrack(MediaStreamTrack):
 
     def __init__(
         self,
-        input_rate: int = 24000,
+        input_rate: int = SPEECH_RATE,
         max_buffer_s: float = 10.0,
         reanchor_after_s: float = 0.2,
         encode: bool = False,
@@ -106,13 +105,13 @@ class SpeechTrack(MediaStreamTrack):
         self.stale_pushes = 0
         self.pacing = PacingStats()
 
-        self._capacity = int(round(self.max_buffer_s * OUTPUT_RATE))
+        self._capacity = int(round(self.max_buffer_s * WEBRTC_RATE))
         self._ring = np.zeros(self._capacity, dtype=np.int16)
         self._read = 0
         self._fill = 0
         self._resampler: AudioResampler | None = None
-        self._scratch = np.zeros((1, FRAME_SAMPLES), dtype=np.int16)
-        self._silence = np.zeros((1, FRAME_SAMPLES), dtype=np.int16)
+        self._scratch = np.zeros((1, WEBRTC_FRAME_SAMPLES), dtype=np.int16)
+        self._silence = np.zeros((1, WEBRTC_FRAME_SAMPLES), dtype=np.int16)
         self._start: float | None = None
         self._pts = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
@@ -124,7 +123,7 @@ class SpeechTrack(MediaStreamTrack):
     @property
     def buffered_s(self) -> float:
         """Seconds of speech queued and not yet returned by `recv()`."""
-        return self._fill / OUTPUT_RATE
+        return self._fill / WEBRTC_RATE
 
     def push(self, pcm: np.ndarray, turn: int, end_of_turn: bool = False) -> bool:
         """Queue float32 mono speech at `input_rate` for `turn`; False (and nothing queued) if stale.
@@ -151,7 +150,7 @@ class SpeechTrack(MediaStreamTrack):
             samples = np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
         if samples.size:
             if self._resampler is None:
-                self._resampler = AudioResampler(format="s16", layout="mono", rate=OUTPUT_RATE)
+                self._resampler = AudioResampler(format="s16", layout="mono", rate=WEBRTC_RATE)
             frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="flt", layout="mono")
             frame.sample_rate = self.input_rate
             for out in self._resampler.resample(frame):
@@ -182,7 +181,7 @@ class SpeechTrack(MediaStreamTrack):
         """Wait until at most `seconds` of speech is queued (back-pressure for the producer)."""
         if not seconds >= 0:
             raise ValueError(f"seconds must be >= 0, got {seconds!r}")
-        threshold = int(seconds * OUTPUT_RATE)
+        threshold = int(seconds * WEBRTC_RATE)
         if self._fill <= threshold or self.readyState != "live":
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -230,7 +229,7 @@ class SpeechTrack(MediaStreamTrack):
     # ----- consumer side (aiortc's RTP sender) -----
 
     def _read_frame(self) -> np.ndarray:
-        n = min(FRAME_SAMPLES, self._fill)
+        n = min(WEBRTC_FRAME_SAMPLES, self._fill)
         if n == 0:
             return self._silence
         out = self._scratch[0]
@@ -252,7 +251,7 @@ class SpeechTrack(MediaStreamTrack):
         now = time.monotonic()
         if self._start is None:
             self._start = now
-        due = self._start + self._pts / OUTPUT_RATE
+        due = self._start + self._pts / WEBRTC_RATE
         wait = due - now
         if wait > 0:
             await asyncio.sleep(wait)
@@ -261,7 +260,7 @@ class SpeechTrack(MediaStreamTrack):
         elif -wait > self.reanchor_after_s:
             # The sender stalled: skip the missed slots instead of bursting to catch up.
             skip = math.floor(-wait / FRAME_S)
-            self._pts += skip * FRAME_SAMPLES
+            self._pts += skip * WEBRTC_FRAME_SAMPLES
             due += skip * FRAME_S
             self.pacing.reanchors += 1
             self.pacing.skipped_frames += skip
@@ -271,10 +270,10 @@ class SpeechTrack(MediaStreamTrack):
         if self.tap is not None:
             self.tap(samples[0] if samples.ndim == 2 else samples)
         frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
-        frame.sample_rate = OUTPUT_RATE
+        frame.sample_rate = WEBRTC_RATE
         frame.time_base = TIME_BASE
         frame.pts = self._pts
-        self._pts += FRAME_SAMPLES
+        self._pts += WEBRTC_FRAME_SAMPLES
         self.frames_out += 1
         if self._encoder is None:
             return frame
@@ -295,7 +294,7 @@ class OpusFrameEncoder:
         codec.bit_rate = bit_rate
         codec.format = "s16"
         codec.layout = "mono"
-        codec.sample_rate = OUTPUT_RATE
+        codec.sample_rate = WEBRTC_RATE
         codec.time_base = TIME_BASE
         codec.thread_count = 1
         # CELT only ("lowdelay"): measured on speech at 48 kbps against "voip" (SILK/hybrid), 2.2x less CPU per

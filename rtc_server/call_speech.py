@@ -15,9 +15,8 @@ from typing import Any
 import numpy as np
 
 from media_tracks import SpeechTrack
+from MiniCPMO45.audio.rates import SPEECH_RATE
 from rtc_server.heard import HeardTracker
-
-SPEECH_RATE = 24000  # Hz of the speech the modes send (`SessionSetup.output_rate`)
 
 
 class CallSpeech:

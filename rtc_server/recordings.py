@@ -24,7 +24,6 @@ import json
 import logging
 import re
 import shutil
-import struct
 import time
 import wave
 from pathlib import Path
@@ -33,12 +32,12 @@ from typing import Any, BinaryIO
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from MiniCPMO45.audio.rates import MODEL_INPUT_RATE, SPEECH_RATE
+from MiniCPMO45.audio.wav import pcm16_header, pcm16_wav, wav_header
 from rtc_server.config import AppConfig
 
 log = logging.getLogger("rtc_server.recordings")
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CALLER_RATE = 16000
-ASSISTANT_RATE = 24000
 HEADER_EVERY_S = 2.0
 FRAME_EVERY_S = 5.0
 MAX_GAP_S = 600.0  # silence filled in at most this long at once (a clock jump must not write gigabytes)
@@ -88,10 +87,7 @@ class TrackWriter:
         self._header_at = time.monotonic()
 
     def _header(self) -> None:
-        data = self.samples * 2
-        header = b"RIFF" + struct.pack("<I", 36 + data) + b"WAVE"
-        header += b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, self.rate, self.rate * 2, 2, 16)
-        header += b"data" + struct.pack("<I", data)
+        header = pcm16_header(self.rate, self.samples)
         end = self._file.tell()
         self._file.seek(0)
         self._file.write(header)
@@ -139,8 +135,8 @@ class CallRecorder:
         self.t0 = time.monotonic()
         self.meta: dict[str, Any] = {"mode": mode, "started_at": time.time(), "ended": False}
         self._write_meta()
-        self.caller = TrackWriter(self.folder / "caller.wav", CALLER_RATE, self.t0)
-        self.assistant = TrackWriter(self.folder / "assistant.wav", ASSISTANT_RATE, self.t0)
+        self.caller = TrackWriter(self.folder / "caller.wav", MODEL_INPUT_RATE, self.t0)
+        self.assistant = TrackWriter(self.folder / "assistant.wav", SPEECH_RATE, self.t0)
         self._events = (self.folder / "events.jsonl").open("a", encoding="utf-8")
         self._frame_due = 0.0
         self.closed = False
@@ -186,7 +182,7 @@ class CallRecorder:
         self.assistant.close()
         self._events.close()
         # the length of what was recorded (the call's teardown after its last frame is not part of it)
-        audio_s = max(self.caller.samples / CALLER_RATE, self.assistant.samples / ASSISTANT_RATE)
+        audio_s = max(self.caller.samples / MODEL_INPUT_RATE, self.assistant.samples / SPEECH_RATE)
         self.meta.update(ended=True, duration_s=round(audio_s, 3))
         self._write_meta()
 
@@ -206,8 +202,7 @@ def encode_jpeg(rgb: np.ndarray, quality: int = 70) -> bytes:
 def _wav_seconds(path: Path) -> float:
     """Length of a WAV written by TrackWriter, from its size (its header may lag after a crash)."""
     try:
-        with wave.open(str(path)) as w:
-            rate = w.getframerate()
+        rate, _, _ = wav_header(path)
     except (OSError, EOFError, wave.Error):
         return 0.0
     return max(path.stat().st_size - 44, 0) / 2 / rate
@@ -270,7 +265,6 @@ def _read_pcm(path: Path) -> np.ndarray:
 
 def mixed_wav(root: Path, recording_id: str) -> bytes:
     """Both sides in one 24 kHz mono WAV, in sync, for replay and download."""
-    from inference.wav import pcm16_wav
 
     folder = root / recording_id
     caller = _read_pcm(folder / "caller.wav")
@@ -284,7 +278,7 @@ def mixed_wav(root: Path, recording_id: str) -> bytes:
     out = np.zeros(max(up.size, assistant.size), dtype=np.float32)
     out[: up.size] += 0.8 * up
     out[: assistant.size] += assistant
-    return pcm16_wav(np.clip(out, -1.0, 1.0), ASSISTANT_RATE)
+    return pcm16_wav(np.clip(out, -1.0, 1.0), SPEECH_RATE)
 
 
 def frame_path(root: Path, recording_id: str, ms: int) -> Path | None:

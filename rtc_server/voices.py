@@ -21,7 +21,6 @@ import json
 import secrets
 import struct
 import time
-import wave
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,13 +30,14 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from inference.wav import pcm16_wav
+from MiniCPMO45.audio.rates import MODEL_INPUT_RATE
+from MiniCPMO45.audio.resample import TooLong, to_mono_float
+from MiniCPMO45.audio.wav import pcm16_wav, wav_header
 from rtc_server.config import AppConfig
 from rtc_server.signalling import ApiError, require_admin, validation_problems
 from rtc_server.voice_ids import DIR_KEY, VOICE_ID, voice_exists
 
 WAV_TYPES = {"audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave"}
-RATE = 16000
 CONFIG_KEY = web.AppKey("voices_config", AppConfig)
 PCM, FLOAT, EXTENSIBLE = 1, 3, 0xFFFE
 SAMPLE_BITS = {PCM: (8, 16, 24, 32), FLOAT: (32, 64)}
@@ -72,7 +72,7 @@ class VoiceInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
     voice_id: str
     duration_s: float
-    sample_rate: int = RATE
+    sample_rate: int = MODEL_INPUT_RATE
     name: str = ""
     created_at: float | None = None  # Unix time of the first upload
     # Only in the answer to the upload that stored the voice: the capability to rename or delete it (send it as
@@ -163,28 +163,22 @@ def decode_wav(data: bytes, max_s: float) -> np.ndarray:
     """A WAV file's audio as 16 kHz mono float32 (PyAV decodes and resamples), at most about `max_s` long."""
     check_wav_format(read_wav_format(data), max_s)
     # the header was checked, but the decoder's output is bounded too; the exact duration check follows
-    limit = int(max_s * RATE) + RATE
+    limit = int(max_s * MODEL_INPUT_RATE) + MODEL_INPUT_RATE
     try:
         with av.open(io.BytesIO(data), format="wav") as container:
             if not container.streams.audio:
                 raise VoiceError(400, "bad_audio", "the WAV file has no audio stream")
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=RATE)
-            chunks: list[np.ndarray] = []
-            samples = 0
-            for frame in container.decode(audio=0):
-                out = [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-                chunks += out
-                samples += sum(c.size for c in out)
-                if samples > limit:
-                    raise VoiceError(400, "too_long", f"the voice is longer than {max_s:g} s")
-            chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+            try:
+                pcm = to_mono_float(container.decode(audio=0), MODEL_INPUT_RATE, limit)
+            except TooLong:
+                raise VoiceError(400, "too_long", f"the voice is longer than {max_s:g} s") from None
     except VoiceError:
         raise
     except (av.error.FFmpegError, ValueError) as exc:
         raise VoiceError(400, "bad_audio", f"cannot decode the WAV file: {exc}") from None
-    if not chunks:
+    if not pcm.size:
         raise VoiceError(400, "bad_audio", "the WAV file holds no samples")
-    return np.concatenate(chunks).astype(np.float32)
+    return pcm
 
 
 def _meta_path(folder: Path, voice_id: str) -> Path:
@@ -206,8 +200,8 @@ def write_meta(folder: Path, voice_id: str, meta: dict[str, object]) -> None:
 
 
 def voice_info(folder: Path, voice_id: str) -> VoiceInfo:
-    with wave.open(str(folder / f"{voice_id}.wav")) as w:
-        duration = round(w.getnframes() / RATE, 3)
+    _, _, frames = wav_header(folder / f"{voice_id}.wav")
+    duration = round(frames / MODEL_INPUT_RATE, 3)
     meta = read_meta(folder, voice_id)
     name = meta.get("name")
     created = meta.get("created_at")
@@ -222,7 +216,7 @@ def voice_info(folder: Path, voice_id: str) -> VoiceInfo:
 def store_voice(folder: Path, data: bytes, min_s: float, max_s: float, name: str = "") -> VoiceInfo:
     """Validate, normalise and store one upload (blocking: run it off the event loop)."""
     pcm = decode_wav(data, max_s)
-    duration = pcm.size / RATE
+    duration = pcm.size / MODEL_INPUT_RATE
     if duration < min_s:
         raise VoiceError(
             400, "too_short", f"the voice is {duration:.2f} s long; at least {min_s:g} s are needed"
@@ -233,7 +227,7 @@ def store_voice(folder: Path, data: bytes, min_s: float, max_s: float, name: str
         )
     if not np.isfinite(pcm).all() or float(np.abs(pcm).max()) < 1e-4:
         raise VoiceError(400, "silent", "the voice recording is silent")
-    normalised = pcm16_wav(pcm, RATE)
+    normalised = pcm16_wav(pcm, MODEL_INPUT_RATE)
     voice_id = hashlib.sha256(normalised).hexdigest()[:24]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{voice_id}.wav"

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, async_playwright
 
-from tests.rtc_client import speech_signal, write_wav
+from MiniCPMO45.audio.wav import write_wav
+from tests.rtc_client import RATE, speech_signal
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -39,7 +40,7 @@ def chromium_args(fake_mic: Path) -> list[str]:
 def make_fake_mic(folder: Path) -> Path:
     """A speech-like WAV in `folder` for Chromium's fake microphone."""
     wav = folder / "mic.wav"
-    write_wav(wav, speech_signal(folder / "speech.wav"))
+    write_wav(wav, speech_signal(folder / "speech.wav"), RATE)
     return wav
 
 

@@ -12,8 +12,7 @@ import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError
 
-SEND_RATE = 48000
-FRAME_SAMPLES = 960
+from MiniCPMO45.audio.rates import WEBRTC_FRAME_SAMPLES, WEBRTC_RATE
 
 
 def stepped_tone(t: np.ndarray, freqs: list[float], step_s: float, amplitude: float = 0.4) -> np.ndarray:
@@ -49,18 +48,18 @@ class FunctionAudioTrack(MediaStreamTrack):
             raise MediaStreamError
         if self._start is None:
             self._start = time.monotonic()
-        pts = self.frames_sent * FRAME_SAMPLES
-        wait = self._start + pts / SEND_RATE - time.monotonic()
+        pts = self.frames_sent * WEBRTC_FRAME_SAMPLES
+        wait = self._start + pts / WEBRTC_RATE - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
-        t = (pts + np.arange(FRAME_SAMPLES)) / SEND_RATE
+        t = (pts + np.arange(WEBRTC_FRAME_SAMPLES)) / WEBRTC_RATE
         mono = np.round(np.clip(self.signal(t), -1, 1) * 32767).astype(np.int16)
         channels = 2 if self.layout == "stereo" else 1
         data = np.repeat(mono, channels).reshape(1, -1)  # packed s16: interleaved samples
         frame = av.AudioFrame.from_ndarray(data, format="s16", layout=self.layout)
-        frame.sample_rate = SEND_RATE
+        frame.sample_rate = WEBRTC_RATE
         frame.pts = pts
-        frame.time_base = fractions.Fraction(1, SEND_RATE)
+        frame.time_base = fractions.Fraction(1, WEBRTC_RATE)
         self.frames_sent += 1
         return frame
 

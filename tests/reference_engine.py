@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from MiniCPMO45.audio.mel_stream import push_many
 from MiniCPMO45.engine.context_window import SlidingWindow
 from MiniCPMO45.engine.core import Engine
 from MiniCPMO45.engine.duplex import (
@@ -58,7 +59,6 @@ from MiniCPMO45.engine.half_duplex import (
 from MiniCPMO45.engine.sampling import ChatSampling, ban, penalize_length, sample, top_k_top_p
 from MiniCPMO45.engine.session import Session
 from MiniCPMO45.modules.whisper import pooled_tokens
-from MiniCPMO45.processor.audio_features import push_many
 
 
 def make_room(engine: Engine, session: Session, window: SlidingWindow, needed: int) -> int:

@@ -8,7 +8,6 @@ import fractions
 import json
 import subprocess
 import time
-import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,21 +18,13 @@ import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
-RATE = 48000
-FRAME = 960  # 20 ms at 48 kHz
+from MiniCPMO45.audio.rates import MODEL_INPUT_RATE, WEBRTC_FRAME_SAMPLES, WEBRTC_RATE
+from MiniCPMO45.audio.resample import AudioResampler, resample
+from MiniCPMO45.audio.wav import read_mono
+
+RATE = WEBRTC_RATE  # the caller's audio, both ways
+FRAME = WEBRTC_FRAME_SAMPLES  # 20 ms
 ESPEAK = "/usr/bin/espeak-ng"
-
-
-def resample(pcm: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
-    """float32 mono resampling with libswresample (PyAV)."""
-    if src_rate == dst_rate:
-        return pcm.astype(np.float32)
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=dst_rate)
-    frame = av.AudioFrame.from_ndarray(pcm.astype(np.float32).reshape(1, -1), format="flt", layout="mono")
-    frame.sample_rate = src_rate
-    out = [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-    out += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
-    return np.concatenate(out).astype(np.float32)
 
 
 def speech_signal(path: Path, text: str = "Hello, this is a microphone test, one two three.") -> np.ndarray:
@@ -41,22 +32,9 @@ def speech_signal(path: Path, text: str = "Hello, this is a microphone test, one
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([ESPEAK, "-s", "170", "-w", str(path), text], check=True, capture_output=True)
-    with wave.open(str(path)) as w:
-        rate, channels = w.getframerate(), w.getnchannels()
-        data = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768
-    if channels > 1:
-        data = data.reshape(-1, channels).mean(axis=1)
+    data, rate = read_mono(path)
     data = resample(data, rate, RATE)
     return (0.7 * data / max(np.abs(data).max(), 1e-6)).astype(np.float32)
-
-
-def write_wav(path: Path, pcm: np.ndarray, rate: int = RATE) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes())
 
 
 class PacedAudioTrack(MediaStreamTrack):
@@ -117,7 +95,7 @@ class Recorder:
         self.task = asyncio.ensure_future(self._run(track))
 
     async def _run(self, track: MediaStreamTrack) -> None:
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=RATE)
+        resampler = AudioResampler(format="flt", layout="mono", rate=RATE)
         try:
             while True:
                 frame = await track.recv()
@@ -270,8 +248,8 @@ class Call:
         lag: a dropped packet under CPU load shifts the rest of the recording a little, which lowers the
         global figure without making the audio any less the caller's own voice.
         """
-        sent16 = resample(self.signal, RATE, 16000)
-        received16 = resample(self.recorder.signal(), RATE, 16000)
+        sent16 = resample(self.signal, RATE, MODEL_INPUT_RATE)
+        received16 = resample(self.recorder.signal(), RATE, MODEL_INPUT_RATE)
         lag, ncc = align(sent16, received16)
         delay = self.recorder.timeline_start() + lag / 16000 - self.track.timeline_start()
         return delay, ncc, windowed_similarity(sent16, received16, lag)

@@ -7,23 +7,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from MiniCPMO45.processor.audio_features import (
+from MiniCPMO45.audio.filterbank import mel_filter_bank
+from MiniCPMO45.audio.load import AudioFileError, load_audio
+from MiniCPMO45.audio.mel import (
     DYNAMIC_FLOOR,
     FIXED_FLOOR_MODE,
-    ExactStreamingMel,
-    HalfDuplexStreamingMel,
-    StreamingMel,
     audio_token_count,
     batch_features,
     chunked_audio_token_counts,
     clip_features,
     cnn_frame_count,
     log_mel,
-    mel_filter_bank,
     mel_frame_count,
     pooled_count,
 )
-from MiniCPMO45.processor.audio_io import AudioFileError, load_audio, resample
+from MiniCPMO45.audio.mel_stream import ExactStreamingMel, HalfDuplexStreamingMel, StreamingMel
+from MiniCPMO45.audio.resample import resample
 
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 
@@ -66,7 +65,7 @@ def test_token_count_formulas() -> None:
 
 
 def test_mel_filter_bank_shape_and_area() -> None:
-    fb = mel_filter_bank()
+    fb = mel_filter_bank(16000, 400, 80).T
     assert fb.shape == (201, 80)
     assert (fb >= 0).all() and (fb.max(axis=0) > 0).all()
     # Slaney normalisation: area (in Hz) of each triangle is 1

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from MiniCPMO45.audio.load import load_audio
 from MiniCPMO45.config import AudioConfig
 from MiniCPMO45.engine.batched_audio import BatchedAudioEncoder
 from MiniCPMO45.engine.batcher import DuplexBatcher
@@ -20,7 +21,6 @@ from MiniCPMO45.engine.session import Mode
 from MiniCPMO45.model import MiniCPMO
 from MiniCPMO45.modules.whisper import WhisperStreamCache
 from MiniCPMO45.modules.whisper_slots import WhisperSlotCache
-from MiniCPMO45.processor.audio_io import load_audio
 from tests.engine_fixtures import fixture_duplex_config, load_manifest
 from tests.reference_engine import finalize_units, generate_units, prefill_units
 
@@ -257,3 +257,36 @@ def test_a_pass_runs_on_a_captured_window_that_holds_its_slots(model: MiniCPMO) 
         for (slot, (mel, p, s)), got in zip(chunks.items(), out, strict=True):
             assert _max_diff(got, model.audio_embeds_stream(mel[None], refs[slot], p, s)) <= TOL
     assert set(enc.steps) == built
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+@torch.no_grad()
+def test_mel_units_from_the_device_path_encode_like_host_units(
+    tiny_model_dir: Path, tiny_fixture_dir: Path, static: bool
+) -> None:
+    """The batcher's GPU path, run on the CPU: `push_many(..., device)` gives each unit's features as a tensor
+    where the transform ran, and `encode_sessions` joins them there (no numpy in between). The embeddings equal
+    those of the host path's numpy units within float32 rounding."""
+    from MiniCPMO45.audio.mel_stream import StreamingMel, push_many
+
+    cfg = fixture_duplex_config(load_manifest(tiny_fixture_dir))
+    device = torch.device("cpu")
+    rng = np.random.default_rng(3)
+    engine = Engine.from_pretrained(tiny_model_dir, dtype=torch.float32, max_sessions=3, max_len=256)
+    sessions = [engine.open_session(Mode.DUPLEX) for _ in range(3)]
+    for k, s in enumerate(sessions):
+        prepare(engine, s, f"Session {k}.", None, cfg)
+    on_device, on_host = [StreamingMel() for _ in sessions], [StreamingMel() for _ in sessions]
+    encoders = [BatchedAudioEncoder(engine.model, 3, use_graphs=False, static=static) for _ in range(2)]
+    for _ in range(4):
+        audio = [(0.1 * rng.standard_normal(16000)).astype(np.float32) for _ in sessions]
+        got_units, want_units = push_many(on_device, audio, device), push_many(on_host, audio)
+        got_ready = [u for u in got_units if u is not None]
+        want_ready = [u for u in want_units if u is not None]
+        assert len(got_ready) == len(want_ready) == len(sessions)
+        assert all(isinstance(u.features, torch.Tensor) for u in got_ready)
+        assert all(isinstance(u.features, np.ndarray) for u in want_ready)
+        got = encoders[0].encode_sessions(sessions, got_ready)
+        want = encoders[1].encode_sessions(sessions, want_ready)
+        for a, b in zip(got, want, strict=True):
+            assert _max_diff(a, b) <= TOL

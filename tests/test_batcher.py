@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
+from MiniCPMO45.audio.load import load_audio
 from MiniCPMO45.engine.batcher import DuplexBatcher
 from MiniCPMO45.engine.core import Engine
 from MiniCPMO45.engine.duplex import SchemaItem, UnitInput, context_length, pending_tail, prepare
 from MiniCPMO45.engine.session import Mode
-from MiniCPMO45.processor.audio_io import load_audio
 from tests.engine_fixtures import fixture_duplex_config, load_manifest, load_npz
 from tests.reference_engine import finalize_units, generate_units, prefill_units, tts_condition
 

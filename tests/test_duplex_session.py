@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from MiniCPMO45.audio.load import load_audio
 from MiniCPMO45.engine.batcher import DuplexBatcher
 from MiniCPMO45.engine.context_window import SlidingWindow
 from MiniCPMO45.engine.core import Engine
 from MiniCPMO45.engine.duplex import UnitInput, prepare
 from MiniCPMO45.engine.duplex_session import DuplexSession
 from MiniCPMO45.engine.session import Mode
-from MiniCPMO45.processor.audio_io import load_audio
 from tests.engine_fixtures import fixture_duplex_config, load_manifest
 from tests.reference_engine import finalize_units, generate_units, prefill_units
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+from MiniCPMO45.audio.load import load_audio
 from MiniCPMO45.engine import batcher as batcher_module
 from MiniCPMO45.engine.batcher import DuplexBatcher
 from MiniCPMO45.engine.core import Engine
 from MiniCPMO45.engine.duplex import UnitInput, schema_codes
 from MiniCPMO45.engine.duplex_session import DuplexSession
-from MiniCPMO45.processor.audio_io import load_audio
 from tests.engine_fixtures import assert_close, fixture_duplex_config, load_manifest, load_npz
 
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+from MiniCPMO45.audio.load import load_audio
 from MiniCPMO45.engine.chat import PromptInputs, prefill, prefill_messages, reply
 from MiniCPMO45.engine.core import Engine
 from MiniCPMO45.engine.generation import generate
 from MiniCPMO45.engine.sampling import ChatSampling
 from MiniCPMO45.engine.session import Mode
-from MiniCPMO45.processor.audio_io import load_audio
 from tests.engine_fixtures import assert_close, load_manifest, load_npz
 
 GREEDY = ChatSampling(do_sample=False, repetition_penalty=1.0, length_penalty=1.0)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from MiniCPMO45.audio.load import load_audio
 from MiniCPMO45.engine.context_window import SlidingWindow
 from MiniCPMO45.engine.core import Engine
 from MiniCPMO45.engine.duplex import (
@@ -20,7 +21,6 @@ from MiniCPMO45.engine.duplex import (
     schema_codes,
 )
 from MiniCPMO45.engine.session import Mode
-from MiniCPMO45.processor.audio_io import load_audio
 from MiniCPMO45.tokenizer import MiniCPMOTokenizer
 from tests.engine_fixtures import assert_close, fixture_duplex_config, load_manifest, load_npz
 from tests.reference_engine import finalize_units, generate_units, make_room, prefill_units, tts_condition

@@ -71,7 +71,7 @@ def test_streaming_prefill_and_reply(engine: Engine, tiny_fixture_dir: Path) -> 
 
 def test_raw_audio_turns(engine: Engine, tiny_fixture_dir: Path) -> None:
     """Raw samples go through the session's streaming mel; a second turn reopens the user message."""
-    from MiniCPMO45.processor.audio_io import load_audio
+    from MiniCPMO45.audio.load import load_audio
 
     audio = load_audio(tiny_fixture_dir / "inputs" / "duplex_audio.wav")
     s = engine.open_session()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from MiniCPMO45.audio.load import load_audio
 from MiniCPMO45.engine.chat import PromptInputs, prefill, reply
 from MiniCPMO45.engine.core import Engine
 from MiniCPMO45.engine.duplex import DuplexConfig, UnitInput, prepare
@@ -15,7 +16,6 @@ from MiniCPMO45.engine.half_duplex import prefill_system
 from MiniCPMO45.engine.sampling import ChatSampling
 from MiniCPMO45.engine.session import Mode
 from MiniCPMO45.modules.kv_cache import CacheFullError
-from MiniCPMO45.processor.audio_io import load_audio
 from tests.reference_engine import finalize_units, generate_units, prefill_units
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from aiortc.mediastreams import MediaStreamError
 
-from media_tracks import FRAME_SAMPLES, OUTPUT_RATE, SpeechTrack
+from media_tracks import SpeechTrack
+from MiniCPMO45.audio.rates import WEBRTC_FRAME_SAMPLES, WEBRTC_RATE
 from tests.media_helpers import dominant_frequency
 
 
@@ -30,11 +31,11 @@ async def test_frames_are_20ms_s16_mono_48k_with_monotonic_pts_and_silence_when_
     track = SpeechTrack()
     frames = await pull(track, 5)
     for i, frame in enumerate(frames):
-        assert frame.samples == FRAME_SAMPLES
-        assert frame.sample_rate == OUTPUT_RATE
+        assert frame.samples == WEBRTC_FRAME_SAMPLES
+        assert frame.sample_rate == WEBRTC_RATE
         assert frame.format.name == "s16" and frame.layout.name == "mono"
-        assert frame.time_base.numerator == 1 and frame.time_base.denominator == OUTPUT_RATE
-        assert frame.pts == i * FRAME_SAMPLES
+        assert frame.time_base.numerator == 1 and frame.time_base.denominator == WEBRTC_RATE
+        assert frame.pts == i * WEBRTC_FRAME_SAMPLES
         assert not samples_of(frame).any()
     assert track.frames_out == 5 and track.speech_frames_out == 0
 
@@ -45,11 +46,11 @@ async def test_pushed_24k_tone_comes_out_as_48k_tone_of_same_frequency_and_durat
     assert track.buffered_s == pytest.approx(0.4)
     out = np.concatenate([samples_of(f) for f in await pull(track, 24)])
     voiced = np.flatnonzero(np.abs(out) > 1e-3)
-    duration = (voiced[-1] - voiced[0] + 1) / OUTPUT_RATE
-    assert abs(duration - 0.4) <= FRAME_SAMPLES / OUTPUT_RATE
+    duration = (voiced[-1] - voiced[0] + 1) / WEBRTC_RATE
+    assert abs(duration - 0.4) <= WEBRTC_FRAME_SAMPLES / WEBRTC_RATE
     assert voiced[0] < 10  # speech starts in the first frame
-    assert abs(dominant_frequency(out[: int(0.4 * OUTPUT_RATE)], OUTPUT_RATE) - 1000) <= 3
-    expected = tone(1000, 0.4, rate=OUTPUT_RATE)
+    assert abs(dominant_frequency(out[: int(0.4 * WEBRTC_RATE)], WEBRTC_RATE) - 1000) <= 3
+    expected = tone(1000, 0.4, rate=WEBRTC_RATE)
     assert np.max(np.abs(out[100:19000] - expected[100:19000])) < 0.01  # no lag, no gain change
     assert not out[20000:].any()
     assert track.buffered_s == 0 and track.played_samples == 19200
@@ -63,7 +64,7 @@ async def test_speech_split_into_many_pushes_is_continuous() -> None:
     track.push(np.zeros(0, np.float32), turn=0, end_of_turn=True)
     assert track.buffered_s == pytest.approx(0.3)
     out = np.concatenate([samples_of(f) for f in await pull(track, 15)])
-    expected = tone(440, 0.3, rate=OUTPUT_RATE)
+    expected = tone(440, 0.3, rate=WEBRTC_RATE)
     assert np.max(np.abs(out[100:14300] - expected[100:14300])) < 0.01
 
 
@@ -74,10 +75,14 @@ async def test_flush_makes_the_next_frame_silent_and_drops_the_queue() -> None:
     assert all(np.abs(samples_of(f)).max() > 0.3 for f in frames)
     track.flush()
     assert track.buffered_s == 0
-    assert track.flushed_samples > 1.8 * OUTPUT_RATE
+    assert track.flushed_samples > 1.8 * WEBRTC_RATE
     frames = await pull(track, 3)
     assert all(not samples_of(f).any() for f in frames)
-    assert [f.pts for f in frames] == [3 * FRAME_SAMPLES, 4 * FRAME_SAMPLES, 5 * FRAME_SAMPLES]
+    assert [f.pts for f in frames] == [
+        3 * WEBRTC_FRAME_SAMPLES,
+        4 * WEBRTC_FRAME_SAMPLES,
+        5 * WEBRTC_FRAME_SAMPLES,
+    ]
 
 
 async def test_flush_while_the_sender_waits_applies_to_that_frame() -> None:
@@ -113,7 +118,7 @@ async def test_overflow_drops_the_oldest_audio_and_counts_it() -> None:
     assert track.buffered_s == pytest.approx(0.5)
     assert track.dropped_samples == 24000 and track.overflows >= 1
     out = np.concatenate([samples_of(f) for f in await pull(track, 25)])
-    assert abs(dominant_frequency(out, OUTPUT_RATE) - 2000) <= 3  # the newest audio was kept
+    assert abs(dominant_frequency(out, WEBRTC_RATE) - 2000) <= 3  # the newest audio was kept
     track.push(tone(700, 3.0), turn=0)  # one push longer than the whole buffer
     assert track.buffered_s == pytest.approx(0.5, abs=0.001)
 
@@ -135,11 +140,15 @@ async def test_a_long_stall_re_anchors_the_clock_instead_of_bursting() -> None:
     await asyncio.sleep(0.5)  # the sender stops pulling for 0.5 s
     late = await track.recv()
     assert track.pacing.reanchors == 1
-    assert late.pts >= 2 * FRAME_SAMPLES + 20 * FRAME_SAMPLES  # the missed slots were skipped
+    assert late.pts >= 2 * WEBRTC_FRAME_SAMPLES + 20 * WEBRTC_FRAME_SAMPLES  # the missed slots were skipped
     start = time.monotonic()
     after = await pull(track, 3)
     assert time.monotonic() - start >= 0.03  # paced again, not a catch-up burst
-    assert [f.pts - late.pts for f in after] == [FRAME_SAMPLES, 2 * FRAME_SAMPLES, 3 * FRAME_SAMPLES]
+    assert [f.pts - late.pts for f in after] == [
+        WEBRTC_FRAME_SAMPLES,
+        2 * WEBRTC_FRAME_SAMPLES,
+        3 * WEBRTC_FRAME_SAMPLES,
+    ]
 
 
 async def test_wait_buffered_below_returns_as_playback_drains() -> None:
@@ -188,23 +197,23 @@ async def test_encoding_track_sends_one_opus_packet_per_frame_that_decodes_to_th
     assert track.push(tone(440, 0.6), turn=0, end_of_turn=True)
     packets = await pull(track, 40)
     assert all(isinstance(p, av.Packet) for p in packets)
-    assert [p.pts for p in packets] == [i * FRAME_SAMPLES for i in range(40)]
+    assert [p.pts for p in packets] == [i * WEBRTC_FRAME_SAMPLES for i in range(40)]
     assert all(
-        p.time_base == packets[0].time_base and p.time_base.denominator == OUTPUT_RATE for p in packets
+        p.time_base == packets[0].time_base and p.time_base.denominator == WEBRTC_RATE for p in packets
     )
     decoder = av.CodecContext.create("libopus", "r")
-    decoder.sample_rate, decoder.layout, decoder.format = OUTPUT_RATE, "mono", "s16"
+    decoder.sample_rate, decoder.layout, decoder.format = WEBRTC_RATE, "mono", "s16"
     pcm = (
         np.concatenate([f.to_ndarray().reshape(-1) for p in packets for f in decoder.decode(p)]).astype(
             np.float32
         )
         / 32768
     )
-    assert pcm.size == 40 * FRAME_SAMPLES
-    speech = pcm[: int(0.6 * OUTPUT_RATE)]
-    assert dominant_frequency(speech[4800:], OUTPUT_RATE) == pytest.approx(440, abs=10)
+    assert pcm.size == 40 * WEBRTC_FRAME_SAMPLES
+    speech = pcm[: int(0.6 * WEBRTC_RATE)]
+    assert dominant_frequency(speech[4800:], WEBRTC_RATE) == pytest.approx(440, abs=10)
     assert np.sqrt(np.mean(speech[4800:] ** 2)) > 0.2  # the tone's level (0.5 peak) survives the codec
-    assert np.sqrt(np.mean(pcm[int(0.75 * OUTPUT_RATE) :] ** 2)) < 0.01  # then silence
+    assert np.sqrt(np.mean(pcm[int(0.75 * WEBRTC_RATE) :] ** 2)) < 0.01  # then silence
 
 
 async def test_an_encoding_track_goes_silent_at_once_after_a_flush() -> None:
@@ -214,7 +223,7 @@ async def test_an_encoding_track_goes_silent_at_once_after_a_flush() -> None:
     track = SpeechTrack(input_rate=24000, encode=True)
     track.push((0.3 * rng.standard_normal(24000 * 2)).astype(np.float32), turn=0)
     decoder = av.CodecContext.create("libopus", "r")
-    decoder.sample_rate, decoder.layout, decoder.format = OUTPUT_RATE, "mono", "s16"
+    decoder.sample_rate, decoder.layout, decoder.format = WEBRTC_RATE, "mono", "s16"
 
     def decode(packets: list) -> list[float]:  # noqa: ANN001
         return [float(np.abs(f.to_ndarray()).max()) / 32768 for p in packets for f in decoder.decode(p)]

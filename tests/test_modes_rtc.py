@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from aiortc.mediastreams import VideoStreamTrack
 
-from inference.wav import pcm16_wav
+from MiniCPMO45.audio.resample import resample
+from MiniCPMO45.audio.wav import pcm16_wav
 from tests.conftest import REPO_ROOT
-from tests.rtc_client import RATE, Call, resample, speech_signal
+from tests.rtc_client import RATE, Call, speech_signal
 
 EMBEDDED_CONFIG = REPO_ROOT / ".cache" / "embedded" / "minicpmo45-tiny-random" / "config.json"
 

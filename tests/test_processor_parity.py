@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from MiniCPMO45.audio.load import load_audio
+from MiniCPMO45.audio.mel_stream import HalfDuplexStreamingMel
 from MiniCPMO45.config import PreprocessorConfig
 from MiniCPMO45.processor import (
     GENERATION_BOS_TTS,
-    HalfDuplexStreamingMel,
     ImageProcessor,
     MiniCPMOProcessor,
     ProcessorError,
     flatten_messages,
-    load_audio,
     render_chat,
 )
 from MiniCPMO45.processor.chat_template import ChatFormatError

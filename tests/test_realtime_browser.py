@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from MiniCPMO45.audio.wav import write_wav
 from rtc_server.session import CallSession
 from tests.browser_helpers import chromium
 from tests.realtime_js_bundle import build_bundle
-from tests.rtc_client import RATE, write_wav
+from tests.rtc_client import RATE
 
 WORKERS = {"heartbeat_timeout_s": 30.0}
 INSTRUCTIONS = "You are a test assistant. Answer in three words."
@@ -42,7 +43,7 @@ async def wait_for(predicate: Any, timeout: float, what: str) -> Any:
 async def test_agents_sdk_webrtc_call(start_test_server: Any, bundle: Path, tmp_path: Path) -> None:
     server = await start_test_server(workers=WORKERS)
     mic = tmp_path / "silence.wav"
-    write_wav(mic, np.zeros(RATE * 2, np.float32))  # a quiet caller: the typed turn is the only turn
+    write_wav(mic, np.zeros(RATE * 2, np.float32), RATE)  # a quiet caller: the typed turn is the only turn
     async with chromium(mic) as browser:
         page = await browser.new_page()
         page.on("console", lambda msg: print("browser:", msg.text))

@@ -16,8 +16,9 @@ import pytest
 import pytest_asyncio
 from openai import AsyncOpenAI
 
+from MiniCPMO45.audio.resample import resample
 from rtc_server.realtime.websocket import SOCKETS_KEY
-from tests.rtc_client import RATE, resample, speech_signal
+from tests.rtc_client import RATE, speech_signal
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 WORKERS = {"heartbeat_timeout_s": 30.0}  # loading the model on a busy 2-core machine starves the worker's IPC

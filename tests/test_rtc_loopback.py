@@ -7,8 +7,9 @@ import asyncio
 import numpy as np
 import pytest
 
+from MiniCPMO45.audio.wav import write_wav
 from tests.conftest import REPO_ROOT
-from tests.rtc_client import RATE, Call, speech_signal, write_wav
+from tests.rtc_client import RATE, Call, speech_signal
 
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 
@@ -27,7 +28,7 @@ async def run_loopback_call(call: Call, delay_s: float, seconds: float) -> None:
 
 def check_heard(call: Call, delay_s: float, name: str) -> None:
     delay, ncc, windows = call.measure()
-    write_wav(ARTIFACTS / f"{name}-received.wav", call.recorder.signal())
+    write_wav(ARTIFACTS / f"{name}-received.wav", call.recorder.signal(), RATE)
     print(
         f"{name}: heard delay {delay * 1000:.1f} ms (configured {delay_s * 1000:.0f} ms), global ncc {ncc:.3f}, "
         f"per-250-ms ncc median {np.median(windows):.3f} min {windows.min():.3f} over {windows.size} windows"

@@ -378,7 +378,7 @@ async def test_only_a_voices_uploader_or_the_admin_may_rename_or_delete_it(
 ) -> None:
     """Voices are listed to every API user; renaming or deleting one takes the owner token its first upload
     returned (X-Voice-Token), or the admin token. Loopback is no admin here: an admin token is set."""
-    from inference.wav import pcm16_wav
+    from MiniCPMO45.audio.wav import pcm16_wav
     from tests.rtc_client import speech_signal
 
     server = await start_test_server(auth={"admin_token": "the-admin"}, voices={"dir": str(tmp_path / "v")})

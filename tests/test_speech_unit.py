@@ -11,7 +11,7 @@ from inference import protocol as p
 from inference.engine_host import get_host
 from inference.modes import create_mode
 from inference.modes.base import ModeUnit, SessionOptions
-from inference.wav import pcm16_wav
+from MiniCPMO45.audio.wav import pcm16_wav
 from tests.worker_helpers import embedded
 
 SETTINGS = embedded(max_sessions=4)

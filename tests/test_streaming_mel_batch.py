@@ -6,17 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from MiniCPMO45.processor.audio_features import (
+from MiniCPMO45.audio.mel import (
     FIXED_FLOOR_MODE,
-    MelUnit,
-    StreamingMel,
     frame_windows,
     log_mel,
     log_mel_of_windows,
-    push_many,
     raw_log_mel,
     reflected_stretch,
 )
+from MiniCPMO45.audio.mel_stream import MelUnit, StreamingMel, push_many
 
 
 def _audio(rng: np.random.Generator, n: int, loud: bool = False) -> np.ndarray:
@@ -195,12 +193,13 @@ def test_push_many_on_a_device_matches_the_host_path() -> None:
     units, waiting sessions, empty pushes, the 30 s slide, a moving dynamic floor)."""
     rng = np.random.default_rng(5)
     n_sessions, ticks = 6, 40
+    device = torch.device("cpu")
     on_device = [StreamingMel() for _ in range(n_sessions)]
     alone = [StreamingMel() for _ in range(n_sessions)]
     units = 0
     for tick in range(ticks):
         chunks = [_schedule(rng, i, tick) for i in range(n_sessions)]
-        got = push_many(on_device, chunks, device=torch.device("cpu"))
+        got = push_many(on_device, chunks, device=device)
         for i, chunk in enumerate(chunks):
             want = alone[i].push(chunk) if chunk is not None else None
             assert (got[i] is None) == (want is None)
@@ -213,6 +212,28 @@ def test_push_many_on_a_device_matches_the_host_path() -> None:
                 want.suffix_frames,
                 want.samples_consumed,
             )
-            assert got[i].features.dtype == np.float32
-            np.testing.assert_allclose(got[i].features, want.features, atol=1e-5, rtol=0)
+            # the features stay where the transform ran (a tensor on the device), never copied to numpy
+            features = got[i].features
+            assert isinstance(features, torch.Tensor) and features.device == device
+            assert features.dtype == torch.float32 and features.is_contiguous()
+            np.testing.assert_allclose(features.numpy(), want.features, atol=1e-5, rtol=0)
     assert units > 3 * ticks and max(m.mel.base_frame for m in on_device) > 0
+    # so do the frames each stream keeps for its next units
+    for m in on_device:
+        assert isinstance(m.mel._edge, torch.Tensor) and m.mel._cache.on_device
+
+
+def test_a_stream_moves_between_the_host_and_a_device() -> None:
+    """A session pushed on the host, then on a device, then on the host again (e.g. moved between the
+    per-session path and the batcher) brings its cached frames along: the units equal a host-only session's."""
+    rng = np.random.default_rng(11)
+    moving, host = StreamingMel(), StreamingMel()
+    for tick in range(12):
+        chunk = _audio(rng, 16000, loud=tick == 7)
+        device = torch.device("cpu") if 3 <= tick < 9 else None
+        got = push_many([moving], [chunk], device=device)[0]
+        want = host.push(chunk)
+        assert got is not None and want is not None and got.index == want.index
+        assert isinstance(got.features, torch.Tensor) == (device is not None)
+        np.testing.assert_allclose(np.asarray(got.features), want.features, atol=1e-5, rtol=0)
+    assert not isinstance(moving.mel._edge, torch.Tensor) and not moving.mel._cache.on_device

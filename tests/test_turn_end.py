@@ -12,7 +12,8 @@ from pydantic import ValidationError
 
 from bench.turn_end import speak
 from inference.options import ModeOptions
-from inference.vad import RATE, WINDOW, TurnDetector, VadEvent
+from inference.vad import WINDOW, TurnDetector, VadEvent
+from MiniCPMO45.audio.rates import MODEL_INPUT_RATE
 
 UNIT = 5120  # chat's 320 ms unit
 
@@ -24,7 +25,7 @@ def voice(tmp_path_factory: pytest.TempPathFactory):
 
 
 def silence(ms: int) -> np.ndarray:
-    return np.zeros(ms * RATE // 1000, dtype=np.float32)
+    return np.zeros(ms * MODEL_INPUT_RATE // 1000, dtype=np.float32)
 
 
 def run(detector: TurnDetector, parts: list[np.ndarray]) -> tuple[list[VadEvent], np.ndarray]:
@@ -39,13 +40,13 @@ def run(detector: TurnDetector, parts: list[np.ndarray]) -> tuple[list[VadEvent]
 
 def end_ms(event: VadEvent, last_sample: int) -> float:
     """Last speech sample -> the end of the window where the detector decided."""
-    return ((event.window + 1) * WINDOW - last_sample) * 1000 / RATE
+    return ((event.window + 1) * WINDOW - last_sample) * 1000 / MODEL_INPUT_RATE
 
 
 def test_confident_rule_ends_a_clean_sentence_sooner(voice) -> None:
     sentence = voice("Please remind me to call the dentist tomorrow morning")
     parts = [silence(500), sentence, silence(1500)]
-    last = 500 * RATE // 1000 + sentence.size
+    last = 500 * MODEL_INPUT_RATE // 1000 + sentence.size
     latency = {}
     for name, detector in {
         "fixed": TurnDetector(0.5, 800, fast_silence_ms=0),

@@ -16,10 +16,11 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
 
+from MiniCPMO45.audio.wav import write_wav
 from rtc_server.app import start_server
 from tests.browser_helpers import CHROMIUM, arrow, chromium_args, make_fake_mic, require_chromium
 from tests.conftest import REPO_ROOT, server_test_config
-from tests.rtc_client import speech_signal, write_wav
+from tests.rtc_client import RATE, speech_signal
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -314,7 +315,7 @@ async def test_settings_persist_and_feed_the_call(server, browser: Browser, tmp_
         assert fields == {"system_prompt": prompt, "options": {"min_silence_ms": 1200}}, fields
         assert "system_prompt" not in await page.evaluate(request_fields, "audio_duplex")
         clip = tmp_path / "voice.wav"
-        write_wav(clip, speech_signal(tmp_path / "speech.wav"))
+        write_wav(clip, speech_signal(tmp_path / "speech.wav"), RATE)
         await page.set_input_files("#voice-file", str(clip))
         await page.wait_for_function(
             arrow("(JSON.parse(localStorage.getItem('minicpmo.settings.v1')) || {}).voiceId")

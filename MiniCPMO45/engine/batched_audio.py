@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..audio.mel_stream import MelUnit
 from ..host_copy import copy_from_host, upload
 from ..model import MiniCPMO
 from ..modules.whisper import WhisperEncoder, WhisperStreamCache, cnn_frames
 from ..modules.whisper_slots import WhisperSlotCache, slot_stream_forward, trimmed_frames
-from ..processor.audio_features import MelUnit
 from .graphs import StaticStep, covering_window, graphs_available, new_pool, pick_bucket, row_window
 from .session import Session
 from .static_decode import ROW_BUCKETS
@@ -108,7 +108,7 @@ class BatchedAudioEncoder:
             self.bind(s.slot, s.duplex if s.duplex is not None else s, s.audio_cache)
         return self.encode(
             [s.slot for s in sessions],
-            [torch.from_numpy(u.features) for u in units],
+            [torch.as_tensor(u.features) for u in units],  # on the device already when the mel ran there
             [u.prefix_frames for u in units],
             [u.suffix_frames for u in units],
         )
@@ -190,11 +190,13 @@ class BatchedAudioEncoder:
         self, rows: Sequence[_Row], lo: int, n_rows: int, frames: int
     ) -> dict[str, torch.Tensor]:
         n_mels = self.encoder.conv1.in_channels
-        mel = torch.zeros(n_rows, n_mels, frames, dtype=self.model.dtype)
+        # mels computed on the device (the batcher's streaming mel on a GPU) are joined there, not copied back
+        where = self.device if any(r.mel.device.type != "cpu" for r in rows) else torch.device("cpu")
+        mel = torch.zeros(n_rows, n_mels, frames, dtype=self.model.dtype, device=where)
         ints = torch.zeros(4, n_rows, dtype=torch.long)  # mel_frames, first_frame, num_new, past
         for r in rows:
             k, f = r.slot - lo, int(r.mel.shape[-1])
-            mel[k, :, :f] = r.mel
+            mel[k, :, :f] = r.mel.to(where)
             ints[:, k] = torch.tensor([f, r.first, r.count, r.past])
         return {
             "mel": mel,

@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..audio.mel_stream import push_many
 from ..host_copy import upload
 from ..modules.whisper import pooled_tokens
-from ..processor.audio_features import push_many
 from ..processor.image import ImageInputs
 from ..token2wav import PromptCache, Token2Wav
 from .batched_audio import BatchedAudioEncoder

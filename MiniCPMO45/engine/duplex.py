@@ -35,12 +35,8 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from ..processor.audio_features import (
-    DYNAMIC_FLOOR,
-    FIXED_FLOOR_MODE,
-    StreamingMel,
-    batch_features,
-)
+from ..audio.mel import DYNAMIC_FLOOR, FIXED_FLOOR_MODE, batch_features
+from ..audio.mel_stream import StreamingMel
 from ..tokenizer import MiniCPMOTokenizer
 from .core import Engine
 from .session import Mode, Session

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..audio.mel import DYNAMIC_FLOOR, batch_features
 from ..modules.whisper import pooled_tokens
-from ..processor.audio_features import DYNAMIC_FLOOR, batch_features
 from ..processor.chat_template import IMAGE_MARK
 from .chat import assistant_prefix, prompt_embeddings, prompt_from_processor, spoken_bans
 from .core import Engine

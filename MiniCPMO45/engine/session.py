@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
+from ..audio.mel_stream import HalfDuplexStreamingMel
 from ..modules.whisper import WhisperStreamCache
-from ..processor.audio_features import HalfDuplexStreamingMel
 
 
 class Mode(enum.StrEnum):

@@ -20,15 +20,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from MiniCPMO45.config import PreprocessorConfig
-from MiniCPMO45.processor.audio_features import (
+from MiniCPMO45.audio.mel import (
     DYNAMIC_FLOOR,
-    HalfDuplexStreamingMel,
     LogFloor,
     audio_token_count,
     batch_features,
     chunked_audio_token_counts,
 )
+from MiniCPMO45.audio.mel_stream import HalfDuplexStreamingMel
+from MiniCPMO45.config import PreprocessorConfig
 from MiniCPMO45.processor.chat_template import AUDIO_MARK, IMAGE_MARK, flatten_messages, render_chat
 from MiniCPMO45.processor.image import ImageInputs, ImageProcessor
 from MiniCPMO45.tokenizer import MiniCPMOTokenizer

@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+from ..audio.rates import SPEECH_RATE
+
 
 class HParamsError(ValueError):
     """An asset YAML file that does not describe the vocoder we implement; the message says why."""
@@ -269,7 +271,7 @@ def causal_hift_params_from_yaml(path: str | Path) -> tuple[HiFTParams, MelParam
     mel = _validated(MelParams, feat.kwargs, "feat_extractor")
     if mel != VOCODER_MEL:
         raise HParamsError(f"feat_extractor must match the Step-Audio2 mel {VOCODER_MEL.model_dump()}")
-    if params.sampling_rate != 24000 or params.hop_samples != 480:
+    if params.sampling_rate != SPEECH_RATE or params.hop_samples != 480:
         raise HParamsError("the causal HiFT must produce 24 kHz audio with 480 samples per mel frame")
     if params.nb_harmonics != 8:
         raise HParamsError("nb_harmonics must be 8 (the causal source noise table has 9 columns)")

@@ -14,6 +14,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from ..audio.rates import SPEECH_RATE
 from ..host_copy import upload
 from ..loader import CheckpointError, load_weights
 from .assets import AssetLayout, detect_layout, read_weights
@@ -34,7 +35,6 @@ from .hparams import F0PredictorParams, HiFTParams, causal_hift_params_from_yaml
 from .kv_store import KVSlot
 from .streaming_vocoder import StreamingVocoder, VocoderState, default_source_noise_table
 
-SAMPLE_RATE = 24000
 SILENCE_TOKEN = 4218
 TURN_PREFIX = (SILENCE_TOKEN,) * 3
 WINDOW_TOKENS = 28  # 25 new tokens + 3 look-ahead
@@ -135,8 +135,8 @@ def duplex_unit_audio(pieces: Sequence[np.ndarray], last_unit: bool) -> np.ndarr
     audio = pcm16_roundtrip(np.concatenate(pieces))
     if audio.size == 0:
         return None
-    if not last_unit and audio.size < SAMPLE_RATE:
-        audio = np.concatenate([np.zeros(SAMPLE_RATE - audio.size, np.float32), audio])
+    if not last_unit and audio.size < SPEECH_RATE:
+        audio = np.concatenate([np.zeros(SPEECH_RATE - audio.size, np.float32), audio])
     return audio
 
 
@@ -180,7 +180,7 @@ class Token2Wav:
         self.streaming = streaming
         self.layout = layout
         self.n_timesteps = n_timesteps
-        self.sample_rate = SAMPLE_RATE
+        self.sample_rate = SPEECH_RATE
         self.flow_graphs = FlowGraphs(flow, graphs=torch.cuda.is_available()) if use_graphs else None
         self.flow_batches = 0  # flow forward calls run so far (one per batch), for tests and benchmarks
         if use_graphs and isinstance(streaming, StreamingVocoder):

@@ -22,8 +22,11 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from ..audio.rates import MODEL_INPUT_RATE, SPEECH_RATE
+from ..audio.resample import resample
+from ..audio.wav import read_wav
 from .assets import AssetLayout
-from .features import flow_prompt_mel, kaldi_fbank, read_wav, resample, s3_log_mel
+from .features import flow_prompt_mel, kaldi_fbank, s3_log_mel
 from .model import fit_prompt_mel
 
 TOKEN_RATE_UP = 2  # mel frames per speech token
@@ -97,14 +100,14 @@ class PromptFrontend:
         """(channels, n) float32 audio -> prompt features (no caching)."""
         if channels.ndim != 2 or channels.shape[1] == 0:
             raise ValueError("reference audio must be a non-empty (channels, samples) array")
-        audio = torch.from_numpy(np.ascontiguousarray(channels, dtype=np.float32))
-        first_16k = resample(audio[0], sample_rate, 16000)
+        channels = np.ascontiguousarray(channels, dtype=np.float32)
+        first_16k = torch.from_numpy(resample(channels[0], sample_rate, MODEL_INPUT_RATE))
         tokens = self.tokenizer(s3_log_mel(first_16k).numpy())
         if tokens.size == 0:
             raise ValueError("reference audio is too short to yield any speech token")
         fbank = kaldi_fbank(first_16k)
         spk = self.speaker((fbank - fbank.mean(dim=0, keepdim=True)).numpy())
-        mean_24k = resample(audio.mean(dim=0), sample_rate, 24000)
+        mean_24k = torch.from_numpy(resample(channels.mean(axis=0), sample_rate, SPEECH_RATE))
         mel = fit_prompt_mel(flow_prompt_mel(mean_24k), tokens.size * TOKEN_RATE_UP)
         return PromptFeatures(tokens, mel.numpy(), spk)
 

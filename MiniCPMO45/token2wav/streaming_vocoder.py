@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from ..audio.rates import SPEECH_RATE
 from ..host_copy import upload
 from .causal_hift import CausalF0Predictor, CausalHiFTGenerator
 from .fold import fold_weight_norms, has_parametrizations
@@ -37,7 +38,7 @@ NOISE_TABLE_SECONDS = 60
 
 
 def default_source_noise_table(
-    harmonics: int, sample_rate: int = 24000, seconds: float = NOISE_TABLE_SECONDS, seed: int = 0
+    harmonics: int, sample_rate: int = SPEECH_RATE, seconds: float = NOISE_TABLE_SECONDS, seed: int = 0
 ) -> torch.Tensor:
     """Uniform [0, 1) table (1, seconds*sample_rate, harmonics) from a fixed seed."""
     gen = torch.Generator().manual_seed(seed)

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from inference import protocol as p
+from MiniCPMO45.audio.rates import DUPLEX_UNIT_SAMPLES, SPEECH_RATE
 
 
 @dataclass
@@ -26,9 +27,9 @@ class ModeUnit:
 class SessionSetup:
     """What the mode tells the server when it opens: how to cut the caller's audio."""
 
-    unit_samples: int = 16000
+    unit_samples: int = DUPLEX_UNIT_SAMPLES
     first_unit_samples: int | None = None
-    output_rate: int = 24000
+    output_rate: int = SPEECH_RATE
     video_max_side: int | None = None  # None: no frames; else each unit carries the newest frame, this big
     # Units end on the server's grid of the session's tick phase (a short silent lead-in pads the first unit),
     # so the units of all sessions of that phase arrive together and share one tick.

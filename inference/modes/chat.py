@@ -44,6 +44,7 @@ from inference.options import ModeOptions
 from inference.settings import WorkerSettings
 from inference.speech import TEXT_CHUNK, TurnVoice, speak_batch
 from inference.vad import TurnDetector
+from MiniCPMO45.audio.rates import CHAT_UNIT_SAMPLES, MODEL_INPUT_RATE, SPEECH_RATE
 from MiniCPMO45.engine import half_duplex as hd
 from MiniCPMO45.engine.context_window import SlidingWindow
 from MiniCPMO45.engine.core import Engine
@@ -53,10 +54,7 @@ from MiniCPMO45.engine.sampling import ChatSampling
 from MiniCPMO45.engine.session import Session
 from MiniCPMO45.modules.tts import TTSSession
 
-RATE = 16000
-UNIT_SAMPLES = 5120  # 320 ms: 10 VAD windows
-MAX_TURN_SAMPLES = 30 * RATE
-OUTPUT_RATE = 24000
+MAX_TURN_SAMPLES = 30 * MODEL_INPUT_RATE
 DEFAULT_PROMPT = "You are a helpful voice assistant. Answer briefly, in a natural spoken style."
 
 
@@ -88,7 +86,7 @@ class Reply:
         call; in tests, as fast as units are given)."""
         if self.spoken_at is None:
             return 0.0
-        return self.voice.seconds - (unit_index - self.spoken_at) * UNIT_SAMPLES / RATE
+        return self.voice.seconds - (unit_index - self.spoken_at) * CHAT_UNIT_SAMPLES / MODEL_INPUT_RATE
 
 
 class ChatMode:
@@ -129,7 +127,7 @@ class ChatMode:
             self.close()  # a failed open must not keep its KV or TTS slot
             raise
         # units on the worker's grid: every chat call of a tick phase completes its units together (one tick)
-        setup = SessionSetup(unit_samples=UNIT_SAMPLES, output_rate=OUTPUT_RATE, align_units=True)
+        setup = SessionSetup(unit_samples=CHAT_UNIT_SAMPLES, output_rate=SPEECH_RATE, align_units=True)
         return setup, [p.StateOut(state="listening")]
 
     def _open_session_parts(self) -> None:
@@ -184,7 +182,7 @@ class ChatMode:
     def _preroll(self) -> list[np.ndarray]:
         out, n = [], 0
         for pcm in reversed(self.recent):
-            if n >= self.options.preroll_ms * RATE // 1000:
+            if n >= self.options.preroll_ms * MODEL_INPUT_RATE // 1000:
                 break
             out.insert(0, pcm)
             n += pcm.size
@@ -217,7 +215,7 @@ class ChatMode:
         self.segment = []
         self.recent.clear()
         self.recent_samples = 0
-        if audio is not None and audio.size < RATE // 10:
+        if audio is not None and audio.size < MODEL_INPUT_RATE // 10:
             return outputs, False  # under 100 ms: nothing to answer
         if audio is not None:
             estimate = audio.size // 1600 + 8  # ~10 audio positions per second
@@ -234,7 +232,7 @@ class ChatMode:
             return [*outputs, p.ErrorOut(code="turn_too_long", message=str(exc))], False
         self.window.mark(engine.kv_length(session))
         if audio is not None:
-            outputs.append(p.UserTurnOut(turn=self.turn, seconds=round(audio.size / RATE, 2)))
+            outputs.append(p.UserTurnOut(turn=self.turn, seconds=round(audio.size / MODEL_INPUT_RATE, 2)))
         else:
             outputs.append(p.UserTurnOut(turn=self.turn, text=text))
         if answer:

@@ -41,12 +41,11 @@ from inference.engine_host import EngineHost, get_host
 from inference.modes.base import ModeUnit, Output, SessionOptions, SessionSetup
 from inference.options import ModeOptions
 from inference.settings import WorkerSettings
+from MiniCPMO45.audio.rates import DUPLEX_UNIT_SAMPLES, SPEECH_RATE
 from MiniCPMO45.engine.duplex import DuplexConfig
 from MiniCPMO45.engine.duplex import UnitInput as EngineUnit
 from MiniCPMO45.engine.duplex_session import DuplexSession, TickUnit
 
-OUTPUT_RATE = 24000
-UNIT_SAMPLES = 16000
 DEFAULT_PROMPTS = {
     "audio_duplex": "You are a helpful assistant. You are in duplex mode: you can listen and speak at the same time.",
     "omni_duplex": "Streaming Omni Conversation.",
@@ -94,8 +93,8 @@ class DuplexMode:
             self.close()  # a failed open (e.g. out of memory) must not keep its KV slot
             raise
         setup = SessionSetup(
-            unit_samples=UNIT_SAMPLES,
-            output_rate=OUTPUT_RATE,
+            unit_samples=DUPLEX_UNIT_SAMPLES,
+            output_rate=SPEECH_RATE,
             video_max_side=FRAME_MAX_SIDE if self.omni else None,
             align_units=True,
         )

@@ -33,9 +33,8 @@ import numpy as np
 from inference import protocol as p
 from inference.modes.base import ModeUnit, Output, SessionOptions, SessionSetup
 from inference.settings import LoopbackSettings
+from MiniCPMO45.audio.rates import MODEL_INPUT_RATE, SPEECH_RATE
 
-INPUT_RATE = 16000
-OUTPUT_RATE = 24000
 ORIGIN_WINDOW_S = 30.0  # long enough to ride out receive-latency jumps, short against clock drift
 
 
@@ -49,23 +48,23 @@ class LoopbackMode:
     name = "loopback"
 
     def __init__(self, settings: LoopbackSettings) -> None:
-        if settings.unit_ms * INPUT_RATE % 2000:
+        if settings.unit_ms * MODEL_INPUT_RATE % 2000:
             raise ValueError("unit_ms must give an even number of 16 kHz samples")
         self.delay_s = settings.delay_s
-        self.unit_samples = settings.unit_ms * INPUT_RATE // 1000
+        self.unit_samples = settings.unit_ms * MODEL_INPUT_RATE // 1000
         self.pipeline_latency_s = settings.pipeline_latency_s
         self._paused = False
         self._samples = 0  # caller samples received so far (the capture timeline)
         self._origins: deque[tuple[float, float]] = deque()  # (completed_at, implied arrival of sample 0)
 
     def open(self, options: SessionOptions) -> tuple[SessionSetup, list[Output]]:
-        setup = SessionSetup(unit_samples=self.unit_samples, output_rate=OUTPUT_RATE)
+        setup = SessionSetup(unit_samples=self.unit_samples, output_rate=SPEECH_RATE)
         return setup, [p.StateOut(state="listening")]
 
     def on_unit(self, unit: ModeUnit, frame: np.ndarray | None) -> list[Output]:
-        start_s = self._samples / INPUT_RATE
+        start_s = self._samples / MODEL_INPUT_RATE
         self._samples += unit.pcm.size
-        origin = self._capture_origin(unit.completed_at, unit.completed_at - self._samples / INPUT_RATE)
+        origin = self._capture_origin(unit.completed_at, unit.completed_at - self._samples / MODEL_INPUT_RATE)
         if self._paused:
             return []
         play_at = origin + start_s + self.delay_s - self.pipeline_latency_s

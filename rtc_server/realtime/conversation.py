@@ -19,9 +19,10 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from inference.images import decode_image
+from MiniCPMO45.audio.rates import SPEECH_RATE
 from rtc_server.realtime import g711
 from rtc_server.realtime import models as rm
-from rtc_server.realtime.responses import OUTPUT_RATE, Translator
+from rtc_server.realtime.responses import Translator
 from rtc_server.realtime.session_map import Settings, apply_update
 
 log = logging.getLogger("rtc_server.realtime")
@@ -334,7 +335,7 @@ class RealtimeConversation:
                 event.event_id,
             )
             return
-        total_ms = response.audio_samples * 1000 // OUTPUT_RATE
+        total_ms = response.audio_samples * 1000 // SPEECH_RATE
         if event.audio_end_ms > total_ms:
             message = f"audio_end_ms {event.audio_end_ms} is past the item's audio ({total_ms} ms)"
             self.error("invalid_value", message, "audio_end_ms", event.event_id)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import av
 import numpy as np
 
-from media_tracks.resampler import AudioResampler
+from MiniCPMO45.audio.rates import G711_RATE, SPEECH_RATE
+from MiniCPMO45.audio.resample import AudioResampler
 
-RATES = {"audio/pcm": 24000, "audio/pcmu": 8000, "audio/pcma": 8000}
+RATES = {"audio/pcm": SPEECH_RATE, "audio/pcmu": G711_RATE, "audio/pcma": G711_RATE}
 BYTES_PER_SAMPLE = {"audio/pcm": 2, "audio/pcmu": 1, "audio/pcma": 1}
 ULAW_BIAS = 0x84
 ULAW_CLIP = 32635
@@ -67,7 +68,7 @@ class OutputEncoder:
     def __init__(self, fmt: str) -> None:
         self.format = fmt
         self.resampler = (
-            AudioResampler(format="s16", layout="mono", rate=8000) if fmt != "audio/pcm" else None
+            AudioResampler(format="s16", layout="mono", rate=G711_RATE) if fmt != "audio/pcm" else None
         )
 
     def __call__(self, pcm: np.ndarray) -> bytes:
@@ -75,7 +76,7 @@ class OutputEncoder:
         if self.resampler is None:
             return pcm16.astype("<i2").tobytes()
         frame = av.AudioFrame.from_ndarray(pcm16.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = 24000
+        frame.sample_rate = SPEECH_RATE
         parts = [f.to_ndarray().reshape(-1) for f in self.resampler.resample(frame)]
         narrow = np.concatenate(parts) if parts else np.zeros(0, np.int16)
         return (ulaw_encode(narrow) if self.format == "audio/pcmu" else alaw_encode(narrow)).tobytes()

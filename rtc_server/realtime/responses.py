@@ -26,7 +26,6 @@ from rtc_server.realtime import models as rm
 from rtc_server.realtime.g711 import OutputEncoder
 
 ITEMS_KEPT = 256  # items a session remembers (retrieve, truncate)
-OUTPUT_RATE = 24000
 
 
 @dataclass

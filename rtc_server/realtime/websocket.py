@@ -24,7 +24,8 @@ from aiohttp import WSMsgType, web
 from inference import protocol as p
 from media_shard.messages import CallSnapshot
 from media_tracks import UnitCutter, grid_lead_in
-from media_tracks.resampler import AudioResampler
+from MiniCPMO45.audio.rates import MODEL_INPUT_RATE
+from MiniCPMO45.audio.resample import AudioResampler
 from rtc_server import events as ev
 from rtc_server.admission import QueueFull
 from rtc_server.call_view import call_info, call_snapshot
@@ -37,7 +38,6 @@ from rtc_server.signalling import MANAGER_KEY, ApiError
 from rtc_server.voice_ids import voice_exists
 
 log = logging.getLogger("rtc_server.realtime")
-RATE = 16000
 MAX_WS_MESSAGE = 2 << 20  # bytes of one WebSocket message (an append of 15 s is ~960 kB of base64)
 MAX_HELD_S = 30.0  # audio held before the mode opens, or until a manual commit
 OUTBOX_LIMIT = 4000  # server events waiting for a client that does not read: beyond it the session ends
@@ -50,14 +50,14 @@ class InputResampler:
     graph, rebuilt when the input rate changes)."""
 
     def __init__(self) -> None:
-        self.graph = AudioResampler(format="flt", layout="mono", rate=RATE)
+        self.graph = AudioResampler(format="flt", layout="mono", rate=MODEL_INPUT_RATE)
         self.rate: int | None = None
 
     def __call__(self, pcm16: np.ndarray, rate: int) -> np.ndarray:
         if rate != self.rate:  # session.update changed the input format
             if self.rate is not None:
                 self.graph.close()
-                self.graph = AudioResampler(format="flt", layout="mono", rate=RATE)
+                self.graph = AudioResampler(format="flt", layout="mono", rate=MODEL_INPUT_RATE)
             self.rate = rate
         frame = av.AudioFrame.from_ndarray(pcm16.reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate = rate
@@ -165,7 +165,7 @@ class SocketCall:
         so the VAD never ends it by itself meanwhile."""
         self.committed += self.held
         self.held.clear()
-        return sum(a.size for a in self.committed) / RATE
+        return sum(a.size for a in self.committed) / MODEL_INPUT_RATE
 
     def _send_committed(self) -> None:
         committed, self.committed = self.committed, []
@@ -183,7 +183,7 @@ class SocketCall:
     @staticmethod
     def _hold(store: deque[np.ndarray], samples: np.ndarray) -> None:
         store.append(samples)
-        while sum(a.size for a in store) > MAX_HELD_S * RATE:
+        while sum(a.size for a in store) > MAX_HELD_S * MODEL_INPUT_RATE:
             store.popleft()
 
     def _feed(self, samples: np.ndarray) -> None:
@@ -208,7 +208,7 @@ class SocketCall:
             await asyncio.sleep(CLOCK_S)
             if not self.mode_open:
                 continue
-            due = (time.monotonic() - self.clock_start) * RATE
+            due = (time.monotonic() - self.clock_start) * MODEL_INPUT_RATE
             while self.fed + self.cutter.unit_samples <= due:
                 missing = self.cutter.unit_samples - self.cutter.pending_samples
                 self._feed(np.zeros(missing, np.float32))
