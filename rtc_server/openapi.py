@@ -4,6 +4,9 @@
 from the models' JSON schemas (`pydantic.json_schema.models_json_schema`). The data channel events are in
 the same document under `x-data-channel-events` (names of component schemas, by direction), so that the
 /docs page renders both from one source. tests/test_ui_api.py checks `OPERATIONS` against the router.
+
+One module over ~500 lines on purpose: most of it is the one `OPERATIONS` table, which is checked against the
+router as a whole and reads best as one list of every route.
 """
 
 from __future__ import annotations

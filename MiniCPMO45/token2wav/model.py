@@ -1,6 +1,7 @@
 """`Token2Wav`: the loaded vocoder (shared, read-only) and its per-voice / per-turn state objects.
 
-See the package docstring (`MiniCPMO45/token2wav/__init__.py`) for the call protocol.
+See the package docstring (`MiniCPMO45/token2wav/__init__.py`) for the call protocol. Over ~500 lines on purpose:
+`Token2Wav` is one class whose turn methods (single and batched pushes) share its flow, vocoder and graph state.
 """
 
 from __future__ import annotations
