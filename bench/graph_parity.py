@@ -72,11 +72,11 @@ def duplex_parity(
 ) -> tuple[DuplexParity, bool]:
     from PIL import Image
 
+    from MiniCPMO45.audio.load import load_audio
     from MiniCPMO45.engine.batcher import DuplexBatcher
     from MiniCPMO45.engine.core import Engine
     from MiniCPMO45.engine.duplex import UnitInput
     from MiniCPMO45.engine.duplex_session import DuplexSession
-    from MiniCPMO45.processor.audio_io import load_audio
     from tests.engine_fixtures import fixture_duplex_config, load_manifest, load_npz
 
     manifest = load_manifest(fixture)
