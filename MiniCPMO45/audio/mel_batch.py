@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -39,11 +39,19 @@ from .mel import (
     windowed_frames,
 )
 
-if TYPE_CHECKING:
-    from .mel_stream import ExactStreamingMel
-
 Frames = np.ndarray | torch.Tensor
 Peak = float | torch.Tensor
+
+
+class MelStream(Protocol):
+    """What a batch of jobs needs of the stream that planned each (`mel_stream.ExactStreamingMel`; a protocol so
+    that this module does not import the one that imports it)."""
+
+    _audio: Rope
+
+    def _store_on(self, device: torch.device | None) -> None: ...
+
+    def _finish(self, job: MelJob, logs: Frames) -> tuple[Frames, int, int]: ...
 
 
 def concat(parts: Sequence[Frames]) -> Frames:
@@ -155,7 +163,7 @@ class MelJob:
     """One `ExactStreamingMel.process` call between planning and finishing: the frames (buffer-local indices)
     the batched transform computes for it, and the frames it emits."""
 
-    stream: ExactStreamingMel
+    stream: MelStream
     stable: int  # buffer frames whose window lies inside the buffer
     total: int  # buffer frames
     core_start: int  # global index of the core's first frame
