@@ -69,6 +69,9 @@ class WorkersConfig(SupervisorSettings, TickSettings):
     # itself (the CPU default); -1: automatic (none without GPUs, else one per 16 calls the GPUs hold, at
     # most the cores left after the workers and the front)
     media_procs: int = Field(-1, ge=-1)
+    # a caller's unit waits at most this long for the others of its tick: half a second at most in a server's
+    # config (the worker's own settings allow more, for tests that gather every session's unit)
+    tick_gather_ms: float = Field(60.0, ge=0, le=500)
 
 
 class QueueSettings(StrictModel):

@@ -46,6 +46,7 @@ def test_cli_overrides_file_overrides_defaults(tmp_path: Path) -> None:
         ("[nonsense]\nx = 1\n", "unknown key 'nonsense'"),
         ("[server]\nport = 'high'\n", "'server.port'"),
         ("[server\n", "not valid TOML"),
+        ("[workers]\ntick_gather_ms = 600\n", "'workers.tick_gather_ms'"),  # the worker's own limit is higher
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, needle: str) -> None:
