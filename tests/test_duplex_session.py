@@ -14,7 +14,7 @@ from MiniCPMO45.audio.load import load_audio
 from MiniCPMO45.engine.batcher import DuplexBatcher
 from MiniCPMO45.engine.context_window import SlidingWindow
 from MiniCPMO45.engine.core import Engine
-from MiniCPMO45.engine.duplex import UnitInput, prepare
+from MiniCPMO45.engine.duplex import UnitInput, pending_tail, prepare
 from MiniCPMO45.engine.duplex_session import DuplexSession
 from MiniCPMO45.engine.session import Mode
 from tests.engine_fixtures import fixture_duplex_config, load_manifest
@@ -89,5 +89,28 @@ def test_speech_turn_is_the_calls_own(engine: Engine, tiny_fixture_dir: Path) ->
         call.state.tts_open = True
         call.prepare("Another prompt.", None, cfg)
         assert not call.state.tts_open and call.state.voice is call.voice
+    finally:
+        call.close()
+
+
+def test_a_slide_feeds_the_pending_tail_first(engine: Engine, tiny_fixture_dir: Path) -> None:
+    """The previous unit's tail ([terminator] </unit>) waits for the next prefill; a slide feeds it first, so
+    the dropped units are whole and the KV holds every position the context counts."""
+    audio = load_audio(tiny_fixture_dir / "inputs" / "duplex_audio.wav")
+    cfg = fixture_duplex_config(load_manifest(tiny_fixture_dir))
+    batcher = DuplexBatcher(engine, use_graphs=False)
+    call = DuplexSession(batcher, unit_budget=BUDGET)
+    try:
+        call.prepare("Short.", None, cfg)
+        assert call.window is not None
+        for k in range(2):
+            DuplexSession.tick([call], [UnitInput(audio=audio[k * 16000 : (k + 1) * 16000])])
+        assert pending_tail(engine, call.session)  # the second unit's tail is not in the KV yet
+        assert call.make_room(0) == 0  # room enough: nothing fed, nothing dropped
+        assert pending_tail(engine, call.session)
+        before = call.context_length()
+        dropped = call.make_room(call.window.max_tokens - before + 1)
+        assert dropped > 0 and not pending_tail(engine, call.session)
+        assert engine.kv_length(call.session) == call.context_length() == before - dropped
     finally:
         call.close()
