@@ -70,35 +70,25 @@ class Row:
 def duplex_parity(
     model_dir: Path, fixture: Path, device: str, dtype: torch.dtype
 ) -> tuple[DuplexParity, bool]:
-    from PIL import Image
-
-    from MiniCPMO45.audio.load import load_audio
     from MiniCPMO45.engine.batcher import DuplexBatcher
     from MiniCPMO45.engine.core import Engine
-    from MiniCPMO45.engine.duplex import UnitInput
     from MiniCPMO45.engine.duplex_session import DuplexSession
-    from tests.engine_fixtures import fixture_duplex_config, load_manifest, load_npz
+    from tests.engine_fixtures import duplex_fixture, fixture_duplex_config, load_npz
 
-    manifest = load_manifest(fixture)
+    fx = duplex_fixture(fixture)
     golden = load_npz(fixture, "e_duplex")
-    cfg = fixture_duplex_config(manifest)
-    inputs = fixture / "inputs"
-    audio = load_audio(inputs / "duplex_audio.wav")
-    ref = load_audio(inputs / "ref_audio.wav")
-    prompt = manifest["duplex_prepare_prompt"].split("\n")[1]
+    cfg = fixture_duplex_config(fx.manifest)
     engine = Engine.from_pretrained(model_dir, dtype=dtype, device=device, max_sessions=8, max_len=512)
     batcher = DuplexBatcher(engine, use_graphs=None, fused=device != "cpu")
     graphs = bool(batcher.llm.use_graphs)
     call = DuplexSession(batcher, unit_budget=172)
-    call.prepare(prompt, ref, cfg)
+    call.prepare(fx.prompt, fx.ref_audio, cfg)
     session = call.session
     out = DuplexParity()
     t0 = time.perf_counter()
     decoded: list[int] = []
     speaking = 0
-    for k, rec in enumerate(manifest["duplex_steps"]):
-        frame = Image.open(inputs / f"frame_{k}.png").convert("RGB")
-        unit = UnitInput(audio=audio[k * 16000 : (k + 1) * 16000], frames=[frame])
+    for unit, rec in zip(fx.units, fx.steps, strict=True):
         [done] = DuplexSession.tick([call], [unit], [rec["force_listen_override"]])
         result = done.output.result
         out.units += 1

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from MiniCPMO45.engine.duplex import DuplexConfig
+from MiniCPMO45.audio.load import load_audio
+from MiniCPMO45.audio.rates import MODEL_INPUT_RATE
+from MiniCPMO45.engine.duplex import DuplexConfig, UnitInput
 
 
 def load_npz(fixture_dir: Path, name: str) -> dict[str, np.ndarray]:
@@ -48,3 +52,31 @@ def fixture_duplex_config(manifest: dict, **overrides: object) -> DuplexConfig:
     )
     fields.update(overrides)
     return DuplexConfig(**fields)
+
+
+@dataclass
+class DuplexFixture:
+    """The recorded e_duplex session: its system prompt and reference audio, its omni units (1 s of audio and one
+    frame each) and, per unit, the recorded step (`force_listen_override`, `is_listen`, `text`, ...)."""
+
+    manifest: dict
+    prompt: str
+    ref_audio: np.ndarray
+    units: list[UnitInput]
+    steps: list[dict]
+
+
+def duplex_fixture(fixture_dir: Path) -> DuplexFixture:
+    manifest = load_manifest(fixture_dir)
+    inputs = fixture_dir / "inputs"
+    audio = load_audio(inputs / "duplex_audio.wav")
+    steps = manifest["duplex_steps"]
+    units = [
+        UnitInput(
+            audio=audio[k * MODEL_INPUT_RATE : (k + 1) * MODEL_INPUT_RATE],
+            frames=[Image.open(inputs / f"frame_{k}.png").convert("RGB")],
+        )
+        for k in range(len(steps))
+    ]
+    prompt = manifest["duplex_prepare_prompt"].split("\n")[1]
+    return DuplexFixture(manifest, prompt, load_audio(inputs / "ref_audio.wav"), units, steps)

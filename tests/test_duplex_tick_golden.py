@@ -9,15 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
-from MiniCPMO45.audio.load import load_audio
 from MiniCPMO45.engine import batcher as batcher_module
 from MiniCPMO45.engine.batcher import DuplexBatcher
 from MiniCPMO45.engine.core import Engine
-from MiniCPMO45.engine.duplex import UnitInput, schema_codes
+from MiniCPMO45.engine.duplex import schema_codes
 from MiniCPMO45.engine.duplex_session import DuplexSession
-from tests.engine_fixtures import assert_close, fixture_duplex_config, load_manifest, load_npz
+from tests.engine_fixtures import assert_close, duplex_fixture, fixture_duplex_config, load_npz
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +27,8 @@ def test_tick_matches_golden_duplex(
     engine: Engine, tiny_fixture_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     e = load_npz(tiny_fixture_dir, "e_duplex")
-    manifest = load_manifest(tiny_fixture_dir)
-    inputs = tiny_fixture_dir / "inputs"
-    audio = load_audio(inputs / "duplex_audio.wav")
-    ref = load_audio(inputs / "ref_audio.wav")
-    prompt = manifest["duplex_prepare_prompt"].split("\n")[1]
+    fx = duplex_fixture(tiny_fixture_dir)
+    manifest = fx.manifest
 
     batcher = DuplexBatcher(engine, use_graphs=False)
     assert not batcher.llm.use_graphs
@@ -50,7 +45,7 @@ def test_tick_matches_golden_duplex(
     call = DuplexSession(batcher, unit_budget=172)
     s = call.session
     try:
-        call.prepare(prompt, ref, fixture_duplex_config(manifest))
+        call.prepare(fx.prompt, fx.ref_audio, fixture_duplex_config(manifest))
         assert engine.kv_length(s) == int(e["kv_len_after_prepare"])
         first_logits = None
         outs = []
@@ -64,9 +59,7 @@ def test_tick_matches_golden_duplex(
             return res
 
         batcher.prefill = keep_first  # type: ignore[method-assign]
-        for k, rec in enumerate(manifest["duplex_steps"]):
-            frame = Image.open(inputs / f"frame_{k}.png").convert("RGB")
-            unit = UnitInput(audio=audio[k * 16000 : (k + 1) * 16000], frames=[frame])
+        for unit, rec in zip(fx.units, fx.steps, strict=True):
             [done] = DuplexSession.tick([call], [unit], [rec["force_listen_override"]])
             assert done.dropped_tokens == 0 and done.kv_tokens == call.context_length()
             outs.append((done.output, call.context_length()))
