@@ -10,7 +10,6 @@ calls' PATCH and DELETE. Routes: `POST /api/sessions`, `GET|DELETE /api/sessions
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 from dataclasses import dataclass
@@ -33,8 +32,10 @@ from rtc_server.signalling import (
     SDP_TYPE,
     TRICKLE_TYPE,
     ApiError,
-    is_loopback,
+    check_admin,
     parse_sdpfrag,
+    read_text,
+    require_type,
     validation_problems,
 )
 
@@ -116,23 +117,6 @@ def _raise(reply: Reply) -> None:
         raise ApiError(reply.status, reply.code, reply.message, headers=headers)
 
 
-def _require_type(request: web.Request, expected: str) -> None:
-    if request.content_type != expected:
-        raise ApiError(
-            415, "unsupported_media_type", f"expected Content-Type {expected}, got {request.content_type}"
-        )
-
-
-def _require_admin(request: web.Request) -> None:
-    expected = _front(request).config.auth.admin_token
-    if not expected:
-        if not is_loopback(request.remote):
-            raise ApiError(403, "admin_only", "without auth.admin_token only loopback clients may do this")
-        return
-    if not hmac.compare_digest(request.headers.get("X-Admin-Token", "").encode(), expected.encode()):
-        raise ApiError(401, "admin_unauthorized", "missing or wrong X-Admin-Token header")
-
-
 def _offer(request: web.Request, sdp: str, mode: str, **extra: Any) -> OfferIn:
     front = _front(request)
     bearer = request.headers.get("Authorization") if front.config.auth.api_token else None
@@ -140,17 +124,10 @@ def _offer(request: web.Request, sdp: str, mode: str, **extra: Any) -> OfferIn:
     return OfferIn(sdp=sdp, mode=mode, client_address=client.address, client_token=client.token, **extra)
 
 
-async def _text(request: web.Request) -> str:
-    try:
-        return (await request.read()).decode("utf-8")
-    except UnicodeDecodeError:
-        raise ApiError(400, "bad_encoding", "the body is not UTF-8") from None
-
-
 async def create_session(request: web.Request) -> web.Response:
-    _require_type(request, "application/json")
+    require_type(request, "application/json")
     try:
-        body = ev.SessionRequest.model_validate(json.loads(await _text(request)))
+        body = ev.SessionRequest.model_validate(json.loads(await read_text(request)))
     except json.JSONDecodeError as exc:
         raise ApiError(400, "bad_json", f"the body is not JSON: {exc}") from None
     except ValidationError as exc:
@@ -180,7 +157,7 @@ async def delete_session(request: web.Request) -> web.Response:
 
 
 async def list_sessions(request: web.Request) -> web.Response:
-    _require_admin(request)
+    check_admin(request, _front(request).config.auth.admin_token)
     sessions: list[dict[str, Any]] = []
     for node in await _front(request).nodes():
         if node["up"] and node["status"] is not None:
@@ -190,7 +167,7 @@ async def list_sessions(request: web.Request) -> web.Response:
 
 async def admin_status(request: web.Request) -> web.Response:
     """Every up node's own admin status (workers, calls, queue, recent errors), by node."""
-    _require_admin(request)
+    check_admin(request, _front(request).config.auth.admin_token)
     front = _front(request)
     nodes = []
     for node in await front.nodes():
@@ -205,18 +182,18 @@ async def admin_status(request: web.Request) -> web.Response:
 
 
 async def cluster_nodes(request: web.Request) -> web.Response:
-    _require_admin(request)
+    check_admin(request, _front(request).config.auth.admin_token)
     return web.json_response({"nodes": await _front(request).nodes()})
 
 
 async def whip_offer(request: web.Request) -> web.Response:
-    _require_type(request, SDP_TYPE)
+    require_type(request, SDP_TYPE)
     mode = request.query.get("mode", "")
     if not mode:
         raise ApiError(400, "missing_mode", "add ?mode=<mode> to the WHIP URL")
     offer = _offer(
         request,
-        await _text(request),
+        await read_text(request),
         mode,
         system_prompt=request.query.get("system_prompt"),
         voice=request.query.get("voice") or None,
@@ -229,8 +206,8 @@ async def whip_offer(request: web.Request) -> web.Response:
 
 
 async def whip_patch(request: web.Request) -> web.Response:
-    _require_type(request, TRICKLE_TYPE)
-    candidates, end = parse_sdpfrag(await _text(request))
+    require_type(request, TRICKLE_TYPE)
+    candidates, end = parse_sdpfrag(await read_text(request))
     _raise(await _front(request).route(request.match_info["session_id"], "trickle", candidates, end))
     return web.Response(status=204)
 

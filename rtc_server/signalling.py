@@ -45,7 +45,7 @@ def _manager(request: web.Request) -> SessionManager:
     return request.app[MANAGER_KEY]
 
 
-def _require_type(request: web.Request, expected: str) -> None:
+def require_type(request: web.Request, expected: str) -> None:
     if request.content_type != expected:
         raise ApiError(
             415, "unsupported_media_type", f"expected Content-Type {expected}, got {request.content_type}"
@@ -65,7 +65,11 @@ def is_loopback(remote: str | None) -> bool:
 
 def require_admin(request: web.Request) -> None:
     """Admin routes: the `X-Admin-Token` header when `auth.admin_token` is set, else loopback clients only."""
-    expected = _manager(request).config.auth.admin_token
+    check_admin(request, _manager(request).config.auth.admin_token)
+
+
+def check_admin(request: web.Request, expected: str) -> None:
+    """`require_admin` with the admin token given (the cluster front has no session manager)."""
     if not expected:
         if not is_loopback(request.remote):
             raise ApiError(403, "admin_only", "without auth.admin_token only loopback clients may do this")
@@ -80,7 +84,7 @@ def validation_problems(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
 
 
-async def _read_text(request: web.Request) -> str:
+async def read_text(request: web.Request) -> str:
     try:
         return (await request.read()).decode("utf-8")
     except UnicodeDecodeError:
@@ -138,9 +142,9 @@ def _session(request: web.Request) -> Call:
 
 
 async def create_session(request: web.Request) -> web.Response:
-    _require_type(request, "application/json")
+    require_type(request, "application/json")
     try:
-        body = json.loads(await _read_text(request))
+        body = json.loads(await read_text(request))
     except json.JSONDecodeError as exc:
         raise ApiError(400, "bad_json", f"the body is not JSON: {exc}") from None
     except RecursionError:
@@ -177,13 +181,13 @@ async def delete_session(request: web.Request) -> web.Response:
 
 
 async def whip_offer(request: web.Request) -> web.Response:
-    _require_type(request, SDP_TYPE)
+    require_type(request, SDP_TYPE)
     mode = request.query.get("mode", "")
     if not mode:
         raise ApiError(400, "missing_mode", "add ?mode=<mode> to the WHIP URL")
     voice = request.query.get("voice") or None
     session = await _create(
-        request, await _read_text(request), mode, request.query.get("system_prompt"), voice
+        request, await read_text(request), mode, request.query.get("system_prompt"), voice
     )
     return web.Response(
         status=201,
@@ -211,8 +215,8 @@ def parse_sdpfrag(text: str) -> tuple[list[tuple[str | None, str]], bool]:
 
 async def whip_patch(request: web.Request) -> web.Response:
     session = _session(request)
-    _require_type(request, TRICKLE_TYPE)
-    candidates, end = parse_sdpfrag(await _read_text(request))
+    require_type(request, TRICKLE_TYPE)
+    candidates, end = parse_sdpfrag(await read_text(request))
     try:
         await session.add_candidates(candidates, end)
     except BadCandidate as exc:
