@@ -6,7 +6,8 @@ session (mode switches reuse it, so switching loads nothing). It holds:
 
 - `engine`: `MiniCPMO45.engine.core.Engine` (LLM, vision, audio encoders, one slot KV cache for every
   session of the worker);
-- `tts` and `tts_cache`: the speech-token LM and its slot cache;
+- `tts`: the speech-token LM (its per-session cache slots live in the batcher's `StaticTTS`, `tts_window`
+  positions each, at the session's KV slot);
 - `vocoder`: `Token2Wav` (25 Hz codes -> 24 kHz PCM), shared read-only;
 - `duplex_batcher()`: the `DuplexBatcher` that runs one unit of every duplex session per tick (static-shape
   LLM/TTS steps, CUDA graphs on a GPU), made on first use;
@@ -43,7 +44,7 @@ from MiniCPMO45.config import PreprocessorConfig
 from MiniCPMO45.engine.batcher import DuplexBatcher
 from MiniCPMO45.engine.core import Engine
 from MiniCPMO45.model import MiniCPMO
-from MiniCPMO45.modules.tts import MiniCPMTTS, TTSKVCache
+from MiniCPMO45.modules.tts import MiniCPMTTS
 from MiniCPMO45.modules.whisper_slots import WhisperSlotCache
 from MiniCPMO45.tiny_builder import ensure_tiny_model
 from MiniCPMO45.token2wav import PromptCache, Token2Wav, detect_layout
@@ -122,6 +123,8 @@ class EngineHost:
         self.vocoder = Token2Wav.from_layout(
             layout, device=self.device, use_graphs=cuda, flow_dtype=flow_dtype
         )
+        if self.vocoder.flow_graphs is not None:
+            self.vocoder.flow_graphs.max_bytes = int(model_settings.vocoder_graph_gib * GIB)
         try:
             self.frontend: PromptFrontend | None = PromptFrontend.from_layout(layout)
         except FileNotFoundError as exc:
@@ -141,7 +144,6 @@ class EngineHost:
             preprocessor=PreprocessorConfig.from_file(self.model_dir),
         )
         self.tts: MiniCPMTTS = model.tts
-        self.tts_cache: TTSKVCache = self.tts.new_cache(self.max_sessions)
         # the vocoder's per-turn store is taken now, not mid-call: one turn per session unless `vocoder_turns`
         # says fewer (a card whose memory holds the sessions' KV but not every session speaking at once)
         self.vocoder.reserve_turns(self.default_voice.prompt, self._vocoder_turns())
@@ -171,8 +173,10 @@ class EngineHost:
         per_session = self._session_bytes(model)
         turn = self._vocoder_turn_bytes()
         turns = settings.model.vocoder_turns
-        # fixed vocoder turns are paid once; otherwise each session brings its own turn
-        fixed = turns * turn if turns else 0
+        # fixed vocoder turns are paid once; otherwise each session brings its own turn. The vocoder's graph
+        # inputs grow while calls run, up to their budget: counted now.
+        flow = self.vocoder.flow_graphs
+        fixed = (turns * turn if turns else 0) + (flow.max_bytes if flow is not None and flow.graphs else 0)
         capacity = limit_to_memory(
             plan,
             free - fixed,
@@ -197,10 +201,11 @@ class EngineHost:
 
     def _session_bytes(self, model: MiniCPMO) -> int:
         """Memory of one session's caches, from caches built for one session: LLM KV at `max_kv_tokens`, the
-        TTS slot, and the streaming audio encoder's slot."""
+        TTS slot at `tts_window` positions (the only TTS cache: `StaticTTS`'s), and the streaming audio
+        encoder's slot."""
         llm = model.llm.new_cache(1, self.max_kv_tokens)
         assert model.tts is not None
-        tts = model.tts.new_cache(1)
+        tts = model.tts.new_cache(1, self.settings.model.tts_window)
         tensors = [*llm.keys, *llm.values, *tts.keys, *tts.values]
         whisper = WhisperSlotCache.bytes_per_slot(model.config.audio, model.dtype)
         return sum(t.numel() * t.element_size() for t in tensors) + whisper
@@ -258,8 +263,27 @@ class EngineHost:
         if cuda:
             started = time.perf_counter()
             batcher.warm_up(self.max_sessions, phases=self.settings.tick_phases)
-            log.info("duplex graphs captured in %.1f s", time.perf_counter() - started)
+            log.info(
+                "duplex graphs captured in %.1f s; %s", time.perf_counter() - started, self.memory_report()
+            )
         return batcher
+
+    def memory_report(self) -> str:
+        """One line on the GPU's memory (allocated now and at peak, held by the allocator, free on the card) and
+        the vocoder's graph inputs; empty on the CPU. Only reads counters: safe from another thread."""
+        if self.device.type != "cuda":
+            return ""
+        mib = 1 << 20
+        flow = self.vocoder.flow_graphs
+        vocoder = (
+            f"; vocoder graphs {len(flow.chunks)}, inputs {flow.bytes_used / mib:.0f} MiB" if flow else ""
+        )
+        return (
+            f"GPU memory: allocated {torch.cuda.memory_allocated(self.device) / mib:.0f} MiB "
+            f"(peak {torch.cuda.max_memory_allocated(self.device) / mib:.0f}), "
+            f"held {torch.cuda.memory_reserved(self.device) / mib:.0f} MiB, "
+            f"free on the card {torch.cuda.mem_get_info(self.device)[0] / mib:.0f} MiB{vocoder}"
+        )
 
     def _shrink(self, sessions: int) -> None:
         """Rebuild the sessions' caches for fewer sessions (at start-up, before any session opened)."""
@@ -269,13 +293,12 @@ class EngineHost:
             self.engine.tokenizer,
             self.engine.processor.config,
         )
-        del self.engine, self.tts_cache
+        del self.engine
         gc.collect()
         torch.cuda.empty_cache()
         self.capacity = limit_to_count(self.capacity, sessions)
         self.max_sessions = self.capacity.slots
         self.engine = Engine(model, tokenizer, self.max_sessions, self.max_kv_tokens, preprocessor)
-        self.tts_cache = self.tts.new_cache(self.max_sessions)
 
     # ---- voices ---------------------------------------------------------------------------------------------
     def _load_default_voice(self) -> Voice:

@@ -40,6 +40,10 @@ class ModelSettings(StrictModel):
     # vocoder turns whose per-turn store (~150 MB each at the real size) a GPU worker takes at start-up;
     # 0: one per session. More turns at once grow the store (a copy) while memory lasts.
     vocoder_turns: int = Field(0, ge=0)
+    # GPU memory of the vocoder's padded-flow static inputs (one set per conformer cache size, grown to the
+    # largest batch seen; `token2wav/flow_graphs.py`): taken while calls run, so the budget counts it up front.
+    # Shapes past it run the same padded code without graphs. `bench/capacity.py`'s H100 table ran with 1.
+    vocoder_graph_gib: float = Field(1.0, ge=0)
     # on a GPU, the element-wise work around each layer's matmuls in the static LLM/TTS steps runs as kernels
     # fused by torch.compile (compiled once per worker at start-up; `engine/fused.py`)
     fused_layers: bool = True
@@ -47,9 +51,9 @@ class ModelSettings(StrictModel):
     # (about 12 s of speech at 512) restarts its TTS context
     tts_window: int = Field(512, ge=128, le=4096)
     # GPU memory a worker keeps free for CUDA graphs and activations when it sizes its sessions' caches
-    gpu_reserve_gib: float = Field(16.0, ge=0)
+    gpu_reserve_gib: float = Field(5.0, ge=0)
     # GPU memory that must still be free after the warm-up, for what live ticks allocate; less: fewer sessions
-    gpu_runtime_reserve_gib: float = Field(8.0, ge=0)
+    gpu_runtime_reserve_gib: float = Field(2.0, ge=0)
 
     @property
     def cache_path(self) -> Path:

@@ -39,6 +39,7 @@ from inference.sessions import Connection, Sessions
 from inference.settings import WorkerSettings
 
 log = logging.getLogger("inference.worker")
+MEMORY_LOG_S = 30.0  # a GPU worker logs its memory this often
 
 
 def planned_capacity(settings: WorkerSettings) -> WorkerCapacity:
@@ -88,6 +89,12 @@ async def report_capacity(
     loop = asyncio.get_running_loop()
     capacity = await loop.run_in_executor(executor, preload_engine, settings) or plan
     await conn.send(p.CapacityOut(**capacity.model_dump()))
+    from inference import engine_host  # loaded by the preload above
+
+    host = engine_host._HOST
+    while host is not None and host.device.type == "cuda":  # what live ticks allocate beyond the warm-up
+        await asyncio.sleep(MEMORY_LOG_S)
+        log.info("%s", host.memory_report())
 
 
 async def serve(
@@ -111,6 +118,7 @@ async def serve(
     )
     sessions = Sessions(executor, settings)
     links: LinkServer | None = None
+    preloading: asyncio.Task[None] | None = None
     writer: asyncio.StreamWriter | None = None
     try:
         if listen is not None and secret is None:
@@ -144,7 +152,7 @@ async def serve(
             )
         )
         if preload:
-            asyncio.create_task(report_capacity(conn, executor, settings, plan), name="preload")
+            preloading = asyncio.create_task(report_capacity(conn, executor, settings, plan), name="preload")
         while True:
             try:
                 message, payload = await p.read_message(reader)
@@ -152,6 +160,8 @@ async def serve(
                 return  # the server went away: nothing left to serve
             await sessions.handle(conn, message, payload, time.monotonic())
     finally:
+        if preloading is not None:
+            preloading.cancel()
         if links is not None:
             links.close()
         sessions.end_all()

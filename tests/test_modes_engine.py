@@ -278,14 +278,12 @@ def test_a_failed_open_gives_its_slots_back(host, mode_name: str) -> None:
     """A mode whose open fails after taking a KV slot (here: a context limit below the system prompt; on a
     GPU, out of memory) releases it: many failed opens later a session still opens (the slot leak seen on
     the H100, where the worker said `all 16 KV slots are in use` while admission had room)."""
-    free_kv = len(host.engine.cache._free)
-    free_tts = len(host.tts_cache._free)
+    free_kv = len(host.engine.cache._free)  # a session's TTS slot is its KV slot (the static TTS cache)
     for attempt in range(2 * host.max_sessions + 1):
         mode = create_mode(mode_name, SETTINGS)
         with pytest.raises(ValueError):
             mode.open(SessionOptions(f"bad{attempt}", extra={"max_kv_tokens": 10}))
         assert len(host.engine.cache._free) == free_kv, "the failed open kept its KV slot"
-        assert len(host.tts_cache._free) == free_tts, "the failed open kept its TTS slot"
         mode.close()  # the worker closes the mode again at the end of the session: harmless
     mode = create_mode(mode_name, SETTINGS)
     mode.open(SessionOptions("good"))

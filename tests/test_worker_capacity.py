@@ -22,6 +22,7 @@ from inference.capacity import (
 )
 from inference.engine_host import EngineHost
 from MiniCPMO45.engine.capacity import CapacityTable, ModeCapacity
+from MiniCPMO45.modules.whisper_slots import WhisperSlotCache
 from tests.worker_helpers import embedded
 
 MODES = ["loopback", "chat", "audio_duplex", "omni_duplex"]
@@ -108,12 +109,19 @@ def test_a_host_sizes_its_caches_to_the_memory_it_has() -> None:
     kv = free.engine.cache
     kv_bytes = sum(t.numel() * t.element_size() for t in [*kv.keys, *kv.values]) // kv.num_slots
     assert per_session > kv_bytes > 0
+    # the figure is what a session's caches take: its KV slot, its slot of the static TTS cache (the only TTS
+    # cache; a host once also kept a dead one of 4096 positions per session, 240 MiB each at the real size)
+    # and its streaming audio encoder slot
+    tts = free.duplex_batcher().tts.cache
+    tts_bytes = sum(t.numel() * t.element_size() for t in [*tts.keys, *tts.values]) // tts.num_slots
+    whisper = WhisperSlotCache.bytes_per_slot(free.engine.model.config.audio, free.engine.model.dtype)
+    assert per_session == kv_bytes + tts_bytes + whisper
     reserve = 1 << 20
     model = {"max_kv_tokens": 1024, "gpu_reserve_gib": reserve / GIB}
     budget = reserve + 3 * per_session + per_session // 2
     host = EngineHost(embedded(model, max_sessions=8, device_memory_bytes=budget))
     assert host.capacity.sessions == 3 and host.capacity.source == "configured, memory-limited"
-    assert host.engine.cache.num_slots == 3 and host.tts_cache.num_slots == 3
+    assert host.engine.cache.num_slots == 3 and host.duplex_batcher().tts.cache.num_slots == 3
     with pytest.raises(MemoryError):
         EngineHost(embedded(model, max_sessions=8, device_memory_bytes=per_session))
 

@@ -135,10 +135,8 @@ class ChatMode:
         assert self.session is not None
         # the reply's TTS runs in the static steps' cache, at the session's own slot (CUDA graphs on a GPU)
         static = self.host.duplex_batcher().tts
-        if static is not None:
-            self.tts = self.host.tts.new_session(static.cache, seed=self.options.seed, slot=self.session.slot)
-        else:
-            self.tts = self.host.tts.new_session(self.host.tts_cache, seed=self.options.seed)
+        assert static is not None, "the host requires a checkpoint with a TTS"
+        self.tts = self.host.tts.new_session(static.cache, seed=self.options.seed, slot=self.session.slot)
         self.detector = TurnDetector.from_options(self.options)
         self.sampling = ChatSampling(
             temperature=self.options.temperature,
