@@ -293,3 +293,21 @@ def test_padded_graphs_pads_and_returns_real_rows() -> None:
     torch.testing.assert_close(b, x - y, atol=0, rtol=0)
     padded((torch.randn(65, 2), torch.randn(65, 2)), False)  # over the largest bucket: unpadded
     assert calls[-1] == (65, 2)
+
+
+def test_tick_speech_warm_up_runs_a_full_ticks_vocoder_shapes_and_frees_its_turns(
+    folder: Path, token2wav_fixture_dir: Path
+) -> None:
+    """The batcher's warm-up speaks random codes in as many vocoder turns as sessions: the padded flow sees the
+    tick's largest batch, each steady shape at least `capture_after` times (on a GPU: captured then, not in a
+    live tick), and every turn's store slot is free afterwards."""
+    from MiniCPMO45.engine.tick_speech import TickSpeech
+
+    model = _load(token2wav_fixture_dir, folder, use_graphs=True)
+    flow = model.flow_graphs
+    assert flow is not None and not flow.seen
+    speech = TickSpeech(None, None, model, _voice(model, token2wav_fixture_dir))  # type: ignore[arg-type]
+    speech.warm_up(5)
+    assert max(shape.bucket for shape in flow.seen) == batch_bucket(5)
+    assert max(flow.seen.values()) >= flow.capture_after
+    assert flow.store.owners and not any(flow.store.owners), "a warm-up turn kept its store slot"

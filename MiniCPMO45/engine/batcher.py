@@ -207,6 +207,10 @@ class DuplexBatcher:
                 self.audio.warm_up(per_phase, top=top)
             if merged is not None:
                 self.audio.warm_up(merged)
+        # the vocoder of a tick in which every session speaks (its largest batch and transients), and of one phase
+        self.speech.warm_up(max_sessions)
+        if per_phase < max_sessions:
+            self.speech.warm_up(per_phase)
 
     # ---- prefill ------------------------------------------------------------------------------------------
     @torch.no_grad()

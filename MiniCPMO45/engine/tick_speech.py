@@ -21,6 +21,9 @@ from .core import Engine
 from .duplex import DuplexState, UnitResult, _state
 from .static_tts import StaticTTS
 
+# a duplex speech turn's first windows, two steady ones (its flow cache full: captured on the second) and its end
+WARM_UP_UNITS = 5
+
 
 @dataclass
 class SpeechOut:
@@ -38,6 +41,24 @@ class TickSpeech:
         """`voice` is the default of sessions without their own; without a `vocoder` units get codes only."""
         self.engine, self.tts, self.vocoder, self.voice = engine, tts, vocoder, voice
         self.vocoder_s = 0.0  # the last tick's vocoder time
+
+    @torch.no_grad()
+    def warm_up(self, sessions: int, units: int = WARM_UP_UNITS) -> None:
+        """Speak `units` units of random codes in `sessions` vocoder turns at once and end them: the padded flow
+        and HiFT shapes of a tick in which that many sessions speak (the turn's opening windows, the steady
+        one once its cache is full, the last chunk) are captured now (a shape is captured on its second use),
+        so their memory shows in the worker's after-warm-up check and no capture of that size lands in a live
+        tick. The turns' store slots are free again afterwards."""
+        if self.vocoder is None or self.voice is None or sessions < 1:
+            return
+        codes = torch.randint(0, self.vocoder.flow.p.vocab_size, (units, sessions, DUPLEX_MAX_DRAWS - 1))
+        turns = [self.vocoder.start_turn(self.voice, rule="duplex") for _ in range(sessions)]
+        for u in range(units):
+            last = u == units - 1
+            requests = [
+                PushRequest(t, c, end_of_turn=last) for t, c in zip(turns, codes[u].tolist(), strict=True)
+            ]
+            self.vocoder.push_codes_batch(requests)
 
     def conditions(self, results: Sequence[UnitResult]) -> list[torch.Tensor]:
         """The TTS conditions of many units with one projector call: emb_text(t) + L2norm(projector_semantic(h))
