@@ -225,10 +225,14 @@ class EngineHost:
         only what it could allocate."""
         while self._batcher is None:
             try:
-                batcher = self._warm_batcher()
+                batcher: DuplexBatcher | None = self._warm_batcher()
             except torch.OutOfMemoryError:
                 if self.device.type != "cuda" or self.max_sessions <= 1:
                     raise
+                batcher = None
+            if batcher is None:
+                # out of the handler first: its traceback holds the failed capture's tensors, which the
+                # smaller caches need (on the H100 the retry itself ran out of memory while they lived)
                 self._shrink(max(1, self.max_sessions * 7 // 8))
                 continue
             short = self._runtime_shortfall()
@@ -294,6 +298,8 @@ class EngineHost:
             self.engine.processor.config,
         )
         del self.engine
+        if self.vocoder.flow_graphs is not None:
+            self.vocoder.flow_graphs.release()  # what the failed warm-up captured and grew
         gc.collect()
         torch.cuda.empty_cache()
         self.capacity = limit_to_count(self.capacity, sessions)

@@ -168,3 +168,43 @@ async def test_a_preloading_worker_reports_its_budgeted_capacity_and_is_used_onl
         assert admission._free_worker("audio_duplex") == 0
     finally:
         await supervisor.stop()
+
+
+def test_a_warm_up_out_of_memory_retries_smaller_after_freeing_the_failed_capture(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The GPU retry path on the CPU (the device type is faked for the decision only): the first capture runs
+    out of memory; the caches shrink by an eighth only once the failed capture's tensors are gone (its
+    traceback kept them alive, and on the H100 the retry itself then ran out of memory), and the second
+    capture's batcher serves."""
+    import gc
+    import weakref
+
+    import torch
+
+    host = EngineHost(embedded(max_sessions=8))
+    real_warm, real_shrink = host._warm_batcher, host._shrink
+    failed: list[weakref.ref[torch.Tensor]] = []
+    alive_at_shrink: list[bool] = []
+
+    def warm() -> object:
+        if not failed:
+            captured = torch.zeros(16)  # stands for the failed capture's graphs and buffers
+            failed.append(weakref.ref(captured))
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        monkeypatch.setattr(host, "device", torch.device("cpu"))
+        return real_warm()
+
+    def shrink(sessions: int) -> None:
+        gc.collect()
+        alive_at_shrink.append(failed[0]() is not None)
+        real_shrink(sessions)
+
+    monkeypatch.setattr(host, "device", torch.device("cuda"))
+    monkeypatch.setattr(host, "_warm_batcher", warm)
+    monkeypatch.setattr(host, "_shrink", shrink)
+    monkeypatch.setattr(host, "_runtime_shortfall", lambda: 0)
+    batcher = host.duplex_batcher()
+    assert alive_at_shrink == [False], "the failed capture was still alive when the caches were rebuilt"
+    assert host.max_sessions == 7 and host.engine.cache.num_slots == 7
+    assert batcher.engine is host.engine

@@ -207,10 +207,9 @@ class DuplexBatcher:
                 self.audio.warm_up(per_phase, top=top)
             if merged is not None:
                 self.audio.warm_up(merged)
-        # the vocoder of a tick in which every session speaks (its largest batch and transients), and of one phase
-        self.speech.warm_up(max_sessions)
-        if per_phase < max_sessions:
-            self.speech.warm_up(per_phase)
+        # the vocoder of a tick in which one phase's sessions all speak (every session at once did not fit beside
+        # 64 sessions' caches on an H100: a live tick's flow batch covers that many rows, fewer of them real)
+        self.speech.warm_up(per_phase)
 
     # ---- prefill ------------------------------------------------------------------------------------------
     @torch.no_grad()

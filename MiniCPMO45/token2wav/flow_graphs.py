@@ -359,6 +359,13 @@ class FlowGraphs:
             # into it fails an internal assertion (torch 2.11).
             self._pool = torch.cuda.graph_pool_handle()
 
+    def release(self) -> None:
+        """Drop every captured graph and static buffer (a worker's failed warm-up, before it retries smaller):
+        later rounds capture again."""
+        self._drop_graphs()
+        self.buffers.clear()
+        self.seen.clear()
+
     def shape_of(
         self, windows: Sequence[WindowRow], rows_of: Sequence[int], n_steps: int, base: int
     ) -> ChunkShape:
