@@ -43,7 +43,8 @@ prompt + 100 frames (rounded to 16), padded keys masked per row, positions and n
 padded to buckets 1..64; and the causal HiFT's decoder network up to the ISTFT on padded batches
 (`padded_graphs.py`). On CUDA each shape seen twice is captured as a CUDA graph and replayed; all graphs of
 one cache size share one set of static inputs sized for the largest bucket, within
-`model.flow_graphs.max_bytes` (16 GiB by default; ~0.28 GB per row at real size with a 300-frame prompt).
+`model.flow_graphs.max_bytes` (16 GiB by default; a server worker sets `model.vocoder_graph_gib`, 1 GiB: at the real
+size 64 rows took 264 MiB on the H100).
 Same audio as the plain path up to float rounding; `bench/vocoder_gpu.py` times both (`--mixed`: sessions
 at mixed points of their turns).
 
