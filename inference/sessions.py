@@ -17,7 +17,8 @@ from typing import Any
 
 from inference import protocol as p
 from inference.modes import create_mode
-from inference.modes.base import ModeUnit, Output, SessionOptions, WorkerMode, batch_runner
+from inference.modes.base import ModeUnit, Output, SessionOptions, WorkerMode, batch_runner, unit_preparer
+from inference.processes import name_this_thread
 from inference.settings import WorkerSettings
 from inference.ticker import UnitTicker
 from MiniCPMO45.audio.rates import MODEL_INPUT_RATE, SPEECH_RATE
@@ -27,6 +28,7 @@ log = logging.getLogger("inference.worker")
 MAX_QUEUED_UNITS = 64
 MAX_QUEUED_CONTROLS = 64  # controls and opens waiting in one session
 SESSION_MESSAGES = (p.OpenSession, p.Unit, p.Control, p.CloseSession)
+PREPARE_THREADS = 2  # threads for the modes' `prepare_unit` (VAD of the chat sessions' units)
 
 
 class Connection:
@@ -122,10 +124,13 @@ class SessionRunner:
         executor: concurrent.futures.Executor,
         ticker: UnitTicker,
         settings: WorkerSettings,
+        preparer: concurrent.futures.Executor | None = None,
     ) -> None:
+        """`executor`: the mode thread; `preparer`: where a mode's `prepare_unit` runs (default: the mode thread)."""
         self.session_id = session_id
         self.conn = conn
         self.executor = executor
+        self.preparer = preparer or executor
         self.ticker = ticker
         self.settings = settings
         self.mode: WorkerMode | None = None
@@ -238,6 +243,9 @@ class SessionRunner:
             started = time.monotonic()
             backlog = self.queue.units
             unit = ModeUnit(message.index, pcm, message.completed_at, queued_units=backlog)
+            prepare = unit_preparer(self.mode)
+            if prepare is not None:
+                await asyncio.get_running_loop().run_in_executor(self.preparer, prepare, unit)
             if batch_runner(self.mode) is not None:
                 outputs = await self.ticker.submit(self.mode, unit, frame, self.phase or 0)
             else:
@@ -288,6 +296,13 @@ class Sessions:
     def __init__(self, executor: concurrent.futures.Executor, settings: WorkerSettings) -> None:
         self.executor = executor
         self.settings = settings
+        # modes' per-unit CPU work (chat's VAD: onnxruntime, which lets go of the GIL) beside the mode thread
+        self.preparer = concurrent.futures.ThreadPoolExecutor(
+            max_workers=PREPARE_THREADS,
+            thread_name_prefix="prepare",
+            initializer=name_this_thread,
+            initargs=("prepare",),
+        )
         self.runners: dict[str, SessionRunner] = {}
         self.ticker = UnitTicker(executor, self.batching_phases, settings.tick_gather_s, settings.tick_phases)
 
@@ -315,7 +330,9 @@ class Sessions:
         if runner is None or runner.task.done():
             if not isinstance(message, p.OpenSession):
                 return
-            runner = self.runners[sid] = SessionRunner(sid, conn, self.executor, self.ticker, self.settings)
+            runner = self.runners[sid] = SessionRunner(
+                sid, conn, self.executor, self.ticker, self.settings, self.preparer
+            )
             runner.task.add_done_callback(lambda _t, sid=sid, r=runner: self._forget(sid, r))
         if isinstance(message, p.CloseSession):
             runner.queue.end()
@@ -336,3 +353,4 @@ class Sessions:
     def end_all(self) -> None:
         for runner in list(self.runners.values()):
             runner.queue.end()
+        self.preparer.shutdown(wait=False, cancel_futures=True)

@@ -252,3 +252,37 @@ async def test_a_chat_tick_does_not_wait_for_duplex_sessions(worker: FakeServer)
     await worker.send(*unit("listener", 0, rng, frame=False))
     await worker.wait_for("listener", p.UnitDone, 1, timeout=30)
     assert worker.of("talker", p.Opened)[0].grid_offset_s == 0.0  # chat units are on the worker's grid too
+
+
+async def test_chat_vad_runs_beside_the_mode_thread(
+    worker: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chat unit's VAD (Silero on the CPU) runs on the worker's `prepare` threads before the unit goes to the
+    tick, not on the mode thread that launches every session's GPU work; the tick uses those probabilities."""
+    import threading
+
+    from inference.vad import SileroVad, TurnDetector
+
+    pushed: list[str] = []
+    fed: list[int] = []
+    real_push, real_feed = SileroVad.push, TurnDetector.feed
+
+    def push(self: SileroVad, pcm: np.ndarray) -> list[float]:
+        pushed.append(threading.current_thread().name)
+        return real_push(self, pcm)
+
+    def feed(self: TurnDetector, probs: list[float]) -> list[Any]:
+        fed.append(len(probs))
+        return real_feed(self, probs)
+
+    monkeypatch.setattr(SileroVad, "push", push)
+    monkeypatch.setattr(TurnDetector, "feed", feed)
+    await open_all(worker, {"talker": ("chat", {"seed": 1})})
+    pcm = p.pcm_to_bytes((0.05 * np.random.default_rng(6).standard_normal(5120)).astype(np.float32))
+    for k in range(3):
+        await worker.send(
+            p.Unit(session_id="talker", index=k, samples=5120, completed_at=0.0, sent_at=0.0), pcm
+        )
+    await worker.wait_for("talker", p.UnitDone, 3, timeout=30)
+    assert len(pushed) == 3 and all(name.startswith("prepare") for name in pushed), pushed
+    assert fed == [10, 10, 10]  # 320 ms units: ten 32 ms windows each, fed to the turn logic in the tick

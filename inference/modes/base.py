@@ -21,6 +21,8 @@ class ModeUnit:
     pcm: np.ndarray  # float32 mono 16 kHz, exactly the unit length the mode asked for
     completed_at: float  # server monotonic time when the unit's last sample arrived
     queued_units: int = 0  # units of this session already waiting in the worker behind this one (backlog)
+    # the unit's speech probabilities, when the mode's `prepare_unit` computed them off the mode thread
+    vad_probs: list[float] | None = None
 
 
 @dataclass
@@ -70,6 +72,20 @@ class WorkerMode(Protocol):
     def on_control(self, message: dict[str, Any]) -> list[Output]: ...
 
     def close(self) -> None: ...
+
+
+class PreparingMode(WorkerMode, Protocol):
+    """A mode with per-unit CPU work that needs none of the model (chat's VAD): `prepare_unit` runs on a thread of
+    its own before the unit goes to `on_unit`/`on_units`, so that it never holds the mode thread, which launches
+    every session's GPU work. Called once per unit, in order, never at the same time as another call for the same
+    session (a session's messages are handled one at a time)."""
+
+    def prepare_unit(self, unit: ModeUnit) -> None: ...
+
+
+def unit_preparer(mode: WorkerMode) -> Any:
+    """The mode's `prepare_unit` if it has one, else None."""
+    return getattr(mode, "prepare_unit", None)
 
 
 class BatchedMode(WorkerMode, Protocol):
