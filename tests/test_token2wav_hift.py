@@ -143,3 +143,32 @@ def test_synthesise_equals_torch_istft(frames: int) -> None:
     got = pair.synthesise(magnitude, phase)
     assert got.shape == want.shape == (3, 4 * (frames - 1))
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_a_decoder_batch_out_of_memory_runs_as_halves(
+    vocoder: StreamingVocoder, stream_npz: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decoder batch of more rows than the device memory holds (simulated: more than 1 row here) runs again in
+    halves down to single rows, with the same audio as a batch that fits; a single row that does not fit still
+    fails."""
+    mels = [torch.from_numpy(stream_npz["call0_mel"]) * scale for scale in (1.0, 0.8, 0.6)]
+    fits = vocoder.stream_batch([vocoder.new_state() for _ in mels], mels, [True] * 3)
+    decode = vocoder.model.decode
+    sizes: list[int] = []
+
+    def small_memory(mel: torch.Tensor, source: torch.Tensor, final: bool) -> torch.Tensor:
+        sizes.append(mel.shape[0])
+        if mel.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return decode(mel, source, final)
+
+    monkeypatch.setattr(vocoder.model, "decode", small_memory)
+    halves = vocoder.stream_batch([vocoder.new_state() for _ in mels], mels, [True] * 3)
+    assert sizes == [3, 1, 2, 1, 1]
+    for a, b in zip(fits, halves, strict=True):  # the same up to a batch size's float rounding
+        np.testing.assert_allclose(b.numpy(), a.numpy(), atol=1e-5, rtol=0)
+    monkeypatch.setattr(
+        vocoder.model, "decode", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("x"))
+    )
+    with pytest.raises(torch.OutOfMemoryError):
+        vocoder.stream_batch([vocoder.new_state()], mels[:1], [True])

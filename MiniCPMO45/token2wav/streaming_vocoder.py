@@ -107,10 +107,21 @@ class StreamingVocoder:
         self._spectrum = PaddedGraphs(self.model.decode_spectrum, graphs)
 
     def _run_decoder(self, mel: torch.Tensor, source: torch.Tensor, final: bool) -> torch.Tensor:
-        if self._spectrum is None:
-            return self.model.decode(mel, source, final)
-        magnitude, phase = self._spectrum((mel, source), final)
-        return self.model.finish_decode(magnitude, phase, final)
+        """The decoder network on a batch of rows (each row on its own). A batch that runs out of device memory
+        runs again as two halves: its rows are independent, and a first batch of a new size (not yet captured,
+        so its activations are fresh allocations) once failed every call of a tick on an H100 for 316 MiB."""
+        try:
+            if self._spectrum is None:
+                return self.model.decode(mel, source, final)
+            magnitude, phase = self._spectrum((mel, source), final)
+            return self.model.finish_decode(magnitude, phase, final)
+        except torch.OutOfMemoryError:
+            rows = mel.shape[0]
+            if rows == 1:
+                raise
+            half = rows // 2
+            first = self._run_decoder(mel[:half], source[:half], final)
+            return torch.cat([first, self._run_decoder(mel[half:], source[half:], final)])
 
     @property
     def delay_frames(self) -> int:
