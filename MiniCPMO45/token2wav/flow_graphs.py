@@ -347,7 +347,9 @@ class FlowGraphs:
 
     @property
     def bytes_used(self) -> int:
-        return sum(b.nbytes for b in self.buffers.values())
+        # a copy first: the worker's memory log reads this from its IPC thread
+        buffers = list(self.buffers.values())
+        return sum(b.nbytes for b in buffers)
 
     def _drop_graphs(self) -> None:
         """Forget captured graphs and static buffers (they read a store tensor or buffers now replaced)."""
