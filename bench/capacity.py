@@ -348,7 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", help="default cuda (cpu with --tiny)")
     ap.add_argument("--no-graphs", action="store_true", help="eager static steps (comparison)")
     ap.add_argument("--vocoder-graphs", action="store_true", help="token2wav windows as CUDA graphs")
-    ap.add_argument("--vocoder-graph-gib", type=float, default=16.0, help="memory budget of those graphs")
+    ap.add_argument(
+        "--vocoder-graph-gib",
+        type=float,
+        default=1.0,
+        help="memory budget of those graphs (a worker: 1, model.vocoder_graph_gib)",
+    )
     ap.add_argument("--vocoder-dtype", default="float16", choices=("float32", "float16"), help="flow dtype")
     ap.add_argument(
         "--reserve-gib", type=float, default=6.0, help="GPU memory kept free when sizing the KV cache"
