@@ -11,7 +11,7 @@ import pytest
 from aiortc.mediastreams import MediaStreamError
 
 from media_tracks import SpeechTrack
-from media_tracks.speech_track import DEFAULT_COMPRESSION_LEVEL, OpusFrameEncoder
+from media_tracks.speech_track import DEFAULT_COMPRESSION_LEVEL, FRAME_S, WAKE_PHASES, OpusFrameEncoder
 from MiniCPMO45.audio.rates import WEBRTC_FRAME_SAMPLES, WEBRTC_RATE
 from tests.media_helpers import dominant_frequency
 
@@ -290,3 +290,20 @@ async def test_an_encoding_track_repeats_the_silence_packet_instead_of_encoding_
     second = pcm[62 * WEBRTC_FRAME_SAMPLES : 78 * WEBRTC_FRAME_SAMPLES]
     assert dominant_frequency(second, WEBRTC_RATE) == pytest.approx(300, abs=10)
     assert np.sqrt(np.mean(second**2)) > 0.3  # the tone's level (0.5 peak) after the skipped silence
+
+
+async def test_tracks_started_at_any_time_share_a_few_wake_up_phases() -> None:
+    """A process's outbound tracks wake on `WAKE_PHASES` shared phases of one 20 ms grid (one pass of the event
+    loop serves all tracks of a phase), not each on its own; frames still come every 20 ms."""
+    tracks = [SpeechTrack() for _ in range(2 * WAKE_PHASES)]
+    for track in tracks:
+        await track.recv()
+        await asyncio.sleep(0.0037)  # starts spread over the grid
+    phases = {round((track._start / FRAME_S) % 1 * WAKE_PHASES, 3) % WAKE_PHASES for track in tracks}  # type: ignore[operator]
+    assert phases <= set(range(WAKE_PHASES)) and len(phases) == WAKE_PHASES, phases
+    track = SpeechTrack()
+    await track.recv()
+    begin = time.monotonic()
+    await pull(track, 10)
+    assert 0.18 <= time.monotonic() - begin <= 0.3
+    assert track.pacing.max_lateness_s < 0.05
