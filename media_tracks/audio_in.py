@@ -157,7 +157,9 @@ class _MonoResampler:
         self.unfilled_gap_s = 0.0  # timestamp jumps too long to fill: audio the model never hears
 
     def _convert(self, frames: list[av.AudioFrame]) -> list[np.ndarray]:
-        return [f.to_ndarray().reshape(-1) for f in frames if f.samples]
+        # the resampler's frames are packed mono float32: a view of the plane (which keeps the frame alive) saves
+        # `to_ndarray`'s copy and stacking; the cutter copies the samples into its unit at once
+        return [np.frombuffer(f.planes[0], dtype=np.float32, count=f.samples) for f in frames if f.samples]
 
     def _gap_silence(self, frame: av.AudioFrame) -> np.ndarray | None:
         pts, tb = frame.pts, frame.time_base
@@ -165,7 +167,11 @@ class _MonoResampler:
             self._next_pts = None
             return None
         expected = self._next_pts
-        self._next_pts = pts + int(round(frame.samples / (frame.sample_rate * tb)))
+        # the frame's duration in `tb` ticks, rounded as round() would (integers: Fraction arithmetic cost more
+        # than the rest of this per-frame check)
+        ticks, rest = divmod(frame.samples * tb.denominator, frame.sample_rate * tb.numerator)
+        twice, divisor = 2 * rest, frame.sample_rate * tb.numerator
+        self._next_pts = pts + ticks + (twice > divisor or (twice == divisor and ticks % 2 == 1))
         if expected is None or pts <= expected:
             return None
         gap_s = float((pts - expected) * tb)

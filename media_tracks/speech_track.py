@@ -9,14 +9,16 @@ Interruption: `flush()` empties the ring (the next frame is silence) and a turn 
 pushes of a finished turn harmless. All methods must be called on the event loop's thread.
 
 With `encode=True` (the server's calls) `recv()` returns Opus packets encoded here, in mono, on the event loop
-(~0.1 ms a frame): aiortc then only packs them. Given raw frames, aiortc's sender resamples each one to
-stereo and encodes it in its thread pool, a thread hand-off every 20 ms per call.
+(~60 µs a frame at libopus's compression level 5, `rtc.opus_compression_level`; a repeated 3-byte packet for
+silence once the encoder has settled on it): aiortc then only packs them. Given raw frames, aiortc's sender
+resamples each one to stereo and encodes it in its thread pool, a thread hand-off every 20 ms per call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fractions
+import itertools
 import math
 import time
 from collections import deque
@@ -32,6 +34,29 @@ from MiniCPMO45.audio.resample import AudioResampler
 
 FRAME_S = WEBRTC_FRAME_SAMPLES / WEBRTC_RATE
 TIME_BASE = fractions.Fraction(1, WEBRTC_RATE)
+# libopus's compression level ("complexity", 0-10) for the outbound speech: measured on espeak-ng speech at
+# 48 kbps in CELT low-delay mode (bench/opus_levels.py), level 5 costs 25 % less CPU per frame than 10 (58 against
+# 78 µs) for 0.9 dB less waveform SNR; levels 1-4 lose another 1.3 dB, and level 0 (36 µs) keeps the SNR but has
+# the largest per-bin spectral distance (3.5 dB against 3.2 at 5 and 3.0 at 10). `rtc.opus_compression_level`
+DEFAULT_COMPRESSION_LEVEL = 5
+# all-zero frames that libopus must have coded as one same packet before the encoder is skipped for silence
+SILENCE_REPEATS = 3
+# The outbound tracks of a process start their 20 ms schedules on this many shared phases (round robin), so the
+# event loop wakes for them WAKE_PHASES times a frame, not once per call: frames due at the same instant are
+# sent in one pass of the loop. More phases: smaller bursts (less lateness for the last frame of a phase).
+WAKE_PHASES = 4
+_phase_counter = itertools.count()
+
+
+def _phase_start(now: float) -> float:
+    """The first instant at or after `now` on the next track's phase of the process's 20 ms grid."""
+    offset = (next(_phase_counter) % WAKE_PHASES) * FRAME_S / WAKE_PHASES
+    return math.ceil((now - offset) / FRAME_S) * FRAME_S + offset
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _check_turn(turn: int) -> int:
@@ -83,6 +108,7 @@ class SpeechTrack(MediaStreamTrack):
         max_buffer_s: float = 10.0,
         reanchor_after_s: float = 0.2,
         encode: bool = False,
+        compression_level: int = DEFAULT_COMPRESSION_LEVEL,
     ) -> None:
         super().__init__()
         if isinstance(input_rate, bool) or not isinstance(input_rate, int) or input_rate <= 0:
@@ -115,7 +141,8 @@ class SpeechTrack(MediaStreamTrack):
         self._start: float | None = None
         self._pts = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._encoder = OpusFrameEncoder() if encode else None
+        self.compression_level = compression_level
+        self._encoder = OpusFrameEncoder(compression_level=compression_level) if encode else None
         self.tap: Callable[[np.ndarray], None] | None = None  # sees each frame's samples as sent (recording)
 
     # ----- producer side -----
@@ -174,7 +201,7 @@ class SpeechTrack(MediaStreamTrack):
         if self._encoder is not None:
             # A fresh encoder: CELT codes each frame's band energies relative to the previous frame's, so after
             # a cut the old one lets the speech fade out over ~150 ms; a new one goes silent at once.
-            self._encoder = OpusFrameEncoder()
+            self._encoder = OpusFrameEncoder(compression_level=self.compression_level)
         self._wake_waiters()
 
     async def wait_buffered_below(self, seconds: float) -> None:
@@ -250,11 +277,18 @@ class SpeechTrack(MediaStreamTrack):
             raise MediaStreamError
         now = time.monotonic()
         if self._start is None:
-            self._start = now
+            self._start = _phase_start(now)
         due = self._start + self._pts / WEBRTC_RATE
         wait = due - now
         if wait > 0:
-            await asyncio.sleep(wait)
+            # at `due` exactly (the loop's clock is time.monotonic()): tracks of one phase wake together
+            loop = asyncio.get_running_loop()
+            woken: asyncio.Future[None] = loop.create_future()
+            handle = loop.call_at(due, _wake, woken)
+            try:
+                await woken
+            finally:
+                handle.cancel()
             if self.readyState != "live":
                 raise MediaStreamError
         elif -wait > self.reanchor_after_s:
@@ -269,15 +303,23 @@ class SpeechTrack(MediaStreamTrack):
         samples = self._read_frame()
         if self.tap is not None:
             self.tap(samples[0] if samples.ndim == 2 else samples)
+        pts = self._pts
+        self._pts += WEBRTC_FRAME_SAMPLES
+        self.frames_out += 1
+        encoder = self._encoder
+        silent = encoder is not None and (samples is self._silence or not samples.any())
+        if silent:
+            assert encoder is not None
+            packet = encoder.repeat_silence(pts)
+            if packet is not None:
+                return packet
         frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
         frame.sample_rate = WEBRTC_RATE
         frame.time_base = TIME_BASE
-        frame.pts = self._pts
-        self._pts += WEBRTC_FRAME_SAMPLES
-        self.frames_out += 1
-        if self._encoder is None:
+        frame.pts = pts
+        if encoder is None:
             return frame
-        return self._encoder.encode(frame)
+        return encoder.encode(frame, silent=silent)
 
     def stop(self) -> None:
         super().stop()
@@ -287,9 +329,19 @@ class SpeechTrack(MediaStreamTrack):
 
 
 class OpusFrameEncoder:
-    """20 ms frames of 48 kHz s16 mono → one Opus packet each, stamped with the frame's own timestamp."""
+    """20 ms frames of 48 kHz s16 mono → one Opus packet each, stamped with the frame's own timestamp.
 
-    def __init__(self, bit_rate: int = 48000) -> None:
+    Silence is not encoded again and again: once libopus has coded `SILENCE_REPEATS` all-zero frames in a row as
+    one same packet (its state has decayed to silence; the packet is 3 bytes), further all-zero frames get a copy
+    of that packet without running the encoder (`repeat_silence`), until a frame with sound comes.
+    """
+
+    def __init__(self, bit_rate: int = 48000, compression_level: int = DEFAULT_COMPRESSION_LEVEL) -> None:
+        if isinstance(compression_level, bool) or not isinstance(compression_level, int):
+            raise ValueError(f"compression_level must be an int 0-10, got {compression_level!r}")
+        if not 0 <= compression_level <= 10:
+            raise ValueError(f"compression_level must be 0-10, got {compression_level}")
+        self.compression_level = compression_level
         codec = av.CodecContext.create("libopus", "w")
         codec.bit_rate = bit_rate
         codec.format = "s16"
@@ -300,15 +352,44 @@ class OpusFrameEncoder:
         # CELT only ("lowdelay"): measured on speech at 48 kbps against "voip" (SILK/hybrid), 2.2x less CPU per
         # frame (the biggest cost of a shard's loop), 2.5 ms codec delay instead of 6.5 ms, and a closer
         # waveform (SNR 18.7 dB vs 12.9); nothing here uses SILK's in-band FEC
-        codec.options = {"application": "lowdelay", "frame_duration": "20", "vbr": "constrained"}
+        codec.options = {
+            "application": "lowdelay",
+            "frame_duration": "20",
+            "vbr": "constrained",
+            "compression_level": str(compression_level),
+        }
         self.codec = codec
+        self.encoded_frames = 0  # frames that ran through libopus
+        self.repeated_silence = 0  # all-zero frames answered with the repeated silence packet
+        self._silent_packet: bytes | None = None  # the packet of the last all-zero frames
+        self._silent_run = 0  # how many all-zero frames in a row libopus coded as `_silent_packet`
 
-    def encode(self, frame: av.AudioFrame) -> av.Packet:
+    def encode(self, frame: av.AudioFrame, silent: bool = False) -> av.Packet:
+        """Encode `frame`; `silent`: every sample of it is zero (counts towards `repeat_silence`)."""
         packets = self.codec.encode(frame)
         if not packets:  # libopus holds its first frame (look-ahead): nothing to send is not an option
             packets = self.codec.encode(frame)
         packet = packets[-1]
+        self.encoded_frames += 1
+        if silent:
+            data = bytes(packet)
+            self._silent_run = self._silent_run + 1 if data == self._silent_packet else 1
+            self._silent_packet = data
+        else:
+            self._silent_run = 0
+            self._silent_packet = None
         # RTP time follows the track's clock, not the encoder's delayed one
         packet.pts = frame.pts
+        packet.time_base = TIME_BASE
+        return packet
+
+    def repeat_silence(self, pts: int) -> av.Packet | None:
+        """The packet of an all-zero frame at `pts` without running libopus, once its state has settled on
+        silence; None: encode the frame."""
+        if self._silent_run < SILENCE_REPEATS or self._silent_packet is None:
+            return None
+        self.repeated_silence += 1
+        packet = av.Packet(self._silent_packet)
+        packet.pts = pts
         packet.time_base = TIME_BASE
         return packet

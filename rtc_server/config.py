@@ -98,6 +98,10 @@ class RtcSettings(StrictModel):
     # the address callers reach this host at behind a 1:1 NAT (a cluster node's public IP): each answer also
     # offers it, with the ports of the host's own candidates (rtc_server/ice_address.py); empty: not needed
     public_address: str = ""
+    # libopus's compression level (0-10) for the speech the callers hear: 5 costs ~25 % less CPU per frame than
+    # libopus's default 10 for ~0.9 dB less waveform SNR (docs/PERFORMANCE.md, bench/opus_levels.py); 10 for
+    # the best quality, lower to save a media shard's CPU
+    opus_compression_level: int = Field(5, ge=0, le=10)
 
 
 class ClusterSettings(StrictModel):

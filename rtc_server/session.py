@@ -94,7 +94,8 @@ class CallSession:
         self.pc = RTCPeerConnection(
             RTCConfiguration(iceServers=[RTCIceServer(url) for url in manager.config.rtc.ice_servers])
         )
-        self.outbound = CallSpeech()  # the speech the caller hears, and how much of each reply was heard
+        # the speech the caller hears, and how much of each reply was heard
+        self.outbound = CallSpeech(manager.config.rtc.opus_compression_level)
         self.speech = self.outbound.track
         self.uplink = CallUplink(self)  # the caller's audio (and camera) to the worker, in units
         self.channel: RTCDataChannel | None = None

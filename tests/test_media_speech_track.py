@@ -11,6 +11,7 @@ import pytest
 from aiortc.mediastreams import MediaStreamError
 
 from media_tracks import SpeechTrack
+from media_tracks.speech_track import DEFAULT_COMPRESSION_LEVEL, FRAME_S, WAKE_PHASES, OpusFrameEncoder
 from MiniCPMO45.audio.rates import WEBRTC_FRAME_SAMPLES, WEBRTC_RATE
 from tests.media_helpers import dominant_frequency
 
@@ -233,3 +234,76 @@ async def test_an_encoding_track_goes_silent_at_once_after_a_flush() -> None:
     track.flush(1)
     after = decode(await pull(track, 12))
     assert max(after[2:]) == 0.0, after
+
+
+def opus_decode(packets: list[av.Packet]) -> np.ndarray:
+    decoder = av.CodecContext.create("libopus", "r")
+    decoder.sample_rate, decoder.layout, decoder.format = WEBRTC_RATE, "mono", "s16"
+    return np.concatenate([f.to_ndarray().reshape(-1) for p in packets for f in decoder.decode(p)])
+
+
+async def test_an_encoding_track_codes_at_its_compression_level() -> None:
+    """The track's packets are libopus's at the level given (`rtc.opus_compression_level`), not the default's."""
+    rng = np.random.default_rng(1)
+    speech = (0.2 * rng.standard_normal(24000)).astype(np.float32) + tone(300, 1.0)
+
+    async def packets_at(level: int | None) -> list[bytes]:
+        track = (
+            SpeechTrack(input_rate=24000, encode=True)
+            if level is None
+            else SpeechTrack(input_rate=24000, encode=True, compression_level=level)
+        )
+        track.push(speech, turn=0, end_of_turn=True)
+        track._start = time.monotonic() - 10  # every frame is due: no waiting
+        return [bytes(p) for p in await pull(track, 40)]
+
+    at_0, at_10, default = await packets_at(0), await packets_at(10), await packets_at(None)
+    assert at_0 != at_10  # the level reaches libopus
+    assert default == await packets_at(DEFAULT_COMPRESSION_LEVEL) != at_10
+    assert SpeechTrack(encode=True, compression_level=3)._encoder.compression_level == 3  # type: ignore[union-attr]
+    with pytest.raises(ValueError):
+        OpusFrameEncoder(compression_level=11)
+
+
+async def test_an_encoding_track_repeats_the_silence_packet_instead_of_encoding_silence() -> None:
+    """After speech, libopus codes the decaying tail, then settles on one silence packet; from then on silent
+    frames reuse it without running the encoder, and speech that comes later is coded as before."""
+    track = SpeechTrack(input_rate=24000, encode=True, reanchor_after_s=1e9)
+    encoder = track._encoder
+    assert encoder is not None
+    track.push(tone(440, 0.4), turn=0, end_of_turn=True)
+    track._start = time.monotonic() - 100  # every frame is due: no waiting
+    packets = await pull(track, 60)  # 20 frames of tone, then 40 of silence
+    assert encoder.repeated_silence >= 20  # the tail (~15 frames) and the settling frames ran through libopus
+    assert encoder.encoded_frames + encoder.repeated_silence == 60
+    assert len(set(bytes(p) for p in packets[-20:])) == 1 and len(bytes(packets[-1])) <= 3
+    assert [p.pts for p in packets] == [i * WEBRTC_FRAME_SAMPLES for i in range(60)]
+    encoded = encoder.encoded_frames
+    track.push(tone(300, 0.4), turn=0, end_of_turn=True)
+    packets += await pull(track, 30)
+    assert encoder.encoded_frames > encoded + 20  # sound is encoded again
+    pcm = opus_decode(packets).astype(np.float32) / 32768
+    silence = pcm[
+        30 * WEBRTC_FRAME_SAMPLES : 60 * WEBRTC_FRAME_SAMPLES
+    ]  # the tone's decaying tail, then zeros
+    assert np.abs(silence).max() < 1e-3
+    second = pcm[62 * WEBRTC_FRAME_SAMPLES : 78 * WEBRTC_FRAME_SAMPLES]
+    assert dominant_frequency(second, WEBRTC_RATE) == pytest.approx(300, abs=10)
+    assert np.sqrt(np.mean(second**2)) > 0.3  # the tone's level (0.5 peak) after the skipped silence
+
+
+async def test_tracks_started_at_any_time_share_a_few_wake_up_phases() -> None:
+    """A process's outbound tracks wake on `WAKE_PHASES` shared phases of one 20 ms grid (one pass of the event
+    loop serves all tracks of a phase), not each on its own; frames still come every 20 ms."""
+    tracks = [SpeechTrack() for _ in range(2 * WAKE_PHASES)]
+    for track in tracks:
+        await track.recv()
+        await asyncio.sleep(0.0037)  # starts spread over the grid
+    phases = {round((track._start / FRAME_S) % 1 * WAKE_PHASES, 3) % WAKE_PHASES for track in tracks}  # type: ignore[operator]
+    assert phases <= set(range(WAKE_PHASES)) and len(phases) == WAKE_PHASES, phases
+    track = SpeechTrack()
+    await track.recv()
+    begin = time.monotonic()
+    await pull(track, 10)
+    assert 0.18 <= time.monotonic() - begin <= 0.3
+    assert track.pacing.max_lateness_s < 0.05

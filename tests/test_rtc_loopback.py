@@ -62,6 +62,20 @@ async def test_whip_loopback_plays_back_after_the_configured_delay(
         await call.close()
 
 
+async def test_a_call_encodes_its_speech_at_the_configured_opus_level(start_test_server) -> None:
+    """`rtc.opus_compression_level` reaches the call's outbound encoder (the default is 5)."""
+    server = await start_test_server(rtc={"opus_compression_level": 2})
+    call = Call(server.url, np.zeros(RATE, dtype=np.float32))
+    try:
+        await call.start_whip("loopback")
+        await call.wait_connected()
+        encoder = server.manager.sessions[call.session_id].speech._encoder
+        assert encoder is not None and encoder.compression_level == 2
+        assert await call.hang_up() in (200, 204)
+    finally:
+        await call.close()
+
+
 async def test_json_api_loopback_with_events(start_test_server, speech: np.ndarray) -> None:
     server = await start_test_server()  # default delay: 1 s
     delay_s = server.config.loopback.delay_s

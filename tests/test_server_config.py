@@ -47,6 +47,7 @@ def test_cli_overrides_file_overrides_defaults(tmp_path: Path) -> None:
         ("[server]\nport = 'high'\n", "'server.port'"),
         ("[server\n", "not valid TOML"),
         ("[workers]\ntick_gather_ms = 600\n", "'workers.tick_gather_ms'"),  # the worker's own limit is higher
+        ("[rtc]\nopus_compression_level = 11\n", "'rtc.opus_compression_level': .*less than or equal to 10"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, needle: str) -> None:
