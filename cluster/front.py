@@ -10,14 +10,12 @@ calls' PATCH and DELETE. Routes: `POST /api/sessions`, `GET|DELETE /api/sessions
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 from aiohttp import web
-from pydantic import ValidationError
 from ray.exceptions import RayActorError
 
 from cluster.agent import agent_name
@@ -34,9 +32,10 @@ from rtc_server.signalling import (
     ApiError,
     check_admin,
     parse_sdpfrag,
+    read_session_request,
     read_text,
     require_type,
-    validation_problems,
+    whip_query,
 )
 
 log = logging.getLogger("cluster.front")
@@ -125,14 +124,7 @@ def _offer(request: web.Request, sdp: str, mode: str, **extra: Any) -> OfferIn:
 
 
 async def create_session(request: web.Request) -> web.Response:
-    require_type(request, "application/json")
-    try:
-        body = ev.SessionRequest.model_validate(json.loads(await read_text(request)))
-    except json.JSONDecodeError as exc:
-        raise ApiError(400, "bad_json", f"the body is not JSON: {exc}") from None
-    except ValidationError as exc:
-        raise ApiError(400, "bad_request", validation_problems(exc)) from None
-    options = body.options.model_dump(exclude_defaults=True) if body.options is not None else None
+    body, options = await read_session_request(request)
     offer = _offer(
         request, body.sdp, body.mode, system_prompt=body.system_prompt, voice=body.voice, options=options
     )
@@ -188,16 +180,8 @@ async def cluster_nodes(request: web.Request) -> web.Response:
 
 async def whip_offer(request: web.Request) -> web.Response:
     require_type(request, SDP_TYPE)
-    mode = request.query.get("mode", "")
-    if not mode:
-        raise ApiError(400, "missing_mode", "add ?mode=<mode> to the WHIP URL")
-    offer = _offer(
-        request,
-        await read_text(request),
-        mode,
-        system_prompt=request.query.get("system_prompt"),
-        voice=request.query.get("voice") or None,
-    )
+    mode, system_prompt, voice = whip_query(request)
+    offer = _offer(request, await read_text(request), mode, system_prompt=system_prompt, voice=voice)
     reply = await _front(request).create(offer)
     _raise(reply)
     return web.Response(

@@ -141,7 +141,9 @@ def _session(request: web.Request) -> Call:
 # ---- JSON API ----
 
 
-async def create_session(request: web.Request) -> web.Response:
+async def read_session_request(request: web.Request) -> tuple[ev.SessionRequest, dict[str, Any] | None]:
+    """The checked body of `POST /api/sessions` (415, or 400 `bad_json` / `bad_request`) and its options as
+    the modes take them (only those the caller set). The cluster front reads its offers with it too."""
     require_type(request, "application/json")
     try:
         body = json.loads(await read_text(request))
@@ -154,6 +156,19 @@ async def create_session(request: web.Request) -> web.Response:
     except ValidationError as exc:
         raise ApiError(400, "bad_request", validation_problems(exc)) from None
     options = offer.options.model_dump(exclude_defaults=True) if offer.options is not None else None
+    return offer, options
+
+
+def whip_query(request: web.Request) -> tuple[str, str | None, str | None]:
+    """A WHIP offer's mode (required), system prompt and voice from its URL's query."""
+    mode = request.query.get("mode", "")
+    if not mode:
+        raise ApiError(400, "missing_mode", "add ?mode=<mode> to the WHIP URL")
+    return mode, request.query.get("system_prompt"), request.query.get("voice") or None
+
+
+async def create_session(request: web.Request) -> web.Response:
+    offer, options = await read_session_request(request)
     session = await _create(request, offer.sdp, offer.mode, offer.system_prompt, offer.voice, options)
     answer = ev.SessionAnswer(session_id=session.id, sdp=session.answer_sdp)
     return web.json_response(
@@ -182,13 +197,8 @@ async def delete_session(request: web.Request) -> web.Response:
 
 async def whip_offer(request: web.Request) -> web.Response:
     require_type(request, SDP_TYPE)
-    mode = request.query.get("mode", "")
-    if not mode:
-        raise ApiError(400, "missing_mode", "add ?mode=<mode> to the WHIP URL")
-    voice = request.query.get("voice") or None
-    session = await _create(
-        request, await read_text(request), mode, request.query.get("system_prompt"), voice
-    )
+    mode, system_prompt, voice = whip_query(request)
+    session = await _create(request, await read_text(request), mode, system_prompt, voice)
     return web.Response(
         status=201,
         text=session.answer_sdp,
