@@ -17,7 +17,14 @@ from PIL import Image
 from MiniCPMO45.audio.load import load_audio
 from MiniCPMO45.engine.batcher import DuplexBatcher
 from MiniCPMO45.engine.core import Engine
-from MiniCPMO45.engine.duplex import SchemaItem, UnitInput, context_length, pending_tail, prepare
+from MiniCPMO45.engine.duplex import (
+    DuplexConfig,
+    SchemaItem,
+    UnitInput,
+    context_length,
+    pending_tail,
+    prepare,
+)
 from MiniCPMO45.engine.session import Mode
 from tests.engine_fixtures import fixture_duplex_config, load_manifest, load_npz
 from tests.reference_engine import finalize_units, generate_units, prefill_units, tts_condition
@@ -235,3 +242,16 @@ def _check_tick_feeds(
         for s, b, c in zip(sessions, ids_before, closers, strict=True)
     ]
     assert len(steps) == any(closers) + max(decode)
+
+
+def test_the_warm_up_captures_the_grids_of_live_camera_frames(engines: tuple[Engine, Engine]) -> None:
+    """The vision graphs the warm-up captures (`camera_grids`) are those of the frames a live omni unit slices
+    (the prefill's own preprocessing at the duplex default `max_slice_nums`): a 640x480 camera meets no eager
+    tower in a live tick."""
+    engine = engines[1]
+    batcher = DuplexBatcher(engine, use_graphs=False)
+    grids = batcher.camera_grids()
+    assert len(grids) == 2  # the 4:3 and the 16:9 cameras slice to different grids
+    for size in ((640, 480), (1280, 720)):
+        live = engine.images.preprocess(Image.new("RGB", size, "gray"), DuplexConfig().max_slice_nums, False)
+        assert {(int(r), int(c)) for r, c in live.tgt_sizes} <= set(grids)

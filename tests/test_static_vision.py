@@ -44,7 +44,9 @@ def test_padded_buckets_match_the_eager_tower(tiny: MiniCPMO) -> None:
     assert vision.seen[(4, (2, 4), norm)] == 2
 
 
-def test_groups_past_the_largest_bucket_run_eagerly(tiny: MiniCPMO) -> None:
+def test_groups_past_the_largest_bucket_run_in_pieces_of_it(tiny: MiniCPMO) -> None:
+    """Five views of one grid run as a piece of 4 and a piece of 1, never as one eager call of all five (on
+    an H100 an eager call of 16 views allocated ~2 GiB of activations in a live tick)."""
     patch = tiny.vpm.embeddings.patch_size
     vision = StaticVision(tiny, use_graphs=False)
     sizes = [(4, 4)] * 5 + [(2, 4)]
@@ -53,7 +55,36 @@ def test_groups_past_the_largest_bucket_run_eagerly(tiny: MiniCPMO) -> None:
     torch.testing.assert_close(
         got, tiny.vision_embeds(views, torch.tensor(sizes), (MEAN, STD)), atol=1e-5, rtol=1e-5
     )
-    assert [key[:2] for key in vision.steps] == [(1, (2, 4))]  # the five 4x4 views took the eager tower
+    assert sorted(key[:2] for key in vision.steps) == [(1, (2, 4)), (1, (4, 4)), (4, (4, 4))]
+
+
+def test_warm_up_builds_every_bucket_so_live_frames_skip_the_eager_tower(
+    tiny: MiniCPMO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    patch = tiny.vpm.embeddings.patch_size
+    vision = StaticVision(tiny, use_graphs=False, capture_after=2)
+    vision.capture_after = 2  # as on a GPU: a grid not warmed up runs eagerly until seen twice
+    vision.warm_up([(4, 4)], (MEAN, STD))
+    norm = (tuple(MEAN), tuple(STD))
+    assert sorted(vision.steps) == [(1, (4, 4), norm), (2, (4, 4), norm), (4, (4, 4), norm)]
+    eager_calls: list[int] = []
+    eager = tiny.vision_embeds
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        eager_calls.append(len(args[0]))  # type: ignore[arg-type]
+        return eager(*args, **kwargs)  # type: ignore[arg-type]
+
+    sizes = [(4, 4)] * 6
+    views = _views(sizes, patch, 5)
+    monkeypatch.setattr(tiny, "vision_embeds", counted)
+    got = vision.embeds(views, np.array(sizes), (MEAN, STD))
+    assert eager_calls == []  # 4 + 2 views, both from the warmed-up steps
+    vision.embeds(_views([(2, 4)], patch, 6), np.array([(2, 4)]), (MEAN, STD))
+    assert eager_calls == [1]  # a grid not warmed up: eager until it is captured
+    monkeypatch.undo()
+    torch.testing.assert_close(
+        got, tiny.vision_embeds(views, torch.tensor(sizes), (MEAN, STD)), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_float_views_take_the_eager_path(tiny: MiniCPMO) -> None:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..audio.mel_stream import push_many
 from ..host_copy import upload
@@ -44,6 +45,7 @@ from .batched_audio import BatchedAudioEncoder
 from .batched_decision import DecisionParams, RecentIds, decide_batch
 from .core import Engine
 from .duplex import (
+    DuplexConfig,
     DuplexState,
     SchemaItem,
     UnitInput,
@@ -81,6 +83,10 @@ def enable_static_steps(
             engine.model.llm, engine.cache, window, use_graphs=use_graphs, flex_decode=flex, fused=fused
         )
     return engine.static
+
+
+# frame sizes whose vision graphs the warm-up captures: browsers' default camera (4:3) and 720p webcams (16:9)
+CAMERA_SIZES = ((640, 480), (1280, 720))
 
 
 @dataclass
@@ -207,9 +213,21 @@ class DuplexBatcher:
                 self.audio.warm_up(per_phase, top=top)
             if merged is not None:
                 self.audio.warm_up(merged)
+        if self.vision is not None:  # the usual cameras' frames never meet an eager tower or a capture live
+            images = self.engine.images
+            self.vision.warm_up(self.camera_grids(), (images.config.norm_mean, images.config.norm_std))
         # the vocoder of a tick in which one phase's sessions all speak (every session at once did not fit beside
         # 64 sessions' caches on an H100: a live tick's flow batch covers that many rows, fewer of them real)
         self.speech.warm_up(per_phase)
+
+    def camera_grids(self) -> list[tuple[int, int]]:
+        """The patch grids of the usual cameras' frames (`CAMERA_SIZES`) as an omni unit slices them by default."""
+        slices = DuplexConfig.model_fields["max_slice_nums"].default
+        grids: set[tuple[int, int]] = set()
+        for size in CAMERA_SIZES:
+            out = self.engine.images.preprocess(Image.new("RGB", size), slices, normalized=False)
+            grids.update((int(r), int(c)) for r, c in out.tgt_sizes)
+        return sorted(grids)
 
     # ---- prefill ------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,14 +1,16 @@
 """A duplex tick's camera frames through the vision tower (SigLIP + resampler) as CUDA graphs.
 
 Eagerly, the tower is some 400 small kernel launches per call whatever the batch: at one omni session on an
-H100 it took ~15 ms of the tick for ~8 ms of GPU work. Here the views of one patch grid run in a padded bucket
-of 1, 2 or 4 views as one `StaticStep`: uint8 pixels in a fixed buffer, normalised, encoded and resampled
-inside the graph. From 8 views on the tower is GPU-bound (8 and 16 views took as long eagerly as replayed), and a
-graph would keep that many views' activations in its pool for good (the capacity bench ran out of memory at 64
-sessions when buckets up to 16 were captured), so larger groups run eagerly. A (bucket, grid) seen `capture_after` times is
-captured (a camera sends one size for a whole call, so a call captures once, in its third tick); before that,
-and for float pixels, the model's eager `vision_embeds` runs. Padding views hold the previous call's pixels
-(finite) and their outputs are dropped; the views of a grid are independent of each other in the tower.
+H100 it took ~15 ms of the tick for ~8 ms of GPU work. Here the views of one patch grid run in padded buckets
+of 1, 2 or 4 views, each a `StaticStep`: uint8 pixels in a fixed buffer, normalised, encoded and resampled
+inside the graph. A larger group runs as several replays of the 4-view graph: from 8 views on the tower is
+GPU-bound (16 views took 49 ms eagerly, ~3 ms a view, on an H200), so the replays cost about what one eager call
+would, and they need no memory beyond the graphs' pool. An eager call of 16 views allocated some 2 GiB of
+activations in the live tick, which is what ran 48 omni sessions out of memory on an H100; a graph of 16 views
+would keep them for good. A (bucket, grid) seen `capture_after` times is captured (a camera sends one size for a
+whole call); `warm_up` captures the usual cameras' grids before any call. Before a capture, and for float pixels,
+the model's eager `vision_embeds` runs, in pieces of the same size. Padding views hold the previous call's
+pixels (finite) and their outputs are dropped; the views of a grid are independent of each other in the tower.
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ class StaticVision:
         self.device = model.device
         self.use_graphs = graphs_available(self.device) if use_graphs is None else use_graphs
         self.capture_after = capture_after if self.use_graphs else 0
-        self.chunk = model.config.vision_batch_size  # views per eager call, as `vision_embeds` groups them
-        top = min(max_graph_views, self.chunk)
+        top = min(max_graph_views, model.config.vision_batch_size)
         self.buckets = sorted({min(2**k, top) for k in range(top.bit_length() + 1)})
+        self.chunk = top  # views per call: larger groups run in pieces (see the module's docstring)
         self.steps: dict[tuple[int, tuple[int, int], Norm], StaticStep] = {}
         self.seen: Counter[tuple[int, tuple[int, int], Norm]] = Counter()
         self.pool = new_pool(self.device) if self.use_graphs else None
@@ -67,14 +69,9 @@ class StaticVision:
             for i in range(0, len(members), self.chunk):
                 chunk = members[i : i + self.chunk]
                 part = [views[j] for j in chunk]
-                key = (
-                    (pick_bucket(self.buckets, len(chunk)), size, norm)
-                    if len(chunk) <= self.buckets[-1]
-                    else None
-                )
-                if key is not None:
-                    self.seen[key] += 1
-                if key is not None and (key in self.steps or self.seen[key] > self.capture_after):
+                key = (pick_bucket(self.buckets, len(chunk)), size, norm)
+                self.seen[key] += 1
+                if key in self.steps or self.seen[key] > self.capture_after:
                     emb = self._run(key, part)
                 else:
                     emb = self.model.vision_embeds(part, torch.tensor([size] * len(chunk)), normalize)
@@ -84,6 +81,21 @@ class StaticVision:
         if out is None:
             raise ValueError("no views")
         return out
+
+    def warm_up(
+        self, grids: Sequence[tuple[int, int]], normalize: tuple[Sequence[float], Sequence[float]]
+    ) -> None:
+        """Capture every bucket of these patch grids now (the usual cameras' grids, at start-up), so that no
+        live tick captures them or runs their views eagerly."""
+        norm: Norm = (tuple(normalize[0]), tuple(normalize[1]))
+        assert self.model.vpm is not None
+        patch = self.model.vpm.embeddings.patch_size
+        for rows, cols in grids:
+            shape = torch.Size((3, patch, rows * cols * patch))  # a view's uint8 patch rows
+            for bucket in self.buckets:
+                key = (bucket, (rows, cols), norm)
+                if key not in self.steps:
+                    self.steps[key] = self._build(key, shape)
 
     def _run(self, key: tuple[int, tuple[int, int], Norm], views: Sequence[torch.Tensor]) -> torch.Tensor:
         step = self.steps.get(key)
