@@ -233,26 +233,32 @@ class EngineHost:
             if batcher is None:
                 # out of the handler first: its traceback holds the failed capture's tensors, which the
                 # smaller caches need (on the H100 the retry itself ran out of memory while they lived)
-                self._shrink(max(1, self.max_sessions * 7 // 8))
+                self._shrink(max(1, self.max_sessions * 7 // 8), "out of memory warming up")
                 continue
             short = self._runtime_shortfall()
             if short > 0 and self.max_sessions > 1:
                 # live ticks allocate beyond the warm-up's graphs: keep room for them, or calls fail mid-way
                 per_session = (self.capacity.per_session_mib or 1024) * (1 << 20)
                 del batcher
-                self._shrink(max(1, self.max_sessions - 1 - int(short // per_session)))
+                self._shrink(
+                    max(1, self.max_sessions - 1 - int(short // per_session)),
+                    f"{short / GIB:.1f} GiB short of the runtime reserve after warming up",
+                )
                 continue
             self._batcher = batcher
         return self._batcher
 
     def _runtime_shortfall(self) -> int:
-        """Bytes missing, after the warm-up, from the memory live ticks need (`gpu_runtime_reserve_gib`)."""
+        """Bytes missing, after the warm-up, from the memory live ticks need (`gpu_runtime_reserve_gib`): free on
+        the card once the allocator's ordinary cache is returned. Memory held in the graphs' private pools does
+        not count: live ticks' eager tensors cannot use it (on an H100 a worker that counted it ran 48 omni calls
+        out of memory with 4 GiB "held" and 0.2 GiB free)."""
         if self.device.type != "cuda":
             return 0
+        torch.cuda.empty_cache()
         free = torch.cuda.mem_get_info(self.device)[0]
-        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         want = int(self.settings.model.gpu_runtime_reserve_gib * GIB)
-        return max(want - free - cached, 0)
+        return max(want - free, 0)
 
     def _warm_batcher(self) -> DuplexBatcher:
         cuda = self.device.type == "cuda"
@@ -289,14 +295,18 @@ class EngineHost:
             f"free on the card {torch.cuda.mem_get_info(self.device)[0] / mib:.0f} MiB{vocoder}"
         )
 
-    def _shrink(self, sessions: int) -> None:
+    def _shrink(self, sessions: int, why: str) -> None:
         """Rebuild the sessions' caches for fewer sessions (at start-up, before any session opened)."""
-        log.warning("out of memory warming up %d sessions; trying %d", self.max_sessions, sessions)
+        log.warning("%s %d sessions; trying %d", why, self.max_sessions, sessions)
         model, tokenizer, preprocessor = (
             self.engine.model,
             self.engine.tokenizer,
             self.engine.processor.config,
         )
+        if model.tts is not None:
+            model.tts.static = (
+                None  # the dropped warm-up's TTS steps (a cache per slot, graphs): free them now
+            )
         del self.engine
         if self.vocoder.flow_graphs is not None:
             self.vocoder.flow_graphs.release()  # what the failed warm-up captured and grew

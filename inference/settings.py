@@ -54,6 +54,11 @@ class ModelSettings(StrictModel):
     gpu_reserve_gib: float = Field(5.0, ge=0)
     # GPU memory that must still be free after the warm-up, for what live ticks allocate; less: fewer sessions
     gpu_runtime_reserve_gib: float = Field(2.0, ge=0)
+    # GPU workers start with PyTorch's expandable segments (PYTORCH_CUDA_ALLOC_CONF, unless that is set already):
+    # the allocator's free space is then not cut into pieces too small for a live tick's tensors. On an H100 with
+    # 64 sessions' caches, omni ticks ran out of memory with 0.8 GiB free in such pieces; with expandable
+    # segments 48 omni and 64 audio calls ran with none (docs/PERFORMANCE.md, twelfth session)
+    expandable_segments: bool = True
 
     @property
     def cache_path(self) -> Path:

@@ -204,6 +204,10 @@ class WorkerSupervisor:
         env[p.AUTH_ENV] = self._secret.hex()  # not in argv: any local user can read a command line
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         env["CUDA_VISIBLE_DEVICES"] = "" if worker.gpu is None else str(worker.gpu)
+        if worker.gpu is not None and self.worker_settings.model.expandable_segments:
+            env.setdefault(
+                "PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"
+            )  # an operator's own setting wins
         return env
 
     async def _keep_alive(self, worker: WorkerHandle) -> None:

@@ -195,10 +195,10 @@ def test_a_warm_up_out_of_memory_retries_smaller_after_freeing_the_failed_captur
         monkeypatch.setattr(host, "device", torch.device("cpu"))
         return real_warm()
 
-    def shrink(sessions: int) -> None:
+    def shrink(sessions: int, why: str) -> None:
         gc.collect()
         alive_at_shrink.append(failed[0]() is not None)
-        real_shrink(sessions)
+        real_shrink(sessions, why)
 
     monkeypatch.setattr(host, "device", torch.device("cuda"))
     monkeypatch.setattr(host, "_warm_batcher", warm)
@@ -208,3 +208,45 @@ def test_a_warm_up_out_of_memory_retries_smaller_after_freeing_the_failed_captur
     assert alive_at_shrink == [False], "the failed capture was still alive when the caches were rebuilt"
     assert host.max_sessions == 7 and host.engine.cache.num_slots == 7
     assert batcher.engine is host.engine
+
+
+def test_a_shrink_frees_the_first_warm_up_s_tts_steps_before_the_next_warm_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A warm-up that leaves too little memory free is dropped and the caches shrink: its static TTS steps (a
+    TTS cache for every slot, and their graphs on a GPU) must be gone before the smaller warm-up starts. The
+    model kept a reference to them (`MiniCPMTTS.static`), so on the H100 both warm-ups' TTS steps were alive
+    at once and the worker shrank twice where once would have done."""
+    import gc
+    import weakref
+
+    host = EngineHost(embedded(max_sessions=8))
+    real_shrink = host._shrink
+    first: list[weakref.ref[object]] = []
+    alive_after_shrink: list[bool] = []
+    short = [host.capacity.per_session_mib * (1 << 20) if host.capacity.per_session_mib else 1 << 30]
+
+    def shortfall() -> int:
+        if not first:
+            assert host._batcher is None
+        return short.pop() if short else 0
+
+    def shrink(sessions: int, why: str) -> None:
+        real_shrink(sessions, why)
+        gc.collect()
+        alive_after_shrink.append(first[0]() is not None)
+
+    real_warm = host._warm_batcher
+
+    def warm() -> object:
+        batcher = real_warm()
+        if not first:
+            first.append(weakref.ref(batcher.tts))
+        return batcher
+
+    monkeypatch.setattr(host, "_warm_batcher", warm)
+    monkeypatch.setattr(host, "_runtime_shortfall", shortfall)
+    monkeypatch.setattr(host, "_shrink", shrink)
+    batcher = host.duplex_batcher()
+    assert alive_after_shrink == [False], "the dropped warm-up's static TTS steps outlived the shrink"
+    assert host.max_sessions < 8 and batcher.tts is host.engine.model.tts.static

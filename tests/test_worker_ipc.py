@@ -14,7 +14,7 @@ from inference.modes import create_mode, mode_names
 from inference.modes.base import ModeUnit, SessionOptions
 from inference.processes import kill
 from inference.settings import LoopbackSettings, SupervisorSettings, WorkerSettings
-from inference.supervisor import WorkerSupervisor
+from inference.supervisor import WorkerHandle, WorkerSupervisor
 
 
 async def _roundtrip(data: bytes) -> tuple[p.Message, bytes]:
@@ -101,9 +101,24 @@ async def test_one_worker_per_gpu_with_its_own_cuda_visible_devices() -> None:
             assert worker.up and worker.modes == mode_names()
             environ = Path(f"/proc/{worker.pid}/environ").read_bytes().split(b"\0")
             assert f"CUDA_VISIBLE_DEVICES={worker.gpu}".encode() in environ
+            assert b"PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in environ
     finally:
         await supervisor.stop()
     assert all(w.process is not None and w.process.returncode is not None for w in supervisor.workers)
+
+
+def test_gpu_workers_get_expandable_segments_unless_the_operator_chose(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    off = WorkerSettings.model_validate({"model": {"expandable_segments": False}})
+    on = WorkerSupervisor(SupervisorSettings(gpus=[0]), WorkerSettings())
+    gpu, cpu = WorkerHandle(worker_id=0, gpu=0, capacity=1), WorkerHandle(worker_id=1, gpu=None, capacity=1)
+    assert on._env(gpu)["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in on._env(cpu)
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in WorkerSupervisor(SupervisorSettings(gpus=[0]), off)._env(gpu)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:256")
+    assert on._env(gpu)["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:256"
 
 
 async def test_stop_right_as_a_worker_says_hello_does_not_hang() -> None:
