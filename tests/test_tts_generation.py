@@ -337,3 +337,21 @@ def test_speak_units_applies_duplex_rules(eos_biased: MiniCPMTTS, e_duplex) -> N
     last = speak_units(eos_biased, [a], [cond(e_duplex, 2)], end_of_turn=[True])[0]
     assert last.codes.numel() == 0 and last.hit_eos
     assert a.length == 0
+
+
+def test_code_distribution_rows_keep_their_own_warp_and_eos_ban() -> None:
+    """A batch of rows with different warp and EOS-ban flags gives each row what it would get alone (the
+    flags go to the device as masks, without a read back to the host)."""
+    from MiniCPMO45.modules.tts_sampling import TURN_SAMPLING
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 40, generator=g)
+    history = [[1, 2, 2], [], [5]]
+    warp, forbid = [False, True, True], [False, True, False]
+    batch = code_distribution(logits, history, TURN_SAMPLING, warp, forbid, eos_id=39)
+    for row in range(3):
+        alone = code_distribution(
+            logits[row : row + 1], [history[row]], TURN_SAMPLING, [warp[row]], [forbid[row]], eos_id=39
+        )
+        torch.testing.assert_close(batch[row : row + 1], alone)
+    assert batch[1, 39] == 0 and batch[0, 39] > 0  # row 0: neither warped nor banned

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MiniCPMOConfig, TTSConfig
+from ..host_copy import upload
 from ..loader import CheckpointError, load_weights, read_checkpoint
 from .tts_backbone import CacheFullError, LlamaBackbone, TTSKVCache
 from .tts_sampling import DUPLEX_SAMPLING, TURN_SAMPLING, CodeSampling, code_distribution
@@ -244,7 +245,7 @@ class MiniCPMTTS(nn.Module):
             raise ValueError("all sessions of one batched call must share one TTSKVCache")
         w = self.emb_text.weight
         if all(r.draws for r in active):  # the common case: every row feeds its last code
-            codes = torch.tensor([r.draws[-1] for r in active], dtype=torch.long, device=w.device)
+            codes = upload([r.draws[-1] for r in active], w.device)
             embeds = self.emb_code[0](codes)[:, None]
             valid = [1] * len(active)
         else:

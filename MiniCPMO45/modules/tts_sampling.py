@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..host_copy import upload
+
 
 @dataclass(frozen=True)
 class CodeSampling:
@@ -52,7 +54,7 @@ def penalize_repeats(
     width = max(len(r) for r in recent)
     # pad with an extra column index `vocab` that is dropped after counting
     padded = [r + [vocab] * (width - len(r)) for r in recent]
-    ids = torch.tensor(padded, dtype=torch.long, device=logits.device)
+    ids = upload(padded, logits.device)  # queued, not a pageable copy that waits for the device
     counts = torch.zeros(b, vocab + 1, dtype=torch.long, device=logits.device)
     counts.scatter_add_(1, ids, torch.ones_like(ids))
     alpha = torch.pow(penalty, counts[:, :vocab]).to(logits.dtype)
@@ -94,9 +96,9 @@ def code_distribution(
             warped = keep_top_p(warped, params.top_p, params.min_tokens_to_keep)
         if params.top_k is not None:
             warped = keep_top_k(warped, params.top_k, params.min_tokens_to_keep)
-        rows = torch.tensor(warp, device=scores.device)[:, None]
+        rows = upload(warp, scores.device, torch.bool)[:, None]
         scores = torch.where(rows, warped, scores)
     if any(forbid_eos):
-        rows = torch.tensor(forbid_eos, device=scores.device)
-        scores[rows, eos_id] = float("-inf")
+        # a mask fill, not boolean indexing: that reads the mask back to the host (a sync per draw on a GPU)
+        scores[:, eos_id].masked_fill_(upload(forbid_eos, scores.device, torch.bool), float("-inf"))
     return torch.softmax(scores, dim=-1)
