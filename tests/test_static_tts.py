@@ -11,7 +11,9 @@ import torch
 from MiniCPMO45.engine import static_tts
 from MiniCPMO45.engine.static_tts import StaticTTS, duplex_scores, gumbel
 from MiniCPMO45.model import MiniCPMO
-from MiniCPMO45.modules.tts_sampling import DUPLEX_SAMPLING, code_distribution
+from MiniCPMO45.modules.tts import MiniCPMTTS
+from MiniCPMO45.modules.tts_sampling import DUPLEX_SAMPLING, TURN_SAMPLING, CodeSampling, code_distribution
+from MiniCPMO45.modules.tts_streamer import TTSStreamer, next_pieces
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +109,77 @@ def test_a_tick_runs_on_a_captured_window_that_holds_its_slots(model: MiniCPMO) 
     assert warm.lengths.tolist() == fresh.lengths.tolist()
     for layer in range(len(fresh.cache.keys)):
         assert torch.allclose(fresh.cache.keys[layer][6:8], warm.cache.keys[layer][6:8], atol=2e-5)
+
+
+# ---- turn-based pieces (chat) ----------------------------------------------------------------------------------
+def _turn_conditions(tiny_fixture_dir: Path) -> list[torch.Tensor]:
+    import numpy as np
+
+    e = dict(np.load(tiny_fixture_dir / "expected" / "e_duplex.npz"))
+    return [torch.from_numpy(e[f"tts{k}_condition"]) for k in range(3)]
+
+
+def _run_turns(
+    tts: MiniCPMTTS, plans: dict[int, list[torch.Tensor]], sampling: CodeSampling, record: bool = False
+) -> dict[int, list[list[int]]]:
+    """Each slot's text chunks through `next_pieces` together, one piece per call per streamer, as the chat tick
+    draws them; `record` keeps the chunks on the per-draw path (the piece loop does not record)."""
+    streamers = {
+        slot: TTSStreamer(
+            tts,
+            tts.new_session(tts.static.cache, seed=11 + slot, slot=slot),
+            sampling,
+            max_new_per_text_chunk=40 + 9 * slot,
+        )
+        for slot in plans
+    }
+    at = dict.fromkeys(plans, 0)
+    out: dict[int, list[list[int]]] = {slot: [] for slot in plans}
+    while any(at[s] < len(plans[s]) or streamers[s].feeding for s in plans):
+        for s, streamer in streamers.items():
+            if not streamer.feeding and at[s] < len(plans[s]):
+                streamer.begin(plans[s][at[s]], text_finished=at[s] == len(plans[s]) - 1, record_probs=record)
+                at[s] += 1
+        live = [s for s in plans if streamers[s].feeding]
+        for s, piece in zip(live, next_pieces([streamers[s] for s in live]), strict=True):
+            if piece is not None:
+                out[s].append(piece[0].tolist())
+    for s, streamer in streamers.items():
+        out[s].append(streamer.finish().tolist())
+        assert streamer.session.length == int(tts.static.lengths[s])  # the host's count matches the device's
+    return out
+
+
+def test_the_piece_loop_draws_what_the_per_draw_path_draws(
+    tiny_model_dir: Path, tiny_fixture_dir: Path
+) -> None:
+    """At a near-zero temperature both paths take each draw's most likely code, so the static piece loop (feeding,
+    positions, the repetition penalty over the turn, the sliding recompute of the next chunk, codes carried past
+    a piece) must give the per-draw path's codes exactly; a strong penalty makes the history matter."""
+    tts = MiniCPMTTS.from_checkpoint(tiny_model_dir)
+    tts.static = StaticTTS(tts, num_slots=4, window=512, use_graphs=False)
+    tts.static.piece_loop = True  # as on a GPU (the CPU draws one at a time)
+    conds = _turn_conditions(tiny_fixture_dir)
+    sampling = CodeSampling(temperature=1e-6, repetition_penalty=1.5, window=16, top_p=0.85, top_k=25)
+    plans = {1: [conds[0], conds[1]], 2: [conds[2], conds[0], conds[1]]}
+    looped = _run_turns(tts, plans, sampling)
+    assert tts.static.piece_loops, "the chunks did not go through the piece loop"
+    reference = _run_turns(tts, plans, sampling, record=True)
+    assert looped == reference
+    assert all(len(p) == 25 for s in plans for p in looped[s][:-1] if p)
+
+
+def test_piece_loop_rows_draw_the_same_codes_alone_or_together(
+    tiny_model_dir: Path, tiny_fixture_dir: Path
+) -> None:
+    """Each row's noise comes from its own session's generator, so a reply's speech does not depend on which
+    other replies share its ticks (the per-draw path's property, kept)."""
+    tts = MiniCPMTTS.from_checkpoint(tiny_model_dir)
+    tts.static = StaticTTS(tts, num_slots=4, window=512, use_graphs=False)
+    tts.static.piece_loop = True  # as on a GPU (the CPU draws one at a time)
+    conds = _turn_conditions(tiny_fixture_dir)
+    plans = {0: [conds[0], conds[1]], 3: [conds[2], conds[0]]}
+    together = _run_turns(tts, plans, TURN_SAMPLING)
+    assert together[0] == _run_turns(tts, {0: plans[0]}, TURN_SAMPLING)[0]
+    assert together[3] == _run_turns(tts, {3: plans[3]}, TURN_SAMPLING)[3]
+    assert together[0] != together[3]

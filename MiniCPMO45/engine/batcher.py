@@ -206,6 +206,10 @@ class DuplexBatcher:
             if merged is not None:
                 self.tts.warm_up(merged)
             self.tts.warm_up(1)  # its fused halves have a one-row case too (see `fused`)
+            for top in ends:  # chat replies' TTS pieces: one loop graph per piece (`StaticTTS.draw_pieces`)
+                self.tts.warm_up_pieces(per_phase, top=top)
+            if merged is not None:
+                self.tts.warm_up_pieces(merged)
             for rows in buckets:  # the draws' FlexAttention kernel is built per row bucket
                 self.tts.compile_shape(rows)
         if self.engine.model.apm is not None:

@@ -25,7 +25,7 @@ import torch
 from ..host_copy import upload
 from ..modules.tts import DUPLEX_MAX_DRAWS, MiniCPMTTS
 from ..modules.tts_backbone import LLAMA_ROPE_THETA, TTSKVCache, rope_cos_sin
-from ..modules.tts_sampling import DUPLEX_SAMPLING, CodeSampling
+from ..modules.tts_sampling import DUPLEX_SAMPLING, TURN_SAMPLING, CodeSampling, keep_top_k, keep_top_p
 from .flex_decode import BlockMask, flex_available, step_block_mask
 from .fused import EAGER, LayerKernels, kernels_for, layer_weights, merge_projections
 from .graphs import StaticStep, covering_window, graphs_available, new_pool, pick_bucket, row_window
@@ -37,6 +37,8 @@ TTS_TOKEN_BUCKETS = (1, 8, 16, 32, 64)
 # TTS positions a slot holds by default: a spoken turn longer than this (about 12 s of speech: a speaking
 # unit adds up to ~45) restarts its TTS context. 1024 would not fit 64 sessions of 4k context on an 80 GB card
 TTS_WINDOW = 512
+# draws of one turn-based piece loop call: a `TTSStreamer` piece (25 codes, 1 s of speech)
+PIECE_DRAWS = 25
 
 
 def static_tts_forward(
@@ -140,6 +142,69 @@ def draw_loop(
     return {"draws": draws}
 
 
+def turn_scores(
+    logits: torch.Tensor,
+    history: torch.Tensor,
+    forbid_eos: torch.Tensor,
+    warp: torch.Tensor,
+    sampling: CodeSampling,
+    eos: int,
+) -> torch.Tensor:
+    """`code_distribution`'s steps before its softmax, on the device for a batch: temperature, the repetition
+    penalty over `history [B, j]` (-1 = none), top-p then top-k on the rows where `warp [B]`, then the EOS ban."""
+    scores = duplex_scores(logits, history, torch.zeros_like(forbid_eos), sampling, eos)
+    if sampling.top_p is not None or sampling.top_k is not None:
+        warped = scores
+        if sampling.top_p is not None:
+            warped = keep_top_p(warped, sampling.top_p, sampling.min_tokens_to_keep)
+        if sampling.top_k is not None:
+            warped = keep_top_k(warped, sampling.top_k, sampling.min_tokens_to_keep)
+        scores = torch.where(warp[:, None], warped, scores)
+    ban = forbid_eos[:, None] & (torch.arange(scores.shape[1], device=scores.device) == eos)[None, :]
+    return scores.masked_fill(ban, float("-inf"))
+
+
+def piece_loop(
+    tts: MiniCPMTTS,
+    cache: TTSKVCache,
+    lengths: torch.Tensor,
+    window: int,
+    sampling: CodeSampling,
+    x: dict[str, torch.Tensor],
+    kernels: LayerKernels = EAGER,
+    flex: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Up to D draws of turn-based speech for rows 0..B-1 (a `TTSStreamer` piece each), from `logits [B, V]`,
+    each row's next draw.
+
+    Inputs: `active [B]`, `history [B, W]` (the codes of the row's turn the repetition penalty sees before this
+    call, -1 = none), `warp [B]` (top-k/top-p on the first draw too; later draws always), `mins [B]` (EOS allowed
+    from this call's draw `mins` on), `left [B]` (draws the row's text chunk still allows), `noise [D, B, V]`
+    (uniform). A row stops at EOS or when `left` runs out. Every draw that another draw of its chunk follows is
+    fed back, the call's last one too, so the returned `logits [B, V]` start the row's next call. Returns those
+    and `draws [B, D]` (-1 where the row did not draw)."""
+    logits, active = x["logits"], x["active"].clone()
+    b, vocab = logits.shape
+    draws_max = x["noise"].shape[0]
+    eos = tts.eos_id
+    draws = torch.full((b, draws_max), -1, dtype=torch.long, device=logits.device)
+    for j in range(draws_max):
+        alive = active & (x["left"] > j)
+        history = torch.cat([x["history"], draws[:, :j]], dim=1)
+        warp = x["warp"] | (j > 0)
+        scores = turn_scores(logits, history, x["mins"] > j, warp, sampling, eos)
+        code = (scores + gumbel(x["noise"][j])).argmax(-1)
+        draws[:, j] = torch.where(alive, code, torch.full_like(code, -1))
+        fed = alive & (code != eos) & (x["left"] > j + 1)
+        emb = tts.emb_code[0](code.clamp(0, vocab - 1))[:, None]
+        step = static_tts_forward(
+            tts, cache, lengths, emb.to(cache.keys[0].dtype), fed.long(), window, kernels, flex
+        )
+        logits = torch.where(fed[:, None], step["logits"], logits)
+        active = fed
+    return {"draws": draws, "logits": logits}
+
+
 class StaticTTS:
     """The TTS LM with its own slot cache (slot i = LLM KV slot i of the engine) and bucketed static steps."""
 
@@ -173,6 +238,11 @@ class StaticTTS:
         self.pool = new_pool(self.device) if self.use_graphs else None
         self.steps: dict[tuple[int, int, int], StaticStep] = {}
         self.loops: dict[tuple[int, int, int, CodeSampling], StaticStep] = {}
+        self.piece_loops: dict[tuple[int, int, int, CodeSampling], StaticStep] = {}
+        # turn-based pieces through `draw_pieces` (else one draw at a time): where graphs make it pay. On the CPU
+        # the loop's padded rows and draws past a piece cost more than a draw's launches and syncs save (the chat
+        # bench's TTS stage at 16 tiny sessions: 146 ms a tick against 79)
+        self.piece_loop = self.use_graphs
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(0)
         self.last_hit_eos: list[bool] = []  # per slot of the last generate_codes call: its final draw was EOS
@@ -225,6 +295,7 @@ class StaticTTS:
                 self.kernels = EAGER
             self.steps.clear()
             self.loops.clear()
+            self.piece_loops.clear()
             self.pool = new_pool(self.device) if self.use_graphs else None
             return None
 
@@ -334,6 +405,120 @@ class StaticTTS:
             logits.index_copy_(0, upload(ready, device), out)
             for i in ready:
                 left[i] = left[i][most:]
+
+    # ---- turn-based pieces (chat) ----------------------------------------------------------------------------
+    def _piece_loop(self, rows: int, draws: int, sampling: CodeSampling, first: int = 0) -> StaticStep:
+        key = (first, rows, draws, sampling)
+        if key not in self.piece_loops:
+            vocab = self.tts.head_code[0].out_features
+            dev = self.device
+            # the duplex loop of the same rows has a noise buffer at least this long: shared (the two never run
+            # at once), so the pieces' graphs add no batch-sized buffer of their own
+            shared = next(
+                (
+                    step.inputs["noise"][:draws]
+                    for (f, r, m, _), step in self.loops.items()
+                    if f == first and r == rows and m >= draws
+                ),
+                None,
+            )
+            inputs = {
+                "logits": torch.zeros(rows, vocab, dtype=torch.float32, device=dev),
+                "active": torch.zeros(rows, dtype=torch.bool, device=dev),
+                "history": torch.full((rows, sampling.window), -1, dtype=torch.long, device=dev),
+                "warp": torch.zeros(rows, dtype=torch.bool, device=dev),
+                "mins": torch.zeros(rows, dtype=torch.long, device=dev),
+                "left": torch.zeros(rows, dtype=torch.long, device=dev),
+                "noise": shared
+                if shared is not None
+                else torch.full((draws, rows, vocab), 0.5, dtype=torch.float32, device=dev),
+            }
+            cache, lengths = rows_from(self.cache, first), self.lengths[first:]
+
+            def fn(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                return piece_loop(self.tts, cache, lengths, self.window, sampling, x, self.kernels, self.flex)
+
+            def idle(x: dict[str, torch.Tensor]) -> None:
+                x["active"].zero_()
+
+            step = self._build(fn, inputs, idle)
+            if step is None:
+                return self._piece_loop(rows, draws, sampling, first)
+            self.piece_loops[key] = step
+        return self.piece_loops[key]
+
+    def warm_up_pieces(
+        self, rows: int, draws: int = PIECE_DRAWS, sampling: CodeSampling = TURN_SAMPLING, top: bool = False
+    ) -> None:
+        """Capture the turn-based piece loop of up to `rows` slots (the lowest, or with `top` the highest): its
+        capture takes seconds, which a chat reply must not wait for in a live tick."""
+        r = pick_bucket(self.row_buckets, rows)
+        self._piece_loop(r, draws, sampling, self.num_slots - r if top else 0)
+
+    @torch.no_grad()
+    def draw_pieces(
+        self,
+        slots: Sequence[int],
+        conditions: Sequence[torch.Tensor | None],
+        starts: Sequence[int],
+        carried: Sequence[torch.Tensor | None],
+        histories: Sequence[Sequence[int]],
+        warp: Sequence[bool],
+        mins: Sequence[int],
+        left: Sequence[int],
+        generators: Sequence[torch.Generator],
+        sampling: CodeSampling = TURN_SAMPLING,
+        draws: int = PIECE_DRAWS,
+    ) -> tuple[list[list[int]], torch.Tensor]:
+        """Up to `draws` turn-based draws for every slot in one static step (`piece_loop`; one graph on a GPU):
+        a slot whose text chunk starts appends its condition first (`conditions[i]`, at position `starts[i]`),
+        the others continue from the logits the previous call returned (`carried[i]`). Each row's noise comes from
+        its own generator, so a row draws the same codes whatever else is in the batch. Returns each slot's draws
+        (EOS included when drawn) and the logits `[n, V]` of each slot's next draw (valid where it goes on)."""
+        n = len(slots)
+        if n == 0 or len(set(slots)) != n:
+            raise ValueError("each slot once, at least one")
+        device = self.device
+        vocab = self.tts.head_code[0].out_features
+        logits = torch.empty(n, vocab, dtype=torch.float32, device=device)
+        fresh = [i for i in range(n) if conditions[i] is not None]
+        if fresh:
+            pieces = [conditions[i] for i in fresh]
+            got = self.feed([slots[i] for i in fresh], pieces, [starts[i] for i in fresh])  # type: ignore[misc]
+            logits.index_copy_(0, upload(fresh, device), got)
+        going = [i for i in range(n) if conditions[i] is None]
+        if going:
+            if any(carried[i] is None for i in going):
+                raise ValueError("a slot without a condition must carry the logits of its next draw")
+            logits.index_copy_(0, upload(going, device), torch.stack([carried[i] for i in going]))  # type: ignore[misc]
+        captured = ((f, r) for f, r, d, s in self.piece_loops if d == draws and s == sampling)
+        first, rows = covering_window(captured, slots) or row_window(self.row_buckets, self.num_slots, slots)
+        loop = self._piece_loop(rows, draws, sampling, first)
+        x = loop.inputs
+        idx = upload([s - first for s in slots], device)
+        width = sampling.window
+        hist = [
+            [-1] * (width - len(t)) + list(t) for t in (list(h)[-width:] if width else [] for h in histories)
+        ]
+        x["logits"].zero_()
+        x["logits"].index_copy_(0, idx, logits)
+        x["active"].zero_()
+        x["active"].index_fill_(0, idx, True)
+        x["history"].fill_(-1)
+        if width:
+            x["history"].index_copy_(0, idx, upload(hist, device))
+        for name, values, dtype in (
+            ("warp", warp, torch.bool),
+            ("mins", mins, torch.long),
+            ("left", left, torch.long),
+        ):
+            x[name].zero_()
+            x[name].index_copy_(0, idx, upload(list(values), device, dtype))
+        for s, g in zip(slots, generators, strict=True):
+            x["noise"][:, s - first].uniform_(generator=g)
+        out = loop.run()
+        rows_out = out["draws"].index_select(0, idx).tolist()  # the one host sync of the call
+        return [[c for c in row if c >= 0] for row in rows_out], out["logits"].index_select(0, idx)
 
     def reset(self, slots: Sequence[int]) -> None:
         """Start new turns: the slots' next condition goes to position 0."""

@@ -1,9 +1,12 @@
 """Turn-based streaming TTS (`TTSStreamer`, one turn of one session) and `next_pieces`, which draws the next
-piece of many streamers in one batched step of `MiniCPMTTS.generate_chunks`' loop."""
+piece of many streamers together: in the static steps' piece loop when their sessions are in its cache (the
+chat tick's case: a whole piece per row in one call, one CUDA graph and one host sync on a GPU), else in batched
+steps of `MiniCPMTTS.generate_chunks`' loop, one draw and one host sync at a time."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -53,6 +56,8 @@ class TTSStreamer:
         self._run: _Run | None = None  # the text chunk being spoken
         self._condition: torch.Tensor | None = None
         self._chunk_codes: list[int] = []
+        # the logits of the next draw when the static piece loop drew the chunk so far (`_static_pieces`)
+        self._next_logits: torch.Tensor | None = None
         tts.end_turn(session)
 
     def _full_condition(self, condition: torch.Tensor) -> torch.Tensor:
@@ -133,6 +138,7 @@ class TTSStreamer:
         """Stop drawing for the current text chunk (also when its speech is dropped, e.g. a barge-in): what it
         drew becomes the previous chunk of the sliding recompute."""
         run, self._run = self._run, None
+        self._next_logits = None
         if run is None:
             return
         self._prev_condition = self._condition
@@ -177,6 +183,16 @@ def next_pieces(streamers: Sequence[TTSStreamer]) -> list[tuple[torch.Tensor, bo
     tts, sampling = streamers[waiting[0]].tts, streamers[waiting[0]].sampling
     if any(streamers[i].tts is not tts or streamers[i].sampling != sampling for i in waiting):
         raise ValueError("streamers drawn together must share the TTS model and the sampling settings")
+    static = tts.static
+    in_loop = [
+        i
+        for i in waiting
+        if _static_ok(streamers[i], static) and streamers[i].chunk_size == streamers[waiting[0]].chunk_size
+    ]
+    if in_loop:
+        for i, piece in zip(in_loop, _static_pieces(static, [streamers[i] for i in in_loop]), strict=True):
+            out[i] = piece
+        waiting = [i for i in waiting if i not in in_loop]
     while waiting:
         runs = [streamers[i]._run for i in waiting]
         tts._step([r for r in runs if r is not None], sampling)
@@ -187,5 +203,74 @@ def next_pieces(streamers: Sequence[TTSStreamer]) -> list[tuple[torch.Tensor, bo
                 out[i] = piece
             elif not over:
                 still.append(i)
+        waiting = still
+    return out
+
+
+def _static_ok(streamer: TTSStreamer, static: Any) -> bool:
+    """Whether the streamer's chunk draws in the static piece loop (`StaticTTS.draw_pieces`): the loop is on (a
+    GPU), its session is in the static steps' cache and it is neither teacher-forced nor recording its
+    distributions (the reference paths of the tests)."""
+    run = streamer._run
+    return (
+        static is not None
+        and static.piece_loop
+        and run is not None
+        and run.forced is None
+        and not run.record
+        and streamer.session.cache is static.cache
+    )
+
+
+def _static_pieces(static: Any, streamers: Sequence[TTSStreamer]) -> list[tuple[torch.Tensor, bool] | None]:
+    """`next_pieces` for streamers in the static steps' cache: their draws in `StaticTTS.draw_pieces` calls
+    (one host sync each) until every one has its next piece or its chunk ended. The draws are Gumbel-max draws
+    from noise of each session's own generator: the same distribution as the per-draw path, other random
+    numbers. A call draws up to a whole piece; codes past a piece wait in the buffer for the next one."""
+    out: list[tuple[torch.Tensor, bool] | None] = [None] * len(streamers)
+    waiting = list(range(len(streamers)))
+    while waiting:
+        runs = [streamers[k]._run for k in waiting]
+        assert all(r is not None for r in runs)
+        conditions = [
+            r.condition if streamers[k]._next_logits is None else None
+            for k, r in zip(waiting, runs, strict=True)
+        ]
+        codes, logits = static.draw_pieces(
+            [r.session.slot for r in runs],
+            conditions,
+            [r.session.length for r in runs],
+            [streamers[k]._next_logits for k in waiting],
+            [r.history for r in runs],
+            [bool(r.draws) or r.warp_first for r in runs],
+            [r.min_new - len(r.draws) for r in runs],
+            [r.max_new - len(r.draws) for r in runs],
+            [r.session.generator for r in runs],
+            streamers[waiting[0]].sampling,
+            streamers[waiting[0]].chunk_size,
+        )
+        still = []
+        for row, (k, run) in enumerate(zip(waiting, runs, strict=True)):
+            streamer, eos = streamers[k], streamers[k].tts.eos_id
+            if conditions[row] is not None:
+                run.session.length += int(conditions[row].shape[0])
+            over = False
+            for code in codes[row]:
+                run.draws.append(code)
+                run.history.append(code)
+                run.done = code == eos or len(run.draws) >= run.max_new
+                piece, over = streamer._take_draw()
+                if piece is not None:
+                    if out[k] is not None:
+                        raise RuntimeError("one call completed two pieces")
+                    out[k] = piece
+                if over:
+                    break
+            # every draw but the chunk's last was fed back; while the chunk goes on, its last one was too
+            run.session.length += len(codes[row]) - (1 if over else 0)
+            if not over:
+                streamer._next_logits = logits[row]
+                if out[k] is None:
+                    still.append(k)
         waiting = still
     return out
