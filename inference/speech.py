@@ -53,7 +53,8 @@ class TurnVoice:
 
     def __post_init__(self) -> None:
         self.streamer = TTSStreamer(self.host.tts, self.tts)
-        self.turn = self.host.vocoder.start_turn(self.voice.prompt, rule="turn")
+        # at the session's own slot index, as duplex turns: a tick phase's turns share one half of the store
+        self.turn = self.host.vocoder.start_turn(self.voice.prompt, rule="turn", slot=self.tts.slot)
         self._flushed = False
 
     @property

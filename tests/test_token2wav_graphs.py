@@ -47,17 +47,25 @@ def _codes(seed: int, n: int, vocab: int) -> list[int]:
 
 
 def _run_ticks(
-    model: Token2Wav, fixture: Path, opening: int, single: bool = False
+    model: Token2Wav, fixture: Path, opening: int, single: bool = False, first_slot: int | None = None
 ) -> tuple[list[list[np.ndarray]], list[FlowCache]]:
     """The duplex batcher's pattern: 2-unit turns (open: 25 codes -> one 28-token window; end: 25 codes +
     end of turn -> a window and the final flush), `opening` turns per group, plus turns starting a tick later
     (so one call mixes cache shapes) and a short duplex flush window. Returns the audio and the caches of the
-    turns still open after the second tick. `single`: each request through `push_codes` alone (the reference)."""
+    turns still open after the second tick. `single`: each request through `push_codes` alone (the reference).
+    `first_slot`: the turns ask for the store rows from there on (a second tick phase's sessions)."""
     voice = _voice(model, fixture)
     vocab = model.flow.p.vocab_size
-    turns = [model.start_turn(voice, rule="duplex") for _ in range(2 * opening)]
-    late = model.start_turn(voice, rule="duplex")
-    short = model.start_turn(voice, rule="duplex")
+    n = 2 * opening + 2
+
+    def slot(i: int) -> int | None:
+        return None if first_slot is None else first_slot + i
+
+    if first_slot is not None:
+        model.reserve_turns(voice, first_slot + n)
+    turns = [model.start_turn(voice, rule="duplex", slot=slot(i)) for i in range(2 * opening)]
+    late = model.start_turn(voice, rule="duplex", slot=slot(n - 2))
+    short = model.start_turn(voice, rule="duplex", slot=slot(n - 1))
     first, second = turns[:opening], turns[opening:]
     out: list[list[np.ndarray]] = []
     ticks = [
@@ -311,3 +319,50 @@ def test_tick_speech_warm_up_runs_a_full_ticks_vocoder_shapes_and_frees_its_turn
     assert max(shape.bucket for shape in flow.seen) == batch_bucket(5)
     assert max(flow.seen.values()) >= flow.capture_after
     assert flow.store.owners and not any(flow.store.owners), "a warm-up turn kept its store slot"
+
+
+def test_turns_in_the_top_half_of_the_store_batch_over_that_half(
+    folder: Path, token2wav_fixture_dir: Path
+) -> None:
+    """Turns that take store rows 8..13 of 16 (a second tick phase's sessions at their own KV slot index) run in
+    buckets based at row 8, not in a bucket of all 16 rows from row 0, and sound as each turn alone."""
+    plain = _load(token2wav_fixture_dir, folder)
+    static = _load(token2wav_fixture_dir, folder, use_graphs=True)
+    got, got_caches = _run_ticks(static, token2wav_fixture_dir, 2, first_slot=8)
+    want, want_caches = _run_ticks(plain, token2wav_fixture_dir, 2, single=True)
+    assert static.flow_graphs is not None
+    shapes = static.flow_graphs.seen
+    assert min(shape.base for shape in shapes) == 8 and max(shape.bucket for shape in shapes) == 8
+    assert all(shape.base + shape.bucket <= 16 for shape in shapes)
+    _assert_same(got, want, atol=CHAIN_ATOL)
+    for a, b in zip(got_caches, want_caches, strict=True):
+        for x, y in zip(vars(a).values(), vars(b).values(), strict=True):
+            torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
+
+
+def test_tick_speech_warm_up_of_the_second_phase_uses_the_top_rows(
+    folder: Path, token2wav_fixture_dir: Path
+) -> None:
+    """The warm-up of a second tick phase speaks in the turns of the highest KV slots (here 12..15 of 16), so
+    the flow shapes their live ticks use (base 12, a bucket of 4) are the ones captured at start-up."""
+    from MiniCPMO45.engine.tick_speech import TickSpeech
+
+    model = _load(token2wav_fixture_dir, folder, use_graphs=True)
+    voice = _voice(model, token2wav_fixture_dir)
+    model.reserve_turns(voice, 16)
+    flow = model.flow_graphs
+    assert flow is not None
+    speech = TickSpeech(None, None, model, voice)  # type: ignore[arg-type]
+    speech.warm_up(4, first_slot=12)
+    assert {(shape.base, shape.bucket) for shape in flow.seen} == {(12, 4)}
+    assert max(flow.seen.values()) >= flow.capture_after
+    assert not any(flow.store.owners)
+
+
+def test_aligned_base() -> None:
+    from MiniCPMO45.token2wav.flow_graphs import aligned_base
+
+    assert aligned_base([32, 40, 63]) == 32  # the top half: a bucket of 32
+    assert aligned_base([3, 40]) == 0  # both halves: all 64 rows
+    assert aligned_base([12, 15]) == 12 and aligned_base([13]) == 13
+    assert aligned_base([64 + 5, 64 + 6]) == 64 + 4

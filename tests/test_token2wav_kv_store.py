@@ -142,6 +142,23 @@ def test_reserve_takes_the_memory_up_front() -> None:
     assert store.version == version + 1 and store.rows == 16
 
 
+def test_a_turn_takes_the_row_it_prefers_when_free_and_held() -> None:
+    """A session asks for its own KV slot index (a second tick phase sits on the highest ones): it gets that row
+    when it is free and the store already holds it, else the lowest free row, and the store never grows for a
+    preference."""
+    store = EstimatorStore(window_frames=8)
+    base = torch.randn(1, 1, 2, 1, 5, 2)
+    store.reserve(base, 5, 10, 8)
+    version = store.version
+    top = store.open(base, 5, 10, prefer=7)
+    assert top.index == 7
+    assert store.open(base, 5, 10, prefer=7).index == 0  # taken: the lowest free row
+    assert store.open(base, 5, 10, prefer=12).index == 1  # beyond the rows held: no growth for it
+    assert store.open(base, 5, 10).index == 2 and store.version == version and store.rows == 8
+    top.close()
+    assert store.open(base, 5, 10, prefer=7).index == 7
+
+
 def test_a_batch_never_reaches_past_the_store(token2wav_fixture_dir: Path, tmp_path: Path) -> None:
     """A store of 48 rows (it grows by 16 past 16 slots) and a round whose highest slot is 40: the batch
     covers slots 0..47, not the next power of two, and the audio is the plain path's."""

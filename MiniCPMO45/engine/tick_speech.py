@@ -43,16 +43,20 @@ class TickSpeech:
         self.vocoder_s = 0.0  # the last tick's vocoder time
 
     @torch.no_grad()
-    def warm_up(self, sessions: int, units: int = WARM_UP_UNITS) -> None:
+    def warm_up(self, sessions: int, units: int = WARM_UP_UNITS, first_slot: int = 0) -> None:
         """Speak `units` units of random codes in `sessions` vocoder turns at once and end them: the padded flow
         and HiFT shapes of a tick in which that many sessions speak (the turn's opening windows, the steady
         one once its cache is full, the last chunk) are captured now (a shape is captured on its second use),
         so their memory shows in the worker's after-warm-up check and no capture of that size lands in a live
-        tick. The turns' store slots are free again afterwards."""
+        tick. The turns sit at the store rows of KV slots `first_slot` on (a second tick phase's sessions hold the
+        highest slots, and their turns take their own slot index: `speak`). Their store slots are free again
+        afterwards."""
         if self.vocoder is None or self.voice is None or sessions < 1:
             return
         codes = torch.randint(0, self.vocoder.flow.p.vocab_size, (units, sessions, DUPLEX_MAX_DRAWS - 1))
-        turns = [self.vocoder.start_turn(self.voice, rule="duplex") for _ in range(sessions)]
+        turns = [
+            self.vocoder.start_turn(self.voice, rule="duplex", slot=first_slot + i) for i in range(sessions)
+        ]
         for u in range(units):
             last = u == units - 1
             requests = [
@@ -118,7 +122,8 @@ class TickSpeech:
                 if st.vocoder_turn is None:
                     voice = self.voice_of(st)
                     assert voice is not None
-                    st.vocoder_turn = self.vocoder.start_turn(voice, rule="duplex")
+                    # at the session's own KV slot index: a tick phase's turns stay in their half of the store
+                    st.vocoder_turn = self.vocoder.start_turn(voice, rule="duplex", slot=slots[k])
                 # the official duplex path flushes short windows when the unit's codes ended at EOS
                 requests.append(
                     PushRequest(

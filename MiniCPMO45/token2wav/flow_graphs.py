@@ -45,6 +45,16 @@ def batch_bucket(n: int) -> int:
     raise ValueError(f"a flow batch holds at most {MAX_BUCKET} windows, got {n}")
 
 
+def aligned_base(indices: Sequence[int]) -> int:
+    """The first store slot of the smallest bucket, aligned to its own size, that holds all these slots (all in
+    one group of `MAX_BUCKET`): slots 32..63 give base 32 (a bucket of 32), not base 0 and a bucket of 64."""
+    lo, hi = min(indices), max(indices)
+    for bucket in BATCH_BUCKETS:
+        if lo // bucket == hi // bucket:
+            return lo // bucket * bucket
+    return lo // MAX_BUCKET * MAX_BUCKET
+
+
 def token_slots(outputs: int) -> int:
     """Padded output tokens for a batch whose longest window emits `outputs` tokens."""
     for slots in TOKEN_SLOTS:
@@ -412,7 +422,7 @@ class FlowGraphs:
         self, windows: Sequence[WindowRow], n_steps: int, done: RowDone | None = None
     ) -> list[tuple[torch.Tensor, FlowCache]]:
         """Every window in padded batches, one per group of 64 store slots (one batch while at most 64
-        turns are open). Tokens valid ids; non-final windows longer than the look-ahead; caches of any
+        turns are open), each over the smallest aligned bucket of store rows holding its windows' turns. Tokens valid ids; non-final windows longer than the look-ahead; caches of any
         lengths; each window's turn once. Returns each window's (mel, new untrimmed cache), owned; `done`
         gets each window's index in `windows`."""
         if len({id(w.slot) for w in windows}) != len(windows):
@@ -423,13 +433,14 @@ class FlowGraphs:
                 raise ValueError("a window's KV slot is closed or belongs to another flow")
             groups.setdefault(w.slot.index // MAX_BUCKET, []).append(i)
         results: list[tuple[torch.Tensor, FlowCache] | None] = [None] * len(windows)
-        for group, members in sorted(groups.items()):
+        for _, members in sorted(groups.items()):
 
             def group_done(k: int, mel: torch.Tensor, cache: FlowCache, members: list[int] = members) -> None:
                 if done is not None:
                     done(members[k], mel, cache)
 
-            part = self._run_group([windows[i] for i in members], group * MAX_BUCKET, n_steps, group_done)
+            base = aligned_base([windows[i].slot.index for i in members])
+            part = self._run_group([windows[i] for i in members], base, n_steps, group_done)
             for i, result in zip(members, part, strict=True):
                 results[i] = result
         return [r for r in results if r is not None]

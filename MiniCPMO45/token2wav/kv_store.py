@@ -142,13 +142,16 @@ class EstimatorStore:
         self._adopt(base)
         self.ensure(slots, max(base.shape[4], prompt_frames) + history_frames + self.window_frames + 1)
 
-    def open(self, base: torch.Tensor, prompt_frames: int, history_frames: int) -> KVSlot:
+    def open(
+        self, base: torch.Tensor, prompt_frames: int, history_frames: int, prefer: int | None = None
+    ) -> KVSlot:
         """A slot for a new turn holding `base` (1 stream's keys, (steps, depth, 2, heads, n, 2*head_dim), in
-        stored order): the voice prompt's cache."""
+        stored order): the voice prompt's cache. `prefer`: the index to take if it is free and within the rows
+        the store holds (see `open_empty`)."""
         self._adopt(base)
         n = base.shape[4]
         slot = self.open_empty(
-            prompt_frames, history_frames, at_least=n + history_frames + self.window_frames + 1
+            prompt_frames, history_frames, at_least=n + history_frames + self.window_frames + 1, prefer=prefer
         )
         assert self.kv is not None
         self.kv[:, :, 2 * slot.index : 2 * slot.index + 2, :, :n].copy_(base)
@@ -156,11 +159,24 @@ class EstimatorStore:
         slot.free = [p for p in slot.free if p >= n]
         return slot
 
-    def open_empty(self, prompt_frames: int, history_frames: int, at_least: int = 0) -> KVSlot:
+    def open_empty(
+        self, prompt_frames: int, history_frames: int, at_least: int = 0, prefer: int | None = None
+    ) -> KVSlot:
+        """The lowest free slot, or `prefer` when it is free and the store already holds that row. A session
+        that asks for its own KV slot index keeps its turns where its tick phase's others are: the sessions of
+        the second phase sit on the highest slots, so their flow batch covers only the top half of the rows
+        (`FlowGraphs`: the smallest aligned bucket), not all of them."""
         if self.kv is None:
             raise ValueError("open the first slot with base keys")
-        index = next((i for i, used in enumerate(self.owners) if not used), len(self.owners))
-        if index == len(self.owners):
+        if (
+            prefer is not None
+            and 0 <= prefer < self.rows
+            and not (prefer < len(self.owners) and self.owners[prefer])
+        ):
+            index = prefer
+        else:
+            index = next((i for i, used in enumerate(self.owners) if not used), len(self.owners))
+        while len(self.owners) <= index:
             self.owners.append(False)
         self.ensure(index + 1, max(at_least, self.frames_needed(prompt_frames, history_frames)))
         self.owners[index] = True

@@ -324,8 +324,11 @@ class Token2Wav:
 
     # ---- streaming -------------------------------------------------------------------------------
 
-    def start_turn(self, prompt: PromptCache, rule: WindowRule = "turn") -> TurnState:
-        """A new spoken turn: the prompt's flow caches cloned, fresh vocoder state, 3 silence tokens.
+    def start_turn(
+        self, prompt: PromptCache, rule: WindowRule = "turn", slot: int | None = None
+    ) -> TurnState:
+        """A new spoken turn: the prompt's flow caches cloned, fresh vocoder state, 3 silence tokens. `slot`: the
+        estimator store row to use if free (the session's KV slot: see `EstimatorStore.open_empty`).
 
         New layout: the causal HiFT with bounded history. Old layout: the original HiFT with the 8-frame
         cross-fade rule (`crossfade_vocoder`).
@@ -335,14 +338,14 @@ class Token2Wav:
         if self.flow_graphs is None:
             return TurnState(prompt, prompt.flow_cache.clone(), self.streaming.new_state(), rule)
         base = prompt.flow_cache
-        slot = self.flow_graphs.store.open(base.estimator_kv, prompt.prompt_frames, HISTORY_FRAMES)
+        kv_slot = self.flow_graphs.store.open(base.estimator_kv, prompt.prompt_frames, HISTORY_FRAMES, slot)
         cache = FlowCache(
             base.conformer_cnn.clone(),
             base.conformer_att.clone(),
             base.estimator_conv.clone(),
             base.estimator_kv[:, :, :, :, :0],
         )
-        return TurnState(prompt, cache, self.streaming.new_state(), rule, kv_slot=slot)
+        return TurnState(prompt, cache, self.streaming.new_state(), rule, kv_slot=kv_slot)
 
     def reserve_turns(self, prompt: PromptCache, turns: int) -> None:
         """Padded path: allocate the estimator store for `turns` concurrent turns of this voice up front
