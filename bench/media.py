@@ -1,11 +1,12 @@
 """Media-path benchmark: N concurrent loopback calls against one server (one media process).
 
     python bench/media.py [--calls 1,8,16,32] [--seconds 10] [--client-procs 4] [--no-write]
+        [--set rtc.outbound_packet_ms=60 ...]
 
 The server runs in this process (the media process: aiohttp + aiortc, one CPU worker process beside it);
 the callers are aiortc clients in separate processes. For each N it reports, over a steady window:
-server CPU per call (this process, from /proc), worker CPU, outbound frame pacing (deviation of each 20 ms
-frame from its schedule, p50/p99, over all calls), and the unit hand-off delay (last sample of a unit
+server CPU per call (this process, from /proc), worker CPU, outbound pacing (deviation of each packet, 20 ms
+unless `rtc.outbound_packet_ms` says otherwise, from its schedule, p50/p99, over all calls), and the unit hand-off delay (last sample of a unit
 arrived -> unit decoded in the worker, p50/p99). The table goes to docs/PERFORMANCE.md ("Media path").
 Not a test: numbers depend on the machine, and the clients share its CPU.
 """
@@ -19,6 +20,7 @@ import os
 import platform
 import sys
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,16 +106,25 @@ class Row:
     load_avg: float  # 1-minute load average at the end of the window (other processes on the machine)
 
 
-async def measure(n: int, seconds: float, client_procs: int, caller_cpus: set[int] | None) -> Row:
-    config = build_config(
-        {
-            "server": {"host": "127.0.0.1", "port": 0, "http": True},
-            "workers": {"cpu_capacity": max(n, 1)},
-            "queue": {"max_length": 0},
-            # every caller comes from 127.0.0.1: lift the per-client limits (rtc_server/client_limits.py)
-            "rtc": {"max_pending_per_client": max(n, 1), "offers_per_minute": 60 * max(n, 1)},
-        }
-    )
+async def measure(
+    n: int,
+    seconds: float,
+    client_procs: int,
+    caller_cpus: set[int] | None,
+    overrides: list[str] | None = None,
+) -> Row:
+    values: dict = {
+        "server": {"host": "127.0.0.1", "port": 0, "http": True},
+        "workers": {"cpu_capacity": max(n, 1)},
+        "queue": {"max_length": 0},
+        # every caller comes from 127.0.0.1: lift the per-client limits (rtc_server/client_limits.py)
+        "rtc": {"max_pending_per_client": max(n, 1), "offers_per_minute": 60 * max(n, 1)},
+    }
+    for item in overrides or []:  # --set SECTION.KEY=VALUE (a TOML value)
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        values.setdefault(section, {})[name] = tomllib.loads(f"v = {value}")["v"]
+    config = build_config(values)
     server = await start_server(config)
     ctx = mp.get_context("spawn")
     procs, readies = [], []
@@ -216,7 +227,7 @@ def write_doc(text: str) -> Path:
 async def main_async(args: argparse.Namespace) -> None:
     rows = []
     for n in args.calls:
-        row = await measure(n, args.seconds, args.client_procs, args.caller_cpus)
+        row = await measure(n, args.seconds, args.client_procs, args.caller_cpus, args.set)
         print(row, flush=True)
         rows.append(row)
     text = table(rows, args.seconds, args.client_procs, args.caller_cpus is not None)
@@ -237,6 +248,9 @@ def main() -> None:
         help="pin the media process (and its worker) to CPU 0 and the callers to the other CPUs",
     )
     parser.add_argument("--profile", help="write a cProfile of the media process to this file")
+    parser.add_argument(
+        "--set", action="append", default=[], help="SECTION.KEY=VALUE (TOML), e.g. rtc.outbound_packet_ms=60"
+    )
     args = parser.parse_args()
     args.caller_cpus = None
     if args.pin:

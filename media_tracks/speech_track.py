@@ -1,16 +1,20 @@
 """Outbound speech: model PCM → a paced 48 kHz WebRTC audio track that can be flushed at once.
 
 aiortc's RTP sender pulls `recv()` as fast as it returns, so the track paces itself on the wall clock:
-frame k is due at start + k·20 ms. Every frame is 960 samples of s16 mono at 48 kHz (48 kHz input
-avoids the extra frame of delay the Opus encoder adds when it has to resample). Speech is resampled
-once, when pushed, into a fixed-size ring buffer; `recv()` only copies 960 samples out of it.
+packet k is due at start + k·`packet_ms`. Every packet is `packet_ms` (20, 40 or 60 ms; `rtc.outbound_packet_ms`)
+of s16 mono at 48 kHz (48 kHz input avoids the extra frame of delay the Opus encoder adds when it has to
+resample). Speech is resampled once, when pushed, into a fixed-size ring buffer; `recv()` only copies one
+packet's samples out of it.
 
 Interruption: `flush()` empties the ring (the next frame is silence) and a turn counter makes late
 pushes of a finished turn harmless. All methods must be called on the event loop's thread.
 
 With `encode=True` (the server's calls) `recv()` returns Opus packets encoded here, in mono, on the event loop
-(~60 µs a frame at libopus's compression level 5, `rtc.opus_compression_level`; a repeated 3-byte packet for
-silence once the encoder has settled on it): aiortc then only packs them. Given raw frames, aiortc's sender
+(~60 µs a 20 ms frame at libopus's compression level 5, `rtc.opus_compression_level`; a repeated 3-byte packet
+for silence once the encoder has settled on it): aiortc then only packs them, one RTP packet each, whose RTP
+timestamp is the packet's pts (so it steps by the packet's duration). Longer packets mean fewer RTP packets,
+SRTP operations, UDP sends and loop wake-ups per call; they cost up to one packet of extra delay before speech
+starts and lose more audio per lost packet. Given raw frames (`encode=False`, 20 ms only), aiortc's sender
 resamples each one to stereo and encodes it in its thread pool, a thread hand-off every 20 ms per call.
 """
 
@@ -41,17 +45,31 @@ TIME_BASE = fractions.Fraction(1, WEBRTC_RATE)
 DEFAULT_COMPRESSION_LEVEL = 5
 # all-zero frames that libopus must have coded as one same packet before the encoder is skipped for silence
 SILENCE_REPEATS = 3
-# The outbound tracks of a process start their 20 ms schedules on this many shared phases (round robin), so the
-# event loop wakes for them WAKE_PHASES times a frame, not once per call: frames due at the same instant are
-# sent in one pass of the loop. More phases: smaller bursts (less lateness for the last frame of a phase).
+# Outbound packet durations libopus and the track support (`rtc.outbound_packet_ms`)
+PACKET_MS_CHOICES = (20, 40, 60)
+# The calls' default (`rtc.outbound_packet_ms`; a bare SpeechTrack sends 20 ms). Measured through the product on the
+# 2-vCPU VM (docs/PERFORMANCE.md, "Twelfth session"), media CPU per audio-duplex call against 20 ms packets: 40 ms
+# -21 %, 60 ms -23 %; 40 ms costs up to 20 ms more before speech starts and after a cut (one packet already
+# sent), and a lost packet loses 40 ms; Chromium's jitter buffer did not grow (20-30 ms at every size).
+DEFAULT_PACKET_MS = 40
+# The outbound tracks of a process start their schedules (one packet every `packet_ms`) on this many shared phases
+# (round robin) of a process-wide grid, so the event loop wakes for them WAKE_PHASES times a packet, not once per
+# call: packets due at the same instant are sent in one pass of the loop. More phases: smaller bursts (less
+# lateness for the last packet of a phase).
 WAKE_PHASES = 4
 _phase_counter = itertools.count()
 
 
-def _phase_start(now: float) -> float:
-    """The first instant at or after `now` on the next track's phase of the process's 20 ms grid."""
-    offset = (next(_phase_counter) % WAKE_PHASES) * FRAME_S / WAKE_PHASES
-    return math.ceil((now - offset) / FRAME_S) * FRAME_S + offset
+def _phase_start(now: float, period_s: float = FRAME_S) -> float:
+    """The first instant at or after `now` on the next track's phase of the process's grid of `period_s`."""
+    offset = (next(_phase_counter) % WAKE_PHASES) * period_s / WAKE_PHASES
+    return math.ceil((now - offset) / period_s) * period_s + offset
+
+
+def check_packet_ms(packet_ms: int) -> int:
+    if isinstance(packet_ms, bool) or not isinstance(packet_ms, int) or packet_ms not in PACKET_MS_CHOICES:
+        raise ValueError(f"packet_ms must be one of {PACKET_MS_CHOICES}, got {packet_ms!r}")
+    return packet_ms
 
 
 def _wake(future: asyncio.Future[None]) -> None:
@@ -67,12 +85,12 @@ def _check_turn(turn: int) -> int:
 
 @dataclass
 class PacingStats:
-    """How far each frame's actual return time was from its due time on the 20 ms schedule."""
+    """How far each packet's actual return time was from its due time on the track's schedule."""
 
-    frames: int = 0
-    late_frames: int = 0  # frames returned more than `late_threshold_s` after they were due
+    frames: int = 0  # packets returned (20 ms frames when the track's packets are 20 ms)
+    late_frames: int = 0  # packets returned more than `late_threshold_s` after they were due
     reanchors: int = 0  # stalls after which the schedule was moved to the present
-    skipped_frames: int = 0  # frame slots skipped by re-anchoring (the pts jumps by as many)
+    skipped_frames: int = 0  # packet slots skipped by re-anchoring (the pts jumps by as many)
     max_lateness_s: float = 0.0
     total_lateness_s: float = 0.0
     late_threshold_s: float = 0.005
@@ -98,7 +116,8 @@ class PacingStats:
 
 
 class SpeechTrack(MediaStreamTrack):
-    """A paced 48 kHz mono audio track that plays pushed speech and silence when idle."""
+    """A paced 48 kHz mono audio track that plays pushed speech and silence when idle, one packet (`packet_ms`)
+    per `recv()`."""
 
     kind = "audio"
 
@@ -109,20 +128,32 @@ class SpeechTrack(MediaStreamTrack):
         reanchor_after_s: float = 0.2,
         encode: bool = False,
         compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+        packet_ms: int = 20,
     ) -> None:
         super().__init__()
+        packet_ms = check_packet_ms(packet_ms)
+        if not encode and packet_ms != 20:
+            # aiortc's own encoder cuts raw frames into 20 ms packets that would all carry the frame's timestamp
+            raise ValueError(f"packet_ms {packet_ms} needs encode=True (raw frames are 20 ms)")
         if isinstance(input_rate, bool) or not isinstance(input_rate, int) or input_rate <= 0:
             raise ValueError(f"input_rate must be a positive int, got {input_rate!r}")
-        if not max_buffer_s >= FRAME_S:
-            raise ValueError(f"max_buffer_s must be at least one frame ({FRAME_S} s), got {max_buffer_s!r}")
+        if not max_buffer_s >= packet_ms / 1000:
+            raise ValueError(
+                f"max_buffer_s must be at least one packet ({packet_ms} ms), got {max_buffer_s!r}"
+            )
         if not reanchor_after_s > 0:
             raise ValueError(f"reanchor_after_s must be > 0, got {reanchor_after_s!r}")
         self.input_rate = input_rate
         self.max_buffer_s = float(max_buffer_s)
         self.reanchor_after_s = float(reanchor_after_s)
+        self.packet_ms = packet_ms
+        self.packet_samples = WEBRTC_RATE * packet_ms // 1000
+        self._packet_s = packet_ms / 1000
+        self._packet_frames = self.packet_samples // WEBRTC_FRAME_SAMPLES
         self.turn = 0
-        self.frames_out = 0
-        self.speech_frames_out = 0  # frames that carried queued speech (possibly padded)
+        self.frames_out = 0  # 20 ms frames of audio returned (packets x `packet_ms` / 20)
+        self.packets_out = 0
+        self.speech_frames_out = 0  # 20 ms frames of the packets that carried queued speech (possibly padded)
         self.played_samples = 0  # 48 kHz speech samples handed to the sender
         self.dropped_samples = 0  # 48 kHz samples lost to overflow (oldest first)
         self.overflows = 0
@@ -136,14 +167,14 @@ class SpeechTrack(MediaStreamTrack):
         self._read = 0
         self._fill = 0
         self._resampler: AudioResampler | None = None
-        self._scratch = np.zeros((1, WEBRTC_FRAME_SAMPLES), dtype=np.int16)
-        self._silence = np.zeros((1, WEBRTC_FRAME_SAMPLES), dtype=np.int16)
+        self._scratch = np.zeros((1, self.packet_samples), dtype=np.int16)
+        self._silence = np.zeros((1, self.packet_samples), dtype=np.int16)
         self._start: float | None = None
         self._pts = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.compression_level = compression_level
-        self._encoder = OpusFrameEncoder(compression_level=compression_level) if encode else None
-        self.tap: Callable[[np.ndarray], None] | None = None  # sees each frame's samples as sent (recording)
+        self._encoder = self._new_encoder() if encode else None
+        self.tap: Callable[[np.ndarray], None] | None = None  # sees each packet's samples as sent (recording)
 
     # ----- producer side -----
 
@@ -201,8 +232,11 @@ class SpeechTrack(MediaStreamTrack):
         if self._encoder is not None:
             # A fresh encoder: CELT codes each frame's band energies relative to the previous frame's, so after
             # a cut the old one lets the speech fade out over ~150 ms; a new one goes silent at once.
-            self._encoder = OpusFrameEncoder(compression_level=self.compression_level)
+            self._encoder = self._new_encoder()
         self._wake_waiters()
+
+    def _new_encoder(self) -> OpusFrameEncoder:
+        return OpusFrameEncoder(compression_level=self.compression_level, frame_ms=self.packet_ms)
 
     async def wait_buffered_below(self, seconds: float) -> None:
         """Wait until at most `seconds` of speech is queued (back-pressure for the producer)."""
@@ -256,7 +290,7 @@ class SpeechTrack(MediaStreamTrack):
     # ----- consumer side (aiortc's RTP sender) -----
 
     def _read_frame(self) -> np.ndarray:
-        n = min(WEBRTC_FRAME_SAMPLES, self._fill)
+        n = min(self.packet_samples, self._fill)
         if n == 0:
             return self._silence
         out = self._scratch[0]
@@ -267,7 +301,7 @@ class SpeechTrack(MediaStreamTrack):
         out[n:] = 0
         self._read = (self._read + n) % cap
         self._fill -= n
-        self.speech_frames_out += 1
+        self.speech_frames_out += self._packet_frames
         self.played_samples += n
         self._wake_waiters()
         return self._scratch
@@ -277,7 +311,7 @@ class SpeechTrack(MediaStreamTrack):
             raise MediaStreamError
         now = time.monotonic()
         if self._start is None:
-            self._start = _phase_start(now)
+            self._start = _phase_start(now, self._packet_s)
         due = self._start + self._pts / WEBRTC_RATE
         wait = due - now
         if wait > 0:
@@ -293,9 +327,9 @@ class SpeechTrack(MediaStreamTrack):
                 raise MediaStreamError
         elif -wait > self.reanchor_after_s:
             # The sender stalled: skip the missed slots instead of bursting to catch up.
-            skip = math.floor(-wait / FRAME_S)
-            self._pts += skip * WEBRTC_FRAME_SAMPLES
-            due += skip * FRAME_S
+            skip = math.floor(-wait / self._packet_s)
+            self._pts += skip * self.packet_samples
+            due += skip * self._packet_s
             self.pacing.reanchors += 1
             self.pacing.skipped_frames += skip
         self.pacing.record(time.monotonic() - due)
@@ -304,8 +338,9 @@ class SpeechTrack(MediaStreamTrack):
         if self.tap is not None:
             self.tap(samples[0] if samples.ndim == 2 else samples)
         pts = self._pts
-        self._pts += WEBRTC_FRAME_SAMPLES
-        self.frames_out += 1
+        self._pts += self.packet_samples
+        self.frames_out += self._packet_frames
+        self.packets_out += 1
         encoder = self._encoder
         silent = encoder is not None and (samples is self._silence or not samples.any())
         if silent:
@@ -329,19 +364,23 @@ class SpeechTrack(MediaStreamTrack):
 
 
 class OpusFrameEncoder:
-    """20 ms frames of 48 kHz s16 mono → one Opus packet each, stamped with the frame's own timestamp.
+    """Frames of `frame_ms` (20, 40 or 60) of 48 kHz s16 mono → one Opus packet each, stamped with the frame's own
+    timestamp.
 
     Silence is not encoded again and again: once libopus has coded `SILENCE_REPEATS` all-zero frames in a row as
     one same packet (its state has decayed to silence; the packet is 3 bytes), further all-zero frames get a copy
     of that packet without running the encoder (`repeat_silence`), until a frame with sound comes.
     """
 
-    def __init__(self, bit_rate: int = 48000, compression_level: int = DEFAULT_COMPRESSION_LEVEL) -> None:
+    def __init__(
+        self, bit_rate: int = 48000, compression_level: int = DEFAULT_COMPRESSION_LEVEL, frame_ms: int = 20
+    ) -> None:
         if isinstance(compression_level, bool) or not isinstance(compression_level, int):
             raise ValueError(f"compression_level must be an int 0-10, got {compression_level!r}")
         if not 0 <= compression_level <= 10:
             raise ValueError(f"compression_level must be 0-10, got {compression_level}")
         self.compression_level = compression_level
+        self.frame_ms = check_packet_ms(frame_ms)
         codec = av.CodecContext.create("libopus", "w")
         codec.bit_rate = bit_rate
         codec.format = "s16"
@@ -354,7 +393,7 @@ class OpusFrameEncoder:
         # waveform (SNR 18.7 dB vs 12.9); nothing here uses SILK's in-band FEC
         codec.options = {
             "application": "lowdelay",
-            "frame_duration": "20",
+            "frame_duration": str(frame_ms),
             "vbr": "constrained",
             "compression_level": str(compression_level),
         }

@@ -15,15 +15,20 @@ from typing import Any
 import numpy as np
 
 from media_tracks import SpeechTrack
-from media_tracks.speech_track import DEFAULT_COMPRESSION_LEVEL
+from media_tracks.speech_track import DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACKET_MS
 from MiniCPMO45.audio.rates import SPEECH_RATE
 from rtc_server.heard import HeardTracker
 
 
 class CallSpeech:
-    def __init__(self, compression_level: int = DEFAULT_COMPRESSION_LEVEL) -> None:
-        # Opus encoded on the loop at libopus's `compression_level` (`rtc.opus_compression_level`)
-        self.track = SpeechTrack(input_rate=SPEECH_RATE, encode=True, compression_level=compression_level)
+    def __init__(
+        self, compression_level: int = DEFAULT_COMPRESSION_LEVEL, packet_ms: int = DEFAULT_PACKET_MS
+    ) -> None:
+        # Opus encoded on the loop at libopus's `compression_level` (`rtc.opus_compression_level`), one packet
+        # every `packet_ms` (`rtc.outbound_packet_ms`)
+        self.track = SpeechTrack(
+            input_rate=SPEECH_RATE, encode=True, compression_level=compression_level, packet_ms=packet_ms
+        )
         self.heard = HeardTracker()  # how much of the current reply was played (heard-only context)
         self.turn_base = 0  # the track's turn = the mode's turn + this
         self._opened_once = False

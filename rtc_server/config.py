@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
@@ -102,6 +102,13 @@ class RtcSettings(StrictModel):
     # libopus's default 10 for ~0.9 dB less waveform SNR (docs/PERFORMANCE.md, bench/opus_levels.py); 10 for
     # the best quality, lower to save a media shard's CPU
     opus_compression_level: int = Field(5, ge=0, le=10)
+    # the duration of each Opus packet the callers receive (ms): longer packets cost a media shard less CPU per
+    # call (fewer RTP packets, SRTP operations, UDP sends and wake-ups) but add up to one packet of delay before
+    # speech starts and lose more audio per lost packet (docs/PERFORMANCE.md, "Twelfth session")
+    outbound_packet_ms: Literal[20, 40, 60] = 40  # = media_tracks.speech_track.DEFAULT_PACKET_MS
+    # decode the callers' Opus on the event loop (~20-40 µs a frame) instead of in aiortc's decoder thread per
+    # call, which hands every decoded frame back to the loop (media_tracks/inline_decode.py)
+    inline_audio_decode: bool = True
 
 
 class ClusterSettings(StrictModel):

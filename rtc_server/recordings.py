@@ -95,7 +95,7 @@ class TrackWriter:
 
     def write(self, pcm: np.ndarray, ends_at: float) -> None:
         """`pcm` (float in [-1, 1] or int16) whose last sample is at `ends_at` (monotonic seconds). Chunks are
-        gathered in memory and written together (the outbound track gives one per 20 ms frame)."""
+        gathered in memory and written together (the outbound track gives one per packet)."""
         if self._file.closed or pcm.size == 0:
             return
         samples = pcm if pcm.dtype == np.int16 else (np.clip(pcm, -1.0, 1.0) * 32767).astype(np.int16)
@@ -150,8 +150,8 @@ class CallRecorder:
         self.caller.write(pcm, ends_at)
 
     def assistant_frame(self, pcm48k: np.ndarray) -> None:
-        """One 20 ms frame the outbound track sent (48 kHz int16, whose content is the 24 kHz speech
-        upsampled, so every other sample is the speech at 24 kHz with nothing to alias)."""
+        """One packet the outbound track sent (`rtc.outbound_packet_ms` of 48 kHz int16, whose content is the 24 kHz
+        speech upsampled, so every other sample is the speech at 24 kHz with nothing to alias)."""
         self.assistant.write(pcm48k[::2], time.monotonic())
 
     def event(self, event_json: str) -> None:

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from inference import protocol as p
 from media_shard.messages import CallSnapshot
-from media_tracks import InboundAudio, LatestVideoFrame, grid_lead_in
+from media_tracks import InboundAudio, InlineAudioDecoder, LatestVideoFrame, decode_inline, grid_lead_in
 from rtc_server import events as ev
 from rtc_server.call_host import CallHost, RealtimePort
 from rtc_server.call_speech import CallSpeech
@@ -95,9 +95,13 @@ class CallSession:
             RTCConfiguration(iceServers=[RTCIceServer(url) for url in manager.config.rtc.ice_servers])
         )
         # the speech the caller hears, and how much of each reply was heard
-        self.outbound = CallSpeech(manager.config.rtc.opus_compression_level)
+        self.outbound = CallSpeech(
+            manager.config.rtc.opus_compression_level, manager.config.rtc.outbound_packet_ms
+        )
         self.speech = self.outbound.track
         self.uplink = CallUplink(self)  # the caller's audio (and camera) to the worker, in units
+        # `rtc.inline_audio_decode`: decodes the caller's audio on the loop
+        self.inline_decoder: InlineAudioDecoder | None = None
         self.channel: RTCDataChannel | None = None
         self._outbox: list[str] = []
         self._close_task: asyncio.Task[None] | None = None
@@ -172,6 +176,10 @@ class CallSession:
             self.close_soon("connect timeout")
 
     def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "audio" and self.manager.config.rtc.inline_audio_decode:
+            # emitted while the offer is applied, before the receiver starts (its decoder thread with it)
+            receiver = next(t.receiver for t in self.pc.getTransceivers() if t.receiver.track is track)
+            self.inline_decoder = decode_inline(receiver)
         self.uplink.add_track(track)
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:

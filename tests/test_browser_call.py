@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import numpy as np
 import pytest
 from playwright.async_api import async_playwright
 
@@ -79,6 +80,97 @@ async def test_browser_loopback_call(start_test_server, fake_mic: Path) -> None:
     assert any(e["type"] == "metrics" for e in events), "no unit reached the worker"
     await asyncio.sleep(0.3)
     assert server.manager.sessions == {}, "hang-up did not end the session"
+
+
+PLAYOUT = """
+async () => {
+  const stats = await window.callState.pc.getStats();
+  for (const report of stats.values()) {
+    if (report.type === "inbound-rtp" && report.kind === "audio") {
+      return { packets: report.packetsReceived, samples: report.totalSamplesReceived || 0,
+               concealed: report.concealedSamples || 0, energy: report.totalAudioEnergy || 0,
+               duration: report.totalSamplesDuration || 0, t: performance.now() / 1000,
+               buffered: report.jitterBufferDelay || 0, emitted: report.jitterBufferEmittedCount || 0 };
+    }
+  }
+  return null;
+}
+"""
+
+
+def webrtc_energy(pcm: np.ndarray, rate: int = 48000) -> float:
+    """`totalAudioEnergy` as WebRTC's receiver computes it over int16 `pcm`: per 10 ms of playout, (level / 32767)^2
+    x 10 ms, where the level is the peak of the last 11 chunks of 10 ms (updated every 11th chunk, then the running
+    peak is divided by 4)."""
+    chunk = rate // 100
+    peaks = np.abs(pcm[: pcm.size // chunk * chunk].reshape(-1, chunk).astype(np.int32)).max(axis=1)
+    energy, running, level = 0.0, 0, 0
+    for count, peak in enumerate(peaks):
+        running = max(running, int(peak))
+        if count % 11 == 0:
+            level, running = running, running >> 2
+        energy += (level / 32767) ** 2 * 0.01
+    return energy
+
+
+@pytest.mark.parametrize("packet_ms", [20, 40, 60])
+async def test_browser_plays_the_outbound_speech_at_each_packet_size(
+    start_test_server, fake_mic: Path, packet_ms: int
+) -> None:
+    """`rtc.outbound_packet_ms`: Chromium receives one RTP packet per `packet_ms`, decodes and plays all of it
+    (samples played out keep up with the wall clock, next to nothing concealed) at the energy the server sent."""
+    require_chromium()
+    server = await start_test_server(rtc={"outbound_packet_ms": packet_ms})
+    url = server.url.replace("localhost", "127.0.0.1")
+    sent: list[np.ndarray] = []
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=chromium_args(fake_mic))
+        try:
+            page = await browser.new_page()
+            await page.goto(f"{url}/call.html?mode=loopback&autostart=1")
+            await page.wait_for_function(
+                arrow("window.callState.pc && window.callState.pc.connectionState === 'connected'"),
+                timeout=20000,
+            )
+            session = server.manager.get(await page.evaluate("window.callState.sessionId"))
+            assert session is not None and session.speech.packet_ms == packet_ms
+            recorder_tap = session.speech.tap
+
+            def tap(pcm: np.ndarray) -> None:  # the server's side: what each packet carried
+                sent.append(pcm.copy())
+                if recorder_tap is not None:
+                    recorder_tap(pcm)
+
+            session.speech.tap = tap
+            # the echo (loopback delay 1 s) is playing from here; until now the track sent silence
+            await asyncio.sleep(server.config.loopback.delay_s + 0.5)
+            first = await page.evaluate(PLAYOUT)
+            sent_first = len(sent)
+            await asyncio.sleep(3.0)
+            last = await page.evaluate(PLAYOUT)
+            sent_last = len(sent)
+            await page.click("#stop")
+            await page.wait_for_function(arrow("window.callState.sessionId === null"))
+        finally:
+            await browser.close()
+    assert first is not None and last is not None
+    seconds = last["t"] - first["t"]
+    packets_per_s = (last["packets"] - first["packets"]) / seconds
+    assert abs(packets_per_s - 1000 / packet_ms) < 0.15 * 1000 / packet_ms, (packets_per_s, first, last)
+    played_s = last["duration"] - first["duration"]
+    assert abs(played_s - seconds) < 0.15, (played_s, seconds)
+    samples = last["samples"] - first["samples"]
+    assert samples > 0 and (last["concealed"] - first["concealed"]) / samples < 0.02, (first, last)
+    heard, spoken = (
+        last["energy"] - first["energy"],
+        webrtc_energy(np.concatenate(sent[sent_first:sent_last])),
+    )
+    buffered_ms = 1000 * (last["buffered"] - first["buffered"]) / max(last["emitted"] - first["emitted"], 1)
+    print(
+        f"{packet_ms} ms packets: {packets_per_s:.1f}/s, jitter buffer {buffered_ms:.0f} ms, energy {heard / spoken:.2f}"
+    )
+    assert spoken > 0.01, f"the echo was (nearly) silent: {spoken}"
+    assert 0.75 < heard / spoken < 1.33, (heard, spoken, first, last)
 
 
 async def test_browser_says_why_when_the_media_process_of_its_call_dies(

@@ -307,3 +307,61 @@ async def test_tracks_started_at_any_time_share_a_few_wake_up_phases() -> None:
     await pull(track, 10)
     assert 0.18 <= time.monotonic() - begin <= 0.3
     assert track.pacing.max_lateness_s < 0.05
+
+
+@pytest.mark.parametrize("packet_ms", [40, 60])
+async def test_longer_packets_carry_packet_ms_of_speech_each_with_the_rtp_clock_stepping_as_much(
+    packet_ms: int,
+) -> None:
+    """`rtc.outbound_packet_ms`: one Opus packet of `packet_ms` per `recv()`, whose pts (aiortc's RTP timestamp)
+    steps by the packet's samples; decoded, they are the speech, then silence (the repeated silence packet)."""
+    n = WEBRTC_RATE * packet_ms // 1000
+    track = SpeechTrack(input_rate=24000, encode=True, packet_ms=packet_ms, reanchor_after_s=1e9)
+    taps: list[int] = []
+    track.tap = lambda pcm: taps.append(pcm.size)
+    assert track.push(tone(440, 0.6), turn=0, end_of_turn=True)
+    track._start = time.monotonic() - 100  # every packet is due: no waiting
+    count = 3000 // packet_ms  # 3 s
+    packets = await pull(track, count)
+    assert [p.pts for p in packets] == [i * n for i in range(count)]
+    decoder = av.CodecContext.create("libopus", "r")
+    decoder.sample_rate, decoder.layout, decoder.format = WEBRTC_RATE, "mono", "s16"
+    frames = [list(decoder.decode(p)) for p in packets]
+    assert all(len(f) == 1 and f[0].samples == n for f in frames)  # one frame of packet_ms per packet
+    pcm = np.concatenate([f[0].to_ndarray().reshape(-1) for f in frames]).astype(np.float32) / 32768
+    speech = pcm[4800 : int(0.6 * WEBRTC_RATE)]
+    assert dominant_frequency(speech, WEBRTC_RATE) == pytest.approx(440, abs=10)
+    assert np.sqrt(np.mean(speech**2)) > 0.2
+    assert np.abs(pcm[int(1.5 * WEBRTC_RATE) :]).max() < 1e-3  # silence after the tone's tail
+    encoder = track._encoder
+    assert encoder is not None and encoder.frame_ms == packet_ms and encoder.repeated_silence > 0
+    assert len(set(bytes(p) for p in packets[-5:])) == 1  # the repeated silence packet
+    assert taps == [n] * count  # the recording tap sees every packet's samples
+    assert track.packets_out == count and track.frames_out == count * packet_ms // 20
+    assert track.played_samples == int(0.6 * WEBRTC_RATE)
+    assert track.speech_frames_out == -(-int(0.6 * WEBRTC_RATE) // n) * packet_ms // 20
+
+
+async def test_longer_packets_are_paced_on_their_own_grid() -> None:
+    """60 ms packets: 17 take about a second (one wake-up per packet), on phases of a 60 ms grid."""
+    track = SpeechTrack(input_rate=24000, encode=True, packet_ms=60)
+    track.push(tone(500, 0.5), turn=0)
+    start = time.monotonic()
+    await pull(track, 17)  # the first is due at most 60 ms after start, the 17th 0.96 s after it
+    elapsed = time.monotonic() - start
+    assert 0.9 <= elapsed <= 1.5
+    assert track.pacing.frames == 17 and track.pacing.reanchors == 0
+    offset = (track._start % 0.06) / (0.06 / WAKE_PHASES)  # type: ignore[operator]
+    assert min(offset % 1, 1 - offset % 1) < 1e-3  # on one of the 60 ms grid's phases
+
+
+async def test_packet_ms_is_checked() -> None:
+    with pytest.raises(ValueError, match="packet_ms"):
+        SpeechTrack(encode=True, packet_ms=30)
+    with pytest.raises(ValueError, match="encode=True"):
+        SpeechTrack(packet_ms=60)  # aiortc would cut raw 60 ms frames into 20 ms packets of one timestamp
+    with pytest.raises(ValueError, match="packet_ms"):
+        OpusFrameEncoder(frame_ms=25)
+    track = SpeechTrack(encode=True, packet_ms=40)
+    track.flush(1)
+    assert track._encoder is not None and track._encoder.frame_ms == 40  # a flush keeps the packet size

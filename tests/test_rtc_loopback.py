@@ -26,7 +26,11 @@ async def run_loopback_call(call: Call, delay_s: float, seconds: float) -> None:
     await asyncio.sleep(seconds + delay_s + 0.5)
 
 
-def check_heard(call: Call, delay_s: float, name: str) -> None:
+def check_heard(call: Call, delay_s: float, name: str, packet_ms: int) -> None:
+    """The caller heard its speech `delay_s` later, plus what packets longer than 20 ms (`packet_ms`,
+    `rtc.outbound_packet_ms`) add at an aiortc caller: its jitter buffer holds a fixed 4 packets before it plays,
+    and the outbound track's grid is as much coarser (README, "Loopback")."""
+    later_s = 5 * (packet_ms - 20) / 1000
     delay, ncc, windows = call.measure()
     write_wav(ARTIFACTS / f"{name}-received.wav", call.recorder.signal(), RATE)
     print(
@@ -37,8 +41,8 @@ def check_heard(call: Call, delay_s: float, name: str) -> None:
     assert np.median(windows) > 0.8, f"the recording does not match what was sent: {np.round(windows, 2)}"
     assert np.mean(windows > 0.6) >= 0.75, f"too many windows differ: {np.round(windows, 2)}"
     assert ncc > 0.3, f"global correlation {ncc:.3f}: not the caller's audio"
-    assert abs(delay - delay_s) < 0.1, (
-        f"heard delay {delay * 1000:.0f} ms, configured {delay_s * 1000:.0f} ms"
+    assert abs(delay - delay_s - later_s) < 0.1, (
+        f"heard delay {delay * 1000:.0f} ms, configured {delay_s * 1000:.0f} ms (+ {later_s * 1000:.0f} ms expected)"
     )
 
 
@@ -54,7 +58,7 @@ async def test_whip_loopback_plays_back_after_the_configured_delay(
         audio_section = call.pc.remoteDescription.sdp.split("m=audio", 1)[1].split("m=", 1)[0]
         assert "a=sendrecv" in audio_section  # unlike ingest-only WHIP: the caller hears the server
         await run_loopback_call(call, delay_s, speech.size / RATE)
-        check_heard(call, delay_s, "whip-loopback")
+        check_heard(call, delay_s, "whip-loopback", server.config.rtc.outbound_packet_ms)
         assert await call.hang_up() in (200, 204)
         await asyncio.sleep(0.2)
         assert server.manager.sessions == {}
@@ -71,6 +75,53 @@ async def test_a_call_encodes_its_speech_at_the_configured_opus_level(start_test
         await call.wait_connected()
         encoder = server.manager.sessions[call.session_id].speech._encoder
         assert encoder is not None and encoder.compression_level == 2
+        assert await call.hang_up() in (200, 204)
+    finally:
+        await call.close()
+
+
+async def test_loopback_in_60_ms_packets_plays_back_after_the_configured_delay(
+    start_test_server, speech: np.ndarray
+) -> None:
+    """`rtc.outbound_packet_ms` = 60: the caller's aiortc gets one 60 ms frame per packet and hears its own speech,
+    later than with 20 ms packets by what the longer packets add: aiortc's jitter buffer holds a fixed 4 packets
+    before it plays (4 x 40 ms more) and the track's grid is 40 ms coarser (README, "Loopback")."""
+    delay_s = 0.6
+    server = await start_test_server(loopback={"delay_s": delay_s}, rtc={"outbound_packet_ms": 60})
+    call = Call(server.url, speech)
+    try:
+        await call.start_whip("loopback")
+        await run_loopback_call(call, delay_s, speech.size / RATE)
+        track = server.manager.sessions[call.session_id].speech
+        assert track.packet_ms == 60 and track.frames_out == 3 * track.packets_out > 0
+        per_frame = call.recorder.samples / call.recorder.frames  # at 16 kHz
+        assert abs(per_frame - 0.06 * RATE) < 0.05 * 0.06 * RATE, per_frame
+        check_heard(call, delay_s, "whip-loopback-60ms", 60)
+        assert await call.hang_up() in (200, 204)
+    finally:
+        await call.close()
+
+
+@pytest.mark.parametrize("inline", [True, False])
+async def test_the_callers_audio_is_decoded_on_the_loop_unless_turned_off(
+    start_test_server, speech: np.ndarray, inline: bool
+) -> None:
+    """`rtc.inline_audio_decode` (on by default): the call's inbound Opus is decoded on the event loop; off, by
+    aiortc's decoder thread. Either way the unit stream reaches the worker."""
+    server = await start_test_server(rtc={"inline_audio_decode": inline})
+    call = Call(server.url, speech)
+    try:
+        await call.start_whip("loopback")
+        await call.wait_connected()
+        await asyncio.sleep(1.0)
+        session = server.manager.sessions[call.session_id]
+        assert session.inbound is not None and session.inbound.frames_in >= 30
+        if inline:
+            assert session.inline_decoder is not None
+            decoded = session.inline_decoder.frames_decoded  # those still queued for the track are not in yet
+            assert session.inbound.frames_in <= decoded <= session.inbound.frames_in + 3
+        else:
+            assert session.inline_decoder is None
         assert await call.hang_up() in (200, 204)
     finally:
         await call.close()
@@ -95,7 +146,9 @@ async def test_json_api_loopback_with_events(start_test_server, speech: np.ndarr
         assert any(e["type"] == "text" and e["text"] == "typed words" for e in call.events)
         metrics = [e for e in call.events if e["type"] == "metrics"]
         assert metrics and all(m["handoff_ms"] >= 0 for m in metrics)
-        check_heard(call, delay_s, "json-loopback")  # the call went on after the bad messages
+        check_heard(
+            call, delay_s, "json-loopback", server.config.rtc.outbound_packet_ms
+        )  # went on after bad ones
         # the other client messages are accepted; switching to an unknown mode is an error, the call goes on
         sessions_before = sum(e["type"] == "session" for e in call.events)
         for message in ({"type": "pause"}, {"type": "resume"}, {"type": "interrupt"}):

@@ -25,6 +25,14 @@ def test_repo_config_toml_lists_every_default() -> None:
             assert f"\n{key} =" in text, f"config.toml lacks {section}.{key}"
 
 
+def test_calls_default_to_the_tracks_measured_packet_size() -> None:
+    """`rtc.outbound_packet_ms`'s default is the one media_tracks documents (the config does not import it)."""
+    from media_tracks.speech_track import DEFAULT_PACKET_MS
+    from rtc_server.call_speech import CallSpeech
+
+    assert AppConfig().rtc.outbound_packet_ms == DEFAULT_PACKET_MS == CallSpeech().track.packet_ms
+
+
 def test_cli_overrides_file_overrides_defaults(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text('[server]\nport = 9000\nhost = "127.0.0.1"\n[loopback]\ndelay_s = 0.5\n')
@@ -48,6 +56,8 @@ def test_cli_overrides_file_overrides_defaults(tmp_path: Path) -> None:
         ("[server\n", "not valid TOML"),
         ("[workers]\ntick_gather_ms = 600\n", "'workers.tick_gather_ms'"),  # the worker's own limit is higher
         ("[rtc]\nopus_compression_level = 11\n", "'rtc.opus_compression_level': .*less than or equal to 10"),
+        ("[rtc]\noutbound_packet_ms = 30\n", "'rtc.outbound_packet_ms': .*20, 40 or 60"),
+        ("[rtc]\ninline_audio_decode = 'maybe'\n", "'rtc.inline_audio_decode'"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, needle: str) -> None:
