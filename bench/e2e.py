@@ -73,6 +73,7 @@ class CallResult:
     compute_ms: list[float] = field(default_factory=list)  # the worker's time for each unit
     error_codes: list[str] = field(default_factory=list)
     gaps_ms: list[float] = field(default_factory=list)
+    late_ms: list[float] = field(default_factory=list)  # per frame: after the previous frame's audio ran out
     frames: int = 0  # audio frames received in the window
     missing_share: float = 1.0
     voiced_share: float = 0.0
@@ -97,6 +98,7 @@ class Row:
     frames_received: int
     gap_p99_ms: float | None
     gap_max_ms: float | None
+    late_p99_ms: float | None  # frames that came after the previous frame's audio ran out (`late_ms`)
     missing_pct: float | None  # mean over admitted calls
     voiced_pct: float | None
     turns_sent: int
@@ -127,6 +129,17 @@ def frame_gaps_ms(arrivals: Sequence[float], t0: float, t1: float) -> list[float
     (a window without any frame is one gap of its whole length)."""
     inside = [t for t in arrivals if t0 <= t <= t1]
     return (np.diff(np.array([t0, *inside, t1])) * 1000).tolist()
+
+
+def late_ms(arrivals: Sequence[float], durations_s: Sequence[float], t0: float, t1: float) -> list[float]:
+    """How long after the previous frame's audio ran out each frame inside [t0, t1] arrived (0: in time): the
+    jitter a caller's buffer must cover, whatever the packet length (40 ms packets arrive 40 ms apart, and are
+    not late for it, though their inter-arrival gap is 40 ms)."""
+    out = []
+    for i in range(1, len(arrivals)):
+        if t0 <= arrivals[i] <= t1 and arrivals[i - 1] >= t0:
+            out.append(max(0.0, (arrivals[i] - arrivals[i - 1] - durations_s[i - 1]) * 1000))
+    return out
 
 
 def missing_share(durations_s: Sequence[float], window_s: float) -> float:
@@ -185,6 +198,7 @@ def summarize(mode: str, asked: int, calls: list[CallResult], window_s: float, c
         frames_received=sum(c.frames for c in ok),
         gap_p99_ms=pctl(gaps, 99),
         gap_max_ms=max(gaps, default=None),
+        late_p99_ms=pctl([x for c in ok for x in c.late_ms], 99),
         missing_pct=100 * float(np.mean([c.missing_share for c in ok])) if ok else None,
         voiced_pct=100 * float(np.mean([c.voiced_share for c in ok])) if ok else None,
         turns_sent=sum(c.turns_sent for c in ok),
@@ -311,6 +325,7 @@ class Caller:
             compute_ms=[m["compute_ms"] for m in metrics if m.get("compute_ms") is not None],
             error_codes=[e.get("code", "?") for _, e in self.timed if e.get("type") == "error"],
             gaps_ms=frame_gaps_ms(c.arrivals, t0, t1),
+            late_ms=late_ms(c.arrivals, c.durations, t0, t1),
             frames=len(inside),
             missing_share=missing_share([c.durations[i] for i in inside], t1 - t0),
             voiced_share=float(np.mean([c.voiced[i] for i in inside])) if inside else 0.0,
@@ -730,7 +745,9 @@ def header(meta: dict[str, Any]) -> str:
 def table(rows: list[Row], meta: dict[str, Any]) -> str:
     chat = meta["mode"] == "chat"
     cols = ["calls (admitted/asked)", "lag p50/p95/max ms", "round trip p50/p95/max ms", "units", "errors"]
-    cols += ["gap p99/max ms", "missing frames", "voiced"] + (["turn→text / audio p50 ms"] if chat else [])
+    cols += ["gap p99/max (late p99) ms", "missing frames", "voiced"] + (
+        ["turn→text / audio p50 ms"] if chat else []
+    )
     cols += ["media CPU (per call)", "worker CPU", "GPU busy", "GPU mem MiB"]
     lines = [header(meta), "", "| " + " | ".join(cols) + " |", "|" + " ---: |" * len(cols)]
     for r in rows:
@@ -743,7 +760,7 @@ def table(rows: list[Row], meta: dict[str, Any]) -> str:
             " / ".join(fmt(r.roundtrip_ms[k]) for k in ("p50", "p95", "max")),
             str(r.units),
             errors,
-            f"{fmt(r.gap_p99_ms)} / {fmt(r.gap_max_ms)}",
+            f"{fmt(r.gap_p99_ms)} / {fmt(r.gap_max_ms)} ({fmt(r.late_p99_ms)})",
             f"{fmt(r.missing_pct, 1)} %",
             f"{fmt(r.voiced_pct)} %",
         ]

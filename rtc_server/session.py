@@ -178,8 +178,13 @@ class CallSession:
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "audio" and self.manager.config.rtc.inline_audio_decode:
             # emitted while the offer is applied, before the receiver starts (its decoder thread with it)
-            receiver = next(t.receiver for t in self.pc.getTransceivers() if t.receiver.track is track)
-            self.inline_decoder = decode_inline(receiver)
+            receiver = next((t.receiver for t in self.pc.getTransceivers() if t.receiver.track is track), None)
+            try:
+                if receiver is None:
+                    raise RuntimeError("no transceiver holds the track")
+                self.inline_decoder = decode_inline(receiver)
+            except RuntimeError as exc:  # another aiortc than the pinned one: its own decoder thread decodes
+                log.warning("session %s: inbound audio decoded in aiortc's thread (%s)", self.id, exc)
         self.uplink.add_track(track)
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:

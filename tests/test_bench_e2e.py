@@ -17,6 +17,7 @@ from bench.e2e import (
     audio_onset,
     frame_gaps_ms,
     gpu_name,
+    late_ms,
     main,
     missing_share,
     pctl,
@@ -42,6 +43,15 @@ def test_gaps_and_missing_frames() -> None:
     assert missing_share([], 10.0) == 1.0
     # frames outside the window are ignored; a window without any frame is one gap of its length
     assert frame_gaps_ms([0.5, 11.0], 1.0, 3.0) == pytest.approx([2000.0])
+
+
+def test_lateness_is_measured_against_the_audio_each_frame_carried() -> None:
+    """40 ms packets 40 ms apart are on time; a 40 ms packet 70 ms after the previous one is 30 ms late; frames
+    whose predecessor lies before the window are not judged."""
+    arrivals = [0.96, 1.00, 1.04, 1.08, 1.15, 1.19]
+    durations = [0.04] * len(arrivals)
+    assert late_ms(arrivals, durations, 1.0, 2.0) == pytest.approx([0.0, 0.0, 30.0, 0.0])
+    assert late_ms([1.00, 1.02, 1.06], [0.02, 0.02, 0.02], 0.0, 2.0) == pytest.approx([0.0, 20.0])
 
 
 def test_percentiles_and_summary() -> None:
