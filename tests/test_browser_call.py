@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from playwright.async_api import async_playwright
+from playwright.async_api import Browser, Page, async_playwright
 
 from tests.browser_helpers import CHROMIUM, arrow, chromium_args, make_fake_mic, require_chromium
 from tests.conftest import REPO_ROOT
@@ -43,6 +43,20 @@ def fake_mic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_fake_mic(tmp_path_factory.mktemp("mic"))
 
 
+async def open_loopback_call(page: Page, url: str) -> None:
+    """The call page, started in loopback mode, once its peer connection is up."""
+    await page.goto(f"{url}/call.html?mode=loopback&autostart=1")
+    await page.wait_for_function(
+        arrow("window.callState.pc && window.callState.pc.connectionState === 'connected'"), timeout=20000
+    )
+
+
+async def loopback_page(browser: Browser, url: str) -> Page:
+    page = await browser.new_page()
+    await open_loopback_call(page, url)
+    return page
+
+
 async def test_browser_loopback_call(start_test_server, fake_mic: Path) -> None:
     require_chromium()
     server = await start_test_server()
@@ -55,11 +69,7 @@ async def test_browser_loopback_call(start_test_server, fake_mic: Path) -> None:
             await page.add_init_script(RECORD_GUM)
             console: list[str] = []
             page.on("console", lambda msg: console.append(msg.text))
-            await page.goto(f"{url}/call.html?mode=loopback&autostart=1")
-            await page.wait_for_function(
-                arrow("window.callState.pc && window.callState.pc.connectionState === 'connected'"),
-                timeout=20000,
-            )
+            await open_loopback_call(page, url)
             # Loopback delay (1 s) plus the speech itself: then the echo must be arriving.
             await asyncio.sleep(server.config.loopback.delay_s + 2.0)
             inbound = await page.evaluate(INBOUND_AUDIO)
@@ -126,12 +136,7 @@ async def test_browser_plays_the_outbound_speech_at_each_packet_size(
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=chromium_args(fake_mic))
         try:
-            page = await browser.new_page()
-            await page.goto(f"{url}/call.html?mode=loopback&autostart=1")
-            await page.wait_for_function(
-                arrow("window.callState.pc && window.callState.pc.connectionState === 'connected'"),
-                timeout=20000,
-            )
+            page = await loopback_page(browser, url)
             session = server.manager.get(await page.evaluate("window.callState.sessionId"))
             assert session is not None and session.speech.packet_ms == packet_ms
             recorder_tap = session.speech.tap
@@ -187,12 +192,7 @@ async def test_browser_says_why_when_the_media_process_of_its_call_dies(
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=chromium_args(fake_mic))
         try:
-            page = await browser.new_page()
-            await page.goto(f"{url}/call.html?mode=loopback&autostart=1")
-            await page.wait_for_function(
-                arrow("window.callState.pc && window.callState.pc.connectionState === 'connected'"),
-                timeout=20000,
-            )
+            page = await loopback_page(browser, url)
             (shard,) = server.manager.shards.shards
             os.kill(shard.pid, signal.SIGKILL)
             await page.wait_for_function(

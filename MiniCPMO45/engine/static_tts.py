@@ -301,7 +301,7 @@ class StaticTTS:
 
     def _loop(self, rows: int, max_new: int, sampling: CodeSampling, first: int = 0) -> StaticStep:
         key = (first, rows, max_new, sampling)
-        if key not in self.loops:
+        while key not in self.loops:  # again after a fallback (`_build` dropped every step)
             vocab = self.tts.head_code[0].out_features
             dev = self.device
             inputs = {
@@ -312,20 +312,31 @@ class StaticTTS:
                 "forced": torch.zeros(max_new, rows, dtype=torch.long, device=dev),
                 "use_forced": torch.zeros(rows, dtype=torch.bool, device=dev),
             }
-
-            cache, lengths = rows_from(self.cache, first), self.lengths[first:]
-
-            def fn(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-                return draw_loop(self.tts, cache, lengths, self.window, sampling, x, self.kernels, self.flex)
-
-            def idle(x: dict[str, torch.Tensor]) -> None:
-                x["active"].zero_()
-
-            step = self._build(fn, inputs, idle)
-            if step is None:
-                return self._loop(rows, max_new, sampling, first)
-            self.loops[key] = step
+            self._build_loop(self.loops, key, draw_loop, inputs, sampling, first)
         return self.loops[key]
+
+    def _build_loop(
+        self,
+        table: dict[tuple[int, int, int, CodeSampling], StaticStep],
+        key: tuple[int, int, int, CodeSampling],
+        body: Callable[..., dict[str, torch.Tensor]],
+        inputs: dict[str, torch.Tensor],
+        sampling: CodeSampling,
+        first: int,
+    ) -> None:
+        """A draw loop (`draw_loop` or `piece_loop`) over rows first.. as one static step, filed in `table`
+        unless the build fell back (then the caller builds again)."""
+        cache, lengths = rows_from(self.cache, first), self.lengths[first:]
+
+        def fn(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return body(self.tts, cache, lengths, self.window, sampling, x, self.kernels, self.flex)
+
+        def idle(x: dict[str, torch.Tensor]) -> None:
+            x["active"].zero_()
+
+        step = self._build(fn, inputs, idle)
+        if step is not None:
+            table[key] = step
 
     def warm_up(
         self,
@@ -409,7 +420,7 @@ class StaticTTS:
     # ---- turn-based pieces (chat) ----------------------------------------------------------------------------
     def _piece_loop(self, rows: int, draws: int, sampling: CodeSampling, first: int = 0) -> StaticStep:
         key = (first, rows, draws, sampling)
-        if key not in self.piece_loops:
+        while key not in self.piece_loops:  # again after a fallback (`_build` dropped every step)
             vocab = self.tts.head_code[0].out_features
             dev = self.device
             # the duplex loop of the same rows has a noise buffer at least this long: shared (the two never run
@@ -422,6 +433,11 @@ class StaticTTS:
                 ),
                 None,
             )
+            noise = (
+                torch.full((draws, rows, vocab), 0.5, dtype=torch.float32, device=dev)
+                if shared is None
+                else shared
+            )
             inputs = {
                 "logits": torch.zeros(rows, vocab, dtype=torch.float32, device=dev),
                 "active": torch.zeros(rows, dtype=torch.bool, device=dev),
@@ -429,22 +445,9 @@ class StaticTTS:
                 "warp": torch.zeros(rows, dtype=torch.bool, device=dev),
                 "mins": torch.zeros(rows, dtype=torch.long, device=dev),
                 "left": torch.zeros(rows, dtype=torch.long, device=dev),
-                "noise": shared
-                if shared is not None
-                else torch.full((draws, rows, vocab), 0.5, dtype=torch.float32, device=dev),
+                "noise": noise,
             }
-            cache, lengths = rows_from(self.cache, first), self.lengths[first:]
-
-            def fn(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-                return piece_loop(self.tts, cache, lengths, self.window, sampling, x, self.kernels, self.flex)
-
-            def idle(x: dict[str, torch.Tensor]) -> None:
-                x["active"].zero_()
-
-            step = self._build(fn, inputs, idle)
-            if step is None:
-                return self._piece_loop(rows, draws, sampling, first)
-            self.piece_loops[key] = step
+            self._build_loop(self.piece_loops, key, piece_loop, inputs, sampling, first)
         return self.piece_loops[key]
 
     def warm_up_pieces(
