@@ -183,3 +183,28 @@ def test_piece_loop_rows_draw_the_same_codes_alone_or_together(
     assert together[0] == _run_turns(tts, {0: plans[0]}, TURN_SAMPLING)[0]
     assert together[3] == _run_turns(tts, {3: plans[3]}, TURN_SAMPLING)[3]
     assert together[0] != together[3]
+
+
+def test_a_piece_loop_that_cannot_be_built_turns_itself_off(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The piece loop is new on the GPU path: if its capture fails at warm-up the worker still starts, and chat
+    draws one code at a time (an out-of-memory error still goes up, for the warm-up's smaller retry)."""
+    tts = MiniCPMTTS.from_checkpoint(tiny_model_dir)
+    static = StaticTTS(tts, num_slots=4, window=512, use_graphs=False)
+    static.piece_loop = True
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("capture failed (simulated)")
+
+    monkeypatch.setattr(static, "_build_loop", broken)
+    static.warm_up_pieces(4)
+    assert static.piece_loop is False and not static.piece_loops
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    static.piece_loop = True
+    monkeypatch.setattr(static, "_build_loop", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        static.warm_up_pieces(4)

@@ -454,9 +454,18 @@ class StaticTTS:
         self, rows: int, draws: int = PIECE_DRAWS, sampling: CodeSampling = TURN_SAMPLING, top: bool = False
     ) -> None:
         """Capture the turn-based piece loop of up to `rows` slots (the lowest, or with `top` the highest): its
-        capture takes seconds, which a chat reply must not wait for in a live tick."""
+        capture takes seconds, which a chat reply must not wait for in a live tick. If it cannot be built, chat
+        draws one code at a time (`piece_loop` off) and the worker starts anyway."""
+        if not self.piece_loop:
+            return
         r = pick_bucket(self.row_buckets, rows)
-        self._piece_loop(r, draws, sampling, self.num_slots - r if top else 0)
+        try:
+            self._piece_loop(r, draws, sampling, self.num_slots - r if top else 0)
+        except torch.cuda.OutOfMemoryError:
+            raise  # the worker's warm-up retries with fewer sessions
+        except Exception:
+            log.exception("the turn-based TTS piece loop failed to build; chat TTS draws one code at a time")
+            self.piece_loop = False
 
     @torch.no_grad()
     def draw_pieces(
