@@ -178,7 +178,9 @@ class CallSession:
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "audio" and self.manager.config.rtc.inline_audio_decode:
             # emitted while the offer is applied, before the receiver starts (its decoder thread with it)
-            receiver = next((t.receiver for t in self.pc.getTransceivers() if t.receiver.track is track), None)
+            receiver = next(
+                (t.receiver for t in self.pc.getTransceivers() if t.receiver.track is track), None
+            )
             try:
                 if receiver is None:
                     raise RuntimeError("no transceiver holds the track")
