@@ -303,10 +303,8 @@ class EngineHost:
             self.engine.tokenizer,
             self.engine.processor.config,
         )
-        if model.tts is not None:
-            model.tts.static = (
-                None  # the dropped warm-up's TTS steps (a cache per slot, graphs): free them now
-            )
+        if model.tts is not None:  # the dropped warm-up's TTS steps (a cache per slot, graphs): free them now
+            model.tts.static = None
         del self.engine
         if self.vocoder.flow_graphs is not None:
             self.vocoder.flow_graphs.release()  # what the failed warm-up captured and grew

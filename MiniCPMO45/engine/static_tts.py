@@ -491,29 +491,26 @@ class StaticTTS:
         if n == 0 or len(set(slots)) != n:
             raise ValueError("each slot once, at least one")
         device = self.device
-        vocab = self.tts.head_code[0].out_features
-        logits = torch.empty(n, vocab, dtype=torch.float32, device=device)
-        fresh = [i for i in range(n) if conditions[i] is not None]
-        if fresh:
-            pieces = [conditions[i] for i in fresh]
-            got = self.feed([slots[i] for i in fresh], pieces, [starts[i] for i in fresh])  # type: ignore[misc]
-            logits.index_copy_(0, upload(fresh, device), got)
-        going = [i for i in range(n) if conditions[i] is None]
-        if going:
-            if any(carried[i] is None for i in going):
-                raise ValueError("a slot without a condition must carry the logits of its next draw")
-            logits.index_copy_(0, upload(going, device), torch.stack([carried[i] for i in going]))  # type: ignore[misc]
         captured = ((f, r) for f, r, d, s in self.piece_loops if d == draws and s == sampling)
         first, rows = covering_window(captured, slots) or row_window(self.row_buckets, self.num_slots, slots)
         loop = self._piece_loop(rows, draws, sampling, first)
         x = loop.inputs
+        # each row's next-draw logits straight into the loop's input: fed conditions, or carried from the last call
+        x["logits"].zero_()
+        fresh = [i for i in range(n) if conditions[i] is not None]
+        if fresh:
+            pieces = [conditions[i] for i in fresh]
+            got = self.feed([slots[i] for i in fresh], pieces, [starts[i] for i in fresh])  # type: ignore[misc]
+            x["logits"].index_copy_(0, upload([slots[i] - first for i in fresh], device), got)
+        going = [i for i in range(n) if conditions[i] is None]
+        if going:
+            if any(carried[i] is None for i in going):
+                raise ValueError("a slot without a condition must carry the logits of its next draw")
+            held = torch.stack([carried[i] for i in going])  # type: ignore[misc]
+            x["logits"].index_copy_(0, upload([slots[i] - first for i in going], device), held)
         idx = upload([s - first for s in slots], device)
         width = sampling.window
-        hist = [
-            [-1] * (width - len(t)) + list(t) for t in (list(h)[-width:] if width else [] for h in histories)
-        ]
-        x["logits"].zero_()
-        x["logits"].index_copy_(0, idx, logits)
+        hist = [[-1] * max(width - len(h), 0) + list(h)[max(len(h) - width, 0) :] for h in histories]
         x["active"].zero_()
         x["active"].index_fill_(0, idx, True)
         x["history"].fill_(-1)

@@ -132,6 +132,12 @@ class _Run:
     probs: list[torch.Tensor] = field(default_factory=list)
     done: bool = False
 
+    def take(self, code: int, eos_id: int) -> None:
+        """File one draw: the penalty's history sees it; the run is done at EOS or its draw budget."""
+        self.draws.append(code)
+        self.history.append(code)
+        self.done = code == eos_id or len(self.draws) >= self.max_new
+
 
 class MiniCPMTTS(nn.Module):
     def __init__(self, config: TTSConfig) -> None:
@@ -298,9 +304,7 @@ class MiniCPMTTS(nn.Module):
                 code = drawn[row]
             if r.record:
                 r.probs.append(probs[row])
-            r.draws.append(code)
-            r.history.append(code)
-            r.done = code == self.eos_id or len(r.draws) >= r.max_new
+            r.take(code, self.eos_id)
 
     def _results(self, runs: list[_Run]) -> list[ChunkResult]:
         out = []

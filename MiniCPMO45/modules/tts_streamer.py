@@ -256,9 +256,7 @@ def _static_pieces(static: Any, streamers: Sequence[TTSStreamer]) -> list[tuple[
                 run.session.length += int(conditions[row].shape[0])
             over = False
             for code in codes[row]:
-                run.draws.append(code)
-                run.history.append(code)
-                run.done = code == eos or len(run.draws) >= run.max_new
+                run.take(code, eos)
                 piece, over = streamer._take_draw()
                 if piece is not None:
                     if out[k] is not None:

@@ -422,9 +422,9 @@ class FlowGraphs:
         self, windows: Sequence[WindowRow], n_steps: int, done: RowDone | None = None
     ) -> list[tuple[torch.Tensor, FlowCache]]:
         """Every window in padded batches, one per group of 64 store slots (one batch while at most 64
-        turns are open), each over the smallest aligned bucket of store rows holding its windows' turns. Tokens valid ids; non-final windows longer than the look-ahead; caches of any
-        lengths; each window's turn once. Returns each window's (mel, new untrimmed cache), owned; `done`
-        gets each window's index in `windows`."""
+        turns are open), each over the smallest aligned bucket of store rows holding its windows' turns. Tokens
+        valid ids; non-final windows longer than the look-ahead; caches of any lengths; each window's turn once.
+        Returns each window's (mel, new untrimmed cache), owned; `done` gets each window's index in `windows`."""
         if len({id(w.slot) for w in windows}) != len(windows):
             raise ValueError("a turn can have only one window per round")
         groups: dict[int, list[int]] = {}
