@@ -145,8 +145,11 @@ class EngineHost:
         )
         self.tts: MiniCPMTTS = model.tts
         # the vocoder's per-turn store is taken now, not mid-call: one turn per session unless `vocoder_turns`
-        # says fewer (a card whose memory holds the sessions' KV but not every session speaking at once)
-        self.vocoder.reserve_turns(self.default_voice.prompt, self._vocoder_turns())
+        # says fewer (a card whose memory holds the sessions' KV but not every session speaking at once), in one
+        # half of the store per tick phase
+        self.vocoder.reserve_turns(
+            self.default_voice.prompt, self._vocoder_turns(), phases=self.settings.tick_phases
+        )
         self._batcher: DuplexBatcher | None = None
         self.load_s = time.perf_counter() - started
         log.info("engine host: %s on %s in %.1f s", self.model_dir, self.device, self.load_s)

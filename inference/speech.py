@@ -44,6 +44,7 @@ class TurnVoice:
     host: EngineHost
     voice: Voice
     tts: TTSSession
+    phase: int | None = None  # the session's tick phase (its half of the vocoder's store)
     tokens: list[int] = field(default_factory=list)
     hidden: list[torch.Tensor] = field(default_factory=list)
     times: SpeechTimes = field(default_factory=SpeechTimes)
@@ -53,8 +54,8 @@ class TurnVoice:
 
     def __post_init__(self) -> None:
         self.streamer = TTSStreamer(self.host.tts, self.tts)
-        # at the session's own slot index, as duplex turns: a tick phase's turns share one half of the store
-        self.turn = self.host.vocoder.start_turn(self.voice.prompt, rule="turn", slot=self.tts.slot)
+        # as duplex turns: a tick phase's turns share one half of the vocoder's store
+        self.turn = self.host.vocoder.start_turn(self.voice.prompt, rule="turn", phase=self.phase)
         self._flushed = False
 
     @property

@@ -18,6 +18,7 @@ from MiniCPMO45.token2wav import PromptCache, PushRequest, Token2Wav
 from MiniCPMO45.token2wav.flow import FlowCache
 from MiniCPMO45.token2wav.flow_graphs import BATCH_BUCKETS, ChunkShape, WindowRow, batch_bucket
 from MiniCPMO45.token2wav.fold import has_parametrizations
+from MiniCPMO45.token2wav.kv_store import EstimatorStore
 from MiniCPMO45.token2wav.padded_graphs import PaddedGraphs
 from MiniCPMO45.token2wav.streaming_vocoder import StreamingVocoder
 
@@ -47,25 +48,20 @@ def _codes(seed: int, n: int, vocab: int) -> list[int]:
 
 
 def _run_ticks(
-    model: Token2Wav, fixture: Path, opening: int, single: bool = False, first_slot: int | None = None
+    model: Token2Wav, fixture: Path, opening: int, single: bool = False, phase: int | None = None
 ) -> tuple[list[list[np.ndarray]], list[FlowCache]]:
     """The duplex batcher's pattern: 2-unit turns (open: 25 codes -> one 28-token window; end: 25 codes +
     end of turn -> a window and the final flush), `opening` turns per group, plus turns starting a tick later
     (so one call mixes cache shapes) and a short duplex flush window. Returns the audio and the caches of the
     turns still open after the second tick. `single`: each request through `push_codes` alone (the reference).
-    `first_slot`: the turns ask for the store rows from there on (a second tick phase's sessions)."""
+    `phase`: the turns are a tick phase's, in a store of 16 turns split in two phases' halves."""
     voice = _voice(model, fixture)
     vocab = model.flow.p.vocab_size
-    n = 2 * opening + 2
-
-    def slot(i: int) -> int | None:
-        return None if first_slot is None else first_slot + i
-
-    if first_slot is not None:
-        model.reserve_turns(voice, first_slot + n)
-    turns = [model.start_turn(voice, rule="duplex", slot=slot(i)) for i in range(2 * opening)]
-    late = model.start_turn(voice, rule="duplex", slot=slot(n - 2))
-    short = model.start_turn(voice, rule="duplex", slot=slot(n - 1))
+    if phase is not None:
+        model.reserve_turns(voice, 16, phases=2)
+    turns = [model.start_turn(voice, rule="duplex", phase=phase) for _ in range(2 * opening)]
+    late = model.start_turn(voice, rule="duplex", phase=phase)
+    short = model.start_turn(voice, rule="duplex", phase=phase)
     first, second = turns[:opening], turns[opening:]
     out: list[list[np.ndarray]] = []
     ticks = [
@@ -145,14 +141,14 @@ def test_static_flow_path_matches_plain_batches(folder: Path, token2wav_fixture_
 def test_padded_flow_batches_match_plain_batches(folder: Path, token2wav_fixture_dir: Path) -> None:
     plain = _load(token2wav_fixture_dir, folder)
     static = _load(token2wav_fixture_dir, folder, use_graphs=True)
-    # Rounds of 3 to 6 windows (padded to 4 and 8): the padded matmuls may round the mel differently in the
+    # Rounds of 3 to 6 windows, each padded to the 8 rows of every open turn: the padded matmuls may round the mel differently in the
     # last bit (~1e-6, like any change of batch size on CPU); flow state stays within 1e-5. The vocoder
     # integrates F0 into a phase, so such rounding grows to ~1e-4 in the waveform (see docs/token2wav.md):
     # the audio is held to the chained-parity tolerance of test_token2wav_stream.
     got, got_caches = _run_ticks(static, token2wav_fixture_dir, 3)
     want, want_caches = _run_ticks(plain, token2wav_fixture_dir, 3, single=True)
     assert static.flow_graphs is not None
-    assert {4, 8} <= {shape.bucket for shape in static.flow_graphs.seen}
+    assert {shape.bucket for shape in static.flow_graphs.seen} == {8}
     for a, b in zip(got_caches, want_caches, strict=True):
         for x, y in zip(vars(a).values(), vars(b).values(), strict=True):
             torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
@@ -203,9 +199,10 @@ def test_static_buffers_match_eager_padding(folder: Path, token2wav_fixture_dir:
     assert all(row.cache is None for row in rows)
     want_keys = [t.kv_slot.keys() for t in turns]
     rows = make_rows(twins)
-    rows_of = [t.kv_slot.index for t in twins]
-    shape = graphs.shape_of(rows, rows_of, 5, base=0)
-    assert (shape.bucket, shape.token_slots) == (8, 25)
+    first, end = graphs.rows_of_batch(twins[0].kv_slot.index)
+    shape = graphs.shape_of(rows, first, end, 5)
+    rows_of = [t.kv_slot.index - first for t in twins]
+    assert (first, shape.bucket, shape.token_slots) == (0, 8, 25)
     big = graphs._static_inputs(ChunkShape(8, 28, shape.cache_slots, 5))
     assert big is not None and big.rows == 8
     for tensor in vars(graphs.buffers[shape.cache_slots]).values():
@@ -321,48 +318,85 @@ def test_tick_speech_warm_up_runs_a_full_ticks_vocoder_shapes_and_frees_its_turn
     assert flow.store.owners and not any(flow.store.owners), "a warm-up turn kept its store slot"
 
 
-def test_turns_in_the_top_half_of_the_store_batch_over_that_half(
+def test_a_second_phases_turns_batch_over_their_half_of_the_store(
     folder: Path, token2wav_fixture_dir: Path
 ) -> None:
-    """Turns that take store rows 8..13 of 16 (a second tick phase's sessions at their own KV slot index) run in
-    buckets based at row 8, not in a bucket of all 16 rows from row 0, and sound as each turn alone."""
+    """A store of 16 turns in two tick phases' halves: the second phase's turns take rows 8.. (packed from 8) and
+    run in buckets based at row 8 that never reach the first half, and sound as each turn alone."""
     plain = _load(token2wav_fixture_dir, folder)
     static = _load(token2wav_fixture_dir, folder, use_graphs=True)
-    got, got_caches = _run_ticks(static, token2wav_fixture_dir, 2, first_slot=8)
+    got, got_caches = _run_ticks(static, token2wav_fixture_dir, 2, phase=1)
     want, want_caches = _run_ticks(plain, token2wav_fixture_dir, 2, single=True)
     assert static.flow_graphs is not None
     shapes = static.flow_graphs.seen
-    assert min(shape.base for shape in shapes) == 8 and max(shape.bucket for shape in shapes) == 8
-    assert all(shape.base + shape.bucket <= 16 for shape in shapes)
+    assert {shape.base for shape in shapes} == {8} and max(shape.bucket for shape in shapes) == 8
     _assert_same(got, want, atol=CHAIN_ATOL)
     for a, b in zip(got_caches, want_caches, strict=True):
         for x, y in zip(vars(a).values(), vars(b).values(), strict=True):
             torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
 
 
-def test_tick_speech_warm_up_of_the_second_phase_uses_the_top_rows(
+def test_a_round_of_ending_turns_keeps_the_shape_of_its_phases_open_turns(
     folder: Path, token2wav_fixture_dir: Path
 ) -> None:
-    """The warm-up of a second tick phase speaks in the turns of the highest KV slots (here 12..15 of 16), so
-    the flow shapes their live ticks use (base 12, a bucket of 4) are the ones captured at start-up."""
+    """While 6 turns of a phase are open, a round in which only the turns at rows 1 and 3 run (their last
+    windows) pads to the bucket of all 6, so it replays the main round's graph instead of capturing a shape of
+    its own; without phases the rounds batch from row 0 over every open turn."""
+    model = _load(token2wav_fixture_dir, folder, use_graphs=True)
+    voice = _voice(model, token2wav_fixture_dir)
+    model.reserve_turns(voice, 32, phases=2)
+    flow = model.flow_graphs
+    assert flow is not None
+    vocab = model.flow.p.vocab_size
+    for phase, base in ((0, 0), (1, 16)):
+        turns = [model.start_turn(voice, rule="duplex", phase=phase) for _ in range(6)]
+        assert [t.kv_slot.index for t in turns if t.kv_slot] == list(range(base, base + 6))
+        flow.seen.clear()
+        model.push_codes_batch([PushRequest(t, _codes(i, 25, vocab)) for i, t in enumerate(turns)])
+        model.push_codes_batch([PushRequest(t, _codes(9, 25, vocab)) for t in (turns[1], turns[3])])
+        assert {(shape.base, shape.bucket, shape.token_slots) for shape in flow.seen} == {(base, 8, 25)}
+        assert max(flow.seen.values()) == 2  # one shape, seen twice: captured on a GPU
+        for t in turns:
+            model.push_codes(t, [], end_of_turn=True)
+        assert not any(flow.store.owners[base : base + 16])
+
+
+def test_tick_speech_warm_up_of_the_second_phase_uses_its_half_of_the_store(
+    folder: Path, token2wav_fixture_dir: Path
+) -> None:
+    """The warm-up of the second tick phase speaks in that phase's half of the store (rows 8.. of 16), so the
+    flow shapes its live ticks use (base 8, a bucket of 4) are the ones captured at start-up, the round in which
+    the turns end included."""
     from MiniCPMO45.engine.tick_speech import TickSpeech
 
     model = _load(token2wav_fixture_dir, folder, use_graphs=True)
     voice = _voice(model, token2wav_fixture_dir)
-    model.reserve_turns(voice, 16)
+    model.reserve_turns(voice, 16, phases=2)
     flow = model.flow_graphs
     assert flow is not None
     speech = TickSpeech(None, None, model, voice)  # type: ignore[arg-type]
-    speech.warm_up(4, first_slot=12)
-    assert {(shape.base, shape.bucket) for shape in flow.seen} == {(12, 4)}
-    assert max(flow.seen.values()) >= flow.capture_after
+    speech.warm_up(4, phase=1)
+    assert {(shape.base, shape.bucket) for shape in flow.seen} == {(8, 4)}
+    assert {shape.token_slots for shape in flow.seen} == {25, 4}
+    assert min(flow.seen.values()) >= flow.capture_after
     assert not any(flow.store.owners)
 
 
-def test_aligned_base() -> None:
-    from MiniCPMO45.token2wav.flow_graphs import aligned_base
+def test_rows_of_batch() -> None:
+    """The rows a flow batch may cover: a tick phase's half of the store, in groups of 64 rows."""
+    from MiniCPMO45.token2wav.flow_graphs import FlowGraphs
 
-    assert aligned_base([32, 40, 63]) == 32  # the top half: a bucket of 32
-    assert aligned_base([3, 40]) == 0  # both halves: all 64 rows
-    assert aligned_base([12, 15]) == 12 and aligned_base([13]) == 13
-    assert aligned_base([64 + 5, 64 + 6]) == 64 + 4
+    graphs = FlowGraphs.__new__(FlowGraphs)
+    graphs.store = EstimatorStore(window_frames=8)
+    base = torch.randn(1, 1, 2, 1, 5, 2)
+    graphs.store.reserve(base, 5, 10, 59, phases=2)  # 30 rows a phase, 64 held
+    assert graphs.store.phase_rows == 30 and graphs.store.rows == 64
+    assert graphs.rows_of_batch(0) == (0, 30) and graphs.rows_of_batch(29) == (0, 30)
+    assert graphs.rows_of_batch(30) == (30, 60) and graphs.rows_of_batch(63) == (60, 64)
+    graphs.store = EstimatorStore(window_frames=8)
+    graphs.store.reserve(base, 5, 10, 200, phases=2)  # 100 rows a phase: groups of 64 within each
+    assert graphs.rows_of_batch(70) == (64, 100) and graphs.rows_of_batch(100) == (100, 164)
+    assert graphs.rows_of_batch(170) == (164, 200)
+    graphs.store = EstimatorStore(window_frames=8)
+    graphs.store.reserve(base, 5, 10, 80)  # no phases: groups of 64
+    assert graphs.rows_of_batch(63) == (0, 64) and graphs.rows_of_batch(64) == (64, 80)

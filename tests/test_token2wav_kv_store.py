@@ -142,21 +142,23 @@ def test_reserve_takes_the_memory_up_front() -> None:
     assert store.version == version + 1 and store.rows == 16
 
 
-def test_a_turn_takes_the_row_it_prefers_when_free_and_held() -> None:
-    """A session asks for its own KV slot index (a second tick phase sits on the highest ones): it gets that row
-    when it is free and the store already holds it, else the lowest free row, and the store never grows for a
-    preference."""
+def test_a_tick_phases_turns_take_rows_in_its_half_of_the_store() -> None:
+    """A store reserved for 12 turns in two tick phases holds two halves of 6 rows: each phase's turns take the
+    lowest free row of their half; a phase whose half is full takes the lowest free row anywhere, and the
+    store never grows for a phase."""
     store = EstimatorStore(window_frames=8)
     base = torch.randn(1, 1, 2, 1, 5, 2)
-    store.reserve(base, 5, 10, 8)
+    store.reserve(base, 5, 10, 11, phases=2)
+    assert store.phase_rows == 6 and store.rows == 16
     version = store.version
-    top = store.open(base, 5, 10, prefer=7)
-    assert top.index == 7
-    assert store.open(base, 5, 10, prefer=7).index == 0  # taken: the lowest free row
-    assert store.open(base, 5, 10, prefer=12).index == 1  # beyond the rows held: no growth for it
-    assert store.open(base, 5, 10).index == 2 and store.version == version and store.rows == 8
-    top.close()
-    assert store.open(base, 5, 10, prefer=7).index == 7
+    second = [store.open(base, 5, 10, phase=1).index for _ in range(3)]
+    first = [store.open(base, 5, 10, phase=0).index for _ in range(2)]
+    assert second == [6, 7, 8] and first == [0, 1]
+    store.release(7)
+    assert store.open(base, 5, 10, phase=1).index == 7  # the lowest free row of its half again
+    assert [store.open(base, 5, 10, phase=0).index for _ in range(5)] == [2, 3, 4, 5, 9]  # half full: row 9
+    assert store.open(base, 5, 10).index == 10  # no phase: the lowest free row
+    assert store.version == version and store.rows == 16
 
 
 def test_a_batch_never_reaches_past_the_store(token2wav_fixture_dir: Path, tmp_path: Path) -> None:

@@ -222,9 +222,8 @@ class DuplexBatcher:
             self.vision.warm_up(self.camera_grids(), (images.config.norm_mean, images.config.norm_std))
         # the vocoder of a tick in which one phase's sessions all speak (every session at once did not fit beside
         # 64 sessions' caches on an H100: a live tick's flow batch covers that many rows, fewer of them real)
-        top_first = self.engine.cache.num_slots - min(per_phase, self.engine.cache.num_slots)
-        for top in ends:  # each phase's turns in its own half of the vocoder's store (`TickSpeech.speak`)
-            self.speech.warm_up(per_phase, first_slot=top_first if top else 0)
+        for phase in range(len(ends)):  # each phase's turns in its own half of the vocoder's store
+            self.speech.warm_up(per_phase, phase=phase)
 
     def camera_grids(self) -> list[tuple[int, int]]:
         """The patch grids of the usual cameras' frames (`CAMERA_SIZES`) as an omni unit slices them by default."""

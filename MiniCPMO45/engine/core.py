@@ -78,7 +78,9 @@ class Engine:
             raise ValueError(f"session {sid!r} already exists")
         # The session's sampling generator lives where the logits are (multinomial needs the same device).
         generator = torch.Generator(device=self.model.device)
-        session = Session(session_id=sid, slot=self.cache.allocate(top_slot), mode=mode, generator=generator)
+        session = Session(
+            session_id=sid, slot=self.cache.allocate(top_slot), mode=mode, generator=generator, top=top_slot
+        )
         if seed is not None:
             session.seed(seed)
         self.sessions[sid] = session

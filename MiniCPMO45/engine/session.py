@@ -42,6 +42,11 @@ class Session:
     generator: torch.Generator = field(default_factory=torch.Generator)
     history: list[int] = field(default_factory=list)  # ids generated in the current reply
     closed: bool = False
+    top: bool = False  # on the highest KV slots: the second tick phase's
+
+    @property
+    def phase(self) -> int:
+        return 1 if self.top else 0
 
     def seed(self, seed: int) -> None:
         self.generator.manual_seed(seed)

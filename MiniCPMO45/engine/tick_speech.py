@@ -43,26 +43,29 @@ class TickSpeech:
         self.vocoder_s = 0.0  # the last tick's vocoder time
 
     @torch.no_grad()
-    def warm_up(self, sessions: int, units: int = WARM_UP_UNITS, first_slot: int = 0) -> None:
+    def warm_up(self, sessions: int, units: int = WARM_UP_UNITS, phase: int = 0) -> None:
         """Speak `units` units of random codes in `sessions` vocoder turns at once and end them: the padded flow
         and HiFT shapes of a tick in which that many sessions speak (the turn's opening windows, the steady
         one once its cache is full, the last chunk) are captured now (a shape is captured on its second use),
         so their memory shows in the worker's after-warm-up check and no capture of that size lands in a live
-        tick. The turns sit at the store rows of KV slots `first_slot` on (a second tick phase's sessions hold the
-        highest slots, and their turns take their own slot index: `speak`). Their store slots are free again
-        afterwards."""
+        tick. The turns take the store rows of tick `phase`'s sessions (`speak`); they are free again afterwards.
+        Their last windows run twice (a second short turn each), so the shape of a round in which turns end is
+        captured too. (Smaller buckets, while calls join, are captured live: each took 0.3-0.6 s of a tick on an
+        H100, and capturing them all here would take about 1 GiB that 64 sessions' caches do not leave.)"""
         if self.vocoder is None or self.voice is None or sessions < 1:
             return
         codes = torch.randint(0, self.vocoder.flow.p.vocab_size, (units, sessions, DUPLEX_MAX_DRAWS - 1))
-        turns = [
-            self.vocoder.start_turn(self.voice, rule="duplex", slot=first_slot + i) for i in range(sessions)
-        ]
+        turns = [self.vocoder.start_turn(self.voice, rule="duplex", phase=phase) for _ in range(sessions)]
         for u in range(units):
             last = u == units - 1
             requests = [
                 PushRequest(t, c, end_of_turn=last) for t, c in zip(turns, codes[u].tolist(), strict=True)
             ]
             self.vocoder.push_codes_batch(requests)
+        turns = [self.vocoder.start_turn(self.voice, rule="duplex", phase=phase) for _ in range(sessions)]
+        self.vocoder.push_codes_batch(
+            [PushRequest(t, c, end_of_turn=True) for t, c in zip(turns, codes[-1].tolist(), strict=True)]
+        )
 
     def conditions(self, results: Sequence[UnitResult]) -> list[torch.Tensor]:
         """The TTS conditions of many units with one projector call: emb_text(t) + L2norm(projector_semantic(h))
@@ -122,8 +125,9 @@ class TickSpeech:
                 if st.vocoder_turn is None:
                     voice = self.voice_of(st)
                     assert voice is not None
-                    # at the session's own KV slot index: a tick phase's turns stay in their half of the store
-                    st.vocoder_turn = self.vocoder.start_turn(voice, rule="duplex", slot=slots[k])
+                    # in the session's tick phase's half of the store: the phase's flow batch stays small
+                    phase = results[speaking[k]].session.phase
+                    st.vocoder_turn = self.vocoder.start_turn(voice, rule="duplex", phase=phase)
                 # the official duplex path flushes short windows when the unit's codes ended at EOS
                 requests.append(
                     PushRequest(

@@ -21,6 +21,8 @@ what each turn keeps.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
@@ -30,6 +32,8 @@ import torch
 from ..host_copy import upload
 from .flow import Flow, FlowCache, keep_ends
 from .kv_store import EstimatorStore, KVSlot
+
+log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MAX_BUCKET = BATCH_BUCKETS[-1]
@@ -43,16 +47,6 @@ def batch_bucket(n: int) -> int:
         if n <= bucket:
             return bucket
     raise ValueError(f"a flow batch holds at most {MAX_BUCKET} windows, got {n}")
-
-
-def aligned_base(indices: Sequence[int]) -> int:
-    """The first store slot of the smallest bucket, aligned to its own size, that holds all these slots (all in
-    one group of `MAX_BUCKET`): slots 32..63 give base 32 (a bucket of 32), not base 0 and a bucket of 64."""
-    lo, hi = min(indices), max(indices)
-    for bucket in BATCH_BUCKETS:
-        if lo // bucket == hi // bucket:
-            return lo // bucket * bucket
-    return lo // MAX_BUCKET * MAX_BUCKET
 
 
 def token_slots(outputs: int) -> int:
@@ -378,15 +372,32 @@ class FlowGraphs:
         self.buffers.clear()
         self.seen.clear()
 
-    def shape_of(
-        self, windows: Sequence[WindowRow], rows_of: Sequence[int], n_steps: int, base: int
-    ) -> ChunkShape:
+    def rows_of_batch(self, index: int) -> tuple[int, int]:
+        """The store rows a flow batch holding the turn at row `index` may cover, [first, end): its tick phase's
+        half of the store (`EstimatorStore.reserve`; the whole store without phases, and the rows past both
+        halves if it grew), cut in groups of `MAX_BUCKET`."""
+        half, rows = self.store.phase_rows, self.store.rows
+        if half and index < half:
+            first, end = 0, half
+        elif half and index < 2 * half:
+            first, end = half, 2 * half
+        else:
+            first, end = 2 * half, rows
+        first += (index - first) // MAX_BUCKET * MAX_BUCKET
+        return first, min(first + MAX_BUCKET, end, rows)
+
+    def shape_of(self, windows: Sequence[WindowRow], base: int, end: int, n_steps: int) -> ChunkShape:
+        """The padded shape of a batch based at store row `base`. Its bucket covers every open turn of rows
+        base..end-1, not only those with a window now: a round in which a few turns end (their last windows)
+        then replays the graph of the tick's main round instead of capturing a shape of its own."""
         lookahead = self.flow.lookahead
         outputs = max(len(w.tokens) - (0 if w.last_chunk else lookahead) for w in windows)
         longest = max(max(w.capacity, w.cache.conformer_att.shape[3]) for w in windows if w.cache is not None)
-        # the batch covers store slots base .. base + bucket - 1, and the store may hold fewer rows than the
-        # next power of two (it grows by 16)
-        bucket = min(batch_bucket(max(rows_of) + 1), self.store.rows - base)
+        owners = self.store.owners
+        highest = max(w.slot.index for w in windows)
+        highest = max([highest, *(i for i in range(highest, min(end, len(owners))) if owners[i])])
+        # the store may hold fewer rows than the next power of two (it grows by 16)
+        bucket = min(batch_bucket(highest - base + 1), end - base)
         return ChunkShape(bucket, token_slots(outputs), _round_up(longest, CACHE_GRANULE), n_steps, base)
 
     def _static_inputs(self, shape: ChunkShape) -> RaggedInputs | None:
@@ -421,32 +432,31 @@ class FlowGraphs:
     def run(
         self, windows: Sequence[WindowRow], n_steps: int, done: RowDone | None = None
     ) -> list[tuple[torch.Tensor, FlowCache]]:
-        """Every window in padded batches, one per group of 64 store slots (one batch while at most 64
-        turns are open), each over the smallest aligned bucket of store rows holding its windows' turns. Tokens
-        valid ids; non-final windows longer than the look-ahead; caches of any lengths; each window's turn once.
-        Returns each window's (mel, new untrimmed cache), owned; `done` gets each window's index in `windows`."""
+        """Every window in padded batches: one per tick phase's half of the store and group of 64 rows
+        (`rows_of_batch`). Tokens valid ids; non-final windows longer than the look-ahead; caches of any lengths;
+        each window's turn once. Returns each window's (mel, new untrimmed cache), owned; `done` gets each
+        window's index in `windows`."""
         if len({id(w.slot) for w in windows}) != len(windows):
             raise ValueError("a turn can have only one window per round")
-        groups: dict[int, list[int]] = {}
+        groups: dict[tuple[int, int], list[int]] = {}
         for i, w in enumerate(windows):
             if w.slot.closed or w.slot.store is not self.store:
                 raise ValueError("a window's KV slot is closed or belongs to another flow")
-            groups.setdefault(w.slot.index // MAX_BUCKET, []).append(i)
+            groups.setdefault(self.rows_of_batch(w.slot.index), []).append(i)
         results: list[tuple[torch.Tensor, FlowCache] | None] = [None] * len(windows)
-        for _, members in sorted(groups.items()):
+        for (base, end), members in sorted(groups.items()):
 
             def group_done(k: int, mel: torch.Tensor, cache: FlowCache, members: list[int] = members) -> None:
                 if done is not None:
                     done(members[k], mel, cache)
 
-            base = aligned_base([windows[i].slot.index for i in members])
-            part = self._run_group([windows[i] for i in members], base, n_steps, group_done)
+            part = self._run_group([windows[i] for i in members], base, end, n_steps, group_done)
             for i, result in zip(members, part, strict=True):
                 results[i] = result
         return [r for r in results if r is not None]
 
     def _run_group(
-        self, windows: Sequence[WindowRow], base: int, n_steps: int, done: RowDone
+        self, windows: Sequence[WindowRow], base: int, end: int, n_steps: int, done: RowDone
     ) -> list[tuple[torch.Tensor, FlowCache]]:
         flow, store = self.flow, self.store
         lookahead, low_layers, up_rate = flow.lookahead, len(flow.encoder.encoders), flow.up_rate
@@ -457,7 +467,7 @@ class FlowGraphs:
             self.buffers.clear()
             self._store_version = store.version
         rows_of = [w.slot.index - base for w in windows]
-        shape = self.shape_of(windows, rows_of, n_steps, base)
+        shape = self.shape_of(windows, base, end, n_steps)
         self.seen[shape] = self.seen.get(shape, 0) + 1
         self.calls += 1
         assert store.kv is not None
@@ -482,7 +492,15 @@ class FlowGraphs:
                 )
             claimed = inputs.fill(windows, rows_of, lookahead, low_layers, up_rate)
             if static is not None and self.seen[shape] >= self.capture_after:
+                started = time.perf_counter()
                 chunk = self.chunks[shape] = _Captured(flow, static, n_steps, kv_view, self._pool)
+                log.info(
+                    "flow graph %d captured in %.0f ms: %s (%d rows)",
+                    len(self.chunks),
+                    (time.perf_counter() - started) * 1e3,
+                    shape,
+                    len(windows),
+                )
                 outputs = chunk.run()
             else:
                 outputs = inputs.forward(flow, n_steps, kv_view)

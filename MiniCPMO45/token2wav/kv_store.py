@@ -101,6 +101,9 @@ class EstimatorStore:
         self.owners: list[bool] = []  # per slot index: in use
         self.slots: dict[int, KVSlot] = {}
         self.version = 0
+        # rows per tick phase (0: one pool): phase 0's turns take rows 0.., phase 1's rows phase_rows.., each
+        # packed from its start, so a phase's flow batch covers its own rows only (`FlowGraphs`)
+        self.phase_rows = 0
 
     @property
     def frames(self) -> int:
@@ -136,22 +139,34 @@ class EstimatorStore:
         ):
             raise ValueError("base keys do not match the store's steps, depth or heads")
 
-    def reserve(self, base: torch.Tensor, prompt_frames: int, history_frames: int, slots: int) -> None:
+    def reserve(
+        self, base: torch.Tensor, prompt_frames: int, history_frames: int, slots: int, phases: int = 1
+    ) -> None:
         """Allocate room for `slots` turns of this voice now (a worker does it at start-up, so the store never
-        grows by copying mid-call and its memory is taken before anything else competes for it)."""
+        grows by copying mid-call and its memory is taken before anything else competes for it). With two tick
+        `phases` the rows are split in two halves, one per phase (`open_empty`)."""
         self._adopt(base)
+        if phases == 2 and slots > 1:
+            self.phase_rows = -(-slots // 2)
+            slots = 2 * self.phase_rows
         self.ensure(slots, max(base.shape[4], prompt_frames) + history_frames + self.window_frames + 1)
 
+    def phase_range(self, phase: int | None) -> range:
+        """The rows of a tick phase's turns (every row without phases)."""
+        if phase is None or not self.phase_rows:
+            return range(self.rows)
+        start = self.phase_rows * phase
+        return range(min(start, self.rows), min(start + self.phase_rows, self.rows))
+
     def open(
-        self, base: torch.Tensor, prompt_frames: int, history_frames: int, prefer: int | None = None
+        self, base: torch.Tensor, prompt_frames: int, history_frames: int, phase: int | None = None
     ) -> KVSlot:
         """A slot for a new turn holding `base` (1 stream's keys, (steps, depth, 2, heads, n, 2*head_dim), in
-        stored order): the voice prompt's cache. `prefer`: the index to take if it is free and within the rows
-        the store holds (see `open_empty`)."""
+        stored order): the voice prompt's cache. `phase`: the tick phase of the turn's session (`open_empty`)."""
         self._adopt(base)
         n = base.shape[4]
         slot = self.open_empty(
-            prompt_frames, history_frames, at_least=n + history_frames + self.window_frames + 1, prefer=prefer
+            prompt_frames, history_frames, at_least=n + history_frames + self.window_frames + 1, phase=phase
         )
         assert self.kv is not None
         self.kv[:, :, 2 * slot.index : 2 * slot.index + 2, :, :n].copy_(base)
@@ -160,26 +175,21 @@ class EstimatorStore:
         return slot
 
     def open_empty(
-        self, prompt_frames: int, history_frames: int, at_least: int = 0, prefer: int | None = None
+        self, prompt_frames: int, history_frames: int, at_least: int = 0, phase: int | None = None
     ) -> KVSlot:
-        """The lowest free slot, or `prefer` when it is free and the store already holds that row. A session
-        that asks for its own KV slot index keeps its turns where its tick phase's others are: the sessions of
-        the second phase sit on the highest slots, so their flow batch covers only the top half of the rows
-        (`FlowGraphs`: the smallest aligned bucket), not all of them."""
+        """The lowest free row of the tick `phase`'s half of the store (`reserve`), else the lowest free row.
+        A phase's turns stay packed at the start of its half: its flow batch is one small bucket of rows based
+        there, the same shape tick after tick (captured at warm-up), and never covers the other phase's rows."""
         if self.kv is None:
             raise ValueError("open the first slot with base keys")
-        if (
-            prefer is not None
-            and 0 <= prefer < self.rows
-            and not (prefer < len(self.owners) and self.owners[prefer])
-        ):
-            index = prefer
-        else:
-            index = next((i for i, used in enumerate(self.owners) if not used), len(self.owners))
-        while len(self.owners) <= index:
-            self.owners.append(False)
+        used = self.owners
+        index = next((i for i in self.phase_range(phase) if i >= len(used) or not used[i]), None)
+        if index is None:
+            index = next((i for i, taken in enumerate(used) if not taken), len(used))
+        while len(used) <= index:
+            used.append(False)
         self.ensure(index + 1, max(at_least, self.frames_needed(prompt_frames, history_frames)))
-        self.owners[index] = True
+        used[index] = True
         slot = KVSlot(self, index, prompt_frames, history_frames, order=[], free=list(range(self.scratch)))
         self.slots[index] = slot
         return slot

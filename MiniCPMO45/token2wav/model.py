@@ -325,10 +325,11 @@ class Token2Wav:
     # ---- streaming -------------------------------------------------------------------------------
 
     def start_turn(
-        self, prompt: PromptCache, rule: WindowRule = "turn", slot: int | None = None
+        self, prompt: PromptCache, rule: WindowRule = "turn", phase: int | None = None
     ) -> TurnState:
-        """A new spoken turn: the prompt's flow caches cloned, fresh vocoder state, 3 silence tokens. `slot`: the
-        estimator store row to use if free (the session's KV slot: see `EstimatorStore.open_empty`).
+        """A new spoken turn: the prompt's flow caches cloned, fresh vocoder state, 3 silence tokens. `phase`:
+        the tick phase of the turn's session, whose half of the estimator store it takes a row in
+        (`reserve_turns`, `EstimatorStore.open_empty`).
 
         New layout: the causal HiFT with bounded history. Old layout: the original HiFT with the 8-frame
         cross-fade rule (`crossfade_vocoder`).
@@ -338,7 +339,7 @@ class Token2Wav:
         if self.flow_graphs is None:
             return TurnState(prompt, prompt.flow_cache.clone(), self.streaming.new_state(), rule)
         base = prompt.flow_cache
-        kv_slot = self.flow_graphs.store.open(base.estimator_kv, prompt.prompt_frames, HISTORY_FRAMES, slot)
+        kv_slot = self.flow_graphs.store.open(base.estimator_kv, prompt.prompt_frames, HISTORY_FRAMES, phase)
         cache = FlowCache(
             base.conformer_cnn.clone(),
             base.conformer_att.clone(),
@@ -347,12 +348,12 @@ class Token2Wav:
         )
         return TurnState(prompt, cache, self.streaming.new_state(), rule, kv_slot=kv_slot)
 
-    def reserve_turns(self, prompt: PromptCache, turns: int) -> None:
-        """Padded path: allocate the estimator store for `turns` concurrent turns of this voice up front
-        (no-op on the plain path)."""
+    def reserve_turns(self, prompt: PromptCache, turns: int, phases: int = 1) -> None:
+        """Padded path: allocate the estimator store for `turns` concurrent turns of this voice up front, in one
+        half per tick phase with two `phases` (no-op on the plain path)."""
         if self.flow_graphs is not None:
             base = prompt.flow_cache.estimator_kv
-            self.flow_graphs.store.reserve(base, prompt.prompt_frames, HISTORY_FRAMES, turns)
+            self.flow_graphs.store.reserve(base, prompt.prompt_frames, HISTORY_FRAMES, turns, phases)
 
     def flow_cache_of(self, state: TurnState) -> FlowCache:
         """The turn's flow cache in the official layout (the estimator keys gathered from the store in their
