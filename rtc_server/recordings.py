@@ -151,8 +151,10 @@ class CallRecorder:
 
     def assistant_frame(self, pcm48k: np.ndarray) -> None:
         """One packet the outbound track sent (`rtc.outbound_packet_ms` of 48 kHz int16, whose content is the 24 kHz
-        speech upsampled, so every other sample is the speech at 24 kHz with nothing to alias)."""
-        self.assistant.write(pcm48k[::2], time.monotonic())
+        speech upsampled, so every other sample is the speech at 24 kHz with nothing to alias). It goes out at
+        the start of its time slot and plays through it: it ends one packet after now."""
+        speech = pcm48k[::2]
+        self.assistant.write(speech, time.monotonic() + speech.size / SPEECH_RATE)
 
     def event(self, event_json: str) -> None:
         """An event as it went to the caller (a JSON object), with its time put first."""

@@ -32,6 +32,22 @@ def test_a_track_keeps_the_calls_clock_and_is_readable_while_written(tmp_path: P
     track.write(np.ones(10, dtype=np.float32), ends_at=t0 + 3)  # after close: nothing, no error
 
 
+def test_an_assistant_packet_starts_where_it_was_sent(tmp_path: Path) -> None:
+    """A 40 ms packet tapped as the outbound track sends it plays from then on: the recording puts its first
+    sample at its send time, not 40 ms before it."""
+    recorder = rec.CallRecorder(tmp_path, "r" * 16, "audio_duplex")
+    recorder.t0 -= 1.0  # the call started a second ago
+    recorder.assistant.t0 = recorder.t0
+    sent = time.monotonic()
+    recorder.assistant_frame(np.full(1920, 1000, dtype=np.int16))  # 40 ms at 48 kHz
+    recorder.close()
+    with wave.open(str(tmp_path / ("r" * 16) / "assistant.wav")) as w:
+        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+    first = int(np.flatnonzero(pcm)[0])
+    assert pcm.size - first == 960
+    assert abs(first / 24000 - (sent - recorder.t0)) < 0.005
+
+
 def test_prune_drops_old_recordings_then_the_oldest_past_the_size_cap(tmp_path: Path) -> None:
     now = time.time()
     for name, age_days, size in (
