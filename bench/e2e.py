@@ -536,7 +536,8 @@ def wait_drained(server: Server, timeout: float = 30.0) -> None:
 
 
 def tree_cpu(root: int) -> dict[int, tuple[bool, float]]:
-    """pid -> (is a worker, utime + stime in s) for `root` and all its descendants."""
+    """pid -> (is a worker, utime + stime in s) for `root` and all its descendants. A worker's own children (the
+    GPU worker's Inductor compile processes) count as the worker's, not as the media side's."""
     stats: dict[int, tuple[int, float, bool]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -548,13 +549,15 @@ def tree_cpu(root: int) -> dict[int, tuple[bool, float]]:
             continue
         cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
         stats[int(entry.name)] = (int(fields[1]), cpu, WORKER_MARK in cmd)
-    tree, frontier = {root}, [root]
+    worker_side = {root: root in stats and stats[root][2]}
+    frontier = [root]
     while frontier:
         parent = frontier.pop()
-        kids = [pid for pid, (ppid, _, _) in stats.items() if ppid == parent and pid not in tree]
-        tree.update(kids)
+        kids = [pid for pid, (ppid, _, _) in stats.items() if ppid == parent and pid not in worker_side]
+        for pid in kids:
+            worker_side[pid] = stats[pid][2] or worker_side[parent]
         frontier += kids
-    return {pid: (stats[pid][2], stats[pid][1]) for pid in tree if pid in stats}
+    return {pid: (worker, stats[pid][1]) for pid, worker in worker_side.items() if pid in stats}
 
 
 def thread_cpu(pids: dict[int, tuple[bool, float]]) -> dict[str, float]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from bench.e2e import (
     table,
     text_latency,
     thread_split,
+    tree_cpu,
 )
 
 
@@ -155,3 +158,33 @@ def test_thread_split_is_the_share_of_a_core_by_thread_name() -> None:
         "media:media-loop",
         "worker:ipc",
     ]  # busiest first; idle ones left out
+
+
+def test_a_workers_children_count_as_the_workers() -> None:
+    """Processes under this one: a worker (its command line names `inference.worker`) with a child of its own (as
+    the GPU worker's compile processes are), and a media-side child. The worker's child is the worker's, not the
+    media side's."""
+    spawn = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'])"
+    worker = subprocess.Popen(
+        [sys.executable, "-c", spawn + "; time.sleep(30)", "inference.worker"], start_new_session=True
+    )
+    media = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+
+    def parent(pid: int) -> int:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            tree = tree_cpu(os.getpid())
+            below = [pid for pid in tree if pid != worker.pid and parent(pid) == worker.pid]
+            if below or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert tree[worker.pid][0] and not tree[media.pid][0] and not tree[os.getpid()][0]
+        assert len(below) == 1 and tree[below[0]][0]
+    finally:
+        os.killpg(worker.pid, 9)
+        media.kill()
+        worker.wait()
+        media.wait()
