@@ -105,6 +105,24 @@ def gumbel(uniform: torch.Tensor) -> torch.Tensor:
     return -torch.log(-torch.log(uniform.clamp(1e-10, 1.0 - 1e-7)))
 
 
+def feed_codes(
+    tts: MiniCPMTTS,
+    cache: TTSKVCache,
+    lengths: torch.Tensor,
+    codes: torch.Tensor,
+    rows: torch.Tensor,
+    window: int,
+    kernels: LayerKernels,
+    flex: bool,
+) -> torch.Tensor:
+    """Feed each row's drawn code back where `rows [B]` (one static TTS step): the logits of its next draw."""
+    emb = tts.emb_code[0](codes.clamp(0, tts.emb_code[0].num_embeddings - 1))[:, None]
+    step = static_tts_forward(
+        tts, cache, lengths, emb.to(cache.keys[0].dtype), rows.long(), window, kernels, flex
+    )
+    return step["logits"]
+
+
 def draw_loop(
     tts: MiniCPMTTS,
     cache: TTSKVCache,
@@ -122,7 +140,7 @@ def draw_loop(
     or D draws; every draw but a row's last is fed back (EOS and the D-th draw are not). Returns
     `draws [B, D]` (-1 after a row stopped)."""
     logits, active = x["logits"], x["active"].clone()
-    b, vocab = logits.shape
+    b = logits.shape[0]
     max_new = x["noise"].shape[0]
     eos = tts.eos_id
     draws = torch.full((b, max_new), -1, dtype=torch.long, device=logits.device)
@@ -134,11 +152,7 @@ def draw_loop(
         active = active & (code != eos)
         if j == max_new - 1:
             break
-        emb = tts.emb_code[0](code.clamp(0, vocab - 1))[:, None]
-        step = static_tts_forward(
-            tts, cache, lengths, emb.to(cache.keys[0].dtype), active.long(), window, kernels, flex
-        )
-        logits = step["logits"]
+        logits = feed_codes(tts, cache, lengths, code, active, window, kernels, flex)
     return {"draws": draws}
 
 
@@ -184,7 +198,7 @@ def piece_loop(
     fed back, the call's last one too, so the returned `logits [B, V]` start the row's next call. Returns those
     and `draws [B, D]` (-1 where the row did not draw)."""
     logits, active = x["logits"], x["active"].clone()
-    b, vocab = logits.shape
+    b = logits.shape[0]
     draws_max = x["noise"].shape[0]
     eos = tts.eos_id
     draws = torch.full((b, draws_max), -1, dtype=torch.long, device=logits.device)
@@ -196,11 +210,9 @@ def piece_loop(
         code = (scores + gumbel(x["noise"][j])).argmax(-1)
         draws[:, j] = torch.where(alive, code, torch.full_like(code, -1))
         fed = alive & (code != eos) & (x["left"] > j + 1)
-        emb = tts.emb_code[0](code.clamp(0, vocab - 1))[:, None]
-        step = static_tts_forward(
-            tts, cache, lengths, emb.to(cache.keys[0].dtype), fed.long(), window, kernels, flex
+        logits = torch.where(
+            fed[:, None], feed_codes(tts, cache, lengths, code, fed, window, kernels, flex), logits
         )
-        logits = torch.where(fed[:, None], step["logits"], logits)
         active = fed
     return {"draws": draws, "logits": logits}
 
