@@ -382,6 +382,69 @@ def test_tick_speech_warm_up_of_the_second_phase_uses_its_half_of_the_store(
     assert not any(flow.store.owners)
 
 
+def test_while_calls_join_their_rounds_replay_the_warmed_up_graph(
+    folder: Path, token2wav_fixture_dir: Path
+) -> None:
+    """Once the warm-up has captured a phase's full round (8 turns of a 16-turn store), the rounds of the first two
+    turns to join pad up to that bucket instead of capturing buckets of 1 and 2 of their own (on a GPU each capture
+    stalls a live tick for 0.3-0.6 s), and each still sounds as that turn alone."""
+    from MiniCPMO45.engine.tick_speech import TickSpeech
+
+    plain = _load(token2wav_fixture_dir, folder)
+    model = _load(token2wav_fixture_dir, folder, use_graphs=True)
+    voice = _voice(model, token2wav_fixture_dir)
+    model.reserve_turns(voice, 16, phases=2)
+    flow = model.flow_graphs
+    assert flow is not None
+    TickSpeech(None, None, model, voice).warm_up(8, phase=1)  # type: ignore[arg-type]
+    warmed = set(flow.captured)
+    assert {(shape.base, shape.bucket) for shape in warmed} == {(8, 8)}
+    vocab = model.flow.p.vocab_size
+    got: list[list[np.ndarray]] = []
+    want: list[list[np.ndarray]] = []
+    for engine, out in ((model, got), (plain, want)):
+        v = voice if engine is model else _voice(plain, token2wav_fixture_dir)
+        first = engine.start_turn(v, rule="duplex", phase=1 if engine is model else None)
+        rounds = [[first], [first], [first]]
+        second = engine.start_turn(v, rule="duplex", phase=1 if engine is model else None)
+        rounds[1].append(second)
+        rounds[2].append(second)
+        for k, turns in enumerate(rounds):
+            requests = [
+                PushRequest(t, _codes(10 * k + i, 25, vocab), end_of_turn=k == 2) for i, t in enumerate(turns)
+            ]
+            if engine is model:
+                out += engine.push_codes_batch(requests)
+            else:
+                out += [engine.push_codes(r.state, r.codes, r.end_of_turn) for r in requests]
+    assert set(flow.seen) == warmed, "a round while calls joined ran a shape that the warm-up did not capture"
+    _assert_same(got, want, atol=CHAIN_ATOL)
+
+
+def test_covering_shape_takes_the_smallest_captured_bucket_within_the_half() -> None:
+    """A shape with no graph replays the smallest captured one with the same windows, caches and base and a larger
+    bucket, never one that reaches past its half of the store."""
+    from MiniCPMO45.token2wav.flow_graphs import FlowGraphs
+
+    graphs = FlowGraphs.__new__(FlowGraphs)
+    graphs.graphs = False
+    small = ChunkShape(2, 25, 160, 5, base=16)
+    graphs._eager_captured = {
+        ChunkShape(8, 25, 160, 5, base=16),
+        ChunkShape(16, 25, 160, 5, base=16),
+        ChunkShape(32, 25, 160, 5, base=16),  # past row 32
+        ChunkShape(8, 4, 160, 5, base=16),  # other windows
+        ChunkShape(8, 25, 176, 5, base=16),  # other caches
+        ChunkShape(8, 25, 160, 5, base=0),  # other half
+    }
+    assert graphs.covering_shape(small, end=32) == ChunkShape(8, 25, 160, 5, base=16)
+    captured, uncovered = ChunkShape(16, 25, 160, 5, base=16), ChunkShape(4, 8, 160, 5, base=16)
+    assert graphs.covering_shape(captured, end=32) == captured
+    assert graphs.covering_shape(uncovered, end=32) == uncovered
+    graphs._eager_captured = {ChunkShape(32, 25, 160, 5, base=16)}
+    assert graphs.covering_shape(small, end=32) == small
+
+
 def test_rows_of_batch() -> None:
     """The rows a flow batch may cover: a tick phase's half of the store, in groups of 64 rows."""
     from MiniCPMO45.token2wav.flow_graphs import FlowGraphs

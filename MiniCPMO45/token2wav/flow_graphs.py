@@ -9,7 +9,9 @@ kept per row. The estimator's keys never move: each turn's live in its rows of t
 highest one in the round (padded to a bucket 1, 2, 4, ..., 64); rows without a window this round are idle
 (they write only the scratch position and their outputs are dropped).
 
-On CUDA (when enabled) a `ChunkShape` seen `capture_after` times is captured once and replayed. All graphs
+On CUDA (when enabled) a `ChunkShape` seen `capture_after` times is captured once and replayed; a shape not
+captured yet replays a captured one of a larger bucket when one covers its rows (`covering_shape`), so the
+warm-up's full rounds serve the smaller rounds of calls joining, with no capture inside a live tick. All graphs
 with the same conformer cache slots read one set of static input buffers (`RaggedInputs`, sized for the
 largest bucket used so far), so memory does not grow with the number of shapes; a store that grows drops
 them all. Otherwise the same padded code runs eagerly, which is what the CPU tests compare with the per-turn
@@ -23,8 +25,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -344,6 +346,7 @@ class FlowGraphs:
         self.store = EstimatorStore(window_frames=TOKEN_SLOTS[-1] * flow.up_rate)
         self.seen: dict[ChunkShape, int] = {}
         self.chunks: dict[ChunkShape, _Captured] = {}
+        self._eager_captured: set[ChunkShape] = set()  # off CUDA: the shapes a GPU would have captured
         self.buffers: dict[int, RaggedInputs] = {}  # per cache_slots
         self.calls = 0
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
@@ -355,10 +358,16 @@ class FlowGraphs:
         buffers = list(self.buffers.values())
         return sum(b.nbytes for b in buffers)
 
+    @property
+    def captured(self) -> Collection[ChunkShape]:
+        """The shapes replayed as CUDA graphs (off CUDA: those that would be, for the same batching)."""
+        return self.chunks.keys() if self.graphs else self._eager_captured
+
     def _drop_graphs(self) -> None:
         """Forget captured graphs and static buffers (they read a store tensor or buffers now replaced)."""
         had = bool(self.chunks)
         self.chunks.clear()
+        self._eager_captured.clear()
         if had and self.graphs:
             # Never capture again into a pool whose graphs were destroyed: once its use count falls to
             # zero the allocator may release it (empty_cache, an out-of-memory retry) and a later capture
@@ -371,6 +380,21 @@ class FlowGraphs:
         self._drop_graphs()
         self.buffers.clear()
         self.seen.clear()
+
+    def covering_shape(self, shape: ChunkShape, end: int) -> ChunkShape:
+        """`shape`, or if it has no graph, the smallest captured graph that covers its rows (the same windows,
+        caches and base, a larger bucket within the half ending at `end`). While calls join, a phase's half
+        fills row by row and each smaller bucket would be captured inside a live tick (0.3–0.6 s each); the
+        larger graph's idle rows cost GPU time that the full load spends anyway."""
+        captured = self.captured
+        if shape in captured:
+            return shape
+        covering = [
+            s
+            for s in captured
+            if shape.bucket < s.bucket <= end - s.base and replace(s, bucket=shape.bucket) == shape
+        ]
+        return min(covering, key=lambda s: s.bucket, default=shape)
 
     def rows_of_batch(self, index: int) -> tuple[int, int]:
         """The store rows a flow batch holding the turn at row `index` may cover, [first, end): its tick phase's
@@ -467,7 +491,7 @@ class FlowGraphs:
             self.buffers.clear()
             self._store_version = store.version
         rows_of = [w.slot.index - base for w in windows]
-        shape = self.shape_of(windows, base, end, n_steps)
+        shape = self.covering_shape(self.shape_of(windows, base, end, n_steps), end)
         self.seen[shape] = self.seen.get(shape, 0) + 1
         self.calls += 1
         assert store.kv is not None
@@ -504,6 +528,8 @@ class FlowGraphs:
                 outputs = chunk.run()
             else:
                 outputs = inputs.forward(flow, n_steps, kv_view)
+                if not self.graphs and self.seen[shape] >= self.capture_after:
+                    self._eager_captured.add(shape)
         for w, positions in zip(windows, claimed, strict=True):
             w.slot.commit(positions)
         return split_rows(outputs, windows, rows_of, lookahead, low_layers, up_rate, done)
