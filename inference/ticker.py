@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,13 @@ from typing import Any
 from inference.modes.base import ModeUnit, Output, WorkerMode, batch_runner
 
 log = logging.getLogger("inference.worker")
+
+
+def compile_count() -> int:
+    """Graphs that `torch.compile` has compiled in this process so far: dynamo's counter, read only where dynamo
+    is loaded (nothing compiled otherwise, and importing it would cost the tick a second)."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    return 0 if utils is None else int(utils.counters["stats"]["unique_graphs"])
 
 
 @dataclass
@@ -59,6 +67,7 @@ class UnitTicker:
         self.waiting: list[_Waiting] = []
         self.wake = asyncio.Event()
         self.ticks = 0
+        self.live_compiles = 0  # graphs compiled while ticks ran: shapes the warm-up did not cover
         self.task = asyncio.create_task(self._run(), name="unit-ticker")
 
     def join(self, session_id: str) -> int:
@@ -115,10 +124,13 @@ class UnitTicker:
             ordered = sorted(groups.items(), key=lambda g: getattr(type(g[1][0].mode), "tick_priority", 0))
             for run, items in ordered:
                 self.ticks += 1
+                compiled = compile_count()
+                started = time.monotonic()
                 try:
                     outs = await loop.run_in_executor(
                         self.executor, run, [(w.mode, w.unit, w.frame) for w in items]
                     )
+                    self._check_compiles(compiled, started, len(items))
                 except Exception as exc:
                     log.exception("tick of %d units failed", len(items))
                     for w in items:
@@ -128,3 +140,16 @@ class UnitTicker:
                 for w, out in zip(items, outs, strict=True):
                     if not w.done.done():
                         w.done.set_result(out)
+
+    def _check_compiles(self, before: int, started: float, units: int) -> None:
+        """Warn when a tick compiled (a compile inside a live tick stalls every call of the worker for seconds
+        on a GPU whose on-disk kernel cache is cold)."""
+        new = compile_count() - before
+        if new > 0:
+            self.live_compiles += new
+            log.warning(
+                "a tick of %d units compiled %d graph(s) with torch.compile (%.0f ms): a shape the warm-up missed",
+                units,
+                new,
+                (time.monotonic() - started) * 1000,
+            )

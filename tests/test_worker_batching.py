@@ -159,6 +159,30 @@ async def test_a_failing_tick_ends_only_its_sessions(worker: FakeServer, monkeyp
     assert not worker.of("again", p.ErrorOut)
 
 
+async def test_a_tick_that_compiles_is_logged(
+    worker: FakeServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A tick inside which `torch.compile` compiles (a shape the warm-up missed: seconds on a GPU with a cold
+    kernel cache, every call of the worker waiting) is logged and counted; ticks that compile nothing are not."""
+    rng = np.random.default_rng(3)
+    await open_all(worker, {"listener": SESSIONS["listener"]})
+    await worker.send(*unit("listener", 0, rng, frame=False))
+    await worker.wait_for("listener", p.UnitDone, 1)
+    assert "compiled" not in caplog.text
+    real = DuplexBatcher.run_units
+
+    def compiling(self: DuplexBatcher, *args: Any, **kwargs: Any) -> Any:
+        torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(3))  # a new graph inside the tick
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DuplexBatcher, "run_units", compiling)
+    with caplog.at_level("WARNING", logger="inference.worker"):
+        await worker.send(*unit("listener", 1, rng, frame=False))
+        await worker.wait_for("listener", p.UnitDone, 2)
+    assert "a tick of 1 units compiled 1 graph(s)" in caplog.text
+    assert not worker.of("listener", p.ErrorOut)
+
+
 @pytest.mark.parametrize("worker", [PHASED], indirect=True)
 async def test_sessions_take_turns_on_two_half_second_grids(worker: FakeServer) -> None:
     rng = np.random.default_rng(2)
