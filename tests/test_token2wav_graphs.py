@@ -300,6 +300,30 @@ def test_padded_graphs_pads_and_returns_real_rows() -> None:
     assert calls[-1] == (65, 2)
 
 
+def test_padded_graphs_pad_up_to_a_captured_bucket() -> None:
+    """Once a bucket of 8 rows is captured (seen twice), batches of 1-7 rows of the same shapes replay it instead
+    of capturing buckets of their own (in a live tick on a GPU); other shapes and larger batches are unchanged."""
+    calls: list[tuple[int, ...]] = []
+
+    def fn(x: torch.Tensor, flag: bool) -> tuple[torch.Tensor]:
+        calls.append(tuple(x.shape))
+        return (x * 3,)
+
+    padded = PaddedGraphs(fn, graphs=True)  # CPU: eager, padded as CUDA would pad
+    padded((torch.randn(2, 5),), False)
+    assert calls == [(2, 5)]
+    for _ in range(2):
+        padded((torch.randn(7, 5),), False)
+    x = torch.randn(1, 5)
+    (out,) = padded((x,), False)
+    torch.testing.assert_close(out, x * 3, atol=0, rtol=0)
+    padded((torch.randn(3, 5),), False)
+    padded((torch.randn(3, 6),), False)  # other shapes: their own bucket
+    padded((torch.randn(3, 5),), True)  # other flag: likewise
+    padded((torch.randn(9, 5),), False)  # more rows than the captured bucket
+    assert calls[3:] == [(8, 5), (8, 5), (4, 6), (4, 5), (16, 5)]
+
+
 def test_tick_speech_warm_up_runs_a_full_ticks_vocoder_shapes_and_frees_its_turns(
     folder: Path, token2wav_fixture_dir: Path
 ) -> None:

@@ -3,19 +3,25 @@
 `PaddedGraphs(fn)` calls `fn(*inputs, flag)` (every input batched on dim 0, `flag` a bool that changes the
 computation). Batches of n <= 64 rows are padded to a bucket (1, 2, 4, ..., 64) by repeating row 0. With
 graphs on (CUDA only), a (bucket, shapes, flag) seen `capture_after` times is captured with its own static
-inputs and replayed from then on; the returned rows are copies, so they survive later replays. Off, or on
-CPU, the same padded computation runs eagerly. Batches over 64 rows run eagerly without padding.
+inputs and replayed from then on; the returned rows are copies, so they survive later replays. A batch whose
+bucket has no graph yet pads further, to the smallest captured bucket of the same shapes, when there is one:
+the full rounds captured at a worker's warm-up serve the smaller ones of calls still joining, and nothing is
+captured inside their live ticks. Off, or on CPU, the same padded computation runs eagerly, padded as CUDA
+would pad it. Batches over 64 rows run eagerly without padding.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 
 import torch
 
-from .flow_graphs import MAX_BUCKET, batch_bucket
+from .flow_graphs import BATCH_BUCKETS, MAX_BUCKET, batch_bucket
 
 Key = tuple[object, ...]
+log = logging.getLogger(__name__)
 
 
 class _Captured:
@@ -60,17 +66,32 @@ class PaddedGraphs:
         self.max_graphs = max_graphs
         self.seen: dict[Key, int] = {}
         self.captured: dict[Key, _Captured] = {}
+        self._eager_captured: set[Key] = set()  # graphs off: the keys CUDA would have captured
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
+
+    @staticmethod
+    def _key(inputs: tuple[torch.Tensor, ...], flag: bool, rows: int) -> Key:
+        return (flag, *(((rows, *x.shape[1:]), x.dtype, x.device) for x in inputs))
+
+    def _bucket(self, inputs: tuple[torch.Tensor, ...], flag: bool, n: int) -> int:
+        """The smallest bucket holding n rows, or the smallest larger one captured for the same shapes when that
+        one is not."""
+        bucket = batch_bucket(n)
+        replayable = self.captured.keys() if self.graphs else self._eager_captured
+        if self._key(inputs, flag, bucket) in replayable:
+            return bucket
+        larger = (b for b in BATCH_BUCKETS if b > bucket and self._key(inputs, flag, b) in replayable)
+        return next(larger, bucket)
 
     def __call__(self, inputs: tuple[torch.Tensor, ...], flag: bool) -> tuple[torch.Tensor, ...]:
         n = inputs[0].shape[0]
         if n > MAX_BUCKET:
             return self.fn(*inputs, flag)
-        bucket = batch_bucket(n)
+        bucket = self._bucket(inputs, flag, n)
         pad = bucket - n
         if pad:
             inputs = tuple(torch.cat([x, x[:1].expand(pad, *x.shape[1:])], dim=0) for x in inputs)
-        key: Key = (flag, *((tuple(x.shape), x.dtype, x.device) for x in inputs))
+        key = self._key(inputs, flag, bucket)
         self.seen[key] = self.seen.get(key, 0) + 1
         graph = self.captured.get(key)
         if (
@@ -80,8 +101,18 @@ class PaddedGraphs:
             and self.seen[key] >= self.capture_after
             and len(self.captured) < self.max_graphs
         ):
+            started = time.perf_counter()
             graph = self.captured[key] = _Captured(self.fn, inputs, flag, self._pool)
+            log.info(
+                "%s graph %d captured in %.0f ms: %s",
+                getattr(self.fn, "__qualname__", "padded"),
+                len(self.captured),
+                (time.perf_counter() - started) * 1e3,
+                [tuple(x.shape) for x in inputs],
+            )
         if graph is None:
+            if not self.graphs and self.seen[key] >= self.capture_after:
+                self._eager_captured.add(key)
             outputs = self.fn(*inputs, flag)
             return tuple(y[:n] for y in outputs)
         return tuple(y[:n].clone() for y in graph.run(inputs))
