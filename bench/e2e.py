@@ -71,6 +71,8 @@ class CallResult:
     roundtrip_ms: list[float] = field(default_factory=list)
     batch_sessions: list[float] = field(default_factory=list)  # calls that shared the tick of each unit
     compute_ms: list[float] = field(default_factory=list)  # the worker's time for each unit
+    # the mode's split of compute_ms (`STAGES`), for the units whose tick ran that stage
+    stage_ms: dict[str, list[float]] = field(default_factory=dict)
     error_codes: list[str] = field(default_factory=list)
     gaps_ms: list[float] = field(default_factory=list)
     late_ms: list[float] = field(default_factory=list)  # per frame: after the previous frame's audio ran out
@@ -112,8 +114,12 @@ class Row:
     # the ticks: calls sharing a unit's tick, and the worker's time per unit (p50, p95, max)
     batch_sessions: dict[str, float | None] = field(default_factory=dict)
     compute_ms: dict[str, float | None] = field(default_factory=dict)
+    stage_ms: dict[str, dict[str, float | None]] = field(default_factory=dict)  # per stage, p50/p95/max
     # % of one core by thread name ("worker:mode", "worker:ipc", "media:media-loop"...)
     thread_cpu_pct: dict[str, float] = field(default_factory=dict)
+
+
+STAGES = ("prefill_ms", "decide_ms", "tts_ms", "vocoder_ms", "vad_ms")  # `UnitMetrics` fields
 
 
 def pctl(values: Sequence[float], q: float) -> float | None:
@@ -212,6 +218,11 @@ def summarize(mode: str, asked: int, calls: list[CallResult], window_s: float, c
         thread_cpu_pct=cpu.get("threads", {}),
         batch_sessions=stat3([x for c in ok for x in c.batch_sessions]),
         compute_ms=stat3([x for c in ok for x in c.compute_ms]),
+        stage_ms={
+            name: stat3(values)
+            for name in STAGES
+            if (values := [x for c in ok for x in c.stage_ms.get(name, [])])
+        },
     )
 
 
@@ -323,6 +334,7 @@ class Caller:
             roundtrip_ms=[m["roundtrip_ms"] for m in metrics],
             batch_sessions=[m["batch_sessions"] for m in metrics if m.get("batch_sessions") is not None],
             compute_ms=[m["compute_ms"] for m in metrics if m.get("compute_ms") is not None],
+            stage_ms={name: [m[name] for m in metrics if m.get(name) is not None] for name in STAGES},
             error_codes=[e.get("code", "?") for _, e in self.timed if e.get("type") == "error"],
             gaps_ms=frame_gaps_ms(c.arrivals, t0, t1),
             late_ms=late_ms(c.arrivals, c.durations, t0, t1),

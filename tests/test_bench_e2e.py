@@ -73,6 +73,7 @@ def test_percentiles_and_summary() -> None:
     b = CallResult(admitted=True, lag_ms=[30.0], roundtrip_ms=[200.0], gaps_ms=[20.0], frames=500)
     a.batch_sessions, b.batch_sessions = [32.0, 32.0], [16.0]
     a.compute_ms, b.compute_ms = [150.0, 250.0], [350.0]
+    a.stage_ms, b.stage_ms = {"tts_ms": [40.0], "prefill_ms": []}, {"tts_ms": [60.0]}
     b.missing_share, b.voiced_share = 0.0, 1.0
     refused = CallResult(failure="offer: RuntimeError: POST /api/sessions answered 503", error_codes=["x"])
     row = summarize("audio_duplex", 4, [a, b, refused], 10.0, {"media": 50.0, "worker": 80.0})
@@ -90,6 +91,9 @@ def test_percentiles_and_summary() -> None:
     assert row.gpu_busy_pct is None
     assert row.batch_sessions == pytest.approx({"p50": 32.0, "p95": 32.0, "max": 32.0})
     assert row.compute_ms == pytest.approx({"p50": 250.0, "p95": 340.0, "max": 350.0})
+    assert row.stage_ms == {
+        "tts_ms": pytest.approx({"p50": 50.0, "p95": 59.0, "max": 60.0})
+    }  # only stages run
     meta = {"mode": "audio_duplex", "date": "d", "cpu": "c", "logical_cpus": 2, "gpu": "none"}
     meta |= {"workers": "one CPU worker", "client_procs": 1, "seconds": 10.0, "warmup": 2.0}
     md = table([row], meta)
