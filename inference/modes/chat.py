@@ -358,7 +358,10 @@ class ChatMode:
             [batch[k][0] for k in moving], [outputs[k] for k in moving], [batch[k][1].index for k in moving]
         )
         advanced = set(moving)
-        for k in live:
+        sessions = [s for k in live if (s := batch[k][0].session) is not None]
+        host = batch[live[0]][0].host if live else None
+        lengths = host.engine.kv_lengths(sessions) if host is not None else []  # one device read for all
+        for k, kv_tokens in zip(live, lengths, strict=True):
             mode = batch[k][0]
             if k in advanced:
                 timings[k].update(decide_ms=decide_ms, tts_ms=speech_ms[0], vocoder_ms=speech_ms[1])
@@ -368,8 +371,7 @@ class ChatMode:
                 mode.reply = None
                 mode.turn += 1
                 outputs[k].append(p.StateOut(state="listening"))
-            assert mode.host is not None and mode.session is not None
-            timings[k]["kv_tokens"] = float(mode.host.engine.kv_length(mode.session))
+            timings[k]["kv_tokens"] = float(kv_tokens)
             timings[k]["batch_sessions"] = float(len(moving))
             outputs[k].append(p.UnitMetrics(**timings[k]))
         return outputs
