@@ -25,6 +25,7 @@ import multiprocessing as mp
 import os
 import platform
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -106,6 +107,10 @@ class Row:
     turns_sent: int
     text_after_turn_p50_ms: float | None
     audio_after_turn_p50_ms: float | None
+    # graph captures and compiles the server logged while the calls joined, and inside the window (0: no live
+    # tick stalled on one)
+    stalls_joining: int
+    stalls_window: int
     media_cpu_pct: float  # % of one core: the server tree without its workers
     media_cpu_per_call_pct: float | None
     worker_cpu_pct: float
@@ -180,7 +185,14 @@ def failure_key(failure: str) -> str:
     return ": ".join(failure.split(": ")[:2])
 
 
-def summarize(mode: str, asked: int, calls: list[CallResult], window_s: float, cpu: dict[str, float]) -> Row:
+def summarize(
+    mode: str,
+    asked: int,
+    calls: list[CallResult],
+    window_s: float,
+    cpu: dict[str, float],
+    stalls: tuple[int, int] = (0, 0),
+) -> Row:
     ok = [c for c in calls if c.admitted]
     lag = [x for c in ok for x in c.lag_ms]
     rt = [x for c in ok for x in c.roundtrip_ms]
@@ -210,6 +222,8 @@ def summarize(mode: str, asked: int, calls: list[CallResult], window_s: float, c
         turns_sent=sum(c.turns_sent for c in ok),
         text_after_turn_p50_ms=pctl([x for c in ok for x in c.text_after_turn_ms], 50),
         audio_after_turn_p50_ms=pctl([x for c in ok for x in c.audio_after_turn_ms], 50),
+        stalls_joining=stalls[0],
+        stalls_window=stalls[1],
         media_cpu_pct=cpu["media"],
         media_cpu_per_call_pct=cpu["media"] / len(ok) if ok else None,
         worker_cpu_pct=cpu["worker"],
@@ -444,6 +458,19 @@ class Server:
     url: str
     config: dict[str, Any]
     config_dir: Path
+    log: Path
+
+
+# what the server logs when a live tick stalls on a CUDA graph capture or a torch.compile
+STALL = re.compile(r"graph \d+ captured in|compiled \d+ graph")
+
+
+def stalls_logged(log: Path) -> int:
+    """Graph captures and compiles the server has logged so far."""
+    try:
+        return sum(1 for line in log.read_text(errors="replace").splitlines() if STALL.search(line))
+    except OSError:
+        return 0
 
 
 def free_port() -> int:
@@ -506,7 +533,7 @@ def start_server(args: argparse.Namespace, out: Path, tag: str) -> Server:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-    server = Server(proc, f"http://127.0.0.1:{port}", config, path.parent)
+    server = Server(proc, f"http://127.0.0.1:{port}", config, path.parent, out / f"server-{tag}.log")
     deadline = time.monotonic() + args.startup_timeout
     while True:
         if proc.poll() is not None:
@@ -700,6 +727,7 @@ def run_level(args: argparse.Namespace, server: Server, n: int, sig: np.ndarray,
         )
         procs[-1].start()
     calls: list[CallResult] = []
+    stalls_before = stalls_logged(server.log)
     try:
         deadline, waiting = time.monotonic() + args.ready_timeout + 240, len(procs)
         while waiting and time.monotonic() < deadline and any(p.is_alive() for p in procs):
@@ -710,6 +738,7 @@ def run_level(args: argparse.Namespace, server: Server, n: int, sig: np.ndarray,
         window[0], window[1] = t0, t0 + args.seconds
         go.set()
         time.sleep(max(0.0, t0 - time.monotonic()))
+        stalls_at_t0 = stalls_logged(server.log)
         before = tree_cpu(server.proc.pid)
         threads_before = thread_cpu(before)
         profilers = start_profilers(args, before, n)
@@ -718,6 +747,7 @@ def run_level(args: argparse.Namespace, server: Server, n: int, sig: np.ndarray,
             with contextlib.suppress(subprocess.TimeoutExpired):
                 prof.wait(30)
         after = tree_cpu(server.proc.pid)
+        stalls = (stalls_at_t0 - stalls_before, stalls_logged(server.log) - stalls_at_t0)
         cpu = cpu_split(before, after, args.seconds) | gpu.window(t0, t0 + args.seconds)
         cpu["threads"] = thread_split(threads_before, thread_cpu(after), args.seconds)
         deadline, pending = time.monotonic() + 120, len(procs)
@@ -739,7 +769,7 @@ def run_level(args: argparse.Namespace, server: Server, n: int, sig: np.ndarray,
     wait_drained(server)
     if server.proc.poll() is not None:
         raise RuntimeError(f"the server exited ({server.proc.returncode}) during the {n}-call level")
-    return summarize(args.mode, n, calls, args.seconds, cpu)
+    return summarize(args.mode, n, calls, args.seconds, cpu, stalls)
 
 
 # ---- report ----
@@ -763,7 +793,13 @@ def table(rows: list[Row], meta: dict[str, Any]) -> str:
     cols += ["gap p99/max (late p99) ms", "missing frames", "voiced"] + (
         ["turn→text / audio p50 ms"] if chat else []
     )
-    cols += ["media CPU (per call)", "worker CPU", "GPU busy", "GPU mem MiB"]
+    cols += [
+        "captures/compiles joining / in window",
+        "media CPU (per call)",
+        "worker CPU",
+        "GPU busy",
+        "GPU mem MiB",
+    ]
     lines = [header(meta), "", "| " + " | ".join(cols) + " |", "|" + " ---: |" * len(cols)]
     for r in rows:
         errors = f"{r.errors}" + (
@@ -784,6 +820,7 @@ def table(rows: list[Row], meta: dict[str, Any]) -> str:
                 f"{fmt(r.text_after_turn_p50_ms)} / {fmt(r.audio_after_turn_p50_ms)} ({r.turns_sent} turns)"
             )
         cells += [
+            f"{r.stalls_joining} / {r.stalls_window}",
             f"{r.media_cpu_pct:.0f} % ({fmt(r.media_cpu_per_call_pct, 1)} %)",
             f"{r.worker_cpu_pct:.0f} %",
             f"{fmt(r.gpu_busy_pct)} %" if r.gpu_busy_pct is not None else "n/a",

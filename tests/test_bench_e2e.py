@@ -23,6 +23,7 @@ from bench.e2e import (
     main,
     missing_share,
     pctl,
+    stalls_logged,
     summarize,
     table,
     text_latency,
@@ -76,7 +77,7 @@ def test_percentiles_and_summary() -> None:
     a.stage_ms, b.stage_ms = {"tts_ms": [40.0], "prefill_ms": []}, {"tts_ms": [60.0]}
     b.missing_share, b.voiced_share = 0.0, 1.0
     refused = CallResult(failure="offer: RuntimeError: POST /api/sessions answered 503", error_codes=["x"])
-    row = summarize("audio_duplex", 4, [a, b, refused], 10.0, {"media": 50.0, "worker": 80.0})
+    row = summarize("audio_duplex", 4, [a, b, refused], 10.0, {"media": 50.0, "worker": 80.0}, (5, 1))
     assert (row.asked, row.admitted, row.units) == (4, 2, 3)
     assert row.lag_ms == pytest.approx({"p50": 20.0, "p95": 29.0, "max": 30.0})
     assert row.roundtrip_ms == pytest.approx({"p50": 200.0, "p95": 290.0, "max": 300.0})
@@ -98,6 +99,7 @@ def test_percentiles_and_summary() -> None:
     meta |= {"workers": "one CPU worker", "client_procs": 1, "seconds": 10.0, "warmup": 2.0}
     md = table([row], meta)
     assert "| 2/4 | 20 / 29 / 30 |" in md and "worker_failed×1" in md and "| 5.0 % |" in md
+    assert "| 5 / 1 |" in md  # captures and compiles while the calls joined / in the window
 
 
 def test_chat_turn_latencies() -> None:
@@ -148,8 +150,23 @@ def test_e2e_loopback_one_call(tmp_path: Path) -> None:
     assert row["missing_pct"] < 50 and row["roundtrip_ms"]["p50"] is not None
     assert results["meta"]["config"]["server"]["host"] == "127.0.0.1"
     assert (out / "server-loopback.log").stat().st_size > 0
+    assert (row["stalls_joining"], row["stalls_window"]) == (0, 0)  # a CPU worker captures nothing
     # the server names its threads: the front's loop carries the in-process calls here (no media shards)
     assert row["thread_cpu_pct"].get("media:front", 0) > 0, row["thread_cpu_pct"]
+
+
+def test_stalls_are_counted_from_the_server_log(tmp_path: Path) -> None:
+    """The graph captures and torch.compile runs a server logs (the flow's, the HiFT decoder's, a tick's
+    compiles), nothing else; a missing log counts none."""
+    log = tmp_path / "server.log"
+    log.write_text(
+        "x MiniCPMO45.token2wav.flow_graphs INFO flow graph 5 captured in 412 ms: ChunkShape(bucket=4)\n"
+        "x MiniCPMO45.token2wav.padded_graphs INFO CausalHiFTGenerator.decode_spectrum graph 2 captured in 30 ms\n"
+        "x inference.worker WARNING a tick of 3 units compiled 1 graph(s) with torch.compile (900 ms)\n"
+        "x inference.worker INFO warm-up done; graphs captured: 12\n"
+    )
+    assert stalls_logged(log) == 3
+    assert stalls_logged(tmp_path / "missing.log") == 0
 
 
 def test_thread_split_is_the_share_of_a_core_by_thread_name() -> None:
