@@ -157,6 +157,10 @@ def test_padded_flow_batches_match_plain_batches(folder: Path, token2wav_fixture
     assert isinstance(static.streaming, StreamingVocoder) and static.streaming._spectrum is not None
     batches = {key[1][0][0] for key in static.streaming._spectrum.seen}  # type: ignore[index]
     assert batches <= set(BATCH_BUCKETS) and max(batches) >= 4
+    # ... the finals too: the ending turns (last windows of 25, 20 and 0 codes) share decoder batches of the one
+    # final width that the warm-up captures, not one batch per exact length
+    finals = {key[1][0][2] for key in static.streaming._spectrum.seen if key[0]}  # type: ignore[index]
+    assert finals == {static.streaming.final_width}
 
 
 def test_static_buffers_match_eager_padding(folder: Path, token2wav_fixture_dir: Path) -> None:

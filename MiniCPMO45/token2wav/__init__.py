@@ -34,7 +34,8 @@ Many sessions per worker: `push_codes_batch([PushRequest(turn, codes, end_of_tur
 the turns' windows round by round: each round takes every turn's next due window, or its last chunk once
 no window is due. With `use_graphs=True` a round's windows form one flow batch whatever their size, kind,
 voice and cache length; the plain path groups equal shapes. The streaming vocoder runs one F0 and one
-decoder batch per 16-frame block round (rows right-padded and cropped; final calls batch by length).
+decoder batch per 16-frame block round (rows right-padded and cropped; final calls batch by length, or on
+the padded path at one width, `StreamingVocoder.final_width`).
 
 Speed (inference only): `from_assets(..., fold_weights=True)` (default) stores the weight-normed convs'
 g * v / ||v|| once at load (`fold.py`). `use_graphs=True` (default None = off until measured) runs each

@@ -106,22 +106,65 @@ class StreamingVocoder:
         geometry when `graphs` and CUDA is available (`padded_graphs`)."""
         self._spectrum = PaddedGraphs(self.model.decode_spectrum, graphs)
 
-    def _run_decoder(self, mel: torch.Tensor, source: torch.Tensor, final: bool) -> torch.Tensor:
-        """The decoder network on a batch of rows (each row on its own). A batch that runs out of device memory
+    def _run_decoder(
+        self, mel: torch.Tensor, source: torch.Tensor, final: bool, lengths: list[int] | None = None
+    ) -> torch.Tensor:
+        """The decoder network on a batch of rows (each row on its own). `lengths`: final rows right-padded to a
+        common width (`_pad_final_source`), each row's real mel frames; its ISTFT then runs on the row's own
+        frames only, and its samples start the row (the rest is zeros). A batch that runs out of device memory
         runs again as two halves: its rows are independent, and a first batch of a new size (not yet captured,
         so its activations are fresh allocations) once failed every call of a tick on an H100 for 316 MiB."""
         try:
             if self._spectrum is None:
                 return self.model.decode(mel, source, final)
             magnitude, phase = self._spectrum((mel, source), final)
-            return self.model.finish_decode(magnitude, phase, final)
+            if lengths is None:
+                return self.model.finish_decode(magnitude, phase, final)
+            return self._finish_padded_finals(magnitude, phase, lengths, mel.shape[2])
         except torch.OutOfMemoryError:
             rows = mel.shape[0]
             if rows == 1:
                 raise
             half = rows // 2
-            first = self._run_decoder(mel[:half], source[:half], final)
-            return torch.cat([first, self._run_decoder(mel[half:], source[half:], final)])
+            first_lengths, rest_lengths = (
+                (None, None) if lengths is None else (lengths[:half], lengths[half:])
+            )
+            first = self._run_decoder(mel[:half], source[:half], final, first_lengths)
+            return torch.cat([first, self._run_decoder(mel[half:], source[half:], final, rest_lengths)])
+
+    def _finish_padded_finals(
+        self, magnitude: torch.Tensor, phase: torch.Tensor, lengths: list[int], width: int
+    ) -> torch.Tensor:
+        """The ISTFT of final rows padded to `width` mel frames, each on its own spectrum frames (a frame past a
+        row's end would overlap its last samples): what each row alone would give, left-aligned."""
+        out = magnitude.new_zeros(magnitude.shape[0], width * self.hop)
+        per_frame = self.model.stft_frames_per_mel_frame
+        for length in sorted(set(lengths)):
+            rows = [r for r, n in enumerate(lengths) if n == length]
+            frames = magnitude.shape[2] - (width - length) * per_frame
+            index = upload(rows, magnitude.device, torch.long)
+            wav = self.model.finish_decode(
+                magnitude.index_select(0, index)[:, :, :frames],
+                phase.index_select(0, index)[:, :, :frames],
+                True,
+            )
+            out.index_copy_(0, index, F.pad(wav, (0, out.shape[1] - wav.shape[1])))
+        return out
+
+    def _pad_final_source(self, source: torch.Tensor, pad: int) -> torch.Tensor:
+        """A final row's excitation right-padded by `pad` samples: first with its reflection, as the centred
+        source STFT pads the end of the row alone, so every spectrum frame up to the row's end is the same;
+        zeros after that (only frames past the end, which `_finish_padded_finals` drops, see them)."""
+        mirrored = min(pad, self.model.spectral.n_fft // 2, source.shape[2] - 1)
+        if mirrored:
+            source = F.pad(source, (0, mirrored), mode="reflect")
+        return F.pad(source, (0, pad - mirrored))
+
+    @property
+    def final_width(self) -> int:
+        """The padded path's width for finals (mel frames, a multiple of 8): the most a final decode can take,
+        its history plus a last block and the frames still held back."""
+        return -(-(self.history + self.block_frames + self.delay_frames) // 8) * 8
 
     @property
     def delay_frames(self) -> int:
@@ -217,7 +260,10 @@ class StreamingVocoder:
         with zeros (to a multiple of 8 frames). Every sample a row keeps depends only on its own frames:
         conv_pre looks 4 frames ahead and those are the row's look-ahead, the later layers look back, the
         source STFT frames near the padding fall in the cut look-ahead and the ISTFT frames near it in the
-        held-back frame. A final call keeps everything up to the row's end, so finals batch by length."""
+        held-back frame. A final call keeps everything up to the row's end: on the plain path finals batch by
+        length; on the padded path (`use_padded_decode`) they are right-padded too (zero mel, which is conv_pre's
+        zero future of a final, and a reflected source, `_pad_final_source`), and each row's ISTFT runs on its own
+        frames, so a round's finals share one decoder batch of one width (`final_width`)."""
         hop = self.hop
         out = [st.mel.new_zeros(1, 0) for st in states]
         todo = []  # (index, mel frames, first kept frame)
@@ -226,9 +272,12 @@ class StreamingVocoder:
             if ready > st.emitted:
                 start = max(0, st.emitted - self.history)
                 todo.append((i, st.source_end - start, st.emitted - start))
+        padded = not final or self._spectrum is not None
         groups: dict[int, list[tuple[int, int, int]]] = {}
         for row in todo:
-            width = row[1] if final else -(-max(r[1] for r in todo) // 8) * 8
+            width = -(-max(r[1] for r in todo) // 8) * 8 if padded else row[1]
+            if final and padded:  # one width for every final a round can have: the warm-up captures it
+                width = max(width, self.final_width)
             groups.setdefault(width, []).append(row)
         for width, members in groups.items():
             feats, sources = [], []
@@ -237,8 +286,10 @@ class StreamingVocoder:
                 end = st.source_end - st.mel_start
                 feats.append(F.pad(st.mel[:, :, end - length : end], (0, width - length)))
                 source = st.source[:, :, st.source.shape[2] - length * hop :]
-                sources.append(F.pad(source, (0, (width - length) * hop)))
-            speech = self._run_decoder(torch.cat(feats, dim=0), torch.cat(sources, dim=0), final)
+                pad = (width - length) * hop
+                sources.append(self._pad_final_source(source, pad) if final else F.pad(source, (0, pad)))
+            lengths = [length for _, length, _ in members] if final and padded else None
+            speech = self._run_decoder(torch.cat(feats, dim=0), torch.cat(sources, dim=0), final, lengths)
             for row, (i, length, skip) in enumerate(members):
                 st = states[i]
                 ready = st.source_end if final else st.source_end - self.decoder_right
@@ -279,7 +330,7 @@ class StreamingVocoder:
         self, states: list[VocoderState], mels: list[torch.Tensor], finals: list[bool]
     ) -> list[torch.Tensor]:
         """`stream` for several independent streams: per block round (`block_frames`), one F0 batch and one decoder
-        batch over all streams (final flushes batch by length); see `_make_sources` and `_decode`."""
+        batch over all streams (final flushes: see `_decode`); see `_make_sources` and `_decode`."""
         if not len(states) == len(mels) == len(finals):
             raise ValueError("states, mels and finals must have the same length")
         if len({id(st) for st in states}) != len(states):
