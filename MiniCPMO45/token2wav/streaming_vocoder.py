@@ -274,11 +274,14 @@ class StreamingVocoder:
                 todo.append((i, st.source_end - start, st.emitted - start))
         padded = not final or self._spectrum is not None
         groups: dict[int, list[tuple[int, int, int]]] = {}
-        for row in todo:
-            width = -(-max(r[1] for r in todo) // 8) * 8 if padded else row[1]
-            if final and padded:  # one width for every final a round can have: the warm-up captures it
+        if padded and todo:  # one batch: rows right-padded to a multiple of 8 frames
+            width = -(-max(r[1] for r in todo) // 8) * 8
+            if final:  # one width for every final a round can have: the warm-up captures it
                 width = max(width, self.final_width)
-            groups.setdefault(width, []).append(row)
+            groups[width] = todo
+        else:
+            for row in todo:
+                groups.setdefault(row[1], []).append(row)
         for width, members in groups.items():
             feats, sources = [], []
             for i, length, _ in members:
