@@ -135,6 +135,8 @@ class SessionRunner:
         self.settings = settings
         self.mode: WorkerMode | None = None
         self.phase: int | None = None  # the ticker's phase while the mode batches
+        # the grid its units tick on: its phase, or None when the mode's sessions of every phase tick together
+        self.grid: int | None = None
         self.output_rate = SPEECH_RATE
         self.queue = SessionQueue()
         self.dropped = 0  # messages the full queue dropped
@@ -217,11 +219,12 @@ class SessionRunner:
             )
             setup, outputs = await self._call(mode.open, options)
             self.phase = phase
+            self.grid = None if setup.one_grid else phase
             self.mode = mode
             self.output_rate = setup.output_rate
             offset = 0.0
-            if setup.align_units and self.phase is not None:
-                offset = self.ticker.grid_offset_s(self.phase, setup.unit_samples / MODEL_INPUT_RATE)
+            if setup.align_units and self.grid is not None:
+                offset = self.ticker.grid_offset_s(self.grid, setup.unit_samples / MODEL_INPUT_RATE)
             await self.conn.send(
                 p.Opened(
                     session_id=self.session_id,
@@ -247,7 +250,7 @@ class SessionRunner:
             if prepare is not None:
                 await asyncio.get_running_loop().run_in_executor(self.preparer, prepare, unit)
             if batch_runner(self.mode) is not None:
-                outputs = await self.ticker.submit(self.mode, unit, frame, self.phase or 0)
+                outputs = await self.ticker.submit(self.mode, unit, frame, self.grid)
             else:
                 outputs = await self._call(self.mode.on_unit, unit, frame)
             compute_ms = (time.monotonic() - started) * 1000
@@ -304,11 +307,11 @@ class Sessions:
             initargs=("prepare",),
         )
         self.runners: dict[str, SessionRunner] = {}
-        self.ticker = UnitTicker(executor, self.batching_phases, settings.tick_gather_s, settings.tick_phases)
+        self.ticker = UnitTicker(executor, self.batching_grids, settings.tick_gather_s, settings.tick_phases)
 
-    def batching_phases(self) -> list[tuple[int, Any]]:
+    def batching_grids(self) -> list[tuple[int | None, Any]]:
         return [
-            (r.phase, batch_runner(r.mode))
+            (r.grid, batch_runner(r.mode))
             for r in self.runners.values()
             if r.mode is not None and r.phase is not None and batch_runner(r.mode) is not None
         ]

@@ -33,7 +33,7 @@ class _Waiting:
     mode: WorkerMode
     unit: ModeUnit
     frame: Any
-    phase: int
+    grid: int | None  # its session's phase, or None for a mode whose sessions of every phase tick together
     done: asyncio.Future[list[Output]]
 
 
@@ -48,19 +48,21 @@ class UnitTicker:
     tick's cost grows less than its batch; with two phases each must fit in half a unit). A tick starts once
     every session of each phase that has a unit waiting has one waiting, or `gather_s` after the first one
     arrived, whichever comes first; units arriving later go into the next tick (a late phase catches up in
-    the other phase's tick). A failure fails the units of that tick (their sessions end with `mode_error`)."""
+    the other phase's tick). A mode may cut the units of every phase on one grid (`SessionSetup.one_grid`,
+    chat): its sessions of both phases then tick together, each still on its phase's slots. A failure fails the
+    units of that tick (their sessions end with `mode_error`)."""
 
     def __init__(
         self,
         executor: concurrent.futures.Executor,
-        members: Callable[[], list[tuple[int, Any]]],
+        members: Callable[[], list[tuple[int | None, Any]]],
         gather_s: float,
         phases: int,
     ) -> None:
         if phases < 1:
             raise ValueError("phases must be at least 1")
         self.executor = executor
-        self.members = members  # (phase, `batch_runner`) of each open session whose mode batches
+        self.members = members  # (grid, `batch_runner`) of each open session whose mode batches (`submit`)
         self.phase_of: dict[str, int] = {}  # every batching session's phase, taken before its mode opens
         self.gather_s = gather_s
         self.phases = phases
@@ -86,10 +88,10 @@ class UnitTicker:
         return phase * unit_s / self.phases
 
     def _gathered(self) -> bool:
-        """Every session of each (phase, mode class) that has a unit waiting has one waiting: modes with units
+        """Every session of each (grid, mode class) that has a unit waiting has one waiting: modes with units
         of other lengths (chat's 320 ms beside duplex's 1 s) are not waited for."""
         members = self.members()
-        keys = [(w.phase, batch_runner(w.mode)) for w in self.waiting]
+        keys = [(w.grid, batch_runner(w.mode)) for w in self.waiting]
         return all(keys.count(key) >= members.count(key) for key in set(keys))
 
     async def _gather(self) -> None:
@@ -102,9 +104,13 @@ class UnitTicker:
             except TimeoutError:
                 break
 
-    async def submit(self, mode: WorkerMode, unit: ModeUnit, frame: Any, phase: int = 0) -> list[Output]:
+    async def submit(
+        self, mode: WorkerMode, unit: ModeUnit, frame: Any, grid: int | None = 0
+    ) -> list[Output]:
+        """Run the unit in a tick. `grid`: the session's phase, whose units arrive together; None for a mode
+        whose units of every phase are cut on one grid (`SessionSetup.one_grid`)."""
         done: asyncio.Future[list[Output]] = asyncio.get_running_loop().create_future()
-        self.waiting.append(_Waiting(mode, unit, frame, phase, done))
+        self.waiting.append(_Waiting(mode, unit, frame, grid, done))
         self.wake.set()
         return await done
 

@@ -216,6 +216,46 @@ async def test_sessions_take_turns_on_two_half_second_grids(worker: FakeServer) 
     assert worker.of("d", p.UnitDone)[1].metrics.batch_sessions == 1
 
 
+@pytest.mark.parametrize("worker", [PHASED], indirect=True)
+async def test_chat_sessions_of_both_phases_tick_together(
+    worker: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chat cuts the units of both tick phases on one grid, so its sessions of both phases run as one tick (their
+    decode and TTS steps shared), each on its own phase's slots and vocoder half; both replies speak."""
+    from inference.modes.chat import ChatMode
+
+    phases: dict[str, int] = {}
+    real_open = ChatMode.open
+
+    def open_(self: ChatMode, options: Any) -> Any:
+        phases[options.session_id] = options.tick_phase
+        return real_open(self, options)
+
+    monkeypatch.setattr(ChatMode, "open", open_)
+    names = ["chat-a", "chat-b"]
+    await open_all(
+        worker,
+        {sid: ("chat", {"force": "speak", "max_new_tokens": 12, "seed": k}) for k, sid in enumerate(names)},
+    )
+    assert sorted(phases.values()) == [0, 1]  # one session in each phase
+    assert [worker.of(sid, p.Opened)[0].grid_offset_s for sid in names] == [0.0, 0.0]  # ... on one grid
+    for sid in names:
+        await worker.send(p.Control(session_id=sid, message={"type": "text", "text": f"hello from {sid}"}))
+    pcm = p.pcm_to_bytes(np.zeros(5120, dtype=np.float32))
+    for k in range(8):
+        for sid in names:  # the tick gathers for a minute: a tick of one session would wait for the other
+            await worker.send(
+                p.Unit(session_id=sid, index=k, samples=5120, completed_at=0.0, sent_at=0.0), pcm
+            )
+        for sid in names:
+            await worker.wait_for(sid, p.UnitDone, k + 1, timeout=60)
+    for sid in names:
+        assert not worker.of(sid, p.ErrorOut)
+        assert worker.of(sid, p.AudioOut), f"{sid} did not speak"
+        # the first tick prefilled both turns and advanced both replies in its shared steps
+        assert worker.of(sid, p.UnitDone)[0].metrics.batch_sessions == 2
+
+
 async def test_chat_replies_and_a_duplex_call_share_a_worker_in_time(worker: FakeServer) -> None:
     """Two chat sessions answering typed turns and one speaking duplex session on one worker, their units sent
     in real time (chat: 320 ms, duplex: 1 s): no unit waits behind another of its session, the duplex units

@@ -36,6 +36,9 @@ class SessionSetup:
     # Units end on the server's grid of the session's tick phase (a short silent lead-in pads the first unit),
     # so the units of all sessions of that phase arrive together and share one tick.
     align_units: bool = False
+    # ... on one grid for every tick phase: the mode's sessions of both phases tick together (chat, whose tick is
+    # mostly sequential steps that cost about as much for all its sessions as for half of them)
+    one_grid: bool = False
 
 
 # What a mode returns: the protocol's session outputs (the worker fills in the session id and the audio's rate,

@@ -127,8 +127,11 @@ class ChatMode:
         except BaseException:
             self.close()  # a failed open must not keep its KV or TTS slot
             raise
-        # units on the worker's grid: every chat call of a tick phase completes its units together (one tick)
-        setup = SessionSetup(unit_samples=CHAT_UNIT_SAMPLES, output_rate=SPEECH_RATE, align_units=True)
+        # units on the worker's one grid: every chat call completes its units together, whatever its tick phase,
+        # and they run as one tick (its decode and TTS steps cost about as much for all the calls as for half)
+        setup = SessionSetup(
+            unit_samples=CHAT_UNIT_SAMPLES, output_rate=SPEECH_RATE, align_units=True, one_grid=True
+        )
         return setup, [p.StateOut(state="listening")]
 
     def _open_session_parts(self) -> None:
