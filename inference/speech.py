@@ -63,6 +63,11 @@ class TurnVoice:
         """Speech of a fed text chunk is still being produced (call `next_audio` before adding more)."""
         return self.streamer.feeding or (self.finished and not self._flushed)
 
+    @property
+    def chunk_tokens(self) -> int:
+        """The length of its next text chunk: `FIRST_TEXT_CHUNK` for the first, then `TEXT_CHUNK`."""
+        return TEXT_CHUNK if self.chunks else FIRST_TEXT_CHUNK
+
     def add(self, token: int, hidden: torch.Tensor) -> None:
         """A reply token with its hidden state; after `FIRST_TEXT_CHUNK` tokens, then every `TEXT_CHUNK`, a
         condition goes to the TTS."""
@@ -70,7 +75,7 @@ class TurnVoice:
             raise RuntimeError("drain next_audio() before adding tokens")
         self.tokens.append(token)
         self.hidden.append(hidden)
-        if len(self.tokens) >= (TEXT_CHUNK if self.chunks else FIRST_TEXT_CHUNK):
+        if len(self.tokens) >= self.chunk_tokens:
             self._start_feed(finished=False)
 
     def finish(self) -> None:

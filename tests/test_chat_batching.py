@@ -337,3 +337,57 @@ def test_a_reply_speaks_after_its_short_first_chunk() -> None:
         assert mode.reply is not None and mode.reply.voice.chunks == 1
     finally:
         mode.close()
+
+
+def _reply_outputs(outs: list) -> tuple[str, np.ndarray]:
+    text = "".join(o.text for o in outs if isinstance(o, p.TextOut))
+    audio = [o.pcm for o in outs if isinstance(o, p.AudioOut)]
+    return text, np.concatenate(audio) if audio else np.zeros(0, dtype=np.float32)
+
+
+def test_a_reply_decodes_ahead_in_another_replys_steps() -> None:
+    """While reply A's voice speaks a chunk, A decodes its next chunk in the steps that a newer reply B needs for
+    its first speech (those steps run anyway), so A's next chunk starts without a decode of its own; B's tick
+    runs only B's `FIRST_TEXT_CHUNK` steps. A's text and speech are what A gives alone."""
+    from inference.speech import FIRST_TEXT_CHUNK
+
+    silence = np.zeros(5120, dtype=np.float32)
+
+    def run(with_b: bool) -> tuple[list, list[int]]:
+        a = create_mode("chat", SETTINGS)
+        a.open(SessionOptions("ahead-a", extra={"force": "speak", "max_new_tokens": 24, "seed": 5}))
+        b = create_mode("chat", SETTINGS)
+        b.open(SessionOptions("ahead-b", extra={"force": "speak", "max_new_tokens": 24, "seed": 6}))
+        assert isinstance(a, ChatMode) and isinstance(b, ChatMode)
+        outs_a: list = []
+        decoded_ahead: list[int] = []
+        try:
+            a.on_control({"type": "text", "text": "tell me a story"})
+            for i in range(80):
+                if with_b and i == 1:
+                    b.on_control({"type": "text", "text": "and you?"})
+                got = ChatMode.on_units(
+                    [(a, ModeUnit(i, silence, 0.0), None), (b, ModeUnit(i, silence, 0.0), None)]
+                )
+                outs_a += got[0]
+                if (
+                    with_b and i == 1
+                ):  # B's first tick: A (speaking its first chunk) decoded ahead in B's steps
+                    assert a.reply is not None and len(a.reply.ahead) == FIRST_TEXT_CHUNK
+                    assert b.session is not None and len(b.session.history) == FIRST_TEXT_CHUNK
+                    decoded_ahead.append(len(a.session.history))
+                if a.reply is None and b.reply is None and i > 1:
+                    break
+            return outs_a, decoded_ahead
+        finally:
+            a.close()
+            b.close()
+
+    alone, _ = run(False)
+    together, ahead = run(True)
+    assert ahead == [2 * FIRST_TEXT_CHUNK]
+    text_alone, audio_alone = _reply_outputs(alone)
+    text_together, audio_together = _reply_outputs(together)
+    assert text_together == text_alone and text_alone
+    assert audio_together.size == audio_alone.size > 0
+    np.testing.assert_allclose(audio_together, audio_alone, atol=1e-4)

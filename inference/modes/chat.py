@@ -9,9 +9,9 @@ at most 30 s, is the turn). Typed text (`text`) is a turn as well.
 The worker runs the units of all its chat sessions together (`ChatMode.on_units`, one tick): VAD and the turn
 logic per session, then, batched over the sessions: the prefills of the turns that end in this tick (user audio
 or text and the assistant prefix as one piece per session, one LLM step), the reply decoding (one batched
-sample-and-feed step per token, `engine.generation.decode_step`, up to `TEXT_CHUNK` tokens per reply and tick; a
-reply's first chunk is `FIRST_TEXT_CHUNK`, so its speech starts sooner),
-the TTS draws of every reply that has a text chunk to speak (`inference.speech.speak_batch`) and their vocoder
+sample-and-feed step per token, `engine.generation.decode_step`; steps run only when a reply's voice waits for
+text, as many as its next chunk needs: `FIRST_TEXT_CHUNK` for a new reply, so its speech starts sooner, then
+`TEXT_CHUNK`; the other replies decode up to one chunk ahead in those steps, `Reply.ahead`), the TTS draws of every reply that has a text chunk to speak (`inference.speech.speak_batch`) and their vocoder
 windows. A reply advances in a tick only when none of its session's later units is waiting and its speech is
 less than `LEAD_S` ahead of real time (replies up to `JOIN_S` further ahead join it, so that the replies' work
 gathers in fewer ticks), so VAD keeps running on every unit while the model answers and the tick's chat work
@@ -65,21 +65,53 @@ JOIN_S = 1.0  # ... or when it is less than LEAD_S + JOIN_S ahead and another re
 
 
 class Reply:
-    """One reply in progress: its decoding row and its speech."""
+    """One reply in progress: its decoding row and its speech. Text may be decoded up to one chunk ahead of the
+    voice: while the voice speaks a chunk it takes no tokens, so they wait in `ahead` (`take`, `hand_over`)."""
 
     def __init__(self, row: ReplyRow, voice: TurnVoice, turn: int) -> None:
         self.row = row
         self.voice = voice
         self.turn = turn
         self.spoken_at: int | None = None  # index of the unit in whose tick its first speech went out
+        self.ahead: list[
+            tuple[int, torch.Tensor]
+        ] = []  # decoded tokens (and hidden states) the voice has not taken
+        self.text_done = False  # the row has ended; the voice's text ends once it has taken every token
 
     @property
     def needs_tokens(self) -> bool:
-        return not self.row.done and not self.voice.busy
+        """Its speech waits for text: the voice is idle and no decoded token is waiting for it."""
+        return not self.row.done and not self.voice.busy and not self.ahead
+
+    @property
+    def takes_tokens(self) -> bool:
+        """It may decode now: at most one text chunk ahead of what its voice has taken."""
+        return not self.row.done and len(self.ahead) < TEXT_CHUNK
+
+    @property
+    def tokens_to_speak(self) -> int:
+        """Tokens its voice still needs before it can speak its next chunk."""
+        return max(1, self.voice.chunk_tokens - len(self.voice.tokens))
 
     @property
     def finished(self) -> bool:
-        return self.row.done and not self.voice.busy
+        return self.text_done and not self.ahead and self.voice.finished and not self.voice.busy
+
+    def take(self, token: int, hidden: torch.Tensor) -> None:
+        self.ahead.append((token, hidden))
+        self.hand_over()
+
+    def end_text(self) -> None:
+        self.text_done = True
+        self.hand_over()
+
+    def hand_over(self) -> None:
+        """Give the voice the decoded tokens it can take now (none while it speaks a chunk), and end its text once
+        it has them all."""
+        while self.ahead and not self.voice.busy:
+            self.voice.add(*self.ahead.pop(0))
+        if self.text_done and not self.ahead and not self.voice.busy:
+            self.voice.finish()
 
     def ahead_s(self, unit_index: int) -> float:
         """How far its produced speech is ahead of real time, on the clock of the caller's units (real time in a
@@ -381,17 +413,25 @@ class ChatMode:
 
     @staticmethod
     def _decode(engine: Engine, modes: Sequence[ChatMode], outputs: Sequence[list[Output]]) -> float:
-        """Up to `TEXT_CHUNK` tokens of every reply whose speech has caught up with its text, in batched
-        steps; each token's text goes out at once. Returns the time it took (ms)."""
+        """When a reply's speech waits for text: as many batched steps as its voice needs for its next chunk
+        (`FIRST_TEXT_CHUNK` for a new reply, which then sets the steps alone: its first speech does not wait for
+        other replies' chunks). Every other reply with room decodes ahead in the same steps, whose cost hardly
+        grows with their rows, so a text chunk rarely needs steps of its own. Each token's text goes out at once.
+        Returns the time it took (ms)."""
         started = time.perf_counter()
-        # each reply that needs text, and where its outputs go, by its session
+        # each reply that may decode, and where its outputs go, by its session
         taking = {
             id(m.session): (m.reply, out)
             for m, out in zip(modes, outputs, strict=True)
-            if m.reply is not None and m.reply.needs_tokens
+            if m.reply is not None and m.reply.takes_tokens
         }
-        for _ in range(TEXT_CHUNK):
-            rows = [reply.row for reply, _ in taking.values() if reply.needs_tokens]
+        needy = [reply for reply, _ in taking.values() if reply.needs_tokens]
+        # a reply whose caller waits for its first speech sets the steps alone; the others' speech is ahead of
+        # their callers, so the rest of a chunk can wait for the next tick
+        first = [reply for reply in needy if reply.spoken_at is None]
+        steps = max((reply.tokens_to_speak for reply in first or needy), default=0)
+        for _ in range(steps):
+            rows = [reply.row for reply, _ in taking.values() if reply.takes_tokens]
             if not rows:
                 break
             for event in decode_step(engine, rows):
@@ -399,9 +439,9 @@ class ChatMode:
                 if event.text_delta:
                     out.append(p.TextOut(text=event.text_delta, turn=reply.turn))
                 if event.token is not None and event.hidden is not None:
-                    reply.voice.add(event.token, event.hidden)
+                    reply.take(event.token, event.hidden)
                 if event.done:
-                    reply.voice.finish()
+                    reply.end_text()
         return (time.perf_counter() - started) * 1000
 
     @staticmethod
@@ -426,6 +466,7 @@ class ChatMode:
                         out.append(p.StateOut(state="speaking"))
                         reply.spoken_at = unit
                     out.append(p.AudioOut(pcm=pcm, turn=reply.turn))
+            reply.hand_over()  # a voice done with its chunk starts the next one from the text decoded ahead
         tts_ms = max(v.times.tts_ms - b[0] for v, b in zip(voices, before, strict=True))
         vocoder_ms = max(v.times.vocoder_ms - b[1] for v, b in zip(voices, before, strict=True))
         return tts_ms, vocoder_ms
