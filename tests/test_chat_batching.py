@@ -391,3 +391,31 @@ def test_a_reply_decodes_ahead_in_another_replys_steps() -> None:
     assert text_together == text_alone and text_alone
     assert audio_together.size == audio_alone.size > 0
     np.testing.assert_allclose(audio_together, audio_alone, atol=1e-4)
+
+
+def test_a_new_replys_first_speech_does_not_wait_for_another_replys_chunk() -> None:
+    """Reply A's voice has spoken its chunk and waits for 10 tokens when reply B starts: the tick runs only the
+    5 steps of B's first chunk (B's caller is waiting; A's speech is ahead of its caller), A gets half its chunk
+    then and the rest in the next tick, and both replies go on to speak."""
+    from inference.speech import FIRST_TEXT_CHUNK, TEXT_CHUNK
+
+    silence = np.zeros(5120, dtype=np.float32)
+    a, b = _open_chat("first-a"), _open_chat("first-b")
+    try:
+        a.on_control({"type": "text", "text": "tell me a story"})
+        i = 0
+        while not (a.reply is not None and a.reply.needs_tokens and a.reply.voice.chunks == 1):
+            ChatMode.on_units([(a, ModeUnit(i, silence, 0.0), None), (b, ModeUnit(i, silence, 0.0), None)])
+            i += 1
+            assert i < 40, "reply A never waited for its second chunk"
+        b.on_control({"type": "text", "text": "and you?"})
+        ChatMode.on_units([(a, ModeUnit(i, silence, 0.0), None), (b, ModeUnit(i, silence, 0.0), None)])
+        assert b.reply is not None and b.reply.voice.chunks == 1 and not b.reply.ahead  # B: its 5 tokens only
+        assert a.reply is not None and len(a.reply.voice.tokens) == FIRST_TEXT_CHUNK < TEXT_CHUNK
+        ChatMode.on_units(
+            [(a, ModeUnit(i + 1, silence, 0.0), None), (b, ModeUnit(i + 1, silence, 0.0), None)]
+        )
+        assert a.reply is not None and a.reply.voice.chunks == 2  # A's chunk completed in the next tick
+    finally:
+        a.close()
+        b.close()
