@@ -232,6 +232,16 @@ async def test_chat_sessions_of_both_phases_tick_together(
         return real_open(self, options)
 
     monkeypatch.setattr(ChatMode, "open", open_)
+    from MiniCPMO45.engine.core import Engine
+
+    steps: list[tuple[set[int], int]] = []  # each LLM step's phases and longest piece
+    real_feed = Engine.feed_for_logits
+
+    def feed_for_logits(self: Engine, sessions: Any, pieces: Any) -> Any:
+        steps.append(({s.phase for s in sessions}, max(int(x.shape[0]) for x in pieces)))
+        return real_feed(self, sessions, pieces)
+
+    monkeypatch.setattr(Engine, "feed_for_logits", feed_for_logits)
     names = ["chat-a", "chat-b"]
     await open_all(
         worker,
@@ -254,6 +264,11 @@ async def test_chat_sessions_of_both_phases_tick_together(
         assert worker.of(sid, p.AudioOut), f"{sid} did not speak"
         # the first tick prefilled both turns and advanced both replies in its shared steps
         assert worker.of(sid, p.UnitDone)[0].metrics.batch_sessions == 2
+    # the turns' prefills: one step per phase (a step over both ends of the slots would run them all); the
+    # replies' one-token steps: both phases in one
+    prefills = [phases for phases, longest in steps if longest > 1]
+    assert sorted(map(sorted, prefills)) == [[0], [1]]
+    assert {0, 1} in [phases for phases, longest in steps if longest == 1]
 
 
 async def test_chat_replies_and_a_duplex_call_share_a_worker_in_time(worker: FakeServer) -> None:

@@ -276,7 +276,7 @@ class ChatMode:
     @staticmethod
     def start_replies(turns: Sequence[tuple[ChatMode, TurnInput]]) -> None:
         """Prefill the user turns of several sessions and the assistant prefix after each, as one batched LLM
-        step, and start their replies."""
+        step per tick phase, and start their replies."""
         if not turns:
             return
         host = turns[0][0].host
@@ -290,7 +290,16 @@ class ChatMode:
             hd.start_reply_state(mode.session)
             sessions.append(mode.session)
             pieces.append(torch.cat([user, prefix.to(user.dtype)]))
-        _, logits = engine.feed_for_logits(sessions, pieces)
+        # one step per tick phase: a phase's sessions sit at one end of the KV slots, so its step stops at its
+        # highest turn's slot (one step over both ends would run every slot at the longest piece's length)
+        logits: list[torch.Tensor] = [torch.empty(0)] * len(sessions)
+        by_phase: dict[int, list[int]] = {}
+        for i, session in enumerate(sessions):
+            by_phase.setdefault(session.phase, []).append(i)
+        for group in by_phase.values():
+            _, got = engine.feed_for_logits([sessions[i] for i in group], [pieces[i] for i in group])
+            for i, row in zip(group, got, strict=True):
+                logits[i] = row
         for (mode, _), session, first in zip(turns, sessions, logits, strict=True):
             extra: list[int] = []
             if mode.options.force == "speak":  # test option: the reply runs to max_new_tokens
