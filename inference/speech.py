@@ -126,17 +126,11 @@ def speak_batch(voices: list[TurnVoice]) -> list[list[np.ndarray]]:
         if k not in asked and v.finished and not v.streamer.feeding and not v._flushed:
             v._flushed = True
             requests.append((k, PushRequest(v.turn, v.streamer.finish().tolist(), end_of_turn=True)))
-    # one vocoder batch per tick phase: its rounds are the shapes the warm-up captured for a phase's turns (a
-    # chat tick holds the replies of both phases)
-    by_phase: dict[int | None, list[tuple[int, PushRequest]]] = {}
-    for k, request in requests:
-        by_phase.setdefault(voices[k].phase, []).append((k, request))
-    for group in by_phase.values():
-        audio = host.vocoder.push_codes_batch([r for _, r in group])
-        for (k, _), wavs in zip(group, audio, strict=True):
+    if requests:
+        audio = host.vocoder.push_codes_batch([r for _, r in requests])
+        spent = (time.perf_counter() - mid) * 1000
+        for (k, _), wavs in zip(requests, audio, strict=True):
+            voices[k].times.vocoder_ms += spent
             voices[k].seconds += sum(w.size for w in wavs) / SPEECH_RATE
             out[k] = wavs
-    spent = (time.perf_counter() - mid) * 1000
-    for k, _ in requests:
-        voices[k].times.vocoder_ms += spent
     return out

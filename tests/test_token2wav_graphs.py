@@ -306,7 +306,8 @@ def test_padded_graphs_pads_and_returns_real_rows() -> None:
 
 def test_padded_graphs_pad_up_to_a_captured_bucket() -> None:
     """Once a bucket of 8 rows is captured (seen twice), batches of 1-7 rows of the same shapes replay it instead
-    of capturing buckets of their own (in a live tick on a GPU); other shapes and larger batches are unchanged."""
+    of capturing buckets of their own (in a live tick on a GPU), and larger batches replay it on parts of 8 rows;
+    other shapes are unchanged."""
     calls: list[tuple[int, ...]] = []
 
     def fn(x: torch.Tensor, flag: bool) -> tuple[torch.Tensor]:
@@ -324,8 +325,12 @@ def test_padded_graphs_pad_up_to_a_captured_bucket() -> None:
     padded((torch.randn(3, 5),), False)
     padded((torch.randn(3, 6),), False)  # other shapes: their own bucket
     padded((torch.randn(3, 5),), True)  # other flag: likewise
-    padded((torch.randn(9, 5),), False)  # more rows than the captured bucket
-    assert calls[3:] == [(8, 5), (8, 5), (4, 6), (4, 5), (16, 5)]
+    x = torch.randn(19, 5)
+    (out,) = padded((x,), False)  # more rows than the captured bucket: parts of 8, 8 and 3 (padded to 8)
+    torch.testing.assert_close(out, x * 3, atol=0, rtol=0)
+    assert calls[3:] == [(8, 5), (8, 5), (4, 6), (4, 5), (8, 5), (8, 5), (8, 5)]
+    padded((torch.randn(9, 6),), False)  # no captured bucket of its shapes: its own bucket
+    assert calls[-1] == (16, 6)
 
 
 def test_tick_speech_warm_up_runs_a_full_ticks_vocoder_shapes_and_frees_its_turns(

@@ -6,8 +6,9 @@ graphs on (CUDA only), a (bucket, shapes, flag) seen `capture_after` times is ca
 inputs and replayed from then on; the returned rows are copies, so they survive later replays. A batch whose
 bucket has no graph yet pads further, to the smallest captured bucket of the same shapes, when there is one:
 the full rounds captured at a worker's warm-up serve the smaller ones of calls still joining, and nothing is
-captured inside their live ticks. Off, or on CPU, the same padded computation runs eagerly, padded as CUDA
-would pad it. Batches over 64 rows run eagerly without padding.
+captured inside their live ticks. A batch larger than every captured bucket of its shapes runs in parts of the
+largest one. Off, or on CPU, the same padded computation runs eagerly, padded as CUDA would pad it. Other
+batches over 64 rows run eagerly without padding.
 """
 
 from __future__ import annotations
@@ -83,8 +84,21 @@ class PaddedGraphs:
         larger = (b for b in BATCH_BUCKETS if b > bucket and self._key(inputs, flag, b) in replayable)
         return next(larger, bucket)
 
+    def _split(self, inputs: tuple[torch.Tensor, ...], flag: bool, n: int) -> int | None:
+        """The largest captured bucket of these shapes when no captured one holds n rows (a tick holding both
+        phases' turns: more rows than the warm-up's rounds of one phase), else None."""
+        replayable = self.captured.keys() if self.graphs else self._eager_captured
+        have = [b for b in BATCH_BUCKETS if self._key(inputs, flag, b) in replayable]
+        if not have or have[-1] >= n:
+            return None
+        return have[-1]
+
     def __call__(self, inputs: tuple[torch.Tensor, ...], flag: bool) -> tuple[torch.Tensor, ...]:
         n = inputs[0].shape[0]
+        split = self._split(inputs, flag, n)
+        if split is not None:  # rows are independent: replay the captured graph on each part, capture nothing
+            parts = [self(tuple(x[i : i + split] for x in inputs), flag) for i in range(0, n, split)]
+            return tuple(torch.cat(ys, dim=0) for ys in zip(*parts, strict=True))
         if n > MAX_BUCKET:
             return self.fn(*inputs, flag)
         bucket = self._bucket(inputs, flag, n)
