@@ -51,6 +51,7 @@ class TurnVoice:
     finished: bool = False
     seconds: float = 0.0  # speech produced so far
     chunks: int = 0  # text chunks conditioned so far
+    voiced_tokens: int = 0  # reply tokens in those chunks
 
     def __post_init__(self) -> None:
         self.streamer = TTSStreamer(self.host.tts, self.tts)
@@ -94,6 +95,7 @@ class TurnVoice:
         hidden = torch.stack(self.hidden) if self.hidden else torch.zeros(0, d)
         cond = tts.condition(torch.tensor(self.tokens, dtype=torch.long), hidden, text_finished=finished)
         self.streamer.max_new = max(25, CODES_PER_TOKEN * len(self.tokens))
+        self.voiced_tokens += len(self.tokens)
         self.tokens, self.hidden = [], []
         self.chunks += 1
         self.streamer.begin(cond, text_finished=finished)

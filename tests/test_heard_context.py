@@ -127,3 +127,35 @@ async def test_interrupt_over_a_call_keeps_only_the_heard_reply_in_the_context(s
         assert after < before, (before, after)
     finally:
         await call.close()
+
+
+def test_text_decoded_ahead_of_the_speech_counts_as_unheard(host) -> None:
+    """Reply A decodes its next chunk ahead while reply B starts (`Reply.ahead`); A is interrupted and truncated
+    to half of what was heard: the heard fraction maps to the tokens A's voice had taken, so the text decoded
+    ahead and never spoken is dropped with the unheard half."""
+    from inference.modes.chat import ChatMode
+
+    a = create_mode("chat", SETTINGS)
+    b = create_mode("chat", SETTINGS)
+    a.open(SessionOptions("ahead-a", extra={"force": "speak", "max_new_tokens": 40, "seed": 4}))
+    b.open(SessionOptions("ahead-b", extra={"force": "speak", "max_new_tokens": 40, "seed": 5}))
+    assert isinstance(a, ChatMode) and isinstance(b, ChatMode)
+    try:
+        engine = host.engine
+        before = engine.kv_length(a.session)
+        a.on_control({"type": "text", "text": "tell me more"})
+        reply_start = before + len(engine.tokenizer.encode("<|im_start|>user\ntell me more"))
+        reply_start += len(assistant_prefix(engine, use_tts_template=True))
+        ChatMode.on_units([(a, ModeUnit(0, SILENCE, 0.0), None), (b, ModeUnit(0, SILENCE, 0.0), None)])
+        b.on_control({"type": "text", "text": "and you?"})
+        ChatMode.on_units([(a, ModeUnit(1, SILENCE, 0.0), None), (b, ModeUnit(1, SILENCE, 0.0), None)])
+        assert a.reply is not None and a.reply.ahead  # A decoded ahead in B's steps
+        voiced, decoded = a.reply.voice.voiced_tokens, len(a.session.history)
+        assert 0 < voiced < decoded
+        a.on_control({"type": "truncate", "turn": 0, "heard": 0.5})
+        assert a.reply is None
+        assert engine.kv_length(a.session) == reply_start + round(voiced / 2)
+        assert len(a.session.history) == round(voiced / 2)
+    finally:
+        a.close()
+        b.close()

@@ -143,6 +143,9 @@ class ChatMode:
         self.recent: deque[np.ndarray] = deque()  # audio since the last turn (push-to-talk fallback)
         self.recent_samples = 0
         self.heard_cut: tuple[int, int] | None = None  # the reply a `truncate` cut: (turn, its tokens then)
+        # the reply a barge-in or `interrupt` cut: (turn, its tokens that had gone to its voice); the rest was
+        # decoded ahead and never spoken
+        self.cut_voiced: tuple[int, int] | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
     def open(self, options: SessionOptions) -> tuple[SessionSetup, list[Output]]:
@@ -228,6 +231,7 @@ class ChatMode:
             return []
         if self.reply is not None:
             self.reply.voice.drop()
+            self.cut_voiced = (self.reply.turn, self.reply.voice.voiced_tokens)
         self.reply = None
         self.pending, self.held = None, False
         self.turn += 1

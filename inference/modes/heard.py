@@ -8,7 +8,8 @@ minus what a flush dropped; a Realtime WebSocket client says it with `audio_end_
 A chat reply's text tokens are the last positions of the session's KV slot until the next user turn is prefilled
 (terminators are never fed; the user audio is prefilled only when its turn ends), and `session.history` holds
 exactly those tokens. So the reply starts at `kv_length - len(history)`, and keeping the heard part means
-truncating the slot to `start + round(f * n)` positions (n: the reply's tokens when it was first cut). The next
+truncating the slot to `start + round(f * n)` positions (n: the reply's tokens when it was first cut; of a reply
+interrupted while it spoke, only those its voice had taken: the text decoded ahead of its speech is dropped). The next
 turn closes the reply with `<|tts_eos|><|im_end|>` as after any reply, so the context reads as a reply that
 stopped where the caller stopped hearing it. The fraction maps speech time to tokens proportionally (a chat reply
 runs at most `LEAD_S` of speech ahead of the caller, so most of the cut is text that was never spoken at all).
@@ -39,6 +40,9 @@ class RepliesInChat(Protocol):
     host: Any  # the engine host (`host.engine`), or None before the mode opened
     session: Session | None
     heard_cut: tuple[int, int] | None  # (turn, its tokens when first cut)
+    cut_voiced: (
+        tuple[int, int] | None
+    )  # (turn, its tokens that had gone to its voice when it was interrupted)
 
     def on_control(self, message: dict[str, Any]) -> list[Output]: ...
 
@@ -82,8 +86,13 @@ def truncate_reply(mode: RepliesInChat, message: dict[str, Any]) -> list[Output]
         return outputs  # a later turn has begun: its prefill sits after the reply in the KV
     if mode.host is None or mode.session is None:
         return outputs
-    first = mode.heard_cut
-    total = first[1] if first is not None and first[0] == turn else len(mode.session.history)
+    first, voiced = mode.heard_cut, mode.cut_voiced
+    if first is not None and first[0] == turn:
+        total = first[1]
+    elif voiced is not None and voiced[0] == turn:  # the speech produced is that of the tokens its voice took
+        total = min(voiced[1], len(mode.session.history))
+    else:
+        total = len(mode.session.history)
     mode.heard_cut = (turn, total)  # a second truncate of the same reply counts from its whole length
     keep = round(heard * total)
     if keep < len(mode.session.history):
