@@ -1,12 +1,13 @@
 """End-to-end load benchmark: the server (`run.py`, as a subprocess) under N real WebRTC callers.
 
-    python bench/e2e.py --mode audio_duplex|omni_duplex|chat|loopback [--calls 1,8,16,32,48,64]
+    python bench/e2e.py --mode audio_duplex|omni_duplex|chat|loopback|mixed [--calls 1,8,16,32,48,64]
         [--seconds 30] [--warmup 5] [--client-procs 4] [--gpus 0] [--model-dir DIR | --build-realsize DIR]
         [--capacity N] [--max-kv-tokens K] [--vocoder-turns T] [--capacity-table FILE] [--out DIR] [--write-doc]
 
 For each N, N aiortc callers (spread over --client-procs spawned processes) call the server on 127.0.0.1 with
 speech (espeak-ng, looped; a synthetic speech-like signal without espeak-ng), plus a 640x480 moving pattern in
-`omni_duplex`; duplex calls use `{"force": "speak"}`, chat calls type a turn every --turn-interval seconds.
+`omni_duplex`; duplex calls use `{"force": "speak"}`, chat calls type a turn every --turn-interval seconds;
+`mixed`: half of the calls chat, the others audio_duplex, on the same server (a row per mode and level).
 Once every call runs (first `metrics` event) and after the warm-up, a steady window of --seconds is measured:
 the `metrics` events (lag, round trip), `error` events, the received audio frames' arrival gaps and missing
 share, the server's CPU (media processes vs workers, from /proc) and the GPU (nvidia-smi). Callers hang up
@@ -52,6 +53,7 @@ from bench.realsize import build_realsize  # noqa: E402
 from tests.rtc_client import ESPEAK, FRAME, RATE, Call, PacedAudioTrack, speech_signal  # noqa: E402
 
 MODES = ("audio_duplex", "omni_duplex", "chat", "loopback")
+MIXED = ("chat", "audio_duplex")  # `--mode mixed`: half of the calls each
 FRAME_S = 0.020
 VOICED_PEAK = 300  # s16 peak above which a received frame counts as sound
 WORKER_MARK = "inference.worker"  # in a worker process's command line
@@ -83,6 +85,7 @@ class CallResult:
     turns_sent: int = 0
     text_after_turn_ms: list[float] = field(default_factory=list)
     audio_after_turn_ms: list[float] = field(default_factory=list)
+    mode: str = ""
 
 
 @dataclass
@@ -192,8 +195,12 @@ def summarize(
     window_s: float,
     cpu: dict[str, float],
     stalls: tuple[int, int] = (0, 0),
+    all_admitted: int | None = None,
 ) -> Row:
+    """One row of a level. `all_admitted`: the calls sharing the server's CPU (a mixed level's other mode's too),
+    for the media CPU per call; default: this row's."""
     ok = [c for c in calls if c.admitted]
+    sharing = len(ok) if all_admitted is None else all_admitted
     lag = [x for c in ok for x in c.lag_ms]
     rt = [x for c in ok for x in c.roundtrip_ms]
     gaps = [x for c in ok for x in c.gaps_ms]
@@ -225,7 +232,7 @@ def summarize(
         stalls_joining=stalls[0],
         stalls_window=stalls[1],
         media_cpu_pct=cpu["media"],
-        media_cpu_per_call_pct=cpu["media"] / len(ok) if ok else None,
+        media_cpu_per_call_pct=cpu["media"] / sharing if sharing else None,
         worker_cpu_pct=cpu["worker"],
         gpu_busy_pct=cpu.get("gpu_busy"),
         gpu_mem_mib=cpu.get("gpu_mem"),
@@ -333,7 +340,7 @@ class Caller:
         active = any(e.get("type") == "session" and e.get("phase") == "active" for _, e in self.timed)
         return self.connected and active
 
-    def result(self, t0: float, t1: float) -> CallResult:
+    def result(self, t0: float, t1: float, mode: str = "") -> CallResult:
         window = [e for at, e in self.timed if t0 <= at <= t1]
         metrics = [e for e in window if e.get("type") == "metrics"]
         c = self.clock
@@ -342,6 +349,7 @@ class Caller:
         text = [text_latency(self.timed, ts) for ts in turns]
         audio = [audio_onset(c.arrivals, c.voiced, ts) for ts in turns]
         return CallResult(
+            mode=mode,
             admitted=self.admitted,
             failure=self.failure,
             lag_ms=[m["lag_ms"] for m in metrics],
@@ -419,7 +427,7 @@ async def run_callers(job: CallerJob, index: int, ready: Any, go: Any, window: A
                     next_turn[i] += job.turn_interval
             await asyncio.sleep(0.02)
     await asyncio.sleep(max(0.0, t1 - time.monotonic()) + 0.2)
-    results.put([asdict(c.result(t0, t1)) for c in callers])
+    results.put([asdict(c.result(t0, t1, job.mode)) for c in callers])
     for c in callers:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(c.call.hang_up(), 10)
@@ -714,14 +722,32 @@ def cpu_model() -> str:
 # ---- one level ----
 
 
-def run_level(args: argparse.Namespace, server: Server, n: int, sig: np.ndarray, gpu: GpuSampler) -> Row:
+def caller_jobs(mode: str, n: int, procs: int) -> list[tuple[str, int]]:
+    """(mode, calls) of each caller process: n calls spread over `procs` processes; `mixed`: half of the calls
+    (and of the processes) chat, the others audio_duplex."""
+    if mode != "mixed":
+        return [(mode, n // procs + (i < n % procs)) for i in range(min(procs, n))]
+    half = n // 2
+    first = max(1, procs // 2)
+    return [
+        job
+        for m, k, p in ((MIXED[0], half, first), (MIXED[1], n - half, max(1, procs - first)))
+        if k
+        for job in caller_jobs(m, k, p)
+    ]
+
+
+def run_level(
+    args: argparse.Namespace, server: Server, n: int, sigs: dict[str, np.ndarray], gpu: GpuSampler
+) -> list[Row]:
+    """One level: a row, or for `mixed` a row per mode (the server's CPU and GPU figures are the level's)."""
     ctx = mp.get_context("spawn")
-    shares = [n // args.client_procs + (i < n % args.client_procs) for i in range(min(args.client_procs, n))]
     ready, results, go, window = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Array("d", 2)
-    job_args = (server.url, args.mode)
     procs = []
-    for i, share in enumerate(shares):
-        job = CallerJob(*job_args, share, sig, args.ready_timeout, args.turn_interval, args.video_fps)
+    for i, (mode, share) in enumerate(caller_jobs(args.mode, n, args.client_procs)):
+        job = CallerJob(
+            server.url, mode, share, sigs[mode], args.ready_timeout, args.turn_interval, args.video_fps
+        )
         procs.append(
             ctx.Process(target=caller_process, args=(job, i, ready, go, window, results), daemon=True)
         )
@@ -769,7 +795,21 @@ def run_level(args: argparse.Namespace, server: Server, n: int, sig: np.ndarray,
     wait_drained(server)
     if server.proc.poll() is not None:
         raise RuntimeError(f"the server exited ({server.proc.returncode}) during the {n}-call level")
-    return summarize(args.mode, n, calls, args.seconds, cpu, stalls)
+    if args.mode != "mixed":
+        return [summarize(args.mode, n, calls, args.seconds, cpu, stalls)]
+    admitted = sum(c.admitted for c in calls)
+    return [
+        summarize(
+            f"{mode} (mixed)",
+            sum(k for m, k in caller_jobs(args.mode, n, args.client_procs) if m == mode),
+            [c for c in calls if c.mode == mode],
+            args.seconds,
+            cpu,
+            stalls,
+            admitted,
+        )
+        for mode in MIXED
+    ]
 
 
 # ---- report ----
@@ -788,8 +828,15 @@ def header(meta: dict[str, Any]) -> str:
 
 
 def table(rows: list[Row], meta: dict[str, Any]) -> str:
-    chat = meta["mode"] == "chat"
-    cols = ["calls (admitted/asked)", "lag p50/p95/max ms", "round trip p50/p95/max ms", "units", "errors"]
+    chat = meta["mode"] in ("chat", "mixed")
+    mixed = meta["mode"] == "mixed"
+    cols = (["mode"] if mixed else []) + [
+        "calls (admitted/asked)",
+        "lag p50/p95/max ms",
+        "round trip p50/p95/max ms",
+        "units",
+        "errors",
+    ]
     cols += ["gap p99/max (late p99) ms", "missing frames", "voiced"] + (
         ["turn→text / audio p50 ms"] if chat else []
     )
@@ -805,7 +852,7 @@ def table(rows: list[Row], meta: dict[str, Any]) -> str:
         errors = f"{r.errors}" + (
             f" ({', '.join(f'{k}×{v}' for k, v in r.error_codes.items())})" if r.errors else ""
         )
-        cells = [
+        cells = ([r.mode] if mixed else []) + [
             f"{r.admitted}/{r.asked}",
             " / ".join(fmt(r.lag_ms[k]) for k in ("p50", "p95", "max")),
             " / ".join(fmt(r.roundtrip_ms[k]) for k in ("p50", "p95", "max")),
@@ -818,6 +865,8 @@ def table(rows: list[Row], meta: dict[str, Any]) -> str:
         if chat:
             cells.append(
                 f"{fmt(r.text_after_turn_p50_ms)} / {fmt(r.audio_after_turn_p50_ms)} ({r.turns_sent} turns)"
+                if r.turns_sent
+                else "–"
             )
         cells += [
             f"{r.stalls_joining} / {r.stalls_window}",
@@ -849,7 +898,7 @@ def write_doc(text: str, mode: str) -> Path:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ints = lambda s: [int(x) for x in s.split(",") if x.strip()]  # noqa: E731
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mode", choices=MODES, default="audio_duplex")
+    ap.add_argument("--mode", choices=(*MODES, "mixed"), default="audio_duplex")
     ap.add_argument("--calls", type=ints, default=[1, 8, 16, 32, 48, 64])
     ap.add_argument("--seconds", type=float, default=30.0, help="steady window per level")
     ap.add_argument("--warmup", type=float, default=5.0, help="after every call runs, before the window")
@@ -910,7 +959,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "python": platform.python_version(),
     }
-    sig = caller_signal(args.mode, out)
+    sigs = {mode: caller_signal(mode, out) for mode in (MIXED if args.mode == "mixed" else (args.mode,))}
     gpu = GpuSampler(args.gpus)
     gpu.start()
     rows: list[Row] = []
@@ -923,8 +972,9 @@ def main(argv: list[str] | None = None) -> int:
                     stop_server(server)
                 server = start_server(args, out, f"{args.mode}-{n}" if args.restart_per_level else args.mode)
                 meta["config"] = server.config
-            rows.append(run_level(args, server, n, sig, gpu))
-            print(json.dumps(asdict(rows[-1])), flush=True)
+            for row in run_level(args, server, n, sigs, gpu):
+                rows.append(row)
+                print(json.dumps(asdict(row)), flush=True)
     except (RuntimeError, TimeoutError) as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         status = 1

@@ -17,6 +17,7 @@ from bench.e2e import (
     CallResult,
     GpuSampler,
     audio_onset,
+    caller_jobs,
     frame_gaps_ms,
     gpu_name,
     late_ms,
@@ -209,3 +210,30 @@ def test_a_workers_children_count_as_the_workers() -> None:
         media.kill()
         worker.wait()
         media.wait()
+
+
+def test_a_mixed_level_splits_its_calls_and_processes_between_chat_and_duplex() -> None:
+    assert caller_jobs("chat", 3, 8) == [("chat", 1)] * 3
+    assert caller_jobs("audio_duplex", 10, 4) == [("audio_duplex", 3)] * 2 + [("audio_duplex", 2)] * 2
+    assert caller_jobs("mixed", 5, 4) == [("chat", 1), ("chat", 1), ("audio_duplex", 2), ("audio_duplex", 1)]
+    assert caller_jobs("mixed", 1, 8) == [("audio_duplex", 1)]
+    # the media CPU is shared by every admitted call of the level, both modes
+    row = summarize(
+        "chat (mixed)", 1, [CallResult(admitted=True)], 5.0, {"media": 30.0, "worker": 1.0}, (0, 0), 3
+    )
+    assert row.media_cpu_per_call_pct == pytest.approx(10.0)
+
+
+def test_e2e_mixed_chat_and_duplex_calls_on_one_server(tmp_path: Path) -> None:
+    """`--mode mixed` on the embedded model (CPU worker): one chat caller typing turns and one audio-duplex
+    caller on the same server, a row for each, both admitted and measured."""
+    out = tmp_path / "out"
+    argv = ["--mode", "mixed", "--calls", "2", "--seconds", "4", "--warmup", "1", "--turn-interval", "2"]
+    argv += ["--client-procs", "2", "--out", str(out), "--startup-timeout", "120", "--ready-timeout", "90"]
+    assert main(argv) == 0
+    rows = json.loads((out / "e2e-mixed.json").read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["chat (mixed)", "audio_duplex (mixed)"]
+    for row in rows:
+        assert (row["asked"], row["admitted"], row["errors"]) == (1, 1, 0), row
+        assert row["units"] > 0 and row["frames_received"] > 0
+    assert rows[0]["turns_sent"] >= 1 and rows[1]["turns_sent"] == 0
