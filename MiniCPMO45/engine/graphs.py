@@ -12,11 +12,16 @@ effects when its inputs are "idle" (e.g. every row writes nothing and advances b
 
 from __future__ import annotations
 
+import itertools
+import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 Outputs = dict[str, torch.Tensor]
+log = logging.getLogger(__name__)
+_captures = itertools.count(1)
 
 
 def graphs_available(device: torch.device) -> bool:
@@ -43,6 +48,7 @@ class StaticStep:
 
     @torch.no_grad()
     def _capture(self, pool: object | None) -> None:
+        started = time.perf_counter()
         self.idle(self.inputs)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -54,6 +60,13 @@ class StaticStep:
         with torch.cuda.graph(graph, pool=pool):
             self.outputs = self.fn(self.inputs)
         self.graph = graph
+        # every capture is logged with its time: one in a live tick stalls it (`bench/e2e.py` counts them)
+        log.info(
+            "static step graph %d captured in %.0f ms: %s",
+            next(_captures),
+            (time.perf_counter() - started) * 1000,
+            {name: tuple(x.shape) for name, x in self.inputs.items()},
+        )
 
     @torch.no_grad()
     def run(self) -> Outputs:
