@@ -11,12 +11,12 @@ logic per session, then, batched over the sessions: the prefills of the turns th
 or text and the assistant prefix as one piece per session, one LLM step), the reply decoding (one batched
 sample-and-feed step per token, `engine.generation.decode_step`; steps run only when a reply's voice waits for
 text, as many as its next chunk needs: `FIRST_TEXT_CHUNK` for a new reply, so its speech starts sooner, then
-`TEXT_CHUNK`; the other replies decode up to one chunk ahead in those steps, `Reply.ahead`), the TTS draws of every reply that has a text chunk to speak (`inference.speech.speak_batch`) and their vocoder
-windows. A reply advances in a tick only when none of its session's later units is waiting and its speech is
-less than `LEAD_S` ahead of real time (replies up to `JOIN_S` further ahead join it, so that the replies' work
-gathers in fewer ticks), so VAD keeps running on every unit while the model answers and the tick's chat work
-stays proportional to what the callers hear. Text deltas go out as `text` events; speech
-goes out as it is produced. Barge-in: speech detected during a reply (or `interrupt`) drops the reply — `Flush`
+`TEXT_CHUNK`; the other replies decode up to one chunk ahead in those steps, `Reply.ahead`), the TTS draws of
+every reply that has a text chunk to speak (`inference.speech.speak_batch`) and their vocoder windows. A reply
+advances in a tick only when none of its session's later units is waiting and its speech is less than `LEAD_S`
+ahead of real time (replies up to `JOIN_S` further ahead join it, so that the replies' work gathers in fewer
+ticks), so VAD keeps running on every unit while the model answers and the tick's chat work stays proportional
+to what the callers hear. Text deltas go out as `text` events; speech goes out as it is produced. Barge-in: speech detected during a reply (or `interrupt`) drops the reply — `Flush`
 empties the outbound speech queue at once, the state goes back to `listening`, and what the user says becomes
 the next turn.
 
@@ -73,9 +73,8 @@ class Reply:
         self.voice = voice
         self.turn = turn
         self.spoken_at: int | None = None  # index of the unit in whose tick its first speech went out
-        self.ahead: list[
-            tuple[int, torch.Tensor]
-        ] = []  # decoded tokens (and hidden states) the voice has not taken
+        # decoded tokens (with their hidden states) the voice has not taken yet
+        self.ahead: list[tuple[int, torch.Tensor]] = []
         self.text_done = False  # the row has ended; the voice's text ends once it has taken every token
 
     @property
@@ -294,8 +293,9 @@ class ChatMode:
             hd.start_reply_state(mode.session)
             sessions.append(mode.session)
             pieces.append(torch.cat([user, prefix.to(user.dtype)]))
-        # one step per tick phase: a phase's sessions sit at one end of the KV slots, so its step stops at its
-        # highest turn's slot (one step over both ends would run every slot at the longest piece's length)
+        # one step per tick phase: a phase's sessions sit at one end of the KV slots, whose turn-length steps the
+        # warm-up captured; one step over both ends would run every slot at the longest piece's length, and
+        # capture that window inside the live tick
         logits: list[torch.Tensor] = [torch.empty(0)] * len(sessions)
         by_phase: dict[int, list[int]] = {}
         for i, session in enumerate(sessions):
