@@ -370,9 +370,8 @@ def test_a_reply_decodes_ahead_in_another_replys_steps() -> None:
                     [(a, ModeUnit(i, silence, 0.0), None), (b, ModeUnit(i, silence, 0.0), None)]
                 )
                 outs_a += got[0]
-                if (
-                    with_b and i == 1
-                ):  # B's first tick: A (speaking its first chunk) decoded ahead in B's steps
+                # B's first tick: A (speaking its first chunk) decoded ahead in B's steps
+                if with_b and i == 1:
                     assert a.reply is not None and len(a.reply.ahead) == FIRST_TEXT_CHUNK
                     assert b.session is not None and len(b.session.history) == FIRST_TEXT_CHUNK
                     decoded_ahead.append(len(a.session.history))
@@ -386,6 +385,9 @@ def test_a_reply_decodes_ahead_in_another_replys_steps() -> None:
     alone, _ = run(False)
     together, ahead = run(True)
     assert ahead == [2 * FIRST_TEXT_CHUNK]
+    # a unit's metrics name the stages its tick ran: speech without a decode round happens
+    stages = [set(m.model_dump(exclude_none=True)) for m in together if isinstance(m, p.UnitMetrics)]
+    assert any("tts_ms" in s and "decide_ms" not in s for s in stages)
     text_alone, audio_alone = _reply_outputs(alone)
     text_together, audio_together = _reply_outputs(together)
     assert text_together == text_alone and text_alone

@@ -411,8 +411,9 @@ class ChatMode:
         lengths = host.engine.kv_lengths(sessions) if host is not None else []  # one device read for all
         for k, kv_tokens in zip(live, lengths, strict=True):
             mode = batch[k][0]
-            if k in advanced:
-                timings[k].update(decide_ms=decide_ms, tts_ms=speech_ms[0], vocoder_ms=speech_ms[1])
+            if k in advanced:  # the stages this tick ran (a tick of speech only decodes nothing)
+                stages = {"decide_ms": decide_ms, "tts_ms": speech_ms[0], "vocoder_ms": speech_ms[1]}
+                timings[k].update({name: ms for name, ms in stages.items() if ms > 0})
             if turns:
                 timings[k]["prefill_ms"] = prefill_ms
             if mode.reply is not None and mode.reply.finished:
@@ -443,6 +444,8 @@ class ChatMode:
         # their callers, so the rest of a chunk can wait for the next tick
         first = [reply for reply in needy if reply.spoken_at is None]
         steps = max((reply.tokens_to_speak for reply in first or needy), default=0)
+        if not steps:
+            return 0.0
         for _ in range(steps):
             rows = [reply.row for reply, _ in taking.values() if reply.takes_tokens]
             if not rows:
