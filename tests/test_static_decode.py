@@ -196,29 +196,3 @@ def test_a_step_runs_on_a_captured_window_that_holds_its_slots(tiny_model_dir: P
     _close(got["hidden"], want["hidden"])
     _close(got["logits"], want["logits"])
     assert engines[1].cache.lengths.tolist() == engines[0].cache.lengths.tolist()
-
-
-def test_a_shorter_step_runs_on_a_longer_captured_step_that_holds_its_slots(tiny_model_dir: Path) -> None:
-    """A step of 3-position pieces (bucket 4) with no 4-position step built runs on the warm-up's 8-position step
-    of a window holding its slots (a chat turn's prefill replays the captured step, nothing is captured live),
-    with the same results; a longer piece than any built step still gets its own."""
-    engines = [
-        Engine.from_pretrained(tiny_model_dir, dtype=torch.float32, max_sessions=8, max_len=64)
-        for _ in range(2)
-    ]
-    fresh, warm = (StaticLLM(e.model.llm, e.cache, use_graphs=False) for e in engines)
-    warm.warm_up(4, (8,))
-    built = set(warm.steps)
-    assert built == {(0, 4, 8)}
-    slots = [[e.open_session().slot for _ in range(2)] for e in engines]
-    g = torch.Generator().manual_seed(5)
-    d = engines[0].model.config.llm.hidden_size
-    pieces = [torch.randn(n, d, generator=g) for n in (3, 2)]
-    want, got = fresh.feed(slots[0], pieces), warm.feed(slots[1], pieces)
-    assert set(fresh.steps) == {(0, 2, 4)} and set(warm.steps) == built
-    _close(got["hidden"][:, :3], want["hidden"][:, :3])
-    _close(got["logits"], want["logits"])
-    assert engines[1].cache.lengths.tolist() == engines[0].cache.lengths.tolist()
-    longer = [torch.randn(n, d, generator=g) for n in (12, 1)]
-    warm.feed(slots[1], longer)
-    assert (0, 2, 16) in warm.steps

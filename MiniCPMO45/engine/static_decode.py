@@ -250,17 +250,6 @@ class StaticLLM:
         embeds = torch.zeros(r, t, self.dim, dtype=self.dtype, device=self.device)
         self._forward(embeds, torch.zeros(r, dtype=torch.long, device=self.device))
 
-    def _covering_step(self, slots: Sequence[int], tokens: int) -> tuple[int, tuple[int, int] | None]:
-        """(tokens, (first, rows)) of a built step that can take `slots` with up to `tokens` positions each: the
-        fewest rows of those with this token bucket, else of the next longer bucket that has one (a chat turn's
-        32 positions run in the warm-up's 64-position step). Its idle rows and positions cost less than a capture
-        (a few 100 ms) in a live tick. (tokens, None) when none holds the slots."""
-        for bucket in (t for t in self.token_buckets if t >= tokens):
-            window = covering_window(((f, r) for f, r, t in self.steps if t == bucket), slots)
-            if window is not None:
-                return bucket, window
-        return tokens, None
-
     def accepts(self, slots: Sequence[int], counts: Sequence[int]) -> bool:
         """Whether one static step can take these rows (else the caller runs the eager forward)."""
         return max(slots) < self.cache.num_slots and max(counts) <= self.token_buckets[-1]
@@ -292,8 +281,13 @@ class StaticLLM:
         cur = list(lengths)
         if any(c + n > self.window for c, n in zip(cur, counts, strict=True)):
             raise CacheFullError(f"a slot would pass the attention window of {self.window} positions")
-        tokens, window = self._covering_step(slots, pick_bucket(self.token_buckets, max(counts)))
-        first, rows = window or row_window(self.row_buckets, self.cache.num_slots, slots)
+        tokens = pick_bucket(self.token_buckets, max(counts))
+        # a captured step's rows if one holds these slots: its idle rows cost less than a capture (a few 100 ms)
+        # in a live tick
+        captured = ((f, r) for f, r, t in self.steps if t == tokens)
+        first, rows = covering_window(captured, slots) or row_window(
+            self.row_buckets, self.cache.num_slots, slots
+        )
         step = self._step(rows, tokens, first)
         idx = upload([s - first for s in slots], self.device)
         if all(c == tokens for c in counts):
