@@ -37,7 +37,7 @@ class SessionSetup:
     # so the units of all sessions of that phase arrive together and share one tick.
     align_units: bool = False
     # ... on one grid for every tick phase: the mode's sessions of both phases tick together (chat, whose tick is
-    # mostly sequential steps that cost about as much for all its sessions as for half of them)
+    # mostly sequential steps whose GPU cost grows little with their rows)
     one_grid: bool = False
 
 

@@ -9,8 +9,8 @@ A chat reply's text tokens are the last positions of the session's KV slot until
 (terminators are never fed; the user audio is prefilled only when its turn ends), and `session.history` holds
 exactly those tokens. So the reply starts at `kv_length - len(history)`, and keeping the heard part means
 truncating the slot to `start + round(f * n)` positions (n: the reply's tokens when it was first cut; of a reply
-interrupted while it spoke, only those its voice had taken: the text decoded ahead of its speech is dropped). The next
-turn closes the reply with `<|tts_eos|><|im_end|>` as after any reply, so the context reads as a reply that
+interrupted while it spoke, only those its voice had taken: the text decoded ahead of its speech is dropped).
+The next turn closes the reply with `<|tts_eos|><|im_end|>` as after any reply, so the context reads as a reply that
 stopped where the caller stopped hearing it. The fraction maps speech time to tokens proportionally (a chat reply
 runs at most `LEAD_S` of speech ahead of the caller, so most of the cut is text that was never spoken at all).
 
@@ -40,9 +40,8 @@ class RepliesInChat(Protocol):
     host: Any  # the engine host (`host.engine`), or None before the mode opened
     session: Session | None
     heard_cut: tuple[int, int] | None  # (turn, its tokens when first cut)
-    cut_voiced: (
-        tuple[int, int] | None
-    )  # (turn, its tokens that had gone to its voice when it was interrupted)
+    # (turn, its tokens that had gone to its voice when it was interrupted)
+    cut_voiced: tuple[int, int] | None
 
     def on_control(self, message: dict[str, Any]) -> list[Output]: ...
 
