@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +47,21 @@ def counting(counts: dict[str, int], name: str, fn: Callable[..., Any], when: Ca
     return wrapped
 
 
+def counting_steps(counts: dict[str, int], fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+    """`decode_steps` counting each step it yields."""
+
+    def wrapped(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        for events in fn(*args, **kwargs):
+            counts["decode_steps"] += 1
+            yield events
+
+    return wrapped
+
+
 def run(sessions: int, ticks_per_unit: int, seconds: float, turn_every: float, tokens: int) -> dict[str, Any]:
     counts = {"decode_steps": 0, "tts_rounds": 0, "vocoder_calls": 0}
-    real_step, real_pieces = chat.decode_step, speech.next_pieces
-    chat.decode_step = counting(counts, "decode_steps", real_step, lambda *a, **k: True)
+    real_steps, real_pieces = chat.decode_steps, speech.next_pieces
+    chat.decode_steps = counting_steps(counts, real_steps)
     speech.next_pieces = counting(counts, "tts_rounds", real_pieces, lambda streamers: bool(streamers))
     modes = []
     try:
@@ -91,7 +102,7 @@ def run(sessions: int, ticks_per_unit: int, seconds: float, turn_every: float, t
             "first_speech_in_turn_tick": sum(1 for d in first_speech if d == 0),
         }
     finally:
-        chat.decode_step, speech.next_pieces = real_step, real_pieces
+        chat.decode_steps, speech.next_pieces = real_steps, real_pieces
         if modes:
             modes[0].host.vocoder.__dict__.pop("push_codes_batch", None)
         for mode in modes:

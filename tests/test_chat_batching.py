@@ -15,8 +15,15 @@ from inference.modes import create_mode
 from inference.modes.base import ModeUnit, SessionOptions
 from inference.modes.chat import ChatMode
 from MiniCPMO45.engine import half_duplex as hd
+from MiniCPMO45.engine.batcher import enable_static_steps
 from MiniCPMO45.engine.core import Engine
-from MiniCPMO45.engine.generation import ReplyRow, decode_step, reference_chunk_budget, start_row
+from MiniCPMO45.engine.generation import (
+    ReplyRow,
+    decode_step,
+    decode_steps,
+    reference_chunk_budget,
+    start_row,
+)
 from MiniCPMO45.engine.sampling import ChatSampling
 from MiniCPMO45.engine.session import Mode, Session
 from MiniCPMO45.modules.tts import MiniCPMTTS
@@ -29,9 +36,16 @@ SETTINGS = embedded(max_sessions=4)
 TURNS = ("Tell me about the sea.", "What is two and two?", "Hi")
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir: Path) -> Engine:
-    return Engine.from_pretrained(tiny_model_dir, dtype=torch.float32, max_sessions=3, max_len=256)
+def _engine(model_dir: Path, static: bool) -> Engine:
+    engine = Engine.from_pretrained(model_dir, dtype=torch.float32, max_sessions=3, max_len=256)
+    if static:  # the worker's path: static steps, the chosen ids fed on the device (eager steps on the CPU)
+        enable_static_steps(engine, use_graphs=False)
+    return engine
+
+
+@pytest.fixture(scope="module", params=["eager", "static"])
+def engine(tiny_model_dir: Path, request: pytest.FixtureRequest) -> Engine:
+    return _engine(tiny_model_dir, request.param == "static")
 
 
 def _prompted(engine: Engine, text: str) -> Session:
@@ -107,6 +121,45 @@ def test_sampled_rows_repeat_with_their_seed_whatever_the_batch(engine: Engine) 
 
     alone = reply(TURNS[:1])
     assert reply(TURNS[:2]) == alone
+
+
+def test_steps_fed_on_the_device_match_the_eager_path(tiny_model_dir: Path) -> None:
+    """`decode_steps` on static steps (the chosen ids fed on the device, a terminator masked there, the KV
+    lengths counted on the host) gives the eager path's tokens, hidden states and KV lengths; a reply that
+    draws a terminator mid-way is not fed it, and the other reply goes on."""
+
+    def run(engine: Engine) -> tuple[list[tuple[int, int | None]], list[torch.Tensor], list[int], str | None]:
+        sessions = [_prompted(engine, text) for text in TURNS[:2]]
+        try:
+            rows = [_row(engine, s, 12) for s in sessions]
+            step = 0
+
+            def pick() -> list[ReplyRow]:
+                nonlocal step
+                if step == 3:  # the second reply's 4th token: its end of message
+                    rows[1].logits[engine.special.im_end] = 1e4
+                step += 1
+                return rows
+
+            tokens, hidden = [], []
+            for events in decode_steps(engine, pick, 50):
+                for e in events:
+                    tokens.append((sessions.index(e.session), e.token))
+                    if e.hidden is not None:
+                        hidden.append(e.hidden.clone())
+            return tokens, hidden, engine.kv_lengths(sessions), rows[1].stop_reason
+        finally:
+            for s in sessions:
+                engine.close_session(s)
+
+    eager = run(_engine(tiny_model_dir, static=False))
+    static = run(_engine(tiny_model_dir, static=True))
+    second = [t for i, t in eager[0] if i == 1]
+    assert eager[3] == "terminator" and len(second) == 4 and second[-1] is None  # 3 tokens, then the end
+    assert static[0] == eager[0] and static[2] == eager[2] and static[3] == eager[3]
+    assert len(static[1]) == len(eager[1]) > 10
+    for a, b in zip(static[1], eager[1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_streamers_drawn_together_give_each_ones_codes(tiny_model_dir: Path, tiny_fixture_dir: Path) -> None:

@@ -79,12 +79,17 @@ def top_k_top_p_sorted(
     return ordered.masked_fill(drop, float("-inf")), order
 
 
-def draw_rows(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def draw_rows(
+    logits: torch.Tensor, generator: torch.Generator | None = None, uniform: torch.Tensor | None = None
+) -> torch.Tensor:
     """One draw per row from softmax(logits `[B, N]`): the column where the row's cumulative distribution first
-    passes a uniform number (the distribution of `torch.multinomial(softmax, 1)`, another random stream)."""
+    passes a uniform number (the distribution of `torch.multinomial(softmax, 1)`, another random stream).
+    `uniform [B, 1]`: the rows' numbers in [0, 1) if the caller drew them (else from `generator`)."""
     cum = logits.float().softmax(-1).cumsum(-1)
     total = cum[:, -1:]
-    u = torch.rand(cum.shape[0], 1, device=cum.device, generator=generator) * total
+    if uniform is None:
+        uniform = torch.rand(cum.shape[0], 1, device=cum.device, generator=generator)
+    u = uniform * total
     # strictly below the total, so the first column whose cumulative value passes u has a probability > 0
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cum, u, right=True)[:, 0]
@@ -145,9 +150,17 @@ def choose_chat_tokens(
     logits: torch.Tensor, rows: Sequence[TokenChoice], terminators: Sequence[int]
 ) -> list[int]:
     """`choose_chat_token` for a batch: `logits [B, V]` float32 (modified in place), one `TokenChoice` per
-    row. Every adjustment runs on the whole batch where the logits are, and the host waits for the device once
-    (the chosen ids). Greedy rows give exactly the single-row result; sampled rows draw from the same
-    distribution (each with its own generator, so a seeded session repeats itself)."""
+    row; the host waits for the device once (the chosen ids)."""
+    return [int(t) for t in chat_token_ids(logits, rows, terminators).tolist()]
+
+
+def chat_token_ids(
+    logits: torch.Tensor, rows: Sequence[TokenChoice], terminators: Sequence[int]
+) -> torch.Tensor:
+    """The chosen ids `[B]` where the logits are, without waiting for the device. Every adjustment and the
+    draw run on the whole batch; only each sampled row's uniform number comes from its own generator (one
+    small fill per row), so a seeded session repeats itself whatever its batch. Greedy rows give exactly the
+    single-row result."""
     b, vocab = logits.shape
     if b != len(rows):
         raise ValueError("one TokenChoice per logits row")
@@ -185,7 +198,10 @@ def choose_chat_tokens(
             upload([p.top_p for p in settings], dev, torch.float32),
             width,
         )
-        # each row draws with its session's generator: a seeded session repeats itself whatever its batch
-        cols = torch.cat([draw_rows(kept[k : k + 1], rows[r].generator) for k, r in enumerate(sampled)])
+        # each row's number from its session's generator (the stream `torch.rand` would give it alone)
+        uniform = torch.empty(len(sampled), 1, device=dev)
+        for k, r in enumerate(sampled):
+            uniform[k].uniform_(generator=rows[r].generator)
+        cols = draw_rows(kept, uniform=uniform)
         chosen.index_copy_(0, sel, ids.gather(1, cols[:, None])[:, 0])
-    return [int(t) for t in chosen.tolist()]
+    return chosen

@@ -9,7 +9,7 @@ at most 30 s, is the turn). Typed text (`text`) is a turn as well.
 The worker runs the units of all its chat sessions together (`ChatMode.on_units`, one tick): VAD and the turn
 logic per session, then, batched over the sessions: the prefills of the turns that end in this tick (user audio
 or text and the assistant prefix as one piece per session, one LLM step), the reply decoding (one batched
-sample-and-feed step per token, `engine.generation.decode_step`; steps run only when a reply's voice waits for
+sample-and-feed step per token, `engine.generation.decode_steps`; steps run only when a reply's voice waits for
 text, as many as its next chunk needs: `FIRST_TEXT_CHUNK` for a new reply, so its speech starts sooner, then
 `TEXT_CHUNK`; the other replies decode up to one chunk ahead in those steps, `Reply.ahead`), the TTS draws of
 every reply that has a text chunk to speak (`inference.speech.speak_batch`) and their vocoder windows. A reply
@@ -48,7 +48,7 @@ from MiniCPMO45.audio.rates import CHAT_UNIT_SAMPLES, MODEL_INPUT_RATE, SPEECH_R
 from MiniCPMO45.engine import half_duplex as hd
 from MiniCPMO45.engine.context_window import SlidingWindow
 from MiniCPMO45.engine.core import Engine
-from MiniCPMO45.engine.generation import ReplyRow, decode_step, reference_chunk_budget, start_row
+from MiniCPMO45.engine.generation import ReplyRow, decode_steps, reference_chunk_budget, start_row
 from MiniCPMO45.engine.half_duplex import AudioSegment
 from MiniCPMO45.engine.sampling import ChatSampling
 from MiniCPMO45.engine.session import Session
@@ -428,8 +428,9 @@ class ChatMode:
         """When a reply's speech waits for text: as many batched steps as its voice needs for its next chunk
         (`FIRST_TEXT_CHUNK` for a new reply, which then sets the steps alone: its first speech does not wait for
         other replies' chunks). Every other reply with room decodes ahead in the same steps, so a text chunk
-        rarely needs steps of its own (a step's GPU cost grows little with its rows; its host work does: ~20 ms
-        a step at 48 rows on an H100 host). Each token's text goes out at once. Returns the time it took (ms)."""
+        rarely needs steps of its own (a step's GPU cost grows little with its rows; its host work, sampling
+        and detokenizing per row, runs while the device runs the step's forward: `decode_steps`). Each token's
+        text goes out at once. Returns the time it took (ms)."""
         started = time.perf_counter()
         # each reply that may decode, and where its outputs go, by its session
         taking = {
@@ -444,11 +445,12 @@ class ChatMode:
         steps = max((reply.tokens_to_speak for reply in first or needy), default=0)
         if not steps:
             return 0.0
-        for _ in range(steps):
-            rows = [reply.row for reply, _ in taking.values() if reply.takes_tokens]
-            if not rows:
-                break
-            for event in decode_step(engine, rows):
+
+        def rows() -> list[ReplyRow]:
+            return [reply.row for reply, _ in taking.values() if reply.takes_tokens]
+
+        for events in decode_steps(engine, rows, steps):
+            for event in events:
                 reply, out = taking[id(event.session)]
                 if event.text_delta:
                     out.append(p.TextOut(text=event.text_delta, turn=reply.turn))
