@@ -117,7 +117,8 @@ def decode_steps(
     On static steps a step's tokens are fed on the device (a terminator masked there), so the host reads the
     chosen ids while the device runs the step's forward: the step's events (detokenizing, the caller's work
     on them) are made while that forward runs, and the next step queues right behind it instead of after a
-    round trip. An event's `hidden` is then a device tensor the forward is still filling (stream order)."""
+    round trip. An event's `hidden` is then a device tensor the forward is still filling (stream order). The
+    rows' KV lengths are read once and counted here: nothing else may feed their sessions between its steps."""
     pick = rows if callable(rows) else lambda: rows
     terminators = (engine.special.tts_eos, engine.special.im_end, engine.eos_s)
     lengths: dict[int, int] = {}  # KV length by slot: read once, then counted here
