@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from MiniCPMO45.audio.load import load_audio
+from MiniCPMO45.engine import half_duplex as hd
 from MiniCPMO45.engine.batcher import DuplexBatcher
 from MiniCPMO45.engine.core import Engine
 from MiniCPMO45.engine.duplex import (
@@ -255,3 +256,29 @@ def test_the_warm_up_captures_the_grids_of_live_camera_frames(engines: tuple[Eng
     for size in ((640, 480), (1280, 720)):
         live = engine.images.preprocess(Image.new("RGB", size, "gray"), DuplexConfig().max_slice_nums, False)
         assert {(int(r), int(c)) for r, c in live.tgt_sizes} <= set(grids)
+
+
+def test_a_typed_chat_turns_prefill_runs_on_a_warm_up_step(tiny_model_dir: Path) -> None:
+    """The warm-up builds the static LLM steps a chat turn's prefill takes in each tick phase (the user's text
+    and the assistant prefix, one step per phase), from a one-word typed turn to a spoken one: the first turns
+    after start build no step in a live tick (on a GPU a graph capture, a few 100 ms for every call)."""
+    engine = Engine.from_pretrained(tiny_model_dir, dtype=torch.float32, max_sessions=8, max_len=512)
+    batcher = DuplexBatcher(engine, use_graphs=False)
+    assert batcher.unit_positions() == (13, 19)  # its duplex units would warm the 16 and 32 buckets up anyway
+    batcher.warm_up(8, prefill_tokens=(79, 13), phases=2)  # the real model's units: 80 and 16
+    built = set(batcher.llm.steps)
+    prefix = engine.model.embed_ids(hd.assistant_prefix(engine, use_tts_template=True))
+    low = [engine.open_session(Mode.CHAT) for _ in range(2)]
+    high = [engine.open_session(Mode.CHAT, top_slot=True) for _ in range(2)]
+    lengths = []
+    for text in ("Hi", "Tell me something about the weather today.", "Tides? " * 12):
+        for group in (low, high):  # one step per phase, as `ChatMode.start_replies` runs them
+            pieces = []
+            for s in group:
+                engine.reset_session(s)
+                user = hd.user_turn_embeddings(engine, s, None, text, None)
+                pieces.append(torch.cat([user, prefix.to(user.dtype)]))
+            lengths.append(pieces[0].shape[0])
+            engine.feed_for_logits(group, pieces)
+    assert min(lengths) < 16 < lengths[2] <= 32 < max(lengths)  # three token buckets
+    assert set(batcher.llm.steps) == built

@@ -85,6 +85,10 @@ def enable_static_steps(
     return engine.static
 
 
+# token buckets of a typed chat turn's prefill (the user's text and the assistant prefix: "Hi" takes 14 positions,
+# a sentence ~18), which the warm-up captures per tick phase as well
+CHAT_TURN_TOKENS = (32, 16)
+
 # frame sizes whose vision graphs the warm-up captures: browsers' default camera (4:3) and 720p webcams (16:9)
 CAMERA_SIZES = ((640, 480), (1280, 720))
 
@@ -183,7 +187,8 @@ class DuplexBatcher:
             prefill_tokens = sorted(self.unit_positions(), reverse=True)
         # Two long folded steps too: past 128 query rows Inductor builds another kernel, and only a size seen
         # to change there becomes dynamic; a session's prompt prefill can take any token bucket up to 128.
-        for tokens in (FOLDED_MAX_TOKENS, FOLDED_MAX_TOKENS // 2, *prefill_tokens, 2, 1):
+        # A chat turn's prefill (one step per phase) is 64 positions or more when spoken, 14-32 when typed.
+        for tokens in (FOLDED_MAX_TOKENS, FOLDED_MAX_TOKENS // 2, *prefill_tokens, *CHAT_TURN_TOKENS, 2, 1):
             for top in ends:
                 self.llm.warm_up(largest, (tokens,), top)
             for rows in reversed(buckets):
