@@ -26,6 +26,7 @@ from MiniCPMO45.engine.duplex import (
     pending_tail,
     prepare,
 )
+from MiniCPMO45.engine.graphs import pick_bucket
 from MiniCPMO45.engine.session import Mode
 from tests.engine_fixtures import fixture_duplex_config, load_manifest, load_npz
 from tests.reference_engine import finalize_units, generate_units, prefill_units, tts_condition
@@ -271,7 +272,7 @@ def test_a_typed_chat_turns_prefill_runs_on_a_warm_up_step(tiny_model_dir: Path)
     low = [engine.open_session(Mode.CHAT) for _ in range(2)]
     high = [engine.open_session(Mode.CHAT, top_slot=True) for _ in range(2)]
     lengths = []
-    for text in ("Hi", "Tell me something about the weather today.", "Tides? " * 12):
+    for text in ("Hi", "Tell me something about the weather today.", "Tides? " * 12, "Tides? " * 24):
         for group in (low, high):  # one step per phase, as `ChatMode.start_replies` runs them
             pieces = []
             for s in group:
@@ -280,5 +281,6 @@ def test_a_typed_chat_turns_prefill_runs_on_a_warm_up_step(tiny_model_dir: Path)
                 pieces.append(torch.cat([user, prefix.to(user.dtype)]))
             lengths.append(pieces[0].shape[0])
             engine.feed_for_logits(group, pieces)
-    assert min(lengths) < 16 < lengths[2] <= 32 < max(lengths)  # three token buckets
+    # one-word and one-sentence typed turns, a long one, one as long as ~7 s of speech
+    assert [pick_bucket(batcher.llm.token_buckets, n) for n in lengths[::2]] == [16, 32, 64, 96]
     assert set(batcher.llm.steps) == built

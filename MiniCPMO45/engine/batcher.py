@@ -85,9 +85,10 @@ def enable_static_steps(
     return engine.static
 
 
-# token buckets of a typed chat turn's prefill (the user's text and the assistant prefix: "Hi" takes 14 positions,
-# a sentence ~18), which the warm-up captures per tick phase as well
-CHAT_TURN_TOKENS = (32, 16)
+# token buckets of a chat turn's prefill (the user's turn and the assistant prefix: a typed "Hi" takes 14 positions,
+# a typed sentence ~18; a spoken turn ~10 a second, 7-8 s of speech the 96 bucket) that the duplex units' do not
+# cover, captured per tick phase as well. Longer spoken turns (over ~11 s: 192, 256) still capture once, live.
+CHAT_TURN_TOKENS = (96, 32, 16)
 
 # frame sizes whose vision graphs the warm-up captures: browsers' default camera (4:3) and 720p webcams (16:9)
 CAMERA_SIZES = ((640, 480), (1280, 720))
@@ -187,7 +188,7 @@ class DuplexBatcher:
             prefill_tokens = sorted(self.unit_positions(), reverse=True)
         # Two long folded steps too: past 128 query rows Inductor builds another kernel, and only a size seen
         # to change there becomes dynamic; a session's prompt prefill can take any token bucket up to 128.
-        # A chat turn's prefill (one step per phase) is 64 positions or more when spoken, 14-32 when typed.
+        # A chat turn's prefill runs one step per phase (`CHAT_TURN_TOKENS`).
         for tokens in (FOLDED_MAX_TOKENS, FOLDED_MAX_TOKENS // 2, *prefill_tokens, *CHAT_TURN_TOKENS, 2, 1):
             for top in ends:
                 self.llm.warm_up(largest, (tokens,), top)
