@@ -199,7 +199,7 @@ def chat_token_ids(
             width,
         )
         # each row's number from its session's generator (the stream `torch.rand` would give it alone)
-        uniform = torch.empty(len(sampled), 1, device=dev)
+        uniform = torch.empty(len(sampled), 1, dtype=torch.float32, device=dev)
         for k, r in enumerate(sampled):
             uniform[k].uniform_(generator=rows[r].generator)
         cols = draw_rows(kept, uniform=uniform)
