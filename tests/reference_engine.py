@@ -11,7 +11,7 @@ and their batching differ.
 Half-duplex chat, per session: `prefill_user_audio` / `prefill_user_samples` (a user segment fed on its own,
 streamed 1 s at a time or whole), `prefill_user_text`, and `generate_reply` (assistant prefix + the reply loop,
 `generation.generate`). The server builds a user turn with `half_duplex.user_turn_embeddings` and decodes
-replies of many sessions with `generation.decode_step` (`inference/modes/chat.py`).
+replies of many sessions with `generation.decode_steps` (`inference/modes/chat.py`).
 """
 
 from __future__ import annotations

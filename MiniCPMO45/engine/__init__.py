@@ -12,7 +12,7 @@ Full duplex: one `DuplexSession` (`engine.duplex_session`) per call owns its sta
 speech turn, context window); `DuplexSession.tick(calls, inputs)` runs one unit of every call as one tick of
 `engine.batcher.DuplexBatcher` (prefill led by the previous unit's tail, decode, TTS, vocoder; static steps,
 eager on the CPU and CUDA graphs on a GPU). `engine.duplex` holds the per-unit state and rules the tick applies.
-Chat replies decode batched through `engine.generation` (`start_row`, `decode_step`) on the same static feed.
+Chat replies decode batched through `engine.generation` (`start_row`, `decode_steps`) on the same static feed.
 Every step function takes a list of sessions and batches their LLM work. (The per-session duplex loop the
 tests compare the tick with is `tests/reference_engine.py`.)
 """

@@ -47,7 +47,7 @@ def reference_chunk_budget(max_new_tokens: int) -> int:
 @dataclass(eq=False)
 class ReplyRow:
     """One session's reply while it decodes: the next-token logits, the sampling settings and the budget. Rows
-    of different sessions, started at different times, decode together in `decode_step`."""
+    of different sessions, started at different times, decode together in `decode_steps`."""
 
     session: Session
     logits: torch.Tensor  # [V] float32 next-token logits
