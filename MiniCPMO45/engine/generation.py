@@ -240,4 +240,4 @@ def generate(
         )
         for i, s in enumerate(sessions)
     ]
-    yield from decode_steps(engine, rows, max(r.budget for r in rows), observe_logits)
+    yield from decode_steps(engine, rows, max((r.budget for r in rows), default=0), observe_logits)
