@@ -30,23 +30,3 @@ def copy_from_host(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
         return
     dst.copy_(src.pin_memory(), non_blocking=True)
-
-
-class Download:
-    """A device tensor's copy to the host, queued now (behind the work that makes it) and waited for later,
-    so the host can queue more work before it waits. On the CPU it is the tensor itself."""
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self._event: torch.cuda.Event | None = None
-        if tensor.device.type != "cuda":
-            self._host = tensor
-            return
-        self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        self._host.copy_(tensor, non_blocking=True)
-        self._event = torch.cuda.Event()
-        self._event.record()
-
-    def wait(self) -> torch.Tensor:
-        if self._event is not None:
-            self._event.synchronize()
-        return self._host

@@ -48,7 +48,7 @@ from MiniCPMO45.audio.resample import resample  # noqa: E402
 from MiniCPMO45.audio.wav import read_mono  # noqa: E402
 from MiniCPMO45.engine import half_duplex as hd  # noqa: E402
 from MiniCPMO45.engine.capacity import CapacityTable, ModeCapacity  # noqa: E402
-from MiniCPMO45.engine.generation import decode_steps, start_row  # noqa: E402
+from MiniCPMO45.engine.generation import decode_step, start_row  # noqa: E402
 
 UNIT_S = CHAT_UNIT_SAMPLES / MODEL_INPUT_RATE
 STAGES = ("prefill_ms", "decide_ms", "tts_ms", "vocoder_ms")
@@ -91,12 +91,12 @@ def batch1_tokens_per_s(host, tokens: int) -> float:  # noqa: ANN001
         row = start_row(
             engine, s, logits[0], mode.sampling, tokens + 8, [sp.tts_eos, sp.im_end, engine.eos_s]
         )
-        for _ in decode_steps(engine, [row], 4):
-            pass
+        for _ in range(4):
+            decode_step(engine, [row])
         sync(host.device)
         t0 = time.perf_counter()
-        for _ in decode_steps(engine, [row], tokens):  # as a chat tick runs them: each queued behind the last
-            pass
+        for _ in range(tokens):
+            decode_step(engine, [row])
         sync(host.device)
         return tokens / (time.perf_counter() - t0)
     finally:

@@ -123,10 +123,10 @@ def test_sampled_rows_repeat_with_their_seed_whatever_the_batch(engine: Engine) 
     assert reply(TURNS[:2]) == alone
 
 
-def test_steps_fed_on_the_device_match_the_eager_path(tiny_model_dir: Path) -> None:
-    """`decode_steps` on static steps (the chosen ids fed on the device, a terminator masked there, the KV
-    lengths counted on the host) gives the eager path's tokens, hidden states and KV lengths; a reply that
-    draws a terminator mid-way is not fed it, and the other reply goes on."""
+def test_static_decode_steps_match_the_eager_path(tiny_model_dir: Path) -> None:
+    """`decode_steps` on static steps (the worker's path) gives the eager path's tokens, hidden states and KV
+    lengths, the rows picked before each step; a reply that draws a terminator mid-way is not fed it, and the
+    other reply goes on."""
 
     def run(engine: Engine) -> tuple[list[tuple[int, int | None]], list[torch.Tensor], list[int], str | None]:
         sessions = [_prompted(engine, text) for text in TURNS[:2]]

@@ -302,9 +302,7 @@ def test_chat_text_never_shows_control_tokens(host, monkeypatch: pytest.MonkeyPa
     assert tok.token_to_id("<tool_call>") in ids and tok.token_to_id("<|timbre_27|>") in ids
     script = iter(ids)
     monkeypatch.setattr(
-        generation,
-        "chat_token_ids",
-        lambda logits, rows, terms: torch.tensor([next(script) for _ in rows], device=logits.device),
+        generation, "choose_chat_tokens", lambda logits, rows, terms: [next(script) for _ in rows]
     )
     mode = create_mode("chat", SETTINGS)
     mode.open(SessionOptions("c-ctl"))

@@ -241,14 +241,7 @@ async def test_chat_sessions_of_both_phases_tick_together(
         steps.append(({s.phase for s in sessions}, max(int(x.shape[0]) for x in pieces)))
         return real_feed(self, sessions, pieces)
 
-    real_chosen = Engine.feed_chosen
-
-    def feed_chosen(self: Engine, sessions: Any, *args: Any) -> Any:  # the decode steps' one token each
-        steps.append(({s.phase for s in sessions}, 1))
-        return real_chosen(self, sessions, *args)
-
     monkeypatch.setattr(Engine, "feed_for_logits", feed_for_logits)
-    monkeypatch.setattr(Engine, "feed_chosen", feed_chosen)
     names = ["chat-a", "chat-b"]
     await open_all(
         worker,

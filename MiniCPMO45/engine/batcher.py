@@ -86,8 +86,8 @@ def enable_static_steps(
 
 
 # token buckets of a chat turn's prefill (the user's turn and the assistant prefix: a typed "Hi" takes 14 positions,
-# a typed sentence ~18; a spoken turn ~10 a second, 7-8 s of speech the 96 bucket) that the duplex units' do not
-# cover, captured per tick phase as well. Longer spoken turns (over ~11 s: 192, 256) still capture once, live.
+# a typed sentence ~18; a spoken turn ~10 a second, 7-8 s of speech the 96 bucket) beside the duplex units', captured
+# per tick phase as well. Longer spoken turns (over ~11 s: 192, 256) still capture once, live.
 CHAT_TURN_TOKENS = (96, 32, 16)
 
 # frame sizes whose vision graphs the warm-up captures: browsers' default camera (4:3) and 720p webcams (16:9)

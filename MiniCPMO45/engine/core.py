@@ -172,23 +172,6 @@ class Engine:
         hidden = self.feed(sessions, pieces)
         return hidden, self.last_logits(hidden)
 
-    @torch.no_grad()
-    def feed_chosen(
-        self, sessions: Sequence[Session], ids: torch.Tensor, fed: torch.Tensor, lengths: Sequence[int]
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Feed session i its chosen token `ids[i]` where `fed[i]` (both device tensors `[B]`) in one static
-        step, queued without the host reading either: hidden states `[B, D]` and float32 logits `[B, V]` at
-        the fed position (a row not fed keeps its KV and gets meaningless values). `lengths`: the sessions'
-        KV lengths, which the host tracks. None when no static step takes these sessions: the caller then
-        feeds on the host's copy of the ids (`feed_for_logits`)."""
-        slots = [s.slot for s in sessions]
-        if not sessions or self.static is None or not self.static.accepts(slots, [1] * len(slots)):
-            return None
-        for s in sessions:
-            self._check_open(s)
-        out = self.static.feed(slots, self.model.embed_ids(ids)[:, None], lengths, num_new=fed)
-        return out["hidden"][:, 0], out["logits"]
-
     def last_logits(self, hidden: Sequence[torch.Tensor]) -> torch.Tensor:
         """float32 logits `[B, V]` at the last position of each session's hidden states."""
         return self.model.llm.logits(torch.stack([h[-1] for h in hidden]))

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..host_copy import Download, upload
 from ..tokenizer import IncrementalDetokenizer
 from .core import Engine
-from .sampling import ChatSampling, TokenChoice, chat_token_ids
+from .sampling import ChatSampling, TokenChoice, choose_chat_tokens
 from .session import Session
 
 
@@ -47,7 +46,7 @@ def reference_chunk_budget(max_new_tokens: int) -> int:
 @dataclass(eq=False)
 class ReplyRow:
     """One session's reply while it decodes: the next-token logits, the sampling settings and the budget. Rows
-    of different sessions, started at different times, decode together in `decode_steps`."""
+    of different sessions, started at different times, decode together in `decode_step`."""
 
     session: Session
     logits: torch.Tensor  # [V] float32 next-token logits
@@ -100,42 +99,10 @@ def decode_step(
     A terminator ends a row and is not fed; the last token of a row's budget is reported with `hidden=None` and
     not fed (unless `feed_last`), or dropped when `report_unfed_last` is false (the reference streaming
     generator). `observe_logits(session, logits)` sees each row's raw next-token logits."""
-    return next(decode_steps(engine, rows, 1, observe_logits), [])
-
-
-@torch.no_grad()
-def decode_steps(
-    engine: Engine,
-    rows: Sequence[ReplyRow] | Callable[[], Sequence[ReplyRow]],
-    steps: int,
-    observe_logits: Callable[[Session, torch.Tensor], None] | None = None,
-) -> Iterator[list[TokenEvent]]:
-    """Up to `steps` steps of `decode_step`, yielding each step's events; `rows` may be a function, called
-    before each step, that names the rows of that step (a caller drops rows between steps). Ends early once
-    no row is left.
-
-    On static steps a step's tokens are fed on the device (a terminator masked there), so the host reads the
-    chosen ids while the device runs the step's forward: the step's events (detokenizing, the caller's work
-    on them) are made while that forward runs, and the next step queues right behind it instead of after a
-    round trip. An event's `hidden` is then a device tensor the forward is still filling (stream order). The
-    rows' KV lengths are read once and counted here: nothing else may feed their sessions between its steps."""
-    pick = rows if callable(rows) else lambda: rows
+    active = [r for r in rows if not r.done]
+    if not active:
+        return []
     terminators = (engine.special.tts_eos, engine.special.im_end, engine.eos_s)
-    lengths: dict[int, int] = {}  # KV length by slot: read once, then counted here
-    for _ in range(steps):
-        active = [r for r in pick() if not r.done]
-        if not active:
-            return
-        yield _step(engine, active, terminators, lengths, observe_logits)
-
-
-def _step(
-    engine: Engine,
-    active: list[ReplyRow],
-    terminators: tuple[int, ...],
-    lengths: dict[int, int],
-    observe_logits: Callable[[Session, torch.Tensor], None] | None,
-) -> list[TokenEvent]:
     logits = torch.stack([r.logits for r in active])
     if observe_logits is not None:
         for r, row_logits in zip(active, logits, strict=True):
@@ -149,37 +116,10 @@ def _step(
         )
         for r in active
     ]
-    ids = chat_token_ids(logits, choices, terminators)
-    sessions = [r.session for r in active]
-    # the last token of a row's budget is fed only with `feed_last`
-    feedable = [r.feed_last or r.steps < r.budget - 1 for r in active]
-    chosen = Download(ids)  # queued before the forward, so waiting for it does not wait for the forward
-    launched = None
-    if engine.static is not None:
-        unknown = [s for s in sessions if s.slot not in lengths]
-        if unknown:
-            lengths.update(zip((s.slot for s in unknown), engine.kv_lengths(unknown), strict=True))
-        fed_mask = upload(feedable, ids.device, torch.bool) & ~torch.isin(
-            ids, upload(terminators, ids.device)
-        )
-        launched = engine.feed_chosen(sessions, ids, fed_mask, [lengths[s.slot] for s in sessions])
-    tokens = [int(t) for t in chosen.wait().tolist()]
-
-    fed = [k for k, (t, ok) in enumerate(zip(tokens, feedable, strict=True)) if ok and t not in terminators]
-    after: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # fed row -> (hidden [D], next logits [V])
-    if launched is not None:
-        hidden, next_logits = launched
-        after = {k: (hidden[k], next_logits[k]) for k in fed}
-    elif fed:  # no static step: feed on the host's ids
-        pieces = engine.model.embed_ids([tokens[k] for k in fed])
-        fed_hidden, fed_logits = engine.feed_for_logits([sessions[k] for k in fed], list(pieces[:, None]))
-        after = {k: (h[-1], lg) for k, h, lg in zip(fed, fed_hidden, fed_logits, strict=True)}
-    for k in fed:
-        if sessions[k].slot in lengths:
-            lengths[sessions[k].slot] += 1
-
+    tokens = choose_chat_tokens(logits, choices, terminators)
     events: list[TokenEvent] = []
-    for k, (r, tok) in enumerate(zip(active, tokens, strict=True)):
+    fed: list[tuple[ReplyRow, int, bool]] = []
+    for r, tok in zip(active, tokens, strict=True):
         assert r.detok is not None
         s = r.session
         last = r.steps == r.budget - 1
@@ -189,7 +129,7 @@ def _step(
             events.append(TokenEvent(s, None, None, r.detok.flush(), True, "terminator"))
             continue
         s.history.append(tok)
-        if k not in after:  # the budget's last token, not fed
+        if last and not r.feed_last:
             r.done, r.stop_reason = True, "length"
             if r.report_unfed_last:
                 events.append(TokenEvent(s, tok, None, r.detok.push(tok) + r.detok.flush(), True, "length"))
@@ -197,13 +137,33 @@ def _step(
                 s.history.pop()
                 events.append(TokenEvent(s, None, None, r.detok.flush(), True, "length"))
             continue
-        h, r.logits = after[k]
-        delta = r.detok.push(tok)
-        if last:
-            delta += r.detok.flush()
-            r.done, r.stop_reason = True, "length"
-        events.append(TokenEvent(s, tok, h, delta, last, "length" if last else None))
+        fed.append((r, tok, last))
+    if fed:
+        pieces = engine.model.embed_ids([tok for _, tok, _ in fed])
+        hidden, next_logits = engine.feed_for_logits([r.session for r, _, _ in fed], list(pieces[:, None]))
+        for (r, tok, last), h, lg in zip(fed, hidden, next_logits, strict=True):
+            assert r.detok is not None
+            r.logits = lg
+            delta = r.detok.push(tok)
+            if last:
+                delta += r.detok.flush()
+                r.done, r.stop_reason = True, "length"
+            events.append(TokenEvent(r.session, tok, h[-1], delta, last, "length" if last else None))
     return events
+
+
+def decode_steps(
+    engine: Engine, rows: Callable[[], Sequence[ReplyRow]], steps: int
+) -> Iterator[list[TokenEvent]]:
+    """Up to `steps` of `decode_step`, yielding each step's events; `rows()`, called before each step, names
+    the rows of that step (a caller drops rows between steps, given the events). Ends early once none is left.
+    A step's fed tokens are detokenized after its forward is queued, so the host's work on them (and the
+    caller's, between steps) runs while the device runs the forward."""
+    for _ in range(steps):
+        active = [r for r in rows() if not r.done]
+        if not active:
+            return
+        yield decode_step(engine, active)
 
 
 @torch.no_grad()
@@ -240,4 +200,5 @@ def generate(
         )
         for i, s in enumerate(sessions)
     ]
-    yield from decode_steps(engine, rows, max((r.budget for r in rows), default=0), observe_logits)
+    while not all(r.done for r in rows):
+        yield decode_step(engine, rows, observe_logits)

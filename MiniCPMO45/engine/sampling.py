@@ -150,16 +150,9 @@ def choose_chat_tokens(
     logits: torch.Tensor, rows: Sequence[TokenChoice], terminators: Sequence[int]
 ) -> list[int]:
     """`choose_chat_token` for a batch: `logits [B, V]` float32 (modified in place), one `TokenChoice` per
-    row; the host waits for the device once (the chosen ids)."""
-    return [int(t) for t in chat_token_ids(logits, rows, terminators).tolist()]
-
-
-def chat_token_ids(
-    logits: torch.Tensor, rows: Sequence[TokenChoice], terminators: Sequence[int]
-) -> torch.Tensor:
-    """The chosen ids `[B]` where the logits are, without waiting for the device. Every adjustment and the
-    draw run on the whole batch; only each sampled row's uniform number comes from its own generator (one
-    small fill per row), so a seeded session repeats itself whatever its batch. Greedy rows give exactly the
+    row. Every adjustment and the draw run on the whole batch where the logits are; only each sampled row's
+    uniform number comes from its own generator (one small fill per row), so a seeded session repeats itself
+    whatever its batch. The host waits for the device once (the chosen ids). Greedy rows give exactly the
     single-row result."""
     b, vocab = logits.shape
     if b != len(rows):
@@ -204,4 +197,4 @@ def chat_token_ids(
             uniform[k].uniform_(generator=rows[r].generator)
         cols = draw_rows(kept, uniform=uniform)
         chosen.index_copy_(0, sel, ids.gather(1, cols[:, None])[:, 0])
-    return chosen
+    return [int(t) for t in chosen.tolist()]

@@ -258,29 +258,23 @@ class StaticLLM:
     def feed(
         self,
         slots: Sequence[int],
-        pieces: Sequence[torch.Tensor] | torch.Tensor,
+        pieces: Sequence[torch.Tensor],
         lengths: Sequence[int] | None = None,
         hidden: bool = True,
-        num_new: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Append `pieces[i]` (`[T_i, D]`; or one `[n, T, D]` tensor) to slot `slots[i]` in one static step.
+        """Append `pieces[i]` (`[T_i, D]`) to slot `slots[i]` in one static step.
 
         Returns, for the given slots in their order, `logits [n, V]` (float32, at each row's last real token)
         and, unless `hidden` is False, `hidden [n, T, D]`; copies, so they outlive the next step (a caller that
         needs only the logits spares the hidden states' copy). `lengths` are the slots' current lengths
         if the caller knows them: the room check then reads nothing from the device, and the step is only
-        queued (the slot indices and counts are copied asynchronously). `num_new [n]`, a device tensor: how
-        many of each piece's positions to append, if only the device knows (at most the piece's length; the
-        room check counts the whole piece).
+        queued (the slot indices and counts are copied asynchronously).
         """
         if len(slots) != len(pieces) or not slots:
             raise ValueError("one piece per slot, at least one")
         if len(set(slots)) != len(slots):
             raise ValueError("a slot appears twice in one step")
-        if isinstance(pieces, torch.Tensor):
-            counts = [int(pieces.shape[1])] * len(slots)
-        else:
-            counts = [int(p.shape[0]) for p in pieces]
+        counts = [int(p.shape[0]) for p in pieces]
         if lengths is None:
             # one device read (indexing by a Python list would first copy the index from pageable memory)
             lengths = self.cache.lengths.index_select(0, upload(list(slots), self.device)).tolist()
@@ -296,9 +290,7 @@ class StaticLLM:
         )
         step = self._step(rows, tokens, first)
         idx = upload([s - first for s in slots], self.device)
-        if isinstance(pieces, torch.Tensor) and pieces.shape[1] == tokens:
-            batch = pieces
-        elif all(c == tokens for c in counts):
+        if all(c == tokens for c in counts):
             batch = torch.stack(list(pieces))
         else:
             batch = pieces[0].new_zeros(len(pieces), tokens, self.dim)
@@ -308,7 +300,7 @@ class StaticLLM:
         emb.zero_()
         emb.index_copy_(0, idx, batch.to(emb.dtype))
         num.zero_()
-        num.index_copy_(0, idx, upload(counts, self.device) if num_new is None else num_new.to(num.dtype))
+        num.index_copy_(0, idx, upload(counts, self.device))
         out = step.run()
         rows = {"logits": out["logits"].index_select(0, idx)}
         if hidden:
