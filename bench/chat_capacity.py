@@ -19,17 +19,26 @@ second in the same loop, before the chat sessions of that tick as in the worker;
 
     python bench/chat_capacity.py --model-dir DIR --device cuda --sessions 1,8,16,32,48,64 --mixed 8,16 --out OUT
     python bench/chat_capacity.py --tiny --sessions 1,2 --seconds 6 --out OUT     (CPU, embedded model)
+
+`--profile N`: after level N's measured window, 8 more ticks of that level run under `torch.profiler` (CPU and
+CUDA), with the tick's stages marked (`prefill`, `decode`, `tts`, `vocoder`): OUT/profile-N.txt holds, per stage
+and for the rest of the tick, its wall time and the GPU's busy time inside it (where the tick waits for the host
+and where for the GPU), and the top operators; OUT/profile-N.json.gz the trace.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gzip
 import json
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -103,6 +112,143 @@ def batch1_tokens_per_s(host, tokens: int) -> float:  # noqa: ANN001
         mode.close()
 
 
+def chat_units(
+    chats: list[ChatMode], k: int, turn_units: int, speech: np.ndarray, behind: int
+) -> list[tuple[ChatMode, ModeUnit, None]]:
+    """Tick k's unit of every session: session i is i/N of a turn cycle ahead, speaking in the cycle's start."""
+    batch = []
+    for i, mode in enumerate(chats):
+        at = (k + i * turn_units // max(len(chats), 1)) % turn_units  # where in its turn cycle this unit is
+        lo = at * CHAT_UNIT_SAMPLES
+        pcm = np.zeros(CHAT_UNIT_SAMPLES, dtype=np.float32)
+        piece = speech[lo : lo + CHAT_UNIT_SAMPLES]
+        pcm[: piece.size] = piece
+        batch.append((mode, ModeUnit(k, pcm, 0.0, queued_units=behind), None))
+    return batch
+
+
+PROFILE_MARKS = ("tick", "prefill", "decode", "tts", "vocoder")
+
+
+@contextlib.contextmanager
+def marked_stages(host) -> Iterator[None]:  # noqa: ANN001
+    """The chat tick's stages as `record_function` ranges, patched in for the profiled ticks only."""
+    import inference.speech as speech_mod
+
+    def mark(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*a: Any, **kw: Any) -> Any:
+            with torch.profiler.record_function(name):
+                return fn(*a, **kw)
+
+        return run
+
+    saved = (ChatMode.start_replies, ChatMode._decode, speech_mod.next_pieces, host.vocoder.push_codes_batch)
+    ChatMode.start_replies = staticmethod(mark("prefill", saved[0]))  # type: ignore[method-assign]
+    ChatMode._decode = staticmethod(mark("decode", saved[1]))  # type: ignore[method-assign]
+    speech_mod.next_pieces = mark("tts", saved[2])
+    host.vocoder.push_codes_batch = mark("vocoder", saved[3])
+    try:
+        yield
+    finally:
+        ChatMode.start_replies = staticmethod(saved[0])  # type: ignore[method-assign]
+        ChatMode._decode = staticmethod(saved[1])  # type: ignore[method-assign]
+        speech_mod.next_pieces = saved[2]
+        del host.vocoder.push_codes_batch  # the instance attribute hid the class's method
+
+
+def busy_inside(spans: list[tuple[float, float]], lo: float, hi: float) -> float:
+    """Time within [lo, hi] covered by the union of sorted (start, end) spans."""
+    total, reach = 0.0, lo
+    for a, b in spans:
+        if b <= reach:
+            continue
+        if a >= hi:
+            break
+        a = max(a, reach)
+        b = min(b, hi)
+        if b > a:
+            total += b - a
+            reach = b
+    return total
+
+
+def summarise_trace(trace: dict[str, Any]) -> list[str]:
+    """Per marked stage: calls, wall ms and the GPU's busy ms inside it (per call, mean), and the tick's time
+    outside the marked stages (VAD and turn logic, events, the KV lengths' read), per tick."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    gpu = sorted(
+        (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)))
+        for e in events
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+    )
+    lines = [
+        "| stage | calls | wall ms per call | GPU busy ms inside | GPU busy share |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    totals: dict[str, tuple[int, float, float]] = {}
+    for name in PROFILE_MARKS:
+        ranges = [
+            (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)))
+            for e in events
+            if e.get("cat") == "user_annotation" and e.get("name") == name
+        ]
+        wall = sum(b - a for a, b in ranges) / 1000
+        busy = sum(busy_inside(gpu, a, b) for a, b in ranges) / 1000
+        totals[name] = (len(ranges), wall, busy)
+    ticks = totals["tick"][0]
+    marked = [name for name in PROFILE_MARKS if name != "tick"]
+    totals["outside the stages"] = (
+        ticks,
+        totals["tick"][1] - sum(totals[m][1] for m in marked),
+        totals["tick"][2] - sum(totals[m][2] for m in marked),
+    )
+    for name, (calls, wall, busy) in totals.items():
+        if calls and wall > 0:
+            lines.append(
+                f"| {name} | {calls} | {wall / calls:.1f} | {busy / calls:.1f} | {busy / wall:.0%} |"
+            )
+    return lines
+
+
+def profile_ticks(  # noqa: PLR0913
+    host,  # noqa: ANN001
+    chats: list[ChatMode],
+    first: int,
+    speech: np.ndarray,
+    turn_units: int,
+    dest: Path,
+    ticks: int = 8,
+) -> None:
+    """`--profile N`: `ticks` more ticks of the level under `torch.profiler`, on the level's 320 ms clock."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if host.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    start = time.perf_counter()
+    with marked_stages(host), torch.profiler.profile(activities=activities) as prof:
+        for j in range(ticks):
+            if (wait := start + j * UNIT_S - time.perf_counter()) > 0:
+                time.sleep(wait)
+            with torch.profiler.record_function("tick"):
+                ChatMode.on_units(chat_units(chats, first + j, turn_units, speech, 0))
+                sync(host.device)
+    raw = dest.with_suffix(".trace.json")
+    prof.export_chrome_trace(str(raw))
+    trace = json.loads(raw.read_text())
+    with gzip.open(dest.with_suffix(".json.gz"), "wt") as fh:
+        json.dump(trace, fh)
+    raw.unlink()
+    sort = "self_cuda_time_total" if host.device.type == "cuda" else "self_cpu_time_total"
+    text = [
+        f"{len(chats)} sessions, {ticks} ticks under the profiler",
+        *summarise_trace(trace),
+        "",
+        prof.key_averages().table(sort_by=sort, row_limit=40),
+        prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30),
+    ]
+    dest.with_suffix(".txt").write_text("\n".join(text))
+    print("\n".join(text[: len(text) - 2]), flush=True)
+
+
 def run_level(  # noqa: PLR0913
     host,  # noqa: ANN001
     n: int,
@@ -154,15 +300,7 @@ def run_level(  # noqa: PLR0913
                 DuplexMode.on_units([(m, ModeUnit(k, noise, 0.0), None) for m in duplex])
                 sync(host.device)
                 duplex_ms.append((time.perf_counter() - t0) * 1000)
-            batch = []
-            for i, mode in enumerate(chats):
-                at = (k + i * turn_units // max(n, 1)) % turn_units  # where in its turn cycle this unit is
-                lo = at * CHAT_UNIT_SAMPLES
-                pcm = np.zeros(CHAT_UNIT_SAMPLES, dtype=np.float32)
-                piece = speech[lo : lo + CHAT_UNIT_SAMPLES]
-                pcm[: piece.size] = piece
-                batch.append((mode, ModeUnit(k, pcm, 0.0, queued_units=behind), None))
-            outs = ChatMode.on_units(batch)
+            outs = ChatMode.on_units(chat_units(chats, k, turn_units, speech, behind))
             sync(host.device)
             t1 = time.perf_counter()
             tick_ms.append((t1 - t0) * 1000)
@@ -191,6 +329,8 @@ def run_level(  # noqa: PLR0913
                 underrun[key] = max(underrun.get(key, 0.0), short)
                 active[key] = t1 - t_first
         wall = time.perf_counter() - start
+        if args.profile == n and not with_duplex:
+            profile_ticks(host, chats, ticks, speech, turn_units, Path(args.out) / f"profile-{n}")
         # speech made per second of a reply's life (first PCM to its last tick in progress), replies that ran 2 s+
         rates = [produced[key] / t for key, t in active.items() if t >= 2.0]
         return {
@@ -236,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mixed", default="", help="N list of mixed levels: N chat + N audio-duplex sessions")
     ap.add_argument("--tok-s-tokens", type=int, default=64)
     ap.add_argument("--max-kv-tokens", type=int, default=4096, help="KV positions per session (GPU)")
+    ap.add_argument(
+        "--profile", type=int, help="N: profile 8 ticks of level N after its window (torch.profiler)"
+    )
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     out = Path(args.out)
