@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ from inference.modes import create_mode  # noqa: E402
 from inference.modes.base import ModeUnit, SessionOptions  # noqa: E402
 from inference.modes.chat import ChatMode  # noqa: E402
 from inference.modes.duplex import DuplexMode  # noqa: E402
+from inference.sessions import PREPARE_THREADS  # noqa: E402
 from inference.settings import ModelSettings, WorkerSettings  # noqa: E402
 from MiniCPMO45.audio.rates import CHAT_UNIT_SAMPLES, MODEL_INPUT_RATE, SPEECH_RATE  # noqa: E402
 from MiniCPMO45.audio.resample import resample  # noqa: E402
@@ -125,6 +127,13 @@ def chat_units(
         pcm[: piece.size] = piece
         batch.append((mode, ModeUnit(k, pcm, 0.0, queued_units=behind), None))
     return batch
+
+
+def prepare(preparer: ThreadPoolExecutor, units: list[tuple[ChatMode, ModeUnit, None]]) -> None:
+    """Each unit's `prepare_unit` (the VAD) on the preparing threads, as the worker runs it before a unit enters
+    its tick (`inference.sessions.PREPARE_THREADS`)."""
+    for done in [preparer.submit(mode.prepare_unit, unit) for mode, unit, _ in units]:
+        done.result()
 
 
 PROFILE_MARKS = ("tick", "prefill", "decode", "tts", "vocoder")
@@ -212,6 +221,7 @@ def summarise_trace(trace: dict[str, Any]) -> list[str]:
 
 def profile_ticks(  # noqa: PLR0913
     host,  # noqa: ANN001
+    preparer: ThreadPoolExecutor,
     chats: list[ChatMode],
     first: int,
     speech: np.ndarray,
@@ -228,8 +238,10 @@ def profile_ticks(  # noqa: PLR0913
         for j in range(ticks):
             if (wait := start + j * UNIT_S - time.perf_counter()) > 0:
                 time.sleep(wait)
+            units = chat_units(chats, first + j, turn_units, speech, 0)
+            prepare(preparer, units)
             with torch.profiler.record_function("tick"):
-                ChatMode.on_units(chat_units(chats, first + j, turn_units, speech, 0))
+                ChatMode.on_units(units)
                 sync(host.device)
     raw = dest.with_suffix(".trace.json")
     prof.export_chrome_trace(str(raw))
@@ -260,6 +272,7 @@ def run_level(  # noqa: PLR0913
     options = {"force": "speak", "max_new_tokens": args.reply_tokens, "seed": 1}
     chats: list[ChatMode] = []
     duplex: list[DuplexMode] = []
+    preparer = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="prepare")
     try:
         for i in range(n):
             mode = create_mode("chat", host.settings)
@@ -280,6 +293,10 @@ def run_level(  # noqa: PLR0913
             tuple[int, int], float
         ] = {}  # (session, turn) -> start of the tick its turn ended in
         first_pcm_ms: list[float] = []
+        # (session, turn) -> when the unit in which the VAD ended the turn was complete (its real-time end)
+        turn_due: dict[tuple[int, int], float] = {}
+        unit_first_pcm_ms: list[float] = []
+        prepare_ms: list[float] = []
         produced: dict[tuple[int, int], float] = {}  # speech seconds per reply
         first_at: dict[tuple[int, int], float] = {}
         underrun: dict[tuple[int, int], float] = {}
@@ -291,16 +308,20 @@ def run_level(  # noqa: PLR0913
             due = start + k * UNIT_S
             if (wait := due - time.perf_counter()) > 0:
                 time.sleep(wait)
-            t0 = time.perf_counter()
             # units a worker would hold behind this one: those of the time this tick starts late
-            behind = max(0, int((t0 - due) / UNIT_S))
+            behind = max(0, int((time.perf_counter() - due) / UNIT_S))
+            units = chat_units(chats, k, turn_units, speech, behind)
+            prepared = time.perf_counter()
+            prepare(preparer, units)
+            t0 = time.perf_counter()
+            prepare_ms.append((t0 - prepared) * 1000)
             if duplex and k % round(1.0 / UNIT_S) == 0:
                 # a unit a second, before the chat sessions of the tick, as the worker orders them
                 noise = (0.05 * rng.standard_normal(MODEL_INPUT_RATE)).astype(np.float32)
                 DuplexMode.on_units([(m, ModeUnit(k, noise, 0.0), None) for m in duplex])
                 sync(host.device)
                 duplex_ms.append((time.perf_counter() - t0) * 1000)
-            outs = ChatMode.on_units(chat_units(chats, k, turn_units, speech, behind))
+            outs = ChatMode.on_units(units)
             sync(host.device)
             t1 = time.perf_counter()
             tick_ms.append((t1 - t0) * 1000)
@@ -313,6 +334,7 @@ def run_level(  # noqa: PLR0913
                             split[name] = max(split.get(name, 0.0), float(getattr(o, name) or 0.0))
                     if isinstance(o, p.UserTurnOut):
                         turn_start[i, o.turn] = t0
+                        turn_due[i, o.turn] = due
                         turns += 1
                     elif isinstance(o, p.AudioOut):
                         key = (i, o.turn)
@@ -320,6 +342,7 @@ def run_level(  # noqa: PLR0913
                             first_at[key] = t1
                             if key in turn_start:
                                 first_pcm_ms.append((t1 - turn_start[key]) * 1000)
+                                unit_first_pcm_ms.append((t1 - turn_due[key]) * 1000)
                         produced[key] = produced.get(key, 0.0) + o.pcm.size / SPEECH_RATE
             for key, t_first in first_at.items():
                 reply = chats[key[0]].reply
@@ -330,7 +353,8 @@ def run_level(  # noqa: PLR0913
                 active[key] = t1 - t_first
         wall = time.perf_counter() - start
         if args.profile == n and not with_duplex:
-            profile_ticks(host, chats, ticks, speech, turn_units, Path(args.out) / f"profile-{n}")
+            dest = Path(args.out) / f"profile-{n}"
+            profile_ticks(host, preparer, chats, ticks, speech, turn_units, dest)
         # speech made per second of a reply's life (first PCM to its last tick in progress), replies that ran 2 s+
         rates = [produced[key] / t for key, t in active.items() if t >= 2.0]
         return {
@@ -350,6 +374,10 @@ def run_level(  # noqa: PLR0913
             "replies_started_speaking": len(first_at),
             "turn_to_first_pcm_ms_p50": pct(first_pcm_ms, 50),
             "turn_to_first_pcm_ms_p95": pct(first_pcm_ms, 95),
+            "unit_to_first_pcm_ms_p50": pct(unit_first_pcm_ms, 50),
+            "unit_to_first_pcm_ms_p95": pct(unit_first_pcm_ms, 95),
+            "prepare_ms_p50": pct(prepare_ms, 50),
+            "prepare_ms_p95": pct(prepare_ms, 95),
             "underrun_ms_max": max(underrun.values()) * 1000 if underrun else None,
             "underrun_ms_p95": pct([v * 1000 for v in underrun.values()], 95),
             "speech_s_per_wall_s_min": min(rates) if rates else None,
@@ -359,6 +387,7 @@ def run_level(  # noqa: PLR0913
             "wall_s": wall,
         }
     finally:
+        preparer.shutdown()
         for m in [*chats, *duplex]:
             m.close()
 
