@@ -42,8 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.host_syncs import SyncSites  # noqa: E402
 from bench.realsize import build_random_model, make_model_dir  # noqa: E402
+from bench.tick_profile import Mark, profile_ticks  # noqa: E402
 from MiniCPMO45.audio.mel_stream import StreamingMel  # noqa: E402
 from MiniCPMO45.config import PreprocessorConfig  # noqa: E402
+from MiniCPMO45.engine import batcher as batcher_module  # noqa: E402
 from MiniCPMO45.engine.batcher import DuplexBatcher  # noqa: E402
 from MiniCPMO45.engine.capacity import CapacityTable, ModeCapacity  # noqa: E402
 from MiniCPMO45.engine.core import Engine  # noqa: E402
@@ -180,6 +182,7 @@ def run_case(
     base_len: int,
     phases: int = 1,
     count_syncs: bool = False,
+    profile: Path | None = None,
 ) -> dict[str, object]:
     device = engine.model.device
     syncs = SyncSites()
@@ -233,6 +236,8 @@ def run_case(
                             first_pcm.append((out.speech.first_pcm_s - out.decision_s) * 1000)
                     elif out.result.prefilled:
                         listen_lat.append(lat)
+        if profile is not None:
+            profile_case(batcher, work, sessions, groups, warmup + units, base_len, profile, f"{mode}, N={n}")
         step_ms = llm_step_ms(engine, batcher, sessions, base_len)
     finally:
         for s in sessions:
@@ -267,6 +272,44 @@ def run_case(
         row["vram_peak_gib"] = gib(torch.cuda.max_memory_allocated(device))
         row["vram_reserved_gib"] = gib(torch.cuda.memory_reserved(device))
     return row
+
+
+def profile_case(  # noqa: PLR0913
+    batcher: DuplexBatcher,
+    work: Workload,
+    sessions: list[Session],
+    groups: list[list[int]],
+    first_unit: int,
+    base_len: int,
+    dest: Path,
+    title: str,
+) -> None:
+    """`--profile N`: two more units of every phase under `torch.profiler`, back to back, with the tick's
+    stages (prefill, generate, speak) and their parts (mel, audio encoder, vision tower, LLM steps, vocoder)
+    marked (`bench/tick_profile.py`)."""
+    engine = batcher.engine
+    marks = [
+        Mark(batcher, "prefill", "prefill"),
+        Mark(batcher, "generate", "generate"),
+        Mark(batcher, "speak", "speak"),
+        Mark(batcher_module, "push_many", "mel", top=False),
+        Mark(batcher.audio, "encode_sessions", "audio encoder", top=False),
+        Mark(batcher.llm, "feed", "LLM step", top=False),
+    ]
+    if batcher.vision is not None:
+        marks.append(Mark(batcher.vision, "embeds", "vision tower", top=False))
+    if batcher.speech.vocoder is not None:
+        marks.append(Mark(batcher.speech.vocoder, "push_codes_batch", "vocoder", top=False))
+
+    def tick(j: int) -> None:
+        unit, members = first_unit + j // len(groups), groups[j % len(groups)]
+        inputs = [work.unit(unit) for _ in members]
+        scripts = [work.script(i, unit) for i in members]
+        batcher.run_units([sessions[i] for i in members], inputs, scripts=scripts)
+        sync(engine.model.device)
+        engine.cache.lengths[[sessions[i].slot for i in members]] = base_len
+
+    print(profile_ticks(tick, 2 * len(groups), marks, dest, f"{title}, {2 * len(groups)} ticks"), flush=True)
 
 
 def fits(row: dict[str, object]) -> bool:
@@ -381,6 +424,11 @@ def main(argv: list[str] | None = None) -> int:
         "--count-syncs",
         action="store_true",
         help="count the host's waits for the GPU per tick, by call site (CUDA sync debug mode; slows ticks)",
+    )
+    ap.add_argument(
+        "--profile",
+        type=int,
+        help="N: after level N of each mode, two units of every phase under torch.profiler (OUT/profile-MODE-N.*)",
     )
     args = ap.parse_args(argv)
     if args.phases < 1:
@@ -526,8 +574,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{mode} N={n}: skipped (KV memory holds {slots})", flush=True)
                 continue
             try:
+                dest = out / f"profile-{mode}-{n}" if args.profile == n else None
                 row = run_case(
-                    engine, batcher, mode, n, units, args.warmup, base_len, args.phases, args.count_syncs
+                    engine,
+                    batcher,
+                    mode,
+                    n,
+                    units,
+                    args.warmup,
+                    base_len,
+                    args.phases,
+                    args.count_syncs,
+                    dest,
                 )
             except torch.cuda.OutOfMemoryError as exc:
                 torch.cuda.empty_cache()

@@ -29,23 +29,20 @@ and where for the GPU), and the top operators; OUT/profile-N.json.gz the trace.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gzip
 import json
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.tick_profile import Mark, profile_ticks  # noqa: E402
 from inference import protocol as p  # noqa: E402
 from inference.engine_host import get_host  # noqa: E402
 from inference.modes import create_mode  # noqa: E402
@@ -136,90 +133,7 @@ def prepare(preparer: ThreadPoolExecutor, units: list[tuple[ChatMode, ModeUnit, 
         done.result()
 
 
-PROFILE_MARKS = ("tick", "prefill", "decode", "tts", "vocoder")
-
-
-@contextlib.contextmanager
-def marked_stages(host) -> Iterator[None]:  # noqa: ANN001
-    """The chat tick's stages as `record_function` ranges, patched in for the profiled ticks only."""
-    import inference.speech as speech_mod
-
-    def mark(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def run(*a: Any, **kw: Any) -> Any:
-            with torch.profiler.record_function(name):
-                return fn(*a, **kw)
-
-        return run
-
-    saved = (ChatMode.start_replies, ChatMode._decode, speech_mod.next_pieces, host.vocoder.push_codes_batch)
-    ChatMode.start_replies = staticmethod(mark("prefill", saved[0]))  # type: ignore[method-assign]
-    ChatMode._decode = staticmethod(mark("decode", saved[1]))  # type: ignore[method-assign]
-    speech_mod.next_pieces = mark("tts", saved[2])
-    host.vocoder.push_codes_batch = mark("vocoder", saved[3])
-    try:
-        yield
-    finally:
-        ChatMode.start_replies = staticmethod(saved[0])  # type: ignore[method-assign]
-        ChatMode._decode = staticmethod(saved[1])  # type: ignore[method-assign]
-        speech_mod.next_pieces = saved[2]
-        del host.vocoder.push_codes_batch  # the instance attribute hid the class's method
-
-
-def busy_inside(spans: list[tuple[float, float]], lo: float, hi: float) -> float:
-    """Time within [lo, hi] covered by the union of sorted (start, end) spans."""
-    total, reach = 0.0, lo
-    for a, b in spans:
-        if b <= reach:
-            continue
-        if a >= hi:
-            break
-        a = max(a, reach)
-        b = min(b, hi)
-        if b > a:
-            total += b - a
-            reach = b
-    return total
-
-
-def summarise_trace(trace: dict[str, Any]) -> list[str]:
-    """Per marked stage: calls, wall ms and the GPU's busy ms inside it (per call, mean), and the tick's time
-    outside the marked stages (VAD and turn logic, events, the KV lengths' read), per tick."""
-    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
-    gpu = sorted(
-        (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)))
-        for e in events
-        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
-    )
-    lines = [
-        "| stage | calls | wall ms per call | GPU busy ms inside | GPU busy share |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    totals: dict[str, tuple[int, float, float]] = {}
-    for name in PROFILE_MARKS:
-        ranges = [
-            (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)))
-            for e in events
-            if e.get("cat") == "user_annotation" and e.get("name") == name
-        ]
-        wall = sum(b - a for a, b in ranges) / 1000
-        busy = sum(busy_inside(gpu, a, b) for a, b in ranges) / 1000
-        totals[name] = (len(ranges), wall, busy)
-    ticks = totals["tick"][0]
-    marked = [name for name in PROFILE_MARKS if name != "tick"]
-    totals["outside the stages"] = (
-        ticks,
-        totals["tick"][1] - sum(totals[m][1] for m in marked),
-        totals["tick"][2] - sum(totals[m][2] for m in marked),
-    )
-    for name, (calls, wall, busy) in totals.items():
-        if calls and wall > 0:
-            lines.append(
-                f"| {name} | {calls} | {wall / calls:.1f} | {busy / calls:.1f} | {busy / wall:.0%} |"
-            )
-    return lines
-
-
-def profile_ticks(  # noqa: PLR0913
+def profile_level(  # noqa: PLR0913
     host,  # noqa: ANN001
     preparer: ThreadPoolExecutor,
     chats: list[ChatMode],
@@ -227,38 +141,25 @@ def profile_ticks(  # noqa: PLR0913
     speech: np.ndarray,
     turn_units: int,
     dest: Path,
-    ticks: int = 8,
 ) -> None:
-    """`--profile N`: `ticks` more ticks of the level under `torch.profiler`, on the level's 320 ms clock."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if host.device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    start = time.perf_counter()
-    with marked_stages(host), torch.profiler.profile(activities=activities) as prof:
-        for j in range(ticks):
-            if (wait := start + j * UNIT_S - time.perf_counter()) > 0:
-                time.sleep(wait)
-            units = chat_units(chats, first + j, turn_units, speech, 0)
-            prepare(preparer, units)
-            with torch.profiler.record_function("tick"):
-                ChatMode.on_units(units)
-                sync(host.device)
-    raw = dest.with_suffix(".trace.json")
-    prof.export_chrome_trace(str(raw))
-    trace = json.loads(raw.read_text())
-    with gzip.open(dest.with_suffix(".json.gz"), "wt") as fh:
-        json.dump(trace, fh)
-    raw.unlink()
-    sort = "self_cuda_time_total" if host.device.type == "cuda" else "self_cpu_time_total"
-    text = [
-        f"{len(chats)} sessions, {ticks} ticks under the profiler",
-        *summarise_trace(trace),
-        "",
-        prof.key_averages().table(sort_by=sort, row_limit=40),
-        prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30),
+    """`--profile N`: 8 more ticks of the level under `torch.profiler`, on the level's 320 ms clock."""
+    import inference.speech as speech_module
+
+    marks = [
+        Mark(ChatMode, "start_replies", "prefill"),
+        Mark(ChatMode, "_decode", "decode"),
+        Mark(speech_module, "next_pieces", "tts"),
+        Mark(host.vocoder, "push_codes_batch", "vocoder"),
     ]
-    dest.with_suffix(".txt").write_text("\n".join(text))
-    print("\n".join(text[: len(text) - 2]), flush=True)
+
+    def tick(j: int) -> None:
+        units = chat_units(chats, first + j, turn_units, speech, 0)
+        prepare(preparer, units)
+        ChatMode.on_units(units)
+        sync(host.device)
+
+    title = f"{len(chats)} chat sessions, 8 ticks"
+    print(profile_ticks(tick, 8, marks, dest, title, period_s=UNIT_S), flush=True)
 
 
 def run_level(  # noqa: PLR0913
@@ -354,7 +255,7 @@ def run_level(  # noqa: PLR0913
         wall = time.perf_counter() - start
         if args.profile == n and not with_duplex:
             dest = Path(args.out) / f"profile-{n}"
-            profile_ticks(host, preparer, chats, ticks, speech, turn_units, dest)
+            profile_level(host, preparer, chats, ticks, speech, turn_units, dest)
         # speech made per second of a reply's life (first PCM to its last tick in progress), replies that ran 2 s+
         rates = [produced[key] / t for key, t in active.items() if t >= 2.0]
         return {
