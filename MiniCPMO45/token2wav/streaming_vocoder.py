@@ -77,7 +77,6 @@ class StreamingVocoder:
         self.noise_table = noise_table
         self.block_frames = block_frames
         self.hop = model.hop
-        # A float64 copy of the F0 predictor: F0 errors accumulate in the phase, so it runs in double.
         # A float64 copy of the F0 predictor: F0 errors accumulate in the phase, so it runs in double. Its
         # weight norms are folded after the cast (g * v / ||v|| in double) when the source still has them.
         # (A fresh module, not a deepcopy: removing a parametrization from a deepcopy would also strip the
