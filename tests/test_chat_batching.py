@@ -376,7 +376,7 @@ def test_a_typed_turn_with_an_image_is_answered(tmp_path: Path) -> None:
 
 def test_a_reply_speaks_after_its_short_first_chunk() -> None:
     """The first TTS condition of a reply is `FIRST_TEXT_CHUNK` tokens: the tick that starts the reply decodes
-    that many and speaks them; the next chunks are `TEXT_CHUNK` long."""
+    that many and speaks them, from its first sample; the next chunks are `TEXT_CHUNK` long."""
     from inference.speech import FIRST_TEXT_CHUNK, TEXT_CHUNK
 
     mode = create_mode("chat", SETTINGS)
@@ -385,7 +385,9 @@ def test_a_reply_speaks_after_its_short_first_chunk() -> None:
         assert isinstance(mode, ChatMode) and mode.session is not None
         mode.on_control({"type": "text", "text": "hello"})
         out = mode.on_unit(ModeUnit(0, np.zeros(5120, dtype=np.float32), 0.0), None)
-        assert any(isinstance(o, p.AudioOut) for o in out)
+        first = next(o.pcm for o in out if isinstance(o, p.AudioOut))
+        # no lead-in: the vocoder's 3840 leading zeros (160 ms) of a turn's first audio are not sent
+        assert np.abs(first[: mode.host.vocoder.streaming.delay_samples]).max() > 0
         assert len(mode.session.history) == FIRST_TEXT_CHUNK < TEXT_CHUNK
         assert mode.reply is not None and mode.reply.voice.chunks == 1
     finally:

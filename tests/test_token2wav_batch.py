@@ -334,3 +334,30 @@ def test_half_precision_flow_stays_close_to_float32(folder: Path, token2wav_fixt
         pieces = m.push_codes_batch([PushRequest(turn, _codes(8, 60), end_of_turn=True)])[0]
         audio.append(np.concatenate(pieces))
     assert audio[0].shape == audio[1].shape and np.isfinite(audio[1]).all()
+
+
+@pytest.mark.parametrize("use_graphs", [None, True])
+def test_a_turn_without_lead_in_drops_only_the_leading_zeros(
+    folder: Path, token2wav_fixture_dir: Path, use_graphs: bool | None
+) -> None:
+    """`start_turn(lead_in=False)` (chat replies): the first output loses exactly the `delay_samples` zeros the
+    official rule puts before it, every other sample is the same; a turn whose first output is its last chunk
+    had no zeros to drop."""
+    model = _load(token2wav_fixture_dir, folder, use_graphs)
+    voice = _voices(model, token2wav_fixture_dir)[0]
+    delay = model.streaming.delay_samples
+    assert delay == 3840
+    plans = [[(25, False), (30, False), (4, True)], [(2, True)]]
+    for plan in plans:
+        official = model.start_turn(voice, rule="turn")
+        direct = model.start_turn(voice, rule="turn", lead_in=False)
+        for k, (n, end) in enumerate(plan):
+            codes = _codes(7 + k, n)
+            with_zeros = model.push_codes_batch([PushRequest(official, codes, end)])[0]
+            without = model.push_codes_batch([PushRequest(direct, codes, end)])[0]
+            a, b = np.concatenate(with_zeros), np.concatenate(without)
+            if k == 0 and not end:
+                assert not a[:delay].any() and a[delay:].any()  # the lead-in: exact zeros, then sound
+                a = a[delay:]
+            assert a.shape == b.shape
+            np.testing.assert_allclose(b, a, atol=1e-6)

@@ -86,6 +86,9 @@ class TurnState:
     finished: bool = False
     windows: int = 0
     kv_slot: KVSlot | None = None
+    # the vocoder's first output starts with `delay_samples` zeros (the official streaming rule, which keeps
+    # the audio aligned with the mel); a turn started with `lead_in=False` drops them: its speech starts at once
+    drop_lead_in: bool = False
 
     def __post_init__(self) -> None:
         if self.kv_slot is not None:
@@ -102,6 +105,7 @@ class TurnState:
             self.finished,
             self.windows,
             None if self.kv_slot is None or self.kv_slot.closed else self.kv_slot.copy(),
+            self.drop_lead_in,
         )
 
 
@@ -325,11 +329,12 @@ class Token2Wav:
     # ---- streaming -------------------------------------------------------------------------------
 
     def start_turn(
-        self, prompt: PromptCache, rule: WindowRule = "turn", phase: int | None = None
+        self, prompt: PromptCache, rule: WindowRule = "turn", phase: int | None = None, lead_in: bool = True
     ) -> TurnState:
         """A new spoken turn: the prompt's flow caches cloned, fresh vocoder state, 3 silence tokens. `phase`:
         the tick phase of the turn's session, whose half of the estimator store it takes a row in
-        (`reserve_turns`, `EstimatorStore.open_empty`).
+        (`reserve_turns`, `EstimatorStore.open_empty`). `lead_in=False`: the turn's first audio comes without
+        the vocoder's `delay_samples` of leading zeros (160 ms at 24 kHz), the same samples otherwise.
 
         New layout: the causal HiFT with bounded history. Old layout: the original HiFT with the 8-frame
         cross-fade rule (`crossfade_vocoder`).
@@ -337,7 +342,8 @@ class Token2Wav:
         if rule not in ("turn", "duplex"):
             raise ValueError(f"rule must be 'turn' or 'duplex', got {rule!r}")
         if self.flow_graphs is None:
-            return TurnState(prompt, prompt.flow_cache.clone(), self.streaming.new_state(), rule)
+            state = self.streaming.new_state()
+            return TurnState(prompt, prompt.flow_cache.clone(), state, rule, drop_lead_in=not lead_in)
         base = prompt.flow_cache
         kv_slot = self.flow_graphs.store.open(base.estimator_kv, prompt.prompt_frames, HISTORY_FRAMES, phase)
         cache = FlowCache(
@@ -346,7 +352,8 @@ class Token2Wav:
             base.estimator_conv.clone(),
             base.estimator_kv[:, :, :, :, :0],
         )
-        return TurnState(prompt, cache, self.streaming.new_state(), rule, kv_slot=kv_slot)
+        state = self.streaming.new_state()
+        return TurnState(prompt, cache, state, rule, kv_slot=kv_slot, drop_lead_in=not lead_in)
 
     def reserve_turns(self, prompt: PromptCache, turns: int, phases: int = 1) -> None:
         """Padded path: allocate the estimator store for `turns` concurrent turns of this voice up front, in one
@@ -413,8 +420,12 @@ class Token2Wav:
                 state.finished = True
                 if state.kv_slot is not None:
                     state.kv_slot.close()
-            out.append(host[start : start + wav.shape[1]])
+            audio = host[start : start + wav.shape[1]]
             start += wav.shape[1]
+            if state.drop_lead_in and audio.size:  # its first output: zeros led it unless it was the last
+                state.drop_lead_in = False
+                audio = audio if last_chunk else audio[self.streaming.delay_samples :]
+            out.append(audio)
         return out
 
     @staticmethod
