@@ -58,7 +58,9 @@ class TurnVoice:
         # as duplex turns: a tick phase's turns share one half of the vocoder's store. No lead-in zeros: a reply
         # keeps up to `LEAD_S` of speech queued ahead of the caller, so its first audio can start with the speech
         # (a duplex turn keeps them: its units come one second apart, and they cover the vocoder's delay)
-        self.turn = self.host.vocoder.start_turn(self.voice.prompt, rule="turn", phase=self.phase, lead_in=False)
+        self.turn = self.host.vocoder.start_turn(
+            self.voice.prompt, rule="turn", phase=self.phase, lead_in=False
+        )
         self._flushed = False
 
     @property

@@ -11,7 +11,6 @@ from bench.tick_profile import Mark, busy_inside, marked, profile_ticks, summari
 
 
 class Worker:
-
     @staticmethod
     def stage(x: int) -> int:
         return x + 1
