@@ -2,7 +2,8 @@
 
 The worker's own objects, in process (no WebRTC, no IPC): an `EngineHost` on a checkpoint folder (a real-size
 random-weight one on a GPU, `bench/e2e.py --build-realsize`; the embedded tiny model on the CPU), warmed up as a
-worker warms up, and N `ChatMode` sessions whose 320 ms units go through `ChatMode.on_units` in real time: one
+worker warms up, and N `ChatMode` sessions (spread over the tick phases as the worker spreads them: each keeps its
+phase's KV slots and half of the vocoder's store) whose 320 ms units go through `ChatMode.on_units` in real time: one
 tick per unit of audio, each tick holding every session's unit, the next tick starting 320 ms after the last one
 started (or at once when a tick overran; its units then carry the backlog a worker would see). Each session speaks a turn every `--turn-every` seconds (session i
 shifted by i/N of that): `--speech` (a 16 kHz WAV, e.g. espeak-ng; the VAD ends the turn, as in a call) and
@@ -177,7 +178,10 @@ def run_level(  # noqa: PLR0913
     try:
         for i in range(n):
             mode = create_mode("chat", host.settings)
-            mode.open(SessionOptions(f"chat-{i}", extra=options))
+            # the worker spreads its sessions over the tick phases (`UnitTicker.join`): a chat session keeps its
+            # phase's KV slots and half of the vocoder's store, though every chat session ticks on one grid
+            phase = i % host.settings.tick_phases
+            mode.open(SessionOptions(f"chat-{i}", extra=options, tick_phase=phase))
             assert isinstance(mode, ChatMode)
             chats.append(mode)
         for i in range(n if with_duplex else 0):
