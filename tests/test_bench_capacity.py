@@ -49,3 +49,16 @@ def test_tick_clock_phases_wait_only_for_a_late_tick() -> None:
     # one phase: a tick waits for the one before it only past a whole unit
     clock = TickClock(phases=1)
     assert [clock.run(u, 0, t) for u, t in enumerate((900.0, 1200.0, 500.0))] == [0.0, 0.0, 200.0]
+
+
+def test_capacity_bench_profiles_a_level(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`--profile N`: after level N of each mode, its ticks under the profiler, the stages and parts marked."""
+    out = tmp_path / "out"
+    argv = ["--tiny", "--config", str(tiny_model_dir / "config.json"), "--tokenizer", str(tiny_model_dir)]
+    argv += ["--out", str(out), "--sessions", "2", "--units", "1", "--warmup", "0", "--modes", "audio_duplex"]
+    assert main([*argv, "--profile", "2"]) == 0
+    summary = (out / "profile-audio_duplex-2.txt").read_text()
+    for stage in ("prefill", "generate", "speak", "mel", "audio encoder", "LLM step", "vocoder"):
+        assert f"| {stage} |" in summary, stage
+    assert "| tick | 4 |" in summary  # two units of each of the two phases
+    assert (out / "profile-audio_duplex-2.json.gz").stat().st_size > 0
