@@ -50,7 +50,6 @@ from inference.modes import create_mode  # noqa: E402
 from inference.modes.base import ModeUnit, SessionOptions  # noqa: E402
 from inference.modes.chat import ChatMode  # noqa: E402
 from inference.modes.duplex import DuplexMode  # noqa: E402
-from inference.sessions import PREPARE_THREADS  # noqa: E402
 from inference.settings import ModelSettings, WorkerSettings  # noqa: E402
 from MiniCPMO45.audio.rates import CHAT_UNIT_SAMPLES, MODEL_INPUT_RATE, SPEECH_RATE  # noqa: E402
 from MiniCPMO45.audio.resample import resample  # noqa: E402
@@ -129,7 +128,7 @@ def chat_units(
 
 def prepare(preparer: ThreadPoolExecutor, units: list[tuple[ChatMode, ModeUnit, None]]) -> None:
     """Each unit's `prepare_unit` (the VAD) on the preparing threads, as the worker runs it before a unit enters
-    its tick (`inference.sessions.PREPARE_THREADS`)."""
+    its tick (`workers.prepare_threads` threads)."""
     for done in [preparer.submit(mode.prepare_unit, unit) for mode, unit, _ in units]:
         done.result()
 
@@ -174,7 +173,7 @@ def run_level(  # noqa: PLR0913
     options = {"force": "speak", "max_new_tokens": args.reply_tokens, "seed": 1}
     chats: list[ChatMode] = []
     duplex: list[DuplexMode] = []
-    preparer = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="prepare")
+    preparer = ThreadPoolExecutor(host.settings.prepare_threads, thread_name_prefix="prepare")
     try:
         for i in range(n):
             mode = create_mode("chat", host.settings)

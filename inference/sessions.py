@@ -28,7 +28,6 @@ log = logging.getLogger("inference.worker")
 MAX_QUEUED_UNITS = 64
 MAX_QUEUED_CONTROLS = 64  # controls and opens waiting in one session
 SESSION_MESSAGES = (p.OpenSession, p.Unit, p.Control, p.CloseSession)
-PREPARE_THREADS = 2  # threads for the modes' `prepare_unit` (VAD of the chat sessions' units)
 
 
 class Connection:
@@ -301,7 +300,7 @@ class Sessions:
         self.settings = settings
         # modes' per-unit CPU work (chat's VAD: onnxruntime, which lets go of the GIL) beside the mode thread
         self.preparer = concurrent.futures.ThreadPoolExecutor(
-            max_workers=PREPARE_THREADS,
+            max_workers=settings.prepare_threads,
             thread_name_prefix="prepare",
             initializer=name_this_thread,
             initargs=("prepare",),

@@ -314,6 +314,7 @@ def worker_settings(config: AppConfig) -> WorkerSettings:
         voices_dir=str(voices_dir(config)),
         tick_gather_ms=workers.tick_gather_ms,
         tick_phases=workers.tick_phases,
+        prepare_threads=workers.prepare_threads,
     )
 
 
