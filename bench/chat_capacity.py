@@ -152,14 +152,18 @@ def profile_level(  # noqa: PLR0913
         Mark(host.vocoder, "push_codes_batch", "vocoder"),
     ]
 
-    def tick(j: int) -> None:
-        units = chat_units(chats, first + j, turn_units, speech, 0)
+    units: list[tuple[ChatMode, ModeUnit, None]] = []
+
+    def arrive(j: int) -> None:  # the units and their VAD, before the tick as in the worker
+        units[:] = chat_units(chats, first + j, turn_units, speech, 0)
         prepare(preparer, units)
+
+    def tick(j: int) -> None:
         ChatMode.on_units(units)
         sync(host.device)
 
     title = f"{len(chats)} chat sessions, 8 ticks"
-    print(profile_ticks(tick, 8, marks, dest, title, period_s=UNIT_S), flush=True)
+    print(profile_ticks(tick, 8, marks, dest, title, period_s=UNIT_S, before=arrive), flush=True)
 
 
 def run_level(  # noqa: PLR0913

@@ -133,9 +133,11 @@ def profile_ticks(
     dest: Path,
     title: str,
     period_s: float = 0.0,
+    before: Callable[[int], None] | None = None,
 ) -> str:
     """Run `run_tick(j)` for j < ticks under the profiler (one tick every `period_s` at most), each inside a
-    `tick` range; write DEST.txt (the summary and the top operators) and DEST.json.gz (the trace). `run_tick`
+    `tick` range (`before(j)`, if given, runs just before it, outside the range: work the worker does before a
+    tick starts); write DEST.txt (the summary and the top operators) and DEST.json.gz (the trace). `run_tick`
     must wait for its GPU work before it returns. Returns the summary."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     cuda = torch.cuda.is_available()
@@ -146,6 +148,8 @@ def profile_ticks(
         for j in range(ticks):
             if (wait := start + j * period_s - time.perf_counter()) > 0:
                 time.sleep(wait)
+            if before is not None:
+                before(j)
             with torch.profiler.record_function("tick"):
                 run_tick(j)
     raw = dest.with_suffix(".trace.json")

@@ -3,6 +3,7 @@ tick's wall time into the GPU's busy time inside each range."""
 
 from __future__ import annotations
 
+import time
 import types
 
 import torch
@@ -73,3 +74,12 @@ def test_profile_ticks_writes_the_summary_and_the_trace(tmp_path) -> None:  # no
     assert "| stage | 3 |" in summary and "| tick | 3 |" in summary
     assert (tmp_path / "p.txt").read_text().startswith("three ticks")
     assert (tmp_path / "p.json.gz").stat().st_size > 0
+
+
+def test_work_before_a_tick_stays_out_of_its_range(tmp_path) -> None:  # noqa: ANN001
+    def slow_before(j: int) -> None:
+        time.sleep(0.05)
+
+    summary = profile_ticks(lambda j: None, 2, [], tmp_path / "p", "t", before=slow_before)
+    tick_ms = float(next(r for r in summary.splitlines() if r.startswith("| tick |")).split(" | ")[2])
+    assert tick_ms < 25  # the 50 ms before each tick are not in it
