@@ -476,3 +476,39 @@ def test_a_new_replys_first_speech_does_not_wait_for_another_replys_chunk() -> N
     finally:
         a.close()
         b.close()
+
+
+def test_replies_of_both_tick_phases_share_one_flow_batch() -> None:
+    """Every chat reply speaks in the one chat tick, so their vocoder turns pack from the start of the store,
+    whatever their sessions' tick phases: a round's windows are one padded flow batch (on a GPU, one graph),
+    not one per phase's half. The vocoder here takes the padded path a GPU worker takes (eager on the CPU)."""
+    from inference.engine_host import TOKEN2WAV_SUBDIR, detect_layout
+    from MiniCPMO45.token2wav import Token2Wav
+
+    host = get_host(SETTINGS)
+    plain = host.vocoder
+    padded = Token2Wav.from_layout(detect_layout(host.model_dir / TOKEN2WAV_SUBDIR), use_graphs=True)
+    padded.reserve_turns(host.default_voice.prompt, 4, phases=2)
+    assert padded.flow_graphs is not None and padded.flow_graphs.store.phase_rows == 2
+    host.vocoder = padded
+    modes: list[ChatMode] = []
+    try:
+        for phase in (0, 1):
+            mode = create_mode("chat", SETTINGS)
+            extra = {"force": "speak", "max_new_tokens": 40, "seed": 3}
+            mode.open(SessionOptions(f"phase-{phase}", extra=extra, tick_phase=phase))
+            assert isinstance(mode, ChatMode) and mode.session is not None
+            assert mode.session.phase == phase
+            mode.on_control({"type": "text", "text": f"question {phase}"})
+            modes.append(mode)
+        silence = np.zeros(5120, dtype=np.float32)
+        before = padded.flow_batches
+        got = ChatMode.on_units([(m, ModeUnit(0, silence, 0.0), None) for m in modes])
+        assert all(any(isinstance(o, p.AudioOut) for o in out) for out in got)  # both spoke in this tick
+        assert padded.flow_batches - before == 1
+        rows = [m.reply.voice.turn.kv_slot.index for m in modes]  # type: ignore[union-attr]
+        assert sorted(rows) == [0, 1]  # the first half's rows, the phase-1 session's too
+    finally:
+        for mode in modes:
+            mode.close()
+        host.vocoder = plain

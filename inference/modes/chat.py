@@ -319,7 +319,7 @@ class ChatMode:
                 display_text=True,
             )
             assert mode.tts is not None
-            mode.reply = Reply(row, TurnVoice(host, mode.voice, mode.tts, session.phase), mode.turn)
+            mode.reply = Reply(row, TurnVoice(host, mode.voice, mode.tts), mode.turn)
 
     def prepare_unit(self, unit: ModeUnit) -> None:
         """The unit's speech probabilities, off the mode thread (`inference.modes.base.PreparingMode`): Silero
