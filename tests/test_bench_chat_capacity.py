@@ -6,10 +6,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from bench.chat_capacity import main
+from inference import engine_host
 
 
-def test_chat_capacity_bench_tiny(tmp_path: Path) -> None:
+@pytest.fixture
+def own_host():  # noqa: ANN201
+    """The bench builds the process's engine host with its own session count; the tests after it that share this
+    process's host (one per worker process) get back the one they had, or build theirs."""
+    saved, engine_host._HOST = engine_host._HOST, None
+    try:
+        yield
+    finally:
+        engine_host._HOST = saved
+
+
+def test_chat_capacity_bench_tiny(tmp_path: Path, own_host: None) -> None:
     out = tmp_path / "out"
     argv = ["--tiny", "--sessions", "2", "--seconds", "12", "--turn-every", "6", "--reply-tokens", "12"]
     assert main([*argv, "--profile", "2", "--out", str(out)]) == 0
