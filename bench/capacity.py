@@ -119,6 +119,10 @@ class Workload:
         phase = (u + i) % 4
         return self.open_turn if phase == 0 else self.close_turn if phase == 1 else self.listen
 
+    def tick_inputs(self, members: list[int], u: int) -> tuple[list[UnitInput], list[list[int]]]:
+        """Unit u's inputs and scripted decisions of the sessions `members` (one phase's tick)."""
+        return [self.unit(u) for _ in members], [self.script(i, u) for i in members]
+
 
 def open_sessions(engine: Engine, n: int, base_len: int, phases: int = 1) -> list[Session]:
     """Session i on tick phase i % phases; as in a worker, the second phase's sessions take the top slots."""
@@ -206,8 +210,7 @@ def run_case(
     try:
         for u in range(warmup + units):
             for phase, members in enumerate(groups):
-                inputs = [work.unit(u) for _ in members]
-                scripts = [work.script(i, u) for i in members]
+                inputs, scripts = work.tick_inputs(members, u)
                 sync(device)
                 t0 = time.perf_counter()
                 watch = syncs.watching() if count_syncs and u >= warmup else contextlib.nullcontext()
@@ -303,8 +306,7 @@ def profile_case(  # noqa: PLR0913
 
     def tick(j: int) -> None:
         unit, members = first_unit + j // len(groups), groups[j % len(groups)]
-        inputs = [work.unit(unit) for _ in members]
-        scripts = [work.script(i, unit) for i in members]
+        inputs, scripts = work.tick_inputs(members, unit)
         batcher.run_units([sessions[i] for i in members], inputs, scripts=scripts)
         sync(engine.model.device)
         engine.cache.lengths[[sessions[i].slot for i in members]] = base_len
