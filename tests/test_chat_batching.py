@@ -512,3 +512,60 @@ def test_replies_of_both_tick_phases_share_one_flow_batch() -> None:
         for mode in modes:
             mode.close()
         host.vocoder = plain
+
+
+def test_turns_of_both_tick_phases_prefill_in_one_gathered_step() -> None:
+    """Two turns ending in one tick, on sessions of both tick phases (KV slots at both ends), prefill as one
+    gathered static step over just their two rows, and start their replies from the logits that one step per
+    phase gives (the path taken when no gathered step is ready)."""
+    from MiniCPMO45.engine.static_decode import GATHERED, StaticLLM
+
+    host = get_host(SETTINGS)
+    engine = host.engine
+    kept = engine.static
+    silence = np.zeros(5120, dtype=np.float32)
+
+    def tick(gather: bool) -> tuple[list[list[int]], torch.Tensor, StaticLLM]:
+        static = StaticLLM(engine.model.llm, engine.cache, use_graphs=False)
+        if gather:  # as the warm-up does (`CHAT_TURN_TOKENS`); without it no step gathers
+            static.warm_up_gathered(2, (16, 32, 96))
+        engine.static = static
+        calls: list[tuple[list[int], torch.Tensor]] = []
+        plain = engine.feed_for_logits
+
+        def recording(sessions, pieces):  # type: ignore[no-untyped-def]
+            hidden, logits = plain(sessions, pieces)
+            if max(x.shape[0] for x in pieces) > 1:  # a prefill, not a decode step's fed token
+                calls.append(([s.slot for s in sessions], logits))
+            return hidden, logits
+
+        engine.feed_for_logits = recording  # type: ignore[method-assign]
+        modes: list[ChatMode] = []
+        try:
+            for phase in (0, 1):
+                mode = create_mode("chat", SETTINGS)
+                mode.open(SessionOptions(f"gather-{gather}-{phase}", extra={"seed": 3}, tick_phase=phase))
+                assert isinstance(mode, ChatMode)
+                mode.on_control({"type": "text", "text": f"question number {phase}"})
+                modes.append(mode)
+            calls.clear()  # the system prompts' prefills at open
+            ChatMode.on_units([(m, ModeUnit(0, silence, 0.0), None) for m in modes])
+            assert all(m.reply is not None for m in modes)
+        finally:
+            for mode in modes:
+                mode.close()
+            del engine.feed_for_logits
+            engine.static = kept
+        by_slot = {slot: row for slots, logits in calls for slot, row in zip(slots, logits, strict=True)}
+        return [slots for slots, _ in calls], torch.stack([by_slot[s] for s in sorted(by_slot)]), static
+
+    calls, gathered, static = tick(gather=True)
+    assert calls == [[0, SETTINGS.max_sessions - 1]]  # both turns in one step
+    assert any(first == GATHERED for first, _, _ in static.steps)
+    calls, per_phase, static = tick(gather=False)
+    assert sorted(calls) == [[0], [SETTINGS.max_sessions - 1]]
+    assert {k[:2] for k in static.steps if k[2] > 2} == {
+        (0, 1),
+        (SETTINGS.max_sessions - 1, 1),
+    }  # a window each
+    torch.testing.assert_close(gathered, per_phase, atol=2e-5, rtol=1e-4)

@@ -10,7 +10,7 @@ import torch
 
 from MiniCPMO45.engine.core import Engine
 from MiniCPMO45.engine.graphs import covering_window, row_window
-from MiniCPMO45.engine.static_decode import StaticLLM
+from MiniCPMO45.engine.static_decode import GATHER_MIN_TOKENS, GATHERED, StaticLLM
 from MiniCPMO45.modules.kv_cache import CacheFullError
 
 
@@ -196,3 +196,64 @@ def test_a_step_runs_on_a_captured_window_that_holds_its_slots(tiny_model_dir: P
     _close(got["hidden"], want["hidden"])
     _close(got["logits"], want["logits"])
     assert engines[1].cache.lengths.tolist() == engines[0].cache.lengths.tolist()
+
+
+@pytest.mark.parametrize("flex", [False, True])
+def test_a_gathered_step_matches_the_engine_forward_on_slots_far_apart(
+    tiny_model_dir: Path, flex: bool
+) -> None:
+    """Turns on slots 0, 7 and 3 of 8 (both tick phases' ends) prefill as one gathered step of 4 rows (a window
+    step would run all 8): the same hidden states, logits, keys and lengths as the engine's ragged forward, the
+    other slots untouched; decode steps after it still match."""
+    engines = [
+        Engine.from_pretrained(tiny_model_dir, dtype=torch.float32, max_sessions=8, max_len=200)
+        for _ in range(2)
+    ]
+    ref, fast = engines
+    runner = StaticLLM(fast.model.llm, fast.cache, use_graphs=False, flex_decode=flex)
+    runner.warm_up_gathered(4, (32,))
+    ref_s = [ref.open_session() for _ in range(8)]
+    fast_s = [fast.open_session() for _ in range(8)]
+    g = torch.Generator().manual_seed(5)
+    d = ref.model.config.llm.hidden_size
+    history = [torch.randn(n, d, generator=g) for n in (3, 9, 1, 30, 4, 12, 7, 20)]
+    ref.feed(ref_s, history)
+    runner.feed([s.slot for s in fast_s], history)
+    untouched = [1, 2, 4, 5, 6]
+    before = [k[untouched, :, : fast.cache.max_len].clone() for k in fast.cache.keys]
+    turns = [0, 7, 3]
+    pieces = [torch.randn(n, d, generator=g) for n in (20, 5, 17)]
+    want = ref.feed([ref_s[i] for i in turns], pieces)
+    got = runner.feed([fast_s[i].slot for i in turns], pieces)
+    assert (GATHERED, 4, 32) in runner.steps
+    for i, w in enumerate(want):
+        _close(got["hidden"][i, : w.shape[0]], w)
+    _close(got["logits"], ref.last_logits(want))
+    assert fast.cache.lengths.tolist() == ref.cache.lengths.tolist() == [23, 9, 1, 47, 4, 12, 7, 25]
+    for layer, old in enumerate(before):
+        assert torch.equal(fast.cache.keys[layer][untouched, :, : fast.cache.max_len], old)
+        for s, r in zip(fast_s, ref_s, strict=True):
+            _close(fast.cache.layer_keys(layer, s.slot), ref.cache.layer_keys(layer, r.slot))
+            _close(fast.cache.layer_values(layer, s.slot), ref.cache.layer_values(layer, r.slot))
+    tok = [torch.randn(1, d, generator=g) for _ in turns]
+    want = ref.feed([ref_s[i] for i in turns], tok)
+    got = runner.feed([fast_s[i].slot for i in turns], tok)  # one token: a window step, not gathered
+    assert not any(f == GATHERED and t == 1 for f, _, t in runner.steps)
+    _close(got["logits"], ref.last_logits(want))
+
+
+def test_feed_gathers_only_into_steps_the_warm_up_built(tiny_model_dir: Path) -> None:
+    """The rule: at least `GATHER_MIN_TOKENS` tokens, the smallest gathered step built (a live tick never
+    captures one) that holds the rows, and at most half the token rows of the window step it replaces."""
+    eng = Engine.from_pretrained(tiny_model_dir, dtype=torch.float32, max_sessions=8, max_len=64)
+    runner = StaticLLM(eng.model.llm, eng.cache, use_graphs=False)
+    assert runner.gathered_shape(3, 20, 8 * 32) is None  # nothing built yet
+    runner.warm_up_gathered(4, (32, 16))
+    assert sorted(runner.steps) == [(GATHERED, r, t) for r in (1, 2, 4) for t in (16, 32)]
+    assert runner.gathered_shape(3, 20, 8 * 32) == (4, 32)
+    assert runner.gathered_shape(3, 20) == (4, 32)
+    assert runner.gathered_shape(2, 16, 8 * 16) == (2, 16)
+    assert runner.gathered_shape(3, GATHER_MIN_TOKENS - 1, 8 * 16) is None  # decode-sized: the copy won't pay
+    assert runner.gathered_shape(3, 20, 4 * 32) is None  # a 4-row gathered step instead of a 4-row window
+    assert runner.gathered_shape(5, 20, 16 * 32) is None  # 8 rows: not built
+    assert runner.gathered_shape(3, 40, 8 * 64) is None  # 64 tokens: not built

@@ -89,6 +89,9 @@ def enable_static_steps(
 # a typed sentence ~18; a spoken turn ~10 a second, 7-8 s of speech the 96 bucket) beside the duplex units', captured
 # per tick phase as well. Longer spoken turns (over ~11 s: 192, 256) still capture once, live.
 CHAT_TURN_TOKENS = (96, 32, 16)
+# up to this many chat turns ending in one tick prefill as one gathered step (`StaticLLM.gathered_shape`), wherever their
+# sessions' slots are; more take one window step per tick phase
+CHAT_TURN_ROWS = 16
 
 # frame sizes whose vision graphs the warm-up captures: browsers' default camera (4:3) and 720p webcams (16:9)
 CAMERA_SIZES = ((640, 480), (1280, 720))
@@ -188,13 +191,14 @@ class DuplexBatcher:
             prefill_tokens = sorted(self.unit_positions(), reverse=True)
         # Two long folded steps too: past 128 query rows Inductor builds another kernel, and only a size seen
         # to change there becomes dynamic; a session's prompt prefill can take any token bucket up to 128.
-        # A chat turn's prefill runs one step per phase (`CHAT_TURN_TOKENS`).
+        # A chat turn's prefill runs one gathered step, or one step per phase (`CHAT_TURN_TOKENS`).
         for tokens in (FOLDED_MAX_TOKENS, FOLDED_MAX_TOKENS // 2, *prefill_tokens, *CHAT_TURN_TOKENS, 2, 1):
             for top in ends:
                 self.llm.warm_up(largest, (tokens,), top)
             for rows in reversed(buckets):
                 if rows != largest:
                     self.llm.compile_shape(rows, tokens)
+        self.llm.warm_up_gathered(min(CHAT_TURN_ROWS, largest), CHAT_TURN_TOKENS)
         for rows in buckets:  # the decode step runs at every session count: its graphs are kept
             for top in ends:
                 if rows <= largest:

@@ -154,6 +154,15 @@ class Engine:
         hidden = self.model.llm(batch, self.cache, slots, num_new)
         return [hidden[i, :n] for i, n in enumerate(lengths)]
 
+    def feeds_in_one_step(self, sessions: Sequence[Session], counts: Sequence[int]) -> bool:
+        """Whether `feed` runs pieces of `counts` positions for these sessions as one step over only their rows,
+        wherever their slots are (the eager forward, or a gathered static step); if not, its static step runs
+        every slot between the lowest and the highest of them."""
+        slots = [s.slot for s in sessions]
+        if self.static is None or not slots or not self.static.accepts(slots, counts):
+            return True
+        return self.static.gathered_shape(len(slots), max(counts)) is not None
+
     def feed_ids(self, sessions: Sequence[Session], ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         return self.feed(sessions, [self.model.embed_ids(list(x)) for x in ids])
 

@@ -15,6 +15,12 @@ which no attention window reaches.
 
 Same function as `Qwen3ForCausalLM.forward` (tests compare them); it also returns float32 logits of each
 row's last real token.
+
+A *gathered* step instead names each row's slot (`slots [rows]`, any slots in any order): it writes the rows'
+keys and values into their slots, copies those slots' rows of the cache out for the attention, and adds the
+rows' counts to their lengths. The copy costs ~0.35 ms per row at the real size (every position of 36 layers),
+so it pays for a prefill of a few sessions whose slots lie far apart (chat turns of both tick phases: a
+window step would run every slot between them at the turn's length), not for decode steps.
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ log = logging.getLogger(__name__)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 128)
 # 80: an omni unit (tail, <unit>, one frame's 66 positions, 10 audio positions) fits with no padding to 96
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 80, 96, 128, 192, 256)
+# a step of fewer tokens never gathers its slots (the copy of their cache rows would cost more than it saves)
+GATHER_MIN_TOKENS = 16
+GATHERED = -1  # the `first` of a gathered step's key in `StaticLLM.steps`
 
 
 _Cache = TypeVar("_Cache")
@@ -70,6 +79,21 @@ def dense_step_mask(positions: torch.Tensor, window: int, group: int, dtype: tor
     return dense[:, None, None].expand(b, 1, group, t, window).reshape(b, 1, group * t, window)
 
 
+def gathered_rows(
+    layer: torch.Tensor, slots: torch.Tensor, write_idx: torch.Tensor, new: torch.Tensor
+) -> torch.Tensor:
+    """Write `new [b, kv, t, hd]` into the cache tensor `layer [S, kv, L+1, hd]` at slot `slots[i]`, positions
+    `write_idx[i]`, then return those slots' rows `[b, kv, L+1, hd]` (a copy with the cache's own strides, so
+    the attention kernels see the shapes a window step gives them). One flat `index_copy_`: no host value, so it
+    can be captured."""
+    _, kv, positions, hd = layer.shape
+    heads = torch.arange(kv, device=layer.device)
+    rows = slots[:, None, None] * kv + heads[None, :, None]  # [b, kv, 1]: (slot, head) rows of the cache
+    flat = rows * positions + write_idx[:, None, :]  # [b, kv, t]
+    layer.view(-1, hd).index_copy_(0, flat.reshape(-1), new.reshape(-1, hd).to(layer.dtype))
+    return layer.index_select(0, slots)
+
+
 def slot_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -79,15 +103,19 @@ def slot_attention(
     write_idx: torch.Tensor,
     mask: torch.Tensor | BlockMask,
     window: int,
+    slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Write the step's k, v `[b, kv, t, hd]` into the slot cache, attend q `[b, heads, t, hd]` over the first
-    `window` positions; returns `[b, t, heads*hd]`."""
+    """Write the step's k, v `[b, kv, t, hd]` into the slot cache (rows 0..b-1, or with `slots` row i's slot
+    `slots[i]`), attend q `[b, heads, t, hd]` over the first `window` positions; returns `[b, t, heads*hd]`."""
     b, h, t, hd = q.shape
     kv = k.shape[1]
-    idx = write_idx[:, None, :, None].expand(b, kv, t, hd)
-    kc, vc = keys[:b], values[:b]
-    kc.scatter_(2, idx, k.to(kc.dtype))
-    vc.scatter_(2, idx, v.to(vc.dtype))
+    if slots is None:
+        idx = write_idx[:, None, :, None].expand(b, kv, t, hd)
+        kc, vc = keys[:b], values[:b]
+        kc.scatter_(2, idx, k.to(kc.dtype))
+        vc.scatter_(2, idx, v.to(vc.dtype))
+    else:
+        kc, vc = gathered_rows(keys, slots, write_idx, k), gathered_rows(values, slots, write_idx, v)
     if isinstance(mask, BlockMask) and t <= MAX_TOKENS:  # through FlexAttention (`flex_decode`)
         out = step_attention(q, kc[:, :, :window], vc[:, :, :window], mask, decode=True)
         return out.transpose(1, 2).reshape(b, t, h * hd)
@@ -110,14 +138,16 @@ def static_forward(
     flex: bool = False,
     kernels: LayerKernels = EAGER,
     flex_folded: bool = False,
+    slots: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """embeds `[rows, T, D]` for slots 0..rows-1; `num_new [rows]` real tokens per row (0 = untouched).
+    """embeds `[rows, T, D]` for slots 0..rows-1, or with `slots` for slots `slots[i]` (a gathered step; rows
+    that take no token may repeat a slot); `num_new [rows]` real tokens per row (0 = untouched).
     flex: one-token steps attend through FlexAttention (rows read only their own cache blocks); flex_folded: so
     do steps of up to `FOLDED_MAX_TOKENS`, with the query heads folded into the query rows. kernels: the layer
     halves around the attention (`fused`: compiled on a GPU)."""
     b, t, _ = embeds.shape
     device = embeds.device
-    lengths = cache.lengths[:b]
+    lengths = cache.lengths[:b] if slots is None else cache.lengths.index_select(0, slots)
     offsets = torch.arange(t, device=device)
     positions = lengths[:, None] + offsets[None, :]  # [b, t]
     valid = offsets[None, :] < num_new[:, None]
@@ -138,9 +168,12 @@ def static_forward(
         eps = layer.input_layernorm.eps
         hd = layer.self_attn.head_dim
         q, k, v = kernels.inputs(w, x, cos, sin, eps, hd)
-        out = slot_attention(q, k, v, cache.keys[i], cache.values[i], write_idx, mask, window)
+        out = slot_attention(q, k, v, cache.keys[i], cache.values[i], write_idx, mask, window, slots)
         x = kernels.output(w, x, out, eps)
-    lengths.add_(num_new)
+    if slots is None:
+        lengths.add_(num_new)
+    else:
+        cache.lengths.index_add_(0, slots, num_new)
     hidden = llm.model.norm(x)
     last = hidden[torch.arange(b, device=device), (num_new - 1).clamp(min=0)]
     return {"hidden": hidden, "logits": llm.logits(last)}
@@ -182,18 +215,25 @@ class StaticLLM:
         self.dtype = llm.lm_head.weight.dtype
 
     def _step(self, rows: int, tokens: int, first: int = 0) -> StaticStep:
+        """The step over `rows` slots from `first` (`GATHERED`: over the slots named in its `slots` input)."""
         key = (first, rows, tokens)
         if key not in self.steps:
             inputs = {
                 "embeds": torch.zeros(rows, tokens, self.dim, dtype=self.dtype, device=self.device),
                 "num_new": torch.zeros(rows, dtype=torch.long, device=self.device),
             }
+            if first == GATHERED:
+                inputs["slots"] = torch.zeros(rows, dtype=torch.long, device=self.device)
 
             def fn(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                if first == GATHERED:
+                    return self._forward(x["embeds"], x["num_new"], slots=x["slots"])
                 return self._forward(x["embeds"], x["num_new"], first)
 
             def idle(x: dict[str, torch.Tensor]) -> None:
                 x["num_new"].zero_()
+                if first == GATHERED:  # idle rows write only slot 0's spare position
+                    x["slots"].zero_()
 
             try:
                 self.steps[key] = StaticStep(fn, inputs, idle, self.use_graphs, self.pool)
@@ -227,8 +267,16 @@ class StaticLLM:
         for t in tokens:
             self._step(r, pick_bucket(self.token_buckets, t), self.cache.num_slots - r if top else 0)
 
+    def warm_up_gathered(self, rows: int, tokens: Sequence[int]) -> None:
+        """Capture the gathered steps of every row bucket up to `rows` (a tick's few prefills anywhere in the
+        cache, `feed`): the only ones `feed` runs."""
+        for r in self.row_buckets:
+            if r <= pick_bucket(self.row_buckets, rows):
+                for t in tokens:
+                    self._step(r, pick_bucket(self.token_buckets, t), GATHERED)
+
     def _forward(
-        self, embeds: torch.Tensor, num_new: torch.Tensor, first: int = 0
+        self, embeds: torch.Tensor, num_new: torch.Tensor, first: int = 0, slots: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         return static_forward(
             self.llm,
@@ -239,7 +287,23 @@ class StaticLLM:
             self.flex_decode,
             self.kernels,
             self.flex_prefill,
+            slots,
         )
+
+    def gathered_shape(self, count: int, tokens: int, window_cost: int | None = None) -> tuple[int, int] | None:
+        """`(rows, tokens)` of the gathered step `feed` runs `count` rows of up to `tokens` tokens as, or None: the
+        smallest one built (by the warm-up: a live tick never captures one) that holds them, for a prefill long
+        enough for its cache copy to pay (`GATHER_MIN_TOKENS`), if it runs at most half the token rows of the
+        window step it replaces (`window_cost`: rows × tokens; None: any)."""
+        if tokens < GATHER_MIN_TOKENS:
+            return None
+        fits = [(r * t, r, t) for f, r, t in self.steps if f == GATHERED and r >= count and t >= tokens]
+        if not fits:
+            return None
+        cost, rows, width = min(fits)
+        if window_cost is not None and 2 * cost > window_cost:
+            return None
+        return rows, width
 
     @torch.no_grad()
     def compile_shape(self, rows: int, tokens: int) -> None:
@@ -284,12 +348,21 @@ class StaticLLM:
         tokens = pick_bucket(self.token_buckets, max(counts))
         # a captured step's rows if one holds these slots: its idle rows cost less than a capture (a few 100 ms)
         # in a live tick
-        captured = ((f, r) for f, r, t in self.steps if t == tokens)
+        captured = ((f, r) for f, r, t in self.steps if t == tokens and f != GATHERED)
         first, rows = covering_window(captured, slots) or row_window(
             self.row_buckets, self.cache.num_slots, slots
         )
+        gathered = self.gathered_shape(len(slots), max(counts), rows * tokens)
+        if gathered is not None:
+            first, (rows, tokens) = GATHERED, gathered
+            idx = torch.arange(len(slots), device=self.device)
+        else:
+            idx = upload([s - first for s in slots], self.device)
         step = self._step(rows, tokens, first)
-        idx = upload([s - first for s in slots], self.device)
+        if first == GATHERED:  # rows past the real ones take no token: slot 0 stands in for them
+            named = step.inputs["slots"]
+            named.zero_()
+            named[: len(slots)].copy_(upload(list(slots), self.device))
         if all(c == tokens for c in counts):
             batch = torch.stack(list(pieces))
         else:

@@ -293,12 +293,18 @@ class ChatMode:
             hd.start_reply_state(mode.session)
             sessions.append(mode.session)
             pieces.append(torch.cat([user, prefix.to(user.dtype)]))
-        # one step per tick phase: a phase's sessions sit at one end of the KV slots, whose turn-length steps the
-        # warm-up captured; one step over both ends would run every slot at the longest piece's length, and
-        # capture that window inside the live tick
+        # one step over just the turns' rows (a gathered step) when one is ready for them; else one step per tick
+        # phase: a phase's sessions sit at one end of the KV slots, whose turn-length steps the warm-up captured,
+        # and one step over both ends would run every slot at the longest piece's length
+        counts = [int(x.shape[0]) for x in pieces]
+        if engine.feeds_in_one_step(sessions, counts):
+            groups = [list(range(len(sessions)))]
+        else:
+            groups = [
+                [i for i, s in enumerate(sessions) if s.phase == ph] for ph in {s.phase for s in sessions}
+            ]
         logits: dict[int, torch.Tensor] = {}  # by index in `turns`
-        for phase in {s.phase for s in sessions}:
-            group = [i for i, s in enumerate(sessions) if s.phase == phase]
+        for group in groups:
             _, got = engine.feed_for_logits([sessions[i] for i in group], [pieces[i] for i in group])
             logits.update(zip(group, got, strict=True))
         for k, ((mode, _), session) in enumerate(zip(turns, sessions, strict=True)):
