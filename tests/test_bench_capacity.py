@@ -25,12 +25,14 @@ def test_capacity_bench_tiny(tiny_model_dir: Path, tmp_path: Path) -> None:
         ("omni_duplex", 2),
     ]
     assert results["phases"] == 2  # the worker's default: sessions 0 and 1 on different half-second grids
+    assert results["prepare_threads"] == 8  # the worker's default `workers.prepare_threads`
     for r in rows:
         assert "skipped" not in r, r
         assert r["phases"] == 2
         assert r["units_measured"] == r["sessions"]
         assert r["speaking_p50_ms"] is not None  # session 0 speaks in unit 0
         assert 0 < r["unit_p50_ms"] <= r["unit_p99_ms"]
+        assert r["prepare_p50_ms"] > 0  # the units' mel and frames prepared before the tick, as in the worker
     table = CapacityTable.from_file(out / "capacity_table.json")
     assert set(table.modes) == {"audio_duplex", "omni_duplex"}
     assert sorted(p.name for p in out.iterdir()) == ["capacity.json", "capacity.md", "capacity_table.json"]

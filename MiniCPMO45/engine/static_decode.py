@@ -290,7 +290,9 @@ class StaticLLM:
             slots,
         )
 
-    def gathered_shape(self, count: int, tokens: int, window_cost: int | None = None) -> tuple[int, int] | None:
+    def gathered_shape(
+        self, count: int, tokens: int, window_cost: int | None = None
+    ) -> tuple[int, int] | None:
         """`(rows, tokens)` of the gathered step `feed` runs `count` rows of up to `tokens` tokens as, or None: the
         smallest one built (by the warm-up: a live tick never captures one) that holds them, for a prefill long
         enough for its cache copy to pay (`GATHER_MIN_TOKENS`), if it runs at most half the token rows of the
