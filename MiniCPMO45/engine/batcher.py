@@ -91,7 +91,7 @@ def enable_static_steps(
 CHAT_TURN_TOKENS = (96, 32, 16)
 # up to this many chat turns ending in one tick prefill as one gathered step (`StaticLLM.gathered_shape`), wherever their
 # sessions' slots are; more take one window step per tick phase
-CHAT_TURN_ROWS = 16
+CHAT_TURN_ROWS = 8
 
 # frame sizes whose vision graphs the warm-up captures: browsers' default camera (4:3) and 720p webcams (16:9)
 CAMERA_SIZES = ((640, 480), (1280, 720))
@@ -199,6 +199,13 @@ class DuplexBatcher:
                 if rows != largest:
                     self.llm.compile_shape(rows, tokens)
         self.llm.warm_up_gathered(min(CHAT_TURN_ROWS, largest), CHAT_TURN_TOKENS)
+        # The longest unit's prefill (an omni unit's) is bound by its arithmetic, so a phase of fewer sessions than
+        # the largest bucket runs it on a smaller captured window: 24 of 32 rows for 48 omni calls on a table of
+        # 64 (a quarter of that step's GEMMs); below half the largest bucket the largest window still serves.
+        for rows in buckets:
+            if largest // 2 < rows < largest:
+                for top in ends:
+                    self.llm.warm_up(rows, (max(prefill_tokens),), top)
         for rows in buckets:  # the decode step runs at every session count: its graphs are kept
             for top in ends:
                 if rows <= largest:
