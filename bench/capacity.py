@@ -44,6 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.host_syncs import SyncSites  # noqa: E402
 from bench.realsize import build_random_model, make_model_dir  # noqa: E402
 from bench.tick_profile import Mark, profile_ticks  # noqa: E402
+from inference.engine_host import GPU_HOST_THREADS  # noqa: E402
+from inference.processes import name_this_thread  # noqa: E402
 from inference.settings import TickSettings  # noqa: E402
 from MiniCPMO45.audio.mel_stream import StreamingMel  # noqa: E402
 from MiniCPMO45.config import PreprocessorConfig  # noqa: E402
@@ -455,9 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--prepare-threads",
-        type=int,
-        default=TickSettings.model_fields["prepare_threads"].default,
-        help="threads that prepare each tick's units before it, as the worker's (0: the tick does that work)",
+        default=str(TickSettings.model_fields["prepare_threads"].default),
+        help="threads that prepare each tick's units before it, as the worker's (0: the tick does that work); "
+        "a comma-separated list runs every level with each",
     )
     ap.add_argument(
         "--profile",
@@ -473,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
     if args.count_syncs and device.type != "cuda":
         raise SystemExit("--count-syncs needs a CUDA device (it counts CUDA synchronizations)")
+    if device.type == "cuda":
+        torch.set_num_threads(GPU_HOST_THREADS)  # as a GPU worker does
     dtype = torch.float32 if args.tiny else torch.bfloat16
     sessions_list = (
         [int(x) for x in args.sessions.split(",")]
@@ -594,11 +598,17 @@ def main(argv: list[str] | None = None) -> int:
     results["setup_s"] = time.perf_counter() - t_start
     print(f"setup {results['setup_s']:.1f} s, KV slots {slots} x {max_len} positions", flush=True)
 
-    results["prepare_threads"] = args.prepare_threads
-    preparer = ThreadPoolExecutor(args.prepare_threads) if args.prepare_threads > 0 else None
+    thread_counts = [int(x) for x in args.prepare_threads.split(",")]
+    results["prepare_threads"] = thread_counts
+    preparers = {  # as the worker's prepare threads (`inference.sessions.Sessions`)
+        k: ThreadPoolExecutor(k, initializer=name_this_thread, initargs=("prepare",)) if k > 0 else None
+        for k in thread_counts
+    }
     rows: list[dict[str, object]] = []
+    cases = [(mode, k) for mode in modes for k in thread_counts]
     for n in sessions_list:  # N outermost: a spent time budget still leaves both modes measured
-        for mode in modes:
+        for mode, threads in cases:
+            preparer = preparers[threads]
             if time.perf_counter() - t_start > args.budget_s:
                 rows.append(
                     {"mode": mode, "sessions": n, "skipped": f"time budget of {args.budget_s:.0f} s spent"}
@@ -634,6 +644,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # one failing N must not lose the others
                 traceback.print_exc()
                 row = {"mode": mode, "sessions": n, "skipped": f"{type(exc).__name__}: {exc}"[:200]}
+            row["prepare_threads"] = threads
             rows.append(row)
             print(json.dumps(row), flush=True)
             results["rows"] = rows

@@ -199,13 +199,6 @@ class DuplexBatcher:
                 if rows != largest:
                     self.llm.compile_shape(rows, tokens)
         self.llm.warm_up_gathered(min(CHAT_TURN_ROWS, largest), CHAT_TURN_TOKENS)
-        # The longest unit's prefill (an omni unit's) is bound by its arithmetic, so a phase of fewer sessions than
-        # the largest bucket runs it on a smaller captured window: 24 of 32 rows for 48 omni calls on a table of
-        # 64 (a quarter of that step's GEMMs); below half the largest bucket the largest window still serves.
-        for rows in buckets:
-            if largest // 2 < rows < largest:
-                for top in ends:
-                    self.llm.warm_up(rows, (max(prefill_tokens),), top)
         for rows in buckets:  # the decode step runs at every session count: its graphs are kept
             for top in ends:
                 if rows <= largest:
