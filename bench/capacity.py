@@ -32,7 +32,6 @@ import sys
 import tempfile
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -44,16 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.host_syncs import SyncSites  # noqa: E402
 from bench.realsize import build_random_model, make_model_dir  # noqa: E402
 from bench.tick_profile import Mark, profile_ticks  # noqa: E402
-from inference.engine_host import GPU_HOST_THREADS  # noqa: E402
-from inference.processes import name_this_thread  # noqa: E402
-from inference.settings import TickSettings  # noqa: E402
 from MiniCPMO45.audio.mel_stream import StreamingMel  # noqa: E402
 from MiniCPMO45.config import PreprocessorConfig  # noqa: E402
 from MiniCPMO45.engine import batcher as batcher_module  # noqa: E402
 from MiniCPMO45.engine.batcher import DuplexBatcher  # noqa: E402
 from MiniCPMO45.engine.capacity import CapacityTable, ModeCapacity  # noqa: E402
 from MiniCPMO45.engine.core import Engine  # noqa: E402
-from MiniCPMO45.engine.duplex import DuplexConfig, DuplexState, UnitInput, prepare_input  # noqa: E402
+from MiniCPMO45.engine.duplex import DuplexConfig, DuplexState, UnitInput  # noqa: E402
 from MiniCPMO45.engine.session import Mode, Session  # noqa: E402
 from MiniCPMO45.engine.static_tts import TTS_WINDOW  # noqa: E402
 from MiniCPMO45.modules.whisper_slots import WhisperSlotCache  # noqa: E402
@@ -102,7 +98,6 @@ class Workload:
     """Fixed inputs and scripted decisions: session i speaks in units u with (u + i) % 4 in (0, 1)."""
 
     def __init__(self, engine: Engine, omni: bool, seed: int = 0) -> None:
-        self.engine = engine
         rng = np.random.default_rng(seed)
         self.first_audio = (0.1 * rng.standard_normal(16560)).astype(np.float32)
         self.audio = (0.1 * rng.standard_normal(16000)).astype(np.float32)
@@ -124,26 +119,9 @@ class Workload:
         phase = (u + i) % 4
         return self.open_turn if phase == 0 else self.close_turn if phase == 1 else self.listen
 
-    def tick_inputs(
-        self,
-        members: list[int],
-        u: int,
-        sessions: list[Session] | None = None,
-        preparer: ThreadPoolExecutor | None = None,
-    ) -> tuple[list[UnitInput], list[list[int]], float]:
-        """Unit u's inputs and scripted decisions of the sessions `members` (one phase's tick), and with a
-        `preparer` each input prepared on its threads first as the worker does (`prepare_input`: the mel and
-        the frame's slicing, before the tick), with the time that took (ms)."""
-        inputs = [self.unit(u) for _ in members]
-        started = time.perf_counter()
-        if preparer is not None:
-            assert sessions is not None
-            jobs = [
-                preparer.submit(prepare_input, self.engine, sessions[i], unit)
-                for i, unit in zip(members, inputs, strict=True)
-            ]
-            inputs = [job.result() for job in jobs]
-        return inputs, [self.script(i, u) for i in members], (time.perf_counter() - started) * 1000
+    def tick_inputs(self, members: list[int], u: int) -> tuple[list[UnitInput], list[list[int]]]:
+        """Unit u's inputs and scripted decisions of the sessions `members` (one phase's tick)."""
+        return [self.unit(u) for _ in members], [self.script(i, u) for i in members]
 
 
 def open_sessions(engine: Engine, n: int, base_len: int, phases: int = 1) -> list[Session]:
@@ -209,7 +187,6 @@ def run_case(
     phases: int = 1,
     count_syncs: bool = False,
     profile: Path | None = None,
-    preparer: ThreadPoolExecutor | None = None,
 ) -> dict[str, object]:
     device = engine.model.device
     syncs = SyncSites()
@@ -225,7 +202,7 @@ def run_case(
     groups = [g for g in (list(range(p, n, phases)) for p in range(phases)) if g]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    latencies, speak_lat, listen_lat, first_pcm, ticks, prepare_ms = [], [], [], [], [], []
+    latencies, speak_lat, listen_lat, first_pcm, ticks = [], [], [], [], []
     stages: dict[str, list[float]] = {}
     speaking_stages: dict[str, list[float]] = {}  # ticks where at least one session spoke
     within = total = 0
@@ -233,7 +210,7 @@ def run_case(
     try:
         for u in range(warmup + units):
             for phase, members in enumerate(groups):
-                inputs, scripts, prepared_ms = work.tick_inputs(members, u, sessions, preparer)
+                inputs, scripts = work.tick_inputs(members, u)
                 sync(device)
                 t0 = time.perf_counter()
                 watch = syncs.watching() if count_syncs and u >= warmup else contextlib.nullcontext()
@@ -246,7 +223,6 @@ def run_case(
                     continue
                 waited = clock.run(u - warmup, phase, tick_ms)
                 ticks.append(tick_ms)
-                prepare_ms.append(prepared_ms)
                 spoke = any(out.speech is not None for out in outs)
                 for name, ms in batcher.timings.items():
                     stages.setdefault(name, []).append(ms)
@@ -264,8 +240,7 @@ def run_case(
                     elif out.result.prefilled:
                         listen_lat.append(lat)
         if profile is not None:
-            title = f"{mode}, N={n}"
-            profile_case(batcher, work, sessions, groups, warmup + units, base_len, profile, title, preparer)
+            profile_case(batcher, work, sessions, groups, warmup + units, base_len, profile, f"{mode}, N={n}")
         step_ms = llm_step_ms(engine, batcher, sessions, base_len)
     finally:
         for s in sessions:
@@ -286,8 +261,6 @@ def run_case(
         "decision_to_first_pcm_p50_ms": pct(first_pcm, 50),
         "decision_to_first_pcm_p95_ms": pct(first_pcm, 95),
         "tick_p50_ms": pct(ticks, 50),
-        # the units' mel and frame slicing on the preparing threads before the tick (not in the tick's time)
-        "prepare_p50_ms": pct(prepare_ms, 50) if preparer is not None else None,
         "busy_share": sum(ticks) / (units * DEADLINE_MS) if ticks else None,
         "phases": phases,
         "graph_capture_s": capture_s,
@@ -313,7 +286,6 @@ def profile_case(  # noqa: PLR0913
     base_len: int,
     dest: Path,
     title: str,
-    preparer: ThreadPoolExecutor | None = None,
 ) -> None:
     """`--profile N`: two more units of every phase under `torch.profiler`, back to back, with the tick's
     stages (prefill, generate, speak) and their parts (mel, audio encoder, vision tower, LLM steps, vocoder)
@@ -334,7 +306,7 @@ def profile_case(  # noqa: PLR0913
 
     def tick(j: int) -> None:
         unit, members = first_unit + j // len(groups), groups[j % len(groups)]
-        inputs, scripts, _ = work.tick_inputs(members, unit, sessions, preparer)
+        inputs, scripts = work.tick_inputs(members, unit)
         batcher.run_units([sessions[i] for i in members], inputs, scripts=scripts)
         sync(engine.model.device)
         engine.cache.lengths[[sessions[i].slot for i in members]] = base_len
@@ -456,12 +428,6 @@ def main(argv: list[str] | None = None) -> int:
         help="count the host's waits for the GPU per tick, by call site (CUDA sync debug mode; slows ticks)",
     )
     ap.add_argument(
-        "--prepare-threads",
-        default=str(TickSettings.model_fields["prepare_threads"].default),
-        help="threads that prepare each tick's units before it, as the worker's (0: the tick does that work); "
-        "a comma-separated list runs every level with each",
-    )
-    ap.add_argument(
         "--profile",
         type=int,
         help="N: after level N of each mode, two units of every phase under torch.profiler (OUT/profile-MODE-N.*)",
@@ -475,8 +441,6 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
     if args.count_syncs and device.type != "cuda":
         raise SystemExit("--count-syncs needs a CUDA device (it counts CUDA synchronizations)")
-    if device.type == "cuda":
-        torch.set_num_threads(GPU_HOST_THREADS)  # as a GPU worker does
     dtype = torch.float32 if args.tiny else torch.bfloat16
     sessions_list = (
         [int(x) for x in args.sessions.split(",")]
@@ -598,17 +562,9 @@ def main(argv: list[str] | None = None) -> int:
     results["setup_s"] = time.perf_counter() - t_start
     print(f"setup {results['setup_s']:.1f} s, KV slots {slots} x {max_len} positions", flush=True)
 
-    thread_counts = [int(x) for x in args.prepare_threads.split(",")]
-    results["prepare_threads"] = thread_counts
-    preparers = {  # as the worker's prepare threads (`inference.sessions.Sessions`)
-        k: ThreadPoolExecutor(k, initializer=name_this_thread, initargs=("prepare",)) if k > 0 else None
-        for k in thread_counts
-    }
     rows: list[dict[str, object]] = []
-    cases = [(mode, k) for mode in modes for k in thread_counts]
     for n in sessions_list:  # N outermost: a spent time budget still leaves both modes measured
-        for mode, threads in cases:
-            preparer = preparers[threads]
+        for mode in modes:
             if time.perf_counter() - t_start > args.budget_s:
                 rows.append(
                     {"mode": mode, "sessions": n, "skipped": f"time budget of {args.budget_s:.0f} s spent"}
@@ -632,7 +588,6 @@ def main(argv: list[str] | None = None) -> int:
                     args.phases,
                     args.count_syncs,
                     dest,
-                    preparer,
                 )
             except torch.cuda.OutOfMemoryError as exc:
                 torch.cuda.empty_cache()
@@ -644,7 +599,6 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # one failing N must not lose the others
                 traceback.print_exc()
                 row = {"mode": mode, "sessions": n, "skipped": f"{type(exc).__name__}: {exc}"[:200]}
-            row["prepare_threads"] = threads
             rows.append(row)
             print(json.dumps(row), flush=True)
             results["rows"] = rows

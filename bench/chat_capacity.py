@@ -129,7 +129,7 @@ def chat_units(
 def prepare(preparer: ThreadPoolExecutor, units: list[tuple[ChatMode, ModeUnit, None]]) -> None:
     """Each unit's `prepare_unit` (the VAD) on the preparing threads, as the worker runs it before a unit enters
     its tick (`workers.prepare_threads` threads)."""
-    for done in [preparer.submit(mode.prepare_unit, unit, frame) for mode, unit, frame in units]:
+    for done in [preparer.submit(mode.prepare_unit, unit) for mode, unit, _ in units]:
         done.result()
 
 

@@ -85,10 +85,7 @@ def embedded_model_dir(cache_dir: str | Path) -> Path:
     return ensure_tiny_model(cache_dir, extra_steps=[_token2wav_step], extra_key="token2wav-tiny-1")
 
 
-# torch's CPU threads in a GPU worker. One: its host work is small tensors and index lists, on the mode thread and
-# on the prepare threads (a unit's mel). libgomp keeps one thread count for every thread not in an OpenMP team, so
-# with 2 each prepare thread brought a team of its own, spinning beside the mode thread.
-GPU_HOST_THREADS = 1
+GPU_HOST_THREADS = 2  # torch's CPU threads in a GPU worker
 
 
 class EngineHost:

@@ -247,7 +247,7 @@ class SessionRunner:
             unit = ModeUnit(message.index, pcm, message.completed_at, queued_units=backlog)
             prepare = unit_preparer(self.mode)
             if prepare is not None:
-                await asyncio.get_running_loop().run_in_executor(self.preparer, prepare, unit, frame)
+                await asyncio.get_running_loop().run_in_executor(self.preparer, prepare, unit)
             if batch_runner(self.mode) is not None:
                 outputs = await self.ticker.submit(self.mode, unit, frame, self.grid)
             else:

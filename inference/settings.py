@@ -100,10 +100,10 @@ class TickSettings(StrictModel):
     # duplex calls are spread over this many grids, shifted by a unit / tick_phases: each tick runs about
     # 1/tick_phases of them, so their units finish sooner (with 2, each phase's tick must fit in half a second)
     tick_phases: int = Field(2, ge=1, le=2)
-    # threads that prepare units before they enter a tick (`prepare_unit`: chat's Silero VAD, the duplex units'
-    # streaming mel and frame slicing). Every unit of a tick arrives at once (one grid), and onnxruntime and
-    # torch let go of the GIL, so they run side by side: with 2 threads, the VAD of 48 chat units took 62 ms
-    # (p50) on an H100 host's Xeon before the tick could start
+    # threads that compute the chat units' speech probabilities (Silero VAD, `ChatMode.prepare_unit`) before the
+    # units enter a tick. Every chat unit of a tick arrives at once (one grid), and onnxruntime lets go of the
+    # GIL, so they run side by side: with 2 threads, the VAD of 48 units took 62 ms (p50) on an H100 host's
+    # Xeon before the tick could start
     prepare_threads: int = Field(8, ge=1, le=64)
 
 

@@ -25,15 +25,12 @@ def test_capacity_bench_tiny(tiny_model_dir: Path, tmp_path: Path) -> None:
         ("omni_duplex", 2),
     ]
     assert results["phases"] == 2  # the worker's default: sessions 0 and 1 on different half-second grids
-    assert results["prepare_threads"] == [8]  # the worker's default `workers.prepare_threads`
     for r in rows:
         assert "skipped" not in r, r
         assert r["phases"] == 2
         assert r["units_measured"] == r["sessions"]
         assert r["speaking_p50_ms"] is not None  # session 0 speaks in unit 0
         assert 0 < r["unit_p50_ms"] <= r["unit_p99_ms"]
-        assert r["prepare_p50_ms"] > 0  # the units' mel and frames prepared before the tick, as in the worker
-        assert r["prepare_threads"] == 8
     table = CapacityTable.from_file(out / "capacity_table.json")
     assert set(table.modes) == {"audio_duplex", "omni_duplex"}
     assert sorted(p.name for p in out.iterdir()) == ["capacity.json", "capacity.md", "capacity_table.json"]
@@ -65,15 +62,3 @@ def test_capacity_bench_profiles_a_level(tiny_model_dir: Path, tmp_path: Path) -
         assert f"| {stage} |" in summary, stage
     assert "| tick | 4 |" in summary  # two units of each of the two phases
     assert (out / "profile-audio_duplex-2.json.gz").stat().st_size > 0
-
-
-def test_capacity_bench_compares_preparing_threads(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """`--prepare-threads 0,2`: each level once with the tick doing the units' host work, once with it done
-    before the tick (the worker's way)."""
-    out = tmp_path / "out"
-    argv = ["--tiny", "--config", str(tiny_model_dir / "config.json"), "--tokenizer", str(tiny_model_dir)]
-    argv += ["--out", str(out), "--sessions", "2", "--units", "1", "--warmup", "0", "--modes", "omni_duplex"]
-    assert main([*argv, "--prepare-threads", "0,2"]) == 0
-    rows = json.loads((out / "capacity.json").read_text())["rows"]
-    assert [(r["sessions"], r["prepare_threads"]) for r in rows] == [(2, 0), (2, 2)]
-    assert rows[0]["prepare_p50_ms"] is None and rows[1]["prepare_p50_ms"] > 0

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -115,39 +114,3 @@ def test_a_slide_feeds_the_pending_tail_first(engine: Engine, tiny_fixture_dir: 
         assert engine.kv_length(call.session) == call.context_length() == before - dropped
     finally:
         call.close()
-
-
-def test_a_unit_prepared_before_its_tick_gives_what_the_tick_computes(
-    engine: Engine, tiny_fixture_dir: Path
-) -> None:
-    """The worker prepares each unit on another thread before its tick (the mel through the call's streaming
-    mel, the frame sliced): the tick then decides the same tokens and fills the same KV as with the raw unit,
-    and the call's streaming mel takes each unit's audio once."""
-    from PIL import Image
-
-    manifest = load_manifest(tiny_fixture_dir)
-    cfg = fixture_duplex_config(manifest)
-    audio = load_audio(tiny_fixture_dir / "inputs" / "duplex_audio.wav")
-    rng = np.random.default_rng(7)
-    frame = Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))
-    assert engine.model.vpm is not None  # the frames go through the vision tower
-
-    def run(prepared: bool) -> tuple[list[int], list[int], list[list]]:
-        call = DuplexSession(DuplexBatcher(engine, use_graphs=False, seed=3), unit_budget=200)
-        try:
-            call.prepare("Short.", None, cfg)
-            lengths = []
-            for k in range(4):
-                unit = UnitInput(audio=audio[k * 16000 : (k + 1) * 16000], frames=[frame] if k % 2 else [])
-                if prepared:
-                    unit = call.prepare_input(unit)
-                    assert unit.prepared and unit.mel is not None and len(unit.images) == k % 2
-                    assert call.state.mel.units == k + 1  # pushed once, here, not again in the tick
-                [done] = DuplexSession.tick([call], [unit])
-                lengths.append(done.kv_tokens)
-            assert call.state.mel.units == 4
-            return list(call.state.total_ids), lengths, [list(u) for u in call.state.schema]
-        finally:
-            call.close()
-
-    assert run(prepared=True) == run(prepared=False)

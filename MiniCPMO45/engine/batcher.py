@@ -39,6 +39,7 @@ from PIL import Image
 from ..audio.mel_stream import push_many
 from ..host_copy import upload
 from ..modules.whisper import pooled_tokens
+from ..processor.image import ImageInputs
 from ..token2wav import PromptCache, Token2Wav
 from .batched_audio import BatchedAudioEncoder
 from .batched_decision import DecisionParams, RecentIds, decide_batch
@@ -56,7 +57,6 @@ from .duplex import (
     record_fed,
     record_prefill,
     record_token,
-    slice_frames,
     stamp_prefill,
     start_unit,
     take_tails,
@@ -257,19 +257,20 @@ class DuplexBatcher:
         for s in sessions:
             _state(s).pending_logits = None
 
-        # units prepared before the tick (`prepare_input`, the worker's way) bring their mel and slices; for the
-        # others the frames are sliced on the pool while this thread computes their streaming mels in one batch
-        raw = [i for i, unit in enumerate(inputs) if not unit.prepared]
-        with_frames = [i for i in raw if inputs[i].frames]
-        image_jobs = self._host_pool.map(lambda i: slice_frames(eng, sessions[i], inputs[i]), with_frames)
-        audio = [inputs[i].audio for i in raw]
-        mel_units = push_many(
-            [_state(sessions[i]).mel for i in raw],
-            [a if a is not None and len(a) else None for a in audio],
-            self.device if self.device.type == "cuda" else None,  # a GPU runs the transform; the CPU, exact
-        )
-        mel_of = dict(zip(raw, mel_units, strict=True))
-        all_mel_units = [unit.mel if unit.prepared else mel_of[i] for i, unit in enumerate(inputs)]
+        def image_prep(i: int) -> list[ImageInputs]:
+            """One session's image slicing (numpy/PIL), run on the host thread pool; uint8 patch rows."""
+            unit, st = inputs[i], _state(sessions[i])
+            n_slices = unit.max_slice_nums or st.config.max_slice_nums
+            return [eng.images.preprocess(f, n_slices, normalized=False) for f in unit.frames]
+
+        # the images are sliced on the pool while this thread computes every session's streaming mel in one
+        # batch and queues the audio encoder on the GPU
+        with_frames = [i for i, unit in enumerate(inputs) if unit.frames]
+        image_jobs = self._host_pool.map(image_prep, with_frames)
+        audio = [u.audio if u.audio is not None and len(u.audio) else None for u in inputs]
+        # on a GPU the transform runs there; the CPU keeps the per-session-exact path
+        on_gpu = self.device if self.device.type == "cuda" else None
+        all_mel_units = push_many([_state(s).mel for s in sessions], audio, on_gpu)
         t_audio = time.perf_counter()
         with_audio = [i for i, m in enumerate(all_mel_units) if m is not None]
         audio_rows: dict[int, torch.Tensor] = {}  # by session index
@@ -278,8 +279,7 @@ class DuplexBatcher:
             embs = self.audio.encode_sessions([sessions[i] for i in with_audio], mels)
             audio_rows = dict(zip(with_audio, embs, strict=True))
         t_vision = time.perf_counter()
-        images_of = {i: unit.images for i, unit in enumerate(inputs) if unit.prepared}
-        images_of.update(zip(with_frames, image_jobs, strict=True))
+        images_of = dict(zip(with_frames, image_jobs, strict=True))
         ready: list[int] = []
         views: list[torch.Tensor] = []
         sizes: list[np.ndarray] = []

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -36,8 +36,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from ..audio.mel import DYNAMIC_FLOOR, FIXED_FLOOR_MODE, batch_features
-from ..audio.mel_stream import MelUnit, StreamingMel
-from ..processor.image import ImageInputs
+from ..audio.mel_stream import StreamingMel
 from ..tokenizer import MiniCPMOTokenizer
 from .core import Engine
 from .session import Mode, Session
@@ -108,18 +107,12 @@ class DuplexState:
 
 @dataclass
 class UnitInput:
-    """One unit of user input: 1 s of 16 kHz mono audio and the frames taken at that second.
-
-    `prepare_input` does the unit's host work before its tick (the mel, the frames' slicing); the tick then
-    takes `mel` and `images` as they are."""
+    """One unit of user input: 1 s of 16 kHz mono audio and the frames taken at that second."""
 
     audio: np.ndarray | None
     frames: list[Image.Image] = field(default_factory=list)
     force_listen: bool = False
     max_slice_nums: int | None = None
-    prepared: bool = False
-    mel: MelUnit | None = None  # prepared: the unit's mel (None: not enough audio yet)
-    images: list[ImageInputs] = field(default_factory=list)  # prepared: each frame as uint8 patch views
 
 
 @dataclass
@@ -221,25 +214,6 @@ def prepare(
 
 
 # ---- prefill --------------------------------------------------------------------------------------------------
-
-
-def prepare_input(engine: Engine, session: Session, unit: UnitInput) -> UnitInput:
-    """The unit's host work, done before its tick so that the tick's thread only launches GPU work: its audio
-    through the session's streaming mel (the per-session CPU path: ~0.5 ms a unit on one core) and its frames
-    sliced into uint8 patch views. Needs none of the model, so it may run on another thread; call it once per
-    unit, in order, and never while a tick runs this session (the streaming mel is the session's)."""
-    if unit.prepared:
-        raise ValueError("the unit is prepared already")
-    audio = unit.audio if unit.audio is not None and len(unit.audio) else None
-    mel = _state(session).mel.push(audio) if audio is not None else None
-    return replace(unit, prepared=True, mel=mel, images=slice_frames(engine, session, unit))
-
-
-def slice_frames(engine: Engine, session: Session, unit: UnitInput) -> list[ImageInputs]:
-    """The unit's frames as uint8 patch views (numpy/PIL; normalised on the GPU), sliced by the unit's or the
-    session's `max_slice_nums`."""
-    slices = unit.max_slice_nums or _state(session).config.max_slice_nums
-    return [engine.images.preprocess(f, slices, normalized=False) for f in unit.frames]
 
 
 def record_prefill(

@@ -23,16 +23,7 @@ import numpy as np
 from ..token2wav import PromptCache
 from .batcher import DuplexBatcher, UnitOutput
 from .context_window import SlidingWindow
-from .duplex import (
-    DuplexConfig,
-    DuplexState,
-    UnitInput,
-    _state,
-    context_length,
-    pending_tail,
-    prepare,
-    prepare_input,
-)
+from .duplex import DuplexConfig, DuplexState, UnitInput, _state, context_length, pending_tail, prepare
 from .session import Mode
 
 
@@ -67,11 +58,6 @@ class DuplexSession:
         self.window: SlidingWindow | None = None
 
     # ---- state --------------------------------------------------------------------------------------------
-    def prepare_input(self, unit: UnitInput) -> UnitInput:
-        """The unit's host work before its tick (`duplex.prepare_input`; any thread, never during this call's
-        tick)."""
-        return prepare_input(self.engine, self.session, unit)
-
     @property
     def slot(self) -> int:
         return self.session.slot

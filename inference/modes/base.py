@@ -23,9 +23,6 @@ class ModeUnit:
     queued_units: int = 0  # units of this session already waiting in the worker behind this one (backlog)
     # the unit's speech probabilities, when the mode's `prepare_unit` computed them off the mode thread
     vad_probs: list[float] | None = None
-    prepared: Any = (
-        None  # what else the mode's `prepare_unit` made of the unit (duplex: the engine's unit input)
-    )
 
 
 @dataclass
@@ -81,13 +78,12 @@ class WorkerMode(Protocol):
 
 
 class PreparingMode(WorkerMode, Protocol):
-    """A mode with per-unit CPU work that needs none of the model (chat's VAD; duplex: the mel and the frame's
-    slicing): `prepare_unit` runs on a thread of its own before the unit (and its frame, if any) goes to
-    `on_unit`/`on_units`, so that it never holds the mode thread, which launches every session's GPU work. Called
-    once per unit, in order, never at the same time as another call for the same session (a session's messages
-    are handled one at a time)."""
+    """A mode with per-unit CPU work that needs none of the model (chat's VAD): `prepare_unit` runs on a thread of
+    its own before the unit goes to `on_unit`/`on_units`, so that it never holds the mode thread, which launches
+    every session's GPU work. Called once per unit, in order, never at the same time as another call for the same
+    session (a session's messages are handled one at a time)."""
 
-    def prepare_unit(self, unit: ModeUnit, frame: np.ndarray | None) -> None: ...
+    def prepare_unit(self, unit: ModeUnit) -> None: ...
 
 
 def unit_preparer(mode: WorkerMode) -> Any:

@@ -327,7 +327,7 @@ class ChatMode:
             assert mode.tts is not None
             mode.reply = Reply(row, TurnVoice(host, mode.voice, mode.tts), mode.turn)
 
-    def prepare_unit(self, unit: ModeUnit, frame: np.ndarray | None = None) -> None:
+    def prepare_unit(self, unit: ModeUnit) -> None:
         """The unit's speech probabilities, off the mode thread (`inference.modes.base.PreparingMode`): Silero
         takes ~1.2 ms of CPU per session and unit, which the mode thread would otherwise spend between the
         GPU steps of every tick (57 ms per tick of 48 sessions, measured on an AMD EPYC core)."""

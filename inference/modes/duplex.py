@@ -143,10 +143,9 @@ class DuplexMode:
             _, unit, frame = batch[k]
             assert mode.call is not None
             behind = unit.queued_units > mode.options.max_backlog_units
+            frames = [Image.fromarray(frame)] if mode.omni and frame is not None else []
             calls.append(mode.call)
-            inputs.append(
-                unit.prepared if isinstance(unit.prepared, EngineUnit) else mode._engine_unit(unit, frame)
-            )
+            inputs.append(EngineUnit(audio=unit.pcm, frames=frames))
             listen = behind or mode.close_turn or mode.options.force == "listen"
             mode.close_turn = False
             force_listen.append(listen)
@@ -164,17 +163,6 @@ class DuplexMode:
             }
             outputs[k] = mode._unit_outputs(done, timings)
         return outputs
-
-    def prepare_unit(self, unit: ModeUnit, frame: np.ndarray | None) -> None:
-        """The unit's mel and its frame's slicing, off the mode thread (`DuplexSession.prepare_input`): the mel
-        alone took ~1 ms of host time per session in every tick, with the GPU idle (26 ms of a tick of 24 omni
-        sessions on the H100 host). A paused session's units are not heard, so they are not prepared either."""
-        if self.call is not None and not self.paused:
-            unit.prepared = self.call.prepare_input(self._engine_unit(unit, frame))
-
-    def _engine_unit(self, unit: ModeUnit, frame: np.ndarray | None) -> EngineUnit:
-        frames = [Image.fromarray(frame)] if self.omni and frame is not None else []
-        return EngineUnit(audio=unit.pcm, frames=frames)
 
     def _unit_outputs(self, done: TickUnit, timings: dict[str, float]) -> list[Output]:
         out = done.output
