@@ -298,7 +298,7 @@ class Sessions:
     def __init__(self, executor: concurrent.futures.Executor, settings: WorkerSettings) -> None:
         self.executor = executor
         self.settings = settings
-        # modes' per-unit CPU work (chat's VAD, the duplex units' mel and frames) beside the mode thread
+        # modes' per-unit CPU work (chat's VAD: onnxruntime, which lets go of the GIL) beside the mode thread
         self.preparer = concurrent.futures.ThreadPoolExecutor(
             max_workers=settings.prepare_threads,
             thread_name_prefix="prepare",
