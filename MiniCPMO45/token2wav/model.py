@@ -341,8 +341,8 @@ class Token2Wav:
         """
         if rule not in ("turn", "duplex"):
             raise ValueError(f"rule must be 'turn' or 'duplex', got {rule!r}")
+        state = self.streaming.new_state()
         if self.flow_graphs is None:
-            state = self.streaming.new_state()
             return TurnState(prompt, prompt.flow_cache.clone(), state, rule, drop_lead_in=not lead_in)
         base = prompt.flow_cache
         kv_slot = self.flow_graphs.store.open(base.estimator_kv, prompt.prompt_frames, HISTORY_FRAMES, phase)
@@ -352,7 +352,6 @@ class Token2Wav:
             base.estimator_conv.clone(),
             base.estimator_kv[:, :, :, :, :0],
         )
-        state = self.streaming.new_state()
         return TurnState(prompt, cache, state, rule, kv_slot=kv_slot, drop_lead_in=not lead_in)
 
     def reserve_turns(self, prompt: PromptCache, turns: int, phases: int = 1) -> None:
