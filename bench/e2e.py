@@ -74,7 +74,7 @@ class CallResult:
     roundtrip_ms: list[float] = field(default_factory=list)
     batch_sessions: list[float] = field(default_factory=list)  # calls that shared the tick of each unit
     compute_ms: list[float] = field(default_factory=list)  # the worker's time for each unit
-    # the mode's split of compute_ms (`STAGES`), for the units whose tick ran that stage
+    # the mode's split of compute_ms and the worker's waits (`STAGES`), for the units that have each
     stage_ms: dict[str, list[float]] = field(default_factory=dict)
     error_codes: list[str] = field(default_factory=list)
     gaps_ms: list[float] = field(default_factory=list)
@@ -127,7 +127,19 @@ class Row:
     thread_cpu_pct: dict[str, float] = field(default_factory=dict)
 
 
-STAGES = ("prefill_ms", "decide_ms", "tts_ms", "vocoder_ms", "vad_ms")  # `UnitMetrics` fields
+# `UnitMetrics` fields: the mode's stages, then where a unit waited in the worker (before its tick, behind the
+# session's earlier units) and its tick's whole run
+STAGES = (
+    "prefill_ms",
+    "decide_ms",
+    "tts_ms",
+    "vocoder_ms",
+    "vad_ms",
+    "handoff_ms",
+    "queue_ms",
+    "tick_wait_ms",
+    "tick_ms",
+)
 
 
 def pctl(values: Sequence[float], q: float) -> float | None:

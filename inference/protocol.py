@@ -257,6 +257,12 @@ class UnitMetrics(_Msg):
         0.0, description="handoff + queue: how far behind real time the model started on this unit"
     )
     backlog_units: int = Field(0, description="units of the session waiting behind this one")
+    tick_wait_ms: float | None = Field(
+        None,
+        description="batching modes: in the worker's tick loop before its tick ran (the other sessions' units, "
+        "the ticks ahead of it)",
+    )
+    tick_ms: float | None = Field(None, description="batching modes: the run of the tick that held the unit")
     prefill_ms: float | None = Field(None, description="prefill (audio encoder, vision, LLM feed)")
     decide_ms: float | None = Field(None, description="the listen/speak decision and the text")
     tts_ms: float | None = Field(None, description="speech tokens")

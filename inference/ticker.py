@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from inference import protocol as p
 from inference.modes.base import ModeUnit, Output, WorkerMode, batch_runner
 
 log = logging.getLogger("inference.worker")
@@ -35,6 +36,7 @@ class _Waiting:
     frame: Any
     grid: int | None  # its session's phase, or None for a mode whose sessions of every phase tick together
     done: asyncio.Future[list[Output]]
+    submitted: float = 0.0  # time.monotonic() when it came
 
 
 class UnitTicker:
@@ -110,7 +112,7 @@ class UnitTicker:
         """Run the unit in a tick. `grid`: the session's phase, whose units arrive together; None for a mode
         whose units of every phase are cut on one grid (`SessionSetup.one_grid`)."""
         done: asyncio.Future[list[Output]] = asyncio.get_running_loop().create_future()
-        self.waiting.append(_Waiting(mode, unit, frame, grid, done))
+        self.waiting.append(_Waiting(mode, unit, frame, grid, done, time.monotonic()))
         self.wake.set()
         return await done
 
@@ -143,9 +145,12 @@ class UnitTicker:
                         if not w.done.done():
                             w.done.set_exception(exc)
                     continue
+                ran_ms = (time.monotonic() - started) * 1000
                 for w, out in zip(items, outs, strict=True):
                     if not w.done.done():
-                        w.done.set_result(out)
+                        # where the unit's time in the tick loop went (merged into the mode's own metrics)
+                        wait_ms = (started - w.submitted) * 1000
+                        w.done.set_result([*out, p.UnitMetrics(tick_wait_ms=wait_ms, tick_ms=ran_ms)])
 
     def _check_compiles(self, before: int, started: float, units: int) -> None:
         """Warn when a tick compiled (a compile inside a live tick stalls every call of the worker for seconds

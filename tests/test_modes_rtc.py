@@ -196,6 +196,11 @@ async def test_omni_duplex_forced_speech_with_video(start_test_server) -> None:
         metrics = [e for e in call.events if e["type"] == "metrics"]
         assert any(m["tts_ms"] is not None and m["vocoder_ms"] is not None for m in metrics), metrics
         assert all(m["batch_sessions"] == 1 for m in metrics)  # the only call: a tick of one
+        # the tick loop's split of the worker's time: the wait before the unit's tick, then the tick itself
+        for m in metrics:
+            assert m["tick_ms"] > 0 and m["tick_wait_ms"] >= 0, m
+            assert m["tick_wait_ms"] + m["tick_ms"] <= m["compute_ms"] + 0.01, m
+        assert sum(m["tick_ms"] for m in metrics) > 0.5 * sum(m["compute_ms"] for m in metrics), metrics
         # the first three units are listens: each holds the audio (13 positions) and one camera frame
         query_num = json.loads(EMBEDDED_CONFIG.read_text())["query_num"]
         kv = {m["unit"]: m["kv_tokens"] for m in metrics}
