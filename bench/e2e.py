@@ -135,6 +135,7 @@ STAGES = (
     "tts_ms",
     "vocoder_ms",
     "vad_ms",
+    "turn_to_speech_ms",
     "handoff_ms",
     "queue_ms",
     "tick_wait_ms",
@@ -335,6 +336,7 @@ class CallerJob:
     ready_timeout: float
     turn_interval: float
     video_fps: float
+    chat_turns: str = "typed"  # chat: "typed" (text every turn_interval) or "spoken" (the signal's speech)
 
 
 @dataclass
@@ -381,11 +383,14 @@ class Caller:
         )
 
 
-async def open_call(job: CallerJob) -> Caller:
+async def open_call(job: CallerJob, index: int = 0) -> Caller:
     clock = FrameClock()
     call = Call(job.url, job.signal, recorder=clock)  # type: ignore[arg-type]  # duck-typed Recorder
     caller = Caller(call, clock)
-    call.track = LoopingAudioTrack(job.signal)
+    signal = job.signal
+    if job.mode == "chat" and job.chat_turns == "spoken":  # the calls' turns staggered over the period
+        signal = np.roll(signal, -int(signal.size * index / max(job.calls, 1)))
+    call.track = LoopingAudioTrack(signal)
     call.pc.getSenders()[0].replaceTrack(call.track)
     if job.mode == "omni_duplex":
         call.pc.addTrack(PatternVideoTrack(job.video_fps))
@@ -423,12 +428,12 @@ async def wait_admitted(call: Call, timeout: float) -> None:
 
 
 async def run_callers(job: CallerJob, index: int, ready: Any, go: Any, window: Any, results: Any) -> None:
-    callers = await asyncio.gather(*(open_call(job) for _ in range(job.calls)))
+    callers = await asyncio.gather(*(open_call(job, i) for i in range(job.calls)))
     ready.put(index)
     while not go.is_set():
         await asyncio.sleep(0.05)
     t0, t1 = window[0], window[1]
-    if job.mode == "chat":  # typed turns, staggered over the calls
+    if job.mode == "chat" and job.chat_turns == "typed":  # typed turns, staggered over the calls
         step = job.turn_interval / max(job.calls, 1)
         next_turn = [time.monotonic() + 0.5 + i * step for i in range(job.calls)]
         while time.monotonic() < t1:
@@ -459,14 +464,22 @@ def synthetic_speech(seconds: float = 3.0) -> np.ndarray:
     return (0.5 * x / np.abs(x).max()).astype(np.float32)
 
 
-def caller_signal(mode: str, out: Path) -> np.ndarray:
-    if mode == "chat":  # the turns are typed: a quiet microphone keeps the VAD from barging in
+def caller_signal(
+    mode: str, out: Path, chat_turns: str = "typed", period_s: float = 10.0, speech_file: str | None = None
+) -> np.ndarray:
+    """What each caller's microphone plays, looped: speech and a pause; for chat with typed turns silence (a
+    quiet microphone keeps the VAD from barging in), with spoken turns one sentence every `period_s`."""
+    if mode == "chat" and chat_turns == "typed":
         return np.zeros(RATE, np.float32)
     try:
-        speech = speech_signal(out / "speech.wav") if Path(ESPEAK).exists() else synthetic_speech()
+        if speech_file:
+            speech = speech_signal(Path(speech_file))
+        else:
+            speech = speech_signal(out / "speech.wav") if Path(ESPEAK).exists() else synthetic_speech()
     except (OSError, subprocess.CalledProcessError):
         speech = synthetic_speech()
-    return np.concatenate([speech, np.zeros(int(1.5 * RATE), np.float32)])  # a pause between sentences
+    pause_s = max(2.0, period_s - speech.size / RATE) if mode == "chat" else 1.5  # between sentences
+    return np.concatenate([speech, np.zeros(int(pause_s * RATE), np.float32)])
 
 
 # ---- the server under load ----
@@ -758,7 +771,14 @@ def run_level(
     procs = []
     for i, (mode, share) in enumerate(caller_jobs(args.mode, n, args.client_procs)):
         job = CallerJob(
-            server.url, mode, share, sigs[mode], args.ready_timeout, args.turn_interval, args.video_fps
+            server.url,
+            mode,
+            share,
+            sigs[mode],
+            args.ready_timeout,
+            args.turn_interval,
+            args.video_fps,
+            args.chat_turns,
         )
         procs.append(
             ctx.Process(target=caller_process, args=(job, i, ready, go, window, results), daemon=True)
@@ -835,7 +855,12 @@ def header(meta: dict[str, Any]) -> str:
     return (
         f"`{meta['mode']}`, {meta['date']}: CPU {meta['cpu']} ({meta['logical_cpus']} logical CPUs), "
         f"GPU {meta['gpu']}; server `run.py` ({meta['workers']}), {meta['client_procs']} caller process(es) on "
-        f"the same host; {meta['seconds']:.0f} s window after a {meta['warmup']:.0f} s warm-up."
+        f"the same host; {meta['seconds']:.0f} s window after a {meta['warmup']:.0f} s warm-up"
+        + (
+            f"; chat turns {meta['chat_turns']}."
+            if "chat_turns" in meta and meta["mode"] in ("chat", "mixed")
+            else "."
+        )
     )
 
 
@@ -850,7 +875,7 @@ def table(rows: list[Row], meta: dict[str, Any]) -> str:
         "errors",
     ]
     cols += ["gap p99/max (late p99) ms", "missing frames", "voiced"] + (
-        ["turn→text / audio p50 ms"] if chat else []
+        ["turn→text / audio p50 ms", "turn end→speech (server) p50/p95 ms"] if chat else []
     )
     cols += [
         "captures/compiles joining / in window",
@@ -880,6 +905,8 @@ def table(rows: list[Row], meta: dict[str, Any]) -> str:
                 if r.turns_sent
                 else "–"
             )
+            first = r.stage_ms.get("turn_to_speech_ms")
+            cells.append(f"{fmt(first['p50'])} / {fmt(first['p95'])}" if first else "–")
         cells += [
             f"{r.stalls_joining} / {r.stalls_window}",
             f"{r.media_cpu_pct:.0f} % ({fmt(r.media_cpu_per_call_pct, 1)} %)",
@@ -934,7 +961,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--startup-timeout", type=float, default=900.0, help="server up (GPU warm-up)")
     ap.add_argument("--ready-timeout", type=float, default=300.0, help="a call's first metrics event")
     ap.add_argument("--video-fps", type=float, default=5.0, help="omni_duplex: camera frames per second")
-    ap.add_argument("--turn-interval", type=float, default=6.0, help="chat: seconds between typed turns")
+    ap.add_argument("--turn-interval", type=float, default=6.0, help="chat: seconds between turns")
+    ap.add_argument(
+        "--chat-turns",
+        choices=("typed", "spoken"),
+        default="typed",
+        help="chat: typed text, or speech ended by the server's VAD (its turn end -> first speech: server side)",
+    )
+    ap.add_argument(
+        "--speech", help="a WAV of speech for the callers (default: espeak-ng, else a synthetic voice)"
+    )
     ap.add_argument("--restart-per-level", action="store_true")
     ap.add_argument("--out", default="bench-e2e-out")
     ap.add_argument("--profile", help="py-spy (if installed) records the workers and a media process here")
@@ -969,9 +1005,13 @@ def main(argv: list[str] | None = None) -> int:
         "client_procs": args.client_procs,
         "seconds": args.seconds,
         "warmup": args.warmup,
+        "chat_turns": f"{args.chat_turns} every {args.turn_interval:g} s",
         "python": platform.python_version(),
     }
-    sigs = {mode: caller_signal(mode, out) for mode in (MIXED if args.mode == "mixed" else (args.mode,))}
+    sigs = {
+        mode: caller_signal(mode, out, args.chat_turns, args.turn_interval, args.speech)
+        for mode in (MIXED if args.mode == "mixed" else (args.mode,))
+    }
     gpu = GpuSampler(args.gpus)
     gpu.start()
     rows: list[Row] = []

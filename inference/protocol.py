@@ -268,6 +268,11 @@ class UnitMetrics(_Msg):
     tts_ms: float | None = Field(None, description="speech tokens")
     vocoder_ms: float | None = Field(None, description="speech tokens -> audio")
     vad_ms: float | None = Field(None, description="voice activity detection (chat)")
+    turn_to_speech_ms: float | None = Field(
+        None,
+        description="chat, on the unit whose tick sent a reply's first speech: from the user turn's end (a "
+        "spoken turn's last unit complete at the server, a typed turn taken by the worker) to that speech",
+    )
     kv_tokens: int | None = Field(None, description="the session's KV length after the unit")
     dropped_tokens: int | None = Field(
         None, description="KV positions the context window dropped before the unit"

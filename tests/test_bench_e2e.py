@@ -14,10 +14,13 @@ import numpy as np
 import pytest
 
 from bench.e2e import (
+    RATE,
     CallResult,
     GpuSampler,
+    Row,
     audio_onset,
     caller_jobs,
+    caller_signal,
     frame_gaps_ms,
     gpu_name,
     late_ms,
@@ -238,3 +241,33 @@ def test_e2e_mixed_chat_and_duplex_calls_on_one_server(tmp_path: Path) -> None:
         assert (row["asked"], row["admitted"], row["errors"]) == (1, 1, 0), row
         assert row["units"] > 0 and row["frames_received"] > 0
     assert rows[0]["turns_sent"] >= 1 and rows[1]["turns_sent"] == 0
+
+
+def test_chat_callers_speak_their_turns_on_a_period(tmp_path: Path) -> None:
+    typed = caller_signal("chat", tmp_path)
+    assert not typed.any()  # typed turns: a quiet microphone
+    spoken = caller_signal("chat", tmp_path, "spoken", period_s=7.0)
+    assert spoken.size == pytest.approx(7.0 * RATE, abs=1)  # one sentence, then the pause, every period
+    voiced = np.flatnonzero(np.abs(spoken) > 0.05)
+    assert voiced[0] < RATE and voiced[-1] < 5 * RATE  # the sentence leads, the reply gets the rest
+    duplex = caller_signal("audio_duplex", tmp_path, "spoken", period_s=7.0)
+    assert duplex.size < spoken.size  # duplex callers pause 1.5 s between sentences, whatever the period
+
+
+def test_e2e_chat_with_spoken_turns_reports_the_server_turn_end_to_speech(tmp_path: Path) -> None:
+    """`--chat-turns spoken` on the embedded model: the caller's sentences end turns at the server's VAD, and the
+    row has the server's turn end -> first speech for them."""
+    out = tmp_path / "out"
+    argv = ["--mode", "chat", "--calls", "1", "--seconds", "7", "--warmup", "1", "--chat-turns", "spoken"]
+    argv += ["--turn-interval", "4", "--client-procs", "1", "--out", str(out)]
+    argv += ["--startup-timeout", "120", "--ready-timeout", "90"]
+    assert main(argv) == 0
+    results = json.loads((out / "e2e-chat.json").read_text())
+    [row] = results["rows"]
+    assert (row["admitted"], row["errors"], row["turns_sent"]) == (1, 0, 0), row
+    first = row["stage_ms"]["turn_to_speech_ms"]
+    assert 0 < first["p50"] <= first["max"] < 5000, first
+    assert row["stage_ms"]["tick_ms"]["p50"] > 0
+    md = table([Row(**row)], results["meta"])
+    assert "turn end→speech (server)" in md and f"| {first['p50']:.0f} / {first['p95']:.0f} |" in md
+    assert "chat turns spoken every 4 s" in md

@@ -89,10 +89,17 @@ async def test_chat_over_json_text_turn_speech_and_barge_in(start_test_server, s
         await call.wait_connected()
         await call.wait_event("session", timeout=60, mode="chat", phase="active")
         await call.channel_open.wait()
+        sent_at = time.monotonic()
         call.send({"type": "text", "text": "Tell me a story."})
         await call.wait_event("state", timeout=90, state="speaking")
         spoke_at = call.arrival("state", state="speaking")
         assert spoke_at is not None
+        # the unit whose tick sent the first speech says how long after the turn (server side: within what the
+        # caller saw, from sending the text to hearing that the reply speaks)
+        timed = lambda: [e for e in call.events if e["type"] == "metrics" and e["turn_to_speech_ms"]]  # noqa: E731
+        await wait_until(lambda: bool(timed()), 20, "no metrics with turn_to_speech_ms")
+        first = timed()[0]
+        assert 0 < first["turn_to_speech_ms"] < (spoke_at - sent_at) * 1000, (first, spoke_at - sent_at)
         await wait_until(
             lambda: call.energy_between(spoke_at, time.monotonic()) > 0.01, 60, "no speech heard"
         )
@@ -120,6 +127,11 @@ async def test_chat_over_json_text_turn_speech_and_barge_in(start_test_server, s
         assert heard < 1e-3, heard
         metrics = [e for e in call.events if e["type"] == "metrics"]
         assert metrics and all(m["vad_ms"] is not None for m in metrics)
+        # one per reply that spoke (the typed turn's, and the spoken turn's if it spoke before the end)
+        speaking = lambda: [e for e in call.events if e["type"] == "state" and e["state"] == "speaking"]  # noqa: E731
+        await wait_until(
+            lambda: len(timed()) == len(speaking()), 10, "a reply's first speech without its time"
+        )
         check_order(call.events)
     finally:
         await call.close()

@@ -68,10 +68,13 @@ class Reply:
     """One reply in progress: its decoding row and its speech. Text may be decoded up to one chunk ahead of the
     voice: while the voice speaks a chunk it takes no tokens, so they wait in `ahead` (`take`, `hand_over`)."""
 
-    def __init__(self, row: ReplyRow, voice: TurnVoice, turn: int) -> None:
+    def __init__(self, row: ReplyRow, voice: TurnVoice, turn: int, turn_end: float) -> None:
         self.row = row
         self.voice = voice
         self.turn = turn
+        # time.monotonic() of the user turn's end: a spoken turn's last unit complete at the server, a typed one
+        # taken by the worker
+        self.turn_end = turn_end
         self.spoken_at: int | None = None  # index of the unit in whose tick its first speech went out
         # decoded tokens (with their hidden states) the voice has not taken yet
         self.ahead: list[tuple[int, torch.Tensor]] = []
@@ -136,6 +139,7 @@ class ChatMode:
         self.pending: TurnInput | None = None
         self.held = False
         self.turn = 0
+        self.turn_end = 0.0  # of the turn being answered (`Reply.turn_end`)
         self.paused = False
         self.collecting = False
         self.segment: list[np.ndarray] = []
@@ -325,7 +329,7 @@ class ChatMode:
                 display_text=True,
             )
             assert mode.tts is not None
-            mode.reply = Reply(row, TurnVoice(host, mode.voice, mode.tts), mode.turn)
+            mode.reply = Reply(row, TurnVoice(host, mode.voice, mode.tts), mode.turn, mode.turn_end)
 
     def prepare_unit(self, unit: ModeUnit) -> None:
         """The unit's speech probabilities, off the mode thread (`inference.modes.base.PreparingMode`): Silero
@@ -369,6 +373,7 @@ class ChatMode:
             started = time.perf_counter()
             outs, ended = mode._listen(unit)
             if ended is not None:  # a spoken turn ends here (it replaces a typed one still waiting)
+                mode.turn_end = unit.completed_at
                 answer = mode.options.auto_respond
                 more, go = mode._prepare_turn(ended, None, answer)
                 outs += more
@@ -409,6 +414,11 @@ class ChatMode:
         speech_ms = ChatMode._speak(
             [batch[k][0] for k in moving], [outputs[k] for k in moving], [batch[k][1].index for k in moving]
         )
+        now = time.monotonic()
+        for k in moving:  # the replies whose first speech goes out now: how long after their turn's end
+            reply = batch[k][0].reply
+            if reply is not None and reply.spoken_at == batch[k][1].index:
+                timings[k]["turn_to_speech_ms"] = (now - reply.turn_end) * 1000
         advanced = set(moving)
         sessions = [s for k in live if (s := batch[k][0].session) is not None]
         host = batch[live[0]][0].host if live else None
@@ -543,4 +553,5 @@ class ChatMode:
         outputs, go = self._prepare_turn(turn[0], turn[1], image=turn[2])
         if go:
             self.pending = turn
+            self.turn_end = time.monotonic()
         return outputs
