@@ -494,8 +494,8 @@ class Server:
     log: Path
 
 
-# what the server logs when a live tick stalls on a CUDA graph capture or a torch.compile
-STALL = re.compile(r"graph \d+ captured in|compiled \d+ graph")
+# what the server logs when a live tick stalls on a CUDA graph capture, a torch.compile or the CUDA allocator
+STALL = re.compile(r"graph \d+ captured in|compiled \d+ graph|CUDA allocator retries")
 
 
 def stalls_logged(log: Path) -> int:
@@ -878,7 +878,7 @@ def table(rows: list[Row], meta: dict[str, Any]) -> str:
         ["turn→text / audio p50 ms", "turn end→speech (server) p50/p95 ms"] if chat else []
     )
     cols += [
-        "captures/compiles joining / in window",
+        "captures/compiles/alloc retries joining / in window",
         "media CPU (per call)",
         "worker CPU",
         "GPU busy",

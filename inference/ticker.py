@@ -29,6 +29,15 @@ def compile_count() -> int:
     return 0 if utils is None else int(utils.counters["stats"]["unique_graphs"])
 
 
+def alloc_retries() -> int:
+    """Times CUDA's caching allocator found no free block, emptied its cache and retried `cudaMalloc` in this
+    process (each retry synchronizes the device, so a tick that hits one stalls); 0 where CUDA is not in use."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return 0
+    return int(torch.cuda.memory_stats().get("num_alloc_retries", 0))
+
+
 @dataclass
 class _Waiting:
     mode: WorkerMode
@@ -72,6 +81,7 @@ class UnitTicker:
         self.wake = asyncio.Event()
         self.ticks = 0
         self.live_compiles = 0  # graphs compiled while ticks ran: shapes the warm-up did not cover
+        self.alloc_retries = 0  # CUDA allocator retries while ticks ran: the card was short of memory
         self.task = asyncio.create_task(self._run(), name="unit-ticker")
 
     def join(self, session_id: str) -> int:
@@ -132,13 +142,14 @@ class UnitTicker:
             ordered = sorted(groups.items(), key=lambda g: getattr(type(g[1][0].mode), "tick_priority", 0))
             for run, items in ordered:
                 self.ticks += 1
-                compiled = compile_count()
+                compiled, retried = compile_count(), alloc_retries()
                 started = time.monotonic()
                 try:
                     outs = await loop.run_in_executor(
                         self.executor, run, [(w.mode, w.unit, w.frame) for w in items]
                     )
                     self._check_compiles(compiled, started, len(items))
+                    self._check_alloc_retries(retried, started, len(items))
                 except Exception as exc:
                     log.exception("tick of %d units failed", len(items))
                     for w in items:
@@ -151,6 +162,19 @@ class UnitTicker:
                         # where the unit's time in the tick loop went (merged into the mode's own metrics)
                         wait_ms = (started - w.submitted) * 1000
                         w.done.set_result([*out, p.UnitMetrics(tick_wait_ms=wait_ms, tick_ms=ran_ms)])
+
+    def _check_alloc_retries(self, before: int, started: float, units: int) -> None:
+        """Warn when a tick made the CUDA allocator empty its cache and retry: the memory budget left the card too
+        little room for the tick's temporaries."""
+        new = alloc_retries() - before
+        if new > 0:
+            self.alloc_retries += new
+            log.warning(
+                "a tick of %d units waited on %d CUDA allocator retries (%.0f ms): the card is short of memory",
+                units,
+                new,
+                (time.monotonic() - started) * 1000,
+            )
 
     def _check_compiles(self, before: int, started: float, units: int) -> None:
         """Warn when a tick compiled (a compile inside a live tick stalls every call of the worker for seconds

@@ -161,7 +161,7 @@ def test_e2e_loopback_one_call(tmp_path: Path) -> None:
 
 def test_stalls_are_counted_from_the_server_log(tmp_path: Path) -> None:
     """The graph captures and torch.compile runs a server logs (the flow's, the HiFT decoder's, a static step's,
-    a tick's compiles), nothing else; a missing log counts none."""
+    a tick's compiles) and its ticks' CUDA allocator retries, nothing else; a missing log counts none."""
     log = tmp_path / "server.log"
     log.write_text(
         "x MiniCPMO45.token2wav.flow_graphs INFO flow graph 5 captured in 412 ms: ChunkShape(bucket=4)\n"
@@ -169,8 +169,9 @@ def test_stalls_are_counted_from_the_server_log(tmp_path: Path) -> None:
         "x inference.worker WARNING a tick of 3 units compiled 1 graph(s) with torch.compile (900 ms)\n"
         "x MiniCPMO45.engine.graphs INFO static step graph 7 captured in 150 ms: {'embeds': (24, 32, 4096)}\n"
         "x inference.worker INFO warm-up done; graphs captured: 12\n"
+        "x inference.worker WARNING a tick of 24 units waited on 3 CUDA allocator retries (640 ms): short\n"
     )
-    assert stalls_logged(log) == 4
+    assert stalls_logged(log) == 5
     assert stalls_logged(tmp_path / "missing.log") == 0
 
 

@@ -183,6 +183,35 @@ async def test_a_tick_that_compiles_is_logged(
     assert not worker.of("listener", p.ErrorOut)
 
 
+async def test_a_tick_that_waits_on_cuda_allocator_retries_is_logged(
+    worker: FakeServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A tick during which CUDA's caching allocator emptied its cache and retried (the card short of memory: each
+    retry synchronizes) is logged and counted; the allocator's counter is the CUDA one where CUDA runs, 0 here."""
+    import inference.ticker as ticker
+
+    assert ticker.alloc_retries() == 0  # no CUDA in this process
+    rng = np.random.default_rng(4)
+    await open_all(worker, {"listener": SESSIONS["listener"]})
+    retries = [0]
+    monkeypatch.setattr(ticker, "alloc_retries", lambda: retries[0])
+    await worker.send(*unit("listener", 0, rng, frame=False))
+    await worker.wait_for("listener", p.UnitDone, 1)
+    real = DuplexBatcher.run_units
+
+    def short_of_memory(self: DuplexBatcher, *args: Any, **kwargs: Any) -> Any:
+        retries[0] += 2  # as two cudaMalloc retries inside the tick would count
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DuplexBatcher, "run_units", short_of_memory)
+    with caplog.at_level("WARNING", logger="inference.worker"):
+        await worker.send(*unit("listener", 1, rng, frame=False))
+        await worker.wait_for("listener", p.UnitDone, 2)
+    assert "a tick of 1 units waited on 2 CUDA allocator retries" in caplog.text
+    assert caplog.text.count("allocator retries") == 1  # the first tick retried nothing
+    assert not worker.of("listener", p.ErrorOut)
+
+
 @pytest.mark.parametrize("worker", [PHASED], indirect=True)
 async def test_sessions_take_turns_on_two_half_second_grids(worker: FakeServer) -> None:
     rng = np.random.default_rng(2)
