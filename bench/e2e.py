@@ -494,8 +494,11 @@ class Server:
     log: Path
 
 
-# what the server logs when a live tick stalls on a CUDA graph capture, a torch.compile or the CUDA allocator
-STALL = re.compile(r"graph \d+ captured in|compiled \d+ graph|CUDA allocator retries")
+# what the server logs when a live tick stalls on a CUDA graph capture, a torch.compile, the CUDA allocator or a
+# garbage collection
+STALL = re.compile(
+    r"graph \d+ captured in|compiled \d+ graph|CUDA allocator retries|by \d+ garbage collection"
+)
 
 
 def stalls_logged(log: Path) -> int:
@@ -878,7 +881,7 @@ def table(rows: list[Row], meta: dict[str, Any]) -> str:
         ["turn→text / audio p50 ms", "turn end→speech (server) p50/p95 ms"] if chat else []
     )
     cols += [
-        "captures/compiles/alloc retries joining / in window",
+        "stalls logged (captures, compiles, allocator, GC) joining / in window",
         "media CPU (per call)",
         "worker CPU",
         "GPU busy",

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from inference import gc_pauses
 from inference import protocol as p
 from inference.modes.base import ModeUnit, Output, WorkerMode, batch_runner
 
@@ -82,6 +83,7 @@ class UnitTicker:
         self.ticks = 0
         self.live_compiles = 0  # graphs compiled while ticks ran: shapes the warm-up did not cover
         self.alloc_retries = 0  # CUDA allocator retries while ticks ran: the card was short of memory
+        self.gc_pauses = 0  # long garbage collections while ticks ran (`inference.gc_pauses`)
         self.task = asyncio.create_task(self._run(), name="unit-ticker")
 
     def join(self, session_id: str) -> int:
@@ -142,7 +144,8 @@ class UnitTicker:
             ordered = sorted(groups.items(), key=lambda g: getattr(type(g[1][0].mode), "tick_priority", 0))
             for run, items in ordered:
                 self.ticks += 1
-                compiled, retried = compile_count(), alloc_retries()
+                compiled, retried, collected = compile_count(), alloc_retries(), gc_pauses.PAUSES.count
+                paused_ms = gc_pauses.PAUSES.total_ms
                 started = time.monotonic()
                 try:
                     outs = await loop.run_in_executor(
@@ -150,6 +153,7 @@ class UnitTicker:
                     )
                     self._check_compiles(compiled, started, len(items))
                     self._check_alloc_retries(retried, started, len(items))
+                    self._check_gc_pauses(collected, paused_ms, len(items))
                 except Exception as exc:
                     log.exception("tick of %d units failed", len(items))
                     for w in items:
@@ -162,6 +166,19 @@ class UnitTicker:
                         # where the unit's time in the tick loop went (merged into the mode's own metrics)
                         wait_ms = (started - w.submitted) * 1000
                         w.done.set_result([*out, p.UnitMetrics(tick_wait_ms=wait_ms, tick_ms=ran_ms)])
+
+    def _check_gc_pauses(self, before: int, before_ms: float, units: int) -> None:
+        """Warn when garbage collections over `gc_pauses.PAUSES`' threshold ran while a tick did (they hold the
+        GIL: the tick's host work stopped for them)."""
+        new = gc_pauses.PAUSES.count - before
+        if new > 0:
+            self.gc_pauses += new
+            log.warning(
+                "a tick of %d units was held up %.0f ms by %d garbage collection(s)",
+                units,
+                gc_pauses.PAUSES.total_ms - before_ms,
+                new,
+            )
 
     def _check_alloc_retries(self, before: int, started: float, units: int) -> None:
         """Warn when a tick made the CUDA allocator empty its cache and retry: the memory budget left the card too

@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from inference import gc_pauses
 from inference import protocol as p
 from inference.capacity import WorkerCapacity
 from inference.link_server import LinkServer
@@ -75,6 +76,8 @@ def preload_engine(settings: WorkerSettings) -> WorkerCapacity | None:
 
         host = get_host(settings)
         host.duplex_batcher()
+        frozen = gc_pauses.freeze_loaded()
+        log.info("%d objects of the loaded engine kept out of garbage collections", frozen)
         return host.capacity
     except Exception:
         log.exception("preloading the engine failed; the first session will try again")
@@ -113,6 +116,7 @@ async def serve(
     preload = wants_preload(settings, device)
     settings = settings.model_copy(update={"device": device})
     name_this_thread("ipc")  # the event loop: the server connection, the data links, the session runners
+    gc_pauses.watch()  # long collections during ticks get logged (`UnitTicker`)
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=1, thread_name_prefix="mode", initializer=name_this_thread, initargs=("mode",)
     )

@@ -161,7 +161,7 @@ def test_e2e_loopback_one_call(tmp_path: Path) -> None:
 
 def test_stalls_are_counted_from_the_server_log(tmp_path: Path) -> None:
     """The graph captures and torch.compile runs a server logs (the flow's, the HiFT decoder's, a static step's,
-    a tick's compiles) and its ticks' CUDA allocator retries, nothing else; a missing log counts none."""
+    a tick's compiles) and its ticks' CUDA allocator retries and garbage collections, nothing else; a missing log counts none."""
     log = tmp_path / "server.log"
     log.write_text(
         "x MiniCPMO45.token2wav.flow_graphs INFO flow graph 5 captured in 412 ms: ChunkShape(bucket=4)\n"
@@ -170,8 +170,10 @@ def test_stalls_are_counted_from_the_server_log(tmp_path: Path) -> None:
         "x MiniCPMO45.engine.graphs INFO static step graph 7 captured in 150 ms: {'embeds': (24, 32, 4096)}\n"
         "x inference.worker INFO warm-up done; graphs captured: 12\n"
         "x inference.worker WARNING a tick of 24 units waited on 3 CUDA allocator retries (640 ms): short\n"
+        "x inference.worker WARNING a tick of 24 units was held up 95 ms by 1 garbage collection(s)\n"
+        "x inference.worker INFO 2000000 objects of the loaded engine kept out of garbage collections\n"
     )
-    assert stalls_logged(log) == 5
+    assert stalls_logged(log) == 6
     assert stalls_logged(tmp_path / "missing.log") == 0
 
 

@@ -5,6 +5,7 @@ reach the right sessions; a failing tick ends only the sessions in it."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import defaultdict
 from typing import Any
 
@@ -209,6 +210,35 @@ async def test_a_tick_that_waits_on_cuda_allocator_retries_is_logged(
         await worker.wait_for("listener", p.UnitDone, 2)
     assert "a tick of 1 units waited on 2 CUDA allocator retries" in caplog.text
     assert caplog.text.count("allocator retries") == 1  # the first tick retried nothing
+    assert not worker.of("listener", p.ErrorOut)
+
+
+async def test_a_tick_held_up_by_garbage_collection_is_logged(
+    worker: FakeServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A long garbage collection while a tick runs (it holds the GIL: the tick's host work stops) is logged with
+    its time."""
+    from inference import gc_pauses
+
+    rng = np.random.default_rng(5)
+    await open_all(worker, {"listener": SESSIONS["listener"]})
+    await worker.send(*unit("listener", 0, rng, frame=False))
+    await worker.wait_for("listener", p.UnitDone, 1)
+    real = DuplexBatcher.run_units
+
+    def collecting(self: DuplexBatcher, *args: Any, **kwargs: Any) -> Any:
+        gc_pauses.PAUSES("start", {})  # as the callback sees a collection of 80 ms inside the tick
+        gc_pauses.PAUSES._started -= 0.08
+        gc_pauses.PAUSES("stop", {})
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DuplexBatcher, "run_units", collecting)
+    with caplog.at_level("WARNING", logger="inference.worker"):
+        await worker.send(*unit("listener", 1, rng, frame=False))
+        await worker.wait_for("listener", p.UnitDone, 2)
+    # (a real collection of this test process may add to it)
+    held = re.search(r"a tick of 1 units was held up (\d+) ms by (\d+) garbage collection", caplog.text)
+    assert held is not None and int(held[1]) >= 80 and int(held[2]) >= 1, caplog.text
     assert not worker.of("listener", p.ErrorOut)
 
 
