@@ -187,6 +187,9 @@ class StatsSnapshot(_Msg):
     handoff_counts: list[int] = Field(default_factory=list)
     handoff_total: float = 0.0
     handoff_n: int = 0
+    turn_speech_counts: list[int] = Field(default_factory=list)  # per TURN_BUCKETS bound (chat replies)
+    turn_speech_total: float = 0.0
+    turn_speech_n: int = 0
     cpu_s: float = 0.0  # the process's CPU time (user + system), for media CPU per call
 
 

@@ -161,6 +161,12 @@ async def metrics(request: web.Request) -> web.Response:
         "Unit complete at the server to unit received by the worker.",
         totals.unit_handoff,
     )
+    out.histogram(
+        "rtc_chat_turn_to_speech_seconds",
+        "Chat: a user turn's end (its last unit complete, or a typed turn taken by the worker) to the reply's "
+        "first speech out of the worker.",
+        totals.turn_to_speech,
+    )
     workers = manager.supervisor.workers
     out.metric(
         "rtc_worker_up",

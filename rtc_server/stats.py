@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from inference.protocol import UnitMetrics
 from media_shard.messages import StatsSnapshot
-from rtc_server.metrics import Histogram
+from rtc_server.metrics import TURN_BUCKETS, Histogram
 
 if TYPE_CHECKING:
     from media_tracks import InboundAudio, SpeechTrack
@@ -43,14 +43,18 @@ class ServerStats:
     sessions_started: dict[str, int] = field(default_factory=dict)
     unit_roundtrip: Histogram = field(default_factory=Histogram)
     unit_handoff: Histogram = field(default_factory=Histogram)
+    turn_to_speech: Histogram = field(default_factory=lambda: Histogram(TURN_BUCKETS))
     recent_handoff_ms: deque[float] = field(default_factory=lambda: deque(maxlen=20000))  # for the benchmark
 
     def record_unit(self, unit: UnitMetrics) -> None:
-        """A unit's result is back (`UnitDone.at_server`): its hand-off and round trip go into the totals."""
+        """A unit's result is back (`UnitDone.at_server`): its hand-off and round trip go into the totals, and a
+        chat reply's turn end -> first speech where the unit has one."""
         self.units_done += 1
         self.unit_handoff.observe(unit.handoff_ms / 1000)
         self.recent_handoff_ms.append(unit.handoff_ms)
         self.unit_roundtrip.observe(unit.roundtrip_ms / 1000)
+        if unit.turn_to_speech_ms is not None:
+            self.turn_to_speech.observe(unit.turn_to_speech_ms / 1000)
 
     def close_call(self, session: CallMedia) -> None:
         """Keep an ended call's frame counts in the totals."""
@@ -88,22 +92,26 @@ class ServerStats:
             handoff_counts=list(self.unit_handoff.counts),
             handoff_total=self.unit_handoff.total,
             handoff_n=self.unit_handoff.count,
+            turn_speech_counts=list(self.turn_to_speech.counts),
+            turn_speech_total=self.turn_to_speech.total,
+            turn_speech_n=self.turn_to_speech.count,
             cpu_s=cpu_s,
         )
 
 
 @dataclass
 class Totals:
-    """The sum of several media processes' snapshots, with the two latency histograms rebuilt."""
+    """The sum of several media processes' snapshots, with the latency histograms rebuilt."""
 
     stats: StatsSnapshot
     unit_roundtrip: Histogram
     unit_handoff: Histogram
+    turn_to_speech: Histogram
 
 
 def add_up(snapshots: Iterable[StatsSnapshot]) -> Totals:
     total = StatsSnapshot()
-    roundtrip, handoff = Histogram(), Histogram()
+    roundtrip, handoff, turn_speech = Histogram(), Histogram(), Histogram(TURN_BUCKETS)
     for s in snapshots:
         total.units_sent += s.units_sent
         total.units_done += s.units_done
@@ -117,9 +125,10 @@ def add_up(snapshots: Iterable[StatsSnapshot]) -> Totals:
         for hist, counts, amount, n in (
             (roundtrip, s.roundtrip_counts, s.roundtrip_total, s.roundtrip_n),
             (handoff, s.handoff_counts, s.handoff_total, s.handoff_n),
+            (turn_speech, s.turn_speech_counts, s.turn_speech_total, s.turn_speech_n),
         ):
             if counts:
                 hist.counts = [a + b for a, b in zip(hist.counts, counts, strict=True)]
             hist.total += amount
             hist.count += n
-    return Totals(total, roundtrip, handoff)
+    return Totals(total, roundtrip, handoff, turn_speech)

@@ -17,6 +17,7 @@ from MiniCPMO45.audio.resample import resample
 from MiniCPMO45.audio.wav import pcm16_wav
 from tests.conftest import REPO_ROOT
 from tests.rtc_client import RATE, Call, speech_signal
+from tests.test_rtc_lifecycle import parse_prometheus
 
 EMBEDDED_CONFIG = REPO_ROOT / ".cache" / "embedded" / "minicpmo45-tiny-random" / "config.json"
 
@@ -132,6 +133,20 @@ async def test_chat_over_json_text_turn_speech_and_barge_in(start_test_server, s
         await wait_until(
             lambda: len(timed()) == len(speaking()), 10, "a reply's first speech without its time"
         )
+        # and /metrics has them (the shards' counters reach the front once a second)
+        replies = len(timed())
+
+        async def scraped() -> dict[str, float]:
+            async with aiohttp.ClientSession() as http, http.get(f"{server.url}/metrics") as resp:
+                rows = parse_prometheus(await resp.text())
+            name = "rtc_chat_turn_to_speech_seconds"
+            return {k: sum(v for _, v in rows.get(f"{name}_{k}", [])) for k in ("count", "sum")}
+
+        deadline = time.monotonic() + 10
+        while (got := await scraped())["count"] < replies and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert got["count"] == replies, got
+        assert got["sum"] == pytest.approx(sum(m["turn_to_speech_ms"] for m in timed()) / 1000, abs=0.01)
         check_order(call.events)
     finally:
         await call.close()
