@@ -39,6 +39,25 @@ def alloc_retries() -> int:
     return int(torch.cuda.memory_stats().get("num_alloc_retries", 0))
 
 
+# What must not happen inside a live tick, as running counts read before and after each tick: a torch.compile (a
+# shape the warm-up missed: seconds on a GPU whose kernel cache is cold), a retry of CUDA's allocator (it emptied
+# its cache and synchronized: the card is short of memory), a garbage collection over `gc_pauses.PAUSES`' threshold
+# (it holds the GIL: the tick's host work stops). The warnings take the tick's units, the count and the tick's ms.
+STALL_WARNINGS = {
+    "compiles": "a tick of %d units compiled %d graph(s) with torch.compile (%.0f ms): a shape the warm-up missed",
+    "alloc_retries": "a tick of %d units waited on %d CUDA allocator retries (%.0f ms): the card is short of memory",
+    "gc_pauses": "a tick of %d units was held up by %d garbage collection(s) (%.0f ms)",
+}
+
+
+def tick_stalls() -> dict[str, int]:
+    return {
+        "compiles": compile_count(),
+        "alloc_retries": alloc_retries(),
+        "gc_pauses": gc_pauses.PAUSES.count,
+    }
+
+
 @dataclass
 class _Waiting:
     mode: WorkerMode
@@ -81,9 +100,7 @@ class UnitTicker:
         self.waiting: list[_Waiting] = []
         self.wake = asyncio.Event()
         self.ticks = 0
-        self.live_compiles = 0  # graphs compiled while ticks ran: shapes the warm-up did not cover
-        self.alloc_retries = 0  # CUDA allocator retries while ticks ran: the card was short of memory
-        self.gc_pauses = 0  # long garbage collections while ticks ran (`inference.gc_pauses`)
+        self.stalls = dict.fromkeys(STALL_WARNINGS, 0)  # what stalled live ticks, by kind (`tick_stalls`)
         self.task = asyncio.create_task(self._run(), name="unit-ticker")
 
     def join(self, session_id: str) -> int:
@@ -144,16 +161,13 @@ class UnitTicker:
             ordered = sorted(groups.items(), key=lambda g: getattr(type(g[1][0].mode), "tick_priority", 0))
             for run, items in ordered:
                 self.ticks += 1
-                compiled, retried, collected = compile_count(), alloc_retries(), gc_pauses.PAUSES.count
-                paused_ms = gc_pauses.PAUSES.total_ms
+                stalls = tick_stalls()
                 started = time.monotonic()
                 try:
                     outs = await loop.run_in_executor(
                         self.executor, run, [(w.mode, w.unit, w.frame) for w in items]
                     )
-                    self._check_compiles(compiled, started, len(items))
-                    self._check_alloc_retries(retried, started, len(items))
-                    self._check_gc_pauses(collected, paused_ms, len(items))
+                    self._check_stalls(stalls, started, len(items))
                 except Exception as exc:
                     log.exception("tick of %d units failed", len(items))
                     for w in items:
@@ -167,41 +181,11 @@ class UnitTicker:
                         wait_ms = (started - w.submitted) * 1000
                         w.done.set_result([*out, p.UnitMetrics(tick_wait_ms=wait_ms, tick_ms=ran_ms)])
 
-    def _check_gc_pauses(self, before: int, before_ms: float, units: int) -> None:
-        """Warn when garbage collections over `gc_pauses.PAUSES`' threshold ran while a tick did (they hold the
-        GIL: the tick's host work stopped for them)."""
-        new = gc_pauses.PAUSES.count - before
-        if new > 0:
-            self.gc_pauses += new
-            log.warning(
-                "a tick of %d units was held up %.0f ms by %d garbage collection(s)",
-                units,
-                gc_pauses.PAUSES.total_ms - before_ms,
-                new,
-            )
-
-    def _check_alloc_retries(self, before: int, started: float, units: int) -> None:
-        """Warn when a tick made the CUDA allocator empty its cache and retry: the memory budget left the card too
-        little room for the tick's temporaries."""
-        new = alloc_retries() - before
-        if new > 0:
-            self.alloc_retries += new
-            log.warning(
-                "a tick of %d units waited on %d CUDA allocator retries (%.0f ms): the card is short of memory",
-                units,
-                new,
-                (time.monotonic() - started) * 1000,
-            )
-
-    def _check_compiles(self, before: int, started: float, units: int) -> None:
-        """Warn when a tick compiled (a compile inside a live tick stalls every call of the worker for seconds
-        on a GPU whose on-disk kernel cache is cold)."""
-        new = compile_count() - before
-        if new > 0:
-            self.live_compiles += new
-            log.warning(
-                "a tick of %d units compiled %d graph(s) with torch.compile (%.0f ms): a shape the warm-up missed",
-                units,
-                new,
-                (time.monotonic() - started) * 1000,
-            )
+    def _check_stalls(self, before: dict[str, int], started: float, units: int) -> None:
+        """Warn about what stalled a tick (`tick_stalls`): each such tick and how much of it."""
+        ran_ms = (time.monotonic() - started) * 1000
+        for kind, count in tick_stalls().items():
+            new = count - before[kind]
+            if new > 0:
+                self.stalls[kind] += new
+                log.warning(STALL_WARNINGS[kind], units, new, ran_ms)

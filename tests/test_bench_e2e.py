@@ -170,7 +170,7 @@ def test_stalls_are_counted_from_the_server_log(tmp_path: Path) -> None:
         "x MiniCPMO45.engine.graphs INFO static step graph 7 captured in 150 ms: {'embeds': (24, 32, 4096)}\n"
         "x inference.worker INFO warm-up done; graphs captured: 12\n"
         "x inference.worker WARNING a tick of 24 units waited on 3 CUDA allocator retries (640 ms): short\n"
-        "x inference.worker WARNING a tick of 24 units was held up 95 ms by 1 garbage collection(s)\n"
+        "x inference.worker WARNING a tick of 24 units was held up by 1 garbage collection(s) (95 ms)\n"
         "x inference.worker INFO 2000000 objects of the loaded engine kept out of garbage collections\n"
     )
     assert stalls_logged(log) == 6

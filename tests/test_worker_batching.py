@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -160,85 +161,62 @@ async def test_a_failing_tick_ends_only_its_sessions(worker: FakeServer, monkeyp
     assert not worker.of("again", p.ErrorOut)
 
 
-async def test_a_tick_that_compiles_is_logged(
-    worker: FakeServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A tick inside which `torch.compile` compiles (a shape the warm-up missed: seconds on a GPU with a cold
-    kernel cache, every call of the worker waiting) is logged and counted; ticks that compile nothing are not."""
-    rng = np.random.default_rng(3)
-    await open_all(worker, {"listener": SESSIONS["listener"]})
-    await worker.send(*unit("listener", 0, rng, frame=False))
-    await worker.wait_for("listener", p.UnitDone, 1)
-    assert "compiled" not in caplog.text
-    real = DuplexBatcher.run_units
-
-    def compiling(self: DuplexBatcher, *args: Any, **kwargs: Any) -> Any:
-        torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(3))  # a new graph inside the tick
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(DuplexBatcher, "run_units", compiling)
-    with caplog.at_level("WARNING", logger="inference.worker"):
-        await worker.send(*unit("listener", 1, rng, frame=False))
-        await worker.wait_for("listener", p.UnitDone, 2)
-    assert "a tick of 1 units compiled 1 graph(s)" in caplog.text
-    assert not worker.of("listener", p.ErrorOut)
+def _compile_in_the_tick(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(3))  # a new graph inside the tick
 
 
-async def test_a_tick_that_waits_on_cuda_allocator_retries_is_logged(
-    worker: FakeServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A tick during which CUDA's caching allocator emptied its cache and retried (the card short of memory: each
-    retry synchronizes) is logged and counted; the allocator's counter is the CUDA one where CUDA runs, 0 here."""
+def _allocator_retries_in_the_tick(monkeypatch: pytest.MonkeyPatch) -> None:
     import inference.ticker as ticker
 
-    assert ticker.alloc_retries() == 0  # no CUDA in this process
-    rng = np.random.default_rng(4)
-    await open_all(worker, {"listener": SESSIONS["listener"]})
-    retries = [0]
-    monkeypatch.setattr(ticker, "alloc_retries", lambda: retries[0])
-    await worker.send(*unit("listener", 0, rng, frame=False))
-    await worker.wait_for("listener", p.UnitDone, 1)
-    real = DuplexBatcher.run_units
-
-    def short_of_memory(self: DuplexBatcher, *args: Any, **kwargs: Any) -> Any:
-        retries[0] += 2  # as two cudaMalloc retries inside the tick would count
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(DuplexBatcher, "run_units", short_of_memory)
-    with caplog.at_level("WARNING", logger="inference.worker"):
-        await worker.send(*unit("listener", 1, rng, frame=False))
-        await worker.wait_for("listener", p.UnitDone, 2)
-    assert "a tick of 1 units waited on 2 CUDA allocator retries" in caplog.text
-    assert caplog.text.count("allocator retries") == 1  # the first tick retried nothing
-    assert not worker.of("listener", p.ErrorOut)
+    retries = ticker.alloc_retries() + 2  # as two cudaMalloc retries inside the tick would count
+    monkeypatch.setattr(ticker, "alloc_retries", lambda: retries)
 
 
-async def test_a_tick_held_up_by_garbage_collection_is_logged(
-    worker: FakeServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A long garbage collection while a tick runs (it holds the GIL: the tick's host work stops) is logged with
-    its time."""
+def _collection_in_the_tick(monkeypatch: pytest.MonkeyPatch) -> None:
     from inference import gc_pauses
 
-    rng = np.random.default_rng(5)
+    gc_pauses.PAUSES("start", {})  # what the callback sees of an 80 ms collection
+    gc_pauses.PAUSES._started -= 0.08
+    gc_pauses.PAUSES("stop", {})
+
+
+@pytest.mark.parametrize(
+    ("stall", "logged"),
+    [
+        (_compile_in_the_tick, r"a tick of 1 units compiled 1 graph\(s\) with torch.compile"),
+        (_allocator_retries_in_the_tick, r"a tick of 1 units waited on 2 CUDA allocator retries"),
+        # (a real collection of this test process may add to it)
+        (_collection_in_the_tick, r"a tick of 1 units was held up by [1-9]\d* garbage collection"),
+    ],
+    ids=["compile", "allocator", "gc"],
+)
+async def test_a_stalled_tick_is_logged(
+    worker: FakeServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    stall: Callable[[pytest.MonkeyPatch], None],
+    logged: str,
+) -> None:
+    """A tick inside which something stalls the worker (`inference.ticker.tick_stalls`: a torch.compile of a shape
+    the warm-up missed, CUDA allocator retries on a card short of memory, a long garbage collection) is logged
+    and counted; a tick without one is not."""
+    rng = np.random.default_rng(3)
     await open_all(worker, {"listener": SESSIONS["listener"]})
-    await worker.send(*unit("listener", 0, rng, frame=False))
-    await worker.wait_for("listener", p.UnitDone, 1)
+    with caplog.at_level("WARNING", logger="inference.worker"):
+        await worker.send(*unit("listener", 0, rng, frame=False))
+        await worker.wait_for("listener", p.UnitDone, 1)
+    assert not re.search(logged, caplog.text)
     real = DuplexBatcher.run_units
 
-    def collecting(self: DuplexBatcher, *args: Any, **kwargs: Any) -> Any:
-        gc_pauses.PAUSES("start", {})  # as the callback sees a collection of 80 ms inside the tick
-        gc_pauses.PAUSES._started -= 0.08
-        gc_pauses.PAUSES("stop", {})
+    def stalling(self: DuplexBatcher, *args: Any, **kwargs: Any) -> Any:
+        stall(monkeypatch)
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(DuplexBatcher, "run_units", collecting)
+    monkeypatch.setattr(DuplexBatcher, "run_units", stalling)
     with caplog.at_level("WARNING", logger="inference.worker"):
         await worker.send(*unit("listener", 1, rng, frame=False))
         await worker.wait_for("listener", p.UnitDone, 2)
-    # (a real collection of this test process may add to it)
-    held = re.search(r"a tick of 1 units was held up (\d+) ms by (\d+) garbage collection", caplog.text)
-    assert held is not None and int(held[1]) >= 80 and int(held[2]) >= 1, caplog.text
+    assert len(re.findall(logged, caplog.text)) == 1, caplog.text
     assert not worker.of("listener", p.ErrorOut)
 
 
