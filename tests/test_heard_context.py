@@ -112,13 +112,28 @@ async def test_interrupt_over_a_call_keeps_only_the_heard_reply_in_the_context(s
             if len(texts) >= 20:
                 break
             await asyncio.sleep(0.2)
-        before = max(e["kv_tokens"] for e in call.events if e["type"] == "metrics")
         mark = len(call.events)
         call.send({"type": "interrupt"})
+        # the KV the reply had reached when the interrupt cut it: its units ticked until the flush (on a loaded
+        # machine some run between sending the interrupt and the worker taking it)
+        at_flush = None
+        deadline = asyncio.get_running_loop().time() + 30
+        while at_flush is None and asyncio.get_running_loop().time() < deadline:
+            at_flush = next(
+                (
+                    mark + i
+                    for i, e in enumerate(call.events[mark:])
+                    if e == {"type": "state", "state": "listening"}
+                ),
+                None,
+            )
+            await asyncio.sleep(0.05)
+        assert at_flush is not None, "the interrupt was not followed by listening"
+        before = max(e["kv_tokens"] for e in call.events[:at_flush] if e["type"] == "metrics")
         deadline = asyncio.get_running_loop().time() + 30
         after = None
         while asyncio.get_running_loop().time() < deadline:
-            later = [e for e in call.events[mark:] if e["type"] == "metrics"]
+            later = [e for e in call.events[at_flush:] if e["type"] == "metrics"]
             if len(later) >= 3:
                 after = later[-1]["kv_tokens"]
                 break
