@@ -937,6 +937,12 @@ def write_doc(text: str, mode: str) -> Path:
 # ---- main ----
 
 
+def existing_file(path: str) -> str:
+    if not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {path}")
+    return path
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ints = lambda s: [int(x) for x in s.split(",") if x.strip()]  # noqa: E731
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -972,7 +978,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="chat: typed text, or speech ended by the server's VAD (its turn end -> first speech: server side)",
     )
     ap.add_argument(
-        "--speech", help="a WAV of speech for the callers (default: espeak-ng, else a synthetic voice)"
+        "--speech",
+        type=existing_file,
+        help="a WAV of speech for the callers (default: espeak-ng, else a synthetic voice)",
     )
     ap.add_argument("--restart-per-level", action="store_true")
     ap.add_argument("--out", default="bench-e2e-out")

@@ -167,23 +167,22 @@ class UnitTicker:
                     outs = await loop.run_in_executor(
                         self.executor, run, [(w.mode, w.unit, w.frame) for w in items]
                     )
-                    self._check_stalls(stalls, started, len(items))
+                    ran_ms = (time.monotonic() - started) * 1000
+                    self._check_stalls(stalls, ran_ms, len(items))
                 except Exception as exc:
                     log.exception("tick of %d units failed", len(items))
                     for w in items:
                         if not w.done.done():
                             w.done.set_exception(exc)
                     continue
-                ran_ms = (time.monotonic() - started) * 1000
                 for w, out in zip(items, outs, strict=True):
                     if not w.done.done():
                         # where the unit's time in the tick loop went (merged into the mode's own metrics)
                         wait_ms = (started - w.submitted) * 1000
                         w.done.set_result([*out, p.UnitMetrics(tick_wait_ms=wait_ms, tick_ms=ran_ms)])
 
-    def _check_stalls(self, before: dict[str, int], started: float, units: int) -> None:
+    def _check_stalls(self, before: dict[str, int], ran_ms: float, units: int) -> None:
         """Warn about what stalled a tick (`tick_stalls`): each such tick and how much of it."""
-        ran_ms = (time.monotonic() - started) * 1000
         for kind, count in tick_stalls().items():
             new = count - before[kind]
             if new > 0:

@@ -3,6 +3,7 @@ session gets alone, and a barge-in in a batched reply cuts only its own session.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -312,10 +313,14 @@ def test_a_held_turn_waits_for_respond(spoken: np.ndarray) -> None:
         assert [t.started for t in turns] == [True, False] and turns[1].seconds > 1.0
         assert p.StateOut(state="thinking") not in out and mode.reply is None  # ...and nothing answers it yet
         assert not any(isinstance(o, (p.AudioOut, p.TextOut)) for o in out)
+        responded = time.monotonic()
         assert mode.on_control({"type": "respond"}) == [p.StateOut(state="thinking")]
         out = _feed(mode, _units(np.zeros(5120 * 4, dtype=np.float32), 100))
         assert mode.reply is not None or p.StateOut(state="listening") in out
         assert any(isinstance(o, p.AudioOut) for o in out)
+        # the reply's turn end -> first speech counts from the `respond`, not from the turn held before it
+        [first] = [o.turn_to_speech_ms for o in out if isinstance(o, p.UnitMetrics) and o.turn_to_speech_ms]
+        assert 0 < first <= (time.monotonic() - responded) * 1000
     finally:
         mode.close()
 

@@ -68,13 +68,10 @@ class Reply:
     """One reply in progress: its decoding row and its speech. Text may be decoded up to one chunk ahead of the
     voice: while the voice speaks a chunk it takes no tokens, so they wait in `ahead` (`take`, `hand_over`)."""
 
-    def __init__(self, row: ReplyRow, voice: TurnVoice, turn: int, turn_end: float) -> None:
+    def __init__(self, row: ReplyRow, voice: TurnVoice, turn: int) -> None:
         self.row = row
         self.voice = voice
         self.turn = turn
-        # time.monotonic() of the user turn's end: a spoken turn's last unit complete at the server, a typed one
-        # taken by the worker
-        self.turn_end = turn_end
         self.spoken_at: int | None = None  # index of the unit in whose tick its first speech went out
         # decoded tokens (with their hidden states) the voice has not taken yet
         self.ahead: list[tuple[int, torch.Tensor]] = []
@@ -139,7 +136,9 @@ class ChatMode:
         self.pending: TurnInput | None = None
         self.held = False
         self.turn = 0
-        self.turn_end = 0.0  # of the turn being answered (`Reply.turn_end`)
+        # time.monotonic() when the turn being answered ended: a spoken turn's last unit complete at the server, a
+        # typed one (or a held turn's `respond`) taken by the worker; every new turn cuts the reply before it
+        self.turn_end = 0.0
         self.paused = False
         self.collecting = False
         self.segment: list[np.ndarray] = []
@@ -329,7 +328,7 @@ class ChatMode:
                 display_text=True,
             )
             assert mode.tts is not None
-            mode.reply = Reply(row, TurnVoice(host, mode.voice, mode.tts), mode.turn, mode.turn_end)
+            mode.reply = Reply(row, TurnVoice(host, mode.voice, mode.tts), mode.turn)
 
     def prepare_unit(self, unit: ModeUnit) -> None:
         """The unit's speech probabilities, off the mode thread (`inference.modes.base.PreparingMode`): Silero
@@ -416,9 +415,9 @@ class ChatMode:
         )
         now = time.monotonic()
         for k in moving:  # the replies whose first speech goes out now: how long after their turn's end
-            reply = batch[k][0].reply
-            if reply is not None and reply.spoken_at == batch[k][1].index:
-                timings[k]["turn_to_speech_ms"] = (now - reply.turn_end) * 1000
+            mode = batch[k][0]
+            if mode.reply is not None and mode.reply.spoken_at == batch[k][1].index:
+                timings[k]["turn_to_speech_ms"] = (now - mode.turn_end) * 1000
         advanced = set(moving)
         sessions = [s for k in live if (s := batch[k][0].session) is not None]
         host = batch[live[0]][0].host if live else None
@@ -542,6 +541,7 @@ class ChatMode:
                     p.ErrorOut(code="empty_turn", message="respond without a turn waiting for its answer")
                 ]
             self.held = False
+            self.turn_end = time.monotonic()  # the reply starts now, not when the held turn ended
             return [p.StateOut(state="thinking")]
         elif kind == "truncate":  # heard-only context after a barge-in or a Realtime truncate
             return truncate_reply(self, message)
