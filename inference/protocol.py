@@ -271,7 +271,8 @@ class UnitMetrics(_Msg):
     turn_to_speech_ms: float | None = Field(
         None,
         description="chat, on the unit whose tick sent a reply's first speech: from the user turn's end (a "
-        "spoken turn's last unit complete at the server, a typed turn taken by the worker) to that speech",
+        "spoken turn's last unit complete at the server, a typed turn or a held turn's respond taken by the "
+        "worker) to that speech",
     )
     kv_tokens: int | None = Field(None, description="the session's KV length after the unit")
     dropped_tokens: int | None = Field(
