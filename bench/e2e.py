@@ -74,7 +74,7 @@ class CallResult:
     roundtrip_ms: list[float] = field(default_factory=list)
     batch_sessions: list[float] = field(default_factory=list)  # calls that shared the tick of each unit
     compute_ms: list[float] = field(default_factory=list)  # the worker's time for each unit
-    # the mode's split of compute_ms and the worker's waits (`STAGES`), for the units that have each
+    # the mode's split of compute_ms and the worker's waits (`STAGES`; `merged_units` a count), for the units that have each
     stage_ms: dict[str, list[float]] = field(default_factory=dict)
     error_codes: list[str] = field(default_factory=list)
     gaps_ms: list[float] = field(default_factory=list)
@@ -138,6 +138,8 @@ STAGES = (
     "turn_to_speech_ms",
     "handoff_ms",
     "queue_ms",
+    "prepare_ms",
+    "merged_units",
     "tick_wait_ms",
     "tick_ms",
 )

@@ -257,6 +257,15 @@ class UnitMetrics(_Msg):
         0.0, description="handoff + queue: how far behind real time the model started on this unit"
     )
     backlog_units: int = Field(0, description="units of the session waiting behind this one")
+    prepare_ms: float | None = Field(
+        None,
+        description="modes with per-unit CPU work off the mode thread (chat's VAD): the wait for it and its run",
+    )
+    merged_units: int | None = Field(
+        None,
+        description="units of the session that waited and were taken as one (chat catching up a backlog): each "
+        "of them reports it",
+    )
     tick_wait_ms: float | None = Field(
         None,
         description="batching modes: in the worker's tick loop before its tick ran (the other sessions' units, "
@@ -279,7 +288,9 @@ class UnitMetrics(_Msg):
         None, description="KV positions the context window dropped before the unit"
     )
     batch_sessions: int | None = Field(
-        None, description="sessions whose units ran in the same worker tick (batching modes)"
+        None,
+        description="sessions whose units ran in the same worker tick (batching modes; chat: the replies that "
+        "advanced in it)",
     )
 
     def rounded(self, digits: int = 2) -> UnitMetrics:

@@ -15,9 +15,19 @@ import time
 from collections import deque
 from typing import Any
 
+import numpy as np
+
 from inference import protocol as p
 from inference.modes import create_mode
-from inference.modes.base import ModeUnit, Output, SessionOptions, WorkerMode, batch_runner, unit_preparer
+from inference.modes.base import (
+    ModeUnit,
+    Output,
+    SessionOptions,
+    WorkerMode,
+    batch_runner,
+    catches_up,
+    unit_preparer,
+)
 from inference.processes import name_this_thread
 from inference.settings import WorkerSettings
 from inference.ticker import UnitTicker
@@ -104,6 +114,16 @@ class SessionQueue:
                 self.controls -= 1
         return item
 
+    def take_units(self) -> list[Queued]:
+        """The units at the head of the queue, up to the first message that is not one (a control must still
+        come after the units before it)."""
+        taken: list[Queued] = []
+        while self._items and (item := self._items[0]) is not None and isinstance(item[0], p.Unit):
+            taken.append(item)
+            self._items.popleft()
+            self.units -= 1
+        return taken
+
     def _drop_oldest_unit(self) -> p.Message:
         for i, item in enumerate(self._items):
             if item is not None and isinstance(item[0], p.Unit):
@@ -171,7 +191,11 @@ class SessionRunner:
             while (item := await self.queue.get()) is not None:
                 message, payload, received_at = item
                 try:
-                    await self._handle(message, payload, received_at)
+                    if isinstance(message, p.Unit):
+                        more = self.queue.take_units() if self.mode and catches_up(self.mode) else []
+                        await self._handle_units([item, *more])
+                    else:
+                        await self._handle(message, payload, received_at)
                 except Exception as exc:  # a mode failure ends this session only
                     log.exception("session %s: mode failed", self.session_id)
                     await self.conn.send(
@@ -240,41 +264,62 @@ class SessionRunner:
             await self._send_outputs(outputs, self.output_rate)
         elif self.mode is None:
             return  # units or controls before a successful open are dropped
-        elif isinstance(message, p.Unit):
-            pcm, frame = p.split_unit_payload(message, payload)
-            started = time.monotonic()
-            backlog = self.queue.units
-            unit = ModeUnit(message.index, pcm, message.completed_at, queued_units=backlog)
-            prepare = unit_preparer(self.mode)
-            if prepare is not None:
-                await asyncio.get_running_loop().run_in_executor(self.preparer, prepare, unit)
-            if batch_runner(self.mode) is not None:
-                outputs = await self.ticker.submit(self.mode, unit, frame, self.grid)
-            else:
-                outputs = await self._call(self.mode.on_unit, unit, frame)
-            compute_ms = (time.monotonic() - started) * 1000
-            metrics = p.UnitMetrics()
-            for out in outputs:  # a mode's numbers for the unit (several: merged in order)
-                if isinstance(out, p.UnitMetrics):
-                    metrics = metrics.model_copy(update=out.model_dump(exclude_unset=True))
+        elif isinstance(message, p.Control):
+            outputs = await self._call(self.mode.on_control, message.message)
             await self._send_outputs(outputs, self.output_rate)
+
+    async def _handle_units(self, items: list[Queued]) -> None:
+        """A unit, or several waiting units of a mode that `catches_up` taken as one: run it (in its tick where the
+        mode batches) and send its outputs, then a `unit_done` for each unit taken."""
+        if self.mode is None:
+            return  # units before a successful open are dropped
+        started = time.monotonic()
+        backlog = self.queue.units
+        pieces = [p.split_unit_payload(message, payload) for message, payload, _ in items]
+        last = items[-1][0]
+        assert isinstance(last, p.Unit)
+        unit = ModeUnit(last.index, pieces[0][0], last.completed_at, queued_units=backlog)
+        if len(items) > 1:
+            unit.pcm = np.concatenate([pcm for pcm, _ in pieces])
+            unit.parts = [
+                (pcm.size, msg.completed_at) for (pcm, _), (msg, _, _) in zip(pieces, items, strict=True)
+            ]
+        frame = pieces[-1][1]
+        prepare = unit_preparer(self.mode)
+        prepare_ms = None
+        if prepare is not None:
+            await asyncio.get_running_loop().run_in_executor(self.preparer, prepare, unit)
+            prepare_ms = (time.monotonic() - started) * 1000
+        if batch_runner(self.mode) is not None:
+            outputs = await self.ticker.submit(self.mode, unit, frame, self.grid)
+        else:
+            outputs = await self._call(self.mode.on_unit, unit, frame)
+        compute_ms = (time.monotonic() - started) * 1000
+        metrics = p.UnitMetrics()
+        for out in outputs:  # a mode's numbers for the unit (several: merged in order)
+            if isinstance(out, p.UnitMetrics):
+                metrics = metrics.model_copy(update=out.model_dump(exclude_unset=True))
+        await self._send_outputs(outputs, self.output_rate)
+        for message, _, received_at in items:
+            assert isinstance(message, p.Unit)
+            # the mode's numbers (its stages, a reply's turn-to-speech) once, on the last unit taken
+            mode_metrics = metrics if message is last else p.UnitMetrics()
             measured = {
                 "handoff_ms": (received_at - message.completed_at) * 1000,
                 "compute_ms": compute_ms,
                 "queue_ms": (started - received_at) * 1000,
                 "backlog_units": backlog,
+                "prepare_ms": prepare_ms,
+                "merged_units": len(items) if len(items) > 1 else None,
             }
             await self.conn.send(
                 p.UnitDone(
                     session_id=self.session_id,
                     index=message.index,
                     completed_at=message.completed_at,
-                    metrics=metrics.model_copy(update=measured).rounded(3),
+                    metrics=mode_metrics.model_copy(update=measured).rounded(3),
                 )
             )
-        elif isinstance(message, p.Control):
-            outputs = await self._call(self.mode.on_control, message.message)
-            await self._send_outputs(outputs, self.output_rate)
 
     async def _send_outputs(self, outputs: list[Output], output_rate: int) -> None:
         """Send the mode's outputs as they are, with this session's id (speech with the mode's rate, its PCM as

@@ -325,6 +325,49 @@ def test_a_held_turn_waits_for_respond(spoken: np.ndarray) -> None:
         mode.close()
 
 
+def test_units_taken_as_one_hear_the_turn_that_each_alone_hears(spoken: np.ndarray) -> None:
+    """A backlog taken as one unit (`ModeUnit.parts`, a session catching up): the VAD runs part by part, the
+    turn ends in the same part with the same audio and that part's completion time, and the parts after the end
+    are listened to in the next tick, before its own unit."""
+    units = _units(spoken, 0)
+    for k, unit in enumerate(units):
+        unit.completed_at = 100.0 + 0.32 * k
+    held = {"auto_respond": False, "max_new_tokens": 12}
+    alone = create_mode("chat", SETTINGS)
+    merged = create_mode("chat", SETTINGS)
+    alone.open(SessionOptions("alone", extra=held))
+    merged.open(SessionOptions("merged", extra=held))
+    try:
+        assert isinstance(alone, ChatMode) and isinstance(merged, ChatMode)
+        heard: list = []
+        for unit in units:
+            alone.prepare_unit(unit)
+            heard += [o for o in alone.on_unit(unit, None) if isinstance(o, p.UserTurnOut)]
+        ended_in = [k for k, u in enumerate(units) if u.completed_at == alone.turn_end]
+        assert [t.started for t in heard] == [True, False] and len(ended_in) == 1
+        assert ended_in[0] < len(units) - 2  # the spoken audio ends with silence: parts follow the end
+
+        one = ModeUnit(
+            units[-1].index,
+            np.concatenate([u.pcm for u in units]),
+            units[-1].completed_at,
+            parts=[(u.pcm.size, u.completed_at) for u in units],
+        )
+        merged.prepare_unit(one)
+        assert one.vad_probs is not None and [len(x) for x in one.vad_probs] == [10] * len(units)
+        got = [o for o in merged.on_unit(one, None) if isinstance(o, p.UserTurnOut)]
+        assert got == heard
+        assert merged.turn_end == alone.turn_end
+        assert alone.pending is not None and merged.pending is not None
+        np.testing.assert_array_equal(merged.pending[0], alone.pending[0])
+        assert [at for _, _, at in merged.carry] == [u.completed_at for u in units[ended_in[0] + 1 :]]
+        merged.on_unit(ModeUnit(units[-1].index + 1, np.zeros(5120, dtype=np.float32), 200.0), None)
+        assert merged.carry == [] and merged.recent_samples == 5120 * (len(units) - ended_in[0])
+    finally:
+        alone.close()
+        merged.close()
+
+
 def test_without_barge_in_the_callers_speech_does_not_cut_the_reply(spoken: np.ndarray) -> None:
     outcomes = {}
     for barge_in in (True, False):

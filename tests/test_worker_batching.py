@@ -402,3 +402,37 @@ async def test_chat_vad_runs_beside_the_mode_thread(
     await worker.wait_for("talker", p.UnitDone, 3, timeout=30)
     assert len(pushed) == 3 and all(name.startswith("prepare") for name in pushed), pushed
     assert fed == [10, 10, 10]  # 320 ms units: ten 32 ms windows each, fed to the turn logic in the tick
+
+
+async def test_a_chat_backlog_is_taken_as_one_unit(
+    worker: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chat units that waited behind a running one go to the mode as one unit (the session catches up in one
+    tick instead of staying behind): each still gets its `unit_done`, in order, the merged ones saying how many
+    were taken together; the VAD hears every part; the mode's numbers come once per tick."""
+    from inference.vad import TurnDetector
+
+    fed: list[int] = []
+    real_feed = TurnDetector.feed
+
+    def feed(self: TurnDetector, probs: list[float]) -> list[Any]:
+        fed.append(len(probs))
+        return real_feed(self, probs)
+
+    monkeypatch.setattr(TurnDetector, "feed", feed)
+    await open_all(worker, {"talker": ("chat", {"seed": 1})})
+    pcm = p.pcm_to_bytes((0.05 * np.random.default_rng(7).standard_normal(5120)).astype(np.float32))
+    for k in range(6):  # at once: all but the first wait behind it
+        await worker.send(
+            p.Unit(session_id="talker", index=k, samples=5120, completed_at=0.0, sent_at=0.0), pcm
+        )
+    await worker.wait_for("talker", p.UnitDone, 6, timeout=30)
+    done = worker.of("talker", p.UnitDone)
+    assert [d.index for d in done] == list(range(6))
+    merged = [d for d in done if d.metrics.merged_units]
+    assert merged and all(d.metrics.merged_units == len(merged) for d in merged)
+    assert all(d.metrics.backlog_units == 0 for d in merged)
+    assert fed == [10] * 6  # every 320 ms part fed to the turn logic
+    # the tick's own numbers (the tick loop's, the VAD's) on one unit of each tick only
+    assert sum(d.metrics.tick_ms is not None for d in done) == 6 - len(merged) + 1
+    assert all(d.metrics.prepare_ms is not None and d.metrics.prepare_ms >= 0 for d in done)

@@ -21,8 +21,22 @@ class ModeUnit:
     pcm: np.ndarray  # float32 mono 16 kHz, exactly the unit length the mode asked for
     completed_at: float  # server monotonic time when the unit's last sample arrived
     queued_units: int = 0  # units of this session already waiting in the worker behind this one (backlog)
-    # the unit's speech probabilities, when the mode's `prepare_unit` computed them off the mode thread
-    vad_probs: list[float] | None = None
+    # a mode that catches up (`catches_up`): the server units merged into this one, oldest first, as (samples,
+    # completed_at) each; empty for a single unit (its pcm and completed_at say it all)
+    parts: list[tuple[int, float]] = field(default_factory=list)
+    # the speech probabilities of each part (one list for a single unit), when the mode's `prepare_unit`
+    # computed them off the mode thread
+    vad_probs: list[list[float]] | None = None
+
+    def pieces(self) -> list[tuple[np.ndarray, float]]:
+        """The unit's audio as the server cut it: (pcm, completed_at) of each part, oldest first."""
+        if not self.parts:
+            return [(self.pcm, self.completed_at)]
+        out, start = [], 0
+        for samples, completed_at in self.parts:
+            out.append((self.pcm[start : start + samples], completed_at))
+            start += samples
+        return out
 
 
 @dataclass
@@ -84,6 +98,13 @@ class PreparingMode(WorkerMode, Protocol):
     session (a session's messages are handled one at a time)."""
 
     def prepare_unit(self, unit: ModeUnit) -> None: ...
+
+
+def catches_up(mode: WorkerMode) -> bool:
+    """Whether the mode takes a session's waiting units as one (`ModeUnit.parts`): a mode whose tick's cost hardly
+    depends on the audio it is given (chat: VAD and turn logic) clears a backlog in one tick that way, instead of
+    staying one unit behind for as long as its ticks run near a unit's length."""
+    return bool(getattr(type(mode), "catches_up", False))
 
 
 def unit_preparer(mode: WorkerMode) -> Any:

@@ -123,6 +123,7 @@ class Reply:
 class ChatMode:
     name = "chat"
     tick_priority = 1  # its tick runs after the duplex units of the same tick (`inference.worker.UnitTicker`)
+    catches_up = True  # a session's waiting units come as one (`ModeUnit.parts`): a backlog clears in a tick
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
@@ -144,6 +145,9 @@ class ChatMode:
         self.segment: list[np.ndarray] = []
         self.recent: deque[np.ndarray] = deque()  # audio since the last turn (push-to-talk fallback)
         self.recent_samples = 0
+        # audio a merged unit held after a turn's end: (pcm, its speech probabilities, completed_at) of each part,
+        # listened to first in the next tick (one turn ends per tick: its prefill comes before what follows it)
+        self.carry: list[tuple[np.ndarray, list[float] | None, float]] = []
         self.heard_cut: tuple[int, int] | None = None  # the reply a `truncate` cut: (turn, its tokens then)
         # the reply a barge-in or `interrupt` cut: (turn, its tokens that had gone to its voice); the rest was
         # decoded ahead and never spoken
@@ -331,34 +335,43 @@ class ChatMode:
             mode.reply = Reply(row, TurnVoice(host, mode.voice, mode.tts), mode.turn)
 
     def prepare_unit(self, unit: ModeUnit) -> None:
-        """The unit's speech probabilities, off the mode thread (`inference.modes.base.PreparingMode`): Silero
-        takes ~1.2 ms of CPU per session and unit, which the mode thread would otherwise spend between the
-        GPU steps of every tick (57 ms per tick of 48 sessions, measured on an AMD EPYC core)."""
+        """The unit's speech probabilities, part by part, off the mode thread
+        (`inference.modes.base.PreparingMode`): Silero takes ~1.2 ms of CPU per session and unit, which the mode
+        thread would otherwise spend between the GPU steps of every tick (57 ms per tick of 48 sessions, measured
+        on an AMD EPYC core)."""
         if self.detector is not None and not self.paused:
-            unit.vad_probs = self.detector.vad.push(unit.pcm)
+            unit.vad_probs = [self.detector.vad.push(pcm) for pcm, _ in unit.pieces()]
 
     def on_unit(self, unit: ModeUnit, frame: np.ndarray | None) -> list[Output]:
         return self.on_units([(self, unit, frame)])[0]
 
     def _listen(self, unit: ModeUnit) -> tuple[list[Output], np.ndarray | None]:
-        """VAD and the turn logic of one unit: the outputs, and the audio of a turn that ends here."""
+        """VAD and the turn logic of the unit's parts (and of the audio carried over from the last tick): the
+        outputs, and the audio of a turn that ends here (`turn_end` then says when its last part was complete at
+        the server). The parts after a turn's end wait for the next tick."""
         outputs: list[Output] = []
-        ended: np.ndarray | None = None
-        self._remember(unit.pcm)
-        if self.collecting:
-            self.segment.append(unit.pcm)
         assert self.detector is not None
-        probs = unit.vad_probs if unit.vad_probs is not None else self.detector.vad.push(unit.pcm)
-        for event in self.detector.feed(probs):
-            if event.kind == "start" and not self.collecting:
-                if self.options.barge_in:
-                    outputs += self._cut_reply()
-                outputs.append(p.UserTurnOut(turn=self.turn, started=True))
-                self.collecting = True
-                self.segment = self._preroll()
-            elif event.kind == "end" and self.collecting:
-                ended = np.concatenate(self.segment)
-        return outputs, ended
+        probs = unit.vad_probs or [None] * len(unit.pieces())
+        pieces = [*self.carry, *((pcm, pr, at) for (pcm, at), pr in zip(unit.pieces(), probs, strict=True))]
+        self.carry = []
+        for i, (pcm, part_probs, completed_at) in enumerate(pieces):
+            self._remember(pcm)
+            if self.collecting:
+                self.segment.append(pcm)
+            for event in self.detector.feed(
+                part_probs if part_probs is not None else self.detector.vad.push(pcm)
+            ):
+                if event.kind == "start" and not self.collecting:
+                    if self.options.barge_in:
+                        outputs += self._cut_reply()
+                    outputs.append(p.UserTurnOut(turn=self.turn, started=True))
+                    self.collecting = True
+                    self.segment = self._preroll()
+                elif event.kind == "end" and self.collecting:
+                    self.carry = pieces[i + 1 :]
+                    self.turn_end = completed_at
+                    return outputs, np.concatenate(self.segment)
+        return outputs, None
 
     @staticmethod
     def on_units(batch: Sequence[tuple[ChatMode, ModeUnit, np.ndarray | None]]) -> list[list[Output]]:
@@ -372,7 +385,6 @@ class ChatMode:
             started = time.perf_counter()
             outs, ended = mode._listen(unit)
             if ended is not None:  # a spoken turn ends here (it replaces a typed one still waiting)
-                mode.turn_end = unit.completed_at
                 answer = mode.options.auto_respond
                 more, go = mode._prepare_turn(ended, None, answer)
                 outs += more
