@@ -51,6 +51,7 @@ from inference.modes.base import ModeUnit, SessionOptions  # noqa: E402
 from inference.modes.chat import ChatMode  # noqa: E402
 from inference.modes.duplex import DuplexMode  # noqa: E402
 from inference.settings import ModelSettings, WorkerSettings  # noqa: E402
+from inference.ticker import prepare_parts  # noqa: E402
 from MiniCPMO45.audio.rates import CHAT_UNIT_SAMPLES, MODEL_INPUT_RATE, SPEECH_RATE  # noqa: E402
 from MiniCPMO45.audio.resample import resample  # noqa: E402
 from MiniCPMO45.audio.wav import read_mono  # noqa: E402
@@ -126,10 +127,12 @@ def chat_units(
     return batch
 
 
-def prepare(preparer: ThreadPoolExecutor, units: list[tuple[ChatMode, ModeUnit, None]]) -> None:
-    """Each unit's `prepare_unit` (the VAD) on the preparing threads, as the worker runs it before a unit enters
-    its tick (`workers.prepare_threads` threads)."""
-    for done in [preparer.submit(mode.prepare_unit, unit) for mode, unit, _ in units]:
+def prepare(preparer: ThreadPoolExecutor, threads: int, units: list[tuple[ChatMode, ModeUnit, None]]) -> None:
+    """The tick's `prepare_units` (the VAD) on the preparing threads, split as the worker's ticker splits it before
+    the tick runs (`workers.prepare_threads` threads)."""
+    pairs = [(mode, unit) for mode, unit, _ in units]
+    parts = prepare_parts(len(pairs), threads)
+    for done in [preparer.submit(ChatMode.prepare_units, pairs[k::parts]) for k in range(parts)]:
         done.result()
 
 
@@ -156,7 +159,7 @@ def profile_level(  # noqa: PLR0913
 
     def arrive(j: int) -> None:  # the units and their VAD, before the tick as in the worker
         units[:] = chat_units(chats, first + j, turn_units, speech, 0)
-        prepare(preparer, units)
+        prepare(preparer, host.settings.prepare_threads, units)
 
     def tick(j: int) -> None:
         ChatMode.on_units(units)
@@ -220,7 +223,7 @@ def run_level(  # noqa: PLR0913
             behind = max(0, int((time.perf_counter() - due) / UNIT_S))
             units = chat_units(chats, k, turn_units, speech, behind)
             prepared = time.perf_counter()
-            prepare(preparer, units)
+            prepare(preparer, host.settings.prepare_threads, units)
             t0 = time.perf_counter()
             prepare_ms.append((t0 - prepared) * 1000)
             if duplex and k % round(1.0 / UNIT_S) == 0:

@@ -259,7 +259,8 @@ class UnitMetrics(_Msg):
     backlog_units: int = Field(0, description="units of the session waiting behind this one")
     prepare_ms: float | None = Field(
         None,
-        description="modes with per-unit CPU work off the mode thread (chat's VAD): the wait for it and its run",
+        description="batching modes with per-unit CPU work off the mode thread (chat's VAD): the tick's, before "
+        "its run",
     )
     merged_units: int | None = Field(
         None,
@@ -268,7 +269,7 @@ class UnitMetrics(_Msg):
     )
     tick_wait_ms: float | None = Field(
         None,
-        description="batching modes: in the worker's tick loop before its tick ran (the other sessions' units, "
+        description="batching modes: in the worker's tick loop before its tick began (the other sessions' units, "
         "the ticks ahead of it)",
     )
     tick_ms: float | None = Field(None, description="batching modes: the run of the tick that held the unit")

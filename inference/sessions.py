@@ -26,7 +26,6 @@ from inference.modes.base import (
     WorkerMode,
     batch_runner,
     catches_up,
-    unit_preparer,
 )
 from inference.processes import name_this_thread
 from inference.settings import WorkerSettings
@@ -143,13 +142,11 @@ class SessionRunner:
         executor: concurrent.futures.Executor,
         ticker: UnitTicker,
         settings: WorkerSettings,
-        preparer: concurrent.futures.Executor | None = None,
     ) -> None:
-        """`executor`: the mode thread; `preparer`: where a mode's `prepare_unit` runs (default: the mode thread)."""
+        """`executor`: the mode thread."""
         self.session_id = session_id
         self.conn = conn
         self.executor = executor
-        self.preparer = preparer or executor
         self.ticker = ticker
         self.settings = settings
         self.mode: WorkerMode | None = None
@@ -285,11 +282,6 @@ class SessionRunner:
                 (pcm.size, msg.completed_at) for (pcm, _), (msg, _, _) in zip(pieces, items, strict=True)
             ]
         frame = pieces[-1][1]
-        prepare = unit_preparer(self.mode)
-        prepare_ms = None
-        if prepare is not None:
-            await asyncio.get_running_loop().run_in_executor(self.preparer, prepare, unit)
-            prepare_ms = (time.monotonic() - started) * 1000
         if batch_runner(self.mode) is not None:
             outputs = await self.ticker.submit(self.mode, unit, frame, self.grid)
         else:
@@ -309,7 +301,6 @@ class SessionRunner:
                 "compute_ms": compute_ms,
                 "queue_ms": (started - received_at) * 1000,
                 "backlog_units": backlog,
-                "prepare_ms": prepare_ms,
                 "merged_units": len(items) if len(items) > 1 else None,
             }
             await self.conn.send(
@@ -343,7 +334,8 @@ class Sessions:
     def __init__(self, executor: concurrent.futures.Executor, settings: WorkerSettings) -> None:
         self.executor = executor
         self.settings = settings
-        # modes' per-unit CPU work (chat's VAD: onnxruntime, which lets go of the GIL) beside the mode thread
+        # batching modes' per-unit CPU work before their tick (chat's VAD: onnxruntime, which lets go of the GIL)
+        # beside the mode thread
         self.preparer = concurrent.futures.ThreadPoolExecutor(
             max_workers=settings.prepare_threads,
             thread_name_prefix="prepare",
@@ -351,7 +343,14 @@ class Sessions:
             initargs=("prepare",),
         )
         self.runners: dict[str, SessionRunner] = {}
-        self.ticker = UnitTicker(executor, self.batching_grids, settings.tick_gather_s, settings.tick_phases)
+        self.ticker = UnitTicker(
+            executor,
+            self.batching_grids,
+            settings.tick_gather_s,
+            settings.tick_phases,
+            preparer=self.preparer,
+            prepare_threads=settings.prepare_threads,
+        )
 
     def batching_grids(self) -> list[tuple[int | None, Any]]:
         return [
@@ -377,9 +376,7 @@ class Sessions:
         if runner is None or runner.task.done():
             if not isinstance(message, p.OpenSession):
                 return
-            runner = self.runners[sid] = SessionRunner(
-                sid, conn, self.executor, self.ticker, self.settings, self.preparer
-            )
+            runner = self.runners[sid] = SessionRunner(sid, conn, self.executor, self.ticker, self.settings)
             runner.task.add_done_callback(lambda _t, sid=sid, r=runner: self._forget(sid, r))
         if isinstance(message, p.CloseSession):
             runner.queue.end()

@@ -100,10 +100,9 @@ class TickSettings(StrictModel):
     # duplex calls are spread over this many grids, shifted by a unit / tick_phases: each tick runs about
     # 1/tick_phases of them, so their units finish sooner (with 2, each phase's tick must fit in half a second)
     tick_phases: int = Field(2, ge=1, le=2)
-    # threads that compute the chat units' speech probabilities (Silero VAD, `ChatMode.prepare_unit`) before the
-    # units enter a tick. Every chat unit of a tick arrives at once (one grid), and onnxruntime lets go of the
-    # GIL, so they run side by side: with 2 threads, the VAD of 48 units took 62 ms (p50) on an H100 host's
-    # Xeon before the tick could start
+    # threads that compute the chat units' speech probabilities (Silero VAD, `ChatMode.prepare_units`) before the
+    # units' tick runs: the tick's units are split among them (parts of at least 12 sessions, each one batched
+    # Silero call per 32 ms window); onnxruntime lets go of the GIL, so the parts run side by side
     prepare_threads: int = Field(8, ge=1, le=64)
 
 

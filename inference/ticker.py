@@ -18,9 +18,12 @@ from typing import Any
 
 from inference import gc_pauses
 from inference import protocol as p
-from inference.modes.base import ModeUnit, Output, WorkerMode, batch_runner
+from inference.modes.base import ModeUnit, Output, WorkerMode, batch_preparer, batch_runner
 
 log = logging.getLogger("inference.worker")
+# a tick's `prepare_units` work goes to the prepare threads in parts of at least this many units (chat's VAD: a
+# batched Silero call of 12 rows costs about 6 single ones, and every call takes the GIL once)
+PREPARE_ROWS = 12
 
 
 def compile_count() -> int:
@@ -58,6 +61,11 @@ def tick_stalls() -> dict[str, int]:
     }
 
 
+def prepare_parts(units: int, threads: int) -> int:
+    """Into how many parts a tick's `prepare_units` work goes (one per prepare thread at most)."""
+    return max(1, min(threads, units // PREPARE_ROWS))
+
+
 @dataclass
 class _Waiting:
     mode: WorkerMode
@@ -89,7 +97,11 @@ class UnitTicker:
         members: Callable[[], list[tuple[int | None, Any]]],
         gather_s: float,
         phases: int,
+        preparer: concurrent.futures.Executor | None = None,
+        prepare_threads: int = 1,
     ) -> None:
+        """`executor`: the mode thread; `preparer`: the threads for the modes' `prepare_units` (default: the mode
+        thread), `prepare_threads` of them."""
         if phases < 1:
             raise ValueError("phases must be at least 1")
         self.executor = executor
@@ -97,6 +109,8 @@ class UnitTicker:
         self.phase_of: dict[str, int] = {}  # every batching session's phase, taken before its mode opens
         self.gather_s = gather_s
         self.phases = phases
+        self.preparer = preparer or executor
+        self.prepare_threads = prepare_threads
         self.waiting: list[_Waiting] = []
         self.wake = asyncio.Event()
         self.ticks = 0
@@ -161,9 +175,12 @@ class UnitTicker:
             ordered = sorted(groups.items(), key=lambda g: getattr(type(g[1][0].mode), "tick_priority", 0))
             for run, items in ordered:
                 self.ticks += 1
-                stalls = tick_stalls()
-                started = time.monotonic()
+                gathered = time.monotonic()
                 try:
+                    await self._prepare(items)
+                    prepare_ms = (time.monotonic() - gathered) * 1000
+                    stalls = tick_stalls()
+                    started = time.monotonic()
                     outs = await loop.run_in_executor(
                         self.executor, run, [(w.mode, w.unit, w.frame) for w in items]
                     )
@@ -178,8 +195,24 @@ class UnitTicker:
                 for w, out in zip(items, outs, strict=True):
                     if not w.done.done():
                         # where the unit's time in the tick loop went (merged into the mode's own metrics)
-                        wait_ms = (started - w.submitted) * 1000
-                        w.done.set_result([*out, p.UnitMetrics(tick_wait_ms=wait_ms, tick_ms=ran_ms)])
+                        wait_ms = (gathered - w.submitted) * 1000
+                        tick = p.UnitMetrics(tick_wait_ms=wait_ms, tick_ms=ran_ms)
+                        if batch_preparer(w.mode) is not None:
+                            tick.prepare_ms = prepare_ms
+                        w.done.set_result([*out, tick])
+
+    async def _prepare(self, items: list[_Waiting]) -> None:
+        """The mode's `prepare_units` over the tick's units, split evenly over the prepare threads (each part
+        at least `PREPARE_ROWS` units: the work is batched inside a part too)."""
+        prepare = batch_preparer(items[0].mode)
+        if prepare is None:
+            return
+        loop = asyncio.get_running_loop()
+        parts = prepare_parts(len(items), self.prepare_threads)
+        pairs = [(w.mode, w.unit) for w in items]
+        await asyncio.gather(
+            *(loop.run_in_executor(self.preparer, prepare, pairs[k::parts]) for k in range(parts))
+        )
 
     def _check_stalls(self, before: dict[str, int], ran_ms: float, units: int) -> None:
         """Warn about what stalled a tick (`tick_stalls`): each such tick and how much of it."""

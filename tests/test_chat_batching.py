@@ -341,7 +341,7 @@ def test_units_taken_as_one_hear_the_turn_that_each_alone_hears(spoken: np.ndarr
         assert isinstance(alone, ChatMode) and isinstance(merged, ChatMode)
         heard: list = []
         for unit in units:
-            alone.prepare_unit(unit)
+            ChatMode.prepare_units([(alone, unit)])
             heard += [o for o in alone.on_unit(unit, None) if isinstance(o, p.UserTurnOut)]
         ended_in = [k for k, u in enumerate(units) if u.completed_at == alone.turn_end]
         assert [t.started for t in heard] == [True, False] and len(ended_in) == 1
@@ -353,7 +353,7 @@ def test_units_taken_as_one_hear_the_turn_that_each_alone_hears(spoken: np.ndarr
             units[-1].completed_at,
             parts=[(u.pcm.size, u.completed_at) for u in units],
         )
-        merged.prepare_unit(one)
+        ChatMode.prepare_units([(merged, one)])
         assert one.vad_probs is not None and [len(x) for x in one.vad_probs] == [10] * len(units)
         got = [o for o in merged.on_unit(one, None) if isinstance(o, p.UserTurnOut)]
         assert got == heard

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from bench.turn_end import speak
 from inference.options import ModeOptions
-from inference.vad import WINDOW, TurnDetector, VadEvent
+from inference.vad import WINDOW, SileroVad, TurnDetector, VadEvent, push_many
 from MiniCPMO45.audio.rates import MODEL_INPUT_RATE
 
 UNIT = 5120  # chat's 320 ms unit
@@ -130,3 +130,27 @@ def test_turn_end_options_build_the_detector() -> None:
     assert short.confident_silence_windows == short.silence_windows == 9
     off = TurnDetector.from_options(ModeOptions(fast_silence_ms=0, learn_pauses=False))
     assert off.confident_silence_windows == 0
+
+
+def test_streams_pushed_together_get_what_each_gets_alone(voice) -> None:
+    """`push_many` (the streams' windows as one batched call): every stream gets the probabilities that pushing it
+    alone gives, over pushes of uneven lengths that leave samples pending between them."""
+    speech = voice("Is it going to rain this afternoon?")
+    streams = [np.roll(speech, k * 1777) for k in range(5)]
+    alone = [SileroVad() for _ in streams]
+    together = [SileroVad() for _ in streams]
+    got_alone: list[list[float]] = [[] for _ in streams]
+    got_together: list[list[float]] = [[] for _ in streams]
+    start = [0] * len(streams)
+    for step in range(6):
+        sizes = [300 + 2113 * ((step + k) % 4) for k in range(len(streams))]  # some below one window
+        pieces = [s[a : a + n] for s, a, n in zip(streams, start, sizes, strict=True)]
+        start = [a + n for a, n in zip(start, sizes, strict=True)]
+        for k, pcm in enumerate(pieces):
+            got_alone[k] += alone[k].push(pcm)
+        for k, probs in enumerate(push_many(together, pieces)):
+            got_together[k] += probs
+    assert [len(x) for x in got_together] == [len(x) for x in got_alone]
+    assert min(len(x) for x in got_alone) > 20 and max(max(x) for x in got_alone) > 0.5  # it heard speech
+    np.testing.assert_allclose(np.concatenate(got_together), np.concatenate(got_alone), atol=1e-5)
+    assert [v.pending_samples for v in together] == [v.pending_samples for v in alone]

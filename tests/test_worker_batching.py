@@ -370,38 +370,52 @@ async def test_a_chat_tick_does_not_wait_for_duplex_sessions(worker: FakeServer)
     assert worker.of("talker", p.Opened)[0].grid_offset_s == 0.0  # chat units are on the worker's grid too
 
 
+@pytest.mark.parametrize("worker", [LONG_GATHER], indirect=True)
 async def test_chat_vad_runs_beside_the_mode_thread(
     worker: FakeServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A chat unit's VAD (Silero on the CPU) runs on the worker's `prepare` threads before the unit goes to the
-    tick, not on the mode thread that launches every session's GPU work; the tick uses those probabilities."""
+    """The VAD of a tick's chat units (Silero on the CPU) runs on the worker's `prepare` threads as one batched
+    call over the tick's sessions before the tick, not on the mode thread that launches every session's GPU
+    work; the tick uses those probabilities."""
     import threading
 
+    from inference.modes import chat
     from inference.vad import SileroVad, TurnDetector
 
-    pushed: list[str] = []
+    pushed: list[tuple[str, int]] = []  # (thread, streams) of each batched VAD call
+    alone: list[str] = []
     fed: list[int] = []
-    real_push, real_feed = SileroVad.push, TurnDetector.feed
+    real_many, real_push, real_feed = chat.push_many, SileroVad.push, TurnDetector.feed
+
+    def push_many(vads: Any, pcms: Any) -> list[list[float]]:
+        pushed.append((threading.current_thread().name, len(vads)))
+        return real_many(vads, pcms)
 
     def push(self: SileroVad, pcm: np.ndarray) -> list[float]:
-        pushed.append(threading.current_thread().name)
+        alone.append(threading.current_thread().name)
         return real_push(self, pcm)
 
     def feed(self: TurnDetector, probs: list[float]) -> list[Any]:
         fed.append(len(probs))
         return real_feed(self, probs)
 
+    monkeypatch.setattr(chat, "push_many", push_many)
     monkeypatch.setattr(SileroVad, "push", push)
     monkeypatch.setattr(TurnDetector, "feed", feed)
-    await open_all(worker, {"talker": ("chat", {"seed": 1})})
+    names = ["talker-a", "talker-b"]
+    await open_all(worker, {sid: ("chat", {"seed": 1}) for sid in names})
     pcm = p.pcm_to_bytes((0.05 * np.random.default_rng(6).standard_normal(5120)).astype(np.float32))
     for k in range(3):
-        await worker.send(
-            p.Unit(session_id="talker", index=k, samples=5120, completed_at=0.0, sent_at=0.0), pcm
-        )
-    await worker.wait_for("talker", p.UnitDone, 3, timeout=30)
-    assert len(pushed) == 3 and all(name.startswith("prepare") for name in pushed), pushed
-    assert fed == [10, 10, 10]  # 320 ms units: ten 32 ms windows each, fed to the turn logic in the tick
+        for sid in names:
+            await worker.send(
+                p.Unit(session_id=sid, index=k, samples=5120, completed_at=0.0, sent_at=0.0), pcm
+            )
+        for sid in names:  # the tick gathers for a minute: both sessions' units tick together
+            await worker.wait_for(sid, p.UnitDone, k + 1, timeout=30)
+    assert len(pushed) == 3 and all(name.startswith("prepare") and n == 2 for name, n in pushed), pushed
+    assert not alone  # no stream ran its VAD on its own (the tick's fallback)
+    assert fed == [10] * 6  # 320 ms units: ten 32 ms windows each, fed to the turn logic in the tick
+    assert all(d.metrics.prepare_ms is not None for sid in names for d in worker.of(sid, p.UnitDone))
 
 
 async def test_a_chat_backlog_is_taken_as_one_unit(
@@ -435,4 +449,4 @@ async def test_a_chat_backlog_is_taken_as_one_unit(
     assert fed == [10] * 6  # every 320 ms part fed to the turn logic
     # the tick's own numbers (the tick loop's, the VAD's) on one unit of each tick only
     assert sum(d.metrics.tick_ms is not None for d in done) == 6 - len(merged) + 1
-    assert all(d.metrics.prepare_ms is not None and d.metrics.prepare_ms >= 0 for d in done)
+    assert all((d.metrics.prepare_ms is not None) == (d.metrics.tick_ms is not None) for d in done)

@@ -24,7 +24,7 @@ class ModeUnit:
     # a mode that catches up (`catches_up`): the server units merged into this one, oldest first, as (samples,
     # completed_at) each; empty for a single unit (its pcm and completed_at say it all)
     parts: list[tuple[int, float]] = field(default_factory=list)
-    # the speech probabilities of each part (one list for a single unit), when the mode's `prepare_unit`
+    # the speech probabilities of each part (one list for a single unit), when the mode's `prepare_units`
     # computed them off the mode thread
     vad_probs: list[list[float]] | None = None
 
@@ -92,12 +92,13 @@ class WorkerMode(Protocol):
 
 
 class PreparingMode(WorkerMode, Protocol):
-    """A mode with per-unit CPU work that needs none of the model (chat's VAD): `prepare_unit` runs on a thread of
-    its own before the unit goes to `on_unit`/`on_units`, so that it never holds the mode thread, which launches
-    every session's GPU work. Called once per unit, in order, never at the same time as another call for the same
-    session (a session's messages are handled one at a time)."""
+    """A batching mode with per-unit CPU work that needs none of the model (chat's VAD): the ticker calls the static
+    `prepare_units` with the units of each tick on the worker's `prepare` threads (the tick's units split among
+    them) before the tick runs, so that this work never holds the mode thread, which launches every session's GPU
+    work. Never called at the same time as another call for the same session."""
 
-    def prepare_unit(self, unit: ModeUnit) -> None: ...
+    @staticmethod
+    def prepare_units(batch: Sequence[tuple[Any, ModeUnit]]) -> None: ...
 
 
 def catches_up(mode: WorkerMode) -> bool:
@@ -107,9 +108,9 @@ def catches_up(mode: WorkerMode) -> bool:
     return bool(getattr(type(mode), "catches_up", False))
 
 
-def unit_preparer(mode: WorkerMode) -> Any:
-    """The mode's `prepare_unit` if it has one, else None."""
-    return getattr(mode, "prepare_unit", None)
+def batch_preparer(mode: WorkerMode) -> Any:
+    """The mode's `prepare_units` if it has one, else None."""
+    return getattr(type(mode), "prepare_units", None)
 
 
 class BatchedMode(WorkerMode, Protocol):
