@@ -945,6 +945,13 @@ def existing_file(path: str) -> str:
     return path
 
 
+def mode_level(text: str) -> tuple[str, int]:
+    mode, _, calls = text.partition(":")
+    if mode not in (*MODES, "mixed") or not calls.isdigit() or int(calls) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: want MODE:N, MODE one of {', '.join((*MODES, 'mixed'))}")
+    return mode, int(calls)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ints = lambda s: [int(x) for x in s.split(",") if x.strip()]  # noqa: E731
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -984,6 +991,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=existing_file,
         help="a WAV of speech for the callers (default: espeak-ng, else a synthetic voice)",
     )
+    ap.add_argument(
+        "--runs",
+        nargs="+",
+        type=mode_level,
+        metavar="MODE:N",
+        help="levels of several modes on one server, in order (one GPU warm-up for all; instead of --mode and "
+        "--calls): a table and a JSON per mode",
+    )
     ap.add_argument("--restart-per-level", action="store_true")
     ap.add_argument("--out", default="bench-e2e-out")
     ap.add_argument("--profile", help="py-spy (if installed) records the workers and a media process here")
@@ -991,7 +1006,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--write-doc", action="store_true", help="update this mode's block in docs/PERFORMANCE.md"
     )
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.runs:  # the server is sized for the largest level (`server_config`)
+        args.calls = [n for _, n in args.runs]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1007,8 +1025,8 @@ def main(argv: list[str] | None = None) -> int:
         if proc.exitcode != 0:
             raise SystemExit(f"building the real-size checkpoint failed ({proc.exitcode})")
         args.model_dir = str(Path(args.build_realsize).resolve())
+    plan = args.runs or [(args.mode, n) for n in args.calls]
     meta = {
-        "mode": args.mode,
         "date": datetime.date.today().isoformat(),
         "cpu": cpu_model(),
         "logical_cpus": os.cpu_count(),
@@ -1021,24 +1039,26 @@ def main(argv: list[str] | None = None) -> int:
         "chat_turns": f"{args.chat_turns} every {args.turn_interval:g} s",
         "python": platform.python_version(),
     }
-    sigs = {
-        mode: caller_signal(mode, out, args.chat_turns, args.turn_interval, args.speech)
-        for mode in (MIXED if args.mode == "mixed" else (args.mode,))
-    }
+    sigs: dict[str, np.ndarray] = {}
+    for mode, _ in plan:
+        for m in MIXED if mode == "mixed" else (mode,):
+            if m not in sigs:
+                sigs[m] = caller_signal(m, out, args.chat_turns, args.turn_interval, args.speech)
     gpu = GpuSampler(args.gpus)
     gpu.start()
-    rows: list[Row] = []
+    rows: dict[str, list[Row]] = {mode: [] for mode, _ in plan}
     server: Server | None = None
     status = 0
+    tag = "-".join(dict.fromkeys(mode for mode, _ in plan))
     try:
-        for n in args.calls:
+        for mode, n in plan:
             if server is None or args.restart_per_level:
                 if server is not None:
                     stop_server(server)
-                server = start_server(args, out, f"{args.mode}-{n}" if args.restart_per_level else args.mode)
+                server = start_server(args, out, f"{tag}-{n}" if args.restart_per_level else tag)
                 meta["config"] = server.config
-            for row in run_level(args, server, n, sigs, gpu):
-                rows.append(row)
+            for row in run_level(argparse.Namespace(**{**vars(args), "mode": mode}), server, n, sigs, gpu):
+                rows[mode].append(row)
                 print(json.dumps(asdict(row)), flush=True)
     except (RuntimeError, TimeoutError) as exc:
         print(f"stopped: {exc}", file=sys.stderr)
@@ -1048,13 +1068,15 @@ def main(argv: list[str] | None = None) -> int:
             stop_server(server)
         gpu.halt.set()
     meta["load_avg"] = float(Path("/proc/loadavg").read_text().split()[0])
-    (out / f"e2e-{args.mode}.json").write_text(
-        json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1)
-    )
-    text = table(rows, meta)
-    print(text)
-    if args.write_doc and rows:
-        print(f"written to {write_doc(text, args.mode)}")
+    for mode, mode_rows in rows.items():
+        mode_meta = {"mode": mode, **meta}
+        (out / f"e2e-{mode}.json").write_text(
+            json.dumps({"meta": mode_meta, "rows": [asdict(r) for r in mode_rows]}, indent=1)
+        )
+        text = table(mode_rows, mode_meta)
+        print(text)
+        if args.write_doc and mode_rows:
+            print(f"written to {write_doc(text, mode)}")
     return status
 
 

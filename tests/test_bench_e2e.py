@@ -26,6 +26,7 @@ from bench.e2e import (
     late_ms,
     main,
     missing_share,
+    parse_args,
     pctl,
     stalls_logged,
     summarize,
@@ -244,6 +245,36 @@ def test_e2e_mixed_chat_and_duplex_calls_on_one_server(tmp_path: Path) -> None:
         assert (row["asked"], row["admitted"], row["errors"]) == (1, 1, 0), row
         assert row["units"] > 0 and row["frames_received"] > 0
     assert rows[0]["turns_sent"] >= 1 and rows[1]["turns_sent"] == 0
+
+
+def test_e2e_runs_levels_of_several_modes_on_one_server(tmp_path: Path) -> None:
+    """`--runs MODE:N ...`: the levels of two modes one after the other on one server start (one log), a JSON with
+    its row for each mode; a malformed level is refused."""
+    out = tmp_path / "out"
+    argv = [
+        "--runs",
+        "loopback:1",
+        "audio_duplex:1",
+        "--seconds",
+        "3",
+        "--warmup",
+        "1",
+        "--client-procs",
+        "1",
+    ]
+    argv += ["--out", str(out), "--startup-timeout", "120", "--ready-timeout", "90"]
+    assert main(argv) == 0
+    for mode in ("loopback", "audio_duplex"):
+        results = json.loads((out / f"e2e-{mode}.json").read_text())
+        [row] = results["rows"]
+        assert results["meta"]["mode"] == mode and row["mode"] == mode
+        assert (row["asked"], row["admitted"], row["errors"]) == (1, 1, 0), row
+        assert row["units"] > 0 and row["frames_received"] > 0
+    assert [p.name for p in out.glob("server-*.log")] == ["server-loopback-audio_duplex.log"]
+    with pytest.raises(SystemExit):
+        parse_args(["--runs", "chat48"])
+    with pytest.raises(SystemExit):
+        parse_args(["--runs", "karaoke:4"])
 
 
 def test_chat_callers_speak_their_turns_on_a_period(tmp_path: Path) -> None:
