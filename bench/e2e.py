@@ -1012,6 +1012,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def write_json(out: Path, mode: str, meta: dict[str, Any], rows: list[Row]) -> None:
+    (out / f"e2e-{mode}.json").write_text(
+        json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1)
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out).resolve()
@@ -1060,6 +1066,9 @@ def main(argv: list[str] | None = None) -> int:
             for row in run_level(argparse.Namespace(**{**vars(args), "mode": mode}), server, n, sigs, gpu):
                 rows[mode].append(row)
                 print(json.dumps(asdict(row)), flush=True)
+            write_json(
+                out, mode, {"mode": mode, **meta}, rows[mode]
+            )  # each level as it ends (a run cut short)
     except (RuntimeError, TimeoutError) as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         status = 1
@@ -1070,9 +1079,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["load_avg"] = float(Path("/proc/loadavg").read_text().split()[0])
     for mode, mode_rows in rows.items():
         mode_meta = {"mode": mode, **meta}
-        (out / f"e2e-{mode}.json").write_text(
-            json.dumps({"meta": mode_meta, "rows": [asdict(r) for r in mode_rows]}, indent=1)
-        )
+        write_json(out, mode, mode_meta, mode_rows)
         text = table(mode_rows, mode_meta)
         print(text)
         if args.write_doc and mode_rows:
