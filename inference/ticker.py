@@ -12,6 +12,7 @@ import concurrent.futures
 import logging
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -86,8 +87,8 @@ class UnitTicker:
     holds about 1/phases of the sessions, and so finishes sooner than one tick of all of them would (a
     tick's cost grows less than its batch; with two phases each must fit in half a unit). A tick starts once
     every session of each phase that has a unit waiting has one waiting, or `gather_s` after the first one
-    arrived, whichever comes first; units arriving later go into the next tick (a late phase catches up in
-    the other phase's tick). A mode may cut the units of every phase on one grid (`SessionSetup.one_grid`,
+    arrived, whichever comes first; units arriving later go into the next tick (a phase's stragglers join the
+    other phase's tick, but a whole phase that waits ticks on its own: `_take`). A mode may cut the units of every phase on one grid (`SessionSetup.one_grid`,
     chat): its sessions of both phases then tick together, each still on its phase's slots. A failure fails the
     units of that tick (their sessions end with `mode_error`)."""
 
@@ -139,6 +140,28 @@ class UnitTicker:
         keys = [(w.grid, batch_runner(w.mode)) for w in self.waiting]
         return all(keys.count(key) >= members.count(key) for key in set(keys))
 
+    def _take(self) -> list[_Waiting]:
+        """The units of this tick, taken out of `waiting`: every unit, except that the units of only one phase grid
+        tick together. When units of both phases wait (a tick ran past its half unit, so the next phase's units
+        came meanwhile), the phase with the oldest unit goes first and the other waits for the next tick; a
+        phase's stragglers (half its sessions or fewer: units that missed their own tick's gather) still join.
+        Merged, two phases' ticks would run as one of twice the size and about twice as long, and every tick after
+        it would find both phases waiting again: a worker that falls behind once would stay behind."""
+        grids = [w.grid for w in self.waiting if w.grid is not None]
+        if len(set(grids)) < 2:
+            batch, self.waiting = self.waiting, []
+            return batch
+        sessions = Counter(grid for grid, _ in self.members() if grid is not None)
+        whole = {g for g, n in Counter(grids).items() if 2 * n > sessions[g]}
+        if len(whole) < 2:
+            batch, self.waiting = self.waiting, []
+            return batch
+        first = min((w for w in self.waiting if w.grid in whole), key=lambda w: w.submitted).grid
+        joins = (set(grids) - whole) | {first}
+        batch = [w for w in self.waiting if w.grid is None or w.grid in joins]
+        self.waiting = [w for w in self.waiting if not (w.grid is None or w.grid in joins)]
+        return batch
+
     async def _gather(self) -> None:
         deadline = time.monotonic() + self.gather_s
         while not self._gathered() and (left := deadline - time.monotonic()) > 0:
@@ -165,7 +188,9 @@ class UnitTicker:
             await self.wake.wait()
             await self._gather()
             self.wake.clear()
-            batch, self.waiting = self.waiting, []
+            batch = self._take()
+            if self.waiting:  # another phase's units: their own tick, right after this one
+                self.wake.set()
             groups: dict[Any, list[_Waiting]] = {}
             for item in batch:
                 if not item.done.done():  # its session went away while it waited

@@ -254,6 +254,48 @@ async def test_sessions_take_turns_on_two_half_second_grids(worker: FakeServer) 
 
 
 @pytest.mark.parametrize("worker", [PHASED], indirect=True)
+async def test_two_waiting_phases_tick_apart_the_older_first(worker: FakeServer) -> None:
+    """When both phases' units wait at once (a worker that fell behind), they run as two ticks, the phase whose
+    unit came first before the other, not as one tick of both (twice as long, and every later tick would find both
+    phases waiting again)."""
+    rng = np.random.default_rng(8)
+    names = ["a", "b", "c", "d"]
+    await open_all(worker, {sid: ("audio_duplex", {"force": "listen"}) for sid in names})
+    assert [worker.of(sid, p.Opened)[0].grid_offset_s for sid in names] == [0.0, 0.5, 0.0, 0.5]
+    # phase 1's first unit, then phase 0's two, then phase 1's second: the tick gathers until phase 1 is whole,
+    # and by then both phases wait
+    for sid in ["b", "a", "c", "d"]:
+        await worker.send(*unit(sid, 0, rng, frame=False))
+    for sid in names:
+        await worker.wait_for(sid, p.UnitDone, 1, timeout=60)
+    sizes = {sid: worker.of(sid, p.UnitDone)[0].metrics.batch_sessions for sid in names}
+    assert sizes == dict.fromkeys(names, 2), sizes
+    assert max(worker.done_at["b", 0], worker.done_at["d", 0]) < min(
+        worker.done_at["a", 0], worker.done_at["c", 0]
+    )
+
+
+STRAGGLING = embedded(max_sessions=4, tick_phases=2, tick_gather_ms=300)
+
+
+@pytest.mark.parametrize("worker", [STRAGGLING], indirect=True)
+async def test_a_phases_straggler_joins_the_other_phases_tick(worker: FakeServer) -> None:
+    """A unit of a phase whose other sessions have no unit waiting (it missed its own tick) runs in the tick of the
+    phase that is waiting, rather than in a tick of its own."""
+    rng = np.random.default_rng(9)
+    names = ["a", "b", "c", "d"]
+    await open_all(worker, {sid: ("audio_duplex", {"force": "listen"}) for sid in names})
+    offsets = {sid: worker.of(sid, p.Opened)[0].grid_offset_s for sid in names}
+    full = [sid for sid in names if offsets[sid] == 0.5]
+    [straggler, _] = [sid for sid in names if offsets[sid] == 0.0]
+    for sid in [straggler, *full]:  # one of a phase's two units, then the whole other phase
+        await worker.send(*unit(sid, 0, rng, frame=False))
+    for sid in [straggler, *full]:
+        await worker.wait_for(sid, p.UnitDone, 1, timeout=60)
+        assert worker.of(sid, p.UnitDone)[0].metrics.batch_sessions == 3, sid
+
+
+@pytest.mark.parametrize("worker", [PHASED], indirect=True)
 async def test_chat_sessions_of_both_phases_tick_together(
     worker: FakeServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -203,7 +203,7 @@ class DuplexBatcher:
             for top in ends:
                 if rows <= largest:
                     self.llm.warm_up(rows, (1,), top)
-        # A tick that holds both phases (a late phase catches up in the other's tick) runs every slot: its
+        # A tick that holds both phases (one phase's stragglers in the other's tick) runs every slot: its
         # unit steps are captured too, so that an overloaded tick does not also pay for captures.
         merged: int | None = pick_bucket(buckets, max_sessions)
         if phases == 1 or merged == largest:
