@@ -276,12 +276,12 @@ class SessionRunner:
         last = items[-1][0]
         assert isinstance(last, p.Unit)
         unit = ModeUnit(last.index, pieces[0][0], last.completed_at, queued_units=backlog)
-        if len(items) > 1:
+        if len(items) > 1:  # the parts as one unit, each part's length and completion time kept
             unit.pcm = np.concatenate([pcm for pcm, _ in pieces])
             unit.parts = [
                 (pcm.size, msg.completed_at) for (pcm, _), (msg, _, _) in zip(pieces, items, strict=True)
             ]
-        frame = pieces[-1][1]
+        frame = pieces[-1][1]  # the newest frame (a mode that catches up takes none)
         if batch_runner(self.mode) is not None:
             outputs = await self.ticker.submit(self.mode, unit, frame, self.grid)
         else:

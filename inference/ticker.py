@@ -88,9 +88,10 @@ class UnitTicker:
     tick's cost grows less than its batch; with two phases each must fit in half a unit). A tick starts once
     every session of each phase that has a unit waiting has one waiting, or `gather_s` after the first one
     arrived, whichever comes first; units arriving later go into the next tick (a phase's stragglers join the
-    other phase's tick, but a whole phase that waits ticks on its own: `_take`). A mode may cut the units of every phase on one grid (`SessionSetup.one_grid`,
-    chat): its sessions of both phases then tick together, each still on its phase's slots. A failure fails the
-    units of that tick (their sessions end with `mode_error`)."""
+    other phase's tick, but a whole phase that waits ticks on its own: `_take`). A mode may cut the units of
+    every phase on one grid (`SessionSetup.one_grid`, chat): its sessions of both phases then tick together,
+    each still on its phase's slots. A failure fails the units of that tick (their sessions end with
+    `mode_error`)."""
 
     def __init__(
         self,
@@ -221,9 +222,8 @@ class UnitTicker:
                     if not w.done.done():
                         # where the unit's time in the tick loop went (merged into the mode's own metrics)
                         wait_ms = (gathered - w.submitted) * 1000
-                        tick = p.UnitMetrics(tick_wait_ms=wait_ms, tick_ms=ran_ms)
-                        if batch_preparer(w.mode) is not None:
-                            tick.prepare_ms = prepare_ms
+                        prepared = {"prepare_ms": prepare_ms} if batch_preparer(w.mode) is not None else {}
+                        tick = p.UnitMetrics(tick_wait_ms=wait_ms, tick_ms=ran_ms, **prepared)
                         w.done.set_result([*out, tick])
 
     async def _prepare(self, items: list[_Waiting]) -> None:

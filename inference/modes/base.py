@@ -18,7 +18,7 @@ class ModeUnit:
     """One unit of caller audio as the worker received it."""
 
     index: int
-    pcm: np.ndarray  # float32 mono 16 kHz, exactly the unit length the mode asked for
+    pcm: np.ndarray  # float32 mono 16 kHz, exactly the unit length the mode asked for (per part: `parts`)
     completed_at: float  # server monotonic time when the unit's last sample arrived
     queued_units: int = 0  # units of this session already waiting in the worker behind this one (backlog)
     # a mode that catches up (`catches_up`): the server units merged into this one, oldest first, as (samples,
