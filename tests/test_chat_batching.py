@@ -368,6 +368,53 @@ def test_units_taken_as_one_hear_the_turn_that_each_alone_hears(spoken: np.ndarr
         merged.close()
 
 
+def test_a_second_turn_in_the_carried_parts_is_heard_in_the_next_ticks(spoken: np.ndarray) -> None:
+    """Two spoken turns in one merged unit (a session that fell behind by both): the first ends in this tick, the
+    second, in the parts carried over, starts and ends in the next ones: the same turns, in the same order, with
+    the same audio, as unit by unit."""
+    units = _units(np.concatenate([spoken, spoken]), 0)
+    held = {"auto_respond": False, "max_new_tokens": 12}
+    alone = create_mode("chat", SETTINGS)
+    merged = create_mode("chat", SETTINGS)
+    alone.open(SessionOptions("alone-2", extra=held))
+    merged.open(SessionOptions("merged-2", extra=held))
+    try:
+        assert isinstance(alone, ChatMode) and isinstance(merged, ChatMode)
+        heard, turns_alone = [], []
+        for unit in units:
+            ChatMode.prepare_units([(alone, unit)])
+            out = alone.on_unit(unit, None)
+            heard += [o for o in out if isinstance(o, p.UserTurnOut)]
+            if any(isinstance(o, p.UserTurnOut) and o.seconds for o in out):
+                turns_alone.append(alone.pending[0].copy() if alone.pending else None)
+        assert [t.started for t in heard] == [True, False, True, False]
+
+        one = ModeUnit(
+            units[-1].index,
+            np.concatenate([u.pcm for u in units]),
+            units[-1].completed_at,
+            parts=[(u.pcm.size, u.completed_at) for u in units],
+        )
+        ChatMode.prepare_units([(merged, one)])
+        got, turns_merged = [], []
+        for k in range(4):  # the merged unit, then quiet units while the carried parts are heard
+            unit = one if k == 0 else ModeUnit(one.index + k, np.zeros(5120, dtype=np.float32), 0.0)
+            if k:
+                ChatMode.prepare_units([(merged, unit)])
+            out = merged.on_unit(unit, None)
+            got += [o for o in out if isinstance(o, p.UserTurnOut)]
+            if any(isinstance(o, p.UserTurnOut) and o.seconds for o in out):
+                turns_merged.append(merged.pending[0].copy() if merged.pending else None)
+        assert got == heard
+        assert len(turns_merged) == len(turns_alone) == 2
+        for a, b in zip(turns_alone, turns_merged, strict=True):
+            assert a is not None and b is not None
+            np.testing.assert_array_equal(a, b)
+    finally:
+        alone.close()
+        merged.close()
+
+
 def test_without_barge_in_the_callers_speech_does_not_cut_the_reply(spoken: np.ndarray) -> None:
     outcomes = {}
     for barge_in in (True, False):
