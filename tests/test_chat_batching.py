@@ -325,6 +325,27 @@ def test_a_held_turn_waits_for_respond(spoken: np.ndarray) -> None:
         mode.close()
 
 
+def _held_pair(name: str) -> tuple[ChatMode, ChatMode]:
+    """Two chat sessions whose turns wait for `respond` (no replies run): one fed unit by unit, one merged."""
+    modes = []
+    for sid in (f"{name}-alone", f"{name}-merged"):
+        mode = create_mode("chat", SETTINGS)
+        mode.open(SessionOptions(sid, extra={"auto_respond": False, "max_new_tokens": 12}))
+        assert isinstance(mode, ChatMode)
+        modes.append(mode)
+    return modes[0], modes[1]
+
+
+def _merge(units: list[ModeUnit]) -> ModeUnit:
+    """The units as the worker's runner takes a backlog: one unit of parts."""
+    return ModeUnit(
+        units[-1].index,
+        np.concatenate([u.pcm for u in units]),
+        units[-1].completed_at,
+        parts=[(u.pcm.size, u.completed_at) for u in units],
+    )
+
+
 def test_units_taken_as_one_hear_the_turn_that_each_alone_hears(spoken: np.ndarray) -> None:
     """A backlog taken as one unit (`ModeUnit.parts`, a session catching up): the VAD runs part by part, the
     turn ends in the same part with the same audio and that part's completion time, and the parts after the end
@@ -332,13 +353,8 @@ def test_units_taken_as_one_hear_the_turn_that_each_alone_hears(spoken: np.ndarr
     units = _units(spoken, 0)
     for k, unit in enumerate(units):
         unit.completed_at = 100.0 + 0.32 * k
-    held = {"auto_respond": False, "max_new_tokens": 12}
-    alone = create_mode("chat", SETTINGS)
-    merged = create_mode("chat", SETTINGS)
-    alone.open(SessionOptions("alone", extra=held))
-    merged.open(SessionOptions("merged", extra=held))
+    alone, merged = _held_pair("one-turn")
     try:
-        assert isinstance(alone, ChatMode) and isinstance(merged, ChatMode)
         heard: list = []
         for unit in units:
             ChatMode.prepare_units([(alone, unit)])
@@ -347,12 +363,7 @@ def test_units_taken_as_one_hear_the_turn_that_each_alone_hears(spoken: np.ndarr
         assert [t.started for t in heard] == [True, False] and len(ended_in) == 1
         assert ended_in[0] < len(units) - 2  # the spoken audio ends with silence: parts follow the end
 
-        one = ModeUnit(
-            units[-1].index,
-            np.concatenate([u.pcm for u in units]),
-            units[-1].completed_at,
-            parts=[(u.pcm.size, u.completed_at) for u in units],
-        )
+        one = _merge(units)
         ChatMode.prepare_units([(merged, one)])
         assert one.vad_probs is not None and [len(x) for x in one.vad_probs] == [10] * len(units)
         got = [o for o in merged.on_unit(one, None) if isinstance(o, p.UserTurnOut)]
@@ -373,13 +384,8 @@ def test_a_second_turn_in_the_carried_parts_is_heard_in_the_next_ticks(spoken: n
     second, in the parts carried over, starts and ends in the next ones: the same turns, in the same order, with
     the same audio, as unit by unit."""
     units = _units(np.concatenate([spoken, spoken]), 0)
-    held = {"auto_respond": False, "max_new_tokens": 12}
-    alone = create_mode("chat", SETTINGS)
-    merged = create_mode("chat", SETTINGS)
-    alone.open(SessionOptions("alone-2", extra=held))
-    merged.open(SessionOptions("merged-2", extra=held))
+    alone, merged = _held_pair("two-turns")
     try:
-        assert isinstance(alone, ChatMode) and isinstance(merged, ChatMode)
         heard, turns_alone = [], []
         for unit in units:
             ChatMode.prepare_units([(alone, unit)])
@@ -389,12 +395,7 @@ def test_a_second_turn_in_the_carried_parts_is_heard_in_the_next_ticks(spoken: n
                 turns_alone.append(alone.pending[0].copy() if alone.pending else None)
         assert [t.started for t in heard] == [True, False, True, False]
 
-        one = ModeUnit(
-            units[-1].index,
-            np.concatenate([u.pcm for u in units]),
-            units[-1].completed_at,
-            parts=[(u.pcm.size, u.completed_at) for u in units],
-        )
+        one = _merge(units)
         ChatMode.prepare_units([(merged, one)])
         got, turns_merged = [], []
         for k in range(4):  # the merged unit, then quiet units while the carried parts are heard
