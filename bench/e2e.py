@@ -74,7 +74,8 @@ class CallResult:
     roundtrip_ms: list[float] = field(default_factory=list)
     batch_sessions: list[float] = field(default_factory=list)  # calls that shared the tick of each unit
     compute_ms: list[float] = field(default_factory=list)  # the worker's time for each unit
-    # the mode's split of compute_ms and the worker's waits (`STAGES`; `merged_units` a count), for the units that have each
+    # the mode's split of compute_ms and the worker's waits (`STAGES`; `merged_units` a count), for the units
+    # that have each
     stage_ms: dict[str, list[float]] = field(default_factory=dict)
     error_codes: list[str] = field(default_factory=list)
     gaps_ms: list[float] = field(default_factory=list)
@@ -1066,9 +1067,8 @@ def main(argv: list[str] | None = None) -> int:
             for row in run_level(argparse.Namespace(**{**vars(args), "mode": mode}), server, n, sigs, gpu):
                 rows[mode].append(row)
                 print(json.dumps(asdict(row)), flush=True)
-            write_json(
-                out, mode, {"mode": mode, **meta}, rows[mode]
-            )  # each level as it ends (a run cut short)
+            # each level's rows as it ends: a run cut short keeps what it measured
+            write_json(out, mode, {"mode": mode, **meta}, rows[mode])
     except (RuntimeError, TimeoutError) as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         status = 1

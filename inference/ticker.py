@@ -218,11 +218,11 @@ class UnitTicker:
                         if not w.done.done():
                             w.done.set_exception(exc)
                     continue
+                prepared = {"prepare_ms": prepare_ms} if batch_preparer(items[0].mode) is not None else {}
                 for w, out in zip(items, outs, strict=True):
                     if not w.done.done():
                         # where the unit's time in the tick loop went (merged into the mode's own metrics)
                         wait_ms = (gathered - w.submitted) * 1000
-                        prepared = {"prepare_ms": prepare_ms} if batch_preparer(w.mode) is not None else {}
                         tick = p.UnitMetrics(tick_wait_ms=wait_ms, tick_ms=ran_ms, **prepared)
                         w.done.set_result([*out, tick])
 

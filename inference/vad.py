@@ -58,19 +58,7 @@ class SileroVad:
 
     def push(self, pcm: np.ndarray) -> list[float]:
         """Append 16 kHz float32 samples; returns the probability of every complete 512-sample window."""
-        audio = np.concatenate([self._pending, np.asarray(pcm, dtype=np.float32).reshape(-1)])
-        probs = []
-        n = audio.size // WINDOW
-        for i in range(n):
-            window = audio[i * WINDOW : (i + 1) * WINDOW]
-            x = np.concatenate([self._context, window])[None]
-            out, self._state = self.session.run(
-                None, {"input": x, "state": self._state, "sr": np.array(MODEL_INPUT_RATE, dtype=np.int64)}
-            )
-            self._context = window[-CONTEXT:]
-            probs.append(float(out[0, 0]))
-        self._pending = audio[n * WINDOW :]
-        return probs
+        return push_many([self], [pcm])[0]
 
 
 def push_many(vads: Sequence[SileroVad], pcms: Sequence[np.ndarray]) -> list[list[float]]:

@@ -43,7 +43,7 @@ from inference.modes.heard import truncate_reply
 from inference.options import ModeOptions
 from inference.settings import WorkerSettings
 from inference.speech import TEXT_CHUNK, TurnVoice, speak_batch
-from inference.vad import WINDOW, TurnDetector, push_many
+from inference.vad import TurnDetector, push_many
 from MiniCPMO45.audio.rates import CHAT_UNIT_SAMPLES, MODEL_INPUT_RATE, SPEECH_RATE
 from MiniCPMO45.engine import half_duplex as hd
 from MiniCPMO45.engine.context_window import SlidingWindow
@@ -339,17 +339,17 @@ class ChatMode:
         """The units' speech probabilities, part by part, off the mode thread (`inference.modes.base.PreparingMode`):
         Silero over the sessions as one batched call per 32 ms window (`push_many`; ~1.2 ms of CPU per session and
         unit alone), which the mode thread would otherwise spend between the GPU steps of every tick."""
-        todo = [(mode, unit) for mode, unit in batch if mode.detector is not None and not mode.paused]
-        vads = [mode.detector.vad for mode, _ in todo if mode.detector is not None]
-        pending = [vad.pending_samples for vad in vads]
-        probs = push_many(vads, [unit.pcm for _, unit in todo])
-        for (_, unit), before, unit_probs in zip(todo, pending, probs, strict=True):
-            # each window to the part that holds its last sample (what pushing the parts one by one gives)
-            ends = np.cumsum([pcm.size for pcm, _ in unit.pieces()])
-            parts: list[list[float]] = [[] for _ in ends]
-            for j, prob in enumerate(unit_probs):
-                parts[int(np.searchsorted(ends, (j + 1) * WINDOW - before))].append(prob)
-            unit.vad_probs = parts
+        todo = [
+            (mode.detector.vad, unit) for mode, unit in batch if mode.detector is not None and not mode.paused
+        ]
+        pieces = [unit.pieces() for _, unit in todo]
+        for _, unit in todo:
+            unit.vad_probs = []
+        for i in range(max(map(len, pieces), default=0)):  # the parts in order (a merged unit has several)
+            rows = [k for k, parts in enumerate(pieces) if i < len(parts)]
+            got = push_many([todo[k][0] for k in rows], [pieces[k][i][0] for k in rows])
+            for k, probs in zip(rows, got, strict=True):
+                todo[k][1].vad_probs.append(probs)
 
     def on_unit(self, unit: ModeUnit, frame: np.ndarray | None) -> list[Output]:
         return self.on_units([(self, unit, frame)])[0]
