@@ -77,6 +77,10 @@ class CallResult:
     # the mode's split of compute_ms and the worker's waits (`STAGES`; `merged_units` a count), for the units
     # that have each
     stage_ms: dict[str, list[float]] = field(default_factory=dict)
+    # chat: the same for the units whose tick sent a reply's first speech (they carry `turn_to_speech_ms`)
+    turn_stage_ms: dict[str, list[float]] = field(default_factory=dict)
+    early_replies: int = 0  # chat: turns answered by a reply started a unit before their end
+    early_dropped: int = 0  # ... and replies started early, then dropped (the caller spoke on)
     error_codes: list[str] = field(default_factory=list)
     gaps_ms: list[float] = field(default_factory=list)
     late_ms: list[float] = field(default_factory=list)  # per frame: after the previous frame's audio ran out
@@ -124,6 +128,9 @@ class Row:
     batch_sessions: dict[str, float | None] = field(default_factory=dict)
     compute_ms: dict[str, float | None] = field(default_factory=dict)
     stage_ms: dict[str, dict[str, float | None]] = field(default_factory=dict)  # per stage, p50/p95/max
+    turn_stage_ms: dict[str, dict[str, float | None]] = field(default_factory=dict)  # chat: the turns' units
+    early_replies: int = 0
+    early_dropped: int = 0
     # % of one core by thread name ("worker:mode", "worker:ipc", "media:media-loop"...)
     thread_cpu_pct: dict[str, float] = field(default_factory=dict)
 
@@ -260,6 +267,13 @@ def summarize(
             for name in STAGES
             if (values := [x for c in ok for x in c.stage_ms.get(name, [])])
         },
+        turn_stage_ms={
+            name: stat3(values)
+            for name in STAGES
+            if (values := [x for c in ok for x in c.turn_stage_ms.get(name, [])])
+        },
+        early_replies=sum(c.early_replies for c in ok),
+        early_dropped=sum(c.early_dropped for c in ok),
     )
 
 
@@ -374,6 +388,13 @@ class Caller:
             batch_sessions=[m["batch_sessions"] for m in metrics if m.get("batch_sessions") is not None],
             compute_ms=[m["compute_ms"] for m in metrics if m.get("compute_ms") is not None],
             stage_ms={name: [m[name] for m in metrics if m.get(name) is not None] for name in STAGES},
+            turn_stage_ms={
+                name: [m[name] for m in turned if m.get(name) is not None]
+                for name in STAGES
+                if (turned := [m for m in metrics if m.get("turn_to_speech_ms") is not None])
+            },
+            early_replies=sum(1 for m in metrics if m.get("early_reply")),
+            early_dropped=sum(1 for m in metrics if m.get("early_dropped")),
             error_codes=[e.get("code", "?") for _, e in self.timed if e.get("type") == "error"],
             gaps_ms=frame_gaps_ms(c.arrivals, t0, t1),
             late_ms=late_ms(c.arrivals, c.durations, t0, t1),
@@ -912,7 +933,12 @@ def table(rows: list[Row], meta: dict[str, Any]) -> str:
                 else "–"
             )
             first = r.stage_ms.get("turn_to_speech_ms")
-            cells.append(f"{fmt(first['p50'])} / {fmt(first['p95'])}" if first else "–")
+            early = (
+                f" (early {r.early_replies}, dropped {r.early_dropped})"
+                if r.early_replies or r.early_dropped
+                else ""
+            )
+            cells.append(f"{fmt(first['p50'])} / {fmt(first['p95'])}{early}" if first else "–")
         cells += [
             f"{r.stalls_joining} / {r.stalls_window}",
             f"{r.media_cpu_pct:.0f} % ({fmt(r.media_cpu_per_call_pct, 1)} %)",

@@ -31,6 +31,10 @@ class ModeOptions(BaseModel):
     # the caller's turn ends; interrupt_response=false)
     auto_respond: bool = True
     barge_in: bool = True
+    # chat: when the caller is one unit (320 ms) of silence short of a turn's end, start the reply in that unit's
+    # tick and hold what it says until the turn ends (dropped if the caller speaks on); see
+    # `inference/modes/early_reply.py`
+    early_reply: bool = True
     # chat: audio kept before the speech the VAD detected, so a turn starts with its first syllable
     preroll_ms: int = Field(500, ge=0, le=2000)
     max_new_tokens: int = Field(256, ge=1, le=4096)

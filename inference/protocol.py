@@ -284,6 +284,15 @@ class UnitMetrics(_Msg):
         "spoken turn's last unit complete at the server, a typed turn or a held turn's respond taken by the "
         "worker) to that speech",
     )
+    early_reply: int | None = Field(
+        None,
+        description="chat, 1 on the unit that ended a turn whose reply had started in the tick before (the caller "
+        "was one unit of silence from the end) and whose held outputs went out at the start of this tick",
+    )
+    early_dropped: int | None = Field(
+        None,
+        description="chat, 1 on the unit in which the caller spoke on and a reply started early was dropped",
+    )
     kv_tokens: int | None = Field(None, description="the session's KV length after the unit")
     dropped_tokens: int | None = Field(
         None, description="KV positions the context window dropped before the unit"

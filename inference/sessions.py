@@ -156,6 +156,9 @@ class SessionRunner:
         self.output_rate = SPEECH_RATE
         self.queue = SessionQueue()
         self.dropped = 0  # messages the full queue dropped
+        self.sending = (
+            asyncio.Lock()
+        )  # one batch of outputs at a time: a unit's early ones, then the rest, in order
         self.task = asyncio.create_task(self._run(), name=f"session-{session_id}")
 
     def submit(self, message: p.Message, payload: bytes, received_at: float) -> p.ErrorOut | None:
@@ -282,10 +285,22 @@ class SessionRunner:
                 (pcm.size, msg.completed_at) for (pcm, _), (msg, _, _) in zip(pieces, items, strict=True)
             ]
         frame = pieces[-1][1]  # the newest frame (a mode that catches up takes none)
+        loop = asyncio.get_running_loop()
+        early: list[asyncio.Task[None]] = []
+        rate = self.output_rate
+
+        def send_early(outs: list[Output]) -> None:
+            early.append(loop.create_task(self._send_outputs(outs, rate)))
+
+        # outputs the mode sends from inside the tick (from the mode thread), ahead of those it returns
+        unit.emit = lambda outs: loop.call_soon_threadsafe(send_early, outs)
         if batch_runner(self.mode) is not None:
             outputs = await self.ticker.submit(self.mode, unit, frame, self.grid)
         else:
             outputs = await self._call(self.mode.on_unit, unit, frame)
+        unit.emit = None
+        if early:  # sent before the tick's own outputs (the lock keeps them in order)
+            await asyncio.gather(*early)
         compute_ms = (time.monotonic() - started) * 1000
         metrics = p.UnitMetrics()
         for out in outputs:  # a mode's numbers for the unit (several: merged in order)
@@ -315,6 +330,10 @@ class SessionRunner:
     async def _send_outputs(self, outputs: list[Output], output_rate: int) -> None:
         """Send the mode's outputs as they are, with this session's id (speech with the mode's rate, its PCM as
         the payload); its `UnitMetrics` go into the unit's `unit_done` instead."""
+        async with self.sending:
+            await self._send_each(outputs, output_rate)
+
+    async def _send_each(self, outputs: list[Output], output_rate: int) -> None:
         for out in outputs:
             if isinstance(out, p.UnitMetrics):
                 continue

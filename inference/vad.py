@@ -192,6 +192,18 @@ class TurnDetector:
         if self.learn_pauses and self.min_pause_windows <= windows < self.silence_windows:
             self.pauses.append(windows)
 
+    def ends_within(self, windows: int) -> bool:
+        """Whether the turn in progress ends within `windows` more windows if the caller stays silent: the
+        trailing silence is that close to the fixed rule's count, or (with the confident rule on and its speech
+        condition met) to the confident count from a clean fall. False outside speech or mid-word."""
+        if not self.in_speech or self._run == 0:
+            return False
+        if self._run + windows >= self.silence_windows:
+            return True
+        fast = self.confident_silence_windows
+        confident = bool(fast) and self._confident >= self.confident_windows
+        return confident and self._clean > 0 and self._clean + windows >= fast
+
     def push(self, pcm: np.ndarray) -> list[VadEvent]:
         return self.feed(self.vad.push(pcm))
 

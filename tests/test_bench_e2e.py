@@ -302,6 +302,9 @@ def test_e2e_chat_with_spoken_turns_reports_the_server_turn_end_to_speech(tmp_pa
     first = row["stage_ms"]["turn_to_speech_ms"]
     assert 0 < first["p50"] <= first["max"] < 5000, first
     assert row["stage_ms"]["tick_ms"]["p50"] > 0
+    # the turns' own units: their stages beside the turn end -> speech they carry
+    assert row["turn_stage_ms"]["turn_to_speech_ms"] == first and "tick_ms" in row["turn_stage_ms"]
+    assert row["early_replies"] >= 1, row  # the caller's sentences end in silence: answered early
     md = table([Row(**row)], results["meta"])
-    assert "turn end→speech (server)" in md and f"| {first['p50']:.0f} / {first['p95']:.0f} |" in md
+    assert "turn end→speech (server)" in md and f"| {first['p50']:.0f} / {first['p95']:.0f} (early " in md
     assert "chat turns spoken every 4 s" in md

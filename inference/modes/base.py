@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,6 +27,9 @@ class ModeUnit:
     # the speech probabilities of each part (one list for a single unit), when the mode's `prepare_units`
     # computed them off the mode thread
     vad_probs: list[list[float]] | None = None
+    # sends outputs of this unit at once, from inside its tick, ahead of those the tick returns (set by the
+    # worker's runner; None where the unit's outputs can only come back with the tick: then a mode returns them)
+    emit: Callable[[list[Output]], None] | None = None
 
     def pieces(self) -> list[tuple[np.ndarray, float]]:
         """The unit's audio as the server cut it: (pcm, completed_at) of each part, oldest first."""

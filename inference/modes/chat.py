@@ -39,11 +39,12 @@ from inference import protocol as p
 from inference.engine_host import EngineHost, get_host
 from inference.images import decode_image
 from inference.modes.base import ModeUnit, Output, SessionOptions, SessionSetup
+from inference.modes.early_reply import EarlyStart
 from inference.modes.heard import truncate_reply
 from inference.options import ModeOptions
 from inference.settings import WorkerSettings
 from inference.speech import TEXT_CHUNK, TurnVoice, speak_batch
-from inference.vad import TurnDetector, push_many
+from inference.vad import WINDOW, TurnDetector, push_many
 from MiniCPMO45.audio.rates import CHAT_UNIT_SAMPLES, MODEL_INPUT_RATE, SPEECH_RATE
 from MiniCPMO45.engine import half_duplex as hd
 from MiniCPMO45.engine.context_window import SlidingWindow
@@ -62,6 +63,7 @@ DEFAULT_PROMPT = "You are a helpful voice assistant. Answer briefly, in a natura
 TurnInput = tuple[np.ndarray | None, str | None, Image.Image | None]
 LEAD_S = 1.5  # a reply advances only while its produced speech is less than this ahead of real time
 JOIN_S = 1.0  # ... or when it is less than LEAD_S + JOIN_S ahead and another reply advances in the same tick
+UNIT_WINDOWS = CHAT_UNIT_SAMPLES // WINDOW  # VAD windows in a unit: how far ahead an early reply looks
 
 
 class Reply:
@@ -152,6 +154,9 @@ class ChatMode:
         # the reply a barge-in or `interrupt` cut: (turn, its tokens that had gone to its voice); the rest was
         # decoded ahead and never spoken
         self.cut_voiced: tuple[int, int] | None = None
+        # a reply started before its turn's end was certain (`inference.modes.early_reply`): the session's state
+        # from before it, and its outputs held until the turn ends
+        self.early: EarlyStart | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
     def open(self, options: SessionOptions) -> tuple[SessionSetup, list[Output]]:
@@ -206,6 +211,7 @@ class ChatMode:
     def close(self) -> None:
         self.reply = None
         self.pending = None
+        self.early = None
         tts, self.tts = self.tts, None
         try:
             if tts is not None:
@@ -261,19 +267,8 @@ class ChatMode:
         self.recent_samples = 0
         if audio is not None and audio.size < MODEL_INPUT_RATE // 10:
             return outputs, False  # under 100 ms: nothing to answer
-        if audio is not None:
-            estimate = audio.size // 1600 + 8  # ~10 audio positions per second
-        else:
-            estimate = len(engine.tokenizer.encode(text or "")) + 8
-        if image is not None:  # the image and its slices: a query block each, with their markers
-            grid = engine.processor.images.grid_for(image.size)
-            blocks = 1 + (grid[0] * grid[1] if grid else 0)
-            estimate += blocks * (engine.processor.config.image_feature_size + 2) + 8
-        needed = estimate + self.options.max_new_tokens + 32
-        try:
-            self.window.make_room(engine, session, needed)
-        except ValueError as exc:
-            return [*outputs, p.ErrorOut(code="turn_too_long", message=str(exc))], False
+        if (error := self._make_room(audio, text, image)) is not None:
+            return [*outputs, p.ErrorOut(code="turn_too_long", message=error)], False
         self.window.mark(engine.kv_length(session))
         if audio is not None:
             outputs.append(p.UserTurnOut(turn=self.turn, seconds=round(audio.size / MODEL_INPUT_RATE, 2)))
@@ -282,6 +277,78 @@ class ChatMode:
         if answer:
             outputs.append(p.StateOut(state="thinking"))
         return outputs, True
+
+    def _make_room(self, audio: np.ndarray | None, text: str | None, image: Image.Image | None) -> str | None:
+        """Room in the KV slot for a turn and its longest reply (the context window drops older turns as
+        needed); the reason when there is none."""
+        assert self.host is not None and self.session is not None
+        engine = self.host.engine
+        if audio is not None:
+            estimate = audio.size // 1600 + 8  # ~10 audio positions per second
+        else:
+            estimate = len(engine.tokenizer.encode(text or "")) + 8
+        if image is not None:  # the image and its slices: a query block each, with their markers
+            grid = engine.processor.images.grid_for(image.size)
+            blocks = 1 + (grid[0] * grid[1] if grid else 0)
+            estimate += blocks * (engine.processor.config.image_feature_size + 2) + 8
+        try:
+            self.window.make_room(engine, self.session, estimate + self.options.max_new_tokens + 32)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    # ---- early replies (`inference.modes.early_reply`) ---------------------------------------------------------
+    def _may_start_early(self) -> bool:
+        """The caller's turn ends within the next unit if the silence it is in goes on, and nothing else is
+        being answered."""
+        return (
+            self.options.early_reply
+            and self.options.auto_respond
+            and self.collecting
+            and self.reply is None
+            and self.pending is None
+            and self.early is None
+            and self.detector is not None
+            and self.detector.ends_within(UNIT_WINDOWS)
+        )
+
+    def _start_early(self) -> TurnInput | None:
+        """The turn as heard so far, to be answered in this tick with its outputs held; None when it is too short
+        or does not fit."""
+        assert self.host is not None and self.session is not None and self.tts is not None
+        audio = np.concatenate(self.segment)
+        if audio.size < MODEL_INPUT_RATE // 10 or self._make_room(audio, None, None) is not None:
+            return None
+        engine = self.host.engine
+        self.early = EarlyStart.take(engine, self.session, self.window, self.tts)
+        self.window.mark(engine.kv_length(self.session))
+        return audio, None, None
+
+    def _confirm_early(self, audio: np.ndarray, unit_index: int) -> list[Output]:
+        """The turn ended as foreseen: the early reply becomes the turn's reply, and what it said so far goes
+        out now."""
+        early, self.early = self.early, None
+        assert early is not None
+        self.collecting = False
+        self.segment = []
+        self.recent.clear()
+        self.recent_samples = 0
+        if self.reply is not None and self.reply.spoken_at is not None:
+            self.reply.spoken_at = unit_index  # its speech reaches the caller from this unit on
+        seconds = round(audio.size / MODEL_INPUT_RATE, 2)
+        return [p.UserTurnOut(turn=self.turn, seconds=seconds), p.StateOut(state="thinking"), *early.held]
+
+    def _drop_early(self) -> None:
+        """The caller spoke on (or a control came): the early reply goes, nothing of it having gone out, and
+        the session is as it was before it."""
+        early, self.early = self.early, None
+        if early is None:
+            return
+        assert self.host is not None and self.session is not None and self.tts is not None
+        if self.reply is not None:
+            self.reply.voice.drop()
+            self.reply = None
+        early.restore(self.host.engine, self.session, self.window, self.tts)
 
     @staticmethod
     def start_replies(turns: Sequence[tuple[ChatMode, TurnInput]]) -> None:
@@ -393,6 +460,17 @@ class ChatMode:
             mode, unit, _ = batch[k]
             started = time.perf_counter()
             outs, ended = mode._listen(unit)
+            early: dict[str, float] = {}
+            if (
+                mode.early is not None
+            ):  # a reply started in the last tick: its turn ended, or the caller spoke on
+                if ended is not None:
+                    outs += mode._confirm_early(ended, unit.index)
+                    ended = None
+                    early["early_reply"] = 1
+                else:
+                    mode._drop_early()
+                    early["early_dropped"] = 1
             if ended is not None:  # a spoken turn ends here (it replaces a typed one still waiting)
                 answer = mode.options.auto_respond
                 more, go = mode._prepare_turn(ended, None, answer)
@@ -404,11 +482,19 @@ class ChatMode:
             elif mode.pending is not None and not mode.held:  # a turn given by a control since the last tick
                 turns.append((mode, mode.pending))
                 mode.pending = None
+            elif mode._may_start_early() and (heard := mode._start_early()) is not None:
+                turns.append((mode, heard))
             outputs[k] += outs
             timings[k] = {
                 "vad_ms": (time.perf_counter() - started) * 1000,
                 "backlog_units": unit.queued_units,
+                **early,
             }
+            if early.get("early_reply") and unit.emit is not None:  # out now, ahead of this tick's GPU work
+                unit.emit(outputs[k])
+                outputs[k] = []
+                if mode.reply is not None and mode.reply.spoken_at is not None:
+                    timings[k]["turn_to_speech_ms"] = (time.monotonic() - mode.turn_end) * 1000
         started = time.perf_counter()
         ChatMode.start_replies(turns)
         prefill_ms = (time.perf_counter() - started) * 1000
@@ -418,26 +504,31 @@ class ChatMode:
             for k in live
             if (reply := batch[k][0].reply) is not None
             and batch[k][1].queued_units == 0
-            and not batch[k][0].collecting
+            and (not batch[k][0].collecting or batch[k][0].early is not None)
         }
         # when one reply must advance, those that would in the next ticks advance with it: their work shares
         # this tick's batched steps (whose cost hardly grows with the rows), and the next ticks stay short
         due = any(ahead < LEAD_S for ahead in ready.values())
         moving = [k for k, ahead in ready.items() if due and ahead < LEAD_S + JOIN_S]
+        # where each moving reply's outputs go: an early reply's are held until its turn ends
+        sinks = [m.early.held if (m := batch[k][0]).early is not None else outputs[k] for k in moving]
         decide_ms = 0.0
         if moving:
             host = batch[moving[0]][0].host
             assert host is not None
-            decide_ms = ChatMode._decode(
-                host.engine, [batch[k][0] for k in moving], [outputs[k] for k in moving]
-            )
-        speech_ms = ChatMode._speak(
-            [batch[k][0] for k in moving], [outputs[k] for k in moving], [batch[k][1].index for k in moving]
-        )
+            decide_ms = ChatMode._decode(host.engine, [batch[k][0] for k in moving], sinks)
+        speech_ms = ChatMode._speak([batch[k][0] for k in moving], sinks, [batch[k][1].index for k in moving])
         now = time.monotonic()
-        for k in moving:  # the replies whose first speech goes out now: how long after their turn's end
+        for (
+            k
+        ) in live:  # the replies whose first speech goes out with this tick: how long after their turn's end
             mode = batch[k][0]
-            if mode.reply is not None and mode.reply.spoken_at == batch[k][1].index:
+            if (
+                mode.reply is not None
+                and mode.early is None
+                and mode.reply.spoken_at == batch[k][1].index
+                and "turn_to_speech_ms" not in timings[k]
+            ):
                 timings[k]["turn_to_speech_ms"] = (now - mode.turn_end) * 1000
         advanced = set(moving)
         sessions = [s for k in live if (s := batch[k][0].session) is not None]
@@ -450,7 +541,7 @@ class ChatMode:
                 timings[k].update({name: ms for name, ms in stages.items() if ms > 0})
             if turns:
                 timings[k]["prefill_ms"] = prefill_ms
-            if mode.reply is not None and mode.reply.finished:
+            if mode.early is None and mode.reply is not None and mode.reply.finished:
                 mode.reply = None
                 mode.turn += 1
                 outputs[k].append(p.StateOut(state="listening"))
@@ -526,6 +617,7 @@ class ChatMode:
     # ---- controls ---------------------------------------------------------------------------------------------
     def on_control(self, message: dict[str, Any]) -> list[Output]:
         kind = message.get("type")
+        self._drop_early()  # a reply started early waits for its turn's end only while nothing else happens
         if kind == "pause":
             self.paused = True
         elif kind == "resume":
