@@ -354,6 +354,9 @@ class CallerJob:
     turn_interval: float
     video_fps: float
     chat_turns: str = "typed"  # chat: "typed" (text every turn_interval) or "spoken" (the signal's speech)
+    session_options: dict[str, Any] = field(
+        default_factory=dict
+    )  # added to every call's `options` (`--runs`)
 
 
 @dataclass
@@ -422,6 +425,8 @@ async def open_call(job: CallerJob, index: int = 0) -> Caller:
     options = {"force": "speak"} if job.mode.endswith("duplex") else None
     if job.mode == "chat":
         options = {"force": "speak", "max_new_tokens": 48}
+    if job.session_options:
+        options = {**(options or {}), **job.session_options}
     step = "offer"
     try:
         await asyncio.wait_for(call.start_json(job.mode, **({"options": options} if options else {})), 120)
@@ -806,6 +811,7 @@ def run_level(
             args.turn_interval,
             args.video_fps,
             args.chat_turns,
+            getattr(args, "session_options", {}),
         )
         procs.append(
             ctx.Process(target=caller_process, args=(job, i, ready, go, window, results), daemon=True)
@@ -880,7 +886,9 @@ def fmt(x: float | None, digits: int = 0) -> str:
 
 def header(meta: dict[str, Any]) -> str:
     return (
-        f"`{meta['mode']}`, {meta['date']}: CPU {meta['cpu']} ({meta['logical_cpus']} logical CPUs), "
+        f"`{meta['mode']}`"
+        + (f" (session options {json.dumps(meta['options'])})" if meta.get("options") else "")
+        + f", {meta['date']}: CPU {meta['cpu']} ({meta['logical_cpus']} logical CPUs), "
         f"GPU {meta['gpu']}; server `run.py` ({meta['workers']}), {meta['client_procs']} caller process(es) on "
         f"the same host; {meta['seconds']:.0f} s window after a {meta['warmup']:.0f} s warm-up"
         + (
@@ -972,11 +980,37 @@ def existing_file(path: str) -> str:
     return path
 
 
-def mode_level(text: str) -> tuple[str, int]:
-    mode, _, calls = text.partition(":")
+@dataclass
+class Level:
+    """One `--runs` level: MODE:N, or MODE:N:KEY=VALUE,... with session options for its calls (an A/B of an
+    option on one server start); `label` names its rows and JSON file."""
+
+    mode: str
+    calls: int
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return "-".join([self.mode, *(f"{k}={json.dumps(v)}" for k, v in self.options.items())])
+
+
+def mode_level(text: str) -> Level:
+    mode, _, rest = text.partition(":")
+    calls, _, opts = rest.partition(":")
     if mode not in (*MODES, "mixed") or not calls.isdigit() or int(calls) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: want MODE:N, MODE one of {', '.join((*MODES, 'mixed'))}")
-    return mode, int(calls)
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: want MODE:N[:KEY=VALUE,...], MODE one of {', '.join((*MODES, 'mixed'))}"
+        )
+    options: dict[str, Any] = {}
+    for item in filter(None, opts.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise argparse.ArgumentTypeError(f"{text!r}: session options are KEY=VALUE (VALUE as JSON)")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return Level(mode, int(calls), options)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1035,7 +1069,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = ap.parse_args(argv)
     if args.runs:  # the server is sized for the largest level (`server_config`)
-        args.calls = [n for _, n in args.runs]
+        args.calls = [level.calls for level in args.runs]
     return args
 
 
@@ -1058,7 +1092,7 @@ def main(argv: list[str] | None = None) -> int:
         if proc.exitcode != 0:
             raise SystemExit(f"building the real-size checkpoint failed ({proc.exitcode})")
         args.model_dir = str(Path(args.build_realsize).resolve())
-    plan = args.runs or [(args.mode, n) for n in args.calls]
+    plan: list[Level] = args.runs or [Level(args.mode, n) for n in args.calls]
     meta = {
         "date": datetime.date.today().isoformat(),
         "cpu": cpu_model(),
@@ -1073,28 +1107,30 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
     }
     sigs: dict[str, np.ndarray] = {}
-    for mode, _ in plan:
+    for mode in dict.fromkeys(level.mode for level in plan):
         for m in MIXED if mode == "mixed" else (mode,):
             if m not in sigs:
                 sigs[m] = caller_signal(m, out, args.chat_turns, args.turn_interval, args.speech)
     gpu = GpuSampler(args.gpus)
     gpu.start()
-    rows: dict[str, list[Row]] = {mode: [] for mode, _ in plan}
+    rows: dict[str, list[Row]] = {level.label: [] for level in plan}  # by label: a mode, with its options
     server: Server | None = None
     status = 0
-    tag = "-".join(dict.fromkeys(mode for mode, _ in plan))
+    tag = "-".join(dict.fromkeys(level.mode for level in plan))
     try:
-        for mode, n in plan:
+        for level in plan:
+            mode, n, label = level.mode, level.calls, level.label
             if server is None or args.restart_per_level:
                 if server is not None:
                     stop_server(server)
                 server = start_server(args, out, f"{tag}-{n}" if args.restart_per_level else tag)
                 meta["config"] = server.config
-            for row in run_level(argparse.Namespace(**{**vars(args), "mode": mode}), server, n, sigs, gpu):
-                rows[mode].append(row)
+            level_args = argparse.Namespace(**{**vars(args), "mode": mode, "session_options": level.options})
+            for row in run_level(level_args, server, n, sigs, gpu):
+                rows[label].append(row)
                 print(json.dumps(asdict(row)), flush=True)
             # each level's rows as it ends: a run cut short keeps what it measured
-            write_json(out, mode, {"mode": mode, **meta}, rows[mode])
+            write_json(out, label, {"mode": mode, "options": level.options, **meta}, rows[label])
     except (RuntimeError, TimeoutError) as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         status = 1
@@ -1103,13 +1139,14 @@ def main(argv: list[str] | None = None) -> int:
             stop_server(server)
         gpu.halt.set()
     meta["load_avg"] = float(Path("/proc/loadavg").read_text().split()[0])
-    for mode, mode_rows in rows.items():
-        mode_meta = {"mode": mode, **meta}
-        write_json(out, mode, mode_meta, mode_rows)
+    levels = {level.label: level for level in plan}
+    for label, mode_rows in rows.items():
+        mode_meta = {"mode": levels[label].mode, "options": levels[label].options, **meta}
+        write_json(out, label, mode_meta, mode_rows)
         text = table(mode_rows, mode_meta)
         print(text)
         if args.write_doc and mode_rows:
-            print(f"written to {write_doc(text, mode)}")
+            print(f"written to {write_doc(text, label)}")
     return status
 
 

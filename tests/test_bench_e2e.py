@@ -249,12 +249,14 @@ def test_e2e_mixed_chat_and_duplex_calls_on_one_server(tmp_path: Path) -> None:
 
 def test_e2e_runs_levels_of_several_modes_on_one_server(tmp_path: Path) -> None:
     """`--runs MODE:N ...`: the levels of two modes one after the other on one server start (one log), a JSON with
-    its row for each mode; a malformed level is refused."""
+    its row for each mode; a level's session options reach its calls (here one the server refuses) and name its
+    own JSON; a malformed level is refused."""
     out = tmp_path / "out"
     argv = [
         "--runs",
         "loopback:1",
         "audio_duplex:1",
+        "audio_duplex:1:max_new_tokens=0",
         "--seconds",
         "3",
         "--warmup",
@@ -270,7 +272,19 @@ def test_e2e_runs_levels_of_several_modes_on_one_server(tmp_path: Path) -> None:
         assert results["meta"]["mode"] == mode and row["mode"] == mode
         assert (row["asked"], row["admitted"], row["errors"]) == (1, 1, 0), row
         assert row["units"] > 0 and row["frames_received"] > 0
+    refused = json.loads((out / "e2e-audio_duplex-max_new_tokens=0.json").read_text())
+    [row] = refused["rows"]
+    assert refused["meta"]["options"] == {"max_new_tokens": 0} and "session options" in table(
+        [Row(**row)], refused["meta"]
+    )
+    assert (row["asked"], row["admitted"]) == (1, 0) and list(row["failures"]) == ["offer: RuntimeError"], row
     assert [p.name for p in out.glob("server-*.log")] == ["server-loopback-audio_duplex.log"]
+    assert parse_args(["--runs", "chat:4:early_reply=false,top_k=5"]).runs[0].options == {
+        "early_reply": False,
+        "top_k": 5,
+    }
+    with pytest.raises(SystemExit):
+        parse_args(["--runs", "chat:4:early_reply"])
     with pytest.raises(SystemExit):
         parse_args(["--runs", "chat48"])
     with pytest.raises(SystemExit):
