@@ -20,11 +20,13 @@ from typing import Any
 from inference import gc_pauses
 from inference import protocol as p
 from inference.modes.base import ModeUnit, Output, WorkerMode, batch_preparer, batch_runner
+from MiniCPMO45.audio.rates import MODEL_INPUT_RATE
 
 log = logging.getLogger("inference.worker")
 # a tick's `prepare_units` work goes to the prepare threads in parts of at least this many units (chat's VAD: a
 # batched Silero call of 12 rows costs about 6 single ones, and every call takes the GIL once)
 PREPARE_ROWS = 12
+PHASE_TICK_WEIGHT = 0.3  # weight of the newest tick in the running mean of one phase's tick time
 
 
 def compile_count() -> int:
@@ -88,7 +90,8 @@ class UnitTicker:
     tick's cost grows less than its batch; with two phases each must fit in half a unit). A tick starts once
     every session of each phase that has a unit waiting has one waiting, or `gather_s` after the first one
     arrived, whichever comes first; units arriving later go into the next tick (a phase's stragglers join the
-    other phase's tick, but a whole phase that waits ticks on its own: `_take`). A mode may cut the units of
+    other phase's tick, but a whole phase that waits ticks on its own while the phases' ticks fit their
+    shares of the unit, and with the other phase when they do not: `_take`). A mode may cut the units of
     every phase on one grid (`SessionSetup.one_grid`, chat): its sessions of both phases then tick together,
     each still on its phase's slots. A failure fails the units of that tick (their sessions end with
     `mode_error`)."""
@@ -116,6 +119,10 @@ class UnitTicker:
         self.waiting: list[_Waiting] = []
         self.wake = asyncio.Event()
         self.ticks = 0
+        # running mean of the ticks that held one phase grid (s), and their unit's length: whether a phase's tick
+        # fits its share of a unit (`_take`)
+        self.phase_tick_s: float | None = None
+        self.unit_s = 0.0
         self.stalls = dict.fromkeys(STALL_WARNINGS, 0)  # what stalled live ticks, by kind (`tick_stalls`)
         self.task = asyncio.create_task(self._run(), name="unit-ticker")
 
@@ -141,15 +148,21 @@ class UnitTicker:
         keys = [(w.grid, batch_runner(w.mode)) for w in self.waiting]
         return all(keys.count(key) >= members.count(key) for key in set(keys))
 
+    def _phases_fit(self) -> bool:
+        """A phase's tick (its running mean) fits its share of a unit, so the phases can tick apart and keep up."""
+        return self.phase_tick_s is None or self.phase_tick_s * self.phases <= self.unit_s
+
     def _take(self) -> list[_Waiting]:
         """The units of this tick, taken out of `waiting`: every unit, except that the units of only one phase grid
-        tick together. When units of both phases wait (a tick ran past its half unit, so the next phase's units
-        came meanwhile), the phase with the oldest unit goes first and the other waits for the next tick; a
-        phase's stragglers (half its sessions or fewer: units that missed their own tick's gather) still join.
-        Merged, two phases' ticks would run as one of twice the size and about twice as long, and every tick after
-        it would find both phases waiting again: a worker that falls behind once would stay behind."""
+        tick together while a phase's tick fits its share of the unit. When units of both phases wait (a tick ran
+        past its half unit, so the next phase's units came meanwhile), the phase with the oldest unit goes first
+        and the other waits for the next tick; a phase's stragglers (half its sessions or fewer: units that missed
+        their own tick's gather) still join. Merged, a tick of both phases would keep the next phase's units
+        waiting for all of it, and every tick after it could find both phases waiting again. But when the phases'
+        ticks take longer than their shares (`_phases_fit`: an overloaded worker), they merge: one tick of both
+        costs less than two, and apart the worker would fall further behind with every unit."""
         grids = [w.grid for w in self.waiting if w.grid is not None]
-        if len(set(grids)) < 2:
+        if len(set(grids)) < 2 or not self._phases_fit():
             batch, self.waiting = self.waiting, []
             return batch
         sessions = Counter(grid for grid, _ in self.members() if grid is not None)
@@ -212,6 +225,7 @@ class UnitTicker:
                     )
                     ran_ms = (time.monotonic() - started) * 1000
                     self._check_stalls(stalls, ran_ms, len(items))
+                    self._time_phase_tick(items, ran_ms / 1000)
                 except Exception as exc:
                     log.exception("tick of %d units failed", len(items))
                     for w in items:
@@ -225,6 +239,18 @@ class UnitTicker:
                         wait_ms = (gathered - w.submitted) * 1000
                         tick = p.UnitMetrics(tick_wait_ms=wait_ms, tick_ms=ran_ms, **prepared)
                         w.done.set_result([*out, tick])
+
+    def _time_phase_tick(self, items: list[_Waiting], seconds: float) -> None:
+        """Keep the running mean of a phase's tick time (and the unit's length): a tick of one phase grid counts
+        as it ran, a merged tick of every phase as its share per phase (a lower bound: merged ticks are cheaper),
+        so that an overloaded worker that merged tries its phases apart again once its ticks shrink."""
+        grids = {w.grid for w in items}
+        if self.phases < 2 or None in grids or len(grids) not in (1, self.phases):
+            return
+        self.unit_s = items[0].unit.pcm.size / MODEL_INPUT_RATE
+        sample = seconds / len(grids)
+        old = self.phase_tick_s
+        self.phase_tick_s = sample if old is None else old + PHASE_TICK_WEIGHT * (sample - old)
 
     async def _prepare(self, items: list[_Waiting]) -> None:
         """The mode's `prepare_units` over the tick's units, split evenly over the prepare threads (each part

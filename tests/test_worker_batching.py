@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -273,6 +274,37 @@ async def test_two_waiting_phases_tick_apart_the_older_first(worker: FakeServer)
     assert max(worker.done_at["b", 0], worker.done_at["d", 0]) < min(
         worker.done_at["a", 0], worker.done_at["c", 0]
     )
+
+
+@pytest.mark.parametrize("worker", [PHASED], indirect=True)
+async def test_phases_whose_ticks_overrun_their_half_unit_tick_together(
+    worker: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose phase ticks take longer than half a unit (overloaded) merges both phases' waiting units into
+    one tick: one tick of both costs less than two, and apart it would fall further behind every unit."""
+    from inference.modes.duplex import DuplexMode
+
+    real = DuplexMode.on_units
+
+    def slow(batch: Any) -> Any:  # a tick of 0.6 s: more than the 0.5 s a phase has
+        time.sleep(0.6)
+        return real(batch)
+
+    monkeypatch.setattr(DuplexMode, "on_units", staticmethod(slow))
+    rng = np.random.default_rng(10)
+    names = ["a", "b", "c", "d"]
+    await open_all(worker, {sid: ("audio_duplex", {"force": "listen"}) for sid in names})
+    for sid in ["a", "c"]:  # phase 0 alone: its tick is timed
+        await worker.send(*unit(sid, 0, rng, frame=False))
+    for sid in ["a", "c"]:
+        await worker.wait_for(sid, p.UnitDone, 1, timeout=60)
+        assert worker.of(sid, p.UnitDone)[0].metrics.batch_sessions == 2
+    for sid, index in [("b", 0), ("a", 1), ("c", 1), ("d", 0)]:  # then both phases wait at once
+        await worker.send(*unit(sid, index, rng, frame=False))
+    for sid in names:
+        await worker.wait_for(sid, p.UnitDone, 2 if sid in ("a", "c") else 1, timeout=60)
+    sizes = {sid: worker.of(sid, p.UnitDone)[-1].metrics.batch_sessions for sid in names}
+    assert sizes == dict.fromkeys(names, 4), sizes
 
 
 STRAGGLING = embedded(max_sessions=4, tick_phases=2, tick_gather_ms=300)
