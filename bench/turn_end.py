@@ -15,6 +15,11 @@ output.
   gets the unit and can act (the media shard sends whole units).
 - false end: an end event inside a turn (before its last speech sample); per pause length it is the share
   of those pauses that got one; `turns cut` is the share of turns with at least one.
+- early replies (chat's `early_reply`, `inference/modes/early_reply.py`): the decisions unit by unit, as chat
+  makes them; a unit after which the turn would end within one more unit of silence
+  (`TurnDetector.ends_within`) starts a reply. `early` is the share of turn ends (true or false) that came in
+  the unit after such a start (answered a unit sooner); `dropped` counts the starts whose next unit did not end
+  the turn (the caller spoke on: a reply's first chunk of GPU work wasted), per turn.
 
     python bench/turn_end.py [--voices 3] [--seed 0]
 """
@@ -167,12 +172,25 @@ class Score:
     turns_cut: int = 0
     missed: int = 0
     turns: int = 0
+    ends: int = 0  # end events, true or false
+    early_ends: int = 0  # ... that came in the unit after an early start
+    early_dropped: int = 0  # early starts whose next unit did not end the turn
 
 
 def score(stream: Stream, probs: list[float], config: Config, threshold: float) -> Score:
     detector = config.detector(threshold)
-    ends = [e.window for e in detector.feed(probs) if e.kind == "end"]
     result = Score(turns=len(stream.turns))
+    per_unit = UNIT // WINDOW
+    ends: list[int] = []
+    started = False  # an early reply started after the last unit
+    for at in range(0, len(probs), per_unit):
+        unit_ends = [e.window for e in detector.feed(probs[at : at + per_unit]) if e.kind == "end"]
+        ends += unit_ends
+        result.ends += len(unit_ends)
+        if started:
+            result.early_ends += bool(unit_ends)
+            result.early_dropped += not unit_ends
+        started = not unit_ends and detector.ends_within(per_unit)
     starts = [t.start for t in stream.turns[1:]] + [stream.pcm.size]
     for turn, next_start in zip(stream.turns, starts, strict=True):
         times = [(w + 1) * WINDOW for w in ends]
@@ -250,15 +268,17 @@ def main() -> None:
                 lengths = sorted({ms for t in stream.turns for *_, ms in t.pauses})
                 head = "| config | unit p50 | unit p95 | window p50 | window p95 | "
                 head += " | ".join(f"cut {ms} ms" for ms in lengths) + " | turns cut | missed |"
+                head += " early | early dropped per turn |"
                 print(head)
-                print("|" + " --- |" * (7 + len(lengths)))
+                print("|" + " --- |" * (9 + len(lengths)))
                 for config in CONFIGS:
                     s = score(stream, probs, config, args.threshold)
                     cuts = " | ".join(f"{100 * np.mean(s.cut_pauses[ms]):.0f}%" for ms in lengths)
                     print(
                         f"| {config.name} | {pct(s.unit_ms, 50):.0f} | {pct(s.unit_ms, 95):.0f} | "
                         f"{pct(s.window_ms, 50):.0f} | {pct(s.window_ms, 95):.0f} | {cuts} | "
-                        f"{100 * s.turns_cut / s.turns:.0f}% | {s.missed} |"
+                        f"{100 * s.turns_cut / s.turns:.0f}% | {s.missed} | "
+                        f"{100 * s.early_ends / max(s.ends, 1):.0f}% | {s.early_dropped / s.turns:.2f} |"
                     )
 
 

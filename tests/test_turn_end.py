@@ -61,6 +61,35 @@ def test_confident_rule_ends_a_clean_sentence_sooner(voice) -> None:
     assert latency["fixed"] - latency["confident"] >= 250, latency
 
 
+def test_ends_within_foresees_the_end_by_exactly_its_windows(voice) -> None:
+    """`ends_within(k)` (chat's early replies): false while the caller speaks, first true k windows before the fixed
+    rule's end in a silence that goes on, and no more than k windows before the confident rule's end."""
+    sentence = voice("Please remind me to call the dentist tomorrow morning")
+    pcm = np.concatenate([silence(500), sentence, silence(1500)])
+    pcm = pcm + 1e-4 * np.random.default_rng(0).standard_normal(pcm.size).astype(np.float32)
+    probs = SileroVad().push(pcm)
+    for name, detector in {
+        "fixed": TurnDetector(0.5, 800, fast_silence_ms=0),
+        "confident": TurnDetector.from_options(ModeOptions()),
+    }.items():
+        foreseen = end = None
+        for w, prob in enumerate(probs):
+            ended = any(e.kind == "end" for e in detector.feed([prob]))
+            if ended:
+                end = w
+                break
+            if foreseen is None and detector.ends_within(10):
+                foreseen = w
+            if prob >= 0.5:
+                assert not detector.ends_within(10), (name, w)  # never while speech goes on
+        assert foreseen is not None and end is not None, name
+        if name == "fixed":
+            assert end - foreseen == 10
+        else:
+            assert 0 < end - foreseen <= 10, (foreseen, end)
+        assert not detector.ends_within(10)  # after the end: no turn in progress
+
+
 def test_no_end_inside_a_short_pause(voice) -> None:
     """A new caller's pauses up to 400 ms inside a sentence do not end the turn (the default 480 ms rule)."""
     first, second = voice("I was thinking"), voice("that we could go to the park")
