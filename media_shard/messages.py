@@ -190,6 +190,8 @@ class StatsSnapshot(_Msg):
     turn_speech_counts: list[int] = Field(default_factory=list)  # per TURN_BUCKETS bound (chat replies)
     turn_speech_total: float = 0.0
     turn_speech_n: int = 0
+    early_replies: int = 0  # chat turns answered by a reply started a unit before their end
+    early_dropped: int = 0  # chat replies started early and dropped (the caller spoke on)
     cpu_s: float = 0.0  # the process's CPU time (user + system), for media CPU per call
 
 

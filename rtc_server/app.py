@@ -167,6 +167,16 @@ async def metrics(request: web.Request) -> web.Response:
         "first speech out of the worker.",
         totals.turn_to_speech,
     )
+    out.metric(
+        "rtc_chat_early_replies_total",
+        "counter",
+        "Chat replies started a unit before their turn's end: answered (the turn ended; sent at once) or dropped "
+        "(the caller spoke on; never sent, its GPU work wasted).",
+        [
+            ({"outcome": "answered"}, totals.stats.early_replies),
+            ({"outcome": "dropped"}, totals.stats.early_dropped),
+        ],
+    )
     workers = manager.supervisor.workers
     out.metric(
         "rtc_worker_up",

@@ -44,6 +44,8 @@ class ServerStats:
     unit_roundtrip: Histogram = field(default_factory=Histogram)
     unit_handoff: Histogram = field(default_factory=Histogram)
     turn_to_speech: Histogram = field(default_factory=lambda: Histogram(TURN_BUCKETS))
+    early_replies: int = 0
+    early_dropped: int = 0
     recent_handoff_ms: deque[float] = field(default_factory=lambda: deque(maxlen=20000))  # for the benchmark
 
     def record_unit(self, unit: UnitMetrics) -> None:
@@ -55,6 +57,8 @@ class ServerStats:
         self.unit_roundtrip.observe(unit.roundtrip_ms / 1000)
         if unit.turn_to_speech_ms is not None:
             self.turn_to_speech.observe(unit.turn_to_speech_ms / 1000)
+        self.early_replies += unit.early_reply or 0
+        self.early_dropped += unit.early_dropped or 0
 
     def close_call(self, session: CallMedia) -> None:
         """Keep an ended call's frame counts in the totals."""
@@ -95,6 +99,8 @@ class ServerStats:
             turn_speech_counts=list(self.turn_to_speech.counts),
             turn_speech_total=self.turn_to_speech.total,
             turn_speech_n=self.turn_to_speech.count,
+            early_replies=self.early_replies,
+            early_dropped=self.early_dropped,
             cpu_s=cpu_s,
         )
 
@@ -120,6 +126,8 @@ def add_up(snapshots: Iterable[StatsSnapshot]) -> Totals:
         total.frames_dropped += s.frames_dropped
         total.audio_lost_s += s.audio_lost_s
         total.cpu_s += s.cpu_s
+        total.early_replies += s.early_replies
+        total.early_dropped += s.early_dropped
         for mode, n in s.sessions_started.items():
             total.sessions_started[mode] = total.sessions_started.get(mode, 0) + n
         for hist, counts, amount, n in (

@@ -147,6 +147,16 @@ async def test_chat_over_json_text_turn_speech_and_barge_in(start_test_server, s
             await asyncio.sleep(0.2)
         assert got["count"] == replies, got
         assert got["sum"] == pytest.approx(sum(m["turn_to_speech_ms"] for m in timed()) / 1000, abs=0.01)
+        # the early replies' outcomes, as counted by the units' metrics
+        async with aiohttp.ClientSession() as http, http.get(f"{server.url}/metrics") as resp:
+            rows = parse_prometheus(await resp.text())
+        early = {labels["outcome"]: v for labels, v in rows["rtc_chat_early_replies_total"]}
+        units = [e for e in call.events if e["type"] == "metrics"]
+        assert early == {
+            "answered": sum(1 for m in units if m.get("early_reply")),
+            "dropped": sum(1 for m in units if m.get("early_dropped")),
+        }, early
+        print(f"early replies: {early}")
         check_order(call.events)
     finally:
         await call.close()
