@@ -18,7 +18,9 @@ ahead of real time (replies up to `JOIN_S` further ahead join it, so that the re
 ticks), so VAD keeps running on every unit while the model answers and the tick's chat work stays proportional
 to what the callers hear. Text deltas go out as `text` events; speech goes out as it is produced. Barge-in:
 speech detected during a reply (or `interrupt`) drops the reply — `Flush` empties the outbound speech queue at
-once, the state goes back to `listening`, and what the user says becomes the next turn.
+once, the state goes back to `listening`, and what the user says becomes the next turn. Early replies: a unit that
+leaves the caller one unit of silence short of a turn's end starts the turn's reply in its tick, its outputs held
+until the next unit ends the turn, then sent from inside that tick (`inference/modes/early_reply.py`).
 
 Context: every user turn starts a span; when the KV slot would pass its limit, the oldest whole turns after
 the system prompt are dropped (RoPE re-rotated, `MiniCPMO45.engine.context_window`).
@@ -461,9 +463,8 @@ class ChatMode:
             started = time.perf_counter()
             outs, ended = mode._listen(unit)
             early: dict[str, float] = {}
-            if (
-                mode.early is not None
-            ):  # a reply started in the last tick: its turn ended, or the caller spoke on
+            # a reply started early in the last tick: its turn ended (it goes out), or the caller spoke on
+            if mode.early is not None:
                 if ended is not None:
                     outs += mode._confirm_early(ended, unit.index)
                     ended = None
@@ -519,9 +520,8 @@ class ChatMode:
             decide_ms = ChatMode._decode(host.engine, [batch[k][0] for k in moving], sinks)
         speech_ms = ChatMode._speak([batch[k][0] for k in moving], sinks, [batch[k][1].index for k in moving])
         now = time.monotonic()
-        for (
-            k
-        ) in live:  # the replies whose first speech goes out with this tick: how long after their turn's end
+        # the replies whose first speech goes out with this tick: how long after their turn's end
+        for k in live:
             mode = batch[k][0]
             if (
                 mode.reply is not None
