@@ -1056,9 +1056,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--runs",
         nargs="+",
         type=mode_level,
-        metavar="MODE:N",
+        metavar="MODE:N[:KEY=VALUE,...]",
         help="levels of several modes on one server, in order (one GPU warm-up for all; instead of --mode and "
-        "--calls): a table and a JSON per mode",
+        "--calls): a table and a JSON per level label; KEY=VALUE pairs are session options of that level's calls "
+        "(e.g. chat:48:early_reply=false, an A/B on one server)",
     )
     ap.add_argument("--restart-per-level", action="store_true")
     ap.add_argument("--out", default="bench-e2e-out")
