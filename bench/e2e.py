@@ -153,6 +153,20 @@ STAGES = (
 )
 
 
+def stage_values(metrics: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
+    """Each stage's values over the `metrics` events that have it."""
+    return {name: [m[name] for m in metrics if m.get(name) is not None] for name in STAGES}
+
+
+def stage_stats(per_call: Sequence[dict[str, list[float]]]) -> dict[str, dict[str, float | None]]:
+    """p50/p95/max of each stage over the calls' values (`stage_values`), for the stages that have any."""
+    return {
+        name: stat3(values)
+        for name in STAGES
+        if (values := [x for stages in per_call for x in stages.get(name, [])])
+    }
+
+
 def pctl(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else None
 
@@ -262,16 +276,8 @@ def summarize(
         thread_cpu_pct=cpu.get("threads", {}),
         batch_sessions=stat3([x for c in ok for x in c.batch_sessions]),
         compute_ms=stat3([x for c in ok for x in c.compute_ms]),
-        stage_ms={
-            name: stat3(values)
-            for name in STAGES
-            if (values := [x for c in ok for x in c.stage_ms.get(name, [])])
-        },
-        turn_stage_ms={
-            name: stat3(values)
-            for name in STAGES
-            if (values := [x for c in ok for x in c.turn_stage_ms.get(name, [])])
-        },
+        stage_ms=stage_stats([c.stage_ms for c in ok]),
+        turn_stage_ms=stage_stats([c.turn_stage_ms for c in ok]),
         early_replies=sum(c.early_replies for c in ok),
         early_dropped=sum(c.early_dropped for c in ok),
     )
@@ -354,9 +360,8 @@ class CallerJob:
     turn_interval: float
     video_fps: float
     chat_turns: str = "typed"  # chat: "typed" (text every turn_interval) or "spoken" (the signal's speech)
-    session_options: dict[str, Any] = field(
-        default_factory=dict
-    )  # added to every call's `options` (`--runs`)
+    # added to every call's `options` (`--runs` levels with KEY=VALUE)
+    session_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -390,12 +395,8 @@ class Caller:
             roundtrip_ms=[m["roundtrip_ms"] for m in metrics],
             batch_sessions=[m["batch_sessions"] for m in metrics if m.get("batch_sessions") is not None],
             compute_ms=[m["compute_ms"] for m in metrics if m.get("compute_ms") is not None],
-            stage_ms={name: [m[name] for m in metrics if m.get(name) is not None] for name in STAGES},
-            turn_stage_ms={
-                name: [m[name] for m in turned if m.get(name) is not None]
-                for name in STAGES
-                if (turned := [m for m in metrics if m.get("turn_to_speech_ms") is not None])
-            },
+            stage_ms=stage_values(metrics),
+            turn_stage_ms=stage_values([m for m in metrics if m.get("turn_to_speech_ms") is not None]),
             early_replies=sum(1 for m in metrics if m.get("early_reply")),
             early_dropped=sum(1 for m in metrics if m.get("early_dropped")),
             error_codes=[e.get("code", "?") for _, e in self.timed if e.get("type") == "error"],

@@ -156,9 +156,8 @@ class SessionRunner:
         self.output_rate = SPEECH_RATE
         self.queue = SessionQueue()
         self.dropped = 0  # messages the full queue dropped
-        self.sending = (
-            asyncio.Lock()
-        )  # one batch of outputs at a time: a unit's early ones, then the rest, in order
+        # one batch of outputs at a time: a unit's early ones, then the rest, in order
+        self.sending = asyncio.Lock()
         self.task = asyncio.create_task(self._run(), name=f"session-{session_id}")
 
     def submit(self, message: p.Message, payload: bytes, received_at: float) -> p.ErrorOut | None:

@@ -58,6 +58,7 @@ from MiniCPMO45.engine.session import Session
 from MiniCPMO45.modules.tts import TTSSession
 
 MAX_TURN_SAMPLES = 30 * MODEL_INPUT_RATE
+MIN_TURN_SAMPLES = MODEL_INPUT_RATE // 10  # a shorter turn (100 ms) is not answered
 DEFAULT_PROMPT = "You are a helpful voice assistant. Answer briefly, in a natural spoken style."
 
 
@@ -263,12 +264,9 @@ class ChatMode:
         assert self.host is not None and self.session is not None
         engine, session = self.host.engine, self.session
         outputs = self._cut_reply()
-        self.collecting = False
-        self.segment = []
-        self.recent.clear()
-        self.recent_samples = 0
-        if audio is not None and audio.size < MODEL_INPUT_RATE // 10:
-            return outputs, False  # under 100 ms: nothing to answer
+        self._end_listening()
+        if audio is not None and audio.size < MIN_TURN_SAMPLES:
+            return outputs, False  # nothing to answer
         if (error := self._make_room(audio, text, image)) is not None:
             return [*outputs, p.ErrorOut(code="turn_too_long", message=error)], False
         self.window.mark(engine.kv_length(session))
@@ -279,6 +277,13 @@ class ChatMode:
         if answer:
             outputs.append(p.StateOut(state="thinking"))
         return outputs, True
+
+    def _end_listening(self) -> None:
+        """A turn ended: stop collecting its audio and forget the audio before it."""
+        self.collecting = False
+        self.segment = []
+        self.recent.clear()
+        self.recent_samples = 0
 
     def _make_room(self, audio: np.ndarray | None, text: str | None, image: Image.Image | None) -> str | None:
         """Room in the KV slot for a turn and its longest reply (the context window drops older turns as
@@ -319,7 +324,7 @@ class ChatMode:
         or does not fit."""
         assert self.host is not None and self.session is not None and self.tts is not None
         audio = np.concatenate(self.segment)
-        if audio.size < MODEL_INPUT_RATE // 10 or self._make_room(audio, None, None) is not None:
+        if audio.size < MIN_TURN_SAMPLES or self._make_room(audio, None, None) is not None:
             return None
         engine = self.host.engine
         self.early = EarlyStart.take(engine, self.session, self.window, self.tts)
@@ -331,10 +336,7 @@ class ChatMode:
         out now."""
         early, self.early = self.early, None
         assert early is not None
-        self.collecting = False
-        self.segment = []
-        self.recent.clear()
-        self.recent_samples = 0
+        self._end_listening()
         if self.reply is not None and self.reply.spoken_at is not None:
             self.reply.spoken_at = unit_index  # its speech reaches the caller from this unit on
         seconds = round(audio.size / MODEL_INPUT_RATE, 2)
