@@ -58,11 +58,17 @@ def flex_available(device: torch.device) -> bool:
 
 
 def step_block_mask(
-    lengths: torch.Tensor, num_new: torch.Tensor, tokens: int, window: int, group: int = 1
+    lengths: torch.Tensor,
+    num_new: torch.Tensor,
+    tokens: int,
+    window: int,
+    group: int = 1,
+    full_blocks: bool = False,
 ) -> BlockMask:
     """The causal block mask of a static step: row b's query t (its new key at position lengths[b] + t) sees
     keys 0 .. lengths[b] + t. Rows with no new token (num_new = 0) visit only block 0. With `group` > 1 the
-    query rows are the folded `group * tokens` rows (row q is token q % tokens)."""
+    query rows are the folded `group * tokens` rows (row q is token q % tokens). `full_blocks`: the blocks
+    wholly below lengths[b] are marked full (every query sees every key: the kernel skips the mask there)."""
     b = lengths.shape[0]
     blocks = -(-window // BLOCK)
     q_len = group * tokens
@@ -73,8 +79,16 @@ def step_block_mask(
     last_t = torch.where(rows < q_len, rows % tokens, 0).view(q_blocks, BLOCK).amax(-1)
     needed = (lengths[:, None] + last_t[None, :]) // BLOCK + 1  # (b, q_blocks)
     needed = torch.where(num_new[:, None] > 0, needed, torch.ones_like(needed)).clamp(max=blocks)
-    kv_num_blocks = needed.to(torch.int32).view(b, 1, q_blocks)
     kv_indices = torch.arange(blocks, dtype=torch.int32, device=device).expand(b, 1, q_blocks, blocks)
+    full_num: torch.Tensor | None = None
+    full_indices: torch.Tensor | None = None
+    if full_blocks:
+        whole = torch.where(num_new > 0, lengths // BLOCK, 0)[:, None].expand(b, q_blocks).clamp(max=blocks)
+        full_num = whole.to(torch.int32).view(b, 1, q_blocks).contiguous()
+        full_indices = kv_indices.contiguous()
+        needed = needed - whole  # the partial blocks follow the full ones
+        kv_indices = (kv_indices + full_num[..., None]).clamp(max=blocks - 1)
+    kv_num_blocks = needed.to(torch.int32).view(b, 1, q_blocks)
 
     def causal(
         batch: torch.Tensor, head: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
@@ -89,6 +103,8 @@ def step_block_mask(
     return BlockMask.from_kv_blocks(
         kv_num_blocks,
         kv_indices.contiguous(),
+        full_num,
+        full_indices,
         BLOCK_SIZE=BLOCK,
         mask_mod=causal if group == 1 else causal_folded,
         seq_lengths=(q_len, window),
