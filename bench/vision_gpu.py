@@ -118,6 +118,41 @@ def bench_vision(model: MiniCPMO, frames: list[int], chunks: list[int], iters: i
     return rows
 
 
+@torch.no_grad()
+def bench_layer_compile(model: MiniCPMO, views: int, grid: tuple[int, int], iters: int) -> list[dict]:
+    """The encoder's layers (what a duplex tick's vision graph runs) for `views` camera views of one patch
+    grid: the eager layer function, its compile with dynamic shapes (what `fuse_layers` shipped with) and a
+    static compile. GPU-bound at 4 views, so host overhead hardly counts."""
+    from MiniCPMO45.modules.siglip import encoder_layer
+
+    vpm = model.vpm
+    assert vpm is not None
+    patch = vpm.embeddings.patch_size
+    rows, cols = grid
+    gen = torch.Generator(device=model.device).manual_seed(0)
+    pixels = torch.randn(views, 3, patch, rows * cols * patch, device=model.device, generator=gen).to(
+        model.dtype
+    )
+    sizes = [grid] * views
+    out = []
+    want = None
+    for name, fn in (
+        ("eager", encoder_layer),
+        ("compiled, dynamic shapes", torch.compile(encoder_layer, dynamic=True, fullgraph=True)),
+        ("compiled, static shapes", torch.compile(encoder_layer, dynamic=False, fullgraph=True)),
+    ):
+        vpm.layer_fn = fn
+        got = vpm(pixels, sizes)
+        want = got if want is None else want
+        ms = statistics.median(time_ms(lambda: vpm(pixels, sizes), iters))
+        diff = float((got.float() - want.float()).abs().max())
+        out.append(
+            {"layers": name, "views": views, "grid": list(grid), "ms": ms, "max_abs_diff_vs_eager": diff}
+        )
+    vpm.layer_fn = encoder_layer
+    return out
+
+
 def flash_check(model: MiniCPMO) -> str:
     """Whether the unmasked vision attention can run on the flash kernel alone (the fast path's intent)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -141,6 +176,11 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--out", default=None, help="optional JSON output path")
     ap.add_argument("--skip-preprocess", action="store_true")
+    ap.add_argument(
+        "--layer-compile",
+        action="store_true",
+        help="only: the encoder layers eager / dynamic / static compile",
+    )
     ap.add_argument("--device", default="cuda", help="cpu only for a smoke run on a tiny config")
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -161,7 +201,16 @@ def main() -> None:
         f"{n_params / 1e6:.0f} M params (vpm + resampler), {flash_check(model)}"
     )
 
-    report: dict = {"device": device_name, "vision": bench_vision(model, frames, chunks, args.iters)}
+    report: dict = {"device": device_name}
+    if args.layer_compile:
+        report["layer_compile"] = bench_layer_compile(model, 4, (28, 37), args.iters)
+        print("\nencoder layers, 4 views of a 640x480 camera frame (28x37 patches), bf16; median ms")
+        for r in report["layer_compile"]:
+            print(f"  {r['ms']:8.2f}  {r['layers']}  (max|diff| vs eager {r['max_abs_diff_vs_eager']:.3g})")
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=1))
+        return
+    report["vision"] = bench_vision(model, frames, chunks, args.iters)
     print("\nvision_embeds, 448x448 frames (32x32 patches), bf16; median ms")
     cols = [f"new_b{c}_ms" for c in chunks] + ["old_b16_ms"]
     print(f"{'frames':>6} " + " ".join(f"{c:>12}" for c in cols) + f" {'new ms/frame':>12} {'max|diff|':>10}")

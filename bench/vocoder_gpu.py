@@ -153,10 +153,15 @@ def run_mixed(
     ticks: int,
     warmup: int,
     graph_gib: float,
+    fuse: str = "none",
 ) -> tuple[dict[int, dict[str, float]], dict[str, object]]:
     model = Token2Wav.from_assets(folder, n_timesteps=5, device=device, use_graphs=graphs or None)
     if model.flow_graphs is not None:
         model.flow_graphs.max_bytes = int(graph_gib * 2**30)
+    if fuse == "estimator":  # what the worker fused before the Snakes were
+        model.flow.decoder.estimator.fuse_blocks()
+    elif fuse == "all":  # what the worker fuses (`Token2Wav.fuse_kernels`)
+        model.fuse_kernels()
     rng = np.random.default_rng(0)
     voices: list[object] = [
         model.prepare_prompt(
@@ -191,8 +196,14 @@ def run_mixed(
 def main_mixed(
     args: argparse.Namespace, folder: Path, device: torch.device, results: dict[str, object]
 ) -> None:
-    off, info_off = run_mixed(folder, device, False, args.batches, args.rounds, args.warmup, args.graph_gib)
-    on, info_on = run_mixed(folder, device, True, args.batches, args.rounds, args.warmup, args.graph_gib)
+    common = (args.batches, args.rounds, args.warmup, args.graph_gib)
+    if args.fuse_ab:  # graphs on both times: the estimator's blocks fused, then the Snakes too
+        off, info_off = run_mixed(folder, device, True, *common, fuse="estimator")
+        on, info_on = run_mixed(folder, device, True, *common, fuse="all")
+        print(f"\ndevice: {results['device']}   'off': estimator fused; 'on': estimator and Snakes fused")
+    else:
+        off, info_off = run_mixed(folder, device, False, *common)
+        on, info_on = run_mixed(folder, device, True, *common)
     print(f"\ndevice: {results['device']}   graphs off: {info_off}   graphs on: {info_on}")
     print(f"{'B':>4} | {'tick off':>9} {'tick on':>9} | {'batches off':>11} {'batches on':>10}")
     for batch in args.batches:
@@ -219,6 +230,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     parser.add_argument("--mixed", action="store_true", help="sessions at mixed points of their turns")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument(
+        "--fuse-ab",
+        action="store_true",
+        help="with --mixed: graphs on, estimator fused, without / with the Snakes",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -226,3 +226,37 @@ def test_turn_snapshot_replays_identically(
     after = model.push_codes(turn, gen_tokens[30:], end_of_turn=True)
     replay = model.push_codes(snapshot, gen_tokens[30:], end_of_turn=True)
     assert len(after) == len(replay) and all(np.array_equal(a, b) for a, b in zip(after, replay, strict=True))
+
+
+def test_fused_snakes_sound_the_same(
+    model: Token2Wav, voice: PromptCache, gen_tokens: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The HiFT's Snake activations through one traced `snake` (what `fuse_snakes` compiles on a GPU): the
+    same audio, every Snake swapped, traced once at fusing for all their channel counts and lengths."""
+    from MiniCPMO45.token2wav.hift_layers import Snake, fuse_snakes, snake
+
+    def turn_audio() -> np.ndarray:
+        turn = model.start_turn(voice)
+        pieces = model.push_codes(turn, gen_tokens, end_of_turn=False)
+        return np.concatenate(pieces + model.push_codes(turn, [], end_of_turn=True))
+
+    want = turn_audio()
+    torch._dynamo.reset()
+    graphs, calls = [], []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return lambda *args: calls.append(1) or gm.forward(*args)
+
+    hift = model.streaming.model
+    snakes = [m for m in hift.modules() if isinstance(m, Snake)]
+    try:
+        assert fuse_snakes(hift, backend) == len(snakes) > 0
+        traced_at_fuse, calls_at_fuse = len(graphs), len(calls)
+        np.testing.assert_allclose(turn_audio(), want, atol=1e-6, rtol=0)
+        # every Snake of the turn ran through the traced function, and nothing was traced during the turn
+        assert len(calls) - calls_at_fuse >= len(snakes)
+        assert len(graphs) == traced_at_fuse <= 4, (traced_at_fuse, len(graphs))
+    finally:
+        for m in snakes:
+            m.kernel = snake

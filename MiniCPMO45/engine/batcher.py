@@ -139,7 +139,7 @@ class DuplexBatcher:
             if engine.model.vpm is not None:
                 engine.model.vpm.fuse_layers()
             if vocoder is not None and vocoder.flow_graphs is not None:
-                vocoder.fuse_estimator()
+                vocoder.fuse_kernels()
         tts = engine.model.tts
         self.tts = (
             StaticTTS(tts, engine.cache.num_slots, tts_window, use_graphs=use_graphs, fused=fused)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
+
+from ..modules.compiled import fallback_on_error
 
 
 def centered_padding(kernel_size: int, dilation: int = 1) -> int:
@@ -61,16 +65,47 @@ class CausalUpsampleConv1d(nn.Conv1d):
         return super().forward(F.pad(x, (self.kernel_size[0] - 1, 0)))
 
 
+def snake(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """x (b, channels, n) + sin^2(alpha * x) / alpha, alpha (channels,)."""
+    a = alpha[None, :, None]
+    return x + (1.0 / (a + 1e-9)) * torch.sin(x * a).pow(2)
+
+
 class Snake(nn.Module):
-    """x + sin^2(alpha * x) / alpha, one alpha per channel."""
+    """x + sin^2(alpha * x) / alpha, one alpha per channel. `kernel`: the function that computes it (eagerly six
+    element-wise kernels over the whole signal; `fuse_snakes` swaps in one fused kernel)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.alpha = nn.Parameter(torch.ones(channels))
+        self.kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = snake
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        alpha = self.alpha[None, :, None]
-        return x + (1.0 / (alpha + 1e-9)) * torch.sin(x * alpha).pow(2)
+        # detached: Dynamo keeps a parameter's shape static, so each channel count would trace its own graph
+        return self.kernel(x, self.alpha.detach())
+
+
+def fuse_snakes(module: nn.Module, backend: object = "inductor") -> int:
+    """Every Snake under `module` through one `torch.compile` of `snake` (dynamic shapes: one compile serves
+    every channel count and length), compiled now on the module's device and dtype. The vocoder's Snakes run
+    over the upsampled signal (up to 24,000 samples a second per stream): on a GPU they were the largest
+    element-wise cost of a tick. Returns how many Snakes it swapped."""
+    snakes = [m for m in module.modules() if isinstance(m, Snake)]
+    if not snakes:
+        return 0
+    compiled = fallback_on_error(
+        torch.compile(snake, dynamic=True, fullgraph=True, backend=backend), snake, "the vocoder's Snake"
+    )
+    like = snakes[0].alpha
+    # one stream and batches (Dynamo keeps a size of 1 apart), channel counts and lengths that change, the
+    # signal made in inference mode and alpha outside it, as live calls have them: those trace nothing new
+    for b, c, n in ((1, 12, 50), (1, 6, 70), (2, 5, 90), (3, 7, 110)):
+        alpha = torch.ones(c, dtype=like.dtype, device=like.device)
+        with torch.inference_mode():  # as the vocoder runs: Dynamo guards on it
+            compiled(torch.zeros(b, c, n, dtype=like.dtype, device=like.device), alpha)
+    for m in snakes:
+        m.kernel = compiled
+    return len(snakes)
 
 
 class ResBlock(nn.Module):

@@ -32,6 +32,7 @@ from .flow import (
 from .flow_graphs import FlowGraphs, WindowRow
 from .fold import fold_weight_norms
 from .hift import HiFTGenerator, SourceNoise
+from .hift_layers import fuse_snakes
 from .hparams import F0PredictorParams, HiFTParams, causal_hift_params_from_yaml, flow_params_from_yaml
 from .kv_store import KVSlot
 from .streaming_vocoder import StreamingVocoder, VocoderState, default_source_noise_table
@@ -191,10 +192,14 @@ class Token2Wav:
         if use_graphs and isinstance(streaming, StreamingVocoder):
             streaming.use_padded_decode(graphs=torch.cuda.is_available())
 
-    def fuse_estimator(self) -> None:
-        """The flow estimator's blocks as kernels fused by `torch.compile` (`DiT.fuse_blocks`; for a GPU's
-        padded flow graphs, which are bound by their kernel count). Compiles now (seconds)."""
+    def fuse_kernels(self) -> None:
+        """The flow estimator's blocks (`DiT.fuse_blocks`; a GPU's padded flow graphs are bound by their kernel
+        count) and the HiFT's Snake activations (`fuse_snakes`; bound by memory traffic) as kernels fused by
+        `torch.compile`. Compiles now (seconds)."""
         self.flow.decoder.estimator.fuse_blocks()
+        hift = getattr(self.streaming, "model", self.streaming)
+        if isinstance(hift, torch.nn.Module):
+            fuse_snakes(hift)
 
     @property
     def device(self) -> torch.device:
