@@ -140,8 +140,18 @@ def bench_layer_compile(model: MiniCPMO, views: int, grid: tuple[int, int], iter
         ("eager", encoder_layer),
         ("compiled, dynamic shapes", torch.compile(encoder_layer, dynamic=True, fullgraph=True)),
         ("compiled, static shapes", torch.compile(encoder_layer, dynamic=False, fullgraph=True)),
+        (
+            "compiled, sizes dynamic once changed (weights static)",
+            torch.compile(encoder_layer, fullgraph=True),
+        ),
     ):
         vpm.layer_fn = fn
+        if "once changed" in name:  # as a worker's warm-up would: other view counts and grids first
+            for n, g in ((1, (4, 4)), (2, (4, 6))):
+                vpm(
+                    torch.zeros(n, 3, patch, g[0] * g[1] * patch, device=model.device, dtype=model.dtype),
+                    [g] * n,
+                )
         got = vpm(pixels, sizes)
         want = got if want is None else want
         ms = statistics.median(time_ms(lambda: vpm(pixels, sizes), iters))

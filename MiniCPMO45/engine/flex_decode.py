@@ -32,6 +32,11 @@ BLOCK = 128
 # longer ones, up to FOLDED_MAX_TOKENS, with the heads folded into the query rows (its main kernel).
 MAX_TOKENS = 1
 FOLDED_MAX_TOKENS = 128
+# Kernel options of the two compiled paths (Inductor's `kernel_options`), from `bench/attention_gpu.py`.
+DECODE_OPTIONS: dict[str, int | bool] = {}
+FOLDED_OPTIONS: dict[str, int | bool] = {"FORCE_USE_FLEX_ATTENTION": True}
+# Folded steps mark the blocks wholly below a row's length full (`step_block_mask(full_blocks=True)`).
+FOLDED_FULL_BLOCKS = False
 _decode: Callable[..., torch.Tensor] | None = None
 _folded: Callable[..., torch.Tensor] | None = None
 
@@ -126,12 +131,12 @@ def step_attention(
         if _decode is None:
             _allow_a_compile_per_bucket()
             _decode = torch.compile(flex_attention, dynamic=False)
-        out = _decode(q, k, v, block_mask=block_mask, enable_gqa=True)
+        out = _decode(q, k, v, block_mask=block_mask, enable_gqa=True, kernel_options=dict(DECODE_OPTIONS))
     else:
         if _folded is None:
             _allow_a_compile_per_bucket()
             _folded = torch.compile(flex_attention)  # sizes that change become dynamic
         # the main kernel whatever the query length (the decoding kernel would need a static row count)
-        out = _folded(q, k, v, block_mask=block_mask, kernel_options={"FORCE_USE_FLEX_ATTENTION": True})
+        out = _folded(q, k, v, block_mask=block_mask, kernel_options=dict(FOLDED_OPTIONS))
     assert isinstance(out, torch.Tensor)
     return out

@@ -36,7 +36,14 @@ import torch.nn.functional as F
 from ..host_copy import upload
 from ..modules.kv_cache import CacheFullError, SlotKVCache
 from ..modules.qwen3 import Qwen3ForCausalLM
-from .flex_decode import FOLDED_MAX_TOKENS, MAX_TOKENS, BlockMask, step_attention, step_block_mask
+from .flex_decode import (
+    FOLDED_FULL_BLOCKS,
+    FOLDED_MAX_TOKENS,
+    MAX_TOKENS,
+    BlockMask,
+    step_attention,
+    step_block_mask,
+)
 from .fused import EAGER, LayerKernels, kernels_for, layer_weights, merge_projections
 from .graphs import StaticStep, covering_window, graphs_available, new_pool, pick_bucket, row_window
 
@@ -158,7 +165,7 @@ def static_forward(
     if flex and t <= MAX_TOKENS:
         mask = step_block_mask(lengths, num_new, t, window)
     elif flex_folded and MAX_TOKENS < t <= FOLDED_MAX_TOKENS:
-        mask = step_block_mask(lengths, num_new, t, window, group)
+        mask = step_block_mask(lengths, num_new, t, window, group, full_blocks=FOLDED_FULL_BLOCKS)
     else:
         mask = dense_step_mask(positions, window, group, embeds.dtype)
     cos, sin = llm.model.rotary(positions, embeds.dtype)
