@@ -12,12 +12,9 @@ into the query rows, as the SDPA path does (`[rows, kv, group*T, hd]`, row g*T +
 cache is read once per kv head, through Inductor's main FlexAttention kernel (its decoding kernel found no
 configuration for 96 tokens x 4 heads).
 
-On CUDA the kernels are `torch.compile`d (Triton); elsewhere the eager reference runs (tests compare it with
-the SDPA path). The one-token step takes the decoding kernel, which needs static shapes: one compile per row
-bucket. Longer steps leave Dynamo free to make a size dynamic once it has seen it change; both compiled
-wrappers share Dynamo's cache for `flex_attention` (one code object), so which compile serves a shape
-depends on the shapes seen before, and the worker's warm-up (`DuplexBatcher.warm_up`) runs every shape a
-tick can take before the first call.
+On CUDA the kernels are `torch.compile`d (Triton) with static shapes, one compile per step shape (rows,
+tokens, window), each when the worker's warm-up (`DuplexBatcher.warm_up`) captures that step; elsewhere the
+eager reference runs (tests compare it with the SDPA path). The one-token step takes the decoding kernel.
 """
 
 from __future__ import annotations
@@ -32,23 +29,41 @@ BLOCK = 128
 # longer ones, up to FOLDED_MAX_TOKENS, with the heads folded into the query rows (its main kernel).
 MAX_TOKENS = 1
 FOLDED_MAX_TOKENS = 128
-# Kernel options of the two compiled paths (Inductor's `kernel_options`), from `bench/attention_gpu.py`.
-DECODE_OPTIONS: dict[str, int | bool] = {}
-FOLDED_OPTIONS: dict[str, int | bool] = {"FORCE_USE_FLEX_ATTENTION": True}
-# Folded steps mark the blocks wholly below a row's length full (`step_block_mask(full_blocks=True)`).
-FOLDED_FULL_BLOCKS = False
-_decode: Callable[..., torch.Tensor] | None = None
-_folded: Callable[..., torch.Tensor] | None = None
+# Kernel options of the two paths (Inductor's `kernel_options`), from `bench/attention_gpu.py` on an H100 (24 of
+# 32 rows taking tokens, 8 kv heads, a 4,096-position window; docs/PERFORMANCE.md, twenty-second session).
+# Decoding: Inductor picks one KV split when rows x kv heads exceed the SMs, so each program walks a row's whole
+# cache: two splits took a step's attention at 2,500-3,900 cached positions from 174 to 117 us per layer (no
+# change at 300-1,200).
+DECODE_OPTIONS: dict[str, int | bool] = {"SPLIT_KV": 2}
+# Folded (a unit's prefill, 96 tokens): the main kernel whatever the query length, in 64 x 64 tiles with 4 warps;
+# with the full blocks and static shapes below it took 352 us per layer against 1,067 (long cache), 130 against 350.
+FOLDED_OPTIONS: dict[str, int | bool] = {
+    "FORCE_USE_FLEX_ATTENTION": True,
+    "BLOCK_M": 64,
+    "BLOCK_N": 64,
+    "num_warps": 4,
+    "num_stages": 3,
+}
+# Folded steps mark the blocks wholly below a row's length full (`step_block_mask(full_blocks=True)`): the kernel
+# skips the mask there (429 -> 369 us per layer on its own).
+FOLDED_FULL_BLOCKS = True
+_compiled: Callable[..., torch.Tensor] | None = None
 
 
 def _allow_a_compile_per_bucket() -> None:
-    """One specialised kernel per row bucket (up to 12) exceeds dynamo's default of 8 recompiles per function,
-    past which it would silently fall back to the unfused implementation (the whole score matrix)."""
+    """One specialised kernel per step shape (row and token buckets, LLM and TTS: a few dozen) exceeds Dynamo's
+    default of 8 recompiles per function, past which it would silently fall back to the unfused implementation
+    (the whole score matrix)."""
     import torch._dynamo.config as dynamo
 
-    for name in ("recompile_limit", "cache_size_limit"):
+    for name, least in (
+        ("recompile_limit", 256),
+        ("cache_size_limit", 256),
+        ("accumulated_recompile_limit", 1024),
+        ("accumulated_cache_size_limit", 1024),
+    ):
         if hasattr(dynamo, name):
-            setattr(dynamo, name, max(int(getattr(dynamo, name)), 64))
+            setattr(dynamo, name, max(int(getattr(dynamo, name)), least))
 
 
 def flex_available(device: torch.device) -> bool:
@@ -123,20 +138,21 @@ def step_attention(
     """q [b, heads, T, hd]; k, v [b, kv_heads, window, hd] (grouped-query) -> [b, heads, T, hd]; or, folded,
     q [b, kv_heads, group*T, hd] -> [b, kv_heads, group*T, hd]. `decode`: one query per head through the
     decoding kernel even where heads and kv heads are as many (the TTS: no group to fold)."""
-    global _decode, _folded
+    global _compiled
     folded = q.shape[1] == k.shape[1] and not decode
     if not q.is_cuda:
         out = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=not folded)
-    elif not folded:
-        if _decode is None:
-            _allow_a_compile_per_bucket()
-            _decode = torch.compile(flex_attention, dynamic=False)
-        out = _decode(q, k, v, block_mask=block_mask, enable_gqa=True, kernel_options=dict(DECODE_OPTIONS))
+        assert isinstance(out, torch.Tensor)
+        return out
+    if _compiled is None:
+        _allow_a_compile_per_bucket()
+        # static shapes: a kernel compiled for sizes that may change (Dynamo's default after a second shape) took
+        # the folded step's attention 2.5-3x as long; every step is a captured graph, so each shape compiles
+        # once, when the warm-up captures it
+        _compiled = torch.compile(flex_attention, dynamic=False)
+    if folded:
+        out = _compiled(q, k, v, block_mask=block_mask, kernel_options=dict(FOLDED_OPTIONS))
     else:
-        if _folded is None:
-            _allow_a_compile_per_bucket()
-            _folded = torch.compile(flex_attention)  # sizes that change become dynamic
-        # the main kernel whatever the query length (the decoding kernel would need a static row count)
-        out = _folded(q, k, v, block_mask=block_mask, kernel_options=dict(FOLDED_OPTIONS))
+        out = _compiled(q, k, v, block_mask=block_mask, enable_gqa=True, kernel_options=dict(DECODE_OPTIONS))
     assert isinstance(out, torch.Tensor)
     return out
