@@ -600,7 +600,8 @@ def start_server(args: argparse.Namespace, out: Path, tag: str) -> Server:
             start_new_session=True,
         )
     server = Server(proc, f"http://127.0.0.1:{port}", config, path.parent, out / f"server-{tag}.log")
-    deadline = time.monotonic() + args.startup_timeout
+    started = time.monotonic()
+    deadline = started + args.startup_timeout
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"run.py exited with {proc.returncode}; see {out / f'server-{tag}.log'}")
@@ -609,7 +610,9 @@ def start_server(args: argparse.Namespace, out: Path, tag: str) -> Server:
             workers = get_json(f"{server.url}/api/admin/status")["workers"]
             # up, and done loading the model and sizing its caches (a warming-up worker admits nobody)
             if workers and all(w["up"] and not w["warming_up"] for w in workers):
-                print("server ready:", [(w["capacity"], w["capacity_source"]) for w in workers], flush=True)
+                capacity = [(w["capacity"], w["capacity_source"]) for w in workers]
+                # the start-up time: the GPU worker's load, captures and compiles (one per step shape)
+                print(f"server ready after {time.monotonic() - started:.0f} s:", capacity, flush=True)
                 return server
         if time.monotonic() > deadline:
             stop_server(server)
