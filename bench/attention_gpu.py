@@ -84,8 +84,8 @@ def case(rows: int, active: int, window: int, t: int, fill: tuple[int, int], see
     }
 
 
-def run_decode(c: dict, window: int, variants: list[dict]) -> list[dict]:
-    ref = reference(c["q"][:ACTIVE], c["k"][:ACTIVE], c["v"][:ACTIVE], c["lengths"][:ACTIVE], 1)
+def run_decode(c: dict, window: int, active: int, variants: list[dict]) -> list[dict]:
+    ref = reference(c["q"][:active], c["k"][:active], c["v"][:active], c["lengths"][:active], 1)
     mask = step_block_mask(c["lengths"], c["num_new"], 1, window)
     out = []
     for opts in variants:
@@ -95,7 +95,7 @@ def run_decode(c: dict, window: int, variants: list[dict]) -> list[dict]:
 
         try:
             got = call()
-            err = (got[:ACTIVE].float() - ref).abs().max().item()
+            err = (got[:active].float() - ref).abs().max().item()
             us = timed(call)
         except Exception as exc:  # noqa: BLE001 (a config Triton refuses is a row of the table)
             out.append({"options": opts, "error": f"{type(exc).__name__}: {str(exc)[:160]}"})
@@ -104,9 +104,11 @@ def run_decode(c: dict, window: int, variants: list[dict]) -> list[dict]:
     return out
 
 
-def run_prefill(c: dict, window: int, t: int, variants: list[tuple[str, bool, bool, dict]]) -> list[dict]:
+def run_prefill(
+    c: dict, window: int, active: int, t: int, variants: list[tuple[str, bool, bool, dict]]
+) -> list[dict]:
     group = HQ // HKV
-    ref = reference(c["q"][:ACTIVE], c["k"][:ACTIVE], c["v"][:ACTIVE], c["lengths"][:ACTIVE], t)
+    ref = reference(c["q"][:active], c["k"][:active], c["v"][:active], c["lengths"][:active], t)
     qf = c["q"].reshape(c["q"].shape[0], HKV, group * t, HD)
     out = []
     for name, full, dynamic, opts in variants:
@@ -117,7 +119,7 @@ def run_prefill(c: dict, window: int, t: int, variants: list[tuple[str, bool, bo
 
         try:
             got = call().reshape(c["q"].shape[0], HQ, t, HD)
-            err = (got[:ACTIVE].float() - ref).abs().max().item()
+            err = (got[:active].float() - ref).abs().max().item()
             us = timed(call, iters=10)
         except Exception as exc:  # noqa: BLE001
             out.append({"variant": name, "error": f"{type(exc).__name__}: {str(exc)[:160]}"})
@@ -135,11 +137,7 @@ def run_prefill(c: dict, window: int, t: int, variants: list[tuple[str, bool, bo
     return out
 
 
-ACTIVE = 24
-
-
 def main() -> None:
-    global ACTIVE
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--active", type=int, default=24)
@@ -148,7 +146,6 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer variants")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    ACTIVE = args.active
     flex_decode._allow_a_compile_per_bucket()
     torch.backends.cuda.matmul.allow_tf32 = True
     decode_variants: list[dict] = [{}]
@@ -192,9 +189,9 @@ def main() -> None:
     for fill_name, fill in FILLS.items():
         entry: dict = {}
         c1 = case(args.rows, args.active, args.window, 1, fill)
-        entry["decode"] = run_decode(c1, args.window, decode_variants)
+        entry["decode"] = run_decode(c1, args.window, args.active, decode_variants)
         ct = case(args.rows, args.active, args.window, args.tokens, fill, seed=1)
-        entry["prefill"] = run_prefill(ct, args.window, args.tokens, prefill_variants)
+        entry["prefill"] = run_prefill(ct, args.window, args.active, args.tokens, prefill_variants)
         results["fills"][fill_name] = entry
         print(f"== {fill_name} fill {fill}: decode (one token per row)")
         for r in entry["decode"]:

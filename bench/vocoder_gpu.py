@@ -200,11 +200,12 @@ def main_mixed(
     if args.fuse_ab:  # graphs on both times: the estimator's blocks fused, then the Snakes too
         off, info_off = run_mixed(folder, device, True, *common, fuse="estimator")
         on, info_on = run_mixed(folder, device, True, *common, fuse="all")
-        print(f"\ndevice: {results['device']}   'off': estimator fused; 'on': estimator and Snakes fused")
+        labels = ("estimator fused ('off')", "estimator and Snakes fused ('on')")
     else:
         off, info_off = run_mixed(folder, device, False, *common)
         on, info_on = run_mixed(folder, device, True, *common)
-    print(f"\ndevice: {results['device']}   graphs off: {info_off}   graphs on: {info_on}")
+        labels = ("graphs off", "graphs on")
+    print(f"\ndevice: {results['device']}   {labels[0]}: {info_off}   {labels[1]}: {info_on}")
     print(f"{'B':>4} | {'tick off':>9} {'tick on':>9} | {'batches off':>11} {'batches on':>10}")
     for batch in args.batches:
         print(

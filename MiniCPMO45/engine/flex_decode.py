@@ -142,17 +142,14 @@ def step_attention(
     folded = q.shape[1] == k.shape[1] and not decode
     if not q.is_cuda:
         out = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=not folded)
-        assert isinstance(out, torch.Tensor)
-        return out
-    if _compiled is None:
-        _allow_a_compile_per_bucket()
-        # static shapes: a kernel compiled for sizes that may change (Dynamo's default after a second shape) took
-        # the folded step's attention 2.5-3x as long; every step is a captured graph, so each shape compiles
-        # once, when the warm-up captures it
-        _compiled = torch.compile(flex_attention, dynamic=False)
-    if folded:
-        out = _compiled(q, k, v, block_mask=block_mask, kernel_options=dict(FOLDED_OPTIONS))
     else:
-        out = _compiled(q, k, v, block_mask=block_mask, enable_gqa=True, kernel_options=dict(DECODE_OPTIONS))
+        if _compiled is None:
+            _allow_a_compile_per_bucket()
+            # static shapes: a kernel compiled for sizes that may change (Dynamo's default after a second shape)
+            # took the folded step's attention 2.5-3x as long; every step is a captured graph, so each shape
+            # compiles once, when the warm-up captures it
+            _compiled = torch.compile(flex_attention, dynamic=False)
+        options = FOLDED_OPTIONS if folded else DECODE_OPTIONS
+        out = _compiled(q, k, v, block_mask=block_mask, enable_gqa=not folded, kernel_options=dict(options))
     assert isinstance(out, torch.Tensor)
     return out

@@ -197,9 +197,7 @@ class Token2Wav:
         count) and the HiFT's Snake activations (`fuse_snakes`; bound by memory traffic) as kernels fused by
         `torch.compile`. Compiles now (seconds)."""
         self.flow.decoder.estimator.fuse_blocks()
-        hift = getattr(self.streaming, "model", self.streaming)
-        if isinstance(hift, torch.nn.Module):
-            fuse_snakes(hift)
+        fuse_snakes(self.streaming.model)
 
     @property
     def device(self) -> torch.device:
