@@ -150,6 +150,7 @@ STAGES = (
     "merged_units",
     "tick_wait_ms",
     "tick_ms",
+    "grid_ms",
 )
 
 

@@ -163,6 +163,25 @@ class Opened(_Msg):
     grid_offset_s: float = Field(0.0, ge=0.0)
     open_ms: float = 0.0  # worker time to close the previous mode (if any) and open this one
 
+    def unit_grid(self) -> UnitGrid | None:
+        """The grid the session's units end on (`align_units`), else None."""
+        if not self.align_units:
+            return None
+        return UnitGrid(unit_s=self.unit_samples / MODEL_INPUT_RATE, offset_s=self.grid_offset_s)
+
+
+class UnitGrid(BaseModel):
+    """A session's unit grid on the server's monotonic clock: lines `offset_s` past the multiples of `unit_s`."""
+
+    model_config = ConfigDict(frozen=True)
+    unit_s: float = Field(gt=0.0)
+    offset_s: float = Field(0.0, ge=0.0)
+
+    def distance_ms(self, t: float) -> float:
+        """How far past the nearest grid line `t` lies, in ms (negative: before it)."""
+        past = (t - self.offset_s) % self.unit_s
+        return (past - self.unit_s if past > self.unit_s / 2 else past) * 1000
+
 
 # The session outputs below are also what a mode returns (`inference.modes.base.Output`): a mode leaves
 # `session_id` empty (and `AudioOut.sample_rate` 0) and the worker fills them in before it sends the message.
@@ -273,6 +292,11 @@ class UnitMetrics(_Msg):
         "the ticks ahead of it)",
     )
     tick_ms: float | None = Field(None, description="batching modes: the run of the tick that held the unit")
+    grid_ms: float | None = Field(
+        None,
+        description="batching modes: how long after its tick phase's grid line the unit completed at the server "
+        "(negative: before it); a phase's tick waits for its latest unit",
+    )
     prefill_ms: float | None = Field(None, description="prefill (audio encoder, vision, LLM feed)")
     decide_ms: float | None = Field(None, description="the listen/speak decision and the text")
     tts_ms: float | None = Field(None, description="speech tokens")
@@ -322,12 +346,16 @@ class UnitDone(_Msg):
     completed_at: float
     metrics: UnitMetrics
 
-    def at_server(self, now: float) -> UnitMetrics:
+    def at_server(self, now: float, grid: UnitGrid | None = None) -> UnitMetrics:
         """The unit's metrics once its result is back at the server (`now`: the server's monotonic clock), with
-        the server's `roundtrip_ms` and `lag_ms`."""
-        roundtrip_ms = (now - self.completed_at) * 1000
-        lag_ms = self.metrics.handoff_ms + self.metrics.queue_ms
-        return self.metrics.model_copy(update={"roundtrip_ms": roundtrip_ms, "lag_ms": lag_ms})
+        the server's `roundtrip_ms` and `lag_ms`, and `grid_ms` when the session's units are cut on `grid`."""
+        update: dict[str, float] = {
+            "roundtrip_ms": (now - self.completed_at) * 1000,
+            "lag_ms": self.metrics.handoff_ms + self.metrics.queue_ms,
+        }
+        if grid is not None:
+            update["grid_ms"] = grid.distance_ms(self.completed_at)
+        return self.metrics.model_copy(update=update)
 
 
 class ErrorOut(ErrorEvent):

@@ -91,6 +91,7 @@ class CallSession:
         self.worker_id: int | None = None
         self.paused = False
         self.mode_open = False  # the worker said `opened` for the current mode
+        self.unit_grid: p.UnitGrid | None = None  # the grid the mode's units are cut on (batching modes)
         self.pc = RTCPeerConnection(
             RTCConfiguration(iceServers=[RTCIceServer(url) for url in manager.config.rtc.ice_servers])
         )
@@ -407,7 +408,7 @@ class CallSession:
             self.close_soon("closed by the worker")
 
     def _on_unit_done(self, message: p.UnitDone) -> None:
-        metrics = message.at_server(time.monotonic())
+        metrics = message.at_server(time.monotonic(), self.unit_grid)
         self.manager.stats.record_unit(metrics)
         self.unit_roundtrip_ms.append(metrics.roundtrip_ms)
         self.send_event(ev.MetricsEvent(unit=message.index, **metrics.rounded().model_dump()))
@@ -428,6 +429,7 @@ class CallSession:
             lead_in = grid_lead_in(
                 time.monotonic(), first, message.unit_samples, offset_s=message.grid_offset_s
             )
+        self.unit_grid = message.unit_grid()
         self.uplink.cutter.reset(
             unit_samples=message.unit_samples,
             first_unit_samples=message.first_unit_samples,

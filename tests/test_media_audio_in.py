@@ -8,6 +8,7 @@ import av
 import numpy as np
 import pytest
 
+from inference.protocol import Opened, UnitDone, UnitMetrics
 from media_tracks import AudioUnit, InboundAudio, UnitCutter, grid_lead_in
 from tests.media_helpers import FramesTrack, dominant_frequency
 
@@ -214,6 +215,27 @@ def test_grid_lead_in_puts_the_first_unit_end_on_its_phase_grid(
     # the stream starts now; the first unit needs first - lead live samples
     past = (now + (first - lead) / 16000 - offset) % 1.0
     assert min(past, 1.0 - past) <= 1 / 16000 + 1e-9
+
+
+def test_unit_metrics_say_how_far_off_its_phase_grid_a_unit_ended() -> None:
+    """`grid_ms`: signed ms from the nearest line of the session's grid (the half-second phase here) to the unit's
+    end; a session whose units are not cut on a grid has none."""
+    opened = Opened(
+        session_id="s", mode="audio_duplex", unit_samples=16000, align_units=True, grid_offset_s=0.5
+    )
+    grid = opened.unit_grid()
+    assert grid is not None and grid.unit_s == 1.0
+    ends = {100.5: 0.0, 100.53: 30.0, 100.47: -30.0, 101.02: -480.0, 7.999: 499.0, 9.001: -499.0}
+    for completed_at, want in ends.items():
+        done = UnitDone(session_id="s", index=3, completed_at=completed_at, metrics=UnitMetrics(queue_ms=2.0))
+        metrics = done.at_server(completed_at + 0.25, grid)
+        assert metrics.grid_ms == pytest.approx(want, abs=1e-6)
+        assert metrics.roundtrip_ms == pytest.approx(250.0) and metrics.lag_ms == pytest.approx(2.0)
+        assert done.at_server(completed_at + 0.25).grid_ms is None
+    # the first unit of a live stream, cut with `grid_lead_in`, ends on the grid
+    lead = grid_lead_in(1234.5678, 16000, 16000, offset_s=0.5)
+    assert abs(grid.distance_ms(1234.5678 + (16000 - lead) / 16000)) < 0.1
+    assert Opened(session_id="s", mode="chat", unit_samples=5120).unit_grid() is None
 
 
 def test_cutter_lead_in_is_silence_before_the_first_unit() -> None:

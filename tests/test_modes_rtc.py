@@ -386,6 +386,12 @@ async def test_duplex_calls_share_worker_ticks_on_their_phase_grid(start_test_se
         # and their units end where their grids say: on the whole seconds, and half a second later
         distances = [grid_distance(c, off) for c, off in zip(calls, (0.0, 0.5, 0.0), strict=True)]
         assert max(distances) < 0.15, distances
+        # which the server reports in each unit's metrics (`grid_ms`, signed: the test's are after the data
+        # channel's delivery, so a little later)
+        for call, offset in zip(calls, (0.0, 0.5, 0.0), strict=True):
+            for at, e in [(at, e) for at, e in call.timed if e["type"] == "metrics"][2:]:
+                seen = ((at - e["roundtrip_ms"] / 1000 - offset + 0.5) % 1.0 - 0.5) * 1000
+                assert -1.0 <= seen - e["grid_ms"] < 100.0, (seen, e)
     finally:
         for call in calls:
             await call.close()

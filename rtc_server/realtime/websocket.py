@@ -92,6 +92,7 @@ class SocketCall:
         self.unit_roundtrip_ms: deque[float] = deque(maxlen=600)  # recent units, for the admin dashboard
         self.worker_id: int | None = None
         self.mode_open = False
+        self.unit_grid: p.UnitGrid | None = None  # the grid the mode's units are cut on (batching modes)
         self.cutter = UnitCutter()
         self.resample = InputResampler()
         self.held: deque[np.ndarray] = deque()  # manual turns: appended audio until commit
@@ -248,7 +249,7 @@ class SocketCall:
         elif isinstance(message, p.FlushOut):
             translator.on_flush(message.turn)
         elif isinstance(message, p.UnitDone):
-            metrics = message.at_server(time.monotonic())
+            metrics = message.at_server(time.monotonic(), self.unit_grid)
             self.manager.stats.record_unit(metrics)
             self.unit_roundtrip_ms.append(metrics.roundtrip_ms)
             if metrics.kv_tokens is not None:
@@ -266,6 +267,7 @@ class SocketCall:
         if message.align_units:  # batching modes: units end on the tick phase's grid, as a call's do
             first = message.first_unit_samples or message.unit_samples
             lead_in = grid_lead_in(now, first, message.unit_samples, offset_s=message.grid_offset_s)
+        self.unit_grid = message.unit_grid()
         self.cutter.reset(
             unit_samples=message.unit_samples,
             first_unit_samples=message.first_unit_samples,
