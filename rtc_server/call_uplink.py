@@ -18,12 +18,18 @@ from pydantic import BaseModel
 
 from inference import protocol as p
 from media_tracks import AudioUnit, InboundAudio, LatestVideoFrame, UnitCutter
+from MiniCPMO45.audio.rates import MODEL_INPUT_RATE
 from rtc_server import events as ev
 from rtc_server.call_host import CallHost
 from rtc_server.recordings import CallRecorder, encode_jpeg
 
 log = logging.getLogger("rtc_server.session")
 VIDEO_UNITS_LIMIT = 8  # units waiting for their camera frame snapshot
+# A unit's camera frame is converted this long before the unit is due to end (at most half a unit), so that the
+# unit goes to the worker as soon as its audio is complete: the units of a tick phase all end at once, and their
+# frames' conversions would otherwise hold them up by several ms each, and make the phase's tick wait.
+FRAME_LEAD_S = 0.15
+FRAME_MAX_AGE_S = 0.5  # an early snapshot taken longer before its unit's end than this is taken again
 AUDIO_REPORT_INTERVAL_S = 5.0  # how often a caller whose audio runs too fast hears about it
 
 
@@ -66,6 +72,9 @@ class CallUplink:
         self.video_units: asyncio.Queue[AudioUnit] | None = None
         self._video_task: asyncio.Task[None] | None = None
         self.video_units_dropped = 0  # units whose frame snapshot fell behind (the oldest waiting is dropped)
+        # the next unit's frame, converted ahead of its end: (time.monotonic() when it started, the conversion)
+        self._early_frame: tuple[float, asyncio.Future[np.ndarray | None]] | None = None
+        self._early_timer: asyncio.TimerHandle | None = None
         self._audio_drops_reported = 0  # inbound.frames_dropped at the last `audio_too_fast` report
         self._audio_gaps_reported = 0.0  # inbound.unfilled_gap_s at the last `audio_lost` report
         self._audio_report_due = 0.0  # time.monotonic() after which the next report may go
@@ -80,6 +89,10 @@ class CallUplink:
             self.video.start()
 
     async def stop(self) -> None:
+        if self._early_timer is not None:
+            self._early_timer.cancel()
+        if self._early_frame is not None:
+            self._early_frame[1].cancel()
         if self._video_task is not None:
             self._video_task.cancel()
             try:
@@ -107,8 +120,34 @@ class CallUplink:
                 self.video_units.get_nowait()  # the snapshots fell behind: the oldest unit is dropped
                 self.video_units_dropped += 1
             self.video_units.put_nowait(unit)
+            self._convert_next_frame_early(unit)
             return
         self._send_unit(unit, None)
+
+    def _convert_next_frame_early(self, unit: AudioUnit) -> None:
+        """Start the next unit's frame conversion `FRAME_LEAD_S` before that unit is due to end."""
+        unit_s = self.cutter.unit_samples / MODEL_INPUT_RATE
+        lead_s = min(FRAME_LEAD_S, unit_s / 2)
+        if self._early_timer is not None:
+            self._early_timer.cancel()
+        delay = max(0.0, unit.completed_at + unit_s - lead_s - time.monotonic())
+        self._early_timer = asyncio.get_running_loop().call_later(delay, self._start_early_frame)
+
+    def _start_early_frame(self) -> None:
+        self._early_timer = None
+        if self.video is None or self.video_max_side is None:
+            return
+        conversion = asyncio.ensure_future(self.video.snapshot_rgb_async(self.video_max_side))
+        conversion.add_done_callback(_retrieve)  # one nobody took (the call ended, or it went stale)
+        self._early_frame = (time.monotonic(), conversion)
+
+    async def _frame_for(self, unit: AudioUnit) -> np.ndarray | None:
+        """The unit's camera frame: the one converted ahead of its end, unless none was or it is too old."""
+        assert self.video is not None
+        early, self._early_frame = self._early_frame, None
+        if early is not None and unit.completed_at - early[0] <= FRAME_MAX_AGE_S:
+            return await early[1]
+        return await self.video.snapshot_rgb_async(self.video_max_side)
 
     def _report_audio_drops(self) -> None:
         """Tell the caller, at most every `AUDIO_REPORT_INTERVAL_S`, about audio the model did not hear: audio
@@ -136,7 +175,7 @@ class CallUplink:
         try:
             while True:
                 unit = await self.video_units.get()
-                frame = await self.video.snapshot_rgb_async(self.video_max_side)
+                frame = await self._frame_for(unit)
                 if self.call.phase == "active" and self.call.mode_open:
                     self._send_unit(unit, frame)
                     recorder = self.call.recorder
@@ -171,3 +210,10 @@ class CallUplink:
             recorder = self.call.recorder
             if recorder is not None:
                 recorder.caller_audio(unit.pcm, unit.completed_at)
+
+
+def _retrieve(conversion: asyncio.Future[np.ndarray | None]) -> None:
+    """Take a finished early conversion's exception, if any, so that an unused one is not logged as never
+    retrieved (a used one raised where it was awaited)."""
+    if not conversion.cancelled():
+        conversion.exception()

@@ -66,3 +66,42 @@ async def test_frames_reach_a_mode_that_asks_for_them(
         await call.hang_up()
     finally:
         await call.close()
+
+
+async def test_a_units_frame_is_converted_before_the_unit_ends(
+    start_test_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The units of a tick phase end together, and each one's camera frame must be converted (a few ms of a
+    core each): done after the unit's end, the conversions hold the units up and make the phase's tick wait.
+    Each unit's frame is converted ahead of the unit's end instead, so even a slow conversion (80 ms here) adds
+    nothing to the hand-off of the units after the first, and the frame is still the caller's."""
+    from media_tracks import LatestVideoFrame
+
+    monkeypatch.setenv("MINICPMO45_EXTRA_MODES", "tests.probe_modes")
+    server = await start_test_server()
+    snapshot = LatestVideoFrame.snapshot_rgb
+
+    def slow(self: LatestVideoFrame, max_side: int | None = None) -> np.ndarray | None:
+        time.sleep(0.08)  # in the executor
+        return snapshot(self, max_side)
+
+    monkeypatch.setattr(LatestVideoFrame, "snapshot_rgb", slow)
+    t = np.arange(RATE * 6) / RATE
+    call = Call(server.url, (0.2 * np.sin(2 * np.pi * 200 * t)).astype(np.float32))
+    call.pc.addTrack(SolidColourTrack((30, 200, 40)))
+    try:
+        await call.start_json("frame_probe")
+        await call.wait_connected()
+        deadline = time.monotonic() + 15
+        while len([e for e in call.events if e["type"] == "metrics"]) < 10 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        handoffs = [e["handoff_ms"] for e in call.events if e["type"] == "metrics"][2:]
+        assert len(handoffs) >= 6, call.events
+        assert float(np.median(handoffs)) < 40, handoffs
+        texts = [e["text"] for e in call.events if e["type"] == "text" and "frame " in e["text"]]
+        match = re.search(r"rgb \[(\d+), (\d+), (\d+)\]", texts[-1])
+        assert match, texts[-1]
+        r, g, b = map(int, match.groups())
+        assert g > 150 and r < 80 and b < 90, texts[-1]
+    finally:
+        await call.close()
