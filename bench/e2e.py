@@ -91,6 +91,9 @@ class CallResult:
     text_after_turn_ms: list[float] = field(default_factory=list)
     audio_after_turn_ms: list[float] = field(default_factory=list)
     mode: str = ""
+    # the window's `metrics` events as they came, each with `received_at` (the caller's monotonic clock, which
+    # is the server's on one host): written out per level for a look at single ticks (`units-*.jsonl`)
+    unit_events: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -407,6 +410,11 @@ class Caller:
             missing_share=missing_share([c.durations[i] for i in inside], t1 - t0),
             voiced_share=float(np.mean([c.voiced[i] for i in inside])) if inside else 0.0,
             turns_sent=len(turns),
+            unit_events=[
+                {**e, "received_at": at}
+                for at, e in self.timed
+                if t0 <= at <= t1 and e.get("type") == "metrics"
+            ],
             text_after_turn_ms=[x for x in text if x is not None],
             audio_after_turn_ms=[x for x in audio if x is not None],
         )
@@ -862,6 +870,9 @@ def run_level(
             if p.is_alive():
                 p.kill()
                 p.join(10)
+    with open(Path(args.out) / f"units-{args.mode}-{n}.jsonl", "w") as f:
+        for i, c in enumerate(calls):
+            f.writelines(json.dumps({"call": i, "mode": c.mode, **e}) + "\n" for e in c.unit_events)
     wait_drained(server)
     if server.proc.poll() is not None:
         raise RuntimeError(f"the server exited ({server.proc.returncode}) during the {n}-call level")
