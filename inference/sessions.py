@@ -35,6 +35,7 @@ from MiniCPMO45.audio.rates import MODEL_INPUT_RATE, SPEECH_RATE
 log = logging.getLogger("inference.worker")
 # A healthy session has a unit or two waiting; one this far behind has lost its real-time flow anyway.
 MAX_QUEUED_UNITS = 64
+QUIET_UNITS = 2.0  # units without one from a batching session after which its phase's ticks stop waiting for it
 MAX_QUEUED_CONTROLS = 64  # controls and opens waiting in one session
 SESSION_MESSAGES = (p.OpenSession, p.Unit, p.Control, p.CloseSession)
 
@@ -153,6 +154,10 @@ class SessionRunner:
         self.phase: int | None = None  # the ticker's phase while the mode batches
         # the grid its units tick on: its phase, or None when the mode's sessions of every phase tick together
         self.grid: int | None = None
+        # when the session last sent a unit (or its mode opened) and how often it does: a batching session that
+        # has sent none for `QUIET_UNITS` units (a paused call) no longer holds its phase's ticks back
+        self.heard_at = 0.0
+        self.unit_s = 1.0
         self.output_rate = SPEECH_RATE
         self.queue = SessionQueue()
         self.dropped = 0  # messages the full queue dropped
@@ -244,6 +249,8 @@ class SessionRunner:
             self.grid = None if setup.one_grid else phase
             self.mode = mode
             self.output_rate = setup.output_rate
+            self.unit_s = max(setup.unit_samples, setup.first_unit_samples or 0) / MODEL_INPUT_RATE
+            self.heard_at = time.monotonic()
             offset = 0.0
             if setup.align_units and self.grid is not None:
                 offset = self.ticker.grid_offset_s(self.grid, setup.unit_samples / MODEL_INPUT_RATE)
@@ -294,6 +301,7 @@ class SessionRunner:
         # outputs the mode sends from inside the tick (from the mode thread), ahead of those it returns
         unit.emit = lambda outs: loop.call_soon_threadsafe(send_early, outs)
         if batch_runner(self.mode) is not None:
+            self.heard_at = time.monotonic()
             outputs = await self.ticker.submit(self.mode, unit, frame, self.grid)
         else:
             outputs = await self._call(self.mode.on_unit, unit, frame)
@@ -371,10 +379,16 @@ class Sessions:
         )
 
     def batching_grids(self) -> list[tuple[int | None, Any]]:
+        """(grid, batch runner) of each batching session whose next unit a tick should wait for: not one that has
+        sent no unit for `QUIET_UNITS` of its units (paused, or its audio stalled) until it sends one again."""
+        now = time.monotonic()
         return [
             (r.grid, batch_runner(r.mode))
             for r in self.runners.values()
-            if r.mode is not None and r.phase is not None and batch_runner(r.mode) is not None
+            if r.mode is not None
+            and r.phase is not None
+            and batch_runner(r.mode) is not None
+            and now - r.heard_at < QUIET_UNITS * r.unit_s
         ]
 
     async def handle(self, conn: Connection, message: p.Message, payload: bytes, received_at: float) -> None:

@@ -524,3 +524,34 @@ async def test_a_chat_backlog_is_taken_as_one_unit(
     # the tick's own numbers (the tick loop's, the VAD's) on one unit of each tick only
     assert sum(d.metrics.tick_ms is not None for d in done) == 6 - len(merged) + 1
     assert all((d.metrics.prepare_ms is not None) == (d.metrics.tick_ms is not None) for d in done)
+
+
+async def test_a_quiet_session_does_not_hold_its_phases_ticks_back(worker: FakeServer) -> None:
+    """A tick waits (up to `tick_gather_ms`) for the units of every session of its phase, but not for one that has
+    sent none for two of its units (a paused call, or one whose audio stalled): its phase's other calls would each
+    wait out the whole gather. Once it sends a unit again, it is waited for again."""
+    rng = np.random.default_rng(11)
+    await open_all(worker, {sid: ("audio_duplex", {"force": "listen"}) for sid in ("talking", "quiet")})
+    for i in range(2):  # both send: the tick of each round waits for the other's unit
+        await worker.send(*unit("talking", i, rng, frame=False))
+        await asyncio.sleep(0.02)
+        await worker.send(*unit("quiet", i, rng, frame=False))
+        for sid in ("talking", "quiet"):
+            await worker.wait_for(sid, p.UnitDone, i + 1, timeout=30)
+    waited = worker.of("talking", p.UnitDone)[1].metrics.tick_wait_ms
+    assert waited is not None and waited >= 15, waited  # it waited for the other session's unit
+    await asyncio.sleep(2.1)  # "quiet" sends nothing for two units
+    for i in range(2, 4):
+        await worker.send(*unit("talking", i, rng, frame=False))
+        await worker.wait_for("talking", p.UnitDone, i + 1, timeout=30)
+    done = worker.of("talking", p.UnitDone)
+    assert [d.metrics.batch_sessions for d in done[2:]] == [1, 1]
+    assert all((d.metrics.tick_wait_ms or 0) < 30 for d in done[2:]), [d.metrics for d in done[2:]]
+    # back from the pause: its unit is waited for again
+    await worker.send(*unit("quiet", 2, rng, frame=False))
+    await worker.wait_for("quiet", p.UnitDone, 3, timeout=30)
+    await worker.send(*unit("talking", 4, rng, frame=False))
+    await asyncio.sleep(0.02)
+    await worker.send(*unit("quiet", 3, rng, frame=False))
+    await worker.wait_for("talking", p.UnitDone, 5, timeout=30)
+    assert worker.of("talking", p.UnitDone)[4].metrics.batch_sessions == 2
