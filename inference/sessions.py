@@ -35,7 +35,8 @@ from MiniCPMO45.audio.rates import MODEL_INPUT_RATE, SPEECH_RATE
 log = logging.getLogger("inference.worker")
 # A healthy session has a unit or two waiting; one this far behind has lost its real-time flow anyway.
 MAX_QUEUED_UNITS = 64
-QUIET_UNITS = 2.0  # units without one from a batching session after which its phase's ticks stop waiting for it
+# units without one from a batching session after which its phase's ticks stop waiting for it
+QUIET_UNITS = 2.0
 MAX_QUEUED_CONTROLS = 64  # controls and opens waiting in one session
 SESSION_MESSAGES = (p.OpenSession, p.Unit, p.Control, p.CloseSession)
 
