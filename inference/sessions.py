@@ -303,7 +303,7 @@ class SessionRunner:
         unit.emit = lambda outs: loop.call_soon_threadsafe(send_early, outs)
         if batch_runner(self.mode) is not None:
             self.heard_at = time.monotonic()
-            outputs = await self.ticker.submit(self.mode, unit, frame, self.grid)
+            outputs = await self.ticker.submit(self.mode, unit, frame, self.grid, self.session_id)
         else:
             outputs = await self._call(self.mode.on_unit, unit, frame)
         unit.emit = None
@@ -379,12 +379,12 @@ class Sessions:
             prepare_threads=settings.prepare_threads,
         )
 
-    def batching_grids(self) -> list[tuple[int | None, Any]]:
-        """(grid, batch runner) of each batching session whose next unit a tick should wait for: not one that has
+    def batching_grids(self) -> list[tuple[str, int | None, Any]]:
+        """(session id, grid, batch runner) of each batching session whose next unit a tick should wait for: not one that has
         sent no unit for `QUIET_UNITS` of its units (paused, or its audio stalled) until it sends one again."""
         now = time.monotonic()
         return [
-            (r.grid, batch_runner(r.mode))
+            (r.session_id, r.grid, batch_runner(r.mode))
             for r in self.runners.values()
             if r.mode is not None
             and r.phase is not None

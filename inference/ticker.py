@@ -27,6 +27,9 @@ log = logging.getLogger("inference.worker")
 # batched Silero call of 12 rows costs about 6 single ones, and every call takes the GIL once)
 PREPARE_ROWS = 12
 PHASE_TICK_WEIGHT = 0.3  # weight of the newest tick in the running mean of one phase's tick time
+# units that come less than this share of a unit after their phase's tick, from sessions that tick went without,
+# are its stragglers (later ones are the next round's)
+ROUND_SHARE = 0.75
 
 
 def compile_count() -> int:
@@ -77,6 +80,7 @@ class _Waiting:
     grid: int | None  # its session's phase, or None for a mode whose sessions of every phase tick together
     done: asyncio.Future[list[Output]]
     submitted: float = 0.0  # time.monotonic() when it came
+    session_id: str = ""
 
 
 class UnitTicker:
@@ -99,7 +103,7 @@ class UnitTicker:
     def __init__(
         self,
         executor: concurrent.futures.Executor,
-        members: Callable[[], list[tuple[int | None, Any]]],
+        members: Callable[[], list[tuple[str, int | None, Any]]],
         gather_s: float,
         phases: int,
         preparer: concurrent.futures.Executor | None = None,
@@ -110,7 +114,11 @@ class UnitTicker:
         if phases < 1:
             raise ValueError("phases must be at least 1")
         self.executor = executor
-        self.members = members  # (grid, `batch_runner`) of each open session whose mode batches (`submit`)
+        # (session id, grid, `batch_runner`) of each open session whose mode batches (`submit`) and sends units
+        self.members = members
+        # per (grid, batch runner), from its last tick of a round: the sessions whose units it went without (late,
+        # or not coming), and until when (time.monotonic()) a unit of theirs counts as that round's straggler
+        self.missing: dict[tuple[int | None, Any], tuple[set[str], float]] = {}
         self.phase_of: dict[str, int] = {}  # every batching session's phase, taken before its mode opens
         self.gather_s = gather_s
         self.phases = phases
@@ -142,11 +150,47 @@ class UnitTicker:
         return phase * unit_s / self.phases
 
     def _gathered(self) -> bool:
-        """Every session of each (grid, mode class) that has a unit waiting has one waiting: modes with units
-        of other lengths (chat's 320 ms beside duplex's 1 s) are not waited for."""
-        members = self.members()
-        keys = [(w.grid, batch_runner(w.mode)) for w in self.waiting]
-        return all(keys.count(key) >= members.count(key) for key in set(keys))
+        """Every session of each (grid, mode class) that has a unit waiting has one waiting. When the units of a
+        key that wait all come from sessions its last tick went without (that tick's stragglers), only those
+        sessions are waited for: the others' units of that round already ran. Modes with units of other lengths
+        (chat's 320 ms beside duplex's 1 s) are not waited for."""
+        waiting: dict[tuple[int | None, Any], set[str]] = {}
+        for w in self.waiting:
+            waiting.setdefault((w.grid, batch_runner(w.mode)), set()).add(w.session_id)
+        members: dict[tuple[int | None, Any], set[str]] = {}
+        for sid, grid, run in self.members():
+            members.setdefault((grid, run), set()).add(sid)
+        now = time.monotonic()
+        for key, sids in waiting.items():
+            late = self._late(key, now)
+            expected = late if late and sids <= late else members.get(key, set())
+            if not expected <= sids:
+                return False
+        return True
+
+    def _late(self, key: tuple[int | None, Any], now: float) -> set[str]:
+        """The sessions whose units of this round the key's last tick went without, while the round lasts."""
+        late, until = self.missing.get(key, (set(), 0.0))
+        return late if now < until else set()
+
+    def _note_missing(self, items: list[_Waiting]) -> None:
+        """Which sessions of each key this tick goes without (their units are late, or not coming): a tick of a
+        round's stragglers takes them off that round's list, any other tick starts a round."""
+        now = time.monotonic()
+        members: dict[tuple[int | None, Any], set[str]] = {}
+        for sid, grid, run in self.members():
+            members.setdefault((grid, run), set()).add(sid)
+        ticked: dict[tuple[int | None, Any], list[_Waiting]] = {}
+        for w in items:
+            ticked.setdefault((w.grid, batch_runner(w.mode)), []).append(w)
+        for key, units in ticked.items():
+            sids = {w.session_id for w in units}
+            late = self._late(key, now)
+            if late and sids <= late:
+                self.missing[key] = (late - sids, self.missing[key][1])
+            else:
+                unit_s = units[0].unit.pcm.size / MODEL_INPUT_RATE
+                self.missing[key] = (members.get(key, set()) - sids, now + ROUND_SHARE * unit_s)
 
     def _phases_fit(self) -> bool:
         """A phase's tick (its running mean) fits its share of a unit, so the phases can tick apart and keep up."""
@@ -165,7 +209,7 @@ class UnitTicker:
         if len(set(grids)) < 2 or not self._phases_fit():
             batch, self.waiting = self.waiting, []
             return batch
-        sessions = Counter(grid for grid, _ in self.members() if grid is not None)
+        sessions = Counter(grid for _, grid, _ in self.members() if grid is not None)
         whole = {g for g, n in Counter(grids).items() if 2 * n > sessions[g]}
         if len(whole) < 2:
             batch, self.waiting = self.waiting, []
@@ -187,12 +231,12 @@ class UnitTicker:
                 break
 
     async def submit(
-        self, mode: WorkerMode, unit: ModeUnit, frame: Any, grid: int | None = 0
+        self, mode: WorkerMode, unit: ModeUnit, frame: Any, grid: int | None = 0, session_id: str = ""
     ) -> list[Output]:
         """Run the unit in a tick. `grid`: the session's phase, whose units arrive together; None for a mode
         whose units of every phase are cut on one grid (`SessionSetup.one_grid`)."""
         done: asyncio.Future[list[Output]] = asyncio.get_running_loop().create_future()
-        self.waiting.append(_Waiting(mode, unit, frame, grid, done, time.monotonic()))
+        self.waiting.append(_Waiting(mode, unit, frame, grid, done, time.monotonic(), session_id))
         self.wake.set()
         return await done
 
@@ -215,6 +259,7 @@ class UnitTicker:
             for run, items in ordered:
                 self.ticks += 1
                 gathered = time.monotonic()
+                self._note_missing(items)
                 try:
                     await self._prepare(items)
                     prepare_ms = (time.monotonic() - gathered) * 1000

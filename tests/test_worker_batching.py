@@ -547,11 +547,37 @@ async def test_a_quiet_session_does_not_hold_its_phases_ticks_back(worker: FakeS
     done = worker.of("talking", p.UnitDone)
     assert [d.metrics.batch_sessions for d in done[2:]] == [1, 1]
     assert all((d.metrics.tick_wait_ms or 0) < 30 for d in done[2:]), [d.metrics for d in done[2:]]
-    # back from the pause: its unit is waited for again
+    # back from the pause: its unit is waited for again (from the next round: a second later)
     await worker.send(*unit("quiet", 2, rng, frame=False))
     await worker.wait_for("quiet", p.UnitDone, 3, timeout=30)
+    await asyncio.sleep(1.0)
     await worker.send(*unit("talking", 4, rng, frame=False))
     await asyncio.sleep(0.02)
     await worker.send(*unit("quiet", 3, rng, frame=False))
     await worker.wait_for("talking", p.UnitDone, 5, timeout=30)
     assert worker.of("talking", p.UnitDone)[4].metrics.batch_sessions == 2
+
+
+@pytest.mark.parametrize(
+    "worker", [embedded(max_sessions=4, tick_phases=1, tick_gather_ms=300)], indirect=True
+)
+async def test_a_straggler_does_not_wait_for_units_that_already_ran(worker: FakeServer) -> None:
+    """A unit that missed its phase's tick (it came after the gather) ticks as soon as it can: it does not wait
+    out another gather for the sessions whose units of that round already ran (it used to: the whole
+    `tick_gather_ms` more, and its late tick then ran into the other phase's)."""
+    rng = np.random.default_rng(12)
+    names = ("a", "b", "late")
+    await open_all(worker, {sid: ("audio_duplex", {"force": "listen"}) for sid in names})
+    for sid in names:  # round 0: all three in one tick
+        await worker.send(*unit(sid, 0, rng, frame=False))
+    for sid in names:
+        await worker.wait_for(sid, p.UnitDone, 1, timeout=30)
+    assert {worker.of(sid, p.UnitDone)[0].metrics.batch_sessions for sid in names} == {3}
+    for sid in ("a", "b"):  # round 1: "late" misses the 300 ms gather
+        await worker.send(*unit(sid, 1, rng, frame=False))
+    await worker.wait_for("a", p.UnitDone, 2, timeout=30)
+    await worker.send(*unit("late", 1, rng, frame=False))
+    await worker.wait_for("late", p.UnitDone, 2, timeout=30)
+    a, late = worker.of("a", p.UnitDone)[1].metrics, worker.of("late", p.UnitDone)[1].metrics
+    assert a.batch_sessions == 2 and (a.tick_wait_ms or 0) >= 250, a  # a and b waited the gather for it
+    assert late.batch_sessions == 1 and (late.tick_wait_ms or 0) < 100, late
