@@ -158,6 +158,10 @@ class Opened(_Msg):
     first_unit_samples: int | None = None
     output_rate: int = SPEECH_RATE
     video_max_side: int | None = None  # the mode wants one camera frame per unit, at most this large
+    # ... or, with (resolution, multiple), at the model's input size for an unsliced image
+    # (`media_tracks.model_input_size`): the server resizes the camera's frame once, and the worker's image
+    # processor takes it as it is
+    video_fit: tuple[int, int] | None = None
     align_units: bool = False  # cut units on a grid of the server's clock (batching modes)
     # the session's tick phase: its units end this long after the grid lines (multiples of the unit length)
     grid_offset_s: float = Field(0.0, ge=0.0)

@@ -263,6 +263,7 @@ class SessionRunner:
                     first_unit_samples=setup.first_unit_samples,
                     output_rate=setup.output_rate,
                     video_max_side=setup.video_max_side,
+                    video_fit=setup.video_fit,
                     align_units=setup.align_units,
                     grid_offset_s=offset,
                     open_ms=(time.monotonic() - opening) * 1000,

@@ -8,7 +8,7 @@ decoded on the event loop instead of aiortc's decoder thread (`decode_inline`).
 from media_tracks.audio_in import AudioUnit, InboundAudio, UnitCutter, grid_lead_in
 from media_tracks.inline_decode import InlineAudioDecoder, decode_inline
 from media_tracks.speech_track import PacingStats, SpeechTrack
-from media_tracks.video_in import LatestVideoFrame, fit_size, frame_to_rgb
+from media_tracks.video_in import LatestVideoFrame, fit_size, frame_to_rgb, model_input_size
 
 __all__ = [
     "AudioUnit",
@@ -21,5 +21,6 @@ __all__ = [
     "decode_inline",
     "fit_size",
     "frame_to_rgb",
+    "model_input_size",
     "grid_lead_in",
 ]

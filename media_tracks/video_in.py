@@ -8,6 +8,7 @@ taken (once per model unit in omni mode), with PyAV's scaler.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import av
@@ -25,6 +26,21 @@ def fit_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def model_input_size(width: int, height: int, resolution: int, multiple: int) -> tuple[int, int]:
+    """The size an image model's processor gives an unsliced image: area about resolution², the aspect ratio kept,
+    each side rounded (half to even) to a multiple of `multiple`, at least one. A frame sent at this size is
+    resized once, from the camera's own size, and the processor takes it as it is."""
+    aspect = width / height
+    h = int(resolution / math.sqrt(aspect))
+    w = int(h * aspect)
+    return max(round(w / multiple) * multiple, multiple), max(round(h / multiple) * multiple, multiple)
+
+
+def frame_size(width: int, height: int, max_side: int | None, fit: tuple[int, int] | None) -> tuple[int, int]:
+    """The size a frame is sent at: the model's input size with `fit` (resolution, multiple), else capped."""
+    return model_input_size(width, height, *fit) if fit is not None else fit_size(width, height, max_side)
+
+
 class LatestVideoFrame(TrackReader):
     """Holds the newest `av.VideoFrame` of a video track; converts to RGB lazily on `snapshot_rgb`."""
 
@@ -39,8 +55,8 @@ class LatestVideoFrame(TrackReader):
         self.ended = False
         self.received_at: float | None = None  # time.monotonic() of the newest frame
         self._latest: av.VideoFrame | None = None
-        # (frame, max_side, rgb) of the last conversion
-        self._cache: tuple[av.VideoFrame, int | None, np.ndarray] | None = None
+        # (frame, (max_side, fit), rgb) of the last conversion
+        self._cache: tuple[av.VideoFrame, tuple[int | None, tuple[int, int] | None], np.ndarray] | None = None
 
     @property
     def latest(self) -> av.VideoFrame | None:
@@ -62,8 +78,11 @@ class LatestVideoFrame(TrackReader):
         self._latest = None
         self._cache = None
 
-    def snapshot_rgb(self, max_side: int | None = None) -> np.ndarray | None:
-        """The newest frame as HxWx3 uint8 RGB (longer side ≤ max_side), or None before the first frame.
+    def snapshot_rgb(
+        self, max_side: int | None = None, fit: tuple[int, int] | None = None
+    ) -> np.ndarray | None:
+        """The newest frame as HxWx3 uint8 RGB (longer side ≤ max_side; with `fit`, at the model's input size,
+        `model_input_size`), or None before the first frame.
 
         Repeated calls for the same frame and size return the same (read-only) array without converting
         again. A 720p conversion takes a few ms; use `snapshot_rgb_async` to keep it off the event loop.
@@ -74,24 +93,28 @@ class LatestVideoFrame(TrackReader):
         if frame is None:
             return None
         cached = self._cache
-        if cached is not None and cached[0] is frame and cached[1] == max_side:
+        if cached is not None and cached[0] is frame and cached[1] == (max_side, fit):
             return cached[2]
-        rgb = frame_to_rgb(frame, max_side)
+        rgb = frame_to_rgb(frame, max_side, fit)
         rgb.setflags(write=False)
-        self._cache = (frame, max_side, rgb)
+        self._cache = (frame, (max_side, fit), rgb)
         return rgb
 
-    async def snapshot_rgb_async(self, max_side: int | None = None) -> np.ndarray | None:
+    async def snapshot_rgb_async(
+        self, max_side: int | None = None, fit: tuple[int, int] | None = None
+    ) -> np.ndarray | None:
         """`snapshot_rgb` run in the default executor."""
-        return await asyncio.get_running_loop().run_in_executor(None, self.snapshot_rgb, max_side)
+        return await asyncio.get_running_loop().run_in_executor(None, self.snapshot_rgb, max_side, fit)
 
 
-def frame_to_rgb(frame: av.VideoFrame, max_side: int | None = None) -> np.ndarray:
-    """Convert (and downscale if needed) a PyAV video frame to an HxWx3 uint8 RGB array."""
-    width, height = fit_size(frame.width, frame.height, max_side)
+def frame_to_rgb(
+    frame: av.VideoFrame, max_side: int | None = None, fit: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Convert a PyAV video frame to an HxWx3 uint8 RGB array, downscaled to `max_side`, or with `fit`
+    (resolution, multiple) resized to the model's input size (bicubic, as the model's processor resizes)."""
+    width, height = frame_size(frame.width, frame.height, max_side, fit)
     resized = (width, height) != (frame.width, frame.height)
+    interpolation = ("BICUBIC" if fit is not None else "AREA") if resized else None
     # One scaler thread: by default every converted frame keeps a pool of one idle thread per core alive.
-    rgb = frame.reformat(
-        width=width, height=height, format="rgb24", interpolation="AREA" if resized else None, threads=1
-    )
+    rgb = frame.reformat(width=width, height=height, format="rgb24", interpolation=interpolation, threads=1)
     return rgb.to_ndarray()

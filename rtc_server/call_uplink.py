@@ -69,6 +69,7 @@ class CallUplink:
         self.inbound: InboundAudio | None = None
         self.video: LatestVideoFrame | None = None
         self.video_max_side: int | None = None  # the mode's frame size; None: no frames
+        self.video_fit: tuple[int, int] | None = None  # ... or the model's input size (`protocol.Opened`)
         self.video_units: asyncio.Queue[AudioUnit] | None = None
         self._video_task: asyncio.Task[None] | None = None
         self.video_units_dropped = 0  # units whose frame snapshot fell behind (the oldest waiting is dropped)
@@ -137,7 +138,7 @@ class CallUplink:
         self._early_timer = None
         if self.video is None or self.video_max_side is None:
             return
-        conversion = asyncio.ensure_future(self.video.snapshot_rgb_async(self.video_max_side))
+        conversion = asyncio.ensure_future(self.video.snapshot_rgb_async(self.video_max_side, self.video_fit))
         conversion.add_done_callback(_retrieve)  # one nobody took (the call ended, or it went stale)
         self._early_frame = (time.monotonic(), conversion)
 
@@ -147,7 +148,7 @@ class CallUplink:
         early, self._early_frame = self._early_frame, None
         if early is not None and unit.completed_at - early[0] <= FRAME_MAX_AGE_S:
             return await early[1]
-        return await self.video.snapshot_rgb_async(self.video_max_side)
+        return await self.video.snapshot_rgb_async(self.video_max_side, self.video_fit)
 
     def _report_audio_drops(self) -> None:
         """Tell the caller, at most every `AUDIO_REPORT_INTERVAL_S`, about audio the model did not hear: audio

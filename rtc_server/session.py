@@ -436,6 +436,7 @@ class CallSession:
             lead_in_samples=lead_in,
         )
         self.uplink.video_max_side = message.video_max_side
+        self.uplink.video_fit = message.video_fit
         self.mode_open = True
         self.outbound.mode_opened()  # a re-opened mode counts its turns from 0: the track's keep increasing
         switch_ms = round(message.open_ms, 3) if self._switch_pending else None

@@ -34,4 +34,14 @@ class FrameProbeMode:
         pass
 
 
+class FrameFitProbeMode(FrameProbeMode):
+    """The same, with its frames at an image model's input size (`video_fit`: area about 100², 14-pixel sides)."""
+
+    name = "frame_fit_probe"
+
+    def open(self, options: SessionOptions) -> tuple[SessionSetup, list[Output]]:
+        return SessionSetup(unit_samples=3200, video_max_side=64, video_fit=(100, 14)), []
+
+
 register_mode("frame_probe", lambda settings: FrameProbeMode())
+register_mode("frame_fit_probe", lambda settings: FrameFitProbeMode())

@@ -7,8 +7,12 @@ import asyncio
 import av
 import numpy as np
 import pytest
+from PIL import Image
 
-from media_tracks import LatestVideoFrame, fit_size, frame_to_rgb
+from media_tracks import LatestVideoFrame, fit_size, frame_to_rgb, model_input_size
+from MiniCPMO45.config import PreprocessorConfig
+from MiniCPMO45.processor.image import ImageProcessor
+from MiniCPMO45.processor.image import fit_size as processor_fit_size
 from tests.media_helpers import FramesTrack
 
 
@@ -31,6 +35,30 @@ def solid_frame(rgb: tuple[int, int, int], width: int, height: int, fmt: str = "
 )
 def test_fit_size(size: tuple[int, int], max_side: int | None, expected: tuple[int, int]) -> None:
     assert fit_size(*size, max_side) == expected
+
+
+@pytest.mark.parametrize(
+    "size", [(640, 480), (1280, 720), (480, 640), (320, 240), (1920, 1080), (517, 391), (7, 5)]
+)
+def test_frames_sized_for_the_model_are_taken_as_they_are(size: tuple[int, int]) -> None:
+    """`model_input_size` is the size the model's image processor gives an unsliced view of an image of any size
+    (448² area, 14-pixel patches), and a frame of that size goes through the processor unresized: the server
+    resizes the camera's frame once (as the official demo's server does from the full frame), and the worker
+    only cuts it into patches."""
+    config = PreprocessorConfig()
+    want = model_input_size(*size, config.scale_resolution, config.patch_size)
+    assert want == processor_fit_size(size, config.scale_resolution, config.patch_size, allow_upscale=True)
+    assert model_input_size(*want, config.scale_resolution, config.patch_size) == want
+    frame = frame_to_rgb(solid_frame((10, 200, 60), *size), fit=(config.scale_resolution, config.patch_size))
+    assert frame.shape == (want[1], want[0], 3)
+    rgb = np.random.default_rng(0).integers(0, 255, frame.shape, dtype=np.uint8)
+    out = ImageProcessor(config).preprocess(Image.fromarray(rgb), 1, normalized=False)
+    rows, cols = out.tgt_sizes[0]
+    assert (cols * config.patch_size, rows * config.patch_size) == want
+    # the patch rows are the frame's own pixels: nothing was resampled
+    patches = out.pixel_values[0].reshape(3, config.patch_size, rows * cols, config.patch_size)
+    first = rgb[: config.patch_size, : config.patch_size].transpose(2, 0, 1)
+    assert np.array_equal(patches[:, :, 0, :], first)
 
 
 def test_frame_to_rgb_converts_and_downscales() -> None:

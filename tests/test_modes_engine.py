@@ -132,6 +132,9 @@ def test_omni_duplex_takes_a_frame_per_unit(host) -> None:
     setup, _ = mode.open(SessionOptions("o1", extra={"force": "listen"}))
     try:
         assert setup.video_max_side is not None
+        # frames come at the size the model's processor gives one unsliced view: it resizes nothing
+        images = host.engine.images.config
+        assert setup.video_fit == (images.scale_resolution, images.patch_size)
         frame = rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)
         kv = []
         for i, f in enumerate((None, None, frame)):

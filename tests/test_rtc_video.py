@@ -39,8 +39,15 @@ class SolidColourTrack(MediaStreamTrack):
         return frame
 
 
+@pytest.mark.parametrize(
+    ("mode", "size"),
+    [
+        ("frame_probe", (48, 64)),
+        ("frame_fit_probe", (84, 112)),
+    ],  # a longest side of 64; the model's 100² size
+)
 async def test_frames_reach_a_mode_that_asks_for_them(
-    start_test_server, monkeypatch: pytest.MonkeyPatch
+    start_test_server, monkeypatch: pytest.MonkeyPatch, mode: str, size: tuple[int, int]
 ) -> None:
     monkeypatch.setenv("MINICPMO45_EXTRA_MODES", "tests.probe_modes")
     server = await start_test_server()
@@ -48,7 +55,7 @@ async def test_frames_reach_a_mode_that_asks_for_them(
     call = Call(server.url, (0.2 * np.sin(2 * np.pi * 200 * t)).astype(np.float32))
     call.pc.addTrack(SolidColourTrack((200, 30, 40)))
     try:
-        await call.start_json("frame_probe")
+        await call.start_json(mode)
         await call.wait_connected()
         deadline = time.monotonic() + 10
         while True:
@@ -60,9 +67,9 @@ async def test_frames_reach_a_mode_that_asks_for_them(
         match = re.search(r"frame (\d+)x(\d+) rgb \[(\d+), (\d+), (\d+)\]", texts[-1])
         assert match, texts[-1]
         h, w, r, g, b = map(int, match.groups())
-        assert (h, w) == (48, 64)  # 240x320 scaled to a longest side of 64
+        assert (h, w) == size  # 240x320 scaled as the mode asked
         assert r > 150 and g < 80 and b < 90, texts[-1]  # the caller's colour (after VP8 and YUV)
-        assert "frame_probe" in server.manager.known_modes()
+        assert mode in server.manager.known_modes()
         await call.hang_up()
     finally:
         await call.close()
@@ -81,9 +88,9 @@ async def test_a_units_frame_is_converted_before_the_unit_ends(
     server = await start_test_server()
     snapshot = LatestVideoFrame.snapshot_rgb
 
-    def slow(self: LatestVideoFrame, max_side: int | None = None) -> np.ndarray | None:
+    def slow(self: LatestVideoFrame, max_side: int | None = None, fit: object = None) -> np.ndarray | None:
         time.sleep(0.08)  # in the executor
-        return snapshot(self, max_side)
+        return snapshot(self, max_side, fit)  # type: ignore[arg-type]
 
     monkeypatch.setattr(LatestVideoFrame, "snapshot_rgb", slow)
     t = np.arange(RATE * 6) / RATE

@@ -360,7 +360,7 @@ async def test_a_failing_frame_snapshot_ends_the_call_with_an_error(
     try:
         session_id = call.session_id
 
-        def broken(self: LatestVideoFrame, max_side: int | None = None) -> np.ndarray:
+        def broken(self: LatestVideoFrame, max_side: int | None = None, fit: object = None) -> np.ndarray:
             raise RuntimeError("scaler failed")
 
         monkeypatch.setattr(LatestVideoFrame, "snapshot_rgb", broken)
@@ -383,9 +383,11 @@ async def test_units_waiting_for_a_slow_frame_snapshot_are_bounded(
         session = server.manager.get(call.session_id)
         snapshot = LatestVideoFrame.snapshot_rgb
 
-        def slow(self: LatestVideoFrame, max_side: int | None = None) -> np.ndarray | None:
+        def slow(
+            self: LatestVideoFrame, max_side: int | None = None, fit: object = None
+        ) -> np.ndarray | None:
             time.sleep(1.0)  # in the executor: the event loop goes on cutting 200 ms units
-            return snapshot(self, max_side)
+            return snapshot(self, max_side, fit)  # type: ignore[arg-type]
 
         monkeypatch.setattr(LatestVideoFrame, "snapshot_rgb", slow)
         most = 0

@@ -50,6 +50,8 @@ class SessionSetup:
     first_unit_samples: int | None = None
     output_rate: int = SPEECH_RATE
     video_max_side: int | None = None  # None: no frames; else each unit carries the newest frame, this big
+    # ... or (resolution, multiple): the frame at the model's input size, which then takes it as it is (`Opened`)
+    video_fit: tuple[int, int] | None = None
     # Units end on the server's grid of the session's tick phase (a short silent lead-in pads the first unit),
     # so the units of all sessions of that phase arrive together and share one tick.
     align_units: bool = False

@@ -53,7 +53,7 @@ DEFAULT_PROMPTS = {
 # KV positions one unit may add: <unit> + image blocks (64 rows + 2 per view) + 10 audio rows + up to 20 decoded
 # tokens + terminator + </unit>.
 UNIT_BUDGET = {"audio_duplex": 40, "omni_duplex": 40 + 2 * 66}
-FRAME_MAX_SIDE = 448
+FRAME_MAX_SIDE = 448  # a frame's longer side where the server cannot size it for the model (`video_fit`)
 
 
 class DuplexMode:
@@ -96,9 +96,17 @@ class DuplexMode:
             unit_samples=DUPLEX_UNIT_SAMPLES,
             output_rate=SPEECH_RATE,
             video_max_side=FRAME_MAX_SIDE if self.omni else None,
+            video_fit=self._frame_fit() if self.omni else None,
             align_units=True,
         )
         return setup, [p.StateOut(state="listening")]
+
+    def _frame_fit(self) -> tuple[int, int]:
+        """Frames come at the size the image processor gives one unsliced view (units take one slice): it then
+        resizes nothing, and the camera's frame is resized once, from its own size, as the official demo's is."""
+        assert self.host is not None
+        images = self.host.engine.images.config
+        return images.scale_resolution, images.patch_size
 
     def _prepare(self) -> None:
         assert self.call is not None
