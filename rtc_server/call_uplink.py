@@ -30,6 +30,8 @@ VIDEO_UNITS_LIMIT = 8  # units waiting for their camera frame snapshot
 # frames' conversions would otherwise hold them up by several ms each, and make the phase's tick wait.
 FRAME_LEAD_S = 0.15
 FRAME_MAX_AGE_S = 0.5  # an early snapshot taken longer before its unit's end than this is taken again
+# A unit that ends more than this before its tick phase's grid line is held until that line (`CallUplink._hold`)
+HOLD_EARLY_MS = 20.0
 AUDIO_REPORT_INTERVAL_S = 5.0  # how often a caller whose audio runs too fast hears about it
 
 
@@ -57,6 +59,9 @@ class UplinkCall(Protocol):
     @property
     def paused(self) -> bool: ...
 
+    @property
+    def unit_grid(self) -> p.UnitGrid | None: ...
+
     def send_event(self, event: BaseModel) -> None: ...
 
     def close_soon(self, reason: str) -> None: ...
@@ -79,6 +84,7 @@ class CallUplink:
         self._audio_drops_reported = 0  # inbound.frames_dropped at the last `audio_too_fast` report
         self._audio_gaps_reported = 0.0  # inbound.unfilled_gap_s at the last `audio_lost` report
         self._audio_report_due = 0.0  # time.monotonic() after which the next report may go
+        self.units_held = 0  # units that ended early and were held until their grid line (`_hold`)
 
     def add_track(self, track: MediaStreamTrack) -> None:
         """A track of the caller's: the first audio track is cut into units, the first video track sampled."""
@@ -110,6 +116,16 @@ class CallUplink:
         call = self.call
         if call.phase != "active" or not call.mode_open or call.paused or call.worker_id is None:
             return  # queued, switching or paused: the caller's audio is not routed anywhere
+        hold_s = self._hold(unit)
+        if hold_s > 0:
+            asyncio.get_running_loop().call_later(hold_s, self._route, unit)
+        else:
+            self._route(unit)
+
+    def _route(self, unit: AudioUnit) -> None:
+        call = self.call
+        if call.phase != "active" or not call.mode_open or call.worker_id is None:
+            return  # the call ended or switched modes while its unit was held
         if self.video is not None and self.video_max_side is not None:
             # The frame conversion runs off the loop; units still reach the worker in order.
             if self.video_units is None:
@@ -149,6 +165,26 @@ class CallUplink:
         if early is not None and unit.completed_at - early[0] <= FRAME_MAX_AGE_S:
             return await early[1]
         return await self.video.snapshot_rgb_async(self.video_max_side, self.video_fit)
+
+    def _hold(self, unit: AudioUnit) -> float:
+        """How long (s) to hold a unit that ended well before its tick phase's grid line, so that it reaches the
+        worker with its phase's other units. A batching mode's units end on that grid by the reckoning made when
+        the mode opened (the first unit's silent lead-in); audio that had queued up meanwhile (a busy loop while
+        many calls set up) or a caller clock that runs fast puts a call's units early for good. Sent at once,
+        such a unit starts its phase's gather early: the tick then starts without the others (and holds them up)
+        or waits for them anyway. Nothing in the audio changes; a late unit goes at once."""
+        grid = self.call.unit_grid
+        if grid is None:
+            return 0.0
+        early_ms = -grid.distance_ms(unit.completed_at)
+        if early_ms <= HOLD_EARLY_MS:
+            return 0.0
+        self.units_held += 1
+        if self.units_held == 1:
+            log.info(
+                "session %s: units end %.0f ms before their grid line: held until it", self.call.id, early_ms
+            )
+        return unit.completed_at + early_ms / 1000 - time.monotonic()
 
     def _report_audio_drops(self) -> None:
         """Tell the caller, at most every `AUDIO_REPORT_INTERVAL_S`, about audio the model did not hear: audio
