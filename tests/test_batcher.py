@@ -301,3 +301,31 @@ def test_the_warm_up_builds_the_gathered_chat_steps(tiny_model_dir: Path) -> Non
     gathered = {(r, t) for first, r, t in steps if first == GATHERED}
     rows = [r for r in batcher.llm.row_buckets if r <= CHAT_TURN_ROWS]
     assert gathered == {(r, t) for r in rows for t in CHAT_TURN_TOKENS}
+
+
+def test_the_warm_up_builds_the_steps_of_calls_that_just_joined(tiny_model_dir: Path) -> None:
+    """Calls that join together open (each prompt's prefill: its last piece can take any token bucket) and then
+    have their first units in the same ticks, which feed fewer positions than later ones (no previous tail; an
+    omni call's first units may come before its camera's first frame). The warm-up builds the kernels of those
+    steps at every row bucket: on a GPU a shape first met live is a compile, seconds of a tick while the calls
+    join, and their units back up behind it."""
+    engine = Engine.from_pretrained(tiny_model_dir, dtype=torch.float32, max_sessions=8, max_len=512)
+    batcher = DuplexBatcher(engine, use_graphs=False)
+    batcher.warm_up(8, phases=2)
+    built = set(batcher.llm.built_shapes)
+    cfg = DuplexConfig(force_listen_count=0)
+    audio = load_audio(Path(__file__).parent / "fixtures/minicpmo45-tiny/inputs/duplex_audio.wav")
+    prompts = ["Short.", "A prompt of a few more words than that.", "Talk like a pirate. " * 9]
+    for joining in (1, 3):
+        sessions = []
+        for k in range(joining):
+            s = engine.open_session(Mode.DUPLEX)
+            prepare(engine, s, prompts[k], None, cfg)
+            sessions.append(s)
+        for k in range(2):  # the first and the second unit, no frame yet
+            units = [UnitInput(audio[k * 16000 : (k + 1) * 16000])] * joining
+            batcher.run_units(sessions, units, [True] * joining)
+        live = {(rows, tokens) for first, rows, tokens in batcher.llm.steps if first != GATHERED}
+        assert live <= built, (joining, live - built)
+        for s in sessions:
+            engine.close_session(s)

@@ -189,14 +189,22 @@ class DuplexBatcher:
         ends = (False, True) if phases > 1 else (False,)
         if prefill_tokens is None:
             prefill_tokens = sorted(self.unit_positions(), reverse=True)
-        # Two long folded steps too: past 128 query rows Inductor builds another kernel, and only a size seen
-        # to change there becomes dynamic; a session's prompt prefill can take any token bucket up to 128.
-        # A chat turn's prefill runs one gathered step, or one step per phase (`CHAT_TURN_TOKENS`).
-        for tokens in (FOLDED_MAX_TOKENS, FOLDED_MAX_TOKENS // 2, *prefill_tokens, *CHAT_TURN_TOKENS, 2, 1):
+        # Two long folded steps too: a session's prompt prefill can take any token bucket up to 128. A chat
+        # turn's prefill runs one gathered step, or one step per phase (`CHAT_TURN_TOKENS`).
+        captured = (FOLDED_MAX_TOKENS, FOLDED_MAX_TOKENS // 2, *prefill_tokens, *CHAT_TURN_TOKENS, 2, 1)
+        for tokens in captured:
             for top in ends:
                 self.llm.warm_up(largest, (tokens,), top)
             for rows in reversed(buckets):
                 if rows != largest:
+                    self.llm.compile_shape(rows, tokens)
+        # The other token buckets up to 128 are only compiled, at every row bucket (each shape is compiled for
+        # its own sizes, `flex_decode`): the last piece of a prompt's prefill, and the first units of calls that
+        # join together (shorter than the later ones), can take any of them; a live tick then only captures.
+        done = {pick_bucket(self.llm.token_buckets, t) for t in captured}
+        for tokens in self.llm.token_buckets:
+            if tokens <= FOLDED_MAX_TOKENS and tokens not in done:
+                for rows in reversed(buckets):
                     self.llm.compile_shape(rows, tokens)
         self.llm.warm_up_gathered(min(CHAT_TURN_ROWS, largest), CHAT_TURN_TOKENS)
         for rows in buckets:  # the decode step runs at every session count: its graphs are kept

@@ -218,6 +218,8 @@ class StaticLLM:
         self.use_graphs = graphs_available(self.device) if use_graphs is None else use_graphs
         self.pool = new_pool(self.device) if self.use_graphs else None
         self.steps: dict[tuple[int, int], StaticStep] = {}
+        # (rows, tokens) of the window steps whose kernels are built: captured, or run once (`compile_shape`)
+        self.built_shapes: set[tuple[int, int]] = set()
         self.dim = llm.config.hidden_size
         self.dtype = llm.lm_head.weight.dtype
 
@@ -244,6 +246,8 @@ class StaticLLM:
 
             try:
                 self.steps[key] = StaticStep(fn, inputs, idle, self.use_graphs, self.pool)
+                if first != GATHERED:
+                    self.built_shapes.add((rows, tokens))
             except torch.cuda.OutOfMemoryError:
                 raise
             except Exception:
@@ -322,6 +326,7 @@ class StaticLLM:
         t = pick_bucket(self.token_buckets, tokens)
         embeds = torch.zeros(r, t, self.dim, dtype=self.dtype, device=self.device)
         self._forward(embeds, torch.zeros(r, dtype=torch.long, device=self.device))
+        self.built_shapes.add((r, t))
 
     def accepts(self, slots: Sequence[int], counts: Sequence[int]) -> bool:
         """Whether one static step can take these rows (else the caller runs the eager forward)."""
