@@ -378,6 +378,7 @@ class Sessions:
             settings.tick_phases,
             preparer=self.preparer,
             prepare_threads=settings.prepare_threads,
+            queued=self.queued_units,
         )
 
     def batching_grids(self) -> list[tuple[str, int | None, Any]]:
@@ -392,6 +393,10 @@ class Sessions:
             and batch_runner(r.mode) is not None
             and now - r.heard_at < QUIET_UNITS * r.unit_s
         ]
+
+    def queued_units(self) -> set[str]:
+        """The sessions with a unit in their queue (their runner is still on an earlier one)."""
+        return {sid for sid, r in self.runners.items() if r.queue.units}
 
     async def handle(self, conn: Connection, message: p.Message, payload: bytes, received_at: float) -> None:
         """One message read from `conn`: a ping is answered, a session message goes to its session."""

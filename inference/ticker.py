@@ -30,6 +30,7 @@ PHASE_TICK_WEIGHT = 0.3  # weight of the newest tick in the running mean of one 
 # units that come less than this share of a unit after their phase's tick, from sessions that tick went without,
 # are its stragglers (later ones are the next round's)
 ROUND_SHARE = 0.75
+QUEUED_WAIT_S = 0.25  # how long a tick waits at most for a unit already in the worker (`UnitTicker._gather`)
 
 
 def compile_count() -> int:
@@ -108,6 +109,7 @@ class UnitTicker:
         phases: int,
         preparer: concurrent.futures.Executor | None = None,
         prepare_threads: int = 1,
+        queued: Callable[[], set[str]] = set,
     ) -> None:
         """`executor`: the mode thread; `preparer`: the threads for the modes' `prepare_units` (default: the mode
         thread), `prepare_threads` of them."""
@@ -116,6 +118,7 @@ class UnitTicker:
         self.executor = executor
         # (session id, grid, `batch_runner`) of each open session whose mode batches (`submit`) and sends units
         self.members = members
+        self.queued = queued  # the sessions with a unit in the worker that their runner has not taken yet
         # per (grid, batch runner), from its last tick of a round: the sessions whose units it went without (late,
         # or not coming), and until when (time.monotonic()) a unit of theirs counts as that round's straggler
         self.missing: dict[tuple[int | None, Any], tuple[set[str], float]] = {}
@@ -149,11 +152,12 @@ class UnitTicker:
     def grid_offset_s(self, phase: int, unit_s: float) -> float:
         return phase * unit_s / self.phases
 
-    def _gathered(self) -> bool:
-        """Every session of each (grid, mode class) that has a unit waiting has one waiting. When the units of a
-        key that wait all come from sessions its last tick went without (that tick's stragglers), only those
-        sessions are waited for: the others' units of that round already ran. Modes with units of other lengths
-        (chat's 320 ms beside duplex's 1 s) are not waited for."""
+    def _absent(self) -> set[str]:
+        """The sessions whose units the tick still waits for: every session of each (grid, mode class) that has
+        a unit waiting should have one waiting. When the units of a key that wait all come from sessions its last
+        tick went without (that tick's stragglers), only those sessions are waited for: the others' units of that
+        round already ran. Modes with units of other lengths (chat's 320 ms beside duplex's 1 s) are not waited
+        for."""
         waiting: dict[tuple[int | None, Any], set[str]] = {}
         for w in self.waiting:
             waiting.setdefault((w.grid, batch_runner(w.mode)), set()).add(w.session_id)
@@ -161,12 +165,12 @@ class UnitTicker:
         for sid, grid, run in self.members():
             members.setdefault((grid, run), set()).add(sid)
         now = time.monotonic()
+        absent: set[str] = set()
         for key, sids in waiting.items():
             late = self._late(key, now)
             expected = late if late and sids <= late else members.get(key, set())
-            if not expected <= sids:
-                return False
-        return True
+            absent |= expected - sids
+        return absent
 
     def _late(self, key: tuple[int | None, Any], now: float) -> set[str]:
         """The sessions whose units of this round the key's last tick went without, while the round lasts."""
@@ -221,14 +225,22 @@ class UnitTicker:
         return batch
 
     async def _gather(self) -> None:
-        deadline = time.monotonic() + self.gather_s
-        while not self._gathered() and (left := deadline - time.monotonic()) > 0:
+        """Wait for the absent units, `gather_s` at most; but up to `QUEUED_WAIT_S` for a session whose unit is
+        already in the worker, behind its previous one (that session's runner is still sending the previous
+        unit's outputs: started without it, the tick would leave it to the other phase's tick, for good)."""
+        start = time.monotonic()
+        while absent := self._absent():
+            wait_for_queued = bool(absent & self.queued())
+            left = start + (max(self.gather_s, QUEUED_WAIT_S) if wait_for_queued else self.gather_s)
+            left -= time.monotonic()
+            if left <= 0:
+                return
             self.wake.clear()
             try:
                 async with asyncio.timeout(left):  # not wait_for: it can lose a cancellation (Python 3.11)
                     await self.wake.wait()
             except TimeoutError:
-                break
+                pass
 
     async def submit(
         self, mode: WorkerMode, unit: ModeUnit, frame: Any, grid: int | None = 0, session_id: str = ""

@@ -581,3 +581,34 @@ async def test_a_straggler_does_not_wait_for_units_that_already_ran(worker: Fake
     a, late = worker.of("a", p.UnitDone)[1].metrics, worker.of("late", p.UnitDone)[1].metrics
     assert a.batch_sessions == 2 and (a.tick_wait_ms or 0) >= 250, a  # a and b waited the gather for it
     assert late.batch_sessions == 1 and (late.tick_wait_ms or 0) < 100, late
+
+
+@pytest.mark.parametrize(
+    "worker", [embedded(max_sessions=4, tick_phases=1, tick_gather_ms=50)], indirect=True
+)
+async def test_a_tick_waits_for_a_unit_already_in_the_worker(
+    worker: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session whose next unit is already in the worker, behind its previous one (its runner is still sending
+    that unit's outputs), is waited for past `tick_gather_ms`: started without it, the tick would leave its unit
+    to the next tick, the other phase's, and every later unit of that session with it (an H100's omni calls:
+    one session a phase behind for good, each of its units a second late, and the other phase's ticks merged)."""
+    from inference.sessions import SessionRunner
+
+    send = SessionRunner._send_outputs
+
+    async def slow_for_b(self: SessionRunner, outputs: Any, rate: int) -> None:
+        if self.session_id == "b" and outputs:
+            await asyncio.sleep(0.15)  # three gathers' time
+        await send(self, outputs, rate)
+
+    monkeypatch.setattr(SessionRunner, "_send_outputs", slow_for_b)
+    rng = np.random.default_rng(13)
+    await open_all(worker, {sid: ("audio_duplex", {"force": "listen"}) for sid in ("a", "b")})
+    for i in range(2):  # both sessions' first two units at once: the second ones wait in the worker
+        for sid in ("a", "b"):
+            await worker.send(*unit(sid, i, rng, frame=False))
+    for sid in ("a", "b"):
+        await worker.wait_for(sid, p.UnitDone, 2, timeout=30)
+    second = worker.of("a", p.UnitDone)[1].metrics
+    assert second.batch_sessions == 2, second
