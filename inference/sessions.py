@@ -304,7 +304,7 @@ class SessionRunner:
         unit.emit = lambda outs: loop.call_soon_threadsafe(send_early, outs)
         if batch_runner(self.mode) is not None:
             self.heard_at = time.monotonic()
-            outputs = await self.ticker.submit(self.mode, unit, frame, self.grid, self.session_id)
+            outputs = await self.ticker.submit(self.mode, unit, frame, self.grid, session_id=self.session_id)
         else:
             outputs = await self._call(self.mode.on_unit, unit, frame)
         unit.emit = None

@@ -80,8 +80,8 @@ class _Waiting:
     frame: Any
     grid: int | None  # its session's phase, or None for a mode whose sessions of every phase tick together
     done: asyncio.Future[list[Output]]
-    submitted: float = 0.0  # time.monotonic() when it came
-    session_id: str = ""
+    submitted: float  # time.monotonic() when it came
+    session_id: str
 
 
 class UnitTicker:
@@ -161,9 +161,7 @@ class UnitTicker:
         waiting: dict[tuple[int | None, Any], set[str]] = {}
         for w in self.waiting:
             waiting.setdefault((w.grid, batch_runner(w.mode)), set()).add(w.session_id)
-        members: dict[tuple[int | None, Any], set[str]] = {}
-        for sid, grid, run in self.members():
-            members.setdefault((grid, run), set()).add(sid)
+        members = self._members_by_key()
         now = time.monotonic()
         absent: set[str] = set()
         for key, sids in waiting.items():
@@ -171,6 +169,12 @@ class UnitTicker:
             expected = late if late and sids <= late else members.get(key, set())
             absent |= expected - sids
         return absent
+
+    def _members_by_key(self) -> dict[tuple[int | None, Any], set[str]]:
+        members: dict[tuple[int | None, Any], set[str]] = {}
+        for sid, grid, run in self.members():
+            members.setdefault((grid, run), set()).add(sid)
+        return members
 
     def _late(self, key: tuple[int | None, Any], now: float) -> set[str]:
         """The sessions whose units of this round the key's last tick went without, while the round lasts."""
@@ -181,9 +185,7 @@ class UnitTicker:
         """Which sessions of each key this tick goes without (their units are late, or not coming): a tick of a
         round's stragglers takes them off that round's list, any other tick starts a round."""
         now = time.monotonic()
-        members: dict[tuple[int | None, Any], set[str]] = {}
-        for sid, grid, run in self.members():
-            members.setdefault((grid, run), set()).add(sid)
+        members = self._members_by_key()
         ticked: dict[tuple[int | None, Any], list[_Waiting]] = {}
         for w in items:
             ticked.setdefault((w.grid, batch_runner(w.mode)), []).append(w)
@@ -230,9 +232,8 @@ class UnitTicker:
         unit's outputs: started without it, the tick would leave it to the other phase's tick, for good)."""
         start = time.monotonic()
         while absent := self._absent():
-            wait_for_queued = bool(absent & self.queued())
-            left = start + (max(self.gather_s, QUEUED_WAIT_S) if wait_for_queued else self.gather_s)
-            left -= time.monotonic()
+            limit = max(self.gather_s, QUEUED_WAIT_S) if absent & self.queued() else self.gather_s
+            left = start + limit - time.monotonic()
             if left <= 0:
                 return
             self.wake.clear()
@@ -243,7 +244,7 @@ class UnitTicker:
                 pass
 
     async def submit(
-        self, mode: WorkerMode, unit: ModeUnit, frame: Any, grid: int | None = 0, session_id: str = ""
+        self, mode: WorkerMode, unit: ModeUnit, frame: Any, grid: int | None, *, session_id: str
     ) -> list[Output]:
         """Run the unit in a tick. `grid`: the session's phase, whose units arrive together; None for a mode
         whose units of every phase are cut on one grid (`SessionSetup.one_grid`)."""
