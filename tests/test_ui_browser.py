@@ -464,6 +464,8 @@ async def test_pages_with_an_api_token(browser: Browser) -> None:
         await page.wait_for_selector("#messages .banner.error")
         assert "needs an API token" in await page.text_content("#messages")
         await page.click("#messages a[href='/settings']")
+        # the page's script saves the field as it is typed; under load the field can show before it runs
+        await page.wait_for_function(arrow("document.getElementById('api-token').oninput !== null"))
         await page.fill("#api-token", token)
         await page.goto(f"{url}/")
         await page.wait_for_function(arrow("document.querySelectorAll('.mode-card .badge').length === 4"))
