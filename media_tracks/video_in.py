@@ -8,12 +8,13 @@ taken (once per model unit in omni mode), with PyAV's scaler.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 
 import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from MiniCPMO45.image_sizes import fit_size as model_fit_size
 
 from .reader import TrackReader
 
@@ -27,13 +28,9 @@ def fit_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
 
 
 def model_input_size(width: int, height: int, resolution: int, multiple: int) -> tuple[int, int]:
-    """The size an image model's processor gives an unsliced image: area about resolution², the aspect ratio kept,
-    each side rounded (half to even) to a multiple of `multiple`, at least one. A frame sent at this size is
-    resized once, from the camera's own size, and the processor takes it as it is."""
-    aspect = width / height
-    h = int(resolution / math.sqrt(aspect))
-    w = int(h * aspect)
-    return max(round(w / multiple) * multiple, multiple), max(round(h / multiple) * multiple, multiple)
+    """The size the model's image processor gives an unsliced image (`MiniCPMO45.image_sizes.fit_size`): a frame
+    sent at this size is resized once, from the camera's own size, and the processor takes it as it is."""
+    return model_fit_size((width, height), resolution, multiple, allow_upscale=True)
 
 
 def frame_size(width: int, height: int, max_side: int | None, fit: tuple[int, int] | None) -> tuple[int, int]:

@@ -17,26 +17,8 @@ import torch
 from PIL import Image
 
 from MiniCPMO45.config import PreprocessorConfig
-
-
-def _snap(length: float, unit: int) -> int:
-    """Round to a multiple of `unit` (Python's round-half-to-even, as the official code), at least one unit."""
-    return max(round(length / unit) * unit, unit)
-
-
-def fit_size(
-    size: tuple[float, float], scale_resolution: int, patch_size: int, allow_upscale: bool = False
-) -> tuple[int, int]:
-    """(width, height) with area about scale_resolution², aspect kept, sides snapped to the patch size.
-
-    Images already smaller than scale_resolution² keep their size (only snapped) unless `allow_upscale`.
-    """
-    width, height = size
-    if width * height > scale_resolution * scale_resolution or allow_upscale:
-        aspect = width / height
-        height = int(scale_resolution / math.sqrt(aspect))
-        width = int(height * aspect)
-    return _snap(width, patch_size), _snap(height, patch_size)
+from MiniCPMO45.image_sizes import fit_size
+from MiniCPMO45.image_sizes import snap as _snap
 
 
 def choose_grid(size: tuple[int, int], max_slices: int, scale_resolution: int) -> tuple[int, int] | None:
