@@ -142,6 +142,7 @@ class Row:
 # session's earlier units) and its tick's whole run
 STAGES = (
     "prefill_ms",
+    "vision_ahead_ms",
     "decide_ms",
     "tts_ms",
     "vocoder_ms",
@@ -870,7 +871,9 @@ def run_level(
             if p.is_alive():
                 p.kill()
                 p.join(10)
-    with open(Path(args.out) / f"units-{args.mode}-{n}.jsonl", "w") as f:
+    options = getattr(args, "session_options", {})
+    tag = "".join(f"-{k}={json.dumps(v)}" for k, v in options.items())  # an A/B's levels keep their own files
+    with open(Path(args.out) / f"units-{args.mode}{tag}-{n}.jsonl", "w") as f:
         for i, c in enumerate(calls):
             f.writelines(json.dumps({"call": i, "mode": c.mode, **e}) + "\n" for e in c.unit_events)
     wait_drained(server)

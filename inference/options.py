@@ -43,6 +43,10 @@ class ModeOptions(BaseModel):
     top_k: int = Field(100, ge=0, le=1000)
     length_penalty: float = Field(1.1, gt=0.0, le=5.0)
     seed: int | None = None
+    # omni duplex: each unit's camera frame goes to the worker as soon as the server takes it (~150 ms before the
+    # unit ends) and through the vision tower before the unit's tick, while the GPU is between ticks; off: in the
+    # tick, after the unit's audio (the same result, later)
+    frames_ahead: bool = True
     # duplex: units waiting behind the current one beyond which the mode catches up (see inference/README.md)
     max_backlog_units: int = Field(2, ge=0, le=60)
     # Context window (KV positions): when a session would pass `max_kv_tokens`, the oldest whole units

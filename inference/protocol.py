@@ -6,7 +6,8 @@ One stream connection per worker (TCP on 127.0.0.1 today; any host later), carry
 
 big-endian. The header is one of the pydantic models below, told apart by its `type` field; the payload
 carries bulk data so that PCM never goes through JSON: float32 little-endian mono samples for `unit` and
-`audio`, followed for `unit` by an optional HxWx3 uint8 RGB frame (`frame_shape` says its size).
+`audio`, followed for `unit` by an optional HxWx3 uint8 RGB frame (`frame_shape` says its size); a
+`frame_ahead` carries such a frame alone, for a unit still to come.
 
 Every message about a session carries `session_id`; one connection multiplexes all sessions of a worker.
 
@@ -77,6 +78,27 @@ class Unit(_Msg):
     completed_at: float  # server monotonic time when the unit's last sample arrived
     sent_at: float  # server monotonic time when the unit was written to the socket
     frame_shape: tuple[int, int, int] | None = None
+    # the unit's frame went ahead of it (`frame_ahead` with this index), so its payload holds only the PCM
+    frame_ahead: bool = False
+
+
+MAX_FRAME_SIDE = 4096  # the largest side of a frame a `unit` or `frame_ahead` may carry
+
+
+class FrameAhead(_Msg):
+    """The camera frame of a session's next unit, sent as soon as the server took it (before the unit's audio
+    is complete), so that the worker can encode it before the unit's tick (payload: HxWx3 uint8 RGB). The
+    `unit` of that index then says `frame_ahead` and carries no frame. Only to a mode that asked for it
+    (`Opened.frames_ahead`)."""
+
+    type: Literal["frame_ahead"] = "frame_ahead"
+    session_id: str
+    index: int
+    frame_shape: tuple[
+        Annotated[int, Field(ge=1, le=MAX_FRAME_SIDE)],
+        Annotated[int, Field(ge=1, le=MAX_FRAME_SIDE)],
+        Literal[3],
+    ]
 
 
 class Control(_Msg):
@@ -162,6 +184,8 @@ class Opened(_Msg):
     # (`media_tracks.model_input_size`): the server resizes the camera's frame once, and the worker's image
     # processor takes it as it is
     video_fit: tuple[int, int] | None = None
+    # send each unit's frame ahead of the unit as soon as it is taken (`FrameAhead`)
+    frames_ahead: bool = False
     align_units: bool = False  # cut units on a grid of the server's clock (batching modes)
     # the session's tick phase: its units end this long after the grid lines (multiples of the unit length)
     grid_offset_s: float = Field(0.0, ge=0.0)
@@ -302,6 +326,11 @@ class UnitMetrics(_Msg):
         "(negative: before it); a phase's tick waits for its latest unit",
     )
     prefill_ms: float | None = Field(None, description="prefill (audio encoder, vision, LLM feed)")
+    vision_ahead_ms: float | None = Field(
+        None,
+        description="omni: the run that encoded the unit's camera frame before the unit came (the server sent it "
+        "ahead; the prefill then had no vision to run); absent: the frame was encoded in the unit's tick",
+    )
     decide_ms: float | None = Field(None, description="the listen/speak decision and the text")
     tts_ms: float | None = Field(None, description="speech tokens")
     vocoder_ms: float | None = Field(None, description="speech tokens -> audio")
@@ -391,6 +420,7 @@ class Pong(_Msg):
 Message = Annotated[
     OpenSession
     | Unit
+    | FrameAhead
     | Control
     | CloseSession
     | Ping
@@ -425,14 +455,14 @@ MAX_WRITE_BACKLOG = 32 << 20  # a peer this far behind is not reading at all
 
 
 def write_bounded(writer: asyncio.StreamWriter, message: BaseModel, payload: bytes = b"") -> str:
-    """Queue a message without waiting, unless the peer is behind: "sent"; "dropped" (a unit, with more than
+    """Queue a message without waiting, unless the peer is behind: "sent"; "dropped" (a unit or a frame ahead, with more than
     `MAX_WRITE_BUFFER` unsent); "stalled" (more than `MAX_WRITE_BACKLOG` unsent: the transport is aborted, which
     frees the buffer and ends the connection)."""
     buffered = writer.transport.get_write_buffer_size()
     if buffered > MAX_WRITE_BACKLOG:
         writer.transport.abort()
         return "stalled"
-    if isinstance(message, Unit) and buffered > MAX_WRITE_BUFFER:
+    if isinstance(message, Unit | FrameAhead) and buffered > MAX_WRITE_BUFFER:
         return "dropped"
     writer.write(encode(message, payload))
     return "sent"
@@ -497,6 +527,8 @@ def pcm_from_bytes(data: bytes, samples: int | None = None) -> np.ndarray:
 
 def split_unit_payload(unit: Unit, payload: bytes) -> tuple[np.ndarray, np.ndarray | None]:
     """The PCM and optional frame of a `unit` message."""
+    if unit.frame_ahead and unit.frame_shape is not None:
+        raise ProtocolError("a unit whose frame went ahead carries none")
     pcm_bytes = unit.samples * 4
     frame_bytes = 0 if unit.frame_shape is None else int(np.prod(unit.frame_shape))
     if len(payload) != pcm_bytes + frame_bytes:
@@ -506,3 +538,12 @@ def split_unit_payload(unit: Unit, payload: bytes) -> tuple[np.ndarray, np.ndarr
     if unit.frame_shape is not None:
         frame = np.frombuffer(payload[pcm_bytes:], dtype=np.uint8).reshape(unit.frame_shape)
     return pcm, frame
+
+
+def frame_ahead_pixels(message: FrameAhead, payload: bytes) -> np.ndarray:
+    """The RGB frame of a `frame_ahead` message."""
+    if len(payload) != int(np.prod(message.frame_shape)):
+        raise ProtocolError(
+            f"frame_ahead payload is {len(payload)} B, expected {int(np.prod(message.frame_shape))} B"
+        )
+    return np.frombuffer(payload, dtype=np.uint8).reshape(message.frame_shape)

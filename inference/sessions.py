@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from inference import protocol as p
+from inference.frames_ahead import FramesAhead
 from inference.modes import create_mode
 from inference.modes.base import (
     ModeUnit,
@@ -38,7 +39,8 @@ MAX_QUEUED_UNITS = 64
 # units without one from a batching session after which its phase's ticks stop waiting for it
 QUIET_UNITS = 2.0
 MAX_QUEUED_CONTROLS = 64  # controls and opens waiting in one session
-SESSION_MESSAGES = (p.OpenSession, p.Unit, p.Control, p.CloseSession)
+FRAMES_AHEAD_KEPT = 2  # frames that came ahead of their units a session keeps (the newest)
+SESSION_MESSAGES = (p.OpenSession, p.Unit, p.FrameAhead, p.Control, p.CloseSession)
 
 
 class Connection:
@@ -144,12 +146,16 @@ class SessionRunner:
         executor: concurrent.futures.Executor,
         ticker: UnitTicker,
         settings: WorkerSettings,
+        frames_ahead: FramesAhead | None = None,
     ) -> None:
         """`executor`: the mode thread."""
         self.session_id = session_id
         self.conn = conn
         self.executor = executor
         self.ticker = ticker
+        self.frames_ahead = frames_ahead or FramesAhead(executor)
+        # frames that came ahead of their units (`protocol.FrameAhead`), by unit index, until their units come
+        self.early_frames: dict[int, np.ndarray] = {}
         self.settings = settings
         self.mode: WorkerMode | None = None
         self.phase: int | None = None  # the ticker's phase while the mode batches
@@ -187,6 +193,35 @@ class SessionRunner:
             code=p.CONTROLS_DROPPED,
             message=f"{dropped.type} message dropped: {self.queue.max_controls} messages are waiting",
         )
+
+    def frame_ahead(self, message: p.FrameAhead, payload: bytes) -> None:
+        """A frame of a unit still to come: kept for that unit, and encoded now where the mode can."""
+        try:
+            frame = p.frame_ahead_pixels(message, payload)
+        except p.ProtocolError as exc:
+            log.warning("session %s: %s (unit %d will have no frame)", self.session_id, exc, message.index)
+            return
+        self.early_frames.pop(message.index, None)
+        self.early_frames[message.index] = frame
+        for index in list(self.early_frames)[:-FRAMES_AHEAD_KEPT]:  # the oldest to come go first
+            del self.early_frames[index]
+        if self.mode is not None:
+            self.frames_ahead.add(self.mode, frame)
+
+    def _unit_frame(self, units: list[p.Unit], frame: np.ndarray | None) -> np.ndarray | None:
+        """The frame of the newest of these units: its own, or the one that came ahead of it. The frames that
+        came ahead of these units or earlier ones are let go."""
+        last = units[-1]
+        early = self.early_frames.pop(last.index, None)
+        for index in [i for i in self.early_frames if i <= last.index]:
+            del self.early_frames[index]
+        if not last.frame_ahead:
+            return frame
+        if early is None:
+            log.warning(
+                "session %s: unit %d's frame went ahead but never came: no frame", self.session_id, last.index
+            )
+        return early
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -226,6 +261,7 @@ class SessionRunner:
         if isinstance(message, p.OpenSession):
             opening = time.monotonic()
             await self._close_mode()  # a second `open` switches the mode
+            self.early_frames.clear()  # its units count from 0 again
             try:
                 mode = create_mode(message.mode, self.settings)
             except KeyError as exc:
@@ -264,6 +300,7 @@ class SessionRunner:
                     output_rate=setup.output_rate,
                     video_max_side=setup.video_max_side,
                     video_fit=setup.video_fit,
+                    frames_ahead=setup.frames_ahead,
                     align_units=setup.align_units,
                     grid_offset_s=offset,
                     open_ms=(time.monotonic() - opening) * 1000,
@@ -292,7 +329,8 @@ class SessionRunner:
             unit.parts = [
                 (pcm.size, msg.completed_at) for (pcm, _), (msg, _, _) in zip(pieces, items, strict=True)
             ]
-        frame = pieces[-1][1]  # the newest frame (a mode that catches up takes none)
+        # the newest frame (a mode that catches up takes none)
+        frame = self._unit_frame([m for m, _, _ in items if isinstance(m, p.Unit)], pieces[-1][1])
         loop = asyncio.get_running_loop()
         early: list[asyncio.Task[None]] = []
         rate = self.output_rate
@@ -371,6 +409,7 @@ class Sessions:
             initargs=("prepare",),
         )
         self.runners: dict[str, SessionRunner] = {}
+        self.frames_ahead = FramesAhead(executor)
         self.ticker = UnitTicker(
             executor,
             self.batching_grids,
@@ -415,10 +454,14 @@ class Sessions:
         if runner is None or runner.task.done():
             if not isinstance(message, p.OpenSession):
                 return
-            runner = self.runners[sid] = SessionRunner(sid, conn, self.executor, self.ticker, self.settings)
+            runner = self.runners[sid] = SessionRunner(
+                sid, conn, self.executor, self.ticker, self.settings, self.frames_ahead
+            )
             runner.task.add_done_callback(lambda _t, sid=sid, r=runner: self._forget(sid, r))
         if isinstance(message, p.CloseSession):
             runner.queue.end()
+        elif isinstance(message, p.FrameAhead):
+            runner.frame_ahead(message, payload)  # not queued: it is there to be early
         elif (notice := runner.submit(message, payload, received_at)) is not None:
             await conn.send(notice)
 

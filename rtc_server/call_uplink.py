@@ -75,11 +75,17 @@ class CallUplink:
         self.video: LatestVideoFrame | None = None
         self.video_max_side: int | None = None  # the mode's frame size; None: no frames
         self.video_fit: tuple[int, int] | None = None  # ... or the model's input size (`protocol.Opened`)
+        self.frames_ahead = (
+            False  # the mode takes each unit's frame ahead of the unit (`protocol.FrameAhead`)
+        )
         self.video_units: asyncio.Queue[AudioUnit] | None = None
         self._video_task: asyncio.Task[None] | None = None
         self.video_units_dropped = 0  # units whose frame snapshot fell behind (the oldest waiting is dropped)
         # the next unit's frame, converted ahead of its end: (time.monotonic() when it started, the conversion)
         self._early_frame: tuple[float, asyncio.Future[np.ndarray | None]] | None = None
+        # the last frame sent ahead of its unit: (that unit's index, the frame)
+        self._sent_ahead: tuple[int, np.ndarray] | None = None
+        self.frames_sent_ahead = 0
         self._early_timer: asyncio.TimerHandle | None = None
         self._audio_drops_reported = 0  # inbound.frames_dropped at the last `audio_too_fast` report
         self._audio_gaps_reported = 0.0  # inbound.unfilled_gap_s at the last `audio_lost` report
@@ -148,15 +154,35 @@ class CallUplink:
         if self._early_timer is not None:
             self._early_timer.cancel()
         delay = max(0.0, unit.completed_at + unit_s - lead_s - time.monotonic())
-        self._early_timer = asyncio.get_running_loop().call_later(delay, self._start_early_frame)
+        self._early_timer = asyncio.get_running_loop().call_later(
+            delay, self._start_early_frame, unit.index + 1
+        )
 
-    def _start_early_frame(self) -> None:
+    def _start_early_frame(self, index: int) -> None:
+        """Convert the frame of unit `index` now; where the mode takes frames ahead, it goes as soon as it is."""
         self._early_timer = None
         if self.video is None or self.video_max_side is None:
             return
         conversion = asyncio.ensure_future(self.video.snapshot_rgb_async(self.video_max_side, self.video_fit))
         conversion.add_done_callback(_retrieve)  # one nobody took (the call ended, or it went stale)
+        if self.frames_ahead:
+            conversion.add_done_callback(lambda done: self._send_frame_ahead(index, done))
         self._early_frame = (time.monotonic(), conversion)
+
+    def _send_frame_ahead(self, index: int, conversion: asyncio.Future[np.ndarray | None]) -> None:
+        """Send unit `index`'s frame to the worker before the unit (`protocol.FrameAhead`); its unit then
+        carries none (`_send_unit`). A frame that could not go is sent with its unit."""
+        call, worker_id = self.call, self.call.worker_id
+        if conversion.cancelled() or conversion.exception() is not None or worker_id is None:
+            return
+        frame = conversion.result()
+        if frame is None or call.phase != "active" or not call.mode_open:
+            return
+        shape = (int(frame.shape[0]), int(frame.shape[1]), int(frame.shape[2]))
+        message = p.FrameAhead(session_id=call.id, index=index, frame_shape=shape)
+        if call.manager.supervisor.send(worker_id, message, np.ascontiguousarray(frame).tobytes()):
+            self._sent_ahead = (index, frame)
+            self.frames_sent_ahead += 1
 
     async def _frame_for(self, unit: AudioUnit) -> np.ndarray | None:
         """The unit's camera frame: the one converted ahead of its end, unless none was or it is too old."""
@@ -230,7 +256,11 @@ class CallUplink:
             return
         payload = p.pcm_to_bytes(unit.pcm)
         frame_shape = None
-        if frame is not None:
+        sent = self._sent_ahead
+        ahead = frame is not None and sent is not None and sent[0] == unit.index and sent[1] is frame
+        if ahead:
+            self._sent_ahead = None  # the worker has it: the unit names it
+        elif frame is not None:
             frame_shape = (int(frame.shape[0]), int(frame.shape[1]), int(frame.shape[2]))
             payload += np.ascontiguousarray(frame).tobytes()
         message = p.Unit(
@@ -240,6 +270,7 @@ class CallUplink:
             completed_at=unit.completed_at,
             sent_at=time.monotonic(),
             frame_shape=frame_shape,
+            frame_ahead=ahead,
         )
         manager = self.call.manager
         if manager.supervisor.send(worker_id, message, payload):

@@ -437,6 +437,7 @@ class CallSession:
         )
         self.uplink.video_max_side = message.video_max_side
         self.uplink.video_fit = message.video_fit
+        self.uplink.frames_ahead = message.frames_ahead
         self.mode_open = True
         self.outbound.mode_opened()  # a re-opened mode counts its turns from 0: the track's keep increasing
         switch_ms = round(message.open_ms, 3) if self._switch_pending else None

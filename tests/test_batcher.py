@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -83,10 +84,14 @@ def engines(tiny_model_dir: Path) -> tuple[Engine, Engine]:
 
 
 # the second tick phase's sessions sit on the highest slots: the static LLM, TTS and audio encoder steps then
-# run a bucket of slots from the top (`row_window`), here slots 4..7
-@pytest.mark.parametrize("top", [False, True], ids=["low-slots", "top-slots"])
+# run a bucket of slots from the top (`row_window`), here slots 4..7. `ahead`: the units' frames go through the
+# vision tower before their tick (`encode_frames`, as the worker does when a frame comes ahead of its unit), and
+# the units carry only what it gave
+@pytest.mark.parametrize(
+    ("top", "ahead"), [(False, False), (True, False), (False, True)], ids=["low-slots", "top-slots", "ahead"]
+)
 def test_batcher_matches_per_session_path(
-    engines: tuple[Engine, Engine], tiny_fixture_dir: Path, top: bool
+    engines: tuple[Engine, Engine], tiny_fixture_dir: Path, top: bool, ahead: bool
 ) -> None:
     ref_engine, fast_engine = engines
     plan = _plan(tiny_fixture_dir)
@@ -140,8 +145,15 @@ def test_batcher_matches_per_session_path(
         tails = [len(pending_tail(fast_engine, s)) for s in sessions]
         units_before = [len(s.duplex.schema) for s in sessions]
         ids_before = [len(s.duplex.total_ids) for s in sessions]
+        units = [p[3][k] for p in plan]
+        if ahead:
+            framed = [i for i, u in enumerate(units) if u.frames]
+            encoded = batcher.encode_frames([sessions[i] for i in framed], [units[i].frames for i in framed])
+            for i, enc in zip(framed, encoded, strict=True):
+                assert enc.views == [1] and enc.rows.shape[0] == 1  # an unsliced frame: one view
+                units[i] = replace(units[i], frames=[], encoded=enc)
         feeds.clear()
-        outs = batcher.run_units(sessions, [p[3][k] for p in plan], [p[4][k] for p in plan])
+        outs = batcher.run_units(sessions, units, [p[4][k] for p in plan])
         _check_tick_feeds(feeds, sessions, tails, units_before, ids_before, fast_engine.special.turn_eos)
         # the unit sizes the worker's warm-up captures steps for (`unit_positions`) bound what a tick feeds
         audio_positions, omni_positions = batcher.unit_positions()
@@ -187,6 +199,9 @@ def test_batcher_matches_per_session_path(
         assert fast_engine.kv_length(s) == ref_engine.kv_length(r)
         assert not pending_tail(fast_engine, s)
     assert sessions[0].duplex.total_ids == golden["total_ids"].tolist()
+    for s, r in zip(sessions, ref_sessions, strict=True):  # the engines serve every case of this test
+        fast_engine.close_session(s)
+        ref_engine.close_session(r)
 
 
 @contextmanager

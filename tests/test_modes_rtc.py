@@ -242,6 +242,13 @@ async def test_omni_duplex_forced_speech_with_video(start_test_server) -> None:
         query_num = json.loads(EMBEDDED_CONFIG.read_text())["query_num"]
         kv = {m["unit"]: m["kv_tokens"] for m in metrics}
         assert kv[2] - kv[1] == 13 + query_num + 2, kv
+        # from the second unit on, each unit's frame went to the worker ahead of the unit and through the vision
+        # tower before the unit's tick (one may miss it under load: its tick then encodes the frame)
+        ahead = [m["vision_ahead_ms"] for m in metrics if m["unit"] >= 1]
+        assert len(ahead) >= 3 and sum(a is not None and a > 0 for a in ahead) >= len(ahead) - 1, ahead
+        assert (
+            metrics[0]["unit"] != 0 or metrics[0]["vision_ahead_ms"] is None
+        )  # the first: no unit before it
         check_order(call.events)
     finally:
         await call.close()

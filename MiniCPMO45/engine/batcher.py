@@ -32,14 +32,12 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from PIL import Image
 
 from ..audio.mel_stream import push_many
 from ..host_copy import upload
 from ..modules.whisper import pooled_tokens
-from ..processor.image import ImageInputs
 from ..token2wav import PromptCache, Token2Wav
 from .batched_audio import BatchedAudioEncoder
 from .batched_decision import DecisionParams, RecentIds, decide_batch
@@ -69,6 +67,7 @@ from .static_decode import StaticLLM
 from .static_tts import TTS_WINDOW, StaticTTS
 from .static_vision import StaticVision
 from .tick_speech import SpeechOut, TickSpeech
+from .unit_frames import EncodedFrames, UnitFrames
 
 
 def enable_static_steps(
@@ -159,6 +158,7 @@ class DuplexBatcher:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         self._host_pool = ThreadPoolExecutor(max_workers=host_threads, thread_name_prefix="unit-prep")
+        self.frames = UnitFrames(engine, self.vision, self._host_pool)
         self.timings: dict[str, float] = {}  # stage times of the last tick (ms)
         self.speech = TickSpeech(engine, self.tts, vocoder, voice)
 
@@ -254,6 +254,21 @@ class DuplexBatcher:
 
     # ---- prefill ------------------------------------------------------------------------------------------
     @torch.no_grad()
+    def encode_frames(
+        self, sessions: Sequence[Session], frames: Sequence[Sequence[Image.Image]]
+    ) -> list[EncodedFrames]:
+        """Each session's frames of its next unit through the vision tower now, in one call, sliced as that
+        unit's prefill would slice them (`UnitInput.encoded` takes them in)."""
+        units = [UnitInput(audio=None, frames=list(f)) for f in frames]
+        sliced = self.frames.slice([self._frames_of(s, u) for s, u in zip(sessions, units, strict=True)])
+        return self.frames.encode(sliced())
+
+    @staticmethod
+    def _frames_of(session: Session, unit: UnitInput) -> tuple[list[Image.Image], int]:
+        """A unit's frames and how many slices each may take (the unit's own limit, else its session's)."""
+        return unit.frames, unit.max_slice_nums or _state(session).config.max_slice_nums
+
+    @torch.no_grad()
     def prefill(self, sessions: Sequence[Session], inputs: Sequence[UnitInput]) -> list[UnitResult]:
         """Each session's unit into its KV in one static step: the streaming audio encoder batched across
         sessions, the frames through the vision tower, then the ragged pieces (each ready session's pending tail
@@ -265,16 +280,10 @@ class DuplexBatcher:
         for s in sessions:
             _state(s).pending_logits = None
 
-        def image_prep(i: int) -> list[ImageInputs]:
-            """One session's image slicing (numpy/PIL), run on the host thread pool; uint8 patch rows."""
-            unit, st = inputs[i], _state(sessions[i])
-            n_slices = unit.max_slice_nums or st.config.max_slice_nums
-            return [eng.images.preprocess(f, n_slices, normalized=False) for f in unit.frames]
-
-        # the images are sliced on the pool while this thread computes every session's streaming mel in one
-        # batch and queues the audio encoder on the GPU
-        with_frames = [i for i, unit in enumerate(inputs) if unit.frames]
-        image_jobs = self._host_pool.map(image_prep, with_frames)
+        # the frames not encoded before their unit came are sliced on the pool while this thread computes every
+        # session's streaming mel in one batch and queues the audio encoder on the GPU
+        with_frames = [i for i, unit in enumerate(inputs) if unit.frames and unit.encoded is None]
+        sliced = self.frames.slice([self._frames_of(sessions[i], inputs[i]) for i in with_frames])
         audio = [u.audio if u.audio is not None and len(u.audio) else None for u in inputs]
         # on a GPU the transform runs there; the CPU keeps the per-session-exact path
         on_gpu = self.device if self.device.type == "cuda" else None
@@ -287,34 +296,11 @@ class DuplexBatcher:
             embs = self.audio.encode_sessions([sessions[i] for i in with_audio], mels)
             audio_rows = dict(zip(with_audio, embs, strict=True))
         t_vision = time.perf_counter()
-        images_of = dict(zip(with_frames, image_jobs, strict=True))
-        ready: list[int] = []
-        views: list[torch.Tensor] = []
-        sizes: list[np.ndarray] = []
-        per_frame: list[list[int]] = []  # per ready session: number of views of each frame
-        for i, mel_unit in enumerate(all_mel_units):
-            images = images_of.get(i, [])
-            if mel_unit is None and not images:
-                results[i].prefilled = False  # not enough audio yet: this unit will be a listen
-                continue
-            ready.append(i)
-            counts = []
-            for out in images:
-                views += [torch.from_numpy(v) for v in out.pixel_values]
-                sizes.append(out.tgt_sizes)
-                counts.append(len(out.pixel_values))
-            per_frame.append(counts)
-        norm = (
-            eng.images.config.norm_mean,
-            eng.images.config.norm_std,
-        )  # uint8 frames: normalised on the GPU
-        vision = None
-        if views:
-            grids = np.concatenate(sizes)
-            if self.vision is not None:
-                vision = self.vision.embeds(views, grids, norm)
-            else:
-                vision = model.vision_embeds(views, torch.from_numpy(grids), norm)
+        frames_of = {i: u.encoded for i, u in enumerate(inputs) if u.encoded is not None and u.encoded.views}
+        frames_of.update(zip(with_frames, self.frames.encode(sliced()), strict=True))
+        ready = [i for i, mel_unit in enumerate(all_mel_units) if mel_unit is not None or i in frames_of]
+        for i in set(range(len(sessions))) - set(ready):
+            results[i].prefilled = False  # not enough audio yet: this unit will be a listen
         t_feed = time.perf_counter()
         tails = [pending_tail(eng, sessions[i]) for i in ready]
         fixed = [sp.unit_start, sp.image_start, sp.image_end, sp.slice_start, sp.slice_end]
@@ -326,15 +312,16 @@ class DuplexBatcher:
             at += len(tail)
         pieces: list[torch.Tensor] = []
         schemas: list[list[SchemaItem]] = []
-        used = 0
         for k, i in enumerate(ready):
             parts = [tail_rows[k], tok["unit"][None]]
             schema: list[SchemaItem] = [sp.unit_start]
-            for n_views in per_frame[k]:
-                assert vision is not None
+            encoded = frames_of.get(i)
+            used = 0
+            for n_views in encoded.views if encoded is not None else []:
+                assert encoded is not None
                 for v in range(n_views):
                     a, b = ("img0", "img1") if v == 0 else ("sl0", "sl1")
-                    rows = vision[used + v]
+                    rows = encoded.rows[used + v]
                     parts += [tok[a][None], rows, tok[b][None]]
                     schema += [
                         sp.image_start if v == 0 else sp.slice_start,

@@ -43,6 +43,7 @@ from .session import Mode, Session
 
 if TYPE_CHECKING:
     from ..token2wav import PromptCache, TurnState
+    from .unit_frames import EncodedFrames
 
 SchemaItem = int | tuple[str, int]
 
@@ -113,6 +114,8 @@ class UnitInput:
     frames: list[Image.Image] = field(default_factory=list)
     force_listen: bool = False
     max_slice_nums: int | None = None
+    # the frames already through the vision tower (`DuplexBatcher.encode_frames`): `frames` is then not read
+    encoded: EncodedFrames | None = None
 
 
 @dataclass

@@ -19,12 +19,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 
 from ..token2wav import PromptCache
 from .batcher import DuplexBatcher, UnitOutput
 from .context_window import SlidingWindow
 from .duplex import DuplexConfig, DuplexState, UnitInput, _state, context_length, pending_tail, prepare
 from .session import Mode
+from .unit_frames import EncodedFrames
 
 
 @dataclass
@@ -115,6 +117,19 @@ class DuplexSession:
         return self.window.make_room(self.engine, self.session, needed)
 
     # ---- one tick -----------------------------------------------------------------------------------------
+    @staticmethod
+    def encode_frames(
+        calls: Sequence[DuplexSession], frames: Sequence[Sequence[Image.Image]]
+    ) -> list[EncodedFrames]:
+        """Each call's frames of its next unit through the vision tower now, in one call (before the unit's tick:
+        `UnitInput.encoded` takes them in)."""
+        if not calls:
+            return []
+        batcher = calls[0].batcher
+        if any(c.batcher is not batcher for c in calls):
+            raise ValueError("the calls share one batcher")
+        return batcher.encode_frames([c.session for c in calls], frames)
+
     @staticmethod
     def tick(
         calls: Sequence[DuplexSession],

@@ -58,6 +58,8 @@ class SessionSetup:
     # ... on one grid for every tick phase: the mode's sessions of both phases tick together (chat, whose tick is
     # mostly sequential steps whose GPU cost grows little with their rows)
     one_grid: bool = False
+    # each unit's frame comes ahead of the unit (`protocol.FrameAhead`), for the mode's `encode_frames_ahead`
+    frames_ahead: bool = False
 
 
 # What a mode returns: the protocol's session outputs (the worker fills in the session id and the audio's rate,
@@ -130,3 +132,18 @@ class BatchedMode(WorkerMode, Protocol):
 def batch_runner(mode: WorkerMode) -> Any:
     """The mode's `on_units` if it batches, else None."""
     return getattr(type(mode), "on_units", None)
+
+
+class FramesAheadMode(WorkerMode, Protocol):
+    """A mode that takes a unit's camera frame before the unit (`SessionSetup.frames_ahead`): the worker calls
+    the static `encode_frames_ahead` in the mode thread, between ticks, with the frames that came ahead of their
+    units (at most one call per session at a time, never during a tick); the frame object is then the one
+    `on_units` gets with its unit."""
+
+    @staticmethod
+    def encode_frames_ahead(batch: Sequence[tuple[Any, np.ndarray]]) -> None: ...
+
+
+def frames_ahead_encoder(mode: WorkerMode) -> Any:
+    """The mode's `encode_frames_ahead` if it has one, else None."""
+    return getattr(type(mode), "encode_frames_ahead", None)

@@ -30,6 +30,7 @@ only when it runs alone.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,6 +46,7 @@ from MiniCPMO45.audio.rates import DUPLEX_UNIT_SAMPLES, SPEECH_RATE
 from MiniCPMO45.engine.duplex import DuplexConfig
 from MiniCPMO45.engine.duplex import UnitInput as EngineUnit
 from MiniCPMO45.engine.duplex_session import DuplexSession, TickUnit
+from MiniCPMO45.engine.unit_frames import EncodedFrames
 
 DEFAULT_PROMPTS = {
     "audio_duplex": "You are a helpful assistant. You are in duplex mode: you can listen and speak at the same time.",
@@ -54,6 +56,7 @@ DEFAULT_PROMPTS = {
 # tokens + terminator + </unit>.
 UNIT_BUDGET = {"audio_duplex": 40, "omni_duplex": 40 + 2 * 66}
 FRAME_MAX_SIDE = 448  # a frame's longer side where the server cannot size it for the model (`video_fit`)
+AHEAD_KEPT = 2  # frames encoded ahead of their units that a session keeps (a later unit's may come first)
 
 
 class DuplexMode:
@@ -70,6 +73,9 @@ class DuplexMode:
         self.speaking = False
         self.paused = False
         self.close_turn = False  # the caller interrupted: the next unit closes the model's open turn
+        # frames that came ahead of their units, through the vision tower (`encode_frames_ahead`): (the frame its
+        # unit will bring, what the tower gave, ms of the run), oldest first
+        self.ahead: list[tuple[np.ndarray, EncodedFrames, float]] = []
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
     def open(self, options: SessionOptions) -> tuple[SessionSetup, list[Output]]:
@@ -97,6 +103,7 @@ class DuplexMode:
             output_rate=SPEECH_RATE,
             video_max_side=FRAME_MAX_SIDE if self.omni else None,
             video_fit=self._frame_fit() if self.omni else None,
+            frames_ahead=self.omni and self.options.frames_ahead,
             align_units=True,
         )
         return setup, [p.StateOut(state="listening")]
@@ -147,20 +154,23 @@ class DuplexMode:
             return outputs
         modes = [batch[k][0] for k in live]
         calls, inputs, force_listen, force_speak = [], [], [], []
+        ahead_ms: list[float | None] = []
         for k, mode in zip(live, modes, strict=True):
             _, unit, frame = batch[k]
             assert mode.call is not None
             behind = unit.queued_units > mode.options.max_backlog_units
-            frames = [Image.fromarray(frame)] if mode.omni and frame is not None else []
+            encoded, ms = mode._take_ahead(frame)
+            ahead_ms.append(ms)
+            frames = [Image.fromarray(frame)] if mode.omni and frame is not None and encoded is None else []
             calls.append(mode.call)
-            inputs.append(EngineUnit(audio=unit.pcm, frames=frames))
+            inputs.append(EngineUnit(audio=unit.pcm, frames=frames, encoded=encoded))
             listen = behind or mode.close_turn or mode.options.force == "listen"
             mode.close_turn = False
             force_listen.append(listen)
             # the `force: speak` test option makes the unit's first decision <|speak|>; the rest is the model's
             force_speak.append(mode.options.force == "speak")
         units = DuplexSession.tick(calls, inputs, force_listen, force_speak)
-        for k, mode, done in zip(live, modes, units, strict=True):
+        for k, mode, done, ms in zip(live, modes, units, ahead_ms, strict=True):
             timings = {
                 "backlog_units": float(batch[k][1].queued_units),
                 "prefill_ms": done.tick_ms["prefill_ms"],
@@ -169,8 +179,36 @@ class DuplexMode:
                 "kv_tokens": float(done.kv_tokens),
                 "dropped_tokens": float(done.dropped_tokens),
             }
+            if ms is not None:
+                timings["vision_ahead_ms"] = ms
             outputs[k] = mode._unit_outputs(done, timings)
         return outputs
+
+    @staticmethod
+    def encode_frames_ahead(batch: Sequence[tuple[DuplexMode, np.ndarray]]) -> None:
+        """The frames that came ahead of their units (each session's newest), through the vision tower in one
+        call; each unit then takes its frame's rows (`_take_ahead`) instead of encoding it in its tick."""
+        newest = {id(mode): (mode, frame) for mode, frame in batch if mode.omni and mode.call is not None}
+        if not newest:
+            return
+        modes = [mode for mode, _ in newest.values()]
+        started = time.perf_counter()
+        encoded = DuplexSession.encode_frames(
+            [mode.call for mode in modes if mode.call is not None],
+            [[Image.fromarray(frame)] for _, frame in newest.values()],
+        )
+        ms = (time.perf_counter() - started) * 1000
+        for (mode, frame), enc in zip(newest.values(), encoded, strict=True):
+            mode.ahead = [*mode.ahead[1 - AHEAD_KEPT :], (frame, enc, ms)]
+
+    def _take_ahead(self, frame: np.ndarray | None) -> tuple[EncodedFrames | None, float | None]:
+        """The unit's frame through the tower already (the same frame object came ahead), and that run's ms;
+        frames that came ahead of earlier units than this one are dropped."""
+        for k, (early, encoded, ms) in enumerate(self.ahead):
+            if early is frame:
+                del self.ahead[: k + 1]
+                return encoded, ms
+        return None, None
 
     def _unit_outputs(self, done: TickUnit, timings: dict[str, float]) -> list[Output]:
         out = done.output
