@@ -132,6 +132,7 @@ class DuplexMode:
         )
 
     def close(self) -> None:
+        self.ahead = []
         if self.call is not None:
             self.call.close()
         self.call = None
