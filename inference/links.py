@@ -131,7 +131,7 @@ class WorkerLinks:
             log.error(
                 "worker %d: link not read (over %d MiB unsent); closed", worker_id, p.MAX_WRITE_BACKLOG >> 20
             )
-        elif outcome == "dropped":
+        elif outcome == "dropped" and isinstance(message, p.Unit):  # a frame ahead goes with its unit instead
             self._count_dropped(worker_id, f"over {p.MAX_WRITE_BUFFER >> 20} MiB unsent")
         return outcome == "sent"
 

@@ -170,7 +170,7 @@ class WorkerSupervisor:
         outcome = p.write_bounded(writer, message, payload)
         if outcome == "stalled":  # the connection loss restarts the worker
             self._kill(worker, f"not reading its connection (over {p.MAX_WRITE_BACKLOG >> 20} MiB unsent)")
-        elif outcome == "dropped":
+        elif outcome == "dropped" and isinstance(message, p.Unit):  # a frame ahead goes with its unit instead
             self._count_dropped(worker, f"over {p.MAX_WRITE_BUFFER >> 20} MiB unsent")
         return outcome == "sent"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
 from pathlib import Path
 
@@ -72,6 +73,50 @@ async def test_wrong_unit_payload_size_is_rejected() -> None:
     unit = p.Unit(session_id="s", index=0, samples=10, completed_at=0, sent_at=0)
     with pytest.raises(p.ProtocolError):
         p.split_unit_payload(unit, b"\0" * 12)
+
+
+async def test_a_frame_ahead_is_checked_like_a_units_frame() -> None:
+    ok = p.FrameAhead(session_id="s", index=3, frame_shape=(2, 4, 3))
+    assert p.frame_ahead_pixels(ok, bytes(range(24))).shape == (2, 4, 3)
+    with pytest.raises(p.ProtocolError):
+        p.frame_ahead_pixels(ok, b"\0" * 23)
+    for shape in ((0, 4, 3), (2, 4, 4), (5000, 4, 3)):  # empty, not RGB, over the side limit
+        header = {"type": "frame_ahead", "session_id": "s", "index": 3, "frame_shape": list(shape)}
+        with pytest.raises(p.ProtocolError):
+            p.decode_header(json.dumps(header).encode())
+    assert p.decode_header(json.dumps({**header, "frame_shape": [2, 4, 3]}).encode()) == ok
+    # a unit that says its frame went ahead carries none
+    unit = p.Unit(session_id="s", index=3, samples=2, completed_at=0, sent_at=0, frame_ahead=True)
+    assert p.split_unit_payload(unit, b"\0" * 8)[1] is None
+    with pytest.raises(p.ProtocolError):
+        p.split_unit_payload(unit.model_copy(update={"frame_shape": (1, 1, 3)}), b"\0" * 11)
+
+
+async def test_a_peer_that_falls_behind_gets_no_units_or_frames_ahead_but_every_other_message() -> None:
+    """`write_bounded` over a real socket whose peer stopped reading: past `MAX_WRITE_BUFFER` unsent, units and
+    frames ahead are dropped (a frame ahead then goes with its unit), controls still go."""
+    accepted: asyncio.Future[asyncio.StreamReader] = asyncio.get_running_loop().create_future()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set_result(reader)  # never read
+        await asyncio.sleep(30)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    _, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+    try:
+        await accepted
+        unit = p.Unit(session_id="s", index=0, samples=16000, completed_at=0, sent_at=0)
+        pcm = b"\0" * 64000
+        while writer.transport.get_write_buffer_size() <= p.MAX_WRITE_BUFFER:
+            assert p.write_bounded(writer, unit, pcm) == "sent"
+            await asyncio.sleep(0)  # the kernel's buffers fill first
+        frame = p.FrameAhead(session_id="s", index=1, frame_shape=(392, 518, 3))
+        assert p.write_bounded(writer, frame, b"\0" * (392 * 518 * 3)) == "dropped"
+        assert p.write_bounded(writer, unit, pcm) == "dropped"
+        assert p.write_bounded(writer, p.Control(session_id="s", message={"type": "pause"})) == "sent"
+    finally:
+        writer.transport.abort()
+        server.close()
 
 
 def test_loopback_mode_schedules_from_the_capture_timeline() -> None:
