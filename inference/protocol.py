@@ -67,6 +67,11 @@ class OpenSession(_Msg):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+MAX_FRAME_SIDE = 4096  # the largest side of a frame a `unit` or `frame_ahead` may carry
+FrameSide = Annotated[int, Field(ge=1, le=MAX_FRAME_SIDE)]
+FrameShape = tuple[FrameSide, FrameSide, Literal[3]]  # an RGB frame's (height, width, 3)
+
+
 class Unit(_Msg):
     """One audio unit (payload: float32 PCM, then an optional RGB frame)."""
 
@@ -77,12 +82,9 @@ class Unit(_Msg):
     samples: int
     completed_at: float  # server monotonic time when the unit's last sample arrived
     sent_at: float  # server monotonic time when the unit was written to the socket
-    frame_shape: tuple[int, int, int] | None = None
+    frame_shape: FrameShape | None = None
     # the unit's frame went ahead of it (`frame_ahead` with this index), so its payload holds only the PCM
     frame_ahead: bool = False
-
-
-MAX_FRAME_SIDE = 4096  # the largest side of a frame a `unit` or `frame_ahead` may carry
 
 
 class FrameAhead(_Msg):
@@ -94,11 +96,7 @@ class FrameAhead(_Msg):
     type: Literal["frame_ahead"] = "frame_ahead"
     session_id: str
     index: int
-    frame_shape: tuple[
-        Annotated[int, Field(ge=1, le=MAX_FRAME_SIDE)],
-        Annotated[int, Field(ge=1, le=MAX_FRAME_SIDE)],
-        Literal[3],
-    ]
+    frame_shape: FrameShape
 
 
 class Control(_Msg):
@@ -455,9 +453,9 @@ MAX_WRITE_BACKLOG = 32 << 20  # a peer this far behind is not reading at all
 
 
 def write_bounded(writer: asyncio.StreamWriter, message: BaseModel, payload: bytes = b"") -> str:
-    """Queue a message without waiting, unless the peer is behind: "sent"; "dropped" (a unit or a frame ahead, with more than
-    `MAX_WRITE_BUFFER` unsent); "stalled" (more than `MAX_WRITE_BACKLOG` unsent: the transport is aborted, which
-    frees the buffer and ends the connection)."""
+    """Queue a message without waiting, unless the peer is behind: "sent"; "dropped" (a unit or a frame ahead,
+    with more than `MAX_WRITE_BUFFER` unsent); "stalled" (more than `MAX_WRITE_BACKLOG` unsent: the transport is
+    aborted, which frees the buffer and ends the connection)."""
     buffered = writer.transport.get_write_buffer_size()
     if buffered > MAX_WRITE_BACKLOG:
         writer.transport.abort()

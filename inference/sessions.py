@@ -146,14 +146,14 @@ class SessionRunner:
         executor: concurrent.futures.Executor,
         ticker: UnitTicker,
         settings: WorkerSettings,
-        frames_ahead: FramesAhead | None = None,
+        frames_ahead: FramesAhead,
     ) -> None:
-        """`executor`: the mode thread."""
+        """`executor`: the mode thread; `frames_ahead`: the worker's encodes of frames that come ahead."""
         self.session_id = session_id
         self.conn = conn
         self.executor = executor
         self.ticker = ticker
-        self.frames_ahead = frames_ahead or FramesAhead(executor)
+        self.frames_ahead = frames_ahead
         # frames that came ahead of their units (`protocol.FrameAhead`), by unit index, until their units come
         self.early_frames: dict[int, np.ndarray] = {}
         self.settings = settings

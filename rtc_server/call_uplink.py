@@ -75,9 +75,8 @@ class CallUplink:
         self.video: LatestVideoFrame | None = None
         self.video_max_side: int | None = None  # the mode's frame size; None: no frames
         self.video_fit: tuple[int, int] | None = None  # ... or the model's input size (`protocol.Opened`)
-        self.frames_ahead = (
-            False  # the mode takes each unit's frame ahead of the unit (`protocol.FrameAhead`)
-        )
+        # the mode takes each unit's frame ahead of the unit (`protocol.FrameAhead`)
+        self.frames_ahead = False
         self.video_units: asyncio.Queue[AudioUnit] | None = None
         self._video_task: asyncio.Task[None] | None = None
         self.video_units_dropped = 0  # units whose frame snapshot fell behind (the oldest waiting is dropped)
@@ -85,7 +84,6 @@ class CallUplink:
         self._early_frame: tuple[float, asyncio.Future[np.ndarray | None]] | None = None
         # the last frame sent ahead of its unit: (that unit's index, the frame)
         self._sent_ahead: tuple[int, np.ndarray] | None = None
-        self.frames_sent_ahead = 0
         self._early_timer: asyncio.TimerHandle | None = None
         self._audio_drops_reported = 0  # inbound.frames_dropped at the last `audio_too_fast` report
         self._audio_gaps_reported = 0.0  # inbound.unfilled_gap_s at the last `audio_lost` report
@@ -182,7 +180,6 @@ class CallUplink:
         message = p.FrameAhead(session_id=call.id, index=index, frame_shape=shape)
         if call.manager.supervisor.send(worker_id, message, np.ascontiguousarray(frame).tobytes()):
             self._sent_ahead = (index, frame)
-            self.frames_sent_ahead += 1
 
     async def _frame_for(self, unit: AudioUnit) -> np.ndarray | None:
         """The unit's camera frame: the one converted ahead of its end, unless none was or it is too old."""

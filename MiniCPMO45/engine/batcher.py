@@ -259,9 +259,8 @@ class DuplexBatcher:
     ) -> list[EncodedFrames]:
         """Each session's frames of its next unit through the vision tower now, in one call, sliced as that
         unit's prefill would slice them (`UnitInput.encoded` takes them in)."""
-        units = [UnitInput(audio=None, frames=list(f)) for f in frames]
-        sliced = self.frames.slice([self._frames_of(s, u) for s, u in zip(sessions, units, strict=True)])
-        return self.frames.encode(sliced())
+        slices = [_state(s).config.max_slice_nums for s in sessions]
+        return self.frames.encode(self.frames.slice(list(zip(frames, slices, strict=True)))())
 
     @staticmethod
     def _frames_of(session: Session, unit: UnitInput) -> tuple[list[Image.Image], int]:

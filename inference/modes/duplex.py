@@ -189,17 +189,16 @@ class DuplexMode:
     def encode_frames_ahead(batch: Sequence[tuple[DuplexMode, np.ndarray]]) -> None:
         """The frames that came ahead of their units (each session's newest), through the vision tower in one
         call; each unit then takes its frame's rows (`_take_ahead`) instead of encoding it in its tick."""
-        newest = {id(mode): (mode, frame) for mode, frame in batch if mode.omni and mode.call is not None}
+        newest = {id(m): (m, m.call, frame) for m, frame in batch if m.omni and m.call is not None}
         if not newest:
             return
-        modes = [mode for mode, _ in newest.values()]
         started = time.perf_counter()
         encoded = DuplexSession.encode_frames(
-            [mode.call for mode in modes if mode.call is not None],
-            [[Image.fromarray(frame)] for _, frame in newest.values()],
+            [call for _, call, _ in newest.values() if call is not None],
+            [[Image.fromarray(frame)] for _, _, frame in newest.values()],
         )
         ms = (time.perf_counter() - started) * 1000
-        for (mode, frame), enc in zip(newest.values(), encoded, strict=True):
+        for (mode, _, frame), enc in zip(newest.values(), encoded, strict=True):
             mode.ahead = [*mode.ahead[1 - AHEAD_KEPT :], (frame, enc, ms)]
 
     def _take_ahead(self, frame: np.ndarray | None) -> tuple[EncodedFrames | None, float | None]:
