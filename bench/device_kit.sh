@@ -58,7 +58,23 @@ pack() {
     echo "next: mv tests/fixtures /tmp/fixtures-hold, the device call (carry [\"$KIT\"]), then move it back"
 }
 
+# PLAN -> the e2e levels (`--runs`) and extra flags of that plan, in RUNS and EXTRA; false for an unknown plan
+plan_levels() {
+    EXTRA=()
+    case "$1" in
+        omniab) RUNS=(omni_duplex:48 omni_duplex:48:frames_ahead=false) ;;
+        omniabt) RUNS=(omni_duplex:48 omni_duplex:48:frames_ahead=false); EXTRA=(--capacity-table "$H100_TABLE") ;;
+        audio) RUNS=(audio_duplex:64) ;;
+        product) RUNS=(omni_duplex:48 audio_duplex:64) ;;
+        *) return 1 ;;
+    esac
+}
+
 on_device() {
+    [ $# -gt 0 ] || { echo "name a plan" >&2; return 2; }
+    for plan in "$@"; do  # before anything is installed: a misspelt plan costs no device time
+        plan_levels "$plan" || { echo "unknown plan $plan" >&2; return 2; }
+    done
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         "$KIT"/whl/*.whl
     export PYTHONPATH=/tmp/site:$PWD/$KIT/site PYTHONUNBUFFERED=1
@@ -69,15 +85,9 @@ on_device() {
     local results=/tmp/results
     mkdir -p "$results"
     for plan in "$@"; do
-        case "$plan" in
-            omniab) runs=(omni_duplex:48 omni_duplex:48:frames_ahead=false); extra=() ;;
-            omniabt) runs=(omni_duplex:48 omni_duplex:48:frames_ahead=false); extra=(--capacity-table "$H100_TABLE") ;;
-            audio) runs=(audio_duplex:64); extra=() ;;
-            product) runs=(omni_duplex:48 audio_duplex:64); extra=() ;;
-            *) echo "unknown plan $plan" >&2; exit 2 ;;
-        esac
+        plan_levels "$plan"
         echo "== $plan $(date -u +%T)"
-        python3 bench/e2e.py "${E2E[@]}" "${extra[@]}" --out "$results/$plan" --runs "${runs[@]}" || echo "$plan: exit $?"
+        python3 bench/e2e.py "${E2E[@]}" "${EXTRA[@]}" --out "$results/$plan" --runs "${RUNS[@]}" || echo "$plan: exit $?"
         for units in "$results/$plan"/units-*.jsonl; do
             [ -e "$units" ] && python3 bench/units_report.py "$units" || true
         done
@@ -87,6 +97,6 @@ on_device() {
 
 case "${1:-}" in
     pack) pack ;;
-    run) shift; on_device "$@" 2>&1 | tee "$OUT/log.txt" ;;
+    run) shift; on_device "$@" 2>&1 | tee "$OUT/log.txt"; exit "${PIPESTATUS[0]}" ;;
     *) sed -n '2,20p' "$0"; exit 2 ;;
 esac
