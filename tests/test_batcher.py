@@ -86,12 +86,16 @@ def engines(tiny_model_dir: Path) -> tuple[Engine, Engine]:
 # the second tick phase's sessions sit on the highest slots: the static LLM, TTS and audio encoder steps then
 # run a bucket of slots from the top (`row_window`), here slots 4..7. `ahead`: the units' frames go through the
 # vision tower before their tick (`encode_frames`, as the worker does when a frame comes ahead of its unit), and
-# the units carry only what it gave
+# the units carry only what it gave; `opened`: then the units are opened with them (`open_units`: the previous
+# tail, `<unit>` and the image blocks into the KV before the tick), and the units carry their audio alone (the
+# fixture session's first unit has too little audio for the encoder: its tick feeds nothing more)
 @pytest.mark.parametrize(
-    ("top", "ahead"), [(False, False), (True, False), (False, True)], ids=["low-slots", "top-slots", "ahead"]
+    ("top", "ahead", "opened"),
+    [(False, False, False), (True, False, False), (False, True, False), (True, True, True)],
+    ids=["low-slots", "top-slots", "ahead", "opened"],
 )
 def test_batcher_matches_per_session_path(
-    engines: tuple[Engine, Engine], tiny_fixture_dir: Path, top: bool, ahead: bool
+    engines: tuple[Engine, Engine], tiny_fixture_dir: Path, top: bool, ahead: bool, opened: bool
 ) -> None:
     ref_engine, fast_engine = engines
     plan = _plan(tiny_fixture_dir)
@@ -146,22 +150,36 @@ def test_batcher_matches_per_session_path(
         units_before = [len(s.duplex.schema) for s in sessions]
         ids_before = [len(s.duplex.total_ids) for s in sessions]
         units = [p[3][k] for p in plan]
+        opened_feed: dict[int, int] = {}
         if ahead:
             framed = [i for i, u in enumerate(units) if u.frames]
             encoded = batcher.encode_frames([sessions[i] for i in framed], [units[i].frames for i in framed])
             for i, enc in zip(framed, encoded, strict=True):
                 assert enc.views == [1] and enc.rows.shape[0] == 1  # an unsliced frame: one view
-                units[i] = replace(units[i], frames=[], encoded=enc)
+                units[i] = replace(units[i], frames=[], encoded=None if opened else enc)
+            if opened and framed:
+                feeds.clear()
+                batcher.open_units([sessions[i] for i in framed], encoded)
+                [opened_feed] = feeds  # one step for every session it opened
+                assert set(opened_feed) == {sessions[i].slot for i in framed}
+                assert all(sessions[i].duplex.open_unit is not None for i in framed)
         feeds.clear()
         outs = batcher.run_units(sessions, units, [p[4][k] for p in plan])
-        _check_tick_feeds(feeds, sessions, tails, units_before, ids_before, fast_engine.special.turn_eos)
-        # the unit sizes the worker's warm-up captures steps for (`unit_positions`) bound what a tick feeds
+        assert all(s.duplex.open_unit is None for s in sessions)  # each opened unit was completed by its tick
+        _check_tick_feeds(
+            feeds, sessions, tails, units_before, ids_before, fast_engine.special.turn_eos, opened_feed
+        )
+        # the unit sizes the worker's warm-up captures steps for (`unit_positions`) bound what a tick feeds; a unit
+        # opened ahead feeds no more in its tick than an audio unit
         audio_positions, omni_positions = batcher.unit_positions()
         omni_slot, audio_slot = sessions[0].slot, sessions[1].slot
-        if omni_slot in feeds[0]:
-            assert omni_positions - 2 <= feeds[0][omni_slot] <= omni_positions
-        if audio_slot in feeds[0]:
-            assert audio_positions - 2 <= feeds[0][audio_slot] <= audio_positions
+        prefill = _prefill_feed(feeds)
+        if omni_slot in prefill or omni_slot in opened_feed:
+            fed = prefill.get(omni_slot, 0) + opened_feed.get(omni_slot, 0)
+            assert omni_positions - 2 <= fed <= omni_positions
+            assert not opened or prefill.get(omni_slot, 0) <= audio_positions
+        if audio_slot in prefill:
+            assert audio_positions - 2 <= prefill[audio_slot] <= audio_positions
         # one read of the KV lengths per unit, then at most one per decode step (the decision's tokens); the
         # last decision may end every unit without a step
         decode_steps = len(feeds) - 1
@@ -231,6 +249,12 @@ def _positions(schema: list[SchemaItem]) -> int:
     return sum(item[1] if isinstance(item, tuple) else 1 for item in schema)
 
 
+def _prefill_feed(feeds: list[dict[int, int]]) -> dict[int, int]:
+    """The tick's prefill step (its first; none when each unit was opened ahead and brought nothing more): the one
+    that feeds more than a token a row (every row of a prefill takes at least `<unit>` and a piece, or audio)."""
+    return feeds[0] if feeds and set(feeds[0].values()) != {1} else {}
+
+
 def _check_tick_feeds(
     feeds: list[dict[int, int]],
     sessions: list,
@@ -238,15 +262,19 @@ def _check_tick_feeds(
     units_before: list[int],
     ids_before: list[int],
     turn_eos: int,
+    opened: dict[int, int] | None = None,
 ) -> None:
     """A tick is one prefill step (each unit led by its session's pending tail), then single-token steps
-    only (decode, or `<|turn_eos|>` closing an interrupted turn): no separate finalize step."""
-    prefill, steps = feeds[0], feeds[1:]
+    only (decode, or `<|turn_eos|>` closing an interrupted turn): no separate finalize step. `opened`: the
+    positions of each unit opened before the tick (`open_units`), which its prefill does not feed again."""
+    opened = opened or {}
+    prefill = _prefill_feed(feeds)
+    steps = feeds[1:] if prefill else feeds
     for s, tail, n_units in zip(sessions, tails, units_before, strict=True):
         if len(s.duplex.schema) > n_units:  # prefilled this tick
-            assert prefill[s.slot] == tail + _positions(s.duplex.schema[-1])
+            assert prefill.get(s.slot, 0) + opened.get(s.slot, 0) == tail + _positions(s.duplex.schema[-1])
         else:
-            assert s.slot not in prefill
+            assert s.slot not in prefill and s.slot not in opened
     assert all(set(f.values()) == {1} for f in steps)
     # a session that ran listed: [<|turn_eos|> closing a turn], fed tokens, terminator, </unit>
     closers = [
@@ -342,5 +370,47 @@ def test_the_warm_up_builds_the_steps_of_calls_that_just_joined(tiny_model_dir: 
             batcher.run_units(sessions, units, [True] * joining)
         live = {(rows, tokens) for first, rows, tokens in batcher.llm.steps if first != GATHERED}
         assert live <= built, (joining, live - built)
+        for s in sessions:
+            engine.close_session(s)
+
+
+def test_an_opened_unit_decides_from_the_same_logits(
+    engines: tuple[Engine, Engine], tiny_fixture_dir: Path
+) -> None:
+    """Two sessions with the same prompt, frames and audio in one batch, one with each unit opened ahead
+    (`open_units`): after each prefill both wait with the same next-token logits, also for a unit that brings no
+    audio (the first here), whose logits are the ones the open step left."""
+    engine = engines[1]
+    batcher = DuplexBatcher(engine, use_graphs=False)
+    manifest = load_manifest(tiny_fixture_dir)
+    cfg = fixture_duplex_config(manifest)
+    inputs = tiny_fixture_dir / "inputs"
+    audio = load_audio(inputs / "duplex_audio.wav")
+    frames = [Image.open(inputs / f"frame_{k}.png").convert("RGB") for k in range(3)]
+    opened, inline = sessions = [engine.open_session(Mode.DUPLEX) for _ in range(2)]
+    try:
+        for s in sessions:
+            prepare(engine, s, "Same prompt.", None, cfg)
+        for k in range(3):
+            unit_audio = audio[k * 16000 : (k + 1) * 16000] if k else None  # a frame alone, then both
+            [enc_opened, enc_inline] = batcher.encode_frames(sessions, [[frames[k]], [frames[k]]])
+            batcher.open_units([opened], [enc_opened])
+            with pytest.raises(RuntimeError, match="not complete"):  # one open unit at a time
+                batcher.open_units([opened], [enc_opened])
+            units = [UnitInput(unit_audio), UnitInput(unit_audio, encoded=enc_inline)]
+            results = batcher.prefill(sessions, units)
+            assert [r.prefilled for r in results] == [True, True]
+            assert opened.duplex.open_unit is None
+            assert opened.duplex.schema[-1] == inline.duplex.schema[-1]
+            assert engine.kv_length(opened) == engine.kv_length(inline)
+            a, b = opened.duplex.pending_logits, inline.duplex.pending_logits
+            assert a is not None and b is not None
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (k, (a - b).abs().max())
+            with_audio = any(
+                item[0] == "audio" for item in inline.duplex.schema[-1] if isinstance(item, tuple)
+            )
+            assert with_audio == (k > 0)
+            batcher.generate(sessions, results, force_listen=[True, True])
+    finally:
         for s in sessions:
             engine.close_session(s)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from MiniCPMO45.audio.load import load_audio
 from MiniCPMO45.engine.batcher import DuplexBatcher
@@ -114,3 +115,46 @@ def test_a_slide_feeds_the_pending_tail_first(engine: Engine, tiny_fixture_dir: 
         assert engine.kv_length(call.session) == call.context_length() == before - dropped
     finally:
         call.close()
+
+
+def test_units_opened_ahead_slide_the_window_as_their_ticks_would(
+    engine: Engine, tiny_fixture_dir: Path
+) -> None:
+    """Omni units whose frames open them before their audio (`open_units`) make room and mark their start when
+    they open: over a window that slides, the call keeps the same tokens, lengths and dropped units as a call
+    whose units take their frames in their ticks, and every opened unit is completed by its tick."""
+    inputs = tiny_fixture_dir / "inputs"
+    audio = load_audio(inputs / "duplex_audio.wav")
+    frames = [Image.open(inputs / f"frame_{k}.png").convert("RGB") for k in range(6)]
+    cfg = fixture_duplex_config(load_manifest(tiny_fixture_dir)).model_copy(update={"decode_mode": "greedy"})
+    batcher = DuplexBatcher(engine, use_graphs=False)
+    budget = BUDGET + engine.model.config.query_num + 2
+    runs = []
+    for ahead in (False, True):
+        call = DuplexSession(batcher, unit_budget=budget)
+        try:
+            call.prepare("Short.", None, cfg)
+            protected = call.context_length()
+            call.prepare("Short.", None, cfg, protected + 3 * budget, protected + 2 * budget)
+            lengths, dropped = [], 0
+            for k in range(6):
+                [encoded] = DuplexSession.encode_frames([call], [[frames[k]]])
+                if ahead:
+                    assert call.can_open_unit()
+                    DuplexSession.open_units([call], [encoded])
+                    assert not call.can_open_unit()
+                    unit = UnitInput(audio=audio[k * 16000 : (k + 1) * 16000])
+                else:
+                    unit = UnitInput(audio=audio[k * 16000 : (k + 1) * 16000], encoded=encoded)
+                [done] = DuplexSession.tick([call], [unit], force_speak=[k == 3])
+                assert call.state.open_unit is None
+                assert done.kv_tokens == call.context_length() <= call.window.max_tokens  # type: ignore[union-attr]
+                lengths.append(done.kv_tokens)
+                dropped += done.dropped_tokens
+            assert call.window is not None
+            assert dropped == call.window.dropped_tokens
+            runs.append((list(call.state.total_ids), lengths, call.window.dropped_spans, dropped))
+        finally:
+            call.close()
+    assert runs[0][2] > 0  # the window slid
+    assert runs[1] == runs[0]

@@ -45,6 +45,7 @@ from .core import Engine
 from .duplex import (
     DuplexConfig,
     DuplexState,
+    OpenUnit,
     SchemaItem,
     UnitInput,
     UnitResult,
@@ -271,10 +272,11 @@ class DuplexBatcher:
     def prefill(self, sessions: Sequence[Session], inputs: Sequence[UnitInput]) -> list[UnitResult]:
         """Each session's unit into its KV in one static step: the streaming audio encoder batched across
         sessions, the frames through the vision tower, then the ragged pieces (each ready session's pending tail
-        first, `<unit>`, image blocks, audio rows). The next-token logits wait in the state for `generate`."""
+        first, `<unit>`, image blocks, audio rows; a unit opened ahead, `open_units`, only what it did not take
+        then). The next-token logits wait in the state for `generate`."""
         if len(sessions) != len(inputs):
             raise ValueError("one unit input per session")
-        eng, model, sp = self.engine, self.engine.model, self.engine.special
+        eng, sp = self.engine, self.engine.special
         results = [UnitResult(session=s) for s in sessions]
         for s in sessions:
             _state(s).pending_logits = None
@@ -297,49 +299,112 @@ class DuplexBatcher:
         t_vision = time.perf_counter()
         frames_of = {i: u.encoded for i, u in enumerate(inputs) if u.encoded is not None and u.encoded.views}
         frames_of.update(zip(with_frames, self.frames.encode(sliced()), strict=True))
-        ready = [i for i, mel_unit in enumerate(all_mel_units) if mel_unit is not None or i in frames_of]
+        opened = {i for i, s in enumerate(sessions) if _state(s).open_unit is not None}
+        ready = [
+            i
+            for i, mel_unit in enumerate(all_mel_units)
+            if mel_unit is not None or i in frames_of or i in opened
+        ]
         for i in set(range(len(sessions))) - set(ready):
             results[i].prefilled = False  # not enough audio yet: this unit will be a listen
         t_feed = time.perf_counter()
-        tails = [pending_tail(eng, sessions[i]) for i in ready]
+        tok, tail_rows = self._unit_markers([pending_tail(eng, sessions[i]) for i in ready])
+        # the sessions this step feeds (not a unit opened ahead that brings nothing more)
+        fed: list[int] = []
+        pieces: list[torch.Tensor] = []
+        schemas: list[list[SchemaItem]] = []
+        for k, i in enumerate(ready):
+            open_unit = _state(sessions[i]).open_unit
+            if open_unit is None:
+                parts, schema = [tail_rows[k], tok["unit"][None]], [sp.unit_start]
+            else:  # its tail, <unit> and frame are in the KV already
+                parts, schema = [], list(open_unit.schema)
+            images, items = self._image_parts(tok, frames_of.get(i))
+            parts += images
+            schema += items
+            if i in audio_rows:
+                parts.append(audio_rows[i])
+                schema.append(("audio", audio_rows[i].shape[0]))
+            schemas.append(schema)
+            if parts:
+                fed.append(i)
+                pieces.append(torch.cat(parts))
+        logits: dict[int, torch.Tensor] = {}
+        if fed:
+            out = self.llm.feed([sessions[i].slot for i in fed], pieces, hidden=False)
+            take_tails(eng, [sessions[i] for i in fed])  # fed with the units
+            logits = dict(zip(fed, out["logits"], strict=True))
+        if ready:
+            rows = []
+            for i in ready:
+                st = _state(sessions[i])
+                rows.append(logits[i] if i in logits else st.open_unit.logits)  # type: ignore[union-attr]
+                st.open_unit = None
+            record_prefill([sessions[i] for i in ready], rows, schemas)
+        stamp_prefill(results, (t_feed - t_vision) * 1000, (t_vision - t_audio) * 1000, t_feed)
+        return results
+
+    def _unit_markers(
+        self, tails: Sequence[Sequence[int]]
+    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        """The embeddings of a unit's markers (`<unit>`, the image and slice brackets) by name, and each session's
+        pending tail's rows, from one embedding call."""
+        sp = self.engine.special
         fixed = [sp.unit_start, sp.image_start, sp.image_end, sp.slice_start, sp.slice_end]
-        emb = model.embed_ids(upload([*fixed, *(t for tail in tails for t in tail)], self.device))
+        emb = self.engine.model.embed_ids(upload([*fixed, *(t for tail in tails for t in tail)], self.device))
         tok = dict(zip(("unit", "img0", "img1", "sl0", "sl1"), emb[: len(fixed)], strict=True))
         tail_rows, at = [], len(fixed)
         for tail in tails:
             tail_rows.append(emb[at : at + len(tail)])
             at += len(tail)
-        pieces: list[torch.Tensor] = []
-        schemas: list[list[SchemaItem]] = []
-        for k, i in enumerate(ready):
-            parts = [tail_rows[k], tok["unit"][None]]
-            schema: list[SchemaItem] = [sp.unit_start]
-            encoded = frames_of.get(i)
-            used = 0
-            for n_views in encoded.views if encoded is not None else []:
-                assert encoded is not None
-                for v in range(n_views):
-                    a, b = ("img0", "img1") if v == 0 else ("sl0", "sl1")
-                    rows = encoded.rows[used + v]
-                    parts += [tok[a][None], rows, tok[b][None]]
-                    schema += [
-                        sp.image_start if v == 0 else sp.slice_start,
-                        ("img", rows.shape[0]),
-                        sp.image_end if v == 0 else sp.slice_end,
-                    ]
-                used += n_views
-            if i in audio_rows:
-                parts.append(audio_rows[i])
-                schema.append(("audio", audio_rows[i].shape[0]))
-            pieces.append(torch.cat(parts))
-            schemas.append(schema)
-        if ready:
-            slots = [sessions[i].slot for i in ready]
-            out = self.llm.feed(slots, pieces, hidden=False)
-            take_tails(eng, [sessions[i] for i in ready])  # fed with the units
-            record_prefill([sessions[i] for i in ready], out["logits"], schemas)
-        stamp_prefill(results, (t_feed - t_vision) * 1000, (t_vision - t_audio) * 1000, t_feed)
-        return results
+        return tok, tail_rows
+
+    def _image_parts(
+        self, tok: dict[str, torch.Tensor], encoded: EncodedFrames | None
+    ) -> tuple[list[torch.Tensor], list[SchemaItem]]:
+        """A unit's image blocks (each frame: its overview in `<image>` … `</image>`, then its slices in `<slice>`
+        … `</slice>`) as rows to feed, and their schema items."""
+        sp = self.engine.special
+        parts: list[torch.Tensor] = []
+        schema: list[SchemaItem] = []
+        used = 0
+        for n_views in encoded.views if encoded is not None else []:
+            assert encoded is not None
+            for v in range(n_views):
+                a, b = ("img0", "img1") if v == 0 else ("sl0", "sl1")
+                rows = encoded.rows[used + v]
+                parts += [tok[a][None], rows, tok[b][None]]
+                schema += [
+                    sp.image_start if v == 0 else sp.slice_start,
+                    ("img", rows.shape[0]),
+                    sp.image_end if v == 0 else sp.slice_end,
+                ]
+            used += n_views
+        return parts, schema
+
+    @torch.no_grad()
+    def open_units(self, sessions: Sequence[Session], encoded: Sequence[EncodedFrames]) -> None:
+        """Open each session's next unit now, before its audio comes: the previous unit's pending tail, `<unit>` and
+        the image blocks of the unit's frame, encoded ahead (`encode_frames`), into the KV in one static step. The
+        unit's tick (`prefill`) then feeds only its audio; a unit that brings none decides from the logits this
+        step left. Attention is causal: the KV and the logits are those of the whole unit fed in its tick."""
+        if len(sessions) != len(encoded):
+            raise ValueError("one encoded frame set per session")
+        if not sessions:
+            return
+        for s in sessions:
+            if _state(s).open_unit is not None or _state(s).pending_logits is not None:
+                raise RuntimeError(f"session {s.session_id!r}: its previous unit is not complete")
+        tok, tail_rows = self._unit_markers([pending_tail(self.engine, s) for s in sessions])
+        pieces, schemas = [], []
+        for tail, frames in zip(tail_rows, encoded, strict=True):
+            images, items = self._image_parts(tok, frames)
+            pieces.append(torch.cat([tail, tok["unit"][None], *images]))
+            schemas.append([self.engine.special.unit_start, *items])
+        out = self.llm.feed([s.slot for s in sessions], pieces, hidden=False)
+        take_tails(self.engine, sessions)
+        for s, schema, logits in zip(sessions, schemas, out["logits"], strict=True):
+            _state(s).open_unit = OpenUnit(schema, logits)
 
     # ---- generate -----------------------------------------------------------------------------------------
     def _feed_tokens(

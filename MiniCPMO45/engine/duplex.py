@@ -78,6 +78,16 @@ class DuplexConfig(BaseModel):
 
 
 @dataclass
+class OpenUnit:
+    """A unit whose start is in the KV before its audio came: the previous unit's tail, `<unit>` and its camera
+    frame's image blocks (`DuplexBatcher.open_units`). `logits`: the next-token logits after them, the unit's
+    decision input if no audio follows."""
+
+    schema: list[SchemaItem]
+    logits: torch.Tensor
+
+
+@dataclass
 class DuplexState:
     config: DuplexConfig
     mel: StreamingMel
@@ -89,6 +99,8 @@ class DuplexState:
     # The last unit's tail ([pending_terminator], </unit>) is decided but not in the KV yet: the next prefill
     # (or `DuplexBatcher.finalize`) feeds it.
     tail_pending: bool = False
+    # the next unit, opened before its audio came (`DuplexBatcher.open_units`): its tick feeds only the rest
+    open_unit: OpenUnit | None = None
     decoded: list[int] = field(default_factory=list)  # every id the decoder chose (repetition window)
     # every id of the units after their prefill pieces, in KV order (a pending tail is already listed)
     total_ids: list[int] = field(default_factory=list)
@@ -220,7 +232,9 @@ def prepare(
 
 
 def record_prefill(
-    sessions: Sequence[Session], logits: torch.Tensor, schemas: Sequence[list[SchemaItem]]
+    sessions: Sequence[Session],
+    logits: torch.Tensor | Sequence[torch.Tensor],
+    schemas: Sequence[list[SchemaItem]],
 ) -> None:
     """Keep each prefilled session's next-token logits `logits[k]` for the decision, and its unit's schema."""
     for k, s in enumerate(sessions):

@@ -58,6 +58,7 @@ class DuplexSession:
         self.unit_budget = unit_budget
         self.session = self.engine.open_session(Mode.DUPLEX, seed=seed, top_slot=top_slot)
         self.window: SlidingWindow | None = None
+        self._dropped_ahead = 0  # positions the window dropped to open the next unit ahead (`open_units`)
 
     # ---- state --------------------------------------------------------------------------------------------
     @property
@@ -131,6 +132,36 @@ class DuplexSession:
         return batcher.encode_frames([c.session for c in calls], frames)
 
     @staticmethod
+    def open_units(calls: Sequence[DuplexSession], encoded: Sequence[EncodedFrames]) -> None:
+        """Open each call's next unit now with its frame's rows (`encode_frames`), before the unit's audio comes: the
+        previous unit's tail, `<unit>` and the image blocks go into the KV (`DuplexBatcher.open_units`), the window
+        sliding first as for a tick, and the unit's tick feeds only its audio. Only between a call's ticks."""
+        if not calls:
+            return
+        batcher = calls[0].batcher
+        if any(c.batcher is not batcher for c in calls):
+            raise ValueError("the calls share one batcher")
+        for call in calls:
+            call._dropped_ahead = call._start_unit()
+        batcher.open_units([c.session for c in calls], encoded)
+
+    def can_open_unit(self) -> bool:
+        """Whether the call is between units, with none opened ahead yet (`open_units`)."""
+        return self.window is not None and self.state.open_unit is None and self.state.pending_logits is None
+
+    def _start_unit(self, context: int | None = None) -> int:
+        """Before a unit's first position goes in: slide the window if the unit might not fit, and mark where the
+        unit starts. `context`: the call's context length if known. Returns the positions dropped."""
+        assert self.window is not None, "prepare the call first"
+        context = self.context_length() if context is None else context
+        shed = 0
+        if context + self.unit_budget > self.window.max_tokens:  # rare: the window slides
+            shed = self.make_room(self.unit_budget)
+            context = self.context_length()
+        self.window.mark(context)
+        return shed
+
+    @staticmethod
     def tick(
         calls: Sequence[DuplexSession],
         inputs: Sequence[UnitInput],
@@ -151,15 +182,12 @@ class DuplexSession:
         sessions = [c.session for c in calls]
         dropped = []
         for call, length in zip(calls, engine.kv_lengths(sessions), strict=True):  # one device read
-            assert call.window is not None, "prepare the call first"
+            if call.state.open_unit is not None:  # opened ahead: the window made room for it then
+                dropped.append(call._dropped_ahead)
+                call._dropped_ahead = 0
+                continue
             # the previous unit's tail ([terminator] </unit>) is still pending: it goes in with this prefill
-            context = length + len(pending_tail(engine, call.session))
-            shed = 0
-            if context + call.unit_budget > call.window.max_tokens:  # rare: the window slides
-                shed = call.make_room(call.unit_budget)
-                context = call.context_length()
-            dropped.append(shed)
-            call.window.mark(context)
+            dropped.append(call._start_unit(length + len(pending_tail(engine, call.session))))
         scripts = [
             [engine.special.speak] if s and not li else None for s, li in zip(speak, listen, strict=True)
         ]
