@@ -15,6 +15,8 @@
 # Plans (several may be named; they share one real-size checkpoint, built first, ~60 s):
 #   omniab    omni 48 with and without frames ahead, on one server, then bench/units_report.py on both
 #   omniabt   the same under the shipped H100 table (on an H200: the H100's capacity and memory budget)
+#   omniopen  omni 48 with its units opened ahead (`prefill_ahead`), then without, on one server
+#   (one plan per call: each takes ~550 s of the 600 a command may run, most of it the server's warm-up)
 #   audio     audio 64
 #   product   omni 48 and audio 64 on one server (the issue's two targets)
 set -euo pipefail
@@ -64,6 +66,7 @@ plan_levels() {
     case "$1" in
         omniab) RUNS=(omni_duplex:48 omni_duplex:48:frames_ahead=false) ;;
         omniabt) RUNS=(omni_duplex:48 omni_duplex:48:frames_ahead=false); EXTRA=(--capacity-table "$H100_TABLE") ;;
+        omniopen) RUNS=(omni_duplex:48:prefill_ahead=true omni_duplex:48) ;;
         audio) RUNS=(audio_duplex:64) ;;
         product) RUNS=(omni_duplex:48 audio_duplex:64) ;;
         *) return 1 ;;

@@ -143,6 +143,7 @@ class Row:
 STAGES = (
     "prefill_ms",
     "vision_ahead_ms",
+    "prefill_ahead_ms",
     "decide_ms",
     "tts_ms",
     "vocoder_ms",

@@ -6,7 +6,8 @@ The units of one worker tick share its run (`tick_ms`, the same float in each); 
 value and by when its units came back (`received_at`, within `SAME_TICK_S`). Prints, per file: how many ticks
 held how many sessions (a phase's tick holds about half the calls; a tick of a few is a phase's stragglers, a
 tick of more than half is a merged one), each stage's p50 per tick size, how many units had their camera frame
-encoded before their tick (`vision_ahead_ms`), and the calls whose units were not in their usual tick size.
+encoded before their tick (`vision_ahead_ms`) and were opened with it (`prefill_ahead_ms`), and the calls whose
+units were not in their usual tick size.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ STAGES = (
     "tick_ms",
     "prefill_ms",
     "vision_ahead_ms",
+    "prefill_ahead_ms",
     "decide_ms",
     "tts_ms",
     "vocoder_ms",
@@ -72,6 +74,7 @@ def report(units: list[dict[str, Any]]) -> dict[str, Any]:
         "ticks": dict(sorted(sizes.items())),
         "stage_p50_by_tick_size": stages,
         "frames_ahead": f"{sum(u.get('vision_ahead_ms') is not None for u in framed)}/{len(framed)}",
+        "opened_ahead": f"{sum(u.get('prefill_ahead_ms') is not None for u in framed)}/{len(framed)}",
         "calls_outside_usual_tick": dict(odd.most_common(10)),
     }
 

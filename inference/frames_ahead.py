@@ -30,18 +30,19 @@ class FramesAhead:
         """`executor`: the mode thread."""
         self.executor = executor
         self._lock = threading.Lock()  # `pending` is filled on the event loop and taken on the mode thread
-        self._pending: list[tuple[Any, WorkerMode, np.ndarray]] = []  # (encoder, mode, frame)
+        # (encoder, mode, frame, its unit's index)
+        self._pending: list[tuple[Any, WorkerMode, np.ndarray, int]] = []
         self._queued = False  # an encode is queued that has not taken the pending frames yet
         self.encoded = 0  # frames through the tower
         self.failed = 0  # frames whose encode failed (their units encode them in their ticks)
 
-    def add(self, mode: WorkerMode, frame: np.ndarray) -> bool:
-        """Encode a frame of this session's next unit before that unit comes; False when its mode takes none."""
+    def add(self, mode: WorkerMode, frame: np.ndarray, index: int) -> bool:
+        """Encode the frame of this session's unit `index` before that unit comes; False when its mode takes none."""
         encoder = frames_ahead_encoder(mode)
         if encoder is None:
             return False
         with self._lock:
-            self._pending.append((encoder, mode, frame))
+            self._pending.append((encoder, mode, frame, index))
             if self._queued:
                 return True
             self._queued = True
@@ -58,9 +59,9 @@ class FramesAhead:
         with self._lock:
             batch, self._pending = self._pending, []
             self._queued = False
-        groups: dict[Any, list[tuple[WorkerMode, np.ndarray]]] = {}
-        for encoder, mode, frame in batch:
-            groups.setdefault(encoder, []).append((mode, frame))
+        groups: dict[Any, list[tuple[WorkerMode, np.ndarray, int]]] = {}
+        for encoder, mode, frame, index in batch:
+            groups.setdefault(encoder, []).append((mode, frame, index))
         for encoder, items in groups.items():
             try:
                 encoder(items)

@@ -47,6 +47,10 @@ class ModeOptions(BaseModel):
     # unit ends) and through the vision tower before the unit's tick, while the GPU is between ticks; off: in the
     # tick, after the unit's audio (the same result, later)
     frames_ahead: bool = True
+    # omni duplex, with frames_ahead: the unit is also opened as soon as its frame is encoded (the previous unit's
+    # tail, `<unit>` and the image blocks into the KV, one step for the frames that came together), and its tick
+    # feeds only the audio; off by default until measured on a GPU (docs/PERFORMANCE.md, twenty-fifth session)
+    prefill_ahead: bool = False
     # duplex: units waiting behind the current one beyond which the mode catches up (see inference/README.md)
     max_backlog_units: int = Field(2, ge=0, le=60)
     # Context window (KV positions): when a session would pass `max_kv_tokens`, the oldest whole units

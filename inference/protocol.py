@@ -329,6 +329,12 @@ class UnitMetrics(_Msg):
         description="omni: the run that encoded the unit's camera frame before the unit came (the server sent it "
         "ahead; the prefill then had no vision to run); absent: the frame was encoded in the unit's tick",
     )
+    prefill_ahead_ms: float | None = Field(
+        None,
+        description="omni with `prefill_ahead`: the step that opened the unit before its audio came (the previous "
+        "unit's tail, `<unit>` and the frame's image blocks into the KV; its tick then fed the audio alone); "
+        "absent: the tick fed the whole unit",
+    )
     decide_ms: float | None = Field(None, description="the listen/speak decision and the text")
     tts_ms: float | None = Field(None, description="speech tokens")
     vocoder_ms: float | None = Field(None, description="speech tokens -> audio")

@@ -206,7 +206,7 @@ class SessionRunner:
         for index in list(self.early_frames)[:-FRAMES_AHEAD_KEPT]:  # the oldest to come go first
             del self.early_frames[index]
         if self.mode is not None:
-            self.frames_ahead.add(self.mode, frame)
+            self.frames_ahead.add(self.mode, frame, message.index)
 
     def _unit_frame(self, units: list[p.Unit], frame: np.ndarray | None) -> np.ndarray | None:
         """The frame of the newest of these units: its own, or the one that came ahead of it. The frames that

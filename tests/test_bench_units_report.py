@@ -17,6 +17,8 @@ def unit(call: int, t: float, tick_ms: float, ahead: float | None = 3.0) -> dict
         "tick_ms": tick_ms,
         "prefill_ms": tick_ms / 3,
         "vision_ahead_ms": ahead,
+        # calls 0 and 3 opened their units ahead too
+        "prefill_ahead_ms": 2.0 if ahead is not None and call % 3 == 0 else None,
         "grid_ms": 5.0,
     }
 
@@ -48,6 +50,8 @@ def test_the_report_shows_the_merged_tick_and_who_rode_it(tmp_path: Path, capsys
     assert out["ticks"] == {2: 1, 3: 5, 4: 1}
     assert out["stage_p50_by_tick_size"][4]["tick_ms"] == 520.0
     assert out["frames_ahead"] == "17/21"
+    assert out["opened_ahead"] == "6/21"
+    assert out["stage_p50_by_tick_size"][3]["prefill_ahead_ms"] == 2.0
     assert set(out["calls_outside_usual_tick"]) == {0, 1, 2, 3, 4, 5}
     assert out["calls_outside_usual_tick"][0] == 1
     path = tmp_path / "units-omni_duplex-6.jsonl"

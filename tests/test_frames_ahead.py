@@ -77,3 +77,53 @@ async def test_a_unit_whose_frame_never_came_runs_without_one(worker: FakeServer
     assert kv[3] - kv[2] == with_frame  # and the session goes on: unit 3's frame came
     assert [d.index for d in worker.of("v", p.UnitDone)] == [0, 1, 2, 3]
     assert not worker.of("v", p.ErrorOut)
+
+
+OPENING = {
+    "opened": {"seed": 1, "prefill_ahead": True},
+    "ahead": {"seed": 1},
+    "inline": {"seed": 1, "frames_ahead": False},
+}
+
+
+async def test_units_opened_with_their_frames_take_only_their_audio(worker: FakeServer) -> None:  # noqa: F811
+    """With `prefill_ahead`, a unit is opened as soon as its frame is encoded (`prefill_ahead_ms`), and the context
+    grows exactly as when the frame is fed in the tick; a frame that comes while the unit before its own is still
+    to tick is encoded but its unit is not opened (it would go into the KV ahead of that unit)."""
+    rng = np.random.default_rng(2)
+    await open_all(worker, {sid: ("omni_duplex", {"force": "listen", **o}) for sid, o in OPENING.items()})
+    rounds = 3
+    for i in range(rounds):
+        for sid in ("opened", "ahead"):
+            await worker.send(*frame_ahead(sid, i, rng))
+        await asyncio.sleep(0.3)  # the frames' encode (and the open) runs before the units come
+        for sid in ("opened", "ahead"):
+            await worker.send(*bare_unit(sid, i, rng))
+        await worker.send(*unit("inline", i, rng, frame=True))
+        for sid in OPENING:
+            await worker.wait_for(sid, p.UnitDone, i + 1)
+    # the next unit's frame comes before this one: encoded, not opened
+    await worker.send(*frame_ahead("opened", rounds + 1, rng))
+    await asyncio.sleep(0.3)
+    await worker.send(*unit("opened", rounds, rng, frame=True))
+    await worker.send(*bare_unit("opened", rounds + 1, rng))
+    await worker.wait_for("opened", p.UnitDone, rounds + 2)
+    done = {sid: [d.metrics for d in worker.of(sid, p.UnitDone)] for sid in OPENING}
+    for i in range(rounds):
+        opened = done["opened"][i]
+        assert opened.prefill_ahead_ms is not None and opened.prefill_ahead_ms > 0, i
+        assert opened.vision_ahead_ms is not None
+        assert done["ahead"][i].prefill_ahead_ms is None and done["ahead"][i].vision_ahead_ms is not None
+        assert done["inline"][i].prefill_ahead_ms is None
+    late, early = done["opened"][rounds], done["opened"][rounds + 1]
+    assert late.prefill_ahead_ms is None and late.vision_ahead_ms is None  # its frame came with it
+    assert early.prefill_ahead_ms is None and early.vision_ahead_ms is not None
+    growth = {
+        sid: [b.kv_tokens - a.kv_tokens for a, b in zip(m, m[1:], strict=False)] for sid, m in done.items()
+    }
+    assert growth["opened"][: rounds - 1] == growth["ahead"] == growth["inline"], growth
+    assert growth["opened"][rounds - 1 :] == [growth["inline"][0]] * 2, (
+        growth
+    )  # each unit fed its image block
+    for sid in OPENING:
+        assert not worker.of(sid, p.ErrorOut)

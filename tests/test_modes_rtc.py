@@ -218,12 +218,15 @@ async def test_audio_duplex_whip_mode_switch_pause_and_timeout(start_test_server
         await call.close()
 
 
-async def test_omni_duplex_forced_speech_with_video(start_test_server) -> None:
+# `prefill_ahead`: each unit is also opened with its frame before its audio comes (its tick feeds the audio alone)
+@pytest.mark.parametrize("prefill_ahead", [False, True], ids=["frames-ahead", "prefill-ahead"])
+async def test_omni_duplex_forced_speech_with_video(start_test_server, prefill_ahead: bool) -> None:
     server = await start_test_server(workers=WORKERS)
     call = TimedCall(server.url, silence(60))
     call.pc.addTrack(VideoStreamTrack())
     try:
-        await call.start_json("omni_duplex", options={"force": "speak", "seed": 2}, system_prompt="Describe.")
+        options = {"force": "speak", "seed": 2, "prefill_ahead": prefill_ahead}
+        await call.start_json("omni_duplex", options=options, system_prompt="Describe.")
         await call.wait_connected()
         await call.wait_event("session", timeout=60, mode="omni_duplex", phase="active")
         await call.wait_event("state", timeout=90, state="speaking")
@@ -249,6 +252,11 @@ async def test_omni_duplex_forced_speech_with_video(start_test_server) -> None:
         assert (
             metrics[0]["unit"] != 0 or metrics[0]["vision_ahead_ms"] is None
         )  # the first: no unit before it
+        opened = [m["prefill_ahead_ms"] is not None for m in metrics if m["unit"] >= 1]
+        if prefill_ahead:  # those units opened with their frames ahead (one may miss it under load)
+            assert sum(opened) >= len(opened) - 1, metrics
+        else:
+            assert not any(opened)
         check_order(call.events)
     finally:
         await call.close()

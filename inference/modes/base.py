@@ -137,11 +137,11 @@ def batch_runner(mode: WorkerMode) -> Any:
 class FramesAheadMode(WorkerMode, Protocol):
     """A mode that takes a unit's camera frame before the unit (`SessionSetup.frames_ahead`): the worker calls
     the static `encode_frames_ahead` in the mode thread, between ticks, with the frames that came ahead of their
-    units (at most one call per session at a time, never during a tick); the frame object is then the one
-    `on_units` gets with its unit."""
+    units, each with its unit's index (at most one call per session at a time, never during a tick); the frame
+    object is then the one `on_units` gets with its unit."""
 
     @staticmethod
-    def encode_frames_ahead(batch: Sequence[tuple[Any, np.ndarray]]) -> None: ...
+    def encode_frames_ahead(batch: Sequence[tuple[Any, np.ndarray, int]]) -> None: ...
 
 
 def frames_ahead_encoder(mode: WorkerMode) -> Any:

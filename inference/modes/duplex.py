@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,18 @@ FRAME_MAX_SIDE = 448  # a frame's longer side where the server cannot size it fo
 AHEAD_KEPT = 2  # frames encoded ahead of their units that a session keeps (a later unit's may come first)
 
 
+@dataclass
+class FrameAhead:
+    """A frame that came ahead of its unit (`DuplexMode.encode_frames_ahead`): the frame object its unit will
+    bring, what the vision tower gave and that run's ms, and, where the unit was opened with it
+    (`prefill_ahead`), that step's ms."""
+
+    frame: np.ndarray
+    encoded: EncodedFrames
+    vision_ms: float
+    opened_ms: float | None = None
+
+
 class DuplexMode:
     def __init__(self, name: str, settings: WorkerSettings) -> None:
         if name not in DEFAULT_PROMPTS:
@@ -73,9 +86,9 @@ class DuplexMode:
         self.speaking = False
         self.paused = False
         self.close_turn = False  # the caller interrupted: the next unit closes the model's open turn
-        # frames that came ahead of their units, through the vision tower (`encode_frames_ahead`): (the frame its
-        # unit will bring, what the tower gave, ms of the run), oldest first
-        self.ahead: list[tuple[np.ndarray, EncodedFrames, float]] = []
+        # frames that came ahead of their units, through the vision tower (`encode_frames_ahead`), oldest first
+        self.ahead: list[FrameAhead] = []
+        self.last_index = -1  # the index of the last unit the mode took (`ModeUnit.index`)
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
     def open(self, options: SessionOptions) -> tuple[SessionSetup, list[Output]]:
@@ -150,19 +163,30 @@ class DuplexMode:
     def on_units(batch: Sequence[tuple[DuplexMode, ModeUnit, np.ndarray | None]]) -> list[list[Output]]:
         """One unit of each of several duplex sessions (each at most once) as one tick of the batcher."""
         outputs: list[list[Output]] = [[] for _ in batch]
+        for mode, unit, _ in batch:
+            mode.last_index = unit.index
         live = [k for k, (mode, _, _) in enumerate(batch) if not mode.paused]
         if not live:
             return outputs
         modes = [batch[k][0] for k in live]
         calls, inputs, force_listen, force_speak = [], [], [], []
-        ahead_ms: list[float | None] = []
+        aheads: list[FrameAhead | None] = []
         for k, mode in zip(live, modes, strict=True):
             _, unit, frame = batch[k]
             assert mode.call is not None
             behind = unit.queued_units > mode.options.max_backlog_units
-            encoded, ms = mode._take_ahead(frame)
-            ahead_ms.append(ms)
-            frames = [Image.fromarray(frame)] if mode.omni and frame is not None and encoded is None else []
+            ahead = mode._take_ahead(frame)
+            if ahead is not None and ahead.opened_ms is not None and mode.call.state.open_unit is None:
+                # the call was prepared again since (a new system prompt): the frame is not in its KV
+                ahead.opened_ms = None
+            aheads.append(ahead)
+            if ahead is not None and ahead.opened_ms is not None:  # in the KV already, with the unit's start
+                frames, encoded = [], None
+            elif ahead is not None:
+                frames, encoded = [], ahead.encoded
+            else:
+                frames = [Image.fromarray(frame)] if mode.omni and frame is not None else []
+                encoded = None
             calls.append(mode.call)
             inputs.append(EngineUnit(audio=unit.pcm, frames=frames, encoded=encoded))
             listen = behind or mode.close_turn or mode.options.force == "listen"
@@ -171,7 +195,7 @@ class DuplexMode:
             # the `force: speak` test option makes the unit's first decision <|speak|>; the rest is the model's
             force_speak.append(mode.options.force == "speak")
         units = DuplexSession.tick(calls, inputs, force_listen, force_speak)
-        for k, mode, done, ms in zip(live, modes, units, ahead_ms, strict=True):
+        for k, mode, done, ahead in zip(live, modes, units, aheads, strict=True):
             timings = {
                 "backlog_units": float(batch[k][1].queued_units),
                 "prefill_ms": done.tick_ms["prefill_ms"],
@@ -180,35 +204,68 @@ class DuplexMode:
                 "kv_tokens": float(done.kv_tokens),
                 "dropped_tokens": float(done.dropped_tokens),
             }
-            if ms is not None:
-                timings["vision_ahead_ms"] = ms
+            if ahead is not None:
+                timings["vision_ahead_ms"] = ahead.vision_ms
+                if ahead.opened_ms is not None:
+                    timings["prefill_ahead_ms"] = ahead.opened_ms
             outputs[k] = mode._unit_outputs(done, timings)
         return outputs
 
     @staticmethod
-    def encode_frames_ahead(batch: Sequence[tuple[DuplexMode, np.ndarray]]) -> None:
+    def encode_frames_ahead(batch: Sequence[tuple[DuplexMode, np.ndarray, int]]) -> None:
         """The frames that came ahead of their units (each session's newest), through the vision tower in one
-        call; each unit then takes its frame's rows (`_take_ahead`) instead of encoding it in its tick."""
-        newest = {id(m): (m, m.call, frame) for m, frame in batch if m.omni and m.call is not None}
+        call; each unit then takes its frame's rows (`_take_ahead`) instead of encoding it in its tick. With
+        `prefill_ahead`, the units whose sessions are between units (their previous unit ticked, none opened) are
+        opened with them in one more step (`DuplexSession.open_units`), and their ticks feed only the audio."""
+        newest: dict[int, tuple[DuplexMode, DuplexSession, np.ndarray, int]] = {}
+        for mode, frame, index in batch:
+            if mode.omni and mode.call is not None:
+                newest[id(mode)] = (mode, mode.call, frame, index)
         if not newest:
             return
         started = time.perf_counter()
         encoded = DuplexSession.encode_frames(
-            [call for _, call, _ in newest.values() if call is not None],
-            [[Image.fromarray(frame)] for _, _, frame in newest.values()],
+            [call for _, call, _, _ in newest.values()],
+            [[Image.fromarray(frame)] for _, _, frame, _ in newest.values()],
         )
-        ms = (time.perf_counter() - started) * 1000
-        for (mode, _, frame), enc in zip(newest.values(), encoded, strict=True):
-            mode.ahead = [*mode.ahead[1 - AHEAD_KEPT :], (frame, enc, ms)]
+        vision_ms = (time.perf_counter() - started) * 1000
+        entries = []
+        for (mode, _, frame, _), enc in zip(newest.values(), encoded, strict=True):
+            entry = FrameAhead(frame, enc, vision_ms)
+            mode.ahead = [*mode.ahead[1 - AHEAD_KEPT :], entry]
+            entries.append(entry)
+        opening = [
+            (call, entry)
+            for (mode, call, _, index), entry in zip(newest.values(), entries, strict=True)
+            if mode._opens_unit(index)
+        ]
+        if opening:
+            started = time.perf_counter()
+            DuplexSession.open_units([c for c, _ in opening], [e.encoded for _, e in opening])
+            opened_ms = (time.perf_counter() - started) * 1000
+            for _, entry in opening:
+                entry.opened_ms = opened_ms
 
-    def _take_ahead(self, frame: np.ndarray | None) -> tuple[EncodedFrames | None, float | None]:
-        """The unit's frame through the tower already (the same frame object came ahead), and that run's ms;
-        frames that came ahead of earlier units than this one are dropped."""
-        for k, (early, encoded, ms) in enumerate(self.ahead):
-            if early is frame:
+    def _opens_unit(self, index: int) -> bool:
+        """Whether unit `index` is opened ahead (`prefill_ahead`): the option is on, the call takes units (not
+        paused) and is between units, and its unit before this one has ticked (a frame that comes while earlier
+        units still wait would go into the KV before them)."""
+        return (
+            self.options.prefill_ahead
+            and not self.paused
+            and self.call is not None
+            and self.last_index == index - 1
+            and self.call.can_open_unit()
+        )
+
+    def _take_ahead(self, frame: np.ndarray | None) -> FrameAhead | None:
+        """The unit's frame that came ahead (the same frame object), through the tower already; frames that came
+        ahead of earlier units than this one are dropped."""
+        for k, entry in enumerate(self.ahead):
+            if entry.frame is frame:
                 del self.ahead[: k + 1]
-                return encoded, ms
-        return None, None
+                return entry
+        return None
 
     def _unit_outputs(self, done: TickUnit, timings: dict[str, float]) -> list[Output]:
         out = done.output
