@@ -61,7 +61,7 @@ AHEAD_KEPT = 2  # frames encoded ahead of their units that a session keeps (a la
 
 
 @dataclass
-class FrameAhead:
+class EncodedAhead:
     """A frame that came ahead of its unit (`DuplexMode.encode_frames_ahead`): the frame object its unit will
     bring, what the vision tower gave and that run's ms, and, where the unit was opened with it
     (`prefill_ahead`), that step's ms."""
@@ -87,7 +87,7 @@ class DuplexMode:
         self.paused = False
         self.close_turn = False  # the caller interrupted: the next unit closes the model's open turn
         # frames that came ahead of their units, through the vision tower (`encode_frames_ahead`), oldest first
-        self.ahead: list[FrameAhead] = []
+        self.ahead: list[EncodedAhead] = []
         self.last_index = -1  # the index of the last unit the mode took (`ModeUnit.index`)
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
@@ -170,7 +170,7 @@ class DuplexMode:
             return outputs
         modes = [batch[k][0] for k in live]
         calls, inputs, force_listen, force_speak = [], [], [], []
-        aheads: list[FrameAhead | None] = []
+        aheads: list[EncodedAhead | None] = []
         for k, mode in zip(live, modes, strict=True):
             _, unit, frame = batch[k]
             assert mode.call is not None
@@ -231,7 +231,7 @@ class DuplexMode:
         vision_ms = (time.perf_counter() - started) * 1000
         entries = []
         for (mode, _, frame, _), enc in zip(newest.values(), encoded, strict=True):
-            entry = FrameAhead(frame, enc, vision_ms)
+            entry = EncodedAhead(frame, enc, vision_ms)
             mode.ahead = [*mode.ahead[1 - AHEAD_KEPT :], entry]
             entries.append(entry)
         opening = [
@@ -258,7 +258,7 @@ class DuplexMode:
             and self.call.can_open_unit()
         )
 
-    def _take_ahead(self, frame: np.ndarray | None) -> FrameAhead | None:
+    def _take_ahead(self, frame: np.ndarray | None) -> EncodedAhead | None:
         """The unit's frame that came ahead (the same frame object), through the tower already; frames that came
         ahead of earlier units than this one are dropped."""
         for k, entry in enumerate(self.ahead):
