@@ -141,19 +141,20 @@ class DuplexSession:
         batcher = calls[0].batcher
         if any(c.batcher is not batcher for c in calls):
             raise ValueError("the calls share one batcher")
-        for call in calls:
-            call._dropped_ahead = call._start_unit()
-        batcher.open_units([c.session for c in calls], encoded)
+        sessions = [c.session for c in calls]
+        for call, length in zip(calls, batcher.engine.kv_lengths(sessions), strict=True):  # one device read
+            call._dropped_ahead = call._start_unit(length + len(pending_tail(batcher.engine, call.session)))
+        batcher.open_units(sessions, encoded)
 
     def can_open_unit(self) -> bool:
         """Whether the call is between units, with none opened ahead yet (`open_units`)."""
         return self.window is not None and self.state.open_unit is None and self.state.pending_logits is None
 
-    def _start_unit(self, context: int | None = None) -> int:
+    def _start_unit(self, context: int) -> int:
         """Before a unit's first position goes in: slide the window if the unit might not fit, and mark where the
-        unit starts. `context`: the call's context length if known. Returns the positions dropped."""
+        unit starts. `context`: the call's context length (its KV and pending tail). Returns the positions
+        dropped."""
         assert self.window is not None, "prepare the call first"
-        context = self.context_length() if context is None else context
         shed = 0
         if context + self.unit_budget > self.window.max_tokens:  # rare: the window slides
             shed = self.make_room(self.unit_budget)
