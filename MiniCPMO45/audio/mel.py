@@ -188,10 +188,10 @@ def log_mel_of_windows(windows: torch.Tensor, segments: Sequence[Sequence[int]] 
     """Raw log10 mel of windowed frames: [rows, 400] -> [rows, 80] float32, one rfft for all rows.
 
     `segments` splits the rows into consecutive segments, each a sequence of run sizes (default: one segment
-    of one run). Every run is multiplied by the filter bank as its own matrix; consecutive segments with the
-    same runs share one batched product per run. On BLAS kernels whose rounding depends on the size of the
-    product, this keeps every frame bit-identical to transforming its run alone (as `raw_log_mel` and the
-    per-session streaming path do).
+    of one run). Every run is multiplied by the filter bank as its own matrix, one product per run. On BLAS
+    kernels whose rounding depends on the size of the product, this keeps every frame bit-identical to
+    transforming its run alone (as `raw_log_mel` and the per-session streaming path do). A batched product of
+    several equal runs is not enough: MKL's AVX-512 kernels round a batch of them differently from one.
     """
     rows = windows.shape[0]
     if windows.device.type != "cpu":
@@ -206,22 +206,13 @@ def log_mel_of_windows(windows: torch.Tensor, segments: Sequence[Sequence[int]] 
         return out.numpy()
     filters, _ = _torch_constants(N_MELS, N_FFT)
     power = torch.fft.rfft(windows).abs().pow_(2)  # [rows, freq]
-    at = start = 0
-    while at < len(layout):
-        runs, count = layout[at], 1
-        while at + count < len(layout) and layout[at + count] == runs:
-            count += 1
-        width = sum(runs)
-        stop = start + width * count
-        grid, target = power[start:stop].view(count, width, -1), out[start:stop].view(count, width, N_MELS)
-        offset = 0
-        for size in runs:
-            if size:  # [mels, freq] @ [freq, size] per run, the orientation of the per-run product
-                runs_power = grid[:, offset : offset + size].transpose(1, 2)
-                mel = torch.bmm(filters.T.expand(count, -1, -1), runs_power)
-                target[:, offset : offset + size].copy_(mel.transpose(1, 2))
-            offset += size
-        at, start = at + count, stop
+    bank = filters.T[None]  # [1, mels, freq]
+    start = 0
+    for size in (size for segment in layout for size in segment):
+        if size:  # [mels, freq] @ [freq, size], the orientation of the per-run product
+            mel = torch.bmm(bank, power[start : start + size].T[None])
+            out[start : start + size].copy_(mel[0].T)
+        start += size
     return out.clamp_(min=1e-10).log10_().numpy()
 
 
