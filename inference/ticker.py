@@ -12,7 +12,7 @@ import concurrent.futures
 import logging
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +31,11 @@ PHASE_TICK_WEIGHT = 0.3  # weight of the newest tick in the running mean of one 
 # are its stragglers (later ones are the next round's)
 ROUND_SHARE = 0.75
 QUEUED_WAIT_S = 0.25  # how long a tick waits at most for a unit already in the worker (`UnitTicker._gather`)
+# A session whose units come late as a rule (the median of its last `LATE_UNITS`, after its round's first unit)
+# is waited for that long and `LATE_MARGIN_S` more, up to `LATE_WAIT_S` after the round's first unit
+LATE_UNITS = 3
+LATE_MARGIN_S = 0.02
+LATE_WAIT_S = 0.15
 
 
 def compile_count() -> int:
@@ -121,7 +126,10 @@ class UnitTicker:
         self.queued = queued  # the sessions with a unit in the worker that their runner has not taken yet
         # per (grid, batch runner), from its last tick of a round: the sessions whose units it went without (late,
         # or not coming), and until when (time.monotonic()) a unit of theirs counts as that round's straggler
-        self.missing: dict[tuple[int | None, Any], tuple[set[str], float]] = {}
+        # and when the round's first unit came
+        self.missing: dict[tuple[int | None, Any], tuple[set[str], float, float]] = {}
+        # per session: how long after its round's first unit each of its last units came (s)
+        self.delays: dict[str, deque[float]] = {}
         self.phase_of: dict[str, int] = {}  # every batching session's phase, taken before its mode opens
         self.gather_s = gather_s
         self.phases = phases
@@ -148,6 +156,15 @@ class UnitTicker:
 
     def leave(self, session_id: str) -> None:
         self.phase_of.pop(session_id, None)
+        self.delays.pop(session_id, None)
+
+    def usual_delay(self, session_id: str) -> float | None:
+        """How long after its round's first unit the session's unit usually comes (the median of its last
+        `LATE_UNITS`); None until it has sent that many."""
+        delays = self.delays.get(session_id)
+        if delays is None or len(delays) < LATE_UNITS:
+            return None
+        return sorted(delays)[LATE_UNITS // 2]
 
     def grid_offset_s(self, phase: int, unit_s: float) -> float:
         return phase * unit_s / self.phases
@@ -178,7 +195,7 @@ class UnitTicker:
 
     def _late(self, key: tuple[int | None, Any], now: float) -> set[str]:
         """The sessions whose units of this round the key's last tick went without, while the round lasts."""
-        late, until = self.missing.get(key, (set(), 0.0))
+        late, until, _ = self.missing.get(key, (set(), 0.0, 0.0))
         return late if now < until else set()
 
     def _note_missing(self, items: list[_Waiting]) -> None:
@@ -193,10 +210,15 @@ class UnitTicker:
             sids = {w.session_id for w in units}
             late = self._late(key, now)
             if late and sids <= late:
-                self.missing[key] = (late - sids, self.missing[key][1])
+                _, until, first = self.missing[key]
+                self.missing[key] = (late - sids, until, first)
             else:
                 unit_s = units[0].unit.pcm.size / MODEL_INPUT_RATE
-                self.missing[key] = (members.get(key, set()) - sids, now + ROUND_SHARE * unit_s)
+                first = min(w.submitted for w in units)
+                self.missing[key] = (members.get(key, set()) - sids, now + ROUND_SHARE * unit_s, first)
+            for w in units:
+                delays = self.delays.setdefault(w.session_id, deque(maxlen=LATE_UNITS))
+                delays.append(w.submitted - first)
 
     def _phases_fit(self) -> bool:
         """A phase's tick (its running mean) fits its share of a unit, so the phases can tick apart and keep up."""
@@ -229,10 +251,16 @@ class UnitTicker:
     async def _gather(self) -> None:
         """Wait for the absent units, `gather_s` at most; but up to `QUEUED_WAIT_S` for a session whose unit is
         already in the worker, behind its previous one (that session's runner is still sending the previous
-        unit's outputs: started without it, the tick would leave it to the other phase's tick, for good)."""
+        unit's outputs: started without it, the tick would leave it to the other phase's tick, for good), and
+        as long as a session's units usually come late, up to `LATE_WAIT_S` (a call whose audio reaches the
+        server that much after its phase's others, for the whole call: ticked apart, it would take a tick of its
+        own every unit, on the GPU time of the other phase's)."""
         start = time.monotonic()
         while absent := self._absent():
             limit = max(self.gather_s, QUEUED_WAIT_S) if absent & self.queued() else self.gather_s
+            usual = [d for d in map(self.usual_delay, absent) if d is not None and d <= LATE_WAIT_S]
+            if usual:
+                limit = max(limit, min(max(usual) + LATE_MARGIN_S, LATE_WAIT_S))
             left = start + limit - time.monotonic()
             if left <= 0:
                 return

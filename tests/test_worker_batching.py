@@ -612,3 +612,38 @@ async def test_a_tick_waits_for_a_unit_already_in_the_worker(
         await worker.wait_for(sid, p.UnitDone, 2, timeout=30)
     second = worker.of("a", p.UnitDone)[1].metrics
     assert second.batch_sessions == 2, second
+
+
+@pytest.mark.parametrize(
+    "worker", [embedded(max_sessions=4, tick_phases=1, tick_gather_ms=50)], indirect=True
+)
+@pytest.mark.parametrize("late_s", [0.09, 0.3], ids=["late-90ms", "late-300ms"])
+async def test_a_session_whose_units_come_late_as_a_rule_is_waited_for(
+    worker: FakeServer, late_s: float
+) -> None:
+    """A call whose units reach the worker ~90 ms after its phase's others, unit after unit (its audio came that
+    much later, for the whole call), misses a 50 ms gather and ticks alone every unit; once three of its units
+    came that late, its phase's tick waits for it (up to 150 ms after the round's first unit). A session later
+    than that is not waited for."""
+    rng = np.random.default_rng(14)
+    names = ("a", "b", "late")
+    await open_all(worker, {sid: ("audio_duplex", {"force": "listen"}) for sid in names})
+    rounds = 6
+    for i in range(rounds):
+        for sid in ("a", "b"):
+            await worker.send(*unit(sid, i, rng, frame=False))
+        await asyncio.sleep(late_s)
+        await worker.send(*unit("late", i, rng, frame=False))
+        for sid in names:
+            await worker.wait_for(sid, p.UnitDone, i + 1, timeout=30)
+        await asyncio.sleep(0.1)
+    sizes = {sid: [d.metrics.batch_sessions for d in worker.of(sid, p.UnitDone)] for sid in names}
+    assert sizes["late"][:3] == [1, 1, 1], sizes  # ticked apart while its lateness was not yet its rule
+    if late_s < 0.15:
+        assert sizes["late"][3:] == sizes["a"][3:] == [3] * (rounds - 3), sizes
+        waited = [d.metrics.tick_wait_ms or 0 for d in worker.of("a", p.UnitDone)[3:]]
+        assert all(w >= late_s * 1000 - 10 for w in waited), waited
+    else:
+        assert sizes["late"] == [1] * rounds and sizes["a"] == [2] * rounds, sizes
+        waited = [d.metrics.tick_wait_ms or 0 for d in worker.of("a", p.UnitDone)]
+        assert all(w < 150 for w in waited), waited
