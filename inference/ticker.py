@@ -252,13 +252,15 @@ class UnitTicker:
         """Wait for the absent units, `gather_s` at most; but up to `QUEUED_WAIT_S` for a session whose unit is
         already in the worker, behind its previous one (that session's runner is still sending the previous
         unit's outputs: started without it, the tick would leave it to the other phase's tick, for good), and
-        as long as a session's units usually come late, up to `LATE_WAIT_S` (a call whose audio reaches the
-        server that much after its phase's others, for the whole call: ticked apart, it would take a tick of its
-        own every unit, on the GPU time of the other phase's)."""
+        as long as a phased session's units usually come late, up to `LATE_WAIT_S` (a call whose audio reaches
+        the server that much after its phase's others, for the whole call: ticked apart, it would take a tick of
+        its own every unit, on the GPU time of the other phase's). Not for modes whose sessions of every phase
+        tick together (chat: its ticks come every 320 ms)."""
         start = time.monotonic()
         while absent := self._absent():
             limit = max(self.gather_s, QUEUED_WAIT_S) if absent & self.queued() else self.gather_s
-            usual = [d for d in map(self.usual_delay, absent) if d is not None and d <= LATE_WAIT_S]
+            phased = {sid for sid, grid, _ in self.members() if grid is not None and sid in absent}
+            usual = [d for d in map(self.usual_delay, phased) if d is not None and d <= LATE_WAIT_S]
             if usual:
                 limit = max(limit, min(max(usual) + LATE_MARGIN_S, LATE_WAIT_S))
             left = start + limit - time.monotonic()
