@@ -50,6 +50,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.realsize import build_realsize  # noqa: E402
+from bench.units_report import TICK_STAGES  # noqa: E402
 from tests.rtc_client import ESPEAK, FRAME, RATE, Call, PacedAudioTrack, speech_signal  # noqa: E402
 
 MODES = ("audio_duplex", "omni_duplex", "chat", "loopback")
@@ -141,12 +142,7 @@ class Row:
 # `UnitMetrics` fields: the mode's stages, then where a unit waited in the worker (before its tick, behind the
 # session's earlier units) and its tick's whole run
 STAGES = (
-    "prefill_ms",
-    "vision_ahead_ms",
-    "prefill_ahead_ms",
-    "decide_ms",
-    "tts_ms",
-    "vocoder_ms",
+    *TICK_STAGES,
     "vad_ms",
     "turn_to_speech_ms",
     "handoff_ms",

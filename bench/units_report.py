@@ -22,17 +22,9 @@ from typing import Any
 import numpy as np
 
 SAME_TICK_S = 0.05  # units of one tick come back within this of each other
-STAGES = (
-    "tick_wait_ms",
-    "tick_ms",
-    "prefill_ms",
-    "vision_ahead_ms",
-    "prefill_ahead_ms",
-    "decide_ms",
-    "tts_ms",
-    "vocoder_ms",
-    "grid_ms",
-)
+# a duplex tick's stages in `UnitMetrics` (the same for every unit of the tick; bench/e2e.py reports them too)
+TICK_STAGES = ("prefill_ms", "vision_ahead_ms", "prefill_ahead_ms", "decide_ms", "tts_ms", "vocoder_ms")
+STAGES = ("tick_wait_ms", "tick_ms", *TICK_STAGES, "grid_ms")
 
 
 def ticks(units: Iterable[dict[str, Any]]) -> list[list[dict[str, Any]]]:
